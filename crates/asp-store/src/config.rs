@@ -1,0 +1,171 @@
+//! Store settings, with the defaults a node runs on when nothing is configured.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use asp_core::NodeId;
+
+/// When the writer makes the feed durable with `fdatasync`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FsyncMode {
+    /// Acknowledge a write only after the log holding it is fsynced (the default).
+    Always,
+    /// Acknowledge once written to the OS; fsync every `ms` milliseconds. A machine
+    /// crash loses at most the last interval of acknowledged writes.
+    Interval { ms: u64 },
+    /// Never fsync on the write path (only when a segment is sealed and on shutdown).
+    /// A process crash loses nothing; a machine crash can lose acknowledged writes.
+    Never,
+}
+
+/// The longest fsync interval accepted, in milliseconds.
+pub const FSYNC_INTERVAL_MS_MAX: u64 = 60_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "fsync mode must be \"always\", \"never\" or \"interval:<ms>\" with 1 <= ms <= {FSYNC_INTERVAL_MS_MAX}; got {0:?}"
+)]
+pub struct FsyncModeError(pub String);
+
+impl FromStr for FsyncMode {
+    type Err = FsyncModeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "always" => Ok(FsyncMode::Always),
+            "never" => Ok(FsyncMode::Never),
+            _ => {
+                let ms = s
+                    .strip_prefix("interval:")
+                    .and_then(|ms| ms.parse::<u64>().ok())
+                    .filter(|ms| (1..=FSYNC_INTERVAL_MS_MAX).contains(ms))
+                    .ok_or_else(|| FsyncModeError(s.to_owned()))?;
+                Ok(FsyncMode::Interval { ms })
+            }
+        }
+    }
+}
+
+impl fmt::Display for FsyncMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FsyncMode::Always => f.write_str("always"),
+            FsyncMode::Interval { ms } => write!(f, "interval:{ms}"),
+            FsyncMode::Never => f.write_str("never"),
+        }
+    }
+}
+
+/// Everything [`crate::Store::open`] needs. Every queue and buffer has its bound here.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Holds the manifest, the feed log and the key index. Created if missing.
+    pub data_dir: PathBuf,
+    /// The node id for a new data directory (random if `None`). For an existing one it
+    /// must match the stored id or be `None`.
+    pub node_id: Option<NodeId>,
+    pub fsync: FsyncMode,
+    /// A log segment is sealed and a new one started once it reaches this size.
+    pub segment_bytes_max: u64,
+    /// Write requests waiting for the writer, at most.
+    pub write_queue_max: usize,
+    /// Bytes of values and keys in requests waiting for or inside the writer, at most.
+    pub write_queue_bytes_max: usize,
+    /// How long a write waits for room in the queue before failing with
+    /// [`crate::WriteError::Overloaded`].
+    pub write_queue_wait: Duration,
+    /// Events the writer puts into one log write, at most.
+    pub group_events_max: usize,
+    /// Bytes the writer puts into one log write, at most (a larger single request still
+    /// goes through alone).
+    pub group_bytes_max: usize,
+    /// The largest value accepted, in bytes.
+    pub value_bytes_max: usize,
+    /// Operations in one atomic batch, at most.
+    pub batch_ops_max: usize,
+    /// Remote clock readings further ahead than this are refused.
+    pub max_clock_skew_ms: u64,
+    /// The key index's block cache.
+    pub index_cache_bytes: u64,
+    /// The key index's in-memory write buffer, per keyspace.
+    pub index_memtable_bytes: u64,
+}
+
+impl StoreConfig {
+    pub const DEFAULT_SEGMENT_BYTES_MAX: u64 = 128 << 20;
+    pub const DEFAULT_VALUE_BYTES_MAX: usize = 1 << 20;
+    pub const DEFAULT_BATCH_OPS_MAX: usize = 10_000;
+
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            node_id: None,
+            fsync: FsyncMode::Always,
+            segment_bytes_max: Self::DEFAULT_SEGMENT_BYTES_MAX,
+            write_queue_max: 4096,
+            write_queue_bytes_max: 256 << 20,
+            write_queue_wait: Duration::from_secs(5),
+            group_events_max: 65_536,
+            group_bytes_max: 32 << 20,
+            value_bytes_max: Self::DEFAULT_VALUE_BYTES_MAX,
+            batch_ops_max: Self::DEFAULT_BATCH_OPS_MAX,
+            max_clock_skew_ms: 60_000,
+            index_cache_bytes: 32 << 20,
+            index_memtable_bytes: 16 << 20,
+        }
+    }
+
+    /// Checks the settings against each other; the message says what to change.
+    pub fn validate(&self) -> Result<(), String> {
+        let min_segment = 1 << 20;
+        if self.segment_bytes_max < min_segment || self.segment_bytes_max > u32::MAX as u64 {
+            return Err(format!(
+                "segment_bytes_max must be between {min_segment} and {}; got {}",
+                u32::MAX,
+                self.segment_bytes_max
+            ));
+        }
+        if self.value_bytes_max == 0 || self.value_bytes_max > crate::codec::VALUE_BYTES_LIMIT {
+            return Err(format!(
+                "value_bytes_max must be between 1 and {}; got {}",
+                crate::codec::VALUE_BYTES_LIMIT,
+                self.value_bytes_max
+            ));
+        }
+        if self.write_queue_max == 0 || self.group_events_max == 0 || self.batch_ops_max == 0 {
+            return Err("write_queue_max, group_events_max and batch_ops_max must be at least 1".into());
+        }
+        if self.write_queue_bytes_max < self.value_bytes_max + 2048 {
+            return Err(format!(
+                "write_queue_bytes_max ({}) must exceed value_bytes_max ({}) so that one write fits",
+                self.write_queue_bytes_max, self.value_bytes_max
+            ));
+        }
+        if self.index_memtable_bytes < 1 << 20 {
+            return Err("index_memtable_bytes must be at least 1 MiB".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fsync_modes_parse_and_print() {
+        for (text, mode) in [
+            ("always", FsyncMode::Always),
+            ("never", FsyncMode::Never),
+            ("interval:25", FsyncMode::Interval { ms: 25 }),
+        ] {
+            assert_eq!(text.parse::<FsyncMode>().unwrap(), mode);
+            assert_eq!(mode.to_string(), text);
+        }
+        for bad in ["", "Always", "interval", "interval:", "interval:0", "interval:-1", "interval:60001", "sometimes"] {
+            assert!(bad.parse::<FsyncMode>().is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! One error type per operation. Each message says what went wrong and, where the user
+//! can do something about it, what to do.
+
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use asp_core::{Dot, Key, NodeId};
+
+/// Why [`crate::Store::open`] failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "data directory {dir} is in use by another asp process (its LOCK file is held); \
+         stop that process or choose another --data-dir"
+    )]
+    Locked { dir: PathBuf },
+    #[error(
+        "data directory {dir} was written in format {found}, but this asp reads formats up \
+         to {supported}; run a newer asp"
+    )]
+    UnsupportedFormat { dir: PathBuf, found: u32, supported: u32 },
+    #[error(
+        "data directory {dir} belongs to node {stored}, not {requested}; drop --node-id or \
+         point --data-dir at another directory"
+    )]
+    NodeIdMismatch { dir: PathBuf, stored: NodeId, requested: NodeId },
+    #[error("{path} is damaged: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("invalid store configuration: {0}")]
+    Config(String),
+    #[error("key index: {0}")]
+    Index(#[from] fjall::Error),
+}
+
+/// Why a write was not applied. Nothing of a failed batch is applied.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum WriteError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("condition failed for operation {index} (key {key:?}): {reason}")]
+    ConditionFailed {
+        index: usize,
+        key: Key,
+        reason: String,
+        /// The key's current version (`None` if absent or deleted).
+        current: Option<Dot>,
+    },
+    #[error("the writer queue stayed full for {} ms; retry later", waited.as_millis())]
+    Overloaded { waited: Duration },
+    #[error("the store is shutting down")]
+    Closed,
+    #[error("storage failure, the store accepts no more writes: {0}")]
+    Storage(String),
+}
+
+/// Why a read failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("key index: {0}")]
+    Index(#[from] fjall::Error),
+    #[error("{0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Invalid(String),
+}

@@ -1,0 +1,187 @@
+//! The key index, in fjall: for every (namespace, key) its current version and where the
+//! value is, plus the node's metadata: version vectors, the newest clock reading, and
+//! the last log sequence number the index reflects.
+//!
+//! The index is never fsynced on the write path. fjall's journal makes each batch
+//! atomic across keyspaces, so after a crash the index holds a prefix of the batches
+//! written to it, and `applied_seq` says which: the log is replayed from there. If the
+//! index ever reflects more than the log holds (possible only when a machine crash
+//! loses unsynced log writes under `fsync = "never"`), it is rebuilt from the log.
+
+use std::collections::HashMap;
+use std::ops::Bound;
+use std::path::Path;
+
+use asp_core::{Hlc, Namespace, VersionVector};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Slice};
+
+use crate::codec::{self, IndexEntry};
+use crate::error::{OpenError, ReadError};
+
+const INDEX_FORMAT: u32 = 1;
+const META_FORMAT: &[u8] = b"format";
+const META_APPLIED: &[u8] = b"applied_seq";
+const META_HLC: &[u8] = b"hlc";
+const META_VV_PREFIX: &[u8] = b"vv/";
+
+pub(crate) struct Index {
+    db: Database,
+    keys: Keyspace,
+    meta: Keyspace,
+}
+
+/// What the index remembers about the log it reflects.
+pub(crate) struct IndexState {
+    pub applied_seq: u64,
+    pub hlc: Hlc,
+    pub vectors: HashMap<Namespace, VersionVector>,
+}
+
+fn corrupt(what: impl Into<String>) -> OpenError {
+    OpenError::Corrupt {
+        path: "index".into(),
+        reason: what.into(),
+    }
+}
+
+impl Index {
+    pub fn open(dir: &Path, cache_bytes: u64, memtable_bytes: u64) -> Result<Index, OpenError> {
+        let db = Database::builder(dir).cache_size(cache_bytes).open()?;
+        let keys = db.keyspace("keys", || {
+            KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes)
+        })?;
+        let meta = db.keyspace("meta", || {
+            KeyspaceCreateOptions::default().max_memtable_size(1 << 20)
+        })?;
+        let index = Index { db, keys, meta };
+        match index.meta.get(META_FORMAT)? {
+            None => {
+                index.meta.insert(META_FORMAT, INDEX_FORMAT.to_le_bytes())?;
+            }
+            Some(v) => {
+                let format = u32::from_le_bytes(
+                    v.as_ref().try_into().map_err(|_| corrupt("bad index format field"))?,
+                );
+                if format != INDEX_FORMAT {
+                    return Err(corrupt(format!(
+                        "index format {format} is not supported (this asp reads {INDEX_FORMAT})"
+                    )));
+                }
+            }
+        }
+        Ok(index)
+    }
+
+    pub fn state(&self) -> Result<IndexState, OpenError> {
+        let u64_of = |v: Option<Slice>, what: &str| -> Result<u64, OpenError> {
+            match v {
+                None => Ok(0),
+                Some(v) => Ok(u64::from_le_bytes(
+                    v.as_ref().try_into().map_err(|_| corrupt(format!("bad {what}")))?,
+                )),
+            }
+        };
+        let applied_seq = u64_of(self.meta.get(META_APPLIED)?, "applied sequence")?;
+        let hlc = Hlc::from_raw(u64_of(self.meta.get(META_HLC)?, "clock reading")?);
+        let mut vectors = HashMap::new();
+        for item in self.meta.prefix(META_VV_PREFIX) {
+            let (k, v) = item.into_inner()?;
+            let name = std::str::from_utf8(&k[META_VV_PREFIX.len()..])
+                .ok()
+                .and_then(|n| Namespace::new(n).ok())
+                .ok_or_else(|| corrupt("bad namespace in version vector key"))?;
+            let vv = codec::decode_vv(&v).map_err(|e| corrupt(e.to_string()))?;
+            vectors.insert(name, vv);
+        }
+        Ok(IndexState {
+            applied_seq,
+            hlc,
+            vectors,
+        })
+    }
+
+    /// Empties the index, to rebuild it from the log.
+    pub fn clear(&self) -> Result<(), OpenError> {
+        self.keys.clear()?;
+        self.meta.clear()?;
+        self.meta.insert(META_FORMAT, INDEX_FORMAT.to_le_bytes())?;
+        Ok(())
+    }
+
+    pub fn get(&self, key: &[u8]) -> Result<Option<IndexEntry>, ReadError> {
+        match self.keys.get(key)? {
+            None => Ok(None),
+            Some(v) => IndexEntry::decode(&v)
+                .map(Some)
+                .map_err(|e| ReadError::Corrupt(format!("index entry: {e}"))),
+        }
+    }
+
+    /// Visits entries whose key starts with `prefix`, in key order, after `after` (an
+    /// index key) if given, until `visit` returns `false`.
+    pub fn scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        mut visit: impl FnMut(&[u8], IndexEntry) -> bool,
+    ) -> Result<(), ReadError> {
+        let start = match after {
+            Some(a) if a >= prefix => Bound::Excluded(a),
+            _ => Bound::Included(prefix),
+        };
+        for item in self.keys.range::<&[u8], _>((start, Bound::Unbounded)) {
+            let (k, v) = item.into_inner()?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            let entry = IndexEntry::decode(&v).map_err(|e| ReadError::Corrupt(format!("index entry: {e}")))?;
+            if !visit(&k, entry) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn batch(&self, capacity: usize) -> IndexBatch<'_> {
+        IndexBatch {
+            index: self,
+            batch: fjall::OwnedWriteBatch::with_capacity(self.db.clone(), capacity).durability(None),
+        }
+    }
+
+    /// Makes everything written so far durable (on shutdown; never on the write path).
+    pub fn persist(&self) -> Result<(), fjall::Error> {
+        self.db.persist(PersistMode::SyncAll)
+    }
+
+    pub fn disk_bytes(&self) -> u64 {
+        self.db.disk_space().unwrap_or(0)
+    }
+}
+
+/// One atomic update of the index.
+pub(crate) struct IndexBatch<'a> {
+    index: &'a Index,
+    batch: fjall::OwnedWriteBatch,
+}
+
+impl IndexBatch<'_> {
+    pub fn put(&mut self, key: Slice, entry: &IndexEntry) {
+        self.batch.insert(&self.index.keys, key, entry.encode());
+    }
+
+    pub fn set_applied(&mut self, seq: u64, hlc: Hlc) {
+        self.batch.insert(&self.index.meta, META_APPLIED, seq.to_le_bytes());
+        self.batch.insert(&self.index.meta, META_HLC, hlc.as_raw().to_le_bytes());
+    }
+
+    pub fn set_vector(&mut self, namespace: &Namespace, vv: &VersionVector) {
+        let mut key = META_VV_PREFIX.to_vec();
+        key.extend_from_slice(namespace.as_str().as_bytes());
+        self.batch.insert(&self.index.meta, key, codec::encode_vv(vv));
+    }
+
+    pub fn commit(self) -> Result<(), fjall::Error> {
+        self.batch.commit()
+    }
+}

@@ -1,0 +1,33 @@
+//! asp's durable store: the feed log, the key index, the group-commit writer and
+//! recovery. Open one with [`Store::open`]; it is the embeddable library form of a node.
+//!
+//! The feed is our own segmented append-only log and the source of truth; the key index
+//! (fjall) is derived from it, never fsynced on the write path, and brought up to date
+//! from the log when the store opens. See `docs/ARCHITECTURE.md` for the invariants.
+//!
+//! This crate knows no network protocol and no JSON request shapes.
+
+mod codec;
+mod config;
+mod error;
+mod index;
+mod log;
+mod manifest;
+mod metrics;
+mod store;
+mod types;
+mod writer;
+
+pub use codec::VALUE_BYTES_LIMIT;
+pub use config::{FSYNC_INTERVAL_MS_MAX, FsyncMode, FsyncModeError, StoreConfig};
+pub use error::{OpenError, ReadError, WriteError};
+pub use log::{FeedHead, TornTail};
+pub use manifest::FORMAT_VERSION;
+pub use metrics::Metrics;
+pub use store::{
+    CHANGES_LIMIT_MAX, FeedReader, RecoveryReport, SCAN_LIMIT_MAX, Store, StoreStatus,
+};
+pub use types::{
+    Applied, ChangesPage, Condition, FeedEvent, KeyState, ScanItem, ScanPage, Value, WriteKind,
+    WriteOp,
+};

@@ -1,0 +1,86 @@
+//! The store's counters, exported in Prometheus form by whoever registers them.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Updated by the writer threads; cheap to read at any time.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub events_written: Counter,
+    pub bytes_written: Counter,
+    pub fsyncs: Counter,
+    pub fsync_seconds: Histogram,
+    pub group_commit_events: Histogram,
+    pub group_commit_requests: Histogram,
+    pub feed_head: Gauge,
+    pub writer_queue_depth: Gauge,
+    pub writes_rejected: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            events_written: Counter::default(),
+            bytes_written: Counter::default(),
+            fsyncs: Counter::default(),
+            fsync_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            group_commit_events: Histogram::new(exponential_buckets(1.0, 2.0, 18)),
+            group_commit_requests: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            feed_head: Gauge::default(),
+            writer_queue_depth: Gauge::default(),
+            writes_rejected: Counter::default(),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "asp_events_written",
+            "Events appended to the feed log",
+            self.events_written.clone(),
+        );
+        registry.register(
+            "asp_log_bytes_written",
+            "Bytes appended to the feed log",
+            self.bytes_written.clone(),
+        );
+        registry.register(
+            "asp_fsyncs",
+            "fdatasync calls on the feed log",
+            self.fsyncs.clone(),
+        );
+        registry.register(
+            "asp_fsync_seconds",
+            "Duration of each fdatasync of the feed log",
+            self.fsync_seconds.clone(),
+        );
+        registry.register(
+            "asp_group_commit_events",
+            "Events made durable by one group commit",
+            self.group_commit_events.clone(),
+        );
+        registry.register(
+            "asp_group_commit_requests",
+            "Write requests acknowledged by one group commit",
+            self.group_commit_requests.clone(),
+        );
+        registry.register(
+            "asp_feed_head",
+            "Sequence number of the last event visible in the feed",
+            self.feed_head.clone(),
+        );
+        registry.register(
+            "asp_writer_queue_depth",
+            "Write requests waiting for the writer",
+            self.writer_queue_depth.clone(),
+        );
+        registry.register(
+            "asp_writes_rejected",
+            "Write requests refused (failed condition, overload, storage failure)",
+            self.writes_rejected.clone(),
+        );
+    }
+}

@@ -1,0 +1,568 @@
+//! The store handle: open with recovery, writes through the writer, reads from the
+//! key index and the log.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use asp_core::{HlcClock, Key, Namespace, NodeId, Op, VersionVector, lww_wins};
+use fjall::Slice;
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+
+use crate::codec::{self, INLINE_VALUE_BYTES_MAX, IndexEntry};
+use crate::config::{FsyncMode, StoreConfig};
+use crate::error::{OpenError, ReadError, WriteError};
+use crate::index::Index;
+use crate::log::{FeedHead, Log, LogCursor, TornTail};
+use crate::manifest::{self, Manifest};
+use crate::metrics::Metrics;
+use crate::types::{Applied, ChangesPage, FeedEvent, KeyState, ScanItem, ScanPage, Value, WriteKind, WriteOp};
+use crate::writer::{self, Progress, Request, Shared, WriteRequest};
+
+/// The most keys one listing returns.
+pub const SCAN_LIMIT_MAX: usize = 1000;
+/// The most events one change-feed page returns.
+pub const CHANGES_LIMIT_MAX: usize = 10_000;
+/// Deleted keys a listing steps over before returning a short page.
+const SCAN_TOMBSTONES_MAX: usize = 10_000;
+/// About this many bytes of events per feed page.
+const FEED_PAGE_BYTES_MAX: usize = 4 << 20;
+/// Events replayed into the index per batch on open.
+const REPLAY_BATCH_EVENTS: usize = 20_000;
+
+/// An open store. Cheap to clone; all clones share one writer. When the last clone is
+/// dropped the writer finishes what it accepted, fsyncs, and stops.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Request>,
+    budget: Arc<Semaphore>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    recovery: RecoveryReport,
+    _manifest: Manifest,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the channel (our sender goes with us) stops the writer once it has
+        // made everything accepted durable; wait for that so the directory is free.
+        let (tx, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.tx, tx));
+        if let Some(handle) = self.writer.lock().unwrap().take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// What [`Store::open`] had to do to bring the store up to date.
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryReport {
+    /// An incomplete end of the log that was cut off.
+    pub torn_tail: Option<TornTail>,
+    /// Events replayed from the log into the key index.
+    pub replayed_events: u64,
+    /// Whether the index had to be rebuilt from scratch.
+    pub index_rebuilt: bool,
+}
+
+/// A snapshot of the store's state for status pages.
+#[derive(Debug, Clone)]
+pub struct StoreStatus {
+    pub node_id: NodeId,
+    pub fsync: FsyncMode,
+    pub feed_first_seq: u64,
+    /// The last event visible in the feed.
+    pub feed_head_seq: u64,
+    pub written_seq: u64,
+    pub synced_seq: u64,
+    pub indexed_seq: u64,
+    pub log_segments: usize,
+    pub log_bytes: u64,
+    pub index_bytes: u64,
+    pub writer_queue_depth: usize,
+    pub writer_queue_max: usize,
+    pub namespaces: Vec<(Namespace, VersionVector)>,
+    pub failure: Option<String>,
+}
+
+impl Store {
+    /// Opens the store in `config.data_dir`, creating it if needed: cuts off a torn log
+    /// tail, brings the key index up to date from the log, and starts the writer.
+    pub fn open(config: StoreConfig) -> Result<Store, OpenError> {
+        config.validate().map_err(OpenError::Config)?;
+        let manifest = manifest::open(&config.data_dir, config.node_id)?;
+        let (log, log_recovery) = Log::open(&config.data_dir.join("log"))?;
+        let index = Index::open(
+            &config.data_dir.join("index"),
+            config.index_cache_bytes,
+            config.index_memtable_bytes,
+        )?;
+        let mut report = RecoveryReport {
+            torn_tail: log_recovery.torn_tail,
+            ..RecoveryReport::default()
+        };
+        let mut state = index.state()?;
+        if state.applied_seq > log.last_seq() {
+            tracing::warn!(
+                index_seq = state.applied_seq,
+                log_seq = log.last_seq(),
+                "the key index reflects events the log no longer holds (log writes lost in a crash); rebuilding the index from the log"
+            );
+            index.clear()?;
+            state = index.state()?;
+            report.index_rebuilt = true;
+        }
+        let (replayed, hlc) = replay(&log, &index, &mut state)?;
+        report.replayed_events = replayed;
+
+        // Whatever survived in the log is treated as durable from here on.
+        log.active()
+            .file
+            .sync_data()
+            .map_err(|source| OpenError::Io { context: "fsync of the log".into(), source })?;
+        let head = log.written_head();
+        let (head_tx, _) = watch::channel(head);
+        let metrics = Metrics::default();
+        metrics.feed_head.set(head.seq as i64);
+        let shared = Arc::new(Shared {
+            node_id: manifest.node_id,
+            log,
+            index,
+            head_tx,
+            progress: Mutex::new(Progress {
+                written: head,
+                synced: head,
+                indexed: head,
+                stopping: false,
+            }),
+            progress_changed: Condvar::new(),
+            vectors: RwLock::new(state.vectors.clone()),
+            failure: OnceLock::new(),
+            metrics,
+            config: config.clone(),
+        });
+        let (tx, rx) = mpsc::channel(config.write_queue_max);
+        let clock = HlcClock::with_last(hlc, config.max_clock_skew_ms);
+        let writer = writer::spawn(shared.clone(), rx, clock, state.vectors).map_err(|source| OpenError::Io {
+            context: "cannot start the writer thread".into(),
+            source,
+        })?;
+        tracing::info!(
+            node_id = %manifest.node_id,
+            dir = %config.data_dir.display(),
+            feed_head = head.seq,
+            replayed,
+            "store open"
+        );
+        Ok(Store {
+            inner: Arc::new(Inner {
+                shared,
+                tx,
+                budget: Arc::new(Semaphore::new(config.write_queue_bytes_max)),
+                writer: Mutex::new(Some(writer)),
+                recovery: report,
+                _manifest: manifest,
+            }),
+        })
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.inner.shared.node_id
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.inner.shared.config
+    }
+
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.inner.recovery
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.shared.metrics
+    }
+
+    /// Applies `ops` to `namespace` as one atomic batch and returns, in order, what
+    /// each operation became. Returns once the batch is as durable as the fsync mode
+    /// promises. Waits for room when the writer is busy; fails with
+    /// [`WriteError::Overloaded`] past `write_queue_wait`.
+    pub async fn write(&self, namespace: Namespace, ops: Vec<WriteOp>) -> Result<Vec<Applied>, WriteError> {
+        let config = self.config();
+        if ops.is_empty() {
+            return Err(WriteError::Invalid("a batch needs at least one operation".into()));
+        }
+        if ops.len() > config.batch_ops_max {
+            return Err(WriteError::Invalid(format!(
+                "a batch holds at most {} operations; this one has {}",
+                config.batch_ops_max,
+                ops.len()
+            )));
+        }
+        let mut bytes = 0usize;
+        for op in &ops {
+            let value_len = match &op.kind {
+                WriteKind::Put { value, .. } => value.len(),
+                WriteKind::Delete => 0,
+            };
+            if value_len > config.value_bytes_max {
+                return Err(WriteError::Invalid(format!(
+                    "the value for key {:?} is {value_len} bytes; the limit is {} (value_bytes_max)",
+                    op.key.as_str(),
+                    config.value_bytes_max
+                )));
+            }
+            bytes += op.key.as_str().len() + value_len + 64;
+        }
+        if bytes > config.write_queue_bytes_max {
+            return Err(WriteError::Invalid(format!(
+                "the batch is {bytes} bytes; the limit is {} (write_queue_bytes_max)",
+                config.write_queue_bytes_max
+            )));
+        }
+        if let Some(f) = self.inner.shared.failure.get() {
+            return Err(WriteError::Storage(f.clone()));
+        }
+
+        let wait = config.write_queue_wait;
+        let started = Instant::now();
+        let enqueue = async {
+            let permit = self
+                .inner
+                .budget
+                .clone()
+                .acquire_many_owned(bytes as u32)
+                .await
+                .map_err(|_| WriteError::Closed)?;
+            let (reply, answer) = oneshot::channel();
+            let request = WriteRequest {
+                namespace,
+                ops,
+                reply,
+                permit,
+                bytes,
+            };
+            self.inner
+                .tx
+                .send(Request::Write(request))
+                .await
+                .map_err(|_| WriteError::Closed)?;
+            Ok::<_, WriteError>(answer)
+        };
+        let answer = match tokio::time::timeout(wait, enqueue).await {
+            Ok(answer) => answer?,
+            Err(_) => {
+                self.metrics().writes_rejected.inc();
+                return Err(WriteError::Overloaded { waited: started.elapsed() });
+            }
+        };
+        match answer.await {
+            Ok(result) => result,
+            Err(_) => Err(self.inner.shared.failure.get().map_or(WriteError::Closed, |f| WriteError::Storage(f.clone()))),
+        }
+    }
+
+    /// The current state of a key, including a deleted key's tombstone.
+    pub fn get(&self, namespace: &Namespace, key: &str) -> Result<Option<KeyState>, ReadError> {
+        let shared = &self.inner.shared;
+        let Some(entry) = shared.index.get(&codec::index_key(namespace.as_str(), key))? else {
+            return Ok(None);
+        };
+        let value = match entry.content_type {
+            None => None,
+            Some(content_type) => Some(Value {
+                content_type,
+                bytes: self.value_of(&entry)?,
+            }),
+        };
+        Ok(Some(KeyState {
+            version: entry.version(),
+            seq: entry.seq,
+            value,
+        }))
+    }
+
+    fn value_of(&self, entry: &IndexEntry) -> Result<bytes::Bytes, ReadError> {
+        if let Some(inline) = &entry.inline {
+            return Ok(inline.clone());
+        }
+        let record = self.inner.shared.log.read_at(entry.position)?;
+        if record.event.dot != entry.dot {
+            return Err(ReadError::Corrupt(format!(
+                "the index points at event {} but the log holds {} there",
+                entry.dot, record.event.dot
+            )));
+        }
+        match record.event.op {
+            Op::Put { value, .. } => Ok(value),
+            Op::Delete => Err(ReadError::Corrupt("the index points at a delete for a live key".into())),
+        }
+    }
+
+    /// Lists live keys of `namespace` starting with `prefix`, in byte order, after
+    /// `after` if given: at most `limit` (capped at [`SCAN_LIMIT_MAX`]).
+    pub fn scan(
+        &self,
+        namespace: &Namespace,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        with_values: bool,
+    ) -> Result<ScanPage, ReadError> {
+        let limit = limit.clamp(1, SCAN_LIMIT_MAX);
+        let ns_prefix_len = 1 + namespace.as_str().len();
+        let full_prefix = codec::index_key(namespace.as_str(), prefix);
+        let after_key = after.map(|a| codec::index_key(namespace.as_str(), a));
+        let mut items = Vec::new();
+        let mut more = false;
+        let mut last_seen: Option<Vec<u8>> = None;
+        let mut tombstones = 0;
+        let mut err = None;
+        self.inner.shared.index.scan(&full_prefix, after_key.as_deref(), |k, entry| {
+            if items.len() == limit {
+                more = true;
+                return false;
+            }
+            let Some(content_type) = entry.content_type else {
+                tombstones += 1;
+                if tombstones >= SCAN_TOMBSTONES_MAX {
+                    // A page of nothing but deleted keys: stop here and let the
+                    // caller continue from this point.
+                    last_seen = Some(k.to_vec());
+                    more = true;
+                    return false;
+                }
+                return true;
+            };
+            let key = match std::str::from_utf8(&k[ns_prefix_len..]).ok().and_then(|s| Key::new(s).ok()) {
+                Some(key) => key,
+                None => {
+                    err = Some(ReadError::Corrupt("index key is not a valid key".into()));
+                    return false;
+                }
+            };
+            let value = if with_values {
+                match self.value_of(&entry) {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        err = Some(e);
+                        return false;
+                    }
+                }
+            } else {
+                None
+            };
+            items.push(ScanItem {
+                key,
+                version: entry.version(),
+                seq: entry.seq,
+                content_type,
+                value_len: entry.value_len,
+                value,
+            });
+            true
+        })?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        let next_after = if !more {
+            None
+        } else if let Some(k) = last_seen.filter(|_| items.len() < limit) {
+            std::str::from_utf8(&k[ns_prefix_len..]).ok().and_then(|s| Key::new(s).ok())
+        } else {
+            items.last().map(|i| i.key.clone())
+        };
+        Ok(ScanPage { items, next_after })
+    }
+
+    /// A page of the change feed after position `since`: events of `namespace` (or of
+    /// every namespace), at most `limit` (capped at [`CHANGES_LIMIT_MAX`]).
+    pub fn changes(&self, namespace: Option<&Namespace>, since: u64, limit: usize) -> Result<ChangesPage, ReadError> {
+        let mut reader = self.feed_reader(namespace.cloned(), since);
+        let events = reader.read(limit)?;
+        Ok(ChangesPage {
+            events,
+            next: reader.position(),
+            head: self.head().seq,
+        })
+    }
+
+    /// A reader of the feed after position `since`, which keeps its place between
+    /// reads (what a live subscription uses).
+    pub fn feed_reader(&self, namespace: Option<Namespace>, since: u64) -> FeedReader {
+        FeedReader {
+            shared: self.inner.shared.clone(),
+            cursor: self.inner.shared.log.seek(since.saturating_add(1)),
+            namespace,
+            since,
+        }
+    }
+
+    /// The last visible feed position, as it changes.
+    pub fn subscribe(&self) -> watch::Receiver<FeedHead> {
+        self.inner.shared.head_tx.subscribe()
+    }
+
+    pub fn head(&self) -> FeedHead {
+        *self.inner.shared.head_tx.borrow()
+    }
+
+    pub fn status(&self) -> StoreStatus {
+        let shared = &self.inner.shared;
+        let (written, synced, indexed) = {
+            let p = shared.progress.lock().unwrap();
+            (p.written.seq, p.synced.seq, p.indexed.seq)
+        };
+        let mut namespaces: Vec<_> = shared
+            .vectors
+            .read()
+            .unwrap()
+            .iter()
+            .map(|(ns, vv)| (ns.clone(), vv.clone()))
+            .collect();
+        namespaces.sort_by(|a, b| a.0.cmp(&b.0));
+        StoreStatus {
+            node_id: shared.node_id,
+            fsync: shared.config.fsync,
+            feed_first_seq: shared.log.first_seq(),
+            feed_head_seq: self.head().seq,
+            written_seq: written,
+            synced_seq: synced,
+            indexed_seq: indexed,
+            log_segments: shared.log.segment_count(),
+            log_bytes: shared.log.total_bytes(),
+            index_bytes: shared.index.disk_bytes(),
+            writer_queue_depth: self.inner.tx.max_capacity() - self.inner.tx.capacity(),
+            writer_queue_max: self.inner.tx.max_capacity(),
+            namespaces,
+            failure: shared.failure.get().cloned(),
+        }
+    }
+
+    /// Finishes every accepted write, makes it durable, and stops the writer. Writes
+    /// after this fail with [`WriteError::Closed`]. Safe to call more than once.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.inner.tx.send(Request::Shutdown(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        let handle = self.inner.writer.lock().unwrap().take();
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+    }
+}
+
+/// Reads the feed from a position onwards, keeping its place.
+pub struct FeedReader {
+    shared: Arc<Shared>,
+    cursor: LogCursor,
+    namespace: Option<Namespace>,
+    since: u64,
+}
+
+impl FeedReader {
+    /// The next events up to the visible head, at most `limit` (capped at
+    /// [`CHANGES_LIMIT_MAX`]); empty when caught up.
+    pub fn read(&mut self, limit: usize) -> Result<Vec<FeedEvent>, ReadError> {
+        let head = *self.shared.head_tx.borrow();
+        let limit = limit.clamp(1, CHANGES_LIMIT_MAX);
+        let records = self.shared.log.read(
+            &mut self.cursor,
+            head,
+            self.namespace.as_ref().map(Namespace::as_str),
+            limit,
+            FEED_PAGE_BYTES_MAX,
+        )?;
+        Ok(records
+            .into_iter()
+            .map(|(_, r)| FeedEvent { seq: r.seq, event: r.event })
+            .collect())
+    }
+
+    /// Every feed position up to this one has been read (or skipped as another
+    /// namespace's).
+    pub fn position(&self) -> u64 {
+        (self.cursor.next_seq() - 1).max(self.since)
+    }
+}
+
+/// Brings the index up to date with the log. Returns how many events were replayed and
+/// the newest clock reading seen.
+fn replay(log: &Log, index: &Index, state: &mut crate::index::IndexState) -> Result<(u64, asp_core::Hlc), OpenError> {
+    let mut hlc = state.hlc;
+    let target = log.last_seq();
+    if state.applied_seq >= target {
+        return Ok((0, hlc));
+    }
+    let started = Instant::now();
+    let head = log.written_head();
+    let mut cursor = log.seek(state.applied_seq + 1);
+    let mut replayed = 0u64;
+    let mut next_report = 1_000_000;
+    tracing::info!(from = state.applied_seq + 1, to = target, "replaying the log into the key index");
+    loop {
+        let records = log
+            .read(&mut cursor, head, None, REPLAY_BATCH_EVENTS, 64 << 20)
+            .map_err(|e| OpenError::Corrupt { path: "log".into(), reason: e.to_string() })?;
+        let Some(last) = records.last() else { break };
+        let last_seq = last.1.seq;
+        let mut winners: HashMap<Slice, IndexEntry, foldhash::fast::RandomState> = HashMap::default();
+        let mut touched: Vec<Namespace> = Vec::new();
+        for (position, record) in &records {
+            let event = &record.event;
+            state.vectors.entry(event.namespace.clone()).or_default().insert(event.dot);
+            if !touched.contains(&event.namespace) {
+                touched.push(event.namespace.clone());
+            }
+            hlc = hlc.max(event.hlc);
+            let (content_type, value) = match &event.op {
+                Op::Put { content_type, value } => (Some(*content_type), Some(value)),
+                Op::Delete => (None, None),
+            };
+            let entry = IndexEntry {
+                content_type,
+                dot: event.dot,
+                hlc: event.hlc,
+                seq: record.seq,
+                position: *position,
+                value_len: value.map_or(0, |v| v.len() as u32),
+                inline: value
+                    .filter(|v| v.len() <= INLINE_VALUE_BYTES_MAX)
+                    .map(|v| bytes::Bytes::copy_from_slice(v)),
+            };
+            let key = Slice::from(codec::index_key(event.namespace.as_str(), event.key.as_str()));
+            let current = match winners.get(&key) {
+                Some(e) => Some(e.version()),
+                None => index
+                    .get(&key)
+                    .map_err(|e| OpenError::Corrupt { path: "index".into(), reason: e.to_string() })?
+                    .map(|e| e.version()),
+            };
+            if current.is_none_or(|c| lww_wins(&entry.version(), &c)) {
+                winners.insert(key, entry);
+            }
+        }
+        let mut batch = index.batch(winners.len() + touched.len() + 2);
+        for (key, entry) in &winners {
+            batch.put(key.clone(), entry);
+        }
+        for ns in &touched {
+            batch.set_vector(ns, &state.vectors[ns]);
+        }
+        batch.set_applied(last_seq, hlc);
+        batch.commit()?;
+        replayed += records.len() as u64;
+        state.applied_seq = last_seq;
+        if replayed >= next_report {
+            next_report += 1_000_000;
+            tracing::info!(replayed, remaining = target - last_seq, "replaying the log");
+        }
+    }
+    tracing::info!(replayed, ms = started.elapsed().as_millis() as u64, "log replay done");
+    Ok((replayed, hlc))
+}

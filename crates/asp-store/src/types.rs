@@ -1,0 +1,120 @@
+//! The store's public request and answer types.
+
+use asp_core::{ContentType, Dot, Event, Hlc, Key, Version};
+use bytes::Bytes;
+
+/// One operation of an atomic batch.
+#[derive(Clone, Debug)]
+pub struct WriteOp {
+    pub key: Key,
+    pub kind: WriteKind,
+    pub condition: Condition,
+}
+
+#[derive(Clone, Debug)]
+pub enum WriteKind {
+    Put { content_type: ContentType, value: Bytes },
+    Delete,
+}
+
+/// A precondition on the key's state, checked when the batch is applied; if any
+/// operation's condition fails, nothing of the batch is applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Condition {
+    #[default]
+    None,
+    /// The key exists and its current version is this dot.
+    IfVersion(Dot),
+    /// The key exists (not absent, not deleted).
+    IfExists,
+    /// The key is absent or deleted.
+    IfAbsent,
+}
+
+impl WriteOp {
+    pub fn put(key: Key, content_type: ContentType, value: impl Into<Bytes>) -> Self {
+        WriteOp {
+            key,
+            kind: WriteKind::Put {
+                content_type,
+                value: value.into(),
+            },
+            condition: Condition::None,
+        }
+    }
+
+    pub fn delete(key: Key) -> Self {
+        WriteOp {
+            key,
+            kind: WriteKind::Delete,
+            condition: Condition::None,
+        }
+    }
+
+    pub fn with_condition(mut self, condition: Condition) -> Self {
+        self.condition = condition;
+        self
+    }
+}
+
+/// What one applied operation became.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Applied {
+    pub dot: Dot,
+    pub hlc: Hlc,
+    /// Its position in this node's feed.
+    pub seq: u64,
+}
+
+/// A stored value and its media type.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Value {
+    pub content_type: ContentType,
+    pub bytes: Bytes,
+}
+
+/// A key's current state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyState {
+    pub version: Version,
+    /// The feed position of the event that set this state.
+    pub seq: u64,
+    /// `None` for a deleted key (a tombstone).
+    pub value: Option<Value>,
+}
+
+/// One entry of a listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScanItem {
+    pub key: Key,
+    pub version: Version,
+    pub seq: u64,
+    pub content_type: ContentType,
+    pub value_len: u32,
+    /// Present when the listing asked for values.
+    pub value: Option<Bytes>,
+}
+
+/// A page of a listing. `next_after` is set when there may be more keys: pass it as
+/// `after` to continue.
+#[derive(Clone, Debug, Default)]
+pub struct ScanPage {
+    pub items: Vec<ScanItem>,
+    pub next_after: Option<Key>,
+}
+
+/// An event and its position in the feed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FeedEvent {
+    pub seq: u64,
+    pub event: Event,
+}
+
+/// A page of the change feed. `next` is the cursor to continue from: every feed
+/// position up to it has been looked at. `head` is the last visible position.
+#[derive(Clone, Debug)]
+pub struct ChangesPage {
+    pub events: Vec<FeedEvent>,
+    pub next: u64,
+    pub head: u64,
+}

@@ -1,0 +1,674 @@
+//! The writer: the one place that changes the store.
+//!
+//! Two threads form a pipeline. The **write stage** takes every request waiting in the
+//! queue, checks conditions, assigns sequence numbers, dots and clock readings,
+//! encodes the events into one buffer and appends it to the log with one write. The
+//! **commit stage** takes every appended group waiting for it, makes them durable with
+//! one `fdatasync` (under `fsync = "always"`), applies them to the key index, publishes
+//! the new feed head and acknowledges the requests. While one group is being synced
+//! and indexed, the next is being encoded and written.
+//!
+//! Group commit needs callers to pile up while an fsync runs. Closed-loop writers come
+//! back a few microseconds after their acknowledgement, just after the next fsync has
+//! started, and would otherwise settle into two half-size cohorts. So when the commit
+//! stage holds fewer requests than it acknowledged last time, it waits a little (at
+//! most half an fsync, at most 1 ms) for the rest to arrive.
+//!
+//! Under `fsync = "interval:<ms>"` a third thread fsyncs on the interval and the commit
+//! stage acknowledges without waiting for it. In every mode the feed shows only events
+//! that are both indexed and (unless `fsync = "never"`) durable: a peer or subscriber
+//! must never see an event that a crash could take back.
+
+use std::collections::HashMap;
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use asp_core::{Dot, Hlc, HlcClock, Namespace, NodeId, VersionVector};
+use fjall::Slice;
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
+
+use crate::codec::{self, EventRef, FLAG_TXN_END, INLINE_VALUE_BYTES_MAX, IndexEntry, LogPosition};
+use crate::config::{FsyncMode, StoreConfig};
+use crate::error::WriteError;
+use crate::index::Index;
+use crate::log::{FeedHead, Log, Segment, SparseBuilder, SparseUpdate};
+use crate::metrics::Metrics;
+use crate::types::{Applied, Condition, WriteKind, WriteOp};
+
+/// Commit stage messages waiting at most; the byte budget on requests bounds them too.
+const COMMIT_QUEUE_MAX: usize = 64;
+/// The longest the commit stage waits for stragglers before an fsync.
+const STRAGGLER_WAIT_MAX: Duration = Duration::from_millis(1);
+
+pub(crate) enum Request {
+    Write(WriteRequest),
+    Shutdown(oneshot::Sender<()>),
+}
+
+pub(crate) struct WriteRequest {
+    pub namespace: Namespace,
+    pub ops: Vec<WriteOp>,
+    pub reply: oneshot::Sender<Result<Vec<Applied>, WriteError>>,
+    /// Holds this request's share of the queue's byte budget until it is answered.
+    pub permit: OwnedSemaphorePermit,
+    pub bytes: usize,
+}
+
+/// Progress of the pipeline, guarded by one mutex.
+#[derive(Default)]
+pub(crate) struct Progress {
+    /// Appended to the log.
+    pub written: FeedHead,
+    /// Made durable.
+    pub synced: FeedHead,
+    /// Applied to the key index.
+    pub indexed: FeedHead,
+    pub stopping: bool,
+}
+
+/// State shared by the store handle, the writer threads and readers.
+pub(crate) struct Shared {
+    pub node_id: NodeId,
+    pub config: StoreConfig,
+    pub log: Log,
+    pub index: Index,
+    pub head_tx: watch::Sender<FeedHead>,
+    pub progress: Mutex<Progress>,
+    pub progress_changed: Condvar,
+    /// Version vectors as of the indexed head.
+    pub vectors: RwLock<HashMap<Namespace, VersionVector>>,
+    /// Set on the first storage failure; the store then refuses writes.
+    pub failure: OnceLock<String>,
+    pub metrics: Metrics,
+}
+
+impl Shared {
+    fn fail(&self, what: String) -> WriteError {
+        tracing::error!(error = %what, "storage failure; refusing further writes");
+        let _ = self.failure.set(what);
+        self.progress_changed.notify_all();
+        WriteError::Storage(self.failure.get().cloned().unwrap_or_default())
+    }
+
+    fn failed(&self) -> Option<WriteError> {
+        self.failure.get().map(|f| WriteError::Storage(f.clone()))
+    }
+
+    /// Publishes the feed head: what is indexed and, unless fsync is off, durable.
+    fn publish(&self, progress: &Progress) {
+        let visible = match self.config.fsync {
+            FsyncMode::Interval { .. } if progress.synced.seq < progress.indexed.seq => progress.synced,
+            _ => progress.indexed,
+        };
+        self.head_tx.send_if_modified(|head| {
+            if head.seq < visible.seq {
+                *head = visible;
+                true
+            } else {
+                false
+            }
+        });
+        self.metrics.feed_head.set(visible.seq as i64);
+    }
+}
+
+/// A group that is in the log and waits to be made durable, indexed and acknowledged.
+struct CommitMsg {
+    acks: Vec<Ack>,
+    updates: Vec<(Slice, IndexEntry)>,
+    vectors: Vec<(Namespace, VersionVector)>,
+    head: FeedHead,
+    hlc: Hlc,
+    segment: Arc<Segment>,
+    events: u64,
+    bytes: u64,
+}
+
+struct Ack {
+    reply: oneshot::Sender<Result<Vec<Applied>, WriteError>>,
+    applied: Vec<Applied>,
+    _permit: OwnedSemaphorePermit,
+}
+
+pub(crate) fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Starts the writer threads. The returned handle finishes when the request channel
+/// closes or a shutdown request arrives, after everything accepted is durable.
+pub(crate) fn spawn(
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Request>,
+    clock: HlcClock,
+    vectors: HashMap<Namespace, VersionVector>,
+) -> std::io::Result<JoinHandle<()>> {
+    let segment = shared.log.active();
+    let writer = Writer {
+        sparse: SparseBuilder::for_segment(&segment),
+        segment,
+        seq: shared.log.last_seq(),
+        shared,
+        rx,
+        clock,
+        vectors,
+        buf: Vec::new(),
+    };
+    std::thread::Builder::new()
+        .name("asp-writer".into())
+        .spawn(move || writer.run())
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Request>,
+    clock: HlcClock,
+    /// Every dot written, including those not yet indexed.
+    vectors: HashMap<Namespace, VersionVector>,
+    /// The last sequence number assigned.
+    seq: u64,
+    segment: Arc<Segment>,
+    sparse: SparseBuilder,
+    buf: Vec<u8>,
+}
+
+impl Writer {
+    fn run(mut self) {
+        let (commit_tx, commit_rx) = std_mpsc::sync_channel(COMMIT_QUEUE_MAX);
+        let committer = {
+            let shared = self.shared.clone();
+            std::thread::Builder::new()
+                .name("asp-commit".into())
+                .spawn(move || Committer::new(shared, commit_rx).run())
+                .expect("cannot start the commit thread")
+        };
+        let syncer = match self.shared.config.fsync {
+            FsyncMode::Interval { ms } => {
+                let shared = self.shared.clone();
+                Some(
+                    std::thread::Builder::new()
+                        .name("asp-syncer".into())
+                        .spawn(move || run_syncer(shared, Duration::from_millis(ms)))
+                        .expect("cannot start the fsync thread"),
+                )
+            }
+            _ => None,
+        };
+
+        let mut shutdown_replies = Vec::new();
+        let group_events_max = self.shared.config.group_events_max;
+        let group_bytes_max = self.shared.config.group_bytes_max;
+        'serve: while let Some(first) = self.rx.blocking_recv() {
+            let mut group = Vec::new();
+            let (mut events, mut bytes) = (0, 0);
+            let mut next = Some(first);
+            while let Some(request) = next.take() {
+                match request {
+                    Request::Write(w) => {
+                        events += w.ops.len();
+                        bytes += w.bytes;
+                        group.push(w);
+                    }
+                    Request::Shutdown(reply) => {
+                        shutdown_replies.push(reply);
+                        self.process(group, &commit_tx);
+                        break 'serve;
+                    }
+                }
+                if events < group_events_max && bytes < group_bytes_max {
+                    next = self.rx.try_recv().ok();
+                }
+            }
+            let depth = self.rx.max_capacity() - self.rx.capacity();
+            self.shared.metrics.writer_queue_depth.set(depth as i64);
+            self.process(group, &commit_tx);
+        }
+
+        // Refuse whatever arrived after the shutdown request.
+        self.rx.close();
+        while let Ok(request) = self.rx.try_recv() {
+            match request {
+                Request::Write(w) => {
+                    let _ = w.reply.send(Err(WriteError::Closed));
+                }
+                Request::Shutdown(reply) => shutdown_replies.push(reply),
+            }
+        }
+        drop(commit_tx);
+        let _ = committer.join();
+        {
+            let mut progress = self.shared.progress.lock().unwrap();
+            progress.stopping = true;
+        }
+        self.shared.progress_changed.notify_all();
+        if let Some(syncer) = syncer {
+            let _ = syncer.join();
+        }
+        self.finish();
+        for reply in shutdown_replies {
+            let _ = reply.send(());
+        }
+    }
+
+    /// Makes everything durable on a clean stop, whatever the fsync mode.
+    fn finish(&self) {
+        if self.shared.failure.get().is_some() {
+            return;
+        }
+        if let Err(e) = self.segment.file.sync_data() {
+            self.shared.fail(format!("fsync of {} at shutdown: {e}", self.segment.path.display()));
+            return;
+        }
+        if let Err(e) = self.shared.index.persist() {
+            tracing::warn!(error = %e, "could not persist the key index at shutdown; it will be rebuilt from the log");
+        }
+        let mut progress = self.shared.progress.lock().unwrap();
+        progress.synced = progress.written;
+        self.shared.publish(&progress);
+    }
+
+    fn process(&mut self, group: Vec<WriteRequest>, commit_tx: &std_mpsc::SyncSender<CommitMsg>) {
+        if group.is_empty() {
+            return;
+        }
+        if let Some(err) = self.shared.failed() {
+            for w in group {
+                let _ = w.reply.send(Err(err.clone()));
+            }
+            return;
+        }
+        if group.iter().any(|w| w.ops.iter().any(|op| op.condition != Condition::None)) {
+            // Conditions read the index, which must reflect every earlier write.
+            self.wait_indexed(self.seq);
+        }
+        if self.segment.len() >= self.shared.config.segment_bytes_max {
+            match self.shared.log.rotate() {
+                Ok(segment) => {
+                    self.sparse = SparseBuilder::for_segment(&segment);
+                    self.segment = segment;
+                }
+                Err(e) => {
+                    let err = self.shared.fail(format!("sealing log segment {}: {e}", self.segment.path.display()));
+                    for w in group {
+                        let _ = w.reply.send(Err(err.clone()));
+                    }
+                    return;
+                }
+            }
+        }
+
+        let wall = wall_ms();
+        let node_id = self.shared.node_id;
+        let start_offset = self.segment.len();
+        let segment_base = self.segment.base;
+        self.buf.clear();
+        let mut sparse_update = SparseUpdate::default();
+        let mut updates: Vec<(Slice, IndexEntry)> = Vec::new();
+        let mut positions: HashMap<Slice, usize, foldhash::fast::RandomState> = HashMap::default();
+        let mut touched: Vec<Namespace> = Vec::new();
+        let mut acks = Vec::with_capacity(group.len());
+        let mut events = 0u64;
+
+        for w in group {
+            if let Err(e) = self.check_conditions(&w, &updates, &positions) {
+                self.shared.metrics.writes_rejected.inc();
+                let _ = w.reply.send(Err(e));
+                continue;
+            }
+            let ns = w.namespace.as_str();
+            let vv = self.vectors.entry(w.namespace.clone()).or_default();
+            let first_counter = vv.max_counter(node_id) + 1;
+            let mut applied = Vec::with_capacity(w.ops.len());
+            let last = w.ops.len() - 1;
+            for (i, op) in w.ops.iter().enumerate() {
+                self.seq += 1;
+                let dot = Dot { origin: node_id, counter: first_counter + i as u64 };
+                let hlc = self.clock.tick(wall);
+                let (put, content_type, value) = match &op.kind {
+                    WriteKind::Put { content_type, value } => (Some((*content_type, &value[..])), Some(*content_type), Some(value)),
+                    WriteKind::Delete => (None, None, None),
+                };
+                let event = EventRef {
+                    namespace: ns,
+                    key: op.key.as_str(),
+                    put,
+                    dot,
+                    hlc,
+                    context: &[],
+                };
+                let offset = start_offset + self.buf.len() as u64;
+                let before = self.buf.len();
+                let flags = if i == last { FLAG_TXN_END } else { 0 };
+                codec::encode_record(&mut self.buf, self.seq, flags, &event);
+                self.sparse.record(&mut sparse_update, self.seq, offset, ns.as_bytes());
+                let value_len = value.map_or(0, |v| v.len() as u32);
+                let entry = IndexEntry {
+                    content_type,
+                    dot,
+                    hlc,
+                    seq: self.seq,
+                    position: LogPosition {
+                        segment: segment_base,
+                        offset: offset as u32,
+                        frame_len: (self.buf.len() - before) as u32,
+                    },
+                    value_len,
+                    inline: value.filter(|v| v.len() <= INLINE_VALUE_BYTES_MAX).cloned(),
+                };
+                let key = Slice::from(codec::index_key(ns, op.key.as_str()));
+                match positions.get(&key[..]) {
+                    // A later write to the same key in this group replaces the earlier
+                    // one: one index batch must not hold a key twice.
+                    Some(&p) => updates[p].1 = entry,
+                    None => {
+                        positions.insert(key.clone(), updates.len());
+                        updates.push((key, entry));
+                    }
+                }
+                applied.push(Applied { dot, hlc, seq: self.seq });
+            }
+            vv.insert_range(node_id, first_counter, first_counter + last as u64);
+            events += w.ops.len() as u64;
+            if !touched.contains(&w.namespace) {
+                touched.push(w.namespace.clone());
+            }
+            acks.push(Ack {
+                reply: w.reply,
+                applied,
+                _permit: w.permit,
+            });
+        }
+        if acks.is_empty() {
+            return;
+        }
+
+        if let Err(e) = self.shared.log.append(&self.segment, &self.buf, self.seq, &sparse_update) {
+            let err = self.shared.fail(format!("appending to {}: {e}", self.segment.path.display()));
+            for ack in acks {
+                let _ = ack.reply.send(Err(err.clone()));
+            }
+            return;
+        }
+        let head = FeedHead {
+            seq: self.seq,
+            segment: segment_base,
+            offset: start_offset + self.buf.len() as u64,
+        };
+        self.shared.progress.lock().unwrap().written = head;
+        let vectors = touched
+            .into_iter()
+            .map(|ns| {
+                let vv = self.vectors[&ns].clone();
+                (ns, vv)
+            })
+            .collect();
+        let msg = CommitMsg {
+            acks,
+            updates,
+            vectors,
+            head,
+            hlc: self.clock.last(),
+            segment: self.segment.clone(),
+            events,
+            bytes: self.buf.len() as u64,
+        };
+        if let Err(std_mpsc::SendError(msg)) = commit_tx.send(msg) {
+            let err = self.shared.fail("the commit thread stopped".into());
+            for ack in msg.acks {
+                let _ = ack.reply.send(Err(err.clone()));
+            }
+        }
+    }
+
+    /// Checks every condition of a request against the state it would see: earlier
+    /// operations of the same request, earlier requests of this group, then the index.
+    fn check_conditions(
+        &self,
+        w: &WriteRequest,
+        updates: &[(Slice, IndexEntry)],
+        positions: &HashMap<Slice, usize, foldhash::fast::RandomState>,
+    ) -> Result<(), WriteError> {
+        if w.ops.iter().all(|op| op.condition == Condition::None) {
+            return Ok(());
+        }
+        let node_id = self.shared.node_id;
+        let first_counter = self
+            .vectors
+            .get(&w.namespace)
+            .map_or(0, |vv| vv.max_counter(node_id))
+            + 1;
+        // Key -> (dot, live) as left by earlier operations of this request.
+        let mut local: HashMap<&str, (Dot, bool)> = HashMap::new();
+        for (i, op) in w.ops.iter().enumerate() {
+            if op.condition != Condition::None {
+                let key = op.key.as_str();
+                let current = match local.get(key) {
+                    Some(&state) => Some(state),
+                    None => {
+                        let ikey = codec::index_key(w.namespace.as_str(), key);
+                        match positions.get(&ikey[..]) {
+                            Some(&p) => Some((updates[p].1.dot, updates[p].1.content_type.is_some())),
+                            None => self
+                                .shared
+                                .index
+                                .get(&ikey)
+                                .map_err(|e| WriteError::Storage(format!("reading the key index: {e}")))?
+                                .map(|e| (e.dot, e.content_type.is_some())),
+                        }
+                    }
+                };
+                let live = current.filter(|&(_, live)| live).map(|(dot, _)| dot);
+                let failure = match (op.condition, live) {
+                    (Condition::IfVersion(want), Some(have)) if want == have => None,
+                    (Condition::IfVersion(want), Some(have)) => {
+                        Some(format!("expected version {want}, the current version is {have}"))
+                    }
+                    (Condition::IfVersion(want), None) => {
+                        Some(format!("expected version {want}, but the key does not exist"))
+                    }
+                    (Condition::IfExists, None) => Some("the key does not exist".to_owned()),
+                    (Condition::IfAbsent, Some(have)) => Some(format!("the key exists at version {have}")),
+                    _ => None,
+                };
+                if let Some(reason) = failure {
+                    return Err(WriteError::ConditionFailed {
+                        index: i,
+                        key: op.key.clone(),
+                        reason,
+                        current: live,
+                    });
+                }
+            }
+            let dot = Dot { origin: node_id, counter: first_counter + i as u64 };
+            local.insert(op.key.as_str(), (dot, matches!(op.kind, WriteKind::Put { .. })));
+        }
+        Ok(())
+    }
+
+    fn wait_indexed(&self, seq: u64) {
+        let mut progress = self.shared.progress.lock().unwrap();
+        while progress.indexed.seq < seq && self.shared.failure.get().is_none() {
+            progress = self.shared.progress_changed.wait(progress).unwrap();
+        }
+    }
+}
+
+struct Committer {
+    shared: Arc<Shared>,
+    rx: std_mpsc::Receiver<CommitMsg>,
+    /// Smoothed fsync duration, which bounds the wait for stragglers.
+    fsync_avg: Duration,
+    /// Requests acknowledged by the last fsync.
+    last_cohort: usize,
+}
+
+impl Committer {
+    fn new(shared: Arc<Shared>, rx: std_mpsc::Receiver<CommitMsg>) -> Self {
+        Self {
+            shared,
+            rx,
+            fsync_avg: Duration::from_micros(500),
+            last_cohort: 0,
+        }
+    }
+
+    fn run(mut self) {
+        while let Ok(first) = self.rx.recv() {
+            let mut msgs = vec![first];
+            while let Ok(m) = self.rx.try_recv() {
+                msgs.push(m);
+            }
+            if self.shared.config.fsync == FsyncMode::Always {
+                self.gather_stragglers(&mut msgs);
+                let segment = &msgs.last().expect("at least one message").segment;
+                let started = Instant::now();
+                let synced = segment.file.sync_data();
+                let took = started.elapsed();
+                self.shared.metrics.fsyncs.inc();
+                self.shared.metrics.fsync_seconds.observe(took.as_secs_f64());
+                self.fsync_avg = (self.fsync_avg * 7 + took) / 8;
+                if let Err(e) = synced {
+                    self.shared.fail(format!("fsync of {}: {e}", segment.path.display()));
+                }
+                self.last_cohort = msgs.iter().map(|m| m.acks.len()).sum();
+            }
+            self.commit(msgs);
+        }
+    }
+
+    /// Waits briefly for more groups when fewer requests are ready than the last fsync
+    /// acknowledged: they are most likely on their way.
+    fn gather_stragglers(&mut self, msgs: &mut Vec<CommitMsg>) {
+        let mut ready: usize = msgs.iter().map(|m| m.acks.len()).sum();
+        if ready >= self.last_cohort {
+            return;
+        }
+        let deadline = Instant::now() + (self.fsync_avg / 2).min(STRAGGLER_WAIT_MAX);
+        while ready < self.last_cohort {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            match self.rx.recv_timeout(deadline - now) {
+                Ok(m) => {
+                    ready += m.acks.len();
+                    msgs.push(m);
+                }
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn commit(&mut self, msgs: Vec<CommitMsg>) {
+        if let Some(err) = self.shared.failed() {
+            for msg in msgs {
+                for ack in msg.acks {
+                    let _ = ack.reply.send(Err(err.clone()));
+                }
+            }
+            return;
+        }
+        let mut failed = None;
+        for msg in &msgs {
+            let mut batch = self.shared.index.batch(msg.updates.len() + 2 + msg.vectors.len());
+            for (key, entry) in &msg.updates {
+                batch.put(key.clone(), entry);
+            }
+            for (ns, vv) in &msg.vectors {
+                batch.set_vector(ns, vv);
+            }
+            batch.set_applied(msg.head.seq, msg.hlc);
+            if let Err(e) = batch.commit() {
+                failed = Some(self.shared.fail(format!("writing the key index: {e}")));
+                break;
+            }
+        }
+        if let Some(err) = failed {
+            for msg in msgs {
+                for ack in msg.acks {
+                    let _ = ack.reply.send(Err(err.clone()));
+                }
+            }
+            return;
+        }
+
+        let last = msgs.last().expect("at least one message").head;
+        {
+            let mut vectors = self.shared.vectors.write().unwrap();
+            for msg in &msgs {
+                for (ns, vv) in &msg.vectors {
+                    vectors.insert(ns.clone(), vv.clone());
+                }
+            }
+        }
+        {
+            let mut progress = self.shared.progress.lock().unwrap();
+            progress.indexed = last;
+            if !matches!(self.shared.config.fsync, FsyncMode::Interval { .. }) {
+                progress.synced = last;
+            }
+            self.shared.publish(&progress);
+        }
+        self.shared.progress_changed.notify_all();
+
+        let metrics = &self.shared.metrics;
+        let (events, bytes, requests) = msgs.iter().fold((0, 0, 0), |(e, b, r), m| (e + m.events, b + m.bytes, r + m.acks.len()));
+        metrics.events_written.inc_by(events);
+        metrics.bytes_written.inc_by(bytes);
+        metrics.group_commit_events.observe(events as f64);
+        metrics.group_commit_requests.observe(requests as f64);
+        for msg in msgs {
+            for ack in msg.acks {
+                let _ = ack.reply.send(Ok(ack.applied));
+            }
+        }
+    }
+}
+
+/// Under `fsync = "interval:<ms>"`: fsyncs what has been written, on the interval.
+fn run_syncer(shared: Arc<Shared>, interval: Duration) {
+    let mut progress = shared.progress.lock().unwrap();
+    let mut next_sync = Instant::now() + interval;
+    loop {
+        // The condition variable also wakes on every commit; only the interval or a
+        // stop request ends the wait.
+        let now = Instant::now();
+        if now < next_sync {
+            let (guard, _) = shared.progress_changed.wait_timeout(progress, next_sync - now).unwrap();
+            progress = guard;
+        }
+        if progress.stopping || shared.failure.get().is_some() {
+            return;
+        }
+        if Instant::now() < next_sync {
+            continue;
+        }
+        next_sync = Instant::now() + interval;
+        let written = progress.written;
+        if written.seq <= progress.synced.seq {
+            continue;
+        }
+        drop(progress);
+        // Earlier segments were fsynced when sealed; only the newest can be dirty.
+        let segment = shared.log.active();
+        let result = segment.file.sync_data();
+        shared.metrics.fsyncs.inc();
+        progress = shared.progress.lock().unwrap();
+        match result {
+            Ok(()) => {
+                if written.seq > progress.synced.seq {
+                    progress.synced = written;
+                }
+                shared.publish(&progress);
+            }
+            Err(e) => {
+                drop(progress);
+                shared.fail(format!("fsync of {}: {e}", segment.path.display()));
+                return;
+            }
+        }
+    }
+}
