@@ -1,1 +1,13 @@
-//! placeholder
+//! asp's HTTP API v1: the server (axum), its JSON shapes, payload format conversion, and
+//! a client. This is the only crate that knows JSON request shapes; the store below it
+//! deals in typed operations.
+
+mod api;
+pub mod client;
+mod error;
+pub mod formats;
+mod json;
+mod openapi;
+
+pub use api::{ApiConfig, AppState, DEFAULT_REQUEST_BYTES_MAX, router, serve};
+pub use error::ApiError;

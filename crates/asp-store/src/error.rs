@@ -46,6 +46,9 @@ pub enum OpenError {
 pub enum WriteError {
     #[error("{0}")]
     Invalid(String),
+    /// A limit was exceeded: value size, operations per batch, bytes per batch.
+    #[error("{0}")]
+    TooLarge(String),
     #[error("condition failed for operation {index} (key {key:?}): {reason}")]
     ConditionFailed {
         index: usize,

@@ -197,7 +197,7 @@ impl Store {
             return Err(WriteError::Invalid("a batch needs at least one operation".into()));
         }
         if ops.len() > config.batch_ops_max {
-            return Err(WriteError::Invalid(format!(
+            return Err(WriteError::TooLarge(format!(
                 "a batch holds at most {} operations; this one has {}",
                 config.batch_ops_max,
                 ops.len()
@@ -210,7 +210,7 @@ impl Store {
                 WriteKind::Delete => 0,
             };
             if value_len > config.value_bytes_max {
-                return Err(WriteError::Invalid(format!(
+                return Err(WriteError::TooLarge(format!(
                     "the value for key {:?} is {value_len} bytes; the limit is {} (value_bytes_max)",
                     op.key.as_str(),
                     config.value_bytes_max
@@ -219,7 +219,7 @@ impl Store {
             bytes += op.key.as_str().len() + value_len + 64;
         }
         if bytes > config.write_queue_bytes_max {
-            return Err(WriteError::Invalid(format!(
+            return Err(WriteError::TooLarge(format!(
                 "the batch is {bytes} bytes; the limit is {} (write_queue_bytes_max)",
                 config.write_queue_bytes_max
             )));

@@ -1,1 +1,202 @@
-fn main() {}
+//! `asp`: run a node (`asp serve`), talk to one (`put`, `get`, `del`, `scan`, `watch`,
+//! `status`), or measure one (`bench`). Argument parsing and printing only; the work
+//! lives in the library crates.
+
+mod bench;
+mod commands;
+mod config;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "asp", version, about = "asp: asynchronous data synchronization — a durable, replicating key-value node")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node (data in ./asp-data, API on 127.0.0.1:7700 unless told otherwise).
+    Serve(ServeArgs),
+    /// Write a value.
+    Put(PutArgs),
+    /// Read a value (printed as is to stdout).
+    Get(GetArgs),
+    /// Delete a key.
+    Del(DelArgs),
+    /// List keys.
+    Scan(ScanArgs),
+    /// Follow a namespace's changes live, one JSON line per change.
+    Watch(WatchArgs),
+    /// Show a node's status.
+    Status(NodeArgs),
+    /// Measure durable ingest on this machine (see bench/RESULTS.md).
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML configuration file; flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Where the node keeps its data [default: ./asp-data].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address of the HTTP API [default: 127.0.0.1:7700].
+    #[arg(long, value_name = "ADDR")]
+    api: Option<String>,
+    /// When to fsync: always (default), interval:<ms>, or never.
+    #[arg(long, value_name = "MODE")]
+    fsync: Option<String>,
+    /// Node id (16 hex digits) for a new data directory; must match an existing one.
+    #[arg(long, value_name = "ID")]
+    node_id: Option<String>,
+    /// Largest value in bytes [default: 1048576].
+    #[arg(long, value_name = "BYTES")]
+    value_bytes_max: Option<usize>,
+    /// Most operations in one batch [default: 10000].
+    #[arg(long, value_name = "N")]
+    batch_ops_max: Option<usize>,
+    /// Largest batch request body in bytes [default: 16777216].
+    #[arg(long, value_name = "BYTES")]
+    request_bytes_max: Option<usize>,
+    /// Most write requests waiting for the writer [default: 4096].
+    #[arg(long, value_name = "N")]
+    write_queue_max: Option<usize>,
+    /// How long a write waits for room before 503 [default: 5000].
+    #[arg(long, value_name = "MS")]
+    write_queue_wait_ms: Option<u64>,
+    /// Log segment size in bytes [default: 134217728].
+    #[arg(long, value_name = "BYTES")]
+    segment_bytes_max: Option<u64>,
+    /// Remote clock readings further ahead are refused [default: 60000].
+    #[arg(long, value_name = "MS")]
+    max_clock_skew_ms: Option<u64>,
+}
+
+#[derive(Args, Clone)]
+pub struct NodeArgs {
+    /// The node's API.
+    #[arg(long, env = "ASP_NODE", default_value = "http://127.0.0.1:7700", value_name = "URL")]
+    node: String,
+}
+
+#[derive(Args)]
+struct NsArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    /// Namespace.
+    #[arg(long, env = "ASP_NS", default_value = "default", value_name = "NS")]
+    ns: String,
+}
+
+#[derive(Args)]
+struct PutArgs {
+    #[command(flatten)]
+    target: NsArgs,
+    key: String,
+    /// The value; read from stdin when absent or "-".
+    value: Option<String>,
+    /// Media type [default: application/json if the value parses as JSON, else text/plain
+    /// if it is UTF-8, else application/octet-stream].
+    #[arg(long, value_name = "TYPE")]
+    content_type: Option<String>,
+    /// Write only if the current version is this one ("*": only if the key exists).
+    #[arg(long, value_name = "VERSION")]
+    if_match: Option<String>,
+}
+
+#[derive(Args)]
+struct GetArgs {
+    #[command(flatten)]
+    target: NsArgs,
+    key: String,
+    /// Ask for this media type (JSON, CBOR and MessagePack convert into each other).
+    #[arg(long, value_name = "TYPE")]
+    accept: Option<String>,
+}
+
+#[derive(Args)]
+struct DelArgs {
+    #[command(flatten)]
+    target: NsArgs,
+    key: String,
+    #[arg(long, value_name = "VERSION")]
+    if_match: Option<String>,
+}
+
+#[derive(Args)]
+struct ScanArgs {
+    #[command(flatten)]
+    target: NsArgs,
+    #[arg(long, default_value = "")]
+    prefix: String,
+    /// Most keys to list (all pages are followed up to this many).
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+    /// Print values too.
+    #[arg(long)]
+    values: bool,
+}
+
+#[derive(Args)]
+struct WatchArgs {
+    #[command(flatten)]
+    target: NsArgs,
+    /// Start after this feed position (0: from the beginning).
+    #[arg(long, default_value_t = 0)]
+    since: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("asp: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(a) => {
+                let flags = config::Overrides {
+                    data_dir: a.data_dir,
+                    node_id: a.node_id,
+                    fsync: a.fsync,
+                    api: a.api,
+                    limits: config::Limits {
+                        value_bytes_max: a.value_bytes_max,
+                        batch_ops_max: a.batch_ops_max,
+                        request_bytes_max: a.request_bytes_max,
+                        write_queue_max: a.write_queue_max,
+                        write_queue_bytes_max: None,
+                        write_queue_wait_ms: a.write_queue_wait_ms,
+                    },
+                    segment_bytes_max: a.segment_bytes_max,
+                    max_clock_skew_ms: a.max_clock_skew_ms,
+                };
+                serve::run(a.config.as_deref(), flags).await
+            }
+            Command::Put(a) => commands::put(&a.target.node.node, &a.target.ns, &a.key, a.value, a.content_type, a.if_match).await,
+            Command::Get(a) => commands::get(&a.target.node.node, &a.target.ns, &a.key, a.accept).await,
+            Command::Del(a) => commands::del(&a.target.node.node, &a.target.ns, &a.key, a.if_match).await,
+            Command::Scan(a) => commands::scan(&a.target.node.node, &a.target.ns, &a.prefix, a.limit, a.values).await,
+            Command::Watch(a) => commands::watch(&a.target.node.node, &a.target.ns, a.since).await,
+            Command::Status(a) => commands::status(&a.node).await,
+            Command::Bench(a) => bench::run(a).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("asp: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

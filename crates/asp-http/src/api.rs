@@ -1,0 +1,779 @@
+//! The HTTP API v1: routes, handlers and the server loop.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use asp_core::{ContentType, Dot, Key, Namespace};
+use asp_store::{Condition, FeedEvent, FeedReader, Store, WriteKind, WriteOp};
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use futures_util::FutureExt as _;
+use futures_util::stream::{self, Stream};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::ApiError;
+use crate::formats;
+use crate::json::{BASE64, ChangeOut, HlcOut, ValueOut, WriteOut};
+
+/// Default limit on a batch request body.
+pub const DEFAULT_REQUEST_BYTES_MAX: usize = 16 << 20;
+/// Default and largest page sizes.
+const LIST_LIMIT_DEFAULT: usize = 100;
+const CHANGES_LIMIT_DEFAULT: usize = 100;
+/// Events read from the log at a time for a live stream.
+const SSE_READ_EVENTS: usize = 512;
+
+/// Settings of the HTTP server.
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// The largest request body of a batch.
+    pub request_bytes_max: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            request_bytes_max: DEFAULT_REQUEST_BYTES_MAX,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    code: &'static str,
+}
+
+/// Everything a handler needs. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<StateInner>,
+}
+
+struct StateInner {
+    store: Store,
+    config: ApiConfig,
+    registry: Registry,
+    http_requests: Family<StatusLabels, Counter>,
+    started: Instant,
+    listen: SocketAddr,
+    shutdown: CancellationToken,
+}
+
+impl AppState {
+    /// `shutdown` ends live streams and the server when cancelled.
+    pub fn new(store: Store, config: ApiConfig, listen: SocketAddr, shutdown: CancellationToken) -> Self {
+        let mut registry = Registry::default();
+        store.metrics().register(&mut registry);
+        let http_requests = Family::<StatusLabels, Counter>::default();
+        registry.register(
+            "asp_http_requests",
+            "HTTP requests answered, by status class",
+            http_requests.clone(),
+        );
+        AppState {
+            inner: Arc::new(StateInner {
+                store,
+                config,
+                registry,
+                http_requests,
+                started: Instant::now(),
+                listen,
+                shutdown,
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+}
+
+/// Serves the API on `listener` until the state's shutdown token is cancelled, then
+/// finishes the requests in flight.
+pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> std::io::Result<()> {
+    let token = state.inner.shutdown.clone();
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { token.cancelled().await })
+        .await
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/v1/status", get(status))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/ns/{ns}/kv", get(list_keys))
+        .route("/v1/ns/{ns}/kv/", get(empty_key).put(empty_key).delete(empty_key))
+        .route("/v1/ns/{ns}/kv/{*key}", get(get_key).put(put_key).delete(delete_key))
+        .route("/v1/ns/{ns}/batch", post(batch))
+        .route("/v1/ns/{ns}/changes", get(changes))
+        .fallback(route_not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+/// Counts answers, refuses malformed percent-encoding, and turns a panic into a 500
+/// rather than a dropped connection.
+async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let response = if let Some(e) = check_percent_encoding(request.uri().path()) {
+        e.into_response()
+    } else {
+        match AssertUnwindSafe(next.run(request)).catch_unwind().await {
+            Ok(response) => response,
+            Err(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request handler failed; this is a bug, please report it").into_response(),
+        }
+    };
+    let code = match response.status().as_u16() {
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    state.inner.http_requests.get_or_create(&StatusLabels { code }).inc();
+    response
+}
+
+fn check_percent_encoding(path: &str) -> Option<ApiError> {
+    let bytes = path.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let ok = bytes.len() > i + 2 && bytes[i + 1].is_ascii_hexdigit() && bytes[i + 2].is_ascii_hexdigit();
+            if !ok {
+                return Some(ApiError::bad_request(
+                    "invalid_path",
+                    format!("bad percent-encoding at byte {i} of the path: '%' must be followed by two hex digits (write a literal '%' as %25)"),
+                ));
+            }
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    None
+}
+
+async fn route_not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "route_not_found",
+        format!("no route for {method} {}; the API is described at /v1/openapi.json", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {}; see /v1/openapi.json", uri.path()),
+    )
+}
+
+async fn empty_key() -> ApiError {
+    ApiError::bad_request("invalid_key", "the key is empty; a key is 1 to 1024 bytes of UTF-8")
+}
+
+fn path_error(e: PathRejection) -> ApiError {
+    ApiError::bad_request(
+        "invalid_path",
+        format!("{}; percent-encoded path segments must decode to UTF-8", e.body_text()),
+    )
+}
+
+fn query_error(e: QueryRejection) -> ApiError {
+    ApiError::bad_request("invalid_query", e.body_text())
+}
+
+fn namespace(name: &str) -> Result<Namespace, ApiError> {
+    Namespace::new(name).map_err(|e| ApiError::bad_request("invalid_namespace", e.to_string()))
+}
+
+fn key(k: &str) -> Result<Key, ApiError> {
+    Key::new(k).map_err(|e| ApiError::bad_request("invalid_key", e.to_string()))
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: header::HeaderName) -> Result<Option<&'a str>, ApiError> {
+    match headers.get(&name) {
+        None => Ok(None),
+        Some(v) => v.to_str().map(Some).map_err(|_| {
+            ApiError::bad_request("invalid_header", format!("the {name} header is not visible ASCII"))
+        }),
+    }
+}
+
+/// Reads an entity tag: `"17@9f3c2a0b11d4e5f6"`, with or without quotes or `W/`.
+fn parse_etag(tag: &str) -> Option<Dot> {
+    let t = tag.trim();
+    let t = t.strip_prefix("W/").unwrap_or(t);
+    let t = t.strip_prefix('"').and_then(|t| t.strip_suffix('"')).unwrap_or(t);
+    t.parse().ok()
+}
+
+fn etag(dot: Dot) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{dot}\"")).expect("dots are ASCII")
+}
+
+/// The condition of a single-key write from `If-Match` / `If-None-Match`.
+fn write_condition(headers: &HeaderMap) -> Result<Condition, ApiError> {
+    let if_match = header_str(headers, header::IF_MATCH)?;
+    let if_none_match = header_str(headers, header::IF_NONE_MATCH)?;
+    match (if_match, if_none_match) {
+        (Some(_), Some(_)) => Err(ApiError::bad_request(
+            "invalid_header",
+            "send either If-Match or If-None-Match, not both",
+        )),
+        (Some(m), None) => parse_if_match(m),
+        (None, Some(n)) if n.trim() == "*" => Ok(Condition::IfAbsent),
+        (None, Some(_)) => Err(ApiError::bad_request(
+            "invalid_header",
+            "on writes, If-None-Match only takes * (create the key only if it does not exist)",
+        )),
+        (None, None) => Ok(Condition::None),
+    }
+}
+
+fn parse_if_match(m: &str) -> Result<Condition, ApiError> {
+    if m.trim() == "*" {
+        return Ok(Condition::IfExists);
+    }
+    parse_etag(m).map(Condition::IfVersion).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_header",
+            format!("If-Match must be * or one version such as \"17@9f3c2a0b11d4e5f6\"; got {m:?}"),
+        )
+    })
+}
+
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize, what: &str, setting: &str) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the {what} is larger than {limit} bytes ({setting})"),
+        )
+    };
+    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
+        if len > limit as u64 {
+            return Err(too_large());
+        }
+    }
+    match axum::body::to_bytes(body, limit).await {
+        Ok(b) => Ok(b),
+        Err(e) => {
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(s) = source {
+                if s.is::<http_body_util::LengthLimitError>() {
+                    return Err(too_large());
+                }
+                source = s.source();
+            }
+            Err(ApiError::bad_request("invalid_body", format!("could not read the request body: {e}")))
+        }
+    }
+}
+
+async fn put_key(
+    State(state): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let Path((ns, k)) = path.map_err(path_error)?;
+    let ns = namespace(&ns)?;
+    let key = key(&k)?;
+    let content_type = formats::content_type_of(header_str(&headers, header::CONTENT_TYPE)?).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("{} (for example -H 'Content-Type: application/json')", e.0),
+        )
+    })?;
+    let condition = write_condition(&headers)?;
+    let store = state.store();
+    let value = read_body(&headers, body, store.config().value_bytes_max, "value", "value_bytes_max").await?;
+    formats::validate(content_type, &value).map_err(|e| ApiError::bad_request("invalid_value", e.to_string()))?;
+    let op = WriteOp {
+        key: key.clone(),
+        kind: WriteKind::Put { content_type, value },
+        condition,
+    };
+    let applied = store.write(ns.clone(), vec![op]).await?[0];
+    let mut response = Json(WriteOut::new(ns.as_str(), key.as_str(), applied, false)).into_response();
+    response.headers_mut().insert(header::ETAG, etag(applied.dot));
+    Ok(response)
+}
+
+async fn delete_key(
+    State(state): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Path((ns, k)) = path.map_err(path_error)?;
+    let ns = namespace(&ns)?;
+    let key = key(&k)?;
+    let condition = match header_str(&headers, header::IF_MATCH)? {
+        Some(m) => parse_if_match(m)?,
+        None => Condition::None,
+    };
+    let op = WriteOp {
+        key: key.clone(),
+        kind: WriteKind::Delete,
+        condition,
+    };
+    let applied = state.store().write(ns.clone(), vec![op]).await?[0];
+    Ok(Json(WriteOut::new(ns.as_str(), key.as_str(), applied, true)).into_response())
+}
+
+async fn get_key(
+    State(state): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Path((ns, k)) = path.map_err(path_error)?;
+    let ns = namespace(&ns)?;
+    let key = key(&k)?;
+    let accept = header_str(&headers, header::ACCEPT)?;
+    let if_none_match = header_str(&headers, header::IF_NONE_MATCH)?;
+    let store = state.store();
+    let found = store.get(&ns, key.as_str())?;
+    let Some((ks, value)) = found.and_then(|ks| ks.value.clone().map(|v| (ks, v))) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("key {:?} does not exist in namespace {ns}", key.as_str()),
+        ));
+    };
+    let dot = ks.version.dot;
+    if let Some(inm) = if_none_match {
+        if inm.trim() == "*" || inm.split(',').filter_map(parse_etag).any(|d| d == dot) {
+            let mut r = StatusCode::NOT_MODIFIED.into_response();
+            r.headers_mut().insert(header::ETAG, etag(dot));
+            return Ok(r);
+        }
+    }
+    let Some(serve_as) = formats::negotiate(accept, value.content_type) else {
+        let can: Vec<_> = formats::servable(value.content_type).iter().map(|c| c.mime()).collect();
+        return Err(ApiError::new(
+            StatusCode::NOT_ACCEPTABLE,
+            "not_acceptable",
+            format!(
+                "this value is stored as {} and can be served as {}; the Accept header allows none of them",
+                value.content_type.mime(),
+                can.join(", ")
+            ),
+        ));
+    };
+    let body = if serve_as == value.content_type {
+        value.bytes
+    } else {
+        Bytes::from(formats::convert(&value.bytes, value.content_type, serve_as).map_err(|e| {
+            ApiError::new(StatusCode::NOT_ACCEPTABLE, "not_acceptable", e.to_string())
+        })?)
+    };
+    let mime = match serve_as {
+        ContentType::Text => "text/plain; charset=utf-8",
+        other => other.mime(),
+    };
+    let mut response = (StatusCode::OK, body).into_response();
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(mime));
+    h.insert(header::ETAG, etag(dot));
+    h.insert(header::VARY, HeaderValue::from_static("Accept"));
+    Ok(response)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    prefix: Option<String>,
+    after: Option<String>,
+    limit: Option<usize>,
+    values: Option<bool>,
+}
+
+async fn list_keys(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Path(ns) = path.map_err(path_error)?;
+    let ns = namespace(&ns)?;
+    let Query(q) = query.map_err(query_error)?;
+    let limit = q.limit.unwrap_or(LIST_LIMIT_DEFAULT);
+    if limit == 0 || limit > asp_store::SCAN_LIMIT_MAX {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("limit must be between 1 and {}; got {limit}", asp_store::SCAN_LIMIT_MAX),
+        ));
+    }
+    let prefix = q.prefix.unwrap_or_default();
+    if prefix.len() > asp_core::KEY_BYTES_MAX {
+        return Err(ApiError::bad_request("invalid_query", "prefix is longer than the longest key (1024 bytes)"));
+    }
+    if let Some(after) = &q.after {
+        key(after)?;
+    }
+    let with_values = q.values.unwrap_or(false);
+    let store = state.store();
+    let page = store.scan(&ns, &prefix, q.after.as_deref(), limit, with_values)?;
+    let items: Vec<serde_json::Value> = page
+        .items
+        .iter()
+        .map(|item| {
+            let mut v = serde_json::json!({
+                "key": item.key.as_str(),
+                "version": item.version.dot.to_string(),
+                "seq": item.seq,
+                "content_type": item.content_type.mime(),
+                "size": item.value_len,
+            });
+            if let Some(bytes) = &item.value {
+                let out = serde_json::to_value(ValueOut::new(item.content_type, bytes)).expect("values serialize");
+                if let (Some(obj), serde_json::Value::Object(extra)) = (v.as_object_mut(), out) {
+                    obj.extend(extra);
+                }
+            }
+            v
+        })
+        .collect();
+    Ok(Json(serde_json::json!({
+        "namespace": ns.as_str(),
+        "items": items,
+        "next_after": page.next_after.as_ref().map(|k| k.as_str()),
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchIn<'a> {
+    #[serde(borrow)]
+    ops: Vec<BatchOpIn<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchOpIn<'a> {
+    op: &'a str,
+    key: String,
+    content_type: Option<String>,
+    #[serde(borrow)]
+    value: Option<&'a RawValue>,
+    value_text: Option<String>,
+    value_base64: Option<String>,
+    if_match: Option<String>,
+    if_none_match: Option<String>,
+}
+
+fn batch_op(i: usize, op: BatchOpIn<'_>) -> Result<WriteOp, ApiError> {
+    let bad = |m: String| ApiError::bad_request("invalid_batch", format!("ops[{i}]: {m}"));
+    let key = Key::try_from(op.key).map_err(|e| bad(e.to_string()))?;
+    let condition = match (op.if_match.as_deref(), op.if_none_match.as_deref()) {
+        (Some(_), Some(_)) => return Err(bad("give if_match or if_none_match, not both".into())),
+        (Some(m), None) => parse_if_match(m).map_err(|e| bad(e.message))?,
+        (None, Some("*")) => Condition::IfAbsent,
+        (None, Some(_)) => return Err(bad("if_none_match only takes \"*\"".into())),
+        (None, None) => Condition::None,
+    };
+    let declared = match op.content_type.as_deref() {
+        None => None,
+        Some(ct) => Some(formats::content_type_of(Some(ct)).map_err(|e| bad(e.0))?),
+    };
+    let kind = match op.op {
+        "delete" => {
+            if op.value.is_some() || op.value_text.is_some() || op.value_base64.is_some() || declared.is_some() {
+                return Err(bad("a delete takes no value and no content_type".into()));
+            }
+            WriteKind::Delete
+        }
+        "put" => {
+            let (content_type, value) = match (op.value, op.value_text, op.value_base64) {
+                (Some(raw), None, None) => {
+                    if declared.is_some_and(|d| d != ContentType::Json) {
+                        return Err(bad("\"value\" holds JSON; use value_text or value_base64 for other content types".into()));
+                    }
+                    (ContentType::Json, Bytes::copy_from_slice(raw.get().as_bytes()))
+                }
+                (None, Some(text), None) => {
+                    if declared.is_some_and(|d| d != ContentType::Text) {
+                        return Err(bad("\"value_text\" is for text/plain; use value_base64 for other content types".into()));
+                    }
+                    (ContentType::Text, Bytes::from(text))
+                }
+                (None, None, Some(b64)) => {
+                    let bytes = BASE64.decode(b64.as_bytes()).map_err(|e| bad(format!("value_base64 is not valid base64: {e}")))?;
+                    let ct = declared.unwrap_or(ContentType::OctetStream);
+                    formats::validate(ct, &bytes).map_err(|e| bad(e.to_string()))?;
+                    (ct, Bytes::from(bytes))
+                }
+                (None, None, None) => return Err(bad("a put needs one of value, value_text or value_base64".into())),
+                _ => return Err(bad("give only one of value, value_text and value_base64".into())),
+            };
+            WriteKind::Put { content_type, value }
+        }
+        other => return Err(bad(format!("op must be \"put\" or \"delete\", got {other:?}"))),
+    };
+    Ok(WriteOp { key, kind, condition })
+}
+
+async fn batch(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let Path(ns) = path.map_err(path_error)?;
+    let ns = namespace(&ns)?;
+    let ct = header_str(&headers, header::CONTENT_TYPE)?;
+    if formats::content_type_of(ct).ok() != Some(ContentType::Json) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "a batch is a JSON document: send Content-Type: application/json",
+        ));
+    }
+    let limit = state.inner.config.request_bytes_max;
+    let body = read_body(&headers, body, limit, "batch", "request_bytes_max").await?;
+    let parsed: BatchIn<'_> = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("invalid_batch", format!("the batch is not valid: {e}")))?;
+    let store = state.store();
+    if parsed.ops.len() > store.config().batch_ops_max {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("a batch holds at most {} operations; this one has {}", store.config().batch_ops_max, parsed.ops.len()),
+        ));
+    }
+    let ops = parsed
+        .ops
+        .into_iter()
+        .enumerate()
+        .map(|(i, op)| batch_op(i, op))
+        .collect::<Result<Vec<_>, _>>()?;
+    let keys: Vec<Key> = ops.iter().map(|o| o.key.clone()).collect();
+    let applied = store.write(ns.clone(), ops).await?;
+    // Written by hand: a 10,000-result answer is on the hot path of bulk loads.
+    let mut out = String::with_capacity(64 + applied.len() * 120);
+    out.push_str("{\"namespace\":");
+    out.push_str(&serde_json::to_string(ns.as_str()).expect("strings serialize"));
+    out.push_str(",\"results\":[");
+    for (i, (a, k)) in applied.iter().zip(&keys).enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&serde_json::to_string(&serde_json::json!({
+            "key": k.as_str(),
+            "version": a.dot.to_string(),
+            "seq": a.seq,
+            "hlc": HlcOut::from(a.hlc),
+        })).expect("results serialize"));
+    }
+    out.push_str("]}");
+    Ok(([(header::CONTENT_TYPE, "application/json")], out).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangesParams {
+    since: Option<u64>,
+    limit: Option<usize>,
+    values: Option<bool>,
+}
+
+async fn changes(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<ChangesParams>, QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Path(ns) = path.map_err(path_error)?;
+    let ns = namespace(&ns)?;
+    let Query(q) = query.map_err(query_error)?;
+    let with_values = q.values.unwrap_or(true);
+    let limit = q.limit.unwrap_or(CHANGES_LIMIT_DEFAULT);
+    if limit == 0 || limit > asp_store::CHANGES_LIMIT_MAX {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("limit must be between 1 and {}; got {limit}", asp_store::CHANGES_LIMIT_MAX),
+        ));
+    }
+    let wants_stream = header_str(&headers, header::ACCEPT)?.is_some_and(|a| a.contains("text/event-stream"));
+    let mut since = q.since.unwrap_or(0);
+    if wants_stream {
+        if let Some(last) = header_str(&headers, header::HeaderName::from_static("last-event-id"))? {
+            since = last.trim().parse().map_err(|_| {
+                ApiError::bad_request("invalid_header", format!("Last-Event-ID must be a feed position (a number); got {last:?}"))
+            })?;
+        }
+    }
+    let store = state.store();
+    let head = store.head().seq;
+    if since > head {
+        return Err(ApiError::bad_request(
+            "cursor_ahead",
+            format!("cursor {since} is beyond this node's feed head {head}; if the node's data was reset, start again from 0"),
+        ));
+    }
+    if wants_stream {
+        return Ok(sse(state.clone(), ns, since, with_values).into_response());
+    }
+    let page = store.changes(Some(&ns), since, limit)?;
+    let changes: Vec<ChangeOut<'_>> = page.events.iter().map(|e| ChangeOut::new(e, with_values)).collect();
+    Ok(Json(serde_json::json!({
+        "namespace": ns.as_str(),
+        "changes": changes,
+        "next": page.next,
+        "head": page.head,
+    }))
+    .into_response())
+}
+
+struct Live {
+    reader: FeedReader,
+    head: tokio::sync::watch::Receiver<asp_store::FeedHead>,
+    pending: std::collections::VecDeque<FeedEvent>,
+    shutdown: CancellationToken,
+    with_values: bool,
+    done: bool,
+}
+
+/// A live stream of the namespace's changes after `since`: every event once, in feed
+/// order, each with its feed position as the event id.
+fn sse(state: AppState, ns: Namespace, since: u64, with_values: bool) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let store = state.store();
+    let live = Live {
+        reader: store.feed_reader(Some(ns), since),
+        head: store.subscribe(),
+        pending: Default::default(),
+        shutdown: state.inner.shutdown.clone(),
+        with_values,
+        done: false,
+    };
+    let events = stream::unfold(live, |mut live| async move {
+        if live.done {
+            return None;
+        }
+        loop {
+            if let Some(fe) = live.pending.pop_front() {
+                let data = serde_json::to_string(&ChangeOut::new(&fe, live.with_values)).expect("changes serialize");
+                let event = SseEvent::default().id(fe.seq.to_string()).event("change").data(data);
+                return Some((Ok(event), live));
+            }
+            if live.shutdown.is_cancelled() {
+                return None;
+            }
+            // Mark the current head as seen before reading, so that anything
+            // published after the read wakes the wait below.
+            live.head.borrow_and_update();
+            match live.reader.read(SSE_READ_EVENTS) {
+                Ok(events) if !events.is_empty() => {
+                    live.pending.extend(events);
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    live.done = true;
+                    let data = serde_json::json!({"code": "storage_failure", "message": e.to_string()}).to_string();
+                    return Some((Ok(SseEvent::default().event("error").data(data)), live));
+                }
+            }
+            tokio::select! {
+                changed = live.head.changed() => if changed.is_err() { return None },
+                () = live.shutdown.cancelled() => return None,
+            }
+        }
+    });
+    Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    match state.store().status().failure {
+        None => Json(serde_json::json!({"status": "ok"})).into_response(),
+        Some(f) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "failing", "reason": f})),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let store = state.store();
+    let status = store.status();
+    store.metrics().writer_queue_depth.set(status.writer_queue_depth as i64);
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &state.inner.registry) {
+        return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("encoding metrics: {e}")).into_response();
+    }
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        out,
+    )
+        .into_response()
+}
+
+async fn status(State(state): State<AppState>) -> Response {
+    let store = state.store();
+    let s = store.status();
+    let namespaces: Vec<serde_json::Value> = s
+        .namespaces
+        .iter()
+        .map(|(ns, vv)| {
+            let origins: Vec<serde_json::Value> = vv
+                .iter()
+                .map(|(origin, set)| serde_json::json!({"origin": origin.to_string(), "events": set.len(), "ranges": set.ranges()}))
+                .collect();
+            serde_json::json!({"name": ns.as_str(), "events": vv.len(), "origins": origins})
+        })
+        .collect();
+    let recovery = store.recovery();
+    Json(serde_json::json!({
+        "node_id": s.node_id.to_string(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": state.inner.started.elapsed().as_secs(),
+        "api": {"listen": state.inner.listen.to_string()},
+        "data_dir": store.config().data_dir.display().to_string(),
+        "fsync": s.fsync.to_string(),
+        "feed": {
+            "first_seq": s.feed_first_seq,
+            "head_seq": s.feed_head_seq,
+            "written_seq": s.written_seq,
+            "synced_seq": s.synced_seq,
+            "indexed_seq": s.indexed_seq,
+        },
+        "log": {"segments": s.log_segments, "bytes": s.log_bytes},
+        "index": {"bytes": s.index_bytes},
+        "writer": {"queue_depth": s.writer_queue_depth, "queue_max": s.writer_queue_max},
+        "recovery": {
+            "torn_tail_bytes": recovery.torn_tail.as_ref().map(|t| t.dropped_bytes),
+            "replayed_events": recovery.replayed_events,
+            "index_rebuilt": recovery.index_rebuilt,
+        },
+        "namespaces": namespaces,
+        "failure": s.failure,
+    }))
+    .into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], crate::openapi::DOCUMENT).into_response()
+}

@@ -1,0 +1,74 @@
+//! API errors: `{"error": {"code": "snake_case", "message": "..."}}` with the matching
+//! status. Every code is listed in the OpenAPI document.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use asp_store::{ReadError, WriteError};
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub retry_after_s: Option<u32>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after_s: None,
+        }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(s) = self.retry_after_s {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        response
+    }
+}
+
+impl From<WriteError> for ApiError {
+    fn from(e: WriteError) -> Self {
+        match &e {
+            WriteError::Invalid(m) => ApiError::bad_request("invalid_batch", m.clone()),
+            WriteError::TooLarge(m) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", m.clone()),
+            WriteError::ConditionFailed { .. } => {
+                ApiError::new(StatusCode::PRECONDITION_FAILED, "precondition_failed", e.to_string())
+            }
+            WriteError::Overloaded { .. } => ApiError {
+                retry_after_s: Some(1),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", e.to_string())
+            },
+            WriteError::Closed => ApiError {
+                retry_after_s: Some(5),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", e.to_string())
+            },
+            WriteError::Storage(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage_failure", e.to_string()),
+            _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+        }
+    }
+}
+
+impl From<ReadError> for ApiError {
+    fn from(e: ReadError) -> Self {
+        tracing::error!(error = %e, "read failed");
+        match e {
+            ReadError::Invalid(m) => ApiError::bad_request("invalid_request", m),
+            e => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage_failure", e.to_string()),
+        }
+    }
+}

@@ -1,0 +1,1 @@
+pub(crate) const DOCUMENT: &str = include_str!("openapi.json");

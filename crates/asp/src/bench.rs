@@ -1,0 +1,484 @@
+//! `asp bench`: durable ingest on this machine, with the machine's own fsync rate
+//! measured in the same run for reference.
+//!
+//! Scenarios (each under every requested fsync mode, repeated and interleaved, medians
+//! reported):
+//! - `fsync`: 4 KiB write + fdatasync in a loop, the floor any durable write pays;
+//! - `single`: 64 concurrent writers through the library, one event per write (group
+//!   commit has to gather them);
+//! - `batch`: concurrent writers through the library, 1,000-event batches;
+//! - `http`: concurrent clients POSTing 1,000-event JSON batches to an in-process server;
+//! - `rss`: 10 million events with 10 million distinct keys through batches, reporting
+//!   the peak resident memory of the whole process.
+
+use std::io::Write as _;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use asp_core::{ContentType, Key, Namespace};
+use asp_store::{FsyncMode, Store, StoreConfig, WriteOp};
+use bytes::Bytes;
+use clap::Args;
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Scenarios to run, comma-separated: fsync, single, batch, http, rss.
+    #[arg(long, default_value = "fsync,single,batch,http", value_delimiter = ',')]
+    scenarios: Vec<String>,
+    /// Fsync modes to run each scenario under, comma-separated.
+    #[arg(long, default_value = "always,never", value_delimiter = ',')]
+    fsync: Vec<String>,
+    /// Events per run of the single-event scenario.
+    #[arg(long, default_value_t = 200_000)]
+    single_events: u64,
+    /// Events per run of the batch and http scenarios.
+    #[arg(long, default_value_t = 2_000_000)]
+    batch_events: u64,
+    /// Events of the rss scenario (each to a distinct key).
+    #[arg(long, default_value_t = 10_000_000)]
+    rss_events: u64,
+    /// Concurrent writers of the single scenario.
+    #[arg(long, default_value_t = 64)]
+    single_writers: usize,
+    /// Concurrent writers of the batch and http scenarios.
+    #[arg(long, default_value_t = 16)]
+    batch_writers: usize,
+    /// Events per batch.
+    #[arg(long, default_value_t = 1000)]
+    batch_size: usize,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 100)]
+    value_bytes: usize,
+    /// Runs of each (scenario, mode); the median is reported.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Where to put the stores (a fresh subdirectory per run, removed afterwards).
+    #[arg(long, default_value = "./asp-bench-data")]
+    dir: PathBuf,
+}
+
+/// One run's figures.
+#[derive(Clone, Debug, Default)]
+struct RunResult {
+    events: u64,
+    seconds: f64,
+    fsyncs: u64,
+    p50_us: u64,
+    p99_us: u64,
+    max_us: u64,
+    peak_rss_mb: Option<f64>,
+}
+
+impl RunResult {
+    fn rate(&self) -> f64 {
+        self.events as f64 / self.seconds
+    }
+    fn per_fsync(&self) -> Option<f64> {
+        (self.fsyncs > 0).then(|| self.events as f64 / self.fsyncs as f64)
+    }
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let modes: Vec<FsyncMode> = args.fsync.iter().map(|m| m.parse()).collect::<Result<_, _>>()?;
+    for s in &args.scenarios {
+        if !["fsync", "single", "batch", "http", "rss"].contains(&s.as_str()) {
+            bail!("unknown scenario {s:?}; choose among fsync, single, batch, http, rss");
+        }
+    }
+    if args.repeat == 0 || args.batch_size == 0 || args.single_writers == 0 || args.batch_writers == 0 {
+        bail!("--repeat, --batch-size and the writer counts must be at least 1");
+    }
+    std::fs::create_dir_all(&args.dir).with_context(|| format!("cannot create {}", args.dir.display()))?;
+    let machine = machine_description(&args.dir);
+    eprintln!("asp bench on {machine}");
+    eprintln!("bench directory: {}", args.dir.display());
+
+    // (label, mode) -> results of each repetition.
+    let mut table: Vec<(String, Option<FsyncMode>, Vec<RunResult>)> = Vec::new();
+    let mut record = |label: &str, mode: Option<FsyncMode>, r: RunResult| {
+        match table.iter_mut().find(|(l, m, _)| l == label && *m == mode) {
+            Some((_, _, v)) => v.push(r),
+            None => table.push((label.to_owned(), mode, vec![r])),
+        }
+    };
+    let wants = |s: &str| args.scenarios.iter().any(|x| x == s);
+    let value = Bytes::from((0..args.value_bytes).map(|i| (i * 31 % 251) as u8).collect::<Vec<_>>());
+
+    for rep in 0..args.repeat {
+        eprintln!("— repetition {} of {}", rep + 1, args.repeat);
+        for &mode in &modes {
+            if wants("fsync") {
+                record("fsync 4 KiB", None, fsync_probe(&args.dir, Duration::from_secs(2))?);
+            }
+            if wants("single") {
+                let r = lib_single(&args, mode, value.clone()).await?;
+                record("library, single-event writes", Some(mode), r);
+            }
+            if wants("batch") {
+                let r = lib_batch(&args, mode, value.clone(), args.batch_events, false).await?;
+                record("library, 1,000-event batches", Some(mode), r);
+            }
+            if wants("http") {
+                let r = http_batch(&args, mode, value.clone()).await?;
+                record("HTTP batch endpoint", Some(mode), r);
+            }
+        }
+    }
+    if wants("rss") {
+        for &mode in &modes {
+            let r = lib_batch(&args, mode, value.clone(), args.rss_events, true).await?;
+            record("10M distinct keys (RSS)", Some(mode), r);
+        }
+    }
+
+    let mut out = String::new();
+    out.push_str(&format!("machine: {machine}\n\n"));
+    out.push_str("| scenario | fsync | events/s | events/fsync | p50 | p99 | max | peak RSS |\n");
+    out.push_str("|---|---|---:|---:|---:|---:|---:|---:|\n");
+    for (label, mode, runs) in &table {
+        let m = median_run(runs);
+        out.push_str(&format!(
+            "| {label} | {} | {} | {} | {} | {} | {} | {} |\n",
+            mode.map_or("-".into(), |m| m.to_string()),
+            fmt_rate(m.rate()),
+            m.per_fsync().map_or("-".into(), |v| format!("{v:.0}")),
+            fmt_us(m.p50_us),
+            fmt_us(m.p99_us),
+            fmt_us(m.max_us),
+            m.peak_rss_mb.map_or("-".into(), |v| format!("{v:.0} MB")),
+        ));
+    }
+    out.push_str(&format!(
+        "\nmedian of {} runs per row (rss: 1 run); latency is per write call (per batch for batch rows, per 4 KiB write+fdatasync for the fsync row)\n",
+        args.repeat
+    ));
+    println!("{out}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The run with the median rate (its own latencies go with it).
+fn median_run(runs: &[RunResult]) -> RunResult {
+    let mut sorted = runs.to_vec();
+    sorted.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+    sorted[sorted.len() / 2].clone()
+}
+
+fn fmt_rate(r: f64) -> String {
+    if r >= 1e6 {
+        format!("{:.2} M", r / 1e6)
+    } else if r >= 1e3 {
+        format!("{:.0} k", r / 1e3)
+    } else {
+        format!("{r:.0}")
+    }
+}
+
+fn fmt_us(us: u64) -> String {
+    if us >= 10_000 {
+        format!("{:.1} ms", us as f64 / 1000.0)
+    } else {
+        format!("{us} µs")
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+fn progress(label: &str, total: u64) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:40} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(label.to_owned());
+    bar
+}
+
+fn fresh_dir(base: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let dir = base.join(format!("{name}-{}", std::process::id()));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    Ok(dir)
+}
+
+fn store_config(dir: &Path, mode: FsyncMode) -> StoreConfig {
+    let mut c = StoreConfig::new(dir);
+    c.fsync = mode;
+    c
+}
+
+/// 4 KiB writes, each followed by fdatasync, for `duration`.
+fn fsync_probe(base: &Path, duration: Duration) -> anyhow::Result<RunResult> {
+    let path = base.join(format!("fsync-probe-{}", std::process::id()));
+    let file = std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path)?;
+    let block = vec![0x5au8; 4096];
+    let mut hist = histogram();
+    let started = Instant::now();
+    let mut offset = 0u64;
+    let mut n = 0u64;
+    while started.elapsed() < duration {
+        let t = Instant::now();
+        file.write_all_at(&block, offset)?;
+        file.sync_data()?;
+        hist.saturating_record(t.elapsed().as_micros() as u64);
+        offset += 4096;
+        n += 1;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    drop(file);
+    std::fs::remove_file(&path)?;
+    eprintln!("  fsync probe: {n} write+fdatasync in {seconds:.1} s, p99 {} µs", hist.value_at_quantile(0.99));
+    Ok(RunResult {
+        events: n,
+        seconds,
+        fsyncs: n,
+        p50_us: hist.value_at_quantile(0.5),
+        p99_us: hist.value_at_quantile(0.99),
+        max_us: hist.max(),
+        peak_rss_mb: None,
+    })
+}
+
+async fn lib_single(args: &BenchArgs, mode: FsyncMode, value: Bytes) -> anyhow::Result<RunResult> {
+    let dir = fresh_dir(&args.dir, "single")?;
+    let store = Store::open(store_config(&dir, mode))?;
+    let ns = Namespace::new("bench")?;
+    let total = args.single_events;
+    let next = Arc::new(AtomicU64::new(0));
+    let bar = progress(&format!("single-event writes, fsync={mode}"), total);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.single_writers {
+        let (store, ns, next, value, bar) = (store.clone(), ns.clone(), next.clone(), value.clone(), bar.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut hist = histogram();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    break;
+                }
+                let key = Key::new(&format!("k{i:012}")).expect("valid key");
+                let t = Instant::now();
+                store.write(ns.clone(), vec![WriteOp::put(key, ContentType::OctetStream, value.clone())]).await?;
+                hist.saturating_record(t.elapsed().as_micros() as u64);
+                bar.inc(1);
+            }
+            Ok::<_, anyhow::Error>(hist)
+        }));
+    }
+    let mut hist = histogram();
+    for t in tasks {
+        hist.add(t.await??)?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let fsyncs = store.metrics().fsyncs.get();
+    store.shutdown().await;
+    drop(store);
+    std::fs::remove_dir_all(&dir)?;
+    let r = RunResult {
+        events: total,
+        seconds,
+        fsyncs,
+        p50_us: hist.value_at_quantile(0.5),
+        p99_us: hist.value_at_quantile(0.99),
+        max_us: hist.max(),
+        peak_rss_mb: None,
+    };
+    eprintln!("  single, fsync={mode}: {} events/s, {} events/fsync, p99 {} µs", fmt_rate(r.rate()), r.per_fsync().map_or("-".into(), |v| format!("{v:.0}")), r.p99_us);
+    Ok(r)
+}
+
+async fn lib_batch(args: &BenchArgs, mode: FsyncMode, value: Bytes, total: u64, watch_rss: bool) -> anyhow::Result<RunResult> {
+    let dir = fresh_dir(&args.dir, if watch_rss { "rss" } else { "batch" })?;
+    let store = Store::open(store_config(&dir, mode))?;
+    let ns = Namespace::new("bench")?;
+    let batch = args.batch_size as u64;
+    let batches = total.div_ceil(batch);
+    let next = Arc::new(AtomicU64::new(0));
+    let label = if watch_rss { format!("{total} distinct keys, fsync={mode}") } else { format!("1,000-event batches, fsync={mode}") };
+    let bar = progress(&label, batches * batch);
+    let rss_peak = Arc::new(AtomicU64::new(0));
+    let sampler = watch_rss.then(|| {
+        let peak = rss_peak.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Some(kb) = rss_kb() {
+                    peak.fetch_max(kb, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    });
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.batch_writers {
+        let (store, ns, next, value, bar) = (store.clone(), ns.clone(), next.clone(), value.clone(), bar.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut hist = histogram();
+            loop {
+                let b = next.fetch_add(1, Ordering::Relaxed);
+                if b >= batches {
+                    break;
+                }
+                let ops: Vec<WriteOp> = (0..batch)
+                    .map(|j| WriteOp::put(Key::new(&format!("k{:012}", b * batch + j)).expect("valid key"), ContentType::OctetStream, value.clone()))
+                    .collect();
+                let t = Instant::now();
+                store.write(ns.clone(), ops).await?;
+                hist.saturating_record(t.elapsed().as_micros() as u64);
+                bar.inc(batch);
+            }
+            Ok::<_, anyhow::Error>(hist)
+        }));
+    }
+    let mut hist = histogram();
+    for t in tasks {
+        hist.add(t.await??)?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    if let Some(s) = sampler {
+        s.abort();
+    }
+    let fsyncs = store.metrics().fsyncs.get();
+    store.shutdown().await;
+    drop(store);
+    std::fs::remove_dir_all(&dir)?;
+    let peak_rss_mb = watch_rss.then(|| rss_peak.load(Ordering::Relaxed) as f64 / 1024.0);
+    let r = RunResult {
+        events: batches * batch,
+        seconds,
+        fsyncs,
+        p50_us: hist.value_at_quantile(0.5),
+        p99_us: hist.value_at_quantile(0.99),
+        max_us: hist.max(),
+        peak_rss_mb,
+    };
+    eprintln!(
+        "  batches, fsync={mode}: {} events/s, {} events/fsync, batch p99 {} µs{}",
+        fmt_rate(r.rate()),
+        r.per_fsync().map_or("-".into(), |v| format!("{v:.0}")),
+        r.p99_us,
+        peak_rss_mb.map_or(String::new(), |m| format!(", peak RSS {m:.0} MB"))
+    );
+    Ok(r)
+}
+
+async fn http_batch(args: &BenchArgs, mode: FsyncMode, value: Bytes) -> anyhow::Result<RunResult> {
+    use base64::Engine as _;
+    let dir = fresh_dir(&args.dir, "http")?;
+    let store = Store::open(store_config(&dir, mode))?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let state = asp_http::AppState::new(store.clone(), asp_http::ApiConfig::default(), addr, shutdown.clone());
+    let server = tokio::spawn(asp_http::serve(listener, state));
+    let client = asp_http::client::Client::new(&format!("http://{addr}"))?;
+    let batch = args.batch_size as u64;
+    let batches = args.batch_events.div_ceil(batch);
+    let next = Arc::new(AtomicU64::new(0));
+    let bar = progress(&format!("HTTP batches, fsync={mode}"), batches * batch);
+    let value_b64 = base64::engine::general_purpose::STANDARD.encode(&value);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.batch_writers {
+        let (client, next, value_b64, bar) = (client.clone(), next.clone(), value_b64.clone(), bar.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut hist = histogram();
+            let mut body = Vec::with_capacity(batch as usize * (value_b64.len() + 64));
+            loop {
+                let b = next.fetch_add(1, Ordering::Relaxed);
+                if b >= batches {
+                    break;
+                }
+                body.clear();
+                body.extend_from_slice(b"{\"ops\":[");
+                for j in 0..batch {
+                    if j > 0 {
+                        body.push(b',');
+                    }
+                    write!(body, "{{\"op\":\"put\",\"key\":\"k{:012}\",\"value_base64\":\"{value_b64}\"}}", b * batch + j)?;
+                }
+                body.extend_from_slice(b"]}");
+                let t = Instant::now();
+                client.batch("bench", Bytes::copy_from_slice(&body)).await?;
+                hist.saturating_record(t.elapsed().as_micros() as u64);
+                bar.inc(batch);
+            }
+            Ok::<_, anyhow::Error>(hist)
+        }));
+    }
+    let mut hist = histogram();
+    for t in tasks {
+        hist.add(t.await??)?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    shutdown.cancel();
+    let _ = server.await;
+    let fsyncs = store.metrics().fsyncs.get();
+    store.shutdown().await;
+    drop(store);
+    std::fs::remove_dir_all(&dir)?;
+    let r = RunResult {
+        events: batches * batch,
+        seconds,
+        fsyncs,
+        p50_us: hist.value_at_quantile(0.5),
+        p99_us: hist.value_at_quantile(0.99),
+        max_us: hist.max(),
+        peak_rss_mb: None,
+    };
+    eprintln!("  http, fsync={mode}: {} events/s, batch p99 {} µs", fmt_rate(r.rate()), r.p99_us);
+    Ok(r)
+}
+
+/// The process's resident memory in KiB.
+fn rss_kb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+fn machine_description(dir: &Path) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_gb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()))
+        .map_or(0.0, |kb| kb as f64 / 1024.0 / 1024.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let fs = filesystem_of(dir).unwrap_or_else(|| "unknown filesystem".into());
+    format!("{cpu}, {cores} cores, {mem_gb:.0} GiB RAM, Linux {}, bench dir on {fs}", kernel.trim())
+}
+
+/// The filesystem type and device holding `dir`, from /proc/mounts (longest prefix).
+fn filesystem_of(dir: &Path) -> Option<String> {
+    let dir = std::fs::canonicalize(dir).ok()?;
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 3 && dir.starts_with(f[1])).then(|| (f[1].len(), format!("{} ({})", f[2], f[0])))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, d)| d)
+}

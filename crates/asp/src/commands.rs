@@ -1,0 +1,144 @@
+//! The client commands: each sends one request (or follows a stream) and prints.
+
+use std::io::{Read, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use asp_http::client::{Client, ClientError};
+use bytes::Bytes;
+
+fn client(node: &str) -> anyhow::Result<Client> {
+    Ok(Client::new(node)?)
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+pub async fn put(node: &str, ns: &str, key: &str, value: Option<String>, content_type: Option<String>, if_match: Option<String>) -> anyhow::Result<ExitCode> {
+    let value: Vec<u8> = match value.as_deref() {
+        None | Some("-") => {
+            let mut buf = Vec::new();
+            std::io::stdin().read_to_end(&mut buf).context("reading the value from stdin")?;
+            buf
+        }
+        Some(v) => v.as_bytes().to_vec(),
+    };
+    let content_type = content_type.unwrap_or_else(|| {
+        if serde_json::from_slice::<serde::de::IgnoredAny>(&value).is_ok() {
+            "application/json".into()
+        } else if std::str::from_utf8(&value).is_ok() {
+            "text/plain".into()
+        } else {
+            "application/octet-stream".into()
+        }
+    });
+    let answer = client(node)?.put(ns, key, &content_type, Bytes::from(value), if_match.as_deref()).await?;
+    print_json(&answer);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn get(node: &str, ns: &str, key: &str, accept: Option<String>) -> anyhow::Result<ExitCode> {
+    match client(node)?.get(ns, key, accept.as_deref()).await? {
+        Some(response) => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&response.body)?;
+            if response.header("content-type").is_some_and(|c| c.starts_with("application/json") || c.starts_with("text/")) && !response.body.ends_with(b"\n") {
+                out.write_all(b"\n")?;
+            }
+            if let Some(etag) = response.header("etag") {
+                eprintln!("version {}", etag.trim_matches('"'));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        None => {
+            eprintln!("asp: key {key:?} does not exist in namespace {ns}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+pub async fn del(node: &str, ns: &str, key: &str, if_match: Option<String>) -> anyhow::Result<ExitCode> {
+    print_json(&client(node)?.delete(ns, key, if_match.as_deref()).await?);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn scan(node: &str, ns: &str, prefix: &str, limit: usize, values: bool) -> anyhow::Result<ExitCode> {
+    let client = client(node)?;
+    let mut after: Option<String> = None;
+    let mut shown = 0;
+    let mut out = std::io::stdout().lock();
+    while shown < limit {
+        let page = client.list(ns, prefix, after.as_deref(), (limit - shown).min(1000), values).await?;
+        let items = page["items"].as_array().cloned().unwrap_or_default();
+        for item in &items {
+            if values {
+                writeln!(out, "{}", serde_json::to_string(item)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "{}\t{}\t{}\t{}",
+                    item["key"].as_str().unwrap_or_default(),
+                    item["version"].as_str().unwrap_or_default(),
+                    item["content_type"].as_str().unwrap_or_default(),
+                    item["size"]
+                )?;
+            }
+        }
+        shown += items.len();
+        match page["next_after"].as_str() {
+            Some(next) if !items.is_empty() => after = Some(next.to_owned()),
+            _ => break,
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn status(node: &str) -> anyhow::Result<ExitCode> {
+    print_json(&client(node)?.status().await?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Follows the stream, reconnecting from the last position seen when the connection
+/// drops, so that no change is missed or shown twice.
+pub async fn watch(node: &str, ns: &str, since: u64) -> anyhow::Result<ExitCode> {
+    let client = client(node)?;
+    let mut position = since;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let mut stream = match client.watch(ns, position).await {
+            Ok(s) => s,
+            Err(e @ ClientError::Api { .. }) => return Err(e.into()),
+            Err(e) => {
+                eprintln!("asp: {e}; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(200);
+        loop {
+            match stream.next().await {
+                Ok(Some(event)) => {
+                    if event.event.as_deref() == Some("error") {
+                        anyhow::bail!("the node reported: {}", event.data);
+                    }
+                    println!("{}", event.data);
+                    if let Some(id) = event.id.and_then(|i| i.parse().ok()) {
+                        position = id;
+                    }
+                }
+                Ok(None) => {
+                    eprintln!("asp: the node closed the stream; reconnecting after position {position}");
+                    break;
+                }
+                Err(e) => {
+                    eprintln!("asp: {e}; reconnecting after position {position}");
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+    }
+}

@@ -1,0 +1,170 @@
+//! The node's configuration file (TOML) and how command-line flags override it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use asp_core::NodeId;
+use asp_http::ApiConfig;
+use asp_store::{FsyncMode, StoreConfig};
+use serde::Deserialize;
+
+pub const DEFAULT_DATA_DIR: &str = "./asp-data";
+pub const DEFAULT_API: &str = "127.0.0.1:7700";
+
+/// The file's shape. Every field is optional; unknown fields are errors, so that a typo
+/// is reported rather than ignored.
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub node_id: Option<String>,
+    pub fsync: Option<String>,
+    pub api: Option<String>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub store: StoreSection,
+}
+
+#[derive(Deserialize, Default, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub value_bytes_max: Option<usize>,
+    pub batch_ops_max: Option<usize>,
+    pub request_bytes_max: Option<usize>,
+    pub write_queue_max: Option<usize>,
+    pub write_queue_bytes_max: Option<usize>,
+    pub write_queue_wait_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Default, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    pub segment_bytes_max: Option<u64>,
+    pub index_cache_bytes: Option<u64>,
+    pub index_memtable_bytes: Option<u64>,
+    pub max_clock_skew_ms: Option<u64>,
+}
+
+pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("config file {} is not valid", path.display()))
+}
+
+/// Flags of `asp serve` that override the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub node_id: Option<String>,
+    pub fsync: Option<String>,
+    pub api: Option<String>,
+    pub limits: Limits,
+    pub segment_bytes_max: Option<u64>,
+    pub max_clock_skew_ms: Option<u64>,
+}
+
+/// Everything `asp serve` runs with.
+pub struct NodeConfig {
+    pub store: StoreConfig,
+    pub api: ApiConfig,
+    pub listen: SocketAddr,
+}
+
+pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig> {
+    let data_dir = flags.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    let mut store = StoreConfig::new(data_dir);
+    if let Some(id) = flags.node_id.or(file.node_id) {
+        let id: NodeId = id.parse().with_context(|| format!("invalid node id {id:?}"))?;
+        store.node_id = Some(id);
+    }
+    if let Some(mode) = flags.fsync.or(file.fsync) {
+        store.fsync = mode.parse::<FsyncMode>()?;
+    }
+    let api = flags.api.or(file.api).unwrap_or_else(|| DEFAULT_API.to_owned());
+    let listen: SocketAddr = api
+        .parse()
+        .with_context(|| format!("invalid API address {api:?}: use IP:PORT, for example 127.0.0.1:7700"))?;
+
+    let pick = |flag: Option<usize>, file: Option<usize>| flag.or(file);
+    let limits = &file.limits;
+    let mut api_config = ApiConfig::default();
+    if let Some(v) = pick(flags.limits.value_bytes_max, limits.value_bytes_max) {
+        store.value_bytes_max = v;
+    }
+    if let Some(v) = pick(flags.limits.batch_ops_max, limits.batch_ops_max) {
+        store.batch_ops_max = v;
+    }
+    if let Some(v) = pick(flags.limits.request_bytes_max, limits.request_bytes_max) {
+        if v == 0 {
+            bail!("request_bytes_max must be at least 1");
+        }
+        api_config.request_bytes_max = v;
+    }
+    if let Some(v) = pick(flags.limits.write_queue_max, limits.write_queue_max) {
+        store.write_queue_max = v;
+    }
+    if let Some(v) = pick(flags.limits.write_queue_bytes_max, limits.write_queue_bytes_max) {
+        store.write_queue_bytes_max = v;
+    }
+    if let Some(ms) = flags.limits.write_queue_wait_ms.or(limits.write_queue_wait_ms) {
+        store.write_queue_wait = Duration::from_millis(ms);
+    }
+    if let Some(v) = flags.segment_bytes_max.or(file.store.segment_bytes_max) {
+        store.segment_bytes_max = v;
+    }
+    if let Some(v) = file.store.index_cache_bytes {
+        store.index_cache_bytes = v;
+    }
+    if let Some(v) = file.store.index_memtable_bytes {
+        store.index_memtable_bytes = v;
+    }
+    if let Some(v) = flags.max_clock_skew_ms.or(file.store.max_clock_skew_ms) {
+        store.max_clock_skew_ms = v;
+    }
+    store.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    Ok(NodeConfig {
+        store,
+        api: api_config,
+        listen,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            data_dir = "/var/lib/asp"
+            fsync = "never"
+            api = "127.0.0.1:9000"
+            [limits]
+            value_bytes_max = 4096
+            "#,
+        )
+        .unwrap();
+        let flags = Overrides {
+            fsync: Some("interval:10".into()),
+            ..Overrides::default()
+        };
+        let c = resolve(file, flags).unwrap();
+        assert_eq!(c.store.data_dir, PathBuf::from("/var/lib/asp"));
+        assert_eq!(c.store.fsync, FsyncMode::Interval { ms: 10 });
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.store.value_bytes_max, 4096);
+    }
+
+    #[test]
+    fn mistakes_are_reported() {
+        let typo = toml::from_str::<FileConfig>("fsynk = \"always\"").unwrap_err();
+        assert!(typo.to_string().contains("fsynk"), "{typo}");
+        let bad_api = resolve(FileConfig { api: Some("localhost".into()), ..Default::default() }, Overrides::default());
+        assert!(bad_api.err().unwrap().to_string().contains("IP:PORT"));
+        let bad_fsync = resolve(FileConfig { fsync: Some("sometimes".into()), ..Default::default() }, Overrides::default());
+        assert!(bad_fsync.err().unwrap().to_string().contains("interval:<ms>"));
+    }
+}

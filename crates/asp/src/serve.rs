@@ -1,0 +1,84 @@
+//! `asp serve`: open the store, serve the API, stop cleanly on SIGINT or SIGTERM.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use asp_http::AppState;
+use asp_store::Store;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, Overrides};
+
+pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result<ExitCode> {
+    init_logging();
+    let file = match config_file {
+        Some(path) => config::load(path)?,
+        None => config::FileConfig::default(),
+    };
+    let config = config::resolve(file, flags)?;
+    let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| {
+        format!(
+            "cannot listen on {} (is another asp or another program using it? choose another with --api)",
+            config.listen
+        )
+    })?;
+    let store_config = config.store.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(store_config))
+        .await
+        .context("the store's open task failed")?
+        .with_context(|| format!("cannot open the store in {}", config.store.data_dir.display()))?;
+    let listen = listener.local_addr().unwrap_or(config.listen);
+    let shutdown = CancellationToken::new();
+    let state = AppState::new(store.clone(), config.api.clone(), listen, shutdown.clone());
+    tracing::info!(
+        node_id = %store.node_id(),
+        api = %format!("http://{listen}"),
+        data_dir = %config.store.data_dir.display(),
+        fsync = %config.store.fsync,
+        "asp node serving"
+    );
+
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("stopping: finishing requests in flight (signal again to exit at once)");
+        signals.cancel();
+        wait_for_signal().await;
+        tracing::warn!("second signal: exiting without waiting");
+        std::process::exit(130);
+    });
+
+    let served = asp_http::serve(listener, state).await;
+    shutdown.cancel();
+    store.shutdown().await;
+    drop(store);
+    served.context("the API server failed")?;
+    tracing::info!("stopped cleanly; every acknowledged write is on disk");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fjall=warn,lsm_tree=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
