@@ -1,0 +1,170 @@
+//! Runs real `asp serve` processes for tests.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use asp_http::client::Client;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_asp");
+
+/// A free port on loopback (released for the node to take).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct Node {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub extra: Vec<String>,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl Node {
+    /// Starts a node on a fresh port and waits until it answers.
+    pub async fn start(dir: &Path, extra: &[&str]) -> Node {
+        let mut node = Node {
+            dir: dir.to_owned(),
+            port: free_port(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            starts: 0,
+        };
+        node.restart().await;
+        node
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&self.url()).unwrap()
+    }
+
+    /// Where the current run's stderr goes.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.with_extension(format!("log.{}", self.starts))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// (Re)starts the process on the same port and data directory.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "the node is still running");
+        self.starts += 1;
+        let log = std::fs::File::create(self.log_path()).unwrap();
+        let child = Command::new(BIN)
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .arg("--api")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .args(&self.extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start asp serve");
+        self.child = Some(child);
+        self.wait_healthy(Duration::from_secs(30)).await;
+    }
+
+    async fn wait_healthy(&mut self, limit: Duration) {
+        let client = self.client();
+        let started = Instant::now();
+        loop {
+            if let Ok(r) = client.send(axum::http::Method::GET, "/healthz", &[], bytes::Bytes::new()).await {
+                if r.status.is_success() {
+                    return;
+                }
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("asp serve exited with {status} while starting:\n{}", self.log());
+            }
+            assert!(started.elapsed() < limit, "asp serve did not become healthy in {limit:?}:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Sends a signal and waits for the process to exit.
+    pub fn signal(&mut self, signal: i32) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        unsafe {
+            libc::kill(child.id() as i32, signal);
+        }
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "asp serve did not stop after signal {signal}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Every change of a namespace, following pages from the start.
+pub async fn whole_feed(client: &Client, ns: &str) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    let mut since = 0;
+    loop {
+        let page = client.changes(ns, since, 10_000).await.unwrap();
+        let changes = page["changes"].as_array().unwrap();
+        if changes.is_empty() {
+            break;
+        }
+        out.extend(changes.iter().cloned());
+        since = page["next"].as_u64().unwrap();
+    }
+    out
+}
+
+/// A small deterministic generator, so a failing run can be replayed from its seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+pub fn seed() -> u64 {
+    std::env::var("ASP_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1)
+}
