@@ -216,7 +216,9 @@ mod tests {
         };
         assert_eq!(dot.to_string(), "17@0000000000009f3c");
         assert_eq!(dot.to_string().parse::<Dot>().unwrap(), dot);
-        for bad in ["", "17", "@9f", "0@9f", "x@9f", "17@", "17@zz", "-1@9f", "17@0"] {
+        for bad in [
+            "", "17", "@9f", "0@9f", "x@9f", "17@", "17@zz", "-1@9f", "17@0",
+        ] {
             assert!(bad.parse::<Dot>().is_err(), "{bad:?} parsed");
         }
     }

@@ -159,7 +159,9 @@ mod tests {
     fn refuses_readings_beyond_max_skew() {
         let mut clock = HlcClock::new(60_000);
         assert!(clock.observe(Hlc::new(1_060_000, 0), 1_000_000).is_ok());
-        let err = clock.observe(Hlc::new(1_060_001, 0), 1_000_000).unwrap_err();
+        let err = clock
+            .observe(Hlc::new(1_060_001, 0), 1_000_000)
+            .unwrap_err();
         assert_eq!(err.ahead_ms, 60_001);
         assert_eq!(clock.last(), Hlc::new(1_060_000, 0));
     }

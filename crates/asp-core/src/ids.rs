@@ -70,9 +70,7 @@ pub enum NameError {
     Empty,
     #[error("namespace name is {len} bytes long; the limit is {NAMESPACE_BYTES_MAX}")]
     TooLong { len: usize },
-    #[error(
-        "namespace name has {found:?} at byte {index}; only A-Z a-z 0-9 _ . - are allowed"
-    )]
+    #[error("namespace name has {found:?} at byte {index}; only A-Z a-z 0-9 _ . - are allowed")]
     InvalidChar { found: char, index: usize },
 }
 
@@ -191,10 +189,19 @@ mod tests {
         assert_eq!(id.to_string(), "00000000000000ff");
         assert_eq!("ff".parse::<NodeId>().unwrap(), id);
         assert_eq!("0".parse::<NodeId>(), Err(NodeIdError::Zero));
-        assert!(matches!("xyz".parse::<NodeId>(), Err(NodeIdError::Syntax(_))));
-        assert!(matches!("11111111111111111".parse::<NodeId>(), Err(NodeIdError::Syntax(_))));
+        assert!(matches!(
+            "xyz".parse::<NodeId>(),
+            Err(NodeIdError::Syntax(_))
+        ));
+        assert!(matches!(
+            "11111111111111111".parse::<NodeId>(),
+            Err(NodeIdError::Syntax(_))
+        ));
         assert!(matches!("".parse::<NodeId>(), Err(NodeIdError::Syntax(_))));
-        assert!(matches!("+1".parse::<NodeId>(), Err(NodeIdError::Syntax(_))));
+        assert!(matches!(
+            "+1".parse::<NodeId>(),
+            Err(NodeIdError::Syntax(_))
+        ));
     }
 
     #[test]
@@ -203,14 +210,23 @@ mod tests {
         assert_eq!(Namespace::new(""), Err(NameError::Empty));
         assert_eq!(
             Namespace::new("a/b"),
-            Err(NameError::InvalidChar { found: '/', index: 1 })
+            Err(NameError::InvalidChar {
+                found: '/',
+                index: 1
+            })
         );
         assert_eq!(
             Namespace::new("é"),
-            Err(NameError::InvalidChar { found: 'é', index: 0 })
+            Err(NameError::InvalidChar {
+                found: 'é',
+                index: 0
+            })
         );
         assert!(Namespace::new(&"a".repeat(128)).is_ok());
-        assert_eq!(Namespace::new(&"a".repeat(129)), Err(NameError::TooLong { len: 129 }));
+        assert_eq!(
+            Namespace::new(&"a".repeat(129)),
+            Err(NameError::TooLong { len: 129 })
+        );
     }
 
     #[test]
@@ -218,6 +234,9 @@ mod tests {
         assert!(Key::new("a/b c?é").is_ok());
         assert_eq!(Key::new(""), Err(KeyError::Empty));
         assert!(Key::new(&"é".repeat(512)).is_ok());
-        assert_eq!(Key::new(&"é".repeat(513)), Err(KeyError::TooLong { len: 1026 }));
+        assert_eq!(
+            Key::new(&"é".repeat(513)),
+            Err(KeyError::TooLong { len: 1026 })
+        );
     }
 }

@@ -15,8 +15,7 @@ mod vv;
 pub use event::{ContentType, Dot, DotParseError, Event, Op, Version};
 pub use hlc::{ClockSkewError, Hlc, HlcClock};
 pub use ids::{
-    KEY_BYTES_MAX, Key, KeyError, NAMESPACE_BYTES_MAX, NameError, Namespace, NodeId,
-    NodeIdError,
+    KEY_BYTES_MAX, Key, KeyError, NAMESPACE_BYTES_MAX, NameError, Namespace, NodeId, NodeIdError,
 };
 pub use merge::{LwwRegister, lww_wins};
 pub use vv::{RangeSet, VersionVector};

@@ -37,23 +37,32 @@ mod tests {
 
     fn register() -> impl Strategy<Value = LwwRegister<u8>> {
         // Narrow ranges make equal clocks and equal origins common.
-        (0u64..4, 0u16..3, 1u64..4, 1u64..4, prop::option::of(any::<u8>())).prop_map(
-            |(ms, logical, origin, counter, value)| LwwRegister {
+        (
+            0u64..4,
+            0u16..3,
+            1u64..4,
+            1u64..4,
+            prop::option::of(any::<u8>()),
+        )
+            .prop_map(|(ms, logical, origin, counter, value)| LwwRegister {
                 version: Version {
                     hlc: Hlc::new(ms, logical),
-                    dot: Dot { origin: NodeId::new(origin).unwrap(), counter },
+                    dot: Dot {
+                        origin: NodeId::new(origin).unwrap(),
+                        counter,
+                    },
                 },
                 value,
-            },
-        )
+            })
     }
 
     /// Two events with the same dot are the same event; generated data must respect
     /// that, as real events do.
     fn consistent(regs: &[&LwwRegister<u8>]) -> bool {
         regs.iter().all(|a| {
-            regs.iter()
-                .all(|b| a.version.dot != b.version.dot || (a.version == b.version && a.value == b.value))
+            regs.iter().all(|b| {
+                a.version.dot != b.version.dot || (a.version == b.version && a.value == b.value)
+            })
         })
     }
 

@@ -229,7 +229,10 @@ impl VersionVector {
 
     /// Records a dot; returns whether it was new.
     pub fn insert(&mut self, dot: Dot) -> bool {
-        self.origins.entry(dot.origin).or_default().insert(dot.counter)
+        self.origins
+            .entry(dot.origin)
+            .or_default()
+            .insert(dot.counter)
     }
 
     /// Records the counters `lo..=hi` of `origin`; returns how many were new.
@@ -262,7 +265,10 @@ impl VersionVector {
 
     /// The largest counter held for `origin` (0 if none).
     pub fn max_counter(&self, origin: NodeId) -> u64 {
-        self.origins.get(&origin).and_then(RangeSet::max).unwrap_or(0)
+        self.origins
+            .get(&origin)
+            .and_then(RangeSet::max)
+            .unwrap_or(0)
     }
 
     /// The least upper bound: every dot held by either.
@@ -352,7 +358,11 @@ mod tests {
         assert_eq!(s.ranges(), &[(u64::MAX - 1, u64::MAX)]);
         let d = RangeSet::from_ranges([(1, u64::MAX)]).difference(&s);
         assert_eq!(d.ranges(), &[(1, u64::MAX - 2)]);
-        assert!(RangeSet::from_ranges([(u64::MAX, u64::MAX)]).difference(&s).is_empty());
+        assert!(
+            RangeSet::from_ranges([(u64::MAX, u64::MAX)])
+                .difference(&s)
+                .is_empty()
+        );
     }
 
     proptest! {

@@ -78,7 +78,12 @@ struct StateInner {
 
 impl AppState {
     /// `shutdown` ends live streams and the server when cancelled.
-    pub fn new(store: Store, config: ApiConfig, listen: SocketAddr, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        store: Store,
+        config: ApiConfig,
+        listen: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> Self {
         let mut registry = Registry::default();
         store.metrics().register(&mut registry);
         let http_requests = Family::<StatusLabels, Counter>::default();
@@ -121,8 +126,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/ns/{ns}/kv", get(list_keys))
-        .route("/v1/ns/{ns}/kv/", get(empty_key).put(empty_key).delete(empty_key))
-        .route("/v1/ns/{ns}/kv/{*key}", get(get_key).put(put_key).delete(delete_key))
+        .route(
+            "/v1/ns/{ns}/kv/",
+            get(empty_key).put(empty_key).delete(empty_key),
+        )
+        .route(
+            "/v1/ns/{ns}/kv/{*key}",
+            get(get_key).put(put_key).delete(delete_key),
+        )
         .route("/v1/ns/{ns}/batch", post(batch))
         .route("/v1/ns/{ns}/changes", get(changes))
         .fallback(route_not_found)
@@ -139,7 +150,12 @@ async fn guard(State(state): State<AppState>, request: Request, next: Next) -> R
     } else {
         match AssertUnwindSafe(next.run(request)).catch_unwind().await {
             Ok(response) => response,
-            Err(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request handler failed; this is a bug, please report it").into_response(),
+            Err(_) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the request handler failed; this is a bug, please report it",
+            )
+            .into_response(),
         }
     };
     let code = match response.status().as_u16() {
@@ -148,7 +164,11 @@ async fn guard(State(state): State<AppState>, request: Request, next: Next) -> R
         400..=499 => "4xx",
         _ => "5xx",
     };
-    state.inner.http_requests.get_or_create(&StatusLabels { code }).inc();
+    state
+        .inner
+        .http_requests
+        .get_or_create(&StatusLabels { code })
+        .inc();
     response
 }
 
@@ -157,11 +177,15 @@ fn check_percent_encoding(path: &str) -> Option<ApiError> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let ok = bytes.len() > i + 2 && bytes[i + 1].is_ascii_hexdigit() && bytes[i + 2].is_ascii_hexdigit();
+            let ok = bytes.len() > i + 2
+                && bytes[i + 1].is_ascii_hexdigit()
+                && bytes[i + 2].is_ascii_hexdigit();
             if !ok {
                 return Some(ApiError::bad_request(
                     "invalid_path",
-                    format!("bad percent-encoding at byte {i} of the path: '%' must be followed by two hex digits (write a literal '%' as %25)"),
+                    format!(
+                        "bad percent-encoding at byte {i} of the path: '%' must be followed by two hex digits (write a literal '%' as %25)"
+                    ),
                 ));
             }
             i += 3;
@@ -176,7 +200,10 @@ async fn route_not_found(method: Method, uri: axum::http::Uri) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "route_not_found",
-        format!("no route for {method} {}; the API is described at /v1/openapi.json", uri.path()),
+        format!(
+            "no route for {method} {}; the API is described at /v1/openapi.json",
+            uri.path()
+        ),
     )
 }
 
@@ -184,18 +211,27 @@ async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
-        format!("{method} is not allowed on {}; see /v1/openapi.json", uri.path()),
+        format!(
+            "{method} is not allowed on {}; see /v1/openapi.json",
+            uri.path()
+        ),
     )
 }
 
 async fn empty_key() -> ApiError {
-    ApiError::bad_request("invalid_key", "the key is empty; a key is 1 to 1024 bytes of UTF-8")
+    ApiError::bad_request(
+        "invalid_key",
+        "the key is empty; a key is 1 to 1024 bytes of UTF-8",
+    )
 }
 
 fn path_error(e: PathRejection) -> ApiError {
     ApiError::bad_request(
         "invalid_path",
-        format!("{}; percent-encoded path segments must decode to UTF-8", e.body_text()),
+        format!(
+            "{}; percent-encoded path segments must decode to UTF-8",
+            e.body_text()
+        ),
     )
 }
 
@@ -211,11 +247,14 @@ fn key(k: &str) -> Result<Key, ApiError> {
     Key::new(k).map_err(|e| ApiError::bad_request("invalid_key", e.to_string()))
 }
 
-fn header_str<'a>(headers: &'a HeaderMap, name: header::HeaderName) -> Result<Option<&'a str>, ApiError> {
+fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Result<Option<&str>, ApiError> {
     match headers.get(&name) {
         None => Ok(None),
         Some(v) => v.to_str().map(Some).map_err(|_| {
-            ApiError::bad_request("invalid_header", format!("the {name} header is not visible ASCII"))
+            ApiError::bad_request(
+                "invalid_header",
+                format!("the {name} header is not visible ASCII"),
+            )
         }),
     }
 }
@@ -224,7 +263,10 @@ fn header_str<'a>(headers: &'a HeaderMap, name: header::HeaderName) -> Result<Op
 fn parse_etag(tag: &str) -> Option<Dot> {
     let t = tag.trim();
     let t = t.strip_prefix("W/").unwrap_or(t);
-    let t = t.strip_prefix('"').and_then(|t| t.strip_suffix('"')).unwrap_or(t);
+    let t = t
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .unwrap_or(t);
     t.parse().ok()
 }
 
@@ -263,7 +305,13 @@ fn parse_if_match(m: &str) -> Result<Condition, ApiError> {
     })
 }
 
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize, what: &str, setting: &str) -> Result<Bytes, ApiError> {
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    what: &str,
+    setting: &str,
+) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -271,10 +319,13 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize, what: &str, se
             format!("the {what} is larger than {limit} bytes ({setting})"),
         )
     };
-    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
-        if len > limit as u64 {
-            return Err(too_large());
-        }
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > limit as u64
+    {
+        return Err(too_large());
     }
     match axum::body::to_bytes(body, limit).await {
         Ok(b) => Ok(b),
@@ -286,7 +337,10 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize, what: &str, se
                 }
                 source = s.source();
             }
-            Err(ApiError::bad_request("invalid_body", format!("could not read the request body: {e}")))
+            Err(ApiError::bad_request(
+                "invalid_body",
+                format!("could not read the request body: {e}"),
+            ))
         }
     }
 }
@@ -300,25 +354,40 @@ async fn put_key(
     let Path((ns, k)) = path.map_err(path_error)?;
     let ns = namespace(&ns)?;
     let key = key(&k)?;
-    let content_type = formats::content_type_of(header_str(&headers, header::CONTENT_TYPE)?).map_err(|e| {
-        ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            format!("{} (for example -H 'Content-Type: application/json')", e.0),
-        )
-    })?;
+    let content_type = formats::content_type_of(header_str(&headers, header::CONTENT_TYPE)?)
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!("{} (for example -H 'Content-Type: application/json')", e.0),
+            )
+        })?;
     let condition = write_condition(&headers)?;
     let store = state.store();
-    let value = read_body(&headers, body, store.config().value_bytes_max, "value", "value_bytes_max").await?;
-    formats::validate(content_type, &value).map_err(|e| ApiError::bad_request("invalid_value", e.to_string()))?;
+    let value = read_body(
+        &headers,
+        body,
+        store.config().value_bytes_max,
+        "value",
+        "value_bytes_max",
+    )
+    .await?;
+    formats::validate(content_type, &value)
+        .map_err(|e| ApiError::bad_request("invalid_value", e.to_string()))?;
     let op = WriteOp {
         key: key.clone(),
-        kind: WriteKind::Put { content_type, value },
+        kind: WriteKind::Put {
+            content_type,
+            value,
+        },
         condition,
     };
     let applied = store.write(ns.clone(), vec![op]).await?[0];
-    let mut response = Json(WriteOut::new(ns.as_str(), key.as_str(), applied, false)).into_response();
-    response.headers_mut().insert(header::ETAG, etag(applied.dot));
+    let mut response =
+        Json(WriteOut::new(ns.as_str(), key.as_str(), applied, false)).into_response();
+    response
+        .headers_mut()
+        .insert(header::ETAG, etag(applied.dot));
     Ok(response)
 }
 
@@ -363,15 +432,18 @@ async fn get_key(
         ));
     };
     let dot = ks.version.dot;
-    if let Some(inm) = if_none_match {
-        if inm.trim() == "*" || inm.split(',').filter_map(parse_etag).any(|d| d == dot) {
-            let mut r = StatusCode::NOT_MODIFIED.into_response();
-            r.headers_mut().insert(header::ETAG, etag(dot));
-            return Ok(r);
-        }
+    if let Some(inm) = if_none_match
+        && (inm.trim() == "*" || inm.split(',').filter_map(parse_etag).any(|d| d == dot))
+    {
+        let mut r = StatusCode::NOT_MODIFIED.into_response();
+        r.headers_mut().insert(header::ETAG, etag(dot));
+        return Ok(r);
     }
     let Some(serve_as) = formats::negotiate(accept, value.content_type) else {
-        let can: Vec<_> = formats::servable(value.content_type).iter().map(|c| c.mime()).collect();
+        let can: Vec<_> = formats::servable(value.content_type)
+            .iter()
+            .map(|c| c.mime())
+            .collect();
         return Err(ApiError::new(
             StatusCode::NOT_ACCEPTABLE,
             "not_acceptable",
@@ -385,9 +457,11 @@ async fn get_key(
     let body = if serve_as == value.content_type {
         value.bytes
     } else {
-        Bytes::from(formats::convert(&value.bytes, value.content_type, serve_as).map_err(|e| {
-            ApiError::new(StatusCode::NOT_ACCEPTABLE, "not_acceptable", e.to_string())
-        })?)
+        Bytes::from(
+            formats::convert(&value.bytes, value.content_type, serve_as).map_err(|e| {
+                ApiError::new(StatusCode::NOT_ACCEPTABLE, "not_acceptable", e.to_string())
+            })?,
+        )
     };
     let mime = match serve_as {
         ContentType::Text => "text/plain; charset=utf-8",
@@ -422,12 +496,18 @@ async fn list_keys(
     if limit == 0 || limit > asp_store::SCAN_LIMIT_MAX {
         return Err(ApiError::bad_request(
             "invalid_query",
-            format!("limit must be between 1 and {}; got {limit}", asp_store::SCAN_LIMIT_MAX),
+            format!(
+                "limit must be between 1 and {}; got {limit}",
+                asp_store::SCAN_LIMIT_MAX
+            ),
         ));
     }
     let prefix = q.prefix.unwrap_or_default();
     if prefix.len() > asp_core::KEY_BYTES_MAX {
-        return Err(ApiError::bad_request("invalid_query", "prefix is longer than the longest key (1024 bytes)"));
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "prefix is longer than the longest key (1024 bytes)",
+        ));
     }
     if let Some(after) = &q.after {
         key(after)?;
@@ -447,7 +527,8 @@ async fn list_keys(
                 "size": item.value_len,
             });
             if let Some(bytes) = &item.value {
-                let out = serde_json::to_value(ValueOut::new(item.content_type, bytes)).expect("values serialize");
+                let out = serde_json::to_value(ValueOut::new(item.content_type, bytes))
+                    .expect("values serialize");
                 if let (Some(obj), serde_json::Value::Object(extra)) = (v.as_object_mut(), out) {
                     obj.extend(extra);
                 }
@@ -500,7 +581,11 @@ fn batch_op(i: usize, op: BatchOpIn<'_>) -> Result<WriteOp, ApiError> {
     };
     let kind = match op.op {
         "delete" => {
-            if op.value.is_some() || op.value_text.is_some() || op.value_base64.is_some() || declared.is_some() {
+            if op.value.is_some()
+                || op.value_text.is_some()
+                || op.value_base64.is_some()
+                || declared.is_some()
+            {
                 return Err(bad("a delete takes no value and no content_type".into()));
             }
             WriteKind::Delete
@@ -511,7 +596,10 @@ fn batch_op(i: usize, op: BatchOpIn<'_>) -> Result<WriteOp, ApiError> {
                     if declared.is_some_and(|d| d != ContentType::Json) {
                         return Err(bad("\"value\" holds JSON; use value_text or value_base64 for other content types".into()));
                     }
-                    (ContentType::Json, Bytes::copy_from_slice(raw.get().as_bytes()))
+                    (
+                        ContentType::Json,
+                        Bytes::copy_from_slice(raw.get().as_bytes()),
+                    )
                 }
                 (None, Some(text), None) => {
                     if declared.is_some_and(|d| d != ContentType::Text) {
@@ -520,19 +608,40 @@ fn batch_op(i: usize, op: BatchOpIn<'_>) -> Result<WriteOp, ApiError> {
                     (ContentType::Text, Bytes::from(text))
                 }
                 (None, None, Some(b64)) => {
-                    let bytes = BASE64.decode(b64.as_bytes()).map_err(|e| bad(format!("value_base64 is not valid base64: {e}")))?;
+                    let bytes = BASE64
+                        .decode(b64.as_bytes())
+                        .map_err(|e| bad(format!("value_base64 is not valid base64: {e}")))?;
                     let ct = declared.unwrap_or(ContentType::OctetStream);
                     formats::validate(ct, &bytes).map_err(|e| bad(e.to_string()))?;
                     (ct, Bytes::from(bytes))
                 }
-                (None, None, None) => return Err(bad("a put needs one of value, value_text or value_base64".into())),
-                _ => return Err(bad("give only one of value, value_text and value_base64".into())),
+                (None, None, None) => {
+                    return Err(bad(
+                        "a put needs one of value, value_text or value_base64".into()
+                    ));
+                }
+                _ => {
+                    return Err(bad(
+                        "give only one of value, value_text and value_base64".into()
+                    ));
+                }
             };
-            WriteKind::Put { content_type, value }
+            WriteKind::Put {
+                content_type,
+                value,
+            }
         }
-        other => return Err(bad(format!("op must be \"put\" or \"delete\", got {other:?}"))),
+        other => {
+            return Err(bad(format!(
+                "op must be \"put\" or \"delete\", got {other:?}"
+            )));
+        }
     };
-    Ok(WriteOp { key, kind, condition })
+    Ok(WriteOp {
+        key,
+        kind,
+        condition,
+    })
 }
 
 async fn batch(
@@ -553,14 +662,19 @@ async fn batch(
     }
     let limit = state.inner.config.request_bytes_max;
     let body = read_body(&headers, body, limit, "batch", "request_bytes_max").await?;
-    let parsed: BatchIn<'_> = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request("invalid_batch", format!("the batch is not valid: {e}")))?;
+    let parsed: BatchIn<'_> = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request("invalid_batch", format!("the batch is not valid: {e}"))
+    })?;
     let store = state.store();
     if parsed.ops.len() > store.config().batch_ops_max {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
-            format!("a batch holds at most {} operations; this one has {}", store.config().batch_ops_max, parsed.ops.len()),
+            format!(
+                "a batch holds at most {} operations; this one has {}",
+                store.config().batch_ops_max,
+                parsed.ops.len()
+            ),
         ));
     }
     let ops = parsed
@@ -580,12 +694,15 @@ async fn batch(
         if i > 0 {
             out.push(',');
         }
-        out.push_str(&serde_json::to_string(&serde_json::json!({
-            "key": k.as_str(),
-            "version": a.dot.to_string(),
-            "seq": a.seq,
-            "hlc": HlcOut::from(a.hlc),
-        })).expect("results serialize"));
+        out.push_str(
+            &serde_json::to_string(&serde_json::json!({
+                "key": k.as_str(),
+                "version": a.dot.to_string(),
+                "seq": a.seq,
+                "hlc": HlcOut::from(a.hlc),
+            }))
+            .expect("results serialize"),
+        );
     }
     out.push_str("]}");
     Ok(([(header::CONTENT_TYPE, "application/json")], out).into_response())
@@ -613,31 +730,44 @@ async fn changes(
     if limit == 0 || limit > asp_store::CHANGES_LIMIT_MAX {
         return Err(ApiError::bad_request(
             "invalid_query",
-            format!("limit must be between 1 and {}; got {limit}", asp_store::CHANGES_LIMIT_MAX),
+            format!(
+                "limit must be between 1 and {}; got {limit}",
+                asp_store::CHANGES_LIMIT_MAX
+            ),
         ));
     }
-    let wants_stream = header_str(&headers, header::ACCEPT)?.is_some_and(|a| a.contains("text/event-stream"));
+    let wants_stream =
+        header_str(&headers, header::ACCEPT)?.is_some_and(|a| a.contains("text/event-stream"));
     let mut since = q.since.unwrap_or(0);
-    if wants_stream {
-        if let Some(last) = header_str(&headers, header::HeaderName::from_static("last-event-id"))? {
-            since = last.trim().parse().map_err(|_| {
-                ApiError::bad_request("invalid_header", format!("Last-Event-ID must be a feed position (a number); got {last:?}"))
-            })?;
-        }
+    if wants_stream
+        && let Some(last) = header_str(&headers, header::HeaderName::from_static("last-event-id"))?
+    {
+        since = last.trim().parse().map_err(|_| {
+            ApiError::bad_request(
+                "invalid_header",
+                format!("Last-Event-ID must be a feed position (a number); got {last:?}"),
+            )
+        })?;
     }
     let store = state.store();
     let head = store.head().seq;
     if since > head {
         return Err(ApiError::bad_request(
             "cursor_ahead",
-            format!("cursor {since} is beyond this node's feed head {head}; if the node's data was reset, start again from 0"),
+            format!(
+                "cursor {since} is beyond this node's feed head {head}; if the node's data was reset, start again from 0"
+            ),
         ));
     }
     if wants_stream {
         return Ok(sse(state.clone(), ns, since, with_values).into_response());
     }
     let page = store.changes(Some(&ns), since, limit)?;
-    let changes: Vec<ChangeOut<'_>> = page.events.iter().map(|e| ChangeOut::new(e, with_values)).collect();
+    let changes: Vec<ChangeOut<'_>> = page
+        .events
+        .iter()
+        .map(|e| ChangeOut::new(e, with_values))
+        .collect();
     Ok(Json(serde_json::json!({
         "namespace": ns.as_str(),
         "changes": changes,
@@ -658,7 +788,12 @@ struct Live {
 
 /// A live stream of the namespace's changes after `since`: every event once, in feed
 /// order, each with its feed position as the event id.
-fn sse(state: AppState, ns: Namespace, since: u64, with_values: bool) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+fn sse(
+    state: AppState,
+    ns: Namespace,
+    since: u64,
+    with_values: bool,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let store = state.store();
     let live = Live {
         reader: store.feed_reader(Some(ns), since),
@@ -674,8 +809,12 @@ fn sse(state: AppState, ns: Namespace, since: u64, with_values: bool) -> Sse<imp
         }
         loop {
             if let Some(fe) = live.pending.pop_front() {
-                let data = serde_json::to_string(&ChangeOut::new(&fe, live.with_values)).expect("changes serialize");
-                let event = SseEvent::default().id(fe.seq.to_string()).event("change").data(data);
+                let data = serde_json::to_string(&ChangeOut::new(&fe, live.with_values))
+                    .expect("changes serialize");
+                let event = SseEvent::default()
+                    .id(fe.seq.to_string())
+                    .event("change")
+                    .data(data);
                 return Some((Ok(event), live));
             }
             if live.shutdown.is_cancelled() {
@@ -692,7 +831,9 @@ fn sse(state: AppState, ns: Namespace, since: u64, with_values: bool) -> Sse<imp
                 Ok(_) => {}
                 Err(e) => {
                     live.done = true;
-                    let data = serde_json::json!({"code": "storage_failure", "message": e.to_string()}).to_string();
+                    let data =
+                        serde_json::json!({"code": "storage_failure", "message": e.to_string()})
+                            .to_string();
                     return Some((Ok(SseEvent::default().event("error").data(data)), live));
                 }
             }
@@ -719,13 +860,24 @@ async fn healthz(State(state): State<AppState>) -> Response {
 async fn metrics(State(state): State<AppState>) -> Response {
     let store = state.store();
     let status = store.status();
-    store.metrics().writer_queue_depth.set(status.writer_queue_depth as i64);
+    store
+        .metrics()
+        .writer_queue_depth
+        .set(status.writer_queue_depth as i64);
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &state.inner.registry) {
-        return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("encoding metrics: {e}")).into_response();
+        return ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("encoding metrics: {e}"),
+        )
+        .into_response();
     }
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         out,
     )
         .into_response()
@@ -758,6 +910,7 @@ async fn status(State(state): State<AppState>) -> Response {
             "head_seq": s.feed_head_seq,
             "written_seq": s.written_seq,
             "synced_seq": s.synced_seq,
+            "acked_seq": s.acked_seq,
             "indexed_seq": s.indexed_seq,
         },
         "log": {"segments": s.log_segments, "bytes": s.log_bytes},
@@ -775,5 +928,9 @@ async fn status(State(state): State<AppState>) -> Response {
 }
 
 async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], crate::openapi::DOCUMENT).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        crate::openapi::DOCUMENT,
+    )
+        .into_response()
 }

@@ -11,7 +11,11 @@ use hyper_util::rt::TokioExecutor;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
 /// Characters left as they are in a path segment or query value: RFC 3986 unreserved.
-const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 /// How long a request (not a stream) may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -45,7 +49,8 @@ pub struct Response {
 impl Response {
     /// The body as JSON.
     pub fn json(&self) -> Result<serde_json::Value, ClientError> {
-        serde_json::from_slice(&self.body).map_err(|e| ClientError::Protocol(format!("answer is not JSON: {e}")))
+        serde_json::from_slice(&self.body)
+            .map_err(|e| ClientError::Protocol(format!("answer is not JSON: {e}")))
     }
 
     /// `Ok(self)` for 2xx and 304, otherwise the API error it carries.
@@ -56,9 +61,15 @@ impl Response {
         let (code, message) = match self.json() {
             Ok(v) => (
                 v["error"]["code"].as_str().unwrap_or("unknown").to_owned(),
-                v["error"]["message"].as_str().unwrap_or_default().to_owned(),
+                v["error"]["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
             ),
-            Err(_) => ("unknown".into(), String::from_utf8_lossy(&self.body).into_owned()),
+            Err(_) => (
+                "unknown".into(),
+                String::from_utf8_lossy(&self.body).into_owned(),
+            ),
         };
         Err(ClientError::Api {
             status: self.status,
@@ -114,11 +125,19 @@ impl Client {
         format!("/v1/ns/{}/kv/{}", encode(namespace), encode(key))
     }
 
-    async fn start(&self, method: Method, path: &str, headers: &[(HeaderName, &str)], body: Bytes) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+    async fn start(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(HeaderName, &str)],
+        body: Bytes,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
         let url = format!("{}{path}", self.base);
         let mut request = Request::builder().method(method).uri(&url);
         for (name, value) in headers {
-            let value = HeaderValue::from_str(value).map_err(|_| ClientError::Protocol(format!("header {name} has characters HTTP does not allow")))?;
+            let value = HeaderValue::from_str(value).map_err(|_| {
+                ClientError::Protocol(format!("header {name} has characters HTTP does not allow"))
+            })?;
             request = request.header(name, value);
         }
         let request = request
@@ -131,12 +150,21 @@ impl Client {
                 detail = format!("{detail}: {s}");
                 source = s.source();
             }
-            ClientError::Connect { url: self.base.clone(), detail }
+            ClientError::Connect {
+                url: self.base.clone(),
+                detail,
+            }
         })
     }
 
     /// Sends a request and reads the whole answer, whatever its status.
-    pub async fn send(&self, method: Method, path: &str, headers: &[(HeaderName, &str)], body: Bytes) -> Result<Response, ClientError> {
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(HeaderName, &str)],
+        body: Bytes,
+    ) -> Result<Response, ClientError> {
         let work = async {
             let response = self.start(method, path, headers, body).await?;
             let (parts, body) = response.into_parts();
@@ -156,49 +184,127 @@ impl Client {
             .map_err(|_| ClientError::Timeout(self.base.clone(), REQUEST_TIMEOUT))?
     }
 
-    pub async fn put(&self, namespace: &str, key: &str, content_type: &str, value: Bytes, if_match: Option<&str>) -> Result<serde_json::Value, ClientError> {
+    pub async fn put(
+        &self,
+        namespace: &str,
+        key: &str,
+        content_type: &str,
+        value: Bytes,
+        if_match: Option<&str>,
+    ) -> Result<serde_json::Value, ClientError> {
         let mut headers = vec![(header::CONTENT_TYPE, content_type)];
         if let Some(m) = if_match {
             headers.push((header::IF_MATCH, m));
         }
-        self.send(Method::PUT, &Self::kv_path(namespace, key), &headers, value).await?.ok()?.json()
+        self.send(Method::PUT, &Self::kv_path(namespace, key), &headers, value)
+            .await?
+            .ok()?
+            .json()
     }
 
     /// The value and its answer headers; `None` when the key does not exist.
-    pub async fn get(&self, namespace: &str, key: &str, accept: Option<&str>) -> Result<Option<Response>, ClientError> {
+    pub async fn get(
+        &self,
+        namespace: &str,
+        key: &str,
+        accept: Option<&str>,
+    ) -> Result<Option<Response>, ClientError> {
         let headers: Vec<_> = accept.map(|a| (header::ACCEPT, a)).into_iter().collect();
-        let response = self.send(Method::GET, &Self::kv_path(namespace, key), &headers, Bytes::new()).await?;
+        let response = self
+            .send(
+                Method::GET,
+                &Self::kv_path(namespace, key),
+                &headers,
+                Bytes::new(),
+            )
+            .await?;
         if response.status == StatusCode::NOT_FOUND {
             return Ok(None);
         }
         response.ok().map(Some)
     }
 
-    pub async fn delete(&self, namespace: &str, key: &str, if_match: Option<&str>) -> Result<serde_json::Value, ClientError> {
-        let headers: Vec<_> = if_match.map(|m| (header::IF_MATCH, m)).into_iter().collect();
-        self.send(Method::DELETE, &Self::kv_path(namespace, key), &headers, Bytes::new()).await?.ok()?.json()
+    pub async fn delete(
+        &self,
+        namespace: &str,
+        key: &str,
+        if_match: Option<&str>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let headers: Vec<_> = if_match
+            .map(|m| (header::IF_MATCH, m))
+            .into_iter()
+            .collect();
+        self.send(
+            Method::DELETE,
+            &Self::kv_path(namespace, key),
+            &headers,
+            Bytes::new(),
+        )
+        .await?
+        .ok()?
+        .json()
     }
 
-    pub async fn batch(&self, namespace: &str, body: Bytes) -> Result<serde_json::Value, ClientError> {
+    pub async fn batch(
+        &self,
+        namespace: &str,
+        body: Bytes,
+    ) -> Result<serde_json::Value, ClientError> {
         let path = format!("/v1/ns/{}/batch", encode(namespace));
-        self.send(Method::POST, &path, &[(header::CONTENT_TYPE, "application/json")], body).await?.ok()?.json()
+        self.send(
+            Method::POST,
+            &path,
+            &[(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+        .await?
+        .ok()?
+        .json()
     }
 
-    pub async fn list(&self, namespace: &str, prefix: &str, after: Option<&str>, limit: usize, values: bool) -> Result<serde_json::Value, ClientError> {
-        let mut path = format!("/v1/ns/{}/kv?prefix={}&limit={limit}&values={values}", encode(namespace), encode(prefix));
+    pub async fn list(
+        &self,
+        namespace: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        values: bool,
+    ) -> Result<serde_json::Value, ClientError> {
+        let mut path = format!(
+            "/v1/ns/{}/kv?prefix={}&limit={limit}&values={values}",
+            encode(namespace),
+            encode(prefix)
+        );
         if let Some(a) = after {
             path.push_str(&format!("&after={}", encode(a)));
         }
-        self.send(Method::GET, &path, &[], Bytes::new()).await?.ok()?.json()
+        self.send(Method::GET, &path, &[], Bytes::new())
+            .await?
+            .ok()?
+            .json()
     }
 
-    pub async fn changes(&self, namespace: &str, since: u64, limit: usize) -> Result<serde_json::Value, ClientError> {
-        let path = format!("/v1/ns/{}/changes?since={since}&limit={limit}", encode(namespace));
-        self.send(Method::GET, &path, &[], Bytes::new()).await?.ok()?.json()
+    pub async fn changes(
+        &self,
+        namespace: &str,
+        since: u64,
+        limit: usize,
+    ) -> Result<serde_json::Value, ClientError> {
+        let path = format!(
+            "/v1/ns/{}/changes?since={since}&limit={limit}",
+            encode(namespace)
+        );
+        self.send(Method::GET, &path, &[], Bytes::new())
+            .await?
+            .ok()?
+            .json()
     }
 
     pub async fn status(&self) -> Result<serde_json::Value, ClientError> {
-        self.send(Method::GET, "/v1/status", &[], Bytes::new()).await?.ok()?.json()
+        self.send(Method::GET, "/v1/status", &[], Bytes::new())
+            .await?
+            .ok()?
+            .json()
     }
 
     /// Opens a live change stream after feed position `since`.
@@ -210,7 +316,10 @@ impl Client {
             self.start(
                 Method::GET,
                 &path,
-                &[(header::ACCEPT, "text/event-stream"), (HeaderName::from_static("last-event-id"), &since)],
+                &[
+                    (header::ACCEPT, "text/event-stream"),
+                    (HeaderName::from_static("last-event-id"), &since),
+                ],
                 Bytes::new(),
             ),
         )
@@ -218,8 +327,19 @@ impl Client {
         .map_err(|_| ClientError::Timeout(self.base.clone(), REQUEST_TIMEOUT))??;
         if !response.status().is_success() {
             let (parts, body) = response.into_parts();
-            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-            return Err(Response { status: parts.status, headers: parts.headers, body }.ok().err().unwrap_or(ClientError::Protocol("unexpected answer".into())));
+            let body = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            return Err(Response {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            }
+            .ok()
+            .err()
+            .unwrap_or(ClientError::Protocol("unexpected answer".into())));
         }
         Ok(EventStream {
             body: response.into_body(),
@@ -289,7 +409,11 @@ fn find_blank_line(buf: &[u8]) -> Option<(usize, usize)> {
 }
 
 fn parse_event(text: &str) -> Option<ServerEvent> {
-    let mut event = ServerEvent { id: None, event: None, data: String::new() };
+    let mut event = ServerEvent {
+        id: None,
+        event: None,
+        data: String::new(),
+    };
     let mut has_data = false;
     for line in text.lines() {
         if line.starts_with(':') {
@@ -329,14 +453,21 @@ mod tests {
 
     #[test]
     fn keys_are_encoded_as_one_segment() {
-        assert_eq!(Client::kv_path("ns", "a/b c%é"), "/v1/ns/ns/kv/a%2Fb%20c%25%C3%A9");
+        assert_eq!(
+            Client::kv_path("ns", "a/b c%é"),
+            "/v1/ns/ns/kv/a%2Fb%20c%25%C3%A9"
+        );
     }
 
     #[test]
     fn events_parse() {
         assert_eq!(
             parse_event("id: 5\nevent: change\ndata: {\"a\":1}"),
-            Some(ServerEvent { id: Some("5".into()), event: Some("change".into()), data: "{\"a\":1}".into() })
+            Some(ServerEvent {
+                id: Some("5".into()),
+                event: Some("change".into()),
+                data: "{\"a\":1}".into()
+            })
         );
         assert_eq!(parse_event(": keep-alive"), None);
     }

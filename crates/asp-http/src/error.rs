@@ -1,9 +1,9 @@
 //! API errors: `{"error": {"code": "snake_case", "message": "..."}}` with the matching
 //! status. Every code is listed in the OpenAPI document.
 
+use asp_store::{ReadError, WriteError};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use asp_store::{ReadError, WriteError};
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -45,19 +45,33 @@ impl From<WriteError> for ApiError {
     fn from(e: WriteError) -> Self {
         match &e {
             WriteError::Invalid(m) => ApiError::bad_request("invalid_batch", m.clone()),
-            WriteError::TooLarge(m) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", m.clone()),
-            WriteError::ConditionFailed { .. } => {
-                ApiError::new(StatusCode::PRECONDITION_FAILED, "precondition_failed", e.to_string())
-            }
+            WriteError::TooLarge(m) => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                m.clone(),
+            ),
+            WriteError::ConditionFailed { .. } => ApiError::new(
+                StatusCode::PRECONDITION_FAILED,
+                "precondition_failed",
+                e.to_string(),
+            ),
             WriteError::Overloaded { .. } => ApiError {
                 retry_after_s: Some(1),
                 ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", e.to_string())
             },
             WriteError::Closed => ApiError {
                 retry_after_s: Some(5),
-                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", e.to_string())
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "shutting_down",
+                    e.to_string(),
+                )
             },
-            WriteError::Storage(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage_failure", e.to_string()),
+            WriteError::Storage(_) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "storage_failure",
+                e.to_string(),
+            ),
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
         }
     }
@@ -68,7 +82,11 @@ impl From<ReadError> for ApiError {
         tracing::error!(error = %e, "read failed");
         match e {
             ReadError::Invalid(m) => ApiError::bad_request("invalid_request", m),
-            e => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage_failure", e.to_string()),
+            e => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "storage_failure",
+                e.to_string(),
+            ),
         }
     }
 }

@@ -34,9 +34,15 @@ pub enum Doc {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FormatError {
     #[error("the body is not valid {format}: {detail}")]
-    Invalid { format: &'static str, detail: String },
+    Invalid {
+        format: &'static str,
+        detail: String,
+    },
     #[error("the value cannot be represented as {format}: {detail}")]
-    NotRepresentable { format: &'static str, detail: String },
+    NotRepresentable {
+        format: &'static str,
+        detail: String,
+    },
 }
 
 fn format_name(ct: ContentType) -> &'static str {
@@ -55,10 +61,14 @@ fn format_name(ct: ContentType) -> &'static str {
 pub fn validate(ct: ContentType, body: &[u8]) -> Result<(), FormatError> {
     match ct {
         ContentType::Json | ContentType::Cbor | ContentType::MsgPack => parse(ct, body).map(drop),
-        ContentType::Text => std::str::from_utf8(body).map(drop).map_err(|e| FormatError::Invalid {
-            format: "UTF-8 text",
-            detail: e.to_string(),
-        }),
+        ContentType::Text => {
+            std::str::from_utf8(body)
+                .map(drop)
+                .map_err(|e| FormatError::Invalid {
+                    format: "UTF-8 text",
+                    detail: e.to_string(),
+                })
+        }
         ContentType::Protobuf | ContentType::OctetStream => Ok(()),
     }
 }
@@ -70,13 +80,18 @@ pub fn parse(ct: ContentType, body: &[u8]) -> Result<Doc, FormatError> {
         detail,
     };
     match ct {
-        ContentType::Json => serde_json::from_slice::<Doc>(body).map_err(|e| invalid(e.to_string())),
+        ContentType::Json => {
+            serde_json::from_slice::<Doc>(body).map_err(|e| invalid(e.to_string()))
+        }
         ContentType::Cbor => {
             let mut reader = body;
             let doc: Doc = ciborium::de::from_reader_with_recursion_limit(&mut reader, DEPTH_MAX)
                 .map_err(|e| invalid(cbor_error(e)))?;
             if !reader.is_empty() {
-                return Err(invalid(format!("{} bytes after the end of the first item", reader.len())));
+                return Err(invalid(format!(
+                    "{} bytes after the end of the first item",
+                    reader.len()
+                )));
             }
             Ok(doc)
         }
@@ -86,7 +101,10 @@ pub fn parse(ct: ContentType, body: &[u8]) -> Result<Doc, FormatError> {
             let doc = Doc::deserialize(&mut de).map_err(|e| invalid(e.to_string()))?;
             let used = de.position() as usize;
             if used != body.len() {
-                return Err(invalid(format!("{} bytes after the end of the first item", body.len() - used)));
+                return Err(invalid(format!(
+                    "{} bytes after the end of the first item",
+                    body.len() - used
+                )));
             }
             Ok(doc)
         }
@@ -105,7 +123,9 @@ fn cbor_error<E: fmt::Debug>(e: ciborium::de::Error<E>) -> String {
             Some(at) => format!("{msg} at byte {at}"),
             None => msg,
         },
-        ciborium::de::Error::RecursionLimitExceeded => format!("nested deeper than {DEPTH_MAX} levels"),
+        ciborium::de::Error::RecursionLimitExceeded => {
+            format!("nested deeper than {DEPTH_MAX} levels")
+        }
     }
 }
 
@@ -119,9 +139,11 @@ pub fn render(doc: &Doc, ct: ContentType) -> Result<Vec<u8>, FormatError> {
         }
         ContentType::Cbor => {
             let mut out = Vec::new();
-            ciborium::ser::into_writer(doc, &mut out).map_err(|e| FormatError::NotRepresentable {
-                format: "CBOR",
-                detail: e.to_string(),
+            ciborium::ser::into_writer(doc, &mut out).map_err(|e| {
+                FormatError::NotRepresentable {
+                    format: "CBOR",
+                    detail: e.to_string(),
+                }
             })?;
             Ok(out)
         }
@@ -198,10 +220,12 @@ fn write_json(doc: &Doc, out: &mut String) -> Result<(), FormatError> {
 
 fn check_msgpack(doc: &Doc) -> Result<(), FormatError> {
     match doc {
-        Doc::Int(i) if *i < i64::MIN as i128 || *i > u64::MAX as i128 => Err(FormatError::NotRepresentable {
-            format: "MessagePack",
-            detail: format!("the integer {i} needs more than 64 bits"),
-        }),
+        Doc::Int(i) if *i < i64::MIN as i128 || *i > u64::MAX as i128 => {
+            Err(FormatError::NotRepresentable {
+                format: "MessagePack",
+                detail: format!("the integer {i} needs more than 64 bits"),
+            })
+        }
         Doc::Array(items) => items.iter().try_for_each(check_msgpack),
         Doc::Map(entries) => entries.iter().try_for_each(|(k, v)| {
             check_msgpack(k)?;
@@ -306,7 +330,9 @@ impl<'de> Visitor<'de> for DocVisitor {
         d.deserialize_any(self)
     }
     fn visit_newtype_struct<D: de::Deserializer<'de>>(self, _: D) -> Result<Doc, D::Error> {
-        Err(de::Error::custom("MessagePack extension types are not supported"))
+        Err(de::Error::custom(
+            "MessagePack extension types are not supported",
+        ))
     }
     fn visit_enum<A: de::EnumAccess<'de>>(self, _: A) -> Result<Doc, A::Error> {
         Err(de::Error::custom("CBOR tags are not supported"))
@@ -359,14 +385,22 @@ pub fn content_type_of(header: Option<&str>) -> Result<ContentType, UnsupportedM
 }
 
 pub fn supported_list() -> String {
-    ContentType::ALL.iter().map(|c| c.mime()).collect::<Vec<_>>().join(", ")
+    ContentType::ALL
+        .iter()
+        .map(|c| c.mime())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The types a value stored as `stored` can be served as.
 pub fn servable(stored: ContentType) -> Vec<ContentType> {
     if stored.is_structured() {
         let mut v = vec![stored];
-        v.extend([ContentType::Json, ContentType::Cbor, ContentType::MsgPack].into_iter().filter(|c| *c != stored));
+        v.extend(
+            [ContentType::Json, ContentType::Cbor, ContentType::MsgPack]
+                .into_iter()
+                .filter(|c| *c != stored),
+        );
         v
     } else {
         vec![stored]
@@ -390,10 +424,10 @@ pub fn negotiate(accept: Option<&str>, stored: ContentType) -> Option<ContentTyp
             let media = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
             let mut q = 1000u32;
             for p in parts {
-                if let Some((n, v)) = p.split_once('=') {
-                    if n.trim().eq_ignore_ascii_case("q") {
-                        q = parse_q(v.trim()).unwrap_or(0);
-                    }
+                if let Some((n, v)) = p.split_once('=')
+                    && n.trim().eq_ignore_ascii_case("q")
+                {
+                    q = parse_q(v.trim()).unwrap_or(0);
                 }
             }
             let (ty, sub) = candidate.mime().split_once('/').expect("mime has a slash");
@@ -401,7 +435,9 @@ pub fn negotiate(accept: Option<&str>, stored: ContentType) -> Option<ContentTyp
                 1
             } else if media.strip_suffix("/*") == Some(ty) {
                 2
-            } else if ContentType::from_mime_essence(&media) == Some(*candidate) || media == format!("{ty}/{sub}") {
+            } else if ContentType::from_mime_essence(&media) == Some(*candidate)
+                || media == format!("{ty}/{sub}")
+            {
                 3
             } else {
                 continue;
@@ -411,10 +447,10 @@ pub fn negotiate(accept: Option<&str>, stored: ContentType) -> Option<ContentTyp
                 quality = Some((specificity, q));
             }
         }
-        if let Some((_, q)) = quality.filter(|&(_, q)| q > 0) {
-            if best.is_none_or(|(bq, _, _)| q > bq) {
-                best = Some((q, rank, *candidate));
-            }
+        if let Some((_, q)) = quality.filter(|&(_, q)| q > 0)
+            && best.is_none_or(|(bq, _, _)| q > bq)
+        {
+            best = Some((q, rank, *candidate));
         }
     }
     best.map(|(_, _, ct)| ct)
@@ -422,7 +458,9 @@ pub fn negotiate(accept: Option<&str>, stored: ContentType) -> Option<ContentTyp
 
 fn parse_q(v: &str) -> Option<u32> {
     let f: f64 = v.parse().ok()?;
-    (0.0..=1.0).contains(&f).then(|| (f * 1000.0).round() as u32)
+    (0.0..=1.0)
+        .contains(&f)
+        .then(|| (f * 1000.0).round() as u32)
 }
 
 #[cfg(test)]
@@ -483,7 +521,12 @@ mod tests {
     fn json_key_order_is_kept() {
         let json = br#"{"z":1,"a":[true,null,"x"],"m":{"b":2.5,"a":-3}}"#;
         for via in [ContentType::Cbor, ContentType::MsgPack] {
-            let back = convert(&convert(json, ContentType::Json, via).unwrap(), via, ContentType::Json).unwrap();
+            let back = convert(
+                &convert(json, ContentType::Json, via).unwrap(),
+                via,
+                ContentType::Json,
+            )
+            .unwrap();
             assert_eq!(back, json.to_vec());
         }
     }
@@ -500,13 +543,26 @@ mod tests {
         let e = convert(&nan, ContentType::Cbor, ContentType::Json).unwrap_err();
         assert!(e.to_string().contains("NaN"), "{e}");
         let tagged = [0xc1, 0x1a, 0, 0, 0, 1]; // tag 1 (epoch time)
-        assert!(parse(ContentType::Cbor, &tagged).unwrap_err().to_string().contains("tags"));
+        assert!(
+            parse(ContentType::Cbor, &tagged)
+                .unwrap_err()
+                .to_string()
+                .contains("tags")
+        );
         let big = [0xc2, 0x49, 1, 0, 0, 0, 0, 0, 0, 0, 0]; // 2^64 as a bignum
         let e = convert(&big, ContentType::Cbor, ContentType::MsgPack).unwrap_err();
         assert!(e.to_string().contains("64 bits"), "{e}");
-        assert_eq!(convert(&big, ContentType::Cbor, ContentType::Json).unwrap(), b"18446744073709551616");
+        assert_eq!(
+            convert(&big, ContentType::Cbor, ContentType::Json).unwrap(),
+            b"18446744073709551616"
+        );
         let ext = [0xd4, 0x01, 0x00]; // fixext1
-        assert!(parse(ContentType::MsgPack, &ext).unwrap_err().to_string().contains("extension"));
+        assert!(
+            parse(ContentType::MsgPack, &ext)
+                .unwrap_err()
+                .to_string()
+                .contains("extension")
+        );
     }
 
     #[test]
@@ -516,28 +572,47 @@ mod tests {
         assert!(validate(ContentType::MsgPack, &[0x01, 0x01]).is_err());
         assert!(validate(ContentType::Text, &[0xff]).is_err());
         assert!(validate(ContentType::OctetStream, &[0xff]).is_ok());
-        assert!(validate(ContentType::Json, &[b'['; 200]).is_err(), "depth is bounded");
+        assert!(
+            validate(ContentType::Json, &[b'['; 200]).is_err(),
+            "depth is bounded"
+        );
     }
 
     #[test]
     fn content_type_headers() {
         assert_eq!(content_type_of(None), Ok(ContentType::OctetStream));
-        assert_eq!(content_type_of(Some("application/json; charset=UTF-8")), Ok(ContentType::Json));
+        assert_eq!(
+            content_type_of(Some("application/json; charset=UTF-8")),
+            Ok(ContentType::Json)
+        );
         assert!(content_type_of(Some("application/json; charset=latin1")).is_err());
-        assert!(content_type_of(Some("application/x-www-form-urlencoded")).unwrap_err().0.contains("application/json"));
+        assert!(
+            content_type_of(Some("application/x-www-form-urlencoded"))
+                .unwrap_err()
+                .0
+                .contains("application/json")
+        );
     }
 
     #[test]
     fn accept_negotiation() {
         use ContentType::*;
         let check = |accept: Option<&str>, stored, want: Option<ContentType>| {
-            assert_eq!(negotiate(accept, stored), want, "Accept: {accept:?}, stored {stored:?}");
+            assert_eq!(
+                negotiate(accept, stored),
+                want,
+                "Accept: {accept:?}, stored {stored:?}"
+            );
         };
         check(None, Json, Some(Json));
         check(Some("*/*"), Cbor, Some(Cbor));
         check(Some("application/cbor"), Json, Some(Cbor));
         check(Some("application/x-msgpack"), Json, Some(MsgPack));
-        check(Some("application/json;q=0.5, application/cbor"), Json, Some(Cbor));
+        check(
+            Some("application/json;q=0.5, application/cbor"),
+            Json,
+            Some(Cbor),
+        );
         check(Some("application/*"), Cbor, Some(Cbor));
         check(Some("text/*"), Text, Some(Text));
         check(Some("application/json"), OctetStream, None);

@@ -82,12 +82,18 @@ impl<'a> ValueOut<'a> {
         match content_type {
             ContentType::Json => {
                 if let Ok(raw) = serde_json::from_slice::<&RawValue>(bytes) {
-                    return ValueOut { value: Some(raw), ..Default::default() };
+                    return ValueOut {
+                        value: Some(raw),
+                        ..Default::default()
+                    };
                 }
             }
             ContentType::Text => {
                 if let Ok(text) = std::str::from_utf8(bytes) {
-                    return ValueOut { value_text: Some(text), ..Default::default() };
+                    return ValueOut {
+                        value_text: Some(text),
+                        ..Default::default()
+                    };
                 }
             }
             _ => {}
@@ -119,10 +125,17 @@ impl<'a> ChangeOut<'a> {
     pub fn new(fe: &'a FeedEvent, with_values: bool) -> Self {
         let e: &Event = &fe.event;
         let (op, content_type, value) = match &e.op {
-            Op::Put { content_type, value } => (
+            Op::Put {
+                content_type,
+                value,
+            } => (
                 "put",
                 Some(content_type.mime()),
-                if with_values { ValueOut::new(*content_type, value) } else { ValueOut::default() },
+                if with_values {
+                    ValueOut::new(*content_type, value)
+                } else {
+                    ValueOut::default()
+                },
             ),
             Op::Delete => ("delete", None, ValueOut::default()),
         };

@@ -18,7 +18,10 @@ struct Server {
 }
 
 impl Server {
-    async fn start(dir: &std::path::Path, tweak: impl FnOnce(&mut StoreConfig, &mut ApiConfig)) -> Server {
+    async fn start(
+        dir: &std::path::Path,
+        tweak: impl FnOnce(&mut StoreConfig, &mut ApiConfig),
+    ) -> Server {
         let mut store_config = StoreConfig::new(dir);
         let mut api_config = ApiConfig::default();
         tweak(&mut store_config, &mut api_config);
@@ -42,9 +45,21 @@ impl Server {
         self.store.shutdown().await;
     }
 
-    async fn send(&self, method: Method, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
-        let headers: Vec<(HeaderName, &str)> = headers.iter().map(|(n, v)| (HeaderName::from_bytes(n.as_bytes()).unwrap(), *v)).collect();
-        self.client.send(method, path, &headers, Bytes::copy_from_slice(body)).await.unwrap()
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Response {
+        let headers: Vec<(HeaderName, &str)> = headers
+            .iter()
+            .map(|(n, v)| (HeaderName::from_bytes(n.as_bytes()).unwrap(), *v))
+            .collect();
+        self.client
+            .send(method, path, &headers, Bytes::copy_from_slice(body))
+            .await
+            .unwrap()
     }
 }
 
@@ -60,8 +75,24 @@ struct Bad {
     message: &'static str,
 }
 
-fn bad(what: &'static str, method: Method, path: &str, status: u16, code: &'static str, message: &'static str) -> Bad {
-    Bad { what, method, path: path.to_owned(), headers: vec![], body: vec![], status, code, message }
+fn bad(
+    what: &'static str,
+    method: Method,
+    path: &str,
+    status: u16,
+    code: &'static str,
+    message: &'static str,
+) -> Bad {
+    Bad {
+        what,
+        method,
+        path: path.to_owned(),
+        headers: vec![],
+        body: vec![],
+        status,
+        code,
+        message,
+    }
 }
 
 impl Bad {
@@ -85,88 +116,413 @@ async fn malformed_requests_get_their_documented_error_and_the_node_keeps_servin
     })
     .await;
     let json = &[("content-type", "application/json")][..];
-    server.send(Method::PUT, "/v1/ns/t/kv/exists", json, b"1").await.ok().unwrap();
+    server
+        .send(Method::PUT, "/v1/ns/t/kv/exists", json, b"1")
+        .await
+        .ok()
+        .unwrap();
     let long_key = format!("/v1/ns/t/kv/{}", "k".repeat(1025));
     let long_ns = format!("/v1/ns/{}/kv/k", "n".repeat(129));
     let big_value = vec![b'1'; 1025];
     let many_ops = br#"{"ops":[{"op":"delete","key":"a"},{"op":"delete","key":"b"},{"op":"delete","key":"c"},{"op":"delete","key":"d"}]}"#;
     let cases = vec![
-        bad("bad percent-encoding", Method::GET, "/v1/ns/t/kv/a%zzb", 400, "invalid_path", "percent-encoding"),
-        bad("truncated percent-encoding", Method::GET, "/v1/ns/t/kv/a%4", 400, "invalid_path", "two hex digits"),
-        bad("key not UTF-8", Method::GET, "/v1/ns/t/kv/%ff%fe", 400, "invalid_path", "UTF-8"),
-        bad("namespace with a slash", Method::GET, "/v1/ns/a%2Fb/kv/k", 400, "invalid_namespace", "only A-Z"),
-        bad("namespace too long", Method::GET, &long_ns, 400, "invalid_namespace", "limit is 128"),
-        bad("key too long", Method::GET, &long_key, 400, "invalid_key", "limit is 1024"),
-        bad("empty key", Method::PUT, "/v1/ns/t/kv/", 400, "invalid_key", "empty"),
-        bad("unsupported content type", Method::PUT, "/v1/ns/t/kv/k", 415, "unsupported_media_type", "Content-Type")
-            .headers(&[("content-type", "image/png")]).body("x"),
-        bad("form content type from curl -d", Method::PUT, "/v1/ns/t/kv/k", 415, "unsupported_media_type", "application/json")
-            .headers(&[("content-type", "application/x-www-form-urlencoded")]).body("a=b"),
-        bad("wrong charset", Method::PUT, "/v1/ns/t/kv/k", 415, "unsupported_media_type", "charset")
-            .headers(&[("content-type", "text/plain; charset=latin1")]).body("x"),
-        bad("invalid JSON value", Method::PUT, "/v1/ns/t/kv/k", 400, "invalid_value", "not valid JSON")
-            .headers(json).body("{nope"),
-        bad("invalid CBOR value", Method::PUT, "/v1/ns/t/kv/k", 400, "invalid_value", "CBOR")
-            .headers(&[("content-type", "application/cbor")]).body(vec![0xff, 0x00]),
-        bad("text that is not UTF-8", Method::PUT, "/v1/ns/t/kv/k", 400, "invalid_value", "UTF-8")
-            .headers(&[("content-type", "text/plain")]).body(vec![0xc3, 0x28]),
-        bad("value over the limit", Method::PUT, "/v1/ns/t/kv/k", 413, "payload_too_large", "value_bytes_max")
-            .headers(json).body(big_value),
-        bad("malformed If-Match", Method::PUT, "/v1/ns/t/kv/k", 400, "invalid_header", "If-Match")
-            .headers(&[("content-type", "application/json"), ("if-match", "\"garbage\"")]).body("1"),
-        bad("If-None-Match with a version on a write", Method::PUT, "/v1/ns/t/kv/k", 400, "invalid_header", "only takes *")
-            .headers(&[("content-type", "application/json"), ("if-none-match", "\"1@00000000000000aa\"")]).body("1"),
-        bad("stale If-Match", Method::PUT, "/v1/ns/t/kv/exists", 412, "precondition_failed", "expected version")
-            .headers(&[("content-type", "application/json"), ("if-match", "\"99@00000000000000aa\"")]).body("2"),
-        bad("create-only on an existing key", Method::PUT, "/v1/ns/t/kv/exists", 412, "precondition_failed", "exists")
-            .headers(&[("content-type", "application/json"), ("if-none-match", "*")]).body("2"),
-        bad("missing key", Method::GET, "/v1/ns/t/kv/missing", 404, "not_found", "does not exist"),
-        bad("unacceptable Accept", Method::GET, "/v1/ns/t/kv/exists", 406, "not_acceptable", "can be served as")
-            .headers(&[("accept", "image/png")]),
-        bad("batch that is not JSON", Method::POST, "/v1/ns/t/batch", 400, "invalid_batch", "not valid")
-            .headers(json).body("[1,2"),
-        bad("batch with a text content type", Method::POST, "/v1/ns/t/batch", 415, "unsupported_media_type", "application/json")
-            .headers(&[("content-type", "text/plain")]).body("{}"),
-        bad("batch op without a value", Method::POST, "/v1/ns/t/batch", 400, "invalid_batch", "ops[0]")
-            .headers(json).body(r#"{"ops":[{"op":"put","key":"a"}]}"#),
-        bad("batch op of unknown kind", Method::POST, "/v1/ns/t/batch", 400, "invalid_batch", "\"put\" or \"delete\"")
-            .headers(json).body(r#"{"ops":[{"op":"upsert","key":"a","value":1}]}"#),
-        bad("batch with bad base64", Method::POST, "/v1/ns/t/batch", 400, "invalid_batch", "base64")
-            .headers(json).body(r#"{"ops":[{"op":"put","key":"a","value_base64":"!!"}]}"#),
-        bad("batch with an unknown field", Method::POST, "/v1/ns/t/batch", 400, "invalid_batch", "unknown field")
-            .headers(json).body(r#"{"ops":[],"extra":1}"#),
-        bad("empty batch", Method::POST, "/v1/ns/t/batch", 400, "invalid_batch", "at least one")
-            .headers(json).body(r#"{"ops":[]}"#),
-        bad("too many ops", Method::POST, "/v1/ns/t/batch", 413, "payload_too_large", "at most 3")
-            .headers(json).body(many_ops.to_vec()),
-        bad("batch body over the limit", Method::POST, "/v1/ns/t/batch", 413, "payload_too_large", "request_bytes_max")
-            .headers(json).body(vec![b' '; 5000]),
-        bad("listing limit zero", Method::GET, "/v1/ns/t/kv?limit=0", 400, "invalid_query", "between 1 and"),
-        bad("listing limit not a number", Method::GET, "/v1/ns/t/kv?limit=ten", 400, "invalid_query", "limit"),
-        bad("unknown query parameter", Method::GET, "/v1/ns/t/kv?limt=5", 400, "invalid_query", "unknown field"),
-        bad("changes cursor beyond the head", Method::GET, "/v1/ns/t/changes?since=999", 400, "cursor_ahead", "beyond"),
-        bad("changes limit too large", Method::GET, "/v1/ns/t/changes?limit=10001", 400, "invalid_query", "between 1 and"),
-        bad("Last-Event-ID not a number", Method::GET, "/v1/ns/t/changes", 400, "invalid_header", "Last-Event-ID")
-            .headers(&[("accept", "text/event-stream"), ("last-event-id", "abc")]),
-        bad("unknown route", Method::GET, "/v2/anything", 404, "route_not_found", "openapi"),
-        bad("wrong method", Method::PATCH, "/v1/ns/t/kv/k", 405, "method_not_allowed", "PATCH"),
+        bad(
+            "bad percent-encoding",
+            Method::GET,
+            "/v1/ns/t/kv/a%zzb",
+            400,
+            "invalid_path",
+            "percent-encoding",
+        ),
+        bad(
+            "truncated percent-encoding",
+            Method::GET,
+            "/v1/ns/t/kv/a%4",
+            400,
+            "invalid_path",
+            "two hex digits",
+        ),
+        bad(
+            "key not UTF-8",
+            Method::GET,
+            "/v1/ns/t/kv/%ff%fe",
+            400,
+            "invalid_path",
+            "UTF-8",
+        ),
+        bad(
+            "namespace with a slash",
+            Method::GET,
+            "/v1/ns/a%2Fb/kv/k",
+            400,
+            "invalid_namespace",
+            "only A-Z",
+        ),
+        bad(
+            "namespace too long",
+            Method::GET,
+            &long_ns,
+            400,
+            "invalid_namespace",
+            "limit is 128",
+        ),
+        bad(
+            "key too long",
+            Method::GET,
+            &long_key,
+            400,
+            "invalid_key",
+            "limit is 1024",
+        ),
+        bad(
+            "empty key",
+            Method::PUT,
+            "/v1/ns/t/kv/",
+            400,
+            "invalid_key",
+            "empty",
+        ),
+        bad(
+            "unsupported content type",
+            Method::PUT,
+            "/v1/ns/t/kv/k",
+            415,
+            "unsupported_media_type",
+            "Content-Type",
+        )
+        .headers(&[("content-type", "image/png")])
+        .body("x"),
+        bad(
+            "form content type from curl -d",
+            Method::PUT,
+            "/v1/ns/t/kv/k",
+            415,
+            "unsupported_media_type",
+            "application/json",
+        )
+        .headers(&[("content-type", "application/x-www-form-urlencoded")])
+        .body("a=b"),
+        bad(
+            "wrong charset",
+            Method::PUT,
+            "/v1/ns/t/kv/k",
+            415,
+            "unsupported_media_type",
+            "charset",
+        )
+        .headers(&[("content-type", "text/plain; charset=latin1")])
+        .body("x"),
+        bad(
+            "invalid JSON value",
+            Method::PUT,
+            "/v1/ns/t/kv/k",
+            400,
+            "invalid_value",
+            "not valid JSON",
+        )
+        .headers(json)
+        .body("{nope"),
+        bad(
+            "invalid CBOR value",
+            Method::PUT,
+            "/v1/ns/t/kv/k",
+            400,
+            "invalid_value",
+            "CBOR",
+        )
+        .headers(&[("content-type", "application/cbor")])
+        .body(vec![0xff, 0x00]),
+        bad(
+            "text that is not UTF-8",
+            Method::PUT,
+            "/v1/ns/t/kv/k",
+            400,
+            "invalid_value",
+            "UTF-8",
+        )
+        .headers(&[("content-type", "text/plain")])
+        .body(vec![0xc3, 0x28]),
+        bad(
+            "value over the limit",
+            Method::PUT,
+            "/v1/ns/t/kv/k",
+            413,
+            "payload_too_large",
+            "value_bytes_max",
+        )
+        .headers(json)
+        .body(big_value),
+        bad(
+            "malformed If-Match",
+            Method::PUT,
+            "/v1/ns/t/kv/k",
+            400,
+            "invalid_header",
+            "If-Match",
+        )
+        .headers(&[
+            ("content-type", "application/json"),
+            ("if-match", "\"garbage\""),
+        ])
+        .body("1"),
+        bad(
+            "If-None-Match with a version on a write",
+            Method::PUT,
+            "/v1/ns/t/kv/k",
+            400,
+            "invalid_header",
+            "only takes *",
+        )
+        .headers(&[
+            ("content-type", "application/json"),
+            ("if-none-match", "\"1@00000000000000aa\""),
+        ])
+        .body("1"),
+        bad(
+            "stale If-Match",
+            Method::PUT,
+            "/v1/ns/t/kv/exists",
+            412,
+            "precondition_failed",
+            "expected version",
+        )
+        .headers(&[
+            ("content-type", "application/json"),
+            ("if-match", "\"99@00000000000000aa\""),
+        ])
+        .body("2"),
+        bad(
+            "create-only on an existing key",
+            Method::PUT,
+            "/v1/ns/t/kv/exists",
+            412,
+            "precondition_failed",
+            "exists",
+        )
+        .headers(&[("content-type", "application/json"), ("if-none-match", "*")])
+        .body("2"),
+        bad(
+            "missing key",
+            Method::GET,
+            "/v1/ns/t/kv/missing",
+            404,
+            "not_found",
+            "does not exist",
+        ),
+        bad(
+            "unacceptable Accept",
+            Method::GET,
+            "/v1/ns/t/kv/exists",
+            406,
+            "not_acceptable",
+            "can be served as",
+        )
+        .headers(&[("accept", "image/png")]),
+        bad(
+            "batch that is not JSON",
+            Method::POST,
+            "/v1/ns/t/batch",
+            400,
+            "invalid_batch",
+            "not valid",
+        )
+        .headers(json)
+        .body("[1,2"),
+        bad(
+            "batch with a text content type",
+            Method::POST,
+            "/v1/ns/t/batch",
+            415,
+            "unsupported_media_type",
+            "application/json",
+        )
+        .headers(&[("content-type", "text/plain")])
+        .body("{}"),
+        bad(
+            "batch op without a value",
+            Method::POST,
+            "/v1/ns/t/batch",
+            400,
+            "invalid_batch",
+            "ops[0]",
+        )
+        .headers(json)
+        .body(r#"{"ops":[{"op":"put","key":"a"}]}"#),
+        bad(
+            "batch op of unknown kind",
+            Method::POST,
+            "/v1/ns/t/batch",
+            400,
+            "invalid_batch",
+            "\"put\" or \"delete\"",
+        )
+        .headers(json)
+        .body(r#"{"ops":[{"op":"upsert","key":"a","value":1}]}"#),
+        bad(
+            "batch with bad base64",
+            Method::POST,
+            "/v1/ns/t/batch",
+            400,
+            "invalid_batch",
+            "base64",
+        )
+        .headers(json)
+        .body(r#"{"ops":[{"op":"put","key":"a","value_base64":"!!"}]}"#),
+        bad(
+            "batch with an unknown field",
+            Method::POST,
+            "/v1/ns/t/batch",
+            400,
+            "invalid_batch",
+            "unknown field",
+        )
+        .headers(json)
+        .body(r#"{"ops":[],"extra":1}"#),
+        bad(
+            "empty batch",
+            Method::POST,
+            "/v1/ns/t/batch",
+            400,
+            "invalid_batch",
+            "at least one",
+        )
+        .headers(json)
+        .body(r#"{"ops":[]}"#),
+        bad(
+            "too many ops",
+            Method::POST,
+            "/v1/ns/t/batch",
+            413,
+            "payload_too_large",
+            "at most 3",
+        )
+        .headers(json)
+        .body(many_ops.to_vec()),
+        bad(
+            "batch body over the limit",
+            Method::POST,
+            "/v1/ns/t/batch",
+            413,
+            "payload_too_large",
+            "request_bytes_max",
+        )
+        .headers(json)
+        .body(vec![b' '; 5000]),
+        bad(
+            "listing limit zero",
+            Method::GET,
+            "/v1/ns/t/kv?limit=0",
+            400,
+            "invalid_query",
+            "between 1 and",
+        ),
+        bad(
+            "listing limit not a number",
+            Method::GET,
+            "/v1/ns/t/kv?limit=ten",
+            400,
+            "invalid_query",
+            "limit",
+        ),
+        bad(
+            "unknown query parameter",
+            Method::GET,
+            "/v1/ns/t/kv?limt=5",
+            400,
+            "invalid_query",
+            "unknown field",
+        ),
+        bad(
+            "changes cursor beyond the head",
+            Method::GET,
+            "/v1/ns/t/changes?since=999",
+            400,
+            "cursor_ahead",
+            "beyond",
+        ),
+        bad(
+            "changes limit too large",
+            Method::GET,
+            "/v1/ns/t/changes?limit=10001",
+            400,
+            "invalid_query",
+            "between 1 and",
+        ),
+        bad(
+            "Last-Event-ID not a number",
+            Method::GET,
+            "/v1/ns/t/changes",
+            400,
+            "invalid_header",
+            "Last-Event-ID",
+        )
+        .headers(&[("accept", "text/event-stream"), ("last-event-id", "abc")]),
+        bad(
+            "unknown route",
+            Method::GET,
+            "/v2/anything",
+            404,
+            "route_not_found",
+            "openapi",
+        ),
+        bad(
+            "wrong method",
+            Method::PATCH,
+            "/v1/ns/t/kv/k",
+            405,
+            "method_not_allowed",
+            "PATCH",
+        ),
     ];
     assert!(cases.len() >= 20);
     for case in &cases {
-        let r = server.send(case.method.clone(), &case.path, &case.headers, &case.body).await;
-        assert_eq!(r.status.as_u16(), case.status, "{}: {:?}", case.what, String::from_utf8_lossy(&r.body));
-        let v = r.json().unwrap_or_else(|_| panic!("{}: the error is not JSON", case.what));
+        let r = server
+            .send(case.method.clone(), &case.path, &case.headers, &case.body)
+            .await;
+        assert_eq!(
+            r.status.as_u16(),
+            case.status,
+            "{}: {:?}",
+            case.what,
+            String::from_utf8_lossy(&r.body)
+        );
+        let v = r
+            .json()
+            .unwrap_or_else(|_| panic!("{}: the error is not JSON", case.what));
         assert_eq!(v["error"]["code"], case.code, "{}: {v}", case.what);
         let message = v["error"]["message"].as_str().unwrap();
-        assert!(message.contains(case.message), "{}: message {message:?} should mention {:?}", case.what, case.message);
+        assert!(
+            message.contains(case.message),
+            "{}: message {message:?} should mention {:?}",
+            case.what,
+            case.message
+        );
     }
     // Nothing bad got in, and the node still serves.
-    let exists = server.client.get("t", "exists", None).await.unwrap().unwrap();
+    let exists = server
+        .client
+        .get("t", "exists", None)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&exists.body[..], b"1");
     for k in ["k", "a", "b"] {
-        assert!(server.client.get("t", k, None).await.unwrap().is_none(), "{k} was written by a refused request");
+        assert!(
+            server.client.get("t", k, None).await.unwrap().is_none(),
+            "{k} was written by a refused request"
+        );
     }
-    server.client.put("t", "after", "application/json", Bytes::from_static(b"true"), None).await.unwrap();
+    server
+        .client
+        .put(
+            "t",
+            "after",
+            "application/json",
+            Bytes::from_static(b"true"),
+            None,
+        )
+        .await
+        .unwrap();
     let health = server.send(Method::GET, "/healthz", &[], b"").await;
     assert_eq!(health.status, StatusCode::OK);
     server.stop().await;
@@ -182,29 +538,73 @@ async fn json_converts_to_cbor_and_msgpack_and_back() {
         "big": 18446744073709551615u64, "neg": -9223372036854775808i64, "unicode": "héllo ✓"
     });
     let text = serde_json::to_vec(&original).unwrap();
-    c.put("f", "doc", "application/json", Bytes::from(text), None).await.unwrap();
-    for (accept, ct) in [("application/cbor", "application/cbor"), ("application/msgpack", "application/msgpack"), ("application/x-msgpack", "application/msgpack")] {
+    c.put("f", "doc", "application/json", Bytes::from(text), None)
+        .await
+        .unwrap();
+    for (accept, ct) in [
+        ("application/cbor", "application/cbor"),
+        ("application/msgpack", "application/msgpack"),
+        ("application/x-msgpack", "application/msgpack"),
+    ] {
         let r = c.get("f", "doc", Some(accept)).await.unwrap().unwrap();
         assert_eq!(r.header("content-type"), Some(ct));
         // Store the converted bytes under their own type, read them back as JSON.
         let copy = format!("copy-{}", ct.replace('/', "-"));
         c.put("f", &copy, ct, r.body.clone(), None).await.unwrap();
-        let back = c.get("f", &copy, Some("application/json")).await.unwrap().unwrap();
+        let back = c
+            .get("f", &copy, Some("application/json"))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(back.header("content-type"), Some("application/json"));
         let v: serde_json::Value = serde_json::from_slice(&back.body).unwrap();
         assert_eq!(v, original, "round trip through {ct}");
         // And CBOR <-> MessagePack directly.
-        let other = if ct == "application/cbor" { "application/msgpack" } else { "application/cbor" };
+        let other = if ct == "application/cbor" {
+            "application/msgpack"
+        } else {
+            "application/cbor"
+        };
         let across = c.get("f", &copy, Some(other)).await.unwrap().unwrap();
         assert_eq!(across.header("content-type"), Some(other));
     }
     // Opaque types are served as stored and refuse conversion.
-    c.put("f", "blob", "application/octet-stream", Bytes::from_static(&[0, 159, 146, 150]), None).await.unwrap();
-    let r = server.send(Method::GET, "/v1/ns/f/kv/blob", &[("accept", "application/json")], b"").await;
+    c.put(
+        "f",
+        "blob",
+        "application/octet-stream",
+        Bytes::from_static(&[0, 159, 146, 150]),
+        None,
+    )
+    .await
+    .unwrap();
+    let r = server
+        .send(
+            Method::GET,
+            "/v1/ns/f/kv/blob",
+            &[("accept", "application/json")],
+            b"",
+        )
+        .await;
     assert_eq!(r.status, StatusCode::NOT_ACCEPTABLE);
     // A CBOR byte string has no JSON form: 406 names it.
-    c.put("f", "bytes", "application/cbor", Bytes::from_static(&[0x42, 1, 2]), None).await.unwrap();
-    let r = server.send(Method::GET, "/v1/ns/f/kv/bytes", &[("accept", "application/json")], b"").await;
+    c.put(
+        "f",
+        "bytes",
+        "application/cbor",
+        Bytes::from_static(&[0x42, 1, 2]),
+        None,
+    )
+    .await
+    .unwrap();
+    let r = server
+        .send(
+            Method::GET,
+            "/v1/ns/f/kv/bytes",
+            &[("accept", "application/json")],
+            b"",
+        )
+        .await;
     assert_eq!(r.status, StatusCode::NOT_ACCEPTABLE);
     assert!(String::from_utf8_lossy(&r.body).contains("byte string"));
     server.stop().await;
@@ -215,20 +615,58 @@ async fn versions_make_writes_conditional() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), |_, _| {}).await;
     let c = &server.client;
-    let w1 = c.put("v", "k", "text/plain", Bytes::from_static(b"one"), None).await.unwrap();
+    let w1 = c
+        .put("v", "k", "text/plain", Bytes::from_static(b"one"), None)
+        .await
+        .unwrap();
     let v1 = w1["version"].as_str().unwrap().to_owned();
     let got = c.get("v", "k", None).await.unwrap().unwrap();
     assert_eq!(got.header("etag"), Some(format!("\"{v1}\"").as_str()));
-    assert_eq!(got.header("content-type"), Some("text/plain; charset=utf-8"));
+    assert_eq!(
+        got.header("content-type"),
+        Some("text/plain; charset=utf-8")
+    );
     // Unchanged: 304.
     let etag = format!("\"{v1}\"");
-    let r = server.send(Method::GET, "/v1/ns/v/kv/k", &[("if-none-match", &etag)], b"").await;
+    let r = server
+        .send(
+            Method::GET,
+            "/v1/ns/v/kv/k",
+            &[("if-none-match", &etag)],
+            b"",
+        )
+        .await;
     assert_eq!(r.status, StatusCode::NOT_MODIFIED);
-    let w2 = c.put("v", "k", "text/plain", Bytes::from_static(b"two"), Some(&etag)).await.unwrap();
+    let w2 = c
+        .put(
+            "v",
+            "k",
+            "text/plain",
+            Bytes::from_static(b"two"),
+            Some(&etag),
+        )
+        .await
+        .unwrap();
     assert_ne!(w2["version"], w1["version"]);
-    let stale = c.put("v", "k", "text/plain", Bytes::from_static(b"three"), Some(&etag)).await.unwrap_err();
+    let stale = c
+        .put(
+            "v",
+            "k",
+            "text/plain",
+            Bytes::from_static(b"three"),
+            Some(&etag),
+        )
+        .await
+        .unwrap_err();
     assert!(stale.to_string().contains("precondition_failed"), "{stale}");
-    let del = c.delete("v", "k", Some(&format!("\"{}\"", w2["version"].as_str().unwrap()))).await.unwrap();
+    let del = c
+        .delete(
+            "v",
+            "k",
+            Some(&format!("\"{}\"", w2["version"].as_str().unwrap())),
+        )
+        .await
+        .unwrap();
     assert_eq!(del["deleted"], true);
     assert!(c.get("v", "k", None).await.unwrap().is_none());
     server.stop().await;
@@ -239,20 +677,35 @@ async fn batches_are_atomic_and_listings_page() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), |_, _| {}).await;
     let c = &server.client;
-    let ops: Vec<String> = (0..25).map(|i| format!(r#"{{"op":"put","key":"item/{i:02}","value":{{"n":{i}}}}}"#)).collect();
-    let body = format!(r#"{{"ops":[{}, {{"op":"put","key":"note","value_text":"hi"}}, {{"op":"put","key":"bin","content_type":"application/cbor","value_base64":"gwECAw=="}}]}}"#, ops.join(","));
+    let ops: Vec<String> = (0..25)
+        .map(|i| format!(r#"{{"op":"put","key":"item/{i:02}","value":{{"n":{i}}}}}"#))
+        .collect();
+    let body = format!(
+        r#"{{"ops":[{}, {{"op":"put","key":"note","value_text":"hi"}}, {{"op":"put","key":"bin","content_type":"application/cbor","value_base64":"gwECAw=="}}]}}"#,
+        ops.join(",")
+    );
     let r = c.batch("b", Bytes::from(body)).await.unwrap();
     assert_eq!(r["results"].as_array().unwrap().len(), 27);
     // A failing condition anywhere refuses the whole batch.
     let failing = r#"{"ops":[{"op":"put","key":"new","value":1},{"op":"delete","key":"item/00","if_match":"1@0000000000000001"}]}"#;
-    assert!(c.batch("b", Bytes::from_static(failing.as_bytes())).await.is_err());
+    assert!(
+        c.batch("b", Bytes::from_static(failing.as_bytes()))
+            .await
+            .is_err()
+    );
     assert!(c.get("b", "new", None).await.unwrap().is_none());
     let mut seen = Vec::new();
     let mut after: Option<String> = None;
     loop {
-        let page = c.list("b", "item/", after.as_deref(), 10, true).await.unwrap();
+        let page = c
+            .list("b", "item/", after.as_deref(), 10, true)
+            .await
+            .unwrap();
         for item in page["items"].as_array().unwrap() {
-            assert_eq!(item["value"]["n"], item["key"].as_str().unwrap()[5..].parse::<u64>().unwrap());
+            assert_eq!(
+                item["value"]["n"],
+                item["key"].as_str().unwrap()[5..].parse::<u64>().unwrap()
+            );
             seen.push(item["key"].as_str().unwrap().to_owned());
         }
         match page["next_after"].as_str() {
@@ -260,11 +713,24 @@ async fn batches_are_atomic_and_listings_page() {
             None => break,
         }
     }
-    assert_eq!(seen, (0..25).map(|i| format!("item/{i:02}")).collect::<Vec<_>>());
+    assert_eq!(
+        seen,
+        (0..25).map(|i| format!("item/{i:02}")).collect::<Vec<_>>()
+    );
     let all = c.list("b", "", None, 100, true).await.unwrap();
-    let note = all["items"].as_array().unwrap().iter().find(|i| i["key"] == "note").unwrap();
+    let note = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["key"] == "note")
+        .unwrap();
     assert_eq!(note["value_text"], "hi");
-    let bin = all["items"].as_array().unwrap().iter().find(|i| i["key"] == "bin").unwrap();
+    let bin = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["key"] == "bin")
+        .unwrap();
     assert_eq!(bin["value_base64"], "gwECAw==");
     server.stop().await;
 }
@@ -275,17 +741,43 @@ async fn sse_resumes_from_last_event_id_exactly_once_across_a_restart() {
     let mut server = Server::start(dir.path(), |_, _| {}).await;
     let write = |c: Client, from: usize, to: usize| async move {
         for i in from..to {
-            c.put("feed", &format!("k{i}"), "application/json", Bytes::from(i.to_string()), None).await.unwrap();
+            c.put(
+                "feed",
+                &format!("k{i}"),
+                "application/json",
+                Bytes::from(i.to_string()),
+                None,
+            )
+            .await
+            .unwrap();
             // Noise in another namespace, which the stream must skip.
-            c.put("other", &format!("k{i}"), "application/json", Bytes::from_static(b"0"), None).await.unwrap();
+            c.put(
+                "other",
+                &format!("k{i}"),
+                "application/json",
+                Bytes::from_static(b"0"),
+                None,
+            )
+            .await
+            .unwrap();
         }
     };
     write(server.client.clone(), 0, 30).await;
     let mut seen: Vec<(u64, String)> = Vec::new();
     let mut stream = server.client.watch("feed", 0).await.unwrap();
     while seen.len() < 12 {
-        let e = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.unwrap().unwrap().unwrap();
-        seen.push((e.id.unwrap().parse().unwrap(), serde_json::from_str::<serde_json::Value>(&e.data).unwrap()["key"].as_str().unwrap().to_owned()));
+        let e = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        seen.push((
+            e.id.unwrap().parse().unwrap(),
+            serde_json::from_str::<serde_json::Value>(&e.data).unwrap()["key"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        ));
     }
     drop(stream);
     // Restart the node: store and server.
@@ -295,16 +787,34 @@ async fn sse_resumes_from_last_event_id_exactly_once_across_a_restart() {
     let last = seen.last().unwrap().0;
     let mut stream = server.client.watch("feed", last).await.unwrap();
     while seen.len() < 60 {
-        let e = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.unwrap().unwrap().unwrap();
+        let e = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         assert_eq!(e.event.as_deref(), Some("change"));
-        seen.push((e.id.unwrap().parse().unwrap(), serde_json::from_str::<serde_json::Value>(&e.data).unwrap()["key"].as_str().unwrap().to_owned()));
+        seen.push((
+            e.id.unwrap().parse().unwrap(),
+            serde_json::from_str::<serde_json::Value>(&e.data).unwrap()["key"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        ));
     }
     writer.await.unwrap();
     let keys: Vec<String> = seen.iter().map(|(_, k)| k.clone()).collect();
-    assert_eq!(keys, (0..60).map(|i| format!("k{i}")).collect::<Vec<_>>(), "every change once, in order");
+    assert_eq!(
+        keys,
+        (0..60).map(|i| format!("k{i}")).collect::<Vec<_>>(),
+        "every change once, in order"
+    );
     assert!(seen.windows(2).all(|w| w[0].0 < w[1].0), "ids increase");
     // A JSON page from the same cursor agrees with the stream.
-    let page = server.client.changes("feed", seen[11].0, 1000).await.unwrap();
+    let page = server
+        .client
+        .changes("feed", seen[11].0, 1000)
+        .await
+        .unwrap();
     assert_eq!(page["changes"].as_array().unwrap().len(), 48);
     server.stop().await;
 }
@@ -313,7 +823,11 @@ async fn sse_resumes_from_last_event_id_exactly_once_across_a_restart() {
 async fn openapi_document_matches_the_routes() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), |_, _| {}).await;
-    let doc = server.send(Method::GET, "/v1/openapi.json", &[], b"").await.json().unwrap();
+    let doc = server
+        .send(Method::GET, "/v1/openapi.json", &[], b"")
+        .await
+        .json()
+        .unwrap();
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
     let paths = doc["paths"].as_object().unwrap();
     let mut operations = 0;
@@ -322,18 +836,41 @@ async fn openapi_document_matches_the_routes() {
         for method in ["get", "put", "post", "delete"] {
             if item.get(method).is_none() {
                 // Undocumented methods on documented paths are refused.
-                let r = server.send(method.to_uppercase().parse().unwrap(), &concrete, &[], b"").await;
-                assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path} is served but not documented");
+                let r = server
+                    .send(method.to_uppercase().parse().unwrap(), &concrete, &[], b"")
+                    .await;
+                assert_eq!(
+                    r.status,
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "{method} {path} is served but not documented"
+                );
                 continue;
             }
             operations += 1;
-            let r = server.send(method.to_uppercase().parse().unwrap(), &concrete, &[("content-type", "application/json")], b"{\"ops\":[{\"op\":\"delete\",\"key\":\"x\"}]}").await;
-            let code = r.json().ok().and_then(|v| v["error"]["code"].as_str().map(str::to_owned));
-            assert!(code.as_deref() != Some("route_not_found") && r.status != StatusCode::METHOD_NOT_ALLOWED, "{method} {path} is documented but not served");
+            let r = server
+                .send(
+                    method.to_uppercase().parse().unwrap(),
+                    &concrete,
+                    &[("content-type", "application/json")],
+                    b"{\"ops\":[{\"op\":\"delete\",\"key\":\"x\"}]}",
+                )
+                .await;
+            let code = r
+                .json()
+                .ok()
+                .and_then(|v| v["error"]["code"].as_str().map(str::to_owned));
+            assert!(
+                code.as_deref() != Some("route_not_found")
+                    && r.status != StatusCode::METHOD_NOT_ALLOWED,
+                "{method} {path} is documented but not served"
+            );
             // Every error code the API answers is declared.
             if let Some(code) = code {
                 let declared = doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"].as_array().unwrap();
-                assert!(declared.iter().any(|c| c == code.as_str()), "undeclared error code {code}");
+                assert!(
+                    declared.iter().any(|c| c == code.as_str()),
+                    "undeclared error code {code}"
+                );
             }
         }
     }
@@ -346,10 +883,35 @@ async fn metrics_and_status_report_the_writer() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), |_, _| {}).await;
     for i in 0..5 {
-        server.client.put("m", &format!("k{i}"), "application/json", Bytes::from_static(b"1"), None).await.unwrap();
+        server
+            .client
+            .put(
+                "m",
+                &format!("k{i}"),
+                "application/json",
+                Bytes::from_static(b"1"),
+                None,
+            )
+            .await
+            .unwrap();
     }
-    let text = String::from_utf8(server.send(Method::GET, "/metrics", &[], b"").await.body.to_vec()).unwrap();
-    for name in ["asp_events_written_total 5", "asp_fsyncs_total", "asp_group_commit_events_bucket", "asp_feed_head 5", "asp_writer_queue_depth", "asp_log_bytes_written_total", "asp_http_requests_total{code=\"2xx\"}"] {
+    let text = String::from_utf8(
+        server
+            .send(Method::GET, "/metrics", &[], b"")
+            .await
+            .body
+            .to_vec(),
+    )
+    .unwrap();
+    for name in [
+        "asp_events_written_total 5",
+        "asp_fsyncs_total",
+        "asp_group_commit_events_bucket",
+        "asp_feed_head 5",
+        "asp_writer_queue_depth",
+        "asp_log_bytes_written_total",
+        "asp_http_requests_total{code=\"2xx\"}",
+    ] {
         assert!(text.contains(name), "metrics lack {name}:\n{text}");
     }
     let status = server.client.status().await.unwrap();

@@ -15,7 +15,7 @@ pub(crate) const RECORD_BYTES_MAX: usize = VALUE_BYTES_LIMIT + (64 << 10);
 pub(crate) const FLAG_TXN_END: u8 = 1;
 /// Values up to this size are copied into the key index so that a read needs no log
 /// access.
-pub(crate) const INLINE_VALUE_BYTES_MAX: usize = 256;
+pub(crate) const INLINE_VALUE_BYTES_MAX: usize = 32;
 
 const OP_PUT: u8 = 0;
 const OP_DELETE: u8 = 1;
@@ -43,7 +43,10 @@ impl<'a> EventRef<'a> {
             namespace: event.namespace.as_str(),
             key: event.key.as_str(),
             put: match &event.op {
-                Op::Put { content_type, value } => Some((*content_type, value)),
+                Op::Put {
+                    content_type,
+                    value,
+                } => Some((*content_type, value)),
                 Op::Delete => None,
             },
             dot: event.dot,
@@ -102,9 +105,13 @@ pub(crate) fn encode_record(buf: &mut Vec<u8>, seq: u64, flags: u8, event: &Even
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Frame {
     /// A whole frame whose checksum matches: the body is `bytes[8..total]`.
-    Complete { total: usize },
+    Complete {
+        total: usize,
+    },
     /// The slice ends before the frame does; `total` bytes are needed.
-    Incomplete { total: usize },
+    Incomplete {
+        total: usize,
+    },
     /// Four zero bytes where a length should be: the end of written data (segments may
     /// be preallocated with zeros).
     Zero,
@@ -117,7 +124,9 @@ pub(crate) fn check_frame(bytes: &[u8]) -> Frame {
         if bytes.len() >= 4 && bytes[..4] == [0; 4] {
             return Frame::Zero;
         }
-        return Frame::Incomplete { total: FRAME_HEADER_BYTES };
+        return Frame::Incomplete {
+            total: FRAME_HEADER_BYTES,
+        };
     }
     let len = u32::from_le_bytes(bytes[0..4].try_into().unwrap()) as usize;
     if len == 0 {
@@ -131,7 +140,10 @@ pub(crate) fn check_frame(bytes: &[u8]) -> Frame {
         return Frame::Incomplete { total };
     }
     let stored = u32::from_le_bytes(bytes[4..8].try_into().unwrap());
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&bytes[0..4]), &bytes[FRAME_HEADER_BYTES..total]);
+    let crc = crc32c::crc32c_append(
+        crc32c::crc32c(&bytes[0..4]),
+        &bytes[FRAME_HEADER_BYTES..total],
+    );
     if stored != crc {
         return Frame::Corrupt("checksum mismatch");
     }
@@ -181,12 +193,19 @@ pub(crate) struct RecordHead<'a> {
 }
 
 pub(crate) fn record_head(body: &[u8]) -> Result<RecordHead<'_>, CorruptRecord> {
-    let mut r = Reader { bytes: body, pos: 0 };
+    let mut r = Reader {
+        bytes: body,
+        pos: 0,
+    };
     let flags = r.u8("truncated flags")?;
     let seq = r.u64("truncated sequence number")?;
     let ns_len = r.u8("truncated namespace")? as usize;
     let namespace = r.take(ns_len, "truncated namespace")?;
-    Ok(RecordHead { flags, seq, namespace })
+    Ok(RecordHead {
+        flags,
+        seq,
+        namespace,
+    })
 }
 
 /// A decoded record.
@@ -199,7 +218,10 @@ pub(crate) struct Record {
 
 /// Decodes a record body. The value is a zero-copy slice of `body`.
 pub(crate) fn decode_record(body: &Bytes) -> Result<Record, CorruptRecord> {
-    let mut r = Reader { bytes: body, pos: 0 };
+    let mut r = Reader {
+        bytes: body,
+        pos: 0,
+    };
     let flags = r.u8("truncated flags")?;
     if flags & !FLAG_TXN_END != 0 {
         return Err(CorruptRecord("unknown record flags"));
@@ -233,7 +255,8 @@ pub(crate) fn decode_record(body: &Bytes) -> Result<Record, CorruptRecord> {
     }
     let op = match op {
         OP_PUT => Op::Put {
-            content_type: ContentType::from_code(ct).ok_or(CorruptRecord("unknown content type"))?,
+            content_type: ContentType::from_code(ct)
+                .ok_or(CorruptRecord("unknown content type"))?,
             value: body.slice(value_start..value_start + value_len),
         },
         OP_DELETE if value_len == 0 => Op::Delete,
@@ -325,7 +348,8 @@ impl IndexEntry {
         let mut r = Reader { bytes, pos: 0 };
         let flags = r.u8("truncated index entry")?;
         let ct = r.u8("truncated index entry")?;
-        let origin = NodeId::new(r.u64("truncated index entry")?).ok_or(CorruptRecord("origin is zero"))?;
+        let origin =
+            NodeId::new(r.u64("truncated index entry")?).ok_or(CorruptRecord("origin is zero"))?;
         let counter = r.u64("truncated index entry")?;
         let hlc = Hlc::from_raw(r.u64("truncated index entry")?);
         let seq = r.u64("truncated index entry")?;
@@ -355,14 +379,21 @@ impl IndexEntry {
             dot: Dot { origin, counter },
             hlc,
             seq,
-            position: LogPosition { segment, offset, frame_len },
+            position: LogPosition {
+                segment,
+                offset,
+                frame_len,
+            },
             value_len,
             inline,
         })
     }
 
     pub fn version(&self) -> asp_core::Version {
-        asp_core::Version { hlc: self.hlc, dot: self.dot }
+        asp_core::Version {
+            hlc: self.hlc,
+            dot: self.dot,
+        }
     }
 }
 
@@ -386,7 +417,8 @@ pub(crate) fn decode_vv(bytes: &[u8]) -> Result<VersionVector, CorruptRecord> {
     let mut vv = VersionVector::new();
     let n = r.u32("truncated version vector")?;
     for _ in 0..n {
-        let origin = NodeId::new(r.u64("truncated version vector")?).ok_or(CorruptRecord("origin is zero"))?;
+        let origin = NodeId::new(r.u64("truncated version vector")?)
+            .ok_or(CorruptRecord("origin is zero"))?;
         let n_ranges = r.u32("truncated version vector")?;
         let mut set = RangeSet::new();
         for _ in 0..n_ranges {
@@ -430,7 +462,10 @@ mod tests {
                     },
                     None => Op::Delete,
                 },
-                dot: Dot { origin: NodeId::new(origin).unwrap(), counter },
+                dot: Dot {
+                    origin: NodeId::new(origin).unwrap(),
+                    counter,
+                },
                 hlc: Hlc::from_raw(hlc),
                 context: Bytes::from(context),
             })
@@ -497,9 +532,15 @@ mod tests {
     #[test]
     fn version_vectors_round_trip() {
         let mut vv = VersionVector::new();
-        vv.insert_set(NodeId::new(3).unwrap(), &RangeSet::from_ranges([(1, 10), (12, 12), (20, 30)]));
+        vv.insert_set(
+            NodeId::new(3).unwrap(),
+            &RangeSet::from_ranges([(1, 10), (12, 12), (20, 30)]),
+        );
         vv.insert_set(NodeId::new(1).unwrap(), &RangeSet::prefix(5));
         assert_eq!(decode_vv(&encode_vv(&vv)).unwrap(), vv);
-        assert_eq!(decode_vv(&encode_vv(&VersionVector::new())).unwrap(), VersionVector::new());
+        assert_eq!(
+            decode_vv(&encode_vv(&VersionVector::new())).unwrap(),
+            VersionVector::new()
+        );
     }
 }

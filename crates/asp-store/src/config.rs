@@ -107,7 +107,7 @@ impl StoreConfig {
             write_queue_max: 4096,
             write_queue_bytes_max: 256 << 20,
             write_queue_wait: Duration::from_secs(5),
-            group_events_max: 65_536,
+            group_events_max: 16_384,
             group_bytes_max: 32 << 20,
             value_bytes_max: Self::DEFAULT_VALUE_BYTES_MAX,
             batch_ops_max: Self::DEFAULT_BATCH_OPS_MAX,
@@ -135,7 +135,9 @@ impl StoreConfig {
             ));
         }
         if self.write_queue_max == 0 || self.group_events_max == 0 || self.batch_ops_max == 0 {
-            return Err("write_queue_max, group_events_max and batch_ops_max must be at least 1".into());
+            return Err(
+                "write_queue_max, group_events_max and batch_ops_max must be at least 1".into(),
+            );
         }
         if self.write_queue_bytes_max < self.value_bytes_max + 2048 {
             return Err(format!(
@@ -164,7 +166,16 @@ mod tests {
             assert_eq!(text.parse::<FsyncMode>().unwrap(), mode);
             assert_eq!(mode.to_string(), text);
         }
-        for bad in ["", "Always", "interval", "interval:", "interval:0", "interval:-1", "interval:60001", "sometimes"] {
+        for bad in [
+            "",
+            "Always",
+            "interval",
+            "interval:",
+            "interval:0",
+            "interval:-1",
+            "interval:60001",
+            "sometimes",
+        ] {
             assert!(bad.parse::<FsyncMode>().is_err(), "{bad:?}");
         }
     }

@@ -26,12 +26,20 @@ pub enum OpenError {
         "data directory {dir} was written in format {found}, but this asp reads formats up \
          to {supported}; run a newer asp"
     )]
-    UnsupportedFormat { dir: PathBuf, found: u32, supported: u32 },
+    UnsupportedFormat {
+        dir: PathBuf,
+        found: u32,
+        supported: u32,
+    },
     #[error(
         "data directory {dir} belongs to node {stored}, not {requested}; drop --node-id or \
          point --data-dir at another directory"
     )]
-    NodeIdMismatch { dir: PathBuf, stored: NodeId, requested: NodeId },
+    NodeIdMismatch {
+        dir: PathBuf,
+        stored: NodeId,
+        requested: NodeId,
+    },
     #[error("{path} is damaged: {reason}")]
     Corrupt { path: PathBuf, reason: String },
     #[error("invalid store configuration: {0}")]
@@ -81,4 +89,7 @@ pub enum ReadError {
     Corrupt(String),
     #[error("{0}")]
     Invalid(String),
+    /// The store stopped after a storage failure.
+    #[error("storage failure: {0}")]
+    Failed(String),
 }

@@ -60,7 +60,9 @@ impl Index {
             }
             Some(v) => {
                 let format = u32::from_le_bytes(
-                    v.as_ref().try_into().map_err(|_| corrupt("bad index format field"))?,
+                    v.as_ref()
+                        .try_into()
+                        .map_err(|_| corrupt("bad index format field"))?,
                 );
                 if format != INDEX_FORMAT {
                     return Err(corrupt(format!(
@@ -77,7 +79,9 @@ impl Index {
             match v {
                 None => Ok(0),
                 Some(v) => Ok(u64::from_le_bytes(
-                    v.as_ref().try_into().map_err(|_| corrupt(format!("bad {what}")))?,
+                    v.as_ref()
+                        .try_into()
+                        .map_err(|_| corrupt(format!("bad {what}")))?,
                 )),
             }
         };
@@ -134,7 +138,8 @@ impl Index {
             if !k.starts_with(prefix) {
                 break;
             }
-            let entry = IndexEntry::decode(&v).map_err(|e| ReadError::Corrupt(format!("index entry: {e}")))?;
+            let entry = IndexEntry::decode(&v)
+                .map_err(|e| ReadError::Corrupt(format!("index entry: {e}")))?;
             if !visit(&k, entry) {
                 break;
             }
@@ -145,7 +150,8 @@ impl Index {
     pub fn batch(&self, capacity: usize) -> IndexBatch<'_> {
         IndexBatch {
             index: self,
-            batch: fjall::OwnedWriteBatch::with_capacity(self.db.clone(), capacity).durability(None),
+            batch: fjall::OwnedWriteBatch::with_capacity(self.db.clone(), capacity)
+                .durability(None),
         }
     }
 
@@ -171,14 +177,17 @@ impl IndexBatch<'_> {
     }
 
     pub fn set_applied(&mut self, seq: u64, hlc: Hlc) {
-        self.batch.insert(&self.index.meta, META_APPLIED, seq.to_le_bytes());
-        self.batch.insert(&self.index.meta, META_HLC, hlc.as_raw().to_le_bytes());
+        self.batch
+            .insert(&self.index.meta, META_APPLIED, seq.to_le_bytes());
+        self.batch
+            .insert(&self.index.meta, META_HLC, hlc.as_raw().to_le_bytes());
     }
 
     pub fn set_vector(&mut self, namespace: &Namespace, vv: &VersionVector) {
         let mut key = META_VV_PREFIX.to_vec();
         key.extend_from_slice(namespace.as_str().as_bytes());
-        self.batch.insert(&self.index.meta, key, codec::encode_vv(vv));
+        self.batch
+            .insert(&self.index.meta, key, codec::encode_vv(vv));
     }
 
     pub fn commit(self) -> Result<(), fjall::Error> {

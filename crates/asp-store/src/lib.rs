@@ -14,6 +14,7 @@ mod index;
 mod log;
 mod manifest;
 mod metrics;
+mod queue;
 mod store;
 mod types;
 mod writer;

@@ -135,7 +135,9 @@ impl Log {
                     .parse::<u64>()
                     .ok()
                     .filter(|b| *b > 0 && stem.len() == 20)
-                    .ok_or_else(|| corrupt(&entry.path(), "unexpected file name in the log directory"))?;
+                    .ok_or_else(|| {
+                        corrupt(&entry.path(), "unexpected file name in the log directory")
+                    })?;
                 bases.push(base);
             }
         }
@@ -149,7 +151,10 @@ impl Log {
             if base != expected_base {
                 return Err(corrupt(
                     &path,
-                    format!("segment starts at sequence {base}, but the previous one ends at {}", expected_base - 1),
+                    format!(
+                        "segment starts at sequence {base}, but the previous one ends at {}",
+                        expected_base - 1
+                    ),
                 ));
             }
             let last = i + 1 == bases.len();
@@ -176,7 +181,12 @@ impl Log {
     }
 
     pub fn active(&self) -> Arc<Segment> {
-        self.segments.read().unwrap().last().cloned().expect("the log always has a segment")
+        self.segments
+            .read()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("the log always has a segment")
     }
 
     pub fn first_seq(&self) -> u64 {
@@ -208,7 +218,13 @@ impl Log {
 
     /// Writes `buf` (whole frames ending at a batch boundary) at the end of the active
     /// segment and publishes the new end. Only the writer calls this.
-    pub fn append(&self, segment: &Segment, buf: &[u8], last_seq: u64, sparse: &SparseUpdate) -> io::Result<()> {
+    pub fn append(
+        &self,
+        segment: &Segment,
+        buf: &[u8],
+        last_seq: u64,
+        sparse: &SparseUpdate,
+    ) -> io::Result<()> {
         let at = segment.len();
         segment.file.write_all_at(buf, at)?;
         {
@@ -230,7 +246,8 @@ impl Log {
         let old = self.active();
         old.file.sync_data()?;
         write_sidecar(&old)?;
-        let new = Arc::new(create_segment(&self.dir, old.last_seq() + 1).map_err(io::Error::other)?);
+        let new =
+            Arc::new(create_segment(&self.dir, old.last_seq() + 1).map_err(io::Error::other)?);
         self.segments.write().unwrap().push(new.clone());
         Ok(new)
     }
@@ -251,13 +268,17 @@ impl Log {
     /// A cursor at the first record with a sequence number `>= seq`.
     pub fn seek(&self, seq: u64) -> LogCursor {
         let segments = self.segments.read().unwrap();
-        let idx = segments.partition_point(|s| s.base <= seq).saturating_sub(1);
+        let idx = segments
+            .partition_point(|s| s.base <= seq)
+            .saturating_sub(1);
         let segment = segments[idx].clone();
         drop(segments);
         let (offset, next_seq) = {
             let sparse = segment.sparse.lock().unwrap();
             let i = sparse.partition_point(|e| e.seq <= seq).saturating_sub(1);
-            sparse.get(i).map_or((SEGMENT_HEADER_BYTES, segment.base), |e| (e.offset, e.seq))
+            sparse
+                .get(i)
+                .map_or((SEGMENT_HEADER_BYTES, segment.base), |e| (e.offset, e.seq))
         };
         LogCursor {
             segment,
@@ -269,9 +290,9 @@ impl Log {
 
     /// Reads the record of one frame at a known position.
     pub fn read_at(&self, position: codec::LogPosition) -> Result<Record, ReadError> {
-        let segment = self
-            .segment_at(position.segment)
-            .ok_or_else(|| ReadError::Corrupt(format!("log segment {} is missing", position.segment)))?;
+        let segment = self.segment_at(position.segment).ok_or_else(|| {
+            ReadError::Corrupt(format!("log segment {} is missing", position.segment))
+        })?;
         let mut buf = vec![0; position.frame_len as usize];
         segment
             .file
@@ -291,7 +312,8 @@ impl Log {
             }
         }
         let body = Bytes::from(buf).slice(FRAME_HEADER_BYTES..);
-        codec::decode_record(&body).map_err(|e| ReadError::Corrupt(format!("{e} in {}", segment.path.display())))
+        codec::decode_record(&body)
+            .map_err(|e| ReadError::Corrupt(format!("{e} in {}", segment.path.display())))
     }
 
     /// Reads records from `cursor` up to `head`: at most `limit` records and about
@@ -330,13 +352,17 @@ impl Log {
             if let Some(bits) = bloom {
                 // Skip whole blocks whose namespace filter rules this namespace out.
                 let sparse = cursor.segment.sparse.lock().unwrap();
-                let i = sparse.partition_point(|e| e.offset <= cursor.offset).saturating_sub(1);
-                if let (Some(block), Some(next)) = (sparse.get(i), sparse.get(i + 1)) {
-                    if block.ns_bloom & bits != bits && next.offset <= end && block.offset <= cursor.offset {
-                        cursor.offset = next.offset;
-                        cursor.next_seq = next.seq;
-                        continue;
-                    }
+                let i = sparse
+                    .partition_point(|e| e.offset <= cursor.offset)
+                    .saturating_sub(1);
+                if let (Some(block), Some(next)) = (sparse.get(i), sparse.get(i + 1))
+                    && block.ns_bloom & bits != bits
+                    && next.offset <= end
+                    && block.offset <= cursor.offset
+                {
+                    cursor.offset = next.offset;
+                    cursor.next_seq = next.seq;
+                    continue;
                 }
             }
             let want = ((end - cursor.offset) as usize).min(READ_CHUNK_BYTES);
@@ -346,14 +372,16 @@ impl Log {
                 match codec::check_frame(&chunk[p..]) {
                     Frame::Complete { total } => {
                         let body = chunk.slice(p + FRAME_HEADER_BYTES..p + total);
-                        let head_fields = codec::record_head(&body).map_err(|e| corrupt_read(cursor, p, e.0))?;
+                        let head_fields =
+                            codec::record_head(&body).map_err(|e| corrupt_read(cursor, p, e.0))?;
                         if head_fields.seq != cursor.next_seq {
                             return Err(corrupt_read(cursor, p, "sequence numbers out of order"));
                         }
                         let wanted = head_fields.seq >= cursor.target
                             && namespace.is_none_or(|ns| head_fields.namespace == ns.as_bytes());
                         if wanted {
-                            let record = codec::decode_record(&body).map_err(|e| corrupt_read(cursor, p, e.0))?;
+                            let record = codec::decode_record(&body)
+                                .map_err(|e| corrupt_read(cursor, p, e.0))?;
                             bytes += total;
                             let position = codec::LogPosition {
                                 segment: cursor.segment.base,
@@ -368,14 +396,19 @@ impl Log {
                     Frame::Incomplete { total } if p == 0 => {
                         // One frame larger than a chunk: read exactly that frame.
                         if cursor.offset + total as u64 > end {
-                            return Err(corrupt_read(cursor, 0, "frame runs past the end of written data"));
+                            return Err(corrupt_read(
+                                cursor,
+                                0,
+                                "frame runs past the end of written data",
+                            ));
                         }
                         let frame = read_bytes(&cursor.segment, cursor.offset, total)?;
                         if !matches!(codec::check_frame(&frame), Frame::Complete { .. }) {
                             return Err(corrupt_read(cursor, 0, "damaged frame"));
                         }
                         let body = frame.slice(FRAME_HEADER_BYTES..);
-                        let record = codec::decode_record(&body).map_err(|e| corrupt_read(cursor, 0, e.0))?;
+                        let record = codec::decode_record(&body)
+                            .map_err(|e| corrupt_read(cursor, 0, e.0))?;
                         if record.seq != cursor.next_seq {
                             return Err(corrupt_read(cursor, 0, "sequence numbers out of order"));
                         }
@@ -416,10 +449,13 @@ fn corrupt_read(cursor: &LogCursor, p: usize, what: &str) -> ReadError {
 
 fn read_bytes(segment: &Segment, offset: u64, len: usize) -> Result<Bytes, ReadError> {
     let mut buf = vec![0; len];
-    segment.file.read_exact_at(&mut buf, offset).map_err(|source| ReadError::Io {
-        context: format!("reading {}", segment.path.display()),
-        source,
-    })?;
+    segment
+        .file
+        .read_exact_at(&mut buf, offset)
+        .map_err(|source| ReadError::Io {
+            context: format!("reading {}", segment.path.display()),
+            source,
+        })?;
     Ok(Bytes::from(buf))
 }
 
@@ -473,7 +509,11 @@ impl SparseBuilder {
         let bits = ns_bloom_bits(namespace);
         if offset - self.last_entry_offset >= SPARSE_EVERY_BYTES {
             self.last_entry_offset = offset;
-            update.new_entries.push(SparseEntry { seq, offset, ns_bloom: bits });
+            update.new_entries.push(SparseEntry {
+                seq,
+                offset,
+                ns_bloom: bits,
+            });
         } else if let Some(last) = update.new_entries.last_mut() {
             last.ns_bloom |= bits;
         } else {
@@ -502,11 +542,17 @@ fn check_header(path: &Path, header: &[u8], base: u64) -> Result<(), OpenError> 
     }
     let format = u32::from_le_bytes(header[8..12].try_into().unwrap());
     if format != SEGMENT_FORMAT {
-        return Err(corrupt(path, format!("segment format {format} is not supported (this asp reads {SEGMENT_FORMAT})")));
+        return Err(corrupt(
+            path,
+            format!("segment format {format} is not supported (this asp reads {SEGMENT_FORMAT})"),
+        ));
     }
     let stored = u64::from_le_bytes(header[16..24].try_into().unwrap());
     if stored != base {
-        return Err(corrupt(path, format!("header says the segment starts at {stored}, its name says {base}")));
+        return Err(corrupt(
+            path,
+            format!("header says the segment starts at {stored}, its name says {base}"),
+        ));
     }
     Ok(())
 }
@@ -550,7 +596,10 @@ struct Scan {
 }
 
 fn scan_segment(file: &File, path: &Path, base: u64) -> Result<Scan, OpenError> {
-    let file_len = file.metadata().map_err(io_open(format!("cannot stat {}", path.display())))?.len();
+    let file_len = file
+        .metadata()
+        .map_err(io_open(format!("cannot stat {}", path.display())))?
+        .len();
     let mut header = [0u8; SEGMENT_HEADER_BYTES as usize];
     if file_len < SEGMENT_HEADER_BYTES {
         return Err(corrupt(path, "shorter than a segment header"));
@@ -562,13 +611,19 @@ fn scan_segment(file: &File, path: &Path, base: u64) -> Result<Scan, OpenError> 
     let mut scan = Scan {
         data_end: SEGMENT_HEADER_BYTES,
         last_seq: base - 1,
-        sparse: vec![SparseEntry { seq: base, offset: SEGMENT_HEADER_BYTES, ns_bloom: 0 }],
+        sparse: vec![SparseEntry {
+            seq: base,
+            offset: SEGMENT_HEADER_BYTES,
+            ns_bloom: 0,
+        }],
         stop: None,
         records_after_end: 0,
     };
     let mut offset = SEGMENT_HEADER_BYTES;
     let mut seq = base;
-    let mut sparse_builder = SparseBuilder { last_entry_offset: SEGMENT_HEADER_BYTES };
+    let mut sparse_builder = SparseBuilder {
+        last_entry_offset: SEGMENT_HEADER_BYTES,
+    };
     let mut pending = SparseUpdate::default();
     // Sparse entries are only kept up to the last complete batch.
     let mut committed_entries = 1;
@@ -614,7 +669,10 @@ fn scan_segment(file: &File, path: &Path, base: u64) -> Result<Scan, OpenError> 
                 }
                 Frame::Incomplete { total } => {
                     if offset + (p + total) as u64 > file_len {
-                        scan.stop = Some((offset + p as u64, "incomplete record at the end of the file"));
+                        scan.stop = Some((
+                            offset + p as u64,
+                            "incomplete record at the end of the file",
+                        ));
                         break 'outer;
                     }
                     if p == 0 {
@@ -628,7 +686,9 @@ fn scan_segment(file: &File, path: &Path, base: u64) -> Result<Scan, OpenError> 
                 }
                 Frame::Zero => {
                     let at = offset + p as u64;
-                    if !rest_is_zero(file, at, file_len).map_err(io_open(format!("cannot read {}", path.display())))? {
+                    if !rest_is_zero(file, at, file_len)
+                        .map_err(io_open(format!("cannot read {}", path.display())))?
+                    {
                         scan.stop = Some((at, "zero length field followed by data"));
                     }
                     break 'outer;
@@ -666,7 +726,10 @@ fn open_active(path: &Path, base: u64) -> Result<(Segment, Option<TornTail>), Op
         .write(true)
         .open(path)
         .map_err(io_open(format!("cannot open {}", path.display())))?;
-    let file_len = file.metadata().map_err(io_open(format!("cannot stat {}", path.display())))?.len();
+    let file_len = file
+        .metadata()
+        .map_err(io_open(format!("cannot stat {}", path.display())))?
+        .len();
     if file_len < SEGMENT_HEADER_BYTES {
         // A crash while the segment was being created: nothing in it was ever written.
         tracing::warn!(path = %path.display(), bytes = file_len, "log segment was never initialised; recreating it");
@@ -678,9 +741,12 @@ fn open_active(path: &Path, base: u64) -> Result<(Segment, Option<TornTail>), Op
     let scan = scan_segment(&file, path, base)?;
     let mut torn = None;
     if scan.data_end < file_len {
-        let (offset, reason) = scan.stop.unwrap_or((scan.data_end, "batch without its final record"));
+        let (offset, reason) = scan
+            .stop
+            .unwrap_or((scan.data_end, "batch without its final record"));
         let dropped_bytes = file_len - scan.data_end;
-        let all_zero = rest_is_zero(&file, scan.data_end, file_len).map_err(io_open(format!("cannot read {}", path.display())))?;
+        let all_zero = rest_is_zero(&file, scan.data_end, file_len)
+            .map_err(io_open(format!("cannot read {}", path.display())))?;
         if !all_zero {
             tracing::warn!(
                 path = %path.display(),
@@ -723,16 +789,23 @@ fn open_sealed(path: &Path, base: u64) -> Result<Segment, OpenError> {
         .write(true)
         .open(path)
         .map_err(io_open(format!("cannot open {}", path.display())))?;
-    let file_len = file.metadata().map_err(io_open(format!("cannot stat {}", path.display())))?.len();
+    let file_len = file
+        .metadata()
+        .map_err(io_open(format!("cannot stat {}", path.display())))?
+        .len();
     let (data_end, last_seq, sparse) = match read_sidecar(&path.with_extension("idx"), base) {
         Some(s) if s.0 == file_len => s,
         _ => {
             let scan = scan_segment(&file, path, base)?;
             if scan.data_end != file_len {
-                let (offset, reason) = scan.stop.unwrap_or((scan.data_end, "batch without its final record"));
+                let (offset, reason) = scan
+                    .stop
+                    .unwrap_or((scan.data_end, "batch without its final record"));
                 return Err(corrupt(
                     path,
-                    format!("sealed segment is damaged at offset {offset}: {reason}; it cannot be a torn write because later segments exist"),
+                    format!(
+                        "sealed segment is damaged at offset {offset}: {reason}; it cannot be a torn write because later segments exist"
+                    ),
                 ));
             }
             (scan.data_end, scan.last_seq, scan.sparse)
@@ -793,5 +866,6 @@ fn read_sidecar(path: &Path, base: u64) -> Option<(u64, u64, Vec<SparseEntry>)> 
             ns_bloom: u64_at(48 + i * 24),
         })
         .collect();
-    (sparse[0].seq == base && last_seq >= base.saturating_sub(1)).then_some((data_end, last_seq, sparse))
+    (sparse[0].seq == base && last_seq >= base.saturating_sub(1))
+        .then_some((data_end, last_seq, sparse))
 }

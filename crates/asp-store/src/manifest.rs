@@ -52,7 +52,9 @@ pub(crate) fn open(dir: &Path, wanted: Option<NodeId>) -> Result<Manifest, OpenE
     match lock.try_lock() {
         Ok(()) => {}
         Err(fs::TryLockError::WouldBlock) => {
-            return Err(OpenError::Locked { dir: dir.to_owned() });
+            return Err(OpenError::Locked {
+                dir: dir.to_owned(),
+            });
         }
         Err(fs::TryLockError::Error(e)) => return Err(io_err("cannot lock", &lock_path, e)),
     }
@@ -60,10 +62,11 @@ pub(crate) fn open(dir: &Path, wanted: Option<NodeId>) -> Result<Manifest, OpenE
     let path = dir.join(MANIFEST);
     let node_id = match fs::read(&path) {
         Ok(bytes) => {
-            let file: ManifestFile = serde_json::from_slice(&bytes).map_err(|e| OpenError::Corrupt {
-                path: path.clone(),
-                reason: format!("manifest is not valid: {e}"),
-            })?;
+            let file: ManifestFile =
+                serde_json::from_slice(&bytes).map_err(|e| OpenError::Corrupt {
+                    path: path.clone(),
+                    reason: format!("manifest is not valid: {e}"),
+                })?;
             if file.format > FORMAT_VERSION || file.format == 0 {
                 return Err(OpenError::UnsupportedFormat {
                     dir: dir.to_owned(),
@@ -75,14 +78,14 @@ pub(crate) fn open(dir: &Path, wanted: Option<NodeId>) -> Result<Manifest, OpenE
                 path: path.clone(),
                 reason: format!("manifest node id: {e}"),
             })?;
-            if let Some(wanted) = wanted {
-                if wanted != stored {
-                    return Err(OpenError::NodeIdMismatch {
-                        dir: dir.to_owned(),
-                        stored,
-                        requested: wanted,
-                    });
-                }
+            if let Some(wanted) = wanted
+                && wanted != stored
+            {
+                return Err(OpenError::NodeIdMismatch {
+                    dir: dir.to_owned(),
+                    stored,
+                    requested: wanted,
+                });
             }
             stored
         }
@@ -101,7 +104,10 @@ pub(crate) fn open(dir: &Path, wanted: Option<NodeId>) -> Result<Manifest, OpenE
         }
         Err(e) => return Err(io_err("cannot read", &path, e)),
     };
-    Ok(Manifest { node_id, _lock: lock })
+    Ok(Manifest {
+        node_id,
+        _lock: lock,
+    })
 }
 
 fn random_node_id() -> NodeId {
@@ -154,14 +160,20 @@ mod tests {
         assert_eq!(open(dir.path(), None).unwrap().node_id, id);
         assert_eq!(open(dir.path(), Some(id)).unwrap().node_id, id);
         let other = NodeId::new(id.get() ^ 1).unwrap();
-        assert!(matches!(open(dir.path(), Some(other)), Err(OpenError::NodeIdMismatch { .. })));
+        assert!(matches!(
+            open(dir.path(), Some(other)),
+            Err(OpenError::NodeIdMismatch { .. })
+        ));
     }
 
     #[test]
     fn second_opener_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let _held = open(dir.path(), None).unwrap();
-        assert!(matches!(open(dir.path(), None), Err(OpenError::Locked { .. })));
+        assert!(matches!(
+            open(dir.path(), None),
+            Err(OpenError::Locked { .. })
+        ));
     }
 
     #[test]
@@ -173,7 +185,10 @@ mod tests {
         )
         .unwrap();
         let err = open(dir.path(), None).err().unwrap();
-        assert!(matches!(err, OpenError::UnsupportedFormat { found: 99, .. }));
+        assert!(matches!(
+            err,
+            OpenError::UnsupportedFormat { found: 99, .. }
+        ));
         assert!(err.to_string().contains("format 99"), "{err}");
     }
 }

@@ -2,13 +2,14 @@
 //! key index and the log.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use asp_core::{HlcClock, Key, Namespace, NodeId, Op, VersionVector, lww_wins};
 use fjall::Slice;
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{Semaphore, oneshot, watch};
 
 use crate::codec::{self, INLINE_VALUE_BYTES_MAX, IndexEntry};
 use crate::config::{FsyncMode, StoreConfig};
@@ -17,7 +18,10 @@ use crate::index::Index;
 use crate::log::{FeedHead, Log, LogCursor, TornTail};
 use crate::manifest::{self, Manifest};
 use crate::metrics::Metrics;
-use crate::types::{Applied, ChangesPage, FeedEvent, KeyState, ScanItem, ScanPage, Value, WriteKind, WriteOp};
+use crate::queue::{TrySendError, WriteQueue};
+use crate::types::{
+    Applied, ChangesPage, FeedEvent, KeyState, ScanItem, ScanPage, Value, WriteKind, WriteOp,
+};
 use crate::writer::{self, Progress, Request, Shared, WriteRequest};
 
 /// The most keys one listing returns.
@@ -40,7 +44,7 @@ pub struct Store {
 
 struct Inner {
     shared: Arc<Shared>,
-    tx: mpsc::Sender<Request>,
+    queue: Arc<WriteQueue<Request>>,
     budget: Arc<Semaphore>,
     writer: Mutex<Option<JoinHandle<()>>>,
     recovery: RecoveryReport,
@@ -49,10 +53,9 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Closing the channel (our sender goes with us) stops the writer once it has
-        // made everything accepted durable; wait for that so the directory is free.
-        let (tx, _) = mpsc::channel(1);
-        drop(std::mem::replace(&mut self.tx, tx));
+        // Closing the queue stops the writer once it has made everything accepted
+        // durable; wait for that so that the directory is free when drop returns.
+        self.queue.close();
         if let Some(handle) = self.writer.lock().unwrap().take() {
             let _ = handle.join();
         }
@@ -80,6 +83,7 @@ pub struct StoreStatus {
     pub feed_head_seq: u64,
     pub written_seq: u64,
     pub synced_seq: u64,
+    pub acked_seq: u64,
     pub indexed_seq: u64,
     pub log_segments: usize,
     pub log_bytes: u64,
@@ -124,7 +128,10 @@ impl Store {
         log.active()
             .file
             .sync_data()
-            .map_err(|source| OpenError::Io { context: "fsync of the log".into(), source })?;
+            .map_err(|source| OpenError::Io {
+                context: "fsync of the log".into(),
+                source,
+            })?;
         let head = log.written_head();
         let (head_tx, _) = watch::channel(head);
         let metrics = Metrics::default();
@@ -137,21 +144,26 @@ impl Store {
             progress: Mutex::new(Progress {
                 written: head,
                 synced: head,
+                acked: head,
                 indexed: head,
                 stopping: false,
             }),
+            acked_seq: AtomicU64::new(head.seq),
+            indexed_seq: AtomicU64::new(head.seq),
             progress_changed: Condvar::new(),
             vectors: RwLock::new(state.vectors.clone()),
             failure: OnceLock::new(),
             metrics,
             config: config.clone(),
         });
-        let (tx, rx) = mpsc::channel(config.write_queue_max);
+        let queue = Arc::new(WriteQueue::new(config.write_queue_max));
         let clock = HlcClock::with_last(hlc, config.max_clock_skew_ms);
-        let writer = writer::spawn(shared.clone(), rx, clock, state.vectors).map_err(|source| OpenError::Io {
-            context: "cannot start the writer thread".into(),
-            source,
-        })?;
+        let writer = writer::spawn(shared.clone(), queue.clone(), clock, state.vectors).map_err(
+            |source| OpenError::Io {
+                context: "cannot start the writer thread".into(),
+                source,
+            },
+        )?;
         tracing::info!(
             node_id = %manifest.node_id,
             dir = %config.data_dir.display(),
@@ -162,7 +174,7 @@ impl Store {
         Ok(Store {
             inner: Arc::new(Inner {
                 shared,
-                tx,
+                queue,
                 budget: Arc::new(Semaphore::new(config.write_queue_bytes_max)),
                 writer: Mutex::new(Some(writer)),
                 recovery: report,
@@ -191,10 +203,16 @@ impl Store {
     /// each operation became. Returns once the batch is as durable as the fsync mode
     /// promises. Waits for room when the writer is busy; fails with
     /// [`WriteError::Overloaded`] past `write_queue_wait`.
-    pub async fn write(&self, namespace: Namespace, ops: Vec<WriteOp>) -> Result<Vec<Applied>, WriteError> {
+    pub async fn write(
+        &self,
+        namespace: Namespace,
+        ops: Vec<WriteOp>,
+    ) -> Result<Vec<Applied>, WriteError> {
         let config = self.config();
         if ops.is_empty() {
-            return Err(WriteError::Invalid("a batch needs at least one operation".into()));
+            return Err(WriteError::Invalid(
+                "a batch needs at least one operation".into(),
+            ));
         }
         if ops.len() > config.batch_ops_max {
             return Err(WriteError::TooLarge(format!(
@@ -228,48 +246,85 @@ impl Store {
             return Err(WriteError::Storage(f.clone()));
         }
 
+        let (reply, answer) = oneshot::channel();
+        let mut request = WriteRequest {
+            namespace,
+            ops,
+            reply,
+            permit: None,
+            bytes,
+        };
+        // Fast path: room in the budget and the queue right now, no timer needed.
+        if let Ok(permit) = self
+            .inner
+            .budget
+            .clone()
+            .try_acquire_many_owned(bytes as u32)
+        {
+            request.permit = Some(permit);
+            match self.inner.queue.try_send(Request::Write(request)) {
+                Ok(()) => return self.answer(answer).await,
+                Err(TrySendError::Closed(_)) => return Err(WriteError::Closed),
+                Err(TrySendError::Full(Request::Write(r))) => request = r,
+                Err(TrySendError::Full(Request::Shutdown(_))) => {
+                    unreachable!("only writes are sent here")
+                }
+            }
+        }
         let wait = config.write_queue_wait;
         let started = Instant::now();
         let enqueue = async {
-            let permit = self
-                .inner
-                .budget
-                .clone()
-                .acquire_many_owned(bytes as u32)
-                .await
-                .map_err(|_| WriteError::Closed)?;
-            let (reply, answer) = oneshot::channel();
-            let request = WriteRequest {
-                namespace,
-                ops,
-                reply,
-                permit,
-                bytes,
-            };
+            if request.permit.is_none() {
+                let permit = self
+                    .inner
+                    .budget
+                    .clone()
+                    .acquire_many_owned(bytes as u32)
+                    .await
+                    .map_err(|_| WriteError::Closed)?;
+                request.permit = Some(permit);
+            }
             self.inner
-                .tx
+                .queue
                 .send(Request::Write(request))
                 .await
-                .map_err(|_| WriteError::Closed)?;
-            Ok::<_, WriteError>(answer)
+                .map_err(|_| WriteError::Closed)
         };
-        let answer = match tokio::time::timeout(wait, enqueue).await {
-            Ok(answer) => answer?,
+        match tokio::time::timeout(wait, enqueue).await {
+            Ok(sent) => sent?,
             Err(_) => {
                 self.metrics().writes_rejected.inc();
-                return Err(WriteError::Overloaded { waited: started.elapsed() });
+                return Err(WriteError::Overloaded {
+                    waited: started.elapsed(),
+                });
             }
         };
+        self.answer(answer).await
+    }
+
+    async fn answer(
+        &self,
+        answer: oneshot::Receiver<Result<Vec<Applied>, WriteError>>,
+    ) -> Result<Vec<Applied>, WriteError> {
         match answer.await {
             Ok(result) => result,
-            Err(_) => Err(self.inner.shared.failure.get().map_or(WriteError::Closed, |f| WriteError::Storage(f.clone()))),
+            Err(_) => Err(self
+                .inner
+                .shared
+                .failure
+                .get()
+                .map_or(WriteError::Closed, |f| WriteError::Storage(f.clone()))),
         }
     }
 
     /// The current state of a key, including a deleted key's tombstone.
     pub fn get(&self, namespace: &Namespace, key: &str) -> Result<Option<KeyState>, ReadError> {
         let shared = &self.inner.shared;
-        let Some(entry) = shared.index.get(&codec::index_key(namespace.as_str(), key))? else {
+        shared.await_index().map_err(ReadError::Failed)?;
+        let Some(entry) = shared
+            .index
+            .get(&codec::index_key(namespace.as_str(), key))?
+        else {
             return Ok(None);
         };
         let value = match entry.content_type {
@@ -299,7 +354,9 @@ impl Store {
         }
         match record.event.op {
             Op::Put { value, .. } => Ok(value),
-            Op::Delete => Err(ReadError::Corrupt("the index points at a delete for a live key".into())),
+            Op::Delete => Err(ReadError::Corrupt(
+                "the index points at a delete for a live key".into(),
+            )),
         }
     }
 
@@ -314,6 +371,7 @@ impl Store {
         with_values: bool,
     ) -> Result<ScanPage, ReadError> {
         let limit = limit.clamp(1, SCAN_LIMIT_MAX);
+        self.inner.shared.await_index().map_err(ReadError::Failed)?;
         let ns_prefix_len = 1 + namespace.as_str().len();
         let full_prefix = codec::index_key(namespace.as_str(), prefix);
         let after_key = after.map(|a| codec::index_key(namespace.as_str(), a));
@@ -322,57 +380,65 @@ impl Store {
         let mut last_seen: Option<Vec<u8>> = None;
         let mut tombstones = 0;
         let mut err = None;
-        self.inner.shared.index.scan(&full_prefix, after_key.as_deref(), |k, entry| {
-            if items.len() == limit {
-                more = true;
-                return false;
-            }
-            let Some(content_type) = entry.content_type else {
-                tombstones += 1;
-                if tombstones >= SCAN_TOMBSTONES_MAX {
-                    // A page of nothing but deleted keys: stop here and let the
-                    // caller continue from this point.
-                    last_seen = Some(k.to_vec());
+        self.inner
+            .shared
+            .index
+            .scan(&full_prefix, after_key.as_deref(), |k, entry| {
+                if items.len() == limit {
                     more = true;
                     return false;
                 }
-                return true;
-            };
-            let key = match std::str::from_utf8(&k[ns_prefix_len..]).ok().and_then(|s| Key::new(s).ok()) {
-                Some(key) => key,
-                None => {
-                    err = Some(ReadError::Corrupt("index key is not a valid key".into()));
-                    return false;
-                }
-            };
-            let value = if with_values {
-                match self.value_of(&entry) {
-                    Ok(v) => Some(v),
-                    Err(e) => {
-                        err = Some(e);
+                let Some(content_type) = entry.content_type else {
+                    tombstones += 1;
+                    if tombstones >= SCAN_TOMBSTONES_MAX {
+                        // A page of nothing but deleted keys: stop here and let the
+                        // caller continue from this point.
+                        last_seen = Some(k.to_vec());
+                        more = true;
                         return false;
                     }
-                }
-            } else {
-                None
-            };
-            items.push(ScanItem {
-                key,
-                version: entry.version(),
-                seq: entry.seq,
-                content_type,
-                value_len: entry.value_len,
-                value,
-            });
-            true
-        })?;
+                    return true;
+                };
+                let key = match std::str::from_utf8(&k[ns_prefix_len..])
+                    .ok()
+                    .and_then(|s| Key::new(s).ok())
+                {
+                    Some(key) => key,
+                    None => {
+                        err = Some(ReadError::Corrupt("index key is not a valid key".into()));
+                        return false;
+                    }
+                };
+                let value = if with_values {
+                    match self.value_of(&entry) {
+                        Ok(v) => Some(v),
+                        Err(e) => {
+                            err = Some(e);
+                            return false;
+                        }
+                    }
+                } else {
+                    None
+                };
+                items.push(ScanItem {
+                    key,
+                    version: entry.version(),
+                    seq: entry.seq,
+                    content_type,
+                    value_len: entry.value_len,
+                    value,
+                });
+                true
+            })?;
         if let Some(e) = err {
             return Err(e);
         }
         let next_after = if !more {
             None
         } else if let Some(k) = last_seen.filter(|_| items.len() < limit) {
-            std::str::from_utf8(&k[ns_prefix_len..]).ok().and_then(|s| Key::new(s).ok())
+            std::str::from_utf8(&k[ns_prefix_len..])
+                .ok()
+                .and_then(|s| Key::new(s).ok())
         } else {
             items.last().map(|i| i.key.clone())
         };
@@ -381,7 +447,12 @@ impl Store {
 
     /// A page of the change feed after position `since`: events of `namespace` (or of
     /// every namespace), at most `limit` (capped at [`CHANGES_LIMIT_MAX`]).
-    pub fn changes(&self, namespace: Option<&Namespace>, since: u64, limit: usize) -> Result<ChangesPage, ReadError> {
+    pub fn changes(
+        &self,
+        namespace: Option<&Namespace>,
+        since: u64,
+        limit: usize,
+    ) -> Result<ChangesPage, ReadError> {
         let mut reader = self.feed_reader(namespace.cloned(), since);
         let events = reader.read(limit)?;
         Ok(ChangesPage {
@@ -413,9 +484,9 @@ impl Store {
 
     pub fn status(&self) -> StoreStatus {
         let shared = &self.inner.shared;
-        let (written, synced, indexed) = {
+        let (written, synced, acked, indexed) = {
             let p = shared.progress.lock().unwrap();
-            (p.written.seq, p.synced.seq, p.indexed.seq)
+            (p.written.seq, p.synced.seq, p.acked.seq, p.indexed.seq)
         };
         let mut namespaces: Vec<_> = shared
             .vectors
@@ -432,12 +503,13 @@ impl Store {
             feed_head_seq: self.head().seq,
             written_seq: written,
             synced_seq: synced,
+            acked_seq: acked,
             indexed_seq: indexed,
             log_segments: shared.log.segment_count(),
             log_bytes: shared.log.total_bytes(),
             index_bytes: shared.index.disk_bytes(),
-            writer_queue_depth: self.inner.tx.max_capacity() - self.inner.tx.capacity(),
-            writer_queue_max: self.inner.tx.max_capacity(),
+            writer_queue_depth: self.inner.queue.len(),
+            writer_queue_max: self.inner.queue.capacity(),
             namespaces,
             failure: shared.failure.get().cloned(),
         }
@@ -447,7 +519,7 @@ impl Store {
     /// after this fail with [`WriteError::Closed`]. Safe to call more than once.
     pub async fn shutdown(&self) {
         let (tx, rx) = oneshot::channel();
-        if self.inner.tx.send(Request::Shutdown(tx)).await.is_ok() {
+        if self.inner.queue.send(Request::Shutdown(tx)).await.is_ok() {
             let _ = rx.await;
         }
         let handle = self.inner.writer.lock().unwrap().take();
@@ -480,7 +552,10 @@ impl FeedReader {
         )?;
         Ok(records
             .into_iter()
-            .map(|(_, r)| FeedEvent { seq: r.seq, event: r.event })
+            .map(|(_, r)| FeedEvent {
+                seq: r.seq,
+                event: r.event,
+            })
             .collect())
     }
 
@@ -493,7 +568,11 @@ impl FeedReader {
 
 /// Brings the index up to date with the log. Returns how many events were replayed and
 /// the newest clock reading seen.
-fn replay(log: &Log, index: &Index, state: &mut crate::index::IndexState) -> Result<(u64, asp_core::Hlc), OpenError> {
+fn replay(
+    log: &Log,
+    index: &Index,
+    state: &mut crate::index::IndexState,
+) -> Result<(u64, asp_core::Hlc), OpenError> {
     let mut hlc = state.hlc;
     let target = log.last_seq();
     if state.applied_seq >= target {
@@ -504,24 +583,39 @@ fn replay(log: &Log, index: &Index, state: &mut crate::index::IndexState) -> Res
     let mut cursor = log.seek(state.applied_seq + 1);
     let mut replayed = 0u64;
     let mut next_report = 1_000_000;
-    tracing::info!(from = state.applied_seq + 1, to = target, "replaying the log into the key index");
+    tracing::info!(
+        from = state.applied_seq + 1,
+        to = target,
+        "replaying the log into the key index"
+    );
     loop {
         let records = log
             .read(&mut cursor, head, None, REPLAY_BATCH_EVENTS, 64 << 20)
-            .map_err(|e| OpenError::Corrupt { path: "log".into(), reason: e.to_string() })?;
+            .map_err(|e| OpenError::Corrupt {
+                path: "log".into(),
+                reason: e.to_string(),
+            })?;
         let Some(last) = records.last() else { break };
         let last_seq = last.1.seq;
-        let mut winners: HashMap<Slice, IndexEntry, foldhash::fast::RandomState> = HashMap::default();
+        let mut winners: HashMap<Slice, IndexEntry, foldhash::fast::RandomState> =
+            HashMap::default();
         let mut touched: Vec<Namespace> = Vec::new();
         for (position, record) in &records {
             let event = &record.event;
-            state.vectors.entry(event.namespace.clone()).or_default().insert(event.dot);
+            state
+                .vectors
+                .entry(event.namespace.clone())
+                .or_default()
+                .insert(event.dot);
             if !touched.contains(&event.namespace) {
                 touched.push(event.namespace.clone());
             }
             hlc = hlc.max(event.hlc);
             let (content_type, value) = match &event.op {
-                Op::Put { content_type, value } => (Some(*content_type), Some(value)),
+                Op::Put {
+                    content_type,
+                    value,
+                } => (Some(*content_type), Some(value)),
                 Op::Delete => (None, None),
             };
             let entry = IndexEntry {
@@ -535,12 +629,18 @@ fn replay(log: &Log, index: &Index, state: &mut crate::index::IndexState) -> Res
                     .filter(|v| v.len() <= INLINE_VALUE_BYTES_MAX)
                     .map(|v| bytes::Bytes::copy_from_slice(v)),
             };
-            let key = Slice::from(codec::index_key(event.namespace.as_str(), event.key.as_str()));
+            let key = Slice::from(codec::index_key(
+                event.namespace.as_str(),
+                event.key.as_str(),
+            ));
             let current = match winners.get(&key) {
                 Some(e) => Some(e.version()),
                 None => index
                     .get(&key)
-                    .map_err(|e| OpenError::Corrupt { path: "index".into(), reason: e.to_string() })?
+                    .map_err(|e| OpenError::Corrupt {
+                        path: "index".into(),
+                        reason: e.to_string(),
+                    })?
                     .map(|e| e.version()),
             };
             if current.is_none_or(|c| lww_wins(&entry.version(), &c)) {
@@ -563,6 +663,10 @@ fn replay(log: &Log, index: &Index, state: &mut crate::index::IndexState) -> Res
             tracing::info!(replayed, remaining = target - last_seq, "replaying the log");
         }
     }
-    tracing::info!(replayed, ms = started.elapsed().as_millis() as u64, "log replay done");
+    tracing::info!(
+        replayed,
+        ms = started.elapsed().as_millis() as u64,
+        "log replay done"
+    );
     Ok((replayed, hlc))
 }

@@ -13,7 +13,10 @@ pub struct WriteOp {
 
 #[derive(Clone, Debug)]
 pub enum WriteKind {
-    Put { content_type: ContentType, value: Bytes },
+    Put {
+        content_type: ContentType,
+        value: Bytes,
+    },
     Delete,
 }
 

@@ -1,25 +1,33 @@
 //! The writer: the one place that changes the store.
 //!
-//! Two threads form a pipeline. The **write stage** takes every request waiting in the
-//! queue, checks conditions, assigns sequence numbers, dots and clock readings,
-//! encodes the events into one buffer and appends it to the log with one write. The
-//! **commit stage** takes every appended group waiting for it, makes them durable with
-//! one `fdatasync` (under `fsync = "always"`), applies them to the key index, publishes
-//! the new feed head and acknowledges the requests. While one group is being synced
-//! and indexed, the next is being encoded and written.
+//! Two threads form a pipeline:
+//!
+//! 1. The **log writer** (`asp-writer`) takes every request waiting in the queue,
+//!    checks conditions, assigns sequence numbers, dots and clock readings, encodes the
+//!    events into one buffer, appends it to the log with one write, makes it durable
+//!    with one `fdatasync` (under `fsync = "always"`), publishes the new feed head and
+//!    acknowledges the requests.
+//! 2. The **indexer** (`asp-index`) applies acknowledged groups to the key index.
+//!
+//! Keeping the key index off the acknowledgement path means a write waits for its fsync
+//! and little else. Reads stay read-your-writes: a read first waits until the index
+//! reflects everything acknowledged when the read began (usually no wait at all; at
+//! most one index batch). The index never reflects anything that is not yet durable,
+//! so no read can see a write that a crash could take back.
 //!
 //! Group commit needs callers to pile up while an fsync runs. Closed-loop writers come
-//! back a few microseconds after their acknowledgement, just after the next fsync has
-//! started, and would otherwise settle into two half-size cohorts. So when the commit
-//! stage holds fewer requests than it acknowledged last time, it waits a little (at
-//! most half an fsync, at most 1 ms) for the rest to arrive.
+//! back a few microseconds after their acknowledgement, just after the next group has
+//! been taken, and would otherwise settle into two half-size cohorts that alternate.
+//! So before an fsync the writer waits for them while they keep arriving (each within
+//! half an fsync of the last, at most 1 ms in all).
 //!
-//! Under `fsync = "interval:<ms>"` a third thread fsyncs on the interval and the commit
-//! stage acknowledges without waiting for it. In every mode the feed shows only events
-//! that are both indexed and (unless `fsync = "never"`) durable: a peer or subscriber
-//! must never see an event that a crash could take back.
+//! Under `fsync = "interval:<ms>"` a third thread fsyncs on the interval and the writer
+//! acknowledges without waiting for it. In every mode the feed shows only events that
+//! are acknowledged and (unless `fsync = "never"`) durable: a peer or subscriber must
+//! never see an event that a crash could take back.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
@@ -27,7 +35,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use asp_core::{Dot, Hlc, HlcClock, Namespace, NodeId, VersionVector};
 use fjall::Slice;
-use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, oneshot, watch};
 
 use crate::codec::{self, EventRef, FLAG_TXN_END, INLINE_VALUE_BYTES_MAX, IndexEntry, LogPosition};
 use crate::config::{FsyncMode, StoreConfig};
@@ -35,11 +43,13 @@ use crate::error::WriteError;
 use crate::index::Index;
 use crate::log::{FeedHead, Log, Segment, SparseBuilder, SparseUpdate};
 use crate::metrics::Metrics;
+use crate::queue::WriteQueue;
 use crate::types::{Applied, Condition, WriteKind, WriteOp};
 
-/// Commit stage messages waiting at most; the byte budget on requests bounds them too.
-const COMMIT_QUEUE_MAX: usize = 64;
-/// The longest the commit stage waits for stragglers before an fsync.
+/// Acknowledged groups waiting for the indexer, at most (each holds at most
+/// `group_events_max` events, or one larger request).
+const INDEX_QUEUE_MAX: usize = 8;
+/// The longest the writer waits for stragglers before an fsync.
 const STRAGGLER_WAIT_MAX: Duration = Duration::from_millis(1);
 
 pub(crate) enum Request {
@@ -51,8 +61,9 @@ pub(crate) struct WriteRequest {
     pub namespace: Namespace,
     pub ops: Vec<WriteOp>,
     pub reply: oneshot::Sender<Result<Vec<Applied>, WriteError>>,
-    /// Holds this request's share of the queue's byte budget until it is answered.
-    pub permit: OwnedSemaphorePermit,
+    /// Holds this request's share of the queue's byte budget until it is answered
+    /// (always `Some` once queued).
+    pub permit: Option<OwnedSemaphorePermit>,
     pub bytes: usize,
 }
 
@@ -63,6 +74,8 @@ pub(crate) struct Progress {
     pub written: FeedHead,
     /// Made durable.
     pub synced: FeedHead,
+    /// Acknowledged to the writers.
+    pub acked: FeedHead,
     /// Applied to the key index.
     pub indexed: FeedHead,
     pub stopping: bool,
@@ -82,6 +95,10 @@ pub(crate) struct Shared {
     /// Set on the first storage failure; the store then refuses writes.
     pub failure: OnceLock<String>,
     pub metrics: Metrics,
+    /// Mirrors of `progress.acked.seq` and `progress.indexed.seq`, so that a read can
+    /// see without locking that the index is up to date.
+    pub acked_seq: AtomicU64,
+    pub indexed_seq: AtomicU64,
 }
 
 impl Shared {
@@ -96,11 +113,30 @@ impl Shared {
         self.failure.get().map(|f| WriteError::Storage(f.clone()))
     }
 
-    /// Publishes the feed head: what is indexed and, unless fsync is off, durable.
+    /// Waits until the index reflects every write acknowledged before the call: what
+    /// makes reads read-your-writes.
+    pub fn await_index(&self) -> Result<(), String> {
+        let target = self.acked_seq.load(Ordering::Acquire);
+        if self.indexed_seq.load(Ordering::Acquire) >= target {
+            return Ok(());
+        }
+        let mut progress = self.progress.lock().unwrap();
+        while progress.indexed.seq < target {
+            if let Some(f) = self.failure.get() {
+                return Err(f.clone());
+            }
+            progress = self.progress_changed.wait(progress).unwrap();
+        }
+        Ok(())
+    }
+
+    /// Publishes the feed head: what is acknowledged and, unless fsync is off, durable.
     fn publish(&self, progress: &Progress) {
         let visible = match self.config.fsync {
-            FsyncMode::Interval { .. } if progress.synced.seq < progress.indexed.seq => progress.synced,
-            _ => progress.indexed,
+            FsyncMode::Interval { .. } if progress.synced.seq < progress.acked.seq => {
+                progress.synced
+            }
+            _ => progress.acked,
         };
         self.head_tx.send_if_modified(|head| {
             if head.seq < visible.seq {
@@ -114,22 +150,38 @@ impl Shared {
     }
 }
 
-/// A group that is in the log and waits to be made durable, indexed and acknowledged.
+/// A group that is in the log and waits to be made durable and acknowledged.
 struct CommitMsg {
     acks: Vec<Ack>,
     updates: Vec<(Slice, IndexEntry)>,
     vectors: Vec<(Namespace, VersionVector)>,
     head: FeedHead,
     hlc: Hlc,
-    segment: Arc<Segment>,
     events: u64,
     bytes: u64,
+}
+
+/// An acknowledged group on its way into the key index.
+struct IndexMsg {
+    updates: Vec<(Slice, IndexEntry)>,
+    vectors: Vec<(Namespace, VersionVector)>,
+    head: FeedHead,
+    hlc: Hlc,
 }
 
 struct Ack {
     reply: oneshot::Sender<Result<Vec<Applied>, WriteError>>,
     applied: Vec<Applied>,
-    _permit: OwnedSemaphorePermit,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Lets the writer's short waits for stragglers end on time: the default 50 µs timer
+/// slack is as long as the waits themselves.
+fn set_fine_timer_slack() {
+    // SAFETY: PR_SET_TIMERSLACK takes an integer and affects only the calling thread.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
+    }
 }
 
 pub(crate) fn wall_ms() -> u64 {
@@ -142,7 +194,7 @@ pub(crate) fn wall_ms() -> u64 {
 /// closes or a shutdown request arrives, after everything accepted is durable.
 pub(crate) fn spawn(
     shared: Arc<Shared>,
-    rx: mpsc::Receiver<Request>,
+    queue: Arc<WriteQueue<Request>>,
     clock: HlcClock,
     vectors: HashMap<Namespace, VersionVector>,
 ) -> std::io::Result<JoinHandle<()>> {
@@ -152,10 +204,12 @@ pub(crate) fn spawn(
         segment,
         seq: shared.log.last_seq(),
         shared,
-        rx,
+        queue,
         clock,
         vectors,
         buf: Vec::new(),
+        fsync_avg: Duration::from_micros(500),
+        expected: 0,
     };
     std::thread::Builder::new()
         .name("asp-writer".into())
@@ -164,7 +218,7 @@ pub(crate) fn spawn(
 
 struct Writer {
     shared: Arc<Shared>,
-    rx: mpsc::Receiver<Request>,
+    queue: Arc<WriteQueue<Request>>,
     clock: HlcClock,
     /// Every dot written, including those not yet indexed.
     vectors: HashMap<Namespace, VersionVector>,
@@ -173,17 +227,44 @@ struct Writer {
     segment: Arc<Segment>,
     sparse: SparseBuilder,
     buf: Vec<u8>,
+    /// Smoothed fsync duration, which bounds the wait for stragglers.
+    fsync_avg: Duration,
+    /// Requests expected in the next group: those acknowledged by the last fsync (who
+    /// will be back) plus those that were already waiting when it finished.
+    expected: usize,
+}
+
+/// What the writer collected for one group.
+#[derive(Default)]
+struct Collected {
+    requests: Vec<WriteRequest>,
+    events: usize,
+    bytes: usize,
+    shutdown: Vec<oneshot::Sender<()>>,
+}
+
+impl Collected {
+    fn add(&mut self, request: Request) {
+        match request {
+            Request::Write(w) => {
+                self.events += w.ops.len();
+                self.bytes += w.bytes;
+                self.requests.push(w);
+            }
+            Request::Shutdown(reply) => self.shutdown.push(reply),
+        }
+    }
 }
 
 impl Writer {
     fn run(mut self) {
-        let (commit_tx, commit_rx) = std_mpsc::sync_channel(COMMIT_QUEUE_MAX);
-        let committer = {
+        let (index_tx, index_rx) = std_mpsc::sync_channel(INDEX_QUEUE_MAX);
+        let indexer = {
             let shared = self.shared.clone();
             std::thread::Builder::new()
-                .name("asp-commit".into())
-                .spawn(move || Committer::new(shared, commit_rx).run())
-                .expect("cannot start the commit thread")
+                .name("asp-index".into())
+                .spawn(move || run_indexer(shared, index_rx))
+                .expect("cannot start the index thread")
         };
         let syncer = match self.shared.config.fsync {
             FsyncMode::Interval { ms } => {
@@ -197,39 +278,33 @@ impl Writer {
             }
             _ => None,
         };
+        set_fine_timer_slack();
 
         let mut shutdown_replies = Vec::new();
-        let group_events_max = self.shared.config.group_events_max;
-        let group_bytes_max = self.shared.config.group_bytes_max;
-        'serve: while let Some(first) = self.rx.blocking_recv() {
-            let mut group = Vec::new();
-            let (mut events, mut bytes) = (0, 0);
-            let mut next = Some(first);
-            while let Some(request) = next.take() {
-                match request {
-                    Request::Write(w) => {
-                        events += w.ops.len();
-                        bytes += w.bytes;
-                        group.push(w);
-                    }
-                    Request::Shutdown(reply) => {
-                        shutdown_replies.push(reply);
-                        self.process(group, &commit_tx);
-                        break 'serve;
-                    }
-                }
-                if events < group_events_max && bytes < group_bytes_max {
-                    next = self.rx.try_recv().ok();
-                }
+        while let Some(first) = self.queue.recv() {
+            let mut group = Collected::default();
+            group.add(first);
+            self.drain(&mut group);
+            if self.shared.config.fsync == FsyncMode::Always && group.shutdown.is_empty() {
+                self.gather_stragglers(&mut group);
             }
-            let depth = self.rx.max_capacity() - self.rx.capacity();
-            self.shared.metrics.writer_queue_depth.set(depth as i64);
-            self.process(group, &commit_tx);
+            self.shared
+                .metrics
+                .writer_queue_depth
+                .set(self.queue.len() as i64);
+            let stop = !group.shutdown.is_empty();
+            shutdown_replies.append(&mut group.shutdown);
+            if let Some(msg) = self.process(group.requests) {
+                self.commit(msg, &index_tx);
+            }
+            if stop {
+                break;
+            }
         }
 
         // Refuse whatever arrived after the shutdown request.
-        self.rx.close();
-        while let Ok(request) = self.rx.try_recv() {
+        self.queue.close();
+        while let Some(request) = self.queue.try_recv() {
             match request {
                 Request::Write(w) => {
                     let _ = w.reply.send(Err(WriteError::Closed));
@@ -237,8 +312,8 @@ impl Writer {
                 Request::Shutdown(reply) => shutdown_replies.push(reply),
             }
         }
-        drop(commit_tx);
-        let _ = committer.join();
+        drop(index_tx);
+        let _ = indexer.join();
         {
             let mut progress = self.shared.progress.lock().unwrap();
             progress.stopping = true;
@@ -253,13 +328,51 @@ impl Writer {
         }
     }
 
+    /// Takes what is already waiting, up to the group limits.
+    fn drain(&mut self, group: &mut Collected) {
+        let config = &self.shared.config;
+        while group.events < config.group_events_max
+            && group.bytes < config.group_bytes_max
+            && group.shutdown.is_empty()
+        {
+            match self.queue.try_recv() {
+                Some(request) => group.add(request),
+                None => break,
+            }
+        }
+    }
+
+    /// Waits for the writers acknowledged by the last fsync to come back, so that they
+    /// join this group rather than form a cohort of their own. The wait goes on while
+    /// they keep arriving, each within half an fsync of the previous one, up to
+    /// [`STRAGGLER_WAIT_MAX`] in all. A lone sequential writer never waits.
+    fn gather_stragglers(&mut self, group: &mut Collected) {
+        let config = &self.shared.config;
+        let started = Instant::now();
+        let gap = self.fsync_avg / 2;
+        while group.requests.len() < self.expected
+            && group.events < config.group_events_max
+            && group.bytes < config.group_bytes_max
+            && group.shutdown.is_empty()
+        {
+            let deadline = (Instant::now() + gap).min(started + STRAGGLER_WAIT_MAX);
+            match self.queue.recv_until(deadline) {
+                Some(request) => group.add(request),
+                None => break,
+            }
+        }
+    }
+
     /// Makes everything durable on a clean stop, whatever the fsync mode.
     fn finish(&self) {
         if self.shared.failure.get().is_some() {
             return;
         }
         if let Err(e) = self.segment.file.sync_data() {
-            self.shared.fail(format!("fsync of {} at shutdown: {e}", self.segment.path.display()));
+            self.shared.fail(format!(
+                "fsync of {} at shutdown: {e}",
+                self.segment.path.display()
+            ));
             return;
         }
         if let Err(e) = self.shared.index.persist() {
@@ -270,17 +383,22 @@ impl Writer {
         self.shared.publish(&progress);
     }
 
-    fn process(&mut self, group: Vec<WriteRequest>, commit_tx: &std_mpsc::SyncSender<CommitMsg>) {
+    /// Checks, encodes and appends a group; returns it for the fsync and the
+    /// acknowledgements, or `None` if nothing of it was written.
+    fn process(&mut self, group: Vec<WriteRequest>) -> Option<CommitMsg> {
         if group.is_empty() {
-            return;
+            return None;
         }
         if let Some(err) = self.shared.failed() {
             for w in group {
                 let _ = w.reply.send(Err(err.clone()));
             }
-            return;
+            return None;
         }
-        if group.iter().any(|w| w.ops.iter().any(|op| op.condition != Condition::None)) {
+        if group
+            .iter()
+            .any(|w| w.ops.iter().any(|op| op.condition != Condition::None))
+        {
             // Conditions read the index, which must reflect every earlier write.
             self.wait_indexed(self.seq);
         }
@@ -291,11 +409,14 @@ impl Writer {
                     self.segment = segment;
                 }
                 Err(e) => {
-                    let err = self.shared.fail(format!("sealing log segment {}: {e}", self.segment.path.display()));
+                    let err = self.shared.fail(format!(
+                        "sealing log segment {}: {e}",
+                        self.segment.path.display()
+                    ));
                     for w in group {
                         let _ = w.reply.send(Err(err.clone()));
                     }
-                    return;
+                    return None;
                 }
             }
         }
@@ -325,10 +446,20 @@ impl Writer {
             let last = w.ops.len() - 1;
             for (i, op) in w.ops.iter().enumerate() {
                 self.seq += 1;
-                let dot = Dot { origin: node_id, counter: first_counter + i as u64 };
+                let dot = Dot {
+                    origin: node_id,
+                    counter: first_counter + i as u64,
+                };
                 let hlc = self.clock.tick(wall);
                 let (put, content_type, value) = match &op.kind {
-                    WriteKind::Put { content_type, value } => (Some((*content_type, &value[..])), Some(*content_type), Some(value)),
+                    WriteKind::Put {
+                        content_type,
+                        value,
+                    } => (
+                        Some((*content_type, &value[..])),
+                        Some(*content_type),
+                        Some(value),
+                    ),
                     WriteKind::Delete => (None, None, None),
                 };
                 let event = EventRef {
@@ -343,7 +474,8 @@ impl Writer {
                 let before = self.buf.len();
                 let flags = if i == last { FLAG_TXN_END } else { 0 };
                 codec::encode_record(&mut self.buf, self.seq, flags, &event);
-                self.sparse.record(&mut sparse_update, self.seq, offset, ns.as_bytes());
+                self.sparse
+                    .record(&mut sparse_update, self.seq, offset, ns.as_bytes());
                 let value_len = value.map_or(0, |v| v.len() as u32);
                 let entry = IndexEntry {
                     content_type,
@@ -368,7 +500,11 @@ impl Writer {
                         updates.push((key, entry));
                     }
                 }
-                applied.push(Applied { dot, hlc, seq: self.seq });
+                applied.push(Applied {
+                    dot,
+                    hlc,
+                    seq: self.seq,
+                });
             }
             vv.insert_range(node_id, first_counter, first_counter + last as u64);
             events += w.ops.len() as u64;
@@ -382,15 +518,21 @@ impl Writer {
             });
         }
         if acks.is_empty() {
-            return;
+            return None;
         }
 
-        if let Err(e) = self.shared.log.append(&self.segment, &self.buf, self.seq, &sparse_update) {
-            let err = self.shared.fail(format!("appending to {}: {e}", self.segment.path.display()));
+        if let Err(e) = self
+            .shared
+            .log
+            .append(&self.segment, &self.buf, self.seq, &sparse_update)
+        {
+            let err = self
+                .shared
+                .fail(format!("appending to {}: {e}", self.segment.path.display()));
             for ack in acks {
                 let _ = ack.reply.send(Err(err.clone()));
             }
-            return;
+            return None;
         }
         let head = FeedHead {
             seq: self.seq,
@@ -405,22 +547,15 @@ impl Writer {
                 (ns, vv)
             })
             .collect();
-        let msg = CommitMsg {
+        Some(CommitMsg {
             acks,
             updates,
             vectors,
             head,
             hlc: self.clock.last(),
-            segment: self.segment.clone(),
             events,
             bytes: self.buf.len() as u64,
-        };
-        if let Err(std_mpsc::SendError(msg)) = commit_tx.send(msg) {
-            let err = self.shared.fail("the commit thread stopped".into());
-            for ack in msg.acks {
-                let _ = ack.reply.send(Err(err.clone()));
-            }
-        }
+        })
     }
 
     /// Checks every condition of a request against the state it would see: earlier
@@ -450,12 +585,16 @@ impl Writer {
                     None => {
                         let ikey = codec::index_key(w.namespace.as_str(), key);
                         match positions.get(&ikey[..]) {
-                            Some(&p) => Some((updates[p].1.dot, updates[p].1.content_type.is_some())),
+                            Some(&p) => {
+                                Some((updates[p].1.dot, updates[p].1.content_type.is_some()))
+                            }
                             None => self
                                 .shared
                                 .index
                                 .get(&ikey)
-                                .map_err(|e| WriteError::Storage(format!("reading the key index: {e}")))?
+                                .map_err(|e| {
+                                    WriteError::Storage(format!("reading the key index: {e}"))
+                                })?
                                 .map(|e| (e.dot, e.content_type.is_some())),
                         }
                     }
@@ -463,14 +602,16 @@ impl Writer {
                 let live = current.filter(|&(_, live)| live).map(|(dot, _)| dot);
                 let failure = match (op.condition, live) {
                     (Condition::IfVersion(want), Some(have)) if want == have => None,
-                    (Condition::IfVersion(want), Some(have)) => {
-                        Some(format!("expected version {want}, the current version is {have}"))
-                    }
-                    (Condition::IfVersion(want), None) => {
-                        Some(format!("expected version {want}, but the key does not exist"))
-                    }
+                    (Condition::IfVersion(want), Some(have)) => Some(format!(
+                        "expected version {want}, the current version is {have}"
+                    )),
+                    (Condition::IfVersion(want), None) => Some(format!(
+                        "expected version {want}, but the key does not exist"
+                    )),
                     (Condition::IfExists, None) => Some("the key does not exist".to_owned()),
-                    (Condition::IfAbsent, Some(have)) => Some(format!("the key exists at version {have}")),
+                    (Condition::IfAbsent, Some(have)) => {
+                        Some(format!("the key exists at version {have}"))
+                    }
                     _ => None,
                 };
                 if let Some(reason) = failure {
@@ -482,8 +623,14 @@ impl Writer {
                     });
                 }
             }
-            let dot = Dot { origin: node_id, counter: first_counter + i as u64 };
-            local.insert(op.key.as_str(), (dot, matches!(op.kind, WriteKind::Put { .. })));
+            let dot = Dot {
+                origin: node_id,
+                counter: first_counter + i as u64,
+            };
+            local.insert(
+                op.key.as_str(),
+                (dot, matches!(op.kind, WriteKind::Put { .. })),
+            );
         }
         Ok(())
     }
@@ -496,84 +643,77 @@ impl Writer {
     }
 }
 
-struct Committer {
-    shared: Arc<Shared>,
-    rx: std_mpsc::Receiver<CommitMsg>,
-    /// Smoothed fsync duration, which bounds the wait for stragglers.
-    fsync_avg: Duration,
-    /// Requests acknowledged by the last fsync.
-    last_cohort: usize,
+impl Writer {
+    /// Makes a group durable (under `fsync = "always"`), acknowledges it, publishes it
+    /// in the feed, and hands it to the indexer.
+    fn commit(&mut self, msg: CommitMsg, index_tx: &std_mpsc::SyncSender<IndexMsg>) {
+        if self.shared.config.fsync == FsyncMode::Always {
+            let started = Instant::now();
+            let synced = self.segment.file.sync_data();
+            let took = started.elapsed();
+            self.shared.metrics.fsyncs.inc();
+            self.shared
+                .metrics
+                .fsync_seconds
+                .observe(took.as_secs_f64());
+            self.fsync_avg = (self.fsync_avg * 7 + took) / 8;
+            // Nobody acknowledged below can be back yet: what waits now is others.
+            self.expected = msg.acks.len() + self.queue.len();
+            if let Err(e) = synced {
+                self.shared
+                    .fail(format!("fsync of {}: {e}", self.segment.path.display()));
+            }
+        }
+        if let Some(err) = self.shared.failed() {
+            for ack in msg.acks {
+                let _ = ack.reply.send(Err(err.clone()));
+            }
+            return;
+        }
+        {
+            let mut progress = self.shared.progress.lock().unwrap();
+            if !matches!(self.shared.config.fsync, FsyncMode::Interval { .. }) {
+                progress.synced = msg.head;
+            }
+            progress.acked = msg.head;
+            self.shared.acked_seq.store(msg.head.seq, Ordering::Release);
+            self.shared.publish(&progress);
+        }
+        let metrics = &self.shared.metrics;
+        metrics.events_written.inc_by(msg.events);
+        metrics.bytes_written.inc_by(msg.bytes);
+        metrics.group_commit_events.observe(msg.events as f64);
+        metrics.group_commit_requests.observe(msg.acks.len() as f64);
+        for ack in msg.acks {
+            let _ = ack.reply.send(Ok(ack.applied));
+        }
+        let index_msg = IndexMsg {
+            updates: msg.updates,
+            vectors: msg.vectors,
+            head: msg.head,
+            hlc: msg.hlc,
+        };
+        // Blocks when the indexer is behind: backpressure for the writers.
+        if index_tx.send(index_msg).is_err() {
+            self.shared.fail("the index thread stopped".into());
+        }
+    }
 }
 
-impl Committer {
-    fn new(shared: Arc<Shared>, rx: std_mpsc::Receiver<CommitMsg>) -> Self {
-        Self {
-            shared,
-            rx,
-            fsync_avg: Duration::from_micros(500),
-            last_cohort: 0,
+/// The indexer: applies acknowledged groups to the key index, in order.
+fn run_indexer(shared: Arc<Shared>, rx: std_mpsc::Receiver<IndexMsg>) {
+    while let Ok(first) = rx.recv() {
+        let mut msgs = vec![first];
+        while let Ok(m) = rx.try_recv() {
+            msgs.push(m);
         }
-    }
-
-    fn run(mut self) {
-        while let Ok(first) = self.rx.recv() {
-            let mut msgs = vec![first];
-            while let Ok(m) = self.rx.try_recv() {
-                msgs.push(m);
-            }
-            if self.shared.config.fsync == FsyncMode::Always {
-                self.gather_stragglers(&mut msgs);
-                let segment = &msgs.last().expect("at least one message").segment;
-                let started = Instant::now();
-                let synced = segment.file.sync_data();
-                let took = started.elapsed();
-                self.shared.metrics.fsyncs.inc();
-                self.shared.metrics.fsync_seconds.observe(took.as_secs_f64());
-                self.fsync_avg = (self.fsync_avg * 7 + took) / 8;
-                if let Err(e) = synced {
-                    self.shared.fail(format!("fsync of {}: {e}", segment.path.display()));
-                }
-                self.last_cohort = msgs.iter().map(|m| m.acks.len()).sum();
-            }
-            self.commit(msgs);
+        if shared.failure.get().is_some() {
+            continue;
         }
-    }
-
-    /// Waits briefly for more groups when fewer requests are ready than the last fsync
-    /// acknowledged: they are most likely on their way.
-    fn gather_stragglers(&mut self, msgs: &mut Vec<CommitMsg>) {
-        let mut ready: usize = msgs.iter().map(|m| m.acks.len()).sum();
-        if ready >= self.last_cohort {
-            return;
-        }
-        let deadline = Instant::now() + (self.fsync_avg / 2).min(STRAGGLER_WAIT_MAX);
-        while ready < self.last_cohort {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            match self.rx.recv_timeout(deadline - now) {
-                Ok(m) => {
-                    ready += m.acks.len();
-                    msgs.push(m);
-                }
-                Err(_) => break,
-            }
-        }
-    }
-
-    fn commit(&mut self, msgs: Vec<CommitMsg>) {
-        if let Some(err) = self.shared.failed() {
-            for msg in msgs {
-                for ack in msg.acks {
-                    let _ = ack.reply.send(Err(err.clone()));
-                }
-            }
-            return;
-        }
-        let mut failed = None;
         for msg in &msgs {
-            let mut batch = self.shared.index.batch(msg.updates.len() + 2 + msg.vectors.len());
+            let mut batch = shared
+                .index
+                .batch(msg.updates.len() + 2 + msg.vectors.len());
             for (key, entry) in &msg.updates {
                 batch.put(key.clone(), entry);
             }
@@ -582,22 +722,16 @@ impl Committer {
             }
             batch.set_applied(msg.head.seq, msg.hlc);
             if let Err(e) = batch.commit() {
-                failed = Some(self.shared.fail(format!("writing the key index: {e}")));
+                shared.fail(format!("writing the key index: {e}"));
                 break;
             }
         }
-        if let Some(err) = failed {
-            for msg in msgs {
-                for ack in msg.acks {
-                    let _ = ack.reply.send(Err(err.clone()));
-                }
-            }
-            return;
+        if shared.failure.get().is_some() {
+            continue;
         }
-
         let last = msgs.last().expect("at least one message").head;
         {
-            let mut vectors = self.shared.vectors.write().unwrap();
+            let mut vectors = shared.vectors.write().unwrap();
             for msg in &msgs {
                 for (ns, vv) in &msg.vectors {
                     vectors.insert(ns.clone(), vv.clone());
@@ -605,26 +739,11 @@ impl Committer {
             }
         }
         {
-            let mut progress = self.shared.progress.lock().unwrap();
+            let mut progress = shared.progress.lock().unwrap();
             progress.indexed = last;
-            if !matches!(self.shared.config.fsync, FsyncMode::Interval { .. }) {
-                progress.synced = last;
-            }
-            self.shared.publish(&progress);
+            shared.indexed_seq.store(last.seq, Ordering::Release);
         }
-        self.shared.progress_changed.notify_all();
-
-        let metrics = &self.shared.metrics;
-        let (events, bytes, requests) = msgs.iter().fold((0, 0, 0), |(e, b, r), m| (e + m.events, b + m.bytes, r + m.acks.len()));
-        metrics.events_written.inc_by(events);
-        metrics.bytes_written.inc_by(bytes);
-        metrics.group_commit_events.observe(events as f64);
-        metrics.group_commit_requests.observe(requests as f64);
-        for msg in msgs {
-            for ack in msg.acks {
-                let _ = ack.reply.send(Ok(ack.applied));
-            }
-        }
+        shared.progress_changed.notify_all();
     }
 }
 
@@ -637,7 +756,10 @@ fn run_syncer(shared: Arc<Shared>, interval: Duration) {
         // stop request ends the wait.
         let now = Instant::now();
         if now < next_sync {
-            let (guard, _) = shared.progress_changed.wait_timeout(progress, next_sync - now).unwrap();
+            let (guard, _) = shared
+                .progress_changed
+                .wait_timeout(progress, next_sync - now)
+                .unwrap();
             progress = guard;
         }
         if progress.stopping || shared.failure.get().is_some() {

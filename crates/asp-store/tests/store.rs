@@ -19,7 +19,11 @@ fn key(k: &str) -> Key {
 }
 
 fn put(k: &str, v: &str) -> WriteOp {
-    WriteOp::put(key(k), ContentType::Text, Bytes::copy_from_slice(v.as_bytes()))
+    WriteOp::put(
+        key(k),
+        ContentType::Text,
+        Bytes::copy_from_slice(v.as_bytes()),
+    )
 }
 
 fn config(dir: &Path) -> StoreConfig {
@@ -72,13 +76,31 @@ async fn acknowledged_writes_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let (node, applied) = {
         let store = open(dir.path());
-        let a = store.write(ns("app"), vec![put("a", "1"), put("b", "2")]).await.unwrap();
-        store.write(ns("app"), vec![WriteOp::delete(key("b"))]).await.unwrap();
+        let a = store
+            .write(ns("app"), vec![put("a", "1"), put("b", "2")])
+            .await
+            .unwrap();
+        store
+            .write(ns("app"), vec![WriteOp::delete(key("b"))])
+            .await
+            .unwrap();
         store.write(ns("other"), vec![put("a", "x")]).await.unwrap();
         (store.node_id(), a)
     };
-    assert_eq!(applied[0].dot, Dot { origin: node, counter: 1 });
-    assert_eq!(applied[1].dot, Dot { origin: node, counter: 2 });
+    assert_eq!(
+        applied[0].dot,
+        Dot {
+            origin: node,
+            counter: 1
+        }
+    );
+    assert_eq!(
+        applied[1].dot,
+        Dot {
+            origin: node,
+            counter: 2
+        }
+    );
     assert!(applied[0].hlc < applied[1].hlc);
 
     let store = open(dir.path());
@@ -106,7 +128,10 @@ async fn conditions_make_the_whole_batch_fail_or_succeed() {
 
     // If-Match on the current version succeeds.
     let v2 = store
-        .write(n.clone(), vec![put("k", "2").with_condition(Condition::IfVersion(v1))])
+        .write(
+            n.clone(),
+            vec![put("k", "2").with_condition(Condition::IfVersion(v1))],
+        )
         .await
         .unwrap()[0]
         .dot;
@@ -114,7 +139,10 @@ async fn conditions_make_the_whole_batch_fail_or_succeed() {
     let err = store
         .write(
             n.clone(),
-            vec![put("other", "x"), put("k", "3").with_condition(Condition::IfVersion(v1))],
+            vec![
+                put("other", "x"),
+                put("k", "3").with_condition(Condition::IfVersion(v1)),
+            ],
         )
         .await
         .unwrap_err();
@@ -129,21 +157,59 @@ async fn conditions_make_the_whole_batch_fail_or_succeed() {
     assert_eq!(text(&store, "c", "k").as_deref(), Some("2"));
 
     // Create-only and must-exist.
-    assert!(store.write(n.clone(), vec![put("k", "x").with_condition(Condition::IfAbsent)]).await.is_err());
-    assert!(store.write(n.clone(), vec![put("new", "x").with_condition(Condition::IfAbsent)]).await.is_ok());
-    assert!(store.write(n.clone(), vec![put("nope", "x").with_condition(Condition::IfExists)]).await.is_err());
+    assert!(
+        store
+            .write(
+                n.clone(),
+                vec![put("k", "x").with_condition(Condition::IfAbsent)]
+            )
+            .await
+            .is_err()
+    );
+    assert!(
+        store
+            .write(
+                n.clone(),
+                vec![put("new", "x").with_condition(Condition::IfAbsent)]
+            )
+            .await
+            .is_ok()
+    );
+    assert!(
+        store
+            .write(
+                n.clone(),
+                vec![put("nope", "x").with_condition(Condition::IfExists)]
+            )
+            .await
+            .is_err()
+    );
     // Later operations of one batch see earlier ones.
     store
         .write(
             n.clone(),
-            vec![WriteOp::delete(key("k")), put("k", "again").with_condition(Condition::IfAbsent)],
+            vec![
+                WriteOp::delete(key("k")),
+                put("k", "again").with_condition(Condition::IfAbsent),
+            ],
         )
         .await
         .unwrap();
     assert_eq!(text(&store, "c", "k").as_deref(), Some("again"));
     // A deleted key does not satisfy IfExists.
-    store.write(n.clone(), vec![WriteOp::delete(key("new"))]).await.unwrap();
-    assert!(store.write(n.clone(), vec![put("new", "x").with_condition(Condition::IfExists)]).await.is_err());
+    store
+        .write(n.clone(), vec![WriteOp::delete(key("new"))])
+        .await
+        .unwrap();
+    assert!(
+        store
+            .write(
+                n.clone(),
+                vec![put("new", "x").with_condition(Condition::IfExists)]
+            )
+            .await
+            .is_err()
+    );
     // Refused batches consumed no feed positions and no dots.
     let feed = whole_feed(&store);
     let counters: Vec<u64> = feed.iter().map(|e| e.event.dot.counter).collect();
@@ -159,9 +225,15 @@ async fn bad_batches_are_refused_with_a_reason() {
     let store = Store::open(cfg).unwrap();
     let e = store.write(ns("x"), vec![]).await.unwrap_err();
     assert!(e.to_string().contains("at least one"), "{e}");
-    let e = store.write(ns("x"), vec![put("a", "1"), put("b", "2"), put("c", "3")]).await.unwrap_err();
+    let e = store
+        .write(ns("x"), vec![put("a", "1"), put("b", "2"), put("c", "3")])
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("at most 2"), "{e}");
-    let e = store.write(ns("x"), vec![put("a", "01234567890")]).await.unwrap_err();
+    let e = store
+        .write(ns("x"), vec![put("a", "01234567890")])
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("limit is 10"), "{e}");
     assert_eq!(store.head().seq, 0);
 }
@@ -176,7 +248,10 @@ async fn concurrent_single_writes_share_fsyncs_and_all_land() {
         tasks.push(tokio::spawn(async move {
             for i in 0..50 {
                 store
-                    .write(ns("g"), vec![put(&format!("w{w}-{i}"), &format!("{w}:{i}"))])
+                    .write(
+                        ns("g"),
+                        vec![put(&format!("w{w}-{i}"), &format!("{w}:{i}"))],
+                    )
                     .await
                     .unwrap();
             }
@@ -188,11 +263,14 @@ async fn concurrent_single_writes_share_fsyncs_and_all_land() {
     assert_eq!(store.head().seq, 32 * 50);
     for w in 0..32 {
         for i in 0..50 {
-            assert_eq!(text(&store, "g", &format!("w{w}-{i}")), Some(format!("{w}:{i}")));
+            assert_eq!(
+                text(&store, "g", &format!("w{w}-{i}")),
+                Some(format!("{w}:{i}"))
+            );
         }
     }
     let fsyncs = store.metrics().fsyncs.get();
-    assert!(fsyncs >= 1 && fsyncs <= 32 * 50, "{fsyncs}");
+    assert!((1..=32 * 50).contains(&fsyncs), "{fsyncs}");
     let feed = whole_feed(&store);
     let dots: HashSet<Dot> = feed.iter().map(|e| e.event.dot).collect();
     assert_eq!(dots.len(), feed.len(), "no dot twice");
@@ -204,20 +282,39 @@ async fn torn_tail_is_cut_off_and_the_store_serves() {
     {
         let store = open(dir.path());
         for i in 0..10 {
-            store.write(ns("t"), vec![put(&format!("k{i}"), "v"), put(&format!("j{i}"), "w")]).await.unwrap();
+            store
+                .write(
+                    ns("t"),
+                    vec![put(&format!("k{i}"), "v"), put(&format!("j{i}"), "w")],
+                )
+                .await
+                .unwrap();
         }
     }
     let seg = segments(dir.path()).pop().unwrap();
     let len = std::fs::metadata(&seg).unwrap().len();
     // Cut the last record in half, as a power loss in mid-write would.
-    OpenOptions::new().write(true).open(&seg).unwrap().set_len(len - 10).unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(len - 10)
+        .unwrap();
     {
         let store = open(dir.path());
-        let torn = store.recovery().torn_tail.clone().expect("a torn tail is reported");
+        let torn = store
+            .recovery()
+            .torn_tail
+            .clone()
+            .expect("a torn tail is reported");
         // The last batch had two records; the intact first one goes too.
         assert_eq!(torn.dropped_records, 1);
         assert_eq!(store.head().seq, 18);
-        assert_eq!(text(&store, "t", "k9"), None, "half a batch is never applied");
+        assert_eq!(
+            text(&store, "t", "k9"),
+            None,
+            "half a batch is never applied"
+        );
         assert_eq!(text(&store, "t", "k8").as_deref(), Some("v"));
         let a = store.write(ns("t"), vec![put("after", "1")]).await.unwrap();
         assert_eq!(a[0].seq, 19);
@@ -226,7 +323,8 @@ async fn torn_tail_is_cut_off_and_the_store_serves() {
     }
     // Garbage after the last record (a write that never finished its header).
     let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
-    f.write_all(&[0x37, 0x13, 0, 0, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3]).unwrap();
+    f.write_all(&[0x37, 0x13, 0, 0, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3])
+        .unwrap();
     drop(f);
     let store = open(dir.path());
     assert!(store.recovery().torn_tail.is_some());
@@ -244,7 +342,12 @@ async fn zero_padding_is_not_a_tear() {
     }
     let seg = segments(dir.path()).pop().unwrap();
     let len = std::fs::metadata(&seg).unwrap().len();
-    OpenOptions::new().write(true).open(&seg).unwrap().set_len(len + 4096).unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(len + 4096)
+        .unwrap();
     let store = open(dir.path());
     assert!(store.recovery().torn_tail.is_none());
     assert_eq!(text(&store, "z", "a").as_deref(), Some("1"));
@@ -256,9 +359,15 @@ async fn lost_index_is_rebuilt_from_the_log() {
     {
         let store = open(dir.path());
         for i in 0..100 {
-            store.write(ns("r"), vec![put(&format!("k{}", i % 7), &i.to_string())]).await.unwrap();
+            store
+                .write(ns("r"), vec![put(&format!("k{}", i % 7), &i.to_string())])
+                .await
+                .unwrap();
         }
-        store.write(ns("r"), vec![WriteOp::delete(key("k3"))]).await.unwrap();
+        store
+            .write(ns("r"), vec![WriteOp::delete(key("k3"))])
+            .await
+            .unwrap();
     }
     std::fs::remove_dir_all(dir.path().join("index")).unwrap();
     let store = open(dir.path());
@@ -282,7 +391,10 @@ async fn index_ahead_of_the_log_is_rebuilt() {
     copy_dir(&dir.path().join("log"), saved.path());
     {
         let store = open(dir.path());
-        store.write(ns("a"), vec![put("k", "new"), put("other", "1")]).await.unwrap();
+        store
+            .write(ns("a"), vec![put("k", "new"), put("other", "1")])
+            .await
+            .unwrap();
     }
     std::fs::remove_dir_all(dir.path().join("log")).unwrap();
     copy_dir(saved.path(), &dir.path().join("log"));
@@ -290,7 +402,12 @@ async fn index_ahead_of_the_log_is_rebuilt() {
     assert!(store.recovery().index_rebuilt);
     assert_eq!(text(&store, "a", "k").as_deref(), Some("old"));
     assert_eq!(store.get(&ns("a"), "other").unwrap(), None);
-    assert_eq!(store.write(ns("a"), vec![put("k", "2")]).await.unwrap()[0].dot.counter, 2);
+    assert_eq!(
+        store.write(ns("a"), vec![put("k", "2")]).await.unwrap()[0]
+            .dot
+            .counter,
+        2
+    );
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -311,16 +428,26 @@ async fn segments_rotate_and_reads_span_them() {
         let store = Store::open(cfg.clone()).unwrap();
         for i in 0..800 {
             let n = if i % 3 == 0 { "big" } else { "small" };
-            store.write(ns(n), vec![put(&format!("k{i}"), &format!("{i}{big}"))]).await.unwrap();
+            store
+                .write(ns(n), vec![put(&format!("k{i}"), &format!("{i}{big}"))])
+                .await
+                .unwrap();
         }
-        assert!(store.status().log_segments >= 3, "{}", store.status().log_segments);
+        assert!(
+            store.status().log_segments >= 3,
+            "{}",
+            store.status().log_segments
+        );
         assert_eq!(text(&store, "big", "k0"), Some(format!("0{big}")));
     }
     assert!(segments(dir.path()).len() >= 3);
     let store = Store::open(cfg).unwrap();
     assert_eq!(store.recovery().replayed_events, 0);
     for i in [0, 3, 399, 798] {
-        assert_eq!(text(&store, "big", &format!("k{i}")), Some(format!("{i}{big}")));
+        assert_eq!(
+            text(&store, "big", &format!("k{i}")),
+            Some(format!("{i}{big}"))
+        );
     }
     assert_eq!(whole_feed(&store).len(), 800);
     // Namespace-filtered reads skip other namespaces' blocks and miss nothing.
@@ -347,7 +474,10 @@ async fn damage_inside_a_sealed_segment_is_refused() {
         let store = Store::open(cfg.clone()).unwrap();
         let v = "y".repeat(10_000);
         for i in 0..300 {
-            store.write(ns("d"), vec![put(&format!("k{i}"), &v)]).await.unwrap();
+            store
+                .write(ns("d"), vec![put(&format!("k{i}"), &v)])
+                .await
+                .unwrap();
         }
     }
     let first = segments(dir.path()).remove(0);
@@ -356,7 +486,9 @@ async fn damage_inside_a_sealed_segment_is_refused() {
     std::os::unix::fs::FileExt::write_all_at(&f, b"garbage!", 5000).unwrap();
     drop(f);
     match Store::open(cfg) {
-        Err(OpenError::Corrupt { reason, .. }) => assert!(reason.contains("sealed segment"), "{reason}"),
+        Err(OpenError::Corrupt { reason, .. }) => {
+            assert!(reason.contains("sealed segment"), "{reason}")
+        }
         Err(e) => panic!("unexpected error {e}"),
         Ok(_) => panic!("opened a damaged log"),
     }
@@ -364,14 +496,21 @@ async fn damage_inside_a_sealed_segment_is_refused() {
 
 #[tokio::test]
 async fn every_fsync_mode_serves_and_persists() {
-    for mode in [FsyncMode::Always, FsyncMode::Interval { ms: 5 }, FsyncMode::Never] {
+    for mode in [
+        FsyncMode::Always,
+        FsyncMode::Interval { ms: 5 },
+        FsyncMode::Never,
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = config(dir.path());
         cfg.fsync = mode;
         {
             let store = Store::open(cfg.clone()).unwrap();
             for i in 0..20 {
-                store.write(ns("m"), vec![put(&format!("k{i}"), "v")]).await.unwrap();
+                store
+                    .write(ns("m"), vec![put(&format!("k{i}"), "v")])
+                    .await
+                    .unwrap();
             }
             // Interval mode shows events in the feed once fsynced; wait for that.
             let mut rx = store.subscribe();
@@ -379,12 +518,19 @@ async fn every_fsync_mode_serves_and_persists() {
                 rx.changed().await.unwrap();
             }
             store.shutdown().await;
-            let e = store.write(ns("m"), vec![put("late", "v")]).await.unwrap_err();
+            let e = store
+                .write(ns("m"), vec![put("late", "v")])
+                .await
+                .unwrap_err();
             assert!(matches!(e, WriteError::Closed), "{mode}: {e:?}");
         }
         let store = Store::open(cfg).unwrap();
         assert_eq!(store.head().seq, 20, "{mode}");
-        assert_eq!(store.recovery().replayed_events, 0, "{mode}: a clean stop leaves nothing to replay");
+        assert_eq!(
+            store.recovery().replayed_events,
+            0,
+            "{mode}: a clean stop leaves nothing to replay"
+        );
     }
 }
 
@@ -398,15 +544,31 @@ async fn scan_lists_live_keys_in_order_with_continuation() {
     }
     ops.push(put("q/1", "other prefix"));
     store.write(ns("s"), ops).await.unwrap();
-    store.write(ns("s2"), vec![put("p/000", "other namespace")]).await.unwrap();
-    store.write(ns("s"), vec![WriteOp::delete(key("p/010")), WriteOp::delete(key("p/011"))]).await.unwrap();
+    store
+        .write(ns("s2"), vec![put("p/000", "other namespace")])
+        .await
+        .unwrap();
+    store
+        .write(
+            ns("s"),
+            vec![WriteOp::delete(key("p/010")), WriteOp::delete(key("p/011"))],
+        )
+        .await
+        .unwrap();
 
     let mut keys = Vec::new();
     let mut after: Option<String> = None;
     loop {
-        let page = store.scan(&ns("s"), "p/", after.as_deref(), 7, true).unwrap();
+        let page = store
+            .scan(&ns("s"), "p/", after.as_deref(), 7, true)
+            .unwrap();
         for item in &page.items {
-            assert_eq!(item.value.as_deref(), Some(item.key.as_str()[2..].trim_start_matches('0').as_bytes()).filter(|v| !v.is_empty()).or(Some(b"0".as_slice())));
+            assert_eq!(
+                item.value.as_deref(),
+                Some(item.key.as_str()[2..].trim_start_matches('0').as_bytes())
+                    .filter(|v| !v.is_empty())
+                    .or(Some(b"0".as_slice()))
+            );
         }
         keys.extend(page.items.iter().map(|i| i.key.to_string()));
         match page.next_after {
@@ -414,7 +576,10 @@ async fn scan_lists_live_keys_in_order_with_continuation() {
             None => break,
         }
     }
-    let expected: Vec<String> = (0..50).filter(|i| *i != 10 && *i != 11).map(|i| format!("p/{i:03}")).collect();
+    let expected: Vec<String> = (0..50)
+        .filter(|i| *i != 10 && *i != 11)
+        .map(|i| format!("p/{i:03}"))
+        .collect();
     assert_eq!(keys, expected);
 }
 
@@ -459,8 +624,18 @@ async fn random_histories_match_a_model_across_reopens() {
     for (k, v) in &model {
         assert_eq!(&text(&store, "model", k), v, "key {k}");
     }
-    let listed: Vec<String> = store.scan(&ns("model"), "", None, 1000, false).unwrap().items.into_iter().map(|i| i.key.to_string()).collect();
-    let live: Vec<String> = model.iter().filter(|(_, v)| v.is_some()).map(|(k, _)| k.clone()).collect();
+    let listed: Vec<String> = store
+        .scan(&ns("model"), "", None, 1000, false)
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|i| i.key.to_string())
+        .collect();
+    let live: Vec<String> = model
+        .iter()
+        .filter(|(_, v)| v.is_some())
+        .map(|(k, _)| k.clone())
+        .collect();
     assert_eq!(listed, live);
 }
 
@@ -472,5 +647,8 @@ async fn node_id_is_fixed_for_a_data_directory() {
     assert_eq!(Store::open(cfg.clone()).unwrap().node_id().get(), 0xabc);
     cfg.node_id = Some(NodeId::new(0xdef).unwrap());
     let err = Store::open(cfg).err().unwrap();
-    assert!(err.to_string().contains("belongs to node 0000000000000abc"), "{err}");
+    assert!(
+        err.to_string().contains("belongs to node 0000000000000abc"),
+        "{err}"
+    );
 }

@@ -86,36 +86,54 @@ impl RunResult {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
-    let modes: Vec<FsyncMode> = args.fsync.iter().map(|m| m.parse()).collect::<Result<_, _>>()?;
+    let modes: Vec<FsyncMode> = args
+        .fsync
+        .iter()
+        .map(|m| m.parse())
+        .collect::<Result<_, _>>()?;
     for s in &args.scenarios {
         if !["fsync", "single", "batch", "http", "rss"].contains(&s.as_str()) {
             bail!("unknown scenario {s:?}; choose among fsync, single, batch, http, rss");
         }
     }
-    if args.repeat == 0 || args.batch_size == 0 || args.single_writers == 0 || args.batch_writers == 0 {
+    if args.repeat == 0
+        || args.batch_size == 0
+        || args.single_writers == 0
+        || args.batch_writers == 0
+    {
         bail!("--repeat, --batch-size and the writer counts must be at least 1");
     }
-    std::fs::create_dir_all(&args.dir).with_context(|| format!("cannot create {}", args.dir.display()))?;
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("cannot create {}", args.dir.display()))?;
     let machine = machine_description(&args.dir);
     eprintln!("asp bench on {machine}");
     eprintln!("bench directory: {}", args.dir.display());
 
     // (label, mode) -> results of each repetition.
     let mut table: Vec<(String, Option<FsyncMode>, Vec<RunResult>)> = Vec::new();
-    let mut record = |label: &str, mode: Option<FsyncMode>, r: RunResult| {
-        match table.iter_mut().find(|(l, m, _)| l == label && *m == mode) {
-            Some((_, _, v)) => v.push(r),
-            None => table.push((label.to_owned(), mode, vec![r])),
-        }
+    let mut record = |label: &str, mode: Option<FsyncMode>, r: RunResult| match table
+        .iter_mut()
+        .find(|(l, m, _)| l == label && *m == mode)
+    {
+        Some((_, _, v)) => v.push(r),
+        None => table.push((label.to_owned(), mode, vec![r])),
     };
     let wants = |s: &str| args.scenarios.iter().any(|x| x == s);
-    let value = Bytes::from((0..args.value_bytes).map(|i| (i * 31 % 251) as u8).collect::<Vec<_>>());
+    let value = Bytes::from(
+        (0..args.value_bytes)
+            .map(|i| (i * 31 % 251) as u8)
+            .collect::<Vec<_>>(),
+    );
 
     for rep in 0..args.repeat {
         eprintln!("— repetition {} of {}", rep + 1, args.repeat);
         for &mode in &modes {
             if wants("fsync") {
-                record("fsync 4 KiB", None, fsync_probe(&args.dir, Duration::from_secs(2))?);
+                record(
+                    "fsync 4 KiB",
+                    None,
+                    fsync_probe(&args.dir, Duration::from_secs(2))?,
+                );
             }
             if wants("single") {
                 let r = lib_single(&args, mode, value.clone()).await?;
@@ -220,7 +238,12 @@ fn store_config(dir: &Path, mode: FsyncMode) -> StoreConfig {
 /// 4 KiB writes, each followed by fdatasync, for `duration`.
 fn fsync_probe(base: &Path, duration: Duration) -> anyhow::Result<RunResult> {
     let path = base.join(format!("fsync-probe-{}", std::process::id()));
-    let file = std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)?;
     let block = vec![0x5au8; 4096];
     let mut hist = histogram();
     let started = Instant::now();
@@ -237,7 +260,10 @@ fn fsync_probe(base: &Path, duration: Duration) -> anyhow::Result<RunResult> {
     let seconds = started.elapsed().as_secs_f64();
     drop(file);
     std::fs::remove_file(&path)?;
-    eprintln!("  fsync probe: {n} write+fdatasync in {seconds:.1} s, p99 {} µs", hist.value_at_quantile(0.99));
+    eprintln!(
+        "  fsync probe: {n} write+fdatasync in {seconds:.1} s, p99 {} µs",
+        hist.value_at_quantile(0.99)
+    );
     Ok(RunResult {
         events: n,
         seconds,
@@ -259,7 +285,13 @@ async fn lib_single(args: &BenchArgs, mode: FsyncMode, value: Bytes) -> anyhow::
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..args.single_writers {
-        let (store, ns, next, value, bar) = (store.clone(), ns.clone(), next.clone(), value.clone(), bar.clone());
+        let (store, ns, next, value, bar) = (
+            store.clone(),
+            ns.clone(),
+            next.clone(),
+            value.clone(),
+            bar.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut hist = histogram();
             loop {
@@ -269,7 +301,12 @@ async fn lib_single(args: &BenchArgs, mode: FsyncMode, value: Bytes) -> anyhow::
                 }
                 let key = Key::new(&format!("k{i:012}")).expect("valid key");
                 let t = Instant::now();
-                store.write(ns.clone(), vec![WriteOp::put(key, ContentType::OctetStream, value.clone())]).await?;
+                store
+                    .write(
+                        ns.clone(),
+                        vec![WriteOp::put(key, ContentType::OctetStream, value.clone())],
+                    )
+                    .await?;
                 hist.saturating_record(t.elapsed().as_micros() as u64);
                 bar.inc(1);
             }
@@ -295,18 +332,33 @@ async fn lib_single(args: &BenchArgs, mode: FsyncMode, value: Bytes) -> anyhow::
         max_us: hist.max(),
         peak_rss_mb: None,
     };
-    eprintln!("  single, fsync={mode}: {} events/s, {} events/fsync, p99 {} µs", fmt_rate(r.rate()), r.per_fsync().map_or("-".into(), |v| format!("{v:.0}")), r.p99_us);
+    eprintln!(
+        "  single, fsync={mode}: {} events/s, {} events/fsync, p99 {} µs",
+        fmt_rate(r.rate()),
+        r.per_fsync().map_or("-".into(), |v| format!("{v:.0}")),
+        r.p99_us
+    );
     Ok(r)
 }
 
-async fn lib_batch(args: &BenchArgs, mode: FsyncMode, value: Bytes, total: u64, watch_rss: bool) -> anyhow::Result<RunResult> {
+async fn lib_batch(
+    args: &BenchArgs,
+    mode: FsyncMode,
+    value: Bytes,
+    total: u64,
+    watch_rss: bool,
+) -> anyhow::Result<RunResult> {
     let dir = fresh_dir(&args.dir, if watch_rss { "rss" } else { "batch" })?;
     let store = Store::open(store_config(&dir, mode))?;
     let ns = Namespace::new("bench")?;
     let batch = args.batch_size as u64;
     let batches = total.div_ceil(batch);
     let next = Arc::new(AtomicU64::new(0));
-    let label = if watch_rss { format!("{total} distinct keys, fsync={mode}") } else { format!("1,000-event batches, fsync={mode}") };
+    let label = if watch_rss {
+        format!("{total} distinct keys, fsync={mode}")
+    } else {
+        format!("1,000-event batches, fsync={mode}")
+    };
     let bar = progress(&label, batches * batch);
     let rss_peak = Arc::new(AtomicU64::new(0));
     let sampler = watch_rss.then(|| {
@@ -323,7 +375,13 @@ async fn lib_batch(args: &BenchArgs, mode: FsyncMode, value: Bytes, total: u64, 
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..args.batch_writers {
-        let (store, ns, next, value, bar) = (store.clone(), ns.clone(), next.clone(), value.clone(), bar.clone());
+        let (store, ns, next, value, bar) = (
+            store.clone(),
+            ns.clone(),
+            next.clone(),
+            value.clone(),
+            bar.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut hist = histogram();
             loop {
@@ -332,7 +390,13 @@ async fn lib_batch(args: &BenchArgs, mode: FsyncMode, value: Bytes, total: u64, 
                     break;
                 }
                 let ops: Vec<WriteOp> = (0..batch)
-                    .map(|j| WriteOp::put(Key::new(&format!("k{:012}", b * batch + j)).expect("valid key"), ContentType::OctetStream, value.clone()))
+                    .map(|j| {
+                        WriteOp::put(
+                            Key::new(&format!("k{:012}", b * batch + j)).expect("valid key"),
+                            ContentType::OctetStream,
+                            value.clone(),
+                        )
+                    })
                     .collect();
                 let t = Instant::now();
                 store.write(ns.clone(), ops).await?;
@@ -382,7 +446,12 @@ async fn http_batch(args: &BenchArgs, mode: FsyncMode, value: Bytes) -> anyhow::
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let state = asp_http::AppState::new(store.clone(), asp_http::ApiConfig::default(), addr, shutdown.clone());
+    let state = asp_http::AppState::new(
+        store.clone(),
+        asp_http::ApiConfig::default(),
+        addr,
+        shutdown.clone(),
+    );
     let server = tokio::spawn(asp_http::serve(listener, state));
     let client = asp_http::client::Client::new(&format!("http://{addr}"))?;
     let batch = args.batch_size as u64;
@@ -393,7 +462,8 @@ async fn http_batch(args: &BenchArgs, mode: FsyncMode, value: Bytes) -> anyhow::
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..args.batch_writers {
-        let (client, next, value_b64, bar) = (client.clone(), next.clone(), value_b64.clone(), bar.clone());
+        let (client, next, value_b64, bar) =
+            (client.clone(), next.clone(), value_b64.clone(), bar.clone());
         tasks.push(tokio::spawn(async move {
             let mut hist = histogram();
             let mut body = Vec::with_capacity(batch as usize * (value_b64.len() + 64));
@@ -408,7 +478,11 @@ async fn http_batch(args: &BenchArgs, mode: FsyncMode, value: Bytes) -> anyhow::
                     if j > 0 {
                         body.push(b',');
                     }
-                    write!(body, "{{\"op\":\"put\",\"key\":\"k{:012}\",\"value_base64\":\"{value_b64}\"}}", b * batch + j)?;
+                    write!(
+                        body,
+                        "{{\"op\":\"put\",\"key\":\"k{:012}\",\"value_base64\":\"{value_b64}\"}}",
+                        b * batch + j
+                    )?;
                 }
                 body.extend_from_slice(b"]}");
                 let t = Instant::now();
@@ -440,7 +514,11 @@ async fn http_batch(args: &BenchArgs, mode: FsyncMode, value: Bytes) -> anyhow::
         max_us: hist.max(),
         peak_rss_mb: None,
     };
-    eprintln!("  http, fsync={mode}: {} events/s, batch p99 {} µs", fmt_rate(r.rate()), r.p99_us);
+    eprintln!(
+        "  http, fsync={mode}: {} events/s, batch p99 {} µs",
+        fmt_rate(r.rate()),
+        r.p99_us
+    );
     Ok(r)
 }
 
@@ -457,16 +535,28 @@ fn rss_kb() -> Option<u64> {
 fn machine_description(dir: &Path) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mem_gb = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|s| s.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
         .map_or(0.0, |kb| kb as f64 / 1024.0 / 1024.0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let fs = filesystem_of(dir).unwrap_or_else(|| "unknown filesystem".into());
-    format!("{cpu}, {cores} cores, {mem_gb:.0} GiB RAM, Linux {}, bench dir on {fs}", kernel.trim())
+    format!(
+        "{cpu}, {cores} cores, {mem_gb:.0} GiB RAM, Linux {}, bench dir on {fs}",
+        kernel.trim()
+    )
 }
 
 /// The filesystem type and device holding `dir`, from /proc/mounts (longest prefix).
@@ -477,7 +567,8 @@ fn filesystem_of(dir: &Path) -> Option<String> {
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() >= 3 && dir.starts_with(f[1])).then(|| (f[1].len(), format!("{} ({})", f[2], f[0])))
+            (f.len() >= 3 && dir.starts_with(f[1]))
+                .then(|| (f[1].len(), format!("{} ({})", f[2], f[0])))
         })
         .max_by_key(|(len, _)| *len)
         .map(|(_, d)| d)

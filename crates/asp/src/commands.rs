@@ -16,11 +16,20 @@ fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
-pub async fn put(node: &str, ns: &str, key: &str, value: Option<String>, content_type: Option<String>, if_match: Option<String>) -> anyhow::Result<ExitCode> {
+pub async fn put(
+    node: &str,
+    ns: &str,
+    key: &str,
+    value: Option<String>,
+    content_type: Option<String>,
+    if_match: Option<String>,
+) -> anyhow::Result<ExitCode> {
     let value: Vec<u8> = match value.as_deref() {
         None | Some("-") => {
             let mut buf = Vec::new();
-            std::io::stdin().read_to_end(&mut buf).context("reading the value from stdin")?;
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .context("reading the value from stdin")?;
             buf
         }
         Some(v) => v.as_bytes().to_vec(),
@@ -34,17 +43,34 @@ pub async fn put(node: &str, ns: &str, key: &str, value: Option<String>, content
             "application/octet-stream".into()
         }
     });
-    let answer = client(node)?.put(ns, key, &content_type, Bytes::from(value), if_match.as_deref()).await?;
+    let answer = client(node)?
+        .put(
+            ns,
+            key,
+            &content_type,
+            Bytes::from(value),
+            if_match.as_deref(),
+        )
+        .await?;
     print_json(&answer);
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn get(node: &str, ns: &str, key: &str, accept: Option<String>) -> anyhow::Result<ExitCode> {
+pub async fn get(
+    node: &str,
+    ns: &str,
+    key: &str,
+    accept: Option<String>,
+) -> anyhow::Result<ExitCode> {
     match client(node)?.get(ns, key, accept.as_deref()).await? {
         Some(response) => {
             let mut out = std::io::stdout().lock();
             out.write_all(&response.body)?;
-            if response.header("content-type").is_some_and(|c| c.starts_with("application/json") || c.starts_with("text/")) && !response.body.ends_with(b"\n") {
+            if response
+                .header("content-type")
+                .is_some_and(|c| c.starts_with("application/json") || c.starts_with("text/"))
+                && !response.body.ends_with(b"\n")
+            {
                 out.write_all(b"\n")?;
             }
             if let Some(etag) = response.header("etag") {
@@ -59,18 +85,37 @@ pub async fn get(node: &str, ns: &str, key: &str, accept: Option<String>) -> any
     }
 }
 
-pub async fn del(node: &str, ns: &str, key: &str, if_match: Option<String>) -> anyhow::Result<ExitCode> {
+pub async fn del(
+    node: &str,
+    ns: &str,
+    key: &str,
+    if_match: Option<String>,
+) -> anyhow::Result<ExitCode> {
     print_json(&client(node)?.delete(ns, key, if_match.as_deref()).await?);
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn scan(node: &str, ns: &str, prefix: &str, limit: usize, values: bool) -> anyhow::Result<ExitCode> {
+pub async fn scan(
+    node: &str,
+    ns: &str,
+    prefix: &str,
+    limit: usize,
+    values: bool,
+) -> anyhow::Result<ExitCode> {
     let client = client(node)?;
     let mut after: Option<String> = None;
     let mut shown = 0;
     let mut out = std::io::stdout().lock();
     while shown < limit {
-        let page = client.list(ns, prefix, after.as_deref(), (limit - shown).min(1000), values).await?;
+        let page = client
+            .list(
+                ns,
+                prefix,
+                after.as_deref(),
+                (limit - shown).min(1000),
+                values,
+            )
+            .await?;
         let items = page["items"].as_array().cloned().unwrap_or_default();
         for item in &items {
             if values {
@@ -130,7 +175,9 @@ pub async fn watch(node: &str, ns: &str, since: u64) -> anyhow::Result<ExitCode>
                     }
                 }
                 Ok(None) => {
-                    eprintln!("asp: the node closed the stream; reconnecting after position {position}");
+                    eprintln!(
+                        "asp: the node closed the stream; reconnecting after position {position}"
+                    );
                     break;
                 }
                 Err(e) => {

@@ -49,7 +49,8 @@ pub struct StoreSection {
 }
 
 pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("config file {} is not valid", path.display()))
 }
 
@@ -73,19 +74,27 @@ pub struct NodeConfig {
 }
 
 pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig> {
-    let data_dir = flags.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    let data_dir = flags
+        .data_dir
+        .or(file.data_dir)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
     let mut store = StoreConfig::new(data_dir);
     if let Some(id) = flags.node_id.or(file.node_id) {
-        let id: NodeId = id.parse().with_context(|| format!("invalid node id {id:?}"))?;
+        let id: NodeId = id
+            .parse()
+            .with_context(|| format!("invalid node id {id:?}"))?;
         store.node_id = Some(id);
     }
     if let Some(mode) = flags.fsync.or(file.fsync) {
         store.fsync = mode.parse::<FsyncMode>()?;
     }
-    let api = flags.api.or(file.api).unwrap_or_else(|| DEFAULT_API.to_owned());
-    let listen: SocketAddr = api
-        .parse()
-        .with_context(|| format!("invalid API address {api:?}: use IP:PORT, for example 127.0.0.1:7700"))?;
+    let api = flags
+        .api
+        .or(file.api)
+        .unwrap_or_else(|| DEFAULT_API.to_owned());
+    let listen: SocketAddr = api.parse().with_context(|| {
+        format!("invalid API address {api:?}: use IP:PORT, for example 127.0.0.1:7700")
+    })?;
 
     let pick = |flag: Option<usize>, file: Option<usize>| flag.or(file);
     let limits = &file.limits;
@@ -105,10 +114,17 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
     if let Some(v) = pick(flags.limits.write_queue_max, limits.write_queue_max) {
         store.write_queue_max = v;
     }
-    if let Some(v) = pick(flags.limits.write_queue_bytes_max, limits.write_queue_bytes_max) {
+    if let Some(v) = pick(
+        flags.limits.write_queue_bytes_max,
+        limits.write_queue_bytes_max,
+    ) {
         store.write_queue_bytes_max = v;
     }
-    if let Some(ms) = flags.limits.write_queue_wait_ms.or(limits.write_queue_wait_ms) {
+    if let Some(ms) = flags
+        .limits
+        .write_queue_wait_ms
+        .or(limits.write_queue_wait_ms)
+    {
         store.write_queue_wait = Duration::from_millis(ms);
     }
     if let Some(v) = flags.segment_bytes_max.or(file.store.segment_bytes_max) {
@@ -123,7 +139,9 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
     if let Some(v) = flags.max_clock_skew_ms.or(file.store.max_clock_skew_ms) {
         store.max_clock_skew_ms = v;
     }
-    store.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    store
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     Ok(NodeConfig {
         store,
         api: api_config,
@@ -162,9 +180,27 @@ mod tests {
     fn mistakes_are_reported() {
         let typo = toml::from_str::<FileConfig>("fsynk = \"always\"").unwrap_err();
         assert!(typo.to_string().contains("fsynk"), "{typo}");
-        let bad_api = resolve(FileConfig { api: Some("localhost".into()), ..Default::default() }, Overrides::default());
+        let bad_api = resolve(
+            FileConfig {
+                api: Some("localhost".into()),
+                ..Default::default()
+            },
+            Overrides::default(),
+        );
         assert!(bad_api.err().unwrap().to_string().contains("IP:PORT"));
-        let bad_fsync = resolve(FileConfig { fsync: Some("sometimes".into()), ..Default::default() }, Overrides::default());
-        assert!(bad_fsync.err().unwrap().to_string().contains("interval:<ms>"));
+        let bad_fsync = resolve(
+            FileConfig {
+                fsync: Some("sometimes".into()),
+                ..Default::default()
+            },
+            Overrides::default(),
+        );
+        assert!(
+            bad_fsync
+                .err()
+                .unwrap()
+                .to_string()
+                .contains("interval:<ms>")
+        );
     }
 }

@@ -12,8 +12,17 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+// Many threads allocate and free small buffers concurrently (HTTP, writer stages, the
+// index); mimalloc measured clearly cheaper than glibc malloc here (bench/RESULTS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
-#[command(name = "asp", version, about = "asp: asynchronous data synchronization — a durable, replicating key-value node")]
+#[command(
+    name = "asp",
+    version,
+    about = "asp: asynchronous data synchronization — a durable, replicating key-value node"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -82,7 +91,12 @@ struct ServeArgs {
 #[derive(Args, Clone)]
 pub struct NodeArgs {
     /// The node's API.
-    #[arg(long, env = "ASP_NODE", default_value = "http://127.0.0.1:7700", value_name = "URL")]
+    #[arg(
+        long,
+        env = "ASP_NODE",
+        default_value = "http://127.0.0.1:7700",
+        value_name = "URL"
+    )]
     node: String,
 }
 
@@ -155,7 +169,10 @@ struct WatchArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("asp: cannot start the async runtime: {e}");
@@ -183,10 +200,33 @@ fn main() -> ExitCode {
                 };
                 serve::run(a.config.as_deref(), flags).await
             }
-            Command::Put(a) => commands::put(&a.target.node.node, &a.target.ns, &a.key, a.value, a.content_type, a.if_match).await,
-            Command::Get(a) => commands::get(&a.target.node.node, &a.target.ns, &a.key, a.accept).await,
-            Command::Del(a) => commands::del(&a.target.node.node, &a.target.ns, &a.key, a.if_match).await,
-            Command::Scan(a) => commands::scan(&a.target.node.node, &a.target.ns, &a.prefix, a.limit, a.values).await,
+            Command::Put(a) => {
+                commands::put(
+                    &a.target.node.node,
+                    &a.target.ns,
+                    &a.key,
+                    a.value,
+                    a.content_type,
+                    a.if_match,
+                )
+                .await
+            }
+            Command::Get(a) => {
+                commands::get(&a.target.node.node, &a.target.ns, &a.key, a.accept).await
+            }
+            Command::Del(a) => {
+                commands::del(&a.target.node.node, &a.target.ns, &a.key, a.if_match).await
+            }
+            Command::Scan(a) => {
+                commands::scan(
+                    &a.target.node.node,
+                    &a.target.ns,
+                    &a.prefix,
+                    a.limit,
+                    a.values,
+                )
+                .await
+            }
             Command::Watch(a) => commands::watch(&a.target.node.node, &a.target.ns, a.since).await,
             Command::Status(a) => commands::status(&a.node).await,
             Command::Bench(a) => bench::run(a).await,

@@ -27,7 +27,12 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
     let store = tokio::task::spawn_blocking(move || Store::open(store_config))
         .await
         .context("the store's open task failed")?
-        .with_context(|| format!("cannot open the store in {}", config.store.data_dir.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot open the store in {}",
+                config.store.data_dir.display()
+            )
+        })?;
     let listen = listener.local_addr().unwrap_or(config.listen);
     let shutdown = CancellationToken::new();
     let state = AppState::new(store.clone(), config.api.clone(), listen, shutdown.clone());

@@ -44,7 +44,9 @@ async fn acknowledged_writes_survive_repeated_sigkill() {
                 } else if choice < 8 {
                     vec![(format!("w{w}/hot"), i.to_string())]
                 } else {
-                    (0..3).map(|j| (format!("w{w}/b{i}-{j}"), format!("[{i},{j}]"))).collect()
+                    (0..3)
+                        .map(|j| (format!("w{w}/b{i}-{j}"), format!("[{i},{j}]")))
+                        .collect()
                 };
                 {
                     let mut l = ledger.lock().unwrap();
@@ -54,10 +56,22 @@ async fn acknowledged_writes_survive_repeated_sigkill() {
                 }
                 let result = if attempt.len() == 1 {
                     let (k, v) = &attempt[0];
-                    client.put("crash", k, "application/json", Bytes::from(v.clone()), None).await.map(drop)
+                    client
+                        .put("crash", k, "application/json", Bytes::from(v.clone()), None)
+                        .await
+                        .map(drop)
                 } else {
-                    let ops: Vec<String> = attempt.iter().map(|(k, v)| format!(r#"{{"op":"put","key":"{k}","value":{v}}}"#)).collect();
-                    client.batch("crash", Bytes::from(format!(r#"{{"ops":[{}]}}"#, ops.join(",")))).await.map(drop)
+                    let ops: Vec<String> = attempt
+                        .iter()
+                        .map(|(k, v)| format!(r#"{{"op":"put","key":"{k}","value":{v}}}"#))
+                        .collect();
+                    client
+                        .batch(
+                            "crash",
+                            Bytes::from(format!(r#"{{"ops":[{}]}}"#, ops.join(","))),
+                        )
+                        .await
+                        .map(drop)
                 };
                 match result {
                     Ok(()) => {
@@ -95,36 +109,74 @@ async fn acknowledged_writes_survive_repeated_sigkill() {
     node.restart().await;
 
     let client = node.client();
-    let ledger = ledger.lock().unwrap();
-    assert!(ledger.acked.len() > 200, "too few writes to mean anything: {}", ledger.acked.len());
+    let ledger = std::mem::take(&mut *ledger.lock().unwrap());
+    assert!(
+        ledger.acked.len() > 200,
+        "too few writes to mean anything: {}",
+        ledger.acked.len()
+    );
     for (key, value) in &ledger.acked {
         let got = client.get("crash", key, None).await.unwrap();
         let got = got.map(|r| String::from_utf8(r.body.to_vec()).unwrap());
         // The stored value is the acknowledged one, or a later write of the same key
         // whose answer was lost in a crash.
         let ok = got.as_deref() == Some(value.as_str())
-            || got.as_ref().is_some_and(|g| ledger.in_doubt.get(key).is_some_and(|d| d.contains(g)));
-        assert!(ok, "seed {seed}: key {key} acknowledged as {value}, reads {got:?}");
+            || got
+                .as_ref()
+                .is_some_and(|g| ledger.in_doubt.get(key).is_some_and(|d| d.contains(g)));
+        assert!(
+            ok,
+            "seed {seed}: key {key} acknowledged as {value}, reads {got:?}"
+        );
     }
 
     // The feed: positions dense from 1, each event once, counters of the one origin dense.
     let feed = whole_feed(&client, "crash").await;
     let status = client.status().await.unwrap();
-    assert_eq!(feed.len() as u64, status["feed"]["head_seq"].as_u64().unwrap(), "seed {seed}");
+    assert_eq!(
+        feed.len() as u64,
+        status["feed"]["head_seq"].as_u64().unwrap(),
+        "seed {seed}"
+    );
     let mut versions = HashSet::new();
     for (i, change) in feed.iter().enumerate() {
-        assert_eq!(change["seq"].as_u64().unwrap(), i as u64 + 1, "seed {seed}: gap or duplicate in the feed at {i}");
-        assert_eq!(change["dot"]["counter"].as_u64().unwrap(), i as u64 + 1, "seed {seed}: counters must be dense");
-        assert!(versions.insert(change["version"].as_str().unwrap().to_owned()), "seed {seed}: event twice");
+        assert_eq!(
+            change["seq"].as_u64().unwrap(),
+            i as u64 + 1,
+            "seed {seed}: gap or duplicate in the feed at {i}"
+        );
+        assert_eq!(
+            change["dot"]["counter"].as_u64().unwrap(),
+            i as u64 + 1,
+            "seed {seed}: counters must be dense"
+        );
+        assert!(
+            versions.insert(change["version"].as_str().unwrap().to_owned()),
+            "seed {seed}: event twice"
+        );
     }
     // Every acknowledged write is in the feed.
     let in_feed: HashSet<(String, String)> = feed
         .iter()
-        .map(|c| (c["key"].as_str().unwrap().to_owned(), c["value"].to_string()))
+        .map(|c| {
+            (
+                c["key"].as_str().unwrap().to_owned(),
+                c["value"].to_string(),
+            )
+        })
         .collect();
     for (key, value) in &ledger.acked {
-        let canonical = serde_json::from_str::<serde_json::Value>(value).unwrap().to_string();
-        assert!(in_feed.contains(&(key.clone(), canonical)), "seed {seed}: {key}={value} acknowledged but not in the feed");
+        let canonical = serde_json::from_str::<serde_json::Value>(value)
+            .unwrap()
+            .to_string();
+        assert!(
+            in_feed.contains(&(key.clone(), canonical)),
+            "seed {seed}: {key}={value} acknowledged but not in the feed"
+        );
     }
-    eprintln!("{} keys acknowledged, {} events in the feed, {kills} kills", ledger.acked.len(), feed.len());
+    eprintln!(
+        "{} keys acknowledged, {} events in the feed, {kills} kills",
+        ledger.acked.len(),
+        feed.len()
+    );
 }

@@ -16,7 +16,10 @@ async fn sigterm_and_sigint_finish_and_exit_zero() {
     let data = dir.path().join("node");
     for signal in [libc::SIGTERM, libc::SIGINT] {
         let mut node = Node::start(&data, &[]).await;
-        node.client().put("s", "k", "application/json", Bytes::from_static(b"1"), None).await.unwrap();
+        node.client()
+            .put("s", "k", "application/json", Bytes::from_static(b"1"), None)
+            .await
+            .unwrap();
         let status = node.signal(signal);
         assert_eq!(status.code(), Some(0), "signal {signal}: {}", node.log());
         assert!(node.log().contains("stopped cleanly"), "{}", node.log());
@@ -35,7 +38,16 @@ async fn torn_tail_after_a_crash_is_dropped_logged_and_the_node_serves() {
     let mut node = Node::start(&data, &[]).await;
     let client = node.client();
     for i in 0..50 {
-        client.put("t", &format!("k{i}"), "application/json", Bytes::from(i.to_string()), None).await.unwrap();
+        client
+            .put(
+                "t",
+                &format!("k{i}"),
+                "application/json",
+                Bytes::from(i.to_string()),
+                None,
+            )
+            .await
+            .unwrap();
     }
     node.kill();
     // As after a power loss in mid-write: half a record header and some garbage.
@@ -46,19 +58,40 @@ async fn torn_tail_after_a_crash_is_dropped_logged_and_the_node_serves() {
         .max()
         .unwrap();
     let garbage = [0x40, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef, 0x01, 0x99, 0x12];
-    std::fs::OpenOptions::new().append(true).open(&segment).unwrap().write_all(&garbage).unwrap();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&segment)
+        .unwrap()
+        .write_all(&garbage)
+        .unwrap();
     node.restart().await;
     let log = node.log();
-    assert!(log.contains("log tail was torn"), "the drop must be logged:\n{log}");
+    assert!(
+        log.contains("log tail was torn"),
+        "the drop must be logged:\n{log}"
+    );
     assert!(log.contains("dropped_bytes=11"), "{log}");
     let client = node.client();
     let status = client.status().await.unwrap();
     assert_eq!(status["recovery"]["torn_tail_bytes"], 11);
     for i in 0..50 {
-        let v = client.get("t", &format!("k{i}"), None).await.unwrap().unwrap();
+        let v = client
+            .get("t", &format!("k{i}"), None)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(v.body, Bytes::from(i.to_string()));
     }
-    let w = client.put("t", "after", "application/json", Bytes::from_static(b"true"), None).await.unwrap();
+    let w = client
+        .put(
+            "t",
+            "after",
+            "application/json",
+            Bytes::from_static(b"true"),
+            None,
+        )
+        .await
+        .unwrap();
     assert_eq!(w["seq"], 51);
 }
 
@@ -69,26 +102,40 @@ async fn live_feed_resumes_exactly_once_across_a_killed_and_restarted_process() 
     let mut node = Node::start(&data, &[]).await;
     let client = node.client();
     for i in 0..40 {
-        client.put("live", &format!("k{i}"), "application/json", Bytes::from(i.to_string()), None).await.unwrap();
+        client
+            .put(
+                "live",
+                &format!("k{i}"),
+                "application/json",
+                Bytes::from(i.to_string()),
+                None,
+            )
+            .await
+            .unwrap();
     }
     let mut seen: Vec<(u64, String)> = Vec::new();
     let mut stream = client.watch("live", 0).await.unwrap();
     while seen.len() < 15 {
-        let e = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.unwrap().unwrap().unwrap();
+        let e = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         let v: serde_json::Value = serde_json::from_str(&e.data).unwrap();
-        seen.push((e.id.unwrap().parse().unwrap(), v["key"].as_str().unwrap().to_owned()));
+        seen.push((
+            e.id.unwrap().parse().unwrap(),
+            v["key"].as_str().unwrap().to_owned(),
+        ));
     }
     node.kill();
     // The stream ends with the process.
     let end = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match stream.next().await {
-                Ok(Some(e)) => {
-                    let v: serde_json::Value = serde_json::from_str(&e.data).unwrap();
-                    seen.push((e.id.unwrap().parse().unwrap(), v["key"].as_str().unwrap().to_owned()));
-                }
-                _ => break,
-            }
+        while let Ok(Some(e)) = stream.next().await {
+            let v: serde_json::Value = serde_json::from_str(&e.data).unwrap();
+            seen.push((
+                e.id.unwrap().parse().unwrap(),
+                v["key"].as_str().unwrap().to_owned(),
+            ));
         }
     })
     .await;
@@ -99,15 +146,31 @@ async fn live_feed_resumes_exactly_once_across_a_killed_and_restarted_process() 
         let client = client.clone();
         tokio::spawn(async move {
             for i in 40..80 {
-                client.put("live", &format!("k{i}"), "application/json", Bytes::from(i.to_string()), None).await.unwrap();
+                client
+                    .put(
+                        "live",
+                        &format!("k{i}"),
+                        "application/json",
+                        Bytes::from(i.to_string()),
+                        None,
+                    )
+                    .await
+                    .unwrap();
             }
         })
     };
     let mut stream = client.watch("live", seen.last().unwrap().0).await.unwrap();
     while seen.len() < 80 {
-        let e = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.unwrap().unwrap().unwrap();
+        let e = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         let v: serde_json::Value = serde_json::from_str(&e.data).unwrap();
-        seen.push((e.id.unwrap().parse().unwrap(), v["key"].as_str().unwrap().to_owned()));
+        seen.push((
+            e.id.unwrap().parse().unwrap(),
+            v["key"].as_str().unwrap().to_owned(),
+        ));
     }
     writer.await.unwrap();
     let keys: Vec<String> = seen.iter().map(|(_, k)| k.clone()).collect();
@@ -133,18 +196,28 @@ async fn command_line_client_round_trip_and_clear_failures() {
         asp(&args)
     };
     let out = run(&["put", "user/1", r#"{"name":"ada"}"#]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(answer["key"], "user/1");
     let out = run(&["get", "user/1"]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), r#"{"name":"ada"}"#);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        r#"{"name":"ada"}"#
+    );
     let out = run(&["put", "greeting", "hello"]);
     assert!(out.status.success());
     let out = run(&["get", "greeting"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hello");
     let out = run(&["scan"]);
     let listing = String::from_utf8_lossy(&out.stdout);
-    assert!(listing.contains("greeting\t") && listing.contains("user/1\t"), "{listing}");
+    assert!(
+        listing.contains("greeting\t") && listing.contains("user/1\t"),
+        "{listing}"
+    );
     let out = run(&["del", "greeting"]);
     assert!(out.status.success());
     let out = run(&["get", "greeting"]);
@@ -161,18 +234,48 @@ async fn command_line_client_round_trip_and_clear_failures() {
     let out = asp(&["get", "--node", "localhost:7700", "k"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("http://host:port"));
-    let out = asp(&["status", "--node", &format!("http://127.0.0.1:{}", common::free_port())]);
+    let out = asp(&[
+        "status",
+        "--node",
+        &format!("http://127.0.0.1:{}", common::free_port()),
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
     let out = run(&["put", "bad/ns", "1", "--content-type", "image/png"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("unsupported_media_type"));
-    let out = asp(&["serve", "--data-dir", dir.path().join("x").to_str().unwrap(), "--fsync", "sometimes"]);
+    let out = asp(&[
+        "serve",
+        "--data-dir",
+        dir.path().join("x").to_str().unwrap(),
+        "--fsync",
+        "sometimes",
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("interval:<ms>"));
-    let out = asp(&["serve", "--data-dir", dir.path().join("node").to_str().unwrap(), "--api", "127.0.0.1:0"]);
+    let out = asp(&[
+        "serve",
+        "--data-dir",
+        dir.path().join("node").to_str().unwrap(),
+        "--api",
+        "127.0.0.1:0",
+    ]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another asp process"), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = asp(&["serve", "--data-dir", dir.path().join("y").to_str().unwrap(), "--api", &format!("127.0.0.1:{}", node.port)]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use by another asp process"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = asp(&[
+        "serve",
+        "--data-dir",
+        dir.path().join("y").to_str().unwrap(),
+        "--api",
+        &format!("127.0.0.1:{}", node.port),
+    ]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot listen"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot listen"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

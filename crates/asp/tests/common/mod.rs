@@ -13,7 +13,11 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_asp");
 
 /// A free port on loopback (released for the node to take).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub struct Node {
@@ -81,15 +85,29 @@ impl Node {
         let client = self.client();
         let started = Instant::now();
         loop {
-            if let Ok(r) = client.send(axum::http::Method::GET, "/healthz", &[], bytes::Bytes::new()).await {
-                if r.status.is_success() {
-                    return;
-                }
+            if let Ok(r) = client
+                .send(
+                    axum::http::Method::GET,
+                    "/healthz",
+                    &[],
+                    bytes::Bytes::new(),
+                )
+                .await
+                && r.status.is_success()
+            {
+                return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("asp serve exited with {status} while starting:\n{}", self.log());
+                panic!(
+                    "asp serve exited with {status} while starting:\n{}",
+                    self.log()
+                );
             }
-            assert!(started.elapsed() < limit, "asp serve did not become healthy in {limit:?}:\n{}", self.log());
+            assert!(
+                started.elapsed() < limit,
+                "asp serve did not become healthy in {limit:?}:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -112,7 +130,10 @@ impl Node {
             if let Some(status) = child.try_wait().unwrap() {
                 return status;
             }
-            assert!(started.elapsed() < Duration::from_secs(30), "asp serve did not stop after signal {signal}");
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "asp serve did not stop after signal {signal}"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -166,5 +187,11 @@ pub fn seed() -> u64 {
     std::env::var("ASP_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1)
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        })
 }
