@@ -922,3 +922,53 @@ async fn metrics_and_status_report_the_writer() {
     let _ = header::ACCEPT;
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_writer_queue_answers_503_with_retry_after_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), |s, _| {
+        s.write_queue_max = 1;
+        s.write_queue_wait = Duration::from_millis(0);
+    })
+    .await;
+    let mut overloaded = 0;
+    let mut acked = Vec::new();
+    // Bursts of concurrent writes against a one-slot queue that allows no waiting: some
+    // must be turned away. Bounded number of bursts.
+    for burst in 0..20 {
+        let mut tasks = Vec::new();
+        for i in 0..64 {
+            let c = server.client.clone();
+            let key = format!("b{burst}-{i}");
+            tasks.push(tokio::spawn(async move {
+                let r = c
+                    .send(Method::PUT, &Client::kv_path("q", &key), &[(header::CONTENT_TYPE, "application/json")], Bytes::from_static(b"1"))
+                    .await
+                    .unwrap();
+                (key, r)
+            }));
+        }
+        for t in tasks {
+            let (key, r) = t.await.unwrap();
+            match r.status {
+                StatusCode::OK => acked.push(key),
+                StatusCode::SERVICE_UNAVAILABLE => {
+                    assert_eq!(r.header("retry-after"), Some("1"));
+                    assert_eq!(r.json().unwrap()["error"]["code"], "overloaded");
+                    overloaded += 1;
+                }
+                other => panic!("unexpected {other}: {:?}", r.body),
+            }
+        }
+        if overloaded > 0 && burst >= 2 {
+            break;
+        }
+    }
+    assert!(overloaded > 0, "no write was ever turned away by a one-slot queue");
+    for key in &acked {
+        assert!(server.client.get("q", key, None).await.unwrap().is_some(), "{key} acknowledged but missing");
+    }
+    let status = server.client.status().await.unwrap();
+    assert_eq!(status["feed"]["head_seq"], acked.len());
+    server.stop().await;
+}
