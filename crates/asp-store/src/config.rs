@@ -113,7 +113,7 @@ impl StoreConfig {
             batch_ops_max: Self::DEFAULT_BATCH_OPS_MAX,
             max_clock_skew_ms: 60_000,
             index_cache_bytes: 32 << 20,
-            index_memtable_bytes: 16 << 20,
+            index_memtable_bytes: 8 << 20,
         }
     }
 

@@ -19,6 +19,8 @@ use crate::codec::{self, IndexEntry};
 use crate::error::{OpenError, ReadError};
 
 const INDEX_FORMAT: u32 = 1;
+/// Memtables waiting for a flush before the indexer waits for fjall.
+const SEALED_MEMTABLES_MAX: usize = 2;
 const META_FORMAT: &[u8] = b"format";
 const META_APPLIED: &[u8] = b"applied_seq";
 const META_HLC: &[u8] = b"hlc";
@@ -46,7 +48,13 @@ fn corrupt(what: impl Into<String>) -> OpenError {
 
 impl Index {
     pub fn open(dir: &Path, cache_bytes: u64, memtable_bytes: u64) -> Result<Index, OpenError> {
-        let db = Database::builder(dir).cache_size(cache_bytes).open()?;
+        // fjall's journal only has to cover memtables not yet flushed: the feed log is
+        // the real write-ahead log. A small journal budget bounds how much unflushed
+        // data (and so memory) fjall keeps, and how much it replays on open.
+        let db = Database::builder(dir)
+            .cache_size(cache_bytes)
+            .max_journaling_size(64 << 20)
+            .open()?;
         let keys = db.keyspace("keys", || {
             KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes)
         })?;
@@ -145,6 +153,17 @@ impl Index {
             }
         }
         Ok(())
+    }
+
+    /// Waits while fjall is behind on flushing memtables. fjall itself halts writers in
+    /// 100 ms sleeps once four memtables wait for a flush; waiting here in 1 ms steps,
+    /// earlier, turns those long stalls into smooth backpressure and bounds memory.
+    pub fn wait_for_flushes(&self) {
+        let mut waited = 0;
+        while self.keys.sealed_memtable_count() >= SEALED_MEMTABLES_MAX && waited < 10_000 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            waited += 1;
+        }
     }
 
     pub fn batch(&self, capacity: usize) -> IndexBatch<'_> {

@@ -710,6 +710,7 @@ fn run_indexer(shared: Arc<Shared>, rx: std_mpsc::Receiver<IndexMsg>) {
         if shared.failure.get().is_some() {
             continue;
         }
+        shared.index.wait_for_flushes();
         for msg in &msgs {
             let mut batch = shared
                 .index

@@ -12,11 +12,6 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-// Many threads allocate and free small buffers concurrently (HTTP, writer stages, the
-// index); mimalloc measured clearly cheaper than glibc malloc here (bench/RESULTS.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "asp",
