@@ -942,7 +942,12 @@ async fn a_full_writer_queue_answers_503_with_retry_after_and_loses_nothing() {
             let key = format!("b{burst}-{i}");
             tasks.push(tokio::spawn(async move {
                 let r = c
-                    .send(Method::PUT, &Client::kv_path("q", &key), &[(header::CONTENT_TYPE, "application/json")], Bytes::from_static(b"1"))
+                    .send(
+                        Method::PUT,
+                        &Client::kv_path("q", &key),
+                        &[(header::CONTENT_TYPE, "application/json")],
+                        Bytes::from_static(b"1"),
+                    )
                     .await
                     .unwrap();
                 (key, r)
@@ -964,9 +969,15 @@ async fn a_full_writer_queue_answers_503_with_retry_after_and_loses_nothing() {
             break;
         }
     }
-    assert!(overloaded > 0, "no write was ever turned away by a one-slot queue");
+    assert!(
+        overloaded > 0,
+        "no write was ever turned away by a one-slot queue"
+    );
     for key in &acked {
-        assert!(server.client.get("q", key, None).await.unwrap().is_some(), "{key} acknowledged but missing");
+        assert!(
+            server.client.get("q", key, None).await.unwrap().is_some(),
+            "{key} acknowledged but missing"
+        );
     }
     let status = server.client.status().await.unwrap();
     assert_eq!(status["feed"]["head_seq"], acked.len());

@@ -151,17 +151,15 @@ impl Shared {
 }
 
 /// A group that is in the log and waits to be made durable and acknowledged.
-struct CommitMsg {
+struct WrittenGroup {
     acks: Vec<Ack>,
-    updates: Vec<(Slice, IndexEntry)>,
-    vectors: Vec<(Namespace, VersionVector)>,
-    head: FeedHead,
-    hlc: Hlc,
     events: u64,
     bytes: u64,
+    /// What the indexer does with it once acknowledged.
+    index: IndexMsg,
 }
 
-/// An acknowledged group on its way into the key index.
+/// A group's changes to the key index.
 struct IndexMsg {
     updates: Vec<(Slice, IndexEntry)>,
     vectors: Vec<(Namespace, VersionVector)>,
@@ -385,7 +383,7 @@ impl Writer {
 
     /// Checks, encodes and appends a group; returns it for the fsync and the
     /// acknowledgements, or `None` if nothing of it was written.
-    fn process(&mut self, group: Vec<WriteRequest>) -> Option<CommitMsg> {
+    fn process(&mut self, group: Vec<WriteRequest>) -> Option<WrittenGroup> {
         if group.is_empty() {
             return None;
         }
@@ -547,14 +545,16 @@ impl Writer {
                 (ns, vv)
             })
             .collect();
-        Some(CommitMsg {
+        Some(WrittenGroup {
             acks,
-            updates,
-            vectors,
-            head,
-            hlc: self.clock.last(),
             events,
             bytes: self.buf.len() as u64,
+            index: IndexMsg {
+                updates,
+                vectors,
+                head,
+                hlc: self.clock.last(),
+            },
         })
     }
 
@@ -646,7 +646,7 @@ impl Writer {
 impl Writer {
     /// Makes a group durable (under `fsync = "always"`), acknowledges it, publishes it
     /// in the feed, and hands it to the indexer.
-    fn commit(&mut self, msg: CommitMsg, index_tx: &std_mpsc::SyncSender<IndexMsg>) {
+    fn commit(&mut self, msg: WrittenGroup, index_tx: &std_mpsc::SyncSender<IndexMsg>) {
         if self.shared.config.fsync == FsyncMode::Always {
             let started = Instant::now();
             let synced = self.segment.file.sync_data();
@@ -672,11 +672,12 @@ impl Writer {
         }
         {
             let mut progress = self.shared.progress.lock().unwrap();
+            let head = msg.index.head;
             if !matches!(self.shared.config.fsync, FsyncMode::Interval { .. }) {
-                progress.synced = msg.head;
+                progress.synced = head;
             }
-            progress.acked = msg.head;
-            self.shared.acked_seq.store(msg.head.seq, Ordering::Release);
+            progress.acked = head;
+            self.shared.acked_seq.store(head.seq, Ordering::Release);
             self.shared.publish(&progress);
         }
         let metrics = &self.shared.metrics;
@@ -687,14 +688,8 @@ impl Writer {
         for ack in msg.acks {
             let _ = ack.reply.send(Ok(ack.applied));
         }
-        let index_msg = IndexMsg {
-            updates: msg.updates,
-            vectors: msg.vectors,
-            head: msg.head,
-            hlc: msg.hlc,
-        };
         // Blocks when the indexer is behind: backpressure for the writers.
-        if index_tx.send(index_msg).is_err() {
+        if index_tx.send(msg.index).is_err() {
             self.shared.fail("the index thread stopped".into());
         }
     }

@@ -9,7 +9,8 @@
 //! - `batch`: concurrent writers through the library, 1,000-event batches;
 //! - `http`: concurrent clients POSTing 1,000-event JSON batches to an in-process server;
 //! - `rss`: 10 million events with 10 million distinct keys through batches, reporting
-//!   the peak resident memory of the whole process.
+//!   the peak resident memory (VmHWM) of a fresh process that does only that, so that
+//!   nothing retained by the other scenarios counts.
 
 use std::io::Write as _;
 use std::os::unix::fs::FileExt;
@@ -62,10 +63,13 @@ pub struct BenchArgs {
     /// Where to put the stores (a fresh subdirectory per run, removed afterwards).
     #[arg(long, default_value = "./asp-bench-data")]
     dir: PathBuf,
+    /// Internal: run one rss measurement in this process and print it as JSON.
+    #[arg(long, hide = true)]
+    rss_child: Option<String>,
 }
 
 /// One run's figures.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 struct RunResult {
     events: u64,
     seconds: f64,
@@ -86,6 +90,13 @@ impl RunResult {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    if let Some(mode) = &args.rss_child {
+        let mode: FsyncMode = mode.parse()?;
+        let value = Bytes::from(vec![0x5a; args.value_bytes]);
+        let r = lib_batch(&args, mode, value, args.rss_events, true).await?;
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     let modes: Vec<FsyncMode> = args
         .fsync
         .iter()
@@ -151,7 +162,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if wants("rss") {
         for &mode in &modes {
-            let r = lib_batch(&args, mode, value.clone(), args.rss_events, true).await?;
+            let r = rss_in_child(&args, mode)?;
             record("10M distinct keys (RSS)", Some(mode), r);
         }
     }
@@ -360,18 +371,6 @@ async fn lib_batch(
         format!("1,000-event batches, fsync={mode}")
     };
     let bar = progress(&label, batches * batch);
-    let rss_peak = Arc::new(AtomicU64::new(0));
-    let sampler = watch_rss.then(|| {
-        let peak = rss_peak.clone();
-        tokio::spawn(async move {
-            loop {
-                if let Some(kb) = rss_kb() {
-                    peak.fetch_max(kb, Ordering::Relaxed);
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    });
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..args.batch_writers {
@@ -412,14 +411,15 @@ async fn lib_batch(
     }
     let seconds = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    if let Some(s) = sampler {
-        s.abort();
-    }
     let fsyncs = store.metrics().fsyncs.get();
     store.shutdown().await;
     drop(store);
     std::fs::remove_dir_all(&dir)?;
-    let peak_rss_mb = watch_rss.then(|| rss_peak.load(Ordering::Relaxed) as f64 / 1024.0);
+    let peak_rss_mb = if watch_rss {
+        rss_kb().map(|kb| kb as f64 / 1024.0)
+    } else {
+        None
+    };
     let r = RunResult {
         events: batches * batch,
         seconds,
@@ -522,12 +522,38 @@ async fn http_batch(args: &BenchArgs, mode: FsyncMode, value: Bytes) -> anyhow::
     Ok(r)
 }
 
-/// The process's resident memory in KiB.
+/// Runs the rss scenario in a fresh process of this binary.
+fn rss_in_child(args: &BenchArgs, mode: FsyncMode) -> anyhow::Result<RunResult> {
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    let output = std::process::Command::new(exe)
+        .arg("bench")
+        .arg("--rss-child")
+        .arg(mode.to_string())
+        .arg("--rss-events")
+        .arg(args.rss_events.to_string())
+        .arg("--batch-writers")
+        .arg(args.batch_writers.to_string())
+        .arg("--batch-size")
+        .arg(args.batch_size.to_string())
+        .arg("--value-bytes")
+        .arg(args.value_bytes.to_string())
+        .arg("--dir")
+        .arg(&args.dir)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot run the rss measurement")?;
+    if !output.status.success() {
+        bail!("the rss measurement failed ({})", output.status);
+    }
+    serde_json::from_slice(&output.stdout).context("unreadable rss measurement")
+}
+
+/// The process's peak resident memory so far (VmHWM), in KiB.
 fn rss_kb() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with("VmHWM:"))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
 }
