@@ -63,6 +63,9 @@ pub struct BenchArgs {
     /// Where to put the stores (a fresh subdirectory per run, removed afterwards).
     #[arg(long, default_value = "./asp-bench-data")]
     dir: PathBuf,
+    /// The key index's memtable size, in MiB.
+    #[arg(long, default_value_t = (StoreConfig::new(".").index_memtable_bytes >> 20) as u64)]
+    index_memtable_mb: u64,
     /// Internal: run one rss measurement in this process and print it as JSON.
     #[arg(long, hide = true)]
     rss_child: Option<String>,
@@ -240,9 +243,10 @@ fn fresh_dir(base: &Path, name: &str) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-fn store_config(dir: &Path, mode: FsyncMode) -> StoreConfig {
+fn store_config(args: &BenchArgs, dir: &Path, mode: FsyncMode) -> StoreConfig {
     let mut c = StoreConfig::new(dir);
     c.fsync = mode;
+    c.index_memtable_bytes = args.index_memtable_mb << 20;
     c
 }
 
@@ -288,7 +292,7 @@ fn fsync_probe(base: &Path, duration: Duration) -> anyhow::Result<RunResult> {
 
 async fn lib_single(args: &BenchArgs, mode: FsyncMode, value: Bytes) -> anyhow::Result<RunResult> {
     let dir = fresh_dir(&args.dir, "single")?;
-    let store = Store::open(store_config(&dir, mode))?;
+    let store = Store::open(store_config(args, &dir, mode))?;
     let ns = Namespace::new("bench")?;
     let total = args.single_events;
     let next = Arc::new(AtomicU64::new(0));
@@ -360,7 +364,7 @@ async fn lib_batch(
     watch_rss: bool,
 ) -> anyhow::Result<RunResult> {
     let dir = fresh_dir(&args.dir, if watch_rss { "rss" } else { "batch" })?;
-    let store = Store::open(store_config(&dir, mode))?;
+    let store = Store::open(store_config(args, &dir, mode))?;
     let ns = Namespace::new("bench")?;
     let batch = args.batch_size as u64;
     let batches = total.div_ceil(batch);
@@ -442,7 +446,7 @@ async fn lib_batch(
 async fn http_batch(args: &BenchArgs, mode: FsyncMode, value: Bytes) -> anyhow::Result<RunResult> {
     use base64::Engine as _;
     let dir = fresh_dir(&args.dir, "http")?;
-    let store = Store::open(store_config(&dir, mode))?;
+    let store = Store::open(store_config(args, &dir, mode))?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -537,6 +541,8 @@ fn rss_in_child(args: &BenchArgs, mode: FsyncMode) -> anyhow::Result<RunResult> 
         .arg(args.batch_size.to_string())
         .arg("--value-bytes")
         .arg(args.value_bytes.to_string())
+        .arg("--index-memtable-mb")
+        .arg(args.index_memtable_mb.to_string())
         .arg("--dir")
         .arg(&args.dir)
         .stderr(std::process::Stdio::inherit())
