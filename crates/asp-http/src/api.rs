@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
 use crate::formats;
-use crate::json::{BASE64, ChangeOut, HlcOut, ValueOut, WriteOut};
+use crate::json::{BASE64, ChangeOut, ChangesOut, HlcOut, ValueOut, WriteOut};
 
 /// Default limit on a batch request body.
 pub const DEFAULT_REQUEST_BYTES_MAX: usize = 16 << 20;
@@ -763,17 +763,16 @@ async fn changes(
         return Ok(sse(state.clone(), ns, since, with_values).into_response());
     }
     let page = store.changes(Some(&ns), since, limit)?;
-    let changes: Vec<ChangeOut<'_>> = page
-        .events
-        .iter()
-        .map(|e| ChangeOut::new(e, with_values))
-        .collect();
-    Ok(Json(serde_json::json!({
-        "namespace": ns.as_str(),
-        "changes": changes,
-        "next": page.next,
-        "head": page.head,
-    }))
+    Ok(Json(ChangesOut {
+        namespace: ns.as_str(),
+        changes: page
+            .events
+            .iter()
+            .map(|e| ChangeOut::new(e, with_values))
+            .collect(),
+        next: page.next,
+        head: page.head,
+    })
     .into_response())
 }
 

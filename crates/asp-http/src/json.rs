@@ -152,3 +152,12 @@ impl<'a> ChangeOut<'a> {
         }
     }
 }
+
+/// A page of the change feed.
+#[derive(Serialize)]
+pub(crate) struct ChangesOut<'a> {
+    pub namespace: &'a str,
+    pub changes: Vec<ChangeOut<'a>>,
+    pub next: u64,
+    pub head: u64,
+}

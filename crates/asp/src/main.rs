@@ -108,6 +108,7 @@ struct NsArgs {
 struct PutArgs {
     #[command(flatten)]
     target: NsArgs,
+    /// The key: 1 to 1024 bytes of UTF-8.
     key: String,
     /// The value; read from stdin when absent or "-".
     value: Option<String>,
@@ -124,6 +125,7 @@ struct PutArgs {
 struct GetArgs {
     #[command(flatten)]
     target: NsArgs,
+    /// The key: 1 to 1024 bytes of UTF-8.
     key: String,
     /// Ask for this media type (JSON, CBOR and MessagePack convert into each other).
     #[arg(long, value_name = "TYPE")]
@@ -134,7 +136,9 @@ struct GetArgs {
 struct DelArgs {
     #[command(flatten)]
     target: NsArgs,
+    /// The key: 1 to 1024 bytes of UTF-8.
     key: String,
+    /// Delete only if the current version is this one.
     #[arg(long, value_name = "VERSION")]
     if_match: Option<String>,
 }
@@ -143,6 +147,7 @@ struct DelArgs {
 struct ScanArgs {
     #[command(flatten)]
     target: NsArgs,
+    /// Only keys starting with this.
     #[arg(long, default_value = "")]
     prefix: String,
     /// Most keys to list (all pages are followed up to this many).
