@@ -166,7 +166,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if wants("rss") {
         for &mode in &modes {
             let r = rss_in_child(&args, mode)?;
-            record("10M distinct keys (RSS)", Some(mode), r);
+            record(&format!("{} distinct keys (RSS)", fmt_rate(args.rss_events as f64)), Some(mode), r);
         }
     }
 
@@ -290,40 +290,39 @@ fn fsync_probe(base: &Path, duration: Duration) -> anyhow::Result<RunResult> {
     })
 }
 
-async fn lib_single(args: &BenchArgs, mode: FsyncMode, value: Bytes) -> anyhow::Result<RunResult> {
-    let dir = fresh_dir(&args.dir, "single")?;
-    let store = Store::open(store_config(args, &dir, mode))?;
-    let ns = Namespace::new("bench")?;
-    let total = args.single_events;
+/// Runs `workers` concurrent tasks that claim units `0..units` in turn and call `work`
+/// on each (a unit is `per_unit` events), timing each returned future. Returns the merged
+/// latency histogram and the wall time.
+async fn drive<F, Fut>(
+    label: &str,
+    workers: usize,
+    units: u64,
+    per_unit: u64,
+    work: F,
+) -> anyhow::Result<(Histogram<u64>, f64)>
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
     let next = Arc::new(AtomicU64::new(0));
-    let bar = progress(&format!("single-event writes, fsync={mode}"), total);
+    let bar = progress(label, units * per_unit);
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..args.single_writers {
-        let (store, ns, next, value, bar) = (
-            store.clone(),
-            ns.clone(),
-            next.clone(),
-            value.clone(),
-            bar.clone(),
-        );
+    for _ in 0..workers {
+        let (next, bar, work) = (next.clone(), bar.clone(), work.clone());
         tasks.push(tokio::spawn(async move {
             let mut hist = histogram();
             loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= total {
+                let unit = next.fetch_add(1, Ordering::Relaxed);
+                if unit >= units {
                     break;
                 }
-                let key = Key::new(&format!("k{i:012}")).expect("valid key");
+                // Building the request (keys, JSON body) is not part of the latency.
+                let request = work(unit);
                 let t = Instant::now();
-                store
-                    .write(
-                        ns.clone(),
-                        vec![WriteOp::put(key, ContentType::OctetStream, value.clone())],
-                    )
-                    .await?;
+                request.await?;
                 hist.saturating_record(t.elapsed().as_micros() as u64);
-                bar.inc(1);
+                bar.inc(per_unit);
             }
             Ok::<_, anyhow::Error>(hist)
         }));
@@ -334,25 +333,76 @@ async fn lib_single(args: &BenchArgs, mode: FsyncMode, value: Bytes) -> anyhow::
     }
     let seconds = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    let fsyncs = store.metrics().fsyncs.get();
-    store.shutdown().await;
-    drop(store);
-    std::fs::remove_dir_all(&dir)?;
-    let r = RunResult {
-        events: total,
+    Ok((hist, seconds))
+}
+
+fn result(
+    events: u64,
+    seconds: f64,
+    fsyncs: u64,
+    hist: &Histogram<u64>,
+    peak_rss_mb: Option<f64>,
+) -> RunResult {
+    RunResult {
+        events,
         seconds,
         fsyncs,
         p50_us: hist.value_at_quantile(0.5),
         p99_us: hist.value_at_quantile(0.99),
         max_us: hist.max(),
-        peak_rss_mb: None,
-    };
+        peak_rss_mb,
+    }
+}
+
+fn report(what: &str, mode: FsyncMode, r: &RunResult) {
     eprintln!(
-        "  single, fsync={mode}: {} events/s, {} events/fsync, p99 {} µs",
+        "  {what}, fsync={mode}: {} events/s, {} events/fsync, p99 {} µs{}",
         fmt_rate(r.rate()),
         r.per_fsync().map_or("-".into(), |v| format!("{v:.0}")),
-        r.p99_us
+        r.p99_us,
+        r.peak_rss_mb
+            .map_or(String::new(), |m| format!(", peak RSS {m:.0} MB"))
     );
+}
+
+/// Closes a store and removes its directory.
+async fn discard(store: Store, dir: &Path) -> anyhow::Result<u64> {
+    let fsyncs = store.metrics().fsyncs.get();
+    store.shutdown().await;
+    drop(store);
+    std::fs::remove_dir_all(dir)?;
+    Ok(fsyncs)
+}
+
+fn batch_of(b: u64, batch: u64, value: &Bytes) -> Vec<WriteOp> {
+    (0..batch)
+        .map(|j| {
+            let key = Key::new(&format!("k{:012}", b * batch + j)).expect("valid key");
+            WriteOp::put(key, ContentType::OctetStream, value.clone())
+        })
+        .collect()
+}
+
+async fn lib_single(args: &BenchArgs, mode: FsyncMode, value: Bytes) -> anyhow::Result<RunResult> {
+    let dir = fresh_dir(&args.dir, "single")?;
+    let store = Store::open(store_config(args, &dir, mode))?;
+    let ns = Namespace::new("bench")?;
+    let total = args.single_events;
+    let work = {
+        let store = store.clone();
+        move |i: u64| {
+            let (store, ns) = (store.clone(), ns.clone());
+            let ops = batch_of(i, 1, &value);
+            async move {
+                store.write(ns, ops).await?;
+                Ok(())
+            }
+        }
+    };
+    let label = format!("single-event writes, fsync={mode}");
+    let (hist, seconds) = drive(&label, args.single_writers, total, 1, work).await?;
+    let r = result(total, seconds, discard(store, &dir).await?, &hist, None);
+    report("single", mode, &r);
     Ok(r)
 }
 
@@ -368,78 +418,36 @@ async fn lib_batch(
     let ns = Namespace::new("bench")?;
     let batch = args.batch_size as u64;
     let batches = total.div_ceil(batch);
-    let next = Arc::new(AtomicU64::new(0));
+    let work = {
+        let store = store.clone();
+        move |b: u64| {
+            let (store, ns) = (store.clone(), ns.clone());
+            let ops = batch_of(b, batch, &value);
+            async move {
+                store.write(ns, ops).await?;
+                Ok(())
+            }
+        }
+    };
     let label = if watch_rss {
         format!("{total} distinct keys, fsync={mode}")
     } else {
         format!("1,000-event batches, fsync={mode}")
     };
-    let bar = progress(&label, batches * batch);
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..args.batch_writers {
-        let (store, ns, next, value, bar) = (
-            store.clone(),
-            ns.clone(),
-            next.clone(),
-            value.clone(),
-            bar.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut hist = histogram();
-            loop {
-                let b = next.fetch_add(1, Ordering::Relaxed);
-                if b >= batches {
-                    break;
-                }
-                let ops: Vec<WriteOp> = (0..batch)
-                    .map(|j| {
-                        WriteOp::put(
-                            Key::new(&format!("k{:012}", b * batch + j)).expect("valid key"),
-                            ContentType::OctetStream,
-                            value.clone(),
-                        )
-                    })
-                    .collect();
-                let t = Instant::now();
-                store.write(ns.clone(), ops).await?;
-                hist.saturating_record(t.elapsed().as_micros() as u64);
-                bar.inc(batch);
-            }
-            Ok::<_, anyhow::Error>(hist)
-        }));
-    }
-    let mut hist = histogram();
-    for t in tasks {
-        hist.add(t.await??)?;
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    bar.finish_and_clear();
-    let fsyncs = store.metrics().fsyncs.get();
-    store.shutdown().await;
-    drop(store);
-    std::fs::remove_dir_all(&dir)?;
+    let (hist, seconds) = drive(&label, args.batch_writers, batches, batch, work).await?;
     let peak_rss_mb = if watch_rss {
         rss_kb().map(|kb| kb as f64 / 1024.0)
     } else {
         None
     };
-    let r = RunResult {
-        events: batches * batch,
+    let r = result(
+        batches * batch,
         seconds,
-        fsyncs,
-        p50_us: hist.value_at_quantile(0.5),
-        p99_us: hist.value_at_quantile(0.99),
-        max_us: hist.max(),
+        discard(store, &dir).await?,
+        &hist,
         peak_rss_mb,
-    };
-    eprintln!(
-        "  batches, fsync={mode}: {} events/s, {} events/fsync, batch p99 {} µs{}",
-        fmt_rate(r.rate()),
-        r.per_fsync().map_or("-".into(), |v| format!("{v:.0}")),
-        r.p99_us,
-        peak_rss_mb.map_or(String::new(), |m| format!(", peak RSS {m:.0} MB"))
     );
+    report("batches", mode, &r);
     Ok(r)
 }
 
@@ -460,69 +468,41 @@ async fn http_batch(args: &BenchArgs, mode: FsyncMode, value: Bytes) -> anyhow::
     let client = asp_http::client::Client::new(&format!("http://{addr}"))?;
     let batch = args.batch_size as u64;
     let batches = args.batch_events.div_ceil(batch);
-    let next = Arc::new(AtomicU64::new(0));
-    let bar = progress(&format!("HTTP batches, fsync={mode}"), batches * batch);
-    let value_b64 = base64::engine::general_purpose::STANDARD.encode(&value);
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..args.batch_writers {
-        let (client, next, value_b64, bar) =
-            (client.clone(), next.clone(), value_b64.clone(), bar.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut hist = histogram();
-            let mut body = Vec::with_capacity(batch as usize * (value_b64.len() + 64));
-            loop {
-                let b = next.fetch_add(1, Ordering::Relaxed);
-                if b >= batches {
-                    break;
-                }
-                body.clear();
-                body.extend_from_slice(b"{\"ops\":[");
-                for j in 0..batch {
-                    if j > 0 {
-                        body.push(b',');
-                    }
-                    write!(
-                        body,
-                        "{{\"op\":\"put\",\"key\":\"k{:012}\",\"value_base64\":\"{value_b64}\"}}",
-                        b * batch + j
-                    )?;
-                }
-                body.extend_from_slice(b"]}");
-                let t = Instant::now();
-                client.batch("bench", Bytes::copy_from_slice(&body)).await?;
-                hist.saturating_record(t.elapsed().as_micros() as u64);
-                bar.inc(batch);
+    let value_b64: Arc<str> = base64::engine::general_purpose::STANDARD
+        .encode(&value)
+        .into();
+    let work = move |b: u64| {
+        let client = client.clone();
+        let mut body = Vec::with_capacity(batch as usize * (value_b64.len() + 64));
+        body.extend_from_slice(b"{\"ops\":[");
+        for j in 0..batch {
+            if j > 0 {
+                body.push(b',');
             }
-            Ok::<_, anyhow::Error>(hist)
-        }));
-    }
-    let mut hist = histogram();
-    for t in tasks {
-        hist.add(t.await??)?;
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    bar.finish_and_clear();
+            let _ = write!(
+                body,
+                "{{\"op\":\"put\",\"key\":\"k{:012}\",\"value_base64\":\"{value_b64}\"}}",
+                b * batch + j
+            );
+        }
+        body.extend_from_slice(b"]}");
+        async move {
+            client.batch("bench", Bytes::from(body)).await?;
+            Ok(())
+        }
+    };
+    let label = format!("HTTP batches, fsync={mode}");
+    let (hist, seconds) = drive(&label, args.batch_writers, batches, batch, work).await?;
     shutdown.cancel();
     let _ = server.await;
-    let fsyncs = store.metrics().fsyncs.get();
-    store.shutdown().await;
-    drop(store);
-    std::fs::remove_dir_all(&dir)?;
-    let r = RunResult {
-        events: batches * batch,
+    let r = result(
+        batches * batch,
         seconds,
-        fsyncs,
-        p50_us: hist.value_at_quantile(0.5),
-        p99_us: hist.value_at_quantile(0.99),
-        max_us: hist.max(),
-        peak_rss_mb: None,
-    };
-    eprintln!(
-        "  http, fsync={mode}: {} events/s, batch p99 {} µs",
-        fmt_rate(r.rate()),
-        r.p99_us
+        discard(store, &dir).await?,
+        &hist,
+        None,
     );
+    report("http", mode, &r);
     Ok(r)
 }
 
