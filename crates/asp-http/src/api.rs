@@ -423,6 +423,7 @@ async fn get_key(
     let accept = header_str(&headers, header::ACCEPT)?;
     let if_none_match = header_str(&headers, header::IF_NONE_MATCH)?;
     let store = state.store();
+    store.caught_up().await?;
     let found = store.get(&ns, key.as_str())?;
     let Some((ks, value)) = found.and_then(|ks| ks.value.clone().map(|v| (ks, v))) else {
         return Err(ApiError::new(
@@ -514,6 +515,7 @@ async fn list_keys(
     }
     let with_values = q.values.unwrap_or(false);
     let store = state.store();
+    store.caught_up().await?;
     let page = store.scan(&ns, &prefix, q.after.as_deref(), limit, with_values)?;
     let items: Vec<serde_json::Value> = page
         .items

@@ -150,6 +150,7 @@ impl Store {
             }),
             acked_seq: AtomicU64::new(head.seq),
             indexed_seq: AtomicU64::new(head.seq),
+            indexed_tx: watch::channel(head.seq).0,
             progress_changed: Condvar::new(),
             vectors: RwLock::new(state.vectors.clone()),
             failure: OnceLock::new(),
@@ -315,6 +316,17 @@ impl Store {
                 .get()
                 .map_or(WriteError::Closed, |f| WriteError::Storage(f.clone()))),
         }
+    }
+
+    /// Waits, without blocking a thread, until reads reflect every write acknowledged
+    /// before the call. [`Store::get`] and [`Store::scan`] wait for this themselves by
+    /// blocking; async callers that must not block call this first.
+    pub async fn caught_up(&self) -> Result<(), ReadError> {
+        self.inner
+            .shared
+            .await_index_async()
+            .await
+            .map_err(ReadError::Failed)
     }
 
     /// The current state of a key, including a deleted key's tombstone.

@@ -99,6 +99,9 @@ pub(crate) struct Shared {
     /// see without locking that the index is up to date.
     pub acked_seq: AtomicU64,
     pub indexed_seq: AtomicU64,
+    /// The indexed sequence number for async waiters (bumped on failure too, so that
+    /// they wake and see it).
+    pub indexed_tx: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -106,6 +109,7 @@ impl Shared {
         tracing::error!(error = %what, "storage failure; refusing further writes");
         let _ = self.failure.set(what);
         self.progress_changed.notify_all();
+        self.indexed_tx.send_modify(|_| {});
         WriteError::Storage(self.failure.get().cloned().unwrap_or_default())
     }
 
@@ -128,6 +132,22 @@ impl Shared {
             progress = self.progress_changed.wait(progress).unwrap();
         }
         Ok(())
+    }
+
+    /// Like [`Shared::await_index`], without blocking a thread.
+    pub async fn await_index_async(&self) -> Result<(), String> {
+        let target = self.acked_seq.load(Ordering::Acquire);
+        if self.indexed_seq.load(Ordering::Acquire) >= target {
+            return Ok(());
+        }
+        let mut rx = self.indexed_tx.subscribe();
+        let _ = rx
+            .wait_for(|&seq| seq >= target || self.failure.get().is_some())
+            .await;
+        match self.failure.get() {
+            Some(f) => Err(f.clone()),
+            None => Ok(()),
+        }
     }
 
     /// Publishes the feed head: what is acknowledged and, unless fsync is off, durable.
@@ -740,6 +760,7 @@ fn run_indexer(shared: Arc<Shared>, rx: std_mpsc::Receiver<IndexMsg>) {
             shared.indexed_seq.store(last.seq, Ordering::Release);
         }
         shared.progress_changed.notify_all();
+        shared.indexed_tx.send_replace(last.seq);
     }
 }
 

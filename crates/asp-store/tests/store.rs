@@ -652,3 +652,42 @@ async fn node_id_is_fixed_for_a_data_directory() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_write_is_readable_at_once() {
+    // The key index is updated after the acknowledgement; reads must still see their
+    // own writes, under concurrent load from other writers.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let noise: Vec<_> = (0..4)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for i in 0..300 {
+                    let ops = (0..20)
+                        .map(|j| put(&format!("n{w}-{i}-{j}"), "x"))
+                        .collect();
+                    store.write(ns("rw"), ops).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for i in 0..1000 {
+        let k = format!("mine{}", i % 17);
+        let v = i.to_string();
+        store.write(ns("rw"), vec![put(&k, &v)]).await.unwrap();
+        if i % 2 == 0 {
+            store.caught_up().await.unwrap();
+        }
+        assert_eq!(
+            text(&store, "rw", &k),
+            Some(v),
+            "write {i} not visible to the reader"
+        );
+        let listed = store.scan(&ns("rw"), &k, None, 1, false).unwrap();
+        assert_eq!(listed.items[0].key.as_str(), k);
+    }
+    for n in noise {
+        n.await.unwrap();
+    }
+}

@@ -166,7 +166,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if wants("rss") {
         for &mode in &modes {
             let r = rss_in_child(&args, mode)?;
-            record(&format!("{} distinct keys (RSS)", fmt_rate(args.rss_events as f64)), Some(mode), r);
+            record(
+                &format!("{} distinct keys (RSS)", fmt_rate(args.rss_events as f64)),
+                Some(mode),
+                r,
+            );
         }
     }
 
