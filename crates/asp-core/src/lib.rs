@@ -10,6 +10,7 @@ mod event;
 mod hlc;
 mod ids;
 mod merge;
+pub mod session;
 mod vv;
 
 pub use event::{ContentType, Dot, DotParseError, Event, Op, Version};

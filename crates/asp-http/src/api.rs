@@ -890,12 +890,18 @@ async fn status(State(state): State<AppState>) -> Response {
     let namespaces: Vec<serde_json::Value> = s
         .namespaces
         .iter()
-        .map(|(ns, vv)| {
-            let origins: Vec<serde_json::Value> = vv
+        .map(|(ns, state)| {
+            let origins: Vec<serde_json::Value> = state
+                .vector
                 .iter()
                 .map(|(origin, set)| serde_json::json!({"origin": origin.to_string(), "events": set.len(), "ranges": set.ranges()}))
                 .collect();
-            serde_json::json!({"name": ns.as_str(), "events": vv.len(), "origins": origins})
+            serde_json::json!({
+                "name": ns.as_str(),
+                "events": state.vector.len(),
+                "max_hlc": HlcOut::from(state.max_hlc),
+                "origins": origins,
+            })
         })
         .collect();
     let recovery = store.recovery();

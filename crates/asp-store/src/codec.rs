@@ -8,7 +8,9 @@ use bytes::Bytes;
 /// A frame: `len: u32 | crc32c(len ++ body): u32 | body`.
 pub(crate) const FRAME_HEADER_BYTES: usize = 8;
 /// The largest value any configuration may allow.
-pub const VALUE_BYTES_LIMIT: usize = 32 << 20;
+/// Kept well under the peer protocol's 16 MiB frame limit, so that any event fits in
+/// one frame.
+pub const VALUE_BYTES_LIMIT: usize = 8 << 20;
 /// The largest record body: a value at the limit plus room for its key and metadata.
 pub(crate) const RECORD_BYTES_MAX: usize = VALUE_BYTES_LIMIT + (64 << 10);
 /// Record flag: the last event of an atomic batch. Recovery never keeps part of a batch.
@@ -35,8 +37,6 @@ pub(crate) struct EventRef<'a> {
     pub context: &'a [u8],
 }
 
-// Replication (which re-encodes received events) is the first non-test user.
-#[cfg(test)]
 impl<'a> EventRef<'a> {
     pub fn from_event(event: &'a Event) -> Self {
         EventRef {
@@ -56,6 +56,7 @@ impl<'a> EventRef<'a> {
     }
 
     /// Bytes of the framed record.
+    #[cfg(test)]
     pub fn framed_len(&self) -> usize {
         FRAME_HEADER_BYTES
             + RECORD_FIXED_BYTES

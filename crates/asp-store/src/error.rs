@@ -65,6 +65,9 @@ pub enum WriteError {
         /// The key's current version (`None` if absent or deleted).
         current: Option<Dot>,
     },
+    /// Events from a peer carry a clock reading too far ahead of this node's.
+    #[error("{0}")]
+    ClockSkew(String),
     #[error("the writer queue stayed full for {} ms; retry later", waited.as_millis())]
     Overloaded { waited: Duration },
     #[error("the store is shutting down")]

@@ -12,11 +12,12 @@ use std::collections::HashMap;
 use std::ops::Bound;
 use std::path::Path;
 
-use asp_core::{Hlc, Namespace, VersionVector};
+use asp_core::{Hlc, Namespace, NodeId};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Slice};
 
 use crate::codec::{self, IndexEntry};
 use crate::error::{OpenError, ReadError};
+use crate::types::NamespaceState;
 
 const INDEX_FORMAT: u32 = 1;
 /// Memtables waiting for a flush before the indexer waits for fjall.
@@ -25,6 +26,8 @@ const META_FORMAT: &[u8] = b"format";
 const META_APPLIED: &[u8] = b"applied_seq";
 const META_HLC: &[u8] = b"hlc";
 const META_VV_PREFIX: &[u8] = b"vv/";
+const META_NS_HLC_PREFIX: &[u8] = b"nshlc/";
+const META_CHECKPOINT_PREFIX: &[u8] = b"peer/";
 
 pub(crate) struct Index {
     db: Database,
@@ -36,7 +39,7 @@ pub(crate) struct Index {
 pub(crate) struct IndexState {
     pub applied_seq: u64,
     pub hlc: Hlc,
-    pub vectors: HashMap<Namespace, VersionVector>,
+    pub namespaces: HashMap<Namespace, NamespaceState>,
 }
 
 fn corrupt(what: impl Into<String>) -> OpenError {
@@ -95,20 +98,33 @@ impl Index {
         };
         let applied_seq = u64_of(self.meta.get(META_APPLIED)?, "applied sequence")?;
         let hlc = Hlc::from_raw(u64_of(self.meta.get(META_HLC)?, "clock reading")?);
-        let mut vectors = HashMap::new();
-        for item in self.meta.prefix(META_VV_PREFIX) {
-            let (k, v) = item.into_inner()?;
-            let name = std::str::from_utf8(&k[META_VV_PREFIX.len()..])
+        let mut namespaces: HashMap<Namespace, NamespaceState> = HashMap::new();
+        let name_of = |k: &[u8], prefix: &[u8]| {
+            std::str::from_utf8(&k[prefix.len()..])
                 .ok()
                 .and_then(|n| Namespace::new(n).ok())
-                .ok_or_else(|| corrupt("bad namespace in version vector key"))?;
+                .ok_or_else(|| corrupt("bad namespace in a metadata key"))
+        };
+        for item in self.meta.prefix(META_VV_PREFIX) {
+            let (k, v) = item.into_inner()?;
             let vv = codec::decode_vv(&v).map_err(|e| corrupt(e.to_string()))?;
-            vectors.insert(name, vv);
+            namespaces
+                .entry(name_of(&k, META_VV_PREFIX)?)
+                .or_default()
+                .vector = vv;
+        }
+        for item in self.meta.prefix(META_NS_HLC_PREFIX) {
+            let (k, v) = item.into_inner()?;
+            let hlc = Hlc::from_raw(u64_of(Some(v), "namespace clock")?);
+            namespaces
+                .entry(name_of(&k, META_NS_HLC_PREFIX)?)
+                .or_default()
+                .max_hlc = hlc;
         }
         Ok(IndexState {
             applied_seq,
             hlc,
-            vectors,
+            namespaces,
         })
     }
 
@@ -166,6 +182,19 @@ impl Index {
         }
     }
 
+    pub fn checkpoint(&self, peer: NodeId) -> Option<u64> {
+        let mut key = META_CHECKPOINT_PREFIX.to_vec();
+        key.extend_from_slice(&peer.get().to_be_bytes());
+        let v = self.meta.get(key).ok()??;
+        Some(u64::from_le_bytes(v.as_ref().try_into().ok()?))
+    }
+
+    pub fn save_checkpoint(&self, peer: NodeId, seq: u64) -> Result<(), fjall::Error> {
+        let mut key = META_CHECKPOINT_PREFIX.to_vec();
+        key.extend_from_slice(&peer.get().to_be_bytes());
+        self.meta.insert(key, seq.to_le_bytes())
+    }
+
     pub fn batch(&self, capacity: usize) -> IndexBatch<'_> {
         IndexBatch {
             index: self,
@@ -202,11 +231,15 @@ impl IndexBatch<'_> {
             .insert(&self.index.meta, META_HLC, hlc.as_raw().to_le_bytes());
     }
 
-    pub fn set_vector(&mut self, namespace: &Namespace, vv: &VersionVector) {
+    pub fn set_namespace(&mut self, namespace: &Namespace, state: &NamespaceState) {
         let mut key = META_VV_PREFIX.to_vec();
         key.extend_from_slice(namespace.as_str().as_bytes());
         self.batch
-            .insert(&self.index.meta, key, codec::encode_vv(vv));
+            .insert(&self.index.meta, key, codec::encode_vv(&state.vector));
+        let mut key = META_NS_HLC_PREFIX.to_vec();
+        key.extend_from_slice(namespace.as_str().as_bytes());
+        self.batch
+            .insert(&self.index.meta, key, state.max_hlc.as_raw().to_le_bytes());
     }
 
     pub fn commit(self) -> Result<(), fjall::Error> {

@@ -29,6 +29,6 @@ pub use store::{
     CHANGES_LIMIT_MAX, FeedReader, RecoveryReport, SCAN_LIMIT_MAX, Store, StoreStatus,
 };
 pub use types::{
-    Applied, ChangesPage, Condition, FeedEvent, KeyState, ScanItem, ScanPage, Value, WriteKind,
-    WriteOp,
+    Applied, ApplyOutcome, ChangesPage, Condition, FeedEvent, KeyState, NamespaceState, ScanItem,
+    ScanPage, Value, WriteKind, WriteOp,
 };

@@ -7,7 +7,8 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use asp_core::{HlcClock, Key, Namespace, NodeId, Op, VersionVector, lww_wins};
+use asp_core::session::NamespaceSummary;
+use asp_core::{Event, HlcClock, Key, Namespace, NodeId, Op, lww_wins};
 use fjall::Slice;
 use tokio::sync::{Semaphore, oneshot, watch};
 
@@ -20,9 +21,10 @@ use crate::manifest::{self, Manifest};
 use crate::metrics::Metrics;
 use crate::queue::{TrySendError, WriteQueue};
 use crate::types::{
-    Applied, ChangesPage, FeedEvent, KeyState, ScanItem, ScanPage, Value, WriteKind, WriteOp,
+    Applied, ApplyOutcome, ChangesPage, FeedEvent, KeyState, NamespaceState, ScanItem, ScanPage,
+    Value, WriteKind, WriteOp,
 };
-use crate::writer::{self, Progress, Request, Shared, WriteRequest};
+use crate::writer::{self, ApplyRequest, Progress, Request, Shared, WriteRequest};
 
 /// The most keys one listing returns.
 pub const SCAN_LIMIT_MAX: usize = 1000;
@@ -90,7 +92,7 @@ pub struct StoreStatus {
     pub index_bytes: u64,
     pub writer_queue_depth: usize,
     pub writer_queue_max: usize,
-    pub namespaces: Vec<(Namespace, VersionVector)>,
+    pub namespaces: Vec<(Namespace, NamespaceState)>,
     pub failure: Option<String>,
 }
 
@@ -152,19 +154,18 @@ impl Store {
             indexed_seq: AtomicU64::new(head.seq),
             indexed_tx: watch::channel(head.seq).0,
             progress_changed: Condvar::new(),
-            vectors: RwLock::new(state.vectors.clone()),
+            namespaces: RwLock::new(state.namespaces.clone()),
             failure: OnceLock::new(),
             metrics,
             config: config.clone(),
         });
         let queue = Arc::new(WriteQueue::new(config.write_queue_max));
         let clock = HlcClock::with_last(hlc, config.max_clock_skew_ms);
-        let writer = writer::spawn(shared.clone(), queue.clone(), clock, state.vectors).map_err(
-            |source| OpenError::Io {
+        let writer = writer::spawn(shared.clone(), queue.clone(), clock, state.namespaces)
+            .map_err(|source| OpenError::Io {
                 context: "cannot start the writer thread".into(),
                 source,
-            },
-        )?;
+            })?;
         tracing::info!(
             node_id = %manifest.node_id,
             dir = %config.data_dir.display(),
@@ -267,9 +268,7 @@ impl Store {
                 Ok(()) => return self.answer(answer).await,
                 Err(TrySendError::Closed(_)) => return Err(WriteError::Closed),
                 Err(TrySendError::Full(Request::Write(r))) => request = r,
-                Err(TrySendError::Full(Request::Shutdown(_))) => {
-                    unreachable!("only writes are sent here")
-                }
+                Err(TrySendError::Full(_)) => unreachable!("only writes are sent here"),
             }
         }
         let wait = config.write_queue_wait;
@@ -303,18 +302,96 @@ impl Store {
         self.answer(answer).await
     }
 
+    /// Applies events received from a peer: those already held are left out, the rest
+    /// are appended to this node's feed as they are (same dots, same clocks) and merged
+    /// into each key by version. Returns once they are as durable as the fsync mode
+    /// promises, and not before everything held already is. Events whose clock is more
+    /// than `max_clock_skew_ms` ahead refuse the whole call
+    /// ([`WriteError::ClockSkew`]).
+    pub async fn apply_remote(&self, events: Vec<Event>) -> Result<ApplyOutcome, WriteError> {
+        let bytes: usize = events
+            .iter()
+            .map(|e| asp_core::session::credit_size(e) as usize)
+            .sum::<usize>()
+            .min(self.config().write_queue_bytes_max);
+        if let Some(f) = self.inner.shared.failure.get() {
+            return Err(WriteError::Storage(f.clone()));
+        }
+        let permit = self
+            .inner
+            .budget
+            .clone()
+            .acquire_many_owned(bytes as u32)
+            .await
+            .map_err(|_| WriteError::Closed)?;
+        let (reply, answer) = oneshot::channel();
+        let request = ApplyRequest {
+            events,
+            reply,
+            permit: Some(permit),
+            bytes,
+        };
+        self.inner
+            .queue
+            .send(Request::Apply(request))
+            .await
+            .map_err(|_| WriteError::Closed)?;
+        match answer.await {
+            Ok(result) => result,
+            Err(_) => Err(self.closed_or_failed()),
+        }
+    }
+
+    fn closed_or_failed(&self) -> WriteError {
+        self.inner
+            .shared
+            .failure
+            .get()
+            .map_or(WriteError::Closed, |f| WriteError::Storage(f.clone()))
+    }
+
+    /// What this node holds, per namespace: what a peer is told in the handshake.
+    /// Reflects every write acknowledged before the call (it waits for the index like a
+    /// read does; async callers call [`Store::caught_up`] first).
+    pub fn summary(&self) -> Vec<NamespaceSummary> {
+        // On a storage failure the last indexed state is still a true (if old) answer.
+        let _ = self.inner.shared.await_index();
+        let mut out: Vec<_> = self
+            .inner
+            .shared
+            .namespaces
+            .read()
+            .unwrap()
+            .iter()
+            .map(|(ns, state)| NamespaceSummary {
+                namespace: ns.clone(),
+                max_hlc: state.max_hlc,
+                vector: state.vector.clone(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.namespace.cmp(&b.namespace));
+        out
+    }
+
+    /// The feed position through which `peer` is known to hold everything (0 if
+    /// unknown): where sending to it resumes.
+    pub fn checkpoint(&self, peer: NodeId) -> u64 {
+        self.inner.shared.index.checkpoint(peer).unwrap_or(0)
+    }
+
+    /// Records how far `peer` holds this node's feed. Not fsynced: losing it only
+    /// means re-reading a little of the feed.
+    pub fn save_checkpoint(&self, peer: NodeId, seq: u64) -> Result<(), ReadError> {
+        Ok(self.inner.shared.index.save_checkpoint(peer, seq)?)
+    }
+
     async fn answer(
         &self,
         answer: oneshot::Receiver<Result<Vec<Applied>, WriteError>>,
     ) -> Result<Vec<Applied>, WriteError> {
         match answer.await {
             Ok(result) => result,
-            Err(_) => Err(self
-                .inner
-                .shared
-                .failure
-                .get()
-                .map_or(WriteError::Closed, |f| WriteError::Storage(f.clone()))),
+            Err(_) => Err(self.closed_or_failed()),
         }
     }
 
@@ -501,11 +578,11 @@ impl Store {
             (p.written.seq, p.synced.seq, p.acked.seq, p.indexed.seq)
         };
         let mut namespaces: Vec<_> = shared
-            .vectors
+            .namespaces
             .read()
             .unwrap()
             .iter()
-            .map(|(ns, vv)| (ns.clone(), vv.clone()))
+            .map(|(ns, state)| (ns.clone(), state.clone()))
             .collect();
         namespaces.sort_by(|a, b| a.0.cmp(&b.0));
         StoreStatus {
@@ -553,6 +630,16 @@ impl FeedReader {
     /// The next events up to the visible head, at most `limit` (capped at
     /// [`CHANGES_LIMIT_MAX`]); empty when caught up.
     pub fn read(&mut self, limit: usize) -> Result<Vec<FeedEvent>, ReadError> {
+        self.read_bytes(limit, FEED_PAGE_BYTES_MAX)
+    }
+
+    /// Like [`FeedReader::read`], stopping once about `bytes_max` bytes are read (at
+    /// least one event, however large).
+    pub fn read_bytes(
+        &mut self,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<Vec<FeedEvent>, ReadError> {
         let head = *self.shared.head_tx.borrow();
         let limit = limit.clamp(1, CHANGES_LIMIT_MAX);
         let records = self.shared.log.read(
@@ -560,7 +647,7 @@ impl FeedReader {
             head,
             self.namespace.as_ref().map(Namespace::as_str),
             limit,
-            FEED_PAGE_BYTES_MAX,
+            bytes_max.clamp(1, FEED_PAGE_BYTES_MAX),
         )?;
         Ok(records
             .into_iter()
@@ -614,11 +701,9 @@ fn replay(
         let mut touched: Vec<Namespace> = Vec::new();
         for (position, record) in &records {
             let event = &record.event;
-            state
-                .vectors
-                .entry(event.namespace.clone())
-                .or_default()
-                .insert(event.dot);
+            let ns_state = state.namespaces.entry(event.namespace.clone()).or_default();
+            ns_state.vector.insert(event.dot);
+            ns_state.max_hlc = ns_state.max_hlc.max(event.hlc);
             if !touched.contains(&event.namespace) {
                 touched.push(event.namespace.clone());
             }
@@ -664,7 +749,7 @@ fn replay(
             batch.put(key.clone(), entry);
         }
         for ns in &touched {
-            batch.set_vector(ns, &state.vectors[ns]);
+            batch.set_namespace(ns, &state.namespaces[ns]);
         }
         batch.set_applied(last_seq, hlc);
         batch.commit()?;

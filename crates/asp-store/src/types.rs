@@ -1,6 +1,6 @@
 //! The store's public request and answer types.
 
-use asp_core::{ContentType, Dot, Event, Hlc, Key, Version};
+use asp_core::{ContentType, Dot, Event, Hlc, Key, Version, VersionVector};
 use bytes::Bytes;
 
 /// One operation of an atomic batch.
@@ -120,4 +120,24 @@ pub struct ChangesPage {
     pub events: Vec<FeedEvent>,
     pub next: u64,
     pub head: u64,
+}
+
+/// What applying a peer's events did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    /// Events appended to this node's feed.
+    pub applied: usize,
+    /// Events this node already held, left out.
+    pub duplicates: usize,
+    /// The feed position of the last event appended (0 if none).
+    pub last_seq: u64,
+}
+
+/// What a node holds of one namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NamespaceState {
+    /// Every dot held.
+    pub vector: VersionVector,
+    /// The newest clock reading of any event held.
+    pub max_hlc: Hlc,
 }

@@ -33,7 +33,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use asp_core::{Dot, Hlc, HlcClock, Namespace, NodeId, VersionVector};
+use asp_core::{Dot, Event, Hlc, HlcClock, Namespace, NodeId, lww_wins};
 use fjall::Slice;
 use tokio::sync::{OwnedSemaphorePermit, oneshot, watch};
 
@@ -44,7 +44,7 @@ use crate::index::Index;
 use crate::log::{FeedHead, Log, Segment, SparseBuilder, SparseUpdate};
 use crate::metrics::Metrics;
 use crate::queue::WriteQueue;
-use crate::types::{Applied, Condition, WriteKind, WriteOp};
+use crate::types::{Applied, ApplyOutcome, Condition, NamespaceState, WriteKind, WriteOp};
 
 /// Acknowledged groups waiting for the indexer, at most (each holds at most
 /// `group_events_max` events, or one larger request).
@@ -54,7 +54,23 @@ const STRAGGLER_WAIT_MAX: Duration = Duration::from_millis(1);
 
 pub(crate) enum Request {
     Write(WriteRequest),
+    Apply(ApplyRequest),
     Shutdown(oneshot::Sender<()>),
+}
+
+/// Events received from a peer, to apply as they are.
+pub(crate) struct ApplyRequest {
+    pub events: Vec<Event>,
+    pub reply: oneshot::Sender<Result<ApplyOutcome, WriteError>>,
+    /// As for [`WriteRequest::permit`].
+    pub permit: Option<OwnedSemaphorePermit>,
+    pub bytes: usize,
+}
+
+/// A queued request the writer works on.
+enum Work {
+    Write(WriteRequest),
+    Apply(ApplyRequest),
 }
 
 pub(crate) struct WriteRequest {
@@ -90,8 +106,8 @@ pub(crate) struct Shared {
     pub head_tx: watch::Sender<FeedHead>,
     pub progress: Mutex<Progress>,
     pub progress_changed: Condvar,
-    /// Version vectors as of the indexed head.
-    pub vectors: RwLock<HashMap<Namespace, VersionVector>>,
+    /// Each namespace's vector and newest clock reading, as of the indexed head.
+    pub namespaces: RwLock<HashMap<Namespace, NamespaceState>>,
     /// Set on the first storage failure; the store then refuses writes.
     pub failure: OnceLock<String>,
     pub metrics: Metrics,
@@ -181,16 +197,73 @@ struct WrittenGroup {
 
 /// A group's changes to the key index.
 struct IndexMsg {
-    updates: Vec<(Slice, IndexEntry)>,
-    vectors: Vec<(Namespace, VersionVector)>,
+    updates: Vec<Update>,
+    namespaces: Vec<(Namespace, NamespaceState)>,
     head: FeedHead,
     hlc: Hlc,
 }
 
+/// One key's new index entry.
+struct Update {
+    key: Slice,
+    entry: IndexEntry,
+    /// Compare with the current entry and keep the higher version (events from peers);
+    /// otherwise overwrite (local writes, which always carry the highest version).
+    merge: bool,
+}
+
 struct Ack {
-    reply: oneshot::Sender<Result<Vec<Applied>, WriteError>>,
-    applied: Vec<Applied>,
+    reply: Reply,
     _permit: Option<OwnedSemaphorePermit>,
+}
+
+enum Reply {
+    Write(
+        oneshot::Sender<Result<Vec<Applied>, WriteError>>,
+        Vec<Applied>,
+    ),
+    Apply(
+        oneshot::Sender<Result<ApplyOutcome, WriteError>>,
+        ApplyOutcome,
+    ),
+}
+
+impl Reply {
+    fn fail(self, err: WriteError) {
+        match self {
+            Reply::Write(tx, _) => drop(tx.send(Err(err))),
+            Reply::Apply(tx, _) => drop(tx.send(Err(err))),
+        }
+    }
+
+    fn succeed(self) {
+        match self {
+            Reply::Write(tx, applied) => drop(tx.send(Ok(applied))),
+            Reply::Apply(tx, outcome) => drop(tx.send(Ok(outcome))),
+        }
+    }
+}
+
+impl Work {
+    fn fail(self, err: WriteError) {
+        match self {
+            Work::Write(w) => drop(w.reply.send(Err(err))),
+            Work::Apply(a) => drop(a.reply.send(Err(err))),
+        }
+    }
+}
+
+/// A group being built: what goes into the log buffer and the index.
+struct Group {
+    start_offset: u64,
+    segment_base: u64,
+    sparse_update: SparseUpdate,
+    updates: Vec<Update>,
+    /// Index key -> position in `updates`: one index batch must not hold a key twice.
+    positions: HashMap<Slice, usize, foldhash::fast::RandomState>,
+    touched: Vec<Namespace>,
+    acks: Vec<Ack>,
+    events: u64,
 }
 
 /// Lets the writer's short waits for stragglers end on time: the default 50 µs timer
@@ -214,7 +287,7 @@ pub(crate) fn spawn(
     shared: Arc<Shared>,
     queue: Arc<WriteQueue<Request>>,
     clock: HlcClock,
-    vectors: HashMap<Namespace, VersionVector>,
+    namespaces: HashMap<Namespace, NamespaceState>,
 ) -> std::io::Result<JoinHandle<()>> {
     let segment = shared.log.active();
     let writer = Writer {
@@ -224,7 +297,7 @@ pub(crate) fn spawn(
         shared,
         queue,
         clock,
-        vectors,
+        namespaces,
         buf: Vec::new(),
         fsync_avg: Duration::from_micros(500),
         expected: 0,
@@ -238,8 +311,9 @@ struct Writer {
     shared: Arc<Shared>,
     queue: Arc<WriteQueue<Request>>,
     clock: HlcClock,
-    /// Every dot written, including those not yet indexed.
-    vectors: HashMap<Namespace, VersionVector>,
+    /// Every dot written (including those not yet indexed) and the newest clock
+    /// reading, per namespace.
+    namespaces: HashMap<Namespace, NamespaceState>,
     /// The last sequence number assigned.
     seq: u64,
     segment: Arc<Segment>,
@@ -255,7 +329,7 @@ struct Writer {
 /// What the writer collected for one group.
 #[derive(Default)]
 struct Collected {
-    requests: Vec<WriteRequest>,
+    requests: Vec<Work>,
     events: usize,
     bytes: usize,
     shutdown: Vec<oneshot::Sender<()>>,
@@ -267,7 +341,12 @@ impl Collected {
             Request::Write(w) => {
                 self.events += w.ops.len();
                 self.bytes += w.bytes;
-                self.requests.push(w);
+                self.requests.push(Work::Write(w));
+            }
+            Request::Apply(a) => {
+                self.events += a.events.len();
+                self.bytes += a.bytes;
+                self.requests.push(Work::Apply(a));
             }
             Request::Shutdown(reply) => self.shutdown.push(reply),
         }
@@ -324,9 +403,8 @@ impl Writer {
         self.queue.close();
         while let Some(request) = self.queue.try_recv() {
             match request {
-                Request::Write(w) => {
-                    let _ = w.reply.send(Err(WriteError::Closed));
-                }
+                Request::Write(w) => Work::Write(w).fail(WriteError::Closed),
+                Request::Apply(a) => Work::Apply(a).fail(WriteError::Closed),
                 Request::Shutdown(reply) => shutdown_replies.push(reply),
             }
         }
@@ -402,21 +480,22 @@ impl Writer {
     }
 
     /// Checks, encodes and appends a group; returns it for the fsync and the
-    /// acknowledgements, or `None` if nothing of it was written.
-    fn process(&mut self, group: Vec<WriteRequest>) -> Option<WrittenGroup> {
+    /// acknowledgements, or `None` if nothing of it needs either.
+    fn process(&mut self, group: Vec<Work>) -> Option<WrittenGroup> {
         if group.is_empty() {
             return None;
         }
         if let Some(err) = self.shared.failed() {
-            for w in group {
-                let _ = w.reply.send(Err(err.clone()));
+            for work in group {
+                work.fail(err.clone());
             }
             return None;
         }
-        if group
-            .iter()
-            .any(|w| w.ops.iter().any(|op| op.condition != Condition::None))
-        {
+        let reads = group.iter().any(|work| match work {
+            Work::Write(w) => w.ops.iter().any(|op| op.condition != Condition::None),
+            Work::Apply(_) => false,
+        });
+        if reads {
             // Conditions read the index, which must reflect every earlier write.
             self.wait_indexed(self.seq);
         }
@@ -431,8 +510,8 @@ impl Writer {
                         "sealing log segment {}: {e}",
                         self.segment.path.display()
                     ));
-                    for w in group {
-                        let _ = w.reply.send(Err(err.clone()));
+                    for work in group {
+                        work.fail(err.clone());
                     }
                     return None;
                 }
@@ -440,160 +519,233 @@ impl Writer {
         }
 
         let wall = wall_ms();
-        let node_id = self.shared.node_id;
-        let start_offset = self.segment.len();
-        let segment_base = self.segment.base;
         self.buf.clear();
-        let mut sparse_update = SparseUpdate::default();
-        let mut updates: Vec<(Slice, IndexEntry)> = Vec::new();
-        let mut positions: HashMap<Slice, usize, foldhash::fast::RandomState> = HashMap::default();
-        let mut touched: Vec<Namespace> = Vec::new();
-        let mut acks = Vec::with_capacity(group.len());
-        let mut events = 0u64;
-
-        for w in group {
-            if let Err(e) = self.check_conditions(&w, &updates, &positions) {
-                self.shared.metrics.writes_rejected.inc();
-                let _ = w.reply.send(Err(e));
-                continue;
+        let mut g = Group {
+            start_offset: self.segment.len(),
+            segment_base: self.segment.base,
+            sparse_update: SparseUpdate::default(),
+            updates: Vec::new(),
+            positions: HashMap::default(),
+            touched: Vec::new(),
+            acks: Vec::with_capacity(group.len()),
+            events: 0,
+        };
+        for work in group {
+            match work {
+                Work::Write(w) => self.add_local(&mut g, w, wall),
+                Work::Apply(a) => self.add_remote(&mut g, a, wall),
             }
-            let ns = w.namespace.as_str();
-            let vv = self.vectors.entry(w.namespace.clone()).or_default();
-            let first_counter = vv.max_counter(node_id) + 1;
-            let mut applied = Vec::with_capacity(w.ops.len());
-            let last = w.ops.len() - 1;
-            for (i, op) in w.ops.iter().enumerate() {
-                self.seq += 1;
-                let dot = Dot {
-                    origin: node_id,
-                    counter: first_counter + i as u64,
-                };
-                let hlc = self.clock.tick(wall);
-                let (put, content_type, value) = match &op.kind {
-                    WriteKind::Put {
-                        content_type,
-                        value,
-                    } => (
-                        Some((*content_type, &value[..])),
-                        Some(*content_type),
-                        Some(value),
-                    ),
-                    WriteKind::Delete => (None, None, None),
-                };
-                let event = EventRef {
-                    namespace: ns,
-                    key: op.key.as_str(),
-                    put,
-                    dot,
-                    hlc,
-                    context: &[],
-                };
-                let offset = start_offset + self.buf.len() as u64;
-                let before = self.buf.len();
-                let flags = if i == last { FLAG_TXN_END } else { 0 };
-                codec::encode_record(&mut self.buf, self.seq, flags, &event);
-                self.sparse
-                    .record(&mut sparse_update, self.seq, offset, ns.as_bytes());
-                let value_len = value.map_or(0, |v| v.len() as u32);
-                let entry = IndexEntry {
-                    content_type,
-                    dot,
-                    hlc,
-                    seq: self.seq,
-                    position: LogPosition {
-                        segment: segment_base,
-                        offset: offset as u32,
-                        frame_len: (self.buf.len() - before) as u32,
-                    },
-                    value_len,
-                    inline: value.filter(|v| v.len() <= INLINE_VALUE_BYTES_MAX).cloned(),
-                };
-                let key = Slice::from(codec::index_key(ns, op.key.as_str()));
-                match positions.get(&key[..]) {
-                    // A later write to the same key in this group replaces the earlier
-                    // one: one index batch must not hold a key twice.
-                    Some(&p) => updates[p].1 = entry,
-                    None => {
-                        positions.insert(key.clone(), updates.len());
-                        updates.push((key, entry));
-                    }
-                }
-                applied.push(Applied {
-                    dot,
-                    hlc,
-                    seq: self.seq,
-                });
-            }
-            vv.insert_range(node_id, first_counter, first_counter + last as u64);
-            events += w.ops.len() as u64;
-            if !touched.contains(&w.namespace) {
-                touched.push(w.namespace.clone());
-            }
-            acks.push(Ack {
-                reply: w.reply,
-                applied,
-                _permit: w.permit,
-            });
         }
-        if acks.is_empty() {
+        if g.acks.is_empty() {
             return None;
         }
 
-        if let Err(e) = self
-            .shared
-            .log
-            .append(&self.segment, &self.buf, self.seq, &sparse_update)
+        if !self.buf.is_empty()
+            && let Err(e) =
+                self.shared
+                    .log
+                    .append(&self.segment, &self.buf, self.seq, &g.sparse_update)
         {
             let err = self
                 .shared
                 .fail(format!("appending to {}: {e}", self.segment.path.display()));
-            for ack in acks {
-                let _ = ack.reply.send(Err(err.clone()));
+            for ack in g.acks {
+                ack.reply.fail(err.clone());
             }
             return None;
         }
         let head = FeedHead {
             seq: self.seq,
-            segment: segment_base,
-            offset: start_offset + self.buf.len() as u64,
+            segment: g.segment_base,
+            offset: g.start_offset + self.buf.len() as u64,
         };
         self.shared.progress.lock().unwrap().written = head;
-        let vectors = touched
+        let namespaces = g
+            .touched
             .into_iter()
             .map(|ns| {
-                let vv = self.vectors[&ns].clone();
-                (ns, vv)
+                let state = self.namespaces[&ns].clone();
+                (ns, state)
             })
             .collect();
         Some(WrittenGroup {
-            acks,
-            events,
+            acks: g.acks,
+            events: g.events,
             bytes: self.buf.len() as u64,
             index: IndexMsg {
-                updates,
-                vectors,
+                updates: g.updates,
+                namespaces,
                 head,
                 hlc: self.clock.last(),
             },
         })
     }
 
+    /// Appends one event to the group's buffer and index changes; returns its feed
+    /// position.
+    fn append(&mut self, g: &mut Group, event: &EventRef<'_>, txn_end: bool, merge: bool) -> u64 {
+        self.seq += 1;
+        let offset = g.start_offset + self.buf.len() as u64;
+        let before = self.buf.len();
+        let flags = if txn_end { FLAG_TXN_END } else { 0 };
+        codec::encode_record(&mut self.buf, self.seq, flags, event);
+        self.sparse.record(
+            &mut g.sparse_update,
+            self.seq,
+            offset,
+            event.namespace.as_bytes(),
+        );
+        let (content_type, value) = match event.put {
+            Some((ct, value)) => (Some(ct), Some(value)),
+            None => (None, None),
+        };
+        let entry = IndexEntry {
+            content_type,
+            dot: event.dot,
+            hlc: event.hlc,
+            seq: self.seq,
+            position: LogPosition {
+                segment: g.segment_base,
+                offset: offset as u32,
+                frame_len: (self.buf.len() - before) as u32,
+            },
+            value_len: value.map_or(0, |v| v.len() as u32),
+            inline: value
+                .filter(|v| v.len() <= INLINE_VALUE_BYTES_MAX)
+                .map(bytes::Bytes::copy_from_slice),
+        };
+        let key = Slice::from(codec::index_key(event.namespace, event.key));
+        match g.positions.get(&key[..]) {
+            // Two events for one key in one group: the index gets the winner.
+            Some(&p) => {
+                let current = &mut g.updates[p];
+                if lww_wins(&entry.version(), &current.entry.version()) {
+                    current.entry = entry;
+                    current.merge = merge;
+                }
+            }
+            None => {
+                g.positions.insert(key.clone(), g.updates.len());
+                g.updates.push(Update { key, entry, merge });
+            }
+        }
+        g.events += 1;
+        self.seq
+    }
+
+    fn touch(&mut self, g: &mut Group, namespace: &Namespace, hlc: Hlc) {
+        let state = self.namespaces.entry(namespace.clone()).or_default();
+        state.max_hlc = state.max_hlc.max(hlc);
+        if !g.touched.contains(namespace) {
+            g.touched.push(namespace.clone());
+        }
+    }
+
+    /// A client's batch: new dots of this node, fresh clock readings.
+    fn add_local(&mut self, g: &mut Group, w: WriteRequest, wall: u64) {
+        if let Err(e) = self.check_conditions(&w, g) {
+            self.shared.metrics.writes_rejected.inc();
+            let _ = w.reply.send(Err(e));
+            return;
+        }
+        let node_id = self.shared.node_id;
+        let first_counter = self
+            .namespaces
+            .get(&w.namespace)
+            .map_or(0, |s| s.vector.max_counter(node_id))
+            + 1;
+        let last = w.ops.len() - 1;
+        let mut applied = Vec::with_capacity(w.ops.len());
+        let mut hlc = Hlc::ZERO;
+        for (i, op) in w.ops.iter().enumerate() {
+            let dot = Dot {
+                origin: node_id,
+                counter: first_counter + i as u64,
+            };
+            hlc = self.clock.tick(wall);
+            let put = match &op.kind {
+                WriteKind::Put {
+                    content_type,
+                    value,
+                } => Some((*content_type, &value[..])),
+                WriteKind::Delete => None,
+            };
+            let event = EventRef {
+                namespace: w.namespace.as_str(),
+                key: op.key.as_str(),
+                put,
+                dot,
+                hlc,
+                context: &[],
+            };
+            let seq = self.append(g, &event, i == last, false);
+            applied.push(Applied { dot, hlc, seq });
+        }
+        self.touch(g, &w.namespace, hlc);
+        self.namespaces
+            .get_mut(&w.namespace)
+            .expect("just touched")
+            .vector
+            .insert_range(node_id, first_counter, first_counter + last as u64);
+        g.acks.push(Ack {
+            reply: Reply::Write(w.reply, applied),
+            _permit: w.permit,
+        });
+    }
+
+    /// Events from a peer: those already held are left out; the rest are appended as
+    /// they are and merged into the index by version. A clock reading too far ahead
+    /// refuses the whole request.
+    fn add_remote(&mut self, g: &mut Group, a: ApplyRequest, wall: u64) {
+        let limit = wall.saturating_add(self.clock.max_skew_ms());
+        if let Some(e) = a.events.iter().find(|e| e.hlc.physical_ms() > limit) {
+            let err = WriteError::ClockSkew(format!(
+                "event {} of namespace {} carries clock {} ms, {} ms ahead of this node's clock; the limit is max_clock_skew = {} ms (check NTP on both nodes)",
+                e.dot,
+                e.namespace,
+                e.hlc.physical_ms(),
+                e.hlc.physical_ms() - wall,
+                self.clock.max_skew_ms()
+            ));
+            let _ = a.reply.send(Err(err));
+            return;
+        }
+        let mut outcome = ApplyOutcome::default();
+        let mut fresh = Vec::with_capacity(a.events.len());
+        for (i, e) in a.events.iter().enumerate() {
+            let state = self.namespaces.entry(e.namespace.clone()).or_default();
+            if state.vector.insert(e.dot) {
+                fresh.push(i);
+            } else {
+                outcome.duplicates += 1;
+            }
+        }
+        let last = fresh.len().saturating_sub(1);
+        for (j, &i) in fresh.iter().enumerate() {
+            let e = &a.events[i];
+            // Cannot fail: every reading was checked against the limit above.
+            let _ = self.clock.observe(e.hlc, wall);
+            outcome.last_seq = self.append(g, &EventRef::from_event(e), j == last, true);
+            outcome.applied += 1;
+            self.touch(g, &e.namespace, e.hlc);
+        }
+        g.acks.push(Ack {
+            reply: Reply::Apply(a.reply, outcome),
+            _permit: a.permit,
+        });
+    }
+
     /// Checks every condition of a request against the state it would see: earlier
     /// operations of the same request, earlier requests of this group, then the index.
-    fn check_conditions(
-        &self,
-        w: &WriteRequest,
-        updates: &[(Slice, IndexEntry)],
-        positions: &HashMap<Slice, usize, foldhash::fast::RandomState>,
-    ) -> Result<(), WriteError> {
+    fn check_conditions(&self, w: &WriteRequest, g: &Group) -> Result<(), WriteError> {
         if w.ops.iter().all(|op| op.condition == Condition::None) {
             return Ok(());
         }
         let node_id = self.shared.node_id;
         let first_counter = self
-            .vectors
+            .namespaces
             .get(&w.namespace)
-            .map_or(0, |vv| vv.max_counter(node_id))
+            .map_or(0, |s| s.vector.max_counter(node_id))
             + 1;
         // Key -> (dot, live) as left by earlier operations of this request.
         let mut local: HashMap<&str, (Dot, bool)> = HashMap::new();
@@ -604,9 +756,10 @@ impl Writer {
                     Some(&state) => Some(state),
                     None => {
                         let ikey = codec::index_key(w.namespace.as_str(), key);
-                        match positions.get(&ikey[..]) {
+                        match g.positions.get(&ikey[..]) {
                             Some(&p) => {
-                                Some((updates[p].1.dot, updates[p].1.content_type.is_some()))
+                                let entry = &g.updates[p].entry;
+                                Some((entry.dot, entry.content_type.is_some()))
                             }
                             None => self
                                 .shared
@@ -667,7 +820,9 @@ impl Writer {
     /// Makes a group durable (under `fsync = "always"`), acknowledges it, publishes it
     /// in the feed, and hands it to the indexer.
     fn commit(&mut self, msg: WrittenGroup, index_tx: &std_mpsc::SyncSender<IndexMsg>) {
-        if self.shared.config.fsync == FsyncMode::Always {
+        // A group that wrote nothing (only events already held) needs no fsync: every
+        // earlier group was made durable before this one was taken.
+        if self.shared.config.fsync == FsyncMode::Always && msg.bytes > 0 {
             let started = Instant::now();
             let synced = self.segment.file.sync_data();
             let took = started.elapsed();
@@ -686,7 +841,7 @@ impl Writer {
         }
         if let Some(err) = self.shared.failed() {
             for ack in msg.acks {
-                let _ = ack.reply.send(Err(err.clone()));
+                ack.reply.fail(err.clone());
             }
             return;
         }
@@ -706,7 +861,7 @@ impl Writer {
         metrics.group_commit_events.observe(msg.events as f64);
         metrics.group_commit_requests.observe(msg.acks.len() as f64);
         for ack in msg.acks {
-            let _ = ack.reply.send(Ok(ack.applied));
+            ack.reply.succeed();
         }
         // Blocks when the indexer is behind: backpressure for the writers.
         if index_tx.send(msg.index).is_err() {
@@ -727,17 +882,7 @@ fn run_indexer(shared: Arc<Shared>, rx: std_mpsc::Receiver<IndexMsg>) {
         }
         shared.index.wait_for_flushes();
         for msg in &msgs {
-            let mut batch = shared
-                .index
-                .batch(msg.updates.len() + 2 + msg.vectors.len());
-            for (key, entry) in &msg.updates {
-                batch.put(key.clone(), entry);
-            }
-            for (ns, vv) in &msg.vectors {
-                batch.set_vector(ns, vv);
-            }
-            batch.set_applied(msg.head.seq, msg.hlc);
-            if let Err(e) = batch.commit() {
+            if let Err(e) = apply_to_index(&shared.index, msg) {
                 shared.fail(format!("writing the key index: {e}"));
                 break;
             }
@@ -747,10 +892,10 @@ fn run_indexer(shared: Arc<Shared>, rx: std_mpsc::Receiver<IndexMsg>) {
         }
         let last = msgs.last().expect("at least one message").head;
         {
-            let mut vectors = shared.vectors.write().unwrap();
+            let mut namespaces = shared.namespaces.write().unwrap();
             for msg in &msgs {
-                for (ns, vv) in &msg.vectors {
-                    vectors.insert(ns.clone(), vv.clone());
+                for (ns, state) in &msg.namespaces {
+                    namespaces.insert(ns.clone(), state.clone());
                 }
             }
         }
@@ -762,6 +907,26 @@ fn run_indexer(shared: Arc<Shared>, rx: std_mpsc::Receiver<IndexMsg>) {
         shared.progress_changed.notify_all();
         shared.indexed_tx.send_replace(last.seq);
     }
+}
+
+/// Applies one group to the key index as one atomic batch.
+fn apply_to_index(index: &Index, msg: &IndexMsg) -> Result<(), String> {
+    let mut batch = index.batch(msg.updates.len() + 2 + 2 * msg.namespaces.len());
+    for update in &msg.updates {
+        if update.merge {
+            // An event from a peer may be older than what the key holds.
+            let current = index.get(&update.key).map_err(|e| e.to_string())?;
+            if current.is_some_and(|c| !lww_wins(&update.entry.version(), &c.version())) {
+                continue;
+            }
+        }
+        batch.put(update.key.clone(), &update.entry);
+    }
+    for (ns, state) in &msg.namespaces {
+        batch.set_namespace(ns, state);
+    }
+    batch.set_applied(msg.head.seq, msg.hlc);
+    batch.commit().map_err(|e| e.to_string())
 }
 
 /// Under `fsync = "interval:<ms>"`: fsyncs what has been written, on the interval.

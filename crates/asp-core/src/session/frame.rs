@@ -1,0 +1,179 @@
+//! The peer protocol's messages as typed values. Their byte layout lives in `asp-wire`
+//! and `docs/PROTOCOL.md`; the session below only ever sees these.
+
+use std::fmt;
+
+use crate::{Event, Hlc, Namespace, NodeId, Op, VersionVector};
+
+/// The protocol versions this build speaks.
+pub const PROTOCOL_VERSION_MIN: u16 = 1;
+pub const PROTOCOL_VERSION_MAX: u16 = 1;
+
+/// The namespace list entry meaning "every namespace".
+pub const ALL_NAMESPACES: &str = "*";
+
+/// The first message each side sends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub version_min: u16,
+    pub version_max: u16,
+    /// Nodes of different clusters refuse to talk.
+    pub cluster_id: String,
+    pub node_id: NodeId,
+    /// Free-form `key=value` labels (`region=eu`), for residency rules.
+    pub labels: Vec<(String, String)>,
+    /// Namespaces this node replicates (sends and wants); `*` for all.
+    pub namespaces: Vec<String>,
+    /// How often this node sends something when idle.
+    pub heartbeat_ms: u32,
+    /// How long this node waits without hearing from its peer before it gives up.
+    pub idle_timeout_ms: u32,
+}
+
+/// Why a link was closed, as carried by an `Error` frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// A malformed or unexpected frame.
+    Protocol,
+    /// No protocol version both sides speak.
+    VersionMismatch,
+    /// The peers belong to different clusters.
+    ClusterMismatch,
+    /// A node connected to itself.
+    SelfConnection,
+    /// Another link between the same two nodes is kept instead.
+    DuplicateLink,
+    /// Nothing was heard from the peer for its idle timeout.
+    IdleTimeout,
+    /// The handshake did not finish in time.
+    HandshakeTimeout,
+    /// An event's clock reading is too far ahead of the receiver's wall clock.
+    ClockSkew,
+    /// The peer sent more than its credit allowed.
+    FlowControl,
+    /// The node is shutting down.
+    Shutdown,
+    /// The receiver could not apply events (storage failure).
+    Internal,
+    /// A code this build does not know (sent by a newer peer).
+    Other(u16),
+}
+
+impl ErrorCode {
+    pub const fn code(self) -> u16 {
+        match self {
+            ErrorCode::Protocol => 1,
+            ErrorCode::VersionMismatch => 2,
+            ErrorCode::ClusterMismatch => 3,
+            ErrorCode::SelfConnection => 4,
+            ErrorCode::DuplicateLink => 5,
+            ErrorCode::IdleTimeout => 6,
+            ErrorCode::HandshakeTimeout => 7,
+            ErrorCode::ClockSkew => 8,
+            ErrorCode::FlowControl => 9,
+            ErrorCode::Shutdown => 10,
+            ErrorCode::Internal => 11,
+            ErrorCode::Other(c) => c,
+        }
+    }
+
+    pub const fn from_code(code: u16) -> Self {
+        match code {
+            1 => ErrorCode::Protocol,
+            2 => ErrorCode::VersionMismatch,
+            3 => ErrorCode::ClusterMismatch,
+            4 => ErrorCode::SelfConnection,
+            5 => ErrorCode::DuplicateLink,
+            6 => ErrorCode::IdleTimeout,
+            7 => ErrorCode::HandshakeTimeout,
+            8 => ErrorCode::ClockSkew,
+            9 => ErrorCode::FlowControl,
+            10 => ErrorCode::Shutdown,
+            11 => ErrorCode::Internal,
+            c => ErrorCode::Other(c),
+        }
+    }
+
+    /// The snake_case name used in logs, status and the HTTP API.
+    pub const fn name(self) -> &'static str {
+        match self {
+            ErrorCode::Protocol => "protocol",
+            ErrorCode::VersionMismatch => "version_mismatch",
+            ErrorCode::ClusterMismatch => "cluster_mismatch",
+            ErrorCode::SelfConnection => "self_connection",
+            ErrorCode::DuplicateLink => "duplicate_link",
+            ErrorCode::IdleTimeout => "idle_timeout",
+            ErrorCode::HandshakeTimeout => "handshake_timeout",
+            ErrorCode::ClockSkew => "clock_skew",
+            ErrorCode::FlowControl => "flow_control",
+            ErrorCode::Shutdown => "shutdown",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Other(_) => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ErrorCode::Other(c) => write!(f, "unknown({c})"),
+            other => f.write_str(other.name()),
+        }
+    }
+}
+
+/// One namespace's state as one node holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamespaceSummary {
+    pub namespace: Namespace,
+    /// The newest clock reading of any event held in the namespace.
+    pub max_hlc: Hlc,
+    pub vector: VersionVector,
+}
+
+/// A peer protocol message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    Hello(Hello),
+    /// The sender closes the link after this frame.
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    /// What the sender holds, per namespace. Sent after the handshake and again from
+    /// time to time; a receiver only ever adds to its view of the sender.
+    Summary(Vec<NamespaceSummary>),
+    /// Events read from the sender's feed at positions `first_seq..=last_seq` (events
+    /// the receiver already holds or does not want are left out, so the list may be
+    /// shorter than the range, or empty).
+    Events {
+        first_seq: u64,
+        last_seq: u64,
+        events: Vec<Event>,
+    },
+    /// The receiver holds, durably, everything of the sender's feed up to `through_seq`
+    /// that it wants.
+    Ack {
+        through_seq: u64,
+    },
+    /// The receiver accepts `bytes` more bytes of events (see [`credit_size`]).
+    Credit {
+        bytes: u32,
+    },
+    /// Sent when nothing else was for a heartbeat interval.
+    Heartbeat {
+        head_seq: u64,
+        wall_ms: u64,
+    },
+}
+
+/// The bytes an event costs against the receiver's credit: its key, value and context,
+/// plus 64 for everything else.
+pub fn credit_size(event: &Event) -> u64 {
+    let value = match &event.op {
+        Op::Put { value, .. } => value.len(),
+        Op::Delete => 0,
+    };
+    64 + event.key.as_str().len() as u64 + value as u64 + event.context.len() as u64
+}

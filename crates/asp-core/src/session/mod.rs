@@ -1,0 +1,568 @@
+//! The replication session between two nodes, as a sans-IO state machine: frames and
+//! time go in through `handle_*`, frames to send and events for the node come out
+//! through `poll_*`. It never reads a clock, a socket or a file; the runtime (asp-node)
+//! drives it over a real connection, and tests and the simulator drive it directly.
+//!
+//! A session is symmetric: each side sends and receives events. On the sending side it
+//! keeps a view of what the peer holds (its summary, plus every dot sent to it or
+//! received from it) and leaves those events out, which is what stops events from
+//! looping around cycles. Credit-based flow control bounds what is in flight: the
+//! sender may only send while the peer has granted credit; when it has none it stops,
+//! and the runtime resumes reading its feed later, so nothing queues in memory.
+
+mod frame;
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+pub use frame::{
+    ALL_NAMESPACES, ErrorCode, Frame, Hello, NamespaceSummary, PROTOCOL_VERSION_MAX,
+    PROTOCOL_VERSION_MIN, credit_size,
+};
+
+use crate::{Event, Namespace, NodeId, VersionVector};
+
+/// Frames waiting to be sent, at most. The runtime drains them after every input, so
+/// this only guards against a runtime that stops draining.
+const OUTBOX_MAX: usize = 1024;
+
+/// How a node runs its sessions.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    pub node_id: NodeId,
+    pub cluster_id: String,
+    pub labels: Vec<(String, String)>,
+    /// Namespaces this node replicates; `*` for all.
+    pub namespaces: Vec<String>,
+    pub version_min: u16,
+    pub version_max: u16,
+    /// Send a heartbeat after this long without sending anything.
+    pub heartbeat: Duration,
+    /// Close the link after this long without hearing anything.
+    pub idle_timeout: Duration,
+    /// Close the link if the handshake has not finished after this long.
+    pub handshake_timeout: Duration,
+    /// Bytes of events the peer may have in flight towards this node.
+    pub credit_window_bytes: u32,
+}
+
+impl SessionConfig {
+    pub fn new(node_id: NodeId, cluster_id: impl Into<String>) -> Self {
+        Self {
+            node_id,
+            cluster_id: cluster_id.into(),
+            labels: Vec::new(),
+            namespaces: vec![ALL_NAMESPACES.to_owned()],
+            version_min: PROTOCOL_VERSION_MIN,
+            version_max: PROTOCOL_VERSION_MAX,
+            heartbeat: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            credit_window_bytes: 8 << 20,
+        }
+    }
+}
+
+/// What the node learns about its peer in the handshake.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub node_id: NodeId,
+    pub version: u16,
+    pub labels: Vec<(String, String)>,
+    pub namespaces: Vec<String>,
+}
+
+/// Why a session ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CloseReason {
+    pub code: ErrorCode,
+    pub message: String,
+    /// Whether the peer closed it (it sent the error) rather than this node.
+    pub by_peer: bool,
+}
+
+/// What the session tells the node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// The handshake succeeded.
+    Established(PeerInfo),
+    /// The peer's summary (the first one, and each refresh).
+    PeerSummary(Vec<NamespaceSummary>),
+    /// Events to apply. Call [`Session::applied`] once they are durable, in the order
+    /// received.
+    Events {
+        first_seq: u64,
+        last_seq: u64,
+        events: Vec<Event>,
+        /// Their cost against this node's credit, returned by `applied`.
+        bytes: u64,
+    },
+    /// The peer holds durably everything of this node's feed up to `through_seq`.
+    Acked {
+        through_seq: u64,
+    },
+    /// The peer's feed head, from its heartbeat.
+    PeerHead {
+        head_seq: u64,
+    },
+    Closed(CloseReason),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Our Hello is sent; waiting for the peer's.
+    AwaitHello,
+    /// Handshake done; events flow once the peer's first summary is in.
+    Established,
+    Closed,
+}
+
+pub struct Session {
+    config: SessionConfig,
+    state: State,
+    peer: Option<PeerInfo>,
+    outbox: VecDeque<Frame>,
+    events: VecDeque<SessionEvent>,
+    started: Instant,
+    last_received: Instant,
+    last_sent: Instant,
+    /// The peer's holdings as far as this node knows: never shrinks within a session.
+    peer_view: HashMap<Namespace, VersionVector>,
+    have_peer_summary: bool,
+    /// Bytes this node may still send (may dip below zero by one batch).
+    send_credit: i64,
+    /// Bytes the peer may still send to this node before it exceeds its credit.
+    recv_allowance: i64,
+    local_head: u64,
+    /// The highest feed position sent, so that ranges never go backwards.
+    last_sent_seq: u64,
+}
+
+impl Session {
+    /// Starts a session on a fresh connection; the Hello is queued at once.
+    pub fn new(config: SessionConfig, now: Instant) -> Self {
+        let hello = Frame::Hello(Hello {
+            version_min: config.version_min,
+            version_max: config.version_max,
+            cluster_id: config.cluster_id.clone(),
+            node_id: config.node_id,
+            labels: config.labels.clone(),
+            namespaces: config.namespaces.clone(),
+            heartbeat_ms: config.heartbeat.as_millis().min(u32::MAX as u128) as u32,
+            idle_timeout_ms: config.idle_timeout.as_millis().min(u32::MAX as u128) as u32,
+        });
+        let mut session = Session {
+            config,
+            state: State::AwaitHello,
+            peer: None,
+            outbox: VecDeque::new(),
+            events: VecDeque::new(),
+            started: now,
+            last_received: now,
+            last_sent: now,
+            peer_view: HashMap::new(),
+            have_peer_summary: false,
+            send_credit: 0,
+            recv_allowance: 0,
+            local_head: 0,
+            last_sent_seq: 0,
+        };
+        session.queue(hello, now);
+        session
+    }
+
+    pub fn peer(&self) -> Option<&PeerInfo> {
+        self.peer.as_ref()
+    }
+
+    pub fn is_established(&self) -> bool {
+        self.state == State::Established
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    fn queue(&mut self, frame: Frame, now: Instant) {
+        debug_assert!(
+            self.outbox.len() < OUTBOX_MAX,
+            "the runtime stopped draining frames"
+        );
+        self.outbox.push_back(frame);
+        self.last_sent = now;
+    }
+
+    /// The next frame to send.
+    pub fn poll_transmit(&mut self) -> Option<Frame> {
+        self.outbox.pop_front()
+    }
+
+    /// The next thing for the node to act on.
+    pub fn poll_event(&mut self) -> Option<SessionEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Session::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::Closed => None,
+            State::AwaitHello => Some(
+                (self.started + self.config.handshake_timeout)
+                    .min(self.last_received + self.config.idle_timeout),
+            ),
+            State::Established => Some(
+                (self.last_sent + self.config.heartbeat)
+                    .min(self.last_received + self.config.idle_timeout),
+            ),
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.state {
+            State::Closed => {}
+            State::AwaitHello => {
+                if now >= self.started + self.config.handshake_timeout {
+                    let ms = self.config.handshake_timeout.as_millis();
+                    self.close(
+                        ErrorCode::HandshakeTimeout,
+                        format!("no Hello from the peer within {ms} ms"),
+                        now,
+                    );
+                }
+            }
+            State::Established => {
+                if now >= self.last_received + self.config.idle_timeout {
+                    let ms = self.config.idle_timeout.as_millis();
+                    self.close(
+                        ErrorCode::IdleTimeout,
+                        format!("nothing heard from the peer for {ms} ms"),
+                        now,
+                    );
+                } else if now >= self.last_sent + self.config.heartbeat {
+                    let head_seq = self.local_head;
+                    // The wall clock is not ours to read: the runtime stamps it.
+                    self.queue(
+                        Frame::Heartbeat {
+                            head_seq,
+                            wall_ms: 0,
+                        },
+                        now,
+                    );
+                }
+            }
+        }
+    }
+
+    /// Closes the session from this side: an Error frame naming the reason is queued
+    /// as the last frame.
+    pub fn close(&mut self, code: ErrorCode, message: impl Into<String>, now: Instant) {
+        if self.state == State::Closed {
+            return;
+        }
+        let message = message.into();
+        self.outbox.clear();
+        self.queue(
+            Frame::Error {
+                code,
+                message: message.clone(),
+            },
+            now,
+        );
+        self.state = State::Closed;
+        self.events.push_back(SessionEvent::Closed(CloseReason {
+            code,
+            message,
+            by_peer: false,
+        }));
+    }
+
+    /// The connection ended without an Error frame.
+    pub fn handle_disconnect(&mut self, detail: impl Into<String>) {
+        if self.state == State::Closed {
+            return;
+        }
+        self.state = State::Closed;
+        self.events.push_back(SessionEvent::Closed(CloseReason {
+            code: ErrorCode::Protocol,
+            message: format!("connection lost: {}", detail.into()),
+            by_peer: true,
+        }));
+    }
+
+    pub fn handle_frame(&mut self, frame: Frame, now: Instant) {
+        if self.state == State::Closed {
+            return;
+        }
+        self.last_received = now;
+        match (self.state, frame) {
+            (_, Frame::Error { code, message }) => {
+                self.state = State::Closed;
+                self.outbox.clear();
+                self.events.push_back(SessionEvent::Closed(CloseReason {
+                    code,
+                    message,
+                    by_peer: true,
+                }));
+            }
+            (State::AwaitHello, Frame::Hello(hello)) => self.handle_hello(hello, now),
+            (State::AwaitHello, other) => {
+                self.close(
+                    ErrorCode::Protocol,
+                    format!("expected Hello first, got {}", frame_name(&other)),
+                    now,
+                );
+            }
+            (State::Established, Frame::Hello(_)) => {
+                self.close(ErrorCode::Protocol, "a second Hello", now);
+            }
+            (State::Established, Frame::Summary(summary)) => {
+                for ns in &summary {
+                    self.peer_view
+                        .entry(ns.namespace.clone())
+                        .or_default()
+                        .join(&ns.vector);
+                }
+                self.have_peer_summary = true;
+                self.events.push_back(SessionEvent::PeerSummary(summary));
+            }
+            (
+                State::Established,
+                Frame::Events {
+                    first_seq,
+                    last_seq,
+                    events,
+                },
+            ) => {
+                self.handle_events(first_seq, last_seq, events, now);
+            }
+            (State::Established, Frame::Ack { through_seq }) => {
+                if through_seq > self.last_sent_seq {
+                    self.close(
+                        ErrorCode::Protocol,
+                        format!(
+                            "ack of position {through_seq}, but only {} was sent",
+                            self.last_sent_seq
+                        ),
+                        now,
+                    );
+                } else {
+                    self.events.push_back(SessionEvent::Acked { through_seq });
+                }
+            }
+            (State::Established, Frame::Credit { bytes }) => {
+                self.send_credit += bytes as i64;
+            }
+            (State::Established, Frame::Heartbeat { head_seq, .. }) => {
+                self.events.push_back(SessionEvent::PeerHead { head_seq });
+            }
+            (State::Closed, _) => {}
+        }
+    }
+
+    fn handle_hello(&mut self, hello: Hello, now: Instant) {
+        let version = self.config.version_max.min(hello.version_max);
+        if version < self.config.version_min.max(hello.version_min) {
+            let message = format!(
+                "no common protocol version: this node speaks {}..={}, the peer {}..={}",
+                self.config.version_min,
+                self.config.version_max,
+                hello.version_min,
+                hello.version_max
+            );
+            return self.close(ErrorCode::VersionMismatch, message, now);
+        }
+        if hello.cluster_id != self.config.cluster_id {
+            let message = format!(
+                "the peer is in cluster {:?}, this node in cluster {:?}",
+                hello.cluster_id, self.config.cluster_id
+            );
+            return self.close(ErrorCode::ClusterMismatch, message, now);
+        }
+        if hello.node_id == self.config.node_id {
+            return self.close(
+                ErrorCode::SelfConnection,
+                format!("node {} connected to itself", hello.node_id),
+                now,
+            );
+        }
+        self.peer = Some(PeerInfo {
+            node_id: hello.node_id,
+            version,
+            labels: hello.labels,
+            namespaces: hello.namespaces,
+        });
+        self.state = State::Established;
+        let window = self.config.credit_window_bytes;
+        self.recv_allowance = window as i64;
+        self.queue(Frame::Credit { bytes: window }, now);
+        self.events.push_back(SessionEvent::Established(
+            self.peer.clone().expect("just set"),
+        ));
+    }
+
+    fn handle_events(&mut self, first_seq: u64, last_seq: u64, events: Vec<Event>, now: Instant) {
+        if first_seq > last_seq || first_seq == 0 {
+            return self.close(
+                ErrorCode::Protocol,
+                format!("bad feed range {first_seq}..={last_seq}"),
+                now,
+            );
+        }
+        let mut bytes = 0;
+        for event in &events {
+            if !self.replicates(&event.namespace) {
+                let message = format!(
+                    "an event of namespace {}, which this node does not replicate",
+                    event.namespace
+                );
+                return self.close(ErrorCode::Protocol, message, now);
+            }
+            bytes += credit_size(event);
+            // The peer holds what it sends: never send it back.
+            self.peer_view
+                .entry(event.namespace.clone())
+                .or_default()
+                .insert(event.dot);
+        }
+        self.recv_allowance -= bytes as i64;
+        // One batch may overdraw; more is a peer that ignores flow control.
+        if self.recv_allowance < -(self.config.credit_window_bytes as i64) {
+            return self.close(
+                ErrorCode::FlowControl,
+                "the peer sent more than twice its credit",
+                now,
+            );
+        }
+        self.events.push_back(SessionEvent::Events {
+            first_seq,
+            last_seq,
+            events,
+            bytes,
+        });
+    }
+
+    /// Whether this node replicates `namespace` (by its own configuration).
+    fn replicates(&self, namespace: &Namespace) -> bool {
+        lists(&self.config.namespaces, namespace)
+    }
+
+    /// Whether the peer wants events of `namespace`.
+    pub fn peer_wants(&self, namespace: &Namespace) -> bool {
+        self.replicates(namespace)
+            && self
+                .peer
+                .as_ref()
+                .is_some_and(|p| lists(&p.namespaces, namespace))
+    }
+
+    /// Events applied durably, through the sender's position `through_seq`: queues the
+    /// acknowledgement and returns `bytes` of credit to the peer.
+    pub fn applied(&mut self, through_seq: u64, bytes: u64, now: Instant) {
+        if self.state != State::Established {
+            return;
+        }
+        self.queue(Frame::Ack { through_seq }, now);
+        if bytes > 0 {
+            self.recv_allowance += bytes as i64;
+            self.queue(
+                Frame::Credit {
+                    bytes: bytes.min(u32::MAX as u64) as u32,
+                },
+                now,
+            );
+        }
+    }
+
+    /// Sends this node's summary (after the handshake, and from time to time).
+    pub fn send_summary(&mut self, summary: Vec<NamespaceSummary>, now: Instant) {
+        if self.state == State::Established {
+            let summary = summary
+                .into_iter()
+                .filter(|s| self.peer_wants(&s.namespace))
+                .collect();
+            self.queue(Frame::Summary(summary), now);
+        }
+    }
+
+    /// Tells the session this node's feed head, for heartbeats.
+    pub fn set_local_head(&mut self, head_seq: u64) {
+        self.local_head = head_seq;
+    }
+
+    /// Whether events may be sent now: the peer's summary is in and it has credit.
+    pub fn can_send(&self) -> bool {
+        self.state == State::Established && self.have_peer_summary && self.send_credit > 0
+    }
+
+    /// Bytes of events the peer accepts now.
+    pub fn send_credit(&self) -> u64 {
+        self.send_credit.max(0) as u64
+    }
+
+    /// Sends events read from this node's feed at positions `first_seq..=last_seq`,
+    /// leaving out what the peer holds or does not want. Returns the bytes charged to
+    /// the peer's credit. Call only when [`Session::can_send`].
+    pub fn send_events(
+        &mut self,
+        first_seq: u64,
+        last_seq: u64,
+        events: Vec<Event>,
+        now: Instant,
+    ) -> u64 {
+        debug_assert!(self.can_send(), "send_events without credit or summary");
+        debug_assert!(
+            first_seq > self.last_sent_seq && first_seq <= last_seq,
+            "feed ranges must move forward"
+        );
+        let mut bytes = 0;
+        let mut out = Vec::with_capacity(events.len());
+        for event in events {
+            if !self.peer_wants(&event.namespace) {
+                continue;
+            }
+            let view = self.peer_view.entry(event.namespace.clone()).or_default();
+            if !view.insert(event.dot) {
+                continue;
+            }
+            bytes += credit_size(&event);
+            out.push(event);
+        }
+        self.send_credit -= bytes as i64;
+        self.last_sent_seq = last_seq;
+        self.queue(
+            Frame::Events {
+                first_seq,
+                last_seq,
+                events: out,
+            },
+            now,
+        );
+        bytes
+    }
+
+    /// The peer's holdings as this node knows them.
+    pub fn peer_view(&self) -> &HashMap<Namespace, VersionVector> {
+        &self.peer_view
+    }
+}
+
+fn lists(names: &[String], namespace: &Namespace) -> bool {
+    names
+        .iter()
+        .any(|n| n == ALL_NAMESPACES || n == namespace.as_str())
+}
+
+fn frame_name(frame: &Frame) -> &'static str {
+    match frame {
+        Frame::Hello(_) => "Hello",
+        Frame::Error { .. } => "Error",
+        Frame::Summary(_) => "Summary",
+        Frame::Events { .. } => "Events",
+        Frame::Ack { .. } => "Ack",
+        Frame::Credit { .. } => "Credit",
+        Frame::Heartbeat { .. } => "Heartbeat",
+    }
+}
+
+#[cfg(test)]
+mod tests;

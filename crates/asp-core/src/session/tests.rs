@@ -1,0 +1,348 @@
+use super::*;
+use crate::{ContentType, Dot, Hlc, Key, Op};
+use bytes::Bytes;
+
+fn node(n: u64) -> NodeId {
+    NodeId::new(n).unwrap()
+}
+
+fn config(n: u64) -> SessionConfig {
+    SessionConfig::new(node(n), "test")
+}
+
+fn event(ns: &str, origin: u64, counter: u64) -> Event {
+    Event {
+        namespace: Namespace::new(ns).unwrap(),
+        key: Key::new(&format!("k{counter}")).unwrap(),
+        op: Op::Put {
+            content_type: ContentType::Text,
+            value: Bytes::from_static(b"value"),
+        },
+        dot: Dot {
+            origin: node(origin),
+            counter,
+        },
+        hlc: Hlc::new(counter, 0),
+        context: Bytes::new(),
+    }
+}
+
+/// Two sessions joined by an in-memory wire.
+struct Pair {
+    a: Session,
+    b: Session,
+    now: Instant,
+    a_events: Vec<SessionEvent>,
+    b_events: Vec<SessionEvent>,
+}
+
+impl Pair {
+    fn new(a: SessionConfig, b: SessionConfig) -> Pair {
+        let now = Instant::now();
+        let mut pair = Pair {
+            a: Session::new(a, now),
+            b: Session::new(b, now),
+            now,
+            a_events: Vec::new(),
+            b_events: Vec::new(),
+        };
+        pair.pump();
+        pair
+    }
+
+    /// Moves frames both ways until nothing is left in flight.
+    fn pump(&mut self) {
+        for _ in 0..100 {
+            let mut moved = false;
+            while let Some(f) = self.a.poll_transmit() {
+                self.b.handle_frame(f, self.now);
+                moved = true;
+            }
+            while let Some(f) = self.b.poll_transmit() {
+                self.a.handle_frame(f, self.now);
+                moved = true;
+            }
+            while let Some(e) = self.a.poll_event() {
+                self.a_events.push(e);
+            }
+            while let Some(e) = self.b.poll_event() {
+                self.b_events.push(e);
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("frames kept flowing");
+    }
+
+    fn summaries(&mut self, a: Vec<NamespaceSummary>, b: Vec<NamespaceSummary>) {
+        self.a.send_summary(a, self.now);
+        self.b.send_summary(b, self.now);
+        self.pump();
+    }
+}
+
+fn closed(events: &[SessionEvent]) -> Option<&CloseReason> {
+    events.iter().find_map(|e| match e {
+        SessionEvent::Closed(r) => Some(r),
+        _ => None,
+    })
+}
+
+fn delivered(events: &[SessionEvent]) -> Vec<(u64, u64, Vec<Dot>)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            SessionEvent::Events {
+                first_seq,
+                last_seq,
+                events,
+                ..
+            } => Some((
+                *first_seq,
+                *last_seq,
+                events.iter().map(|e| e.dot).collect(),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn handshake_establishes_both_sides() {
+    let pair = Pair::new(config(1), config(2));
+    assert!(pair.a.is_established() && pair.b.is_established());
+    assert_eq!(pair.a.peer().unwrap().node_id, node(2));
+    assert_eq!(pair.b.peer().unwrap().version, PROTOCOL_VERSION_MAX);
+    assert!(matches!(pair.a_events[0], SessionEvent::Established(_)));
+}
+
+#[test]
+fn refusals_name_their_reason_on_both_sides() {
+    let check = |a: SessionConfig, b: SessionConfig, code: ErrorCode, words: &str| {
+        let pair = Pair::new(a, b);
+        let ra = closed(&pair.a_events).expect("a closed");
+        let rb = closed(&pair.b_events).expect("b closed");
+        for r in [ra, rb] {
+            assert_eq!(r.code, code);
+            assert!(r.message.contains(words), "{:?} lacks {words:?}", r.message);
+        }
+        // Exactly one side reports the close as coming from the other... or both
+        // detected it themselves; either way neither is established.
+        assert!(pair.a.is_closed() && pair.b.is_closed());
+    };
+    let mut old = config(2);
+    old.version_min = 7;
+    old.version_max = 9;
+    check(
+        config(1),
+        old,
+        ErrorCode::VersionMismatch,
+        "protocol version",
+    );
+    check(
+        config(1),
+        SessionConfig::new(node(2), "other"),
+        ErrorCode::ClusterMismatch,
+        "\"other\"",
+    );
+    check(config(1), config(1), ErrorCode::SelfConnection, "itself");
+}
+
+#[test]
+fn events_flow_and_acks_come_back() {
+    let mut pair = Pair::new(config(1), config(2));
+    pair.summaries(vec![], vec![]);
+    assert!(pair.a.can_send());
+    let charged = pair.a.send_events(
+        1,
+        3,
+        vec![event("n", 1, 1), event("n", 1, 2), event("n", 1, 3)],
+        pair.now,
+    );
+    assert!(charged > 0);
+    pair.pump();
+    assert_eq!(
+        delivered(&pair.b_events),
+        vec![(
+            1,
+            3,
+            vec![
+                Dot {
+                    origin: node(1),
+                    counter: 1
+                },
+                Dot {
+                    origin: node(1),
+                    counter: 2
+                },
+                Dot {
+                    origin: node(1),
+                    counter: 3
+                }
+            ]
+        )]
+    );
+    pair.b.applied(3, charged, pair.now);
+    pair.pump();
+    assert!(
+        pair.a_events
+            .contains(&SessionEvent::Acked { through_seq: 3 })
+    );
+}
+
+#[test]
+fn the_vector_filter_stops_echoes_and_known_events() {
+    let mut pair = Pair::new(config(1), config(2));
+    let mut held = VersionVector::new();
+    held.insert(Dot {
+        origin: node(3),
+        counter: 1,
+    });
+    let ns = Namespace::new("n").unwrap();
+    pair.summaries(
+        vec![],
+        vec![NamespaceSummary {
+            namespace: ns,
+            max_hlc: Hlc::ZERO,
+            vector: held,
+        }],
+    );
+    // B sends A an event; A must never send it back.
+    pair.b.send_events(1, 1, vec![event("n", 2, 1)], pair.now);
+    pair.pump();
+    pair.a.send_events(
+        1,
+        3,
+        vec![event("n", 2, 1), event("n", 3, 1), event("n", 3, 2)],
+        pair.now,
+    );
+    pair.pump();
+    let got = delivered(&pair.b_events);
+    assert_eq!(
+        got,
+        vec![(
+            1,
+            3,
+            vec![Dot {
+                origin: node(3),
+                counter: 2
+            }]
+        )]
+    );
+    // A range whose events are all filtered still travels, so that acks advance.
+    pair.a.send_events(4, 9, vec![event("n", 3, 2)], pair.now);
+    pair.pump();
+    assert_eq!(delivered(&pair.b_events).last().unwrap(), &(4, 9, vec![]));
+}
+
+#[test]
+fn namespaces_not_replicated_are_not_sent() {
+    let mut b = config(2);
+    b.namespaces = vec!["wanted".into()];
+    let mut pair = Pair::new(config(1), b);
+    pair.summaries(vec![], vec![]);
+    pair.a.send_events(
+        1,
+        2,
+        vec![event("wanted", 1, 1), event("other", 1, 1)],
+        pair.now,
+    );
+    pair.pump();
+    let got = delivered(&pair.b_events);
+    assert_eq!(got[0].2.len(), 1);
+    assert!(pair.b.is_established());
+}
+
+#[test]
+fn credit_bounds_what_is_in_flight() {
+    let mut b = config(2);
+    b.credit_window_bytes = 200;
+    let mut pair = Pair::new(config(1), b);
+    pair.summaries(vec![], vec![]);
+    assert_eq!(pair.a.send_credit(), 200);
+    let charged = pair
+        .a
+        .send_events(1, 3, (1..=3).map(|c| event("n", 1, c)).collect(), pair.now);
+    assert!(charged > 200);
+    assert!(!pair.a.can_send(), "credit spent");
+    pair.pump();
+    pair.b.applied(3, charged, pair.now);
+    pair.pump();
+    assert!(pair.a.can_send(), "credit returned with the ack");
+}
+
+#[test]
+fn a_peer_ignoring_credit_is_cut_off() {
+    let mut b = config(2);
+    b.credit_window_bytes = 100;
+    let mut pair = Pair::new(config(1), b);
+    pair.summaries(vec![], vec![]);
+    // Bypass the sender's own check by forging frames.
+    for i in 0..10 {
+        pair.b.handle_frame(
+            Frame::Events {
+                first_seq: i + 1,
+                last_seq: i + 1,
+                events: vec![event("n", 1, i + 1)],
+            },
+            pair.now,
+        );
+    }
+    pair.pump();
+    assert_eq!(closed(&pair.b_events).unwrap().code, ErrorCode::FlowControl);
+}
+
+#[test]
+fn heartbeats_then_idle_timeout() {
+    let mut a = config(1);
+    a.heartbeat = Duration::from_millis(100);
+    a.idle_timeout = Duration::from_millis(1000);
+    let mut pair = Pair::new(a, config(2));
+    let t0 = pair.now;
+    let deadline = pair.a.poll_timeout().unwrap();
+    assert_eq!(deadline, t0 + Duration::from_millis(100));
+    pair.a.handle_timeout(deadline);
+    assert!(matches!(
+        pair.a.poll_transmit(),
+        Some(Frame::Heartbeat { .. })
+    ));
+    pair.a.handle_timeout(t0 + Duration::from_millis(1000));
+    assert!(pair.a.is_closed());
+    assert!(matches!(
+        pair.a.poll_transmit(),
+        Some(Frame::Error {
+            code: ErrorCode::IdleTimeout,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn handshake_times_out_and_frames_before_hello_are_refused() {
+    let now = Instant::now();
+    let mut s = Session::new(config(1), now);
+    s.poll_transmit();
+    s.handle_timeout(now + Duration::from_secs(11));
+    assert!(s.is_closed());
+    let mut s = Session::new(config(1), now);
+    s.handle_frame(Frame::Ack { through_seq: 1 }, now);
+    assert!(s.is_closed());
+    let mut closed_reason = None;
+    while let Some(e) = s.poll_event() {
+        if let SessionEvent::Closed(r) = e {
+            closed_reason = Some(r);
+        }
+    }
+    assert_eq!(closed_reason.unwrap().code, ErrorCode::Protocol);
+}
+
+#[test]
+fn acks_beyond_what_was_sent_are_refused() {
+    let mut pair = Pair::new(config(1), config(2));
+    pair.summaries(vec![], vec![]);
+    pair.a.send_events(1, 5, vec![], pair.now);
+    pair.pump();
+    pair.a.handle_frame(Frame::Ack { through_seq: 6 }, pair.now);
+    assert!(pair.a.is_closed());
+}

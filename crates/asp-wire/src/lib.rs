@@ -1,0 +1,561 @@
+//! The peer protocol's frame codec: [`encode`] turns an `asp_core::session::Frame` into
+//! bytes, [`decode`] turns bytes back, and `decode(encode(x)) == x`. The layout of every
+//! frame is specified in `docs/PROTOCOL.md`; this crate is its reference.
+//!
+//! Every frame is `length: u32 | type: u8 | payload`, little-endian throughout, at most
+//! [`FRAME_BYTES_MAX`] bytes. Decoding never panics and never allocates more than the
+//! frame's own size allows (decompressed event batches are bounded too): malformed input
+//! is a [`DecodeError`] that names what was wrong. This crate does no I/O.
+
+use asp_core::session::{ErrorCode, Frame, Hello, NamespaceSummary};
+use asp_core::{ContentType, Dot, Event, Hlc, Key, Namespace, NodeId, Op, RangeSet, VersionVector};
+use bytes::Bytes;
+
+/// The largest frame, length prefix excluded.
+pub const FRAME_BYTES_MAX: usize = 16 << 20;
+/// The largest event batch once decompressed.
+pub const EVENTS_RAW_BYTES_MAX: usize = 4 * FRAME_BYTES_MAX;
+/// The first bytes of every Hello.
+pub const HELLO_MAGIC: [u8; 4] = *b"ASPR";
+/// Event batches smaller than this are sent uncompressed.
+const COMPRESS_MIN_BYTES: usize = 512;
+
+const TYPE_HELLO: u8 = 1;
+const TYPE_ERROR: u8 = 2;
+const TYPE_SUMMARY: u8 = 3;
+const TYPE_EVENTS: u8 = 4;
+const TYPE_ACK: u8 = 5;
+const TYPE_CREDIT: u8 = 6;
+const TYPE_HEARTBEAT: u8 = 7;
+
+const COMPRESSION_NONE: u8 = 0;
+const COMPRESSION_LZ4: u8 = 1;
+
+const OP_PUT: u8 = 0;
+const OP_DELETE: u8 = 1;
+
+/// Limits on variable-length fields (bytes or entries).
+const CLUSTER_ID_BYTES_MAX: usize = 256;
+const LABEL_BYTES_MAX: usize = 256;
+const LABELS_MAX: usize = 64;
+const NAMESPACES_MAX: usize = 4096;
+const MESSAGE_BYTES_MAX: usize = 4096;
+
+/// Why a frame could not be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EncodeError {
+    #[error("frame of {0} bytes exceeds the {FRAME_BYTES_MAX}-byte limit")]
+    TooLarge(usize),
+    #[error("{what} is {len} long; the limit is {max}")]
+    FieldTooLong {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
+}
+
+/// Why bytes are not a valid frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    #[error("frame length {0} exceeds the {FRAME_BYTES_MAX}-byte limit")]
+    TooLarge(u64),
+    #[error("unknown frame type {0}")]
+    UnknownType(u8),
+    #[error("malformed {frame} frame: {detail}")]
+    Malformed { frame: &'static str, detail: String },
+}
+
+/// Appends the encoded frame to `out`.
+pub fn encode(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    let result = encode_body(frame, out);
+    if let Err(e) = result {
+        out.truncate(start);
+        return Err(e);
+    }
+    let len = out.len() - start - 4;
+    if len > FRAME_BYTES_MAX {
+        out.truncate(start);
+        return Err(EncodeError::TooLarge(len));
+    }
+    out[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(())
+}
+
+fn check_len(what: &'static str, len: usize, max: usize) -> Result<(), EncodeError> {
+    if len > max {
+        Err(EncodeError::FieldTooLong { what, len, max })
+    } else {
+        Ok(())
+    }
+}
+
+fn put_str8(out: &mut Vec<u8>, s: &str) {
+    out.push(s.len() as u8);
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn put_str16(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u16).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn put_bytes32(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+fn put_vector(out: &mut Vec<u8>, vv: &VersionVector) {
+    let origins: Vec<_> = vv.iter().collect();
+    out.extend_from_slice(&(origins.len() as u32).to_le_bytes());
+    for (origin, set) in origins {
+        out.extend_from_slice(&origin.get().to_le_bytes());
+        out.extend_from_slice(&(set.ranges().len() as u32).to_le_bytes());
+        for &(lo, hi) in set.ranges() {
+            out.extend_from_slice(&lo.to_le_bytes());
+            out.extend_from_slice(&hi.to_le_bytes());
+        }
+    }
+}
+
+fn put_event(out: &mut Vec<u8>, e: &Event) {
+    put_str8(out, e.namespace.as_str());
+    put_str16(out, e.key.as_str());
+    match &e.op {
+        Op::Put { content_type, .. } => {
+            out.push(OP_PUT);
+            out.push(content_type.code());
+        }
+        Op::Delete => {
+            out.push(OP_DELETE);
+            out.push(0);
+        }
+    }
+    out.extend_from_slice(&e.dot.origin.get().to_le_bytes());
+    out.extend_from_slice(&e.dot.counter.to_le_bytes());
+    out.extend_from_slice(&e.hlc.as_raw().to_le_bytes());
+    put_bytes32(out, &e.context);
+    match &e.op {
+        Op::Put { value, .. } => put_bytes32(out, value),
+        Op::Delete => put_bytes32(out, &[]),
+    }
+}
+
+fn encode_body(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    match frame {
+        Frame::Hello(h) => {
+            out.push(TYPE_HELLO);
+            out.extend_from_slice(&HELLO_MAGIC);
+            out.extend_from_slice(&h.version_min.to_le_bytes());
+            out.extend_from_slice(&h.version_max.to_le_bytes());
+            check_len("cluster id", h.cluster_id.len(), CLUSTER_ID_BYTES_MAX)?;
+            put_str16(out, &h.cluster_id);
+            out.extend_from_slice(&h.node_id.get().to_le_bytes());
+            out.extend_from_slice(&h.heartbeat_ms.to_le_bytes());
+            out.extend_from_slice(&h.idle_timeout_ms.to_le_bytes());
+            check_len("label count", h.labels.len(), LABELS_MAX)?;
+            out.extend_from_slice(&(h.labels.len() as u16).to_le_bytes());
+            for (k, v) in &h.labels {
+                check_len("label", k.len().max(v.len()), LABEL_BYTES_MAX)?;
+                put_str16(out, k);
+                put_str16(out, v);
+            }
+            check_len("namespace count", h.namespaces.len(), NAMESPACES_MAX)?;
+            out.extend_from_slice(&(h.namespaces.len() as u16).to_le_bytes());
+            for n in &h.namespaces {
+                check_len("namespace name", n.len(), u8::MAX as usize)?;
+                put_str8(out, n);
+            }
+        }
+        Frame::Error { code, message } => {
+            out.push(TYPE_ERROR);
+            out.extend_from_slice(&code.code().to_le_bytes());
+            // A long message is cut (at a character boundary) rather than refused.
+            let mut end = message.len().min(MESSAGE_BYTES_MAX);
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            put_str16(out, &message[..end]);
+        }
+        Frame::Summary(namespaces) => {
+            out.push(TYPE_SUMMARY);
+            check_len("namespace count", namespaces.len(), NAMESPACES_MAX)?;
+            out.extend_from_slice(&(namespaces.len() as u16).to_le_bytes());
+            for ns in namespaces {
+                put_str8(out, ns.namespace.as_str());
+                out.extend_from_slice(&ns.max_hlc.as_raw().to_le_bytes());
+                put_vector(out, &ns.vector);
+            }
+        }
+        Frame::Events {
+            first_seq,
+            last_seq,
+            events,
+        } => {
+            out.push(TYPE_EVENTS);
+            out.extend_from_slice(&first_seq.to_le_bytes());
+            out.extend_from_slice(&last_seq.to_le_bytes());
+            let mut raw = Vec::new();
+            for e in events {
+                put_event(&mut raw, e);
+            }
+            if raw.len() > EVENTS_RAW_BYTES_MAX {
+                return Err(EncodeError::TooLarge(raw.len()));
+            }
+            let compressed = (raw.len() >= COMPRESS_MIN_BYTES)
+                .then(|| lz4_flex::block::compress(&raw))
+                .filter(|c| c.len() < raw.len());
+            match compressed {
+                Some(c) => {
+                    out.push(COMPRESSION_LZ4);
+                    out.extend_from_slice(&(events.len() as u32).to_le_bytes());
+                    out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+                    out.extend_from_slice(&c);
+                }
+                None => {
+                    out.push(COMPRESSION_NONE);
+                    out.extend_from_slice(&(events.len() as u32).to_le_bytes());
+                    out.extend_from_slice(&raw);
+                }
+            }
+        }
+        Frame::Ack { through_seq } => {
+            out.push(TYPE_ACK);
+            out.extend_from_slice(&through_seq.to_le_bytes());
+        }
+        Frame::Credit { bytes } => {
+            out.push(TYPE_CREDIT);
+            out.extend_from_slice(&bytes.to_le_bytes());
+        }
+        Frame::Heartbeat { head_seq, wall_ms } => {
+            out.push(TYPE_HEARTBEAT);
+            out.extend_from_slice(&head_seq.to_le_bytes());
+            out.extend_from_slice(&wall_ms.to_le_bytes());
+        }
+    }
+    Ok(())
+}
+
+/// Decodes the frame at the start of `buf`. Returns `Ok(None)` while `buf` holds only
+/// part of it, otherwise the frame and how many bytes it took. A length over the limit
+/// is an error as soon as the prefix is in, so a peer cannot make the reader buffer
+/// more than [`FRAME_BYTES_MAX`].
+pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, DecodeError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
+    if len > FRAME_BYTES_MAX {
+        return Err(DecodeError::TooLarge(len as u64));
+    }
+    if len == 0 {
+        return Err(DecodeError::Malformed {
+            frame: "any",
+            detail: "empty frame".into(),
+        });
+    }
+    if buf.len() < 4 + len {
+        return Ok(None);
+    }
+    let body = &buf[4..4 + len];
+    let frame = decode_body(body)?;
+    Ok(Some((frame, 4 + len)))
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    frame: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn err(&self, detail: impl Into<String>) -> DecodeError {
+        DecodeError::Malformed {
+            frame: self.frame,
+            detail: detail.into(),
+        }
+    }
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], DecodeError> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len());
+        match end {
+            Some(end) => {
+                let out = &self.bytes[self.pos..end];
+                self.pos = end;
+                Ok(out)
+            }
+            None => Err(self.err(format!("truncated {what}"))),
+        }
+    }
+    fn u8(&mut self, what: &str) -> Result<u8, DecodeError> {
+        Ok(self.take(1, what)?[0])
+    }
+    fn u16(&mut self, what: &str) -> Result<u16, DecodeError> {
+        Ok(u16::from_le_bytes(
+            self.take(2, what)?.try_into().expect("2 bytes"),
+        ))
+    }
+    fn u32(&mut self, what: &str) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(
+            self.take(4, what)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn u64(&mut self, what: &str) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(
+            self.take(8, what)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn str_of(&mut self, len: usize, what: &str) -> Result<&'a str, DecodeError> {
+        let b = self.take(len, what)?;
+        std::str::from_utf8(b).map_err(|_| self.err(format!("{what} is not UTF-8")))
+    }
+    fn str8(&mut self, what: &str) -> Result<&'a str, DecodeError> {
+        let len = self.u8(what)? as usize;
+        self.str_of(len, what)
+    }
+    fn str16(&mut self, what: &str, max: usize) -> Result<&'a str, DecodeError> {
+        let len = self.u16(what)? as usize;
+        if len > max {
+            return Err(self.err(format!("{what} is {len} bytes; the limit is {max}")));
+        }
+        self.str_of(len, what)
+    }
+    fn node(&mut self, what: &str) -> Result<NodeId, DecodeError> {
+        NodeId::new(self.u64(what)?).ok_or_else(|| self.err(format!("{what} is zero")))
+    }
+    fn namespace(&mut self) -> Result<Namespace, DecodeError> {
+        let name = self.str8("namespace")?;
+        Namespace::new(name).map_err(|e| self.err(e.to_string()))
+    }
+    fn vector(&mut self) -> Result<VersionVector, DecodeError> {
+        let n = self.u32("vector")? as usize;
+        // Each origin takes at least 12 bytes: a count beyond that cannot be real.
+        if n > (self.bytes.len() - self.pos) / 12 {
+            return Err(self.err("vector origin count exceeds the frame"));
+        }
+        let mut vv = VersionVector::new();
+        for _ in 0..n {
+            let origin = self.node("origin")?;
+            let ranges = self.u32("ranges")? as usize;
+            if ranges > (self.bytes.len() - self.pos) / 16 {
+                return Err(self.err("range count exceeds the frame"));
+            }
+            let mut set = RangeSet::new();
+            for _ in 0..ranges {
+                let lo = self.u64("range")?;
+                let hi = self.u64("range")?;
+                if lo == 0 || lo > hi {
+                    return Err(self.err(format!("bad range {lo}..={hi}")));
+                }
+                set.insert_range(lo, hi);
+            }
+            vv.insert_set(origin, &set);
+        }
+        Ok(vv)
+    }
+    fn done(&self) -> Result<(), DecodeError> {
+        if self.pos == self.bytes.len() {
+            Ok(())
+        } else {
+            Err(self.err(format!(
+                "{} bytes after the last field",
+                self.bytes.len() - self.pos
+            )))
+        }
+    }
+}
+
+fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
+    let kind = body[0];
+    let frame = match kind {
+        TYPE_HELLO => "Hello",
+        TYPE_ERROR => "Error",
+        TYPE_SUMMARY => "Summary",
+        TYPE_EVENTS => "Events",
+        TYPE_ACK => "Ack",
+        TYPE_CREDIT => "Credit",
+        TYPE_HEARTBEAT => "Heartbeat",
+        other => return Err(DecodeError::UnknownType(other)),
+    };
+    let mut r = Reader {
+        bytes: &body[1..],
+        pos: 0,
+        frame,
+    };
+    match kind {
+        TYPE_HELLO => {
+            let magic = r.take(4, "magic")?;
+            if magic != HELLO_MAGIC {
+                return Err(r.err("bad magic: not an asp peer"));
+            }
+            let version_min = r.u16("version")?;
+            let version_max = r.u16("version")?;
+            let cluster_id = r.str16("cluster id", CLUSTER_ID_BYTES_MAX)?.to_owned();
+            let node_id = r.node("node id")?;
+            let heartbeat_ms = r.u32("heartbeat")?;
+            let idle_timeout_ms = r.u32("idle timeout")?;
+            let n_labels = r.u16("labels")? as usize;
+            if n_labels > LABELS_MAX {
+                return Err(r.err(format!("{n_labels} labels; the limit is {LABELS_MAX}")));
+            }
+            let mut labels = Vec::with_capacity(n_labels);
+            for _ in 0..n_labels {
+                let k = r.str16("label", LABEL_BYTES_MAX)?.to_owned();
+                let v = r.str16("label", LABEL_BYTES_MAX)?.to_owned();
+                labels.push((k, v));
+            }
+            let n_ns = r.u16("namespaces")? as usize;
+            if n_ns > NAMESPACES_MAX {
+                return Err(r.err(format!("{n_ns} namespaces; the limit is {NAMESPACES_MAX}")));
+            }
+            let mut namespaces = Vec::with_capacity(n_ns);
+            for _ in 0..n_ns {
+                namespaces.push(r.str8("namespace")?.to_owned());
+            }
+            // Later versions may append fields to the Hello: ignore what follows.
+            Ok(Frame::Hello(Hello {
+                version_min,
+                version_max,
+                cluster_id,
+                node_id,
+                labels,
+                namespaces,
+                heartbeat_ms,
+                idle_timeout_ms,
+            }))
+        }
+        TYPE_ERROR => {
+            let code = ErrorCode::from_code(r.u16("code")?);
+            let message = r.str16("message", MESSAGE_BYTES_MAX)?.to_owned();
+            r.done()?;
+            Ok(Frame::Error { code, message })
+        }
+        TYPE_SUMMARY => {
+            let n = r.u16("count")? as usize;
+            if n > NAMESPACES_MAX {
+                return Err(r.err(format!("{n} namespaces; the limit is {NAMESPACES_MAX}")));
+            }
+            let mut out = Vec::with_capacity(n);
+            for _ in 0..n {
+                let namespace = r.namespace()?;
+                let max_hlc = Hlc::from_raw(r.u64("max hlc")?);
+                let vector = r.vector()?;
+                out.push(NamespaceSummary {
+                    namespace,
+                    max_hlc,
+                    vector,
+                });
+            }
+            r.done()?;
+            Ok(Frame::Summary(out))
+        }
+        TYPE_EVENTS => {
+            let first_seq = r.u64("first seq")?;
+            let last_seq = r.u64("last seq")?;
+            let compression = r.u8("compression")?;
+            let count = r.u32("count")? as usize;
+            let raw: Bytes = match compression {
+                COMPRESSION_NONE => Bytes::copy_from_slice(&r.bytes[r.pos..]),
+                COMPRESSION_LZ4 => {
+                    let raw_len = r.u32("raw length")? as usize;
+                    if raw_len > EVENTS_RAW_BYTES_MAX {
+                        return Err(r.err(format!("batch of {raw_len} bytes once decompressed; the limit is {EVENTS_RAW_BYTES_MAX}")));
+                    }
+                    let mut out = vec![0; raw_len];
+                    let n = lz4_flex::block::decompress_into(&r.bytes[r.pos..], &mut out)
+                        .map_err(|e| r.err(format!("bad lz4 data: {e}")))?;
+                    if n != raw_len {
+                        return Err(r.err(format!(
+                            "lz4 data holds {n} bytes, the header says {raw_len}"
+                        )));
+                    }
+                    Bytes::from(out)
+                }
+                other => return Err(r.err(format!("unknown compression {other}"))),
+            };
+            // Each event takes at least 39 bytes: a larger count cannot be real.
+            if count > raw.len() / 39 + 1 {
+                return Err(r.err(format!("{count} events cannot fit in {} bytes", raw.len())));
+            }
+            let events = decode_events(&raw, count)?;
+            Ok(Frame::Events {
+                first_seq,
+                last_seq,
+                events,
+            })
+        }
+        TYPE_ACK => {
+            let through_seq = r.u64("through seq")?;
+            r.done()?;
+            Ok(Frame::Ack { through_seq })
+        }
+        TYPE_CREDIT => {
+            let bytes = r.u32("bytes")?;
+            r.done()?;
+            Ok(Frame::Credit { bytes })
+        }
+        TYPE_HEARTBEAT => {
+            let head_seq = r.u64("head seq")?;
+            let wall_ms = r.u64("wall clock")?;
+            r.done()?;
+            Ok(Frame::Heartbeat { head_seq, wall_ms })
+        }
+        _ => unreachable!("types checked above"),
+    }
+}
+
+fn decode_events(raw: &Bytes, count: usize) -> Result<Vec<Event>, DecodeError> {
+    let mut r = Reader {
+        bytes: raw,
+        pos: 0,
+        frame: "Events",
+    };
+    let mut events = Vec::with_capacity(count);
+    for _ in 0..count {
+        let namespace = r.namespace()?;
+        let key_len = r.u16("key")? as usize;
+        let key = r.str_of(key_len, "key")?;
+        let key = Key::new(key).map_err(|e| r.err(e.to_string()))?;
+        let op = r.u8("op")?;
+        let ct = r.u8("content type")?;
+        let origin = r.node("origin")?;
+        let counter = r.u64("counter")?;
+        if counter == 0 {
+            return Err(r.err("counter is zero"));
+        }
+        let hlc = Hlc::from_raw(r.u64("hlc")?);
+        let context_len = r.u32("context")? as usize;
+        let context_start = r.pos;
+        r.take(context_len, "context")?;
+        let context = raw.slice(context_start..context_start + context_len);
+        let value_len = r.u32("value")? as usize;
+        let value_start = r.pos;
+        r.take(value_len, "value")?;
+        let value = raw.slice(value_start..value_start + value_len);
+        let op = match op {
+            OP_PUT => Op::Put {
+                content_type: ContentType::from_code(ct)
+                    .ok_or_else(|| r.err(format!("unknown content type {ct}")))?,
+                value,
+            },
+            OP_DELETE if value.is_empty() => Op::Delete,
+            OP_DELETE => return Err(r.err("a delete carries a value")),
+            other => return Err(r.err(format!("unknown op {other}"))),
+        };
+        events.push(Event {
+            namespace,
+            key,
+            op,
+            dot: Dot { origin, counter },
+            hlc,
+            context,
+        });
+    }
+    r.done()?;
+    Ok(events)
+}
+
+#[cfg(test)]
+mod tests;

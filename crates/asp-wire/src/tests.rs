@@ -1,0 +1,245 @@
+use super::*;
+use proptest::prelude::*;
+
+fn node() -> impl Strategy<Value = NodeId> {
+    (1u64..=u64::MAX).prop_map(|n| NodeId::new(n).unwrap())
+}
+
+fn name() -> impl Strategy<Value = Namespace> {
+    "[A-Za-z0-9_.-]{1,20}".prop_map(|s| Namespace::new(&s).unwrap())
+}
+
+fn event() -> impl Strategy<Value = Event> {
+    (
+        name(),
+        "\\PC{1,30}",
+        prop::option::of((0u8..6, prop::collection::vec(any::<u8>(), 0..200))),
+        node(),
+        1u64..u64::MAX,
+        any::<u64>(),
+        prop::collection::vec(any::<u8>(), 0..10),
+    )
+        .prop_map(
+            |(namespace, key, put, origin, counter, hlc, context)| Event {
+                namespace,
+                key: Key::new(&key).unwrap(),
+                op: match put {
+                    Some((ct, v)) => Op::Put {
+                        content_type: ContentType::from_code(ct).unwrap(),
+                        value: Bytes::from(v),
+                    },
+                    None => Op::Delete,
+                },
+                dot: Dot { origin, counter },
+                hlc: Hlc::from_raw(hlc),
+                context: Bytes::from(context),
+            },
+        )
+}
+
+fn vector() -> impl Strategy<Value = VersionVector> {
+    prop::collection::vec(
+        (node(), prop::collection::vec((1u64..1000, 0u64..50), 0..5)),
+        0..4,
+    )
+    .prop_map(|origins| {
+        let mut vv = VersionVector::new();
+        for (o, ranges) in origins {
+            vv.insert_set(
+                o,
+                &RangeSet::from_ranges(ranges.into_iter().map(|(lo, w)| (lo, lo + w))),
+            );
+        }
+        vv
+    })
+}
+
+fn frame() -> impl Strategy<Value = Frame> {
+    prop_oneof![
+        (
+            any::<u16>(),
+            any::<u16>(),
+            "[a-z0-9-]{0,30}",
+            node(),
+            prop::collection::vec(("[a-z]{1,8}", "[a-z]{0,8}"), 0..3),
+            prop::collection::vec("[a-z*]{1,10}", 0..4),
+            any::<u32>(),
+            any::<u32>()
+        )
+            .prop_map(
+                |(
+                    version_min,
+                    version_max,
+                    cluster_id,
+                    node_id,
+                    labels,
+                    namespaces,
+                    heartbeat_ms,
+                    idle_timeout_ms,
+                )| Frame::Hello(Hello {
+                    version_min,
+                    version_max,
+                    cluster_id,
+                    node_id,
+                    labels,
+                    namespaces,
+                    heartbeat_ms,
+                    idle_timeout_ms,
+                })
+            ),
+        (1u16..20, "\\PC{0,60}").prop_map(|(c, message)| Frame::Error {
+            code: ErrorCode::from_code(c),
+            message
+        }),
+        prop::collection::vec((name(), any::<u64>(), vector()), 0..4).prop_map(|v| Frame::Summary(
+            v.into_iter()
+                .map(|(namespace, h, vector)| NamespaceSummary {
+                    namespace,
+                    max_hlc: Hlc::from_raw(h),
+                    vector
+                })
+                .collect()
+        )),
+        (
+            1u64..1_000_000,
+            0u64..1000,
+            prop::collection::vec(event(), 0..40)
+        )
+            .prop_map(|(first_seq, span, events)| Frame::Events {
+                first_seq,
+                last_seq: first_seq + span,
+                events
+            }),
+        any::<u64>().prop_map(|through_seq| Frame::Ack { through_seq }),
+        any::<u32>().prop_map(|bytes| Frame::Credit { bytes }),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(head_seq, wall_ms)| Frame::Heartbeat { head_seq, wall_ms }),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn decode_inverts_encode(f in frame()) {
+        let mut buf = vec![0xEE];
+        encode(&f, &mut buf).unwrap();
+        let (back, used) = decode(&buf[1..]).unwrap().unwrap();
+        prop_assert_eq!(used, buf.len() - 1);
+        prop_assert_eq!(back, f);
+        // Every strict prefix is incomplete, never an error or a different frame.
+        for cut in [0, 1, 3, 4, (buf.len() - 1) / 2, buf.len() - 2] {
+            prop_assert_eq!(decode(&buf[1..1 + cut]).unwrap(), None);
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let _ = decode(&bytes);
+    }
+
+    #[test]
+    fn arbitrary_bodies_never_panic(kind in 1u8..8, body in prop::collection::vec(any::<u8>(), 0..512)) {
+        let mut frame = ((body.len() + 1) as u32).to_le_bytes().to_vec();
+        frame.push(kind);
+        frame.extend_from_slice(&body);
+        let _ = decode(&frame);
+    }
+}
+
+#[test]
+fn large_batches_are_compressed_and_bounded() {
+    let events: Vec<Event> = (1..=2000)
+        .map(|i| Event {
+            namespace: Namespace::new("n").unwrap(),
+            key: Key::new(&format!("key-{i:08}")).unwrap(),
+            op: Op::Put {
+                content_type: ContentType::Json,
+                value: Bytes::from(format!(
+                    "{{\"value\":{i},\"pad\":\"aaaaaaaaaaaaaaaaaaaaaaaaa\"}}"
+                )),
+            },
+            dot: Dot {
+                origin: NodeId::new(7).unwrap(),
+                counter: i,
+            },
+            hlc: Hlc::new(1000 + i, 0),
+            context: Bytes::new(),
+        })
+        .collect();
+    let frame = Frame::Events {
+        first_seq: 1,
+        last_seq: 2000,
+        events,
+    };
+    let mut buf = Vec::new();
+    encode(&frame, &mut buf).unwrap();
+    let raw: usize = 2000 * 90;
+    assert!(buf.len() < raw / 2, "{} bytes: not compressed", buf.len());
+    assert_eq!(decode(&buf).unwrap().unwrap().0, frame);
+}
+
+#[test]
+fn limits_and_garbage_are_refused_by_name() {
+    let too_big = ((FRAME_BYTES_MAX + 1) as u32).to_le_bytes();
+    assert_eq!(
+        decode(&too_big),
+        Err(DecodeError::TooLarge(FRAME_BYTES_MAX as u64 + 1))
+    );
+    let unknown = [1, 0, 0, 0, 99];
+    assert_eq!(decode(&unknown), Err(DecodeError::UnknownType(99)));
+    // A Hello from something else entirely.
+    let mut not_asp = 9u32.to_le_bytes().to_vec();
+    not_asp.extend_from_slice(&[TYPE_HELLO, b'H', b'T', b'T', b'P', 0, 0, 0, 0]);
+    let e = decode(&not_asp).unwrap_err();
+    assert!(e.to_string().contains("magic"), "{e}");
+    // A decompression bomb header.
+    let mut bomb = Vec::new();
+    bomb.push(TYPE_EVENTS);
+    bomb.extend_from_slice(&1u64.to_le_bytes());
+    bomb.extend_from_slice(&1u64.to_le_bytes());
+    bomb.push(COMPRESSION_LZ4);
+    bomb.extend_from_slice(&1u32.to_le_bytes());
+    bomb.extend_from_slice(&u32::MAX.to_le_bytes());
+    let mut framed = (bomb.len() as u32).to_le_bytes().to_vec();
+    framed.extend_from_slice(&bomb);
+    assert!(
+        decode(&framed)
+            .unwrap_err()
+            .to_string()
+            .contains("decompressed")
+    );
+    // Oversized fields are refused when encoding.
+    let hello = Frame::Hello(Hello {
+        version_min: 1,
+        version_max: 1,
+        cluster_id: "x".repeat(300),
+        node_id: NodeId::new(1).unwrap(),
+        labels: vec![],
+        namespaces: vec![],
+        heartbeat_ms: 1,
+        idle_timeout_ms: 1,
+    });
+    assert!(matches!(
+        encode(&hello, &mut Vec::new()),
+        Err(EncodeError::FieldTooLong { .. })
+    ));
+}
+
+#[test]
+fn a_newer_hello_with_more_fields_still_decodes() {
+    let hello = Frame::Hello(Hello {
+        version_min: 1,
+        version_max: 3,
+        cluster_id: "c".into(),
+        node_id: NodeId::new(5).unwrap(),
+        labels: vec![("region".into(), "eu".into())],
+        namespaces: vec!["*".into()],
+        heartbeat_ms: 1000,
+        idle_timeout_ms: 10_000,
+    });
+    let mut buf = Vec::new();
+    encode(&hello, &mut buf).unwrap();
+    buf.extend_from_slice(&[1, 2, 3, 4]);
+    let len = (buf.len() - 4) as u32;
+    buf[..4].copy_from_slice(&len.to_le_bytes());
+    assert_eq!(decode(&buf).unwrap().unwrap().0, hello);
+}
