@@ -1,0 +1,103 @@
+//! Replication settings.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use asp_core::session::{ALL_NAMESPACES, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
+
+/// The default port for peer links.
+pub const DEFAULT_PEER_PORT: u16 = 7800;
+
+/// How a node replicates. Every bound is here.
+#[derive(Clone, Debug)]
+pub struct ReplicationConfig {
+    /// Nodes of different clusters refuse each other.
+    pub cluster_id: String,
+    /// Where to accept peer links (`None`: only dial out).
+    pub listen: Option<SocketAddr>,
+    /// Peers to dial, as `host:port`.
+    pub peers: Vec<String>,
+    /// Namespaces to replicate; `*` for all.
+    pub namespaces: Vec<String>,
+    /// `key=value` labels announced to peers.
+    pub labels: Vec<(String, String)>,
+    pub heartbeat: Duration,
+    pub idle_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Bytes of events a peer may have in flight towards this node.
+    pub credit_window_bytes: u32,
+    /// Bytes of events per frame, at most.
+    pub batch_bytes_max: usize,
+    /// Bytes queued for the socket before this node stops reading its feed for a link.
+    pub send_queue_bytes_max: usize,
+    /// Received batches being applied at once per link.
+    pub apply_inflight_max: usize,
+    /// Reconnection backoff: first wait, doubling up to the maximum, with jitter.
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// Links (dialed and accepted) at most.
+    pub links_max: usize,
+    /// How often each side re-sends its summary (for lag figures).
+    pub summary_interval: Duration,
+    /// The protocol versions offered; only tests change them.
+    pub version_min: u16,
+    pub version_max: u16,
+}
+
+impl ReplicationConfig {
+    pub fn new(cluster_id: impl Into<String>) -> Self {
+        Self {
+            cluster_id: cluster_id.into(),
+            listen: None,
+            peers: Vec::new(),
+            namespaces: vec![ALL_NAMESPACES.to_owned()],
+            labels: Vec::new(),
+            heartbeat: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            credit_window_bytes: 16 << 20,
+            batch_bytes_max: 1 << 20,
+            send_queue_bytes_max: 4 << 20,
+            apply_inflight_max: 4,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            links_max: 256,
+            summary_interval: Duration::from_secs(1),
+            version_min: PROTOCOL_VERSION_MIN,
+            version_max: PROTOCOL_VERSION_MAX,
+        }
+    }
+
+    /// Checks the settings; the message says what to change.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.cluster_id.is_empty() || self.cluster_id.len() > 256 {
+            return Err("cluster_id must be 1 to 256 bytes".into());
+        }
+        if self.idle_timeout <= self.heartbeat {
+            return Err(format!(
+                "idle_timeout ({:?}) must be longer than heartbeat ({:?})",
+                self.idle_timeout, self.heartbeat
+            ));
+        }
+        if self.credit_window_bytes < (64 << 10) {
+            return Err("credit_window_bytes must be at least 64 KiB".into());
+        }
+        if self.batch_bytes_max == 0 || self.batch_bytes_max > asp_wire::FRAME_BYTES_MAX / 2 {
+            return Err(format!(
+                "batch_bytes_max must be between 1 and {}",
+                asp_wire::FRAME_BYTES_MAX / 2
+            ));
+        }
+        for peer in &self.peers {
+            if peer
+                .rsplit_once(':')
+                .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+            {
+                return Err(format!("peer {peer:?} is not host:port"));
+            }
+        }
+        Ok(())
+    }
+}

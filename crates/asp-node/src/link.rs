@@ -1,0 +1,534 @@
+//! One peer link: a TCP connection carrying a session.
+//!
+//! A link task never blocks on the socket while it could be reading: frames go to a
+//! separate writer task through a queue, and events are only read from the feed while
+//! that queue is short and the peer has granted credit. The rest of what it queues
+//! (acknowledgements, credit, heartbeats) is bounded by what the peer sends. So two
+//! nodes that both send at full speed cannot deadlock on full socket buffers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use asp_core::Event;
+use asp_core::NodeId;
+use asp_core::session::{CloseReason, ErrorCode, Frame, Session, SessionConfig, SessionEvent};
+use asp_store::{ApplyOutcome, FeedReader, WriteError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::replicator::{self, Direction, Inner, error_pair, peer_labels, wall_ms};
+
+/// Events per frame, at most (frames are also bounded in bytes).
+const EVENTS_PER_FRAME_MAX: usize = 10_000;
+/// Bytes read from the socket at a time.
+const READ_CHUNK_BYTES: usize = 64 << 10;
+
+/// How a link ended, for the dialer.
+pub(crate) enum LinkEnd {
+    /// Closed cleanly or the connection dropped after it worked.
+    Closed,
+    /// Another link to the same peer is kept.
+    Duplicate,
+    Shutdown,
+    /// Refused or broken: (code, message) for status.
+    Failed((String, String)),
+}
+
+struct Batch {
+    last_seq: u64,
+    bytes: u64,
+    events: Vec<Event>,
+}
+
+struct Completion {
+    last_seq: u64,
+    bytes: u64,
+    result: Result<ApplyOutcome, WriteError>,
+}
+
+fn session_config(inner: &Inner) -> SessionConfig {
+    let c = &inner.config;
+    SessionConfig {
+        node_id: inner.node_id,
+        cluster_id: c.cluster_id.clone(),
+        labels: c.labels.clone(),
+        namespaces: c.namespaces.clone(),
+        version_min: c.version_min,
+        version_max: c.version_max,
+        heartbeat: c.heartbeat,
+        idle_timeout: c.idle_timeout,
+        handshake_timeout: c.handshake_timeout,
+        credit_window_bytes: c.credit_window_bytes,
+    }
+}
+
+/// Runs a link until it ends; registers and unregisters it.
+pub(crate) async fn run(
+    inner: Arc<Inner>,
+    stream: TcpStream,
+    direction: Direction,
+    address: String,
+) -> LinkEnd {
+    let _ = stream.set_nodelay(true);
+    let (id, close_rx) = replicator::register_link(&inner, direction, address.clone());
+    let end = Link::new(inner.clone(), id, direction, address)
+        .drive(stream, close_rx)
+        .await;
+    let error = match &end {
+        LinkEnd::Failed(e) => Some(e.clone()),
+        _ => None,
+    };
+    replicator::unregister_link(&inner, id, error);
+    end
+}
+
+struct Link {
+    inner: Arc<Inner>,
+    id: u64,
+    direction: Direction,
+    address: String,
+    session: Session,
+    peer: Option<NodeId>,
+    reader: Option<FeedReader>,
+    /// The last feed position sent to the peer.
+    sent_through: u64,
+    /// Whether the feed has nothing more to send until its head moves.
+    caught_up: bool,
+    queued: Arc<AtomicUsize>,
+    out: mpsc::UnboundedSender<Vec<u8>>,
+    end: Option<LinkEnd>,
+}
+
+impl Link {
+    fn new(inner: Arc<Inner>, id: u64, direction: Direction, address: String) -> Link {
+        let session = Session::new(session_config(&inner), Instant::now());
+        // Replaced in `drive`; a closed channel until then.
+        let (out, _) = mpsc::unbounded_channel();
+        Link {
+            inner,
+            id,
+            direction,
+            address,
+            session,
+            peer: None,
+            reader: None,
+            sent_through: 0,
+            caught_up: false,
+            queued: Arc::new(AtomicUsize::new(0)),
+            out,
+            end: None,
+        }
+    }
+
+    async fn drive(mut self, stream: TcpStream, mut close_rx: oneshot::Receiver<()>) -> LinkEnd {
+        let (mut rd, wr) = stream.into_split();
+        let drained = Arc::new(Notify::new());
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        self.out = out_tx;
+        let writer = tokio::spawn(write_loop(wr, out_rx, self.queued.clone(), drained.clone()));
+        let (apply_tx, apply_rx) = mpsc::unbounded_channel();
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+        let applier = tokio::spawn(apply_loop(
+            self.inner.store.clone(),
+            apply_rx,
+            done_tx,
+            self.inner.config.apply_inflight_max,
+        ));
+        let mut head = self.inner.store.subscribe();
+        let mut summary_tick = tokio::time::interval(self.inner.config.summary_interval);
+        summary_tick.tick().await;
+        let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
+        let mut close_pending = true;
+        let send_queue_max = self.inner.config.send_queue_bytes_max;
+
+        loop {
+            self.flush();
+            self.handle_events(&apply_tx).await;
+            self.flush();
+            if self.session.is_closed() {
+                break;
+            }
+            if self.session.can_send()
+                && !self.caught_up
+                && self.queued.load(Ordering::Acquire) < send_queue_max
+            {
+                self.send_some();
+                continue;
+            }
+            let deadline = self
+                .session
+                .poll_timeout()
+                .map(tokio::time::Instant::from_std);
+            let writer_full = self.queued.load(Ordering::Acquire) >= send_queue_max;
+            tokio::select! {
+                read = rd.read_buf(&mut buf) => match read {
+                    Ok(0) => self.session.handle_disconnect("the peer closed the connection"),
+                    Ok(_) => self.decode(&mut buf),
+                    Err(e) => self.session.handle_disconnect(e.to_string()),
+                },
+                () = sleep_until(deadline) => self.session.handle_timeout(Instant::now()),
+                Some(done) = done_rx.recv() => self.completed(done),
+                changed = head.changed(), if self.caught_up => {
+                    if changed.is_ok() {
+                        self.caught_up = false;
+                        self.session.set_local_head(head.borrow_and_update().seq);
+                    }
+                }
+                () = drained.notified(), if writer_full => {}
+                _ = summary_tick.tick() => self.refresh_summary().await,
+                _ = &mut close_rx, if close_pending => {
+                    close_pending = false;
+                    self.session.close(ErrorCode::DuplicateLink, "another link between these nodes is kept", Instant::now());
+                }
+                () = self.inner.shutdown.cancelled() => {
+                    self.session.close(ErrorCode::Shutdown, "the node is shutting down", Instant::now());
+                }
+            }
+            if buf.capacity() - buf.len() < READ_CHUNK_BYTES {
+                buf.reserve(READ_CHUNK_BYTES);
+            }
+        }
+
+        // Let the writer send what is queued (the Error frame last), briefly.
+        drop(apply_tx);
+        let out = std::mem::replace(&mut self.out, mpsc::unbounded_channel().0);
+        drop(out);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), writer).await;
+        applier.abort();
+        if let Some(peer) = self.peer {
+            let acked = self
+                .inner
+                .registry
+                .lock()
+                .unwrap()
+                .peers
+                .get(&peer)
+                .map(|p| p.acked_seq);
+            if let Some(seq) = acked {
+                let _ = self.inner.store.save_checkpoint(peer, seq);
+            }
+        }
+        self.end.unwrap_or(LinkEnd::Closed)
+    }
+
+    /// Encodes and queues every frame the session has to send.
+    fn flush(&mut self) {
+        while let Some(mut frame) = self.session.poll_transmit() {
+            if let Frame::Heartbeat { wall_ms: w, .. } = &mut frame {
+                *w = wall_ms();
+            }
+            let mut bytes = Vec::new();
+            if let Err(e) = asp_wire::encode(&frame, &mut bytes) {
+                self.session.close(
+                    ErrorCode::Internal,
+                    format!("cannot encode a frame: {e}"),
+                    Instant::now(),
+                );
+                continue;
+            }
+            self.queued.fetch_add(bytes.len(), Ordering::AcqRel);
+            let _ = self.out.send(bytes);
+        }
+    }
+
+    fn decode(&mut self, buf: &mut Vec<u8>) {
+        let mut start = 0;
+        let now = Instant::now();
+        loop {
+            match asp_wire::decode(&buf[start..]) {
+                Ok(Some((frame, used))) => {
+                    start += used;
+                    self.session.handle_frame(frame, now);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    self.session.close(ErrorCode::Protocol, e.to_string(), now);
+                    break;
+                }
+            }
+        }
+        buf.drain(..start);
+        if start > 0
+            && let Some(peer) = self.peer
+            && let Some(record) = self.inner.registry.lock().unwrap().peers.get_mut(&peer)
+        {
+            record.last_contact = Some(now);
+        }
+    }
+
+    async fn handle_events(&mut self, apply_tx: &mpsc::UnboundedSender<Batch>) {
+        while let Some(event) = self.session.poll_event() {
+            match event {
+                SessionEvent::Established(info) => {
+                    let peer = info.node_id;
+                    if !replicator::establish(&self.inner, self.id, peer) {
+                        self.session.close(
+                            ErrorCode::DuplicateLink,
+                            "another link between these nodes is kept",
+                            Instant::now(),
+                        );
+                        continue;
+                    }
+                    self.peer = Some(peer);
+                    let checkpoint = self.inner.store.checkpoint(peer);
+                    self.reader = Some(self.inner.store.feed_reader(None, checkpoint));
+                    self.sent_through = checkpoint;
+                    self.caught_up = false;
+                    self.refresh_summary().await;
+                    tracing::info!(peer = %peer, address = %self.address, direction = self.direction.name(), resume_after = checkpoint, "peer link up");
+                }
+                SessionEvent::PeerSummary(summary) => {
+                    if let Some(peer) = self.peer
+                        && let Some(record) =
+                            self.inner.registry.lock().unwrap().peers.get_mut(&peer)
+                    {
+                        record.summary = summary;
+                    }
+                }
+                SessionEvent::Events {
+                    last_seq,
+                    events,
+                    bytes,
+                    ..
+                } => {
+                    if let Some(peer) = self.peer {
+                        self.inner
+                            .metrics
+                            .events_received
+                            .get_or_create(&peer_labels(peer))
+                            .inc_by(events.len() as u64);
+                        if let Some(record) =
+                            self.inner.registry.lock().unwrap().peers.get_mut(&peer)
+                        {
+                            record.events_received += events.len() as u64;
+                        }
+                    }
+                    let _ = apply_tx.send(Batch {
+                        last_seq,
+                        bytes,
+                        events,
+                    });
+                }
+                SessionEvent::Acked { through_seq } => {
+                    if let Some(peer) = self.peer {
+                        if let Some(record) =
+                            self.inner.registry.lock().unwrap().peers.get_mut(&peer)
+                        {
+                            record.acked_seq = record.acked_seq.max(through_seq);
+                        }
+                        self.inner.bump();
+                    }
+                }
+                SessionEvent::PeerHead { .. } => {}
+                SessionEvent::Closed(reason) => self.closed(reason),
+            }
+        }
+    }
+
+    fn closed(&mut self, reason: CloseReason) {
+        let who = self
+            .peer
+            .map_or_else(|| self.address.clone(), |p| p.to_string());
+        let end = match reason.code {
+            ErrorCode::DuplicateLink => LinkEnd::Duplicate,
+            ErrorCode::Shutdown if !reason.by_peer => LinkEnd::Shutdown,
+            code => {
+                if let Some(peer) = self.peer {
+                    self.inner
+                        .metrics
+                        .link_errors
+                        .get_or_create(&peer_labels(peer))
+                        .inc();
+                }
+                let refusal = matches!(
+                    code,
+                    ErrorCode::VersionMismatch
+                        | ErrorCode::ClusterMismatch
+                        | ErrorCode::SelfConnection
+                        | ErrorCode::ClockSkew
+                );
+                if refusal {
+                    if reason.by_peer {
+                        tracing::warn!(peer = %who, code = %code, "the peer refused the link: {}", reason.message);
+                    } else {
+                        tracing::warn!(peer = %who, code = %code, "refused the peer's link: {}", reason.message);
+                    }
+                } else {
+                    tracing::info!(peer = %who, code = %code, by_peer = reason.by_peer, "peer link down: {}", reason.message);
+                }
+                if code == ErrorCode::Shutdown
+                    || (reason.by_peer
+                        && code == ErrorCode::Protocol
+                        && self.peer.is_some()
+                        && reason.message.starts_with("connection lost"))
+                {
+                    LinkEnd::Closed
+                } else {
+                    let message = if reason.by_peer {
+                        format!("refused by the peer: {}", reason.message)
+                    } else {
+                        reason.message.clone()
+                    };
+                    LinkEnd::Failed(error_pair(code, &message))
+                }
+            }
+        };
+        if let (LinkEnd::Closed, Some(peer)) = (&end, self.peer)
+            && let Some(record) = self.inner.registry.lock().unwrap().peers.get_mut(&peer)
+        {
+            record.last_error = Some(error_pair(reason.code, &reason.message));
+        }
+        self.end = Some(end);
+    }
+
+    /// Reads the next events from the feed and sends them, within the peer's credit.
+    fn send_some(&mut self) {
+        let Some(reader) = self.reader.as_mut() else {
+            self.caught_up = true;
+            return;
+        };
+        let budget = (self.session.send_credit() as usize)
+            .min(self.inner.config.batch_bytes_max)
+            .max(1);
+        match reader.read_bytes(EVENTS_PER_FRAME_MAX, budget) {
+            Ok(events) => {
+                let position = reader.position();
+                if position <= self.sent_through {
+                    self.caught_up = true;
+                    return;
+                }
+                let events: Vec<Event> = events.into_iter().map(|fe| fe.event).collect();
+                let count = events.len() as u64;
+                self.session
+                    .send_events(self.sent_through + 1, position, events, Instant::now());
+                self.sent_through = position;
+                if let Some(peer) = self.peer {
+                    self.inner
+                        .metrics
+                        .events_sent
+                        .get_or_create(&peer_labels(peer))
+                        .inc_by(count);
+                    if let Some(record) = self.inner.registry.lock().unwrap().peers.get_mut(&peer) {
+                        record.events_sent += count;
+                    }
+                }
+            }
+            Err(e) => {
+                self.session.close(
+                    ErrorCode::Internal,
+                    format!("reading the feed: {e}"),
+                    Instant::now(),
+                );
+            }
+        }
+    }
+
+    fn completed(&mut self, done: Completion) {
+        let now = Instant::now();
+        match done.result {
+            Ok(_) => self.session.applied(done.last_seq, done.bytes, now),
+            Err(WriteError::ClockSkew(message)) => {
+                self.session.close(ErrorCode::ClockSkew, message, now)
+            }
+            Err(e) => self.session.close(
+                ErrorCode::Internal,
+                format!("cannot apply the peer's events: {e}"),
+                now,
+            ),
+        }
+    }
+
+    async fn refresh_summary(&mut self) {
+        if !self.session.is_established() {
+            return;
+        }
+        let store = &self.inner.store;
+        if store.caught_up().await.is_err() {
+            return;
+        }
+        self.session.set_local_head(store.head().seq);
+        self.session.send_summary(store.summary(), Instant::now());
+        if let Some(peer) = self.peer {
+            let acked = self
+                .inner
+                .registry
+                .lock()
+                .unwrap()
+                .peers
+                .get(&peer)
+                .map(|p| p.acked_seq);
+            if let Some(seq) = acked {
+                let _ = store.save_checkpoint(peer, seq);
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes queued frames to the socket, in order.
+async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    queued: Arc<AtomicUsize>,
+    drained: Arc<Notify>,
+) {
+    while let Some(bytes) = rx.recv().await {
+        let len = bytes.len();
+        if wr.write_all(&bytes).await.is_err() {
+            return;
+        }
+        queued.fetch_sub(len, Ordering::AcqRel);
+        drained.notify_one();
+    }
+    let _ = wr.shutdown().await;
+}
+
+/// Applies received batches, several at a time, reporting completions in order (an
+/// acknowledgement covers everything before it).
+async fn apply_loop(
+    store: asp_store::Store,
+    mut rx: mpsc::UnboundedReceiver<Batch>,
+    done: mpsc::UnboundedSender<Completion>,
+    inflight_max: usize,
+) {
+    // (the apply in progress, its last feed position, its credit bytes), in order.
+    type Applying = (
+        tokio::task::JoinHandle<Result<ApplyOutcome, WriteError>>,
+        u64,
+        u64,
+    );
+    let mut inflight: std::collections::VecDeque<Applying> = std::collections::VecDeque::new();
+    let mut open = true;
+    loop {
+        if !open && inflight.is_empty() {
+            return;
+        }
+        tokio::select! {
+            batch = rx.recv(), if open && inflight.len() < inflight_max => match batch {
+                Some(b) => {
+                    let store = store.clone();
+                    let handle = tokio::spawn(async move { store.apply_remote(b.events).await });
+                    inflight.push_back((handle, b.last_seq, b.bytes));
+                }
+                None => open = false,
+            },
+            result = async { (&mut inflight.front_mut().expect("checked").0).await }, if !inflight.is_empty() => {
+                let (_, last_seq, bytes) = inflight.pop_front().expect("checked");
+                let result = result.unwrap_or(Err(WriteError::Closed));
+                let failed = result.is_err();
+                if done.send(Completion { last_seq, bytes, result }).is_err() || failed {
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! Replication counters, exported in Prometheus form.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct PeerLabels {
+    pub peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct LagLabels {
+    pub peer: String,
+    pub namespace: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Metrics {
+    pub peers_connected: Gauge,
+    pub events_sent: Family<PeerLabels, Counter>,
+    pub events_received: Family<PeerLabels, Counter>,
+    pub link_errors: Family<PeerLabels, Counter>,
+    pub lag_events: Family<LagLabels, Gauge>,
+    pub lag_ms: Family<LagLabels, Gauge>,
+}
+
+impl Metrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "asp_peers_connected",
+            "Peer links established",
+            self.peers_connected.clone(),
+        );
+        registry.register(
+            "asp_replication_events_sent",
+            "Events sent to each peer",
+            self.events_sent.clone(),
+        );
+        registry.register(
+            "asp_replication_events_received",
+            "Events received from each peer (duplicates included)",
+            self.events_received.clone(),
+        );
+        registry.register(
+            "asp_peer_link_errors",
+            "Peer links that ended with an error",
+            self.link_errors.clone(),
+        );
+        registry.register(
+            "asp_peer_lag_events",
+            "Events this node holds that the peer does not, per namespace",
+            self.lag_events.clone(),
+        );
+        registry.register(
+            "asp_peer_lag_ms",
+            "How far the peer's newest event trails this node's, per namespace, when it lags",
+            self.lag_ms.clone(),
+        );
+    }
+}

@@ -1,0 +1,672 @@
+//! The replicator: listener, dialers, the registry of links, status and write concern.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use asp_core::session::{ErrorCode, NamespaceSummary};
+use asp_core::{Namespace, NodeId};
+use asp_store::Store;
+use prometheus_client::registry::Registry as MetricsRegistry;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ReplicationConfig;
+use crate::link::{self, LinkEnd};
+use crate::metrics::{LagLabels, Metrics, PeerLabels};
+
+/// Why the replicator could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    #[error("invalid replication configuration: {0}")]
+    Config(String),
+    #[error(
+        "cannot listen for peers on {addr} (is another asp using it? choose another with --listen): {source}"
+    )]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Who opened a link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// This node dialed the peer.
+    Outbound,
+    /// The peer dialed this node.
+    Inbound,
+}
+
+impl Direction {
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+/// A peer link's state as status shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkState {
+    /// Dialing, or waiting to dial again after a failure.
+    Connecting,
+    /// Connected; the handshake is under way.
+    Handshaking,
+    /// Events flow.
+    Active,
+    /// Not connected.
+    Down,
+}
+
+impl LinkState {
+    pub fn name(self) -> &'static str {
+        match self {
+            LinkState::Connecting => "connecting",
+            LinkState::Handshaking => "handshaking",
+            LinkState::Active => "active",
+            LinkState::Down => "down",
+        }
+    }
+}
+
+/// One namespace's replication lag with one peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamespaceLag {
+    pub namespace: Namespace,
+    /// Events this node holds that the peer does not (as of the peer's last summary).
+    pub lag_events: u64,
+    /// How far the peer's newest event trails this node's newest, when it lags.
+    pub lag_ms: u64,
+    /// Events the peer holds that this node does not.
+    pub missing_events: u64,
+}
+
+/// What this node knows about one peer.
+#[derive(Clone, Debug)]
+pub struct PeerStatus {
+    /// `None` until a handshake told us who is at `address`.
+    pub node_id: Option<NodeId>,
+    /// The configured address (outbound) or the peer's address (inbound).
+    pub address: Option<String>,
+    pub direction: Option<Direction>,
+    pub state: LinkState,
+    pub connected_for: Option<Duration>,
+    /// Time since anything was heard from the peer.
+    pub last_contact: Option<Duration>,
+    /// How the last link ended, if it ended badly.
+    pub last_error: Option<(String, String)>,
+    /// How far the peer holds this node's feed, durably.
+    pub acked_seq: u64,
+    pub events_sent: u64,
+    pub events_received: u64,
+    pub namespaces: Vec<NamespaceLag>,
+}
+
+/// The replicator's state for status pages.
+#[derive(Clone, Debug)]
+pub struct ReplicationStatus {
+    pub cluster_id: String,
+    pub listen: Option<SocketAddr>,
+    pub peers: Vec<PeerStatus>,
+}
+
+/// A live connection in the registry.
+pub(crate) struct LinkEntry {
+    pub peer: Option<NodeId>,
+    pub direction: Direction,
+    pub address: String,
+    pub state: LinkState,
+    pub since: Instant,
+    /// Tells the link to close as a duplicate.
+    pub close: Option<oneshot::Sender<()>>,
+}
+
+/// What is remembered about a peer across its links.
+#[derive(Default)]
+pub(crate) struct PeerRecord {
+    pub acked_seq: u64,
+    pub last_contact: Option<Instant>,
+    pub last_error: Option<(String, String)>,
+    pub summary: Vec<NamespaceSummary>,
+    pub events_sent: u64,
+    pub events_received: u64,
+    pub address: Option<String>,
+}
+
+/// What a dialer is doing, for peers not connected yet.
+#[derive(Default)]
+pub(crate) struct DialRecord {
+    pub last_error: Option<(String, String)>,
+    pub node: Option<NodeId>,
+}
+
+#[derive(Default)]
+pub(crate) struct Links {
+    pub next_id: u64,
+    pub links: HashMap<u64, LinkEntry>,
+    /// The link kept for each peer.
+    pub established: HashMap<NodeId, u64>,
+    pub peers: HashMap<NodeId, PeerRecord>,
+    pub dials: HashMap<String, DialRecord>,
+}
+
+pub(crate) struct Inner {
+    pub store: Store,
+    pub config: ReplicationConfig,
+    pub node_id: NodeId,
+    pub listen: Option<SocketAddr>,
+    pub registry: Mutex<Links>,
+    /// Bumped whenever a peer acknowledges, or a link comes or goes.
+    pub changed: watch::Sender<u64>,
+    pub shutdown: CancellationToken,
+    pub metrics: Metrics,
+}
+
+impl Inner {
+    pub fn bump(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+/// The replication runtime of one node. Cheap to clone.
+#[derive(Clone)]
+pub struct Replicator {
+    inner: Arc<Inner>,
+    tasks: Arc<Mutex<Option<JoinSet<()>>>>,
+}
+
+impl Replicator {
+    /// Starts listening and dialing. Links stop when `shutdown` is cancelled (or
+    /// [`Replicator::shutdown`] is called).
+    pub async fn start(
+        store: Store,
+        config: ReplicationConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Replicator, StartError> {
+        config.validate().map_err(StartError::Config)?;
+        let listener = match config.listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Listen { addr, source })?,
+            ),
+            None => None,
+        };
+        let listen = listener.as_ref().and_then(|l| l.local_addr().ok());
+        let inner = Arc::new(Inner {
+            node_id: store.node_id(),
+            store,
+            config,
+            listen,
+            registry: Mutex::new(Links::default()),
+            changed: watch::channel(0).0,
+            shutdown,
+            metrics: Metrics::default(),
+        });
+        let mut tasks = JoinSet::new();
+        if let Some(listener) = listener {
+            tasks.spawn(accept_loop(inner.clone(), listener));
+        }
+        for address in inner.config.peers.clone() {
+            inner
+                .registry
+                .lock()
+                .unwrap()
+                .dials
+                .entry(address.clone())
+                .or_default();
+            tasks.spawn(dial_loop(inner.clone(), address));
+        }
+        tasks.spawn(lag_loop(inner.clone()));
+        if let Some(addr) = listen {
+            tracing::info!(listen = %addr, cluster = %inner.config.cluster_id, peers = ?inner.config.peers, "replication started");
+        }
+        Ok(Replicator {
+            inner,
+            tasks: Arc::new(Mutex::new(Some(tasks))),
+        })
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.inner.node_id
+    }
+
+    /// The address peers can dial (with the port chosen if 0 was configured).
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.inner.listen
+    }
+
+    pub fn register_metrics(&self, registry: &mut MetricsRegistry) {
+        self.inner.metrics.register(registry);
+    }
+
+    /// Closes every link (telling peers why) and stops dialing.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        let tasks = self.tasks.lock().unwrap().take();
+        if let Some(mut tasks) = tasks {
+            let drained = tokio::time::timeout(Duration::from_secs(5), async {
+                while tasks.join_next().await.is_some() {}
+            })
+            .await;
+            if drained.is_err() {
+                tasks.abort_all();
+            }
+        }
+    }
+
+    /// How many nodes hold this node's feed up to `seq` durably: this node plus every
+    /// peer that acknowledged it. Waits until `replicas` do or `timeout` passes.
+    pub async fn wait_replicas(&self, seq: u64, replicas: usize, timeout: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut changed = self.inner.changed.subscribe();
+        loop {
+            changed.borrow_and_update();
+            let count = 1 + self
+                .inner
+                .registry
+                .lock()
+                .unwrap()
+                .peers
+                .values()
+                .filter(|p| p.acked_seq >= seq)
+                .count();
+            if count >= replicas {
+                return count;
+            }
+            if tokio::time::timeout_at(deadline, changed.changed())
+                .await
+                .is_err()
+            {
+                return count;
+            }
+        }
+    }
+
+    /// Every peer link, configured or accepted, with lag per namespace.
+    pub fn status(&self) -> ReplicationStatus {
+        let mine: HashMap<Namespace, (asp_core::VersionVector, asp_core::Hlc)> = self
+            .inner
+            .store
+            .status()
+            .namespaces
+            .into_iter()
+            .map(|(ns, s)| (ns, (s.vector, s.max_hlc)))
+            .collect();
+        let reg = self.inner.registry.lock().unwrap();
+        let now = Instant::now();
+        let mut peers: Vec<PeerStatus> = Vec::new();
+        let mut seen_addresses = Vec::new();
+        for (&node, record) in &reg.peers {
+            let link = reg.established.get(&node).and_then(|id| reg.links.get(id));
+            if let Some(l) = link {
+                seen_addresses.push(l.address.clone());
+            }
+            let dial = reg.dials.iter().find(|(_, d)| d.node == Some(node));
+            let address = link
+                .map(|l| l.address.clone())
+                .or_else(|| dial.map(|(a, _)| a.clone()))
+                .or_else(|| record.address.clone());
+            if let Some((a, _)) = dial {
+                seen_addresses.push(a.clone());
+            }
+            peers.push(PeerStatus {
+                node_id: Some(node),
+                address,
+                direction: link.map(|l| l.direction),
+                state: link.map_or(
+                    if dial.is_some() {
+                        LinkState::Connecting
+                    } else {
+                        LinkState::Down
+                    },
+                    |l| l.state,
+                ),
+                connected_for: link.map(|l| now - l.since),
+                last_contact: record.last_contact.map(|t| now - t),
+                last_error: record.last_error.clone(),
+                acked_seq: record.acked_seq,
+                events_sent: record.events_sent,
+                events_received: record.events_received,
+                namespaces: lag(&mine, &record.summary),
+            });
+        }
+        // Configured peers never reached, and links still in their handshake.
+        for (address, dial) in &reg.dials {
+            if dial.node.is_none_or(|n| !reg.peers.contains_key(&n))
+                && !seen_addresses.contains(address)
+            {
+                let handshaking = reg
+                    .links
+                    .values()
+                    .find(|l| &l.address == address && l.peer.is_none());
+                peers.push(PeerStatus {
+                    node_id: dial.node,
+                    address: Some(address.clone()),
+                    direction: Some(Direction::Outbound),
+                    state: if handshaking.is_some() {
+                        LinkState::Handshaking
+                    } else {
+                        LinkState::Connecting
+                    },
+                    connected_for: None,
+                    last_contact: None,
+                    last_error: dial.last_error.clone(),
+                    acked_seq: 0,
+                    events_sent: 0,
+                    events_received: 0,
+                    namespaces: Vec::new(),
+                });
+            }
+        }
+        peers.sort_by(|a, b| a.address.cmp(&b.address).then(a.node_id.cmp(&b.node_id)));
+        ReplicationStatus {
+            cluster_id: self.inner.config.cluster_id.clone(),
+            listen: self.inner.listen,
+            peers,
+        }
+    }
+}
+
+/// Lag per namespace against a peer's last summary.
+fn lag(
+    mine: &HashMap<Namespace, (asp_core::VersionVector, asp_core::Hlc)>,
+    theirs: &[NamespaceSummary],
+) -> Vec<NamespaceLag> {
+    let mut out = Vec::new();
+    let empty = (asp_core::VersionVector::new(), asp_core::Hlc::ZERO);
+    let mut names: Vec<&Namespace> = mine
+        .keys()
+        .chain(theirs.iter().map(|s| &s.namespace))
+        .collect();
+    names.sort();
+    names.dedup();
+    for ns in names {
+        let (my_vv, my_hlc) = mine.get(ns).unwrap_or(&empty);
+        let (their_vv, their_hlc) = theirs
+            .iter()
+            .find(|s| &s.namespace == ns)
+            .map_or((&empty.0, empty.1), |s| (&s.vector, s.max_hlc));
+        let lag_events = my_vv.difference(their_vv).len();
+        let missing_events = their_vv.difference(my_vv).len();
+        let lag_ms = if lag_events > 0 {
+            my_hlc.physical_ms().saturating_sub(their_hlc.physical_ms())
+        } else {
+            0
+        };
+        out.push(NamespaceLag {
+            namespace: ns.clone(),
+            lag_events,
+            lag_ms,
+            missing_events,
+        });
+    }
+    out
+}
+
+/// Refreshes the lag gauges every second.
+async fn lag_loop(inner: Arc<Inner>) {
+    let replicator = Replicator {
+        inner: inner.clone(),
+        tasks: Arc::new(Mutex::new(None)),
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = inner.shutdown.cancelled() => return,
+        }
+        let status = replicator.status();
+        let mut connected = 0;
+        for peer in &status.peers {
+            let Some(node) = peer.node_id else { continue };
+            if peer.state == LinkState::Active {
+                connected += 1;
+            }
+            for ns in &peer.namespaces {
+                let labels = LagLabels {
+                    peer: node.to_string(),
+                    namespace: ns.namespace.to_string(),
+                };
+                inner
+                    .metrics
+                    .lag_events
+                    .get_or_create(&labels)
+                    .set(ns.lag_events as i64);
+                inner
+                    .metrics
+                    .lag_ms
+                    .get_or_create(&labels)
+                    .set(ns.lag_ms as i64);
+            }
+        }
+        inner.metrics.peers_connected.set(connected);
+    }
+}
+
+async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
+    let mut links = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = inner.shutdown.cancelled() => break,
+            Some(_) = links.join_next(), if !links.is_empty() => continue,
+        };
+        match accepted {
+            Ok((stream, addr)) => {
+                if inner.registry.lock().unwrap().links.len() >= inner.config.links_max {
+                    tracing::warn!(peer = %addr, limit = inner.config.links_max, "refusing a peer link: too many links");
+                    continue;
+                }
+                let inner = inner.clone();
+                links.spawn(async move {
+                    let _ = link::run(inner, stream, Direction::Inbound, addr.to_string()).await;
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a peer link failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    // Links see the cancellation too; wait for them to say goodbye.
+    while links.join_next().await.is_some() {}
+}
+
+/// Keeps a link to one configured address: dial, run, back off, dial again.
+async fn dial_loop(inner: Arc<Inner>, address: String) {
+    let mut backoff = inner.config.backoff_min;
+    let mut changed = inner.changed.subscribe();
+    loop {
+        if inner.shutdown.is_cancelled() {
+            return;
+        }
+        // While a link to the node behind this address exists (it may have dialed us),
+        // there is nothing to do.
+        let connected = {
+            let reg = inner.registry.lock().unwrap();
+            reg.dials
+                .get(&address)
+                .and_then(|d| d.node)
+                .is_some_and(|n| reg.established.contains_key(&n))
+        };
+        if connected {
+            changed.borrow_and_update();
+            tokio::select! {
+                _ = changed.changed() => {}
+                () = inner.shutdown.cancelled() => return,
+            }
+            continue;
+        }
+        let started = Instant::now();
+        let connect =
+            tokio::time::timeout(inner.config.connect_timeout, TcpStream::connect(&address));
+        let outcome = tokio::select! {
+            result = connect => result,
+            () = inner.shutdown.cancelled() => return,
+        };
+        let end = match outcome {
+            Ok(Ok(stream)) => {
+                link::run(inner.clone(), stream, Direction::Outbound, address.clone()).await
+            }
+            Ok(Err(e)) => LinkEnd::Failed((
+                "connect".into(),
+                format!("cannot connect to {address}: {e}"),
+            )),
+            Err(_) => LinkEnd::Failed((
+                "connect".into(),
+                format!(
+                    "no answer from {address} within {:?}",
+                    inner.config.connect_timeout
+                ),
+            )),
+        };
+        match end {
+            LinkEnd::Duplicate | LinkEnd::Shutdown => backoff = inner.config.backoff_min,
+            LinkEnd::Failed(error) => {
+                let mut reg = inner.registry.lock().unwrap();
+                let dial = reg.dials.entry(address.clone()).or_default();
+                if dial.last_error.as_ref() != Some(&error) {
+                    tracing::warn!(peer = %address, code = %error.0, "{}", error.1);
+                }
+                dial.last_error = Some(error);
+            }
+            LinkEnd::Closed => {}
+        }
+        // A link that lived a while was healthy: start the backoff over.
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = inner.config.backoff_min;
+        }
+        let jitter = rand::random::<f64>() * 0.5 + 0.75;
+        let wait = backoff.mul_f64(jitter);
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = inner.shutdown.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(inner.config.backoff_max);
+    }
+}
+
+/// Registers a link whose handshake succeeded. Returns `false` if another link to the
+/// same peer is kept instead (the caller then closes this one as a duplicate).
+///
+/// Both nodes must choose the same link without talking: the one dialed by the node
+/// with the smaller id wins; between two links dialed by the same node, the newer.
+pub(crate) fn establish(inner: &Inner, link_id: u64, peer: NodeId) -> bool {
+    let mut reg = inner.registry.lock().unwrap();
+    let me = inner.node_id;
+    let dialer = |direction: Direction| {
+        if direction == Direction::Outbound {
+            me
+        } else {
+            peer
+        }
+    };
+    let this_direction = reg.links[&link_id].direction;
+    if let Some(&other_id) = reg.established.get(&peer)
+        && other_id != link_id
+        && let Some(other) = reg.links.get(&other_id)
+    {
+        let preferred = me.min(peer);
+        let this_dialer = dialer(this_direction);
+        let other_dialer = dialer(other.direction);
+        let keep_this =
+            this_dialer == other_dialer || (this_dialer == preferred && other_dialer != preferred);
+        if !keep_this {
+            return false;
+        }
+        if let Some(close) = reg.links.get_mut(&other_id).and_then(|l| l.close.take()) {
+            let _ = close.send(());
+        }
+    }
+    reg.established.insert(peer, link_id);
+    let address = reg.links[&link_id].address.clone();
+    if let Some(link) = reg.links.get_mut(&link_id) {
+        link.peer = Some(peer);
+        link.state = LinkState::Active;
+    }
+    let record = reg.peers.entry(peer).or_default();
+    record.last_contact = Some(Instant::now());
+    record.last_error = None;
+    if record.acked_seq == 0 {
+        record.acked_seq = inner.store.checkpoint(peer);
+    }
+    if this_direction == Direction::Outbound {
+        record.address = Some(address.clone());
+        if let Some(dial) = reg.dials.get_mut(&address) {
+            dial.node = Some(peer);
+            dial.last_error = None;
+        }
+    }
+    drop(reg);
+    inner.bump();
+    true
+}
+
+pub(crate) fn register_link(
+    inner: &Inner,
+    direction: Direction,
+    address: String,
+) -> (u64, oneshot::Receiver<()>) {
+    let (tx, rx) = oneshot::channel();
+    let mut reg = inner.registry.lock().unwrap();
+    reg.next_id += 1;
+    let id = reg.next_id;
+    reg.links.insert(
+        id,
+        LinkEntry {
+            peer: None,
+            direction,
+            address,
+            state: LinkState::Handshaking,
+            since: Instant::now(),
+            close: Some(tx),
+        },
+    );
+    (id, rx)
+}
+
+pub(crate) fn unregister_link(inner: &Inner, link_id: u64, error: Option<(String, String)>) {
+    let mut reg = inner.registry.lock().unwrap();
+    let link = reg.links.remove(&link_id);
+    if let Some(peer) = link.as_ref().and_then(|l| l.peer) {
+        if reg.established.get(&peer) == Some(&link_id) {
+            reg.established.remove(&peer);
+        }
+        if let Some(record) = reg.peers.get_mut(&peer) {
+            if error.is_some() {
+                record.last_error = error.clone();
+            }
+            let _ = inner.store.save_checkpoint(peer, record.acked_seq);
+        }
+    } else if let (Some(link), Some(error)) = (link, error)
+        && let Some(dial) = reg.dials.get_mut(&link.address)
+    {
+        dial.last_error = Some(error);
+    }
+    drop(reg);
+    inner.bump();
+}
+
+pub(crate) fn peer_labels(peer: NodeId) -> PeerLabels {
+    PeerLabels {
+        peer: peer.to_string(),
+    }
+}
+
+pub(crate) fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub(crate) fn error_pair(code: ErrorCode, message: &str) -> (String, String) {
+    (code.name().to_owned(), message.to_owned())
+}
