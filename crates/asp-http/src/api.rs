@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use asp_core::{ContentType, Dot, Key, Namespace};
+use asp_node::Replicator;
 use asp_store::{Condition, FeedEvent, FeedReader, Store, WriteKind, WriteOp};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{PathRejection, QueryRejection};
@@ -68,6 +69,7 @@ pub struct AppState {
 
 struct StateInner {
     store: Store,
+    replicator: Option<Replicator>,
     config: ApiConfig,
     registry: Registry,
     http_requests: Family<StatusLabels, Counter>,
@@ -77,15 +79,20 @@ struct StateInner {
 }
 
 impl AppState {
-    /// `shutdown` ends live streams and the server when cancelled.
+    /// `shutdown` ends live streams and the server when cancelled. Without a
+    /// replicator, writes cannot ask for more than one replica.
     pub fn new(
         store: Store,
+        replicator: Option<Replicator>,
         config: ApiConfig,
         listen: SocketAddr,
         shutdown: CancellationToken,
     ) -> Self {
         let mut registry = Registry::default();
         store.metrics().register(&mut registry);
+        if let Some(r) = &replicator {
+            r.register_metrics(&mut registry);
+        }
         let http_requests = Family::<StatusLabels, Counter>::default();
         registry.register(
             "asp_http_requests",
@@ -95,6 +102,7 @@ impl AppState {
         AppState {
             inner: Arc::new(StateInner {
                 store,
+                replicator,
                 config,
                 registry,
                 http_requests,
@@ -345,15 +353,115 @@ async fn read_body(
     }
 }
 
+/// Query parameters of a write: the write concern.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct WriteParams {
+    replicas: Option<usize>,
+    timeout_ms: Option<u64>,
+}
+
+/// How many nodes must hold a write durably before the answer, and how long to wait.
+struct Concern {
+    replicas: usize,
+    timeout: Duration,
+}
+
+const REPLICAS_MAX: usize = 64;
+const REPLICA_TIMEOUT_MS_DEFAULT: u64 = 5_000;
+const REPLICA_TIMEOUT_MS_MAX: u64 = 60_000;
+
+fn concern(
+    state: &AppState,
+    query: Result<Query<WriteParams>, QueryRejection>,
+) -> Result<Concern, ApiError> {
+    let Query(q) = query.map_err(query_error)?;
+    let replicas = q.replicas.unwrap_or(1);
+    if replicas == 0 || replicas > REPLICAS_MAX {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("replicas must be between 1 and {REPLICAS_MAX}; got {replicas}"),
+        ));
+    }
+    if replicas > 1 && state.inner.replicator.is_none() {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "replication is not running on this node, so a write can only ask for replicas=1",
+        ));
+    }
+    let timeout_ms = q.timeout_ms.unwrap_or(REPLICA_TIMEOUT_MS_DEFAULT);
+    if timeout_ms == 0 || timeout_ms > REPLICA_TIMEOUT_MS_MAX {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("timeout_ms must be between 1 and {REPLICA_TIMEOUT_MS_MAX}; got {timeout_ms}"),
+        ));
+    }
+    Ok(Concern {
+        replicas,
+        timeout: Duration::from_millis(timeout_ms),
+    })
+}
+
+/// Answers a write once its concern is met: `body` is the write's JSON answer (an
+/// object), `seq` the feed position of its last event. Past the timeout the answer is
+/// 504 `replication_timeout`, saying how many nodes hold it; the write stays.
+async fn answer_write(
+    state: &AppState,
+    concern: Concern,
+    seq: u64,
+    body: String,
+    etag: Option<HeaderValue>,
+) -> Response {
+    let mut response = if concern.replicas <= 1 {
+        ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+    } else {
+        let replicator = state
+            .inner
+            .replicator
+            .as_ref()
+            .expect("checked by concern()");
+        let held = replicator
+            .wait_replicas(seq, concern.replicas, concern.timeout)
+            .await;
+        let replicas = format!(r#"{{"wanted":{},"acknowledged":{held}}}"#, concern.replicas);
+        if held >= concern.replicas {
+            let mut body = body;
+            body.truncate(body.len() - 1);
+            body.push_str(&format!(r#","replicas":{replicas}}}"#));
+            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+        } else {
+            let message = format!(
+                "the write is durable on this node but only {held} of {} nodes hold it after {} ms; it stays, and replication goes on",
+                concern.replicas,
+                concern.timeout.as_millis()
+            );
+            let error = serde_json::json!({"code": "replication_timeout", "message": message});
+            let body = format!(r#"{{"error":{error},"write":{body},"replicas":{replicas}}}"#);
+            (
+                StatusCode::GATEWAY_TIMEOUT,
+                [(header::CONTENT_TYPE, "application/json")],
+                body,
+            )
+                .into_response()
+        }
+    };
+    if let Some(etag) = etag {
+        response.headers_mut().insert(header::ETAG, etag);
+    }
+    response
+}
+
 async fn put_key(
     State(state): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<WriteParams>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let Path((ns, k)) = path.map_err(path_error)?;
     let ns = namespace(&ns)?;
     let key = key(&k)?;
+    let concern = concern(&state, query)?;
     let content_type = formats::content_type_of(header_str(&headers, header::CONTENT_TYPE)?)
         .map_err(|e| {
             ApiError::new(
@@ -383,22 +491,21 @@ async fn put_key(
         condition,
     };
     let applied = store.write(ns.clone(), vec![op]).await?[0];
-    let mut response =
-        Json(WriteOut::new(ns.as_str(), key.as_str(), applied, false)).into_response();
-    response
-        .headers_mut()
-        .insert(header::ETAG, etag(applied.dot));
-    Ok(response)
+    let body = serde_json::to_string(&WriteOut::new(ns.as_str(), key.as_str(), applied, false))
+        .expect("answers serialize");
+    Ok(answer_write(&state, concern, applied.seq, body, Some(etag(applied.dot))).await)
 }
 
 async fn delete_key(
     State(state): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<WriteParams>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let Path((ns, k)) = path.map_err(path_error)?;
     let ns = namespace(&ns)?;
     let key = key(&k)?;
+    let concern = concern(&state, query)?;
     let condition = match header_str(&headers, header::IF_MATCH)? {
         Some(m) => parse_if_match(m)?,
         None => Condition::None,
@@ -409,7 +516,9 @@ async fn delete_key(
         condition,
     };
     let applied = state.store().write(ns.clone(), vec![op]).await?[0];
-    Ok(Json(WriteOut::new(ns.as_str(), key.as_str(), applied, true)).into_response())
+    let body = serde_json::to_string(&WriteOut::new(ns.as_str(), key.as_str(), applied, true))
+        .expect("answers serialize");
+    Ok(answer_write(&state, concern, applied.seq, body, None).await)
 }
 
 async fn get_key(
@@ -649,11 +758,13 @@ fn batch_op(i: usize, op: BatchOpIn<'_>) -> Result<WriteOp, ApiError> {
 async fn batch(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
+    query: Result<Query<WriteParams>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let Path(ns) = path.map_err(path_error)?;
     let ns = namespace(&ns)?;
+    let concern = concern(&state, query)?;
     let ct = header_str(&headers, header::CONTENT_TYPE)?;
     if formats::content_type_of(ct).ok() != Some(ContentType::Json) {
         return Err(ApiError::new(
@@ -707,7 +818,8 @@ async fn batch(
         );
     }
     out.push_str("]}");
-    Ok(([(header::CONTENT_TYPE, "application/json")], out).into_response())
+    let last_seq = applied.last().map_or(0, |a| a.seq);
+    Ok(answer_write(&state, concern, last_seq, out, None).await)
 }
 
 #[derive(Deserialize)]
@@ -905,6 +1017,11 @@ async fn status(State(state): State<AppState>) -> Response {
         })
         .collect();
     let recovery = store.recovery();
+    let replication = state
+        .inner
+        .replicator
+        .as_ref()
+        .map(|r| replication_status(&r.status()));
     Json(serde_json::json!({
         "node_id": s.node_id.to_string(),
         "version": env!("CARGO_PKG_VERSION"),
@@ -929,9 +1046,43 @@ async fn status(State(state): State<AppState>) -> Response {
             "index_rebuilt": recovery.index_rebuilt,
         },
         "namespaces": namespaces,
+        "replication": replication,
         "failure": s.failure,
     }))
     .into_response()
+}
+
+fn replication_status(r: &asp_node::ReplicationStatus) -> serde_json::Value {
+    let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
+    let peers: Vec<serde_json::Value> = r
+        .peers
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "node_id": p.node_id.map(|n| n.to_string()),
+                "address": p.address,
+                "direction": p.direction.map(|d| d.name()),
+                "state": p.state.name(),
+                "connected_ms": ms(p.connected_for),
+                "last_contact_ms_ago": ms(p.last_contact),
+                "last_error": p.last_error.as_ref().map(|(code, message)| serde_json::json!({"code": code, "message": message})),
+                "acked_seq": p.acked_seq,
+                "events_sent": p.events_sent,
+                "events_received": p.events_received,
+                "namespaces": p.namespaces.iter().map(|n| serde_json::json!({
+                    "name": n.namespace.as_str(),
+                    "lag_events": n.lag_events,
+                    "lag_ms": n.lag_ms,
+                    "missing_events": n.missing_events,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "cluster_id": r.cluster_id,
+        "listen": r.listen.map(|a| a.to_string()),
+        "peers": peers,
+    })
 }
 
 async fn openapi() -> Response {

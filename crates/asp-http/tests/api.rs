@@ -29,7 +29,7 @@ impl Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let state = AppState::new(store.clone(), api_config, addr, shutdown.clone());
+        let state = AppState::new(store.clone(), None, api_config, addr, shutdown.clone());
         let task = tokio::spawn(asp_http::serve(listener, state));
         Server {
             client: Client::new(&format!("http://{addr}")).unwrap(),

@@ -464,6 +464,7 @@ async fn http_batch(args: &BenchArgs, mode: FsyncMode, value: Bytes) -> anyhow::
     let shutdown = tokio_util::sync::CancellationToken::new();
     let state = asp_http::AppState::new(
         store.clone(),
+        None,
         asp_http::ApiConfig::default(),
         addr,
         shutdown.clone(),

@@ -7,11 +7,14 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use asp_core::NodeId;
 use asp_http::ApiConfig;
+use asp_node::ReplicationConfig;
 use asp_store::{FsyncMode, StoreConfig};
 use serde::Deserialize;
 
 pub const DEFAULT_DATA_DIR: &str = "./asp-data";
 pub const DEFAULT_API: &str = "127.0.0.1:7700";
+pub const DEFAULT_PEER_LISTEN: &str = "127.0.0.1:7800";
+pub const DEFAULT_CLUSTER_ID: &str = "default";
 
 /// The file's shape. Every field is optional; unknown fields are errors, so that a typo
 /// is reported rather than ignored.
@@ -26,6 +29,23 @@ pub struct FileConfig {
     pub limits: Limits,
     #[serde(default)]
     pub store: StoreSection,
+    #[serde(default)]
+    pub replication: ReplicationSection,
+}
+
+#[derive(Deserialize, Default, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationSection {
+    pub cluster_id: Option<String>,
+    /// `host:port`, or "off" to accept no peer links.
+    pub listen: Option<String>,
+    #[serde(default)]
+    pub peers: Vec<String>,
+    pub namespaces: Option<Vec<String>>,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub heartbeat_ms: Option<u64>,
+    pub idle_timeout_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Default, Debug, Clone)]
@@ -64,6 +84,11 @@ pub struct Overrides {
     pub limits: Limits,
     pub segment_bytes_max: Option<u64>,
     pub max_clock_skew_ms: Option<u64>,
+    pub peer_listen: Option<String>,
+    pub peers: Vec<String>,
+    pub cluster_id: Option<String>,
+    /// `MIN-MAX`, for tests of version negotiation only.
+    pub protocol_versions: Option<String>,
 }
 
 /// Everything `asp serve` runs with.
@@ -71,6 +96,7 @@ pub struct NodeConfig {
     pub store: StoreConfig,
     pub api: ApiConfig,
     pub listen: SocketAddr,
+    pub replication: ReplicationConfig,
 }
 
 pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig> {
@@ -142,10 +168,55 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
     store
         .validate()
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+
+    let section = file.replication;
+    let cluster_id = flags
+        .cluster_id
+        .or(section.cluster_id)
+        .unwrap_or_else(|| DEFAULT_CLUSTER_ID.to_owned());
+    let mut replication = ReplicationConfig::new(cluster_id);
+    let peer_listen = flags
+        .peer_listen
+        .or(section.listen)
+        .unwrap_or_else(|| DEFAULT_PEER_LISTEN.to_owned());
+    replication.listen = if peer_listen == "off" {
+        None
+    } else {
+        Some(peer_listen.parse().with_context(|| {
+            format!(
+                "invalid peer listen address {peer_listen:?}: use IP:PORT (for example 127.0.0.1:7800) or \"off\""
+            )
+        })?)
+    };
+    // Peers from the file and from flags together.
+    replication.peers = section.peers;
+    replication.peers.extend(flags.peers);
+    if let Some(namespaces) = section.namespaces {
+        replication.namespaces = namespaces;
+    }
+    replication.labels = section.labels.into_iter().collect();
+    if let Some(ms) = section.heartbeat_ms {
+        replication.heartbeat = Duration::from_millis(ms);
+    }
+    if let Some(ms) = section.idle_timeout_ms {
+        replication.idle_timeout = Duration::from_millis(ms);
+    }
+    if let Some(range) = flags.protocol_versions {
+        let (min, max) = range
+            .split_once('-')
+            .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+            .with_context(|| format!("--protocol-versions takes MIN-MAX, got {range:?}"))?;
+        replication.version_min = min;
+        replication.version_max = max;
+    }
+    replication
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid replication configuration: {e}"))?;
     Ok(NodeConfig {
         store,
         api: api_config,
         listen,
+        replication,
     })
 }
 

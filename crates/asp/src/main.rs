@@ -25,7 +25,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a node (data in ./asp-data, API on 127.0.0.1:7700 unless told otherwise).
+    /// Run a node (data in ./asp-data, API on 127.0.0.1:7700, peers on 127.0.0.1:7800
+    /// unless told otherwise).
     Serve(ServeArgs),
     /// Write a value.
     Put(PutArgs),
@@ -81,6 +82,18 @@ struct ServeArgs {
     /// Remote clock readings further ahead are refused [default: 60000].
     #[arg(long, value_name = "MS")]
     max_clock_skew_ms: Option<u64>,
+    /// Address for peer links, or "off" [default: 127.0.0.1:7800].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// A peer to connect to (host:port); repeat for several.
+    #[arg(long = "peer", value_name = "ADDR")]
+    peers: Vec<String>,
+    /// Nodes only replicate with nodes of the same cluster [default: default].
+    #[arg(long, value_name = "ID")]
+    cluster_id: Option<String>,
+    /// Protocol versions offered, MIN-MAX (for testing version negotiation).
+    #[arg(long, value_name = "MIN-MAX", hide = true)]
+    protocol_versions: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -197,6 +210,10 @@ fn main() -> ExitCode {
                     },
                     segment_bytes_max: a.segment_bytes_max,
                     max_clock_skew_ms: a.max_clock_skew_ms,
+                    peer_listen: a.listen,
+                    peers: a.peers,
+                    cluster_id: a.cluster_id,
+                    protocol_versions: a.protocol_versions,
                 };
                 serve::run(a.config.as_deref(), flags).await
             }

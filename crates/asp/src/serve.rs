@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use asp_http::AppState;
+use asp_node::Replicator;
 use asp_store::Store;
 use tokio_util::sync::CancellationToken;
 
@@ -35,12 +36,26 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
         })?;
     let listen = listener.local_addr().unwrap_or(config.listen);
     let shutdown = CancellationToken::new();
-    let state = AppState::new(store.clone(), config.api.clone(), listen, shutdown.clone());
+    let replicator = Replicator::start(
+        store.clone(),
+        config.replication.clone(),
+        shutdown.child_token(),
+    )
+    .await?;
+    let state = AppState::new(
+        store.clone(),
+        Some(replicator.clone()),
+        config.api.clone(),
+        listen,
+        shutdown.clone(),
+    );
     tracing::info!(
         node_id = %store.node_id(),
         api = %format!("http://{listen}"),
         data_dir = %config.store.data_dir.display(),
         fsync = %config.store.fsync,
+        peers_listen = %replicator.listen_addr().map_or("off".to_owned(), |a| a.to_string()),
+        cluster = %config.replication.cluster_id,
         "asp node serving"
     );
 
@@ -56,6 +71,8 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
 
     let served = asp_http::serve(listener, state).await;
     shutdown.cancel();
+    // Peers hear why the links close; then the store finishes what it accepted.
+    replicator.shutdown().await;
     store.shutdown().await;
     drop(store);
     served.context("the API server failed")?;

@@ -23,6 +23,8 @@ pub fn free_port() -> u16 {
 pub struct Node {
     pub dir: PathBuf,
     pub port: u16,
+    /// Where the node accepts peer links.
+    pub peer_port: u16,
     pub extra: Vec<String>,
     child: Option<Child>,
     starts: u32,
@@ -34,12 +36,17 @@ impl Node {
         let mut node = Node {
             dir: dir.to_owned(),
             port: free_port(),
+            peer_port: free_port(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
             starts: 0,
         };
         node.restart().await;
         node
+    }
+
+    pub fn peer_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.peer_port)
     }
 
     pub fn url(&self) -> String {
@@ -70,6 +77,8 @@ impl Node {
             .arg(&self.dir)
             .arg("--api")
             .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.peer_port))
             .args(&self.extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
