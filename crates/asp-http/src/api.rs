@@ -1078,10 +1078,24 @@ fn replication_status(r: &asp_node::ReplicationStatus) -> serde_json::Value {
             })
         })
         .collect();
+    let refusals: Vec<serde_json::Value> = r
+        .refusals
+        .iter()
+        .map(|f| {
+            serde_json::json!({
+                "address": f.address,
+                "direction": f.direction.name(),
+                "code": f.code,
+                "message": f.message,
+                "ms_ago": f.age.as_millis() as u64,
+            })
+        })
+        .collect();
     serde_json::json!({
         "cluster_id": r.cluster_id,
         "listen": r.listen.map(|a| a.to_string()),
         "peers": peers,
+        "refusals": refusals,
     })
 }
 

@@ -15,5 +15,6 @@ mod replicator;
 
 pub use config::{DEFAULT_PEER_PORT, ReplicationConfig};
 pub use replicator::{
-    Direction, LinkState, NamespaceLag, PeerStatus, ReplicationStatus, Replicator, StartError,
+    Direction, LinkState, NamespaceLag, PeerStatus, Refusal, ReplicationStatus, Replicator,
+    StartError,
 };

@@ -115,7 +115,23 @@ pub struct ReplicationStatus {
     pub cluster_id: String,
     pub listen: Option<SocketAddr>,
     pub peers: Vec<PeerStatus>,
+    /// The latest links that failed before their handshake finished (newest last):
+    /// what an operator needs to see a misconfigured peer that dials this node.
+    pub refusals: Vec<Refusal>,
 }
+
+/// A link that failed its handshake.
+#[derive(Clone, Debug)]
+pub struct Refusal {
+    pub address: String,
+    pub direction: Direction,
+    pub code: String,
+    pub message: String,
+    pub age: Duration,
+}
+
+/// Refusals kept for status, at most.
+const REFUSALS_MAX: usize = 16;
 
 /// A live connection in the registry.
 pub(crate) struct LinkEntry {
@@ -155,6 +171,8 @@ pub(crate) struct Links {
     pub established: HashMap<NodeId, u64>,
     pub peers: HashMap<NodeId, PeerRecord>,
     pub dials: HashMap<String, DialRecord>,
+    /// (address, direction, code, message, when).
+    pub refusals: std::collections::VecDeque<(String, Direction, String, String, Instant)>,
 }
 
 pub(crate) struct Inner {
@@ -367,10 +385,22 @@ impl Replicator {
             }
         }
         peers.sort_by(|a, b| a.address.cmp(&b.address).then(a.node_id.cmp(&b.node_id)));
+        let refusals = reg
+            .refusals
+            .iter()
+            .map(|(address, direction, code, message, at)| Refusal {
+                address: address.clone(),
+                direction: *direction,
+                code: code.clone(),
+                message: message.clone(),
+                age: now - *at,
+            })
+            .collect();
         ReplicationStatus {
             cluster_id: self.inner.config.cluster_id.clone(),
             listen: self.inner.listen,
             peers,
+            refusals,
         }
     }
 }
@@ -646,10 +676,20 @@ pub(crate) fn unregister_link(inner: &Inner, link_id: u64, error: Option<(String
             }
             let _ = inner.store.save_checkpoint(peer, record.acked_seq);
         }
-    } else if let (Some(link), Some(error)) = (link, error)
-        && let Some(dial) = reg.dials.get_mut(&link.address)
-    {
-        dial.last_error = Some(error);
+    } else if let (Some(link), Some(error)) = (link, error) {
+        if reg.refusals.len() == REFUSALS_MAX {
+            reg.refusals.pop_front();
+        }
+        reg.refusals.push_back((
+            link.address.clone(),
+            link.direction,
+            error.0.clone(),
+            error.1.clone(),
+            Instant::now(),
+        ));
+        if let Some(dial) = reg.dials.get_mut(&link.address) {
+            dial.last_error = Some(error);
+        }
     }
     drop(reg);
     inner.bump();

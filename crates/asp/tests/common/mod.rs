@@ -204,3 +204,80 @@ pub fn seed() -> u64 {
                 | 1
         })
 }
+
+/// Every live key of a namespace with its version and value, through the listing API:
+/// two nodes with the same state give the same digest.
+pub async fn digest(client: &Client, ns: &str) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = client
+            .list(ns, "", after.as_deref(), 1000, true)
+            .await
+            .unwrap();
+        for item in page["items"].as_array().unwrap() {
+            let value = item
+                .get("value")
+                .map(|v| v.to_string())
+                .or_else(|| item.get("value_text").map(|v| v.to_string()))
+                .or_else(|| item.get("value_base64").map(|v| v.to_string()))
+                .unwrap_or_default();
+            out.push((
+                item["key"].as_str().unwrap().to_owned(),
+                item["version"].as_str().unwrap().to_owned(),
+                value,
+            ));
+        }
+        match page["next_after"].as_str() {
+            Some(k) => after = Some(k.to_owned()),
+            None => return out,
+        }
+    }
+}
+
+/// A namespace's version vector as status shows it.
+pub async fn vector(client: &Client, ns: &str) -> serde_json::Value {
+    let status = client.status().await.unwrap();
+    status["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == ns)
+        .map(|n| n["origins"].clone())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// The number of events of a namespace a node holds.
+pub async fn events(client: &Client, ns: &str) -> u64 {
+    let status = client.status().await.unwrap();
+    status["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == ns)
+        .and_then(|n| n["events"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Waits (bounded by `limit`) until every node holds `expected` events of `ns` and the
+/// same vector.
+pub async fn converge(nodes: &[&Node], ns: &str, expected: u64, limit: Duration) {
+    let started = Instant::now();
+    loop {
+        let mut counts = Vec::new();
+        let mut vectors = Vec::new();
+        for n in nodes {
+            let c = n.client();
+            counts.push(events(&c, ns).await);
+            vectors.push(vector(&c, ns).await);
+        }
+        if counts.iter().all(|&c| c == expected) && vectors.windows(2).all(|w| w[0] == w[1]) {
+            return;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "no convergence to {expected} events within {limit:?}: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
