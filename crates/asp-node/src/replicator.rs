@@ -82,7 +82,9 @@ pub struct NamespaceLag {
     pub namespace: Namespace,
     /// Events this node holds that the peer does not (as of the peer's last summary).
     pub lag_events: u64,
-    /// How far the peer's newest event trails this node's newest, when it lags.
+    /// How long the oldest event the peer lacks has been waiting: the age of the first
+    /// event of the namespace after the peer's acknowledged position in this node's
+    /// feed (0 when it lags by nothing).
     pub lag_ms: u64,
     /// Events the peer holds that this node does not.
     pub missing_events: u64,
@@ -353,7 +355,7 @@ impl Replicator {
                 acked_seq: record.acked_seq,
                 events_sent: record.events_sent,
                 events_received: record.events_received,
-                namespaces: lag(&mine, &record.summary),
+                namespaces: lag(&self.inner.store, &mine, &record.summary, record.acked_seq),
             });
         }
         // Configured peers never reached, and links still in their handshake.
@@ -407,9 +409,12 @@ impl Replicator {
 
 /// Lag per namespace against a peer's last summary.
 fn lag(
+    store: &Store,
     mine: &HashMap<Namespace, (asp_core::VersionVector, asp_core::Hlc)>,
     theirs: &[NamespaceSummary],
+    acked_seq: u64,
 ) -> Vec<NamespaceLag> {
+    let now_ms = wall_ms();
     let mut out = Vec::new();
     let empty = (asp_core::VersionVector::new(), asp_core::Hlc::ZERO);
     let mut names: Vec<&Namespace> = mine
@@ -426,8 +431,16 @@ fn lag(
             .map_or((&empty.0, empty.1), |s| (&s.vector, s.max_hlc));
         let lag_events = my_vv.difference(their_vv).len();
         let missing_events = their_vv.difference(my_vv).len();
+        let _ = (my_hlc, their_hlc);
         let lag_ms = if lag_events > 0 {
-            my_hlc.physical_ms().saturating_sub(their_hlc.physical_ms())
+            // The oldest event of the namespace the peer has not acknowledged.
+            let mut reader = store.feed_reader(Some(ns.clone()), acked_seq);
+            match reader.read(1) {
+                Ok(events) => events
+                    .first()
+                    .map_or(0, |e| now_ms.saturating_sub(e.event.hlc.physical_ms())),
+                Err(_) => 0,
+            }
         } else {
             0
         };

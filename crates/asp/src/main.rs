@@ -5,6 +5,7 @@
 mod bench;
 mod commands;
 mod config;
+mod demo;
 mod serve;
 
 use std::path::PathBuf;
@@ -40,8 +41,11 @@ enum Command {
     Watch(WatchArgs),
     /// Show a node's status.
     Status(NodeArgs),
-    /// Measure durable ingest on this machine (see bench/RESULTS.md).
+    /// Measure durable ingest and replication on this machine (see bench/RESULTS.md).
     Bench(bench::BenchArgs),
+    /// Start a three-node cluster on loopback and show replication, a partition and
+    /// its healing.
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Args)]
@@ -247,6 +251,7 @@ fn main() -> ExitCode {
             Command::Watch(a) => commands::watch(&a.target.node.node, &a.target.ns, a.since).await,
             Command::Status(a) => commands::status(&a.node).await,
             Command::Bench(a) => bench::run(a).await,
+            Command::Demo(a) => demo::run(a).await,
         }
     });
     match result {
