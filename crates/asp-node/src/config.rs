@@ -31,8 +31,6 @@ pub struct ReplicationConfig {
     pub batch_bytes_max: usize,
     /// Bytes queued for the socket before this node stops reading its feed for a link.
     pub send_queue_bytes_max: usize,
-    /// Received batches being applied at once per link.
-    pub apply_inflight_max: usize,
     /// Reconnection backoff: first wait, doubling up to the maximum, with jitter.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
@@ -60,7 +58,6 @@ impl ReplicationConfig {
             credit_window_bytes: 16 << 20,
             batch_bytes_max: 1 << 20,
             send_queue_bytes_max: 4 << 20,
-            apply_inflight_max: 4,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             links_max: 256,

@@ -14,7 +14,7 @@ use asp_core::Event;
 use asp_core::NodeId;
 use asp_core::session::{CloseReason, ErrorCode, Frame, Session, SessionConfig, SessionEvent};
 use asp_store::{ApplyOutcome, FeedReader, WriteError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -37,16 +37,12 @@ pub(crate) enum LinkEnd {
     Failed((String, String)),
 }
 
-struct Batch {
+/// A received batch being applied: the store's answer, the batch's last feed position
+/// and its credit cost.
+struct Applying {
+    answer: oneshot::Receiver<Result<ApplyOutcome, WriteError>>,
     last_seq: u64,
     bytes: u64,
-    events: Vec<Event>,
-}
-
-struct Completion {
-    last_seq: u64,
-    bytes: u64,
-    result: Result<ApplyOutcome, WriteError>,
 }
 
 fn session_config(inner: &Inner) -> SessionConfig {
@@ -99,6 +95,12 @@ struct Link {
     caught_up: bool,
     queued: Arc<AtomicUsize>,
     out: mpsc::UnboundedSender<Vec<u8>>,
+    /// The socket's write half, shared with the writer task: frames are written from
+    /// here directly when nothing is queued, saving a hand-off.
+    socket: Option<Arc<OwnedWriteHalf>>,
+    /// Received batches in the store's queue, oldest first: acknowledgements go out in
+    /// this order.
+    applying: std::collections::VecDeque<Applying>,
     end: Option<LinkEnd>,
 }
 
@@ -119,24 +121,20 @@ impl Link {
             caught_up: false,
             queued: Arc::new(AtomicUsize::new(0)),
             out,
+            socket: None,
+            applying: std::collections::VecDeque::new(),
             end: None,
         }
     }
 
     async fn drive(mut self, stream: TcpStream, mut close_rx: oneshot::Receiver<()>) -> LinkEnd {
         let (mut rd, wr) = stream.into_split();
+        let wr = Arc::new(wr);
+        self.socket = Some(wr.clone());
         let drained = Arc::new(Notify::new());
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         self.out = out_tx;
         let writer = tokio::spawn(write_loop(wr, out_rx, self.queued.clone(), drained.clone()));
-        let (apply_tx, apply_rx) = mpsc::unbounded_channel();
-        let (done_tx, mut done_rx) = mpsc::unbounded_channel();
-        let applier = tokio::spawn(apply_loop(
-            self.inner.store.clone(),
-            apply_rx,
-            done_tx,
-            self.inner.config.apply_inflight_max,
-        ));
         let mut head = self.inner.store.subscribe();
         let mut summary_tick = tokio::time::interval(self.inner.config.summary_interval);
         summary_tick.tick().await;
@@ -146,7 +144,7 @@ impl Link {
 
         loop {
             self.flush();
-            self.handle_events(&apply_tx).await;
+            self.handle_events().await;
             self.flush();
             if self.session.is_closed() {
                 break;
@@ -170,7 +168,10 @@ impl Link {
                     Err(e) => self.session.handle_disconnect(e.to_string()),
                 },
                 () = sleep_until(deadline) => self.session.handle_timeout(Instant::now()),
-                Some(done) = done_rx.recv() => self.completed(done),
+                answer = async { (&mut self.applying.front_mut().expect("checked").answer).await }, if !self.applying.is_empty() => {
+                    let done = self.applying.pop_front().expect("checked");
+                    self.completed(done.last_seq, done.bytes, answer.unwrap_or(Err(WriteError::Closed)));
+                }
                 changed = head.changed(), if self.caught_up => {
                     if changed.is_ok() {
                         self.caught_up = false;
@@ -193,11 +194,10 @@ impl Link {
         }
 
         // Let the writer send what is queued (the Error frame last), briefly.
-        drop(apply_tx);
         let out = std::mem::replace(&mut self.out, mpsc::unbounded_channel().0);
         drop(out);
+        self.socket = None;
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), writer).await;
-        applier.abort();
         if let Some(peer) = self.peer {
             let acked = self
                 .inner
@@ -229,8 +229,23 @@ impl Link {
                 );
                 continue;
             }
-            self.queued.fetch_add(bytes.len(), Ordering::AcqRel);
-            let _ = self.out.send(bytes);
+            // With nothing queued, the writer task is idle: write at once, and queue
+            // only what the socket does not take.
+            let mut from = 0;
+            if self.queued.load(Ordering::Acquire) == 0
+                && let Some(socket) = &self.socket
+            {
+                from = socket.try_write(&bytes).unwrap_or(0);
+            }
+            if from < bytes.len() {
+                let rest = if from == 0 {
+                    bytes
+                } else {
+                    bytes[from..].to_vec()
+                };
+                self.queued.fetch_add(rest.len(), Ordering::AcqRel);
+                let _ = self.out.send(rest);
+            }
         }
     }
 
@@ -259,7 +274,7 @@ impl Link {
         }
     }
 
-    async fn handle_events(&mut self, apply_tx: &mpsc::UnboundedSender<Batch>) {
+    async fn handle_events(&mut self) {
         while let Some(event) = self.session.poll_event() {
             match event {
                 SessionEvent::Established(info) => {
@@ -306,11 +321,14 @@ impl Link {
                             record.events_received += events.len() as u64;
                         }
                     }
-                    let _ = apply_tx.send(Batch {
-                        last_seq,
-                        bytes,
-                        events,
-                    });
+                    match self.inner.store.enqueue_remote(events).await {
+                        Ok(answer) => self.applying.push_back(Applying {
+                            answer,
+                            last_seq,
+                            bytes,
+                        }),
+                        Err(e) => self.completed(last_seq, bytes, Err(e)),
+                    }
                 }
                 SessionEvent::Acked { through_seq } => {
                     if let Some(peer) = self.peer {
@@ -426,10 +444,10 @@ impl Link {
         }
     }
 
-    fn completed(&mut self, done: Completion) {
+    fn completed(&mut self, last_seq: u64, bytes: u64, result: Result<ApplyOutcome, WriteError>) {
         let now = Instant::now();
-        match done.result {
-            Ok(_) => self.session.applied(done.last_seq, done.bytes, now),
+        match result {
+            Ok(_) => self.session.applied(last_seq, bytes, now),
             Err(WriteError::ClockSkew(message)) => {
                 self.session.close(ErrorCode::ClockSkew, message, now)
             }
@@ -476,59 +494,25 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 
 /// Writes queued frames to the socket, in order.
 async fn write_loop(
-    mut wr: OwnedWriteHalf,
+    wr: Arc<OwnedWriteHalf>,
     mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
     queued: Arc<AtomicUsize>,
     drained: Arc<Notify>,
 ) {
     while let Some(bytes) = rx.recv().await {
-        let len = bytes.len();
-        if wr.write_all(&bytes).await.is_err() {
-            return;
-        }
-        queued.fetch_sub(len, Ordering::AcqRel);
-        drained.notify_one();
-    }
-    let _ = wr.shutdown().await;
-}
-
-/// Applies received batches, several at a time, reporting completions in order (an
-/// acknowledgement covers everything before it).
-async fn apply_loop(
-    store: asp_store::Store,
-    mut rx: mpsc::UnboundedReceiver<Batch>,
-    done: mpsc::UnboundedSender<Completion>,
-    inflight_max: usize,
-) {
-    // (the apply in progress, its last feed position, its credit bytes), in order.
-    type Applying = (
-        tokio::task::JoinHandle<Result<ApplyOutcome, WriteError>>,
-        u64,
-        u64,
-    );
-    let mut inflight: std::collections::VecDeque<Applying> = std::collections::VecDeque::new();
-    let mut open = true;
-    loop {
-        if !open && inflight.is_empty() {
-            return;
-        }
-        tokio::select! {
-            batch = rx.recv(), if open && inflight.len() < inflight_max => match batch {
-                Some(b) => {
-                    let store = store.clone();
-                    let handle = tokio::spawn(async move { store.apply_remote(b.events).await });
-                    inflight.push_back((handle, b.last_seq, b.bytes));
-                }
-                None => open = false,
-            },
-            result = async { (&mut inflight.front_mut().expect("checked").0).await }, if !inflight.is_empty() => {
-                let (_, last_seq, bytes) = inflight.pop_front().expect("checked");
-                let result = result.unwrap_or(Err(WriteError::Closed));
-                let failed = result.is_err();
-                if done.send(Completion { last_seq, bytes, result }).is_err() || failed {
-                    return;
-                }
+        let mut at = 0;
+        while at < bytes.len() {
+            if wr.writable().await.is_err() {
+                return;
+            }
+            match wr.try_write(&bytes[at..]) {
+                Ok(n) => at += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
             }
         }
+        queued.fetch_sub(bytes.len(), Ordering::AcqRel);
+        drained.notify_one();
     }
+    // Dropping the last handle of the write half shuts the connection's sending side.
 }

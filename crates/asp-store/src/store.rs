@@ -309,6 +309,21 @@ impl Store {
     /// than `max_clock_skew_ms` ahead refuse the whole call
     /// ([`WriteError::ClockSkew`]).
     pub async fn apply_remote(&self, events: Vec<Event>) -> Result<ApplyOutcome, WriteError> {
+        let answer = self.enqueue_remote(events).await?;
+        match answer.await {
+            Ok(result) => result,
+            Err(_) => Err(self.closed_or_failed()),
+        }
+    }
+
+    /// Queues events from a peer like [`Store::apply_remote`] and returns at once (or
+    /// when the queue has room) with the receiver of the outcome. Requests are applied
+    /// in the order they were queued, so a caller can keep several in flight and still
+    /// see their outcomes in order.
+    pub async fn enqueue_remote(
+        &self,
+        events: Vec<Event>,
+    ) -> Result<oneshot::Receiver<Result<ApplyOutcome, WriteError>>, WriteError> {
         let bytes: usize = events
             .iter()
             .map(|e| asp_core::session::credit_size(e) as usize)
@@ -317,13 +332,21 @@ impl Store {
         if let Some(f) = self.inner.shared.failure.get() {
             return Err(WriteError::Storage(f.clone()));
         }
-        let permit = self
+        let permit = match self
             .inner
             .budget
             .clone()
-            .acquire_many_owned(bytes as u32)
-            .await
-            .map_err(|_| WriteError::Closed)?;
+            .try_acquire_many_owned(bytes as u32)
+        {
+            Ok(permit) => permit,
+            Err(_) => self
+                .inner
+                .budget
+                .clone()
+                .acquire_many_owned(bytes as u32)
+                .await
+                .map_err(|_| WriteError::Closed)?,
+        };
         let (reply, answer) = oneshot::channel();
         let request = ApplyRequest {
             events,
@@ -336,10 +359,7 @@ impl Store {
             .send(Request::Apply(request))
             .await
             .map_err(|_| WriteError::Closed)?;
-        match answer.await {
-            Ok(result) => result,
-            Err(_) => Err(self.closed_or_failed()),
-        }
+        Ok(answer)
     }
 
     fn closed_or_failed(&self) -> WriteError {

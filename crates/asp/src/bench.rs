@@ -8,6 +8,12 @@
 //!   commit has to gather them);
 //! - `batch`: concurrent writers through the library, 1,000-event batches;
 //! - `http`: concurrent clients POSTing 1,000-event JSON batches to an in-process server;
+//! - `catchup`: replication catch-up: 1,000,000 events written on one node while its
+//!   peer is away, then the time until the peer holds them all durably; side by side
+//!   with a Redis replica's full sync of the same data (with and without AOF);
+//! - `live`: replication latency: writes at 5,000/s on one node, time from each
+//!   acknowledgement to its appearance in the peer's change feed; side by side with
+//!   a Redis replica (keyspace notifications);
 //! - `rss`: 10 million events with 10 million distinct keys through batches, reporting
 //!   the peak resident memory (VmHWM) of a fresh process that does only that, so that
 //!   nothing retained by the other scenarios counts.
@@ -30,9 +36,18 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Scenarios to run, comma-separated: fsync, single, batch, http, rss.
+    /// Scenarios to run, comma-separated: fsync, single, batch, http, catchup, live, rss.
     #[arg(long, default_value = "fsync,single,batch,http", value_delimiter = ',')]
     scenarios: Vec<String>,
+    /// Events of the catchup scenario.
+    #[arg(long, default_value_t = 1_000_000)]
+    catchup_events: u64,
+    /// Events of the live scenario.
+    #[arg(long, default_value_t = 20_000)]
+    live_events: u64,
+    /// Writes per second of the live scenario.
+    #[arg(long, default_value_t = 5_000)]
+    live_rate: u64,
     /// Fsync modes to run each scenario under, comma-separated.
     #[arg(long, default_value = "always,never", value_delimiter = ',')]
     fsync: Vec<String>,
@@ -106,8 +121,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         .map(|m| m.parse())
         .collect::<Result<_, _>>()?;
     for s in &args.scenarios {
-        if !["fsync", "single", "batch", "http", "rss"].contains(&s.as_str()) {
-            bail!("unknown scenario {s:?}; choose among fsync, single, batch, http, rss");
+        if !["fsync", "single", "batch", "http", "catchup", "live", "rss"].contains(&s.as_str()) {
+            bail!(
+                "unknown scenario {s:?}; choose among fsync, single, batch, http, catchup, live, rss"
+            );
         }
     }
     if args.repeat == 0
@@ -133,6 +150,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         None => table.push((label.to_owned(), mode, vec![r])),
     };
     let wants = |s: &str| args.scenarios.iter().any(|x| x == s);
+    // (scenario, system) -> results of each repetition.
+    let mut replication: Vec<(String, String, Vec<ReplicationResult>)> = Vec::new();
+    let mut record_replication =
+        |scenario: &str, system: &str, r: ReplicationResult| match replication
+            .iter_mut()
+            .find(|(s, y, _)| s == scenario && y == system)
+        {
+            Some((_, _, v)) => v.push(r),
+            None => replication.push((scenario.to_owned(), system.to_owned(), vec![r])),
+        };
+    let values = Arc::new(crate::bench_replication::Values::new(args.value_bytes));
     let value = Bytes::from(
         (0..args.value_bytes)
             .map(|i| (i * 31 % 251) as u8)
@@ -160,6 +188,106 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             if wants("http") {
                 let r = http_batch(&args, mode, value.clone()).await?;
                 record("HTTP batch endpoint", Some(mode), r);
+            }
+        }
+        if wants("catchup") {
+            let label = format!(
+                "catch-up of {} events",
+                fmt_rate(args.catchup_events as f64)
+            );
+            for &mode in &modes {
+                let bar = progress(
+                    &format!("loading a node, fsync={mode}"),
+                    args.catchup_events,
+                );
+                let seconds = crate::bench_replication::catch_up(
+                    &args.dir,
+                    mode,
+                    args.catchup_events,
+                    &values,
+                    |n| bar.set_position(n),
+                )
+                .await?;
+                bar.finish_and_clear();
+                let r = ReplicationResult::catch_up(args.catchup_events, args.value_bytes, seconds);
+                eprintln!(
+                    "  asp catch-up, fsync={mode}: {} events/s, {:.1} MB/s",
+                    fmt_rate(r.events_per_s),
+                    r.mb_per_s
+                );
+                record_replication(&label, &format!("asp, fsync={mode}"), r);
+            }
+            for aof in [true, false] {
+                let bar = progress("loading a Redis master", args.catchup_events);
+                let c = crate::bench_redis::redis_catch_up(
+                    &args.dir,
+                    args.catchup_events,
+                    args.value_bytes,
+                    aof,
+                    |n| bar.set_position(n),
+                )
+                .await?;
+                bar.finish_and_clear();
+                let r = ReplicationResult {
+                    events_per_s: c.events_per_s(),
+                    mb_per_s: c.mb_per_s(),
+                    ..Default::default()
+                };
+                let system = if aof {
+                    "Redis, AOF everysec"
+                } else {
+                    "Redis, no AOF"
+                };
+                eprintln!(
+                    "  {system} catch-up: {} keys/s, {:.1} MB/s",
+                    fmt_rate(r.events_per_s),
+                    r.mb_per_s
+                );
+                record_replication(&label, system, r);
+            }
+        }
+        if wants("live") {
+            let label = format!("live latency at {} writes/s", args.live_rate);
+            for &mode in &modes {
+                let hist = crate::bench_replication::live_latency(
+                    &args.dir,
+                    mode,
+                    args.live_events,
+                    args.live_rate,
+                    &values,
+                )
+                .await?;
+                let r = ReplicationResult::latency(
+                    hist.value_at_quantile(0.5),
+                    hist.value_at_quantile(0.99),
+                    hist.max(),
+                );
+                eprintln!(
+                    "  asp live latency, fsync={mode}: p50 {} µs, p99 {} µs, max {} µs",
+                    r.p50_us, r.p99_us, r.max_us
+                );
+                record_replication(&label, &format!("asp, fsync={mode}"), r);
+            }
+            for aof in [true, false] {
+                let l = crate::bench_redis::redis_live_latency(
+                    &args.dir,
+                    args.live_events,
+                    args.live_rate,
+                    args.value_bytes,
+                    aof,
+                )
+                .await?;
+                let r = ReplicationResult::latency(l.p50_us, l.p99_us, l.max_us);
+                let system = if aof {
+                    "Redis, AOF everysec"
+                } else {
+                    "Redis, no AOF"
+                };
+                eprintln!(
+                    "  {system} live latency: p50 {} µs, p99 {} µs, max {} µs",
+                    r.p50_us, r.p99_us, r.max_us
+                );
+                record_replication(&label, system, r);
             }
         }
     }
@@ -195,8 +323,78 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         "\nmedian of {} runs per row (rss: 1 run); latency is per write call (per batch for batch rows, per 4 KiB write+fdatasync for the fsync row)\n",
         args.repeat
     ));
+    if !replication.is_empty() {
+        out.push_str("\n| replication | system | events/s | MB/s | p50 | p99 | max |\n|---|---|---:|---:|---:|---:|---:|\n");
+        for (scenario, system, runs) in &replication {
+            let mut sorted = runs.clone();
+            sorted.sort_by(|a, b| a.sort_key().total_cmp(&b.sort_key()));
+            let m = &sorted[sorted.len() / 2];
+            let rate = |v: f64| if v > 0.0 { fmt_rate(v) } else { "-".into() };
+            let us = |v: u64| {
+                if m.events_per_s > 0.0 {
+                    "-".into()
+                } else {
+                    fmt_us(v)
+                }
+            };
+            out.push_str(&format!(
+                "| {scenario} | {system} | {} | {} | {} | {} | {} |\n",
+                rate(m.events_per_s),
+                if m.mb_per_s > 0.0 {
+                    format!("{:.1}", m.mb_per_s)
+                } else {
+                    "-".into()
+                },
+                us(m.p50_us),
+                us(m.p99_us),
+                us(m.max_us),
+            ));
+        }
+        out.push_str(&format!(
+            "\nmedian of {} runs per row; values of {} bytes, incompressible\n",
+            args.repeat, args.value_bytes
+        ));
+    }
     println!("{out}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// One replication measurement: a catch-up rate or a latency distribution.
+#[derive(Clone, Debug, Default)]
+struct ReplicationResult {
+    events_per_s: f64,
+    mb_per_s: f64,
+    p50_us: u64,
+    p99_us: u64,
+    max_us: u64,
+}
+
+impl ReplicationResult {
+    fn catch_up(events: u64, value_bytes: usize, seconds: f64) -> Self {
+        ReplicationResult {
+            events_per_s: events as f64 / seconds,
+            mb_per_s: events as f64 * value_bytes as f64 / seconds / 1e6,
+            ..Default::default()
+        }
+    }
+
+    fn latency(p50_us: u64, p99_us: u64, max_us: u64) -> Self {
+        ReplicationResult {
+            p50_us,
+            p99_us,
+            max_us,
+            ..Default::default()
+        }
+    }
+
+    /// Orders runs for the median: by rate, or by p99 for latency runs.
+    fn sort_key(&self) -> f64 {
+        if self.events_per_s > 0.0 {
+            self.events_per_s
+        } else {
+            self.p99_us as f64
+        }
+    }
 }
 
 /// The run with the median rate (its own latencies go with it).

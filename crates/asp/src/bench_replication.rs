@@ -1,0 +1,303 @@
+//! Replication benchmarks, run side by side with Redis replication in one `asp bench`
+//! run: catch-up of a peer that was away while events were written, and the latency
+//! from a write's acknowledgement on one node to its appearance in another node's
+//! change feed. Both nodes run in this process and talk over loopback TCP, as the Redis
+//! master and replica do.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use asp_core::{ContentType, Key, Namespace};
+use asp_node::{ReplicationConfig, Replicator};
+use asp_store::{FsyncMode, Store, StoreConfig, WriteOp};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use tokio_util::sync::CancellationToken;
+
+const NS: &str = "bench";
+
+/// Pseudo-random value bytes (so that compression on the wire cannot flatter us; the
+/// Redis side uses incompressible values too), a different slice for every event.
+pub struct Values {
+    pool: Vec<u8>,
+    value_bytes: usize,
+}
+
+impl Values {
+    pub fn new(value_bytes: usize) -> Self {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let pool = (0..(1 << 20) + value_bytes)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 24) as u8
+            })
+            .collect();
+        Values { pool, value_bytes }
+    }
+
+    pub fn get(&self, i: u64) -> Bytes {
+        let start = (i.wrapping_mul(7919) % (1 << 20)) as usize;
+        Bytes::copy_from_slice(&self.pool[start..start + self.value_bytes])
+    }
+}
+
+struct Side {
+    store: Store,
+    replicator: Option<Replicator>,
+    shutdown: CancellationToken,
+    dir: std::path::PathBuf,
+}
+
+impl Side {
+    fn open(dir: std::path::PathBuf, mode: FsyncMode) -> anyhow::Result<Side> {
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        let mut c = StoreConfig::new(&dir);
+        c.fsync = mode;
+        Ok(Side {
+            store: Store::open(c)?,
+            replicator: None,
+            shutdown: CancellationToken::new(),
+            dir,
+        })
+    }
+
+    async fn replicate(&mut self, peers: Vec<String>) -> anyhow::Result<String> {
+        let mut rc = ReplicationConfig::new("bench");
+        rc.listen = Some("127.0.0.1:0".parse()?);
+        rc.peers = peers;
+        let r = Replicator::start(self.store.clone(), rc, self.shutdown.child_token()).await?;
+        let addr = r.listen_addr().context("listening")?.to_string();
+        self.replicator = Some(r);
+        Ok(addr)
+    }
+
+    async fn close(self) -> anyhow::Result<()> {
+        if let Some(r) = self.replicator {
+            r.shutdown().await;
+        }
+        self.store.shutdown().await;
+        drop(self.store);
+        std::fs::remove_dir_all(&self.dir)?;
+        Ok(())
+    }
+}
+
+fn key(prefix: char, i: u64) -> Key {
+    Key::new(&format!("{prefix}{i:012}")).expect("valid key")
+}
+
+/// Seconds for a node that was away to hold, durably, `events` events written on its
+/// peer meanwhile (both with fsync `mode`).
+pub async fn catch_up(
+    base: &std::path::Path,
+    mode: FsyncMode,
+    events: u64,
+    values: &Arc<Values>,
+    progress: impl Fn(u64),
+) -> anyhow::Result<f64> {
+    let pid = std::process::id();
+    let mut a = Side::open(base.join(format!("catchup-a-{pid}")), mode)?;
+    let ns = Namespace::new(NS)?;
+    let batch = 1000u64;
+    let batches = events.div_ceil(batch);
+    // Load A with 8 concurrent batch writers, as a busy node would be written.
+    let next = Arc::new(AtomicU64::new(0));
+    let loaded = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (store, ns, next, loaded, values) = (
+            a.store.clone(),
+            ns.clone(),
+            next.clone(),
+            loaded.clone(),
+            values.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let b = next.fetch_add(1, Ordering::Relaxed);
+                if b >= batches {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let ops = (0..batch)
+                    .map(|j| {
+                        WriteOp::put(
+                            key('c', b * batch + j),
+                            ContentType::OctetStream,
+                            values.get(b * batch + j),
+                        )
+                    })
+                    .collect();
+                store.write(ns.clone(), ops).await?;
+                loaded.fetch_add(batch, Ordering::Relaxed);
+            }
+        }));
+    }
+    while tasks.iter().any(|t| !t.is_finished()) {
+        progress(loaded.load(Ordering::Relaxed));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for t in tasks {
+        t.await??;
+    }
+    progress(loaded.load(Ordering::Relaxed));
+    let a_addr = a.replicate(vec![]).await?;
+    let target = a.store.head().seq;
+
+    let mut b = Side::open(base.join(format!("catchup-b-{pid}")), mode)?;
+    let mut head = b.store.subscribe();
+    let started = Instant::now();
+    b.replicate(vec![a_addr]).await?;
+    let limit = Duration::from_secs(600);
+    while head.borrow_and_update().seq < target {
+        if started.elapsed() > limit || tokio::time::timeout(limit, head.changed()).await.is_err() {
+            bail!("the peer did not catch up within {limit:?}");
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    b.close().await?;
+    a.close().await?;
+    Ok(seconds)
+}
+
+/// Latency from a write's acknowledgement on one node to its appearance in the other
+/// node's change feed, for `events` single-event writes at `rate_per_s` (open loop).
+pub async fn live_latency(
+    base: &std::path::Path,
+    mode: FsyncMode,
+    events: u64,
+    rate_per_s: u64,
+    values: &Values,
+) -> anyhow::Result<Histogram<u64>> {
+    let pid = std::process::id();
+    let mut a = Side::open(base.join(format!("live-a-{pid}")), mode)?;
+    let a_addr = a.replicate(vec![]).await?;
+    let mut b = Side::open(base.join(format!("live-b-{pid}")), mode)?;
+    b.replicate(vec![a_addr]).await?;
+    let ns = Namespace::new(NS)?;
+
+    // Warm up the link: one write, seen on B.
+    a.store
+        .write(
+            ns.clone(),
+            vec![WriteOp::put(
+                key('w', 0),
+                ContentType::OctetStream,
+                values.get(0),
+            )],
+        )
+        .await?;
+    let mut head = b.store.subscribe();
+    let started = Instant::now();
+    while head.borrow_and_update().seq < 1 {
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("the peer link did not come up");
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), head.changed()).await;
+    }
+
+    let base_time = Instant::now();
+    let n = events as usize;
+    let acked: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+    let seen: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+    let since = move |t: Instant| t.duration_since(base_time).as_nanos() as u64 + 1;
+
+    // B's side: follow its feed and note when each write appears.
+    let watcher = {
+        let (store, seen) = (b.store.clone(), seen.clone());
+        let mut reader = store.feed_reader(Some(ns.clone()), store.head().seq);
+        let mut head = store.subscribe();
+        tokio::spawn(async move {
+            let mut count = 0;
+            while count < n {
+                head.borrow_and_update();
+                let batch = reader.read(1000)?;
+                let now = Instant::now();
+                if batch.is_empty() {
+                    if tokio::time::timeout(Duration::from_secs(30), head.changed())
+                        .await
+                        .is_err()
+                    {
+                        bail!("events stopped arriving after {count} of {n}");
+                    }
+                    continue;
+                }
+                for e in batch {
+                    if let Some(i) = e
+                        .event
+                        .key
+                        .as_str()
+                        .strip_prefix('l')
+                        .and_then(|s| s.parse::<usize>().ok())
+                    {
+                        seen[i].store(
+                            now.duration_since(base_time).as_nanos() as u64 + 1,
+                            Ordering::Release,
+                        );
+                        count += 1;
+                    }
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        })
+    };
+
+    // A's side: one write every 1/rate seconds, each in its own task (open loop).
+    let interval = Duration::from_secs_f64(1.0 / rate_per_s as f64);
+    let mut writes = Vec::with_capacity(n);
+    for i in 0..n {
+        let due = base_time + interval * i as u32;
+        let now = Instant::now();
+        if due > now {
+            // tokio timers tick in milliseconds; a short spin keeps the pace even.
+            if due - now > Duration::from_millis(2) {
+                tokio::time::sleep(due - now - Duration::from_millis(1)).await;
+            }
+            while Instant::now() < due {
+                tokio::task::yield_now().await;
+            }
+        }
+        let (store, ns, acked, value) = (
+            a.store.clone(),
+            ns.clone(),
+            acked.clone(),
+            values.get(i as u64),
+        );
+        writes.push(tokio::spawn(async move {
+            store
+                .write(
+                    ns,
+                    vec![WriteOp::put(
+                        key('l', i as u64),
+                        ContentType::OctetStream,
+                        value,
+                    )],
+                )
+                .await?;
+            acked[i].store(since(Instant::now()), Ordering::Release);
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for w in writes {
+        w.await??;
+    }
+    watcher.await??;
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for i in 0..n {
+        let (ack, seen) = (
+            acked[i].load(Ordering::Acquire),
+            seen[i].load(Ordering::Acquire),
+        );
+        // The peer may show an event before the writer has read its acknowledgement:
+        // that counts as zero, as on the Redis side.
+        hist.saturating_record(seen.saturating_sub(ack) / 1000);
+    }
+    b.close().await?;
+    a.close().await?;
+    Ok(hist)
+}
