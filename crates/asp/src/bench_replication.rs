@@ -247,42 +247,43 @@ pub async fn live_latency(
         })
     };
 
-    // A's side: one write every 1/rate seconds, each in its own task (open loop).
+    // A's side: one write every 1/rate seconds, each in its own task (open loop). The
+    // pacing runs on its own thread and sleeps, so that it takes no CPU from the nodes.
     let interval = Duration::from_secs_f64(1.0 / rate_per_s as f64);
-    let mut writes = Vec::with_capacity(n);
-    for i in 0..n {
-        let due = base_time + interval * i as u32;
-        let now = Instant::now();
-        if due > now {
-            // tokio timers tick in milliseconds; a short spin keeps the pace even.
-            if due - now > Duration::from_millis(2) {
-                tokio::time::sleep(due - now - Duration::from_millis(1)).await;
+    let runtime = tokio::runtime::Handle::current();
+    let pacer = {
+        let (store, ns, acked) = (a.store.clone(), ns.clone(), acked.clone());
+        let values: Vec<Bytes> = (0..n).map(|i| values.get(i as u64)).collect();
+        std::thread::spawn(move || {
+            let mut writes = Vec::with_capacity(n);
+            for (i, value) in values.into_iter().enumerate() {
+                let due = base_time + interval * i as u32;
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                let (store, ns, acked) = (store.clone(), ns.clone(), acked.clone());
+                writes.push(runtime.spawn(async move {
+                    store
+                        .write(
+                            ns,
+                            vec![WriteOp::put(
+                                key('l', i as u64),
+                                ContentType::OctetStream,
+                                value,
+                            )],
+                        )
+                        .await?;
+                    acked[i].store(since(Instant::now()), Ordering::Release);
+                    Ok::<_, anyhow::Error>(())
+                }));
             }
-            while Instant::now() < due {
-                tokio::task::yield_now().await;
-            }
-        }
-        let (store, ns, acked, value) = (
-            a.store.clone(),
-            ns.clone(),
-            acked.clone(),
-            values.get(i as u64),
-        );
-        writes.push(tokio::spawn(async move {
-            store
-                .write(
-                    ns,
-                    vec![WriteOp::put(
-                        key('l', i as u64),
-                        ContentType::OctetStream,
-                        value,
-                    )],
-                )
-                .await?;
-            acked[i].store(since(Instant::now()), Ordering::Release);
-            Ok::<_, anyhow::Error>(())
-        }));
-    }
+            writes
+        })
+    };
+    let writes = tokio::task::spawn_blocking(move || pacer.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the pacing thread panicked"))?;
     for w in writes {
         w.await??;
     }
