@@ -68,6 +68,22 @@ async fn a_line_of_three_with_writes_at_both_ends_ends_identical() {
     let status = a.client().status().await.unwrap();
     assert_eq!(status["replication"]["peers"].as_array().unwrap().len(), 1);
     assert_eq!(status["replication"]["peers"][0]["state"], "active");
+    let status = b.client().status().await.unwrap();
+    assert_eq!(status["replication"]["peers"].as_array().unwrap().len(), 2);
+    // Metrics name each peer.
+    let metrics = b
+        .client()
+        .send(axum::http::Method::GET, "/metrics", &[], Bytes::new())
+        .await
+        .unwrap();
+    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    for name in [
+        "asp_replication_events_received_total{peer=",
+        "asp_replication_events_sent_total{peer=",
+        "asp_peers_connected",
+    ] {
+        assert!(text.contains(name), "metrics lack {name}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
