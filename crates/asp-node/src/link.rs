@@ -419,9 +419,13 @@ impl Link {
                     return;
                 }
                 let events: Vec<Event> = events.into_iter().map(|fe| fe.event).collect();
-                let count = events.len() as u64;
-                self.session
-                    .send_events(self.sent_through + 1, position, events, Instant::now());
+                let (sent, _) = self.session.send_events(
+                    self.sent_through + 1,
+                    position,
+                    events,
+                    Instant::now(),
+                );
+                let count = sent as u64;
                 self.sent_through = position;
                 if let Some(peer) = self.peer {
                     self.inner

@@ -500,15 +500,16 @@ impl Session {
     }
 
     /// Sends events read from this node's feed at positions `first_seq..=last_seq`,
-    /// leaving out what the peer holds or does not want. Returns the bytes charged to
-    /// the peer's credit. Call only when [`Session::can_send`].
+    /// leaving out what the peer holds or does not want. Returns how many events were
+    /// sent and the bytes charged to the peer's credit. Call only when
+    /// [`Session::can_send`].
     pub fn send_events(
         &mut self,
         first_seq: u64,
         last_seq: u64,
         events: Vec<Event>,
         now: Instant,
-    ) -> u64 {
+    ) -> (usize, u64) {
         debug_assert!(self.can_send(), "send_events without credit or summary");
         debug_assert!(
             first_seq > self.last_sent_seq && first_seq <= last_seq,
@@ -529,6 +530,7 @@ impl Session {
         }
         self.send_credit -= bytes as i64;
         self.last_sent_seq = last_seq;
+        let sent = out.len();
         self.queue(
             Frame::Events {
                 first_seq,
@@ -537,7 +539,7 @@ impl Session {
             },
             now,
         );
-        bytes
+        (sent, bytes)
     }
 
     /// The peer's holdings as this node knows them.

@@ -154,12 +154,13 @@ fn events_flow_and_acks_come_back() {
     let mut pair = Pair::new(config(1), config(2));
     pair.summaries(vec![], vec![]);
     assert!(pair.a.can_send());
-    let charged = pair.a.send_events(
+    let (sent, charged) = pair.a.send_events(
         1,
         3,
         vec![event("n", 1, 1), event("n", 1, 2), event("n", 1, 3)],
         pair.now,
     );
+    assert_eq!(sent, 3);
     assert!(charged > 0);
     pair.pump();
     assert_eq!(
@@ -261,9 +262,9 @@ fn credit_bounds_what_is_in_flight() {
     let mut pair = Pair::new(config(1), b);
     pair.summaries(vec![], vec![]);
     assert_eq!(pair.a.send_credit(), 200);
-    let charged = pair
-        .a
-        .send_events(1, 3, (1..=3).map(|c| event("n", 1, c)).collect(), pair.now);
+    let (_, charged) =
+        pair.a
+            .send_events(1, 3, (1..=3).map(|c| event("n", 1, c)).collect(), pair.now);
     assert!(charged > 200);
     assert!(!pair.a.can_send(), "credit spent");
     pair.pump();
