@@ -198,19 +198,7 @@ impl Link {
         drop(out);
         self.socket = None;
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), writer).await;
-        if let Some(peer) = self.peer {
-            let acked = self
-                .inner
-                .registry
-                .lock()
-                .unwrap()
-                .peers
-                .get(&peer)
-                .map(|p| p.acked_seq);
-            if let Some(seq) = acked {
-                let _ = self.inner.store.save_checkpoint(peer, seq);
-            }
-        }
+        self.save_checkpoint();
         self.end.unwrap_or(LinkEnd::Closed)
     }
 
@@ -463,6 +451,23 @@ impl Link {
         }
     }
 
+    /// Keeps how far the peer holds this node's feed, so that the next link resumes
+    /// there.
+    fn save_checkpoint(&self) {
+        let Some(peer) = self.peer else { return };
+        let acked = self
+            .inner
+            .registry
+            .lock()
+            .unwrap()
+            .peers
+            .get(&peer)
+            .map(|p| p.acked_seq);
+        if let Some(seq) = acked {
+            let _ = self.inner.store.save_checkpoint(peer, seq);
+        }
+    }
+
     async fn refresh_summary(&mut self) {
         if !self.session.is_established() {
             return;
@@ -473,19 +478,7 @@ impl Link {
         }
         self.session.set_local_head(store.head().seq);
         self.session.send_summary(store.summary(), Instant::now());
-        if let Some(peer) = self.peer {
-            let acked = self
-                .inner
-                .registry
-                .lock()
-                .unwrap()
-                .peers
-                .get(&peer)
-                .map(|p| p.acked_seq);
-            if let Some(seq) = acked {
-                let _ = store.save_checkpoint(peer, seq);
-            }
-        }
+        self.save_checkpoint();
     }
 }
 
