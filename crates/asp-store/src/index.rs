@@ -189,6 +189,29 @@ impl Index {
         Some(u64::from_le_bytes(v.as_ref().try_into().ok()?))
     }
 
+    /// Lowers every checkpoint beyond `head` to it. A checkpoint can only be beyond the
+    /// log's end if the log lost its unsynced tail in a crash (fsync = "never" or
+    /// "interval"); the positions past it will be reused by new events, which the peer
+    /// must still be sent.
+    pub fn clamp_checkpoints(&self, head: u64) -> Result<(), fjall::Error> {
+        let mut lowered = Vec::new();
+        for item in self.meta.prefix(META_CHECKPOINT_PREFIX) {
+            let (k, v) = item.into_inner()?;
+            let seq = v.as_ref().try_into().map(u64::from_le_bytes).unwrap_or(0);
+            if seq > head {
+                lowered.push(k);
+            }
+        }
+        for key in lowered {
+            tracing::warn!(
+                head,
+                "a peer checkpoint was past the end of the log; lowering it so that the peer is sent what follows"
+            );
+            self.meta.insert(key, head.to_le_bytes())?;
+        }
+        Ok(())
+    }
+
     pub fn save_checkpoint(&self, peer: NodeId, seq: u64) -> Result<(), fjall::Error> {
         let mut key = META_CHECKPOINT_PREFIX.to_vec();
         key.extend_from_slice(&peer.get().to_be_bytes());
@@ -244,5 +267,22 @@ impl IndexBatch<'_> {
 
     pub fn commit(self) -> Result<(), fjall::Error> {
         self.batch.commit()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoints_beyond_the_log_are_lowered_and_others_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(dir.path(), 1 << 20, 1 << 20).unwrap();
+        let (a, b) = (NodeId::new(1).unwrap(), NodeId::new(2).unwrap());
+        index.save_checkpoint(a, 10).unwrap();
+        index.save_checkpoint(b, 3).unwrap();
+        index.clamp_checkpoints(5).unwrap();
+        assert_eq!(index.checkpoint(a), Some(5));
+        assert_eq!(index.checkpoint(b), Some(3));
     }
 }

@@ -124,6 +124,7 @@ impl Store {
             report.index_rebuilt = true;
         }
         let (replayed, hlc) = replay(&log, &index, &mut state)?;
+        index.clamp_checkpoints(log.last_seq())?;
         report.replayed_events = replayed;
 
         // Whatever survived in the log is treated as durable from here on.

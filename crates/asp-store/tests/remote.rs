@@ -222,7 +222,51 @@ async fn checkpoints_are_kept_across_restarts() {
     {
         let s = open(dir.path(), 1);
         assert_eq!(s.checkpoint(peer), 0);
-        s.save_checkpoint(peer, 1234).unwrap();
+        for i in 0..5 {
+            s.write(ns("r"), vec![put(&format!("k{i}"), "v")])
+                .await
+                .unwrap();
+        }
+        s.save_checkpoint(peer, 4).unwrap();
     }
-    assert_eq!(open(dir.path(), 1).checkpoint(peer), 1234);
+    assert_eq!(open(dir.path(), 1).checkpoint(peer), 4);
+}
+
+#[tokio::test]
+async fn checkpoints_past_a_lost_log_tail_are_lowered() {
+    // Guards against skipping new events sent to a peer after a crash took the log's
+    // unsynced tail (fsync = "never"): the feed positions are reused.
+    let dir = tempfile::tempdir().unwrap();
+    let peer = NodeId::new(42).unwrap();
+    {
+        let s = open(dir.path(), 1);
+        for i in 0..5 {
+            s.write(ns("r"), vec![put(&format!("k{i}"), "v")])
+                .await
+                .unwrap();
+        }
+        s.save_checkpoint(peer, 5).unwrap();
+    }
+    // Lose the last two records, as a machine crash would without fsync.
+    let seg = std::fs::read_dir(dir.path().join("log"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "log"))
+        .unwrap();
+    let len = std::fs::metadata(&seg).unwrap().len();
+    let record = (len - 32) / 5;
+    assert_eq!((len - 32) % 5, 0, "five records of one size");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(len - 2 * record)
+        .unwrap();
+    let s = open(dir.path(), 1);
+    assert_eq!(s.head().seq, 3);
+    assert!(
+        s.checkpoint(peer) <= 3,
+        "checkpoint {} past the log's end",
+        s.checkpoint(peer)
+    );
 }

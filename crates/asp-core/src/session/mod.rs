@@ -136,6 +136,8 @@ pub struct Session {
     local_head: u64,
     /// The highest feed position sent, so that ranges never go backwards.
     last_sent_seq: u64,
+    /// The last feed position the peer sent: its next batch must start right after.
+    last_received_seq: Option<u64>,
 }
 
 impl Session {
@@ -166,6 +168,7 @@ impl Session {
             recv_allowance: 0,
             local_head: 0,
             last_sent_seq: 0,
+            last_received_seq: None,
         };
         session.queue(hello, now);
         session
@@ -408,6 +411,19 @@ impl Session {
                 now,
             );
         }
+        // Batches cover the sender's feed without gaps or overlaps: an acknowledgement
+        // promises everything up to a position, so a batch lost, repeated or reordered
+        // on the way must end the link rather than be acknowledged past.
+        if let Some(previous) = self.last_received_seq
+            && first_seq != previous + 1
+        {
+            let message = format!(
+                "batch starts at feed position {first_seq}, expected {}",
+                previous + 1
+            );
+            return self.close(ErrorCode::Protocol, message, now);
+        }
+        self.last_received_seq = Some(last_seq);
         let mut bytes = 0;
         for event in &events {
             if !self.replicates(&event.namespace) {

@@ -347,3 +347,56 @@ fn acks_beyond_what_was_sent_are_refused() {
     pair.a.handle_frame(Frame::Ack { through_seq: 6 }, pair.now);
     assert!(pair.a.is_closed());
 }
+
+#[test]
+fn batches_must_follow_each_other_without_gaps() {
+    // Guards against acknowledging past a batch that was lost, repeated or reordered
+    // on the way: the receiver closes the link instead.
+    for second in [(5, 6), (3, 4), (2, 9)] {
+        let mut pair = Pair::new(config(1), config(2));
+        pair.summaries(vec![], vec![]);
+        pair.b.handle_frame(
+            Frame::Events {
+                first_seq: 1,
+                last_seq: 3,
+                events: vec![],
+            },
+            pair.now,
+        );
+        pair.b.handle_frame(
+            Frame::Events {
+                first_seq: second.0,
+                last_seq: second.1,
+                events: vec![],
+            },
+            pair.now,
+        );
+        pair.pump();
+        let reason = closed(&pair.b_events).expect("closed");
+        assert_eq!(reason.code, ErrorCode::Protocol);
+        assert!(reason.message.contains("expected 4"), "{}", reason.message);
+    }
+    let mut pair = Pair::new(config(1), config(2));
+    pair.summaries(vec![], vec![]);
+    pair.b.handle_frame(
+        Frame::Events {
+            first_seq: 10,
+            last_seq: 12,
+            events: vec![],
+        },
+        pair.now,
+    );
+    pair.b.handle_frame(
+        Frame::Events {
+            first_seq: 13,
+            last_seq: 13,
+            events: vec![],
+        },
+        pair.now,
+    );
+    pair.pump();
+    assert!(
+        pair.b.is_established(),
+        "the first batch may start anywhere; the next follows it"
+    );
+}
