@@ -222,8 +222,12 @@ fn encode_body(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
                 }
             }
         }
-        Frame::Ack { through_seq } => {
+        Frame::Ack {
+            from_seq,
+            through_seq,
+        } => {
             out.push(TYPE_ACK);
+            out.extend_from_slice(&from_seq.to_le_bytes());
             out.extend_from_slice(&through_seq.to_le_bytes());
         }
         Frame::Credit { bytes } => {
@@ -487,9 +491,13 @@ fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
             })
         }
         TYPE_ACK => {
+            let from_seq = r.u64("from seq")?;
             let through_seq = r.u64("through seq")?;
             r.done()?;
-            Ok(Frame::Ack { through_seq })
+            Ok(Frame::Ack {
+                from_seq,
+                through_seq,
+            })
         }
         TYPE_CREDIT => {
             let bytes = r.u32("bytes")?;

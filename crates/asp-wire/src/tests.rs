@@ -110,7 +110,10 @@ fn frame() -> impl Strategy<Value = Frame> {
                 last_seq: first_seq + span,
                 events
             }),
-        any::<u64>().prop_map(|through_seq| Frame::Ack { through_seq }),
+        (any::<u64>(), any::<u64>()).prop_map(|(from_seq, through_seq)| Frame::Ack {
+            from_seq,
+            through_seq
+        }),
         any::<u32>().prop_map(|bytes| Frame::Credit { bytes }),
         (any::<u64>(), any::<u64>())
             .prop_map(|(head_seq, wall_ms)| Frame::Heartbeat { head_seq, wall_ms }),

@@ -152,9 +152,13 @@ pub enum Frame {
         last_seq: u64,
         events: Vec<Event>,
     },
-    /// The receiver holds, durably, everything of the sender's feed up to `through_seq`
-    /// that it wants.
+    /// The receiver holds, durably, everything of the sender's feed from `from_seq`
+    /// through `through_seq` that it wants. `from_seq` is where the first batch it
+    /// received on this link began: the sender checks it against the first batch it
+    /// sent, so that an acknowledgement can never cover a batch that was lost or
+    /// overtaken on the way.
     Ack {
+        from_seq: u64,
         through_seq: u64,
     },
     /// The receiver accepts `bytes` more bytes of events (see [`credit_size`]).

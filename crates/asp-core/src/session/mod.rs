@@ -138,6 +138,10 @@ pub struct Session {
     last_sent_seq: u64,
     /// The last feed position the peer sent: its next batch must start right after.
     last_received_seq: Option<u64>,
+    /// Where the first batch received on this link began (named in every Ack).
+    first_received_seq: Option<u64>,
+    /// Where the first batch sent on this link began (checked in every Ack).
+    first_sent_seq: Option<u64>,
 }
 
 impl Session {
@@ -169,6 +173,8 @@ impl Session {
             local_head: 0,
             last_sent_seq: 0,
             last_received_seq: None,
+            first_received_seq: None,
+            first_sent_seq: None,
         };
         session.queue(hello, now);
         session
@@ -338,8 +344,21 @@ impl Session {
             ) => {
                 self.handle_events(first_seq, last_seq, events, now);
             }
-            (State::Established, Frame::Ack { through_seq }) => {
-                if through_seq > self.last_sent_seq {
+            (
+                State::Established,
+                Frame::Ack {
+                    from_seq,
+                    through_seq,
+                },
+            ) => {
+                if self.first_sent_seq != Some(from_seq) {
+                    let message = format!(
+                        "ack from feed position {from_seq}, but this link's first batch began at {}: a batch was lost or reordered",
+                        self.first_sent_seq
+                            .map_or("nothing sent".to_owned(), |s| s.to_string())
+                    );
+                    self.close(ErrorCode::Protocol, message, now);
+                } else if through_seq > self.last_sent_seq {
                     self.close(
                         ErrorCode::Protocol,
                         format!(
@@ -424,6 +443,7 @@ impl Session {
             return self.close(ErrorCode::Protocol, message, now);
         }
         self.last_received_seq = Some(last_seq);
+        self.first_received_seq.get_or_insert(first_seq);
         let mut bytes = 0;
         for event in &events {
             if !self.replicates(&event.namespace) {
@@ -477,7 +497,16 @@ impl Session {
         if self.state != State::Established {
             return;
         }
-        self.queue(Frame::Ack { through_seq }, now);
+        let Some(from_seq) = self.first_received_seq else {
+            return; // Nothing was received: nothing to acknowledge.
+        };
+        self.queue(
+            Frame::Ack {
+                from_seq,
+                through_seq,
+            },
+            now,
+        );
         if bytes > 0 {
             self.recv_allowance += bytes as i64;
             self.queue(
@@ -546,6 +575,7 @@ impl Session {
         }
         self.send_credit -= bytes as i64;
         self.last_sent_seq = last_seq;
+        self.first_sent_seq.get_or_insert(first_seq);
         let sent = out.len();
         self.queue(
             Frame::Events {
@@ -556,6 +586,13 @@ impl Session {
             now,
         );
         (sent, bytes)
+    }
+
+    /// Flow-control and position counters, for diagnostics: (send credit, receive
+    /// allowance, last position received, last position sent).
+    #[doc(hidden)]
+    pub fn flow_state(&self) -> (i64, i64, Option<u64>, u64) {
+        (self.send_credit, self.recv_allowance, self.last_received_seq, self.last_sent_seq)
     }
 
     /// The peer's holdings as this node knows them.

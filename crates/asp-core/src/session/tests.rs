@@ -327,7 +327,13 @@ fn handshake_times_out_and_frames_before_hello_are_refused() {
     s.handle_timeout(now + Duration::from_secs(11));
     assert!(s.is_closed());
     let mut s = Session::new(config(1), now);
-    s.handle_frame(Frame::Ack { through_seq: 1 }, now);
+    s.handle_frame(
+        Frame::Ack {
+            from_seq: 1,
+            through_seq: 1,
+        },
+        now,
+    );
     assert!(s.is_closed());
     let mut closed_reason = None;
     while let Some(e) = s.poll_event() {
@@ -344,7 +350,13 @@ fn acks_beyond_what_was_sent_are_refused() {
     pair.summaries(vec![], vec![]);
     pair.a.send_events(1, 5, vec![], pair.now);
     pair.pump();
-    pair.a.handle_frame(Frame::Ack { through_seq: 6 }, pair.now);
+    pair.a.handle_frame(
+        Frame::Ack {
+            from_seq: 1,
+            through_seq: 6,
+        },
+        pair.now,
+    );
     assert!(pair.a.is_closed());
 }
 
@@ -399,4 +411,32 @@ fn batches_must_follow_each_other_without_gaps() {
         pair.b.is_established(),
         "the first batch may start anywhere; the next follows it"
     );
+}
+
+#[test]
+fn an_ack_cannot_cover_a_batch_that_was_overtaken() {
+    // Regression (found by the simulator, seed 281): a batch that overtook the first
+    // batch of a link was taken as the first; its ack then covered positions the
+    // receiver never saw, and the sender's checkpoint skipped them for good.
+    let mut pair = Pair::new(config(1), config(2));
+    pair.summaries(vec![], vec![]);
+    pair.a.send_events(1, 3, vec![event("n", 1, 1)], pair.now);
+    pair.a.send_events(4, 6, vec![event("n", 1, 2)], pair.now);
+    // Deliver the second batch first.
+    let mut frames: Vec<Frame> = std::iter::from_fn(|| pair.a.poll_transmit()).collect();
+    let second = frames.pop().unwrap();
+    pair.b.handle_frame(second, pair.now);
+    pair.b.applied(6, 100, pair.now);
+    while let Some(f) = pair.b.poll_transmit() {
+        pair.a.handle_frame(f, pair.now);
+    }
+    let events: Vec<SessionEvent> = std::iter::from_fn(|| pair.a.poll_event()).collect();
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, SessionEvent::Acked { .. })),
+        "no checkpoint past the lost batch: {events:?}"
+    );
+    assert_eq!(closed(&events).unwrap().code, ErrorCode::Protocol);
+    drop(frames);
 }
