@@ -58,6 +58,7 @@ fn session_config(inner: &Inner) -> SessionConfig {
         idle_timeout: c.idle_timeout,
         handshake_timeout: c.handshake_timeout,
         credit_window_bytes: c.credit_window_bytes,
+        unchecked_stream_order: false,
     }
 }
 
@@ -403,6 +404,8 @@ impl Link {
             Ok(events) => {
                 let position = reader.position();
                 if position <= self.sent_through {
+                    // All read: positions whose events the peer already held go now.
+                    let _ = self.session.flush_events(Instant::now());
                     self.caught_up = true;
                     return;
                 }

@@ -231,10 +231,79 @@ fn the_vector_filter_stops_echoes_and_known_events() {
             }]
         )]
     );
-    // A range whose events are all filtered still travels, so that acks advance.
+    // A range whose events are all filtered is held back until flushed, then
+    // travels empty so that acks advance.
     pair.a.send_events(4, 9, vec![event("n", 3, 2)], pair.now);
     pair.pump();
+    assert_eq!(delivered(&pair.b_events).len(), 1);
+    assert!(pair.a.flush_events(pair.now));
+    pair.pump();
     assert_eq!(delivered(&pair.b_events).last().unwrap(), &(4, 9, vec![]));
+}
+
+#[test]
+fn positions_the_peer_holds_are_coalesced_into_one_frame() {
+    let mut pair = Pair::new(config(1), config(2));
+    let mut held = VersionVector::new();
+    for counter in 1..=100 {
+        held.insert(Dot {
+            origin: node(3),
+            counter,
+        });
+    }
+    pair.summaries(
+        vec![],
+        vec![NamespaceSummary {
+            namespace: Namespace::new("n").unwrap(),
+            max_hlc: Hlc::ZERO,
+            vector: held,
+        }],
+    );
+    // One read per position, every event already held: nothing is framed yet.
+    for seq in 1..=100 {
+        assert_eq!(
+            pair.a.send_events(seq, seq, vec![event("n", 3, seq)], pair.now),
+            (0, 0)
+        );
+    }
+    pair.pump();
+    assert!(delivered(&pair.b_events).is_empty());
+    // The next batch with something to send carries the whole held-back range.
+    let (sent, charged) = pair
+        .a
+        .send_events(101, 101, vec![event("n", 3, 101)], pair.now);
+    assert_eq!(sent, 1);
+    pair.pump();
+    assert_eq!(
+        delivered(&pair.b_events),
+        vec![(
+            1,
+            101,
+            vec![Dot {
+                origin: node(3),
+                counter: 101
+            }]
+        )]
+    );
+    assert!(!pair.a.flush_events(pair.now), "nothing left to flush");
+    // More held positions, then a flush: one empty frame covers them all.
+    for seq in 102..=150 {
+        pair.a
+            .send_events(seq, seq, vec![event("n", 3, seq - 101)], pair.now);
+    }
+    assert!(pair.a.flush_events(pair.now));
+    pair.pump();
+    assert_eq!(delivered(&pair.b_events).last().unwrap(), &(102, 150, vec![]));
+    assert_eq!(delivered(&pair.b_events).len(), 2);
+    // The receiver acknowledges the whole range, and the sender accepts it.
+    pair.b.applied(101, charged, pair.now);
+    pair.b.applied(150, 0, pair.now);
+    pair.pump();
+    assert!(closed(&pair.a_events).is_none() && closed(&pair.b_events).is_none());
+    assert!(
+        pair.a_events
+            .contains(&SessionEvent::Acked { through_seq: 150 })
+    );
 }
 
 #[test]
