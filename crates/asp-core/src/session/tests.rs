@@ -262,7 +262,8 @@ fn positions_the_peer_holds_are_coalesced_into_one_frame() {
     // One read per position, every event already held: nothing is framed yet.
     for seq in 1..=100 {
         assert_eq!(
-            pair.a.send_events(seq, seq, vec![event("n", 3, seq)], pair.now),
+            pair.a
+                .send_events(seq, seq, vec![event("n", 3, seq)], pair.now),
             (0, 0)
         );
     }
@@ -293,7 +294,10 @@ fn positions_the_peer_holds_are_coalesced_into_one_frame() {
     }
     assert!(pair.a.flush_events(pair.now));
     pair.pump();
-    assert_eq!(delivered(&pair.b_events).last().unwrap(), &(102, 150, vec![]));
+    assert_eq!(
+        delivered(&pair.b_events).last().unwrap(),
+        &(102, 150, vec![])
+    );
     assert_eq!(delivered(&pair.b_events).len(), 2);
     // The receiver acknowledges the whole range, and the sender accepts it.
     pair.b.applied(101, charged, pair.now);
