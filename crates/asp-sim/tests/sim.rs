@@ -1,0 +1,132 @@
+//! Deterministic simulation of whole clusters. `ASP_SIM_SEEDS=N` runs more seeds,
+//! `ASP_SIM_STEPS=N` longer worlds, `ASP_SIM_SEED=S` replays one seed (with
+//! `ASP_SIM_LOG=1`, printing every step).
+
+use std::time::Instant;
+
+use asp_sim::{Config, Durability, Mutation, run};
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+const NODES: usize = 5;
+
+fn sweep(durability: Durability, first_seed: u64, seeds: u64) {
+    let steps = env("ASP_SIM_STEPS", 10_000);
+    let started = Instant::now();
+    let (mut events, mut writes, mut total_steps) = (0, 0, 0);
+    let mut failures = Vec::new();
+    for seed in first_seed..first_seed + seeds {
+        match run(seed, &Config::new(NODES, steps, durability)) {
+            Ok(outcome) => {
+                events += outcome.events;
+                writes += outcome.acked_writes;
+                total_steps += outcome.steps;
+            }
+            Err(failure) => {
+                eprintln!("{failure}");
+                failures.push(seed);
+                if failures.len() == 10 {
+                    break;
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{durability:?}: seeds {failures:?} failed; replay one with ASP_SIM_SEED=<seed>{}",
+        if durability == Durability::Never {
+            " ASP_SIM_NEVER=1"
+        } else {
+            ""
+        }
+    );
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "{durability:?}: {seeds} seeds x {NODES} nodes x {steps} chaos steps in {secs:.1} s: {:.1} seeds/s, {:.0} steps/s, {:.0} events applied/s, {writes} acknowledged writes",
+        seeds as f64 / secs,
+        total_steps as f64 / secs,
+        events as f64 / secs
+    );
+}
+
+#[test]
+fn seeds_under_fsync_always_hold_every_invariant() {
+    let seeds = env("ASP_SIM_SEEDS", 500);
+    sweep(Durability::Always, 0, seeds / 2 + seeds % 2);
+}
+
+#[test]
+fn seeds_under_fsync_never_hold_every_invariant() {
+    let seeds = env("ASP_SIM_SEEDS", 500);
+    sweep(Durability::Never, 1_000_000, seeds / 2);
+}
+
+#[test]
+fn a_seed_replays_to_the_same_trace() {
+    for seed in [7, 12_345] {
+        let config = Config::new(NODES, 5_000, Durability::Always);
+        let a = run(seed, &config).unwrap();
+        let b = run(seed, &config).unwrap();
+        assert_eq!(
+            a.trace_hash, b.trace_hash,
+            "seed {seed} ran differently twice"
+        );
+        assert_eq!(a.steps, b.steps);
+        let c = run(seed + 1, &config).unwrap();
+        assert_ne!(a.trace_hash, c.trace_hash, "different seeds should differ");
+    }
+}
+
+/// Each deliberate bug must be caught within the default seed budget.
+#[test]
+fn the_simulator_catches_broken_guarantees() {
+    let budget = env("ASP_SIM_SEEDS", 500);
+    for (mutation, durability) in [
+        (Mutation::AckBeforeFsync, Durability::Always),
+        (Mutation::DropLastOfBatch, Durability::Always),
+        (Mutation::ForgetDedupe, Durability::Never),
+        (Mutation::VisibleBeforeDurable, Durability::Always),
+        (Mutation::UncheckedStreamOrder, Durability::Always),
+    ] {
+        let mut config = Config::new(NODES, 10_000, durability);
+        config.mutation = Some(mutation);
+        let caught = (0..budget).find_map(|seed| run(seed, &config).err());
+        match caught {
+            Some(failure) => eprintln!("{mutation:?} caught: {failure}"),
+            None => panic!("{mutation:?} went unnoticed in {budget} seeds"),
+        }
+    }
+}
+
+#[test]
+fn replay_one_seed() {
+    let Ok(seed) = std::env::var("ASP_SIM_SEED") else {
+        return;
+    };
+    let seed: u64 = seed.parse().expect("ASP_SIM_SEED is a number");
+    let durability = if std::env::var("ASP_SIM_NEVER").is_ok() {
+        Durability::Never
+    } else {
+        Durability::Always
+    };
+    let mut config = Config::new(NODES, env("ASP_SIM_STEPS", 10_000), durability);
+    config.log = std::env::var("ASP_SIM_LOG").is_ok();
+    config.mutation = match std::env::var("ASP_SIM_MUTATION").as_deref() {
+        Ok("AckBeforeFsync") => Some(Mutation::AckBeforeFsync),
+        Ok("DropLastOfBatch") => Some(Mutation::DropLastOfBatch),
+        Ok("ForgetDedupe") => Some(Mutation::ForgetDedupe),
+        Ok("VisibleBeforeDurable") => Some(Mutation::VisibleBeforeDurable),
+        Ok("UncheckedStreamOrder") => Some(Mutation::UncheckedStreamOrder),
+        Ok(other) => panic!("unknown ASP_SIM_MUTATION {other:?}"),
+        Err(_) => None,
+    };
+    match run(seed, &config) {
+        Ok(outcome) => eprintln!("seed {seed}: {outcome:?}"),
+        Err(failure) => panic!("{failure}"),
+    }
+}
