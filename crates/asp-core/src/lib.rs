@@ -10,6 +10,7 @@ mod event;
 mod hlc;
 mod ids;
 mod merge;
+pub mod reconcile;
 pub mod session;
 mod vv;
 

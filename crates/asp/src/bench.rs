@@ -36,9 +36,16 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Scenarios to run, comma-separated: fsync, single, batch, http, catchup, live, rss.
+    /// Scenarios to run, comma-separated: fsync, single, batch, http, catchup, live, rss,
+    /// reconcile.
     #[arg(long, default_value = "fsync,single,batch,http", value_delimiter = ',')]
     scenarios: Vec<String>,
+    /// Ids per side in the reconcile scenario.
+    #[arg(long, default_value_t = 1_000_000)]
+    reconcile_items: usize,
+    /// Differences between the two sides in the reconcile scenario, comma-separated.
+    #[arg(long, default_value = "0,10,1000,10000", value_delimiter = ',')]
+    reconcile_diffs: Vec<usize>,
     /// Events of the catchup scenario.
     #[arg(long, default_value_t = 1_000_000)]
     catchup_events: u64,
@@ -121,9 +128,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         .map(|m| m.parse())
         .collect::<Result<_, _>>()?;
     for s in &args.scenarios {
-        if !["fsync", "single", "batch", "http", "catchup", "live", "rss"].contains(&s.as_str()) {
+        if ![
+            "fsync",
+            "single",
+            "batch",
+            "http",
+            "catchup",
+            "live",
+            "rss",
+            "reconcile",
+        ]
+        .contains(&s.as_str())
+        {
             bail!(
-                "unknown scenario {s:?}; choose among fsync, single, batch, http, catchup, live, rss"
+                "unknown scenario {s:?}; choose among fsync, single, batch, http, catchup, live, rss, reconcile"
             );
         }
     }
@@ -304,8 +322,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
 
     let mut out = String::new();
     out.push_str(&format!("machine: {machine}\n\n"));
-    out.push_str("| scenario | fsync | events/s | events/fsync | p50 | p99 | max | peak RSS |\n");
-    out.push_str("|---|---|---:|---:|---:|---:|---:|---:|\n");
+    if !table.is_empty() {
+        out.push_str(
+            "| scenario | fsync | events/s | events/fsync | p50 | p99 | max | peak RSS |\n",
+        );
+        out.push_str("|---|---|---:|---:|---:|---:|---:|---:|\n");
+    }
     for (label, mode, runs) in &table {
         let m = median_run(runs);
         out.push_str(&format!(
@@ -319,10 +341,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             m.peak_rss_mb.map_or("-".into(), |v| format!("{v:.0} MB")),
         ));
     }
-    out.push_str(&format!(
-        "\nmedian of {} runs per row (rss: 1 run); latency is per write call (per batch for batch rows, per 4 KiB write+fdatasync for the fsync row)\n",
-        args.repeat
-    ));
+    if !table.is_empty() {
+        out.push_str(&format!(
+            "\nmedian of {} runs per row (rss: 1 run); latency is per write call (per batch for batch rows, per 4 KiB write+fdatasync for the fsync row)\n",
+            args.repeat
+        ));
+    }
     if !replication.is_empty() {
         out.push_str("\n| replication | system | events/s | MB/s | p50 | p99 | max |\n|---|---|---:|---:|---:|---:|---:|\n");
         for (scenario, system, runs) in &replication {
@@ -354,6 +378,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             "\nmedian of {} runs per row; values of {} bytes, incompressible\n",
             args.repeat, args.value_bytes
         ));
+    }
+    if wants("reconcile") {
+        let items = args.reconcile_items;
+        let diffs = args.reconcile_diffs.clone();
+        let repeat = args.repeat;
+        let report =
+            tokio::task::spawn_blocking(move || crate::bench_reconcile::run(items, &diffs, repeat))
+                .await??;
+        out.push('\n');
+        out.push_str(&report);
     }
     println!("{out}");
     Ok(ExitCode::SUCCESS)

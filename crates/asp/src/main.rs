@@ -3,6 +3,8 @@
 //! lives in the library crates.
 
 mod bench;
+mod bench_negentropy;
+mod bench_reconcile;
 mod bench_redis;
 mod bench_replication;
 mod commands;
