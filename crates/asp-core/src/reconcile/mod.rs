@@ -33,6 +33,8 @@ use std::hash::Hasher;
 
 use siphasher::sip128::{Hasher128, SipHasher13};
 
+use crate::Version;
+
 #[cfg(test)]
 mod tests;
 
@@ -62,10 +64,36 @@ impl ItemKey {
         }
     }
 
+    /// The item standing for `key` at `version` in a namespace's set: 16 bytes of hash
+    /// of the key, then 16 bytes of hash of the key and version. Two nodes holding one
+    /// key at different versions differ by two items that share their first half, and
+    /// a node finds its own key back from the first bytes of an item.
+    pub fn item(&self, key: &[u8], version: &Version) -> Item {
+        let mut out = [0u8; ITEM_BYTES];
+        // Fixed byte order and a length prefix: every platform hashes the same bytes,
+        // and no (key, version) pair reads as another.
+        let len = (key.len() as u64).to_le_bytes();
+        let mut h = SipHasher13::new_with_keys(self.k0, self.k1);
+        h.write(b"k");
+        h.write(&len);
+        h.write(key);
+        out[..16].copy_from_slice(&h.finish128().as_bytes());
+        let mut h = SipHasher13::new_with_keys(self.k0, self.k1);
+        h.write(b"v");
+        h.write(&len);
+        h.write(key);
+        h.write(&version.hlc.as_raw().to_le_bytes());
+        h.write(&version.dot.origin.get().to_le_bytes());
+        h.write(&version.dot.counter.to_le_bytes());
+        out[16..].copy_from_slice(&h.finish128().as_bytes());
+        out
+    }
+
     /// The item's checksum (all 64 bits; symbols carry [`CHECK_BITS`] of them) and the
     /// seed of its index mapping.
     fn hash(&self, item: &Item) -> (u64, u64) {
-        let mut h = SipHasher13::new_with_keys(self.k0, self.k1);
+        // A key of its own, apart from the one that makes items.
+        let mut h = SipHasher13::new_with_keys(self.k0 ^ 0x6368_6563_6b73_756d, self.k1);
         h.write(item);
         let h = h.finish128();
         (h.h1, h.h2)

@@ -226,3 +226,45 @@ proptest! {
         prop_assert_eq!(lo, l.difference(&r).copied().collect::<BTreeSet<_>>());
     }
 }
+
+#[test]
+fn items_share_their_key_half_and_differ_by_version() {
+    use crate::{Dot, Hlc, NodeId};
+    let v = |counter| Version {
+        hlc: Hlc::new(1_700_000_000_000, 0),
+        dot: Dot {
+            origin: NodeId::new(7).unwrap(),
+            counter,
+        },
+    };
+    let a = KEY.item(b"user/1", &v(1));
+    let b = KEY.item(b"user/1", &v(2));
+    let c = KEY.item(b"user/2", &v(1));
+    assert_eq!(a[..16], b[..16]);
+    assert_ne!(a[16..], b[16..]);
+    assert_ne!(a[..16], c[..16]);
+    // Another key gives other items.
+    assert_ne!(ItemKey::new([1; 16]).item(b"user/1", &v(1)), a);
+    // Pinned: a change here changes every node's items, which is a protocol change.
+    let hex: String = a.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(
+        hex,
+        "aa7aca884612a30d0fe1ba74e02fba845db5ac2336a4a5c67598100097d9d2aa"
+    );
+}
+
+#[test]
+fn the_index_mapping_is_pinned() {
+    // Every node must map an item to the same symbols: a change here is a protocol
+    // change.
+    let (_, seed) = KEY.hash(&item(1));
+    let mut m = Mapping::new(seed);
+    let mut indices = vec![0];
+    while indices.len() < 12 {
+        indices.push(m.advance());
+    }
+    assert_eq!(
+        indices,
+        vec![0, 5, 7, 53, 109, 120, 226, 288, 357, 367, 719, 1000]
+    );
+}
