@@ -79,6 +79,13 @@ pub enum NameError {
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Namespace(Arc<str>);
 
+/// Maps keyed by namespace can be searched with a `&str`.
+impl std::borrow::Borrow<str> for Namespace {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl Namespace {
     pub fn new(name: &str) -> Result<Self, NameError> {
         if name.is_empty() {

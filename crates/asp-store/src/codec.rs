@@ -287,6 +287,13 @@ pub(crate) fn index_key(namespace: &str, key: &str) -> Vec<u8> {
     out
 }
 
+/// The namespace and key of an index key (the inverse of [`index_key`]).
+pub(crate) fn split_index_key(index_key: &[u8]) -> Option<(&str, &[u8])> {
+    let len = usize::from(*index_key.first()?);
+    let namespace = std::str::from_utf8(index_key.get(1..1 + len)?).ok()?;
+    Some((namespace, &index_key[1 + len..]))
+}
+
 pub(crate) fn index_prefix(namespace: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(1 + namespace.len());
     out.push(namespace.len() as u8);

@@ -6,6 +6,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use asp_core::NodeId;
+use asp_core::reconcile::ItemKey;
 
 /// When the writer makes the feed durable with `fdatasync`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,12 +92,20 @@ pub struct StoreConfig {
     pub index_cache_bytes: u64,
     /// The key index's in-memory write buffer, per keyspace.
     pub index_memtable_bytes: u64,
+    /// The key of the hash that turns (key, version) into reconciliation items. Every
+    /// node of a cluster must use the same; keep it secret from clients, so that they
+    /// cannot choose keys whose items collide.
+    pub item_key: ItemKey,
+    /// Reconciliation symbols kept up to date per namespace (each 48 bytes in memory);
+    /// differences up to about 70% of this many keys reconcile without a scan.
+    pub reconcile_window: usize,
 }
 
 impl StoreConfig {
     pub const DEFAULT_SEGMENT_BYTES_MAX: u64 = 128 << 20;
     pub const DEFAULT_VALUE_BYTES_MAX: usize = 1 << 20;
     pub const DEFAULT_BATCH_OPS_MAX: usize = 10_000;
+    pub const DEFAULT_RECONCILE_WINDOW: usize = 1 << 14;
 
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
@@ -114,6 +123,8 @@ impl StoreConfig {
             max_clock_skew_ms: 60_000,
             index_cache_bytes: 32 << 20,
             index_memtable_bytes: 8 << 20,
+            item_key: ItemKey::new(*b"asp item key v1!"),
+            reconcile_window: Self::DEFAULT_RECONCILE_WINDOW,
         }
     }
 
@@ -147,6 +158,13 @@ impl StoreConfig {
         }
         if self.index_memtable_bytes < 1 << 20 {
             return Err("index_memtable_bytes must be at least 1 MiB".into());
+        }
+        if !(1..=1 << 20).contains(&self.reconcile_window) {
+            return Err(format!(
+                "reconcile_window must be between 1 and {}; got {}",
+                1 << 20,
+                self.reconcile_window
+            ));
         }
         Ok(())
     }

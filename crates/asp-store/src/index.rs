@@ -136,6 +136,26 @@ impl Index {
         Ok(())
     }
 
+    /// A consistent view of the index as it is now, for reads later.
+    pub fn snapshot(&self) -> fjall::Snapshot {
+        self.db.snapshot()
+    }
+
+    /// A key's entry as of `snapshot`.
+    pub fn get_at(
+        &self,
+        snapshot: &fjall::Snapshot,
+        key: &[u8],
+    ) -> Result<Option<IndexEntry>, ReadError> {
+        use fjall::Readable;
+        match snapshot.get(&self.keys, key)? {
+            None => Ok(None),
+            Some(v) => IndexEntry::decode(&v)
+                .map(Some)
+                .map_err(|e| ReadError::Corrupt(format!("index entry: {e}"))),
+        }
+    }
+
     pub fn get(&self, key: &[u8]) -> Result<Option<IndexEntry>, ReadError> {
         match self.keys.get(key)? {
             None => Ok(None),

@@ -9,6 +9,7 @@
 
 mod codec;
 mod config;
+mod digest;
 mod error;
 mod index;
 mod log;

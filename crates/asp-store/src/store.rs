@@ -7,6 +7,9 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use asp_core::reconcile::{Item, ItemKey, Window};
+
+use crate::digest::{KeyFilter, Windows};
 use asp_core::session::NamespaceSummary;
 use asp_core::{Event, HlcClock, Key, Namespace, NodeId, Op, lww_wins};
 use fjall::Slice;
@@ -124,6 +127,7 @@ impl Store {
             report.index_rebuilt = true;
         }
         let (replayed, hlc) = replay(&log, &index, &mut state)?;
+        let (windows, key_filters) = build_digests(&index, &config)?;
         index.clamp_checkpoints(log.last_seq())?;
         report.replayed_events = replayed;
 
@@ -156,6 +160,12 @@ impl Store {
             indexed_tx: watch::channel(head.seq).0,
             progress_changed: Condvar::new(),
             namespaces: RwLock::new(state.namespaces.clone()),
+            key_filters: Mutex::new(key_filters),
+            windows: Mutex::new(Windows {
+                by_namespace: windows,
+                seq: head.seq,
+            }),
+            windows_changed: Condvar::new(),
             failure: OnceLock::new(),
             metrics,
             config: config.clone(),
@@ -392,6 +402,103 @@ impl Store {
             .collect();
         out.sort_by(|a, b| a.namespace.cmp(&b.namespace));
         out
+    }
+
+    /// The key that turns (key, version) pairs into reconciliation items.
+    pub fn item_key(&self) -> ItemKey {
+        self.inner.shared.config.item_key
+    }
+
+    /// The first reconciliation symbols of `namespace`'s keys at their current versions
+    /// (every acknowledged write included), from memory: no scan.
+    pub fn reconcile_window(&self, namespace: &Namespace) -> Result<Window, ReadError> {
+        let shared = &self.inner.shared;
+        shared.await_index().map_err(ReadError::Failed)?;
+        let target = shared
+            .indexed_seq
+            .load(std::sync::atomic::Ordering::Acquire);
+        let mut windows = shared.windows.lock().unwrap();
+        while windows.seq < target {
+            if let Some(failure) = shared.failure.get() {
+                return Err(ReadError::Failed(failure.clone()));
+            }
+            windows = shared
+                .windows_changed
+                .wait_timeout(windows, std::time::Duration::from_millis(100))
+                .unwrap()
+                .0;
+        }
+        Ok(windows.by_namespace.get(namespace).map_or_else(
+            || Window::new(shared.config.item_key, shared.config.reconcile_window),
+            Window::clone,
+        ))
+    }
+
+    /// The events that set the current state (value or tombstone) of the keys of
+    /// `namespace` whose items start with one of `prefixes` (4 to 16 bytes of the key
+    /// half of an item): what a peer that lacks those items is sent. At most `limit`
+    /// events; a prefix shared by several keys yields each of them.
+    ///
+    /// One pass over the namespace's keys, hashing each: the price of keeping no
+    /// index from key hashes to keys (which would double the key index's writes).
+    /// Reconciliations that find nothing never call it.
+    pub fn events_for_items<'a>(
+        &self,
+        namespace: &Namespace,
+        prefixes: impl IntoIterator<Item = &'a [u8]>,
+        limit: usize,
+    ) -> Result<Vec<Event>, ReadError> {
+        const SHORTEST: usize = 4;
+        let shared = &self.inner.shared;
+        let mut wanted: HashMap<[u8; SHORTEST], Vec<&[u8]>> = HashMap::new();
+        for prefix in prefixes {
+            if !(SHORTEST..=16).contains(&prefix.len()) {
+                return Err(ReadError::Invalid(format!(
+                    "an item prefix must be {SHORTEST} to 16 bytes; got {}",
+                    prefix.len()
+                )));
+            }
+            let head: [u8; SHORTEST] = prefix[..SHORTEST].try_into().expect("checked length");
+            wanted.entry(head).or_default().push(prefix);
+        }
+        shared.await_index().map_err(ReadError::Failed)?;
+        let mut out: Vec<Event> = Vec::new();
+        if wanted.is_empty() || limit == 0 {
+            return Ok(out);
+        }
+        let item_key = shared.config.item_key;
+        let prefix = codec::index_prefix(namespace.as_str());
+        let mut failure = None;
+        shared.index.scan(&prefix, None, |k, entry| {
+            let key = &k[prefix.len()..];
+            let hash = item_key.key_hash(key);
+            let head: [u8; SHORTEST] = hash[..SHORTEST].try_into().expect("16 bytes");
+            let Some(candidates) = wanted.get(&head) else {
+                return true;
+            };
+            if !candidates.iter().any(|p| hash.starts_with(p)) {
+                return true;
+            }
+            match shared.log.read_at(entry.position) {
+                Ok(record) if record.event.dot == entry.dot => out.push(record.event),
+                Ok(record) => {
+                    failure = Some(ReadError::Corrupt(format!(
+                        "the index points at event {} but the log holds {} there",
+                        entry.dot, record.event.dot
+                    )));
+                    return false;
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    return false;
+                }
+            }
+            out.len() < limit
+        })?;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
     }
 
     /// The feed position through which `peer` is known to hold everything (0 if
@@ -688,6 +795,70 @@ impl FeedReader {
 
 /// Brings the index up to date with the log. Returns how many events were replayed and
 /// the newest clock reading seen.
+/// Builds every namespace's reconciliation window and key filter from the key index:
+/// one pass over all keys.
+#[allow(clippy::type_complexity)]
+fn build_digests(
+    index: &Index,
+    config: &StoreConfig,
+) -> Result<(HashMap<Namespace, Window>, HashMap<Namespace, KeyFilter>), OpenError> {
+    let started = Instant::now();
+    let mut items: HashMap<String, Vec<Item>> = HashMap::new();
+    let mut bad = None;
+    index
+        .scan(&[], None, |k, entry| match codec::split_index_key(k) {
+            Some((namespace, key)) => {
+                let item = config.item_key.item(key, &entry.version());
+                match items.get_mut(namespace) {
+                    Some(v) => v.push(item),
+                    None => {
+                        items.insert(namespace.to_owned(), vec![item]);
+                    }
+                }
+                true
+            }
+            None => {
+                bad = Some(format!("malformed index key {k:?}"));
+                false
+            }
+        })
+        .map_err(|e| OpenError::Corrupt {
+            path: "index".into(),
+            reason: e.to_string(),
+        })?;
+    if let Some(reason) = bad {
+        return Err(OpenError::Corrupt {
+            path: "index".into(),
+            reason,
+        });
+    }
+    let mut windows = HashMap::new();
+    let mut filters = HashMap::new();
+    let mut keys = 0;
+    for (namespace, items) in items {
+        let namespace = Namespace::new(&namespace).map_err(|e| OpenError::Corrupt {
+            path: "index".into(),
+            reason: format!("bad namespace in the key index: {e}"),
+        })?;
+        let mut window = Window::new(config.item_key, config.reconcile_window);
+        window.add_all(&items);
+        let mut filter = KeyFilter::default();
+        for item in &items {
+            filter.insert(item[..16].try_into().expect("16 bytes"));
+        }
+        keys += items.len();
+        windows.insert(namespace.clone(), window);
+        filters.insert(namespace, filter);
+    }
+    tracing::info!(
+        keys,
+        namespaces = windows.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "reconciliation windows built"
+    );
+    Ok((windows, filters))
+}
+
 fn replay(
     log: &Log,
     index: &Index,

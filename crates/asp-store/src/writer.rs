@@ -33,6 +33,9 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use asp_core::reconcile::{Item, Window};
+
+use crate::digest::{KeyFilter, Old, WindowMsg, Windows};
 use asp_core::{Dot, Event, Hlc, HlcClock, Namespace, NodeId, lww_wins};
 use fjall::Slice;
 use tokio::sync::{OwnedSemaphorePermit, oneshot, watch};
@@ -108,6 +111,12 @@ pub(crate) struct Shared {
     pub progress_changed: Condvar,
     /// Each namespace's vector and newest clock reading, as of the indexed head.
     pub namespaces: RwLock<HashMap<Namespace, NamespaceState>>,
+    /// Each namespace's filter of keys ever held (kept by the indexer).
+    pub key_filters: Mutex<HashMap<Namespace, KeyFilter>>,
+    /// Each namespace's reconciliation symbols over its keys' current versions (kept by
+    /// the window keeper, a little behind the indexer); `windows_changed` tells when.
+    pub windows: Mutex<Windows>,
+    pub windows_changed: Condvar,
     /// Set on the first storage failure; the store then refuses writes.
     pub failure: OnceLock<String>,
     pub metrics: Metrics,
@@ -879,6 +888,100 @@ impl Writer {
 
 /// The indexer: applies acknowledged groups to the key index, in order.
 fn run_indexer(shared: Arc<Shared>, rx: std_mpsc::Receiver<IndexMsg>) {
+    let (window_tx, window_rx) = std_mpsc::sync_channel(INDEX_QUEUE_MAX);
+    let keeper = {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("asp-windows".into())
+            .spawn(move || run_window_keeper(shared, window_rx))
+            .expect("cannot start the window keeper thread")
+    };
+    index_groups(&shared, rx, window_tx);
+    let _ = keeper.join();
+}
+
+/// Applies what the indexer wrote to the reconciliation windows, on a thread of its
+/// own: for each key, its item at the old version (read from the index as it was
+/// before the group, unless the key filter says the key is new) gives way to its item
+/// at the new one.
+fn run_window_keeper(shared: Arc<Shared>, rx: std_mpsc::Receiver<WindowMsg>) {
+    while let Ok(first) = rx.recv() {
+        let mut msgs = vec![first];
+        while let Ok(m) = rx.try_recv() {
+            msgs.push(m);
+        }
+        for msg in msgs {
+            if let Err(e) = keep_windows(&shared, msg) {
+                shared.fail(format!("keeping reconciliation windows: {e}"));
+                return;
+            }
+        }
+        shared.windows_changed.notify_all();
+    }
+}
+
+fn keep_windows(shared: &Shared, msg: WindowMsg) -> Result<(), String> {
+    let item_key = shared.config.item_key;
+    let size = shared.config.reconcile_window;
+    let mut filters = shared.key_filters.lock().unwrap();
+    let mut windows = shared.windows.lock().unwrap();
+    let mut added: HashMap<Namespace, Vec<Item>> = HashMap::new();
+    for (index_key, version, old) in &msg.changes {
+        let (namespace, key) = codec::split_index_key(index_key)
+            .ok_or_else(|| "a malformed key in an index update".to_string())?;
+        if !filters.contains_key(namespace) {
+            let namespace = Namespace::new(namespace).map_err(|e| e.to_string())?;
+            filters.insert(namespace.clone(), KeyFilter::default());
+            windows
+                .by_namespace
+                .insert(namespace, Window::new(item_key, size));
+        }
+        let filter = filters.get_mut(namespace).expect("just inserted");
+        let key_hash = item_key.key_hash(key);
+        let old = match old {
+            Old::Known(old) => *old,
+            Old::Unknown if filter.may_contain(&key_hash) => shared
+                .index
+                .get_at(&msg.before, index_key)
+                .map_err(|e| e.to_string())?
+                .map(|e| e.version()),
+            Old::Unknown => None,
+        };
+        let new = item_key.item_with_key_hash(&key_hash, key, version);
+        let window = windows
+            .by_namespace
+            .get_mut(namespace)
+            .expect("created with the filter");
+        match old {
+            Some(old) => window.replace(&item_key.item_with_key_hash(&key_hash, key, &old), &new),
+            None => {
+                filter.insert(&key_hash);
+                match added.get_mut(namespace) {
+                    Some(items) => items.push(new),
+                    None => {
+                        let namespace = filters.get_key_value(namespace).expect("present").0;
+                        added.insert(namespace.clone(), vec![new]);
+                    }
+                }
+            }
+        }
+    }
+    for (namespace, items) in added {
+        windows
+            .by_namespace
+            .get_mut(&namespace)
+            .expect("created with the filter")
+            .add_all(&items);
+    }
+    windows.seq = msg.seq;
+    Ok(())
+}
+
+fn index_groups(
+    shared: &Shared,
+    rx: std_mpsc::Receiver<IndexMsg>,
+    window_tx: std_mpsc::SyncSender<WindowMsg>,
+) {
     while let Ok(first) = rx.recv() {
         let mut msgs = vec![first];
         while let Ok(m) = rx.try_recv() {
@@ -889,7 +992,7 @@ fn run_indexer(shared: Arc<Shared>, rx: std_mpsc::Receiver<IndexMsg>) {
         }
         shared.index.wait_for_flushes();
         for msg in &msgs {
-            if let Err(e) = apply_to_index(&shared.index, msg) {
+            if let Err(e) = apply_to_index(shared, msg, &window_tx) {
                 shared.fail(format!("writing the key index: {e}"));
                 break;
             }
@@ -916,24 +1019,47 @@ fn run_indexer(shared: Arc<Shared>, rx: std_mpsc::Receiver<IndexMsg>) {
     }
 }
 
-/// Applies one group to the key index as one atomic batch.
-fn apply_to_index(index: &Index, msg: &IndexMsg) -> Result<(), String> {
-    let mut batch = index.batch(msg.updates.len() + 2 + 2 * msg.namespaces.len());
+/// Applies one group to the key index as one atomic batch, and passes the changes of
+/// reconciliation items on to the window keeper: each key's item at its old version
+/// (if any) gives way to its new one.
+fn apply_to_index(
+    shared: &Shared,
+    msg: &IndexMsg,
+    window_tx: &std_mpsc::SyncSender<WindowMsg>,
+) -> Result<(), String> {
+    let index = &shared.index;
+    let mut batch = index.batch(2 * msg.updates.len() + 2 + 2 * msg.namespaces.len());
+    let mut changes = Vec::with_capacity(msg.updates.len());
     for update in &msg.updates {
-        if update.merge {
+        let old = if update.merge {
             // An event from a peer may be older than what the key holds.
             let current = index.get(&update.key).map_err(|e| e.to_string())?;
-            if current.is_some_and(|c| !lww_wins(&update.entry.version(), &c.version())) {
+            if current
+                .as_ref()
+                .is_some_and(|c| !lww_wins(&update.entry.version(), &c.version()))
+            {
                 continue;
             }
-        }
+            Old::Known(current.map(|c| c.version()))
+        } else {
+            Old::Unknown
+        };
         batch.put(update.key.clone(), &update.entry);
+        changes.push((update.key.clone(), update.entry.version(), old));
     }
+    let before = index.snapshot();
     for (ns, state) in &msg.namespaces {
         batch.set_namespace(ns, state);
     }
     batch.set_applied(msg.head.seq, msg.hlc);
-    batch.commit().map_err(|e| e.to_string())
+    batch.commit().map_err(|e| e.to_string())?;
+    // Gone only while the store stops: nobody reads windows then.
+    let _ = window_tx.send(WindowMsg {
+        seq: msg.head.seq,
+        before,
+        changes,
+    });
+    Ok(())
 }
 
 /// Under `fsync = "interval:<ms>"`: fsyncs what has been written, on the interval.

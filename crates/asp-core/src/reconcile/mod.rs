@@ -15,9 +15,10 @@
 //!   passes of about `2 ln(n/2)` XORs per changed key), so a reconciliation starts
 //!   without reading the set; [`Extension`] continues past the window from a scan of
 //!   the set, for the rare difference too large for it.
-//! - Checksums and the index mapping come from SipHash-1-3 under a 128-bit [`ItemKey`]
-//!   shared by the cluster: items are chosen by remote writers, and a writer that
-//!   cannot compute the hash cannot craft items that collide in a symbol.
+//! - Items, checksums and the index mapping are keyed by a 128-bit [`ItemKey`] shared
+//!   by the cluster (items are SipHash-1-3 outputs; checksums a keyed mix of them):
+//!   keys are chosen by remote writers, and a writer that cannot compute the hash
+//!   cannot craft items that collide in a symbol.
 //! - A symbol travels as [`SYMBOL_BYTES`] bytes: the sum, then 30 bits of checksum and
 //!   the count modulo 4 in one 32-bit word. A pure symbol's count difference is ±1,
 //!   which modulo 4 is still told apart (1 or 3), and its sign says on which side the
@@ -69,15 +70,16 @@ impl ItemKey {
     /// key at different versions differ by two items that share their first half, and
     /// a node finds its own key back from the first bytes of an item.
     pub fn item(&self, key: &[u8], version: &Version) -> Item {
+        self.item_with_key_hash(&self.key_hash(key), key, version)
+    }
+
+    /// [`ItemKey::item`] when the key's hash ([`ItemKey::key_hash`]) is at hand.
+    pub fn item_with_key_hash(&self, key_hash: &[u8; 16], key: &[u8], version: &Version) -> Item {
         let mut out = [0u8; ITEM_BYTES];
+        out[..16].copy_from_slice(key_hash);
         // Fixed byte order and a length prefix: every platform hashes the same bytes,
         // and no (key, version) pair reads as another.
         let len = (key.len() as u64).to_le_bytes();
-        let mut h = SipHasher13::new_with_keys(self.k0, self.k1);
-        h.write(b"k");
-        h.write(&len);
-        h.write(key);
-        out[..16].copy_from_slice(&h.finish128().as_bytes());
         let mut h = SipHasher13::new_with_keys(self.k0, self.k1);
         h.write(b"v");
         h.write(&len);
@@ -89,14 +91,28 @@ impl ItemKey {
         out
     }
 
+    /// The first half of every item of `key`.
+    pub fn key_hash(&self, key: &[u8]) -> [u8; 16] {
+        let mut h = SipHasher13::new_with_keys(self.k0, self.k1);
+        h.write(b"k");
+        h.write(&(key.len() as u64).to_le_bytes());
+        h.write(key);
+        h.finish128().as_bytes()
+    }
+
     /// The item's checksum (all 64 bits; symbols carry [`CHECK_BITS`] of them) and the
     /// seed of its index mapping.
+    ///
+    /// Items are themselves keyed hashes, so a keyed mix of their four words (not
+    /// linear over XOR, as a checksum must not be) is enough, at a third of SipHash's
+    /// cost; the symbol upkeep of every write pays for it twice.
     fn hash(&self, item: &Item) -> (u64, u64) {
-        // A key of its own, apart from the one that makes items.
-        let mut h = SipHasher13::new_with_keys(self.k0 ^ 0x6368_6563_6b73_756d, self.k1);
-        h.write(item);
-        let h = h.finish128();
-        (h.h1, h.h2)
+        let word = |i: usize| u64::from_le_bytes(item[8 * i..8 * i + 8].try_into().expect("8"));
+        let mut h = fmix(word(0) ^ self.k0);
+        h = fmix(h ^ word(1));
+        h = fmix(h ^ word(2));
+        h = fmix(h ^ word(3) ^ self.k1);
+        (h, fmix(h ^ 0x6d61_7070_696e_6721))
     }
 }
 
@@ -153,6 +169,13 @@ impl Symbol {
             count: i64::from(word & 3),
         })
     }
+}
+
+/// The 64-bit finaliser of splitmix64: every input bit affects every output bit.
+fn fmix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 fn xor_into(into: &mut Item, item: &Item) {
