@@ -145,6 +145,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
+    if args.scenarios.iter().any(|s| s == "reconcile")
+        && let Some(d) = args
+            .reconcile_diffs
+            .iter()
+            .find(|&&d| d > args.reconcile_items)
+    {
+        bail!(
+            "--reconcile-diffs: a difference of {d} is more than the {} items per side",
+            args.reconcile_items
+        );
+    }
     if args.repeat == 0
         || args.batch_size == 0
         || args.single_writers == 0

@@ -20,7 +20,9 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use asp_core::reconcile::{Decoder, ITEM_BYTES, Item, ItemKey, SYMBOL_BYTES, Side, Symbol, Window};
+use asp_core::reconcile::{
+    Decoder, Extension, ITEM_BYTES, Item, ItemKey, SYMBOL_BYTES, Side, Symbol, Window,
+};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 /// Symbols each side keeps up to date.
@@ -135,15 +137,28 @@ pub fn asp_run(initiator: &Window, responder: &Window, sets: &Sets) -> anyhow::R
     let mut decoder = Decoder::new(key);
     let mut sent = 0;
     let mut frame = Vec::with_capacity(FRAME_SYMBOLS * SYMBOL_BYTES);
+    // Past the window, each side continues from a scan of its whole set.
+    let mut extensions: Option<(Extension, Extension)> = None;
+    let limit = 4 * (sets.initiator.len() + sets.responder.len()) + WINDOW;
     loop {
-        if sent >= WINDOW {
-            bail!("asp: the difference needs more than the {WINDOW} symbols of the window");
+        if sent >= limit {
+            bail!("asp: not decoded after {limit} symbols");
         }
         let cpu = thread_cpu();
         frame.clear();
-        let end = (sent + FRAME_SYMBOLS).min(WINDOW);
-        for s in &responder.symbols()[sent..end] {
-            s.encode(&mut frame);
+        let end = sent + FRAME_SYMBOLS;
+        for index in sent..end {
+            if index < WINDOW {
+                responder.symbols()[index].encode(&mut frame);
+            } else {
+                let (theirs, _) = extensions.get_or_insert_with(|| {
+                    (
+                        Extension::new(key, sets.responder.iter().copied(), WINDOW as u64),
+                        Extension::new(key, sets.initiator.iter().copied(), WINDOW as u64),
+                    )
+                });
+                theirs.next_symbol().encode(&mut frame);
+            }
         }
         cpu_responder += thread_cpu() - cpu;
         bytes_responder += FRAME_HEADER + frame.len() as u64;
@@ -152,7 +167,17 @@ pub fn asp_run(initiator: &Window, responder: &Window, sets: &Sets) -> anyhow::R
         let mut done = false;
         for (i, chunk) in frame.chunks_exact(SYMBOL_BYTES).enumerate() {
             let remote = Symbol::decode(chunk).context("symbol")?;
-            decoder.push(&remote, &initiator.symbols()[sent + i])?;
+            let index = sent + i;
+            let ours = if index < WINDOW {
+                initiator.symbols()[index]
+            } else {
+                extensions
+                    .as_mut()
+                    .expect("made with the responder's")
+                    .1
+                    .next_symbol()
+            };
+            decoder.push(&remote, &ours)?;
             if decoder.is_done() {
                 done = true;
                 break;
