@@ -96,8 +96,9 @@ pub struct StoreConfig {
     /// node of a cluster must use the same; keep it secret from clients, so that they
     /// cannot choose keys whose items collide.
     pub item_key: ItemKey,
-    /// Reconciliation symbols kept up to date per namespace (each 48 bytes in memory);
-    /// differences up to about 70% of this many keys reconcile without a scan.
+    /// Reconciliation symbols kept up to date per namespace, at most (each 48 bytes in
+    /// memory; a namespace keeps about a quarter as many as it has keys, at least 64).
+    /// Differences up to about 70% of its window reconcile without a scan.
     pub reconcile_window: usize,
 }
 

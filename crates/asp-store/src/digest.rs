@@ -16,6 +16,18 @@ use asp_core::reconcile::Window;
 use asp_core::{Namespace, Version};
 use fjall::Slice;
 
+/// The window length for a namespace of `keys` keys: a quarter of them, rounded up to a
+/// power of two, between 64 and `max`. Differences up to about a sixth of the keys
+/// then reconcile from memory; a larger one is a good part of the namespace, and the
+/// scan that serves it costs little next to the data it brings. Small namespaces keep
+/// small windows, so many of them fit in memory.
+pub(crate) fn window_len(keys: i64, max: usize) -> usize {
+    (usize::try_from(keys).unwrap_or(0) / 4)
+        .next_power_of_two()
+        .max(64)
+        .min(max)
+}
+
 /// Every namespace's window, as of a feed position.
 pub(crate) struct Windows {
     pub by_namespace: HashMap<Namespace, Window>,
@@ -29,6 +41,8 @@ pub(crate) struct WindowMsg {
     pub seq: u64,
     /// The index just before the group was committed: where old versions are read.
     pub before: fjall::Snapshot,
+    /// The index just after: where a window that must grow is rebuilt from.
+    pub after: fjall::Snapshot,
     pub changes: Vec<(Slice, Version, Old)>,
 }
 
@@ -122,6 +136,15 @@ mod tests {
 
     fn hash(n: u64) -> [u8; 16] {
         ItemKey::new([3; 16]).key_hash(&n.to_le_bytes())
+    }
+
+    #[test]
+    fn windows_grow_with_the_namespace_up_to_the_maximum() {
+        assert_eq!(window_len(0, 16_384), 64);
+        assert_eq!(window_len(1_000, 16_384), 256);
+        assert_eq!(window_len(1_000_000, 16_384), 16_384);
+        assert_eq!(window_len(1_000_000, 16), 16);
+        assert_eq!(window_len(-5, 16_384), 64);
     }
 
     #[test]

@@ -156,6 +156,23 @@ impl Index {
         }
     }
 
+    /// Visits the entries whose key starts with `prefix` as of `snapshot`, in key order.
+    pub fn scan_at(
+        &self,
+        snapshot: &fjall::Snapshot,
+        prefix: &[u8],
+        mut visit: impl FnMut(&[u8], IndexEntry),
+    ) -> Result<(), ReadError> {
+        use fjall::Readable;
+        for item in snapshot.prefix(&self.keys, prefix) {
+            let (k, v) = item.into_inner()?;
+            let entry = IndexEntry::decode(&v)
+                .map_err(|e| ReadError::Corrupt(format!("index entry: {e}")))?;
+            visit(&k, entry);
+        }
+        Ok(())
+    }
+
     pub fn get(&self, key: &[u8]) -> Result<Option<IndexEntry>, ReadError> {
         match self.keys.get(key)? {
             None => Ok(None),

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use asp_core::reconcile::{Item, ItemKey, Window};
 
-use crate::digest::{KeyFilter, Windows};
+use crate::digest::{KeyFilter, Windows, window_len};
 use asp_core::session::NamespaceSummary;
 use asp_core::{Event, HlcClock, Key, Namespace, NodeId, Op, lww_wins};
 use fjall::Slice;
@@ -429,7 +429,12 @@ impl Store {
                 .0;
         }
         Ok(windows.by_namespace.get(namespace).map_or_else(
-            || Window::new(shared.config.item_key, shared.config.reconcile_window),
+            || {
+                Window::new(
+                    shared.config.item_key,
+                    window_len(0, shared.config.reconcile_window),
+                )
+            },
             Window::clone,
         ))
     }
@@ -840,7 +845,8 @@ fn build_digests(
             path: "index".into(),
             reason: format!("bad namespace in the key index: {e}"),
         })?;
-        let mut window = Window::new(config.item_key, config.reconcile_window);
+        let len = window_len(items.len() as i64, config.reconcile_window);
+        let mut window = Window::new(config.item_key, len);
         window.add_all(&items);
         let mut filter = KeyFilter::default();
         for item in &items {

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use asp_core::reconcile::{Item, Window};
 
-use crate::digest::{KeyFilter, Old, WindowMsg, Windows};
+use crate::digest::{KeyFilter, Old, WindowMsg, Windows, window_len};
 use asp_core::{Dot, Event, Hlc, HlcClock, Namespace, NodeId, lww_wins};
 use fjall::Slice;
 use tokio::sync::{OwnedSemaphorePermit, oneshot, watch};
@@ -934,7 +934,7 @@ fn keep_windows(shared: &Shared, msg: WindowMsg) -> Result<(), String> {
             filters.insert(namespace.clone(), KeyFilter::default());
             windows
                 .by_namespace
-                .insert(namespace, Window::new(item_key, size));
+                .insert(namespace, Window::new(item_key, window_len(0, size)));
         }
         let filter = filters.get_mut(namespace).expect("just inserted");
         let key_hash = item_key.key_hash(key);
@@ -967,11 +967,26 @@ fn keep_windows(shared: &Shared, msg: WindowMsg) -> Result<(), String> {
         }
     }
     for (namespace, items) in added {
-        windows
+        let window = windows
             .by_namespace
             .get_mut(&namespace)
-            .expect("created with the filter")
-            .add_all(&items);
+            .expect("created with the filter");
+        window.add_all(&items);
+        // Grown past its window: rebuild it, longer, from the index as of this group.
+        let len = window_len(window.items(), size);
+        if len > window.symbols().len() {
+            let mut grown = Window::new(item_key, len);
+            let prefix = codec::index_prefix(namespace.as_str());
+            let mut items = Vec::with_capacity(window.items().max(0) as usize);
+            shared
+                .index
+                .scan_at(&msg.after, &prefix, |k, entry| {
+                    items.push(item_key.item(&k[prefix.len()..], &entry.version()));
+                })
+                .map_err(|e| e.to_string())?;
+            grown.add_all(&items);
+            *window = grown;
+        }
     }
     windows.seq = msg.seq;
     Ok(())
@@ -1053,10 +1068,12 @@ fn apply_to_index(
     }
     batch.set_applied(msg.head.seq, msg.hlc);
     batch.commit().map_err(|e| e.to_string())?;
+    let after = index.snapshot();
     // Gone only while the store stops: nobody reads windows then.
     let _ = window_tx.send(WindowMsg {
         seq: msg.head.seq,
         before,
+        after,
         changes,
     });
     Ok(())

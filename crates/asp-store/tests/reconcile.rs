@@ -218,6 +218,11 @@ async fn the_window_kept_on_writes_equals_the_one_rebuilt_on_open() {
     assert_eq!(kept.symbols(), rebuilt.symbols());
     assert_eq!(kept.items(), rebuilt.items());
     assert_eq!(kept.items(), 500, "one item per key, tombstones included");
+    assert_eq!(
+        kept.symbols().len(),
+        128,
+        "grew from 64 symbols to a quarter of the keys"
+    );
 }
 
 #[tokio::test]
