@@ -7,7 +7,7 @@
 //!   node keeps them on every write; the build time is reported as the cold rebuild).
 //!   The responder streams its symbols, the initiator subtracts its own and peels until
 //!   done. Bytes: the request (namespace, item count, the initiator's symbol 0 for the
-//!   in-sync check), the symbols sent in frames of [`FRAME_SYMBOLS`] up to the frame in
+//!   in-sync check), the symbols sent in frames of up to [`FRAME_SYMBOLS`] up to the frame in
 //!   which decoding completed (the model: the stop arrives before the next frame
 //!   leaves; on a real link what is in flight meanwhile comes on top), and the
 //!   initiator's stop message naming the responder's items it lacks by a
@@ -27,8 +27,10 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 
 /// Symbols each side keeps up to date.
 pub const WINDOW: usize = 1 << 14;
-/// Symbols per frame of the stream.
+/// Symbols per frame of the stream, at most; the first frames are smaller (16, 16, 32)
+/// so that a small difference does not wait for, or pay for, a full frame.
 pub const FRAME_SYMBOLS: usize = 64;
+const FIRST_FRAME_SYMBOLS: usize = 16;
 /// Bytes by which the stop message names each item the initiator needs: a prefix of
 /// the item, which starts with the key's hash; the responder sends every key whose
 /// hash starts so (a rare extra key costs a little data, never correctness).
@@ -146,7 +148,7 @@ pub fn asp_run(initiator: &Window, responder: &Window, sets: &Sets) -> anyhow::R
         }
         let cpu = thread_cpu();
         frame.clear();
-        let end = sent + FRAME_SYMBOLS;
+        let end = sent + sent.clamp(FIRST_FRAME_SYMBOLS, FRAME_SYMBOLS);
         for index in sent..end {
             if index < WINDOW {
                 responder.symbols()[index].encode(&mut frame);
