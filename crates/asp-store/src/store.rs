@@ -846,8 +846,8 @@ fn build_digests(
             reason: format!("bad namespace in the key index: {e}"),
         })?;
         let len = window_len(items.len() as i64, config.reconcile_window);
-        let mut window = Window::new(config.item_key, len);
-        window.add_all(&items);
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let window = Window::build(config.item_key, len, &items, threads);
         let mut filter = KeyFilter::default();
         for item in &items {
             filter.insert(item[..16].try_into().expect("16 bytes"));

@@ -91,12 +91,21 @@ pub fn sets(items: usize, d: usize, seed: u64) -> Sets {
     }
 }
 
-/// Builds a window of `items`, returning it and the CPU time it took.
+/// Builds a window of `items` on this thread, returning it and the CPU time it took.
 pub fn build(key: ItemKey, items: &[Item]) -> (Window, Duration) {
     let started = thread_cpu();
-    let mut w = Window::new(key, WINDOW);
-    w.add_all(items);
+    let w = Window::build(key, WINDOW, items, 1);
     (w, thread_cpu() - started)
+}
+
+/// Wall time to build a window of `items` on every core, as a store does on open.
+pub fn build_parallel(key: ItemKey, items: &[Item]) -> Duration {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let started = std::time::Instant::now();
+    let w = Window::build(key, WINDOW, items, threads);
+    let spent = started.elapsed();
+    assert_eq!(w.items(), items.len() as i64);
+    spent
 }
 
 /// Reconciles the initiator's window against the responder's; checks the result.
@@ -262,6 +271,7 @@ pub fn run(items: usize, diffs: &[usize], repeat: usize) -> anyhow::Result<Strin
         "| d | system | round trips | bytes → | bytes ← | total | × minimum (d × 32 B) | symbols / d | CPU initiator | CPU responder |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut rebuilds = Vec::new();
+    let mut parallel_rebuilds = Vec::new();
     let mut negentropy_builds = Vec::new();
     let mut upkeeps = Vec::new();
     for &d in diffs {
@@ -274,6 +284,7 @@ pub fn run(items: usize, diffs: &[usize], repeat: usize) -> anyhow::Result<Strin
         let (responder, t2) = build(key, &sets.responder);
         rebuilds.push(t1);
         rebuilds.push(t2);
+        parallel_rebuilds.push(build_parallel(key, &sets.initiator));
         let mut asp = Vec::new();
         let mut neg = Vec::new();
         for rep in 0..repeat {
@@ -352,10 +363,13 @@ pub fn run(items: usize, diffs: &[usize], repeat: usize) -> anyhow::Result<Strin
         upkeeps.push(upkeep(&mut scratch, &sets.responder, 200_000, d as u64));
     }
     out.push_str(&format!(
-        "\nasp keeps a window of {WINDOW} symbols per set ({} KiB in memory): cold rebuild from {items} items {} CPU (median of {}; negentropy's storage build and seal for comparison: {}), upkeep {:.0} ns per write (one removal + one addition; median of {} runs of 200,000).\n",
+        "\nasp keeps a window of {WINDOW} symbols per set ({} KiB in memory): cold rebuild from {items} items {} CPU on one thread (median of {}), {} wall on {} threads (median of {}); negentropy's storage build and seal for comparison: {}; upkeep {:.0} ns per write (one removal + one addition; median of {} runs of 200,000).\n",
         WINDOW * std::mem::size_of::<Symbol>() / 1024,
         ms(median(rebuilds.clone())),
         rebuilds.len(),
+        ms(median(parallel_rebuilds.clone())),
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        parallel_rebuilds.len(),
         ms(median(negentropy_builds.clone())),
         median(upkeeps.clone()).as_secs_f64() * 1e9,
         upkeeps.len()

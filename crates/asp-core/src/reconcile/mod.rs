@@ -262,17 +262,39 @@ impl Window {
         self.apply(&[(old, -1), (new, 1)]);
     }
 
-    /// Adds every item, as a cold rebuild does.
+    /// Adds every item, as a cold rebuild does: [`LANES`] walks at a time, each lane
+    /// taking the next item as soon as its walk leaves the window.
     pub fn add_all<'a>(&mut self, items: impl IntoIterator<Item = &'a Item>) {
-        let mut chunk: Vec<(&Item, i64)> = Vec::with_capacity(LANES);
-        for item in items {
-            chunk.push((item, 1));
-            if chunk.len() == LANES {
-                self.apply(&chunk);
-                chunk.clear();
+        let len = self.symbols.len() as u64;
+        let mut items = items.into_iter();
+        let key = self.key;
+        let mut next = |count: &mut i64| {
+            items.next().map(|item| {
+                *count += 1;
+                let (check, seed) = key.hash(item);
+                (item, check, Mapping::new(seed))
+            })
+        };
+        let mut count = 0;
+        let mut lanes: [Option<(&Item, u64, Mapping)>; LANES] =
+            std::array::from_fn(|_| next(&mut count));
+        loop {
+            let mut busy = false;
+            for lane in lanes.iter_mut() {
+                let Some((item, check, mapping)) = lane else {
+                    continue;
+                };
+                busy = true;
+                self.symbols[mapping.index as usize].toggle(item, *check, 1);
+                if mapping.advance() >= len {
+                    *lane = next(&mut count);
+                }
+            }
+            if !busy {
+                break;
             }
         }
-        self.apply(&chunk);
+        self.items += count;
     }
 
     /// Adds (sign 1) or removes (sign -1) up to [`LANES`] items, walking their
@@ -302,6 +324,55 @@ impl Window {
                 return;
             }
         }
+    }
+
+    /// Adds another window's items to this one: symbols are linear, so windows built
+    /// over the parts of a set (on several threads, say) merge into the set's window.
+    /// Both must have the same key and length.
+    pub fn merge(&mut self, other: &Window) {
+        assert_eq!(self.key, other.key, "windows under different keys");
+        assert_eq!(
+            self.symbols.len(),
+            other.symbols.len(),
+            "windows of different lengths"
+        );
+        for (a, b) in self.symbols.iter_mut().zip(&other.symbols) {
+            xor_into(&mut a.sum, &b.sum);
+            a.check ^= b.check;
+            a.count += b.count;
+        }
+        self.items += other.items;
+    }
+
+    /// Builds the window of `items` on up to `threads` threads, each over a share of
+    /// them, merged at the end.
+    pub fn build(key: ItemKey, len: usize, items: &[Item], threads: usize) -> Window {
+        let threads = threads
+            .clamp(1, 64)
+            .min(items.len().div_ceil(65_536).max(1));
+        if threads == 1 {
+            let mut w = Window::new(key, len);
+            w.add_all(items);
+            return w;
+        }
+        let share = items.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let parts: Vec<_> = items
+                .chunks(share)
+                .map(|part| {
+                    scope.spawn(move || {
+                        let mut w = Window::new(key, len);
+                        w.add_all(part);
+                        w
+                    })
+                })
+                .collect();
+            let mut whole = Window::new(key, len);
+            for part in parts {
+                whole.merge(&part.join().expect("a window builder panicked"));
+            }
+            whole
+        })
     }
 
     pub fn key(&self) -> ItemKey {

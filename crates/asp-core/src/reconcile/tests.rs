@@ -268,3 +268,17 @@ fn the_index_mapping_is_pinned() {
         vec![0, 1, 3, 12, 19, 21, 32, 45, 97, 129, 390, 423]
     );
 }
+
+#[test]
+fn windows_built_in_parts_merge_into_the_whole() {
+    let items: Vec<Item> = (0..200_000).map(item).collect();
+    let mut one = Window::new(KEY, 512);
+    one.add_all(&items);
+    let parallel = Window::build(KEY, 512, &items, 3);
+    assert_eq!(one.symbols(), parallel.symbols());
+    assert_eq!(one.items(), parallel.items());
+    let small = Window::build(KEY, 512, &items[..10], 4);
+    let mut direct = Window::new(KEY, 512);
+    direct.add_all(&items[..10]);
+    assert_eq!(small.symbols(), direct.symbols());
+}
