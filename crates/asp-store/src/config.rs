@@ -98,7 +98,9 @@ pub struct StoreConfig {
     pub item_key: ItemKey,
     /// Reconciliation symbols kept up to date per namespace, at most (each 48 bytes in
     /// memory; a namespace keeps about a quarter as many as it has keys, at least 64).
-    /// Differences up to about 70% of its window reconcile without a scan.
+    /// Differences up to about 70% of its window reconcile without a scan. 0 (the
+    /// default, until nodes run anti-entropy) keeps none: keeping them costs about 12%
+    /// of batch ingest and, at 10 M keys, 55–80 MB more peak memory (bench/RESULTS.md).
     pub reconcile_window: usize,
 }
 
@@ -125,7 +127,7 @@ impl StoreConfig {
             index_cache_bytes: 32 << 20,
             index_memtable_bytes: 8 << 20,
             item_key: ItemKey::new(*b"asp item key v1!"),
-            reconcile_window: Self::DEFAULT_RECONCILE_WINDOW,
+            reconcile_window: 0,
         }
     }
 
@@ -160,9 +162,9 @@ impl StoreConfig {
         if self.index_memtable_bytes < 1 << 20 {
             return Err("index_memtable_bytes must be at least 1 MiB".into());
         }
-        if !(1..=1 << 20).contains(&self.reconcile_window) {
+        if self.reconcile_window > 1 << 20 {
             return Err(format!(
-                "reconcile_window must be between 1 and {}; got {}",
+                "reconcile_window must be between 0 (off) and {}; got {}",
                 1 << 20,
                 self.reconcile_window
             ));

@@ -413,6 +413,11 @@ impl Store {
     /// (every acknowledged write included), from memory: no scan.
     pub fn reconcile_window(&self, namespace: &Namespace) -> Result<Window, ReadError> {
         let shared = &self.inner.shared;
+        if shared.config.reconcile_window == 0 {
+            return Err(ReadError::Invalid(
+                "reconciliation windows are off (reconcile_window = 0)".into(),
+            ));
+        }
         shared.await_index().map_err(ReadError::Failed)?;
         let target = shared
             .indexed_seq
@@ -807,6 +812,9 @@ fn build_digests(
     index: &Index,
     config: &StoreConfig,
 ) -> Result<(HashMap<Namespace, Window>, HashMap<Namespace, KeyFilter>), OpenError> {
+    if config.reconcile_window == 0 {
+        return Ok((HashMap::new(), HashMap::new()));
+    }
     let started = Instant::now();
     let mut items: HashMap<String, Vec<Item>> = HashMap::new();
     let mut bad = None;

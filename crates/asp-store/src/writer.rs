@@ -888,6 +888,10 @@ impl Writer {
 
 /// The indexer: applies acknowledged groups to the key index, in order.
 fn run_indexer(shared: Arc<Shared>, rx: std_mpsc::Receiver<IndexMsg>) {
+    if shared.config.reconcile_window == 0 {
+        index_groups(&shared, rx, None);
+        return;
+    }
     let (window_tx, window_rx) = std_mpsc::sync_channel(INDEX_QUEUE_MAX);
     let keeper = {
         let shared = shared.clone();
@@ -896,7 +900,7 @@ fn run_indexer(shared: Arc<Shared>, rx: std_mpsc::Receiver<IndexMsg>) {
             .spawn(move || run_window_keeper(shared, window_rx))
             .expect("cannot start the window keeper thread")
     };
-    index_groups(&shared, rx, window_tx);
+    index_groups(&shared, rx, Some(window_tx));
     let _ = keeper.join();
 }
 
@@ -995,7 +999,7 @@ fn keep_windows(shared: &Shared, msg: WindowMsg) -> Result<(), String> {
 fn index_groups(
     shared: &Shared,
     rx: std_mpsc::Receiver<IndexMsg>,
-    window_tx: std_mpsc::SyncSender<WindowMsg>,
+    window_tx: Option<std_mpsc::SyncSender<WindowMsg>>,
 ) {
     while let Ok(first) = rx.recv() {
         let mut msgs = vec![first];
@@ -1007,7 +1011,7 @@ fn index_groups(
         }
         shared.index.wait_for_flushes();
         for msg in &msgs {
-            if let Err(e) = apply_to_index(shared, msg, &window_tx) {
+            if let Err(e) = apply_to_index(shared, msg, window_tx.as_ref()) {
                 shared.fail(format!("writing the key index: {e}"));
                 break;
             }
@@ -1040,9 +1044,10 @@ fn index_groups(
 fn apply_to_index(
     shared: &Shared,
     msg: &IndexMsg,
-    window_tx: &std_mpsc::SyncSender<WindowMsg>,
+    window_tx: Option<&std_mpsc::SyncSender<WindowMsg>>,
 ) -> Result<(), String> {
     let index = &shared.index;
+    let keep_windows = window_tx.is_some();
     let mut batch = index.batch(2 * msg.updates.len() + 2 + 2 * msg.namespaces.len());
     let mut changes = Vec::with_capacity(msg.updates.len());
     for update in &msg.updates {
@@ -1060,22 +1065,25 @@ fn apply_to_index(
             Old::Unknown
         };
         batch.put(update.key.clone(), &update.entry);
-        changes.push((update.key.clone(), update.entry.version(), old));
+        if keep_windows {
+            changes.push((update.key.clone(), update.entry.version(), old));
+        }
     }
-    let before = index.snapshot();
+    let before = keep_windows.then(|| index.snapshot());
     for (ns, state) in &msg.namespaces {
         batch.set_namespace(ns, state);
     }
     batch.set_applied(msg.head.seq, msg.hlc);
     batch.commit().map_err(|e| e.to_string())?;
-    let after = index.snapshot();
-    // Gone only while the store stops: nobody reads windows then.
-    let _ = window_tx.send(WindowMsg {
-        seq: msg.head.seq,
-        before,
-        after,
-        changes,
-    });
+    if let (Some(tx), Some(before)) = (window_tx, before) {
+        // Gone only while the store stops: nobody reads windows then.
+        let _ = tx.send(WindowMsg {
+            seq: msg.head.seq,
+            before,
+            after: index.snapshot(),
+            changes,
+        });
+    }
     Ok(())
 }
 

@@ -242,3 +242,18 @@ async fn item_prefixes_are_checked() {
             .is_empty()
     );
 }
+
+#[tokio::test]
+async fn windows_are_off_unless_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(StoreConfig::new(dir.path())).unwrap();
+    s.write(ns(), vec![put("k", "v")]).await.unwrap();
+    let err = s.reconcile_window(&ns()).unwrap_err().to_string();
+    assert!(err.contains("reconcile_window = 0"), "{err}");
+    // Repair still finds keys by their items.
+    let hash = s.item_key().key_hash(b"k");
+    assert_eq!(
+        s.events_for_items(&ns(), [&hash[..4]], 10).unwrap().len(),
+        1
+    );
+}

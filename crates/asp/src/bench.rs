@@ -88,6 +88,10 @@ pub struct BenchArgs {
     /// The key index's memtable size, in MiB.
     #[arg(long, default_value_t = (StoreConfig::new(".").index_memtable_bytes >> 20) as u64)]
     index_memtable_mb: u64,
+    /// Reconciliation symbols the stores keep per namespace, at most (0: none, the
+    /// store's default), to measure what keeping them costs.
+    #[arg(long, default_value_t = 0)]
+    reconcile_window: usize,
     /// Internal: run one rss measurement in this process and print it as JSON.
     #[arg(long, hide = true)]
     rss_child: Option<String>,
@@ -494,6 +498,7 @@ fn store_config(args: &BenchArgs, dir: &Path, mode: FsyncMode) -> StoreConfig {
     let mut c = StoreConfig::new(dir);
     c.fsync = mode;
     c.index_memtable_bytes = args.index_memtable_mb << 20;
+    c.reconcile_window = args.reconcile_window;
     c
 }
 
@@ -771,6 +776,8 @@ fn rss_in_child(args: &BenchArgs, mode: FsyncMode) -> anyhow::Result<RunResult> 
         .arg(args.value_bytes.to_string())
         .arg("--index-memtable-mb")
         .arg(args.index_memtable_mb.to_string())
+        .arg("--reconcile-window")
+        .arg(args.reconcile_window.to_string())
         .arg("--dir")
         .arg(&args.dir)
         .stderr(std::process::Stdio::inherit())
