@@ -108,7 +108,9 @@ impl StoreConfig {
     pub const DEFAULT_SEGMENT_BYTES_MAX: u64 = 128 << 20;
     pub const DEFAULT_VALUE_BYTES_MAX: usize = 1 << 20;
     pub const DEFAULT_BATCH_OPS_MAX: usize = 10_000;
-    pub const DEFAULT_RECONCILE_WINDOW: usize = 1 << 14;
+    /// A `reconcile_window` for turning windows on: namespaces of up to 64 k keys keep
+    /// a quarter of their keys' worth, larger ones 16,384 symbols (768 KiB).
+    pub const RECONCILE_WINDOW_ON: usize = 1 << 14;
 
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
