@@ -100,7 +100,7 @@ pub struct StoreConfig {
     /// memory; a namespace keeps about a quarter as many as it has keys, at least 64).
     /// Differences up to about 70% of its window reconcile without a scan. 0 (the
     /// default, until nodes run anti-entropy) keeps none: keeping them costs about 12%
-    /// of batch ingest and, at 10 M keys, 55–80 MB more peak memory (bench/RESULTS.md).
+    /// of batch ingest and, at 10 M keys, ~40 MB more peak memory (bench/RESULTS.md).
     pub reconcile_window: usize,
 }
 

@@ -52,6 +52,9 @@ use crate::types::{Applied, ApplyOutcome, Condition, NamespaceState, WriteKind, 
 /// Acknowledged groups waiting for the indexer, at most (each holds at most
 /// `group_events_max` events, or one larger request).
 const INDEX_QUEUE_MAX: usize = 8;
+/// Indexed groups waiting for the window keeper, at most (each holds its keys and two
+/// index snapshots).
+const WINDOW_QUEUE_MAX: usize = 2;
 /// The longest the writer waits for stragglers before an fsync.
 const STRAGGLER_WAIT_MAX: Duration = Duration::from_millis(1);
 
@@ -892,7 +895,7 @@ fn run_indexer(shared: Arc<Shared>, rx: std_mpsc::Receiver<IndexMsg>) {
         index_groups(&shared, rx, None);
         return;
     }
-    let (window_tx, window_rx) = std_mpsc::sync_channel(INDEX_QUEUE_MAX);
+    let (window_tx, window_rx) = std_mpsc::sync_channel(WINDOW_QUEUE_MAX);
     let keeper = {
         let shared = shared.clone();
         std::thread::Builder::new()
