@@ -444,6 +444,24 @@ impl Store {
         ))
     }
 
+    /// Every item of `namespace` (each key at its current version), read from one
+    /// snapshot of the key index after every acknowledged write: for a difference
+    /// larger than the window, both sides build their symbols from these instead
+    /// ([`Window::build`], then [`asp_core::reconcile::Extension`]). One pass over the
+    /// namespace; works whether or not windows are kept.
+    pub fn reconcile_items(&self, namespace: &Namespace) -> Result<Vec<Item>, ReadError> {
+        let shared = &self.inner.shared;
+        shared.await_index().map_err(ReadError::Failed)?;
+        let item_key = shared.config.item_key;
+        let prefix = codec::index_prefix(namespace.as_str());
+        let snapshot = shared.index.snapshot();
+        let mut items = Vec::new();
+        shared.index.scan_at(&snapshot, &prefix, |k, entry| {
+            items.push(item_key.item(&k[prefix.len()..], &entry.version()));
+        })?;
+        Ok(items)
+    }
+
     /// The events that set the current state (value or tombstone) of the keys of
     /// `namespace` whose items start with one of `prefixes` (4 to 16 bytes of the key
     /// half of an item): what a peer that lacks those items is sent. At most `limit`

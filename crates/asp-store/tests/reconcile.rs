@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use asp_core::reconcile::{Decoder, Side, Symbol};
+use asp_core::reconcile::{Decoder, Extension, Side, Symbol, Window};
 use asp_core::{ContentType, Key, Namespace, NodeId};
 use asp_store::{Store, StoreConfig, WriteOp};
 use bytes::Bytes;
@@ -216,6 +216,15 @@ async fn the_window_kept_on_writes_equals_the_one_rebuilt_on_open() {
     let s = open(dir.path(), 1);
     let rebuilt = s.reconcile_window(&ns()).unwrap();
     assert_eq!(kept.symbols(), rebuilt.symbols());
+    // The items read from a snapshot give the same symbols, and more past the window.
+    let items = s.reconcile_items(&ns()).unwrap();
+    assert_eq!(items.len(), 500);
+    let from_items = Window::build(s.item_key(), kept.symbols().len(), &items, 2);
+    assert_eq!(from_items.symbols(), kept.symbols());
+    let mut more = Extension::new(s.item_key(), items.iter().copied(), 0);
+    for symbol in kept.symbols() {
+        assert_eq!(&more.next_symbol(), symbol);
+    }
     assert_eq!(kept.items(), rebuilt.items());
     assert_eq!(kept.items(), 500, "one item per key, tombstones included");
     assert_eq!(
