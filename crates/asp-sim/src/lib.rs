@@ -1403,26 +1403,14 @@ impl Sim {
         self.record(&[kind as u8]);
         match kind {
             // Partitions: symmetric, one-way, flapping, swizzle, isolation.
-            0..=14 => {
+            0..=24 => {
                 let heal = self.rng.range(100 * MS, 3 * SECOND);
                 self.schedule(
                     0,
                     Action::Partition {
                         a,
                         b,
-                        one_way: false,
-                        heal_after: heal,
-                    },
-                );
-            }
-            15..=24 => {
-                let heal = self.rng.range(100 * MS, 3 * SECOND);
-                self.schedule(
-                    0,
-                    Action::Partition {
-                        a,
-                        b,
-                        one_way: true,
+                        one_way: kind >= 15,
                         heal_after: heal,
                     },
                 );

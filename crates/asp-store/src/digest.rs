@@ -12,9 +12,13 @@
 
 use std::collections::HashMap;
 
-use asp_core::reconcile::Window;
+use asp_core::reconcile::{Item, ItemKey, Window};
 use asp_core::{Namespace, Version};
 use fjall::Slice;
+
+use crate::codec;
+use crate::error::ReadError;
+use crate::index::Index;
 
 /// The window length for a namespace of `keys` keys: a quarter of them, rounded up to a
 /// power of two, between 64 and `max`. Differences up to about a sixth of the keys
@@ -28,11 +32,48 @@ pub(crate) fn window_len(keys: i64, max: usize) -> usize {
         .min(max)
 }
 
-/// Every namespace's window, as of a feed position.
+/// One namespace's reconciliation state: its window and the keys it has held.
+pub(crate) struct Digest {
+    pub window: Window,
+    pub keys: KeyFilter,
+}
+
+impl Digest {
+    /// The digest of a namespace holding `items` (one per key), its window built on
+    /// up to `threads` threads.
+    pub fn of(item_key: ItemKey, items: &[Item], max: usize, threads: usize) -> Digest {
+        let len = window_len(items.len() as i64, max);
+        let mut keys = KeyFilter::default();
+        for item in items {
+            keys.insert(item[..16].try_into().expect("16 bytes"));
+        }
+        Digest {
+            window: Window::build(item_key, len, items, threads),
+            keys,
+        }
+    }
+}
+
+/// Every namespace's digest, as of a feed position.
 pub(crate) struct Windows {
-    pub by_namespace: HashMap<Namespace, Window>,
+    pub by_namespace: HashMap<Namespace, Digest>,
     /// The feed position the windows reflect.
     pub seq: u64,
+}
+
+/// Every item of `namespace` (each key at its version) as of `snapshot`.
+pub(crate) fn namespace_items(
+    index: &Index,
+    snapshot: &fjall::Snapshot,
+    item_key: ItemKey,
+    namespace: &str,
+) -> Result<Vec<Item>, ReadError> {
+    let prefix = codec::index_prefix(namespace);
+    let mut items = Vec::new();
+    index.scan_at(snapshot, &prefix, |k, entry| {
+        items.push(item_key.item(&k[prefix.len()..], &entry.version()));
+    })?;
+    Ok(items)
 }
 
 /// What one indexed group changed: each key written (its index key) with its new

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use asp_core::reconcile::{Item, ItemKey, Window};
 
-use crate::digest::{KeyFilter, Windows, window_len};
+use crate::digest::{Digest, Windows, namespace_items, window_len};
 use asp_core::session::NamespaceSummary;
 use asp_core::{Event, HlcClock, Key, Namespace, NodeId, Op, lww_wins};
 use fjall::Slice;
@@ -127,7 +127,7 @@ impl Store {
             report.index_rebuilt = true;
         }
         let (replayed, hlc) = replay(&log, &index, &mut state)?;
-        let (windows, key_filters) = build_digests(&index, &config)?;
+        let digests = build_digests(&index, &config)?;
         index.clamp_checkpoints(log.last_seq())?;
         report.replayed_events = replayed;
 
@@ -160,9 +160,8 @@ impl Store {
             indexed_tx: watch::channel(head.seq).0,
             progress_changed: Condvar::new(),
             namespaces: RwLock::new(state.namespaces.clone()),
-            key_filters: Mutex::new(key_filters),
             windows: Mutex::new(Windows {
-                by_namespace: windows,
+                by_namespace: digests,
                 seq: head.seq,
             }),
             windows_changed: Condvar::new(),
@@ -440,7 +439,7 @@ impl Store {
                     window_len(0, shared.config.reconcile_window),
                 )
             },
-            Window::clone,
+            |d| d.window.clone(),
         ))
     }
 
@@ -452,14 +451,13 @@ impl Store {
     pub fn reconcile_items(&self, namespace: &Namespace) -> Result<Vec<Item>, ReadError> {
         let shared = &self.inner.shared;
         shared.await_index().map_err(ReadError::Failed)?;
-        let item_key = shared.config.item_key;
-        let prefix = codec::index_prefix(namespace.as_str());
         let snapshot = shared.index.snapshot();
-        let mut items = Vec::new();
-        shared.index.scan_at(&snapshot, &prefix, |k, entry| {
-            items.push(item_key.item(&k[prefix.len()..], &entry.version()));
-        })?;
-        Ok(items)
+        namespace_items(
+            &shared.index,
+            &snapshot,
+            shared.config.item_key,
+            namespace.as_str(),
+        )
     }
 
     /// The events that set the current state (value or tombstone) of the keys of
@@ -823,15 +821,14 @@ impl FeedReader {
 
 /// Brings the index up to date with the log. Returns how many events were replayed and
 /// the newest clock reading seen.
-/// Builds every namespace's reconciliation window and key filter from the key index:
-/// one pass over all keys.
-#[allow(clippy::type_complexity)]
+/// Builds every namespace's reconciliation digest from the key index: one pass over
+/// all keys.
 fn build_digests(
     index: &Index,
     config: &StoreConfig,
-) -> Result<(HashMap<Namespace, Window>, HashMap<Namespace, KeyFilter>), OpenError> {
+) -> Result<HashMap<Namespace, Digest>, OpenError> {
     if config.reconcile_window == 0 {
-        return Ok((HashMap::new(), HashMap::new()));
+        return Ok(HashMap::new());
     }
     let started = Instant::now();
     let mut items: HashMap<String, Vec<Item>> = HashMap::new();
@@ -863,32 +860,25 @@ fn build_digests(
             reason,
         });
     }
-    let mut windows = HashMap::new();
-    let mut filters = HashMap::new();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut digests = HashMap::new();
     let mut keys = 0;
     for (namespace, items) in items {
         let namespace = Namespace::new(&namespace).map_err(|e| OpenError::Corrupt {
             path: "index".into(),
             reason: format!("bad namespace in the key index: {e}"),
         })?;
-        let len = window_len(items.len() as i64, config.reconcile_window);
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let window = Window::build(config.item_key, len, &items, threads);
-        let mut filter = KeyFilter::default();
-        for item in &items {
-            filter.insert(item[..16].try_into().expect("16 bytes"));
-        }
         keys += items.len();
-        windows.insert(namespace.clone(), window);
-        filters.insert(namespace, filter);
+        let digest = Digest::of(config.item_key, &items, config.reconcile_window, threads);
+        digests.insert(namespace, digest);
     }
     tracing::info!(
         keys,
-        namespaces = windows.len(),
+        namespaces = digests.len(),
         ms = started.elapsed().as_millis() as u64,
         "reconciliation windows built"
     );
-    Ok((windows, filters))
+    Ok(digests)
 }
 
 fn replay(

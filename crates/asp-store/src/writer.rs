@@ -35,7 +35,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use asp_core::reconcile::{Item, Window};
 
-use crate::digest::{KeyFilter, Old, WindowMsg, Windows, window_len};
+use crate::digest::{Digest, Old, WindowMsg, Windows, namespace_items, window_len};
 use asp_core::{Dot, Event, Hlc, HlcClock, Namespace, NodeId, lww_wins};
 use fjall::Slice;
 use tokio::sync::{OwnedSemaphorePermit, oneshot, watch};
@@ -114,10 +114,9 @@ pub(crate) struct Shared {
     pub progress_changed: Condvar,
     /// Each namespace's vector and newest clock reading, as of the indexed head.
     pub namespaces: RwLock<HashMap<Namespace, NamespaceState>>,
-    /// Each namespace's filter of keys ever held (kept by the indexer).
-    pub key_filters: Mutex<HashMap<Namespace, KeyFilter>>,
-    /// Each namespace's reconciliation symbols over its keys' current versions (kept by
-    /// the window keeper, a little behind the indexer); `windows_changed` tells when.
+    /// Each namespace's reconciliation symbols over its keys' current versions and
+    /// filter of keys held (kept by the window keeper, a little behind the indexer);
+    /// `windows_changed` tells when.
     pub windows: Mutex<Windows>,
     pub windows_changed: Condvar,
     /// Set on the first storage failure; the store then refuses writes.
@@ -661,11 +660,7 @@ impl Writer {
             return;
         }
         let node_id = self.shared.node_id;
-        let first_counter = self
-            .namespaces
-            .get(&w.namespace)
-            .map_or(0, |s| s.vector.max_counter(node_id))
-            + 1;
+        let first_counter = self.next_counter(&w.namespace);
         let last = w.ops.len() - 1;
         let mut applied = Vec::with_capacity(w.ops.len());
         let mut hlc = Hlc::ZERO;
@@ -754,6 +749,14 @@ impl Writer {
         });
     }
 
+    /// The counter this node's next event in `namespace` gets.
+    fn next_counter(&self, namespace: &Namespace) -> u64 {
+        self.namespaces
+            .get(namespace)
+            .map_or(0, |s| s.vector.max_counter(self.shared.node_id))
+            + 1
+    }
+
     /// Checks every condition of a request against the state it would see: earlier
     /// operations of the same request, earlier requests of this group, then the index.
     fn check_conditions(&self, w: &WriteRequest, g: &Group) -> Result<(), WriteError> {
@@ -761,11 +764,7 @@ impl Writer {
             return Ok(());
         }
         let node_id = self.shared.node_id;
-        let first_counter = self
-            .namespaces
-            .get(&w.namespace)
-            .map_or(0, |s| s.vector.max_counter(node_id))
-            + 1;
+        let first_counter = self.next_counter(&w.namespace);
         // Key -> (dot, live) as left by earlier operations of this request.
         let mut local: HashMap<&str, (Dot, bool)> = HashMap::new();
         for (i, op) in w.ops.iter().enumerate() {
@@ -930,24 +929,21 @@ fn run_window_keeper(shared: Arc<Shared>, rx: std_mpsc::Receiver<WindowMsg>) {
 fn keep_windows(shared: &Shared, msg: WindowMsg) -> Result<(), String> {
     let item_key = shared.config.item_key;
     let size = shared.config.reconcile_window;
-    let mut filters = shared.key_filters.lock().unwrap();
     let mut windows = shared.windows.lock().unwrap();
-    let mut added: HashMap<Namespace, Vec<Item>> = HashMap::new();
+    let mut added: HashMap<&str, Vec<Item>> = HashMap::new();
     for (index_key, version, old) in &msg.changes {
         let (namespace, key) = codec::split_index_key(index_key)
             .ok_or_else(|| "a malformed key in an index update".to_string())?;
-        if !filters.contains_key(namespace) {
-            let namespace = Namespace::new(namespace).map_err(|e| e.to_string())?;
-            filters.insert(namespace.clone(), KeyFilter::default());
-            windows
-                .by_namespace
-                .insert(namespace, Window::new(item_key, window_len(0, size)));
+        if !windows.by_namespace.contains_key(namespace) {
+            let name = Namespace::new(namespace).map_err(|e| e.to_string())?;
+            let empty = Digest::of(item_key, &[], size, 1);
+            windows.by_namespace.insert(name, empty);
         }
-        let filter = filters.get_mut(namespace).expect("just inserted");
+        let digest = windows.by_namespace.get_mut(namespace).expect("just made");
         let key_hash = item_key.key_hash(key);
         let old = match old {
             Old::Known(old) => *old,
-            Old::Unknown if filter.may_contain(&key_hash) => shared
+            Old::Unknown if digest.keys.may_contain(&key_hash) => shared
                 .index
                 .get_at(&msg.before, index_key)
                 .map_err(|e| e.to_string())?
@@ -955,44 +951,29 @@ fn keep_windows(shared: &Shared, msg: WindowMsg) -> Result<(), String> {
             Old::Unknown => None,
         };
         let new = item_key.item_with_key_hash(&key_hash, key, version);
-        let window = windows
-            .by_namespace
-            .get_mut(namespace)
-            .expect("created with the filter");
         match old {
-            Some(old) => window.replace(&item_key.item_with_key_hash(&key_hash, key, &old), &new),
+            Some(old) => digest
+                .window
+                .replace(&item_key.item_with_key_hash(&key_hash, key, &old), &new),
             None => {
-                filter.insert(&key_hash);
-                match added.get_mut(namespace) {
-                    Some(items) => items.push(new),
-                    None => {
-                        let namespace = filters.get_key_value(namespace).expect("present").0;
-                        added.insert(namespace.clone(), vec![new]);
-                    }
-                }
+                digest.keys.insert(&key_hash);
+                added.entry(namespace).or_default().push(new);
             }
         }
     }
     for (namespace, items) in added {
-        let window = windows
+        let window = &mut windows
             .by_namespace
-            .get_mut(&namespace)
-            .expect("created with the filter");
+            .get_mut(namespace)
+            .expect("made above")
+            .window;
         window.add_all(&items);
         // Grown past its window: rebuild it, longer, from the index as of this group.
         let len = window_len(window.items(), size);
         if len > window.symbols().len() {
-            let mut grown = Window::new(item_key, len);
-            let prefix = codec::index_prefix(namespace.as_str());
-            let mut items = Vec::with_capacity(window.items().max(0) as usize);
-            shared
-                .index
-                .scan_at(&msg.after, &prefix, |k, entry| {
-                    items.push(item_key.item(&k[prefix.len()..], &entry.version()));
-                })
+            let items = namespace_items(&shared.index, &msg.after, item_key, namespace)
                 .map_err(|e| e.to_string())?;
-            grown.add_all(&items);
-            *window = grown;
+            *window = Window::build(item_key, len, &items, 1);
         }
     }
     windows.seq = msg.seq;
@@ -1051,8 +1032,8 @@ fn apply_to_index(
 ) -> Result<(), String> {
     let index = &shared.index;
     let keep_windows = window_tx.is_some();
-    let mut batch = index.batch(2 * msg.updates.len() + 2 + 2 * msg.namespaces.len());
-    let mut changes = Vec::with_capacity(msg.updates.len());
+    let mut batch = index.batch(msg.updates.len() + 2 + 2 * msg.namespaces.len());
+    let mut changes = Vec::with_capacity(if keep_windows { msg.updates.len() } else { 0 });
     for update in &msg.updates {
         let old = if update.merge {
             // An event from a peer may be older than what the key holds.

@@ -58,8 +58,28 @@ pub struct AspRun {
 pub struct Sets {
     pub initiator: Vec<Item>,
     pub responder: Vec<Item>,
+    /// The differences, sorted.
     pub only_initiator: Vec<Item>,
     pub only_responder: Vec<Item>,
+}
+
+impl Sets {
+    /// Fails unless `have` (the initiator's own) and `need` (the responder's) are
+    /// exactly the sets' difference, in any order.
+    fn check(&self, system: &str, mut have: Vec<Item>, mut need: Vec<Item>) -> anyhow::Result<()> {
+        have.sort_unstable();
+        need.sort_unstable();
+        if have != self.only_initiator || need != self.only_responder {
+            bail!(
+                "{system} found {} + {} differences, not the {} + {}",
+                have.len(),
+                need.len(),
+                self.only_initiator.len(),
+                self.only_responder.len()
+            );
+        }
+        Ok(())
+    }
 }
 
 /// `items` per side, `d` of them different (scattered: random ids).
@@ -70,8 +90,8 @@ pub fn sets(items: usize, d: usize, seed: u64) -> Sets {
         rng.fill(&mut item[..]);
         item
     };
-    let only_initiator: Vec<Item> = (0..d / 2).map(|_| random()).collect();
-    let only_responder: Vec<Item> = (0..d - d / 2).map(|_| random()).collect();
+    let mut only_initiator: Vec<Item> = (0..d / 2).map(|_| random()).collect();
+    let mut only_responder: Vec<Item> = (0..d - d / 2).map(|_| random()).collect();
     let shared = items - d.div_ceil(2).max(d / 2);
     let mut initiator: Vec<Item> = (0..shared).map(|_| random()).collect();
     let mut responder = initiator.clone();
@@ -83,6 +103,8 @@ pub fn sets(items: usize, d: usize, seed: u64) -> Sets {
         initiator.push(extra);
         responder.push(extra);
     }
+    only_initiator.sort_unstable();
+    only_responder.sort_unstable();
     Sets {
         initiator,
         responder,
@@ -210,21 +232,7 @@ pub fn asp_run(initiator: &Window, responder: &Window, sets: &Sets) -> anyhow::R
         }
     }
     bytes_initiator += FRAME_HEADER + 4 + (need.len() * NEED_PREFIX) as u64;
-    need.sort_unstable();
-    have.sort_unstable();
-    let mut want_need = sets.only_responder.clone();
-    let mut want_have = sets.only_initiator.clone();
-    want_need.sort_unstable();
-    want_have.sort_unstable();
-    if need != want_need || have != want_have {
-        bail!(
-            "asp found {} + {} differences, not the {} + {}",
-            need.len(),
-            have.len(),
-            want_need.len(),
-            want_have.len()
-        );
-    }
+    sets.check("asp", have, need)?;
     Ok(AspRun {
         round_trips: 1,
         symbols: decoder.symbols(),
@@ -291,23 +299,7 @@ pub fn run(items: usize, diffs: &[usize], repeat: usize) -> anyhow::Result<Strin
             eprintln!("reconcile: d = {d}: run {} of {repeat}", rep + 1);
             let mut run_neg = || -> anyhow::Result<()> {
                 let r = crate::bench_negentropy::run(&sets.initiator, &sets.responder, None)?;
-                let mut have = r.have.clone();
-                let mut need = r.need.clone();
-                have.sort_unstable();
-                need.sort_unstable();
-                let mut want_have = sets.only_initiator.clone();
-                let mut want_need = sets.only_responder.clone();
-                want_have.sort_unstable();
-                want_need.sort_unstable();
-                if have != want_have || need != want_need {
-                    bail!(
-                        "negentropy found {} + {} differences, not {} + {}",
-                        have.len(),
-                        need.len(),
-                        want_have.len(),
-                        want_need.len()
-                    );
-                }
+                sets.check("negentropy", r.have.clone(), r.need.clone())?;
                 negentropy_builds.push(r.build_initiator);
                 negentropy_builds.push(r.build_responder);
                 neg.push(r);
