@@ -1075,6 +1075,25 @@ fn replication_status(r: &asp_node::ReplicationStatus) -> serde_json::Value {
                     "lag_ms": n.lag_ms,
                     "missing_events": n.missing_events,
                 })).collect::<Vec<_>>(),
+                "reconcile": {
+                    "runs": p.reconcile.runs,
+                    "in_sync_checks": p.reconcile.in_sync_checks,
+                    "keys_repaired": p.reconcile.keys_repaired,
+                    "handovers": p.reconcile.handovers,
+                    "transfers": p.reconcile.transfers,
+                    "last": p.reconcile.last.as_ref().map(|l| serde_json::json!({
+                        "namespace": l.namespace.as_str(),
+                        "mode": l.mode,
+                        "trigger": l.trigger,
+                        "outcome": l.outcome,
+                        "symbols": l.symbols,
+                        "differences": l.differences,
+                        "keys_repaired": l.keys_repaired,
+                        "duration_ms": l.duration.as_millis() as u64,
+                        "ms_ago": l.at.elapsed().as_millis() as u64,
+                        "error": l.error,
+                    })),
+                },
             })
         })
         .collect();

@@ -38,6 +38,9 @@ pub struct ReplicationConfig {
     pub links_max: usize,
     /// How often each side re-sends its summary (for lag figures).
     pub summary_interval: Duration,
+    /// How often a node compares each namespace's digest with each peer's and, where
+    /// they differ on an idle link, reconciles (zero: never).
+    pub anti_entropy_interval: Duration,
     /// The protocol versions offered; only tests change them.
     pub version_min: u16,
     pub version_max: u16,
@@ -62,6 +65,7 @@ impl ReplicationConfig {
             backoff_max: Duration::from_secs(10),
             links_max: 256,
             summary_interval: Duration::from_secs(1),
+            anti_entropy_interval: Duration::from_secs(60),
             version_min: PROTOCOL_VERSION_MIN,
             version_max: PROTOCOL_VERSION_MAX,
         }

@@ -15,6 +15,6 @@ mod replicator;
 
 pub use config::{DEFAULT_PEER_PORT, ReplicationConfig};
 pub use replicator::{
-    Direction, LinkState, NamespaceLag, PeerStatus, Refusal, ReplicationStatus, Replicator,
-    StartError,
+    Direction, LastReconcile, LinkState, NamespaceLag, PeerStatus, ReconcileStats, Refusal,
+    ReplicationStatus, Replicator, StartError,
 };

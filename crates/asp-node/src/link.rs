@@ -21,6 +21,9 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::replicator::{self, Direction, Inner, error_pair, peer_labels, wall_ms};
 
+#[path = "reconcile.rs"]
+mod reconcile;
+
 /// Events per frame, at most (frames are also bounded in bytes).
 const EVENTS_PER_FRAME_MAX: usize = 10_000;
 /// Bytes read from the socket at a time.
@@ -43,6 +46,8 @@ struct Applying {
     answer: oneshot::Receiver<Result<ApplyOutcome, WriteError>>,
     last_seq: u64,
     bytes: u64,
+    /// The reconciliation run of a `Repair` batch (`None`: a feed batch).
+    repair: Option<u32>,
 }
 
 fn session_config(inner: &Inner) -> SessionConfig {
@@ -102,6 +107,7 @@ struct Link {
     /// Received batches in the store's queue, oldest first: acknowledgements go out in
     /// this order.
     applying: std::collections::VecDeque<Applying>,
+    reconciler: reconcile::Reconciler,
     end: Option<LinkEnd>,
 }
 
@@ -124,6 +130,7 @@ impl Link {
             out,
             socket: None,
             applying: std::collections::VecDeque::new(),
+            reconciler: reconcile::Reconciler::default(),
             end: None,
         }
     }
@@ -139,6 +146,15 @@ impl Link {
         let mut head = self.inner.store.subscribe();
         let mut summary_tick = tokio::time::interval(self.inner.config.summary_interval);
         summary_tick.tick().await;
+        let ae_interval = self.inner.config.anti_entropy_interval;
+        let ae_enabled = !ae_interval.is_zero();
+        let mut ae_tick = tokio::time::interval(if ae_enabled {
+            ae_interval
+        } else {
+            std::time::Duration::from_secs(3600)
+        });
+        ae_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ae_tick.tick().await;
         let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
         let mut close_pending = true;
         let send_queue_max = self.inner.config.send_queue_bytes_max;
@@ -150,9 +166,12 @@ impl Link {
             if self.session.is_closed() {
                 break;
             }
-            if self.session.can_send()
-                && !self.caught_up
-                && self.queued.load(Ordering::Acquire) < send_queue_max
+            let room = self.queued.load(Ordering::Acquire) < send_queue_max;
+            if room && self.reconciler.has_work(self.session.credit()) {
+                self.reconcile_step().await;
+                continue;
+            }
+            if self.session.can_send() && !self.caught_up && !self.reconciler.holds_stream() && room
             {
                 self.send_some();
                 continue;
@@ -171,8 +190,9 @@ impl Link {
                 () = sleep_until(deadline) => self.session.handle_timeout(Instant::now()),
                 answer = async { (&mut self.applying.front_mut().expect("checked").answer).await }, if !self.applying.is_empty() => {
                     let done = self.applying.pop_front().expect("checked");
-                    self.completed(done.last_seq, done.bytes, answer.unwrap_or(Err(WriteError::Closed)));
+                    self.completed(done, answer.unwrap_or(Err(WriteError::Closed)));
                 }
+                _ = ae_tick.tick(), if ae_enabled => self.anti_entropy_tick(),
                 changed = head.changed(), if self.caught_up => {
                     if changed.is_ok() {
                         self.caught_up = false;
@@ -285,6 +305,7 @@ impl Link {
                     tracing::info!(peer = %peer, address = %self.address, direction = self.direction.name(), resume_after = checkpoint, "peer link up");
                 }
                 SessionEvent::PeerSummary(summary) => {
+                    self.check_handover(&summary);
                     if let Some(peer) = self.peer
                         && let Some(record) =
                             self.inner.registry.lock().unwrap().peers.get_mut(&peer)
@@ -310,15 +331,13 @@ impl Link {
                             record.events_received += events.len() as u64;
                         }
                     }
-                    match self.inner.store.enqueue_remote(events).await {
-                        Ok(answer) => self.applying.push_back(Applying {
-                            answer,
-                            last_seq,
-                            bytes,
-                        }),
-                        Err(e) => self.completed(last_seq, bytes, Err(e)),
-                    }
+                    self.enqueue(events, last_seq, bytes, None).await;
                 }
+                SessionEvent::Repair { id, events, bytes } => {
+                    self.repair_received(id, events.len());
+                    self.enqueue(events, 0, bytes, Some(id)).await;
+                }
+                SessionEvent::Reconcile(frame) => self.reconcile_frame(frame).await,
                 SessionEvent::Acked { through_seq } => {
                     if let Some(peer) = self.peer {
                         if let Some(record) =
@@ -439,10 +458,53 @@ impl Link {
         }
     }
 
-    fn completed(&mut self, last_seq: u64, bytes: u64, result: Result<ApplyOutcome, WriteError>) {
+    /// Queues received events (a feed batch, or repairs of run `repair`) into the store.
+    async fn enqueue(
+        &mut self,
+        events: Vec<Event>,
+        last_seq: u64,
+        bytes: u64,
+        repair: Option<u32>,
+    ) {
+        let entry = |answer| Applying {
+            answer,
+            last_seq,
+            bytes,
+            repair,
+        };
+        match self.inner.store.enqueue_remote(events).await {
+            Ok(answer) => self.applying.push_back(entry(answer)),
+            Err(e) => {
+                let (_, rx) = oneshot::channel();
+                self.completed(entry(rx), Err(e));
+            }
+        }
+    }
+
+    /// Waits until every received batch is applied (handling each outcome).
+    async fn drain_applying(&mut self) {
+        while let Some(mut front) = self.applying.pop_front() {
+            let answer = (&mut front.answer).await;
+            self.completed(front, answer.unwrap_or(Err(WriteError::Closed)));
+        }
+    }
+
+    fn completed(&mut self, done: Applying, result: Result<ApplyOutcome, WriteError>) {
         let now = Instant::now();
+        let Applying {
+            last_seq,
+            bytes,
+            repair,
+            ..
+        } = done;
         match result {
-            Ok(_) => self.session.applied(last_seq, bytes, now),
+            Ok(outcome) => match repair {
+                Some(id) => {
+                    self.session.repaired(bytes, now);
+                    self.repaired(id, outcome.applied);
+                }
+                None => self.session.applied(last_seq, bytes, now),
+            },
             Err(WriteError::ClockSkew(message)) => {
                 self.session.close(ErrorCode::ClockSkew, message, now)
             }

@@ -17,8 +17,18 @@ pub(crate) struct LagLabels {
     pub namespace: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ReconcileLabels {
+    pub peer: String,
+    pub outcome: String,
+}
+
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Metrics {
+    pub reconcile_runs: Family<ReconcileLabels, Counter>,
+    pub reconcile_in_sync: Family<PeerLabels, Counter>,
+    pub keys_repaired: Family<PeerLabels, Counter>,
+    pub reconcile_symbols: Family<PeerLabels, Counter>,
     pub peers_connected: Gauge,
     pub events_sent: Family<PeerLabels, Counter>,
     pub events_received: Family<PeerLabels, Counter>,
@@ -48,6 +58,26 @@ impl Metrics {
             "asp_peer_link_errors",
             "Peer links that ended with an error",
             self.link_errors.clone(),
+        );
+        registry.register(
+            "asp_reconcile_runs",
+            "Reconciliations with each peer, by outcome",
+            self.reconcile_runs.clone(),
+        );
+        registry.register(
+            "asp_reconcile_in_sync",
+            "Anti-entropy checks that found a namespace's digest equal to the peer's",
+            self.reconcile_in_sync.clone(),
+        );
+        registry.register(
+            "asp_reconcile_keys_repaired",
+            "Keys whose state this node took from each peer by reconciliation",
+            self.keys_repaired.clone(),
+        );
+        registry.register(
+            "asp_reconcile_symbols",
+            "Coded symbols exchanged with each peer (sent and received)",
+            self.reconcile_symbols.clone(),
         );
         registry.register(
             "asp_peer_lag_events",

@@ -109,6 +109,7 @@ pub struct PeerStatus {
     pub events_sent: u64,
     pub events_received: u64,
     pub namespaces: Vec<NamespaceLag>,
+    pub reconcile: ReconcileStats,
 }
 
 /// The replicator's state for status pages.
@@ -156,6 +157,42 @@ pub(crate) struct PeerRecord {
     pub events_sent: u64,
     pub events_received: u64,
     pub address: Option<String>,
+    pub reconcile: ReconcileStats,
+}
+
+/// Reconciliation with one peer, for status.
+#[derive(Clone, Debug, Default)]
+pub struct ReconcileStats {
+    /// Runs ended (both directions: started by this node or by the peer).
+    pub runs: u64,
+    /// Anti-entropy checks that found a namespace in sync (equal digests).
+    pub in_sync_checks: u64,
+    /// Keys whose state this node took from the peer by reconciliation.
+    pub keys_repaired: u64,
+    /// Handovers to the peer completed: it lacked events compacted out of this node's
+    /// feed, was brought up to date by reconciliation, and the stream skipped ahead.
+    pub handovers: u64,
+    /// Runs (of this node's) that sent a whole namespace to a peer holding none of it.
+    pub transfers: u64,
+    pub last: Option<LastReconcile>,
+}
+
+/// The last reconciliation run with a peer.
+#[derive(Clone, Debug)]
+pub struct LastReconcile {
+    pub namespace: Namespace,
+    pub mode: &'static str,
+    pub trigger: &'static str,
+    pub outcome: &'static str,
+    /// Coded symbols sent (by the initiator) or decoded (by the responder).
+    pub symbols: u64,
+    /// Keys found to differ.
+    pub differences: u64,
+    /// Keys this node took from the peer in this run.
+    pub keys_repaired: u64,
+    pub duration: Duration,
+    pub at: Instant,
+    pub error: Option<String>,
 }
 
 /// What a dialer is doing, for peers not connected yet.
@@ -356,6 +393,7 @@ impl Replicator {
                 events_sent: record.events_sent,
                 events_received: record.events_received,
                 namespaces: lag(&self.inner.store, &mine, &record.summary, record.acked_seq),
+                reconcile: record.reconcile.clone(),
             });
         }
         // Configured peers never reached, and links still in their handshake.
@@ -383,6 +421,7 @@ impl Replicator {
                     events_sent: 0,
                     events_received: 0,
                     namespaces: Vec::new(),
+                    reconcile: ReconcileStats::default(),
                 });
             }
         }

@@ -385,6 +385,8 @@ impl StoreModel {
                 namespace: ns.clone(),
                 max_hlc: self.max_hlc.get(ns).copied().unwrap_or(Hlc::ZERO),
                 vector: vector.clone(),
+                // The model keeps no reconciliation symbols (nothing here reconciles).
+                digest: None,
             })
             .collect()
     }
@@ -1217,6 +1219,11 @@ impl Sim {
                 }
             }
             SessionEvent::PeerSummary(_) | SessionEvent::PeerHead { .. } => {}
+            SessionEvent::Reconcile(_) | SessionEvent::Repair { .. } => {
+                return Err(format!(
+                    "node {node}: a reconciliation frame, which no simulated node sends"
+                ));
+            }
             SessionEvent::Closed(reason) => {
                 self.record(reason.code.name().as_bytes());
                 if matches!(
@@ -1720,5 +1727,11 @@ fn frame_tag(frame: &Frame) -> u8 {
         Frame::Ack { .. } => 5,
         Frame::Credit { .. } => 6,
         Frame::Heartbeat { .. } => 7,
+        Frame::ReconcileStart { .. } => 8,
+        Frame::ReconcileSymbols { .. } => 9,
+        Frame::ReconcileCredit { .. } => 10,
+        Frame::ReconcileEnd { .. } => 11,
+        Frame::Repair { .. } => 12,
+        Frame::RepairEnd { .. } => 13,
     }
 }

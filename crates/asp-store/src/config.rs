@@ -1,12 +1,13 @@
 //! Store settings, with the defaults a node runs on when nothing is configured.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use asp_core::NodeId;
 use asp_core::reconcile::ItemKey;
+use asp_core::{Namespace, NodeId};
 
 /// When the writer makes the feed durable with `fdatasync`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,6 +103,21 @@ pub struct StoreConfig {
     /// default, until nodes run anti-entropy) keeps none: keeping them costs about 12%
     /// of batch ingest and, at 10 M keys, ~40 MB more peak memory (bench/RESULTS.md).
     pub reconcile_window: usize,
+    /// Compaction ([`crate::Store::compact`]) drops a superseded event only once it is
+    /// at least this old (its clock reading against this node's wall clock), so that
+    /// change-feed consumers and peers that are behind by less than this still see
+    /// every version. Default 7 days.
+    pub compaction_retention_ms: u64,
+    /// Per-namespace overrides of `compaction_retention_ms` (namespace name → ms).
+    pub compaction_namespace_retention_ms: BTreeMap<String, u64>,
+    /// When above 0, compaction leaves alone every segment that holds any of the newest
+    /// this many bytes of log. 0 (the default) turns the rule off.
+    pub compaction_retention_bytes: u64,
+    /// A sealed segment is compacted only if at least this fraction of its records are
+    /// superseded (or stale copies): below it, copying the live records forward would
+    /// rewrite most of the log again and again for little space. Between 0 (exclusive)
+    /// and 1; default 0.5.
+    pub compaction_dead_ratio: f64,
 }
 
 impl StoreConfig {
@@ -111,6 +127,8 @@ impl StoreConfig {
     /// A `reconcile_window` for turning windows on: namespaces of up to 64 k keys keep
     /// a quarter of their keys' worth, larger ones 16,384 symbols (768 KiB).
     pub const RECONCILE_WINDOW_ON: usize = 1 << 14;
+    pub const DEFAULT_COMPACTION_RETENTION_MS: u64 = 7 * 24 * 60 * 60 * 1000;
+    pub const DEFAULT_COMPACTION_DEAD_RATIO: f64 = 0.5;
 
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
@@ -129,8 +147,21 @@ impl StoreConfig {
             index_cache_bytes: 32 << 20,
             index_memtable_bytes: 8 << 20,
             item_key: ItemKey::new(*b"asp item key v1!"),
-            reconcile_window: 0,
+            reconcile_window: Self::RECONCILE_WINDOW_ON,
+            compaction_retention_ms: Self::DEFAULT_COMPACTION_RETENTION_MS,
+            compaction_namespace_retention_ms: BTreeMap::new(),
+            compaction_retention_bytes: 0,
+            compaction_dead_ratio: Self::DEFAULT_COMPACTION_DEAD_RATIO,
         }
+    }
+
+    /// How long superseded events of `namespace` are kept before compaction may drop
+    /// them.
+    pub fn compaction_retention_ms_of(&self, namespace: &str) -> u64 {
+        self.compaction_namespace_retention_ms
+            .get(namespace)
+            .copied()
+            .unwrap_or(self.compaction_retention_ms)
     }
 
     /// Checks the settings against each other; the message says what to change.
@@ -170,6 +201,20 @@ impl StoreConfig {
                 1 << 20,
                 self.reconcile_window
             ));
+        }
+        // Written so that NaN fails too.
+        if !(self.compaction_dead_ratio > 0.0 && self.compaction_dead_ratio <= 1.0) {
+            return Err(format!(
+                "compaction_dead_ratio must be above 0 and at most 1; got {}",
+                self.compaction_dead_ratio
+            ));
+        }
+        for name in self.compaction_namespace_retention_ms.keys() {
+            if let Err(e) = Namespace::new(name) {
+                return Err(format!(
+                    "compaction_namespace_retention_ms names {name:?}, which is not a valid namespace: {e}"
+                ));
+            }
         }
         Ok(())
     }

@@ -3,11 +3,15 @@
 //!
 //! The feed is our own segmented append-only log and the source of truth; the key index
 //! (fjall) is derived from it, never fsynced on the write path, and brought up to date
-//! from the log when the store opens. See `docs/ARCHITECTURE.md` for the invariants.
+//! from the log when the store opens. Compaction ([`Store::compact`]) copies live
+//! events forward and deletes whole segments; `base.vv` records, per namespace, the
+//! dots the log no longer holds. See `docs/ARCHITECTURE.md` for the invariants.
 //!
 //! This crate knows no network protocol and no JSON request shapes.
 
+mod base;
 mod codec;
+mod compact;
 mod config;
 mod digest;
 mod error;
@@ -21,6 +25,7 @@ mod types;
 mod writer;
 
 pub use codec::VALUE_BYTES_LIMIT;
+pub use compact::{CompactionError, CompactionReport};
 pub use config::{FSYNC_INTERVAL_MS_MAX, FsyncMode, FsyncModeError, StoreConfig};
 pub use error::{OpenError, ReadError, WriteError};
 pub use log::{FeedHead, TornTail};

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use asp_core::RangeSet;
 use bytes::Bytes;
 
 use crate::codec::{self, FLAG_TXN_END, FRAME_HEADER_BYTES, Frame, Record};
@@ -122,8 +123,10 @@ fn io_open(context: impl Into<String>) -> impl FnOnce(io::Error) -> OpenError {
 }
 
 impl Log {
-    /// Opens (or creates) the log in `dir`, cutting off a torn tail.
-    pub fn open(dir: &Path) -> Result<(Log, Recovery), OpenError> {
+    /// Opens (or creates) the log in `dir`, cutting off a torn tail. Between segments
+    /// there may be gaps, but only of positions in `removed` (whose segments compaction
+    /// removed): any other gap means a lost segment file, and is refused.
+    pub fn open(dir: &Path, removed: &RangeSet) -> Result<(Log, Recovery), OpenError> {
         fs::create_dir_all(dir).map_err(io_open(format!("cannot create {}", dir.display())))?;
         let mut bases = Vec::new();
         for entry in fs::read_dir(dir).map_err(io_open(format!("cannot list {}", dir.display())))? {
@@ -145,10 +148,12 @@ impl Log {
 
         let mut recovery = Recovery::default();
         let mut segments = Vec::with_capacity(bases.len().max(1));
-        let mut expected_base = bases.first().copied().unwrap_or(1);
+        // Segments follow each other without gaps, except where compaction removed
+        // whole segments: any other gap is a lost segment file.
+        let mut expected_base = 1;
         for (i, &base) in bases.iter().enumerate() {
             let path = dir.join(segment_name(base));
-            if base != expected_base {
+            if base < expected_base {
                 return Err(corrupt(
                     &path,
                     format!(
@@ -156,6 +161,22 @@ impl Log {
                         expected_base - 1
                     ),
                 ));
+            }
+            if base > expected_base
+                && !RangeSet::from_ranges([(expected_base, base - 1)]).is_subset(removed)
+            {
+                let reason = match i {
+                    0 => format!(
+                        "the log starts at sequence {base}, but compaction removed no segment \
+                         before it: a segment file is missing"
+                    ),
+                    _ => format!(
+                        "segment starts at sequence {base}, but the previous one ends at {}, \
+                         and compaction removed no segment in between: a segment file is missing",
+                        expected_base - 1
+                    ),
+                };
+                return Err(corrupt(&path, reason));
             }
             let last = i + 1 == bases.len();
             let segment = if last {
@@ -169,6 +190,15 @@ impl Log {
             segments.push(Arc::new(segment));
         }
         if segments.is_empty() {
+            if let Some(last) = removed.max() {
+                return Err(corrupt(
+                    dir,
+                    format!(
+                        "holds no log segment, but compaction removed sequence numbers up to \
+                         {last}: the log is missing"
+                    ),
+                ));
+            }
             segments.push(Arc::new(create_segment(dir, 1)?));
         }
         Ok((
@@ -252,6 +282,54 @@ impl Log {
         Ok(new)
     }
 
+    /// Every segment but the active one, oldest first.
+    pub fn sealed_segments(&self) -> Vec<Arc<Segment>> {
+        let segments = self.segments.read().unwrap();
+        segments[..segments.len() - 1].to_vec()
+    }
+
+    /// A cursor at the start of `segment`, and the head that ends reading at its end.
+    pub fn segment_cursor(&self, segment: &Arc<Segment>) -> (LogCursor, FeedHead) {
+        let cursor = LogCursor {
+            segment: segment.clone(),
+            offset: SEGMENT_HEADER_BYTES,
+            next_seq: segment.base,
+            target: segment.base,
+        };
+        let head = FeedHead {
+            seq: segment.last_seq(),
+            segment: segment.base,
+            offset: segment.len(),
+        };
+        (cursor, head)
+    }
+
+    /// Deletes a sealed segment's files, its sidecar first (a crash in between leaves
+    /// a segment without its sidecar, which opening rebuilds by scanning, rather than a
+    /// stray sidecar), and makes the deletion durable. The segment stays readable, by
+    /// the log and by readers that hold it, through its open file until
+    /// [`Log::forget_segment`]; nothing opens a segment by path after the log is open.
+    pub fn delete_segment_files(&self, segment: &Segment) -> io::Result<()> {
+        assert_ne!(
+            segment.base,
+            self.active().base,
+            "the active segment is never removed"
+        );
+        match fs::remove_file(segment.path.with_extension("idx")) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        fs::remove_file(&segment.path)?;
+        sync_dir(&self.dir)
+    }
+
+    /// Drops a deleted segment from the log: seeks and reads by position no longer find
+    /// it. Readers that hold it keep reading it.
+    pub fn forget_segment(&self, base: u64) {
+        self.segments.write().unwrap().retain(|s| s.base != base);
+    }
+
     fn segment_at(&self, base: u64) -> Option<Arc<Segment>> {
         let segments = self.segments.read().unwrap();
         let idx = segments.partition_point(|s| s.base <= base);
@@ -265,12 +343,18 @@ impl Log {
         segments.get(idx).cloned()
     }
 
-    /// A cursor at the first record with a sequence number `>= seq`.
+    /// A cursor at the first record with a sequence number `>= seq`. Positions of
+    /// removed segments (below the first one, or in a gap) are skipped: the cursor
+    /// starts at the next record the log holds.
     pub fn seek(&self, seq: u64) -> LogCursor {
         let segments = self.segments.read().unwrap();
-        let idx = segments
+        let mut idx = segments
             .partition_point(|s| s.base <= seq)
             .saturating_sub(1);
+        // In a gap after a sealed segment: start at the next one.
+        if idx + 1 < segments.len() && segments[idx].last_seq() < seq {
+            idx += 1;
+        }
         let segment = segments[idx].clone();
         drop(segments);
         let (offset, next_seq) = {

@@ -17,6 +17,15 @@ pub struct Metrics {
     pub feed_head: Gauge,
     pub writer_queue_depth: Gauge,
     pub writes_rejected: Counter,
+    /// Compaction runs finished ([`crate::Store::compact`]).
+    pub compaction_runs: Counter,
+    /// Log segments compaction removed.
+    pub compaction_segments_removed: Counter,
+    /// Records compaction dropped: superseded events, and stale copies of relocated
+    /// ones.
+    pub compaction_records_dropped: Counter,
+    /// Live records compaction copied forward (not counted in `events_written`).
+    pub compaction_records_relocated: Counter,
 }
 
 impl Default for Metrics {
@@ -31,6 +40,10 @@ impl Default for Metrics {
             feed_head: Gauge::default(),
             writer_queue_depth: Gauge::default(),
             writes_rejected: Counter::default(),
+            compaction_runs: Counter::default(),
+            compaction_segments_removed: Counter::default(),
+            compaction_records_dropped: Counter::default(),
+            compaction_records_relocated: Counter::default(),
         }
     }
 }
@@ -39,12 +52,12 @@ impl Metrics {
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "asp_events_written",
-            "Events appended to the feed log",
+            "Events appended to the feed log (copies relocated by compaction not included)",
             self.events_written.clone(),
         );
         registry.register(
             "asp_log_bytes_written",
-            "Bytes appended to the feed log",
+            "Bytes appended to the feed log (records relocated by compaction included)",
             self.bytes_written.clone(),
         );
         registry.register(
@@ -81,6 +94,26 @@ impl Metrics {
             "asp_writes_rejected",
             "Write requests refused (failed condition, overload, storage failure)",
             self.writes_rejected.clone(),
+        );
+        registry.register(
+            "asp_compaction_runs",
+            "Compaction runs finished",
+            self.compaction_runs.clone(),
+        );
+        registry.register(
+            "asp_compaction_segments_removed",
+            "Feed log segments removed by compaction",
+            self.compaction_segments_removed.clone(),
+        );
+        registry.register(
+            "asp_compaction_records_dropped",
+            "Feed log records dropped by compaction (superseded events and stale copies)",
+            self.compaction_records_dropped.clone(),
+        );
+        registry.register(
+            "asp_compaction_records_relocated",
+            "Live feed log records copied forward by compaction",
+            self.compaction_records_relocated.clone(),
         );
     }
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use asp_core::reconcile::{Item, ItemKey, Window};
+use asp_core::reconcile::{Item, ItemKey, Symbol, Window};
 
 use crate::digest::{Digest, Windows, namespace_items, window_len};
 use asp_core::session::NamespaceSummary;
@@ -15,6 +15,7 @@ use asp_core::{Event, HlcClock, Key, Namespace, NodeId, Op, lww_wins};
 use fjall::Slice;
 use tokio::sync::{Semaphore, oneshot, watch};
 
+use crate::base::Bases;
 use crate::codec::{self, INLINE_VALUE_BYTES_MAX, IndexEntry};
 use crate::config::{FsyncMode, StoreConfig};
 use crate::error::{OpenError, ReadError, WriteError};
@@ -44,12 +45,12 @@ const REPLAY_BATCH_EVENTS: usize = 20_000;
 /// dropped the writer finishes what it accepted, fsyncs, and stops.
 #[derive(Clone)]
 pub struct Store {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
-    shared: Arc<Shared>,
-    queue: Arc<WriteQueue<Request>>,
+pub(crate) struct Inner {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) queue: Arc<WriteQueue<Request>>,
     budget: Arc<Semaphore>,
     writer: Mutex<Option<JoinHandle<()>>>,
     recovery: RecoveryReport,
@@ -105,7 +106,8 @@ impl Store {
     pub fn open(config: StoreConfig) -> Result<Store, OpenError> {
         config.validate().map_err(OpenError::Config)?;
         let manifest = manifest::open(&config.data_dir, config.node_id)?;
-        let (log, log_recovery) = Log::open(&config.data_dir.join("log"))?;
+        let bases = Bases::load(&config.data_dir)?;
+        let (log, log_recovery) = Log::open(&config.data_dir.join("log"), &bases.removed)?;
         let index = Index::open(
             &config.data_dir.join("index"),
             config.index_cache_bytes,
@@ -127,6 +129,12 @@ impl Store {
             report.index_rebuilt = true;
         }
         let (replayed, hlc) = replay(&log, &index, &mut state)?;
+        // The log no longer holds what compaction dropped or peers covered; a vector
+        // rebuilt from it would have holes there.
+        for (namespace, base) in &bases.by_namespace {
+            let ns_state = state.namespaces.entry(namespace.clone()).or_default();
+            ns_state.vector.join(base);
+        }
         let digests = build_digests(&index, &config)?;
         index.clamp_checkpoints(log.last_seq())?;
         report.replayed_events = replayed;
@@ -166,6 +174,9 @@ impl Store {
             }),
             windows_changed: Condvar::new(),
             failure: OnceLock::new(),
+            bases: Mutex::new(bases),
+            compaction: Mutex::new(()),
+            segment_gate: RwLock::new(()),
             metrics,
             config: config.clone(),
         });
@@ -386,6 +397,17 @@ impl Store {
     pub fn summary(&self) -> Vec<NamespaceSummary> {
         // On a storage failure the last indexed state is still a true (if old) answer.
         let _ = self.inner.shared.await_index();
+        let digests: HashMap<Namespace, Symbol> = if self.config().reconcile_window > 0 {
+            let windows = self.inner.shared.windows.lock().unwrap();
+            windows
+                .by_namespace
+                .iter()
+                .filter_map(|(ns, d)| Some((ns.clone(), d.window.symbols().first()?.canonical())))
+                .collect()
+        } else {
+            HashMap::new()
+        };
+        let windows_on = self.config().reconcile_window > 0;
         let mut out: Vec<_> = self
             .inner
             .shared
@@ -397,6 +419,7 @@ impl Store {
                 namespace: ns.clone(),
                 max_hlc: state.max_hlc,
                 vector: state.vector.clone(),
+                digest: windows_on.then(|| digests.get(ns).copied().unwrap_or_default()),
             })
             .collect();
         out.sort_by(|a, b| a.namespace.cmp(&b.namespace));
@@ -411,6 +434,12 @@ impl Store {
     /// The first reconciliation symbols of `namespace`'s keys at their current versions
     /// (every acknowledged write included), from memory: no scan.
     pub fn reconcile_window(&self, namespace: &Namespace) -> Result<Window, ReadError> {
+        self.reconcile_snapshot(namespace).map(|(window, _)| window)
+    }
+
+    /// Like [`Store::reconcile_window`], with the feed position the window reflects:
+    /// every event up to it, and none after it.
+    pub fn reconcile_snapshot(&self, namespace: &Namespace) -> Result<(Window, u64), ReadError> {
         let shared = &self.inner.shared;
         if shared.config.reconcile_window == 0 {
             return Err(ReadError::Invalid(
@@ -432,7 +461,7 @@ impl Store {
                 .unwrap()
                 .0;
         }
-        Ok(windows.by_namespace.get(namespace).map_or_else(
+        let window = windows.by_namespace.get(namespace).map_or_else(
             || {
                 Window::new(
                     shared.config.item_key,
@@ -440,7 +469,8 @@ impl Store {
                 )
             },
             |d| d.window.clone(),
-        ))
+        );
+        Ok((window, windows.seq))
     }
 
     /// Every item of `namespace` (each key at its current version), read from one
@@ -449,15 +479,25 @@ impl Store {
     /// ([`Window::build`], then [`asp_core::reconcile::Extension`]). One pass over the
     /// namespace; works whether or not windows are kept.
     pub fn reconcile_items(&self, namespace: &Namespace) -> Result<Vec<Item>, ReadError> {
+        self.reconcile_items_at(namespace).map(|(items, _)| items)
+    }
+
+    /// Like [`Store::reconcile_items`], with a feed position the items reflect at
+    /// least: every event up to it is in them (later ones may be too).
+    pub fn reconcile_items_at(&self, namespace: &Namespace) -> Result<(Vec<Item>, u64), ReadError> {
         let shared = &self.inner.shared;
         shared.await_index().map_err(ReadError::Failed)?;
+        let seq = shared
+            .indexed_seq
+            .load(std::sync::atomic::Ordering::Acquire);
         let snapshot = shared.index.snapshot();
-        namespace_items(
+        let items = namespace_items(
             &shared.index,
             &snapshot,
             shared.config.item_key,
             namespace.as_str(),
-        )
+        )?;
+        Ok((items, seq))
     }
 
     /// The events that set the current state (value or tombstone) of the keys of
@@ -474,6 +514,20 @@ impl Store {
         prefixes: impl IntoIterator<Item = &'a [u8]>,
         limit: usize,
     ) -> Result<Vec<Event>, ReadError> {
+        self.events_for_items_within(namespace, prefixes, limit, usize::MAX)
+            .map(|(events, _)| events)
+    }
+
+    /// [`Store::events_for_items`], stopping once the events' credit sizes reach
+    /// `bytes_max`; also says whether it stopped early (`limit` or `bytes_max`), in
+    /// which case some keys asked for may be left out.
+    pub fn events_for_items_within<'a>(
+        &self,
+        namespace: &Namespace,
+        prefixes: impl IntoIterator<Item = &'a [u8]>,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<(Vec<Event>, bool), ReadError> {
         const SHORTEST: usize = 4;
         let shared = &self.inner.shared;
         let mut wanted: HashMap<[u8; SHORTEST], Vec<&[u8]>> = HashMap::new();
@@ -490,11 +544,14 @@ impl Store {
         shared.await_index().map_err(ReadError::Failed)?;
         let mut out: Vec<Event> = Vec::new();
         if wanted.is_empty() || limit == 0 {
-            return Ok(out);
+            return Ok((out, false));
         }
+        let mut bytes = 0usize;
+        let mut stopped = false;
         let item_key = shared.config.item_key;
         let prefix = codec::index_prefix(namespace.as_str());
         let mut failure = None;
+        let _gate = shared.segment_gate.read().unwrap();
         shared.index.scan(&prefix, None, |k, entry| {
             let key = &k[prefix.len()..];
             let hash = item_key.key_hash(key);
@@ -505,8 +562,15 @@ impl Store {
             if !candidates.iter().any(|p| hash.starts_with(p)) {
                 return true;
             }
+            if out.len() >= limit || bytes >= bytes_max {
+                stopped = true;
+                return false;
+            }
             match shared.log.read_at(entry.position) {
-                Ok(record) if record.event.dot == entry.dot => out.push(record.event),
+                Ok(record) if record.event.dot == entry.dot => {
+                    bytes += asp_core::session::credit_size(&record.event) as usize;
+                    out.push(record.event);
+                }
                 Ok(record) => {
                     failure = Some(ReadError::Corrupt(format!(
                         "the index points at event {} but the log holds {} there",
@@ -519,12 +583,72 @@ impl Store {
                     return false;
                 }
             }
-            out.len() < limit
+            true
         })?;
         match failure {
             Some(e) => Err(e),
-            None => Ok(out),
+            None => Ok((out, stopped)),
         }
+    }
+
+    /// The events that set the current state of `namespace`'s keys (values and
+    /// tombstones), in key order after the key `after`: at most `limit` events and
+    /// about `bytes_max` bytes of values. Returns the events and the key to continue
+    /// after (`None` at the end). What a peer that holds nothing of the namespace is
+    /// sent; pages are read at different moments, each one current.
+    pub fn state_events(
+        &self,
+        namespace: &Namespace,
+        after: Option<&Key>,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<(Vec<Event>, Option<Key>), ReadError> {
+        let shared = &self.inner.shared;
+        shared.await_index().map_err(ReadError::Failed)?;
+        let prefix = codec::index_prefix(namespace.as_str());
+        let start = after.map(|k| {
+            let mut v = prefix.clone();
+            v.extend_from_slice(k.as_str().as_bytes());
+            v
+        });
+        let mut out: Vec<Event> = Vec::new();
+        let mut bytes = 0usize;
+        let mut failure = None;
+        let mut more = false;
+        let _gate = shared.segment_gate.read().unwrap();
+        shared.index.scan(&prefix, start.as_deref(), |_, entry| {
+            if out.len() >= limit.max(1) || bytes >= bytes_max {
+                more = true;
+                return false;
+            }
+            match shared.log.read_at(entry.position) {
+                Ok(record) if record.event.dot == entry.dot => {
+                    bytes += asp_core::session::credit_size(&record.event) as usize;
+                    out.push(record.event);
+                    true
+                }
+                Ok(record) => {
+                    failure = Some(ReadError::Corrupt(format!(
+                        "the index points at event {} but the log holds {} there",
+                        entry.dot, record.event.dot
+                    )));
+                    false
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    false
+                }
+            }
+        })?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        let next = if more {
+            out.last().map(|e| e.key.clone())
+        } else {
+            None
+        };
+        Ok((out, next))
     }
 
     /// The feed position through which `peer` is known to hold everything (0 if
@@ -564,6 +688,7 @@ impl Store {
     pub fn get(&self, namespace: &Namespace, key: &str) -> Result<Option<KeyState>, ReadError> {
         let shared = &self.inner.shared;
         shared.await_index().map_err(ReadError::Failed)?;
+        let _gate = shared.segment_gate.read().unwrap();
         let Some(entry) = shared
             .index
             .get(&codec::index_key(namespace.as_str(), key))?
@@ -615,6 +740,7 @@ impl Store {
     ) -> Result<ScanPage, ReadError> {
         let limit = limit.clamp(1, SCAN_LIMIT_MAX);
         self.inner.shared.await_index().map_err(ReadError::Failed)?;
+        let _gate = with_values.then(|| self.inner.shared.segment_gate.read().unwrap());
         let ns_prefix_len = 1 + namespace.as_str().len();
         let full_prefix = codec::index_key(namespace.as_str(), prefix);
         let after_key = after.map(|a| codec::index_key(namespace.as_str(), a));
@@ -954,7 +1080,9 @@ fn replay(
                     })?
                     .map(|e| e.version()),
             };
-            if current.is_none_or(|c| lww_wins(&entry.version(), &c)) {
+            // Equal versions are one event twice: a copy compaction relocated. The
+            // later copy is the one that stays.
+            if current.is_none_or(|c| c == entry.version() || lww_wins(&entry.version(), &c)) {
                 winners.insert(key, entry);
             }
         }

@@ -80,7 +80,8 @@ pub struct Value {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyState {
     pub version: Version,
-    /// The feed position of the event that set this state.
+    /// The feed position of the event that set this state (compaction may move the
+    /// event to a later position; its version stays).
     pub seq: u64,
     /// `None` for a deleted key (a tombstone).
     pub value: Option<Value>,

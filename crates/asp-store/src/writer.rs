@@ -36,10 +36,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use asp_core::reconcile::{Item, Window};
 
 use crate::digest::{Digest, Old, WindowMsg, Windows, namespace_items, window_len};
-use asp_core::{Dot, Event, Hlc, HlcClock, Namespace, NodeId, lww_wins};
+use asp_core::{Dot, Event, Hlc, HlcClock, Namespace, NodeId, VersionVector, lww_wins};
 use fjall::Slice;
 use tokio::sync::{OwnedSemaphorePermit, oneshot, watch};
 
+use crate::base::Bases;
 use crate::codec::{self, EventRef, FLAG_TXN_END, INLINE_VALUE_BYTES_MAX, IndexEntry, LogPosition};
 use crate::config::{FsyncMode, StoreConfig};
 use crate::error::WriteError;
@@ -61,7 +62,32 @@ const STRAGGLER_WAIT_MAX: Duration = Duration::from_millis(1);
 pub(crate) enum Request {
     Write(WriteRequest),
     Apply(ApplyRequest),
+    Relocate(RelocateRequest),
+    Cover(CoverRequest),
     Shutdown(oneshot::Sender<()>),
+}
+
+/// Records compaction copies forward: each appended unchanged (same dot, clock and
+/// op) at a new feed position. The key index moves to the copy only if it still points
+/// at the old one; a copy whose key was written meanwhile is simply a dead record.
+/// Vectors, clocks and reconciliation windows do not change: no version does.
+pub(crate) struct RelocateRequest {
+    /// Each event with the position of the copy being moved.
+    pub records: Vec<(Event, LogPosition)>,
+    /// Answered once the copies are acknowledged (durable under `fsync = "always"`)
+    /// and in the key index.
+    pub reply: oneshot::Sender<Result<(), WriteError>>,
+    pub bytes: usize,
+}
+
+/// A peer's word that every dot of `vector` is superseded by state this node holds:
+/// the dots join the namespace's base (persisted before the answer) and its vector.
+pub(crate) struct CoverRequest {
+    pub namespace: Namespace,
+    pub vector: VersionVector,
+    /// Answered once the base file is durable and the namespace's vector, as readers
+    /// see it, holds the dots.
+    pub reply: oneshot::Sender<Result<(), WriteError>>,
 }
 
 /// Events received from a peer, to apply as they are.
@@ -77,6 +103,8 @@ pub(crate) struct ApplyRequest {
 enum Work {
     Write(WriteRequest),
     Apply(ApplyRequest),
+    Relocate(RelocateRequest),
+    Cover(CoverRequest),
 }
 
 pub(crate) struct WriteRequest {
@@ -121,6 +149,15 @@ pub(crate) struct Shared {
     pub windows_changed: Condvar,
     /// Set on the first storage failure; the store then refuses writes.
     pub failure: OnceLock<String>,
+    /// What the node holds beyond its log (`base.vv`); its lock is held while the file
+    /// is replaced, so the file only ever grows.
+    pub bases: Mutex<Bases>,
+    /// Held by a compaction run: one at a time.
+    pub compaction: Mutex<()>,
+    /// Readers that look a position up in the key index and then read it from the log
+    /// hold this for reading, so that compaction, which takes it for writing to drop a
+    /// segment, never drops one between the lookup and the read.
+    pub segment_gate: RwLock<()>,
     pub metrics: Metrics,
     /// Mirrors of `progress.acked.seq` and `progress.indexed.seq`, so that a read can
     /// see without locking that the index is up to date.
@@ -200,7 +237,10 @@ impl Shared {
 /// A group that is in the log and waits to be made durable and acknowledged.
 struct WrittenGroup {
     acks: Vec<Ack>,
+    /// Events appended, relocated copies included.
     events: u64,
+    /// Of `events`, copies relocated by compaction.
+    relocated: u64,
     bytes: u64,
     /// What the indexer does with it once acknowledged.
     index: IndexMsg,
@@ -212,15 +252,26 @@ struct IndexMsg {
     namespaces: Vec<(Namespace, NamespaceState)>,
     head: FeedHead,
     hlc: Hlc,
+    /// Answered once the group is in the index and its namespace states are visible.
+    after_index: Vec<oneshot::Sender<Result<(), WriteError>>>,
 }
 
 /// One key's new index entry.
 struct Update {
     key: Slice,
     entry: IndexEntry,
-    /// Compare with the current entry and keep the higher version (events from peers);
-    /// otherwise overwrite (local writes, which always carry the highest version).
-    merge: bool,
+    kind: UpdateKind,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum UpdateKind {
+    /// Overwrite (local writes, which always carry the highest version).
+    Overwrite,
+    /// Compare with the current entry and keep the higher version (events from peers).
+    Merge,
+    /// A relocated copy: take it only if the entry still points at the copy at this
+    /// position (the version is the same; only the position moves).
+    Relocate(LogPosition),
 }
 
 struct Ack {
@@ -237,6 +288,9 @@ enum Reply {
         oneshot::Sender<Result<ApplyOutcome, WriteError>>,
         ApplyOutcome,
     ),
+    /// Answered by the indexer, once the group is in the key index (relocations and
+    /// covers, which are no client's writes).
+    AfterIndex(oneshot::Sender<Result<(), WriteError>>),
 }
 
 impl Reply {
@@ -244,13 +298,7 @@ impl Reply {
         match self {
             Reply::Write(tx, _) => drop(tx.send(Err(err))),
             Reply::Apply(tx, _) => drop(tx.send(Err(err))),
-        }
-    }
-
-    fn succeed(self) {
-        match self {
-            Reply::Write(tx, applied) => drop(tx.send(Ok(applied))),
-            Reply::Apply(tx, outcome) => drop(tx.send(Ok(outcome))),
+            Reply::AfterIndex(tx) => drop(tx.send(Err(err))),
         }
     }
 }
@@ -260,6 +308,8 @@ impl Work {
         match self {
             Work::Write(w) => drop(w.reply.send(Err(err))),
             Work::Apply(a) => drop(a.reply.send(Err(err))),
+            Work::Relocate(r) => drop(r.reply.send(Err(err))),
+            Work::Cover(c) => drop(c.reply.send(Err(err))),
         }
     }
 }
@@ -275,6 +325,7 @@ struct Group {
     touched: Vec<Namespace>,
     acks: Vec<Ack>,
     events: u64,
+    relocated: u64,
 }
 
 /// Lets the writer's short waits for stragglers end on time: the default 50 µs timer
@@ -359,6 +410,12 @@ impl Collected {
                 self.bytes += a.bytes;
                 self.requests.push(Work::Apply(a));
             }
+            Request::Relocate(r) => {
+                self.events += r.records.len();
+                self.bytes += r.bytes;
+                self.requests.push(Work::Relocate(r));
+            }
+            Request::Cover(c) => self.requests.push(Work::Cover(c)),
             Request::Shutdown(reply) => self.shutdown.push(reply),
         }
     }
@@ -416,6 +473,8 @@ impl Writer {
             match request {
                 Request::Write(w) => Work::Write(w).fail(WriteError::Closed),
                 Request::Apply(a) => Work::Apply(a).fail(WriteError::Closed),
+                Request::Relocate(r) => Work::Relocate(r).fail(WriteError::Closed),
+                Request::Cover(c) => Work::Cover(c).fail(WriteError::Closed),
                 Request::Shutdown(reply) => shutdown_replies.push(reply),
             }
         }
@@ -504,7 +563,7 @@ impl Writer {
         }
         let reads = group.iter().any(|work| match work {
             Work::Write(w) => w.ops.iter().any(|op| op.condition != Condition::None),
-            Work::Apply(_) => false,
+            Work::Apply(_) | Work::Relocate(_) | Work::Cover(_) => false,
         });
         if reads {
             // Conditions read the index, which must reflect every earlier write.
@@ -540,11 +599,14 @@ impl Writer {
             touched: Vec::new(),
             acks: Vec::with_capacity(group.len()),
             events: 0,
+            relocated: 0,
         };
         for work in group {
             match work {
                 Work::Write(w) => self.add_local(&mut g, w, wall),
                 Work::Apply(a) => self.add_remote(&mut g, a, wall),
+                Work::Relocate(r) => self.add_relocated(&mut g, r),
+                Work::Cover(c) => self.add_cover(&mut g, c),
             }
         }
         if g.acks.is_empty() {
@@ -582,19 +644,27 @@ impl Writer {
         Some(WrittenGroup {
             acks: g.acks,
             events: g.events,
+            relocated: g.relocated,
             bytes: self.buf.len() as u64,
             index: IndexMsg {
                 updates: g.updates,
                 namespaces,
                 head,
                 hlc: self.clock.last(),
+                after_index: Vec::new(),
             },
         })
     }
 
     /// Appends one event to the group's buffer and index changes; returns its feed
     /// position.
-    fn append(&mut self, g: &mut Group, event: &EventRef<'_>, txn_end: bool, merge: bool) -> u64 {
+    fn append(
+        &mut self,
+        g: &mut Group,
+        event: &EventRef<'_>,
+        txn_end: bool,
+        kind: UpdateKind,
+    ) -> u64 {
         self.seq += 1;
         let offset = g.start_offset + self.buf.len() as u64;
         let before = self.buf.len();
@@ -632,12 +702,12 @@ impl Writer {
                 let current = &mut g.updates[p];
                 if lww_wins(&entry.version(), &current.entry.version()) {
                     current.entry = entry;
-                    current.merge = merge;
+                    current.kind = kind;
                 }
             }
             None => {
                 g.positions.insert(key.clone(), g.updates.len());
-                g.updates.push(Update { key, entry, merge });
+                g.updates.push(Update { key, entry, kind });
             }
         }
         g.events += 1;
@@ -685,7 +755,7 @@ impl Writer {
                 hlc,
                 context: &[],
             };
-            let seq = self.append(g, &event, i == last, false);
+            let seq = self.append(g, &event, i == last, UpdateKind::Overwrite);
             applied.push(Applied { dot, hlc, seq });
         }
         self.touch(g, &w.namespace, hlc);
@@ -739,13 +809,71 @@ impl Writer {
                 .namespaces
                 .get(&e.namespace)
                 .is_some_and(|s| e.hlc > s.max_hlc);
-            outcome.last_seq = self.append(g, &EventRef::from_event(e), j == last, !newest);
+            let kind = if newest {
+                UpdateKind::Overwrite
+            } else {
+                UpdateKind::Merge
+            };
+            outcome.last_seq = self.append(g, &EventRef::from_event(e), j == last, kind);
             outcome.applied += 1;
             self.touch(g, &e.namespace, e.hlc);
         }
         g.acks.push(Ack {
             reply: Reply::Apply(a.reply, outcome),
             _permit: a.permit,
+        });
+    }
+
+    /// Copies compaction moves forward: appended as they are, touching no vector,
+    /// clock or namespace state.
+    fn add_relocated(&mut self, g: &mut Group, r: RelocateRequest) {
+        let last = r.records.len().saturating_sub(1);
+        for (i, (event, from)) in r.records.iter().enumerate() {
+            let kind = UpdateKind::Relocate(*from);
+            self.append(g, &EventRef::from_event(event), i == last, kind);
+            g.relocated += 1;
+        }
+        g.acks.push(Ack {
+            reply: Reply::AfterIndex(r.reply),
+            _permit: None,
+        });
+    }
+
+    /// Joins a covered vector into the namespace's base, durably, and into its
+    /// vector. The base file is written here, in queue order, so that the cover takes
+    /// effect after every request queued before it.
+    fn add_cover(&mut self, g: &mut Group, c: CoverRequest) {
+        let saved = {
+            let mut bases = self.shared.bases.lock().unwrap();
+            let mut next = bases.clone();
+            next.by_namespace
+                .entry(c.namespace.clone())
+                .or_default()
+                .join(&c.vector);
+            let saved = next.save(&self.shared.config.data_dir);
+            if saved.is_ok() {
+                *bases = next;
+            }
+            saved
+        };
+        if let Err(e) = saved {
+            // Nothing changed: the old file is intact, and the store can go on.
+            let _ = c.reply.send(Err(WriteError::Storage(format!(
+                "writing the base vector file: {e}"
+            ))));
+            return;
+        }
+        self.namespaces
+            .entry(c.namespace.clone())
+            .or_default()
+            .vector
+            .join(&c.vector);
+        if !g.touched.contains(&c.namespace) {
+            g.touched.push(c.namespace);
+        }
+        g.acks.push(Ack {
+            reply: Reply::AfterIndex(c.reply),
+            _permit: None,
         });
     }
 
@@ -873,16 +1001,30 @@ impl Writer {
             self.shared.acked_seq.store(head.seq, Ordering::Release);
             self.shared.publish(&progress);
         }
+        // Relocated copies are no new events: they count only as log bytes.
         let metrics = &self.shared.metrics;
-        metrics.events_written.inc_by(msg.events);
+        let events = msg.events - msg.relocated;
+        let requests = msg
+            .acks
+            .iter()
+            .filter(|a| !matches!(a.reply, Reply::AfterIndex(_)))
+            .count();
+        metrics.events_written.inc_by(events);
         metrics.bytes_written.inc_by(msg.bytes);
-        metrics.group_commit_events.observe(msg.events as f64);
-        metrics.group_commit_requests.observe(msg.acks.len() as f64);
+        if requests > 0 {
+            metrics.group_commit_events.observe(events as f64);
+            metrics.group_commit_requests.observe(requests as f64);
+        }
+        let mut index = msg.index;
         for ack in msg.acks {
-            ack.reply.succeed();
+            match ack.reply {
+                Reply::Write(tx, applied) => drop(tx.send(Ok(applied))),
+                Reply::Apply(tx, outcome) => drop(tx.send(Ok(outcome))),
+                Reply::AfterIndex(tx) => index.after_index.push(tx),
+            }
         }
         // Blocks when the indexer is behind: backpressure for the writers.
-        if index_tx.send(msg.index).is_err() {
+        if index_tx.send(index).is_err() {
             self.shared.fail("the index thread stopped".into());
         }
     }
@@ -1019,6 +1161,11 @@ fn index_groups(
         }
         shared.progress_changed.notify_all();
         shared.indexed_tx.send_replace(last.seq);
+        for msg in msgs {
+            for reply in msg.after_index {
+                let _ = reply.send(Ok(()));
+            }
+        }
     }
 }
 
@@ -1035,18 +1182,28 @@ fn apply_to_index(
     let mut batch = index.batch(msg.updates.len() + 2 + 2 * msg.namespaces.len());
     let mut changes = Vec::with_capacity(if keep_windows { msg.updates.len() } else { 0 });
     for update in &msg.updates {
-        let old = if update.merge {
-            // An event from a peer may be older than what the key holds.
-            let current = index.get(&update.key).map_err(|e| e.to_string())?;
-            if current
-                .as_ref()
-                .is_some_and(|c| !lww_wins(&update.entry.version(), &c.version()))
-            {
+        let old = match update.kind {
+            UpdateKind::Merge => {
+                // An event from a peer may be older than what the key holds.
+                let current = index.get(&update.key).map_err(|e| e.to_string())?;
+                if current
+                    .as_ref()
+                    .is_some_and(|c| !lww_wins(&update.entry.version(), &c.version()))
+                {
+                    continue;
+                }
+                Old::Known(current.map(|c| c.version()))
+            }
+            UpdateKind::Overwrite => Old::Unknown,
+            UpdateKind::Relocate(from) => {
+                // Superseded since compaction read it: the copy is just a dead record.
+                let current = index.get(&update.key).map_err(|e| e.to_string())?;
+                if current.is_some_and(|c| c.dot == update.entry.dot && c.position == from) {
+                    // The version stays: nothing for the reconciliation windows.
+                    batch.put(update.key.clone(), &update.entry);
+                }
                 continue;
             }
-            Old::Known(current.map(|c| c.version()))
-        } else {
-            Old::Unknown
         };
         batch.put(update.key.clone(), &update.entry);
         if keep_windows {

@@ -253,10 +253,19 @@ async fn item_prefixes_are_checked() {
 }
 
 #[tokio::test]
-async fn windows_are_off_unless_configured() {
+async fn windows_are_on_by_default_and_can_be_turned_off() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(StoreConfig::new(dir.path())).unwrap();
-    s.write(ns(), vec![put("k", "v")]).await.unwrap();
+    let on = Store::open(StoreConfig::new(dir.path())).unwrap();
+    on.write(ns(), vec![put("k", "v")]).await.unwrap();
+    assert_eq!(on.reconcile_window(&ns()).unwrap().items(), 1);
+    let digest = on.summary()[0].digest.expect("a digest with windows on");
+    assert_eq!(digest.count, 1);
+    on.shutdown().await;
+    drop(on);
+    let mut config = StoreConfig::new(dir.path());
+    config.reconcile_window = 0;
+    let s = Store::open(config).unwrap();
+    assert_eq!(s.summary()[0].digest, None);
     let err = s.reconcile_window(&ns()).unwrap_err().to_string();
     assert!(err.contains("reconcile_window = 0"), "{err}");
     // Repair still finds keys by their items.

@@ -7,7 +7,10 @@
 //! frame's own size allows (decompressed event batches are bounded too): malformed input
 //! is a [`DecodeError`] that names what was wrong. This crate does no I/O.
 
-use asp_core::session::{ErrorCode, Frame, Hello, NamespaceSummary};
+use asp_core::reconcile::{SYMBOL_BYTES, Symbol};
+use asp_core::session::{
+    ErrorCode, Frame, Hello, NEED_PREFIX_BYTES, NamespaceSummary, ReconcileMode, ReconcileOutcome,
+};
 use asp_core::{ContentType, Dot, Event, Hlc, Key, Namespace, NodeId, Op, RangeSet, VersionVector};
 use bytes::Bytes;
 
@@ -27,6 +30,12 @@ const TYPE_EVENTS: u8 = 4;
 const TYPE_ACK: u8 = 5;
 const TYPE_CREDIT: u8 = 6;
 const TYPE_HEARTBEAT: u8 = 7;
+const TYPE_RECONCILE_START: u8 = 8;
+const TYPE_RECONCILE_SYMBOLS: u8 = 9;
+const TYPE_RECONCILE_CREDIT: u8 = 10;
+const TYPE_RECONCILE_END: u8 = 11;
+const TYPE_REPAIR: u8 = 12;
+const TYPE_REPAIR_END: u8 = 13;
 
 const COMPRESSION_NONE: u8 = 0;
 const COMPRESSION_LZ4: u8 = 1;
@@ -40,6 +49,10 @@ const LABEL_BYTES_MAX: usize = 256;
 const LABELS_MAX: usize = 64;
 const NAMESPACES_MAX: usize = 4096;
 const MESSAGE_BYTES_MAX: usize = 4096;
+/// Symbols in one `ReconcileSymbols` frame, at most.
+pub const SYMBOLS_PER_FRAME_MAX: usize = 65_536;
+/// Key hashes in one `ReconcileEnd`'s need list, at most.
+pub const NEED_MAX: usize = 1 << 20;
 
 /// Why a frame could not be encoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -188,6 +201,7 @@ fn encode_body(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
                 put_str8(out, ns.namespace.as_str());
                 out.extend_from_slice(&ns.max_hlc.as_raw().to_le_bytes());
                 put_vector(out, &ns.vector);
+                put_digest(out, ns.digest.as_ref());
             }
         }
         Frame::Events {
@@ -198,29 +212,7 @@ fn encode_body(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
             out.push(TYPE_EVENTS);
             out.extend_from_slice(&first_seq.to_le_bytes());
             out.extend_from_slice(&last_seq.to_le_bytes());
-            let mut raw = Vec::new();
-            for e in events {
-                put_event(&mut raw, e);
-            }
-            if raw.len() > EVENTS_RAW_BYTES_MAX {
-                return Err(EncodeError::TooLarge(raw.len()));
-            }
-            let compressed = (raw.len() >= COMPRESS_MIN_BYTES)
-                .then(|| lz4_flex::block::compress(&raw))
-                .filter(|c| c.len() < raw.len());
-            match compressed {
-                Some(c) => {
-                    out.push(COMPRESSION_LZ4);
-                    out.extend_from_slice(&(events.len() as u32).to_le_bytes());
-                    out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
-                    out.extend_from_slice(&c);
-                }
-                None => {
-                    out.push(COMPRESSION_NONE);
-                    out.extend_from_slice(&(events.len() as u32).to_le_bytes());
-                    out.extend_from_slice(&raw);
-                }
-            }
+            put_event_batch(out, events)?;
         }
         Frame::Ack {
             from_seq,
@@ -238,6 +230,104 @@ fn encode_body(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
             out.push(TYPE_HEARTBEAT);
             out.extend_from_slice(&head_seq.to_le_bytes());
             out.extend_from_slice(&wall_ms.to_le_bytes());
+        }
+        Frame::ReconcileStart {
+            id,
+            namespace,
+            mode,
+            items,
+            symbols_max,
+        } => {
+            out.push(TYPE_RECONCILE_START);
+            out.extend_from_slice(&id.to_le_bytes());
+            put_str8(out, namespace.as_str());
+            out.push(mode.code());
+            out.extend_from_slice(&items.to_le_bytes());
+            out.extend_from_slice(&symbols_max.to_le_bytes());
+        }
+        Frame::ReconcileSymbols {
+            id,
+            first_index,
+            symbols,
+        } => {
+            out.push(TYPE_RECONCILE_SYMBOLS);
+            out.extend_from_slice(&id.to_le_bytes());
+            out.extend_from_slice(&first_index.to_le_bytes());
+            check_len("symbol count", symbols.len(), SYMBOLS_PER_FRAME_MAX)?;
+            out.extend_from_slice(&(symbols.len() as u32).to_le_bytes());
+            for symbol in symbols {
+                symbol.encode(out);
+            }
+        }
+        Frame::ReconcileCredit { id, symbols } => {
+            out.push(TYPE_RECONCILE_CREDIT);
+            out.extend_from_slice(&id.to_le_bytes());
+            out.extend_from_slice(&symbols.to_le_bytes());
+        }
+        Frame::ReconcileEnd { id, outcome, need } => {
+            out.push(TYPE_RECONCILE_END);
+            out.extend_from_slice(&id.to_le_bytes());
+            out.push(outcome.code());
+            check_len("need count", need.len(), NEED_MAX)?;
+            out.extend_from_slice(&(need.len() as u32).to_le_bytes());
+            for prefix in need {
+                out.extend_from_slice(prefix);
+            }
+        }
+        Frame::Repair { id, events } => {
+            out.push(TYPE_REPAIR);
+            out.extend_from_slice(&id.to_le_bytes());
+            put_event_batch(out, events)?;
+        }
+        Frame::RepairEnd { id, covered } => {
+            out.push(TYPE_REPAIR_END);
+            out.extend_from_slice(&id.to_le_bytes());
+            match covered {
+                Some(vector) => {
+                    out.push(1);
+                    put_vector(out, vector);
+                }
+                None => out.push(0),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A summary's digest: a presence byte, then the symbol's [`SYMBOL_BYTES`] bytes.
+fn put_digest(out: &mut Vec<u8>, digest: Option<&Symbol>) {
+    match digest {
+        Some(symbol) => {
+            out.push(1);
+            symbol.encode(out);
+        }
+        None => out.push(0),
+    }
+}
+
+/// An event batch: compression, count, (raw length if compressed), events.
+fn put_event_batch(out: &mut Vec<u8>, events: &[Event]) -> Result<(), EncodeError> {
+    let mut raw = Vec::new();
+    for e in events {
+        put_event(&mut raw, e);
+    }
+    if raw.len() > EVENTS_RAW_BYTES_MAX {
+        return Err(EncodeError::TooLarge(raw.len()));
+    }
+    let compressed = (raw.len() >= COMPRESS_MIN_BYTES)
+        .then(|| lz4_flex::block::compress(&raw))
+        .filter(|c| c.len() < raw.len());
+    match compressed {
+        Some(c) => {
+            out.push(COMPRESSION_LZ4);
+            out.extend_from_slice(&(events.len() as u32).to_le_bytes());
+            out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+            out.extend_from_slice(&c);
+        }
+        None => {
+            out.push(COMPRESSION_NONE);
+            out.extend_from_slice(&(events.len() as u32).to_le_bytes());
+            out.extend_from_slice(&raw);
         }
     }
     Ok(())
@@ -359,6 +449,42 @@ impl<'a> Reader<'a> {
         }
         Ok(vv)
     }
+    fn symbol(&mut self) -> Result<Symbol, DecodeError> {
+        let b = self.take(SYMBOL_BYTES, "symbol")?;
+        Symbol::decode(b).ok_or_else(|| self.err("truncated symbol"))
+    }
+
+    /// An event batch (see `put_event_batch`); the rest of the frame.
+    fn event_batch(&mut self) -> Result<Vec<Event>, DecodeError> {
+        let compression = self.u8("compression")?;
+        let count = self.u32("count")? as usize;
+        let raw: Bytes = match compression {
+            COMPRESSION_NONE => Bytes::copy_from_slice(&self.bytes[self.pos..]),
+            COMPRESSION_LZ4 => {
+                let raw_len = self.u32("raw length")? as usize;
+                if raw_len > EVENTS_RAW_BYTES_MAX {
+                    return Err(self.err(format!("batch of {raw_len} bytes once decompressed; the limit is {EVENTS_RAW_BYTES_MAX}")));
+                }
+                let mut out = vec![0; raw_len];
+                let n = lz4_flex::block::decompress_into(&self.bytes[self.pos..], &mut out)
+                    .map_err(|e| self.err(format!("bad lz4 data: {e}")))?;
+                if n != raw_len {
+                    return Err(self.err(format!(
+                        "lz4 data holds {n} bytes, the header says {raw_len}"
+                    )));
+                }
+                Bytes::from(out)
+            }
+            other => return Err(self.err(format!("unknown compression {other}"))),
+        };
+        self.pos = self.bytes.len();
+        // Each event takes at least 39 bytes: a larger count cannot be real.
+        if count > raw.len() / 39 + 1 {
+            return Err(self.err(format!("{count} events cannot fit in {} bytes", raw.len())));
+        }
+        decode_events(&raw, count)
+    }
+
     fn done(&self) -> Result<(), DecodeError> {
         if self.pos == self.bytes.len() {
             Ok(())
@@ -381,6 +507,12 @@ fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
         TYPE_ACK => "Ack",
         TYPE_CREDIT => "Credit",
         TYPE_HEARTBEAT => "Heartbeat",
+        TYPE_RECONCILE_START => "ReconcileStart",
+        TYPE_RECONCILE_SYMBOLS => "ReconcileSymbols",
+        TYPE_RECONCILE_CREDIT => "ReconcileCredit",
+        TYPE_RECONCILE_END => "ReconcileEnd",
+        TYPE_REPAIR => "Repair",
+        TYPE_REPAIR_END => "RepairEnd",
         other => return Err(DecodeError::UnknownType(other)),
     };
     let mut r = Reader {
@@ -446,10 +578,16 @@ fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
                 let namespace = r.namespace()?;
                 let max_hlc = Hlc::from_raw(r.u64("max hlc")?);
                 let vector = r.vector()?;
+                let digest = match r.u8("digest flag")? {
+                    0 => None,
+                    1 => Some(r.symbol()?),
+                    other => return Err(r.err(format!("bad digest flag {other}"))),
+                };
                 out.push(NamespaceSummary {
                     namespace,
                     max_hlc,
                     vector,
+                    digest,
                 });
             }
             r.done()?;
@@ -458,32 +596,7 @@ fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
         TYPE_EVENTS => {
             let first_seq = r.u64("first seq")?;
             let last_seq = r.u64("last seq")?;
-            let compression = r.u8("compression")?;
-            let count = r.u32("count")? as usize;
-            let raw: Bytes = match compression {
-                COMPRESSION_NONE => Bytes::copy_from_slice(&r.bytes[r.pos..]),
-                COMPRESSION_LZ4 => {
-                    let raw_len = r.u32("raw length")? as usize;
-                    if raw_len > EVENTS_RAW_BYTES_MAX {
-                        return Err(r.err(format!("batch of {raw_len} bytes once decompressed; the limit is {EVENTS_RAW_BYTES_MAX}")));
-                    }
-                    let mut out = vec![0; raw_len];
-                    let n = lz4_flex::block::decompress_into(&r.bytes[r.pos..], &mut out)
-                        .map_err(|e| r.err(format!("bad lz4 data: {e}")))?;
-                    if n != raw_len {
-                        return Err(r.err(format!(
-                            "lz4 data holds {n} bytes, the header says {raw_len}"
-                        )));
-                    }
-                    Bytes::from(out)
-                }
-                other => return Err(r.err(format!("unknown compression {other}"))),
-            };
-            // Each event takes at least 39 bytes: a larger count cannot be real.
-            if count > raw.len() / 39 + 1 {
-                return Err(r.err(format!("{count} events cannot fit in {} bytes", raw.len())));
-            }
-            let events = decode_events(&raw, count)?;
+            let events = r.event_batch()?;
             Ok(Frame::Events {
                 first_seq,
                 last_seq,
@@ -509,6 +622,85 @@ fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
             let wall_ms = r.u64("wall clock")?;
             r.done()?;
             Ok(Frame::Heartbeat { head_seq, wall_ms })
+        }
+        TYPE_RECONCILE_START => {
+            let id = r.u32("id")?;
+            let namespace = r.namespace()?;
+            let code = r.u8("mode")?;
+            let mode = ReconcileMode::from_code(code)
+                .ok_or_else(|| r.err(format!("unknown mode {code}")))?;
+            let items = r.u64("items")?;
+            let symbols_max = r.u64("symbols max")?;
+            r.done()?;
+            Ok(Frame::ReconcileStart {
+                id,
+                namespace,
+                mode,
+                items,
+                symbols_max,
+            })
+        }
+        TYPE_RECONCILE_SYMBOLS => {
+            let id = r.u32("id")?;
+            let first_index = r.u64("first index")?;
+            let n = r.u32("count")? as usize;
+            if n > SYMBOLS_PER_FRAME_MAX || n * SYMBOL_BYTES != r.bytes.len() - r.pos {
+                return Err(r.err(format!(
+                    "{n} symbols do not fill the {} bytes left",
+                    r.bytes.len() - r.pos
+                )));
+            }
+            let mut symbols = Vec::with_capacity(n);
+            for _ in 0..n {
+                symbols.push(r.symbol()?);
+            }
+            r.done()?;
+            Ok(Frame::ReconcileSymbols {
+                id,
+                first_index,
+                symbols,
+            })
+        }
+        TYPE_RECONCILE_CREDIT => {
+            let id = r.u32("id")?;
+            let symbols = r.u32("symbols")?;
+            r.done()?;
+            Ok(Frame::ReconcileCredit { id, symbols })
+        }
+        TYPE_RECONCILE_END => {
+            let id = r.u32("id")?;
+            let code = r.u8("outcome")?;
+            let outcome = ReconcileOutcome::from_code(code)
+                .ok_or_else(|| r.err(format!("unknown outcome {code}")))?;
+            let n = r.u32("need count")? as usize;
+            if n > NEED_MAX || n * NEED_PREFIX_BYTES != r.bytes.len() - r.pos {
+                return Err(r.err(format!(
+                    "{n} key hashes do not fill the {} bytes left",
+                    r.bytes.len() - r.pos
+                )));
+            }
+            let mut need = Vec::with_capacity(n);
+            for _ in 0..n {
+                let b = r.take(NEED_PREFIX_BYTES, "key hash")?;
+                need.push(b.try_into().expect("taken to size"));
+            }
+            r.done()?;
+            Ok(Frame::ReconcileEnd { id, outcome, need })
+        }
+        TYPE_REPAIR => {
+            let id = r.u32("id")?;
+            let events = r.event_batch()?;
+            Ok(Frame::Repair { id, events })
+        }
+        TYPE_REPAIR_END => {
+            let id = r.u32("id")?;
+            let covered = match r.u8("covered flag")? {
+                0 => None,
+                1 => Some(r.vector()?),
+                other => return Err(r.err(format!("bad covered flag {other}"))),
+            };
+            r.done()?;
+            Ok(Frame::RepairEnd { id, covered })
         }
         _ => unreachable!("types checked above"),
     }

@@ -54,6 +54,52 @@ fn vector() -> impl Strategy<Value = VersionVector> {
     })
 }
 
+/// A symbol as the wire carries it (checksum 30 bits, count modulo 4).
+fn symbol() -> impl Strategy<Value = Symbol> {
+    (any::<[u8; 32]>(), any::<u64>(), any::<i64>())
+        .prop_map(|(sum, check, count)| Symbol { sum, check, count }.canonical())
+}
+
+fn reconcile_frame() -> impl Strategy<Value = Frame> {
+    prop_oneof![
+        (any::<u32>(), name(), 0u8..3, any::<u64>(), any::<u64>()).prop_map(
+            |(id, namespace, mode, items, symbols_max)| Frame::ReconcileStart {
+                id,
+                namespace,
+                mode: ReconcileMode::from_code(mode).unwrap(),
+                items,
+                symbols_max,
+            }
+        ),
+        (
+            any::<u32>(),
+            any::<u64>(),
+            prop::collection::vec(symbol(), 0..50)
+        )
+            .prop_map(|(id, first_index, symbols)| Frame::ReconcileSymbols {
+                id,
+                first_index,
+                symbols
+            }),
+        (any::<u32>(), any::<u32>())
+            .prop_map(|(id, symbols)| Frame::ReconcileCredit { id, symbols }),
+        (
+            any::<u32>(),
+            0u8..4,
+            prop::collection::vec(any::<[u8; NEED_PREFIX_BYTES]>(), 0..50)
+        )
+            .prop_map(|(id, outcome, need)| Frame::ReconcileEnd {
+                id,
+                outcome: ReconcileOutcome::from_code(outcome).unwrap(),
+                need
+            }),
+        (any::<u32>(), prop::collection::vec(event(), 0..40))
+            .prop_map(|(id, events)| Frame::Repair { id, events }),
+        (any::<u32>(), prop::option::of(vector()))
+            .prop_map(|(id, covered)| Frame::RepairEnd { id, covered }),
+    ]
+}
+
 fn frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
         (
@@ -91,12 +137,17 @@ fn frame() -> impl Strategy<Value = Frame> {
             code: ErrorCode::from_code(c),
             message
         }),
-        prop::collection::vec((name(), any::<u64>(), vector()), 0..4).prop_map(|v| Frame::Summary(
+        prop::collection::vec(
+            (name(), any::<u64>(), vector(), prop::option::of(symbol())),
+            0..4
+        )
+        .prop_map(|v| Frame::Summary(
             v.into_iter()
-                .map(|(namespace, h, vector)| NamespaceSummary {
+                .map(|(namespace, h, vector, digest)| NamespaceSummary {
                     namespace,
                     max_hlc: Hlc::from_raw(h),
-                    vector
+                    vector,
+                    digest,
                 })
                 .collect()
         )),
@@ -117,6 +168,7 @@ fn frame() -> impl Strategy<Value = Frame> {
         any::<u32>().prop_map(|bytes| Frame::Credit { bytes }),
         (any::<u64>(), any::<u64>())
             .prop_map(|(head_seq, wall_ms)| Frame::Heartbeat { head_seq, wall_ms }),
+        reconcile_frame(),
     ]
 }
 
@@ -140,7 +192,7 @@ proptest! {
     }
 
     #[test]
-    fn arbitrary_bodies_never_panic(kind in 1u8..8, body in prop::collection::vec(any::<u8>(), 0..512)) {
+    fn arbitrary_bodies_never_panic(kind in 1u8..15, body in prop::collection::vec(any::<u8>(), 0..512)) {
         let mut frame = ((body.len() + 1) as u32).to_le_bytes().to_vec();
         frame.push(kind);
         frame.extend_from_slice(&body);
@@ -245,4 +297,47 @@ fn a_newer_hello_with_more_fields_still_decodes() {
     let len = (buf.len() - 4) as u32;
     buf[..4].copy_from_slice(&len.to_le_bytes());
     assert_eq!(decode(&buf).unwrap().unwrap().0, hello);
+}
+
+#[test]
+fn symbol_and_need_lists_must_fill_their_frames() {
+    let frame = Frame::ReconcileSymbols {
+        id: 1,
+        first_index: 0,
+        symbols: vec![Symbol::default(); 3],
+    };
+    let mut buf = Vec::new();
+    encode(&frame, &mut buf).unwrap();
+    // Claim four symbols where three are.
+    buf[4 + 1 + 4 + 8] = 4;
+    let e = decode(&buf).unwrap_err();
+    assert!(e.to_string().contains("4 symbols"), "{e}");
+    let frame = Frame::ReconcileEnd {
+        id: 1,
+        outcome: ReconcileOutcome::Decoded,
+        need: vec![[7; NEED_PREFIX_BYTES]; 2],
+    };
+    let mut buf = Vec::new();
+    encode(&frame, &mut buf).unwrap();
+    buf.pop();
+    let len = (buf.len() - 4) as u32;
+    buf[..4].copy_from_slice(&len.to_le_bytes());
+    let e = decode(&buf).unwrap_err();
+    assert!(e.to_string().contains("key hashes"), "{e}");
+    // An unknown mode or outcome is named.
+    let mut start = Vec::new();
+    encode(
+        &Frame::ReconcileStart {
+            id: 1,
+            namespace: Namespace::new("n").unwrap(),
+            mode: ReconcileMode::Full,
+            items: 1,
+            symbols_max: 1,
+        },
+        &mut start,
+    )
+    .unwrap();
+    start[4 + 1 + 4 + 2] = 9;
+    let e = decode(&start).unwrap_err();
+    assert!(e.to_string().contains("unknown mode 9"), "{e}");
 }

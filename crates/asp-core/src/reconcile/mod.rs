@@ -149,6 +149,16 @@ impl Symbol {
         self.sum == [0; ITEM_BYTES] && self.check & CHECK_MASK == 0 && self.count & 3 == 0
     }
 
+    /// The symbol as its encoding carries it (checksum truncated, count modulo 4):
+    /// compare symbols from the wire with local ones in this form.
+    pub fn canonical(&self) -> Symbol {
+        Symbol {
+            sum: self.sum,
+            check: self.check & CHECK_MASK,
+            count: self.count & 3,
+        }
+    }
+
     /// Appends the symbol's [`SYMBOL_BYTES`]-byte encoding: the sum, then a
     /// little-endian `u32` holding the checksum's low [`CHECK_BITS`] bits above the
     /// count modulo 4.

@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+use crate::reconcile::Symbol;
 use crate::{Event, Hlc, Namespace, NodeId, Op, VersionVector};
 
 /// The protocol versions this build speaks.
@@ -130,6 +131,92 @@ pub struct NamespaceSummary {
     /// The newest clock reading of any event held in the namespace.
     pub max_hlc: Hlc,
     pub vector: VersionVector,
+    /// Symbol 0 of the namespace's reconciliation symbols (every item folded in): two
+    /// nodes whose digests are equal hold the same state, whatever their vectors say.
+    /// `None` when the node keeps no symbols for it.
+    pub digest: Option<Symbol>,
+}
+
+/// How a reconciliation finds the difference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReconcileMode {
+    /// Symbols from the window each node keeps up to date on every write.
+    Window,
+    /// Symbols computed from a scan of the whole namespace: for differences larger
+    /// than the window.
+    Full,
+    /// No symbols: the initiator sends its whole state (the peer holds nothing of it).
+    Transfer,
+}
+
+impl ReconcileMode {
+    pub const fn code(self) -> u8 {
+        match self {
+            ReconcileMode::Window => 0,
+            ReconcileMode::Full => 1,
+            ReconcileMode::Transfer => 2,
+        }
+    }
+
+    pub const fn from_code(code: u8) -> Option<Self> {
+        match code {
+            0 => Some(ReconcileMode::Window),
+            1 => Some(ReconcileMode::Full),
+            2 => Some(ReconcileMode::Transfer),
+            _ => None,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            ReconcileMode::Window => "window",
+            ReconcileMode::Full => "full",
+            ReconcileMode::Transfer => "transfer",
+        }
+    }
+}
+
+/// How the responder of a reconciliation ended the symbol stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReconcileOutcome {
+    /// The difference is decoded; repairs follow.
+    Decoded,
+    /// The window ran out before the difference decoded: retry in `Full` mode.
+    Exhausted,
+    /// Decoding failed or hit its limit; nothing is repaired.
+    Failed,
+    /// The responder will not reconcile this namespace now (busy, not replicated).
+    Refused,
+}
+
+impl ReconcileOutcome {
+    pub const fn code(self) -> u8 {
+        match self {
+            ReconcileOutcome::Decoded => 0,
+            ReconcileOutcome::Exhausted => 1,
+            ReconcileOutcome::Failed => 2,
+            ReconcileOutcome::Refused => 3,
+        }
+    }
+
+    pub const fn from_code(code: u8) -> Option<Self> {
+        match code {
+            0 => Some(ReconcileOutcome::Decoded),
+            1 => Some(ReconcileOutcome::Exhausted),
+            2 => Some(ReconcileOutcome::Failed),
+            3 => Some(ReconcileOutcome::Refused),
+            _ => None,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            ReconcileOutcome::Decoded => "decoded",
+            ReconcileOutcome::Exhausted => "exhausted",
+            ReconcileOutcome::Failed => "failed",
+            ReconcileOutcome::Refused => "refused",
+        }
+    }
 }
 
 /// A peer protocol message.
@@ -170,7 +257,58 @@ pub enum Frame {
         head_seq: u64,
         wall_ms: u64,
     },
+    /// The initiator opens reconciliation `id` of `namespace`; in `Window` and `Full`
+    /// mode its symbols follow, in `Transfer` mode its state.
+    ReconcileStart {
+        id: u32,
+        namespace: Namespace,
+        mode: ReconcileMode,
+        /// Items the initiator holds in the namespace.
+        items: u64,
+        /// The most symbols the initiator will send (its window's length in `Window`
+        /// mode): a responder that has not decoded by then ends with `Exhausted`.
+        symbols_max: u64,
+    },
+    /// The initiator's coded symbols `first_index..first_index + symbols.len()`.
+    ReconcileSymbols {
+        id: u32,
+        first_index: u64,
+        symbols: Vec<Symbol>,
+    },
+    /// The responder accepts `symbols` more symbols (the initiator starts with
+    /// [`RECONCILE_INITIAL_SYMBOLS`]).
+    ReconcileCredit {
+        id: u32,
+        symbols: u32,
+    },
+    /// The responder stops the symbol stream. On `Decoded`, `need` lists the key hashes
+    /// (first [`NEED_PREFIX_BYTES`] bytes each) of the items only the initiator holds:
+    /// it answers with those keys' events.
+    ReconcileEnd {
+        id: u32,
+        outcome: ReconcileOutcome,
+        need: Vec<[u8; NEED_PREFIX_BYTES]>,
+    },
+    /// Events that repair the receiver's state (the current version of keys it lacks
+    /// or holds at another version). Charged to the receiver's credit like `Events`.
+    Repair {
+        id: u32,
+        events: Vec<Event>,
+    },
+    /// The sender has sent all its repairs for `id`. `covered`, when present, is the
+    /// sender's vector of the namespace read before its snapshot: the receiver, which
+    /// now holds that snapshot's state, adds it to its own vector once the repairs
+    /// before this frame are applied (superseded and compacted dots included).
+    RepairEnd {
+        id: u32,
+        covered: Option<VersionVector>,
+    },
 }
+
+/// Symbols an initiator may send before the responder's first credit.
+pub const RECONCILE_INITIAL_SYMBOLS: u32 = 256;
+/// Bytes of a key hash named in a `ReconcileEnd`'s need list.
+pub const NEED_PREFIX_BYTES: usize = 8;
 
 /// The bytes an event costs against the receiver's credit: its key, value and context,
 /// plus 64 for everything else.

@@ -16,8 +16,9 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 pub use frame::{
-    ALL_NAMESPACES, ErrorCode, Frame, Hello, NamespaceSummary, PROTOCOL_VERSION_MAX,
-    PROTOCOL_VERSION_MIN, credit_size,
+    ALL_NAMESPACES, ErrorCode, Frame, Hello, NEED_PREFIX_BYTES, NamespaceSummary,
+    PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, RECONCILE_INITIAL_SYMBOLS, ReconcileMode,
+    ReconcileOutcome, credit_size,
 };
 
 use crate::{Event, Namespace, NodeId, VersionVector};
@@ -110,6 +111,15 @@ pub enum SessionEvent {
     /// The peer's feed head, from its heartbeat.
     PeerHead {
         head_seq: u64,
+    },
+    /// A reconciliation frame (`ReconcileStart`, `ReconcileSymbols`, `ReconcileCredit`,
+    /// `ReconcileEnd`, `RepairEnd`), for the node's reconciliation driver.
+    Reconcile(Frame),
+    /// Repair events to apply. Call [`Session::repaired`] once they are applied.
+    Repair {
+        id: u32,
+        events: Vec<Event>,
+        bytes: u64,
     },
     Closed(CloseReason),
 }
@@ -387,6 +397,27 @@ impl Session {
             (State::Established, Frame::Heartbeat { head_seq, .. }) => {
                 self.events.push_back(SessionEvent::PeerHead { head_seq });
             }
+            (State::Established, Frame::Repair { id, events }) => {
+                self.handle_repair(id, events, now);
+            }
+            (State::Established, Frame::ReconcileStart { namespace, .. })
+                if !self.replicates(&namespace) =>
+            {
+                let message = format!(
+                    "reconciliation of namespace {namespace}, which this node does not replicate"
+                );
+                self.close(ErrorCode::Protocol, message, now);
+            }
+            (
+                State::Established,
+                frame @ (Frame::ReconcileStart { .. }
+                | Frame::ReconcileSymbols { .. }
+                | Frame::ReconcileCredit { .. }
+                | Frame::ReconcileEnd { .. }
+                | Frame::RepairEnd { .. }),
+            ) => {
+                self.events.push_back(SessionEvent::Reconcile(frame));
+            }
             (State::Closed, _) => {}
         }
     }
@@ -488,6 +519,34 @@ impl Session {
         });
     }
 
+    fn handle_repair(&mut self, id: u32, events: Vec<Event>, now: Instant) {
+        let mut bytes = 0;
+        for event in &events {
+            if !self.replicates(&event.namespace) {
+                let message = format!(
+                    "a repair event of namespace {}, which this node does not replicate",
+                    event.namespace
+                );
+                return self.close(ErrorCode::Protocol, message, now);
+            }
+            bytes += credit_size(event);
+            self.peer_view
+                .entry(event.namespace.clone())
+                .or_default()
+                .insert(event.dot);
+        }
+        self.recv_allowance -= bytes as i64;
+        if self.recv_allowance < -(self.config.credit_window_bytes as i64) {
+            return self.close(
+                ErrorCode::FlowControl,
+                "the peer sent more than twice its credit",
+                now,
+            );
+        }
+        self.events
+            .push_back(SessionEvent::Repair { id, events, bytes });
+    }
+
     /// Whether this node replicates `namespace` (by its own configuration).
     fn replicates(&self, namespace: &Namespace) -> bool {
         lists(&self.config.namespaces, namespace)
@@ -526,6 +585,60 @@ impl Session {
                 },
                 now,
             );
+        }
+    }
+
+    /// Repair events applied: returns their `bytes` of credit to the peer.
+    pub fn repaired(&mut self, bytes: u64, now: Instant) {
+        if self.state == State::Established && bytes > 0 {
+            self.recv_allowance += bytes as i64;
+            self.queue(
+                Frame::Credit {
+                    bytes: bytes.min(u32::MAX as u64) as u32,
+                },
+                now,
+            );
+        }
+    }
+
+    /// Bytes of credit the peer grants now, for repairs as for events (may be
+    /// negative by one batch).
+    pub fn credit(&self) -> i64 {
+        self.send_credit
+    }
+
+    /// Sends repair events for reconciliation `id`, whatever the peer's vector says
+    /// (reconciliation found it lacks them), charged to its credit. Call while
+    /// [`Session::credit`] is positive.
+    pub fn send_repair(&mut self, id: u32, events: Vec<Event>, now: Instant) -> u64 {
+        if self.state != State::Established {
+            return 0;
+        }
+        let mut bytes = 0;
+        for event in &events {
+            bytes += credit_size(event);
+            self.peer_view
+                .entry(event.namespace.clone())
+                .or_default()
+                .insert(event.dot);
+        }
+        self.send_credit -= bytes as i64;
+        self.queue(Frame::Repair { id, events }, now);
+        bytes
+    }
+
+    /// Queues a reconciliation frame other than `Repair`.
+    pub fn send_reconcile(&mut self, frame: Frame, now: Instant) {
+        debug_assert!(matches!(
+            frame,
+            Frame::ReconcileStart { .. }
+                | Frame::ReconcileSymbols { .. }
+                | Frame::ReconcileCredit { .. }
+                | Frame::ReconcileEnd { .. }
+                | Frame::RepairEnd { .. }
+        ));
+        if self.state == State::Established {
+            self.queue(frame, now);
         }
     }
 
@@ -661,6 +774,12 @@ fn frame_name(frame: &Frame) -> &'static str {
         Frame::Ack { .. } => "Ack",
         Frame::Credit { .. } => "Credit",
         Frame::Heartbeat { .. } => "Heartbeat",
+        Frame::ReconcileStart { .. } => "ReconcileStart",
+        Frame::ReconcileSymbols { .. } => "ReconcileSymbols",
+        Frame::ReconcileCredit { .. } => "ReconcileCredit",
+        Frame::ReconcileEnd { .. } => "ReconcileEnd",
+        Frame::Repair { .. } => "Repair",
+        Frame::RepairEnd { .. } => "RepairEnd",
     }
 }
 

@@ -207,6 +207,7 @@ fn the_vector_filter_stops_echoes_and_known_events() {
             namespace: ns,
             max_hlc: Hlc::ZERO,
             vector: held,
+            digest: None,
         }],
     );
     // B sends A an event; A must never send it back.
@@ -257,6 +258,7 @@ fn positions_the_peer_holds_are_coalesced_into_one_frame() {
             namespace: Namespace::new("n").unwrap(),
             max_hlc: Hlc::ZERO,
             vector: held,
+            digest: None,
         }],
     );
     // One read per position, every event already held: nothing is framed yet.
@@ -512,4 +514,80 @@ fn an_ack_cannot_cover_a_batch_that_was_overtaken() {
     );
     assert_eq!(closed(&events).unwrap().code, ErrorCode::Protocol);
     drop(frames);
+}
+
+#[test]
+fn repairs_ignore_the_peer_vector_and_cost_credit() {
+    let mut a_config = config(1);
+    a_config.credit_window_bytes = 1000;
+    let mut b_config = config(2);
+    b_config.credit_window_bytes = 1000;
+    let mut pair = Pair::new(a_config, b_config);
+    // B claims to hold dot (1, 1): the stream would leave it out, a repair does not.
+    let mut held = VersionVector::new();
+    held.insert(Dot {
+        origin: node(1),
+        counter: 1,
+    });
+    pair.summaries(
+        vec![],
+        vec![NamespaceSummary {
+            namespace: Namespace::new("n").unwrap(),
+            max_hlc: Hlc::ZERO,
+            vector: held,
+            digest: None,
+        }],
+    );
+    let before = pair.a.credit();
+    let cost = pair.a.send_repair(7, vec![event("n", 1, 1)], pair.now);
+    assert_eq!(pair.a.credit(), before - cost as i64);
+    pair.pump();
+    let (id, events, bytes) = pair
+        .b_events
+        .iter()
+        .find_map(|e| match e {
+            SessionEvent::Repair { id, events, bytes } => Some((*id, events.clone(), *bytes)),
+            _ => None,
+        })
+        .expect("the repair arrives");
+    assert_eq!((id, events.len(), bytes), (7, 1, cost));
+    // Once applied, the credit comes back.
+    pair.b.repaired(bytes, pair.now);
+    pair.pump();
+    assert_eq!(pair.a.credit(), before);
+    // Other reconciliation frames reach the node as they are.
+    let end = Frame::ReconcileEnd {
+        id: 7,
+        outcome: ReconcileOutcome::Decoded,
+        need: vec![[1; NEED_PREFIX_BYTES]],
+    };
+    pair.a.send_reconcile(end.clone(), pair.now);
+    pair.pump();
+    assert!(pair.b_events.contains(&SessionEvent::Reconcile(end)));
+    assert!(closed(&pair.b_events).is_none());
+}
+
+#[test]
+fn reconciling_a_namespace_not_replicated_closes_the_link() {
+    let mut b_config = config(2);
+    b_config.namespaces = vec!["only".into()];
+    let mut pair = Pair::new(config(1), b_config);
+    pair.a.send_reconcile(
+        Frame::ReconcileStart {
+            id: 1,
+            namespace: Namespace::new("other").unwrap(),
+            mode: ReconcileMode::Window,
+            items: 0,
+            symbols_max: 16,
+        },
+        pair.now,
+    );
+    pair.pump();
+    let reason = closed(&pair.b_events).expect("closed");
+    assert_eq!(reason.code, ErrorCode::Protocol);
+    assert!(
+        reason.message.contains("does not replicate"),
+        "{}",
+        reason.message
+    );
 }

@@ -1,0 +1,338 @@
+//! Reconciliation between in-process nodes over real loopback TCP: anti-entropy
+//! repairs, the handover of a node that was away past compaction, and the bootstrap
+//! of an empty node while both sides keep writing.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use asp_core::{ContentType, Key, Namespace, NodeId, VersionVector};
+use asp_node::{ReplicationConfig, Replicator};
+use asp_store::{Store, StoreConfig, WriteOp};
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+fn ns() -> Namespace {
+    Namespace::new("t").unwrap()
+}
+
+fn store_config(dir: &std::path::Path, id: u64) -> StoreConfig {
+    let mut sc = StoreConfig::new(dir);
+    sc.node_id = NodeId::new(id);
+    sc.segment_bytes_max = 1 << 20;
+    sc.compaction_retention_ms = 0;
+    sc
+}
+
+fn replication(peers: Vec<String>) -> ReplicationConfig {
+    let mut rc = ReplicationConfig::new("c");
+    rc.listen = Some("127.0.0.1:0".parse().unwrap());
+    rc.peers = peers;
+    rc.heartbeat = Duration::from_millis(100);
+    rc.idle_timeout = Duration::from_millis(3000);
+    rc.backoff_min = Duration::from_millis(20);
+    rc.backoff_max = Duration::from_millis(200);
+    rc.summary_interval = Duration::from_millis(100);
+    rc.anti_entropy_interval = Duration::from_millis(200);
+    rc
+}
+
+/// Opens a store again once its previous handles are gone (bounded wait).
+async fn reopen(dir: &std::path::Path, id: u64) -> Store {
+    for _ in 0..200 {
+        match Store::open(store_config(dir, id)) {
+            Ok(store) => return store,
+            Err(asp_store::OpenError::Locked { .. }) => {
+                tokio::time::sleep(Duration::from_millis(25)).await
+            }
+            Err(e) => panic!("reopen: {e}"),
+        }
+    }
+    panic!("the store stayed locked");
+}
+
+async fn start(store: &Store, peers: Vec<String>) -> Replicator {
+    Replicator::start(store.clone(), replication(peers), CancellationToken::new())
+        .await
+        .unwrap()
+}
+
+async fn put_many(store: &Store, keys: impl IntoIterator<Item = String>, value: &str) {
+    let mut ops = Vec::new();
+    for key in keys {
+        ops.push(WriteOp::put(
+            Key::new(&key).unwrap(),
+            ContentType::Text,
+            Bytes::copy_from_slice(value.as_bytes()),
+        ));
+        if ops.len() == 1000 {
+            store.write(ns(), std::mem::take(&mut ops)).await.unwrap();
+        }
+    }
+    if !ops.is_empty() {
+        store.write(ns(), ops).await.unwrap();
+    }
+}
+
+/// Every key's value (tombstones as `None`) and the version that set it.
+fn state(store: &Store) -> BTreeMap<String, (Option<Vec<u8>>, String)> {
+    let mut out = BTreeMap::new();
+    let mut after = None;
+    loop {
+        let (events, next) = store
+            .state_events(&ns(), after.as_ref(), 10_000, usize::MAX)
+            .unwrap();
+        for e in events {
+            let value = match &e.op {
+                asp_core::Op::Put { value, .. } => Some(value.to_vec()),
+                asp_core::Op::Delete => None,
+            };
+            out.insert(e.key.as_str().to_owned(), (value, format!("{}", e.dot)));
+        }
+        match next {
+            Some(k) => after = Some(k),
+            None => return out,
+        }
+    }
+}
+
+fn vector(store: &Store) -> VersionVector {
+    store
+        .summary()
+        .into_iter()
+        .find(|s| s.namespace == ns())
+        .map(|s| s.vector)
+        .unwrap_or_default()
+}
+
+/// Waits (bounded) until both stores hold the same state and the same vector.
+async fn converge(a: &Store, b: &Store, what: &str) {
+    for _ in 0..1500 {
+        if vector(a) == vector(b) && state(a) == state(b) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (sa, sb) = (state(a), state(b));
+    let only_a = sa.keys().filter(|k| !sb.contains_key(*k)).count();
+    let only_b = sb.keys().filter(|k| !sa.contains_key(*k)).count();
+    panic!(
+        "{what}: no convergence: {} vs {} keys ({only_a} only on a, {only_b} only on b); vectors {} vs {} dots",
+        sa.len(),
+        sb.len(),
+        vector(a).len(),
+        vector(b).len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn divergence_behind_the_protocols_back_is_repaired_and_counted() {
+    divergence_is_repaired(StoreConfig::RECONCILE_WINDOW_ON, "window").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_windows_anti_entropy_works_from_full_scans() {
+    divergence_is_repaired(0, "full").await;
+}
+
+async fn divergence_is_repaired(window: usize, mode: &str) {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let open = |dir: &std::path::Path, id| {
+        let mut sc = store_config(dir, id);
+        sc.reconcile_window = window;
+        Store::open(sc).unwrap()
+    };
+    let a = open(da.path(), 1);
+    let b = open(db.path(), 2);
+    // First 2,000 keys in common, replicated as usual.
+    let ra = start(&a, vec![]).await;
+    let rb = start(&b, vec![ra.listen_addr().unwrap().to_string()]).await;
+    put_many(&a, (0..2000).map(|i| format!("shared{i}")), "s").await;
+    converge(&a, &b, "before the divergence").await;
+    ra.shutdown().await;
+    rb.shutdown().await;
+    // Apart, each writes: A 100 keys, B 30, and both write key "both".
+    put_many(&a, (0..100).map(|i| format!("a{i}")), "from a").await;
+    put_many(&b, (0..30).map(|i| format!("b{i}")), "from b").await;
+    put_many(&a, ["both".to_owned()], "a's").await;
+    put_many(&b, ["both".to_owned()], "b's").await;
+    // The test-only divergence: each records that the other holds its whole feed, so
+    // that the stream will never send it. Only reconciliation can find the difference.
+    a.save_checkpoint(NodeId::new(2).unwrap(), a.head().seq)
+        .unwrap();
+    b.save_checkpoint(NodeId::new(1).unwrap(), b.head().seq)
+        .unwrap();
+    let ra = start(&a, vec![]).await;
+    let rb = start(&b, vec![ra.listen_addr().unwrap().to_string()]).await;
+    converge(&a, &b, "after anti-entropy").await;
+    assert_eq!(state(&a).len(), 2131);
+    // Node 1 (the smaller id) started the run; each side counts what it took.
+    let pa = &ra.status().peers[0];
+    let pb = &rb.status().peers[0];
+    assert_eq!(
+        pb.reconcile.keys_repaired, 101,
+        "B took A's 100 keys and the lww winner of \"both\""
+    );
+    assert_eq!(
+        pa.reconcile.keys_repaired, 31,
+        "A took B's 30 keys and B's version of \"both\""
+    );
+    let last = pa.reconcile.last.as_ref().expect("a run is recorded");
+    assert_eq!(
+        (last.mode, last.trigger, last.outcome),
+        (mode, "anti_entropy", "decoded")
+    );
+    // 130 keys one side lacks, and "both" at two versions, seen alike from both sides.
+    assert_eq!(last.differences, 132);
+    assert_eq!(pb.reconcile.last.as_ref().unwrap().differences, 132);
+    // Nothing came through the stream: the checkpoints held it back.
+    assert_eq!(pa.events_received + pb.events_received, 0);
+    assert_eq!(pa.events_sent + pb.events_sent, 0);
+    let runs = ra.status().peers[0].reconcile.runs;
+    if mode == "window" {
+        // The next checks find the digests equal: no more runs.
+        for _ in 0..100 {
+            if ra.status().peers[0].reconcile.in_sync_checks >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let pa = &ra.status().peers[0];
+        assert!(
+            pa.reconcile.in_sync_checks >= 2,
+            "in-sync checks: {}",
+            pa.reconcile.in_sync_checks
+        );
+        assert_eq!(pa.reconcile.runs, runs);
+    } else {
+        // Without digests every check on an idle link is a full run: the next one
+        // finds nothing to repair.
+        for _ in 0..100 {
+            if ra.status().peers[0].reconcile.runs > runs {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let pa = &ra.status().peers[0];
+        assert!(pa.reconcile.runs > runs);
+        assert_eq!(pa.reconcile.keys_repaired, 31);
+        assert_eq!(pa.reconcile.last.as_ref().unwrap().differences, 0);
+    }
+    // The counts are exported.
+    let mut registry = prometheus_client::registry::Registry::default();
+    rb.register_metrics(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains("asp_reconcile_keys_repaired_total{peer=\"0000000000000001\"} 101"),
+        "{text}"
+    );
+    ra.shutdown().await;
+    rb.shutdown().await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_away_past_compaction_converges_through_reconciliation() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Store::open(store_config(da.path(), 1)).unwrap();
+    let b = Store::open(store_config(db.path(), 2)).unwrap();
+    let ra = start(&a, vec![]).await;
+    let rb = start(&b, vec![ra.listen_addr().unwrap().to_string()]).await;
+    put_many(&a, (0..2000).map(|i| format!("k{i}")), "first").await;
+    converge(&a, &b, "before the outage").await;
+    let sent_before = ra.status().peers[0].events_sent;
+    // B goes away; A overwrites its keys over and over, and adds some.
+    rb.shutdown().await;
+    drop(rb);
+    b.shutdown().await;
+    drop(b);
+    let value = "x".repeat(200);
+    for round in 0..6 {
+        put_many(
+            &a,
+            (0..2000).map(|i| format!("k{i}")),
+            &format!("{round}{value}"),
+        )
+        .await;
+    }
+    put_many(&a, (0..500).map(|i| format!("new{i}")), "new").await;
+    let report = a.compact().unwrap();
+    assert!(report.segments_removed > 0, "{report:?}");
+    assert!(!a.base(&ns()).is_empty());
+    // B comes back: the feed no longer holds what it missed.
+    let b = reopen(db.path(), 2).await;
+    let rb = start(&b, vec![ra.listen_addr().unwrap().to_string()]).await;
+    converge(&a, &b, "after the outage").await;
+    // B's vector holds every dot A ever wrote (the compacted ones as covered).
+    assert_eq!(vector(&b), vector(&a));
+    let pa = &ra.status().peers[0];
+    assert_eq!(pa.reconcile.handovers, 1);
+    // The stream resumed after the snapshot: it did not replay the 12,500 writes B
+    // missed (those reached B as 2,500 repaired keys).
+    let sent = pa.events_sent - sent_before;
+    assert!(sent < 2000, "events sent by the stream: {sent}");
+    assert_eq!(rb.status().peers[0].reconcile.keys_repaired, 2500);
+    ra.shutdown().await;
+    rb.shutdown().await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Keys in the bootstrap test: 1,000,000 (about 40 s in a debug build here);
+/// `ASP_BOOTSTRAP_KEYS` sets another number, for quick runs while developing.
+fn bootstrap_keys() -> usize {
+    std::env::var("ASP_BOOTSTRAP_KEYS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_node_bootstraps_while_both_sides_write() {
+    let n = bootstrap_keys();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Store::open(store_config(da.path(), 1)).unwrap();
+    put_many(&a, (0..n).map(|i| format!("k{i:07}")), "v1").await;
+    // Half the keys overwritten, some deleted: compaction leaves a feed with holes.
+    put_many(&a, (0..n / 2).map(|i| format!("k{i:07}")), "v2").await;
+    let deletes: Vec<WriteOp> = (0..100)
+        .map(|i| WriteOp::delete(Key::new(&format!("k{:07}", i * 7)).unwrap()))
+        .collect();
+    a.write(ns(), deletes).await.unwrap();
+    let report = a.compact().unwrap();
+    assert!(report.records_dropped > 0, "{report:?}");
+    let ra = start(&a, vec![]).await;
+    let b = Store::open(store_config(db.path(), 2)).unwrap();
+    let rb = start(&b, vec![ra.listen_addr().unwrap().to_string()]).await;
+    // Writes on both sides while B bootstraps.
+    let (wa, wb) = (a.clone(), b.clone());
+    let writers = tokio::spawn(async move {
+        for round in 0..20 {
+            put_many(&wa, (0..50).map(|i| format!("live-a{round}-{i}")), "a").await;
+            put_many(&wb, (0..50).map(|i| format!("live-b{round}-{i}")), "b").await;
+            // Contested: keys of the bootstrap set, overwritten on A during it.
+            put_many(
+                &wa,
+                (0..10).map(|i| format!("k{:07}", round * 10 + i)),
+                "v3",
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    writers.await.unwrap();
+    converge(&a, &b, "after the bootstrap").await;
+    let sb = state(&b);
+    assert_eq!(sb.len(), n + 2000);
+    assert_eq!(sb["k0000693"].0, None, "a deleted key stays deleted");
+    assert_eq!(sb["k0000001"].0.as_deref(), Some(&b"v3"[..]));
+    assert_eq!(sb["live-b19-49"].0.as_deref(), Some(&b"b"[..]));
+    let pa = &ra.status().peers[0];
+    assert_eq!(pa.reconcile.handovers, 1);
+    assert_eq!(pa.reconcile.transfers, 1);
+    ra.shutdown().await;
+    rb.shutdown().await;
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -1,0 +1,580 @@
+//! Compaction of the feed log: copy forward, then remove whole segments.
+//!
+//! The key index holds log positions, so a segment cannot be rewritten in place: the
+//! index's positions would have to change in the same crash-atomic step as the file,
+//! and fjall and the log cannot make one step. Instead, for each sealed segment that
+//! is mostly dead, compaction
+//!
+//! 1. copies its live records (each key's current version) forward through the writer,
+//!    unchanged, to new feed positions; the indexer moves a key's position to the copy
+//!    only if the key still points at the old one;
+//! 2. makes the copies durable (fsync of the log, persist of the index);
+//! 3. records the dots of the superseded records it drops in their namespace's base
+//!    vector (`base.vv`, see [`crate::base`]) and the segment's positions as removed,
+//!    durably;
+//! 4. only then deletes the segment and its sidecar.
+//!
+//! A crash at any point leaves a store that opens to the same state: before step 4 the
+//! old segment is still there (its dead records are simply read again, and replay
+//! prefers the later of two copies of one event), after it everything it held is in
+//! the log elsewhere or in the base.
+//!
+//! A record is *live* when the key index points at it, a *stale copy* when the index
+//! points at another copy of the same event (left by an earlier, interrupted run), and
+//! *superseded* otherwise. Superseded records younger than their namespace's retention
+//! keep their whole segment.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
+
+use asp_core::{Event, Namespace, VersionVector};
+use tokio::sync::oneshot;
+
+use crate::codec::{self, LogPosition};
+use crate::error::{ReadError, WriteError};
+use crate::log::Segment;
+use crate::store::Store;
+use crate::writer::{CoverRequest, RelocateRequest, Request, Shared, wall_ms};
+
+/// Records read from a segment at a time.
+const READ_BATCH_RECORDS: usize = 4096;
+/// Bytes read from a segment at a time, about.
+const READ_BATCH_BYTES: usize = 4 << 20;
+/// Records in one relocation request, at most (and at most `group_events_max`).
+const RELOCATE_RECORDS_MAX: usize = 4096;
+/// Bytes in one relocation request, about (and at most `group_bytes_max`); a single
+/// larger record goes alone.
+const RELOCATE_BYTES_MAX: usize = 4 << 20;
+
+/// What one [`Store::compact`] run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CompactionReport {
+    /// Sealed segments deleted.
+    pub segments_removed: usize,
+    /// Superseded records dropped; their dots are now in their namespace's base.
+    pub records_dropped: u64,
+    /// Stale copies dropped: records an earlier, interrupted run had already copied
+    /// forward (their events are still in the log).
+    pub stale_copies_dropped: u64,
+    /// Live records copied forward to new feed positions.
+    pub records_relocated: u64,
+    /// Bytes of log before and after the run (writes during the run included).
+    pub log_bytes_before: u64,
+    pub log_bytes_after: u64,
+    pub duration: Duration,
+}
+
+/// Why [`Store::compact`] stopped. Whatever it finished before the error stays done;
+/// nothing is ever half removed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CompactionError {
+    /// Reading a segment or the key index failed.
+    #[error("compaction: {0}")]
+    Read(#[from] ReadError),
+    /// The writer refused to copy records forward (the store is closing or failed).
+    #[error("compaction: copying records forward: {0}")]
+    Relocate(WriteError),
+    #[error("compaction: {context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("compaction: persisting the key index: {0}")]
+    Index(#[from] fjall::Error),
+    /// The store stopped after a storage failure.
+    #[error("compaction: storage failure: {0}")]
+    Failed(String),
+}
+
+/// How the records of one segment stand against the key index.
+#[derive(Default)]
+struct Survey {
+    records: u64,
+    live: u64,
+    stale: u64,
+    superseded: u64,
+    /// A superseded record is younger than its namespace's retention, or the index
+    /// does not know a key of the segment: the segment stays.
+    keep: bool,
+}
+
+enum Standing {
+    Live,
+    StaleCopy,
+    Superseded,
+    /// The key index has no entry for the key: not expected, so never dropped.
+    Unknown,
+}
+
+impl Store {
+    /// Compacts the feed log: every sealed segment whose records are at least
+    /// `compaction_dead_ratio` dead, and whose superseded records are all older than
+    /// their namespace's retention (and, with `compaction_retention_bytes`, that lies
+    /// wholly before the newest that many bytes of log), has its live records copied
+    /// forward and is deleted, oldest first. The dots of the superseded events it drops
+    /// go to their namespace's base vector ([`Store::base`]).
+    ///
+    /// Blocks for the whole run (async callers use `spawn_blocking`); runs beside
+    /// writes, reads, change feeds and replication. Concurrent calls run one after the
+    /// other.
+    ///
+    /// Change feeds see each relocated event again at its new position; consumers
+    /// dedupe by dot. A feed that starts at a removed position starts at the next one
+    /// the log holds.
+    pub fn compact(&self) -> Result<CompactionReport, CompactionError> {
+        self.compact_with(false)
+    }
+
+    /// For crash tests: like [`Store::compact`], but stops after the live records of
+    /// the first segment to compact are copied forward, durable and indexed — before
+    /// its dots go to the base and before it is deleted — as a crash there would.
+    #[doc(hidden)]
+    pub fn compact_stop_after_relocation(&self) -> Result<CompactionReport, CompactionError> {
+        self.compact_with(true)
+    }
+
+    /// Per namespace, the dots this node holds that its log no longer does: dropped by
+    /// compaction, or covered ([`Store::cover`]). Sorted by namespace.
+    pub fn bases(&self) -> Vec<(Namespace, VersionVector)> {
+        self.inner
+            .shared
+            .bases
+            .lock()
+            .unwrap()
+            .by_namespace
+            .iter()
+            .map(|(ns, vv)| (ns.clone(), vv.clone()))
+            .collect()
+    }
+
+    /// The base vector of one namespace (empty if it has none).
+    pub fn base(&self, namespace: &Namespace) -> VersionVector {
+        self.inner
+            .shared
+            .bases
+            .lock()
+            .unwrap()
+            .by_namespace
+            .get(namespace)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Records that every dot of `vector` is superseded by state this node holds (what
+    /// a peer says of events this node will never need): the dots join `namespace`'s
+    /// base and its version vector, so they are never asked for or applied again.
+    /// Applied in queue order, after every write and [`Store::enqueue_remote`] request
+    /// queued before it; returns once the base is durable and [`Store::summary`] shows
+    /// the dots. The namespace need not hold any event yet.
+    pub async fn cover(
+        &self,
+        namespace: Namespace,
+        vector: VersionVector,
+    ) -> Result<(), WriteError> {
+        if vector.is_empty() {
+            return Ok(());
+        }
+        let shared = &self.inner.shared;
+        if let Some(f) = shared.failure.get() {
+            return Err(WriteError::Storage(f.clone()));
+        }
+        let (reply, answer) = oneshot::channel();
+        let request = Request::Cover(CoverRequest {
+            namespace,
+            vector,
+            reply,
+        });
+        self.inner
+            .queue
+            .send(request)
+            .await
+            .map_err(|_| WriteError::Closed)?;
+        match answer.await {
+            Ok(result) => result,
+            Err(_) => Err(closed_or_failed(shared)),
+        }
+    }
+
+    fn compact_with(
+        &self,
+        stop_after_relocation: bool,
+    ) -> Result<CompactionReport, CompactionError> {
+        let started = Instant::now();
+        let shared = &self.inner.shared;
+        let _running = shared
+            .compaction
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut report = CompactionReport {
+            log_bytes_before: shared.log.total_bytes(),
+            ..CompactionReport::default()
+        };
+        // Whether a record is live is read from the key index, which must reflect
+        // every record of the segments looked at.
+        shared.await_index().map_err(CompactionError::Failed)?;
+        let indexed = shared.indexed_seq.load(Ordering::Acquire);
+        let now_ms = wall_ms();
+        for segment in candidates(shared) {
+            if segment.last_seq() > indexed || segment.last_seq() < segment.base {
+                continue;
+            }
+            let survey = survey(shared, &segment, now_ms)?;
+            let dead = survey.stale + survey.superseded;
+            if survey.keep
+                || survey.records == 0
+                || (dead as f64) < shared.config.compaction_dead_ratio * survey.records as f64
+            {
+                tracing::debug!(
+                    segment = segment.base,
+                    records = survey.records,
+                    live = survey.live,
+                    dead,
+                    kept_by_retention = survey.keep,
+                    "compaction leaves a segment"
+                );
+                continue;
+            }
+            let moved = self.copy_forward(&segment, now_ms)?;
+            report.records_relocated += moved.relocated;
+            shared
+                .metrics
+                .compaction_records_relocated
+                .inc_by(moved.relocated);
+            // The copies must outlive the segment: fsync them (earlier segments were
+            // fsynced when sealed, so the active one is the only one to sync), and
+            // persist the index so that it points at them without a replay.
+            let active = shared.log.active();
+            active
+                .file
+                .sync_data()
+                .map_err(|source| CompactionError::Io {
+                    context: format!("fsync of {}", active.path.display()),
+                    source,
+                })?;
+            shared.index.persist()?;
+            if stop_after_relocation {
+                break;
+            }
+            {
+                let mut bases = shared.bases.lock().unwrap();
+                let mut next = bases.clone();
+                for (namespace, dots) in &moved.dropped {
+                    next.by_namespace
+                        .entry(namespace.clone())
+                        .or_default()
+                        .join(dots);
+                }
+                next.removed.insert_range(segment.base, segment.last_seq());
+                next.save(&shared.config.data_dir)
+                    .map_err(|source| CompactionError::Io {
+                        context: "writing the base vector file".into(),
+                        source,
+                    })?;
+                *bases = next;
+            }
+            shared
+                .log
+                .delete_segment_files(&segment)
+                .map_err(|source| CompactionError::Io {
+                    context: format!("deleting {}", segment.path.display()),
+                    source,
+                })?;
+            {
+                // No reader is between an index lookup and the log read it leads to.
+                let _gate = shared.segment_gate.write().unwrap();
+                shared.log.forget_segment(segment.base);
+            }
+            report.segments_removed += 1;
+            report.records_dropped += moved.superseded;
+            report.stale_copies_dropped += moved.stale;
+            let metrics = &shared.metrics;
+            metrics.compaction_segments_removed.inc();
+            metrics
+                .compaction_records_dropped
+                .inc_by(moved.superseded + moved.stale);
+            tracing::info!(
+                segment = segment.base,
+                relocated = moved.relocated,
+                dropped = moved.superseded,
+                stale_copies = moved.stale,
+                "compaction removed a log segment"
+            );
+        }
+        shared.metrics.compaction_runs.inc();
+        report.log_bytes_after = shared.log.total_bytes();
+        report.duration = started.elapsed();
+        Ok(report)
+    }
+
+    /// Copies the live records of `segment` forward and collects the dots of the
+    /// superseded ones. The standing of each record is read again here: a record live
+    /// when surveyed may have been superseded since. One that is now superseded but
+    /// too young to drop is copied anyway (its copy is a dead record, kept).
+    fn copy_forward(&self, segment: &Arc<Segment>, now_ms: u64) -> Result<Moved, CompactionError> {
+        let shared = &self.inner.shared;
+        let records_max = RELOCATE_RECORDS_MAX.min(shared.config.group_events_max);
+        let bytes_max = RELOCATE_BYTES_MAX.min(shared.config.group_bytes_max);
+        let mut moved = Moved::default();
+        let mut batch: Vec<(Event, LogPosition)> = Vec::new();
+        let mut batch_bytes = 0;
+        let (mut cursor, head) = shared.log.segment_cursor(segment);
+        loop {
+            let records = shared.log.read(
+                &mut cursor,
+                head,
+                None,
+                READ_BATCH_RECORDS,
+                READ_BATCH_BYTES,
+            )?;
+            if records.is_empty() {
+                break;
+            }
+            for (position, record) in records {
+                let event = record.event;
+                let copy = match standing(shared, &event, position)? {
+                    Standing::Live | Standing::Unknown => true,
+                    Standing::StaleCopy => {
+                        moved.stale += 1;
+                        false
+                    }
+                    Standing::Superseded if old_enough(shared, &event, now_ms) => {
+                        moved.superseded += 1;
+                        moved
+                            .dropped
+                            .entry(event.namespace.clone())
+                            .or_default()
+                            .insert(event.dot);
+                        false
+                    }
+                    Standing::Superseded => true,
+                };
+                if copy {
+                    batch_bytes += position.frame_len as usize;
+                    batch.push((event, position));
+                    if batch.len() >= records_max || batch_bytes >= bytes_max {
+                        moved.relocated += batch.len() as u64;
+                        self.relocate(std::mem::take(&mut batch), batch_bytes)?;
+                        batch_bytes = 0;
+                    }
+                }
+            }
+        }
+        if !batch.is_empty() {
+            moved.relocated += batch.len() as u64;
+            self.relocate(batch, batch_bytes)?;
+        }
+        Ok(moved)
+    }
+
+    /// Sends records to the writer to append again, and waits until they are
+    /// acknowledged and indexed.
+    fn relocate(
+        &self,
+        records: Vec<(Event, LogPosition)>,
+        bytes: usize,
+    ) -> Result<(), CompactionError> {
+        let shared = &self.inner.shared;
+        let (reply, answer) = oneshot::channel();
+        let request = Request::Relocate(RelocateRequest {
+            records,
+            reply,
+            bytes,
+        });
+        block_on(self.inner.queue.send(request))
+            .map_err(|_| CompactionError::Relocate(WriteError::Closed))?;
+        match block_on(answer) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(CompactionError::Relocate(e)),
+            Err(_) => Err(CompactionError::Relocate(closed_or_failed(shared))),
+        }
+    }
+}
+
+/// What copying one segment forward did.
+#[derive(Default)]
+struct Moved {
+    relocated: u64,
+    stale: u64,
+    superseded: u64,
+    /// The dots of the superseded records dropped, per namespace.
+    dropped: BTreeMap<Namespace, VersionVector>,
+}
+
+/// The sealed segments the size rule allows, oldest first.
+fn candidates(shared: &Shared) -> Vec<Arc<Segment>> {
+    let mut sealed = shared.log.sealed_segments();
+    let keep_bytes = shared.config.compaction_retention_bytes;
+    if keep_bytes > 0 {
+        // Keep every segment holding any of the newest `keep_bytes` bytes.
+        let mut newer_bytes = shared.log.active().len();
+        let mut allowed = sealed.len();
+        for (i, segment) in sealed.iter().enumerate().rev() {
+            if newer_bytes < keep_bytes {
+                allowed = i;
+            }
+            newer_bytes += segment.len();
+        }
+        sealed.truncate(allowed);
+    }
+    sealed
+}
+
+/// Reads a whole segment and judges each record against the key index.
+fn survey(shared: &Shared, segment: &Arc<Segment>, now_ms: u64) -> Result<Survey, CompactionError> {
+    let mut survey = Survey::default();
+    let (mut cursor, head) = shared.log.segment_cursor(segment);
+    loop {
+        let records = shared.log.read(
+            &mut cursor,
+            head,
+            None,
+            READ_BATCH_RECORDS,
+            READ_BATCH_BYTES,
+        )?;
+        if records.is_empty() {
+            return Ok(survey);
+        }
+        for (position, record) in &records {
+            survey.records += 1;
+            match standing(shared, &record.event, *position)? {
+                Standing::Live => survey.live += 1,
+                Standing::StaleCopy => survey.stale += 1,
+                Standing::Superseded => {
+                    survey.superseded += 1;
+                    if !old_enough(shared, &record.event, now_ms) {
+                        survey.keep = true;
+                    }
+                }
+                Standing::Unknown => survey.keep = true,
+            }
+        }
+        if survey.keep {
+            return Ok(survey);
+        }
+    }
+}
+
+fn standing(shared: &Shared, event: &Event, position: LogPosition) -> Result<Standing, ReadError> {
+    let key = codec::index_key(event.namespace.as_str(), event.key.as_str());
+    Ok(match shared.index.get(&key)? {
+        None => Standing::Unknown,
+        Some(entry) if entry.dot != event.dot => Standing::Superseded,
+        Some(entry) if entry.position == position => Standing::Live,
+        Some(_) => Standing::StaleCopy,
+    })
+}
+
+/// Whether a superseded event is past its namespace's retention.
+fn old_enough(shared: &Shared, event: &Event, now_ms: u64) -> bool {
+    let retention_ms = shared
+        .config
+        .compaction_retention_ms_of(event.namespace.as_str());
+    now_ms.saturating_sub(event.hlc.physical_ms()) >= retention_ms
+}
+
+fn closed_or_failed(shared: &Shared) -> WriteError {
+    shared
+        .failure
+        .get()
+        .map_or(WriteError::Closed, |f| WriteError::Storage(f.clone()))
+}
+
+/// Runs a future to completion on this thread. Compaction blocks its caller and talks
+/// to the writer through async channels; this works on any thread, in a runtime or
+/// not (tokio's own blocking receive refuses to run inside one).
+fn block_on<F: Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut future = pin!(future);
+    loop {
+        if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return out;
+        }
+        std::thread::park();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use asp_core::{ContentType, Key};
+
+    use super::*;
+    use crate::codec::IndexEntry;
+    use crate::config::StoreConfig;
+    use crate::types::WriteOp;
+
+    fn entry(store: &Store) -> IndexEntry {
+        let key = codec::index_key("app", "k");
+        store.inner.shared.index.get(&key).unwrap().unwrap()
+    }
+
+    fn event_at(store: &Store, position: LogPosition) -> Event {
+        store.inner.shared.log.read_at(position).unwrap().event
+    }
+
+    async fn relocate(store: &Store, event: Event, from: LogPosition) {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.relocate(vec![(event, from)], 0))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_copy_takes_over_only_from_the_copy_the_index_points_at() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(StoreConfig::new(dir.path())).unwrap();
+        let namespace = Namespace::new("app").unwrap();
+        let put = |v: &str| WriteOp::put(Key::new("k").unwrap(), ContentType::Text, v.repeat(100));
+        store
+            .write(namespace.clone(), vec![put("a")])
+            .await
+            .unwrap();
+        store.caught_up().await.unwrap();
+        let old = entry(&store);
+        store
+            .write(namespace.clone(), vec![put("b")])
+            .await
+            .unwrap();
+        store.caught_up().await.unwrap();
+        let current = entry(&store);
+        let events_written = store.metrics().events_written.get();
+
+        // A copy of a superseded version, and a copy of the current version sent as
+        // if from a position the index does not hold: the index stays.
+        relocate(&store, event_at(&store, old.position), old.position).await;
+        relocate(&store, event_at(&store, current.position), old.position).await;
+        assert_eq!(entry(&store), current);
+        assert_eq!(store.head().seq, 4, "both copies were appended");
+
+        // From the position the index holds: it moves to the copy, same version.
+        relocate(&store, event_at(&store, current.position), current.position).await;
+        let moved = entry(&store);
+        assert_eq!(moved.version(), current.version());
+        assert_ne!(moved.position, current.position);
+        assert_eq!(moved.seq, 5);
+        assert_eq!(
+            event_at(&store, moved.position),
+            event_at(&store, current.position)
+        );
+        let value = store.get(&namespace, "k").unwrap().unwrap().value.unwrap();
+        assert_eq!(value.bytes, "b".repeat(100));
+        assert_eq!(store.metrics().events_written.get(), events_written);
+    }
+}
