@@ -132,6 +132,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
+        .route("/v1/admin/compact", post(compact))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/ns/{ns}/kv", get(list_keys))
         .route(
@@ -996,6 +997,38 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+/// Compacts the feed now (what `asp serve` also does on its `[compaction]` interval)
+/// and answers what was removed.
+async fn compact(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let store = state.store().clone();
+    let report = tokio::task::spawn_blocking(move || store.compact())
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("the compaction task failed: {e}"),
+            )
+        })?
+        .map_err(|e| {
+            ApiError::new(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "storage_failure",
+                format!("compaction failed: {e}"),
+            )
+        })?;
+    Ok(Json(serde_json::json!({
+        "segments_removed": report.segments_removed,
+        "records_dropped": report.records_dropped,
+        "stale_copies_dropped": report.stale_copies_dropped,
+        "records_relocated": report.records_relocated,
+        "log_bytes_before": report.log_bytes_before,
+        "log_bytes_after": report.log_bytes_after,
+        "duration_ms": report.duration.as_millis() as u64,
+    }))
+    .into_response())
+}
+
 async fn status(State(state): State<AppState>) -> Response {
     let store = state.store();
     let s = store.status();
@@ -1011,6 +1044,7 @@ async fn status(State(state): State<AppState>) -> Response {
             serde_json::json!({
                 "name": ns.as_str(),
                 "events": state.vector.len(),
+                "compacted_events": store.base(ns).len(),
                 "max_hlc": HlcOut::from(state.max_hlc),
                 "origins": origins,
             })

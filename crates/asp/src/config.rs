@@ -31,7 +31,28 @@ pub struct FileConfig {
     pub store: StoreSection,
     #[serde(default)]
     pub replication: ReplicationSection,
+    #[serde(default)]
+    pub compaction: CompactionSection,
 }
+
+#[derive(Deserialize, Default, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct CompactionSection {
+    /// How often the node compacts its feed; 0: never.
+    pub interval_ms: Option<u64>,
+    /// Superseded events younger than this stay in the feed.
+    pub retention_ms: Option<u64>,
+    /// Only segments outside the newest this many bytes of feed are compacted (0: any).
+    pub retention_bytes: Option<u64>,
+    /// A segment is compacted once at least this fraction of it is superseded.
+    pub dead_ratio: Option<f64>,
+    /// Per-namespace `retention_ms`.
+    #[serde(default)]
+    pub namespace_retention_ms: std::collections::BTreeMap<String, u64>,
+}
+
+/// How often `asp serve` compacts by default.
+pub const DEFAULT_COMPACTION_INTERVAL_MS: u64 = 10 * 60 * 1000;
 
 #[derive(Deserialize, Default, Debug, Clone)]
 #[serde(deny_unknown_fields)]
@@ -46,6 +67,8 @@ pub struct ReplicationSection {
     pub labels: std::collections::BTreeMap<String, String>,
     pub heartbeat_ms: Option<u64>,
     pub idle_timeout_ms: Option<u64>,
+    /// How often each namespace's digest is compared with each peer's (0: never).
+    pub anti_entropy_interval_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Default, Debug, Clone)]
@@ -66,6 +89,9 @@ pub struct StoreSection {
     pub index_cache_bytes: Option<u64>,
     pub index_memtable_bytes: Option<u64>,
     pub max_clock_skew_ms: Option<u64>,
+    /// Reconciliation symbols kept per namespace, at most (0: none; anti-entropy then
+    /// scans).
+    pub reconcile_window: Option<usize>,
 }
 
 pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
@@ -97,6 +123,8 @@ pub struct NodeConfig {
     pub api: ApiConfig,
     pub listen: SocketAddr,
     pub replication: ReplicationConfig,
+    /// How often to compact the feed (`None`: never).
+    pub compaction_interval: Option<Duration>,
 }
 
 pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig> {
@@ -165,6 +193,27 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
     if let Some(v) = flags.max_clock_skew_ms.or(file.store.max_clock_skew_ms) {
         store.max_clock_skew_ms = v;
     }
+    if let Some(v) = file.store.reconcile_window {
+        store.reconcile_window = v;
+    }
+    let compaction = file.compaction;
+    if let Some(v) = compaction.retention_ms {
+        store.compaction_retention_ms = v;
+    }
+    if let Some(v) = compaction.retention_bytes {
+        store.compaction_retention_bytes = v;
+    }
+    if let Some(v) = compaction.dead_ratio {
+        store.compaction_dead_ratio = v;
+    }
+    store.compaction_namespace_retention_ms = compaction.namespace_retention_ms;
+    let compaction_interval = match compaction
+        .interval_ms
+        .unwrap_or(DEFAULT_COMPACTION_INTERVAL_MS)
+    {
+        0 => None,
+        ms => Some(Duration::from_millis(ms)),
+    };
     store
         .validate()
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
@@ -201,6 +250,9 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
     if let Some(ms) = section.idle_timeout_ms {
         replication.idle_timeout = Duration::from_millis(ms);
     }
+    if let Some(ms) = section.anti_entropy_interval_ms {
+        replication.anti_entropy_interval = Duration::from_millis(ms);
+    }
     if let Some(range) = flags.protocol_versions {
         let (min, max) = range
             .split_once('-')
@@ -217,6 +269,7 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
         api: api_config,
         listen,
         replication,
+        compaction_interval,
     })
 }
 
@@ -245,6 +298,41 @@ mod tests {
         assert_eq!(c.store.fsync, FsyncMode::Interval { ms: 10 });
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.store.value_bytes_max, 4096);
+    }
+
+    #[test]
+    fn compaction_and_anti_entropy_settings_reach_the_node() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            [store]
+            reconcile_window = 0
+            [replication]
+            anti_entropy_interval_ms = 5000
+            [compaction]
+            interval_ms = 0
+            retention_ms = 1000
+            dead_ratio = 0.3
+            namespace_retention_ms = { audit = 86400000 }
+            "#,
+        )
+        .unwrap();
+        let c = resolve(file, Overrides::default()).unwrap();
+        assert_eq!(c.store.reconcile_window, 0);
+        assert_eq!(c.replication.anti_entropy_interval, Duration::from_secs(5));
+        assert_eq!(c.compaction_interval, None);
+        assert_eq!(c.store.compaction_retention_ms, 1000);
+        assert_eq!(c.store.compaction_retention_ms_of("audit"), 86_400_000);
+        let defaults = resolve(FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!(
+            defaults.compaction_interval,
+            Some(Duration::from_millis(DEFAULT_COMPACTION_INTERVAL_MS))
+        );
+        let bad = toml::from_str::<FileConfig>("[compaction]\ndead_ratio = 2.0").unwrap();
+        let e = resolve(bad, Overrides::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("dead_ratio"), "{e}");
     }
 
     #[test]

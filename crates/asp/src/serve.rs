@@ -59,6 +59,10 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
         "asp node serving"
     );
 
+    let compactor = config
+        .compaction_interval
+        .map(|every| tokio::spawn(compaction_loop(store.clone(), every, shutdown.clone())));
+
     let signals = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -73,11 +77,43 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
     shutdown.cancel();
     // Peers hear why the links close; then the store finishes what it accepted.
     replicator.shutdown().await;
+    if let Some(compactor) = compactor {
+        // A run in progress finishes its segment first.
+        let _ = compactor.await;
+    }
     store.shutdown().await;
     drop(store);
     served.context("the API server failed")?;
     tracing::info!("stopped cleanly; every acknowledged write is on disk");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Compacts the feed every `every`, until shutdown.
+async fn compaction_loop(store: Store, every: std::time::Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.compact()).await {
+            Ok(Ok(report)) if report.segments_removed > 0 => tracing::info!(
+                segments_removed = report.segments_removed,
+                records_dropped = report.records_dropped,
+                records_relocated = report.records_relocated,
+                log_bytes_before = report.log_bytes_before,
+                log_bytes_after = report.log_bytes_after,
+                ms = report.duration.as_millis() as u64,
+                "feed compacted"
+            ),
+            Ok(Ok(_)) => tracing::debug!("compaction: nothing to remove"),
+            Ok(Err(e)) => tracing::warn!("compaction failed: {e}"),
+            Err(e) => tracing::warn!("the compaction task failed: {e}"),
+        }
+    }
 }
 
 async fn wait_for_signal() {

@@ -353,3 +353,83 @@ async fn write_concern_waits_for_replicas_or_says_how_many_hold_the_write() {
     assert_eq!(r.status.as_u16(), 400);
     proxy.heal();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_away_past_compaction_is_brought_back_by_reconciliation() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("asp.toml");
+    std::fs::write(
+        &config,
+        "[store]\nsegment_bytes_max = 1048576\n\
+         [compaction]\ninterval_ms = 0\nretention_ms = 0\n\
+         [replication]\nanti_entropy_interval_ms = 500\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let a = Node::start(&dir.path().join("a"), &["--config", config]).await;
+    let mut b = Node::start(
+        &dir.path().join("b"),
+        &["--config", config, "--peer", &a.peer_addr()],
+    )
+    .await;
+    a.client()
+        .batch("kept", batch_body("k", 0, 2000))
+        .await
+        .unwrap();
+    converge(&[&a, &b], "kept", 2000, Duration::from_secs(30)).await;
+    assert_eq!(b.signal(libc::SIGTERM).code(), Some(0));
+    // While B is away, A overwrites every key ten times (sealing segments), then
+    // compacts: the superseded events B missed are gone from A's feed.
+    let pad = "p".repeat(300);
+    for round in 0..10 {
+        let ops: Vec<String> = (0..2000)
+            .map(|i| {
+                format!(r#"{{"op":"put","key":"k{i}","value":{{"r":{round},"pad":"{pad}"}}}}"#)
+            })
+            .collect();
+        a.client()
+            .batch(
+                "kept",
+                Bytes::from(format!(r#"{{"ops":[{}]}}"#, ops.join(","))),
+            )
+            .await
+            .unwrap();
+    }
+    let answer = a
+        .client()
+        .send(
+            axum::http::Method::POST,
+            "/v1/admin/compact",
+            &[],
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 200);
+    let report: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+    assert!(report["segments_removed"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["log_bytes_after"].as_u64() < report["log_bytes_before"].as_u64());
+    b.restart().await;
+    // B ends with A's state and A's whole vector (22,000 events), though A's feed no
+    // longer holds most of them.
+    converge(&[&a, &b], "kept", 22_000, Duration::from_secs(60)).await;
+    assert_eq!(
+        digest(&a.client(), "kept").await,
+        digest(&b.client(), "kept").await
+    );
+    let status = a.client().status().await.unwrap();
+    let peer = &status["replication"]["peers"][0];
+    assert!(
+        peer["reconcile"]["handovers"].as_u64().unwrap() >= 1,
+        "{peer}"
+    );
+    let ns = status["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "kept")
+        .unwrap()
+        .clone();
+    assert!(ns["compacted_events"].as_u64().unwrap() > 0, "{ns}");
+    assert!(a.log().contains("handover done"), "{}", a.log());
+}
