@@ -36,6 +36,8 @@ const REPAIR_KEYS_MAX: usize = 1 << 18;
 const REPAIR_BYTES_MAX: usize = 256 << 20;
 /// Symbols a responder accepts in one run, at most (its decoder's memory).
 const SYMBOLS_MAX: u64 = 8 << 20;
+/// The least a responder grants ahead of the symbols it has received.
+const RECONCILE_LOOKAHEAD_MIN: u64 = 128;
 /// A `Full` run gives up past this many symbols per item held by both sides.
 const FULL_SYMBOLS_PER_ITEM: u64 = 3;
 
@@ -958,12 +960,21 @@ impl Link {
             None
         };
         let Some(outcome) = outcome else {
-            // Keep the stream going: grant ahead, doubling, so that it never waits.
-            if received * 2 >= i.granted {
-                let more = i.granted.min(1 << 20) as u32;
-                i.granted += more as u64;
-                self.session
-                    .send_reconcile(Frame::ReconcileCredit { id, symbols: more }, now);
+            // Keep the stream going with a lookahead of an eighth of what was received
+            // (at least 128 symbols): every symbol granted past the point of decoding
+            // is wasted, so the lookahead stays a fraction of the run, and grows with
+            // it so that a long run on a slow link does not wait on every grant.
+            let ahead = (received / 8).max(RECONCILE_LOOKAHEAD_MIN);
+            if i.granted < received + ahead / 2 {
+                let more = (received + ahead - i.granted).min(1 << 20);
+                i.granted += more;
+                self.session.send_reconcile(
+                    Frame::ReconcileCredit {
+                        id,
+                        symbols: more as u32,
+                    },
+                    now,
+                );
             }
             return;
         };

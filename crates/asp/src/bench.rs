@@ -37,7 +37,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 #[derive(Args)]
 pub struct BenchArgs {
     /// Scenarios to run, comma-separated: fsync, single, batch, http, catchup, live, rss,
-    /// reconcile.
+    /// reconcile, handover.
     #[arg(long, default_value = "fsync,single,batch,http", value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Ids per side in the reconcile scenario.
@@ -88,10 +88,17 @@ pub struct BenchArgs {
     /// The key index's memtable size, in MiB.
     #[arg(long, default_value_t = (StoreConfig::new(".").index_memtable_bytes >> 20) as u64)]
     index_memtable_mb: u64,
-    /// Reconciliation symbols the stores keep per namespace, at most (0: none, the
-    /// store's default), to measure what keeping them costs.
-    #[arg(long, default_value_t = 0)]
+    /// Reconciliation symbols the stores keep per namespace, at most (the store's
+    /// default; 0 keeps none, to measure what keeping them costs).
+    #[arg(long, default_value_t = StoreConfig::RECONCILE_WINDOW_ON)]
     reconcile_window: usize,
+    /// Keys of the handover scenario's namespace.
+    #[arg(long, default_value_t = 1_000_000)]
+    handover_keys: u64,
+    /// Differences made behind the protocol's back in the handover scenario's
+    /// anti-entropy runs, comma-separated.
+    #[arg(long, default_value = "10,1000,10000", value_delimiter = ',')]
+    handover_diffs: Vec<u64>,
     /// Internal: run one rss measurement in this process and print it as JSON.
     #[arg(long, hide = true)]
     rss_child: Option<String>,
@@ -141,11 +148,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             "live",
             "rss",
             "reconcile",
+            "handover",
         ]
         .contains(&s.as_str())
         {
             bail!(
-                "unknown scenario {s:?}; choose among fsync, single, batch, http, catchup, live, rss, reconcile"
+                "unknown scenario {s:?}; choose among fsync, single, batch, http, catchup, live, rss, reconcile, handover"
             );
         }
     }
@@ -401,6 +409,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         let report =
             tokio::task::spawn_blocking(move || crate::bench_reconcile::run(items, &diffs, repeat))
                 .await??;
+        out.push('\n');
+        out.push_str(&report);
+    }
+    if wants("handover") {
+        let report = crate::bench_handover::run(
+            &args.dir,
+            args.handover_keys,
+            &args.handover_diffs,
+            args.repeat,
+            args.value_bytes,
+        )
+        .await?;
         out.push('\n');
         out.push_str(&report);
     }

@@ -306,7 +306,7 @@ pub enum Frame {
 }
 
 /// Symbols an initiator may send before the responder's first credit.
-pub const RECONCILE_INITIAL_SYMBOLS: u32 = 256;
+pub const RECONCILE_INITIAL_SYMBOLS: u32 = 128;
 /// Bytes of a key hash named in a `ReconcileEnd`'s need list.
 pub const NEED_PREFIX_BYTES: usize = 8;
 
