@@ -73,8 +73,6 @@ struct Outgoing {
     namespace: Namespace,
     mode: ReconcileMode,
     trigger: Trigger,
-    /// The feed position the snapshot reflects (at least).
-    snapshot_seq: u64,
     /// This node's vector before the snapshot: sent in `RepairEnd`.
     covered: VersionVector,
     source: Source,
@@ -128,10 +126,15 @@ pub(crate) struct Reconciler {
     incoming: Option<Incoming>,
     /// Namespaces waiting for a run this node starts, in order.
     queue: VecDeque<(Namespace, Trigger)>,
-    /// A handover is under way: the stream pauses until it ends, then resumes from
-    /// `handover_seq` (the lowest snapshot position of its runs).
+    /// A handover's runs are under way.
     handover: bool,
-    handover_seq: Option<u64>,
+    /// Where the stream to the peer skips to when a handover starts: the feed head
+    /// then, which every run's snapshot covers (they are taken after it).
+    skip_to: Option<u64>,
+    /// Runs of this handover that failed and were queued again.
+    handover_retries: u32,
+    /// A run of this handover failed for good: anti-entropy repairs what it missed.
+    handover_failed: bool,
     /// Compacted dots this node told the peer it now holds the effect of: the peer's
     /// summaries may predate that.
     covered_sent: std::collections::HashMap<Namespace, VersionVector>,
@@ -142,16 +145,18 @@ pub(crate) struct Reconciler {
 }
 
 impl Reconciler {
-    /// Whether the feed stream must wait (a handover is under way).
+    /// Whether the feed stream must wait (a handover's skip is not sent yet).
     pub fn holds_stream(&self) -> bool {
-        self.handover
+        self.skip_to.is_some()
     }
 
     /// Whether there is work to do without waiting for the peer.
     pub fn has_work(&self, credit: i64) -> bool {
+        if self.skip_to.is_some() && credit > 0 {
+            return true; // The skip is a (free) Events frame, sent with credit > 0.
+        }
         if self.handover && self.outgoing.is_none() && self.queue.is_empty() {
-            // Finishing sends a (free) Events frame, which needs credit to be positive.
-            return credit > 0;
+            return true;
         }
         let out = self.outgoing.as_ref().is_some_and(|o| {
             (matches!(o.source, Source::Window(_) | Source::Scan(_))
@@ -255,8 +260,9 @@ impl Link {
     }
 
     /// On a peer summary: if the peer lacks dots this node no longer has in its feed
-    /// (compacted), every namespace it replicates with the peer is reconciled and the
-    /// stream then resumes after the snapshots (the handover).
+    /// (compacted), the handover: the stream skips to the feed head, and every
+    /// namespace shared with the peer is reconciled from snapshots taken after that
+    /// point, while live events keep flowing by the stream.
     pub(super) fn check_handover(&mut self, summary: &[asp_core::session::NamespaceSummary]) {
         if self.reconciler.handover {
             return;
@@ -291,11 +297,13 @@ impl Link {
         tracing::info!(
             peer = ?self.peer,
             namespaces = names.len(),
-            "the peer lacks events compacted out of this node's feed: reconciling before the stream resumes"
+            "the peer lacks events compacted out of this node's feed: handing over by reconciliation"
         );
         self.reconciler.handover = true;
-        self.reconciler.handover_seq = None;
-        self.reconciler.queue.retain(|_| false);
+        self.reconciler.skip_to = Some(self.inner.store.head().seq);
+        self.reconciler.handover_retries = 0;
+        self.reconciler.handover_failed = false;
+        self.reconciler.queue.clear();
         for ns in names {
             self.reconciler.queue.push_back((ns, Trigger::Handover));
         }
@@ -303,6 +311,9 @@ impl Link {
 
     /// Does the next bounded step of reconciliation work.
     pub(super) async fn reconcile_step(&mut self) {
+        if self.reconciler.skip_to.is_some() && self.session.can_send() {
+            self.skip_stream();
+        }
         if self.reconciler.outgoing.is_none() {
             if let Some((ns, trigger)) = self.reconciler.queue.pop_front() {
                 // A peer that holds nothing but its own writes (a new node, perhaps
@@ -392,7 +403,7 @@ impl Link {
                 Ok((Source::None, 0, store.head().seq))
             }
         };
-        let (source, items, snapshot_seq) = match snapshot {
+        let (source, items, _snapshot_seq) = match snapshot {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(peer = ?self.peer, namespace = %namespace, "cannot start a reconciliation: {e}");
@@ -407,7 +418,9 @@ impl Link {
                     Instant::now(),
                     Some(e),
                 );
-                self.reconciler.handover = false;
+                if trigger == Trigger::Handover {
+                    self.retry_handover(namespace);
+                }
                 return;
             }
         };
@@ -434,7 +447,6 @@ impl Link {
             namespace,
             mode,
             trigger,
-            snapshot_seq,
             covered,
             source,
             symbols_sent: 0,
@@ -567,7 +579,23 @@ impl Link {
                 },
                 Instant::now(),
             );
-            self.reconciler.handover = false;
+            if o.trigger == Trigger::Handover {
+                self.retry_handover(o.namespace);
+            }
+        }
+    }
+
+    /// A run of the handover failed: queue it again, a few times; past that, the
+    /// namespace is left to anti-entropy (its stream positions were skipped).
+    fn retry_handover(&mut self, namespace: Namespace) {
+        if self.reconciler.handover_retries < 3 {
+            self.reconciler.handover_retries += 1;
+            self.reconciler
+                .queue
+                .push_back((namespace, Trigger::Handover));
+        } else {
+            tracing::warn!(peer = ?self.peer, namespace = %namespace, "a handover run failed again: anti-entropy will repair what it missed");
+            self.reconciler.handover_failed = true;
         }
     }
 
@@ -584,14 +612,9 @@ impl Link {
         if o.mode == ReconcileMode::Transfer {
             self.with_record(|r| r.reconcile.transfers += 1);
         }
-        if o.trigger == Trigger::Handover {
-            // A run cut short pins the stream where it is (position 0 skips nothing).
-            let snapshot = if o.complete { o.snapshot_seq } else { 0 };
-            let seq = self
-                .reconciler
-                .handover_seq
-                .map_or(snapshot, |s| s.min(snapshot));
-            self.reconciler.handover_seq = Some(seq);
+        if o.trigger == Trigger::Handover && !o.complete {
+            // Repairs were cut short: the rest comes from another run.
+            self.retry_handover(o.namespace.clone());
         }
         self.record_run(
             &o.namespace,
@@ -606,13 +629,10 @@ impl Link {
         );
     }
 
-    /// The handover's runs are done: the stream skips what their snapshots covered.
-    fn finish_handover(&mut self) {
-        if !self.session.can_send() {
-            return; // Once credit returns.
-        }
-        self.reconciler.handover = false;
-        let Some(seq) = self.reconciler.handover_seq.take() else {
+    /// Skips the stream to where the handover's snapshots start: what lies before is
+    /// brought by the runs, what comes after by the stream, at once.
+    fn skip_stream(&mut self) {
+        let Some(seq) = self.reconciler.skip_to.take() else {
             return;
         };
         if seq > self.sent_through {
@@ -623,8 +643,18 @@ impl Link {
             self.sent_through = seq;
             self.reader = Some(self.inner.store.feed_reader(None, seq));
             self.caught_up = false;
+            tracing::info!(peer = ?self.peer, resume_after = seq, "handover: the stream resumes after this position while the namespaces are reconciled");
+        }
+    }
+
+    /// The handover's runs are done.
+    fn finish_handover(&mut self) {
+        self.reconciler.handover = false;
+        if self.reconciler.handover_failed {
+            tracing::warn!(peer = ?self.peer, "handover ended with runs that failed");
+        } else {
             self.with_record(|r| r.reconcile.handovers += 1);
-            tracing::info!(peer = ?self.peer, resume_after = seq, "handover done: the stream resumes after the reconciled snapshots");
+            tracing::info!(peer = ?self.peer, "handover done");
         }
     }
 
@@ -767,10 +797,7 @@ impl Link {
                             Some(format!("the peer answered {}", other.name())),
                         );
                         if o.trigger == Trigger::Handover {
-                            // Without the snapshot, the stream must not skip anything.
-                            self.reconciler.handover = false;
-                            self.reconciler.queue.clear();
-                            self.reconciler.handover_seq = None;
+                            self.retry_handover(o.namespace);
                         }
                     }
                 }

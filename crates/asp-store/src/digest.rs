@@ -120,7 +120,9 @@ struct Layer {
 
 impl Layer {
     fn new(capacity: u64) -> Layer {
-        let words = (capacity * BITS_PER_KEY).div_ceil(512).next_power_of_two() * 8;
+        // Blocks are picked by a remainder, so their count need not be a power of two
+        // (rounding up to one cost up to 2× the memory: ~17 MB more at 10 M keys).
+        let words = (capacity * BITS_PER_KEY).div_ceil(512) * 8;
         Layer {
             bits: vec![0; words as usize],
             capacity,
