@@ -1016,6 +1016,21 @@ impl Link {
                 },
                 now,
             );
+            let error = match (failed, outcome) {
+                (true, _) => Some(
+                    "the peer's symbols are inconsistent with this node's (do both nodes use the same reconcile_key?)"
+                        .to_owned(),
+                ),
+                (false, ReconcileOutcome::Failed) => {
+                    Some(format!(
+                        "not decoded within {received} symbols (nodes with different reconcile_keys end like this too)"
+                    ))
+                }
+                _ => None,
+            };
+            if let Some(e) = &error {
+                tracing::warn!(peer = ?self.peer, namespace = %i.namespace, "reconciliation failed: {e}");
+            }
             self.record_run(
                 &i.namespace,
                 i.mode,
@@ -1025,7 +1040,7 @@ impl Link {
                 0,
                 0,
                 i.started,
-                None,
+                error,
             );
             return;
         }

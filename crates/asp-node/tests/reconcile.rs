@@ -336,3 +336,42 @@ async fn an_empty_node_bootstraps_while_both_sides_write() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_with_different_reconcile_keys_fail_their_runs_and_say_why() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Store::open(store_config(da.path(), 1)).unwrap();
+    let mut other = store_config(db.path(), 2);
+    other.item_key = asp_core::reconcile::ItemKey::derive(b"another cluster secret");
+    let b = Store::open(other).unwrap();
+    put_many(&a, (0..300).map(|i| format!("a{i}")), "from a").await;
+    put_many(&b, (0..300).map(|i| format!("b{i}")), "from b").await;
+    a.save_checkpoint(NodeId::new(2).unwrap(), a.head().seq)
+        .unwrap();
+    b.save_checkpoint(NodeId::new(1).unwrap(), b.head().seq)
+        .unwrap();
+    let ra = start(&a, vec![]).await;
+    let rb = start(&b, vec![ra.listen_addr().unwrap().to_string()]).await;
+    let mut error = None;
+    for _ in 0..300 {
+        error = rb.status().peers[0]
+            .reconcile
+            .last
+            .as_ref()
+            .and_then(|l| l.error.clone());
+        if error.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let error = error.expect("the responder records a failed run");
+    assert!(error.contains("reconcile_key"), "{error}");
+    // Nothing was repaired from garbage.
+    assert_eq!(rb.status().peers[0].reconcile.keys_repaired, 0);
+    assert_eq!(ra.status().peers[0].reconcile.keys_repaired, 0);
+    assert_eq!(state(&b).len(), 300);
+    ra.shutdown().await;
+    rb.shutdown().await;
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use asp_core::NodeId;
+use asp_core::reconcile::ItemKey;
 use asp_http::ApiConfig;
 use asp_node::ReplicationConfig;
 use asp_store::{FsyncMode, StoreConfig};
@@ -69,6 +70,9 @@ pub struct ReplicationSection {
     pub idle_timeout_ms: Option<u64>,
     /// How often each namespace's digest is compared with each peer's (0: never).
     pub anti_entropy_interval_ms: Option<u64>,
+    /// The cluster's secret key for reconciliation hashes: 32 hex digits, the same on
+    /// every node. Without it the key is derived from the cluster id.
+    pub reconcile_key: Option<String>,
 }
 
 #[derive(Deserialize, Default, Debug, Clone)]
@@ -92,6 +96,21 @@ pub struct StoreSection {
     /// Reconciliation symbols kept per namespace, at most (0: none; anti-entropy then
     /// scans).
     pub reconcile_window: Option<usize>,
+}
+
+/// A 128-bit key from 32 hex digits.
+fn parse_key(hex: &str) -> anyhow::Result<ItemKey> {
+    let hex = hex.trim();
+    if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!(
+            "reconcile_key must be 32 hex digits (128 bits), for example the output of `openssl rand -hex 16`"
+        );
+    }
+    let mut bytes = [0u8; 16];
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("checked hex");
+    }
+    Ok(ItemKey::new(bytes))
 }
 
 pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
@@ -261,6 +280,10 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
         replication.version_min = min;
         replication.version_max = max;
     }
+    store.item_key = match &section.reconcile_key {
+        Some(hex) => parse_key(hex)?,
+        None => ItemKey::derive(replication.cluster_id.as_bytes()),
+    };
     replication
         .validate()
         .map_err(|e| anyhow::anyhow!("invalid replication configuration: {e}"))?;
@@ -327,6 +350,23 @@ mod tests {
             defaults.compaction_interval,
             Some(Duration::from_millis(DEFAULT_COMPACTION_INTERVAL_MS))
         );
+        // The reconciliation key: derived from the cluster id, or the configured secret.
+        let derived = ItemKey::derive(b"default");
+        assert_eq!(defaults.store.item_key, derived);
+        let keyed: FileConfig =
+            toml::from_str("[replication]\nreconcile_key = \"000102030405060708090a0b0c0d0e0f\"")
+                .unwrap();
+        let keyed = resolve(keyed, Overrides::default()).unwrap();
+        assert_eq!(
+            keyed.store.item_key,
+            ItemKey::new(std::array::from_fn(|i| i as u8))
+        );
+        let short: FileConfig = toml::from_str("[replication]\nreconcile_key = \"abc\"").unwrap();
+        let e = resolve(short, Overrides::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("32 hex digits"), "{e}");
         let bad = toml::from_str::<FileConfig>("[compaction]\ndead_ratio = 2.0").unwrap();
         let e = resolve(bad, Overrides::default())
             .err()

@@ -65,6 +65,16 @@ impl ItemKey {
         }
     }
 
+    /// A key derived from `context` (a cluster's id): the default when no secret key
+    /// is configured. Anyone who knows `context` can compute it, so it keeps
+    /// clusters apart but does not stop crafted collisions; a secret does.
+    pub fn derive(context: &[u8]) -> ItemKey {
+        let mut h = SipHasher13::new_with_keys(0x6173_7020_6974_656d, 0x206b_6579_2076_3121);
+        h.write(&(context.len() as u64).to_le_bytes());
+        h.write(context);
+        ItemKey::new(h.finish128().as_bytes())
+    }
+
     /// The item standing for `key` at `version` in a namespace's set: 16 bytes of hash
     /// of the key, then 16 bytes of hash of the key and version. Two nodes holding one
     /// key at different versions differ by two items that share their first half, and
