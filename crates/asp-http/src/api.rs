@@ -1041,10 +1041,18 @@ async fn status(State(state): State<AppState>) -> Response {
                 .iter()
                 .map(|(origin, set)| serde_json::json!({"origin": origin.to_string(), "events": set.len(), "ranges": set.ranges()}))
                 .collect();
+            let base = store.base(ns);
+            // Per origin, how much compaction took out of the feed: the floor is the
+            // highest counter compacted (its events are held, as state, not as feed).
+            let compacted: Vec<serde_json::Value> = base
+                .iter()
+                .map(|(origin, set)| serde_json::json!({"origin": origin.to_string(), "events": set.len(), "floor": set.max()}))
+                .collect();
             serde_json::json!({
                 "name": ns.as_str(),
                 "events": state.vector.len(),
-                "compacted_events": store.base(ns).len(),
+                "compacted_events": base.len(),
+                "compacted": compacted,
                 "max_hlc": HlcOut::from(state.max_hlc),
                 "origins": origins,
             })

@@ -431,5 +431,7 @@ async fn a_node_away_past_compaction_is_brought_back_by_reconciliation() {
         .unwrap()
         .clone();
     assert!(ns["compacted_events"].as_u64().unwrap() > 0, "{ns}");
+    let floor = ns["compacted"][0]["floor"].as_u64().unwrap();
+    assert!(floor > 0 && floor <= 22_000, "{ns}");
     assert!(a.log().contains("handover done"), "{}", a.log());
 }
