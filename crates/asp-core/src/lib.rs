@@ -6,6 +6,7 @@
 //! simulation of whole clusters possible. It does not know any wire or storage format
 //! either: those belong to `asp-wire`, `asp-store` and `asp-http`.
 
+pub mod crdt;
 mod event;
 mod hlc;
 mod ids;

@@ -1,0 +1,616 @@
+//! Replicated data types for the conflict policies beyond last-writer-wins, as
+//! δ-state CRDTs (Almeida, Shoker, Baquero, "Delta State Replicated Data Types",
+//! 2018): a write computes a small *delta* state from the key's current state; the
+//! delta is joined into the local state and travels in the event; every receiver joins
+//! it into its own. Join is commutative, associative and idempotent, so replicas that
+//! receive the same deltas in any order, with any duplicates, end equal.
+//!
+//! - [`PnCounter`]: per node, the total of its increments and of its decrements; the
+//!   value is their difference. A delta carries the writer's new totals.
+//! - [`OrSet`]: observed-remove set where a concurrent add wins over a remove. Each add
+//!   is tagged with its event's dot; a remove carries the dots it saw.
+//! - [`MvRegister`]: the `siblings` policy. A write carries the causal context its
+//!   writer read (the token): it replaces exactly the siblings that context covers;
+//!   concurrent writes stay side by side.
+//! - [`JsonMap`]: a JSON object merged per top-level field by last-writer-wins; a field
+//!   removed is a tombstone with its version, so a late older write cannot revive it.
+//!
+//! States encode to a compact binary form ([`State::encode`], [`State::decode`]);
+//! decoding never panics and bounds every count by the input's length. No I/O here.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use bytes::Bytes;
+
+use crate::{Dot, Hlc, NodeId, RangeSet, Version, VersionVector};
+
+#[cfg(test)]
+mod tests;
+
+/// How a namespace resolves concurrent writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Policy {
+    /// The highest `(hlc, origin)` wins.
+    Lww,
+    /// Concurrent writes are kept side by side.
+    Siblings,
+    /// A PN-counter.
+    Counter,
+    /// An add-wins observed-remove set.
+    Set,
+    /// A JSON object, last-writer-wins per top-level field.
+    JsonMap,
+}
+
+impl Policy {
+    pub const ALL: [Policy; 5] = [
+        Policy::Lww,
+        Policy::Siblings,
+        Policy::Counter,
+        Policy::Set,
+        Policy::JsonMap,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Policy::Lww => "lww",
+            Policy::Siblings => "siblings",
+            Policy::Counter => "counter",
+            Policy::Set => "set",
+            Policy::JsonMap => "json-map",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Policy> {
+        Policy::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    const fn tag(self) -> u8 {
+        match self {
+            Policy::Lww => 0,
+            Policy::Siblings => 1,
+            Policy::Counter => 2,
+            Policy::Set => 3,
+            Policy::JsonMap => 4,
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Why an operation or an encoded state was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CrdtError {
+    #[error("the counter would overflow: {0}")]
+    Overflow(String),
+    #[error("cannot join a {0} state with a {1} state")]
+    Mismatch(Policy, Policy),
+    #[error("malformed state: {0}")]
+    Malformed(String),
+}
+
+/// A PN-counter: per node, the total of its increments and of its decrements.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PnCounter {
+    inc: BTreeMap<NodeId, u64>,
+    dec: BTreeMap<NodeId, u64>,
+}
+
+impl PnCounter {
+    /// The counter's value: every increment minus every decrement.
+    pub fn value(&self) -> i128 {
+        let sum = |m: &BTreeMap<NodeId, u64>| m.values().map(|&v| v as i128).sum::<i128>();
+        sum(&self.inc) - sum(&self.dec)
+    }
+
+    /// The delta of `node` adding `amount` (negative: a decrement): its new total.
+    pub fn add(&self, node: NodeId, amount: i64) -> Result<PnCounter, CrdtError> {
+        let (map, by) = if amount >= 0 {
+            (&self.inc, amount as u64)
+        } else {
+            (&self.dec, amount.unsigned_abs())
+        };
+        let total = map
+            .get(&node)
+            .copied()
+            .unwrap_or(0)
+            .checked_add(by)
+            .ok_or_else(|| {
+                CrdtError::Overflow(format!("node {node}'s total would pass {}", u64::MAX))
+            })?;
+        let mut delta = PnCounter::default();
+        if amount >= 0 {
+            delta.inc.insert(node, total);
+        } else {
+            delta.dec.insert(node, total);
+        }
+        Ok(delta)
+    }
+
+    pub fn join(&mut self, other: &PnCounter) {
+        for (mine, theirs) in [(&mut self.inc, &other.inc), (&mut self.dec, &other.dec)] {
+            for (&node, &v) in theirs {
+                let e = mine.entry(node).or_insert(0);
+                *e = (*e).max(v);
+            }
+        }
+    }
+}
+
+/// The dots a state's causal context covers: a version vector, whose ranges keep it
+/// compact when every dot of an origin has been seen.
+pub type Context = VersionVector;
+
+/// An add-wins observed-remove set of byte-string members.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OrSet {
+    /// Each present member with the dots of the adds that keep it.
+    entries: BTreeMap<Bytes, BTreeSet<Dot>>,
+    /// Every add and remove this state has seen.
+    context: Context,
+}
+
+impl OrSet {
+    /// The members, in byte order.
+    pub fn members(&self) -> impl Iterator<Item = &Bytes> {
+        self.entries.keys()
+    }
+
+    pub fn contains(&self, member: &[u8]) -> bool {
+        self.entries.contains_key(member)
+    }
+
+    /// The delta of adding `member` by the event `dot`: the new add, replacing the
+    /// adds of it seen so far.
+    pub fn add(&self, member: Bytes, dot: Dot) -> OrSet {
+        let mut context = Context::default();
+        context.insert(dot);
+        if let Some(dots) = self.entries.get(&member) {
+            for &d in dots {
+                context.insert(d);
+            }
+        }
+        OrSet {
+            entries: BTreeMap::from([(member, BTreeSet::from([dot]))]),
+            context,
+        }
+    }
+
+    /// The delta of removing `member` by the event `dot`: the adds of it seen so far
+    /// (an add concurrent with the remove is not among them, and wins).
+    pub fn remove(&self, member: &[u8], dot: Dot) -> OrSet {
+        let mut context = Context::default();
+        context.insert(dot);
+        if let Some(dots) = self.entries.get(member) {
+            for &d in dots {
+                context.insert(d);
+            }
+        }
+        OrSet {
+            entries: BTreeMap::new(),
+            context,
+        }
+    }
+
+    pub fn join(&mut self, other: &OrSet) {
+        let mut entries = BTreeMap::new();
+        let members: BTreeSet<&Bytes> = self.entries.keys().chain(other.entries.keys()).collect();
+        for member in members {
+            let mine = self.entries.get(member);
+            let theirs = other.entries.get(member);
+            let keep = |d: &Dot, in_other: Option<&BTreeSet<Dot>>, other_context: &Context| {
+                in_other.is_some_and(|s| s.contains(d)) || !other_context.contains(*d)
+            };
+            let mut dots = BTreeSet::new();
+            for d in mine.into_iter().flatten() {
+                if keep(d, theirs, &other.context) {
+                    dots.insert(*d);
+                }
+            }
+            for d in theirs.into_iter().flatten() {
+                if keep(d, mine, &self.context) {
+                    dots.insert(*d);
+                }
+            }
+            if !dots.is_empty() {
+                entries.insert(member.clone(), dots);
+            }
+        }
+        self.entries = entries;
+        self.context.join(&other.context);
+    }
+}
+
+/// One value of a [`MvRegister`]: what was written, and when (for ordering reads).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sibling {
+    pub hlc: Hlc,
+    pub content_type: u8,
+    pub value: Bytes,
+}
+
+/// The `siblings` policy's state: the values no write has yet replaced, each under the
+/// dot of the event that wrote it, and every dot seen.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MvRegister {
+    values: BTreeMap<Dot, Sibling>,
+    context: Context,
+}
+
+impl MvRegister {
+    /// The current siblings, oldest first (by clock, then dot).
+    pub fn siblings(&self) -> Vec<(Dot, &Sibling)> {
+        let mut out: Vec<_> = self.values.iter().map(|(d, s)| (*d, s)).collect();
+        out.sort_by_key(|(d, s)| (s.hlc, d.origin, d.counter));
+        out
+    }
+
+    /// The causal context to hand a reader (its token): every dot this state has seen.
+    pub fn context(&self) -> &Context {
+        &self.context
+    }
+
+    /// The delta of a write by the event `dot` from a writer that read `seen`: it
+    /// replaces the siblings `seen` covers. `value: None` is a delete (it replaces them
+    /// with nothing).
+    pub fn write(seen: &Context, dot: Dot, sibling: Option<Sibling>) -> MvRegister {
+        let mut context = seen.clone();
+        context.insert(dot);
+        MvRegister {
+            values: sibling.into_iter().map(|s| (dot, s)).collect(),
+            context,
+        }
+    }
+
+    pub fn join(&mut self, other: &MvRegister) {
+        let mut values = BTreeMap::new();
+        for (d, s) in &self.values {
+            if other.values.contains_key(d) || !other.context.contains(*d) {
+                values.insert(*d, s.clone());
+            }
+        }
+        for (d, s) in &other.values {
+            if self.values.contains_key(d) || !self.context.contains(*d) {
+                values.insert(*d, s.clone());
+            }
+        }
+        self.values = values;
+        self.context.join(&other.context);
+    }
+}
+
+/// A JSON object merged per top-level field by last-writer-wins. Field values are
+/// kept as JSON text (this crate does not parse JSON); `None` marks a removed field.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JsonMap {
+    fields: BTreeMap<String, (Version, Option<Bytes>)>,
+}
+
+impl JsonMap {
+    /// The present fields and their JSON text, in name order.
+    pub fn fields(&self) -> impl Iterator<Item = (&str, &Bytes)> {
+        self.fields
+            .iter()
+            .filter_map(|(k, (_, v))| v.as_ref().map(|v| (k.as_str(), v)))
+    }
+
+    pub fn get(&self, field: &str) -> Option<&Bytes> {
+        self.fields.get(field).and_then(|(_, v)| v.as_ref())
+    }
+
+    /// The delta of setting (`Some`) or removing (`None`) fields at `version`.
+    pub fn patch(
+        version: Version,
+        changes: impl IntoIterator<Item = (String, Option<Bytes>)>,
+    ) -> JsonMap {
+        JsonMap {
+            fields: changes
+                .into_iter()
+                .map(|(k, v)| (k, (version, v)))
+                .collect(),
+        }
+    }
+
+    pub fn join(&mut self, other: &JsonMap) {
+        for (k, (version, value)) in &other.fields {
+            match self.fields.get(k) {
+                Some((mine, _)) if mine >= version => {}
+                _ => {
+                    self.fields.insert(k.clone(), (*version, value.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// A key's state under one of the CRDT policies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum State {
+    Counter(PnCounter),
+    Set(OrSet),
+    Siblings(MvRegister),
+    JsonMap(JsonMap),
+}
+
+impl State {
+    pub fn policy(&self) -> Policy {
+        match self {
+            State::Counter(_) => Policy::Counter,
+            State::Set(_) => Policy::Set,
+            State::Siblings(_) => Policy::Siblings,
+            State::JsonMap(_) => Policy::JsonMap,
+        }
+    }
+
+    /// The empty state of `policy` (`None` for `lww`, which keeps no CRDT state).
+    pub fn empty(policy: Policy) -> Option<State> {
+        match policy {
+            Policy::Lww => None,
+            Policy::Siblings => Some(State::Siblings(MvRegister::default())),
+            Policy::Counter => Some(State::Counter(PnCounter::default())),
+            Policy::Set => Some(State::Set(OrSet::default())),
+            Policy::JsonMap => Some(State::JsonMap(JsonMap::default())),
+        }
+    }
+
+    pub fn join(&mut self, other: &State) -> Result<(), CrdtError> {
+        match (self, other) {
+            (State::Counter(a), State::Counter(b)) => a.join(b),
+            (State::Set(a), State::Set(b)) => a.join(b),
+            (State::Siblings(a), State::Siblings(b)) => a.join(b),
+            (State::JsonMap(a), State::JsonMap(b)) => a.join(b),
+            (a, b) => return Err(CrdtError::Mismatch(a.policy(), b.policy())),
+        }
+        Ok(())
+    }
+
+    /// The state's binary form: a policy tag, then the state (little-endian counts
+    /// and integers; byte strings with u32 lengths).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![self.policy().tag()];
+        match self {
+            State::Counter(c) => {
+                for map in [&c.inc, &c.dec] {
+                    put_u32(&mut out, map.len());
+                    for (node, v) in map {
+                        out.extend_from_slice(&node.get().to_le_bytes());
+                        out.extend_from_slice(&v.to_le_bytes());
+                    }
+                }
+            }
+            State::Set(s) => {
+                put_u32(&mut out, s.entries.len());
+                for (member, dots) in &s.entries {
+                    put_bytes(&mut out, member);
+                    put_u32(&mut out, dots.len());
+                    for d in dots {
+                        put_dot(&mut out, *d);
+                    }
+                }
+                put_context(&mut out, &s.context);
+            }
+            State::Siblings(r) => {
+                put_u32(&mut out, r.values.len());
+                for (d, s) in &r.values {
+                    put_dot(&mut out, *d);
+                    out.extend_from_slice(&s.hlc.as_raw().to_le_bytes());
+                    out.push(s.content_type);
+                    put_bytes(&mut out, &s.value);
+                }
+                put_context(&mut out, &r.context);
+            }
+            State::JsonMap(m) => {
+                put_u32(&mut out, m.fields.len());
+                for (k, (version, value)) in &m.fields {
+                    put_bytes(&mut out, k.as_bytes());
+                    out.extend_from_slice(&version.hlc.as_raw().to_le_bytes());
+                    put_dot(&mut out, version.dot);
+                    match value {
+                        Some(v) => {
+                            out.push(1);
+                            put_bytes(&mut out, v);
+                        }
+                        None => out.push(0),
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Reads a state written by [`State::encode`]; refuses anything else by name.
+    pub fn decode(bytes: &[u8]) -> Result<State, CrdtError> {
+        let mut r = Reader { bytes, pos: 0 };
+        let state = match r.u8()? {
+            2 => {
+                let mut c = PnCounter::default();
+                for map in [&mut c.inc, &mut c.dec] {
+                    let n = r.count(16)?;
+                    for _ in 0..n {
+                        let node = r.node()?;
+                        let v = r.u64()?;
+                        map.insert(node, v);
+                    }
+                }
+                State::Counter(c)
+            }
+            3 => {
+                let mut s = OrSet::default();
+                let n = r.count(8)?;
+                for _ in 0..n {
+                    let member = Bytes::copy_from_slice(r.bytes()?);
+                    let k = r.count(16)?;
+                    let mut dots = BTreeSet::new();
+                    for _ in 0..k {
+                        dots.insert(r.dot()?);
+                    }
+                    if dots.is_empty() {
+                        return Err(r.err("a member without dots"));
+                    }
+                    s.entries.insert(member, dots);
+                }
+                s.context = r.context()?;
+                State::Set(s)
+            }
+            1 => {
+                let mut m = MvRegister::default();
+                let n = r.count(33)?;
+                for _ in 0..n {
+                    let dot = r.dot()?;
+                    let hlc = Hlc::from_raw(r.u64()?);
+                    let content_type = r.u8()?;
+                    let value = Bytes::copy_from_slice(r.bytes()?);
+                    m.values.insert(
+                        dot,
+                        Sibling {
+                            hlc,
+                            content_type,
+                            value,
+                        },
+                    );
+                }
+                m.context = r.context()?;
+                State::Siblings(m)
+            }
+            4 => {
+                let mut m = JsonMap::default();
+                let n = r.count(29)?;
+                for _ in 0..n {
+                    let name = std::str::from_utf8(r.bytes()?)
+                        .map_err(|_| r.err("a field name that is not UTF-8"))?
+                        .to_owned();
+                    let hlc = Hlc::from_raw(r.u64()?);
+                    let dot = r.dot()?;
+                    let value = match r.u8()? {
+                        0 => None,
+                        1 => Some(Bytes::copy_from_slice(r.bytes()?)),
+                        f => return Err(r.err(&format!("bad field flag {f}"))),
+                    };
+                    m.fields.insert(name, (Version { hlc, dot }, value));
+                }
+                State::JsonMap(m)
+            }
+            t => return Err(r.err(&format!("unknown policy tag {t}"))),
+        };
+        if r.pos != bytes.len() {
+            return Err(r.err("trailing bytes"));
+        }
+        Ok(state)
+    }
+}
+
+fn put_u32(out: &mut Vec<u8>, n: usize) {
+    out.extend_from_slice(&(n as u32).to_le_bytes());
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    put_u32(out, b.len());
+    out.extend_from_slice(b);
+}
+
+fn put_dot(out: &mut Vec<u8>, d: Dot) {
+    out.extend_from_slice(&d.origin.get().to_le_bytes());
+    out.extend_from_slice(&d.counter.to_le_bytes());
+}
+
+fn put_context(out: &mut Vec<u8>, c: &Context) {
+    let origins: Vec<_> = c.iter().collect();
+    put_u32(out, origins.len());
+    for (origin, set) in origins {
+        out.extend_from_slice(&origin.get().to_le_bytes());
+        put_u32(out, set.ranges().len());
+        for &(lo, hi) in set.ranges() {
+            out.extend_from_slice(&lo.to_le_bytes());
+            out.extend_from_slice(&hi.to_le_bytes());
+        }
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn err(&self, what: &str) -> CrdtError {
+        CrdtError::Malformed(format!("{what} at byte {}", self.pos))
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], CrdtError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or_else(|| self.err("truncated"))?;
+        let out = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(out)
+    }
+
+    fn u8(&mut self) -> Result<u8, CrdtError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, CrdtError> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+
+    fn u64(&mut self) -> Result<u64, CrdtError> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+
+    /// A count of entries each at least `min_bytes` long: bounded by what is left.
+    fn count(&mut self, min_bytes: usize) -> Result<usize, CrdtError> {
+        let n = self.u32()? as usize;
+        if n.saturating_mul(min_bytes) > self.bytes.len() - self.pos {
+            return Err(self.err(&format!("{n} entries cannot fit")));
+        }
+        Ok(n)
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], CrdtError> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+
+    fn node(&mut self) -> Result<NodeId, CrdtError> {
+        NodeId::new(self.u64()?).ok_or_else(|| self.err("node id 0"))
+    }
+
+    fn dot(&mut self) -> Result<Dot, CrdtError> {
+        let origin = self.node()?;
+        let counter = self.u64()?;
+        if counter == 0 {
+            return Err(self.err("counter 0"));
+        }
+        Ok(Dot { origin, counter })
+    }
+
+    fn context(&mut self) -> Result<Context, CrdtError> {
+        let mut c = Context::default();
+        let n = self.count(12)?;
+        for _ in 0..n {
+            let origin = self.node()?;
+            let k = self.count(16)?;
+            let mut ranges = Vec::with_capacity(k);
+            for _ in 0..k {
+                let (lo, hi) = (self.u64()?, self.u64()?);
+                if lo == 0 || lo > hi {
+                    return Err(self.err("a bad range"));
+                }
+                ranges.push((lo, hi));
+            }
+            c.insert_set(origin, &RangeSet::from_ranges(ranges));
+        }
+        Ok(c)
+    }
+}
