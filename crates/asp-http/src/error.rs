@@ -67,6 +67,12 @@ impl From<WriteError> for ApiError {
                     e.to_string(),
                 )
             },
+            WriteError::PolicyFixed(m) => {
+                ApiError::new(StatusCode::CONFLICT, "policy_fixed", m.clone())
+            }
+            WriteError::WrongPolicy(m) => {
+                ApiError::new(StatusCode::CONFLICT, "wrong_policy", m.clone())
+            }
             WriteError::Storage(_) => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "storage_failure",

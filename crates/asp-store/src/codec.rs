@@ -287,6 +287,32 @@ pub(crate) fn index_key(namespace: &str, key: &str) -> Vec<u8> {
     out
 }
 
+/// Separates a key from the origin in the index keys of CRDT namespaces (never a
+/// byte of UTF-8, so no key can end in it).
+pub(crate) const CRDT_SEPARATOR: u8 = 0xFF;
+
+/// The index key of an event. Under `lww` a key has one entry; under the CRDT
+/// policies (marked in the event's context) it has one per origin, holding that
+/// origin's latest state of the key: `index_key ‖ 0xFF ‖ origin (big-endian)`. The
+/// origins' entries behave like lww registers (each origin's states only grow), so
+/// replication, compaction and reconciliation treat them like any key, and a read
+/// joins them.
+pub(crate) fn event_index_key(namespace: &str, key: &str, dot: Dot, context: &[u8]) -> Vec<u8> {
+    let mut out = index_key(namespace, key);
+    if !context.is_empty() {
+        out.push(CRDT_SEPARATOR);
+        out.extend_from_slice(&dot.origin.get().to_be_bytes());
+    }
+    out
+}
+
+/// The prefix of a CRDT key's per-origin entries.
+pub(crate) fn crdt_key_prefix(namespace: &str, key: &str) -> Vec<u8> {
+    let mut out = index_key(namespace, key);
+    out.push(CRDT_SEPARATOR);
+    out
+}
+
 /// The namespace and key of an index key (the inverse of [`index_key`]).
 pub(crate) fn split_index_key(index_key: &[u8]) -> Option<(&str, &[u8])> {
     let len = usize::from(*index_key.first()?);

@@ -462,7 +462,12 @@ fn survey(shared: &Shared, segment: &Arc<Segment>, now_ms: u64) -> Result<Survey
 }
 
 fn standing(shared: &Shared, event: &Event, position: LogPosition) -> Result<Standing, ReadError> {
-    let key = codec::index_key(event.namespace.as_str(), event.key.as_str());
+    let key = codec::event_index_key(
+        event.namespace.as_str(),
+        event.key.as_str(),
+        event.dot,
+        &event.context,
+    );
     Ok(match shared.index.get(&key)? {
         None => Standing::Unknown,
         Some(entry) if entry.dot != event.dot => Standing::Superseded,

@@ -99,10 +99,13 @@ pub struct StoreConfig {
     pub item_key: ItemKey,
     /// Reconciliation symbols kept up to date per namespace, at most (each 48 bytes in
     /// memory; a namespace keeps about a quarter as many as it has keys, at least 64).
-    /// Differences up to about 70% of its window reconcile without a scan. 0 (the
-    /// default, until nodes run anti-entropy) keeps none: keeping them costs about 12%
-    /// of batch ingest and, at 10 M keys, ~40 MB more peak memory (bench/RESULTS.md).
+    /// Differences up to about 70% of its window reconcile without a scan. 0 keeps
+    /// none (anti-entropy then scans): keeping them costs about 19% of batch ingest
+    /// and, at 10 M keys, ~25 MB more peak memory (bench/RESULTS.md).
     pub reconcile_window: usize,
+    /// Conflict policies of namespaces (the others are `lww`), applied on open; a
+    /// namespace that holds data under another policy refuses to open.
+    pub namespace_policies: BTreeMap<String, asp_core::crdt::Policy>,
     /// Compaction ([`crate::Store::compact`]) drops a superseded event only once it is
     /// at least this old (its clock reading against this node's wall clock), so that
     /// change-feed consumers and peers that are behind by less than this still see
@@ -150,6 +153,7 @@ impl StoreConfig {
             reconcile_window: Self::RECONCILE_WINDOW_ON,
             compaction_retention_ms: Self::DEFAULT_COMPACTION_RETENTION_MS,
             compaction_namespace_retention_ms: BTreeMap::new(),
+            namespace_policies: BTreeMap::new(),
             compaction_retention_bytes: 0,
             compaction_dead_ratio: Self::DEFAULT_COMPACTION_DEAD_RATIO,
         }

@@ -68,6 +68,14 @@ pub enum WriteError {
     /// Events from a peer carry a clock reading too far ahead of this node's.
     #[error("{0}")]
     ClockSkew(String),
+    /// A namespace's conflict policy cannot change: it holds data under another one
+    /// (or a peer sent events of another policy).
+    #[error("{0}")]
+    PolicyFixed(String),
+    /// An operation that the namespace's conflict policy does not have (an increment
+    /// on a set, a plain put on a counter).
+    #[error("{0}")]
+    WrongPolicy(String),
     #[error("the writer queue stayed full for {} ms; retry later", waited.as_millis())]
     Overloaded { waited: Duration },
     #[error("the store is shutting down")]

@@ -19,6 +19,7 @@ mod index;
 mod log;
 mod manifest;
 mod metrics;
+mod policy;
 mod queue;
 mod store;
 mod types;
@@ -35,6 +36,6 @@ pub use store::{
     CHANGES_LIMIT_MAX, FeedReader, RecoveryReport, SCAN_LIMIT_MAX, Store, StoreStatus,
 };
 pub use types::{
-    Applied, ApplyOutcome, ChangesPage, Condition, FeedEvent, KeyState, NamespaceState, ScanItem,
-    ScanPage, Value, WriteKind, WriteOp,
+    Applied, ApplyOutcome, ChangesPage, Condition, CrdtOp, FeedEvent, KeyState, NamespaceState,
+    ScanItem, ScanPage, Value, WriteKind, WriteOp,
 };

@@ -23,12 +23,14 @@ use crate::index::Index;
 use crate::log::{FeedHead, Log, LogCursor, TornTail};
 use crate::manifest::{self, Manifest};
 use crate::metrics::Metrics;
+use crate::policy::Policies;
 use crate::queue::{TrySendError, WriteQueue};
 use crate::types::{
     Applied, ApplyOutcome, ChangesPage, FeedEvent, KeyState, NamespaceState, ScanItem, ScanPage,
     Value, WriteKind, WriteOp,
 };
-use crate::writer::{self, ApplyRequest, Progress, Request, Shared, WriteRequest};
+use crate::writer::{self, ApplyRequest, PolicyRequest, Progress, Request, Shared, WriteRequest};
+use asp_core::crdt::{Policy, State};
 
 /// The most keys one listing returns.
 pub const SCAN_LIMIT_MAX: usize = 1000;
@@ -147,6 +149,35 @@ impl Store {
                 context: "fsync of the log".into(),
                 source,
             })?;
+        let mut policies = Policies::load(&config.data_dir)?;
+        let mut changed = false;
+        for (name, &policy) in &config.namespace_policies {
+            let ns = Namespace::new(name)
+                .map_err(|e| OpenError::Config(format!("namespace_policies: {e}")))?;
+            let current = policies.get(&ns);
+            if current == policy {
+                continue;
+            }
+            let holds_data = state
+                .namespaces
+                .get(&ns)
+                .is_some_and(|s| !s.vector.is_empty());
+            if holds_data {
+                return Err(OpenError::Config(format!(
+                    "namespace {ns} is configured with the {policy} policy but holds data under the {current} policy; a namespace's policy cannot change once it holds data"
+                )));
+            }
+            policies.by_namespace.insert(ns, policy);
+            changed = true;
+        }
+        if changed {
+            policies
+                .save(&config.data_dir)
+                .map_err(|source| OpenError::Io {
+                    context: "writing the policies file".into(),
+                    source,
+                })?;
+        }
         let head = log.written_head();
         let (head_tx, _) = watch::channel(head);
         let metrics = Metrics::default();
@@ -177,6 +208,7 @@ impl Store {
             bases: Mutex::new(bases),
             compaction: Mutex::new(()),
             segment_gate: RwLock::new(()),
+            policies: RwLock::new(policies),
             metrics,
             config: config.clone(),
         });
@@ -249,6 +281,7 @@ impl Store {
             let value_len = match &op.kind {
                 WriteKind::Put { value, .. } => value.len(),
                 WriteKind::Delete => 0,
+                WriteKind::Crdt(op) => op.len(),
             };
             if value_len > config.value_bytes_max {
                 return Err(WriteError::TooLarge(format!(
@@ -684,6 +717,83 @@ impl Store {
             .map_err(ReadError::Failed)
     }
 
+    /// A namespace's conflict policy (`lww` unless set).
+    pub fn policy(&self, namespace: &Namespace) -> Policy {
+        self.inner.shared.policies.read().unwrap().get(namespace)
+    }
+
+    /// Every namespace whose policy is not `lww`.
+    pub fn policies(&self) -> Vec<(Namespace, Policy)> {
+        let p = self.inner.shared.policies.read().unwrap();
+        p.by_namespace
+            .iter()
+            .filter(|(_, p)| **p != Policy::Lww)
+            .map(|(n, p)| (n.clone(), *p))
+            .collect()
+    }
+
+    /// Sets a namespace's conflict policy, durably. Refused with
+    /// [`WriteError::PolicyFixed`] once the namespace holds data under another policy.
+    pub async fn set_policy(&self, namespace: Namespace, policy: Policy) -> Result<(), WriteError> {
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .queue
+            .send(Request::Policy(PolicyRequest {
+                namespace,
+                policy,
+                reply,
+            }))
+            .await
+            .map_err(|_| WriteError::Closed)?;
+        answer.await.map_err(|_| self.closed_or_failed())?
+    }
+
+    /// The state of a key of a CRDT namespace: the join of every origin's latest
+    /// state of it (`None` if nothing was ever written to it).
+    pub fn crdt_state(&self, namespace: &Namespace, key: &str) -> Result<Option<State>, ReadError> {
+        self.inner.shared.await_index().map_err(ReadError::Failed)?;
+        let _gate = self.inner.shared.segment_gate.read().unwrap();
+        self.crdt_state_locked(namespace, key)
+    }
+
+    /// [`Store::crdt_state`] for a caller that holds the segment gate.
+    fn crdt_state_locked(
+        &self,
+        namespace: &Namespace,
+        key: &str,
+    ) -> Result<Option<State>, ReadError> {
+        let policy = self.policy(namespace);
+        let Some(mut state) = State::empty(policy) else {
+            return Err(ReadError::Invalid(format!(
+                "namespace {namespace} uses the lww policy"
+            )));
+        };
+        let shared = &self.inner.shared;
+        let prefix = codec::crdt_key_prefix(namespace.as_str(), key);
+        let mut entries = Vec::new();
+        shared.index.scan(&prefix, None, |k, entry| {
+            if k.len() == prefix.len() + 8 {
+                entries.push(entry);
+            }
+            true
+        })?;
+        if entries.is_empty() {
+            return Ok(None);
+        }
+        for entry in entries {
+            let bytes = self.value_of(&entry)?;
+            let s = State::decode(&bytes)
+                .map_err(|e| ReadError::Corrupt(format!("key {key:?}: {e}")))?;
+            s.policy().eq(&policy).then_some(()).ok_or_else(|| {
+                ReadError::Corrupt(format!("key {key:?} holds a {} state", s.policy()))
+            })?;
+            state
+                .join(&s)
+                .map_err(|e| ReadError::Corrupt(format!("key {key:?}: {e}")))?;
+        }
+        Ok(Some(state))
+    }
+
     /// The current state of a key, including a deleted key's tombstone.
     pub fn get(&self, namespace: &Namespace, key: &str) -> Result<Option<KeyState>, ReadError> {
         let shared = &self.inner.shared;
@@ -743,7 +853,17 @@ impl Store {
         let _gate = with_values.then(|| self.inner.shared.segment_gate.read().unwrap());
         let ns_prefix_len = 1 + namespace.as_str().len();
         let full_prefix = codec::index_key(namespace.as_str(), prefix);
-        let after_key = after.map(|a| codec::index_key(namespace.as_str(), a));
+        // A CRDT key has an entry per origin (`key ‖ 0xFF ‖ origin`): listed once, and
+        // continued after past all of them.
+        let crdt = self.policy(namespace) != Policy::Lww;
+        let after_key = after.map(|a| {
+            let mut k = codec::index_key(namespace.as_str(), a);
+            if crdt {
+                k.extend_from_slice(&[codec::CRDT_SEPARATOR; 9]);
+            }
+            k
+        });
+        let mut previous: Option<Vec<u8>> = None;
         let mut items = Vec::new();
         let mut more = false;
         let mut last_seen: Option<Vec<u8>> = None;
@@ -757,6 +877,19 @@ impl Store {
                     more = true;
                     return false;
                 }
+                let k = if crdt {
+                    let end = k[ns_prefix_len..]
+                        .iter()
+                        .position(|&b| b == codec::CRDT_SEPARATOR)
+                        .map_or(k.len(), |p| ns_prefix_len + p);
+                    if previous.as_deref() == Some(&k[..end]) {
+                        return true;
+                    }
+                    previous = Some(k[..end].to_vec());
+                    &k[..end]
+                } else {
+                    k
+                };
                 let Some(content_type) = entry.content_type else {
                     tombstones += 1;
                     if tombstones >= SCAN_TOMBSTONES_MAX {
@@ -778,7 +911,15 @@ impl Store {
                         return false;
                     }
                 };
-                let value = if with_values {
+                let value = if with_values && crdt {
+                    match self.crdt_state_locked(namespace, key.as_str()) {
+                        Ok(state) => state.map(|s| bytes::Bytes::from(s.encode())),
+                        Err(e) => {
+                            err = Some(e);
+                            return false;
+                        }
+                    }
+                } else if with_values {
                     match self.value_of(&entry) {
                         Ok(v) => Some(v),
                         Err(e) => {
@@ -1066,9 +1207,11 @@ fn replay(
                     .filter(|v| v.len() <= INLINE_VALUE_BYTES_MAX)
                     .map(|v| bytes::Bytes::copy_from_slice(v)),
             };
-            let key = Slice::from(codec::index_key(
+            let key = Slice::from(codec::event_index_key(
                 event.namespace.as_str(),
                 event.key.as_str(),
+                event.dot,
+                &event.context,
             ));
             let current = match winners.get(&key) {
                 Some(e) => Some(e.version()),

@@ -18,6 +18,59 @@ pub enum WriteKind {
         value: Bytes,
     },
     Delete,
+    /// An operation on a key of a namespace whose policy is not `lww`.
+    Crdt(CrdtOp),
+}
+
+/// An operation of one of the CRDT policies (`asp_core::crdt`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CrdtOp {
+    /// `counter`: add this (negative: subtract).
+    Incr(i64),
+    /// `set`: add a member.
+    Add(Bytes),
+    /// `set`: remove a member (the adds this node has seen of it).
+    Remove(Bytes),
+    /// `siblings`: write a value (`None`: delete) replacing the siblings `context`
+    /// covers (an empty context replaces nothing: a new sibling).
+    Write {
+        context: asp_core::crdt::Context,
+        value: Option<(ContentType, Bytes)>,
+    },
+    /// `json-map`: set (`Some`, JSON text) or remove (`None`) top-level fields.
+    Patch(Vec<(String, Option<Bytes>)>),
+}
+
+impl CrdtOp {
+    /// The policy this operation belongs to.
+    pub fn policy(&self) -> asp_core::crdt::Policy {
+        use asp_core::crdt::Policy;
+        match self {
+            CrdtOp::Incr(_) => Policy::Counter,
+            CrdtOp::Add(_) | CrdtOp::Remove(_) => Policy::Set,
+            CrdtOp::Write { .. } => Policy::Siblings,
+            CrdtOp::Patch(_) => Policy::JsonMap,
+        }
+    }
+
+    /// Bytes it carries, for the queue's budget.
+    pub fn len(&self) -> usize {
+        match self {
+            CrdtOp::Incr(_) => 8,
+            CrdtOp::Add(m) | CrdtOp::Remove(m) => m.len(),
+            CrdtOp::Write { value, context } => {
+                value.as_ref().map_or(0, |(_, v)| v.len()) + 24 * context.iter().count()
+            }
+            CrdtOp::Patch(fields) => fields
+                .iter()
+                .map(|(k, v)| k.len() + v.as_ref().map_or(0, |v| v.len()))
+                .sum(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// A precondition on the key's state, checked when the batch is applied; if any
@@ -50,6 +103,14 @@ impl WriteOp {
         WriteOp {
             key,
             kind: WriteKind::Delete,
+            condition: Condition::None,
+        }
+    }
+
+    pub fn crdt(key: Key, op: CrdtOp) -> Self {
+        WriteOp {
+            key,
+            kind: WriteKind::Crdt(op),
             condition: Condition::None,
         }
     }

@@ -47,8 +47,11 @@ use crate::error::WriteError;
 use crate::index::Index;
 use crate::log::{FeedHead, Log, Segment, SparseBuilder, SparseUpdate};
 use crate::metrics::Metrics;
+use crate::policy::Policies;
 use crate::queue::WriteQueue;
-use crate::types::{Applied, ApplyOutcome, Condition, NamespaceState, WriteKind, WriteOp};
+use crate::types::{Applied, ApplyOutcome, Condition, CrdtOp, NamespaceState, WriteKind, WriteOp};
+use asp_core::crdt::{JsonMap, MvRegister, Policy, Sibling, State};
+use asp_core::{ContentType, Version};
 
 /// Acknowledged groups waiting for the indexer, at most (each holds at most
 /// `group_events_max` events, or one larger request).
@@ -64,7 +67,16 @@ pub(crate) enum Request {
     Apply(ApplyRequest),
     Relocate(RelocateRequest),
     Cover(CoverRequest),
+    Policy(PolicyRequest),
     Shutdown(oneshot::Sender<()>),
+}
+
+/// Sets a namespace's conflict policy: refused once the namespace holds data under
+/// another one.
+pub(crate) struct PolicyRequest {
+    pub namespace: Namespace,
+    pub policy: Policy,
+    pub reply: oneshot::Sender<Result<(), WriteError>>,
 }
 
 /// Records compaction copies forward: each appended unchanged (same dot, clock and
@@ -105,6 +117,7 @@ enum Work {
     Apply(ApplyRequest),
     Relocate(RelocateRequest),
     Cover(CoverRequest),
+    Policy(PolicyRequest),
 }
 
 pub(crate) struct WriteRequest {
@@ -158,6 +171,8 @@ pub(crate) struct Shared {
     /// hold this for reading, so that compaction, which takes it for writing to drop a
     /// segment, never drops one between the lookup and the read.
     pub segment_gate: RwLock<()>,
+    /// Each namespace's conflict policy (the writer changes it, readers read it).
+    pub policies: RwLock<Policies>,
     pub metrics: Metrics,
     /// Mirrors of `progress.acked.seq` and `progress.indexed.seq`, so that a read can
     /// see without locking that the index is up to date.
@@ -310,6 +325,7 @@ impl Work {
             Work::Apply(a) => drop(a.reply.send(Err(err))),
             Work::Relocate(r) => drop(r.reply.send(Err(err))),
             Work::Cover(c) => drop(c.reply.send(Err(err))),
+            Work::Policy(p) => drop(p.reply.send(Err(err))),
         }
     }
 }
@@ -326,6 +342,9 @@ struct Group {
     acks: Vec<Ack>,
     events: u64,
     relocated: u64,
+    /// States of CRDT keys appended in this group (index key, encoded state): not in
+    /// the index yet, but part of what the next write of the key must see.
+    crdt_pending: Vec<(Vec<u8>, bytes::Bytes)>,
 }
 
 /// Lets the writer's short waits for stragglers end on time: the default 50 µs timer
@@ -416,6 +435,7 @@ impl Collected {
                 self.requests.push(Work::Relocate(r));
             }
             Request::Cover(c) => self.requests.push(Work::Cover(c)),
+            Request::Policy(p) => self.requests.push(Work::Policy(p)),
             Request::Shutdown(reply) => self.shutdown.push(reply),
         }
     }
@@ -475,6 +495,7 @@ impl Writer {
                 Request::Apply(a) => Work::Apply(a).fail(WriteError::Closed),
                 Request::Relocate(r) => Work::Relocate(r).fail(WriteError::Closed),
                 Request::Cover(c) => Work::Cover(c).fail(WriteError::Closed),
+                Request::Policy(p) => Work::Policy(p).fail(WriteError::Closed),
                 Request::Shutdown(reply) => shutdown_replies.push(reply),
             }
         }
@@ -562,8 +583,11 @@ impl Writer {
             return None;
         }
         let reads = group.iter().any(|work| match work {
-            Work::Write(w) => w.ops.iter().any(|op| op.condition != Condition::None),
-            Work::Apply(_) | Work::Relocate(_) | Work::Cover(_) => false,
+            Work::Write(w) => w
+                .ops
+                .iter()
+                .any(|op| op.condition != Condition::None || matches!(op.kind, WriteKind::Crdt(_))),
+            Work::Apply(_) | Work::Relocate(_) | Work::Cover(_) | Work::Policy(_) => false,
         });
         if reads {
             // Conditions read the index, which must reflect every earlier write.
@@ -600,13 +624,18 @@ impl Writer {
             acks: Vec::with_capacity(group.len()),
             events: 0,
             relocated: 0,
+            crdt_pending: Vec::new(),
         };
         for work in group {
             match work {
-                Work::Write(w) => self.add_local(&mut g, w, wall),
+                Work::Write(w) => match self.policy(&w.namespace) {
+                    Policy::Lww => self.add_local(&mut g, w, wall),
+                    policy => self.add_local_crdt(&mut g, w, wall, policy),
+                },
                 Work::Apply(a) => self.add_remote(&mut g, a, wall),
                 Work::Relocate(r) => self.add_relocated(&mut g, r),
                 Work::Cover(c) => self.add_cover(&mut g, c),
+                Work::Policy(p) => self.set_policy(p),
             }
         }
         if g.acks.is_empty() {
@@ -695,7 +724,14 @@ impl Writer {
                 .filter(|v| v.len() <= INLINE_VALUE_BYTES_MAX)
                 .map(bytes::Bytes::copy_from_slice),
         };
-        let key = Slice::from(codec::index_key(event.namespace, event.key));
+        let key = codec::event_index_key(event.namespace, event.key, event.dot, event.context);
+        if !event.context.is_empty()
+            && let Some((_, value)) = event.put
+        {
+            g.crdt_pending
+                .push((key.clone(), bytes::Bytes::copy_from_slice(value)));
+        }
+        let key = Slice::from(key);
         match g.positions.get(&key[..]) {
             // Two events for one key in one group: the index gets the winner.
             Some(&p) => {
@@ -724,6 +760,25 @@ impl Writer {
 
     /// A client's batch: new dots of this node, fresh clock readings.
     fn add_local(&mut self, g: &mut Group, w: WriteRequest, wall: u64) {
+        if let Some((i, op)) = w
+            .ops
+            .iter()
+            .enumerate()
+            .find(|(_, op)| matches!(op.kind, WriteKind::Crdt(_)))
+        {
+            let WriteKind::Crdt(crdt) = &op.kind else {
+                unreachable!("found above")
+            };
+            let err = WriteError::WrongPolicy(format!(
+                "operation {i} on key {:?} is a {} operation, but namespace {} uses the lww policy (set its policy first)",
+                op.key.as_str(),
+                crdt.policy(),
+                w.namespace
+            ));
+            self.shared.metrics.writes_rejected.inc();
+            let _ = w.reply.send(Err(err));
+            return;
+        }
         if let Err(e) = self.check_conditions(&w, g) {
             self.shared.metrics.writes_rejected.inc();
             let _ = w.reply.send(Err(e));
@@ -746,6 +801,7 @@ impl Writer {
                     value,
                 } => Some((*content_type, &value[..])),
                 WriteKind::Delete => None,
+                WriteKind::Crdt(_) => unreachable!("refused above"),
             };
             let event = EventRef {
                 namespace: w.namespace.as_str(),
@@ -785,6 +841,10 @@ impl Writer {
                 self.clock.max_skew_ms()
             ));
             let _ = a.reply.send(Err(err));
+            return;
+        }
+        if let Err(e) = self.check_remote_policies(&a.events) {
+            let _ = a.reply.send(Err(e));
             return;
         }
         let mut outcome = ApplyOutcome::default();
@@ -875,6 +935,261 @@ impl Writer {
             reply: Reply::AfterIndex(c.reply),
             _permit: None,
         });
+    }
+
+    fn policy(&self, namespace: &Namespace) -> Policy {
+        self.shared.policies.read().unwrap().get(namespace)
+    }
+
+    /// Whether `namespace` holds any event.
+    fn holds_data(&self, namespace: &Namespace) -> bool {
+        self.namespaces
+            .get(namespace)
+            .is_some_and(|s| !s.vector.is_empty())
+    }
+
+    fn set_policy(&mut self, p: PolicyRequest) {
+        let current = self.policy(&p.namespace);
+        let result = if current == p.policy {
+            Ok(())
+        } else if self.holds_data(&p.namespace) {
+            Err(WriteError::PolicyFixed(format!(
+                "namespace {} holds data under the {current} policy; a namespace's policy cannot change once it holds data",
+                p.namespace
+            )))
+        } else {
+            self.save_policy(&p.namespace, p.policy)
+        };
+        let _ = p.reply.send(result);
+    }
+
+    fn save_policy(&self, namespace: &Namespace, policy: Policy) -> Result<(), WriteError> {
+        let mut policies = self.shared.policies.write().unwrap();
+        let mut next = policies.clone();
+        next.by_namespace.insert(namespace.clone(), policy);
+        next.save(&self.shared.config.data_dir)
+            .map_err(|e| WriteError::Storage(format!("writing the policies file: {e}")))?;
+        *policies = next;
+        Ok(())
+    }
+
+    /// Events from a peer must follow their namespace's policy here. A namespace that
+    /// holds nothing yet takes the policy its first events carry (so a policy set on
+    /// one node spreads with its data); otherwise a mismatch refuses the request.
+    fn check_remote_policies(&mut self, events: &[Event]) -> Result<(), WriteError> {
+        let mut seen: Vec<(&Namespace, Policy)> = Vec::new();
+        for e in events {
+            let Some(policy) = Policy::of_event(&e.context) else {
+                return Err(WriteError::Invalid(format!(
+                    "event {} of namespace {} carries a context this node does not understand",
+                    e.dot, e.namespace
+                )));
+            };
+            if seen
+                .iter()
+                .any(|(ns, p)| *ns == &e.namespace && *p == policy)
+            {
+                continue;
+            }
+            seen.push((&e.namespace, policy));
+            let here = self.policy(&e.namespace);
+            if here == policy {
+                continue;
+            }
+            if here == Policy::Lww && !self.holds_data(&e.namespace) {
+                self.save_policy(&e.namespace, policy)?;
+                continue;
+            }
+            return Err(WriteError::PolicyFixed(format!(
+                "namespace {} uses the {here} policy on this node, but the peer sent a {policy} event ({}): configure the same policy on every node",
+                e.namespace, e.dot
+            )));
+        }
+        Ok(())
+    }
+
+    /// A batch on a namespace of a CRDT policy: each operation's delta is joined into
+    /// the key's state as this node holds it, and the event carries the result (this
+    /// node's whole view of the key), which replaces this node's entry of the key.
+    fn add_local_crdt(&mut self, g: &mut Group, w: WriteRequest, wall: u64, policy: Policy) {
+        let node_id = self.shared.node_id;
+        let first_counter = self.next_counter(&w.namespace);
+        let refuse = |w: WriteRequest, err: WriteError, metrics: &crate::metrics::Metrics| {
+            metrics.writes_rejected.inc();
+            let _ = w.reply.send(Err(err));
+        };
+        // First every state, so that a refused operation leaves nothing behind.
+        let mut states: HashMap<String, State> = HashMap::new();
+        let mut events: Vec<(Dot, Hlc, bytes::Bytes)> = Vec::with_capacity(w.ops.len());
+        let mut clock = self.clock.clone();
+        for (i, op) in w.ops.iter().enumerate() {
+            let key = op.key.as_str();
+            let crdt = match &op.kind {
+                WriteKind::Crdt(c) if c.policy() == policy => c,
+                _ => {
+                    let what = match &op.kind {
+                        WriteKind::Crdt(c) => format!("a {} operation", c.policy()),
+                        WriteKind::Put { .. } => "a plain put".to_owned(),
+                        WriteKind::Delete => "a plain delete".to_owned(),
+                    };
+                    let err = WriteError::WrongPolicy(format!(
+                        "operation {i} on key {key:?} is {what}, but namespace {} uses the {policy} policy",
+                        w.namespace
+                    ));
+                    return refuse(w, err, &self.shared.metrics);
+                }
+            };
+            if op.condition != Condition::None {
+                let err = WriteError::Invalid(format!(
+                    "operation {i}: conditions apply to lww namespaces (a siblings write carries its context instead)"
+                ));
+                return refuse(w, err, &self.shared.metrics);
+            }
+            let dot = Dot {
+                origin: node_id,
+                counter: first_counter + i as u64,
+            };
+            let hlc = clock.tick(wall);
+            if !states.contains_key(key) {
+                match self.merged_state(g, &w.namespace, key, policy) {
+                    Ok(state) => {
+                        states.insert(key.to_owned(), state);
+                    }
+                    Err(err) => return refuse(w, err, &self.shared.metrics),
+                }
+            }
+            let state = states.get_mut(key).expect("just ensured");
+            let delta = match (crdt, &*state) {
+                (CrdtOp::Incr(n), State::Counter(c)) => match c.add(node_id, *n) {
+                    Ok(d) => State::Counter(d),
+                    Err(e) => {
+                        let err = WriteError::Invalid(format!("operation {i} on key {key:?}: {e}"));
+                        return refuse(w, err, &self.shared.metrics);
+                    }
+                },
+                (CrdtOp::Add(m), State::Set(s)) => State::Set(s.add(m.clone(), dot)),
+                (CrdtOp::Remove(m), State::Set(s)) => State::Set(s.remove(m, dot)),
+                (CrdtOp::Write { context, value }, State::Siblings(_)) => {
+                    State::Siblings(MvRegister::write(
+                        context,
+                        dot,
+                        value.as_ref().map(|(ct, v)| Sibling {
+                            hlc,
+                            content_type: ct.code(),
+                            value: v.clone(),
+                        }),
+                    ))
+                }
+                (CrdtOp::Patch(fields), State::JsonMap(_)) => {
+                    State::JsonMap(JsonMap::patch(Version { hlc, dot }, fields.iter().cloned()))
+                }
+                _ => unreachable!("operation and state checked against the policy"),
+            };
+            if let Err(e) = state.join(&delta) {
+                return refuse(w, WriteError::Storage(e.to_string()), &self.shared.metrics);
+            }
+            let encoded = bytes::Bytes::from(state.encode());
+            if encoded.len() > self.shared.config.value_bytes_max {
+                let err = WriteError::TooLarge(format!(
+                    "key {key:?} would hold a {policy} state of {} bytes; the limit is {} (value_bytes_max)",
+                    encoded.len(),
+                    self.shared.config.value_bytes_max
+                ));
+                return refuse(w, err, &self.shared.metrics);
+            }
+            events.push((dot, hlc, encoded));
+        }
+        self.clock = clock;
+        let context = policy.event_context();
+        let last = events.len() - 1;
+        let mut applied = Vec::with_capacity(events.len());
+        let mut hlc = Hlc::ZERO;
+        for (i, (op, (dot, event_hlc, value))) in w.ops.iter().zip(&events).enumerate() {
+            hlc = *event_hlc;
+            let event = EventRef {
+                namespace: w.namespace.as_str(),
+                key: op.key.as_str(),
+                put: Some((ContentType::OctetStream, &value[..])),
+                dot: *dot,
+                hlc,
+                context: &context,
+            };
+            let seq = self.append(g, &event, i == last, UpdateKind::Overwrite);
+            applied.push(Applied {
+                dot: *dot,
+                hlc,
+                seq,
+            });
+        }
+        self.touch(g, &w.namespace, hlc);
+        self.namespaces
+            .get_mut(&w.namespace)
+            .expect("just touched")
+            .vector
+            .insert_range(node_id, first_counter, first_counter + last as u64);
+        g.acks.push(Ack {
+            reply: Reply::Write(w.reply, applied),
+            _permit: w.permit,
+        });
+    }
+
+    /// A CRDT key's state as this node holds it: the join of its origins' entries in
+    /// the index (every earlier group is indexed: the writer waited) and of those this
+    /// group appended.
+    fn merged_state(
+        &self,
+        g: &Group,
+        namespace: &Namespace,
+        key: &str,
+        policy: Policy,
+    ) -> Result<State, WriteError> {
+        let shared = &self.shared;
+        let mut state = State::empty(policy).expect("a CRDT policy");
+        let prefix = codec::crdt_key_prefix(namespace.as_str(), key);
+        let corrupt = |what: String| WriteError::Storage(format!("key {key:?}: {what}"));
+        let mut failure = None;
+        {
+            let _gate = shared.segment_gate.read().unwrap();
+            shared
+                .index
+                .scan(&prefix, None, |_, entry| {
+                    let value = match &entry.inline {
+                        Some(v) => Ok(v.clone()),
+                        None => shared
+                            .log
+                            .read_at(entry.position)
+                            .map_err(|e| corrupt(e.to_string()))
+                            .and_then(|r| match r.event.op {
+                                asp_core::Op::Put { value, .. } => Ok(value),
+                                asp_core::Op::Delete => {
+                                    Err(corrupt("a delete in a CRDT namespace".into()))
+                                }
+                            }),
+                    };
+                    let joined = value.and_then(|v| {
+                        let s = State::decode(&v).map_err(|e| corrupt(e.to_string()))?;
+                        state.join(&s).map_err(|e| corrupt(e.to_string()))
+                    });
+                    match joined {
+                        Ok(()) => true,
+                        Err(e) => {
+                            failure = Some(e);
+                            false
+                        }
+                    }
+                })
+                .map_err(|e| corrupt(e.to_string()))?;
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        for (k, v) in &g.crdt_pending {
+            if k.starts_with(&prefix) && k.len() == prefix.len() + 8 {
+                let s = State::decode(v).map_err(|e| corrupt(e.to_string()))?;
+                state.join(&s).map_err(|e| corrupt(e.to_string()))?;
+            }
+        }
+        Ok(state)
     }
 
     /// The counter this node's next event in `namespace` gets.

@@ -66,6 +66,35 @@ impl Policy {
         Policy::ALL.into_iter().find(|p| p.name() == name)
     }
 
+    const fn from_tag(tag: u8) -> Option<Policy> {
+        match tag {
+            0 => Some(Policy::Lww),
+            1 => Some(Policy::Siblings),
+            2 => Some(Policy::Counter),
+            3 => Some(Policy::Set),
+            4 => Some(Policy::JsonMap),
+            _ => None,
+        }
+    }
+
+    /// What an event of this policy carries in its `context` field: a marker and the
+    /// policy (empty for `lww`). A receiver learns from it how to merge the event.
+    pub fn event_context(self) -> Bytes {
+        match self {
+            Policy::Lww => Bytes::new(),
+            p => Bytes::from(vec![EVENT_MARKER, p.tag()]),
+        }
+    }
+
+    /// The policy an event's `context` names (`lww` for an empty context).
+    pub fn of_event(context: &[u8]) -> Option<Policy> {
+        match context {
+            [] => Some(Policy::Lww),
+            [EVENT_MARKER, tag] => Policy::from_tag(*tag).filter(|p| *p != Policy::Lww),
+            _ => None,
+        }
+    }
+
     const fn tag(self) -> u8 {
         match self {
             Policy::Lww => 0,
@@ -82,6 +111,9 @@ impl fmt::Display for Policy {
         f.write_str(self.name())
     }
 }
+
+/// The first byte of the `context` of an event that carries a CRDT state.
+const EVENT_MARKER: u8 = 0xC7;
 
 /// Why an operation or an encoded state was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
