@@ -6,6 +6,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use asp_core::crdt::Policy;
 use asp_core::{ContentType, Dot, Key, Namespace};
 use asp_node::Replicator;
 use asp_store::{Condition, FeedEvent, FeedReader, Store, WriteKind, WriteOp};
@@ -30,6 +31,7 @@ use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
+use crate::crdt_api;
 use crate::formats;
 use crate::json::{BASE64, ChangeOut, ChangesOut, HlcOut, ValueOut, WriteOut};
 
@@ -141,8 +143,13 @@ pub fn router(state: AppState) -> Router {
         )
         .route(
             "/v1/ns/{ns}/kv/{*key}",
-            get(get_key).put(put_key).delete(delete_key),
+            get(get_key)
+                .put(put_key)
+                .delete(delete_key)
+                .post(post_key)
+                .patch(patch_key),
         )
+        .route("/v1/ns/{ns}/policy", get(get_policy).put(put_policy))
         .route("/v1/ns/{ns}/batch", post(batch))
         .route("/v1/ns/{ns}/changes", get(changes))
         .fallback(route_not_found)
@@ -483,13 +490,21 @@ async fn put_key(
     .await?;
     formats::validate(content_type, &value)
         .map_err(|e| ApiError::bad_request("invalid_value", e.to_string()))?;
-    let op = WriteOp {
-        key: key.clone(),
-        kind: WriteKind::Put {
-            content_type,
-            value,
-        },
-        condition,
+    let op = if store.policy(&ns) == Policy::Siblings {
+        if condition != Condition::None {
+            return Err(siblings_condition());
+        }
+        let context = crdt_api::write_context(store, &headers, &ns, &key)?;
+        crdt_api::sibling_write(key.clone(), context, Some((content_type, value)))
+    } else {
+        WriteOp {
+            key: key.clone(),
+            kind: WriteKind::Put {
+                content_type,
+                value,
+            },
+            condition,
+        }
     };
     let applied = store.write(ns.clone(), vec![op]).await?[0];
     let body = serde_json::to_string(&WriteOut::new(ns.as_str(), key.as_str(), applied, false))
@@ -511,12 +526,21 @@ async fn delete_key(
         Some(m) => parse_if_match(m)?,
         None => Condition::None,
     };
-    let op = WriteOp {
-        key: key.clone(),
-        kind: WriteKind::Delete,
-        condition,
+    let store = state.store();
+    let op = if store.policy(&ns) == Policy::Siblings {
+        if condition != Condition::None {
+            return Err(siblings_condition());
+        }
+        let context = crdt_api::write_context(store, &headers, &ns, &key)?;
+        crdt_api::sibling_write(key.clone(), context, None)
+    } else {
+        WriteOp {
+            key: key.clone(),
+            kind: WriteKind::Delete,
+            condition,
+        }
     };
-    let applied = state.store().write(ns.clone(), vec![op]).await?[0];
+    let applied = store.write(ns.clone(), vec![op]).await?[0];
     let body = serde_json::to_string(&WriteOut::new(ns.as_str(), key.as_str(), applied, true))
         .expect("answers serialize");
     Ok(answer_write(&state, concern, applied.seq, body, None).await)
@@ -533,6 +557,9 @@ async fn get_key(
     let accept = header_str(&headers, header::ACCEPT)?;
     let if_none_match = header_str(&headers, header::IF_NONE_MATCH)?;
     let store = state.store();
+    if store.policy(&ns) != Policy::Lww {
+        return crdt_api::get(store, &ns, &key).await;
+    }
     store.caught_up().await?;
     let found = store.get(&ns, key.as_str())?;
     let Some((ks, value)) = found.and_then(|ks| ks.value.clone().map(|v| (ks, v))) else {
@@ -584,6 +611,117 @@ async fn get_key(
     h.insert(header::ETAG, etag(dot));
     h.insert(header::VARY, HeaderValue::from_static("Accept"));
     Ok(response)
+}
+
+fn siblings_condition() -> ApiError {
+    ApiError::bad_request(
+        "invalid_header",
+        format!(
+            "If-Match / If-None-Match apply to lww namespaces; a siblings write carries the {} token of its read instead",
+            crdt_api::CONTEXT_HEADER
+        ),
+    )
+}
+
+/// `POST .../kv/{key}`: an operation of a counter or set namespace.
+async fn post_key(
+    State(state): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<WriteParams>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let Path((ns, k)) = path.map_err(path_error)?;
+    let ns = namespace(&ns)?;
+    let key = key(&k)?;
+    let concern = concern(&state, query)?;
+    let store = state.store();
+    let body = read_body(
+        &headers,
+        body,
+        store.config().value_bytes_max,
+        "operation",
+        "value_bytes_max",
+    )
+    .await?;
+    let op = crdt_api::post_op(&body)?;
+    let applied = store
+        .write(ns.clone(), vec![WriteOp::crdt(key.clone(), op)])
+        .await?[0];
+    let body = serde_json::to_string(&WriteOut::new(ns.as_str(), key.as_str(), applied, false))
+        .expect("answers serialize");
+    Ok(answer_write(&state, concern, applied.seq, body, None).await)
+}
+
+/// `PATCH .../kv/{key}`: a JSON merge patch of a json-map key.
+async fn patch_key(
+    State(state): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<WriteParams>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let Path((ns, k)) = path.map_err(path_error)?;
+    let ns = namespace(&ns)?;
+    let key = key(&k)?;
+    let concern = concern(&state, query)?;
+    let mime = header_str(&headers, header::CONTENT_TYPE)?.unwrap_or("application/merge-patch+json");
+    let essence = mime.split(';').next().unwrap_or("").trim();
+    if essence != "application/merge-patch+json" && essence != "application/json" {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("a PATCH takes application/merge-patch+json (RFC 7396); got {mime}"),
+        ));
+    }
+    let store = state.store();
+    let policy = store.policy(&ns);
+    if policy != Policy::JsonMap {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "wrong_policy",
+            format!("a merge patch needs a json-map namespace; namespace {ns} uses the {policy} policy"),
+        ));
+    }
+    let body = read_body(
+        &headers,
+        body,
+        store.config().value_bytes_max,
+        "patch",
+        "value_bytes_max",
+    )
+    .await?;
+    let op = crdt_api::patch_op(store, &ns, &key, &body)?;
+    let applied = store
+        .write(ns.clone(), vec![WriteOp::crdt(key.clone(), op)])
+        .await?[0];
+    let body = serde_json::to_string(&WriteOut::new(ns.as_str(), key.as_str(), applied, false))
+        .expect("answers serialize");
+    Ok(answer_write(&state, concern, applied.seq, body, None).await)
+}
+
+async fn get_policy(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(ns) = path.map_err(path_error)?;
+    let ns = namespace(&ns)?;
+    let policy = state.store().policy(&ns);
+    Ok(crdt_api::policy_body(&ns, policy))
+}
+
+async fn put_policy(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let Path(ns) = path.map_err(path_error)?;
+    let ns = namespace(&ns)?;
+    let body = read_body(&headers, body, 4096, "policy", "a 4 KiB limit").await?;
+    let policy = crdt_api::parse_policy(&body)?;
+    state.store().set_policy(ns.clone(), policy).await?;
+    Ok(crdt_api::policy_body(&ns, policy))
 }
 
 #[derive(Deserialize)]

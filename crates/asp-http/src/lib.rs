@@ -4,6 +4,7 @@
 
 mod api;
 pub mod client;
+mod crdt_api;
 mod error;
 pub mod formats;
 mod json;

@@ -34,6 +34,9 @@ pub struct FileConfig {
     pub replication: ReplicationSection,
     #[serde(default)]
     pub compaction: CompactionSection,
+    /// Conflict policies of namespaces: `name = "counter"` (the others are lww).
+    #[serde(default)]
+    pub policies: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Deserialize, Default, Debug, Clone)]
@@ -226,6 +229,13 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
         store.compaction_dead_ratio = v;
     }
     store.compaction_namespace_retention_ms = compaction.namespace_retention_ms;
+    for (ns, name) in &file.policies {
+        asp_core::Namespace::new(ns).map_err(|e| anyhow::anyhow!("[policies] {ns:?}: {e}"))?;
+        let policy = asp_core::crdt::Policy::parse(name).with_context(|| {
+            format!("[policies] {ns} = {name:?}: choose lww, siblings, counter, set or json-map")
+        })?;
+        store.namespace_policies.insert(ns.clone(), policy);
+    }
     let compaction_interval = match compaction
         .interval_ms
         .unwrap_or(DEFAULT_COMPACTION_INTERVAL_MS)
@@ -331,6 +341,8 @@ mod tests {
             reconcile_window = 0
             [replication]
             anti_entropy_interval_ms = 5000
+            [policies]
+            hits = "counter"
             [compaction]
             interval_ms = 0
             retention_ms = 1000
@@ -344,6 +356,13 @@ mod tests {
         assert_eq!(c.replication.anti_entropy_interval, Duration::from_secs(5));
         assert_eq!(c.compaction_interval, None);
         assert_eq!(c.store.compaction_retention_ms, 1000);
+        assert_eq!(
+            c.store.namespace_policies.get("hits"),
+            Some(&asp_core::crdt::Policy::Counter)
+        );
+        let bad = toml::from_str::<FileConfig>("[policies]\nhits = \"sum\"").unwrap();
+        let e = format!("{:#}", resolve(bad, Overrides::default()).err().unwrap());
+        assert!(e.contains("json-map"), "{e}");
         assert_eq!(c.store.compaction_retention_ms_of("audit"), 86_400_000);
         let defaults = resolve(FileConfig::default(), Overrides::default()).unwrap();
         assert_eq!(

@@ -536,6 +536,23 @@ impl State {
     }
 }
 
+/// A causal context's binary form (what a context token carries).
+pub fn encode_context(context: &Context) -> Vec<u8> {
+    let mut out = Vec::new();
+    put_context(&mut out, context);
+    out
+}
+
+/// Reads [`encode_context`]'s output; refuses anything else.
+pub fn decode_context(bytes: &[u8]) -> Result<Context, CrdtError> {
+    let mut r = Reader { bytes, pos: 0 };
+    let c = r.context()?;
+    if r.pos != bytes.len() {
+        return Err(r.err("trailing bytes"));
+    }
+    Ok(c)
+}
+
 fn put_u32(out: &mut Vec<u8>, n: usize) {
     out.extend_from_slice(&(n as u32).to_le_bytes());
 }
