@@ -30,8 +30,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::ApiError;
 use crate::crdt_api;
+use crate::error::ApiError;
 use crate::formats;
 use crate::json::{BASE64, ChangeOut, ChangesOut, HlcOut, ValueOut, WriteOut};
 
@@ -665,7 +665,8 @@ async fn patch_key(
     let ns = namespace(&ns)?;
     let key = key(&k)?;
     let concern = concern(&state, query)?;
-    let mime = header_str(&headers, header::CONTENT_TYPE)?.unwrap_or("application/merge-patch+json");
+    let mime =
+        header_str(&headers, header::CONTENT_TYPE)?.unwrap_or("application/merge-patch+json");
     let essence = mime.split(';').next().unwrap_or("").trim();
     if essence != "application/merge-patch+json" && essence != "application/json" {
         return Err(ApiError::new(
@@ -680,7 +681,9 @@ async fn patch_key(
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "wrong_policy",
-            format!("a merge patch needs a json-map namespace; namespace {ns} uses the {policy} policy"),
+            format!(
+                "a merge patch needs a json-map namespace; namespace {ns} uses the {policy} policy"
+            ),
         ));
     }
     let body = read_body(

@@ -37,8 +37,14 @@ pub fn context_token(store: &Store, namespace: &Namespace, key: &Key, context: &
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
-fn token_mac(store: &Store, namespace: &Namespace, key: &Key, context: &[u8]) -> [u8; TOKEN_MAC_BYTES] {
-    let mut data = Vec::with_capacity(16 + namespace.as_str().len() + key.as_str().len() + context.len());
+fn token_mac(
+    store: &Store,
+    namespace: &Namespace,
+    key: &Key,
+    context: &[u8],
+) -> [u8; TOKEN_MAC_BYTES] {
+    let mut data =
+        Vec::with_capacity(16 + namespace.as_str().len() + key.as_str().len() + context.len());
     data.extend_from_slice(b"asp context token\0");
     data.extend_from_slice(&(namespace.as_str().len() as u32).to_le_bytes());
     data.extend_from_slice(namespace.as_str().as_bytes());
@@ -65,7 +71,9 @@ pub fn write_context(
     let invalid = |why: &str| {
         ApiError::bad_request(
             "invalid_context",
-            format!("the {CONTEXT_HEADER} header is not a context token of this key: {why}; send the token a read of this key returned, or none to add a sibling"),
+            format!(
+                "the {CONTEXT_HEADER} header is not a context token of this key: {why}; send the token a read of this key returned, or none to add a sibling"
+            ),
         )
     };
     let raw = raw.to_str().map_err(|_| invalid("not ASCII"))?;
@@ -77,7 +85,9 @@ pub fn write_context(
     }
     let (context, mac) = bytes.split_at(bytes.len() - TOKEN_MAC_BYTES);
     if token_mac(store, namespace, key, context) != mac {
-        return Err(invalid("its signature does not match (forged, damaged, or from another key)"));
+        return Err(invalid(
+            "its signature does not match (forged, damaged, or from another key)",
+        ));
     }
     let context = crdt::decode_context(context).map_err(|e| invalid(&e.to_string()))?;
     let held = store
@@ -103,7 +113,10 @@ pub async fn get(store: &Store, namespace: &Namespace, key: &Key) -> Result<Resp
         ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
-            format!("key {:?} does not exist in namespace {namespace}", key.as_str()),
+            format!(
+                "key {:?} does not exist in namespace {namespace}",
+                key.as_str()
+            ),
         )
     };
     let state = store
@@ -206,7 +219,9 @@ pub fn post_op(body: &[u8]) -> Result<CrdtOp, ApiError> {
     let invalid = |why: String| {
         ApiError::bad_request(
             "invalid_body",
-            format!("{why}; send {{\"incr\": n}} to a counter, {{\"add\": value}} or {{\"remove\": value}} to a set"),
+            format!(
+                "{why}; send {{\"incr\": n}} to a counter, {{\"add\": value}} or {{\"remove\": value}} to a set"
+            ),
         )
     };
     let value: serde_json::Value =
@@ -217,10 +232,13 @@ pub fn post_op(body: &[u8]) -> Result<CrdtOp, ApiError> {
         .ok_or_else(|| invalid("the body must be an object with one field".into()))?;
     let (name, arg) = obj.iter().next().expect("one field");
     match name.as_str() {
-        "incr" => arg
-            .as_i64()
-            .map(CrdtOp::Incr)
-            .ok_or_else(|| invalid(format!("incr takes an integer between {} and {}", i64::MIN, i64::MAX))),
+        "incr" => arg.as_i64().map(CrdtOp::Incr).ok_or_else(|| {
+            invalid(format!(
+                "incr takes an integer between {} and {}",
+                i64::MIN,
+                i64::MAX
+            ))
+        }),
         "add" => Ok(CrdtOp::Add(Bytes::from(arg.to_string()))),
         "remove" => Ok(CrdtOp::Remove(Bytes::from(arg.to_string()))),
         other => Err(invalid(format!("unknown operation {other:?}"))),
@@ -267,7 +285,9 @@ pub fn patch_op(
         let new = merge_patch(old, value);
         changes.push((
             name,
-            Some(Bytes::from(serde_json::to_string(&new).expect("values serialize"))),
+            Some(Bytes::from(
+                serde_json::to_string(&new).expect("values serialize"),
+            )),
         ));
     }
     Ok(CrdtOp::Patch(changes))
@@ -316,7 +336,10 @@ pub fn parse_policy(body: &[u8]) -> Result<Policy, ApiError> {
     let invalid = |why: String| {
         ApiError::bad_request(
             "invalid_body",
-            format!("{why}; send {{\"policy\": \"<one of {}>\"}}", names.join(", ")),
+            format!(
+                "{why}; send {{\"policy\": \"<one of {}>\"}}",
+                names.join(", ")
+            ),
         )
     };
     let value: serde_json::Value =

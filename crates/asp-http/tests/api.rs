@@ -994,16 +994,33 @@ async fn conflict_policies_over_http() {
         let server = &server;
         async move {
             server
-                .send(Method::PUT, &format!("/v1/ns/{ns}/policy"), &[], body.as_bytes())
+                .send(
+                    Method::PUT,
+                    &format!("/v1/ns/{ns}/policy"),
+                    &[],
+                    body.as_bytes(),
+                )
                 .await
         }
     };
     // Policies: lww by default, set once, fixed once data exists, bad names refused.
-    let r = server.send(Method::GET, "/v1/ns/hits/policy", &[], b"").await;
+    let r = server
+        .send(Method::GET, "/v1/ns/hits/policy", &[], b"")
+        .await;
     assert_eq!(json(&r)["policy"], "lww");
-    for (ns, p) in [("hits", "counter"), ("tags", "set"), ("docs", "siblings"), ("prof", "json-map")] {
+    for (ns, p) in [
+        ("hits", "counter"),
+        ("tags", "set"),
+        ("docs", "siblings"),
+        ("prof", "json-map"),
+    ] {
         let r = set_policy(ns, p).await;
-        assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
     }
     let r = set_policy("hits", "bogus").await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
@@ -1012,19 +1029,38 @@ async fn conflict_policies_over_http() {
     // Counter.
     for n in [5, -2, 10] {
         let r = server
-            .send(Method::POST, "/v1/ns/hits/kv/page/1", &[], format!(r#"{{"incr":{n}}}"#).as_bytes())
+            .send(
+                Method::POST,
+                "/v1/ns/hits/kv/page/1",
+                &[],
+                format!(r#"{{"incr":{n}}}"#).as_bytes(),
+            )
             .await;
-        assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
     }
-    let r = server.send(Method::GET, "/v1/ns/hits/kv/page/1", &[], b"").await;
+    let r = server
+        .send(Method::GET, "/v1/ns/hits/kv/page/1", &[], b"")
+        .await;
     assert_eq!((r.status, &r.body[..]), (StatusCode::OK, &b"13"[..]));
     let r = set_policy("hits", "set").await;
     assert_eq!(r.status, StatusCode::CONFLICT);
     assert_eq!(json(&r)["error"]["code"], "policy_fixed");
 
     // Set: add-wins membership, sorted JSON array.
-    for body in [r#"{"add":"b"}"#, r#"{"add":"a"}"#, r#"{"add":{"x":1}}"#, r#"{"remove":"b"}"#] {
-        let r = server.send(Method::POST, "/v1/ns/tags/kv/t", &[], body.as_bytes()).await;
+    for body in [
+        r#"{"add":"b"}"#,
+        r#"{"add":"a"}"#,
+        r#"{"add":{"x":1}}"#,
+        r#"{"remove":"b"}"#,
+    ] {
+        let r = server
+            .send(Method::POST, "/v1/ns/tags/kv/t", &[], body.as_bytes())
+            .await;
         assert_eq!(r.status, StatusCode::OK);
     }
     let r = server.send(Method::GET, "/v1/ns/tags/kv/t", &[], b"").await;
@@ -1044,9 +1080,19 @@ async fn conflict_policies_over_http() {
                 .await
         }
     };
-    assert_eq!(patch(r#"{"name":"Ada","addr":{"city":"London","zip":"N1"}}"#).await.status, StatusCode::OK);
-    assert_eq!(patch(r#"{"addr":{"zip":null},"age":36}"#).await.status, StatusCode::OK);
-    let r = server.send(Method::GET, "/v1/ns/prof/kv/ada", &[], b"").await;
+    assert_eq!(
+        patch(r#"{"name":"Ada","addr":{"city":"London","zip":"N1"}}"#)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        patch(r#"{"addr":{"zip":null},"age":36}"#).await.status,
+        StatusCode::OK
+    );
+    let r = server
+        .send(Method::GET, "/v1/ns/prof/kv/ada", &[], b"")
+        .await;
     assert_eq!(
         json(&r),
         serde_json::json!({"addr": {"city": "London"}, "age": 36, "name": "Ada"})
@@ -1056,7 +1102,12 @@ async fn conflict_policies_over_http() {
     // a read replaces exactly those.
     for v in ["one", "two"] {
         let r = server
-            .send(Method::PUT, "/v1/ns/docs/kv/d", &[("content-type", "text/plain")], v.as_bytes())
+            .send(
+                Method::PUT,
+                "/v1/ns/docs/kv/d",
+                &[("content-type", "text/plain")],
+                v.as_bytes(),
+            )
             .await;
         assert_eq!(r.status, StatusCode::OK);
     }
@@ -1070,7 +1121,13 @@ async fn conflict_policies_over_http() {
         .map(|s| s["value"].as_str().unwrap())
         .collect();
     assert_eq!(values, vec!["one", "two"]);
-    let token = r.headers.get("x-asp-context").unwrap().to_str().unwrap().to_owned();
+    let token = r
+        .headers
+        .get("x-asp-context")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
     assert_eq!(listed["context"], token.as_str());
     let r = server
         .send(
@@ -1093,22 +1150,112 @@ async fn conflict_policies_over_http() {
         t[last] = if t[last] == b'A' { b'B' } else { b'A' };
         String::from_utf8(t).unwrap()
     };
-    let cases: Vec<(Method, &str, Vec<(&str, &str)>, &[u8], StatusCode, &str)> = vec![
-        (Method::POST, "/v1/ns/tags/kv/t", vec![], br#"{"incr":1}"#, StatusCode::CONFLICT, "wrong_policy"),
-        (Method::POST, "/v1/ns/plain/kv/k", vec![], br#"{"incr":1}"#, StatusCode::CONFLICT, "wrong_policy"),
-        (Method::POST, "/v1/ns/hits/kv/page/1", vec![], br#"{"incr":1.5}"#, StatusCode::BAD_REQUEST, "invalid_body"),
-        (Method::POST, "/v1/ns/hits/kv/page/1", vec![], br#"{"mul":2}"#, StatusCode::BAD_REQUEST, "invalid_body"),
-        (Method::PUT, "/v1/ns/hits/kv/page/1", vec![("content-type", "text/plain")], b"7", StatusCode::CONFLICT, "wrong_policy"),
-        (Method::PATCH, "/v1/ns/prof/kv/ada", vec![("content-type", "application/merge-patch+json")], b"[1,2]", StatusCode::BAD_REQUEST, "invalid_patch"),
-        (Method::PATCH, "/v1/ns/prof/kv/ada", vec![("content-type", "application/merge-patch+json")], b"{nope", StatusCode::BAD_REQUEST, "invalid_patch"),
-        (Method::PATCH, "/v1/ns/hits/kv/page/1", vec![("content-type", "application/merge-patch+json")], br#"{"a":1}"#, StatusCode::CONFLICT, "wrong_policy"),
-        (Method::PUT, "/v1/ns/docs/kv/d", vec![("content-type", "text/plain"), ("x-asp-context", &forged)], b"x", StatusCode::BAD_REQUEST, "invalid_context"),
-        (Method::PUT, "/v1/ns/docs/kv/other", vec![("content-type", "text/plain"), ("x-asp-context", &token)], b"x", StatusCode::BAD_REQUEST, "invalid_context"),
-        (Method::PUT, "/v1/ns/docs/kv/d", vec![("content-type", "text/plain"), ("x-asp-context", "!!!")], b"x", StatusCode::BAD_REQUEST, "invalid_context"),
+    type Case<'a> = (
+        Method,
+        &'a str,
+        Vec<(&'a str, &'a str)>,
+        &'a [u8],
+        StatusCode,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            Method::POST,
+            "/v1/ns/tags/kv/t",
+            vec![],
+            br#"{"incr":1}"#,
+            StatusCode::CONFLICT,
+            "wrong_policy",
+        ),
+        (
+            Method::POST,
+            "/v1/ns/plain/kv/k",
+            vec![],
+            br#"{"incr":1}"#,
+            StatusCode::CONFLICT,
+            "wrong_policy",
+        ),
+        (
+            Method::POST,
+            "/v1/ns/hits/kv/page/1",
+            vec![],
+            br#"{"incr":1.5}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            Method::POST,
+            "/v1/ns/hits/kv/page/1",
+            vec![],
+            br#"{"mul":2}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            Method::PUT,
+            "/v1/ns/hits/kv/page/1",
+            vec![("content-type", "text/plain")],
+            b"7",
+            StatusCode::CONFLICT,
+            "wrong_policy",
+        ),
+        (
+            Method::PATCH,
+            "/v1/ns/prof/kv/ada",
+            vec![("content-type", "application/merge-patch+json")],
+            b"[1,2]",
+            StatusCode::BAD_REQUEST,
+            "invalid_patch",
+        ),
+        (
+            Method::PATCH,
+            "/v1/ns/prof/kv/ada",
+            vec![("content-type", "application/merge-patch+json")],
+            b"{nope",
+            StatusCode::BAD_REQUEST,
+            "invalid_patch",
+        ),
+        (
+            Method::PATCH,
+            "/v1/ns/hits/kv/page/1",
+            vec![("content-type", "application/merge-patch+json")],
+            br#"{"a":1}"#,
+            StatusCode::CONFLICT,
+            "wrong_policy",
+        ),
+        (
+            Method::PUT,
+            "/v1/ns/docs/kv/d",
+            vec![("content-type", "text/plain"), ("x-asp-context", &forged)],
+            b"x",
+            StatusCode::BAD_REQUEST,
+            "invalid_context",
+        ),
+        (
+            Method::PUT,
+            "/v1/ns/docs/kv/other",
+            vec![("content-type", "text/plain"), ("x-asp-context", &token)],
+            b"x",
+            StatusCode::BAD_REQUEST,
+            "invalid_context",
+        ),
+        (
+            Method::PUT,
+            "/v1/ns/docs/kv/d",
+            vec![("content-type", "text/plain"), ("x-asp-context", "!!!")],
+            b"x",
+            StatusCode::BAD_REQUEST,
+            "invalid_context",
+        ),
     ];
     for (method, path, headers, body, status, code) in cases {
         let r = server.send(method.clone(), path, &headers, body).await;
-        assert_eq!(r.status, status, "{method} {path}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.status,
+            status,
+            "{method} {path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
         assert_eq!(json(&r)["error"]["code"], code, "{method} {path}");
         assert!(!json(&r)["error"]["message"].as_str().unwrap().is_empty());
     }
