@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use asp_core::crdt::Policy;
 use asp_core::{ContentType, Dot, Key, Namespace};
 use asp_node::Replicator;
-use asp_store::{Condition, FeedEvent, FeedReader, Store, WriteKind, WriteOp};
+use asp_store::{Condition, CrdtOp, FeedEvent, FeedReader, Store, WriteKind, WriteOp};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
@@ -816,6 +816,11 @@ struct BatchOpIn<'a> {
     value_base64: Option<String>,
     if_match: Option<String>,
     if_none_match: Option<String>,
+    /// `incr`: the amount.
+    by: Option<i64>,
+    /// `add` / `remove`: the member, any JSON value.
+    #[serde(borrow)]
+    member: Option<&'a RawValue>,
 }
 
 fn batch_op(i: usize, op: BatchOpIn<'_>) -> Result<WriteOp, ApiError> {
@@ -832,7 +837,40 @@ fn batch_op(i: usize, op: BatchOpIn<'_>) -> Result<WriteOp, ApiError> {
         None => None,
         Some(ct) => Some(formats::content_type_of(Some(ct)).map_err(|e| bad(e.0))?),
     };
+    let has_value = op.value.is_some() || op.value_text.is_some() || op.value_base64.is_some();
+    if !matches!(op.op, "incr") && op.by.is_some() {
+        return Err(bad("\"by\" belongs to incr".into()));
+    }
+    if !matches!(op.op, "add" | "remove") && op.member.is_some() {
+        return Err(bad("\"member\" belongs to add and remove".into()));
+    }
     let kind = match op.op {
+        "incr" | "add" | "remove"
+            if has_value || declared.is_some() || condition != Condition::None =>
+        {
+            return Err(bad(format!(
+                "{} takes no value, content_type or condition",
+                op.op
+            )));
+        }
+        "incr" => WriteKind::Crdt(CrdtOp::Incr(
+            op.by
+                .ok_or_else(|| bad("incr needs \"by\": an integer".into()))?,
+        )),
+        "add" | "remove" => {
+            let raw = op
+                .member
+                .ok_or_else(|| bad(format!("{} needs \"member\": a JSON value", op.op)))?;
+            // Members compare by their compact JSON text.
+            let member: serde_json::Value =
+                serde_json::from_str(raw.get()).map_err(|e| bad(format!("member: {e}")))?;
+            let member = Bytes::from(member.to_string());
+            WriteKind::Crdt(if op.op == "add" {
+                CrdtOp::Add(member)
+            } else {
+                CrdtOp::Remove(member)
+            })
+        }
         "delete" => {
             if op.value.is_some()
                 || op.value_text.is_some()
@@ -886,7 +924,7 @@ fn batch_op(i: usize, op: BatchOpIn<'_>) -> Result<WriteOp, ApiError> {
         }
         other => {
             return Err(bad(format!(
-                "op must be \"put\" or \"delete\", got {other:?}"
+                "op must be \"put\", \"delete\", \"incr\", \"add\" or \"remove\", got {other:?}"
             )));
         }
     };

@@ -354,7 +354,7 @@ async fn malformed_requests_get_their_documented_error_and_the_node_keeps_servin
             "/v1/ns/t/batch",
             400,
             "invalid_batch",
-            "\"put\" or \"delete\"",
+            "\"delete\", \"incr\", \"add\" or \"remove\"",
         )
         .headers(json)
         .body(r#"{"ops":[{"op":"upsert","key":"a","value":1}]}"#),
@@ -1260,5 +1260,69 @@ async fn conflict_policies_over_http() {
         assert!(!json(&r)["error"]["message"].as_str().unwrap().is_empty());
     }
     assert_eq!(server.store.head().seq, head, "nothing was written");
+
+    // Batches take counter and set operations too, atomically.
+    let r = server
+        .send(
+            Method::POST,
+            "/v1/ns/hits/batch",
+            &[("content-type", "application/json")],
+            br#"{"ops":[{"op":"incr","key":"page/1","by":7},{"op":"incr","key":"page/2","by":-1}]}"#,
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let r = server
+        .send(Method::GET, "/v1/ns/hits/kv/page/1", &[], b"")
+        .await;
+    assert_eq!(&r.body[..], b"20");
+    let r = server
+        .send(
+            Method::POST,
+            "/v1/ns/tags/batch",
+            &[("content-type", "application/json")],
+            br#"{"ops":[{"op":"add","key":"t","member":{ "z" : 2 }},{"op":"remove","key":"t","member":"a"}]}"#,
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let r = server.send(Method::GET, "/v1/ns/tags/kv/t", &[], b"").await;
+    assert_eq!(json(&r), serde_json::json!([{"x": 1}, {"z": 2}]));
+    // A batch mixing a put into a counter namespace is refused whole.
+    let head = server.store.head().seq;
+    let r = server
+        .send(
+            Method::POST,
+            "/v1/ns/hits/batch",
+            &[("content-type", "application/json")],
+            br#"{"ops":[{"op":"incr","key":"page/1","by":1},{"op":"put","key":"x","value":1}]}"#,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert_eq!(json(&r)["error"]["code"], "wrong_policy");
+    let r = server
+        .send(
+            Method::POST,
+            "/v1/ns/hits/batch",
+            &[("content-type", "application/json")],
+            br#"{"ops":[{"op":"incr","key":"page/1"}]}"#,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(
+        json(&r)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"by\"")
+    );
+    assert_eq!(server.store.head().seq, head);
     server.stop().await;
 }
