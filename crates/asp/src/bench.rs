@@ -37,7 +37,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 #[derive(Args)]
 pub struct BenchArgs {
     /// Scenarios to run, comma-separated: fsync, single, batch, http, catchup, live, rss,
-    /// reconcile, handover.
+    /// reconcile, handover, crdt.
     #[arg(long, default_value = "fsync,single,batch,http", value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Ids per side in the reconcile scenario.
@@ -149,11 +149,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             "rss",
             "reconcile",
             "handover",
+            "crdt",
         ]
         .contains(&s.as_str())
         {
             bail!(
-                "unknown scenario {s:?}; choose among fsync, single, batch, http, catchup, live, rss, reconcile, handover"
+                "unknown scenario {s:?}; choose among fsync, single, batch, http, catchup, live, rss, reconcile, handover, crdt"
             );
         }
     }
@@ -421,6 +422,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             args.value_bytes,
         )
         .await?;
+        out.push('\n');
+        out.push_str(&report);
+    }
+    if wants("crdt") {
+        let report = crate::bench_crdt::run(&args.dir, args.batch_events / 4, args.repeat).await?;
         out.push('\n');
         out.push_str(&report);
     }

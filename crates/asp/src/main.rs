@@ -3,6 +3,7 @@
 //! lives in the library crates.
 
 mod bench;
+mod bench_crdt;
 mod bench_handover;
 mod bench_negentropy;
 mod bench_reconcile;
