@@ -44,6 +44,10 @@ pub struct ReplicationConfig {
     /// The protocol versions offered; only tests change them.
     pub version_min: u16,
     pub version_max: u16,
+    /// Tests only: when set, a transfer sends each page after the first only once it
+    /// takes a permit from this semaphore, so that a test can hold a bootstrap open.
+    #[doc(hidden)]
+    pub transfer_gate: Option<std::sync::Arc<tokio::sync::Semaphore>>,
 }
 
 impl ReplicationConfig {
@@ -68,6 +72,7 @@ impl ReplicationConfig {
             anti_entropy_interval: Duration::from_secs(60),
             version_min: PROTOCOL_VERSION_MIN,
             version_max: PROTOCOL_VERSION_MAX,
+            transfer_gate: None,
         }
     }
 

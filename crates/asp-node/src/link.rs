@@ -193,6 +193,9 @@ impl Link {
                     self.completed(done, answer.unwrap_or(Err(WriteError::Closed)));
                 }
                 _ = ae_tick.tick(), if ae_enabled => self.anti_entropy_tick(),
+                () = tokio::time::sleep(std::time::Duration::from_millis(10)), if self.reconciler.gate_closed => {
+                    self.reconciler.gate_closed = false;
+                }
                 changed = head.changed(), if self.caught_up => {
                     if changed.is_ok() {
                         self.caught_up = false;

@@ -142,6 +142,8 @@ pub(crate) struct Reconciler {
     /// starts when it differs at two checks in a row (a summary taken while the
     /// peer was still applying would otherwise start runs that find nothing).
     differed: std::collections::HashSet<Namespace>,
+    /// Tests only: a transfer waits for the configured gate.
+    pub gate_closed: bool,
 }
 
 impl Reconciler {
@@ -152,6 +154,9 @@ impl Reconciler {
 
     /// Whether there is work to do without waiting for the peer.
     pub fn has_work(&self, credit: i64) -> bool {
+        if self.gate_closed {
+            return false;
+        }
         if self.skip_to.is_some() && credit > 0 {
             return true; // The skip is a (free) Events frame, sent with credit > 0.
         }
@@ -504,6 +509,19 @@ impl Link {
         }
         // Transfer mode: the whole state, page by page, within credit.
         if o.mode == ReconcileMode::Transfer && !o.transfer_done && self.session.credit() > 0 {
+            if o.transfer_after.is_some()
+                && let Some(gate) = &self.inner.config.transfer_gate
+            {
+                match gate.try_acquire() {
+                    Ok(permit) => permit.forget(),
+                    Err(_) => {
+                        // Held by a test: the link loop retries after a while.
+                        self.reconciler.gate_closed = true;
+                        return;
+                    }
+                }
+            }
+            let o = self.reconciler.outgoing.as_mut().expect("checked");
             let ns = o.namespace.clone();
             let after = o.transfer_after.clone();
             let bytes = (self.session.credit() as usize).min(self.inner.config.batch_bytes_max);

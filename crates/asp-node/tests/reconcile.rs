@@ -422,3 +422,59 @@ async fn anti_entropy_repairs_a_counter_namespace() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_writes_flow_while_a_bootstrap_transfer_is_held() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Store::open(store_config(da.path(), 1)).unwrap();
+    let value = "v".repeat(300);
+    put_many(&a, (0..5000).map(|i| format!("k{i:05}")), &value).await;
+    put_many(&a, (0..5000).map(|i| format!("k{i:05}")), &value).await;
+    let report = a.compact().unwrap();
+    assert!(report.segments_removed > 0, "{report:?}");
+    // The transfer sends its first page, then waits for the test.
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let mut rc = replication(vec![]);
+    rc.transfer_gate = Some(gate.clone());
+    let ra = Replicator::start(a.clone(), rc, CancellationToken::new())
+        .await
+        .unwrap();
+    let b = Store::open(store_config(db.path(), 2)).unwrap();
+    let rb = start(&b, vec![ra.listen_addr().unwrap().to_string()]).await;
+    let held = |s: &Store| state(s).len();
+    for _ in 0..500 {
+        if held(&b) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(held(&b) > 0, "the first page arrives");
+    // A live write on A reaches B by the stream while the transfer is held.
+    put_many(&a, ["live".to_owned()], "now").await;
+    let mut arrived = false;
+    for _ in 0..500 {
+        if b.get(&ns(), "live").unwrap().is_some() {
+            arrived = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        arrived,
+        "the live write did not arrive while the transfer was held"
+    );
+    assert!(
+        held(&b) < 5001,
+        "the transfer is still held: {} keys",
+        held(&b)
+    );
+    assert_eq!(ra.status().peers[0].reconcile.transfers, 0);
+    // Released, the transfer ends and the two converge.
+    gate.add_permits(1 << 20);
+    converge(&a, &b, "after the held transfer").await;
+    assert_eq!(state(&b).len(), 5001);
+    ra.shutdown().await;
+    rb.shutdown().await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
