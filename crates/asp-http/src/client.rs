@@ -245,6 +245,42 @@ impl Client {
         .json()
     }
 
+    /// A namespace's conflict policy; with `set`, sets it first.
+    pub async fn policy(
+        &self,
+        namespace: &str,
+        set: Option<&str>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let path = format!("/v1/ns/{}/policy", encode(namespace));
+        let (method, body) = match set {
+            Some(p) => (
+                Method::PUT,
+                Bytes::from(serde_json::json!({ "policy": p }).to_string()),
+            ),
+            None => (Method::GET, Bytes::new()),
+        };
+        self.send(method, &path, &[], body).await?.ok()?.json()
+    }
+
+    /// An operation on a key of a counter or set namespace (`{"incr": n}`, `{"add": v}`,
+    /// `{"remove": v}`).
+    pub async fn operate(
+        &self,
+        namespace: &str,
+        key: &str,
+        op: serde_json::Value,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.send(
+            Method::POST,
+            &Self::kv_path(namespace, key),
+            &[(header::CONTENT_TYPE, "application/json")],
+            Bytes::from(op.to_string()),
+        )
+        .await?
+        .ok()?
+        .json()
+    }
+
     pub async fn batch(
         &self,
         namespace: &str,

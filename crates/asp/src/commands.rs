@@ -95,6 +95,20 @@ pub async fn del(
     Ok(ExitCode::SUCCESS)
 }
 
+pub async fn policy(node: &str, ns: &str, set: Option<&str>) -> anyhow::Result<ExitCode> {
+    print_json(&client(node)?.policy(ns, set).await?);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn incr(node: &str, ns: &str, key: &str, by: i64) -> anyhow::Result<ExitCode> {
+    print_json(
+        &client(node)?
+            .operate(ns, key, serde_json::json!({ "incr": by }))
+            .await?,
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn scan(
     node: &str,
     ns: &str,

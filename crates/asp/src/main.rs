@@ -47,6 +47,11 @@ enum Command {
     Watch(WatchArgs),
     /// Show a node's status.
     Status(NodeArgs),
+    /// Show a namespace's conflict policy, or set it (lww, siblings, counter, set,
+    /// json-map; fixed once the namespace holds data).
+    Policy(PolicyArgs),
+    /// Add to a key of a counter namespace (negative to subtract).
+    Incr(IncrArgs),
     /// Measure durable ingest and replication on this machine (see bench/RESULTS.md).
     Bench(bench::BenchArgs),
     /// Start a three-node cluster on loopback and show replication, a partition and
@@ -167,6 +172,26 @@ struct DelArgs {
 }
 
 #[derive(Args)]
+struct PolicyArgs {
+    #[command(flatten)]
+    target: NsArgs,
+    /// The policy to set; without it, the current one is shown.
+    #[arg(value_parser = ["lww", "siblings", "counter", "set", "json-map"])]
+    policy: Option<String>,
+}
+
+#[derive(Args)]
+struct IncrArgs {
+    #[command(flatten)]
+    target: NsArgs,
+    /// The key: 1 to 1024 bytes of UTF-8.
+    key: String,
+    /// The amount (negative to subtract).
+    #[arg(default_value_t = 1, allow_negative_numbers = true)]
+    by: i64,
+}
+
+#[derive(Args)]
 struct ScanArgs {
     #[command(flatten)]
     target: NsArgs,
@@ -256,6 +281,12 @@ fn main() -> ExitCode {
             }
             Command::Watch(a) => commands::watch(&a.target.node.node, &a.target.ns, a.since).await,
             Command::Status(a) => commands::status(&a.node).await,
+            Command::Policy(a) => {
+                commands::policy(&a.target.node.node, &a.target.ns, a.policy.as_deref()).await
+            }
+            Command::Incr(a) => {
+                commands::incr(&a.target.node.node, &a.target.ns, &a.key, a.by).await
+            }
             Command::Bench(a) => bench::run(a).await,
             Command::Demo(a) => demo::run(a).await,
         }
