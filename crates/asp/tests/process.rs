@@ -226,6 +226,27 @@ async fn command_line_client_round_trip_and_clear_failures() {
     let out = asp(&["status", "--node", &url]);
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["feed"]["head_seq"], 3);
+    // Counters: set the policy, add, subtract, read; a second policy is refused.
+    let counters = ["--node", url.as_str(), "--ns", "visits"];
+    let with = |args: &[&str]| {
+        let mut all = vec![args[0]];
+        all.extend_from_slice(&counters);
+        all.extend_from_slice(&args[1..]);
+        asp(&all)
+    };
+    assert!(with(&["policy", "counter"]).status.success());
+    let out = with(&["policy"]);
+    let policy: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(policy["policy"], "counter");
+    assert!(with(&["incr", "home"]).status.success());
+    assert!(with(&["incr", "home", "-3"]).status.success());
+    let out = with(&["get", "home"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "-2");
+    let out = with(&["policy", "set"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("policy_fixed"));
+    let out = run(&["incr", "user/1"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong_policy"));
 
     // Mistakes get clear answers and failing exit codes.
     let out = asp(&["serve", "--bogus"]);
