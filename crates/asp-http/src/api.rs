@@ -1210,6 +1210,9 @@ async fn compact(State(state): State<AppState>) -> Result<Response, ApiError> {
 
 async fn status(State(state): State<AppState>) -> Response {
     let store = state.store();
+    // Like a read, status reflects every acknowledged write (after a storage failure,
+    // the last indexed state is still a true, if old, answer).
+    let _ = store.caught_up().await;
     let s = store.status();
     let namespaces: Vec<serde_json::Value> = s
         .namespaces

@@ -330,6 +330,51 @@ impl Work {
     }
 }
 
+/// The states of CRDT keys the writer appended and the indexer may not have applied
+/// yet, by key (`crdt_key_prefix`), so that a CRDT write sees them without waiting for
+/// the indexer. Entries leave once the indexed position passes theirs.
+#[derive(Default)]
+struct RecentStates {
+    by_key: HashMap<Vec<u8>, Vec<(u64, bytes::Bytes)>>,
+    order: std::collections::VecDeque<(u64, Vec<u8>)>,
+}
+
+impl RecentStates {
+    /// Records the state appended at `seq` for the entry `index_key` (`prefix ‖ origin`).
+    fn add(&mut self, seq: u64, index_key: &[u8], state: bytes::Bytes) {
+        let prefix = index_key[..index_key.len() - 8].to_vec();
+        self.by_key
+            .entry(prefix.clone())
+            .or_default()
+            .push((seq, state));
+        self.order.push_back((seq, prefix));
+    }
+
+    /// Forgets what the index holds: everything at or before `indexed`.
+    fn prune(&mut self, indexed: u64) {
+        while let Some((seq, _)) = self.order.front() {
+            if *seq > indexed {
+                break;
+            }
+            let (_, prefix) = self.order.pop_front().expect("peeked");
+            if let Some(states) = self.by_key.get_mut(&prefix) {
+                states.retain(|(s, _)| *s > indexed);
+                if states.is_empty() {
+                    self.by_key.remove(&prefix);
+                }
+            }
+        }
+    }
+
+    fn states(&self, prefix: &[u8]) -> impl Iterator<Item = &bytes::Bytes> {
+        self.by_key
+            .get(prefix)
+            .into_iter()
+            .flatten()
+            .map(|(_, state)| state)
+    }
+}
+
 /// A group being built: what goes into the log buffer and the index.
 struct Group {
     start_offset: u64,
@@ -342,9 +387,6 @@ struct Group {
     acks: Vec<Ack>,
     events: u64,
     relocated: u64,
-    /// States of CRDT keys appended in this group (index key, encoded state): not in
-    /// the index yet, but part of what the next write of the key must see.
-    crdt_pending: Vec<(Vec<u8>, bytes::Bytes)>,
 }
 
 /// Lets the writer's short waits for stragglers end on time: the default 50 µs timer
@@ -382,6 +424,7 @@ pub(crate) fn spawn(
         buf: Vec::new(),
         fsync_avg: Duration::from_micros(500),
         expected: 0,
+        crdt_recent: RecentStates::default(),
     };
     std::thread::Builder::new()
         .name("asp-writer".into())
@@ -402,6 +445,8 @@ struct Writer {
     buf: Vec<u8>,
     /// Smoothed fsync duration, which bounds the wait for stragglers.
     fsync_avg: Duration,
+    /// States of CRDT keys appended but perhaps not indexed yet.
+    crdt_recent: RecentStates,
     /// Requests expected in the next group: those acknowledged by the last fsync (who
     /// will be back) plus those that were already waiting when it finished.
     expected: usize,
@@ -583,16 +628,17 @@ impl Writer {
             return None;
         }
         let reads = group.iter().any(|work| match work {
-            Work::Write(w) => w
-                .ops
-                .iter()
-                .any(|op| op.condition != Condition::None || matches!(op.kind, WriteKind::Crdt(_))),
+            Work::Write(w) => w.ops.iter().any(|op| op.condition != Condition::None),
             Work::Apply(_) | Work::Relocate(_) | Work::Cover(_) | Work::Policy(_) => false,
         });
         if reads {
             // Conditions read the index, which must reflect every earlier write.
             self.wait_indexed(self.seq);
         }
+        // CRDT writes read the index too, plus the states the indexer has not
+        // applied yet, which the writer keeps until it has.
+        self.crdt_recent
+            .prune(self.shared.indexed_seq.load(Ordering::Acquire));
         if self.segment.len() >= self.shared.config.segment_bytes_max {
             match self.shared.log.rotate() {
                 Ok(segment) => {
@@ -624,7 +670,6 @@ impl Writer {
             acks: Vec::with_capacity(group.len()),
             events: 0,
             relocated: 0,
-            crdt_pending: Vec::new(),
         };
         for work in group {
             match work {
@@ -728,8 +773,8 @@ impl Writer {
         if !event.context.is_empty()
             && let Some((_, value)) = event.put
         {
-            g.crdt_pending
-                .push((key.clone(), bytes::Bytes::copy_from_slice(value)));
+            self.crdt_recent
+                .add(self.seq, &key, bytes::Bytes::copy_from_slice(value));
         }
         let key = Slice::from(key);
         match g.positions.get(&key[..]) {
@@ -1051,7 +1096,7 @@ impl Writer {
             };
             let hlc = clock.tick(wall);
             if !states.contains_key(key) {
-                match self.merged_state(g, &w.namespace, key, policy) {
+                match self.merged_state(&w.namespace, key, policy) {
                     Ok(state) => {
                         states.insert(key.to_owned(), state);
                     }
@@ -1134,11 +1179,10 @@ impl Writer {
     }
 
     /// A CRDT key's state as this node holds it: the join of its origins' entries in
-    /// the index (every earlier group is indexed: the writer waited) and of those this
-    /// group appended.
+    /// the index and of the states appended since the indexed position (the index may
+    /// already hold some of them too: joining twice changes nothing).
     fn merged_state(
         &self,
-        g: &Group,
         namespace: &Namespace,
         key: &str,
         policy: Policy,
@@ -1183,11 +1227,9 @@ impl Writer {
         if let Some(e) = failure {
             return Err(e);
         }
-        for (k, v) in &g.crdt_pending {
-            if k.starts_with(&prefix) && k.len() == prefix.len() + 8 {
-                let s = State::decode(v).map_err(|e| corrupt(e.to_string()))?;
-                state.join(&s).map_err(|e| corrupt(e.to_string()))?;
-            }
+        for v in self.crdt_recent.states(&prefix) {
+            let s = State::decode(v).map_err(|e| corrupt(e.to_string()))?;
+            state.join(&s).map_err(|e| corrupt(e.to_string()))?;
         }
         Ok(state)
     }
