@@ -768,10 +768,23 @@ async fn list_keys(
     let store = state.store();
     store.caught_up().await?;
     let page = store.scan(&ns, &prefix, q.after.as_deref(), limit, with_values)?;
+    let crdt = store.policy(&ns) != Policy::Lww;
     let items: Vec<serde_json::Value> = page
         .items
         .iter()
         .map(|item| {
+            if crdt {
+                // A CRDT key lists its merged state as JSON (the entry's own fields
+                // describe one node's part of it, so they are left out).
+                let mut v = serde_json::json!({"key": item.key.as_str()});
+                if let Some(bytes) = &item.value {
+                    let value = asp_core::crdt::State::decode(bytes)
+                        .map(|s| crdt_api::state_json(store, &ns, &item.key, &s))
+                        .unwrap_or(serde_json::Value::Null);
+                    v["value"] = value;
+                }
+                return v;
+            }
             let mut v = serde_json::json!({
                 "key": item.key.as_str(),
                 "version": item.version.dot.to_string(),

@@ -168,35 +168,7 @@ pub async fn get(store: &Store, namespace: &Namespace, key: &Key) -> Result<Resp
                         .into_response()
                 }
                 many => {
-                    let listed: Vec<serde_json::Value> = many
-                        .iter()
-                        .map(|(dot, s)| {
-                            let ct = ContentType::from_code(s.content_type)
-                                .unwrap_or(ContentType::OctetStream);
-                            let value = match ct {
-                                ContentType::Json => serde_json::from_slice(&s.value)
-                                    .unwrap_or(serde_json::Value::Null),
-                                _ => match std::str::from_utf8(&s.value) {
-                                    Ok(t) if ct == ContentType::Text => {
-                                        serde_json::Value::String(t.to_owned())
-                                    }
-                                    _ => serde_json::Value::String(
-                                        base64::engine::general_purpose::STANDARD.encode(&s.value),
-                                    ),
-                                },
-                            };
-                            serde_json::json!({
-                                "version": dot.to_string(),
-                                "content_type": ct.mime(),
-                                "encoding": match ct {
-                                    ContentType::Json => "json",
-                                    ContentType::Text => "text",
-                                    _ => "base64",
-                                },
-                                "value": value,
-                            })
-                        })
-                        .collect();
+                    let listed = sibling_list(many);
                     (
                         StatusCode::MULTIPLE_CHOICES,
                         [(header::CONTENT_TYPE, "application/json")],
@@ -212,6 +184,61 @@ pub async fn get(store: &Store, namespace: &Namespace, key: &Key) -> Result<Resp
             response
         }
     })
+}
+
+/// A CRDT key's state as JSON, as a listing with `values=true` shows it: a counter's
+/// number, a set's array, a map's object, or `{"siblings": [...], "context": token}`.
+pub fn state_json(
+    store: &Store,
+    namespace: &Namespace,
+    key: &Key,
+    state: &State,
+) -> serde_json::Value {
+    let parse = |b: &[u8]| serde_json::from_slice(b).unwrap_or(serde_json::Value::Null);
+    match state {
+        State::Counter(c) => {
+            let v = c.value();
+            i64::try_from(v).map_or_else(|_| serde_json::Value::String(v.to_string()), |n| n.into())
+        }
+        State::Set(s) => serde_json::Value::Array(s.members().map(|m| parse(m)).collect()),
+        State::JsonMap(m) => {
+            serde_json::Value::Object(m.fields().map(|(k, v)| (k.to_owned(), parse(v))).collect())
+        }
+        State::Siblings(r) => serde_json::json!({
+            "siblings": sibling_list(&r.siblings()),
+            "context": context_token(store, namespace, key, r.context()),
+        }),
+    }
+}
+
+fn sibling_list(siblings: &[(asp_core::Dot, &crdt::Sibling)]) -> Vec<serde_json::Value> {
+    siblings
+        .iter()
+        .map(|(dot, s)| {
+            let ct = ContentType::from_code(s.content_type).unwrap_or(ContentType::OctetStream);
+            let value = match ct {
+                ContentType::Json => {
+                    serde_json::from_slice(&s.value).unwrap_or(serde_json::Value::Null)
+                }
+                _ => match std::str::from_utf8(&s.value) {
+                    Ok(t) if ct == ContentType::Text => serde_json::Value::String(t.to_owned()),
+                    _ => serde_json::Value::String(
+                        base64::engine::general_purpose::STANDARD.encode(&s.value),
+                    ),
+                },
+            };
+            serde_json::json!({
+                "version": dot.to_string(),
+                "content_type": ct.mime(),
+                "encoding": match ct {
+                    ContentType::Json => "json",
+                    ContentType::Text => "text",
+                    _ => "base64",
+                },
+                "value": value,
+            })
+        })
+        .collect()
 }
 
 /// The operation a `POST` body names: `{"incr": n}`, `{"add": v}` or `{"remove": v}`.

@@ -1142,6 +1142,26 @@ async fn conflict_policies_over_http() {
     assert_eq!((r.status, &r.body[..]), (StatusCode::OK, &b"merged"[..]));
     assert_eq!(r.headers.get("content-type").unwrap(), "text/plain");
 
+    // Listings show merged states as JSON.
+    let r = server
+        .send(Method::GET, "/v1/ns/tags/kv?values=true", &[], b"")
+        .await;
+    assert_eq!(
+        json(&r)["items"][0],
+        serde_json::json!({"key": "t", "value": ["a", {"x": 1}]})
+    );
+    let r = server
+        .send(Method::GET, "/v1/ns/hits/kv?values=true", &[], b"")
+        .await;
+    assert_eq!(json(&r)["items"][0]["value"], 13);
+    let r = server
+        .send(Method::GET, "/v1/ns/docs/kv?values=true", &[], b"")
+        .await;
+    assert_eq!(
+        json(&r)["items"][0]["value"]["siblings"][0]["value"],
+        "merged"
+    );
+
     // Bad input: each a clear 4xx, and nothing changes.
     let head = server.store.head().seq;
     let forged = {
