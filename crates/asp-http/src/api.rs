@@ -506,10 +506,26 @@ async fn put_key(
             condition,
         }
     };
-    let applied = store.write(ns.clone(), vec![op]).await?[0];
-    let body = serde_json::to_string(&WriteOut::new(ns.as_str(), key.as_str(), applied, false))
+    write_one(&state, concern, ns, op, true).await
+}
+
+/// Applies one operation on one key and answers like every single-key write (with
+/// the new version as ETag when `with_etag`).
+async fn write_one(
+    state: &AppState,
+    concern: Concern,
+    ns: Namespace,
+    op: WriteOp,
+    with_etag: bool,
+) -> Result<Response, ApiError> {
+    let key = op.key.clone();
+    let deleted = matches!(op.kind, WriteKind::Delete)
+        || matches!(&op.kind, WriteKind::Crdt(CrdtOp::Write { value: None, .. }));
+    let applied = state.store().write(ns.clone(), vec![op]).await?[0];
+    let body = serde_json::to_string(&WriteOut::new(ns.as_str(), key.as_str(), applied, deleted))
         .expect("answers serialize");
-    Ok(answer_write(&state, concern, applied.seq, body, Some(etag(applied.dot))).await)
+    let etag = with_etag.then(|| etag(applied.dot));
+    Ok(answer_write(state, concern, applied.seq, body, etag).await)
 }
 
 async fn delete_key(
@@ -540,10 +556,7 @@ async fn delete_key(
             condition,
         }
     };
-    let applied = store.write(ns.clone(), vec![op]).await?[0];
-    let body = serde_json::to_string(&WriteOut::new(ns.as_str(), key.as_str(), applied, true))
-        .expect("answers serialize");
-    Ok(answer_write(&state, concern, applied.seq, body, None).await)
+    write_one(&state, concern, ns, op, false).await
 }
 
 async fn get_key(
@@ -645,12 +658,7 @@ async fn post_key(
     )
     .await?;
     let op = crdt_api::post_op(&body)?;
-    let applied = store
-        .write(ns.clone(), vec![WriteOp::crdt(key.clone(), op)])
-        .await?[0];
-    let body = serde_json::to_string(&WriteOut::new(ns.as_str(), key.as_str(), applied, false))
-        .expect("answers serialize");
-    Ok(answer_write(&state, concern, applied.seq, body, None).await)
+    write_one(&state, concern, ns, WriteOp::crdt(key, op), false).await
 }
 
 /// `PATCH .../kv/{key}`: a JSON merge patch of a json-map key.
@@ -695,12 +703,7 @@ async fn patch_key(
     )
     .await?;
     let op = crdt_api::patch_op(store, &ns, &key, &body)?;
-    let applied = store
-        .write(ns.clone(), vec![WriteOp::crdt(key.clone(), op)])
-        .await?[0];
-    let body = serde_json::to_string(&WriteOut::new(ns.as_str(), key.as_str(), applied, false))
-        .expect("answers serialize");
-    Ok(answer_write(&state, concern, applied.seq, body, None).await)
+    write_one(&state, concern, ns, WriteOp::crdt(key, op), false).await
 }
 
 async fn get_policy(

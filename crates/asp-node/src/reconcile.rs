@@ -73,8 +73,6 @@ struct Outgoing {
     namespace: Namespace,
     mode: ReconcileMode,
     trigger: Trigger,
-    /// This node's vector before the snapshot: sent in `RepairEnd`.
-    covered: VersionVector,
     source: Source,
     symbols_sent: u64,
     symbols_allowed: u64,
@@ -82,16 +80,12 @@ struct Outgoing {
     /// Transfer mode: the key to continue after, and whether all was read.
     transfer_after: Option<Key>,
     transfer_done: bool,
-    /// Events to send as repairs; `repairs_ready` once the list is complete.
-    repairs: VecDeque<Event>,
-    repairs_ready: bool,
-    sent_end: bool,
+    repairs: Repairs,
     peer_ended: bool,
     /// Whether every repair the peer needs was sent (else no part of the stream may
     /// be skipped for this run).
     complete: bool,
     differences: u64,
-    keys_sent: u64,
     keys_repaired: u64,
     started: Instant,
 }
@@ -105,17 +99,78 @@ struct Incoming {
     decoder: Decoder,
     symbols_max: u64,
     granted: u64,
-    /// This node's vector before its snapshot (for the peer, if decoded).
-    covered: VersionVector,
     ended: bool,
-    repairs: VecDeque<Event>,
-    repairs_ready: bool,
-    sent_end: bool,
+    repairs: Repairs,
     peer_ended: bool,
     differences: u64,
-    keys_sent: u64,
     keys_repaired: u64,
     started: Instant,
+}
+
+/// What one side of a run sends after the symbols: repair events, then `RepairEnd`.
+struct Repairs {
+    /// Events to send; `ready` once the list is complete.
+    queue: VecDeque<Event>,
+    ready: bool,
+    sent_end: bool,
+    /// This node's vector before its snapshot: sent in `RepairEnd` (empty: none).
+    covered: VersionVector,
+}
+
+impl Repairs {
+    fn new(covered: VersionVector) -> Repairs {
+        Repairs {
+            queue: VecDeque::new(),
+            ready: false,
+            sent_end: false,
+            covered,
+        }
+    }
+
+    /// Whether there is something to send now.
+    fn pending(&self, credit: i64) -> bool {
+        self.ready && !self.sent_end && (self.queue.is_empty() || credit > 0)
+    }
+
+    /// The repairs are known: `events`, or, if they were cut short, `events` with no
+    /// claim on the peer's vector.
+    fn set(&mut self, events: Vec<Event>, complete: bool) {
+        self.queue = events.into();
+        self.ready = true;
+        if !complete {
+            self.covered = VersionVector::default();
+        }
+    }
+
+    /// Sends the next batch of run `id`'s repairs within credit, or its `RepairEnd`
+    /// once none is left; returns whether the `RepairEnd` went now.
+    fn send(
+        &mut self,
+        id: u32,
+        namespace: &Namespace,
+        session: &mut asp_core::session::Session,
+        covered_sent: &mut std::collections::HashMap<Namespace, VersionVector>,
+        bytes_max: usize,
+        now: Instant,
+    ) -> bool {
+        if !self.ready || self.sent_end {
+            return false;
+        }
+        if self.queue.is_empty() {
+            self.sent_end = true;
+            let covered = Some(self.covered.clone()).filter(|v| !v.is_empty());
+            if let Some(v) = &covered {
+                covered_sent.entry(namespace.clone()).or_default().join(v);
+            }
+            session.send_reconcile(Frame::RepairEnd { id, covered }, now);
+            return true;
+        }
+        if session.credit() > 0 {
+            let batch = take_batch(&mut self.queue, bytes_max);
+            session.send_repair(id, batch, now);
+        }
+        false
+    }
 }
 
 /// The reconciliation state of one link.
@@ -165,14 +220,15 @@ impl Reconciler {
         }
         let out = self.outgoing.as_ref().is_some_and(|o| {
             (matches!(o.source, Source::Window(_) | Source::Scan(_))
-                && !o.sent_end
+                && !o.repairs.sent_end
                 && o.symbols_sent < o.symbols_allowed.min(o.symbols_max))
                 || (o.mode == ReconcileMode::Transfer && !o.transfer_done && credit > 0)
-                || (o.repairs_ready && !o.sent_end && (o.repairs.is_empty() || credit > 0))
+                || o.repairs.pending(credit)
         });
-        let inc = self.incoming.as_ref().is_some_and(|i| {
-            i.repairs_ready && !i.sent_end && (i.repairs.is_empty() || credit > 0)
-        });
+        let inc = self
+            .incoming
+            .as_ref()
+            .is_some_and(|i| i.repairs.pending(credit));
         out || inc || (self.outgoing.is_none() && !self.queue.is_empty())
     }
 
@@ -452,20 +508,16 @@ impl Link {
             namespace,
             mode,
             trigger,
-            covered,
             source,
             symbols_sent: 0,
             symbols_allowed: RECONCILE_INITIAL_SYMBOLS as u64,
             symbols_max,
             transfer_after: None,
             transfer_done: false,
-            repairs: VecDeque::new(),
-            repairs_ready: false,
-            sent_end: false,
+            repairs: Repairs::new(covered),
             peer_ended: false,
             complete: true,
             differences: 0,
-            keys_sent: 0,
             keys_repaired: 0,
             started: Instant::now(),
         });
@@ -478,7 +530,7 @@ impl Link {
         };
         // Symbols, within the responder's credit.
         let limit = o.symbols_allowed.min(o.symbols_max);
-        if !o.sent_end && !o.repairs_ready && o.symbols_sent < limit {
+        if !o.repairs.sent_end && !o.repairs.ready && o.symbols_sent < limit {
             let n = ((limit - o.symbols_sent) as usize).min(SYMBOLS_PER_FRAME);
             let first = o.symbols_sent;
             let symbols: Vec<Symbol> = match &mut o.source {
@@ -534,44 +586,28 @@ impl Link {
                 Ok((events, next)) => {
                     o.transfer_done = next.is_none();
                     o.transfer_after = next;
-                    o.keys_sent += events.len() as u64;
-                    let id = o.id;
+                    // Pages go straight out; once read to the end, only RepairEnd is left.
+                    o.repairs.ready = o.transfer_done;
                     if !events.is_empty() {
-                        self.session.send_repair(id, events, now);
-                    }
-                    if self
-                        .reconciler
-                        .outgoing
-                        .as_ref()
-                        .is_some_and(|o| o.transfer_done)
-                    {
-                        let o = self.reconciler.outgoing.as_mut().expect("still running");
-                        o.repairs_ready = true;
+                        self.session.send_repair(o.id, events, now);
                     }
                 }
                 Err(e) => self.fail_outgoing(e),
             }
             return;
         }
-        let o = self.reconciler.outgoing.as_mut().expect("checked");
-        if o.repairs_ready && !o.sent_end {
-            if o.repairs.is_empty() {
-                o.sent_end = true;
-                let id = o.id;
-                let covered = Some(o.covered.clone()).filter(|v| !v.is_empty());
-                if let Some(v) = &covered {
-                    let ns = o.namespace.clone();
-                    self.reconciler.covered_sent.entry(ns).or_default().join(v);
-                }
-                self.session
-                    .send_reconcile(Frame::RepairEnd { id, covered }, now);
-                self.maybe_finish_outgoing();
-            } else if self.session.credit() > 0 {
-                let id = o.id;
-                let batch = take_batch(&mut o.repairs, self.inner.config.batch_bytes_max);
-                o.keys_sent += batch.len() as u64;
-                self.session.send_repair(id, batch, now);
-            }
+        let reconciler = &mut self.reconciler;
+        let o = reconciler.outgoing.as_mut().expect("checked");
+        let ended = o.repairs.send(
+            o.id,
+            &o.namespace,
+            &mut self.session,
+            &mut reconciler.covered_sent,
+            self.inner.config.batch_bytes_max,
+            now,
+        );
+        if ended {
+            self.maybe_finish_outgoing();
         }
     }
 
@@ -622,7 +658,7 @@ impl Link {
             .reconciler
             .outgoing
             .as_ref()
-            .is_some_and(|o| o.sent_end && o.peer_ended);
+            .is_some_and(|o| o.repairs.sent_end && o.peer_ended);
         if !done {
             return;
         }
@@ -678,27 +714,20 @@ impl Link {
 
     fn incoming_step(&mut self) {
         let now = Instant::now();
-        let Some(i) = self.reconciler.incoming.as_mut() else {
+        let reconciler = &mut self.reconciler;
+        let Some(i) = reconciler.incoming.as_mut() else {
             return;
         };
-        if i.repairs_ready && !i.sent_end {
-            if i.repairs.is_empty() {
-                i.sent_end = true;
-                let id = i.id;
-                let covered = Some(i.covered.clone()).filter(|v| !v.is_empty());
-                if let Some(v) = &covered {
-                    let ns = i.namespace.clone();
-                    self.reconciler.covered_sent.entry(ns).or_default().join(v);
-                }
-                self.session
-                    .send_reconcile(Frame::RepairEnd { id, covered }, now);
-                self.maybe_finish_incoming();
-            } else if self.session.credit() > 0 {
-                let id = i.id;
-                let batch = take_batch(&mut i.repairs, self.inner.config.batch_bytes_max);
-                i.keys_sent += batch.len() as u64;
-                self.session.send_repair(id, batch, now);
-            }
+        let ended = i.repairs.send(
+            i.id,
+            &i.namespace,
+            &mut self.session,
+            &mut reconciler.covered_sent,
+            self.inner.config.batch_bytes_max,
+            now,
+        );
+        if ended {
+            self.maybe_finish_incoming();
         }
     }
 
@@ -707,7 +736,7 @@ impl Link {
             .reconciler
             .incoming
             .as_ref()
-            .is_some_and(|i| i.sent_end && i.peer_ended);
+            .is_some_and(|i| i.repairs.sent_end && i.peer_ended);
         if done {
             let i = self.reconciler.incoming.take().expect("checked");
             self.record_run(
@@ -754,7 +783,7 @@ impl Link {
                 let Some(o) = self.reconciler.outgoing.as_mut() else {
                     return;
                 };
-                if o.id != id || o.repairs_ready {
+                if o.id != id || o.repairs.ready {
                     return;
                 }
                 match outcome {
@@ -773,12 +802,8 @@ impl Link {
                         match found {
                             Ok((events, cut)) => {
                                 let o = self.reconciler.outgoing.as_mut().expect("running");
-                                o.repairs = events.into();
-                                o.repairs_ready = true;
-                                if cut {
-                                    o.complete = false;
-                                    o.covered = VersionVector::default();
-                                }
+                                o.repairs.set(events, !cut);
+                                o.complete = !cut;
                             }
                             Err(e) => self.fail_outgoing(e),
                         }
@@ -824,7 +849,7 @@ impl Link {
                 // Applied after the repairs queued before it (the store orders them).
                 if let Some(vector) = covered {
                     let ns = match (&self.reconciler.outgoing, &self.reconciler.incoming) {
-                        (Some(o), _) if o.id == id && o.repairs_ready => Some(o.namespace.clone()),
+                        (Some(o), _) if o.id == id && o.repairs.ready => Some(o.namespace.clone()),
                         (_, Some(i)) if i.id == id => Some(i.namespace.clone()),
                         _ => None,
                     };
@@ -850,7 +875,7 @@ impl Link {
                 {
                     i.peer_ended = true;
                     if i.mode == ReconcileMode::Transfer {
-                        i.repairs_ready = true;
+                        i.repairs.ready = true;
                     }
                     self.maybe_finish_incoming();
                 }
@@ -937,14 +962,10 @@ impl Link {
             decoder: Decoder::new(store.item_key()),
             symbols_max,
             granted: RECONCILE_INITIAL_SYMBOLS as u64,
-            covered,
             ended: false,
-            repairs: VecDeque::new(),
-            repairs_ready: false,
-            sent_end: false,
+            repairs: Repairs::new(covered),
             peer_ended: false,
             differences: 0,
-            keys_sent: 0,
             keys_repaired: 0,
             started: Instant::now(),
         });
@@ -1093,18 +1114,10 @@ impl Link {
         .await;
         let i = self.reconciler.incoming.as_mut().expect("running");
         match found {
-            Ok((events, cut)) => {
-                i.repairs = events.into();
-                i.repairs_ready = true;
-                if cut {
-                    i.covered = VersionVector::default();
-                }
-            }
+            Ok((events, cut)) => i.repairs.set(events, !cut),
             Err(e) => {
                 tracing::warn!(peer = ?self.peer, namespace = %i.namespace, "cannot read repairs: {e}");
-                i.repairs.clear();
-                i.repairs_ready = true;
-                i.covered = VersionVector::default();
+                i.repairs.set(Vec::new(), false);
             }
         }
     }

@@ -36,6 +36,22 @@ fn replication(peers: Vec<String>) -> ReplicationConfig {
     rc
 }
 
+/// The test-only divergence: each node records that the other holds its whole feed,
+/// so that the stream never sends it; only reconciliation can find the difference.
+fn hide_feeds_from_each_other(a: &Store, b: &Store) {
+    a.save_checkpoint(NodeId::new(2).unwrap(), a.head().seq)
+        .unwrap();
+    b.save_checkpoint(NodeId::new(1).unwrap(), b.head().seq)
+        .unwrap();
+}
+
+async fn stop(ra: Replicator, rb: Replicator, a: Store, b: Store) {
+    ra.shutdown().await;
+    rb.shutdown().await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 /// Opens a store again once its previous handles are gone (bounded wait).
 async fn reopen(dir: &std::path::Path, id: u64) -> Store {
     for _ in 0..200 {
@@ -155,12 +171,7 @@ async fn divergence_is_repaired(window: usize, mode: &str) {
     put_many(&b, (0..30).map(|i| format!("b{i}")), "from b").await;
     put_many(&a, ["both".to_owned()], "a's").await;
     put_many(&b, ["both".to_owned()], "b's").await;
-    // The test-only divergence: each records that the other holds its whole feed, so
-    // that the stream will never send it. Only reconciliation can find the difference.
-    a.save_checkpoint(NodeId::new(2).unwrap(), a.head().seq)
-        .unwrap();
-    b.save_checkpoint(NodeId::new(1).unwrap(), b.head().seq)
-        .unwrap();
+    hide_feeds_from_each_other(&a, &b);
     let ra = start(&a, vec![]).await;
     let rb = start(&b, vec![ra.listen_addr().unwrap().to_string()]).await;
     converge(&a, &b, "after anti-entropy").await;
@@ -226,10 +237,7 @@ async fn divergence_is_repaired(window: usize, mode: &str) {
         text.contains("asp_reconcile_keys_repaired_total{peer=\"0000000000000001\"} 101"),
         "{text}"
     );
-    ra.shutdown().await;
-    rb.shutdown().await;
-    a.shutdown().await;
-    b.shutdown().await;
+    stop(ra, rb, a, b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,10 +281,7 @@ async fn a_node_away_past_compaction_converges_through_reconciliation() {
     let sent = pa.events_sent - sent_before;
     assert!(sent < 2000, "events sent by the stream: {sent}");
     assert_eq!(rb.status().peers[0].reconcile.keys_repaired, 2500);
-    ra.shutdown().await;
-    rb.shutdown().await;
-    a.shutdown().await;
-    b.shutdown().await;
+    stop(ra, rb, a, b).await;
 }
 
 /// Keys in the bootstrap test: 1,000,000 (about 40 s in a debug build here);
@@ -331,10 +336,7 @@ async fn an_empty_node_bootstraps_while_both_sides_write() {
     let pa = &ra.status().peers[0];
     assert_eq!(pa.reconcile.handovers, 1);
     assert_eq!(pa.reconcile.transfers, 1);
-    ra.shutdown().await;
-    rb.shutdown().await;
-    a.shutdown().await;
-    b.shutdown().await;
+    stop(ra, rb, a, b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,10 +348,7 @@ async fn nodes_with_different_reconcile_keys_fail_their_runs_and_say_why() {
     let b = Store::open(other).unwrap();
     put_many(&a, (0..300).map(|i| format!("a{i}")), "from a").await;
     put_many(&b, (0..300).map(|i| format!("b{i}")), "from b").await;
-    a.save_checkpoint(NodeId::new(2).unwrap(), a.head().seq)
-        .unwrap();
-    b.save_checkpoint(NodeId::new(1).unwrap(), b.head().seq)
-        .unwrap();
+    hide_feeds_from_each_other(&a, &b);
     let ra = start(&a, vec![]).await;
     let rb = start(&b, vec![ra.listen_addr().unwrap().to_string()]).await;
     let mut error = None;
@@ -370,10 +369,7 @@ async fn nodes_with_different_reconcile_keys_fail_their_runs_and_say_why() {
     assert_eq!(rb.status().peers[0].reconcile.keys_repaired, 0);
     assert_eq!(ra.status().peers[0].reconcile.keys_repaired, 0);
     assert_eq!(state(&b).len(), 300);
-    ra.shutdown().await;
-    rb.shutdown().await;
-    a.shutdown().await;
-    b.shutdown().await;
+    stop(ra, rb, a, b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -401,11 +397,7 @@ async fn anti_entropy_repairs_a_counter_namespace() {
         incr(&a, format!("c{}", i % 10), 2).await;
         incr(&b, format!("c{}", i % 7), 3).await;
     }
-    // Behind the protocol's back, as in the lww test.
-    a.save_checkpoint(NodeId::new(2).unwrap(), a.head().seq)
-        .unwrap();
-    b.save_checkpoint(NodeId::new(1).unwrap(), b.head().seq)
-        .unwrap();
+    hide_feeds_from_each_other(&a, &b);
     let ra = start(&a, vec![]).await;
     let rb = start(&b, vec![ra.listen_addr().unwrap().to_string()]).await;
     converge(&a, &b, "counters after anti-entropy").await;
@@ -417,10 +409,7 @@ async fn anti_entropy_repairs_a_counter_namespace() {
     assert_eq!(value(&a, "c0"), 5 * 2 + 8 * 3);
     assert_eq!(value(&b, "c0"), 5 * 2 + 8 * 3);
     assert!(ra.status().peers[0].reconcile.keys_repaired > 0);
-    ra.shutdown().await;
-    rb.shutdown().await;
-    a.shutdown().await;
-    b.shutdown().await;
+    stop(ra, rb, a, b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -473,8 +462,5 @@ async fn live_writes_flow_while_a_bootstrap_transfer_is_held() {
     gate.add_permits(1 << 20);
     converge(&a, &b, "after the held transfer").await;
     assert_eq!(state(&b).len(), 5001);
-    ra.shutdown().await;
-    rb.shutdown().await;
-    a.shutdown().await;
-    b.shutdown().await;
+    stop(ra, rb, a, b).await;
 }

@@ -43,7 +43,7 @@ use tokio::sync::{OwnedSemaphorePermit, oneshot, watch};
 use crate::base::Bases;
 use crate::codec::{self, EventRef, FLAG_TXN_END, INLINE_VALUE_BYTES_MAX, IndexEntry, LogPosition};
 use crate::config::{FsyncMode, StoreConfig};
-use crate::error::WriteError;
+use crate::error::{ReadError, WriteError};
 use crate::index::Index;
 use crate::log::{FeedHead, Log, Segment, SparseBuilder, SparseUpdate};
 use crate::metrics::Metrics;
@@ -196,6 +196,55 @@ impl Shared {
         self.failure.get().map(|f| WriteError::Storage(f.clone()))
     }
 
+    /// The event an index entry points at, checked against the entry's dot. The
+    /// caller holds the segment gate.
+    pub fn event_at(&self, entry: &IndexEntry) -> Result<Event, ReadError> {
+        let record = self.log.read_at(entry.position)?;
+        if record.event.dot != entry.dot {
+            return Err(ReadError::Corrupt(format!(
+                "the index points at event {} but the log holds {} there",
+                entry.dot, record.event.dot
+            )));
+        }
+        Ok(record.event)
+    }
+
+    /// The value of a live index entry: inline, or read from the log. The caller holds
+    /// the segment gate.
+    pub fn value_of(&self, entry: &IndexEntry) -> Result<bytes::Bytes, ReadError> {
+        if let Some(inline) = &entry.inline {
+            return Ok(inline.clone());
+        }
+        match self.event_at(entry)?.op {
+            asp_core::Op::Put { value, .. } => Ok(value),
+            asp_core::Op::Delete => Err(ReadError::Corrupt(
+                "the index points at a delete for a live key".into(),
+            )),
+        }
+    }
+
+    /// Joins every origin's entry of the CRDT key `key` into `state`; returns whether
+    /// there was any. The caller holds the segment gate.
+    pub fn join_crdt_entries(
+        &self,
+        namespace: &str,
+        key: &str,
+        state: &mut State,
+    ) -> Result<bool, ReadError> {
+        let prefix = codec::crdt_key_prefix(namespace, key);
+        let mut entries = Vec::new();
+        self.index.scan(&prefix, None, |_, entry| {
+            entries.push(entry);
+            true
+        })?;
+        for entry in &entries {
+            State::decode(&self.value_of(entry)?)
+                .and_then(|s| state.join(&s))
+                .map_err(|e| ReadError::Corrupt(format!("key {key:?}: {e}")))?;
+        }
+        Ok(!entries.is_empty())
+    }
+
     /// Waits until the index reflects every write acknowledged before the call: what
     /// makes reads read-your-writes.
     pub fn await_index(&self) -> Result<(), String> {
@@ -329,6 +378,9 @@ impl Work {
         }
     }
 }
+
+/// A client operation's clock reading and value (`None`: a delete), as appended.
+type LocalEvent<'a> = (Hlc, Option<(ContentType, &'a [u8])>);
 
 /// The states of CRDT keys the writer appended and the indexer may not have applied
 /// yet, by key (`crdt_key_prefix`), so that a CRDT write sees them without waiting for
@@ -829,24 +881,49 @@ impl Writer {
             let _ = w.reply.send(Err(e));
             return;
         }
-        let node_id = self.shared.node_id;
         let first_counter = self.next_counter(&w.namespace);
-        let last = w.ops.len() - 1;
-        let mut applied = Vec::with_capacity(w.ops.len());
+        let events: Vec<_> = w
+            .ops
+            .iter()
+            .map(|op| {
+                let put = match &op.kind {
+                    WriteKind::Put {
+                        content_type,
+                        value,
+                    } => Some((*content_type, &value[..])),
+                    WriteKind::Delete => None,
+                    WriteKind::Crdt(_) => unreachable!("refused above"),
+                };
+                (self.clock.tick(wall), put)
+            })
+            .collect();
+        let applied = self.append_ops(g, &w, first_counter, &events, &[]);
+        g.acks.push(Ack {
+            reply: Reply::Write(w.reply, applied),
+            _permit: w.permit,
+        });
+    }
+
+    /// Appends a client's batch: operation `i` as the event with dot
+    /// `first_counter + i` of this node, clock reading and value (`None`: a delete)
+    /// `events[i]`. Records the dots in the namespace's vector.
+    fn append_ops(
+        &mut self,
+        g: &mut Group,
+        w: &WriteRequest,
+        first_counter: u64,
+        events: &[LocalEvent<'_>],
+        context: &[u8],
+    ) -> Vec<Applied> {
+        let node_id = self.shared.node_id;
+        let last = events.len() - 1;
+        let mut applied = Vec::with_capacity(events.len());
         let mut hlc = Hlc::ZERO;
-        for (i, op) in w.ops.iter().enumerate() {
+        for (i, (op, &(event_hlc, put))) in w.ops.iter().zip(events).enumerate() {
+            hlc = event_hlc;
             let dot = Dot {
                 origin: node_id,
                 counter: first_counter + i as u64,
-            };
-            hlc = self.clock.tick(wall);
-            let put = match &op.kind {
-                WriteKind::Put {
-                    content_type,
-                    value,
-                } => Some((*content_type, &value[..])),
-                WriteKind::Delete => None,
-                WriteKind::Crdt(_) => unreachable!("refused above"),
             };
             let event = EventRef {
                 namespace: w.namespace.as_str(),
@@ -854,7 +931,7 @@ impl Writer {
                 put,
                 dot,
                 hlc,
-                context: &[],
+                context,
             };
             let seq = self.append(g, &event, i == last, UpdateKind::Overwrite);
             applied.push(Applied { dot, hlc, seq });
@@ -865,10 +942,7 @@ impl Writer {
             .expect("just touched")
             .vector
             .insert_range(node_id, first_counter, first_counter + last as u64);
-        g.acks.push(Ack {
-            reply: Reply::Write(w.reply, applied),
-            _permit: w.permit,
-        });
+        applied
     }
 
     /// Events from a peer: those already held are left out; the rest are appended as
@@ -1065,7 +1139,7 @@ impl Writer {
         };
         // First every state, so that a refused operation leaves nothing behind.
         let mut states: HashMap<String, State> = HashMap::new();
-        let mut events: Vec<(Dot, Hlc, bytes::Bytes)> = Vec::with_capacity(w.ops.len());
+        let mut encoded_states: Vec<(Hlc, bytes::Bytes)> = Vec::with_capacity(w.ops.len());
         let mut clock = self.clock.clone();
         for (i, op) in w.ops.iter().enumerate() {
             let key = op.key.as_str();
@@ -1142,36 +1216,14 @@ impl Writer {
                 ));
                 return refuse(w, err, &self.shared.metrics);
             }
-            events.push((dot, hlc, encoded));
+            encoded_states.push((hlc, encoded));
         }
         self.clock = clock;
-        let context = policy.event_context();
-        let last = events.len() - 1;
-        let mut applied = Vec::with_capacity(events.len());
-        let mut hlc = Hlc::ZERO;
-        for (i, (op, (dot, event_hlc, value))) in w.ops.iter().zip(&events).enumerate() {
-            hlc = *event_hlc;
-            let event = EventRef {
-                namespace: w.namespace.as_str(),
-                key: op.key.as_str(),
-                put: Some((ContentType::OctetStream, &value[..])),
-                dot: *dot,
-                hlc,
-                context: &context,
-            };
-            let seq = self.append(g, &event, i == last, UpdateKind::Overwrite);
-            applied.push(Applied {
-                dot: *dot,
-                hlc,
-                seq,
-            });
-        }
-        self.touch(g, &w.namespace, hlc);
-        self.namespaces
-            .get_mut(&w.namespace)
-            .expect("just touched")
-            .vector
-            .insert_range(node_id, first_counter, first_counter + last as u64);
+        let events: Vec<_> = encoded_states
+            .iter()
+            .map(|(hlc, state)| (*hlc, Some((ContentType::OctetStream, &state[..]))))
+            .collect();
+        let applied = self.append_ops(g, &w, first_counter, &events, &policy.event_context());
         g.acks.push(Ack {
             reply: Reply::Write(w.reply, applied),
             _permit: w.permit,
@@ -1189,44 +1241,14 @@ impl Writer {
     ) -> Result<State, WriteError> {
         let shared = &self.shared;
         let mut state = State::empty(policy).expect("a CRDT policy");
-        let prefix = codec::crdt_key_prefix(namespace.as_str(), key);
         let corrupt = |what: String| WriteError::Storage(format!("key {key:?}: {what}"));
-        let mut failure = None;
         {
             let _gate = shared.segment_gate.read().unwrap();
             shared
-                .index
-                .scan(&prefix, None, |_, entry| {
-                    let value = match &entry.inline {
-                        Some(v) => Ok(v.clone()),
-                        None => shared
-                            .log
-                            .read_at(entry.position)
-                            .map_err(|e| corrupt(e.to_string()))
-                            .and_then(|r| match r.event.op {
-                                asp_core::Op::Put { value, .. } => Ok(value),
-                                asp_core::Op::Delete => {
-                                    Err(corrupt("a delete in a CRDT namespace".into()))
-                                }
-                            }),
-                    };
-                    let joined = value.and_then(|v| {
-                        let s = State::decode(&v).map_err(|e| corrupt(e.to_string()))?;
-                        state.join(&s).map_err(|e| corrupt(e.to_string()))
-                    });
-                    match joined {
-                        Ok(()) => true,
-                        Err(e) => {
-                            failure = Some(e);
-                            false
-                        }
-                    }
-                })
+                .join_crdt_entries(namespace.as_str(), key, &mut state)
                 .map_err(|e| corrupt(e.to_string()))?;
         }
-        if let Some(e) = failure {
-            return Err(e);
-        }
+        let prefix = codec::crdt_key_prefix(namespace.as_str(), key);
         for v in self.crdt_recent.states(&prefix) {
             let s = State::decode(v).map_err(|e| corrupt(e.to_string()))?;
             state.join(&s).map_err(|e| corrupt(e.to_string()))?;

@@ -144,30 +144,10 @@ async fn concurrent_writes_on_three_nodes_end_as_each_policy_says() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // The set: A removes x, B adds x again, C adds y.
-    ok(
-        &clients[0],
-        Method::POST,
-        "/v1/ns/tags/kv/t",
-        &[],
-        r#"{"remove":"x"}"#,
-    )
-    .await;
-    ok(
-        &clients[1],
-        Method::POST,
-        "/v1/ns/tags/kv/t",
-        &[],
-        r#"{"add":"x"}"#,
-    )
-    .await;
-    ok(
-        &clients[2],
-        Method::POST,
-        "/v1/ns/tags/kv/t",
-        &[],
-        r#"{"add":"y"}"#,
-    )
-    .await;
+    let set_ops = [r#"{"remove":"x"}"#, r#"{"add":"x"}"#, r#"{"add":"y"}"#];
+    for (client, op) in clients.iter().zip(set_ops) {
+        ok(client, Method::POST, "/v1/ns/tags/kv/t", &[], op).await;
+    }
     // The counter: 1,000 increments spread over the three, some while cut off.
     let mut expected = 0i64;
     for i in 0..1000usize {

@@ -486,14 +486,37 @@ impl Session {
         }
         self.last_received_seq = Some(last_seq);
         self.first_received_seq.get_or_insert(first_seq);
+        let Some(bytes) = self.receive(&events, "an event", now) else {
+            return;
+        };
+        self.events.push_back(SessionEvent::Events {
+            first_seq,
+            last_seq,
+            events,
+            bytes,
+        });
+    }
+
+    fn handle_repair(&mut self, id: u32, events: Vec<Event>, now: Instant) {
+        if let Some(bytes) = self.receive(&events, "a repair event", now) {
+            self.events
+                .push_back(SessionEvent::Repair { id, events, bytes });
+        }
+    }
+
+    /// Checks received events (feed or repair: `what`) against the namespaces this node
+    /// replicates and against its credit, and notes that the peer holds them. Returns
+    /// their credit cost, or `None` once the link is closed over them.
+    fn receive(&mut self, events: &[Event], what: &str, now: Instant) -> Option<u64> {
         let mut bytes = 0;
-        for event in &events {
+        for event in events {
             if !self.replicates(&event.namespace) {
                 let message = format!(
-                    "an event of namespace {}, which this node does not replicate",
+                    "{what} of namespace {}, which this node does not replicate",
                     event.namespace
                 );
-                return self.close(ErrorCode::Protocol, message, now);
+                self.close(ErrorCode::Protocol, message, now);
+                return None;
             }
             bytes += credit_size(event);
             // The peer holds what it sends: never send it back.
@@ -505,46 +528,14 @@ impl Session {
         self.recv_allowance -= bytes as i64;
         // One batch may overdraw; more is a peer that ignores flow control.
         if self.recv_allowance < -(self.config.credit_window_bytes as i64) {
-            return self.close(
+            self.close(
                 ErrorCode::FlowControl,
                 "the peer sent more than twice its credit",
                 now,
             );
+            return None;
         }
-        self.events.push_back(SessionEvent::Events {
-            first_seq,
-            last_seq,
-            events,
-            bytes,
-        });
-    }
-
-    fn handle_repair(&mut self, id: u32, events: Vec<Event>, now: Instant) {
-        let mut bytes = 0;
-        for event in &events {
-            if !self.replicates(&event.namespace) {
-                let message = format!(
-                    "a repair event of namespace {}, which this node does not replicate",
-                    event.namespace
-                );
-                return self.close(ErrorCode::Protocol, message, now);
-            }
-            bytes += credit_size(event);
-            self.peer_view
-                .entry(event.namespace.clone())
-                .or_default()
-                .insert(event.dot);
-        }
-        self.recv_allowance -= bytes as i64;
-        if self.recv_allowance < -(self.config.credit_window_bytes as i64) {
-            return self.close(
-                ErrorCode::FlowControl,
-                "the peer sent more than twice its credit",
-                now,
-            );
-        }
-        self.events
-            .push_back(SessionEvent::Repair { id, events, bytes });
+        Some(bytes)
     }
 
     /// Whether this node replicates `namespace` (by its own configuration).
