@@ -428,19 +428,21 @@ impl Store {
     /// Reflects every write acknowledged before the call (it waits for the index like a
     /// read does; async callers call [`Store::caught_up`] first).
     pub fn summary(&self) -> Vec<NamespaceSummary> {
-        // On a storage failure the last indexed state is still a true (if old) answer.
-        let _ = self.inner.shared.await_index();
-        let digests: HashMap<Namespace, Symbol> = if self.config().reconcile_window > 0 {
-            let windows = self.inner.shared.windows.lock().unwrap();
+        let windows_on = self.config().reconcile_window > 0;
+        let digests: HashMap<Namespace, Symbol> = if windows_on {
+            // On a storage failure the last state kept is still a true (if old) answer.
+            let windows = self
+                .caught_up_windows()
+                .unwrap_or_else(|_| self.inner.shared.windows.lock().unwrap());
             windows
                 .by_namespace
                 .iter()
                 .filter_map(|(ns, d)| Some((ns.clone(), d.window.symbols().first()?.canonical())))
                 .collect()
         } else {
+            let _ = self.inner.shared.await_index();
             HashMap::new()
         };
-        let windows_on = self.config().reconcile_window > 0;
         let mut out: Vec<_> = self
             .inner
             .shared
@@ -479,6 +481,23 @@ impl Store {
                 "reconciliation windows are off (reconcile_window = 0)".into(),
             ));
         }
+        let windows = self.caught_up_windows()?;
+        let window = windows.by_namespace.get(namespace).map_or_else(
+            || {
+                Window::new(
+                    shared.config.item_key,
+                    window_len(0, shared.config.reconcile_window),
+                )
+            },
+            |d| d.window.clone(),
+        );
+        Ok((window, windows.seq))
+    }
+
+    /// The reconciliation windows once they reflect every acknowledged write (the
+    /// keeper runs a little behind the indexer).
+    fn caught_up_windows(&self) -> Result<std::sync::MutexGuard<'_, Windows>, ReadError> {
+        let shared = &self.inner.shared;
         shared.await_index().map_err(ReadError::Failed)?;
         let target = shared
             .indexed_seq
@@ -494,16 +513,7 @@ impl Store {
                 .unwrap()
                 .0;
         }
-        let window = windows.by_namespace.get(namespace).map_or_else(
-            || {
-                Window::new(
-                    shared.config.item_key,
-                    window_len(0, shared.config.reconcile_window),
-                )
-            },
-            |d| d.window.clone(),
-        );
-        Ok((window, windows.seq))
+        Ok(windows)
     }
 
     /// Every item of `namespace` (each key at its current version), read from one
@@ -599,24 +609,17 @@ impl Store {
                 stopped = true;
                 return false;
             }
-            match shared.log.read_at(entry.position) {
-                Ok(record) if record.event.dot == entry.dot => {
-                    bytes += asp_core::session::credit_size(&record.event) as usize;
-                    out.push(record.event);
-                }
-                Ok(record) => {
-                    failure = Some(ReadError::Corrupt(format!(
-                        "the index points at event {} but the log holds {} there",
-                        entry.dot, record.event.dot
-                    )));
-                    return false;
+            match shared.event_at(&entry) {
+                Ok(event) => {
+                    bytes += asp_core::session::credit_size(&event) as usize;
+                    out.push(event);
+                    true
                 }
                 Err(e) => {
                     failure = Some(e);
-                    return false;
+                    false
                 }
             }
-            true
         })?;
         match failure {
             Some(e) => Err(e),
@@ -654,18 +657,11 @@ impl Store {
                 more = true;
                 return false;
             }
-            match shared.log.read_at(entry.position) {
-                Ok(record) if record.event.dot == entry.dot => {
-                    bytes += asp_core::session::credit_size(&record.event) as usize;
-                    out.push(record.event);
+            match shared.event_at(&entry) {
+                Ok(event) => {
+                    bytes += asp_core::session::credit_size(&event) as usize;
+                    out.push(event);
                     true
-                }
-                Ok(record) => {
-                    failure = Some(ReadError::Corrupt(format!(
-                        "the index points at event {} but the log holds {} there",
-                        entry.dot, record.event.dot
-                    )));
-                    false
                 }
                 Err(e) => {
                     failure = Some(e);
@@ -768,30 +764,11 @@ impl Store {
                 "namespace {namespace} uses the lww policy"
             )));
         };
-        let shared = &self.inner.shared;
-        let prefix = codec::crdt_key_prefix(namespace.as_str(), key);
-        let mut entries = Vec::new();
-        shared.index.scan(&prefix, None, |k, entry| {
-            if k.len() == prefix.len() + 8 {
-                entries.push(entry);
-            }
-            true
-        })?;
-        if entries.is_empty() {
-            return Ok(None);
-        }
-        for entry in entries {
-            let bytes = self.value_of(&entry)?;
-            let s = State::decode(&bytes)
-                .map_err(|e| ReadError::Corrupt(format!("key {key:?}: {e}")))?;
-            s.policy().eq(&policy).then_some(()).ok_or_else(|| {
-                ReadError::Corrupt(format!("key {key:?} holds a {} state", s.policy()))
-            })?;
-            state
-                .join(&s)
-                .map_err(|e| ReadError::Corrupt(format!("key {key:?}: {e}")))?;
-        }
-        Ok(Some(state))
+        let found = self
+            .inner
+            .shared
+            .join_crdt_entries(namespace.as_str(), key, &mut state)?;
+        Ok(found.then_some(state))
     }
 
     /// The current state of a key, including a deleted key's tombstone.
@@ -820,22 +797,7 @@ impl Store {
     }
 
     fn value_of(&self, entry: &IndexEntry) -> Result<bytes::Bytes, ReadError> {
-        if let Some(inline) = &entry.inline {
-            return Ok(inline.clone());
-        }
-        let record = self.inner.shared.log.read_at(entry.position)?;
-        if record.event.dot != entry.dot {
-            return Err(ReadError::Corrupt(format!(
-                "the index points at event {} but the log holds {} there",
-                entry.dot, record.event.dot
-            )));
-        }
-        match record.event.op {
-            Op::Put { value, .. } => Ok(value),
-            Op::Delete => Err(ReadError::Corrupt(
-                "the index points at a delete for a live key".into(),
-            )),
-        }
+        self.inner.shared.value_of(entry)
     }
 
     /// Lists live keys of `namespace` starting with `prefix`, in byte order, after
