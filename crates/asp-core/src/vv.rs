@@ -293,6 +293,20 @@ impl VersionVector {
         out
     }
 
+    /// The greatest lower bound: the dots both hold.
+    pub fn meet(&self, other: &VersionVector) -> VersionVector {
+        let mut out = VersionVector::new();
+        for (&origin, set) in &self.origins {
+            if let Some(theirs) = other.origins.get(&origin) {
+                let both = set.difference(&set.difference(theirs));
+                if !both.is_empty() {
+                    out.origins.insert(origin, both);
+                }
+            }
+        }
+        out
+    }
+
     /// Whether `other` holds every dot `self` holds.
     pub fn is_subset(&self, other: &VersionVector) -> bool {
         self.origins.iter().all(|(origin, set)| {
@@ -408,6 +422,22 @@ mod tests {
             prop_assert_eq!(join(&join(&a, &b), &c), join(&a, &join(&b, &c)));
             prop_assert_eq!(join(&a, &a), a.clone());
             prop_assert!(a.is_subset(&join(&a, &b)));
+        }
+
+        #[test]
+        fn meet_holds_exactly_the_dots_both_hold(a in vv(), b in vv(), probes in prop::collection::vec((1u64..4, 0u64..80), 0..30)) {
+            let m = a.meet(&b);
+            prop_assert_eq!(&m, &b.meet(&a));
+            prop_assert!(m.is_subset(&a) && m.is_subset(&b));
+            prop_assert_eq!(a.meet(&a), a.clone());
+            for (origin, counter) in probes {
+                let dot = Dot { origin: NodeId::new(origin).unwrap(), counter };
+                prop_assert_eq!(m.contains(dot), a.contains(dot) && b.contains(dot));
+            }
+            for (_, set) in m.iter() {
+                set.check_invariant();
+                prop_assert!(!set.is_empty());
+            }
         }
 
         #[test]

@@ -1217,6 +1217,9 @@ async fn compact(State(state): State<AppState>) -> Result<Response, ApiError> {
         "records_dropped": report.records_dropped,
         "stale_copies_dropped": report.stale_copies_dropped,
         "records_relocated": report.records_relocated,
+        "tombstones_collected": report.tombstones_collected,
+        "epitaphs_left": report.epitaphs_left,
+        "epitaphs_dropped": report.epitaphs_dropped,
         "log_bytes_before": report.log_bytes_before,
         "log_bytes_after": report.log_bytes_after,
         "duration_ms": report.duration.as_millis() as u64,
@@ -1230,10 +1233,19 @@ async fn status(State(state): State<AppState>) -> Response {
     // the last indexed state is still a true, if old, answer).
     let _ = store.caught_up().await;
     let s = store.status();
+    let gc = store.tombstone_gc();
     let namespaces: Vec<serde_json::Value> = s
         .namespaces
         .iter()
         .map(|(ns, state)| {
+            // Nodes that hold collection back (no report yet) or are left out of it
+            // (away past the horizon: collected deletes leave epitaphs).
+            let tombstone_gc = gc.get(ns).map(|g| {
+                let ids = |v: &[asp_core::NodeId]| -> Vec<String> {
+                    v.iter().map(ToString::to_string).collect()
+                };
+                serde_json::json!({"stable_events": g.stable.len(), "waiting_for": ids(&g.waiting), "away": ids(&g.away)})
+            });
             let origins: Vec<serde_json::Value> = state
                 .vector
                 .iter()
@@ -1253,6 +1265,7 @@ async fn status(State(state): State<AppState>) -> Response {
                 "compacted": compacted,
                 "max_hlc": HlcOut::from(state.max_hlc),
                 "origins": origins,
+                "tombstone_gc": tombstone_gc,
             })
         })
         .collect();

@@ -308,6 +308,7 @@ impl Link {
                     tracing::info!(peer = %peer, address = %self.address, direction = self.direction.name(), resume_after = checkpoint, "peer link up");
                 }
                 SessionEvent::PeerSummary(summary) => {
+                    self.inner.store.note_reports(&summary);
                     self.check_handover(&summary);
                     if let Some(peer) = self.peer
                         && let Some(record) =
@@ -545,7 +546,8 @@ impl Link {
             return;
         }
         self.session.set_local_head(store.head().seq);
-        self.session.send_summary(store.summary(), Instant::now());
+        self.session
+            .send_summary(store.summary_for_peers(), Instant::now());
         self.save_checkpoint();
     }
 }

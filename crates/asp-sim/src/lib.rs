@@ -387,6 +387,8 @@ impl StoreModel {
                 vector: vector.clone(),
                 // The model keeps no reconciliation symbols (nothing here reconciles).
                 digest: None,
+                // Nor does it collect tombstones.
+                reports: Vec::new(),
             })
             .collect()
     }

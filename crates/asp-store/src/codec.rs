@@ -349,6 +349,15 @@ pub(crate) struct IndexEntry {
     pub inline: Option<Bytes>,
 }
 
+impl LogPosition {
+    /// Where an epitaph points: nowhere (no record has a zero-length frame).
+    pub const NONE: LogPosition = LogPosition {
+        segment: 0,
+        offset: 0,
+        frame_len: 0,
+    };
+}
+
 const ENTRY_TOMBSTONE: u8 = 1;
 const ENTRY_INLINE: u8 = 2;
 const ENTRY_FIXED_BYTES: usize = 1 + 1 + 8 + 8 + 8 + 8 + 8 + 4 + 4 + 4;
@@ -421,6 +430,12 @@ impl IndexEntry {
             value_len,
             inline,
         })
+    }
+
+    /// A tombstone whose record was collected from the log: the entry alone says what
+    /// the delete was.
+    pub fn is_epitaph(&self) -> bool {
+        self.position.frame_len == 0
     }
 
     pub fn version(&self) -> asp_core::Version {

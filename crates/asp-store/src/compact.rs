@@ -24,7 +24,7 @@
 //! *superseded* otherwise. Superseded records younger than their namespace's retention
 //! keep their whole segment.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::pin;
 use std::sync::atomic::Ordering;
@@ -32,19 +32,24 @@ use std::sync::{Arc, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
-use asp_core::{Event, Namespace, VersionVector};
+use asp_core::crdt::Policy;
+use asp_core::{Event, Namespace, Op, VersionVector};
+use fjall::Slice;
 use tokio::sync::oneshot;
 
 use crate::codec::{self, LogPosition};
 use crate::error::{ReadError, WriteError};
+use crate::gc::GcView;
 use crate::log::Segment;
 use crate::store::Store;
-use crate::writer::{CoverRequest, RelocateRequest, Request, Shared, wall_ms};
+use crate::writer::{CollectRequest, CoverRequest, RelocateRequest, Request, Shared, wall_ms};
 
 /// Records read from a segment at a time.
 const READ_BATCH_RECORDS: usize = 4096;
 /// Bytes read from a segment at a time, about.
 const READ_BATCH_BYTES: usize = 4 << 20;
+/// Tombstones in one collection request, at most.
+const COLLECT_ENTRIES_MAX: usize = 4096;
 /// Records in one relocation request, at most (and at most `group_events_max`).
 const RELOCATE_RECORDS_MAX: usize = 4096;
 /// Bytes in one relocation request, about (and at most `group_bytes_max`); a single
@@ -63,10 +68,30 @@ pub struct CompactionReport {
     pub stale_copies_dropped: u64,
     /// Live records copied forward to new feed positions.
     pub records_relocated: u64,
+    /// Deletes (of `lww` keys) collected from the log: every known node holds them
+    /// and they are older than `tombstone_ttl_ms` (see docs/CONFLICTS.md).
+    pub tombstones_collected: u64,
+    /// Of those, the ones that left an epitaph because some node was away past the
+    /// horizon.
+    pub epitaphs_left: u64,
+    /// Epitaphs dropped: the node they waited for holds their delete now.
+    pub epitaphs_dropped: u64,
     /// Bytes of log before and after the run (writes during the run included).
     pub log_bytes_before: u64,
     pub log_bytes_after: u64,
     pub duration: Duration,
+}
+
+/// Where tombstone collection of a namespace stands ([`Store::tombstone_gc`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TombstoneGc {
+    /// Deletes whose dot is here may be collected once older than the TTL.
+    pub stable: VersionVector,
+    /// Nodes not heard of for the horizon: collection goes on without them and leaves
+    /// epitaphs.
+    pub away: Vec<asp_core::NodeId>,
+    /// Nodes whose report this node does not hold yet: they hold collection back.
+    pub waiting: Vec<asp_core::NodeId>,
 }
 
 /// Why [`Store::compact`] stopped. Whatever it finished before the error stays done;
@@ -100,6 +125,8 @@ struct Survey {
     live: u64,
     stale: u64,
     superseded: u64,
+    /// Live deletes that may be collected, and deletes already collected.
+    collectable: u64,
     /// A superseded record is younger than its namespace's retention, or the index
     /// does not know a key of the segment: the segment stays.
     keep: bool,
@@ -109,6 +136,10 @@ enum Standing {
     Live,
     StaleCopy,
     Superseded,
+    /// A live delete that may be collected now: leaving an epitaph (`true`) or not.
+    Collectable(bool),
+    /// A delete already collected: its key's entry is an epitaph (`true`) or gone.
+    Collected(bool),
     /// The key index has no entry for the key: not expected, so never dropped.
     Unknown,
 }
@@ -151,6 +182,23 @@ impl Store {
             .by_namespace
             .iter()
             .map(|(ns, vv)| (ns.clone(), vv.clone()))
+            .collect()
+    }
+
+    /// Where tombstone collection stands in each namespace whose deletes are
+    /// collected (`lww` namespaces held; none when collection is off).
+    pub fn tombstone_gc(&self) -> BTreeMap<Namespace, TombstoneGc> {
+        self.collecting(wall_ms())
+            .views
+            .into_iter()
+            .map(|(namespace, view)| {
+                let gc = TombstoneGc {
+                    stable: view.stable,
+                    away: view.away,
+                    waiting: view.waiting,
+                };
+                (namespace, gc)
+            })
             .collect()
     }
 
@@ -221,12 +269,13 @@ impl Store {
         shared.await_index().map_err(CompactionError::Failed)?;
         let indexed = shared.indexed_seq.load(Ordering::Acquire);
         let now_ms = wall_ms();
+        let collecting = self.collecting(now_ms);
         for segment in candidates(shared) {
             if segment.last_seq() > indexed || segment.last_seq() < segment.base {
                 continue;
             }
-            let survey = survey(shared, &segment, now_ms)?;
-            let dead = survey.stale + survey.superseded;
+            let survey = survey(shared, &segment, &collecting, now_ms)?;
+            let dead = survey.stale + survey.superseded + survey.collectable;
             if survey.keep
                 || survey.records == 0
                 || (dead as f64) < shared.config.compaction_dead_ratio * survey.records as f64
@@ -241,7 +290,10 @@ impl Store {
                 );
                 continue;
             }
-            let moved = self.copy_forward(&segment, now_ms)?;
+            if survey.collectable > 0 {
+                self.collect_segment(&segment, &collecting, now_ms)?;
+            }
+            let moved = self.copy_forward(&segment, &collecting, now_ms)?;
             report.records_relocated += moved.relocated;
             shared
                 .metrics
@@ -294,7 +346,11 @@ impl Store {
             report.segments_removed += 1;
             report.records_dropped += moved.superseded;
             report.stale_copies_dropped += moved.stale;
+            report.tombstones_collected += moved.collected;
+            report.epitaphs_left += moved.epitaphs;
             let metrics = &shared.metrics;
+            metrics.tombstones_collected.inc_by(moved.collected);
+            metrics.epitaphs_left.inc_by(moved.epitaphs);
             metrics.compaction_segments_removed.inc();
             metrics
                 .compaction_records_dropped
@@ -304,8 +360,17 @@ impl Store {
                 relocated = moved.relocated,
                 dropped = moved.superseded,
                 stale_copies = moved.stale,
+                tombstones_collected = moved.collected,
+                epitaphs_left = moved.epitaphs,
                 "compaction removed a log segment"
             );
+        }
+        if !stop_after_relocation {
+            report.epitaphs_dropped = self.sweep_epitaphs(&collecting)?;
+            shared
+                .metrics
+                .epitaphs_dropped
+                .inc_by(report.epitaphs_dropped);
         }
         shared.metrics.compaction_runs.inc();
         report.log_bytes_after = shared.log.total_bytes();
@@ -317,7 +382,12 @@ impl Store {
     /// superseded ones. The standing of each record is read again here: a record live
     /// when surveyed may have been superseded since. One that is now superseded but
     /// too young to drop is copied anyway (its copy is a dead record, kept).
-    fn copy_forward(&self, segment: &Arc<Segment>, now_ms: u64) -> Result<Moved, CompactionError> {
+    fn copy_forward(
+        &self,
+        segment: &Arc<Segment>,
+        collecting: &Collecting,
+        now_ms: u64,
+    ) -> Result<Moved, CompactionError> {
         let shared = &self.inner.shared;
         let records_max = RELOCATE_RECORDS_MAX.min(shared.config.group_events_max);
         let bytes_max = RELOCATE_BYTES_MAX.min(shared.config.group_bytes_max);
@@ -338,8 +408,20 @@ impl Store {
             }
             for (position, record) in records {
                 let event = record.event;
-                let copy = match standing(shared, &event, position)? {
-                    Standing::Live | Standing::Unknown => true,
+                let copy = match standing(shared, &event, position, collecting, now_ms)? {
+                    // A collection that did not take (the key was written in the
+                    // same group): still live.
+                    Standing::Live | Standing::Unknown | Standing::Collectable(_) => true,
+                    Standing::Collected(epitaph) => {
+                        moved.collected += 1;
+                        moved.epitaphs += u64::from(epitaph);
+                        moved
+                            .dropped
+                            .entry(event.namespace.clone())
+                            .or_default()
+                            .insert(event.dot);
+                        false
+                    }
                     Standing::StaleCopy => {
                         moved.stale += 1;
                         false
@@ -373,6 +455,149 @@ impl Store {
         Ok(moved)
     }
 
+    /// Which deletes this run may collect: per `lww` namespace, the view of what every
+    /// known node holds (see [`crate::gc`]).
+    fn collecting(&self, now_ms: u64) -> Collecting {
+        let shared = &self.inner.shared;
+        let mut collecting = Collecting {
+            views: HashMap::new(),
+            ttl_ms: shared.config.tombstone_ttl_ms.unwrap_or(u64::MAX),
+        };
+        if shared.config.tombstone_ttl_ms.is_none() {
+            return collecting;
+        }
+        let peers = shared.index.checkpoint_peers();
+        let vectors: Vec<(Namespace, VersionVector)> = shared
+            .namespaces
+            .read()
+            .unwrap()
+            .iter()
+            .map(|(ns, state)| (ns.clone(), state.vector.clone()))
+            .collect();
+        let policies = shared.policies.read().unwrap();
+        let mut gc = shared.gc.lock().unwrap();
+        for (namespace, vector) in vectors {
+            if policies.get(&namespace) != Policy::Lww {
+                continue;
+            }
+            let view = gc.view(
+                &namespace,
+                shared.node_id,
+                &vector,
+                &peers,
+                now_ms,
+                shared.config.gc_horizon_ms,
+            );
+            if !view.away.is_empty() {
+                tracing::debug!(namespace = %namespace, away = ?view.away, "nodes away past the horizon: collected deletes leave epitaphs");
+            }
+            collecting.views.insert(namespace, view);
+        }
+        collecting
+    }
+
+    /// Collects the deletes of `segment` that may go: their key's entry becomes an
+    /// epitaph or goes, through the writer (ordered with writes to the same keys).
+    fn collect_segment(
+        &self,
+        segment: &Arc<Segment>,
+        collecting: &Collecting,
+        now_ms: u64,
+    ) -> Result<(), CompactionError> {
+        let shared = &self.inner.shared;
+        let mut entries = Vec::new();
+        let (mut cursor, head) = shared.log.segment_cursor(segment);
+        loop {
+            let records = shared.log.read(
+                &mut cursor,
+                head,
+                None,
+                READ_BATCH_RECORDS,
+                READ_BATCH_BYTES,
+            )?;
+            if records.is_empty() {
+                break;
+            }
+            for (position, record) in records {
+                let event = &record.event;
+                if let Standing::Collectable(epitaph) =
+                    standing(shared, event, position, collecting, now_ms)?
+                {
+                    let key = codec::event_index_key(
+                        event.namespace.as_str(),
+                        event.key.as_str(),
+                        event.dot,
+                        &event.context,
+                    );
+                    if let Some(entry) = shared.index.get(&key)? {
+                        entries.push((Slice::from(key), entry, epitaph));
+                    }
+                    if entries.len() >= COLLECT_ENTRIES_MAX {
+                        self.send_collect(std::mem::take(&mut entries))?;
+                    }
+                }
+            }
+        }
+        if !entries.is_empty() {
+            self.send_collect(entries)?;
+        }
+        Ok(())
+    }
+
+    /// Drops the epitaphs no longer needed (every known node holds their delete) and
+    /// epitaph rows of keys written since. Returns how many epitaphs went.
+    fn sweep_epitaphs(&self, collecting: &Collecting) -> Result<u64, CompactionError> {
+        let shared = &self.inner.shared;
+        let mut dropped = 0;
+        let mut after: Option<Slice> = None;
+        loop {
+            let rows = shared
+                .index
+                .epitaphs(after.as_deref(), COLLECT_ENTRIES_MAX)?;
+            let Some((last, _)) = rows.last() else {
+                return Ok(dropped);
+            };
+            after = Some(last.clone());
+            let mut entries = Vec::new();
+            for (key, row) in rows {
+                let current = shared.index.get(&key)?;
+                let goes = match &current {
+                    Some(c) if c.dot == row.dot && c.is_epitaph() => {
+                        let view = codec::split_index_key(&key)
+                            .and_then(|(ns, _)| collecting.views.get(ns));
+                        let goes = view.is_some_and(|v| v.complete && v.stable.contains(c.dot));
+                        dropped += u64::from(goes);
+                        goes
+                    }
+                    // The key was written since: only the row goes.
+                    _ => true,
+                };
+                if goes {
+                    entries.push((key, row, false));
+                }
+            }
+            if !entries.is_empty() {
+                self.send_collect(entries)?;
+            }
+        }
+    }
+
+    fn send_collect(
+        &self,
+        entries: Vec<(Slice, crate::codec::IndexEntry, bool)>,
+    ) -> Result<(), CompactionError> {
+        let shared = &self.inner.shared;
+        let (reply, answer) = oneshot::channel();
+        let request = Request::Collect(CollectRequest { entries, reply });
+        block_on(self.inner.queue.send(request))
+            .map_err(|_| CompactionError::Relocate(WriteError::Closed))?;
+        match block_on(answer) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(CompactionError::Relocate(e)),
+            Err(_) => Err(CompactionError::Relocate(closed_or_failed(shared))),
+        }
+    }
+
     /// Sends records to the writer to append again, and waits until they are
     /// acknowledged and indexed.
     fn relocate(
@@ -403,6 +628,9 @@ struct Moved {
     relocated: u64,
     stale: u64,
     superseded: u64,
+    /// Deletes collected, and how many of them left an epitaph.
+    collected: u64,
+    epitaphs: u64,
     /// The dots of the superseded records dropped, per namespace.
     dropped: BTreeMap<Namespace, VersionVector>,
 }
@@ -427,7 +655,12 @@ fn candidates(shared: &Shared) -> Vec<Arc<Segment>> {
 }
 
 /// Reads a whole segment and judges each record against the key index.
-fn survey(shared: &Shared, segment: &Arc<Segment>, now_ms: u64) -> Result<Survey, CompactionError> {
+fn survey(
+    shared: &Shared,
+    segment: &Arc<Segment>,
+    collecting: &Collecting,
+    now_ms: u64,
+) -> Result<Survey, CompactionError> {
     let mut survey = Survey::default();
     let (mut cursor, head) = shared.log.segment_cursor(segment);
     loop {
@@ -443,8 +676,9 @@ fn survey(shared: &Shared, segment: &Arc<Segment>, now_ms: u64) -> Result<Survey
         }
         for (position, record) in &records {
             survey.records += 1;
-            match standing(shared, &record.event, *position)? {
+            match standing(shared, &record.event, *position, collecting, now_ms)? {
                 Standing::Live => survey.live += 1,
+                Standing::Collectable(_) | Standing::Collected(_) => survey.collectable += 1,
                 Standing::StaleCopy => survey.stale += 1,
                 Standing::Superseded => {
                     survey.superseded += 1;
@@ -461,19 +695,56 @@ fn survey(shared: &Shared, segment: &Arc<Segment>, now_ms: u64) -> Result<Survey
     }
 }
 
-fn standing(shared: &Shared, event: &Event, position: LogPosition) -> Result<Standing, ReadError> {
+fn standing(
+    shared: &Shared,
+    event: &Event,
+    position: LogPosition,
+    collecting: &Collecting,
+    now_ms: u64,
+) -> Result<Standing, ReadError> {
     let key = codec::event_index_key(
         event.namespace.as_str(),
         event.key.as_str(),
         event.dot,
         &event.context,
     );
+    let collectable = || collecting.may_collect(shared, event, now_ms);
     Ok(match shared.index.get(&key)? {
+        // The entry went when the delete was collected (by this run, or by one that
+        // stopped before removing the segment).
+        None if collectable().is_some() => Standing::Collected(false),
         None => Standing::Unknown,
         Some(entry) if entry.dot != event.dot => Standing::Superseded,
-        Some(entry) if entry.position == position => Standing::Live,
+        Some(entry) if entry.is_epitaph() => Standing::Collected(true),
+        Some(entry) if entry.position == position => match collectable() {
+            Some(epitaph) => Standing::Collectable(epitaph),
+            None => Standing::Live,
+        },
         Some(_) => Standing::StaleCopy,
     })
+}
+
+/// Which deletes one compaction run may collect.
+pub(crate) struct Collecting {
+    /// Per `lww` namespace: which deletes every known node holds.
+    views: HashMap<Namespace, GcView>,
+    ttl_ms: u64,
+}
+
+impl Collecting {
+    /// Whether `event` is a delete that may be collected now; if so, whether it leaves
+    /// an epitaph.
+    fn may_collect(&self, shared: &Shared, event: &Event, now_ms: u64) -> Option<bool> {
+        if !matches!(event.op, Op::Delete) || !event.context.is_empty() {
+            return None;
+        }
+        let view = self.views.get(&event.namespace)?;
+        let age = now_ms.saturating_sub(event.hlc.physical_ms());
+        if age < self.ttl_ms || !old_enough(shared, event, now_ms) {
+            return None;
+        }
+        view.stable.contains(event.dot).then_some(!view.complete)
+    }
 }
 
 /// Whether a superseded event is past its namespace's retention.

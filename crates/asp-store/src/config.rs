@@ -121,6 +121,16 @@ pub struct StoreConfig {
     /// rewrite most of the log again and again for little space. Between 0 (exclusive)
     /// and 1; default 0.5.
     pub compaction_dead_ratio: f64,
+    /// A delete (tombstone) of an `lww` namespace is collected by compaction only once
+    /// it is at least this old and every known node holds it (see
+    /// docs/CONFLICTS.md); until then it is kept so that no late event can bring the
+    /// key back. `None` never collects tombstones. Default 1 day.
+    pub tombstone_ttl_ms: Option<u64>,
+    /// A node not heard of (directly or through gossip) for this long stops holding
+    /// tombstone collection back: tombstones are then collected from the log, and an
+    /// *epitaph* (the key and the delete's version, in the key index) is kept until the
+    /// node is back and holds the delete. Default 7 days.
+    pub gc_horizon_ms: u64,
 }
 
 impl StoreConfig {
@@ -132,6 +142,8 @@ impl StoreConfig {
     pub const RECONCILE_WINDOW_ON: usize = 1 << 14;
     pub const DEFAULT_COMPACTION_RETENTION_MS: u64 = 7 * 24 * 60 * 60 * 1000;
     pub const DEFAULT_COMPACTION_DEAD_RATIO: f64 = 0.5;
+    pub const DEFAULT_TOMBSTONE_TTL_MS: u64 = 24 * 60 * 60 * 1000;
+    pub const DEFAULT_GC_HORIZON_MS: u64 = 7 * 24 * 60 * 60 * 1000;
 
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
@@ -156,6 +168,8 @@ impl StoreConfig {
             namespace_policies: BTreeMap::new(),
             compaction_retention_bytes: 0,
             compaction_dead_ratio: Self::DEFAULT_COMPACTION_DEAD_RATIO,
+            tombstone_ttl_ms: Some(Self::DEFAULT_TOMBSTONE_TTL_MS),
+            gc_horizon_ms: Self::DEFAULT_GC_HORIZON_MS,
         }
     }
 
@@ -212,6 +226,9 @@ impl StoreConfig {
                 "compaction_dead_ratio must be above 0 and at most 1; got {}",
                 self.compaction_dead_ratio
             ));
+        }
+        if self.gc_horizon_ms == 0 {
+            return Err("gc_horizon_ms must be at least 1".into());
         }
         for name in self.compaction_namespace_retention_ms.keys() {
             if let Err(e) = Namespace::new(name) {

@@ -85,6 +85,8 @@ pub(crate) struct WindowMsg {
     /// The index just after: where a window that must grow is rebuilt from.
     pub after: fjall::Snapshot,
     pub changes: Vec<(Slice, Version, Old)>,
+    /// Keys whose entry went (collected tombstones), with the version they had.
+    pub removed: Vec<(Slice, Version)>,
 }
 
 /// A key's version before a group, as far as the indexer knows.

@@ -33,6 +33,12 @@ pub(crate) struct Index {
     db: Database,
     keys: Keyspace,
     meta: Keyspace,
+    /// Epitaphs: index key → the entry, for every key whose tombstone was collected
+    /// from the log while a node away past the horizon may still hold an older value.
+    /// The entries themselves are in `keys`; this keyspace lists them (so compaction
+    /// finds them without a scan) and survives an index rebuild, which restores them.
+    /// A row whose key has been written since is stale and dropped when next seen.
+    epitaphs: Keyspace,
 }
 
 /// What the index remembers about the log it reflects.
@@ -64,7 +70,15 @@ impl Index {
         let meta = db.keyspace("meta", || {
             KeyspaceCreateOptions::default().max_memtable_size(1 << 20)
         })?;
-        let index = Index { db, keys, meta };
+        let epitaphs = db.keyspace("epitaphs", || {
+            KeyspaceCreateOptions::default().max_memtable_size(1 << 20)
+        })?;
+        let index = Index {
+            db,
+            keys,
+            meta,
+            epitaphs,
+        };
         match index.meta.get(META_FORMAT)? {
             None => {
                 index.meta.insert(META_FORMAT, INDEX_FORMAT.to_le_bytes())?;
@@ -219,6 +233,66 @@ impl Index {
         }
     }
 
+    /// The epitaph rows, after the index key `after` if given, at most `limit`.
+    pub fn epitaphs(
+        &self,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Slice, IndexEntry)>, ReadError> {
+        let start = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for item in self.epitaphs.range::<&[u8], _>((start, Bound::Unbounded)) {
+            let (k, v) = item.into_inner()?;
+            let entry =
+                IndexEntry::decode(&v).map_err(|e| ReadError::Corrupt(format!("epitaph: {e}")))?;
+            out.push((k, entry));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Puts back the epitaphs an index rebuild lost: each key whose entry is missing or
+    /// older than its epitaph gets the epitaph again. Returns how many.
+    pub fn restore_epitaphs(&self) -> Result<u64, OpenError> {
+        let mut restored = 0;
+        let mut after: Option<Slice> = None;
+        loop {
+            let rows = self
+                .epitaphs(after.as_deref(), 4096)
+                .map_err(|e| corrupt(e.to_string()))?;
+            let Some((last, _)) = rows.last() else {
+                return Ok(restored);
+            };
+            after = Some(last.clone());
+            for (key, epitaph) in rows {
+                let current = self.get(&key).map_err(|e| corrupt(e.to_string()))?;
+                if current.is_none_or(|c| asp_core::lww_wins(&epitaph.version(), &c.version())) {
+                    self.keys.insert(key, epitaph.encode())?;
+                    restored += 1;
+                }
+            }
+        }
+    }
+
+    /// The nodes this node ever had a replication link with (each has a checkpoint).
+    pub fn checkpoint_peers(&self) -> Vec<NodeId> {
+        let mut out = Vec::new();
+        for item in self.meta.prefix(META_CHECKPOINT_PREFIX) {
+            let Ok(k) = item.key() else { continue };
+            let id = k[META_CHECKPOINT_PREFIX.len()..]
+                .try_into()
+                .ok()
+                .and_then(|b| NodeId::new(u64::from_be_bytes(b)));
+            out.extend(id);
+        }
+        out
+    }
+
     pub fn checkpoint(&self, peer: NodeId) -> Option<u64> {
         let mut key = META_CHECKPOINT_PREFIX.to_vec();
         key.extend_from_slice(&peer.get().to_be_bytes());
@@ -282,6 +356,18 @@ pub(crate) struct IndexBatch<'a> {
 impl IndexBatch<'_> {
     pub fn put(&mut self, key: Slice, entry: &IndexEntry) {
         self.batch.insert(&self.index.keys, key, entry.encode());
+    }
+
+    pub fn delete(&mut self, key: Slice) {
+        self.batch.remove(&self.index.keys, key);
+    }
+
+    pub fn put_epitaph(&mut self, key: Slice, entry: &IndexEntry) {
+        self.batch.insert(&self.index.epitaphs, key, entry.encode());
+    }
+
+    pub fn delete_epitaph(&mut self, key: Slice) {
+        self.batch.remove(&self.index.epitaphs, key);
     }
 
     pub fn set_applied(&mut self, seq: u64, hlc: Hlc) {

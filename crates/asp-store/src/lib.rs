@@ -15,6 +15,7 @@ mod compact;
 mod config;
 mod digest;
 mod error;
+mod gc;
 mod index;
 mod log;
 mod manifest;
@@ -26,7 +27,7 @@ mod types;
 mod writer;
 
 pub use codec::VALUE_BYTES_LIMIT;
-pub use compact::{CompactionError, CompactionReport};
+pub use compact::{CompactionError, CompactionReport, TombstoneGc};
 pub use config::{FSYNC_INTERVAL_MS_MAX, FsyncMode, FsyncModeError, StoreConfig};
 pub use error::{OpenError, ReadError, WriteError};
 pub use log::{FeedHead, TornTail};

@@ -26,6 +26,11 @@ pub struct Metrics {
     pub compaction_records_dropped: Counter,
     /// Live records compaction copied forward (not counted in `events_written`).
     pub compaction_records_relocated: Counter,
+    /// Deletes collected from the log (see docs/CONFLICTS.md).
+    pub tombstones_collected: Counter,
+    /// Epitaphs left by collected deletes, and dropped once no longer needed.
+    pub epitaphs_left: Counter,
+    pub epitaphs_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -44,6 +49,9 @@ impl Default for Metrics {
             compaction_segments_removed: Counter::default(),
             compaction_records_dropped: Counter::default(),
             compaction_records_relocated: Counter::default(),
+            tombstones_collected: Counter::default(),
+            epitaphs_left: Counter::default(),
+            epitaphs_dropped: Counter::default(),
         }
     }
 }
@@ -114,6 +122,21 @@ impl Metrics {
             "asp_compaction_records_relocated",
             "Live feed log records copied forward by compaction",
             self.compaction_records_relocated.clone(),
+        );
+        registry.register(
+            "asp_tombstones_collected",
+            "Deletes collected from the feed log once every known node held them",
+            self.tombstones_collected.clone(),
+        );
+        registry.register(
+            "asp_epitaphs_left",
+            "Collected deletes that left an epitaph because a node was away past the horizon",
+            self.epitaphs_left.clone(),
+        );
+        registry.register(
+            "asp_epitaphs_dropped",
+            "Epitaphs dropped once every known node held their delete",
+            self.epitaphs_dropped.clone(),
         );
     }
 }

@@ -10,7 +10,7 @@ use std::time::Instant;
 use asp_core::reconcile::{Item, ItemKey, Symbol, Window};
 
 use crate::digest::{Digest, Windows, namespace_items, window_len};
-use asp_core::session::NamespaceSummary;
+use asp_core::session::{NamespaceSummary, VectorReport};
 use asp_core::{Event, HlcClock, Key, Namespace, NodeId, Op, lww_wins};
 use fjall::Slice;
 use tokio::sync::{Semaphore, oneshot, watch};
@@ -131,6 +131,12 @@ impl Store {
             report.index_rebuilt = true;
         }
         let (replayed, hlc) = replay(&log, &index, &mut state)?;
+        if report.index_rebuilt {
+            let restored = index.restore_epitaphs()?;
+            if restored > 0 {
+                tracing::info!(restored, "epitaphs put back into the rebuilt key index");
+            }
+        }
         // The log no longer holds what compaction dropped or peers covered; a vector
         // rebuilt from it would have holes there.
         for (namespace, base) in &bases.by_namespace {
@@ -209,6 +215,7 @@ impl Store {
             compaction: Mutex::new(()),
             segment_gate: RwLock::new(()),
             policies: RwLock::new(policies),
+            gc: Mutex::new(crate::gc::Gc::new(writer::wall_ms())),
             metrics,
             config: config.clone(),
         });
@@ -455,10 +462,41 @@ impl Store {
                 max_hlc: state.max_hlc,
                 vector: state.vector.clone(),
                 digest: windows_on.then(|| digests.get(ns).copied().unwrap_or_default()),
+                reports: Vec::new(),
             })
             .collect();
         out.sort_by(|a, b| a.namespace.cmp(&b.namespace));
         out
+    }
+
+    /// [`Store::summary`] with, per namespace, this node's report of its vector and
+    /// the newest report it knows of every other node: what a peer is sent, so that
+    /// every node learns what every other holds (tombstone collection waits for it).
+    pub fn summary_for_peers(&self) -> Vec<NamespaceSummary> {
+        let mut out = self.summary();
+        let now_ms = writer::wall_ms();
+        let gc = self.inner.shared.gc.lock().unwrap();
+        for ns in &mut out {
+            ns.reports.push(VectorReport {
+                node: self.inner.shared.node_id,
+                at_ms: now_ms,
+                vector: ns.vector.clone(),
+            });
+            ns.reports.extend(gc.gossip(&ns.namespace));
+        }
+        out
+    }
+
+    /// Takes in what a peer's summary reports of the nodes' vectors (its own among
+    /// them): what tombstone collection waits for (see docs/CONFLICTS.md).
+    pub fn note_reports(&self, summary: &[NamespaceSummary]) {
+        let me = self.inner.shared.node_id;
+        let mut gc = self.inner.shared.gc.lock().unwrap();
+        for ns in summary {
+            for report in &ns.reports {
+                gc.note(&ns.namespace, me, report.clone());
+            }
+        }
     }
 
     /// The key that turns (key, version) pairs into reconciliation items.
@@ -609,7 +647,7 @@ impl Store {
                 stopped = true;
                 return false;
             }
-            match shared.event_at(&entry) {
+            match shared.entry_event(k, &entry) {
                 Ok(event) => {
                     bytes += asp_core::session::credit_size(&event) as usize;
                     out.push(event);
@@ -652,12 +690,12 @@ impl Store {
         let mut failure = None;
         let mut more = false;
         let _gate = shared.segment_gate.read().unwrap();
-        shared.index.scan(&prefix, start.as_deref(), |_, entry| {
+        shared.index.scan(&prefix, start.as_deref(), |k, entry| {
             if out.len() >= limit.max(1) || bytes >= bytes_max {
                 more = true;
                 return false;
             }
-            match shared.event_at(&entry) {
+            match shared.entry_event(k, &entry) {
                 Ok(event) => {
                     bytes += asp_core::session::credit_size(&event) as usize;
                     out.push(event);

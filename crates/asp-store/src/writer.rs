@@ -68,7 +68,19 @@ pub(crate) enum Request {
     Relocate(RelocateRequest),
     Cover(CoverRequest),
     Policy(PolicyRequest),
+    Collect(CollectRequest),
     Shutdown(oneshot::Sender<()>),
+}
+
+/// Tombstones compaction collects (see [`crate::gc`]): each key's entry, if it is
+/// still the given delete, becomes an epitaph (the entry stays, pointing nowhere, and
+/// is listed as one) or goes (with its epitaph row and its reconciliation item). A key
+/// written since keeps its entry; its stale epitaph row goes. Appends nothing.
+pub(crate) struct CollectRequest {
+    /// (index key, the tombstone's entry, whether to leave an epitaph)
+    pub entries: Vec<(Slice, IndexEntry, bool)>,
+    /// Answered once the key index reflects it.
+    pub reply: oneshot::Sender<Result<(), WriteError>>,
 }
 
 /// Sets a namespace's conflict policy: refused once the namespace holds data under
@@ -118,6 +130,7 @@ enum Work {
     Relocate(RelocateRequest),
     Cover(CoverRequest),
     Policy(PolicyRequest),
+    Collect(CollectRequest),
 }
 
 pub(crate) struct WriteRequest {
@@ -173,6 +186,8 @@ pub(crate) struct Shared {
     pub segment_gate: RwLock<()>,
     /// Each namespace's conflict policy (the writer changes it, readers read it).
     pub policies: RwLock<Policies>,
+    /// What is known of other nodes' vectors: when tombstones may be collected.
+    pub gc: Mutex<crate::gc::Gc>,
     pub metrics: Metrics,
     /// Mirrors of `progress.acked.seq` and `progress.indexed.seq`, so that a read can
     /// see without locking that the index is up to date.
@@ -194,6 +209,28 @@ impl Shared {
 
     fn failed(&self) -> Option<WriteError> {
         self.failure.get().map(|f| WriteError::Storage(f.clone()))
+    }
+
+    /// The event that set `index_key`'s entry: read from the log where the entry points
+    /// (checked against its dot), or, for an epitaph, made again from the entry: a
+    /// delete of the key with the entry's dot and clock. The caller holds the segment
+    /// gate.
+    pub fn entry_event(&self, index_key: &[u8], entry: &IndexEntry) -> Result<Event, ReadError> {
+        if !entry.is_epitaph() {
+            return self.event_at(entry);
+        }
+        let bad = |what: String| ReadError::Corrupt(format!("epitaph: {what}"));
+        let (namespace, key) =
+            codec::split_index_key(index_key).ok_or_else(|| bad("a malformed index key".into()))?;
+        let key = std::str::from_utf8(key).map_err(|e| bad(e.to_string()))?;
+        Ok(Event {
+            namespace: Namespace::new(namespace).map_err(|e| bad(e.to_string()))?,
+            key: asp_core::Key::new(key).map_err(|e| bad(e.to_string()))?,
+            op: asp_core::Op::Delete,
+            dot: entry.dot,
+            hlc: entry.hlc,
+            context: bytes::Bytes::new(),
+        })
     }
 
     /// The event an index entry points at, checked against the entry's dot. The
@@ -336,6 +373,8 @@ enum UpdateKind {
     /// A relocated copy: take it only if the entry still points at the copy at this
     /// position (the version is the same; only the position moves).
     Relocate(LogPosition),
+    /// A collected tombstone (see [`CollectRequest`]): an epitaph if `true`, else gone.
+    Collect(bool),
 }
 
 struct Ack {
@@ -375,6 +414,7 @@ impl Work {
             Work::Relocate(r) => drop(r.reply.send(Err(err))),
             Work::Cover(c) => drop(c.reply.send(Err(err))),
             Work::Policy(p) => drop(p.reply.send(Err(err))),
+            Work::Collect(c) => drop(c.reply.send(Err(err))),
         }
     }
 }
@@ -448,6 +488,27 @@ fn set_fine_timer_slack() {
     unsafe {
         libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
     }
+}
+
+/// Adds a collection to a group. A key that already has an update in the group is left
+/// alone: the indexer reads the key's current entry from the index, which would not
+/// show that update (compaction sees the entry unchanged and keeps the record).
+fn add_collect(g: &mut Group, c: CollectRequest) {
+    for (key, entry, epitaph) in c.entries {
+        if g.positions.contains_key(&key[..]) {
+            continue;
+        }
+        g.positions.insert(key.clone(), g.updates.len());
+        g.updates.push(Update {
+            key,
+            entry,
+            kind: UpdateKind::Collect(epitaph),
+        });
+    }
+    g.acks.push(Ack {
+        reply: Reply::AfterIndex(c.reply),
+        _permit: None,
+    });
 }
 
 pub(crate) fn wall_ms() -> u64 {
@@ -533,6 +594,7 @@ impl Collected {
             }
             Request::Cover(c) => self.requests.push(Work::Cover(c)),
             Request::Policy(p) => self.requests.push(Work::Policy(p)),
+            Request::Collect(c) => self.requests.push(Work::Collect(c)),
             Request::Shutdown(reply) => self.shutdown.push(reply),
         }
     }
@@ -593,6 +655,7 @@ impl Writer {
                 Request::Relocate(r) => Work::Relocate(r).fail(WriteError::Closed),
                 Request::Cover(c) => Work::Cover(c).fail(WriteError::Closed),
                 Request::Policy(p) => Work::Policy(p).fail(WriteError::Closed),
+                Request::Collect(c) => Work::Collect(c).fail(WriteError::Closed),
                 Request::Shutdown(reply) => shutdown_replies.push(reply),
             }
         }
@@ -681,7 +744,11 @@ impl Writer {
         }
         let reads = group.iter().any(|work| match work {
             Work::Write(w) => w.ops.iter().any(|op| op.condition != Condition::None),
-            Work::Apply(_) | Work::Relocate(_) | Work::Cover(_) | Work::Policy(_) => false,
+            Work::Apply(_)
+            | Work::Relocate(_)
+            | Work::Cover(_)
+            | Work::Policy(_)
+            | Work::Collect(_) => false,
         });
         if reads {
             // Conditions read the index, which must reflect every earlier write.
@@ -733,6 +800,7 @@ impl Writer {
                 Work::Relocate(r) => self.add_relocated(&mut g, r),
                 Work::Cover(c) => self.add_cover(&mut g, c),
                 Work::Policy(p) => self.set_policy(p),
+                Work::Collect(c) => add_collect(&mut g, c),
             }
         }
         if g.acks.is_empty() {
@@ -1497,6 +1565,14 @@ fn keep_windows(shared: &Shared, msg: WindowMsg) -> Result<(), String> {
             *window = Window::build(item_key, len, &items, 1);
         }
     }
+    for (index_key, version) in &msg.removed {
+        let (namespace, key) = codec::split_index_key(index_key)
+            .ok_or_else(|| "a malformed key in an index update".to_string())?;
+        if let Some(digest) = windows.by_namespace.get_mut(namespace) {
+            // The key filter keeps the key: it only ever answers "maybe".
+            digest.window.remove(&item_key.item(key, version));
+        }
+    }
     windows.seq = msg.seq;
     Ok(())
 }
@@ -1560,6 +1636,7 @@ fn apply_to_index(
     let keep_windows = window_tx.is_some();
     let mut batch = index.batch(msg.updates.len() + 2 + 2 * msg.namespaces.len());
     let mut changes = Vec::with_capacity(if keep_windows { msg.updates.len() } else { 0 });
+    let mut removed = Vec::new();
     for update in &msg.updates {
         let old = match update.kind {
             UpdateKind::Merge => {
@@ -1583,6 +1660,29 @@ fn apply_to_index(
                 }
                 continue;
             }
+            UpdateKind::Collect(epitaph) => {
+                let current = index.get(&update.key).map_err(|e| e.to_string())?;
+                match current {
+                    Some(c) if c.dot == update.entry.dot && epitaph => {
+                        let entry = IndexEntry {
+                            position: LogPosition::NONE,
+                            ..c
+                        };
+                        batch.put(update.key.clone(), &entry);
+                        batch.put_epitaph(update.key.clone(), &entry);
+                    }
+                    Some(c) if c.dot == update.entry.dot => {
+                        batch.delete(update.key.clone());
+                        batch.delete_epitaph(update.key.clone());
+                        if keep_windows {
+                            removed.push((update.key.clone(), c.version()));
+                        }
+                    }
+                    // Written since: the entry stays; an epitaph row of it is stale.
+                    _ => batch.delete_epitaph(update.key.clone()),
+                }
+                continue;
+            }
         };
         batch.put(update.key.clone(), &update.entry);
         if keep_windows {
@@ -1602,6 +1702,7 @@ fn apply_to_index(
             before,
             after: index.snapshot(),
             changes,
+            removed,
         });
     }
     Ok(())

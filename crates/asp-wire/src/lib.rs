@@ -9,7 +9,8 @@
 
 use asp_core::reconcile::{SYMBOL_BYTES, Symbol};
 use asp_core::session::{
-    ErrorCode, Frame, Hello, NEED_PREFIX_BYTES, NamespaceSummary, ReconcileMode, ReconcileOutcome,
+    ErrorCode, Frame, Hello, NEED_PREFIX_BYTES, NamespaceSummary, REPORTS_MAX, ReconcileMode,
+    ReconcileOutcome, VectorReport,
 };
 use asp_core::{ContentType, Dot, Event, Hlc, Key, Namespace, NodeId, Op, RangeSet, VersionVector};
 use bytes::Bytes;
@@ -202,6 +203,13 @@ fn encode_body(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
                 out.extend_from_slice(&ns.max_hlc.as_raw().to_le_bytes());
                 put_vector(out, &ns.vector);
                 put_digest(out, ns.digest.as_ref());
+                check_len("report count", ns.reports.len(), REPORTS_MAX)?;
+                out.push(ns.reports.len() as u8);
+                for report in &ns.reports {
+                    out.extend_from_slice(&report.node.get().to_le_bytes());
+                    out.extend_from_slice(&report.at_ms.to_le_bytes());
+                    put_vector(out, &report.vector);
+                }
             }
         }
         Frame::Events {
@@ -583,11 +591,27 @@ fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
                     1 => Some(r.symbol()?),
                     other => return Err(r.err(format!("bad digest flag {other}"))),
                 };
+                let count = r.u8("report count")? as usize;
+                if count > REPORTS_MAX {
+                    return Err(r.err(format!("{count} reports; the limit is {REPORTS_MAX}")));
+                }
+                let mut reports = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let node = r.node("report node")?;
+                    let at_ms = r.u64("report time")?;
+                    let vector = r.vector()?;
+                    reports.push(VectorReport {
+                        node,
+                        at_ms,
+                        vector,
+                    });
+                }
                 out.push(NamespaceSummary {
                     namespace,
                     max_hlc,
                     vector,
                     digest,
+                    reports,
                 });
             }
             r.done()?;

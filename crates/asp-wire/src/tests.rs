@@ -138,16 +138,30 @@ fn frame() -> impl Strategy<Value = Frame> {
             message
         }),
         prop::collection::vec(
-            (name(), any::<u64>(), vector(), prop::option::of(symbol())),
+            (
+                name(),
+                any::<u64>(),
+                vector(),
+                prop::option::of(symbol()),
+                prop::collection::vec((1u64..100, any::<u64>(), vector()), 0..3)
+            ),
             0..4
         )
         .prop_map(|v| Frame::Summary(
             v.into_iter()
-                .map(|(namespace, h, vector, digest)| NamespaceSummary {
+                .map(|(namespace, h, vector, digest, reports)| NamespaceSummary {
                     namespace,
                     max_hlc: Hlc::from_raw(h),
                     vector,
                     digest,
+                    reports: reports
+                        .into_iter()
+                        .map(|(node, at_ms, vector)| VectorReport {
+                            node: NodeId::new(node).unwrap(),
+                            at_ms,
+                            vector,
+                        })
+                        .collect(),
                 })
                 .collect()
         )),

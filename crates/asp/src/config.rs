@@ -53,6 +53,13 @@ pub struct CompactionSection {
     /// Per-namespace `retention_ms`.
     #[serde(default)]
     pub namespace_retention_ms: std::collections::BTreeMap<String, u64>,
+    /// Whether deletes of lww namespaces are collected at all (default true).
+    pub collect_tombstones: Option<bool>,
+    /// Deletes younger than this are kept (and only collected once every known node
+    /// holds them).
+    pub tombstone_ttl_ms: Option<u64>,
+    /// A node not heard of for this long stops holding tombstone collection back.
+    pub gc_horizon_ms: Option<u64>,
 }
 
 /// How often `asp serve` compacts by default.
@@ -229,6 +236,15 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
         store.compaction_dead_ratio = v;
     }
     store.compaction_namespace_retention_ms = compaction.namespace_retention_ms;
+    if let Some(v) = compaction.tombstone_ttl_ms {
+        store.tombstone_ttl_ms = Some(v);
+    }
+    if compaction.collect_tombstones == Some(false) {
+        store.tombstone_ttl_ms = None;
+    }
+    if let Some(v) = compaction.gc_horizon_ms {
+        store.gc_horizon_ms = v;
+    }
     for (ns, name) in &file.policies {
         asp_core::Namespace::new(ns).map_err(|e| anyhow::anyhow!("[policies] {ns:?}: {e}"))?;
         let policy = asp_core::crdt::Policy::parse(name).with_context(|| {
@@ -348,6 +364,8 @@ mod tests {
             retention_ms = 1000
             dead_ratio = 0.3
             namespace_retention_ms = { audit = 86400000 }
+            tombstone_ttl_ms = 5000
+            gc_horizon_ms = 60000
             "#,
         )
         .unwrap();
@@ -356,6 +374,19 @@ mod tests {
         assert_eq!(c.replication.anti_entropy_interval, Duration::from_secs(5));
         assert_eq!(c.compaction_interval, None);
         assert_eq!(c.store.compaction_retention_ms, 1000);
+        assert_eq!(c.store.tombstone_ttl_ms, Some(5000));
+        assert_eq!(c.store.gc_horizon_ms, 60_000);
+        let off: FileConfig = toml::from_str("[compaction]\ncollect_tombstones = false").unwrap();
+        assert_eq!(
+            resolve(off, Overrides::default())
+                .unwrap()
+                .store
+                .tombstone_ttl_ms,
+            None
+        );
+        let bad = toml::from_str::<FileConfig>("[compaction]\ngc_horizon_ms = 0").unwrap();
+        let e = format!("{:#}", resolve(bad, Overrides::default()).err().unwrap());
+        assert!(e.contains("gc_horizon_ms"), "{e}");
         assert_eq!(
             c.store.namespace_policies.get("hits"),
             Some(&asp_core::crdt::Policy::Counter)

@@ -135,6 +135,23 @@ pub struct NamespaceSummary {
     /// nodes whose digests are equal hold the same state, whatever their vectors say.
     /// `None` when the node keeps no symbols for it.
     pub digest: Option<Symbol>,
+    /// What the sender knows of each node's vector of the namespace, itself first:
+    /// gossip that lets every node judge when a tombstone can be collected (see
+    /// docs/CONFLICTS.md). At most [`REPORTS_MAX`].
+    pub reports: Vec<VectorReport>,
+}
+
+/// Reports in one namespace's summary, at most.
+pub const REPORTS_MAX: usize = 64;
+
+/// A node's vector of one namespace as that node held it at `at_ms` (its wall clock,
+/// milliseconds since the Unix epoch). A node's vectors only grow, so of two reports
+/// of one node the later holds the earlier.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VectorReport {
+    pub node: NodeId,
+    pub at_ms: u64,
+    pub vector: VersionVector,
 }
 
 /// How a reconciliation finds the difference.

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 pub use frame::{
     ALL_NAMESPACES, ErrorCode, Frame, Hello, NEED_PREFIX_BYTES, NamespaceSummary,
-    PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, RECONCILE_INITIAL_SYMBOLS, ReconcileMode,
-    ReconcileOutcome, credit_size,
+    PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, RECONCILE_INITIAL_SYMBOLS, REPORTS_MAX,
+    ReconcileMode, ReconcileOutcome, VectorReport, credit_size,
 };
 
 use crate::{Event, Namespace, NodeId, VersionVector};

@@ -208,6 +208,7 @@ fn the_vector_filter_stops_echoes_and_known_events() {
             max_hlc: Hlc::ZERO,
             vector: held,
             digest: None,
+            reports: Vec::new(),
         }],
     );
     // B sends A an event; A must never send it back.
@@ -259,6 +260,7 @@ fn positions_the_peer_holds_are_coalesced_into_one_frame() {
             max_hlc: Hlc::ZERO,
             vector: held,
             digest: None,
+            reports: Vec::new(),
         }],
     );
     // One read per position, every event already held: nothing is framed yet.
@@ -536,6 +538,7 @@ fn repairs_ignore_the_peer_vector_and_cost_credit() {
             max_hlc: Hlc::ZERO,
             vector: held,
             digest: None,
+            reports: Vec::new(),
         }],
     );
     let before = pair.a.credit();

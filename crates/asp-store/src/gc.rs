@@ -1,0 +1,599 @@
+//! When a tombstone may be collected.
+//!
+//! A delete `d` of an `lww` key must be kept as long as an event that loses to it may
+//! still arrive: without it, that event would bring the key back. Which events can lose
+//! to `d`? Any event created after its creator received `d` carries a later clock
+//! reading (the HLC moves past every reading it receives) and wins. So only events
+//! created *before* their creator received `d` can lose to it, and such an event is in
+//! its creator's vector from then on.
+//!
+//! The rule: this node may drop `d` once, for every node `M` that may write in the
+//! namespace, it holds a report of `M`'s vector that contains `d`, and its own vector
+//! contains that report. It then already applied every event that could lose to `d`
+//! (each against `d`, which it still held); any later copy of one is a duplicate by
+//! dot. Stability at the direct peers alone is not enough: in a line A–B–C, C's event
+//! concurrent with `d` can reach A through B after every direct peer of A holds `d`.
+//! So nodes gossip the newest report they know of every node (in their summaries).
+//!
+//! A node not heard of for `gc_horizon_ms` stops holding collection back: it is left
+//! out of the rule, and what is collected while it is out leaves an *epitaph* (the
+//! key's index entry, pointing at no record). When that node returns, its events that
+//! lose to a delete lose to the epitaph, and reconciliation sends it the delete (made
+//! again from the epitaph). Once it is back in the rule, its epitaphs go.
+
+use std::collections::{BTreeSet, HashMap};
+
+use asp_core::session::{REPORTS_MAX, VectorReport};
+use asp_core::{Namespace, NodeId, VersionVector};
+
+/// What is known of other nodes' vectors, per namespace.
+pub(crate) struct Gc {
+    /// When the store opened (wall ms): a node known but not reported on yet counts as
+    /// heard of then.
+    opened_ms: u64,
+    namespaces: HashMap<Namespace, HashMap<NodeId, Known>>,
+}
+
+/// What is known of one node's vector of one namespace.
+struct Known {
+    /// The newest report: what is gossiped on, and when the node was last heard of.
+    newest: VectorReport,
+    /// The newest report this node's own vector contains (time, vector).
+    usable: Option<(u64, VersionVector)>,
+    /// A report waiting for this node's vector to contain it.
+    pending: Option<(u64, VersionVector)>,
+}
+
+/// Which tombstones of a namespace may go now.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct GcView {
+    /// The deletes whose dot is here may be collected.
+    pub stable: VersionVector,
+    /// Whether every known node is in the rule. If not, a collected delete leaves an
+    /// epitaph.
+    pub complete: bool,
+    /// Nodes left out of the rule (not heard of for the horizon).
+    pub away: Vec<NodeId>,
+    /// Nodes in the rule with no report this node's vector contains yet: they hold
+    /// every collection back.
+    pub waiting: Vec<NodeId>,
+}
+
+impl Gc {
+    pub fn new(opened_ms: u64) -> Gc {
+        Gc {
+            opened_ms,
+            namespaces: HashMap::new(),
+        }
+    }
+
+    /// Takes in a report (reports of `me` are ignored: this node knows its own vector).
+    pub fn note(&mut self, namespace: &Namespace, me: NodeId, report: VectorReport) {
+        if report.node == me {
+            return;
+        }
+        let nodes = self.namespaces.entry(namespace.clone()).or_default();
+        let known = nodes.entry(report.node).or_insert_with(|| Known {
+            newest: VectorReport {
+                node: report.node,
+                at_ms: 0,
+                vector: VersionVector::new(),
+            },
+            usable: None,
+            pending: None,
+        });
+        let at = report.at_ms;
+        if known.pending.is_none() && known.usable.as_ref().is_none_or(|(t, _)| *t < at) {
+            known.pending = Some((at, report.vector.clone()));
+        }
+        if at > known.newest.at_ms {
+            known.newest = report;
+        }
+    }
+
+    /// The newest report of each node known, newest first, at most `REPORTS_MAX - 1`
+    /// (the sender's own report goes first).
+    pub fn gossip(&self, namespace: &Namespace) -> Vec<VectorReport> {
+        let Some(nodes) = self.namespaces.get(namespace) else {
+            return Vec::new();
+        };
+        let mut out: Vec<VectorReport> = nodes.values().map(|k| k.newest.clone()).collect();
+        out.sort_by(|a, b| b.at_ms.cmp(&a.at_ms).then(a.node.cmp(&b.node)));
+        out.truncate(REPORTS_MAX - 1);
+        out
+    }
+
+    /// Which of `namespace`'s tombstones may be collected now. `own` is this node's
+    /// vector of the namespace, `peers` every node this node ever linked with.
+    pub fn view(
+        &mut self,
+        namespace: &Namespace,
+        me: NodeId,
+        own: &VersionVector,
+        peers: &[NodeId],
+        now_ms: u64,
+        horizon_ms: u64,
+    ) -> GcView {
+        let nodes = self.namespaces.entry(namespace.clone()).or_default();
+        let mut everyone: BTreeSet<NodeId> = own.iter().map(|(id, _)| id).collect();
+        everyone.extend(nodes.keys().copied());
+        everyone.extend(peers.iter().copied());
+        everyone.remove(&me);
+        let mut view = GcView {
+            stable: own.clone(),
+            complete: true,
+            away: Vec::new(),
+            waiting: Vec::new(),
+        };
+        for node in everyone {
+            let known = nodes.get_mut(&node);
+            let heard_ms = known.as_ref().map_or(self.opened_ms, |k| k.newest.at_ms);
+            if now_ms.saturating_sub(heard_ms) > horizon_ms {
+                view.complete = false;
+                view.away.push(node);
+                continue;
+            }
+            let usable = known.and_then(|k| {
+                if k.pending.as_ref().is_some_and(|(_, v)| v.is_subset(own)) {
+                    let pending = k.pending.take().expect("checked");
+                    if k.usable.as_ref().is_none_or(|(t, _)| *t < pending.0) {
+                        k.usable = Some(pending);
+                    }
+                }
+                k.usable.as_ref().map(|(_, v)| v)
+            });
+            match usable {
+                Some(v) => view.stable = view.stable.meet(v),
+                None => {
+                    view.stable = VersionVector::new();
+                    view.waiting.push(node);
+                }
+            }
+        }
+        view
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use asp_core::Dot;
+
+    fn id(n: u64) -> NodeId {
+        NodeId::new(n).unwrap()
+    }
+
+    fn vv(dots: &[(u64, u64)]) -> VersionVector {
+        let mut v = VersionVector::new();
+        for &(o, hi) in dots {
+            v.insert_range(id(o), 1, hi);
+        }
+        v
+    }
+
+    fn report(node: u64, at_ms: u64, vector: VersionVector) -> VectorReport {
+        VectorReport {
+            node: id(node),
+            at_ms,
+            vector,
+        }
+    }
+
+    fn ns() -> Namespace {
+        Namespace::new("n").unwrap()
+    }
+
+    const H: u64 = 1000;
+
+    #[test]
+    fn a_lone_node_may_collect_everything_it_holds() {
+        let mut gc = Gc::new(0);
+        let own = vv(&[(1, 5)]);
+        let view = gc.view(&ns(), id(1), &own, &[], 10, H);
+        assert_eq!(view.stable, own);
+        assert!(view.complete);
+    }
+
+    #[test]
+    fn a_known_node_without_a_report_holds_everything_back() {
+        let mut gc = Gc::new(0);
+        let own = vv(&[(1, 5)]);
+        let view = gc.view(&ns(), id(1), &own, &[id(2)], 10, H);
+        assert!(view.stable.is_empty());
+        assert!(view.complete);
+        assert_eq!(view.waiting, vec![id(2)]);
+        // An origin in the vector counts as known too.
+        let own = vv(&[(1, 5), (3, 2)]);
+        gc.note(&ns(), id(1), report(2, 5, own.clone()));
+        let view = gc.view(&ns(), id(1), &own, &[id(2)], 10, H);
+        assert!(view.stable.is_empty());
+    }
+
+    #[test]
+    fn only_reports_this_node_holds_count() {
+        let mut gc = Gc::new(0);
+        let own = vv(&[(1, 5), (2, 3)]);
+        // Node 2 holds 1..=4 of node 1, and 1..=7 of its own: this node lacks 4..=7 of
+        // node 2 (events that could lose to a delete it would otherwise collect).
+        gc.note(&ns(), id(1), report(2, 5, vv(&[(1, 4), (2, 7)])));
+        let view = gc.view(&ns(), id(1), &own, &[id(2)], 10, H);
+        assert!(view.stable.is_empty());
+        // Once this node holds them, the report counts: dots of node 1 up to 4.
+        let own = vv(&[(1, 5), (2, 7)]);
+        let view = gc.view(&ns(), id(1), &own, &[id(2)], 10, H);
+        assert_eq!(view.stable, vv(&[(1, 4), (2, 7)]));
+        // A later report waits its turn and does not undo the usable one.
+        gc.note(&ns(), id(1), report(2, 8, vv(&[(1, 5), (2, 9)])));
+        let view = gc.view(&ns(), id(1), &own, &[id(2)], 10, H);
+        assert_eq!(view.stable, vv(&[(1, 4), (2, 7)]));
+        assert!(view.stable.contains(Dot {
+            origin: id(1),
+            counter: 4
+        }));
+    }
+
+    #[test]
+    fn a_node_silent_past_the_horizon_is_left_out_and_gossip_carries_the_newest() {
+        let mut gc = Gc::new(0);
+        let own = vv(&[(1, 5)]);
+        gc.note(&ns(), id(1), report(2, 100, vv(&[(1, 5)])));
+        gc.note(&ns(), id(1), report(3, 50, vv(&[(1, 2)])));
+        gc.note(&ns(), id(1), report(3, 40, vv(&[(1, 1)])));
+        assert_eq!(
+            gc.gossip(&ns()),
+            vec![report(2, 100, vv(&[(1, 5)])), report(3, 50, vv(&[(1, 2)]))]
+        );
+        let view = gc.view(&ns(), id(1), &own, &[], 1000, H);
+        assert_eq!(view.stable, vv(&[(1, 2)]), "what 3 was last heard to hold");
+        assert!(view.complete);
+        let view = gc.view(&ns(), id(1), &own, &[], 1051, H);
+        assert_eq!(view.stable, vv(&[(1, 5)]));
+        assert!(!view.complete);
+        assert_eq!(view.away, vec![id(3)]);
+        // Reports of this node itself are not taken.
+        gc.note(&ns(), id(1), report(1, 2000, VersionVector::new()));
+        assert_eq!(gc.gossip(&ns()).len(), 2);
+    }
+}
+
+/// A model of nodes that replicate lww keys over links, gossip reports and collect
+/// deletes by the rule above, in random orders: no deleted key ever comes back.
+#[cfg(test)]
+mod model {
+    use std::collections::BTreeMap;
+
+    use asp_core::Dot;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// (clock, origin): the lww order.
+    type Version = (u64, u64);
+
+    #[derive(Clone, Debug)]
+    struct Ev {
+        key: u8,
+        delete: bool,
+        dot: Dot,
+        hlc: u64,
+    }
+
+    impl Ev {
+        fn version(&self) -> Version {
+            (self.hlc, self.dot.origin.get())
+        }
+    }
+
+    struct Node {
+        id: NodeId,
+        clock: u64,
+        counter: u64,
+        vector: VersionVector,
+        /// key → the event that set it; a collected delete leaves nothing.
+        state: BTreeMap<u8, Ev>,
+        /// What this node holds, in arrival order, as its feed (collected deletes
+        /// leave a hole, as compaction would).
+        feed: Vec<Option<Ev>>,
+        gc: Gc,
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Write {
+            node: usize,
+            key: u8,
+            delete: bool,
+        },
+        Deliver {
+            link: usize,
+            forward: bool,
+            max: usize,
+        },
+        Summarize {
+            link: usize,
+            forward: bool,
+        },
+        Collect {
+            node: usize,
+        },
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            3 => (0..4usize, 0..3u8, any::<bool>())
+                .prop_map(|(node, key, delete)| Step::Write { node, key, delete }),
+            4 => (0..4usize, any::<bool>(), 1..4usize)
+                .prop_map(|(link, forward, max)| Step::Deliver { link, forward, max }),
+            3 => (0..4usize, any::<bool>()).prop_map(|(link, forward)| Step::Summarize { link, forward }),
+            2 => (0..4usize).prop_map(|node| Step::Collect { node }),
+        ]
+    }
+
+    fn ns() -> Namespace {
+        Namespace::new("m").unwrap()
+    }
+
+    struct World {
+        nodes: Vec<Node>,
+        links: Vec<(usize, usize)>,
+        /// Per directed link (index * 2 + direction): how far into the sender's feed.
+        cursors: Vec<usize>,
+        /// Every event ever written: the reference.
+        all: Vec<Ev>,
+        now: u64,
+    }
+
+    impl World {
+        fn new(nodes: usize, links: Vec<(usize, usize)>) -> World {
+            let ids: Vec<NodeId> = (1..=nodes as u64)
+                .map(|n| NodeId::new(n).unwrap())
+                .collect();
+            let nodes = ids
+                .iter()
+                .enumerate()
+                .map(|(i, &id)| {
+                    let mut gc = Gc::new(0);
+                    // A link starts with a summary each way, before any event: each
+                    // node knows its neighbours (holding nothing yet) from the start.
+                    // Of the others it hears only through gossip.
+                    for &(a, b) in &links {
+                        let other = if a == i {
+                            b
+                        } else if b == i {
+                            a
+                        } else {
+                            continue;
+                        };
+                        gc.note(
+                            &ns(),
+                            id,
+                            VectorReport {
+                                node: ids[other],
+                                at_ms: 0,
+                                vector: VersionVector::new(),
+                            },
+                        );
+                    }
+                    Node {
+                        id,
+                        clock: 0,
+                        counter: 0,
+                        vector: VersionVector::new(),
+                        state: BTreeMap::new(),
+                        feed: Vec::new(),
+                        gc,
+                    }
+                })
+                .collect();
+            let cursors = vec![0; links.len() * 2];
+            World {
+                nodes,
+                links,
+                cursors,
+                all: Vec::new(),
+                now: 1,
+            }
+        }
+
+        fn apply(node: &mut Node, ev: &Ev) {
+            node.clock = node.clock.max(ev.hlc);
+            if !node.vector.insert(ev.dot) {
+                return;
+            }
+            if node
+                .state
+                .get(&ev.key)
+                .is_none_or(|cur| ev.version() > cur.version())
+            {
+                node.state.insert(ev.key, ev.clone());
+            }
+            node.feed.push(Some(ev.clone()));
+        }
+
+        fn run(&mut self, step: &Step) {
+            self.now += 1;
+            let n = self.nodes.len();
+            match *step {
+                Step::Write { node, key, delete } => {
+                    let node = &mut self.nodes[node % n];
+                    node.clock += 1;
+                    node.counter += 1;
+                    let ev = Ev {
+                        key,
+                        delete,
+                        dot: Dot {
+                            origin: node.id,
+                            counter: node.counter,
+                        },
+                        hlc: node.clock,
+                    };
+                    self.all.push(ev.clone());
+                    World::apply(node, &ev);
+                }
+                Step::Deliver { link, forward, max } => {
+                    let l = link % self.links.len();
+                    let (from, to) = if forward {
+                        self.links[l]
+                    } else {
+                        (self.links[l].1, self.links[l].0)
+                    };
+                    let cursor = &mut self.cursors[l * 2 + usize::from(forward)];
+                    let events: Vec<Ev> = self.nodes[from].feed[*cursor..]
+                        .iter()
+                        .take(max)
+                        .flatten()
+                        .cloned()
+                        .collect();
+                    *cursor = (*cursor + max).min(self.nodes[from].feed.len());
+                    for ev in &events {
+                        World::apply(&mut self.nodes[to], ev);
+                    }
+                }
+                Step::Summarize { link, forward } => {
+                    let l = link % self.links.len();
+                    let (from, to) = if forward {
+                        self.links[l]
+                    } else {
+                        (self.links[l].1, self.links[l].0)
+                    };
+                    let sender = &self.nodes[from];
+                    let mut reports = vec![VectorReport {
+                        node: sender.id,
+                        at_ms: self.now,
+                        vector: sender.vector.clone(),
+                    }];
+                    reports.extend(sender.gc.gossip(&ns()));
+                    let receiver = &mut self.nodes[to];
+                    for r in reports {
+                        receiver.gc.note(&ns(), receiver.id, r);
+                    }
+                }
+                Step::Collect { node } => {
+                    let now = self.now;
+                    let peers: Vec<NodeId> = self
+                        .links
+                        .iter()
+                        .filter_map(|&(a, b)| {
+                            if a == node % n {
+                                Some(self.nodes[b].id)
+                            } else if b == node % n {
+                                Some(self.nodes[a].id)
+                            } else {
+                                None
+                            }
+                        })
+                        .collect();
+                    let node = &mut self.nodes[node % n];
+                    let view =
+                        node.gc
+                            .view(&ns(), node.id, &node.vector, &peers, now, u64::MAX / 2);
+                    assert!(view.complete);
+                    let gone: Vec<u8> = node
+                        .state
+                        .iter()
+                        .filter(|(_, ev)| ev.delete && view.stable.contains(ev.dot))
+                        .map(|(&k, _)| k)
+                        .collect();
+                    for k in gone {
+                        let ev = node.state.remove(&k).expect("listed");
+                        for slot in &mut node.feed {
+                            if slot.as_ref().is_some_and(|e| e.dot == ev.dot) {
+                                *slot = None;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        /// What every key reads as at a node: its value's dot, deletes as absent.
+        fn live(node: &Node) -> BTreeMap<u8, Dot> {
+            node.state
+                .iter()
+                .filter(|(_, e)| !e.delete)
+                .map(|(&k, e)| (k, e.dot))
+                .collect()
+        }
+
+        /// The lww winner of every key over every event written.
+        fn reference(&self) -> BTreeMap<u8, Dot> {
+            let mut winners: BTreeMap<u8, &Ev> = BTreeMap::new();
+            for ev in &self.all {
+                if winners
+                    .get(&ev.key)
+                    .is_none_or(|w| ev.version() > w.version())
+                {
+                    winners.insert(ev.key, ev);
+                }
+            }
+            winners
+                .into_iter()
+                .filter(|(_, e)| !e.delete)
+                .map(|(k, e)| (k, e.dot))
+                .collect()
+        }
+    }
+
+    fn check(topology: u8, steps: &[Step]) -> Result<(), TestCaseError> {
+        let (nodes, links) = match topology % 3 {
+            // A line: what a node hears of the far end, it hears through the middle.
+            0 => (3, vec![(0, 1), (1, 2)]),
+            1 => (4, vec![(0, 1), (1, 2), (2, 3)]),
+            _ => (3, vec![(0, 1), (1, 2), (0, 2)]),
+        };
+        let mut world = World::new(nodes, links);
+        for step in steps {
+            world.run(step);
+            // At every moment: a key reads as live only with a value that can still
+            // win, never with one older than a delete the node already applied.
+            let reference = world.reference();
+            for node in &world.nodes {
+                for (key, dot) in World::live(node) {
+                    let ev = world.all.iter().find(|e| e.dot == dot).expect("written");
+                    let newest_delete_held = world
+                        .all
+                        .iter()
+                        .filter(|e| e.key == key && e.delete && node.vector.contains(e.dot))
+                        .map(Ev::version)
+                        .max();
+                    prop_assert!(
+                        newest_delete_held.is_none_or(|d| d < ev.version()),
+                        "node {} reads key {key} as {dot}, older than a delete it holds (reference {:?})",
+                        node.id,
+                        reference.get(&key)
+                    );
+                }
+            }
+        }
+        // Then every link delivers everything, with summaries and collections between.
+        let link_count = world.links.len();
+        for _ in 0..12 {
+            for link in 0..link_count {
+                for forward in [true, false] {
+                    world.run(&Step::Summarize { link, forward });
+                    world.run(&Step::Deliver {
+                        link,
+                        forward,
+                        max: usize::MAX / 2,
+                    });
+                }
+            }
+            for node in 0..nodes {
+                world.run(&Step::Collect { node });
+            }
+        }
+        let reference = world.reference();
+        for node in &world.nodes {
+            prop_assert_eq!(&World::live(node), &reference, "node {}", node.id);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        #[test]
+        fn no_collected_delete_lets_a_key_come_back(topology in any::<u8>(), steps in prop::collection::vec(step(), 0..150)) {
+            check(topology, &steps)?;
+        }
+    }
+}
