@@ -125,8 +125,12 @@ struct Survey {
     live: u64,
     stale: u64,
     superseded: u64,
-    /// Live deletes that may be collected, and deletes already collected.
+    /// Deletes collected (by this survey or before): dead records.
     collectable: u64,
+    /// Deletes this survey collected from the key index, and how many of them left
+    /// an epitaph.
+    collected: u64,
+    epitaphs: u64,
     /// A superseded record is younger than its namespace's retention, or the index
     /// does not know a key of the segment: the segment stays.
     keep: bool,
@@ -138,8 +142,8 @@ enum Standing {
     Superseded,
     /// A live delete that may be collected now: leaving an epitaph (`true`) or not.
     Collectable(bool),
-    /// A delete already collected: its key's entry is an epitaph (`true`) or gone.
-    Collected(bool),
+    /// A delete already collected: its key's entry is an epitaph or gone.
+    Collected,
     /// The key index has no entry for the key: not expected, so never dropped.
     Unknown,
 }
@@ -270,11 +274,29 @@ impl Store {
         let indexed = shared.indexed_seq.load(Ordering::Acquire);
         let now_ms = wall_ms();
         let collecting = self.collecting(now_ms);
-        for segment in candidates(shared) {
-            if segment.last_seq() > indexed || segment.last_seq() < segment.base {
+        // Every segment is surveyed, the active one too: deletes are collected from
+        // the key index wherever their record is (so that two nodes that hold the
+        // same deletes drop them from their index, and their reconciliation items, at
+        // about the same time); only candidates for removal go on to be compacted.
+        let removable: std::collections::BTreeSet<u64> =
+            candidates(shared).iter().map(|s| s.base).collect();
+        let mut segments = shared.log.sealed_segments();
+        segments.push(shared.log.active());
+        for segment in segments {
+            let candidate = removable.contains(&segment.base);
+            if candidate && (segment.last_seq() > indexed || segment.last_seq() < segment.base)
+                || !candidate && collecting.views.is_empty()
+            {
                 continue;
             }
-            let survey = survey(shared, &segment, &collecting, now_ms)?;
+            let survey = self.survey(&segment, &collecting, now_ms, indexed)?;
+            report.tombstones_collected += survey.collected;
+            report.epitaphs_left += survey.epitaphs;
+            shared.metrics.tombstones_collected.inc_by(survey.collected);
+            shared.metrics.epitaphs_left.inc_by(survey.epitaphs);
+            if !candidate {
+                continue;
+            }
             let dead = survey.stale + survey.superseded + survey.collectable;
             if survey.keep
                 || survey.records == 0
@@ -289,9 +311,6 @@ impl Store {
                     "compaction leaves a segment"
                 );
                 continue;
-            }
-            if survey.collectable > 0 {
-                self.collect_segment(&segment, &collecting, now_ms)?;
             }
             let moved = self.copy_forward(&segment, &collecting, now_ms)?;
             report.records_relocated += moved.relocated;
@@ -344,24 +363,19 @@ impl Store {
                 shared.log.forget_segment(segment.base);
             }
             report.segments_removed += 1;
-            report.records_dropped += moved.superseded;
+            report.records_dropped += moved.superseded + moved.collected;
             report.stale_copies_dropped += moved.stale;
-            report.tombstones_collected += moved.collected;
-            report.epitaphs_left += moved.epitaphs;
             let metrics = &shared.metrics;
-            metrics.tombstones_collected.inc_by(moved.collected);
-            metrics.epitaphs_left.inc_by(moved.epitaphs);
             metrics.compaction_segments_removed.inc();
             metrics
                 .compaction_records_dropped
-                .inc_by(moved.superseded + moved.stale);
+                .inc_by(moved.superseded + moved.collected + moved.stale);
             tracing::info!(
                 segment = segment.base,
                 relocated = moved.relocated,
                 dropped = moved.superseded,
                 stale_copies = moved.stale,
-                tombstones_collected = moved.collected,
-                epitaphs_left = moved.epitaphs,
+                collected_deletes = moved.collected,
                 "compaction removed a log segment"
             );
         }
@@ -412,9 +426,8 @@ impl Store {
                     // A collection that did not take (the key was written in the
                     // same group): still live.
                     Standing::Live | Standing::Unknown | Standing::Collectable(_) => true,
-                    Standing::Collected(epitaph) => {
+                    Standing::Collected => {
                         moved.collected += 1;
-                        moved.epitaphs += u64::from(epitaph);
                         moved
                             .dropped
                             .entry(event.namespace.clone())
@@ -496,15 +509,20 @@ impl Store {
         collecting
     }
 
-    /// Collects the deletes of `segment` that may go: their key's entry becomes an
-    /// epitaph or goes, through the writer (ordered with writes to the same keys).
-    fn collect_segment(
+    /// Reads a whole segment (the active one up to `indexed`), judges each record
+    /// against the key index and collects the deletes that may go: their key's entry
+    /// becomes an epitaph or goes, through the writer (ordered with writes to the same
+    /// keys). A segment that must stay is read to its end only when deletes are being
+    /// collected.
+    fn survey(
         &self,
         segment: &Arc<Segment>,
         collecting: &Collecting,
         now_ms: u64,
-    ) -> Result<(), CompactionError> {
+        indexed: u64,
+    ) -> Result<Survey, CompactionError> {
         let shared = &self.inner.shared;
+        let mut survey = Survey::default();
         let mut entries = Vec::new();
         let (mut cursor, head) = shared.log.segment_cursor(segment);
         loop {
@@ -518,28 +536,73 @@ impl Store {
             if records.is_empty() {
                 break;
             }
-            for (position, record) in records {
-                let event = &record.event;
-                if let Standing::Collectable(epitaph) =
-                    standing(shared, event, position, collecting, now_ms)?
-                {
-                    let key = codec::event_index_key(
-                        event.namespace.as_str(),
-                        event.key.as_str(),
-                        event.dot,
-                        &event.context,
-                    );
-                    if let Some(entry) = shared.index.get(&key)? {
-                        entries.push((Slice::from(key), entry, epitaph));
-                    }
-                    if entries.len() >= COLLECT_ENTRIES_MAX {
-                        self.send_collect(std::mem::take(&mut entries))?;
-                    }
+            let mut past_indexed = false;
+            for (position, record) in &records {
+                if record.seq > indexed {
+                    past_indexed = true;
+                    break;
                 }
+                survey.records += 1;
+                match standing(shared, &record.event, *position, collecting, now_ms)? {
+                    Standing::Live => survey.live += 1,
+                    Standing::Collected => survey.collectable += 1,
+                    Standing::Collectable(epitaph) => {
+                        survey.collectable += 1;
+                        let event = &record.event;
+                        let key = codec::event_index_key(
+                            event.namespace.as_str(),
+                            event.key.as_str(),
+                            event.dot,
+                            &event.context,
+                        );
+                        if let Some(entry) = shared.index.get(&key)? {
+                            entries.push((Slice::from(key), entry, epitaph));
+                        }
+                        if entries.len() >= COLLECT_ENTRIES_MAX {
+                            self.collect(std::mem::take(&mut entries), &mut survey)?;
+                        }
+                    }
+                    Standing::StaleCopy => survey.stale += 1,
+                    Standing::Superseded => {
+                        survey.superseded += 1;
+                        if !old_enough(shared, &record.event, now_ms) {
+                            survey.keep = true;
+                        }
+                    }
+                    Standing::Unknown => survey.keep = true,
+                }
+            }
+            // Staying whatever else it holds: read on only to collect deletes.
+            if past_indexed || (survey.keep && collecting.views.is_empty()) {
+                break;
             }
         }
         if !entries.is_empty() {
-            self.send_collect(entries)?;
+            self.collect(entries, &mut survey)?;
+        }
+        Ok(survey)
+    }
+
+    /// Sends deletes to collect to the writer and counts those that went (a key
+    /// written meanwhile keeps its entry).
+    fn collect(
+        &self,
+        entries: Vec<(Slice, crate::codec::IndexEntry, bool)>,
+        survey: &mut Survey,
+    ) -> Result<(), CompactionError> {
+        let keys: Vec<(Slice, asp_core::Dot)> =
+            entries.iter().map(|(k, e, _)| (k.clone(), e.dot)).collect();
+        self.send_collect(entries)?;
+        let index = &self.inner.shared.index;
+        for (key, dot) in keys {
+            match index.get(&key)? {
+                None => survey.collected += 1,
+                Some(e) if e.dot == dot && e.is_epitaph() => {
+                    survey.collected += 1;
+                    survey.epitaphs += 1;
+                }
+                Some(_) => {}
+            }
         }
         Ok(())
     }
@@ -628,9 +691,8 @@ struct Moved {
     relocated: u64,
     stale: u64,
     superseded: u64,
-    /// Deletes collected, and how many of them left an epitaph.
+    /// Records of collected deletes dropped.
     collected: u64,
-    epitaphs: u64,
     /// The dots of the superseded records dropped, per namespace.
     dropped: BTreeMap<Namespace, VersionVector>,
 }
@@ -654,47 +716,6 @@ fn candidates(shared: &Shared) -> Vec<Arc<Segment>> {
     sealed
 }
 
-/// Reads a whole segment and judges each record against the key index.
-fn survey(
-    shared: &Shared,
-    segment: &Arc<Segment>,
-    collecting: &Collecting,
-    now_ms: u64,
-) -> Result<Survey, CompactionError> {
-    let mut survey = Survey::default();
-    let (mut cursor, head) = shared.log.segment_cursor(segment);
-    loop {
-        let records = shared.log.read(
-            &mut cursor,
-            head,
-            None,
-            READ_BATCH_RECORDS,
-            READ_BATCH_BYTES,
-        )?;
-        if records.is_empty() {
-            return Ok(survey);
-        }
-        for (position, record) in &records {
-            survey.records += 1;
-            match standing(shared, &record.event, *position, collecting, now_ms)? {
-                Standing::Live => survey.live += 1,
-                Standing::Collectable(_) | Standing::Collected(_) => survey.collectable += 1,
-                Standing::StaleCopy => survey.stale += 1,
-                Standing::Superseded => {
-                    survey.superseded += 1;
-                    if !old_enough(shared, &record.event, now_ms) {
-                        survey.keep = true;
-                    }
-                }
-                Standing::Unknown => survey.keep = true,
-            }
-        }
-        if survey.keep {
-            return Ok(survey);
-        }
-    }
-}
-
 fn standing(
     shared: &Shared,
     event: &Event,
@@ -710,12 +731,16 @@ fn standing(
     );
     let collectable = || collecting.may_collect(shared, event, now_ms);
     Ok(match shared.index.get(&key)? {
-        // The entry went when the delete was collected (by this run, or by one that
-        // stopped before removing the segment).
-        None if collectable().is_some() => Standing::Collected(false),
+        // Only collection removes the entry of an lww key (and an index rebuild would
+        // have indexed this record again): the key's last event was a delete, now
+        // collected, and any put before it was superseded by it.
+        None if event.context.is_empty() => match event.op {
+            Op::Delete => Standing::Collected,
+            Op::Put { .. } => Standing::Superseded,
+        },
         None => Standing::Unknown,
         Some(entry) if entry.dot != event.dot => Standing::Superseded,
-        Some(entry) if entry.is_epitaph() => Standing::Collected(true),
+        Some(entry) if entry.is_epitaph() => Standing::Collected,
         Some(entry) if entry.position == position => match collectable() {
             Some(epitaph) => Standing::Collectable(epitaph),
             None => Standing::Live,

@@ -59,6 +59,9 @@ pub(crate) struct Windows {
     pub by_namespace: HashMap<Namespace, Digest>,
     /// The feed position the windows reflect.
     pub seq: u64,
+    /// How many of the indexer's messages they reflect: groups that append nothing
+    /// (collected deletes) change the windows without moving `seq`.
+    pub messages: u64,
 }
 
 /// Every item of `namespace` (each key at its version) as of `snapshot`.
@@ -85,6 +88,8 @@ pub(crate) struct WindowMsg {
     /// The index just after: where a window that must grow is rebuilt from.
     pub after: fjall::Snapshot,
     pub changes: Vec<(Slice, Version, Old)>,
+    /// The message's number (see [`Windows::messages`]).
+    pub number: u64,
     /// Keys whose entry went (collected tombstones), with the version they had.
     pub removed: Vec<(Slice, Version)>,
 }

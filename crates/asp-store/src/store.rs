@@ -202,12 +202,14 @@ impl Store {
             }),
             acked_seq: AtomicU64::new(head.seq),
             indexed_seq: AtomicU64::new(head.seq),
+            window_messages: AtomicU64::new(0),
             indexed_tx: watch::channel(head.seq).0,
             progress_changed: Condvar::new(),
             namespaces: RwLock::new(state.namespaces.clone()),
             windows: Mutex::new(Windows {
                 by_namespace: digests,
                 seq: head.seq,
+                messages: 0,
             }),
             windows_changed: Condvar::new(),
             failure: OnceLock::new(),
@@ -540,8 +542,11 @@ impl Store {
         let target = shared
             .indexed_seq
             .load(std::sync::atomic::Ordering::Acquire);
+        let messages = shared
+            .window_messages
+            .load(std::sync::atomic::Ordering::Acquire);
         let mut windows = shared.windows.lock().unwrap();
-        while windows.seq < target {
+        while windows.seq < target || windows.messages < messages {
             if let Some(failure) = shared.failure.get() {
                 return Err(ReadError::Failed(failure.clone()));
             }

@@ -193,6 +193,8 @@ pub(crate) struct Shared {
     /// see without locking that the index is up to date.
     pub acked_seq: AtomicU64,
     pub indexed_seq: AtomicU64,
+    /// Messages the indexer sent the window keeper (see [`Windows::messages`]).
+    pub window_messages: AtomicU64,
     /// The indexed sequence number for async waiters (bumped on failure too, so that
     /// they wake and see it).
     pub indexed_tx: watch::Sender<u64>,
@@ -1574,6 +1576,7 @@ fn keep_windows(shared: &Shared, msg: WindowMsg) -> Result<(), String> {
         }
     }
     windows.seq = msg.seq;
+    windows.messages = msg.number;
     Ok(())
 }
 
@@ -1697,7 +1700,9 @@ fn apply_to_index(
     batch.commit().map_err(|e| e.to_string())?;
     if let (Some(tx), Some(before)) = (window_tx, before) {
         // Gone only while the store stops: nobody reads windows then.
+        let number = shared.window_messages.fetch_add(1, Ordering::AcqRel) + 1;
         let _ = tx.send(WindowMsg {
+            number,
             seq: msg.head.seq,
             before,
             after: index.snapshot(),

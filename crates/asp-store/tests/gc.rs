@@ -330,3 +330,47 @@ async fn epitaphs_survive_an_index_rebuild() {
     assert_eq!(value(&store, "k3"), None);
     store.shutdown().await;
 }
+
+fn digest(store: &Store) -> Option<asp_core::reconcile::Symbol> {
+    store
+        .summary()
+        .into_iter()
+        .find(|s| s.namespace == ns())
+        .and_then(|s| s.digest)
+}
+
+#[tokio::test]
+async fn deletes_in_the_active_segment_leave_the_index_and_the_digest_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).unwrap();
+    put_range(&store, "k", 100, 10).await;
+    delete_range(&store, "k", 50).await;
+    let report = compact(&store).await;
+    assert_eq!(report.tombstones_collected, 50, "{report:?}");
+    assert_eq!(report.segments_removed, 0);
+    assert!(store.get(&ns(), "k3").unwrap().is_none());
+    assert_eq!(state_len(&store), 50);
+    // The reconciliation window dropped the deletes' items: it equals the one built
+    // from the index when the store opens again.
+    let kept = digest(&store);
+    assert!(kept.is_some());
+    store.shutdown().await;
+    drop(store);
+    let store = Store::open(config(dir.path())).unwrap();
+    assert_eq!(digest(&store), kept);
+    assert!(store.get(&ns(), "k3").unwrap().is_none());
+    // Their records go with their segment, later.
+    seal(&store).await;
+    let report = compact(&store).await;
+    assert_eq!(report.tombstones_collected, 0, "{report:?}");
+    assert_eq!(
+        report.records_dropped, 100,
+        "50 puts and 50 deletes: {report:?}"
+    );
+    assert!(store.get(&ns(), "k3").unwrap().is_none());
+    assert_eq!(
+        value(&store, "k60").as_deref().map(|v| &v[..4]),
+        Some(&b"k60:"[..])
+    );
+    store.shutdown().await;
+}
