@@ -102,6 +102,20 @@ pub struct StoreStatus {
     pub failure: Option<String>,
 }
 
+/// Bytes of other nodes' reports in one summary, at most (about).
+const GOSSIP_BYTES_MAX: usize = 4 << 20;
+
+/// A report's size on the wire (see docs/PROTOCOL.md).
+fn report_bytes(report: &VectorReport) -> usize {
+    8 + 8
+        + 4
+        + report
+            .vector
+            .iter()
+            .map(|(_, set)| 12 + 16 * set.ranges().len())
+            .sum::<usize>()
+}
+
 impl Store {
     /// Opens the store in `config.data_dir`, creating it if needed: cuts off a torn log
     /// tail, brings the key index up to date from the log, and starts the writer.
@@ -478,13 +492,24 @@ impl Store {
         let mut out = self.summary();
         let now_ms = writer::wall_ms();
         let gc = self.inner.shared.gc.lock().unwrap();
+        // Gossip stays within a budget, so that the frame stays far below its limit
+        // with thousands of namespaces; a report left out holds collection back (or,
+        // past the horizon, makes it leave epitaphs), never the reverse.
+        let mut budget = GOSSIP_BYTES_MAX;
         for ns in &mut out {
             ns.reports.push(VectorReport {
                 node: self.inner.shared.node_id,
                 at_ms: now_ms,
                 vector: ns.vector.clone(),
             });
-            ns.reports.extend(gc.gossip(&ns.namespace));
+            for report in gc.gossip(&ns.namespace) {
+                let bytes = report_bytes(&report);
+                if bytes > budget {
+                    break;
+                }
+                budget -= bytes;
+                ns.reports.push(report);
+            }
         }
         out
     }
