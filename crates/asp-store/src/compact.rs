@@ -426,7 +426,7 @@ impl Store {
                     // A collection that did not take (the key was written in the
                     // same group): still live.
                     Standing::Live | Standing::Unknown | Standing::Collectable(_) => true,
-                    Standing::Collected => {
+                    Standing::Collected if old_enough(shared, &event, now_ms) => {
                         moved.collected += 1;
                         moved
                             .dropped
@@ -448,7 +448,7 @@ impl Store {
                             .insert(event.dot);
                         false
                     }
-                    Standing::Superseded => true,
+                    Standing::Superseded | Standing::Collected => true,
                 };
                 if copy {
                     batch_bytes += position.frame_len as usize;
@@ -545,7 +545,14 @@ impl Store {
                 survey.records += 1;
                 match standing(shared, &record.event, *position, collecting, now_ms)? {
                     Standing::Live => survey.live += 1,
-                    Standing::Collected => survey.collectable += 1,
+                    Standing::Collected => {
+                        // Its record stays in the feed for the namespace's retention,
+                        // like a superseded one.
+                        survey.collectable += 1;
+                        if !old_enough(shared, &record.event, now_ms) {
+                            survey.keep = true;
+                        }
+                    }
                     Standing::Collectable(epitaph) => {
                         survey.collectable += 1;
                         let event = &record.event;
@@ -729,7 +736,7 @@ fn standing(
         event.dot,
         &event.context,
     );
-    let collectable = || collecting.may_collect(shared, event, now_ms);
+    let collectable = || collecting.may_collect(event, now_ms);
     Ok(match shared.index.get(&key)? {
         // Only collection removes the entry of an lww key (and an index rebuild would
         // have indexed this record again): the key's last event was a delete, now
@@ -759,13 +766,12 @@ pub(crate) struct Collecting {
 impl Collecting {
     /// Whether `event` is a delete that may be collected now; if so, whether it leaves
     /// an epitaph.
-    fn may_collect(&self, shared: &Shared, event: &Event, now_ms: u64) -> Option<bool> {
+    fn may_collect(&self, event: &Event, now_ms: u64) -> Option<bool> {
         if !matches!(event.op, Op::Delete) || !event.context.is_empty() {
             return None;
         }
         let view = self.views.get(&event.namespace)?;
-        let age = now_ms.saturating_sub(event.hlc.physical_ms());
-        if age < self.ttl_ms || !old_enough(shared, event, now_ms) {
+        if now_ms.saturating_sub(event.hlc.physical_ms()) < self.ttl_ms {
             return None;
         }
         view.stable.contains(event.dot).then_some(!view.complete)

@@ -44,6 +44,18 @@ struct Known {
     pending: Option<(u64, VersionVector)>,
 }
 
+impl Known {
+    /// Makes the pending report usable once `own` contains it.
+    fn promote(&mut self, own: &VersionVector) {
+        if self.pending.as_ref().is_some_and(|(_, v)| v.is_subset(own)) {
+            let pending = self.pending.take().expect("checked");
+            if self.usable.as_ref().is_none_or(|(t, _)| *t < pending.0) {
+                self.usable = Some(pending);
+            }
+        }
+    }
+}
+
 /// Which tombstones of a namespace may go now.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct GcView {
@@ -67,8 +79,15 @@ impl Gc {
         }
     }
 
-    /// Takes in a report (reports of `me` are ignored: this node knows its own vector).
-    pub fn note(&mut self, namespace: &Namespace, me: NodeId, report: VectorReport) {
+    /// Takes in a report (reports of `me` are ignored: this node knows its own vector,
+    /// `own`).
+    pub fn note(
+        &mut self,
+        namespace: &Namespace,
+        me: NodeId,
+        own: &VersionVector,
+        report: VectorReport,
+    ) {
         if report.node == me {
             return;
         }
@@ -82,9 +101,14 @@ impl Gc {
             usable: None,
             pending: None,
         });
+        known.promote(own);
         let at = report.at_ms;
-        if known.pending.is_none() && known.usable.as_ref().is_none_or(|(t, _)| *t < at) {
-            known.pending = Some((at, report.vector.clone()));
+        if known.usable.as_ref().is_none_or(|(t, _)| *t < at) {
+            if report.vector.is_subset(own) {
+                known.usable = Some((at, report.vector.clone()));
+            } else if known.pending.is_none() {
+                known.pending = Some((at, report.vector.clone()));
+            }
         }
         if at > known.newest.at_ms {
             known.newest = report;
@@ -134,12 +158,7 @@ impl Gc {
                 continue;
             }
             let usable = known.and_then(|k| {
-                if k.pending.as_ref().is_some_and(|(_, v)| v.is_subset(own)) {
-                    let pending = k.pending.take().expect("checked");
-                    if k.usable.as_ref().is_none_or(|(t, _)| *t < pending.0) {
-                        k.usable = Some(pending);
-                    }
-                }
+                k.promote(own);
                 k.usable.as_ref().map(|(_, v)| v)
             });
             match usable {
@@ -204,7 +223,7 @@ mod tests {
         assert_eq!(view.waiting, vec![id(2)]);
         // An origin in the vector counts as known too.
         let own = vv(&[(1, 5), (3, 2)]);
-        gc.note(&ns(), id(1), report(2, 5, own.clone()));
+        gc.note(&ns(), id(1), &own, report(2, 5, own.clone()));
         let view = gc.view(&ns(), id(1), &own, &[id(2)], 10, H);
         assert!(view.stable.is_empty());
     }
@@ -215,7 +234,7 @@ mod tests {
         let own = vv(&[(1, 5), (2, 3)]);
         // Node 2 holds 1..=4 of node 1, and 1..=7 of its own: this node lacks 4..=7 of
         // node 2 (events that could lose to a delete it would otherwise collect).
-        gc.note(&ns(), id(1), report(2, 5, vv(&[(1, 4), (2, 7)])));
+        gc.note(&ns(), id(1), &own, report(2, 5, vv(&[(1, 4), (2, 7)])));
         let view = gc.view(&ns(), id(1), &own, &[id(2)], 10, H);
         assert!(view.stable.is_empty());
         // Once this node holds them, the report counts: dots of node 1 up to 4.
@@ -223,7 +242,7 @@ mod tests {
         let view = gc.view(&ns(), id(1), &own, &[id(2)], 10, H);
         assert_eq!(view.stable, vv(&[(1, 4), (2, 7)]));
         // A later report waits its turn and does not undo the usable one.
-        gc.note(&ns(), id(1), report(2, 8, vv(&[(1, 5), (2, 9)])));
+        gc.note(&ns(), id(1), &own, report(2, 8, vv(&[(1, 5), (2, 9)])));
         let view = gc.view(&ns(), id(1), &own, &[id(2)], 10, H);
         assert_eq!(view.stable, vv(&[(1, 4), (2, 7)]));
         assert!(view.stable.contains(Dot {
@@ -236,9 +255,9 @@ mod tests {
     fn a_node_silent_past_the_horizon_is_left_out_and_gossip_carries_the_newest() {
         let mut gc = Gc::new(0);
         let own = vv(&[(1, 5)]);
-        gc.note(&ns(), id(1), report(2, 100, vv(&[(1, 5)])));
-        gc.note(&ns(), id(1), report(3, 50, vv(&[(1, 2)])));
-        gc.note(&ns(), id(1), report(3, 40, vv(&[(1, 1)])));
+        gc.note(&ns(), id(1), &own, report(2, 100, vv(&[(1, 5)])));
+        gc.note(&ns(), id(1), &own, report(3, 50, vv(&[(1, 2)])));
+        gc.note(&ns(), id(1), &own, report(3, 40, vv(&[(1, 1)])));
         assert_eq!(
             gc.gossip(&ns()),
             vec![report(2, 100, vv(&[(1, 5)])), report(3, 50, vv(&[(1, 2)]))]
@@ -251,7 +270,7 @@ mod tests {
         assert!(!view.complete);
         assert_eq!(view.away, vec![id(3)]);
         // Reports of this node itself are not taken.
-        gc.note(&ns(), id(1), report(1, 2000, VersionVector::new()));
+        gc.note(&ns(), id(1), &own, report(1, 2000, VersionVector::new()));
         assert_eq!(gc.gossip(&ns()).len(), 2);
     }
 }
@@ -367,6 +386,7 @@ mod model {
                         gc.note(
                             &ns(),
                             id,
+                            &VersionVector::new(),
                             VectorReport {
                                 node: ids[other],
                                 at_ms: 0,
@@ -465,7 +485,7 @@ mod model {
                     reports.extend(sender.gc.gossip(&ns()));
                     let receiver = &mut self.nodes[to];
                     for r in reports {
-                        receiver.gc.note(&ns(), receiver.id, r);
+                        receiver.gc.note(&ns(), receiver.id, &receiver.vector, r);
                     }
                 }
                 Step::Collect { node } => {

@@ -517,11 +517,15 @@ impl Store {
     /// Takes in what a peer's summary reports of the nodes' vectors (its own among
     /// them): what tombstone collection waits for (see docs/CONFLICTS.md).
     pub fn note_reports(&self, summary: &[NamespaceSummary]) {
-        let me = self.inner.shared.node_id;
-        let mut gc = self.inner.shared.gc.lock().unwrap();
+        let shared = &self.inner.shared;
+        let me = shared.node_id;
+        let namespaces = shared.namespaces.read().unwrap();
+        let mut gc = shared.gc.lock().unwrap();
+        let none = asp_core::VersionVector::new();
         for ns in summary {
+            let own = namespaces.get(&ns.namespace).map_or(&none, |s| &s.vector);
             for report in &ns.reports {
-                gc.note(&ns.namespace, me, report.clone());
+                gc.note(&ns.namespace, me, own, report.clone());
             }
         }
     }
