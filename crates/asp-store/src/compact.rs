@@ -37,12 +37,14 @@ use asp_core::{Event, Namespace, Op, VersionVector};
 use fjall::Slice;
 use tokio::sync::oneshot;
 
-use crate::codec::{self, LogPosition};
+use crate::codec::{self, IndexEntry, LogPosition};
 use crate::error::{ReadError, WriteError};
 use crate::gc::GcView;
 use crate::log::Segment;
 use crate::store::Store;
-use crate::writer::{CollectRequest, CoverRequest, RelocateRequest, Request, Shared, wall_ms};
+use crate::writer::{
+    CollectRequest, CollectTally, CoverRequest, RelocateRequest, Request, Shared, wall_ms,
+};
 
 /// Records read from a segment at a time.
 const READ_BATCH_RECORDS: usize = 4096;
@@ -140,8 +142,9 @@ enum Standing {
     Live,
     StaleCopy,
     Superseded,
-    /// A live delete that may be collected now: leaving an epitaph (`true`) or not.
-    Collectable(bool),
+    /// A live delete that may be collected now: its key and entry, and whether it
+    /// leaves an epitaph.
+    Collectable(Vec<u8>, IndexEntry, bool),
     /// A delete already collected: its key's entry is an epitaph or gone.
     Collected,
     /// The key index has no entry for the key: not expected, so never dropped.
@@ -425,7 +428,7 @@ impl Store {
                 let copy = match standing(shared, &event, position, collecting, now_ms)? {
                     // A collection that did not take (the key was written in the
                     // same group): still live.
-                    Standing::Live | Standing::Unknown | Standing::Collectable(_) => true,
+                    Standing::Live | Standing::Unknown | Standing::Collectable(..) => true,
                     Standing::Collected if old_enough(shared, &event, now_ms) => {
                         moved.collected += 1;
                         moved
@@ -553,18 +556,9 @@ impl Store {
                             survey.keep = true;
                         }
                     }
-                    Standing::Collectable(epitaph) => {
+                    Standing::Collectable(key, entry, epitaph) => {
                         survey.collectable += 1;
-                        let event = &record.event;
-                        let key = codec::event_index_key(
-                            event.namespace.as_str(),
-                            event.key.as_str(),
-                            event.dot,
-                            &event.context,
-                        );
-                        if let Some(entry) = shared.index.get(&key)? {
-                            entries.push((Slice::from(key), entry, epitaph));
-                        }
+                        entries.push((Slice::from(key), entry, epitaph));
                         if entries.len() >= COLLECT_ENTRIES_MAX {
                             self.collect(std::mem::take(&mut entries), &mut survey)?;
                         }
@@ -594,23 +588,12 @@ impl Store {
     /// written meanwhile keeps its entry).
     fn collect(
         &self,
-        entries: Vec<(Slice, crate::codec::IndexEntry, bool)>,
+        entries: Vec<(Slice, IndexEntry, bool)>,
         survey: &mut Survey,
     ) -> Result<(), CompactionError> {
-        let keys: Vec<(Slice, asp_core::Dot)> =
-            entries.iter().map(|(k, e, _)| (k.clone(), e.dot)).collect();
-        self.send_collect(entries)?;
-        let index = &self.inner.shared.index;
-        for (key, dot) in keys {
-            match index.get(&key)? {
-                None => survey.collected += 1,
-                Some(e) if e.dot == dot && e.is_epitaph() => {
-                    survey.collected += 1;
-                    survey.epitaphs += 1;
-                }
-                Some(_) => {}
-            }
-        }
+        let tally = self.send_collect(entries)?;
+        survey.collected += tally.collected.load(Ordering::Relaxed);
+        survey.epitaphs += tally.epitaphs.load(Ordering::Relaxed);
         Ok(())
     }
 
@@ -635,9 +618,7 @@ impl Store {
                     Some(c) if c.dot == row.dot && c.is_epitaph() => {
                         let view = codec::split_index_key(&key)
                             .and_then(|(ns, _)| collecting.views.get(ns));
-                        let goes = view.is_some_and(|v| v.complete && v.stable.contains(c.dot));
-                        dropped += u64::from(goes);
-                        goes
+                        view.is_some_and(|v| v.complete && v.stable.contains(c.dot))
                     }
                     // The key was written since: only the row goes.
                     _ => true,
@@ -647,22 +628,31 @@ impl Store {
                 }
             }
             if !entries.is_empty() {
-                self.send_collect(entries)?;
+                // Counted by the indexer: epitaphs it dropped (not stale rows).
+                let tally = self.send_collect(entries)?;
+                dropped += tally.collected.load(Ordering::Relaxed);
             }
         }
     }
 
+    /// Sends a collection to the writer and waits until the index reflects it; returns
+    /// what it did.
     fn send_collect(
         &self,
-        entries: Vec<(Slice, crate::codec::IndexEntry, bool)>,
-    ) -> Result<(), CompactionError> {
+        entries: Vec<(Slice, IndexEntry, bool)>,
+    ) -> Result<Arc<CollectTally>, CompactionError> {
         let shared = &self.inner.shared;
         let (reply, answer) = oneshot::channel();
-        let request = Request::Collect(CollectRequest { entries, reply });
+        let tally = Arc::new(CollectTally::default());
+        let request = Request::Collect(CollectRequest {
+            entries,
+            reply,
+            tally: tally.clone(),
+        });
         block_on(self.inner.queue.send(request))
             .map_err(|_| CompactionError::Relocate(WriteError::Closed))?;
         match block_on(answer) {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => Ok(tally),
             Ok(Err(e)) => Err(CompactionError::Relocate(e)),
             Err(_) => Err(CompactionError::Relocate(closed_or_failed(shared))),
         }
@@ -749,7 +739,7 @@ fn standing(
         Some(entry) if entry.dot != event.dot => Standing::Superseded,
         Some(entry) if entry.is_epitaph() => Standing::Collected,
         Some(entry) if entry.position == position => match collectable() {
-            Some(epitaph) => Standing::Collectable(epitaph),
+            Some(epitaph) => Standing::Collectable(key, entry, epitaph),
             None => Standing::Live,
         },
         Some(_) => Standing::StaleCopy,

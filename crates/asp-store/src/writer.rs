@@ -81,6 +81,15 @@ pub(crate) struct CollectRequest {
     pub entries: Vec<(Slice, IndexEntry, bool)>,
     /// Answered once the key index reflects it.
     pub reply: oneshot::Sender<Result<(), WriteError>>,
+    /// What the indexer did, counted as it does it.
+    pub tally: Arc<CollectTally>,
+}
+
+/// Deletes a [`CollectRequest`] collected, and how many of them left an epitaph.
+#[derive(Default)]
+pub(crate) struct CollectTally {
+    pub collected: AtomicU64,
+    pub epitaphs: AtomicU64,
 }
 
 /// Sets a namespace's conflict policy: refused once the namespace holds data under
@@ -364,6 +373,8 @@ struct Update {
     key: Slice,
     entry: IndexEntry,
     kind: UpdateKind,
+    /// Where a collection counts what it did.
+    tally: Option<Arc<CollectTally>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -505,6 +516,7 @@ fn add_collect(g: &mut Group, c: CollectRequest) {
             key,
             entry,
             kind: UpdateKind::Collect(epitaph),
+            tally: Some(c.tally.clone()),
         });
     }
     g.acks.push(Ack {
@@ -906,11 +918,17 @@ impl Writer {
                 if lww_wins(&entry.version(), &current.entry.version()) {
                     current.entry = entry;
                     current.kind = kind;
+                    current.tally = None;
                 }
             }
             None => {
                 g.positions.insert(key.clone(), g.updates.len());
-                g.updates.push(Update { key, entry, kind });
+                g.updates.push(Update {
+                    key,
+                    entry,
+                    kind,
+                    tally: None,
+                });
             }
         }
         g.events += 1;
@@ -1665,6 +1683,14 @@ fn apply_to_index(
             }
             UpdateKind::Collect(epitaph) => {
                 let current = index.get(&update.key).map_err(|e| e.to_string())?;
+                let taken = current.as_ref().is_some_and(|c| c.dot == update.entry.dot);
+                if taken && let Some(tally) = &update.tally {
+                    // Counted before the commit: a failed commit fails the store.
+                    tally.collected.fetch_add(1, Ordering::Relaxed);
+                    if epitaph && !current.as_ref().is_some_and(IndexEntry::is_epitaph) {
+                        tally.epitaphs.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 match current {
                     Some(c) if c.dot == update.entry.dot && epitaph => {
                         let entry = IndexEntry {
@@ -1676,7 +1702,10 @@ fn apply_to_index(
                     }
                     Some(c) if c.dot == update.entry.dot => {
                         batch.delete(update.key.clone());
-                        batch.delete_epitaph(update.key.clone());
+                        if c.is_epitaph() {
+                            // Only epitaphs have a row (a removal is a write in fjall).
+                            batch.delete_epitaph(update.key.clone());
+                        }
                         if keep_windows {
                             removed.push((update.key.clone(), c.version()));
                         }

@@ -16,7 +16,9 @@
 //!   a Redis replica (keyspace notifications);
 //! - `rss`: 10 million events with 10 million distinct keys through batches, reporting
 //!   the peak resident memory (VmHWM) of a fresh process that does only that, so that
-//!   nothing retained by the other scenarios counts.
+//!   nothing retained by the other scenarios counts;
+//! - `gc`: one compaction of a store whose first half of keys were all deleted, with
+//!   tombstone collection off and on (`--batch-events / 2` keys per half).
 
 use std::io::Write as _;
 use std::os::unix::fs::FileExt;
@@ -37,7 +39,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 #[derive(Args)]
 pub struct BenchArgs {
     /// Scenarios to run, comma-separated: fsync, single, batch, http, catchup, live, rss,
-    /// reconcile, handover, crdt.
+    /// reconcile, handover, crdt, gc.
     #[arg(long, default_value = "fsync,single,batch,http", value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Ids per side in the reconcile scenario.
@@ -150,11 +152,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             "reconcile",
             "handover",
             "crdt",
+            "gc",
         ]
         .contains(&s.as_str())
         {
             bail!(
-                "unknown scenario {s:?}; choose among fsync, single, batch, http, catchup, live, rss, reconcile, handover, crdt"
+                "unknown scenario {s:?}; choose among fsync, single, batch, http, catchup, live, rss, reconcile, handover, crdt, gc"
             );
         }
     }
@@ -427,6 +430,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if wants("crdt") {
         let report = crate::bench_crdt::run(&args.dir, args.batch_events / 4, args.repeat).await?;
+        out.push('\n');
+        out.push_str(&report);
+    }
+    if wants("gc") {
+        let report = crate::bench_gc::run(&args.dir, args.batch_events / 2, args.repeat).await?;
         out.push('\n');
         out.push_str(&report);
     }

@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_crdt;
+mod bench_gc;
 mod bench_handover;
 mod bench_negentropy;
 mod bench_reconcile;
