@@ -263,6 +263,14 @@ fn key(k: &str) -> Result<Key, ApiError> {
     Key::new(k).map_err(|e| ApiError::bad_request("invalid_key", e.to_string()))
 }
 
+/// The namespace and key of a `.../ns/{ns}/kv/{key}` path.
+fn key_path(
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<(Namespace, Key), ApiError> {
+    let Path((ns, k)) = path.map_err(path_error)?;
+    Ok((namespace(&ns)?, key(&k)?))
+}
+
 fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Result<Option<&str>, ApiError> {
     match headers.get(&name) {
         None => Ok(None),
@@ -466,9 +474,7 @@ async fn put_key(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let Path((ns, k)) = path.map_err(path_error)?;
-    let ns = namespace(&ns)?;
-    let key = key(&k)?;
+    let (ns, key) = key_path(path)?;
     let concern = concern(&state, query)?;
     let content_type = formats::content_type_of(header_str(&headers, header::CONTENT_TYPE)?)
         .map_err(|e| {
@@ -534,9 +540,7 @@ async fn delete_key(
     query: Result<Query<WriteParams>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let Path((ns, k)) = path.map_err(path_error)?;
-    let ns = namespace(&ns)?;
-    let key = key(&k)?;
+    let (ns, key) = key_path(path)?;
     let concern = concern(&state, query)?;
     let condition = match header_str(&headers, header::IF_MATCH)? {
         Some(m) => parse_if_match(m)?,
@@ -564,9 +568,7 @@ async fn get_key(
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let Path((ns, k)) = path.map_err(path_error)?;
-    let ns = namespace(&ns)?;
-    let key = key(&k)?;
+    let (ns, key) = key_path(path)?;
     let accept = header_str(&headers, header::ACCEPT)?;
     let if_none_match = header_str(&headers, header::IF_NONE_MATCH)?;
     let store = state.store();
@@ -644,9 +646,7 @@ async fn post_key(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let Path((ns, k)) = path.map_err(path_error)?;
-    let ns = namespace(&ns)?;
-    let key = key(&k)?;
+    let (ns, key) = key_path(path)?;
     let concern = concern(&state, query)?;
     let store = state.store();
     let body = read_body(
@@ -669,9 +669,7 @@ async fn patch_key(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let Path((ns, k)) = path.map_err(path_error)?;
-    let ns = namespace(&ns)?;
-    let key = key(&k)?;
+    let (ns, key) = key_path(path)?;
     let concern = concern(&state, query)?;
     let mime =
         header_str(&headers, header::CONTENT_TYPE)?.unwrap_or("application/merge-patch+json");
@@ -1195,23 +1193,17 @@ async fn metrics(State(state): State<AppState>) -> Response {
 /// Compacts the feed now (what `asp serve` also does on its `[compaction]` interval)
 /// and answers what was removed.
 async fn compact(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let store = state.store().clone();
-    let report = tokio::task::spawn_blocking(move || store.compact())
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                format!("the compaction task failed: {e}"),
-            )
-        })?
-        .map_err(|e| {
-            ApiError::new(
-                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                "storage_failure",
-                format!("compaction failed: {e}"),
-            )
-        })?;
+    let report = state.store().compact_async().await.map_err(|e| {
+        let code = match e {
+            asp_store::CompactionError::Panicked(_) => "internal",
+            _ => "storage_failure",
+        };
+        ApiError::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            code,
+            format!("compaction failed: {e}"),
+        )
+    })?;
     Ok(Json(serde_json::json!({
         "segments_removed": report.segments_removed,
         "records_dropped": report.records_dropped,

@@ -278,12 +278,17 @@ impl Link {
             }
         }
         buf.drain(..start);
-        if start > 0
-            && let Some(peer) = self.peer
-            && let Some(record) = self.inner.registry.lock().unwrap().peers.get_mut(&peer)
-        {
-            record.last_contact = Some(now);
+        if start > 0 {
+            self.with_record(|r| r.last_contact = Some(now));
         }
+    }
+
+    /// Runs `f` on what the registry keeps of this link's peer (`None` before the
+    /// handshake names it).
+    fn with_record<T>(&self, f: impl FnOnce(&mut replicator::PeerRecord) -> T) -> Option<T> {
+        let peer = self.peer?;
+        let mut registry = self.inner.registry.lock().unwrap();
+        registry.peers.get_mut(&peer).map(f)
     }
 
     async fn handle_events(&mut self) {
@@ -310,12 +315,7 @@ impl Link {
                 SessionEvent::PeerSummary(summary) => {
                     self.inner.store.note_reports(&summary);
                     self.check_handover(&summary);
-                    if let Some(peer) = self.peer
-                        && let Some(record) =
-                            self.inner.registry.lock().unwrap().peers.get_mut(&peer)
-                    {
-                        record.summary = summary;
-                    }
+                    self.with_record(|r| r.summary = summary);
                 }
                 SessionEvent::Events {
                     last_seq,
@@ -329,11 +329,7 @@ impl Link {
                             .events_received
                             .get_or_create(&peer_labels(peer))
                             .inc_by(events.len() as u64);
-                        if let Some(record) =
-                            self.inner.registry.lock().unwrap().peers.get_mut(&peer)
-                        {
-                            record.events_received += events.len() as u64;
-                        }
+                        self.with_record(|r| r.events_received += events.len() as u64);
                     }
                     self.enqueue(events, last_seq, bytes, None).await;
                 }
@@ -343,12 +339,8 @@ impl Link {
                 }
                 SessionEvent::Reconcile(frame) => self.reconcile_frame(frame).await,
                 SessionEvent::Acked { through_seq } => {
-                    if let Some(peer) = self.peer {
-                        if let Some(record) =
-                            self.inner.registry.lock().unwrap().peers.get_mut(&peer)
-                        {
-                            record.acked_seq = record.acked_seq.max(through_seq);
-                        }
+                    if self.peer.is_some() {
+                        self.with_record(|r| r.acked_seq = r.acked_seq.max(through_seq));
                         self.inner.bump();
                     }
                 }
@@ -406,10 +398,8 @@ impl Link {
                 }
             }
         };
-        if let (LinkEnd::Closed, Some(peer)) = (&end, self.peer)
-            && let Some(record) = self.inner.registry.lock().unwrap().peers.get_mut(&peer)
-        {
-            record.last_error = Some(error_pair(reason.code, &reason.message));
+        if let LinkEnd::Closed = end {
+            self.with_record(|r| r.last_error = Some(error_pair(reason.code, &reason.message)));
         }
         self.end = Some(end);
     }
@@ -447,9 +437,7 @@ impl Link {
                         .events_sent
                         .get_or_create(&peer_labels(peer))
                         .inc_by(count);
-                    if let Some(record) = self.inner.registry.lock().unwrap().peers.get_mut(&peer) {
-                        record.events_sent += count;
-                    }
+                    self.with_record(|r| r.events_sent += count);
                 }
             }
             Err(e) => {
@@ -524,15 +512,7 @@ impl Link {
     /// there.
     fn save_checkpoint(&self) {
         let Some(peer) = self.peer else { return };
-        let acked = self
-            .inner
-            .registry
-            .lock()
-            .unwrap()
-            .peers
-            .get(&peer)
-            .map(|p| p.acked_seq);
-        if let Some(seq) = acked {
+        if let Some(seq) = self.with_record(|r| r.acked_seq) {
             let _ = self.inner.store.save_checkpoint(peer, seq);
         }
     }

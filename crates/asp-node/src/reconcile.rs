@@ -279,15 +279,7 @@ impl Link {
         let idle = self.caught_up && self.applying.is_empty() && self.reconciler.is_idle();
         let store = &self.inner.store;
         let mine = store.summary();
-        let theirs = self
-            .inner
-            .registry
-            .lock()
-            .unwrap()
-            .peers
-            .get(&peer)
-            .map(|p| p.summary.clone())
-            .unwrap_or_default();
+        let theirs = self.with_record(|p| p.summary.clone()).unwrap_or_default();
         let mut names: Vec<Namespace> = mine.iter().map(|s| s.namespace.clone()).collect();
         names.extend(theirs.iter().map(|s| s.namespace.clone()));
         names.sort();
@@ -405,23 +397,18 @@ impl Link {
 
     /// Whether the peer's summaries carry digests (it keeps windows).
     fn peer_keeps_windows(&self) -> bool {
-        let Some(peer) = self.peer else { return false };
-        let registry = self.inner.registry.lock().unwrap();
-        registry
-            .peers
-            .get(&peer)
-            .is_some_and(|r| r.summary.iter().all(|s| s.digest.is_some()))
+        self.with_record(|r| r.summary.iter().all(|s| s.digest.is_some()))
+            .unwrap_or(false)
     }
 
     fn peer_summary(&self, ns: &Namespace) -> Option<VersionVector> {
-        let peer = self.peer?;
-        let registry = self.inner.registry.lock().unwrap();
-        let record = registry.peers.get(&peer)?;
-        record
-            .summary
-            .iter()
-            .find(|s| &s.namespace == ns)
-            .map(|s| s.vector.clone())
+        self.with_record(|r| {
+            r.summary
+                .iter()
+                .find(|s| &s.namespace == ns)
+                .map(|s| s.vector.clone())
+        })
+        .flatten()
     }
 
     async fn start_outgoing(
@@ -1192,14 +1179,6 @@ impl Link {
                 error,
             });
         });
-    }
-
-    fn with_record(&self, f: impl FnOnce(&mut crate::replicator::PeerRecord)) {
-        if let Some(peer) = self.peer
-            && let Some(record) = self.inner.registry.lock().unwrap().peers.get_mut(&peer)
-        {
-            f(record);
-        }
     }
 }
 

@@ -3,20 +3,18 @@
 //! collection back, and when it returns it brings back no deleted key and keeps the
 //! writes it made while away.
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::time::Duration;
 
-use asp_core::{ContentType, Key, Namespace, NodeId, VersionVector};
+use asp_core::{ContentType, Key, NodeId};
 use asp_node::{ReplicationConfig, Replicator};
 use asp_store::{CompactionReport, Store, StoreConfig, WriteOp};
 use bytes::Bytes;
+use common::{converge, ns, vector};
 use tokio_util::sync::CancellationToken;
 
 const HORIZON_MS: u64 = 1500;
-
-fn ns() -> Namespace {
-    Namespace::new("t").unwrap()
-}
 
 fn store_config(dir: &std::path::Path, id: u64) -> StoreConfig {
     let mut sc = StoreConfig::new(dir);
@@ -74,11 +72,7 @@ async fn seal(store: &Store, tag: &str) {
 }
 
 async fn compact(store: &Store) -> CompactionReport {
-    let store = store.clone();
-    tokio::task::spawn_blocking(move || store.compact())
-        .await
-        .unwrap()
-        .unwrap()
+    store.compact_async().await.unwrap()
 }
 
 fn value(store: &Store, key: &str) -> Option<String> {
@@ -86,48 +80,6 @@ fn value(store: &Store, key: &str) -> Option<String> {
     state
         .value
         .map(|v| String::from_utf8(v.bytes.to_vec()).unwrap())
-}
-
-/// Every key's value (deletes as `None`) and the dot that set it.
-fn state(store: &Store) -> BTreeMap<String, (Option<Vec<u8>>, String)> {
-    let (events, _) = store
-        .state_events(&ns(), None, usize::MAX, usize::MAX)
-        .unwrap();
-    events
-        .into_iter()
-        .map(|e| {
-            let value = match &e.op {
-                asp_core::Op::Put { value, .. } => Some(value.to_vec()),
-                asp_core::Op::Delete => None,
-            };
-            (e.key.as_str().to_owned(), (value, e.dot.to_string()))
-        })
-        .collect()
-}
-
-fn vector(store: &Store) -> VersionVector {
-    store
-        .summary()
-        .into_iter()
-        .find(|s| s.namespace == ns())
-        .map(|s| s.vector)
-        .unwrap_or_default()
-}
-
-async fn converge(a: &Store, b: &Store, what: &str) {
-    for _ in 0..1500 {
-        if vector(a) == vector(b) && state(a) == state(b) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!(
-        "{what}: no convergence: {} vs {} keys, {} vs {} dots",
-        state(a).len(),
-        state(b).len(),
-        vector(a).len(),
-        vector(b).len()
-    );
 }
 
 /// Waits (bounded) until `store` may collect every delete it holds: the other

@@ -2,18 +2,16 @@
 //! repairs, the handover of a node that was away past compaction, and the bootstrap
 //! of an empty node while both sides keep writing.
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::time::Duration;
 
-use asp_core::{ContentType, Key, Namespace, NodeId, VersionVector};
+use asp_core::{ContentType, Key, NodeId};
 use asp_node::{ReplicationConfig, Replicator};
 use asp_store::{Store, StoreConfig, WriteOp};
 use bytes::Bytes;
+use common::{converge, ns, state, vector};
 use tokio_util::sync::CancellationToken;
-
-fn ns() -> Namespace {
-    Namespace::new("t").unwrap()
-}
 
 fn store_config(dir: &std::path::Path, id: u64) -> StoreConfig {
     let mut sc = StoreConfig::new(dir);
@@ -87,57 +85,6 @@ async fn put_many(store: &Store, keys: impl IntoIterator<Item = String>, value: 
     if !ops.is_empty() {
         store.write(ns(), ops).await.unwrap();
     }
-}
-
-/// Every key's value (tombstones as `None`) and the version that set it.
-fn state(store: &Store) -> BTreeMap<String, (Option<Vec<u8>>, String)> {
-    let mut out = BTreeMap::new();
-    let mut after = None;
-    loop {
-        let (events, next) = store
-            .state_events(&ns(), after.as_ref(), 10_000, usize::MAX)
-            .unwrap();
-        for e in events {
-            let value = match &e.op {
-                asp_core::Op::Put { value, .. } => Some(value.to_vec()),
-                asp_core::Op::Delete => None,
-            };
-            out.insert(e.key.as_str().to_owned(), (value, format!("{}", e.dot)));
-        }
-        match next {
-            Some(k) => after = Some(k),
-            None => return out,
-        }
-    }
-}
-
-fn vector(store: &Store) -> VersionVector {
-    store
-        .summary()
-        .into_iter()
-        .find(|s| s.namespace == ns())
-        .map(|s| s.vector)
-        .unwrap_or_default()
-}
-
-/// Waits (bounded) until both stores hold the same state and the same vector.
-async fn converge(a: &Store, b: &Store, what: &str) {
-    for _ in 0..1500 {
-        if vector(a) == vector(b) && state(a) == state(b) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let (sa, sb) = (state(a), state(b));
-    let only_a = sa.keys().filter(|k| !sb.contains_key(*k)).count();
-    let only_b = sb.keys().filter(|k| !sa.contains_key(*k)).count();
-    panic!(
-        "{what}: no convergence: {} vs {} keys ({only_a} only on a, {only_b} only on b); vectors {} vs {} dots",
-        sa.len(),
-        sb.len(),
-        vector(a).len(),
-        vector(b).len()
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

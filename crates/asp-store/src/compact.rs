@@ -37,7 +37,7 @@ use asp_core::{Event, Namespace, Op, VersionVector};
 use fjall::Slice;
 use tokio::sync::oneshot;
 
-use crate::codec::{self, IndexEntry, LogPosition};
+use crate::codec::{self, IndexEntry, LogPosition, Record};
 use crate::error::{ReadError, WriteError};
 use crate::gc::GcView;
 use crate::log::Segment;
@@ -107,6 +107,9 @@ pub enum CompactionError {
     /// The writer refused to copy records forward (the store is closing or failed).
     #[error("compaction: copying records forward: {0}")]
     Relocate(WriteError),
+    /// The writer refused to collect deletes (the store is closing or failed).
+    #[error("compaction: collecting deletes: {0}")]
+    Collect(WriteError),
     #[error("compaction: {context}: {source}")]
     Io {
         context: String,
@@ -115,6 +118,9 @@ pub enum CompactionError {
     },
     #[error("compaction: persisting the key index: {0}")]
     Index(#[from] fjall::Error),
+    /// The compaction thread panicked (a bug; the store is as the run left it).
+    #[error("compaction: the compaction task failed: {0}")]
+    Panicked(String),
     /// The store stopped after a storage failure.
     #[error("compaction: storage failure: {0}")]
     Failed(String),
@@ -168,6 +174,14 @@ impl Store {
     /// the log holds.
     pub fn compact(&self) -> Result<CompactionReport, CompactionError> {
         self.compact_with(false)
+    }
+
+    /// [`Store::compact`] on a blocking thread of the tokio runtime, for async callers.
+    pub async fn compact_async(&self) -> Result<CompactionReport, CompactionError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.compact())
+            .await
+            .unwrap_or_else(|e| Err(CompactionError::Panicked(e.to_string())))
     }
 
     /// For crash tests: like [`Store::compact`], but stops after the live records of
@@ -411,59 +425,43 @@ impl Store {
         let mut moved = Moved::default();
         let mut batch: Vec<(Event, LogPosition)> = Vec::new();
         let mut batch_bytes = 0;
-        let (mut cursor, head) = shared.log.segment_cursor(segment);
-        loop {
-            let records = shared.log.read(
-                &mut cursor,
-                head,
-                None,
-                READ_BATCH_RECORDS,
-                READ_BATCH_BYTES,
-            )?;
-            if records.is_empty() {
-                break;
-            }
-            for (position, record) in records {
-                let event = record.event;
-                let copy = match standing(shared, &event, position, collecting, now_ms)? {
-                    // A collection that did not take (the key was written in the
-                    // same group): still live.
-                    Standing::Live | Standing::Unknown | Standing::Collectable(..) => true,
-                    Standing::Collected if old_enough(shared, &event, now_ms) => {
-                        moved.collected += 1;
-                        moved
-                            .dropped
-                            .entry(event.namespace.clone())
-                            .or_default()
-                            .insert(event.dot);
-                        false
+        read_segment(shared, segment, |position, record| {
+            let event = record.event;
+            let copy = match standing(shared, &event, position, collecting, now_ms)? {
+                // A collection that did not take (the key was written in the
+                // same group): still live.
+                Standing::Live | Standing::Unknown | Standing::Collectable(..) => true,
+                Standing::StaleCopy => {
+                    moved.stale += 1;
+                    false
+                }
+                standing @ (Standing::Superseded | Standing::Collected)
+                    if old_enough(shared, &event, now_ms) =>
+                {
+                    match standing {
+                        Standing::Collected => moved.collected += 1,
+                        _ => moved.superseded += 1,
                     }
-                    Standing::StaleCopy => {
-                        moved.stale += 1;
-                        false
-                    }
-                    Standing::Superseded if old_enough(shared, &event, now_ms) => {
-                        moved.superseded += 1;
-                        moved
-                            .dropped
-                            .entry(event.namespace.clone())
-                            .or_default()
-                            .insert(event.dot);
-                        false
-                    }
-                    Standing::Superseded | Standing::Collected => true,
-                };
-                if copy {
-                    batch_bytes += position.frame_len as usize;
-                    batch.push((event, position));
-                    if batch.len() >= records_max || batch_bytes >= bytes_max {
-                        moved.relocated += batch.len() as u64;
-                        self.relocate(std::mem::take(&mut batch), batch_bytes)?;
-                        batch_bytes = 0;
-                    }
+                    moved
+                        .dropped
+                        .entry(event.namespace.clone())
+                        .or_default()
+                        .insert(event.dot);
+                    false
+                }
+                Standing::Superseded | Standing::Collected => true,
+            };
+            if copy {
+                batch_bytes += position.frame_len as usize;
+                batch.push((event, position));
+                if batch.len() >= records_max || batch_bytes >= bytes_max {
+                    moved.relocated += batch.len() as u64;
+                    self.relocate(std::mem::take(&mut batch), batch_bytes)?;
+                    batch_bytes = 0;
                 }
             }
-        }
+            Ok(true)
+        })?;
         if !batch.is_empty() {
             moved.relocated += batch.len() as u64;
             self.relocate(batch, batch_bytes)?;
@@ -477,11 +475,13 @@ impl Store {
         let shared = &self.inner.shared;
         let mut collecting = Collecting {
             views: HashMap::new(),
-            ttl_ms: shared.config.tombstone_ttl_ms.unwrap_or(u64::MAX),
+            ttl_ms: 0,
         };
-        if shared.config.tombstone_ttl_ms.is_none() {
+        let Some(ttl_ms) = shared.config.tombstone_ttl_ms else {
+            // No views: nothing may be collected.
             return collecting;
-        }
+        };
+        collecting.ttl_ms = ttl_ms;
         let peers = shared.index.checkpoint_peers();
         let vectors: Vec<(Namespace, VersionVector)> = shared
             .namespaces
@@ -527,57 +527,37 @@ impl Store {
         let shared = &self.inner.shared;
         let mut survey = Survey::default();
         let mut entries = Vec::new();
-        let (mut cursor, head) = shared.log.segment_cursor(segment);
-        loop {
-            let records = shared.log.read(
-                &mut cursor,
-                head,
-                None,
-                READ_BATCH_RECORDS,
-                READ_BATCH_BYTES,
-            )?;
-            if records.is_empty() {
-                break;
+        read_segment(shared, segment, |position, record| {
+            if record.seq > indexed {
+                return Ok(false);
             }
-            let mut past_indexed = false;
-            for (position, record) in &records {
-                if record.seq > indexed {
-                    past_indexed = true;
-                    break;
+            survey.records += 1;
+            match standing(shared, &record.event, position, collecting, now_ms)? {
+                Standing::Live => survey.live += 1,
+                standing @ (Standing::Superseded | Standing::Collected) => {
+                    match standing {
+                        Standing::Collected => survey.collectable += 1,
+                        _ => survey.superseded += 1,
+                    }
+                    // A collected delete's record stays in the feed for the
+                    // namespace's retention, like a superseded one.
+                    if !old_enough(shared, &record.event, now_ms) {
+                        survey.keep = true;
+                    }
                 }
-                survey.records += 1;
-                match standing(shared, &record.event, *position, collecting, now_ms)? {
-                    Standing::Live => survey.live += 1,
-                    Standing::Collected => {
-                        // Its record stays in the feed for the namespace's retention,
-                        // like a superseded one.
-                        survey.collectable += 1;
-                        if !old_enough(shared, &record.event, now_ms) {
-                            survey.keep = true;
-                        }
+                Standing::Collectable(key, entry, epitaph) => {
+                    survey.collectable += 1;
+                    entries.push((Slice::from(key), entry, epitaph));
+                    if entries.len() >= COLLECT_ENTRIES_MAX {
+                        self.collect(std::mem::take(&mut entries), &mut survey)?;
                     }
-                    Standing::Collectable(key, entry, epitaph) => {
-                        survey.collectable += 1;
-                        entries.push((Slice::from(key), entry, epitaph));
-                        if entries.len() >= COLLECT_ENTRIES_MAX {
-                            self.collect(std::mem::take(&mut entries), &mut survey)?;
-                        }
-                    }
-                    Standing::StaleCopy => survey.stale += 1,
-                    Standing::Superseded => {
-                        survey.superseded += 1;
-                        if !old_enough(shared, &record.event, now_ms) {
-                            survey.keep = true;
-                        }
-                    }
-                    Standing::Unknown => survey.keep = true,
                 }
+                Standing::StaleCopy => survey.stale += 1,
+                Standing::Unknown => survey.keep = true,
             }
             // Staying whatever else it holds: read on only to collect deletes.
-            if past_indexed || (survey.keep && collecting.views.is_empty()) {
-                break;
-            }
-        }
+            Ok(!(survey.keep && collecting.views.is_empty()))
+        })?;
         if !entries.is_empty() {
             self.collect(entries, &mut survey)?;
         }
@@ -641,21 +621,17 @@ impl Store {
         &self,
         entries: Vec<(Slice, IndexEntry, bool)>,
     ) -> Result<Arc<CollectTally>, CompactionError> {
-        let shared = &self.inner.shared;
-        let (reply, answer) = oneshot::channel();
         let tally = Arc::new(CollectTally::default());
-        let request = Request::Collect(CollectRequest {
-            entries,
-            reply,
-            tally: tally.clone(),
-        });
-        block_on(self.inner.queue.send(request))
-            .map_err(|_| CompactionError::Relocate(WriteError::Closed))?;
-        match block_on(answer) {
-            Ok(Ok(())) => Ok(tally),
-            Ok(Err(e)) => Err(CompactionError::Relocate(e)),
-            Err(_) => Err(CompactionError::Relocate(closed_or_failed(shared))),
-        }
+        let tally_for_writer = tally.clone();
+        self.ask_writer(|reply| {
+            Request::Collect(CollectRequest {
+                entries,
+                reply,
+                tally: tally_for_writer,
+            })
+        })
+        .map_err(CompactionError::Collect)?;
+        Ok(tally)
     }
 
     /// Sends records to the writer to append again, and waits until they are
@@ -665,19 +641,27 @@ impl Store {
         records: Vec<(Event, LogPosition)>,
         bytes: usize,
     ) -> Result<(), CompactionError> {
-        let shared = &self.inner.shared;
+        self.ask_writer(|reply| {
+            Request::Relocate(RelocateRequest {
+                records,
+                reply,
+                bytes,
+            })
+        })
+        .map_err(CompactionError::Relocate)
+    }
+
+    /// Queues the request `make` builds around its reply channel, and waits for the
+    /// answer.
+    fn ask_writer(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<(), WriteError>>) -> Request,
+    ) -> Result<(), WriteError> {
         let (reply, answer) = oneshot::channel();
-        let request = Request::Relocate(RelocateRequest {
-            records,
-            reply,
-            bytes,
-        });
-        block_on(self.inner.queue.send(request))
-            .map_err(|_| CompactionError::Relocate(WriteError::Closed))?;
+        block_on(self.inner.queue.send(make(reply))).map_err(|_| WriteError::Closed)?;
         match block_on(answer) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(CompactionError::Relocate(e)),
-            Err(_) => Err(CompactionError::Relocate(closed_or_failed(shared))),
+            Ok(result) => result,
+            Err(_) => Err(closed_or_failed(&self.inner.shared)),
         }
     }
 }
@@ -692,6 +676,33 @@ struct Moved {
     collected: u64,
     /// The dots of the superseded records dropped, per namespace.
     dropped: BTreeMap<Namespace, VersionVector>,
+}
+
+/// Reads `segment`'s records in order, passing each to `visit` until it answers
+/// `false`.
+fn read_segment(
+    shared: &Shared,
+    segment: &Arc<Segment>,
+    mut visit: impl FnMut(LogPosition, Record) -> Result<bool, CompactionError>,
+) -> Result<(), CompactionError> {
+    let (mut cursor, head) = shared.log.segment_cursor(segment);
+    loop {
+        let records = shared.log.read(
+            &mut cursor,
+            head,
+            None,
+            READ_BATCH_RECORDS,
+            READ_BATCH_BYTES,
+        )?;
+        if records.is_empty() {
+            return Ok(());
+        }
+        for (position, record) in records {
+            if !visit(position, record)? {
+                return Ok(());
+            }
+        }
+    }
 }
 
 /// The sealed segments the size rule allows, oldest first.

@@ -93,11 +93,7 @@ impl Gc {
         }
         let nodes = self.namespaces.entry(namespace.clone()).or_default();
         let known = nodes.entry(report.node).or_insert_with(|| Known {
-            newest: VectorReport {
-                node: report.node,
-                at_ms: 0,
-                vector: VersionVector::new(),
-            },
+            newest: report.clone(),
             usable: None,
             pending: None,
         });

@@ -102,6 +102,55 @@ pub struct StoreStatus {
     pub failure: Option<String>,
 }
 
+/// The events behind index entries, read for a peer: at most `limit`, and about
+/// `bytes_max` bytes (the last event may pass it).
+struct EventPage {
+    events: Vec<Event>,
+    bytes: usize,
+    limit: usize,
+    bytes_max: usize,
+    failure: Option<ReadError>,
+}
+
+impl EventPage {
+    fn new(limit: usize, bytes_max: usize) -> EventPage {
+        EventPage {
+            events: Vec::new(),
+            bytes: 0,
+            limit,
+            bytes_max,
+            failure: None,
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.events.len() >= self.limit || self.bytes >= self.bytes_max
+    }
+
+    /// Adds the event behind `index_key`'s entry; `false` (stop the scan) if it cannot
+    /// be read. The caller holds the segment gate.
+    fn add(&mut self, shared: &Shared, index_key: &[u8], entry: &IndexEntry) -> bool {
+        match shared.entry_event(index_key, entry) {
+            Ok(event) => {
+                self.bytes += asp_core::session::credit_size(&event) as usize;
+                self.events.push(event);
+                true
+            }
+            Err(e) => {
+                self.failure = Some(e);
+                false
+            }
+        }
+    }
+
+    fn finish(self) -> Result<Vec<Event>, ReadError> {
+        match self.failure {
+            Some(e) => Err(e),
+            None => Ok(self.events),
+        }
+    }
+}
+
 /// Bytes of other nodes' reports in one summary, at most (about).
 const GOSSIP_BYTES_MAX: usize = 4 << 20;
 
@@ -568,14 +617,13 @@ impl Store {
     fn caught_up_windows(&self) -> Result<std::sync::MutexGuard<'_, Windows>, ReadError> {
         let shared = &self.inner.shared;
         shared.await_index().map_err(ReadError::Failed)?;
-        let target = shared
-            .indexed_seq
-            .load(std::sync::atomic::Ordering::Acquire);
+        // The indexer counts a group's message to the keeper before it publishes the
+        // group as indexed: every group indexed by now is in this count.
         let messages = shared
             .window_messages
             .load(std::sync::atomic::Ordering::Acquire);
         let mut windows = shared.windows.lock().unwrap();
-        while windows.seq < target || windows.messages < messages {
+        while windows.messages < messages {
             if let Some(failure) = shared.failure.get() {
                 return Err(ReadError::Failed(failure.clone()));
             }
@@ -657,15 +705,13 @@ impl Store {
             wanted.entry(head).or_default().push(prefix);
         }
         shared.await_index().map_err(ReadError::Failed)?;
-        let mut out: Vec<Event> = Vec::new();
         if wanted.is_empty() || limit == 0 {
-            return Ok((out, false));
+            return Ok((Vec::new(), false));
         }
-        let mut bytes = 0usize;
+        let mut page = EventPage::new(limit, bytes_max);
         let mut stopped = false;
         let item_key = shared.config.item_key;
         let prefix = codec::index_prefix(namespace.as_str());
-        let mut failure = None;
         let _gate = shared.segment_gate.read().unwrap();
         shared.index.scan(&prefix, None, |k, entry| {
             let key = &k[prefix.len()..];
@@ -677,26 +723,13 @@ impl Store {
             if !candidates.iter().any(|p| hash.starts_with(p)) {
                 return true;
             }
-            if out.len() >= limit || bytes >= bytes_max {
+            if page.is_full() {
                 stopped = true;
                 return false;
             }
-            match shared.entry_event(k, &entry) {
-                Ok(event) => {
-                    bytes += asp_core::session::credit_size(&event) as usize;
-                    out.push(event);
-                    true
-                }
-                Err(e) => {
-                    failure = Some(e);
-                    false
-                }
-            }
+            page.add(shared, k, &entry)
         })?;
-        match failure {
-            Some(e) => Err(e),
-            None => Ok((out, stopped)),
-        }
+        Ok((page.finish()?, stopped))
     }
 
     /// The events that set the current state of `namespace`'s keys (values and
@@ -719,31 +752,17 @@ impl Store {
             v.extend_from_slice(k.as_str().as_bytes());
             v
         });
-        let mut out: Vec<Event> = Vec::new();
-        let mut bytes = 0usize;
-        let mut failure = None;
+        let mut page = EventPage::new(limit.max(1), bytes_max);
         let mut more = false;
         let _gate = shared.segment_gate.read().unwrap();
         shared.index.scan(&prefix, start.as_deref(), |k, entry| {
-            if out.len() >= limit.max(1) || bytes >= bytes_max {
+            if page.is_full() {
                 more = true;
                 return false;
             }
-            match shared.entry_event(k, &entry) {
-                Ok(event) => {
-                    bytes += asp_core::session::credit_size(&event) as usize;
-                    out.push(event);
-                    true
-                }
-                Err(e) => {
-                    failure = Some(e);
-                    false
-                }
-            }
+            page.add(shared, k, &entry)
         })?;
-        if let Some(e) = failure {
-            return Err(e);
-        }
+        let out = page.finish()?;
         let next = if more {
             out.last().map(|e| e.key.clone())
         } else {

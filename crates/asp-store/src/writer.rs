@@ -366,6 +366,8 @@ struct IndexMsg {
     hlc: Hlc,
     /// Answered once the group is in the index and its namespace states are visible.
     after_index: Vec<oneshot::Sender<Result<(), WriteError>>>,
+    /// Counters of the group's collections (see [`UpdateKind::Collect`]).
+    tallies: Vec<Arc<CollectTally>>,
 }
 
 /// One key's new index entry.
@@ -373,8 +375,6 @@ struct Update {
     key: Slice,
     entry: IndexEntry,
     kind: UpdateKind,
-    /// Where a collection counts what it did.
-    tally: Option<Arc<CollectTally>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -386,8 +386,9 @@ enum UpdateKind {
     /// A relocated copy: take it only if the entry still points at the copy at this
     /// position (the version is the same; only the position moves).
     Relocate(LogPosition),
-    /// A collected tombstone (see [`CollectRequest`]): an epitaph if `true`, else gone.
-    Collect(bool),
+    /// A collected tombstone (see [`CollectRequest`]): an epitaph or gone; what it did
+    /// is counted in the message's `tallies[tally]`.
+    Collect { epitaph: bool, tally: usize },
 }
 
 struct Ack {
@@ -492,6 +493,8 @@ struct Group {
     acks: Vec<Ack>,
     events: u64,
     relocated: u64,
+    /// Where the group's collections count what they did.
+    tallies: Vec<Arc<CollectTally>>,
 }
 
 /// Lets the writer's short waits for stragglers end on time: the default 50 µs timer
@@ -507,17 +510,15 @@ fn set_fine_timer_slack() {
 /// alone: the indexer reads the key's current entry from the index, which would not
 /// show that update (compaction sees the entry unchanged and keeps the record).
 fn add_collect(g: &mut Group, c: CollectRequest) {
+    let tally = g.tallies.len();
+    g.tallies.push(c.tally);
     for (key, entry, epitaph) in c.entries {
         if g.positions.contains_key(&key[..]) {
             continue;
         }
         g.positions.insert(key.clone(), g.updates.len());
-        g.updates.push(Update {
-            key,
-            entry,
-            kind: UpdateKind::Collect(epitaph),
-            tally: Some(c.tally.clone()),
-        });
+        let kind = UpdateKind::Collect { epitaph, tally };
+        g.updates.push(Update { key, entry, kind });
     }
     g.acks.push(Ack {
         reply: Reply::AfterIndex(c.reply),
@@ -803,6 +804,7 @@ impl Writer {
             acks: Vec::with_capacity(group.len()),
             events: 0,
             relocated: 0,
+            tallies: Vec::new(),
         };
         for work in group {
             match work {
@@ -860,6 +862,7 @@ impl Writer {
                 head,
                 hlc: self.clock.last(),
                 after_index: Vec::new(),
+                tallies: g.tallies,
             },
         })
     }
@@ -918,17 +921,11 @@ impl Writer {
                 if lww_wins(&entry.version(), &current.entry.version()) {
                     current.entry = entry;
                     current.kind = kind;
-                    current.tally = None;
                 }
             }
             None => {
                 g.positions.insert(key.clone(), g.updates.len());
-                g.updates.push(Update {
-                    key,
-                    entry,
-                    kind,
-                    tally: None,
-                });
+                g.updates.push(Update { key, entry, kind });
             }
         }
         g.events += 1;
@@ -1681,37 +1678,35 @@ fn apply_to_index(
                 }
                 continue;
             }
-            UpdateKind::Collect(epitaph) => {
+            UpdateKind::Collect { epitaph, tally } => {
                 let current = index.get(&update.key).map_err(|e| e.to_string())?;
-                let taken = current.as_ref().is_some_and(|c| c.dot == update.entry.dot);
-                if taken && let Some(tally) = &update.tally {
-                    // Counted before the commit: a failed commit fails the store.
-                    tally.collected.fetch_add(1, Ordering::Relaxed);
-                    if epitaph && !current.as_ref().is_some_and(IndexEntry::is_epitaph) {
+                let Some(c) = current.filter(|c| c.dot == update.entry.dot) else {
+                    // Written since: the entry stays; an epitaph row of it is stale.
+                    batch.delete_epitaph(update.key.clone());
+                    continue;
+                };
+                // Counted before the commit: a failed commit fails the store.
+                let tally = &msg.tallies[tally];
+                tally.collected.fetch_add(1, Ordering::Relaxed);
+                if epitaph {
+                    if !c.is_epitaph() {
                         tally.epitaphs.fetch_add(1, Ordering::Relaxed);
                     }
-                }
-                match current {
-                    Some(c) if c.dot == update.entry.dot && epitaph => {
-                        let entry = IndexEntry {
-                            position: LogPosition::NONE,
-                            ..c
-                        };
-                        batch.put(update.key.clone(), &entry);
-                        batch.put_epitaph(update.key.clone(), &entry);
+                    let entry = IndexEntry {
+                        position: LogPosition::NONE,
+                        ..c
+                    };
+                    batch.put(update.key.clone(), &entry);
+                    batch.put_epitaph(update.key.clone(), &entry);
+                } else {
+                    batch.delete(update.key.clone());
+                    if c.is_epitaph() {
+                        // Only epitaphs have a row (a removal is a write in fjall).
+                        batch.delete_epitaph(update.key.clone());
                     }
-                    Some(c) if c.dot == update.entry.dot => {
-                        batch.delete(update.key.clone());
-                        if c.is_epitaph() {
-                            // Only epitaphs have a row (a removal is a write in fjall).
-                            batch.delete_epitaph(update.key.clone());
-                        }
-                        if keep_windows {
-                            removed.push((update.key.clone(), c.version()));
-                        }
+                    if keep_windows {
+                        removed.push((update.key.clone(), c.version()));
                     }
-                    // Written since: the entry stays; an epitaph row of it is stale.
-                    _ => batch.delete_epitaph(update.key.clone()),
                 }
                 continue;
             }

@@ -45,11 +45,7 @@ fn segment_files(dir: &Path) -> Vec<PathBuf> {
 }
 
 async fn compact(store: &Store) -> CompactionReport {
-    let store = store.clone();
-    tokio::task::spawn_blocking(move || store.compact())
-        .await
-        .unwrap()
-        .unwrap()
+    store.compact_async().await.unwrap()
 }
 
 /// What every key of a namespace should read: its value, or `None` once deleted.

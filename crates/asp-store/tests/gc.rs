@@ -43,11 +43,7 @@ fn config(dir: &Path) -> StoreConfig {
 }
 
 async fn compact(store: &Store) -> CompactionReport {
-    let store = store.clone();
-    tokio::task::spawn_blocking(move || store.compact())
-        .await
-        .unwrap()
-        .unwrap()
+    store.compact_async().await.unwrap()
 }
 
 async fn put_range(store: &Store, prefix: &str, n: usize, value_len: usize) {

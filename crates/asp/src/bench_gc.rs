@@ -61,10 +61,7 @@ async fn run_one(base: &std::path::Path, collect: bool, keys: u64) -> anyhow::Re
     write_all(&store, &ns, "kept-", keys, false).await?;
     let log_before = store.status().log_bytes;
     let started = Instant::now();
-    let report = {
-        let store = store.clone();
-        tokio::task::spawn_blocking(move || store.compact()).await??
-    };
+    let report = store.compact_async().await?;
     let compact_s = started.elapsed().as_secs_f64();
     let live_keys = store
         .state_events(&ns, None, usize::MAX, usize::MAX)?

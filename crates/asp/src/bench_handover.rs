@@ -109,8 +109,7 @@ pub async fn run(
         eprintln!("handover: loading {keys} keys, overwriting a tenth, compacting");
         write(&a, "k", 0..keys, &values).await?;
         write(&a, "k", 0..keys / 10, &values).await?;
-        let s = a.clone();
-        let report = tokio::task::spawn_blocking(move || s.compact()).await??;
+        let report = a.compact_async().await?;
         if a.base(&Namespace::new(NS)?).is_empty() {
             bail!("compaction removed nothing ({report:?}): no handover to measure");
         }

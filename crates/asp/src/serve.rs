@@ -98,20 +98,27 @@ async fn compaction_loop(store: Store, every: std::time::Duration, shutdown: Can
             _ = tick.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        let s = store.clone();
-        match tokio::task::spawn_blocking(move || s.compact()).await {
-            Ok(Ok(report)) if report.segments_removed > 0 => tracing::info!(
-                segments_removed = report.segments_removed,
-                records_dropped = report.records_dropped,
-                records_relocated = report.records_relocated,
-                log_bytes_before = report.log_bytes_before,
-                log_bytes_after = report.log_bytes_after,
-                ms = report.duration.as_millis() as u64,
-                "feed compacted"
-            ),
-            Ok(Ok(_)) => tracing::debug!("compaction: nothing to remove"),
-            Ok(Err(e)) => tracing::warn!("compaction failed: {e}"),
-            Err(e) => tracing::warn!("the compaction task failed: {e}"),
+        match store.compact_async().await {
+            Ok(report)
+                if report.segments_removed > 0
+                    || report.tombstones_collected > 0
+                    || report.epitaphs_dropped > 0 =>
+            {
+                tracing::info!(
+                    segments_removed = report.segments_removed,
+                    records_dropped = report.records_dropped,
+                    records_relocated = report.records_relocated,
+                    tombstones_collected = report.tombstones_collected,
+                    epitaphs_left = report.epitaphs_left,
+                    epitaphs_dropped = report.epitaphs_dropped,
+                    log_bytes_before = report.log_bytes_before,
+                    log_bytes_after = report.log_bytes_after,
+                    ms = report.duration.as_millis() as u64,
+                    "feed compacted"
+                )
+            }
+            Ok(_) => tracing::debug!("compaction: nothing to remove"),
+            Err(e) => tracing::warn!("{e}"),
         }
     }
 }

@@ -82,6 +82,17 @@ impl Pair {
     }
 }
 
+/// A summary of one namespace holding `vector` (no digest, no reports).
+fn holding(ns: &str, vector: VersionVector) -> NamespaceSummary {
+    NamespaceSummary {
+        namespace: Namespace::new(ns).unwrap(),
+        max_hlc: Hlc::ZERO,
+        vector,
+        digest: None,
+        reports: Vec::new(),
+    }
+}
+
 fn closed(events: &[SessionEvent]) -> Option<&CloseReason> {
     events.iter().find_map(|e| match e {
         SessionEvent::Closed(r) => Some(r),
@@ -200,17 +211,7 @@ fn the_vector_filter_stops_echoes_and_known_events() {
         origin: node(3),
         counter: 1,
     });
-    let ns = Namespace::new("n").unwrap();
-    pair.summaries(
-        vec![],
-        vec![NamespaceSummary {
-            namespace: ns,
-            max_hlc: Hlc::ZERO,
-            vector: held,
-            digest: None,
-            reports: Vec::new(),
-        }],
-    );
+    pair.summaries(vec![], vec![holding("n", held)]);
     // B sends A an event; A must never send it back.
     pair.b.send_events(1, 1, vec![event("n", 2, 1)], pair.now);
     pair.pump();
@@ -253,16 +254,7 @@ fn positions_the_peer_holds_are_coalesced_into_one_frame() {
             counter,
         });
     }
-    pair.summaries(
-        vec![],
-        vec![NamespaceSummary {
-            namespace: Namespace::new("n").unwrap(),
-            max_hlc: Hlc::ZERO,
-            vector: held,
-            digest: None,
-            reports: Vec::new(),
-        }],
-    );
+    pair.summaries(vec![], vec![holding("n", held)]);
     // One read per position, every event already held: nothing is framed yet.
     for seq in 1..=100 {
         assert_eq!(
@@ -531,16 +523,7 @@ fn repairs_ignore_the_peer_vector_and_cost_credit() {
         origin: node(1),
         counter: 1,
     });
-    pair.summaries(
-        vec![],
-        vec![NamespaceSummary {
-            namespace: Namespace::new("n").unwrap(),
-            max_hlc: Hlc::ZERO,
-            vector: held,
-            digest: None,
-            reports: Vec::new(),
-        }],
-    );
+    pair.summaries(vec![], vec![holding("n", held)]);
     let before = pair.a.credit();
     let cost = pair.a.send_repair(7, vec![event("n", 1, 1)], pair.now);
     assert_eq!(pair.a.credit(), before - cost as i64);
