@@ -131,6 +131,13 @@ pub struct StoreConfig {
     /// *epitaph* (the key and the delete's version, in the key index) is kept until the
     /// node is back and holds the delete. Default 7 days.
     pub gc_horizon_ms: u64,
+    /// After opening a data directory whose node has had peers, local writes wait up
+    /// to this long (from the open) for a peer's summary ([`crate::Store::note_reports`]),
+    /// so that the node learns which of its own events peers hold before it issues
+    /// counters again: a directory restored from an older copy would otherwise reuse
+    /// counters of events its peers already hold. Zero (the library's default) never
+    /// waits; `asp serve` waits 10 s by default.
+    pub own_events_wait: Duration,
 }
 
 impl StoreConfig {
@@ -170,6 +177,7 @@ impl StoreConfig {
             compaction_dead_ratio: Self::DEFAULT_COMPACTION_DEAD_RATIO,
             tombstone_ttl_ms: Some(Self::DEFAULT_TOMBSTONE_TTL_MS),
             gc_horizon_ms: Self::DEFAULT_GC_HORIZON_MS,
+            own_events_wait: Duration::ZERO,
         }
     }
 

@@ -76,6 +76,14 @@ pub enum WriteError {
     /// on a set, a plain put on a counter).
     #[error("{0}")]
     WrongPolicy(String),
+    /// A peer sent an event this node must not take (see the message); nothing of its
+    /// batch is applied.
+    #[error("{0}")]
+    InvalidEvent(String),
+    /// The data directory's filesystem is full: nothing of the batch was written, and
+    /// writes work again once there is room.
+    #[error("{0}")]
+    NoSpace(String),
     #[error("the writer queue stayed full for {} ms; retry later", waited.as_millis())]
     Overloaded { waited: Duration },
     #[error("the store is shutting down")]

@@ -13,6 +13,7 @@ mod base;
 mod codec;
 mod compact;
 mod config;
+mod counters;
 mod digest;
 mod error;
 mod gc;
@@ -34,7 +35,8 @@ pub use log::{FeedHead, TornTail};
 pub use manifest::FORMAT_VERSION;
 pub use metrics::Metrics;
 pub use store::{
-    CHANGES_LIMIT_MAX, FeedReader, RecoveryReport, SCAN_LIMIT_MAX, Store, StoreStatus,
+    CHANGES_LIMIT_MAX, FeedReader, OwnEventsFound, RecoveryReport, SCAN_LIMIT_MAX, Store,
+    StoreStatus,
 };
 pub use types::{
     Applied, ApplyOutcome, ChangesPage, Condition, CrdtOp, FeedEvent, KeyState, NamespaceState,

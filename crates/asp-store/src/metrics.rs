@@ -31,6 +31,9 @@ pub struct Metrics {
     /// Epitaphs left by collected deletes, and dropped once no longer needed.
     pub epitaphs_left: Counter,
     pub epitaphs_dropped: Counter,
+    /// Times peers turned out to hold events of this node that it had no record of
+    /// issuing (see `counters.rs`).
+    pub own_events_found: Counter,
 }
 
 impl Default for Metrics {
@@ -52,6 +55,7 @@ impl Default for Metrics {
             tombstones_collected: Counter::default(),
             epitaphs_left: Counter::default(),
             epitaphs_dropped: Counter::default(),
+            own_events_found: Counter::default(),
         }
     }
 }
@@ -137,6 +141,11 @@ impl Metrics {
             "asp_epitaphs_dropped",
             "Epitaphs dropped once every known node held their delete",
             self.epitaphs_dropped.clone(),
+        );
+        registry.register(
+            "asp_own_events_found",
+            "Times peers held events of this node it had no record of issuing (a data directory restored from an older copy, a crash under fsync = never/interval, or another process with this node's id)",
+            self.own_events_found.clone(),
         );
     }
 }

@@ -56,6 +56,8 @@ pub(crate) struct Inner {
     budget: Arc<Semaphore>,
     writer: Mutex<Option<JoinHandle<()>>>,
     recovery: RecoveryReport,
+    /// When the store opened (bounds the wait for peers' word on own events).
+    opened: Instant,
     _manifest: Manifest,
 }
 
@@ -151,6 +153,22 @@ impl EventPage {
     }
 }
 
+/// Findings of own events held by peers kept for status, at most.
+pub(crate) const OWN_EVENTS_FOUND_MAX: usize = 16;
+
+/// Peers held events of this node, in one namespace, that it had no record of
+/// issuing: its counters went on after them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnEventsFound {
+    pub namespace: Namespace,
+    /// The highest counter this node knew it had issued.
+    pub known: u64,
+    /// The highest counter of its own that a peer (or a report it gossiped) held.
+    pub held_by_peers: u64,
+    /// When (wall ms).
+    pub at_ms: u64,
+}
+
 /// Bytes of other nodes' reports in one summary, at most (about).
 const GOSSIP_BYTES_MAX: usize = 4 << 20;
 
@@ -206,6 +224,19 @@ impl Store {
             let ns_state = state.namespaces.entry(namespace.clone()).or_default();
             ns_state.vector.join(base);
         }
+        // What this node issued, as far as its log (and base) shows: where counting
+        // goes on, unless the counters file says more may have been issued.
+        let log_max: HashMap<Namespace, u64> = state
+            .namespaces
+            .iter()
+            .map(|(ns, s)| (ns.clone(), s.vector.max_counter(manifest.node_id)))
+            .filter(|(_, max)| *max > 0)
+            .collect();
+        let counters = crate::counters::Counters::open(&config.data_dir, &log_max)?;
+        // A node that has had peers learns what they hold of its own events before it
+        // issues counters again (bounded by `own_events_wait`): its data directory may
+        // be older than what it issued.
+        let learned = config.own_events_wait.is_zero() || index.checkpoint_peers().is_empty();
         let digests = build_digests(&index, &config)?;
         index.clamp_checkpoints(log.last_seq())?;
         report.replayed_events = replayed;
@@ -281,6 +312,9 @@ impl Store {
             segment_gate: RwLock::new(()),
             policies: RwLock::new(policies),
             gc: Mutex::new(crate::gc::Gc::new(writer::wall_ms())),
+            counters: Mutex::new(counters),
+            own_events_found: Mutex::new(Vec::new()),
+            own_events_learned: watch::channel(learned).0,
             metrics,
             config: config.clone(),
         });
@@ -305,6 +339,7 @@ impl Store {
                 budget: Arc::new(Semaphore::new(config.write_queue_bytes_max)),
                 writer: Mutex::new(Some(writer)),
                 recovery: report,
+                opened: Instant::now(),
                 _manifest: manifest,
             }),
         })
@@ -373,6 +408,7 @@ impl Store {
         if let Some(f) = self.inner.shared.failure.get() {
             return Err(WriteError::Storage(f.clone()));
         }
+        self.await_own_events().await;
 
         let (reply, answer) = oneshot::channel();
         let mut request = WriteRequest {
@@ -426,6 +462,31 @@ impl Store {
             }
         };
         self.answer(answer).await
+    }
+
+    /// Waits (once after opening, at most `own_events_wait` from the open) until a
+    /// peer's summary told this node which of its own events peers hold, so that it
+    /// issues no counter a peer already holds an event under.
+    async fn await_own_events(&self) {
+        let shared = &self.inner.shared;
+        if *shared.own_events_learned.borrow() {
+            return;
+        }
+        let deadline = self.inner.opened + shared.config.own_events_wait;
+        let mut rx = shared.own_events_learned.subscribe();
+        let learned = tokio::time::timeout_at(deadline.into(), rx.wait_for(|l| *l)).await;
+        if learned.is_err() && !shared.own_events_learned.send_replace(true) {
+            tracing::warn!(
+                waited_ms = shared.config.own_events_wait.as_millis() as u64,
+                "no peer answered since the store opened; local writes go on without knowing which of this node's events peers hold (if this data directory was restored from an older copy, reconciliation repairs the keys whose counters collide)"
+            );
+        }
+    }
+
+    /// What peers turned out to hold of this node's own events beyond what it knew it
+    /// had issued (newest last).
+    pub fn own_events_found(&self) -> Vec<OwnEventsFound> {
+        self.inner.shared.own_events_found.lock().unwrap().clone()
     }
 
     /// Applies events received from a peer: those already held are left out, the rest
@@ -577,6 +638,75 @@ impl Store {
                 gc.note(&ns.namespace, me, own, report.clone());
             }
         }
+        drop(gc);
+        drop(namespaces);
+        self.note_own_events(summary);
+    }
+
+    /// Learns from a peer's summary (its vector and the reports it gossips) which of
+    /// this node's own events other nodes hold. Counters past everything this node
+    /// knows it issued were issued by an earlier life of it (its data directory was
+    /// restored from an older copy, or a crash lost them) or by another process with
+    /// its id: they are never issued again (see `counters.rs`), and the node says so.
+    fn note_own_events(&self, summary: &[NamespaceSummary]) {
+        let shared = &self.inner.shared;
+        let me = shared.node_id;
+        for ns in summary {
+            let held = std::iter::once(&ns.vector)
+                .chain(ns.reports.iter().map(|r| &r.vector))
+                .map(|v| v.max_counter(me))
+                .max()
+                .unwrap_or(0);
+            if held == 0 {
+                continue;
+            }
+            let claimed = shared.counters.lock().unwrap().claim(&ns.namespace, held);
+            match claimed {
+                Ok(None) => {}
+                Ok(Some(known)) => {
+                    tracing::warn!(
+                        namespace = %ns.namespace,
+                        known,
+                        held_by_peers = held,
+                        "peers hold events of this node that it has no record of issuing (its data directory is older than what it issued: restored from a copy, or a crash under fsync = never/interval lost them; or another process runs with this node's id); its counters go on after them and reconciliation brings them back"
+                    );
+                    shared.metrics.own_events_found.inc();
+                    let mut found = shared.own_events_found.lock().unwrap();
+                    if found.len() == OWN_EVENTS_FOUND_MAX {
+                        found.remove(0);
+                    }
+                    found.push(OwnEventsFound {
+                        namespace: ns.namespace.clone(),
+                        known,
+                        held_by_peers: held,
+                        at_ms: writer::wall_ms(),
+                    });
+                }
+                Err(e) => {
+                    tracing::error!(namespace = %ns.namespace, error = %e, "cannot record a raised counter mark; local writes may reuse counters peers hold");
+                }
+            }
+        }
+        shared.own_events_learned.send_replace(true);
+    }
+
+    /// Whether this node holds events of `peer`'s own that `summary` (the peer's)
+    /// says it lacks: a node always holds its own events unless it lost them (a data
+    /// directory restored from an older copy, a crash under `fsync = never`, a
+    /// salvage), and the feed stream will not send them again (the peer acknowledged
+    /// them once).
+    pub fn holds_lost_events_of(&self, peer: NodeId, summary: &[NamespaceSummary]) -> bool {
+        let namespaces = self.inner.shared.namespaces.read().unwrap();
+        namespaces.iter().any(|(ns, state)| {
+            let Some(mine) = state.vector.get(peer) else {
+                return false;
+            };
+            let theirs = summary
+                .iter()
+                .find(|s| &s.namespace == ns)
+                .and_then(|s| s.vector.get(peer));
+            theirs.is_none_or(|t| !mine.is_subset(t))
+        })
     }
 
     /// The key that turns (key, version) pairs into reconciliation items.

@@ -197,6 +197,16 @@ pub(crate) struct Shared {
     pub policies: RwLock<Policies>,
     /// What is known of other nodes' vectors: when tombstones may be collected.
     pub gc: Mutex<crate::gc::Gc>,
+    /// Which counters this node may still issue (durable marks, see
+    /// [`crate::counters`]).
+    pub counters: Mutex<crate::counters::Counters>,
+    /// When peers turned out to hold events of this node it had no record of issuing
+    /// (newest last, at most [`crate::store::OWN_EVENTS_FOUND_MAX`]).
+    pub own_events_found: Mutex<Vec<crate::store::OwnEventsFound>>,
+    /// Whether local writes may take counters: after an open with
+    /// `own_events_wait` set and peers known, not until a peer's summary said what it
+    /// holds of this node's own events (or the wait ran out).
+    pub own_events_learned: watch::Sender<bool>,
     pub metrics: Metrics,
     /// Mirrors of `progress.acked.seq` and `progress.indexed.seq`, so that a read can
     /// see without locking that the index is up to date.
@@ -740,6 +750,10 @@ impl Writer {
         if let Err(e) = self.shared.index.persist() {
             tracing::warn!(error = %e, "could not persist the key index at shutdown; it will be rebuilt from the log");
         }
+        // Everything issued is durable now: the next start may go on right after it.
+        if let Err(e) = self.shared.counters.lock().unwrap().settle() {
+            tracing::warn!(error = %e, "could not settle the counters file at shutdown; the next start leaves a gap in this node's counters");
+        }
         let mut progress = self.shared.progress.lock().unwrap();
         progress.synced = progress.written;
         self.shared.publish(&progress);
@@ -751,6 +765,13 @@ impl Writer {
         if group.is_empty() {
             return None;
         }
+        if let Some(err) = self.shared.failed() {
+            for work in group {
+                work.fail(err.clone());
+            }
+            return None;
+        }
+        let group = self.reserve_counters(group);
         if let Some(err) = self.shared.failed() {
             for work in group {
                 work.fail(err.clone());
@@ -1022,11 +1043,17 @@ impl Writer {
             applied.push(Applied { dot, hlc, seq });
         }
         self.touch(g, &w.namespace, hlc);
+        let last_counter = first_counter + last as u64;
         self.namespaces
             .get_mut(&w.namespace)
             .expect("just touched")
             .vector
-            .insert_range(node_id, first_counter, first_counter + last as u64);
+            .insert_range(node_id, first_counter, last_counter);
+        self.shared
+            .counters
+            .lock()
+            .unwrap()
+            .issued(&w.namespace, last_counter);
         applied
     }
 
@@ -1034,6 +1061,10 @@ impl Writer {
     /// they are and merged into the index by version. A clock reading too far ahead
     /// refuses the whole request.
     fn add_remote(&mut self, g: &mut Group, a: ApplyRequest, wall: u64) {
+        if let Err(e) = self.check_own_origin(&a.events) {
+            let _ = a.reply.send(Err(e));
+            return;
+        }
         let limit = wall.saturating_add(self.clock.max_skew_ms());
         if let Some(e) = a.events.iter().find(|e| e.hlc.physical_ms() > limit) {
             let err = WriteError::ClockSkew(format!(
@@ -1086,6 +1117,28 @@ impl Writer {
             reply: Reply::Apply(a.reply, outcome),
             _permit: a.permit,
         });
+    }
+
+    /// A peer's event that carries this node's own origin must be one this node issued
+    /// (in this life or an earlier one): a higher counter means another process runs
+    /// with this node's id, or a peer is lying. Taking it would make this node issue
+    /// that counter again (or overflow at `u64::MAX`).
+    fn check_own_origin(&self, events: &[Event]) -> Result<(), WriteError> {
+        let me = self.shared.node_id;
+        let counters = self.shared.counters.lock().unwrap();
+        match events
+            .iter()
+            .find(|e| e.dot.origin == me && !counters.may_have_issued(&e.namespace, e.dot.counter))
+        {
+            None => Ok(()),
+            Some(e) => Err(WriteError::InvalidEvent(format!(
+                "event {} of namespace {} carries this node's own id, but this node never issued counter {} there (it issued up to {}): another process may be running with this node's id (a copied data directory?), or the peer is broken",
+                e.dot,
+                e.namespace,
+                e.dot.counter,
+                counters.next(&e.namespace) - 1
+            ))),
+        }
     }
 
     /// Copies compaction moves forward: appended as they are, touching no vector,
@@ -1341,12 +1394,49 @@ impl Writer {
         Ok(state)
     }
 
-    /// The counter this node's next event in `namespace` gets.
+    /// The counter this node's next event in `namespace` gets (reserved by
+    /// [`Writer::reserve_counters`] before the group is built).
     fn next_counter(&self, namespace: &Namespace) -> u64 {
-        self.namespaces
-            .get(namespace)
-            .map_or(0, |s| s.vector.max_counter(self.shared.node_id))
-            + 1
+        self.shared.counters.lock().unwrap().next(namespace)
+    }
+
+    /// Makes the counters the group's local writes will take durable as reserved
+    /// (usually no I/O: counters are reserved in blocks), so that no crash can make
+    /// this node issue a counter twice. Writes that cannot get counters are answered
+    /// here and left out of the group.
+    fn reserve_counters(&mut self, group: Vec<Work>) -> Vec<Work> {
+        let mut needs: HashMap<Namespace, u64> = HashMap::new();
+        for work in &group {
+            if let Work::Write(w) = work {
+                *needs.entry(w.namespace.clone()).or_default() += w.ops.len() as u64;
+            }
+        }
+        if needs.is_empty() {
+            return group;
+        }
+        let reserved = self.shared.counters.lock().unwrap().reserve(&needs);
+        let Err(e) = reserved else { return group };
+        let err = if e.raw_os_error() == Some(libc::ENOSPC) {
+            WriteError::NoSpace(format!(
+                "no space left to reserve counters in {}: free space on its filesystem; writes resume once there is room",
+                self.shared.config.data_dir.display()
+            ))
+        } else {
+            self.shared.fail(format!(
+                "writing the counters file in {}: {e}",
+                self.shared.config.data_dir.display()
+            ))
+        };
+        group
+            .into_iter()
+            .filter_map(|work| match work {
+                Work::Write(w) => {
+                    let _ = w.reply.send(Err(err.clone()));
+                    None
+                }
+                other => Some(other),
+            })
+            .collect()
     }
 
     /// Checks every condition of a request against the state it would see: earlier

@@ -64,6 +64,8 @@ pub struct CompactionSection {
 
 /// How often `asp serve` compacts by default.
 pub const DEFAULT_COMPACTION_INTERVAL_MS: u64 = 10 * 60 * 1000;
+/// After a restart, local writes wait at most this long for a peer's summary.
+pub const DEFAULT_OWN_EVENTS_WAIT_MS: u64 = 10_000;
 
 #[derive(Deserialize, Default, Debug, Clone)]
 #[serde(deny_unknown_fields)]
@@ -83,6 +85,9 @@ pub struct ReplicationSection {
     /// The cluster's secret key for reconciliation hashes: 32 hex digits, the same on
     /// every node. Without it the key is derived from the cluster id.
     pub reconcile_key: Option<String>,
+    /// After a restart, how long local writes wait for a peer to say which of this
+    /// node's own events it holds (0: never wait).
+    pub own_events_wait_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Default, Debug, Clone)]
@@ -298,6 +303,16 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
     if let Some(ms) = section.anti_entropy_interval_ms {
         replication.anti_entropy_interval = Duration::from_millis(ms);
     }
+    // A node that replicates learns what its peers hold of its own events before it
+    // issues counters again after a restart (see docs/PROTOCOL.md, *Counters*).
+    let replicates = replication.listen.is_some() || !replication.peers.is_empty();
+    if replicates {
+        store.own_events_wait = Duration::from_millis(
+            section
+                .own_events_wait_ms
+                .unwrap_or(DEFAULT_OWN_EVENTS_WAIT_MS),
+        );
+    }
     if let Some(range) = flags.protocol_versions {
         let (min, max) = range
             .split_once('-')
@@ -357,6 +372,7 @@ mod tests {
             reconcile_window = 0
             [replication]
             anti_entropy_interval_ms = 5000
+            own_events_wait_ms = 2500
             [policies]
             hits = "counter"
             [compaction]
@@ -376,6 +392,7 @@ mod tests {
         assert_eq!(c.store.compaction_retention_ms, 1000);
         assert_eq!(c.store.tombstone_ttl_ms, Some(5000));
         assert_eq!(c.store.gc_horizon_ms, 60_000);
+        assert_eq!(c.store.own_events_wait, Duration::from_millis(2500));
         let off: FileConfig = toml::from_str("[compaction]\ncollect_tombstones = false").unwrap();
         assert_eq!(
             resolve(off, Overrides::default())
