@@ -1291,6 +1291,12 @@ async fn status(State(state): State<AppState>) -> Response {
             "index_rebuilt": recovery.index_rebuilt,
         },
         "namespaces": namespaces,
+        "own_events_found": store.own_events_found().iter().map(|f| serde_json::json!({
+            "namespace": f.namespace.as_str(),
+            "known_counter": f.known,
+            "held_by_peers_counter": f.held_by_peers,
+            "at_ms": f.at_ms,
+        })).collect::<Vec<_>>(),
         "replication": replication,
         "failure": s.failure,
     }))
@@ -1355,11 +1361,27 @@ fn replication_status(r: &asp_node::ReplicationStatus) -> serde_json::Value {
             })
         })
         .collect();
+    let conflicts: Vec<serde_json::Value> = r
+        .conflicts
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "node_id": c.node.to_string(),
+                "kept_incarnation": format!("{:016x}", c.kept),
+                "refused_incarnation": format!("{:016x}", c.refused),
+                "address": c.address,
+                "message": c.message,
+                "ms_ago": c.age.as_millis() as u64,
+            })
+        })
+        .collect();
     serde_json::json!({
         "cluster_id": r.cluster_id,
         "listen": r.listen.map(|a| a.to_string()),
+        "incarnation": format!("{:016x}", r.incarnation),
         "peers": peers,
         "refusals": refusals,
+        "node_conflicts": conflicts,
     })
 }
 

@@ -63,6 +63,7 @@ fn session_config(inner: &Inner) -> SessionConfig {
         idle_timeout: c.idle_timeout,
         handshake_timeout: c.handshake_timeout,
         credit_window_bytes: c.credit_window_bytes,
+        incarnation: inner.incarnation,
         unchecked_stream_order: false,
     }
 }
@@ -296,13 +297,21 @@ impl Link {
             match event {
                 SessionEvent::Established(info) => {
                     let peer = info.node_id;
-                    if !replicator::establish(&self.inner, self.id, peer) {
-                        self.session.close(
-                            ErrorCode::DuplicateLink,
-                            "another link between these nodes is kept",
-                            Instant::now(),
-                        );
-                        continue;
+                    match replicator::establish(&self.inner, self.id, peer, info.incarnation) {
+                        Ok(()) => {}
+                        Err(replicator::NotKept::Duplicate) => {
+                            self.session.close(
+                                ErrorCode::DuplicateLink,
+                                "another link between these nodes is kept",
+                                Instant::now(),
+                            );
+                            continue;
+                        }
+                        Err(replicator::NotKept::Conflict(message)) => {
+                            self.session
+                                .close(ErrorCode::NodeConflict, message, Instant::now());
+                            continue;
+                        }
                     }
                     self.peer = Some(peer);
                     let checkpoint = self.inner.store.checkpoint(peer);
@@ -371,6 +380,7 @@ impl Link {
                         | ErrorCode::ClusterMismatch
                         | ErrorCode::SelfConnection
                         | ErrorCode::ClockSkew
+                        | ErrorCode::NodeConflict
                 );
                 if refusal {
                     if reason.by_peer {

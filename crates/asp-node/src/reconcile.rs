@@ -335,7 +335,12 @@ impl Link {
             }
             !base.is_subset(&theirs)
         });
-        if !needs {
+        // A peer that lacks its own events lost them (restored from an older copy, a
+        // crash under fsync = never, a salvage): the stream will not send them again.
+        let lost = self
+            .peer
+            .is_some_and(|peer| self.inner.store.holds_lost_events_of(peer, summary));
+        if !needs && !lost {
             return;
         }
         let mut names: Vec<Namespace> = self
@@ -347,11 +352,19 @@ impl Link {
             .filter(|ns| self.session.peer_wants(ns))
             .collect();
         names.sort();
-        tracing::info!(
-            peer = ?self.peer,
-            namespaces = names.len(),
-            "the peer lacks events compacted out of this node's feed: handing over by reconciliation"
-        );
+        if lost {
+            tracing::warn!(
+                peer = ?self.peer,
+                namespaces = names.len(),
+                "the peer lacks events of its own that this node holds (it lost them: restored from an older copy, or a crash); handing them back by reconciliation"
+            );
+        } else {
+            tracing::info!(
+                peer = ?self.peer,
+                namespaces = names.len(),
+                "the peer lacks events compacted out of this node's feed: handing over by reconciliation"
+            );
+        }
         self.reconciler.handover = true;
         self.reconciler.skip_to = Some(self.inner.store.head().seq);
         self.reconciler.handover_retries = 0;

@@ -121,6 +121,24 @@ pub struct ReplicationStatus {
     /// The latest links that failed before their handshake finished (newest last):
     /// what an operator needs to see a misconfigured peer that dials this node.
     pub refusals: Vec<Refusal>,
+    /// This run of this node (random, new at every start; sent in the Hello).
+    pub incarnation: u64,
+    /// Nodes seen running twice at once (two incarnations of one node id), newest
+    /// last: one of each pair was refused.
+    pub conflicts: Vec<NodeConflict>,
+}
+
+/// Two live processes with one node id: a copied data directory or a cloned machine.
+#[derive(Clone, Debug)]
+pub struct NodeConflict {
+    pub node: NodeId,
+    /// The incarnation whose link was kept.
+    pub kept: u64,
+    /// The incarnation refused, and where its link came from.
+    pub refused: u64,
+    pub address: String,
+    pub message: String,
+    pub age: Duration,
 }
 
 /// A link that failed its handshake.
@@ -135,6 +153,14 @@ pub struct Refusal {
 
 /// Refusals kept for status, at most.
 const REFUSALS_MAX: usize = 16;
+/// Node conflicts kept for status, at most.
+const CONFLICTS_MAX: usize = 16;
+/// Earlier incarnations remembered per peer, at most.
+const SUPERSEDED_MAX: usize = 8;
+/// A link heard from this recently is alive: another incarnation of its node arriving
+/// meanwhile is a second process, not a restart (a restart takes longer than this,
+/// and a live link hears a heartbeat every second).
+const LIVE_LINK_WITHIN: Duration = Duration::from_secs(3);
 
 /// A live connection in the registry.
 pub(crate) struct LinkEntry {
@@ -143,6 +169,9 @@ pub(crate) struct LinkEntry {
     pub address: String,
     pub state: LinkState,
     pub since: Instant,
+    /// The peer's incarnation (from its Hello; 0 before the handshake or from an
+    /// earlier build).
+    pub incarnation: u64,
     /// Tells the link to close as a duplicate.
     pub close: Option<oneshot::Sender<()>>,
 }
@@ -158,6 +187,10 @@ pub(crate) struct PeerRecord {
     pub events_received: u64,
     pub address: Option<String>,
     pub reconcile: ReconcileStats,
+    /// The peer's incarnation last kept (0: unknown).
+    pub incarnation: u64,
+    /// Its earlier incarnations, newest last: a process never comes back as one.
+    pub superseded: Vec<u64>,
 }
 
 /// Reconciliation with one peer, for status.
@@ -212,12 +245,16 @@ pub(crate) struct Links {
     pub dials: HashMap<String, DialRecord>,
     /// (address, direction, code, message, when).
     pub refusals: std::collections::VecDeque<(String, Direction, String, String, Instant)>,
+    /// (node, kept, refused, address, message, when).
+    pub conflicts: std::collections::VecDeque<(NodeId, u64, u64, String, String, Instant)>,
 }
 
 pub(crate) struct Inner {
     pub store: Store,
     pub config: ReplicationConfig,
     pub node_id: NodeId,
+    /// This run of the node, sent in every Hello.
+    pub incarnation: u64,
     pub listen: Option<SocketAddr>,
     pub registry: Mutex<Links>,
     /// Bumped whenever a peer acknowledges, or a link comes or goes.
@@ -259,6 +296,7 @@ impl Replicator {
         let listen = listener.as_ref().and_then(|l| l.local_addr().ok());
         let inner = Arc::new(Inner {
             node_id: store.node_id(),
+            incarnation: rand::random::<u64>() | 1,
             store,
             config,
             listen,
@@ -437,11 +475,25 @@ impl Replicator {
                 age: now - *at,
             })
             .collect();
+        let conflicts = reg
+            .conflicts
+            .iter()
+            .map(|(node, kept, refused, address, message, at)| NodeConflict {
+                node: *node,
+                kept: *kept,
+                refused: *refused,
+                address: address.clone(),
+                message: message.clone(),
+                age: now - *at,
+            })
+            .collect();
         ReplicationStatus {
             cluster_id: self.inner.config.cluster_id.clone(),
             listen: self.inner.listen,
             peers,
             refusals,
+            incarnation: self.inner.incarnation,
+            conflicts,
         }
     }
 }
@@ -636,12 +688,32 @@ async fn dial_loop(inner: Arc<Inner>, address: String) {
     }
 }
 
-/// Registers a link whose handshake succeeded. Returns `false` if another link to the
-/// same peer is kept instead (the caller then closes this one as a duplicate).
+/// Why a link whose handshake succeeded is not kept.
+pub(crate) enum NotKept {
+    /// Another link to the same peer is kept instead.
+    Duplicate,
+    /// A second live process runs with the peer's node id (the message says so).
+    Conflict(String),
+}
+
+/// Registers a link whose handshake succeeded, unless another link to the same peer
+/// is kept instead (the caller then closes this one as a duplicate) or the peer is a
+/// second live process with a node id already linked (refused as a conflict).
 ///
 /// Both nodes must choose the same link without talking: the one dialed by the node
 /// with the smaller id wins; between two links dialed by the same node, the newer.
-pub(crate) fn establish(inner: &Inner, link_id: u64, peer: NodeId) -> bool {
+///
+/// A node id names one process at a time: a new incarnation while the link of another
+/// is alive, or an incarnation that an earlier one replaced coming back, is a second
+/// process with the same identity (a copied data directory). Its events would carry
+/// dots the other process issued too, and be dropped as duplicates: refused loudly
+/// instead.
+pub(crate) fn establish(
+    inner: &Inner,
+    link_id: u64,
+    peer: NodeId,
+    incarnation: u64,
+) -> Result<(), NotKept> {
     let mut reg = inner.registry.lock().unwrap();
     let me = inner.node_id;
     let dialer = |direction: Direction| {
@@ -652,31 +724,61 @@ pub(crate) fn establish(inner: &Inner, link_id: u64, peer: NodeId) -> bool {
         }
     };
     let this_direction = reg.links[&link_id].direction;
+    let address = reg.links[&link_id].address.clone();
+    if let Some(conflict) = incarnation_conflict(&reg, link_id, peer, incarnation) {
+        let (kept, message) = conflict;
+        tracing::error!(peer = %peer, address = %address, kept = format!("{kept:016x}"), refused = format!("{incarnation:016x}"), "{message}");
+        if reg.conflicts.len() == CONFLICTS_MAX {
+            reg.conflicts.pop_front();
+        }
+        reg.conflicts.push_back((
+            peer,
+            kept,
+            incarnation,
+            address,
+            message.clone(),
+            Instant::now(),
+        ));
+        return Err(NotKept::Conflict(message));
+    }
     if let Some(&other_id) = reg.established.get(&peer)
         && other_id != link_id
         && let Some(other) = reg.links.get(&other_id)
     {
+        // The other link is of an earlier incarnation gone quiet (checked above): the
+        // peer restarted. Otherwise the usual choice between two links.
+        let restarted = other.incarnation != incarnation;
         let preferred = me.min(peer);
         let this_dialer = dialer(this_direction);
         let other_dialer = dialer(other.direction);
-        let keep_this =
-            this_dialer == other_dialer || (this_dialer == preferred && other_dialer != preferred);
+        let keep_this = restarted
+            || this_dialer == other_dialer
+            || (this_dialer == preferred && other_dialer != preferred);
         if !keep_this {
-            return false;
+            return Err(NotKept::Duplicate);
         }
         if let Some(close) = reg.links.get_mut(&other_id).and_then(|l| l.close.take()) {
             let _ = close.send(());
         }
     }
     reg.established.insert(peer, link_id);
-    let address = reg.links[&link_id].address.clone();
     if let Some(link) = reg.links.get_mut(&link_id) {
         link.peer = Some(peer);
         link.state = LinkState::Active;
+        link.incarnation = incarnation;
     }
     let record = reg.peers.entry(peer).or_default();
     record.last_contact = Some(Instant::now());
     record.last_error = None;
+    if record.incarnation != incarnation && incarnation != 0 {
+        if record.incarnation != 0 {
+            if record.superseded.len() == SUPERSEDED_MAX {
+                record.superseded.remove(0);
+            }
+            record.superseded.push(record.incarnation);
+        }
+        record.incarnation = incarnation;
+    }
     if record.acked_seq == 0 {
         record.acked_seq = inner.store.checkpoint(peer);
     }
@@ -689,7 +791,43 @@ pub(crate) fn establish(inner: &Inner, link_id: u64, peer: NodeId) -> bool {
     }
     drop(reg);
     inner.bump();
-    true
+    Ok(())
+}
+
+/// Whether a link of `peer` at `incarnation` is a second live process with that node
+/// id: returns the incarnation kept and what to tell the operator.
+fn incarnation_conflict(
+    reg: &Links,
+    link_id: u64,
+    peer: NodeId,
+    incarnation: u64,
+) -> Option<(u64, String)> {
+    if incarnation == 0 {
+        return None;
+    }
+    let record = reg.peers.get(&peer)?;
+    let live_other = reg
+        .established
+        .get(&peer)
+        .filter(|&&id| id != link_id)
+        .and_then(|id| reg.links.get(id))
+        .filter(|l| l.incarnation != 0 && l.incarnation != incarnation)
+        .filter(|_| {
+            record
+                .last_contact
+                .is_some_and(|t| t.elapsed() < LIVE_LINK_WITHIN)
+        });
+    let kept = match live_other {
+        Some(other) => other.incarnation,
+        None if record.superseded.contains(&incarnation) => record.incarnation,
+        None => return None,
+    };
+    Some((
+        kept,
+        format!(
+            "node {peer} runs as two processes at once (incarnations {kept:016x} and {incarnation:016x}): a copied data directory or a cloned machine; events of both carry the same dots and would be dropped as duplicates, so the second is refused. Stop one of them, or give it its own empty data directory (a new node id)"
+        ),
+    ))
 }
 
 pub(crate) fn register_link(
@@ -709,6 +847,7 @@ pub(crate) fn register_link(
             address,
             state: LinkState::Handshaking,
             since: Instant::now(),
+            incarnation: 0,
             close: Some(tx),
         },
     );

@@ -183,6 +183,8 @@ fn encode_body(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
                 check_len("namespace name", n.len(), u8::MAX as usize)?;
                 put_str8(out, n);
             }
+            // Appended after the fields of the first builds, which ignore it.
+            out.extend_from_slice(&h.incarnation.to_le_bytes());
         }
         Frame::Error { code, message } => {
             out.push(TYPE_ERROR);
@@ -558,8 +560,15 @@ fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
             for _ in 0..n_ns {
                 namespaces.push(r.str8("namespace")?.to_owned());
             }
+            // Appended fields: absent in a Hello of an earlier build.
+            let incarnation = if r.bytes.len() - r.pos >= 8 {
+                r.u64("incarnation")?
+            } else {
+                0
+            };
             // Later versions may append fields to the Hello: ignore what follows.
             Ok(Frame::Hello(Hello {
+                incarnation,
                 version_min,
                 version_max,
                 cluster_id,

@@ -110,7 +110,8 @@ fn frame() -> impl Strategy<Value = Frame> {
             prop::collection::vec(("[a-z]{1,8}", "[a-z]{0,8}"), 0..3),
             prop::collection::vec("[a-z*]{1,10}", 0..4),
             any::<u32>(),
-            any::<u32>()
+            any::<u32>(),
+            any::<u64>()
         )
             .prop_map(
                 |(
@@ -122,6 +123,7 @@ fn frame() -> impl Strategy<Value = Frame> {
                     namespaces,
                     heartbeat_ms,
                     idle_timeout_ms,
+                    incarnation,
                 )| Frame::Hello(Hello {
                     version_min,
                     version_max,
@@ -131,6 +133,7 @@ fn frame() -> impl Strategy<Value = Frame> {
                     namespaces,
                     heartbeat_ms,
                     idle_timeout_ms,
+                    incarnation,
                 })
             ),
         (1u16..20, "\\PC{0,60}").prop_map(|(c, message)| Frame::Error {
@@ -286,6 +289,7 @@ fn limits_and_garbage_are_refused_by_name() {
         namespaces: vec![],
         heartbeat_ms: 1,
         idle_timeout_ms: 1,
+        incarnation: 1,
     });
     assert!(matches!(
         encode(&hello, &mut Vec::new()),
@@ -304,6 +308,7 @@ fn a_newer_hello_with_more_fields_still_decodes() {
         namespaces: vec!["*".into()],
         heartbeat_ms: 1000,
         idle_timeout_ms: 10_000,
+        incarnation: 77,
     });
     let mut buf = Vec::new();
     encode(&hello, &mut buf).unwrap();
@@ -311,6 +316,32 @@ fn a_newer_hello_with_more_fields_still_decodes() {
     let len = (buf.len() - 4) as u32;
     buf[..4].copy_from_slice(&len.to_le_bytes());
     assert_eq!(decode(&buf).unwrap().unwrap().0, hello);
+}
+
+#[test]
+fn a_hello_of_an_earlier_build_without_an_incarnation_still_decodes() {
+    let hello = Hello {
+        version_min: 1,
+        version_max: 1,
+        cluster_id: "c".into(),
+        node_id: NodeId::new(5).unwrap(),
+        labels: vec![],
+        namespaces: vec!["*".into()],
+        heartbeat_ms: 1000,
+        idle_timeout_ms: 10_000,
+        incarnation: 77,
+    };
+    let mut buf = Vec::new();
+    encode(&Frame::Hello(hello.clone()), &mut buf).unwrap();
+    // The first builds ended the Hello at the namespace list.
+    buf.truncate(buf.len() - 8);
+    let len = (buf.len() - 4) as u32;
+    buf[..4].copy_from_slice(&len.to_le_bytes());
+    let expected = Hello {
+        incarnation: 0,
+        ..hello
+    };
+    assert_eq!(decode(&buf).unwrap().unwrap().0, Frame::Hello(expected));
 }
 
 #[test]

@@ -29,6 +29,11 @@ pub struct Hello {
     pub heartbeat_ms: u32,
     /// How long this node waits without hearing from its peer before it gives up.
     pub idle_timeout_ms: u32,
+    /// Names this run of the node: random, new at every start (0: not sent, by a peer
+    /// of an earlier build). Two live incarnations of one node id are two processes
+    /// with one identity — a copied data directory — and are refused
+    /// ([`ErrorCode::NodeConflict`]).
+    pub incarnation: u64,
 }
 
 /// Why a link was closed, as carried by an `Error` frame.
@@ -57,6 +62,9 @@ pub enum ErrorCode {
     Shutdown,
     /// The receiver could not apply events (storage failure).
     Internal,
+    /// Another live process runs with the same node id (a second incarnation: a
+    /// copied data directory, a cloned machine).
+    NodeConflict,
     /// A code this build does not know (sent by a newer peer).
     Other(u16),
 }
@@ -75,6 +83,7 @@ impl ErrorCode {
             ErrorCode::FlowControl => 9,
             ErrorCode::Shutdown => 10,
             ErrorCode::Internal => 11,
+            ErrorCode::NodeConflict => 13,
             ErrorCode::Other(c) => c,
         }
     }
@@ -92,6 +101,7 @@ impl ErrorCode {
             9 => ErrorCode::FlowControl,
             10 => ErrorCode::Shutdown,
             11 => ErrorCode::Internal,
+            13 => ErrorCode::NodeConflict,
             c => ErrorCode::Other(c),
         }
     }
@@ -110,6 +120,7 @@ impl ErrorCode {
             ErrorCode::FlowControl => "flow_control",
             ErrorCode::Shutdown => "shutdown",
             ErrorCode::Internal => "internal",
+            ErrorCode::NodeConflict => "node_conflict",
             ErrorCode::Other(_) => "unknown",
         }
     }

@@ -45,6 +45,8 @@ pub struct SessionConfig {
     pub handshake_timeout: Duration,
     /// Bytes of events the peer may have in flight towards this node.
     pub credit_window_bytes: u32,
+    /// This run of the node (random, new at every start; see [`Hello::incarnation`]).
+    pub incarnation: u64,
     /// Test only: skip the checks that each batch follows the previous one and that an
     /// ack starts at the first batch sent. The simulator turns this on to prove that it
     /// notices what those checks prevent; nothing else should.
@@ -65,6 +67,7 @@ impl SessionConfig {
             idle_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             credit_window_bytes: 8 << 20,
+            incarnation: 0,
             unchecked_stream_order: false,
         }
     }
@@ -77,6 +80,8 @@ pub struct PeerInfo {
     pub version: u16,
     pub labels: Vec<(String, String)>,
     pub namespaces: Vec<String>,
+    /// The peer's run (0 if its build does not send one).
+    pub incarnation: u64,
 }
 
 /// Why a session ended.
@@ -175,6 +180,7 @@ impl Session {
             namespaces: config.namespaces.clone(),
             heartbeat_ms: config.heartbeat.as_millis().min(u32::MAX as u128) as u32,
             idle_timeout_ms: config.idle_timeout.as_millis().min(u32::MAX as u128) as u32,
+            incarnation: config.incarnation,
         });
         let mut session = Session {
             config,
@@ -441,6 +447,17 @@ impl Session {
             );
             return self.close(ErrorCode::ClusterMismatch, message, now);
         }
+        if hello.node_id == self.config.node_id
+            && hello.incarnation != 0
+            && self.config.incarnation != 0
+            && hello.incarnation != self.config.incarnation
+        {
+            let message = format!(
+                "another process runs with this node's id {} (incarnation {:016x}; this one is {:016x}): a copy of this node's data directory? Give each copy its own data directory with its own node id",
+                hello.node_id, hello.incarnation, self.config.incarnation
+            );
+            return self.close(ErrorCode::NodeConflict, message, now);
+        }
         if hello.node_id == self.config.node_id {
             return self.close(
                 ErrorCode::SelfConnection,
@@ -453,6 +470,7 @@ impl Session {
             version,
             labels: hello.labels,
             namespaces: hello.namespaces,
+            incarnation: hello.incarnation,
         });
         self.state = State::Established;
         let window = self.config.credit_window_bytes;
