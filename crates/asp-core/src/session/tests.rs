@@ -158,6 +158,15 @@ fn refusals_name_their_reason_on_both_sides() {
         "\"other\"",
     );
     check(config(1), config(1), ErrorCode::SelfConnection, "itself");
+    // The same id in another run: a copy of this node, not this node.
+    let run = |incarnation| SessionConfig {
+        incarnation,
+        ..config(1)
+    };
+    check(run(5), run(5), ErrorCode::SelfConnection, "itself");
+    check(run(5), run(6), ErrorCode::NodeConflict, "another process");
+    // A peer of an earlier build sends no incarnation: only what it can tell.
+    check(run(5), run(0), ErrorCode::SelfConnection, "itself");
 }
 
 #[test]
