@@ -337,9 +337,11 @@ impl Link {
         });
         // A peer that lacks its own events lost them (restored from an older copy, a
         // crash under fsync = never, a salvage): the stream will not send them again.
-        let lost = self
-            .peer
-            .is_some_and(|peer| self.inner.store.holds_lost_events_of(peer, summary));
+        let lost = self.peer.is_some_and(|peer| {
+            self.inner
+                .store
+                .holds_lost_events_of(peer, summary, |ns| self.session.peer_wants(ns))
+        });
         if !needs && !lost {
             return;
         }

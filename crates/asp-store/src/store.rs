@@ -695,12 +695,22 @@ impl Store {
     /// directory restored from an older copy, a crash under `fsync = never`, a
     /// salvage), and the feed stream will not send them again (the peer acknowledged
     /// them once).
-    pub fn holds_lost_events_of(&self, peer: NodeId, summary: &[NamespaceSummary]) -> bool {
+    /// Only namespaces for which `shared` is true count (those both replicate: a
+    /// summary leaves the others out).
+    pub fn holds_lost_events_of(
+        &self,
+        peer: NodeId,
+        summary: &[NamespaceSummary],
+        shared: impl Fn(&Namespace) -> bool,
+    ) -> bool {
         let namespaces = self.inner.shared.namespaces.read().unwrap();
         namespaces.iter().any(|(ns, state)| {
             let Some(mine) = state.vector.get(peer) else {
                 return false;
             };
+            if !shared(ns) {
+                return false;
+            }
             let theirs = summary
                 .iter()
                 .find(|s| &s.namespace == ns)

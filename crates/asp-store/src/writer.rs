@@ -1402,9 +1402,15 @@ impl Writer {
 
     /// Makes the counters the group's local writes will take durable as reserved
     /// (usually no I/O: counters are reserved in blocks), so that no crash can make
-    /// this node issue a counter twice. Writes that cannot get counters are answered
+    /// this node issue a counter twice that a client or a peer has seen. Writes that cannot get counters are answered
     /// here and left out of the group.
     fn reserve_counters(&mut self, group: Vec<Work>) -> Vec<Work> {
+        // Under `fsync = "always"` nobody sees a counter before the log holding it is
+        // durable (clients get no answer, peers no feed entry): the log is its own
+        // reservation, and a crash can only take back counters nobody saw.
+        if self.shared.config.fsync == FsyncMode::Always {
+            return group;
+        }
         let mut needs: HashMap<Namespace, u64> = HashMap::new();
         for work in &group {
             if let Work::Write(w) = work {
