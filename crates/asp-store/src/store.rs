@@ -271,6 +271,8 @@ impl Store {
         let (head_tx, _) = watch::channel(head);
         let metrics = Metrics::default();
         metrics.feed_head.set(head.seq as i64);
+        metrics.held_events.set(held.len() as i64);
+        metrics.held_bytes.set(held.bytes() as i64);
         let shared = Arc::new(Shared {
             node_id: manifest.node_id,
             log,

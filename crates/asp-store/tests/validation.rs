@@ -179,7 +179,7 @@ async fn an_event_past_the_record_limit_is_refused_not_cut_on_restart() {
             ),
             "{err:?}"
         );
-        s.apply_remote(vec![plain(1, "after")]).await.unwrap();
+        s.apply_remote(vec![plain(2, "after")]).await.unwrap();
         assert_eq!(s.head().seq, 1);
     }
     let s = Store::open(config(dir.path())).unwrap();
