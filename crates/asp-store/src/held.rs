@@ -301,7 +301,8 @@ impl Held {
     }
 
     pub fn contains(&self, namespace: &Namespace, dot: Dot) -> bool {
-        self.entries.contains_key(&(namespace.clone(), dot))
+        // The usual case, on the writer's path for every received event: nothing held.
+        !self.entries.is_empty() && self.entries.contains_key(&(namespace.clone(), dot))
     }
 
     /// Bytes that can still be held.

@@ -1137,9 +1137,11 @@ impl Writer {
     fn judge(&self, held: &Held, events: &[Event], wall: u64) -> Judged {
         let limit = wall.saturating_add(self.clock.max_skew_ms());
         let mut judged = Judged::default();
-        let mut seen: HashSet<(&Namespace, Dot)> = HashSet::with_capacity(events.len());
-        // Namespaces this batch puts data into: they can no longer take a policy.
-        let mut filled: Vec<&Namespace> = Vec::new();
+        let mut seen: HashSet<(&Namespace, Dot), foldhash::fast::RandomState> =
+            HashSet::with_capacity_and_hasher(events.len(), Default::default());
+        // The batch's namespaces: their policy here (as adopted by this batch), and
+        // whether the batch puts data into them (then they can no longer take one).
+        let mut namespaces: Vec<(&Namespace, Policy, bool)> = Vec::new();
         for e in events {
             let ns = &e.namespace;
             let fate = if !seen.insert((ns, e.dot))
@@ -1153,29 +1155,33 @@ impl Writer {
             } else if e.hlc.physical_ms() > limit {
                 Fate::Park
             } else {
-                let here = judged
-                    .adopt
-                    .iter()
-                    .find(|(n, _)| n == ns)
-                    .map_or_else(|| self.policy(ns), |(_, p)| *p);
-                match Policy::of_event(&e.context) {
+                let at = match namespaces.iter().position(|(n, _, _)| *n == ns) {
+                    Some(at) => at,
+                    None => {
+                        namespaces.push((ns, self.policy(ns), false));
+                        namespaces.len() - 1
+                    }
+                };
+                let (_, here, filled) = namespaces[at];
+                let fate = match Policy::of_event(&e.context) {
                     Some(policy) if policy == here => Fate::Apply,
                     // An empty lww namespace takes the policy of its first events, so
                     // that a policy set on one node spreads with its data.
-                    Some(policy)
-                        if here == Policy::Lww && !filled.contains(&ns) && !self.holds_data(ns) =>
-                    {
+                    Some(policy) if here == Policy::Lww && !filled && !self.holds_data(ns) => {
                         judged.adopt.push((ns.clone(), policy));
+                        namespaces[at].1 = policy;
                         Fate::Apply
                     }
                     // Another policy, or (never past validation) no known policy.
                     _ => Fate::Quarantine,
+                };
+                if fate == Fate::Apply {
+                    namespaces[at].2 = true;
                 }
+                fate
             };
-            match fate {
-                Fate::Apply if !filled.contains(&ns) => filled.push(ns),
-                Fate::Park | Fate::Quarantine => judged.hold_bytes += Held::record_bytes(e),
-                _ => {}
+            if matches!(fate, Fate::Park | Fate::Quarantine) {
+                judged.hold_bytes += Held::record_bytes(e);
             }
             judged.fates.push(fate);
         }

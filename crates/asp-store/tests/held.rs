@@ -341,3 +341,33 @@ async fn a_damaged_held_file_is_refused_on_open() {
     assert!(err.contains("corrupt") && err.contains("held.log"), "{err}");
     assert!(err.contains("offset 8"), "{err}");
 }
+
+#[tokio::test]
+async fn an_empty_namespace_takes_one_policy_from_a_batch_and_quarantines_the_other() {
+    // Guards against an empty lww namespace taking a CRDT policy from a batch whose
+    // earlier events were plain puts to it, applied too: a plain value in a counter
+    // namespace, which no read can join.
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(config(dir.path())).unwrap();
+    let mut counter = put("n", 9, 2, now_ms(), "c");
+    counter.context = Policy::Counter.event_context();
+    counter.op = Op::Put {
+        content_type: ContentType::OctetStream,
+        value: Bytes::from(
+            asp_core::crdt::State::empty(Policy::Counter)
+                .unwrap()
+                .encode(),
+        ),
+    };
+    let out = s
+        .apply_remote(vec![put("n", 9, 1, now_ms(), "plain"), counter])
+        .await
+        .unwrap();
+    assert_eq!((out.applied, out.quarantined), (1, 1));
+    assert_eq!(s.policy(&ns("n")), Policy::Lww);
+    assert_eq!(value(&s, "n", "plain").as_deref(), Some("plain"));
+    assert_eq!(
+        s.held().quarantine[0].policies_of_events,
+        vec![Policy::Counter]
+    );
+}
