@@ -538,7 +538,7 @@ impl Link {
         let Some(peer) = self.peer else { return };
         self.inner
             .metrics
-            .events_refused
+            .batches_refused
             .get_or_create(&RefusalLabels {
                 peer: peer.to_string(),
                 reason: reason.to_owned(),

@@ -39,7 +39,7 @@ pub(crate) struct Metrics {
     pub events_sent: Family<PeerLabels, Counter>,
     pub events_received: Family<PeerLabels, Counter>,
     pub link_errors: Family<PeerLabels, Counter>,
-    pub events_refused: Family<RefusalLabels, Counter>,
+    pub batches_refused: Family<RefusalLabels, Counter>,
     pub lag_events: Family<LagLabels, Gauge>,
     pub lag_ms: Family<LagLabels, Gauge>,
 }
@@ -67,9 +67,9 @@ impl Metrics {
             self.link_errors.clone(),
         );
         registry.register(
-            "asp_peer_events_refused",
+            "asp_peer_batches_refused",
             "Batches of events from each peer refused whole, by reason: an event broke a rule (value_size, record_size, context, crdt_state, dot) or did not fit in the held store (held_full)",
-            self.events_refused.clone(),
+            self.batches_refused.clone(),
         );
         registry.register(
             "asp_reconcile_runs",

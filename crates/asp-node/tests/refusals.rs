@@ -93,7 +93,7 @@ async fn a_value_over_the_receivers_limit_is_refused_by_name_and_counted() {
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     assert!(
         text.contains(&format!(
-            "asp_peer_events_refused_total{{peer=\"{}\",reason=\"value_size\"}}",
+            "asp_peer_batches_refused_total{{peer=\"{}\",reason=\"value_size\"}}",
             a.node_id()
         )),
         "{text}"
