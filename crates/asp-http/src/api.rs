@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::crdt_api;
 use crate::error::ApiError;
 use crate::formats;
+use crate::held_api;
 use crate::json::{BASE64, ChangeOut, ChangesOut, HlcOut, ValueOut, WriteOut};
 
 /// Default limit on a batch request body.
@@ -135,6 +136,11 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
         .route("/v1/admin/compact", post(compact))
+        .route("/v1/admin/quarantine/{ns}/retry", post(quarantine_retry))
+        .route(
+            "/v1/admin/quarantine/{ns}/discard",
+            post(quarantine_discard),
+        )
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/ns/{ns}/kv", get(list_keys))
         .route(
@@ -1219,6 +1225,24 @@ async fn compact(State(state): State<AppState>) -> Result<Response, ApiError> {
     .into_response())
 }
 
+async fn quarantine_retry(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(ns) = path.map_err(path_error)?;
+    let ns = namespace(&ns)?;
+    held_api::resolve_quarantine(state.store(), ns, asp_store::QuarantineAction::Retry).await
+}
+
+async fn quarantine_discard(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(ns) = path.map_err(path_error)?;
+    let ns = namespace(&ns)?;
+    held_api::resolve_quarantine(state.store(), ns, asp_store::QuarantineAction::Discard).await
+}
+
 async fn status(State(state): State<AppState>) -> Response {
     let store = state.store();
     // Like a read, status reflects every acknowledged write (after a storage failure,
@@ -1297,6 +1321,7 @@ async fn status(State(state): State<AppState>) -> Response {
             "held_by_peers_counter": f.held_by_peers,
             "at_ms": f.at_ms,
         })).collect::<Vec<_>>(),
+        "held": held_api::status_json(&store.held(), asp_store::clock::wall_ms()),
         "replication": replication,
         "failure": s.failure,
     }))
@@ -1320,6 +1345,9 @@ fn replication_status(r: &asp_node::ReplicationStatus) -> serde_json::Value {
                 "acked_seq": p.acked_seq,
                 "events_sent": p.events_sent,
                 "events_received": p.events_received,
+                "events_parked": p.events_parked,
+                "events_quarantined": p.events_quarantined,
+                "batches_refused": p.batches_refused.iter().map(|(r, n)| (r.to_string(), serde_json::json!(n))).collect::<serde_json::Map<_, _>>(),
                 "namespaces": p.namespaces.iter().map(|n| serde_json::json!({
                     "name": n.namespace.as_str(),
                     "lag_events": n.lag_events,

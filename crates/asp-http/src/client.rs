@@ -262,6 +262,23 @@ impl Client {
         self.send(method, &path, &[], body).await?.ok()?.json()
     }
 
+    /// Resolves a namespace's quarantined events: `retry` or `discard`.
+    pub async fn quarantine(
+        &self,
+        namespace: &str,
+        action: &str,
+    ) -> Result<serde_json::Value, ClientError> {
+        let path = format!(
+            "/v1/admin/quarantine/{}/{}",
+            encode(namespace),
+            encode(action)
+        );
+        self.send(Method::POST, &path, &[], Bytes::new())
+            .await?
+            .ok()?
+            .json()
+    }
+
     /// An operation on a key of a counter or set namespace (`{"incr": n}`, `{"add": v}`,
     /// `{"remove": v}`).
     pub async fn operate(

@@ -73,6 +73,9 @@ impl From<WriteError> for ApiError {
             WriteError::WrongPolicy(m) => {
                 ApiError::new(StatusCode::CONFLICT, "wrong_policy", m.clone())
             }
+            WriteError::ClockSkew(m) | WriteError::InvalidEvent { message: m, .. } => {
+                ApiError::bad_request("invalid_batch", m.clone())
+            }
             WriteError::Storage(_) => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "storage_failure",

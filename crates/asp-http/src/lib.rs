@@ -7,6 +7,7 @@ pub mod client;
 mod crdt_api;
 mod error;
 pub mod formats;
+mod held_api;
 mod json;
 mod openapi;
 

@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use crate::metrics::RefusalLabels;
 use crate::replicator::{self, Direction, Inner, error_pair, peer_labels, wall_ms};
 
 #[path = "reconcile.rs"]
@@ -381,6 +382,7 @@ impl Link {
                         | ErrorCode::SelfConnection
                         | ErrorCode::ClockSkew
                         | ErrorCode::NodeConflict
+                        | ErrorCode::InvalidEvent
                 );
                 if refusal {
                     if reason.by_peer {
@@ -500,15 +502,38 @@ impl Link {
             ..
         } = done;
         match result {
-            Ok(outcome) => match repair {
-                Some(id) => {
-                    self.session.repaired(bytes, now);
-                    self.repaired(id, outcome.applied);
+            Ok(outcome) => {
+                // Held events are acknowledged like applied ones: they are durable.
+                if outcome.parked + outcome.quarantined > 0 {
+                    self.with_record(|r| {
+                        r.events_parked += outcome.parked as u64;
+                        r.events_quarantined += outcome.quarantined as u64;
+                    });
                 }
-                None => self.session.applied(last_seq, bytes, now),
-            },
+                match repair {
+                    Some(id) => {
+                        self.session.repaired(bytes, now);
+                        self.repaired(id, outcome.applied);
+                    }
+                    None => self.session.applied(last_seq, bytes, now),
+                }
+            }
+            Err(WriteError::InvalidEvent { reason, message }) => {
+                self.count_refusal(reason);
+                self.session.close(ErrorCode::InvalidEvent, message, now)
+            }
+            // Only when the held store is full: events are parked otherwise.
             Err(WriteError::ClockSkew(message)) => {
+                self.count_refusal("held_full");
                 self.session.close(ErrorCode::ClockSkew, message, now)
+            }
+            Err(WriteError::PolicyFixed(message)) => {
+                self.count_refusal("held_full");
+                self.session.close(
+                    ErrorCode::Internal,
+                    format!("cannot apply the peer's events: {message}"),
+                    now,
+                )
             }
             Err(e) => self.session.close(
                 ErrorCode::Internal,
@@ -516,6 +541,20 @@ impl Link {
                 now,
             ),
         }
+    }
+
+    /// Counts a batch of the peer's refused whole, by reason (status and metrics).
+    fn count_refusal(&self, reason: &'static str) {
+        let Some(peer) = self.peer else { return };
+        self.inner
+            .metrics
+            .batches_refused
+            .get_or_create(&RefusalLabels {
+                peer: peer.to_string(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+        self.with_record(|r| *r.batches_refused.entry(reason).or_default() += 1);
     }
 
     /// Keeps how far the peer holds this node's feed, so that the next link resumes

@@ -18,6 +18,12 @@ pub(crate) struct LagLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RefusalLabels {
+    pub peer: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ReconcileLabels {
     pub peer: String,
     pub outcome: String,
@@ -33,6 +39,7 @@ pub(crate) struct Metrics {
     pub events_sent: Family<PeerLabels, Counter>,
     pub events_received: Family<PeerLabels, Counter>,
     pub link_errors: Family<PeerLabels, Counter>,
+    pub batches_refused: Family<RefusalLabels, Counter>,
     pub lag_events: Family<LagLabels, Gauge>,
     pub lag_ms: Family<LagLabels, Gauge>,
 }
@@ -58,6 +65,11 @@ impl Metrics {
             "asp_peer_link_errors",
             "Peer links that ended with an error",
             self.link_errors.clone(),
+        );
+        registry.register(
+            "asp_peer_batches_refused",
+            "Batches of events from each peer refused whole, by reason: an event broke a rule (value_size, record_size, context, crdt_state, dot) or did not fit in the held store (held_full)",
+            self.batches_refused.clone(),
         );
         registry.register(
             "asp_reconcile_runs",

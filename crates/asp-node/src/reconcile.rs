@@ -288,6 +288,11 @@ impl Link {
             if !self.session.peer_wants(&ns) || self.reconciler.queued(&ns) {
                 continue;
             }
+            // Quarantined events make the digests differ by design until an operator
+            // resolves them; runs would find the difference every time.
+            if store.is_quarantined(&ns) {
+                continue;
+            }
             let a = mine.iter().find(|s| s.namespace == ns);
             let b = theirs.iter().find(|s| s.namespace == ns);
             let digest = |s: Option<&asp_core::session::NamespaceSummary>| {
@@ -909,6 +914,12 @@ impl Link {
             return refuse(self, "another is under way");
         }
         let store = self.inner.store.clone();
+        // As this node starts none for it: the states differ by design until an
+        // operator resolves the quarantine (a transfer, which only brings state in,
+        // goes ahead).
+        if mode != ReconcileMode::Transfer && store.is_quarantined(&namespace) {
+            return refuse(self, "the namespace has quarantined events here");
+        }
         // In transfer mode this node sends no state: it covers nothing for the peer.
         let covered = if mode == ReconcileMode::Transfer {
             VersionVector::default()

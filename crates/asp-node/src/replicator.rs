@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use asp_core::session::{ErrorCode, NamespaceSummary};
 use asp_core::{Namespace, NodeId};
@@ -108,6 +108,14 @@ pub struct PeerStatus {
     pub acked_seq: u64,
     pub events_sent: u64,
     pub events_received: u64,
+    /// Of the events received, those held: parked (clock too far ahead) and
+    /// quarantined (another policy), acknowledged like the applied ones.
+    pub events_parked: u64,
+    pub events_quarantined: u64,
+    /// Batches received from the peer and refused whole (the link closed), by reason:
+    /// an event broke a rule (`value_size`, `record_size`, `context`, `crdt_state`,
+    /// `dot`) or did not fit in the held store (`held_full`).
+    pub batches_refused: Vec<(&'static str, u64)>,
     pub namespaces: Vec<NamespaceLag>,
     pub reconcile: ReconcileStats,
 }
@@ -185,6 +193,9 @@ pub(crate) struct PeerRecord {
     pub summary: Vec<NamespaceSummary>,
     pub events_sent: u64,
     pub events_received: u64,
+    pub events_parked: u64,
+    pub events_quarantined: u64,
+    pub batches_refused: std::collections::BTreeMap<&'static str, u64>,
     pub address: Option<String>,
     pub reconcile: ReconcileStats,
     /// The peer's incarnation last kept (0: unknown).
@@ -430,6 +441,13 @@ impl Replicator {
                 acked_seq: record.acked_seq,
                 events_sent: record.events_sent,
                 events_received: record.events_received,
+                events_parked: record.events_parked,
+                events_quarantined: record.events_quarantined,
+                batches_refused: record
+                    .batches_refused
+                    .iter()
+                    .map(|(r, n)| (*r, *n))
+                    .collect(),
                 namespaces: lag(&self.inner.store, &mine, &record.summary, record.acked_seq),
                 reconcile: record.reconcile.clone(),
             });
@@ -458,6 +476,9 @@ impl Replicator {
                     acked_seq: 0,
                     events_sent: 0,
                     events_received: 0,
+                    events_parked: 0,
+                    events_quarantined: 0,
+                    batches_refused: Vec::new(),
                     namespaces: Vec::new(),
                     reconcile: ReconcileStats::default(),
                 });
@@ -892,10 +913,9 @@ pub(crate) fn peer_labels(peer: NodeId) -> PeerLabels {
     }
 }
 
+/// The store's wall clock (with its test offset, see `asp_store::clock`).
 pub(crate) fn wall_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    asp_store::clock::wall_ms()
 }
 
 pub(crate) fn error_pair(code: ErrorCode, message: &str) -> (String, String) {

@@ -12,6 +12,8 @@ pub(crate) const FRAME_HEADER_BYTES: usize = 8;
 /// one frame.
 pub const VALUE_BYTES_LIMIT: usize = 8 << 20;
 /// The largest record body: a value at the limit plus room for its key and metadata.
+/// Readers refuse longer frames as damage ([`check_frame`]), so nothing longer may
+/// ever be appended: [`record_fits`] is the check, for local writes and peers' events.
 pub(crate) const RECORD_BYTES_MAX: usize = VALUE_BYTES_LIMIT + (64 << 10);
 /// Record flag: the last event of an atomic batch. Recovery never keeps part of a batch.
 pub(crate) const FLAG_TXN_END: u8 = 1;
@@ -23,7 +25,6 @@ const OP_PUT: u8 = 0;
 const OP_DELETE: u8 = 1;
 
 /// A record's fixed part: flags u8, seq u64, then the event.
-#[cfg(test)]
 const RECORD_FIXED_BYTES: usize = 1 + 8 + 1 + 2 + 1 + 1 + 8 + 8 + 8 + 4 + 4;
 
 /// An event to encode, borrowed from wherever it lives.
@@ -58,8 +59,12 @@ impl<'a> EventRef<'a> {
     /// Bytes of the framed record.
     #[cfg(test)]
     pub fn framed_len(&self) -> usize {
-        FRAME_HEADER_BYTES
-            + RECORD_FIXED_BYTES
+        FRAME_HEADER_BYTES + self.body_len()
+    }
+
+    /// Bytes of the record's body (what the frame's length field counts).
+    pub fn body_len(&self) -> usize {
+        RECORD_FIXED_BYTES
             + self.namespace.len()
             + self.key.len()
             + self.context.len()
@@ -67,8 +72,15 @@ impl<'a> EventRef<'a> {
     }
 }
 
+/// Whether the event's record is within [`RECORD_BYTES_MAX`]: a longer one would be
+/// appended, acknowledged, and then read back as damage.
+pub(crate) fn record_fits(event: &EventRef<'_>) -> bool {
+    event.body_len() <= RECORD_BYTES_MAX
+}
+
 /// Appends the framed record of one event to `buf`.
 pub(crate) fn encode_record(buf: &mut Vec<u8>, seq: u64, flags: u8, event: &EventRef<'_>) {
+    debug_assert!(record_fits(event), "a record past RECORD_BYTES_MAX");
     let start = buf.len();
     buf.extend_from_slice(&[0; FRAME_HEADER_BYTES]);
     buf.push(flags);

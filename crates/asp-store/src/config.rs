@@ -87,8 +87,13 @@ pub struct StoreConfig {
     pub value_bytes_max: usize,
     /// Operations in one atomic batch, at most.
     pub batch_ops_max: usize,
-    /// Remote clock readings further ahead than this are refused.
+    /// Events from peers whose clock reading is further ahead of this node's wall
+    /// clock than this are parked (held, not applied) until the wall clock catches up.
     pub max_clock_skew_ms: u64,
+    /// Bytes of events received from peers and held (parked or quarantined, in
+    /// `held.log` and in memory), at most; past it, a batch that needs holding is
+    /// refused as a whole. Default 64 MiB.
+    pub held_bytes_max: u64,
     /// The key index's block cache.
     pub index_cache_bytes: u64,
     /// The key index's in-memory write buffer, per keyspace.
@@ -144,6 +149,7 @@ impl StoreConfig {
     pub const DEFAULT_SEGMENT_BYTES_MAX: u64 = 128 << 20;
     pub const DEFAULT_VALUE_BYTES_MAX: usize = 1 << 20;
     pub const DEFAULT_BATCH_OPS_MAX: usize = 10_000;
+    pub const DEFAULT_HELD_BYTES_MAX: u64 = 64 << 20;
     /// A `reconcile_window` for turning windows on: namespaces of up to 64 k keys keep
     /// a quarter of their keys' worth, larger ones 16,384 symbols (768 KiB).
     pub const RECONCILE_WINDOW_ON: usize = 1 << 14;
@@ -166,6 +172,7 @@ impl StoreConfig {
             value_bytes_max: Self::DEFAULT_VALUE_BYTES_MAX,
             batch_ops_max: Self::DEFAULT_BATCH_OPS_MAX,
             max_clock_skew_ms: 60_000,
+            held_bytes_max: Self::DEFAULT_HELD_BYTES_MAX,
             index_cache_bytes: 32 << 20,
             index_memtable_bytes: 8 << 20,
             item_key: ItemKey::new(*b"asp item key v1!"),

@@ -65,9 +65,19 @@ pub enum WriteError {
         /// The key's current version (`None` if absent or deleted).
         current: Option<Dot>,
     },
-    /// Events from a peer carry a clock reading too far ahead of this node's.
+    /// Events from a peer carry a clock reading too far ahead of this node's, and
+    /// there is no room left to hold them until it catches up (`held_bytes_max`).
     #[error("{0}")]
     ClockSkew(String),
+    /// An event from a peer breaks a rule every event must keep (see
+    /// [`crate::Store::enqueue_remote`]); nothing of its batch is applied. `reason`
+    /// names the rule (`value_size`, `record_size`, `context`, `crdt_state`, `dot`),
+    /// for counting; the message names the event and the limit.
+    #[error("{message}")]
+    InvalidEvent {
+        reason: &'static str,
+        message: String,
+    },
     /// A namespace's conflict policy cannot change: it holds data under another one
     /// (or a peer sent events of another policy).
     #[error("{0}")]
@@ -76,10 +86,6 @@ pub enum WriteError {
     /// on a set, a plain put on a counter).
     #[error("{0}")]
     WrongPolicy(String),
-    /// A peer sent an event this node must not take (see the message); nothing of its
-    /// batch is applied.
-    #[error("{0}")]
-    InvalidEvent(String),
     /// The data directory's filesystem is full: nothing of the batch was written, and
     /// writes work again once there is room.
     #[error("{0}")]

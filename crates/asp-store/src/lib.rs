@@ -10,6 +10,7 @@
 //! This crate knows no network protocol and no JSON request shapes.
 
 mod base;
+pub mod clock;
 mod codec;
 mod compact;
 mod config;
@@ -17,6 +18,7 @@ mod counters;
 mod digest;
 mod error;
 mod gc;
+mod held;
 mod index;
 mod log;
 mod manifest;
@@ -25,12 +27,16 @@ mod policy;
 mod queue;
 mod store;
 mod types;
+mod validate;
 mod writer;
 
 pub use codec::VALUE_BYTES_LIMIT;
 pub use compact::{CompactionError, CompactionReport, TombstoneGc};
 pub use config::{FSYNC_INTERVAL_MS_MAX, FsyncMode, FsyncModeError, StoreConfig};
 pub use error::{OpenError, ReadError, WriteError};
+pub use held::{
+    HeldReason, HeldStatus, ParkedStatus, QuarantineAction, QuarantineOutcome, QuarantineStatus,
+};
 pub use log::{FeedHead, TornTail};
 pub use manifest::FORMAT_VERSION;
 pub use metrics::Metrics;

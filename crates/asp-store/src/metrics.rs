@@ -34,6 +34,18 @@ pub struct Metrics {
     /// Times peers turned out to hold events of this node that it had no record of
     /// issuing (see `counters.rs`).
     pub own_events_found: Counter,
+    /// Events from peers parked: their clock was too far ahead (see `held.rs`).
+    pub events_parked: Counter,
+    /// Parked events applied once this node's clock allowed.
+    pub events_released: Counter,
+    /// Events from peers quarantined: their namespace uses another policy here.
+    pub events_quarantined: Counter,
+    /// Events held (parked or quarantined) now, and the bytes of their records.
+    pub held_events: Gauge,
+    pub held_bytes: Gauge,
+    /// Batches from peers refused whole because holding their events would have
+    /// passed `held_bytes_max`.
+    pub held_full_refusals: Counter,
 }
 
 impl Default for Metrics {
@@ -56,6 +68,12 @@ impl Default for Metrics {
             epitaphs_left: Counter::default(),
             epitaphs_dropped: Counter::default(),
             own_events_found: Counter::default(),
+            events_parked: Counter::default(),
+            events_released: Counter::default(),
+            events_quarantined: Counter::default(),
+            held_events: Gauge::default(),
+            held_bytes: Gauge::default(),
+            held_full_refusals: Counter::default(),
         }
     }
 }
@@ -146,6 +164,36 @@ impl Metrics {
             "asp_own_events_found",
             "Times peers held events of this node it had no record of issuing (a data directory restored from an older copy, a crash under fsync = never/interval, or another process with this node's id)",
             self.own_events_found.clone(),
+        );
+        registry.register(
+            "asp_events_parked",
+            "Events from peers held because their clock was more than max_clock_skew_ms ahead",
+            self.events_parked.clone(),
+        );
+        registry.register(
+            "asp_events_released",
+            "Parked events applied once this node's clock allowed",
+            self.events_released.clone(),
+        );
+        registry.register(
+            "asp_events_quarantined",
+            "Events from peers held because their namespace uses another conflict policy here",
+            self.events_quarantined.clone(),
+        );
+        registry.register(
+            "asp_held_events",
+            "Events held now (parked or quarantined), not applied",
+            self.held_events.clone(),
+        );
+        registry.register(
+            "asp_held_bytes",
+            "Bytes of the records of the events held now (limit: held_bytes_max)",
+            self.held_bytes.clone(),
+        );
+        registry.register(
+            "asp_held_full_refusals",
+            "Batches from peers refused whole because holding their events would pass held_bytes_max",
+            self.held_full_refusals.clone(),
         );
     }
 }

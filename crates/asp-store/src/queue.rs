@@ -137,6 +137,11 @@ impl<T> WriteQueue<T> {
         item
     }
 
+    /// Whether [`WriteQueue::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.state.lock().unwrap().closed
+    }
+
     /// Refuses further items; what is queued can still be received.
     pub fn close(&self) {
         self.state.lock().unwrap().closed = true;

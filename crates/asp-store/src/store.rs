@@ -19,6 +19,7 @@ use crate::base::Bases;
 use crate::codec::{self, INLINE_VALUE_BYTES_MAX, IndexEntry};
 use crate::config::{FsyncMode, StoreConfig};
 use crate::error::{OpenError, ReadError, WriteError};
+use crate::held::{Held, HeldStatus, QuarantineAction, QuarantineOutcome};
 use crate::index::Index;
 use crate::log::{FeedHead, Log, LogCursor, TornTail};
 use crate::manifest::{self, Manifest};
@@ -29,7 +30,10 @@ use crate::types::{
     Applied, ApplyOutcome, ChangesPage, FeedEvent, KeyState, NamespaceState, ScanItem, ScanPage,
     Value, WriteKind, WriteOp,
 };
-use crate::writer::{self, ApplyRequest, PolicyRequest, Progress, Request, Shared, WriteRequest};
+use crate::validate;
+use crate::writer::{
+    self, ApplyRequest, PolicyRequest, Progress, QuarantineRequest, Request, Shared, WriteRequest,
+};
 use asp_core::crdt::{Policy, State};
 
 /// The most keys one listing returns.
@@ -237,6 +241,22 @@ impl Store {
         // issues counters again (bounded by `own_events_wait`): its data directory may
         // be older than what it issued.
         let learned = config.own_events_wait.is_zero() || index.checkpoint_peers().is_empty();
+        let mut held = Held::open(&config.data_dir, config.held_bytes_max)?;
+        // Held events applied since, or discarded (their dots joined the base), go.
+        let dropped = held.drop_applied(|ns, dot| {
+            state
+                .namespaces
+                .get(ns)
+                .is_some_and(|s| s.vector.contains(dot))
+        });
+        if held.len() > 0 || dropped > 0 {
+            tracing::info!(
+                held = held.len(),
+                dropped,
+                bytes = held.bytes(),
+                "events received from peers and held (parked or quarantined)"
+            );
+        }
         let digests = build_digests(&index, &config)?;
         index.clamp_checkpoints(log.last_seq())?;
         report.replayed_events = replayed;
@@ -282,6 +302,8 @@ impl Store {
         let (head_tx, _) = watch::channel(head);
         let metrics = Metrics::default();
         metrics.feed_head.set(head.seq as i64);
+        metrics.held_events.set(held.len() as i64);
+        metrics.held_bytes.set(held.bytes() as i64);
         let shared = Arc::new(Shared {
             node_id: manifest.node_id,
             log,
@@ -315,6 +337,7 @@ impl Store {
             counters: Mutex::new(counters),
             own_events_found: Mutex::new(Vec::new()),
             own_events_learned: watch::channel(learned).0,
+            held: Mutex::new(held),
             metrics,
             config: config.clone(),
         });
@@ -492,9 +515,19 @@ impl Store {
     /// Applies events received from a peer: those already held are left out, the rest
     /// are appended to this node's feed as they are (same dots, same clocks) and merged
     /// into each key by version. Returns once they are as durable as the fsync mode
-    /// promises, and not before everything held already is. Events whose clock is more
-    /// than `max_clock_skew_ms` ahead refuse the whole call
-    /// ([`WriteError::ClockSkew`]).
+    /// promises, and not before everything held already is.
+    ///
+    /// Events that cannot be applied yet are *held* (durably, outside the feed) and
+    /// counted in the outcome: those whose clock is more than `max_clock_skew_ms`
+    /// ahead are parked and applied once this node's clock allows; those of another
+    /// conflict policy than their namespace's here are quarantined until an operator
+    /// resolves it ([`Store::resolve_quarantine`]). Only when holding them would pass
+    /// `held_bytes_max` is the whole call refused ([`WriteError::ClockSkew`] or
+    /// [`WriteError::PolicyFixed`]).
+    ///
+    /// Every event is first checked like a local write (value and record size,
+    /// context, CRDT state): one that breaks a rule refuses the whole call
+    /// ([`WriteError::InvalidEvent`]) and nothing of it is applied.
     pub async fn apply_remote(&self, events: Vec<Event>) -> Result<ApplyOutcome, WriteError> {
         let answer = self.enqueue_remote(events).await?;
         match answer.await {
@@ -506,11 +539,13 @@ impl Store {
     /// Queues events from a peer like [`Store::apply_remote`] and returns at once (or
     /// when the queue has room) with the receiver of the outcome. Requests are applied
     /// in the order they were queued, so a caller can keep several in flight and still
-    /// see their outcomes in order.
+    /// see their outcomes in order. A batch with an event that breaks a rule is refused
+    /// here ([`WriteError::InvalidEvent`]), before it reaches the writer.
     pub async fn enqueue_remote(
         &self,
         events: Vec<Event>,
     ) -> Result<oneshot::Receiver<Result<ApplyOutcome, WriteError>>, WriteError> {
+        validate::check_remote_events(self.config(), &events)?;
         let bytes: usize = events
             .iter()
             .map(|e| asp_core::session::credit_size(e) as usize)
@@ -968,6 +1003,52 @@ impl Store {
             .send(Request::Policy(PolicyRequest {
                 namespace,
                 policy,
+                reply,
+            }))
+            .await
+            .map_err(|_| WriteError::Closed)?;
+        answer.await.map_err(|_| self.closed_or_failed())?
+    }
+
+    /// What this node holds without applying it (see [`Store::apply_remote`]): parked
+    /// events and, per namespace, quarantined ones.
+    pub fn held(&self) -> HeldStatus {
+        let shared = &self.inner.shared;
+        let namespaces = shared.namespaces.read().unwrap();
+        let holds_data = |ns: &Namespace| namespaces.get(ns).is_some_and(|s| !s.vector.is_empty());
+        let held = shared.held.lock().unwrap();
+        held.status(shared.config.max_clock_skew_ms, |ns| {
+            (self.policy(ns), holds_data(ns))
+        })
+    }
+
+    /// Whether `namespace` has quarantined events here (its state differs from its
+    /// peers' by design until an operator resolves it: anti-entropy leaves it alone).
+    pub fn is_quarantined(&self, namespace: &Namespace) -> bool {
+        self.inner
+            .shared
+            .held
+            .lock()
+            .unwrap()
+            .is_quarantined(namespace)
+    }
+
+    /// Resolves a namespace's quarantine: applies the events its policy accepts now
+    /// ([`QuarantineAction::Retry`], after the policy was set to theirs), or drops them
+    /// from this node ([`QuarantineAction::Discard`]; their dots join the namespace's
+    /// base vector, so that they are neither asked for nor taken again). Answers once
+    /// the change is durable; all zeros when the namespace has nothing quarantined.
+    pub async fn resolve_quarantine(
+        &self,
+        namespace: Namespace,
+        action: QuarantineAction,
+    ) -> Result<QuarantineOutcome, WriteError> {
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .queue
+            .send(Request::Quarantine(QuarantineRequest {
+                namespace,
+                action,
                 reply,
             }))
             .await

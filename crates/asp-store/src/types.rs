@@ -189,8 +189,14 @@ pub struct ChangesPage {
 pub struct ApplyOutcome {
     /// Events appended to this node's feed.
     pub applied: usize,
-    /// Events this node already held, left out.
+    /// Events this node already held (applied, parked or quarantined), left out.
     pub duplicates: usize,
+    /// Events held until this node's clock catches up with theirs (more than
+    /// `max_clock_skew_ms` ahead); applied then, by the writer.
+    pub parked: usize,
+    /// Events held because their namespace uses another conflict policy here; applied
+    /// or discarded by an operator ([`crate::Store::resolve_quarantine`]).
+    pub quarantined: usize,
     /// The feed position of the last event appended (0 if none).
     pub last_seq: u64,
 }

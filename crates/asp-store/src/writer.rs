@@ -26,12 +26,12 @@
 //! are acknowledged and (unless `fsync = "never"`) durable: a peer or subscriber must
 //! never see an event that a crash could take back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use asp_core::reconcile::{Item, Window};
 
@@ -44,6 +44,7 @@ use crate::base::Bases;
 use crate::codec::{self, EventRef, FLAG_TXN_END, INLINE_VALUE_BYTES_MAX, IndexEntry, LogPosition};
 use crate::config::{FsyncMode, StoreConfig};
 use crate::error::{ReadError, WriteError};
+use crate::held::{Held, HeldReason, QuarantineAction, QuarantineOutcome};
 use crate::index::Index;
 use crate::log::{FeedHead, Log, Segment, SparseBuilder, SparseUpdate};
 use crate::metrics::Metrics;
@@ -69,7 +70,16 @@ pub(crate) enum Request {
     Cover(CoverRequest),
     Policy(PolicyRequest),
     Collect(CollectRequest),
+    Quarantine(QuarantineRequest),
     Shutdown(oneshot::Sender<()>),
+}
+
+/// An operator's resolution of a namespace's quarantined events (see [`crate::held`]).
+pub(crate) struct QuarantineRequest {
+    pub namespace: Namespace,
+    pub action: QuarantineAction,
+    /// Answered once what it applied or recorded is durable.
+    pub reply: oneshot::Sender<Result<QuarantineOutcome, WriteError>>,
 }
 
 /// Tombstones compaction collects (see [`crate::gc`]): each key's entry, if it is
@@ -140,6 +150,7 @@ enum Work {
     Cover(CoverRequest),
     Policy(PolicyRequest),
     Collect(CollectRequest),
+    Quarantine(QuarantineRequest),
 }
 
 pub(crate) struct WriteRequest {
@@ -207,6 +218,9 @@ pub(crate) struct Shared {
     /// `own_events_wait` set and peers known, not until a peer's summary said what it
     /// holds of this node's own events (or the wait ran out).
     pub own_events_learned: watch::Sender<bool>,
+    /// Events received from peers and held, not applied (see [`crate::held`]); the
+    /// writer changes them, status pages read them.
+    pub held: Mutex<Held>,
     pub metrics: Metrics,
     /// Mirrors of `progress.acked.seq` and `progress.indexed.seq`, so that a read can
     /// see without locking that the index is up to date.
@@ -376,6 +390,9 @@ struct IndexMsg {
     hlc: Hlc,
     /// Answered once the group is in the index and its namespace states are visible.
     after_index: Vec<oneshot::Sender<Result<(), WriteError>>>,
+    /// Resolved quarantines, answered like `after_index` (a discard changes vectors
+    /// only, which readers see once the indexer published them).
+    quarantines: Vec<QuarantineReply>,
     /// Counters of the group's collections (see [`UpdateKind::Collect`]).
     tallies: Vec<Arc<CollectTally>>,
 }
@@ -418,7 +435,17 @@ enum Reply {
     /// Answered by the indexer, once the group is in the key index (relocations and
     /// covers, which are no client's writes).
     AfterIndex(oneshot::Sender<Result<(), WriteError>>),
+    /// Answered by the indexer, like `AfterIndex`.
+    Quarantine(
+        oneshot::Sender<Result<QuarantineOutcome, WriteError>>,
+        QuarantineOutcome,
+    ),
 }
+
+type QuarantineReply = (
+    oneshot::Sender<Result<QuarantineOutcome, WriteError>>,
+    QuarantineOutcome,
+);
 
 impl Reply {
     fn fail(self, err: WriteError) {
@@ -426,6 +453,7 @@ impl Reply {
             Reply::Write(tx, _) => drop(tx.send(Err(err))),
             Reply::Apply(tx, _) => drop(tx.send(Err(err))),
             Reply::AfterIndex(tx) => drop(tx.send(Err(err))),
+            Reply::Quarantine(tx, _) => drop(tx.send(Err(err))),
         }
     }
 }
@@ -439,8 +467,31 @@ impl Work {
             Work::Cover(c) => drop(c.reply.send(Err(err))),
             Work::Policy(p) => drop(p.reply.send(Err(err))),
             Work::Collect(c) => drop(c.reply.send(Err(err))),
+            Work::Quarantine(q) => drop(q.reply.send(Err(err))),
         }
     }
+}
+
+/// What becomes of one event received from a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fate {
+    /// Its dot is applied or held here already.
+    Duplicate,
+    Apply,
+    /// Held until this node's clock allows it.
+    Park,
+    /// Held until an operator resolves its namespace's policy conflict.
+    Quarantine,
+}
+
+/// What [`Writer::judge`] decided for a batch of events from a peer.
+#[derive(Default)]
+struct Judged {
+    fates: Vec<Fate>,
+    /// Empty lww namespaces that take the policy of their first events.
+    adopt: Vec<(Namespace, Policy)>,
+    /// Bytes the held store needs for the batch.
+    hold_bytes: u64,
 }
 
 /// A client operation's clock reading and value (`None`: a delete), as appended.
@@ -537,9 +588,7 @@ fn add_collect(g: &mut Group, c: CollectRequest) {
 }
 
 pub(crate) fn wall_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    crate::clock::wall_ms()
 }
 
 /// Starts the writer threads. The returned handle finishes when the request channel
@@ -620,6 +669,7 @@ impl Collected {
             Request::Cover(c) => self.requests.push(Work::Cover(c)),
             Request::Policy(p) => self.requests.push(Work::Policy(p)),
             Request::Collect(c) => self.requests.push(Work::Collect(c)),
+            Request::Quarantine(q) => self.requests.push(Work::Quarantine(q)),
             Request::Shutdown(reply) => self.shutdown.push(reply),
         }
     }
@@ -650,12 +700,26 @@ impl Writer {
         set_fine_timer_slack();
 
         let mut shutdown_replies = Vec::new();
-        while let Some(first) = self.queue.recv() {
+        loop {
+            // While events are parked, wake for the earliest one's release.
+            let first = match self.release_deadline() {
+                None => match self.queue.recv() {
+                    Some(first) => Some(first),
+                    None => break,
+                },
+                Some(deadline) => match self.queue.recv_until(deadline) {
+                    Some(first) => Some(first),
+                    None if self.queue.is_closed() => break,
+                    None => None,
+                },
+            };
             let mut group = Collected::default();
-            group.add(first);
-            self.drain(&mut group);
-            if self.shared.config.fsync == FsyncMode::Always && group.shutdown.is_empty() {
-                self.gather_stragglers(&mut group);
+            if let Some(first) = first {
+                group.add(first);
+                self.drain(&mut group);
+                if self.shared.config.fsync == FsyncMode::Always && group.shutdown.is_empty() {
+                    self.gather_stragglers(&mut group);
+                }
             }
             self.shared
                 .metrics
@@ -681,6 +745,7 @@ impl Writer {
                 Request::Cover(c) => Work::Cover(c).fail(WriteError::Closed),
                 Request::Policy(p) => Work::Policy(p).fail(WriteError::Closed),
                 Request::Collect(c) => Work::Collect(c).fail(WriteError::Closed),
+                Request::Quarantine(q) => Work::Quarantine(q).fail(WriteError::Closed),
                 Request::Shutdown(reply) => shutdown_replies.push(reply),
             }
         }
@@ -762,7 +827,8 @@ impl Writer {
     /// Checks, encodes and appends a group; returns it for the fsync and the
     /// acknowledgements, or `None` if nothing of it needs either.
     fn process(&mut self, group: Vec<Work>) -> Option<WrittenGroup> {
-        if group.is_empty() {
+        let wall = wall_ms();
+        if group.is_empty() && !self.release_due_at(wall) {
             return None;
         }
         if let Some(err) = self.shared.failed() {
@@ -784,7 +850,8 @@ impl Writer {
             | Work::Relocate(_)
             | Work::Cover(_)
             | Work::Policy(_)
-            | Work::Collect(_) => false,
+            | Work::Collect(_)
+            | Work::Quarantine(_) => false,
         });
         if reads {
             // Conditions read the index, which must reflect every earlier write.
@@ -813,7 +880,7 @@ impl Writer {
             }
         }
 
-        let wall = wall_ms();
+        self.compact_held();
         self.buf.clear();
         let mut g = Group {
             start_offset: self.segment.len(),
@@ -838,9 +905,18 @@ impl Writer {
                 Work::Cover(c) => self.add_cover(&mut g, c),
                 Work::Policy(p) => self.set_policy(p),
                 Work::Collect(c) => add_collect(&mut g, c),
+                Work::Quarantine(q) => self.resolve_quarantine(&mut g, q, wall),
             }
         }
-        if g.acks.is_empty() {
+        self.release_parked(&mut g, wall);
+        // Events held by this group are acknowledged with it: durable first.
+        if let Err(err) = self.sync_held() {
+            for ack in g.acks {
+                ack.reply.fail(err.clone());
+            }
+            return None;
+        }
+        if g.acks.is_empty() && self.buf.is_empty() {
             return None;
         }
 
@@ -883,6 +959,7 @@ impl Writer {
                 head,
                 hlc: self.clock.last(),
                 after_index: Vec::new(),
+                quarantines: Vec::new(),
                 tallies: g.tallies,
             },
         })
@@ -1057,45 +1134,135 @@ impl Writer {
         applied
     }
 
-    /// Events from a peer: those already held are left out; the rest are appended as
-    /// they are and merged into the index by version. A clock reading too far ahead
-    /// refuses the whole request.
+    /// Events from a peer: those already held (applied or held) are left out, those
+    /// that cannot be applied yet are held (see [`crate::held`]), the rest are
+    /// appended as they are and merged into the index by version. Only a batch whose
+    /// events would not fit in the held store is refused, as a whole.
     fn add_remote(&mut self, g: &mut Group, a: ApplyRequest, wall: u64) {
         if let Err(e) = self.check_own_origin(&a.events) {
             let _ = a.reply.send(Err(e));
             return;
         }
-        let limit = wall.saturating_add(self.clock.max_skew_ms());
-        if let Some(e) = a.events.iter().find(|e| e.hlc.physical_ms() > limit) {
-            let err = WriteError::ClockSkew(format!(
-                "event {} of namespace {} carries clock {} ms, {} ms ahead of this node's clock; the limit is max_clock_skew = {} ms (check NTP on both nodes)",
-                e.dot,
-                e.namespace,
-                e.hlc.physical_ms(),
-                e.hlc.physical_ms() - wall,
-                self.clock.max_skew_ms()
-            ));
+        let shared = self.shared.clone();
+        let mut held = shared.held.lock().unwrap();
+        let judged = self.judge(&held, &a.events, wall);
+        if judged.hold_bytes > held.room() {
+            held.note_full_refusal();
+            shared.metrics.held_full_refusals.inc();
+            let err = self.held_full(&held, &a.events, &judged, wall);
             let _ = a.reply.send(Err(err));
             return;
         }
-        if let Err(e) = self.check_remote_policies(&a.events) {
-            let _ = a.reply.send(Err(e));
-            return;
+        let arrivals = vec![wall; a.events.len()];
+        match self.apply_judged(g, &mut held, &a.events, &arrivals, judged, wall) {
+            Ok(outcome) => g.acks.push(Ack {
+                reply: Reply::Apply(a.reply, outcome),
+                _permit: a.permit,
+            }),
+            Err(e) => drop(a.reply.send(Err(e))),
         }
-        let mut outcome = ApplyOutcome::default();
-        let mut fresh = Vec::with_capacity(a.events.len());
-        for (i, e) in a.events.iter().enumerate() {
-            let state = self.namespaces.entry(e.namespace.clone()).or_default();
-            if state.vector.insert(e.dot) {
-                fresh.push(i);
+    }
+
+    /// Decides, changing nothing, what becomes of each event received from a peer:
+    /// the one home of the rules for remote events that get past validation.
+    fn judge(&self, held: &Held, events: &[Event], wall: u64) -> Judged {
+        let limit = wall.saturating_add(self.clock.max_skew_ms());
+        let mut judged = Judged::default();
+        let mut seen: HashSet<(&Namespace, Dot), foldhash::fast::RandomState> =
+            HashSet::with_capacity_and_hasher(events.len(), Default::default());
+        // The batch's namespaces: their policy here (as adopted by this batch), and
+        // whether the batch puts data into them (then they can no longer take one).
+        let mut namespaces: Vec<(&Namespace, Policy, bool)> = Vec::new();
+        for e in events {
+            let ns = &e.namespace;
+            let fate = if !seen.insert((ns, e.dot))
+                || self
+                    .namespaces
+                    .get(ns)
+                    .is_some_and(|s| s.vector.contains(e.dot))
+                || held.contains(ns, e.dot)
+            {
+                Fate::Duplicate
+            } else if e.hlc.physical_ms() > limit {
+                Fate::Park
             } else {
-                outcome.duplicates += 1;
+                let at = match namespaces.iter().position(|(n, _, _)| *n == ns) {
+                    Some(at) => at,
+                    None => {
+                        namespaces.push((ns, self.policy(ns), false));
+                        namespaces.len() - 1
+                    }
+                };
+                let (_, here, filled) = namespaces[at];
+                let fate = match Policy::of_event(&e.context) {
+                    Some(policy) if policy == here => Fate::Apply,
+                    // An empty lww namespace takes the policy of its first events, so
+                    // that a policy set on one node spreads with its data.
+                    Some(policy) if here == Policy::Lww && !filled && !self.holds_data(ns) => {
+                        judged.adopt.push((ns.clone(), policy));
+                        namespaces[at].1 = policy;
+                        Fate::Apply
+                    }
+                    // Another policy, or (never past validation) no known policy.
+                    _ => Fate::Quarantine,
+                };
+                if fate == Fate::Apply {
+                    namespaces[at].2 = true;
+                }
+                fate
+            };
+            if matches!(fate, Fate::Park | Fate::Quarantine) {
+                judged.hold_bytes += Held::record_bytes(e);
+            }
+            judged.fates.push(fate);
+        }
+        judged
+    }
+
+    /// Carries out what [`Writer::judge`] decided: adopts policies, holds what must be
+    /// held (arriving at `arrivals[i]`), appends the rest.
+    fn apply_judged(
+        &mut self,
+        g: &mut Group,
+        held: &mut Held,
+        events: &[Event],
+        arrivals: &[u64],
+        judged: Judged,
+        wall: u64,
+    ) -> Result<ApplyOutcome, WriteError> {
+        for (ns, policy) in &judged.adopt {
+            self.save_policy(ns, *policy)?;
+        }
+        let metrics = &self.shared.metrics;
+        let mut outcome = ApplyOutcome::default();
+        let mut fresh = Vec::with_capacity(events.len());
+        for (i, (e, fate)) in events.iter().zip(&judged.fates).enumerate() {
+            match fate {
+                Fate::Duplicate => outcome.duplicates += 1,
+                Fate::Park => {
+                    held.hold(e.clone(), HeldReason::Parked, arrivals[i]);
+                    metrics.events_parked.inc();
+                    outcome.parked += 1;
+                }
+                Fate::Quarantine => {
+                    held.hold(e.clone(), HeldReason::Quarantined, arrivals[i]);
+                    metrics.events_quarantined.inc();
+                    outcome.quarantined += 1;
+                }
+                Fate::Apply => {
+                    self.namespaces
+                        .entry(e.namespace.clone())
+                        .or_default()
+                        .vector
+                        .insert(e.dot);
+                    fresh.push(i);
+                }
             }
         }
         let last = fresh.len().saturating_sub(1);
         for (j, &i) in fresh.iter().enumerate() {
-            let e = &a.events[i];
-            // Cannot fail: every reading was checked against the limit above.
+            let e = &events[i];
+            // Cannot fail: readings too far ahead were parked.
             let _ = self.clock.observe(e.hlc, wall);
             // An event newer than everything the namespace holds replaces whatever its
             // key holds, so the indexer need not read the key first (the common case
@@ -1113,9 +1280,174 @@ impl Writer {
             outcome.applied += 1;
             self.touch(g, &e.namespace, e.hlc);
         }
+        Ok(outcome)
+    }
+
+    /// Why a batch that does not fit in the held store is refused: the refusal it had
+    /// before events could be held, saying that the held store is full.
+    fn held_full(&self, held: &Held, events: &[Event], judged: &Judged, wall: u64) -> WriteError {
+        let full = format!(
+            "the events this node holds already take {} of held_bytes_max = {} bytes, and this batch needs {} more, so nothing of it was applied",
+            held.bytes(),
+            held.bytes_max(),
+            judged.hold_bytes
+        );
+        let first = |want: Fate| {
+            events
+                .iter()
+                .zip(&judged.fates)
+                .find(|(_, f)| **f == want)
+                .map(|(e, _)| e)
+        };
+        if let Some(e) = first(Fate::Park) {
+            return WriteError::ClockSkew(format!(
+                "event {} of namespace {} carries clock {} ms, {} ms ahead of this node's clock (the limit is max_clock_skew = {} ms), and {full}: check NTP on both nodes, or raise held_bytes_max",
+                e.dot,
+                e.namespace,
+                e.hlc.physical_ms(),
+                e.hlc.physical_ms() - wall,
+                self.clock.max_skew_ms()
+            ));
+        }
+        let e = first(Fate::Quarantine).expect("a batch that needs holding holds something");
+        WriteError::PolicyFixed(format!(
+            "namespace {} uses the {} policy on this node, but the peer sent an event of another policy ({}), and {full}: configure the same policy on every node, resolve the quarantine, or raise held_bytes_max",
+            e.namespace,
+            self.policy(&e.namespace),
+            e.dot
+        ))
+    }
+
+    /// The writer's deadline for the release of the earliest parked event (`None`:
+    /// nothing parked, or the store failed).
+    fn release_deadline(&self) -> Option<Instant> {
+        if self.shared.failure.get().is_some() {
+            return None;
+        }
+        let due_ms = self
+            .shared
+            .held
+            .lock()
+            .unwrap()
+            .next_release_ms(self.clock.max_skew_ms())?;
+        // Woken at least once a second, in case the wall clock jumps ahead.
+        let wait_ms = due_ms.saturating_sub(wall_ms()).min(1000);
+        Some(Instant::now() + Duration::from_millis(wait_ms))
+    }
+
+    /// Whether a parked event may be applied at `wall`.
+    fn release_due_at(&self, wall: u64) -> bool {
+        self.shared
+            .held
+            .lock()
+            .unwrap()
+            .next_release_ms(self.clock.max_skew_ms())
+            .is_some_and(|due| due <= wall)
+    }
+
+    /// Applies the parked events this node's clock now allows, through the same rules
+    /// as any received event (a policy conflict found now quarantines them).
+    fn release_parked(&mut self, g: &mut Group, wall: u64) {
+        let shared = self.shared.clone();
+        let mut held = shared.held.lock().unwrap();
+        let due = held.take_due(wall.saturating_add(self.clock.max_skew_ms()));
+        if due.is_empty() {
+            return;
+        }
+        let (events, arrivals): (Vec<Event>, Vec<u64>) = due.into_iter().unzip();
+        let judged = self.judge(&held, &events, wall);
+        match self.apply_judged(g, &mut held, &events, &arrivals, judged, wall) {
+            Ok(outcome) => {
+                shared
+                    .metrics
+                    .events_released
+                    .inc_by(outcome.applied as u64);
+                tracing::info!(
+                    applied = outcome.applied,
+                    quarantined = outcome.quarantined,
+                    "parked events released: this node's clock caught up with theirs"
+                );
+            }
+            Err(e) => {
+                // Only saving a policy can fail, before anything changed; trying again
+                // at once would fail again.
+                shared.fail(format!("applying parked events: {e}"));
+            }
+        }
+    }
+
+    /// Makes the events held by this group durable.
+    fn sync_held(&self) -> Result<(), WriteError> {
+        let mut held = self.shared.held.lock().unwrap();
+        let synced = held.sync();
+        self.shared.metrics.held_events.set(held.len() as i64);
+        self.shared.metrics.held_bytes.set(held.bytes() as i64);
+        match synced {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                drop(held);
+                Err(self
+                    .shared
+                    .fail(format!("writing {}: {e}", crate::held::HELD_FILE)))
+            }
+        }
+    }
+
+    /// Rewrites the held store's file without the events that left it. Done at the
+    /// start of a group: those applied left in earlier groups, whose log records are
+    /// durable by now (under `fsync = "always"`).
+    fn compact_held(&self) {
+        if let Err(e) = self.shared.held.lock().unwrap().compact() {
+            // The old file is intact; the next group tries again.
+            tracing::warn!(error = %e, "could not rewrite {}", crate::held::HELD_FILE);
+        }
+    }
+
+    /// An operator's resolution of a namespace's quarantine.
+    fn resolve_quarantine(&mut self, g: &mut Group, q: QuarantineRequest, wall: u64) {
+        let shared = self.shared.clone();
+        let mut held = shared.held.lock().unwrap();
+        let outcome = match q.action {
+            QuarantineAction::Retry => {
+                let taken = held.take_quarantined(&q.namespace);
+                let (events, arrivals): (Vec<Event>, Vec<u64>) = taken.into_iter().unzip();
+                // Those still in conflict are held again (they were held already: no
+                // room check).
+                let judged = self.judge(&held, &events, wall);
+                match self.apply_judged(g, &mut held, &events, &arrivals, judged, wall) {
+                    Ok(o) => QuarantineOutcome {
+                        applied: o.applied,
+                        still_quarantined: o.quarantined,
+                        ..QuarantineOutcome::default()
+                    },
+                    Err(e) => {
+                        for (event, arrival) in events.into_iter().zip(arrivals) {
+                            held.hold(event, HeldReason::Quarantined, arrival);
+                        }
+                        let _ = q.reply.send(Err(e));
+                        return;
+                    }
+                }
+            }
+            QuarantineAction::Discard => {
+                let dots = held.dots(&q.namespace, true);
+                if !dots.is_empty() {
+                    // The dots join the base vector durably before the events leave:
+                    // on open, held events whose dots the vector holds are dropped.
+                    if let Err(e) = self.cover(g, &q.namespace, &dots) {
+                        let _ = q.reply.send(Err(e));
+                        return;
+                    }
+                }
+                QuarantineOutcome {
+                    discarded: held.take_quarantined(&q.namespace).len(),
+                    ..QuarantineOutcome::default()
+                }
+            }
+        };
         g.acks.push(Ack {
-            reply: Reply::Apply(a.reply, outcome),
-            _permit: a.permit,
+            reply: Reply::Quarantine(q.reply, outcome),
+            _permit: None,
         });
     }
 
@@ -1131,13 +1463,16 @@ impl Writer {
             .find(|e| e.dot.origin == me && !counters.may_have_issued(&e.namespace, e.dot.counter))
         {
             None => Ok(()),
-            Some(e) => Err(WriteError::InvalidEvent(format!(
-                "event {} of namespace {} carries this node's own id, but this node never issued counter {} there (it issued up to {}): another process may be running with this node's id (a copied data directory?), or the peer is broken",
-                e.dot,
-                e.namespace,
-                e.dot.counter,
-                counters.next(&e.namespace) - 1
-            ))),
+            Some(e) => Err(WriteError::InvalidEvent {
+                reason: "own_origin",
+                message: format!(
+                    "event {} of namespace {} carries this node's own id, but this node never issued counter {} there (it issued up to {}): another process may be running with this node's id (a copied data directory?), or the peer is broken",
+                    e.dot,
+                    e.namespace,
+                    e.dot.counter,
+                    counters.next(&e.namespace) - 1
+                ),
+            }),
         }
     }
 
@@ -1158,40 +1493,57 @@ impl Writer {
 
     /// Joins a covered vector into the namespace's base, durably, and into its
     /// vector. The base file is written here, in queue order, so that the cover takes
-    /// effect after every request queued before it.
+    /// effect after every request queued before it. Dots held here (parked or
+    /// quarantined) are left out: they are not applied, and a vector claiming them
+    /// would make them duplicates when released.
     fn add_cover(&mut self, g: &mut Group, c: CoverRequest) {
+        let held = self.shared.held.lock().unwrap().dots(&c.namespace, false);
+        let vector = if held.is_empty() {
+            c.vector
+        } else {
+            c.vector.difference(&held)
+        };
+        if let Err(e) = self.cover(g, &c.namespace, &vector) {
+            let _ = c.reply.send(Err(e));
+            return;
+        }
+        g.acks.push(Ack {
+            reply: Reply::AfterIndex(c.reply),
+            _permit: None,
+        });
+    }
+
+    /// Joins `vector` into the namespace's base (durably) and its vector.
+    fn cover(
+        &mut self,
+        g: &mut Group,
+        namespace: &Namespace,
+        vector: &VersionVector,
+    ) -> Result<(), WriteError> {
         let saved = {
             let mut bases = self.shared.bases.lock().unwrap();
             let mut next = bases.clone();
             next.by_namespace
-                .entry(c.namespace.clone())
+                .entry(namespace.clone())
                 .or_default()
-                .join(&c.vector);
+                .join(vector);
             let saved = next.save(&self.shared.config.data_dir);
             if saved.is_ok() {
                 *bases = next;
             }
             saved
         };
-        if let Err(e) = saved {
-            // Nothing changed: the old file is intact, and the store can go on.
-            let _ = c.reply.send(Err(WriteError::Storage(format!(
-                "writing the base vector file: {e}"
-            ))));
-            return;
-        }
+        // On failure nothing changed: the old file is intact, and the store can go on.
+        saved.map_err(|e| WriteError::Storage(format!("writing the base vector file: {e}")))?;
         self.namespaces
-            .entry(c.namespace.clone())
+            .entry(namespace.clone())
             .or_default()
             .vector
-            .join(&c.vector);
-        if !g.touched.contains(&c.namespace) {
-            g.touched.push(c.namespace);
+            .join(vector);
+        if !g.touched.contains(namespace) {
+            g.touched.push(namespace.clone());
         }
-        g.acks.push(Ack {
-            reply: Reply::AfterIndex(c.reply),
-            _permit: None,
-        });
+        Ok(())
     }
 
     fn policy(&self, namespace: &Namespace) -> Policy {
@@ -1227,41 +1579,6 @@ impl Writer {
         next.save(&self.shared.config.data_dir)
             .map_err(|e| WriteError::Storage(format!("writing the policies file: {e}")))?;
         *policies = next;
-        Ok(())
-    }
-
-    /// Events from a peer must follow their namespace's policy here. A namespace that
-    /// holds nothing yet takes the policy its first events carry (so a policy set on
-    /// one node spreads with its data); otherwise a mismatch refuses the request.
-    fn check_remote_policies(&mut self, events: &[Event]) -> Result<(), WriteError> {
-        let mut seen: Vec<(&Namespace, Policy)> = Vec::new();
-        for e in events {
-            let Some(policy) = Policy::of_event(&e.context) else {
-                return Err(WriteError::Invalid(format!(
-                    "event {} of namespace {} carries a context this node does not understand",
-                    e.dot, e.namespace
-                )));
-            };
-            if seen
-                .iter()
-                .any(|(ns, p)| *ns == &e.namespace && *p == policy)
-            {
-                continue;
-            }
-            seen.push((&e.namespace, policy));
-            let here = self.policy(&e.namespace);
-            if here == policy {
-                continue;
-            }
-            if here == Policy::Lww && !self.holds_data(&e.namespace) {
-                self.save_policy(&e.namespace, policy)?;
-                continue;
-            }
-            return Err(WriteError::PolicyFixed(format!(
-                "namespace {} uses the {here} policy on this node, but the peer sent a {policy} event ({}): configure the same policy on every node",
-                e.namespace, e.dot
-            )));
-        }
         Ok(())
     }
 
@@ -1567,7 +1884,7 @@ impl Writer {
         let requests = msg
             .acks
             .iter()
-            .filter(|a| !matches!(a.reply, Reply::AfterIndex(_)))
+            .filter(|a| !matches!(a.reply, Reply::AfterIndex(_) | Reply::Quarantine(..)))
             .count();
         metrics.events_written.inc_by(events);
         metrics.bytes_written.inc_by(msg.bytes);
@@ -1581,6 +1898,7 @@ impl Writer {
                 Reply::Write(tx, applied) => drop(tx.send(Ok(applied))),
                 Reply::Apply(tx, outcome) => drop(tx.send(Ok(outcome))),
                 Reply::AfterIndex(tx) => index.after_index.push(tx),
+                Reply::Quarantine(tx, outcome) => index.quarantines.push((tx, outcome)),
             }
         }
         // Blocks when the indexer is behind: backpressure for the writers.
@@ -1733,6 +2051,9 @@ fn index_groups(
         for msg in msgs {
             for reply in msg.after_index {
                 let _ = reply.send(Ok(()));
+            }
+            for (reply, outcome) in msg.quarantines {
+                let _ = reply.send(Ok(outcome));
             }
         }
     }

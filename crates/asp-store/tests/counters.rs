@@ -176,7 +176,7 @@ async fn a_peer_event_with_this_nodes_origin_and_a_counter_it_never_issued_is_re
             .await
             .unwrap_err();
         assert!(
-            matches!(&err, WriteError::InvalidEvent(m) if m.contains("never issued")),
+            matches!(&err, WriteError::InvalidEvent { reason: "own_origin", message } if message.contains("never issued")),
             "{err}"
         );
     }

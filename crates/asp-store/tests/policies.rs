@@ -275,7 +275,7 @@ async fn crdt_state_survives_reopen_index_rebuild_and_compaction() {
 }
 
 #[tokio::test]
-async fn events_of_another_policy_are_refused() {
+async fn events_of_another_policy_are_quarantined() {
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = Store::open(config(da.path(), 1)).unwrap();
     let b = Store::open(config(db.path(), 2)).unwrap();
@@ -292,10 +292,14 @@ async fn events_of_another_policy_are_refused() {
         .into_iter()
         .map(|e| e.event)
         .collect();
-    let e = b.apply_remote(events).await.unwrap_err();
-    assert!(matches!(e, WriteError::PolicyFixed(_)), "{e}");
-    assert!(e.to_string().contains("same policy on every node"), "{e}");
+    // Held aside, not applied: the batch is taken and the namespace keeps its state.
+    let out = b.apply_remote(events).await.unwrap();
+    assert_eq!((out.applied, out.quarantined), (0, 1));
     assert_eq!(members(&b, "n", "k"), vec!["m"]);
+    let held = b.held();
+    assert_eq!(held.quarantine.len(), 1);
+    assert_eq!(held.quarantine[0].policy_here, Policy::Set);
+    assert_eq!(held.quarantine[0].policies_of_events, vec![Policy::Counter]);
 }
 
 #[tokio::test]

@@ -1,10 +1,10 @@
 //! Applying events from peers: deduplication by version vector, merge by version,
-//! clock-skew refusal, and the summary and checkpoints replication relies on.
+//! clock-skew parking, and the summary and checkpoints replication relies on.
 
 use std::path::Path;
 
 use asp_core::{ContentType, Dot, Event, Hlc, Key, Namespace, NodeId, Op};
-use asp_store::{Store, StoreConfig, WriteError, WriteOp};
+use asp_store::{Store, StoreConfig, WriteOp};
 use bytes::Bytes;
 
 fn ns(name: &str) -> Namespace {
@@ -177,23 +177,24 @@ async fn older_events_never_replace_newer_ones_even_after_a_rebuild() {
 }
 
 #[tokio::test]
-async fn clocks_too_far_ahead_are_refused_and_nothing_is_applied() {
+async fn clocks_too_far_ahead_are_parked_and_the_rest_applied() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path(), 1);
     let t = now_ms();
-    let err = s
+    let out = s
         .apply_remote(vec![
             remote(9, 1, t, "ok", "1"),
             remote(9, 2, t + 3_600_000, "ahead", "2"),
         ])
         .await
-        .unwrap_err();
-    match err {
-        WriteError::ClockSkew(m) => assert!(m.contains("max_clock_skew"), "{m}"),
-        e => panic!("unexpected {e:?}"),
-    }
-    assert_eq!(s.head().seq, 0);
-    assert_eq!(text(&s, "ok"), None);
+        .unwrap();
+    assert_eq!((out.applied, out.parked), (1, 1));
+    assert_eq!(s.head().seq, 1);
+    assert_eq!(text(&s, "ok").as_deref(), Some("1"));
+    assert_eq!(text(&s, "ahead"), None);
+    // The parked reading did not move this node's clock.
+    let w = s.write(ns("r"), vec![put("k", "v")]).await.unwrap();
+    assert!(w[0].hlc.physical_ms() < t + 3_600_000);
 }
 
 #[tokio::test]

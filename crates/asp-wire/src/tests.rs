@@ -386,3 +386,43 @@ fn symbol_and_need_lists_must_fill_their_frames() {
     let e = decode(&start).unwrap_err();
     assert!(e.to_string().contains("unknown mode 9"), "{e}");
 }
+
+#[test]
+fn error_codes_travel_as_their_numbers() {
+    // Code 12 (`invalid_event`) is new: a peer that validates every event names the
+    // reason with it; an older build shows it as `unknown(12)`.
+    for (code, number, name) in [
+        (ErrorCode::ClockSkew, 8u16, "clock_skew"),
+        (ErrorCode::Internal, 11, "internal"),
+        (ErrorCode::InvalidEvent, 12, "invalid_event"),
+        (ErrorCode::NodeConflict, 13, "node_conflict"),
+    ] {
+        let frame = Frame::Error {
+            code,
+            message: "why".into(),
+        };
+        let mut bytes = Vec::new();
+        encode(&frame, &mut bytes).unwrap();
+        // length u32, type u8 (2), then the code as u16 little-endian.
+        assert_eq!(bytes[4], 2);
+        assert_eq!(u16::from_le_bytes([bytes[5], bytes[6]]), number);
+        let (decoded, used) = decode(&bytes).unwrap().unwrap();
+        assert_eq!(used, bytes.len());
+        assert_eq!(decoded, frame);
+        assert_eq!(code.name(), name);
+        assert_eq!(code.to_string(), name);
+    }
+    // A code this build does not know is kept and shown by number.
+    let mut bytes = Vec::new();
+    let unknown = Frame::Error {
+        code: ErrorCode::from_code(14),
+        message: String::new(),
+    };
+    encode(&unknown, &mut bytes).unwrap();
+    let (decoded, _) = decode(&bytes).unwrap().unwrap();
+    let Frame::Error { code, .. } = decoded else {
+        panic!("not an error frame")
+    };
+    assert_eq!(code, ErrorCode::Other(14));
+    assert_eq!(code.to_string(), "unknown(14)");
+}

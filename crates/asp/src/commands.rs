@@ -100,6 +100,30 @@ pub async fn policy(node: &str, ns: &str, set: Option<&str>) -> anyhow::Result<E
     Ok(ExitCode::SUCCESS)
 }
 
+/// Shows the quarantined events (of `ns`, or of every namespace), or resolves `ns`'s.
+pub async fn quarantine(
+    node: &str,
+    ns: Option<&str>,
+    action: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let client = client(node)?;
+    if let Some(action) = action {
+        let ns = ns.context("name the namespace to resolve with --ns")?;
+        print_json(&client.quarantine(ns, action).await?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let status = client.status().await?;
+    let quarantine: Vec<serde_json::Value> = status["held"]["quarantine"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|q| ns.is_none_or(|ns| q["namespace"] == ns))
+        .collect();
+    print_json(&serde_json::Value::Array(quarantine));
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn incr(node: &str, ns: &str, key: &str, by: i64) -> anyhow::Result<ExitCode> {
     print_json(
         &client(node)?

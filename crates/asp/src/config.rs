@@ -99,6 +99,8 @@ pub struct Limits {
     pub write_queue_max: Option<usize>,
     pub write_queue_bytes_max: Option<usize>,
     pub write_queue_wait_ms: Option<u64>,
+    /// Bytes of events from peers held without being applied (parked or quarantined).
+    pub held_bytes_max: Option<u64>,
 }
 
 #[derive(Deserialize, Default, Debug, Clone)]
@@ -214,6 +216,9 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
         .or(limits.write_queue_wait_ms)
     {
         store.write_queue_wait = Duration::from_millis(ms);
+    }
+    if let Some(v) = flags.limits.held_bytes_max.or(limits.held_bytes_max) {
+        store.held_bytes_max = v;
     }
     if let Some(v) = flags.segment_bytes_max.or(file.store.segment_bytes_max) {
         store.segment_bytes_max = v;

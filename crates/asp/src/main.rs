@@ -53,6 +53,10 @@ enum Command {
     Policy(PolicyArgs),
     /// Add to a key of a counter namespace (negative to subtract).
     Incr(IncrArgs),
+    /// Show the events from peers held in quarantine (their policy differs from their
+    /// namespace's here), or resolve a namespace's: retry (after setting its policy) or
+    /// discard.
+    Quarantine(QuarantineArgs),
     /// Measure durable ingest and replication on this machine (see bench/RESULTS.md).
     Bench(bench::BenchArgs),
     /// Start a three-node cluster on loopback and show replication, a partition and
@@ -92,6 +96,10 @@ struct ServeArgs {
     /// How long a write waits for room before 503 [default: 5000].
     #[arg(long, value_name = "MS")]
     write_queue_wait_ms: Option<u64>,
+    /// Bytes of events from peers held without being applied (parked: clock too far
+    /// ahead; quarantined: another policy) [default: 67108864].
+    #[arg(long, value_name = "BYTES")]
+    held_bytes_max: Option<u64>,
     /// Log segment size in bytes [default: 134217728].
     #[arg(long, value_name = "BYTES")]
     segment_bytes_max: Option<u64>,
@@ -182,6 +190,19 @@ struct PolicyArgs {
 }
 
 #[derive(Args)]
+struct QuarantineArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    /// The namespace to show or resolve [default: every namespace, to show].
+    #[arg(long, env = "ASP_NS", value_name = "NS")]
+    ns: Option<String>,
+    /// retry: apply the events the namespace's policy accepts now; discard: drop them
+    /// from this node (their origins keep them). Without it, the quarantine is shown.
+    #[arg(value_parser = ["retry", "discard"])]
+    action: Option<String>,
+}
+
+#[derive(Args)]
 struct IncrArgs {
     #[command(flatten)]
     target: NsArgs,
@@ -243,6 +264,7 @@ fn main() -> ExitCode {
                         write_queue_max: a.write_queue_max,
                         write_queue_bytes_max: None,
                         write_queue_wait_ms: a.write_queue_wait_ms,
+                        held_bytes_max: a.held_bytes_max,
                     },
                     segment_bytes_max: a.segment_bytes_max,
                     max_clock_skew_ms: a.max_clock_skew_ms,
@@ -287,6 +309,9 @@ fn main() -> ExitCode {
             }
             Command::Incr(a) => {
                 commands::incr(&a.target.node.node, &a.target.ns, &a.key, a.by).await
+            }
+            Command::Quarantine(a) => {
+                commands::quarantine(&a.node.node, a.ns.as_deref(), a.action.as_deref()).await
             }
             Command::Bench(a) => bench::run(a).await,
             Command::Demo(a) => demo::run(a).await,

@@ -13,6 +13,7 @@ use crate::config::{self, Overrides};
 
 pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result<ExitCode> {
     init_logging();
+    test_clock_offset()?;
     let file = match config_file {
         Some(path) => config::load(path)?,
         None => config::FileConfig::default(),
@@ -121,6 +122,24 @@ async fn compaction_loop(store: Store, every: std::time::Duration, shutdown: Can
             Err(e) => tracing::warn!("{e}"),
         }
     }
+}
+
+/// The test seam of the store's wall clock (`asp_store::clock`): a node whose clock
+/// runs `ASP_TEST_CLOCK_OFFSET_MS` (signed) ahead, without libfaketime.
+fn test_clock_offset() -> anyhow::Result<()> {
+    const VAR: &str = "ASP_TEST_CLOCK_OFFSET_MS";
+    let Ok(text) = std::env::var(VAR) else {
+        return Ok(());
+    };
+    let ms: i64 = text.trim().parse().with_context(|| {
+        format!("{VAR} must be a whole number of milliseconds (negative: behind); got {text:?}")
+    })?;
+    asp_store::clock::set_test_offset_ms(ms);
+    tracing::warn!(
+        offset_ms = ms,
+        "{VAR} is set: this node's clock runs {ms} ms off the system clock (a test seam; unset it in production)"
+    );
+    Ok(())
 }
 
 async fn wait_for_signal() {

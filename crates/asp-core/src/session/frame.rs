@@ -54,7 +54,8 @@ pub enum ErrorCode {
     IdleTimeout,
     /// The handshake did not finish in time.
     HandshakeTimeout,
-    /// An event's clock reading is too far ahead of the receiver's wall clock.
+    /// An event's clock reading is too far ahead of the receiver's wall clock, and the
+    /// receiver has no room left to hold it until its clock catches up.
     ClockSkew,
     /// The peer sent more than its credit allowed.
     FlowControl,
@@ -65,6 +66,10 @@ pub enum ErrorCode {
     /// Another live process runs with the same node id (a second incarnation: a
     /// copied data directory, a cloned machine).
     NodeConflict,
+    /// An event of the batch breaks a rule every event must keep (value or record too
+    /// large, unknown context, undecodable CRDT state); nothing of the batch is
+    /// applied.
+    InvalidEvent,
     /// A code this build does not know (sent by a newer peer).
     Other(u16),
 }
@@ -83,6 +88,7 @@ impl ErrorCode {
             ErrorCode::FlowControl => 9,
             ErrorCode::Shutdown => 10,
             ErrorCode::Internal => 11,
+            ErrorCode::InvalidEvent => 12,
             ErrorCode::NodeConflict => 13,
             ErrorCode::Other(c) => c,
         }
@@ -101,6 +107,7 @@ impl ErrorCode {
             9 => ErrorCode::FlowControl,
             10 => ErrorCode::Shutdown,
             11 => ErrorCode::Internal,
+            12 => ErrorCode::InvalidEvent,
             13 => ErrorCode::NodeConflict,
             c => ErrorCode::Other(c),
         }
@@ -120,6 +127,7 @@ impl ErrorCode {
             ErrorCode::FlowControl => "flow_control",
             ErrorCode::Shutdown => "shutdown",
             ErrorCode::Internal => "internal",
+            ErrorCode::InvalidEvent => "invalid_event",
             ErrorCode::NodeConflict => "node_conflict",
             ErrorCode::Other(_) => "unknown",
         }

@@ -26,6 +26,8 @@ pub struct Node {
     /// Where the node accepts peer links.
     pub peer_port: u16,
     pub extra: Vec<String>,
+    /// Environment variables of the process (besides `RUST_LOG`).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
     starts: u32,
 }
@@ -33,11 +35,20 @@ pub struct Node {
 impl Node {
     /// Starts a node on a fresh port and waits until it answers.
     pub async fn start(dir: &Path, extra: &[&str]) -> Node {
+        Node::start_with_env(dir, extra, &[]).await
+    }
+
+    /// Like [`Node::start`], with environment variables.
+    pub async fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Node {
         let mut node = Node {
             dir: dir.to_owned(),
             port: free_port(),
             peer_port: free_port(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
             starts: 0,
         };
@@ -81,6 +92,7 @@ impl Node {
             .arg(format!("127.0.0.1:{}", self.peer_port))
             .args(&self.extra)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
