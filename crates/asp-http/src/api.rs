@@ -1139,7 +1139,7 @@ fn sse(
                 Err(e) => {
                     live.done = true;
                     let data =
-                        serde_json::json!({"code": "storage_failure", "message": e.to_string()})
+                        serde_json::json!({"code": "store_failed", "message": e.to_string()})
                             .to_string();
                     return Some((Ok(SseEvent::default().event("error").data(data)), live));
                 }
@@ -1154,11 +1154,17 @@ fn sse(
 }
 
 async fn healthz(State(state): State<AppState>) -> Response {
-    match state.store().status().failure {
-        None => Json(serde_json::json!({"status": "ok"})).into_response(),
-        Some(f) => (
+    let status = state.store().status();
+    match (status.failure, status.no_space) {
+        (None, None) => Json(serde_json::json!({"status": "ok"})).into_response(),
+        (Some(f), _) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(serde_json::json!({"status": "failing", "reason": f})),
+        )
+            .into_response(),
+        (None, Some(why)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "no_space", "reason": why})),
         )
             .into_response(),
     }
@@ -1196,7 +1202,7 @@ async fn compact(State(state): State<AppState>) -> Result<Response, ApiError> {
     let report = state.store().compact_async().await.map_err(|e| {
         let code = match e {
             asp_store::CompactionError::Panicked(_) => "internal",
-            _ => "storage_failure",
+            _ => "store_failed",
         };
         ApiError::new(
             axum::http::StatusCode::INTERNAL_SERVER_ERROR,

@@ -82,6 +82,10 @@ pub enum WriteError {
     Closed,
     #[error("storage failure, the store accepts no more writes: {0}")]
     Storage(String),
+    /// The data directory's filesystem is full (or below `min_free_bytes`): nothing of
+    /// the request was applied, and writes succeed again once space is freed.
+    #[error("{0}")]
+    NoSpace(String),
 }
 
 /// Why a read failed.

@@ -15,6 +15,9 @@ mod compact;
 mod config;
 mod digest;
 mod error;
+#[doc(hidden)]
+pub mod fault;
+mod fs;
 mod gc;
 mod index;
 mod log;
@@ -30,6 +33,7 @@ pub use codec::VALUE_BYTES_LIMIT;
 pub use compact::{CompactionError, CompactionReport, TombstoneGc};
 pub use config::{FSYNC_INTERVAL_MS_MAX, FsyncMode, FsyncModeError, StoreConfig};
 pub use error::{OpenError, ReadError, WriteError};
+pub use fs::{Fs, FsFile, OpenMode, RealFs};
 pub use log::{FeedHead, TornTail};
 pub use manifest::FORMAT_VERSION;
 pub use metrics::Metrics;

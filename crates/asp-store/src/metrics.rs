@@ -31,6 +31,14 @@ pub struct Metrics {
     /// Epitaphs left by collected deletes, and dropped once no longer needed.
     pub epitaphs_left: Counter,
     pub epitaphs_dropped: Counter,
+    /// Write requests refused because the filesystem was full or below
+    /// `min_free_bytes`.
+    pub writes_no_space: Counter,
+    /// Scrub runs finished ([`crate::Store::scrub`]), bytes they checked, and damaged
+    /// places they found.
+    pub scrub_runs: Counter,
+    pub scrub_bytes: Counter,
+    pub scrub_damage: Counter,
 }
 
 impl Default for Metrics {
@@ -52,6 +60,10 @@ impl Default for Metrics {
             tombstones_collected: Counter::default(),
             epitaphs_left: Counter::default(),
             epitaphs_dropped: Counter::default(),
+            writes_no_space: Counter::default(),
+            scrub_runs: Counter::default(),
+            scrub_bytes: Counter::default(),
+            scrub_damage: Counter::default(),
         }
     }
 }
@@ -137,6 +149,26 @@ impl Metrics {
             "asp_epitaphs_dropped",
             "Epitaphs dropped once every known node held their delete",
             self.epitaphs_dropped.clone(),
+        );
+        registry.register(
+            "asp_writes_no_space",
+            "Write requests refused because the data directory's filesystem was full or below min_free_bytes",
+            self.writes_no_space.clone(),
+        );
+        registry.register(
+            "asp_scrub_runs",
+            "Scrub runs finished (every log record's checksum checked)",
+            self.scrub_runs.clone(),
+        );
+        registry.register(
+            "asp_scrub_bytes",
+            "Bytes of feed log checked by scrubs",
+            self.scrub_bytes.clone(),
+        );
+        registry.register(
+            "asp_scrub_damage",
+            "Damaged places in the feed log found by scrubs (restart with --salvage)",
+            self.scrub_damage.clone(),
         );
     }
 }

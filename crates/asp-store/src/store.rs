@@ -100,6 +100,8 @@ pub struct StoreStatus {
     pub writer_queue_max: usize,
     pub namespaces: Vec<(Namespace, NamespaceState)>,
     pub failure: Option<String>,
+    /// Why writes are refused for space, while they are (HTTP 507).
+    pub no_space: Option<String>,
 }
 
 /// The events behind index entries, read for a peer: at most `limit`, and about
@@ -170,9 +172,10 @@ impl Store {
     /// tail, brings the key index up to date from the log, and starts the writer.
     pub fn open(config: StoreConfig) -> Result<Store, OpenError> {
         config.validate().map_err(OpenError::Config)?;
-        let manifest = manifest::open(&config.data_dir, config.node_id)?;
-        let bases = Bases::load(&config.data_dir)?;
-        let (log, log_recovery) = Log::open(&config.data_dir.join("log"), &bases.removed)?;
+        let fs = config.fs.clone();
+        let manifest = manifest::open(fs.as_ref(), &config.data_dir, config.node_id)?;
+        let bases = Bases::load(fs.as_ref(), &config.data_dir)?;
+        let (log, log_recovery) = Log::open(&fs, &config.data_dir.join("log"), &bases.removed)?;
         let index = Index::open(
             &config.data_dir.join("index"),
             config.index_cache_bytes,
@@ -218,7 +221,7 @@ impl Store {
                 context: "fsync of the log".into(),
                 source,
             })?;
-        let mut policies = Policies::load(&config.data_dir)?;
+        let mut policies = Policies::load(fs.as_ref(), &config.data_dir)?;
         let mut changed = false;
         for (name, &policy) in &config.namespace_policies {
             let ns = Namespace::new(name)
@@ -241,7 +244,7 @@ impl Store {
         }
         if changed {
             policies
-                .save(&config.data_dir)
+                .save(fs.as_ref(), &config.data_dir)
                 .map_err(|source| OpenError::Io {
                     context: "writing the policies file".into(),
                     source,
@@ -276,6 +279,7 @@ impl Store {
             }),
             windows_changed: Condvar::new(),
             failure: OnceLock::new(),
+            space_problem: Mutex::new(None),
             bases: Mutex::new(bases),
             compaction: Mutex::new(()),
             segment_gate: RwLock::new(()),
@@ -1075,6 +1079,7 @@ impl Store {
             writer_queue_max: self.inner.queue.capacity(),
             namespaces,
             failure: shared.failure.get().cloned(),
+            no_space: shared.space_problem(),
         }
     }
 
