@@ -48,13 +48,13 @@ pub struct FaultFs {
     state: Arc<Mutex<State>>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Inode {
     live: Vec<u8>,
     durable: Vec<u8>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct State {
     inodes: HashMap<u64, Inode>,
     next_inode: u64,
@@ -287,11 +287,28 @@ impl FaultFs {
         Ok(())
     }
 
+    /// A copy of the whole filesystem, for [`FaultFs::restore`].
+    pub fn snapshot(&self) -> FaultSnapshot {
+        FaultSnapshot(self.state.lock().unwrap().clone())
+    }
+
+    /// Puts the filesystem back as `snapshot` found it (handles opened since fail).
+    pub fn restore(&self, snapshot: &FaultSnapshot) {
+        let mut s = self.state.lock().unwrap();
+        let generation = s.generation + 1;
+        *s = snapshot.0.clone();
+        s.generation = generation;
+    }
+
     /// Every file's path.
     pub fn files(&self) -> Vec<PathBuf> {
         self.state.lock().unwrap().live.keys().cloned().collect()
     }
 }
+
+/// A copy of a [`FaultFs`]'s state.
+#[derive(Clone, Debug)]
+pub struct FaultSnapshot(State);
 
 #[derive(Debug)]
 struct FaultFile {

@@ -25,6 +25,8 @@ mod manifest;
 mod metrics;
 mod policy;
 mod queue;
+mod salvage;
+mod scrub;
 mod store;
 mod types;
 mod writer;
@@ -35,6 +37,8 @@ pub use config::{FSYNC_INTERVAL_MS_MAX, FsyncMode, FsyncModeError, StoreConfig};
 pub use error::{OpenError, ReadError, WriteError};
 pub use fs::{Fs, FsFile, OpenMode, RealFs};
 pub use log::{FeedHead, TornTail};
+pub use salvage::{Damage, SalvageReport, SalvagedSegment};
+pub use scrub::{ScrubDamage, ScrubReport};
 pub use manifest::FORMAT_VERSION;
 pub use metrics::Metrics;
 pub use store::{

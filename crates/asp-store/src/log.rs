@@ -105,7 +105,7 @@ pub(crate) struct Log {
     segments: RwLock<Vec<Arc<Segment>>>,
 }
 
-fn segment_name(base: u64) -> String {
+pub(crate) fn segment_name(base: u64) -> String {
     format!("{base:020}.log")
 }
 
@@ -129,6 +129,7 @@ impl Log {
         fs: &Arc<dyn Fs>,
         dir: &Path,
         removed: &RangeSet,
+        strict_tail: bool,
     ) -> Result<(Log, Recovery), OpenError> {
         fs.create_dir_all(dir)
             .map_err(io_open(format!("cannot create {}", dir.display())))?;
@@ -184,7 +185,7 @@ impl Log {
             }
             let last = i + 1 == bases.len();
             let segment = if last {
-                let (segment, torn) = open_active(fs.as_ref(), &path, base)?;
+                let (segment, torn) = open_active(fs.as_ref(), &path, base, strict_tail)?;
                 recovery.torn_tail = torn;
                 segment
             } else {
@@ -625,39 +626,47 @@ impl SparseBuilder {
     }
 }
 
-fn write_header(file: &dyn FsFile, base: u64) -> io::Result<()> {
+/// The header of a segment whose first sequence number is `base`.
+pub(crate) fn segment_header(base: u64) -> [u8; SEGMENT_HEADER_BYTES as usize] {
     let mut header = [0u8; SEGMENT_HEADER_BYTES as usize];
     header[0..8].copy_from_slice(SEGMENT_MAGIC);
     header[8..12].copy_from_slice(&SEGMENT_FORMAT.to_le_bytes());
     header[16..24].copy_from_slice(&base.to_le_bytes());
     let crc = crc32c::crc32c(&header[0..24]);
     header[24..28].copy_from_slice(&crc.to_le_bytes());
-    file.write_all_at(&header, 0)
+    header
 }
 
-fn check_header(path: &Path, header: &[u8], base: u64) -> Result<(), OpenError> {
+fn write_header(file: &dyn FsFile, base: u64) -> io::Result<()> {
+    file.write_all_at(&segment_header(base), 0)
+}
+
+/// Checks a segment header; the error says what is wrong with it.
+pub(crate) fn check_header_bytes(header: &[u8], base: u64) -> Result<(), String> {
     if header.len() < SEGMENT_HEADER_BYTES as usize || &header[0..8] != SEGMENT_MAGIC {
-        return Err(corrupt(path, "not an asp log segment (bad magic)"));
+        return Err("not an asp log segment (bad magic)".into());
     }
     let crc = u32::from_le_bytes(header[24..28].try_into().unwrap());
     if crc != crc32c::crc32c(&header[0..24]) {
-        return Err(corrupt(path, "segment header checksum mismatch"));
+        return Err("segment header checksum mismatch".into());
     }
     let format = u32::from_le_bytes(header[8..12].try_into().unwrap());
     if format != SEGMENT_FORMAT {
-        return Err(corrupt(
-            path,
-            format!("segment format {format} is not supported (this asp reads {SEGMENT_FORMAT})"),
+        return Err(format!(
+            "segment format {format} is not supported (this asp reads {SEGMENT_FORMAT})"
         ));
     }
     let stored = u64::from_le_bytes(header[16..24].try_into().unwrap());
     if stored != base {
-        return Err(corrupt(
-            path,
-            format!("header says the segment starts at {stored}, its name says {base}"),
+        return Err(format!(
+            "header says the segment starts at {stored}, its name says {base}"
         ));
     }
     Ok(())
+}
+
+fn check_header(path: &Path, header: &[u8], base: u64) -> Result<(), OpenError> {
+    check_header_bytes(header, base).map_err(|reason| corrupt(path, reason))
 }
 
 /// Creates a segment file; on failure (a full disk) removes what it created, so that
@@ -825,11 +834,14 @@ fn rest_is_zero(file: &dyn FsFile, from: u64, to: u64) -> io::Result<bool> {
     Ok(true)
 }
 
-/// Opens the last segment, cutting off anything after its last complete batch.
+/// Opens the last segment, cutting off anything after its last complete batch. Damage
+/// followed by intact records of a later group is corruption; under `strict_tail`
+/// (`fsync = "always"`, where only the last append can be torn) it refuses to open.
 fn open_active(
     fs: &dyn Fs,
     path: &Path,
     base: u64,
+    strict_tail: bool,
 ) -> Result<(Segment, Option<TornTail>), OpenError> {
     let file = fs
         .open(path, OpenMode::Write)
@@ -854,6 +866,23 @@ fn open_active(
         let dropped_bytes = file_len - scan.data_end;
         let all_zero = rest_is_zero(file.as_ref(), scan.data_end, file_len)
             .map_err(io_open(format!("cannot read {}", path.display())))?;
+        if !all_zero && let Some((at, _)) = scan.stop {
+            // Damage before the end: a tear only if nothing intact after it starts
+            // a later group (see crate::salvage).
+            let bytes = crate::fs::read_all(fs, path)
+                .map_err(io_open(format!("cannot read {}", path.display())))?;
+            let survey = crate::salvage::survey(&bytes, base);
+            let after = survey.records_after_damage();
+            if !survey.is_torn_tail() {
+                let message = format!(
+                    "corrupt log: the record at offset {at} is damaged ({reason}), but {after} intact records of later writes follow it; a torn write can only be the last one. Start with --salvage to move this segment aside, keep every intact record and fetch the lost ones from peers"
+                );
+                if strict_tail {
+                    return Err(corrupt(path, message));
+                }
+                tracing::error!(path = %path.display(), "{message}; cutting it as a tail anyway, because under fsync = interval or never a machine crash can leave holes in the unsynced end");
+            }
+        }
         if !all_zero {
             tracing::warn!(
                 path = %path.display(),
@@ -908,7 +937,7 @@ fn open_sealed(fs: &dyn Fs, path: &Path, base: u64) -> Result<Segment, OpenError
                 return Err(corrupt(
                     path,
                     format!(
-                        "sealed segment is damaged at offset {offset}: {reason}; it cannot be a torn write because later segments exist"
+                        "corrupt log: sealed segment is damaged at offset {offset}: {reason}; it cannot be a torn write because later segments exist. Start with --salvage to move it aside, keep every intact record and fetch the lost ones from peers"
                     ),
                 ));
             }

@@ -29,6 +29,7 @@ use crate::types::{
     Applied, ApplyOutcome, ChangesPage, FeedEvent, KeyState, NamespaceState, ScanItem, ScanPage,
     Value, WriteKind, WriteOp,
 };
+use crate::salvage;
 use crate::writer::{self, ApplyRequest, PolicyRequest, Progress, Request, Shared, WriteRequest};
 use asp_core::crdt::{Policy, State};
 
@@ -79,6 +80,9 @@ pub struct RecoveryReport {
     pub replayed_events: u64,
     /// Whether the index had to be rebuilt from scratch.
     pub index_rebuilt: bool,
+    /// What `--salvage` did (`None` without it; an empty report if nothing was
+    /// damaged).
+    pub salvage: Option<crate::salvage::SalvageReport>,
 }
 
 /// A snapshot of the store's state for status pages.
@@ -102,6 +106,8 @@ pub struct StoreStatus {
     pub failure: Option<String>,
     /// Why writes are refused for space, while they are (HTTP 507).
     pub no_space: Option<String>,
+    /// The last scrub since the store opened (see [`Store::scrub`]).
+    pub last_scrub: Option<crate::scrub::ScrubReport>,
 }
 
 /// The events behind index entries, read for a peer: at most `limit`, and about
@@ -174,8 +180,24 @@ impl Store {
         config.validate().map_err(OpenError::Config)?;
         let fs = config.fs.clone();
         let manifest = manifest::open(fs.as_ref(), &config.data_dir, config.node_id)?;
-        let bases = Bases::load(fs.as_ref(), &config.data_dir)?;
-        let (log, log_recovery) = Log::open(&fs, &config.data_dir.join("log"), &bases.removed)?;
+        let mut bases = Bases::load(fs.as_ref(), &config.data_dir)?;
+        let marker = config.data_dir.join("log").join(salvage::MARKER);
+        let (salvaged, salvage_done) = if config.salvage {
+            salvage::salvage(fs.as_ref(), &config.data_dir, &mut bases)?
+        } else if fs.exists(&marker).unwrap_or(false) {
+            return Err(OpenError::Corrupt {
+                path: marker,
+                reason: "a salvage of this log was interrupted; start again with --salvage to finish it".into(),
+            });
+        } else {
+            Default::default()
+        };
+        let (log, log_recovery) = Log::open(
+            &fs,
+            &config.data_dir.join("log"),
+            &bases.removed,
+            config.fsync == FsyncMode::Always,
+        )?;
         let index = Index::open(
             &config.data_dir.join("index"),
             config.index_cache_bytes,
@@ -183,10 +205,18 @@ impl Store {
         )?;
         let mut report = RecoveryReport {
             torn_tail: log_recovery.torn_tail,
+            salvage: config.salvage.then_some(salvaged),
             ..RecoveryReport::default()
         };
         let mut state = index.state()?;
-        if state.applied_seq > log.last_seq() {
+        if salvage_done {
+            // The index may point at records salvage lost: rebuilt from the log, so
+            // that the lost dots leave the vectors too.
+            tracing::warn!("rebuilding the key index from the salvaged log");
+            index.clear()?;
+            state = index.state()?;
+            report.index_rebuilt = true;
+        } else if state.applied_seq > log.last_seq() {
             tracing::warn!(
                 index_seq = state.applied_seq,
                 log_seq = log.last_seq(),
@@ -202,6 +232,12 @@ impl Store {
             if restored > 0 {
                 tracing::info!(restored, "epitaphs put back into the rebuilt key index");
             }
+        }
+        if salvage_done {
+            // The rebuilt index must be durable before the marker goes: a crash in
+            // between must find the marker and rebuild again.
+            index.persist().map_err(OpenError::Index)?;
+            salvage::finish(fs.as_ref(), &config.data_dir)?;
         }
         // The log no longer holds what compaction dropped or peers covered; a vector
         // rebuilt from it would have holes there.
@@ -280,6 +316,8 @@ impl Store {
             windows_changed: Condvar::new(),
             failure: OnceLock::new(),
             space_problem: Mutex::new(None),
+            scrub_running: Mutex::new(()),
+            last_scrub: Mutex::new(None),
             bases: Mutex::new(bases),
             compaction: Mutex::new(()),
             segment_gate: RwLock::new(()),
@@ -1080,6 +1118,7 @@ impl Store {
             namespaces,
             failure: shared.failure.get().cloned(),
             no_space: shared.space_problem(),
+            last_scrub: shared.last_scrub.lock().unwrap().clone(),
         }
     }
 

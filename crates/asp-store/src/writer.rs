@@ -41,7 +41,9 @@ use fjall::Slice;
 use tokio::sync::{OwnedSemaphorePermit, oneshot, watch};
 
 use crate::base::Bases;
-use crate::codec::{self, EventRef, FLAG_TXN_END, INLINE_VALUE_BYTES_MAX, IndexEntry, LogPosition};
+use crate::codec::{
+    self, EventRef, FLAG_GROUP_START, FLAG_TXN_END, INLINE_VALUE_BYTES_MAX, IndexEntry, LogPosition,
+};
 use crate::config::{FsyncMode, StoreConfig};
 use crate::error::{ReadError, WriteError};
 use crate::fs::is_no_space;
@@ -190,6 +192,10 @@ pub(crate) struct Shared {
     pub failure: OnceLock<String>,
     /// Set while writes are refused for space (see [`Shared::no_space`]).
     pub space_problem: Mutex<Option<String>>,
+    /// Held by a scrub run: one at a time.
+    pub scrub_running: Mutex<()>,
+    /// The last scrub's report.
+    pub last_scrub: Mutex<Option<crate::scrub::ScrubReport>>,
     /// What the node holds beyond its log (`base.vv`); its lock is held while the file
     /// is replaced, so the file only ever grows.
     pub bases: Mutex<Bases>,
@@ -1066,7 +1072,11 @@ impl Writer {
         self.seq += 1;
         let offset = g.start_offset + self.buf.len() as u64;
         let before = self.buf.len();
-        let flags = if txn_end { FLAG_TXN_END } else { 0 };
+        let mut flags = if txn_end { FLAG_TXN_END } else { 0 };
+        if self.buf.is_empty() {
+            // The first record of this group's one append.
+            flags |= FLAG_GROUP_START;
+        }
         codec::encode_record(&mut self.buf, self.seq, flags, event);
         self.sparse.record(
             &mut g.sparse_update,

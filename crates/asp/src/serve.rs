@@ -63,6 +63,10 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
         .compaction_interval
         .map(|every| tokio::spawn(compaction_loop(store.clone(), every, shutdown.clone())));
 
+    let scrubber = config
+        .scrub_interval
+        .map(|every| tokio::spawn(scrub_loop(store.clone(), every, shutdown.clone())));
+
     let signals = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -80,6 +84,10 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
     if let Some(compactor) = compactor {
         // A run in progress finishes its segment first.
         let _ = compactor.await;
+    }
+    if let Some(scrubber) = scrubber {
+        scrubber.abort();
+        let _ = scrubber.await;
     }
     store.shutdown().await;
     drop(store);
@@ -119,6 +127,22 @@ async fn compaction_loop(store: Store, every: std::time::Duration, shutdown: Can
             }
             Ok(_) => tracing::debug!("compaction: nothing to remove"),
             Err(e) => tracing::warn!("{e}"),
+        }
+    }
+}
+
+/// Scrubs the feed log every `every`, until shutdown (damage is logged by the scrub).
+async fn scrub_loop(store: Store, every: std::time::Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        if let Err(e) = store.scrub_async().await {
+            tracing::warn!("scrub: {e}");
         }
     }
 }
