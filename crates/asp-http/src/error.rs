@@ -92,9 +92,11 @@ impl From<ReadError> for ApiError {
         tracing::error!(error = %e, "read failed");
         match e {
             ReadError::Invalid(m) => ApiError::bad_request("invalid_request", m),
-            e @ ReadError::Failed(_) => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_failed", e.to_string())
-            }
+            e @ ReadError::Failed(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_failed",
+                e.to_string(),
+            ),
             e => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "store_failed",

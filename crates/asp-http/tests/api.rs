@@ -1363,7 +1363,8 @@ async fn disk_faults_answer_507_while_full_and_503_store_failed_after_eio() {
     })
     .await;
     let text = &[("content-type", "text/plain")];
-    let put = |path: &'static str, value: &'static [u8]| server.send(Method::PUT, path, text, value);
+    let put =
+        |path: &'static str, value: &'static [u8]| server.send(Method::PUT, path, text, value);
     assert!(put("/v1/ns/d/kv/a", b"1").await.status.is_success());
 
     fs.set_capacity(Some(fs.used_bytes() + 10));
@@ -1371,7 +1372,13 @@ async fn disk_faults_answer_507_while_full_and_503_store_failed_after_eio() {
     assert_eq!(r.status, StatusCode::INSUFFICIENT_STORAGE);
     let body = r.json().unwrap();
     assert_eq!(body["error"]["code"], "no_space", "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("free space"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("free space"),
+        "{body}"
+    );
     assert!(r.header("retry-after").is_some());
     let health = server.send(Method::GET, "/healthz", &[], b"").await;
     assert_eq!(health.status, StatusCode::SERVICE_UNAVAILABLE);
@@ -1388,10 +1395,17 @@ async fn disk_faults_answer_507_while_full_and_503_store_failed_after_eio() {
     assert_eq!(r.json().unwrap()["error"]["code"], "store_failed");
     let health = server.send(Method::GET, "/healthz", &[], b"").await;
     assert_eq!(health.status, StatusCode::SERVICE_UNAVAILABLE);
-    let reason = health.json().unwrap()["reason"].as_str().unwrap().to_owned();
+    let reason = health.json().unwrap()["reason"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert!(reason.contains("fsync"), "{reason}");
     let r = server.send(Method::GET, "/v1/ns/d/kv/c", &[], b"").await;
-    assert_eq!(r.status, StatusCode::NOT_FOUND, "an unacknowledged write is not visible");
+    assert_eq!(
+        r.status,
+        StatusCode::NOT_FOUND,
+        "an unacknowledged write is not visible"
+    );
 }
 
 /// The scrub endpoint checks the log and answers what it found.
@@ -1406,7 +1420,11 @@ async fn admin_scrub_reports_what_it_checked() {
     let body = r.json().unwrap();
     assert_eq!(body["records"], 1, "{body}");
     assert_eq!(body["damage"].as_array().unwrap().len(), 0, "{body}");
-    let status = server.send(Method::GET, "/v1/status", &[], b"").await.json().unwrap();
+    let status = server
+        .send(Method::GET, "/v1/status", &[], b"")
+        .await
+        .json()
+        .unwrap();
     assert_eq!(status["scrub"]["records"], 1, "{status}");
     server.stop().await;
 }

@@ -62,7 +62,11 @@ async fn a_salvaged_node_gets_its_lost_records_back_from_a_peer() {
 
     let segment = da.path().join("log").join(format!("{:020}.log", 1));
     let len = std::fs::metadata(&segment).unwrap().len();
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(&segment).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&segment)
+        .unwrap();
     let mut byte = [0u8; 1];
     f.read_exact_at(&mut byte, len / 3).unwrap();
     f.write_all_at(&[byte[0] ^ 0x01], len / 3).unwrap();

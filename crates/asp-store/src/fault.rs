@@ -120,11 +120,7 @@ impl State {
     }
 
     fn check(&self) -> io::Result<()> {
-        if self.cut {
-            Err(power_off())
-        } else {
-            Ok(())
-        }
+        if self.cut { Err(power_off()) } else { Ok(()) }
     }
 
     fn used(&self) -> u64 {
@@ -204,7 +200,11 @@ impl FaultFs {
         let entries = s.durable.clone();
         let mut inodes = HashMap::new();
         for &ino in entries.values() {
-            let durable = s.inodes.get(&ino).map(|i| i.durable.clone()).unwrap_or_default();
+            let durable = s
+                .inodes
+                .get(&ino)
+                .map(|i| i.durable.clone())
+                .unwrap_or_default();
             inodes.insert(
                 ino,
                 Inode {
@@ -429,7 +429,11 @@ impl Fs for FaultFs {
             }
             (OpenMode::Truncate, Some(ino)) => {
                 s.mutate()?;
-                s.inodes.get_mut(&ino).expect("entries name inodes").live.clear();
+                s.inodes
+                    .get_mut(&ino)
+                    .expect("entries name inodes")
+                    .live
+                    .clear();
                 ino
             }
             (OpenMode::CreateNew | OpenMode::Truncate, None) => {
@@ -500,8 +504,7 @@ impl Fs for FaultFs {
         if !s.dirs.contains(dir) {
             return Err(not_found(dir));
         }
-        Ok(s
-            .live
+        Ok(s.live
             .keys()
             .filter(|p| p.parent() == Some(dir))
             .filter_map(|p| p.file_name()?.to_str().map(str::to_owned))

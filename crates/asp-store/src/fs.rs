@@ -167,7 +167,12 @@ pub(crate) fn read_all(fs: &dyn Fs, path: &Path) -> io::Result<Vec<u8>> {
 
 /// Replaces `dir/name` with `bytes` so that a crash leaves either the old or the new
 /// file, never a mix: temporary file, fsync, rename, fsync of the directory.
-pub(crate) fn write_atomically(fs: &dyn Fs, dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn write_atomically(
+    fs: &dyn Fs,
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+) -> io::Result<()> {
     let tmp = dir.join(format!("{name}.tmp"));
     {
         let f = fs.open(&tmp, OpenMode::Truncate)?;

@@ -37,10 +37,10 @@ pub use config::{FSYNC_INTERVAL_MS_MAX, FsyncMode, FsyncModeError, StoreConfig};
 pub use error::{OpenError, ReadError, WriteError};
 pub use fs::{Fs, FsFile, OpenMode, RealFs};
 pub use log::{FeedHead, TornTail};
-pub use salvage::{Damage, SalvageReport, SalvagedSegment};
-pub use scrub::{ScrubDamage, ScrubReport};
 pub use manifest::FORMAT_VERSION;
 pub use metrics::Metrics;
+pub use salvage::{Damage, SalvageReport, SalvagedSegment};
+pub use scrub::{ScrubDamage, ScrubReport};
 pub use store::{
     CHANGES_LIMIT_MAX, FeedReader, RecoveryReport, SCAN_LIMIT_MAX, Store, StoreStatus,
 };

@@ -144,7 +144,10 @@ impl Log {
                     .ok()
                     .filter(|b| *b > 0 && stem.len() == 20)
                     .ok_or_else(|| {
-                        corrupt(&dir.join(&name), "unexpected file name in the log directory")
+                        corrupt(
+                            &dir.join(&name),
+                            "unexpected file name in the log directory",
+                        )
                     })?;
                 bases.push(base);
             }
@@ -204,8 +207,10 @@ impl Log {
                     ),
                 ));
             }
-            let segment = create_segment(fs.as_ref(), dir, 1)
-                .map_err(io_open(format!("cannot create a log segment in {}", dir.display())))?;
+            let segment = create_segment(fs.as_ref(), dir, 1).map_err(io_open(format!(
+                "cannot create a log segment in {}",
+                dir.display()
+            )))?;
             segments.push(Arc::new(segment));
         }
         Ok((

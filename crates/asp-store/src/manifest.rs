@@ -37,11 +37,7 @@ pub(crate) struct Manifest {
     _lock: File,
 }
 
-pub(crate) fn open(
-    fs: &dyn Fs,
-    dir: &Path,
-    wanted: Option<NodeId>,
-) -> Result<Manifest, OpenError> {
+pub(crate) fn open(fs: &dyn Fs, dir: &Path, wanted: Option<NodeId>) -> Result<Manifest, OpenError> {
     let io_err = |what: &str, path: &Path, source: io::Error| OpenError::Io {
         context: format!("{what} {}", path.display()),
         source,

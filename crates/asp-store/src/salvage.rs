@@ -258,7 +258,13 @@ struct Job {
 
 impl Job {
     fn line(&self) -> String {
-        format!("{} {} {} {}\n", self.name, self.stamp, self.last_pos, u8::from(self.is_last))
+        format!(
+            "{} {} {} {}\n",
+            self.name,
+            self.stamp,
+            self.last_pos,
+            u8::from(self.is_last)
+        )
     }
 
     fn parse(line: &str) -> Option<Job> {
@@ -383,7 +389,12 @@ pub(crate) fn salvage(
         match fs.remove(&in_log.with_extension("idx")) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(format!("cannot remove the sidecar of {}", in_log.display()))(e)),
+            Err(e) => {
+                return Err(io_err(format!(
+                    "cannot remove the sidecar of {}",
+                    in_log.display()
+                ))(e));
+            }
         }
         for r in &runs {
             write_run(fs, &log_dir, &bytes, r)?;
@@ -426,7 +437,8 @@ fn find_damage(fs: &dyn Fs, log_dir: &Path, names: &[String]) -> Result<Vec<Job>
     for (i, &base) in bases.iter().enumerate() {
         let name = segment_name(base);
         let path = log_dir.join(&name);
-        let bytes = read_all(fs, &path).map_err(io_err(format!("cannot read {}", path.display())))?;
+        let bytes =
+            read_all(fs, &path).map_err(io_err(format!("cannot read {}", path.display())))?;
         let s = survey(&bytes, base);
         let is_last = i + 1 == bases.len();
         if s.damage.is_empty() || (is_last && s.is_torn_tail()) {
@@ -469,10 +481,8 @@ fn write_run(fs: &dyn Fs, log_dir: &Path, bytes: &[u8], run: &Run) -> Result<(),
         }
         if flags != frame[FRAME_HEADER_BYTES] {
             frame[FRAME_HEADER_BYTES] = flags;
-            let crc = crc32c::crc32c_append(
-                crc32c::crc32c(&frame[0..4]),
-                &frame[FRAME_HEADER_BYTES..],
-            );
+            let crc =
+                crc32c::crc32c_append(crc32c::crc32c(&frame[0..4]), &frame[FRAME_HEADER_BYTES..]);
             frame[4..8].copy_from_slice(&crc.to_le_bytes());
         }
         out.extend_from_slice(&frame);
@@ -585,7 +595,8 @@ mod tests {
         for i in 0..4 {
             let p = 32 + i * record;
             bytes[p + 8] &= !FLAG_GROUP_START;
-            let crc = crc32c::crc32c_append(crc32c::crc32c(&bytes[p..p + 4]), &bytes[p + 8..p + record]);
+            let crc =
+                crc32c::crc32c_append(crc32c::crc32c(&bytes[p..p + 4]), &bytes[p + 8..p + record]);
             bytes[p + 4..p + 8].copy_from_slice(&crc.to_le_bytes());
         }
         bytes[32 + 2 * record + 20] ^= 0x40;

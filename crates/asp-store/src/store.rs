@@ -25,11 +25,11 @@ use crate::manifest::{self, Manifest};
 use crate::metrics::Metrics;
 use crate::policy::Policies;
 use crate::queue::{TrySendError, WriteQueue};
+use crate::salvage;
 use crate::types::{
     Applied, ApplyOutcome, ChangesPage, FeedEvent, KeyState, NamespaceState, ScanItem, ScanPage,
     Value, WriteKind, WriteOp,
 };
-use crate::salvage;
 use crate::writer::{self, ApplyRequest, PolicyRequest, Progress, Request, Shared, WriteRequest};
 use asp_core::crdt::{Policy, State};
 
@@ -187,7 +187,9 @@ impl Store {
         } else if fs.exists(&marker).unwrap_or(false) {
             return Err(OpenError::Corrupt {
                 path: marker,
-                reason: "a salvage of this log was interrupted; start again with --salvage to finish it".into(),
+                reason:
+                    "a salvage of this log was interrupted; start again with --salvage to finish it"
+                        .into(),
             });
         } else {
             Default::default()

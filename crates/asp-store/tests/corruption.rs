@@ -125,7 +125,15 @@ async fn a_damaged_record_before_later_writes_is_corruption_and_salvage_keeps_th
     assert!(store.get(&ns("c"), "after").unwrap().is_some());
     drop(store);
     let store = Store::open(salvage).unwrap();
-    assert!(store.recovery().salvage.as_ref().unwrap().segments.is_empty());
+    assert!(
+        store
+            .recovery()
+            .salvage
+            .as_ref()
+            .unwrap()
+            .segments
+            .is_empty()
+    );
 }
 
 /// Guards the tear rule: damage inside the last writer group — here its middle

@@ -146,7 +146,10 @@ fn verify(store: &Store, model: &mut Model, seed: u64, cycle: u64) {
     let full = cycle % 100 == 0;
     let mut sample = Rng(seed ^ cycle);
     for (k, (v, dot)) in &model.acked {
-        if !full && !model.recent.contains(k) && sample.below(model.acked.len() as u64 / 64 + 1) != 0 {
+        if !full
+            && !model.recent.contains(k)
+            && sample.below(model.acked.len() as u64 / 64 + 1) != 0
+        {
             continue;
         }
         let got = value(store, "p", k);
@@ -251,7 +254,9 @@ async fn power_cut_epoch(seed: u64, rng: &mut Rng, first: u64, cuts: u64) -> [u6
     let (mut compactions, mut rebuilds, mut torn) = (0, 0, 0);
     for cycle in first..first + cuts {
         let store = Store::open(config(dir.path(), &fs)).unwrap_or_else(|e| {
-            panic!("seed {seed} (ASP_POWER_SEED={seed}), cut {cycle}: the store does not reopen: {e}")
+            panic!(
+                "seed {seed} (ASP_POWER_SEED={seed}), cut {cycle}: the store does not reopen: {e}"
+            )
         });
         torn += u64::from(store.recovery().torn_tail.is_some());
         verify(&store, &mut model, seed, cycle);
@@ -310,7 +315,10 @@ async fn eio_on_fdatasync_acknowledges_nothing_and_fails_the_store() {
     let dir = tempfile::tempdir().unwrap();
     let fs = FaultFs::new(7);
     let store = Store::open(config(dir.path(), &fs)).unwrap();
-    store.write(ns("e"), vec![put("before", b"1")]).await.unwrap();
+    store
+        .write(ns("e"), vec![put("before", b"1")])
+        .await
+        .unwrap();
     fs.fail_syncs(SyncFailure::Next);
     let err = store
         .write(ns("e"), vec![put("during", b"2")])
@@ -318,18 +326,31 @@ async fn eio_on_fdatasync_acknowledges_nothing_and_fails_the_store() {
         .expect_err("a write whose fdatasync failed was acknowledged");
     assert!(matches!(err, WriteError::Storage(_)), "{err}");
     // The store does not trust its log any more, even though the next fsync would work.
-    let err = store.write(ns("e"), vec![put("after", b"3")]).await.unwrap_err();
+    let err = store
+        .write(ns("e"), vec![put("after", b"3")])
+        .await
+        .unwrap_err();
     assert!(matches!(err, WriteError::Storage(_)), "{err}");
     let failure = store.status().failure.expect("status says why");
     assert!(failure.contains("fsync"), "{failure}");
-    assert!(value(&store, "e", "during").is_none(), "an unacknowledged write is visible");
-    assert_eq!(store.head().seq, 1, "the feed shows only the acknowledged write");
+    assert!(
+        value(&store, "e", "during").is_none(),
+        "an unacknowledged write is visible"
+    );
+    assert_eq!(
+        store.head().seq,
+        1,
+        "the feed shows only the acknowledged write"
+    );
     fs.cut();
     drop(store);
     fs.reboot();
     let store = Store::open(config(dir.path(), &fs)).unwrap();
     assert_eq!(value(&store, "e", "before").unwrap().0, b"1");
-    store.write(ns("e"), vec![put("later", b"4")]).await.unwrap();
+    store
+        .write(ns("e"), vec![put("later", b"4")])
+        .await
+        .unwrap();
 }
 
 fn remote_event(origin: u64, counter: u64, k: &str) -> Event {
@@ -375,7 +396,10 @@ async fn enospc_refuses_writes_until_space_returns_and_leaves_nothing_behind() {
             .write(ns("s"), vec![put("b", &big), put("c", &big)])
             .await
             .unwrap_err();
-        assert!(matches!(err, WriteError::NoSpace(_)), "attempt {attempt}: {err}");
+        assert!(
+            matches!(err, WriteError::NoSpace(_)),
+            "attempt {attempt}: {err}"
+        );
         assert!(err.to_string().contains("free space"), "{err}");
     }
     let err = store.write(ns("c"), vec![incr(100)]).await.unwrap_err();
@@ -385,9 +409,15 @@ async fn enospc_refuses_writes_until_space_returns_and_leaves_nothing_behind() {
         .await
         .unwrap_err();
     assert!(matches!(err, WriteError::NoSpace(_)), "{err}");
-    let why = store.status().no_space.expect("status says why writes are refused");
+    let why = store
+        .status()
+        .no_space
+        .expect("status says why writes are refused");
     assert!(why.contains("no space"), "{why}");
-    assert!(store.status().failure.is_none(), "a full disk is not a failure");
+    assert!(
+        store.status().failure.is_none(),
+        "a full disk is not a failure"
+    );
 
     fs.set_capacity(None);
     assert!(store.status().no_space.is_none(), "space is back");
@@ -397,7 +427,10 @@ async fn enospc_refuses_writes_until_space_returns_and_leaves_nothing_behind() {
         first[0].dot.counter + 1,
         "a refused write must not use up dots"
     );
-    assert_eq!(b[0].seq, 3, "a refused write must not use up feed positions");
+    assert_eq!(
+        b[0].seq, 3,
+        "a refused write must not use up feed positions"
+    );
     store.write(ns("c"), vec![incr(1)]).await.unwrap();
     let outcome = store
         .apply_remote(vec![remote_event(99, 1, "x"), remote_event(99, 2, "y")])
@@ -443,7 +476,10 @@ async fn the_free_space_guard_refuses_writes_below_the_reserve() {
     store.write(ns("g"), vec![put("a", b"1")]).await.unwrap();
     fs.set_capacity(Some(fs.used_bytes() + (512 << 10)));
     let used = fs.used_bytes();
-    let err = store.write(ns("g"), vec![put("b", b"2")]).await.unwrap_err();
+    let err = store
+        .write(ns("g"), vec![put("b", b"2")])
+        .await
+        .unwrap_err();
     assert!(matches!(err, WriteError::NoSpace(_)), "{err}");
     assert!(err.to_string().contains("min_free_bytes"), "{err}");
     assert_eq!(fs.used_bytes(), used, "a refused write wrote nothing");

@@ -21,14 +21,24 @@ async fn serve_refuses_a_corrupt_log_and_salvage_keeps_every_intact_record() {
     let client = node.client();
     for i in 0..300 {
         client
-            .put("c", &format!("k{i}"), "text/plain", Bytes::from(format!("v{i}")), None)
+            .put(
+                "c",
+                &format!("k{i}"),
+                "text/plain",
+                Bytes::from(format!("v{i}")),
+                None,
+            )
             .await
             .unwrap();
     }
     assert!(node.signal(libc::SIGTERM).success());
     let segment = data.join("log").join(format!("{:020}.log", 1));
     let len = std::fs::metadata(&segment).unwrap().len();
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(&segment).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&segment)
+        .unwrap();
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, len / 3).unwrap();
     f.write_all_at(&[b[0] ^ 0x10], len / 3).unwrap();
@@ -72,7 +82,13 @@ async fn serve_refuses_a_corrupt_log_and_salvage_keeps_every_intact_record() {
     assert_eq!(salvage["positions_lost"], 1, "{status}");
     let mut present = 0;
     for i in 0..300 {
-        present += u32::from(client.get("c", &format!("k{i}"), None).await.unwrap().is_some());
+        present += u32::from(
+            client
+                .get("c", &format!("k{i}"), None)
+                .await
+                .unwrap()
+                .is_some(),
+        );
     }
     assert_eq!(present, 299, "every intact record is kept");
 }
