@@ -47,6 +47,7 @@ pub trait Fs: Send + Sync + fmt::Debug {
 
 /// An open file of an [`Fs`]; every operation is positional, so one handle serves
 /// the writer and any number of readers at once.
+#[allow(clippy::len_without_is_empty)] // A file's length is an I/O call, not a size.
 pub trait FsFile: Send + Sync + fmt::Debug {
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;

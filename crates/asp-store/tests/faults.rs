@@ -143,7 +143,7 @@ fn verify(store: &Store, model: &mut Model, seed: u64, cycle: u64) {
         .unwrap_or_default();
     // Every key now and then; otherwise the newest and a sample of the others (a full
     // check after every cut would grow with the square of the cuts).
-    let full = cycle % 100 == 0;
+    let full = cycle.is_multiple_of(100);
     let mut sample = Rng(seed ^ cycle);
     for (k, (v, dot)) in &model.acked {
         if !full
