@@ -1,3 +1,4 @@
+# Usage (root): mount -t tmpfs -o size=40m tmpfs MOUNT; python3 bench/trial40.py ./target/release/asp MOUNT MIN_FREE_BYTES
 # The 40 MB trial: write 1 KB values until the node refuses for space, check
 # /healthz, give the filesystem room again, write more, restart, count.
 import http.client, json, os, subprocess, sys, time
