@@ -307,6 +307,7 @@ impl Store {
             acked_seq: AtomicU64::new(head.seq),
             indexed_seq: AtomicU64::new(head.seq),
             window_messages: AtomicU64::new(0),
+            index_msgs_applied: AtomicU64::new(0),
             indexed_tx: watch::channel(head.seq).0,
             progress_changed: Condvar::new(),
             namespaces: RwLock::new(state.namespaces.clone()),

@@ -214,6 +214,9 @@ pub(crate) struct Shared {
     /// see without locking that the index is up to date.
     pub acked_seq: AtomicU64,
     pub indexed_seq: AtomicU64,
+    /// Groups the indexer applied, namespace states included (see
+    /// [`Writer::roll_back`]).
+    pub index_msgs_applied: AtomicU64,
     /// Messages the indexer sent the window keeper (see [`Windows::messages`]).
     pub window_messages: AtomicU64,
     /// The indexed sequence number for async waiters (bumped on failure too, so that
@@ -558,7 +561,7 @@ struct Mark {
     seq: u64,
     clock: HlcClock,
     sparse: SparseBuilder,
-    namespaces: Vec<(Namespace, Option<NamespaceState>)>,
+    namespaces: Vec<Namespace>,
 }
 
 /// A group being built: what goes into the log buffer and the index.
@@ -632,6 +635,7 @@ pub(crate) fn spawn(
         buf: Vec::new(),
         fsync_avg: Duration::from_micros(500),
         expected: 0,
+        index_msgs_sent: 0,
         crdt_recent: RecentStates::default(),
     };
     std::thread::Builder::new()
@@ -658,6 +662,8 @@ struct Writer {
     /// Requests expected in the next group: those acknowledged by the last fsync (who
     /// will be back) plus those that were already waiting when it finished.
     expected: usize,
+    /// Groups handed to the indexer (see [`Writer::roll_back`]).
+    index_msgs_sent: u64,
 }
 
 /// What the writer collected for one group.
@@ -977,8 +983,9 @@ impl Writer {
 
     /// The writer's state before a group: all that processing a group changes in the
     /// writer, so that a group that cannot be appended (a full disk) leaves no trace.
-    /// Namespace states are kept only for the namespaces the group's requests name
-    /// (the only ones any request can touch).
+    /// Namespace states are not copied (a bootstrapping namespace's vector can be
+    /// large): only the names the group's requests name (the only namespaces any
+    /// request can touch), whose states [`Writer::roll_back`] takes from the indexer.
     fn mark(&self, group: &[Work]) -> Mark {
         fn note<'a>(names: &mut Vec<&'a Namespace>, ns: &'a Namespace) {
             if !names.contains(&ns) {
@@ -998,25 +1005,35 @@ impl Writer {
             seq: self.seq,
             clock: self.clock.clone(),
             sparse: self.sparse.clone(),
-            namespaces: names
-                .into_iter()
-                .map(|ns| (ns.clone(), self.namespaces.get(ns).cloned()))
-                .collect(),
+            namespaces: names.into_iter().cloned().collect(),
         }
     }
 
     /// Undoes a group that was processed but could not be appended: cuts the segment
     /// back to its end (a partial write must not stay behind the next append) and puts
     /// the writer's state back as [`Writer::mark`] saw it.
+    ///
+    /// A namespace's state before the group is what the indexer publishes once it
+    /// has applied every group sent before: each group hands it the states of the
+    /// namespaces it touched, as the writer left them.
     fn roll_back(&mut self, mark: Mark) -> std::io::Result<()> {
         self.shared.log.cut_back(&self.segment)?;
         self.crdt_recent.forget_after(mark.seq);
         self.seq = mark.seq;
         self.clock = mark.clock;
         self.sparse = mark.sparse;
-        for (ns, state) in mark.namespaces {
-            match state {
-                Some(state) => self.namespaces.insert(ns, state),
+        {
+            let mut progress = self.shared.progress.lock().unwrap();
+            while self.shared.index_msgs_applied.load(Ordering::Acquire) < self.index_msgs_sent
+                && self.shared.failure.get().is_none()
+            {
+                progress = self.shared.progress_changed.wait(progress).unwrap();
+            }
+        }
+        let indexed = self.shared.namespaces.read().unwrap();
+        for ns in mark.namespaces {
+            match indexed.get(&ns) {
+                Some(state) => self.namespaces.insert(ns, state.clone()),
                 None => self.namespaces.remove(&ns),
             };
         }
@@ -1699,6 +1716,7 @@ impl Writer {
         if index_tx.send(index).is_err() {
             self.shared.fail("the index thread stopped".into());
         }
+        self.index_msgs_sent += 1;
     }
 }
 
@@ -1839,6 +1857,9 @@ fn index_groups(
             let mut progress = shared.progress.lock().unwrap();
             progress.indexed = last;
             shared.indexed_seq.store(last.seq, Ordering::Release);
+            shared
+                .index_msgs_applied
+                .fetch_add(msgs.len() as u64, Ordering::AcqRel);
         }
         shared.progress_changed.notify_all();
         shared.indexed_tx.send_replace(last.seq);
