@@ -141,6 +141,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/admin/quarantine/{ns}/discard",
             post(quarantine_discard),
         )
+        .route("/v1/admin/scrub", post(scrub))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/ns/{ns}/kv", get(list_keys))
         .route(
@@ -1145,7 +1146,7 @@ fn sse(
                 Err(e) => {
                     live.done = true;
                     let data =
-                        serde_json::json!({"code": "storage_failure", "message": e.to_string()})
+                        serde_json::json!({"code": "store_failed", "message": e.to_string()})
                             .to_string();
                     return Some((Ok(SseEvent::default().event("error").data(data)), live));
                 }
@@ -1160,11 +1161,17 @@ fn sse(
 }
 
 async fn healthz(State(state): State<AppState>) -> Response {
-    match state.store().status().failure {
-        None => Json(serde_json::json!({"status": "ok"})).into_response(),
-        Some(f) => (
+    let status = state.store().status();
+    match (status.failure, status.no_space) {
+        (None, None) => Json(serde_json::json!({"status": "ok"})).into_response(),
+        (Some(f), _) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(serde_json::json!({"status": "failing", "reason": f})),
+        )
+            .into_response(),
+        (None, Some(why)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "no_space", "reason": why})),
         )
             .into_response(),
     }
@@ -1202,7 +1209,7 @@ async fn compact(State(state): State<AppState>) -> Result<Response, ApiError> {
     let report = state.store().compact_async().await.map_err(|e| {
         let code = match e {
             asp_store::CompactionError::Panicked(_) => "internal",
-            _ => "storage_failure",
+            _ => "store_failed",
         };
         ApiError::new(
             axum::http::StatusCode::INTERNAL_SERVER_ERROR,
@@ -1313,7 +1320,10 @@ async fn status(State(state): State<AppState>) -> Response {
             "torn_tail_bytes": recovery.torn_tail.as_ref().map(|t| t.dropped_bytes),
             "replayed_events": recovery.replayed_events,
             "index_rebuilt": recovery.index_rebuilt,
+            "salvage": recovery.salvage.as_ref().map(salvage_json),
         },
+        "scrub": s.last_scrub.as_ref().map(scrub_json),
+        "no_space": s.no_space,
         "namespaces": namespaces,
         "own_events_found": store.own_events_found().iter().map(|f| serde_json::json!({
             "namespace": f.namespace.as_str(),
@@ -1326,6 +1336,49 @@ async fn status(State(state): State<AppState>) -> Response {
         "failure": s.failure,
     }))
     .into_response()
+}
+
+/// What `--salvage` did, for status.
+fn salvage_json(r: &asp_store::SalvageReport) -> serde_json::Value {
+    let segments: Vec<serde_json::Value> = r
+        .segments
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "segment": s.segment.display().to_string(),
+                "moved_to": s.moved_to.display().to_string(),
+                "damage": s.damage.iter().map(|d| serde_json::json!({"offset": d.offset, "bytes": d.bytes, "reason": d.reason})).collect::<Vec<_>>(),
+                "records_kept": s.records_kept,
+                "positions_lost": s.positions_lost.ranges(),
+                "bytes_lost": s.bytes_lost,
+            })
+        })
+        .collect();
+    serde_json::json!({"positions_lost": r.positions_lost(), "segments": segments})
+}
+
+/// A scrub report, for status and `POST /v1/admin/scrub`.
+fn scrub_json(r: &asp_store::ScrubReport) -> serde_json::Value {
+    serde_json::json!({
+        "started_unix_ms": r.started_unix_ms,
+        "finished_unix_ms": r.finished_unix_ms,
+        "segments": r.segments,
+        "bytes": r.bytes,
+        "records": r.records,
+        "damage": r.damage.iter().map(|d| serde_json::json!({
+            "segment": d.segment.display().to_string(),
+            "offset": d.offset,
+            "reason": d.reason,
+        })).collect::<Vec<_>>(),
+        "action": (!r.damage.is_empty()).then_some("the feed log is damaged: restart the node with --salvage to keep every intact record and fetch the lost ones from peers"),
+    })
+}
+
+/// Checks every record of the feed log now (what `asp serve` also does on
+/// `scrub_interval_ms`) and answers what it found.
+async fn scrub(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let report = state.store().scrub_async().await?;
+    Ok(Json(scrub_json(&report)).into_response())
 }
 
 fn replication_status(r: &asp_node::ReplicationStatus) -> serde_json::Value {

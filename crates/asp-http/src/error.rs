@@ -77,10 +77,14 @@ impl From<WriteError> for ApiError {
                 ApiError::bad_request("invalid_batch", m.clone())
             }
             WriteError::Storage(_) => ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "storage_failure",
-                e.to_string(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_failed",
+                format!("{e}; /healthz says why; restart the node once the disk is fixed"),
             ),
+            WriteError::NoSpace(m) => ApiError {
+                retry_after_s: Some(10),
+                ..ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "no_space", m.clone())
+            },
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
         }
     }
@@ -91,9 +95,14 @@ impl From<ReadError> for ApiError {
         tracing::error!(error = %e, "read failed");
         match e {
             ReadError::Invalid(m) => ApiError::bad_request("invalid_request", m),
+            e @ ReadError::Failed(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_failed",
+                e.to_string(),
+            ),
             e => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "storage_failure",
+                "store_failed",
                 e.to_string(),
             ),
         }

@@ -874,7 +874,7 @@ async fn openapi_document_matches_the_routes() {
             }
         }
     }
-    assert_eq!(operations, 16);
+    assert_eq!(operations, 17);
     server.stop().await;
 }
 
@@ -1344,5 +1344,87 @@ async fn conflict_policies_over_http() {
             .contains("\"by\"")
     );
     assert_eq!(server.store.head().seq, head);
+    server.stop().await;
+}
+
+/// Regression: a failed fdatasync answered `500 storage_failure`, and a full disk
+/// failed the store for good (writes refused until a restart). Now a full disk answers
+/// `507 no_space` with Retry-After and `/healthz` says why until space is back, then
+/// writes succeed again; a failed fdatasync answers `503 store_failed` and `/healthz`
+/// says why.
+#[tokio::test]
+async fn disk_faults_answer_507_while_full_and_503_store_failed_after_eio() {
+    use asp_store::fault::{FaultFs, SyncFailure};
+    let dir = tempfile::tempdir().unwrap();
+    let fs = FaultFs::new(3);
+    let server = Server::start(dir.path(), |s, _| {
+        s.fs = fs.shared();
+        s.min_free_bytes = 0;
+    })
+    .await;
+    let text = &[("content-type", "text/plain")];
+    let put =
+        |path: &'static str, value: &'static [u8]| server.send(Method::PUT, path, text, value);
+    assert!(put("/v1/ns/d/kv/a", b"1").await.status.is_success());
+
+    fs.set_capacity(Some(fs.used_bytes() + 10));
+    let r = put("/v1/ns/d/kv/b", b"a value that does not fit").await;
+    assert_eq!(r.status, StatusCode::INSUFFICIENT_STORAGE);
+    let body = r.json().unwrap();
+    assert_eq!(body["error"]["code"], "no_space", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("free space"),
+        "{body}"
+    );
+    assert!(r.header("retry-after").is_some());
+    let health = server.send(Method::GET, "/healthz", &[], b"").await;
+    assert_eq!(health.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(health.json().unwrap()["status"], "no_space");
+
+    fs.set_capacity(None);
+    let health = server.send(Method::GET, "/healthz", &[], b"").await;
+    assert_eq!(health.status, StatusCode::OK);
+    assert!(put("/v1/ns/d/kv/b", b"2").await.status.is_success());
+
+    fs.fail_syncs(SyncFailure::Next);
+    let r = put("/v1/ns/d/kv/c", b"3").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.json().unwrap()["error"]["code"], "store_failed");
+    let health = server.send(Method::GET, "/healthz", &[], b"").await;
+    assert_eq!(health.status, StatusCode::SERVICE_UNAVAILABLE);
+    let reason = health.json().unwrap()["reason"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(reason.contains("fsync"), "{reason}");
+    let r = server.send(Method::GET, "/v1/ns/d/kv/c", &[], b"").await;
+    assert_eq!(
+        r.status,
+        StatusCode::NOT_FOUND,
+        "an unacknowledged write is not visible"
+    );
+}
+
+/// The scrub endpoint checks the log and answers what it found.
+#[tokio::test]
+async fn admin_scrub_reports_what_it_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), |_, _| {}).await;
+    let text = &[("content-type", "text/plain")];
+    server.send(Method::PUT, "/v1/ns/d/kv/a", text, b"1").await;
+    let r = server.send(Method::POST, "/v1/admin/scrub", &[], b"").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let body = r.json().unwrap();
+    assert_eq!(body["records"], 1, "{body}");
+    assert_eq!(body["damage"].as_array().unwrap().len(), 0, "{body}");
+    let status = server
+        .send(Method::GET, "/v1/status", &[], b"")
+        .await
+        .json()
+        .unwrap();
+    assert_eq!(status["scrub"]["records"], 1, "{status}");
     server.stop().await;
 }

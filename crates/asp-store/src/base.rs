@@ -30,7 +30,7 @@ use asp_core::{Namespace, RangeSet, VersionVector};
 
 use crate::codec;
 use crate::error::OpenError;
-use crate::manifest::write_atomically;
+use crate::fs::{Fs, read_all, write_atomically};
 
 pub(crate) const BASE_FILE: &str = "base.vv";
 const MAGIC: &[u8; 8] = b"ASPBASE\0";
@@ -46,9 +46,9 @@ pub(crate) struct Bases {
 
 impl Bases {
     /// Reads `base.vv` from `dir`; no file means nothing is held beyond the log.
-    pub fn load(dir: &Path) -> Result<Bases, OpenError> {
+    pub fn load(fs: &dyn Fs, dir: &Path) -> Result<Bases, OpenError> {
         let path = dir.join(BASE_FILE);
-        let bytes = match std::fs::read(&path) {
+        let bytes = match read_all(fs, &path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Bases::default()),
             Err(source) => {
@@ -68,8 +68,8 @@ impl Bases {
     }
 
     /// Replaces `base.vv` in `dir` with this state.
-    pub fn save(&self, dir: &Path) -> io::Result<()> {
-        write_atomically(dir, BASE_FILE, &self.encode())
+    pub fn save(&self, fs: &dyn Fs, dir: &Path) -> io::Result<()> {
+        write_atomically(fs, dir, BASE_FILE, &self.encode())
     }
 
     fn encode(&self) -> Vec<u8> {
@@ -156,6 +156,7 @@ impl Bases {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fs::RealFs;
     use asp_core::NodeId;
 
     fn sample() -> Bases {
@@ -178,9 +179,9 @@ mod tests {
     #[test]
     fn bases_round_trip_through_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(Bases::load(dir.path()).unwrap(), Bases::default());
-        sample().save(dir.path()).unwrap();
-        assert_eq!(Bases::load(dir.path()).unwrap(), sample());
+        assert_eq!(Bases::load(&RealFs, dir.path()).unwrap(), Bases::default());
+        sample().save(&RealFs, dir.path()).unwrap();
+        assert_eq!(Bases::load(&RealFs, dir.path()).unwrap(), sample());
     }
 
     #[test]
@@ -199,13 +200,13 @@ mod tests {
     #[test]
     fn a_damaged_file_fails_open_with_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
-        sample().save(dir.path()).unwrap();
+        sample().save(&RealFs, dir.path()).unwrap();
         let path = dir.path().join(BASE_FILE);
         let mut bytes = std::fs::read(&path).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 0xff;
         std::fs::write(&path, bytes).unwrap();
-        let err = Bases::load(dir.path()).unwrap_err();
+        let err = Bases::load(&RealFs, dir.path()).unwrap_err();
         assert!(matches!(err, OpenError::Corrupt { .. }), "{err}");
         let message = err.to_string();
         assert!(message.contains("base.vv"), "{message}");

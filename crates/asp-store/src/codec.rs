@@ -17,6 +17,13 @@ pub const VALUE_BYTES_LIMIT: usize = 8 << 20;
 pub(crate) const RECORD_BYTES_MAX: usize = VALUE_BYTES_LIMIT + (64 << 10);
 /// Record flag: the last event of an atomic batch. Recovery never keeps part of a batch.
 pub(crate) const FLAG_TXN_END: u8 = 1;
+/// Record flag: the first record of a writer group, that is of one append to the log.
+/// Only the last append can be torn, so damage followed by an intact record that
+/// starts a group is corruption, not a tear. Records written before this flag existed
+/// have it clear (see docs/ARCHITECTURE.md, *Tears and corruption*).
+pub(crate) const FLAG_GROUP_START: u8 = 2;
+/// Every flag a record may carry.
+pub(crate) const RECORD_FLAGS: u8 = FLAG_TXN_END | FLAG_GROUP_START;
 /// Values up to this size are copied into the key index so that a read needs no log
 /// access.
 pub(crate) const INLINE_VALUE_BYTES_MAX: usize = 32;
@@ -236,7 +243,7 @@ pub(crate) fn decode_record(body: &Bytes) -> Result<Record, CorruptRecord> {
         pos: 0,
     };
     let flags = r.u8("truncated flags")?;
-    if flags & !FLAG_TXN_END != 0 {
+    if flags & !RECORD_FLAGS != 0 {
         return Err(CorruptRecord("unknown record flags"));
     }
     let seq = r.u64("truncated sequence number")?;

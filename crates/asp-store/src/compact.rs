@@ -339,13 +339,13 @@ impl Store {
             // fsynced when sealed, so the active one is the only one to sync), and
             // persist the index so that it points at them without a replay.
             let active = shared.log.active();
-            active
-                .file
-                .sync_data()
-                .map_err(|source| CompactionError::Io {
-                    context: format!("fsync of {}", active.path.display()),
-                    source,
-                })?;
+            // A failed fsync may have dropped written pages: the store cannot trust
+            // its log from here, as when the writer's fsync fails.
+            active.file.sync_data().map_err(|source| {
+                let context = format!("fsync of {}", active.path.display());
+                shared.fail(format!("{context}: {source}"));
+                CompactionError::Io { context, source }
+            })?;
             shared.index.persist()?;
             if stop_after_relocation {
                 break;
@@ -360,7 +360,7 @@ impl Store {
                         .join(dots);
                 }
                 next.removed.insert_range(segment.base, segment.last_seq());
-                next.save(&shared.config.data_dir)
+                next.save(shared.config.fs.as_ref(), &shared.config.data_dir)
                     .map_err(|source| CompactionError::Io {
                         context: "writing the base vector file".into(),
                         source,

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use asp_core::reconcile::ItemKey;
@@ -143,6 +144,23 @@ pub struct StoreConfig {
     /// counters of events its peers already hold. Zero (the library's default) never
     /// waits; `asp serve` waits 10 s by default.
     pub own_events_wait: Duration,
+    /// The filesystem of the store's own files (the log, `base.vv`, `policies`,
+    /// `asp.json`); the real one unless a test puts a fault-injecting one here. The
+    /// key index and the `LOCK` file are always on the real filesystem.
+    pub fs: Arc<dyn crate::fs::Fs>,
+    /// Writes are refused with [`crate::WriteError::NoSpace`] (HTTP 507) while the
+    /// filesystem of the data directory has less than this many bytes free, so that
+    /// the key index, which cannot take a write back, never meets a full disk first.
+    /// 0 turns the guard off. Default 64 MiB.
+    pub min_free_bytes: u64,
+    /// Open a damaged log anyway: damaged segments are moved to `damaged/`, every
+    /// intact record is kept, and the positions lost are recorded (see
+    /// docs/ARCHITECTURE.md, *Corruption and salvage*). Without it a damaged log
+    /// refuses to open.
+    pub salvage: bool,
+    /// [`crate::Store::scrub`] reads at most this many bytes per second. Default
+    /// 64 MiB/s.
+    pub scrub_bytes_per_s: u64,
 }
 
 impl StoreConfig {
@@ -157,6 +175,8 @@ impl StoreConfig {
     pub const DEFAULT_COMPACTION_DEAD_RATIO: f64 = 0.5;
     pub const DEFAULT_TOMBSTONE_TTL_MS: u64 = 24 * 60 * 60 * 1000;
     pub const DEFAULT_GC_HORIZON_MS: u64 = 7 * 24 * 60 * 60 * 1000;
+    pub const DEFAULT_MIN_FREE_BYTES: u64 = 64 << 20;
+    pub const DEFAULT_SCRUB_BYTES_PER_S: u64 = 64 << 20;
 
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
@@ -185,6 +205,10 @@ impl StoreConfig {
             tombstone_ttl_ms: Some(Self::DEFAULT_TOMBSTONE_TTL_MS),
             gc_horizon_ms: Self::DEFAULT_GC_HORIZON_MS,
             own_events_wait: Duration::ZERO,
+            fs: crate::fs::RealFs::shared(),
+            min_free_bytes: Self::DEFAULT_MIN_FREE_BYTES,
+            salvage: false,
+            scrub_bytes_per_s: Self::DEFAULT_SCRUB_BYTES_PER_S,
         }
     }
 
@@ -241,6 +265,9 @@ impl StoreConfig {
                 "compaction_dead_ratio must be above 0 and at most 1; got {}",
                 self.compaction_dead_ratio
             ));
+        }
+        if self.scrub_bytes_per_s == 0 {
+            return Err("scrub_bytes_per_s must be at least 1".into());
         }
         if self.gc_horizon_ms == 0 {
             return Err("gc_horizon_ms must be at least 1".into());

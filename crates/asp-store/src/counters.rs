@@ -27,15 +27,14 @@
 //! raised by [`DAMAGE_JUMP`] above anything the log shows, which is always safe.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use asp_core::Namespace;
 
 use crate::error::OpenError;
-use crate::manifest::sync_dir;
+use crate::fs::{Fs, FsFile, OpenMode, write_atomically};
 
 const FILE: &str = "counters";
 const MAGIC: &[u8; 8] = b"ASPCNTR\0";
@@ -53,8 +52,9 @@ const REWRITE_SLACK: usize = 4096;
 
 /// The durable marks, and the open file they are appended to.
 pub(crate) struct Counters {
+    fs: Arc<dyn Fs>,
     dir: PathBuf,
-    file: File,
+    file: Box<dyn FsFile>,
     len: u64,
     records: usize,
     /// Per namespace: counters up to here may have been issued (in this life or an
@@ -72,21 +72,25 @@ impl Counters {
     /// Opens (or creates) the file in `dir`. `log_max` gives, per namespace, the highest
     /// counter of this node's the log (and base) still hold: used only when the file is
     /// damaged or missing in a directory that already holds events.
-    pub fn open(dir: &Path, log_max: &HashMap<Namespace, u64>) -> Result<Counters, OpenError> {
+    pub fn open(
+        fs: Arc<dyn Fs>,
+        dir: &Path,
+        log_max: &HashMap<Namespace, u64>,
+    ) -> Result<Counters, OpenError> {
         let path = dir.join(FILE);
         let io_err = |what: &str| {
             let context = format!("{what} {}", path.display());
             move |source| OpenError::Io { context, source }
         };
-        let existed = path.exists();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io_err("cannot open"))?;
+        let existed = fs.exists(&path).map_err(io_err("cannot look for"))?;
+        let mode = if existed {
+            OpenMode::Write
+        } else {
+            OpenMode::CreateNew
+        };
+        let file = fs.open(&path, mode).map_err(io_err("cannot open"))?;
         let mut counters = Counters {
+            fs,
             dir: dir.to_owned(),
             file,
             len: HEADER_BYTES,
@@ -95,11 +99,7 @@ impl Counters {
             issued: log_max.clone(),
             reserved: HashMap::new(),
         };
-        let file_len = counters
-            .file
-            .metadata()
-            .map_err(io_err("cannot stat"))?
-            .len();
+        let file_len = counters.file.len().map_err(io_err("cannot stat"))?;
         let mut damaged = None;
         if file_len < HEADER_BYTES {
             let mut header = Vec::with_capacity(HEADER_BYTES as usize);
@@ -109,8 +109,8 @@ impl Counters {
                 .file
                 .set_len(0)
                 .and_then(|()| counters.file.write_all_at(&header, 0))
-                .and_then(|()| counters.file.sync_all())
-                .and_then(|()| sync_dir(dir))
+                .and_then(|()| counters.file.sync_data())
+                .and_then(|()| counters.fs.sync_dir(dir))
                 .map_err(io_err("cannot initialise"))?;
             // A directory that holds events but no marks: written by an asp without
             // this file (an upgrade), or the file was lost. What the log holds is all an
@@ -153,7 +153,7 @@ impl Counters {
                 counters
                     .file
                     .set_len(end)
-                    .and_then(|()| counters.file.sync_all())
+                    .and_then(|()| counters.file.sync_data())
                     .map_err(io_err("cannot truncate"))?;
             }
         }
@@ -254,6 +254,15 @@ impl Counters {
         *issued = (*issued).max(last);
     }
 
+    /// A group that issued counters could not be appended (a full disk): what it
+    /// issued goes back to `last`, the highest counter of this node the namespace's
+    /// vector holds without it. The reservation stays.
+    pub fn take_back(&mut self, namespace: &Namespace, last: u64) {
+        if let Some(issued) = self.issued.get_mut(namespace) {
+            *issued = (*issued).min(last);
+        }
+    }
+
     /// A peer holds this node's own events of `namespace` up to `counter`. If that is
     /// past everything this node knows it issued, an earlier life of it issued them (a
     /// data directory restored from an older copy, or a crash that lost them), or
@@ -312,16 +321,8 @@ impl Counters {
         for (ns, mark) in &marks {
             encode_record(&mut buf, ns, *mark);
         }
-        let path = self.dir.join(FILE);
-        let tmp = self.dir.join(format!("{FILE}.tmp"));
-        {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&buf)?;
-            f.sync_all()?;
-        }
-        fs::rename(&tmp, &path)?;
-        sync_dir(&self.dir)?;
-        self.file = OpenOptions::new().read(true).write(true).open(&path)?;
+        write_atomically(self.fs.as_ref(), &self.dir, FILE, &buf)?;
+        self.file = self.fs.open(&self.dir.join(FILE), OpenMode::Write)?;
         self.len = buf.len() as u64;
         self.records = marks.len();
         for (ns, mark) in marks {

@@ -86,16 +86,16 @@ pub enum WriteError {
     /// on a set, a plain put on a counter).
     #[error("{0}")]
     WrongPolicy(String),
-    /// The data directory's filesystem is full: nothing of the batch was written, and
-    /// writes work again once there is room.
-    #[error("{0}")]
-    NoSpace(String),
     #[error("the writer queue stayed full for {} ms; retry later", waited.as_millis())]
     Overloaded { waited: Duration },
     #[error("the store is shutting down")]
     Closed,
     #[error("storage failure, the store accepts no more writes: {0}")]
     Storage(String),
+    /// The data directory's filesystem is full (or below `min_free_bytes`): nothing of
+    /// the request was applied, and writes succeed again once space is freed.
+    #[error("{0}")]
+    NoSpace(String),
 }
 
 /// Why a read failed.

@@ -41,10 +41,9 @@
 //! ones up to their size (or 1 MiB).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use asp_core::crdt::Policy;
 use asp_core::{Dot, Event, Namespace, NodeId, VersionVector};
@@ -52,7 +51,7 @@ use bytes::Bytes;
 
 use crate::codec::{self, EventRef, FRAME_HEADER_BYTES, RECORD_BYTES_MAX};
 use crate::error::OpenError;
-use crate::manifest;
+use crate::fs::{Fs, FsFile, OpenMode, read_all, write_atomically};
 
 pub(crate) const HELD_FILE: &str = "held.log";
 const HEADER: &[u8; 8] = b"ASPHELD\x01";
@@ -172,9 +171,10 @@ struct Entry {
 /// The held events of a store: in memory, and in `held.log`. Changed only by the
 /// writer thread.
 pub(crate) struct Held {
+    fs: Arc<dyn Fs>,
     path: PathBuf,
     dir: PathBuf,
-    file: File,
+    file: Box<dyn FsFile>,
     /// Where the next record goes.
     file_len: u64,
     /// Bytes of records (written or pending) of events no longer held.
@@ -193,9 +193,9 @@ pub(crate) struct Held {
 
 impl Held {
     /// Reads `held.log` from `dir` (creating it if missing), cutting a torn tail off.
-    pub fn open(dir: &Path, bytes_max: u64) -> Result<Held, OpenError> {
+    pub fn open(fs: Arc<dyn Fs>, dir: &Path, bytes_max: u64) -> Result<Held, OpenError> {
         let path = dir.join(HELD_FILE);
-        let bytes = match std::fs::read(&path) {
+        let bytes = match read_all(fs.as_ref(), &path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
             Err(source) => {
@@ -221,7 +221,7 @@ impl Held {
             if !HEADER.starts_with(&bytes) {
                 return Err(corrupt("not an asp held-events file (bad header)".into()));
             }
-            manifest::write_atomically(dir, HELD_FILE, HEADER)
+            write_atomically(fs.as_ref(), dir, HELD_FILE, HEADER)
                 .map_err(|e| io_error("cannot create", e))?;
         } else if bytes[..HEADER.len() - 1] != HEADER[..HEADER.len() - 1] {
             return Err(corrupt("not an asp held-events file (bad header)".into()));
@@ -232,12 +232,11 @@ impl Held {
                 HEADER[HEADER.len() - 1]
             )));
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
+        let file = fs
+            .open(&path, OpenMode::Write)
             .map_err(|e| io_error("cannot open", e))?;
         let mut held = Held {
+            fs,
             path: path.clone(),
             dir: dir.to_owned(),
             file,
@@ -267,7 +266,7 @@ impl Held {
                 );
                 held.file
                     .set_len(pos as u64)
-                    .and_then(|()| held.file.sync_all())
+                    .and_then(|()| held.file.sync_data())
                     .map_err(|e| io_error("cannot cut the torn tail of", e))?;
                 break;
             };
@@ -283,6 +282,18 @@ impl Held {
         held.file_len = pos as u64;
         held.dead_bytes = held.file_len - HEADER.len() as u64 - held.live_bytes;
         Ok(held)
+    }
+
+    /// Reads the file again, forgetting what was taken since it was last rewritten
+    /// (a group that took events out could not be appended: they are held again), and
+    /// drops what `applied` says the node holds. Nothing may be pending.
+    pub fn reload(&mut self, applied: impl Fn(&Namespace, Dot) -> bool) -> Result<(), OpenError> {
+        debug_assert!(self.pending.is_empty(), "reloaded with records not written");
+        let full_refusals = self.full_refusals;
+        *self = Held::open(self.fs.clone(), &self.dir, self.bytes_max)?;
+        self.full_refusals = full_refusals;
+        self.drop_applied(applied);
+        Ok(())
     }
 
     /// Drops every held event `applied` says the node holds (applied since, or
@@ -407,6 +418,20 @@ impl Held {
             .map(|(ms, _, _)| ms.saturating_sub(max_skew_ms))
     }
 
+    /// The namespaces of the parked events [`Held::take_due`] would take now.
+    pub fn due_namespaces(&self, limit_ms: u64) -> Vec<Namespace> {
+        let mut out: Vec<Namespace> = Vec::new();
+        for (ms, ns, _) in self.parked.iter().take(RELEASE_EVENTS_MAX) {
+            if *ms > limit_ms {
+                break;
+            }
+            if !out.contains(ns) {
+                out.push(ns.clone());
+            }
+        }
+        out
+    }
+
     /// Takes the parked events whose clock reading is at most `limit_ms` (at most
     /// [`RELEASE_EVENTS_MAX`]), earliest first, with their arrival times.
     pub fn take_due(&mut self, limit_ms: u64) -> Vec<(Event, u64)> {
@@ -468,8 +493,8 @@ impl Held {
         for e in entries {
             encode_record(&mut out, &e.event, e.reason, e.arrival_ms);
         }
-        manifest::write_atomically(&self.dir, HELD_FILE, &out)?;
-        self.file = OpenOptions::new().read(true).write(true).open(&self.path)?;
+        write_atomically(self.fs.as_ref(), &self.dir, HELD_FILE, &out)?;
+        self.file = self.fs.open(&self.path, OpenMode::Write)?;
         self.file_len = out.len() as u64;
         self.live_bytes = self.file_len - HEADER.len() as u64;
         self.dead_bytes = 0;
@@ -629,7 +654,7 @@ mod tests {
     fn held_events_survive_a_reopen_and_replacements_win() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut h = Held::open(dir.path(), 1 << 20).unwrap();
+            let mut h = Held::open(crate::fs::RealFs::shared(), dir.path(), 1 << 20).unwrap();
             h.hold(event("a", 1, 5_000, "x"), HeldReason::Parked, 10);
             h.hold(event("b", 1, 100, "y"), HeldReason::Quarantined, 11);
             h.sync().unwrap();
@@ -639,7 +664,7 @@ mod tests {
             h.hold(due[0].0.clone(), HeldReason::Quarantined, due[0].1);
             h.sync().unwrap();
         }
-        let h = Held::open(dir.path(), 1 << 20).unwrap();
+        let h = Held::open(crate::fs::RealFs::shared(), dir.path(), 1 << 20).unwrap();
         assert_eq!(h.len(), 2);
         let ns_a = Namespace::new("a").unwrap();
         assert!(h.is_quarantined(&ns_a));
@@ -651,7 +676,7 @@ mod tests {
     fn a_torn_tail_is_cut_and_damage_before_valid_records_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut h = Held::open(dir.path(), 1 << 20).unwrap();
+            let mut h = Held::open(crate::fs::RealFs::shared(), dir.path(), 1 << 20).unwrap();
             for i in 1..=3 {
                 h.hold(event("a", i, 100, "v"), HeldReason::Quarantined, 1);
             }
@@ -662,7 +687,7 @@ mod tests {
         // Every cut inside the last record is a torn write: the first two remain.
         for cut in 1..record {
             std::fs::write(held_file(dir.path()), &whole[..whole.len() - cut]).unwrap();
-            let h = Held::open(dir.path(), 1 << 20).unwrap();
+            let h = Held::open(crate::fs::RealFs::shared(), dir.path(), 1 << 20).unwrap();
             assert_eq!(h.len(), 2, "cut {cut}");
             assert_eq!(
                 std::fs::metadata(held_file(dir.path())).unwrap().len() as usize,
@@ -675,7 +700,9 @@ mod tests {
             let mut bad = whole.clone();
             bad[at] ^= 0x40;
             std::fs::write(held_file(dir.path()), &bad).unwrap();
-            let err = Held::open(dir.path(), 1 << 20).err().expect("refused");
+            let err = Held::open(crate::fs::RealFs::shared(), dir.path(), 1 << 20)
+                .err()
+                .expect("refused");
             let text = err.to_string();
             assert!(text.contains("corrupt"), "{text}");
             assert!(text.contains(&format!("offset {}", HEADER.len())), "{text}");
@@ -686,28 +713,44 @@ mod tests {
         let last = bad.len() - 3;
         bad[last] ^= 0x40;
         std::fs::write(held_file(dir.path()), &bad).unwrap();
-        assert_eq!(Held::open(dir.path(), 1 << 20).unwrap().len(), 2);
+        assert_eq!(
+            Held::open(crate::fs::RealFs::shared(), dir.path(), 1 << 20)
+                .unwrap()
+                .len(),
+            2
+        );
     }
 
     #[test]
     fn a_bad_header_or_a_newer_format_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(held_file(dir.path()), b"ASPHELD\x02").unwrap();
-        let err = Held::open(dir.path(), 1 << 20).err().unwrap().to_string();
+        let err = Held::open(crate::fs::RealFs::shared(), dir.path(), 1 << 20)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("newer asp"), "{err}");
         std::fs::write(held_file(dir.path()), b"NOTHELD!more").unwrap();
-        let err = Held::open(dir.path(), 1 << 20).err().unwrap().to_string();
+        let err = Held::open(crate::fs::RealFs::shared(), dir.path(), 1 << 20)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("bad header"), "{err}");
         // Cut while being created: started again.
         std::fs::write(held_file(dir.path()), b"ASPH").unwrap();
-        assert_eq!(Held::open(dir.path(), 1 << 20).unwrap().len(), 0);
+        assert_eq!(
+            Held::open(crate::fs::RealFs::shared(), dir.path(), 1 << 20)
+                .unwrap()
+                .len(),
+            0
+        );
         assert_eq!(std::fs::read(held_file(dir.path())).unwrap(), HEADER);
     }
 
     #[test]
     fn dead_records_are_rewritten_away() {
         let dir = tempfile::tempdir().unwrap();
-        let mut h = Held::open(dir.path(), 64 << 20).unwrap();
+        let mut h = Held::open(crate::fs::RealFs::shared(), dir.path(), 64 << 20).unwrap();
         let big = "v".repeat(100_000);
         for i in 1..=30 {
             h.hold(event("a", i, 100 + i, &big), HeldReason::Parked, 1);
@@ -720,7 +763,7 @@ mod tests {
         let len = std::fs::metadata(held_file(dir.path())).unwrap().len();
         assert_eq!(len, HEADER.len() as u64 + h.bytes());
         drop(h);
-        let h = Held::open(dir.path(), 64 << 20).unwrap();
+        let h = Held::open(crate::fs::RealFs::shared(), dir.path(), 64 << 20).unwrap();
         assert_eq!(h.len(), 1);
         assert!(h.is_quarantined(&Namespace::new("b").unwrap()));
     }

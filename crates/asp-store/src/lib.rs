@@ -17,6 +17,9 @@ mod config;
 mod counters;
 mod digest;
 mod error;
+#[doc(hidden)]
+pub mod fault;
+mod fs;
 mod gc;
 mod held;
 mod index;
@@ -25,6 +28,8 @@ mod manifest;
 mod metrics;
 mod policy;
 mod queue;
+mod salvage;
+mod scrub;
 mod store;
 mod types;
 mod validate;
@@ -34,12 +39,15 @@ pub use codec::VALUE_BYTES_LIMIT;
 pub use compact::{CompactionError, CompactionReport, TombstoneGc};
 pub use config::{FSYNC_INTERVAL_MS_MAX, FsyncMode, FsyncModeError, StoreConfig};
 pub use error::{OpenError, ReadError, WriteError};
+pub use fs::{Fs, FsFile, OpenMode, RealFs};
 pub use held::{
     HeldReason, HeldStatus, ParkedStatus, QuarantineAction, QuarantineOutcome, QuarantineStatus,
 };
 pub use log::{FeedHead, TornTail};
 pub use manifest::FORMAT_VERSION;
 pub use metrics::Metrics;
+pub use salvage::{Damage, SalvageReport, SalvagedSegment};
+pub use scrub::{ScrubDamage, ScrubReport};
 pub use store::{
     CHANGES_LIMIT_MAX, FeedReader, OwnEventsFound, RecoveryReport, SCAN_LIMIT_MAX, Store,
     StoreStatus,

@@ -12,9 +12,7 @@
 //! namespaces in it, so that a per-namespace change feed skips blocks that cannot hold
 //! its events.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -24,7 +22,7 @@ use bytes::Bytes;
 
 use crate::codec::{self, FLAG_TXN_END, FRAME_HEADER_BYTES, Frame, Record};
 use crate::error::{OpenError, ReadError};
-use crate::manifest::sync_dir;
+use crate::fs::{Fs, FsFile, OpenMode, read_all};
 
 pub(crate) const SEGMENT_HEADER_BYTES: u64 = 32;
 const SEGMENT_MAGIC: &[u8; 8] = b"ASPFEED\0";
@@ -66,7 +64,7 @@ pub(crate) struct Segment {
     /// The sequence number of its first record; also its name.
     pub base: u64,
     pub path: PathBuf,
-    pub file: File,
+    pub file: Box<dyn FsFile>,
     /// Bytes of valid data, header included. Grows only while the segment is active.
     len: AtomicU64,
     /// The last sequence number held (`base - 1` while empty).
@@ -102,11 +100,12 @@ pub struct TornTail {
 }
 
 pub(crate) struct Log {
+    fs: Arc<dyn Fs>,
     dir: PathBuf,
     segments: RwLock<Vec<Arc<Segment>>>,
 }
 
-fn segment_name(base: u64) -> String {
+pub(crate) fn segment_name(base: u64) -> String {
     format!("{base:020}.log")
 }
 
@@ -126,20 +125,29 @@ impl Log {
     /// Opens (or creates) the log in `dir`, cutting off a torn tail. Between segments
     /// there may be gaps, but only of positions in `removed` (whose segments compaction
     /// removed): any other gap means a lost segment file, and is refused.
-    pub fn open(dir: &Path, removed: &RangeSet) -> Result<(Log, Recovery), OpenError> {
-        fs::create_dir_all(dir).map_err(io_open(format!("cannot create {}", dir.display())))?;
+    pub fn open(
+        fs: &Arc<dyn Fs>,
+        dir: &Path,
+        removed: &RangeSet,
+        strict_tail: bool,
+    ) -> Result<(Log, Recovery), OpenError> {
+        fs.create_dir_all(dir)
+            .map_err(io_open(format!("cannot create {}", dir.display())))?;
         let mut bases = Vec::new();
-        for entry in fs::read_dir(dir).map_err(io_open(format!("cannot list {}", dir.display())))? {
-            let entry = entry.map_err(io_open(format!("cannot list {}", dir.display())))?;
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
+        for name in fs
+            .list(dir)
+            .map_err(io_open(format!("cannot list {}", dir.display())))?
+        {
             if let Some(stem) = name.strip_suffix(".log") {
                 let base = stem
                     .parse::<u64>()
                     .ok()
                     .filter(|b| *b > 0 && stem.len() == 20)
                     .ok_or_else(|| {
-                        corrupt(&entry.path(), "unexpected file name in the log directory")
+                        corrupt(
+                            &dir.join(&name),
+                            "unexpected file name in the log directory",
+                        )
                     })?;
                 bases.push(base);
             }
@@ -180,11 +188,11 @@ impl Log {
             }
             let last = i + 1 == bases.len();
             let segment = if last {
-                let (segment, torn) = open_active(&path, base)?;
+                let (segment, torn) = open_active(fs.as_ref(), &path, base, strict_tail)?;
                 recovery.torn_tail = torn;
                 segment
             } else {
-                open_sealed(&path, base)?
+                open_sealed(fs.as_ref(), &path, base)?
             };
             expected_base = segment.last_seq() + 1;
             segments.push(Arc::new(segment));
@@ -199,10 +207,15 @@ impl Log {
                     ),
                 ));
             }
-            segments.push(Arc::new(create_segment(dir, 1)?));
+            let segment = create_segment(fs.as_ref(), dir, 1).map_err(io_open(format!(
+                "cannot create a log segment in {}",
+                dir.display()
+            )))?;
+            segments.push(Arc::new(segment));
         }
         Ok((
             Log {
+                fs: fs.clone(),
                 dir: dir.to_owned(),
                 segments: RwLock::new(segments),
             },
@@ -247,7 +260,9 @@ impl Log {
     }
 
     /// Writes `buf` (whole frames ending at a batch boundary) at the end of the active
-    /// segment and publishes the new end. Only the writer calls this.
+    /// segment and publishes the new end. Only the writer calls this. On an error the
+    /// segment's end stays where it was; part of `buf` may be in the file after it
+    /// ([`Log::cut_back`] removes it).
     pub fn append(
         &self,
         segment: &Segment,
@@ -269,15 +284,24 @@ impl Log {
         Ok(())
     }
 
+    /// Cuts the active segment's file back to its published end: what a failed append
+    /// left after it must not stay behind a later append.
+    pub fn cut_back(&self, segment: &Segment) -> io::Result<()> {
+        segment.file.set_len(segment.len())
+    }
+
     /// Seals the active segment and starts the next one. Whatever the fsync mode, the
     /// sealed segment is fsynced first: a later segment must never exist on disk after
     /// an earlier one that a crash could still tear.
     pub fn rotate(&self) -> io::Result<Arc<Segment>> {
         let old = self.active();
         old.file.sync_data()?;
-        write_sidecar(&old)?;
-        let new =
-            Arc::new(create_segment(&self.dir, old.last_seq() + 1).map_err(io::Error::other)?);
+        write_sidecar(self.fs.as_ref(), &old)?;
+        let new = Arc::new(create_segment(
+            self.fs.as_ref(),
+            &self.dir,
+            old.last_seq() + 1,
+        )?);
         self.segments.write().unwrap().push(new.clone());
         Ok(new)
     }
@@ -315,13 +339,13 @@ impl Log {
             self.active().base,
             "the active segment is never removed"
         );
-        match fs::remove_file(segment.path.with_extension("idx")) {
+        match self.fs.remove(&segment.path.with_extension("idx")) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        fs::remove_file(&segment.path)?;
-        sync_dir(&self.dir)
+        self.fs.remove(&segment.path)?;
+        self.fs.sync_dir(&self.dir)
     }
 
     /// Drops a deleted segment from the log: seeks and reads by position no longer find
@@ -573,6 +597,7 @@ pub(crate) struct SparseUpdate {
 }
 
 /// Tracks where the writer's next sparse entry falls.
+#[derive(Clone)]
 pub(crate) struct SparseBuilder {
     last_entry_offset: u64,
 }
@@ -606,53 +631,65 @@ impl SparseBuilder {
     }
 }
 
-fn write_header(file: &File, base: u64) -> io::Result<()> {
+/// The header of a segment whose first sequence number is `base`.
+pub(crate) fn segment_header(base: u64) -> [u8; SEGMENT_HEADER_BYTES as usize] {
     let mut header = [0u8; SEGMENT_HEADER_BYTES as usize];
     header[0..8].copy_from_slice(SEGMENT_MAGIC);
     header[8..12].copy_from_slice(&SEGMENT_FORMAT.to_le_bytes());
     header[16..24].copy_from_slice(&base.to_le_bytes());
     let crc = crc32c::crc32c(&header[0..24]);
     header[24..28].copy_from_slice(&crc.to_le_bytes());
-    file.write_all_at(&header, 0)
+    header
 }
 
-fn check_header(path: &Path, header: &[u8], base: u64) -> Result<(), OpenError> {
+fn write_header(file: &dyn FsFile, base: u64) -> io::Result<()> {
+    file.write_all_at(&segment_header(base), 0)
+}
+
+/// Checks a segment header; the error says what is wrong with it.
+pub(crate) fn check_header_bytes(header: &[u8], base: u64) -> Result<(), String> {
     if header.len() < SEGMENT_HEADER_BYTES as usize || &header[0..8] != SEGMENT_MAGIC {
-        return Err(corrupt(path, "not an asp log segment (bad magic)"));
+        return Err("not an asp log segment (bad magic)".into());
     }
     let crc = u32::from_le_bytes(header[24..28].try_into().unwrap());
     if crc != crc32c::crc32c(&header[0..24]) {
-        return Err(corrupt(path, "segment header checksum mismatch"));
+        return Err("segment header checksum mismatch".into());
     }
     let format = u32::from_le_bytes(header[8..12].try_into().unwrap());
     if format != SEGMENT_FORMAT {
-        return Err(corrupt(
-            path,
-            format!("segment format {format} is not supported (this asp reads {SEGMENT_FORMAT})"),
+        return Err(format!(
+            "segment format {format} is not supported (this asp reads {SEGMENT_FORMAT})"
         ));
     }
     let stored = u64::from_le_bytes(header[16..24].try_into().unwrap());
     if stored != base {
-        return Err(corrupt(
-            path,
-            format!("header says the segment starts at {stored}, its name says {base}"),
+        return Err(format!(
+            "header says the segment starts at {stored}, its name says {base}"
         ));
     }
     Ok(())
 }
 
-fn create_segment(dir: &Path, base: u64) -> Result<Segment, OpenError> {
+fn check_header(path: &Path, header: &[u8], base: u64) -> Result<(), OpenError> {
+    check_header_bytes(header, base).map_err(|reason| corrupt(path, reason))
+}
+
+/// Creates a segment file; on failure (a full disk) removes what it created, so that
+/// the next attempt can create it again.
+fn create_segment(fs: &dyn Fs, dir: &Path, base: u64) -> io::Result<Segment> {
     let path = dir.join(segment_name(base));
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .map_err(io_open(format!("cannot create {}", path.display())))?;
-    write_header(&file, base)
-        .and_then(|()| file.sync_all())
-        .and_then(|()| sync_dir(dir))
-        .map_err(io_open(format!("cannot initialise {}", path.display())))?;
+    let file = fs.open(&path, OpenMode::CreateNew)?;
+    if let Err(e) = write_header(file.as_ref(), base)
+        .and_then(|()| file.sync_data())
+        .and_then(|()| fs.sync_dir(dir))
+    {
+        drop(file);
+        let _ = fs.remove(&path);
+        return Err(io::Error::new(
+            e.kind(),
+            format!("cannot initialise {}: {e}", path.display()),
+        ));
+    }
     Ok(Segment {
         base,
         path,
@@ -679,11 +716,10 @@ struct Scan {
     records_after_end: u64,
 }
 
-fn scan_segment(file: &File, path: &Path, base: u64) -> Result<Scan, OpenError> {
+fn scan_segment(file: &dyn FsFile, path: &Path, base: u64) -> Result<Scan, OpenError> {
     let file_len = file
-        .metadata()
-        .map_err(io_open(format!("cannot stat {}", path.display())))?
-        .len();
+        .len()
+        .map_err(io_open(format!("cannot stat {}", path.display())))?;
     let mut header = [0u8; SEGMENT_HEADER_BYTES as usize];
     if file_len < SEGMENT_HEADER_BYTES {
         return Err(corrupt(path, "shorter than a segment header"));
@@ -789,7 +825,7 @@ fn scan_segment(file: &File, path: &Path, base: u64) -> Result<Scan, OpenError> 
     Ok(scan)
 }
 
-fn rest_is_zero(file: &File, from: u64, to: u64) -> io::Result<bool> {
+fn rest_is_zero(file: &dyn FsFile, from: u64, to: u64) -> io::Result<bool> {
     let mut buf = vec![0u8; 1 << 20];
     let mut at = from;
     while at < to {
@@ -803,34 +839,55 @@ fn rest_is_zero(file: &File, from: u64, to: u64) -> io::Result<bool> {
     Ok(true)
 }
 
-/// Opens the last segment, cutting off anything after its last complete batch.
-fn open_active(path: &Path, base: u64) -> Result<(Segment, Option<TornTail>), OpenError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
+/// Opens the last segment, cutting off anything after its last complete batch. Damage
+/// followed by intact records of a later group is corruption; under `strict_tail`
+/// (`fsync = "always"`, where only the last append can be torn) it refuses to open.
+fn open_active(
+    fs: &dyn Fs,
+    path: &Path,
+    base: u64,
+    strict_tail: bool,
+) -> Result<(Segment, Option<TornTail>), OpenError> {
+    let file = fs
+        .open(path, OpenMode::Write)
         .map_err(io_open(format!("cannot open {}", path.display())))?;
     let file_len = file
-        .metadata()
-        .map_err(io_open(format!("cannot stat {}", path.display())))?
-        .len();
+        .len()
+        .map_err(io_open(format!("cannot stat {}", path.display())))?;
     if file_len < SEGMENT_HEADER_BYTES {
         // A crash while the segment was being created: nothing in it was ever written.
         tracing::warn!(path = %path.display(), bytes = file_len, "log segment was never initialised; recreating it");
-        write_header(&file, base)
+        write_header(file.as_ref(), base)
             .and_then(|()| file.set_len(SEGMENT_HEADER_BYTES))
-            .and_then(|()| file.sync_all())
+            .and_then(|()| file.sync_data())
             .map_err(io_open(format!("cannot initialise {}", path.display())))?;
     }
-    let scan = scan_segment(&file, path, base)?;
+    let scan = scan_segment(file.as_ref(), path, base)?;
     let mut torn = None;
     if scan.data_end < file_len {
         let (offset, reason) = scan
             .stop
             .unwrap_or((scan.data_end, "batch without its final record"));
         let dropped_bytes = file_len - scan.data_end;
-        let all_zero = rest_is_zero(&file, scan.data_end, file_len)
+        let all_zero = rest_is_zero(file.as_ref(), scan.data_end, file_len)
             .map_err(io_open(format!("cannot read {}", path.display())))?;
+        if !all_zero && let Some((at, _)) = scan.stop {
+            // Damage before the end: a tear only if nothing intact after it starts
+            // a later group (see crate::salvage).
+            let bytes = crate::fs::read_all(fs, path)
+                .map_err(io_open(format!("cannot read {}", path.display())))?;
+            let survey = crate::salvage::survey(&bytes, base);
+            let after = survey.records_after_damage();
+            if !survey.is_torn_tail() {
+                let message = format!(
+                    "corrupt log: the record at offset {at} is damaged ({reason}), but {after} intact records of later writes follow it; a torn write can only be the last one. Start with --salvage to move this segment aside, keep every intact record and fetch the lost ones from peers"
+                );
+                if strict_tail {
+                    return Err(corrupt(path, message));
+                }
+                tracing::error!(path = %path.display(), "{message}; cutting it as a tail anyway, because under fsync = interval or never a machine crash can leave holes in the unsynced end");
+            }
+        }
         if !all_zero {
             tracing::warn!(
                 path = %path.display(),
@@ -849,7 +906,7 @@ fn open_active(path: &Path, base: u64) -> Result<(Segment, Option<TornTail>), Op
             });
         }
         file.set_len(scan.data_end)
-            .and_then(|()| file.sync_all())
+            .and_then(|()| file.sync_data())
             .map_err(io_open(format!("cannot truncate {}", path.display())))?;
     }
     Ok((
@@ -867,20 +924,17 @@ fn open_active(path: &Path, base: u64) -> Result<(Segment, Option<TornTail>), Op
 
 /// Opens a sealed segment from its sidecar, or by scanning it if the sidecar is missing
 /// or damaged. A sealed segment must be whole: damage in it is an error, not a tear.
-fn open_sealed(path: &Path, base: u64) -> Result<Segment, OpenError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
+fn open_sealed(fs: &dyn Fs, path: &Path, base: u64) -> Result<Segment, OpenError> {
+    let file = fs
+        .open(path, OpenMode::Write)
         .map_err(io_open(format!("cannot open {}", path.display())))?;
     let file_len = file
-        .metadata()
-        .map_err(io_open(format!("cannot stat {}", path.display())))?
-        .len();
-    let (data_end, last_seq, sparse) = match read_sidecar(&path.with_extension("idx"), base) {
+        .len()
+        .map_err(io_open(format!("cannot stat {}", path.display())))?;
+    let (data_end, last_seq, sparse) = match read_sidecar(fs, &path.with_extension("idx"), base) {
         Some(s) if s.0 == file_len => s,
         _ => {
-            let scan = scan_segment(&file, path, base)?;
+            let scan = scan_segment(file.as_ref(), path, base)?;
             if scan.data_end != file_len {
                 let (offset, reason) = scan
                     .stop
@@ -888,7 +942,7 @@ fn open_sealed(path: &Path, base: u64) -> Result<Segment, OpenError> {
                 return Err(corrupt(
                     path,
                     format!(
-                        "sealed segment is damaged at offset {offset}: {reason}; it cannot be a torn write because later segments exist"
+                        "corrupt log: sealed segment is damaged at offset {offset}: {reason}; it cannot be a torn write because later segments exist. Start with --salvage to move it aside, keep every intact record and fetch the lost ones from peers"
                     ),
                 ));
             }
@@ -905,7 +959,7 @@ fn open_sealed(path: &Path, base: u64) -> Result<Segment, OpenError> {
     })
 }
 
-fn write_sidecar(segment: &Segment) -> io::Result<()> {
+fn write_sidecar(fs: &dyn Fs, segment: &Segment) -> io::Result<()> {
     let sparse = segment.sparse.lock().unwrap().clone();
     let mut out = Vec::with_capacity(40 + sparse.len() * 24);
     out.extend_from_slice(SIDECAR_MAGIC);
@@ -921,14 +975,14 @@ fn write_sidecar(segment: &Segment) -> io::Result<()> {
     let crc = crc32c::crc32c(&out);
     out.extend_from_slice(&crc.to_le_bytes());
     let path = segment.path.with_extension("idx");
-    let mut f = File::create(&path)?;
-    f.write_all(&out)?;
-    f.sync_all()
+    let f = fs.open(&path, OpenMode::Truncate)?;
+    f.write_all_at(&out, 0)?;
+    f.sync_data()
 }
 
 /// Returns `(data_end, last_seq, sparse)` if the sidecar is present and intact.
-fn read_sidecar(path: &Path, base: u64) -> Option<(u64, u64, Vec<SparseEntry>)> {
-    let bytes = fs::read(path).ok()?;
+fn read_sidecar(fs: &dyn Fs, path: &Path, base: u64) -> Option<(u64, u64, Vec<SparseEntry>)> {
+    let bytes = read_all(fs, path).ok()?;
     if bytes.len() < 36 || &bytes[0..8] != SIDECAR_MAGIC {
         return None;
     }

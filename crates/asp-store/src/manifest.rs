@@ -6,14 +6,15 @@
 //! error that says so, rather than misread.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::io;
+use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use asp_core::NodeId;
 use serde::{Deserialize, Serialize};
 
 use crate::error::OpenError;
+use crate::fs::{Fs, read_all, write_atomically};
 
 /// The data directory format this build writes. Bumped on any incompatible change to
 /// the manifest, the log or the index layout; older formats are then migrated on open.
@@ -36,12 +37,16 @@ pub(crate) struct Manifest {
     _lock: File,
 }
 
-pub(crate) fn open(dir: &Path, wanted: Option<NodeId>) -> Result<Manifest, OpenError> {
+pub(crate) fn open(fs: &dyn Fs, dir: &Path, wanted: Option<NodeId>) -> Result<Manifest, OpenError> {
     let io_err = |what: &str, path: &Path, source: io::Error| OpenError::Io {
         context: format!("{what} {}", path.display()),
         source,
     };
+    // The lock is a real file even under a simulated filesystem: it guards the
+    // directory against another process, which only the real one has.
     fs::create_dir_all(dir).map_err(|e| io_err("cannot create data directory", dir, e))?;
+    fs.create_dir_all(dir)
+        .map_err(|e| io_err("cannot create data directory", dir, e))?;
     let lock_path = dir.join(LOCK);
     let lock = OpenOptions::new()
         .create(true)
@@ -60,7 +65,7 @@ pub(crate) fn open(dir: &Path, wanted: Option<NodeId>) -> Result<Manifest, OpenE
     }
 
     let path = dir.join(MANIFEST);
-    let node_id = match fs::read(&path) {
+    let node_id = match read_all(fs, &path) {
         Ok(bytes) => {
             let file: ManifestFile =
                 serde_json::from_slice(&bytes).map_err(|e| OpenError::Corrupt {
@@ -90,7 +95,7 @@ pub(crate) fn open(dir: &Path, wanted: Option<NodeId>) -> Result<Manifest, OpenE
             stored
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            if dir.join("log").exists() || dir.join("index").exists() {
+            if fs.exists(&dir.join("log")).unwrap_or(true) || dir.join("index").exists() {
                 return Err(OpenError::Corrupt {
                     path,
                     reason: "the directory holds asp data but no manifest; restore asp.json or \
@@ -99,7 +104,7 @@ pub(crate) fn open(dir: &Path, wanted: Option<NodeId>) -> Result<Manifest, OpenE
                 });
             }
             let node_id = wanted.unwrap_or_else(random_node_id);
-            write_new(dir, node_id).map_err(|e| io_err("cannot write manifest in", dir, e))?;
+            write_new(fs, dir, node_id).map_err(|e| io_err("cannot write manifest in", dir, e))?;
             node_id
         }
         Err(e) => return Err(io_err("cannot read", &path, e)),
@@ -118,7 +123,7 @@ fn random_node_id() -> NodeId {
     }
 }
 
-fn write_new(dir: &Path, node_id: NodeId) -> io::Result<()> {
+fn write_new(fs: &dyn Fs, dir: &Path, node_id: NodeId) -> io::Result<()> {
     let created_unix_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -129,29 +134,17 @@ fn write_new(dir: &Path, node_id: NodeId) -> io::Result<()> {
     };
     let mut text = serde_json::to_vec_pretty(&file).map_err(io::Error::other)?;
     text.push(b'\n');
-    write_atomically(dir, MANIFEST, &text)
-}
-
-/// Replaces `dir/name` with `bytes` so that a crash leaves either the old or the new
-/// file, never a mix.
-pub(crate) fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
-    let tmp: PathBuf = dir.join(format!("{name}.tmp"));
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, dir.join(name))?;
-    sync_dir(dir)
-}
-
-pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+    write_atomically(fs, dir, MANIFEST, &text)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fs::RealFs;
+
+    fn open(dir: &Path, wanted: Option<NodeId>) -> Result<Manifest, OpenError> {
+        super::open(&RealFs, dir, wanted)
+    }
 
     #[test]
     fn node_id_is_kept_and_checked() {

@@ -46,6 +46,14 @@ pub struct Metrics {
     /// Batches from peers refused whole because holding their events would have
     /// passed `held_bytes_max`.
     pub held_full_refusals: Counter,
+    /// Write requests refused because the filesystem was full or below
+    /// `min_free_bytes`.
+    pub writes_no_space: Counter,
+    /// Scrub runs finished ([`crate::Store::scrub`]), bytes they checked, and damaged
+    /// places they found.
+    pub scrub_runs: Counter,
+    pub scrub_bytes: Counter,
+    pub scrub_damage: Counter,
 }
 
 impl Default for Metrics {
@@ -74,6 +82,10 @@ impl Default for Metrics {
             held_events: Gauge::default(),
             held_bytes: Gauge::default(),
             held_full_refusals: Counter::default(),
+            writes_no_space: Counter::default(),
+            scrub_runs: Counter::default(),
+            scrub_bytes: Counter::default(),
+            scrub_damage: Counter::default(),
         }
     }
 }
@@ -194,6 +206,26 @@ impl Metrics {
             "asp_held_full_refusals",
             "Batches from peers refused whole because holding their events would pass held_bytes_max",
             self.held_full_refusals.clone(),
+        );
+        registry.register(
+            "asp_writes_no_space",
+            "Write requests refused because the data directory's filesystem was full or below min_free_bytes",
+            self.writes_no_space.clone(),
+        );
+        registry.register(
+            "asp_scrub_runs",
+            "Scrub runs finished (every log record's checksum checked)",
+            self.scrub_runs.clone(),
+        );
+        registry.register(
+            "asp_scrub_bytes",
+            "Bytes of feed log checked by scrubs",
+            self.scrub_bytes.clone(),
+        );
+        registry.register(
+            "asp_scrub_damage",
+            "Damaged places in the feed log found by scrubs (restart with --salvage)",
+            self.scrub_damage.clone(),
         );
     }
 }

@@ -4,14 +4,13 @@
 //! A namespace's policy is fixed once it holds data.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 
 use asp_core::Namespace;
 use asp_core::crdt::Policy;
 
 use crate::error::OpenError;
-use crate::manifest::sync_dir;
+use crate::fs::{Fs, read_all, write_atomically};
 
 const FILE: &str = "policies";
 const HEADER: &str = "# asp namespace policies v1";
@@ -29,10 +28,13 @@ impl Policies {
             .unwrap_or(Policy::Lww)
     }
 
-    pub fn load(dir: &Path) -> Result<Policies, OpenError> {
+    pub fn load(fs: &dyn Fs, dir: &Path) -> Result<Policies, OpenError> {
         let path = dir.join(FILE);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
+        let text = match read_all(fs, &path) {
+            Ok(bytes) => String::from_utf8(bytes).map_err(|_| OpenError::Corrupt {
+                path: path.clone(),
+                reason: "not UTF-8 text".into(),
+            })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Policies::default()),
             Err(source) => {
                 return Err(OpenError::Io {
@@ -63,19 +65,13 @@ impl Policies {
         Ok(out)
     }
 
-    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
+    pub fn save(&self, fs: &dyn Fs, dir: &Path) -> std::io::Result<()> {
         let mut text = format!("{HEADER}\n");
         for (ns, policy) in &self.by_namespace {
             if *policy != Policy::Lww {
                 text.push_str(&format!("{ns} {policy}\n"));
             }
         }
-        let tmp = dir.join(format!("{FILE}.tmp"));
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, dir.join(FILE))?;
-        sync_dir(dir)
+        write_atomically(fs, dir, FILE, text.as_bytes())
     }
 }

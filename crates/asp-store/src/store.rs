@@ -26,6 +26,7 @@ use crate::manifest::{self, Manifest};
 use crate::metrics::Metrics;
 use crate::policy::Policies;
 use crate::queue::{TrySendError, WriteQueue};
+use crate::salvage;
 use crate::types::{
     Applied, ApplyOutcome, ChangesPage, FeedEvent, KeyState, NamespaceState, ScanItem, ScanPage,
     Value, WriteKind, WriteOp,
@@ -85,6 +86,9 @@ pub struct RecoveryReport {
     pub replayed_events: u64,
     /// Whether the index had to be rebuilt from scratch.
     pub index_rebuilt: bool,
+    /// What `--salvage` did (`None` without it; an empty report if nothing was
+    /// damaged).
+    pub salvage: Option<crate::salvage::SalvageReport>,
 }
 
 /// A snapshot of the store's state for status pages.
@@ -106,6 +110,10 @@ pub struct StoreStatus {
     pub writer_queue_max: usize,
     pub namespaces: Vec<(Namespace, NamespaceState)>,
     pub failure: Option<String>,
+    /// Why writes are refused for space, while they are (HTTP 507).
+    pub no_space: Option<String>,
+    /// The last scrub since the store opened (see [`Store::scrub`]).
+    pub last_scrub: Option<crate::scrub::ScrubReport>,
 }
 
 /// The events behind index entries, read for a peer: at most `limit`, and about
@@ -192,9 +200,28 @@ impl Store {
     /// tail, brings the key index up to date from the log, and starts the writer.
     pub fn open(config: StoreConfig) -> Result<Store, OpenError> {
         config.validate().map_err(OpenError::Config)?;
-        let manifest = manifest::open(&config.data_dir, config.node_id)?;
-        let bases = Bases::load(&config.data_dir)?;
-        let (log, log_recovery) = Log::open(&config.data_dir.join("log"), &bases.removed)?;
+        let fs = config.fs.clone();
+        let manifest = manifest::open(fs.as_ref(), &config.data_dir, config.node_id)?;
+        let mut bases = Bases::load(fs.as_ref(), &config.data_dir)?;
+        let marker = config.data_dir.join("log").join(salvage::MARKER);
+        let (salvaged, salvage_done) = if config.salvage {
+            salvage::salvage(fs.as_ref(), &config.data_dir, &mut bases)?
+        } else if fs.exists(&marker).unwrap_or(false) {
+            return Err(OpenError::Corrupt {
+                path: marker,
+                reason:
+                    "a salvage of this log was interrupted; start again with --salvage to finish it"
+                        .into(),
+            });
+        } else {
+            Default::default()
+        };
+        let (log, log_recovery) = Log::open(
+            &fs,
+            &config.data_dir.join("log"),
+            &bases.removed,
+            config.fsync == FsyncMode::Always,
+        )?;
         let index = Index::open(
             &config.data_dir.join("index"),
             config.index_cache_bytes,
@@ -202,10 +229,18 @@ impl Store {
         )?;
         let mut report = RecoveryReport {
             torn_tail: log_recovery.torn_tail,
+            salvage: config.salvage.then_some(salvaged),
             ..RecoveryReport::default()
         };
         let mut state = index.state()?;
-        if state.applied_seq > log.last_seq() {
+        if salvage_done {
+            // The index may point at records salvage lost: rebuilt from the log, so
+            // that the lost dots leave the vectors too.
+            tracing::warn!("rebuilding the key index from the salvaged log");
+            index.clear()?;
+            state = index.state()?;
+            report.index_rebuilt = true;
+        } else if state.applied_seq > log.last_seq() {
             tracing::warn!(
                 index_seq = state.applied_seq,
                 log_seq = log.last_seq(),
@@ -222,6 +257,12 @@ impl Store {
                 tracing::info!(restored, "epitaphs put back into the rebuilt key index");
             }
         }
+        if salvage_done {
+            // The rebuilt index must be durable before the marker goes: a crash in
+            // between must find the marker and rebuild again.
+            index.persist().map_err(OpenError::Index)?;
+            salvage::finish(fs.as_ref(), &config.data_dir)?;
+        }
         // The log no longer holds what compaction dropped or peers covered; a vector
         // rebuilt from it would have holes there.
         for (namespace, base) in &bases.by_namespace {
@@ -236,12 +277,13 @@ impl Store {
             .map(|(ns, s)| (ns.clone(), s.vector.max_counter(manifest.node_id)))
             .filter(|(_, max)| *max > 0)
             .collect();
-        let counters = crate::counters::Counters::open(&config.data_dir, &log_max)?;
+        let counters =
+            crate::counters::Counters::open(config.fs.clone(), &config.data_dir, &log_max)?;
         // A node that has had peers learns what they hold of its own events before it
         // issues counters again (bounded by `own_events_wait`): its data directory may
         // be older than what it issued.
         let learned = config.own_events_wait.is_zero() || index.checkpoint_peers().is_empty();
-        let mut held = Held::open(&config.data_dir, config.held_bytes_max)?;
+        let mut held = Held::open(config.fs.clone(), &config.data_dir, config.held_bytes_max)?;
         // Held events applied since, or discarded (their dots joined the base), go.
         let dropped = held.drop_applied(|ns, dot| {
             state
@@ -269,7 +311,7 @@ impl Store {
                 context: "fsync of the log".into(),
                 source,
             })?;
-        let mut policies = Policies::load(&config.data_dir)?;
+        let mut policies = Policies::load(fs.as_ref(), &config.data_dir)?;
         let mut changed = false;
         for (name, &policy) in &config.namespace_policies {
             let ns = Namespace::new(name)
@@ -292,7 +334,7 @@ impl Store {
         }
         if changed {
             policies
-                .save(&config.data_dir)
+                .save(fs.as_ref(), &config.data_dir)
                 .map_err(|source| OpenError::Io {
                     context: "writing the policies file".into(),
                     source,
@@ -319,6 +361,7 @@ impl Store {
             acked_seq: AtomicU64::new(head.seq),
             indexed_seq: AtomicU64::new(head.seq),
             window_messages: AtomicU64::new(0),
+            index_msgs_applied: AtomicU64::new(0),
             indexed_tx: watch::channel(head.seq).0,
             progress_changed: Condvar::new(),
             namespaces: RwLock::new(state.namespaces.clone()),
@@ -329,6 +372,9 @@ impl Store {
             }),
             windows_changed: Condvar::new(),
             failure: OnceLock::new(),
+            space_problem: Mutex::new(None),
+            scrub_running: Mutex::new(()),
+            last_scrub: Mutex::new(None),
             bases: Mutex::new(bases),
             compaction: Mutex::new(()),
             segment_gate: RwLock::new(()),
@@ -1296,6 +1342,8 @@ impl Store {
             writer_queue_max: self.inner.queue.capacity(),
             namespaces,
             failure: shared.failure.get().cloned(),
+            no_space: shared.space_problem(),
+            last_scrub: shared.last_scrub.lock().unwrap().clone(),
         }
     }
 

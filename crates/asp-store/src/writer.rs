@@ -41,9 +41,12 @@ use fjall::Slice;
 use tokio::sync::{OwnedSemaphorePermit, oneshot, watch};
 
 use crate::base::Bases;
-use crate::codec::{self, EventRef, FLAG_TXN_END, INLINE_VALUE_BYTES_MAX, IndexEntry, LogPosition};
+use crate::codec::{
+    self, EventRef, FLAG_GROUP_START, FLAG_TXN_END, INLINE_VALUE_BYTES_MAX, IndexEntry, LogPosition,
+};
 use crate::config::{FsyncMode, StoreConfig};
 use crate::error::{ReadError, WriteError};
+use crate::fs::is_no_space;
 use crate::held::{Held, HeldReason, QuarantineAction, QuarantineOutcome};
 use crate::index::Index;
 use crate::log::{FeedHead, Log, Segment, SparseBuilder, SparseUpdate};
@@ -60,6 +63,9 @@ const INDEX_QUEUE_MAX: usize = 8;
 /// Indexed groups waiting for the window keeper, at most (each holds its keys and two
 /// index snapshots).
 const WINDOW_QUEUE_MAX: usize = 2;
+/// With the free-space guard off, a refusal for space is over (for status) once the
+/// filesystem has this much free again.
+const SPACE_REGAINED_BYTES: u64 = 16 << 20;
 /// The longest the writer waits for stragglers before an fsync.
 const STRAGGLER_WAIT_MAX: Duration = Duration::from_millis(1);
 
@@ -195,6 +201,12 @@ pub(crate) struct Shared {
     pub windows_changed: Condvar,
     /// Set on the first storage failure; the store then refuses writes.
     pub failure: OnceLock<String>,
+    /// Set while writes are refused for space (see [`Shared::no_space`]).
+    pub space_problem: Mutex<Option<String>>,
+    /// Held by a scrub run: one at a time.
+    pub scrub_running: Mutex<()>,
+    /// The last scrub's report.
+    pub last_scrub: Mutex<Option<crate::scrub::ScrubReport>>,
     /// What the node holds beyond its log (`base.vv`); its lock is held while the file
     /// is replaced, so the file only ever grows.
     pub bases: Mutex<Bases>,
@@ -226,6 +238,9 @@ pub(crate) struct Shared {
     /// see without locking that the index is up to date.
     pub acked_seq: AtomicU64,
     pub indexed_seq: AtomicU64,
+    /// Groups the indexer applied, namespace states included (see
+    /// [`Writer::roll_back`]).
+    pub index_msgs_applied: AtomicU64,
     /// Messages the indexer sent the window keeper (see [`Windows::messages`]).
     pub window_messages: AtomicU64,
     /// The indexed sequence number for async waiters (bumped on failure too, so that
@@ -234,12 +249,56 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    fn fail(&self, what: String) -> WriteError {
+    pub fn fail(&self, what: String) -> WriteError {
         tracing::error!(error = %what, "storage failure; refusing further writes");
         let _ = self.failure.set(what);
         self.progress_changed.notify_all();
         self.indexed_tx.send_modify(|_| {});
         WriteError::Storage(self.failure.get().cloned().unwrap_or_default())
+    }
+
+    /// Notes that writes are refused for space (what `/healthz` and status say until
+    /// space is back) and returns the error for the refused requests.
+    pub fn no_space(&self, what: String) -> WriteError {
+        let config = &self.config;
+        let free = config
+            .fs
+            .free_bytes(&config.data_dir)
+            .map_or_else(|e| format!("unknown ({e})"), |b| format!("{b} bytes"));
+        let message = format!(
+            "no space for writes: {what}; free space on the filesystem of {}: {free}. Free some space (or run compaction); writes resume by themselves",
+            config.data_dir.display()
+        );
+        tracing::warn!(error = %message, "write refused for space");
+        self.metrics.writes_no_space.inc();
+        *self.space_problem.lock().unwrap() = Some(message.clone());
+        WriteError::NoSpace(message)
+    }
+
+    /// A group was appended: whatever kept writes out for space is over.
+    fn space_regained(&self) {
+        let mut problem = self.space_problem.lock().unwrap();
+        if problem.take().is_some() {
+            tracing::info!("writes resumed: there is space again");
+        }
+    }
+
+    /// Why writes are refused for space, if they are: cleared by the next append, or
+    /// as soon as the filesystem has room again (so that a node nobody writes to
+    /// does not stay unhealthy).
+    pub fn space_problem(&self) -> Option<String> {
+        let mut problem = self.space_problem.lock().unwrap();
+        problem.as_ref()?;
+        let config = &self.config;
+        let room = config.min_free_bytes.max(SPACE_REGAINED_BYTES);
+        if config
+            .fs
+            .free_bytes(&config.data_dir)
+            .is_ok_and(|free| free >= room)
+        {
+            *problem = None;
+        }
+        problem.clone()
     }
 
     fn failed(&self) -> Option<WriteError> {
@@ -533,6 +592,22 @@ impl RecentStates {
         }
     }
 
+    /// Forgets the states appended after `seq` (a group that was rolled back).
+    fn forget_after(&mut self, seq: u64) {
+        while let Some((s, _)) = self.order.back() {
+            if *s <= seq {
+                break;
+            }
+            let (s, prefix) = self.order.pop_back().expect("peeked");
+            if let Some(states) = self.by_key.get_mut(&prefix) {
+                states.retain(|(at, _)| *at < s);
+                if states.is_empty() {
+                    self.by_key.remove(&prefix);
+                }
+            }
+        }
+    }
+
     fn states(&self, prefix: &[u8]) -> impl Iterator<Item = &bytes::Bytes> {
         self.by_key
             .get(prefix)
@@ -540,6 +615,17 @@ impl RecentStates {
             .flatten()
             .map(|(_, state)| state)
     }
+}
+
+/// The writer's state before a group (see [`Writer::mark`]).
+struct Mark {
+    seq: u64,
+    clock: HlcClock,
+    sparse: SparseBuilder,
+    namespaces: Vec<Namespace>,
+    /// Whether the group may take events out of the held store (releases, a
+    /// quarantine's retry or discard): undone by reading the held file again.
+    takes_held: bool,
 }
 
 /// A group being built: what goes into the log buffer and the index.
@@ -611,6 +697,7 @@ pub(crate) fn spawn(
         buf: Vec::new(),
         fsync_avg: Duration::from_micros(500),
         expected: 0,
+        index_msgs_sent: 0,
         crdt_recent: RecentStates::default(),
     };
     std::thread::Builder::new()
@@ -637,6 +724,8 @@ struct Writer {
     /// Requests expected in the next group: those acknowledged by the last fsync (who
     /// will be back) plus those that were already waiting when it finished.
     expected: usize,
+    /// Groups handed to the indexer (see [`Writer::roll_back`]).
+    index_msgs_sent: u64,
 }
 
 /// What the writer collected for one group.
@@ -861,11 +950,27 @@ impl Writer {
         // applied yet, which the writer keeps until it has.
         self.crdt_recent
             .prune(self.shared.indexed_seq.load(Ordering::Acquire));
+        let group = self.refuse_without_space(group);
+        if group.is_empty() && !self.release_due_at(wall) {
+            return None;
+        }
         if self.segment.len() >= self.shared.config.segment_bytes_max {
             match self.shared.log.rotate() {
                 Ok(segment) => {
                     self.sparse = SparseBuilder::for_segment(&segment);
                     self.segment = segment;
+                }
+                Err(e) if is_no_space(&e) => {
+                    // Nothing changed: the active segment stays, and takes the next
+                    // group once there is room for a new one.
+                    let err = self.shared.no_space(format!(
+                        "sealing log segment {}: {e}",
+                        self.segment.path.display()
+                    ));
+                    for work in group {
+                        work.fail(err.clone());
+                    }
+                    return None;
                 }
                 Err(e) => {
                     let err = self.shared.fail(format!(
@@ -882,6 +987,7 @@ impl Writer {
 
         self.compact_held();
         self.buf.clear();
+        let mark = self.mark(&group);
         let mut g = Group {
             start_offset: self.segment.len(),
             segment_base: self.segment.base,
@@ -926,13 +1032,24 @@ impl Writer {
                     .log
                     .append(&self.segment, &self.buf, self.seq, &g.sparse_update)
         {
-            let err = self
-                .shared
-                .fail(format!("appending to {}: {e}", self.segment.path.display()));
+            let what = format!("appending to {}: {e}", self.segment.path.display());
+            let err = if is_no_space(&e) {
+                match self.roll_back(mark) {
+                    Ok(()) => self.shared.no_space(what),
+                    Err(undo) => self.shared.fail(format!(
+                        "{what}; then cutting the partial write back failed: {undo}"
+                    )),
+                }
+            } else {
+                self.shared.fail(what)
+            };
             for ack in g.acks {
                 ack.reply.fail(err.clone());
             }
             return None;
+        }
+        if !self.buf.is_empty() {
+            self.shared.space_regained();
         }
         let head = FeedHead {
             seq: self.seq,
@@ -965,6 +1082,140 @@ impl Writer {
         })
     }
 
+    /// The writer's state before a group: all that processing a group changes in the
+    /// writer, so that a group that cannot be appended (a full disk) leaves no trace.
+    /// Namespace states are not copied (a bootstrapping namespace's vector can be
+    /// large): only the names the group's requests name (the only namespaces any
+    /// request can touch), whose states [`Writer::roll_back`] takes from the indexer.
+    fn mark(&self, group: &[Work]) -> Mark {
+        fn note<'a>(names: &mut Vec<&'a Namespace>, ns: &'a Namespace) {
+            if !names.contains(&ns) {
+                names.push(ns);
+            }
+        }
+        let mut names: Vec<&Namespace> = Vec::new();
+        let mut takes_held = false;
+        for work in group {
+            match work {
+                Work::Write(w) => note(&mut names, &w.namespace),
+                Work::Apply(a) => a.events.iter().for_each(|e| note(&mut names, &e.namespace)),
+                Work::Cover(c) => note(&mut names, &c.namespace),
+                Work::Quarantine(q) => {
+                    note(&mut names, &q.namespace);
+                    takes_held = true;
+                }
+                Work::Relocate(_) | Work::Policy(_) | Work::Collect(_) => {}
+            }
+        }
+        let mut namespaces: Vec<Namespace> = names.into_iter().cloned().collect();
+        // Parked events the group will release touch their namespaces too.
+        let limit = wall_ms().saturating_add(self.clock.max_skew_ms());
+        for ns in self.shared.held.lock().unwrap().due_namespaces(limit) {
+            takes_held = true;
+            if !namespaces.contains(&ns) {
+                namespaces.push(ns);
+            }
+        }
+        Mark {
+            seq: self.seq,
+            clock: self.clock.clone(),
+            sparse: self.sparse.clone(),
+            namespaces,
+            takes_held,
+        }
+    }
+
+    /// Undoes a group that was processed but could not be appended: cuts the segment
+    /// back to its end (a partial write must not stay behind the next append) and puts
+    /// the writer's state back as [`Writer::mark`] saw it.
+    ///
+    /// A namespace's state before the group is what the indexer publishes once it
+    /// has applied every group sent before: each group hands it the states of the
+    /// namespaces it touched, as the writer left them.
+    fn roll_back(&mut self, mark: Mark) -> std::io::Result<()> {
+        self.shared.log.cut_back(&self.segment)?;
+        self.crdt_recent.forget_after(mark.seq);
+        self.seq = mark.seq;
+        self.clock = mark.clock;
+        self.sparse = mark.sparse;
+        {
+            let mut progress = self.shared.progress.lock().unwrap();
+            while self.shared.index_msgs_applied.load(Ordering::Acquire) < self.index_msgs_sent
+                && self.shared.failure.get().is_none()
+            {
+                progress = self.shared.progress_changed.wait(progress).unwrap();
+            }
+        }
+        let indexed = self.shared.namespaces.read().unwrap();
+        for ns in &mark.namespaces {
+            match indexed.get(ns) {
+                Some(state) => self.namespaces.insert(ns.clone(), state.clone()),
+                None => self.namespaces.remove(ns),
+            };
+        }
+        drop(indexed);
+        {
+            let me = self.shared.node_id;
+            let mut counters = self.shared.counters.lock().unwrap();
+            for ns in &mark.namespaces {
+                let last = self
+                    .namespaces
+                    .get(ns)
+                    .map_or(0, |s| s.vector.max_counter(me));
+                counters.take_back(ns, last);
+            }
+        }
+        if mark.takes_held {
+            // What the group took out of the held store is still in its file (it is
+            // rewritten only at the start of a group).
+            let namespaces = &self.namespaces;
+            self.shared
+                .held
+                .lock()
+                .unwrap()
+                .reload(|ns, dot| namespaces.get(ns).is_some_and(|s| s.vector.contains(dot)))
+                .map_err(std::io::Error::other)?;
+        }
+        Ok(())
+    }
+
+    /// The free-space guard: while the data directory's filesystem has less than
+    /// `min_free_bytes` free, client writes and peer events are refused before they
+    /// change anything (compaction's copies, covers and collections still go: they
+    /// are what frees space). One `statvfs` per group.
+    fn refuse_without_space(&self, group: Vec<Work>) -> Vec<Work> {
+        let config = &self.shared.config;
+        if config.min_free_bytes == 0 {
+            return group;
+        }
+        let free = match config.fs.free_bytes(&config.data_dir) {
+            Ok(free) if free < config.min_free_bytes => free,
+            // A filesystem that cannot say is not refused: an append would still
+            // fail cleanly.
+            _ => return group,
+        };
+        let mut refused = None;
+        group
+            .into_iter()
+            .filter_map(|work| match work {
+                Work::Write(_) | Work::Apply(_) => {
+                    let err = refused
+                        .get_or_insert_with(|| {
+                            self.shared.no_space(format!(
+                                "the filesystem of {} has {free} bytes free, below min_free_bytes = {}",
+                                config.data_dir.display(),
+                                config.min_free_bytes
+                            ))
+                        })
+                        .clone();
+                    work.fail(err);
+                    None
+                }
+                other => Some(other),
+            })
+            .collect()
+    }
+
     /// Appends one event to the group's buffer and index changes; returns its feed
     /// position.
     fn append(
@@ -977,7 +1228,11 @@ impl Writer {
         self.seq += 1;
         let offset = g.start_offset + self.buf.len() as u64;
         let before = self.buf.len();
-        let flags = if txn_end { FLAG_TXN_END } else { 0 };
+        let mut flags = if txn_end { FLAG_TXN_END } else { 0 };
+        if self.buf.is_empty() {
+            // The first record of this group's one append.
+            flags |= FLAG_GROUP_START;
+        }
         codec::encode_record(&mut self.buf, self.seq, flags, event);
         self.sparse.record(
             &mut g.sparse_update,
@@ -1527,14 +1782,21 @@ impl Writer {
                 .entry(namespace.clone())
                 .or_default()
                 .join(vector);
-            let saved = next.save(&self.shared.config.data_dir);
+            let saved = next.save(self.shared.config.fs.as_ref(), &self.shared.config.data_dir);
             if saved.is_ok() {
                 *bases = next;
             }
             saved
         };
-        // On failure nothing changed: the old file is intact, and the store can go on.
-        saved.map_err(|e| WriteError::Storage(format!("writing the base vector file: {e}")))?;
+        if let Err(e) = saved {
+            // Nothing changed: the old file is intact, and the store can go on.
+            let what = format!("writing the base vector file: {e}");
+            return Err(if is_no_space(&e) {
+                self.shared.no_space(what)
+            } else {
+                WriteError::Storage(what)
+            });
+        }
         self.namespaces
             .entry(namespace.clone())
             .or_default()
@@ -1576,8 +1838,15 @@ impl Writer {
         let mut policies = self.shared.policies.write().unwrap();
         let mut next = policies.clone();
         next.by_namespace.insert(namespace.clone(), policy);
-        next.save(&self.shared.config.data_dir)
-            .map_err(|e| WriteError::Storage(format!("writing the policies file: {e}")))?;
+        next.save(self.shared.config.fs.as_ref(), &self.shared.config.data_dir)
+            .map_err(|e| {
+                let what = format!("writing the policies file: {e}");
+                if is_no_space(&e) {
+                    self.shared.no_space(what)
+                } else {
+                    WriteError::Storage(what)
+                }
+            })?;
         *policies = next;
         Ok(())
     }
@@ -1905,6 +2174,7 @@ impl Writer {
         if index_tx.send(index).is_err() {
             self.shared.fail("the index thread stopped".into());
         }
+        self.index_msgs_sent += 1;
     }
 }
 
@@ -2045,6 +2315,9 @@ fn index_groups(
             let mut progress = shared.progress.lock().unwrap();
             progress.indexed = last;
             shared.indexed_seq.store(last.seq, Ordering::Release);
+            shared
+                .index_msgs_applied
+                .fetch_add(msgs.len() as u64, Ordering::AcqRel);
         }
         shared.progress_changed.notify_all();
         shared.indexed_tx.send_replace(last.seq);

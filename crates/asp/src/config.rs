@@ -66,6 +66,8 @@ pub struct CompactionSection {
 pub const DEFAULT_COMPACTION_INTERVAL_MS: u64 = 10 * 60 * 1000;
 /// After a restart, local writes wait at most this long for a peer's summary.
 pub const DEFAULT_OWN_EVENTS_WAIT_MS: u64 = 10_000;
+/// How often `asp serve` scrubs the feed log unless `[store] scrub_interval_ms` says.
+pub const DEFAULT_SCRUB_INTERVAL_MS: u64 = 24 * 60 * 60 * 1000;
 
 #[derive(Deserialize, Default, Debug, Clone)]
 #[serde(deny_unknown_fields)]
@@ -113,6 +115,12 @@ pub struct StoreSection {
     /// Reconciliation symbols kept per namespace, at most (0: none; anti-entropy then
     /// scans).
     pub reconcile_window: Option<usize>,
+    /// Writes are refused (507) while the data directory's filesystem has less free.
+    pub min_free_bytes: Option<u64>,
+    /// How often to scrub the feed log (0: never).
+    pub scrub_interval_ms: Option<u64>,
+    /// Read rate of a scrub.
+    pub scrub_bytes_per_s: Option<u64>,
 }
 
 /// A 128-bit key from 32 hex digits.
@@ -151,6 +159,8 @@ pub struct Overrides {
     pub cluster_id: Option<String>,
     /// `MIN-MAX`, for tests of version negotiation only.
     pub protocol_versions: Option<String>,
+    /// `--salvage`: open a damaged log anyway (see `StoreConfig::salvage`).
+    pub salvage: bool,
 }
 
 /// Everything `asp serve` runs with.
@@ -161,6 +171,8 @@ pub struct NodeConfig {
     pub replication: ReplicationConfig,
     /// How often to compact the feed (`None`: never).
     pub compaction_interval: Option<Duration>,
+    /// How often to scrub the feed log (`None`: never).
+    pub scrub_interval: Option<Duration>,
 }
 
 pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig> {
@@ -235,6 +247,21 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
     if let Some(v) = file.store.reconcile_window {
         store.reconcile_window = v;
     }
+    if let Some(v) = file.store.min_free_bytes {
+        store.min_free_bytes = v;
+    }
+    if let Some(v) = file.store.scrub_bytes_per_s {
+        store.scrub_bytes_per_s = v;
+    }
+    store.salvage = flags.salvage;
+    let scrub_interval = match file
+        .store
+        .scrub_interval_ms
+        .unwrap_or(DEFAULT_SCRUB_INTERVAL_MS)
+    {
+        0 => None,
+        ms => Some(Duration::from_millis(ms)),
+    };
     let compaction = file.compaction;
     if let Some(v) = compaction.retention_ms {
         store.compaction_retention_ms = v;
@@ -339,6 +366,7 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
         listen,
         replication,
         compaction_interval,
+        scrub_interval,
     })
 }
 

@@ -115,6 +115,10 @@ struct ServeArgs {
     /// Nodes only replicate with nodes of the same cluster [default: default].
     #[arg(long, value_name = "ID")]
     cluster_id: Option<String>,
+    /// Open a damaged feed log anyway: move damaged segments to <data-dir>/damaged,
+    /// keep every intact record, report what was lost (peers send it back).
+    #[arg(long)]
+    salvage: bool,
     /// Protocol versions offered, MIN-MAX (for testing version negotiation).
     #[arg(long, value_name = "MIN-MAX", hide = true)]
     protocol_versions: Option<String>,
@@ -272,6 +276,7 @@ fn main() -> ExitCode {
                     peers: a.peers,
                     cluster_id: a.cluster_id,
                     protocol_versions: a.protocol_versions,
+                    salvage: a.salvage,
                 };
                 serve::run(a.config.as_deref(), flags).await
             }

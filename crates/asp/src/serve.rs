@@ -64,6 +64,10 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
         .compaction_interval
         .map(|every| tokio::spawn(compaction_loop(store.clone(), every, shutdown.clone())));
 
+    let scrubber = config
+        .scrub_interval
+        .map(|every| tokio::spawn(scrub_loop(store.clone(), every, shutdown.clone())));
+
     let signals = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -81,6 +85,10 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
     if let Some(compactor) = compactor {
         // A run in progress finishes its segment first.
         let _ = compactor.await;
+    }
+    if let Some(scrubber) = scrubber {
+        scrubber.abort();
+        let _ = scrubber.await;
     }
     store.shutdown().await;
     drop(store);
@@ -140,6 +148,22 @@ fn test_clock_offset() -> anyhow::Result<()> {
         "{VAR} is set: this node's clock runs {ms} ms off the system clock (a test seam; unset it in production)"
     );
     Ok(())
+}
+
+/// Scrubs the feed log every `every`, until shutdown (damage is logged by the scrub).
+async fn scrub_loop(store: Store, every: std::time::Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        if let Err(e) = store.scrub_async().await {
+            tracing::warn!("scrub: {e}");
+        }
+    }
 }
 
 async fn wait_for_signal() {
