@@ -535,15 +535,19 @@ impl Store {
     }
 
     /// [`Store::summary`] with, per namespace, this node's report of its vector and
-    /// the newest report it knows of every other node: what a peer is sent, so that
-    /// every node learns what every other holds (tombstone collection waits for it).
+    /// what it knows of every other node that may write there (its newest report, or
+    /// an empty one naming it): what a peer is sent, so that every node learns who may
+    /// write and what every other holds (tombstone collection waits for it).
     pub fn summary_for_peers(&self) -> Vec<NamespaceSummary> {
         let mut out = self.summary();
         let now_ms = writer::wall_ms();
+        let me = self.inner.shared.node_id;
+        let peers = self.inner.shared.index.checkpoint_peers();
         let gc = self.inner.shared.gc.lock().unwrap();
         // Gossip stays within a budget, so that the frame stays far below its limit
-        // with thousands of namespaces; a report left out holds collection back (or,
-        // past the horizon, makes it leave epitaphs), never the reverse.
+        // with thousands of namespaces. A report that does not fit goes as an empty
+        // one, which still names its node: the receiver then waits for that node (or,
+        // past the horizon, leaves epitaphs) instead of not knowing it at all.
         let mut budget = GOSSIP_BYTES_MAX;
         for ns in &mut out {
             ns.reports.push(VectorReport {
@@ -551,7 +555,10 @@ impl Store {
                 at_ms: now_ms,
                 vector: ns.vector.clone(),
             });
-            for report in gc.gossip(&ns.namespace) {
+            for mut report in gc.gossip(&ns.namespace, me, &ns.vector, &peers) {
+                if report_bytes(&report) > budget {
+                    report.vector = asp_core::VersionVector::new();
+                }
                 let bytes = report_bytes(&report);
                 if bytes > budget {
                     break;
