@@ -464,7 +464,12 @@ impl Link {
             bytes,
             repair,
         };
-        match self.inner.store.enqueue_remote(events).await {
+        let store = &self.inner.store;
+        let queued = match repair {
+            Some(_) => store.enqueue_repair(events).await,
+            None => store.enqueue_remote(events).await,
+        };
+        match queued {
             Ok(answer) => self.applying.push_back(entry(answer)),
             Err(e) => {
                 let (_, rx) = oneshot::channel();

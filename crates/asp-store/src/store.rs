@@ -450,6 +450,27 @@ impl Store {
         &self,
         events: Vec<Event>,
     ) -> Result<oneshot::Receiver<Result<ApplyOutcome, WriteError>>, WriteError> {
+        self.enqueue_apply(events, false).await
+    }
+
+    /// Queues reconciliation repairs (a peer's current state of keys whose state
+    /// differs) like [`Store::enqueue_remote`], with one difference: a repair whose dot
+    /// this node already holds is applied anyway if its key's entry is older (so that
+    /// two nodes with the same vector but different states converge), and dropped if
+    /// its key has no entry (its delete was collected here). Applied repairs of held
+    /// dots are appended to the feed again, merged by version, counted as applied.
+    pub async fn enqueue_repair(
+        &self,
+        events: Vec<Event>,
+    ) -> Result<oneshot::Receiver<Result<ApplyOutcome, WriteError>>, WriteError> {
+        self.enqueue_apply(events, true).await
+    }
+
+    async fn enqueue_apply(
+        &self,
+        events: Vec<Event>,
+        repair: bool,
+    ) -> Result<oneshot::Receiver<Result<ApplyOutcome, WriteError>>, WriteError> {
         let bytes: usize = events
             .iter()
             .map(|e| asp_core::session::credit_size(e) as usize)
@@ -476,6 +497,7 @@ impl Store {
         let (reply, answer) = oneshot::channel();
         let request = ApplyRequest {
             events,
+            repair,
             reply,
             permit: Some(permit),
             bytes,

@@ -126,6 +126,10 @@ pub(crate) struct CoverRequest {
 /// Events received from a peer, to apply as they are.
 pub(crate) struct ApplyRequest {
     pub events: Vec<Event>,
+    /// Whether they are reconciliation repairs: the current state of keys on a peer
+    /// whose state differs. A repair whose dot this node holds is still applied when
+    /// it is newer than what its key holds (see [`Writer::repair_supersedes`]).
+    pub repair: bool,
     pub reply: oneshot::Sender<Result<ApplyOutcome, WriteError>>,
     /// As for [`WriteRequest::permit`].
     pub permit: Option<OwnedSemaphorePermit>,
@@ -759,14 +763,12 @@ impl Writer {
         }
         let reads = group.iter().any(|work| match work {
             Work::Write(w) => w.ops.iter().any(|op| op.condition != Condition::None),
-            Work::Apply(_)
-            | Work::Relocate(_)
-            | Work::Cover(_)
-            | Work::Policy(_)
-            | Work::Collect(_) => false,
+            Work::Apply(a) => a.repair,
+            Work::Relocate(_) | Work::Cover(_) | Work::Policy(_) | Work::Collect(_) => false,
         });
         if reads {
-            // Conditions read the index, which must reflect every earlier write.
+            // Conditions and repairs read the index, which must reflect every earlier
+            // write.
             self.wait_indexed(self.seq);
         }
         // CRDT writes read the index too, plus the states the indexer has not
@@ -1055,7 +1057,7 @@ impl Writer {
         let mut fresh = Vec::with_capacity(a.events.len());
         for (i, e) in a.events.iter().enumerate() {
             let state = self.namespaces.entry(e.namespace.clone()).or_default();
-            if state.vector.insert(e.dot) {
+            if state.vector.insert(e.dot) || (a.repair && self.repair_supersedes(g, e)) {
                 fresh.push(i);
             } else {
                 outcome.duplicates += 1;
@@ -1086,6 +1088,29 @@ impl Writer {
             reply: Reply::Apply(a.reply, outcome),
             _permit: a.permit,
         });
+    }
+
+    /// Whether a repair whose dot this node already holds must be applied anyway: its
+    /// key's entry exists and is older. Two nodes can hold the same dots in different
+    /// states (a dot covered without its event, or an event applied after the delete
+    /// it loses to was collected); dropping such repairs as duplicates would leave
+    /// them different for good. A key with no entry had its delete collected here:
+    /// anything held of it is older, and applying it would bring the key back. The
+    /// writer waited for the index to reflect every earlier group (see `process`); a
+    /// key this group already writes is left alone (the next anti-entropy run looks
+    /// again).
+    fn repair_supersedes(&self, g: &Group, e: &Event) -> bool {
+        let key = codec::event_index_key(e.namespace.as_str(), e.key.as_str(), e.dot, &e.context);
+        if g.positions.contains_key(&key[..]) {
+            return false;
+        }
+        match self.shared.index.get(&key) {
+            Ok(current) => current.is_some_and(|c| lww_wins(&e.version(), &c.version())),
+            Err(err) => {
+                tracing::warn!(namespace = %e.namespace, key = e.key.as_str(), error = %err, "cannot read the key index to judge a repair of a held event; it is dropped (the next anti-entropy run tries again)");
+                false
+            }
+        }
     }
 
     /// Copies compaction moves forward: appended as they are, touching no vector,
