@@ -14,6 +14,11 @@
 //! dot. Stability at the direct peers alone is not enough: in a line A–B–C, C's event
 //! concurrent with `d` can reach A through B after every direct peer of A holds `d`.
 //! So nodes gossip the newest report they know of every node (in their summaries).
+//! And they gossip who may write, not only reports: in the same line, C may have
+//! written nothing and reported nothing yet when it is cut off; only B knows it (as a
+//! link peer), and A, hearing of C from no one, would collect without it. So every
+//! node that may write is named in gossip, with an empty vector while no report of it
+//! is known (an empty vector is true of every node, and holds collection back).
 //!
 //! A node not heard of for `gc_horizon_ms` stops holding collection back: it is left
 //! out of the rule, and what is collected while it is out leaves an *epitaph* (the
