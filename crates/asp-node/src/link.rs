@@ -313,6 +313,9 @@ impl Link {
                     tracing::info!(peer = %peer, address = %self.address, direction = self.direction.name(), resume_after = checkpoint, "peer link up");
                 }
                 SessionEvent::PeerSummary(summary) => {
+                    if let (Some(peer), Some(info)) = (self.peer, self.session.peer()) {
+                        self.inner.store.note_contact(peer, &info.namespaces);
+                    }
                     self.inner.store.note_reports(&summary);
                     self.check_handover(&summary);
                     self.with_record(|r| r.summary = summary);

@@ -33,10 +33,36 @@ use asp_core::{Namespace, NodeId, VersionVector};
 
 /// What is known of other nodes' vectors, per namespace.
 pub(crate) struct Gc {
-    /// When the store opened (wall ms): a node known but not reported on yet counts as
-    /// heard of then.
+    /// When the store opened (wall ms): a node known but not heard of since counts as
+    /// heard of then (here; what is gossiped of it says it was not heard of).
     opened_ms: u64,
     namespaces: HashMap<Namespace, HashMap<NodeId, Known>>,
+    /// Peers linked with since the store opened: one entry per node (as bounded as the
+    /// nodes this node links with).
+    contacts: HashMap<NodeId, Contact>,
+}
+
+/// The last summary a linked peer sent: it is heard of then in every namespace it
+/// replicates, whether or not it holds anything of them yet.
+struct Contact {
+    at_ms: u64,
+    /// The namespaces its Hello listed.
+    namespaces: Vec<String>,
+}
+
+/// When `node` was last heard of in `namespace`: its newest report, or its last
+/// summary if it replicates the namespace; `None` if neither since the store opened.
+fn heard_ms(
+    known: Option<&Known>,
+    contacts: &HashMap<NodeId, Contact>,
+    namespace: &Namespace,
+    node: NodeId,
+) -> Option<u64> {
+    let contact = contacts
+        .get(&node)
+        .filter(|c| asp_core::session::lists(&c.namespaces, namespace))
+        .map(|c| c.at_ms);
+    known.map(|k| k.heard_ms).max(contact)
 }
 
 /// What is known of one node's vector of one namespace.
@@ -84,6 +110,20 @@ impl Gc {
         Gc {
             opened_ms,
             namespaces: HashMap::new(),
+            contacts: HashMap::new(),
+        }
+    }
+
+    /// Takes in that `peer`, which replicates `namespaces` (as its Hello listed them),
+    /// sent a summary at `at_ms`.
+    pub fn note_contact(&mut self, peer: NodeId, at_ms: u64, namespaces: &[String]) {
+        let contact = self.contacts.entry(peer).or_insert_with(|| Contact {
+            at_ms,
+            namespaces: Vec::new(),
+        });
+        contact.at_ms = contact.at_ms.max(at_ms);
+        if contact.namespaces != namespaces {
+            contact.namespaces = namespaces.to_vec();
         }
     }
 
@@ -128,11 +168,15 @@ impl Gc {
 
     /// What this node tells its peers of the namespace's other nodes: for every node
     /// it counts as one that may write (see [`Gc::view`]), the newest real report it
-    /// holds, or else a membership-only report (an empty vector, at when this node
-    /// last heard of that node, or when it opened if never). A node that may write but
-    /// has not reported yet is thereby known beyond its direct peers, who alone know
-    /// it from their links. Newest first, at most `REPORTS_MAX - 1` (the sender's own
-    /// report goes first).
+    /// holds, or else a membership-only report: an empty vector, at when this node last
+    /// heard of that node, or at 0 if it has not since it opened (so that a restart
+    /// does not make a node long gone look fresh to every other). A node that may
+    /// write but has not reported yet is thereby known beyond its direct peers, who
+    /// alone know it from their links. A peer whose Hello left the namespace out and
+    /// that never reported on it is not passed on: it sends the namespace to no one
+    /// (here it holds collection back until the horizon, as any peer without a
+    /// report). Newest first, at most `REPORTS_MAX - 1` (the sender's own report goes
+    /// first).
     pub fn gossip(
         &self,
         namespace: &Namespace,
@@ -142,8 +186,16 @@ impl Gc {
     ) -> Vec<VectorReport> {
         let empty = HashMap::new();
         let nodes = self.namespaces.get(namespace).unwrap_or(&empty);
+        let elsewhere = |node: &NodeId| {
+            !nodes.contains_key(node)
+                && self
+                    .contacts
+                    .get(node)
+                    .is_some_and(|c| !asp_core::session::lists(&c.namespaces, namespace))
+        };
         let mut out: Vec<VectorReport> = everyone(nodes, me, own, peers)
             .into_iter()
+            .filter(|node| !elsewhere(node))
             .map(|node| match nodes.get(&node) {
                 Some(Known {
                     newest: Some(report),
@@ -151,7 +203,7 @@ impl Gc {
                 }) => report.clone(),
                 known => VectorReport {
                     node,
-                    at_ms: known.map_or(self.opened_ms, |k| k.heard_ms),
+                    at_ms: heard_ms(known, &self.contacts, namespace, node).unwrap_or(0),
                     vector: VersionVector::new(),
                 },
             })
@@ -182,7 +234,8 @@ impl Gc {
         };
         for node in everyone {
             let known = nodes.get_mut(&node);
-            let heard_ms = known.as_ref().map_or(self.opened_ms, |k| k.heard_ms);
+            let heard_ms = heard_ms(known.as_deref(), &self.contacts, namespace, node)
+                .unwrap_or(self.opened_ms);
             if now_ms.saturating_sub(heard_ms) > horizon_ms {
                 view.complete = false;
                 view.away.push(node);
@@ -325,38 +378,72 @@ mod tests {
     /// collected without it.
     #[test]
     fn a_node_known_only_as_a_peer_is_gossiped_and_holds_collection_back_beyond() {
-        // B (2) linked with A (1) and C (3); C has reported nothing.
-        let b = Gc::new(7);
+        // B (2) linked with A (1) and C (3); C replicates every namespace, sent its
+        // last summary at 50 and has reported nothing of this one.
+        let mut b = Gc::new(7);
+        b.note_contact(id(3), 50, &["*".to_owned()]);
+        b.note_contact(id(1), 60, &["*".to_owned()]);
         let own_b = vv(&[(1, 5)]);
         let gossip = b.gossip(&ns(), id(2), &own_b, &[id(1), id(3)]);
         assert_eq!(
             gossip,
             vec![
-                report(1, 7, VersionVector::new()),
-                report(3, 7, VersionVector::new())
+                report(1, 60, VersionVector::new()),
+                report(3, 50, VersionVector::new())
             ],
-            "members without a report: empty vectors, heard of when B opened"
+            "members without a report: empty vectors, heard of at their last summaries"
         );
         // A takes B's summary: B's own report holds all of A's deletes, but C (known
         // from B's gossip alone) holds everything back.
         let mut a = Gc::new(0);
         let own_a = vv(&[(1, 5)]);
-        a.note(&ns(), id(1), &own_a, report(2, 10, own_b.clone()));
+        a.note(&ns(), id(1), &own_a, report(2, 60, own_b.clone()));
         for r in gossip {
             a.note(&ns(), id(1), &own_a, r);
         }
-        let view = a.view(&ns(), id(1), &own_a, &[id(2)], 10, H);
+        let view = a.view(&ns(), id(1), &own_a, &[id(2)], 100, H);
         assert!(view.stable.is_empty());
         assert!(view.complete);
         assert_eq!(view.waiting, vec![id(3)]);
         // A passes C on, as heard of when B said.
         assert_eq!(
             a.gossip(&ns(), id(1), &own_a, &[id(2)]),
-            vec![report(2, 10, own_b), report(3, 7, VersionVector::new())]
+            vec![report(2, 60, own_b), report(3, 50, VersionVector::new())]
         );
         // Past the horizon from then, C is away: collection goes on, leaving epitaphs.
-        let view = a.view(&ns(), id(1), &own_a, &[id(2)], 7 + H + 1, H);
+        let view = a.view(&ns(), id(1), &own_a, &[id(2)], 50 + H + 1, H);
         assert!(!view.complete);
+        assert_eq!(view.away, vec![id(3)]);
+    }
+
+    #[test]
+    fn a_node_not_heard_of_since_opening_is_gossiped_as_never_heard_of() {
+        // B opened at 5000; C is a peer of old, not linked since.
+        let mut b = Gc::new(5000);
+        let own = vv(&[(2, 5)]);
+        let never = vec![report(3, 0, VersionVector::new())];
+        assert_eq!(b.gossip(&ns(), id(2), &own, &[id(3)]), never);
+        // Here it holds collection back for the horizon from the opening.
+        let view = b.view(&ns(), id(2), &own, &[id(3)], 5000 + H, H);
+        assert_eq!(view.waiting, vec![id(3)]);
+        // A link from C counts only in the namespaces C replicates; one that leaves
+        // this namespace out, it sends to no one: it is not passed on.
+        b.note_contact(id(3), 6000, &["other".to_owned()]);
+        assert_eq!(b.gossip(&ns(), id(2), &own, &[id(3)]), vec![]);
+        let view = b.view(&ns(), id(2), &own, &[id(3)], 5000 + H, H);
+        assert_eq!(view.waiting, vec![id(3)]);
+        b.note_contact(id(3), 6001, &["n".to_owned()]);
+        assert_eq!(
+            b.gossip(&ns(), id(2), &own, &[id(3)]),
+            vec![report(3, 6001, VersionVector::new())]
+        );
+        // A node that last heard of C at 100 keeps that: a "never" from a node that
+        // restarted does not make C look fresh.
+        let mut a = Gc::new(0);
+        let own = vv(&[(1, 5)]);
+        a.note(&ns(), id(1), &own, report(3, 100, vv(&[(1, 2)])));
+        a.note(&ns(), id(1), &own, never[0].clone());
+        let view = a.view(&ns(), id(1), &own, &[], 100 + H + 1, H);
         assert_eq!(view.away, vec![id(3)]);
     }
 
@@ -573,7 +660,11 @@ mod model {
                         });
                         reports.extend(sender.gc.gossip(&ns(), sender.id, &sender.vector, &peers));
                     }
+                    let sender_id = sender.id;
                     let receiver = &mut self.nodes[to];
+                    receiver
+                        .gc
+                        .note_contact(sender_id, self.now, &["*".to_owned()]);
                     for r in reports {
                         receiver.gc.note(&ns(), receiver.id, &receiver.vector, r);
                     }

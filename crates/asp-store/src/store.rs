@@ -608,6 +608,15 @@ impl Store {
         }
     }
 
+    /// Takes in that `peer`, which replicates `namespaces` (its Hello's list), just
+    /// sent a summary: it counts as heard of now in those namespaces, whether or not
+    /// it holds anything of them yet (tombstone collection waits for such a node; see
+    /// docs/CONFLICTS.md).
+    pub fn note_contact(&self, peer: NodeId, namespaces: &[String]) {
+        let mut gc = self.inner.shared.gc.lock().unwrap();
+        gc.note_contact(peer, writer::wall_ms(), namespaces);
+    }
+
     /// The key that turns (key, version) pairs into reconciliation items.
     pub fn item_key(&self) -> ItemKey {
         self.inner.shared.config.item_key

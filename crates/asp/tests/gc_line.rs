@@ -89,11 +89,11 @@ where
 /// How the scenario is judged at A right before the link heals.
 #[derive(Clone, Copy)]
 enum Horizon {
-    /// C was heard of (as B's peer) less than the horizon ago: A collects nothing.
+    /// C was last heard of (its last summary to B, which B passes on) less than the
+    /// horizon ago: A waits for C's report and collects nothing.
     Inside,
-    /// The 3 s horizon: nobody has heard C report on the namespace for that
-    /// long (it never did, and B counts it heard of when B opened), so A collects
-    /// without it and leaves an epitaph for every delete.
+    /// The 3 s horizon, waited out: C has not been heard of for that long, so
+    /// A collects without it and leaves an epitaph for every delete.
     Past,
 }
 
@@ -169,14 +169,15 @@ async fn line(horizon: Horizon) {
     .await;
     tokio::time::sleep_until((deleted + Duration::from_millis(1200)).into()).await;
 
-    // A knows C may write, though it never heard from C: B told it.
+    // A knows C may write, though it never heard from C: B told it, and when B last
+    // heard from C.
     match horizon {
         Horizon::Inside => {
             let report = compact(&ca).await;
             assert_eq!(
                 (&report["tombstones_collected"], &report["epitaphs_left"]),
                 (&serde_json::json!(0), &serde_json::json!(0)),
-                "A collected deletes C could still bring back: {report}\n{}",
+                "A collected while C, heard of inside the horizon, may still write: {report}\n{}",
                 tombstone_gc(&ca).await
             );
             assert_eq!(
