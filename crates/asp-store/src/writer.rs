@@ -499,6 +499,9 @@ struct Group {
     relocated: u64,
     /// Where the group's collections count what they did.
     tallies: Vec<Arc<CollectTally>>,
+    /// Whether the key index reflected every earlier group when this one began: only
+    /// then are repairs of held dots judged against it.
+    indexed: bool,
 }
 
 /// Lets the writer's short waits for stragglers end on time: the default 50 µs timer
@@ -763,7 +766,7 @@ impl Writer {
         }
         let reads = group.iter().any(|work| match work {
             Work::Write(w) => w.ops.iter().any(|op| op.condition != Condition::None),
-            Work::Apply(a) => a.repair,
+            Work::Apply(a) => a.repair && self.holds_any(&a.events),
             Work::Relocate(_) | Work::Cover(_) | Work::Policy(_) | Work::Collect(_) => false,
         });
         if reads {
@@ -807,6 +810,7 @@ impl Writer {
             events: 0,
             relocated: 0,
             tallies: Vec::new(),
+            indexed: reads,
         };
         for work in group {
             match work {
@@ -1090,6 +1094,16 @@ impl Writer {
         });
     }
 
+    /// Whether this node holds the dot of any of `events` (repairs of held dots read
+    /// the index; others, as in a bootstrap transfer, need not wait for it).
+    fn holds_any(&self, events: &[Event]) -> bool {
+        events.iter().any(|e| {
+            self.namespaces
+                .get(&e.namespace)
+                .is_some_and(|s| s.vector.contains(e.dot))
+        })
+    }
+
     /// Whether a repair whose dot this node already holds must be applied anyway: its
     /// key's entry exists and is older. Two nodes can hold the same dots in different
     /// states (a dot covered without its event, or an event applied after the delete
@@ -1097,11 +1111,11 @@ impl Writer {
     /// them different for good. A key with no entry had its delete collected here:
     /// anything held of it is older, and applying it would bring the key back. The
     /// writer waited for the index to reflect every earlier group (see `process`); a
-    /// key this group already writes is left alone (the next anti-entropy run looks
-    /// again).
+    /// key this group already writes, or a dot that became held only within this
+    /// group, is left alone (the next anti-entropy run looks again).
     fn repair_supersedes(&self, g: &Group, e: &Event) -> bool {
         let key = codec::event_index_key(e.namespace.as_str(), e.key.as_str(), e.dot, &e.context);
-        if g.positions.contains_key(&key[..]) {
+        if !g.indexed || g.positions.contains_key(&key[..]) {
             return false;
         }
         match self.shared.index.get(&key) {
