@@ -323,6 +323,9 @@ impl Link {
                     tracing::info!(peer = %peer, address = %self.address, direction = self.direction.name(), resume_after = checkpoint, "peer link up");
                 }
                 SessionEvent::PeerSummary(summary) => {
+                    if let (Some(peer), Some(info)) = (self.peer, self.session.peer()) {
+                        self.inner.store.note_contact(peer, &info.namespaces);
+                    }
                     self.inner.store.note_reports(&summary);
                     self.check_handover(&summary);
                     self.with_record(|r| r.summary = summary);
@@ -476,7 +479,12 @@ impl Link {
             bytes,
             repair,
         };
-        match self.inner.store.enqueue_remote(events).await {
+        let store = &self.inner.store;
+        let queued = match repair {
+            Some(_) => store.enqueue_repair(events).await,
+            None => store.enqueue_remote(events).await,
+        };
+        match queued {
             Ok(answer) => self.applying.push_back(entry(answer)),
             Err(e) => {
                 let (_, rx) = oneshot::channel();

@@ -411,3 +411,33 @@ async fn live_writes_flow_while_a_bootstrap_transfer_is_held() {
     assert_eq!(state(&b).len(), 5001);
     stop(ra, rb, a, b).await;
 }
+
+/// Regression (issue 11, item 1): two nodes that hold the same dots in different
+/// states stayed different for good: anti-entropy found the difference, but the
+/// receiver dropped each repair whose dot it held as a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anti_entropy_ends_a_divergence_between_equal_vectors() {
+    let (dx, dy) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let x = Store::open(store_config(dx.path(), 1)).unwrap();
+    let y = Store::open(store_config(dy.path(), 2)).unwrap();
+    // X puts k, then deletes it; Y applies the put, and holds the delete's dot
+    // without the delete (as a node does whose state lost it).
+    put_many(&x, ["k".to_owned()], "p").await;
+    let put = x.feed_reader(Some(ns()), 0).read(10).unwrap();
+    assert_eq!(put.len(), 1);
+    y.apply_remote(vec![put[0].event.clone()]).await.unwrap();
+    x.write(ns(), vec![WriteOp::delete(Key::new("k").unwrap())])
+        .await
+        .unwrap();
+    y.cover(ns(), vector(&x)).await.unwrap();
+    assert_eq!(vector(&x), vector(&y));
+    assert!(y.get(&ns(), "k").unwrap().unwrap().value.is_some());
+    // Linked, with anti-entropy every 200 ms: the stream has nothing to send (the
+    // vectors are equal), reconciliation repairs Y.
+    let rx = start(&x, vec![]).await;
+    let ry = start(&y, vec![rx.listen_addr().unwrap().to_string()]).await;
+    converge(&x, &y, "after anti-entropy").await;
+    assert!(y.get(&ns(), "k").unwrap().unwrap().value.is_none());
+    assert_eq!(ry.status().peers[0].reconcile.keys_repaired, 1);
+    stop(rx, ry, x, y).await;
+}

@@ -14,6 +14,11 @@
 //! dot. Stability at the direct peers alone is not enough: in a line A–B–C, C's event
 //! concurrent with `d` can reach A through B after every direct peer of A holds `d`.
 //! So nodes gossip the newest report they know of every node (in their summaries).
+//! And they gossip who may write, not only reports: in the same line, C may have
+//! written nothing and reported nothing yet when it is cut off; only B knows it (as a
+//! link peer), and A, hearing of C from no one, would collect without it. So every
+//! node that may write is named in gossip, with an empty vector while no report of it
+//! is known (an empty vector is true of every node, and holds collection back).
 //!
 //! A node not heard of for `gc_horizon_ms` stops holding collection back: it is left
 //! out of the rule, and what is collected while it is out leaves an *epitaph* (the
@@ -28,16 +33,45 @@ use asp_core::{Namespace, NodeId, VersionVector};
 
 /// What is known of other nodes' vectors, per namespace.
 pub(crate) struct Gc {
-    /// When the store opened (wall ms): a node known but not reported on yet counts as
-    /// heard of then.
+    /// When the store opened (wall ms): a node known but not heard of since counts as
+    /// heard of then (here; what is gossiped of it says it was not heard of).
     opened_ms: u64,
     namespaces: HashMap<Namespace, HashMap<NodeId, Known>>,
+    /// Peers linked with since the store opened: one entry per node (as bounded as the
+    /// nodes this node links with).
+    contacts: HashMap<NodeId, Contact>,
+}
+
+/// The last summary a linked peer sent: it is heard of then in every namespace it
+/// replicates, whether or not it holds anything of them yet.
+struct Contact {
+    at_ms: u64,
+    /// The namespaces its Hello listed.
+    namespaces: Vec<String>,
+}
+
+/// When `node` was last heard of in `namespace`: its newest report, or its last
+/// summary if it replicates the namespace; `None` if neither since the store opened.
+fn heard_ms(
+    known: Option<&Known>,
+    contacts: &HashMap<NodeId, Contact>,
+    namespace: &Namespace,
+    node: NodeId,
+) -> Option<u64> {
+    let contact = contacts
+        .get(&node)
+        .filter(|c| asp_core::session::lists(&c.namespaces, namespace))
+        .map(|c| c.at_ms);
+    known.map(|k| k.heard_ms).max(contact)
 }
 
 /// What is known of one node's vector of one namespace.
 struct Known {
-    /// The newest report: what is gossiped on, and when the node was last heard of.
-    newest: VectorReport,
+    /// When the node was last heard of: the newest `at_ms` of any report of it,
+    /// membership-only ones included. The horizon counts from here.
+    heard_ms: u64,
+    /// The newest report with a non-empty vector: what is gossiped on.
+    newest: Option<VectorReport>,
     /// The newest report this node's own vector contains (time, vector).
     usable: Option<(u64, VersionVector)>,
     /// A report waiting for this node's vector to contain it.
@@ -76,11 +110,27 @@ impl Gc {
         Gc {
             opened_ms,
             namespaces: HashMap::new(),
+            contacts: HashMap::new(),
+        }
+    }
+
+    /// Takes in that `peer`, which replicates `namespaces` (as its Hello listed them),
+    /// sent a summary at `at_ms`.
+    pub fn note_contact(&mut self, peer: NodeId, at_ms: u64, namespaces: &[String]) {
+        let contact = self.contacts.entry(peer).or_insert_with(|| Contact {
+            at_ms,
+            namespaces: Vec::new(),
+        });
+        contact.at_ms = contact.at_ms.max(at_ms);
+        if contact.namespaces != namespaces {
+            contact.namespaces = namespaces.to_vec();
         }
     }
 
     /// Takes in a report (reports of `me` are ignored: this node knows its own vector,
-    /// `own`).
+    /// `own`). A report with an empty vector only says that its node may write in the
+    /// namespace and when it was heard of: it never becomes usable (every node's vector
+    /// holds the empty one, so it proves nothing) and never displaces a real report.
     pub fn note(
         &mut self,
         namespace: &Namespace,
@@ -93,12 +143,17 @@ impl Gc {
         }
         let nodes = self.namespaces.entry(namespace.clone()).or_default();
         let known = nodes.entry(report.node).or_insert_with(|| Known {
-            newest: report.clone(),
+            heard_ms: report.at_ms,
+            newest: None,
             usable: None,
             pending: None,
         });
-        known.promote(own);
         let at = report.at_ms;
+        known.heard_ms = known.heard_ms.max(at);
+        if report.vector.is_empty() {
+            return;
+        }
+        known.promote(own);
         if known.usable.as_ref().is_none_or(|(t, _)| *t < at) {
             if report.vector.is_subset(own) {
                 known.usable = Some((at, report.vector.clone()));
@@ -106,18 +161,53 @@ impl Gc {
                 known.pending = Some((at, report.vector.clone()));
             }
         }
-        if at > known.newest.at_ms {
-            known.newest = report;
+        if known.newest.as_ref().is_none_or(|n| at > n.at_ms) {
+            known.newest = Some(report);
         }
     }
 
-    /// The newest report of each node known, newest first, at most `REPORTS_MAX - 1`
-    /// (the sender's own report goes first).
-    pub fn gossip(&self, namespace: &Namespace) -> Vec<VectorReport> {
-        let Some(nodes) = self.namespaces.get(namespace) else {
-            return Vec::new();
+    /// What this node tells its peers of the namespace's other nodes: for every node
+    /// it counts as one that may write (see [`Gc::view`]), the newest real report it
+    /// holds, or else a membership-only report: an empty vector, at when this node last
+    /// heard of that node, or at 0 if it has not since it opened (so that a restart
+    /// does not make a node long gone look fresh to every other). A node that may
+    /// write but has not reported yet is thereby known beyond its direct peers, who
+    /// alone know it from their links. A peer whose Hello left the namespace out and
+    /// that never reported on it is not passed on: it sends the namespace to no one
+    /// (here it holds collection back until the horizon, as any peer without a
+    /// report). Newest first, at most `REPORTS_MAX - 1` (the sender's own report goes
+    /// first).
+    pub fn gossip(
+        &self,
+        namespace: &Namespace,
+        me: NodeId,
+        own: &VersionVector,
+        peers: &[NodeId],
+    ) -> Vec<VectorReport> {
+        let empty = HashMap::new();
+        let nodes = self.namespaces.get(namespace).unwrap_or(&empty);
+        let elsewhere = |node: &NodeId| {
+            !nodes.contains_key(node)
+                && self
+                    .contacts
+                    .get(node)
+                    .is_some_and(|c| !asp_core::session::lists(&c.namespaces, namespace))
         };
-        let mut out: Vec<VectorReport> = nodes.values().map(|k| k.newest.clone()).collect();
+        let mut out: Vec<VectorReport> = everyone(nodes, me, own, peers)
+            .into_iter()
+            .filter(|node| !elsewhere(node))
+            .map(|node| match nodes.get(&node) {
+                Some(Known {
+                    newest: Some(report),
+                    ..
+                }) => report.clone(),
+                known => VectorReport {
+                    node,
+                    at_ms: heard_ms(known, &self.contacts, namespace, node).unwrap_or(0),
+                    vector: VersionVector::new(),
+                },
+            })
+            .collect();
         out.sort_by(|a, b| b.at_ms.cmp(&a.at_ms).then(a.node.cmp(&b.node)));
         out.truncate(REPORTS_MAX - 1);
         out
@@ -135,10 +225,7 @@ impl Gc {
         horizon_ms: u64,
     ) -> GcView {
         let nodes = self.namespaces.entry(namespace.clone()).or_default();
-        let mut everyone: BTreeSet<NodeId> = own.iter().map(|(id, _)| id).collect();
-        everyone.extend(nodes.keys().copied());
-        everyone.extend(peers.iter().copied());
-        everyone.remove(&me);
+        let everyone = everyone(nodes, me, own, peers);
         let mut view = GcView {
             stable: own.clone(),
             complete: true,
@@ -147,7 +234,8 @@ impl Gc {
         };
         for node in everyone {
             let known = nodes.get_mut(&node);
-            let heard_ms = known.as_ref().map_or(self.opened_ms, |k| k.newest.at_ms);
+            let heard_ms = heard_ms(known.as_deref(), &self.contacts, namespace, node)
+                .unwrap_or(self.opened_ms);
             if now_ms.saturating_sub(heard_ms) > horizon_ms {
                 view.complete = false;
                 view.away.push(node);
@@ -167,6 +255,21 @@ impl Gc {
         }
         view
     }
+}
+
+/// The nodes that may write in a namespace, this node left out: the origins of its
+/// vector, every node a report names, and every node it ever had a link with (`peers`).
+fn everyone(
+    nodes: &HashMap<NodeId, Known>,
+    me: NodeId,
+    own: &VersionVector,
+    peers: &[NodeId],
+) -> BTreeSet<NodeId> {
+    let mut everyone: BTreeSet<NodeId> = own.iter().map(|(id, _)| id).collect();
+    everyone.extend(nodes.keys().copied());
+    everyone.extend(peers.iter().copied());
+    everyone.remove(&me);
+    everyone
 }
 
 #[cfg(test)]
@@ -255,7 +358,7 @@ mod tests {
         gc.note(&ns(), id(1), &own, report(3, 50, vv(&[(1, 2)])));
         gc.note(&ns(), id(1), &own, report(3, 40, vv(&[(1, 1)])));
         assert_eq!(
-            gc.gossip(&ns()),
+            gc.gossip(&ns(), id(1), &own, &[]),
             vec![report(2, 100, vv(&[(1, 5)])), report(3, 50, vv(&[(1, 2)]))]
         );
         let view = gc.view(&ns(), id(1), &own, &[], 1000, H);
@@ -267,7 +370,102 @@ mod tests {
         assert_eq!(view.away, vec![id(3)]);
         // Reports of this node itself are not taken.
         gc.note(&ns(), id(1), &own, report(1, 2000, VersionVector::new()));
-        assert_eq!(gc.gossip(&ns()).len(), 2);
+        assert_eq!(gc.gossip(&ns(), id(1), &own, &[]).len(), 2);
+    }
+
+    /// Regression (issue 11, item 1): a node known only as a peer of a relay (it had
+    /// not reported on the namespace yet) was not gossiped, so the far end of a line
+    /// collected without it.
+    #[test]
+    fn a_node_known_only_as_a_peer_is_gossiped_and_holds_collection_back_beyond() {
+        // B (2) linked with A (1) and C (3); C replicates every namespace, sent its
+        // last summary at 50 and has reported nothing of this one.
+        let mut b = Gc::new(7);
+        b.note_contact(id(3), 50, &["*".to_owned()]);
+        b.note_contact(id(1), 60, &["*".to_owned()]);
+        let own_b = vv(&[(1, 5)]);
+        let gossip = b.gossip(&ns(), id(2), &own_b, &[id(1), id(3)]);
+        assert_eq!(
+            gossip,
+            vec![
+                report(1, 60, VersionVector::new()),
+                report(3, 50, VersionVector::new())
+            ],
+            "members without a report: empty vectors, heard of at their last summaries"
+        );
+        // A takes B's summary: B's own report holds all of A's deletes, but C (known
+        // from B's gossip alone) holds everything back.
+        let mut a = Gc::new(0);
+        let own_a = vv(&[(1, 5)]);
+        a.note(&ns(), id(1), &own_a, report(2, 60, own_b.clone()));
+        for r in gossip {
+            a.note(&ns(), id(1), &own_a, r);
+        }
+        let view = a.view(&ns(), id(1), &own_a, &[id(2)], 100, H);
+        assert!(view.stable.is_empty());
+        assert!(view.complete);
+        assert_eq!(view.waiting, vec![id(3)]);
+        // A passes C on, as heard of when B said.
+        assert_eq!(
+            a.gossip(&ns(), id(1), &own_a, &[id(2)]),
+            vec![report(2, 60, own_b), report(3, 50, VersionVector::new())]
+        );
+        // Past the horizon from then, C is away: collection goes on, leaving epitaphs.
+        let view = a.view(&ns(), id(1), &own_a, &[id(2)], 50 + H + 1, H);
+        assert!(!view.complete);
+        assert_eq!(view.away, vec![id(3)]);
+    }
+
+    #[test]
+    fn a_node_not_heard_of_since_opening_is_gossiped_as_never_heard_of() {
+        // B opened at 5000; C is a peer of old, not linked since.
+        let mut b = Gc::new(5000);
+        let own = vv(&[(2, 5)]);
+        let never = vec![report(3, 0, VersionVector::new())];
+        assert_eq!(b.gossip(&ns(), id(2), &own, &[id(3)]), never);
+        // Here it holds collection back for the horizon from the opening.
+        let view = b.view(&ns(), id(2), &own, &[id(3)], 5000 + H, H);
+        assert_eq!(view.waiting, vec![id(3)]);
+        // A link from C counts only in the namespaces C replicates; one that leaves
+        // this namespace out, it sends to no one: it is not passed on.
+        b.note_contact(id(3), 6000, &["other".to_owned()]);
+        assert_eq!(b.gossip(&ns(), id(2), &own, &[id(3)]), vec![]);
+        let view = b.view(&ns(), id(2), &own, &[id(3)], 5000 + H, H);
+        assert_eq!(view.waiting, vec![id(3)]);
+        b.note_contact(id(3), 6001, &["n".to_owned()]);
+        assert_eq!(
+            b.gossip(&ns(), id(2), &own, &[id(3)]),
+            vec![report(3, 6001, VersionVector::new())]
+        );
+        // A node that last heard of C at 100 keeps that: a "never" from a node that
+        // restarted does not make C look fresh.
+        let mut a = Gc::new(0);
+        let own = vv(&[(1, 5)]);
+        a.note(&ns(), id(1), &own, report(3, 100, vv(&[(1, 2)])));
+        a.note(&ns(), id(1), &own, never[0].clone());
+        let view = a.view(&ns(), id(1), &own, &[], 100 + H + 1, H);
+        assert_eq!(view.away, vec![id(3)]);
+    }
+
+    #[test]
+    fn an_empty_report_moves_when_a_node_was_heard_of_but_never_displaces_a_real_one() {
+        let mut gc = Gc::new(0);
+        let own = vv(&[(1, 5)]);
+        gc.note(&ns(), id(1), &own, report(2, 100, vv(&[(1, 3)])));
+        gc.note(&ns(), id(1), &own, report(2, 900, VersionVector::new()));
+        assert_eq!(
+            gc.gossip(&ns(), id(1), &own, &[]),
+            vec![report(2, 100, vv(&[(1, 3)]))]
+        );
+        // Heard of at 900: still in the rule at 1500, with its real report.
+        let view = gc.view(&ns(), id(1), &own, &[], 100 + H + 500, H);
+        assert!(view.complete);
+        assert_eq!(view.stable, vv(&[(1, 3)]));
+        // A node with nothing but empty reports waits.
+        gc.note(&ns(), id(1), &own, report(3, 900, VersionVector::new()));
+        let view = gc.view(&ns(), id(1), &own, &[], 1000, H);
+        assert!(view.stable.is_empty());
+        assert_eq!(view.waiting, vec![id(3)]);
     }
 }
 
@@ -363,42 +561,19 @@ mod model {
             let ids: Vec<NodeId> = (1..=nodes as u64)
                 .map(|n| NodeId::new(n).unwrap())
                 .collect();
+            // No node knows anything of another's vector at the start: a node knows
+            // its neighbours only as peers it has a link with (the `peers` of
+            // `Gc::view`), and hears of the others through gossip.
             let nodes = ids
                 .iter()
-                .enumerate()
-                .map(|(i, &id)| {
-                    let mut gc = Gc::new(0);
-                    // A link starts with a summary each way, before any event: each
-                    // node knows its neighbours (holding nothing yet) from the start.
-                    // Of the others it hears only through gossip.
-                    for &(a, b) in &links {
-                        let other = if a == i {
-                            b
-                        } else if b == i {
-                            a
-                        } else {
-                            continue;
-                        };
-                        gc.note(
-                            &ns(),
-                            id,
-                            &VersionVector::new(),
-                            VectorReport {
-                                node: ids[other],
-                                at_ms: 0,
-                                vector: VersionVector::new(),
-                            },
-                        );
-                    }
-                    Node {
-                        id,
-                        clock: 0,
-                        counter: 0,
-                        vector: VersionVector::new(),
-                        state: BTreeMap::new(),
-                        feed: Vec::new(),
-                        gc,
-                    }
+                .map(|&id| Node {
+                    id,
+                    clock: 0,
+                    counter: 0,
+                    vector: VersionVector::new(),
+                    state: BTreeMap::new(),
+                    feed: Vec::new(),
+                    gc: Gc::new(0),
                 })
                 .collect();
             let cursors = vec![0; links.len() * 2];
@@ -472,33 +647,31 @@ mod model {
                     } else {
                         (self.links[l].1, self.links[l].0)
                     };
+                    let peers = self.peers(from);
                     let sender = &self.nodes[from];
-                    let mut reports = vec![VectorReport {
-                        node: sender.id,
-                        at_ms: self.now,
-                        vector: sender.vector.clone(),
-                    }];
-                    reports.extend(sender.gc.gossip(&ns()));
+                    // A summary lists only the namespaces its sender holds something
+                    // of: until then it carries no reports of this one.
+                    let mut reports = Vec::new();
+                    if !sender.vector.is_empty() {
+                        reports.push(VectorReport {
+                            node: sender.id,
+                            at_ms: self.now,
+                            vector: sender.vector.clone(),
+                        });
+                        reports.extend(sender.gc.gossip(&ns(), sender.id, &sender.vector, &peers));
+                    }
+                    let sender_id = sender.id;
                     let receiver = &mut self.nodes[to];
+                    receiver
+                        .gc
+                        .note_contact(sender_id, self.now, &["*".to_owned()]);
                     for r in reports {
                         receiver.gc.note(&ns(), receiver.id, &receiver.vector, r);
                     }
                 }
                 Step::Collect { node } => {
                     let now = self.now;
-                    let peers: Vec<NodeId> = self
-                        .links
-                        .iter()
-                        .filter_map(|&(a, b)| {
-                            if a == node % n {
-                                Some(self.nodes[b].id)
-                            } else if b == node % n {
-                                Some(self.nodes[a].id)
-                            } else {
-                                None
-                            }
-                        })
-                        .collect();
+                    let peers = self.peers(node % n);
                     let node = &mut self.nodes[node % n];
                     let view =
                         node.gc
@@ -520,6 +693,22 @@ mod model {
                     }
                 }
             }
+        }
+
+        /// The nodes `node` has a link with: its checkpoint peers.
+        fn peers(&self, node: usize) -> Vec<NodeId> {
+            self.links
+                .iter()
+                .filter_map(|&(a, b)| {
+                    if a == node {
+                        Some(self.nodes[b].id)
+                    } else if b == node {
+                        Some(self.nodes[a].id)
+                    } else {
+                        None
+                    }
+                })
+                .collect()
         }
 
         /// What every key reads as at a node: its value's dot, deletes as absent.
@@ -603,6 +792,49 @@ mod model {
             prop_assert_eq!(&World::live(node), &reference, "node {}", node.id);
         }
         Ok(())
+    }
+
+    /// Regression (issue 11, item 1): in a line A–B–C where C never wrote before it
+    /// writes a key A then deletes, and C's summaries never carried a report of the
+    /// namespace, A collected the delete (it knew of no C) and C's older write then
+    /// reached A through B and brought the key back.
+    #[test]
+    fn a_node_that_never_wrote_reached_through_a_relay_holds_collection_back() {
+        let (a, c) = (0, 2);
+        let (ab, bc) = (0, 1);
+        let write = |node, key, delete| Step::Write { node, key, delete };
+        let deliver = |link, forward| Step::Deliver {
+            link,
+            forward,
+            max: 100,
+        };
+        let steps = [
+            write(a, 0, false),
+            deliver(ab, true),
+            // C's summary while it holds nothing of the namespace carries no report.
+            Step::Summarize {
+                link: bc,
+                forward: false,
+            },
+            deliver(bc, true),
+            // C holds the namespace now; it writes before it sends another summary.
+            write(c, 0, false),
+            // A's clock runs ahead of C's: A's delete is newer than C's write.
+            write(a, 1, false),
+            write(a, 2, false),
+            write(a, 0, true),
+            deliver(ab, true),
+            // B holds the delete and tells A so (and, with the fix, of C).
+            Step::Summarize {
+                link: ab,
+                forward: false,
+            },
+            Step::Collect { node: a },
+            // C's write reaches A through B.
+            deliver(bc, false),
+            deliver(ab, false),
+        ];
+        check(0, &steps).unwrap();
     }
 
     proptest! {

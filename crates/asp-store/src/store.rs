@@ -591,6 +591,27 @@ impl Store {
         &self,
         events: Vec<Event>,
     ) -> Result<oneshot::Receiver<Result<ApplyOutcome, WriteError>>, WriteError> {
+        self.enqueue_apply(events, false).await
+    }
+
+    /// Queues reconciliation repairs (a peer's current state of keys whose state
+    /// differs) like [`Store::enqueue_remote`], with one difference: a repair whose dot
+    /// this node already holds is applied anyway if its key's entry is older (so that
+    /// two nodes with the same vector but different states converge), and dropped if
+    /// its key has no entry (its delete was collected here). Applied repairs of held
+    /// dots are appended to the feed again, merged by version, counted as applied.
+    pub async fn enqueue_repair(
+        &self,
+        events: Vec<Event>,
+    ) -> Result<oneshot::Receiver<Result<ApplyOutcome, WriteError>>, WriteError> {
+        self.enqueue_apply(events, true).await
+    }
+
+    async fn enqueue_apply(
+        &self,
+        events: Vec<Event>,
+        repair: bool,
+    ) -> Result<oneshot::Receiver<Result<ApplyOutcome, WriteError>>, WriteError> {
         validate::check_remote_events(self.config(), &events)?;
         let bytes: usize = events
             .iter()
@@ -618,6 +639,7 @@ impl Store {
         let (reply, answer) = oneshot::channel();
         let request = ApplyRequest {
             events,
+            repair,
             reply,
             permit: Some(permit),
             bytes,
@@ -677,15 +699,19 @@ impl Store {
     }
 
     /// [`Store::summary`] with, per namespace, this node's report of its vector and
-    /// the newest report it knows of every other node: what a peer is sent, so that
-    /// every node learns what every other holds (tombstone collection waits for it).
+    /// what it knows of every other node that may write there (its newest report, or
+    /// an empty one naming it): what a peer is sent, so that every node learns who may
+    /// write and what every other holds (tombstone collection waits for it).
     pub fn summary_for_peers(&self) -> Vec<NamespaceSummary> {
         let mut out = self.summary();
         let now_ms = writer::wall_ms();
+        let me = self.inner.shared.node_id;
+        let peers = self.inner.shared.index.checkpoint_peers();
         let gc = self.inner.shared.gc.lock().unwrap();
         // Gossip stays within a budget, so that the frame stays far below its limit
-        // with thousands of namespaces; a report left out holds collection back (or,
-        // past the horizon, makes it leave epitaphs), never the reverse.
+        // with thousands of namespaces. A report that does not fit goes as an empty
+        // one, which still names its node: the receiver then waits for that node (or,
+        // past the horizon, leaves epitaphs) instead of not knowing it at all.
         let mut budget = GOSSIP_BYTES_MAX;
         for ns in &mut out {
             ns.reports.push(VectorReport {
@@ -693,7 +719,10 @@ impl Store {
                 at_ms: now_ms,
                 vector: ns.vector.clone(),
             });
-            for report in gc.gossip(&ns.namespace) {
+            for mut report in gc.gossip(&ns.namespace, me, &ns.vector, &peers) {
+                if report_bytes(&report) > budget {
+                    report.vector = asp_core::VersionVector::new();
+                }
                 let bytes = report_bytes(&report);
                 if bytes > budget {
                     break;
@@ -798,6 +827,15 @@ impl Store {
                 .and_then(|s| s.vector.get(peer));
             theirs.is_none_or(|t| !mine.is_subset(t))
         })
+    }
+
+    /// Takes in that `peer`, which replicates `namespaces` (its Hello's list), just
+    /// sent a summary: it counts as heard of now in those namespaces, whether or not
+    /// it holds anything of them yet (tombstone collection waits for such a node; see
+    /// docs/CONFLICTS.md).
+    pub fn note_contact(&self, peer: NodeId, namespaces: &[String]) {
+        let mut gc = self.inner.shared.gc.lock().unwrap();
+        gc.note_contact(peer, writer::wall_ms(), namespaces);
     }
 
     /// The key that turns (key, version) pairs into reconciliation items.

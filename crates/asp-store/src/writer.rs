@@ -142,6 +142,10 @@ pub(crate) struct CoverRequest {
 /// Events received from a peer, to apply as they are.
 pub(crate) struct ApplyRequest {
     pub events: Vec<Event>,
+    /// Whether they are reconciliation repairs: the current state of keys on a peer
+    /// whose state differs. A repair whose dot this node holds is still applied when
+    /// it is newer than what its key holds (see [`Writer::repair_supersedes`]).
+    pub repair: bool,
     pub reply: oneshot::Sender<Result<ApplyOutcome, WriteError>>,
     /// As for [`WriteRequest::permit`].
     pub permit: Option<OwnedSemaphorePermit>,
@@ -642,6 +646,9 @@ struct Group {
     relocated: u64,
     /// Where the group's collections count what they did.
     tallies: Vec<Arc<CollectTally>>,
+    /// Whether the key index reflected every earlier group when this one began: only
+    /// then are repairs of held dots judged against it.
+    indexed: bool,
 }
 
 /// Lets the writer's short waits for stragglers end on time: the default 50 µs timer
@@ -935,15 +942,16 @@ impl Writer {
         }
         let reads = group.iter().any(|work| match work {
             Work::Write(w) => w.ops.iter().any(|op| op.condition != Condition::None),
-            Work::Apply(_)
-            | Work::Relocate(_)
+            Work::Apply(a) => a.repair && self.holds_any(&a.events),
+            Work::Relocate(_)
             | Work::Cover(_)
             | Work::Policy(_)
             | Work::Collect(_)
             | Work::Quarantine(_) => false,
         });
         if reads {
-            // Conditions read the index, which must reflect every earlier write.
+            // Conditions and repairs read the index, which must reflect every earlier
+            // write.
             self.wait_indexed(self.seq);
         }
         // CRDT writes read the index too, plus the states the indexer has not
@@ -999,6 +1007,7 @@ impl Writer {
             events: 0,
             relocated: 0,
             tallies: Vec::new(),
+            indexed: reads,
         };
         for work in group {
             match work {
@@ -1400,7 +1409,7 @@ impl Writer {
         }
         let shared = self.shared.clone();
         let mut held = shared.held.lock().unwrap();
-        let judged = self.judge(&held, &a.events, wall);
+        let judged = self.judge(g, &held, &a.events, wall, a.repair);
         if judged.hold_bytes > held.room() {
             held.note_full_refusal();
             shared.metrics.held_full_refusals.inc();
@@ -1420,7 +1429,10 @@ impl Writer {
 
     /// Decides, changing nothing, what becomes of each event received from a peer:
     /// the one home of the rules for remote events that get past validation.
-    fn judge(&self, held: &Held, events: &[Event], wall: u64) -> Judged {
+    /// `repair`: the events are reconciliation repairs, and one whose dot this node
+    /// holds is applied again if it supersedes its key's entry
+    /// ([`Writer::repair_supersedes`]) and its policy is the namespace's here.
+    fn judge(&self, g: &Group, held: &Held, events: &[Event], wall: u64, repair: bool) -> Judged {
         let limit = wall.saturating_add(self.clock.max_skew_ms());
         let mut judged = Judged::default();
         let mut seen: HashSet<(&Namespace, Dot), foldhash::fast::RandomState> =
@@ -1430,14 +1442,22 @@ impl Writer {
         let mut namespaces: Vec<(&Namespace, Policy, bool)> = Vec::new();
         for e in events {
             let ns = &e.namespace;
+            let holds = self
+                .namespaces
+                .get(ns)
+                .is_some_and(|s| s.vector.contains(e.dot));
             let fate = if !seen.insert((ns, e.dot))
-                || self
-                    .namespaces
-                    .get(ns)
-                    .is_some_and(|s| s.vector.contains(e.dot))
                 || held.contains(ns, e.dot)
+                || (holds && !(repair && self.repair_supersedes(g, e)))
             {
                 Fate::Duplicate
+            } else if holds {
+                // A repair of a held dot that supersedes its key: never held (its dot
+                // is this node's already), applied only under this node's policy.
+                match Policy::of_event(&e.context) {
+                    Some(policy) if policy == self.policy(ns) => Fate::Apply,
+                    _ => Fate::Duplicate,
+                }
             } else if e.hlc.physical_ms() > limit {
                 Fate::Park
             } else {
@@ -1505,27 +1525,30 @@ impl Writer {
                     outcome.quarantined += 1;
                 }
                 Fate::Apply => {
-                    self.namespaces
+                    // Not new only for a repair of a held dot that supersedes its key.
+                    let new = self
+                        .namespaces
                         .entry(e.namespace.clone())
                         .or_default()
                         .vector
                         .insert(e.dot);
-                    fresh.push(i);
+                    fresh.push((i, new));
                 }
             }
         }
         let last = fresh.len().saturating_sub(1);
-        for (j, &i) in fresh.iter().enumerate() {
+        for (j, &(i, new)) in fresh.iter().enumerate() {
             let e = &events[i];
             // Cannot fail: readings too far ahead were parked.
             let _ = self.clock.observe(e.hlc, wall);
             // An event newer than everything the namespace holds replaces whatever its
             // key holds, so the indexer need not read the key first (the common case
             // in a catch-up, where events come in their origin's clock order).
-            let newest = self
-                .namespaces
-                .get(&e.namespace)
-                .is_some_and(|s| e.hlc > s.max_hlc);
+            let newest = new
+                && self
+                    .namespaces
+                    .get(&e.namespace)
+                    .is_some_and(|s| e.hlc > s.max_hlc);
             let kind = if newest {
                 UpdateKind::Overwrite
             } else {
@@ -1610,7 +1633,7 @@ impl Writer {
             return;
         }
         let (events, arrivals): (Vec<Event>, Vec<u64>) = due.into_iter().unzip();
-        let judged = self.judge(&held, &events, wall);
+        let judged = self.judge(g, &held, &events, wall, false);
         match self.apply_judged(g, &mut held, &events, &arrivals, judged, wall) {
             Ok(outcome) => {
                 shared
@@ -1668,7 +1691,7 @@ impl Writer {
                 let (events, arrivals): (Vec<Event>, Vec<u64>) = taken.into_iter().unzip();
                 // Those still in conflict are held again (they were held already: no
                 // room check).
-                let judged = self.judge(&held, &events, wall);
+                let judged = self.judge(g, &held, &events, wall, false);
                 match self.apply_judged(g, &mut held, &events, &arrivals, judged, wall) {
                     Ok(o) => QuarantineOutcome {
                         applied: o.applied,
@@ -1728,6 +1751,39 @@ impl Writer {
                     counters.next(&e.namespace) - 1
                 ),
             }),
+        }
+    }
+
+    /// Whether this node holds the dot of any of `events` (repairs of held dots read
+    /// the index; others, as in a bootstrap transfer, need not wait for it).
+    fn holds_any(&self, events: &[Event]) -> bool {
+        events.iter().any(|e| {
+            self.namespaces
+                .get(&e.namespace)
+                .is_some_and(|s| s.vector.contains(e.dot))
+        })
+    }
+
+    /// Whether a repair whose dot this node already holds must be applied anyway: its
+    /// key's entry exists and is older. Two nodes can hold the same dots in different
+    /// states (a dot covered without its event, or an event applied after the delete
+    /// it loses to was collected); dropping such repairs as duplicates would leave
+    /// them different for good. A key with no entry had its delete collected here:
+    /// anything held of it is older, and applying it would bring the key back. The
+    /// writer waited for the index to reflect every earlier group (see `process`); a
+    /// key this group already writes, or a dot that became held only within this
+    /// group, is left alone (the next anti-entropy run looks again).
+    fn repair_supersedes(&self, g: &Group, e: &Event) -> bool {
+        let key = codec::event_index_key(e.namespace.as_str(), e.key.as_str(), e.dot, &e.context);
+        if !g.indexed || g.positions.contains_key(&key[..]) {
+            return false;
+        }
+        match self.shared.index.get(&key) {
+            Ok(current) => current.is_some_and(|c| lww_wins(&e.version(), &c.version())),
+            Err(err) => {
+                tracing::warn!(namespace = %e.namespace, key = e.key.as_str(), error = %err, "cannot read the key index to judge a repair of a held event; it is dropped (the next anti-entropy run tries again)");
+                false
+            }
         }
     }
 

@@ -768,7 +768,8 @@ impl Session {
     }
 }
 
-fn lists(names: &[String], namespace: &Namespace) -> bool {
+/// Whether a node whose Hello listed `names` replicates `namespace`.
+pub fn lists(names: &[String], namespace: &Namespace) -> bool {
     names
         .iter()
         .any(|n| n == ALL_NAMESPACES || n == namespace.as_str())
