@@ -1,0 +1,1253 @@
+//! The writer: the one place that changes the store.
+//!
+//! Two threads form a pipeline:
+//!
+//! 1. The **log writer** (`asp-writer`) takes every request waiting in the queue,
+//!    checks conditions, assigns sequence numbers, dots and clock readings, encodes the
+//!    events into one buffer, appends it to the log with one write, makes it durable
+//!    with one `fdatasync` (under `fsync = "always"`), publishes the new feed head and
+//!    acknowledges the requests.
+//! 2. The **indexer** (`asp-index`) applies acknowledged groups to the key index.
+//!
+//! Keeping the key index off the acknowledgement path means a write waits for its fsync
+//! and little else. Reads stay read-your-writes: a read first waits until the index
+//! reflects everything acknowledged when the read began (usually no wait at all; at
+//! most one index batch). The index never reflects anything that is not yet durable,
+//! so no read can see a write that a crash could take back.
+//!
+//! Group commit needs callers to pile up while an fsync runs. Closed-loop writers come
+//! back a few microseconds after their acknowledgement, just after the next group has
+//! been taken, and would otherwise settle into two half-size cohorts that alternate.
+//! So before an fsync the writer waits for them while they keep arriving (each within
+//! half an fsync of the last, at most 1 ms in all).
+//!
+//! Under `fsync = "interval:<ms>"` a third thread fsyncs on the interval and the writer
+//! acknowledges without waiting for it. In every mode the feed shows only events that
+//! are acknowledged and (unless `fsync = "never"`) durable: a peer or subscriber must
+//! never see an event that a crash could take back.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use asp_core::reconcile::{Item, Window};
+
+use crate::digest::{Digest, Old, WindowMsg, Windows, namespace_items, window_len};
+use asp_core::{Dot, Event, Hlc, HlcClock, Namespace, NodeId, VersionVector, lww_wins};
+use fjall::Slice;
+use tokio::sync::{OwnedSemaphorePermit, oneshot, watch};
+
+use crate::base::Bases;
+use crate::codec::{
+    self, EventRef, FLAG_GROUP_START, FLAG_TXN_END, INLINE_VALUE_BYTES_MAX, IndexEntry, LogPosition,
+};
+use crate::config::{FsyncMode, StoreConfig};
+use crate::error::{ReadError, WriteError};
+use crate::fs::is_no_space;
+use crate::held::{Held, HeldReason, QuarantineAction, QuarantineOutcome};
+use crate::index::Index;
+use crate::log::{FeedHead, Log, Segment, SparseBuilder, SparseUpdate};
+use crate::metrics::Metrics;
+use crate::policy::Policies;
+use crate::queue::WriteQueue;
+use crate::types::{Applied, ApplyOutcome, Condition, CrdtOp, NamespaceState, WriteKind, WriteOp};
+use asp_core::crdt::{JsonMap, MvRegister, Policy, Sibling, State};
+use asp_core::{ContentType, Version};
+
+mod crdt;
+mod index;
+mod remote;
+mod rollback;
+mod shared;
+
+use crdt::RecentStates;
+use index::{run_indexer, run_syncer};
+pub(crate) use shared::Shared;
+
+/// Acknowledged groups waiting for the indexer, at most (each holds at most
+/// `group_events_max` events, or one larger request).
+const INDEX_QUEUE_MAX: usize = 8;
+/// Indexed groups waiting for the window keeper, at most (each holds its keys and two
+/// index snapshots).
+const WINDOW_QUEUE_MAX: usize = 2;
+/// With the free-space guard off, a refusal for space is over (for status) once the
+/// filesystem has this much free again.
+const SPACE_REGAINED_BYTES: u64 = 16 << 20;
+/// The longest the writer waits for stragglers before an fsync.
+const STRAGGLER_WAIT_MAX: Duration = Duration::from_millis(1);
+
+pub(crate) enum Request {
+    Write(WriteRequest),
+    Apply(ApplyRequest),
+    Relocate(RelocateRequest),
+    Cover(CoverRequest),
+    Policy(PolicyRequest),
+    Collect(CollectRequest),
+    Quarantine(QuarantineRequest),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// An operator's resolution of a namespace's quarantined events (see [`crate::held`]).
+pub(crate) struct QuarantineRequest {
+    pub namespace: Namespace,
+    pub action: QuarantineAction,
+    /// Answered once what it applied or recorded is durable.
+    pub reply: oneshot::Sender<Result<QuarantineOutcome, WriteError>>,
+}
+
+/// Tombstones compaction collects (see [`crate::gc`]): each key's entry, if it is
+/// still the given delete, becomes an epitaph (the entry stays, pointing nowhere, and
+/// is listed as one) or goes (with its epitaph row and its reconciliation item). A key
+/// written since keeps its entry; its stale epitaph row goes. Appends nothing.
+pub(crate) struct CollectRequest {
+    /// (index key, the tombstone's entry, whether to leave an epitaph)
+    pub entries: Vec<(Slice, IndexEntry, bool)>,
+    /// Answered once the key index reflects it.
+    pub reply: oneshot::Sender<Result<(), WriteError>>,
+    /// What the indexer did, counted as it does it.
+    pub tally: Arc<CollectTally>,
+}
+
+/// Deletes a [`CollectRequest`] collected, and how many of them left an epitaph.
+#[derive(Default)]
+pub(crate) struct CollectTally {
+    pub collected: AtomicU64,
+    pub epitaphs: AtomicU64,
+}
+
+/// Sets a namespace's conflict policy: refused once the namespace holds data under
+/// another one.
+pub(crate) struct PolicyRequest {
+    pub namespace: Namespace,
+    pub policy: Policy,
+    pub reply: oneshot::Sender<Result<(), WriteError>>,
+}
+
+/// Records compaction copies forward: each appended unchanged (same dot, clock and
+/// op) at a new feed position. The key index moves to the copy only if it still points
+/// at the old one; a copy whose key was written meanwhile is simply a dead record.
+/// Vectors, clocks and reconciliation windows do not change: no version does.
+pub(crate) struct RelocateRequest {
+    /// Each event with the position of the copy being moved.
+    pub records: Vec<(Event, LogPosition)>,
+    /// Answered once the copies are acknowledged (durable under `fsync = "always"`)
+    /// and in the key index.
+    pub reply: oneshot::Sender<Result<(), WriteError>>,
+    pub bytes: usize,
+}
+
+/// A peer's word that every dot of `vector` is superseded by state this node holds:
+/// the dots join the namespace's base (persisted before the answer) and its vector.
+pub(crate) struct CoverRequest {
+    pub namespace: Namespace,
+    pub vector: VersionVector,
+    /// Answered once the base file is durable and the namespace's vector, as readers
+    /// see it, holds the dots.
+    pub reply: oneshot::Sender<Result<(), WriteError>>,
+}
+
+/// Events received from a peer, to apply as they are.
+pub(crate) struct ApplyRequest {
+    pub events: Vec<Event>,
+    /// Whether they are reconciliation repairs: the current state of keys on a peer
+    /// whose state differs. A repair whose dot this node holds is still applied when
+    /// it is newer than what its key holds (see [`Writer::repair_supersedes`]).
+    pub repair: bool,
+    pub reply: oneshot::Sender<Result<ApplyOutcome, WriteError>>,
+    /// As for [`WriteRequest::permit`].
+    pub permit: Option<OwnedSemaphorePermit>,
+    pub bytes: usize,
+}
+
+/// A queued request the writer works on.
+enum Work {
+    Write(WriteRequest),
+    Apply(ApplyRequest),
+    Relocate(RelocateRequest),
+    Cover(CoverRequest),
+    Policy(PolicyRequest),
+    Collect(CollectRequest),
+    Quarantine(QuarantineRequest),
+}
+
+pub(crate) struct WriteRequest {
+    pub namespace: Namespace,
+    pub ops: Vec<WriteOp>,
+    pub reply: oneshot::Sender<Result<Vec<Applied>, WriteError>>,
+    /// Holds this request's share of the queue's byte budget until it is answered
+    /// (always `Some` once queued).
+    pub permit: Option<OwnedSemaphorePermit>,
+    pub bytes: usize,
+}
+
+/// Progress of the pipeline, guarded by one mutex.
+#[derive(Default)]
+pub(crate) struct Progress {
+    /// Appended to the log.
+    pub written: FeedHead,
+    /// Made durable.
+    pub synced: FeedHead,
+    /// Acknowledged to the writers.
+    pub acked: FeedHead,
+    /// Applied to the key index.
+    pub indexed: FeedHead,
+    pub stopping: bool,
+}
+
+/// A group that is in the log and waits to be made durable and acknowledged.
+struct WrittenGroup {
+    acks: Vec<Ack>,
+    /// Events appended, relocated copies included.
+    events: u64,
+    /// Of `events`, copies relocated by compaction.
+    relocated: u64,
+    bytes: u64,
+    /// What the indexer does with it once acknowledged.
+    index: IndexMsg,
+}
+
+/// A group's changes to the key index.
+struct IndexMsg {
+    updates: Vec<Update>,
+    namespaces: Vec<(Namespace, NamespaceState)>,
+    head: FeedHead,
+    hlc: Hlc,
+    /// Answered once the group is in the index and its namespace states are visible.
+    after_index: Vec<oneshot::Sender<Result<(), WriteError>>>,
+    /// Resolved quarantines, answered like `after_index` (a discard changes vectors
+    /// only, which readers see once the indexer published them).
+    quarantines: Vec<QuarantineReply>,
+    /// Counters of the group's collections (see [`UpdateKind::Collect`]).
+    tallies: Vec<Arc<CollectTally>>,
+}
+
+/// One key's new index entry.
+struct Update {
+    key: Slice,
+    entry: IndexEntry,
+    kind: UpdateKind,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum UpdateKind {
+    /// Overwrite (local writes, which always carry the highest version).
+    Overwrite,
+    /// Compare with the current entry and keep the higher version (events from peers).
+    Merge,
+    /// A relocated copy: take it only if the entry still points at the copy at this
+    /// position (the version is the same; only the position moves).
+    Relocate(LogPosition),
+    /// A collected tombstone (see [`CollectRequest`]): an epitaph or gone; what it did
+    /// is counted in the message's `tallies[tally]`.
+    Collect { epitaph: bool, tally: usize },
+}
+
+struct Ack {
+    reply: Reply,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+enum Reply {
+    Write(
+        oneshot::Sender<Result<Vec<Applied>, WriteError>>,
+        Vec<Applied>,
+    ),
+    Apply(
+        oneshot::Sender<Result<ApplyOutcome, WriteError>>,
+        ApplyOutcome,
+    ),
+    /// Answered by the indexer, once the group is in the key index (relocations and
+    /// covers, which are no client's writes).
+    AfterIndex(oneshot::Sender<Result<(), WriteError>>),
+    /// Answered by the indexer, like `AfterIndex`.
+    Quarantine(
+        oneshot::Sender<Result<QuarantineOutcome, WriteError>>,
+        QuarantineOutcome,
+    ),
+}
+
+type QuarantineReply = (
+    oneshot::Sender<Result<QuarantineOutcome, WriteError>>,
+    QuarantineOutcome,
+);
+
+impl Reply {
+    fn fail(self, err: WriteError) {
+        match self {
+            Reply::Write(tx, _) => drop(tx.send(Err(err))),
+            Reply::Apply(tx, _) => drop(tx.send(Err(err))),
+            Reply::AfterIndex(tx) => drop(tx.send(Err(err))),
+            Reply::Quarantine(tx, _) => drop(tx.send(Err(err))),
+        }
+    }
+}
+
+impl Work {
+    fn fail(self, err: WriteError) {
+        match self {
+            Work::Write(w) => drop(w.reply.send(Err(err))),
+            Work::Apply(a) => drop(a.reply.send(Err(err))),
+            Work::Relocate(r) => drop(r.reply.send(Err(err))),
+            Work::Cover(c) => drop(c.reply.send(Err(err))),
+            Work::Policy(p) => drop(p.reply.send(Err(err))),
+            Work::Collect(c) => drop(c.reply.send(Err(err))),
+            Work::Quarantine(q) => drop(q.reply.send(Err(err))),
+        }
+    }
+}
+
+/// A client operation's clock reading and value (`None`: a delete), as appended.
+type LocalEvent<'a> = (Hlc, Option<(ContentType, &'a [u8])>);
+
+/// A group being built: what goes into the log buffer and the index.
+struct Group {
+    start_offset: u64,
+    segment_base: u64,
+    sparse_update: SparseUpdate,
+    updates: Vec<Update>,
+    /// Index key -> position in `updates`: one index batch must not hold a key twice.
+    positions: HashMap<Slice, usize, foldhash::fast::RandomState>,
+    touched: Vec<Namespace>,
+    acks: Vec<Ack>,
+    events: u64,
+    relocated: u64,
+    /// Where the group's collections count what they did.
+    tallies: Vec<Arc<CollectTally>>,
+    /// Whether the key index reflected every earlier group when this one began: only
+    /// then are repairs of held dots judged against it.
+    indexed: bool,
+}
+
+/// Lets the writer's short waits for stragglers end on time: the default 50 µs timer
+/// slack is as long as the waits themselves.
+fn set_fine_timer_slack() {
+    // SAFETY: PR_SET_TIMERSLACK takes an integer and affects only the calling thread.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
+    }
+}
+
+/// Adds a collection to a group. A key that already has an update in the group is left
+/// alone: the indexer reads the key's current entry from the index, which would not
+/// show that update (compaction sees the entry unchanged and keeps the record).
+fn add_collect(g: &mut Group, c: CollectRequest) {
+    let tally = g.tallies.len();
+    g.tallies.push(c.tally);
+    for (key, entry, epitaph) in c.entries {
+        if g.positions.contains_key(&key[..]) {
+            continue;
+        }
+        g.positions.insert(key.clone(), g.updates.len());
+        let kind = UpdateKind::Collect { epitaph, tally };
+        g.updates.push(Update { key, entry, kind });
+    }
+    g.acks.push(Ack {
+        reply: Reply::AfterIndex(c.reply),
+        _permit: None,
+    });
+}
+
+pub(crate) fn wall_ms() -> u64 {
+    crate::clock::wall_ms()
+}
+
+/// Starts the writer threads. The returned handle finishes when the request channel
+/// closes or a shutdown request arrives, after everything accepted is durable.
+pub(crate) fn spawn(
+    shared: Arc<Shared>,
+    queue: Arc<WriteQueue<Request>>,
+    clock: HlcClock,
+    namespaces: HashMap<Namespace, NamespaceState>,
+) -> std::io::Result<JoinHandle<()>> {
+    let segment = shared.log.active();
+    let writer = Writer {
+        sparse: SparseBuilder::for_segment(&segment),
+        segment,
+        seq: shared.log.last_seq(),
+        shared,
+        queue,
+        clock,
+        namespaces,
+        buf: Vec::new(),
+        fsync_avg: Duration::from_micros(500),
+        expected: 0,
+        index_msgs_sent: 0,
+        crdt_recent: RecentStates::default(),
+    };
+    std::thread::Builder::new()
+        .name("asp-writer".into())
+        .spawn(move || writer.run())
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    queue: Arc<WriteQueue<Request>>,
+    clock: HlcClock,
+    /// Every dot written (including those not yet indexed) and the newest clock
+    /// reading, per namespace.
+    namespaces: HashMap<Namespace, NamespaceState>,
+    /// The last sequence number assigned.
+    seq: u64,
+    segment: Arc<Segment>,
+    sparse: SparseBuilder,
+    buf: Vec<u8>,
+    /// Smoothed fsync duration, which bounds the wait for stragglers.
+    fsync_avg: Duration,
+    /// States of CRDT keys appended but perhaps not indexed yet.
+    crdt_recent: RecentStates,
+    /// Requests expected in the next group: those acknowledged by the last fsync (who
+    /// will be back) plus those that were already waiting when it finished.
+    expected: usize,
+    /// Groups handed to the indexer (see [`Writer::roll_back`]).
+    index_msgs_sent: u64,
+}
+
+/// What the writer collected for one group.
+#[derive(Default)]
+struct Collected {
+    requests: Vec<Work>,
+    events: usize,
+    bytes: usize,
+    shutdown: Vec<oneshot::Sender<()>>,
+}
+
+impl Collected {
+    fn add(&mut self, request: Request) {
+        match request {
+            Request::Write(w) => {
+                self.events += w.ops.len();
+                self.bytes += w.bytes;
+                self.requests.push(Work::Write(w));
+            }
+            Request::Apply(a) => {
+                self.events += a.events.len();
+                self.bytes += a.bytes;
+                self.requests.push(Work::Apply(a));
+            }
+            Request::Relocate(r) => {
+                self.events += r.records.len();
+                self.bytes += r.bytes;
+                self.requests.push(Work::Relocate(r));
+            }
+            Request::Cover(c) => self.requests.push(Work::Cover(c)),
+            Request::Policy(p) => self.requests.push(Work::Policy(p)),
+            Request::Collect(c) => self.requests.push(Work::Collect(c)),
+            Request::Quarantine(q) => self.requests.push(Work::Quarantine(q)),
+            Request::Shutdown(reply) => self.shutdown.push(reply),
+        }
+    }
+}
+
+impl Writer {
+    fn run(mut self) {
+        let (index_tx, index_rx) = std_mpsc::sync_channel(INDEX_QUEUE_MAX);
+        let indexer = {
+            let shared = self.shared.clone();
+            std::thread::Builder::new()
+                .name("asp-index".into())
+                .spawn(move || run_indexer(shared, index_rx))
+                .expect("cannot start the index thread")
+        };
+        let syncer = match self.shared.config.fsync {
+            FsyncMode::Interval { ms } => {
+                let shared = self.shared.clone();
+                Some(
+                    std::thread::Builder::new()
+                        .name("asp-syncer".into())
+                        .spawn(move || run_syncer(shared, Duration::from_millis(ms)))
+                        .expect("cannot start the fsync thread"),
+                )
+            }
+            _ => None,
+        };
+        set_fine_timer_slack();
+
+        let mut shutdown_replies = Vec::new();
+        loop {
+            // While events are parked, wake for the earliest one's release.
+            let first = match self.release_deadline() {
+                None => match self.queue.recv() {
+                    Some(first) => Some(first),
+                    None => break,
+                },
+                Some(deadline) => match self.queue.recv_until(deadline) {
+                    Some(first) => Some(first),
+                    None if self.queue.is_closed() => break,
+                    None => None,
+                },
+            };
+            let mut group = Collected::default();
+            if let Some(first) = first {
+                group.add(first);
+                self.drain(&mut group);
+                if self.shared.config.fsync == FsyncMode::Always && group.shutdown.is_empty() {
+                    self.gather_stragglers(&mut group);
+                }
+            }
+            self.shared
+                .metrics
+                .writer_queue_depth
+                .set(self.queue.len() as i64);
+            let stop = !group.shutdown.is_empty();
+            shutdown_replies.append(&mut group.shutdown);
+            if let Some(msg) = self.process(group.requests) {
+                self.commit(msg, &index_tx);
+            }
+            if stop {
+                break;
+            }
+        }
+
+        // Refuse whatever arrived after the shutdown request.
+        self.queue.close();
+        while let Some(request) = self.queue.try_recv() {
+            match request {
+                Request::Write(w) => Work::Write(w).fail(WriteError::Closed),
+                Request::Apply(a) => Work::Apply(a).fail(WriteError::Closed),
+                Request::Relocate(r) => Work::Relocate(r).fail(WriteError::Closed),
+                Request::Cover(c) => Work::Cover(c).fail(WriteError::Closed),
+                Request::Policy(p) => Work::Policy(p).fail(WriteError::Closed),
+                Request::Collect(c) => Work::Collect(c).fail(WriteError::Closed),
+                Request::Quarantine(q) => Work::Quarantine(q).fail(WriteError::Closed),
+                Request::Shutdown(reply) => shutdown_replies.push(reply),
+            }
+        }
+        drop(index_tx);
+        let _ = indexer.join();
+        {
+            let mut progress = self.shared.progress.lock().unwrap();
+            progress.stopping = true;
+        }
+        self.shared.progress_changed.notify_all();
+        if let Some(syncer) = syncer {
+            let _ = syncer.join();
+        }
+        self.finish();
+        for reply in shutdown_replies {
+            let _ = reply.send(());
+        }
+    }
+
+    /// Takes what is already waiting, up to the group limits.
+    fn drain(&mut self, group: &mut Collected) {
+        let config = &self.shared.config;
+        while group.events < config.group_events_max
+            && group.bytes < config.group_bytes_max
+            && group.shutdown.is_empty()
+        {
+            match self.queue.try_recv() {
+                Some(request) => group.add(request),
+                None => break,
+            }
+        }
+    }
+
+    /// Waits for the writers acknowledged by the last fsync to come back, so that they
+    /// join this group rather than form a cohort of their own. The wait goes on while
+    /// they keep arriving, each within half an fsync of the previous one, up to
+    /// [`STRAGGLER_WAIT_MAX`] in all. A lone sequential writer never waits.
+    fn gather_stragglers(&mut self, group: &mut Collected) {
+        let config = &self.shared.config;
+        let started = Instant::now();
+        let gap = self.fsync_avg / 2;
+        while group.requests.len() < self.expected
+            && group.events < config.group_events_max
+            && group.bytes < config.group_bytes_max
+            && group.shutdown.is_empty()
+        {
+            let deadline = (Instant::now() + gap).min(started + STRAGGLER_WAIT_MAX);
+            match self.queue.recv_until(deadline) {
+                Some(request) => group.add(request),
+                None => break,
+            }
+        }
+    }
+
+    /// Makes everything durable on a clean stop, whatever the fsync mode.
+    fn finish(&self) {
+        if self.shared.failure.get().is_some() {
+            return;
+        }
+        if let Err(e) = self.segment.file.sync_data() {
+            self.shared.fail(format!(
+                "fsync of {} at shutdown: {e}",
+                self.segment.path.display()
+            ));
+            return;
+        }
+        if let Err(e) = self.shared.index.persist() {
+            tracing::warn!(error = %e, "could not persist the key index at shutdown; it will be rebuilt from the log");
+        }
+        // Everything issued is durable now: the next start may go on right after it.
+        if let Err(e) = self.shared.counters.lock().unwrap().settle() {
+            tracing::warn!(error = %e, "could not settle the counters file at shutdown; the next start leaves a gap in this node's counters");
+        }
+        let mut progress = self.shared.progress.lock().unwrap();
+        progress.synced = progress.written;
+        self.shared.publish(&progress);
+    }
+
+    /// Checks, encodes and appends a group; returns it for the fsync and the
+    /// acknowledgements, or `None` if nothing of it needs either.
+    fn process(&mut self, group: Vec<Work>) -> Option<WrittenGroup> {
+        let wall = wall_ms();
+        if group.is_empty() && !self.release_due_at(wall) {
+            return None;
+        }
+        if let Some(err) = self.shared.failed() {
+            for work in group {
+                work.fail(err.clone());
+            }
+            return None;
+        }
+        let group = self.reserve_counters(group);
+        if let Some(err) = self.shared.failed() {
+            for work in group {
+                work.fail(err.clone());
+            }
+            return None;
+        }
+        let reads = group.iter().any(|work| match work {
+            Work::Write(w) => w.ops.iter().any(|op| op.condition != Condition::None),
+            Work::Apply(a) => a.repair && self.holds_any(&a.events),
+            Work::Relocate(_)
+            | Work::Cover(_)
+            | Work::Policy(_)
+            | Work::Collect(_)
+            | Work::Quarantine(_) => false,
+        });
+        if reads {
+            // Conditions and repairs read the index, which must reflect every earlier
+            // write.
+            self.wait_indexed(self.seq);
+        }
+        // CRDT writes read the index too, plus the states the indexer has not
+        // applied yet, which the writer keeps until it has.
+        self.crdt_recent
+            .prune(self.shared.indexed_seq.load(Ordering::Acquire));
+        let group = self.refuse_without_space(group);
+        if group.is_empty() && !self.release_due_at(wall) {
+            return None;
+        }
+        if self.segment.len() >= self.shared.config.segment_bytes_max {
+            match self.shared.log.rotate() {
+                Ok(segment) => {
+                    self.sparse = SparseBuilder::for_segment(&segment);
+                    self.segment = segment;
+                }
+                Err(e) if is_no_space(&e) => {
+                    // Nothing changed: the active segment stays, and takes the next
+                    // group once there is room for a new one.
+                    let err = self.shared.no_space(format!(
+                        "sealing log segment {}: {e}",
+                        self.segment.path.display()
+                    ));
+                    for work in group {
+                        work.fail(err.clone());
+                    }
+                    return None;
+                }
+                Err(e) => {
+                    let err = self.shared.fail(format!(
+                        "sealing log segment {}: {e}",
+                        self.segment.path.display()
+                    ));
+                    for work in group {
+                        work.fail(err.clone());
+                    }
+                    return None;
+                }
+            }
+        }
+
+        self.compact_held();
+        self.buf.clear();
+        let mark = self.mark(&group);
+        let mut g = Group {
+            start_offset: self.segment.len(),
+            segment_base: self.segment.base,
+            sparse_update: SparseUpdate::default(),
+            updates: Vec::new(),
+            positions: HashMap::default(),
+            touched: Vec::new(),
+            acks: Vec::with_capacity(group.len()),
+            events: 0,
+            relocated: 0,
+            tallies: Vec::new(),
+            indexed: reads,
+        };
+        for work in group {
+            match work {
+                Work::Write(w) => match self.policy(&w.namespace) {
+                    Policy::Lww => self.add_local(&mut g, w, wall),
+                    policy => self.add_local_crdt(&mut g, w, wall, policy),
+                },
+                Work::Apply(a) => self.add_remote(&mut g, a, wall),
+                Work::Relocate(r) => self.add_relocated(&mut g, r),
+                Work::Cover(c) => self.add_cover(&mut g, c),
+                Work::Policy(p) => self.set_policy(p),
+                Work::Collect(c) => add_collect(&mut g, c),
+                Work::Quarantine(q) => self.resolve_quarantine(&mut g, q, wall),
+            }
+        }
+        self.release_parked(&mut g, wall);
+        // Events held by this group are acknowledged with it: durable first.
+        if let Err(err) = self.sync_held() {
+            for ack in g.acks {
+                ack.reply.fail(err.clone());
+            }
+            return None;
+        }
+        if g.acks.is_empty() && self.buf.is_empty() {
+            return None;
+        }
+
+        if !self.buf.is_empty()
+            && let Err(e) =
+                self.shared
+                    .log
+                    .append(&self.segment, &self.buf, self.seq, &g.sparse_update)
+        {
+            let what = format!("appending to {}: {e}", self.segment.path.display());
+            let err = if is_no_space(&e) {
+                match self.roll_back(mark) {
+                    Ok(()) => self.shared.no_space(what),
+                    Err(undo) => self.shared.fail(format!(
+                        "{what}; then cutting the partial write back failed: {undo}"
+                    )),
+                }
+            } else {
+                self.shared.fail(what)
+            };
+            for ack in g.acks {
+                ack.reply.fail(err.clone());
+            }
+            return None;
+        }
+        if !self.buf.is_empty() {
+            self.shared.space_regained();
+        }
+        let head = FeedHead {
+            seq: self.seq,
+            segment: g.segment_base,
+            offset: g.start_offset + self.buf.len() as u64,
+        };
+        self.shared.progress.lock().unwrap().written = head;
+        let namespaces = g
+            .touched
+            .into_iter()
+            .map(|ns| {
+                let state = self.namespaces[&ns].clone();
+                (ns, state)
+            })
+            .collect();
+        Some(WrittenGroup {
+            acks: g.acks,
+            events: g.events,
+            relocated: g.relocated,
+            bytes: self.buf.len() as u64,
+            index: IndexMsg {
+                updates: g.updates,
+                namespaces,
+                head,
+                hlc: self.clock.last(),
+                after_index: Vec::new(),
+                quarantines: Vec::new(),
+                tallies: g.tallies,
+            },
+        })
+    }
+
+    /// Appends one event to the group's buffer and index changes; returns its feed
+    /// position.
+    fn append(
+        &mut self,
+        g: &mut Group,
+        event: &EventRef<'_>,
+        txn_end: bool,
+        kind: UpdateKind,
+    ) -> u64 {
+        self.seq += 1;
+        let offset = g.start_offset + self.buf.len() as u64;
+        let before = self.buf.len();
+        let mut flags = if txn_end { FLAG_TXN_END } else { 0 };
+        if self.buf.is_empty() {
+            // The first record of this group's one append.
+            flags |= FLAG_GROUP_START;
+        }
+        codec::encode_record(&mut self.buf, self.seq, flags, event);
+        self.sparse.record(
+            &mut g.sparse_update,
+            self.seq,
+            offset,
+            event.namespace.as_bytes(),
+        );
+        let (content_type, value) = match event.put {
+            Some((ct, value)) => (Some(ct), Some(value)),
+            None => (None, None),
+        };
+        let entry = IndexEntry {
+            content_type,
+            dot: event.dot,
+            hlc: event.hlc,
+            seq: self.seq,
+            position: LogPosition {
+                segment: g.segment_base,
+                offset: offset as u32,
+                frame_len: (self.buf.len() - before) as u32,
+            },
+            value_len: value.map_or(0, |v| v.len() as u32),
+            inline: value
+                .filter(|v| v.len() <= INLINE_VALUE_BYTES_MAX)
+                .map(bytes::Bytes::copy_from_slice),
+        };
+        let key = codec::event_index_key(event.namespace, event.key, event.dot, event.context);
+        if !event.context.is_empty()
+            && let Some((_, value)) = event.put
+        {
+            self.crdt_recent
+                .add(self.seq, &key, bytes::Bytes::copy_from_slice(value));
+        }
+        let key = Slice::from(key);
+        match g.positions.get(&key[..]) {
+            // Two events for one key in one group: the index gets the winner.
+            Some(&p) => {
+                let current = &mut g.updates[p];
+                if lww_wins(&entry.version(), &current.entry.version()) {
+                    current.entry = entry;
+                    current.kind = kind;
+                }
+            }
+            None => {
+                g.positions.insert(key.clone(), g.updates.len());
+                g.updates.push(Update { key, entry, kind });
+            }
+        }
+        g.events += 1;
+        self.seq
+    }
+
+    fn touch(&mut self, g: &mut Group, namespace: &Namespace, hlc: Hlc) {
+        let state = self.namespaces.entry(namespace.clone()).or_default();
+        state.max_hlc = state.max_hlc.max(hlc);
+        if !g.touched.contains(namespace) {
+            g.touched.push(namespace.clone());
+        }
+    }
+
+    /// A client's batch: new dots of this node, fresh clock readings.
+    fn add_local(&mut self, g: &mut Group, w: WriteRequest, wall: u64) {
+        if let Some((i, op)) = w
+            .ops
+            .iter()
+            .enumerate()
+            .find(|(_, op)| matches!(op.kind, WriteKind::Crdt(_)))
+        {
+            let WriteKind::Crdt(crdt) = &op.kind else {
+                unreachable!("found above")
+            };
+            let err = WriteError::WrongPolicy(format!(
+                "operation {i} on key {:?} is a {} operation, but namespace {} uses the lww policy (set its policy first)",
+                op.key.as_str(),
+                crdt.policy(),
+                w.namespace
+            ));
+            self.shared.metrics.writes_rejected.inc();
+            let _ = w.reply.send(Err(err));
+            return;
+        }
+        if let Err(e) = self.check_conditions(&w, g) {
+            self.shared.metrics.writes_rejected.inc();
+            let _ = w.reply.send(Err(e));
+            return;
+        }
+        let first_counter = self.next_counter(&w.namespace);
+        let events: Vec<_> = w
+            .ops
+            .iter()
+            .map(|op| {
+                let put = match &op.kind {
+                    WriteKind::Put {
+                        content_type,
+                        value,
+                    } => Some((*content_type, &value[..])),
+                    WriteKind::Delete => None,
+                    WriteKind::Crdt(_) => unreachable!("refused above"),
+                };
+                (self.clock.tick(wall), put)
+            })
+            .collect();
+        let applied = self.append_ops(g, &w, first_counter, &events, &[]);
+        g.acks.push(Ack {
+            reply: Reply::Write(w.reply, applied),
+            _permit: w.permit,
+        });
+    }
+
+    /// Appends a client's batch: operation `i` as the event with dot
+    /// `first_counter + i` of this node, clock reading and value (`None`: a delete)
+    /// `events[i]`. Records the dots in the namespace's vector.
+    fn append_ops(
+        &mut self,
+        g: &mut Group,
+        w: &WriteRequest,
+        first_counter: u64,
+        events: &[LocalEvent<'_>],
+        context: &[u8],
+    ) -> Vec<Applied> {
+        let node_id = self.shared.node_id;
+        let last = events.len() - 1;
+        let mut applied = Vec::with_capacity(events.len());
+        let mut hlc = Hlc::ZERO;
+        for (i, (op, &(event_hlc, put))) in w.ops.iter().zip(events).enumerate() {
+            hlc = event_hlc;
+            let dot = Dot {
+                origin: node_id,
+                counter: first_counter + i as u64,
+            };
+            let event = EventRef {
+                namespace: w.namespace.as_str(),
+                key: op.key.as_str(),
+                put,
+                dot,
+                hlc,
+                context,
+            };
+            let seq = self.append(g, &event, i == last, UpdateKind::Overwrite);
+            applied.push(Applied { dot, hlc, seq });
+        }
+        self.touch(g, &w.namespace, hlc);
+        let last_counter = first_counter + last as u64;
+        self.namespaces
+            .get_mut(&w.namespace)
+            .expect("just touched")
+            .vector
+            .insert_range(node_id, first_counter, last_counter);
+        self.shared
+            .counters
+            .lock()
+            .unwrap()
+            .issued(&w.namespace, last_counter);
+        applied
+    }
+
+    /// Copies compaction moves forward: appended as they are, touching no vector,
+    /// clock or namespace state.
+    fn add_relocated(&mut self, g: &mut Group, r: RelocateRequest) {
+        let last = r.records.len().saturating_sub(1);
+        for (i, (event, from)) in r.records.iter().enumerate() {
+            let kind = UpdateKind::Relocate(*from);
+            self.append(g, &EventRef::from_event(event), i == last, kind);
+            g.relocated += 1;
+        }
+        g.acks.push(Ack {
+            reply: Reply::AfterIndex(r.reply),
+            _permit: None,
+        });
+    }
+
+    /// Joins a covered vector into the namespace's base, durably, and into its
+    /// vector. The base file is written here, in queue order, so that the cover takes
+    /// effect after every request queued before it. Dots held here (parked or
+    /// quarantined) are left out: they are not applied, and a vector claiming them
+    /// would make them duplicates when released.
+    fn add_cover(&mut self, g: &mut Group, c: CoverRequest) {
+        let held = self.shared.held.lock().unwrap().dots(&c.namespace, false);
+        let vector = if held.is_empty() {
+            c.vector
+        } else {
+            c.vector.difference(&held)
+        };
+        if let Err(e) = self.cover(g, &c.namespace, &vector) {
+            let _ = c.reply.send(Err(e));
+            return;
+        }
+        g.acks.push(Ack {
+            reply: Reply::AfterIndex(c.reply),
+            _permit: None,
+        });
+    }
+
+    /// Joins `vector` into the namespace's base (durably) and its vector.
+    fn cover(
+        &mut self,
+        g: &mut Group,
+        namespace: &Namespace,
+        vector: &VersionVector,
+    ) -> Result<(), WriteError> {
+        let saved = {
+            let mut bases = self.shared.bases.lock().unwrap();
+            let mut next = bases.clone();
+            next.by_namespace
+                .entry(namespace.clone())
+                .or_default()
+                .join(vector);
+            let saved = next.save(self.shared.config.fs.as_ref(), &self.shared.config.data_dir);
+            if saved.is_ok() {
+                *bases = next;
+            }
+            saved
+        };
+        if let Err(e) = saved {
+            // Nothing changed: the old file is intact, and the store can go on.
+            let what = format!("writing the base vector file: {e}");
+            return Err(if is_no_space(&e) {
+                self.shared.no_space(what)
+            } else {
+                WriteError::Storage(what)
+            });
+        }
+        self.namespaces
+            .entry(namespace.clone())
+            .or_default()
+            .vector
+            .join(vector);
+        if !g.touched.contains(namespace) {
+            g.touched.push(namespace.clone());
+        }
+        Ok(())
+    }
+
+    fn policy(&self, namespace: &Namespace) -> Policy {
+        self.shared.policies.read().unwrap().get(namespace)
+    }
+
+    /// Whether `namespace` holds any event.
+    fn holds_data(&self, namespace: &Namespace) -> bool {
+        self.namespaces
+            .get(namespace)
+            .is_some_and(|s| !s.vector.is_empty())
+    }
+
+    fn set_policy(&mut self, p: PolicyRequest) {
+        let current = self.policy(&p.namespace);
+        let result = if current == p.policy {
+            Ok(())
+        } else if self.holds_data(&p.namespace) {
+            Err(WriteError::PolicyFixed(format!(
+                "namespace {} holds data under the {current} policy; a namespace's policy cannot change once it holds data",
+                p.namespace
+            )))
+        } else {
+            self.save_policy(&p.namespace, p.policy)
+        };
+        let _ = p.reply.send(result);
+    }
+
+    fn save_policy(&self, namespace: &Namespace, policy: Policy) -> Result<(), WriteError> {
+        let mut policies = self.shared.policies.write().unwrap();
+        let mut next = policies.clone();
+        next.by_namespace.insert(namespace.clone(), policy);
+        next.save(self.shared.config.fs.as_ref(), &self.shared.config.data_dir)
+            .map_err(|e| {
+                let what = format!("writing the policies file: {e}");
+                if is_no_space(&e) {
+                    self.shared.no_space(what)
+                } else {
+                    WriteError::Storage(what)
+                }
+            })?;
+        *policies = next;
+        Ok(())
+    }
+
+    /// The counter this node's next event in `namespace` gets (reserved by
+    /// [`Writer::reserve_counters`] before the group is built).
+    fn next_counter(&self, namespace: &Namespace) -> u64 {
+        self.shared.counters.lock().unwrap().next(namespace)
+    }
+
+    /// Makes the counters the group's local writes will take durable as reserved
+    /// (usually no I/O: counters are reserved in blocks), so that no crash can make
+    /// this node issue a counter twice that a client or a peer has seen. Writes that cannot get counters are answered
+    /// here and left out of the group.
+    fn reserve_counters(&mut self, group: Vec<Work>) -> Vec<Work> {
+        // Under `fsync = "always"` nobody sees a counter before the log holding it is
+        // durable (clients get no answer, peers no feed entry): the log is its own
+        // reservation, and a crash can only take back counters nobody saw.
+        if self.shared.config.fsync == FsyncMode::Always {
+            return group;
+        }
+        let mut needs: HashMap<Namespace, u64> = HashMap::new();
+        for work in &group {
+            if let Work::Write(w) = work {
+                *needs.entry(w.namespace.clone()).or_default() += w.ops.len() as u64;
+            }
+        }
+        if needs.is_empty() {
+            return group;
+        }
+        let reserved = self.shared.counters.lock().unwrap().reserve(&needs);
+        let Err(e) = reserved else { return group };
+        let err = if e.raw_os_error() == Some(libc::ENOSPC) {
+            WriteError::NoSpace(format!(
+                "no space left to reserve counters in {}: free space on its filesystem; writes resume once there is room",
+                self.shared.config.data_dir.display()
+            ))
+        } else {
+            self.shared.fail(format!(
+                "writing the counters file in {}: {e}",
+                self.shared.config.data_dir.display()
+            ))
+        };
+        group
+            .into_iter()
+            .filter_map(|work| match work {
+                Work::Write(w) => {
+                    let _ = w.reply.send(Err(err.clone()));
+                    None
+                }
+                other => Some(other),
+            })
+            .collect()
+    }
+
+    /// Checks every condition of a request against the state it would see: earlier
+    /// operations of the same request, earlier requests of this group, then the index.
+    fn check_conditions(&self, w: &WriteRequest, g: &Group) -> Result<(), WriteError> {
+        if w.ops.iter().all(|op| op.condition == Condition::None) {
+            return Ok(());
+        }
+        let node_id = self.shared.node_id;
+        let first_counter = self.next_counter(&w.namespace);
+        // Key -> (dot, live) as left by earlier operations of this request.
+        let mut local: HashMap<&str, (Dot, bool)> = HashMap::new();
+        for (i, op) in w.ops.iter().enumerate() {
+            if op.condition != Condition::None {
+                let key = op.key.as_str();
+                let current = match local.get(key) {
+                    Some(&state) => Some(state),
+                    None => {
+                        let ikey = codec::index_key(w.namespace.as_str(), key);
+                        match g.positions.get(&ikey[..]) {
+                            Some(&p) => {
+                                let entry = &g.updates[p].entry;
+                                Some((entry.dot, entry.content_type.is_some()))
+                            }
+                            None => self
+                                .shared
+                                .index
+                                .get(&ikey)
+                                .map_err(|e| {
+                                    WriteError::Storage(format!("reading the key index: {e}"))
+                                })?
+                                .map(|e| (e.dot, e.content_type.is_some())),
+                        }
+                    }
+                };
+                let live = current.filter(|&(_, live)| live).map(|(dot, _)| dot);
+                let failure = match (op.condition, live) {
+                    (Condition::IfVersion(want), Some(have)) if want == have => None,
+                    (Condition::IfVersion(want), Some(have)) => Some(format!(
+                        "expected version {want}, the current version is {have}"
+                    )),
+                    (Condition::IfVersion(want), None) => Some(format!(
+                        "expected version {want}, but the key does not exist"
+                    )),
+                    (Condition::IfExists, None) => Some("the key does not exist".to_owned()),
+                    (Condition::IfAbsent, Some(have)) => {
+                        Some(format!("the key exists at version {have}"))
+                    }
+                    _ => None,
+                };
+                if let Some(reason) = failure {
+                    return Err(WriteError::ConditionFailed {
+                        index: i,
+                        key: op.key.clone(),
+                        reason,
+                        current: live,
+                    });
+                }
+            }
+            let dot = Dot {
+                origin: node_id,
+                counter: first_counter + i as u64,
+            };
+            local.insert(
+                op.key.as_str(),
+                (dot, matches!(op.kind, WriteKind::Put { .. })),
+            );
+        }
+        Ok(())
+    }
+
+    fn wait_indexed(&self, seq: u64) {
+        let mut progress = self.shared.progress.lock().unwrap();
+        while progress.indexed.seq < seq && self.shared.failure.get().is_none() {
+            progress = self.shared.progress_changed.wait(progress).unwrap();
+        }
+    }
+}
+
+impl Writer {
+    /// Makes a group durable (under `fsync = "always"`), acknowledges it, publishes it
+    /// in the feed, and hands it to the indexer.
+    fn commit(&mut self, msg: WrittenGroup, index_tx: &std_mpsc::SyncSender<IndexMsg>) {
+        // A group that wrote nothing (only events already held) needs no fsync: every
+        // earlier group was made durable before this one was taken.
+        if self.shared.config.fsync == FsyncMode::Always && msg.bytes > 0 {
+            let started = Instant::now();
+            let synced = self.segment.file.sync_data();
+            let took = started.elapsed();
+            self.shared.metrics.fsyncs.inc();
+            self.shared
+                .metrics
+                .fsync_seconds
+                .observe(took.as_secs_f64());
+            self.fsync_avg = (self.fsync_avg * 7 + took) / 8;
+            // Nobody acknowledged below can be back yet: what waits now is others.
+            self.expected = msg.acks.len() + self.queue.len();
+            if let Err(e) = synced {
+                self.shared
+                    .fail(format!("fsync of {}: {e}", self.segment.path.display()));
+            }
+        }
+        if let Some(err) = self.shared.failed() {
+            for ack in msg.acks {
+                ack.reply.fail(err.clone());
+            }
+            return;
+        }
+        {
+            let mut progress = self.shared.progress.lock().unwrap();
+            let head = msg.index.head;
+            if !matches!(self.shared.config.fsync, FsyncMode::Interval { .. }) {
+                progress.synced = head;
+            }
+            progress.acked = head;
+            self.shared.acked_seq.store(head.seq, Ordering::Release);
+            self.shared.publish(&progress);
+        }
+        // Relocated copies are no new events: they count only as log bytes.
+        let metrics = &self.shared.metrics;
+        let events = msg.events - msg.relocated;
+        let requests = msg
+            .acks
+            .iter()
+            .filter(|a| !matches!(a.reply, Reply::AfterIndex(_) | Reply::Quarantine(..)))
+            .count();
+        metrics.events_written.inc_by(events);
+        metrics.bytes_written.inc_by(msg.bytes);
+        if requests > 0 {
+            metrics.group_commit_events.observe(events as f64);
+            metrics.group_commit_requests.observe(requests as f64);
+        }
+        let mut index = msg.index;
+        for ack in msg.acks {
+            match ack.reply {
+                Reply::Write(tx, applied) => drop(tx.send(Ok(applied))),
+                Reply::Apply(tx, outcome) => drop(tx.send(Ok(outcome))),
+                Reply::AfterIndex(tx) => index.after_index.push(tx),
+                Reply::Quarantine(tx, outcome) => index.quarantines.push((tx, outcome)),
+            }
+        }
+        // Blocks when the indexer is behind: backpressure for the writers.
+        if index_tx.send(index).is_err() {
+            self.shared.fail("the index thread stopped".into());
+        }
+        self.index_msgs_sent += 1;
+    }
+}

@@ -1,0 +1,251 @@
+//! The state the store handle, the writer threads and readers share, and the reads
+//! of it that every part needs (an index entry's event or value, a CRDT key's
+//! entries, waiting for the index).
+
+use super::*;
+
+/// State shared by the store handle, the writer threads and readers.
+pub(crate) struct Shared {
+    pub node_id: NodeId,
+    pub config: StoreConfig,
+    pub log: Log,
+    pub index: Index,
+    pub head_tx: watch::Sender<FeedHead>,
+    pub progress: Mutex<Progress>,
+    pub progress_changed: Condvar,
+    /// Each namespace's vector and newest clock reading, as of the indexed head.
+    pub namespaces: RwLock<HashMap<Namespace, NamespaceState>>,
+    /// Each namespace's reconciliation symbols over its keys' current versions and
+    /// filter of keys held (kept by the window keeper, a little behind the indexer);
+    /// `windows_changed` tells when.
+    pub windows: Mutex<Windows>,
+    pub windows_changed: Condvar,
+    /// Set on the first storage failure; the store then refuses writes.
+    pub failure: OnceLock<String>,
+    /// Set while writes are refused for space (see [`Shared::no_space`]).
+    pub space_problem: Mutex<Option<String>>,
+    /// Held by a scrub run: one at a time.
+    pub scrub_running: Mutex<()>,
+    /// The last scrub's report.
+    pub last_scrub: Mutex<Option<crate::scrub::ScrubReport>>,
+    /// What the node holds beyond its log (`base.vv`); its lock is held while the file
+    /// is replaced, so the file only ever grows.
+    pub bases: Mutex<Bases>,
+    /// Held by a compaction run: one at a time.
+    pub compaction: Mutex<()>,
+    /// Readers that look a position up in the key index and then read it from the log
+    /// hold this for reading, so that compaction, which takes it for writing to drop a
+    /// segment, never drops one between the lookup and the read.
+    pub segment_gate: RwLock<()>,
+    /// Each namespace's conflict policy (the writer changes it, readers read it).
+    pub policies: RwLock<Policies>,
+    /// What is known of other nodes' vectors: when tombstones may be collected.
+    pub gc: Mutex<crate::gc::Gc>,
+    /// Which counters this node may still issue (durable marks, see
+    /// [`crate::counters`]).
+    pub counters: Mutex<crate::counters::Counters>,
+    /// When peers turned out to hold events of this node it had no record of issuing
+    /// (newest last, at most [`crate::store::OWN_EVENTS_FOUND_MAX`]).
+    pub own_events_found: Mutex<Vec<crate::store::OwnEventsFound>>,
+    /// Whether local writes may take counters: after an open with
+    /// `own_events_wait` set and peers known, not until a peer's summary said what it
+    /// holds of this node's own events (or the wait ran out).
+    pub own_events_learned: watch::Sender<bool>,
+    /// Events received from peers and held, not applied (see [`crate::held`]); the
+    /// writer changes them, status pages read them.
+    pub held: Mutex<Held>,
+    pub metrics: Metrics,
+    /// Mirrors of `progress.acked.seq` and `progress.indexed.seq`, so that a read can
+    /// see without locking that the index is up to date.
+    pub acked_seq: AtomicU64,
+    pub indexed_seq: AtomicU64,
+    /// Groups the indexer applied, namespace states included (see
+    /// [`Writer::roll_back`]).
+    pub index_msgs_applied: AtomicU64,
+    /// Messages the indexer sent the window keeper (see [`Windows::messages`]).
+    pub window_messages: AtomicU64,
+    /// The indexed sequence number for async waiters (bumped on failure too, so that
+    /// they wake and see it).
+    pub indexed_tx: watch::Sender<u64>,
+}
+
+impl Shared {
+    pub fn fail(&self, what: String) -> WriteError {
+        tracing::error!(error = %what, "storage failure; refusing further writes");
+        let _ = self.failure.set(what);
+        self.progress_changed.notify_all();
+        self.indexed_tx.send_modify(|_| {});
+        WriteError::Storage(self.failure.get().cloned().unwrap_or_default())
+    }
+
+    /// Notes that writes are refused for space (what `/healthz` and status say until
+    /// space is back) and returns the error for the refused requests.
+    pub fn no_space(&self, what: String) -> WriteError {
+        let config = &self.config;
+        let free = config
+            .fs
+            .free_bytes(&config.data_dir)
+            .map_or_else(|e| format!("unknown ({e})"), |b| format!("{b} bytes"));
+        let message = format!(
+            "no space for writes: {what}; free space on the filesystem of {}: {free}. Free some space (or run compaction); writes resume by themselves",
+            config.data_dir.display()
+        );
+        tracing::warn!(error = %message, "write refused for space");
+        self.metrics.writes_no_space.inc();
+        *self.space_problem.lock().unwrap() = Some(message.clone());
+        WriteError::NoSpace(message)
+    }
+
+    /// A group was appended: whatever kept writes out for space is over.
+    pub(super) fn space_regained(&self) {
+        let mut problem = self.space_problem.lock().unwrap();
+        if problem.take().is_some() {
+            tracing::info!("writes resumed: there is space again");
+        }
+    }
+
+    /// Why writes are refused for space, if they are: cleared by the next append, or
+    /// as soon as the filesystem has room again (so that a node nobody writes to
+    /// does not stay unhealthy).
+    pub fn space_problem(&self) -> Option<String> {
+        let mut problem = self.space_problem.lock().unwrap();
+        problem.as_ref()?;
+        let config = &self.config;
+        let room = config.min_free_bytes.max(SPACE_REGAINED_BYTES);
+        if config
+            .fs
+            .free_bytes(&config.data_dir)
+            .is_ok_and(|free| free >= room)
+        {
+            *problem = None;
+        }
+        problem.clone()
+    }
+
+    pub(super) fn failed(&self) -> Option<WriteError> {
+        self.failure.get().map(|f| WriteError::Storage(f.clone()))
+    }
+
+    /// The event that set `index_key`'s entry: read from the log where the entry points
+    /// (checked against its dot), or, for an epitaph, made again from the entry: a
+    /// delete of the key with the entry's dot and clock. The caller holds the segment
+    /// gate.
+    pub fn entry_event(&self, index_key: &[u8], entry: &IndexEntry) -> Result<Event, ReadError> {
+        if !entry.is_epitaph() {
+            return self.event_at(entry);
+        }
+        let bad = |what: String| ReadError::Corrupt(format!("epitaph: {what}"));
+        let (namespace, key) =
+            codec::split_index_key(index_key).ok_or_else(|| bad("a malformed index key".into()))?;
+        let key = std::str::from_utf8(key).map_err(|e| bad(e.to_string()))?;
+        Ok(Event {
+            namespace: Namespace::new(namespace).map_err(|e| bad(e.to_string()))?,
+            key: asp_core::Key::new(key).map_err(|e| bad(e.to_string()))?,
+            op: asp_core::Op::Delete,
+            dot: entry.dot,
+            hlc: entry.hlc,
+            context: bytes::Bytes::new(),
+        })
+    }
+
+    /// The event an index entry points at, checked against the entry's dot. The
+    /// caller holds the segment gate.
+    pub fn event_at(&self, entry: &IndexEntry) -> Result<Event, ReadError> {
+        let record = self.log.read_at(entry.position)?;
+        if record.event.dot != entry.dot {
+            return Err(ReadError::Corrupt(format!(
+                "the index points at event {} but the log holds {} there",
+                entry.dot, record.event.dot
+            )));
+        }
+        Ok(record.event)
+    }
+
+    /// The value of a live index entry: inline, or read from the log. The caller holds
+    /// the segment gate.
+    pub fn value_of(&self, entry: &IndexEntry) -> Result<bytes::Bytes, ReadError> {
+        if let Some(inline) = &entry.inline {
+            return Ok(inline.clone());
+        }
+        match self.event_at(entry)?.op {
+            asp_core::Op::Put { value, .. } => Ok(value),
+            asp_core::Op::Delete => Err(ReadError::Corrupt(
+                "the index points at a delete for a live key".into(),
+            )),
+        }
+    }
+
+    /// Joins every origin's entry of the CRDT key `key` into `state`; returns whether
+    /// there was any. The caller holds the segment gate.
+    pub fn join_crdt_entries(
+        &self,
+        namespace: &str,
+        key: &str,
+        state: &mut State,
+    ) -> Result<bool, ReadError> {
+        let prefix = codec::crdt_key_prefix(namespace, key);
+        let mut entries = Vec::new();
+        self.index.scan(&prefix, None, |_, entry| {
+            entries.push(entry);
+            true
+        })?;
+        for entry in &entries {
+            State::decode(&self.value_of(entry)?)
+                .and_then(|s| state.join(&s))
+                .map_err(|e| ReadError::Corrupt(format!("key {key:?}: {e}")))?;
+        }
+        Ok(!entries.is_empty())
+    }
+
+    /// Waits until the index reflects every write acknowledged before the call: what
+    /// makes reads read-your-writes.
+    pub fn await_index(&self) -> Result<(), String> {
+        let target = self.acked_seq.load(Ordering::Acquire);
+        if self.indexed_seq.load(Ordering::Acquire) >= target {
+            return Ok(());
+        }
+        let mut progress = self.progress.lock().unwrap();
+        while progress.indexed.seq < target {
+            if let Some(f) = self.failure.get() {
+                return Err(f.clone());
+            }
+            progress = self.progress_changed.wait(progress).unwrap();
+        }
+        Ok(())
+    }
+
+    /// Like [`Shared::await_index`], without blocking a thread.
+    pub async fn await_index_async(&self) -> Result<(), String> {
+        let target = self.acked_seq.load(Ordering::Acquire);
+        if self.indexed_seq.load(Ordering::Acquire) >= target {
+            return Ok(());
+        }
+        let mut rx = self.indexed_tx.subscribe();
+        let _ = rx
+            .wait_for(|&seq| seq >= target || self.failure.get().is_some())
+            .await;
+        match self.failure.get() {
+            Some(f) => Err(f.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Publishes the feed head: what is acknowledged and, unless fsync is off, durable.
+    pub(super) fn publish(&self, progress: &Progress) {
+        let visible = match self.config.fsync {
+            FsyncMode::Interval { .. } if progress.synced.seq < progress.acked.seq => {
+                progress.synced
+            }
+            _ => progress.acked,
+        };
+        self.head_tx.send_if_modified(|head| {
+            if head.seq < visible.seq {
+                *head = visible;
+                true
+            } else {
+                false
+            }
+        });
+        self.metrics.feed_head.set(visible.seq as i64);
+    }
+}
