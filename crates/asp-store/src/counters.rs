@@ -184,6 +184,32 @@ impl Counters {
         Ok(counters)
     }
 
+    /// Goes on past a safety gap ([`DAMAGE_JUMP`]) in every namespace, durably: after
+    /// a salvage lost records that may have been this node's newest events.
+    pub fn jump_all(&mut self, log_max: &HashMap<Namespace, u64>) -> io::Result<()> {
+        let mut names: Vec<Namespace> = log_max.keys().cloned().collect();
+        for ns in self.floor.keys().chain(self.issued.keys()) {
+            if !names.contains(ns) {
+                names.push(ns.clone());
+            }
+        }
+        let raised: Vec<(Namespace, u64)> = names
+            .into_iter()
+            .map(|ns| {
+                let mark = self.known(&ns).saturating_add(DAMAGE_JUMP);
+                (ns, mark)
+            })
+            .collect();
+        if raised.is_empty() {
+            return Ok(());
+        }
+        let mut all = self.reserved.clone();
+        all.extend(raised.iter().cloned());
+        self.rewrite(all.into_iter().collect())?;
+        self.floor.extend(raised);
+        Ok(())
+    }
+
     /// Reads the records; returns where the intact ones end and, if something bad
     /// follows, (offset, reason, whether intact records come after it).
     fn load(&mut self, bytes: &[u8]) -> (u64, Option<(u64, &'static str, bool)>) {

@@ -257,12 +257,6 @@ impl Store {
                 tracing::info!(restored, "epitaphs put back into the rebuilt key index");
             }
         }
-        if salvage_done {
-            // The rebuilt index must be durable before the marker goes: a crash in
-            // between must find the marker and rebuild again.
-            index.persist().map_err(OpenError::Index)?;
-            salvage::finish(fs.as_ref(), &config.data_dir)?;
-        }
         // The log no longer holds what compaction dropped or peers covered; a vector
         // rebuilt from it would have holes there.
         for (namespace, base) in &bases.by_namespace {
@@ -277,8 +271,23 @@ impl Store {
             .map(|(ns, s)| (ns.clone(), s.vector.max_counter(manifest.node_id)))
             .filter(|(_, max)| *max > 0)
             .collect();
-        let counters =
+        let mut counters =
             crate::counters::Counters::open(config.fs.clone(), &config.data_dir, &log_max)?;
+        if salvage_done {
+            // Salvage may have lost this node's newest events of some namespace, which
+            // peers may hold: its counters go on past a gap, durably before the marker
+            // goes (a crash in between salvages, and jumps, again).
+            counters
+                .jump_all(&log_max)
+                .map_err(|source| OpenError::Io {
+                    context: "raising the counters after a salvage".into(),
+                    source,
+                })?;
+            // The rebuilt index must be durable before the marker goes: a crash in
+            // between must find the marker and rebuild again.
+            index.persist().map_err(OpenError::Index)?;
+            salvage::finish(fs.as_ref(), &config.data_dir)?;
+        }
         // A node that has had peers learns what they hold of its own events before it
         // issues counters again (bounded by `own_events_wait`): its data directory may
         // be older than what it issued.

@@ -638,23 +638,11 @@ impl Writer {
                     self.sparse = SparseBuilder::for_segment(&segment);
                     self.segment = segment;
                 }
-                Err(e) if is_no_space(&e) => {
-                    // Nothing changed: the active segment stays, and takes the next
-                    // group once there is room for a new one.
-                    let err = self.shared.no_space(format!(
-                        "sealing log segment {}: {e}",
-                        self.segment.path.display()
-                    ));
-                    for work in group {
-                        work.fail(err.clone());
-                    }
-                    return None;
-                }
                 Err(e) => {
-                    let err = self.shared.fail(format!(
-                        "sealing log segment {}: {e}",
-                        self.segment.path.display()
-                    ));
+                    // Nothing changed: the active segment stays, and (on a full disk)
+                    // takes the next group once there is room for a new one.
+                    let what = format!("sealing log segment {}: {e}", self.segment.path.display());
+                    let err = self.shared.io_failure(what, &e);
                     for work in group {
                         work.fail(err.clone());
                     }
@@ -831,11 +819,21 @@ impl Writer {
     }
 
     fn touch(&mut self, g: &mut Group, namespace: &Namespace, hlc: Hlc) {
-        let state = self.namespaces.entry(namespace.clone()).or_default();
+        let state = self.namespace_state(namespace);
         state.max_hlc = state.max_hlc.max(hlc);
         if !g.touched.contains(namespace) {
             g.touched.push(namespace.clone());
         }
+    }
+
+    /// The writer's state of a namespace, made if new (without copying the name on
+    /// every event of a namespace it knows: this is on every received event's path).
+    fn namespace_state(&mut self, namespace: &Namespace) -> &mut NamespaceState {
+        if !self.namespaces.contains_key(namespace) {
+            self.namespaces
+                .insert(namespace.clone(), NamespaceState::default());
+        }
+        self.namespaces.get_mut(namespace).expect("just made")
     }
 
     /// A client's batch: new dots of this node, fresh clock readings.
@@ -1082,17 +1080,11 @@ impl Writer {
         }
         let reserved = self.shared.counters.lock().unwrap().reserve(&needs);
         let Err(e) = reserved else { return group };
-        let err = if e.raw_os_error() == Some(libc::ENOSPC) {
-            WriteError::NoSpace(format!(
-                "no space left to reserve counters in {}: free space on its filesystem; writes resume once there is room",
-                self.shared.config.data_dir.display()
-            ))
-        } else {
-            self.shared.fail(format!(
-                "writing the counters file in {}: {e}",
-                self.shared.config.data_dir.display()
-            ))
-        };
+        let what = format!(
+            "reserving counters in the counters file of {}: {e}",
+            self.shared.config.data_dir.display()
+        );
+        let err = self.shared.io_failure(what, &e);
         group
             .into_iter()
             .filter_map(|work| match work {

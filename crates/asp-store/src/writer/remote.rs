@@ -63,20 +63,37 @@ impl Writer {
     /// holds is applied again if it supersedes its key's entry
     /// ([`Writer::repair_supersedes`]) and its policy is the namespace's here.
     fn judge(&self, g: &Group, held: &Held, events: &[Event], wall: u64, repair: bool) -> Judged {
+        /// One namespace of the batch: its state here, its policy (as adopted by this
+        /// batch), and whether the batch puts data into it (then it can no longer take
+        /// another policy). Looked up once per namespace, not once per event.
+        struct Slot<'a> {
+            namespace: &'a Namespace,
+            state: Option<&'a NamespaceState>,
+            policy: Policy,
+            filled: bool,
+        }
         let limit = wall.saturating_add(self.clock.max_skew_ms());
         let mut judged = Judged::default();
-        let mut seen: HashSet<(&Namespace, Dot), foldhash::fast::RandomState> =
+        let mut slots: Vec<Slot<'_>> = Vec::new();
+        // A dot twice in one batch (a peer's bug) is applied once.
+        let mut seen: HashSet<(usize, Dot), foldhash::fast::RandomState> =
             HashSet::with_capacity_and_hasher(events.len(), Default::default());
-        // The batch's namespaces: their policy here (as adopted by this batch), and
-        // whether the batch puts data into them (then they can no longer take one).
-        let mut namespaces: Vec<(&Namespace, Policy, bool)> = Vec::new();
         for e in events {
             let ns = &e.namespace;
-            let holds = self
-                .namespaces
-                .get(ns)
-                .is_some_and(|s| s.vector.contains(e.dot));
-            let fate = if !seen.insert((ns, e.dot))
+            let at = match slots.iter().position(|s| s.namespace == ns) {
+                Some(at) => at,
+                None => {
+                    slots.push(Slot {
+                        namespace: ns,
+                        state: self.namespaces.get(ns),
+                        policy: self.policy(ns),
+                        filled: false,
+                    });
+                    slots.len() - 1
+                }
+            };
+            let holds = slots[at].state.is_some_and(|s| s.vector.contains(e.dot));
+            let fate = if (events.len() > 1 && !seen.insert((at, e.dot)))
                 || held.contains(ns, e.dot)
                 || (holds && !(repair && self.repair_supersedes(g, e)))
             {
@@ -85,34 +102,31 @@ impl Writer {
                 // A repair of a held dot that supersedes its key: never held (its dot
                 // is this node's already), applied only under this node's policy.
                 match Policy::of_event(&e.context) {
-                    Some(policy) if policy == self.policy(ns) => Fate::Apply,
+                    Some(policy) if policy == slots[at].policy => Fate::Apply,
                     _ => Fate::Duplicate,
                 }
             } else if e.hlc.physical_ms() > limit {
                 Fate::Park
             } else {
-                let at = match namespaces.iter().position(|(n, _, _)| *n == ns) {
-                    Some(at) => at,
-                    None => {
-                        namespaces.push((ns, self.policy(ns), false));
-                        namespaces.len() - 1
-                    }
-                };
-                let (_, here, filled) = namespaces[at];
+                let slot = &mut slots[at];
                 let fate = match Policy::of_event(&e.context) {
-                    Some(policy) if policy == here => Fate::Apply,
+                    Some(policy) if policy == slot.policy => Fate::Apply,
                     // An empty lww namespace takes the policy of its first events, so
                     // that a policy set on one node spreads with its data.
-                    Some(policy) if here == Policy::Lww && !filled && !self.holds_data(ns) => {
+                    Some(policy)
+                        if slot.policy == Policy::Lww
+                            && !slot.filled
+                            && slot.state.is_none_or(|s| s.vector.is_empty()) =>
+                    {
                         judged.adopt.push((ns.clone(), policy));
-                        namespaces[at].1 = policy;
+                        slot.policy = policy;
                         Fate::Apply
                     }
                     // Another policy, or (never past validation) no known policy.
                     _ => Fate::Quarantine,
                 };
                 if fate == Fate::Apply {
-                    namespaces[at].2 = true;
+                    slot.filled = true;
                 }
                 fate
             };
@@ -138,7 +152,8 @@ impl Writer {
         for (ns, policy) in &judged.adopt {
             self.save_policy(ns, *policy)?;
         }
-        let metrics = &self.shared.metrics;
+        let shared = self.shared.clone();
+        let metrics = &shared.metrics;
         let mut outcome = ApplyOutcome::default();
         let mut fresh = Vec::with_capacity(events.len());
         for (i, (e, fate)) in events.iter().zip(&judged.fates).enumerate() {
@@ -156,12 +171,7 @@ impl Writer {
                 }
                 Fate::Apply => {
                     // Not new only for a repair of a held dot that supersedes its key.
-                    let new = self
-                        .namespaces
-                        .entry(e.namespace.clone())
-                        .or_default()
-                        .vector
-                        .insert(e.dot);
+                    let new = self.namespace_state(&e.namespace).vector.insert(e.dot);
                     fresh.push((i, new));
                 }
             }

@@ -96,6 +96,17 @@ impl Shared {
         WriteError::NoSpace(message)
     }
 
+    /// An I/O error on the store's own files before anything of the group took
+    /// effect: a full disk refuses the group's writes (they may be retried once there
+    /// is room), anything else fails the store.
+    pub fn io_failure(&self, what: String, e: &std::io::Error) -> WriteError {
+        if is_no_space(e) {
+            self.no_space(what)
+        } else {
+            self.fail(what)
+        }
+    }
+
     /// A group was appended: whatever kept writes out for space is over.
     pub(super) fn space_regained(&self) {
         let mut problem = self.space_problem.lock().unwrap();
