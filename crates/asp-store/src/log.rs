@@ -27,6 +27,11 @@ use crate::fs::{Fs, FsFile, OpenMode, read_all};
 pub(crate) const SEGMENT_HEADER_BYTES: u64 = 32;
 const SEGMENT_MAGIC: &[u8; 8] = b"ASPFEED\0";
 const SEGMENT_FORMAT: u32 = 1;
+/// Header flag (bytes 12..16, covered by the header CRC; zero in segments written
+/// before it existed): the first record of every append to this segment carries
+/// [`FLAG_GROUP_START`](crate::codec::FLAG_GROUP_START), so a tear can be told from
+/// corruption by the records alone (see crate::salvage).
+pub(crate) const HEADER_GROUPS_MARKED: u32 = 1;
 const SIDECAR_MAGIC: &[u8; 8] = b"ASPSIDX\0";
 /// A sparse index entry (and a namespace filter) every this many bytes of log.
 pub(crate) const SPARSE_EVERY_BYTES: u64 = 64 << 10;
@@ -631,11 +636,17 @@ impl SparseBuilder {
     }
 }
 
-/// The header of a segment whose first sequence number is `base`.
+/// The header of a segment whose first sequence number is `base`, written by this
+/// version (every append marks its first record).
 pub(crate) fn segment_header(base: u64) -> [u8; SEGMENT_HEADER_BYTES as usize] {
+    segment_header_with(base, HEADER_GROUPS_MARKED)
+}
+
+pub(crate) fn segment_header_with(base: u64, flags: u32) -> [u8; SEGMENT_HEADER_BYTES as usize] {
     let mut header = [0u8; SEGMENT_HEADER_BYTES as usize];
     header[0..8].copy_from_slice(SEGMENT_MAGIC);
     header[8..12].copy_from_slice(&SEGMENT_FORMAT.to_le_bytes());
+    header[12..16].copy_from_slice(&flags.to_le_bytes());
     header[16..24].copy_from_slice(&base.to_le_bytes());
     let crc = crc32c::crc32c(&header[0..24]);
     header[24..28].copy_from_slice(&crc.to_le_bytes());
@@ -668,6 +679,11 @@ pub(crate) fn check_header_bytes(header: &[u8], base: u64) -> Result<(), String>
         ));
     }
     Ok(())
+}
+
+/// The flags of a header [`check_header_bytes`] accepted.
+pub(crate) fn header_flags(header: &[u8]) -> u32 {
+    u32::from_le_bytes(header[12..16].try_into().unwrap())
 }
 
 fn check_header(path: &Path, header: &[u8], base: u64) -> Result<(), OpenError> {

@@ -31,7 +31,10 @@ use crate::codec::{
 };
 use crate::error::OpenError;
 use crate::fs::{Fs, OpenMode, read_all, write_atomically};
-use crate::log::{SEGMENT_HEADER_BYTES, check_header_bytes, segment_header, segment_name};
+use crate::log::{
+    HEADER_GROUPS_MARKED, SEGMENT_HEADER_BYTES, check_header_bytes, header_flags,
+    segment_header_with, segment_name,
+};
 
 /// The marker of a salvage under way, in the log directory.
 pub(crate) const MARKER: &str = "SALVAGE";
@@ -66,22 +69,32 @@ pub struct Damage {
 pub(crate) struct Survey {
     pub runs: Vec<Run>,
     pub damage: Vec<Damage>,
+    /// The header's flags (zero if the header is damaged).
+    pub header_flags: u32,
 }
 
 impl Survey {
     /// Whether the damage can only be a torn last append: no intact record after the
-    /// first damaged place starts a group. Segments written before group starts were
-    /// marked (no record carries the flag) cannot say; there, a whole batch intact
-    /// after the damage counts as corruption.
+    /// first damaged place starts a group. In a segment whose header says every append
+    /// is marked, that is the whole rule: a tear may take the one marked record of the
+    /// last append and leave later sectors of it intact (a disk need not write sectors
+    /// in order). Segments created before appends were marked (header flag clear) may
+    /// hold unmarked appends; there, if no intact record carries a mark either, a whole
+    /// batch intact after the damage counts as corruption.
     pub fn is_torn_tail(&self) -> bool {
         let Some(first) = self.damage.first() else {
             return true;
         };
         let after = || self.runs.iter().filter(|r| r.start > first.offset);
-        let marked = self.runs.iter().any(|r| r.group_starts > 0);
         let later_group = after().any(|r| r.group_starts > 0);
-        let later_batch = after().any(|r| r.batch_ends > 0);
-        !(later_group || (!marked && later_batch))
+        if later_group {
+            return false;
+        }
+        if self.header_flags & HEADER_GROUPS_MARKED != 0 {
+            return true;
+        }
+        let marked = self.runs.iter().any(|r| r.group_starts > 0);
+        marked || !after().any(|r| r.batch_ends > 0)
     }
 
     /// Records intact after the first damaged place.
@@ -134,6 +147,8 @@ pub(crate) fn survey(bytes: &[u8], base: u64) -> Survey {
             bytes: len.min(header_bytes) as u64,
             reason: "damaged segment header",
         });
+    } else {
+        s.header_flags = header_flags(&bytes[..header_bytes]);
     }
     let mut p = header_bytes;
     let mut next_seq = base;
@@ -397,7 +412,7 @@ pub(crate) fn salvage(
             }
         }
         for r in &runs {
-            write_run(fs, &log_dir, &bytes, r)?;
+            write_run(fs, &log_dir, &bytes, r, s.header_flags)?;
         }
         fs.sync_dir(&log_dir)
             .map_err(io_err(format!("cannot sync {}", log_dir.display())))?;
@@ -462,11 +477,18 @@ fn find_damage(fs: &dyn Fs, log_dir: &Path, names: &[String]) -> Result<Vec<Job>
 /// Writes one run of intact records as a segment of its own: the records unchanged but
 /// for the flags of its first (starts a group) and last (ends a batch: a batch of which
 /// only part survived keeps that part). Written under a temporary name, fsynced, then
-/// renamed into place.
-fn write_run(fs: &dyn Fs, log_dir: &Path, bytes: &[u8], run: &Run) -> Result<(), OpenError> {
+/// renamed into place. The header keeps the damaged segment's flags: records copied
+/// from a segment whose appends were not marked are no more marked in the new one.
+fn write_run(
+    fs: &dyn Fs,
+    log_dir: &Path,
+    bytes: &[u8],
+    run: &Run,
+    header_flags: u32,
+) -> Result<(), OpenError> {
     let name = segment_name(run.first_seq);
     let tmp = log_dir.join(format!("{name}.salvage"));
-    let mut out = segment_header(run.first_seq).to_vec();
+    let mut out = segment_header_with(run.first_seq, header_flags).to_vec();
     let mut p = run.start as usize;
     while p < run.end as usize {
         let len = u32::from_le_bytes(bytes[p..p + 4].try_into().unwrap()) as usize;
@@ -516,6 +538,7 @@ pub(crate) fn finish(fs: &dyn Fs, data_dir: &Path) -> Result<(), OpenError> {
 mod tests {
     use super::*;
     use crate::codec::{EventRef, encode_record};
+    use crate::log::segment_header;
     use asp_core::{ContentType, Dot, Hlc, NodeId};
 
     fn segment(groups: &[&[u64]]) -> Vec<u8> {
@@ -587,10 +610,32 @@ mod tests {
         assert!(s.is_torn_tail());
     }
 
+    /// Regression (seen in the power-cut test): the only append of a new segment, one
+    /// write of two batches, torn so that its first sector (and with it the one marked
+    /// record) is lost while a later sector with the whole second batch is kept.
+    #[test]
+    fn a_tear_that_takes_the_only_marked_record_is_a_tear() {
+        let mut bytes = segment(&[&[1, 2]]);
+        let record = (bytes.len() - 32) / 3;
+        for b in &mut bytes[32..32 + record] {
+            *b = 0;
+        }
+        let s = survey(&bytes, 1);
+        assert_eq!(s.records_after_damage(), 2);
+        assert_eq!(s.runs.iter().map(|r| r.group_starts).sum::<u64>(), 0);
+        assert!(s.is_torn_tail());
+        // The same bytes in a segment from before appends were marked cannot be told
+        // from corruption.
+        bytes[..32].copy_from_slice(&crate::log::segment_header_with(1, 0));
+        assert!(!survey(&bytes, 1).is_torn_tail());
+    }
+
     #[test]
     fn unmarked_logs_count_a_later_whole_batch_as_corruption() {
         let mut bytes = segment(&[&[2], &[1], &[1]]);
-        // As written before group starts were marked: clear the flag (and fix CRCs).
+        // As written before group starts were marked: clear the flag (and fix CRCs),
+        // in a header without the flag that says appends are marked.
+        bytes[..32].copy_from_slice(&crate::log::segment_header_with(1, 0));
         let record = (bytes.len() - 32) / 4;
         for i in 0..4 {
             let p = 32 + i * record;
