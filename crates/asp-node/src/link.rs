@@ -267,7 +267,12 @@ impl Link {
         let mut start = 0;
         let now = Instant::now();
         loop {
-            match asp_wire::decode(&buf[start..]) {
+            let decoded = if self.session.is_established() {
+                asp_wire::decode(&buf[start..])
+            } else {
+                asp_wire::decode_handshake(&buf[start..])
+            };
+            match decoded {
                 Ok(Some((frame, used))) => {
                     start += used;
                     self.session.handle_frame(frame, now);
@@ -327,7 +332,12 @@ impl Link {
                         self.inner.store.note_contact(peer, &info.namespaces);
                     }
                     self.inner.store.note_reports(&summary);
+                    let summary: replicator::PeerSummary = summary
+                        .into_iter()
+                        .map(|s| (s.namespace.clone(), s))
+                        .collect();
                     self.check_handover(&summary);
+                    let summary = Arc::new(summary);
                     self.with_record(|r| r.summary = summary);
                 }
                 SessionEvent::Events {

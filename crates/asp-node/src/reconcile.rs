@@ -247,12 +247,7 @@ impl Reconciler {
 
 /// What this node holds of `namespace` (every acknowledged write included).
 fn namespace_vector(store: &Store, namespace: &Namespace) -> VersionVector {
-    store
-        .summary()
-        .into_iter()
-        .find(|s| &s.namespace == namespace)
-        .map(|s| s.vector)
-        .unwrap_or_default()
+    store.namespace_vector(namespace)
 }
 
 /// Runs a blocking store call off the async runtime.
@@ -278,10 +273,14 @@ impl Link {
         }
         let idle = self.caught_up && self.applying.is_empty() && self.reconciler.is_idle();
         let store = &self.inner.store;
-        let mine = store.summary();
+        let mine: crate::replicator::PeerSummary = store
+            .summary()
+            .into_iter()
+            .map(|s| (s.namespace.clone(), s))
+            .collect();
         let theirs = self.with_record(|p| p.summary.clone()).unwrap_or_default();
-        let mut names: Vec<Namespace> = mine.iter().map(|s| s.namespace.clone()).collect();
-        names.extend(theirs.iter().map(|s| s.namespace.clone()));
+        let mut names: Vec<Namespace> = mine.keys().cloned().collect();
+        names.extend(theirs.keys().cloned());
         names.sort();
         names.dedup();
         for ns in names {
@@ -293,8 +292,8 @@ impl Link {
             if store.is_quarantined(&ns) {
                 continue;
             }
-            let a = mine.iter().find(|s| s.namespace == ns);
-            let b = theirs.iter().find(|s| s.namespace == ns);
+            let a = mine.get(&ns);
+            let b = theirs.get(&ns);
             let digest = |s: Option<&asp_core::session::NamespaceSummary>| {
                 s.and_then(|s| s.digest.map(|d| d.canonical()))
                     .or(Some(Symbol::default()).filter(|_| s.is_none()))
@@ -321,7 +320,7 @@ impl Link {
     /// (compacted), the handover: the stream skips to the feed head, and every
     /// namespace shared with the peer is reconciled from snapshots taken after that
     /// point, while live events keep flowing by the stream.
-    pub(super) fn check_handover(&mut self, summary: &[asp_core::session::NamespaceSummary]) {
+    pub(super) fn check_handover(&mut self, summary: &crate::replicator::PeerSummary) {
         if self.reconciler.handover {
             return;
         }
@@ -331,8 +330,7 @@ impl Link {
                 return false;
             }
             let mut theirs = summary
-                .iter()
-                .find(|s| &s.namespace == ns)
+                .get(ns)
                 .map(|s| s.vector.clone())
                 .unwrap_or_default();
             if let Some(sent) = self.reconciler.covered_sent.get(ns) {
@@ -343,9 +341,11 @@ impl Link {
         // A peer that lacks its own events lost them (restored from an older copy, a
         // crash under fsync = never, a salvage): the stream will not send them again.
         let lost = self.peer.is_some_and(|peer| {
-            self.inner
-                .store
-                .holds_lost_events_of(peer, summary, |ns| self.session.peer_wants(ns))
+            self.inner.store.holds_lost_events_of(
+                peer,
+                |ns| summary.get(ns).map(|s| &s.vector),
+                |ns| self.session.peer_wants(ns),
+            )
         });
         if !needs && !lost {
             return;
@@ -417,18 +417,13 @@ impl Link {
 
     /// Whether the peer's summaries carry digests (it keeps windows).
     fn peer_keeps_windows(&self) -> bool {
-        self.with_record(|r| r.summary.iter().all(|s| s.digest.is_some()))
+        self.with_record(|r| r.summary.values().all(|s| s.digest.is_some()))
             .unwrap_or(false)
     }
 
     fn peer_summary(&self, ns: &Namespace) -> Option<VersionVector> {
-        self.with_record(|r| {
-            r.summary
-                .iter()
-                .find(|s| &s.namespace == ns)
-                .map(|s| s.vector.clone())
-        })
-        .flatten()
+        self.with_record(|r| r.summary.get(ns).map(|s| s.vector.clone()))
+            .flatten()
     }
 
     async fn start_outgoing(

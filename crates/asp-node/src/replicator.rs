@@ -184,13 +184,17 @@ pub(crate) struct LinkEntry {
     pub close: Option<oneshot::Sender<()>>,
 }
 
+/// A peer's summary by namespace.
+pub(crate) type PeerSummary = HashMap<Namespace, NamespaceSummary>;
+
 /// What is remembered about a peer across its links.
 #[derive(Default)]
 pub(crate) struct PeerRecord {
     pub acked_seq: u64,
     pub last_contact: Option<Instant>,
     pub last_error: Option<(String, String)>,
-    pub summary: Vec<NamespaceSummary>,
+    /// The peer's last summary, by namespace (shared: the link swaps in a new one).
+    pub summary: Arc<PeerSummary>,
     pub events_sent: u64,
     pub events_received: u64,
     pub events_parked: u64,
@@ -519,51 +523,76 @@ impl Replicator {
     }
 }
 
+/// Events of the feed read, at most, to find how old each lagging namespace's oldest
+/// unacknowledged event is (one pass for all namespaces).
+const LAG_SCAN_EVENTS_MAX: usize = 100_000;
+
 /// Lag per namespace against a peer's last summary.
 fn lag(
     store: &Store,
     mine: &HashMap<Namespace, (asp_core::VersionVector, asp_core::Hlc)>,
-    theirs: &[NamespaceSummary],
+    theirs: &PeerSummary,
     acked_seq: u64,
 ) -> Vec<NamespaceLag> {
-    let now_ms = wall_ms();
     let mut out = Vec::new();
-    let empty = (asp_core::VersionVector::new(), asp_core::Hlc::ZERO);
-    let mut names: Vec<&Namespace> = mine
-        .keys()
-        .chain(theirs.iter().map(|s| &s.namespace))
-        .collect();
+    let empty = asp_core::VersionVector::new();
+    let mut names: Vec<&Namespace> = mine.keys().chain(theirs.keys()).collect();
     names.sort();
     names.dedup();
+    let mut lagging: HashMap<Namespace, Option<u64>> = HashMap::new();
     for ns in names {
-        let (my_vv, my_hlc) = mine.get(ns).unwrap_or(&empty);
-        let (their_vv, their_hlc) = theirs
-            .iter()
-            .find(|s| &s.namespace == ns)
-            .map_or((&empty.0, empty.1), |s| (&s.vector, s.max_hlc));
+        let my_vv = mine.get(ns).map_or(&empty, |(v, _)| v);
+        let their_vv = theirs.get(ns).map_or(&empty, |s| &s.vector);
         let lag_events = my_vv.difference(their_vv).len();
         let missing_events = their_vv.difference(my_vv).len();
-        let _ = (my_hlc, their_hlc);
-        let lag_ms = if lag_events > 0 {
-            // The oldest event of the namespace the peer has not acknowledged.
-            let mut reader = store.feed_reader(Some(ns.clone()), acked_seq);
-            match reader.read(1) {
-                Ok(events) => events
-                    .first()
-                    .map_or(0, |e| now_ms.saturating_sub(e.event.hlc.physical_ms())),
-                Err(_) => 0,
-            }
-        } else {
-            0
-        };
+        if lag_events > 0 {
+            lagging.insert(ns.clone(), None);
+        }
         out.push(NamespaceLag {
             namespace: ns.clone(),
             lag_events,
-            lag_ms,
+            lag_ms: 0,
             missing_events,
         });
     }
+    if !lagging.is_empty() {
+        oldest_unacked(store, acked_seq, &mut lagging);
+        for l in &mut out {
+            l.lag_ms = lagging.get(&l.namespace).copied().flatten().unwrap_or(0);
+        }
+    }
     out
+}
+
+/// For each namespace of `lagging`, how old (ms) its oldest event after `acked_seq` is:
+/// one read of the feed from there, until every namespace is found or
+/// [`LAG_SCAN_EVENTS_MAX`] events are read (a namespace not found by then gets the
+/// age of the last event read: its own oldest is younger than that).
+fn oldest_unacked(store: &Store, acked_seq: u64, lagging: &mut HashMap<Namespace, Option<u64>>) {
+    let now_ms = wall_ms();
+    let mut left = lagging.len();
+    let mut reader = store.feed_reader(None, acked_seq);
+    let mut read = 0;
+    let mut last_age = 0;
+    while left > 0 && read < LAG_SCAN_EVENTS_MAX {
+        let Ok(events) = reader.read(4096) else { break };
+        if events.is_empty() {
+            break;
+        }
+        read += events.len();
+        for e in events {
+            last_age = now_ms.saturating_sub(e.event.hlc.physical_ms());
+            if let Some(age @ None) = lagging.get_mut(&e.event.namespace) {
+                *age = Some(last_age);
+                left -= 1;
+            }
+        }
+    }
+    if left > 0 {
+        for age in lagging.values_mut().filter(|a| a.is_none()) {
+            *age = Some(last_age);
+        }
+    }
 }
 
 /// Refreshes the lag gauges every second.

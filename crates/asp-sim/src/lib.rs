@@ -1725,6 +1725,7 @@ fn frame_tag(frame: &Frame) -> u8 {
         Frame::Hello(_) => 1,
         Frame::Error { .. } => 2,
         Frame::Summary(_) => 3,
+        Frame::SummaryPart(_) => 14,
         Frame::Events { .. } => 4,
         Frame::Ack { .. } => 5,
         Frame::Credit { .. } => 6,

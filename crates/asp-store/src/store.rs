@@ -707,6 +707,19 @@ impl Store {
         out
     }
 
+    /// What this node holds of `namespace` (every acknowledged write included).
+    pub fn namespace_vector(&self, namespace: &Namespace) -> asp_core::VersionVector {
+        let _ = self.inner.shared.await_index();
+        self.inner
+            .shared
+            .namespaces
+            .read()
+            .unwrap()
+            .get(namespace)
+            .map(|s| s.vector.clone())
+            .unwrap_or_default()
+    }
+
     /// [`Store::summary`] with, per namespace, this node's report of its vector and
     /// what it knows of every other node that may write there (its newest report, or
     /// an empty one naming it): what a peer is sent, so that every node learns who may
@@ -816,10 +829,10 @@ impl Store {
     /// them once).
     /// Only namespaces for which `shared` is true count (those both replicate: a
     /// summary leaves the others out).
-    pub fn holds_lost_events_of(
+    pub fn holds_lost_events_of<'a>(
         &self,
         peer: NodeId,
-        summary: &[NamespaceSummary],
+        theirs: impl Fn(&Namespace) -> Option<&'a asp_core::VersionVector>,
         shared: impl Fn(&Namespace) -> bool,
     ) -> bool {
         let namespaces = self.inner.shared.namespaces.read().unwrap();
@@ -830,10 +843,7 @@ impl Store {
             if !shared(ns) {
                 return false;
             }
-            let theirs = summary
-                .iter()
-                .find(|s| &s.namespace == ns)
-                .and_then(|s| s.vector.get(peer));
+            let theirs = theirs(ns).and_then(|v| v.get(peer));
             theirs.is_none_or(|t| !mine.is_subset(t))
         })
     }

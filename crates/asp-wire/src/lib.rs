@@ -10,7 +10,7 @@
 use asp_core::reconcile::{SYMBOL_BYTES, Symbol};
 use asp_core::session::{
     ErrorCode, Frame, Hello, NEED_PREFIX_BYTES, NamespaceSummary, REPORTS_MAX, ReconcileMode,
-    ReconcileOutcome, VectorReport,
+    ReconcileOutcome, SUMMARY_PART_NAMESPACES_MAX, VectorReport,
 };
 use asp_core::{ContentType, Dot, Event, Hlc, Key, Namespace, NodeId, Op, RangeSet, VersionVector};
 use bytes::Bytes;
@@ -21,12 +21,20 @@ pub const FRAME_BYTES_MAX: usize = 16 << 20;
 pub const EVENTS_RAW_BYTES_MAX: usize = 4 * FRAME_BYTES_MAX;
 /// The first bytes of every Hello.
 pub const HELLO_MAGIC: [u8; 4] = *b"ASPR";
+/// Bytes of output one byte of LZ4 block data can make, at most (a match length
+/// byte of 255).
+const LZ4_RATIO_MAX: usize = 255;
+/// The largest Hello (every field at its limit), and the largest frame a node reads
+/// before the handshake.
+pub const HELLO_BYTES_MAX: usize = 1 << 21;
 /// Event batches smaller than this are sent uncompressed.
 const COMPRESS_MIN_BYTES: usize = 512;
 
 const TYPE_HELLO: u8 = 1;
 const TYPE_ERROR: u8 = 2;
 const TYPE_SUMMARY: u8 = 3;
+/// Protocol version 2: a summary part (same body as a Summary); more follow.
+const TYPE_SUMMARY_PART: u8 = 14;
 const TYPE_EVENTS: u8 = 4;
 const TYPE_ACK: u8 = 5;
 const TYPE_CREDIT: u8 = 6;
@@ -48,6 +56,7 @@ const OP_DELETE: u8 = 1;
 const CLUSTER_ID_BYTES_MAX: usize = 256;
 const LABEL_BYTES_MAX: usize = 256;
 const LABELS_MAX: usize = 64;
+/// Namespace patterns in a Hello, at most.
 const NAMESPACES_MAX: usize = 4096;
 const MESSAGE_BYTES_MAX: usize = 4096;
 /// Symbols in one `ReconcileSymbols` frame, at most.
@@ -196,9 +205,17 @@ fn encode_body(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
             }
             put_str16(out, &message[..end]);
         }
-        Frame::Summary(namespaces) => {
-            out.push(TYPE_SUMMARY);
-            check_len("namespace count", namespaces.len(), NAMESPACES_MAX)?;
+        Frame::Summary(namespaces) | Frame::SummaryPart(namespaces) => {
+            out.push(if matches!(frame, Frame::Summary(_)) {
+                TYPE_SUMMARY
+            } else {
+                TYPE_SUMMARY_PART
+            });
+            check_len(
+                "namespace count",
+                namespaces.len(),
+                SUMMARY_PART_NAMESPACES_MAX,
+            )?;
             out.extend_from_slice(&(namespaces.len() as u16).to_le_bytes());
             for ns in namespaces {
                 put_str8(out, ns.namespace.as_str());
@@ -369,6 +386,35 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, DecodeError> {
     Ok(Some((frame, 4 + len)))
 }
 
+/// [`decode`] for a connection whose handshake has not finished: only a Hello (or an
+/// Error, a refusal) of at most [`HELLO_BYTES_MAX`] bytes is accepted, checked as soon
+/// as the length and the type are in, so a peer nobody knows yet cannot make this
+/// node buffer or decompress a large frame.
+pub fn decode_handshake(buf: &[u8]) -> Result<Option<(Frame, usize)>, DecodeError> {
+    if buf.len() < 5 {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
+    if len > HELLO_BYTES_MAX {
+        return Err(DecodeError::Malformed {
+            frame: "handshake",
+            detail: format!(
+                "a frame of {len} bytes before the handshake; a Hello is at most {HELLO_BYTES_MAX}"
+            ),
+        });
+    }
+    if !matches!(buf[4], TYPE_HELLO | TYPE_ERROR) {
+        return Err(DecodeError::Malformed {
+            frame: "handshake",
+            detail: format!(
+                "frame type {} before the handshake; only a Hello (or an Error) may come first",
+                buf[4]
+            ),
+        });
+    }
+    decode(buf)
+}
+
 struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
@@ -475,6 +521,14 @@ impl<'a> Reader<'a> {
                 if raw_len > EVENTS_RAW_BYTES_MAX {
                     return Err(self.err(format!("batch of {raw_len} bytes once decompressed; the limit is {EVENTS_RAW_BYTES_MAX}")));
                 }
+                // Checked before the buffer is allocated: LZ4 turns one input byte
+                // into at most 255 output bytes, so a few bytes cannot claim megabytes.
+                let compressed = self.bytes.len() - self.pos;
+                if raw_len > compressed.saturating_mul(LZ4_RATIO_MAX) + 64 {
+                    return Err(self.err(format!(
+                        "{compressed} bytes of lz4 data cannot hold {raw_len} bytes"
+                    )));
+                }
                 let mut out = vec![0; raw_len];
                 let n = lz4_flex::block::decompress_into(&self.bytes[self.pos..], &mut out)
                     .map_err(|e| self.err(format!("bad lz4 data: {e}")))?;
@@ -513,6 +567,7 @@ fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
         TYPE_HELLO => "Hello",
         TYPE_ERROR => "Error",
         TYPE_SUMMARY => "Summary",
+        TYPE_SUMMARY_PART => "SummaryPart",
         TYPE_EVENTS => "Events",
         TYPE_ACK => "Ack",
         TYPE_CREDIT => "Credit",
@@ -585,10 +640,12 @@ fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
             r.done()?;
             Ok(Frame::Error { code, message })
         }
-        TYPE_SUMMARY => {
+        TYPE_SUMMARY | TYPE_SUMMARY_PART => {
             let n = r.u16("count")? as usize;
-            if n > NAMESPACES_MAX {
-                return Err(r.err(format!("{n} namespaces; the limit is {NAMESPACES_MAX}")));
+            if n > SUMMARY_PART_NAMESPACES_MAX {
+                return Err(r.err(format!(
+                    "{n} namespaces; the limit is {SUMMARY_PART_NAMESPACES_MAX}"
+                )));
             }
             let mut out = Vec::with_capacity(n);
             for _ in 0..n {
@@ -624,7 +681,11 @@ fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
                 });
             }
             r.done()?;
-            Ok(Frame::Summary(out))
+            Ok(if kind == TYPE_SUMMARY {
+                Frame::Summary(out)
+            } else {
+                Frame::SummaryPart(out)
+            })
         }
         TYPE_EVENTS => {
             let first_seq = r.u64("first seq")?;

@@ -140,34 +140,41 @@ fn frame() -> impl Strategy<Value = Frame> {
             code: ErrorCode::from_code(c),
             message
         }),
-        prop::collection::vec(
-            (
-                name(),
-                any::<u64>(),
-                vector(),
-                prop::option::of(symbol()),
-                prop::collection::vec((1u64..100, any::<u64>(), vector()), 0..3)
+        (
+            prop::collection::vec(
+                (
+                    name(),
+                    any::<u64>(),
+                    vector(),
+                    prop::option::of(symbol()),
+                    prop::collection::vec((1u64..100, any::<u64>(), vector()), 0..3)
+                ),
+                0..4,
             ),
-            0..4
+            any::<bool>()
         )
-        .prop_map(|v| Frame::Summary(
-            v.into_iter()
-                .map(|(namespace, h, vector, digest, reports)| NamespaceSummary {
-                    namespace,
-                    max_hlc: Hlc::from_raw(h),
-                    vector,
-                    digest,
-                    reports: reports
-                        .into_iter()
-                        .map(|(node, at_ms, vector)| VectorReport {
-                            node: NodeId::new(node).unwrap(),
-                            at_ms,
-                            vector,
-                        })
-                        .collect(),
-                })
-                .collect()
-        )),
+            .prop_map(|(v, part)| (if part {
+                Frame::SummaryPart
+            } else {
+                Frame::Summary
+            })(
+                v.into_iter()
+                    .map(|(namespace, h, vector, digest, reports)| NamespaceSummary {
+                        namespace,
+                        max_hlc: Hlc::from_raw(h),
+                        vector,
+                        digest,
+                        reports: reports
+                            .into_iter()
+                            .map(|(node, at_ms, vector)| VectorReport {
+                                node: NodeId::new(node).unwrap(),
+                                at_ms,
+                                vector,
+                            })
+                            .collect(),
+                    })
+                    .collect()
+            )),
         (
             1u64..1_000_000,
             0u64..1000,
@@ -425,4 +432,96 @@ fn error_codes_travel_as_their_numbers() {
     };
     assert_eq!(code, ErrorCode::Other(14));
     assert_eq!(code.to_string(), "unknown(14)");
+}
+
+fn framed(body: &[u8]) -> Vec<u8> {
+    let mut out = (body.len() as u32).to_le_bytes().to_vec();
+    out.extend_from_slice(body);
+    out
+}
+
+/// Guards against a small frame making the decoder allocate the decompressed size it
+/// claims (up to 64 MiB for 20 bytes) before looking at the data.
+#[test]
+fn lz4_data_too_short_for_its_claimed_size_is_refused_before_allocating() {
+    let mut bomb = vec![TYPE_EVENTS];
+    bomb.extend_from_slice(&1u64.to_le_bytes());
+    bomb.extend_from_slice(&1u64.to_le_bytes());
+    bomb.push(COMPRESSION_LZ4);
+    bomb.extend_from_slice(&1u32.to_le_bytes());
+    bomb.extend_from_slice(&(EVENTS_RAW_BYTES_MAX as u32).to_le_bytes());
+    bomb.extend_from_slice(&[0x1f, 0, 0, 0]);
+    let e = decode(&framed(&bomb)).unwrap_err().to_string();
+    assert!(e.contains("4 bytes of lz4 data cannot hold"), "{e}");
+    // Real, highly compressible batches still decode.
+    let events: Vec<Event> = (1..=200)
+        .map(|c| Event {
+            namespace: Namespace::new("n").unwrap(),
+            key: Key::new("k").unwrap(),
+            op: Op::Put {
+                content_type: ContentType::OctetStream,
+                value: Bytes::from(vec![0u8; 60_000]),
+            },
+            dot: Dot {
+                origin: NodeId::new(1).unwrap(),
+                counter: c,
+            },
+            hlc: Hlc::from_raw(c),
+            context: Bytes::new(),
+        })
+        .collect();
+    let frame = Frame::Events {
+        first_seq: 1,
+        last_seq: 200,
+        events,
+    };
+    let mut bytes = Vec::new();
+    encode(&frame, &mut bytes).unwrap();
+    assert!(bytes.len() < 200 * 60_000 / 100, "{}", bytes.len());
+    assert_eq!(decode(&bytes).unwrap().unwrap().0, frame);
+}
+
+/// Before the handshake only a Hello (or an Error) is read, and no frame larger than
+/// a Hello can be: checked from the first five bytes, before the rest arrives.
+#[test]
+fn only_a_hello_is_read_before_the_handshake() {
+    let mut events = vec![TYPE_EVENTS];
+    events.extend_from_slice(&[0; 30]);
+    let e = decode_handshake(&framed(&events)).unwrap_err().to_string();
+    assert!(e.contains("only a Hello"), "{e}");
+    // A 16 MiB frame is refused on its length alone.
+    let mut big = (FRAME_BYTES_MAX as u32).to_le_bytes().to_vec();
+    big.push(TYPE_HELLO);
+    let e = decode_handshake(&big).unwrap_err().to_string();
+    assert!(e.contains("before the handshake"), "{e}");
+    // A Hello at its limits fits.
+    let hello = Frame::Hello(Hello {
+        version_min: 1,
+        version_max: 2,
+        cluster_id: "c".repeat(CLUSTER_ID_BYTES_MAX),
+        node_id: NodeId::new(1).unwrap(),
+        labels: (0..LABELS_MAX)
+            .map(|i| (format!("{i:0>256}"), "v".repeat(LABEL_BYTES_MAX)))
+            .collect(),
+        namespaces: (0..NAMESPACES_MAX).map(|i| format!("{i:0>255}")).collect(),
+        heartbeat_ms: 1,
+        idle_timeout_ms: 1,
+        incarnation: 7,
+    });
+    let mut bytes = Vec::new();
+    encode(&hello, &mut bytes).unwrap();
+    assert!(bytes.len() <= HELLO_BYTES_MAX + 4, "{}", bytes.len());
+    assert_eq!(decode_handshake(&bytes).unwrap().unwrap().0, hello);
+    // An Error (a refusal) is read too; too few bytes wait for more.
+    let mut error = Vec::new();
+    encode(
+        &Frame::Error {
+            code: ErrorCode::ClusterMismatch,
+            message: "no".into(),
+        },
+        &mut error,
+    )
+    .unwrap();
+    assert!(decode_handshake(&error).unwrap().is_some());
+    assert_eq!(decode_handshake(&error[..4]), Ok(None));
 }

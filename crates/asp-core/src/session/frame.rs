@@ -6,9 +6,19 @@ use std::fmt;
 use crate::reconcile::Symbol;
 use crate::{Event, Hlc, Namespace, NodeId, Op, VersionVector};
 
-/// The protocol versions this build speaks.
+/// The protocol versions this build speaks. Version 2 adds [`Frame::SummaryPart`]: a
+/// summary of more namespaces than one frame holds goes as parts, the last one a
+/// `Summary`. A version-1 peer gets one `Summary` of at most one part's worth.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
-pub const PROTOCOL_VERSION_MAX: u16 = 1;
+pub const PROTOCOL_VERSION_MAX: u16 = 2;
+
+/// Namespaces in one `Summary` or `SummaryPart` frame, at most.
+pub const SUMMARY_PART_NAMESPACES_MAX: usize = 4096;
+/// A part is closed once its namespaces take about this many bytes on the wire
+/// (frames are at most 16 MiB).
+pub const SUMMARY_PART_BYTES: usize = 2 << 20;
+/// Namespaces in one whole summary (all its parts), at most: a receiver refuses more.
+pub const SUMMARY_NAMESPACES_MAX: usize = 1 << 20;
 
 /// The namespace list entry meaning "every namespace".
 pub const ALL_NAMESPACES: &str = "*";
@@ -160,6 +170,52 @@ pub struct NamespaceSummary {
     pub reports: Vec<VectorReport>,
 }
 
+impl NamespaceSummary {
+    /// About how many bytes this entry takes in a frame (at least as many as it
+    /// does), for cutting a summary into parts.
+    pub fn wire_bytes(&self) -> usize {
+        fn vector(v: &VersionVector) -> usize {
+            4 + v
+                .iter()
+                .map(|(_, set)| 12 + 16 * set.ranges().len())
+                .sum::<usize>()
+        }
+        1 + self.namespace.as_str().len()
+            + 8
+            + vector(&self.vector)
+            + 1
+            + crate::reconcile::SYMBOL_BYTES
+            + 1
+            + self
+                .reports
+                .iter()
+                .map(|r| 16 + vector(&r.vector))
+                .sum::<usize>()
+    }
+}
+
+/// Cuts a summary into parts of at most [`SUMMARY_PART_NAMESPACES_MAX`] namespaces and
+/// about [`SUMMARY_PART_BYTES`] bytes each (a part holds at least one namespace).
+/// An empty summary is one empty part.
+pub fn summary_parts(summary: Vec<NamespaceSummary>) -> Vec<Vec<NamespaceSummary>> {
+    let mut parts = Vec::new();
+    let mut part = Vec::new();
+    let mut bytes = 0;
+    for ns in summary {
+        let b = ns.wire_bytes();
+        if !part.is_empty()
+            && (part.len() == SUMMARY_PART_NAMESPACES_MAX || bytes + b > SUMMARY_PART_BYTES)
+        {
+            parts.push(std::mem::take(&mut part));
+            bytes = 0;
+        }
+        bytes += b;
+        part.push(ns);
+    }
+    parts.push(part);
+    parts
+}
+
 /// Reports in one namespace's summary, at most.
 pub const REPORTS_MAX: usize = 64;
 
@@ -265,8 +321,12 @@ pub enum Frame {
         message: String,
     },
     /// What the sender holds, per namespace. Sent after the handshake and again from
-    /// time to time; a receiver only ever adds to its view of the sender.
+    /// time to time; a receiver only ever adds to its view of the sender. Ends a
+    /// summary: with the `SummaryPart`s before it, it names every namespace the sender
+    /// holds (of those the receiver wants).
     Summary(Vec<NamespaceSummary>),
+    /// Part of a summary; more parts follow, then a `Summary` (protocol version 2).
+    SummaryPart(Vec<NamespaceSummary>),
     /// Events read from the sender's feed at positions `first_seq..=last_seq` (events
     /// the receiver already holds or does not want are left out, so the list may be
     /// shorter than the range, or empty).

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 pub use frame::{
     ALL_NAMESPACES, ErrorCode, Frame, Hello, NEED_PREFIX_BYTES, NamespaceSummary,
     PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, RECONCILE_INITIAL_SYMBOLS, REPORTS_MAX,
-    ReconcileMode, ReconcileOutcome, VectorReport, credit_size,
+    ReconcileMode, ReconcileOutcome, SUMMARY_NAMESPACES_MAX, SUMMARY_PART_BYTES,
+    SUMMARY_PART_NAMESPACES_MAX, VectorReport, credit_size, summary_parts,
 };
 
 use crate::{Event, Namespace, NodeId, VersionVector};
@@ -150,6 +151,9 @@ pub struct Session {
     /// The peer's holdings as far as this node knows: never shrinks within a session.
     peer_view: HashMap<Namespace, VersionVector>,
     have_peer_summary: bool,
+    /// Parts of the peer's summary received so far (its `Summary` frame ends it).
+    summary_parts: Vec<NamespaceSummary>,
+    summary_left_out: usize,
     /// Bytes this node may still send (may dip below zero by one batch).
     send_credit: i64,
     /// Bytes the peer may still send to this node before it exceeds its credit.
@@ -193,6 +197,8 @@ impl Session {
             last_sent: now,
             peer_view: HashMap::new(),
             have_peer_summary: false,
+            summary_parts: Vec::new(),
+            summary_left_out: 0,
             send_credit: 0,
             recv_allowance: 0,
             local_head: 0,
@@ -350,12 +356,31 @@ impl Session {
             (State::Established, Frame::Hello(_)) => {
                 self.close(ErrorCode::Protocol, "a second Hello", now);
             }
-            (State::Established, Frame::Summary(summary)) => {
-                for ns in &summary {
-                    self.peer_view
-                        .entry(ns.namespace.clone())
-                        .or_default()
-                        .join(&ns.vector);
+            (State::Established, Frame::SummaryPart(part)) => {
+                let held = self.summary_parts.len() + part.len();
+                if self.peer.as_ref().is_some_and(|p| p.version < 2) {
+                    self.close(
+                        ErrorCode::Protocol,
+                        "a SummaryPart on a protocol version 1 link",
+                        now,
+                    );
+                } else if held > SUMMARY_NAMESPACES_MAX {
+                    let message = format!(
+                        "a summary of more than {SUMMARY_NAMESPACES_MAX} namespaces ({held} so far)"
+                    );
+                    self.close(ErrorCode::Protocol, message, now);
+                } else {
+                    self.join_peer_view(&part);
+                    self.summary_parts.extend(part);
+                }
+            }
+            (State::Established, Frame::Summary(last)) => {
+                self.join_peer_view(&last);
+                let mut summary = std::mem::take(&mut self.summary_parts);
+                if summary.is_empty() {
+                    summary = last;
+                } else {
+                    summary.extend(last);
                 }
                 self.have_peer_summary = true;
                 self.events.push_back(SessionEvent::PeerSummary(summary));
@@ -651,14 +676,52 @@ impl Session {
         }
     }
 
-    /// Sends this node's summary (after the handshake, and from time to time).
+    /// Sends this node's summary (after the handshake, and from time to time): in parts
+    /// when it is too large for one frame (see [`summary_parts`]). A peer of protocol
+    /// version 1 gets only the first part; [`Session::summary_left_out`] says how many
+    /// namespaces that left out.
     pub fn send_summary(&mut self, summary: Vec<NamespaceSummary>, now: Instant) {
-        if self.state == State::Established {
-            let summary = summary
-                .into_iter()
-                .filter(|s| self.peer_wants(&s.namespace))
-                .collect();
-            self.queue(Frame::Summary(summary), now);
+        if self.state != State::Established {
+            return;
+        }
+        let summary = summary
+            .into_iter()
+            .filter(|s| self.peer_wants(&s.namespace))
+            .collect();
+        let mut parts = summary_parts(summary);
+        let last = parts.pop().expect("at least one part");
+        if self.peer.as_ref().is_some_and(|p| p.version < 2) {
+            let mut first = parts.into_iter();
+            match first.next() {
+                Some(part) => {
+                    self.summary_left_out = last.len() + first.map(|p| p.len()).sum::<usize>();
+                    self.queue(Frame::Summary(part), now);
+                }
+                None => {
+                    self.summary_left_out = 0;
+                    self.queue(Frame::Summary(last), now);
+                }
+            }
+            return;
+        }
+        for part in parts {
+            self.queue(Frame::SummaryPart(part), now);
+        }
+        self.queue(Frame::Summary(last), now);
+    }
+
+    /// Namespaces left out of the last summary sent, because the peer speaks protocol
+    /// version 1 and the summary did not fit one frame.
+    pub fn summary_left_out(&self) -> usize {
+        self.summary_left_out
+    }
+
+    fn join_peer_view(&mut self, summary: &[NamespaceSummary]) {
+        for ns in summary {
+            self.peer_view
+                .entry(ns.namespace.clone())
+                .or_default()
+                .join(&ns.vector);
         }
     }
 
@@ -780,6 +843,7 @@ fn frame_name(frame: &Frame) -> &'static str {
         Frame::Hello(_) => "Hello",
         Frame::Error { .. } => "Error",
         Frame::Summary(_) => "Summary",
+        Frame::SummaryPart(_) => "SummaryPart",
         Frame::Events { .. } => "Events",
         Frame::Ack { .. } => "Ack",
         Frame::Credit { .. } => "Credit",

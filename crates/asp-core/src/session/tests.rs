@@ -586,3 +586,111 @@ fn reconciling_a_namespace_not_replicated_closes_the_link() {
         reason.message
     );
 }
+
+fn many(count: usize) -> Vec<NamespaceSummary> {
+    (0..count)
+        .map(|i| holding(&format!("n{i:06}"), VersionVector::new()))
+        .collect()
+}
+
+/// Guards against a summary of more namespaces than one frame holds (4,096) being sent
+/// as one frame that cannot be encoded: it goes in parts, and the peer sees it whole,
+/// once, when its last part is in.
+#[test]
+fn a_large_summary_goes_in_parts_and_arrives_whole() {
+    let mut pair = Pair::new(config(1), config(2));
+    let count = 3 * SUMMARY_PART_NAMESPACES_MAX + 5;
+    pair.a.send_summary(many(count), pair.now);
+    let mut frames = Vec::new();
+    while let Some(f) = pair.a.poll_transmit() {
+        frames.push(f);
+    }
+    let parts: Vec<usize> = frames
+        .iter()
+        .map(|f| match f {
+            Frame::SummaryPart(p) | Frame::Summary(p) => p.len(),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(parts, vec![4096, 4096, 4096, 5]);
+    assert!(matches!(frames.last(), Some(Frame::Summary(_))));
+    for (i, f) in frames.into_iter().enumerate() {
+        pair.b.handle_frame(f, pair.now);
+        let summaries: Vec<usize> = std::iter::from_fn(|| pair.b.poll_event())
+            .filter_map(|e| match e {
+                SessionEvent::PeerSummary(s) => Some(s.len()),
+                _ => None,
+            })
+            .collect();
+        // Nothing until the last part; then the whole summary, in order.
+        assert_eq!(summaries, if i == 3 { vec![count] } else { vec![] });
+    }
+    assert!(pair.b.is_established());
+}
+
+/// A part is also cut by its bytes: a few namespaces with large vectors.
+#[test]
+fn summary_parts_are_bounded_in_bytes() {
+    let mut big = VersionVector::new();
+    for origin in 1..=2_000u64 {
+        for c in 0..10 {
+            big.insert(Dot {
+                origin: node(origin),
+                counter: 2 * c + 1,
+            });
+        }
+    }
+    let summary: Vec<_> = (0..20)
+        .map(|i| holding(&format!("n{i}"), big.clone()))
+        .collect();
+    let each = summary[0].wire_bytes();
+    assert!(each > 300_000, "{each}");
+    let parts = summary_parts(summary);
+    assert!(parts.len() > 1);
+    for part in &parts {
+        let bytes: usize = part.iter().map(|s| s.wire_bytes()).sum();
+        assert!(part.len() == 1 || bytes <= SUMMARY_PART_BYTES, "{bytes}");
+    }
+    assert_eq!(parts.iter().map(|p| p.len()).sum::<usize>(), 20);
+}
+
+/// A peer of protocol version 1 cannot read parts: it gets the first part alone, and
+/// the session says how many namespaces that left out.
+#[test]
+fn a_version_one_peer_gets_the_first_part_only() {
+    let mut old = config(2);
+    old.version_max = 1;
+    let mut pair = Pair::new(config(1), old);
+    assert_eq!(pair.a.peer().unwrap().version, 1);
+    pair.summaries(many(SUMMARY_PART_NAMESPACES_MAX + 10), many(1));
+    assert_eq!(pair.a.summary_left_out(), 10);
+    let got: Vec<usize> = pair
+        .b_events
+        .iter()
+        .filter_map(|e| match e {
+            SessionEvent::PeerSummary(s) => Some(s.len()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got, vec![SUMMARY_PART_NAMESPACES_MAX]);
+    assert!(closed(&pair.a_events).is_none() && closed(&pair.b_events).is_none());
+}
+
+/// Parts beyond the whole summary's limit close the link (a peer cannot make this
+/// node hold an unbounded summary).
+#[test]
+fn a_summary_without_end_is_bounded() {
+    let mut pair = Pair::new(config(1), config(2));
+    let part = many(SUMMARY_PART_NAMESPACES_MAX);
+    for _ in 0..SUMMARY_NAMESPACES_MAX / SUMMARY_PART_NAMESPACES_MAX {
+        pair.b
+            .handle_frame(Frame::SummaryPart(part.clone()), pair.now);
+    }
+    assert!(pair.b.is_established());
+    pair.b.handle_frame(Frame::SummaryPart(part), pair.now);
+    assert!(!pair.b.is_established());
+    let events: Vec<_> = std::iter::from_fn(|| pair.b.poll_event()).collect();
+    let reason = closed(&events).expect("closed");
+    assert_eq!(reason.code, ErrorCode::Protocol);
+    assert!(reason.message.contains("namespaces"), "{}", reason.message);
+}

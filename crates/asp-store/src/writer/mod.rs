@@ -302,6 +302,27 @@ impl Work {
 /// A client operation's clock reading and value (`None`: a delete), as appended.
 type LocalEvent<'a> = (Hlc, Option<(ContentType, &'a [u8])>);
 
+/// Namespaces a group touches before they are looked up in a set rather than its list.
+const TOUCHED_LIST_MAX: usize = 16;
+
+impl Group {
+    fn touch(&mut self, namespace: &Namespace) {
+        if self.touched.last() == Some(namespace) {
+            return;
+        }
+        if self.touched.len() < TOUCHED_LIST_MAX {
+            if !self.touched.contains(namespace) {
+                self.touched.push(namespace.clone());
+                if self.touched.len() == TOUCHED_LIST_MAX {
+                    self.touched_set.extend(self.touched.iter().cloned());
+                }
+            }
+        } else if self.touched_set.insert(namespace.clone()) {
+            self.touched.push(namespace.clone());
+        }
+    }
+}
+
 /// A group being built: what goes into the log buffer and the index.
 struct Group {
     start_offset: u64,
@@ -310,7 +331,10 @@ struct Group {
     updates: Vec<Update>,
     /// Index key -> position in `updates`: one index batch must not hold a key twice.
     positions: HashMap<Slice, usize, foldhash::fast::RandomState>,
+    /// Namespaces the group changed, in first-touch order; `touched_set` finds them
+    /// once there are more than a few (a catch-up batch may touch thousands).
     touched: Vec<Namespace>,
+    touched_set: HashSet<Namespace, foldhash::fast::RandomState>,
     acks: Vec<Ack>,
     events: u64,
     relocated: u64,
@@ -661,6 +685,7 @@ impl Writer {
             updates: Vec::new(),
             positions: HashMap::default(),
             touched: Vec::new(),
+            touched_set: HashSet::default(),
             acks: Vec::with_capacity(group.len()),
             events: 0,
             relocated: 0,
@@ -821,9 +846,7 @@ impl Writer {
     fn touch(&mut self, g: &mut Group, namespace: &Namespace, hlc: Hlc) {
         let state = self.namespace_state(namespace);
         state.max_hlc = state.max_hlc.max(hlc);
-        if !g.touched.contains(namespace) {
-            g.touched.push(namespace.clone());
-        }
+        g.touch(namespace);
     }
 
     /// The writer's state of a namespace, made if new (without copying the name on
@@ -1003,9 +1026,7 @@ impl Writer {
             .or_default()
             .vector
             .join(vector);
-        if !g.touched.contains(namespace) {
-            g.touched.push(namespace.clone());
-        }
+        g.touch(namespace);
         Ok(())
     }
 

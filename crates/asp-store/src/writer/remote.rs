@@ -75,14 +75,20 @@ impl Writer {
         let limit = wall.saturating_add(self.clock.max_skew_ms());
         let mut judged = Judged::default();
         let mut slots: Vec<Slot<'_>> = Vec::new();
+        // The slot of each namespace: the last one used first (events of a namespace
+        // tend to come together), then a map (a batch may hold thousands).
+        let mut slot_of: HashMap<&Namespace, usize, foldhash::fast::RandomState> =
+            HashMap::default();
+        let mut last = usize::MAX;
         // A dot twice in one batch (a peer's bug) is applied once.
         let mut seen: HashSet<(usize, Dot), foldhash::fast::RandomState> =
             HashSet::with_capacity_and_hasher(events.len(), Default::default());
         for e in events {
             let ns = &e.namespace;
-            let at = match slots.iter().position(|s| s.namespace == ns) {
-                Some(at) => at,
-                None => {
+            let at = if slots.get(last).is_some_and(|s| s.namespace == ns) {
+                last
+            } else {
+                *slot_of.entry(ns).or_insert_with(|| {
                     slots.push(Slot {
                         namespace: ns,
                         state: self.namespaces.get(ns),
@@ -90,8 +96,9 @@ impl Writer {
                         filled: false,
                     });
                     slots.len() - 1
-                }
+                })
             };
+            last = at;
             let holds = slots[at].state.is_some_and(|s| s.vector.contains(e.dot));
             let fate = if (events.len() > 1 && !seen.insert((at, e.dot)))
                 || held.contains(ns, e.dot)

@@ -21,12 +21,20 @@ impl Writer {
     /// large): only the names the group's requests name (the only namespaces any
     /// request can touch), whose states [`Writer::roll_back`] takes from the indexer.
     pub(super) fn mark(&self, group: &[Work]) -> Mark {
-        fn note<'a>(names: &mut Vec<&'a Namespace>, ns: &'a Namespace) {
-            if !names.contains(&ns) {
-                names.push(ns);
+        // A set: a catch-up batch may name thousands of namespaces.
+        fn note<'a>(names: &mut Names<'a>, ns: &'a Namespace) {
+            if names.last != Some(ns) && names.seen.insert(ns) {
+                names.list.push(ns);
             }
+            names.last = Some(ns);
         }
-        let mut names: Vec<&Namespace> = Vec::new();
+        #[derive(Default)]
+        struct Names<'a> {
+            list: Vec<&'a Namespace>,
+            seen: HashSet<&'a Namespace, foldhash::fast::RandomState>,
+            last: Option<&'a Namespace>,
+        }
+        let mut names = Names::default();
         let mut takes_held = false;
         for work in group {
             match work {
@@ -40,12 +48,13 @@ impl Writer {
                 Work::Relocate(_) | Work::Policy(_) | Work::Collect(_) => {}
             }
         }
-        let mut namespaces: Vec<Namespace> = names.into_iter().cloned().collect();
         // Parked events the group will release touch their namespaces too.
         let limit = wall_ms().saturating_add(self.clock.max_skew_ms());
-        for ns in self.shared.held.lock().unwrap().due_namespaces(limit) {
-            takes_held = true;
-            if !namespaces.contains(&ns) {
+        let due = self.shared.held.lock().unwrap().due_namespaces(limit);
+        takes_held |= !due.is_empty();
+        let mut namespaces: Vec<Namespace> = names.list.into_iter().cloned().collect();
+        for ns in due {
+            if !names.seen.contains(&ns) {
                 namespaces.push(ns);
             }
         }
