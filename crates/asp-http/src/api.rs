@@ -386,7 +386,6 @@ fn parse_etag_list(value: &str) -> Option<Vec<EntityTag<'_>>> {
 /// A write's precondition as the client sent it, before it is checked against the key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Precondition {
-    None,
     /// `If-Match: *`.
     Exists,
     /// `If-None-Match: *`.
@@ -441,19 +440,17 @@ fn parse_if_none_match(n: &str) -> Result<Precondition, ApiError> {
     ))
 }
 
-/// The precondition of a single-key write from `If-Match` / `If-None-Match`.
-fn write_precondition(headers: &HeaderMap) -> Result<Precondition, ApiError> {
-    let if_match = header_str(headers, header::IF_MATCH)?;
-    let if_none_match = header_str(headers, header::IF_NONE_MATCH)?;
-    match (if_match, if_none_match) {
-        (Some(_), Some(_)) => Err(ApiError::bad_request(
-            "invalid_header",
-            "send either If-Match or If-None-Match, not both",
-        )),
-        (Some(m), None) => parse_if_match(m),
-        (None, Some(n)) => parse_if_none_match(n),
-        (None, None) => Ok(Precondition::None),
+/// The preconditions of a single-key write from `If-Match` / `If-None-Match`, in the
+/// order RFC 9110 §13.2.2 evaluates them (If-Match first).
+fn write_preconditions(headers: &HeaderMap) -> Result<Vec<Precondition>, ApiError> {
+    let mut preconditions = Vec::new();
+    if let Some(m) = header_str(headers, header::IF_MATCH)? {
+        preconditions.push(parse_if_match(m)?);
     }
+    if let Some(n) = header_str(headers, header::IF_NONE_MATCH)? {
+        preconditions.push(parse_if_none_match(n)?);
+    }
+    Ok(preconditions)
 }
 
 fn precondition_failed(message: String) -> ApiError {
@@ -464,50 +461,54 @@ fn precondition_failed(message: String) -> ApiError {
     )
 }
 
-/// Turns a precondition into the condition the store checks when it writes. A list of
-/// versions is checked against the key's current version here, and the write is then
-/// made conditional on that very version, so that a write in between fails it (412) as
-/// if it had come first.
-async fn resolve_precondition(
+/// Turns preconditions into the condition the store checks when it writes. One the
+/// store can check by itself goes as it is; otherwise they are checked here against the
+/// key's current version, and the write is made conditional on that very state, so
+/// that a write in between fails it (412) as if it had come first.
+async fn resolve_preconditions(
     store: &Store,
     ns: &Namespace,
     key: &Key,
-    precondition: Precondition,
+    preconditions: Vec<Precondition>,
 ) -> Result<Condition, ApiError> {
-    let dots = match precondition {
-        Precondition::None => return Ok(Condition::None),
-        Precondition::Exists => return Ok(Condition::IfExists),
-        Precondition::Absent => return Ok(Condition::IfAbsent),
-        Precondition::Match(dots) if dots.len() == 1 => return Ok(Condition::IfVersion(dots[0])),
-        Precondition::Match(dots) if dots.is_empty() => {
-            return Err(precondition_failed(format!(
-                "If-Match names no version of this node's keys (weak tags never match an If-Match), so it cannot match key {:?}",
-                key.as_str()
-            )));
+    match preconditions.as_slice() {
+        [] => return Ok(Condition::None),
+        [Precondition::Exists] => return Ok(Condition::IfExists),
+        [Precondition::Absent] => return Ok(Condition::IfAbsent),
+        [Precondition::Match(dots)] if dots.len() == 1 => {
+            return Ok(Condition::IfVersion(dots[0]));
         }
         // No listed tag is a version of ours: none can match, so nothing is required.
-        Precondition::NoneMatch(dots) if dots.is_empty() => return Ok(Condition::None),
-        Precondition::Match(ref dots) | Precondition::NoneMatch(ref dots) => dots.clone(),
-    };
+        [Precondition::NoneMatch(dots)] if dots.is_empty() => return Ok(Condition::None),
+        _ => {}
+    }
     store.caught_up().await?;
     let current = store
         .get(ns, key.as_str())?
         .filter(|ks| ks.value.is_some())
         .map(|ks| ks.version.dot);
-    let listed = current.is_some_and(|d| dots.contains(&d));
+    let k = key.as_str();
     let now = current.map_or("absent".to_owned(), |d| format!("at version {d}"));
-    match precondition {
-        Precondition::Match(_) if listed => Ok(Condition::IfVersion(current.expect("listed"))),
-        Precondition::Match(_) => Err(precondition_failed(format!(
-            "key {:?} is {now}, which is none of the versions If-Match lists",
-            key.as_str()
-        ))),
-        _ if listed => Err(precondition_failed(format!(
-            "key {:?} is {now}, which If-None-Match lists",
-            key.as_str()
-        ))),
-        _ => Ok(current.map_or(Condition::IfAbsent, Condition::IfVersion)),
+    for precondition in &preconditions {
+        let listed = |dots: &[Dot]| current.is_some_and(|d| dots.contains(&d));
+        let failed = match precondition {
+            Precondition::Exists if current.is_none() => {
+                format!("key {k:?} does not exist (If-Match: *)")
+            }
+            Precondition::Absent if current.is_some() => {
+                format!("key {k:?} exists, {now} (If-None-Match: *)")
+            }
+            Precondition::Match(dots) if !listed(dots) => format!(
+                "key {k:?} is {now}, which is none of the versions If-Match lists (weak tags and tags that are not this API's versions never match)"
+            ),
+            Precondition::NoneMatch(dots) if listed(dots) => {
+                format!("key {k:?} is {now}, which If-None-Match lists")
+            }
+            _ => continue,
+        };
+        return Err(precondition_failed(failed));
     }
+    Ok(current.map_or(Condition::IfAbsent, Condition::IfVersion))
 }
 
 async fn read_body(
@@ -587,7 +588,8 @@ fn concern(
             .as_ref()
             .map_or(0, Replicator::peers_known);
         if replicas > nodes {
-            return Err(ApiError::bad_request(
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
                 "replicas_unreachable",
                 format!(
                     "replicas={replicas} can never be met: at most {nodes} nodes can hold a write (this node and the peers it knows: configured, or linked to it since it started); ask for replicas={nodes} or fewer, or link more peers first"
@@ -674,7 +676,7 @@ async fn put_key(
                 format!("{} (for example -H 'Content-Type: application/json')", e.0),
             )
         })?;
-    let precondition = write_precondition(&headers)?;
+    let preconditions = write_preconditions(&headers)?;
     let store = state.store();
     let value = read_body(
         &headers,
@@ -687,7 +689,7 @@ async fn put_key(
     formats::validate(content_type, &value)
         .map_err(|e| ApiError::bad_request("invalid_value", e.to_string()))?;
     let op = if store.policy(&ns) == Policy::Siblings {
-        if precondition != Precondition::None {
+        if !preconditions.is_empty() {
             return Err(siblings_condition());
         }
         let context = crdt_api::write_context(store, &headers, &ns, &key)?;
@@ -699,7 +701,7 @@ async fn put_key(
                 content_type,
                 value,
             },
-            condition: resolve_precondition(store, &ns, &key, precondition).await?,
+            condition: resolve_preconditions(store, &ns, &key, preconditions).await?,
         }
     };
     write_one(&state, concern, ns, op, true).await
@@ -732,13 +734,13 @@ async fn delete_key(
 ) -> Result<Response, ApiError> {
     let (ns, key) = key_path(path)?;
     let concern = concern(&state, query)?;
-    let precondition = match header_str(&headers, header::IF_MATCH)? {
-        Some(m) => parse_if_match(m)?,
-        None => Precondition::None,
+    let preconditions = match header_str(&headers, header::IF_MATCH)? {
+        Some(m) => vec![parse_if_match(m)?],
+        None => vec![],
     };
     let store = state.store();
     let op = if store.policy(&ns) == Policy::Siblings {
-        if precondition != Precondition::None {
+        if !preconditions.is_empty() {
             return Err(siblings_condition());
         }
         let context = crdt_api::write_context(store, &headers, &ns, &key)?;
@@ -747,7 +749,7 @@ async fn delete_key(
         WriteOp {
             key: key.clone(),
             kind: WriteKind::Delete,
-            condition: resolve_precondition(store, &ns, &key, precondition).await?,
+            condition: resolve_preconditions(store, &ns, &key, preconditions).await?,
         }
     };
     write_one(&state, concern, ns, op, false).await
@@ -1044,16 +1046,20 @@ fn batch_precondition(
 }
 
 /// One operation of a batch, and its precondition (checked against the key later).
-fn batch_op(i: usize, op: BatchOpIn<'_>) -> Result<(WriteOp, Precondition), ApiError> {
+fn batch_op(i: usize, op: BatchOpIn<'_>) -> Result<(WriteOp, Vec<Precondition>), ApiError> {
     let bad = |m: String| ApiError::bad_request("invalid_batch", format!("ops[{i}]: {m}"));
     let key = Key::try_from(op.key).map_err(|e| bad(e.to_string()))?;
-    let precondition = match (op.if_match.as_deref(), op.if_none_match.as_deref()) {
+    let preconditions = match (op.if_match.as_deref(), op.if_none_match.as_deref()) {
         (Some(_), Some(_)) => return Err(bad("give if_match or if_none_match, not both".into())),
-        (Some(m), None) => batch_precondition(m, parse_if_match, Precondition::Match)
-            .map_err(|e| bad(e.message))?,
-        (None, Some(n)) => batch_precondition(n, parse_if_none_match, Precondition::NoneMatch)
-            .map_err(|e| bad(e.message))?,
-        (None, None) => Precondition::None,
+        (Some(m), None) => vec![
+            batch_precondition(m, parse_if_match, Precondition::Match)
+                .map_err(|e| bad(e.message))?,
+        ],
+        (None, Some(n)) => vec![
+            batch_precondition(n, parse_if_none_match, Precondition::NoneMatch)
+                .map_err(|e| bad(e.message))?,
+        ],
+        (None, None) => vec![],
     };
     let declared = match op.content_type.as_deref() {
         None => None,
@@ -1068,7 +1074,7 @@ fn batch_op(i: usize, op: BatchOpIn<'_>) -> Result<(WriteOp, Precondition), ApiE
     }
     let kind = match op.op {
         "incr" | "add" | "remove"
-            if has_value || declared.is_some() || precondition != Precondition::None =>
+            if has_value || declared.is_some() || !preconditions.is_empty() =>
         {
             return Err(bad(format!(
                 "{} takes no value, content_type or condition",
@@ -1160,7 +1166,7 @@ fn batch_op(i: usize, op: BatchOpIn<'_>) -> Result<(WriteOp, Precondition), ApiE
             kind,
             condition: Condition::None,
         },
-        precondition,
+        preconditions,
     ))
 }
 
@@ -1211,8 +1217,8 @@ async fn batch(
         .map(|(i, op)| batch_op(i, op))
         .collect::<Result<Vec<_>, _>>()?;
     let mut resolved = Vec::with_capacity(ops.len());
-    for (mut op, precondition) in ops {
-        op.condition = resolve_precondition(store, &ns, &op.key, precondition).await?;
+    for (mut op, preconditions) in ops {
+        op.condition = resolve_preconditions(store, &ns, &op.key, preconditions).await?;
         resolved.push(op);
     }
     let ops = resolved;

@@ -371,6 +371,42 @@ async fn if_match_and_if_none_match_lists_are_evaluated() {
         )
         .await;
     assert_eq!(r.status.as_u16(), 200);
+    // Both headers: If-Match first, then If-None-Match (RFC 9110 §13.2.2).
+    let w = server
+        .client
+        .put(
+            "m",
+            "both",
+            "application/json",
+            Bytes::from_static(b"1"),
+            None,
+        )
+        .await
+        .unwrap();
+    let v = format!("\"{}\"", w["version"].as_str().unwrap());
+    let r = server
+        .send(
+            Method::PUT,
+            "/v1/ns/m/kv/both",
+            &[json, ("if-match", &v), ("if-none-match", r#""x""#)],
+            b"2",
+        )
+        .await;
+    assert_eq!(
+        r.status.as_u16(),
+        200,
+        "{:?}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let r = server
+        .send(
+            Method::PUT,
+            "/v1/ns/m/kv/both",
+            &[json, ("if-match", "*"), ("if-none-match", "*")],
+            b"3",
+        )
+        .await;
+    assert_eq!(r.status.as_u16(), 412);
     // Batches take the same tags (and the bare versions answers show).
     let batch = r#"{"ops":[{"op":"put","key":"b","value":1,"if_match":"\"garbage\""}]}"#;
     let r = server
@@ -405,7 +441,7 @@ async fn a_write_concern_beyond_the_known_nodes_is_refused_at_once() {
             b"1",
         )
         .await;
-    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.status, StatusCode::CONFLICT);
     assert_eq!(code(&r), "replicas_unreachable");
     assert!(String::from_utf8_lossy(&r.body).contains("at most 1 node"));
     let r = server

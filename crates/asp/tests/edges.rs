@@ -51,7 +51,7 @@ async fn a_write_concern_beyond_the_cluster_is_refused_at_once() {
     linked(&b, 1).await;
     let r = put(&a, "replicas=3&timeout_ms=10000").await;
     let body = r.json().unwrap();
-    assert_eq!(r.status.as_u16(), 400, "{body}");
+    assert_eq!(r.status.as_u16(), 409, "{body}");
     assert_eq!(body["error"]["code"], "replicas_unreachable");
     assert!(
         body["error"]["message"]
