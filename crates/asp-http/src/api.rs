@@ -592,7 +592,8 @@ fn concern(
                 StatusCode::CONFLICT,
                 "replicas_unreachable",
                 format!(
-                    "replicas={replicas} can never be met: at most {nodes} nodes can hold a write (this node and the peers it knows: configured, or linked to it since it started); ask for replicas={nodes} or fewer, or link more peers first"
+                    "replicas={replicas} can never be met: at most {nodes} node{} can hold a write (this node and the peers it knows: configured, or linked to it since it started); ask for replicas={nodes} or fewer, or link more peers first",
+                    if nodes == 1 { "" } else { "s" }
                 ),
             ));
         }
@@ -1039,28 +1040,37 @@ fn batch_precondition(
     parse_header: fn(&str) -> Result<Precondition, ApiError>,
     one: fn(Vec<Dot>) -> Precondition,
 ) -> Result<Precondition, ApiError> {
-    match value.parse::<Dot>() {
-        Ok(dot) => Ok(one(vec![dot])),
-        Err(_) => parse_header(value),
+    // A bare version is a tag like any other: one that is not ours never matches.
+    let bare_version = value.split_once('@').is_some_and(|(counter, node)| {
+        !counter.is_empty()
+            && counter.bytes().all(|b| b.is_ascii_digit())
+            && node.len() == 16
+            && node.bytes().all(|b| b.is_ascii_hexdigit())
+    });
+    if bare_version {
+        return Ok(one(value.parse::<Dot>().into_iter().collect()));
     }
+    parse_header(value)
 }
 
 /// One operation of a batch, and its precondition (checked against the key later).
 fn batch_op(i: usize, op: BatchOpIn<'_>) -> Result<(WriteOp, Vec<Precondition>), ApiError> {
     let bad = |m: String| ApiError::bad_request("invalid_batch", format!("ops[{i}]: {m}"));
     let key = Key::try_from(op.key).map_err(|e| bad(e.to_string()))?;
-    let preconditions = match (op.if_match.as_deref(), op.if_none_match.as_deref()) {
-        (Some(_), Some(_)) => return Err(bad("give if_match or if_none_match, not both".into())),
-        (Some(m), None) => vec![
+    // Both, like the headers: if_match first (RFC 9110 §13.2.2).
+    let mut preconditions = Vec::new();
+    if let Some(m) = op.if_match.as_deref() {
+        preconditions.push(
             batch_precondition(m, parse_if_match, Precondition::Match)
                 .map_err(|e| bad(e.message))?,
-        ],
-        (None, Some(n)) => vec![
+        );
+    }
+    if let Some(n) = op.if_none_match.as_deref() {
+        preconditions.push(
             batch_precondition(n, parse_if_none_match, Precondition::NoneMatch)
                 .map_err(|e| bad(e.message))?,
-        ],
-        (None, None) => vec![],
-    };
+        );
+    }
     let declared = match op.content_type.as_deref() {
         None => None,
         Some(ct) => Some(formats::content_type_of(Some(ct)).map_err(|e| bad(e.0))?),

@@ -494,6 +494,17 @@ fn parse_event(text: &str) -> Option<ServerEvent> {
     has_data.then_some(event)
 }
 
+/// An `If-Match` value: a bare version (`17@9f3c2a0b11d4e5f6`, as answers write it)
+/// gets the quotes of an entity tag; anything else is sent as given.
+fn entity_tag(m: &str) -> String {
+    let m = m.trim();
+    if m.parse::<asp_core::Dot>().is_ok() {
+        format!("\"{m}\"")
+    } else {
+        m.to_owned()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -527,16 +538,5 @@ mod tests {
             })
         );
         assert_eq!(parse_event(": keep-alive"), None);
-    }
-}
-
-/// An `If-Match` value: a bare version (`17@9f3c2a0b11d4e5f6`, as answers write it)
-/// gets the quotes of an entity tag; anything else is sent as given.
-fn entity_tag(m: &str) -> String {
-    let m = m.trim();
-    if m.parse::<asp_core::Dot>().is_ok() {
-        format!("\"{m}\"")
-    } else {
-        m.to_owned()
     }
 }
