@@ -418,6 +418,30 @@ async fn if_match_and_if_none_match_lists_are_evaluated() {
         "{:?}",
         String::from_utf8_lossy(&r.body)
     );
+    // Both in one operation: if_match first, like the headers.
+    let batch =
+        r#"{"ops":[{"op":"put","key":"both","value":1,"if_match":"*","if_none_match":"*"}]}"#;
+    let r = server
+        .send(Method::POST, "/v1/ns/m/batch", &[json], batch.as_bytes())
+        .await;
+    assert_eq!(
+        r.status.as_u16(),
+        412,
+        "{:?}",
+        String::from_utf8_lossy(&r.body)
+    );
+    // A bare version that is not ours is a tag like any other.
+    let batch =
+        r#"{"ops":[{"op":"put","key":"b","value":1,"if_none_match":"1@0000000000000000"}]}"#;
+    let r = server
+        .send(Method::POST, "/v1/ns/m/batch", &[json], batch.as_bytes())
+        .await;
+    assert_eq!(
+        r.status.as_u16(),
+        200,
+        "{:?}",
+        String::from_utf8_lossy(&r.body)
+    );
     let batch = r#"{"ops":[{"op":"put","key":"b","value":1,"if_match":"garbage"}]}"#;
     let r = server
         .send(Method::POST, "/v1/ns/m/batch", &[json], batch.as_bytes())
@@ -446,6 +470,37 @@ async fn a_write_concern_beyond_the_known_nodes_is_refused_at_once() {
     assert!(String::from_utf8_lossy(&r.body).contains("at most 1 node"));
     let r = server
         .send(Method::PUT, "/v1/ns/w/kv/k?replicas=1", json, b"1")
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    server.stop().await;
+}
+
+// Guards against: a policy body with a field the API does not know, silently ignored
+// (schemathesis found it: the document says no other field).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_bodies_with_unknown_fields_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), |_| {}).await;
+    let json = &[("content-type", "application/json")][..];
+    let r = server
+        .send(
+            Method::PUT,
+            "/v1/ns/p/policy",
+            json,
+            br#"{"policy":"counter","namespace":{}}"#,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(code(&r), "invalid_body");
+    let r = server.send(Method::GET, "/v1/ns/p/policy", &[], b"").await;
+    assert_eq!(r.json().unwrap()["policy"], "lww", "nothing was set");
+    let r = server
+        .send(
+            Method::PUT,
+            "/v1/ns/p/policy",
+            json,
+            br#"{"policy":"counter"}"#,
+        )
         .await;
     assert_eq!(r.status, StatusCode::OK);
     server.stop().await;
