@@ -38,6 +38,12 @@ use crate::json::{BASE64, ChangeOut, ChangesOut, HlcOut, ValueOut, WriteOut};
 
 /// Default limit on a batch request body.
 pub const DEFAULT_REQUEST_BYTES_MAX: usize = 16 << 20;
+/// Default time a client has to send a request's header.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default limit on open HTTP connections.
+pub const DEFAULT_CONNECTIONS_MAX: usize = 1024;
+/// Default limit on live change streams (SSE).
+pub const DEFAULT_STREAMS_MAX: usize = 256;
 /// Default and largest page sizes.
 const LIST_LIMIT_DEFAULT: usize = 100;
 const CHANGES_LIMIT_DEFAULT: usize = 100;
@@ -49,12 +55,22 @@ const SSE_READ_EVENTS: usize = 512;
 pub struct ApiConfig {
     /// The largest request body of a batch.
     pub request_bytes_max: usize,
+    /// A connection whose request header has not fully arrived this long after the
+    /// server began reading it (idle keep-alive time included) is closed.
+    pub header_read_timeout: Duration,
+    /// Open HTTP connections at most; a connection over it gets a 503 and is closed.
+    pub connections_max: usize,
+    /// Live change streams (SSE) at most; one more gets `503 too_many_streams`.
+    pub streams_max: usize,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             request_bytes_max: DEFAULT_REQUEST_BYTES_MAX,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            connections_max: DEFAULT_CONNECTIONS_MAX,
+            streams_max: DEFAULT_STREAMS_MAX,
         }
     }
 }
@@ -76,6 +92,10 @@ struct StateInner {
     config: ApiConfig,
     registry: Registry,
     http_requests: Family<StatusLabels, Counter>,
+    connections_refused: Counter,
+    streams_refused: Counter,
+    /// One permit per live change stream.
+    streams: Arc<tokio::sync::Semaphore>,
     started: Instant,
     listen: SocketAddr,
     shutdown: CancellationToken,
@@ -102,6 +122,19 @@ impl AppState {
             "HTTP requests answered, by status class",
             http_requests.clone(),
         );
+        let connections_refused = Counter::default();
+        registry.register(
+            "asp_http_connections_refused",
+            "HTTP connections closed at once because http_connections_max were open",
+            connections_refused.clone(),
+        );
+        let streams_refused = Counter::default();
+        registry.register(
+            "asp_http_streams_refused",
+            "Change streams (SSE) refused because sse_streams_max were live",
+            streams_refused.clone(),
+        );
+        let streams = Arc::new(tokio::sync::Semaphore::new(config.streams_max));
         AppState {
             inner: Arc::new(StateInner {
                 store,
@@ -109,6 +142,9 @@ impl AppState {
                 config,
                 registry,
                 http_requests,
+                connections_refused,
+                streams_refused,
+                streams,
                 started: Instant::now(),
                 listen,
                 shutdown,
@@ -119,15 +155,18 @@ impl AppState {
     pub fn store(&self) -> &Store {
         &self.inner.store
     }
-}
 
-/// Serves the API on `listener` until the state's shutdown token is cancelled, then
-/// finishes the requests in flight.
-pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> std::io::Result<()> {
-    let token = state.inner.shutdown.clone();
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { token.cancelled().await })
-        .await
+    pub(crate) fn config(&self) -> &ApiConfig {
+        &self.inner.config
+    }
+
+    pub(crate) fn shutdown_token(&self) -> CancellationToken {
+        self.inner.shutdown.clone()
+    }
+
+    pub(crate) fn connections_refused(&self) -> Counter {
+        self.inner.connections_refused.clone()
+    }
 }
 
 pub fn router(state: AppState) -> Router {
@@ -290,50 +329,186 @@ fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Result<Option<&s
     }
 }
 
-/// Reads an entity tag: `"17@9f3c2a0b11d4e5f6"`, with or without quotes or `W/`.
-fn parse_etag(tag: &str) -> Option<Dot> {
-    let t = tag.trim();
-    let t = t.strip_prefix("W/").unwrap_or(t);
-    let t = t
-        .strip_prefix('"')
-        .and_then(|t| t.strip_suffix('"'))
-        .unwrap_or(t);
-    t.parse().ok()
-}
-
 fn etag(dot: Dot) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{dot}\"")).expect("dots are ASCII")
 }
 
-/// The condition of a single-key write from `If-Match` / `If-None-Match`.
-fn write_condition(headers: &HeaderMap) -> Result<Condition, ApiError> {
-    let if_match = header_str(headers, header::IF_MATCH)?;
-    let if_none_match = header_str(headers, header::IF_NONE_MATCH)?;
-    match (if_match, if_none_match) {
-        (Some(_), Some(_)) => Err(ApiError::bad_request(
-            "invalid_header",
-            "send either If-Match or If-None-Match, not both",
-        )),
-        (Some(m), None) => parse_if_match(m),
-        (None, Some(n)) if n.trim() == "*" => Ok(Condition::IfAbsent),
-        (None, Some(_)) => Err(ApiError::bad_request(
-            "invalid_header",
-            "on writes, If-None-Match only takes * (create the key only if it does not exist)",
-        )),
-        (None, None) => Ok(Condition::None),
+/// An entity tag of an `If-Match` / `If-None-Match` list (RFC 9110 §8.8.3), without
+/// its quotes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct EntityTag<'a> {
+    weak: bool,
+    opaque: &'a str,
+}
+
+impl EntityTag<'_> {
+    /// The version this tag names, if it is one of ours (`"17@9f3c2a0b11d4e5f6"`).
+    fn dot(&self) -> Option<Dot> {
+        self.opaque.parse().ok()
     }
 }
 
-fn parse_if_match(m: &str) -> Result<Condition, ApiError> {
-    if m.trim() == "*" {
-        return Ok(Condition::IfExists);
+/// Reads `#entity-tag`: tags separated by commas and optional white space (empty list
+/// elements are skipped, as RFC 9110 §5.6.1 asks). `None` when the value does not
+/// follow that grammar or holds no tag.
+fn parse_etag_list(value: &str) -> Option<Vec<EntityTag<'_>>> {
+    let mut tags = Vec::new();
+    let mut rest = value;
+    loop {
+        rest = rest.trim_start_matches([' ', '\t', ',']);
+        if rest.is_empty() {
+            break;
+        }
+        let (weak, tail) = match rest.strip_prefix("W/") {
+            Some(t) => (true, t),
+            None => (false, rest),
+        };
+        let tail = tail.strip_prefix('"')?;
+        let end = tail.find('"')?;
+        let opaque = &tail[..end];
+        // etagc: any visible character but DQUOTE (obs-text never reaches here: the
+        // header was checked to be visible ASCII).
+        if !opaque
+            .bytes()
+            .all(|b| b == 0x21 || (0x23..=0x7e).contains(&b))
+        {
+            return None;
+        }
+        tags.push(EntityTag { weak, opaque });
+        rest = tail[end + 1..].trim_start_matches([' ', '\t']);
+        if !rest.is_empty() && !rest.starts_with(',') {
+            return None;
+        }
     }
-    parse_etag(m).map(Condition::IfVersion).ok_or_else(|| {
-        ApiError::bad_request(
-            "invalid_header",
-            format!("If-Match must be * or one version such as \"17@9f3c2a0b11d4e5f6\"; got {m:?}"),
-        )
-    })
+    (!tags.is_empty()).then_some(tags)
+}
+
+/// A write's precondition as the client sent it, before it is checked against the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Precondition {
+    /// `If-Match: *`.
+    Exists,
+    /// `If-None-Match: *`.
+    Absent,
+    /// `If-Match` with tags: the current version must be one of these. Strong
+    /// comparison: weak tags and tags that are not versions of ours never match, so
+    /// they are not kept.
+    Match(Vec<Dot>),
+    /// `If-None-Match` with tags: the current version must be none of these (weak
+    /// comparison, RFC 9110 §13.1.2).
+    NoneMatch(Vec<Dot>),
+}
+
+fn if_match_error(m: &str) -> ApiError {
+    ApiError::bad_request(
+        "invalid_header",
+        format!(
+            "If-Match must be * or a list of entity tags such as \"17@9f3c2a0b11d4e5f6\" (quoted, comma-separated); got {m:?}"
+        ),
+    )
+}
+
+fn if_none_match_error(n: &str) -> ApiError {
+    ApiError::bad_request(
+        "invalid_header",
+        format!(
+            "If-None-Match must be * or a list of entity tags such as \"17@9f3c2a0b11d4e5f6\" (quoted, comma-separated); got {n:?}"
+        ),
+    )
+}
+
+fn parse_if_match(m: &str) -> Result<Precondition, ApiError> {
+    if m.trim() == "*" {
+        return Ok(Precondition::Exists);
+    }
+    let tags = parse_etag_list(m).ok_or_else(|| if_match_error(m))?;
+    Ok(Precondition::Match(
+        tags.iter()
+            .filter(|t| !t.weak)
+            .filter_map(EntityTag::dot)
+            .collect(),
+    ))
+}
+
+fn parse_if_none_match(n: &str) -> Result<Precondition, ApiError> {
+    if n.trim() == "*" {
+        return Ok(Precondition::Absent);
+    }
+    let tags = parse_etag_list(n).ok_or_else(|| if_none_match_error(n))?;
+    Ok(Precondition::NoneMatch(
+        tags.iter().filter_map(EntityTag::dot).collect(),
+    ))
+}
+
+/// The preconditions of a single-key write from `If-Match` / `If-None-Match`, in the
+/// order RFC 9110 §13.2.2 evaluates them (If-Match first).
+fn write_preconditions(headers: &HeaderMap) -> Result<Vec<Precondition>, ApiError> {
+    let mut preconditions = Vec::new();
+    if let Some(m) = header_str(headers, header::IF_MATCH)? {
+        preconditions.push(parse_if_match(m)?);
+    }
+    if let Some(n) = header_str(headers, header::IF_NONE_MATCH)? {
+        preconditions.push(parse_if_none_match(n)?);
+    }
+    Ok(preconditions)
+}
+
+fn precondition_failed(message: String) -> ApiError {
+    ApiError::new(
+        StatusCode::PRECONDITION_FAILED,
+        "precondition_failed",
+        message,
+    )
+}
+
+/// Turns preconditions into the condition the store checks when it writes. One the
+/// store can check by itself goes as it is; otherwise they are checked here against the
+/// key's current version, and the write is made conditional on that very state, so
+/// that a write in between fails it (412) as if it had come first.
+async fn resolve_preconditions(
+    store: &Store,
+    ns: &Namespace,
+    key: &Key,
+    preconditions: Vec<Precondition>,
+) -> Result<Condition, ApiError> {
+    match preconditions.as_slice() {
+        [] => return Ok(Condition::None),
+        [Precondition::Exists] => return Ok(Condition::IfExists),
+        [Precondition::Absent] => return Ok(Condition::IfAbsent),
+        [Precondition::Match(dots)] if dots.len() == 1 => {
+            return Ok(Condition::IfVersion(dots[0]));
+        }
+        // No listed tag is a version of ours: none can match, so nothing is required.
+        [Precondition::NoneMatch(dots)] if dots.is_empty() => return Ok(Condition::None),
+        _ => {}
+    }
+    store.caught_up().await?;
+    let current = store
+        .get(ns, key.as_str())?
+        .filter(|ks| ks.value.is_some())
+        .map(|ks| ks.version.dot);
+    let k = key.as_str();
+    let now = current.map_or("absent".to_owned(), |d| format!("at version {d}"));
+    for precondition in &preconditions {
+        let listed = |dots: &[Dot]| current.is_some_and(|d| dots.contains(&d));
+        let failed = match precondition {
+            Precondition::Exists if current.is_none() => {
+                format!("key {k:?} does not exist (If-Match: *)")
+            }
+            Precondition::Absent if current.is_some() => {
+                format!("key {k:?} exists, {now} (If-None-Match: *)")
+            }
+            Precondition::Match(dots) if !listed(dots) => format!(
+                "key {k:?} is {now}, which is none of the versions If-Match lists (weak tags and tags that are not this API's versions never match)"
+            ),
+            Precondition::NoneMatch(dots) if listed(dots) => {
+                format!("key {k:?} is {now}, which If-None-Match lists")
+            }
+            _ => continue,
+        };
+        return Err(precondition_failed(failed));
+    }
+    Ok(current.map_or(Condition::IfAbsent, Condition::IfVersion))
 }
 
 async fn read_body(
@@ -406,11 +581,22 @@ fn concern(
             format!("replicas must be between 1 and {REPLICAS_MAX}; got {replicas}"),
         ));
     }
-    if replicas > 1 && state.inner.replicator.is_none() {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            "replication is not running on this node, so a write can only ask for replicas=1",
-        ));
+    if replicas > 1 {
+        let nodes = 1 + state
+            .inner
+            .replicator
+            .as_ref()
+            .map_or(0, Replicator::peers_known);
+        if replicas > nodes {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "replicas_unreachable",
+                format!(
+                    "replicas={replicas} can never be met: at most {nodes} node{} can hold a write (this node and the peers it knows: configured, or linked to it since it started); ask for replicas={nodes} or fewer, or link more peers first",
+                    if nodes == 1 { "" } else { "s" }
+                ),
+            ));
+        }
     }
     let timeout_ms = q.timeout_ms.unwrap_or(REPLICA_TIMEOUT_MS_DEFAULT);
     if timeout_ms == 0 || timeout_ms > REPLICA_TIMEOUT_MS_MAX {
@@ -491,7 +677,7 @@ async fn put_key(
                 format!("{} (for example -H 'Content-Type: application/json')", e.0),
             )
         })?;
-    let condition = write_condition(&headers)?;
+    let preconditions = write_preconditions(&headers)?;
     let store = state.store();
     let value = read_body(
         &headers,
@@ -504,7 +690,7 @@ async fn put_key(
     formats::validate(content_type, &value)
         .map_err(|e| ApiError::bad_request("invalid_value", e.to_string()))?;
     let op = if store.policy(&ns) == Policy::Siblings {
-        if condition != Condition::None {
+        if !preconditions.is_empty() {
             return Err(siblings_condition());
         }
         let context = crdt_api::write_context(store, &headers, &ns, &key)?;
@@ -516,7 +702,7 @@ async fn put_key(
                 content_type,
                 value,
             },
-            condition,
+            condition: resolve_preconditions(store, &ns, &key, preconditions).await?,
         }
     };
     write_one(&state, concern, ns, op, true).await
@@ -549,13 +735,13 @@ async fn delete_key(
 ) -> Result<Response, ApiError> {
     let (ns, key) = key_path(path)?;
     let concern = concern(&state, query)?;
-    let condition = match header_str(&headers, header::IF_MATCH)? {
-        Some(m) => parse_if_match(m)?,
-        None => Condition::None,
+    let preconditions = match header_str(&headers, header::IF_MATCH)? {
+        Some(m) => vec![parse_if_match(m)?],
+        None => vec![],
     };
     let store = state.store();
     let op = if store.policy(&ns) == Policy::Siblings {
-        if condition != Condition::None {
+        if !preconditions.is_empty() {
             return Err(siblings_condition());
         }
         let context = crdt_api::write_context(store, &headers, &ns, &key)?;
@@ -564,7 +750,7 @@ async fn delete_key(
         WriteOp {
             key: key.clone(),
             kind: WriteKind::Delete,
-            condition,
+            condition: resolve_preconditions(store, &ns, &key, preconditions).await?,
         }
     };
     write_one(&state, concern, ns, op, false).await
@@ -592,9 +778,12 @@ async fn get_key(
         ));
     };
     let dot = ks.version.dot;
-    if let Some(inm) = if_none_match
-        && (inm.trim() == "*" || inm.split(',').filter_map(parse_etag).any(|d| d == dot))
-    {
+    let not_modified = match if_none_match.map(parse_if_none_match).transpose()? {
+        Some(Precondition::Absent) => true,
+        Some(Precondition::NoneMatch(dots)) => dots.contains(&dot),
+        _ => false,
+    };
+    if not_modified {
         let mut r = StatusCode::NOT_MODIFIED.into_response();
         r.headers_mut().insert(header::ETAG, etag(dot));
         return Ok(r);
@@ -844,16 +1033,44 @@ struct BatchOpIn<'a> {
     member: Option<&'a RawValue>,
 }
 
-fn batch_op(i: usize, op: BatchOpIn<'_>) -> Result<WriteOp, ApiError> {
+/// A batch operation's `if_match` / `if_none_match`: a version as answers write it
+/// (`17@9f3c2a0b11d4e5f6`), or what the header of the same name takes.
+fn batch_precondition(
+    value: &str,
+    parse_header: fn(&str) -> Result<Precondition, ApiError>,
+    one: fn(Vec<Dot>) -> Precondition,
+) -> Result<Precondition, ApiError> {
+    // A bare version is a tag like any other: one that is not ours never matches.
+    let bare_version = value.split_once('@').is_some_and(|(counter, node)| {
+        !counter.is_empty()
+            && counter.bytes().all(|b| b.is_ascii_digit())
+            && node.len() == 16
+            && node.bytes().all(|b| b.is_ascii_hexdigit())
+    });
+    if bare_version {
+        return Ok(one(value.parse::<Dot>().into_iter().collect()));
+    }
+    parse_header(value)
+}
+
+/// One operation of a batch, and its precondition (checked against the key later).
+fn batch_op(i: usize, op: BatchOpIn<'_>) -> Result<(WriteOp, Vec<Precondition>), ApiError> {
     let bad = |m: String| ApiError::bad_request("invalid_batch", format!("ops[{i}]: {m}"));
     let key = Key::try_from(op.key).map_err(|e| bad(e.to_string()))?;
-    let condition = match (op.if_match.as_deref(), op.if_none_match.as_deref()) {
-        (Some(_), Some(_)) => return Err(bad("give if_match or if_none_match, not both".into())),
-        (Some(m), None) => parse_if_match(m).map_err(|e| bad(e.message))?,
-        (None, Some("*")) => Condition::IfAbsent,
-        (None, Some(_)) => return Err(bad("if_none_match only takes \"*\"".into())),
-        (None, None) => Condition::None,
-    };
+    // Both, like the headers: if_match first (RFC 9110 §13.2.2).
+    let mut preconditions = Vec::new();
+    if let Some(m) = op.if_match.as_deref() {
+        preconditions.push(
+            batch_precondition(m, parse_if_match, Precondition::Match)
+                .map_err(|e| bad(e.message))?,
+        );
+    }
+    if let Some(n) = op.if_none_match.as_deref() {
+        preconditions.push(
+            batch_precondition(n, parse_if_none_match, Precondition::NoneMatch)
+                .map_err(|e| bad(e.message))?,
+        );
+    }
     let declared = match op.content_type.as_deref() {
         None => None,
         Some(ct) => Some(formats::content_type_of(Some(ct)).map_err(|e| bad(e.0))?),
@@ -867,7 +1084,7 @@ fn batch_op(i: usize, op: BatchOpIn<'_>) -> Result<WriteOp, ApiError> {
     }
     let kind = match op.op {
         "incr" | "add" | "remove"
-            if has_value || declared.is_some() || condition != Condition::None =>
+            if has_value || declared.is_some() || !preconditions.is_empty() =>
         {
             return Err(bad(format!(
                 "{} takes no value, content_type or condition",
@@ -908,6 +1125,10 @@ fn batch_op(i: usize, op: BatchOpIn<'_>) -> Result<WriteOp, ApiError> {
                     if declared.is_some_and(|d| d != ContentType::Json) {
                         return Err(bad("\"value\" holds JSON; use value_text or value_base64 for other content types".into()));
                     }
+                    // The same check as a PUT's body: parsing the batch only skipped
+                    // over the value, at any depth.
+                    formats::validate(ContentType::Json, raw.get().as_bytes())
+                        .map_err(|e| invalid_value(i, e))?;
                     (
                         ContentType::Json,
                         Bytes::copy_from_slice(raw.get().as_bytes()),
@@ -924,7 +1145,7 @@ fn batch_op(i: usize, op: BatchOpIn<'_>) -> Result<WriteOp, ApiError> {
                         .decode(b64.as_bytes())
                         .map_err(|e| bad(format!("value_base64 is not valid base64: {e}")))?;
                     let ct = declared.unwrap_or(ContentType::OctetStream);
-                    formats::validate(ct, &bytes).map_err(|e| bad(e.to_string()))?;
+                    formats::validate(ct, &bytes).map_err(|e| invalid_value(i, e))?;
                     (ct, Bytes::from(bytes))
                 }
                 (None, None, None) => {
@@ -949,11 +1170,19 @@ fn batch_op(i: usize, op: BatchOpIn<'_>) -> Result<WriteOp, ApiError> {
             )));
         }
     };
-    Ok(WriteOp {
-        key,
-        kind,
-        condition,
-    })
+    Ok((
+        WriteOp {
+            key,
+            kind,
+            condition: Condition::None,
+        },
+        preconditions,
+    ))
+}
+
+/// A value that is not well formed for its content type: what a PUT of it answers.
+fn invalid_value(i: usize, e: formats::FormatError) -> ApiError {
+    ApiError::bad_request("invalid_value", format!("ops[{i}]: {e}"))
 }
 
 async fn batch(
@@ -997,6 +1226,12 @@ async fn batch(
         .enumerate()
         .map(|(i, op)| batch_op(i, op))
         .collect::<Result<Vec<_>, _>>()?;
+    let mut resolved = Vec::with_capacity(ops.len());
+    for (mut op, preconditions) in ops {
+        op.condition = resolve_preconditions(store, &ns, &op.key, preconditions).await?;
+        resolved.push(op);
+    }
+    let ops = resolved;
     let keys: Vec<Key> = ops.iter().map(|o| o.key.clone()).collect();
     let applied = store.write(ns.clone(), ops).await?;
     // Written by hand: a 10,000-result answer is on the hot path of bulk loads.
@@ -1075,7 +1310,21 @@ async fn changes(
         ));
     }
     if wants_stream {
-        return Ok(sse(state.clone(), ns, since, with_values).into_response());
+        let Ok(slot) = state.inner.streams.clone().try_acquire_owned() else {
+            state.inner.streams_refused.inc();
+            return Err(ApiError {
+                retry_after_s: Some(5),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too_many_streams",
+                    format!(
+                        "this node serves at most {} live change streams at once (sse_streams_max); read the feed in pages (without Accept: text/event-stream) or retry later",
+                        state.inner.config.streams_max
+                    ),
+                )
+            });
+        };
+        return Ok(sse(state.clone(), ns, since, with_values, slot).into_response());
     }
     let page = store.changes(Some(&ns), since, limit)?;
     Ok(Json(ChangesOut {
@@ -1098,6 +1347,8 @@ struct Live {
     shutdown: CancellationToken,
     with_values: bool,
     done: bool,
+    /// Held while the stream lives (`sse_streams_max`).
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// A live stream of the namespace's changes after `since`: every event once, in feed
@@ -1107,6 +1358,7 @@ fn sse(
     ns: Namespace,
     since: u64,
     with_values: bool,
+    slot: tokio::sync::OwnedSemaphorePermit,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let store = state.store();
     let live = Live {
@@ -1116,6 +1368,7 @@ fn sse(
         shutdown: state.inner.shutdown.clone(),
         with_values,
         done: false,
+        _slot: slot,
     };
     let events = stream::unfold(live, |mut live| async move {
         if live.done {

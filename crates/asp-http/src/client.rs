@@ -108,7 +108,9 @@ impl Client {
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
         connector.set_nodelay(true);
         let http = HyperClient::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
+            // Below the server's default header read timeout (10 s), which closes
+            // idle connections: the pool lets them go first.
+            .pool_idle_timeout(Duration::from_secs(5))
             .build(connector);
         Ok(Client {
             base: trimmed.to_owned(),
@@ -193,8 +195,9 @@ impl Client {
         if_match: Option<&str>,
     ) -> Result<serde_json::Value, ClientError> {
         let mut headers = vec![(header::CONTENT_TYPE, content_type)];
-        if let Some(m) = if_match {
-            headers.push((header::IF_MATCH, m));
+        let if_match = if_match.map(entity_tag);
+        if let Some(m) = &if_match {
+            headers.push((header::IF_MATCH, m.as_str()));
         }
         self.send(Method::PUT, &Self::kv_path(namespace, key), &headers, value)
             .await?
@@ -230,9 +233,10 @@ impl Client {
         key: &str,
         if_match: Option<&str>,
     ) -> Result<serde_json::Value, ClientError> {
+        let if_match = if_match.map(entity_tag);
         let headers: Vec<_> = if_match
-            .map(|m| (header::IF_MATCH, m))
-            .into_iter()
+            .iter()
+            .map(|m| (header::IF_MATCH, m.as_str()))
             .collect();
         self.send(
             Method::DELETE,
@@ -488,6 +492,17 @@ fn parse_event(text: &str) -> Option<ServerEvent> {
         }
     }
     has_data.then_some(event)
+}
+
+/// An `If-Match` value: a bare version (`17@9f3c2a0b11d4e5f6`, as answers write it)
+/// gets the quotes of an entity tag; anything else is sent as given.
+fn entity_tag(m: &str) -> String {
+    let m = m.trim();
+    if m.parse::<asp_core::Dot>().is_ok() {
+        format!("\"{m}\"")
+    } else {
+        m.to_owned()
+    }
 }
 
 #[cfg(test)]

@@ -371,6 +371,12 @@ pub fn parse_policy(body: &[u8]) -> Result<Policy, ApiError> {
     };
     let value: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| invalid(format!("the body is not JSON: {e}")))?;
+    if let Some(other) = value
+        .as_object()
+        .and_then(|o| o.keys().find(|k| *k != "policy"))
+    {
+        return Err(invalid(format!("unknown field {other:?}")));
+    }
     let name = value
         .get("policy")
         .and_then(|p| p.as_str())

@@ -10,6 +10,8 @@ pub mod formats;
 mod held_api;
 mod json;
 mod openapi;
+mod server;
 
-pub use api::{ApiConfig, AppState, DEFAULT_REQUEST_BYTES_MAX, router, serve};
+pub use api::{ApiConfig, AppState, DEFAULT_REQUEST_BYTES_MAX, router};
 pub use error::ApiError;
+pub use server::serve;

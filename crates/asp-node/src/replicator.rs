@@ -353,6 +353,19 @@ impl Replicator {
         self.inner.listen
     }
 
+    /// Peers that could acknowledge a write (write concern counts only peers' acks):
+    /// every node linked with since this process started, and each configured address
+    /// not identified yet.
+    pub fn peers_known(&self) -> usize {
+        let reg = self.inner.registry.lock().unwrap();
+        let unidentified = reg
+            .dials
+            .values()
+            .filter(|d| d.node.is_none_or(|n| !reg.peers.contains_key(&n)))
+            .count();
+        reg.peers.len() + unidentified
+    }
+
     pub fn register_metrics(&self, registry: &mut MetricsRegistry) {
         self.inner.metrics.register(registry);
     }

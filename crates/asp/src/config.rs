@@ -103,6 +103,12 @@ pub struct Limits {
     pub write_queue_wait_ms: Option<u64>,
     /// Bytes of events from peers held without being applied (parked or quarantined).
     pub held_bytes_max: Option<u64>,
+    /// A client has this long to send a request's header, or its connection closes.
+    pub header_read_timeout_ms: Option<u64>,
+    /// Open HTTP connections at most (one more is answered 503 and closed).
+    pub http_connections_max: Option<usize>,
+    /// Live change streams (SSE) at most (one more is answered 503).
+    pub sse_streams_max: Option<usize>,
 }
 
 #[derive(Deserialize, Default, Debug, Clone)]
@@ -212,6 +218,28 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
             bail!("request_bytes_max must be at least 1");
         }
         api_config.request_bytes_max = v;
+    }
+    if let Some(ms) = flags
+        .limits
+        .header_read_timeout_ms
+        .or(limits.header_read_timeout_ms)
+    {
+        if ms == 0 {
+            bail!("header_read_timeout_ms must be at least 1");
+        }
+        api_config.header_read_timeout = Duration::from_millis(ms);
+    }
+    if let Some(v) = pick(
+        flags.limits.http_connections_max,
+        limits.http_connections_max,
+    ) {
+        if v == 0 {
+            bail!("http_connections_max must be at least 1");
+        }
+        api_config.connections_max = v;
+    }
+    if let Some(v) = pick(flags.limits.sse_streams_max, limits.sse_streams_max) {
+        api_config.streams_max = v;
     }
     if let Some(v) = pick(flags.limits.write_queue_max, limits.write_queue_max) {
         store.write_queue_max = v;
@@ -383,6 +411,9 @@ mod tests {
             api = "127.0.0.1:9000"
             [limits]
             value_bytes_max = 4096
+            header_read_timeout_ms = 250
+            http_connections_max = 64
+            sse_streams_max = 0
             "#,
         )
         .unwrap();
@@ -395,6 +426,9 @@ mod tests {
         assert_eq!(c.store.fsync, FsyncMode::Interval { ms: 10 });
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.store.value_bytes_max, 4096);
+        assert_eq!(c.api.header_read_timeout, Duration::from_millis(250));
+        assert_eq!(c.api.connections_max, 64);
+        assert_eq!(c.api.streams_max, 0);
     }
 
     #[test]

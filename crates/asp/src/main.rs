@@ -269,6 +269,7 @@ fn main() -> ExitCode {
                         write_queue_bytes_max: None,
                         write_queue_wait_ms: a.write_queue_wait_ms,
                         held_bytes_max: a.held_bytes_max,
+                        ..config::Limits::default()
                     },
                     segment_bytes_max: a.segment_bytes_max,
                     max_clock_skew_ms: a.max_clock_skew_ms,

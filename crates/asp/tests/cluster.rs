@@ -331,6 +331,13 @@ async fn write_concern_waits_for_replicas_or_says_how_many_hold_the_write() {
                 .unwrap()
         }
     };
+    // A counts B toward a write concern once B has linked (before that, replicas=2
+    // is more than A knows it can meet, and is refused at once).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client.status().await.unwrap()["replication"]["peers"][0]["state"] != "active" {
+        assert!(Instant::now() < deadline, "B never linked to A");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let r = put("replicas=2&timeout_ms=20000").await;
     assert_eq!(r.status.as_u16(), 200, "{:?}", r.body);
     assert_eq!(r.json().unwrap()["replicas"]["acknowledged"], 2);
