@@ -89,9 +89,16 @@ pub(crate) async fn run(
     end
 }
 
+/// Namespaces a periodic summary may hold per `summary_interval` between summaries.
+const SUMMARY_NAMESPACES_PER_INTERVAL: usize = 10_000;
+
 struct Link {
     inner: Arc<Inner>,
     id: u64,
+    /// When the last summary went out, and how many namespaces it held: a periodic
+    /// summary waits one `summary_interval` per 10,000 namespaces (a summary costs
+    /// both sides time in proportion to its size).
+    last_summary: Option<(tokio::time::Instant, usize)>,
     direction: Direction,
     address: String,
     session: Session,
@@ -128,6 +135,7 @@ impl Link {
             reader: None,
             sent_through: 0,
             caught_up: false,
+            last_summary: None,
             queued: Arc::new(AtomicUsize::new(0)),
             out,
             socket: None,
@@ -205,7 +213,16 @@ impl Link {
                     }
                 }
                 () = drained.notified(), if writer_full => {}
-                _ = summary_tick.tick() => self.refresh_summary().await,
+                _ = summary_tick.tick() => {
+                    let due = self.last_summary.is_none_or(|(at, namespaces)| {
+                        let every = self.inner.config.summary_interval
+                            * (namespaces / SUMMARY_NAMESPACES_PER_INTERVAL + 1) as u32;
+                        at.elapsed() >= every
+                    });
+                    if due {
+                        self.refresh_summary().await;
+                    }
+                }
                 _ = &mut close_rx, if close_pending => {
                     close_pending = false;
                     self.session.close(ErrorCode::DuplicateLink, "another link between these nodes is kept", Instant::now());
@@ -593,8 +610,9 @@ impl Link {
             return;
         }
         self.session.set_local_head(store.head().seq);
-        self.session
-            .send_summary(store.summary_for_peers(), Instant::now());
+        let summary = store.summary_for_peers();
+        self.last_summary = Some((tokio::time::Instant::now(), summary.len()));
+        self.session.send_summary(summary, Instant::now());
         self.save_checkpoint();
     }
 }

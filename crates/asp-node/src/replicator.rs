@@ -426,6 +426,7 @@ impl Replicator {
         let reg = self.inner.registry.lock().unwrap();
         let now = Instant::now();
         let mut peers: Vec<PeerStatus> = Vec::new();
+        let mut lags = Vec::new();
         let mut seen_addresses = Vec::new();
         for (&node, record) in &reg.peers {
             let link = reg.established.get(&node).and_then(|id| reg.links.get(id));
@@ -465,9 +466,12 @@ impl Replicator {
                     .iter()
                     .map(|(r, n)| (*r, *n))
                     .collect(),
-                namespaces: lag(&self.inner.store, &mine, &record.summary, record.acked_seq),
+                namespaces: Vec::new(),
                 reconcile: record.reconcile.clone(),
             });
+            // Lag is worked out after the registry is let go: with many namespaces it
+            // takes a while, and every link touches the registry as frames arrive.
+            lags.push((peers.len() - 1, record.summary.clone(), record.acked_seq));
         }
         // Configured peers never reached, and links still in their handshake.
         for (address, dial) in &reg.dials {
@@ -501,7 +505,6 @@ impl Replicator {
                 });
             }
         }
-        peers.sort_by(|a, b| a.address.cmp(&b.address).then(a.node_id.cmp(&b.node_id)));
         let refusals = reg
             .refusals
             .iter()
@@ -525,6 +528,11 @@ impl Replicator {
                 age: now - *at,
             })
             .collect();
+        drop(reg);
+        for (at, summary, acked_seq) in lags {
+            peers[at].namespaces = lag(&self.inner.store, &mine, &summary, acked_seq);
+        }
+        peers.sort_by(|a, b| a.address.cmp(&b.address).then(a.node_id.cmp(&b.node_id)));
         ReplicationStatus {
             cluster_id: self.inner.config.cluster_id.clone(),
             listen: self.inner.listen,
