@@ -11,6 +11,8 @@ mod event;
 mod hlc;
 mod ids;
 mod merge;
+#[doc(hidden)]
+pub mod mutation;
 pub mod reconcile;
 pub mod session;
 mod vv;

@@ -6,6 +6,9 @@ use crate::Version;
 
 /// Whether an incoming event's version replaces the current one under last-writer-wins.
 pub fn lww_wins(incoming: &Version, current: &Version) -> bool {
+    if crate::mutation::active(crate::mutation::Mutation::LwwTieGoesToArrival) {
+        return incoming.hlc.physical_ms() >= current.hlc.physical_ms();
+    }
     incoming > current
 }
 

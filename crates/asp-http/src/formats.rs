@@ -572,10 +572,33 @@ mod tests {
         assert!(validate(ContentType::MsgPack, &[0x01, 0x01]).is_err());
         assert!(validate(ContentType::Text, &[0xff]).is_err());
         assert!(validate(ContentType::OctetStream, &[0xff]).is_ok());
-        assert!(
-            validate(ContentType::Json, &[b'['; 200]).is_err(),
-            "depth is bounded"
-        );
+        // Depth is bounded: valid documents nested 200 deep (balanced, so that only the
+        // depth check can refuse them), and 100 deep, which passes.
+        let deep = |levels: usize| {
+            [
+                (
+                    ContentType::Json,
+                    ["[".repeat(levels), "]".repeat(levels)]
+                        .concat()
+                        .into_bytes(),
+                ),
+                (ContentType::Cbor, [vec![0x81; levels], vec![0xf6]].concat()),
+                (
+                    ContentType::MsgPack,
+                    [vec![0x91; levels], vec![0xc0]].concat(),
+                ),
+            ]
+        };
+        for (ct, doc) in deep(200) {
+            let err = validate(ct, &doc).unwrap_err().to_string();
+            assert!(
+                err.contains("recursion limit") || err.contains("deep") || err.contains("depth"),
+                "{ct:?}: {err}"
+            );
+        }
+        for (ct, doc) in deep(100) {
+            assert!(validate(ct, &doc).is_ok(), "{ct:?} 100 deep");
+        }
     }
 
     #[test]

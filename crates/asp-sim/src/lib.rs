@@ -73,20 +73,67 @@ pub enum Durability {
 }
 
 /// A deliberate bug, to prove the simulator catches it.
+///
+/// Most break the product code the simulator runs (asp-core's merge and session,
+/// through the `mutations` feature's switch or the session's test-only setting). The
+/// store is a model here, not asp-store, so the store's bugs (`AckBeforeFsync`,
+/// `ForgetDedupe`, `VisibleBeforeDurable`) break the model: they prove the checker
+/// sees those invariants broken, while asp-store's own crash tests cover its code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mutation {
-    /// Acknowledge client writes before their fsync.
-    AckBeforeFsync,
-    /// Leave the last operation of a multi-operation batch out of the log, yet
-    /// acknowledge it.
+    /// Product (asp-core `lww_wins`): only the clocks' milliseconds are compared, and
+    /// the incoming write wins a tie.
+    LwwTieGoesToArrival,
+    /// Product (asp-core `Session`): a batch is acknowledged on arrival, before the
+    /// node made it durable.
+    AckOnReceipt,
+    /// Product (asp-core `Session`): the node is handed each multi-event batch
+    /// without its last event; the acknowledgement covers it anyway.
     DropLastOfBatch,
-    /// Apply an event whose dot is already held.
-    ForgetDedupe,
-    /// Show events in the feed (to subscribers and peers) before they are durable.
-    VisibleBeforeDurable,
-    /// Turn off the real session's checks that batches follow each other and that an
-    /// ack starts at the first batch, so that a gap can be acknowledged past.
+    /// Product (asp-core `Session`): the checks that batches follow each other and
+    /// that an ack starts at the first batch are off, so that a gap can be
+    /// acknowledged past.
     UncheckedStreamOrder,
+    /// Store model: client writes are acknowledged before their fsync.
+    AckBeforeFsync,
+    /// Store model: an event whose dot is already held is applied again.
+    ForgetDedupe,
+    /// Store model: events show in the feed (to subscribers and peers) before they
+    /// are durable.
+    VisibleBeforeDurable,
+}
+
+impl Mutation {
+    /// The switch of asp-core's `mutations` feature this mutation turns on, if any.
+    fn in_core(self) -> Option<asp_core::mutation::Mutation> {
+        use asp_core::mutation::Mutation as Core;
+        match self {
+            Mutation::LwwTieGoesToArrival => Some(Core::LwwTieGoesToArrival),
+            Mutation::AckOnReceipt => Some(Core::AckOnReceipt),
+            Mutation::DropLastOfBatch => Some(Core::DropLastOfBatch),
+            Mutation::UncheckedStreamOrder
+            | Mutation::AckBeforeFsync
+            | Mutation::ForgetDedupe
+            | Mutation::VisibleBeforeDurable => None,
+        }
+    }
+}
+
+/// Switches asp-core's mutation on for this thread while a world runs, and off again
+/// however the run ends.
+struct CoreMutation;
+
+impl CoreMutation {
+    fn on(mutation: Option<Mutation>) -> Self {
+        asp_core::mutation::set(mutation.and_then(Mutation::in_core));
+        CoreMutation
+    }
+}
+
+impl Drop for CoreMutation {
+    fn drop(&mut self) {
+        asp_core::mutation::set(None);
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -130,11 +177,57 @@ pub struct Outcome {
     pub simulated: Duration,
 }
 
+/// Which guarantee a failed run broke, so that a test can tell one bug from another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Invariant {
+    /// An event whose dot a node already held was applied again.
+    AppliedTwice,
+    /// A node's version vector is not exactly the dots of its feed.
+    VectorMismatch,
+    /// An acknowledged client write is missing from its origin after a restart.
+    AckedWriteLost,
+    /// After healing, an acknowledged client write is held by no node.
+    AckedWriteMissing,
+    /// A feed position a subscriber read changed or disappeared.
+    FeedChanged,
+    /// A peer's checkpoint passed the feed visible to it.
+    CheckpointPastFeed,
+    /// A queue or the credit outgrew its bound.
+    Bounds,
+    /// The nodes did not reach the same dots within the heal limit.
+    NoConvergence,
+    /// The nodes hold the same dots but different key states.
+    Divergence,
+    /// A session did something no correct peer or node can cause (an unexpected
+    /// refusal, an undecodable frame, an unknown peer).
+    Protocol,
+    /// A link kept producing output without end.
+    Runaway,
+    /// The world ran out of things to do.
+    Stalled,
+}
+
+/// A broken invariant, as the run finds it.
+struct Broken {
+    invariant: Invariant,
+    message: String,
+}
+
+impl Broken {
+    fn new(invariant: Invariant, message: impl Into<String>) -> Self {
+        Broken {
+            invariant,
+            message: message.into(),
+        }
+    }
+}
+
 /// A broken invariant, with what is needed to replay it.
 #[derive(Clone, Debug)]
 pub struct Failure {
     pub seed: u64,
     pub step: u64,
+    pub invariant: Invariant,
     pub message: String,
     /// The replay command's environment beyond the seed.
     replay_env: String,
@@ -144,14 +237,15 @@ impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "seed {} failed at step {}: {}\n  replay (ASP_SIM_LOG=1 prints every step): ASP_SIM_SEED={}{} cargo test --release -p asp-sim --test sim replay_one_seed -- --nocapture",
-            self.seed, self.step, self.message, self.seed, self.replay_env
+            "seed {} failed at step {} ({:?}): {}\n  replay (ASP_SIM_LOG=1 prints every step): ASP_SIM_SEED={}{} cargo test --release -p asp-sim --test sim replay_one_seed -- --nocapture",
+            self.seed, self.step, self.invariant, self.message, self.seed, self.replay_env
         )
     }
 }
 
 /// Runs one simulated world.
 pub fn run(seed: u64, config: &Config) -> Result<Outcome, Failure> {
+    let _mutation = CoreMutation::on(config.mutation);
     let mut sim = Sim::new(seed, config.clone());
     match sim.run() {
         Ok(()) => Ok(Outcome {
@@ -161,7 +255,7 @@ pub fn run(seed: u64, config: &Config) -> Result<Outcome, Failure> {
             acked_writes: sim.acked.len() as u64,
             simulated: Duration::from_micros(sim.now),
         }),
-        Err(message) => {
+        Err(Broken { invariant, message }) => {
             let mut replay_env = String::new();
             if config.durability == Durability::Never {
                 replay_env.push_str(" ASP_SIM_NEVER=1");
@@ -175,6 +269,7 @@ pub fn run(seed: u64, config: &Config) -> Result<Outcome, Failure> {
             Err(Failure {
                 seed,
                 step: sim.step,
+                invariant,
                 message,
                 replay_env,
             })
@@ -610,7 +705,7 @@ impl Sim {
         self.trace = fnv(self.trace, bytes);
     }
 
-    fn run(&mut self) -> Result<(), String> {
+    fn run(&mut self) -> Result<(), Broken> {
         let n = self.config.nodes;
         for i in 0..n {
             self.schedule_between(0, 10 * MS, Action::ClientWrite { node: i });
@@ -653,10 +748,13 @@ impl Sim {
                 return self.final_checks();
             }
             if self.now > deadline || self.queue.is_empty() {
-                return Err(format!(
-                    "no convergence within {:?} of simulated time after healing: {}",
-                    self.config.heal_limit,
-                    self.describe()
+                return Err(Broken::new(
+                    Invariant::NoConvergence,
+                    format!(
+                        "no convergence within {:?} of simulated time after healing: {}",
+                        self.config.heal_limit,
+                        self.describe()
+                    ),
                 ));
             }
             self.process_one()?;
@@ -698,9 +796,9 @@ impl Sim {
             .join("\n  ")
     }
 
-    fn process_one(&mut self) -> Result<(), String> {
+    fn process_one(&mut self) -> Result<(), Broken> {
         let Some(next) = self.queue.pop() else {
-            return Err("nothing left to do".into());
+            return Err(Broken::new(Invariant::Stalled, "nothing left to do"));
         };
         self.now = next.at;
         self.step += 1;
@@ -834,7 +932,7 @@ impl Sim {
 
     /// The writer: takes what is queued, appends it, and acknowledges after the fsync
     /// (`always`) or at once (`never`).
-    fn writer_wake(&mut self, node: usize) -> Result<(), String> {
+    fn writer_wake(&mut self, node: usize) -> Result<(), Broken> {
         if self.nodes[node].busy || self.nodes[node].queue.is_empty() {
             return Ok(());
         }
@@ -854,7 +952,6 @@ impl Sim {
                         .map_or(0, |v| v.max_counter(n.id))
                         + 1;
                     let mut written = Vec::new();
-                    let last = ops.len() - 1;
                     for (i, (key, value)) in ops.into_iter().enumerate() {
                         let dot = Dot {
                             origin: n.id,
@@ -881,16 +978,6 @@ impl Sim {
                             namespace: namespace.clone(),
                             dot,
                         });
-                        if mutation == Some(Mutation::DropLastOfBatch) && i == last && last > 0 {
-                            // The bug: the last operation never reaches the log, yet it
-                            // counts as written.
-                            n.store
-                                .vectors
-                                .entry(namespace.clone())
-                                .or_default()
-                                .insert(dot);
-                            continue;
-                        }
                         n.store.append(event);
                         self.appended += 1;
                     }
@@ -922,7 +1009,10 @@ impl Sim {
                             continue;
                         }
                         if held {
-                            return Err(format!("node {node} applied event {} twice", event.dot));
+                            return Err(Broken::new(
+                                Invariant::AppliedTwice,
+                                format!("node {node} applied event {} twice", event.dot),
+                            ));
                         }
                         let _ = n.clock.observe(event.hlc, wall);
                         n.store.append(event);
@@ -989,7 +1079,7 @@ impl Sim {
         Ok(())
     }
 
-    fn fsync_done(&mut self, node: usize, written: usize) -> Result<(), String> {
+    fn fsync_done(&mut self, node: usize, written: usize) -> Result<(), Broken> {
         let n = &mut self.nodes[node];
         n.store.durable = n.store.durable.max(written);
         n.store.visible = n.store.visible.max(written);
@@ -1009,7 +1099,7 @@ impl Sim {
         Ok(())
     }
 
-    fn acknowledge(&mut self, node: usize, acks: Vec<Ack>) -> Result<(), String> {
+    fn acknowledge(&mut self, node: usize, acks: Vec<Ack>) -> Result<(), Broken> {
         let now = self.at(self.now);
         for ack in acks {
             match ack {
@@ -1050,7 +1140,7 @@ impl Sim {
         c
     }
 
-    fn dial(&mut self, from: usize, to: usize) -> Result<(), String> {
+    fn dial(&mut self, from: usize, to: usize) -> Result<(), Broken> {
         let retry = self.rng.range(50 * MS, 500 * MS);
         if !self.nodes[from].up {
             return Ok(()); // The restart dials again.
@@ -1095,7 +1185,7 @@ impl Sim {
     }
 
     /// Runs a link after its session changed: frames out, events in, feed reading.
-    fn pump(&mut self, node: usize, conn: u64) -> Result<(), String> {
+    fn pump(&mut self, node: usize, conn: u64) -> Result<(), Broken> {
         let mut counts = [0u32; 3];
         for _ in 0..10_000 {
             let Some(link) = self.nodes[node].links.get_mut(&conn) else {
@@ -1103,8 +1193,9 @@ impl Sim {
             };
             if let Some(frame) = link.session.poll_transmit() {
                 let mut bytes = Vec::new();
-                asp_wire::encode(&frame, &mut bytes)
-                    .map_err(|e| format!("encoding a frame: {e}"))?;
+                asp_wire::encode(&frame, &mut bytes).map_err(|e| {
+                    Broken::new(Invariant::Protocol, format!("encoding a frame: {e}"))
+                })?;
                 let peer = link.peer;
                 self.transmit(conn, node, peer, bytes);
                 counts[0] += 1;
@@ -1163,19 +1254,22 @@ impl Sim {
             }
             return Ok(());
         }
-        Err(format!(
-            "node {node} link {conn} kept producing output: {counts:?} (frames, events, batches)"
+        Err(Broken::new(
+            Invariant::Runaway,
+            format!(
+                "node {node} link {conn} kept producing output: {counts:?} (frames, events, batches)"
+            ),
         ))
     }
 
-    fn session_event(&mut self, node: usize, conn: u64, event: SessionEvent) -> Result<(), String> {
+    fn session_event(&mut self, node: usize, conn: u64, event: SessionEvent) -> Result<(), Broken> {
         let now = self.at(self.now);
         match event {
             SessionEvent::Established(info) => {
                 let Some(peer) = self.nodes.iter().position(|n| n.id == info.node_id) else {
-                    return Err(format!(
-                        "node {node} established with unknown {}",
-                        info.node_id
+                    return Err(Broken::new(
+                        Invariant::Protocol,
+                        format!("node {node} established with unknown {}", info.node_id),
                     ));
                 };
                 let n = &mut self.nodes[node];
@@ -1183,9 +1277,12 @@ impl Sim {
                 let summary = n.store.summary();
                 let link = n.links.get_mut(&conn).expect("link exists");
                 if link.peer != peer {
-                    return Err(format!(
-                        "node {node} link {conn}: expected node {}, met {peer}",
-                        link.peer
+                    return Err(Broken::new(
+                        Invariant::Protocol,
+                        format!(
+                            "node {node} link {conn}: expected node {}, met {peer}",
+                            link.peer
+                        ),
                     ));
                 }
                 link.sent_through = checkpoint.min(n.store.visible as u64);
@@ -1214,16 +1311,20 @@ impl Sim {
                 let cp = n.store.checkpoints.entry(id).or_insert(0);
                 *cp = (*cp).max(through_seq);
                 if *cp > n.store.visible as u64 {
-                    return Err(format!(
-                        "node {node} holds a checkpoint {cp} past its visible feed {}",
-                        n.store.visible
+                    return Err(Broken::new(
+                        Invariant::CheckpointPastFeed,
+                        format!(
+                            "node {node} holds a checkpoint {cp} past its visible feed {}",
+                            n.store.visible
+                        ),
                     ));
                 }
             }
             SessionEvent::PeerSummary(_) | SessionEvent::PeerHead { .. } => {}
             SessionEvent::Reconcile(_) | SessionEvent::Repair { .. } => {
-                return Err(format!(
-                    "node {node}: a reconciliation frame, which no simulated node sends"
+                return Err(Broken::new(
+                    Invariant::Protocol,
+                    format!("node {node}: a reconciliation frame, which no simulated node sends"),
                 ));
             }
             SessionEvent::Closed(reason) => {
@@ -1234,9 +1335,12 @@ impl Sim {
                         | ErrorCode::ClusterMismatch
                         | ErrorCode::SelfConnection
                 ) {
-                    return Err(format!(
-                        "node {node}: unexpected refusal {}: {}",
-                        reason.code, reason.message
+                    return Err(Broken::new(
+                        Invariant::Protocol,
+                        format!(
+                            "node {node}: unexpected refusal {}: {}",
+                            reason.code, reason.message
+                        ),
                     ));
                 }
                 // Let what this side queued (its Error frame) leave first.
@@ -1340,7 +1444,7 @@ impl Sim {
         }
     }
 
-    fn deliver(&mut self, conn: u64, to: usize, bytes: Vec<u8>) -> Result<(), String> {
+    fn deliver(&mut self, conn: u64, to: usize, bytes: Vec<u8>) -> Result<(), Broken> {
         if !self.nodes[to].up {
             return Ok(());
         }
@@ -1354,22 +1458,30 @@ impl Sim {
                 let link = self.nodes[to].links.get_mut(&conn).expect("checked");
                 link.session.handle_frame(frame, now);
             }
-            other => return Err(format!("a frame did not decode back: {other:?}")),
+            other => {
+                return Err(Broken::new(
+                    Invariant::Protocol,
+                    format!("a frame did not decode back: {other:?}"),
+                ));
+            }
         }
         self.pump(to, conn)
     }
 
-    fn subscribe(&mut self, node: usize, full: bool) -> Result<(), String> {
+    fn subscribe(&mut self, node: usize, full: bool) -> Result<(), Broken> {
         let n = &mut self.nodes[node];
         if !n.up {
             return Ok(());
         }
         // Whatever was delivered at a position must still be there, unchanged.
         if n.seen.len() > n.store.feed.len() {
-            return Err(format!(
-                "node {node}'s feed lost positions a subscriber was given: it saw {} events, the feed now holds {}",
-                n.seen.len(),
-                n.store.feed.len()
+            return Err(Broken::new(
+                Invariant::FeedChanged,
+                format!(
+                    "node {node}'s feed lost positions a subscriber was given: it saw {} events, the feed now holds {}",
+                    n.seen.len(),
+                    n.store.feed.len()
+                ),
             ));
         }
         // Positions change only in a crash: a full check after each restart, the newest
@@ -1381,11 +1493,14 @@ impl Sim {
         };
         for (i, dot) in n.seen.iter().enumerate().skip(from) {
             if n.store.feed[i].dot != *dot {
-                return Err(format!(
-                    "node {node}'s feed position {} changed after a subscriber read it: {} then {}",
-                    i + 1,
-                    dot,
-                    n.store.feed[i].dot
+                return Err(Broken::new(
+                    Invariant::FeedChanged,
+                    format!(
+                        "node {node}'s feed position {} changed after a subscriber read it: {} then {}",
+                        i + 1,
+                        dot,
+                        n.store.feed[i].dot
+                    ),
                 ));
             }
         }
@@ -1545,7 +1660,7 @@ impl Sim {
         }
     }
 
-    fn restart(&mut self, node: usize) -> Result<(), String> {
+    fn restart(&mut self, node: usize) -> Result<(), Broken> {
         if self.nodes[node].up {
             return Ok(());
         }
@@ -1556,9 +1671,12 @@ impl Sim {
         // vector was just rebuilt from what survived).
         for w in self.acked.iter().filter(|w| w.origin == node) {
             if !self.nodes[node].store.holds(w.dot, &w.namespace) {
-                return Err(format!(
-                    "node {node} lost acknowledged write {} ({}) in a crash",
-                    w.dot, w.namespace
+                return Err(Broken::new(
+                    Invariant::AckedWriteLost,
+                    format!(
+                        "node {node} lost acknowledged write {} ({}) in a crash",
+                        w.dot, w.namespace
+                    ),
                 ));
             }
         }
@@ -1576,7 +1694,7 @@ impl Sim {
     }
 
     /// A version vector must be exactly the dots of the feed.
-    fn check_vectors(&mut self) -> Result<(), String> {
+    fn check_vectors(&mut self) -> Result<(), Broken> {
         for (i, n) in self.nodes.iter_mut().enumerate() {
             // A crash may have cut the feed: derive again from the start.
             if n.derived_upto > n.store.feed.len() {
@@ -1594,14 +1712,18 @@ impl Sim {
             for (ns, vv) in &n.store.vectors {
                 let held = derived.get(ns).cloned().unwrap_or_default();
                 if !vv.is_subset(&held) {
-                    return Err(format!(
-                        "node {i}'s vector for {ns} claims dots its feed does not hold: {:?}",
-                        vv.difference(&held)
+                    return Err(Broken::new(
+                        Invariant::VectorMismatch,
+                        format!(
+                            "node {i}'s vector for {ns} claims dots its feed does not hold: {:?}",
+                            vv.difference(&held)
+                        ),
                     ));
                 }
                 if !held.is_subset(vv) {
-                    return Err(format!(
-                        "node {i}'s vector for {ns} misses dots its feed holds"
+                    return Err(Broken::new(
+                        Invariant::VectorMismatch,
+                        format!("node {i}'s vector for {ns} misses dots its feed holds"),
                     ));
                 }
             }
@@ -1609,7 +1731,7 @@ impl Sim {
         Ok(())
     }
 
-    fn check_bounds(&self) -> Result<(), String> {
+    fn check_bounds(&self) -> Result<(), Broken> {
         for (i, n) in self.nodes.iter().enumerate() {
             let local = n
                 .queue
@@ -1617,8 +1739,11 @@ impl Sim {
                 .filter(|r| matches!(r, Request::Local { .. }))
                 .count();
             if local > WRITE_QUEUE_MAX {
-                return Err(format!(
-                    "node {i}'s write queue holds {local} client requests; the bound is {WRITE_QUEUE_MAX}"
+                return Err(Broken::new(
+                    Invariant::Bounds,
+                    format!(
+                        "node {i}'s write queue holds {local} client requests; the bound is {WRITE_QUEUE_MAX}"
+                    ),
                 ));
             }
             let remote: u64 = n
@@ -1631,8 +1756,11 @@ impl Sim {
                 .sum();
             let bound = 2 * CREDIT_WINDOW as u64 * n.links.len().max(1) as u64;
             if remote > bound {
-                return Err(format!(
-                    "node {i} queued {remote} bytes of peer events; credit bounds it to {bound}"
+                return Err(Broken::new(
+                    Invariant::Bounds,
+                    format!(
+                        "node {i} queued {remote} bytes of peer events; credit bounds it to {bound}"
+                    ),
                 ));
             }
         }
@@ -1649,13 +1777,14 @@ impl Sim {
             })
     }
 
-    fn final_checks(&mut self) -> Result<(), String> {
+    fn final_checks(&mut self) -> Result<(), Broken> {
         self.check_vectors()?;
         let first = &self.nodes[0].store.state;
         for (i, n) in self.nodes.iter().enumerate() {
             if &n.store.state != first {
-                return Err(format!(
-                    "node {i} holds the same events as node 0 but a different state"
+                return Err(Broken::new(
+                    Invariant::Divergence,
+                    format!("node {i} holds the same events as node 0 but a different state"),
                 ));
             }
         }
@@ -1663,9 +1792,12 @@ impl Sim {
         let state = &self.nodes[0].store;
         for w in &self.acked {
             if !state.holds(w.dot, &w.namespace) {
-                return Err(format!(
-                    "acknowledged write {} ({}) of node {} is held by no node after healing",
-                    w.dot, w.namespace, w.origin
+                return Err(Broken::new(
+                    Invariant::AckedWriteMissing,
+                    format!(
+                        "acknowledged write {} ({}) of node {} is held by no node after healing",
+                        w.dot, w.namespace, w.origin
+                    ),
                 ));
             }
         }

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use asp_sim::{Config, Durability, Mutation, run};
+use asp_sim::{Config, Durability, Invariant, Mutation, run};
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -82,33 +82,69 @@ fn a_seed_replays_to_the_same_trace() {
     }
 }
 
-/// Each deliberate bug must be caught within the default seed budget.
+/// Each deliberate bug must be caught within the default seed budget, and by the
+/// invariant it breaks: a run that fails for another reason proves nothing about it.
 #[test]
 fn the_simulator_catches_broken_guarantees() {
     let budget = env("ASP_SIM_SEEDS", 500);
-    for (mutation, durability) in [
-        (Mutation::AckBeforeFsync, Durability::Always),
-        (Mutation::DropLastOfBatch, Durability::Always),
-        (Mutation::ForgetDedupe, Durability::Never),
-        (Mutation::VisibleBeforeDurable, Durability::Always),
-        (Mutation::UncheckedStreamOrder, Durability::Always),
+    for (mutation, durability, invariant) in [
+        (
+            Mutation::LwwTieGoesToArrival,
+            Durability::Always,
+            Invariant::Divergence,
+        ),
+        (
+            Mutation::AckOnReceipt,
+            Durability::Always,
+            Invariant::NoConvergence,
+        ),
+        (
+            Mutation::DropLastOfBatch,
+            Durability::Always,
+            Invariant::NoConvergence,
+        ),
+        (
+            Mutation::UncheckedStreamOrder,
+            Durability::Always,
+            Invariant::NoConvergence,
+        ),
+        (
+            Mutation::AckBeforeFsync,
+            Durability::Always,
+            Invariant::AckedWriteLost,
+        ),
+        (
+            Mutation::ForgetDedupe,
+            Durability::Never,
+            Invariant::AppliedTwice,
+        ),
+        (
+            Mutation::VisibleBeforeDurable,
+            Durability::Always,
+            Invariant::FeedChanged,
+        ),
     ] {
         let mut config = Config::new(NODES, 10_000, durability);
         config.mutation = Some(mutation);
         let caught = (0..budget).find_map(|seed| run(seed, &config).err());
         match caught {
-            Some(failure) => eprintln!("{mutation:?} caught: {failure}"),
+            Some(failure) => {
+                eprintln!("{mutation:?} caught: {failure}");
+                assert_eq!(
+                    failure.invariant, invariant,
+                    "{mutation:?} was caught by another invariant than the one it breaks: {failure}"
+                );
+            }
             None => panic!("{mutation:?} went unnoticed in {budget} seeds"),
         }
     }
 }
 
+/// Replays `ASP_SIM_SEED` (seed 7 when unset, so that the test always runs a world).
 #[test]
 fn replay_one_seed() {
-    let Ok(seed) = std::env::var("ASP_SIM_SEED") else {
-        return;
-    };
-    let seed: u64 = seed.parse().expect("ASP_SIM_SEED is a number");
+    let seed: u64 = std::env::var("ASP_SIM_SEED")
+        .map_or(7, |seed| seed.parse().expect("ASP_SIM_SEED is a number"));
     let durability = if std::env::var("ASP_SIM_NEVER").is_ok() {
         Durability::Never
     } else {
@@ -117,16 +153,23 @@ fn replay_one_seed() {
     let mut config = Config::new(NODES, env("ASP_SIM_STEPS", 10_000), durability);
     config.log = std::env::var("ASP_SIM_LOG").is_ok();
     config.mutation = match std::env::var("ASP_SIM_MUTATION").as_deref() {
-        Ok("AckBeforeFsync") => Some(Mutation::AckBeforeFsync),
+        Ok("LwwTieGoesToArrival") => Some(Mutation::LwwTieGoesToArrival),
+        Ok("AckOnReceipt") => Some(Mutation::AckOnReceipt),
         Ok("DropLastOfBatch") => Some(Mutation::DropLastOfBatch),
+        Ok("UncheckedStreamOrder") => Some(Mutation::UncheckedStreamOrder),
+        Ok("AckBeforeFsync") => Some(Mutation::AckBeforeFsync),
         Ok("ForgetDedupe") => Some(Mutation::ForgetDedupe),
         Ok("VisibleBeforeDurable") => Some(Mutation::VisibleBeforeDurable),
-        Ok("UncheckedStreamOrder") => Some(Mutation::UncheckedStreamOrder),
         Ok(other) => panic!("unknown ASP_SIM_MUTATION {other:?}"),
         Err(_) => None,
     };
-    match run(seed, &config) {
-        Ok(outcome) => eprintln!("seed {seed}: {outcome:?}"),
+    let outcome = match run(seed, &config) {
+        Ok(outcome) => outcome,
         Err(failure) => panic!("{failure}"),
-    }
+    };
+    eprintln!("seed {seed}: {outcome:?}");
+    assert!(
+        outcome.acked_writes > 0,
+        "seed {seed} ran a world without a write"
+    );
 }

@@ -580,6 +580,8 @@ mod tests {
             let _ = record_head(&bytes);
             let _ = IndexEntry::decode(&bytes);
             let _ = decode_vv(&bytes);
+            // And what the fuzz target checks: whatever decodes survives encoding.
+            crate::fuzz::record_codec(&bytes);
         }
 
         #[test]

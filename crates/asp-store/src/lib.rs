@@ -20,6 +20,8 @@ mod error;
 #[doc(hidden)]
 pub mod fault;
 mod fs;
+#[doc(hidden)]
+pub mod fuzz;
 mod gc;
 mod held;
 mod index;

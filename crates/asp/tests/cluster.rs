@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use asp_faultnet::Proxy;
 use bytes::Bytes;
-use common::{Node, converge, digest, events};
+use common::{Node, converge, digest, events, wait_until};
 
 fn batch_body(prefix: &str, from: usize, to: usize) -> Bytes {
     let ops: Vec<String> = (from..to)
@@ -188,12 +188,15 @@ async fn a_partition_while_both_sides_write_heals_into_one_state() {
     // While cut off, each side sees only its own writes, and says so.
     assert_eq!(events(&a.client(), "p").await, 201);
     assert_eq!(events(&b.client(), "p").await, 201);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let status = b.client().status().await.unwrap();
-    assert_ne!(
-        status["replication"]["peers"][0]["state"], "active",
-        "{status}"
-    );
+    wait_until(
+        "B reports its link to A as not active",
+        Duration::from_secs(10),
+        || async {
+            let status = b.client().status().await.unwrap();
+            status["replication"]["peers"][0]["state"] != "active"
+        },
+    )
+    .await;
     proxy.heal();
     converge(&[&a, &b], "p", 401, Duration::from_secs(60)).await;
     assert_eq!(

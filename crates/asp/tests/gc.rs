@@ -11,7 +11,7 @@ use asp_faultnet::Proxy;
 use asp_http::client::Client;
 use axum::http::Method;
 use bytes::Bytes;
-use common::{Node, converge, digest};
+use common::{Node, converge, digest, wait_until};
 
 const NS: &str = "t";
 
@@ -121,7 +121,10 @@ async fn a_node_back_after_the_horizon_resurrects_nothing_and_keeps_its_writes()
 
     // Past the horizon A collects without B and leaves epitaphs.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_eq!(tombstone_gc(&ca).await["away"], serde_json::json!([b_id]));
+    wait_until("A counts B as away", Duration::from_secs(10), || async {
+        tombstone_gc(&ca).await["away"] == serde_json::json!([b_id])
+    })
+    .await;
     let report = compact(&ca).await;
     assert_eq!(report["tombstones_collected"], 100, "{report}");
     assert_eq!(report["epitaphs_left"], 100, "{report}");

@@ -188,6 +188,22 @@ proptest! {
         }
         let _ = State::decode(&garbage);
     }
+
+    /// The decoders behind the fuzz target `crdt_state`, in every CI run: arbitrary
+    /// bytes after each policy tag (so that the decoder gets past the first byte)
+    /// never panic, and whatever decodes survives encoding.
+    #[test]
+    fn crdt_decoders_never_panic(tag in 0u8..6, body in prop::collection::vec(any::<u8>(), 0..300)) {
+        let bytes = [vec![tag], body.clone()].concat();
+        for input in [&bytes[..], &body[..]] {
+            if let Ok(state) = State::decode(input) {
+                prop_assert_eq!(State::decode(&state.encode()).unwrap(), state);
+            }
+            if let Ok(context) = decode_context(input) {
+                prop_assert_eq!(decode_context(&encode_context(&context)).unwrap(), context);
+            }
+        }
+    }
 }
 
 #[test]

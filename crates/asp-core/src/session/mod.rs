@@ -22,6 +22,7 @@ pub use frame::{
     SUMMARY_PART_NAMESPACES_MAX, VectorReport, credit_size, summary_parts,
 };
 
+use crate::mutation::{self, Mutation};
 use crate::{Event, Namespace, NodeId, VersionVector};
 
 /// Frames waiting to be sent, at most. The runtime drains them after every input, so
@@ -506,7 +507,13 @@ impl Session {
         ));
     }
 
-    fn handle_events(&mut self, first_seq: u64, last_seq: u64, events: Vec<Event>, now: Instant) {
+    fn handle_events(
+        &mut self,
+        first_seq: u64,
+        last_seq: u64,
+        mut events: Vec<Event>,
+        now: Instant,
+    ) {
         if first_seq > last_seq || first_seq == 0 {
             return self.close(
                 ErrorCode::Protocol,
@@ -528,7 +535,10 @@ impl Session {
             return self.close(ErrorCode::Protocol, message, now);
         }
         self.last_received_seq = Some(last_seq);
-        self.first_received_seq.get_or_insert(first_seq);
+        let from_seq = *self.first_received_seq.get_or_insert(first_seq);
+        if events.len() > 1 && mutation::active(Mutation::DropLastOfBatch) {
+            events.pop();
+        }
         let Some(bytes) = self.receive(&events, "an event", now) else {
             return;
         };
@@ -538,6 +548,13 @@ impl Session {
             events,
             bytes,
         });
+        if mutation::active(Mutation::AckOnReceipt) {
+            let ack = Frame::Ack {
+                from_seq,
+                through_seq: last_seq,
+            };
+            self.queue(ack, now);
+        }
     }
 
     fn handle_repair(&mut self, id: u32, events: Vec<Event>, now: Instant) {

@@ -293,3 +293,18 @@ pub async fn converge(nodes: &[&Node], ns: &str, expected: u64, limit: Duration)
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Polls `condition` every 20 ms until it holds, and fails naming `what` if it does
+/// not within `limit`. Tests wait for a condition this way, never with a fixed sleep
+/// before an assertion.
+pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,45 @@
+//! Deliberate bugs in product code, switched on by the simulator (asp-sim) to prove
+//! that it notices each of them. Only with the cargo feature `mutations`, which only
+//! asp-sim turns on; without it [`active`] is a constant `false` and every hook
+//! compiles away. The switch is per thread: the simulator runs a world on one thread,
+//! and other tests in the same process are unaffected.
+
+/// A deliberate bug in the product code the simulator runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mutation {
+    /// `lww_wins` compares only the clocks' milliseconds and lets the incoming write
+    /// win a tie, so replicas that receive concurrent writes in different orders keep
+    /// different winners.
+    LwwTieGoesToArrival,
+    /// The session acknowledges a batch as soon as it arrives, before the node has
+    /// made it durable: a crash then loses events the sender will never send again.
+    AckOnReceipt,
+    /// The session hands the node a batch without its last event, and the
+    /// acknowledgement covers it anyway.
+    DropLastOfBatch,
+}
+
+#[cfg(feature = "mutations")]
+thread_local! {
+    static ACTIVE: std::cell::Cell<Option<Mutation>> = const { std::cell::Cell::new(None) };
+}
+
+/// Switches `mutation` on (or every mutation off) for this thread.
+#[cfg(feature = "mutations")]
+pub fn set(mutation: Option<Mutation>) {
+    ACTIVE.with(|a| a.set(mutation));
+}
+
+/// Whether `mutation` is switched on for this thread.
+#[inline]
+pub(crate) fn active(mutation: Mutation) -> bool {
+    #[cfg(feature = "mutations")]
+    {
+        ACTIVE.with(|a| a.get()) == Some(mutation)
+    }
+    #[cfg(not(feature = "mutations"))]
+    {
+        let _ = mutation;
+        false
+    }
+}
