@@ -399,20 +399,11 @@ enum Precondition {
     NoneMatch(Vec<Dot>),
 }
 
-fn if_match_error(m: &str) -> ApiError {
+fn tag_list_error(header: &str, value: &str) -> ApiError {
     ApiError::bad_request(
         "invalid_header",
         format!(
-            "If-Match must be * or a list of entity tags such as \"17@9f3c2a0b11d4e5f6\" (quoted, comma-separated); got {m:?}"
-        ),
-    )
-}
-
-fn if_none_match_error(n: &str) -> ApiError {
-    ApiError::bad_request(
-        "invalid_header",
-        format!(
-            "If-None-Match must be * or a list of entity tags such as \"17@9f3c2a0b11d4e5f6\" (quoted, comma-separated); got {n:?}"
+            "{header} must be * or a list of entity tags such as \"17@9f3c2a0b11d4e5f6\" (quoted, comma-separated); got {value:?}"
         ),
     )
 }
@@ -421,7 +412,7 @@ fn parse_if_match(m: &str) -> Result<Precondition, ApiError> {
     if m.trim() == "*" {
         return Ok(Precondition::Exists);
     }
-    let tags = parse_etag_list(m).ok_or_else(|| if_match_error(m))?;
+    let tags = parse_etag_list(m).ok_or_else(|| tag_list_error("If-Match", m))?;
     Ok(Precondition::Match(
         tags.iter()
             .filter(|t| !t.weak)
@@ -434,7 +425,7 @@ fn parse_if_none_match(n: &str) -> Result<Precondition, ApiError> {
     if n.trim() == "*" {
         return Ok(Precondition::Absent);
     }
-    let tags = parse_etag_list(n).ok_or_else(|| if_none_match_error(n))?;
+    let tags = parse_etag_list(n).ok_or_else(|| tag_list_error("If-None-Match", n))?;
     Ok(Precondition::NoneMatch(
         tags.iter().filter_map(EntityTag::dot).collect(),
     ))

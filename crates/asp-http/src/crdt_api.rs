@@ -90,12 +90,7 @@ pub fn write_context(
         ));
     }
     let context = crdt::decode_context(context).map_err(|e| invalid(&e.to_string()))?;
-    let held = store
-        .summary()
-        .into_iter()
-        .find(|s| &s.namespace == namespace)
-        .map(|s| s.vector)
-        .unwrap_or_default();
+    let held = store.namespace_vector(namespace);
     if !context.is_subset(&held) {
         return Err(ApiError::new(
             StatusCode::CONFLICT,

@@ -612,7 +612,12 @@ impl Link {
         self.session.set_local_head(store.head().seq);
         let summary = store.summary_for_peers();
         self.last_summary = Some((tokio::time::Instant::now(), summary.len()));
+        let left_out_before = self.session.summary_left_out();
         self.session.send_summary(summary, Instant::now());
+        let left_out = self.session.summary_left_out();
+        if left_out > 0 && left_out_before == 0 {
+            tracing::warn!(peer = ?self.peer, namespaces_left_out = left_out, "the peer speaks protocol version 1, which cannot take a summary in parts: it gets only the first part (upgrade it)");
+        }
         self.save_checkpoint();
     }
 }

@@ -245,11 +245,6 @@ impl Reconciler {
     }
 }
 
-/// What this node holds of `namespace` (every acknowledged write included).
-fn namespace_vector(store: &Store, namespace: &Namespace) -> VersionVector {
-    store.namespace_vector(namespace)
-}
-
 /// Runs a blocking store call off the async runtime.
 async fn blocking<T: Send + 'static>(
     store: &Store,
@@ -437,7 +432,7 @@ impl Link {
         // The vector is read before the snapshot: every dot in it is then either in
         // the snapshot or superseded by something in it, so a peer that holds the
         // snapshot's state holds the effect of all of them.
-        let covered = namespace_vector(&store, &namespace);
+        let covered = store.namespace_vector(&namespace);
         let ns = namespace.clone();
         let snapshot = match mode {
             ReconcileMode::Window => {
@@ -919,7 +914,7 @@ impl Link {
         let covered = if mode == ReconcileMode::Transfer {
             VersionVector::default()
         } else {
-            namespace_vector(&store, &namespace)
+            store.namespace_vector(&namespace)
         };
         let ns = namespace.clone();
         let local = match mode {

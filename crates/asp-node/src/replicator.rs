@@ -415,13 +415,13 @@ impl Replicator {
 
     /// Every peer link, configured or accepted, with lag per namespace.
     pub fn status(&self) -> ReplicationStatus {
-        let mine: HashMap<Namespace, (asp_core::VersionVector, asp_core::Hlc)> = self
+        let mine: HashMap<Namespace, asp_core::VersionVector> = self
             .inner
             .store
             .status()
             .namespaces
             .into_iter()
-            .map(|(ns, s)| (ns, (s.vector, s.max_hlc)))
+            .map(|(ns, s)| (ns, s.vector))
             .collect();
         let reg = self.inner.registry.lock().unwrap();
         let now = Instant::now();
@@ -551,7 +551,7 @@ const LAG_SCAN_EVENTS_MAX: usize = 100_000;
 /// Lag per namespace against a peer's last summary.
 fn lag(
     store: &Store,
-    mine: &HashMap<Namespace, (asp_core::VersionVector, asp_core::Hlc)>,
+    mine: &HashMap<Namespace, asp_core::VersionVector>,
     theirs: &PeerSummary,
     acked_seq: u64,
 ) -> Vec<NamespaceLag> {
@@ -562,7 +562,7 @@ fn lag(
     names.dedup();
     let mut lagging: HashMap<Namespace, Option<u64>> = HashMap::new();
     for ns in names {
-        let my_vv = mine.get(ns).map_or(&empty, |(v, _)| v);
+        let my_vv = mine.get(ns).unwrap_or(&empty);
         let their_vv = theirs.get(ns).map_or(&empty, |s| &s.vector);
         let lag_events = my_vv.difference(their_vv).len();
         let missing_events = their_vv.difference(my_vv).len();

@@ -34,12 +34,7 @@ async fn replicator(store: &Store, peers: Vec<String>) -> anyhow::Result<Replica
 }
 
 fn vector(store: &Store) -> VersionVector {
-    store
-        .summary()
-        .into_iter()
-        .find(|s| s.namespace.as_str() == NS)
-        .map(|s| s.vector)
-        .unwrap_or_default()
+    store.namespace_vector(&Namespace::new(NS).unwrap())
 }
 
 async fn write(

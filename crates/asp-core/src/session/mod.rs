@@ -706,21 +706,13 @@ impl Session {
             .filter(|s| self.peer_wants(&s.namespace))
             .collect();
         let mut parts = summary_parts(summary);
-        let last = parts.pop().expect("at least one part");
         if self.peer.as_ref().is_some_and(|p| p.version < 2) {
-            let mut first = parts.into_iter();
-            match first.next() {
-                Some(part) => {
-                    self.summary_left_out = last.len() + first.map(|p| p.len()).sum::<usize>();
-                    self.queue(Frame::Summary(part), now);
-                }
-                None => {
-                    self.summary_left_out = 0;
-                    self.queue(Frame::Summary(last), now);
-                }
-            }
+            let first = parts.remove(0);
+            self.summary_left_out = parts.iter().map(Vec::len).sum();
+            self.queue(Frame::Summary(first), now);
             return;
         }
+        let last = parts.pop().expect("at least one part");
         for part in parts {
             self.queue(Frame::SummaryPart(part), now);
         }

@@ -302,22 +302,12 @@ impl Work {
 /// A client operation's clock reading and value (`None`: a delete), as appended.
 type LocalEvent<'a> = (Hlc, Option<(ContentType, &'a [u8])>);
 
-/// Namespaces a group touches before they are looked up in a set rather than its list.
-const TOUCHED_LIST_MAX: usize = 16;
-
 impl Group {
+    /// Notes that the group changed `namespace` (checked against the last one first:
+    /// events of a namespace tend to come together).
     fn touch(&mut self, namespace: &Namespace) {
-        if self.touched.last() == Some(namespace) {
-            return;
-        }
-        if self.touched.len() < TOUCHED_LIST_MAX {
-            if !self.touched.contains(namespace) {
-                self.touched.push(namespace.clone());
-                if self.touched.len() == TOUCHED_LIST_MAX {
-                    self.touched_set.extend(self.touched.iter().cloned());
-                }
-            }
-        } else if self.touched_set.insert(namespace.clone()) {
+        if self.touched.last() != Some(namespace) && !self.touched_set.contains(namespace) {
+            self.touched_set.insert(namespace.clone());
             self.touched.push(namespace.clone());
         }
     }
@@ -331,8 +321,8 @@ struct Group {
     updates: Vec<Update>,
     /// Index key -> position in `updates`: one index batch must not hold a key twice.
     positions: HashMap<Slice, usize, foldhash::fast::RandomState>,
-    /// Namespaces the group changed, in first-touch order; `touched_set` finds them
-    /// once there are more than a few (a catch-up batch may touch thousands).
+    /// Namespaces the group changed, in first-touch order, and the same as a set (a
+    /// catch-up batch may touch thousands).
     touched: Vec<Namespace>,
     touched_set: HashSet<Namespace, foldhash::fast::RandomState>,
     acks: Vec<Ack>,
