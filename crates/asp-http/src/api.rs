@@ -35,6 +35,10 @@ use crate::error::ApiError;
 use crate::formats;
 use crate::held_api;
 use crate::json::{BASE64, ChangeOut, ChangesOut, HlcOut, ValueOut, WriteOut};
+use crate::preconditions::{
+    Precondition, batch_precondition, parse_if_match, parse_if_none_match, resolve_preconditions,
+    write_preconditions,
+};
 
 /// Default limit on a batch request body.
 pub const DEFAULT_REQUEST_BYTES_MAX: usize = 16 << 20;
@@ -317,7 +321,10 @@ fn key_path(
     Ok((namespace(&ns)?, key(&k)?))
 }
 
-fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Result<Option<&str>, ApiError> {
+pub(crate) fn header_str(
+    headers: &HeaderMap,
+    name: header::HeaderName,
+) -> Result<Option<&str>, ApiError> {
     match headers.get(&name) {
         None => Ok(None),
         Some(v) => v.to_str().map(Some).map_err(|_| {
@@ -331,175 +338,6 @@ fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Result<Option<&s
 
 fn etag(dot: Dot) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{dot}\"")).expect("dots are ASCII")
-}
-
-/// An entity tag of an `If-Match` / `If-None-Match` list (RFC 9110 §8.8.3), without
-/// its quotes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct EntityTag<'a> {
-    weak: bool,
-    opaque: &'a str,
-}
-
-impl EntityTag<'_> {
-    /// The version this tag names, if it is one of ours (`"17@9f3c2a0b11d4e5f6"`).
-    fn dot(&self) -> Option<Dot> {
-        self.opaque.parse().ok()
-    }
-}
-
-/// Reads `#entity-tag`: tags separated by commas and optional white space (empty list
-/// elements are skipped, as RFC 9110 §5.6.1 asks). `None` when the value does not
-/// follow that grammar or holds no tag.
-fn parse_etag_list(value: &str) -> Option<Vec<EntityTag<'_>>> {
-    let mut tags = Vec::new();
-    let mut rest = value;
-    loop {
-        rest = rest.trim_start_matches([' ', '\t', ',']);
-        if rest.is_empty() {
-            break;
-        }
-        let (weak, tail) = match rest.strip_prefix("W/") {
-            Some(t) => (true, t),
-            None => (false, rest),
-        };
-        let tail = tail.strip_prefix('"')?;
-        let end = tail.find('"')?;
-        let opaque = &tail[..end];
-        // etagc: any visible character but DQUOTE (obs-text never reaches here: the
-        // header was checked to be visible ASCII).
-        if !opaque
-            .bytes()
-            .all(|b| b == 0x21 || (0x23..=0x7e).contains(&b))
-        {
-            return None;
-        }
-        tags.push(EntityTag { weak, opaque });
-        rest = tail[end + 1..].trim_start_matches([' ', '\t']);
-        if !rest.is_empty() && !rest.starts_with(',') {
-            return None;
-        }
-    }
-    (!tags.is_empty()).then_some(tags)
-}
-
-/// A write's precondition as the client sent it, before it is checked against the key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Precondition {
-    /// `If-Match: *`.
-    Exists,
-    /// `If-None-Match: *`.
-    Absent,
-    /// `If-Match` with tags: the current version must be one of these. Strong
-    /// comparison: weak tags and tags that are not versions of ours never match, so
-    /// they are not kept.
-    Match(Vec<Dot>),
-    /// `If-None-Match` with tags: the current version must be none of these (weak
-    /// comparison, RFC 9110 §13.1.2).
-    NoneMatch(Vec<Dot>),
-}
-
-fn tag_list_error(header: &str, value: &str) -> ApiError {
-    ApiError::bad_request(
-        "invalid_header",
-        format!(
-            "{header} must be * or a list of entity tags such as \"17@9f3c2a0b11d4e5f6\" (quoted, comma-separated); got {value:?}"
-        ),
-    )
-}
-
-fn parse_if_match(m: &str) -> Result<Precondition, ApiError> {
-    if m.trim() == "*" {
-        return Ok(Precondition::Exists);
-    }
-    let tags = parse_etag_list(m).ok_or_else(|| tag_list_error("If-Match", m))?;
-    Ok(Precondition::Match(
-        tags.iter()
-            .filter(|t| !t.weak)
-            .filter_map(EntityTag::dot)
-            .collect(),
-    ))
-}
-
-fn parse_if_none_match(n: &str) -> Result<Precondition, ApiError> {
-    if n.trim() == "*" {
-        return Ok(Precondition::Absent);
-    }
-    let tags = parse_etag_list(n).ok_or_else(|| tag_list_error("If-None-Match", n))?;
-    Ok(Precondition::NoneMatch(
-        tags.iter().filter_map(EntityTag::dot).collect(),
-    ))
-}
-
-/// The preconditions of a single-key write from `If-Match` / `If-None-Match`, in the
-/// order RFC 9110 §13.2.2 evaluates them (If-Match first).
-fn write_preconditions(headers: &HeaderMap) -> Result<Vec<Precondition>, ApiError> {
-    let mut preconditions = Vec::new();
-    if let Some(m) = header_str(headers, header::IF_MATCH)? {
-        preconditions.push(parse_if_match(m)?);
-    }
-    if let Some(n) = header_str(headers, header::IF_NONE_MATCH)? {
-        preconditions.push(parse_if_none_match(n)?);
-    }
-    Ok(preconditions)
-}
-
-fn precondition_failed(message: String) -> ApiError {
-    ApiError::new(
-        StatusCode::PRECONDITION_FAILED,
-        "precondition_failed",
-        message,
-    )
-}
-
-/// Turns preconditions into the condition the store checks when it writes. One the
-/// store can check by itself goes as it is; otherwise they are checked here against the
-/// key's current version, and the write is made conditional on that very state, so
-/// that a write in between fails it (412) as if it had come first.
-async fn resolve_preconditions(
-    store: &Store,
-    ns: &Namespace,
-    key: &Key,
-    preconditions: Vec<Precondition>,
-) -> Result<Condition, ApiError> {
-    match preconditions.as_slice() {
-        [] => return Ok(Condition::None),
-        [Precondition::Exists] => return Ok(Condition::IfExists),
-        [Precondition::Absent] => return Ok(Condition::IfAbsent),
-        [Precondition::Match(dots)] if dots.len() == 1 => {
-            return Ok(Condition::IfVersion(dots[0]));
-        }
-        // No listed tag is a version of ours: none can match, so nothing is required.
-        [Precondition::NoneMatch(dots)] if dots.is_empty() => return Ok(Condition::None),
-        _ => {}
-    }
-    store.caught_up().await?;
-    let current = store
-        .get(ns, key.as_str())?
-        .filter(|ks| ks.value.is_some())
-        .map(|ks| ks.version.dot);
-    let k = key.as_str();
-    let now = current.map_or("absent".to_owned(), |d| format!("at version {d}"));
-    for precondition in &preconditions {
-        let listed = |dots: &[Dot]| current.is_some_and(|d| dots.contains(&d));
-        let failed = match precondition {
-            Precondition::Exists if current.is_none() => {
-                format!("key {k:?} does not exist (If-Match: *)")
-            }
-            Precondition::Absent if current.is_some() => {
-                format!("key {k:?} exists, {now} (If-None-Match: *)")
-            }
-            Precondition::Match(dots) if !listed(dots) => format!(
-                "key {k:?} is {now}, which is none of the versions If-Match lists (weak tags and tags that are not this API's versions never match)"
-            ),
-            Precondition::NoneMatch(dots) if listed(dots) => {
-                format!("key {k:?} is {now}, which If-None-Match lists")
-            }
-            _ => continue,
-        };
-        return Err(precondition_failed(failed));
-    }
-    Ok(current.map_or(Condition::IfAbsent, Condition::IfVersion))
 }
 
 async fn read_body(
@@ -1022,26 +860,6 @@ struct BatchOpIn<'a> {
     /// `add` / `remove`: the member, any JSON value.
     #[serde(borrow)]
     member: Option<&'a RawValue>,
-}
-
-/// A batch operation's `if_match` / `if_none_match`: a version as answers write it
-/// (`17@9f3c2a0b11d4e5f6`), or what the header of the same name takes.
-fn batch_precondition(
-    value: &str,
-    parse_header: fn(&str) -> Result<Precondition, ApiError>,
-    one: fn(Vec<Dot>) -> Precondition,
-) -> Result<Precondition, ApiError> {
-    // A bare version is a tag like any other: one that is not ours never matches.
-    let bare_version = value.split_once('@').is_some_and(|(counter, node)| {
-        !counter.is_empty()
-            && counter.bytes().all(|b| b.is_ascii_digit())
-            && node.len() == 16
-            && node.bytes().all(|b| b.is_ascii_hexdigit())
-    });
-    if bare_version {
-        return Ok(one(value.parse::<Dot>().into_iter().collect()));
-    }
-    parse_header(value)
 }
 
 /// One operation of a batch, and its precondition (checked against the key later).

@@ -10,6 +10,7 @@ pub mod formats;
 mod held_api;
 mod json;
 mod openapi;
+mod preconditions;
 mod server;
 
 pub use api::{ApiConfig, AppState, DEFAULT_REQUEST_BYTES_MAX, router};
