@@ -34,11 +34,14 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 # The admin operations (compact, scrub, quarantine) run too: this node is a throwaway.
+# One worker: with two, schemathesis 4.32.5's coverage phase races with itself (a
+# KeyError inside its own schema walk, or Hypothesis reporting "inconsistent results"),
+# which failed CI once; one worker gives the same 3,483 cases on every run (~80 s).
 "$venv/bin/schemathesis" --config-file .ci/schemathesis.toml run "$base/v1/openapi.json" \
     --checks all \
     --max-examples "$examples" \
     --seed "${ASP_SCHEMATHESIS_SEED:-12}" \
-    --workers 2 \
+    --workers 1 \
     --no-color \
     --generation-database none \
     "$@" || { echo "asp's log:"; tail -n 50 "$data/asp.log"; exit 1; }
