@@ -17,6 +17,10 @@ pub enum Mutation {
     /// The session hands the node a batch without its last event, and the
     /// acknowledgement covers it anyway.
     DropLastOfBatch,
+    /// The session skips its checks that each batch follows the previous one and that
+    /// an acknowledgement starts at the first batch sent, so a lost or reordered batch
+    /// can be acknowledged past.
+    UncheckedStreamOrder,
 }
 
 #[cfg(feature = "mutations")]

@@ -65,7 +65,6 @@ fn session_config(inner: &Inner) -> SessionConfig {
         handshake_timeout: c.handshake_timeout,
         credit_window_bytes: c.credit_window_bytes,
         incarnation: inner.incarnation,
-        unchecked_stream_order: false,
     }
 }
 

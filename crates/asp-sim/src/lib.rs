@@ -72,51 +72,25 @@ pub enum Durability {
     Never,
 }
 
-/// A deliberate bug, to prove the simulator catches it.
-///
-/// Most break the product code the simulator runs (asp-core's merge and session,
-/// through the `mutations` feature's switch or the session's test-only setting). The
-/// store is a model here, not asp-store, so the store's bugs (`AckBeforeFsync`,
-/// `ForgetDedupe`, `VisibleBeforeDurable`) break the model: they prove the checker
-/// sees those invariants broken, while asp-store's own crash tests cover its code.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mutation {
-    /// Product (asp-core `lww_wins`): only the clocks' milliseconds are compared, and
-    /// the incoming write wins a tie.
-    LwwTieGoesToArrival,
-    /// Product (asp-core `Session`): a batch is acknowledged on arrival, before the
-    /// node made it durable.
-    AckOnReceipt,
-    /// Product (asp-core `Session`): the node is handed each multi-event batch
-    /// without its last event; the acknowledgement covers it anyway.
-    DropLastOfBatch,
-    /// Product (asp-core `Session`): the checks that batches follow each other and
-    /// that an ack starts at the first batch are off, so that a gap can be
-    /// acknowledged past.
-    UncheckedStreamOrder,
-    /// Store model: client writes are acknowledged before their fsync.
-    AckBeforeFsync,
-    /// Store model: an event whose dot is already held is applied again.
-    ForgetDedupe,
-    /// Store model: events show in the feed (to subscribers and peers) before they
-    /// are durable.
-    VisibleBeforeDurable,
-}
+/// A deliberate bug in the product code the simulator runs (asp-core's merge and
+/// session), switched on through asp-core's `mutations` feature, to prove that the
+/// simulator catches it. The store's bugs live in asp-store's own switch and are
+/// caught by its fault-injecting tests (`crates/asp-store/tests/mutations.rs`): the
+/// store here is a model.
+pub use asp_core::mutation::Mutation;
 
-impl Mutation {
-    /// The switch of asp-core's `mutations` feature this mutation turns on, if any.
-    fn in_core(self) -> Option<asp_core::mutation::Mutation> {
-        use asp_core::mutation::Mutation as Core;
-        match self {
-            Mutation::LwwTieGoesToArrival => Some(Core::LwwTieGoesToArrival),
-            Mutation::AckOnReceipt => Some(Core::AckOnReceipt),
-            Mutation::DropLastOfBatch => Some(Core::DropLastOfBatch),
-            Mutation::UncheckedStreamOrder
-            | Mutation::AckBeforeFsync
-            | Mutation::ForgetDedupe
-            | Mutation::VisibleBeforeDurable => None,
-        }
-    }
+/// A deliberate fault in the simulator's *store model*: not product code. These prove
+/// that the checker sees the invariants the store must keep (an acknowledged write
+/// lost, an event applied twice, a feed position that changed), which product
+/// mutations in the session and merge do not reach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelFault {
+    /// Client writes are acknowledged before their fsync.
+    AckBeforeFsync,
+    /// An event whose dot is already held is applied again.
+    ForgetDedupe,
+    /// Events show in the feed (to subscribers and peers) before they are durable.
+    VisibleBeforeDurable,
 }
 
 /// Switches asp-core's mutation on for this thread while a world runs, and off again
@@ -125,7 +99,7 @@ struct CoreMutation;
 
 impl CoreMutation {
     fn on(mutation: Option<Mutation>) -> Self {
-        asp_core::mutation::set(mutation.and_then(Mutation::in_core));
+        asp_core::mutation::set(mutation);
         CoreMutation
     }
 }
@@ -143,6 +117,8 @@ pub struct Config {
     pub steps: u64,
     pub durability: Durability,
     pub mutation: Option<Mutation>,
+    /// A fault in the store model (see [`ModelFault`]).
+    pub model_fault: Option<ModelFault>,
     /// Simulated time allowed for convergence after the faults stop.
     pub heal_limit: Duration,
     /// Print every action to stderr as it runs (for replaying one seed).
@@ -156,6 +132,7 @@ impl Config {
             steps,
             durability,
             mutation: None,
+            model_fault: None,
             heal_limit: Duration::from_secs(120),
             log: false,
         }
@@ -265,6 +242,9 @@ pub fn run(seed: u64, config: &Config) -> Result<Outcome, Failure> {
             }
             if let Some(m) = config.mutation {
                 replay_env.push_str(&format!(" ASP_SIM_MUTATION={m:?}"));
+            }
+            if let Some(f) = config.model_fault {
+                replay_env.push_str(&format!(" ASP_SIM_MODEL_FAULT={f:?}"));
             }
             Err(Failure {
                 seed,
@@ -936,7 +916,7 @@ impl Sim {
         if self.nodes[node].busy || self.nodes[node].queue.is_empty() {
             return Ok(());
         }
-        let mutation = self.config.mutation;
+        let fault = self.config.model_fault;
         let wall = self.wall_ms(node);
         let take = self.nodes[node].queue.len().min(GROUP_MAX);
         let group: Vec<Request> = self.nodes[node].queue.drain(..take).collect();
@@ -1005,7 +985,7 @@ impl Sim {
                     let n = &mut self.nodes[node];
                     for event in events {
                         let held = n.store.holds(event.dot, &event.namespace);
-                        if held && mutation != Some(Mutation::ForgetDedupe) {
+                        if held && fault != Some(ModelFault::ForgetDedupe) {
                             continue;
                         }
                         if held {
@@ -1027,7 +1007,7 @@ impl Sim {
             }
         }
         let written = self.nodes[node].store.feed.len();
-        if mutation == Some(Mutation::VisibleBeforeDurable) {
+        if fault == Some(ModelFault::VisibleBeforeDurable) {
             // Readers hear of the events at once, as they would of durable ones.
             self.nodes[node].store.visible = written;
             self.subscriber_reads(node);
@@ -1038,7 +1018,7 @@ impl Sim {
         }
         match self.config.durability {
             Durability::Always => {
-                if mutation == Some(Mutation::AckBeforeFsync) {
+                if fault == Some(ModelFault::AckBeforeFsync) {
                     let local: Vec<Ack> = acks
                         .extract_if(.., |a| matches!(a, Ack::Local(_)))
                         .collect();
@@ -1136,7 +1116,6 @@ impl Sim {
         c.idle_timeout = Duration::from_millis(1500);
         c.handshake_timeout = Duration::from_millis(1500);
         c.credit_window_bytes = CREDIT_WINDOW;
-        c.unchecked_stream_order = self.config.mutation == Some(Mutation::UncheckedStreamOrder);
         c
     }
 

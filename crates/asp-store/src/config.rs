@@ -161,6 +161,9 @@ pub struct StoreConfig {
     /// [`crate::Store::scrub`] reads at most this many bytes per second. Default
     /// 64 MiB/s.
     pub scrub_bytes_per_s: u64,
+    /// Test only (feature `mutations`): a deliberate bug this store runs with.
+    #[cfg(feature = "mutations")]
+    pub mutation: Option<crate::mutation::Mutation>,
 }
 
 impl StoreConfig {
@@ -209,6 +212,8 @@ impl StoreConfig {
             min_free_bytes: Self::DEFAULT_MIN_FREE_BYTES,
             salvage: false,
             scrub_bytes_per_s: Self::DEFAULT_SCRUB_BYTES_PER_S,
+            #[cfg(feature = "mutations")]
+            mutation: None,
         }
     }
 

@@ -28,6 +28,8 @@ mod index;
 mod log;
 mod manifest;
 mod metrics;
+#[doc(hidden)]
+pub mod mutation;
 mod policy;
 mod queue;
 mod salvage;

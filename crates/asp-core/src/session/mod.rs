@@ -49,11 +49,6 @@ pub struct SessionConfig {
     pub credit_window_bytes: u32,
     /// This run of the node (random, new at every start; see [`Hello::incarnation`]).
     pub incarnation: u64,
-    /// Test only: skip the checks that each batch follows the previous one and that an
-    /// ack starts at the first batch sent. The simulator turns this on to prove that it
-    /// notices what those checks prevent; nothing else should.
-    #[doc(hidden)]
-    pub unchecked_stream_order: bool,
 }
 
 impl SessionConfig {
@@ -70,7 +65,6 @@ impl SessionConfig {
             handshake_timeout: Duration::from_secs(10),
             credit_window_bytes: 8 << 20,
             incarnation: 0,
-            unchecked_stream_order: false,
         }
     }
 }
@@ -403,7 +397,9 @@ impl Session {
                     through_seq,
                 },
             ) => {
-                if self.first_sent_seq != Some(from_seq) && !self.config.unchecked_stream_order {
+                if self.first_sent_seq != Some(from_seq)
+                    && !mutation::active(Mutation::UncheckedStreamOrder)
+                {
                     let message = format!(
                         "ack from feed position {from_seq}, but this link's first batch began at {}: a batch was lost or reordered",
                         self.first_sent_seq
@@ -526,7 +522,7 @@ impl Session {
         // on the way must end the link rather than be acknowledged past.
         if let Some(previous) = self.last_received_seq
             && first_seq != previous + 1
-            && !self.config.unchecked_stream_order
+            && !mutation::active(Mutation::UncheckedStreamOrder)
         {
             let message = format!(
                 "batch starts at feed position {first_seq}, expected {}",

@@ -51,6 +51,7 @@ use crate::held::{Held, HeldReason, QuarantineAction, QuarantineOutcome};
 use crate::index::Index;
 use crate::log::{FeedHead, Log, Segment, SparseBuilder, SparseUpdate};
 use crate::metrics::Metrics;
+use crate::mutation::Mutation;
 use crate::policy::Policies;
 use crate::queue::WriteQueue;
 use crate::types::{Applied, ApplyOutcome, Condition, CrdtOp, NamespaceState, WriteKind, WriteOp};
@@ -1188,7 +1189,22 @@ impl Writer {
 impl Writer {
     /// Makes a group durable (under `fsync = "always"`), acknowledges it, publishes it
     /// in the feed, and hands it to the indexer.
-    fn commit(&mut self, msg: WrittenGroup, index_tx: &std_mpsc::SyncSender<IndexMsg>) {
+    fn commit(&mut self, mut msg: WrittenGroup, index_tx: &std_mpsc::SyncSender<IndexMsg>) {
+        if self.shared.mutated(Mutation::VisibleBeforeDurable) {
+            let mut progress = self.shared.progress.lock().unwrap();
+            progress.acked = msg.index.head;
+            self.shared.publish(&progress);
+        }
+        if self.shared.mutated(Mutation::AckBeforeFsync) {
+            for ack in msg
+                .acks
+                .extract_if(.., |a| matches!(a.reply, Reply::Write(..)))
+            {
+                if let Reply::Write(tx, applied) = ack.reply {
+                    let _ = tx.send(Ok(applied));
+                }
+            }
+        }
         // A group that wrote nothing (only events already held) needs no fsync: every
         // earlier group was made durable before this one was taken.
         if self.shared.config.fsync == FsyncMode::Always && msg.bytes > 0 {

@@ -99,7 +99,8 @@ impl Writer {
                 })
             };
             last = at;
-            let holds = slots[at].state.is_some_and(|s| s.vector.contains(e.dot));
+            let holds = slots[at].state.is_some_and(|s| s.vector.contains(e.dot))
+                && !self.shared.mutated(Mutation::ForgetDedupe);
             let fate = if (events.len() > 1 && !seen.insert((at, e.dot)))
                 || held.contains(ns, e.dot)
                 || (holds && !(repair && self.repair_supersedes(g, e)))

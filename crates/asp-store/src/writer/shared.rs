@@ -70,6 +70,21 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Whether this store runs with the deliberate bug `m` (feature `mutations`, set
+    /// by a test); a constant `false` without the feature.
+    #[inline]
+    pub fn mutated(&self, m: crate::mutation::Mutation) -> bool {
+        #[cfg(feature = "mutations")]
+        {
+            self.config.mutation == Some(m)
+        }
+        #[cfg(not(feature = "mutations"))]
+        {
+            let _ = m;
+            false
+        }
+    }
+
     pub fn fail(&self, what: String) -> WriteError {
         tracing::error!(error = %what, "storage failure; refusing further writes");
         let _ = self.failure.set(what);
