@@ -336,6 +336,8 @@ impl Link {
                         }
                     }
                     self.peer = Some(peer);
+                    let namespaces = Arc::new(info.namespaces.clone());
+                    self.with_record(|r| r.namespaces = Some(namespaces));
                     let checkpoint = self.inner.store.checkpoint(peer);
                     self.reader = Some(self.inner.store.feed_reader(None, checkpoint));
                     self.sent_through = checkpoint;

@@ -42,6 +42,7 @@ pub(crate) struct Metrics {
     pub batches_refused: Family<RefusalLabels, Counter>,
     pub lag_events: Family<LagLabels, Gauge>,
     pub lag_ms: Family<LagLabels, Gauge>,
+    pub lagging_namespaces: Family<PeerLabels, Gauge>,
 }
 
 impl Metrics {
@@ -93,13 +94,18 @@ impl Metrics {
         );
         registry.register(
             "asp_peer_lag_events",
-            "Events this node holds that the peer does not, per namespace",
+            "Events this node holds that the peer does not, per lagging namespace (the 64 that lag most per peer; a namespace that catches up leaves)",
             self.lag_events.clone(),
         );
         registry.register(
             "asp_peer_lag_ms",
-            "How far the peer's newest event trails this node's, per namespace, when it lags",
+            "How old the oldest event is that the peer lacks, per lagging namespace (the same series as asp_peer_lag_events)",
             self.lag_ms.clone(),
+        );
+        registry.register(
+            "asp_peer_lagging_namespaces",
+            "Namespaces in which the peer lacks events this node holds (all of them, not only those with a series)",
+            self.lagging_namespaces.clone(),
         );
     }
 }

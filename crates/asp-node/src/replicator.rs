@@ -1,11 +1,11 @@
 //! The replicator: listener, dialers, the registry of links, status and write concern.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use asp_core::session::{ErrorCode, NamespaceSummary};
+use asp_core::session::{ErrorCode, NamespaceSummary, lists};
 use asp_core::{Namespace, NodeId};
 use asp_store::Store;
 use prometheus_client::registry::Registry as MetricsRegistry;
@@ -206,6 +206,9 @@ pub(crate) struct PeerRecord {
     pub incarnation: u64,
     /// Its earlier incarnations, newest last: a process never comes back as one.
     pub superseded: Vec<u64>,
+    /// The namespaces its last Hello listed (`None` until one arrived): lag counts
+    /// only namespaces both nodes replicate.
+    pub namespaces: Option<Arc<Vec<String>>>,
 }
 
 /// Reconciliation with one peer, for status.
@@ -471,7 +474,12 @@ impl Replicator {
             });
             // Lag is worked out after the registry is let go: with many namespaces it
             // takes a while, and every link touches the registry as frames arrive.
-            lags.push((peers.len() - 1, record.summary.clone(), record.acked_seq));
+            lags.push((
+                peers.len() - 1,
+                record.summary.clone(),
+                record.acked_seq,
+                record.namespaces.clone(),
+            ));
         }
         // Configured peers never reached, and links still in their handshake.
         for (address, dial) in &reg.dials {
@@ -529,8 +537,11 @@ impl Replicator {
             })
             .collect();
         drop(reg);
-        for (at, summary, acked_seq) in lags {
-            peers[at].namespaces = lag(&self.inner.store, &mine, &summary, acked_seq);
+        let ours = &self.inner.config.namespaces;
+        for (at, summary, acked_seq, theirs) in lags {
+            let shared =
+                |ns: &Namespace| lists(ours, ns) && theirs.as_ref().is_none_or(|t| lists(t, ns));
+            peers[at].namespaces = lag(&self.inner.store, &mine, &summary, acked_seq, shared);
         }
         peers.sort_by(|a, b| a.address.cmp(&b.address).then(a.node_id.cmp(&b.node_id)));
         ReplicationStatus {
@@ -548,16 +559,22 @@ impl Replicator {
 /// unacknowledged event is (one pass for all namespaces).
 const LAG_SCAN_EVENTS_MAX: usize = 100_000;
 
-/// Lag per namespace against a peer's last summary.
+/// Lag per namespace against a peer's last summary, in the namespaces both replicate
+/// (`shared`): a namespace the peer does not take never catches up there.
 fn lag(
     store: &Store,
     mine: &HashMap<Namespace, asp_core::VersionVector>,
     theirs: &PeerSummary,
     acked_seq: u64,
+    shared: impl Fn(&Namespace) -> bool,
 ) -> Vec<NamespaceLag> {
     let mut out = Vec::new();
     let empty = asp_core::VersionVector::new();
-    let mut names: Vec<&Namespace> = mine.keys().chain(theirs.keys()).collect();
+    let mut names: Vec<&Namespace> = mine
+        .keys()
+        .chain(theirs.keys())
+        .filter(|ns| shared(ns))
+        .collect();
     names.sort();
     names.dedup();
     let mut lagging: HashMap<Namespace, Option<u64>> = HashMap::new();
@@ -616,43 +633,92 @@ fn oldest_unacked(store: &Store, acked_seq: u64, lagging: &mut HashMap<Namespace
     }
 }
 
-/// Refreshes the lag gauges every second.
+/// Lag series (`asp_peer_lag_events`, `asp_peer_lag_ms`) per peer, at most: the
+/// namespaces that lag most. With a series for every namespace, 100,000 namespaces
+/// and three peers made 600,000 series, too many for a scrape.
+const LAG_SERIES_PER_PEER: usize = 64;
+
+/// What the lag gauges show: per peer, how many namespaces lag; per series (peer and
+/// namespace), events and ms.
+type LagGauges = (Vec<(PeerLabels, usize)>, Vec<(LagLabels, u64, u64)>);
+
+/// What the lag gauges show for one status: per peer, the namespaces that lag, and
+/// (peer, namespace, events, ms) for the [`LAG_SERIES_PER_PEER`] of each that lag most.
+fn lag_gauges(peers: &[PeerStatus]) -> LagGauges {
+    let mut per_peer = Vec::new();
+    let mut series = Vec::new();
+    for peer in peers {
+        let Some(node) = peer.node_id else { continue };
+        let mut lagging: Vec<&NamespaceLag> = peer
+            .namespaces
+            .iter()
+            .filter(|n| n.lag_events > 0)
+            .collect();
+        per_peer.push((
+            PeerLabels {
+                peer: node.to_string(),
+            },
+            lagging.len(),
+        ));
+        lagging.sort_by(|a, b| (b.lag_events, &a.namespace).cmp(&(a.lag_events, &b.namespace)));
+        for ns in lagging.into_iter().take(LAG_SERIES_PER_PEER) {
+            let labels = LagLabels {
+                peer: node.to_string(),
+                namespace: ns.namespace.to_string(),
+            };
+            series.push((labels, ns.lag_events, ns.lag_ms));
+        }
+    }
+    (per_peer, series)
+}
+
+/// Refreshes the lag gauges every second ([`lag_gauges`]); series of namespaces (and
+/// peers) that no longer lag are removed.
 async fn lag_loop(inner: Arc<Inner>) {
     let replicator = Replicator {
         inner: inner.clone(),
         tasks: Arc::new(Mutex::new(None)),
     };
+    let metrics = &inner.metrics;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut shown: HashSet<LagLabels> = HashSet::new();
+    let mut shown_peers: HashSet<PeerLabels> = HashSet::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = inner.shutdown.cancelled() => return,
         }
         let status = replicator.status();
-        let mut connected = 0;
-        for peer in &status.peers {
-            let Some(node) = peer.node_id else { continue };
-            if peer.state == LinkState::Active {
-                connected += 1;
-            }
-            for ns in &peer.namespaces {
-                let labels = LagLabels {
-                    peer: node.to_string(),
-                    namespace: ns.namespace.to_string(),
-                };
-                inner
-                    .metrics
-                    .lag_events
-                    .get_or_create(&labels)
-                    .set(ns.lag_events as i64);
-                inner
-                    .metrics
-                    .lag_ms
-                    .get_or_create(&labels)
-                    .set(ns.lag_ms as i64);
-            }
+        let connected = status
+            .peers
+            .iter()
+            .filter(|p| p.node_id.is_some() && p.state == LinkState::Active)
+            .count();
+        let (per_peer, series) = lag_gauges(&status.peers);
+        let mut now_peers = HashSet::new();
+        for (labels, lagging) in per_peer {
+            metrics
+                .lagging_namespaces
+                .get_or_create(&labels)
+                .set(lagging as i64);
+            now_peers.insert(labels);
         }
-        inner.metrics.peers_connected.set(connected);
+        let mut now_shown = HashSet::new();
+        for (labels, events, ms) in series {
+            metrics.lag_events.get_or_create(&labels).set(events as i64);
+            metrics.lag_ms.get_or_create(&labels).set(ms as i64);
+            now_shown.insert(labels);
+        }
+        for gone in shown.difference(&now_shown) {
+            metrics.lag_events.remove(gone);
+            metrics.lag_ms.remove(gone);
+        }
+        for gone in shown_peers.difference(&now_peers) {
+            metrics.lagging_namespaces.remove(gone);
+        }
+        shown = now_shown;
+        shown_peers = now_peers;
+        metrics.peers_connected.set(connected as i64);
     }
 }
 
@@ -970,4 +1036,73 @@ pub(crate) fn wall_ms() -> u64 {
 
 pub(crate) fn error_pair(code: ErrorCode, message: &str) -> (String, String) {
     (code.name().to_owned(), message.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(id: u64, lags: &[(u64, u64)]) -> PeerStatus {
+        PeerStatus {
+            node_id: NodeId::new(id),
+            address: None,
+            direction: None,
+            state: LinkState::Active,
+            connected_for: None,
+            last_contact: None,
+            last_error: None,
+            acked_seq: 0,
+            events_sent: 0,
+            events_received: 0,
+            events_parked: 0,
+            events_quarantined: 0,
+            batches_refused: Vec::new(),
+            namespaces: lags
+                .iter()
+                .map(|&(n, lag_events)| NamespaceLag {
+                    namespace: Namespace::new(&format!("ns{n}")).unwrap(),
+                    lag_events,
+                    lag_ms: lag_events * 10,
+                    missing_events: 0,
+                })
+                .collect(),
+            reconcile: ReconcileStats::default(),
+        }
+    }
+
+    /// 100,000 namespaces made a series each per peer; now a peer shows how many lag
+    /// and a series for the 64 that lag most, none for those that do not lag.
+    #[test]
+    fn lag_series_are_the_worst_namespaces_and_bounded() {
+        let many: Vec<(u64, u64)> = (0..10_000).map(|n| (n, n % 3 * n)).collect();
+        let quiet: Vec<(u64, u64)> = (0..500).map(|n| (n, 0)).collect();
+        let (per_peer, series) = lag_gauges(&[peer(1, &many), peer(2, &quiet), peer(3, &[(7, 5)])]);
+        let lagging: Vec<usize> = per_peer.iter().map(|(_, n)| *n).collect();
+        let expected = many.iter().filter(|(_, l)| *l > 0).count();
+        assert_eq!(lagging, vec![expected, 0, 1]);
+        assert_eq!(series.len(), LAG_SERIES_PER_PEER + 1);
+        let worst = many.iter().map(|(_, l)| *l).max().unwrap();
+        assert_eq!(series[0].1, worst);
+        assert!(
+            series[..LAG_SERIES_PER_PEER]
+                .windows(2)
+                .all(|w| w[0].1 >= w[1].1)
+        );
+        let cutoff = series[LAG_SERIES_PER_PEER - 1].1;
+        let above = many.iter().filter(|(_, l)| *l > cutoff).count();
+        assert!(
+            above < LAG_SERIES_PER_PEER,
+            "a namespace lagging more was left out"
+        );
+        let last = &series[LAG_SERIES_PER_PEER];
+        assert_eq!(
+            (
+                last.0.peer.as_str(),
+                last.0.namespace.as_str(),
+                last.1,
+                last.2
+            ),
+            (NodeId::new(3).unwrap().to_string().as_str(), "ns7", 5, 50)
+        );
+    }
 }

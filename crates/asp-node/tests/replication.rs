@@ -346,3 +346,51 @@ async fn a_slow_receiver_bounds_what_is_in_flight_and_still_gets_everything() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Regression: status counted a namespace the peer does not replicate as lagging (for
+/// ever: the peer never takes it), with a lag series each. Lag now covers only the
+/// namespaces both nodes replicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_counts_only_namespaces_both_replicate() {
+    let a = node(1, "c", vec![], |_| {}).await;
+    let b = node(2, "c", vec![a.addr()], |rc| {
+        rc.namespaces = vec!["t".into()]
+    })
+    .await;
+    let other = Namespace::new("other").unwrap();
+    for i in 0..5 {
+        a.put(&format!("k{i}"), "v").await;
+        let op = WriteOp::put(
+            Key::new(&format!("o{i}")).unwrap(),
+            ContentType::Text,
+            Bytes::from_static(b"v"),
+        );
+        a.store.write(other.clone(), vec![op]).await.unwrap();
+    }
+    converge(&[&a, &b], 5).await;
+    let in_sync = |status: &asp_node::ReplicationStatus| {
+        status.peers.first().is_some_and(|p| {
+            p.node_id == NodeId::new(2)
+                && !p.namespaces.is_empty()
+                && p.namespaces.iter().all(|n| n.lag_events == 0)
+        })
+    };
+    let mut status = a.replicator.status();
+    for _ in 0..250 {
+        if in_sync(&status) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        status = a.replicator.status();
+    }
+    let names: Vec<&str> = status.peers[0]
+        .namespaces
+        .iter()
+        .map(|n| n.namespace.as_str())
+        .collect();
+    assert_eq!(names, vec!["t"], "{:?}", status.peers[0]);
+    assert!(in_sync(&status), "{:?}", status.peers[0]);
+    assert!(b.store.get(&other, "o0").unwrap().is_none());
+    a.stop().await;
+    b.stop().await;
+}
