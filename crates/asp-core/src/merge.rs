@@ -9,6 +9,9 @@ pub fn lww_wins(incoming: &Version, current: &Version) -> bool {
     if crate::mutation::active(crate::mutation::Mutation::LwwTieGoesToArrival) {
         return incoming.hlc.physical_ms() >= current.hlc.physical_ms();
     }
+    if crate::mutation::active(crate::mutation::Mutation::LwwFirstWriterWins) {
+        return incoming < current;
+    }
     incoming > current
 }
 

@@ -21,6 +21,13 @@ pub enum Mutation {
     /// an acknowledgement starts at the first batch sent, so a lost or reordered batch
     /// can be acknowledged past.
     UncheckedStreamOrder,
+    /// `lww_wins` is inverted: the first writer wins. Every replica still picks the
+    /// same winner, so replicas agree; only a reference model of last-writer-wins
+    /// notices.
+    LwwFirstWriterWins,
+    /// `RangeSet::insert` merges a counter into the last range across a gap of one
+    /// counter, so a vector claims a dot it lacks.
+    RangeSetMergesGap,
 }
 
 #[cfg(feature = "mutations")]

@@ -79,6 +79,12 @@ impl RangeSet {
                 last.1 = n;
                 return true;
             }
+            if n == last.1.saturating_add(2)
+                && crate::mutation::active(crate::mutation::Mutation::RangeSetMergesGap)
+            {
+                last.1 = n;
+                return true;
+            }
             if n > last.1.saturating_add(1) {
                 self.ranges.push((n, n));
                 return true;

@@ -93,6 +93,8 @@ fn the_simulator_catches_broken_guarantees() {
         (Mutation::AckOnReceipt, Invariant::NoConvergence),
         (Mutation::DropLastOfBatch, Invariant::NoConvergence),
         (Mutation::UncheckedStreamOrder, Invariant::NoConvergence),
+        (Mutation::LwwFirstWriterWins, Invariant::WrongWinner),
+        (Mutation::RangeSetMergesGap, Invariant::VectorMismatch),
     ] {
         let mut config = Config::new(NODES, 10_000, Durability::Always);
         config.mutation = Some(mutation);
@@ -159,6 +161,8 @@ fn replay_one_seed() {
         Ok("AckOnReceipt") => Some(Mutation::AckOnReceipt),
         Ok("DropLastOfBatch") => Some(Mutation::DropLastOfBatch),
         Ok("UncheckedStreamOrder") => Some(Mutation::UncheckedStreamOrder),
+        Ok("LwwFirstWriterWins") => Some(Mutation::LwwFirstWriterWins),
+        Ok("RangeSetMergesGap") => Some(Mutation::RangeSetMergesGap),
         Ok(other) => panic!("unknown ASP_SIM_MUTATION {other:?}"),
         Err(_) => None,
     };
