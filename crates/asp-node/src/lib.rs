@@ -11,10 +11,11 @@
 mod config;
 mod link;
 mod metrics;
+mod registry;
 mod replicator;
 
 pub use config::{DEFAULT_PEER_PORT, ReplicationConfig};
+pub use registry::{Direction, LastReconcile, LinkState, ReconcileStats};
 pub use replicator::{
-    Direction, LastReconcile, LinkState, NamespaceLag, PeerStatus, ReconcileStats, Refusal,
-    ReplicationStatus, Replicator, StartError,
+    NamespaceLag, PeerStatus, Refusal, ReplicationStatus, Replicator, StartError,
 };

@@ -20,9 +20,8 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::metrics::RefusalLabels;
-use crate::replicator::{self, Direction, Inner, error_pair, peer_labels, wall_ms};
+use crate::registry::{self, Direction, Inner, error_pair, peer_labels, wall_ms};
 
-#[path = "reconcile.rs"]
 mod reconcile;
 
 /// Events per frame, at most (frames are also bounded in bytes).
@@ -76,7 +75,7 @@ pub(crate) async fn run(
     address: String,
 ) -> LinkEnd {
     let _ = stream.set_nodelay(true);
-    let (id, close_rx) = replicator::register_link(&inner, direction, address.clone());
+    let (id, close_rx) = registry::register_link(&inner, direction, address.clone());
     let end = Link::new(inner.clone(), id, direction, address)
         .drive(stream, close_rx)
         .await;
@@ -84,7 +83,7 @@ pub(crate) async fn run(
         LinkEnd::Failed(e) => Some(e.clone()),
         _ => None,
     };
-    replicator::unregister_link(&inner, id, error);
+    registry::unregister_link(&inner, id, error);
     end
 }
 
@@ -308,7 +307,7 @@ impl Link {
 
     /// Runs `f` on what the registry keeps of this link's peer (`None` before the
     /// handshake names it).
-    fn with_record<T>(&self, f: impl FnOnce(&mut replicator::PeerRecord) -> T) -> Option<T> {
+    fn with_record<T>(&self, f: impl FnOnce(&mut registry::PeerRecord) -> T) -> Option<T> {
         let peer = self.peer?;
         let mut registry = self.inner.registry.lock().unwrap();
         registry.peers.get_mut(&peer).map(f)
@@ -319,9 +318,9 @@ impl Link {
             match event {
                 SessionEvent::Established(info) => {
                     let peer = info.node_id;
-                    match replicator::establish(&self.inner, self.id, peer, info.incarnation) {
+                    match registry::establish(&self.inner, self.id, peer, info.incarnation) {
                         Ok(()) => {}
-                        Err(replicator::NotKept::Duplicate) => {
+                        Err(registry::NotKept::Duplicate) => {
                             self.session.close(
                                 ErrorCode::DuplicateLink,
                                 "another link between these nodes is kept",
@@ -329,7 +328,7 @@ impl Link {
                             );
                             continue;
                         }
-                        Err(replicator::NotKept::Conflict(message)) => {
+                        Err(registry::NotKept::Conflict(message)) => {
                             self.session
                                 .close(ErrorCode::NodeConflict, message, Instant::now());
                             continue;
@@ -350,7 +349,7 @@ impl Link {
                         self.inner.store.note_contact(peer, &info.namespaces);
                     }
                     self.inner.store.note_reports(&summary);
-                    let summary: replicator::PeerSummary = summary
+                    let summary: registry::PeerSummary = summary
                         .into_iter()
                         .map(|s| (s.namespace.clone(), s))
                         .collect();

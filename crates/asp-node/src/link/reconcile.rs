@@ -23,7 +23,7 @@ use asp_store::{ReadError, Store};
 
 use super::Link;
 use crate::metrics::ReconcileLabels;
-use crate::replicator::{LastReconcile, peer_labels};
+use crate::registry::{LastReconcile, peer_labels};
 
 /// Symbols per `ReconcileSymbols` frame, at most.
 const SYMBOLS_PER_FRAME: usize = 1024;
@@ -268,7 +268,7 @@ impl Link {
         }
         let idle = self.caught_up && self.applying.is_empty() && self.reconciler.is_idle();
         let store = &self.inner.store;
-        let mine: crate::replicator::PeerSummary = store
+        let mine: crate::registry::PeerSummary = store
             .summary()
             .into_iter()
             .map(|s| (s.namespace.clone(), s))
@@ -315,7 +315,7 @@ impl Link {
     /// (compacted), the handover: the stream skips to the feed head, and every
     /// namespace shared with the peer is reconciled from snapshots taken after that
     /// point, while live events keep flowing by the stream.
-    pub(super) fn check_handover(&mut self, summary: &crate::replicator::PeerSummary) {
+    pub(super) fn check_handover(&mut self, summary: &crate::registry::PeerSummary) {
         if self.reconciler.handover {
             return;
         }
