@@ -1,6 +1,6 @@
 //! Deliberate bugs in product code, switched on by the simulator (asp-sim) to prove
 //! that it notices each of them. Only with the cargo feature `mutations`, which only
-//! asp-sim turns on; without it [`active`] is a constant `false` and every hook
+//! asp-sim turns on; without it `active` is a constant `false` and every hook
 //! compiles away. The switch is per thread: the simulator runs a world on one thread,
 //! and other tests in the same process are unaffected.
 

@@ -4,9 +4,12 @@
 //! per pair of nodes, sends each peer what it lacks from this node's feed — its own
 //! writes and everything it relays — and applies what peers send through the store.
 //!
-//! Nothing here decides what replication means: the session decides what to send and
-//! when, the store decides what an event does. This crate moves bytes and keeps score
-//! (link states, acknowledgements, lag) for status pages and write concern.
+//! The session decides what to send and when, the store decides what an event does.
+//! This crate moves bytes, keeps score (link states, acknowledgements, lag) for status
+//! pages and write concern, and drives reconciliation on a link (`reconcile.rs`): when
+//! to start a run (the anti-entropy tick, the handover check on a peer's summary) and
+//! its bounded steps, around `asp-core`'s reconciliation structures (`Window`,
+//! `Decoder`).
 
 mod config;
 mod link;

@@ -1,5 +1,9 @@
 //! Deterministic simulation of an asp cluster, for tests.
 //!
+//! Size: one world — its scheduler, nodes, store model, network and checker — shares
+//! one state that every action reads and writes; the renovation (issue 13) replaces
+//! the store model with the real store.
+//!
 //! One thread runs N nodes from a `u64` seed. Each node runs the real replication
 //! session of `asp-core` (every frame goes through the real `asp-wire` codec) and the
 //! real merge, version vectors and hybrid logical clocks; the store is a model of

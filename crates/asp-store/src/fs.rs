@@ -124,9 +124,10 @@ impl Fs for RealFs {
         use std::os::unix::ffi::OsStrExt;
         let c_path = std::ffi::CString::new(dir.as_os_str().as_bytes())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in a path"))?;
+        // SAFETY: `statvfs` is plain old data, for which all zeros is a valid value.
+        let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
         // SAFETY: statvfs writes only into the struct we hand it; the path is a valid
         // NUL-terminated string that outlives the call.
-        let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
         let rc = unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) };
         if rc != 0 {
             return Err(io::Error::last_os_error());

@@ -1,5 +1,8 @@
-//! asp's durable store: the feed log, the key index, the group-commit writer and
-//! recovery. Open one with [`Store::open`]; it is the embeddable library form of a node.
+//! asp's durable store: the feed log, the key index, the group-commit writer and its
+//! threads, recovery and salvage, compaction and tombstone collection, held events,
+//! counter reservations and the reconciliation windows. Open one with
+//! [`Store::open`]; it is the embeddable library form of a node. Every file it writes
+//! is specified byte for byte in `docs/STORAGE.md`.
 //!
 //! The feed is our own segmented append-only log and the source of truth; the key index
 //! (fjall) is derived from it, never fsynced on the write path, and brought up to date
@@ -7,7 +10,9 @@
 //! events forward and deletes whole segments; `base.vv` records, per namespace, the
 //! dots the log no longer holds. See `docs/ARCHITECTURE.md` for the invariants.
 //!
-//! This crate knows no network protocol and no JSON request shapes.
+//! This crate knows no peer protocol bytes (it deals in `asp-core`'s events, summaries
+//! and reports) and no JSON request shapes (its one JSON file is its own manifest,
+//! `asp.json`).
 
 mod base;
 pub mod clock;

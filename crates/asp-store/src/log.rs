@@ -3,14 +3,19 @@
 //!
 //! A segment file `<first seq, 20 digits>.log` starts with a 32-byte header, then
 //! frames back to back (see [`crate::codec`]). Only the last segment is ever written.
-//! When it reaches `segment_bytes_max` it is sealed: trimmed to its data, fsynced, and
-//! given a sidecar `.idx` file holding its sparse index, so that opening a large log
-//! reads only the sidecars and the last segment.
+//! Once it holds `segment_bytes_max` bytes or more, the writer seals it before its next
+//! append (so a segment may pass that size by one writer group): fsynced, and given a
+//! sidecar `.idx` file holding its sparse index, so that opening a large log reads only
+//! the sidecars and the last segment. The byte layouts are in docs/STORAGE.md.
 //!
 //! The sparse index maps a sequence number to a file position every
 //! [`SPARSE_EVERY_BYTES`], and keeps for each such block a small Bloom filter of the
 //! namespaces in it, so that a per-namespace change feed skips blocks that cannot hold
 //! its events.
+//!
+//! Size: one file format — the segment and sidecar layouts, opening and scanning a
+//! segment (torn tails), and reading it back — kept together so that every offset the
+//! format defines is read and written in one file.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -890,8 +895,8 @@ fn open_active(
         if !all_zero && let Some((at, _)) = scan.stop {
             // Damage before the end: a tear only if nothing intact after it starts
             // a later group (see crate::salvage).
-            let bytes = crate::fs::read_all(fs, path)
-                .map_err(io_open(format!("cannot read {}", path.display())))?;
+            let bytes =
+                read_all(fs, path).map_err(io_open(format!("cannot read {}", path.display())))?;
             let survey = crate::salvage::survey(&bytes, base);
             let after = survey.records_after_damage();
             if !survey.is_torn_tail() {

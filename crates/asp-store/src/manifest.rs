@@ -16,8 +16,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::OpenError;
 use crate::fs::{Fs, read_all, write_atomically};
 
-/// The data directory format this build writes. Bumped on any incompatible change to
-/// the manifest, the log or the index layout; older formats are then migrated on open.
+/// The data directory format this build writes. Each file in the directory also carries
+/// a format number of its own (docs/STORAGE.md, *Versions and upgrades*); all are 1,
+/// and no migration exists yet: a change that older files cannot be read under needs
+/// a new number here or in that file, and a migration on open.
 pub const FORMAT_VERSION: u32 = 1;
 
 const MANIFEST: &str = "asp.json";

@@ -1,7 +1,7 @@
 //! Deliberate bugs in the store, switched on per store by a test to prove that the
 //! store's tests notice each of them (`tests/mutations.rs`). Only with the cargo
 //! feature `mutations`; without it [`StoreConfig::mutation`](crate::StoreConfig) does
-//! not exist and every hook ([`Shared::mutated`](crate::writer)) is a constant
+//! not exist and every hook (`Shared::mutated`, in the writer) is a constant
 //! `false` the compiler removes.
 
 /// A deliberate bug in the store's writer.

@@ -242,7 +242,7 @@ pub struct SalvagedSegment {
     pub bytes_lost: u64,
 }
 
-/// What [`salvage`] did; empty if no segment was damaged.
+/// What a salvage (`--salvage`, [`StoreConfig::salvage`](crate::StoreConfig)) did; empty if no segment was damaged.
 #[derive(Clone, Debug, Default)]
 pub struct SalvageReport {
     pub segments: Vec<SalvagedSegment>,
@@ -626,7 +626,7 @@ mod tests {
         assert!(s.is_torn_tail());
         // The same bytes in a segment from before appends were marked cannot be told
         // from corruption.
-        bytes[..32].copy_from_slice(&crate::log::segment_header_with(1, 0));
+        bytes[..32].copy_from_slice(&segment_header_with(1, 0));
         assert!(!survey(&bytes, 1).is_torn_tail());
     }
 
@@ -635,7 +635,7 @@ mod tests {
         let mut bytes = segment(&[&[2], &[1], &[1]]);
         // As written before group starts were marked: clear the flag (and fix CRCs),
         // in a header without the flag that says appends are marked.
-        bytes[..32].copy_from_slice(&crate::log::segment_header_with(1, 0));
+        bytes[..32].copy_from_slice(&segment_header_with(1, 0));
         let record = (bytes.len() - 32) / 4;
         for i in 0..4 {
             let p = 32 + i * record;

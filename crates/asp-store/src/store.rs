@@ -1,5 +1,9 @@
 //! The store handle: open with recovery, writes through the writer, reads from the
 //! key index and the log.
+//!
+//! Size: the whole public surface of [`Store`] is one `impl`; opening and recovery
+//! (`Store::open`, `replay`, `build_digests`) are the part to move out first, into a
+//! module of their own.
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
@@ -88,7 +92,7 @@ pub struct RecoveryReport {
     pub index_rebuilt: bool,
     /// What `--salvage` did (`None` without it; an empty report if nothing was
     /// damaged).
-    pub salvage: Option<crate::salvage::SalvageReport>,
+    pub salvage: Option<salvage::SalvageReport>,
 }
 
 /// A snapshot of the store's state for status pages.

@@ -77,7 +77,7 @@ async fn peer_holds_everything(c: &Client, peer: &str) -> bool {
 async fn wait_for<F, Fut>(what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
+    Fut: Future<Output = bool>,
 {
     let started = Instant::now();
     while !check().await {

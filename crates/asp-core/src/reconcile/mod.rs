@@ -282,7 +282,7 @@ impl Window {
         self.apply(&[(old, -1), (new, 1)]);
     }
 
-    /// Adds every item, as a cold rebuild does: [`LANES`] walks at a time, each lane
+    /// Adds every item, as a cold rebuild does: `LANES` (4) walks at a time, each lane
     /// taking the next item as soon as its walk leaves the window.
     pub fn add_all<'a>(&mut self, items: impl IntoIterator<Item = &'a Item>) {
         let len = self.symbols.len() as u64;

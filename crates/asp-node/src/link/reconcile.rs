@@ -10,6 +10,10 @@
 //!
 //! Runs are driven from the link task: everything here is a method on [`Link`] that
 //! does a bounded step of work and returns.
+//!
+//! Size: both roles of one exchange (initiator and responder, each in window, full
+//! and transfer mode) as steps of one state machine on [`Link`]; split the roles into
+//! files of their own if either grows further.
 
 use std::collections::VecDeque;
 use std::time::Instant;

@@ -1,6 +1,11 @@
 //! The writer: the one place that changes the store.
 //!
-//! Two threads form a pipeline:
+//! Size: the group commit loop and the building of a group (checks, counters, clocks,
+//! encoding, rollback on a failed write) are one sequence over the writer's state;
+//! the indexer, CRDT writes, events from peers and rollback have their own files. The
+//! renovation (issue 13) splits the shared state by writer.
+//!
+//! Up to four threads (the first two always):
 //!
 //! 1. The **log writer** (`asp-writer`) takes every request waiting in the queue,
 //!    checks conditions, assigns sequence numbers, dots and clock readings, encodes the
@@ -8,6 +13,9 @@
 //!    with one `fdatasync` (under `fsync = "always"`), publishes the new feed head and
 //!    acknowledges the requests.
 //! 2. The **indexer** (`asp-index`) applies acknowledged groups to the key index.
+//! 3. The **window keeper** (`asp-windows`, unless `reconcile_window = 0`) keeps each
+//!    namespace's reconciliation symbols up to date behind the indexer.
+//! 4. Under `fsync = "interval:<ms>"`, the **syncer** fsyncs on the interval.
 //!
 //! Keeping the key index off the acknowledgement path means a write waits for its fsync
 //! and little else. Reads stay read-your-writes: a read first waits until the index
@@ -21,8 +29,8 @@
 //! So before an fsync the writer waits for them while they keep arriving (each within
 //! half an fsync of the last, at most 1 ms in all).
 //!
-//! Under `fsync = "interval:<ms>"` a third thread fsyncs on the interval and the writer
-//! acknowledges without waiting for it. In every mode the feed shows only events that
+//! Under `fsync = "interval:<ms>"` the writer acknowledges without waiting for the
+//! syncer. In every mode the feed shows only events that
 //! are acknowledged and (unless `fsync = "never"`) durable: a peer or subscriber must
 //! never see an event that a crash could take back.
 

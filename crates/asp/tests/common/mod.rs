@@ -143,6 +143,8 @@ impl Node {
     /// Sends a signal and waits for the process to exit.
     pub fn signal(&mut self, signal: i32) -> ExitStatus {
         let mut child = self.child.take().expect("running");
+        // SAFETY: kill(2) takes two integers and touches no memory of ours; the pid is
+        // our own child's, not yet waited for, so it cannot name another process.
         unsafe {
             libc::kill(child.id() as i32, signal);
         }
@@ -300,7 +302,7 @@ pub async fn converge(nodes: &[&Node], ns: &str, expected: u64, limit: Duration)
 pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut condition: F)
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
+    Fut: Future<Output = bool>,
 {
     let deadline = Instant::now() + limit;
     while !condition().await {
