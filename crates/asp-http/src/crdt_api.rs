@@ -56,9 +56,9 @@ fn token_mac(
 }
 
 /// The context of a write's `X-Asp-Context` header (empty without one). A token that
-/// does not decode or whose hash is wrong is `invalid_context` (400); one naming
-/// versions this node does not hold is `context_ahead` (409): it was read elsewhere
-/// and has not reached this node yet.
+/// does not decode or whose hash is wrong is `invalid_context` (400). One naming
+/// versions this node does not hold (read elsewhere, not arrived yet) is the store's
+/// to refuse when it writes: `context_ahead` (409).
 pub fn write_context(
     store: &Store,
     headers: &HeaderMap,
@@ -89,16 +89,7 @@ pub fn write_context(
             "its signature does not match (forged, damaged, or from another key)",
         ));
     }
-    let context = crdt::decode_context(context).map_err(|e| invalid(&e.to_string()))?;
-    let held = store.namespace_vector(namespace);
-    if !context.is_subset(&held) {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "context_ahead",
-            "the token names versions this node does not hold yet (it was read from another node): retry once they arrive, or write where you read",
-        ));
-    }
-    Ok(context)
+    crdt::decode_context(context).map_err(|e| invalid(&e.to_string()))
 }
 
 /// `GET` of a key of a CRDT namespace.

@@ -70,6 +70,9 @@ impl From<WriteError> for ApiError {
             WriteError::PolicyFixed(m) => {
                 ApiError::new(StatusCode::CONFLICT, "policy_fixed", m.clone())
             }
+            WriteError::ContextAhead(m) => {
+                ApiError::new(StatusCode::CONFLICT, "context_ahead", m.clone())
+            }
             WriteError::WrongPolicy(m) => {
                 ApiError::new(StatusCode::CONFLICT, "wrong_policy", m.clone())
             }

@@ -2,7 +2,6 @@
 //! a client. This is the only crate that knows JSON request shapes; the store below it
 //! deals in typed operations.
 
-mod api;
 pub mod client;
 mod crdt_api;
 mod error;
@@ -11,8 +10,9 @@ mod held_api;
 mod json;
 mod openapi;
 mod preconditions;
+mod routes;
 mod server;
 
-pub use api::{ApiConfig, AppState, DEFAULT_REQUEST_BYTES_MAX, router};
 pub use error::ApiError;
+pub use routes::{ApiConfig, AppState, DEFAULT_REQUEST_BYTES_MAX, router};
 pub use server::serve;

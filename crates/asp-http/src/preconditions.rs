@@ -2,12 +2,12 @@
 //! lists of entity tags, turned into the one condition the store checks when it
 //! writes.
 
-use asp_core::{Dot, Key, Namespace};
-use asp_store::{Condition, Store};
-use axum::http::{HeaderMap, StatusCode, header};
+use asp_core::Dot;
+use asp_store::Condition;
+use axum::http::{HeaderMap, header};
 
-use crate::api::header_str;
 use crate::error::ApiError;
+use crate::routes::header_str;
 
 /// An entity tag of an `If-Match` / `If-None-Match` list (RFC 9110 §8.8.3), without
 /// its quotes.
@@ -120,62 +120,27 @@ pub(crate) fn write_preconditions(headers: &HeaderMap) -> Result<Vec<Preconditio
     Ok(preconditions)
 }
 
-fn precondition_failed(message: String) -> ApiError {
-    ApiError::new(
-        StatusCode::PRECONDITION_FAILED,
-        "precondition_failed",
-        message,
-    )
-}
-
-/// Turns preconditions into the condition the store checks when it writes. One the
-/// store can check by itself goes as it is; otherwise they are checked here against the
-/// key's current version, and the write is made conditional on that very state, so
-/// that a write in between fails it (412) as if it had come first.
-pub(crate) async fn resolve_preconditions(
-    store: &Store,
-    ns: &Namespace,
-    key: &Key,
-    preconditions: Vec<Precondition>,
-) -> Result<Condition, ApiError> {
-    match preconditions.as_slice() {
-        [] => return Ok(Condition::None),
-        [Precondition::Exists] => return Ok(Condition::IfExists),
-        [Precondition::Absent] => return Ok(Condition::IfAbsent),
-        [Precondition::Match(dots)] if dots.len() == 1 => {
-            return Ok(Condition::IfVersion(dots[0]));
-        }
-        // No listed tag is a version of ours: none can match, so nothing is required.
-        [Precondition::NoneMatch(dots)] if dots.is_empty() => return Ok(Condition::None),
-        _ => {}
+/// Turns preconditions into the condition the store checks when it writes, against
+/// the state the write replaces (so a write in between fails it, 412, as if it had come
+/// first). Nothing is read here: the store checks lists of versions itself.
+pub(crate) fn condition(preconditions: Vec<Precondition>) -> Condition {
+    let mut conditions: Vec<Condition> = preconditions
+        .into_iter()
+        .filter_map(|p| match p {
+            Precondition::Exists => Some(Condition::IfExists),
+            Precondition::Absent => Some(Condition::IfAbsent),
+            Precondition::Match(dots) if dots.len() == 1 => Some(Condition::IfVersion(dots[0])),
+            Precondition::Match(dots) => Some(Condition::IfVersionIn(dots)),
+            // No listed tag is a version of ours: none can match, so nothing is required.
+            Precondition::NoneMatch(dots) if dots.is_empty() => None,
+            Precondition::NoneMatch(dots) => Some(Condition::IfVersionNotIn(dots)),
+        })
+        .collect();
+    match conditions.len() {
+        0 => Condition::None,
+        1 => conditions.pop().expect("one"),
+        _ => Condition::All(conditions),
     }
-    store.caught_up().await?;
-    let current = store
-        .get(ns, key.as_str())?
-        .filter(|ks| ks.value.is_some())
-        .map(|ks| ks.version.dot);
-    let k = key.as_str();
-    let now = current.map_or("absent".to_owned(), |d| format!("at version {d}"));
-    for precondition in &preconditions {
-        let listed = |dots: &[Dot]| current.is_some_and(|d| dots.contains(&d));
-        let failed = match precondition {
-            Precondition::Exists if current.is_none() => {
-                format!("key {k:?} does not exist (If-Match: *)")
-            }
-            Precondition::Absent if current.is_some() => {
-                format!("key {k:?} exists, {now} (If-None-Match: *)")
-            }
-            Precondition::Match(dots) if !listed(dots) => format!(
-                "key {k:?} is {now}, which is none of the versions If-Match lists (weak tags and tags that are not this API's versions never match)"
-            ),
-            Precondition::NoneMatch(dots) if listed(dots) => {
-                format!("key {k:?} is {now}, which If-None-Match lists")
-            }
-            _ => continue,
-        };
-        return Err(precondition_failed(failed));
-    }
-    Ok(current.map_or(Condition::IfAbsent, Condition::IfVersion))
 }
 
 /// A batch operation's `if_match` / `if_none_match`: a version as answers write it

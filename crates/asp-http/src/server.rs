@@ -11,7 +11,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
-use crate::api::{AppState, router};
+use crate::routes::{AppState, router};
 
 /// Serves the API on `listener` until the state's shutdown token is cancelled, then
 /// finishes the requests in flight.

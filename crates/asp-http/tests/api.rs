@@ -1428,3 +1428,68 @@ async fn admin_scrub_reports_what_it_checked() {
     assert_eq!(status["scrub"]["records"], 1, "{status}");
     server.stop().await;
 }
+
+/// Guards against a damaged CRDT state answering as `null` (HTTP once decoded a
+/// listing's state bytes itself and showed a failure as `null`): the store decodes its
+/// states, and a read or a listing of a damaged one answers 500 `store_failed`.
+#[tokio::test]
+async fn a_damaged_crdt_state_answers_an_error_not_null() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), |_, _| {}).await;
+    let json = [("content-type", "application/json")];
+    let r = server
+        .send(
+            Method::PUT,
+            "/v1/ns/c/policy",
+            &json,
+            br#"{"policy":"counter"}"#,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    for k in ["hits", "fine"] {
+        let r = server
+            .send(
+                Method::POST,
+                &format!("/v1/ns/c/kv/{k}"),
+                &json,
+                br#"{"incr":2}"#,
+            )
+            .await;
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "{:?}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    let store = server.store.clone();
+    let damaged = tokio::task::spawn_blocking(move || {
+        let ns = asp_core::Namespace::new("c").unwrap();
+        asp_store::fault::damage_crdt_state(&store, &ns, "hits")
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(damaged, 1);
+    for path in ["/v1/ns/c/kv/hits", "/v1/ns/c/kv?values=true"] {
+        let r = server.send(Method::GET, path, &[], b"").await;
+        let body = String::from_utf8_lossy(&r.body);
+        assert_eq!(
+            r.status,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "{path}: {body}"
+        );
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["error"]["code"], "store_failed", "{path}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("damaged"),
+            "{path}: {body}"
+        );
+    }
+    let r = server.send(Method::GET, "/v1/ns/c/kv/fine", &[], b"").await;
+    assert_eq!(r.body, Bytes::from_static(b"2"));
+    server.stop().await;
+}

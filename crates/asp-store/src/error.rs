@@ -86,6 +86,10 @@ pub enum WriteError {
     /// on a set, a plain put on a counter).
     #[error("{0}")]
     WrongPolicy(String),
+    /// A siblings write whose context names versions this node does not hold (it was
+    /// read from another node and they have not arrived yet).
+    #[error("{0}")]
+    ContextAhead(String),
     #[error("the writer queue stayed full for {} ms; retry later", waited.as_millis())]
     Overloaded { waited: Duration },
     #[error("the store is shutting down")]

@@ -532,3 +532,34 @@ impl Fs for FaultFs {
         Ok(s.free())
     }
 }
+
+/// Overwrites every origin's entry of the CRDT key `key` in the key index with bytes
+/// that are no state, as a damaged disk or a bug could leave them, so that a test can
+/// check that such a state reads as an error, never as a value. Waits for the indexer
+/// first; returns how many entries it damaged.
+pub fn damage_crdt_state(
+    store: &crate::Store,
+    namespace: &asp_core::Namespace,
+    key: &str,
+) -> Result<usize, crate::ReadError> {
+    let shared = &store.inner.shared;
+    shared.await_index().map_err(crate::ReadError::Failed)?;
+    let mut entries = Vec::new();
+    shared.index.scan(
+        &crate::codec::crdt_key_prefix(namespace.as_str(), key),
+        None,
+        |k, entry| {
+            entries.push((k.to_vec(), entry));
+            true
+        },
+    )?;
+    let damaged = bytes::Bytes::from_static(b"\xffnot a state");
+    let mut batch = shared.index.batch(entries.len());
+    for (k, mut entry) in entries.iter().cloned() {
+        entry.value_len = damaged.len() as u32;
+        entry.inline = Some(damaged.clone());
+        batch.put(k.into(), &entry);
+    }
+    batch.commit()?;
+    Ok(entries.len())
+}

@@ -1292,14 +1292,16 @@ impl Store {
                         return false;
                     }
                 };
+                let mut state = None;
                 let value = if with_values && crdt {
                     match self.crdt_state_locked(namespace, key.as_str()) {
-                        Ok(state) => state.map(|s| bytes::Bytes::from(s.encode())),
+                        Ok(s) => state = s,
                         Err(e) => {
                             err = Some(e);
                             return false;
                         }
                     }
+                    None
                 } else if with_values {
                     match self.value_of(&entry) {
                         Ok(v) => Some(v),
@@ -1318,6 +1320,7 @@ impl Store {
                     content_type,
                     value_len: entry.value_len,
                     value,
+                    state,
                 });
                 true
             })?;

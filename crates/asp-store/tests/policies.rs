@@ -326,7 +326,71 @@ async fn a_crdt_namespace_lists_each_key_once() {
     let page = a.scan(&ns("c"), "", Some(next.as_str()), 10, true).unwrap();
     let keys: Vec<&str> = page.items.iter().map(|i| i.key.as_str()).collect();
     assert_eq!(keys, vec!["a", "b"]);
-    let state = State::decode(page.items[0].value.as_ref().unwrap()).unwrap();
+    let state = page.items[0].state.clone().unwrap();
     assert!(matches!(state, State::Counter(c) if c.value() == 2));
     assert!(page.next_after.is_none());
+}
+
+/// Guards against a damaged CRDT state reading as a value (HTTP used to decode the
+/// listing's state bytes itself and show a failure as `null`): the store decodes its
+/// own states, and one that does not decode fails the read with `Corrupt`.
+#[tokio::test]
+async fn a_damaged_crdt_state_reads_as_an_error() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Store::open(config(d.path(), 1)).unwrap();
+    s.set_policy(ns("c"), Policy::Counter).await.unwrap();
+    op(&s, "c", "hits", CrdtOp::Incr(3)).await.unwrap();
+    op(&s, "c", "fine", CrdtOp::Incr(1)).await.unwrap();
+    let page = s.scan(&ns("c"), "", None, 10, true).unwrap();
+    assert!(
+        page.items
+            .iter()
+            .all(|i| matches!(i.state, Some(State::Counter(_))) && i.value.is_none())
+    );
+    assert_eq!(
+        asp_store::fault::damage_crdt_state(&s, &ns("c"), "hits").unwrap(),
+        1
+    );
+    let corrupt = |e: asp_store::ReadError| {
+        assert!(matches!(e, asp_store::ReadError::Corrupt(_)), "{e:?}");
+        assert!(e.to_string().contains("\"hits\""), "{e}");
+    };
+    corrupt(s.crdt_state(&ns("c"), "hits").unwrap_err());
+    corrupt(s.scan(&ns("c"), "", None, 10, true).unwrap_err());
+    // Keys beside it still read, and a listing without values does not decode states.
+    assert_eq!(counter(&s, "c", "fine"), 1);
+    assert_eq!(
+        s.scan(&ns("c"), "", None, 10, false).unwrap().items.len(),
+        2
+    );
+}
+
+/// A siblings write whose context names versions this node does not hold (read from
+/// another node) is refused by the store when it writes, not by a read before it.
+#[tokio::test]
+async fn a_siblings_write_with_a_context_from_ahead_is_refused() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Store::open(config(da.path(), 1)).unwrap();
+    let b = Store::open(config(db.path(), 2)).unwrap();
+    for s in [&a, &b] {
+        s.set_policy(ns("docs"), Policy::Siblings).await.unwrap();
+    }
+    let write = |context: Context| CrdtOp::Write {
+        context,
+        value: Some((ContentType::Text, Bytes::from_static(b"v"))),
+    };
+    op(&a, "docs", "d", write(Context::default()))
+        .await
+        .unwrap();
+    let Some(State::Siblings(r)) = a.crdt_state(&ns("docs"), "d").unwrap() else {
+        unreachable!()
+    };
+    let err = op(&b, "docs", "d", write(r.context().clone()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, WriteError::ContextAhead(_)), "{err:?}");
+    sync(&a, &b).await;
+    op(&b, "docs", "d", write(r.context().clone()))
+        .await
+        .unwrap();
 }

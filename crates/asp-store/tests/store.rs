@@ -691,3 +691,49 @@ async fn every_acknowledged_write_is_readable_at_once() {
         n.await.unwrap();
     }
 }
+
+/// The list conditions (HTTP's `If-Match` / `If-None-Match` with several tags) are
+/// checked by the writer against the state the write replaces, so that a client's
+/// conditional write is one call: each case writes once and succeeds or fails whole.
+#[tokio::test]
+async fn list_conditions_are_checked_when_the_write_is_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let n = ns("lists");
+    let v1 = store.write(n.clone(), vec![put("k", "1")]).await.unwrap()[0].dot;
+    let other = store.write(n.clone(), vec![put("o", "1")]).await.unwrap()[0].dot;
+    let check = |key: &'static str, condition: Condition, holds: bool| {
+        let store = store.clone();
+        let n = n.clone();
+        async move {
+            let result = store
+                .write(n, vec![put(key, "x").with_condition(condition.clone())])
+                .await;
+            match result {
+                Ok(_) => assert!(holds, "{condition:?} on {key} held"),
+                Err(WriteError::ConditionFailed { .. }) => {
+                    assert!(!holds, "{condition:?} on {key} failed")
+                }
+                Err(e) => panic!("{condition:?} on {key}: {e}"),
+            }
+        }
+    };
+    check("k", Condition::IfVersionIn(vec![other]), false).await;
+    check("k", Condition::IfVersionIn(vec![]), false).await;
+    check("absent", Condition::IfVersionIn(vec![v1]), false).await;
+    check("k", Condition::IfVersionNotIn(vec![other, v1]), false).await;
+    check("absent", Condition::IfVersionNotIn(vec![v1]), true).await;
+    let both = |a, b| Condition::All(vec![a, b]);
+    check("k", both(Condition::IfExists, Condition::IfAbsent), false).await;
+    check(
+        "k",
+        both(
+            Condition::IfVersionIn(vec![other, v1]),
+            Condition::IfVersionNotIn(vec![other]),
+        ),
+        true,
+    )
+    .await;
+    // k moved on: its first version no longer matches.
+    check("k", Condition::IfVersionIn(vec![v1, other]), false).await;
+}

@@ -109,6 +109,17 @@ impl Writer {
                 ));
                 return refuse(w, err, &self.shared.metrics);
             }
+            if let CrdtOp::Write { context, .. } = crdt
+                && !self
+                    .namespaces
+                    .get(&w.namespace)
+                    .map_or(context.is_empty(), |held| context.is_subset(&held.vector))
+            {
+                let err = WriteError::ContextAhead(format!(
+                    "operation {i} on key {key:?}: its context names versions this node does not hold yet (it was read from another node): retry once they arrive, or write where you read"
+                ));
+                return refuse(w, err, &self.shared.metrics);
+            }
             let dot = Dot {
                 origin: node_id,
                 counter: first_counter + i as u64,

@@ -1151,20 +1151,7 @@ impl Writer {
                     }
                 };
                 let live = current.filter(|&(_, live)| live).map(|(dot, _)| dot);
-                let failure = match (op.condition, live) {
-                    (Condition::IfVersion(want), Some(have)) if want == have => None,
-                    (Condition::IfVersion(want), Some(have)) => Some(format!(
-                        "expected version {want}, the current version is {have}"
-                    )),
-                    (Condition::IfVersion(want), None) => Some(format!(
-                        "expected version {want}, but the key does not exist"
-                    )),
-                    (Condition::IfExists, None) => Some("the key does not exist".to_owned()),
-                    (Condition::IfAbsent, Some(have)) => {
-                        Some(format!("the key exists at version {have}"))
-                    }
-                    _ => None,
-                };
+                let failure = op.condition.check(live).err();
                 if let Some(reason) = failure {
                     return Err(WriteError::ConditionFailed {
                         index: i,

@@ -218,7 +218,11 @@ impl Shared {
         for entry in &entries {
             State::decode(&self.value_of(entry)?)
                 .and_then(|s| state.join(&s))
-                .map_err(|e| ReadError::Corrupt(format!("key {key:?}: {e}")))?;
+                .map_err(|e| {
+                    ReadError::Corrupt(format!(
+                        "the stored state of key {key:?} in namespace {namespace} is damaged: {e}"
+                    ))
+                })?;
         }
         Ok(!entries.is_empty())
     }

@@ -1,0 +1,393 @@
+//! The HTTP API v1: the router, the state every handler shares, and what every route
+//! does first (path checks, the key extractor, bodies with a limit). Handlers live in
+//! one file per group of routes.
+
+mod admin;
+mod batch;
+mod changes;
+mod keys;
+mod write;
+
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use asp_core::crdt::Policy;
+use asp_core::{Dot, Key, Namespace};
+use asp_node::Replicator;
+use asp_store::Store;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{FromRequestParts, Path, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures_util::FutureExt as _;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::ApiError;
+
+/// Default limit on a batch request body.
+pub const DEFAULT_REQUEST_BYTES_MAX: usize = 16 << 20;
+/// Default time a client has to send a request's header.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default limit on open HTTP connections.
+pub const DEFAULT_CONNECTIONS_MAX: usize = 1024;
+/// Default limit on live change streams (SSE).
+pub const DEFAULT_STREAMS_MAX: usize = 256;
+
+/// Settings of the HTTP server.
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// The largest request body of a batch.
+    pub request_bytes_max: usize,
+    /// A connection whose request header has not fully arrived this long after the
+    /// server began reading it (idle keep-alive time included) is closed.
+    pub header_read_timeout: Duration,
+    /// Open HTTP connections at most; a connection over it gets a 503 and is closed.
+    pub connections_max: usize,
+    /// Live change streams (SSE) at most; one more gets `503 too_many_streams`.
+    pub streams_max: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            request_bytes_max: DEFAULT_REQUEST_BYTES_MAX,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            connections_max: DEFAULT_CONNECTIONS_MAX,
+            streams_max: DEFAULT_STREAMS_MAX,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    code: &'static str,
+}
+
+/// Everything a handler needs. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<StateInner>,
+}
+
+struct StateInner {
+    store: Store,
+    replicator: Option<Replicator>,
+    config: ApiConfig,
+    registry: Registry,
+    http_requests: Family<StatusLabels, Counter>,
+    connections_refused: Counter,
+    streams_refused: Counter,
+    /// One permit per live change stream.
+    streams: Arc<tokio::sync::Semaphore>,
+    started: Instant,
+    listen: SocketAddr,
+    shutdown: CancellationToken,
+}
+
+impl AppState {
+    /// `shutdown` ends live streams and the server when cancelled. Without a
+    /// replicator, writes cannot ask for more than one replica.
+    pub fn new(
+        store: Store,
+        replicator: Option<Replicator>,
+        config: ApiConfig,
+        listen: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let mut registry = Registry::default();
+        store.metrics().register(&mut registry);
+        if let Some(r) = &replicator {
+            r.register_metrics(&mut registry);
+        }
+        let http_requests = Family::<StatusLabels, Counter>::default();
+        registry.register(
+            "asp_http_requests",
+            "HTTP requests answered, by status class",
+            http_requests.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "asp_http_connections_refused",
+            "HTTP connections closed at once because http_connections_max were open",
+            connections_refused.clone(),
+        );
+        let streams_refused = Counter::default();
+        registry.register(
+            "asp_http_streams_refused",
+            "Change streams (SSE) refused because sse_streams_max were live",
+            streams_refused.clone(),
+        );
+        let streams = Arc::new(tokio::sync::Semaphore::new(config.streams_max));
+        AppState {
+            inner: Arc::new(StateInner {
+                store,
+                replicator,
+                config,
+                registry,
+                http_requests,
+                connections_refused,
+                streams_refused,
+                streams,
+                started: Instant::now(),
+                listen,
+                shutdown,
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub(crate) fn config(&self) -> &ApiConfig {
+        &self.inner.config
+    }
+
+    pub(crate) fn shutdown_token(&self) -> CancellationToken {
+        self.inner.shutdown.clone()
+    }
+
+    pub(crate) fn connections_refused(&self) -> Counter {
+        self.inner.connections_refused.clone()
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(admin::healthz))
+        .route("/metrics", get(admin::metrics))
+        .route("/v1/status", get(admin::status))
+        .route("/v1/admin/compact", post(admin::compact))
+        .route(
+            "/v1/admin/quarantine/{ns}/retry",
+            post(admin::quarantine_retry),
+        )
+        .route(
+            "/v1/admin/quarantine/{ns}/discard",
+            post(admin::quarantine_discard),
+        )
+        .route("/v1/admin/scrub", post(admin::scrub))
+        .route("/v1/openapi.json", get(admin::openapi))
+        .route("/v1/ns/{ns}/kv", get(keys::list_keys))
+        .route(
+            "/v1/ns/{ns}/kv/",
+            get(empty_key).put(empty_key).delete(empty_key),
+        )
+        .route(
+            "/v1/ns/{ns}/kv/{*key}",
+            get(keys::get_key)
+                .put(keys::put_key)
+                .delete(keys::delete_key)
+                .post(keys::post_key)
+                .patch(keys::patch_key),
+        )
+        .route(
+            "/v1/ns/{ns}/policy",
+            get(keys::get_policy).put(keys::put_policy),
+        )
+        .route("/v1/ns/{ns}/batch", post(batch::batch))
+        .route("/v1/ns/{ns}/changes", get(changes::changes))
+        .fallback(route_not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+/// Counts answers, refuses malformed percent-encoding, and turns a panic into a 500
+/// rather than a dropped connection.
+async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let response = if let Some(e) = check_percent_encoding(request.uri().path()) {
+        e.into_response()
+    } else {
+        match AssertUnwindSafe(next.run(request)).catch_unwind().await {
+            Ok(response) => response,
+            Err(_) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the request handler failed; this is a bug, please report it",
+            )
+            .into_response(),
+        }
+    };
+    let code = match response.status().as_u16() {
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    state
+        .inner
+        .http_requests
+        .get_or_create(&StatusLabels { code })
+        .inc();
+    response
+}
+
+fn check_percent_encoding(path: &str) -> Option<ApiError> {
+    let bytes = path.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let ok = bytes.len() > i + 2
+                && bytes[i + 1].is_ascii_hexdigit()
+                && bytes[i + 2].is_ascii_hexdigit();
+            if !ok {
+                return Some(ApiError::bad_request(
+                    "invalid_path",
+                    format!(
+                        "bad percent-encoding at byte {i} of the path: '%' must be followed by two hex digits (write a literal '%' as %25)"
+                    ),
+                ));
+            }
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    None
+}
+
+async fn route_not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "route_not_found",
+        format!(
+            "no route for {method} {}; the API is described at /v1/openapi.json",
+            uri.path()
+        ),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!(
+            "{method} is not allowed on {}; see /v1/openapi.json",
+            uri.path()
+        ),
+    )
+}
+
+async fn empty_key() -> ApiError {
+    ApiError::bad_request(
+        "invalid_key",
+        "the key is empty; a key is 1 to 1024 bytes of UTF-8",
+    )
+}
+
+fn path_error(e: PathRejection) -> ApiError {
+    ApiError::bad_request(
+        "invalid_path",
+        format!(
+            "{}; percent-encoded path segments must decode to UTF-8",
+            e.body_text()
+        ),
+    )
+}
+
+fn query_error(e: QueryRejection) -> ApiError {
+    ApiError::bad_request("invalid_query", e.body_text())
+}
+
+fn namespace(name: &str) -> Result<Namespace, ApiError> {
+    Namespace::new(name).map_err(|e| ApiError::bad_request("invalid_namespace", e.to_string()))
+}
+
+fn key(k: &str) -> Result<Key, ApiError> {
+    Key::new(k).map_err(|e| ApiError::bad_request("invalid_key", e.to_string()))
+}
+
+/// What every handler of `/v1/ns/{ns}/kv/{key}` starts from: the path's namespace
+/// and key, checked (`invalid_path`, `invalid_namespace`, `invalid_key`), and the
+/// namespace's conflict policy, which decides what the request means (a `PUT` of a
+/// siblings namespace adds a sibling; of an lww one, replaces the value).
+pub(crate) struct KeyTarget {
+    pub ns: Namespace,
+    pub key: Key,
+    pub policy: Policy,
+}
+
+impl FromRequestParts<AppState> for KeyTarget {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Path((ns, k)) = Path::<(String, String)>::from_request_parts(parts, state)
+            .await
+            .map_err(path_error)?;
+        let ns = namespace(&ns)?;
+        let key = key(&k)?;
+        let policy = state.store().policy(&ns);
+        Ok(KeyTarget { ns, key, policy })
+    }
+}
+
+pub(crate) fn header_str(
+    headers: &HeaderMap,
+    name: header::HeaderName,
+) -> Result<Option<&str>, ApiError> {
+    match headers.get(&name) {
+        None => Ok(None),
+        Some(v) => v.to_str().map(Some).map_err(|_| {
+            ApiError::bad_request(
+                "invalid_header",
+                format!("the {name} header is not visible ASCII"),
+            )
+        }),
+    }
+}
+
+fn etag(dot: Dot) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{dot}\"")).expect("dots are ASCII")
+}
+
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    what: &str,
+    setting: &str,
+) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the {what} is larger than {limit} bytes ({setting})"),
+        )
+    };
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > limit as u64
+    {
+        return Err(too_large());
+    }
+    match axum::body::to_bytes(body, limit).await {
+        Ok(b) => Ok(b),
+        Err(e) => {
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(s) = source {
+                if s.is::<http_body_util::LengthLimitError>() {
+                    return Err(too_large());
+                }
+                source = s.source();
+            }
+            Err(ApiError::bad_request(
+                "invalid_body",
+                format!("could not read the request body: {e}"),
+            ))
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! The write concern (`replicas`, `timeout_ms`) and the answer every write gives.
+
+use std::time::Duration;
+
+use asp_core::Namespace;
+use asp_node::Replicator;
+use asp_store::{CrdtOp, WriteKind, WriteOp};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRequestParts, Query};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::{AppState, etag, query_error};
+use crate::error::ApiError;
+use crate::json::WriteOut;
+
+/// Query parameters of a write: the write concern.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct WriteParams {
+    replicas: Option<usize>,
+    timeout_ms: Option<u64>,
+}
+
+/// How many nodes must hold a write durably before the answer, and how long to wait.
+pub(super) struct Concern {
+    replicas: usize,
+    timeout: Duration,
+}
+
+const REPLICAS_MAX: usize = 64;
+const REPLICA_TIMEOUT_MS_DEFAULT: u64 = 5_000;
+const REPLICA_TIMEOUT_MS_MAX: u64 = 60_000;
+
+/// Every write's query (`replicas`, `timeout_ms`), checked: a request asking for more
+/// nodes than this node knows of is refused before anything is written.
+impl FromRequestParts<AppState> for Concern {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let query = Query::<WriteParams>::from_request_parts(parts, state).await;
+        concern(state, query)
+    }
+}
+
+fn concern(
+    state: &AppState,
+    query: Result<Query<WriteParams>, QueryRejection>,
+) -> Result<Concern, ApiError> {
+    let Query(q) = query.map_err(query_error)?;
+    let replicas = q.replicas.unwrap_or(1);
+    if replicas == 0 || replicas > REPLICAS_MAX {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("replicas must be between 1 and {REPLICAS_MAX}; got {replicas}"),
+        ));
+    }
+    if replicas > 1 {
+        let nodes = 1 + state
+            .inner
+            .replicator
+            .as_ref()
+            .map_or(0, Replicator::peers_known);
+        if replicas > nodes {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "replicas_unreachable",
+                format!(
+                    "replicas={replicas} can never be met: at most {nodes} node{} can hold a write (this node and the peers it knows: configured, or linked to it since it started); ask for replicas={nodes} or fewer, or link more peers first",
+                    if nodes == 1 { "" } else { "s" }
+                ),
+            ));
+        }
+    }
+    let timeout_ms = q.timeout_ms.unwrap_or(REPLICA_TIMEOUT_MS_DEFAULT);
+    if timeout_ms == 0 || timeout_ms > REPLICA_TIMEOUT_MS_MAX {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("timeout_ms must be between 1 and {REPLICA_TIMEOUT_MS_MAX}; got {timeout_ms}"),
+        ));
+    }
+    Ok(Concern {
+        replicas,
+        timeout: Duration::from_millis(timeout_ms),
+    })
+}
+
+/// Answers a write once its concern is met: `body` is the write's JSON answer (an
+/// object), `seq` the feed position of its last event. Past the timeout the answer is
+/// 504 `replication_timeout`, saying how many nodes hold it; the write stays.
+pub(super) async fn answer_write(
+    state: &AppState,
+    concern: Concern,
+    seq: u64,
+    body: String,
+    etag: Option<HeaderValue>,
+) -> Response {
+    let mut response = if concern.replicas <= 1 {
+        ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+    } else {
+        let replicator = state
+            .inner
+            .replicator
+            .as_ref()
+            .expect("checked by concern()");
+        let held = replicator
+            .wait_replicas(seq, concern.replicas, concern.timeout)
+            .await;
+        let replicas = format!(r#"{{"wanted":{},"acknowledged":{held}}}"#, concern.replicas);
+        if held >= concern.replicas {
+            let mut body = body;
+            body.truncate(body.len() - 1);
+            body.push_str(&format!(r#","replicas":{replicas}}}"#));
+            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+        } else {
+            let message = format!(
+                "the write is durable on this node but only {held} of {} nodes hold it after {} ms; it stays, and replication goes on",
+                concern.replicas,
+                concern.timeout.as_millis()
+            );
+            let error = serde_json::json!({"code": "replication_timeout", "message": message});
+            let body = format!(r#"{{"error":{error},"write":{body},"replicas":{replicas}}}"#);
+            (
+                StatusCode::GATEWAY_TIMEOUT,
+                [(header::CONTENT_TYPE, "application/json")],
+                body,
+            )
+                .into_response()
+        }
+    };
+    if let Some(etag) = etag {
+        response.headers_mut().insert(header::ETAG, etag);
+    }
+    response
+}
+
+/// Applies one operation on one key and answers like every single-key write (with
+/// the new version as ETag when `with_etag`).
+pub(super) async fn write_one(
+    state: &AppState,
+    concern: Concern,
+    ns: Namespace,
+    op: WriteOp,
+    with_etag: bool,
+) -> Result<Response, ApiError> {
+    let key = op.key.clone();
+    let deleted = matches!(op.kind, WriteKind::Delete)
+        || matches!(&op.kind, WriteKind::Crdt(CrdtOp::Write { value: None, .. }));
+    let applied = state.store().write(ns.clone(), vec![op]).await?[0];
+    let body = serde_json::to_string(&WriteOut::new(ns.as_str(), key.as_str(), applied, deleted))
+        .expect("answers serialize");
+    let etag = with_etag.then(|| etag(applied.dot));
+    Ok(answer_write(state, concern, applied.seq, body, etag).await)
+}
