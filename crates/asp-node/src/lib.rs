@@ -6,13 +6,17 @@
 //!
 //! Nothing here decides what replication means: the session decides what to send and
 //! when, the store decides what an event does. This crate moves bytes and keeps score
-//! (link states, acknowledgements, lag) for status pages and write concern.
+//! (link states, acknowledgements, lag) for status pages and write concern. It also
+//! runs the node's compaction schedule ([`run_compaction_schedule`]): the store compacts
+//! only when asked.
 
+mod compaction;
 mod config;
 mod link;
 mod metrics;
 mod replicator;
 
+pub use compaction::{DEFAULT_COMPACTION_INTERVAL_MS, run_compaction_schedule};
 pub use config::{DEFAULT_PEER_PORT, ReplicationConfig};
 pub use replicator::{
     Direction, LastReconcile, LinkState, NamespaceLag, PeerStatus, ReconcileStats, Refusal,
