@@ -60,15 +60,13 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
         "asp node serving"
     );
 
-    let compactor = config
-        .compaction_interval
-        .map(|every| {
-            tokio::spawn(asp_node::run_compaction_schedule(
-                store.clone(),
-                every,
-                shutdown.clone(),
-            ))
-        });
+    let compactor = config.compaction_interval.map(|every| {
+        tokio::spawn(asp_node::run_compaction_schedule(
+            store.clone(),
+            every,
+            shutdown.clone(),
+        ))
+    });
 
     let scrubber = config
         .scrub_interval
