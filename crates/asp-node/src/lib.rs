@@ -10,13 +10,18 @@
 //! to start a run (the anti-entropy tick, the handover check on a peer's summary) and
 //! its bounded steps, around `asp-core`'s reconciliation structures (`Window`,
 //! `Decoder`).
+//!
+//! It also runs the node's compaction schedule ([`run_compaction_schedule`]): the
+//! store compacts only when asked.
 
+mod compaction;
 mod config;
 mod link;
 mod metrics;
 mod registry;
 mod replicator;
 
+pub use compaction::{DEFAULT_COMPACTION_INTERVAL_MS, run_compaction_schedule};
 pub use config::{DEFAULT_PEER_PORT, ReplicationConfig};
 pub use registry::{Direction, LastReconcile, LinkState, ReconcileStats};
 pub use replicator::{

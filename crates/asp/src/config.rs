@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use asp_core::NodeId;
 use asp_core::reconcile::ItemKey;
 use asp_http::ApiConfig;
-use asp_node::ReplicationConfig;
+use asp_node::{DEFAULT_COMPACTION_INTERVAL_MS, ReplicationConfig};
 use asp_store::{FsyncMode, StoreConfig};
 use serde::Deserialize;
 
@@ -62,8 +62,6 @@ pub struct CompactionSection {
     pub gc_horizon_ms: Option<u64>,
 }
 
-/// How often `asp serve` compacts by default.
-pub const DEFAULT_COMPACTION_INTERVAL_MS: u64 = 10 * 60 * 1000;
 /// After a restart, local writes wait at most this long for a peer's summary.
 pub const DEFAULT_OWN_EVENTS_WAIT_MS: u64 = 10_000;
 /// How often `asp serve` scrubs the feed log unless `[store] scrub_interval_ms` says.

@@ -1,18 +1,10 @@
-//! `asp`: run a node (`asp serve`), talk to one (`put`, `get`, `del`, `scan`, `watch`,
-//! `status`), or measure one (`bench`). Argument parsing and printing only; the work
-//! lives in the library crates.
+//! `asp`: run a node (`asp serve`) or talk to one (`put`, `get`, `del`, `scan`, `watch`,
+//! `status`, ...). Argument parsing and printing only; the work lives in the library
+//! crates. The benchmarks and the demo are not here: they live in the `asp-bench`
+//! crate, so this binary links neither them nor what they compare against.
 
-mod bench;
-mod bench_crdt;
-mod bench_gc;
-mod bench_handover;
-mod bench_negentropy;
-mod bench_reconcile;
-mod bench_redis;
-mod bench_replication;
 mod commands;
 mod config;
-mod demo;
 mod serve;
 
 use std::path::PathBuf;
@@ -35,7 +27,7 @@ struct Cli {
 enum Command {
     /// Run a node (data in ./asp-data, API on 127.0.0.1:7700, peers on 127.0.0.1:7800
     /// unless told otherwise).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Write a value.
     Put(PutArgs),
     /// Read a value (printed as is to stdout).
@@ -57,11 +49,33 @@ enum Command {
     /// namespace's here), or resolve a namespace's: retry (after setting its policy) or
     /// discard.
     Quarantine(QuarantineArgs),
-    /// Measure durable ingest and replication on this machine (see bench/RESULTS.md).
-    Bench(bench::BenchArgs),
-    /// Start a three-node cluster on loopback and show replication, a partition and
-    /// its healing.
-    Demo(demo::DemoArgs),
+    /// Moved to `asp-bench bench`; says so and exits with 2.
+    #[command(hide = true, disable_help_flag = true)]
+    Bench(MovedArgs),
+    /// Moved to `asp-bench demo`; says so and exits with 2.
+    #[command(hide = true, disable_help_flag = true)]
+    Demo(MovedArgs),
+}
+
+/// Whatever was given to a command that moved, so that the redirect names it whole.
+#[derive(Args)]
+struct MovedArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
+}
+
+/// Exit code of a command that moved: a usage error, as clap's own.
+const MOVED_EXIT_CODE: u8 = 2;
+
+/// Says in one line where a command of `asp` went, and how to run it with its arguments.
+fn moved(command: &str, args: &MovedArgs) -> ExitCode {
+    let mut run = format!("cargo run --release -p asp-bench -- {command}");
+    for arg in &args.args {
+        run.push(' ');
+        run.push_str(arg);
+    }
+    eprintln!("asp: `asp {command}` moved to its own binary, asp-bench; run: {run}");
+    ExitCode::from(MOVED_EXIT_CODE)
 }
 
 #[derive(Args)]
@@ -75,7 +89,7 @@ struct ServeArgs {
     /// Address of the HTTP API [default: 127.0.0.1:7700].
     #[arg(long, value_name = "ADDR")]
     api: Option<String>,
-    /// When to fsync: always (default), interval:<ms>, or never.
+    /// When to fsync: always (default), interval:MS, or never.
     #[arg(long, value_name = "MODE")]
     fsync: Option<String>,
     /// Node id (16 hex digits) for a new data directory; must match an existing one.
@@ -115,7 +129,7 @@ struct ServeArgs {
     /// Nodes only replicate with nodes of the same cluster [default: default].
     #[arg(long, value_name = "ID")]
     cluster_id: Option<String>,
-    /// Open a damaged feed log anyway: move damaged segments to <data-dir>/damaged,
+    /// Open a damaged feed log anyway: move damaged segments to DATA_DIR/damaged,
     /// keep every intact record, report what was lost (peers send it back).
     #[arg(long)]
     salvage: bool,
@@ -256,6 +270,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve(a) => {
+                let a = *a;
                 let flags = config::Overrides {
                     data_dir: a.data_dir,
                     node_id: a.node_id,
@@ -319,8 +334,8 @@ fn main() -> ExitCode {
             Command::Quarantine(a) => {
                 commands::quarantine(&a.node.node, a.ns.as_deref(), a.action.as_deref()).await
             }
-            Command::Bench(a) => bench::run(a).await,
-            Command::Demo(a) => demo::run(a).await,
+            Command::Bench(a) => Ok(moved("bench", &a)),
+            Command::Demo(a) => Ok(moved("demo", &a)),
         }
     });
     match result {

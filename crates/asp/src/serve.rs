@@ -60,9 +60,13 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
         "asp node serving"
     );
 
-    let compactor = config
-        .compaction_interval
-        .map(|every| tokio::spawn(compaction_loop(store.clone(), every, shutdown.clone())));
+    let compactor = config.compaction_interval.map(|every| {
+        tokio::spawn(asp_node::run_compaction_schedule(
+            store.clone(),
+            every,
+            shutdown.clone(),
+        ))
+    });
 
     let scrubber = config
         .scrub_interval
@@ -95,41 +99,6 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
     served.context("the API server failed")?;
     tracing::info!("stopped cleanly; every acknowledged write is on disk");
     Ok(ExitCode::SUCCESS)
-}
-
-/// Compacts the feed every `every`, until shutdown.
-async fn compaction_loop(store: Store, every: std::time::Duration, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = shutdown.cancelled() => return,
-        }
-        match store.compact_async().await {
-            Ok(report)
-                if report.segments_removed > 0
-                    || report.tombstones_collected > 0
-                    || report.epitaphs_dropped > 0 =>
-            {
-                tracing::info!(
-                    segments_removed = report.segments_removed,
-                    records_dropped = report.records_dropped,
-                    records_relocated = report.records_relocated,
-                    tombstones_collected = report.tombstones_collected,
-                    epitaphs_left = report.epitaphs_left,
-                    epitaphs_dropped = report.epitaphs_dropped,
-                    log_bytes_before = report.log_bytes_before,
-                    log_bytes_after = report.log_bytes_after,
-                    ms = report.duration.as_millis() as u64,
-                    "feed compacted"
-                )
-            }
-            Ok(_) => tracing::debug!("compaction: nothing to remove"),
-            Err(e) => tracing::warn!("{e}"),
-        }
-    }
 }
 
 /// The test seam of the store's wall clock (`asp_store::clock`): a node whose clock

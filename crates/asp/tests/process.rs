@@ -300,3 +300,28 @@ async fn command_line_client_round_trip_and_clear_failures() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `asp bench` and `asp demo` moved to the asp-bench crate: what used to run them now
+/// says, in one line, what to run instead (with the arguments given), runs nothing and
+/// exits with 2.
+#[test]
+fn moved_commands_name_their_new_home_and_exit_two() {
+    let check = |args: &[&str], expected: &str| {
+        let out = asp(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    };
+    check(&["demo"], "cargo run --release -p asp-bench -- demo");
+    check(&["bench"], "cargo run --release -p asp-bench -- bench");
+    check(
+        &["bench", "--scenarios", "reconcile", "--repeat", "1"],
+        "cargo run --release -p asp-bench -- bench --scenarios reconcile --repeat 1",
+    );
+    check(&["demo", "--help"], "-p asp-bench -- demo --help");
+    // Hidden: the help lists neither.
+    let help = String::from_utf8_lossy(&asp(&["--help"]).stdout).into_owned();
+    assert!(!help.contains("bench") && !help.contains("demo"), "{help}");
+}

@@ -1,4 +1,4 @@
-//! Replication benchmarks, run side by side with Redis replication in one `asp bench`
+//! Replication benchmarks, run side by side with Redis replication in one `asp-bench`
 //! run: catch-up of a peer that was away while events were written, and the latency
 //! from a write's acknowledgement on one node to its appearance in another node's
 //! change feed. Both nodes run in this process and talk over loopback TCP, as the Redis

@@ -1,6 +1,9 @@
 //! Redis replication on this machine, measured for side-by-side comparison with asp's own
 //! replication in the same benchmark run.
 //!
+//! Size: one harness — a RESP2 client, the lifecycle of the `redis-server` processes
+//! it starts, and the two measurements that share them.
+//!
 //! Two measurements, each on a fresh pair of `redis-server` processes (a master and a
 //! replica) that this module starts itself:
 //! - [`redis_catch_up`]: full-sync catch-up. The master is loaded with pipelined `SET`s,

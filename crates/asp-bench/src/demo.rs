@@ -1,4 +1,4 @@
-//! `asp demo`: a three-node cluster on loopback, in this process, showing live
+//! `asp-bench demo`: a three-node cluster on loopback, in this process, showing live
 //! replication, a partition, and its healing, with the numbers. It removes everything
 //! it created when it ends.
 
@@ -137,7 +137,7 @@ async fn converge(nodes: &[&DemoNode], expected: u64, limit: Duration) -> anyhow
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let dir = tempfile_dir()?;
     println!(
-        "asp demo: three nodes on loopback, data in {}",
+        "asp-bench demo: three nodes on loopback, data in {}",
         dir.display()
     );
     let result = demo(&dir, args.events).await;

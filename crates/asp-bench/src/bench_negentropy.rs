@@ -301,7 +301,7 @@ mod tests {
     }
 
     /// One measurement at scale, for the record:
-    /// `cargo test --release -p asp --bin asp bench_negentropy -- --ignored --nocapture`.
+    /// `cargo test --release -p asp-bench bench_negentropy -- --ignored --nocapture`.
     #[test]
     #[ignore = "a release-mode measurement, not a check"]
     fn measure_one_million_ids_per_side() {

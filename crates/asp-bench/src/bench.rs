@@ -1,4 +1,4 @@
-//! `asp bench`: durable ingest on this machine, with the machine's own fsync rate
+//! `asp-bench bench`: durable ingest on this machine, with the machine's own fsync rate
 //! measured in the same run for reference.
 //!
 //! Scenarios (each under every requested fsync mode, repeated and interleaved, medians
@@ -182,7 +182,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("cannot create {}", args.dir.display()))?;
     let machine = machine_description(&args.dir);
-    eprintln!("asp bench on {machine}");
+    eprintln!("asp-bench on {machine}");
     eprintln!("bench directory: {}", args.dir.display());
 
     // (label, mode) -> results of each repetition.

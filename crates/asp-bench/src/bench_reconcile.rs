@@ -1,4 +1,4 @@
-//! The `reconcile` scenario of `asp bench`: asp's rateless IBLT (`asp_core::reconcile`)
+//! The `reconcile` scenario of `asp-bench bench`: asp's rateless IBLT (`asp_core::reconcile`)
 //! side by side with the `negentropy` crate on the same sets.
 //!
 //! Two sides of `items` 32-byte random ids each share all but `d` of them (`d/2` only
