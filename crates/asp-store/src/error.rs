@@ -57,7 +57,7 @@ pub enum WriteError {
     /// A limit was exceeded: value size, operations per batch, bytes per batch.
     #[error("{0}")]
     TooLarge(String),
-    #[error("condition failed for operation {index} (key {key:?}): {reason}")]
+    #[error("condition failed for operation {index} (key \"{key}\"): {reason}")]
     ConditionFailed {
         index: usize,
         key: Key,
