@@ -11,19 +11,20 @@
 //! its bounded steps, around `asp-core`'s reconciliation structures (`Window`,
 //! `Decoder`).
 //!
-//! It also runs the node's compaction schedule ([`run_compaction_schedule`]): the
-//! store compacts only when asked.
+//! It also runs the node's compaction and scrub schedules
+//! ([`run_compaction_schedule`], [`run_scrub_schedule`]): the store does either only
+//! when asked.
 
-mod compaction;
 mod config;
 mod link;
 mod metrics;
 mod registry;
 mod replicator;
+mod schedule;
 
-pub use compaction::{DEFAULT_COMPACTION_INTERVAL_MS, run_compaction_schedule};
 pub use config::{DEFAULT_PEER_PORT, ReplicationConfig};
 pub use registry::{Direction, LastReconcile, LinkState, ReconcileStats};
 pub use replicator::{
     NamespaceLag, PeerStatus, Refusal, ReplicationStatus, Replicator, StartError,
 };
+pub use schedule::{DEFAULT_COMPACTION_INTERVAL_MS, run_compaction_schedule, run_scrub_schedule};

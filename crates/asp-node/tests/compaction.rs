@@ -1,5 +1,5 @@
-//! The node's compaction schedule: it compacts on its own, again and again, and stops
-//! when the node shuts down.
+//! The node's schedules: compaction and scrub run on their own, again and again, and
+//! stop when the node shuts down.
 
 mod common;
 
@@ -53,6 +53,33 @@ async fn schedule_compacts_superseded_segments_until_shutdown() {
     wait_until("two scheduled runs", || metrics.compaction_runs.get() >= 2).await;
     assert!(metrics.compaction_segments_removed.get() > 0);
 
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(60), schedule)
+        .await
+        .expect("the schedule ends on shutdown")
+        .unwrap();
+    store.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedule_scrubs_until_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(StoreConfig::new(dir.path())).unwrap();
+    let op = WriteOp::put(
+        Key::new("k").unwrap(),
+        ContentType::Text,
+        Bytes::from_static(b"v"),
+    );
+    store.write(ns(), vec![op]).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let schedule = tokio::spawn(asp_node::run_scrub_schedule(
+        store.clone(),
+        Duration::from_millis(20),
+        shutdown.clone(),
+    ));
+    let metrics = store.metrics();
+    wait_until("two scheduled scrubs", || metrics.scrub_runs.get() >= 2).await;
+    assert_eq!(metrics.scrub_damage.get(), 0);
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(60), schedule)
         .await

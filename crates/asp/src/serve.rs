@@ -68,9 +68,13 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
         ))
     });
 
-    let scrubber = config
-        .scrub_interval
-        .map(|every| tokio::spawn(scrub_loop(store.clone(), every, shutdown.clone())));
+    let scrubber = config.scrub_interval.map(|every| {
+        tokio::spawn(asp_node::run_scrub_schedule(
+            store.clone(),
+            every,
+            shutdown.clone(),
+        ))
+    });
 
     let signals = shutdown.clone();
     tokio::spawn(async move {
@@ -117,22 +121,6 @@ fn test_clock_offset() -> anyhow::Result<()> {
         "{VAR} is set: this node's clock runs {ms} ms off the system clock (a test seam; unset it in production)"
     );
     Ok(())
-}
-
-/// Scrubs the feed log every `every`, until shutdown (damage is logged by the scrub).
-async fn scrub_loop(store: Store, every: std::time::Duration, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = shutdown.cancelled() => return,
-        }
-        if let Err(e) = store.scrub_async().await {
-            tracing::warn!("scrub: {e}");
-        }
-    }
 }
 
 async fn wait_for_signal() {

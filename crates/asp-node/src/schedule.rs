@@ -1,5 +1,6 @@
-//! The compaction schedule. The store compacts only when asked (`Store::compact`,
-//! `POST /v1/admin/compact`); a running node asks every interval, until it shuts down.
+//! The schedules of a running node. The store compacts and scrubs only when asked
+//! (`Store::compact`, `Store::scrub`, or `POST /v1/admin/compact|scrub`); a node asks
+//! every interval, until it shuts down.
 
 use std::time::Duration;
 
@@ -18,19 +19,7 @@ pub const DEFAULT_COMPACTION_INTERVAL_MS: u64 = 10 * 60 * 1000;
 /// `every` must not be zero: a configured interval of 0 means "never", and then no
 /// schedule is started at all.
 pub async fn run_compaction_schedule(store: Store, every: Duration, shutdown: CancellationToken) {
-    assert!(
-        !every.is_zero(),
-        "a compaction interval of zero means no schedule; start none"
-    );
-    let mut tick = tokio::time::interval(every);
-    // A run longer than the interval is not followed by a burst of catch-up runs.
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = shutdown.cancelled() => return,
-        }
+    every_interval(every, shutdown, || async {
         match store.compact_async().await {
             Ok(report)
                 if report.segments_removed > 0
@@ -53,5 +42,43 @@ pub async fn run_compaction_schedule(store: Store, every: Duration, shutdown: Ca
             Ok(_) => tracing::debug!("compaction: nothing to remove"),
             Err(e) => tracing::warn!("{e}"),
         }
+    })
+    .await
+}
+
+/// Scrubs the sealed segments of the feed log every `every` (`[store]
+/// scrub_interval_ms`), the first time one interval after the start, until `shutdown`
+/// is cancelled; damage is logged (and counted) by the scrub itself. `every` must not
+/// be zero, as for [`run_compaction_schedule`].
+pub async fn run_scrub_schedule(store: Store, every: Duration, shutdown: CancellationToken) {
+    every_interval(every, shutdown, || async {
+        if let Err(e) = store.scrub_async().await {
+            tracing::warn!("scrub: {e}");
+        }
+    })
+    .await
+}
+
+/// Runs `work` every `every`, the first time one interval after the start, until
+/// `shutdown` is cancelled. A run longer than the interval is not followed by a burst
+/// of catch-up runs; a run in progress when `shutdown` comes finishes first.
+async fn every_interval<F, Fut>(every: Duration, shutdown: CancellationToken, mut work: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    assert!(
+        !every.is_zero(),
+        "an interval of zero means no schedule; start none"
+    );
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        work().await;
     }
 }
