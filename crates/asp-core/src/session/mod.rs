@@ -11,6 +11,7 @@
 //! and the runtime resumes reading its feed later, so nothing queues in memory.
 
 mod frame;
+mod reconcile;
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -20,6 +21,11 @@ pub use frame::{
     PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, RECONCILE_INITIAL_SYMBOLS, REPORTS_MAX,
     ReconcileMode, ReconcileOutcome, SUMMARY_NAMESPACES_MAX, SUMMARY_PART_BYTES,
     SUMMARY_PART_NAMESPACES_MAX, VectorReport, credit_size, summary_parts,
+};
+
+pub use reconcile::{
+    Output as ReconcileOutput, REPAIR_BYTES_MAX, REPAIR_EVENTS_PER_FRAME, REPAIR_KEYS_MAX,
+    ReconcileStore, Reconciler, RunReport, SummaryMap, Trigger,
 };
 
 use crate::mutation::{self, Mutation};

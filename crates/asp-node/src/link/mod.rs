@@ -114,13 +114,16 @@ struct Link {
     /// Received batches in the store's queue, oldest first: acknowledgements go out in
     /// this order.
     applying: std::collections::VecDeque<Applying>,
-    reconciler: reconcile::Reconciler,
+    reconciler: asp_core::session::Reconciler,
+    /// Tests only: a transfer page waits for the configured gate.
+    gate_closed: bool,
     end: Option<LinkEnd>,
 }
 
 impl Link {
     fn new(inner: Arc<Inner>, id: u64, direction: Direction, address: String) -> Link {
         let session = Session::new(session_config(&inner), Instant::now());
+        let reconciler = reconcile::new_reconciler(&inner);
         // Replaced in `drive`; a closed channel until then.
         let (out, _) = mpsc::unbounded_channel();
         Link {
@@ -138,7 +141,8 @@ impl Link {
             out,
             socket: None,
             applying: std::collections::VecDeque::new(),
-            reconciler: reconcile::Reconciler::default(),
+            reconciler,
+            gate_closed: false,
             end: None,
         }
     }
@@ -175,7 +179,7 @@ impl Link {
                 break;
             }
             let room = self.queued.load(Ordering::Acquire) < send_queue_max;
-            if room && self.reconciler.has_work(self.session.credit()) {
+            if room && !self.gate_closed && self.reconciler.has_work(self.session.credit()) {
                 self.reconcile_step().await;
                 continue;
             }
@@ -201,8 +205,8 @@ impl Link {
                     self.completed(done, answer.unwrap_or(Err(WriteError::Closed)));
                 }
                 _ = ae_tick.tick(), if ae_enabled => self.anti_entropy_tick(),
-                () = tokio::time::sleep(std::time::Duration::from_millis(10)), if self.reconciler.gate_closed => {
-                    self.reconciler.gate_closed = false;
+                () = tokio::time::sleep(std::time::Duration::from_millis(10)), if self.gate_closed => {
+                    self.gate_closed = false;
                 }
                 changed = head.changed(), if self.caught_up => {
                     if changed.is_ok() {
@@ -335,6 +339,7 @@ impl Link {
                         }
                     }
                     self.peer = Some(peer);
+                    self.reconciler.set_peer(peer, info.namespaces.clone());
                     let namespaces = Arc::new(info.namespaces.clone());
                     self.with_record(|r| r.namespaces = Some(namespaces));
                     let checkpoint = self.inner.store.checkpoint(peer);
@@ -353,8 +358,8 @@ impl Link {
                         .into_iter()
                         .map(|s| (s.namespace.clone(), s))
                         .collect();
-                    self.check_handover(&summary);
                     let summary = Arc::new(summary);
+                    self.reconcile_summary(summary.clone());
                     self.with_record(|r| r.summary = summary);
                 }
                 SessionEvent::Events {
