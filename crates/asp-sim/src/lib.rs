@@ -39,12 +39,16 @@
 //! here: reading the feed from a peer's checkpoint within credit, applying received
 //! batches and acknowledging them in order once durable), HTTP.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use asp_core::reconcile::{Item, ItemKey, Window};
 use asp_core::session::{
-    ErrorCode, Frame, NamespaceSummary, Session, SessionConfig, SessionEvent, credit_size,
+    ErrorCode, Frame, NEED_PREFIX_BYTES, NamespaceSummary, ReconcileOutput, ReconcileStore,
+    Reconciler, Session, SessionConfig, SessionEvent, SummaryMap, credit_size,
 };
 use asp_core::{
     ContentType, Dot, Event, Hlc, HlcClock, Key, Namespace, NodeId, Op, Version, VersionVector,
@@ -67,6 +71,10 @@ const GROUP_MAX: usize = 64;
 const FRAME_EVENTS_MAX: usize = 256;
 /// Credit each node grants each peer.
 const CREDIT_WINDOW: u32 = 64 << 10;
+/// How often each node checks its links' digests (as `anti_entropy_interval_ms`).
+const ANTI_ENTROPY_INTERVAL: Time = 700 * MS;
+/// Bytes of repairs per frame, at most (as `batch_bytes_max`).
+const REPAIR_FRAME_BYTES: usize = 16 << 10;
 
 /// How writes are made durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,6 +165,7 @@ pub struct Outcome {
     pub acked_writes: u64,
     /// Simulated time at the end.
     pub simulated: Duration,
+    pub reconcile: ReconcileStats,
 }
 
 /// Which guarantee a failed run broke, so that a test can tell one bug from another.
@@ -182,6 +191,8 @@ pub enum Invariant {
     Divergence,
     /// A key's state is not the write last-writer-wins picks from its events.
     WrongWinner,
+    /// After healing, nodes' reconciliation digests of a namespace differ.
+    DigestMismatch,
     /// A session did something no correct peer or node can cause (an unexpected
     /// refusal, an undecodable frame, an unknown peer).
     Protocol,
@@ -238,6 +249,7 @@ pub fn run(seed: u64, config: &Config) -> Result<Outcome, Failure> {
             events: sim.appended,
             acked_writes: sim.acked.len() as u64,
             simulated: Duration::from_micros(sim.now),
+            reconcile: sim.stats,
         }),
         Err(Broken { invariant, message }) => {
             let mut replay_env = String::new();
@@ -328,6 +340,10 @@ enum Action {
         node: usize,
         epoch: u64,
     },
+    AntiEntropy {
+        node: usize,
+        epoch: u64,
+    },
     Subscribe {
         node: usize,
     },
@@ -392,6 +408,12 @@ struct StoreModel {
     /// machine crash may roll back to the last fsync.
     checkpoints: BTreeMap<NodeId, u64>,
     checkpoints_synced: BTreeMap<NodeId, u64>,
+    /// Dots a peer's reconciliation said this node holds the effect of (their events
+    /// superseded by state it received): part of the vectors with no event in the
+    /// feed, as the store's base. Durable with the group that records them.
+    covered: BTreeMap<Namespace, VersionVector>,
+    covered_synced: BTreeMap<Namespace, VersionVector>,
+    item_key: ItemKey,
 }
 
 impl StoreModel {
@@ -405,7 +427,47 @@ impl StoreModel {
             state: BTreeMap::new(),
             checkpoints: BTreeMap::new(),
             checkpoints_synced: BTreeMap::new(),
+            covered: BTreeMap::new(),
+            covered_synced: BTreeMap::new(),
+            item_key: ItemKey::derive(b"asp-sim"),
         }
+    }
+
+    /// Records a peer's word that the dots of `vector` are superseded by state held.
+    fn cover(&mut self, namespace: &Namespace, vector: &VersionVector) {
+        self.covered
+            .entry(namespace.clone())
+            .or_default()
+            .join(vector);
+        self.vectors
+            .entry(namespace.clone())
+            .or_default()
+            .join(vector);
+    }
+
+    /// The reconciliation items of a namespace's keys at their current versions.
+    fn items(&self, namespace: &Namespace) -> Vec<Item> {
+        self.state
+            .iter()
+            .filter(|((ns, _), _)| ns == namespace)
+            .map(|((_, key), (version, _))| self.item_key.item(key.as_str().as_bytes(), version))
+            .collect()
+    }
+
+    /// A namespace's digest: the first coded symbol of its items, as the store keeps it.
+    fn digest(&self, namespace: &Namespace) -> asp_core::reconcile::Symbol {
+        let mut window = Window::new(self.item_key, 1);
+        window.add_all(&self.items(namespace));
+        window.symbols()[0].canonical()
+    }
+
+    /// The event a key's state came from (always in the feed: the state is derived
+    /// from it).
+    fn event_of(&self, namespace: &Namespace, version: &Version) -> Option<&Event> {
+        self.feed
+            .iter()
+            .rev()
+            .find(|e| e.dot == version.dot && &e.namespace == namespace)
     }
 
     fn holds(&self, dot: Dot, ns: &Namespace) -> bool {
@@ -444,6 +506,7 @@ impl StoreModel {
         if machine {
             self.feed.truncate(self.durable);
             self.checkpoints = self.checkpoints_synced.clone();
+            self.covered = self.covered_synced.clone();
         }
         self.durable = self.feed.len();
         self.visible = self.feed.len();
@@ -453,6 +516,9 @@ impl StoreModel {
         self.state.clear();
         for event in feed {
             self.append(event);
+        }
+        for (ns, vector) in &self.covered {
+            self.vectors.entry(ns.clone()).or_default().join(vector);
         }
         let head = self.feed.len() as u64;
         for seq in self.checkpoints.values_mut() {
@@ -467,8 +533,7 @@ impl StoreModel {
                 namespace: ns.clone(),
                 max_hlc: self.max_hlc.get(ns).copied().unwrap_or(Hlc::ZERO),
                 vector: vector.clone(),
-                // The model keeps no reconciliation symbols (nothing here reconciles).
-                digest: None,
+                digest: Some(self.digest(ns)),
                 // Nor does it collect tombstones.
                 reports: Vec::new(),
             })
@@ -477,6 +542,167 @@ impl StoreModel {
 
     fn max_hlc_overall(&self) -> Hlc {
         self.feed.iter().map(|e| e.hlc).max().unwrap_or(Hlc::ZERO)
+    }
+}
+
+/// The store model as reconciliation reaches it: reads straight from the model;
+/// covered dots are collected and queued to the writer after the call, behind the
+/// repairs queued before them (as the node's link drains them first).
+struct ModelView<'a> {
+    store: &'a StoreModel,
+    covers: RefCell<Vec<(Namespace, VersionVector)>>,
+}
+
+impl<'a> ModelView<'a> {
+    fn new(store: &'a StoreModel) -> Self {
+        ModelView {
+            store,
+            covers: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// The keys of a namespace with their state, in key order.
+    fn keys(&self, namespace: &Namespace) -> impl Iterator<Item = (&'a Key, &'a Version)> + 'a {
+        let namespace = namespace.clone();
+        self.store
+            .state
+            .iter()
+            .filter(move |((ns, _), _)| *ns == namespace)
+            .map(|((_, key), (version, _))| (key, version))
+    }
+}
+
+impl ReconcileStore for ModelView<'_> {
+    type Error = String;
+
+    fn item_key(&self) -> ItemKey {
+        self.store.item_key
+    }
+
+    fn keeps_windows(&self) -> bool {
+        true
+    }
+
+    fn summary(&self) -> Vec<NamespaceSummary> {
+        self.store.summary()
+    }
+
+    fn namespace_vector(&self, namespace: &Namespace) -> VersionVector {
+        self.store
+            .vectors
+            .get(namespace)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn is_quarantined(&self, _: &Namespace) -> bool {
+        false
+    }
+
+    fn head_seq(&self) -> u64 {
+        self.store.visible as u64
+    }
+
+    fn bases(&self) -> Vec<(Namespace, VersionVector)> {
+        self.store
+            .covered
+            .iter()
+            .map(|(ns, v)| (ns.clone(), v.clone()))
+            .collect()
+    }
+
+    fn holds_lost_events_of<'b>(
+        &self,
+        peer: NodeId,
+        theirs: &dyn Fn(&Namespace) -> Option<&'b VersionVector>,
+        shared: &dyn Fn(&Namespace) -> bool,
+    ) -> bool {
+        self.store.vectors.iter().any(|(ns, vector)| {
+            let Some(mine) = vector.get(peer) else {
+                return false;
+            };
+            shared(ns)
+                && theirs(ns)
+                    .and_then(|v| v.get(peer))
+                    .is_none_or(|t| !mine.is_subset(t))
+        })
+    }
+
+    fn window_snapshot(&self, namespace: &Namespace) -> Result<(Window, u64), String> {
+        Ok((self.window(namespace)?, self.head_seq()))
+    }
+
+    fn window(&self, namespace: &Namespace) -> Result<Window, String> {
+        Ok(Window::build(
+            self.store.item_key,
+            64,
+            &self.store.items(namespace),
+            1,
+        ))
+    }
+
+    fn items_snapshot(&self, namespace: &Namespace) -> Result<(Vec<Item>, u64), String> {
+        Ok((self.store.items(namespace), self.head_seq()))
+    }
+
+    fn items(&self, namespace: &Namespace) -> Result<Vec<Item>, String> {
+        Ok(self.store.items(namespace))
+    }
+
+    fn events_for_items(
+        &self,
+        namespace: &Namespace,
+        prefixes: &[[u8; NEED_PREFIX_BYTES]],
+        keys_max: usize,
+        _bytes_max: usize,
+    ) -> Result<(Vec<Event>, bool), String> {
+        let mut out = Vec::new();
+        for (key, version) in self.keys(namespace) {
+            let item = self.store.item_key.item(key.as_str().as_bytes(), version);
+            if prefixes.iter().any(|p| item[..NEED_PREFIX_BYTES] == p[..]) {
+                if out.len() == keys_max {
+                    return Ok((out, true));
+                }
+                let event = self
+                    .store
+                    .event_of(namespace, version)
+                    .ok_or_else(|| format!("key {key} has no event in the feed"))?;
+                out.push(event.clone());
+            }
+        }
+        Ok((out, false))
+    }
+
+    fn state_page(
+        &self,
+        namespace: &Namespace,
+        after: Option<&Key>,
+        events_max: usize,
+        bytes_max: usize,
+    ) -> Result<(Vec<Event>, Option<Key>), String> {
+        let mut out: Vec<Event> = Vec::new();
+        let mut bytes = 0;
+        for (key, version) in self.keys(namespace) {
+            if after.is_some_and(|a| key <= a) {
+                continue;
+            }
+            if !out.is_empty() && (out.len() >= events_max || bytes >= bytes_max as u64) {
+                let last = out.last().expect("not empty").key.clone();
+                return Ok((out, Some(last)));
+            }
+            let event = self
+                .store
+                .event_of(namespace, version)
+                .ok_or_else(|| format!("key {key} has no event in the feed"))?;
+            bytes += credit_size(event);
+            out.push(event.clone());
+        }
+        Ok((out, None))
+    }
+
+    fn cover(&self, namespace: &Namespace, vector: VersionVector) -> Result<(), String> {
+        self.covers.borrow_mut().push((namespace.clone(), vector));
+        Ok(())
     }
 }
 
@@ -491,6 +717,21 @@ enum Request {
         bytes: u64,
         events: Vec<Event>,
     },
+    /// Repair events of reconciliation run `id`.
+    Repair {
+        conn: u64,
+        id: u32,
+        bytes: u64,
+        events: Vec<Event>,
+    },
+    /// A peer's covered dots, recorded after the repairs queued before them, unless
+    /// the link closed meanwhile (as the node's link records them only after it
+    /// drained those repairs).
+    Cover {
+        conn: u64,
+        namespace: Namespace,
+        vector: VersionVector,
+    },
 }
 
 enum Ack {
@@ -499,6 +740,12 @@ enum Ack {
         conn: u64,
         last_seq: u64,
         bytes: u64,
+    },
+    Repair {
+        conn: u64,
+        id: u32,
+        bytes: u64,
+        applied: usize,
     },
 }
 
@@ -512,6 +759,8 @@ struct AckedWrite {
 struct Link {
     peer: usize,
     session: Session,
+    /// The real reconciliation state machine, over the store model.
+    reconciler: Reconciler,
     /// The last feed position sent to the peer.
     sent_through: u64,
     /// When a session timer is scheduled.
@@ -576,6 +825,20 @@ struct Sim {
     chaos: bool,
     base: Instant,
     group_counter: u64,
+    stats: ReconcileStats,
+}
+
+/// What reconciliation did in a run.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReconcileStats {
+    /// Runs that ended, on either side, whatever the outcome.
+    pub runs: u64,
+    /// Runs that decoded their difference.
+    pub decoded: u64,
+    /// Keys found different by decoded runs.
+    pub differences: u64,
+    /// Handovers started.
+    pub handovers: u64,
 }
 
 fn fnv(hash: u64, bytes: &[u8]) -> u64 {
@@ -664,6 +927,7 @@ impl Sim {
             chaos: true,
             base: Instant::now(),
             group_counter: 0,
+            stats: ReconcileStats::default(),
         }
     }
 
@@ -698,6 +962,10 @@ impl Sim {
         for i in 0..n {
             self.schedule_between(0, 10 * MS, Action::ClientWrite { node: i });
             self.schedule(SECOND, Action::Summaries { node: i, epoch: 0 });
+            self.schedule(
+                ANTI_ENTROPY_INTERVAL,
+                Action::AntiEntropy { node: i, epoch: 0 },
+            );
             self.schedule_between(MS, 50 * MS, Action::Subscribe { node: i });
         }
         for (a, b) in self.edges.clone() {
@@ -849,6 +1117,12 @@ impl Sim {
                         self.pump(node, conn)?;
                     }
                     self.schedule(SECOND, Action::Summaries { node, epoch });
+                }
+            }
+            Action::AntiEntropy { node, epoch } => {
+                if self.nodes[node].up && self.nodes[node].epoch == epoch {
+                    self.anti_entropy(node)?;
+                    self.schedule(ANTI_ENTROPY_INTERVAL, Action::AntiEntropy { node, epoch });
                 }
             }
             Action::Subscribe { node } => {
@@ -1012,6 +1286,54 @@ impl Sim {
                         bytes,
                     });
                 }
+                Request::Repair {
+                    conn,
+                    id,
+                    bytes,
+                    events,
+                } => {
+                    if let Some(e) = events
+                        .iter()
+                        .find(|e| e.hlc.physical_ms() > wall + MAX_SKEW_MS)
+                    {
+                        let message =
+                            format!("event {} is {} ms ahead", e.dot, e.hlc.physical_ms() - wall);
+                        let now = self.at(self.now);
+                        if let Some(link) = self.nodes[node].links.get_mut(&conn) {
+                            link.session.close(ErrorCode::ClockSkew, message, now);
+                            self.pump(node, conn)?;
+                        }
+                        continue;
+                    }
+                    // The current state of keys the peer found different: a dot held
+                    // already is the same event (the model holds one state per dot).
+                    let n = &mut self.nodes[node];
+                    let mut applied = 0;
+                    for event in events {
+                        if n.store.holds(event.dot, &event.namespace) {
+                            continue;
+                        }
+                        let _ = n.clock.observe(event.hlc, wall);
+                        n.store.append(event);
+                        self.appended += 1;
+                        applied += 1;
+                    }
+                    acks.push(Ack::Repair {
+                        conn,
+                        id,
+                        bytes,
+                        applied,
+                    });
+                }
+                Request::Cover {
+                    conn,
+                    namespace,
+                    vector,
+                } => {
+                    if self.nodes[node].links.contains_key(&conn) {
+                        self.nodes[node].store.cover(&namespace, &vector);
+                    }
+                }
             }
         }
         let written = self.nodes[node].store.feed.len();
@@ -1056,6 +1378,7 @@ impl Sim {
                 self.nodes[node].store.visible = written;
                 // The OS writes pages back on its own: durability catches up later.
                 self.nodes[node].store.durable = written;
+                self.nodes[node].store.covered_synced = self.nodes[node].store.covered.clone();
                 self.subscriber_reads(node);
                 self.acknowledge(node, acks)?;
                 if !self.nodes[node].queue.is_empty() {
@@ -1072,6 +1395,7 @@ impl Sim {
         n.store.durable = n.store.durable.max(written);
         n.store.visible = n.store.visible.max(written);
         n.store.checkpoints_synced = n.store.checkpoints.clone();
+        n.store.covered_synced = n.store.covered.clone();
         n.busy = false;
         self.subscriber_reads(node);
         let n = &mut self.nodes[node];
@@ -1104,6 +1428,18 @@ impl Sim {
                 } => {
                     if let Some(link) = self.nodes[node].links.get_mut(&conn) {
                         link.session.applied(last_seq, bytes, now);
+                        self.pump(node, conn)?;
+                    }
+                }
+                Ack::Repair {
+                    conn,
+                    id,
+                    bytes,
+                    applied,
+                } => {
+                    if let Some(link) = self.nodes[node].links.get_mut(&conn) {
+                        link.session.repaired(bytes, now);
+                        link.reconciler.repaired(id, applied);
                         self.pump(node, conn)?;
                     }
                 }
@@ -1156,11 +1492,17 @@ impl Sim {
         let now = self.at(self.now);
         for (me, peer) in [(from, to), (to, from)] {
             let session = Session::new(self.session_config(me), now);
+            let id = self.nodes[me].id;
             self.nodes[me].links.insert(
                 conn,
                 Link {
                     peer,
                     session,
+                    reconciler: Reconciler::new(
+                        id,
+                        vec![asp_core::session::ALL_NAMESPACES.to_owned()],
+                        REPAIR_FRAME_BYTES,
+                    ),
                     sent_through: 0,
                     timer_at: None,
                 },
@@ -1173,7 +1515,7 @@ impl Sim {
 
     /// Runs a link after its session changed: frames out, events in, feed reading.
     fn pump(&mut self, node: usize, conn: u64) -> Result<(), Broken> {
-        let mut counts = [0u32; 3];
+        let mut counts = [0u32; 4];
         for _ in 0..10_000 {
             let Some(link) = self.nodes[node].links.get_mut(&conn) else {
                 return Ok(());
@@ -1196,12 +1538,28 @@ impl Sim {
                 counts[1] += 1;
                 continue;
             }
+            // Reconciliation work that needs nothing from the peer.
+            let n = &mut self.nodes[node];
+            let Some(link) = n.links.get_mut(&conn) else {
+                return Ok(());
+            };
+            let credit = link.session.credit();
+            if link.session.is_established() && link.reconciler.has_work(credit) {
+                let can_send = link.session.can_send();
+                let now = self.at(self.now);
+                self.reconcile(node, conn, |r, store| r.step(store, can_send, credit, now));
+                counts[3] += 1;
+                continue;
+            }
             // Send from the feed while the peer has credit.
             let n = &mut self.nodes[node];
             let Some(link) = n.links.get_mut(&conn) else {
                 return Ok(());
             };
-            if link.session.can_send() && (link.sent_through as usize) < n.store.visible {
+            if link.session.can_send()
+                && !link.reconciler.holds_stream()
+                && (link.sent_through as usize) < n.store.visible
+            {
                 let first = link.sent_through as usize;
                 let mut budget = link.session.send_credit();
                 let mut last = first;
@@ -1244,7 +1602,7 @@ impl Sim {
         Err(Broken::new(
             Invariant::Runaway,
             format!(
-                "node {node} link {conn} kept producing output: {counts:?} (frames, events, batches)"
+                "node {node} link {conn} kept producing output: {counts:?} (frames, events, batches, reconciliation steps)"
             ),
         ))
     }
@@ -1273,6 +1631,7 @@ impl Sim {
                     ));
                 }
                 link.sent_through = checkpoint.min(n.store.visible as u64);
+                link.reconciler.set_peer(info.node_id, info.namespaces.clone());
                 link.session.send_summary(summary, now);
             }
             SessionEvent::Events {
@@ -1307,12 +1666,30 @@ impl Sim {
                     ));
                 }
             }
-            SessionEvent::PeerSummary(_) | SessionEvent::PeerHead { .. } => {}
-            SessionEvent::Reconcile(_) | SessionEvent::Repair { .. } => {
-                return Err(Broken::new(
-                    Invariant::Protocol,
-                    format!("node {node}: a reconciliation frame, which no simulated node sends"),
-                ));
+            SessionEvent::PeerHead { .. } => {}
+            SessionEvent::PeerSummary(summary) => {
+                let summary: SummaryMap = summary
+                    .into_iter()
+                    .map(|s| (s.namespace.clone(), s))
+                    .collect();
+                let summary = Arc::new(summary);
+                self.reconcile(node, conn, |r, store| r.handle_summary(store, summary));
+            }
+            SessionEvent::Reconcile(frame) => {
+                self.reconcile(node, conn, |r, store| r.handle_frame(store, frame, now));
+            }
+            SessionEvent::Repair { id, events, bytes } => {
+                if let Some(link) = self.nodes[node].links.get_mut(&conn) {
+                    link.reconciler.repair_received(id, events.len());
+                }
+                self.nodes[node].queue.push_back(Request::Repair {
+                    conn,
+                    id,
+                    bytes,
+                    events,
+                });
+                let epoch = self.nodes[node].epoch;
+                self.schedule(0, Action::WriterWake { node, epoch });
             }
             SessionEvent::Closed(reason) => {
                 self.record(reason.code.name().as_bytes());
@@ -1333,6 +1710,94 @@ impl Sim {
                 // Let what this side queued (its Error frame) leave first.
                 self.flush_closed(node, conn);
             }
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on a link's reconciler over the node's store model, then does what it
+    /// asked for: covered dots go to the writer (behind the repairs queued before
+    /// them), frames into the session.
+    fn reconcile(&mut self, node: usize, conn: u64, f: impl FnOnce(&mut Reconciler, &ModelView)) {
+        let n = &mut self.nodes[node];
+        let Some(link) = n.links.get_mut(&conn) else {
+            return;
+        };
+        let view = ModelView::new(&n.store);
+        f(&mut link.reconciler, &view);
+        let covers = view.covers.into_inner();
+        if !covers.is_empty() {
+            for (namespace, vector) in covers {
+                n.queue.push_back(Request::Cover {
+                    conn,
+                    namespace,
+                    vector,
+                });
+            }
+            let epoch = n.epoch;
+            self.schedule(0, Action::WriterWake { node, epoch });
+        }
+        let now = self.at(self.now);
+        let mut ended = Vec::new();
+        let n = &mut self.nodes[node];
+        let Some(link) = n.links.get_mut(&conn) else {
+            return;
+        };
+        while let Some(output) = link.reconciler.poll_output() {
+            match output {
+                ReconcileOutput::Send(frame) => link.session.send_reconcile(frame, now),
+                ReconcileOutput::Repair { id, events } => {
+                    link.session.send_repair(id, events, now);
+                }
+                ReconcileOutput::SkipStream(seq) => {
+                    if seq > link.sent_through {
+                        // The positions skipped are acknowledged like any others.
+                        link.session
+                            .send_events(link.sent_through + 1, seq, Vec::new(), now);
+                        let _ = link.session.flush_events(now);
+                        link.sent_through = seq;
+                    }
+                }
+                ReconcileOutput::Close { code, message } => link.session.close(code, message, now),
+                ReconcileOutput::Ended(run) => ended.push(run),
+                ReconcileOutput::HandoverStarted { .. } => self.stats.handovers += 1,
+                ReconcileOutput::Symbols(_)
+                | ReconcileOutput::InSync(_)
+                | ReconcileOutput::Transferred
+                | ReconcileOutput::HandoverEnded { .. }
+                | ReconcileOutput::Notice { .. } => {}
+            }
+        }
+        for run in ended {
+            self.record(run.outcome.name().as_bytes());
+            self.stats.runs += 1;
+            if run.outcome == asp_core::session::ReconcileOutcome::Decoded {
+                self.stats.decoded += 1;
+                self.stats.differences += run.differences;
+            }
+        }
+    }
+
+    /// The periodic anti-entropy check on every link of `node`.
+    fn anti_entropy(&mut self, node: usize) -> Result<(), Broken> {
+        let conns: Vec<u64> = self.nodes[node].links.keys().copied().collect();
+        for conn in conns {
+            let n = &self.nodes[node];
+            let Some(link) = n.links.get(&conn) else {
+                continue;
+            };
+            if !link.session.is_established() {
+                continue;
+            }
+            // Nothing of the link's own in flight: the feed sent, nothing received
+            // waiting in the writer.
+            let applying = n.queue.iter().any(|r| {
+                matches!(r, Request::Remote { conn: c, .. } | Request::Repair { conn: c, .. } if *c == conn)
+            }) || n.waiting.iter().any(|a| {
+                matches!(a, Ack::Remote { conn: c, .. } | Ack::Repair { conn: c, .. } if *c == conn)
+            });
+            let idle = link.sent_through as usize == n.store.visible && !applying;
+            self.reconcile(node, conn, |r, store| r.anti_entropy_tick(store, idle));
+            self.pump(node, conn)?;
         }
         Ok(())
     }
@@ -1672,6 +2137,7 @@ impl Sim {
         let epoch = self.nodes[node].epoch;
         self.schedule(0, Action::WriterWake { node, epoch });
         self.schedule(SECOND, Action::Summaries { node, epoch });
+        self.schedule(ANTI_ENTROPY_INTERVAL, Action::AntiEntropy { node, epoch });
         for (a, b) in self.edges.clone() {
             if a == node {
                 self.schedule_between(0, 50 * MS, Action::Dial { from: a, to: b });
@@ -1680,7 +2146,8 @@ impl Sim {
         Ok(())
     }
 
-    /// A version vector must be exactly the dots of the feed.
+    /// A version vector must be exactly the dots of the feed and those a peer's
+    /// reconciliation covered.
     fn check_vectors(&mut self) -> Result<(), Broken> {
         for (i, n) in self.nodes.iter_mut().enumerate() {
             // A crash may have cut the feed: derive again from the start.
@@ -1697,11 +2164,19 @@ impl Sim {
             n.derived_upto = n.store.feed.len();
             let empty = BTreeSet::new();
             for (ns, vv) in &n.store.vectors {
-                let held = n.derived.get(ns).unwrap_or(&empty);
+                let mut held = std::borrow::Cow::Borrowed(n.derived.get(ns).unwrap_or(&empty));
+                if let Some(covered) = n.store.covered.get(ns) {
+                    let held = held.to_mut();
+                    for (origin, counters) in covered.iter() {
+                        held.extend(counters.iter().map(|counter| Dot { origin, counter }));
+                    }
+                }
                 if let Some(dot) = held.iter().find(|d| !vv.contains(**d)) {
                     return Err(Broken::new(
                         Invariant::VectorMismatch,
-                        format!("node {i}'s vector for {ns} misses dot {dot} its feed holds"),
+                        format!(
+                            "node {i}'s vector for {ns} misses dot {dot} its feed (or a cover) holds"
+                        ),
                     ));
                 }
                 if vv.len() != held.len() as u64 {
@@ -1720,7 +2195,7 @@ impl Sim {
     }
 
     /// Each key's state is the write a reference last-writer-wins picks from every
-    /// event of the key the nodes hold: the newest clock reading, then the larger
+    /// event of the key any node holds: the newest clock reading, then the larger
     /// origin, then the larger counter. Written out here, apart from `lww_wins` and
     /// `Version`'s order, so that a bug there cannot hide itself.
     fn check_winners(&self) -> Result<(), Broken> {
@@ -1735,7 +2210,7 @@ impl Sim {
         };
         let store = &self.nodes[0].store;
         let mut winners: BTreeMap<(&Namespace, &Key), &Event> = BTreeMap::new();
-        for e in &store.feed {
+        for e in self.nodes.iter().flat_map(|n| &n.store.feed) {
             let w = winners.entry((&e.namespace, &e.key)).or_insert(e);
             if rank(e) > rank(w) {
                 *w = e;
@@ -1779,8 +2254,8 @@ impl Sim {
                 .queue
                 .iter()
                 .map(|r| match r {
-                    Request::Remote { bytes, .. } => *bytes,
-                    Request::Local { .. } => 0,
+                    Request::Remote { bytes, .. } | Request::Repair { bytes, .. } => *bytes,
+                    Request::Local { .. } | Request::Cover { .. } => 0,
                 })
                 .sum();
             let bound = 2 * CREDIT_WINDOW as u64 * n.links.len().max(1) as u64;
@@ -1818,6 +2293,19 @@ impl Sim {
             }
         }
         self.check_winners()?;
+        // Reconciliation ends where it should: every namespace's digest is the same
+        // on every node.
+        let first = &self.nodes[0].store;
+        for (i, n) in self.nodes.iter().enumerate() {
+            for ns in first.vectors.keys() {
+                if n.store.digest(ns) != first.digest(ns) {
+                    return Err(Broken::new(
+                        Invariant::DigestMismatch,
+                        format!("node {i}'s digest of {ns} differs from node 0's"),
+                    ));
+                }
+            }
+        }
         // Every acknowledged write is held everywhere.
         let state = &self.nodes[0].store;
         for w in &self.acked {
@@ -1854,6 +2342,7 @@ fn action_tag(action: &Action) -> u8 {
         Action::Heal { .. } => 12,
         Action::Restart { .. } => 13,
         Action::Check => 14,
+        Action::AntiEntropy { .. } => 15,
     }
 }
 

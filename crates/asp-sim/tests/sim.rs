@@ -19,6 +19,7 @@ fn sweep(durability: Durability, first_seed: u64, seeds: u64) {
     let steps = env("ASP_SIM_STEPS", 10_000);
     let started = Instant::now();
     let (mut events, mut writes, mut total_steps) = (0, 0, 0);
+    let (mut runs, mut decoded, mut differences, mut handovers) = (0, 0, 0, 0);
     let mut failures = Vec::new();
     for seed in first_seed..first_seed + seeds {
         match run(seed, &Config::new(NODES, steps, durability)) {
@@ -26,6 +27,10 @@ fn sweep(durability: Durability, first_seed: u64, seeds: u64) {
                 events += outcome.events;
                 writes += outcome.acked_writes;
                 total_steps += outcome.steps;
+                runs += outcome.reconcile.runs;
+                decoded += outcome.reconcile.decoded;
+                differences += outcome.reconcile.differences;
+                handovers += outcome.reconcile.handovers;
             }
             Err(failure) => {
                 eprintln!("{failure}");
@@ -51,6 +56,9 @@ fn sweep(durability: Durability, first_seed: u64, seeds: u64) {
         seeds as f64 / secs,
         total_steps as f64 / secs,
         events as f64 / secs
+    );
+    eprintln!(
+        "{durability:?}: reconciliation: {runs} runs ended, {decoded} decoded, {differences} keys found different, {handovers} handovers"
     );
 }
 
