@@ -28,6 +28,9 @@ pub enum Mutation {
     /// `RangeSet::insert` merges a counter into the last range across a gap of one
     /// counter, so a vector claims a dot it lacks.
     RangeSetMergesGap,
+    /// The responder of a reconciliation run sends none of the keys the initiator
+    /// lacks, yet still tells it which dots it now holds the effect of.
+    ReconcileDropsLocalSide,
 }
 
 #[cfg(feature = "mutations")]

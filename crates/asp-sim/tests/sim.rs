@@ -103,6 +103,7 @@ fn the_simulator_catches_broken_guarantees() {
         (Mutation::UncheckedStreamOrder, Invariant::NoConvergence),
         (Mutation::LwwFirstWriterWins, Invariant::WrongWinner),
         (Mutation::RangeSetMergesGap, Invariant::VectorMismatch),
+        (Mutation::ReconcileDropsLocalSide, Invariant::Divergence),
     ] {
         let mut config = Config::new(NODES, 10_000, Durability::Always);
         config.mutation = Some(mutation);

@@ -1174,6 +1174,9 @@ impl Reconciler {
                 Side::Local => mine.push(prefix),
             }
         }
+        if crate::mutation::active(crate::mutation::Mutation::ReconcileDropsLocalSide) {
+            mine.clear();
+        }
         need.sort_unstable();
         need.dedup();
         mine.sort_unstable();
