@@ -71,6 +71,8 @@ const GROUP_MAX: usize = 64;
 const FRAME_EVENTS_MAX: usize = 256;
 /// Credit each node grants each peer.
 const CREDIT_WINDOW: u32 = 64 << 10;
+/// Counters reserved at a time under `fsync = never` (as the store's `counters`).
+const COUNTER_BLOCK: u64 = 1 << 16;
 /// How often each node checks its links' digests (as `anti_entropy_interval_ms`).
 const ANTI_ENTROPY_INTERVAL: Time = 700 * MS;
 /// Bytes of repairs per frame, at most (as `batch_bytes_max`).
@@ -104,6 +106,10 @@ pub enum ModelFault {
     ForgetDedupe,
     /// Events show in the feed (to subscribers and peers) before they are durable.
     VisibleBeforeDurable,
+    /// Counters are issued from what the feed holds, without the durable mark: after
+    /// a machine crash under `fsync = never` a node issues again counters its peers
+    /// hold, and they drop the new events as duplicates: the nodes never agree.
+    ReuseCounters,
 }
 
 /// Switches asp-core's mutation on for this thread while a world runs, and off again
@@ -166,6 +172,9 @@ pub struct Outcome {
     /// Simulated time at the end.
     pub simulated: Duration,
     pub reconcile: ReconcileStats,
+    /// Acknowledged writes machine crashes under `fsync = never` took from every node
+    /// (that mode promises nothing across one).
+    pub lost_writes: u64,
 }
 
 /// Which guarantee a failed run broke, so that a test can tell one bug from another.
@@ -248,6 +257,7 @@ pub fn run(seed: u64, config: &Config) -> Result<Outcome, Failure> {
             acked_writes: sim.acked.len() as u64,
             simulated: Duration::from_micros(sim.now),
             reconcile: sim.stats,
+            lost_writes: sim.lost_writes,
         }),
         Err(Broken { invariant, message }) => {
             let mut replay_env = String::new();
@@ -342,6 +352,11 @@ enum Action {
         node: usize,
         epoch: u64,
     },
+    /// Under `fsync = never`: the OS writes what was written back to disk.
+    Writeback {
+        node: usize,
+        epoch: u64,
+    },
     Subscribe {
         node: usize,
     },
@@ -412,6 +427,12 @@ struct StoreModel {
     covered: BTreeMap<Namespace, VersionVector>,
     covered_synced: BTreeMap<Namespace, VersionVector>,
     item_key: ItemKey,
+    /// Per namespace, the highest counter this node issued in this life, and the
+    /// durable mark (`fsync = never` only) below which it may have issued any: after a
+    /// crash it counts on from the mark, never reusing a counter peers may hold (the
+    /// store's `counters` file).
+    issued: BTreeMap<Namespace, u64>,
+    marks: BTreeMap<Namespace, u64>,
 }
 
 impl StoreModel {
@@ -428,7 +449,26 @@ impl StoreModel {
             covered: BTreeMap::new(),
             covered_synced: BTreeMap::new(),
             item_key: ItemKey::derive(b"asp-sim"),
+            issued: BTreeMap::new(),
+            marks: BTreeMap::new(),
         }
+    }
+
+    /// Issues `count` counters for this node's events in `namespace`; returns the
+    /// first. Under `fsync = never` they are reserved first: the mark is raised (and
+    /// durable) a block beyond them.
+    fn issue(&mut self, namespace: &Namespace, id: NodeId, count: u64, reserve: bool) -> u64 {
+        let held = self.vectors.get(namespace).map_or(0, |v| v.max_counter(id));
+        let issued = self.issued.entry(namespace.clone()).or_insert(0);
+        let first = (*issued).max(held) + 1;
+        *issued = first + count - 1;
+        if reserve {
+            let mark = self.marks.entry(namespace.clone()).or_insert(0);
+            if *mark < first + count - 1 {
+                *mark = first + count - 1 + COUNTER_BLOCK;
+            }
+        }
+        first
     }
 
     /// Records a peer's word that the dots of `vector` are superseded by state held.
@@ -506,6 +546,8 @@ impl StoreModel {
             self.checkpoints = self.checkpoints_synced.clone();
             self.covered = self.covered_synced.clone();
         }
+        // Counting goes on after the mark (no mark: after what the feed holds).
+        self.issued = self.marks.clone();
         self.durable = self.feed.len();
         self.visible = self.feed.len();
         let feed = std::mem::take(&mut self.feed);
@@ -824,6 +866,11 @@ struct Sim {
     base: Instant,
     group_counter: u64,
     stats: ReconcileStats,
+    /// Acknowledged writes a machine crash under `fsync = never` took from their
+    /// origin while a peer held them: they must come back by the end.
+    returning: Vec<AckedWrite>,
+    /// Acknowledged writes a machine crash under `fsync = never` took from every node.
+    lost_writes: u64,
 }
 
 /// What reconciliation did in a run.
@@ -926,6 +973,8 @@ impl Sim {
             base: Instant::now(),
             group_counter: 0,
             stats: ReconcileStats::default(),
+            returning: Vec::new(),
+            lost_writes: 0,
         }
     }
 
@@ -965,6 +1014,9 @@ impl Sim {
                 Action::AntiEntropy { node: i, epoch: 0 },
             );
             self.schedule_between(MS, 50 * MS, Action::Subscribe { node: i });
+            if self.config.durability == Durability::Never {
+                self.schedule_between(20 * MS, 500 * MS, Action::Writeback { node: i, epoch: 0 });
+            }
         }
         for (a, b) in self.edges.clone() {
             self.schedule_between(0, 5 * MS, Action::Dial { from: a, to: b });
@@ -1123,6 +1175,14 @@ impl Sim {
                     self.schedule(ANTI_ENTROPY_INTERVAL, Action::AntiEntropy { node, epoch });
                 }
             }
+            Action::Writeback { node, epoch } => {
+                if self.nodes[node].up && self.nodes[node].epoch == epoch {
+                    let store = &mut self.nodes[node].store;
+                    store.durable = store.feed.len();
+                    store.checkpoints_synced = store.checkpoints.clone();
+                    self.schedule_between(20 * MS, 500 * MS, Action::Writeback { node, epoch });
+                }
+            }
             Action::Subscribe { node } => {
                 self.subscribe(node, false)?;
                 self.schedule_between(5 * MS, 100 * MS, Action::Subscribe { node });
@@ -1205,12 +1265,16 @@ impl Sim {
             match request {
                 Request::Local { namespace, ops } => {
                     let n = &mut self.nodes[node];
-                    let first = n
-                        .store
-                        .vectors
-                        .get(&namespace)
-                        .map_or(0, |v| v.max_counter(n.id))
-                        + 1;
+                    let reserve = self.config.durability == Durability::Never;
+                    let first = if fault == Some(ModelFault::ReuseCounters) {
+                        n.store
+                            .vectors
+                            .get(&namespace)
+                            .map_or(0, |v| v.max_counter(n.id))
+                            + 1
+                    } else {
+                        n.store.issue(&namespace, n.id, ops.len() as u64, reserve)
+                    };
                     let mut written = Vec::new();
                     for (i, (key, value)) in ops.into_iter().enumerate() {
                         let dot = Dot {
@@ -1373,9 +1437,9 @@ impl Sim {
                 );
             }
             Durability::Never => {
+                // Durable only once the OS writes the pages back (`Writeback`); the
+                // covered dots' base file is fsynced when written.
                 self.nodes[node].store.visible = written;
-                // The OS writes pages back on its own: durability catches up later.
-                self.nodes[node].store.durable = written;
                 self.nodes[node].store.covered_synced = self.nodes[node].store.covered.clone();
                 self.subscriber_reads(node);
                 self.acknowledge(node, acks)?;
@@ -2051,8 +2115,7 @@ impl Sim {
                     a
                 };
                 if self.nodes[a].up {
-                    let machine =
-                        self.config.durability == Durability::Always && self.rng.chance(500);
+                    let machine = self.rng.chance(500);
                     self.crash(a, machine);
                     let back = self.rng.range(50 * MS, 2 * SECOND);
                     self.schedule(back, Action::Restart { node: a });
@@ -2109,6 +2172,28 @@ impl Sim {
                 self.schedule(1, Action::Disconnect { conn, to: other });
             }
         }
+
+        if machine && self.config.durability == Durability::Never {
+            // `fsync = never` promises nothing across a machine crash: acknowledged
+            // writes not yet written back are lost, unless a peer holds them (then they
+            // must come back: the peer hands them over). Positions a subscriber read
+            // may hold other events afterwards.
+            let n = &mut self.nodes[node];
+            let durable = n.store.durable;
+            n.seen.truncate(durable);
+            let (lost, acked): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut self.acked).into_iter().partition(|w| {
+                    w.origin == node && !self.nodes[node].store.holds(w.dot, &w.namespace)
+                });
+            self.acked = acked;
+            self.returning.extend(lost);
+            // What no node holds any more (this crash took the last copy) is gone.
+            let nodes = &self.nodes;
+            let before = self.returning.len();
+            self.returning
+                .retain(|w| nodes.iter().any(|n| n.store.holds(w.dot, &w.namespace)));
+            self.lost_writes += (before - self.returning.len()) as u64;
+        }
     }
 
     fn restart(&mut self, node: usize) -> Result<(), Broken> {
@@ -2137,6 +2222,9 @@ impl Sim {
         self.schedule(0, Action::WriterWake { node, epoch });
         self.schedule(SECOND, Action::Summaries { node, epoch });
         self.schedule(ANTI_ENTROPY_INTERVAL, Action::AntiEntropy { node, epoch });
+        if self.config.durability == Durability::Never {
+            self.schedule_between(20 * MS, 500 * MS, Action::Writeback { node, epoch });
+        }
         for (a, b) in self.edges.clone() {
             if a == node {
                 self.schedule_between(0, 50 * MS, Action::Dial { from: a, to: b });
@@ -2294,7 +2382,7 @@ impl Sim {
         self.check_winners()?;
         // Every acknowledged write is held everywhere.
         let state = &self.nodes[0].store;
-        for w in &self.acked {
+        for w in self.acked.iter().chain(&self.returning) {
             if !state.holds(w.dot, &w.namespace) {
                 return Err(Broken::new(
                     Invariant::AckedWriteMissing,
@@ -2329,6 +2417,7 @@ fn action_tag(action: &Action) -> u8 {
         Action::Restart { .. } => 13,
         Action::Check => 14,
         Action::AntiEntropy { .. } => 15,
+        Action::Writeback { .. } => 16,
     }
 }
 

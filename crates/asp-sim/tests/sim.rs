@@ -19,7 +19,7 @@ fn sweep(durability: Durability, first_seed: u64, seeds: u64) {
     let steps = env("ASP_SIM_STEPS", 10_000);
     let started = Instant::now();
     let (mut events, mut writes, mut total_steps) = (0, 0, 0);
-    let (mut runs, mut decoded, mut differences, mut handovers) = (0, 0, 0, 0);
+    let (mut runs, mut decoded, mut differences, mut handovers, mut lost) = (0, 0, 0, 0, 0);
     let mut failures = Vec::new();
     for seed in first_seed..first_seed + seeds {
         match run(seed, &Config::new(NODES, steps, durability)) {
@@ -31,6 +31,7 @@ fn sweep(durability: Durability, first_seed: u64, seeds: u64) {
                 decoded += outcome.reconcile.decoded;
                 differences += outcome.reconcile.differences;
                 handovers += outcome.reconcile.handovers;
+                lost += outcome.lost_writes;
             }
             Err(failure) => {
                 eprintln!("{failure}");
@@ -58,7 +59,7 @@ fn sweep(durability: Durability, first_seed: u64, seeds: u64) {
         events as f64 / secs
     );
     eprintln!(
-        "{durability:?}: reconciliation: {runs} runs ended, {decoded} decoded, {differences} keys found different, {handovers} handovers"
+        "{durability:?}: reconciliation: {runs} runs ended, {decoded} decoded, {differences} keys found different, {handovers} handovers; {lost} acknowledged writes lost in machine crashes (fsync = never only)"
     );
 }
 
@@ -132,6 +133,11 @@ fn the_checker_sees_a_broken_store_model() {
             ModelFault::VisibleBeforeDurable,
             Durability::Always,
             Invariant::FeedChanged,
+        ),
+        (
+            ModelFault::ReuseCounters,
+            Durability::Never,
+            Invariant::NoConvergence,
         ),
     ] {
         let mut config = Config::new(NODES, 10_000, durability);
