@@ -2,15 +2,18 @@
 //!
 //! Size: one world — its scheduler, nodes, store model, network and checker — shares
 //! one state that every action reads and writes; the renovation (issue 13) replaces
-//! the store model with the real store.
+//! the store model with the real store, and the model's part of this file with it.
 //!
-//! One thread runs N nodes from a `u64` seed. Each node runs the real replication
-//! session of `asp-core` (every frame goes through the real `asp-wire` codec) and the
-//! real merge, version vectors and hybrid logical clocks; the store is a model of
-//! `asp-store` with its durable/volatile split: a feed of events, a durable prefix
-//! advanced by fsyncs that take simulated time, and the writer's group commit. Time,
-//! the network, clocks and faults are all driven by the seed, so a seed replays
-//! exactly: the same seed gives the same trace hash.
+//! One thread runs N nodes from a `u64` seed. Each node runs, on every link, the real
+//! replication session and the real reconciler of `asp-core` (every frame goes through
+//! the real `asp-wire` codec), and the real merge, version vectors and hybrid logical
+//! clocks; the store is a model of `asp-store` with its durable/volatile split: a feed
+//! of events, a durable prefix advanced by fsyncs that take simulated time (under
+//! `fsync = never`, by the OS writing back now and then), the writer's group commit,
+//! covered dots as the store's base, counters issued past a durable mark, and the
+//! reconciliation items and digests of its key states. Time, the network, clocks and
+//! faults are all driven by the seed, so a seed replays exactly: the same seed gives
+//! the same trace hash.
 //!
 //! Topologies: a line or a star (leader-follower; one path between any two nodes, so
 //! nothing covers for a link that loses data), a ring with random chords, a full mesh.
@@ -21,23 +24,26 @@
 //! whatever was in flight; a hostile stream now and then (a frame repeated, or held
 //! back while later ones overtake it: the session must notice, never acknowledge past
 //! a gap); process crashes (keep what was written) and machine crashes (keep only what
-//! was fsynced; simulated only under `fsync = always`, the mode that claims to survive
-//! them), half of them aimed at a node with an fsync in flight; clock skew and jumps,
-//! some beyond `max_clock_skew`, which peers must refuse.
+//! was fsynced, or under `fsync = never` written back: acknowledged writes a peer held
+//! must come back, by handover), half of them aimed at a node with an fsync in flight;
+//! clock skew and jumps, some beyond `max_clock_skew`, which peers must refuse.
 //!
 //! Invariants, checked as the run goes and at the end: no event applied twice; a node's
-//! version vector is exactly the dots of its feed; no acknowledged write lost; a change
-//! feed never changes or loses what it delivered at a position; queues stay within
-//! their bounds; and once faults stop and the network heals, every node converges to
-//! the same state within a bounded simulated time (counted from when the receivers'
-//! clocks have caught up with the newest event: events stamped by a clock that ran
-//! past the skew limit are refused until then), with each key's state the write a
-//! reference last-writer-wins (written out in the checker) picks from its events.
+//! version vector is exactly the dots of its feed and of its covers; no acknowledged
+//! write lost; a change feed never changes or loses what it delivered at a position;
+//! queues stay within their bounds; and once faults stop and the network heals, every
+//! node converges to the same state within a bounded simulated time (counted from when
+//! the receivers' clocks have caught up with the newest event: events stamped by a
+//! clock that ran past the skew limit are refused until then), with each key's state
+//! the write a reference last-writer-wins (written out in the checker) picks from the
+//! key's events on every node.
 //!
 //! What the simulation does not cover: the real store's files and threads (see the
-//! store's own crash and torn-tail tests), the tokio runtime of `asp-node` (mirrored
-//! here: reading the feed from a peer's checkpoint within credit, applying received
-//! batches and acknowledging them in order once durable), HTTP.
+//! store's own crash and torn-tail tests), conflict policies other than lww,
+//! conditional writes, compaction and tombstone collection, held events; the tokio
+//! runtime of `asp-node` (mirrored here: reading the feed from a peer's checkpoint
+//! within credit, applying received batches and repairs and acknowledging them in order
+//! once durable, the anti-entropy tick), HTTP.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
