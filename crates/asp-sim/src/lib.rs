@@ -1319,17 +1319,7 @@ impl Sim {
                     bytes,
                     events,
                 } => {
-                    if let Some(e) = events
-                        .iter()
-                        .find(|e| e.hlc.physical_ms() > wall + MAX_SKEW_MS)
-                    {
-                        let message =
-                            format!("event {} is {} ms ahead", e.dot, e.hlc.physical_ms() - wall);
-                        let now = self.at(self.now);
-                        if let Some(link) = self.nodes[node].links.get_mut(&conn) {
-                            link.session.close(ErrorCode::ClockSkew, message, now);
-                            self.pump(node, conn)?;
-                        }
+                    if self.refuse_skewed(node, conn, &events, wall)? {
                         continue;
                     }
                     let n = &mut self.nodes[node];
@@ -1360,17 +1350,7 @@ impl Sim {
                     bytes,
                     events,
                 } => {
-                    if let Some(e) = events
-                        .iter()
-                        .find(|e| e.hlc.physical_ms() > wall + MAX_SKEW_MS)
-                    {
-                        let message =
-                            format!("event {} is {} ms ahead", e.dot, e.hlc.physical_ms() - wall);
-                        let now = self.at(self.now);
-                        if let Some(link) = self.nodes[node].links.get_mut(&conn) {
-                            link.session.close(ErrorCode::ClockSkew, message, now);
-                            self.pump(node, conn)?;
-                        }
+                    if self.refuse_skewed(node, conn, &events, wall)? {
                         continue;
                     }
                     // The current state of keys the peer found different: a dot held
@@ -1456,6 +1436,30 @@ impl Sim {
             }
         }
         Ok(())
+    }
+
+    /// Refuses a batch (closing its link) if an event's clock is past the skew limit
+    /// of this node's wall clock; returns whether it did.
+    fn refuse_skewed(
+        &mut self,
+        node: usize,
+        conn: u64,
+        events: &[Event],
+        wall: u64,
+    ) -> Result<bool, Broken> {
+        let Some(e) = events
+            .iter()
+            .find(|e| e.hlc.physical_ms() > wall + MAX_SKEW_MS)
+        else {
+            return Ok(false);
+        };
+        let message = format!("event {} is {} ms ahead", e.dot, e.hlc.physical_ms() - wall);
+        let now = self.at(self.now);
+        if let Some(link) = self.nodes[node].links.get_mut(&conn) {
+            link.session.close(ErrorCode::ClockSkew, message, now);
+            self.pump(node, conn)?;
+        }
+        Ok(true)
     }
 
     fn fsync_done(&mut self, node: usize, written: usize) -> Result<(), Broken> {
