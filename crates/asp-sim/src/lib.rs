@@ -1704,7 +1704,7 @@ impl Sim {
                 }
                 link.sent_through = checkpoint.min(n.store.visible as u64);
                 link.reconciler
-                    .set_peer(info.node_id, info.namespaces.clone());
+                    .set_peer(info.node_id, info.version, info.namespaces.clone());
                 link.session.send_summary(summary, now);
             }
             SessionEvent::Events {
@@ -2471,6 +2471,7 @@ fn frame_tag(frame: &Frame) -> u8 {
         Frame::ReconcileCredit { .. } => 10,
         Frame::ReconcileEnd { .. } => 11,
         Frame::Repair { .. } => 12,
-        Frame::RepairEnd { .. } => 13,
+        Frame::RepairEnd { repairs: None, .. } => 13,
+        Frame::RepairEnd { repairs: Some(_), .. } => 15,
     }
 }

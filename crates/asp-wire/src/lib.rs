@@ -45,6 +45,8 @@ const TYPE_RECONCILE_CREDIT: u8 = 10;
 const TYPE_RECONCILE_END: u8 = 11;
 const TYPE_REPAIR: u8 = 12;
 const TYPE_REPAIR_END: u8 = 13;
+/// `RepairEnd` with its count of repair events (protocol version 3).
+const TYPE_REPAIR_END_COUNTED: u8 = 15;
 
 const COMPRESSION_NONE: u8 = 0;
 const COMPRESSION_LZ4: u8 = 1;
@@ -306,9 +308,22 @@ fn encode_body(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
             out.extend_from_slice(&id.to_le_bytes());
             put_event_batch(out, events)?;
         }
-        Frame::RepairEnd { id, covered } => {
-            out.push(TYPE_REPAIR_END);
-            out.extend_from_slice(&id.to_le_bytes());
+        Frame::RepairEnd {
+            id,
+            covered,
+            repairs,
+        } => {
+            match repairs {
+                Some(count) => {
+                    out.push(TYPE_REPAIR_END_COUNTED);
+                    out.extend_from_slice(&id.to_le_bytes());
+                    out.extend_from_slice(&count.to_le_bytes());
+                }
+                None => {
+                    out.push(TYPE_REPAIR_END);
+                    out.extend_from_slice(&id.to_le_bytes());
+                }
+            }
             match covered {
                 Some(vector) => {
                     out.push(1);
@@ -577,7 +592,7 @@ fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
         TYPE_RECONCILE_CREDIT => "ReconcileCredit",
         TYPE_RECONCILE_END => "ReconcileEnd",
         TYPE_REPAIR => "Repair",
-        TYPE_REPAIR_END => "RepairEnd",
+        TYPE_REPAIR_END | TYPE_REPAIR_END_COUNTED => "RepairEnd",
         other => return Err(DecodeError::UnknownType(other)),
     };
     let mut r = Reader {
@@ -786,15 +801,24 @@ fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
             let events = r.event_batch()?;
             Ok(Frame::Repair { id, events })
         }
-        TYPE_REPAIR_END => {
+        TYPE_REPAIR_END | TYPE_REPAIR_END_COUNTED => {
             let id = r.u32("id")?;
+            let repairs = if kind == TYPE_REPAIR_END_COUNTED {
+                Some(r.u64("repair count")?)
+            } else {
+                None
+            };
             let covered = match r.u8("covered flag")? {
                 0 => None,
                 1 => Some(r.vector()?),
                 other => return Err(r.err(format!("bad covered flag {other}"))),
             };
             r.done()?;
-            Ok(Frame::RepairEnd { id, covered })
+            Ok(Frame::RepairEnd {
+                id,
+                covered,
+                repairs,
+            })
         }
         _ => unreachable!("types checked above"),
     }

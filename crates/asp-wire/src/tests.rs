@@ -95,8 +95,16 @@ fn reconcile_frame() -> impl Strategy<Value = Frame> {
             }),
         (any::<u32>(), prop::collection::vec(event(), 0..40))
             .prop_map(|(id, events)| Frame::Repair { id, events }),
-        (any::<u32>(), prop::option::of(vector()))
-            .prop_map(|(id, covered)| Frame::RepairEnd { id, covered }),
+        (
+            any::<u32>(),
+            prop::option::of(vector()),
+            prop::option::of(any::<u64>())
+        )
+            .prop_map(|(id, covered, repairs)| Frame::RepairEnd {
+                id,
+                covered,
+                repairs
+            }),
     ]
 }
 

@@ -9,8 +9,11 @@ use crate::{Event, Hlc, Namespace, NodeId, Op, VersionVector};
 /// The protocol versions this build speaks. Version 2 adds [`Frame::SummaryPart`]: a
 /// summary of more namespaces than one frame holds goes as parts, the last one a
 /// `Summary`. A version-1 peer gets one `Summary` of at most one part's worth.
+/// Version 3 adds the count of repair events to [`Frame::RepairEnd`] (as a frame of
+/// its own type on the wire), so a receiver notices a repair it never got before it
+/// records covered dots; a version-2 peer gets the `RepairEnd` without it.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
-pub const PROTOCOL_VERSION_MAX: u16 = 2;
+pub const PROTOCOL_VERSION_MAX: u16 = 3;
 
 /// Namespaces in one `Summary` or `SummaryPart` frame, at most.
 pub const SUMMARY_PART_NAMESPACES_MAX: usize = 4096;
@@ -395,9 +398,14 @@ pub enum Frame {
     /// sender's vector of the namespace read before its snapshot: the receiver, which
     /// now holds that snapshot's state, adds it to its own vector once the repairs
     /// before this frame are applied (superseded and compacted dots included).
+    ///
+    /// `repairs` (protocol version 3) is the number of repair events the sender sent
+    /// in this run: a receiver that got another number before this frame lost or
+    /// reordered a `Repair` and must not record `covered`.
     RepairEnd {
         id: u32,
         covered: Option<VersionVector>,
+        repairs: Option<u64>,
     },
 }
 

@@ -444,6 +444,18 @@ impl Session {
             }
             (
                 State::Established,
+                Frame::RepairEnd {
+                    repairs: Some(_), ..
+                },
+            ) if self.peer.as_ref().is_some_and(|p| p.version < 3) => {
+                self.close(
+                    ErrorCode::Protocol,
+                    "a RepairEnd with a repair count on a protocol version 1 or 2 link",
+                    now,
+                );
+            }
+            (
+                State::Established,
                 frame @ (Frame::ReconcileStart { .. }
                 | Frame::ReconcileSymbols { .. }
                 | Frame::ReconcileCredit { .. }
@@ -868,5 +880,7 @@ fn frame_name(frame: &Frame) -> &'static str {
     }
 }
 
+#[cfg(test)]
+mod reconcile_tests;
 #[cfg(test)]
 mod tests;

@@ -25,8 +25,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{
-    ErrorCode, Frame, NEED_PREFIX_BYTES, NamespaceSummary, RECONCILE_INITIAL_SYMBOLS,
-    ReconcileMode, ReconcileOutcome, credit_size, lists,
+    ErrorCode, Frame, NEED_PREFIX_BYTES, NamespaceSummary, PROTOCOL_VERSION_MAX,
+    RECONCILE_INITIAL_SYMBOLS, ReconcileMode, ReconcileOutcome, credit_size, lists,
 };
 use crate::reconcile::{Decoder, Extension, Item, ItemKey, Side, Symbol, Window};
 use crate::{Event, Key, Namespace, NodeId, VersionVector};
@@ -198,6 +198,8 @@ struct Outgoing {
     transfer_after: Option<Key>,
     transfer_done: bool,
     repairs: Repairs,
+    /// Repair events the peer sent in this run, counted as they arrive.
+    repairs_received: u64,
     peer_ended: bool,
     /// Whether every repair the peer needs was sent (else no part of the stream may
     /// be skipped for this run).
@@ -218,6 +220,8 @@ struct Incoming {
     granted: u64,
     ended: bool,
     repairs: Repairs,
+    /// Repair events the peer sent in this run, counted as they arrive.
+    repairs_received: u64,
     peer_ended: bool,
     differences: u64,
     keys_repaired: u64,
@@ -230,6 +234,9 @@ struct Repairs {
     queue: VecDeque<Event>,
     ready: bool,
     sent_end: bool,
+    /// Repair events sent so far (transfer pages included): sent in `RepairEnd` to a
+    /// peer of protocol version 3.
+    sent: u64,
     /// This node's vector before its snapshot: sent in `RepairEnd` (empty: none).
     covered: VersionVector,
 }
@@ -240,6 +247,7 @@ impl Repairs {
             queue: VecDeque::new(),
             ready: false,
             sent_end: false,
+            sent: 0,
             covered,
         }
     }
@@ -271,6 +279,8 @@ pub struct Reconciler {
     node_id: NodeId,
     /// The peer, once the handshake named it, with the namespaces its Hello lists.
     peer: Option<NodeId>,
+    /// The protocol version of the link (3 and later: `RepairEnd` counts repairs).
+    peer_version: u16,
     peer_namespaces: Vec<String>,
     /// The namespaces this node replicates (its own configuration).
     namespaces: Vec<String>,
@@ -309,6 +319,7 @@ impl Reconciler {
         Reconciler {
             node_id,
             peer: None,
+            peer_version: PROTOCOL_VERSION_MAX,
             peer_namespaces: Vec::new(),
             namespaces,
             summary: Arc::default(),
@@ -327,9 +338,11 @@ impl Reconciler {
         }
     }
 
-    /// The handshake named the peer and the namespaces it replicates.
-    pub fn set_peer(&mut self, peer: NodeId, namespaces: Vec<String>) {
+    /// The handshake named the peer, the protocol version of the link and the
+    /// namespaces the peer replicates.
+    pub fn set_peer(&mut self, peer: NodeId, version: u16, namespaces: Vec<String>) {
         self.peer = Some(peer);
+        self.peer_version = version;
         self.peer_namespaces = namespaces;
     }
 
@@ -640,6 +653,7 @@ impl Reconciler {
             transfer_after: None,
             transfer_done: false,
             repairs: Repairs::new(covered),
+            repairs_received: 0,
             peer_ended: false,
             complete: true,
             differences: 0,
@@ -691,6 +705,7 @@ impl Reconciler {
                     o.repairs.ready = o.transfer_done;
                     if !events.is_empty() {
                         let id = o.id;
+                        o.repairs.sent += events.len() as u64;
                         step.credit -= events.iter().map(credit_size).sum::<u64>() as i64;
                         self.emit(Output::Repair { id, events });
                     }
@@ -732,12 +747,17 @@ impl Reconciler {
                     .or_default()
                     .join(v);
             }
-            self.outputs
-                .push_back(Output::Send(Frame::RepairEnd { id, covered }));
+            let repairs = (self.peer_version >= 3).then_some(repairs.sent);
+            self.outputs.push_back(Output::Send(Frame::RepairEnd {
+                id,
+                covered,
+                repairs,
+            }));
             return true;
         }
         if step.credit > 0 {
             let batch = take_batch(&mut repairs.queue, step.bytes_max);
+            repairs.sent += batch.len() as u64;
             step.credit -= batch.iter().map(credit_size).sum::<u64>() as i64;
             self.outputs.push_back(Output::Repair { id, events: batch });
         }
@@ -870,7 +890,29 @@ impl Reconciler {
             Frame::ReconcileEnd { id, outcome, need } => {
                 self.outgoing_ended(store, id, outcome, need, now)
             }
-            Frame::RepairEnd { id, covered } => {
+            Frame::RepairEnd {
+                id,
+                covered,
+                repairs,
+            } => {
+                let received = match (&self.outgoing, &self.incoming) {
+                    (Some(o), _) if o.id == id => Some(o.repairs_received),
+                    (_, Some(i)) if i.id == id => Some(i.repairs_received),
+                    _ => None,
+                };
+                if let (Some(sent), Some(received)) = (repairs, received)
+                    && sent != received
+                {
+                    // A Repair was lost or overtaken: covering now would claim the
+                    // effect of events this node never applied.
+                    self.emit(Output::Close {
+                        code: ErrorCode::Protocol,
+                        message: format!(
+                            "reconciliation run {id}: RepairEnd counts {sent} repair events, {received} arrived before it"
+                        ),
+                    });
+                    return;
+                }
                 if let Some(vector) = covered {
                     let ns = match (&self.outgoing, &self.incoming) {
                         (Some(o), _) if o.id == id && o.repairs.ready => Some(o.namespace.clone()),
@@ -1044,6 +1086,7 @@ impl Reconciler {
             granted: RECONCILE_INITIAL_SYMBOLS as u64,
             ended: false,
             repairs: Repairs::new(covered),
+            repairs_received: 0,
             peer_ended: false,
             differences: 0,
             keys_repaired: 0,
@@ -1205,9 +1248,15 @@ impl Reconciler {
     pub fn repair_received(&mut self, id: u32, events: usize) {
         if let Some(o) = self.outgoing.as_mut()
             && o.id == id
-            && o.mode != ReconcileMode::Transfer
         {
-            o.differences += events as u64;
+            o.repairs_received += events as u64;
+            if o.mode != ReconcileMode::Transfer {
+                o.differences += events as u64;
+            }
+        } else if let Some(i) = self.incoming.as_mut()
+            && i.id == id
+        {
+            i.repairs_received += events as u64;
         }
     }
 

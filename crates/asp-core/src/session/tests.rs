@@ -694,3 +694,34 @@ fn a_summary_without_end_is_bounded() {
     assert_eq!(reason.code, ErrorCode::Protocol);
     assert!(reason.message.contains("namespaces"), "{}", reason.message);
 }
+
+/// A `RepairEnd` with a repair count is version 3: on an older link it closes the
+/// link (an older peer never sends one; a newer one sends it only to version 3).
+#[test]
+fn a_counted_repair_end_on_a_version_two_link_is_a_protocol_error() {
+    let mut old = config(2);
+    old.version_max = 2;
+    let mut pair = Pair::new(config(1), old);
+    assert_eq!(pair.b.peer().unwrap().version, 2);
+    pair.b.handle_frame(
+        Frame::RepairEnd {
+            id: 1,
+            covered: None,
+            repairs: None,
+        },
+        pair.now,
+    );
+    assert!(pair.b.is_established());
+    pair.b.handle_frame(
+        Frame::RepairEnd {
+            id: 1,
+            covered: None,
+            repairs: Some(3),
+        },
+        pair.now,
+    );
+    let events: Vec<_> = std::iter::from_fn(|| pair.b.poll_event()).collect();
+    let reason = closed(&events).expect("closed");
+    assert_eq!(reason.code, ErrorCode::Protocol);
+    assert!(reason.message.contains("version 1 or 2"), "{}", reason.message);
+}

@@ -339,7 +339,8 @@ impl Link {
                         }
                     }
                     self.peer = Some(peer);
-                    self.reconciler.set_peer(peer, info.namespaces.clone());
+                    self.reconciler
+                        .set_peer(peer, info.version, info.namespaces.clone());
                     let namespaces = Arc::new(info.namespaces.clone());
                     self.with_record(|r| r.namespaces = Some(namespaces));
                     let checkpoint = self.inner.store.checkpoint(peer);
