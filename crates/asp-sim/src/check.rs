@@ -1,0 +1,220 @@
+//! The checker: a change-feed subscriber on each node, and the invariants checked as
+//! the run goes and at the end (vectors against plain sets of dots, the reference
+//! last-writer-wins, bounds, convergence).
+
+use super::*;
+impl Sim {
+    pub(crate) fn subscribe(&mut self, node: usize, full: bool) -> Result<(), Broken> {
+        let n = &mut self.nodes[node];
+        if !n.up {
+            return Ok(());
+        }
+        // Whatever was delivered at a position must still be there, unchanged.
+        if n.seen.len() > n.store.feed.len() {
+            return Err(Broken::new(
+                Invariant::FeedChanged,
+                format!(
+                    "node {node}'s feed lost positions a subscriber was given: it saw {} events, the feed now holds {}",
+                    n.seen.len(),
+                    n.store.feed.len()
+                ),
+            ));
+        }
+        // Positions change only in a crash: a full check after each restart, the newest
+        // position otherwise.
+        let from = if full {
+            0
+        } else {
+            n.seen.len().saturating_sub(1)
+        };
+        for (i, dot) in n.seen.iter().enumerate().skip(from) {
+            if n.store.feed[i].dot != *dot {
+                return Err(Broken::new(
+                    Invariant::FeedChanged,
+                    format!(
+                        "node {node}'s feed position {} changed after a subscriber read it: {} then {}",
+                        i + 1,
+                        dot,
+                        n.store.feed[i].dot
+                    ),
+                ));
+            }
+        }
+        self.subscriber_reads(node);
+        Ok(())
+    }
+
+    /// A subscriber is woken as events become visible and reads them at once.
+    pub(crate) fn subscriber_reads(&mut self, node: usize) {
+        let n = &mut self.nodes[node];
+        for i in n.seen.len()..n.store.visible {
+            n.seen.push(n.store.feed[i].dot);
+        }
+    }
+
+    /// A version vector must be exactly the dots of the feed and those a peer's
+    /// reconciliation covered.
+    pub(crate) fn check_vectors(&mut self) -> Result<(), Broken> {
+        for (i, n) in self.nodes.iter_mut().enumerate() {
+            // A crash may have cut the feed: derive again from the start.
+            if n.derived_upto > n.store.feed.len() {
+                n.derived.clear();
+                n.derived_upto = 0;
+            }
+            for e in &n.store.feed[n.derived_upto..] {
+                n.derived
+                    .entry(e.namespace.clone())
+                    .or_default()
+                    .insert(e.dot);
+            }
+            n.derived_upto = n.store.feed.len();
+            let empty = BTreeSet::new();
+            for (ns, vv) in &n.store.vectors {
+                let mut held = std::borrow::Cow::Borrowed(n.derived.get(ns).unwrap_or(&empty));
+                if let Some(covered) = n.store.covered.get(ns) {
+                    let held = held.to_mut();
+                    for (origin, counters) in covered.iter() {
+                        held.extend(counters.iter().map(|counter| Dot { origin, counter }));
+                    }
+                }
+                if let Some(dot) = held.iter().find(|d| !vv.contains(**d)) {
+                    return Err(Broken::new(
+                        Invariant::VectorMismatch,
+                        format!(
+                            "node {i}'s vector for {ns} misses dot {dot} its feed (or a cover) holds"
+                        ),
+                    ));
+                }
+                if vv.len() != held.len() as u64 {
+                    return Err(Broken::new(
+                        Invariant::VectorMismatch,
+                        format!(
+                            "node {i}'s vector for {ns} claims {} dots; its feed holds {}",
+                            vv.len(),
+                            held.len()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Each key's state is the write a reference last-writer-wins picks from every
+    /// event of the key any node holds: the newest clock reading, then the larger
+    /// origin, then the larger counter. Written out here, apart from `lww_wins` and
+    /// `Version`'s order, so that a bug there cannot hide itself.
+    pub(crate) fn check_winners(&self) -> Result<(), Broken> {
+        type Rank = (u64, u16, u64, u64);
+        let rank = |e: &Event| -> Rank {
+            (
+                e.hlc.physical_ms(),
+                e.hlc.logical(),
+                e.dot.origin.get(),
+                e.dot.counter,
+            )
+        };
+        let store = &self.nodes[0].store;
+        let mut winners: BTreeMap<(&Namespace, &Key), &Event> = BTreeMap::new();
+        for e in self.nodes.iter().flat_map(|n| &n.store.feed) {
+            let w = winners.entry((&e.namespace, &e.key)).or_insert(e);
+            if rank(e) > rank(w) {
+                *w = e;
+            }
+        }
+        for ((ns, key), w) in winners {
+            let held = store
+                .state
+                .get(&(ns.clone(), key.clone()))
+                .map(|(v, _)| v.dot);
+            if held != Some(w.dot) {
+                return Err(Broken::new(
+                    Invariant::WrongWinner,
+                    format!(
+                        "key {key} of {ns} holds {}; last-writer-wins picks {}",
+                        held.map_or("nothing".to_owned(), |d| d.to_string()),
+                        w.dot
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn check_bounds(&self) -> Result<(), Broken> {
+        for (i, n) in self.nodes.iter().enumerate() {
+            let local = n
+                .queue
+                .iter()
+                .filter(|r| matches!(r, Request::Local { .. }))
+                .count();
+            if local > WRITE_QUEUE_MAX {
+                return Err(Broken::new(
+                    Invariant::Bounds,
+                    format!(
+                        "node {i}'s write queue holds {local} client requests; the bound is {WRITE_QUEUE_MAX}"
+                    ),
+                ));
+            }
+            let remote: u64 = n
+                .queue
+                .iter()
+                .map(|r| match r {
+                    Request::Remote { bytes, .. } | Request::Repair { bytes, .. } => *bytes,
+                    Request::Local { .. } | Request::Cover { .. } => 0,
+                })
+                .sum();
+            let bound = 2 * CREDIT_WINDOW as u64 * n.links.len().max(1) as u64;
+            if remote > bound {
+                return Err(Broken::new(
+                    Invariant::Bounds,
+                    format!(
+                        "node {i} queued {remote} bytes of peer events; credit bounds it to {bound}"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn converged(&self) -> bool {
+        let first = &self.nodes[0];
+        self.nodes
+            .iter()
+            .all(|n| n.up && !n.busy && n.queue.is_empty())
+            && self.nodes.iter().all(|n| {
+                n.store.vectors == first.store.vectors && n.store.visible == n.store.feed.len()
+            })
+    }
+
+    pub(crate) fn final_checks(&mut self) -> Result<(), Broken> {
+        self.check_vectors()?;
+        let first = &self.nodes[0].store.state;
+        for (i, n) in self.nodes.iter().enumerate() {
+            if &n.store.state != first {
+                return Err(Broken::new(
+                    Invariant::Divergence,
+                    format!("node {i} holds the same events as node 0 but a different state"),
+                ));
+            }
+        }
+        self.check_winners()?;
+        // Every acknowledged write is held everywhere.
+        let state = &self.nodes[0].store;
+        for w in self.acked.iter().chain(&self.returning) {
+            if !state.holds(w.dot, &w.namespace) {
+                return Err(Broken::new(
+                    Invariant::AckedWriteMissing,
+                    format!(
+                        "acknowledged write {} ({}) of node {} is held by no node after healing",
+                        w.dot, w.namespace, w.origin
+                    ),
+                ));
+            }
+        }
+        for i in 0..self.nodes.len() {
+            self.subscribe(i, true)?;
+        }
+        Ok(())
+    }
+}

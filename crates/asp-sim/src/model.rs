@@ -1,0 +1,355 @@
+//! The simulator's model of `asp-store`: a feed with its durable and visible
+//! prefixes, vectors, key states, covered dots, checkpoints and counters, and the view
+//! the real reconciler reads it through.
+
+use super::*;
+/// A key's state: the winning event's version, and its value (`None` if deleted).
+pub(crate) type KeyState = (Version, Option<Bytes>);
+
+/// A model of `asp-store`: the feed, its durable prefix, and what is derived from it.
+pub(crate) struct StoreModel {
+    pub(crate) feed: Vec<Event>,
+    /// `feed[..durable]` survives a machine crash.
+    pub(crate) durable: usize,
+    /// Readers (peers, subscribers) see `feed[..visible]`.
+    pub(crate) visible: usize,
+    pub(crate) vectors: BTreeMap<Namespace, VersionVector>,
+    pub(crate) max_hlc: BTreeMap<Namespace, Hlc>,
+    pub(crate) state: BTreeMap<(Namespace, Key), KeyState>,
+    /// Per peer: how far it holds this node's feed. Written with the index, which a
+    /// machine crash may roll back to the last fsync.
+    pub(crate) checkpoints: BTreeMap<NodeId, u64>,
+    pub(crate) checkpoints_synced: BTreeMap<NodeId, u64>,
+    /// Dots a peer's reconciliation said this node holds the effect of (their events
+    /// superseded by state it received): part of the vectors with no event in the
+    /// feed, as the store's base. Durable with the group that records them.
+    pub(crate) covered: BTreeMap<Namespace, VersionVector>,
+    pub(crate) covered_synced: BTreeMap<Namespace, VersionVector>,
+    pub(crate) item_key: ItemKey,
+    /// Per namespace, the highest counter this node issued in this life, and the
+    /// durable mark (`fsync = never` only) below which it may have issued any: after a
+    /// crash it counts on from the mark, never reusing a counter peers may hold (the
+    /// store's `counters` file).
+    pub(crate) issued: BTreeMap<Namespace, u64>,
+    pub(crate) marks: BTreeMap<Namespace, u64>,
+}
+
+impl StoreModel {
+    pub(crate) fn new() -> Self {
+        StoreModel {
+            feed: Vec::new(),
+            durable: 0,
+            visible: 0,
+            vectors: BTreeMap::new(),
+            max_hlc: BTreeMap::new(),
+            state: BTreeMap::new(),
+            checkpoints: BTreeMap::new(),
+            checkpoints_synced: BTreeMap::new(),
+            covered: BTreeMap::new(),
+            covered_synced: BTreeMap::new(),
+            item_key: ItemKey::derive(b"asp-sim"),
+            issued: BTreeMap::new(),
+            marks: BTreeMap::new(),
+        }
+    }
+
+    /// Issues `count` counters for this node's events in `namespace`; returns the
+    /// first. Under `fsync = never` they are reserved first: the mark is raised (and
+    /// durable) a block beyond them.
+    pub(crate) fn issue(
+        &mut self,
+        namespace: &Namespace,
+        id: NodeId,
+        count: u64,
+        reserve: bool,
+    ) -> u64 {
+        let held = self.vectors.get(namespace).map_or(0, |v| v.max_counter(id));
+        let issued = self.issued.entry(namespace.clone()).or_insert(0);
+        let first = (*issued).max(held) + 1;
+        *issued = first + count - 1;
+        if reserve {
+            let mark = self.marks.entry(namespace.clone()).or_insert(0);
+            if *mark < first + count - 1 {
+                *mark = first + count - 1 + COUNTER_BLOCK;
+            }
+        }
+        first
+    }
+
+    /// Records a peer's word that the dots of `vector` are superseded by state held.
+    pub(crate) fn cover(&mut self, namespace: &Namespace, vector: &VersionVector) {
+        self.covered
+            .entry(namespace.clone())
+            .or_default()
+            .join(vector);
+        self.vectors
+            .entry(namespace.clone())
+            .or_default()
+            .join(vector);
+    }
+
+    /// The reconciliation items of a namespace's keys at their current versions.
+    pub(crate) fn items(&self, namespace: &Namespace) -> Vec<Item> {
+        self.state
+            .iter()
+            .filter(|((ns, _), _)| ns == namespace)
+            .map(|((_, key), (version, _))| self.item_key.item(key.as_str().as_bytes(), version))
+            .collect()
+    }
+
+    /// A namespace's digest: the first coded symbol of its items, as the store keeps it.
+    pub(crate) fn digest(&self, namespace: &Namespace) -> asp_core::reconcile::Symbol {
+        let mut window = Window::new(self.item_key, 1);
+        window.add_all(&self.items(namespace));
+        window.symbols()[0].canonical()
+    }
+
+    /// The event a key's state came from (always in the feed: the state is derived
+    /// from it).
+    pub(crate) fn event_of(&self, namespace: &Namespace, version: &Version) -> Option<&Event> {
+        self.feed
+            .iter()
+            .rev()
+            .find(|e| e.dot == version.dot && &e.namespace == namespace)
+    }
+
+    pub(crate) fn holds(&self, dot: Dot, ns: &Namespace) -> bool {
+        self.vectors.get(ns).is_some_and(|v| v.contains(dot))
+    }
+
+    /// Appends an event and merges it into its key. Returns its feed position.
+    pub(crate) fn append(&mut self, event: Event) -> u64 {
+        self.vectors
+            .entry(event.namespace.clone())
+            .or_default()
+            .insert(event.dot);
+        let max = self
+            .max_hlc
+            .entry(event.namespace.clone())
+            .or_insert(Hlc::ZERO);
+        *max = (*max).max(event.hlc);
+        let value = match &event.op {
+            Op::Put { value, .. } => Some(value.clone()),
+            Op::Delete => None,
+        };
+        let version = event.version();
+        let key = (event.namespace.clone(), event.key.clone());
+        match self.state.get(&key) {
+            Some((current, _)) if !lww_wins(&version, current) => {}
+            _ => {
+                self.state.insert(key, (version, value));
+            }
+        }
+        self.feed.push(event);
+        self.feed.len() as u64
+    }
+
+    /// What survives a crash, then a replay of the log.
+    pub(crate) fn crash(&mut self, machine: bool) {
+        if machine {
+            self.feed.truncate(self.durable);
+            self.checkpoints = self.checkpoints_synced.clone();
+            self.covered = self.covered_synced.clone();
+        }
+        // Counting goes on after the mark (no mark: after what the feed holds).
+        self.issued = self.marks.clone();
+        self.durable = self.feed.len();
+        self.visible = self.feed.len();
+        let feed = std::mem::take(&mut self.feed);
+        self.vectors.clear();
+        self.max_hlc.clear();
+        self.state.clear();
+        for event in feed {
+            self.append(event);
+        }
+        for (ns, vector) in &self.covered {
+            self.vectors.entry(ns.clone()).or_default().join(vector);
+        }
+        let head = self.feed.len() as u64;
+        for seq in self.checkpoints.values_mut() {
+            *seq = (*seq).min(head);
+        }
+    }
+
+    pub(crate) fn summary(&self) -> Vec<NamespaceSummary> {
+        self.vectors
+            .iter()
+            .map(|(ns, vector)| NamespaceSummary {
+                namespace: ns.clone(),
+                max_hlc: self.max_hlc.get(ns).copied().unwrap_or(Hlc::ZERO),
+                vector: vector.clone(),
+                digest: Some(self.digest(ns)),
+                // Nor does it collect tombstones.
+                reports: Vec::new(),
+            })
+            .collect()
+    }
+
+    pub(crate) fn max_hlc_overall(&self) -> Hlc {
+        self.feed.iter().map(|e| e.hlc).max().unwrap_or(Hlc::ZERO)
+    }
+}
+
+/// The store model as reconciliation reaches it: reads straight from the model;
+/// covered dots are collected and queued to the writer after the call, behind the
+/// repairs queued before them (as the node's link drains them first).
+pub(crate) struct ModelView<'a> {
+    pub(crate) store: &'a StoreModel,
+    pub(crate) covers: RefCell<Vec<(Namespace, VersionVector)>>,
+}
+
+impl<'a> ModelView<'a> {
+    pub(crate) fn new(store: &'a StoreModel) -> Self {
+        ModelView {
+            store,
+            covers: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// The keys of a namespace with their state, in key order.
+    pub(crate) fn keys(
+        &self,
+        namespace: &Namespace,
+    ) -> impl Iterator<Item = (&'a Key, &'a Version)> + 'a {
+        let namespace = namespace.clone();
+        self.store
+            .state
+            .iter()
+            .filter(move |((ns, _), _)| *ns == namespace)
+            .map(|((_, key), (version, _))| (key, version))
+    }
+}
+
+impl ReconcileStore for ModelView<'_> {
+    type Error = String;
+
+    fn item_key(&self) -> ItemKey {
+        self.store.item_key
+    }
+
+    fn keeps_windows(&self) -> bool {
+        true
+    }
+
+    fn summary(&self) -> Vec<NamespaceSummary> {
+        self.store.summary()
+    }
+
+    fn namespace_vector(&self, namespace: &Namespace) -> VersionVector {
+        self.store
+            .vectors
+            .get(namespace)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn is_quarantined(&self, _: &Namespace) -> bool {
+        false
+    }
+
+    fn head_seq(&self) -> u64 {
+        self.store.visible as u64
+    }
+
+    fn bases(&self) -> Vec<(Namespace, VersionVector)> {
+        self.store
+            .covered
+            .iter()
+            .map(|(ns, v)| (ns.clone(), v.clone()))
+            .collect()
+    }
+
+    fn holds_lost_events_of<'b>(
+        &self,
+        peer: NodeId,
+        theirs: &dyn Fn(&Namespace) -> Option<&'b VersionVector>,
+        shared: &dyn Fn(&Namespace) -> bool,
+    ) -> bool {
+        self.store.vectors.iter().any(|(ns, vector)| {
+            let Some(mine) = vector.get(peer) else {
+                return false;
+            };
+            shared(ns)
+                && theirs(ns)
+                    .and_then(|v| v.get(peer))
+                    .is_none_or(|t| !mine.is_subset(t))
+        })
+    }
+
+    fn window_snapshot(&self, namespace: &Namespace) -> Result<(Window, u64), String> {
+        Ok((self.window(namespace)?, self.head_seq()))
+    }
+
+    fn window(&self, namespace: &Namespace) -> Result<Window, String> {
+        Ok(Window::build(
+            self.store.item_key,
+            64,
+            &self.store.items(namespace),
+            1,
+        ))
+    }
+
+    fn items_snapshot(&self, namespace: &Namespace) -> Result<(Vec<Item>, u64), String> {
+        Ok((self.store.items(namespace), self.head_seq()))
+    }
+
+    fn items(&self, namespace: &Namespace) -> Result<Vec<Item>, String> {
+        Ok(self.store.items(namespace))
+    }
+
+    fn events_for_items(
+        &self,
+        namespace: &Namespace,
+        prefixes: &[[u8; NEED_PREFIX_BYTES]],
+        keys_max: usize,
+        _bytes_max: usize,
+    ) -> Result<(Vec<Event>, bool), String> {
+        let mut out = Vec::new();
+        for (key, version) in self.keys(namespace) {
+            let item = self.store.item_key.item(key.as_str().as_bytes(), version);
+            if prefixes.iter().any(|p| item[..NEED_PREFIX_BYTES] == p[..]) {
+                if out.len() == keys_max {
+                    return Ok((out, true));
+                }
+                let event = self
+                    .store
+                    .event_of(namespace, version)
+                    .ok_or_else(|| format!("key {key} has no event in the feed"))?;
+                out.push(event.clone());
+            }
+        }
+        Ok((out, false))
+    }
+
+    fn state_page(
+        &self,
+        namespace: &Namespace,
+        after: Option<&Key>,
+        events_max: usize,
+        bytes_max: usize,
+    ) -> Result<(Vec<Event>, Option<Key>), String> {
+        let mut out: Vec<Event> = Vec::new();
+        let mut bytes = 0;
+        for (key, version) in self.keys(namespace) {
+            if after.is_some_and(|a| key <= a) {
+                continue;
+            }
+            if !out.is_empty() && (out.len() >= events_max || bytes >= bytes_max as u64) {
+                let last = out.last().expect("not empty").key.clone();
+                return Ok((out, Some(last)));
+            }
+            let event = self
+                .store
+                .event_of(namespace, version)
+                .ok_or_else(|| format!("key {key} has no event in the feed"))?;
+            bytes += credit_size(event);
+            out.push(event.clone());
+        }
+        Ok((out, None))
+    }
+
+    fn cover(&self, namespace: &Namespace, vector: VersionVector) -> Result<(), String> {
+        self.covers.borrow_mut().push((namespace.clone(), vector));
+        Ok(())
+    }
+}

@@ -1,0 +1,916 @@
+//! The world: its nodes, links and connections, the scheduler's actions, and each
+//! node's writer (group commit, fsyncs, acknowledgements) and client writes.
+
+use super::*;
+#[derive(Clone, Debug)]
+pub(crate) enum Action {
+    ClientWrite {
+        node: usize,
+    },
+    WriterWake {
+        node: usize,
+        epoch: u64,
+    },
+    FsyncDone {
+        node: usize,
+        epoch: u64,
+        written: usize,
+        group: u64,
+    },
+    Deliver {
+        conn: u64,
+        to: usize,
+        frame: Vec<u8>,
+    },
+    Disconnect {
+        conn: u64,
+        to: usize,
+    },
+    SessionTimer {
+        node: usize,
+        conn: u64,
+    },
+    Dial {
+        from: usize,
+        to: usize,
+    },
+    Summaries {
+        node: usize,
+        epoch: u64,
+    },
+    AntiEntropy {
+        node: usize,
+        epoch: u64,
+    },
+    /// Under `fsync = never`: the OS writes what was written back to disk.
+    Writeback {
+        node: usize,
+        epoch: u64,
+    },
+    Subscribe {
+        node: usize,
+    },
+    Fault,
+    Partition {
+        a: usize,
+        b: usize,
+        one_way: bool,
+        heal_after: Time,
+    },
+    Heal {
+        a: usize,
+        b: usize,
+    },
+    Restart {
+        node: usize,
+    },
+    Check,
+}
+
+pub(crate) struct Scheduled {
+    pub(crate) at: Time,
+    pub(crate) seq: u64,
+    pub(crate) action: Action,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+
+impl Eq for Scheduled {}
+
+impl Ord for Scheduled {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // Earliest first (BinaryHeap is a max-heap).
+        (other.at, other.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+pub(crate) enum Request {
+    Local {
+        namespace: Namespace,
+        ops: Vec<(Key, Option<Bytes>)>,
+    },
+    Remote {
+        conn: u64,
+        last_seq: u64,
+        bytes: u64,
+        events: Vec<Event>,
+    },
+    /// Repair events of reconciliation run `id`.
+    Repair {
+        conn: u64,
+        id: u32,
+        bytes: u64,
+        events: Vec<Event>,
+    },
+    /// A peer's covered dots, recorded after the repairs queued before them, unless
+    /// the link closed meanwhile (as the node's link records them only after it
+    /// drained those repairs).
+    Cover {
+        conn: u64,
+        namespace: Namespace,
+        vector: VersionVector,
+    },
+}
+
+pub(crate) enum Ack {
+    Local(Vec<AckedWrite>),
+    Remote {
+        conn: u64,
+        last_seq: u64,
+        bytes: u64,
+    },
+    Repair {
+        conn: u64,
+        id: u32,
+        bytes: u64,
+        applied: usize,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct AckedWrite {
+    pub(crate) origin: usize,
+    pub(crate) namespace: Namespace,
+    pub(crate) dot: Dot,
+}
+
+pub(crate) struct Link {
+    pub(crate) peer: usize,
+    pub(crate) session: Session,
+    /// The real reconciliation state machine, over the store model.
+    pub(crate) reconciler: Reconciler,
+    /// The last feed position sent to the peer.
+    pub(crate) sent_through: u64,
+    /// When a session timer is scheduled.
+    pub(crate) timer_at: Option<Time>,
+}
+
+pub(crate) struct Node {
+    pub(crate) id: NodeId,
+    pub(crate) up: bool,
+    /// Bumped on each crash: actions of an earlier life are ignored.
+    pub(crate) epoch: u64,
+    pub(crate) skew_ms: i64,
+    pub(crate) clock: HlcClock,
+    pub(crate) store: StoreModel,
+    pub(crate) queue: VecDeque<Request>,
+    pub(crate) busy: bool,
+    /// Acknowledgements waiting for the fsync in flight.
+    pub(crate) waiting: Vec<Ack>,
+    pub(crate) links: BTreeMap<u64, Link>,
+    /// The change-feed subscriber: its cursor and every dot it was given, by position.
+    /// The client keeps them across the node's crashes.
+    pub(crate) seen: Vec<Dot>,
+    pub(crate) write_counter: u64,
+    /// The dots of `store.feed[..derived_upto]`, kept by the checker to compare with
+    /// the store's vectors without rereading the whole feed each time. A plain set, not
+    /// a `VersionVector`: the check must not share the code it checks.
+    pub(crate) derived: BTreeMap<Namespace, BTreeSet<Dot>>,
+    pub(crate) derived_upto: usize,
+}
+
+pub(crate) struct Conn {
+    pub(crate) a: usize,
+    pub(crate) b: usize,
+    pub(crate) open: bool,
+    /// The time the last frame in each direction (to a, to b) is delivered.
+    pub(crate) last_delivery: [Time; 2],
+    /// Frames sent into a partition, per direction: TCP keeps retransmitting them, so
+    /// they arrive, in order, once the partition heals, unless the connection is given
+    /// up first (an idle timeout).
+    pub(crate) held: [Vec<Vec<u8>>; 2],
+}
+
+pub(crate) struct Sim {
+    pub(crate) config: Config,
+    pub(crate) rng: Rng,
+    pub(crate) now: Time,
+    pub(crate) seq: u64,
+    pub(crate) step: u64,
+    pub(crate) trace: u64,
+    pub(crate) queue: BinaryHeap<Scheduled>,
+    pub(crate) nodes: Vec<Node>,
+    pub(crate) conns: BTreeMap<u64, Conn>,
+    pub(crate) next_conn: u64,
+    /// blocked[from][to]: frames from `from` to `to` are dropped.
+    pub(crate) blocked: Vec<Vec<bool>>,
+    /// Pairs `(dialer, listener)` that keep a link.
+    pub(crate) edges: Vec<(usize, usize)>,
+    pub(crate) namespaces: Vec<Namespace>,
+    pub(crate) keys: Vec<Key>,
+    pub(crate) acked: Vec<AckedWrite>,
+    pub(crate) appended: u64,
+    pub(crate) chaos: bool,
+    pub(crate) base: Instant,
+    pub(crate) group_counter: u64,
+    pub(crate) stats: ReconcileStats,
+    /// Acknowledged writes a machine crash under `fsync = never` took from their
+    /// origin while a peer held them: they must come back by the end.
+    pub(crate) returning: Vec<AckedWrite>,
+    /// Acknowledged writes a machine crash under `fsync = never` took from every node.
+    pub(crate) lost_writes: u64,
+}
+
+/// What reconciliation did in a run.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReconcileStats {
+    /// Runs that ended, on either side, whatever the outcome.
+    pub runs: u64,
+    /// Runs that decoded their difference.
+    pub decoded: u64,
+    /// Keys found different by decoded runs.
+    pub differences: u64,
+    /// Handovers started.
+    pub handovers: u64,
+}
+
+pub(crate) fn fnv(hash: u64, bytes: &[u8]) -> u64 {
+    let mut h = hash;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The links of a world, as (dialer, listener): a line or a star (one path between
+/// any two nodes, so nothing covers for a link that loses data), a ring with random
+/// chords, or a full mesh.
+pub(crate) fn topology(rng: &mut Rng, n: usize) -> Vec<(usize, usize)> {
+    let mut edges: Vec<(usize, usize)> = Vec::new();
+    let mut add = |a: usize, b: usize| {
+        if a != b
+            && !edges
+                .iter()
+                .any(|&(x, y)| (x, y) == (a, b) || (x, y) == (b, a))
+        {
+            edges.push((a, b));
+        }
+    };
+    match rng.below(4) {
+        0 => (1..n).for_each(|i| add(i - 1, i)),
+        1 => (1..n).for_each(|i| add(i, 0)),
+        2 => {
+            (0..n).for_each(|i| add(i, (i + 1) % n));
+            for _ in 0..rng.below(n as u64) {
+                add(rng.below(n as u64) as usize, rng.below(n as u64) as usize);
+            }
+        }
+        _ => (0..n).for_each(|a| (a + 1..n).for_each(|b| add(a, b))),
+    }
+    edges
+}
+
+impl Sim {
+    pub(crate) fn new(seed: u64, config: Config) -> Self {
+        let mut rng = Rng::new(seed);
+        let n = config.nodes;
+        let nodes = (0..n)
+            .map(|i| Node {
+                id: NodeId::new((i as u64 + 1) * 0x1000 + rng.below(0xfff)).expect("nonzero"),
+                up: true,
+                epoch: 0,
+                skew_ms: rng.range(0, 2000) as i64 - 1000,
+                clock: HlcClock::new(MAX_SKEW_MS),
+                store: StoreModel::new(),
+                queue: VecDeque::new(),
+                busy: false,
+                waiting: Vec::new(),
+                links: BTreeMap::new(),
+                seen: Vec::new(),
+                write_counter: 0,
+                derived: BTreeMap::new(),
+                derived_upto: 0,
+            })
+            .collect();
+        let edges = topology(&mut rng, n);
+        let namespaces = (0..2)
+            .map(|i| Namespace::new(&format!("ns{i}")).expect("valid"))
+            .collect();
+        let keys = (0..16)
+            .map(|i| Key::new(&format!("k{i}")).expect("valid"))
+            .collect();
+        Sim {
+            config,
+            rng,
+            now: 0,
+            seq: 0,
+            step: 0,
+            trace: 0xcbf2_9ce4_8422_2325,
+            queue: BinaryHeap::new(),
+            nodes,
+            conns: BTreeMap::new(),
+            next_conn: 1,
+            blocked: vec![vec![false; n]; n],
+            edges,
+            namespaces,
+            keys,
+            acked: Vec::new(),
+            appended: 0,
+            chaos: true,
+            base: Instant::now(),
+            group_counter: 0,
+            stats: ReconcileStats::default(),
+            returning: Vec::new(),
+            lost_writes: 0,
+        }
+    }
+
+    pub(crate) fn at(&self, t: Time) -> Instant {
+        self.base + Duration::from_micros(t)
+    }
+
+    pub(crate) fn schedule(&mut self, delay: Time, action: Action) {
+        self.seq += 1;
+        self.queue.push(Scheduled {
+            at: self.now + delay,
+            seq: self.seq,
+            action,
+        });
+    }
+
+    pub(crate) fn schedule_between(&mut self, lo: Time, hi: Time, action: Action) {
+        let delay = self.rng.range(lo, hi);
+        self.schedule(delay, action);
+    }
+
+    pub(crate) fn wall_ms(&self, node: usize) -> u64 {
+        ((self.now / MS) as i64 + 1_700_000_000_000 + self.nodes[node].skew_ms).max(0) as u64
+    }
+
+    pub(crate) fn record(&mut self, bytes: &[u8]) {
+        self.trace = fnv(self.trace, bytes);
+    }
+
+    pub(crate) fn run(&mut self) -> Result<(), Broken> {
+        let n = self.config.nodes;
+        for i in 0..n {
+            self.schedule_between(0, 10 * MS, Action::ClientWrite { node: i });
+            self.schedule(SECOND, Action::Summaries { node: i, epoch: 0 });
+            self.schedule(
+                ANTI_ENTROPY_INTERVAL,
+                Action::AntiEntropy { node: i, epoch: 0 },
+            );
+            self.schedule_between(MS, 50 * MS, Action::Subscribe { node: i });
+            if self.config.durability == Durability::Never {
+                self.schedule_between(20 * MS, 500 * MS, Action::Writeback { node: i, epoch: 0 });
+            }
+        }
+        for (a, b) in self.edges.clone() {
+            self.schedule_between(0, 5 * MS, Action::Dial { from: a, to: b });
+        }
+        self.schedule(50 * MS, Action::Fault);
+        self.schedule(100 * MS, Action::Check);
+
+        // Chaos: client writes and faults.
+        while self.step < self.config.steps {
+            self.process_one()?;
+        }
+        // Healing: faults stop, everything comes back, no more writes.
+        self.chaos = false;
+        for row in &mut self.blocked {
+            row.iter_mut().for_each(|b| *b = false);
+        }
+        self.release_held();
+        for i in 0..n {
+            self.nodes[i].skew_ms = self.rng.range(0, 200) as i64 - 100;
+            if !self.nodes[i].up {
+                self.schedule(0, Action::Restart { node: i });
+            }
+        }
+        // Events stamped by a clock that ran more than the skew limit ahead are refused
+        // until the receivers' clocks catch up with them; the limit starts from there.
+        let slowest = (0..n).map(|i| self.wall_ms(i)).min().unwrap_or(0);
+        let newest = (0..n)
+            .map(|i| self.nodes[i].store.max_hlc_overall().physical_ms())
+            .max()
+            .unwrap_or(0);
+        let wait_ms = newest.saturating_sub(slowest + MAX_SKEW_MS);
+        let deadline = self.now + wait_ms * MS + self.config.heal_limit.as_micros() as Time;
+        loop {
+            if self.converged() {
+                return self.final_checks();
+            }
+            if self.now > deadline || self.queue.is_empty() {
+                return Err(Broken::new(
+                    Invariant::NoConvergence,
+                    format!(
+                        "no convergence within {:?} of simulated time after healing: {}",
+                        self.config.heal_limit,
+                        self.describe()
+                    ),
+                ));
+            }
+            self.process_one()?;
+        }
+    }
+
+    pub(crate) fn describe(&self) -> String {
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let held: u64 = n.store.vectors.values().map(|v| v.len()).sum();
+                let links: Vec<String> = n
+                    .links
+                    .values()
+                    .map(|l| {
+                        format!(
+                            "->{} est={} send={} flow={:?} sent={}/{} skew={}",
+                            l.peer,
+                            l.session.is_established(),
+                            l.session.can_send(),
+                            l.session.flow_state(),
+                            l.sent_through,
+                            n.store.visible,
+                            n.skew_ms
+                        )
+                    })
+                    .collect();
+                format!(
+                    "node {i} up={} busy={} queue={} feed={} held={held} links=[{}]",
+                    n.up,
+                    n.busy,
+                    n.queue.len(),
+                    n.store.feed.len(),
+                    links.join(", ")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n  ")
+    }
+
+    pub(crate) fn process_one(&mut self) -> Result<(), Broken> {
+        let Some(next) = self.queue.pop() else {
+            return Err(Broken::new(Invariant::Stalled, "nothing left to do"));
+        };
+        self.now = next.at;
+        self.step += 1;
+        let now = self.now;
+        self.record(&now.to_le_bytes());
+        self.record(&[action_tag(&next.action)]);
+        if self.config.log {
+            eprintln!(
+                "{:>12.6} s  step {:>7}  {}",
+                now as f64 / SECOND as f64,
+                self.step,
+                describe_action(&next.action)
+            );
+        }
+        match next.action {
+            Action::ClientWrite { node } => self.client_write(node),
+            Action::WriterWake { node, epoch } => {
+                if self.nodes[node].up && self.nodes[node].epoch == epoch {
+                    self.writer_wake(node)?;
+                }
+            }
+            Action::FsyncDone {
+                node,
+                epoch,
+                written,
+                group,
+            } => {
+                if self.nodes[node].up && self.nodes[node].epoch == epoch {
+                    self.record(&group.to_le_bytes());
+                    self.fsync_done(node, written)?;
+                }
+            }
+            Action::Deliver { conn, to, frame } => self.deliver(conn, to, frame)?,
+            Action::Disconnect { conn, to } => {
+                if let Some(link) = self.nodes[to].links.get_mut(&conn) {
+                    link.session.handle_disconnect("the connection broke");
+                    self.pump(to, conn)?;
+                }
+            }
+            Action::SessionTimer { node, conn } => {
+                let now = self.at(self.now);
+                if let Some(link) = self.nodes[node].links.get_mut(&conn) {
+                    link.timer_at = None;
+                    if link.session.poll_timeout().is_some_and(|t| t <= now) {
+                        link.session.handle_timeout(now);
+                    }
+                    self.pump(node, conn)?;
+                }
+            }
+            Action::Dial { from, to } => self.dial(from, to)?,
+            Action::Summaries { node, epoch } => {
+                if self.nodes[node].up && self.nodes[node].epoch == epoch {
+                    let conns: Vec<u64> = self.nodes[node].links.keys().copied().collect();
+                    let summary = self.nodes[node].store.summary();
+                    let now = self.at(self.now);
+                    for conn in conns {
+                        if let Some(link) = self.nodes[node].links.get_mut(&conn) {
+                            link.session.send_summary(summary.clone(), now);
+                        }
+                        self.pump(node, conn)?;
+                    }
+                    self.schedule(SECOND, Action::Summaries { node, epoch });
+                }
+            }
+            Action::AntiEntropy { node, epoch } => {
+                if self.nodes[node].up && self.nodes[node].epoch == epoch {
+                    self.anti_entropy(node)?;
+                    self.schedule(ANTI_ENTROPY_INTERVAL, Action::AntiEntropy { node, epoch });
+                }
+            }
+            Action::Writeback { node, epoch } => {
+                if self.nodes[node].up && self.nodes[node].epoch == epoch {
+                    let store = &mut self.nodes[node].store;
+                    store.durable = store.feed.len();
+                    store.checkpoints_synced = store.checkpoints.clone();
+                    self.schedule_between(20 * MS, 500 * MS, Action::Writeback { node, epoch });
+                }
+            }
+            Action::Subscribe { node } => {
+                self.subscribe(node, false)?;
+                self.schedule_between(5 * MS, 100 * MS, Action::Subscribe { node });
+            }
+            Action::Fault => {
+                if self.chaos {
+                    self.fault();
+                    self.schedule_between(20 * MS, 300 * MS, Action::Fault);
+                }
+            }
+            Action::Partition {
+                a,
+                b,
+                one_way,
+                heal_after,
+            } => {
+                if self.chaos {
+                    self.blocked[a][b] = true;
+                    if !one_way {
+                        self.blocked[b][a] = true;
+                    }
+                    self.schedule(heal_after, Action::Heal { a, b });
+                }
+            }
+            Action::Heal { a, b } => {
+                self.blocked[a][b] = false;
+                self.blocked[b][a] = false;
+                self.release_held();
+            }
+            Action::Restart { node } => self.restart(node)?,
+            Action::Check => {
+                self.check_vectors()?;
+                self.check_bounds()?;
+                self.schedule(100 * MS, Action::Check);
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn client_write(&mut self, node: usize) {
+        if self.chaos {
+            let delay = self.rng.range(MS, 15 * MS);
+            self.schedule(delay, Action::ClientWrite { node });
+        } else {
+            return;
+        }
+        if !self.nodes[node].up || self.nodes[node].queue.len() >= WRITE_QUEUE_MAX {
+            return;
+        }
+        let namespace =
+            self.namespaces[self.rng.below(self.namespaces.len() as u64) as usize].clone();
+        let ops = (0..self.rng.range(1, 4))
+            .map(|_| {
+                let key = self.keys[self.rng.below(self.keys.len() as u64) as usize].clone();
+                self.nodes[node].write_counter += 1;
+                let value = (!self.rng.chance(150))
+                    .then(|| Bytes::from(format!("n{node}-{}", self.nodes[node].write_counter)));
+                (key, value)
+            })
+            .collect();
+        self.nodes[node]
+            .queue
+            .push_back(Request::Local { namespace, ops });
+        let epoch = self.nodes[node].epoch;
+        self.schedule(0, Action::WriterWake { node, epoch });
+    }
+
+    /// The writer: takes what is queued, appends it, and acknowledges after the fsync
+    /// (`always`) or at once (`never`).
+    pub(crate) fn writer_wake(&mut self, node: usize) -> Result<(), Broken> {
+        if self.nodes[node].busy || self.nodes[node].queue.is_empty() {
+            return Ok(());
+        }
+        let fault = self.config.model_fault;
+        let wall = self.wall_ms(node);
+        let take = self.nodes[node].queue.len().min(GROUP_MAX);
+        let group: Vec<Request> = self.nodes[node].queue.drain(..take).collect();
+        let mut acks = Vec::new();
+        for request in group {
+            match request {
+                Request::Local { namespace, ops } => {
+                    let n = &mut self.nodes[node];
+                    let reserve = self.config.durability == Durability::Never;
+                    let first = if fault == Some(ModelFault::ReuseCounters) {
+                        n.store
+                            .vectors
+                            .get(&namespace)
+                            .map_or(0, |v| v.max_counter(n.id))
+                            + 1
+                    } else {
+                        n.store.issue(&namespace, n.id, ops.len() as u64, reserve)
+                    };
+                    let mut written = Vec::new();
+                    for (i, (key, value)) in ops.into_iter().enumerate() {
+                        let dot = Dot {
+                            origin: n.id,
+                            counter: first + i as u64,
+                        };
+                        let hlc = n.clock.tick(wall);
+                        let op = match value {
+                            Some(value) => Op::Put {
+                                content_type: ContentType::Text,
+                                value,
+                            },
+                            None => Op::Delete,
+                        };
+                        let event = Event {
+                            namespace: namespace.clone(),
+                            key,
+                            op,
+                            dot,
+                            hlc,
+                            context: Bytes::new(),
+                        };
+                        written.push(AckedWrite {
+                            origin: node,
+                            namespace: namespace.clone(),
+                            dot,
+                        });
+                        n.store.append(event);
+                        self.appended += 1;
+                    }
+                    acks.push(Ack::Local(written));
+                }
+                Request::Remote {
+                    conn,
+                    last_seq,
+                    bytes,
+                    events,
+                } => {
+                    if self.refuse_skewed(node, conn, &events, wall)? {
+                        continue;
+                    }
+                    let n = &mut self.nodes[node];
+                    for event in events {
+                        let held = n.store.holds(event.dot, &event.namespace);
+                        if held && fault != Some(ModelFault::ForgetDedupe) {
+                            continue;
+                        }
+                        if held {
+                            return Err(Broken::new(
+                                Invariant::AppliedTwice,
+                                format!("node {node} applied event {} twice", event.dot),
+                            ));
+                        }
+                        let _ = n.clock.observe(event.hlc, wall);
+                        n.store.append(event);
+                        self.appended += 1;
+                    }
+                    acks.push(Ack::Remote {
+                        conn,
+                        last_seq,
+                        bytes,
+                    });
+                }
+                Request::Repair {
+                    conn,
+                    id,
+                    bytes,
+                    events,
+                } => {
+                    if self.refuse_skewed(node, conn, &events, wall)? {
+                        continue;
+                    }
+                    // The current state of keys the peer found different: a dot held
+                    // already is the same event (the model holds one state per dot).
+                    let n = &mut self.nodes[node];
+                    let mut applied = 0;
+                    for event in events {
+                        if n.store.holds(event.dot, &event.namespace) {
+                            continue;
+                        }
+                        let _ = n.clock.observe(event.hlc, wall);
+                        n.store.append(event);
+                        self.appended += 1;
+                        applied += 1;
+                    }
+                    acks.push(Ack::Repair {
+                        conn,
+                        id,
+                        bytes,
+                        applied,
+                    });
+                }
+                Request::Cover {
+                    conn,
+                    namespace,
+                    vector,
+                } => {
+                    if self.nodes[node].links.contains_key(&conn) {
+                        self.nodes[node].store.cover(&namespace, &vector);
+                    }
+                }
+            }
+        }
+        let written = self.nodes[node].store.feed.len();
+        if fault == Some(ModelFault::VisibleBeforeDurable) {
+            // Readers hear of the events at once, as they would of durable ones.
+            self.nodes[node].store.visible = written;
+            self.subscriber_reads(node);
+            let conns: Vec<u64> = self.nodes[node].links.keys().copied().collect();
+            for conn in conns {
+                self.pump(node, conn)?;
+            }
+        }
+        match self.config.durability {
+            Durability::Always => {
+                if fault == Some(ModelFault::AckBeforeFsync) {
+                    let local: Vec<Ack> = acks
+                        .extract_if(.., |a| matches!(a, Ack::Local(_)))
+                        .collect();
+                    self.acknowledge(node, local)?;
+                }
+                self.nodes[node].waiting = acks;
+                self.nodes[node].busy = true;
+                self.group_counter += 1;
+                let latency = if self.rng.chance(20) {
+                    self.rng.range(2 * MS, 20 * MS)
+                } else {
+                    self.rng.range(50, 400)
+                };
+                let epoch = self.nodes[node].epoch;
+                let group = self.group_counter;
+                self.schedule(
+                    latency,
+                    Action::FsyncDone {
+                        node,
+                        epoch,
+                        written,
+                        group,
+                    },
+                );
+            }
+            Durability::Never => {
+                // Durable only once the OS writes the pages back (`Writeback`); the
+                // covered dots' base file is fsynced when written.
+                self.nodes[node].store.visible = written;
+                self.nodes[node].store.covered_synced = self.nodes[node].store.covered.clone();
+                self.subscriber_reads(node);
+                self.acknowledge(node, acks)?;
+                if !self.nodes[node].queue.is_empty() {
+                    let epoch = self.nodes[node].epoch;
+                    self.schedule_between(10, 100, Action::WriterWake { node, epoch });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a batch (closing its link) if an event's clock is past the skew limit
+    /// of this node's wall clock; returns whether it did.
+    pub(crate) fn refuse_skewed(
+        &mut self,
+        node: usize,
+        conn: u64,
+        events: &[Event],
+        wall: u64,
+    ) -> Result<bool, Broken> {
+        let Some(e) = events
+            .iter()
+            .find(|e| e.hlc.physical_ms() > wall + MAX_SKEW_MS)
+        else {
+            return Ok(false);
+        };
+        let message = format!("event {} is {} ms ahead", e.dot, e.hlc.physical_ms() - wall);
+        let now = self.at(self.now);
+        if let Some(link) = self.nodes[node].links.get_mut(&conn) {
+            link.session.close(ErrorCode::ClockSkew, message, now);
+            self.pump(node, conn)?;
+        }
+        Ok(true)
+    }
+
+    pub(crate) fn fsync_done(&mut self, node: usize, written: usize) -> Result<(), Broken> {
+        let n = &mut self.nodes[node];
+        n.store.durable = n.store.durable.max(written);
+        n.store.visible = n.store.visible.max(written);
+        n.store.checkpoints_synced = n.store.checkpoints.clone();
+        n.store.covered_synced = n.store.covered.clone();
+        n.busy = false;
+        self.subscriber_reads(node);
+        let n = &mut self.nodes[node];
+        let acks = std::mem::take(&mut n.waiting);
+        self.acknowledge(node, acks)?;
+        let epoch = self.nodes[node].epoch;
+        self.schedule(0, Action::WriterWake { node, epoch });
+        // New events are visible: every link may send.
+        let conns: Vec<u64> = self.nodes[node].links.keys().copied().collect();
+        for conn in conns {
+            self.pump(node, conn)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn acknowledge(&mut self, node: usize, acks: Vec<Ack>) -> Result<(), Broken> {
+        let now = self.at(self.now);
+        for ack in acks {
+            match ack {
+                Ack::Local(writes) => {
+                    for w in &writes {
+                        self.record(&w.dot.counter.to_le_bytes());
+                    }
+                    self.acked.extend(writes);
+                }
+                Ack::Remote {
+                    conn,
+                    last_seq,
+                    bytes,
+                } => {
+                    if let Some(link) = self.nodes[node].links.get_mut(&conn) {
+                        link.session.applied(last_seq, bytes, now);
+                        self.pump(node, conn)?;
+                    }
+                }
+                Ack::Repair {
+                    conn,
+                    id,
+                    bytes,
+                    applied,
+                } => {
+                    if let Some(link) = self.nodes[node].links.get_mut(&conn) {
+                        link.session.repaired(bytes, now);
+                        link.reconciler.repaired(id, applied);
+                        self.pump(node, conn)?;
+                    }
+                }
+            }
+        }
+        if self.config.durability == Durability::Never {
+            let conns: Vec<u64> = self.nodes[node].links.keys().copied().collect();
+            for conn in conns {
+                self.pump(node, conn)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn action_tag(action: &Action) -> u8 {
+    match action {
+        Action::ClientWrite { .. } => 1,
+        Action::WriterWake { .. } => 2,
+        Action::FsyncDone { .. } => 3,
+        Action::Deliver { .. } => 4,
+        Action::Disconnect { .. } => 5,
+        Action::SessionTimer { .. } => 6,
+        Action::Dial { .. } => 7,
+        Action::Summaries { .. } => 8,
+        Action::Subscribe { .. } => 9,
+        Action::Fault => 10,
+        Action::Partition { .. } => 11,
+        Action::Heal { .. } => 12,
+        Action::Restart { .. } => 13,
+        Action::Check => 14,
+        Action::AntiEntropy { .. } => 15,
+        Action::Writeback { .. } => 16,
+    }
+}
+
+/// One line for the step log; a delivered frame is shown decoded, not as bytes.
+pub(crate) fn describe_action(action: &Action) -> String {
+    let Action::Deliver { conn, to, frame } = action else {
+        return format!("{action:?}");
+    };
+    let what = match asp_wire::decode(frame) {
+        Ok(Some((
+            Frame::Events {
+                first_seq,
+                last_seq,
+                events,
+            },
+            _,
+        ))) => format!("Events {first_seq}..={last_seq} ({} events)", events.len()),
+        Ok(Some((Frame::Summary(summaries), _))) => {
+            format!("Summary ({} namespaces)", summaries.len())
+        }
+        Ok(Some((Frame::Hello(_), _))) => "Hello".to_string(),
+        Ok(Some((other, _))) => format!("{other:?}"),
+        Ok(None) => "a truncated frame".to_string(),
+        Err(e) => format!("an undecodable frame: {e}"),
+    };
+    format!("Deliver {{ conn: {conn}, to: {to} }} {what}")
+}
