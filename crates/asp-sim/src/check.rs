@@ -192,9 +192,39 @@ impl Sim {
         let first = &self.nodes[0].store.state;
         for (i, n) in self.nodes.iter().enumerate() {
             if &n.store.state != first {
+                let show = |v: Option<&KeyState>| {
+                    v.map_or("nothing".to_string(), |(version, value)| {
+                        format!(
+                            "{} at {}{}",
+                            version.dot,
+                            version.hlc,
+                            if value.is_none() { " (deleted)" } else { "" }
+                        )
+                    })
+                };
+                let differ: Vec<String> = first
+                    .keys()
+                    .chain(n.store.state.keys())
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .filter(|k| first.get(*k) != n.store.state.get(*k))
+                    .take(3)
+                    .map(|k| {
+                        format!(
+                            "{}/{}: node 0 {}, node {i} {}",
+                            k.0,
+                            k.1,
+                            show(first.get(k)),
+                            show(n.store.state.get(k))
+                        )
+                    })
+                    .collect();
                 return Err(Broken::new(
                     Invariant::Divergence,
-                    format!("node {i} holds the same events as node 0 but a different state"),
+                    format!(
+                        "node {i} holds the same events as node 0 but a different state: {}",
+                        differ.join("; ")
+                    ),
                 ));
             }
         }

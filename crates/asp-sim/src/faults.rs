@@ -130,6 +130,16 @@ impl Sim {
         n.busy = false;
         n.queue.clear();
         n.waiting.clear();
+        if machine {
+            // This node's events past both the durable and the visible feed were seen
+            // by no one: their dots may be issued again.
+            let from = n.store.durable.max(n.store.visible);
+            for e in &n.store.feed[from..] {
+                if e.dot.origin == n.id {
+                    self.issued.remove(&(e.namespace.clone(), e.dot));
+                }
+            }
+        }
         n.store.crash(machine);
         n.derived.clear();
         n.derived_upto = 0;
@@ -186,6 +196,33 @@ impl Sim {
                         w.dot, w.namespace
                     ),
                 ));
+            }
+        }
+        // Under `fsync = always` a node holds every event it acknowledged, whatever
+        // crash came since: each peer's checkpoint for it names positions it
+        // acknowledged (those a handover skipped excepted: its covers stand for them).
+        if self.config.durability == Durability::Always {
+            let id = self.nodes[node].id;
+            for (p, peer) in self.nodes.iter().enumerate() {
+                let Some(&cp) = peer.store.checkpoints.get(&id) else {
+                    continue;
+                };
+                let skipped = self.skipped.get(&(p, node));
+                for (i, e) in peer.store.feed[..cp as usize].iter().enumerate() {
+                    let seq = i as u64 + 1;
+                    if skipped.is_some_and(|r| r.iter().any(|&(lo, hi)| (lo..=hi).contains(&seq))) {
+                        continue;
+                    }
+                    if !self.nodes[node].store.holds(e.dot, &e.namespace) {
+                        return Err(Broken::new(
+                            Invariant::AckedNotHeld,
+                            format!(
+                                "node {node} acknowledged position {seq} of node {p} ({} in {}) but lacks it after a crash",
+                                e.dot, e.namespace
+                            ),
+                        ));
+                    }
+                }
             }
         }
         // Nor may a position a subscriber was given hold anything else now.

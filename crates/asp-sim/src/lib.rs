@@ -210,6 +210,11 @@ pub enum Invariant {
     FeedChanged,
     /// A peer's checkpoint passed the feed visible to it.
     CheckpointPastFeed,
+    /// After a machine crash under `fsync = always`, a node lacks an event at a feed
+    /// position of a peer that it acknowledged (outside a handover's skip).
+    AckedNotHeld,
+    /// A node issued a dot that an earlier, different event already carries.
+    DotReused,
     /// A queue or the credit outgrew its bound.
     Bounds,
     /// The nodes did not reach the same dots within the heal limit.

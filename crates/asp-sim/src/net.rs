@@ -298,6 +298,7 @@ impl Sim {
         }
         let now = self.at(self.now);
         let mut ended = Vec::new();
+        let mut skipped = Vec::new();
         let n = &mut self.nodes[node];
         let Some(link) = n.links.get_mut(&conn) else {
             return;
@@ -310,6 +311,7 @@ impl Sim {
                 }
                 ReconcileOutput::SkipStream(seq) => {
                     if seq > link.sent_through {
+                        skipped.push((link.peer, link.sent_through + 1, seq));
                         // The positions skipped are acknowledged like any others.
                         link.session
                             .send_events(link.sent_through + 1, seq, Vec::new(), now);
@@ -326,6 +328,9 @@ impl Sim {
                 | ReconcileOutput::HandoverEnded { .. }
                 | ReconcileOutput::Notice { .. } => {}
             }
+        }
+        for (peer, lo, hi) in skipped {
+            self.skipped.entry((node, peer)).or_default().push((lo, hi));
         }
         for run in ended {
             self.record(run.outcome.name().as_bytes());

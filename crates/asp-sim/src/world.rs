@@ -151,6 +151,7 @@ pub(crate) struct Link {
     pub(crate) reconciler: Reconciler,
     /// The last feed position sent to the peer.
     pub(crate) sent_through: u64,
+
     /// When a session timer is scheduled.
     pub(crate) timer_at: Option<Time>,
 }
@@ -219,6 +220,13 @@ pub(crate) struct Sim {
     pub(crate) returning: Vec<AckedWrite>,
     /// Acknowledged writes a machine crash under `fsync = never` took from every node.
     pub(crate) lost_writes: u64,
+    /// Every dot issued, with the key and clock of its event: a dot is never issued
+    /// twice.
+    pub(crate) issued: BTreeMap<(Namespace, Dot), (Key, Hlc)>,
+    /// Feed positions of a node that a handover skipped on its stream to a peer, by
+    /// (sender, receiver): acknowledged without their events, which the handover's
+    /// covers stand for.
+    pub(crate) skipped: BTreeMap<(usize, usize), Vec<(u64, u64)>>,
 }
 
 /// What reconciliation did in a run.
@@ -323,6 +331,8 @@ impl Sim {
             stats: ReconcileStats::default(),
             returning: Vec::new(),
             lost_writes: 0,
+            issued: BTreeMap::new(),
+            skipped: BTreeMap::new(),
         }
     }
 
@@ -437,12 +447,24 @@ impl Sim {
                         )
                     })
                     .collect();
+                // What this node lacks of what the others hold, per namespace.
+                let mut lacks = String::new();
+                for other in &self.nodes {
+                    for (ns, v) in &other.store.vectors {
+                        let mine = n.store.vectors.get(ns).cloned().unwrap_or_default();
+                        let missing = v.difference(&mine);
+                        if !missing.is_empty() && !lacks.contains(&format!("{ns}:")) {
+                            lacks.push_str(&format!(" {ns}:{missing:?}"));
+                        }
+                    }
+                }
                 format!(
-                    "node {i} up={} busy={} queue={} feed={} held={held} links=[{}]",
+                    "node {i} up={} busy={} queue={} feed={} held={held} lacks=[{}] links=[{}]",
                     n.up,
                     n.busy,
                     n.queue.len(),
                     n.store.feed.len(),
+                    lacks.trim(),
                     links.join(", ")
                 )
             })
@@ -637,6 +659,17 @@ impl Sim {
                             },
                             None => Op::Delete,
                         };
+                        let issued = (key.clone(), hlc);
+                        if let Some(earlier) = self.issued.insert((namespace.clone(), dot), issued)
+                        {
+                            return Err(Broken::new(
+                                Invariant::DotReused,
+                                format!(
+                                    "node {node} issued {dot} ({namespace}) for {key} at {hlc}; it was issued before for {} at {}",
+                                    earlier.0, earlier.1
+                                ),
+                            ));
+                        }
                         let event = Event {
                             namespace: namespace.clone(),
                             key,
@@ -695,13 +728,23 @@ impl Sim {
                     if self.refuse_skewed(node, conn, &events, wall)? {
                         continue;
                     }
-                    // The current state of keys the peer found different: a dot held
-                    // already is the same event (the model holds one state per dot).
+                    // The current state of keys the peer found different. A dot held
+                    // already is applied again (no vector change) when the key's
+                    // entry is older, as the store's judge does; dropped when the
+                    // entry is as new or newer, or when the key has none (the store
+                    // cannot tell that from a collected delete).
                     let n = &mut self.nodes[node];
                     let mut applied = 0;
                     for event in events {
                         if n.store.holds(event.dot, &event.namespace) {
-                            continue;
+                            let key = (event.namespace.clone(), event.key.clone());
+                            let older =
+                                n.store.state.get(&key).is_some_and(|(current, _)| {
+                                    lww_wins(&event.version(), current)
+                                });
+                            if !older {
+                                continue;
+                            }
                         }
                         let _ = n.clock.observe(event.hlc, wall);
                         n.store.append(event);

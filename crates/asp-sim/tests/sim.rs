@@ -99,9 +99,9 @@ fn the_simulator_catches_broken_guarantees() {
     let budget = env("ASP_SIM_SEEDS", 500);
     for (mutation, invariant) in [
         (Mutation::LwwTieGoesToArrival, Invariant::Divergence),
-        (Mutation::AckOnReceipt, Invariant::NoConvergence),
-        (Mutation::DropLastOfBatch, Invariant::NoConvergence),
-        (Mutation::UncheckedStreamOrder, Invariant::NoConvergence),
+        (Mutation::AckOnReceipt, Invariant::AckedNotHeld),
+        (Mutation::DropLastOfBatch, Invariant::AckedNotHeld),
+        (Mutation::UncheckedStreamOrder, Invariant::AckedNotHeld),
         (Mutation::LwwFirstWriterWins, Invariant::WrongWinner),
         (Mutation::RangeSetMergesGap, Invariant::VectorMismatch),
         (Mutation::ReconcileDropsLocalSide, Invariant::Divergence),
@@ -137,7 +137,7 @@ fn the_checker_sees_a_broken_store_model() {
         (
             ModelFault::ReuseCounters,
             Durability::Never,
-            Invariant::NoConvergence,
+            Invariant::DotReused,
         ),
     ] {
         let mut config = Config::new(NODES, 10_000, durability);

@@ -309,6 +309,12 @@ pub struct Reconciler {
     /// starts when it differs at two checks in a row (a summary taken while the
     /// peer was still applying would otherwise start runs that find nothing).
     differed: HashSet<Namespace>,
+    /// Per namespace, the dots one side held and the other lacked at a check where
+    /// the digests were equal and the link idle, with the number of the peer's
+    /// summary then (see [`anti_entropy_tick`](Self::anti_entropy_tick)).
+    lacked: HashMap<Namespace, (VersionVector, u64)>,
+    /// Summaries received from the peer.
+    summaries: u64,
     outputs: VecDeque<Output>,
 }
 
@@ -334,6 +340,8 @@ impl Reconciler {
             handover_failed: false,
             covered_sent: HashMap::new(),
             differed: HashSet::new(),
+            lacked: HashMap::new(),
+            summaries: 0,
             outputs: VecDeque::new(),
         }
     }
@@ -473,7 +481,39 @@ impl Reconciler {
             let (da, db) = (digest(mine.get(&ns)), digest(theirs.get(&ns)));
             if da.is_some() && da == db {
                 self.differed.remove(&ns);
-                self.emit(Output::InSync(ns));
+                // Equal states, but one side may still lack dots the other holds
+                // that no stream will bring: positions a handover skipped whose
+                // covers the peer never recorded (the link closed first, or it
+                // crashed), superseded events a machine crash took after they were
+                // acknowledged. A run finds no difference and covers them. It starts
+                // only when dots lacked at an earlier idle check are still lacked
+                // in a later summary of the peer (not events still on their way).
+                let vector =
+                    |s: Option<&NamespaceSummary>| s.map(|s| s.vector.clone()).unwrap_or_default();
+                let (va, vb) = (vector(mine.get(&ns)), vector(theirs.get(&ns)));
+                let mut lacks = va.difference(&vb);
+                lacks.join(&vb.difference(&va));
+                if !idle || lacks.is_empty() {
+                    self.lacked.remove(&ns);
+                    if lacks.is_empty() {
+                        self.emit(Output::InSync(ns));
+                    }
+                    continue;
+                }
+                match self.lacked.get(&ns) {
+                    Some((before, seen)) if *seen < self.summaries => {
+                        if before.meet(&lacks).is_empty() {
+                            self.lacked.insert(ns, (lacks, self.summaries));
+                        } else {
+                            self.lacked.remove(&ns);
+                            self.queue.push_back((ns, Trigger::AntiEntropy));
+                        }
+                    }
+                    Some(_) => {}
+                    None => {
+                        self.lacked.insert(ns, (lacks, self.summaries));
+                    }
+                }
                 continue;
             }
             if idle && !self.differed.insert(ns.clone()) {
@@ -490,6 +530,7 @@ impl Reconciler {
     /// stream.
     pub fn handle_summary(&mut self, store: &impl ReconcileStore, summary: Arc<SummaryMap>) {
         self.summary = summary;
+        self.summaries += 1;
         if self.handover {
             return;
         }
@@ -840,6 +881,24 @@ impl Reconciler {
         }
     }
 
+    /// Ends the peer's run that is under way without finishing it: the peer gave it
+    /// up (its `ReconcileEnd` says so, or it started another: it runs one at a time).
+    fn abandon_incoming(&mut self, why: &str) {
+        if let Some(i) = self.incoming.take() {
+            self.emit(Output::Ended(RunReport {
+                namespace: i.namespace,
+                mode: i.mode,
+                trigger: Trigger::AntiEntropy,
+                outcome: ReconcileOutcome::Failed,
+                symbols: i.decoder.symbols() as u64,
+                differences: i.differences,
+                keys_repaired: i.keys_repaired,
+                started: i.started,
+                error: Some(why.to_owned()),
+            }));
+        }
+    }
+
     fn maybe_finish_incoming(&mut self) {
         let done = self
             .incoming
@@ -886,6 +945,18 @@ impl Reconciler {
                 {
                     o.symbols_allowed += symbols as u64;
                 }
+            }
+            // Not the answer to this node's run (none awaits one under this id) but
+            // the peer's run under way here: the initiator gave it up (ids of the two
+            // directions are counted apart, so the answer goes first when both match).
+            Frame::ReconcileEnd { id, outcome, .. }
+                if self.incoming.as_ref().is_some_and(|i| i.id == id)
+                    && !self
+                        .outgoing
+                        .as_ref()
+                        .is_some_and(|o| o.id == id && !o.repairs.ready) =>
+            {
+                self.abandon_incoming(&format!("the peer gave the run up ({})", outcome.name()));
             }
             Frame::ReconcileEnd { id, outcome, need } => {
                 self.outgoing_ended(store, id, outcome, need, now)
@@ -1034,8 +1105,19 @@ impl Reconciler {
                 need: Vec::new(),
             }));
         };
-        if self.incoming.is_some() {
-            return refuse(self, "another is under way".into());
+        match &self.incoming {
+            Some(i) if i.id == id => {
+                self.emit(Output::Close {
+                    code: ErrorCode::Protocol,
+                    message: format!("a second ReconcileStart for run {id}"),
+                });
+                return;
+            }
+            // The peer runs one at a time: it is done with the earlier one (it ended
+            // it, or gave it up, without this node hearing). Waiting for it would
+            // refuse every later run of the link.
+            Some(_) => self.abandon_incoming("the peer started another run"),
+            None => {}
         }
         // As this node starts none for it: the states differ by design until an
         // operator resolves the quarantine (a transfer, which only brings state in,

@@ -71,7 +71,10 @@ impl MemStore {
         self.keys
             .borrow()
             .values()
-            .map(|e| self.item_key().item(e.key.as_str().as_bytes(), &e.version()))
+            .map(|e| {
+                self.item_key()
+                    .item(e.key.as_str().as_bytes(), &e.version())
+            })
             .collect()
     }
 }
@@ -299,4 +302,170 @@ fn on_a_version_2_link_the_overtaken_repair_goes_unnoticed() {
         origin: node(1),
         counter: 10
     }));
+}
+
+/// Steps both sides, passing every frame, until both are quiet.
+fn exchange(a: &mut Side, b: &mut Side, now: Instant) {
+    for _ in 0..100 {
+        let from_a = a.step(now);
+        let from_b = b.step(now);
+        if from_a.is_empty() && from_b.is_empty() {
+            return;
+        }
+        from_a.into_iter().for_each(|s| b.receive(s, now));
+        from_b.into_iter().for_each(|s| a.receive(s, now));
+    }
+    panic!("the sides never went quiet");
+}
+
+fn summary_of(store: &MemStore) -> Arc<SummaryMap> {
+    Arc::new(
+        store
+            .summary()
+            .into_iter()
+            .map(|s| (s.namespace.clone(), s))
+            .collect(),
+    )
+}
+
+// Guards against: equal states with unequal vectors left so for ever (a handover's
+// skipped positions whose covers the peer never recorded, superseded events a crash
+// took after they were acknowledged): no digest differs, so no run used to start.
+#[test]
+fn equal_states_with_dots_one_side_lacks_get_a_run_that_covers_them() {
+    let now = Instant::now();
+    // B holds k1 at version 2 only: its first version (dot 1) never reached it.
+    let newer = |c| Event {
+        key: Key::new("k1").unwrap(),
+        ..event(1, c)
+    };
+    let mut a = Side::new(1, 2, PROTOCOL_VERSION_MAX, vec![newer(1), newer(2)]);
+    let mut b = Side::new(2, 1, PROTOCOL_VERSION_MAX, vec![newer(2)]);
+    let lacked = Dot {
+        origin: node(1),
+        counter: 1,
+    };
+    assert!(!b.store.vector.borrow().contains(lacked));
+    // One summary seen: nothing starts (the dot may still be on its way).
+    a.reconciler.handle_summary(&a.store, summary_of(&b.store));
+    a.reconciler.anti_entropy_tick(&a.store, true);
+    a.reconciler.anti_entropy_tick(&a.store, true);
+    assert!(a.reconciler.is_idle());
+    // A later summary still lacks it: a run starts, finds no difference, covers it.
+    a.reconciler.handle_summary(&a.store, summary_of(&b.store));
+    a.reconciler.anti_entropy_tick(&a.store, true);
+    assert!(!a.reconciler.is_idle());
+    exchange(&mut a, &mut b, now);
+    assert!(b.store.vector.borrow().contains(lacked));
+    assert_eq!(b.closed, None);
+}
+
+// Guards against: a link whose stream is busy starting runs for dots still on their
+// way.
+#[test]
+fn dots_lacked_while_the_link_is_busy_start_nothing() {
+    let newer = |c| Event {
+        key: Key::new("k1").unwrap(),
+        ..event(1, c)
+    };
+    let mut a = Side::new(1, 2, PROTOCOL_VERSION_MAX, vec![newer(1), newer(2)]);
+    let b = MemStore::with(vec![newer(2)]);
+    for _ in 0..3 {
+        a.reconciler.handle_summary(&a.store, summary_of(&b));
+        a.reconciler.anti_entropy_tick(&a.store, false);
+    }
+    assert!(a.reconciler.is_idle());
+}
+
+// Guards against: a repeated ReconcileStart refused under the run's own id, which
+// ended the initiator's run while this side waited for it for ever (and refused every
+// later run of the link).
+#[test]
+fn a_second_start_of_the_same_run_closes_the_link() {
+    let now = Instant::now();
+    let mut a = Side::new(
+        1,
+        2,
+        PROTOCOL_VERSION_MAX,
+        (1..=10).map(|c| event(1, c)).collect(),
+    );
+    let mut b = Side::new(
+        2,
+        1,
+        PROTOCOL_VERSION_MAX,
+        (1..=5).map(|c| event(1, c)).collect(),
+    );
+    a.reconciler.handle_summary(&a.store, summary_of(&b.store));
+    a.reconciler.anti_entropy_tick(&a.store, true);
+    a.reconciler.anti_entropy_tick(&a.store, true);
+    let sent = a.step(now);
+    let start = sent
+        .iter()
+        .find_map(|s| match s {
+            Sent::Frame(f @ Frame::ReconcileStart { .. }) => Some(f.clone()),
+            _ => None,
+        })
+        .expect("a run starts");
+    sent.into_iter().for_each(|s| b.receive(s, now));
+    b.receive(Sent::Frame(start), now);
+    b.step(now);
+    let closed = b.closed.expect("closed");
+    assert!(closed.contains("a second ReconcileStart"), "{closed}");
+}
+
+// Guards against: a run the initiator gave up (a storage error on its side) left
+// under way on the responder, which then refused every later run and, as the side
+// that checks digests, started none of its own.
+#[test]
+fn a_run_the_initiator_gives_up_frees_the_responder() {
+    let now = Instant::now();
+    // B (id 1) checks digests; A (id 2) starts a run as a handover would, then gives
+    // it up.
+    let mut b = Side::new(
+        1,
+        2,
+        PROTOCOL_VERSION_MAX,
+        (1..=5).map(|c| event(1, c)).collect(),
+    );
+    b.receiver_starts(now, 7);
+    assert!(!b.reconciler.is_idle());
+    b.receive(
+        Sent::Frame(Frame::ReconcileEnd {
+            id: 7,
+            outcome: ReconcileOutcome::Failed,
+            need: Vec::new(),
+        }),
+        now,
+    );
+    assert!(b.reconciler.is_idle());
+    // A start of a later run also replaces one left under way.
+    b.receiver_starts(now, 8);
+    b.receiver_starts(now, 9);
+    let refused = b.step(now).into_iter().any(|s| {
+        matches!(
+            s,
+            Sent::Frame(Frame::ReconcileEnd {
+                outcome: ReconcileOutcome::Refused,
+                ..
+            })
+        )
+    });
+    assert!(!refused, "run 9 was refused while 8 was under way");
+    assert_eq!(b.closed, None);
+}
+
+impl Side {
+    /// The peer starts run `id` on namespace `ns`, in window mode.
+    fn receiver_starts(&mut self, now: Instant, id: u32) {
+        self.receive(
+            Sent::Frame(Frame::ReconcileStart {
+                id,
+                namespace: ns(),
+                mode: ReconcileMode::Window,
+                items: 5,
+                symbols_max: 64,
+            }),
+            now,
+        );
+    }
 }

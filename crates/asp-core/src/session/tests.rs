@@ -723,5 +723,9 @@ fn a_counted_repair_end_on_a_version_two_link_is_a_protocol_error() {
     let events: Vec<_> = std::iter::from_fn(|| pair.b.poll_event()).collect();
     let reason = closed(&events).expect("closed");
     assert_eq!(reason.code, ErrorCode::Protocol);
-    assert!(reason.message.contains("version 1 or 2"), "{}", reason.message);
+    assert!(
+        reason.message.contains("version 1 or 2"),
+        "{}",
+        reason.message
+    );
 }
