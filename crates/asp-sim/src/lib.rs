@@ -32,7 +32,10 @@
 //!
 //! Invariants, checked as the run goes and at the end: no event applied twice; a node's
 //! version vector is exactly the dots of its feed and of its covers; no acknowledged
-//! write lost; a change feed never changes or loses what it delivered at a position;
+//! write lost; under `fsync = always`, a node holds after any crash every position of a
+//! peer's feed it acknowledged (but those a handover skipped: its covers stand for
+//! them); no dot issued for two events that could have been seen; a change feed never
+//! changes or loses what it delivered at a position;
 //! queues stay within their bounds; and once faults stop and the network heals, every
 //! node converges to the same state within a bounded simulated time (counted from when
 //! the receivers' clocks have caught up with the newest event: events stamped by a

@@ -808,10 +808,16 @@ impl Sim {
                 );
             }
             Durability::Never => {
-                // Durable only once the OS writes the pages back (`Writeback`); the
-                // covered dots' base file is fsynced when written.
-                self.nodes[node].store.visible = written;
-                self.nodes[node].store.covered_synced = self.nodes[node].store.covered.clone();
+                // Durable only once the OS writes the pages back (`Writeback`), but a
+                // group that records covered dots first syncs the log (the repairs
+                // they stand for), then saves the base file.
+                let store = &mut self.nodes[node].store;
+                store.visible = written;
+                if store.covered != store.covered_synced {
+                    store.durable = written;
+                    store.checkpoints_synced = store.checkpoints.clone();
+                    store.covered_synced = store.covered.clone();
+                }
                 self.subscriber_reads(node);
                 self.acknowledge(node, acks)?;
                 if !self.nodes[node].queue.is_empty() {
