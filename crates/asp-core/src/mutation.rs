@@ -31,6 +31,9 @@ pub enum Mutation {
     /// The responder of a reconciliation run sends none of the keys the initiator
     /// lacks, yet still tells it which dots it now holds the effect of.
     ReconcileDropsLocalSide,
+    /// `PnCounter::join` adds the two sides' totals of a node instead of taking the
+    /// larger: a state joined with one that already holds it counts it twice.
+    CounterJoinAdds,
 }
 
 #[cfg(feature = "mutations")]

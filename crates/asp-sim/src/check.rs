@@ -115,9 +115,10 @@ impl Sim {
             )
         };
         let store = &self.nodes[0].store;
-        let mut winners: BTreeMap<(&Namespace, &Key), &Event> = BTreeMap::new();
+        // Per key, or per origin's entry of a counter's key.
+        let mut winners: BTreeMap<(Namespace, Key), &Event> = BTreeMap::new();
         for e in self.nodes.iter().flat_map(|n| &n.store.feed) {
-            let w = winners.entry((&e.namespace, &e.key)).or_insert(e);
+            let w = winners.entry(StoreModel::state_key(e)).or_insert(e);
             if rank(e) > rank(w) {
                 *w = e;
             }
@@ -135,6 +136,37 @@ impl Sim {
                         held.map_or("nothing".to_owned(), |d| d.to_string()),
                         w.dot
                     ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Each counter is the sum of the increments whose events some node holds at the
+    /// end (under `fsync = always` every acknowledged one is among them). Under `fsync
+    /// = never` a node that lost its latest view of a key in a machine crash and
+    /// counts on from an older one masks what it lost (a known gap of the store's
+    /// CRDT writes, see bench/RESULTS.md): only the nodes' agreement is checked there.
+    pub(crate) fn check_counters(&self) -> Result<(), Broken> {
+        if self.config.durability != Durability::Always {
+            return Ok(());
+        }
+        let mut expected: BTreeMap<(&Namespace, &Key), i128> = BTreeMap::new();
+        let mut seen = BTreeSet::new();
+        for e in self.nodes.iter().flat_map(|n| &n.store.feed) {
+            if let Some(amount) = self.increments.get(&(e.namespace.clone(), e.dot))
+                && seen.insert((&e.namespace, e.dot))
+            {
+                *expected.entry((&e.namespace, &e.key)).or_default() += *amount as i128;
+            }
+        }
+        let store = &self.nodes[0].store;
+        for ((ns, key), sum) in expected {
+            let value = store.counter(ns, key).value();
+            if value != sum {
+                return Err(Broken::new(
+                    Invariant::CounterSum,
+                    format!("counter {key} of {ns} reads {value}; its increments add up to {sum}"),
                 ));
             }
         }
@@ -229,6 +261,7 @@ impl Sim {
             }
         }
         self.check_winners()?;
+        self.check_counters()?;
         // Every acknowledged write is held everywhere.
         let state = &self.nodes[0].store;
         for w in self.acked.iter().chain(&self.returning) {

@@ -34,7 +34,42 @@ pub(crate) struct StoreModel {
     pub(crate) marks: BTreeMap<Namespace, u64>,
 }
 
+/// Whether `namespace` is one of the simulator's counter namespaces.
+pub(crate) fn is_counter(namespace: &Namespace) -> bool {
+    namespace.as_str().starts_with('c')
+}
+
 impl StoreModel {
+    /// Where an event's state lives: its key, or for an event of a CRDT policy its
+    /// origin's entry of the key (the store's `key ‖ 0xFF ‖ origin`; here `key#origin`,
+    /// which no key of the simulator's looks like). Each entry holds its origin's
+    /// latest view and merges by last-writer-wins like any key.
+    pub(crate) fn state_key(event: &Event) -> (Namespace, Key) {
+        let key = if event.context.is_empty() {
+            event.key.clone()
+        } else {
+            Key::new(&format!("{}#{}", event.key, event.dot.origin)).expect("a valid key")
+        };
+        (event.namespace.clone(), key)
+    }
+
+    /// A counter key's value as a read joins it: every origin's latest view.
+    pub(crate) fn counter(&self, namespace: &Namespace, key: &Key) -> PnCounter {
+        let prefix = format!("{key}#");
+        let mut joined = PnCounter::default();
+        for ((ns, entry), (_, value)) in &self.state {
+            if ns != namespace || !entry.as_str().starts_with(&prefix) {
+                continue;
+            }
+            if let Some(value) = value
+                && let Ok(State::Counter(view)) = State::decode(value)
+            {
+                joined.join(&view);
+            }
+        }
+        joined
+    }
+
     pub(crate) fn new() -> Self {
         StoreModel {
             feed: Vec::new(),
@@ -133,7 +168,7 @@ impl StoreModel {
             Op::Delete => None,
         };
         let version = event.version();
-        let key = (event.namespace.clone(), event.key.clone());
+        let key = Self::state_key(&event);
         match self.state.get(&key) {
             Some((current, _)) if !lww_wins(&version, current) => {}
             _ => {
@@ -330,14 +365,16 @@ impl ReconcileStore for ModelView<'_> {
     ) -> Result<(Vec<Event>, Option<Key>), String> {
         let mut out: Vec<Event> = Vec::new();
         let mut bytes = 0;
+        let mut last: Option<&Key> = None;
         for (key, version) in self.keys(namespace) {
             if after.is_some_and(|a| key <= a) {
                 continue;
             }
             if !out.is_empty() && (out.len() >= events_max || bytes >= bytes_max as u64) {
-                let last = out.last().expect("not empty").key.clone();
-                return Ok((out, Some(last)));
+                // Continue after the state's key (a CRDT key's entry), not the event's.
+                return Ok((out, last.cloned()));
             }
+            last = Some(key);
             let event = self
                 .store
                 .event_of(namespace, version)

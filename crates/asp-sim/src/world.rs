@@ -227,6 +227,8 @@ pub(crate) struct Sim {
     /// (sender, receiver): acknowledged without their events, which the handover's
     /// covers stand for.
     pub(crate) skipped: BTreeMap<(usize, usize), Vec<(u64, u64)>>,
+    /// The amount of each increment of a counter namespace, by dot.
+    pub(crate) increments: BTreeMap<(Namespace, Dot), i64>,
 }
 
 /// What reconciliation did in a run.
@@ -302,8 +304,10 @@ impl Sim {
             })
             .collect();
         let edges = topology(&mut rng, n);
-        let namespaces = (0..2)
-            .map(|i| Namespace::new(&format!("ns{i}")).expect("valid"))
+        // Two last-writer-wins namespaces and a counter.
+        let namespaces = ["ns0", "ns1", "c0"]
+            .iter()
+            .map(|name| Namespace::new(name).expect("valid"))
             .collect();
         let keys = (0..16)
             .map(|i| Key::new(&format!("k{i}")).expect("valid"))
@@ -333,6 +337,7 @@ impl Sim {
             lost_writes: 0,
             issued: BTreeMap::new(),
             skipped: BTreeMap::new(),
+            increments: BTreeMap::new(),
         }
     }
 
@@ -608,6 +613,12 @@ impl Sim {
             .map(|_| {
                 let key = self.keys[self.rng.below(self.keys.len() as u64) as usize].clone();
                 self.nodes[node].write_counter += 1;
+                if is_counter(&namespace) {
+                    // An increment or a decrement, never 0.
+                    let amount = self.rng.range(1, 8) as i64 - 3;
+                    let amount = if amount <= 0 { amount - 1 } else { amount };
+                    return (key, Some(Bytes::from(amount.to_string())));
+                }
                 let value = (!self.rng.chance(150))
                     .then(|| Bytes::from(format!("n{node}-{}", self.nodes[node].write_counter)));
                 (key, value)
@@ -652,7 +663,26 @@ impl Sim {
                             counter: first + i as u64,
                         };
                         let hlc = n.clock.tick(wall);
+                        let mut context = Bytes::new();
                         let op = match value {
+                            // A counter's increment: the event carries this node's
+                            // whole view of the key with it (as the store's CRDT
+                            // writes do), which replaces this node's entry.
+                            Some(amount) if is_counter(&namespace) => {
+                                let amount: i64 = std::str::from_utf8(&amount)
+                                    .ok()
+                                    .and_then(|a| a.parse().ok())
+                                    .expect("the simulator's own amount");
+                                let mut view = n.store.counter(&namespace, &key);
+                                let delta = view.add(n.id, amount).expect("small totals");
+                                view.join(&delta);
+                                self.increments.insert((namespace.clone(), dot), amount);
+                                context = Policy::Counter.event_context();
+                                Op::Put {
+                                    content_type: ContentType::OctetStream,
+                                    value: Bytes::from(State::Counter(view).encode()),
+                                }
+                            }
                             Some(value) => Op::Put {
                                 content_type: ContentType::Text,
                                 value,
@@ -676,7 +706,7 @@ impl Sim {
                             op,
                             dot,
                             hlc,
-                            context: Bytes::new(),
+                            context,
                         };
                         written.push(AckedWrite {
                             origin: node,
@@ -737,7 +767,7 @@ impl Sim {
                     let mut applied = 0;
                     for event in events {
                         if n.store.holds(event.dot, &event.namespace) {
-                            let key = (event.namespace.clone(), event.key.clone());
+                            let key = StoreModel::state_key(&event);
                             let older =
                                 n.store.state.get(&key).is_some_and(|(current, _)| {
                                     lww_wins(&event.version(), current)

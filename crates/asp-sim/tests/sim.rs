@@ -105,6 +105,7 @@ fn the_simulator_catches_broken_guarantees() {
         (Mutation::LwwFirstWriterWins, Invariant::WrongWinner),
         (Mutation::RangeSetMergesGap, Invariant::VectorMismatch),
         (Mutation::ReconcileDropsLocalSide, Invariant::Divergence),
+        (Mutation::CounterJoinAdds, Invariant::CounterSum),
     ] {
         let mut config = Config::new(NODES, 10_000, Durability::Always);
         config.mutation = Some(mutation);
@@ -173,6 +174,7 @@ fn replay_one_seed() {
     config.log = std::env::var("ASP_SIM_LOG").is_ok();
     config.mutation = match std::env::var("ASP_SIM_MUTATION").as_deref() {
         Ok("LwwTieGoesToArrival") => Some(Mutation::LwwTieGoesToArrival),
+        Ok("CounterJoinAdds") => Some(Mutation::CounterJoinAdds),
         Ok("AckOnReceipt") => Some(Mutation::AckOnReceipt),
         Ok("DropLastOfBatch") => Some(Mutation::DropLastOfBatch),
         Ok("UncheckedStreamOrder") => Some(Mutation::UncheckedStreamOrder),

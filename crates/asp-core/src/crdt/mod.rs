@@ -168,7 +168,11 @@ impl PnCounter {
         for (mine, theirs) in [(&mut self.inc, &other.inc), (&mut self.dec, &other.dec)] {
             for (&node, &v) in theirs {
                 let e = mine.entry(node).or_insert(0);
-                *e = (*e).max(v);
+                *e = if crate::mutation::active(crate::mutation::Mutation::CounterJoinAdds) {
+                    e.saturating_add(v)
+                } else {
+                    (*e).max(v)
+                };
             }
         }
     }
