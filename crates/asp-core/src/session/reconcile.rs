@@ -315,6 +315,8 @@ pub struct Reconciler {
     lacked: HashMap<Namespace, (VersionVector, u64)>,
     /// Summaries received from the peer.
     summaries: u64,
+    /// The highest id of a run the peer started on this link (its ids only grow).
+    peer_runs_started: Option<u32>,
     outputs: VecDeque<Output>,
 }
 
@@ -342,6 +344,7 @@ impl Reconciler {
             differed: HashSet::new(),
             lacked: HashMap::new(),
             summaries: 0,
+            peer_runs_started: None,
             outputs: VecDeque::new(),
         }
     }
@@ -1094,6 +1097,7 @@ impl Reconciler {
         symbols_max: u64,
         now: Instant,
     ) {
+        self.peer_runs_started = Some(id);
         let refuse = |r: &mut Reconciler, why: String| {
             r.emit(Output::Notice {
                 warn: false,
@@ -1183,8 +1187,21 @@ impl Reconciler {
         first_index: u64,
         symbols: Vec<Symbol>,
     ) {
-        let Some(i) = self.incoming.as_mut() else {
+        // Symbols of a run the peer never started here came before their
+        // `ReconcileStart`: a reordered stream, which would leave both runs waiting.
+        // (Ids wrap after 2^32 runs: "later" is within half the range ahead.)
+        if self
+            .peer_runs_started
+            .is_none_or(|last| id != last && id.wrapping_sub(last) < 1 << 31)
+        {
+            self.emit(Output::Close {
+                code: ErrorCode::Protocol,
+                message: format!("reconciliation symbols of run {id} before its start"),
+            });
             return;
+        }
+        let Some(i) = self.incoming.as_mut() else {
+            return; // Symbols in flight when this node ended or refused the run.
         };
         if i.id != id || i.ended {
             return; // Symbols that were in flight when this node ended the run.

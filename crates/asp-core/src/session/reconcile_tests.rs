@@ -469,3 +469,60 @@ impl Side {
         );
     }
 }
+
+// Guards against: symbols that overtook their ReconcileStart ignored, so the
+// responder waited for symbols from index 0 that had already gone by while the
+// initiator waited for an answer: no run on the link ever again.
+#[test]
+fn symbols_before_their_start_close_the_link() {
+    let now = Instant::now();
+    let mut b = Side::new(
+        2,
+        1,
+        PROTOCOL_VERSION_MAX,
+        (1..=5).map(|c| event(1, c)).collect(),
+    );
+    b.receiver_starts(now, 1);
+    b.receive(
+        Sent::Frame(Frame::ReconcileSymbols {
+            id: 2,
+            first_index: 0,
+            symbols: Vec::new(),
+        }),
+        now,
+    );
+    b.step(now);
+    let closed = b.closed.expect("closed");
+    assert!(closed.contains("before its start"), "{closed}");
+}
+
+// Symbols of a run this node refused or ended were in flight: not an error.
+#[test]
+fn symbols_of_a_run_already_ended_are_ignored() {
+    let now = Instant::now();
+    let mut b = Side::new(
+        2,
+        1,
+        PROTOCOL_VERSION_MAX,
+        (1..=5).map(|c| event(1, c)).collect(),
+    );
+    b.receiver_starts(now, 1);
+    b.receive(
+        Sent::Frame(Frame::ReconcileEnd {
+            id: 1,
+            outcome: ReconcileOutcome::Failed,
+            need: Vec::new(),
+        }),
+        now,
+    );
+    b.receive(
+        Sent::Frame(Frame::ReconcileSymbols {
+            id: 1,
+            first_index: 0,
+            symbols: Vec::new(),
+        }),
+        now,
+    );
+    b.step(now);
+    assert_eq!(b.closed, None);
+}
