@@ -2,20 +2,23 @@
 //!
 //! Size: the group commit loop and the building of a group (checks, counters, clocks,
 //! encoding, rollback on a failed write) are one sequence over the writer's state;
-//! the indexer, CRDT writes, events from peers and rollback have their own files. The
-//! renovation (issue 13) splits the shared state by writer.
+//! the indexer, the window keeper, the syncer, CRDT writes, events from peers and
+//! rollback have their own files.
 //!
-//! Up to four threads (the first two always):
+//! Up to four threads (the first two always). [`spawn`] starts the log writer; the log
+//! writer starts the indexer and the syncer; the indexer starts the window keeper:
 //!
 //! 1. The **log writer** (`asp-writer`) takes every request waiting in the queue,
 //!    checks conditions, assigns sequence numbers, dots and clock readings, encodes the
 //!    events into one buffer, appends it to the log with one write, makes it durable
 //!    with one `fdatasync` (under `fsync = "always"`), publishes the new feed head and
 //!    acknowledges the requests.
-//! 2. The **indexer** (`asp-index`) applies acknowledged groups to the key index.
-//! 3. The **window keeper** (`asp-windows`, unless `reconcile_window = 0`) keeps each
-//!    namespace's reconciliation symbols up to date behind the indexer.
-//! 4. Under `fsync = "interval:<ms>"`, the **syncer** fsyncs on the interval.
+//! 2. The **indexer** (`asp-index`, [`indexer`]) applies acknowledged groups to the
+//!    key index.
+//! 3. The **window keeper** (`asp-windows`, [`windows`], unless `reconcile_window = 0`)
+//!    keeps each namespace's reconciliation symbols up to date behind the indexer.
+//! 4. Under `fsync = "interval:<ms>"`, the **syncer** (`asp-syncer`, [`syncer`]) fsyncs
+//!    on the interval.
 //!
 //! Keeping the key index off the acknowledgement path means a write waits for its fsync
 //! and little else. Reads stay read-your-writes: a read first waits until the index
@@ -67,14 +70,17 @@ use asp_core::crdt::{JsonMap, MvRegister, Policy, Sibling, State};
 use asp_core::{ContentType, Version};
 
 mod crdt;
-mod index;
+mod indexer;
 mod remote;
 mod rollback;
 mod shared;
+mod syncer;
+mod windows;
 
 use crdt::RecentStates;
-use index::{run_indexer, run_syncer};
+use indexer::run_indexer;
 pub(crate) use shared::Shared;
+use syncer::run_syncer;
 
 /// Acknowledged groups waiting for the indexer, at most (each holds at most
 /// `group_events_max` events, or one larger request).

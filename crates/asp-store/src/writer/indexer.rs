@@ -1,7 +1,13 @@
-//! The threads behind the log writer: the indexer (acknowledged groups into the key
-//! index, in order), the window keeper (reconciliation windows, from index
-//! snapshots) and, under `fsync = "interval:<ms>"`, the syncer.
+//! The indexer (thread `asp-index`): applies acknowledged groups to the key index, in
+//! order, one atomic batch per group, then publishes the indexed head and each
+//! namespace's state. Unless `reconcile_window = 0` it starts the window keeper (see
+//! [`super::windows`]) and passes it what each group changed.
+//!
+//! The indexer, the window keeper and the syncer live under `writer/` rather than beside
+//! it: they are the writer's threads, started and stopped by it, and they work on the
+//! writer's own messages ([`IndexMsg`], [`Update`]), which stay private to this module.
 
+use super::windows::run_window_keeper;
 use super::*;
 
 /// The indexer: applies acknowledged groups to the key index, in order.
@@ -22,90 +28,9 @@ pub(super) fn run_indexer(shared: Arc<Shared>, rx: std_mpsc::Receiver<IndexMsg>)
     let _ = keeper.join();
 }
 
-/// Applies what the indexer wrote to the reconciliation windows, on a thread of its
-/// own: for each key, its item at the old version (read from the index as it was
-/// before the group, unless the key filter says the key is new) gives way to its item
-/// at the new one.
-pub(super) fn run_window_keeper(shared: Arc<Shared>, rx: std_mpsc::Receiver<WindowMsg>) {
-    while let Ok(first) = rx.recv() {
-        let mut msgs = vec![first];
-        while let Ok(m) = rx.try_recv() {
-            msgs.push(m);
-        }
-        for msg in msgs {
-            if let Err(e) = keep_windows(&shared, msg) {
-                shared.fail(format!("keeping reconciliation windows: {e}"));
-                return;
-            }
-        }
-        shared.windows_changed.notify_all();
-    }
-}
-
-pub(super) fn keep_windows(shared: &Shared, msg: WindowMsg) -> Result<(), String> {
-    let item_key = shared.config.item_key;
-    let size = shared.config.reconcile_window;
-    let mut windows = shared.windows.lock().unwrap();
-    let mut added: HashMap<&str, Vec<Item>> = HashMap::new();
-    for (index_key, version, old) in &msg.changes {
-        let (namespace, key) = codec::split_index_key(index_key)
-            .ok_or_else(|| "a malformed key in an index update".to_string())?;
-        if !windows.by_namespace.contains_key(namespace) {
-            let name = Namespace::new(namespace).map_err(|e| e.to_string())?;
-            let empty = Digest::of(item_key, &[], size, 1);
-            windows.by_namespace.insert(name, empty);
-        }
-        let digest = windows.by_namespace.get_mut(namespace).expect("just made");
-        let key_hash = item_key.key_hash(key);
-        let old = match old {
-            Old::Known(old) => *old,
-            Old::Unknown if digest.keys.may_contain(&key_hash) => shared
-                .index
-                .get_at(&msg.before, index_key)
-                .map_err(|e| e.to_string())?
-                .map(|e| e.version()),
-            Old::Unknown => None,
-        };
-        let new = item_key.item_with_key_hash(&key_hash, key, version);
-        match old {
-            Some(old) => digest
-                .window
-                .replace(&item_key.item_with_key_hash(&key_hash, key, &old), &new),
-            None => {
-                digest.keys.insert(&key_hash);
-                added.entry(namespace).or_default().push(new);
-            }
-        }
-    }
-    for (namespace, items) in added {
-        let window = &mut windows
-            .by_namespace
-            .get_mut(namespace)
-            .expect("made above")
-            .window;
-        window.add_all(&items);
-        // Grown past its window: rebuild it, longer, from the index as of this group.
-        let len = window_len(window.items(), size);
-        if len > window.symbols().len() {
-            let items = namespace_items(&shared.index, &msg.after, item_key, namespace)
-                .map_err(|e| e.to_string())?;
-            *window = Window::build(item_key, len, &items, 1);
-        }
-    }
-    for (index_key, version) in &msg.removed {
-        let (namespace, key) = codec::split_index_key(index_key)
-            .ok_or_else(|| "a malformed key in an index update".to_string())?;
-        if let Some(digest) = windows.by_namespace.get_mut(namespace) {
-            // The key filter keeps the key: it only ever answers "maybe".
-            digest.window.remove(&item_key.item(key, version));
-        }
-    }
-    windows.seq = msg.seq;
-    windows.messages = msg.number;
-    Ok(())
-}
-
-pub(super) fn index_groups(
+/// Applies groups as they come, a whole backlog at a time, until the writer drops
+/// its end of the channel.
+fn index_groups(
     shared: &Shared,
     rx: std_mpsc::Receiver<IndexMsg>,
     window_tx: Option<std_mpsc::SyncSender<WindowMsg>>,
@@ -161,7 +86,7 @@ pub(super) fn index_groups(
 /// Applies one group to the key index as one atomic batch, and passes the changes of
 /// reconciliation items on to the window keeper: each key's item at its old version
 /// (if any) gives way to its new one.
-pub(super) fn apply_to_index(
+fn apply_to_index(
     shared: &Shared,
     msg: &IndexMsg,
     window_tx: Option<&std_mpsc::SyncSender<WindowMsg>>,
@@ -251,52 +176,4 @@ pub(super) fn apply_to_index(
         });
     }
     Ok(())
-}
-
-/// Under `fsync = "interval:<ms>"`: fsyncs what has been written, on the interval.
-pub(super) fn run_syncer(shared: Arc<Shared>, interval: Duration) {
-    let mut progress = shared.progress.lock().unwrap();
-    let mut next_sync = Instant::now() + interval;
-    loop {
-        // The condition variable also wakes on every commit; only the interval or a
-        // stop request ends the wait.
-        let now = Instant::now();
-        if now < next_sync {
-            let (guard, _) = shared
-                .progress_changed
-                .wait_timeout(progress, next_sync - now)
-                .unwrap();
-            progress = guard;
-        }
-        if progress.stopping || shared.failure.get().is_some() {
-            return;
-        }
-        if Instant::now() < next_sync {
-            continue;
-        }
-        next_sync = Instant::now() + interval;
-        let written = progress.written;
-        if written.seq <= progress.synced.seq {
-            continue;
-        }
-        drop(progress);
-        // Earlier segments were fsynced when sealed; only the newest can be dirty.
-        let segment = shared.log.active();
-        let result = segment.file.sync_data();
-        shared.metrics.fsyncs.inc();
-        progress = shared.progress.lock().unwrap();
-        match result {
-            Ok(()) => {
-                if written.seq > progress.synced.seq {
-                    progress.synced = written;
-                }
-                shared.publish(&progress);
-            }
-            Err(e) => {
-                drop(progress);
-                shared.fail(format!("fsync of {}: {e}", segment.path.display()));
-                return;
-            }
-        }
-    }
 }
