@@ -15,7 +15,7 @@ use asp_core::reconcile::{Item, ItemKey, Symbol, Window};
 
 use crate::digest::{Digest, Windows, namespace_items, window_len};
 use asp_core::session::{NamespaceSummary, VectorReport};
-use asp_core::{Event, HlcClock, Key, Namespace, NodeId, Op, lww_wins};
+use asp_core::{Event, HlcClock, Key, Namespace, NodeId, Op};
 use fjall::Slice;
 use tokio::sync::{Semaphore, oneshot, watch};
 
@@ -1611,7 +1611,7 @@ fn replay(
             };
             // Equal versions are one event twice: a copy compaction relocated. The
             // later copy is the one that stays.
-            if current.is_none_or(|c| c == entry.version() || lww_wins(&entry.version(), &c)) {
+            if crate::lww::supersedes_on_replay(&entry.version(), current.as_ref()) {
                 winners.insert(key, entry);
             }
         }

@@ -101,13 +101,11 @@ fn apply_to_index(
             UpdateKind::Merge => {
                 // An event from a peer may be older than what the key holds.
                 let current = index.get(&update.key).map_err(|e| e.to_string())?;
-                if current
-                    .as_ref()
-                    .is_some_and(|c| !lww_wins(&update.entry.version(), &c.version()))
-                {
+                let current = current.map(|c| c.version());
+                if !crate::lww::supersedes(&update.entry.version(), current.as_ref()) {
                     continue;
                 }
-                Old::Known(current.map(|c| c.version()))
+                Old::Known(current)
             }
             UpdateKind::Overwrite => Old::Unknown,
             UpdateKind::Relocate(from) => {

@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 use asp_core::reconcile::{Item, Window};
 
 use crate::digest::{Digest, Old, WindowMsg, Windows, namespace_items, window_len};
-use asp_core::{Dot, Event, Hlc, HlcClock, Namespace, NodeId, VersionVector, lww_wins};
+use asp_core::{Dot, Event, Hlc, HlcClock, Namespace, NodeId, VersionVector};
 use fjall::Slice;
 use tokio::sync::{OwnedSemaphorePermit, oneshot, watch};
 
@@ -834,7 +834,7 @@ impl Writer {
             // Two events for one key in one group: the index gets the winner.
             Some(&p) => {
                 let current = &mut g.updates[p];
-                if lww_wins(&entry.version(), &current.entry.version()) {
+                if crate::lww::wins(&entry.version(), &current.entry.version()) {
                     current.entry = entry;
                     current.kind = kind;
                 }

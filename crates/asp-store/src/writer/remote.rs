@@ -427,7 +427,9 @@ impl Writer {
             return false;
         }
         match self.shared.index.get(&key) {
-            Ok(current) => current.is_some_and(|c| lww_wins(&e.version(), &c.version())),
+            Ok(current) => {
+                crate::lww::repair_supersedes(&e.version(), current.map(|c| c.version()).as_ref())
+            }
             Err(err) => {
                 tracing::warn!(namespace = %e.namespace, key = e.key.as_str(), error = %err, "cannot read the key index to judge a repair of a held event; it is dropped (the next anti-entropy run tries again)");
                 false
