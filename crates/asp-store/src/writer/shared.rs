@@ -45,7 +45,7 @@ pub(crate) struct Shared {
     /// [`crate::counters`]).
     pub counters: Mutex<crate::counters::Counters>,
     /// When peers turned out to hold events of this node it had no record of issuing
-    /// (newest last, at most [`crate::store::OWN_EVENTS_FOUND_MAX`]).
+    /// (newest last, at most [`crate::store::replication::OWN_EVENTS_FOUND_MAX`]).
     pub own_events_found: Mutex<Vec<crate::store::OwnEventsFound>>,
     /// Whether local writes may take counters: after an open with
     /// `own_events_wait` set and peers known, not until a peer's summary said what it
