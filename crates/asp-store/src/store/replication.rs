@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use asp_core::reconcile::{Item, ItemKey, Symbol, Window};
-use asp_core::session::{NamespaceSummary, VectorReport};
+use asp_core::session::{GOSSIP_BYTES_MAX, NamespaceSummary, VectorReport};
 use asp_core::{Event, Key, Namespace, NodeId};
 use tokio::sync::oneshot;
 
@@ -81,20 +81,6 @@ pub struct OwnEventsFound {
     pub held_by_peers: u64,
     /// When (wall ms).
     pub at_ms: u64,
-}
-
-/// Bytes of other nodes' reports in one summary, at most (about).
-const GOSSIP_BYTES_MAX: usize = 4 << 20;
-
-/// A report's size on the wire (see docs/PROTOCOL.md).
-fn report_bytes(report: &VectorReport) -> usize {
-    8 + 8
-        + 4
-        + report
-            .vector
-            .iter()
-            .map(|(_, set)| 12 + 16 * set.ranges().len())
-            .sum::<usize>()
 }
 
 impl Store {
@@ -265,10 +251,10 @@ impl Store {
                 vector: ns.vector.clone(),
             });
             for mut report in gc.gossip(&ns.namespace, me, &ns.vector, &peers) {
-                if report_bytes(&report) > budget {
+                if report.wire_bytes() > budget {
                     report.vector = asp_core::VersionVector::new();
                 }
-                let bytes = report_bytes(&report);
+                let bytes = report.wire_bytes();
                 if bytes > budget {
                     break;
                 }
