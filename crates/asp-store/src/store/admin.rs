@@ -49,17 +49,29 @@ impl Store {
     /// What peers turned out to hold of this node's own events beyond what it knew it
     /// had issued (newest last).
     pub fn own_events_found(&self) -> Vec<OwnEventsFound> {
-        self.inner.shared.own_events_found.lock().unwrap().clone()
+        self.inner
+            .shared
+            .peers
+            .own_events_found
+            .lock()
+            .unwrap()
+            .clone()
     }
 
     /// A namespace's conflict policy (`lww` unless set).
     pub fn policy(&self, namespace: &Namespace) -> Policy {
-        self.inner.shared.policies.read().unwrap().get(namespace)
+        self.inner
+            .shared
+            .writer
+            .policies
+            .read()
+            .unwrap()
+            .get(namespace)
     }
 
     /// Every namespace whose policy is not `lww`.
     pub fn policies(&self) -> Vec<(Namespace, Policy)> {
-        let p = self.inner.shared.policies.read().unwrap();
+        let p = self.inner.shared.writer.policies.read().unwrap();
         p.by_namespace
             .iter()
             .filter(|(_, p)| **p != Policy::Lww)
@@ -87,9 +99,9 @@ impl Store {
     /// events and, per namespace, quarantined ones.
     pub fn held(&self) -> HeldStatus {
         let shared = &self.inner.shared;
-        let namespaces = shared.namespaces.read().unwrap();
+        let namespaces = shared.indexer.namespaces.read().unwrap();
         let holds_data = |ns: &Namespace| namespaces.get(ns).is_some_and(|s| !s.vector.is_empty());
-        let held = shared.held.lock().unwrap();
+        let held = shared.writer.held.lock().unwrap();
         held.status(shared.config.max_clock_skew_ms, |ns| {
             (self.policy(ns), holds_data(ns))
         })
@@ -100,6 +112,7 @@ impl Store {
     pub fn is_quarantined(&self, namespace: &Namespace) -> bool {
         self.inner
             .shared
+            .writer
             .held
             .lock()
             .unwrap()
@@ -136,6 +149,7 @@ impl Store {
             (p.written.seq, p.synced.seq, p.acked.seq, p.indexed.seq)
         };
         let mut namespaces: Vec<_> = shared
+            .indexer
             .namespaces
             .read()
             .unwrap()
@@ -158,9 +172,9 @@ impl Store {
             writer_queue_depth: self.inner.queue.len(),
             writer_queue_max: self.inner.queue.capacity(),
             namespaces,
-            failure: shared.failure.get().cloned(),
+            failure: shared.health.failure.get().cloned(),
             no_space: shared.space_problem(),
-            last_scrub: shared.last_scrub.lock().unwrap().clone(),
+            last_scrub: shared.maintenance.last_scrub.lock().unwrap().clone(),
         }
     }
 }

@@ -75,7 +75,7 @@ impl Store {
                 config.write_queue_bytes_max
             )));
         }
-        if let Some(f) = self.inner.shared.failure.get() {
+        if let Some(f) = self.inner.shared.health.failure.get() {
             return Err(WriteError::Storage(f.clone()));
         }
         self.await_own_events().await;
@@ -139,13 +139,13 @@ impl Store {
     /// issues no counter a peer already holds an event under.
     async fn await_own_events(&self) {
         let shared = &self.inner.shared;
-        if *shared.own_events_learned.borrow() {
+        if *shared.peers.own_events_learned.borrow() {
             return;
         }
         let deadline = self.inner.opened + shared.config.own_events_wait;
-        let mut rx = shared.own_events_learned.subscribe();
+        let mut rx = shared.peers.own_events_learned.subscribe();
         let learned = tokio::time::timeout_at(deadline.into(), rx.wait_for(|l| *l)).await;
-        if learned.is_err() && !shared.own_events_learned.send_replace(true) {
+        if learned.is_err() && !shared.peers.own_events_learned.send_replace(true) {
             tracing::warn!(
                 waited_ms = shared.config.own_events_wait.as_millis() as u64,
                 "no peer answered since the store opened; local writes go on without knowing which of this node's events peers hold (if this data directory was restored from an older copy, reconciliation repairs the keys whose counters collide)"
@@ -157,7 +157,7 @@ impl Store {
     /// state of it (`None` if nothing was ever written to it).
     pub fn crdt_state(&self, namespace: &Namespace, key: &str) -> Result<Option<State>, ReadError> {
         self.inner.shared.await_index().map_err(ReadError::Failed)?;
-        let _gate = self.inner.shared.segment_gate.read().unwrap();
+        let _gate = self.inner.shared.maintenance.segment_gate.read().unwrap();
         self.crdt_state_locked(namespace, key)
     }
 
@@ -184,7 +184,7 @@ impl Store {
     pub fn get(&self, namespace: &Namespace, key: &str) -> Result<Option<KeyState>, ReadError> {
         let shared = &self.inner.shared;
         shared.await_index().map_err(ReadError::Failed)?;
-        let _gate = shared.segment_gate.read().unwrap();
+        let _gate = shared.maintenance.segment_gate.read().unwrap();
         let Some(entry) = shared
             .index
             .get(&codec::index_key(namespace.as_str(), key))?
@@ -221,7 +221,7 @@ impl Store {
     ) -> Result<ScanPage, ReadError> {
         let limit = limit.clamp(1, SCAN_LIMIT_MAX);
         self.inner.shared.await_index().map_err(ReadError::Failed)?;
-        let _gate = with_values.then(|| self.inner.shared.segment_gate.read().unwrap());
+        let _gate = with_values.then(|| self.inner.shared.maintenance.segment_gate.read().unwrap());
         let ns_prefix_len = 1 + namespace.as_str().len();
         let full_prefix = codec::index_key(namespace.as_str(), prefix);
         // A CRDT key has an entry per origin (`key ‖ 0xFF ‖ origin`): listed once, and

@@ -97,6 +97,7 @@ impl Store {
     fn closed_or_failed(&self) -> WriteError {
         self.inner
             .shared
+            .health
             .failure
             .get()
             .map_or(WriteError::Closed, |f| WriteError::Storage(f.clone()))

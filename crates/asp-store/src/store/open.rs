@@ -24,7 +24,9 @@ use crate::log::Log;
 use crate::metrics::Metrics;
 use crate::policy::Policies;
 use crate::queue::WriteQueue;
-use crate::writer::{Progress, Shared};
+use crate::writer::{
+    ByIndexer, ByWindowKeeper, ByWriter, FromPeers, Health, Maintenance, Progress, Shared,
+};
 use crate::{codec, manifest, salvage, writer};
 
 use super::{Inner, RecoveryReport, Store};
@@ -194,8 +196,10 @@ impl Store {
         metrics.held_bytes.set(held.bytes() as i64);
         let shared = Arc::new(Shared {
             node_id: manifest.node_id,
+            config: config.clone(),
             log,
             index,
+            metrics,
             head_tx,
             progress: Mutex::new(Progress {
                 written: head,
@@ -204,34 +208,44 @@ impl Store {
                 indexed: head,
                 stopping: false,
             }),
-            acked_seq: AtomicU64::new(head.seq),
-            indexed_seq: AtomicU64::new(head.seq),
-            window_messages: AtomicU64::new(0),
-            index_msgs_applied: AtomicU64::new(0),
-            indexed_tx: watch::channel(head.seq).0,
             progress_changed: Condvar::new(),
-            namespaces: RwLock::new(state.namespaces.clone()),
-            windows: Mutex::new(Windows {
-                by_namespace: digests,
-                seq: head.seq,
-                messages: 0,
-            }),
-            windows_changed: Condvar::new(),
-            failure: OnceLock::new(),
-            space_problem: Mutex::new(None),
-            scrub_running: Mutex::new(()),
-            last_scrub: Mutex::new(None),
-            bases: Mutex::new(bases),
-            compaction: Mutex::new(()),
-            segment_gate: RwLock::new(()),
-            policies: RwLock::new(policies),
-            gc: Mutex::new(crate::gc::Gc::new(writer::wall_ms())),
-            counters: Mutex::new(counters),
-            own_events_found: Mutex::new(Vec::new()),
-            own_events_learned: watch::channel(learned).0,
-            held: Mutex::new(held),
-            metrics,
-            config: config.clone(),
+            writer: ByWriter {
+                policies: RwLock::new(policies),
+                counters: Mutex::new(counters),
+                held: Mutex::new(held),
+                acked_seq: AtomicU64::new(head.seq),
+            },
+            indexer: ByIndexer {
+                namespaces: RwLock::new(state.namespaces.clone()),
+                indexed_seq: AtomicU64::new(head.seq),
+                index_msgs_applied: AtomicU64::new(0),
+                window_messages: AtomicU64::new(0),
+                indexed_tx: watch::channel(head.seq).0,
+            },
+            window_keeper: ByWindowKeeper {
+                windows: Mutex::new(Windows {
+                    by_namespace: digests,
+                    seq: head.seq,
+                    messages: 0,
+                }),
+                windows_changed: Condvar::new(),
+            },
+            peers: FromPeers {
+                gc: Mutex::new(crate::gc::Gc::new(writer::wall_ms())),
+                own_events_found: Mutex::new(Vec::new()),
+                own_events_learned: watch::channel(learned).0,
+            },
+            maintenance: Maintenance {
+                bases: Mutex::new(bases),
+                compaction: Mutex::new(()),
+                segment_gate: RwLock::new(()),
+                scrub_running: Mutex::new(()),
+                last_scrub: Mutex::new(None),
+            },
+            health: Health {
+                failure: OnceLock::new(),
+                space_problem: Mutex::new(None),
+            },
         });
         let queue = Arc::new(WriteQueue::new(config.write_queue_max));
         let clock = HlcClock::with_last(hlc, config.max_clock_skew_ms);

@@ -144,7 +144,7 @@ impl Store {
             .map(|e| asp_core::session::credit_size(e) as usize)
             .sum::<usize>()
             .min(self.config().write_queue_bytes_max);
-        if let Some(f) = self.inner.shared.failure.get() {
+        if let Some(f) = self.inner.shared.health.failure.get() {
             return Err(WriteError::Storage(f.clone()));
         }
         let permit = match self
@@ -187,7 +187,7 @@ impl Store {
             // On a storage failure the last state kept is still a true (if old) answer.
             let windows = self
                 .caught_up_windows()
-                .unwrap_or_else(|_| self.inner.shared.windows.lock().unwrap());
+                .unwrap_or_else(|_| self.inner.shared.window_keeper.windows.lock().unwrap());
             windows
                 .by_namespace
                 .iter()
@@ -200,6 +200,7 @@ impl Store {
         let mut out: Vec<_> = self
             .inner
             .shared
+            .indexer
             .namespaces
             .read()
             .unwrap()
@@ -221,6 +222,7 @@ impl Store {
         let _ = self.inner.shared.await_index();
         self.inner
             .shared
+            .indexer
             .namespaces
             .read()
             .unwrap()
@@ -238,7 +240,7 @@ impl Store {
         let now_ms = writer::wall_ms();
         let me = self.inner.shared.node_id;
         let peers = self.inner.shared.index.checkpoint_peers();
-        let gc = self.inner.shared.gc.lock().unwrap();
+        let gc = self.inner.shared.peers.gc.lock().unwrap();
         // Gossip stays within a budget, so that the frame stays far below its limit
         // with thousands of namespaces. A report that does not fit goes as an empty
         // one, which still names its node: the receiver then waits for that node (or,
@@ -270,8 +272,8 @@ impl Store {
     pub fn note_reports(&self, summary: &[NamespaceSummary]) {
         let shared = &self.inner.shared;
         let me = shared.node_id;
-        let namespaces = shared.namespaces.read().unwrap();
-        let mut gc = shared.gc.lock().unwrap();
+        let namespaces = shared.indexer.namespaces.read().unwrap();
+        let mut gc = shared.peers.gc.lock().unwrap();
         let none = asp_core::VersionVector::new();
         for ns in summary {
             let own = namespaces.get(&ns.namespace).map_or(&none, |s| &s.vector);
@@ -301,7 +303,12 @@ impl Store {
             if held == 0 {
                 continue;
             }
-            let claimed = shared.counters.lock().unwrap().claim(&ns.namespace, held);
+            let claimed = shared
+                .writer
+                .counters
+                .lock()
+                .unwrap()
+                .claim(&ns.namespace, held);
             match claimed {
                 Ok(None) => {}
                 Ok(Some(known)) => {
@@ -312,7 +319,7 @@ impl Store {
                         "peers hold events of this node that it has no record of issuing (its data directory is older than what it issued: restored from a copy, or a crash under fsync = never/interval lost them; or another process runs with this node's id); its counters go on after them and reconciliation brings them back"
                     );
                     shared.metrics.own_events_found.inc();
-                    let mut found = shared.own_events_found.lock().unwrap();
+                    let mut found = shared.peers.own_events_found.lock().unwrap();
                     if found.len() == OWN_EVENTS_FOUND_MAX {
                         found.remove(0);
                     }
@@ -328,7 +335,7 @@ impl Store {
                 }
             }
         }
-        shared.own_events_learned.send_replace(true);
+        shared.peers.own_events_learned.send_replace(true);
     }
 
     /// Whether this node holds events of `peer`'s own that `summary` (the peer's)
@@ -344,7 +351,7 @@ impl Store {
         theirs: impl Fn(&Namespace) -> Option<&'a asp_core::VersionVector>,
         shared: impl Fn(&Namespace) -> bool,
     ) -> bool {
-        let namespaces = self.inner.shared.namespaces.read().unwrap();
+        let namespaces = self.inner.shared.indexer.namespaces.read().unwrap();
         namespaces.iter().any(|(ns, state)| {
             let Some(mine) = state.vector.get(peer) else {
                 return false;
@@ -362,7 +369,7 @@ impl Store {
     /// it holds anything of them yet (tombstone collection waits for such a node; see
     /// docs/CONFLICTS.md).
     pub fn note_contact(&self, peer: NodeId, namespaces: &[String]) {
-        let mut gc = self.inner.shared.gc.lock().unwrap();
+        let mut gc = self.inner.shared.peers.gc.lock().unwrap();
         gc.note_contact(peer, writer::wall_ms(), namespaces);
     }
 
@@ -407,14 +414,16 @@ impl Store {
         // The indexer counts a group's message to the keeper before it publishes the
         // group as indexed: every group indexed by now is in this count.
         let messages = shared
+            .indexer
             .window_messages
             .load(std::sync::atomic::Ordering::Acquire);
-        let mut windows = shared.windows.lock().unwrap();
+        let mut windows = shared.window_keeper.windows.lock().unwrap();
         while windows.messages < messages {
-            if let Some(failure) = shared.failure.get() {
+            if let Some(failure) = shared.health.failure.get() {
                 return Err(ReadError::Failed(failure.clone()));
             }
             windows = shared
+                .window_keeper
                 .windows_changed
                 .wait_timeout(windows, std::time::Duration::from_millis(100))
                 .unwrap()
@@ -438,6 +447,7 @@ impl Store {
         let shared = &self.inner.shared;
         shared.await_index().map_err(ReadError::Failed)?;
         let seq = shared
+            .indexer
             .indexed_seq
             .load(std::sync::atomic::Ordering::Acquire);
         let snapshot = shared.index.snapshot();
@@ -499,7 +509,7 @@ impl Store {
         let mut stopped = false;
         let item_key = shared.config.item_key;
         let prefix = codec::index_prefix(namespace.as_str());
-        let _gate = shared.segment_gate.read().unwrap();
+        let _gate = shared.maintenance.segment_gate.read().unwrap();
         shared.index.scan(&prefix, None, |k, entry| {
             let key = &k[prefix.len()..];
             let hash = item_key.key_hash(key);
@@ -541,7 +551,7 @@ impl Store {
         });
         let mut page = EventPage::new(limit.max(1), bytes_max);
         let mut more = false;
-        let _gate = shared.segment_gate.read().unwrap();
+        let _gate = shared.maintenance.segment_gate.read().unwrap();
         shared.index.scan(&prefix, start.as_deref(), |k, entry| {
             if page.is_full() {
                 more = true;

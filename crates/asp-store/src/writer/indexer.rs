@@ -40,7 +40,7 @@ fn index_groups(
         while let Ok(m) = rx.try_recv() {
             msgs.push(m);
         }
-        if shared.failure.get().is_some() {
+        if shared.health.failure.get().is_some() {
             continue;
         }
         shared.index.wait_for_flushes();
@@ -50,12 +50,12 @@ fn index_groups(
                 break;
             }
         }
-        if shared.failure.get().is_some() {
+        if shared.health.failure.get().is_some() {
             continue;
         }
         let last = msgs.last().expect("at least one message").head;
         {
-            let mut namespaces = shared.namespaces.write().unwrap();
+            let mut namespaces = shared.indexer.namespaces.write().unwrap();
             for msg in &msgs {
                 for (ns, state) in &msg.namespaces {
                     namespaces.insert(ns.clone(), state.clone());
@@ -65,13 +65,17 @@ fn index_groups(
         {
             let mut progress = shared.progress.lock().unwrap();
             progress.indexed = last;
-            shared.indexed_seq.store(last.seq, Ordering::Release);
             shared
+                .indexer
+                .indexed_seq
+                .store(last.seq, Ordering::Release);
+            shared
+                .indexer
                 .index_msgs_applied
                 .fetch_add(msgs.len() as u64, Ordering::AcqRel);
         }
         shared.progress_changed.notify_all();
-        shared.indexed_tx.send_replace(last.seq);
+        shared.indexer.indexed_tx.send_replace(last.seq);
         for msg in msgs {
             for reply in msg.after_index {
                 let _ = reply.send(Ok(()));
@@ -163,7 +167,11 @@ fn apply_to_index(
     batch.commit().map_err(|e| e.to_string())?;
     if let (Some(tx), Some(before)) = (window_tx, before) {
         // Gone only while the store stops: nobody reads windows then.
-        let number = shared.window_messages.fetch_add(1, Ordering::AcqRel) + 1;
+        let number = shared
+            .indexer
+            .window_messages
+            .fetch_add(1, Ordering::AcqRel)
+            + 1;
         let _ = tx.send(WindowMsg {
             number,
             seq: msg.head.seq,

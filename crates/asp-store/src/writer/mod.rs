@@ -79,7 +79,9 @@ mod windows;
 
 use crdt::RecentStates;
 use indexer::run_indexer;
-pub(crate) use shared::Shared;
+pub(crate) use shared::{
+    ByIndexer, ByWindowKeeper, ByWriter, FromPeers, Health, Maintenance, Shared,
+};
 use syncer::run_syncer;
 
 /// Acknowledged groups waiting for the indexer, at most (each holds at most
@@ -597,7 +599,7 @@ impl Writer {
 
     /// Makes everything durable on a clean stop, whatever the fsync mode.
     fn finish(&self) {
-        if self.shared.failure.get().is_some() {
+        if self.shared.health.failure.get().is_some() {
             return;
         }
         if let Err(e) = self.segment.file.sync_data() {
@@ -611,7 +613,7 @@ impl Writer {
             tracing::warn!(error = %e, "could not persist the key index at shutdown; it will be rebuilt from the log");
         }
         // Everything issued is durable now: the next start may go on right after it.
-        if let Err(e) = self.shared.counters.lock().unwrap().settle() {
+        if let Err(e) = self.shared.writer.counters.lock().unwrap().settle() {
             tracing::warn!(error = %e, "could not settle the counters file at shutdown; the next start leaves a gap in this node's counters");
         }
         let mut progress = self.shared.progress.lock().unwrap();
@@ -656,7 +658,7 @@ impl Writer {
         // CRDT writes read the index too, plus the states the indexer has not
         // applied yet, which the writer keeps until it has.
         self.crdt_recent
-            .prune(self.shared.indexed_seq.load(Ordering::Acquire));
+            .prune(self.shared.indexer.indexed_seq.load(Ordering::Acquire));
         let group = self.refuse_without_space(group);
         if group.is_empty() && !self.release_due_at(wall) {
             return None;
@@ -953,6 +955,7 @@ impl Writer {
             .vector
             .insert_range(node_id, first_counter, last_counter);
         self.shared
+            .writer
             .counters
             .lock()
             .unwrap()
@@ -981,7 +984,13 @@ impl Writer {
     /// quarantined) are left out: they are not applied, and a vector claiming them
     /// would make them duplicates when released.
     fn add_cover(&mut self, g: &mut Group, c: CoverRequest) {
-        let held = self.shared.held.lock().unwrap().dots(&c.namespace, false);
+        let held = self
+            .shared
+            .writer
+            .held
+            .lock()
+            .unwrap()
+            .dots(&c.namespace, false);
         let vector = if held.is_empty() {
             c.vector
         } else {
@@ -1005,7 +1014,7 @@ impl Writer {
         vector: &VersionVector,
     ) -> Result<(), WriteError> {
         let saved = {
-            let mut bases = self.shared.bases.lock().unwrap();
+            let mut bases = self.shared.maintenance.bases.lock().unwrap();
             let mut next = bases.clone();
             next.by_namespace
                 .entry(namespace.clone())
@@ -1036,7 +1045,7 @@ impl Writer {
     }
 
     fn policy(&self, namespace: &Namespace) -> Policy {
-        self.shared.policies.read().unwrap().get(namespace)
+        self.shared.writer.policies.read().unwrap().get(namespace)
     }
 
     /// Whether `namespace` holds any event.
@@ -1062,7 +1071,7 @@ impl Writer {
     }
 
     fn save_policy(&self, namespace: &Namespace, policy: Policy) -> Result<(), WriteError> {
-        let mut policies = self.shared.policies.write().unwrap();
+        let mut policies = self.shared.writer.policies.write().unwrap();
         let mut next = policies.clone();
         next.by_namespace.insert(namespace.clone(), policy);
         next.save(self.shared.config.fs.as_ref(), &self.shared.config.data_dir)
@@ -1081,7 +1090,7 @@ impl Writer {
     /// The counter this node's next event in `namespace` gets (reserved by
     /// [`Writer::reserve_counters`] before the group is built).
     fn next_counter(&self, namespace: &Namespace) -> u64 {
-        self.shared.counters.lock().unwrap().next(namespace)
+        self.shared.writer.counters.lock().unwrap().next(namespace)
     }
 
     /// Makes the counters the group's local writes will take durable as reserved
@@ -1104,7 +1113,7 @@ impl Writer {
         if needs.is_empty() {
             return group;
         }
-        let reserved = self.shared.counters.lock().unwrap().reserve(&needs);
+        let reserved = self.shared.writer.counters.lock().unwrap().reserve(&needs);
         let Err(e) = reserved else { return group };
         let what = format!(
             "reserving counters in the counters file of {}: {e}",
@@ -1181,7 +1190,7 @@ impl Writer {
 
     fn wait_indexed(&self, seq: u64) {
         let mut progress = self.shared.progress.lock().unwrap();
-        while progress.indexed.seq < seq && self.shared.failure.get().is_none() {
+        while progress.indexed.seq < seq && self.shared.health.failure.get().is_none() {
             progress = self.shared.progress_changed.wait(progress).unwrap();
         }
     }
@@ -1238,7 +1247,10 @@ impl Writer {
                 progress.synced = head;
             }
             progress.acked = head;
-            self.shared.acked_seq.store(head.seq, Ordering::Release);
+            self.shared
+                .writer
+                .acked_seq
+                .store(head.seq, Ordering::Release);
             self.shared.publish(&progress);
         }
         // Relocated copies are no new events: they count only as log bytes.

@@ -20,7 +20,7 @@ pub(super) fn run_syncer(shared: Arc<Shared>, interval: Duration) {
                 .unwrap();
             progress = guard;
         }
-        if progress.stopping || shared.failure.get().is_some() {
+        if progress.stopping || shared.health.failure.get().is_some() {
             return;
         }
         if Instant::now() < next_sync {

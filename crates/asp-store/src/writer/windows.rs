@@ -21,7 +21,7 @@ pub(super) fn run_window_keeper(shared: Arc<Shared>, rx: std_mpsc::Receiver<Wind
                 return;
             }
         }
-        shared.windows_changed.notify_all();
+        shared.window_keeper.windows_changed.notify_all();
     }
 }
 
@@ -29,7 +29,7 @@ pub(super) fn run_window_keeper(shared: Arc<Shared>, rx: std_mpsc::Receiver<Wind
 fn keep_windows(shared: &Shared, msg: WindowMsg) -> Result<(), String> {
     let item_key = shared.config.item_key;
     let size = shared.config.reconcile_window;
-    let mut windows = shared.windows.lock().unwrap();
+    let mut windows = shared.window_keeper.windows.lock().unwrap();
     let mut added: HashMap<&str, Vec<Item>> = HashMap::new();
     for (index_key, version, old) in &msg.changes {
         let (namespace, key) = codec::split_index_key(index_key)
