@@ -75,7 +75,7 @@ pub(crate) struct FromPeers {
     /// What is known of other nodes' vectors: when tombstones may be collected.
     pub gc: Mutex<crate::gc::Gc>,
     /// When peers turned out to hold events of this node it had no record of issuing
-    /// (newest last, at most [`crate::store::replication::OWN_EVENTS_FOUND_MAX`]).
+    /// (newest last, at most `OWN_EVENTS_FOUND_MAX` of `store/replication.rs`).
     pub own_events_found: Mutex<Vec<crate::store::OwnEventsFound>>,
     /// Whether local writes may take counters: after an open with
     /// `own_events_wait` set and peers known, not until a peer's summary said what it
