@@ -197,6 +197,7 @@ impl Store {
     pub fn bases(&self) -> Vec<(Namespace, VersionVector)> {
         self.inner
             .shared
+            .maintenance
             .bases
             .lock()
             .unwrap()
@@ -227,6 +228,7 @@ impl Store {
     pub fn base(&self, namespace: &Namespace) -> VersionVector {
         self.inner
             .shared
+            .maintenance
             .bases
             .lock()
             .unwrap()
@@ -251,7 +253,7 @@ impl Store {
             return Ok(());
         }
         let shared = &self.inner.shared;
-        if let Some(f) = shared.failure.get() {
+        if let Some(f) = shared.health.failure.get() {
             return Err(WriteError::Storage(f.clone()));
         }
         let (reply, answer) = oneshot::channel();
@@ -278,6 +280,7 @@ impl Store {
         let started = Instant::now();
         let shared = &self.inner.shared;
         let _running = shared
+            .maintenance
             .compaction
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
@@ -288,7 +291,7 @@ impl Store {
         // Whether a record is live is read from the key index, which must reflect
         // every record of the segments looked at.
         shared.await_index().map_err(CompactionError::Failed)?;
-        let indexed = shared.indexed_seq.load(Ordering::Acquire);
+        let indexed = shared.indexer.indexed_seq.load(Ordering::Acquire);
         let now_ms = wall_ms();
         let collecting = self.collecting(now_ms);
         // Every segment is surveyed, the active one too: deletes are collected from
@@ -351,7 +354,7 @@ impl Store {
                 break;
             }
             {
-                let mut bases = shared.bases.lock().unwrap();
+                let mut bases = shared.maintenance.bases.lock().unwrap();
                 let mut next = bases.clone();
                 for (namespace, dots) in &moved.dropped {
                     next.by_namespace
@@ -376,7 +379,7 @@ impl Store {
                 })?;
             {
                 // No reader is between an index lookup and the log read it leads to.
-                let _gate = shared.segment_gate.write().unwrap();
+                let _gate = shared.maintenance.segment_gate.write().unwrap();
                 shared.log.forget_segment(segment.base);
             }
             report.segments_removed += 1;
@@ -484,14 +487,15 @@ impl Store {
         collecting.ttl_ms = ttl_ms;
         let peers = shared.index.checkpoint_peers();
         let vectors: Vec<(Namespace, VersionVector)> = shared
+            .indexer
             .namespaces
             .read()
             .unwrap()
             .iter()
             .map(|(ns, state)| (ns.clone(), state.vector.clone()))
             .collect();
-        let policies = shared.policies.read().unwrap();
-        let mut gc = shared.gc.lock().unwrap();
+        let policies = shared.writer.policies.read().unwrap();
+        let mut gc = shared.peers.gc.lock().unwrap();
         for (namespace, vector) in vectors {
             if policies.get(&namespace) != Policy::Lww {
                 continue;
@@ -789,6 +793,7 @@ fn old_enough(shared: &Shared, event: &Event, now_ms: u64) -> bool {
 
 fn closed_or_failed(shared: &Shared) -> WriteError {
     shared
+        .health
         .failure
         .get()
         .map_or(WriteError::Closed, |f| WriteError::Storage(f.clone()))

@@ -271,7 +271,8 @@ impl Index {
             after = Some(last.clone());
             for (key, epitaph) in rows {
                 let current = self.get(&key).map_err(|e| corrupt(e.to_string()))?;
-                if current.is_none_or(|c| asp_core::lww_wins(&epitaph.version(), &c.version())) {
+                if crate::lww::supersedes(&epitaph.version(), current.map(|c| c.version()).as_ref())
+                {
                     self.keys.insert(key, epitaph.encode())?;
                     restored += 1;
                 }

@@ -31,6 +31,7 @@ mod gc;
 mod held;
 mod index;
 mod log;
+mod lww;
 mod manifest;
 mod metrics;
 #[doc(hidden)]

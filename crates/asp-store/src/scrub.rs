@@ -43,7 +43,7 @@ impl Store {
     /// is kept for [`Store::status`].
     pub fn scrub(&self) -> Result<ScrubReport, ReadError> {
         let shared = &self.inner.shared;
-        let _running = shared.scrub_running.lock().unwrap();
+        let _running = shared.maintenance.scrub_running.lock().unwrap();
         let started = Instant::now();
         let mut report = ScrubReport {
             started_unix_ms: wall_ms(),
@@ -60,7 +60,7 @@ impl Store {
         segments.push(active.clone());
         let rate = shared.config.scrub_bytes_per_s.max(1);
         for segment in segments {
-            if let Some(f) = shared.failure.get() {
+            if let Some(f) = shared.health.failure.get() {
                 return Err(ReadError::Failed(f.clone()));
             }
             let end = if segment.base == active.base {
@@ -96,7 +96,7 @@ impl Store {
             damaged = report.damage.len(),
             "scrub finished"
         );
-        *shared.last_scrub.lock().unwrap() = Some(report.clone());
+        *shared.maintenance.last_scrub.lock().unwrap() = Some(report.clone());
         Ok(report)
     }
 
@@ -110,7 +110,13 @@ impl Store {
 
     /// The last scrub's report, if one ran since the store opened.
     pub fn last_scrub(&self) -> Option<ScrubReport> {
-        self.inner.shared.last_scrub.lock().unwrap().clone()
+        self.inner
+            .shared
+            .maintenance
+            .last_scrub
+            .lock()
+            .unwrap()
+            .clone()
     }
 }
 

@@ -177,24 +177,27 @@ impl NamespaceSummary {
     /// About how many bytes this entry takes in a frame (at least as many as it
     /// does), for cutting a summary into parts.
     pub fn wire_bytes(&self) -> usize {
-        fn vector(v: &VersionVector) -> usize {
-            4 + v
-                .iter()
-                .map(|(_, set)| 12 + 16 * set.ranges().len())
-                .sum::<usize>()
-        }
         1 + self.namespace.as_str().len()
             + 8
-            + vector(&self.vector)
+            + vector_wire_bytes(&self.vector)
             + 1
             + crate::reconcile::SYMBOL_BYTES
             + 1
             + self
                 .reports
                 .iter()
-                .map(|r| 16 + vector(&r.vector))
+                .map(VectorReport::wire_bytes)
                 .sum::<usize>()
     }
+}
+
+/// How many bytes a version vector takes in a frame (see docs/PROTOCOL.md): its entry
+/// count, then per node its id and range count and each range's two counters.
+fn vector_wire_bytes(v: &VersionVector) -> usize {
+    4 + v
+        .iter()
+        .map(|(_, set)| 12 + 16 * set.ranges().len())
+        .sum::<usize>()
 }
 
 /// Cuts a summary into parts of at most [`SUMMARY_PART_NAMESPACES_MAX`] namespaces and
@@ -222,6 +225,11 @@ pub fn summary_parts(summary: Vec<NamespaceSummary>) -> Vec<Vec<NamespaceSummary
 /// Reports in one namespace's summary, at most.
 pub const REPORTS_MAX: usize = 64;
 
+/// Bytes of other nodes' reports a sender puts in one summary, at most (about, by
+/// [`VectorReport::wire_bytes`]); a report past it goes membership-only (empty
+/// vector). See docs/PROTOCOL.md, *Reports*.
+pub const GOSSIP_BYTES_MAX: usize = 4 << 20;
+
 /// A node's vector of one namespace as that node held it at `at_ms` (its wall clock,
 /// milliseconds since the Unix epoch). A node's vectors only grow, so of two reports
 /// of one node the later holds the earlier.
@@ -230,6 +238,14 @@ pub struct VectorReport {
     pub node: NodeId,
     pub at_ms: u64,
     pub vector: VersionVector,
+}
+
+impl VectorReport {
+    /// How many bytes this report takes in a summary frame: the node, the time and the
+    /// vector. Senders budget the reports they gossip by it.
+    pub fn wire_bytes(&self) -> usize {
+        8 + 8 + vector_wire_bytes(&self.vector)
+    }
 }
 
 /// How a reconciliation finds the difference.

@@ -17,7 +17,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 pub use frame::{
-    ALL_NAMESPACES, ErrorCode, Frame, Hello, NEED_PREFIX_BYTES, NamespaceSummary,
+    ALL_NAMESPACES, ErrorCode, Frame, GOSSIP_BYTES_MAX, Hello, NEED_PREFIX_BYTES, NamespaceSummary,
     PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, RECONCILE_INITIAL_SYMBOLS, REPORTS_MAX,
     ReconcileMode, ReconcileOutcome, SUMMARY_NAMESPACES_MAX, SUMMARY_PART_BYTES,
     SUMMARY_PART_NAMESPACES_MAX, VectorReport, credit_size, summary_parts,

@@ -199,7 +199,7 @@ impl Writer {
         let mut state = State::empty(policy).expect("a CRDT policy");
         let corrupt = |what: String| WriteError::Storage(format!("key {key:?}: {what}"));
         {
-            let _gate = shared.segment_gate.read().unwrap();
+            let _gate = shared.maintenance.segment_gate.read().unwrap();
             shared
                 .join_crdt_entries(namespace.as_str(), key, &mut state)
                 .map_err(|e| corrupt(e.to_string()))?;

@@ -1,21 +1,25 @@
-//! The writer: the one place that changes the store.
+//! The writer: the one place that changes the store. This file is the group commit
+//! loop: taking a group from the queue, building it (encoding, appending, the index
+//! changes) and committing it. The requests it takes are in [`request`]; local writes
+//! in [`local`] and [`crdt`]; events from peers in [`remote`]; base vectors, policies
+//! and counter reservations in [`metadata`]; undoing a refused group in [`rollback`];
+//! the threads behind it in [`indexer`], [`windows`] and [`syncer`]; the state they
+//! share with readers in [`shared`].
 //!
-//! Size: the group commit loop and the building of a group (checks, counters, clocks,
-//! encoding, rollback on a failed write) are one sequence over the writer's state;
-//! the indexer, CRDT writes, events from peers and rollback have their own files. The
-//! renovation (issue 13) splits the shared state by writer.
-//!
-//! Up to four threads (the first two always):
+//! Up to four threads (the first two always). [`spawn`] starts the log writer; the log
+//! writer starts the indexer and the syncer; the indexer starts the window keeper:
 //!
 //! 1. The **log writer** (`asp-writer`) takes every request waiting in the queue,
 //!    checks conditions, assigns sequence numbers, dots and clock readings, encodes the
 //!    events into one buffer, appends it to the log with one write, makes it durable
 //!    with one `fdatasync` (under `fsync = "always"`), publishes the new feed head and
 //!    acknowledges the requests.
-//! 2. The **indexer** (`asp-index`) applies acknowledged groups to the key index.
-//! 3. The **window keeper** (`asp-windows`, unless `reconcile_window = 0`) keeps each
-//!    namespace's reconciliation symbols up to date behind the indexer.
-//! 4. Under `fsync = "interval:<ms>"`, the **syncer** fsyncs on the interval.
+//! 2. The **indexer** (`asp-index`, [`indexer`]) applies acknowledged groups to the
+//!    key index.
+//! 3. The **window keeper** (`asp-windows`, [`windows`], unless `reconcile_window = 0`)
+//!    keeps each namespace's reconciliation symbols up to date behind the indexer.
+//! 4. Under `fsync = "interval:<ms>"`, the **syncer** (`asp-syncer`, [`syncer`]) fsyncs
+//!    on the interval.
 //!
 //! Keeping the key index off the acknowledgement path means a write waits for its fsync
 //! and little else. Reads stay read-your-writes: a read first waits until the index
@@ -44,7 +48,7 @@ use std::time::{Duration, Instant};
 use asp_core::reconcile::{Item, Window};
 
 use crate::digest::{Digest, Old, WindowMsg, Windows, namespace_items, window_len};
-use asp_core::{Dot, Event, Hlc, HlcClock, Namespace, NodeId, VersionVector, lww_wins};
+use asp_core::{Dot, Event, Hlc, HlcClock, Namespace, NodeId, VersionVector};
 use fjall::Slice;
 use tokio::sync::{OwnedSemaphorePermit, oneshot, watch};
 
@@ -67,14 +71,26 @@ use asp_core::crdt::{JsonMap, MvRegister, Policy, Sibling, State};
 use asp_core::{ContentType, Version};
 
 mod crdt;
-mod index;
+mod indexer;
+mod local;
+mod metadata;
 mod remote;
+mod request;
 mod rollback;
 mod shared;
+mod syncer;
+mod windows;
 
 use crdt::RecentStates;
-use index::{run_indexer, run_syncer};
-pub(crate) use shared::Shared;
+use indexer::run_indexer;
+pub(crate) use request::{
+    ApplyRequest, CollectRequest, CollectTally, CoverRequest, PolicyRequest, QuarantineRequest,
+    RelocateRequest, Request, WriteRequest,
+};
+pub(crate) use shared::{
+    ByIndexer, ByWindowKeeper, ByWriter, FromPeers, Health, Maintenance, Shared,
+};
+use syncer::run_syncer;
 
 /// Acknowledged groups waiting for the indexer, at most (each holds at most
 /// `group_events_max` events, or one larger request).
@@ -88,89 +104,6 @@ const SPACE_REGAINED_BYTES: u64 = 16 << 20;
 /// The longest the writer waits for stragglers before an fsync.
 const STRAGGLER_WAIT_MAX: Duration = Duration::from_millis(1);
 
-pub(crate) enum Request {
-    Write(WriteRequest),
-    Apply(ApplyRequest),
-    Relocate(RelocateRequest),
-    Cover(CoverRequest),
-    Policy(PolicyRequest),
-    Collect(CollectRequest),
-    Quarantine(QuarantineRequest),
-    Shutdown(oneshot::Sender<()>),
-}
-
-/// An operator's resolution of a namespace's quarantined events (see [`crate::held`]).
-pub(crate) struct QuarantineRequest {
-    pub namespace: Namespace,
-    pub action: QuarantineAction,
-    /// Answered once what it applied or recorded is durable.
-    pub reply: oneshot::Sender<Result<QuarantineOutcome, WriteError>>,
-}
-
-/// Tombstones compaction collects (see [`crate::gc`]): each key's entry, if it is
-/// still the given delete, becomes an epitaph (the entry stays, pointing nowhere, and
-/// is listed as one) or goes (with its epitaph row and its reconciliation item). A key
-/// written since keeps its entry; its stale epitaph row goes. Appends nothing.
-pub(crate) struct CollectRequest {
-    /// (index key, the tombstone's entry, whether to leave an epitaph)
-    pub entries: Vec<(Slice, IndexEntry, bool)>,
-    /// Answered once the key index reflects it.
-    pub reply: oneshot::Sender<Result<(), WriteError>>,
-    /// What the indexer did, counted as it does it.
-    pub tally: Arc<CollectTally>,
-}
-
-/// Deletes a [`CollectRequest`] collected, and how many of them left an epitaph.
-#[derive(Default)]
-pub(crate) struct CollectTally {
-    pub collected: AtomicU64,
-    pub epitaphs: AtomicU64,
-}
-
-/// Sets a namespace's conflict policy: refused once the namespace holds data under
-/// another one.
-pub(crate) struct PolicyRequest {
-    pub namespace: Namespace,
-    pub policy: Policy,
-    pub reply: oneshot::Sender<Result<(), WriteError>>,
-}
-
-/// Records compaction copies forward: each appended unchanged (same dot, clock and
-/// op) at a new feed position. The key index moves to the copy only if it still points
-/// at the old one; a copy whose key was written meanwhile is simply a dead record.
-/// Vectors, clocks and reconciliation windows do not change: no version does.
-pub(crate) struct RelocateRequest {
-    /// Each event with the position of the copy being moved.
-    pub records: Vec<(Event, LogPosition)>,
-    /// Answered once the copies are acknowledged (durable under `fsync = "always"`)
-    /// and in the key index.
-    pub reply: oneshot::Sender<Result<(), WriteError>>,
-    pub bytes: usize,
-}
-
-/// A peer's word that every dot of `vector` is superseded by state this node holds:
-/// the dots join the namespace's base (persisted before the answer) and its vector.
-pub(crate) struct CoverRequest {
-    pub namespace: Namespace,
-    pub vector: VersionVector,
-    /// Answered once the base file is durable and the namespace's vector, as readers
-    /// see it, holds the dots.
-    pub reply: oneshot::Sender<Result<(), WriteError>>,
-}
-
-/// Events received from a peer, to apply as they are.
-pub(crate) struct ApplyRequest {
-    pub events: Vec<Event>,
-    /// Whether they are reconciliation repairs: the current state of keys on a peer
-    /// whose state differs. A repair whose dot this node holds is still applied when
-    /// it is newer than what its key holds (see [`Writer::repair_supersedes`]).
-    pub repair: bool,
-    pub reply: oneshot::Sender<Result<ApplyOutcome, WriteError>>,
-    /// As for [`WriteRequest::permit`].
-    pub permit: Option<OwnedSemaphorePermit>,
-    pub bytes: usize,
-}
-
 /// A queued request the writer works on.
 enum Work {
     Write(WriteRequest),
@@ -180,16 +113,6 @@ enum Work {
     Policy(PolicyRequest),
     Collect(CollectRequest),
     Quarantine(QuarantineRequest),
-}
-
-pub(crate) struct WriteRequest {
-    pub namespace: Namespace,
-    pub ops: Vec<WriteOp>,
-    pub reply: oneshot::Sender<Result<Vec<Applied>, WriteError>>,
-    /// Holds this request's share of the queue's byte budget until it is answered
-    /// (always `Some` once queued).
-    pub permit: Option<OwnedSemaphorePermit>,
-    pub bytes: usize,
 }
 
 /// Progress of the pipeline, guarded by one mutex.
@@ -591,7 +514,7 @@ impl Writer {
 
     /// Makes everything durable on a clean stop, whatever the fsync mode.
     fn finish(&self) {
-        if self.shared.failure.get().is_some() {
+        if self.shared.health.failure.get().is_some() {
             return;
         }
         if let Err(e) = self.segment.file.sync_data() {
@@ -605,7 +528,7 @@ impl Writer {
             tracing::warn!(error = %e, "could not persist the key index at shutdown; it will be rebuilt from the log");
         }
         // Everything issued is durable now: the next start may go on right after it.
-        if let Err(e) = self.shared.counters.lock().unwrap().settle() {
+        if let Err(e) = self.shared.writer.counters.lock().unwrap().settle() {
             tracing::warn!(error = %e, "could not settle the counters file at shutdown; the next start leaves a gap in this node's counters");
         }
         let mut progress = self.shared.progress.lock().unwrap();
@@ -650,7 +573,7 @@ impl Writer {
         // CRDT writes read the index too, plus the states the indexer has not
         // applied yet, which the writer keeps until it has.
         self.crdt_recent
-            .prune(self.shared.indexed_seq.load(Ordering::Acquire));
+            .prune(self.shared.indexer.indexed_seq.load(Ordering::Acquire));
         let group = self.refuse_without_space(group);
         if group.is_empty() && !self.release_due_at(wall) {
             return None;
@@ -828,7 +751,7 @@ impl Writer {
             // Two events for one key in one group: the index gets the winner.
             Some(&p) => {
                 let current = &mut g.updates[p];
-                if lww_wins(&entry.version(), &current.entry.version()) {
+                if crate::lww::wins(&entry.version(), &current.entry.version()) {
                     current.entry = entry;
                     current.kind = kind;
                 }
@@ -858,102 +781,6 @@ impl Writer {
         self.namespaces.get_mut(namespace).expect("just made")
     }
 
-    /// A client's batch: new dots of this node, fresh clock readings.
-    fn add_local(&mut self, g: &mut Group, w: WriteRequest, wall: u64) {
-        if let Some((i, op)) = w
-            .ops
-            .iter()
-            .enumerate()
-            .find(|(_, op)| matches!(op.kind, WriteKind::Crdt(_)))
-        {
-            let WriteKind::Crdt(crdt) = &op.kind else {
-                unreachable!("found above")
-            };
-            let err = WriteError::WrongPolicy(format!(
-                "operation {i} on key {:?} is a {} operation, but namespace {} uses the lww policy (set its policy first)",
-                op.key.as_str(),
-                crdt.policy(),
-                w.namespace
-            ));
-            self.shared.metrics.writes_rejected.inc();
-            let _ = w.reply.send(Err(err));
-            return;
-        }
-        if let Err(e) = self.check_conditions(&w, g) {
-            self.shared.metrics.writes_rejected.inc();
-            let _ = w.reply.send(Err(e));
-            return;
-        }
-        let first_counter = self.next_counter(&w.namespace);
-        let events: Vec<_> = w
-            .ops
-            .iter()
-            .map(|op| {
-                let put = match &op.kind {
-                    WriteKind::Put {
-                        content_type,
-                        value,
-                    } => Some((*content_type, &value[..])),
-                    WriteKind::Delete => None,
-                    WriteKind::Crdt(_) => unreachable!("refused above"),
-                };
-                (self.clock.tick(wall), put)
-            })
-            .collect();
-        let applied = self.append_ops(g, &w, first_counter, &events, &[]);
-        g.acks.push(Ack {
-            reply: Reply::Write(w.reply, applied),
-            _permit: w.permit,
-        });
-    }
-
-    /// Appends a client's batch: operation `i` as the event with dot
-    /// `first_counter + i` of this node, clock reading and value (`None`: a delete)
-    /// `events[i]`. Records the dots in the namespace's vector.
-    fn append_ops(
-        &mut self,
-        g: &mut Group,
-        w: &WriteRequest,
-        first_counter: u64,
-        events: &[LocalEvent<'_>],
-        context: &[u8],
-    ) -> Vec<Applied> {
-        let node_id = self.shared.node_id;
-        let last = events.len() - 1;
-        let mut applied = Vec::with_capacity(events.len());
-        let mut hlc = Hlc::ZERO;
-        for (i, (op, &(event_hlc, put))) in w.ops.iter().zip(events).enumerate() {
-            hlc = event_hlc;
-            let dot = Dot {
-                origin: node_id,
-                counter: first_counter + i as u64,
-            };
-            let event = EventRef {
-                namespace: w.namespace.as_str(),
-                key: op.key.as_str(),
-                put,
-                dot,
-                hlc,
-                context,
-            };
-            let seq = self.append(g, &event, i == last, UpdateKind::Overwrite);
-            applied.push(Applied { dot, hlc, seq });
-        }
-        self.touch(g, &w.namespace, hlc);
-        let last_counter = first_counter + last as u64;
-        self.namespaces
-            .get_mut(&w.namespace)
-            .expect("just touched")
-            .vector
-            .insert_range(node_id, first_counter, last_counter);
-        self.shared
-            .counters
-            .lock()
-            .unwrap()
-            .issued(&w.namespace, last_counter);
-        applied
-    }
-
     /// Copies compaction moves forward: appended as they are, touching no vector,
     /// clock or namespace state.
     fn add_relocated(&mut self, g: &mut Group, r: RelocateRequest) {
@@ -969,213 +796,9 @@ impl Writer {
         });
     }
 
-    /// Joins a covered vector into the namespace's base, durably, and into its
-    /// vector. The base file is written here, in queue order, so that the cover takes
-    /// effect after every request queued before it. Dots held here (parked or
-    /// quarantined) are left out: they are not applied, and a vector claiming them
-    /// would make them duplicates when released.
-    fn add_cover(&mut self, g: &mut Group, c: CoverRequest) {
-        let held = self.shared.held.lock().unwrap().dots(&c.namespace, false);
-        let vector = if held.is_empty() {
-            c.vector
-        } else {
-            c.vector.difference(&held)
-        };
-        if let Err(e) = self.cover(g, &c.namespace, &vector) {
-            let _ = c.reply.send(Err(e));
-            return;
-        }
-        g.acks.push(Ack {
-            reply: Reply::AfterIndex(c.reply),
-            _permit: None,
-        });
-    }
-
-    /// Joins `vector` into the namespace's base (durably) and its vector.
-    fn cover(
-        &mut self,
-        g: &mut Group,
-        namespace: &Namespace,
-        vector: &VersionVector,
-    ) -> Result<(), WriteError> {
-        let saved = {
-            let mut bases = self.shared.bases.lock().unwrap();
-            let mut next = bases.clone();
-            next.by_namespace
-                .entry(namespace.clone())
-                .or_default()
-                .join(vector);
-            let saved = next.save(self.shared.config.fs.as_ref(), &self.shared.config.data_dir);
-            if saved.is_ok() {
-                *bases = next;
-            }
-            saved
-        };
-        if let Err(e) = saved {
-            // Nothing changed: the old file is intact, and the store can go on.
-            let what = format!("writing the base vector file: {e}");
-            return Err(if is_no_space(&e) {
-                self.shared.no_space(what)
-            } else {
-                WriteError::Storage(what)
-            });
-        }
-        self.namespaces
-            .entry(namespace.clone())
-            .or_default()
-            .vector
-            .join(vector);
-        g.touch(namespace);
-        Ok(())
-    }
-
-    fn policy(&self, namespace: &Namespace) -> Policy {
-        self.shared.policies.read().unwrap().get(namespace)
-    }
-
-    /// Whether `namespace` holds any event.
-    fn holds_data(&self, namespace: &Namespace) -> bool {
-        self.namespaces
-            .get(namespace)
-            .is_some_and(|s| !s.vector.is_empty())
-    }
-
-    fn set_policy(&mut self, p: PolicyRequest) {
-        let current = self.policy(&p.namespace);
-        let result = if current == p.policy {
-            Ok(())
-        } else if self.holds_data(&p.namespace) {
-            Err(WriteError::PolicyFixed(format!(
-                "namespace {} holds data under the {current} policy; a namespace's policy cannot change once it holds data",
-                p.namespace
-            )))
-        } else {
-            self.save_policy(&p.namespace, p.policy)
-        };
-        let _ = p.reply.send(result);
-    }
-
-    fn save_policy(&self, namespace: &Namespace, policy: Policy) -> Result<(), WriteError> {
-        let mut policies = self.shared.policies.write().unwrap();
-        let mut next = policies.clone();
-        next.by_namespace.insert(namespace.clone(), policy);
-        next.save(self.shared.config.fs.as_ref(), &self.shared.config.data_dir)
-            .map_err(|e| {
-                let what = format!("writing the policies file: {e}");
-                if is_no_space(&e) {
-                    self.shared.no_space(what)
-                } else {
-                    WriteError::Storage(what)
-                }
-            })?;
-        *policies = next;
-        Ok(())
-    }
-
-    /// The counter this node's next event in `namespace` gets (reserved by
-    /// [`Writer::reserve_counters`] before the group is built).
-    fn next_counter(&self, namespace: &Namespace) -> u64 {
-        self.shared.counters.lock().unwrap().next(namespace)
-    }
-
-    /// Makes the counters the group's local writes will take durable as reserved
-    /// (usually no I/O: counters are reserved in blocks), so that no crash can make
-    /// this node issue a counter twice that a client or a peer has seen. Writes that cannot get counters are answered
-    /// here and left out of the group.
-    fn reserve_counters(&mut self, group: Vec<Work>) -> Vec<Work> {
-        // Under `fsync = "always"` nobody sees a counter before the log holding it is
-        // durable (clients get no answer, peers no feed entry): the log is its own
-        // reservation, and a crash can only take back counters nobody saw.
-        if self.shared.config.fsync == FsyncMode::Always {
-            return group;
-        }
-        let mut needs: HashMap<Namespace, u64> = HashMap::new();
-        for work in &group {
-            if let Work::Write(w) = work {
-                *needs.entry(w.namespace.clone()).or_default() += w.ops.len() as u64;
-            }
-        }
-        if needs.is_empty() {
-            return group;
-        }
-        let reserved = self.shared.counters.lock().unwrap().reserve(&needs);
-        let Err(e) = reserved else { return group };
-        let what = format!(
-            "reserving counters in the counters file of {}: {e}",
-            self.shared.config.data_dir.display()
-        );
-        let err = self.shared.io_failure(what, &e);
-        group
-            .into_iter()
-            .filter_map(|work| match work {
-                Work::Write(w) => {
-                    let _ = w.reply.send(Err(err.clone()));
-                    None
-                }
-                other => Some(other),
-            })
-            .collect()
-    }
-
-    /// Checks every condition of a request against the state it would see: earlier
-    /// operations of the same request, earlier requests of this group, then the index.
-    fn check_conditions(&self, w: &WriteRequest, g: &Group) -> Result<(), WriteError> {
-        if w.ops.iter().all(|op| op.condition == Condition::None) {
-            return Ok(());
-        }
-        let node_id = self.shared.node_id;
-        let first_counter = self.next_counter(&w.namespace);
-        // Key -> (dot, live) as left by earlier operations of this request.
-        let mut local: HashMap<&str, (Dot, bool)> = HashMap::new();
-        for (i, op) in w.ops.iter().enumerate() {
-            if op.condition != Condition::None {
-                let key = op.key.as_str();
-                let current = match local.get(key) {
-                    Some(&state) => Some(state),
-                    None => {
-                        let ikey = codec::index_key(w.namespace.as_str(), key);
-                        match g.positions.get(&ikey[..]) {
-                            Some(&p) => {
-                                let entry = &g.updates[p].entry;
-                                Some((entry.dot, entry.content_type.is_some()))
-                            }
-                            None => self
-                                .shared
-                                .index
-                                .get(&ikey)
-                                .map_err(|e| {
-                                    WriteError::Storage(format!("reading the key index: {e}"))
-                                })?
-                                .map(|e| (e.dot, e.content_type.is_some())),
-                        }
-                    }
-                };
-                let live = current.filter(|&(_, live)| live).map(|(dot, _)| dot);
-                let failure = op.condition.check(live).err();
-                if let Some(reason) = failure {
-                    return Err(WriteError::ConditionFailed {
-                        index: i,
-                        key: op.key.clone(),
-                        reason,
-                        current: live,
-                    });
-                }
-            }
-            let dot = Dot {
-                origin: node_id,
-                counter: first_counter + i as u64,
-            };
-            local.insert(
-                op.key.as_str(),
-                (dot, matches!(op.kind, WriteKind::Put { .. })),
-            );
-        }
-        Ok(())
-    }
-
     fn wait_indexed(&self, seq: u64) {
         let mut progress = self.shared.progress.lock().unwrap();
-        while progress.indexed.seq < seq && self.shared.failure.get().is_none() {
+        while progress.indexed.seq < seq && self.shared.health.failure.get().is_none() {
             progress = self.shared.progress_changed.wait(progress).unwrap();
         }
     }
@@ -1232,7 +855,10 @@ impl Writer {
                 progress.synced = head;
             }
             progress.acked = head;
-            self.shared.acked_seq.store(head.seq, Ordering::Release);
+            self.shared
+                .writer
+                .acked_seq
+                .store(head.seq, Ordering::Release);
             self.shared.publish(&progress);
         }
         // Relocated copies are no new events: they count only as log bytes.

@@ -38,7 +38,7 @@ impl Writer {
             return;
         }
         let shared = self.shared.clone();
-        let mut held = shared.held.lock().unwrap();
+        let mut held = shared.writer.held.lock().unwrap();
         let judged = self.judge(g, &held, &a.events, wall, a.repair);
         if judged.hold_bytes > held.room() {
             held.note_full_refusal();
@@ -247,11 +247,12 @@ impl Writer {
     /// The writer's deadline for the release of the earliest parked event (`None`:
     /// nothing parked, or the store failed).
     pub(super) fn release_deadline(&self) -> Option<Instant> {
-        if self.shared.failure.get().is_some() {
+        if self.shared.health.failure.get().is_some() {
             return None;
         }
         let due_ms = self
             .shared
+            .writer
             .held
             .lock()
             .unwrap()
@@ -264,6 +265,7 @@ impl Writer {
     /// Whether a parked event may be applied at `wall`.
     pub(super) fn release_due_at(&self, wall: u64) -> bool {
         self.shared
+            .writer
             .held
             .lock()
             .unwrap()
@@ -275,7 +277,7 @@ impl Writer {
     /// as any received event (a policy conflict found now quarantines them).
     pub(super) fn release_parked(&mut self, g: &mut Group, wall: u64) {
         let shared = self.shared.clone();
-        let mut held = shared.held.lock().unwrap();
+        let mut held = shared.writer.held.lock().unwrap();
         let due = held.take_due(wall.saturating_add(self.clock.max_skew_ms()));
         if due.is_empty() {
             return;
@@ -304,7 +306,7 @@ impl Writer {
 
     /// Makes the events held by this group durable.
     pub(super) fn sync_held(&self) -> Result<(), WriteError> {
-        let mut held = self.shared.held.lock().unwrap();
+        let mut held = self.shared.writer.held.lock().unwrap();
         let synced = held.sync();
         self.shared.metrics.held_events.set(held.len() as i64);
         self.shared.metrics.held_bytes.set(held.bytes() as i64);
@@ -323,7 +325,7 @@ impl Writer {
     /// start of a group: those applied left in earlier groups, whose log records are
     /// durable by now (under `fsync = "always"`).
     pub(super) fn compact_held(&self) {
-        if let Err(e) = self.shared.held.lock().unwrap().compact() {
+        if let Err(e) = self.shared.writer.held.lock().unwrap().compact() {
             // The old file is intact; the next group tries again.
             tracing::warn!(error = %e, "could not rewrite {}", crate::held::HELD_FILE);
         }
@@ -332,7 +334,7 @@ impl Writer {
     /// An operator's resolution of a namespace's quarantine.
     pub(super) fn resolve_quarantine(&mut self, g: &mut Group, q: QuarantineRequest, wall: u64) {
         let shared = self.shared.clone();
-        let mut held = shared.held.lock().unwrap();
+        let mut held = shared.writer.held.lock().unwrap();
         let outcome = match q.action {
             QuarantineAction::Retry => {
                 let taken = held.take_quarantined(&q.namespace);
@@ -383,7 +385,7 @@ impl Writer {
     /// that counter again (or overflow at `u64::MAX`).
     fn check_own_origin(&self, events: &[Event]) -> Result<(), WriteError> {
         let me = self.shared.node_id;
-        let counters = self.shared.counters.lock().unwrap();
+        let counters = self.shared.writer.counters.lock().unwrap();
         match events
             .iter()
             .find(|e| e.dot.origin == me && !counters.may_have_issued(&e.namespace, e.dot.counter))
@@ -427,7 +429,9 @@ impl Writer {
             return false;
         }
         match self.shared.index.get(&key) {
-            Ok(current) => current.is_some_and(|c| lww_wins(&e.version(), &c.version())),
+            Ok(current) => {
+                crate::lww::repair_supersedes(&e.version(), current.map(|c| c.version()).as_ref())
+            }
             Err(err) => {
                 tracing::warn!(namespace = %e.namespace, key = e.key.as_str(), error = %err, "cannot read the key index to judge a repair of a held event; it is dropped (the next anti-entropy run tries again)");
                 false

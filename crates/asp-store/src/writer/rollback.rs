@@ -50,7 +50,13 @@ impl Writer {
         }
         // Parked events the group will release touch their namespaces too.
         let limit = wall_ms().saturating_add(self.clock.max_skew_ms());
-        let due = self.shared.held.lock().unwrap().due_namespaces(limit);
+        let due = self
+            .shared
+            .writer
+            .held
+            .lock()
+            .unwrap()
+            .due_namespaces(limit);
         takes_held |= !due.is_empty();
         let mut namespaces: Vec<Namespace> = names.list.into_iter().cloned().collect();
         for ns in due {
@@ -82,13 +88,18 @@ impl Writer {
         self.sparse = mark.sparse;
         {
             let mut progress = self.shared.progress.lock().unwrap();
-            while self.shared.index_msgs_applied.load(Ordering::Acquire) < self.index_msgs_sent
-                && self.shared.failure.get().is_none()
+            while self
+                .shared
+                .indexer
+                .index_msgs_applied
+                .load(Ordering::Acquire)
+                < self.index_msgs_sent
+                && self.shared.health.failure.get().is_none()
             {
                 progress = self.shared.progress_changed.wait(progress).unwrap();
             }
         }
-        let indexed = self.shared.namespaces.read().unwrap();
+        let indexed = self.shared.indexer.namespaces.read().unwrap();
         for ns in &mark.namespaces {
             match indexed.get(ns) {
                 Some(state) => self.namespaces.insert(ns.clone(), state.clone()),
@@ -98,7 +109,7 @@ impl Writer {
         drop(indexed);
         {
             let me = self.shared.node_id;
-            let mut counters = self.shared.counters.lock().unwrap();
+            let mut counters = self.shared.writer.counters.lock().unwrap();
             for ns in &mark.namespaces {
                 let last = self
                     .namespaces
@@ -112,6 +123,7 @@ impl Writer {
             // rewritten only at the start of a group).
             let namespaces = &self.namespaces;
             self.shared
+                .writer
                 .held
                 .lock()
                 .unwrap()

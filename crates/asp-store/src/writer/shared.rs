@@ -4,32 +4,90 @@
 
 use super::*;
 
-/// State shared by the store handle, the writer threads and readers.
+/// State shared by the store handle, the writer threads and readers, grouped by who
+/// writes it: each group's doc names its writers, and everyone else only reads it.
+/// The locks are the fields' own; grouping them changes no locking.
 pub(crate) struct Shared {
+    // Fixed at open, or synchronised inside: everyone's.
     pub node_id: NodeId,
     pub config: StoreConfig,
     pub log: Log,
     pub index: Index,
+    pub metrics: Metrics,
+    /// The feed head readers and subscribers see (see [`Shared::publish`]): moved by
+    /// the log writer and, under `fsync = "interval:<ms>"`, the syncer.
     pub head_tx: watch::Sender<FeedHead>,
+    /// The pipeline's marks: the log writer, the indexer and the syncer each advance
+    /// their own under this one mutex; `progress_changed` tells when.
     pub progress: Mutex<Progress>,
     pub progress_changed: Condvar,
+    pub writer: ByWriter,
+    pub indexer: ByIndexer,
+    pub window_keeper: ByWindowKeeper,
+    pub peers: FromPeers,
+    pub maintenance: Maintenance,
+    pub health: Health,
+}
+
+/// What the log writer thread changes; readers and status pages read it.
+pub(crate) struct ByWriter {
+    /// Each namespace's conflict policy.
+    pub policies: RwLock<Policies>,
+    /// Which counters this node may still issue (durable marks, see
+    /// [`crate::counters`]). The replication face also claims counters here when a
+    /// peer's summary shows own events this node had no record of.
+    pub counters: Mutex<crate::counters::Counters>,
+    /// Events received from peers and held, not applied (see [`crate::held`]).
+    pub held: Mutex<Held>,
+    /// Mirror of `progress.acked.seq`, so that a read can see without locking what it
+    /// must wait for.
+    pub acked_seq: AtomicU64,
+}
+
+/// What the indexer publishes as it applies acknowledged groups to the key index.
+pub(crate) struct ByIndexer {
     /// Each namespace's vector and newest clock reading, as of the indexed head.
     pub namespaces: RwLock<HashMap<Namespace, NamespaceState>>,
+    /// Mirror of `progress.indexed.seq`, so that a read can see without locking that
+    /// the index is up to date.
+    pub indexed_seq: AtomicU64,
+    /// Groups the indexer applied, namespace states included (see
+    /// [`Writer::roll_back`]).
+    pub index_msgs_applied: AtomicU64,
+    /// Messages the indexer sent the window keeper (see [`Windows::messages`]).
+    pub window_messages: AtomicU64,
+    /// The indexed sequence number for async waiters (bumped on failure too, by
+    /// whoever fails the store, so that they wake and see it).
+    pub indexed_tx: watch::Sender<u64>,
+}
+
+/// What the window keeper keeps, a little behind the indexer.
+pub(crate) struct ByWindowKeeper {
     /// Each namespace's reconciliation symbols over its keys' current versions and
-    /// filter of keys held (kept by the window keeper, a little behind the indexer);
-    /// `windows_changed` tells when.
+    /// filter of keys held; `windows_changed` tells when they move.
     pub windows: Mutex<Windows>,
     pub windows_changed: Condvar,
-    /// Set on the first storage failure; the store then refuses writes.
-    pub failure: OnceLock<String>,
-    /// Set while writes are refused for space (see [`Shared::no_space`]).
-    pub space_problem: Mutex<Option<String>>,
-    /// Held by a scrub run: one at a time.
-    pub scrub_running: Mutex<()>,
-    /// The last scrub's report.
-    pub last_scrub: Mutex<Option<crate::scrub::ScrubReport>>,
+}
+
+/// What peers' word changes: the replication face writes it as summaries and
+/// contacts arrive (compaction also notes this node's own vectors in `gc`).
+pub(crate) struct FromPeers {
+    /// What is known of other nodes' vectors: when tombstones may be collected.
+    pub gc: Mutex<crate::gc::Gc>,
+    /// When peers turned out to hold events of this node it had no record of issuing
+    /// (newest last, at most `OWN_EVENTS_FOUND_MAX` of `store/replication.rs`).
+    pub own_events_found: Mutex<Vec<crate::store::OwnEventsFound>>,
+    /// Whether local writes may take counters: after an open with
+    /// `own_events_wait` set and peers known, not until a peer's summary said what it
+    /// holds of this node's own events (or the wait ran out).
+    pub own_events_learned: watch::Sender<bool>,
+}
+
+/// What maintenance runs (compaction and scrub) hold and change.
+pub(crate) struct Maintenance {
     /// What the node holds beyond its log (`base.vv`); its lock is held while the file
-    /// is replaced, so the file only ever grows.
+    /// is replaced, so the file only ever grows. Compaction grows it when it drops
+    /// segments, and the log writer when a peer covers dots.
     pub bases: Mutex<Bases>,
     /// Held by a compaction run: one at a time.
     pub compaction: Mutex<()>,
@@ -37,36 +95,19 @@ pub(crate) struct Shared {
     /// hold this for reading, so that compaction, which takes it for writing to drop a
     /// segment, never drops one between the lookup and the read.
     pub segment_gate: RwLock<()>,
-    /// Each namespace's conflict policy (the writer changes it, readers read it).
-    pub policies: RwLock<Policies>,
-    /// What is known of other nodes' vectors: when tombstones may be collected.
-    pub gc: Mutex<crate::gc::Gc>,
-    /// Which counters this node may still issue (durable marks, see
-    /// [`crate::counters`]).
-    pub counters: Mutex<crate::counters::Counters>,
-    /// When peers turned out to hold events of this node it had no record of issuing
-    /// (newest last, at most [`crate::store::OWN_EVENTS_FOUND_MAX`]).
-    pub own_events_found: Mutex<Vec<crate::store::OwnEventsFound>>,
-    /// Whether local writes may take counters: after an open with
-    /// `own_events_wait` set and peers known, not until a peer's summary said what it
-    /// holds of this node's own events (or the wait ran out).
-    pub own_events_learned: watch::Sender<bool>,
-    /// Events received from peers and held, not applied (see [`crate::held`]); the
-    /// writer changes them, status pages read them.
-    pub held: Mutex<Held>,
-    pub metrics: Metrics,
-    /// Mirrors of `progress.acked.seq` and `progress.indexed.seq`, so that a read can
-    /// see without locking that the index is up to date.
-    pub acked_seq: AtomicU64,
-    pub indexed_seq: AtomicU64,
-    /// Groups the indexer applied, namespace states included (see
-    /// [`Writer::roll_back`]).
-    pub index_msgs_applied: AtomicU64,
-    /// Messages the indexer sent the window keeper (see [`Windows::messages`]).
-    pub window_messages: AtomicU64,
-    /// The indexed sequence number for async waiters (bumped on failure too, so that
-    /// they wake and see it).
-    pub indexed_tx: watch::Sender<u64>,
+    /// Held by a scrub run: one at a time.
+    pub scrub_running: Mutex<()>,
+    /// The last scrub's report.
+    pub last_scrub: Mutex<Option<crate::scrub::ScrubReport>>,
+}
+
+/// Whether the store can take writes: set by whichever part meets the problem.
+pub(crate) struct Health {
+    /// Set on the first storage failure (see [`Shared::fail`]); the store then refuses
+    /// writes.
+    pub failure: OnceLock<String>,
+    /// Set while writes are refused for space (see [`Shared::no_space`]).
+    pub space_problem: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -87,10 +128,10 @@ impl Shared {
 
     pub fn fail(&self, what: String) -> WriteError {
         tracing::error!(error = %what, "storage failure; refusing further writes");
-        let _ = self.failure.set(what);
+        let _ = self.health.failure.set(what);
         self.progress_changed.notify_all();
-        self.indexed_tx.send_modify(|_| {});
-        WriteError::Storage(self.failure.get().cloned().unwrap_or_default())
+        self.indexer.indexed_tx.send_modify(|_| {});
+        WriteError::Storage(self.health.failure.get().cloned().unwrap_or_default())
     }
 
     /// Notes that writes are refused for space (what `/healthz` and status say until
@@ -107,7 +148,7 @@ impl Shared {
         );
         tracing::warn!(error = %message, "write refused for space");
         self.metrics.writes_no_space.inc();
-        *self.space_problem.lock().unwrap() = Some(message.clone());
+        *self.health.space_problem.lock().unwrap() = Some(message.clone());
         WriteError::NoSpace(message)
     }
 
@@ -124,7 +165,7 @@ impl Shared {
 
     /// A group was appended: whatever kept writes out for space is over.
     pub(super) fn space_regained(&self) {
-        let mut problem = self.space_problem.lock().unwrap();
+        let mut problem = self.health.space_problem.lock().unwrap();
         if problem.take().is_some() {
             tracing::info!("writes resumed: there is space again");
         }
@@ -134,7 +175,7 @@ impl Shared {
     /// as soon as the filesystem has room again (so that a node nobody writes to
     /// does not stay unhealthy).
     pub fn space_problem(&self) -> Option<String> {
-        let mut problem = self.space_problem.lock().unwrap();
+        let mut problem = self.health.space_problem.lock().unwrap();
         problem.as_ref()?;
         let config = &self.config;
         let room = config.min_free_bytes.max(SPACE_REGAINED_BYTES);
@@ -149,7 +190,10 @@ impl Shared {
     }
 
     pub(super) fn failed(&self) -> Option<WriteError> {
-        self.failure.get().map(|f| WriteError::Storage(f.clone()))
+        self.health
+            .failure
+            .get()
+            .map(|f| WriteError::Storage(f.clone()))
     }
 
     /// The event that set `index_key`'s entry: read from the log where the entry points
@@ -230,13 +274,13 @@ impl Shared {
     /// Waits until the index reflects every write acknowledged before the call: what
     /// makes reads read-your-writes.
     pub fn await_index(&self) -> Result<(), String> {
-        let target = self.acked_seq.load(Ordering::Acquire);
-        if self.indexed_seq.load(Ordering::Acquire) >= target {
+        let target = self.writer.acked_seq.load(Ordering::Acquire);
+        if self.indexer.indexed_seq.load(Ordering::Acquire) >= target {
             return Ok(());
         }
         let mut progress = self.progress.lock().unwrap();
         while progress.indexed.seq < target {
-            if let Some(f) = self.failure.get() {
+            if let Some(f) = self.health.failure.get() {
                 return Err(f.clone());
             }
             progress = self.progress_changed.wait(progress).unwrap();
@@ -246,15 +290,15 @@ impl Shared {
 
     /// Like [`Shared::await_index`], without blocking a thread.
     pub async fn await_index_async(&self) -> Result<(), String> {
-        let target = self.acked_seq.load(Ordering::Acquire);
-        if self.indexed_seq.load(Ordering::Acquire) >= target {
+        let target = self.writer.acked_seq.load(Ordering::Acquire);
+        if self.indexer.indexed_seq.load(Ordering::Acquire) >= target {
             return Ok(());
         }
-        let mut rx = self.indexed_tx.subscribe();
+        let mut rx = self.indexer.indexed_tx.subscribe();
         let _ = rx
-            .wait_for(|&seq| seq >= target || self.failure.get().is_some())
+            .wait_for(|&seq| seq >= target || self.health.failure.get().is_some())
             .await;
-        match self.failure.get() {
+        match self.health.failure.get() {
             Some(f) => Err(f.clone()),
             None => Ok(()),
         }

@@ -1,0 +1,582 @@
+//! What the peer links (`asp-node`'s link and reconciler) call: applying events from
+//! peers, summaries and the vector reports they gossip, reconciliation windows and
+//! items, the events behind them, and per-peer checkpoints.
+
+use std::collections::HashMap;
+
+use asp_core::reconcile::{Item, ItemKey, Symbol, Window};
+use asp_core::session::{GOSSIP_BYTES_MAX, NamespaceSummary, VectorReport};
+use asp_core::{Event, Key, Namespace, NodeId};
+use tokio::sync::oneshot;
+
+use crate::codec::IndexEntry;
+use crate::digest::{Windows, namespace_items, window_len};
+use crate::error::{ReadError, WriteError};
+use crate::types::ApplyOutcome;
+use crate::writer::{ApplyRequest, Request, Shared};
+use crate::{codec, validate, writer};
+
+use super::Store;
+
+/// The events behind index entries, read for a peer: at most `limit`, and about
+/// `bytes_max` bytes (the last event may pass it).
+struct EventPage {
+    events: Vec<Event>,
+    bytes: usize,
+    limit: usize,
+    bytes_max: usize,
+    failure: Option<ReadError>,
+}
+
+impl EventPage {
+    fn new(limit: usize, bytes_max: usize) -> EventPage {
+        EventPage {
+            events: Vec::new(),
+            bytes: 0,
+            limit,
+            bytes_max,
+            failure: None,
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.events.len() >= self.limit || self.bytes >= self.bytes_max
+    }
+
+    /// Adds the event behind `index_key`'s entry; `false` (stop the scan) if it cannot
+    /// be read. The caller holds the segment gate.
+    fn add(&mut self, shared: &Shared, index_key: &[u8], entry: &IndexEntry) -> bool {
+        match shared.entry_event(index_key, entry) {
+            Ok(event) => {
+                self.bytes += asp_core::session::credit_size(&event) as usize;
+                self.events.push(event);
+                true
+            }
+            Err(e) => {
+                self.failure = Some(e);
+                false
+            }
+        }
+    }
+
+    fn finish(self) -> Result<Vec<Event>, ReadError> {
+        match self.failure {
+            Some(e) => Err(e),
+            None => Ok(self.events),
+        }
+    }
+}
+
+/// Findings of own events held by peers kept for status, at most.
+pub(crate) const OWN_EVENTS_FOUND_MAX: usize = 16;
+
+/// Peers held events of this node, in one namespace, that it had no record of
+/// issuing: its counters went on after them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnEventsFound {
+    pub namespace: Namespace,
+    /// The highest counter this node knew it had issued.
+    pub known: u64,
+    /// The highest counter of its own that a peer (or a report it gossiped) held.
+    pub held_by_peers: u64,
+    /// When (wall ms).
+    pub at_ms: u64,
+}
+
+impl Store {
+    /// Applies events received from a peer: those already held are left out, the rest
+    /// are appended to this node's feed as they are (same dots, same clocks) and merged
+    /// into each key by version. Returns once they are as durable as the fsync mode
+    /// promises, and not before everything held already is.
+    ///
+    /// Events that cannot be applied yet are *held* (durably, outside the feed) and
+    /// counted in the outcome: those whose clock is more than `max_clock_skew_ms`
+    /// ahead are parked and applied once this node's clock allows; those of another
+    /// conflict policy than their namespace's here are quarantined until an operator
+    /// resolves it ([`Store::resolve_quarantine`]). Only when holding them would pass
+    /// `held_bytes_max` is the whole call refused ([`WriteError::ClockSkew`] or
+    /// [`WriteError::PolicyFixed`]).
+    ///
+    /// Every event is first checked like a local write (value and record size,
+    /// context, CRDT state): one that breaks a rule refuses the whole call
+    /// ([`WriteError::InvalidEvent`]) and nothing of it is applied.
+    pub async fn apply_remote(&self, events: Vec<Event>) -> Result<ApplyOutcome, WriteError> {
+        let answer = self.enqueue_remote(events).await?;
+        match answer.await {
+            Ok(result) => result,
+            Err(_) => Err(self.closed_or_failed()),
+        }
+    }
+
+    /// Queues events from a peer like [`Store::apply_remote`] and returns at once (or
+    /// when the queue has room) with the receiver of the outcome. Requests are applied
+    /// in the order they were queued, so a caller can keep several in flight and still
+    /// see their outcomes in order. A batch with an event that breaks a rule is refused
+    /// here ([`WriteError::InvalidEvent`]), before it reaches the writer.
+    pub async fn enqueue_remote(
+        &self,
+        events: Vec<Event>,
+    ) -> Result<oneshot::Receiver<Result<ApplyOutcome, WriteError>>, WriteError> {
+        self.enqueue_apply(events, false).await
+    }
+
+    /// Queues reconciliation repairs (a peer's current state of keys whose state
+    /// differs) like [`Store::enqueue_remote`], with one difference: a repair whose dot
+    /// this node already holds is applied anyway if its key's entry is older (so that
+    /// two nodes with the same vector but different states converge), and dropped if
+    /// its key has no entry (its delete was collected here). Applied repairs of held
+    /// dots are appended to the feed again, merged by version, counted as applied.
+    pub async fn enqueue_repair(
+        &self,
+        events: Vec<Event>,
+    ) -> Result<oneshot::Receiver<Result<ApplyOutcome, WriteError>>, WriteError> {
+        self.enqueue_apply(events, true).await
+    }
+
+    async fn enqueue_apply(
+        &self,
+        events: Vec<Event>,
+        repair: bool,
+    ) -> Result<oneshot::Receiver<Result<ApplyOutcome, WriteError>>, WriteError> {
+        validate::check_remote_events(self.config(), &events)?;
+        let bytes: usize = events
+            .iter()
+            .map(|e| asp_core::session::credit_size(e) as usize)
+            .sum::<usize>()
+            .min(self.config().write_queue_bytes_max);
+        if let Some(f) = self.inner.shared.health.failure.get() {
+            return Err(WriteError::Storage(f.clone()));
+        }
+        let permit = match self
+            .inner
+            .budget
+            .clone()
+            .try_acquire_many_owned(bytes as u32)
+        {
+            Ok(permit) => permit,
+            Err(_) => self
+                .inner
+                .budget
+                .clone()
+                .acquire_many_owned(bytes as u32)
+                .await
+                .map_err(|_| WriteError::Closed)?,
+        };
+        let (reply, answer) = oneshot::channel();
+        let request = ApplyRequest {
+            events,
+            repair,
+            reply,
+            permit: Some(permit),
+            bytes,
+        };
+        self.inner
+            .queue
+            .send(Request::Apply(request))
+            .await
+            .map_err(|_| WriteError::Closed)?;
+        Ok(answer)
+    }
+
+    /// What this node holds, per namespace: what a peer is told in the handshake.
+    /// Reflects every write acknowledged before the call (it waits for the index like a
+    /// read does; async callers call [`Store::caught_up`] first).
+    pub fn summary(&self) -> Vec<NamespaceSummary> {
+        let windows_on = self.config().reconcile_window > 0;
+        let digests: HashMap<Namespace, Symbol> = if windows_on {
+            // On a storage failure the last state kept is still a true (if old) answer.
+            let windows = self
+                .caught_up_windows()
+                .unwrap_or_else(|_| self.inner.shared.window_keeper.windows.lock().unwrap());
+            windows
+                .by_namespace
+                .iter()
+                .filter_map(|(ns, d)| Some((ns.clone(), d.window.symbols().first()?.canonical())))
+                .collect()
+        } else {
+            let _ = self.inner.shared.await_index();
+            HashMap::new()
+        };
+        let mut out: Vec<_> = self
+            .inner
+            .shared
+            .indexer
+            .namespaces
+            .read()
+            .unwrap()
+            .iter()
+            .map(|(ns, state)| NamespaceSummary {
+                namespace: ns.clone(),
+                max_hlc: state.max_hlc,
+                vector: state.vector.clone(),
+                digest: windows_on.then(|| digests.get(ns).copied().unwrap_or_default()),
+                reports: Vec::new(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.namespace.cmp(&b.namespace));
+        out
+    }
+
+    /// What this node holds of `namespace` (every acknowledged write included).
+    pub fn namespace_vector(&self, namespace: &Namespace) -> asp_core::VersionVector {
+        let _ = self.inner.shared.await_index();
+        self.inner
+            .shared
+            .indexer
+            .namespaces
+            .read()
+            .unwrap()
+            .get(namespace)
+            .map(|s| s.vector.clone())
+            .unwrap_or_default()
+    }
+
+    /// [`Store::summary`] with, per namespace, this node's report of its vector and
+    /// what it knows of every other node that may write there (its newest report, or
+    /// an empty one naming it): what a peer is sent, so that every node learns who may
+    /// write and what every other holds (tombstone collection waits for it).
+    pub fn summary_for_peers(&self) -> Vec<NamespaceSummary> {
+        let mut out = self.summary();
+        let now_ms = writer::wall_ms();
+        let me = self.inner.shared.node_id;
+        let peers = self.inner.shared.index.checkpoint_peers();
+        let gc = self.inner.shared.peers.gc.lock().unwrap();
+        // Gossip stays within a budget, so that the frame stays far below its limit
+        // with thousands of namespaces. A report that does not fit goes as an empty
+        // one, which still names its node: the receiver then waits for that node (or,
+        // past the horizon, leaves epitaphs) instead of not knowing it at all.
+        let mut budget = GOSSIP_BYTES_MAX;
+        for ns in &mut out {
+            ns.reports.push(VectorReport {
+                node: self.inner.shared.node_id,
+                at_ms: now_ms,
+                vector: ns.vector.clone(),
+            });
+            for mut report in gc.gossip(&ns.namespace, me, &ns.vector, &peers) {
+                if report.wire_bytes() > budget {
+                    report.vector = asp_core::VersionVector::new();
+                }
+                let bytes = report.wire_bytes();
+                if bytes > budget {
+                    break;
+                }
+                budget -= bytes;
+                ns.reports.push(report);
+            }
+        }
+        out
+    }
+
+    /// Takes in what a peer's summary reports of the nodes' vectors (its own among
+    /// them): what tombstone collection waits for (see docs/CONFLICTS.md).
+    pub fn note_reports(&self, summary: &[NamespaceSummary]) {
+        let shared = &self.inner.shared;
+        let me = shared.node_id;
+        let namespaces = shared.indexer.namespaces.read().unwrap();
+        let mut gc = shared.peers.gc.lock().unwrap();
+        let none = asp_core::VersionVector::new();
+        for ns in summary {
+            let own = namespaces.get(&ns.namespace).map_or(&none, |s| &s.vector);
+            for report in &ns.reports {
+                gc.note(&ns.namespace, me, own, report.clone());
+            }
+        }
+        drop(gc);
+        drop(namespaces);
+        self.note_own_events(summary);
+    }
+
+    /// Learns from a peer's summary (its vector and the reports it gossips) which of
+    /// this node's own events other nodes hold. Counters past everything this node
+    /// knows it issued were issued by an earlier life of it (its data directory was
+    /// restored from an older copy, or a crash lost them) or by another process with
+    /// its id: they are never issued again (see `counters.rs`), and the node says so.
+    fn note_own_events(&self, summary: &[NamespaceSummary]) {
+        let shared = &self.inner.shared;
+        let me = shared.node_id;
+        for ns in summary {
+            let held = std::iter::once(&ns.vector)
+                .chain(ns.reports.iter().map(|r| &r.vector))
+                .map(|v| v.max_counter(me))
+                .max()
+                .unwrap_or(0);
+            if held == 0 {
+                continue;
+            }
+            let claimed = shared
+                .writer
+                .counters
+                .lock()
+                .unwrap()
+                .claim(&ns.namespace, held);
+            match claimed {
+                Ok(None) => {}
+                Ok(Some(known)) => {
+                    tracing::warn!(
+                        namespace = %ns.namespace,
+                        known,
+                        held_by_peers = held,
+                        "peers hold events of this node that it has no record of issuing (its data directory is older than what it issued: restored from a copy, or a crash under fsync = never/interval lost them; or another process runs with this node's id); its counters go on after them and reconciliation brings them back"
+                    );
+                    shared.metrics.own_events_found.inc();
+                    let mut found = shared.peers.own_events_found.lock().unwrap();
+                    if found.len() == OWN_EVENTS_FOUND_MAX {
+                        found.remove(0);
+                    }
+                    found.push(OwnEventsFound {
+                        namespace: ns.namespace.clone(),
+                        known,
+                        held_by_peers: held,
+                        at_ms: writer::wall_ms(),
+                    });
+                }
+                Err(e) => {
+                    tracing::error!(namespace = %ns.namespace, error = %e, "cannot record a raised counter mark; local writes may reuse counters peers hold");
+                }
+            }
+        }
+        shared.peers.own_events_learned.send_replace(true);
+    }
+
+    /// Whether this node holds events of `peer`'s own that `summary` (the peer's)
+    /// says it lacks: a node always holds its own events unless it lost them (a data
+    /// directory restored from an older copy, a crash under `fsync = never`, a
+    /// salvage), and the feed stream will not send them again (the peer acknowledged
+    /// them once).
+    /// Only namespaces for which `shared` is true count (those both replicate: a
+    /// summary leaves the others out).
+    pub fn holds_lost_events_of<'a>(
+        &self,
+        peer: NodeId,
+        theirs: impl Fn(&Namespace) -> Option<&'a asp_core::VersionVector>,
+        shared: impl Fn(&Namespace) -> bool,
+    ) -> bool {
+        let namespaces = self.inner.shared.indexer.namespaces.read().unwrap();
+        namespaces.iter().any(|(ns, state)| {
+            let Some(mine) = state.vector.get(peer) else {
+                return false;
+            };
+            if !shared(ns) {
+                return false;
+            }
+            let theirs = theirs(ns).and_then(|v| v.get(peer));
+            theirs.is_none_or(|t| !mine.is_subset(t))
+        })
+    }
+
+    /// Takes in that `peer`, which replicates `namespaces` (its Hello's list), just
+    /// sent a summary: it counts as heard of now in those namespaces, whether or not
+    /// it holds anything of them yet (tombstone collection waits for such a node; see
+    /// docs/CONFLICTS.md).
+    pub fn note_contact(&self, peer: NodeId, namespaces: &[String]) {
+        let mut gc = self.inner.shared.peers.gc.lock().unwrap();
+        gc.note_contact(peer, writer::wall_ms(), namespaces);
+    }
+
+    /// The key that turns (key, version) pairs into reconciliation items.
+    pub fn item_key(&self) -> ItemKey {
+        self.inner.shared.config.item_key
+    }
+
+    /// The first reconciliation symbols of `namespace`'s keys at their current versions
+    /// (every acknowledged write included), from memory: no scan.
+    pub fn reconcile_window(&self, namespace: &Namespace) -> Result<Window, ReadError> {
+        self.reconcile_snapshot(namespace).map(|(window, _)| window)
+    }
+
+    /// Like [`Store::reconcile_window`], with the feed position the window reflects:
+    /// every event up to it, and none after it.
+    pub fn reconcile_snapshot(&self, namespace: &Namespace) -> Result<(Window, u64), ReadError> {
+        let shared = &self.inner.shared;
+        if shared.config.reconcile_window == 0 {
+            return Err(ReadError::Invalid(
+                "reconciliation windows are off (reconcile_window = 0)".into(),
+            ));
+        }
+        let windows = self.caught_up_windows()?;
+        let window = windows.by_namespace.get(namespace).map_or_else(
+            || {
+                Window::new(
+                    shared.config.item_key,
+                    window_len(0, shared.config.reconcile_window),
+                )
+            },
+            |d| d.window.clone(),
+        );
+        Ok((window, windows.seq))
+    }
+
+    /// The reconciliation windows once they reflect every acknowledged write (the
+    /// keeper runs a little behind the indexer).
+    fn caught_up_windows(&self) -> Result<std::sync::MutexGuard<'_, Windows>, ReadError> {
+        let shared = &self.inner.shared;
+        shared.await_index().map_err(ReadError::Failed)?;
+        // The indexer counts a group's message to the keeper before it publishes the
+        // group as indexed: every group indexed by now is in this count.
+        let messages = shared
+            .indexer
+            .window_messages
+            .load(std::sync::atomic::Ordering::Acquire);
+        let mut windows = shared.window_keeper.windows.lock().unwrap();
+        while windows.messages < messages {
+            if let Some(failure) = shared.health.failure.get() {
+                return Err(ReadError::Failed(failure.clone()));
+            }
+            windows = shared
+                .window_keeper
+                .windows_changed
+                .wait_timeout(windows, std::time::Duration::from_millis(100))
+                .unwrap()
+                .0;
+        }
+        Ok(windows)
+    }
+
+    /// Every item of `namespace` (each key at its current version), read from one
+    /// snapshot of the key index after every acknowledged write: for a difference
+    /// larger than the window, both sides build their symbols from these instead
+    /// ([`Window::build`], then [`asp_core::reconcile::Extension`]). One pass over the
+    /// namespace; works whether or not windows are kept.
+    pub fn reconcile_items(&self, namespace: &Namespace) -> Result<Vec<Item>, ReadError> {
+        self.reconcile_items_at(namespace).map(|(items, _)| items)
+    }
+
+    /// Like [`Store::reconcile_items`], with a feed position the items reflect at
+    /// least: every event up to it is in them (later ones may be too).
+    pub fn reconcile_items_at(&self, namespace: &Namespace) -> Result<(Vec<Item>, u64), ReadError> {
+        let shared = &self.inner.shared;
+        shared.await_index().map_err(ReadError::Failed)?;
+        let seq = shared
+            .indexer
+            .indexed_seq
+            .load(std::sync::atomic::Ordering::Acquire);
+        let snapshot = shared.index.snapshot();
+        let items = namespace_items(
+            &shared.index,
+            &snapshot,
+            shared.config.item_key,
+            namespace.as_str(),
+        )?;
+        Ok((items, seq))
+    }
+
+    /// The events that set the current state (value or tombstone) of the keys of
+    /// `namespace` whose items start with one of `prefixes` (4 to 16 bytes of the key
+    /// half of an item): what a peer that lacks those items is sent. At most `limit`
+    /// events; a prefix shared by several keys yields each of them.
+    ///
+    /// One pass over the namespace's keys, hashing each: the price of keeping no
+    /// index from key hashes to keys (which would double the key index's writes).
+    /// Reconciliations that find nothing never call it.
+    pub fn events_for_items<'a>(
+        &self,
+        namespace: &Namespace,
+        prefixes: impl IntoIterator<Item = &'a [u8]>,
+        limit: usize,
+    ) -> Result<Vec<Event>, ReadError> {
+        self.events_for_items_within(namespace, prefixes, limit, usize::MAX)
+            .map(|(events, _)| events)
+    }
+
+    /// [`Store::events_for_items`], stopping once the events' credit sizes reach
+    /// `bytes_max`; also says whether it stopped early (`limit` or `bytes_max`), in
+    /// which case some keys asked for may be left out.
+    pub fn events_for_items_within<'a>(
+        &self,
+        namespace: &Namespace,
+        prefixes: impl IntoIterator<Item = &'a [u8]>,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<(Vec<Event>, bool), ReadError> {
+        const SHORTEST: usize = 4;
+        let shared = &self.inner.shared;
+        let mut wanted: HashMap<[u8; SHORTEST], Vec<&[u8]>> = HashMap::new();
+        for prefix in prefixes {
+            if !(SHORTEST..=16).contains(&prefix.len()) {
+                return Err(ReadError::Invalid(format!(
+                    "an item prefix must be {SHORTEST} to 16 bytes; got {}",
+                    prefix.len()
+                )));
+            }
+            let head: [u8; SHORTEST] = prefix[..SHORTEST].try_into().expect("checked length");
+            wanted.entry(head).or_default().push(prefix);
+        }
+        shared.await_index().map_err(ReadError::Failed)?;
+        if wanted.is_empty() || limit == 0 {
+            return Ok((Vec::new(), false));
+        }
+        let mut page = EventPage::new(limit, bytes_max);
+        let mut stopped = false;
+        let item_key = shared.config.item_key;
+        let prefix = codec::index_prefix(namespace.as_str());
+        let _gate = shared.maintenance.segment_gate.read().unwrap();
+        shared.index.scan(&prefix, None, |k, entry| {
+            let key = &k[prefix.len()..];
+            let hash = item_key.key_hash(key);
+            let head: [u8; SHORTEST] = hash[..SHORTEST].try_into().expect("16 bytes");
+            let Some(candidates) = wanted.get(&head) else {
+                return true;
+            };
+            if !candidates.iter().any(|p| hash.starts_with(p)) {
+                return true;
+            }
+            if page.is_full() {
+                stopped = true;
+                return false;
+            }
+            page.add(shared, k, &entry)
+        })?;
+        Ok((page.finish()?, stopped))
+    }
+
+    /// The events that set the current state of `namespace`'s keys (values and
+    /// tombstones), in key order after the key `after`: at most `limit` events and
+    /// about `bytes_max` bytes of values. Returns the events and the key to continue
+    /// after (`None` at the end). What a peer that holds nothing of the namespace is
+    /// sent; pages are read at different moments, each one current.
+    pub fn state_events(
+        &self,
+        namespace: &Namespace,
+        after: Option<&Key>,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<(Vec<Event>, Option<Key>), ReadError> {
+        let shared = &self.inner.shared;
+        shared.await_index().map_err(ReadError::Failed)?;
+        let prefix = codec::index_prefix(namespace.as_str());
+        let start = after.map(|k| {
+            let mut v = prefix.clone();
+            v.extend_from_slice(k.as_str().as_bytes());
+            v
+        });
+        let mut page = EventPage::new(limit.max(1), bytes_max);
+        let mut more = false;
+        let _gate = shared.maintenance.segment_gate.read().unwrap();
+        shared.index.scan(&prefix, start.as_deref(), |k, entry| {
+            if page.is_full() {
+                more = true;
+                return false;
+            }
+            page.add(shared, k, &entry)
+        })?;
+        let out = page.finish()?;
+        let next = if more {
+            out.last().map(|e| e.key.clone())
+        } else {
+            None
+        };
+        Ok((out, next))
+    }
+
+    /// The feed position through which `peer` is known to hold everything (0 if
+    /// unknown): where sending to it resumes.
+    pub fn checkpoint(&self, peer: NodeId) -> u64 {
+        self.inner.shared.index.checkpoint(peer).unwrap_or(0)
+    }
+
+    /// Records how far `peer` holds this node's feed. Not fsynced: losing it only
+    /// means re-reading a little of the feed.
+    pub fn save_checkpoint(&self, peer: NodeId, seq: u64) -> Result<(), ReadError> {
+        Ok(self.inner.shared.index.save_checkpoint(peer, seq)?)
+    }
+}

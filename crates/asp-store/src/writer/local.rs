@@ -1,0 +1,161 @@
+//! Local writes of last-writer-wins namespaces: a client's batch, its conditions
+//! checked against the state it would see, appended with new dots of this node and
+//! fresh clock readings. The append of a client's batch ([`Writer::append_ops`]) is
+//! shared with CRDT writes (see [`super::crdt`]).
+
+use super::*;
+
+impl Writer {
+    /// A client's batch: new dots of this node, fresh clock readings.
+    pub(super) fn add_local(&mut self, g: &mut Group, w: WriteRequest, wall: u64) {
+        if let Some((i, op)) = w
+            .ops
+            .iter()
+            .enumerate()
+            .find(|(_, op)| matches!(op.kind, WriteKind::Crdt(_)))
+        {
+            let WriteKind::Crdt(crdt) = &op.kind else {
+                unreachable!("found above")
+            };
+            let err = WriteError::WrongPolicy(format!(
+                "operation {i} on key {:?} is a {} operation, but namespace {} uses the lww policy (set its policy first)",
+                op.key.as_str(),
+                crdt.policy(),
+                w.namespace
+            ));
+            self.shared.metrics.writes_rejected.inc();
+            let _ = w.reply.send(Err(err));
+            return;
+        }
+        if let Err(e) = self.check_conditions(&w, g) {
+            self.shared.metrics.writes_rejected.inc();
+            let _ = w.reply.send(Err(e));
+            return;
+        }
+        let first_counter = self.next_counter(&w.namespace);
+        let events: Vec<_> = w
+            .ops
+            .iter()
+            .map(|op| {
+                let put = match &op.kind {
+                    WriteKind::Put {
+                        content_type,
+                        value,
+                    } => Some((*content_type, &value[..])),
+                    WriteKind::Delete => None,
+                    WriteKind::Crdt(_) => unreachable!("refused above"),
+                };
+                (self.clock.tick(wall), put)
+            })
+            .collect();
+        let applied = self.append_ops(g, &w, first_counter, &events, &[]);
+        g.acks.push(Ack {
+            reply: Reply::Write(w.reply, applied),
+            _permit: w.permit,
+        });
+    }
+
+    /// Appends a client's batch: operation `i` as the event with dot
+    /// `first_counter + i` of this node, clock reading and value (`None`: a delete)
+    /// `events[i]`. Records the dots in the namespace's vector.
+    pub(super) fn append_ops(
+        &mut self,
+        g: &mut Group,
+        w: &WriteRequest,
+        first_counter: u64,
+        events: &[LocalEvent<'_>],
+        context: &[u8],
+    ) -> Vec<Applied> {
+        let node_id = self.shared.node_id;
+        let last = events.len() - 1;
+        let mut applied = Vec::with_capacity(events.len());
+        let mut hlc = Hlc::ZERO;
+        for (i, (op, &(event_hlc, put))) in w.ops.iter().zip(events).enumerate() {
+            hlc = event_hlc;
+            let dot = Dot {
+                origin: node_id,
+                counter: first_counter + i as u64,
+            };
+            let event = EventRef {
+                namespace: w.namespace.as_str(),
+                key: op.key.as_str(),
+                put,
+                dot,
+                hlc,
+                context,
+            };
+            let seq = self.append(g, &event, i == last, UpdateKind::Overwrite);
+            applied.push(Applied { dot, hlc, seq });
+        }
+        self.touch(g, &w.namespace, hlc);
+        let last_counter = first_counter + last as u64;
+        self.namespaces
+            .get_mut(&w.namespace)
+            .expect("just touched")
+            .vector
+            .insert_range(node_id, first_counter, last_counter);
+        self.shared
+            .writer
+            .counters
+            .lock()
+            .unwrap()
+            .issued(&w.namespace, last_counter);
+        applied
+    }
+
+    /// Checks every condition of a request against the state it would see: earlier
+    /// operations of the same request, earlier requests of this group, then the index.
+    fn check_conditions(&self, w: &WriteRequest, g: &Group) -> Result<(), WriteError> {
+        if w.ops.iter().all(|op| op.condition == Condition::None) {
+            return Ok(());
+        }
+        let node_id = self.shared.node_id;
+        let first_counter = self.next_counter(&w.namespace);
+        // Key -> (dot, live) as left by earlier operations of this request.
+        let mut local: HashMap<&str, (Dot, bool)> = HashMap::new();
+        for (i, op) in w.ops.iter().enumerate() {
+            if op.condition != Condition::None {
+                let key = op.key.as_str();
+                let current = match local.get(key) {
+                    Some(&state) => Some(state),
+                    None => {
+                        let ikey = codec::index_key(w.namespace.as_str(), key);
+                        match g.positions.get(&ikey[..]) {
+                            Some(&p) => {
+                                let entry = &g.updates[p].entry;
+                                Some((entry.dot, entry.content_type.is_some()))
+                            }
+                            None => self
+                                .shared
+                                .index
+                                .get(&ikey)
+                                .map_err(|e| {
+                                    WriteError::Storage(format!("reading the key index: {e}"))
+                                })?
+                                .map(|e| (e.dot, e.content_type.is_some())),
+                        }
+                    }
+                };
+                let live = current.filter(|&(_, live)| live).map(|(dot, _)| dot);
+                let failure = op.condition.check(live).err();
+                if let Some(reason) = failure {
+                    return Err(WriteError::ConditionFailed {
+                        index: i,
+                        key: op.key.clone(),
+                        reason,
+                        current: live,
+                    });
+                }
+            }
+            let dot = Dot {
+                origin: node_id,
+                counter: first_counter + i as u64,
+            };
+            local.insert(
+                op.key.as_str(),
+                (dot, matches!(op.kind, WriteKind::Put { .. })),
+            );
+        }
+        Ok(())
+    }
+}
