@@ -11,7 +11,21 @@ impl Writer {
     /// effect after every request queued before it. Dots held here (parked or
     /// quarantined) are left out: they are not applied, and a vector claiming them
     /// would make them duplicates when released.
+    /// A peer's covered dots, first in their group (see `split_at_covers`). Every
+    /// earlier group is in the log; under `fsync = always` it is durable too, else
+    /// the log is synced now: the base file must never claim dots whose repairs a
+    /// power cut could still take.
     pub(super) fn add_cover(&mut self, g: &mut Group, c: CoverRequest) {
+        debug_assert!(self.buf.is_empty(), "a cover starts its group");
+        if self.shared.config.fsync != FsyncMode::Always
+            && let Err(e) = self.segment.file.sync_data()
+        {
+            let err = self
+                .shared
+                .fail(format!("fsync of {}: {e}", self.segment.path.display()));
+            let _ = c.reply.send(Err(err));
+            return;
+        }
         let held = self
             .shared
             .writer

@@ -267,6 +267,21 @@ struct Group {
     indexed: bool,
 }
 
+/// `works` in parts that each start at a cover (the first part may not): one part when
+/// there is no cover after the first work, as almost always.
+fn split_at_covers(works: Vec<Work>) -> Vec<Vec<Work>> {
+    let mut parts: Vec<Vec<Work>> = vec![Vec::new()];
+    for work in works {
+        let last = parts.last_mut().expect("never empty");
+        if matches!(work, Work::Cover(_)) && !last.is_empty() {
+            parts.push(vec![work]);
+        } else {
+            last.push(work);
+        }
+    }
+    parts
+}
+
 /// Lets the writer's short waits for stragglers end on time: the default 50 µs timer
 /// slack is as long as the waits themselves.
 fn set_fine_timer_slack() {
@@ -439,8 +454,13 @@ impl Writer {
                 .set(self.queue.len() as i64);
             let stop = !group.shutdown.is_empty();
             shutdown_replies.append(&mut group.shutdown);
-            if let Some(msg) = self.process(group.requests) {
-                self.commit(msg, &index_tx);
+            // A peer's covered dots stand for repairs queued before them: each cover
+            // starts a group of its own, so that those repairs are in the log (and
+            // durable, see `add_cover`) before the base file says they are held.
+            for part in split_at_covers(group.requests) {
+                if let Some(msg) = self.process(part) {
+                    self.commit(msg, &index_tx);
+                }
             }
             if stop {
                 break;
