@@ -34,6 +34,9 @@ pub enum Mutation {
     /// `PnCounter::join` adds the two sides' totals of a node instead of taking the
     /// larger: a state joined with one that already holds it counts it twice.
     CounterJoinAdds,
+    /// `OrSet::join` keeps only the adds both sides hold: an add one side has not
+    /// seen yet is dropped, as if removed.
+    SetJoinDropsConcurrentAdds,
 }
 
 #[cfg(feature = "mutations")]

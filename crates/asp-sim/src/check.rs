@@ -173,6 +173,54 @@ impl Sim {
         Ok(())
     }
 
+    /// Each set holds exactly the members with an add that no remove observed (add
+    /// wins over a concurrent remove), over the events some node holds at the end;
+    /// under `fsync = always` only, for the reason counters are.
+    pub(crate) fn check_sets(&self) -> Result<(), Broken> {
+        if self.config.durability != Durability::Always {
+            return Ok(());
+        }
+        // Per key: the surviving ops with their dots, each once.
+        let mut ops: BTreeMap<(&Namespace, &Key), Vec<(Dot, &SetOp)>> = BTreeMap::new();
+        let mut seen = BTreeSet::new();
+        for e in self.nodes.iter().flat_map(|n| &n.store.feed) {
+            if let Some(op) = self.set_ops.get(&(e.namespace.clone(), e.dot))
+                && seen.insert((&e.namespace, e.dot))
+            {
+                ops.entry((&e.namespace, &e.key))
+                    .or_default()
+                    .push((e.dot, op));
+            }
+        }
+        let store = &self.nodes[0].store;
+        for ((ns, key), ops) in ops {
+            let members: BTreeSet<&Bytes> = ops.iter().map(|(_, op)| &op.member).collect();
+            let set = store.set(ns, key);
+            for member in members {
+                let observed: BTreeSet<Dot> = ops
+                    .iter()
+                    .filter(|(_, op)| !op.add && op.member == *member)
+                    .flat_map(|(_, op)| op.seen.iter().copied())
+                    .collect();
+                let expected = ops
+                    .iter()
+                    .any(|(dot, op)| op.add && op.member == *member && !observed.contains(dot));
+                if set.contains(member) != expected {
+                    return Err(Broken::new(
+                        Invariant::AddWins,
+                        format!(
+                            "set {key} of {ns} {} {}; its adds and removes say it should {}",
+                            if expected { "lacks" } else { "holds" },
+                            String::from_utf8_lossy(member),
+                            if expected { "hold it" } else { "not" }
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn check_bounds(&self) -> Result<(), Broken> {
         for (i, n) in self.nodes.iter().enumerate() {
             let local = n
@@ -268,6 +316,7 @@ impl Sim {
         }
         self.check_winners()?;
         self.check_counters()?;
+        self.check_sets()?;
         // Every acknowledged write is held everywhere.
         let state = &self.nodes[0].store;
         for w in self.acked.iter().chain(&self.returning) {

@@ -41,14 +41,15 @@
 //! the receivers' clocks have caught up with the newest event: events stamped by a
 //! clock that ran past the skew limit are refused until then), with each key's state
 //! the write a reference last-writer-wins (written out in the checker) picks from the
-//! key's events on every node. Of the three namespaces, `c0` is a counter: each
-//! increment's event carries its node's whole view of the key, which replaces that
-//! node's entry (as the store's CRDT writes do); under `fsync = always` every counter
-//! reads the sum of the increments whose events survived.
+//! key's events on every node. Of the four namespaces, `c0` is a counter and `s0` an
+//! add-wins set: each event carries its node's whole view of the key, which replaces
+//! that node's entry (as the store's CRDT writes do); under `fsync = always` every
+//! counter reads the sum of the increments whose events survived, and every set holds
+//! exactly the members with an add no remove observed (the checker's own account of
+//! what each node had seen, from the events in its feed).
 //!
 //! What the simulation does not cover: the real store's files and threads (see the
-//! store's own crash and torn-tail tests), conflict policies other than lww and
-//! counter (sets, siblings, JSON maps),
+//! store's own crash and torn-tail tests), the siblings and JSON-map policies,
 //! conditional writes, compaction and tombstone collection, held events; the tokio
 //! runtime of `asp-node` (mirrored here: reading the feed from a peer's checkpoint
 //! within credit, applying received batches and repairs and acknowledging them in order
@@ -60,7 +61,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use asp_core::crdt::{PnCounter, Policy, State};
+use asp_core::crdt::{OrSet, PnCounter, Policy, State};
 use asp_core::reconcile::{Item, ItemKey, Window};
 use asp_core::session::{
     ErrorCode, Frame, NEED_PREFIX_BYTES, NamespaceSummary, ReconcileOutput, ReconcileStore,
@@ -233,6 +234,8 @@ pub enum Invariant {
     WrongWinner,
     /// A counter's value is not the sum of the increments whose events survived.
     CounterSum,
+    /// A set's members are not those with an add that no remove observed.
+    AddWins,
     /// A session did something no correct peer or node can cause (an unexpected
     /// refusal, an undecodable frame, an unknown peer).
     Protocol,

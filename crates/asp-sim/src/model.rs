@@ -39,6 +39,11 @@ pub(crate) fn is_counter(namespace: &Namespace) -> bool {
     namespace.as_str().starts_with('c')
 }
 
+/// Whether `namespace` is one of the simulator's add-wins set namespaces.
+pub(crate) fn is_set(namespace: &Namespace) -> bool {
+    namespace.as_str().starts_with('s')
+}
+
 impl StoreModel {
     /// Where an event's state lives: its key, or for an event of a CRDT policy its
     /// origin's entry of the key (the store's `key ‖ 0xFF ‖ origin`; here `key#origin`,
@@ -51,6 +56,23 @@ impl StoreModel {
             Key::new(&format!("{}#{}", event.key, event.dot.origin)).expect("a valid key")
         };
         (event.namespace.clone(), key)
+    }
+
+    /// A set key's members as a read joins them: every origin's latest view.
+    pub(crate) fn set(&self, namespace: &Namespace, key: &Key) -> OrSet {
+        let prefix = format!("{key}#");
+        let mut joined = OrSet::default();
+        for ((ns, entry), (_, value)) in &self.state {
+            if ns != namespace || !entry.as_str().starts_with(&prefix) {
+                continue;
+            }
+            if let Some(value) = value
+                && let Ok(State::Set(view)) = State::decode(value)
+            {
+                joined.join(&view);
+            }
+        }
+        joined
     }
 
     /// A counter key's value as a read joins it: every origin's latest view.

@@ -138,6 +138,14 @@ pub(crate) enum Ack {
 }
 
 #[derive(Clone, Debug)]
+/// One add or remove of a set namespace, as the reference keeps it.
+pub(crate) struct SetOp {
+    pub(crate) member: Bytes,
+    pub(crate) add: bool,
+    /// The dots of the key's adds its node had seen (its own, for an add).
+    pub(crate) seen: BTreeSet<Dot>,
+}
+
 pub(crate) struct AckedWrite {
     pub(crate) origin: usize,
     pub(crate) namespace: Namespace,
@@ -229,6 +237,10 @@ pub(crate) struct Sim {
     pub(crate) skipped: BTreeMap<(usize, usize), Vec<(u64, u64)>>,
     /// The amount of each increment of a counter namespace, by dot.
     pub(crate) increments: BTreeMap<(Namespace, Dot), i64>,
+    /// Each add or remove of a set namespace, by dot: the key, the member, whether
+    /// it adds, and the adds of the key its node had seen (the reference's own
+    /// account, from the events in that node's feed, not from the set's state).
+    pub(crate) set_ops: BTreeMap<(Namespace, Dot), SetOp>,
 }
 
 /// What reconciliation did in a run.
@@ -304,8 +316,8 @@ impl Sim {
             })
             .collect();
         let edges = topology(&mut rng, n);
-        // Two last-writer-wins namespaces and a counter.
-        let namespaces = ["ns0", "ns1", "c0"]
+        // Two last-writer-wins namespaces, a counter and an add-wins set.
+        let namespaces = ["ns0", "ns1", "c0", "s0"]
             .iter()
             .map(|name| Namespace::new(name).expect("valid"))
             .collect();
@@ -338,6 +350,7 @@ impl Sim {
             issued: BTreeMap::new(),
             skipped: BTreeMap::new(),
             increments: BTreeMap::new(),
+            set_ops: BTreeMap::new(),
         }
     }
 
@@ -617,6 +630,12 @@ impl Sim {
             .map(|_| {
                 let key = self.keys[self.rng.below(self.keys.len() as u64) as usize].clone();
                 self.nodes[node].write_counter += 1;
+                if is_set(&namespace) {
+                    // Add or remove one of four members.
+                    let sign = if self.rng.chance(600) { '+' } else { '-' };
+                    let member = self.rng.below(4);
+                    return (key, Some(Bytes::from(format!("{sign}m{member}"))));
+                }
                 if is_counter(&namespace) {
                     // An increment or a decrement, never 0.
                     let amount = self.rng.range(1, 8) as i64 - 3;
@@ -685,6 +704,37 @@ impl Sim {
                                 Op::Put {
                                     content_type: ContentType::OctetStream,
                                     value: Bytes::from(State::Counter(view).encode()),
+                                }
+                            }
+                            // An add or remove of a set: the same, with the adds of the
+                            // key this node has seen recorded for the reference.
+                            Some(op) if is_set(&namespace) => {
+                                let add = op[0] == b'+';
+                                let member = op.slice(1..);
+                                let mut view = n.store.set(&namespace, &key);
+                                let delta = if add {
+                                    view.add(member.clone(), dot)
+                                } else {
+                                    view.remove(&member, dot)
+                                };
+                                view.join(&delta);
+                                let mut seen: BTreeSet<Dot> = n
+                                    .store
+                                    .feed
+                                    .iter()
+                                    .filter(|e| e.namespace == namespace && e.key == key)
+                                    .filter_map(|e| self.set_ops.get(&(namespace.clone(), e.dot)))
+                                    .flat_map(|o| o.seen.iter().copied())
+                                    .collect();
+                                if add {
+                                    seen.insert(dot);
+                                }
+                                self.set_ops
+                                    .insert((namespace.clone(), dot), SetOp { member, add, seen });
+                                context = Policy::Set.event_context();
+                                Op::Put {
+                                    content_type: ContentType::OctetStream,
+                                    value: Bytes::from(State::Set(view).encode()),
                                 }
                             }
                             Some(value) => Op::Put {

@@ -240,7 +240,11 @@ impl OrSet {
             let mine = self.entries.get(member);
             let theirs = other.entries.get(member);
             let keep = |d: &Dot, in_other: Option<&BTreeSet<Dot>>, other_context: &Context| {
-                in_other.is_some_and(|s| s.contains(d)) || !other_context.contains(*d)
+                in_other.is_some_and(|s| s.contains(d))
+                    || (!other_context.contains(*d)
+                        && !crate::mutation::active(
+                            crate::mutation::Mutation::SetJoinDropsConcurrentAdds,
+                        ))
             };
             let mut dots = BTreeSet::new();
             for d in mine.into_iter().flatten() {

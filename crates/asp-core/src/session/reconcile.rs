@@ -315,6 +315,9 @@ pub struct Reconciler {
     lacked: HashMap<Namespace, (VersionVector, u64)>,
     /// Summaries received from the peer.
     summaries: u64,
+    /// Dots the peer's runs on this link told this node it holds the effect of (the
+    /// counterpart of `covered_sent`).
+    covered_received: HashMap<Namespace, VersionVector>,
     /// The highest id of a run the peer started on this link (its ids only grow).
     peer_runs_started: Option<u32>,
     outputs: VecDeque<Output>,
@@ -344,6 +347,7 @@ impl Reconciler {
             differed: HashSet::new(),
             lacked: HashMap::new(),
             summaries: 0,
+            covered_received: HashMap::new(),
             peer_runs_started: None,
             outputs: VecDeque::new(),
         }
@@ -494,8 +498,13 @@ impl Reconciler {
                 let vector =
                     |s: Option<&NamespaceSummary>| s.map(|s| s.vector.clone()).unwrap_or_default();
                 let (va, vb) = (vector(mine.get(&ns)), vector(theirs.get(&ns)));
-                let mut lacks = va.difference(&vb);
-                lacks.join(&vb.difference(&va));
+                // Dots a run of this link covered are on their way into the other
+                // side's vector (its summary or this node's may predate the cover).
+                let none = VersionVector::default();
+                let sent = self.covered_sent.get(&ns).unwrap_or(&none);
+                let received = self.covered_received.get(&ns).unwrap_or(&none);
+                let mut lacks = va.difference(&vb).difference(sent);
+                lacks.join(&vb.difference(&va).difference(received));
                 if !idle || lacks.is_empty() {
                     self.lacked.remove(&ns);
                     if lacks.is_empty() {
@@ -993,14 +1002,18 @@ impl Reconciler {
                         (_, Some(i)) if i.id == id => Some(i.namespace.clone()),
                         _ => None,
                     };
-                    if let Some(ns) = ns
-                        && let Err(e) = store.cover(&ns, vector)
-                    {
-                        self.emit(Output::Close {
-                            code: ErrorCode::Internal,
-                            message: format!("cannot record covered dots: {e}"),
-                        });
-                        return;
+                    if let Some(ns) = ns {
+                        self.covered_received
+                            .entry(ns.clone())
+                            .or_default()
+                            .join(&vector);
+                        if let Err(e) = store.cover(&ns, vector) {
+                            self.emit(Output::Close {
+                                code: ErrorCode::Internal,
+                                message: format!("cannot record covered dots: {e}"),
+                            });
+                            return;
+                        }
                     }
                 }
                 if let Some(o) = self.outgoing.as_mut()
