@@ -1,7 +1,7 @@
 //! Deterministic simulation of an asp cluster, for tests.
 //!
-//! The crate's modules: `world` (nodes, links, the scheduler's actions, each node's
-//! writer and client writes), `net` (sessions, reconcilers and frames in flight),
+//! The crate's modules: `world` (nodes, links, the scheduler's actions), `writer` (each
+//! node's client writes and group commit), `net` (sessions, reconcilers and frames in flight),
 //! `faults` (what the seed injects), `model` (the store model and the reconciler's
 //! view of it) and `check` (the subscriber and the invariants). They share one state,
 //! `world::Sim`, that every action reads and writes.
@@ -78,6 +78,7 @@ mod faults;
 mod model;
 mod net;
 mod world;
+mod writer;
 
 use model::*;
 pub use world::ReconcileStats;

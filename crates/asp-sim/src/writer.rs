@@ -1,0 +1,395 @@
+//! Each node's writer as the simulator runs it: client writes (lww values, counter
+//! increments, set adds and removes), the group commit that appends local writes,
+//! received batches, repairs and covers, the fsync (or the OS's writeback) and the
+//! acknowledgements after it.
+
+use super::*;
+
+impl Sim {
+    pub(crate) fn client_write(&mut self, node: usize) {
+        if self.chaos {
+            let delay = self.rng.range(MS, 15 * MS);
+            self.schedule(delay, Action::ClientWrite { node });
+        } else {
+            return;
+        }
+        if !self.nodes[node].up || self.nodes[node].queue.len() >= WRITE_QUEUE_MAX {
+            return;
+        }
+        let namespace =
+            self.namespaces[self.rng.below(self.namespaces.len() as u64) as usize].clone();
+        let ops = (0..self.rng.range(1, 4))
+            .map(|_| {
+                let key = self.keys[self.rng.below(self.keys.len() as u64) as usize].clone();
+                self.nodes[node].write_counter += 1;
+                if is_set(&namespace) {
+                    // Add or remove one of four members.
+                    let sign = if self.rng.chance(600) { '+' } else { '-' };
+                    let member = self.rng.below(4);
+                    return (key, Some(Bytes::from(format!("{sign}m{member}"))));
+                }
+                if is_counter(&namespace) {
+                    // An increment or a decrement, never 0.
+                    let amount = self.rng.range(1, 8) as i64 - 3;
+                    let amount = if amount <= 0 { amount - 1 } else { amount };
+                    return (key, Some(Bytes::from(amount.to_string())));
+                }
+                let value = (!self.rng.chance(150))
+                    .then(|| Bytes::from(format!("n{node}-{}", self.nodes[node].write_counter)));
+                (key, value)
+            })
+            .collect();
+        self.nodes[node]
+            .queue
+            .push_back(Request::Local { namespace, ops });
+        let epoch = self.nodes[node].epoch;
+        self.schedule(0, Action::WriterWake { node, epoch });
+    }
+
+    /// The writer: takes what is queued, appends it, and acknowledges after the fsync
+    /// (`always`) or at once (`never`).
+    pub(crate) fn writer_wake(&mut self, node: usize) -> Result<(), Broken> {
+        if self.nodes[node].busy || self.nodes[node].queue.is_empty() {
+            return Ok(());
+        }
+        let fault = self.config.model_fault;
+        let wall = self.wall_ms(node);
+        let take = self.nodes[node].queue.len().min(GROUP_MAX);
+        let group: Vec<Request> = self.nodes[node].queue.drain(..take).collect();
+        let mut acks = Vec::new();
+        for request in group {
+            match request {
+                Request::Local { namespace, ops } => {
+                    let n = &mut self.nodes[node];
+                    let reserve = self.config.durability == Durability::Never;
+                    let first = if fault == Some(ModelFault::ReuseCounters) {
+                        n.store
+                            .vectors
+                            .get(&namespace)
+                            .map_or(0, |v| v.max_counter(n.id))
+                            + 1
+                    } else {
+                        n.store.issue(&namespace, n.id, ops.len() as u64, reserve)
+                    };
+                    let mut written = Vec::new();
+                    for (i, (key, value)) in ops.into_iter().enumerate() {
+                        let dot = Dot {
+                            origin: n.id,
+                            counter: first + i as u64,
+                        };
+                        let hlc = n.clock.tick(wall);
+                        let mut context = Bytes::new();
+                        let op = match value {
+                            // A counter's increment: the event carries this node's
+                            // whole view of the key with it (as the store's CRDT
+                            // writes do), which replaces this node's entry.
+                            Some(amount) if is_counter(&namespace) => {
+                                let amount: i64 = std::str::from_utf8(&amount)
+                                    .ok()
+                                    .and_then(|a| a.parse().ok())
+                                    .expect("the simulator's own amount");
+                                let mut view = n.store.counter(&namespace, &key);
+                                let delta = view.add(n.id, amount).expect("small totals");
+                                view.join(&delta);
+                                self.increments.insert((namespace.clone(), dot), amount);
+                                context = Policy::Counter.event_context();
+                                Op::Put {
+                                    content_type: ContentType::OctetStream,
+                                    value: Bytes::from(State::Counter(view).encode()),
+                                }
+                            }
+                            // An add or remove of a set: the same, with the adds of the
+                            // key this node has seen recorded for the reference.
+                            Some(op) if is_set(&namespace) => {
+                                let add = op[0] == b'+';
+                                let member = op.slice(1..);
+                                let mut view = n.store.set(&namespace, &key);
+                                let delta = if add {
+                                    view.add(member.clone(), dot)
+                                } else {
+                                    view.remove(&member, dot)
+                                };
+                                view.join(&delta);
+                                let mut seen: BTreeSet<Dot> = n
+                                    .store
+                                    .feed
+                                    .iter()
+                                    .filter(|e| e.namespace == namespace && e.key == key)
+                                    .filter_map(|e| self.set_ops.get(&(namespace.clone(), e.dot)))
+                                    .flat_map(|o| o.seen.iter().copied())
+                                    .collect();
+                                if add {
+                                    seen.insert(dot);
+                                }
+                                self.set_ops
+                                    .insert((namespace.clone(), dot), SetOp { member, add, seen });
+                                context = Policy::Set.event_context();
+                                Op::Put {
+                                    content_type: ContentType::OctetStream,
+                                    value: Bytes::from(State::Set(view).encode()),
+                                }
+                            }
+                            Some(value) => Op::Put {
+                                content_type: ContentType::Text,
+                                value,
+                            },
+                            None => Op::Delete,
+                        };
+                        let issued = (key.clone(), hlc);
+                        if let Some(earlier) = self.issued.insert((namespace.clone(), dot), issued)
+                        {
+                            return Err(Broken::new(
+                                Invariant::DotReused,
+                                format!(
+                                    "node {node} issued {dot} ({namespace}) for {key} at {hlc}; it was issued before for {} at {}",
+                                    earlier.0, earlier.1
+                                ),
+                            ));
+                        }
+                        let event = Event {
+                            namespace: namespace.clone(),
+                            key,
+                            op,
+                            dot,
+                            hlc,
+                            context,
+                        };
+                        written.push(AckedWrite {
+                            origin: node,
+                            namespace: namespace.clone(),
+                            dot,
+                        });
+                        n.store.append(event);
+                        self.appended += 1;
+                    }
+                    acks.push(Ack::Local(written));
+                }
+                Request::Remote {
+                    conn,
+                    last_seq,
+                    bytes,
+                    events,
+                } => {
+                    if self.refuse_skewed(node, conn, &events, wall)? {
+                        continue;
+                    }
+                    let n = &mut self.nodes[node];
+                    for event in events {
+                        let held = n.store.holds(event.dot, &event.namespace);
+                        if held && fault != Some(ModelFault::ForgetDedupe) {
+                            continue;
+                        }
+                        if held {
+                            return Err(Broken::new(
+                                Invariant::AppliedTwice,
+                                format!("node {node} applied event {} twice", event.dot),
+                            ));
+                        }
+                        let _ = n.clock.observe(event.hlc, wall);
+                        n.store.append(event);
+                        self.appended += 1;
+                    }
+                    acks.push(Ack::Remote {
+                        conn,
+                        last_seq,
+                        bytes,
+                    });
+                }
+                Request::Repair {
+                    conn,
+                    id,
+                    bytes,
+                    events,
+                } => {
+                    if self.refuse_skewed(node, conn, &events, wall)? {
+                        continue;
+                    }
+                    // The current state of keys the peer found different. A dot held
+                    // already is applied again (no vector change) when the key's
+                    // entry is older, as the store's judge does; dropped when the
+                    // entry is as new or newer, or when the key has none (the store
+                    // cannot tell that from a collected delete).
+                    let n = &mut self.nodes[node];
+                    let mut applied = 0;
+                    for event in events {
+                        if n.store.holds(event.dot, &event.namespace) {
+                            let key = StoreModel::state_key(&event);
+                            let older =
+                                n.store.state.get(&key).is_some_and(|(current, _)| {
+                                    lww_wins(&event.version(), current)
+                                });
+                            if !older {
+                                continue;
+                            }
+                        }
+                        let _ = n.clock.observe(event.hlc, wall);
+                        n.store.append(event);
+                        self.appended += 1;
+                        applied += 1;
+                    }
+                    acks.push(Ack::Repair {
+                        conn,
+                        id,
+                        bytes,
+                        applied,
+                    });
+                }
+                Request::Cover {
+                    conn,
+                    namespace,
+                    vector,
+                } => {
+                    if self.nodes[node].links.contains_key(&conn) {
+                        self.nodes[node].store.cover(&namespace, &vector);
+                    }
+                }
+            }
+        }
+        let written = self.nodes[node].store.feed.len();
+        if fault == Some(ModelFault::VisibleBeforeDurable) {
+            // Readers hear of the events at once, as they would of durable ones.
+            self.nodes[node].store.visible = written;
+            self.subscriber_reads(node);
+            let conns: Vec<u64> = self.nodes[node].links.keys().copied().collect();
+            for conn in conns {
+                self.pump(node, conn)?;
+            }
+        }
+        match self.config.durability {
+            Durability::Always => {
+                if fault == Some(ModelFault::AckBeforeFsync) {
+                    let local: Vec<Ack> = acks
+                        .extract_if(.., |a| matches!(a, Ack::Local(_)))
+                        .collect();
+                    self.acknowledge(node, local)?;
+                }
+                self.nodes[node].waiting = acks;
+                self.nodes[node].busy = true;
+                self.group_counter += 1;
+                let latency = if self.rng.chance(20) {
+                    self.rng.range(2 * MS, 20 * MS)
+                } else {
+                    self.rng.range(50, 400)
+                };
+                let epoch = self.nodes[node].epoch;
+                let group = self.group_counter;
+                self.schedule(
+                    latency,
+                    Action::FsyncDone {
+                        node,
+                        epoch,
+                        written,
+                        group,
+                    },
+                );
+            }
+            Durability::Never => {
+                // Durable only once the OS writes the pages back (`Writeback`), but a
+                // group that records covered dots first syncs the log (the repairs
+                // they stand for), then saves the base file.
+                let store = &mut self.nodes[node].store;
+                store.visible = written;
+                if store.covered != store.covered_synced {
+                    store.durable = written;
+                    store.checkpoints_synced = store.checkpoints.clone();
+                    store.covered_synced = store.covered.clone();
+                }
+                self.subscriber_reads(node);
+                self.acknowledge(node, acks)?;
+                if !self.nodes[node].queue.is_empty() {
+                    let epoch = self.nodes[node].epoch;
+                    self.schedule_between(10, 100, Action::WriterWake { node, epoch });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a batch (closing its link) if an event's clock is past the skew limit
+    /// of this node's wall clock; returns whether it did.
+    pub(crate) fn refuse_skewed(
+        &mut self,
+        node: usize,
+        conn: u64,
+        events: &[Event],
+        wall: u64,
+    ) -> Result<bool, Broken> {
+        let Some(e) = events
+            .iter()
+            .find(|e| e.hlc.physical_ms() > wall + MAX_SKEW_MS)
+        else {
+            return Ok(false);
+        };
+        let message = format!("event {} is {} ms ahead", e.dot, e.hlc.physical_ms() - wall);
+        let now = self.at(self.now);
+        if let Some(link) = self.nodes[node].links.get_mut(&conn) {
+            link.session.close(ErrorCode::ClockSkew, message, now);
+            self.pump(node, conn)?;
+        }
+        Ok(true)
+    }
+
+    pub(crate) fn fsync_done(&mut self, node: usize, written: usize) -> Result<(), Broken> {
+        let n = &mut self.nodes[node];
+        n.store.durable = n.store.durable.max(written);
+        n.store.visible = n.store.visible.max(written);
+        n.store.checkpoints_synced = n.store.checkpoints.clone();
+        n.store.covered_synced = n.store.covered.clone();
+        n.busy = false;
+        self.subscriber_reads(node);
+        let n = &mut self.nodes[node];
+        let acks = std::mem::take(&mut n.waiting);
+        self.acknowledge(node, acks)?;
+        let epoch = self.nodes[node].epoch;
+        self.schedule(0, Action::WriterWake { node, epoch });
+        // New events are visible: every link may send.
+        let conns: Vec<u64> = self.nodes[node].links.keys().copied().collect();
+        for conn in conns {
+            self.pump(node, conn)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn acknowledge(&mut self, node: usize, acks: Vec<Ack>) -> Result<(), Broken> {
+        let now = self.at(self.now);
+        for ack in acks {
+            match ack {
+                Ack::Local(writes) => {
+                    for w in &writes {
+                        self.record(&w.dot.counter.to_le_bytes());
+                    }
+                    self.acked.extend(writes);
+                }
+                Ack::Remote {
+                    conn,
+                    last_seq,
+                    bytes,
+                } => {
+                    if let Some(link) = self.nodes[node].links.get_mut(&conn) {
+                        link.session.applied(last_seq, bytes, now);
+                        self.pump(node, conn)?;
+                    }
+                }
+                Ack::Repair {
+                    conn,
+                    id,
+                    bytes,
+                    applied,
+                } => {
+                    if let Some(link) = self.nodes[node].links.get_mut(&conn) {
+                        link.session.repaired(bytes, now);
+                        link.reconciler.repaired(id, applied);
+                        self.pump(node, conn)?;
+                    }
+                }
+            }
+        }
+        if self.config.durability == Durability::Never {
+            let conns: Vec<u64> = self.nodes[node].links.keys().copied().collect();
+            for conn in conns {
+                self.pump(node, conn)?;
+            }
+        }
+        Ok(())
+    }
+}
