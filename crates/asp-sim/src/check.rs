@@ -296,12 +296,27 @@ impl Sim {
                     .filter(|k| first.get(*k) != n.store.state.get(*k))
                     .take(3)
                     .map(|k| {
+                        // Where each side holds the other's winning dot from: its
+                        // feed, or only a peer's cover.
+                        let whence = |store: &StoreModel, other: Option<&KeyState>| {
+                            other.map_or(String::new(), |(v, _)| {
+                                let in_feed = store
+                                    .feed
+                                    .iter()
+                                    .any(|e| e.dot == v.dot && e.namespace == k.0);
+                                let covered =
+                                    store.covered.get(&k.0).is_some_and(|c| c.contains(v.dot));
+                                format!(" (holds {}: in feed {in_feed}, covered {covered})", v.dot)
+                            })
+                        };
                         format!(
-                            "{}/{}: node 0 {}, node {i} {}",
+                            "{}/{}: node 0 {}{}, node {i} {}{}",
                             k.0,
                             k.1,
                             show(first.get(k)),
-                            show(n.store.state.get(k))
+                            whence(&self.nodes[0].store, n.store.state.get(k)),
+                            show(n.store.state.get(k)),
+                            whence(&n.store, first.get(k)),
                         )
                     })
                     .collect();

@@ -685,7 +685,20 @@ impl Reconciler {
             Source::Scan(_) => FULL_SYMBOLS_PER_ITEM * items + 1024,
             Source::None => 0,
         };
+        // Frames name a run by the id its initiator gave it, and both sides start
+        // runs: on a version-3 link the node with the smaller id takes odd ids and
+        // the other even ones, so that no run of one direction shares an id with a
+        // run of the other (a `RepairEnd` for the peer's run was taken for this
+        // node's and recorded its covered dots in another namespace).
         self.next_id = self.next_id.wrapping_add(1);
+        if self.peer_version >= 3
+            && let Some(peer) = self.peer
+        {
+            let odd = self.node_id < peer;
+            if (self.next_id % 2 == 1) != odd {
+                self.next_id = self.next_id.wrapping_add(1);
+            }
+        }
         let id = self.next_id;
         self.emit(Output::Send(Frame::ReconcileStart {
             id,
@@ -894,7 +907,7 @@ impl Reconciler {
     }
 
     /// Ends the peer's run that is under way without finishing it: the peer gave it
-    /// up (its `ReconcileEnd` says so, or it started another: it runs one at a time).
+    /// up (its `ReconcileEnd` says so).
     fn abandon_incoming(&mut self, why: &str) {
         if let Some(i) = self.incoming.take() {
             self.emit(Output::Ended(RunReport {
@@ -1122,19 +1135,25 @@ impl Reconciler {
                 need: Vec::new(),
             }));
         };
-        match &self.incoming {
-            Some(i) if i.id == id => {
-                self.emit(Output::Close {
-                    code: ErrorCode::Protocol,
-                    message: format!("a second ReconcileStart for run {id}"),
-                });
-                return;
-            }
-            // The peer runs one at a time: it is done with the earlier one (it ended
-            // it, or gave it up, without this node hearing). Waiting for it would
-            // refuse every later run of the link.
-            Some(_) => self.abandon_incoming("the peer started another run"),
-            None => {}
+        // The peer runs one at a time and starts the next only after this node's
+        // end of the last one reached it, and after its own `RepairEnd` (or the
+        // `ReconcileEnd` that gives it up) went out: on an ordered stream no run is
+        // under way here now. One is if the stream repeated or reordered frames;
+        // going on would drop the late `RepairEnd` and its covered dots unnoticed.
+        if let Some(i) = &self.incoming {
+            let message = if i.id == id {
+                format!("a second ReconcileStart for run {id}")
+            } else {
+                format!(
+                    "a ReconcileStart of run {id} while run {} is under way",
+                    i.id
+                )
+            };
+            self.emit(Output::Close {
+                code: ErrorCode::Protocol,
+                message,
+            });
+            return;
         }
         // As this node starts none for it: the states differ by design until an
         // operator resolves the quarantine (a transfer, which only brings state in,
