@@ -16,6 +16,7 @@
 
 pub mod crdt;
 mod event;
+pub mod gc;
 mod hlc;
 mod ids;
 mod merge;

@@ -37,6 +37,18 @@ pub enum Mutation {
     /// `OrSet::join` keeps only the adds both sides hold: an add one side has not
     /// seen yet is dropped, as if removed.
     SetJoinDropsConcurrentAdds,
+    /// Tombstone collection counts a node's report as soon as it arrives, without
+    /// waiting for this node's own vector to contain it: a delete goes before every
+    /// event that loses to it has been applied here, and such an event brings the key
+    /// back when it arrives.
+    GcReportNotContained,
+    /// Tombstone collection leaves a node with no report out of the rule instead of
+    /// waiting for it: its older writes bring collected keys back.
+    GcSkipsUnreportedNodes,
+    /// A node away past the horizon is left out of the rule, but collection does not
+    /// leave epitaphs for it: its older writes bring collected keys back when it
+    /// returns.
+    GcAwayLeavesNoEpitaph,
 }
 
 #[cfg(feature = "mutations")]

@@ -3,6 +3,82 @@
 //! last-writer-wins, bounds, convergence).
 
 use super::*;
+
+/// The reference order of writes: the newest clock reading, then the larger origin,
+/// then the larger counter. Written out here, apart from `lww_wins` and `Version`'s
+/// order, so that a bug there cannot hide itself.
+pub(crate) fn rank(hlc: Hlc, dot: Dot) -> (u64, u16, u64, u64) {
+    (
+        hlc.physical_ms(),
+        hlc.logical(),
+        dot.origin.get(),
+        dot.counter,
+    )
+}
+
+/// Whether two nodes' key states read the same: equal entries, where a delete
+/// (a tombstone or an epitaph) and no entry at all count as equal. Two nodes collect a
+/// delete at different times, and one that sees a node away past the horizon (a clock
+/// behind by more than the horizon is enough) keeps an epitaph that another collected
+/// outright; both read the key as deleted, and no write older than the delete can
+/// reach either (the `Resurrection` check).
+pub(crate) fn same_reads(
+    a: &BTreeMap<(Namespace, Key), KeyState>,
+    b: &BTreeMap<(Namespace, Key), KeyState>,
+) -> bool {
+    if a == b {
+        return true;
+    }
+    // Both in key order: walk them side by side.
+    let (mut a, mut b) = (a.iter().peekable(), b.iter().peekable());
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => return true,
+            (Some((_, x)), None) => {
+                if x.1.is_some() {
+                    return false;
+                }
+                a.next();
+            }
+            (None, Some((_, y))) => {
+                if y.1.is_some() {
+                    return false;
+                }
+                b.next();
+            }
+            (Some((ka, x)), Some((kb, y))) => match ka.cmp(kb) {
+                std::cmp::Ordering::Equal => {
+                    if x != y {
+                        return false;
+                    }
+                    a.next();
+                    b.next();
+                }
+                std::cmp::Ordering::Less => {
+                    if x.1.is_some() {
+                        return false;
+                    }
+                    a.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    if y.1.is_some() {
+                        return false;
+                    }
+                    b.next();
+                }
+            },
+        }
+    }
+}
+
+pub(crate) fn same_entry(a: Option<&KeyState>, b: Option<&KeyState>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a == b,
+        (Some((_, value)), None) | (None, Some((_, value))) => value.is_none(),
+        (None, None) => true,
+    }
+}
+
 impl Sim {
     pub(crate) fn subscribe(&mut self, node: usize, full: bool) -> Result<(), Broken> {
         let n = &mut self.nodes[node];
@@ -21,14 +97,14 @@ impl Sim {
             ));
         }
         // Positions change only in a crash: a full check after each restart, the newest
-        // position otherwise.
+        // position otherwise. Compaction may empty a position (a gap), never refill it.
         let from = if full {
             0
         } else {
             n.seen.len().saturating_sub(1)
         };
         for (i, dot) in n.seen.iter().enumerate().skip(from) {
-            if n.store.feed[i].dot != *dot {
+            if n.store.feed[i].dot != *dot && !n.store.compacted.contains(&i) {
                 return Err(Broken::new(
                     Invariant::FeedChanged,
                     format!(
@@ -105,15 +181,7 @@ impl Sim {
     /// origin, then the larger counter. Written out here, apart from `lww_wins` and
     /// `Version`'s order, so that a bug there cannot hide itself.
     pub(crate) fn check_winners(&self) -> Result<(), Broken> {
-        type Rank = (u64, u16, u64, u64);
-        let rank = |e: &Event| -> Rank {
-            (
-                e.hlc.physical_ms(),
-                e.hlc.logical(),
-                e.dot.origin.get(),
-                e.dot.counter,
-            )
-        };
+        let rank = |e: &Event| rank(e.hlc, e.dot);
         let store = &self.nodes[0].store;
         // Per key, or per origin's entry of a counter's key.
         let mut winners: BTreeMap<(Namespace, Key), &Event> = BTreeMap::new();
@@ -124,17 +192,36 @@ impl Sim {
             }
         }
         for ((ns, key), w) in winners {
-            let held = store
-                .state
-                .get(&(ns.clone(), key.clone()))
-                .map(|(v, _)| v.dot);
-            if held != Some(w.dot) {
+            let entry = store.state.get(&(ns.clone(), key.clone()));
+            let held = entry.map(|(v, _)| v.dot);
+            // A delete that won may have been collected: the key has no entry, or an
+            // older delete that reached this node after the collection (a node that
+            // collected cannot tell it from any older event, and reconciliation may
+            // leave it where it went); either reads as deleted.
+            let collected = matches!(w.op, Op::Delete)
+                && self
+                    .collected
+                    .get(&(ns.clone(), key.clone()))
+                    .is_some_and(|d| d.iter().any(|(dot, _)| *dot == w.dot));
+            let reads_deleted = entry.is_none_or(|(_, value)| value.is_none());
+            if held != Some(w.dot) && !(reads_deleted && collected) {
                 return Err(Broken::new(
                     Invariant::WrongWinner,
                     format!(
-                        "key {key} of {ns} holds {}; last-writer-wins picks {}",
-                        held.map_or("nothing".to_owned(), |d| d.to_string()),
-                        w.dot
+                        "key {key} of {ns} holds {}; last-writer-wins picks {} at {}{}",
+                        entry.map_or("nothing".to_owned(), |(v, value)| format!(
+                            "{} at {}{}",
+                            v.dot,
+                            v.hlc,
+                            if value.is_none() { " (a delete)" } else { "" }
+                        )),
+                        w.dot,
+                        w.hlc,
+                        if matches!(w.op, Op::Delete) {
+                            " (a delete)"
+                        } else {
+                            ""
+                        }
                     ),
                 ));
             }
@@ -221,6 +308,35 @@ impl Sim {
         Ok(())
     }
 
+    /// No node that holds a collected delete reads its key at an older write: the
+    /// delete went only once no event that loses to it could still arrive (or left an
+    /// epitaph that such an event loses to). Compared by the reference order, not
+    /// `lww_wins`.
+    pub(crate) fn check_resurrection(&self) -> Result<(), Broken> {
+        for (k, deletes) in &self.collected {
+            let (ns, key) = k;
+            for (i, n) in self.nodes.iter().enumerate() {
+                let Some((version, Some(_))) = n.store.state.get(k) else {
+                    continue;
+                };
+                let read = rank(version.hlc, version.dot);
+                if let Some((dot, hlc)) = deletes
+                    .iter()
+                    .find(|(dot, hlc)| read < rank(*hlc, *dot) && n.store.holds(*dot, ns))
+                {
+                    return Err(Broken::new(
+                        Invariant::Resurrection,
+                        format!(
+                            "node {i} reads {key} of {ns} at {} ({}), older than the delete {dot} ({hlc}) it holds and some node collected",
+                            version.dot, version.hlc
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn check_bounds(&self) -> Result<(), Broken> {
         for (i, n) in self.nodes.iter().enumerate() {
             let local = n
@@ -269,7 +385,7 @@ impl Sim {
             && self.nodes.iter().all(|n| {
                 n.store.vectors == first.store.vectors
                     && n.store.visible == n.store.feed.len()
-                    && (!and_states || n.store.state == first.store.state)
+                    && (!and_states || same_reads(&n.store.state, &first.store.state))
             })
     }
 
@@ -277,7 +393,7 @@ impl Sim {
         self.check_vectors()?;
         let first = &self.nodes[0].store.state;
         for (i, n) in self.nodes.iter().enumerate() {
-            if &n.store.state != first {
+            if !same_reads(&n.store.state, first) {
                 let show = |v: Option<&KeyState>| {
                     v.map_or("nothing".to_string(), |(version, value)| {
                         format!(
@@ -293,7 +409,7 @@ impl Sim {
                     .chain(n.store.state.keys())
                     .collect::<BTreeSet<_>>()
                     .into_iter()
-                    .filter(|k| first.get(*k) != n.store.state.get(*k))
+                    .filter(|k| !same_entry(first.get(*k), n.store.state.get(*k)))
                     .take(3)
                     .map(|k| {
                         // Where each side holds the other's winning dot from: its
@@ -320,15 +436,35 @@ impl Sim {
                         )
                     })
                     .collect();
+                // What tombstone collection waits for on each side.
+                let mut gc = Vec::new();
+                for j in [0, i] {
+                    let store = &self.nodes[j].store;
+                    let me = self.nodes[j].id;
+                    let peers: Vec<NodeId> = store.checkpoints.keys().copied().collect();
+                    let wall = self.wall_ms(j);
+                    let mut g = Gc::new(0);
+                    std::mem::swap(&mut g, &mut self.nodes[j].store.gc);
+                    for (ns, vector) in &self.nodes[j].store.vectors {
+                        let view = g.view(ns, me, vector, &peers, wall, GC_HORIZON_MS);
+                        gc.push(format!(
+                            "node {j} {ns}: waiting for {:?}, away {:?}, stable {:?}",
+                            view.waiting, view.away, view.stable
+                        ));
+                    }
+                    std::mem::swap(&mut g, &mut self.nodes[j].store.gc);
+                }
                 return Err(Broken::new(
                     Invariant::Divergence,
                     format!(
-                        "node {i} holds the same events as node 0 but a different state: {}",
-                        differ.join("; ")
+                        "node {i} holds the same events as node 0 but a different state: {}; {}",
+                        differ.join("; "),
+                        gc.join("; ")
                     ),
                 ));
             }
         }
+        self.check_resurrection()?;
         self.check_winners()?;
         self.check_counters()?;
         self.check_sets()?;

@@ -182,9 +182,12 @@ impl Sim {
         if self.nodes[node].up {
             return Ok(());
         }
+        let wall = self.wall_ms(node);
         let n = &mut self.nodes[node];
         n.up = true;
         n.clock = HlcClock::with_last(n.store.max_hlc_overall(), MAX_SKEW_MS);
+        // What the store knew of the others' vectors was in memory only.
+        n.store.gc = Gc::new(wall);
         // Nothing acknowledged may be missing from the origin after a restart (its
         // vector was just rebuilt from what survived).
         for w in self.acked.iter().filter(|w| w.origin == node) {
@@ -231,6 +234,15 @@ impl Sim {
         self.schedule(0, Action::WriterWake { node, epoch });
         self.schedule(SECOND, Action::Summaries { node, epoch });
         self.schedule(ANTI_ENTROPY_INTERVAL, Action::AntiEntropy { node, epoch });
+        self.schedule_between(
+            COMPACT_INTERVAL / 2,
+            COMPACT_INTERVAL * 3 / 2,
+            Action::Compact {
+                node,
+                epoch,
+                again: true,
+            },
+        );
         if self.config.durability == Durability::Never {
             self.schedule_between(20 * MS, 500 * MS, Action::Writeback { node, epoch });
         }

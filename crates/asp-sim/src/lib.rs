@@ -62,10 +62,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use asp_core::crdt::{OrSet, PnCounter, Policy, State};
+use asp_core::gc::Gc;
 use asp_core::reconcile::{Item, ItemKey, Window};
 use asp_core::session::{
     ErrorCode, Frame, NEED_PREFIX_BYTES, NamespaceSummary, ReconcileOutput, ReconcileStore,
-    Reconciler, Session, SessionConfig, SessionEvent, SummaryMap, credit_size,
+    Reconciler, Session, SessionConfig, SessionEvent, SummaryMap, VectorReport, credit_size,
 };
 use asp_core::{
     ContentType, Dot, Event, Hlc, HlcClock, Key, Namespace, NodeId, Op, Version, VersionVector,
@@ -74,6 +75,7 @@ use asp_core::{
 use bytes::Bytes;
 
 mod check;
+mod compact;
 mod faults;
 mod model;
 mod net;
@@ -105,6 +107,18 @@ const COUNTER_BLOCK: u64 = 1 << 16;
 const ANTI_ENTROPY_INTERVAL: Time = 700 * MS;
 /// Bytes of repairs per frame, at most (as `batch_bytes_max`).
 const REPAIR_FRAME_BYTES: usize = 16 << 10;
+/// Keys most writes go to, and keys written now and then.
+const HOT_KEYS: usize = 16;
+const COLD_KEYS: usize = 48;
+/// How often each node compacts (and collects tombstones), on average.
+const COMPACT_INTERVAL: Time = 900 * MS;
+/// Superseded records stay in the feed this long (as a namespace's retention).
+const RETENTION_MS: u64 = 2_000;
+/// Deletes younger than this stay (as `tombstone_ttl_ms`).
+const TOMBSTONE_TTL_MS: u64 = 300;
+/// A node not heard of this long stops holding collection back (as `gc_horizon_ms`):
+/// short enough that partitions and crashes outlast it.
+const GC_HORIZON_MS: u64 = 2_500;
 
 /// How writes are made durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -237,6 +251,8 @@ pub enum Invariant {
     CounterSum,
     /// A set's members are not those with an add that no remove observed.
     AddWins,
+    /// A node that holds a collected delete reads its key at an older write.
+    Resurrection,
     /// A session did something no correct peer or node can cause (an unexpected
     /// refusal, an undecodable frame, an unknown peer).
     Protocol,

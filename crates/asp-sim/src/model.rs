@@ -32,6 +32,21 @@ pub(crate) struct StoreModel {
     /// store's `counters` file).
     pub(crate) issued: BTreeMap<Namespace, u64>,
     pub(crate) marks: BTreeMap<Namespace, u64>,
+    /// Feed positions (0-based) whose records compaction removed: superseded events
+    /// and collected deletes. Their dots are in `covered` (the store's base), their
+    /// positions read as gaps. Compaction syncs, so this survives any crash.
+    pub(crate) compacted: BTreeSet<usize>,
+    /// Per state key, the feed positions of its events still in the feed, in order:
+    /// what compaction looks through (derived, as the store's index is).
+    pub(crate) positions: BTreeMap<(Namespace, Key), Vec<usize>>,
+    /// Collected deletes that left an epitaph (a node was away past the horizon): the
+    /// key's entry stays, as a delete with no record behind it. In the index, so
+    /// durable with the sync that records them.
+    pub(crate) epitaphs: BTreeMap<(Namespace, Key), Version>,
+    pub(crate) epitaphs_synced: BTreeMap<(Namespace, Key), Version>,
+    /// What this node knows of the others' vectors (the real `asp_core::gc` rule):
+    /// memory only, as in the store.
+    pub(crate) gc: Gc,
 }
 
 /// Whether `namespace` is one of the simulator's counter namespaces.
@@ -107,6 +122,11 @@ impl StoreModel {
             item_key: ItemKey::derive(b"asp-sim"),
             issued: BTreeMap::new(),
             marks: BTreeMap::new(),
+            compacted: BTreeSet::new(),
+            positions: BTreeMap::new(),
+            epitaphs: BTreeMap::new(),
+            epitaphs_synced: BTreeMap::new(),
+            gc: Gc::new(0),
         }
     }
 
@@ -161,13 +181,43 @@ impl StoreModel {
         window.symbols()[0].canonical()
     }
 
-    /// The event a key's state came from (always in the feed: the state is derived
-    /// from it).
-    pub(crate) fn event_of(&self, namespace: &Namespace, version: &Version) -> Option<&Event> {
+    /// The event a key's state came from: its record in the feed, or for an epitaph
+    /// the delete made again from the entry (as the store's `entry_event`).
+    pub(crate) fn event_of(
+        &self,
+        namespace: &Namespace,
+        key: &Key,
+        version: &Version,
+    ) -> Option<Event> {
+        if self
+            .epitaphs
+            .get(&(namespace.clone(), key.clone()))
+            .is_some_and(|v| v == version)
+        {
+            return Some(Event {
+                namespace: namespace.clone(),
+                key: key.clone(),
+                op: Op::Delete,
+                dot: version.dot,
+                hlc: version.hlc,
+                context: Bytes::new(),
+            });
+        }
         self.feed
             .iter()
+            .enumerate()
             .rev()
-            .find(|e| e.dot == version.dot && &e.namespace == namespace)
+            .find(|(i, e)| {
+                e.dot == version.dot && &e.namespace == namespace && !self.compacted.contains(i)
+            })
+            .map(|(_, e)| e.clone())
+    }
+
+    /// The events of `feed[first..last]` still in the feed (compaction leaves gaps).
+    pub(crate) fn live(&self, first: usize, last: usize) -> impl Iterator<Item = &Event> {
+        (first..last)
+            .filter(|i| !self.compacted.contains(i))
+            .map(|i| &self.feed[i])
     }
 
     pub(crate) fn holds(&self, dot: Dot, ns: &Namespace) -> bool {
@@ -191,6 +241,10 @@ impl StoreModel {
         };
         let version = event.version();
         let key = Self::state_key(&event);
+        self.positions
+            .entry(key.clone())
+            .or_default()
+            .push(self.feed.len());
         match self.state.get(&key) {
             Some((current, _)) if !lww_wins(&version, current) => {}
             _ => {
@@ -207,7 +261,10 @@ impl StoreModel {
             self.feed.truncate(self.durable);
             self.checkpoints = self.checkpoints_synced.clone();
             self.covered = self.covered_synced.clone();
+            self.epitaphs = self.epitaphs_synced.clone();
         }
+        let len = self.feed.len();
+        self.compacted.retain(|&i| i < len);
         // Counting goes on after the mark (no mark: after what the feed holds).
         self.issued = self.marks.clone();
         self.durable = self.feed.len();
@@ -216,15 +273,75 @@ impl StoreModel {
         self.vectors.clear();
         self.max_hlc.clear();
         self.state.clear();
-        for event in feed {
-            self.append(event);
+        self.positions.clear();
+        for (i, event) in feed.into_iter().enumerate() {
+            if self.compacted.contains(&i) {
+                self.feed.push(event);
+            } else {
+                self.append(event);
+            }
         }
         for (ns, vector) in &self.covered {
             self.vectors.entry(ns.clone()).or_default().join(vector);
         }
+        // Epitaphs live in the index: each is put back over what the log gives its key
+        // when newer (the store's rebuild does the same).
+        for ((ns, key), version) in &self.epitaphs {
+            let entry = self.state.entry((ns.clone(), key.clone()));
+            match entry {
+                std::collections::btree_map::Entry::Occupied(mut o) => {
+                    if lww_wins(version, &o.get().0) {
+                        o.insert((*version, None));
+                    }
+                }
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert((*version, None));
+                }
+            }
+        }
         let head = self.feed.len() as u64;
         for seq in self.checkpoints.values_mut() {
             *seq = (*seq).min(head);
+        }
+    }
+
+    /// [`StoreModel::summary`] with the reports tombstone collection gossips (as the
+    /// store's `summary_for_peers`): this node's own first, then what it knows of every
+    /// other node that may write.
+    pub(crate) fn summary_for_peers(&self, me: NodeId, wall_ms: u64) -> Vec<NamespaceSummary> {
+        let peers: Vec<NodeId> = self.checkpoints.keys().copied().collect();
+        let mut out = self.summary();
+        for ns in &mut out {
+            ns.reports.push(VectorReport {
+                node: me,
+                at_ms: wall_ms,
+                vector: ns.vector.clone(),
+            });
+            ns.reports
+                .extend(self.gc.gossip(&ns.namespace, me, &ns.vector, &peers));
+        }
+        out
+    }
+
+    /// Takes in a peer's summary: it was heard of now, and the reports it carries.
+    pub(crate) fn note_summary(
+        &mut self,
+        me: NodeId,
+        peer: NodeId,
+        wall_ms: u64,
+        summary: &[NamespaceSummary],
+    ) {
+        self.gc.note_contact(
+            peer,
+            wall_ms,
+            &[asp_core::session::ALL_NAMESPACES.to_owned()],
+        );
+        let none = VersionVector::new();
+        for ns in summary {
+            let own = self.vectors.get(&ns.namespace).unwrap_or(&none);
+            for report in &ns.reports {
+                self.gc.note(&ns.namespace, me, own, report.clone());
+            }
         }
     }
 
@@ -236,7 +353,6 @@ impl StoreModel {
                 max_hlc: self.max_hlc.get(ns).copied().unwrap_or(Hlc::ZERO),
                 vector: vector.clone(),
                 digest: Some(self.digest(ns)),
-                // Nor does it collect tombstones.
                 reports: Vec::new(),
             })
             .collect()
@@ -370,9 +486,9 @@ impl ReconcileStore for ModelView<'_> {
                 }
                 let event = self
                     .store
-                    .event_of(namespace, version)
+                    .event_of(namespace, key, version)
                     .ok_or_else(|| format!("key {key} has no event in the feed"))?;
-                out.push(event.clone());
+                out.push(event);
             }
         }
         Ok((out, false))
@@ -399,10 +515,10 @@ impl ReconcileStore for ModelView<'_> {
             last = Some(key);
             let event = self
                 .store
-                .event_of(namespace, version)
+                .event_of(namespace, key, version)
                 .ok_or_else(|| format!("key {key} has no event in the feed"))?;
-            bytes += credit_size(event);
-            out.push(event.clone());
+            bytes += credit_size(&event);
+            out.push(event);
         }
         Ok((out, None))
     }

@@ -112,15 +112,20 @@ impl Sim {
                 let first = link.sent_through as usize;
                 let mut budget = link.session.send_credit();
                 let mut last = first;
-                while last < n.store.visible && last - first < FRAME_EVENTS_MAX {
-                    let cost = credit_size(&n.store.feed[last]);
-                    if last > first && cost > budget {
-                        break;
+                let mut sent = 0;
+                while last < n.store.visible && sent < FRAME_EVENTS_MAX {
+                    // A position compaction emptied costs nothing.
+                    if !n.store.compacted.contains(&last) {
+                        let cost = credit_size(&n.store.feed[last]);
+                        if sent > 0 && cost > budget {
+                            break;
+                        }
+                        budget = budget.saturating_sub(cost);
+                        sent += 1;
                     }
-                    budget = budget.saturating_sub(cost);
                     last += 1;
                 }
-                let events = n.store.feed[first..last].to_vec();
+                let events: Vec<Event> = n.store.live(first, last).cloned().collect();
                 let now = self.base + Duration::from_micros(self.now);
                 link.session
                     .send_events(first as u64 + 1, last as u64, events, now);
@@ -171,9 +176,10 @@ impl Sim {
                         format!("node {node} established with unknown {}", info.node_id),
                     ));
                 };
+                let wall = self.wall_ms(node);
                 let n = &mut self.nodes[node];
                 let checkpoint = n.store.checkpoints.get(&info.node_id).copied().unwrap_or(0);
-                let summary = n.store.summary();
+                let summary = n.store.summary_for_peers(n.id, wall);
                 let link = n.links.get_mut(&conn).expect("link exists");
                 if link.peer != peer {
                     return Err(Broken::new(
@@ -223,6 +229,26 @@ impl Sim {
             }
             SessionEvent::PeerHead { .. } => {}
             SessionEvent::PeerSummary(summary) => {
+                let wall = self.wall_ms(node);
+                if let Some(peer) = self.nodes[node].links.get(&conn).map(|l| l.peer) {
+                    let peer = self.nodes[peer].id;
+                    let n = &mut self.nodes[node];
+                    n.store.note_summary(n.id, peer, wall, &summary);
+                    // Now and then a compaction runs just after a summary: what a
+                    // report allows is acted on before anything else arrives.
+                    if self.rng.chance(250) {
+                        let epoch = n.epoch;
+                        self.schedule_between(
+                            0,
+                            2 * MS,
+                            Action::Compact {
+                                node,
+                                epoch,
+                                again: false,
+                            },
+                        );
+                    }
+                }
                 let summary: SummaryMap = summary
                     .into_iter()
                     .map(|s| (s.namespace.clone(), s))

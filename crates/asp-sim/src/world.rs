@@ -38,6 +38,12 @@ pub(crate) enum Action {
         node: usize,
         epoch: u64,
     },
+    /// A compaction run; `again`: the periodic one, which schedules the next.
+    Compact {
+        node: usize,
+        epoch: u64,
+        again: bool,
+    },
     AntiEntropy {
         node: usize,
         epoch: u64,
@@ -241,6 +247,9 @@ pub(crate) struct Sim {
     /// it adds, and the adds of the key its node had seen (the reference's own
     /// account, from the events in that node's feed, not from the set's state).
     pub(crate) set_ops: BTreeMap<(Namespace, Dot), SetOp>,
+    /// Every delete some node collected (or turned into an epitaph), by namespace, key
+    /// and dot, with its clock: no node that holds it may read the key older again.
+    pub(crate) collected: BTreeMap<(Namespace, Key), Vec<(Dot, Hlc)>>,
 }
 
 /// What reconciliation did in a run.
@@ -254,6 +263,13 @@ pub struct ReconcileStats {
     pub differences: u64,
     /// Handovers started.
     pub handovers: u64,
+    /// Records compaction removed from feeds (superseded events, collected deletes).
+    pub compacted: u64,
+    /// Deletes collected outright, and collected with an epitaph (a node away past
+    /// the horizon); epitaphs dropped once every node holds their delete.
+    pub collected: u64,
+    pub epitaphs: u64,
+    pub epitaphs_dropped: u64,
 }
 
 pub(crate) fn fnv(hash: u64, bytes: &[u8]) -> u64 {
@@ -321,7 +337,7 @@ impl Sim {
             .iter()
             .map(|name| Namespace::new(name).expect("valid"))
             .collect();
-        let keys = (0..16)
+        let keys = (0..HOT_KEYS + COLD_KEYS)
             .map(|i| Key::new(&format!("k{i}")).expect("valid"))
             .collect();
         Sim {
@@ -351,6 +367,7 @@ impl Sim {
             skipped: BTreeMap::new(),
             increments: BTreeMap::new(),
             set_ops: BTreeMap::new(),
+            collected: BTreeMap::new(),
         }
     }
 
@@ -382,9 +399,31 @@ impl Sim {
 
     pub(crate) fn run(&mut self) -> Result<(), Broken> {
         let n = self.config.nodes;
+        // The cluster formed before the run: each node had a link with its neighbours
+        // once (so each waits for them in tombstone collection, as a store does for
+        // the peers it holds checkpoints of), and its store opened now.
+        for (a, b) in self.edges.clone() {
+            for (me, peer) in [(a, b), (b, a)] {
+                let id = self.nodes[peer].id;
+                let store = &mut self.nodes[me].store;
+                store.checkpoints.insert(id, 0);
+                store.checkpoints_synced.insert(id, 0);
+            }
+        }
         for i in 0..n {
+            let wall = self.wall_ms(i);
+            self.nodes[i].store.gc = Gc::new(wall);
             self.schedule_between(0, 10 * MS, Action::ClientWrite { node: i });
             self.schedule(SECOND, Action::Summaries { node: i, epoch: 0 });
+            self.schedule_between(
+                COMPACT_INTERVAL / 2,
+                COMPACT_INTERVAL * 3 / 2,
+                Action::Compact {
+                    node: i,
+                    epoch: 0,
+                    again: true,
+                },
+            );
             self.schedule(
                 ANTI_ENTROPY_INTERVAL,
                 Action::AntiEntropy { node: i, epoch: 0 },
@@ -550,7 +589,9 @@ impl Sim {
             Action::Summaries { node, epoch } => {
                 if self.nodes[node].up && self.nodes[node].epoch == epoch {
                     let conns: Vec<u64> = self.nodes[node].links.keys().copied().collect();
-                    let summary = self.nodes[node].store.summary();
+                    let wall = self.wall_ms(node);
+                    let n = &self.nodes[node];
+                    let summary = n.store.summary_for_peers(n.id, wall);
                     let now = self.at(self.now);
                     for conn in conns {
                         if let Some(link) = self.nodes[node].links.get_mut(&conn) {
@@ -559,6 +600,18 @@ impl Sim {
                         self.pump(node, conn)?;
                     }
                     self.schedule(SECOND, Action::Summaries { node, epoch });
+                }
+            }
+            Action::Compact { node, epoch, again } => {
+                if self.nodes[node].up && self.nodes[node].epoch == epoch {
+                    self.compact(node);
+                    if again {
+                        self.schedule_between(
+                            COMPACT_INTERVAL / 2,
+                            COMPACT_INTERVAL * 3 / 2,
+                            Action::Compact { node, epoch, again },
+                        );
+                    }
                 }
             }
             Action::AntiEntropy { node, epoch } => {
@@ -608,6 +661,7 @@ impl Sim {
             Action::Check => {
                 self.check_vectors()?;
                 self.check_bounds()?;
+                self.check_resurrection()?;
                 self.schedule(100 * MS, Action::Check);
             }
         }
@@ -633,6 +687,7 @@ pub(crate) fn action_tag(action: &Action) -> u8 {
         Action::Check => 14,
         Action::AntiEntropy { .. } => 15,
         Action::Writeback { .. } => 16,
+        Action::Compact { .. } => 17,
     }
 }
 

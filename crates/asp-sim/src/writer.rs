@@ -20,7 +20,16 @@ impl Sim {
             self.namespaces[self.rng.below(self.namespaces.len() as u64) as usize].clone();
         let ops = (0..self.rng.range(1, 4))
             .map(|_| {
-                let key = self.keys[self.rng.below(self.keys.len() as u64) as usize].clone();
+                // Most writes go to the hot keys; the cold ones are written now and
+                // then, so that their deletes stay long enough to be collected.
+                let cold = self.rng.chance(200);
+                let key = if cold {
+                    self.keys
+                        [HOT_KEYS + self.rng.below((self.keys.len() - HOT_KEYS) as u64) as usize]
+                        .clone()
+                } else {
+                    self.keys[self.rng.below(HOT_KEYS as u64) as usize].clone()
+                };
                 self.nodes[node].write_counter += 1;
                 if is_set(&namespace) {
                     // Add or remove one of four members.
@@ -34,7 +43,7 @@ impl Sim {
                     let amount = if amount <= 0 { amount - 1 } else { amount };
                     return (key, Some(Bytes::from(amount.to_string())));
                 }
-                let value = (!self.rng.chance(150))
+                let value = (!self.rng.chance(if cold { 400 } else { 150 }))
                     .then(|| Bytes::from(format!("n{node}-{}", self.nodes[node].write_counter)));
                 (key, value)
             })

@@ -39,12 +39,12 @@ use tokio::sync::oneshot;
 
 use crate::codec::{self, IndexEntry, LogPosition, Record};
 use crate::error::{ReadError, WriteError};
-use crate::gc::GcView;
 use crate::log::Segment;
 use crate::store::Store;
 use crate::writer::{
     CollectRequest, CollectTally, CoverRequest, RelocateRequest, Request, Shared, wall_ms,
 };
+use asp_core::gc::GcView;
 
 /// Records read from a segment at a time.
 const READ_BATCH_RECORDS: usize = 4096;
@@ -473,7 +473,7 @@ impl Store {
     }
 
     /// Which deletes this run may collect: per `lww` namespace, the view of what every
-    /// known node holds (see [`crate::gc`]).
+    /// known node holds (see [`asp_core::gc`]).
     fn collecting(&self, now_ms: u64) -> Collecting {
         let shared = &self.inner.shared;
         let mut collecting = Collecting {

@@ -27,7 +27,6 @@ pub mod fault;
 mod fs;
 #[doc(hidden)]
 pub mod fuzz;
-mod gc;
 mod held;
 mod index;
 mod log;

@@ -231,7 +231,7 @@ impl Store {
                 windows_changed: Condvar::new(),
             },
             peers: FromPeers {
-                gc: Mutex::new(crate::gc::Gc::new(writer::wall_ms())),
+                gc: Mutex::new(asp_core::gc::Gc::new(writer::wall_ms())),
                 own_events_found: Mutex::new(Vec::new()),
                 own_events_learned: watch::channel(learned).0,
             },

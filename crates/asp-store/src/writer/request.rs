@@ -23,7 +23,7 @@ pub(crate) struct QuarantineRequest {
     pub reply: oneshot::Sender<Result<QuarantineOutcome, WriteError>>,
 }
 
-/// Tombstones compaction collects (see [`crate::gc`]): each key's entry, if it is
+/// Tombstones compaction collects (see [`asp_core::gc`]): each key's entry, if it is
 /// still the given delete, becomes an epitaph (the entry stays, pointing nowhere, and
 /// is listed as one) or goes (with its epitaph row and its reconciliation item). A key
 /// written since keeps its entry; its stale epitaph row goes. Appends nothing.

@@ -73,7 +73,7 @@ pub(crate) struct ByWindowKeeper {
 /// contacts arrive (compaction also notes this node's own vectors in `gc`).
 pub(crate) struct FromPeers {
     /// What is known of other nodes' vectors: when tombstones may be collected.
-    pub gc: Mutex<crate::gc::Gc>,
+    pub gc: Mutex<asp_core::gc::Gc>,
     /// When peers turned out to hold events of this node it had no record of issuing
     /// (newest last, at most `OWN_EVENTS_FOUND_MAX` of `store/replication.rs`).
     pub own_events_found: Mutex<Vec<crate::store::OwnEventsFound>>,

@@ -28,11 +28,11 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use asp_core::session::{REPORTS_MAX, VectorReport};
-use asp_core::{Namespace, NodeId, VersionVector};
+use crate::session::{REPORTS_MAX, VectorReport};
+use crate::{Namespace, NodeId, VersionVector};
 
 /// What is known of other nodes' vectors, per namespace.
-pub(crate) struct Gc {
+pub struct Gc {
     /// When the store opened (wall ms): a node known but not heard of since counts as
     /// heard of then (here; what is gossiped of it says it was not heard of).
     opened_ms: u64,
@@ -60,7 +60,7 @@ fn heard_ms(
 ) -> Option<u64> {
     let contact = contacts
         .get(&node)
-        .filter(|c| asp_core::session::lists(&c.namespaces, namespace))
+        .filter(|c| crate::session::lists(&c.namespaces, namespace))
         .map(|c| c.at_ms);
     known.map(|k| k.heard_ms).max(contact)
 }
@@ -81,7 +81,7 @@ struct Known {
 impl Known {
     /// Makes the pending report usable once `own` contains it.
     fn promote(&mut self, own: &VersionVector) {
-        if self.pending.as_ref().is_some_and(|(_, v)| v.is_subset(own)) {
+        if self.pending.as_ref().is_some_and(|(_, v)| contains(own, v)) {
             let pending = self.pending.take().expect("checked");
             if self.usable.as_ref().is_none_or(|(t, _)| *t < pending.0) {
                 self.usable = Some(pending);
@@ -92,7 +92,7 @@ impl Known {
 
 /// Which tombstones of a namespace may go now.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(crate) struct GcView {
+pub struct GcView {
     /// The deletes whose dot is here may be collected.
     pub stable: VersionVector,
     /// Whether every known node is in the rule. If not, a collected delete leaves an
@@ -155,7 +155,7 @@ impl Gc {
         }
         known.promote(own);
         if known.usable.as_ref().is_none_or(|(t, _)| *t < at) {
-            if report.vector.is_subset(own) {
+            if contains(own, &report.vector) {
                 known.usable = Some((at, report.vector.clone()));
             } else if known.pending.is_none() {
                 known.pending = Some((at, report.vector.clone()));
@@ -191,7 +191,7 @@ impl Gc {
                 && self
                     .contacts
                     .get(node)
-                    .is_some_and(|c| !asp_core::session::lists(&c.namespaces, namespace))
+                    .is_some_and(|c| !crate::session::lists(&c.namespaces, namespace))
         };
         let mut out: Vec<VectorReport> = everyone(nodes, me, own, peers)
             .into_iter()
@@ -237,7 +237,8 @@ impl Gc {
             let heard_ms = heard_ms(known.as_deref(), &self.contacts, namespace, node)
                 .unwrap_or(self.opened_ms);
             if now_ms.saturating_sub(heard_ms) > horizon_ms {
-                view.complete = false;
+                view.complete =
+                    crate::mutation::active(crate::mutation::Mutation::GcAwayLeavesNoEpitaph);
                 view.away.push(node);
                 continue;
             }
@@ -247,6 +248,9 @@ impl Gc {
             });
             match usable {
                 Some(v) => view.stable = view.stable.meet(v),
+                None if crate::mutation::active(
+                    crate::mutation::Mutation::GcSkipsUnreportedNodes,
+                ) => {}
                 None => {
                     view.stable = VersionVector::new();
                     view.waiting.push(node);
@@ -255,6 +259,13 @@ impl Gc {
         }
         view
     }
+}
+
+/// Whether this node's vector `own` contains a report's vector: only then has it
+/// applied every event the reporting node held.
+fn contains(own: &VersionVector, report: &VersionVector) -> bool {
+    report.is_subset(own)
+        || crate::mutation::active(crate::mutation::Mutation::GcReportNotContained)
 }
 
 /// The nodes that may write in a namespace, this node left out: the origins of its
@@ -275,7 +286,7 @@ fn everyone(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use asp_core::Dot;
+    use crate::Dot;
 
     fn id(n: u64) -> NodeId {
         NodeId::new(n).unwrap()
@@ -475,7 +486,7 @@ mod tests {
 mod model {
     use std::collections::BTreeMap;
 
-    use asp_core::Dot;
+    use crate::Dot;
     use proptest::prelude::*;
 
     use super::*;

@@ -1,0 +1,134 @@
+//! Compaction as the simulator runs it: superseded records leave the feed (their dots
+//! join the base, their positions become gaps, so a peer that lacks them gets a
+//! handover), and deletes of the last-writer-wins namespaces are collected by the real
+//! rule (`asp_core::gc`, fed by the reports every summary gossips), leaving an epitaph
+//! while some node is away past the horizon. What the store does in a compaction
+//! run, at once: the survey, the collection through the writer (here between two
+//! groups, so in order with writes) and the sync before segments go.
+//!
+//! Not modelled: relocation (the store moves the live records of a compacted segment
+//! to the head; here they stay where they are) and segment boundaries (here any
+//! record old enough may go).
+
+use super::*;
+
+impl Sim {
+    /// One compaction run on `node`.
+    pub(crate) fn compact(&mut self, node: usize) {
+        let wall = self.wall_ms(node);
+        let n = &mut self.nodes[node];
+        // An fsync in flight: what it writes is not indexed yet, and the sync below
+        // must not claim it. Requests queued: the store's collection would be applied
+        // behind them (the writer's queue is its order); here it waits for them.
+        if !n.up || n.busy || !n.queue.is_empty() {
+            return;
+        }
+        let me = n.id;
+        let store = &mut n.store;
+        let peers: Vec<NodeId> = store.checkpoints.keys().copied().collect();
+        let vectors: Vec<(Namespace, VersionVector)> = store
+            .vectors
+            .iter()
+            .filter(|(ns, _)| !is_counter(ns) && !is_set(ns))
+            .map(|(ns, v)| (ns.clone(), v.clone()))
+            .collect();
+        let mut views = BTreeMap::new();
+        for (ns, vector) in vectors {
+            let view = store.gc.view(&ns, me, &vector, &peers, wall, GC_HORIZON_MS);
+            views.insert(ns, view);
+        }
+
+        // Deletes that may go, epitaphs that may go, epitaph rows of keys written since.
+        let mut collect = Vec::new();
+        let mut drop_epitaphs = Vec::new();
+        for ((ns, key), (version, value)) in &store.state {
+            let Some(view) = views.get(ns) else {
+                continue;
+            };
+            if value.is_some() {
+                continue;
+            }
+            if store.epitaphs.get(&(ns.clone(), key.clone())) == Some(version) {
+                if view.complete && view.stable.contains(version.dot) {
+                    drop_epitaphs.push((ns.clone(), key.clone()));
+                }
+                continue;
+            }
+            if wall.saturating_sub(version.hlc.physical_ms()) > TOMBSTONE_TTL_MS
+                && view.stable.contains(version.dot)
+            {
+                collect.push(((ns.clone(), key.clone()), *version, !view.complete));
+            }
+        }
+        let stale: Vec<(Namespace, Key)> = store
+            .epitaphs
+            .iter()
+            .filter(|(k, v)| store.state.get(k).is_none_or(|(current, _)| current != *v))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            store.epitaphs.remove(&k);
+        }
+        for k in drop_epitaphs {
+            store.epitaphs.remove(&k);
+            store.state.remove(&k);
+            self.stats.epitaphs_dropped += 1;
+        }
+        let mut collected_keys = BTreeSet::new();
+        for (k, version, epitaph) in collect {
+            if epitaph {
+                store.epitaphs.insert(k.clone(), version);
+                self.stats.epitaphs += 1;
+            } else {
+                store.state.remove(&k);
+                self.stats.collected += 1;
+            }
+            let deletes = self.collected.entry(k.clone()).or_default();
+            if !deletes.contains(&(version.dot, version.hlc)) {
+                deletes.push((version.dot, version.hlc));
+            }
+            collected_keys.insert(k);
+        }
+
+        // Records that are dead: not the copy their key's entry points at (the last
+        // one with its dot), or of a key collected above. Old enough ones go.
+        let mut gone = Vec::new();
+        for (k, positions) in store.positions.iter_mut() {
+            let entry = store.state.get(k).map(|(v, _)| v.dot);
+            let current = positions
+                .iter()
+                .rposition(|&i| Some(store.feed[i].dot) == entry);
+            let collected = collected_keys.contains(k);
+            let mut index = 0;
+            positions.retain(|&i| {
+                let here = index;
+                index += 1;
+                let e = &store.feed[i];
+                let dead = current != Some(here);
+                let old = wall.saturating_sub(e.hlc.physical_ms()) > RETENTION_MS;
+                if collected || (dead && old) {
+                    gone.push(i);
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        store.positions.retain(|_, p| !p.is_empty());
+        for i in gone {
+            let e = &store.feed[i];
+            store.compacted.insert(i);
+            store
+                .covered
+                .entry(e.namespace.clone())
+                .or_default()
+                .insert(e.dot);
+            self.stats.compacted += 1;
+        }
+        // The index and the base are persisted before any segment goes.
+        store.durable = store.feed.len();
+        store.checkpoints_synced = store.checkpoints.clone();
+        store.covered_synced = store.covered.clone();
+        store.epitaphs_synced = store.epitaphs.clone();
+    }
+}
