@@ -49,6 +49,13 @@ pub enum Mutation {
     /// leave epitaphs for it: its older writes bring collected keys back when it
     /// returns.
     GcAwayLeavesNoEpitaph,
+    /// `MvRegister::join` keeps a value the other side has already replaced (its
+    /// context holds the value's dot) when that side's entry came from another origin:
+    /// an overwritten sibling comes back.
+    SiblingsJoinKeepsReplaced,
+    /// `JsonMap::join` keeps the field it holds whatever the other side's version: the
+    /// first value a replica hears of stays.
+    JsonMapJoinKeepsFirst,
 }
 
 #[cfg(feature = "mutations")]

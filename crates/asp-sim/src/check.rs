@@ -249,11 +249,32 @@ impl Sim {
         }
         let store = &self.nodes[0].store;
         for ((ns, key), sum) in expected {
-            let value = store.counter(ns, key).value();
+            let counter = store.counter(ns, key);
+            let value = counter.value();
             if value != sum {
+                // Per origin, the increments and decrements the reference counts.
+                let mut by_origin: BTreeMap<NodeId, (i64, i64, Vec<Dot>)> = BTreeMap::new();
+                let mut once = BTreeSet::new();
+                for e in self.nodes.iter().flat_map(|n| &n.store.feed) {
+                    if &e.namespace == ns
+                        && &e.key == key
+                        && once.insert(e.dot)
+                        && let Some(&amount) = self.increments.get(&(ns.clone(), e.dot))
+                    {
+                        let o = by_origin.entry(e.dot.origin).or_default();
+                        if amount >= 0 {
+                            o.0 += amount;
+                        } else {
+                            o.1 -= amount;
+                        }
+                        o.2.push(e.dot);
+                    }
+                }
                 return Err(Broken::new(
                     Invariant::CounterSum,
-                    format!("counter {key} of {ns} reads {value}; its increments add up to {sum}"),
+                    format!(
+                        "counter {key} of {ns} reads {value} ({counter:?}); its increments add up to {sum} (per origin, increments, decrements and dots: {by_origin:?})"
+                    ),
                 ));
             }
         }
@@ -337,6 +358,108 @@ impl Sim {
         Ok(())
     }
 
+    /// Each siblings key holds exactly the values written by writes no other write had
+    /// seen (a write replaces what its node had seen of the key, a delete replaces it
+    /// with nothing), over the events some node holds at the end; under `fsync =
+    /// always` only, for the reason counters are.
+    pub(crate) fn check_siblings(&self) -> Result<(), Broken> {
+        if self.config.durability != Durability::Always {
+            return Ok(());
+        }
+        let mut ops: BTreeMap<(&Namespace, &Key), Vec<(Dot, &SiblingOp)>> = BTreeMap::new();
+        let mut seen = BTreeSet::new();
+        for e in self.nodes.iter().flat_map(|n| &n.store.feed) {
+            if let Some(op) = self.sibling_ops.get(&(e.namespace.clone(), e.dot))
+                && seen.insert((&e.namespace, e.dot))
+            {
+                ops.entry((&e.namespace, &e.key))
+                    .or_default()
+                    .push((e.dot, op));
+            }
+        }
+        let store = &self.nodes[0].store;
+        for ((ns, key), ops) in ops {
+            let expected: BTreeSet<(Dot, &Bytes)> = ops
+                .iter()
+                .filter(|(dot, _)| {
+                    !ops.iter()
+                        .any(|(other, o)| other != dot && o.seen.contains(dot))
+                })
+                .filter_map(|(dot, op)| op.value.as_ref().map(|v| (*dot, v)))
+                .collect();
+            let register = store.siblings(ns, key);
+            let held: BTreeSet<(Dot, &Bytes)> = register
+                .siblings()
+                .into_iter()
+                .map(|(dot, sibling)| (dot, &sibling.value))
+                .collect();
+            if held != expected {
+                let show = |s: &BTreeSet<(Dot, &Bytes)>| {
+                    s.iter()
+                        .map(|(d, v)| format!("{d}={}", String::from_utf8_lossy(v)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                return Err(Broken::new(
+                    Invariant::Siblings,
+                    format!(
+                        "siblings key {key} of {ns} holds [{}]; the writes no other write saw are [{}]",
+                        show(&held),
+                        show(&expected)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Each JSON-map key's fields are, field by field, what the newest patch naming
+    /// the field left (by the reference order), over the events some node holds at the
+    /// end; under `fsync = always` only, for the reason counters are.
+    pub(crate) fn check_json_maps(&self) -> Result<(), Broken> {
+        if self.config.durability != Durability::Always {
+            return Ok(());
+        }
+        type Rank = (u64, u16, u64, u64);
+        type Fields<'a> = BTreeMap<&'a str, (Rank, Option<&'a Bytes>)>;
+        let mut fields: BTreeMap<(&Namespace, &Key), Fields> = BTreeMap::new();
+        let mut seen = BTreeSet::new();
+        for e in self.nodes.iter().flat_map(|n| &n.store.feed) {
+            let Some(changes) = self.field_ops.get(&(e.namespace.clone(), e.dot)) else {
+                continue;
+            };
+            if !seen.insert((&e.namespace, e.dot)) {
+                continue;
+            }
+            let map = fields.entry((&e.namespace, &e.key)).or_default();
+            let at = rank(e.hlc, e.dot);
+            for (field, value) in changes {
+                let entry = map.entry(field.as_str()).or_insert((at, value.as_ref()));
+                if at > entry.0 {
+                    *entry = (at, value.as_ref());
+                }
+            }
+        }
+        let store = &self.nodes[0].store;
+        for ((ns, key), fields) in fields {
+            let expected: BTreeMap<&str, &Bytes> = fields
+                .iter()
+                .filter_map(|(f, (_, v))| v.map(|v| (*f, v)))
+                .collect();
+            let map = store.json_map(ns, key);
+            let held: BTreeMap<&str, &Bytes> = map.fields().collect();
+            if held != expected {
+                return Err(Broken::new(
+                    Invariant::JsonFields,
+                    format!(
+                        "JSON-map key {key} of {ns} holds {held:?}; the newest patch of each field leaves {expected:?}"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn check_bounds(&self) -> Result<(), Broken> {
         for (i, n) in self.nodes.iter().enumerate() {
             let local = n
@@ -352,20 +475,23 @@ impl Sim {
                     ),
                 ));
             }
-            let remote: u64 = n
-                .queue
-                .iter()
-                .map(|r| match r {
-                    Request::Remote { bytes, .. } | Request::Repair { bytes, .. } => *bytes,
-                    Request::Local { .. } | Request::Cover { .. } => 0,
-                })
-                .sum();
-            let bound = 2 * CREDIT_WINDOW as u64 * n.links.len().max(1) as u64;
-            if remote > bound {
+            // Per connection (a closed one's batches stay queued and are applied; its
+            // successor has credit of its own): credit bounds what each may queue.
+            // (The store's `write_queue_bytes_max` bounds the whole queue; not
+            // modelled.)
+            let mut remote: BTreeMap<u64, u64> = BTreeMap::new();
+            for r in &n.queue {
+                if let Request::Remote { conn, bytes, .. } | Request::Repair { conn, bytes, .. } = r
+                {
+                    *remote.entry(*conn).or_default() += *bytes;
+                }
+            }
+            let bound = 2 * CREDIT_WINDOW as u64;
+            if let Some((conn, bytes)) = remote.iter().find(|(_, b)| **b > bound) {
                 return Err(Broken::new(
                     Invariant::Bounds,
                     format!(
-                        "node {i} queued {remote} bytes of peer events; credit bounds it to {bound}"
+                        "node {i} queued {bytes} bytes of peer events from connection {conn}; credit bounds it to {bound}"
                     ),
                 ));
             }
@@ -468,6 +594,8 @@ impl Sim {
         self.check_winners()?;
         self.check_counters()?;
         self.check_sets()?;
+        self.check_siblings()?;
+        self.check_json_maps()?;
         // Every acknowledged write is held everywhere.
         let state = &self.nodes[0].store;
         for w in self.acked.iter().chain(&self.returning) {

@@ -29,7 +29,7 @@ impl Sim {
         let vectors: Vec<(Namespace, VersionVector)> = store
             .vectors
             .iter()
-            .filter(|(ns, _)| !is_counter(ns) && !is_set(ns))
+            .filter(|(ns, _)| is_lww(ns))
             .map(|(ns, v)| (ns.clone(), v.clone()))
             .collect();
         let mut views = BTreeMap::new();
@@ -125,6 +125,10 @@ impl Sim {
                 .insert(e.dot);
             self.stats.compacted += 1;
         }
+        // Nothing was waiting to be indexed (no group in flight): the index is the
+        // state again.
+        store.indexed = store.state.clone();
+        store.indexed_vectors = store.vectors.clone();
         // The index and the base are persisted before any segment goes.
         store.durable = store.feed.len();
         store.checkpoints_synced = store.checkpoints.clone();

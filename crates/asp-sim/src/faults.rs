@@ -1,5 +1,5 @@
-//! Faults the seed injects: partitions, resets, clock jumps, process and machine
-//! crashes, and restarts.
+//! Faults the seed injects: partitions, resets, clock jumps, slow disks, process and
+//! machine crashes, and restarts.
 
 use super::*;
 impl Sim {
@@ -117,6 +117,13 @@ impl Sim {
             }
             90..=92 => {
                 self.nodes[a].skew_ms += 65_000 + self.rng.range(0, 10_000) as i64;
+            }
+            // A slow disk: for a while the node's writes take hundreds of
+            // milliseconds. Its peers run out of credit and hold their events back,
+            // while summaries (and the reports they gossip) still flow.
+            93..=99 => {
+                let until = self.now + self.rng.range(500 * MS, 4 * SECOND);
+                self.nodes[a].slow_until = self.nodes[a].slow_until.max(until);
             }
             _ => {}
         }

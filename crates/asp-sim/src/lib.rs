@@ -61,7 +61,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use asp_core::crdt::{OrSet, PnCounter, Policy, State};
+use asp_core::crdt::{JsonMap, MvRegister, OrSet, PnCounter, Policy, Sibling, State};
 use asp_core::gc::Gc;
 use asp_core::reconcile::{Item, ItemKey, Window};
 use asp_core::session::{
@@ -109,7 +109,7 @@ const ANTI_ENTROPY_INTERVAL: Time = 700 * MS;
 const REPAIR_FRAME_BYTES: usize = 16 << 10;
 /// Keys most writes go to, and keys written now and then.
 const HOT_KEYS: usize = 16;
-const COLD_KEYS: usize = 48;
+const COLD_KEYS: usize = 16;
 /// How often each node compacts (and collects tombstones), on average.
 const COMPACT_INTERVAL: Time = 900 * MS;
 /// Superseded records stay in the feed this long (as a namespace's retention).
@@ -253,6 +253,10 @@ pub enum Invariant {
     AddWins,
     /// A node that holds a collected delete reads its key at an older write.
     Resurrection,
+    /// A siblings key's values are not those of the writes no other write had seen.
+    Siblings,
+    /// A JSON-map field is not what the newest patch naming it left.
+    JsonFields,
     /// A session did something no correct peer or node can cause (an unexpected
     /// refusal, an undecodable frame, an unknown peer).
     Protocol,

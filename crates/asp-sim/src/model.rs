@@ -16,6 +16,14 @@ pub(crate) struct StoreModel {
     pub(crate) vectors: BTreeMap<Namespace, VersionVector>,
     pub(crate) max_hlc: BTreeMap<Namespace, Hlc>,
     pub(crate) state: BTreeMap<(Namespace, Key), KeyState>,
+    /// What readers other than the writer see (the store's key index, which takes a
+    /// group only once it is durable under `fsync = always`): the key states and
+    /// vectors of `feed[..indexed_upto]` and of the covers recorded with it. Peers'
+    /// summaries and reconciliation read these; the writer's own CRDT writes read
+    /// `state`, which holds its group in progress too (the store's recent states).
+    pub(crate) indexed: BTreeMap<(Namespace, Key), KeyState>,
+    pub(crate) indexed_vectors: BTreeMap<Namespace, VersionVector>,
+    pub(crate) indexed_upto: usize,
     /// Per peer: how far it holds this node's feed. Written with the index, which a
     /// machine crash may roll back to the last fsync.
     pub(crate) checkpoints: BTreeMap<NodeId, u64>,
@@ -49,6 +57,23 @@ pub(crate) struct StoreModel {
     pub(crate) gc: Gc,
 }
 
+/// Merges an event into key states: it takes its key (or its origin's entry of a CRDT
+/// key) if it wins there.
+fn merge(states: &mut BTreeMap<(Namespace, Key), KeyState>, event: &Event) {
+    let value = match &event.op {
+        Op::Put { value, .. } => Some(value.clone()),
+        Op::Delete => None,
+    };
+    let version = event.version();
+    let key = StoreModel::state_key(event);
+    match states.get(&key) {
+        Some((current, _)) if !lww_wins(&version, current) => {}
+        _ => {
+            states.insert(key, (version, value));
+        }
+    }
+}
+
 /// Whether `namespace` is one of the simulator's counter namespaces.
 pub(crate) fn is_counter(namespace: &Namespace) -> bool {
     namespace.as_str().starts_with('c')
@@ -57,6 +82,21 @@ pub(crate) fn is_counter(namespace: &Namespace) -> bool {
 /// Whether `namespace` is one of the simulator's add-wins set namespaces.
 pub(crate) fn is_set(namespace: &Namespace) -> bool {
     namespace.as_str().starts_with('s')
+}
+
+/// Whether `namespace` is one of the simulator's siblings namespaces.
+pub(crate) fn is_siblings(namespace: &Namespace) -> bool {
+    namespace.as_str().starts_with('v')
+}
+
+/// Whether `namespace` is one of the simulator's JSON-map namespaces.
+pub(crate) fn is_json_map(namespace: &Namespace) -> bool {
+    namespace.as_str().starts_with('j')
+}
+
+/// Whether `namespace` is last-writer-wins (the only policy with deletes to collect).
+pub(crate) fn is_lww(namespace: &Namespace) -> bool {
+    namespace.as_str().starts_with('n')
 }
 
 impl StoreModel {
@@ -73,38 +113,55 @@ impl StoreModel {
         (event.namespace.clone(), key)
     }
 
-    /// A set key's members as a read joins them: every origin's latest view.
-    pub(crate) fn set(&self, namespace: &Namespace, key: &Key) -> OrSet {
+    /// A CRDT key's state as a read joins it: every origin's latest view, from
+    /// `empty` (the policy's empty state).
+    pub(crate) fn joined(&self, namespace: &Namespace, key: &Key, empty: State) -> State {
         let prefix = format!("{key}#");
-        let mut joined = OrSet::default();
-        for ((ns, entry), (_, value)) in &self.state {
+        let mut joined = empty;
+        let first = (namespace.clone(), Key::new(&prefix).expect("a valid key"));
+        for ((ns, entry), (_, value)) in self.state.range(first..) {
             if ns != namespace || !entry.as_str().starts_with(&prefix) {
-                continue;
+                break;
             }
             if let Some(value) = value
-                && let Ok(State::Set(view)) = State::decode(value)
+                && let Ok(view) = State::decode(value)
             {
-                joined.join(&view);
+                joined.join(&view).expect("one policy per namespace");
             }
         }
         joined
     }
 
-    /// A counter key's value as a read joins it: every origin's latest view.
-    pub(crate) fn counter(&self, namespace: &Namespace, key: &Key) -> PnCounter {
-        let prefix = format!("{key}#");
-        let mut joined = PnCounter::default();
-        for ((ns, entry), (_, value)) in &self.state {
-            if ns != namespace || !entry.as_str().starts_with(&prefix) {
-                continue;
-            }
-            if let Some(value) = value
-                && let Ok(State::Counter(view)) = State::decode(value)
-            {
-                joined.join(&view);
-            }
+    /// A set key's members as a read joins them.
+    pub(crate) fn set(&self, namespace: &Namespace, key: &Key) -> OrSet {
+        match self.joined(namespace, key, State::Set(OrSet::default())) {
+            State::Set(set) => set,
+            _ => unreachable!("a set namespace"),
         }
-        joined
+    }
+
+    /// A counter key's value as a read joins it.
+    pub(crate) fn counter(&self, namespace: &Namespace, key: &Key) -> PnCounter {
+        match self.joined(namespace, key, State::Counter(PnCounter::default())) {
+            State::Counter(counter) => counter,
+            _ => unreachable!("a counter namespace"),
+        }
+    }
+
+    /// A siblings key's values as a read joins them.
+    pub(crate) fn siblings(&self, namespace: &Namespace, key: &Key) -> MvRegister {
+        match self.joined(namespace, key, State::Siblings(MvRegister::default())) {
+            State::Siblings(register) => register,
+            _ => unreachable!("a siblings namespace"),
+        }
+    }
+
+    /// A JSON-map key's fields as a read joins them.
+    pub(crate) fn json_map(&self, namespace: &Namespace, key: &Key) -> JsonMap {
+        match self.joined(namespace, key, State::JsonMap(JsonMap::default())) {
+            State::JsonMap(map) => map,
+            _ => unreachable!("a JSON-map namespace"),
+        }
     }
 
     pub(crate) fn new() -> Self {
@@ -115,6 +172,9 @@ impl StoreModel {
             vectors: BTreeMap::new(),
             max_hlc: BTreeMap::new(),
             state: BTreeMap::new(),
+            indexed: BTreeMap::new(),
+            indexed_vectors: BTreeMap::new(),
+            indexed_upto: 0,
             checkpoints: BTreeMap::new(),
             checkpoints_synced: BTreeMap::new(),
             covered: BTreeMap::new(),
@@ -167,7 +227,7 @@ impl StoreModel {
 
     /// The reconciliation items of a namespace's keys at their current versions.
     pub(crate) fn items(&self, namespace: &Namespace) -> Vec<Item> {
-        self.state
+        self.indexed
             .iter()
             .filter(|((ns, _), _)| ns == namespace)
             .map(|((_, key), (version, _))| self.item_key.item(key.as_str().as_bytes(), version))
@@ -224,6 +284,29 @@ impl StoreModel {
         self.vectors.get(ns).is_some_and(|v| v.contains(dot))
     }
 
+    /// Makes `feed[..upto]` visible to readers, and hands it to the index.
+    pub(crate) fn publish(&mut self, upto: usize) {
+        self.visible = self.visible.max(upto);
+        for i in self.indexed_upto..self.visible {
+            if self.compacted.contains(&i) {
+                continue;
+            }
+            let event = &self.feed[i];
+            self.indexed_vectors
+                .entry(event.namespace.clone())
+                .or_default()
+                .insert(event.dot);
+            merge(&mut self.indexed, event);
+        }
+        self.indexed_upto = self.indexed_upto.max(self.visible);
+        for (ns, vector) in &self.covered {
+            self.indexed_vectors
+                .entry(ns.clone())
+                .or_default()
+                .join(vector);
+        }
+    }
+
     /// Appends an event and merges it into its key. Returns its feed position.
     pub(crate) fn append(&mut self, event: Event) -> u64 {
         self.vectors
@@ -235,22 +318,11 @@ impl StoreModel {
             .entry(event.namespace.clone())
             .or_insert(Hlc::ZERO);
         *max = (*max).max(event.hlc);
-        let value = match &event.op {
-            Op::Put { value, .. } => Some(value.clone()),
-            Op::Delete => None,
-        };
-        let version = event.version();
-        let key = Self::state_key(&event);
         self.positions
-            .entry(key.clone())
+            .entry(Self::state_key(&event))
             .or_default()
             .push(self.feed.len());
-        match self.state.get(&key) {
-            Some((current, _)) if !lww_wins(&version, current) => {}
-            _ => {
-                self.state.insert(key, (version, value));
-            }
-        }
+        merge(&mut self.state, &event);
         self.feed.push(event);
         self.feed.len() as u64
     }
@@ -303,6 +375,9 @@ impl StoreModel {
         for seq in self.checkpoints.values_mut() {
             *seq = (*seq).min(head);
         }
+        self.indexed = self.state.clone();
+        self.indexed_vectors = self.vectors.clone();
+        self.indexed_upto = self.feed.len();
     }
 
     /// [`StoreModel::summary`] with the reports tombstone collection gossips (as the
@@ -338,7 +413,7 @@ impl StoreModel {
         );
         let none = VersionVector::new();
         for ns in summary {
-            let own = self.vectors.get(&ns.namespace).unwrap_or(&none);
+            let own = self.indexed_vectors.get(&ns.namespace).unwrap_or(&none);
             for report in &ns.reports {
                 self.gc.note(&ns.namespace, me, own, report.clone());
             }
@@ -346,7 +421,7 @@ impl StoreModel {
     }
 
     pub(crate) fn summary(&self) -> Vec<NamespaceSummary> {
-        self.vectors
+        self.indexed_vectors
             .iter()
             .map(|(ns, vector)| NamespaceSummary {
                 namespace: ns.clone(),
@@ -386,7 +461,7 @@ impl<'a> ModelView<'a> {
     ) -> impl Iterator<Item = (&'a Key, &'a Version)> + 'a {
         let namespace = namespace.clone();
         self.store
-            .state
+            .indexed
             .iter()
             .filter(move |((ns, _), _)| *ns == namespace)
             .map(|((_, key), (version, _))| (key, version))
@@ -410,7 +485,7 @@ impl ReconcileStore for ModelView<'_> {
 
     fn namespace_vector(&self, namespace: &Namespace) -> VersionVector {
         self.store
-            .vectors
+            .indexed_vectors
             .get(namespace)
             .cloned()
             .unwrap_or_default()
@@ -438,7 +513,7 @@ impl ReconcileStore for ModelView<'_> {
         theirs: &dyn Fn(&Namespace) -> Option<&'b VersionVector>,
         shared: &dyn Fn(&Namespace) -> bool,
     ) -> bool {
-        self.store.vectors.iter().any(|(ns, vector)| {
+        self.store.indexed_vectors.iter().any(|(ns, vector)| {
             let Some(mine) = vector.get(peer) else {
                 return false;
             };

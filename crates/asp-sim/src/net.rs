@@ -236,7 +236,7 @@ impl Sim {
                     n.store.note_summary(n.id, peer, wall, &summary);
                     // Now and then a compaction runs just after a summary: what a
                     // report allows is acted on before anything else arrives.
-                    if self.rng.chance(250) {
+                    if self.rng.chance(600) {
                         let epoch = n.epoch;
                         self.schedule_between(
                             0,

@@ -152,6 +152,18 @@ pub(crate) struct SetOp {
     pub(crate) seen: BTreeSet<Dot>,
 }
 
+/// A write of a siblings namespace, as the reference sees it.
+pub(crate) struct SiblingOp {
+    /// What it wrote (`None`: a delete).
+    pub(crate) value: Option<Bytes>,
+    /// Every dot of the key its node had seen, its own included (the checker's own
+    /// account, from the events in that node's feed).
+    pub(crate) seen: BTreeSet<Dot>,
+}
+
+/// A JSON-map patch's changes: each field set (`Some`) or removed (`None`).
+pub(crate) type FieldChanges = Vec<(String, Option<Bytes>)>;
+
 pub(crate) struct AckedWrite {
     pub(crate) origin: usize,
     pub(crate) namespace: Namespace,
@@ -187,6 +199,8 @@ pub(crate) struct Node {
     /// The client keeps them across the node's crashes.
     pub(crate) seen: Vec<Dot>,
     pub(crate) write_counter: u64,
+    /// Until when its disk is slow (a fault).
+    pub(crate) slow_until: Time,
     /// The dots of `store.feed[..derived_upto]`, kept by the checker to compare with
     /// the store's vectors without rereading the whole feed each time. A plain set, not
     /// a `VersionVector`: the check must not share the code it checks.
@@ -247,6 +261,10 @@ pub(crate) struct Sim {
     /// it adds, and the adds of the key its node had seen (the reference's own
     /// account, from the events in that node's feed, not from the set's state).
     pub(crate) set_ops: BTreeMap<(Namespace, Dot), SetOp>,
+    /// Each write of a siblings namespace, by dot.
+    pub(crate) sibling_ops: BTreeMap<(Namespace, Dot), SiblingOp>,
+    /// Each patch of a JSON-map namespace, by dot: the fields it set or removed.
+    pub(crate) field_ops: BTreeMap<(Namespace, Dot), FieldChanges>,
     /// Every delete some node collected (or turned into an epitaph), by namespace, key
     /// and dot, with its clock: no node that holds it may read the key older again.
     pub(crate) collected: BTreeMap<(Namespace, Key), Vec<(Dot, Hlc)>>,
@@ -327,13 +345,14 @@ impl Sim {
                 links: BTreeMap::new(),
                 seen: Vec::new(),
                 write_counter: 0,
+                slow_until: 0,
                 derived: BTreeMap::new(),
                 derived_upto: 0,
             })
             .collect();
         let edges = topology(&mut rng, n);
         // Two last-writer-wins namespaces, a counter and an add-wins set.
-        let namespaces = ["ns0", "ns1", "c0", "s0"]
+        let namespaces = ["ns0", "ns1", "c0", "s0", "v0", "j0"]
             .iter()
             .map(|name| Namespace::new(name).expect("valid"))
             .collect();
@@ -367,6 +386,8 @@ impl Sim {
             skipped: BTreeMap::new(),
             increments: BTreeMap::new(),
             set_ops: BTreeMap::new(),
+            sibling_ops: BTreeMap::new(),
+            field_ops: BTreeMap::new(),
             collected: BTreeMap::new(),
         }
     }

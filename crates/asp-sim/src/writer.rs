@@ -16,8 +16,14 @@ impl Sim {
         if !self.nodes[node].up || self.nodes[node].queue.len() >= WRITE_QUEUE_MAX {
             return;
         }
-        let namespace =
-            self.namespaces[self.rng.below(self.namespaces.len() as u64) as usize].clone();
+        // Half the writes go to the two last-writer-wins namespaces (the first two),
+        // half to the four CRDT ones.
+        let pick = if self.rng.chance(500) {
+            self.rng.below(2)
+        } else {
+            2 + self.rng.below(self.namespaces.len() as u64 - 2)
+        };
+        let namespace = self.namespaces[pick as usize].clone();
         let ops = (0..self.rng.range(1, 4))
             .map(|_| {
                 // Most writes go to the hot keys; the cold ones are written now and
@@ -31,6 +37,32 @@ impl Sim {
                     self.keys[self.rng.below(HOT_KEYS as u64) as usize].clone()
                 };
                 self.nodes[node].write_counter += 1;
+                if is_siblings(&namespace) {
+                    // A write (`=value`) or a delete (`!`) that replaces what it read.
+                    let op = if self.rng.chance(200) {
+                        "!".to_owned()
+                    } else {
+                        format!("=n{node}-{}", self.nodes[node].write_counter)
+                    };
+                    return (key, Some(Bytes::from(op)));
+                }
+                if is_json_map(&namespace) {
+                    // A patch of one or two of four fields (a JSON object names each
+                    // once): set (`f=value`) or removed (`f!`), separated by `;`.
+                    let first = self.rng.below(4);
+                    let count = self.rng.range(1, 3);
+                    let fields: Vec<String> = (0..count)
+                        .map(|i| {
+                            let field = (first + i) % 4;
+                            if self.rng.chance(200) {
+                                format!("f{field}!")
+                            } else {
+                                format!("f{field}=\"n{node}-{}\"", self.nodes[node].write_counter)
+                            }
+                        })
+                        .collect();
+                    return (key, Some(Bytes::from(fields.join(";"))));
+                }
                 if is_set(&namespace) {
                     // Add or remove one of four members.
                     let sign = if self.rng.chance(600) { '+' } else { '-' };
@@ -59,6 +91,12 @@ impl Sim {
     /// (`always`) or at once (`never`).
     pub(crate) fn writer_wake(&mut self, node: usize) -> Result<(), Broken> {
         if self.nodes[node].busy || self.nodes[node].queue.is_empty() {
+            return Ok(());
+        }
+        // A slow disk under `fsync = never`: the writes themselves stall.
+        if self.config.durability == Durability::Never && self.now < self.nodes[node].slow_until {
+            let epoch = self.nodes[node].epoch;
+            self.schedule_between(50 * MS, 200 * MS, Action::WriterWake { node, epoch });
             return Ok(());
         }
         let fault = self.config.model_fault;
@@ -105,6 +143,64 @@ impl Sim {
                                 Op::Put {
                                     content_type: ContentType::OctetStream,
                                     value: Bytes::from(State::Counter(view).encode()),
+                                }
+                            }
+                            // A siblings write or delete: it replaces what this node's
+                            // view holds (its context), with every dot of the key this
+                            // node had seen recorded for the reference.
+                            Some(op) if is_siblings(&namespace) => {
+                                let value = (op[0] == b'=').then(|| op.slice(1..));
+                                let mut view = n.store.siblings(&namespace, &key);
+                                let delta = MvRegister::write(
+                                    view.context(),
+                                    dot,
+                                    value.clone().map(|value| Sibling {
+                                        hlc,
+                                        content_type: ContentType::Text.code(),
+                                        value,
+                                    }),
+                                );
+                                view.join(&delta);
+                                let mut seen: BTreeSet<Dot> = n
+                                    .store
+                                    .feed
+                                    .iter()
+                                    .filter(|e| e.namespace == namespace && e.key == key)
+                                    .filter_map(|e| {
+                                        self.sibling_ops.get(&(namespace.clone(), e.dot))
+                                    })
+                                    .flat_map(|o| o.seen.iter().copied())
+                                    .collect();
+                                seen.insert(dot);
+                                self.sibling_ops
+                                    .insert((namespace.clone(), dot), SiblingOp { value, seen });
+                                context = Policy::Siblings.event_context();
+                                Op::Put {
+                                    content_type: ContentType::OctetStream,
+                                    value: Bytes::from(State::Siblings(view).encode()),
+                                }
+                            }
+                            // A JSON-map patch: each field it names takes its value (or
+                            // goes) at this event's version.
+                            Some(op) if is_json_map(&namespace) => {
+                                let changes: FieldChanges = std::str::from_utf8(&op)
+                                    .expect("the simulator's own patch")
+                                    .split(';')
+                                    .map(|change| match change.split_once('=') {
+                                        Some((field, value)) => (
+                                            field.to_owned(),
+                                            Some(Bytes::copy_from_slice(value.as_bytes())),
+                                        ),
+                                        None => (change.trim_end_matches('!').to_owned(), None),
+                                    })
+                                    .collect();
+                                let mut view = n.store.json_map(&namespace, &key);
+                                view.join(&JsonMap::patch(Version { hlc, dot }, changes.clone()));
+                                self.field_ops.insert((namespace.clone(), dot), changes);
+                                context = Policy::JsonMap.event_context();
+                                Op::Put {
+                                    content_type: ContentType::OctetStream,
+                                    value: Bytes::from(State::JsonMap(view).encode()),
                                 }
                             }
                             // An add or remove of a set: the same, with the adds of the
@@ -257,7 +353,7 @@ impl Sim {
         let written = self.nodes[node].store.feed.len();
         if fault == Some(ModelFault::VisibleBeforeDurable) {
             // Readers hear of the events at once, as they would of durable ones.
-            self.nodes[node].store.visible = written;
+            self.nodes[node].store.publish(written);
             self.subscriber_reads(node);
             let conns: Vec<u64> = self.nodes[node].links.keys().copied().collect();
             for conn in conns {
@@ -275,7 +371,9 @@ impl Sim {
                 self.nodes[node].waiting = acks;
                 self.nodes[node].busy = true;
                 self.group_counter += 1;
-                let latency = if self.rng.chance(20) {
+                let latency = if self.now < self.nodes[node].slow_until {
+                    self.rng.range(150 * MS, 600 * MS)
+                } else if self.rng.chance(20) {
                     self.rng.range(2 * MS, 20 * MS)
                 } else {
                     self.rng.range(50, 400)
@@ -297,7 +395,7 @@ impl Sim {
                 // group that records covered dots first syncs the log (the repairs
                 // they stand for), then saves the base file.
                 let store = &mut self.nodes[node].store;
-                store.visible = written;
+                store.publish(written);
                 if store.covered != store.covered_synced {
                     store.durable = written;
                     store.checkpoints_synced = store.checkpoints.clone();
@@ -341,7 +439,7 @@ impl Sim {
     pub(crate) fn fsync_done(&mut self, node: usize, written: usize) -> Result<(), Broken> {
         let n = &mut self.nodes[node];
         n.store.durable = n.store.durable.max(written);
-        n.store.visible = n.store.visible.max(written);
+        n.store.publish(written);
         n.store.checkpoints_synced = n.store.checkpoints.clone();
         n.store.covered_synced = n.store.covered.clone();
         n.busy = false;

@@ -162,6 +162,16 @@ fn the_simulator_catches_broken_guarantees() {
             Mutation::GcAwayLeavesNoEpitaph,
             &[Invariant::Resurrection][..],
         ),
+        (
+            Mutation::SiblingsJoinKeepsReplaced,
+            &[Invariant::Siblings][..],
+        ),
+        // Replicas keep whichever value they heard of first: they disagree, or agree
+        // on a value the reference does not pick.
+        (
+            Mutation::JsonMapJoinKeepsFirst,
+            &[Invariant::JsonFields, Invariant::Divergence][..],
+        ),
     ] {
         if std::env::var("ASP_SIM_ONLY").is_ok_and(|only| only != format!("{mutation:?}")) {
             continue;
@@ -244,6 +254,8 @@ fn replay_one_seed() {
         Ok("GcReportNotContained") => Some(Mutation::GcReportNotContained),
         Ok("GcSkipsUnreportedNodes") => Some(Mutation::GcSkipsUnreportedNodes),
         Ok("GcAwayLeavesNoEpitaph") => Some(Mutation::GcAwayLeavesNoEpitaph),
+        Ok("SiblingsJoinKeepsReplaced") => Some(Mutation::SiblingsJoinKeepsReplaced),
+        Ok("JsonMapJoinKeepsFirst") => Some(Mutation::JsonMapJoinKeepsFirst),
         Ok(other) => panic!("unknown ASP_SIM_MUTATION {other:?}"),
         Err(_) => None,
     };

@@ -309,8 +309,10 @@ impl MvRegister {
 
     pub fn join(&mut self, other: &MvRegister) {
         let mut values = BTreeMap::new();
+        let keeps_replaced =
+            crate::mutation::active(crate::mutation::Mutation::SiblingsJoinKeepsReplaced);
         for (d, s) in &self.values {
-            if other.values.contains_key(d) || !other.context.contains(*d) {
+            if other.values.contains_key(d) || !other.context.contains(*d) || keeps_replaced {
                 values.insert(*d, s.clone());
             }
         }
@@ -359,7 +361,11 @@ impl JsonMap {
     pub fn join(&mut self, other: &JsonMap) {
         for (k, (version, value)) in &other.fields {
             match self.fields.get(k) {
-                Some((mine, _)) if mine >= version => {}
+                Some((mine, _))
+                    if mine >= version
+                        || crate::mutation::active(
+                            crate::mutation::Mutation::JsonMapJoinKeepsFirst,
+                        ) => {}
                 _ => {
                     self.fields.insert(k.clone(), (*version, value.clone()));
                 }
