@@ -83,6 +83,11 @@ impl Sim {
                 store.state.remove(&k);
                 self.stats.collected += 1;
             }
+            store
+                .collected_here
+                .entry(k.clone())
+                .or_default()
+                .push((version.dot, version.hlc));
             let deletes = self.collected.entry(k.clone()).or_default();
             if !deletes.contains(&(version.dot, version.hlc)) {
                 deletes.push((version.dot, version.hlc));

@@ -223,7 +223,8 @@ impl Sim {
                     if skipped.is_some_and(|r| r.iter().any(|&(lo, hi)| (lo..=hi).contains(&seq))) {
                         continue;
                     }
-                    if !self.nodes[node].store.holds(e.dot, &e.namespace) {
+                    let store = &self.nodes[node].store;
+                    if !store.holds(e.dot, &e.namespace) && !store.is_held(e.dot, &e.namespace) {
                         return Err(Broken::new(
                             Invariant::AckedNotHeld,
                             format!(
@@ -240,6 +241,7 @@ impl Sim {
         let epoch = self.nodes[node].epoch;
         self.schedule(0, Action::WriterWake { node, epoch });
         self.schedule(SECOND, Action::Summaries { node, epoch });
+        self.schedule(RELEASE_INTERVAL, Action::Release { node, epoch });
         self.schedule(ANTI_ENTROPY_INTERVAL, Action::AntiEntropy { node, epoch });
         self.schedule_between(
             COMPACT_INTERVAL / 2,

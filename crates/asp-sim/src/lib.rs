@@ -107,6 +107,11 @@ const COUNTER_BLOCK: u64 = 1 << 16;
 const ANTI_ENTROPY_INTERVAL: Time = 700 * MS;
 /// Bytes of repairs per frame, at most (as `batch_bytes_max`).
 const REPAIR_FRAME_BYTES: usize = 16 << 10;
+/// Events a node holds back (parked) at most (as `held_bytes_max`).
+const HELD_MAX: usize = 4_096;
+/// How often a node looks for held events now due (the store's writer wakes at
+/// least once a second while something is parked).
+const RELEASE_INTERVAL: Time = 250 * MS;
 /// Keys most writes go to, and keys written now and then.
 const HOT_KEYS: usize = 16;
 const COLD_KEYS: usize = 16;
@@ -152,6 +157,10 @@ pub enum ModelFault {
     /// a machine crash under `fsync = never` a node issues again counters its peers
     /// hold, and they drop the new events as duplicates: the nodes never agree.
     ReuseCounters,
+    /// A peer's cover joins held (parked) dots into the vector: the held event is a
+    /// duplicate when released and is dropped, and the write it carried is lost to
+    /// this node.
+    CoverClaimsHeld,
 }
 
 /// Switches asp-core's mutation on for this thread while a world runs, and off again

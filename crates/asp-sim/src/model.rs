@@ -52,6 +52,15 @@ pub(crate) struct StoreModel {
     /// durable with the sync that records them.
     pub(crate) epitaphs: BTreeMap<(Namespace, Key), Version>,
     pub(crate) epitaphs_synced: BTreeMap<(Namespace, Key), Version>,
+    /// Events received but parked (their clock too far ahead of this node's): as
+    /// the store's held events, acknowledged, durable, in neither the vector nor the
+    /// feed (so not relayed), released once the wall clock catches up. `held_log` is
+    /// the file: it has no removal records, so on open what the vector holds goes.
+    pub(crate) held: BTreeMap<(Namespace, Dot), Event>,
+    pub(crate) held_log: BTreeMap<(Namespace, Dot), Event>,
+    /// For the checker: per key, the deletes this node collected (or turned into
+    /// epitaphs). Collection is synced, so this survives any crash.
+    pub(crate) collected_here: BTreeMap<(Namespace, Key), Vec<(Dot, Hlc)>>,
     /// What this node knows of the others' vectors (the real `asp_core::gc` rule):
     /// memory only, as in the store.
     pub(crate) gc: Gc,
@@ -183,6 +192,9 @@ impl StoreModel {
             issued: BTreeMap::new(),
             marks: BTreeMap::new(),
             compacted: BTreeSet::new(),
+            held: BTreeMap::new(),
+            held_log: BTreeMap::new(),
+            collected_here: BTreeMap::new(),
             positions: BTreeMap::new(),
             epitaphs: BTreeMap::new(),
             epitaphs_synced: BTreeMap::new(),
@@ -214,7 +226,25 @@ impl StoreModel {
     }
 
     /// Records a peer's word that the dots of `vector` are superseded by state held.
-    pub(crate) fn cover(&mut self, namespace: &Namespace, vector: &VersionVector) {
+    pub(crate) fn cover(
+        &mut self,
+        namespace: &Namespace,
+        vector: &VersionVector,
+        claim_held: bool,
+    ) {
+        // Never a held dot: the peer holds the event, this node does not yet, and a
+        // vector claiming it would make the event a duplicate when released.
+        let mut held = VersionVector::new();
+        for (ns, dot) in self.held.keys() {
+            if ns == namespace {
+                held.insert(*dot);
+            }
+        }
+        let vector = &if claim_held {
+            vector.clone()
+        } else {
+            vector.difference(&held)
+        };
         self.covered
             .entry(namespace.clone())
             .or_default()
@@ -378,6 +408,16 @@ impl StoreModel {
         self.indexed = self.state.clone();
         self.indexed_vectors = self.vectors.clone();
         self.indexed_upto = self.feed.len();
+        // Held events come back from their file, but those the vector holds.
+        let vectors = &self.vectors;
+        self.held_log
+            .retain(|(ns, dot), _| !vectors.get(ns).is_some_and(|v| v.contains(*dot)));
+        self.held = self.held_log.clone();
+    }
+
+    /// Whether `dot` is held (parked) here.
+    pub(crate) fn is_held(&self, dot: Dot, ns: &Namespace) -> bool {
+        self.held.contains_key(&(ns.clone(), dot))
     }
 
     /// [`StoreModel::summary`] with the reports tombstone collection gossips (as the

@@ -38,6 +38,11 @@ pub(crate) enum Action {
         node: usize,
         epoch: u64,
     },
+    /// The writer's look at its held events.
+    Release {
+        node: usize,
+        epoch: u64,
+    },
     /// A compaction run; `again`: the periodic one, which schedules the next.
     Compact {
         node: usize,
@@ -288,6 +293,9 @@ pub struct ReconcileStats {
     pub collected: u64,
     pub epitaphs: u64,
     pub epitaphs_dropped: u64,
+    /// Received events parked (their clock too far ahead), and released later.
+    pub parked: u64,
+    pub released: u64,
 }
 
 pub(crate) fn fnv(hash: u64, bytes: &[u8]) -> u64 {
@@ -436,6 +444,7 @@ impl Sim {
             self.nodes[i].store.gc = Gc::new(wall);
             self.schedule_between(0, 10 * MS, Action::ClientWrite { node: i });
             self.schedule(SECOND, Action::Summaries { node: i, epoch: 0 });
+            self.schedule(RELEASE_INTERVAL, Action::Release { node: i, epoch: 0 });
             self.schedule_between(
                 COMPACT_INTERVAL / 2,
                 COMPACT_INTERVAL * 3 / 2,
@@ -635,6 +644,14 @@ impl Sim {
                     }
                 }
             }
+            Action::Release { node, epoch } => {
+                if self.nodes[node].up && self.nodes[node].epoch == epoch {
+                    if !self.nodes[node].store.held.is_empty() {
+                        self.schedule(0, Action::WriterWake { node, epoch });
+                    }
+                    self.schedule(RELEASE_INTERVAL, Action::Release { node, epoch });
+                }
+            }
             Action::AntiEntropy { node, epoch } => {
                 if self.nodes[node].up && self.nodes[node].epoch == epoch {
                     self.anti_entropy(node)?;
@@ -682,7 +699,6 @@ impl Sim {
             Action::Check => {
                 self.check_vectors()?;
                 self.check_bounds()?;
-                self.check_resurrection()?;
                 self.schedule(100 * MS, Action::Check);
             }
         }
@@ -709,6 +725,7 @@ pub(crate) fn action_tag(action: &Action) -> u8 {
         Action::AntiEntropy { .. } => 15,
         Action::Writeback { .. } => 16,
         Action::Compact { .. } => 17,
+        Action::Release { .. } => 18,
     }
 }
 

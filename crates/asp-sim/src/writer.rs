@@ -5,6 +5,34 @@
 
 use super::*;
 
+/// A node that collected a delete never takes, for its key, a write that loses to it:
+/// the rule let the delete go only once no such write could still arrive (or left an
+/// epitaph it loses to). Checked as each received event is applied, against the
+/// reference order.
+pub(crate) fn no_resurrection(
+    node: usize,
+    store: &StoreModel,
+    key: &(Namespace, Key),
+) -> Result<(), Broken> {
+    let Some(deletes) = store.collected_here.get(key) else {
+        return Ok(());
+    };
+    let Some((version, Some(_))) = store.state.get(key) else {
+        return Ok(());
+    };
+    let read = check::rank(version.hlc, version.dot);
+    if let Some((dot, hlc)) = deletes.iter().find(|(d, h)| read < check::rank(*h, *d)) {
+        return Err(Broken::new(
+            Invariant::Resurrection,
+            format!(
+                "node {node} took {} ({}) for {} of {}, older than the delete {dot} ({hlc}) it collected",
+                version.dot, version.hlc, key.1, key.0
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl Sim {
     pub(crate) fn client_write(&mut self, node: usize) {
         if self.chaos {
@@ -90,7 +118,13 @@ impl Sim {
     /// The writer: takes what is queued, appends it, and acknowledges after the fsync
     /// (`always`) or at once (`never`).
     pub(crate) fn writer_wake(&mut self, node: usize) -> Result<(), Broken> {
-        if self.nodes[node].busy || self.nodes[node].queue.is_empty() {
+        let wall = self.wall_ms(node);
+        let due = self.nodes[node]
+            .store
+            .held
+            .values()
+            .any(|e| e.hlc.physical_ms() <= wall + MAX_SKEW_MS);
+        if self.nodes[node].busy || (self.nodes[node].queue.is_empty() && !due) {
             return Ok(());
         }
         // A slow disk under `fsync = never`: the writes themselves stall.
@@ -101,6 +135,8 @@ impl Sim {
         }
         let fault = self.config.model_fault;
         let wall = self.wall_ms(node);
+        // Held events now due go first, in this group.
+        self.release_held_events(node, wall)?;
         let take = self.nodes[node].queue.len().min(GROUP_MAX);
         let group: Vec<Request> = self.nodes[node].queue.drain(..take).collect();
         let mut acks = Vec::new();
@@ -275,12 +311,15 @@ impl Sim {
                     bytes,
                     events,
                 } => {
-                    if self.refuse_skewed(node, conn, &events, wall)? {
+                    let Some(events) = self.park_skewed(node, conn, events, wall)? else {
                         continue;
-                    }
+                    };
                     let n = &mut self.nodes[node];
                     for event in events {
                         let held = n.store.holds(event.dot, &event.namespace);
+                        if n.store.is_held(event.dot, &event.namespace) {
+                            continue;
+                        }
                         if held && fault != Some(ModelFault::ForgetDedupe) {
                             continue;
                         }
@@ -291,7 +330,9 @@ impl Sim {
                             ));
                         }
                         let _ = n.clock.observe(event.hlc, wall);
+                        let key = StoreModel::state_key(&event);
                         n.store.append(event);
+                        no_resurrection(node, &n.store, &key)?;
                         self.appended += 1;
                     }
                     acks.push(Ack::Remote {
@@ -306,9 +347,9 @@ impl Sim {
                     bytes,
                     events,
                 } => {
-                    if self.refuse_skewed(node, conn, &events, wall)? {
+                    let Some(events) = self.park_skewed(node, conn, events, wall)? else {
                         continue;
-                    }
+                    };
                     // The current state of keys the peer found different. A dot held
                     // already is applied again (no vector change) when the key's
                     // entry is older, as the store's judge does; dropped when the
@@ -317,6 +358,9 @@ impl Sim {
                     let n = &mut self.nodes[node];
                     let mut applied = 0;
                     for event in events {
+                        if n.store.is_held(event.dot, &event.namespace) {
+                            continue;
+                        }
                         if n.store.holds(event.dot, &event.namespace) {
                             let key = StoreModel::state_key(&event);
                             let older =
@@ -328,7 +372,9 @@ impl Sim {
                             }
                         }
                         let _ = n.clock.observe(event.hlc, wall);
+                        let key = StoreModel::state_key(&event);
                         n.store.append(event);
+                        no_resurrection(node, &n.store, &key)?;
                         self.appended += 1;
                         applied += 1;
                     }
@@ -345,7 +391,10 @@ impl Sim {
                     vector,
                 } => {
                     if self.nodes[node].links.contains_key(&conn) {
-                        self.nodes[node].store.cover(&namespace, &vector);
+                        let claim_held = fault == Some(ModelFault::CoverClaimsHeld);
+                        self.nodes[node]
+                            .store
+                            .cover(&namespace, &vector, claim_held);
                     }
                 }
             }
@@ -412,28 +461,80 @@ impl Sim {
         Ok(())
     }
 
-    /// Refuses a batch (closing its link) if an event's clock is past the skew limit
-    /// of this node's wall clock; returns whether it did.
-    pub(crate) fn refuse_skewed(
+    /// Parks the events of a received batch whose clock is past the skew limit of
+    /// this node's wall clock (the store's held events) and returns the others; or,
+    /// when that would hold more than `HELD_MAX` events, refuses the batch (closing its
+    /// link, as the store refuses it whole when `held_bytes_max` would pass) and
+    /// returns `None`.
+    pub(crate) fn park_skewed(
         &mut self,
         node: usize,
         conn: u64,
-        events: &[Event],
+        events: Vec<Event>,
         wall: u64,
-    ) -> Result<bool, Broken> {
-        let Some(e) = events
-            .iter()
-            .find(|e| e.hlc.physical_ms() > wall + MAX_SKEW_MS)
-        else {
-            return Ok(false);
-        };
-        let message = format!("event {} is {} ms ahead", e.dot, e.hlc.physical_ms() - wall);
-        let now = self.at(self.now);
-        if let Some(link) = self.nodes[node].links.get_mut(&conn) {
-            link.session.close(ErrorCode::ClockSkew, message, now);
-            self.pump(node, conn)?;
+    ) -> Result<Option<Vec<Event>>, Broken> {
+        let ahead = |e: &Event| e.hlc.physical_ms() > wall + MAX_SKEW_MS;
+        let parked = events.iter().filter(|e| ahead(e)).count();
+        if parked == 0 {
+            return Ok(Some(events));
         }
-        Ok(true)
+        let store = &self.nodes[node].store;
+        if store.held.len() + parked > HELD_MAX {
+            let e = events.iter().find(|e| ahead(e)).expect("counted");
+            let message = format!(
+                "event {} is {} ms ahead, and the held store is full",
+                e.dot,
+                e.hlc.physical_ms() - wall
+            );
+            let now = self.at(self.now);
+            if let Some(link) = self.nodes[node].links.get_mut(&conn) {
+                link.session.close(ErrorCode::ClockSkew, message, now);
+                self.pump(node, conn)?;
+            }
+            return Ok(None);
+        }
+        let store = &mut self.nodes[node].store;
+        let mut rest = Vec::with_capacity(events.len() - parked);
+        for event in events {
+            if !ahead(&event) {
+                rest.push(event);
+                continue;
+            }
+            let k = (event.namespace.clone(), event.dot);
+            if store.holds(event.dot, &event.namespace) || store.held.contains_key(&k) {
+                continue;
+            }
+            store.held_log.insert(k.clone(), event.clone());
+            store.held.insert(k, event);
+            self.stats.parked += 1;
+        }
+        Ok(Some(rest))
+    }
+
+    /// Applies the held events whose clock this node's wall clock has caught up
+    /// with, as received events (one the vector holds meanwhile is a duplicate).
+    pub(crate) fn release_held_events(&mut self, node: usize, wall: u64) -> Result<(), Broken> {
+        let n = &mut self.nodes[node];
+        let due: Vec<(Namespace, Dot)> = n
+            .store
+            .held
+            .iter()
+            .filter(|(_, e)| e.hlc.physical_ms() <= wall + MAX_SKEW_MS)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in due {
+            let event = n.store.held.remove(&k).expect("listed");
+            if n.store.holds(event.dot, &event.namespace) {
+                continue;
+            }
+            let _ = n.clock.observe(event.hlc, wall);
+            let key = StoreModel::state_key(&event);
+            n.store.append(event);
+            no_resurrection(node, &n.store, &key)?;
+            self.appended += 1;
+            self.stats.released += 1;
+        }
+        Ok(())
     }
 
     pub(crate) fn fsync_done(&mut self, node: usize, written: usize) -> Result<(), Broken> {

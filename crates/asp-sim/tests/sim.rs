@@ -22,6 +22,7 @@ fn sweep(durability: Durability, first_seed: u64, seeds: u64) {
     let (mut events, mut writes, mut total_steps) = (0, 0, 0);
     let (mut runs, mut decoded, mut differences, mut handovers, mut lost) = (0, 0, 0, 0, 0);
     let (mut compacted, mut collected, mut epitaphs, mut dropped) = (0, 0, 0, 0);
+    let (mut parked, mut released) = (0, 0);
     let mut failures = Vec::new();
     for seed in first_seed..first_seed + seeds {
         match run(seed, &Config::new(NODES, steps, durability)) {
@@ -38,6 +39,8 @@ fn sweep(durability: Durability, first_seed: u64, seeds: u64) {
                 collected += outcome.reconcile.collected;
                 epitaphs += outcome.reconcile.epitaphs;
                 dropped += outcome.reconcile.epitaphs_dropped;
+                parked += outcome.reconcile.parked;
+                released += outcome.reconcile.released;
             }
             Err(failure) => {
                 eprintln!("{failure}");
@@ -68,7 +71,7 @@ fn sweep(durability: Durability, first_seed: u64, seeds: u64) {
         "{durability:?}: reconciliation: {runs} runs ended, {decoded} decoded, {differences} keys found different, {handovers} handovers; {lost} acknowledged writes lost in machine crashes (fsync = never only)"
     );
     eprintln!(
-        "{durability:?}: compaction: {compacted} records removed, {collected} deletes collected, {epitaphs} with an epitaph, {dropped} epitaphs dropped"
+        "{durability:?}: compaction: {compacted} records removed, {collected} deletes collected, {epitaphs} with an epitaph, {dropped} epitaphs dropped; {parked} received events held (clock ahead), {released} released"
     );
 }
 
@@ -209,6 +212,13 @@ fn the_checker_sees_a_broken_store_model() {
             Durability::Never,
             Invariant::DotReused,
         ),
+        // The released event is dropped as a duplicate where the cover claimed it:
+        // the nodes part.
+        (
+            ModelFault::CoverClaimsHeld,
+            Durability::Always,
+            Invariant::Divergence,
+        ),
     ] {
         let mut config = Config::new(NODES, 10_000, durability);
         config.model_fault = Some(fault);
@@ -264,6 +274,7 @@ fn replay_one_seed() {
         Ok("ForgetDedupe") => Some(ModelFault::ForgetDedupe),
         Ok("VisibleBeforeDurable") => Some(ModelFault::VisibleBeforeDurable),
         Ok("ReuseCounters") => Some(ModelFault::ReuseCounters),
+        Ok("CoverClaimsHeld") => Some(ModelFault::CoverClaimsHeld),
         Ok(other) => panic!("unknown ASP_SIM_MODEL_FAULT {other:?}"),
         Err(_) => None,
     };
