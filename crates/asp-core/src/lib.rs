@@ -14,6 +14,7 @@
 //! `asp-wire`, `asp-store` and `asp-http`; `crates/asp-layers` checks that this crate
 //! takes no runtime, I/O or format crate.
 
+mod condition;
 pub mod crdt;
 mod event;
 pub mod gc;
@@ -26,6 +27,7 @@ pub mod reconcile;
 pub mod session;
 mod vv;
 
+pub use condition::Condition;
 pub use event::{ContentType, Dot, DotParseError, Event, Op, Version};
 pub use hlc::{ClockSkewError, Hlc, HlcClock};
 pub use ids::{

@@ -56,6 +56,9 @@ pub enum Mutation {
     /// `JsonMap::join` keeps the field it holds whatever the other side's version: the
     /// first value a replica hears of stays.
     JsonMapJoinKeepsFirst,
+    /// `Condition::check` lets an `IfVersion` condition pass whatever the key's
+    /// current version: a compare-and-set overwrites a write it never saw.
+    ConditionIgnoresVersion,
 }
 
 #[cfg(feature = "mutations")]

@@ -210,7 +210,8 @@ impl Sim {
         }
         // Under `fsync = always` a node holds every event it acknowledged, whatever
         // crash came since: each peer's checkpoint for it names positions it
-        // acknowledged (those a handover skipped excepted: its covers stand for them).
+        // acknowledged (those a handover skipped excepted: its covers stand for them;
+        // so are those compaction emptied at the peer).
         if self.config.durability == Durability::Always {
             let id = self.nodes[node].id;
             for (p, peer) in self.nodes.iter().enumerate() {
@@ -221,6 +222,12 @@ impl Sim {
                 for (i, e) in peer.store.feed[..cp as usize].iter().enumerate() {
                     let seq = i as u64 + 1;
                     if skipped.is_some_and(|r| r.iter().any(|&(lo, hi)| (lo..=hi).contains(&seq))) {
+                        continue;
+                    }
+                    // A position compaction emptied was sent (and acknowledged) as a
+                    // gap, or its event was superseded since: the peer's base holds
+                    // it, and a handover covers it.
+                    if peer.store.compacted.contains(&i) {
                         continue;
                     }
                     let store = &self.nodes[node].store;

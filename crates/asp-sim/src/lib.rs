@@ -69,8 +69,8 @@ use asp_core::session::{
     Reconciler, Session, SessionConfig, SessionEvent, SummaryMap, VectorReport, credit_size,
 };
 use asp_core::{
-    ContentType, Dot, Event, Hlc, HlcClock, Key, Namespace, NodeId, Op, Version, VersionVector,
-    lww_wins,
+    Condition, ContentType, Dot, Event, Hlc, HlcClock, Key, Namespace, NodeId, Op, Version,
+    VersionVector, lww_wins,
 };
 use bytes::Bytes;
 
@@ -266,6 +266,9 @@ pub enum Invariant {
     Siblings,
     /// A JSON-map field is not what the newest patch naming it left.
     JsonFields,
+    /// A compare-and-set passed on a key not at the version it named, or failed on
+    /// one that was.
+    Condition,
     /// A session did something no correct peer or node can cause (an unexpected
     /// refusal, an undecodable frame, an unknown peer).
     Protocol,

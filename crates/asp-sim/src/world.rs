@@ -109,6 +109,9 @@ pub(crate) enum Request {
     Local {
         namespace: Namespace,
         ops: Vec<(Key, Option<Bytes>)>,
+        /// A compare-and-set (one operation only): the writer checks it against the
+        /// key's state at the request's turn; if it fails, nothing is written.
+        condition: Condition,
     },
     Remote {
         conn: u64,
@@ -296,6 +299,9 @@ pub struct ReconcileStats {
     /// Received events parked (their clock too far ahead), and released later.
     pub parked: u64,
     pub released: u64,
+    /// Conditional client writes that passed, and that failed (nothing written).
+    pub conditions_passed: u64,
+    pub conditions_failed: u64,
 }
 
 pub(crate) fn fnv(hash: u64, bytes: &[u8]) -> u64 {

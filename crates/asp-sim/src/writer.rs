@@ -107,10 +107,25 @@ impl Sim {
                     .then(|| Bytes::from(format!("n{node}-{}", self.nodes[node].write_counter)));
                 (key, value)
             })
-            .collect();
-        self.nodes[node]
-            .queue
-            .push_back(Request::Local { namespace, ops });
+            .collect::<Vec<_>>();
+        // Now and then a last-writer-wins write is a compare-and-set of one key: the
+        // client read the key from this node (what the index shows) and writes only
+        // if it is still at that version (or still absent).
+        let mut ops = ops;
+        let mut condition = Condition::None;
+        if is_lww(&namespace) && self.rng.chance(250) {
+            ops.truncate(1);
+            let store = &self.nodes[node].store;
+            condition = match store.indexed.get(&(namespace.clone(), ops[0].0.clone())) {
+                Some((version, Some(_))) => Condition::IfVersion(version.dot),
+                _ => Condition::IfAbsent,
+            };
+        }
+        self.nodes[node].queue.push_back(Request::Local {
+            namespace,
+            ops,
+            condition,
+        });
         let epoch = self.nodes[node].epoch;
         self.schedule(0, Action::WriterWake { node, epoch });
     }
@@ -142,7 +157,20 @@ impl Sim {
         let mut acks = Vec::new();
         for request in group {
             match request {
-                Request::Local { namespace, ops } => {
+                Request::Local {
+                    namespace,
+                    ops,
+                    condition,
+                } => {
+                    if condition != Condition::None
+                        && !self.condition_holds(node, &namespace, &ops[0].0, &condition)?
+                    {
+                        self.stats.conditions_failed += 1;
+                        continue;
+                    }
+                    if condition != Condition::None {
+                        self.stats.conditions_passed += 1;
+                    }
                     let n = &mut self.nodes[node];
                     let reserve = self.config.durability == Durability::Never;
                     let first = if fault == Some(ModelFault::ReuseCounters) {
@@ -459,6 +487,48 @@ impl Sim {
             }
         }
         Ok(())
+    }
+
+    /// Checks a compare-and-set against the key's state as the writer sees it now
+    /// (`Condition::check`, the store's own rule), and the result against the
+    /// checker's own reading: the newest write of the key in this node's feed by the
+    /// reference order, live if it is a put.
+    pub(crate) fn condition_holds(
+        &self,
+        node: usize,
+        namespace: &Namespace,
+        key: &Key,
+        condition: &Condition,
+    ) -> Result<bool, Broken> {
+        let store = &self.nodes[node].store;
+        let live = match store.state.get(&(namespace.clone(), key.clone())) {
+            Some((version, Some(_))) => Some(version.dot),
+            _ => None,
+        };
+        let holds = condition.check(live).is_ok();
+        let newest = store
+            .feed
+            .iter()
+            .filter(|e| &e.namespace == namespace && &e.key == key)
+            .max_by_key(|e| check::rank(e.hlc, e.dot));
+        let reference = newest.and_then(|e| matches!(e.op, Op::Put { .. }).then_some(e.dot));
+        let expected = match condition {
+            Condition::IfVersion(want) => reference == Some(*want),
+            Condition::IfAbsent => reference.is_none(),
+            _ => unreachable!("the simulator asks only these"),
+        };
+        if holds != expected {
+            return Err(Broken::new(
+                Invariant::Condition,
+                format!(
+                    "node {node}: a write to {key} of {ns} on condition {condition:?} {} but the key is {}",
+                    if holds { "passed" } else { "failed" },
+                    reference.map_or("absent or deleted".to_owned(), |d| format!("at {d}")),
+                    ns = namespace
+                ),
+            ));
+        }
+        Ok(holds)
     }
 
     /// Parks the events of a received batch whose clock is past the skew limit of

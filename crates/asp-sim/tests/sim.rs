@@ -22,7 +22,7 @@ fn sweep(durability: Durability, first_seed: u64, seeds: u64) {
     let (mut events, mut writes, mut total_steps) = (0, 0, 0);
     let (mut runs, mut decoded, mut differences, mut handovers, mut lost) = (0, 0, 0, 0, 0);
     let (mut compacted, mut collected, mut epitaphs, mut dropped) = (0, 0, 0, 0);
-    let (mut parked, mut released) = (0, 0);
+    let (mut parked, mut released, mut passed, mut failed) = (0, 0, 0, 0);
     let mut failures = Vec::new();
     for seed in first_seed..first_seed + seeds {
         match run(seed, &Config::new(NODES, steps, durability)) {
@@ -41,6 +41,8 @@ fn sweep(durability: Durability, first_seed: u64, seeds: u64) {
                 dropped += outcome.reconcile.epitaphs_dropped;
                 parked += outcome.reconcile.parked;
                 released += outcome.reconcile.released;
+                passed += outcome.reconcile.conditions_passed;
+                failed += outcome.reconcile.conditions_failed;
             }
             Err(failure) => {
                 eprintln!("{failure}");
@@ -71,7 +73,7 @@ fn sweep(durability: Durability, first_seed: u64, seeds: u64) {
         "{durability:?}: reconciliation: {runs} runs ended, {decoded} decoded, {differences} keys found different, {handovers} handovers; {lost} acknowledged writes lost in machine crashes (fsync = never only)"
     );
     eprintln!(
-        "{durability:?}: compaction: {compacted} records removed, {collected} deletes collected, {epitaphs} with an epitaph, {dropped} epitaphs dropped; {parked} received events held (clock ahead), {released} released"
+        "{durability:?}: compaction: {compacted} records removed, {collected} deletes collected, {epitaphs} with an epitaph, {dropped} epitaphs dropped; {parked} received events held (clock ahead), {released} released; compare-and-set writes: {passed} passed, {failed} failed"
     );
 }
 
@@ -111,14 +113,16 @@ fn the_simulator_catches_broken_guarantees() {
     let budget = env("ASP_SIM_SEEDS", 500);
     for (mutation, invariants) in [
         // Replicas keep different winners: the reference model, the replicas'
-        // disagreement (once compaction has removed the losing copies), or an older
-        // write read over a collected delete sees it first.
+        // disagreement (once compaction has removed the losing copies), an older
+        // write read over a collected delete, or a compare-and-set judged against the
+        // wrong winner sees it first.
         (
             Mutation::LwwTieGoesToArrival,
             &[
                 Invariant::WrongWinner,
                 Invariant::Divergence,
                 Invariant::Resurrection,
+                Invariant::Condition,
             ][..],
         ),
         (Mutation::AckOnReceipt, &[Invariant::AckedNotHeld][..]),
@@ -129,13 +133,14 @@ fn the_simulator_catches_broken_guarantees() {
         ),
         // Every replica picks the same wrong winner, until tombstone collection (whose
         // rule assumes a later write wins) lets replicas part or an older write come
-        // back: any of these is caught.
+        // back, or a compare-and-set is judged against it: any of these is caught.
         (
             Mutation::LwwFirstWriterWins,
             &[
                 Invariant::WrongWinner,
                 Invariant::Divergence,
                 Invariant::Resurrection,
+                Invariant::Condition,
             ][..],
         ),
         // A vector that claims a dot it lacks, or, once a peer's cover has made the claim
@@ -168,6 +173,10 @@ fn the_simulator_catches_broken_guarantees() {
         (
             Mutation::SiblingsJoinKeepsReplaced,
             &[Invariant::Siblings][..],
+        ),
+        (
+            Mutation::ConditionIgnoresVersion,
+            &[Invariant::Condition][..],
         ),
         // Replicas keep whichever value they heard of first: they disagree, or agree
         // on a value the reference does not pick.
@@ -266,6 +275,7 @@ fn replay_one_seed() {
         Ok("GcAwayLeavesNoEpitaph") => Some(Mutation::GcAwayLeavesNoEpitaph),
         Ok("SiblingsJoinKeepsReplaced") => Some(Mutation::SiblingsJoinKeepsReplaced),
         Ok("JsonMapJoinKeepsFirst") => Some(Mutation::JsonMapJoinKeepsFirst),
+        Ok("ConditionIgnoresVersion") => Some(Mutation::ConditionIgnoresVersion),
         Ok(other) => panic!("unknown ASP_SIM_MUTATION {other:?}"),
         Err(_) => None,
     };
