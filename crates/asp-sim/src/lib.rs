@@ -1,21 +1,25 @@
 //! Deterministic simulation of an asp cluster, for tests.
 //!
 //! The crate's modules: `world` (nodes, links, the scheduler's actions), `writer` (each
-//! node's client writes and group commit), `net` (sessions, reconcilers and frames in flight),
-//! `faults` (what the seed injects), `model` (the store model and the reconciler's
-//! view of it) and `check` (the subscriber and the invariants). They share one state,
-//! `world::Sim`, that every action reads and writes.
+//! node's client writes, compare-and-set, group commit and held events), `net`
+//! (sessions, reconcilers and frames in flight), `compact` (compaction and tombstone
+//! collection), `faults` (what the seed injects), `model` (the store model and the
+//! reconciler's view of it) and `check` (the subscriber and the invariants). They share
+//! one state, `world::Sim`, that every action reads and writes.
 //!
 //! One thread runs N nodes from a `u64` seed. Each node runs, on every link, the real
 //! replication session and the real reconciler of `asp-core` (every frame goes through
-//! the real `asp-wire` codec), and the real merge, version vectors and hybrid logical
-//! clocks; the store is a model of `asp-store` with its durable/volatile split: a feed
-//! of events, a durable prefix advanced by fsyncs that take simulated time (under
-//! `fsync = never`, by the OS writing back now and then), the writer's group commit,
-//! covered dots as the store's base, counters issued past a durable mark, and the
-//! reconciliation items and digests of its key states. Time, the network, clocks and
-//! faults are all driven by the seed, so a seed replays exactly: the same seed gives
-//! the same trace hash.
+//! the real `asp-wire` codec), and the real merge, version vectors, hybrid logical
+//! clocks, CRDT joins, tombstone-collection rule (`asp_core::gc`) and compare-and-set
+//! check (`asp_core::Condition`); the store is a model of `asp-store` with its
+//! durable/visible split: a feed of events, a durable prefix advanced by fsyncs that
+//! take simulated time (under `fsync = never`, by the OS writing back now and then), the
+//! writer's group commit, an index that takes a group once it is durable (what peers
+//! and reconciliation read), covered and compacted dots as the store's base, counters
+//! issued past a durable mark, held (parked) events, epitaphs, and the reconciliation
+//! items and digests of its key states. Time, the network, clocks and faults are all
+//! driven by the seed, so a seed replays exactly: the same seed gives the same trace
+//! hash.
 //!
 //! Topologies: a line or a star (leader-follower; one path between any two nodes, so
 //! nothing covers for a link that loses data), a ring with random chords, a full mesh.
@@ -28,32 +32,34 @@
 //! a gap); process crashes (keep what was written) and machine crashes (keep only what
 //! was fsynced, or under `fsync = never` written back: acknowledged writes a peer held
 //! must come back, by handover), half of them aimed at a node with an fsync in flight;
-//! clock skew and jumps, some beyond `max_clock_skew`, which peers must refuse.
+//! slow disks; clock skew and jumps, some beyond `max_clock_skew`, whose events peers
+//! hold until their own clocks catch up.
+//!
+//! Namespaces: `ns0` and `ns1` last-writer-wins (some writes compare-and-set), `c0` a
+//! counter, `s0` an add-wins set, `v0` siblings, `j0` a JSON map. Each event of a CRDT
+//! namespace carries its node's whole view of the key, which replaces that node's
+//! entry (as the store's CRDT writes do). Each node compacts now and then: superseded
+//! records leave the feed (gaps, and handovers for peers that lack them), and deletes
+//! go by the collection rule, as epitaphs while a node is away past the horizon.
 //!
 //! Invariants, checked as the run goes and at the end: no event applied twice; a node's
-//! version vector is exactly the dots of its feed and of its covers; no acknowledged
+//! version vector is exactly the dots of its feed and of its base; no acknowledged
 //! write lost; under `fsync = always`, a node holds after any crash every position of a
-//! peer's feed it acknowledged (but those a handover skipped: its covers stand for
-//! them); no dot issued for two events that could have been seen; a change feed never
-//! changes or loses what it delivered at a position;
-//! queues stay within their bounds; and once faults stop and the network heals, every
-//! node converges to the same state within a bounded simulated time (counted from when
-//! the receivers' clocks have caught up with the newest event: events stamped by a
-//! clock that ran past the skew limit are refused until then), with each key's state
-//! the write a reference last-writer-wins (written out in the checker) picks from the
-//! key's events on every node. Of the four namespaces, `c0` is a counter and `s0` an
-//! add-wins set: each event carries its node's whole view of the key, which replaces
-//! that node's entry (as the store's CRDT writes do); under `fsync = always` every
-//! counter reads the sum of the increments whose events survived, and every set holds
-//! exactly the members with an add no remove observed (the checker's own account of
-//! what each node had seen, from the events in its feed).
+//! peer's feed it acknowledged (but those a handover skipped or compaction emptied);
+//! no dot issued for two events that could have been seen; a node that collected a
+//! delete never takes an older write for its key; a compare-and-set passes exactly
+//! when its key is at the version it names; a change feed never changes what it
+//! delivered at a position; queues stay within their bounds; and once faults stop and
+//! the network heals, every node converges to the same state within a bounded simulated
+//! time, with each key's state the write a reference last-writer-wins (written out in
+//! the checker) picks from the key's events on every node, and under `fsync = always`
+//! every counter the sum of its surviving increments, every set, siblings key and JSON
+//! map what the checker's own account of each node's writes says.
 //!
-//! What the simulation does not cover: the real store's files and threads (see the
-//! store's own crash and torn-tail tests), the siblings and JSON-map policies,
-//! conditional writes, compaction and tombstone collection, held events; the tokio
-//! runtime of `asp-node` (mirrored here: reading the feed from a peer's checkpoint
-//! within credit, applying received batches and repairs and acknowledging them in order
-//! once durable, the anti-entropy tick), HTTP.
+//! What the simulation does not cover (see docs/ARCHITECTURE.md for why the store is a
+//! model): the real store's files and threads (its own power-cut and mutation tests),
+//! relocation by compaction, quarantine, the tokio runtime of `asp-node` (mirrored
+//! here), HTTP.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
@@ -134,8 +140,9 @@ pub enum Durability {
     Never,
 }
 
-/// A deliberate bug in the product code the simulator runs (asp-core's merge and
-/// session), switched on through asp-core's `mutations` feature, to prove that the
+/// A deliberate bug in the product code the simulator runs (asp-core's merge, vectors,
+/// session, reconciliation, CRDT joins, collection rule and condition check), switched
+/// on through asp-core's `mutations` feature, to prove that the
 /// simulator catches it. The store's bugs live in asp-store's own switch and are
 /// caught by its fault-injecting tests (`crates/asp-store/tests/mutations.rs`): the
 /// store here is a model.
