@@ -79,7 +79,37 @@ pub(crate) fn same_entry(a: Option<&KeyState>, b: Option<&KeyState>) -> bool {
     }
 }
 
+/// Per key, the client operations whose events some node holds at the end, each once
+/// (by dot), with their events, in the order the feeds hold them: what the CRDT checks
+/// count (`ops` is the checker's record of one kind of operation, by dot).
+fn surviving<'a, T>(
+    nodes: &'a [Node],
+    ops: &'a BTreeMap<(Namespace, Dot), T>,
+) -> BTreeMap<(&'a Namespace, &'a Key), Vec<(&'a Event, &'a T)>> {
+    let mut out: BTreeMap<(&Namespace, &Key), Vec<(&Event, &T)>> = BTreeMap::new();
+    let mut once = BTreeSet::new();
+    for e in nodes.iter().flat_map(|n| &n.store.feed) {
+        if let Some(op) = ops.get(&(e.namespace.clone(), e.dot))
+            && once.insert((&e.namespace, e.dot))
+        {
+            out.entry((&e.namespace, &e.key)).or_default().push((e, op));
+        }
+    }
+    out
+}
+
 impl Sim {
+    /// Every delete some node collected (or turned into an epitaph), by key.
+    pub(crate) fn collected(&self) -> BTreeMap<&(Namespace, Key), Vec<(Dot, Hlc)>> {
+        let mut out: BTreeMap<&(Namespace, Key), Vec<(Dot, Hlc)>> = BTreeMap::new();
+        for n in &self.nodes {
+            for (k, deletes) in &n.store.collected_here {
+                out.entry(k).or_default().extend(deletes.iter().copied());
+            }
+        }
+        out
+    }
+
     pub(crate) fn subscribe(&mut self, node: usize, full: bool) -> Result<(), Broken> {
         let n = &mut self.nodes[node];
         if !n.up {
@@ -183,6 +213,7 @@ impl Sim {
     pub(crate) fn check_winners(&self) -> Result<(), Broken> {
         let rank = |e: &Event| rank(e.hlc, e.dot);
         let store = &self.nodes[0].store;
+        let collected = self.collected();
         // Per key, or per origin's entry of a counter's key.
         let mut winners: BTreeMap<(Namespace, Key), &Event> = BTreeMap::new();
         for e in self.nodes.iter().flat_map(|n| &n.store.feed) {
@@ -199,8 +230,7 @@ impl Sim {
             // collected cannot tell it from any older event, and reconciliation may
             // leave it where it went); either reads as deleted.
             let collected = matches!(w.op, Op::Delete)
-                && self
-                    .collected
+                && collected
                     .get(&(ns.clone(), key.clone()))
                     .is_some_and(|d| d.iter().any(|(dot, _)| *dot == w.dot));
             let reads_deleted = entry.is_none_or(|(_, value)| value.is_none());
@@ -238,37 +268,22 @@ impl Sim {
         if self.config.durability != Durability::Always {
             return Ok(());
         }
-        let mut expected: BTreeMap<(&Namespace, &Key), i128> = BTreeMap::new();
-        let mut seen = BTreeSet::new();
-        for e in self.nodes.iter().flat_map(|n| &n.store.feed) {
-            if let Some(amount) = self.increments.get(&(e.namespace.clone(), e.dot))
-                && seen.insert((&e.namespace, e.dot))
-            {
-                *expected.entry((&e.namespace, &e.key)).or_default() += *amount as i128;
-            }
-        }
         let store = &self.nodes[0].store;
-        for ((ns, key), sum) in expected {
+        for ((ns, key), increments) in surviving(&self.nodes, &self.increments) {
+            let sum: i128 = increments.iter().map(|(_, a)| **a as i128).sum();
             let counter = store.counter(ns, key);
             let value = counter.value();
             if value != sum {
                 // Per origin, the increments and decrements the reference counts.
                 let mut by_origin: BTreeMap<NodeId, (i64, i64, Vec<Dot>)> = BTreeMap::new();
-                let mut once = BTreeSet::new();
-                for e in self.nodes.iter().flat_map(|n| &n.store.feed) {
-                    if &e.namespace == ns
-                        && &e.key == key
-                        && once.insert(e.dot)
-                        && let Some(&amount) = self.increments.get(&(ns.clone(), e.dot))
-                    {
-                        let o = by_origin.entry(e.dot.origin).or_default();
-                        if amount >= 0 {
-                            o.0 += amount;
-                        } else {
-                            o.1 -= amount;
-                        }
-                        o.2.push(e.dot);
+                for &(e, &amount) in &increments {
+                    let o = by_origin.entry(e.dot.origin).or_default();
+                    if amount >= 0 {
+                        o.0 += amount;
+                    } else {
+                        o.1 -= amount;
                     }
+                    o.2.push(e.dot);
                 }
                 return Err(Broken::new(
                     Invariant::CounterSum,
@@ -288,20 +303,9 @@ impl Sim {
         if self.config.durability != Durability::Always {
             return Ok(());
         }
-        // Per key: the surviving ops with their dots, each once.
-        let mut ops: BTreeMap<(&Namespace, &Key), Vec<(Dot, &SetOp)>> = BTreeMap::new();
-        let mut seen = BTreeSet::new();
-        for e in self.nodes.iter().flat_map(|n| &n.store.feed) {
-            if let Some(op) = self.set_ops.get(&(e.namespace.clone(), e.dot))
-                && seen.insert((&e.namespace, e.dot))
-            {
-                ops.entry((&e.namespace, &e.key))
-                    .or_default()
-                    .push((e.dot, op));
-            }
-        }
         let store = &self.nodes[0].store;
-        for ((ns, key), ops) in ops {
+        for ((ns, key), ops) in surviving(&self.nodes, &self.set_ops) {
+            let ops: Vec<(Dot, &SetOp)> = ops.into_iter().map(|(e, op)| (e.dot, op)).collect();
             let members: BTreeSet<&Bytes> = ops.iter().map(|(_, op)| &op.member).collect();
             let set = store.set(ns, key);
             for member in members {
@@ -336,7 +340,7 @@ impl Sim {
     /// settles it. The strict rule during the run is checked where events are applied:
     /// a node that collected a delete never takes an older write for its key.)
     pub(crate) fn check_resurrection(&self) -> Result<(), Broken> {
-        for (k, deletes) in &self.collected {
+        for (k, deletes) in self.collected() {
             let (ns, key) = k;
             for (i, n) in self.nodes.iter().enumerate() {
                 let Some((version, Some(_))) = n.store.state.get(k) else {
@@ -368,19 +372,9 @@ impl Sim {
         if self.config.durability != Durability::Always {
             return Ok(());
         }
-        let mut ops: BTreeMap<(&Namespace, &Key), Vec<(Dot, &SiblingOp)>> = BTreeMap::new();
-        let mut seen = BTreeSet::new();
-        for e in self.nodes.iter().flat_map(|n| &n.store.feed) {
-            if let Some(op) = self.sibling_ops.get(&(e.namespace.clone(), e.dot))
-                && seen.insert((&e.namespace, e.dot))
-            {
-                ops.entry((&e.namespace, &e.key))
-                    .or_default()
-                    .push((e.dot, op));
-            }
-        }
         let store = &self.nodes[0].store;
-        for ((ns, key), ops) in ops {
+        for ((ns, key), ops) in surviving(&self.nodes, &self.sibling_ops) {
+            let ops: Vec<(Dot, &SiblingOp)> = ops.into_iter().map(|(e, op)| (e.dot, op)).collect();
             let expected: BTreeSet<(Dot, &Bytes)> = ops
                 .iter()
                 .filter(|(dot, _)| {
@@ -424,26 +418,18 @@ impl Sim {
         }
         type Rank = (u64, u16, u64, u64);
         type Fields<'a> = BTreeMap<&'a str, (Rank, Option<&'a Bytes>)>;
-        let mut fields: BTreeMap<(&Namespace, &Key), Fields> = BTreeMap::new();
-        let mut seen = BTreeSet::new();
-        for e in self.nodes.iter().flat_map(|n| &n.store.feed) {
-            let Some(changes) = self.field_ops.get(&(e.namespace.clone(), e.dot)) else {
-                continue;
-            };
-            if !seen.insert((&e.namespace, e.dot)) {
-                continue;
-            }
-            let map = fields.entry((&e.namespace, &e.key)).or_default();
-            let at = rank(e.hlc, e.dot);
-            for (field, value) in changes {
-                let entry = map.entry(field.as_str()).or_insert((at, value.as_ref()));
-                if at > entry.0 {
-                    *entry = (at, value.as_ref());
+        let store = &self.nodes[0].store;
+        for ((ns, key), patches) in surviving(&self.nodes, &self.field_ops) {
+            let mut fields: Fields = BTreeMap::new();
+            for (e, changes) in patches {
+                let at = rank(e.hlc, e.dot);
+                for (field, value) in changes {
+                    let entry = fields.entry(field.as_str()).or_insert((at, value.as_ref()));
+                    if at > entry.0 {
+                        *entry = (at, value.as_ref());
+                    }
                 }
             }
-        }
-        let store = &self.nodes[0].store;
-        for ((ns, key), fields) in fields {
             let expected: BTreeMap<&str, &Bytes> = fields
                 .iter()
                 .filter_map(|(f, (_, v))| v.map(|v| (*f, v)))

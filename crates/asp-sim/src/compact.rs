@@ -29,7 +29,7 @@ impl Sim {
         let vectors: Vec<(Namespace, VersionVector)> = store
             .vectors
             .iter()
-            .filter(|(ns, _)| is_lww(ns))
+            .filter(|(ns, _)| policy_of(ns) == Policy::Lww)
             .map(|(ns, v)| (ns.clone(), v.clone()))
             .collect();
         let mut views = BTreeMap::new();
@@ -88,10 +88,6 @@ impl Sim {
                 .entry(k.clone())
                 .or_default()
                 .push((version.dot, version.hlc));
-            let deletes = self.collected.entry(k.clone()).or_default();
-            if !deletes.contains(&(version.dot, version.hlc)) {
-                deletes.push((version.dot, version.hlc));
-            }
             collected_keys.insert(k);
         }
 

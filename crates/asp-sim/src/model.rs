@@ -83,29 +83,16 @@ fn merge(states: &mut BTreeMap<(Namespace, Key), KeyState>, event: &Event) {
     }
 }
 
-/// Whether `namespace` is one of the simulator's counter namespaces.
-pub(crate) fn is_counter(namespace: &Namespace) -> bool {
-    namespace.as_str().starts_with('c')
-}
-
-/// Whether `namespace` is one of the simulator's add-wins set namespaces.
-pub(crate) fn is_set(namespace: &Namespace) -> bool {
-    namespace.as_str().starts_with('s')
-}
-
-/// Whether `namespace` is one of the simulator's siblings namespaces.
-pub(crate) fn is_siblings(namespace: &Namespace) -> bool {
-    namespace.as_str().starts_with('v')
-}
-
-/// Whether `namespace` is one of the simulator's JSON-map namespaces.
-pub(crate) fn is_json_map(namespace: &Namespace) -> bool {
-    namespace.as_str().starts_with('j')
-}
-
-/// Whether `namespace` is last-writer-wins (the only policy with deletes to collect).
-pub(crate) fn is_lww(namespace: &Namespace) -> bool {
-    namespace.as_str().starts_with('n')
+/// A simulator namespace's conflict policy, by its first letter: `n` last-writer-wins,
+/// `c` counter, `s` add-wins set, `v` siblings, `j` JSON map.
+pub(crate) fn policy_of(namespace: &Namespace) -> Policy {
+    match namespace.as_str().as_bytes()[0] {
+        b'c' => Policy::Counter,
+        b's' => Policy::Set,
+        b'v' => Policy::Siblings,
+        b'j' => Policy::JsonMap,
+        _ => Policy::Lww,
+    }
 }
 
 impl StoreModel {

@@ -273,9 +273,6 @@ pub(crate) struct Sim {
     pub(crate) sibling_ops: BTreeMap<(Namespace, Dot), SiblingOp>,
     /// Each patch of a JSON-map namespace, by dot: the fields it set or removed.
     pub(crate) field_ops: BTreeMap<(Namespace, Dot), FieldChanges>,
-    /// Every delete some node collected (or turned into an epitaph), by namespace, key
-    /// and dot, with its clock: no node that holds it may read the key older again.
-    pub(crate) collected: BTreeMap<(Namespace, Key), Vec<(Dot, Hlc)>>,
 }
 
 /// What reconciliation did in a run.
@@ -402,7 +399,6 @@ impl Sim {
             set_ops: BTreeMap::new(),
             sibling_ops: BTreeMap::new(),
             field_ops: BTreeMap::new(),
-            collected: BTreeMap::new(),
         }
     }
 

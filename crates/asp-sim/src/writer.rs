@@ -5,6 +5,25 @@
 
 use super::*;
 
+/// What a node had seen of a key, as the checker counts it: the union of what the
+/// operations of the key's events in its feed had seen (`ops`: the checker's record of
+/// one kind of operation, by dot).
+fn seen_by<T>(
+    store: &StoreModel,
+    ops: &BTreeMap<(Namespace, Dot), T>,
+    namespace: &Namespace,
+    key: &Key,
+    seen: impl Fn(&T) -> &BTreeSet<Dot>,
+) -> BTreeSet<Dot> {
+    store
+        .feed
+        .iter()
+        .filter(|e| &e.namespace == namespace && &e.key == key)
+        .filter_map(|e| ops.get(&(namespace.clone(), e.dot)))
+        .flat_map(|o| seen(o).iter().copied())
+        .collect()
+}
+
 /// A node that collected a delete never takes, for its key, a write that loses to it:
 /// the rule let the delete go only once no such write could still arrive (or left an
 /// epitaph it loses to). Checked as each received event is applied, against the
@@ -65,7 +84,7 @@ impl Sim {
                     self.keys[self.rng.below(HOT_KEYS as u64) as usize].clone()
                 };
                 self.nodes[node].write_counter += 1;
-                if is_siblings(&namespace) {
+                if policy_of(&namespace) == Policy::Siblings {
                     // A write (`=value`) or a delete (`!`) that replaces what it read.
                     let op = if self.rng.chance(200) {
                         "!".to_owned()
@@ -74,7 +93,7 @@ impl Sim {
                     };
                     return (key, Some(Bytes::from(op)));
                 }
-                if is_json_map(&namespace) {
+                if policy_of(&namespace) == Policy::JsonMap {
                     // A patch of one or two of four fields (a JSON object names each
                     // once): set (`f=value`) or removed (`f!`), separated by `;`.
                     let first = self.rng.below(4);
@@ -91,13 +110,13 @@ impl Sim {
                         .collect();
                     return (key, Some(Bytes::from(fields.join(";"))));
                 }
-                if is_set(&namespace) {
+                if policy_of(&namespace) == Policy::Set {
                     // Add or remove one of four members.
                     let sign = if self.rng.chance(600) { '+' } else { '-' };
                     let member = self.rng.below(4);
                     return (key, Some(Bytes::from(format!("{sign}m{member}"))));
                 }
-                if is_counter(&namespace) {
+                if policy_of(&namespace) == Policy::Counter {
                     // An increment or a decrement, never 0.
                     let amount = self.rng.range(1, 8) as i64 - 3;
                     let amount = if amount <= 0 { amount - 1 } else { amount };
@@ -113,7 +132,7 @@ impl Sim {
         // if it is still at that version (or still absent).
         let mut ops = ops;
         let mut condition = Condition::None;
-        if is_lww(&namespace) && self.rng.chance(250) {
+        if policy_of(&namespace) == Policy::Lww && self.rng.chance(250) {
             ops.truncate(1);
             let store = &self.nodes[node].store;
             condition = match store.indexed.get(&(namespace.clone(), ops[0].0.clone())) {
@@ -194,7 +213,7 @@ impl Sim {
                             // A counter's increment: the event carries this node's
                             // whole view of the key with it (as the store's CRDT
                             // writes do), which replaces this node's entry.
-                            Some(amount) if is_counter(&namespace) => {
+                            Some(amount) if policy_of(&namespace) == Policy::Counter => {
                                 let amount: i64 = std::str::from_utf8(&amount)
                                     .ok()
                                     .and_then(|a| a.parse().ok())
@@ -212,7 +231,7 @@ impl Sim {
                             // A siblings write or delete: it replaces what this node's
                             // view holds (its context), with every dot of the key this
                             // node had seen recorded for the reference.
-                            Some(op) if is_siblings(&namespace) => {
+                            Some(op) if policy_of(&namespace) == Policy::Siblings => {
                                 let value = (op[0] == b'=').then(|| op.slice(1..));
                                 let mut view = n.store.siblings(&namespace, &key);
                                 let delta = MvRegister::write(
@@ -225,16 +244,10 @@ impl Sim {
                                     }),
                                 );
                                 view.join(&delta);
-                                let mut seen: BTreeSet<Dot> = n
-                                    .store
-                                    .feed
-                                    .iter()
-                                    .filter(|e| e.namespace == namespace && e.key == key)
-                                    .filter_map(|e| {
-                                        self.sibling_ops.get(&(namespace.clone(), e.dot))
-                                    })
-                                    .flat_map(|o| o.seen.iter().copied())
-                                    .collect();
+                                let mut seen =
+                                    seen_by(&n.store, &self.sibling_ops, &namespace, &key, |o| {
+                                        &o.seen
+                                    });
                                 seen.insert(dot);
                                 self.sibling_ops
                                     .insert((namespace.clone(), dot), SiblingOp { value, seen });
@@ -246,7 +259,7 @@ impl Sim {
                             }
                             // A JSON-map patch: each field it names takes its value (or
                             // goes) at this event's version.
-                            Some(op) if is_json_map(&namespace) => {
+                            Some(op) if policy_of(&namespace) == Policy::JsonMap => {
                                 let changes: FieldChanges = std::str::from_utf8(&op)
                                     .expect("the simulator's own patch")
                                     .split(';')
@@ -269,7 +282,7 @@ impl Sim {
                             }
                             // An add or remove of a set: the same, with the adds of the
                             // key this node has seen recorded for the reference.
-                            Some(op) if is_set(&namespace) => {
+                            Some(op) if policy_of(&namespace) == Policy::Set => {
                                 let add = op[0] == b'+';
                                 let member = op.slice(1..);
                                 let mut view = n.store.set(&namespace, &key);
@@ -279,14 +292,8 @@ impl Sim {
                                     view.remove(&member, dot)
                                 };
                                 view.join(&delta);
-                                let mut seen: BTreeSet<Dot> = n
-                                    .store
-                                    .feed
-                                    .iter()
-                                    .filter(|e| e.namespace == namespace && e.key == key)
-                                    .filter_map(|e| self.set_ops.get(&(namespace.clone(), e.dot)))
-                                    .flat_map(|o| o.seen.iter().copied())
-                                    .collect();
+                                let mut seen =
+                                    seen_by(&n.store, &self.set_ops, &namespace, &key, |o| &o.seen);
                                 if add {
                                     seen.insert(dot);
                                 }
@@ -342,8 +349,8 @@ impl Sim {
                     let Some(events) = self.park_skewed(node, conn, events, wall)? else {
                         continue;
                     };
-                    let n = &mut self.nodes[node];
                     for event in events {
+                        let n = &self.nodes[node];
                         let held = n.store.holds(event.dot, &event.namespace);
                         if n.store.is_held(event.dot, &event.namespace) {
                             continue;
@@ -357,11 +364,7 @@ impl Sim {
                                 format!("node {node} applied event {} twice", event.dot),
                             ));
                         }
-                        let _ = n.clock.observe(event.hlc, wall);
-                        let key = StoreModel::state_key(&event);
-                        n.store.append(event);
-                        no_resurrection(node, &n.store, &key)?;
-                        self.appended += 1;
+                        self.apply_received(node, event, wall)?;
                     }
                     acks.push(Ack::Remote {
                         conn,
@@ -383,9 +386,9 @@ impl Sim {
                     // entry is older, as the store's judge does; dropped when the
                     // entry is as new or newer, or when the key has none (the store
                     // cannot tell that from a collected delete).
-                    let n = &mut self.nodes[node];
                     let mut applied = 0;
                     for event in events {
+                        let n = &self.nodes[node];
                         if n.store.is_held(event.dot, &event.namespace) {
                             continue;
                         }
@@ -399,11 +402,7 @@ impl Sim {
                                 continue;
                             }
                         }
-                        let _ = n.clock.observe(event.hlc, wall);
-                        let key = StoreModel::state_key(&event);
-                        n.store.append(event);
-                        no_resurrection(node, &n.store, &key)?;
-                        self.appended += 1;
+                        self.apply_received(node, event, wall)?;
                         applied += 1;
                     }
                     acks.push(Ack::Repair {
@@ -581,10 +580,23 @@ impl Sim {
         Ok(Some(rest))
     }
 
+    /// Applies an event received from a peer (or released from the held ones): the
+    /// clock observes it, it joins the feed, and a key whose delete this node collected
+    /// must not take it if it is older.
+    fn apply_received(&mut self, node: usize, event: Event, wall: u64) -> Result<(), Broken> {
+        let n = &mut self.nodes[node];
+        let _ = n.clock.observe(event.hlc, wall);
+        let key = StoreModel::state_key(&event);
+        n.store.append(event);
+        no_resurrection(node, &n.store, &key)?;
+        self.appended += 1;
+        Ok(())
+    }
+
     /// Applies the held events whose clock this node's wall clock has caught up
     /// with, as received events (one the vector holds meanwhile is a duplicate).
     pub(crate) fn release_held_events(&mut self, node: usize, wall: u64) -> Result<(), Broken> {
-        let n = &mut self.nodes[node];
+        let n = &self.nodes[node];
         let due: Vec<(Namespace, Dot)> = n
             .store
             .held
@@ -593,15 +605,12 @@ impl Sim {
             .map(|(k, _)| k.clone())
             .collect();
         for k in due {
+            let n = &mut self.nodes[node];
             let event = n.store.held.remove(&k).expect("listed");
             if n.store.holds(event.dot, &event.namespace) {
                 continue;
             }
-            let _ = n.clock.observe(event.hlc, wall);
-            let key = StoreModel::state_key(&event);
-            n.store.append(event);
-            no_resurrection(node, &n.store, &key)?;
-            self.appended += 1;
+            self.apply_received(node, event, wall)?;
             self.stats.released += 1;
         }
         Ok(())
