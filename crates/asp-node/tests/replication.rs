@@ -224,7 +224,7 @@ async fn another_cluster_or_version_is_refused_with_the_reason_in_status() {
             .first()
             .and_then(|p| p.last_error.clone());
         seen = (
-            err_b.is_some_and(|(code, m)| code == "cluster_mismatch" && m.contains("\"alpha\"")),
+            err_b.is_some_and(|(code, m)| code == "cluster_mismatch" && m.contains("\"beta\"")),
             err_old.is_some_and(|(code, m)| {
                 code == "version_mismatch" && m.contains("protocol version")
             }),
@@ -241,6 +241,9 @@ async fn another_cluster_or_version_is_refused_with_the_reason_in_status() {
         b.replicator.status().peers,
         old.replicator.status().peers
     );
+    // The refused dialer hears its own cluster id back, never the acceptor's.
+    let (_, message) = b.replicator.status().peers[0].last_error.clone().unwrap();
+    assert!(!message.contains("alpha"), "{message}");
     b.put("x", "1").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(a.get("x"), None, "nothing crosses a refused link");

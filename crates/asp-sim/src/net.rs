@@ -40,7 +40,11 @@ impl Sim {
         );
         let now = self.at(self.now);
         for (me, peer) in [(from, to), (to, from)] {
-            let session = Session::new(self.session_config(me), now);
+            let session = if me == from {
+                Session::new(self.session_config(me), now)
+            } else {
+                Session::accept(self.session_config(me), now)
+            };
             let id = self.nodes[me].id;
             self.nodes[me].links.insert(
                 conn,

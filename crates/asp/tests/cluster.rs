@@ -282,9 +282,16 @@ async fn another_cluster_or_protocol_version_is_refused_and_shown_on_both_sides(
             let message = so["replication"]["peers"][0]["last_error"]["message"]
                 .as_str()
                 .unwrap();
+            // The refused dialer is not told the cluster id it would need.
             assert!(
-                message.contains("\"elsewhere\"") && message.contains("\"default\""),
+                message.contains("\"elsewhere\"") && !message.contains("default"),
                 "{message}"
+            );
+            // The node that refused records both.
+            let record = sa["replication"]["refusals"].to_string();
+            assert!(
+                record.contains("elsewhere") && record.contains("default"),
+                "{record}"
             );
             break;
         }

@@ -142,6 +142,8 @@ enum State {
 
 pub struct Session {
     config: SessionConfig,
+    /// The accepting side: its Hello waits for the dialer's.
+    accepting: bool,
     state: State,
     peer: Option<PeerInfo>,
     outbox: VecDeque<Frame>,
@@ -174,21 +176,27 @@ pub struct Session {
 }
 
 impl Session {
-    /// Starts a session on a fresh connection; the Hello is queued at once.
+    /// Starts the dialing side's session on a fresh connection; its Hello is queued at
+    /// once.
     pub fn new(config: SessionConfig, now: Instant) -> Self {
-        let hello = Frame::Hello(Hello {
-            version_min: config.version_min,
-            version_max: config.version_max,
-            cluster_id: config.cluster_id.clone(),
-            node_id: config.node_id,
-            labels: config.labels.clone(),
-            namespaces: config.namespaces.clone(),
-            heartbeat_ms: config.heartbeat.as_millis().min(u32::MAX as u128) as u32,
-            idle_timeout_ms: config.idle_timeout.as_millis().min(u32::MAX as u128) as u32,
-            incarnation: config.incarnation,
-        });
-        let mut session = Session {
+        let hello = hello_frame(&config);
+        let mut session = Session::with_state(config, false, now);
+        session.queue(hello, now);
+        session
+    }
+
+    /// Starts the accepting side's session: it sends its Hello only once the dialer's
+    /// has passed every check, so a refused dialer learns nothing about this node — not
+    /// its cluster id, node id, labels or namespaces. (A dialer of an earlier build
+    /// sends its Hello first too, so it is served unchanged.)
+    pub fn accept(config: SessionConfig, now: Instant) -> Self {
+        Session::with_state(config, true, now)
+    }
+
+    fn with_state(config: SessionConfig, accepting: bool, now: Instant) -> Self {
+        Session {
             config,
+            accepting,
             state: State::AwaitHello,
             peer: None,
             outbox: VecDeque::new(),
@@ -208,9 +216,7 @@ impl Session {
             first_received_seq: None,
             first_sent_seq: None,
             unframed: None,
-        };
-        session.queue(hello, now);
-        session
+        }
     }
 
     pub fn peer(&self) -> Option<&PeerInfo> {
@@ -298,15 +304,20 @@ impl Session {
     /// Closes the session from this side: an Error frame naming the reason is queued
     /// as the last frame.
     pub fn close(&mut self, code: ErrorCode, message: impl Into<String>, now: Instant) {
+        let message = message.into();
+        self.close_telling(code, message.clone(), message, now);
+    }
+
+    /// Ends the session, telling the peer `remote` and this node `message`.
+    fn close_telling(&mut self, code: ErrorCode, message: String, remote: String, now: Instant) {
         if self.state == State::Closed {
             return;
         }
-        let message = message.into();
         self.outbox.clear();
         self.queue(
             Frame::Error {
                 code,
-                message: message.clone(),
+                message: remote,
             },
             now,
         );
@@ -481,11 +492,18 @@ impl Session {
             return self.close(ErrorCode::VersionMismatch, message, now);
         }
         if hello.cluster_id != self.config.cluster_id {
-            let message = format!(
+            // The peer is told only that its cluster id is not this node's: naming this
+            // node's would hand any process that can reach the port what it needs to
+            // pass as a member.
+            let local = format!(
                 "the peer is in cluster {:?}, this node in cluster {:?}",
                 hello.cluster_id, self.config.cluster_id
             );
-            return self.close(ErrorCode::ClusterMismatch, message, now);
+            let remote = format!(
+                "cluster id {:?} is not this node's cluster",
+                hello.cluster_id
+            );
+            return self.close_telling(ErrorCode::ClusterMismatch, local, remote, now);
         }
         if hello.node_id == self.config.node_id
             && hello.incarnation != 0
@@ -513,6 +531,10 @@ impl Session {
             incarnation: hello.incarnation,
         });
         self.state = State::Established;
+        if self.accepting {
+            let hello = hello_frame(&self.config);
+            self.queue(hello, now);
+        }
         let window = self.config.credit_window_bytes;
         self.recv_allowance = window as i64;
         self.queue(Frame::Credit { bytes: window }, now);
@@ -852,6 +874,20 @@ impl Session {
     pub fn peer_view(&self) -> &HashMap<Namespace, VersionVector> {
         &self.peer_view
     }
+}
+
+fn hello_frame(config: &SessionConfig) -> Frame {
+    Frame::Hello(Hello {
+        version_min: config.version_min,
+        version_max: config.version_max,
+        cluster_id: config.cluster_id.clone(),
+        node_id: config.node_id,
+        labels: config.labels.clone(),
+        namespaces: config.namespaces.clone(),
+        heartbeat_ms: config.heartbeat.as_millis().min(u32::MAX as u128) as u32,
+        idle_timeout_ms: config.idle_timeout.as_millis().min(u32::MAX as u128) as u32,
+        incarnation: config.incarnation,
+    })
 }
 
 /// Whether a node whose Hello listed `names` replicates `namespace`.

@@ -41,7 +41,7 @@ impl Pair {
         let now = Instant::now();
         let mut pair = Pair {
             a: Session::new(a, now),
-            b: Session::new(b, now),
+            b: Session::accept(b, now),
             now,
             a_events: Vec::new(),
             b_events: Vec::new(),
@@ -155,7 +155,7 @@ fn refusals_name_their_reason_on_both_sides() {
         config(1),
         SessionConfig::new(node(2), "other"),
         ErrorCode::ClusterMismatch,
-        "\"other\"",
+        "cluster",
     );
     check(config(1), config(1), ErrorCode::SelfConnection, "itself");
     // The same id in another run: a copy of this node, not this node.
@@ -395,6 +395,53 @@ fn heartbeats_then_idle_timeout() {
             ..
         })
     ));
+}
+
+#[test]
+fn a_refused_dialer_learns_nothing_about_the_acceptor() {
+    let now = Instant::now();
+    let mut acceptor = Session::accept(SessionConfig::new(node(2), "secret-cluster"), now);
+    // The acceptor says nothing before the dialer's Hello.
+    assert_eq!(acceptor.poll_transmit(), None);
+    let mut dialer = Session::new(SessionConfig::new(node(1), "guess"), now);
+    while let Some(f) = dialer.poll_transmit() {
+        acceptor.handle_frame(f, now);
+    }
+    let mut sent = Vec::new();
+    while let Some(f) = acceptor.poll_transmit() {
+        sent.push(format!("{f:?}"));
+    }
+    assert_eq!(sent.len(), 1, "only the refusal: {sent:?}");
+    assert!(sent[0].contains("ClusterMismatch"), "{sent:?}");
+    assert!(
+        !sent[0].contains("secret-cluster") && !sent[0].contains(&node(2).to_string()),
+        "{sent:?}"
+    );
+    // This node's own record names both clusters.
+    let reason = std::iter::from_fn(|| acceptor.poll_event())
+        .find_map(|e| match e {
+            SessionEvent::Closed(r) => Some(r),
+            _ => None,
+        })
+        .unwrap();
+    assert!(reason.message.contains("secret-cluster") && reason.message.contains("guess"));
+}
+
+#[test]
+fn a_peer_that_sends_its_hello_at_once_is_still_served() {
+    // Earlier builds' acceptors did not wait for the dialer's Hello.
+    let now = Instant::now();
+    let mut a = Session::new(config(1), now);
+    let mut b = Session::new(config(2), now);
+    for _ in 0..4 {
+        while let Some(f) = a.poll_transmit() {
+            b.handle_frame(f, now);
+        }
+        while let Some(f) = b.poll_transmit() {
+            a.handle_frame(f, now);
+        }
+    }
+    assert!(a.is_established() && b.is_established());
 }
 
 #[test]

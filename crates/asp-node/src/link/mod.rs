@@ -122,7 +122,10 @@ struct Link {
 
 impl Link {
     fn new(inner: Arc<Inner>, id: u64, direction: Direction, address: String) -> Link {
-        let session = Session::new(session_config(&inner), Instant::now());
+        let session = match direction {
+            Direction::Outbound => Session::new(session_config(&inner), Instant::now()),
+            Direction::Inbound => Session::accept(session_config(&inner), Instant::now()),
+        };
         let reconciler = reconcile::new_reconciler(&inner);
         // Replaced in `drive`; a closed channel until then.
         let (out, _) = mpsc::unbounded_channel();
