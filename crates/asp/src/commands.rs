@@ -227,3 +227,52 @@ pub async fn watch(node: &str, ns: &str, since: u64) -> anyhow::Result<ExitCode>
         tokio::time::sleep(backoff).await;
     }
 }
+
+/// `asp cert init` and `asp cert node`.
+pub fn cert(command: crate::CertCommand) -> anyhow::Result<ExitCode> {
+    use asp_tls::issue;
+    match command {
+        crate::CertCommand::Init {
+            dir,
+            cluster_id,
+            days,
+            force,
+        } => {
+            let issued = issue::init_ca(&dir, &cluster_id, days, force)?;
+            eprintln!(
+                "wrote {} (copy it to every node) and {} (keep it off the nodes: it signs node certificates); valid until {}",
+                issued.cert.display(),
+                issued.key.display(),
+                issued.not_after.date()
+            );
+        }
+        crate::CertCommand::Node {
+            dir,
+            name,
+            labels,
+            hosts,
+            days,
+            force,
+        } => {
+            let labels = labels
+                .iter()
+                .map(|l| issue::parse_label(l))
+                .collect::<Result<Vec<_>, _>>()?;
+            let issued = issue::issue_node(&dir, &name, &labels, &hosts, days, force)?;
+            eprintln!(
+                "wrote {} and {} for node {name}{}; valid for {} until {}",
+                issued.cert.display(),
+                issued.key.display(),
+                if labels.is_empty() {
+                    String::new()
+                } else {
+                    let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    format!(" (labels {})", l.join(", "))
+                },
+                issued.hosts.join(", "),
+                issued.not_after.date()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

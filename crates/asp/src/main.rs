@@ -49,6 +49,9 @@ enum Command {
     /// namespace's here), or resolve a namespace's: retry (after setting its policy) or
     /// discard.
     Quarantine(QuarantineArgs),
+    /// Make a cluster CA and node certificates for TLS (mutual on peer links).
+    #[command(subcommand)]
+    Cert(CertCommand),
     /// Moved to `asp-bench bench`; says so and exits with 2.
     #[command(hide = true, disable_help_flag = true)]
     Bench(MovedArgs),
@@ -136,6 +139,49 @@ struct ServeArgs {
     /// Protocol versions offered, MIN-MAX (for testing version negotiation).
     #[arg(long, value_name = "MIN-MAX", hide = true)]
     protocol_versions: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Create a cluster CA: DIR/ca.pem (give it to every node) and DIR/ca.key (keep it
+    /// off the nodes; it signs node certificates).
+    Init {
+        /// Where to write ca.pem and ca.key (created if missing).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Named in the CA's subject [default: default].
+        #[arg(long, value_name = "ID", default_value = "default")]
+        cluster_id: String,
+        /// Days of validity.
+        #[arg(long, value_name = "N", default_value_t = 3650)]
+        days: u32,
+        /// Replace an existing CA (every certificate it issued stops being trusted).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a node certificate signed by the CA in DIR: DIR/NAME.pem and DIR/NAME.key.
+    /// Its labels are attested: peers take a node's labels from its certificate.
+    Node {
+        /// The directory holding ca.pem and ca.key; the certificate is written there.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The node's name (letters, digits, '.', '_', '-').
+        #[arg(long, value_name = "NAME")]
+        name: String,
+        /// A label to attest, key=value; repeat for several.
+        #[arg(long = "label", value_name = "K=V")]
+        labels: Vec<String>,
+        /// A DNS name or IP address the node is reached at (peers and API clients check
+        /// it); repeat for several [default: localhost, 127.0.0.1, ::1].
+        #[arg(long = "host", value_name = "H")]
+        hosts: Vec<String>,
+        /// Days of validity.
+        #[arg(long, value_name = "N", default_value_t = 365)]
+        days: u32,
+        /// Replace an existing certificate and key of this name.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -334,6 +380,7 @@ fn main() -> ExitCode {
             Command::Quarantine(a) => {
                 commands::quarantine(&a.node.node, a.ns.as_deref(), a.action.as_deref()).await
             }
+            Command::Cert(c) => commands::cert(c),
             Command::Bench(a) => Ok(moved("bench", &a)),
             Command::Demo(a) => Ok(moved("demo", &a)),
         }
