@@ -5,6 +5,7 @@ use std::time::Duration;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -22,8 +23,12 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
-    #[error("invalid node URL {0:?}: use http://host:port, for example http://127.0.0.1:7700")]
+    #[error(
+        "invalid node URL {0:?}: use http://host:port or https://host:port, for example http://127.0.0.1:7700"
+    )]
     InvalidUrl(String),
+    #[error("{0}")]
+    Tls(String),
     #[error("cannot reach {url}: {detail} (is `asp serve` running there?)")]
     Connect { url: String, detail: String },
     #[error("no answer from {0} within {1:?}")]
@@ -83,10 +88,20 @@ impl Response {
     }
 }
 
+/// How a client reaches a node beyond its address.
+#[derive(Clone, Debug, Default)]
+pub struct ClientOptions {
+    /// The CA bundle (PEM) that signs the node's certificate, for `https://` nodes.
+    pub ca: Option<std::path::PathBuf>,
+    /// Sent as `Authorization: Bearer TOKEN` with every request.
+    pub token: Option<String>,
+}
+
 #[derive(Clone)]
 pub struct Client {
     base: String,
-    http: HyperClient<HttpConnector, Full<Bytes>>,
+    http: HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    authorization: Option<HeaderValue>,
 }
 
 /// Percent-encodes one path segment or query value.
@@ -97,24 +112,70 @@ pub fn encode(s: &str) -> String {
 impl Client {
     /// `base` is the node's API address, e.g. `http://127.0.0.1:7700`.
     pub fn new(base: &str) -> Result<Self, ClientError> {
+        Client::with_options(base, &ClientOptions::default())
+    }
+
+    /// A client of an `http://` or `https://` node, with a CA bundle and a token.
+    pub fn with_options(base: &str, options: &ClientOptions) -> Result<Self, ClientError> {
         let trimmed = base.trim_end_matches('/');
-        let rest = trimmed
-            .strip_prefix("http://")
-            .ok_or_else(|| ClientError::InvalidUrl(base.to_owned()))?;
+        let (https, rest) = match (
+            trimmed.strip_prefix("http://"),
+            trimmed.strip_prefix("https://"),
+        ) {
+            (Some(rest), _) => (false, rest),
+            (_, Some(rest)) => (true, rest),
+            _ => return Err(ClientError::InvalidUrl(base.to_owned())),
+        };
         if rest.is_empty() || rest.contains('/') || trimmed.parse::<axum::http::Uri>().is_err() {
             return Err(ClientError::InvalidUrl(base.to_owned()));
         }
+        let roots = match &options.ca {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    ClientError::Tls(format!("cannot read CA bundle {}: {e}", path.display()))
+                })?;
+                asp_tls::roots(path, &pem).map_err(|e| ClientError::Tls(e.to_string()))?
+            }
+            None if https => {
+                return Err(ClientError::Tls(format!(
+                    "{base} is HTTPS: give the CA bundle that signed its certificate (--ca FILE or ASP_CA)"
+                )));
+            }
+            None => std::sync::Arc::new(rustls::RootCertStore::empty()),
+        };
+        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
         connector.set_nodelay(true);
+        connector.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let http = HyperClient::builder(TokioExecutor::new())
             // Below the server's default header read timeout (10 s), which closes
             // idle connections: the pool lets them go first.
             .pool_idle_timeout(Duration::from_secs(5))
             .build(connector);
+        let authorization = match &options.token {
+            Some(token) => Some(
+                HeaderValue::from_str(&format!("Bearer {}", token.trim())).map_err(|_| {
+                    ClientError::Protocol("the token has characters HTTP does not allow".into())
+                })?,
+            ),
+            None => None,
+        };
         Ok(Client {
             base: trimmed.to_owned(),
             http,
+            authorization,
         })
     }
 
@@ -141,6 +202,9 @@ impl Client {
                 ClientError::Protocol(format!("header {name} has characters HTTP does not allow"))
             })?;
             request = request.header(name, value);
+        }
+        if let Some(auth) = &self.authorization {
+            request = request.header(header::AUTHORIZATION, auth.clone());
         }
         let request = request
             .body(Full::new(body))
@@ -514,7 +578,8 @@ mod tests {
         assert!(Client::new("http://127.0.0.1:7700").is_ok());
         assert!(Client::new("http://127.0.0.1:7700/").is_ok());
         assert!(Client::new("127.0.0.1:7700").is_err());
-        assert!(Client::new("https://x").is_err());
+        assert!(Client::new("https://x").is_err(), "HTTPS needs a CA bundle");
+        assert!(Client::new("ftp://x").is_err());
         assert!(Client::new("http://").is_err());
         assert!(Client::new("http://a/b").is_err());
     }

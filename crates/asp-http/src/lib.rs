@@ -15,4 +15,4 @@ mod server;
 
 pub use error::ApiError;
 pub use routes::{ApiConfig, AppState, DEFAULT_REQUEST_BYTES_MAX, router};
-pub use server::serve;
+pub use server::{serve, serve_with_tls};

@@ -16,6 +16,17 @@ use crate::routes::{AppState, router};
 /// Serves the API on `listener` until the state's shutdown token is cancelled, then
 /// finishes the requests in flight.
 pub async fn serve(listener: TcpListener, state: AppState) -> std::io::Result<()> {
+    serve_with_tls(listener, state, None).await
+}
+
+/// As [`serve`], over HTTPS when `tls` is given (each connection takes the material of
+/// the moment it arrives, so a reloaded certificate serves new connections). A client
+/// that speaks plain HTTP to it is answered, in plain HTTP, that the port wants HTTPS.
+pub async fn serve_with_tls(
+    listener: TcpListener,
+    state: AppState,
+    tls: Option<Arc<asp_tls::Tls>>,
+) -> std::io::Result<()> {
     let config = state.config().clone();
     let token = state.shutdown_token();
     let refused = state.connections_refused();
@@ -47,17 +58,32 @@ pub async fn serve(listener: TcpListener, state: AppState) -> std::io::Result<()
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let connection =
-            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
         let token = token.clone();
         let close_rx = close_rx.clone();
+        let service = TowerToHyperService::new(app.clone());
+        let http = http.clone();
+        let acceptor = tls.as_ref().map(|t| t.current().api_acceptor.clone());
+        let handshake_timeout = config.header_read_timeout;
         tokio::spawn(async move {
-            let mut connection = std::pin::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                () = token.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
+            match acceptor {
+                None => run_connection(&http, stream, service, &token).await,
+                Some(acceptor) => {
+                    let handshake = async {
+                        if speaks_plain_http(&stream).await {
+                            answer_plain_http(&stream);
+                            return None;
+                        }
+                        acceptor.accept(stream).await.ok()
+                    };
+                    // Bounded like a request's header: a client that opens a
+                    // connection and says nothing does not hold a slot.
+                    let accepted = tokio::select! {
+                        a = tokio::time::timeout(handshake_timeout, handshake) => a.ok().flatten(),
+                        () = token.cancelled() => None,
+                    };
+                    if let Some(stream) = accepted {
+                        run_connection(&http, stream, service, &token).await;
+                    }
                 }
             }
             drop(slot);
@@ -68,6 +94,48 @@ pub async fn serve(listener: TcpListener, state: AppState) -> std::io::Result<()
     drop(listener);
     close_tx.closed().await;
     Ok(())
+}
+
+/// Serves one connection until it ends or the server shuts down (then gracefully).
+async fn run_connection<IO, S>(
+    http: &hyper::server::conn::http1::Builder,
+    io: IO,
+    service: S,
+    token: &tokio_util::sync::CancellationToken,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming> + Send,
+    S::Future: Send + 'static,
+    S::ResBody: Send + 'static,
+    <S::ResBody as hyper::body::Body>::Data: Send,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let connection = http.serve_connection(TokioIo::new(io), service);
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        () = token.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
+}
+
+/// Whether the client's first byte is a letter (an HTTP request line) rather than a TLS
+/// record (0x16, handshake).
+async fn speaks_plain_http(stream: &TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    matches!(stream.peek(&mut first).await, Ok(1) if first[0].is_ascii_uppercase())
+}
+
+/// Tells a plain-HTTP client, once and in its own language, that this port is HTTPS.
+fn answer_plain_http(stream: &TcpStream) {
+    let body = r#"{"error":{"code":"https_required","message":"this node serves its API over HTTPS on this port: use https:// (with the cluster's CA bundle)"}}"#;
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.try_write(answer.as_bytes());
 }
 
 /// Answers a connection over the limit with a 503 if its socket takes it at once (never

@@ -44,6 +44,9 @@ pub struct ReplicationConfig {
     /// The protocol versions offered; only tests change them.
     pub version_min: u16,
     pub version_max: u16,
+    /// TLS for peer links (mutual: a certificate from the cluster CA both ways);
+    /// `None`: plain TCP.
+    pub tls: Option<std::sync::Arc<asp_tls::Tls>>,
     /// Tests only: when set, a transfer sends each page after the first only once it
     /// takes a permit from this semaphore, so that a test can hold a bootstrap open.
     #[doc(hidden)]
@@ -73,6 +76,7 @@ impl ReplicationConfig {
             version_min: PROTOCOL_VERSION_MIN,
             version_max: PROTOCOL_VERSION_MAX,
             transfer_gate: None,
+            tls: None,
         }
     }
 

@@ -109,6 +109,8 @@ pub(crate) struct PeerRecord {
     /// The namespaces its last Hello listed (`None` until one arrived): lag counts
     /// only namespaces both nodes replicate.
     pub namespaces: Option<Arc<Vec<String>>>,
+    /// What the peer's certificate attests, from its last TLS link.
+    pub certificate: Option<asp_tls::Identity>,
 }
 
 /// Reconciliation with one peer, for status.

@@ -78,6 +78,8 @@ pub struct PeerStatus {
     pub batches_refused: Vec<(&'static str, u64)>,
     pub namespaces: Vec<NamespaceLag>,
     pub reconcile: ReconcileStats,
+    /// What the peer's certificate attested on its last TLS link.
+    pub certificate: Option<asp_tls::Identity>,
 }
 
 /// The replicator's state for status pages.
@@ -94,6 +96,8 @@ pub struct ReplicationStatus {
     /// Nodes seen running twice at once (two incarnations of one node id), newest
     /// last: one of each pair was refused.
     pub conflicts: Vec<NodeConflict>,
+    /// What this node's own certificate attests (`None`: peer links are plain TCP).
+    pub certificate: Option<asp_tls::Identity>,
 }
 
 /// Two live processes with one node id: a copied data directory or a cloned machine.
@@ -203,6 +207,9 @@ impl Replicator {
 
     pub fn register_metrics(&self, registry: &mut MetricsRegistry) {
         self.inner.metrics.register(registry);
+        if let Some(tls) = &self.inner.config.tls {
+            tls.metrics().register(registry);
+        }
     }
 
     /// Closes every link (telling peers why) and stops dialing.
@@ -303,6 +310,7 @@ impl Replicator {
                     .collect(),
                 namespaces: Vec::new(),
                 reconcile: record.reconcile.clone(),
+                certificate: record.certificate.clone(),
             });
             // Lag is worked out after the registry is let go: with many namespaces it
             // takes a while, and every link touches the registry as frames arrive.
@@ -342,6 +350,7 @@ impl Replicator {
                     batches_refused: Vec::new(),
                     namespaces: Vec::new(),
                     reconcile: ReconcileStats::default(),
+                    certificate: None,
                 });
             }
         }
@@ -383,6 +392,12 @@ impl Replicator {
             refusals,
             incarnation: self.inner.incarnation,
             conflicts,
+            certificate: self
+                .inner
+                .config
+                .tls
+                .as_ref()
+                .map(|t| t.current().identity.clone()),
         }
     }
 }
@@ -686,6 +701,7 @@ mod tests {
                 })
                 .collect(),
             reconcile: ReconcileStats::default(),
+            certificate: None,
         }
     }
 

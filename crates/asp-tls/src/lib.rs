@@ -265,6 +265,16 @@ pub struct Tls {
     /// Serializes reloads (a file poll and a SIGHUP at once); holds the contents that
     /// last failed to load, so that a poll reports them once.
     failed: Mutex<Option<[Vec<u8>; 3]>>,
+    metrics: ReloadMetrics,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("paths", &self.paths)
+            .field("identity", &self.current().identity)
+            .finish()
+    }
 }
 
 impl Tls {
@@ -274,7 +284,13 @@ impl Tls {
             paths,
             current: RwLock::new(Arc::new(material)),
             failed: Mutex::new(None),
+            metrics: ReloadMetrics::default(),
         }))
+    }
+
+    /// The reload counter, to register with the node's metrics.
+    pub fn metrics(&self) -> &ReloadMetrics {
+        &self.metrics
     }
 
     pub fn paths(&self) -> &TlsPaths {

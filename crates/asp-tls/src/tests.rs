@@ -219,9 +219,9 @@ fn a_reload_takes_new_files_keeps_the_old_on_bad_ones_and_reports_a_failure_once
     let dir = tempfile::tempdir().unwrap();
     cluster(dir.path(), &["n1"]);
     let tls = Tls::load(paths(dir.path(), "n1")).unwrap();
-    let metrics = ReloadMetrics::default();
+    let metrics = tls.metrics().clone();
     let first = tls.current().identity.serial.clone();
-    assert_eq!(reload_once(&tls, &metrics, false), ReloadOutcome::Unchanged);
+    assert_eq!(reload_once(&tls, false), ReloadOutcome::Unchanged);
     issue_node(
         dir.path(),
         "n1",
@@ -231,7 +231,7 @@ fn a_reload_takes_new_files_keeps_the_old_on_bad_ones_and_reports_a_failure_once
         true,
     )
     .unwrap();
-    assert_eq!(reload_once(&tls, &metrics, false), ReloadOutcome::Reloaded);
+    assert_eq!(reload_once(&tls, false), ReloadOutcome::Reloaded);
     let second = tls.current().identity.clone();
     assert_ne!(second.serial, first);
     assert_eq!(second.labels["region"], "us");
@@ -241,11 +241,11 @@ fn a_reload_takes_new_files_keeps_the_old_on_bad_ones_and_reports_a_failure_once
         b"-----BEGIN CERTIFICATE-----\nAAAA",
     )
     .unwrap();
-    assert_eq!(reload_once(&tls, &metrics, false), ReloadOutcome::Failed);
+    assert_eq!(reload_once(&tls, false), ReloadOutcome::Failed);
     assert_eq!(tls.current().identity, second);
     // Polls do not report the same bad files again; a SIGHUP does.
-    assert_eq!(reload_once(&tls, &metrics, false), ReloadOutcome::Unchanged);
-    assert_eq!(reload_once(&tls, &metrics, true), ReloadOutcome::Failed);
+    assert_eq!(reload_once(&tls, false), ReloadOutcome::Unchanged);
+    assert_eq!(reload_once(&tls, true), ReloadOutcome::Failed);
     assert_eq!(metrics.get(ReloadOutcome::Reloaded), 1);
     assert_eq!(metrics.get(ReloadOutcome::Failed), 2);
     assert_eq!(metrics.get(ReloadOutcome::Unchanged), 0);

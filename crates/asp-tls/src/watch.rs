@@ -77,7 +77,8 @@ impl ReloadMetrics {
 
 /// One reload, logged and counted. `asked`: a SIGHUP (an unchanged result is logged and
 /// counted, and a failure is reported again even if the same files failed before).
-pub fn reload_once(tls: &Tls, metrics: &ReloadMetrics, asked: bool) -> ReloadOutcome {
+pub fn reload_once(tls: &Tls, asked: bool) -> ReloadOutcome {
+    let metrics = tls.metrics();
     match tls.reload(asked) {
         Ok(true) => {
             let id = &tls.current().identity;
@@ -106,12 +107,7 @@ pub fn reload_once(tls: &Tls, metrics: &ReloadMetrics, asked: bool) -> ReloadOut
 }
 
 /// Polls the files every `poll` and reloads on SIGHUP until `shutdown`.
-pub async fn watch(
-    tls: Arc<Tls>,
-    metrics: ReloadMetrics,
-    poll: Duration,
-    shutdown: CancellationToken,
-) {
+pub async fn watch(tls: Arc<Tls>, poll: Duration, shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
@@ -135,8 +131,7 @@ pub async fn watch(
             () = shutdown.cancelled() => return,
         };
         let tls = tls.clone();
-        let metrics = metrics.clone();
         // File reads and key parsing: off the async threads.
-        let _ = tokio::task::spawn_blocking(move || reload_once(&tls, &metrics, asked)).await;
+        let _ = tokio::task::spawn_blocking(move || reload_once(&tls, asked)).await;
     }
 }

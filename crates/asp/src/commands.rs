@@ -5,11 +5,19 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use asp_http::client::{Client, ClientError};
+use asp_http::client::{Client, ClientError, ClientOptions};
 use bytes::Bytes;
 
+/// The CA bundle and token of this run's client command (`--ca`, `--token`).
+static CLIENT_OPTIONS: std::sync::OnceLock<ClientOptions> = std::sync::OnceLock::new();
+
+pub fn set_client_options(options: ClientOptions) {
+    let _ = CLIENT_OPTIONS.set(options);
+}
+
 fn client(node: &str) -> anyhow::Result<Client> {
-    Ok(Client::new(node)?)
+    let options = CLIENT_OPTIONS.get().cloned().unwrap_or_default();
+    Ok(Client::with_options(node, &options)?)
 }
 
 fn print_json(v: &serde_json::Value) {

@@ -37,7 +37,23 @@ pub struct FileConfig {
     /// Conflict policies of namespaces: `name = "counter"` (the others are lww).
     #[serde(default)]
     pub policies: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub tls: TlsSection,
 }
+
+/// `[tls]`: the node's certificate, key and cluster CA bundle (all three, or none).
+#[derive(Deserialize, Default, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    /// How often the files are read again to pick up a rotation (SIGHUP: at once).
+    pub reload_interval_ms: Option<u64>,
+}
+
+/// How often `asp serve` looks for new TLS files unless `[tls] reload_interval_ms` says.
+pub const DEFAULT_TLS_RELOAD_INTERVAL_MS: u64 = 2_000;
 
 #[derive(Deserialize, Default, Debug, Clone)]
 #[serde(deny_unknown_fields)]
@@ -165,6 +181,11 @@ pub struct Overrides {
     pub protocol_versions: Option<String>,
     /// `--salvage`: open a damaged log anyway (see `StoreConfig::salvage`).
     pub salvage: bool,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    /// `--label k=v`, repeated.
+    pub labels: Vec<String>,
 }
 
 /// Everything `asp serve` runs with.
@@ -177,6 +198,8 @@ pub struct NodeConfig {
     pub compaction_interval: Option<Duration>,
     /// How often to scrub the feed log (`None`: never).
     pub scrub_interval: Option<Duration>,
+    /// How often to look for new TLS files (with TLS on).
+    pub tls_reload_interval: Duration,
 }
 
 pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig> {
@@ -351,7 +374,50 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
     if let Some(namespaces) = section.namespaces {
         replication.namespaces = namespaces;
     }
-    replication.labels = section.labels.into_iter().collect();
+    let mut labels = section.labels;
+    for label in &flags.labels {
+        let (k, v) =
+            asp_tls::issue::parse_label(label).map_err(|e| anyhow::anyhow!("--label: {e}"))?;
+        labels.insert(k, v);
+    }
+    let tls_file = file.tls;
+    let tls = match (
+        flags.tls_cert.or(tls_file.cert),
+        flags.tls_key.or(tls_file.key),
+        flags.tls_ca.or(tls_file.ca),
+    ) {
+        (None, None, None) => None,
+        (Some(cert), Some(key), Some(ca)) => {
+            let tls = asp_tls::Tls::load(asp_tls::TlsPaths { cert, key, ca })?;
+            // A node's labels are what its certificate attests: peers read them from
+            // there. A label configured here must agree with it.
+            let attested = tls.current().identity.labels.clone();
+            for (k, v) in &labels {
+                match attested.get(k) {
+                    Some(a) if a == v => {}
+                    Some(a) => bail!(
+                        "label {k}={v} is configured, but the certificate attests {k}={a}: issue a certificate with --label {k}={v} (asp cert node) or drop the label"
+                    ),
+                    None => bail!(
+                        "label {k}={v} is configured, but the certificate does not attest it: issue a certificate with --label {k}={v} (asp cert node) or drop the label"
+                    ),
+                }
+            }
+            labels = attested;
+            Some(tls)
+        }
+        _ => bail!(
+            "TLS needs all three of --tls-cert, --tls-key and --tls-ca (or cert, key and ca in [tls])"
+        ),
+    };
+    let tls_reload_interval = Duration::from_millis(
+        tls_file
+            .reload_interval_ms
+            .unwrap_or(DEFAULT_TLS_RELOAD_INTERVAL_MS)
+            .max(100),
+    );
+    replication.labels = labels.into_iter().collect();
+    replication.tls = tls;
     if let Some(ms) = section.heartbeat_ms {
         replication.heartbeat = Duration::from_millis(ms);
     }
@@ -393,6 +459,7 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
         replication,
         compaction_interval,
         scrub_interval,
+        tls_reload_interval,
     })
 }
 

@@ -136,6 +136,20 @@ struct ServeArgs {
     /// keep every intact record, report what was lost (peers send it back).
     #[arg(long)]
     salvage: bool,
+    /// This node's certificate (PEM; from `asp cert node`). With --tls-key and --tls-ca,
+    /// peer links are mutual TLS and the API is HTTPS.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// The cluster's CA bundle (PEM): peers must present a certificate it signed.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// A label of this node, key=value; repeat for several. With TLS each must be
+    /// attested by the certificate.
+    #[arg(long = "label", value_name = "K=V")]
+    labels: Vec<String>,
     /// Protocol versions offered, MIN-MAX (for testing version negotiation).
     #[arg(long, value_name = "MIN-MAX", hide = true)]
     protocol_versions: Option<String>,
@@ -194,6 +208,30 @@ pub struct NodeArgs {
         value_name = "URL"
     )]
     node: String,
+    /// The CA bundle (PEM) that signed an https:// node's certificate.
+    #[arg(long, env = "ASP_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// A bearer token for a node that requires one (`asp token create`).
+    #[arg(long, env = "ASP_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+/// The node options of a client command.
+fn node_args(command: &Command) -> Option<&NodeArgs> {
+    Some(match command {
+        Command::Put(a) => &a.target.node,
+        Command::Get(a) => &a.target.node,
+        Command::Del(a) => &a.target.node,
+        Command::Scan(a) => &a.target.node,
+        Command::Watch(a) => &a.target.node,
+        Command::Status(a) => a,
+        Command::Policy(a) => &a.target.node,
+        Command::Incr(a) => &a.target.node,
+        Command::Quarantine(a) => &a.node,
+        Command::Serve(_) | Command::Cert(_) | Command::Bench(_) | Command::Demo(_) => {
+            return None;
+        }
+    })
 }
 
 #[derive(Args)]
@@ -303,6 +341,12 @@ struct WatchArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(node) = node_args(&cli.command) {
+        commands::set_client_options(asp_http::client::ClientOptions {
+            ca: node.ca.clone(),
+            token: node.token.clone(),
+        });
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -339,6 +383,10 @@ fn main() -> ExitCode {
                     cluster_id: a.cluster_id,
                     protocol_versions: a.protocol_versions,
                     salvage: a.salvage,
+                    tls_cert: a.tls_cert,
+                    tls_key: a.tls_key,
+                    tls_ca: a.tls_ca,
+                    labels: a.labels,
                 };
                 serve::run(a.config.as_deref(), flags).await
             }

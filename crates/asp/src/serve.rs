@@ -43,6 +43,15 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
         shutdown.child_token(),
     )
     .await?;
+    let tls = config.replication.tls.clone();
+    if let Some(tls) = &tls {
+        tokio::spawn(asp_tls::watch(
+            tls.clone(),
+            config.tls_reload_interval,
+            shutdown.child_token(),
+        ));
+    }
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let state = AppState::new(
         store.clone(),
         Some(replicator.clone()),
@@ -52,7 +61,11 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
     );
     tracing::info!(
         node_id = %store.node_id(),
-        api = %format!("http://{listen}"),
+        api = %format!("{scheme}://{listen}"),
+        tls = %tls.as_ref().map_or("off".to_owned(), |t| {
+            let id = t.current().identity.clone();
+            format!("{} (serial {})", id.name, id.serial)
+        }),
         data_dir = %config.store.data_dir.display(),
         fsync = %config.store.fsync,
         peers_listen = %replicator.listen_addr().map_or("off".to_owned(), |a| a.to_string()),
@@ -86,7 +99,7 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
         std::process::exit(130);
     });
 
-    let served = asp_http::serve(listener, state).await;
+    let served = asp_http::serve_with_tls(listener, state, tls).await;
     shutdown.cancel();
     // Peers hear why the links close; then the store finishes what it accepted.
     replicator.shutdown().await;

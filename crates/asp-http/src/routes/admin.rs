@@ -235,6 +235,16 @@ pub(super) async fn scrub(State(state): State<AppState>) -> Result<Response, Api
     Ok(Json(scrub_json(&report)).into_response())
 }
 
+/// What a certificate attests, for status.
+fn certificate_json(id: &asp_tls::Identity) -> serde_json::Value {
+    serde_json::json!({
+        "name": id.name,
+        "labels": id.labels,
+        "serial": id.serial,
+        "not_after_ms": id.not_after.saturating_mul(1000),
+    })
+}
+
 fn replication_status(r: &asp_node::ReplicationStatus) -> serde_json::Value {
     let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
     let peers: Vec<serde_json::Value> = r
@@ -249,6 +259,7 @@ fn replication_status(r: &asp_node::ReplicationStatus) -> serde_json::Value {
                 "connected_ms": ms(p.connected_for),
                 "last_contact_ms_ago": ms(p.last_contact),
                 "last_error": p.last_error.as_ref().map(|(code, message)| serde_json::json!({"code": code, "message": message})),
+                "certificate": p.certificate.as_ref().map(certificate_json),
                 "acked_seq": p.acked_seq,
                 "events_sent": p.events_sent,
                 "events_received": p.events_received,
@@ -317,6 +328,7 @@ fn replication_status(r: &asp_node::ReplicationStatus) -> serde_json::Value {
         "peers": peers,
         "refusals": refusals,
         "node_conflicts": conflicts,
+        "tls": r.certificate.as_ref().map(certificate_json),
     })
 }
 

@@ -14,10 +14,11 @@ use asp_core::Event;
 use asp_core::NodeId;
 use asp_core::session::{CloseReason, ErrorCode, Frame, Session, SessionConfig, SessionEvent};
 use asp_store::{ApplyOutcome, FeedReader, WriteError};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_rustls::TlsStream;
 
 use crate::metrics::RefusalLabels;
 use crate::registry::{self, Direction, Inner, error_pair, peer_labels, wall_ms};
@@ -67,6 +68,85 @@ fn session_config(inner: &Inner) -> SessionConfig {
     }
 }
 
+/// The first byte of a TLS connection (a handshake record).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// A peer link's connection: plain TCP, or TLS over it.
+enum PeerStream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// With TLS configured, the handshake: the acceptor requires a certificate from the
+/// cluster CA, the dialer checks the acceptor's against the host it dialed. Returns the
+/// stream and what the peer's certificate attests.
+async fn upgrade(
+    inner: &Inner,
+    stream: TcpStream,
+    direction: Direction,
+    address: &str,
+) -> Result<(PeerStream, Option<asp_tls::Identity>), String> {
+    let Some(tls) = &inner.config.tls else {
+        return Ok((PeerStream::Plain(stream), None));
+    };
+    let material = tls.current();
+    if direction == Direction::Inbound {
+        // A peer without TLS: tell it why in its own framing, then close.
+        let mut first = [0u8; 1];
+        let peeked =
+            tokio::time::timeout(inner.config.handshake_timeout, stream.peek(&mut first)).await;
+        if matches!(peeked, Ok(Ok(1)) if first[0] != TLS_HANDSHAKE_RECORD) {
+            let mut bytes = Vec::new();
+            let refusal = Frame::Error {
+                code: ErrorCode::Protocol,
+                message: "this node requires TLS on peer links (mutual, with a certificate from the cluster CA): start the node with --tls-cert, --tls-key and --tls-ca".into(),
+            };
+            if asp_wire::encode(&refusal, &mut bytes).is_ok() {
+                let _ = stream.try_write(&bytes);
+            }
+            return Err(format!(
+                "the peer at {address} speaks plain TCP; this node requires TLS on peer links"
+            ));
+        }
+    }
+    let handshake = async {
+        match direction {
+            Direction::Inbound => material
+                .peer_acceptor
+                .accept(stream)
+                .await
+                .map(TlsStream::from)
+                .map_err(|e| format!("TLS handshake with {address} failed: {e}")),
+            Direction::Outbound => {
+                let name = asp_tls::server_name(address).map_err(|e| e.to_string())?;
+                material
+                    .peer_connector
+                    .connect(name, stream)
+                    .await
+                    .map(TlsStream::from)
+                    .map_err(|e| {
+                        let hint = if e.to_string().contains("InvalidContentType") {
+                            " (does the peer run without TLS?)"
+                        } else {
+                            ""
+                        };
+                        format!("TLS handshake with {address} failed: {e}{hint}")
+                    })
+            }
+        }
+    };
+    let stream = tokio::time::timeout(inner.config.handshake_timeout, handshake)
+        .await
+        .map_err(|_| {
+            format!(
+                "no TLS handshake with {address} within {:?}",
+                inner.config.handshake_timeout
+            )
+        })??;
+    let identity = asp_tls::peer_identity(stream.get_ref().1);
+    Ok((PeerStream::Tls(Box::new(stream)), identity))
+}
+
 /// Runs a link until it ends; registers and unregisters it.
 pub(crate) async fn run(
     inner: Arc<Inner>,
@@ -76,9 +156,17 @@ pub(crate) async fn run(
 ) -> LinkEnd {
     let _ = stream.set_nodelay(true);
     let (id, close_rx) = registry::register_link(&inner, direction, address.clone());
-    let end = Link::new(inner.clone(), id, direction, address)
-        .drive(stream, close_rx)
-        .await;
+    let end = match upgrade(&inner, stream, direction, &address).await {
+        Ok((stream, identity)) => {
+            let mut link = Link::new(inner.clone(), id, direction, address);
+            link.certificate = identity;
+            link.drive(stream, close_rx).await
+        }
+        Err(message) => {
+            tracing::warn!(peer = %address, direction = direction.name(), "{message}");
+            LinkEnd::Failed(("tls".to_owned(), message))
+        }
+    };
     let error = match &end {
         LinkEnd::Failed(e) => Some(e.clone()),
         _ => None,
@@ -118,6 +206,8 @@ struct Link {
     /// Tests only: a transfer page waits for the configured gate.
     gate_closed: bool,
     end: Option<LinkEnd>,
+    /// What the peer's certificate attests (TLS links only).
+    certificate: Option<asp_tls::Identity>,
 }
 
 impl Link {
@@ -147,13 +237,25 @@ impl Link {
             reconciler,
             gate_closed: false,
             end: None,
+            certificate: None,
         }
     }
 
-    async fn drive(mut self, stream: TcpStream, mut close_rx: oneshot::Receiver<()>) -> LinkEnd {
-        let (mut rd, wr) = stream.into_split();
-        let wr = Arc::new(wr);
-        self.socket = Some(wr.clone());
+    async fn drive(mut self, stream: PeerStream, mut close_rx: oneshot::Receiver<()>) -> LinkEnd {
+        // Plain TCP: frames are written from the link task directly when nothing is
+        // queued. TLS: always through the writer task (a TLS stream has no `try_write`).
+        let (mut rd, wr): (Box<dyn AsyncRead + Unpin + Send>, Writer) = match stream {
+            PeerStream::Plain(stream) => {
+                let (rd, wr) = stream.into_split();
+                let wr = Arc::new(wr);
+                self.socket = Some(wr.clone());
+                (Box::new(rd), Writer::Plain(wr))
+            }
+            PeerStream::Tls(stream) => {
+                let (rd, wr) = tokio::io::split(*stream);
+                (Box::new(rd), Writer::Tls(wr))
+            }
+        };
         let drained = Arc::new(Notify::new());
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         self.out = out_tx;
@@ -288,6 +390,16 @@ impl Link {
     fn decode(&mut self, buf: &mut Vec<u8>) {
         let mut start = 0;
         let now = Instant::now();
+        if !self.session.is_established()
+            && self.inner.config.tls.is_none()
+            && buf.starts_with(&[TLS_HANDSHAKE_RECORD, 3])
+        {
+            return self.session.close(
+                ErrorCode::Protocol,
+                "the peer speaks TLS; this node runs its peer links without TLS (start it with --tls-cert, --tls-key and --tls-ca)",
+                now,
+            );
+        }
         loop {
             let decoded = if self.session.is_established() {
                 asp_wire::decode(&buf[start..])
@@ -345,7 +457,13 @@ impl Link {
                     self.reconciler
                         .set_peer(peer, info.version, info.namespaces.clone());
                     let namespaces = Arc::new(info.namespaces.clone());
-                    self.with_record(|r| r.namespaces = Some(namespaces));
+                    let certificate = self.certificate.clone();
+                    self.with_record(|r| {
+                        r.namespaces = Some(namespaces);
+                        if certificate.is_some() {
+                            r.certificate = certificate;
+                        }
+                    });
                     let checkpoint = self.inner.store.checkpoint(peer);
                     self.reader = Some(self.inner.store.feed_reader(None, checkpoint));
                     self.sent_through = checkpoint;
@@ -403,6 +521,21 @@ impl Link {
         let who = self
             .peer
             .map_or_else(|| self.address.clone(), |p| p.to_string());
+        // TLS 1.3: a peer that refuses this node's certificate says so in an alert the
+        // dialer reads only after its own side of the handshake finished.
+        if self.certificate.is_some()
+            && self.peer.is_none()
+            && reason.by_peer
+            && reason.message.contains("alert")
+        {
+            let message = format!(
+                "the peer refused this node's TLS certificate ({}): is it issued by the peer's CA?",
+                reason.message
+            );
+            tracing::warn!(peer = %who, "{message}");
+            self.end = Some(LinkEnd::Failed(("tls".to_owned(), message)));
+            return;
+        }
         let end = match reason.code {
             ErrorCode::DuplicateLink => LinkEnd::Duplicate,
             ErrorCode::Shutdown if !reason.by_peer => LinkEnd::Shutdown,
@@ -638,8 +771,59 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
+/// The sending side of a link's connection.
+enum Writer {
+    Plain(Arc<OwnedWriteHalf>),
+    Tls(WriteHalf<TlsStream<TcpStream>>),
+}
+
 /// Writes queued frames to the socket, in order.
 async fn write_loop(
+    wr: Writer,
+    rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    queued: Arc<AtomicUsize>,
+    drained: Arc<Notify>,
+) {
+    match wr {
+        Writer::Plain(wr) => write_plain(wr, rx, queued, drained).await,
+        Writer::Tls(wr) => write_tls(wr, rx, queued, drained).await,
+    }
+}
+
+/// TLS: each queued frame is written whole; queued frames go out in one flush.
+async fn write_tls(
+    mut wr: WriteHalf<TlsStream<TcpStream>>,
+    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    queued: Arc<AtomicUsize>,
+    drained: Arc<Notify>,
+) {
+    while let Some(bytes) = rx.recv().await {
+        if wr.write_all(&bytes).await.is_err() {
+            return;
+        }
+        queued.fetch_sub(bytes.len(), Ordering::AcqRel);
+        let mut more = true;
+        while more {
+            match rx.try_recv() {
+                Ok(bytes) => {
+                    if wr.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                    queued.fetch_sub(bytes.len(), Ordering::AcqRel);
+                }
+                Err(_) => more = false,
+            }
+        }
+        if wr.flush().await.is_err() {
+            return;
+        }
+        drained.notify_one();
+    }
+    // The link is done: close_notify, then the connection's sending side closes.
+    let _ = wr.shutdown().await;
+}
+
+async fn write_plain(
     wr: Arc<OwnedWriteHalf>,
     mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
     queued: Arc<AtomicUsize>,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use asp_http::client::Client;
+use asp_http::client::{Client, ClientOptions};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_asp");
 
@@ -60,12 +60,33 @@ impl Node {
         format!("127.0.0.1:{}", self.peer_port)
     }
 
-    pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+    /// The value of `--flag` among the extra arguments.
+    pub fn flag(&self, flag: &str) -> Option<&str> {
+        let at = self.extra.iter().position(|a| a == flag)?;
+        self.extra.get(at + 1).map(String::as_str)
     }
 
+    pub fn url(&self) -> String {
+        let scheme = if self.flag("--tls-cert").is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// A client of the API: with the node's CA bundle when it serves HTTPS, and with
+    /// `ASP_TEST_TOKEN` from its environment when set.
     pub fn client(&self) -> Client {
-        Client::new(&self.url()).unwrap()
+        let options = ClientOptions {
+            ca: self.flag("--tls-ca").map(PathBuf::from),
+            token: self
+                .env
+                .iter()
+                .find(|(k, _)| k == "ASP_TEST_TOKEN")
+                .map(|(_, v)| v.clone()),
+        };
+        Client::with_options(&self.url(), &options).unwrap()
     }
 
     /// Where the current run's stderr goes.
@@ -159,6 +180,11 @@ impl Node {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// The running process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     pub fn is_running(&self) -> bool {

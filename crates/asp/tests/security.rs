@@ -1,0 +1,377 @@
+//! Trust between real `asp serve` processes: mutual TLS on peer links, HTTPS on the
+//! API, what a node without the cluster's certificate can and cannot do, and
+//! certificate rotation without a restart.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use axum::http::Method;
+use bytes::Bytes;
+use common::{BIN, Node};
+
+/// Runs `asp cert ...`; panics with its stderr if it fails.
+fn cert(args: &[&str]) {
+    let out = Command::new(BIN).arg("cert").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "asp cert {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `asp serve` flags for node `name` of the CA in `dir` (trusting `ca`).
+fn tls_flags(dir: &Path, name: &str, ca: &Path) -> Vec<String> {
+    vec![
+        "--tls-cert".into(),
+        dir.join(format!("{name}.pem")).display().to_string(),
+        "--tls-key".into(),
+        dir.join(format!("{name}.key")).display().to_string(),
+        "--tls-ca".into(),
+        ca.display().to_string(),
+    ]
+}
+
+async fn start(dir: &Path, mut flags: Vec<String>, more: &[&str]) -> Node {
+    flags.extend(more.iter().map(|s| s.to_string()));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    Node::start(dir, &flags).await
+}
+
+/// Polls `f` (up to 30 s) until it returns `Some`.
+async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(t) = f().await {
+            return t;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn peers(status: &serde_json::Value) -> Vec<serde_json::Value> {
+    status["replication"]["peers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The serial of the certificate a TLS server presents at `addr`, read by a client
+/// that trusts `ca`.
+async fn served_serial(addr: &str, ca: &Path, certs: &Path) -> String {
+    // Any node certificate of the cluster serves as the client's (the API does not ask
+    // for one; a peer port does).
+    let material = asp_tls::Material::load(&asp_tls::TlsPaths {
+        cert: certs.join("probe.pem"),
+        key: certs.join("probe.key"),
+        ca: ca.to_owned(),
+    })
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = material
+        .peer_connector
+        .connect(asp_tls::server_name(addr).unwrap(), tcp)
+        .await
+        .unwrap();
+    asp_tls::peer_identity(tls.get_ref().1).unwrap().serial
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_carries_replication_and_refuses_every_stranger() {
+    let root = tempfile::tempdir().unwrap();
+    let ours = root.path().join("ours");
+    let theirs = root.path().join("theirs");
+    let ours_s = ours.display().to_string();
+    let theirs_s = theirs.display().to_string();
+    cert(&["init", "--dir", &ours_s]);
+    cert(&[
+        "node",
+        "--dir",
+        &ours_s,
+        "--name",
+        "n1",
+        "--label",
+        "region=eu",
+    ]);
+    cert(&[
+        "node",
+        "--dir",
+        &ours_s,
+        "--name",
+        "n2",
+        "--label",
+        "region=eu",
+    ]);
+    cert(&["init", "--dir", &theirs_s]);
+    cert(&["node", "--dir", &theirs_s, "--name", "x1"]);
+    let ca = ours.join("ca.pem");
+
+    let n1 = start(&root.path().join("n1"), tls_flags(&ours, "n1", &ca), &[]).await;
+    let n2 = start(
+        &root.path().join("n2"),
+        tls_flags(&ours, "n2", &ca),
+        &["--peer", &n1.peer_addr(), "--label", "region=eu"],
+    )
+    .await;
+    // A node of another CA.
+    let foreign = start(
+        &root.path().join("x1"),
+        tls_flags(&theirs, "x1", &theirs.join("ca.pem")),
+        &["--peer", &n1.peer_addr()],
+    )
+    .await;
+    // A stranger that trusts our CA (it has ca.pem) but holds no certificate from it.
+    let both = root.path().join("both.pem");
+    let mut bundle = std::fs::read(&ca).unwrap();
+    bundle.extend(std::fs::read(theirs.join("ca.pem")).unwrap());
+    std::fs::write(&both, bundle).unwrap();
+    let stranger = start(
+        &root.path().join("x2"),
+        tls_flags(&theirs, "x1", &both),
+        &["--peer", &n1.peer_addr()],
+    )
+    .await;
+    // A node without TLS at all.
+    let plain = start(
+        &root.path().join("p"),
+        Vec::new(),
+        &["--peer", &n1.peer_addr()],
+    )
+    .await;
+
+    // Writes cross the TLS link both ways.
+    n1.client()
+        .put("t", "a", "application/json", Bytes::from_static(b"1"), None)
+        .await
+        .unwrap();
+    n2.client()
+        .put("t", "b", "application/json", Bytes::from_static(b"2"), None)
+        .await
+        .unwrap();
+    for node in [&n1, &n2] {
+        eventually("writes replicate over TLS", async || {
+            let a = node.client().get("t", "a", None).await.ok()??;
+            let b = node.client().get("t", "b", None).await.ok()??;
+            Some((a, b))
+        })
+        .await;
+    }
+    // Each side names the other from its certificate.
+    let s2 = n2.client().status().await.unwrap();
+    let link = peers(&s2)
+        .into_iter()
+        .find(|p| p["state"] == "active")
+        .expect("n2's link to n1");
+    assert_eq!(link["certificate"]["name"], "n1", "{link}");
+    assert_eq!(link["certificate"]["labels"]["region"], "eu", "{link}");
+    assert_eq!(s2["replication"]["tls"]["name"], "n2");
+
+    // Every stranger is refused, and both sides say why.
+    let refusals = eventually("n1 shows three kinds of refusal", async || {
+        let s = n1.client().status().await.ok()?;
+        let messages: Vec<String> = s["replication"]["refusals"]
+            .as_array()?
+            .iter()
+            .filter(|r| r["code"] == "tls")
+            .map(|r| r["message"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        let has = |w: &str| messages.iter().any(|m| m.contains(w));
+        (has("UnknownIssuer") && has("plain TCP") && has("UnknownCA")).then_some(messages)
+    })
+    .await;
+    assert!(!refusals.is_empty());
+    let last_error = |node: &Node| {
+        let client = node.client();
+        async move {
+            let s = client.status().await.ok()?;
+            let e = peers(&s).first()?["last_error"].clone();
+            (!e.is_null()).then(|| format!("{} {}", e["code"], e["message"]))
+        }
+    };
+    let e = eventually("the foreign node shows why", async || {
+        last_error(&foreign).await
+    })
+    .await;
+    assert!(e.contains("tls") && e.contains("UnknownIssuer"), "{e}");
+    let e = eventually("the stranger shows why", async || {
+        last_error(&stranger).await
+    })
+    .await;
+    assert!(
+        e.contains("tls") && e.contains("refused this node's TLS certificate"),
+        "{e}"
+    );
+    let e = eventually("the plain node shows why", async || {
+        last_error(&plain).await
+    })
+    .await;
+    assert!(e.contains("requires TLS"), "{e}");
+    // None of them received anything.
+    for node in [&foreign, &stranger, &plain] {
+        let r = node.client().get("t", "a", None).await.unwrap();
+        assert!(r.is_none(), "{r:?}");
+    }
+
+    // The API is HTTPS: a plain-HTTP client is told so, in plain HTTP.
+    let plain_client =
+        asp_http::client::Client::new(&format!("http://127.0.0.1:{}", n1.port)).unwrap();
+    let answer = plain_client
+        .send(Method::GET, "/v1/status", &[], Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 400);
+    assert_eq!(answer.json().unwrap()["error"]["code"], "https_required");
+    // A client that does not trust the cluster CA does not get through.
+    let wrong_ca = asp_http::client::Client::with_options(
+        &n1.url(),
+        &asp_http::client::ClientOptions {
+            ca: Some(theirs.join("ca.pem")),
+            token: None,
+        },
+    )
+    .unwrap();
+    let e = wrong_ca.status().await.unwrap_err().to_string();
+    assert!(e.contains("UnknownIssuer"), "{e}");
+    // The CLI needs the CA bundle for an https:// node, and works with it.
+    let out = Command::new(BIN)
+        .args(["get", "--node", &n1.url(), "--ns", "t", "a"])
+        .env_remove("ASP_CA")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--ca"));
+    let out = Command::new(BIN)
+        .args(["get", "--node", &n1.url(), "--ns", "t", "a"])
+        .env("ASP_CA", &ca)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_label_the_certificate_does_not_attest_stops_the_node_at_start() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    let certs_s = certs.display().to_string();
+    cert(&["init", "--dir", &certs_s]);
+    cert(&[
+        "node",
+        "--dir",
+        &certs_s,
+        "--name",
+        "n1",
+        "--label",
+        "region=eu",
+    ]);
+    let ca = certs.join("ca.pem");
+    let mut cases: Vec<(Vec<String>, &str)> = Vec::new();
+    let mut flags = tls_flags(&certs, "n1", &ca);
+    flags.extend(["--label".into(), "region=us".into()]);
+    cases.push((flags, "attests region=eu"));
+    let mut flags = tls_flags(&certs, "n1", &ca);
+    flags.extend(["--label".into(), "zone=a".into()]);
+    cases.push((flags, "does not attest it"));
+    let mut flags = tls_flags(&certs, "n1", &ca);
+    flags.truncate(4);
+    cases.push((flags, "all three"));
+    let mut flags = tls_flags(&certs, "n1", &ca);
+    flags[3] = certs.join("ca.key").display().to_string();
+    cases.push((flags, "does not go with"));
+    for (flags, words) in cases {
+        let out = Command::new(BIN)
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(root.path().join("d"))
+            .args(["--api", "127.0.0.1:0", "--listen", "127.0.0.1:0"])
+            .args(&flags)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flags:?} started");
+        assert!(stderr.contains(words), "{flags:?}: {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_without_a_restart() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    let certs_s = certs.display().to_string();
+    cert(&["init", "--dir", &certs_s]);
+    for name in ["n1", "n2", "probe"] {
+        cert(&["node", "--dir", &certs_s, "--name", name]);
+    }
+    let ca = certs.join("ca.pem");
+    let mut n1 = start(&root.path().join("n1"), tls_flags(&certs, "n1", &ca), &[]).await;
+    let mut n2 = start(
+        &root.path().join("n2"),
+        tls_flags(&certs, "n2", &ca),
+        &["--peer", &n1.peer_addr()],
+    )
+    .await;
+    let api = format!("127.0.0.1:{}", n1.port);
+    let before = served_serial(&api, &ca, &certs).await;
+    let peer_serial = |node: &Node| {
+        let client = node.client();
+        async move {
+            let s = client.status().await.ok()?;
+            let p = peers(&s).into_iter().find(|p| p["state"] == "active")?;
+            p["certificate"]["serial"].as_str().map(str::to_owned)
+        }
+    };
+    assert_eq!(
+        eventually("n2 links to n1", async || peer_serial(&n2).await).await,
+        before
+    );
+
+    // A new certificate for n1, written over the old files: picked up by the poll.
+    cert(&["node", "--dir", &certs_s, "--name", "n1", "--force"]);
+    let after = eventually("n1 serves its new certificate", async || {
+        let s = served_serial(&api, &ca, &certs).await;
+        (s != before).then_some(s)
+    })
+    .await;
+    let status = n1.client().status().await.unwrap();
+    assert_eq!(status["replication"]["tls"]["serial"], after.as_str());
+    // New peer links present it too (n2 restarts; n1 does not).
+    n2.signal(libc::SIGTERM);
+    n2.restart().await;
+    eventually("n2 sees n1's new certificate", async || {
+        (peer_serial(&n2).await? == after).then_some(())
+    })
+    .await;
+
+    // A broken file is refused and the node keeps serving the last good one; SIGHUP
+    // asks at once and is counted.
+    std::fs::write(certs.join("n1.pem"), b"-----BEGIN CERTIFICATE-----\nAAAA\n").unwrap();
+    // SAFETY: kill(2) with our own child's pid and a signal number touches no memory.
+    unsafe {
+        libc::kill(n1.pid() as i32, libc::SIGHUP);
+    }
+    let metrics = eventually("the failed reload is counted", async || {
+        let m = n1
+            .client()
+            .send(Method::GET, "/metrics", &[], Bytes::new())
+            .await
+            .ok()?;
+        let text = String::from_utf8_lossy(&m.body).into_owned();
+        text.contains("asp_tls_reloads_total{outcome=\"failed\"} 1")
+            .then_some(text)
+    })
+    .await;
+    assert!(
+        metrics.contains("asp_tls_reloads_total{outcome=\"reloaded\"} 1"),
+        "{metrics}"
+    );
+    assert_eq!(served_serial(&api, &ca, &certs).await, after);
+    assert!(n1.log().contains("TLS reload failed"));
+    n1.signal(libc::SIGTERM);
+}
