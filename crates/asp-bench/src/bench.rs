@@ -57,6 +57,10 @@ pub struct BenchArgs {
     /// Writes per second of the live scenario.
     #[arg(long, default_value_t = 5_000)]
     live_rate: u64,
+    /// Peer links of the catchup and live scenarios: off (plain TCP), on (mutual TLS),
+    /// or both, comma-separated (each repetition runs them one after the other).
+    #[arg(long, default_value = "off", value_delimiter = ',', value_parser = ["off", "on"])]
+    tls: Vec<String>,
     /// Fsync modes to run each scenario under, comma-separated.
     #[arg(long, default_value = "always,never", value_delimiter = ',')]
     fsync: Vec<String>,
@@ -104,6 +108,27 @@ pub struct BenchArgs {
     /// Internal: run one rss measurement in this process and print it as JSON.
     #[arg(long, hide = true)]
     rss_child: Option<String>,
+}
+
+/// Mutual TLS for the peer links of a run with `--tls on`.
+fn bench_tls(
+    dir: &std::path::Path,
+    tls: &str,
+) -> anyhow::Result<Option<std::sync::Arc<asp_tls::Tls>>> {
+    if tls != "on" {
+        return Ok(None);
+    }
+    std::fs::create_dir_all(dir)?;
+    Ok(Some(crate::bench_replication::bench_tls(dir)?))
+}
+
+/// How an asp run is named in the tables (TLS named only when runs differ in it).
+fn asp_system(mode: FsyncMode, tls: &str, tls_variants: usize) -> String {
+    if tls_variants > 1 || tls == "on" {
+        format!("asp, fsync={mode}, TLS {tls}")
+    } else {
+        format!("asp, fsync={mode}")
+    }
 }
 
 /// One run's figures.
@@ -241,26 +266,31 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 fmt_rate(args.catchup_events as f64)
             );
             for &mode in &modes {
-                let bar = progress(
-                    &format!("loading a node, fsync={mode}"),
-                    args.catchup_events,
-                );
-                let seconds = crate::bench_replication::catch_up(
-                    &args.dir,
-                    mode,
-                    args.catchup_events,
-                    &values,
-                    |n| bar.set_position(n),
-                )
-                .await?;
-                bar.finish_and_clear();
-                let r = ReplicationResult::catch_up(args.catchup_events, args.value_bytes, seconds);
-                eprintln!(
-                    "  asp catch-up, fsync={mode}: {} events/s, {:.1} MB/s",
-                    fmt_rate(r.events_per_s),
-                    r.mb_per_s
-                );
-                record_replication(&label, &format!("asp, fsync={mode}"), r);
+                for tls in &args.tls {
+                    let bar = progress(
+                        &format!("loading a node, fsync={mode}"),
+                        args.catchup_events,
+                    );
+                    let seconds = crate::bench_replication::catch_up(
+                        &args.dir,
+                        mode,
+                        bench_tls(&args.dir, tls)?,
+                        args.catchup_events,
+                        &values,
+                        |n| bar.set_position(n),
+                    )
+                    .await?;
+                    bar.finish_and_clear();
+                    let r =
+                        ReplicationResult::catch_up(args.catchup_events, args.value_bytes, seconds);
+                    let system = asp_system(mode, tls, args.tls.len());
+                    eprintln!(
+                        "  {system} catch-up: {} events/s, {:.1} MB/s",
+                        fmt_rate(r.events_per_s),
+                        r.mb_per_s
+                    );
+                    record_replication(&label, &system, r);
+                }
             }
             for aof in [true, false] {
                 let bar = progress("loading a Redis master", args.catchup_events);
@@ -294,24 +324,28 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         if wants("live") {
             let label = format!("live latency at {} writes/s", args.live_rate);
             for &mode in &modes {
-                let hist = crate::bench_replication::live_latency(
-                    &args.dir,
-                    mode,
-                    args.live_events,
-                    args.live_rate,
-                    &values,
-                )
-                .await?;
-                let r = ReplicationResult::latency(
-                    hist.value_at_quantile(0.5),
-                    hist.value_at_quantile(0.99),
-                    hist.max(),
-                );
-                eprintln!(
-                    "  asp live latency, fsync={mode}: p50 {} µs, p99 {} µs, max {} µs",
-                    r.p50_us, r.p99_us, r.max_us
-                );
-                record_replication(&label, &format!("asp, fsync={mode}"), r);
+                for tls in &args.tls {
+                    let hist = crate::bench_replication::live_latency(
+                        &args.dir,
+                        mode,
+                        bench_tls(&args.dir, tls)?,
+                        args.live_events,
+                        args.live_rate,
+                        &values,
+                    )
+                    .await?;
+                    let r = ReplicationResult::latency(
+                        hist.value_at_quantile(0.5),
+                        hist.value_at_quantile(0.99),
+                        hist.max(),
+                    );
+                    let system = asp_system(mode, tls, args.tls.len());
+                    eprintln!(
+                        "  {system} live latency: p50 {} µs, p99 {} µs, max {} µs",
+                        r.p50_us, r.p99_us, r.max_us
+                    );
+                    record_replication(&label, &system, r);
+                }
             }
             for aof in [true, false] {
                 let l = crate::bench_redis::redis_live_latency(

@@ -67,10 +67,15 @@ impl Side {
         })
     }
 
-    async fn replicate(&mut self, peers: Vec<String>) -> anyhow::Result<String> {
+    async fn replicate(
+        &mut self,
+        peers: Vec<String>,
+        tls: Option<Arc<asp_tls::Tls>>,
+    ) -> anyhow::Result<String> {
         let mut rc = ReplicationConfig::new("bench");
         rc.listen = Some("127.0.0.1:0".parse()?);
         rc.peers = peers;
+        rc.tls = tls;
         let r = Replicator::start(self.store.clone(), rc, self.shutdown.child_token()).await?;
         let addr = r.listen_addr().context("listening")?.to_string();
         self.replicator = Some(r);
@@ -94,9 +99,26 @@ fn key(prefix: char, i: u64) -> Key {
 
 /// Seconds for a node that was away to hold, durably, `events` events written on its
 /// peer meanwhile (both with fsync `mode`).
+/// Mutual TLS for the benchmark's two nodes: a CA and one node certificate under
+/// `base` (made once, reused).
+pub fn bench_tls(base: &std::path::Path) -> anyhow::Result<Arc<asp_tls::Tls>> {
+    let dir = base.join("bench-certs");
+    if !dir.join("node.pem").exists() {
+        std::fs::create_dir_all(&dir)?;
+        asp_tls::issue::init_ca(&dir, "bench", 30, true)?;
+        asp_tls::issue::issue_node(&dir, "node", &[], &[], 30, true)?;
+    }
+    Ok(asp_tls::Tls::load(asp_tls::TlsPaths {
+        cert: dir.join("node.pem"),
+        key: dir.join("node.key"),
+        ca: dir.join("ca.pem"),
+    })?)
+}
+
 pub async fn catch_up(
     base: &std::path::Path,
     mode: FsyncMode,
+    tls: Option<Arc<asp_tls::Tls>>,
     events: u64,
     values: &Arc<Values>,
     progress: impl Fn(u64),
@@ -146,13 +168,13 @@ pub async fn catch_up(
         t.await??;
     }
     progress(loaded.load(Ordering::Relaxed));
-    let a_addr = a.replicate(vec![]).await?;
+    let a_addr = a.replicate(vec![], tls.clone()).await?;
     let target = a.store.head().seq;
 
     let mut b = Side::open(base.join(format!("catchup-b-{pid}")), mode)?;
     let mut head = b.store.subscribe();
     let started = Instant::now();
-    b.replicate(vec![a_addr]).await?;
+    b.replicate(vec![a_addr], tls).await?;
     let limit = Duration::from_secs(600);
     while head.borrow_and_update().seq < target {
         if started.elapsed() > limit || tokio::time::timeout(limit, head.changed()).await.is_err() {
@@ -170,15 +192,16 @@ pub async fn catch_up(
 pub async fn live_latency(
     base: &std::path::Path,
     mode: FsyncMode,
+    tls: Option<Arc<asp_tls::Tls>>,
     events: u64,
     rate_per_s: u64,
     values: &Values,
 ) -> anyhow::Result<Histogram<u64>> {
     let pid = std::process::id();
     let mut a = Side::open(base.join(format!("live-a-{pid}")), mode)?;
-    let a_addr = a.replicate(vec![]).await?;
+    let a_addr = a.replicate(vec![], tls.clone()).await?;
     let mut b = Side::open(base.join(format!("live-b-{pid}")), mode)?;
-    b.replicate(vec![a_addr]).await?;
+    b.replicate(vec![a_addr], tls).await?;
     let ns = Namespace::new(NS)?;
 
     // Warm up the link: one write, seen on B.
