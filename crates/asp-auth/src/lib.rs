@@ -2,6 +2,7 @@
 //! the check a request passes ([`authorize`]). Where the keys and revocations live is
 //! the node's business: it hands them in through [`KeyBook`].
 
+pub mod keyfile;
 pub mod scope;
 pub mod token;
 

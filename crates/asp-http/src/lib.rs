@@ -2,6 +2,7 @@
 //! a client. This is the only crate that knows JSON request shapes; the store below it
 //! deals in typed operations.
 
+pub mod auth;
 pub mod client;
 mod crdt_api;
 mod error;

@@ -54,6 +54,7 @@ pub use held::{
 };
 pub use log::{FeedHead, TornTail};
 pub use manifest::FORMAT_VERSION;
+pub use manifest::node_id_of;
 pub use metrics::Metrics;
 pub use salvage::{Damage, SalvageReport, SalvagedSegment};
 pub use scrub::{ScrubDamage, ScrubReport};

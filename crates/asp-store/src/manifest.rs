@@ -139,6 +139,27 @@ fn write_new(fs: &dyn Fs, dir: &Path, node_id: NodeId) -> io::Result<()> {
     write_atomically(fs, dir, MANIFEST, &text)
 }
 
+/// The node id of the data directory at `dir`, read without opening (or locking) the
+/// store: for tools that run beside a live node.
+pub fn node_id_of(dir: &Path) -> Result<NodeId, String> {
+    let path = dir.join(MANIFEST);
+    let text = std::fs::read(&path).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            format!(
+                "{} is not an asp data directory (no {MANIFEST}); give the --data-dir of a node",
+                dir.display()
+            )
+        } else {
+            format!("cannot read {}: {e}", path.display())
+        }
+    })?;
+    let file: ManifestFile = serde_json::from_slice(&text)
+        .map_err(|e| format!("{} is not valid: {e}", path.display()))?;
+    file.node_id
+        .parse()
+        .map_err(|e| format!("{}: node id {:?}: {e}", path.display(), file.node_id))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -284,3 +284,142 @@ pub fn cert(command: crate::CertCommand) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// A duration like `30s`, `15m`, `12h`, `7d`, in milliseconds.
+fn parse_duration_ms(text: &str) -> anyhow::Result<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--ttl {text:?}: use a number with s, m, h or d (30m, 7d)"))?;
+    let unit_ms: u64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => anyhow::bail!("--ttl {text:?}: use a number with s, m, h or d (30m, 7d)"),
+    };
+    let ms = n
+        .checked_mul(unit_ms)
+        .filter(|&ms| ms > 0)
+        .ok_or_else(|| anyhow::anyhow!("--ttl {text:?}: give a positive duration that fits"))?;
+    Ok(ms)
+}
+
+fn scope_of(args: &crate::ScopeArgs) -> anyhow::Result<asp_auth::Scope> {
+    let ops = args
+        .ops
+        .iter()
+        .map(|o| asp_auth::Op::parse(o).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let expires_ms = match &args.ttl {
+        Some(ttl) => Some(
+            asp_store::clock::wall_ms()
+                .checked_add(parse_duration_ms(ttl)?)
+                .context("--ttl is too long")?,
+        ),
+        None => None,
+    };
+    let scope = asp_auth::Scope {
+        ns: args.ns.clone(),
+        ops,
+        prefix: args.prefix.clone(),
+        expires_ms,
+    };
+    scope.validate().map_err(anyhow::Error::msg)?;
+    Ok(scope)
+}
+
+fn token_text(arg: &str) -> anyhow::Result<String> {
+    if arg == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading the token from stdin")?;
+        Ok(text.trim().to_owned())
+    } else {
+        Ok(arg.trim().to_owned())
+    }
+}
+
+/// `asp token create|narrow|show|revoke`.
+pub async fn token(command: crate::TokenCommand) -> anyhow::Result<ExitCode> {
+    use asp_auth::Token;
+    match command {
+        crate::TokenCommand::Create { data_dir, scope } => {
+            let scope = scope_of(&scope)?;
+            let node = asp_store::node_id_of(&data_dir).map_err(anyhow::Error::msg)?;
+            let key = asp_auth::keyfile::load(&data_dir).map_err(anyhow::Error::msg)?;
+            let token = Token::issue(node.get(), &key, scope)?;
+            println!("{}", token.encode());
+            eprintln!(
+                "token id {} (signed by node {node}; revoke with: asp token revoke {})",
+                token.id(),
+                token.id()
+            );
+        }
+        crate::TokenCommand::Narrow { token, scope } => {
+            let scope = scope_of(&scope)?;
+            let token = Token::decode(&token_text(&token)?)?;
+            let narrowed = token.narrow(scope)?;
+            println!("{}", narrowed.encode());
+            eprintln!(
+                "token id {} (narrowed from {}; revoking either revokes it)",
+                narrowed.ids().last().cloned().unwrap_or_default(),
+                token.id()
+            );
+        }
+        crate::TokenCommand::Show { token } => {
+            let token = Token::decode(&token_text(&token)?)?;
+            let blocks: Vec<serde_json::Value> = token
+                .blocks
+                .iter()
+                .map(|b| {
+                    serde_json::json!({
+                        "id": b.id(),
+                        "ns": b.scope.ns,
+                        "ops": b.scope.ops,
+                        "prefix": b.scope.prefix,
+                        "expires_ms": b.scope.expires_ms,
+                    })
+                })
+                .collect();
+            print_json(&serde_json::json!({
+                "id": token.id(),
+                "signed_by": format!("{:016x}", token.root),
+                "blocks": blocks,
+                "note": "a request is allowed only if every block allows it; nothing here is verified",
+            }));
+        }
+        crate::TokenCommand::Revoke { id, node } => {
+            let id = if asp_auth::is_token_id(&id) {
+                id
+            } else {
+                Token::decode(&token_text(&id)?)
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "{id:?} is neither a token id (32 hex digits) nor a token: {e}"
+                        )
+                    })?
+                    .id()
+            };
+            let body = serde_json::to_vec(&serde_json::json!({ "id": id }))?;
+            let answer = client(&node.node)?
+                .send(
+                    axum::http::Method::POST,
+                    "/v1/admin/tokens/revoke",
+                    &[(axum::http::header::CONTENT_TYPE, "application/json")],
+                    Bytes::from(body),
+                )
+                .await?
+                .ok()?;
+            let _ = answer;
+            eprintln!("revoked {id}; every node refuses it once the revocation reaches it");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

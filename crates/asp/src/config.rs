@@ -39,6 +39,18 @@ pub struct FileConfig {
     pub policies: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     pub tls: TlsSection,
+    #[serde(default)]
+    pub auth: AuthSection,
+}
+
+/// `[auth]`: bearer tokens on the API.
+#[derive(Deserialize, Default, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    /// Requests need a valid token (`/healthz` and `/v1/openapi.json` never do).
+    pub required: Option<bool>,
+    /// `"token"` (default): `/metrics` needs a token with node-wide read; `"open"`: not.
+    pub metrics: Option<String>,
 }
 
 /// `[tls]`: the node's certificate, key and cluster CA bundle (all three, or none).
@@ -186,6 +198,8 @@ pub struct Overrides {
     pub tls_ca: Option<PathBuf>,
     /// `--label k=v`, repeated.
     pub labels: Vec<String>,
+    /// `--auth required|off`.
+    pub auth: Option<String>,
 }
 
 /// Everything `asp serve` runs with.
@@ -200,6 +214,7 @@ pub struct NodeConfig {
     pub scrub_interval: Option<Duration>,
     /// How often to look for new TLS files (with TLS on).
     pub tls_reload_interval: Duration,
+    pub auth: asp_http::auth::AuthConfig,
 }
 
 pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig> {
@@ -418,6 +433,32 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
     );
     replication.labels = labels.into_iter().collect();
     replication.tls = tls;
+    let required = match flags.auth.as_deref() {
+        Some("required") => true,
+        Some("off") => false,
+        Some(other) => bail!("--auth {other:?}: use required or off"),
+        None => file.auth.required.unwrap_or(false),
+    };
+    let metrics_open = match file.auth.metrics.as_deref() {
+        None | Some("token") => false,
+        Some("open") => true,
+        Some(other) => bail!("[auth] metrics = {other:?}: use \"token\" or \"open\""),
+    };
+    let auth = asp_http::auth::AuthConfig {
+        required,
+        metrics_open,
+    };
+    // Token keys and revocations reach the other nodes through this namespace.
+    if required
+        && !replication
+            .namespaces
+            .iter()
+            .any(|n| n == "*" || n == asp_auth::AUTH_NAMESPACE)
+    {
+        replication
+            .namespaces
+            .push(asp_auth::AUTH_NAMESPACE.to_owned());
+    }
     if let Some(ms) = section.heartbeat_ms {
         replication.heartbeat = Duration::from_millis(ms);
     }
@@ -460,6 +501,7 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
         compaction_interval,
         scrub_interval,
         tls_reload_interval,
+        auth,
     })
 }
 

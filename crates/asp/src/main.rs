@@ -52,6 +52,9 @@ enum Command {
     /// Make a cluster CA and node certificates for TLS (mutual on peer links).
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Make, narrow, show and revoke bearer tokens for the API (`--auth required`).
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Moved to `asp-bench bench`; says so and exits with 2.
     #[command(hide = true, disable_help_flag = true)]
     Bench(MovedArgs),
@@ -150,6 +153,10 @@ struct ServeArgs {
     /// attested by the certificate.
     #[arg(long = "label", value_name = "K=V")]
     labels: Vec<String>,
+    /// `required`: API requests need a bearer token (`asp token create`); `off`: not
+    /// [default: off, or `[auth] required`].
+    #[arg(long, value_name = "MODE", value_parser = ["required", "off"])]
+    auth: Option<String>,
     /// Protocol versions offered, MIN-MAX (for testing version negotiation).
     #[arg(long, value_name = "MIN-MAX", hide = true)]
     protocol_versions: Option<String>,
@@ -198,6 +205,58 @@ enum CertCommand {
     },
 }
 
+/// A token's scope, as flags.
+#[derive(Args)]
+pub struct ScopeArgs {
+    /// Namespaces: `*`, a name, or a name prefix ending in `*`; comma-separated or
+    /// repeated.
+    #[arg(long, value_name = "PATTERN", value_delimiter = ',', required = true)]
+    ns: Vec<String>,
+    /// Operations: read, write, admin; comma-separated.
+    #[arg(long, value_name = "OPS", value_delimiter = ',', required = true)]
+    ops: Vec<String>,
+    /// Only keys starting with this.
+    #[arg(long, value_name = "KEYPREFIX", default_value = "")]
+    prefix: String,
+    /// Valid for this long: a number with s, m, h or d (30m, 12h, 7d) [default: no
+    /// expiry].
+    #[arg(long, value_name = "DURATION")]
+    ttl: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Sign a token with the key of the node at DIR; prints the token alone on stdout
+    /// (its id on stderr).
+    Create {
+        /// The data directory of a node started with `--auth required` (its token.key
+        /// signs; every node of the cluster accepts what it signs).
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        scope: ScopeArgs,
+    },
+    /// Narrow a token offline (no key needed): the result allows only what both allow.
+    Narrow {
+        /// The token to narrow ("-": read it from stdin).
+        token: String,
+        #[command(flatten)]
+        scope: ScopeArgs,
+    },
+    /// Show what a token allows and its ids (checks nothing: no key needed).
+    Show {
+        /// The token ("-": read it from stdin).
+        token: String,
+    },
+    /// Revoke a token and every token narrowed from it, cluster-wide (needs admin).
+    Revoke {
+        /// The token's id (from `create` or `show`), or the token itself.
+        id: String,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+}
+
 #[derive(Args, Clone)]
 pub struct NodeArgs {
     /// The node's API.
@@ -228,7 +287,12 @@ fn node_args(command: &Command) -> Option<&NodeArgs> {
         Command::Policy(a) => &a.target.node,
         Command::Incr(a) => &a.target.node,
         Command::Quarantine(a) => &a.node,
-        Command::Serve(_) | Command::Cert(_) | Command::Bench(_) | Command::Demo(_) => {
+        Command::Token(TokenCommand::Revoke { node, .. }) => node,
+        Command::Serve(_)
+        | Command::Cert(_)
+        | Command::Token(_)
+        | Command::Bench(_)
+        | Command::Demo(_) => {
             return None;
         }
     })
@@ -387,6 +451,7 @@ fn main() -> ExitCode {
                     tls_key: a.tls_key,
                     tls_ca: a.tls_ca,
                     labels: a.labels,
+                    auth: a.auth,
                 };
                 serve::run(a.config.as_deref(), flags).await
             }
@@ -429,6 +494,7 @@ fn main() -> ExitCode {
                 commands::quarantine(&a.node.node, a.ns.as_deref(), a.action.as_deref()).await
             }
             Command::Cert(c) => commands::cert(c),
+            Command::Token(t) => commands::token(t).await,
             Command::Bench(a) => Ok(moved("bench", &a)),
             Command::Demo(a) => Ok(moved("demo", &a)),
         }

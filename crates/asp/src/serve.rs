@@ -43,6 +43,11 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
         shutdown.child_token(),
     )
     .await?;
+    let auth = if config.auth.required {
+        Some(start_auth(&store, &config).await?)
+    } else {
+        None
+    };
     let tls = config.replication.tls.clone();
     if let Some(tls) = &tls {
         tokio::spawn(asp_tls::watch(
@@ -52,13 +57,16 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
         ));
     }
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let state = AppState::new(
+    let mut state = AppState::new(
         store.clone(),
         Some(replicator.clone()),
         config.api.clone(),
         listen,
         shutdown.clone(),
     );
+    if let Some(auth) = auth {
+        state = state.with_auth(auth);
+    }
     tracing::info!(
         node_id = %store.node_id(),
         api = %format!("{scheme}://{listen}"),
@@ -70,6 +78,7 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
         fsync = %config.store.fsync,
         peers_listen = %replicator.listen_addr().map_or("off".to_owned(), |a| a.to_string()),
         cluster = %config.replication.cluster_id,
+        auth = if config.auth.required { "required" } else { "off" },
         "asp node serving"
     );
 
@@ -116,6 +125,47 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
     served.context("the API server failed")?;
     tracing::info!("stopped cleanly; every acknowledged write is on disk");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Loads (or makes) this node's token key and publishes its public half in
+/// `_asp.auth`, where the other nodes find it.
+async fn start_auth(
+    store: &Store,
+    config: &config::NodeConfig,
+) -> anyhow::Result<std::sync::Arc<asp_http::auth::NodeAuth>> {
+    let dir = &config.store.data_dir;
+    let (key, made) = asp_auth::keyfile::load_or_create(dir).map_err(anyhow::Error::msg)?;
+    if made {
+        tracing::info!(
+            file = %asp_auth::keyfile::path_in(dir).display(),
+            "made this node's token key; `asp token create --data-dir` signs with it"
+        );
+    }
+    let public = key.public();
+    let record = serde_json::to_vec(&asp_http::auth::public_key_record(&public))?;
+    let ns = asp_core::Namespace::new(asp_auth::AUTH_NAMESPACE)?;
+    let node = store.node_id();
+    let key_name = asp_auth::public_key_key(node.get());
+    let current = store.get(&ns, &key_name)?;
+    if current.and_then(|s| s.value).map(|v| v.bytes.to_vec()) != Some(record.clone()) {
+        store
+            .write(
+                ns,
+                vec![asp_store::WriteOp::put(
+                    asp_core::Key::new(&key_name)?,
+                    asp_core::ContentType::Json,
+                    record,
+                )],
+            )
+            .await
+            .context("publishing this node's token key")?;
+    }
+    Ok(asp_http::auth::NodeAuth::new(
+        node,
+        public,
+        store.clone(),
+        config.auth.clone(),
+    ))
 }
 
 /// The test seam of the store's wall clock (`asp_store::clock`): a node whose clock

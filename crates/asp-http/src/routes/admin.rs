@@ -339,3 +339,53 @@ pub(super) async fn openapi() -> Response {
     )
         .into_response()
 }
+
+/// Revokes a token (and every token narrowed from it) cluster-wide: the revocation is a
+/// write to `_asp.auth`, which replicates like any other; each node refuses the token
+/// as soon as it holds it.
+pub(super) async fn revoke_token(
+    State(state): State<AppState>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let parsed: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_body",
+            format!("send {{\"id\": \"<token id>\"}}: {e}"),
+        )
+    })?;
+    let Some(id) = parsed.get("id").and_then(|v| v.as_str()) else {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "send {\"id\": \"<token id>\"} (asp token create prints the id; asp token show TOKEN too)",
+        ));
+    };
+    if !asp_auth::is_token_id(id) {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            format!("{id:?} is not a token id (32 lowercase hex digits)"),
+        ));
+    }
+    let store = state.store();
+    let record = serde_json::json!({
+        "revoked_ms": asp_store::clock::wall_ms(),
+        "by": store.node_id().to_string(),
+    });
+    let ns = asp_core::Namespace::new(asp_auth::AUTH_NAMESPACE).expect("a valid name");
+    let key = asp_core::Key::new(&asp_auth::revoked_key(id)).expect("a valid key");
+    let applied = store
+        .write(
+            ns,
+            vec![asp_store::WriteOp::put(
+                key,
+                asp_core::ContentType::Json,
+                serde_json::to_vec(&record).expect("json"),
+            )],
+        )
+        .await?;
+    Ok(Json(serde_json::json!({
+        "id": id,
+        "revoked": true,
+        "seq": applied.first().map_or(0, |a| a.seq),
+    }))
+    .into_response())
+}

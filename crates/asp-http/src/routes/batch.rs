@@ -180,6 +180,7 @@ fn invalid_value(i: usize, e: formats::FormatError) -> ApiError {
 
 pub(super) async fn batch(
     State(state): State<AppState>,
+    verified: Option<axum::Extension<asp_auth::Verified>>,
     path: Result<Path<String>, PathRejection>,
     concern: Result<Concern, ApiError>,
     headers: HeaderMap,
@@ -227,6 +228,17 @@ pub(super) async fn batch(
         })
         .collect();
     let keys: Vec<Key> = ops.iter().map(|o| o.key.clone()).collect();
+    // A token limited to a key prefix: every key of the batch within it, or nothing
+    // is written.
+    if let Some(axum::Extension(verified)) = &verified {
+        for key in &keys {
+            if let Err(refused) =
+                crate::auth::allows_key(verified, ns.as_str(), asp_auth::Op::Write, key.as_str())
+            {
+                return Ok(crate::auth::to_response(refused));
+            }
+        }
+    }
     let applied = store.write(ns.clone(), ops).await?;
     // Written by hand: a 10,000-result answer is on the hot path of bulk loads.
     let mut out = String::with_capacity(64 + applied.len() * 120);

@@ -93,6 +93,8 @@ struct StateInner {
     started: Instant,
     listen: SocketAddr,
     shutdown: CancellationToken,
+    /// Token checks (`None`: the node was started without `[auth]`).
+    auth: Option<Arc<crate::auth::NodeAuth>>,
 }
 
 impl AppState {
@@ -142,8 +144,21 @@ impl AppState {
                 started: Instant::now(),
                 listen,
                 shutdown,
+                auth: None,
             }),
         }
+    }
+
+    /// The same state with token checks; call before the state is shared.
+    pub fn with_auth(mut self, auth: Arc<crate::auth::NodeAuth>) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("with_auth is called before the state is cloned")
+            .auth = Some(auth);
+        self
+    }
+
+    pub(crate) fn auth(&self) -> Option<&crate::auth::NodeAuth> {
+        self.inner.auth.as_deref()
     }
 
     pub fn store(&self) -> &Store {
@@ -178,6 +193,7 @@ pub fn router(state: AppState) -> Router {
             post(admin::quarantine_discard),
         )
         .route("/v1/admin/scrub", post(admin::scrub))
+        .route("/v1/admin/tokens/revoke", post(admin::revoke_token))
         .route("/v1/openapi.json", get(admin::openapi))
         .route("/v1/ns/{ns}/kv", get(keys::list_keys))
         .route(
@@ -206,10 +222,21 @@ pub fn router(state: AppState) -> Router {
 
 /// Counts answers, refuses malformed percent-encoding, and turns a panic into a 500
 /// rather than a dropped connection.
-async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
+async fn guard(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let checked = crate::auth::check(
+        state.auth(),
+        request.method(),
+        request.uri(),
+        request.headers(),
+    );
     let response = if let Some(e) = check_percent_encoding(request.uri().path()) {
         e.into_response()
+    } else if let Err(refused) = checked {
+        crate::auth::to_response(refused)
     } else {
+        if let Ok(Some(verified)) = checked {
+            request.extensions_mut().insert(verified);
+        }
         match AssertUnwindSafe(next.run(request)).catch_unwind().await {
             Ok(response) => response,
             Err(_) => ApiError::new(
