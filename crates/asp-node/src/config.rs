@@ -44,6 +44,11 @@ pub struct ReplicationConfig {
     /// The protocol versions offered; only tests change them.
     pub version_min: u16,
     pub version_max: u16,
+    /// Per peer (by the name its certificate attests; `*`: every other peer), the
+    /// namespaces this node replicates with it: names, or `*`. Nothing else of this
+    /// node goes to that peer, and a namespace not listed that the peer sends closes the
+    /// link. Empty: every peer replicates every namespace of `namespaces`. Needs `tls`.
+    pub peer_namespaces: std::collections::BTreeMap<String, Vec<String>>,
     /// TLS for peer links (mutual: a certificate from the cluster CA both ways);
     /// `None`: plain TCP.
     pub tls: Option<std::sync::Arc<asp_tls::Tls>>,
@@ -54,6 +59,18 @@ pub struct ReplicationConfig {
 }
 
 impl ReplicationConfig {
+    /// The namespaces this node replicates with a peer whose certificate names it
+    /// `peer` (`None`: a plain link, or no certificate).
+    pub fn namespaces_with(&self, peer: Option<&str>) -> Vec<String> {
+        let rights = peer
+            .and_then(|p| self.peer_namespaces.get(p))
+            .or_else(|| self.peer_namespaces.get(ALL_NAMESPACES));
+        match rights {
+            Some(allowed) => asp_core::session::intersect(&self.namespaces, allowed),
+            None => self.namespaces.clone(),
+        }
+    }
+
     pub fn new(cluster_id: impl Into<String>) -> Self {
         Self {
             cluster_id: cluster_id.into(),
@@ -77,6 +94,7 @@ impl ReplicationConfig {
             version_max: PROTOCOL_VERSION_MAX,
             transfer_gate: None,
             tls: None,
+            peer_namespaces: std::collections::BTreeMap::new(),
         }
     }
 
@@ -99,6 +117,21 @@ impl ReplicationConfig {
                 "batch_bytes_max must be between 1 and {}",
                 asp_wire::FRAME_BYTES_MAX / 2
             ));
+        }
+        if !self.peer_namespaces.is_empty() && self.tls.is_none() {
+            return Err(
+                "peer_namespaces needs TLS: a peer's rights follow the name its certificate attests"
+                    .into(),
+            );
+        }
+        for (peer, names) in &self.peer_namespaces {
+            for name in names {
+                if name != ALL_NAMESPACES && asp_core::Namespace::new(name).is_err() {
+                    return Err(format!(
+                        "peer_namespaces.{peer}: {name:?} is neither * nor a namespace name"
+                    ));
+                }
+            }
         }
         for peer in &self.peers {
             if peer

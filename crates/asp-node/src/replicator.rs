@@ -378,10 +378,14 @@ impl Replicator {
             })
             .collect();
         drop(reg);
-        let ours = &self.inner.config.namespaces;
         for (at, summary, acked_seq, theirs) in lags {
+            // What this node replicates with this peer (its rights by certificate).
+            let ours = self
+                .inner
+                .config
+                .namespaces_with(peers[at].certificate.as_ref().map(|c| c.name.as_str()));
             let shared =
-                |ns: &Namespace| lists(ours, ns) && theirs.as_ref().is_none_or(|t| lists(t, ns));
+                |ns: &Namespace| lists(&ours, ns) && theirs.as_ref().is_none_or(|t| lists(t, ns));
             peers[at].namespaces = lag(&self.inner.store, &mine, &summary, acked_seq, shared);
         }
         peers.sort_by(|a, b| a.address.cmp(&b.address).then(a.node_id.cmp(&b.node_id)));

@@ -116,6 +116,10 @@ pub struct ReplicationSection {
     /// After a restart, how long local writes wait for a peer to say which of this
     /// node's own events it holds (0: never wait).
     pub own_events_wait_ms: Option<u64>,
+    /// Per peer certificate name (`*`: any other peer), the namespaces replicated with
+    /// it (needs TLS).
+    #[serde(default)]
+    pub peer_namespaces: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Deserialize, Default, Debug, Clone)]
@@ -433,6 +437,7 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
     );
     replication.labels = labels.into_iter().collect();
     replication.tls = tls;
+    replication.peer_namespaces = section.peer_namespaces;
     let required = match flags.auth.as_deref() {
         Some("required") => true,
         Some("off") => false,

@@ -375,3 +375,132 @@ async fn certificates_rotate_without_a_restart() {
     assert!(n1.log().contains("TLS reload failed"));
     n1.signal(libc::SIGTERM);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_gets_only_the_namespaces_its_certificate_is_allowed() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    let certs_s = certs.display().to_string();
+    cert(&["init", "--dir", &certs_s]);
+    for name in ["n1", "n2", "n3"] {
+        cert(&["node", "--dir", &certs_s, "--name", name]);
+    }
+    let ca = certs.join("ca.pem");
+    // n1 shares only "shared" with n2; every other peer gets everything.
+    let config = root.path().join("n1.toml");
+    std::fs::write(
+        &config,
+        "[replication.peer_namespaces]\nn2 = [\"shared\"]\n",
+    )
+    .unwrap();
+    let n1 = start(
+        &root.path().join("n1"),
+        tls_flags(&certs, "n1", &ca),
+        &["--config", &config.display().to_string()],
+    )
+    .await;
+    let n2 = start(
+        &root.path().join("n2"),
+        tls_flags(&certs, "n2", &ca),
+        &["--peer", &n1.peer_addr()],
+    )
+    .await;
+    let n3 = start(
+        &root.path().join("n3"),
+        tls_flags(&certs, "n3", &ca),
+        &["--peer", &n1.peer_addr()],
+    )
+    .await;
+    for ns in ["shared", "secret"] {
+        n1.client()
+            .put(ns, "k", "application/json", Bytes::from_static(b"1"), None)
+            .await
+            .unwrap();
+    }
+    // n2 writes to both too: its "secret" never reaches n1 (n1 does not list it for
+    // n2, so n2 does not send it), its "shared" does.
+    n2.client()
+        .put(
+            "shared",
+            "from-n2",
+            "application/json",
+            Bytes::from_static(b"2"),
+            None,
+        )
+        .await
+        .unwrap();
+    n2.client()
+        .put(
+            "secret",
+            "from-n2",
+            "application/json",
+            Bytes::from_static(b"2"),
+            None,
+        )
+        .await
+        .unwrap();
+    eventually("n3 gets both namespaces", async || {
+        let a = n3.client().get("shared", "k", None).await.ok()??;
+        let b = n3.client().get("secret", "k", None).await.ok()??;
+        let c = n1.client().get("shared", "from-n2", None).await.ok()??;
+        Some((a, b, c))
+    })
+    .await;
+    eventually("n2 gets shared", async || {
+        n2.client().get("shared", "k", None).await.ok()?
+    })
+    .await;
+    // A summary and anti-entropy later, still nothing of "secret" on n2, nor of n2's
+    // "secret" on n1 (or, through n1, on n3).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        n2.client()
+            .get("secret", "k", None)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        n1.client()
+            .get("secret", "from-n2", None)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        n3.client()
+            .get("secret", "from-n2", None)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // n2's status does not even list "secret" among what it lags behind n1 in.
+    let s2 = n2.client().status().await.unwrap();
+    assert!(
+        !s2["replication"].to_string().contains("\"secret\""),
+        "{s2}"
+    );
+    // Rights need TLS.
+    let plain_config = root.path().join("plain.toml");
+    std::fs::write(
+        &plain_config,
+        "[replication.peer_namespaces]\nn2 = [\"a\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(root.path().join("p"))
+        .args([
+            "--api",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+        ])
+        .arg(&plain_config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs TLS"));
+}

@@ -394,6 +394,9 @@ impl Session {
                 } else {
                     summary.extend(last);
                 }
+                // What the peer says of namespaces this node does not replicate with it
+                // (its own list, or the peer's rights) is not this node's business.
+                summary.retain(|s| self.replicates(&s.namespace));
                 self.have_peer_summary = true;
                 self.events.push_back(SessionEvent::PeerSummary(summary));
             }
@@ -888,6 +891,22 @@ fn hello_frame(config: &SessionConfig) -> Frame {
         idle_timeout_ms: config.idle_timeout.as_millis().min(u32::MAX as u128) as u32,
         incarnation: config.incarnation,
     })
+}
+
+/// The namespaces of `own` (a node's list: names, or `*`) that `allowed` (a peer's
+/// rights: names, or `*`) also covers, as a list of the same kind.
+pub fn intersect(own: &[String], allowed: &[String]) -> Vec<String> {
+    let all = |l: &[String]| l.iter().any(|n| n == ALL_NAMESPACES);
+    match (all(own), all(allowed)) {
+        (true, true) => vec![ALL_NAMESPACES.to_owned()],
+        (true, false) => allowed.to_vec(),
+        (false, true) => own.to_vec(),
+        (false, false) => own
+            .iter()
+            .filter(|n| allowed.contains(n))
+            .cloned()
+            .collect(),
+    }
 }
 
 /// Whether a node whose Hello listed `names` replicates `namespace`.

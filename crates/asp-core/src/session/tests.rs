@@ -776,3 +776,47 @@ fn a_counted_repair_end_on_a_version_two_link_is_a_protocol_error() {
         reason.message
     );
 }
+
+#[test]
+fn a_peers_rights_narrow_what_a_session_replicates() {
+    let l = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    assert_eq!(super::intersect(&l(&["*"]), &l(&["*"])), l(&["*"]));
+    assert_eq!(
+        super::intersect(&l(&["*"]), &l(&["a", "b"])),
+        l(&["a", "b"])
+    );
+    assert_eq!(
+        super::intersect(&l(&["a", "c"]), &l(&["*"])),
+        l(&["a", "c"])
+    );
+    assert_eq!(
+        super::intersect(&l(&["a", "c"]), &l(&["a", "b"])),
+        l(&["a"])
+    );
+    assert!(super::intersect(&l(&["c"]), &l(&["a"])).is_empty());
+    // A peer's summary of namespaces not replicated with it is dropped, not passed on.
+    let mut narrow = config(1);
+    narrow.namespaces = l(&["a"]);
+    let mut pair = Pair::new(narrow, config(2));
+    pair.summaries(
+        Vec::new(),
+        vec![
+            holding("a", VersionVector::new()),
+            holding("b", VersionVector::new()),
+        ],
+    );
+    let seen: Vec<String> = pair
+        .a_events
+        .iter()
+        .filter_map(|e| match e {
+            SessionEvent::PeerSummary(s) => Some(
+                s.iter()
+                    .map(|n| n.namespace.to_string())
+                    .collect::<Vec<_>>(),
+            ),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(seen, vec!["a".to_owned()]);
+}

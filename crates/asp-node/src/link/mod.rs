@@ -51,13 +51,13 @@ struct Applying {
     repair: Option<u32>,
 }
 
-fn session_config(inner: &Inner) -> SessionConfig {
+fn session_config(inner: &Inner, namespaces: Vec<String>) -> SessionConfig {
     let c = &inner.config;
     SessionConfig {
         node_id: inner.node_id,
         cluster_id: c.cluster_id.clone(),
         labels: c.labels.clone(),
-        namespaces: c.namespaces.clone(),
+        namespaces,
         version_min: c.version_min,
         version_max: c.version_max,
         heartbeat: c.heartbeat,
@@ -158,9 +158,9 @@ pub(crate) async fn run(
     let (id, close_rx) = registry::register_link(&inner, direction, address.clone());
     let end = match upgrade(&inner, stream, direction, &address).await {
         Ok((stream, identity)) => {
-            let mut link = Link::new(inner.clone(), id, direction, address);
-            link.certificate = identity;
-            link.drive(stream, close_rx).await
+            Link::new(inner.clone(), id, direction, address, identity)
+                .drive(stream, close_rx)
+                .await
         }
         Err(message) => {
             tracing::warn!(peer = %address, direction = direction.name(), "{message}");
@@ -211,12 +211,24 @@ struct Link {
 }
 
 impl Link {
-    fn new(inner: Arc<Inner>, id: u64, direction: Direction, address: String) -> Link {
+    fn new(
+        inner: Arc<Inner>,
+        id: u64,
+        direction: Direction,
+        address: String,
+        certificate: Option<asp_tls::Identity>,
+    ) -> Link {
+        // What this node replicates with this peer: its own list, narrowed by the
+        // rights of the name the peer's certificate attests.
+        let namespaces = inner
+            .config
+            .namespaces_with(certificate.as_ref().map(|c| c.name.as_str()));
+        let config = session_config(&inner, namespaces.clone());
         let session = match direction {
-            Direction::Outbound => Session::new(session_config(&inner), Instant::now()),
-            Direction::Inbound => Session::accept(session_config(&inner), Instant::now()),
+            Direction::Outbound => Session::new(config, Instant::now()),
+            Direction::Inbound => Session::accept(config, Instant::now()),
         };
-        let reconciler = reconcile::new_reconciler(&inner);
+        let reconciler = reconcile::new_reconciler(&inner, namespaces);
         // Replaced in `drive`; a closed channel until then.
         let (out, _) = mpsc::unbounded_channel();
         Link {
@@ -237,7 +249,7 @@ impl Link {
             reconciler,
             gate_closed: false,
             end: None,
-            certificate: None,
+            certificate,
         }
     }
 

@@ -123,12 +123,11 @@ impl ReconcileStore for LinkStore {
 }
 
 /// A reconciler for a link of this node, before the handshake.
-pub(super) fn new_reconciler(inner: &crate::registry::Inner) -> Reconciler {
-    Reconciler::new(
-        inner.node_id,
-        inner.config.namespaces.clone(),
-        inner.config.batch_bytes_max,
-    )
+pub(super) fn new_reconciler(
+    inner: &crate::registry::Inner,
+    namespaces: Vec<String>,
+) -> Reconciler {
+    Reconciler::new(inner.node_id, namespaces, inner.config.batch_bytes_max)
 }
 
 impl Link {
