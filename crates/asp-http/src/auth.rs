@@ -172,6 +172,18 @@ pub(crate) fn need_of(method: &Method, uri: &Uri) -> Need {
     }
 }
 
+/// The namespace a request writes data to (key writes and batches), if any.
+pub(crate) fn written_namespace(method: &Method, uri: &Uri) -> Option<String> {
+    match need_of(method, uri) {
+        Need::Access {
+            namespace: Some(ns),
+            op: Op::Write,
+            ..
+        } => Some(ns),
+        _ => None,
+    }
+}
+
 fn unauthenticated(message: impl Into<String>) -> Response {
     let mut response =
         ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();

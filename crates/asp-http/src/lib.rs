@@ -11,6 +11,7 @@ mod held_api;
 mod json;
 mod openapi;
 mod preconditions;
+mod residency_api;
 mod routes;
 mod server;
 

@@ -20,6 +20,7 @@ mod link;
 mod metrics;
 mod registry;
 mod replicator;
+pub mod residency;
 mod schedule;
 
 pub use config::{DEFAULT_PEER_PORT, ReplicationConfig};

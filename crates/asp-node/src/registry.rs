@@ -111,6 +111,8 @@ pub(crate) struct PeerRecord {
     pub namespaces: Option<Arc<Vec<String>>>,
     /// What the peer's certificate attests, from its last TLS link.
     pub certificate: Option<asp_tls::Identity>,
+    /// Bytes of events sent to the peer, per namespace (since this process started).
+    pub sent_bytes: std::collections::HashMap<asp_core::Namespace, u64>,
 }
 
 /// Reconciliation with one peer, for status.
@@ -181,6 +183,7 @@ pub(crate) struct Inner {
     pub changed: watch::Sender<u64>,
     pub shutdown: CancellationToken,
     pub metrics: Metrics,
+    pub residency: Arc<crate::residency::Residency>,
 }
 
 impl Inner {

@@ -158,8 +158,22 @@ impl Replicator {
             changed: watch::channel(0).0,
             shutdown,
             metrics: Metrics::default(),
+            residency: Arc::default(),
         });
         let mut tasks = JoinSet::new();
+        // Residency rules are known before any link sends anything.
+        {
+            let (r, s) = (inner.residency.clone(), inner.store.clone());
+            tokio::task::spawn_blocking(move || r.reload(&s))
+                .await
+                .map_err(|e| StartError::Config(e.to_string()))?
+                .map_err(StartError::Config)?;
+        }
+        tasks.spawn(crate::residency::follow(
+            inner.residency.clone(),
+            inner.store.clone(),
+            inner.shutdown.clone(),
+        ));
         if let Some(listener) = listener {
             tasks.spawn(accept_loop(inner.clone(), listener));
         }
@@ -185,6 +199,38 @@ impl Replicator {
 
     pub fn node_id(&self) -> NodeId {
         self.inner.node_id
+    }
+
+    /// The residency rules this node knows.
+    pub fn residency(&self) -> Arc<crate::residency::Residency> {
+        self.inner.residency.clone()
+    }
+
+    /// This node's labels (attested by its certificate with TLS).
+    pub fn labels(&self) -> crate::residency::Labels {
+        self.inner.config.labels.iter().cloned().collect()
+    }
+
+    /// Per peer ever linked since start: its id, what its certificate attests, and the
+    /// bytes of `namespace`'s events sent to it.
+    pub fn sent_to_peers(
+        &self,
+        namespace: &Namespace,
+    ) -> Vec<(NodeId, Option<asp_tls::Identity>, u64)> {
+        let reg = self.inner.registry.lock().unwrap();
+        let mut out: Vec<_> = reg
+            .peers
+            .iter()
+            .map(|(node, r)| {
+                (
+                    *node,
+                    r.certificate.clone(),
+                    r.sent_bytes.get(namespace).copied().unwrap_or(0),
+                )
+            })
+            .collect();
+        out.sort_by_key(|(n, _, _)| *n);
+        out
     }
 
     /// The address peers can dial (with the port chosen if 0 was configured).

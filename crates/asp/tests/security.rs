@@ -504,3 +504,222 @@ async fn a_peer_gets_only_the_namespaces_its_certificate_is_allowed() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs TLS"));
 }
+
+/// Every frame in a capture file (`ASP_TEST_CAPTURE_DIR`), in its debug form.
+fn captured_frames(path: &Path) -> Vec<String> {
+    let bytes = std::fs::read(path).unwrap();
+    let mut at = 0;
+    let mut out = Vec::new();
+    while at < bytes.len() {
+        let decoded = if out.is_empty() {
+            asp_wire::decode_handshake(&bytes[at..])
+        } else {
+            asp_wire::decode(&bytes[at..])
+        };
+        match decoded {
+            Ok(Some((frame, used))) => {
+                out.push(format!("{frame:?}"));
+                at += used;
+            }
+            other => panic!("{}: cannot decode at {at}: {other:?}", path.display()),
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resident_namespace_never_leaves_for_a_node_outside_its_rule() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    let certs_s = certs.display().to_string();
+    cert(&["init", "--dir", &certs_s]);
+    for (name, region) in [("n1", "eu"), ("n2", "eu"), ("n3", "us")] {
+        cert(&[
+            "node",
+            "--dir",
+            &certs_s,
+            "--name",
+            name,
+            "--label",
+            &format!("region={region}"),
+        ]);
+    }
+    let ca = certs.join("ca.pem");
+    let capture = root.path().join("capture");
+    std::fs::create_dir_all(&capture).unwrap();
+    // Anti-entropy every half second: reconciliation frames get their chance to leak.
+    let config = root.path().join("fast.toml");
+    std::fs::write(&config, "[replication]\nanti_entropy_interval_ms = 500\n").unwrap();
+    let config = config.display().to_string();
+    let mut flags = tls_flags(&certs, "n1", &ca);
+    flags.extend(["--config".into(), config.clone()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let capture_s = capture.display().to_string();
+    let n1 = Node::start_with_env(
+        &root.path().join("n1"),
+        &flags,
+        &[("ASP_TEST_CAPTURE_DIR", capture_s.as_str())],
+    )
+    .await;
+    let n2 = start(
+        &root.path().join("n2"),
+        tls_flags(&certs, "n2", &ca),
+        &["--peer", &n1.peer_addr(), "--config", &config],
+    )
+    .await;
+    let n3 = start(
+        &root.path().join("n3"),
+        tls_flags(&certs, "n3", &ca),
+        &["--peer", &n1.peer_addr(), "--config", &config],
+    )
+    .await;
+    let pin = n1
+        .client()
+        .send(
+            Method::PUT,
+            "/v1/ns/eu-only/residency",
+            &[(axum::http::header::CONTENT_TYPE, "application/json")],
+            Bytes::from_static(br#"{"require":{"region":"eu"}}"#),
+        )
+        .await
+        .unwrap();
+    assert_eq!(pin.status, 200, "{:?}", pin.body);
+    // n3 learns the rule (it cannot tell which namespace it is for until asked) and
+    // refuses writes to the namespace.
+    let refused = eventually("n3 refuses writes to eu-only", async || {
+        let r = n3
+            .client()
+            .put(
+                "eu-only",
+                "x",
+                "application/json",
+                Bytes::from_static(b"1"),
+                None,
+            )
+            .await;
+        match r {
+            Err(e) if e.to_string().contains("residency") => Some(e.to_string()),
+            _ => None,
+        }
+    })
+    .await;
+    assert!(
+        refused.contains("region=eu") && refused.contains("region=us"),
+        "{refused}"
+    );
+    n1.client()
+        .put(
+            "eu-only",
+            "secret-key-1",
+            "application/json",
+            Bytes::from_static(b"\"classified\""),
+            None,
+        )
+        .await
+        .unwrap();
+    n2.client()
+        .put(
+            "eu-only",
+            "secret-key-2",
+            "application/json",
+            Bytes::from_static(b"\"classified\""),
+            None,
+        )
+        .await
+        .unwrap();
+    n1.client()
+        .put(
+            "pub",
+            "k",
+            "application/json",
+            Bytes::from_static(b"1"),
+            None,
+        )
+        .await
+        .unwrap();
+    eventually("eu-only reaches n2 and pub reaches n3", async || {
+        n2.client()
+            .get("eu-only", "secret-key-1", None)
+            .await
+            .ok()??;
+        n1.client()
+            .get("eu-only", "secret-key-2", None)
+            .await
+            .ok()??;
+        n3.client().get("pub", "k", None).await.ok()?
+    })
+    .await;
+    // Summaries and anti-entropy runs go on for a while.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        n3.client()
+            .get("eu-only", "secret-key-1", None)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        n3.client()
+            .get("eu-only", "secret-key-2", None)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // What left n1, frame by frame: nothing of eu-only towards n3, and it does go to n2.
+    let files: Vec<_> = std::fs::read_dir(&capture)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let to = |peer: &str| -> Vec<String> {
+        files
+            .iter()
+            .filter(|p| p.to_string_lossy().ends_with(&format!("-{peer}.frames")))
+            .flat_map(|p| captured_frames(p))
+            .collect()
+    };
+    let to_n3 = to("n3");
+    let to_n2 = to("n2");
+    assert!(
+        to_n3.iter().any(|f| f.contains("\"pub\"")),
+        "the capture works: {to_n3:?}"
+    );
+    assert!(
+        to_n3.iter().any(|f| f.starts_with("Summary")),
+        "summaries went to n3"
+    );
+    for frame in &to_n3 {
+        for secret in ["eu-only", "secret-key", "classified"] {
+            assert!(!frame.contains(secret), "{secret} left for n3: {frame}");
+        }
+    }
+    assert!(
+        to_n2
+            .iter()
+            .any(|f| f.contains("eu-only") && f.contains("classified"))
+    );
+
+    // The residency view: who may hold it, bytes sent to each peer.
+    let view = n1
+        .client()
+        .send(Method::GET, "/v1/ns/eu-only/residency", &[], Bytes::new())
+        .await
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(view["require"]["region"], "eu", "{view}");
+    assert_eq!(view["this_node"]["may_hold"], true, "{view}");
+    let peer = |name: &str| {
+        view["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(peer("n3")["may_hold"], false, "{view}");
+    assert_eq!(peer("n3")["bytes_sent"], 0, "{view}");
+    assert_eq!(peer("n2")["may_hold"], true, "{view}");
+    assert!(peer("n2")["bytes_sent"].as_u64().unwrap() > 0, "{view}");
+}

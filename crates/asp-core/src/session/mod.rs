@@ -55,6 +55,25 @@ pub struct SessionConfig {
     pub credit_window_bytes: u32,
     /// This run of the node (random, new at every start; see [`Hello::incarnation`]).
     pub incarnation: u64,
+    /// Namespaces kept from this peer whatever the lists say (residency), asked at
+    /// every use: rules may change while the link is up.
+    pub withhold: Option<Withhold>,
+}
+
+/// A predicate over namespaces: `true` means nothing of the namespace goes to the peer.
+#[derive(Clone)]
+pub struct Withhold(pub std::sync::Arc<dyn Fn(&Namespace) -> bool + Send + Sync>);
+
+impl Withhold {
+    pub fn withholds(&self, namespace: &Namespace) -> bool {
+        (self.0)(namespace)
+    }
+}
+
+impl std::fmt::Debug for Withhold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Withhold(..)")
+    }
 }
 
 impl SessionConfig {
@@ -71,6 +90,7 @@ impl SessionConfig {
             handshake_timeout: Duration::from_secs(10),
             credit_window_bytes: 8 << 20,
             incarnation: 0,
+            withhold: None,
         }
     }
 }
@@ -170,6 +190,8 @@ pub struct Session {
     first_received_seq: Option<u64>,
     /// Where the first batch sent on this link began (checked in every Ack).
     first_sent_seq: Option<u64>,
+    /// Bytes of events sent on this link, per namespace (for residency's status).
+    sent_bytes: HashMap<Namespace, u64>,
     /// Feed positions read but not yet framed because the peer held all their events:
     /// they ride with the next batch, or go alone on [`Session::flush_events`].
     unframed: Option<(u64, u64)>,
@@ -216,6 +238,7 @@ impl Session {
             first_received_seq: None,
             first_sent_seq: None,
             unframed: None,
+            sent_bytes: HashMap::new(),
         }
     }
 
@@ -642,9 +665,14 @@ impl Session {
         lists(&self.config.namespaces, namespace)
     }
 
-    /// Whether the peer wants events of `namespace`.
+    /// Whether the peer wants events of `namespace` (and may have them).
     pub fn peer_wants(&self, namespace: &Namespace) -> bool {
         self.replicates(namespace)
+            && !self
+                .config
+                .withhold
+                .as_ref()
+                .is_some_and(|w| w.withholds(namespace))
             && self
                 .peer
                 .as_ref()
@@ -758,6 +786,11 @@ impl Session {
         self.queue(Frame::Summary(last), now);
     }
 
+    /// Bytes of events sent on this link so far, per namespace.
+    pub fn sent_bytes(&self) -> &HashMap<Namespace, u64> {
+        &self.sent_bytes
+    }
+
     /// Namespaces left out of the last summary sent, because the peer speaks protocol
     /// version 1 and the summary did not fit one frame.
     pub fn summary_left_out(&self) -> usize {
@@ -819,7 +852,9 @@ impl Session {
             if !view.insert(event.dot) {
                 continue;
             }
-            bytes += credit_size(&event);
+            let size = credit_size(&event);
+            bytes += size;
+            *self.sent_bytes.entry(event.namespace.clone()).or_default() += size;
             out.push(event);
         }
         self.last_sent_seq = last_seq;

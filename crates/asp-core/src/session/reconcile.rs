@@ -277,6 +277,8 @@ struct Step {
 /// The reconciliation state of one link.
 pub struct Reconciler {
     node_id: NodeId,
+    /// Namespaces kept from this peer (residency).
+    withhold: Option<super::Withhold>,
     /// The peer, once the handshake named it, with the namespaces its Hello lists.
     peer: Option<NodeId>,
     /// The protocol version of the link (3 and later: `RepairEnd` counts repairs).
@@ -350,6 +352,7 @@ impl Reconciler {
             covered_received: HashMap::new(),
             peer_runs_started: None,
             outputs: VecDeque::new(),
+            withhold: None,
         }
     }
 
@@ -441,11 +444,24 @@ impl Reconciler {
                 .is_some_and(|o| &o.namespace == namespace)
     }
 
-    /// Whether both this node and the peer replicate `namespace`.
+    /// Whether both this node and the peer replicate `namespace` (and the peer may
+    /// have it).
     fn shared(&self, namespace: &Namespace) -> bool {
         self.peer.is_some()
             && lists(&self.namespaces, namespace)
             && lists(&self.peer_namespaces, namespace)
+            && !self.withheld(namespace)
+    }
+
+    fn withheld(&self, namespace: &Namespace) -> bool {
+        self.withhold
+            .as_ref()
+            .is_some_and(|w| w.withholds(namespace))
+    }
+
+    /// Namespaces nothing of which goes to this peer (residency), asked at every use.
+    pub fn set_withhold(&mut self, withhold: Option<super::Withhold>) {
+        self.withhold = withhold;
     }
 
     fn emit(&mut self, output: Output) {
@@ -1160,6 +1176,10 @@ impl Reconciler {
         // goes ahead).
         if mode != ReconcileMode::Transfer && store.is_quarantined(&namespace) {
             return refuse(self, "the namespace has quarantined events here".into());
+        }
+        // Not a symbol, repair or covered vector of it goes to a peer it is kept from.
+        if self.withheld(&namespace) {
+            return refuse(self, "its residency rule keeps it from this peer".into());
         }
         // In transfer mode this node sends no state: it covers nothing for the peer.
         let covered = if mode == ReconcileMode::Transfer {

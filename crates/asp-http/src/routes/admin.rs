@@ -389,3 +389,50 @@ pub(super) async fn revoke_token(
     }))
     .into_response())
 }
+
+pub(super) async fn get_residency(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(ns) = path.map_err(path_error)?;
+    let ns = namespace(&ns)?;
+    Ok(crate::residency_api::view(&state, &ns))
+}
+
+/// Pins a namespace to labels (`{"require": {...}}`; `{}` unpins), cluster-wide.
+pub(super) async fn put_residency(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let Path(ns) = path.map_err(path_error)?;
+    let ns = namespace(&ns)?;
+    if ns.as_str().starts_with(asp_auth::RESERVED_PREFIX) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the node's own namespaces (_asp.) go to every node",
+        ));
+    }
+    if body.len() > 4096 {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "a residency rule is at most 4 KiB",
+        ));
+    }
+    let require = crate::residency_api::parse(&body)?;
+    let Some(replicator) = state.replicator() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "internal",
+            "this node runs without replication",
+        ));
+    };
+    replicator
+        .residency()
+        .set(state.store(), &ns, &require)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_failed", e))?;
+    Ok(crate::residency_api::view(&state, &ns))
+}

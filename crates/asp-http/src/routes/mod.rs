@@ -157,6 +157,10 @@ impl AppState {
         self
     }
 
+    pub(crate) fn replicator(&self) -> Option<&Replicator> {
+        self.inner.replicator.as_ref()
+    }
+
     pub(crate) fn auth(&self) -> Option<&crate::auth::NodeAuth> {
         self.inner.auth.as_deref()
     }
@@ -212,6 +216,10 @@ pub fn router(state: AppState) -> Router {
             "/v1/ns/{ns}/policy",
             get(keys::get_policy).put(keys::put_policy),
         )
+        .route(
+            "/v1/ns/{ns}/residency",
+            get(admin::get_residency).put(admin::put_residency),
+        )
         .route("/v1/ns/{ns}/batch", post(batch::batch))
         .route("/v1/ns/{ns}/changes", get(changes::changes))
         .fallback(route_not_found)
@@ -233,6 +241,10 @@ async fn guard(State(state): State<AppState>, mut request: Request, next: Next) 
         e.into_response()
     } else if let Err(refused) = checked {
         crate::auth::to_response(refused)
+    } else if let Some(refused) = crate::auth::written_namespace(request.method(), request.uri())
+        .and_then(|ns| crate::residency_api::refuse_write(&state, &ns))
+    {
+        refused.into_response()
     } else {
         if let Ok(Some(verified)) = checked {
             request.extensions_mut().insert(verified);

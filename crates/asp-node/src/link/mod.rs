@@ -65,6 +65,7 @@ fn session_config(inner: &Inner, namespaces: Vec<String>) -> SessionConfig {
         handshake_timeout: c.handshake_timeout,
         credit_window_bytes: c.credit_window_bytes,
         incarnation: inner.incarnation,
+        withhold: None,
     }
 }
 
@@ -208,6 +209,30 @@ struct Link {
     end: Option<LinkEnd>,
     /// What the peer's certificate attests (TLS links only).
     certificate: Option<asp_tls::Identity>,
+    /// Bytes sent to the peer per namespace by its earlier links (this link's are the
+    /// session's).
+    sent_base: std::collections::HashMap<asp_core::Namespace, u64>,
+    /// Tests only (`ASP_TEST_CAPTURE_DIR`): every frame this link sends, as encoded.
+    capture: Option<std::fs::File>,
+}
+
+/// With `ASP_TEST_CAPTURE_DIR` set (tests that check what leaves a node), a file that
+/// gets every frame a link sends: `<dir>/<this node>-<link id>-<peer>.frames`, where the
+/// peer is the name its certificate attests or its address.
+fn capture_file(inner: &Inner, id: u64, peer: &str) -> Option<std::fs::File> {
+    let dir = std::env::var_os("ASP_TEST_CAPTURE_DIR")?;
+    let peer: String = peer
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let path = std::path::Path::new(&dir).join(format!("{}-{id}-{peer}.frames", inner.node_id));
+    match std::fs::File::create(&path) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot capture frames");
+            None
+        }
+    }
 }
 
 impl Link {
@@ -223,12 +248,28 @@ impl Link {
         let namespaces = inner
             .config
             .namespaces_with(certificate.as_ref().map(|c| c.name.as_str()));
-        let config = session_config(&inner, namespaces.clone());
+        // Residency: pinned namespaces go only to peers whose certificate attests the
+        // labels their rule requires (a plain link attests none).
+        let labels = certificate
+            .as_ref()
+            .map(|c| c.labels.clone())
+            .unwrap_or_default();
+        let withhold = inner.residency.withhold_for(labels);
+        let mut config = session_config(&inner, namespaces.clone());
+        config.withhold = Some(withhold.clone());
         let session = match direction {
             Direction::Outbound => Session::new(config, Instant::now()),
             Direction::Inbound => Session::accept(config, Instant::now()),
         };
-        let reconciler = reconcile::new_reconciler(&inner, namespaces);
+        let mut reconciler = reconcile::new_reconciler(&inner, namespaces);
+        reconciler.set_withhold(Some(withhold));
+        let capture = capture_file(
+            &inner,
+            id,
+            certificate
+                .as_ref()
+                .map_or(address.as_str(), |c| c.name.as_str()),
+        );
         // Replaced in `drive`; a closed channel until then.
         let (out, _) = mpsc::unbounded_channel();
         Link {
@@ -250,6 +291,8 @@ impl Link {
             gate_closed: false,
             end: None,
             certificate,
+            sent_base: std::collections::HashMap::new(),
+            capture,
         }
     }
 
@@ -360,6 +403,7 @@ impl Link {
         drop(out);
         self.socket = None;
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), writer).await;
+        self.record_sent_bytes();
         self.save_checkpoint();
         self.end.unwrap_or(LinkEnd::Closed)
     }
@@ -378,6 +422,10 @@ impl Link {
                     Instant::now(),
                 );
                 continue;
+            }
+            if let Some(file) = &mut self.capture {
+                use std::io::Write as _;
+                let _ = file.write_all(&bytes);
             }
             // With nothing queued, the writer task is idle: write at once, and queue
             // only what the socket does not take.
@@ -470,12 +518,14 @@ impl Link {
                         .set_peer(peer, info.version, info.namespaces.clone());
                     let namespaces = Arc::new(info.namespaces.clone());
                     let certificate = self.certificate.clone();
-                    self.with_record(|r| {
+                    let base = self.with_record(|r| {
                         r.namespaces = Some(namespaces);
                         if certificate.is_some() {
                             r.certificate = certificate;
                         }
+                        r.sent_bytes.clone()
                     });
+                    self.sent_base = base.unwrap_or_default();
                     let checkpoint = self.inner.store.checkpoint(peer);
                     self.reader = Some(self.inner.store.feed_reader(None, checkpoint));
                     self.sent_through = checkpoint;
@@ -755,10 +805,20 @@ impl Link {
         }
     }
 
+    /// Copies this link's bytes sent per namespace into the peer's record.
+    fn record_sent_bytes(&self) {
+        let mut total = self.sent_base.clone();
+        for (ns, bytes) in self.session.sent_bytes() {
+            *total.entry(ns.clone()).or_default() += bytes;
+        }
+        self.with_record(|r| r.sent_bytes = total);
+    }
+
     async fn refresh_summary(&mut self) {
         if !self.session.is_established() {
             return;
         }
+        self.record_sent_bytes();
         let store = &self.inner.store;
         if store.caught_up().await.is_err() {
             return;

@@ -1,0 +1,187 @@
+//! Residency: a namespace pinned to labels (`{"region": "eu"}`) never leaves for a node
+//! whose attested labels do not match, and a node that does not match refuses writes to
+//! it.
+//!
+//! Rules live in the replicated namespace `_asp.residency`, one key per pinned namespace:
+//! `ns/<hash>`, where the hash is the first 16 bytes of SHA-256 of the namespace's name,
+//! so that the name itself never reaches a node outside the rule (it gets the rule,
+//! which it needs to refuse writes, but not which namespace it is for unless a client
+//! names it). The value is `{"require": {"k": "v", ...}}`; a delete unpins.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+
+use asp_core::session::Withhold;
+use asp_core::{ContentType, Key, Namespace};
+use asp_store::{Store, WriteOp};
+
+/// The namespace of residency rules.
+pub const RESIDENCY_NAMESPACE: &str = "_asp.residency";
+
+/// Labels a rule requires (all of them, with these values).
+pub type Labels = BTreeMap<String, String>;
+
+/// The key of a namespace's rule in [`RESIDENCY_NAMESPACE`].
+pub fn rule_key(namespace: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, namespace.as_bytes());
+    let hex: String = digest.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("ns/{hex}")
+}
+
+/// Whether `labels` carry every label `require` names, with its value.
+pub fn matches(require: &Labels, labels: &Labels) -> bool {
+    require.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+#[derive(Default)]
+struct Rules {
+    /// By rule key (`ns/<hash>`).
+    by_key: HashMap<String, Labels>,
+    /// Namespaces asked about, with their rule: a hash per name, not per event.
+    names: HashMap<Namespace, Option<Labels>>,
+}
+
+/// The rules this node knows, refreshed from the store.
+#[derive(Default)]
+pub struct Residency {
+    rules: RwLock<Rules>,
+}
+
+fn namespace() -> Namespace {
+    Namespace::new(RESIDENCY_NAMESPACE).expect("a valid name")
+}
+
+impl Residency {
+    /// The rule of `namespace`, if it is pinned.
+    pub fn rule(&self, namespace: &Namespace) -> Option<Labels> {
+        if namespace.as_str().starts_with("_asp.") {
+            return None;
+        }
+        {
+            let rules = self.rules.read().unwrap();
+            if rules.by_key.is_empty() {
+                return None;
+            }
+            if let Some(rule) = rules.names.get(namespace) {
+                return rule.clone();
+            }
+        }
+        let mut rules = self.rules.write().unwrap();
+        let rule = rules.by_key.get(&rule_key(namespace.as_str())).cloned();
+        if rules.names.len() > 100_000 {
+            rules.names.clear();
+        }
+        rules.names.insert(namespace.clone(), rule.clone());
+        rule
+    }
+
+    /// Whether nothing of `namespace` may go to a node with `labels`.
+    pub fn withholds(&self, namespace: &Namespace, labels: &Labels) -> bool {
+        self.rule(namespace).is_some_and(|r| !matches(&r, labels))
+    }
+
+    /// The predicate a link to a peer with `labels` (attested by its certificate; none
+    /// on a plain link) withholds by.
+    pub fn withhold_for(self: &Arc<Self>, labels: Labels) -> Withhold {
+        let me = self.clone();
+        Withhold(Arc::new(move |ns| me.withholds(ns, &labels)))
+    }
+
+    /// Reads every rule from the store again.
+    pub fn reload(&self, store: &Store) -> Result<usize, String> {
+        let ns = namespace();
+        let mut by_key = HashMap::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = store
+                .scan(&ns, "ns/", after.as_deref(), 1000, true)
+                .map_err(|e| e.to_string())?;
+            for item in &page.items {
+                let Some(value) = &item.value else { continue };
+                let Ok(record) = serde_json::from_slice::<serde_json::Value>(value) else {
+                    continue;
+                };
+                let Ok(require) = serde_json::from_value::<Labels>(record["require"].clone())
+                else {
+                    continue;
+                };
+                if !require.is_empty() {
+                    by_key.insert(item.key.as_str().to_owned(), require);
+                }
+            }
+            match page.next_after {
+                Some(k) => after = Some(k.as_str().to_owned()),
+                None => break,
+            }
+        }
+        let n = by_key.len();
+        *self.rules.write().unwrap() = Rules {
+            by_key,
+            names: HashMap::new(),
+        };
+        Ok(n)
+    }
+
+    /// Pins `namespace` to `require` (empty: unpins), cluster-wide: the rule is a write
+    /// to [`RESIDENCY_NAMESPACE`], which replicates.
+    pub async fn set(
+        &self,
+        store: &Store,
+        namespace: &Namespace,
+        require: &Labels,
+    ) -> Result<(), String> {
+        let key = Key::new(&rule_key(namespace.as_str())).map_err(|e| e.to_string())?;
+        let op = if require.is_empty() {
+            WriteOp::delete(key)
+        } else {
+            let record = serde_json::json!({ "require": require });
+            WriteOp::put(
+                key,
+                ContentType::Json,
+                serde_json::to_vec(&record).expect("json"),
+            )
+        };
+        store
+            .write(self::namespace(), vec![op])
+            .await
+            .map_err(|e| e.to_string())?;
+        self.reload(store)?;
+        Ok(())
+    }
+}
+
+/// Reloads the rules whenever the store's feed moves (at most every 100 ms), so that a
+/// rule that arrives by replication takes effect at once.
+pub(crate) async fn follow(
+    residency: Arc<Residency>,
+    store: Store,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut head = store.subscribe();
+    let mut seen: Option<asp_core::VersionVector> = None;
+    loop {
+        let (r, s, last) = (residency.clone(), store.clone(), seen.clone());
+        // The vector read waits for the index: off the async threads.
+        let checked = tokio::task::spawn_blocking(move || {
+            let vector = s.namespace_vector(&namespace());
+            if last.as_ref() == Some(&vector) {
+                return Ok(vector);
+            }
+            r.reload(&s).map(|_| vector)
+        })
+        .await;
+        match checked {
+            Ok(Ok(vector)) => seen = Some(vector),
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot read residency rules"),
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = head.changed() => {}
+            () = shutdown.cancelled() => return,
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
