@@ -41,6 +41,10 @@ pub struct FileConfig {
     pub tls: TlsSection,
     #[serde(default)]
     pub auth: AuthSection,
+    /// Residency rules set at start: `orders = { region = "eu" }` (the same as `PUT
+    /// /v1/ns/orders/residency`; they replicate to every node).
+    #[serde(default)]
+    pub residency: std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
 }
 
 /// `[auth]`: bearer tokens on the API.
@@ -219,6 +223,7 @@ pub struct NodeConfig {
     /// How often to look for new TLS files (with TLS on).
     pub tls_reload_interval: Duration,
     pub auth: asp_http::auth::AuthConfig,
+    pub residency: Vec<(asp_core::Namespace, std::collections::BTreeMap<String, String>)>,
 }
 
 pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig> {
@@ -453,6 +458,19 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
         required,
         metrics_open,
     };
+    let mut residency = Vec::new();
+    for (ns, require) in file.residency {
+        let namespace = asp_core::Namespace::new(&ns)
+            .map_err(|e| anyhow::anyhow!("[residency] {ns:?}: {e}"))?;
+        if ns.starts_with(asp_auth::RESERVED_PREFIX) {
+            bail!("[residency] {ns:?}: the node's own namespaces go to every node");
+        }
+        for (k, v) in &require {
+            asp_tls::issue::parse_label(&format!("{k}={v}"))
+                .map_err(|e| anyhow::anyhow!("[residency] {ns}: {e}"))?;
+        }
+        residency.push((namespace, require));
+    }
     // Token keys and revocations reach the other nodes through this namespace.
     if required
         && !replication
@@ -507,6 +525,7 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
         scrub_interval,
         tls_reload_interval,
         auth,
+        residency,
     })
 }
 

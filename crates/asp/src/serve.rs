@@ -43,6 +43,18 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
         shutdown.child_token(),
     )
     .await?;
+    // Residency rules of the configuration, before any client can write.
+    for (ns, require) in &config.residency {
+        let residency = replicator.residency();
+        if residency.rule(ns).as_ref() != Some(require) {
+            residency
+                .set(&store, ns, require)
+                .await
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("setting the residency of {ns} from [residency]"))?;
+            tracing::info!(namespace = %ns, require = ?require, "residency rule set from the configuration");
+        }
+    }
     let auth = if config.auth.required {
         Some(start_auth(&store, &config).await?)
     } else {
