@@ -223,7 +223,10 @@ pub struct NodeConfig {
     /// How often to look for new TLS files (with TLS on).
     pub tls_reload_interval: Duration,
     pub auth: asp_http::auth::AuthConfig,
-    pub residency: Vec<(asp_core::Namespace, std::collections::BTreeMap<String, String>)>,
+    pub residency: Vec<(
+        asp_core::Namespace,
+        std::collections::BTreeMap<String, String>,
+    )>,
 }
 
 pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig> {
