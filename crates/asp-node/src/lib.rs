@@ -15,6 +15,7 @@
 //! ([`run_compaction_schedule`], [`run_scrub_schedule`]): the store does either only
 //! when asked.
 
+pub mod audit;
 mod config;
 mod link;
 mod metrics;

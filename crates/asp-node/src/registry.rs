@@ -184,6 +184,7 @@ pub(crate) struct Inner {
     pub shutdown: CancellationToken,
     pub metrics: Metrics,
     pub residency: Arc<crate::residency::Residency>,
+    pub audit: Arc<crate::audit::Audit>,
 }
 
 impl Inner {
@@ -382,6 +383,23 @@ pub(crate) fn unregister_link(inner: &Inner, link_id: u64, error: Option<(String
             error.1.clone(),
             Instant::now(),
         ));
+        // The address's host: a peer that redials comes from new ports.
+        let host = link
+            .address
+            .rsplit_once(':')
+            .map_or(link.address.as_str(), |(h, _)| h);
+        // One entry a minute per peer host and reason (the message without the port).
+        let reason = error.1.replace(&link.address, host);
+        inner.audit.record(
+            "peer_refused",
+            Some(&format!("{host} {} {reason}", error.0)),
+            serde_json::json!({
+                "address": link.address,
+                "direction": link.direction.name(),
+                "code": error.0,
+                "message": error.1,
+            }),
+        );
         if let Some(dial) = reg.dials.get_mut(&link.address) {
             dial.last_error = Some(error);
         }

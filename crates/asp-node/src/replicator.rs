@@ -148,6 +148,7 @@ impl Replicator {
             None => None,
         };
         let listen = listener.as_ref().and_then(|l| l.local_addr().ok());
+        let audit = Arc::new(crate::audit::Audit::new(store.clone(), store.node_id()));
         let inner = Arc::new(Inner {
             node_id: store.node_id(),
             incarnation: rand::random::<u64>() | 1,
@@ -159,6 +160,7 @@ impl Replicator {
             shutdown,
             metrics: Metrics::default(),
             residency: Arc::default(),
+            audit,
         });
         let mut tasks = JoinSet::new();
         // Residency rules are known before any link sends anything.
@@ -199,6 +201,11 @@ impl Replicator {
 
     pub fn node_id(&self) -> NodeId {
         self.inner.node_id
+    }
+
+    /// The node's audit log.
+    pub fn audit(&self) -> Arc<crate::audit::Audit> {
+        self.inner.audit.clone()
     }
 
     /// The residency rules this node knows.
@@ -430,8 +437,17 @@ impl Replicator {
                 .inner
                 .config
                 .namespaces_with(peers[at].certificate.as_ref().map(|c| c.name.as_str()));
-            let shared =
-                |ns: &Namespace| lists(&ours, ns) && theirs.as_ref().is_none_or(|t| lists(t, ns));
+            let labels = peers[at]
+                .certificate
+                .as_ref()
+                .map(|c| c.labels.clone())
+                .unwrap_or_default();
+            let residency = &self.inner.residency;
+            let shared = |ns: &Namespace| {
+                lists(&ours, ns)
+                    && theirs.as_ref().is_none_or(|t| lists(t, ns))
+                    && !residency.withholds(ns, &labels)
+            };
             peers[at].namespaces = lag(&self.inner.store, &mine, &summary, acked_seq, shared);
         }
         peers.sort_by(|a, b| a.address.cmp(&b.address).then(a.node_id.cmp(&b.node_id)));

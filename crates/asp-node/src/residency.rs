@@ -78,9 +78,11 @@ impl Residency {
         rule
     }
 
-    /// Whether nothing of `namespace` may go to a node with `labels`.
+    /// Whether nothing of `namespace` may go to a node with `labels` (the node's own
+    /// audit log never goes anywhere).
     pub fn withholds(&self, namespace: &Namespace, labels: &Labels) -> bool {
-        self.rule(namespace).is_some_and(|r| !matches(&r, labels))
+        namespace.as_str() == crate::audit::AUDIT_NAMESPACE
+            || self.rule(namespace).is_some_and(|r| !matches(&r, labels))
     }
 
     /// The predicate a link to a peer with `labels` (attested by its certificate; none

@@ -183,6 +183,28 @@ async fn mutual_tls_carries_replication_and_refuses_every_stranger() {
     })
     .await;
     assert!(!refusals.is_empty());
+    // The refusals are in n1's audit log, once a minute per peer host and reason.
+    let audit = eventually("refusals in the audit log", async || {
+        let page = n1
+            .client()
+            .send(
+                Method::GET,
+                "/v1/ns/_asp.audit/kv?values=true",
+                &[],
+                Bytes::new(),
+            )
+            .await
+            .ok()?;
+        let text = String::from_utf8_lossy(&page.body).into_owned();
+        text.contains("peer_refused").then_some(text)
+    })
+    .await;
+    assert!(audit.contains("UnknownIssuer"), "{audit}");
+    let entries = audit.matches("peer_refused").count();
+    assert!(
+        entries <= 6,
+        "refusals are rate-limited: {entries} entries\n{audit}"
+    );
     let last_error = |node: &Node| {
         let client = node.client();
         async move {

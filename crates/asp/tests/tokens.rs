@@ -314,6 +314,44 @@ async fn tokens_allow_their_scope_work_on_every_node_and_revocation_reaches_them
         200,
         "other tokens still work"
     );
+    // n1's audit log names the revocation; it stays on n1.
+    let audit = |node: &Node| {
+        let admin = admin.clone();
+        let client = client(node, Some(&admin));
+        async move {
+            let page = client
+                .send(
+                    Method::GET,
+                    "/v1/ns/_asp.audit/kv?values=true",
+                    &[],
+                    Bytes::new(),
+                )
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&page.body).into_owned()
+        }
+    };
+    let revoked_id = {
+        let (_, shown, _) = asp(&["token", "show", &writer], None);
+        let v: serde_json::Value = serde_json::from_str(&shown).unwrap();
+        v["id"].as_str().unwrap().to_owned()
+    };
+    let started = Instant::now();
+    loop {
+        let log = audit(&n1).await;
+        if log.contains("token_revoked") && log.contains(&revoked_id) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no audit entry: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !audit(&n2).await.contains("token_revoked"),
+        "the audit log replicated"
+    );
     // Revoking needs admin.
     let (ok, _, err) = asp(
         &[

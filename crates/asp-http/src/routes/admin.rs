@@ -382,6 +382,10 @@ pub(super) async fn revoke_token(
             )],
         )
         .await?;
+    if let Some(r) = state.replicator() {
+        r.audit()
+            .record("token_revoked", None, serde_json::json!({ "id": id }));
+    }
     Ok(Json(serde_json::json!({
         "id": id,
         "revoked": true,
@@ -434,5 +438,10 @@ pub(super) async fn put_residency(
         .set(state.store(), &ns, &require)
         .await
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_failed", e))?;
+    replicator.audit().record(
+        "residency_set",
+        None,
+        serde_json::json!({ "namespace": ns.as_str(), "require": require }),
+    );
     Ok(crate::residency_api::view(&state, &ns))
 }
