@@ -265,6 +265,8 @@ pub struct Tls {
     /// Serializes reloads (a file poll and a SIGHUP at once); holds the contents that
     /// last failed to load, so that a poll reports them once.
     failed: Mutex<Option<[Vec<u8>; 3]>>,
+    /// The last error reading the files, reported once.
+    unreadable: Mutex<Option<String>>,
     metrics: ReloadMetrics,
 }
 
@@ -284,6 +286,7 @@ impl Tls {
             paths,
             current: RwLock::new(Arc::new(material)),
             failed: Mutex::new(None),
+            unreadable: Mutex::new(None),
             metrics: ReloadMetrics::default(),
         }))
     }
@@ -306,11 +309,30 @@ impl Tls {
     /// failed last time). On an error the old material stays.
     pub fn reload(&self, again: bool) -> Result<bool, TlsError> {
         let mut failed = self.failed.lock().unwrap();
-        let contents = [
-            read("certificate", &self.paths.cert)?,
-            read("key", &self.paths.key)?,
-            read("CA bundle", &self.paths.ca)?,
-        ];
+        let read_all = || -> Result<[Vec<u8>; 3], TlsError> {
+            Ok([
+                read("certificate", &self.paths.cert)?,
+                read("key", &self.paths.key)?,
+                read("CA bundle", &self.paths.ca)?,
+            ])
+        };
+        let contents = match read_all() {
+            Ok(contents) => {
+                *self.unreadable.lock().unwrap() = None;
+                contents
+            }
+            // A file missing in the middle of a rotation: reported once, not at every
+            // poll (a SIGHUP reports it again).
+            Err(e) => {
+                let message = e.to_string();
+                let mut unreadable = self.unreadable.lock().unwrap();
+                if !again && unreadable.as_deref() == Some(message.as_str()) {
+                    return Ok(false);
+                }
+                *unreadable = Some(message);
+                return Err(e);
+            }
+        };
         if contents == self.current().contents || (!again && failed.as_ref() == Some(&contents)) {
             return Ok(false);
         }

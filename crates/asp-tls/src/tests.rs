@@ -246,8 +246,13 @@ fn a_reload_takes_new_files_keeps_the_old_on_bad_ones_and_reports_a_failure_once
     // Polls do not report the same bad files again; a SIGHUP does.
     assert_eq!(reload_once(&tls, false), ReloadOutcome::Unchanged);
     assert_eq!(reload_once(&tls, true), ReloadOutcome::Failed);
+    // A file gone in the middle of a rotation: reported once too.
+    std::fs::remove_file(dir.path().join("n1.key")).unwrap();
+    assert_eq!(reload_once(&tls, false), ReloadOutcome::Failed);
+    assert_eq!(reload_once(&tls, false), ReloadOutcome::Unchanged);
+    assert_eq!(tls.current().identity, second);
     assert_eq!(metrics.get(ReloadOutcome::Reloaded), 1);
-    assert_eq!(metrics.get(ReloadOutcome::Failed), 2);
+    assert_eq!(metrics.get(ReloadOutcome::Failed), 3);
     assert_eq!(metrics.get(ReloadOutcome::Unchanged), 0);
 }
 
