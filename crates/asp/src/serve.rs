@@ -55,6 +55,14 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
             tracing::info!(namespace = %ns, require = ?require, "residency rule set from the configuration");
         }
     }
+    if config.auth.required
+        && config.replication.tls.is_none()
+        && (config.replication.listen.is_some() || !config.replication.peers.is_empty())
+    {
+        tracing::warn!(
+            "--auth required with plain peer links: tokens are only as safe as the peer port, since a process that reaches it can replicate a token key of its own into _asp.auth; give the nodes certificates (--tls-cert, --tls-key, --tls-ca)"
+        );
+    }
     let auth = if config.auth.required {
         Some(start_auth(&store, &config).await?)
     } else {

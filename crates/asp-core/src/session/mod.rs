@@ -517,7 +517,13 @@ impl Session {
             );
             return self.close(ErrorCode::VersionMismatch, message, now);
         }
-        if hello.cluster_id != self.config.cluster_id {
+        // The cluster id is what a process must know to pass as a member: compared
+        // in constant time, so the time a refusal takes says nothing of how much of it
+        // a guess got right.
+        if !constant_time_eq(
+            hello.cluster_id.as_bytes(),
+            self.config.cluster_id.as_bytes(),
+        ) {
             // The peer is told only that its cluster id is not this node's: naming this
             // node's would hand any process that can reach the port what it needs to
             // pass as a member.
@@ -912,6 +918,18 @@ impl Session {
     pub fn peer_view(&self) -> &HashMap<Namespace, VersionVector> {
         &self.peer_view
     }
+}
+
+/// Whether `a` and `b` are equal, in a time that depends only on their lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u64;
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= u64::from(x ^ y);
+    }
+    // Keep the optimizer from turning the loop into an early exit.
+    std::hint::black_box(diff) == 0
 }
 
 fn hello_frame(config: &SessionConfig) -> Frame {

@@ -820,3 +820,14 @@ fn a_peers_rights_narrow_what_a_session_replicates() {
         .collect();
     assert_eq!(seen, vec!["a".to_owned()]);
 }
+
+#[test]
+fn constant_time_eq_is_equality() {
+    use super::constant_time_eq as eq;
+    assert!(eq(b"", b""));
+    assert!(eq(b"default", b"default"));
+    assert!(!eq(b"default", b"defaulT"));
+    assert!(!eq(b"default", b"default\0"));
+    assert!(!eq(b"", b"\0"));
+    assert!(!eq(b"a", b""));
+}
