@@ -79,9 +79,22 @@ pub(crate) fn parse(body: &[u8]) -> Result<Labels, ApiError> {
         let Some(v) = v.as_str() else {
             return Err(bad(format!("label {k}: the value must be a string")));
         };
-        let (k, v) =
-            asp_tls::issue::parse_label(&format!("{k}={v}")).map_err(|e| bad(e.to_string()))?;
-        labels.insert(k, v);
+        // Values as a certificate's labels take them; any key (one no certificate can
+        // carry pins the namespace to no node, which is the operator's call).
+        let value_ok = !v.is_empty()
+            && v.len() <= 128
+            && v.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/' | b':')
+            });
+        if !value_ok {
+            return Err(bad(format!(
+                "label {k}: the value {v:?} must be 1 to 128 letters, digits, '.', '_', '-', '/' or ':'"
+            )));
+        }
+        if k.len() > 1024 {
+            return Err(bad("a label key is at most 1024 bytes".into()));
+        }
+        labels.insert(k.clone(), v.to_owned());
     }
     Ok(labels)
 }
