@@ -71,9 +71,54 @@ impl Verified {
     }
 }
 
+/// Tokens whose signatures verified, by their text and the root key they verified
+/// under: a client sends the same token again and again, and a signature check costs
+/// far more than the rest of a request's check. Revocation and expiry are checked at
+/// every use, never cached.
+#[derive(Default)]
+pub struct VerifyCache {
+    entries: std::sync::Mutex<std::collections::HashMap<(String, Vec<u8>), Token>>,
+}
+
+/// Tokens a cache holds, at most (it starts over when full), and the longest it holds:
+/// at most 2 MiB of tokens.
+pub const VERIFY_CACHE_MAX: usize = 1024;
+pub const VERIFY_CACHE_TOKEN_BYTES_MAX: usize = 2048;
+
+impl VerifyCache {
+    fn get(&self, text: &str, key: &[u8]) -> Option<Token> {
+        self.entries
+            .lock()
+            .unwrap()
+            .get(&(text.to_owned(), key.to_vec()))
+            .cloned()
+    }
+
+    fn put(&self, text: &str, key: &[u8], token: &Token) {
+        if text.len() > VERIFY_CACHE_TOKEN_BYTES_MAX {
+            return;
+        }
+        let mut entries = self.entries.lock().unwrap();
+        if entries.len() >= VERIFY_CACHE_MAX {
+            entries.clear();
+        }
+        entries.insert((text.to_owned(), key.to_vec()), token.clone());
+    }
+}
+
 /// Checks the text of an `Authorization` header's bearer token: parsed, every signature
 /// verified against its root's key, none of its blocks revoked.
 pub fn verify(text: &str, book: &impl KeyBook) -> Result<Verified, AuthError> {
+    verify_with(text, book, None)
+}
+
+/// [`verify`], remembering signatures that verified in `cache`.
+pub fn verify_with(
+    text: &str,
+    book: &impl KeyBook,
+    cache: Option<&VerifyCache>,
+) -> Result<Verified, AuthError> {
+    let text = text.trim();
     let token = Token::decode(text).map_err(|e| AuthError::Unauthenticated(e.to_string()))?;
     let key = book.public_key(token.root).ok_or_else(|| {
         AuthError::Unauthenticated(format!(
@@ -81,9 +126,18 @@ pub fn verify(text: &str, book: &impl KeyBook) -> Result<Verified, AuthError> {
             token.root
         ))
     })?;
-    token
-        .verify(&key)
-        .map_err(|e| AuthError::Unauthenticated(e.to_string()))?;
+    let token = match cache.and_then(|c| c.get(text, &key)) {
+        Some(cached) => cached,
+        None => {
+            token
+                .verify(&key)
+                .map_err(|e| AuthError::Unauthenticated(e.to_string()))?;
+            if let Some(c) = cache {
+                c.put(text, &key, &token);
+            }
+            token
+        }
+    };
     for id in token.ids() {
         if book.revoked(&id) {
             return Err(AuthError::Unauthenticated(format!(

@@ -214,3 +214,34 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn the_cache_skips_the_signature_check_but_never_revocation_or_a_new_key() {
+    let (key, mut book) = setup();
+    let cache = VerifyCache::default();
+    let t = Token::issue(7, &key, scope(&["*"], &[Op::Read], "")).unwrap();
+    let text = t.encode();
+    verify_with(&text, &book, Some(&cache)).unwrap();
+    verify_with(&text, &book, Some(&cache)).unwrap();
+    // Revoked after it was cached: refused.
+    book.revoked.insert(t.id());
+    assert!(matches!(
+        verify_with(&text, &book, Some(&cache)),
+        Err(AuthError::Unauthenticated(_))
+    ));
+    book.revoked.clear();
+    // The node's key replaced: the cached verification does not carry over.
+    let other = SigningKey::generate().unwrap();
+    book.keys.insert(7, other.public().to_vec());
+    assert!(matches!(
+        verify_with(&text, &book, Some(&cache)),
+        Err(AuthError::Unauthenticated(_))
+    ));
+    // A token that never verified is never cached.
+    let forged = Token::issue(7, &key, scope(&["*"], &[Op::Read], ""))
+        .unwrap()
+        .encode();
+    for _ in 0..2 {
+        assert!(verify_with(&forged, &book, Some(&cache)).is_err());
+    }
+}

@@ -31,6 +31,7 @@ pub struct NodeAuth {
     public: [u8; 32],
     store: Store,
     pub config: AuthConfig,
+    cache: asp_auth::VerifyCache,
 }
 
 impl NodeAuth {
@@ -40,6 +41,7 @@ impl NodeAuth {
             public,
             store,
             config,
+            cache: asp_auth::VerifyCache::default(),
         })
     }
 }
@@ -265,7 +267,7 @@ pub(crate) fn check(
         ),
     };
     let token = bearer(headers)?;
-    let verified = asp_auth::verify(token, auth)?;
+    let verified = asp_auth::verify_with(token, auth, Some(&auth.cache))?;
     let access = Access {
         namespace,
         op,
