@@ -174,15 +174,17 @@ pub(crate) fn need_of(method: &Method, uri: &Uri) -> Need {
     }
 }
 
-/// The namespace a request writes data to (key writes and batches), if any.
-pub(crate) fn written_namespace(method: &Method, uri: &Uri) -> Option<String> {
-    match need_of(method, uri) {
-        Need::Access {
-            namespace: Some(ns),
-            op: Op::Write,
-            ..
-        } => Some(ns),
-        _ => None,
+impl Need {
+    /// The namespace the request writes data to (key writes and batches), if any.
+    pub(crate) fn written_namespace(&self) -> Option<&str> {
+        match self {
+            Need::Access {
+                namespace: Some(ns),
+                op: Op::Write,
+                ..
+            } => Some(ns),
+            _ => None,
+        }
     }
 }
 
@@ -226,16 +228,14 @@ fn bearer(headers: &HeaderMap) -> Result<&str, AuthError> {
 /// for handlers that check more (a batch's keys).
 pub(crate) fn check(
     auth: Option<&NodeAuth>,
-    method: &Method,
-    uri: &Uri,
+    need: &Need,
     headers: &HeaderMap,
 ) -> Result<Option<Verified>, AuthError> {
-    let need = need_of(method, uri);
     if let Need::Access {
         namespace: Some(ns),
         op: Op::Write | Op::Admin,
         ..
-    } = &need
+    } = need
         && ns.starts_with(asp_auth::RESERVED_PREFIX)
     {
         return Err(AuthError::Forbidden(format!(
@@ -246,7 +246,7 @@ pub(crate) fn check(
     let Some(auth) = auth.filter(|a| a.config.required) else {
         return Ok(None);
     };
-    let (namespace, op, keys) = match &need {
+    let (namespace, op, keys) = match need {
         Need::Open => return Ok(None),
         Need::Metrics if auth.config.metrics_open => return Ok(None),
         Need::Metrics => (None, Op::Read, Keys::Any),

@@ -9,9 +9,6 @@ use axum::response::{IntoResponse, Response};
 use crate::error::ApiError;
 use crate::routes::AppState;
 
-/// Labels per rule, at most.
-const RULE_LABELS_MAX: usize = 16;
-
 /// What `/residency` answers: the rule, this node, and every peer linked since start
 /// with whether it may hold the namespace and the bytes of its events sent to it.
 pub(crate) fn view(state: &AppState, ns: &Namespace) -> Response {
@@ -71,31 +68,14 @@ pub(crate) fn parse(body: &[u8]) -> Result<Labels, ApiError> {
             "\"require\" must be an object of labels, e.g. {\"region\": \"eu\"} ({} unpins)".into(),
         ));
     };
-    if require.len() > RULE_LABELS_MAX {
-        return Err(bad(format!("at most {RULE_LABELS_MAX} labels")));
-    }
     let mut labels = Labels::new();
     for (k, v) in require {
         let Some(v) = v.as_str() else {
             return Err(bad(format!("label {k}: the value must be a string")));
         };
-        // Values as a certificate's labels take them; any key (one no certificate can
-        // carry pins the namespace to no node, which is the operator's call).
-        let value_ok = !v.is_empty()
-            && v.len() <= 128
-            && v.bytes().all(|b| {
-                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/' | b':')
-            });
-        if !value_ok {
-            return Err(bad(format!(
-                "label {k}: the value {v:?} must be 1 to 128 letters, digits, '.', '_', '-', '/' or ':'"
-            )));
-        }
-        if k.len() > 1024 {
-            return Err(bad("a label key is at most 1024 bytes".into()));
-        }
         labels.insert(k.clone(), v.to_owned());
     }
+    asp_node::residency::check_rule(&labels).map_err(bad)?;
     Ok(labels)
 }
 

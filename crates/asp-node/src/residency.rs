@@ -31,6 +31,34 @@ pub fn rule_key(namespace: &str) -> String {
     format!("ns/{hex}")
 }
 
+/// Labels per rule, at most.
+pub const RULE_LABELS_MAX: usize = 16;
+
+/// Checks a rule (from the API or the configuration): values as a certificate's labels
+/// take them; any key (one no certificate can carry pins the namespace to no node,
+/// which is the operator's call).
+pub fn check_rule(require: &Labels) -> Result<(), String> {
+    if require.len() > RULE_LABELS_MAX {
+        return Err(format!("at most {RULE_LABELS_MAX} labels"));
+    }
+    for (k, v) in require {
+        let value_ok = !v.is_empty()
+            && v.len() <= 128
+            && v.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/' | b':')
+            });
+        if !value_ok {
+            return Err(format!(
+                "label {k}: the value {v:?} must be 1 to 128 letters, digits, '.', '_', '-', '/' or ':'"
+            ));
+        }
+        if k.len() > 1024 {
+            return Err("a label key is at most 1024 bytes".into());
+        }
+    }
+    Ok(())
+}
+
 /// Whether `labels` carry every label `require` names, with its value.
 pub fn matches(require: &Labels, labels: &Labels) -> bool {
     require.iter().all(|(k, v)| labels.get(k) == Some(v))

@@ -468,10 +468,8 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
         if ns.starts_with(asp_auth::RESERVED_PREFIX) {
             bail!("[residency] {ns:?}: the node's own namespaces go to every node");
         }
-        for (k, v) in &require {
-            asp_tls::issue::parse_label(&format!("{k}={v}"))
-                .map_err(|e| anyhow::anyhow!("[residency] {ns}: {e}"))?;
-        }
+        asp_node::residency::check_rule(&require)
+            .map_err(|e| anyhow::anyhow!("[residency] {ns}: {e}"))?;
         residency.push((namespace, require));
     }
     // Token keys and revocations reach the other nodes through this namespace.

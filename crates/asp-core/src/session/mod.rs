@@ -190,7 +190,7 @@ pub struct Session {
     first_received_seq: Option<u64>,
     /// Where the first batch sent on this link began (checked in every Ack).
     first_sent_seq: Option<u64>,
-    /// Bytes of events sent on this link, per namespace (for residency's status).
+    /// Bytes of events sent per namespace, not yet taken (for residency's status).
     sent_bytes: HashMap<Namespace, u64>,
     /// Feed positions read but not yet framed because the peer held all their events:
     /// they ride with the next batch, or go alone on [`Session::flush_events`].
@@ -792,9 +792,15 @@ impl Session {
         self.queue(Frame::Summary(last), now);
     }
 
-    /// Bytes of events sent on this link so far, per namespace.
-    pub fn sent_bytes(&self) -> &HashMap<Namespace, u64> {
-        &self.sent_bytes
+    fn count_sent(&mut self, namespace: Namespace, bytes: u64) {
+        if bytes > 0 {
+            *self.sent_bytes.entry(namespace).or_default() += bytes;
+        }
+    }
+
+    /// Bytes of events sent per namespace since the last call (for residency's status).
+    pub fn take_sent_bytes(&mut self) -> HashMap<Namespace, u64> {
+        std::mem::take(&mut self.sent_bytes)
     }
 
     /// Namespaces left out of the last summary sent, because the peer speaks protocol
@@ -850,8 +856,20 @@ impl Session {
         );
         let mut bytes = 0;
         let mut out = Vec::with_capacity(events.len());
+        // Feed batches come in runs of one namespace: whether the peer wants it (a
+        // residency predicate among the rest) and the bytes counted per namespace are
+        // worked out once per run, not per event.
+        let mut run: Option<(Namespace, bool, u64)> = None;
         for event in events {
-            if !self.peer_wants(&event.namespace) {
+            if run.as_ref().is_none_or(|(ns, _, _)| *ns != event.namespace) {
+                if let Some((ns, _, sent)) = run.take() {
+                    self.count_sent(ns, sent);
+                }
+                let wants = self.peer_wants(&event.namespace);
+                run = Some((event.namespace.clone(), wants, 0));
+            }
+            let (_, wants, run_bytes) = run.as_mut().expect("just set");
+            if !*wants {
                 continue;
             }
             let view = self.peer_view.entry(event.namespace.clone()).or_default();
@@ -860,8 +878,11 @@ impl Session {
             }
             let size = credit_size(&event);
             bytes += size;
-            *self.sent_bytes.entry(event.namespace.clone()).or_default() += size;
+            *run_bytes += size;
             out.push(event);
+        }
+        if let Some((ns, _, sent)) = run {
+            self.count_sent(ns, sent);
         }
         self.last_sent_seq = last_seq;
         let first_seq = self.unframed.take().map_or(first_seq, |(first, _)| first);

@@ -231,18 +231,16 @@ pub fn router(state: AppState) -> Router {
 /// Counts answers, refuses malformed percent-encoding, and turns a panic into a 500
 /// rather than a dropped connection.
 async fn guard(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    let checked = crate::auth::check(
-        state.auth(),
-        request.method(),
-        request.uri(),
-        request.headers(),
-    );
+    // What the request needs, worked out once for the token check and for residency.
+    let need = crate::auth::need_of(request.method(), request.uri());
+    let checked = crate::auth::check(state.auth(), &need, request.headers());
     let response = if let Some(e) = check_percent_encoding(request.uri().path()) {
         e.into_response()
     } else if let Err(refused) = checked {
         crate::auth::to_response(refused)
-    } else if let Some(refused) = crate::auth::written_namespace(request.method(), request.uri())
-        .and_then(|ns| crate::residency_api::refuse_write(&state, &ns))
+    } else if let Some(refused) = need
+        .written_namespace()
+        .and_then(|ns| crate::residency_api::refuse_write(&state, ns))
     {
         refused.into_response()
     } else {

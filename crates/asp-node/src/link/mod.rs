@@ -12,7 +12,9 @@ use std::time::Instant;
 
 use asp_core::Event;
 use asp_core::NodeId;
-use asp_core::session::{CloseReason, ErrorCode, Frame, Session, SessionConfig, SessionEvent};
+use asp_core::session::{
+    CloseReason, ErrorCode, Frame, Session, SessionConfig, SessionEvent, Withhold,
+};
 use asp_store::{ApplyOutcome, FeedReader, WriteError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, WriteHalf};
 use tokio::net::TcpStream;
@@ -51,7 +53,7 @@ struct Applying {
     repair: Option<u32>,
 }
 
-fn session_config(inner: &Inner, namespaces: Vec<String>) -> SessionConfig {
+fn session_config(inner: &Inner, namespaces: Vec<String>, withhold: Withhold) -> SessionConfig {
     let c = &inner.config;
     SessionConfig {
         node_id: inner.node_id,
@@ -65,7 +67,7 @@ fn session_config(inner: &Inner, namespaces: Vec<String>) -> SessionConfig {
         handshake_timeout: c.handshake_timeout,
         credit_window_bytes: c.credit_window_bytes,
         incarnation: inner.incarnation,
-        withhold: None,
+        withhold: Some(withhold),
     }
 }
 
@@ -209,9 +211,6 @@ struct Link {
     end: Option<LinkEnd>,
     /// What the peer's certificate attests (TLS links only).
     certificate: Option<asp_tls::Identity>,
-    /// Bytes sent to the peer per namespace by its earlier links (this link's are the
-    /// session's).
-    sent_base: std::collections::HashMap<asp_core::Namespace, u64>,
     /// Tests only (`ASP_TEST_CAPTURE_DIR`): every frame this link sends, as encoded.
     capture: Option<std::fs::File>,
 }
@@ -255,8 +254,7 @@ impl Link {
             .map(|c| c.labels.clone())
             .unwrap_or_default();
         let withhold = inner.residency.withhold_for(labels);
-        let mut config = session_config(&inner, namespaces.clone());
-        config.withhold = Some(withhold.clone());
+        let config = session_config(&inner, namespaces.clone(), withhold.clone());
         let session = match direction {
             Direction::Outbound => Session::new(config, Instant::now()),
             Direction::Inbound => Session::accept(config, Instant::now()),
@@ -291,7 +289,6 @@ impl Link {
             gate_closed: false,
             end: None,
             certificate,
-            sent_base: std::collections::HashMap::new(),
             capture,
         }
     }
@@ -518,14 +515,12 @@ impl Link {
                         .set_peer(peer, info.version, info.namespaces.clone());
                     let namespaces = Arc::new(info.namespaces.clone());
                     let certificate = self.certificate.clone();
-                    let base = self.with_record(|r| {
+                    self.with_record(|r| {
                         r.namespaces = Some(namespaces);
                         if certificate.is_some() {
                             r.certificate = certificate;
                         }
-                        r.sent_bytes.clone()
                     });
-                    self.sent_base = base.unwrap_or_default();
                     let checkpoint = self.inner.store.checkpoint(peer);
                     self.reader = Some(self.inner.store.feed_reader(None, checkpoint));
                     self.sent_through = checkpoint;
@@ -805,13 +800,17 @@ impl Link {
         }
     }
 
-    /// Copies this link's bytes sent per namespace into the peer's record.
-    fn record_sent_bytes(&self) {
-        let mut total = self.sent_base.clone();
-        for (ns, bytes) in self.session.sent_bytes() {
-            *total.entry(ns.clone()).or_default() += bytes;
+    /// Adds the bytes sent per namespace since the last call to the peer's record.
+    fn record_sent_bytes(&mut self) {
+        let sent = self.session.take_sent_bytes();
+        if sent.is_empty() {
+            return;
         }
-        self.with_record(|r| r.sent_bytes = total);
+        self.with_record(|r| {
+            for (ns, bytes) in sent {
+                *r.sent_bytes.entry(ns).or_default() += bytes;
+            }
+        });
     }
 
     async fn refresh_summary(&mut self) {
