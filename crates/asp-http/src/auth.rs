@@ -132,10 +132,16 @@ pub(crate) fn need_of(method: &Method, uri: &Uri) -> Need {
         "/healthz" | "/v1/openapi.json" => return Need::Open,
         "/metrics" => return Need::Metrics,
         "/v1/status" => return access(None, Op::Read, NeedKeys::Any),
-        "/v1/admin/compact" | "/v1/admin/scrub" | "/v1/admin/tokens/revoke" => {
+        "/v1/admin/compact"
+        | "/v1/admin/scrub"
+        | "/v1/admin/tokens/revoke"
+        | "/v1/admin/shares" => {
             return access(None, Op::Admin, NeedKeys::Any);
         }
         _ => {}
+    }
+    if path.starts_with("/v1/admin/shares/") {
+        return access(None, Op::Admin, NeedKeys::Any);
     }
     if let Some(rest) = path.strip_prefix("/v1/admin/quarantine/") {
         let ns = rest.split('/').next().and_then(decode);
@@ -331,6 +337,8 @@ mod tests {
             "/v1/admin/compact",
             "/v1/admin/scrub",
             "/v1/admin/tokens/revoke",
+            "/v1/admin/shares",
+            "/v1/admin/shares/0123456789abcdef/revoke",
         ] {
             assert_eq!(
                 need(Method::POST, p),

@@ -14,6 +14,7 @@ mod preconditions;
 mod residency_api;
 mod routes;
 mod server;
+mod shares_api;
 
 pub use error::ApiError;
 pub use routes::{ApiConfig, AppState, DEFAULT_REQUEST_BYTES_MAX, router};

@@ -17,6 +17,7 @@
 
 pub mod audit;
 mod config;
+pub mod federation;
 mod link;
 mod metrics;
 mod registry;

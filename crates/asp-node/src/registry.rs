@@ -185,6 +185,7 @@ pub(crate) struct Inner {
     pub metrics: Metrics,
     pub residency: Arc<crate::residency::Residency>,
     pub audit: Arc<crate::audit::Audit>,
+    pub federation: Arc<crate::federation::Federation>,
 }
 
 impl Inner {

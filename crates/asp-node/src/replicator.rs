@@ -149,6 +149,10 @@ impl Replicator {
         };
         let listen = listener.as_ref().and_then(|l| l.local_addr().ok());
         let audit = Arc::new(crate::audit::Audit::new(store.clone(), store.node_id()));
+        let federation = Arc::new(crate::federation::Federation::new(
+            store.node_id(),
+            config.tls.clone(),
+        ));
         let inner = Arc::new(Inner {
             node_id: store.node_id(),
             incarnation: rand::random::<u64>() | 1,
@@ -161,6 +165,7 @@ impl Replicator {
             metrics: Metrics::default(),
             residency: Arc::default(),
             audit,
+            federation,
         });
         let mut tasks = JoinSet::new();
         // Residency rules are known before any link sends anything.
@@ -171,6 +176,28 @@ impl Replicator {
                 .map_err(|e| StartError::Config(e.to_string()))?
                 .map_err(StartError::Config)?;
         }
+        // Shares (the partner CAs trusted) and members are known before any link
+        // starts; with TLS, this node is a member from its first start.
+        {
+            let (f, s) = (inner.federation.clone(), inner.store.clone());
+            tokio::task::spawn_blocking(move || f.reload(&s))
+                .await
+                .map_err(|e| StartError::Config(e.to_string()))?
+                .map_err(StartError::Config)?;
+            // Membership matters to federated links only, which need TLS: a plain node
+            // writes nothing.
+            if let Some(tls) = &inner.config.tls {
+                let name = tls.current().identity.name.clone();
+                if let Err(e) = inner.federation.register(&inner.store, &name).await {
+                    tracing::warn!(error = %e, "cannot write this node into the member list");
+                }
+            }
+        }
+        tasks.spawn(crate::federation::follow(
+            inner.federation.clone(),
+            inner.store.clone(),
+            inner.shutdown.clone(),
+        ));
         tasks.spawn(crate::residency::follow(
             inner.residency.clone(),
             inner.store.clone(),
@@ -206,6 +233,16 @@ impl Replicator {
     /// The node's audit log.
     pub fn audit(&self) -> Arc<crate::audit::Audit> {
         self.inner.audit.clone()
+    }
+
+    /// The shares this node knows (federation with other clusters).
+    pub fn federation(&self) -> Arc<crate::federation::Federation> {
+        self.inner.federation.clone()
+    }
+
+    /// The cluster this node belongs to.
+    pub fn cluster_id(&self) -> &str {
+        &self.inner.config.cluster_id
     }
 
     /// The residency rules this node knows.

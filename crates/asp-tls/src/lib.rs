@@ -24,6 +24,7 @@ use rustls::server::WebPkiClientVerifier;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 pub mod issue;
+pub mod share;
 mod watch;
 
 pub use watch::{ReloadMetrics, ReloadOutcome, reload_once, watch};
@@ -72,6 +73,9 @@ pub struct Identity {
     pub serial: String,
     /// When it stops being valid, seconds since the Unix epoch.
     pub not_after: i64,
+    /// The issuer's name, DER: which CA (this cluster's, or a partner's through a
+    /// share) vouches for the peer.
+    pub issuer: Vec<u8>,
 }
 
 impl Identity {
@@ -83,6 +87,7 @@ impl Identity {
         let mut identity = Identity {
             serial: x509.raw_serial_as_string().replace(':', ""),
             not_after: x509.validity().not_after.timestamp(),
+            issuer: x509.issuer().as_raw().to_vec(),
             ..Identity::default()
         };
         if let Ok(Some(san)) = x509.subject_alternative_name() {
@@ -119,6 +124,13 @@ pub struct Material {
     pub api_acceptor: TlsAcceptor,
     /// What this node's own certificate attests.
     pub identity: Identity,
+    /// This cluster's CA bundle, DER.
+    pub own_ca: Vec<CertificateDer<'static>>,
+    /// The subject names of [`Material::own_ca`], DER: a peer whose certificate one of
+    /// them issued is a member of this cluster.
+    pub own_ca_subjects: Vec<Vec<u8>>,
+    /// Partner CAs (from accepted shares) trusted for peer links besides the bundle.
+    pub partners: Vec<Vec<u8>>,
     /// The file contents these were built from (to see whether a reload changes them).
     contents: [Vec<u8>; 3],
 }
@@ -184,10 +196,20 @@ impl Material {
             read("key", &paths.key)?,
             read("CA bundle", &paths.ca)?,
         ];
-        Material::build(paths, contents)
+        Material::build(paths, contents, Vec::new())
     }
 
-    fn build(paths: &TlsPaths, contents: [Vec<u8>; 3]) -> Result<Material, TlsError> {
+    /// Whether a peer's certificate (its [`Identity::issuer`]) comes from this cluster's
+    /// CA.
+    pub fn is_member(&self, peer: &Identity) -> bool {
+        self.own_ca_subjects.contains(&peer.issuer)
+    }
+
+    fn build(
+        paths: &TlsPaths,
+        contents: [Vec<u8>; 3],
+        partners: Vec<Vec<u8>>,
+    ) -> Result<Material, TlsError> {
         let chain = parse_certs("certificate", &paths.cert, &contents[0])?;
         let key = PrivateKeyDer::from_pem_slice(&contents[1]).map_err(|e| TlsError::Pem {
             what: "key",
@@ -195,7 +217,18 @@ impl Material {
             kind: "private key",
             detail: e.to_string(),
         })?;
-        let roots = roots(&paths.ca, &contents[2])?;
+        let own_ca = parse_certs("CA bundle", &paths.ca, &contents[2])?;
+        let own_ca_subjects = own_ca
+            .iter()
+            .map(|c| share::subject_of(c.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut roots = (*roots(&paths.ca, &contents[2])?).clone();
+        for partner in &partners {
+            if roots.add(CertificateDer::from(partner.clone())).is_err() {
+                tracing::warn!("a partner CA from a share is not a usable trust anchor");
+            }
+        }
+        let roots = Arc::new(roots);
         let provider = provider();
         let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()
@@ -233,6 +266,9 @@ impl Material {
             peer_connector: TlsConnector::from(Arc::new(peer_client)),
             api_acceptor: TlsAcceptor::from(Arc::new(api_server)),
             identity,
+            own_ca,
+            own_ca_subjects,
+            partners,
             contents,
         })
     }
@@ -291,6 +327,21 @@ impl Tls {
         }))
     }
 
+    /// Trusts exactly these partner CAs (DER, from accepted shares) for peer links
+    /// besides the CA bundle, from the next link on. Returns whether that changed.
+    pub fn set_partners(&self, mut partners: Vec<Vec<u8>>) -> Result<bool, TlsError> {
+        partners.sort();
+        partners.dedup();
+        let _serial = self.failed.lock().unwrap();
+        let current = self.current();
+        if current.partners == partners {
+            return Ok(false);
+        }
+        let material = Material::build(&self.paths, current.contents.clone(), partners)?;
+        *self.current.write().unwrap() = Arc::new(material);
+        Ok(true)
+    }
+
     /// The reload counter, to register with the node's metrics.
     pub fn metrics(&self) -> &ReloadMetrics {
         &self.metrics
@@ -336,7 +387,8 @@ impl Tls {
         if contents == self.current().contents || (!again && failed.as_ref() == Some(&contents)) {
             return Ok(false);
         }
-        match Material::build(&self.paths, contents.clone()) {
+        let partners = self.current().partners.clone();
+        match Material::build(&self.paths, contents.clone(), partners) {
             Ok(material) => {
                 *self.current.write().unwrap() = Arc::new(material);
                 *failed = None;

@@ -272,3 +272,67 @@ fn a_dialer_checks_the_host_it_dialed() {
     ));
     assert!(server_name("bad host:1").is_err());
 }
+
+fn share_terms(a: &Path, b: &Path) -> share::Terms {
+    share::Terms {
+        id: share::new_id(),
+        cluster: "org-a".into(),
+        ca: std::fs::read_to_string(a.join("ca.pem")).unwrap(),
+        peer_ca: std::fs::read_to_string(b.join("ca.pem")).unwrap(),
+        namespaces: vec![share::parse_shared("orders:eu/").unwrap()],
+        ops: vec!["read".into()],
+        require: Default::default(),
+        created_ms: 1,
+        expires_ms: u64::MAX,
+    }
+}
+
+#[test]
+fn a_share_is_signed_by_one_ca_and_countersigned_by_the_other() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    cluster(a.path(), &["a1"]);
+    cluster(b.path(), &["b1"]);
+    let key = |d: &Path| std::fs::read_to_string(d.join("ca.key")).unwrap();
+    let terms = share_terms(a.path(), b.path());
+    // Only the offering CA's key makes an offer.
+    let err = share::offer(&terms, &key(b.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("does not go with"), "{err}");
+    let offer = share::offer(&terms, &key(a.path())).unwrap();
+    // Only the accepting CA's key accepts it.
+    let err = share::accept(&offer, "org-b", &key(a.path()), 2)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("does not go with"), "{err}");
+    let accepted = share::accept(&offer, "org-b", &key(b.path()), 2).unwrap();
+    let text = serde_json::to_vec(&accepted).unwrap();
+    let share = share::Share::parse(&text).unwrap();
+    assert_eq!(share.acceptance.as_ref().unwrap().cluster, "org-b");
+
+    let own = |d: &Path| parse_certs("ca", d, &std::fs::read(d.join("ca.pem")).unwrap()).unwrap();
+    let from_a = share.seen_from(&own(a.path())).unwrap();
+    assert!(from_a.offering && from_a.sends(&share) && !from_a.receives(&share));
+    assert_eq!(from_a.partner_cluster, "org-b");
+    let from_b = share.seen_from(&own(b.path())).unwrap();
+    assert!(!from_b.offering && !from_b.sends(&share) && from_b.receives(&share));
+    let c = tempfile::tempdir().unwrap();
+    cluster(c.path(), &[]);
+    assert!(share.seen_from(&own(c.path())).is_none());
+
+    // Any change to what was signed breaks it: a wider prefix, a second op.
+    for (from, to) in [
+        ("eu/", "e"),
+        ("[\\\"read\\\"]", "[\\\"read\\\",\\\"write\\\"]"),
+    ] {
+        let tampered = String::from_utf8(text.clone()).unwrap().replace(from, to);
+        assert_ne!(tampered.as_bytes(), &text[..], "{from}");
+        let err = share::Share::parse(tampered.as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("signature does not verify"), "{err}");
+    }
+    // `_asp.*` and `*` are never shared.
+    assert!(share::parse_shared("_asp.auth").is_err());
+    assert!(share::parse_shared("*").is_err());
+}

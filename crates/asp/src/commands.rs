@@ -423,3 +423,177 @@ pub async fn token(command: crate::TokenCommand) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+fn read_input(arg: &str) -> anyhow::Result<Vec<u8>> {
+    if arg == "-" {
+        let mut bytes = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut bytes)
+            .context("reading the share from stdin")?;
+        Ok(bytes)
+    } else {
+        std::fs::read(arg).with_context(|| format!("cannot read {arg}"))
+    }
+}
+
+fn write_output(out: Option<&std::path::Path>, text: &str) -> anyhow::Result<()> {
+    match out {
+        Some(path) => {
+            std::fs::write(path, format!("{text}\n"))
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            eprintln!("wrote {}", path.display());
+        }
+        None => println!("{text}"),
+    }
+    Ok(())
+}
+
+fn describe(terms: &asp_tls::share::Terms) -> String {
+    let names: Vec<String> = terms
+        .namespaces
+        .iter()
+        .map(|n| {
+            if n.prefix.is_empty() {
+                n.ns.clone()
+            } else {
+                format!("{}:{}", n.ns, n.prefix)
+            }
+        })
+        .collect();
+    format!(
+        "share {} from cluster {}: {} ({})",
+        terms.id,
+        terms.cluster,
+        names.join(", "),
+        terms.ops.join(",")
+    )
+}
+
+pub async fn share(command: crate::ShareCommand) -> anyhow::Result<ExitCode> {
+    use asp_tls::share;
+    let read_ca = |dir: &std::path::Path| -> anyhow::Result<(String, String)> {
+        let cert = std::fs::read_to_string(dir.join(asp_tls::issue::CA_CERT_FILE))
+            .with_context(|| format!("cannot read {}/ca.pem", dir.display()))?;
+        let key = std::fs::read_to_string(dir.join(asp_tls::issue::CA_KEY_FILE))
+            .with_context(|| format!("cannot read {}/ca.key", dir.display()))?;
+        Ok((cert, key))
+    };
+    match command {
+        crate::ShareCommand::Create {
+            ca_dir,
+            cluster_id,
+            peer_ca,
+            ns,
+            ops,
+            require,
+            ttl,
+            out,
+        } => {
+            let (ca, key) = read_ca(&ca_dir)?;
+            let peer_ca = std::fs::read_to_string(&peer_ca)
+                .with_context(|| format!("cannot read {}", peer_ca.display()))?;
+            let namespaces = ns
+                .iter()
+                .map(|n| share::parse_shared(n))
+                .collect::<Result<Vec<_>, _>>()?;
+            let require = require
+                .iter()
+                .map(|l| asp_tls::issue::parse_label(l))
+                .collect::<Result<std::collections::BTreeMap<_, _>, _>>()?;
+            let now = asp_store::clock::wall_ms();
+            let terms = share::Terms {
+                id: share::new_id(),
+                cluster: cluster_id,
+                ca,
+                peer_ca,
+                namespaces,
+                ops,
+                require,
+                created_ms: now,
+                expires_ms: now
+                    .checked_add(parse_duration_ms(&ttl)?)
+                    .context("--ttl is too long")?,
+            };
+            let document = share::offer(&terms, &key)?;
+            write_output(out.as_deref(), &serde_json::to_string_pretty(&document)?)?;
+            eprintln!(
+                "offered {}; the other cluster accepts it with: asp share accept FILE --ca-dir ITS_CA_DIR --cluster-id ITS_ID",
+                describe(&terms)
+            );
+        }
+        crate::ShareCommand::Accept {
+            file,
+            ca_dir,
+            cluster_id,
+            out,
+            install,
+            node,
+        } => {
+            let bytes = read_input(&file)?;
+            let mut found = share::Share::parse(&bytes)?;
+            if let Some(dir) = ca_dir {
+                let (_, key) = read_ca(&dir)?;
+                let accepted = share::accept(
+                    &found.document,
+                    &cluster_id,
+                    &key,
+                    asp_store::clock::wall_ms(),
+                )?;
+                found = share::Share::check(&accepted)?;
+                if !install || out.is_some() {
+                    write_output(out.as_deref(), &serde_json::to_string_pretty(&accepted)?)?;
+                }
+                eprintln!(
+                    "accepted {} for cluster {cluster_id}; both clusters install this accepted document: asp share accept FILE --install --node URL",
+                    describe(&found.terms)
+                );
+            } else if found.acceptance.is_none() {
+                anyhow::bail!(
+                    "this share is an offer not yet accepted: the cluster it is offered to countersigns it with --ca-dir DIR --cluster-id ID"
+                );
+            }
+            if install {
+                let body = serde_json::to_vec(&found.document)?;
+                let answer = client(&node.node)?
+                    .send(
+                        axum::http::Method::POST,
+                        "/v1/admin/shares",
+                        &[(axum::http::header::CONTENT_TYPE, "application/json")],
+                        Bytes::from(body),
+                    )
+                    .await?
+                    .ok()?;
+                print_json(&answer.json()?);
+            }
+        }
+        crate::ShareCommand::List { node } => {
+            let answer = client(&node.node)?
+                .send(
+                    axum::http::Method::GET,
+                    "/v1/admin/shares",
+                    &[],
+                    Bytes::new(),
+                )
+                .await?
+                .ok()?;
+            print_json(&answer.json()?);
+        }
+        crate::ShareCommand::Revoke { id, node } => {
+            let answer = client(&node.node)?
+                .send(
+                    axum::http::Method::POST,
+                    &format!("/v1/admin/shares/{id}/revoke"),
+                    &[],
+                    Bytes::new(),
+                )
+                .await?
+                .ok()?;
+            let v = answer.json()?;
+            print_json(&v);
+            if let Some(keeps) = v["partner_keeps"].as_str() {
+                eprintln!("revoked share {id}: {keeps}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -55,6 +55,10 @@ enum Command {
     /// Make, narrow, show and revoke bearer tokens for the API (`--auth required`).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Share namespaces with another cluster (federation): create an offer, accept it,
+    /// list and revoke installed shares.
+    #[command(subcommand)]
+    Share(ShareCommand),
     /// Moved to `asp-bench bench`; says so and exits with 2.
     #[command(hide = true, disable_help_flag = true)]
     Bench(MovedArgs),
@@ -257,6 +261,78 @@ enum TokenCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum ShareCommand {
+    /// Offer namespaces to another cluster: signs the share with this cluster's CA key
+    /// and prints it (JSON) on stdout, for the other cluster to accept.
+    Create {
+        /// This cluster's CA directory (ca.pem and ca.key, from `asp cert init`).
+        #[arg(long, value_name = "DIR")]
+        ca_dir: PathBuf,
+        /// This cluster's id (the nodes' --cluster-id).
+        #[arg(long, value_name = "ID", default_value = "default")]
+        cluster_id: String,
+        /// The other cluster's CA certificate (its ca.pem).
+        #[arg(long, value_name = "FILE")]
+        peer_ca: PathBuf,
+        /// A namespace to share, NS or NS:KEYPREFIX; comma-separated or repeated.
+        #[arg(
+            long,
+            value_name = "NS[:PREFIX]",
+            value_delimiter = ',',
+            required = true
+        )]
+        ns: Vec<String>,
+        /// read: the other cluster receives the namespaces; write: it may send changes
+        /// to them; comma-separated.
+        #[arg(long, value_name = "OPS", value_delimiter = ',', required = true)]
+        ops: Vec<String>,
+        /// A label every node of the other cluster must attest (its certificate) to
+        /// receive anything, key=value; repeat for several.
+        #[arg(long = "require", value_name = "K=V")]
+        require: Vec<String>,
+        /// Valid for this long: a number with s, m, h or d.
+        #[arg(long, value_name = "DURATION", default_value = "30d")]
+        ttl: String,
+        /// Write the share here instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Accept a share: with --ca-dir (the accepting cluster), countersign an offer;
+    /// with --install, install the accepted share on a node of this cluster (both
+    /// clusters install the same accepted document).
+    Accept {
+        /// The share document ("-": stdin).
+        file: String,
+        /// This cluster's CA directory: countersign the offer made to it.
+        #[arg(long, value_name = "DIR")]
+        ca_dir: Option<PathBuf>,
+        /// This cluster's id (with --ca-dir; the nodes' --cluster-id).
+        #[arg(long, value_name = "ID", default_value = "default")]
+        cluster_id: String,
+        /// Write the accepted share here (with --ca-dir) [default: stdout].
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Install the accepted share on the node given by --node (needs admin).
+        #[arg(long)]
+        install: bool,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// List the shares installed on a node's cluster.
+    List {
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Revoke a share for the whole cluster: links under it close at once (needs admin).
+    Revoke {
+        /// The share's id.
+        id: String,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+}
+
 #[derive(Args, Clone)]
 pub struct NodeArgs {
     /// The node's API.
@@ -288,7 +364,13 @@ fn node_args(command: &Command) -> Option<&NodeArgs> {
         Command::Incr(a) => &a.target.node,
         Command::Quarantine(a) => &a.node,
         Command::Token(TokenCommand::Revoke { node, .. }) => node,
+        Command::Share(
+            ShareCommand::Accept { node, .. }
+            | ShareCommand::List { node }
+            | ShareCommand::Revoke { node, .. },
+        ) => node,
         Command::Serve(_)
+        | Command::Share(ShareCommand::Create { .. })
         | Command::Cert(_)
         | Command::Token(_)
         | Command::Bench(_)
@@ -495,6 +577,7 @@ fn main() -> ExitCode {
             }
             Command::Cert(c) => commands::cert(c),
             Command::Token(t) => commands::token(t).await,
+            Command::Share(s) => commands::share(s).await,
             Command::Bench(a) => Ok(moved("bench", &a)),
             Command::Demo(a) => Ok(moved("demo", &a)),
         }

@@ -58,6 +58,32 @@ pub struct SessionConfig {
     /// Namespaces kept from this peer whatever the lists say (residency), asked at
     /// every use: rules may change while the link is up.
     pub withhold: Option<Withhold>,
+    /// Set on a link to another cluster (through a share): what it may carry.
+    pub federation: Option<Federation>,
+}
+
+/// A link between two clusters: the peer presents its own cluster's id, and every
+/// event either way passes the share's rules (namespace, key prefix, direction,
+/// origin).
+#[derive(Clone)]
+pub struct Federation {
+    /// The cluster id the peer must present (the other cluster's).
+    pub peer_cluster_id: String,
+    /// Whether an event may go to the peer.
+    pub may_send: std::sync::Arc<dyn Fn(&Event) -> bool + Send + Sync>,
+    /// Why an event from the peer is refused, if it is.
+    pub refuses: Refuses,
+}
+
+/// Why an event from a federated peer is refused (`None`: taken).
+pub type Refuses = std::sync::Arc<dyn Fn(&Event) -> Option<String> + Send + Sync>;
+
+impl std::fmt::Debug for Federation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Federation")
+            .field("peer_cluster_id", &self.peer_cluster_id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A predicate over namespaces: `true` means nothing of the namespace goes to the peer.
@@ -91,6 +117,7 @@ impl SessionConfig {
             credit_window_bytes: 8 << 20,
             incarnation: 0,
             withhold: None,
+            federation: None,
         }
     }
 }
@@ -520,10 +547,12 @@ impl Session {
         // The cluster id is what a process must know to pass as a member: compared
         // in constant time, so the time a refusal takes says nothing of how much of it
         // a guess got right.
-        if !constant_time_eq(
-            hello.cluster_id.as_bytes(),
-            self.config.cluster_id.as_bytes(),
-        ) {
+        // A link to another cluster (through a share) expects that cluster's id.
+        let expected = match &self.config.federation {
+            Some(f) => f.peer_cluster_id.as_bytes(),
+            None => self.config.cluster_id.as_bytes(),
+        };
+        if !constant_time_eq(hello.cluster_id.as_bytes(), expected) {
             // The peer is told only that its cluster id is not this node's: naming this
             // node's would hand any process that can reach the port what it needs to
             // pass as a member.
@@ -646,6 +675,16 @@ impl Session {
                 self.close(ErrorCode::Protocol, message, now);
                 return None;
             }
+            if let Some(reason) = self
+                .config
+                .federation
+                .as_ref()
+                .and_then(|f| (f.refuses)(event))
+            {
+                let message = format!("{what} refused by the share: {reason}");
+                self.close(ErrorCode::Protocol, message, now);
+                return None;
+            }
             bytes += credit_size(event);
             // The peer holds what it sends: never send it back.
             self.peer_view
@@ -734,9 +773,12 @@ impl Session {
     /// Sends repair events for reconciliation `id`, whatever the peer's vector says
     /// (reconciliation found it lacks them), charged to its credit. Call while
     /// [`Session::credit`] is positive.
-    pub fn send_repair(&mut self, id: u32, events: Vec<Event>, now: Instant) -> u64 {
+    pub fn send_repair(&mut self, id: u32, mut events: Vec<Event>, now: Instant) -> u64 {
         if self.state != State::Established {
             return 0;
+        }
+        if let Some(f) = &self.config.federation {
+            events.retain(|e| (f.may_send)(e));
         }
         let mut bytes = 0;
         for event in &events {
@@ -870,6 +912,14 @@ impl Session {
             }
             let (_, wants, run_bytes) = run.as_mut().expect("just set");
             if !*wants {
+                continue;
+            }
+            if self
+                .config
+                .federation
+                .as_ref()
+                .is_some_and(|f| !(f.may_send)(&event))
+            {
                 continue;
             }
             let view = self.peer_view.entry(event.namespace.clone()).or_default();

@@ -831,3 +831,79 @@ fn constant_time_eq_is_equality() {
     assert!(!eq(b"", b"\0"));
     assert!(!eq(b"a", b""));
 }
+
+/// A link between clusters "a" and "b": each side sends only namespace `shared` with
+/// keys under `k1`, and refuses anything else (and the other cluster's claim to an
+/// origin of its own, node 1 on side a).
+fn federated(n: u64, own: &str, other: &str) -> SessionConfig {
+    let mut c = SessionConfig::new(node(n), own);
+    c.namespaces = vec!["shared".into()];
+    let allowed = |e: &Event| e.namespace.as_str() == "shared" && e.key.as_str().starts_with("k1");
+    c.federation = Some(Federation {
+        peer_cluster_id: other.into(),
+        may_send: std::sync::Arc::new(allowed),
+        refuses: std::sync::Arc::new(move |e: &Event| {
+            if !allowed(e) {
+                Some("outside the share".into())
+            } else if n == 1 && e.dot.origin == node(1) {
+                Some("an origin of this cluster".into())
+            } else {
+                None
+            }
+        }),
+    });
+    c
+}
+
+#[test]
+fn a_link_to_another_cluster_carries_only_what_the_share_allows() {
+    // Without federation, two clusters do not meet; with it, each expects the other's id.
+    let mut pair = Pair::new(federated(1, "a", "b"), federated(2, "b", "a"));
+    assert!(closed(&pair.a_events).is_none(), "{:?}", pair.a_events);
+    let mut wrong = Pair::new(federated(1, "a", "c"), federated(2, "b", "a"));
+    assert_eq!(
+        closed(&wrong.a_events).map(|r| r.code),
+        Some(ErrorCode::ClusterMismatch)
+    );
+    wrong.pump();
+
+    pair.summaries(vec![], vec![]);
+    // k1 goes, k2 and k10's sibling under another key do not.
+    let (sent, _) = pair.a.send_events(
+        1,
+        2,
+        vec![event("shared", 1, 1), event("shared", 1, 2)],
+        pair.now,
+    );
+    assert_eq!(sent, 1);
+    pair.pump();
+    assert_eq!(
+        delivered(&pair.b_events),
+        vec![(
+            1,
+            2,
+            vec![Dot {
+                origin: node(1),
+                counter: 1
+            }]
+        )]
+    );
+
+    // b sends a's own origin back: a refuses it and closes the link.
+    let (sent, _) = pair
+        .b
+        .send_events(1, 1, vec![event("shared", 1, 1)], pair.now);
+    assert_eq!(
+        sent, 0,
+        "b holds it from a: the view keeps it from going back"
+    );
+    let mut forged = event("shared", 1, 13);
+    forged.key = Key::new("k1x").unwrap();
+    pair.b.send_events(2, 2, vec![forged], pair.now);
+    pair.pump();
+    let reason = closed(&pair.a_events).expect("a closes");
+    assert!(
+        reason.message.contains("an origin of this cluster"),
+        "{reason:?}"
+    );
+}

@@ -198,6 +198,14 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/admin/scrub", post(admin::scrub))
         .route("/v1/admin/tokens/revoke", post(admin::revoke_token))
+        .route(
+            "/v1/admin/shares",
+            get(crate::shares_api::list).post(crate::shares_api::install),
+        )
+        .route(
+            "/v1/admin/shares/{id}/revoke",
+            post(crate::shares_api::revoke),
+        )
         .route("/v1/openapi.json", get(admin::openapi))
         .route("/v1/ns/{ns}/kv", get(keys::list_keys))
         .route(
@@ -324,7 +332,7 @@ async fn empty_key() -> ApiError {
     )
 }
 
-fn path_error(e: PathRejection) -> ApiError {
+pub(crate) fn path_error(e: PathRejection) -> ApiError {
     ApiError::bad_request(
         "invalid_path",
         format!(

@@ -22,6 +22,7 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_rustls::TlsStream;
 
+use crate::federation::Rights;
 use crate::metrics::RefusalLabels;
 use crate::registry::{self, Direction, Inner, error_pair, peer_labels, wall_ms};
 
@@ -53,7 +54,12 @@ struct Applying {
     repair: Option<u32>,
 }
 
-fn session_config(inner: &Inner, namespaces: Vec<String>, withhold: Withhold) -> SessionConfig {
+fn session_config(
+    inner: &Inner,
+    namespaces: Vec<String>,
+    withhold: Withhold,
+    federation: Option<asp_core::session::Federation>,
+) -> SessionConfig {
     let c = &inner.config;
     SessionConfig {
         node_id: inner.node_id,
@@ -68,6 +74,7 @@ fn session_config(inner: &Inner, namespaces: Vec<String>, withhold: Withhold) ->
         credit_window_bytes: c.credit_window_bytes,
         incarnation: inner.incarnation,
         withhold: Some(withhold),
+        federation,
     }
 }
 
@@ -88,9 +95,9 @@ async fn upgrade(
     stream: TcpStream,
     direction: Direction,
     address: &str,
-) -> Result<(PeerStream, Option<asp_tls::Identity>), String> {
+) -> Result<(PeerStream, Option<asp_tls::Identity>, Option<Rights>), String> {
     let Some(tls) = &inner.config.tls else {
-        return Ok((PeerStream::Plain(stream), None));
+        return Ok((PeerStream::Plain(stream), None, None));
     };
     let material = tls.current();
     if direction == Direction::Inbound {
@@ -147,7 +154,23 @@ async fn upgrade(
             )
         })??;
     let identity = asp_tls::peer_identity(stream.get_ref().1);
-    Ok((PeerStream::Tls(Box::new(stream)), identity))
+    // A certificate from this cluster's CA makes a member; one from a partner CA, a
+    // federated link with the rights of the shares that name that CA.
+    let mut rights = None;
+    if let Some(peer) = &identity
+        && !material.is_member(peer)
+    {
+        match inner.federation.rights_for(peer, wall_ms()) {
+            Some(r) => rights = Some(r),
+            None => {
+                return Err(format!(
+                    "the certificate of {address} ({}) is not from this cluster's CA, and no active share names its CA (revoked or expired?)",
+                    peer.name
+                ));
+            }
+        }
+    }
+    Ok((PeerStream::Tls(Box::new(stream)), identity, rights))
 }
 
 /// Runs a link until it ends; registers and unregisters it.
@@ -160,8 +183,8 @@ pub(crate) async fn run(
     let _ = stream.set_nodelay(true);
     let (id, close_rx) = registry::register_link(&inner, direction, address.clone());
     let end = match upgrade(&inner, stream, direction, &address).await {
-        Ok((stream, identity)) => {
-            Link::new(inner.clone(), id, direction, address, identity)
+        Ok((stream, identity, rights)) => {
+            Link::new(inner.clone(), id, direction, address, identity, rights)
                 .drive(stream, close_rx)
                 .await
         }
@@ -211,6 +234,8 @@ struct Link {
     end: Option<LinkEnd>,
     /// What the peer's certificate attests (TLS links only).
     certificate: Option<asp_tls::Identity>,
+    /// A link to another cluster: what the shares with it allow.
+    federated: Option<Rights>,
     /// Tests only (`ASP_TEST_CAPTURE_DIR`): every frame this link sends, as encoded.
     capture: Option<std::fs::File>,
 }
@@ -241,25 +266,47 @@ impl Link {
         direction: Direction,
         address: String,
         certificate: Option<asp_tls::Identity>,
+        federated: Option<Rights>,
     ) -> Link {
         // What this node replicates with this peer: its own list, narrowed by the
-        // rights of the name the peer's certificate attests.
-        let namespaces = inner
-            .config
-            .namespaces_with(certificate.as_ref().map(|c| c.name.as_str()));
+        // rights of the name the peer's certificate attests — or, with another
+        // cluster, by the shares with it.
+        let namespaces = match &federated {
+            Some(rights) => {
+                asp_core::session::intersect(&inner.config.namespaces, &rights.namespaces())
+            }
+            None => inner
+                .config
+                .namespaces_with(certificate.as_ref().map(|c| c.name.as_str())),
+        };
         // Residency: pinned namespaces go only to peers whose certificate attests the
         // labels their rule requires (a plain link attests none).
         let labels = certificate
             .as_ref()
             .map(|c| c.labels.clone())
             .unwrap_or_default();
-        let withhold = inner.residency.withhold_for(labels);
-        let config = session_config(&inner, namespaces.clone(), withhold.clone());
+        let mut withhold = inner.residency.withhold_for(labels);
+        let mut federation = None;
+        let mut reconciled = namespaces.clone();
+        if let Some(rights) = &federated {
+            // Namespaces shared only towards this cluster are withheld whole (their
+            // summaries too); prefixes are checked per event by the session.
+            let residency = withhold.clone();
+            let send = rights.send.clone();
+            withhold = Withhold(Arc::new(move |ns| {
+                residency.withholds(ns) || !send.contains_key(ns.as_str())
+            }));
+            federation = Some(inner.federation.session_rules(rights));
+            // No reconciliation across clusters: each hashes with its own key, and the
+            // feed (with checkpoints) carries every current value.
+            reconciled = Vec::new();
+        }
+        let config = session_config(&inner, namespaces.clone(), withhold.clone(), federation);
         let session = match direction {
             Direction::Outbound => Session::new(config, Instant::now()),
             Direction::Inbound => Session::accept(config, Instant::now()),
         };
-        let mut reconciler = reconcile::new_reconciler(&inner, namespaces);
+        let mut reconciler = reconcile::new_reconciler(&inner, reconciled);
         reconciler.set_withhold(Some(withhold));
         let capture = capture_file(
             &inner,
@@ -289,6 +336,7 @@ impl Link {
             gate_closed: false,
             end: None,
             certificate,
+            federated,
             capture,
         }
     }
@@ -326,6 +374,8 @@ impl Link {
         ae_tick.tick().await;
         let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
         let mut close_pending = true;
+        let mut shares = self.inner.federation.subscribe();
+        shares.mark_unchanged();
         let send_queue_max = self.inner.config.send_queue_bytes_max;
 
         loop {
@@ -372,6 +422,11 @@ impl Link {
                     }
                 }
                 () = drained.notified(), if writer_full => {}
+                changed = shares.changed(), if self.federated.is_some() => {
+                    if changed.is_ok() {
+                        self.check_shares();
+                    }
+                }
                 _ = summary_tick.tick() => {
                     let due = self.last_summary.is_none_or(|(at, namespaces)| {
                         let every = self.inner.config.summary_interval
@@ -801,10 +856,37 @@ impl Link {
     }
 
     /// Adds the bytes sent per namespace since the last call to the peer's record.
+    /// A federated link after shares changed: closes at once if its rights are not
+    /// what they were (a share revoked, expired or added: the link starts again with
+    /// the new rights, if any).
+    fn check_shares(&mut self) {
+        let (Some(rights), Some(peer)) = (&self.federated, &self.certificate) else {
+            return;
+        };
+        let now = self.inner.federation.rights_for(peer, wall_ms());
+        if now.as_ref() == Some(rights) {
+            return;
+        }
+        let message = format!(
+            "the shares with cluster {} changed (revoked, expired or added): the link closes",
+            rights.partner_cluster
+        );
+        tracing::info!(peer = %self.address, "{message}");
+        self.session
+            .close(ErrorCode::Protocol, message, Instant::now());
+    }
+
     fn record_sent_bytes(&mut self) {
         let sent = self.session.take_sent_bytes();
         if sent.is_empty() {
             return;
+        }
+        if let Some(rights) = &self.federated {
+            for (ns, bytes) in &sent {
+                if let Some(share) = rights.share_of(ns) {
+                    self.inner.federation.count_sent(share, ns, *bytes);
+                }
+            }
         }
         self.with_record(|r| {
             for (ns, bytes) in sent {
