@@ -51,7 +51,7 @@ fn token_mac(
     data.extend_from_slice(&(key.as_str().len() as u32).to_le_bytes());
     data.extend_from_slice(key.as_str().as_bytes());
     data.extend_from_slice(context);
-    let h = store.item_key().key_hash(&data);
+    let h = store.context_key().key_hash(&data);
     h[..TOKEN_MAC_BYTES].try_into().expect("16 bytes")
 }
 
@@ -84,7 +84,10 @@ pub fn write_context(
         return Err(invalid("too short"));
     }
     let (context, mac) = bytes.split_at(bytes.len() - TOKEN_MAC_BYTES);
-    if token_mac(store, namespace, key, context) != mac {
+    // Compared in constant time: how long a refusal takes says nothing of how many
+    // bytes of a guess were right.
+    let expected = token_mac(store, namespace, key, context);
+    if !asp_core::session::constant_time_eq(&expected, mac) {
         return Err(invalid(
             "its signature does not match (forged, damaged, or from another key)",
         ));

@@ -84,6 +84,10 @@ pub struct Rights {
     pub receive: BTreeMap<String, Vec<String>>,
     /// Namespace → the first share naming it (what bytes sent are counted under).
     pub share_by_namespace: BTreeMap<String, String>,
+    /// The peer's labels that count for this cluster's residency rules: only those a
+    /// share this cluster offered requires (its own signed terms), never what the
+    /// other CA attests on its own.
+    pub attested: crate::residency::Labels,
 }
 
 fn under(prefixes: Option<&Vec<String>>, key: &str) -> bool {
@@ -203,6 +207,11 @@ impl Federation {
             // only if their certificates attest the labels it requires.
             let labels_ok =
                 !i.side.offering || crate::residency::matches(&terms.require, &peer.labels);
+            if i.side.offering && labels_ok {
+                rights
+                    .attested
+                    .extend(terms.require.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
             for SharedNamespace { ns, prefix } in &terms.namespaces {
                 rights
                     .share_by_namespace

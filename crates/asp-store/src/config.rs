@@ -103,6 +103,10 @@ pub struct StoreConfig {
     /// node of a cluster must use the same; keep it secret from clients, so that they
     /// cannot choose keys whose items collide.
     pub item_key: ItemKey,
+    /// The key of the keyed hash that authenticates context tokens (siblings reads):
+    /// the same on every node of a cluster, and separate from `item_key` (one purpose
+    /// per key).
+    pub context_key: ItemKey,
     /// Reconciliation symbols kept up to date per namespace, at most (each 48 bytes in
     /// memory; a namespace keeps about a quarter as many as it has keys, at least 64).
     /// Differences up to about 70% of its window reconcile without a scan. 0 keeps
@@ -199,6 +203,7 @@ impl StoreConfig {
             index_cache_bytes: 32 << 20,
             index_memtable_bytes: 8 << 20,
             item_key: ItemKey::new(*b"asp item key v1!"),
+            context_key: ItemKey::new(*b"asp context key!"),
             reconcile_window: Self::RECONCILE_WINDOW_ON,
             compaction_retention_ms: Self::DEFAULT_COMPACTION_RETENTION_MS,
             compaction_namespace_retention_ms: BTreeMap::new(),

@@ -114,8 +114,9 @@ pub struct ReplicationSection {
     pub idle_timeout_ms: Option<u64>,
     /// How often each namespace's digest is compared with each peer's (0: never).
     pub anti_entropy_interval_ms: Option<u64>,
-    /// The cluster's secret key for reconciliation hashes: 32 hex digits, the same on
-    /// every node. Without it the key is derived from the cluster id.
+    /// The cluster's secret: 32 hex digits, the same on every node. Reconciliation
+    /// hashes are keyed with it, context tokens with a key derived from it under a
+    /// label of their own. Without it both keys are derived from the cluster id.
     pub reconcile_key: Option<String>,
     /// After a restart, how long local writes wait for a peer to say which of this
     /// node's own events it holds (0: never wait).
@@ -510,10 +511,21 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
         replication.version_min = min;
         replication.version_max = max;
     }
-    store.item_key = match &section.reconcile_key {
-        Some(hex) => parse_key(hex)?,
-        None => ItemKey::derive(replication.cluster_id.as_bytes()),
+    // One secret (or, without one, the cluster id), one key per purpose: the
+    // reconciliation key is the secret itself (as before: peers of earlier builds
+    // keep reconciling), the context-token key a derivation under its own label.
+    let (item_key, secret) = match &section.reconcile_key {
+        Some(hex) => {
+            let key = parse_key(hex)?;
+            (key, hex.to_ascii_lowercase().into_bytes())
+        }
+        None => (
+            ItemKey::derive(replication.cluster_id.as_bytes()),
+            replication.cluster_id.as_bytes().to_vec(),
+        ),
     };
+    store.item_key = item_key;
+    store.context_key = ItemKey::derive(&[b"asp context tokens\0".as_slice(), &secret].concat());
     replication
         .validate()
         .map_err(|e| anyhow::anyhow!("invalid replication configuration: {e}"))?;
@@ -627,6 +639,10 @@ mod tests {
             keyed.store.item_key,
             ItemKey::new(std::array::from_fn(|i| i as u8))
         );
+        // Context tokens have a key of their own, from the same secret (or cluster id).
+        assert_ne!(keyed.store.context_key, keyed.store.item_key);
+        assert_ne!(defaults.store.context_key, defaults.store.item_key);
+        assert_ne!(keyed.store.context_key, defaults.store.context_key);
         let short: FileConfig = toml::from_str("[replication]\nreconcile_key = \"abc\"").unwrap();
         let e = resolve(short, Overrides::default())
             .err()

@@ -439,3 +439,23 @@ pub fn credit_size(event: &Event) -> u64 {
     };
     64 + event.key.as_str().len() as u64 + value as u64 + event.context.len() as u64
 }
+
+/// A frame's name, for messages.
+pub(crate) fn frame_name(frame: &Frame) -> &'static str {
+    match frame {
+        Frame::Hello(_) => "Hello",
+        Frame::Error { .. } => "Error",
+        Frame::Summary(_) => "Summary",
+        Frame::SummaryPart(_) => "SummaryPart",
+        Frame::Events { .. } => "Events",
+        Frame::Ack { .. } => "Ack",
+        Frame::Credit { .. } => "Credit",
+        Frame::Heartbeat { .. } => "Heartbeat",
+        Frame::ReconcileStart { .. } => "ReconcileStart",
+        Frame::ReconcileSymbols { .. } => "ReconcileSymbols",
+        Frame::ReconcileCredit { .. } => "ReconcileCredit",
+        Frame::ReconcileEnd { .. } => "ReconcileEnd",
+        Frame::Repair { .. } => "Repair",
+        Frame::RepairEnd { .. } => "RepairEnd",
+    }
+}

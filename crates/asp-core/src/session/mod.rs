@@ -12,6 +12,9 @@
 
 mod frame;
 mod reconcile;
+mod rules;
+
+use frame::frame_name;
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -22,6 +25,8 @@ pub use frame::{
     ReconcileMode, ReconcileOutcome, SUMMARY_NAMESPACES_MAX, SUMMARY_PART_BYTES,
     SUMMARY_PART_NAMESPACES_MAX, VectorReport, credit_size, summary_parts,
 };
+
+pub use rules::{Federation, Refuses, Withhold, constant_time_eq, intersect, lists};
 
 pub use reconcile::{
     Output as ReconcileOutput, REPAIR_BYTES_MAX, REPAIR_EVENTS_PER_FRAME, REPAIR_KEYS_MAX,
@@ -62,43 +67,11 @@ pub struct SessionConfig {
     pub federation: Option<Federation>,
 }
 
-/// A link between two clusters: the peer presents its own cluster's id, and every
-/// event either way passes the share's rules (namespace, key prefix, direction,
-/// origin).
-#[derive(Clone)]
-pub struct Federation {
-    /// The cluster id the peer must present (the other cluster's).
-    pub peer_cluster_id: String,
-    /// Whether an event may go to the peer.
-    pub may_send: std::sync::Arc<dyn Fn(&Event) -> bool + Send + Sync>,
-    /// Why an event from the peer is refused, if it is.
-    pub refuses: Refuses,
-}
-
-/// Why an event from a federated peer is refused (`None`: taken).
-pub type Refuses = std::sync::Arc<dyn Fn(&Event) -> Option<String> + Send + Sync>;
-
 impl std::fmt::Debug for Federation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Federation")
             .field("peer_cluster_id", &self.peer_cluster_id)
             .finish_non_exhaustive()
-    }
-}
-
-/// A predicate over namespaces: `true` means nothing of the namespace goes to the peer.
-#[derive(Clone)]
-pub struct Withhold(pub std::sync::Arc<dyn Fn(&Namespace) -> bool + Send + Sync>);
-
-impl Withhold {
-    pub fn withholds(&self, namespace: &Namespace) -> bool {
-        (self.0)(namespace)
-    }
-}
-
-impl std::fmt::Debug for Withhold {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Withhold(..)")
     }
 }
 
@@ -991,18 +964,6 @@ impl Session {
     }
 }
 
-/// Whether `a` and `b` are equal, in a time that depends only on their lengths.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = (a.len() ^ b.len()) as u64;
-    for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0);
-        diff |= u64::from(x ^ y);
-    }
-    // Keep the optimizer from turning the loop into an early exit.
-    std::hint::black_box(diff) == 0
-}
-
 fn hello_frame(config: &SessionConfig) -> Frame {
     Frame::Hello(Hello {
         version_min: config.version_min,
@@ -1015,48 +976,6 @@ fn hello_frame(config: &SessionConfig) -> Frame {
         idle_timeout_ms: config.idle_timeout.as_millis().min(u32::MAX as u128) as u32,
         incarnation: config.incarnation,
     })
-}
-
-/// The namespaces of `own` (a node's list: names, or `*`) that `allowed` (a peer's
-/// rights: names, or `*`) also covers, as a list of the same kind.
-pub fn intersect(own: &[String], allowed: &[String]) -> Vec<String> {
-    let all = |l: &[String]| l.iter().any(|n| n == ALL_NAMESPACES);
-    match (all(own), all(allowed)) {
-        (true, true) => vec![ALL_NAMESPACES.to_owned()],
-        (true, false) => allowed.to_vec(),
-        (false, true) => own.to_vec(),
-        (false, false) => own
-            .iter()
-            .filter(|n| allowed.contains(n))
-            .cloned()
-            .collect(),
-    }
-}
-
-/// Whether a node whose Hello listed `names` replicates `namespace`.
-pub fn lists(names: &[String], namespace: &Namespace) -> bool {
-    names
-        .iter()
-        .any(|n| n == ALL_NAMESPACES || n == namespace.as_str())
-}
-
-fn frame_name(frame: &Frame) -> &'static str {
-    match frame {
-        Frame::Hello(_) => "Hello",
-        Frame::Error { .. } => "Error",
-        Frame::Summary(_) => "Summary",
-        Frame::SummaryPart(_) => "SummaryPart",
-        Frame::Events { .. } => "Events",
-        Frame::Ack { .. } => "Ack",
-        Frame::Credit { .. } => "Credit",
-        Frame::Heartbeat { .. } => "Heartbeat",
-        Frame::ReconcileStart { .. } => "ReconcileStart",
-        Frame::ReconcileSymbols { .. } => "ReconcileSymbols",
-        Frame::ReconcileCredit { .. } => "ReconcileCredit",
-        Frame::ReconcileEnd { .. } => "ReconcileEnd",
-        Frame::Repair { .. } => "Repair",
-        Frame::RepairEnd { .. } => "RepairEnd",
-    }
 }
 
 #[cfg(test)]

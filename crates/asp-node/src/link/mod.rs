@@ -27,6 +27,9 @@ use crate::metrics::RefusalLabels;
 use crate::registry::{self, Direction, Inner, error_pair, peer_labels, wall_ms};
 
 mod reconcile;
+mod stream;
+
+use stream::{PeerStream, TLS_HANDSHAKE_RECORD, capture_file, upgrade};
 
 /// Events per frame, at most (frames are also bounded in bytes).
 const EVENTS_PER_FRAME_MAX: usize = 10_000;
@@ -76,101 +79,6 @@ fn session_config(
         withhold: Some(withhold),
         federation,
     }
-}
-
-/// The first byte of a TLS connection (a handshake record).
-const TLS_HANDSHAKE_RECORD: u8 = 0x16;
-
-/// A peer link's connection: plain TCP, or TLS over it.
-enum PeerStream {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-/// With TLS configured, the handshake: the acceptor requires a certificate from the
-/// cluster CA, the dialer checks the acceptor's against the host it dialed. Returns the
-/// stream and what the peer's certificate attests.
-async fn upgrade(
-    inner: &Inner,
-    stream: TcpStream,
-    direction: Direction,
-    address: &str,
-) -> Result<(PeerStream, Option<asp_tls::Identity>, Option<Rights>), String> {
-    let Some(tls) = &inner.config.tls else {
-        return Ok((PeerStream::Plain(stream), None, None));
-    };
-    let material = tls.current();
-    if direction == Direction::Inbound {
-        // A peer without TLS: tell it why in its own framing, then close.
-        let mut first = [0u8; 1];
-        let peeked =
-            tokio::time::timeout(inner.config.handshake_timeout, stream.peek(&mut first)).await;
-        if matches!(peeked, Ok(Ok(1)) if first[0] != TLS_HANDSHAKE_RECORD) {
-            let mut bytes = Vec::new();
-            let refusal = Frame::Error {
-                code: ErrorCode::Protocol,
-                message: "this node requires TLS on peer links (mutual, with a certificate from the cluster CA): start the node with --tls-cert, --tls-key and --tls-ca".into(),
-            };
-            if asp_wire::encode(&refusal, &mut bytes).is_ok() {
-                let _ = stream.try_write(&bytes);
-            }
-            return Err(format!(
-                "the peer at {address} speaks plain TCP; this node requires TLS on peer links"
-            ));
-        }
-    }
-    let handshake = async {
-        match direction {
-            Direction::Inbound => material
-                .peer_acceptor
-                .accept(stream)
-                .await
-                .map(TlsStream::from)
-                .map_err(|e| format!("TLS handshake with {address} failed: {e}")),
-            Direction::Outbound => {
-                let name = asp_tls::server_name(address).map_err(|e| e.to_string())?;
-                material
-                    .peer_connector
-                    .connect(name, stream)
-                    .await
-                    .map(TlsStream::from)
-                    .map_err(|e| {
-                        let hint = if e.to_string().contains("InvalidContentType") {
-                            " (does the peer run without TLS?)"
-                        } else {
-                            ""
-                        };
-                        format!("TLS handshake with {address} failed: {e}{hint}")
-                    })
-            }
-        }
-    };
-    let stream = tokio::time::timeout(inner.config.handshake_timeout, handshake)
-        .await
-        .map_err(|_| {
-            format!(
-                "no TLS handshake with {address} within {:?}",
-                inner.config.handshake_timeout
-            )
-        })??;
-    let identity = asp_tls::peer_identity(stream.get_ref().1);
-    // A certificate from this cluster's CA makes a member; one from a partner CA, a
-    // federated link with the rights of the shares that name that CA.
-    let mut rights = None;
-    if let Some(peer) = &identity
-        && !material.is_member(peer)
-    {
-        match inner.federation.rights_for(peer, wall_ms()) {
-            Some(r) => rights = Some(r),
-            None => {
-                return Err(format!(
-                    "the certificate of {address} ({}) is not from this cluster's CA, and no active share names its CA (revoked or expired?)",
-                    peer.name
-                ));
-            }
-        }
-    }
-    Ok((PeerStream::Tls(Box::new(stream)), identity, rights))
 }
 
 /// Runs a link until it ends; registers and unregisters it.
@@ -240,25 +148,6 @@ struct Link {
     capture: Option<std::fs::File>,
 }
 
-/// With `ASP_TEST_CAPTURE_DIR` set (tests that check what leaves a node), a file that
-/// gets every frame a link sends: `<dir>/<this node>-<link id>-<peer>.frames`, where the
-/// peer is the name its certificate attests or its address.
-fn capture_file(inner: &Inner, id: u64, peer: &str) -> Option<std::fs::File> {
-    let dir = std::env::var_os("ASP_TEST_CAPTURE_DIR")?;
-    let peer: String = peer
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    let path = std::path::Path::new(&dir).join(format!("{}-{id}-{peer}.frames", inner.node_id));
-    match std::fs::File::create(&path) {
-        Ok(f) => Some(f),
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "cannot capture frames");
-            None
-        }
-    }
-}
-
 impl Link {
     fn new(
         inner: Arc<Inner>,
@@ -281,10 +170,15 @@ impl Link {
         };
         // Residency: pinned namespaces go only to peers whose certificate attests the
         // labels their rule requires (a plain link attests none).
-        let labels = certificate
-            .as_ref()
-            .map(|c| c.labels.clone())
-            .unwrap_or_default();
+        // (A partner's certificate counts only with the labels a share this cluster
+        // offered requires of it.)
+        let labels = match &federated {
+            Some(rights) => rights.attested.clone(),
+            None => certificate
+                .as_ref()
+                .map(|c| c.labels.clone())
+                .unwrap_or_default(),
+        };
         let mut withhold = inner.residency.withhold_for(labels);
         let mut federation = None;
         let mut reconciled = namespaces.clone();
@@ -647,6 +541,27 @@ impl Link {
             tracing::warn!(peer = %who, "{message}");
             self.end = Some(LinkEnd::Failed(("tls".to_owned(), message)));
             return;
+        }
+        // A federated peer that sent what its shares do not allow: in the audit log
+        // (once a minute per peer and share set).
+        if let Some(rights) = &self.federated
+            && !reason.by_peer
+            && reason.message.contains("refused by the share")
+        {
+            self.inner.audit.record(
+                "share_refused",
+                Some(&format!(
+                    "{} {}",
+                    rights.partner_cluster,
+                    rights.shares.join(",")
+                )),
+                serde_json::json!({
+                    "partner_cluster": rights.partner_cluster,
+                    "shares": rights.shares,
+                    "peer": who,
+                    "message": reason.message,
+                }),
+            );
         }
         let end = match reason.code {
             ErrorCode::DuplicateLink => LinkEnd::Duplicate,

@@ -378,6 +378,11 @@ impl Store {
         self.inner.shared.config.item_key
     }
 
+    /// The key that authenticates context tokens (not the reconciliation key).
+    pub fn context_key(&self) -> ItemKey {
+        self.inner.shared.config.context_key
+    }
+
     /// The first reconciliation symbols of `namespace`'s keys at their current versions
     /// (every acknowledged write included), from memory: no scan.
     pub fn reconcile_window(&self, namespace: &Namespace) -> Result<Window, ReadError> {
