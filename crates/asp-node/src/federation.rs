@@ -549,3 +549,131 @@ pub(crate) async fn follow(
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use asp_tls::issue::{init_ca, issue_node};
+    use asp_tls::share;
+    use std::path::Path;
+
+    fn org(dir: &Path, node: &str, labels: &[(&str, &str)]) -> Arc<asp_tls::Tls> {
+        init_ca(dir, "t", 30, false).unwrap();
+        let labels: Vec<(String, String)> = labels
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect();
+        issue_node(dir, node, &labels, &[], 30, false).unwrap();
+        asp_tls::Tls::load(asp_tls::TlsPaths {
+            cert: dir.join(format!("{node}.pem")),
+            key: dir.join(format!("{node}.key")),
+            ca: dir.join("ca.pem"),
+        })
+        .unwrap()
+    }
+
+    fn accepted(
+        a: &Path,
+        b: &Path,
+        ns: &[&str],
+        ops: &[&str],
+        require: &[(&str, &str)],
+    ) -> Vec<u8> {
+        let read = |p: &Path| std::fs::read_to_string(p).unwrap();
+        let terms = share::Terms {
+            id: share::new_id(),
+            cluster: "org-a".into(),
+            ca: read(&a.join("ca.pem")),
+            peer_ca: read(&b.join("ca.pem")),
+            namespaces: ns.iter().map(|n| share::parse_shared(n).unwrap()).collect(),
+            ops: ops.iter().map(|o| (*o).into()).collect(),
+            require: require
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
+            created_ms: 1,
+            expires_ms: u64::MAX,
+        };
+        let offer = share::offer(&terms, &read(&a.join("ca.key"))).unwrap();
+        let doc = share::accept(&offer, "org-b", &read(&b.join("ca.key")), 2).unwrap();
+        serde_json::to_vec(&doc).unwrap()
+    }
+
+    fn install(f: &Federation, doc: &[u8], cluster: &str) -> Result<(), ShareError> {
+        let i = f.check(doc, cluster, 10)?;
+        f.state.write().unwrap().installed.push(i);
+        Ok(())
+    }
+
+    #[test]
+    fn rights_follow_the_shares_side_direction_prefix_and_labels() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let ta = org(a.path(), "a1", &[]);
+        let tb = org(b.path(), "b1", &[("region", "eu")]);
+        issue_node(b.path(), "b2", &[], &[], 30, false).unwrap();
+        let node = |n| NodeId::new(n).unwrap();
+        let fa = Federation::new(node(1), Some(ta.clone()));
+        let fb = Federation::new(node(2), Some(tb.clone()));
+        let both = accepted(a.path(), b.path(), &["orders"], &["read", "write"], &[]);
+        let read_eu = accepted(
+            a.path(),
+            b.path(),
+            &["catalog:pub/"],
+            &["read"],
+            &[("region", "eu")],
+        );
+        // Each side installs under its own cluster id only.
+        assert!(matches!(
+            install(&fa, &both, "org-b"),
+            Err(ShareError::Invalid(_))
+        ));
+        for doc in [&both, &read_eu] {
+            install(&fa, doc, "org-a").unwrap();
+            install(&fb, doc, "org-b").unwrap();
+        }
+        let cert = |dir: &Path, name: &str| {
+            let pem = std::fs::read(dir.join(format!("{name}.pem"))).unwrap();
+            let der = asp_tls::parse_certs("c", dir, &pem).unwrap();
+            asp_tls::Identity::of(&der[0]).unwrap()
+        };
+        // a's view of b1 (attests region=eu): orders both ways, catalog pub/ out only.
+        let r = fa.rights_for(&cert(b.path(), "b1"), 10).unwrap();
+        assert_eq!(r.partner_cluster, "org-b");
+        assert_eq!(r.send.get("orders"), Some(&vec![String::new()]));
+        assert_eq!(r.send.get("catalog"), Some(&vec!["pub/".to_owned()]));
+        assert_eq!(r.receive.keys().collect::<Vec<_>>(), ["orders"]);
+        assert_eq!(r.attested.get("region").map(String::as_str), Some("eu"));
+        // b2 attests no region: catalog does not go to it, and it counts for nothing.
+        let r2 = fa.rights_for(&cert(b.path(), "b2"), 10).unwrap();
+        assert!(!r2.send.contains_key("catalog") && r2.attested.is_empty());
+        // b's view of a1: it sends orders only, takes orders and catalog pub/.
+        let rb = fb.rights_for(&cert(a.path(), "a1"), 10).unwrap();
+        assert_eq!(rb.send.keys().collect::<Vec<_>>(), ["orders"]);
+        assert_eq!(rb.receive.get("catalog"), Some(&vec!["pub/".to_owned()]));
+        // A member's certificate is no partner's.
+        assert!(fa.rights_for(&cert(a.path(), "a1"), 10).is_none());
+        // Expired: nothing.
+        assert!(fa.rights_for(&cert(b.path(), "b1"), u64::MAX).is_none());
+
+        // The session's rules on a's side: prefixes, direction, and no origin of a.
+        let rules = Arc::new(fa).session_rules(&r);
+        let ev = |ns: &str, key: &str, origin: u64| Event {
+            namespace: Namespace::new(ns).unwrap(),
+            key: Key::new(key).unwrap(),
+            op: asp_core::Op::Delete,
+            dot: asp_core::Dot {
+                origin: node(origin),
+                counter: 1,
+            },
+            hlc: asp_core::Hlc::new(1, 0),
+            context: bytes::Bytes::new(),
+        };
+        assert!((rules.may_send)(&ev("catalog", "pub/x", 1)));
+        assert!(!(rules.may_send)(&ev("catalog", "priv/x", 1)));
+        assert!(!(rules.may_send)(&ev("secret", "x", 1)));
+        assert!((rules.refuses)(&ev("orders", "x", 7)).is_none());
+        let why = |e| (rules.refuses)(&e).unwrap();
+        assert!(why(ev("catalog", "pub/x", 7)).contains("not shared for writing"));
+        assert!(why(ev("orders", "x", 1)).contains("a node of this cluster"));
+    }
+}
