@@ -239,8 +239,12 @@ pub fn offer(terms: &Terms, ca_key_pem: &str) -> Result<ShareDocument, TlsError>
         accept_sig: None,
     };
     // Signed with the key of the CA the terms name, or nobody could verify it.
-    Share::check(&document).map_err(|_| {
-        invalid("the CA key does not go with the CA certificate named as the offering CA")
+    Share::check(&document).map_err(|e| {
+        if e.to_string().contains("signature does not verify") {
+            invalid("the CA key does not go with the CA certificate named as the offering CA")
+        } else {
+            e
+        }
     })?;
     Ok(document)
 }
@@ -263,6 +267,11 @@ pub fn accept(
     if cluster.is_empty() {
         return Err(invalid("the accepting cluster's id is empty"));
     }
+    if cluster == share.terms.cluster {
+        return Err(invalid(format!(
+            "the offering cluster is {cluster:?} too: the accepting cluster needs an id of its own (its nodes' --cluster-id)"
+        )));
+    }
     let acceptance = Acceptance {
         cluster: cluster.to_owned(),
         accepted_ms: now_ms,
@@ -271,8 +280,12 @@ pub fn accept(
     let mut accepted = document.clone();
     accepted.accept_sig = Some(sign(ca_key_pem, &accept_message(&document.terms, &text))?);
     accepted.acceptance = Some(text);
-    Share::check(&accepted).map_err(|_| {
-        invalid("the CA key does not go with the CA certificate the share was offered to")
+    Share::check(&accepted).map_err(|e| {
+        if e.to_string().contains("signature does not verify") {
+            invalid("the CA key does not go with the CA certificate the share was offered to")
+        } else {
+            e
+        }
     })?;
     Ok(accepted)
 }
@@ -302,6 +315,11 @@ impl Share {
         check_terms(&terms)?;
         let ca = ca_der("the offering CA", &terms.ca)?;
         let peer_ca = ca_der("the accepting CA", &terms.peer_ca)?;
+        if ca == peer_ca {
+            return Err(invalid(
+                "the share is offered to the offering cluster's own CA: --peer-ca names the other cluster's ca.pem",
+            ));
+        }
         if subject_of(&ca)? == subject_of(&peer_ca)? {
             return Err(invalid(
                 "the two CAs have the same subject name: a peer's issuer could not tell the clusters apart",

@@ -336,3 +336,22 @@ fn a_share_is_signed_by_one_ca_and_countersigned_by_the_other() {
     assert!(share::parse_shared("_asp.auth").is_err());
     assert!(share::parse_shared("*").is_err());
 }
+
+#[test]
+fn a_share_names_two_clusters_and_two_cas() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    cluster(a.path(), &[]);
+    cluster(b.path(), &[]);
+    let key = |d: &Path| std::fs::read_to_string(d.join("ca.key")).unwrap();
+    let mut to_self = share_terms(a.path(), b.path());
+    to_self.peer_ca = to_self.ca.clone();
+    let err = share::offer(&to_self, &key(a.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("own CA"), "{err}");
+    let offer = share::offer(&share_terms(a.path(), b.path()), &key(a.path())).unwrap();
+    let err = share::accept(&offer, "org-a", &key(b.path()), 2)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("an id of its own"), "{err}");
+}
