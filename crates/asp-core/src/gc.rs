@@ -48,6 +48,20 @@ struct Contact {
     at_ms: u64,
     /// The namespaces its Hello listed.
     namespaces: Vec<String>,
+    /// Namespaces this node keeps from the peer whatever the lists say (residency,
+    /// a share's direction): the peer can neither hold nor write them.
+    withhold: Option<crate::session::Withhold>,
+}
+
+impl Contact {
+    /// Whether the peer replicates `namespace` with this node.
+    fn replicates(&self, namespace: &Namespace) -> bool {
+        crate::session::lists(&self.namespaces, namespace)
+            && !self
+                .withhold
+                .as_ref()
+                .is_some_and(|w| w.withholds(namespace))
+    }
 }
 
 /// When `node` was last heard of in `namespace`: its newest report, or its last
@@ -60,7 +74,7 @@ fn heard_ms(
 ) -> Option<u64> {
     let contact = contacts
         .get(&node)
-        .filter(|c| crate::session::lists(&c.namespaces, namespace))
+        .filter(|c| c.replicates(namespace))
         .map(|c| c.at_ms);
     known.map(|k| k.heard_ms).max(contact)
 }
@@ -114,17 +128,42 @@ impl Gc {
         }
     }
 
-    /// Takes in that `peer`, which replicates `namespaces` (as its Hello listed them),
-    /// sent a summary at `at_ms`.
-    pub fn note_contact(&mut self, peer: NodeId, at_ms: u64, namespaces: &[String]) {
+    /// Takes in that `peer`, which replicates `namespaces` (as its Hello listed them)
+    /// except what `withhold` keeps from it, sent a summary at `at_ms`.
+    pub fn note_contact(
+        &mut self,
+        peer: NodeId,
+        at_ms: u64,
+        namespaces: &[String],
+        withhold: Option<crate::session::Withhold>,
+    ) {
         let contact = self.contacts.entry(peer).or_insert_with(|| Contact {
             at_ms,
             namespaces: Vec::new(),
+            withhold: None,
         });
         contact.at_ms = contact.at_ms.max(at_ms);
         if contact.namespaces != namespaces {
             contact.namespaces = namespaces.to_vec();
         }
+        contact.withhold = withhold;
+    }
+
+    /// `peers` without those kept from `namespace` (residency; a share's direction):
+    /// such a peer never holds the namespace and cannot write in it, so it is no node
+    /// collection waits for — unless its writes or reports say otherwise (then it
+    /// is in the rule through them).
+    fn linked(&self, namespace: &Namespace, peers: &[NodeId]) -> Vec<NodeId> {
+        peers
+            .iter()
+            .copied()
+            .filter(|p| {
+                !self
+                    .contacts
+                    .get(p)
+                    .is_some_and(|c| c.withhold.as_ref().is_some_and(|w| w.withholds(namespace)))
+            })
+            .collect()
     }
 
     /// Takes in a report (reports of `me` are ignored: this node knows its own vector,
@@ -191,9 +230,10 @@ impl Gc {
                 && self
                     .contacts
                     .get(node)
-                    .is_some_and(|c| !crate::session::lists(&c.namespaces, namespace))
+                    .is_some_and(|c| !c.replicates(namespace))
         };
-        let mut out: Vec<VectorReport> = everyone(nodes, me, own, peers)
+        let peers = self.linked(namespace, peers);
+        let mut out: Vec<VectorReport> = everyone(nodes, me, own, &peers)
             .into_iter()
             .filter(|node| !elsewhere(node))
             .map(|node| match nodes.get(&node) {
@@ -224,8 +264,9 @@ impl Gc {
         now_ms: u64,
         horizon_ms: u64,
     ) -> GcView {
+        let peers = self.linked(namespace, peers);
         let nodes = self.namespaces.entry(namespace.clone()).or_default();
-        let everyone = everyone(nodes, me, own, peers);
+        let everyone = everyone(nodes, me, own, &peers);
         let mut view = GcView {
             stable: own.clone(),
             complete: true,
@@ -324,6 +365,29 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_a_namespace_is_kept_from_holds_nothing_back() {
+        // Node 3 lists every namespace but "n" is kept from it (residency): it cannot
+        // hold or write "n", so collection in "n" does not wait for it, and leaves no
+        // epitaph; in another namespace it still holds everything back.
+        let mut gc = Gc::new(0);
+        let own = vv(&[(1, 5)]);
+        let kept =
+            crate::session::Withhold(std::sync::Arc::new(|ns: &Namespace| ns.as_str() == "n"));
+        gc.note_contact(id(3), 10, &["*".to_owned()], Some(kept));
+        let view = gc.view(&ns(), id(1), &own, &[id(3)], 20, H);
+        assert_eq!(view.stable, own);
+        assert!(view.complete && view.waiting.is_empty() && view.away.is_empty());
+        assert!(gc.gossip(&ns(), id(1), &own, &[id(3)]).is_empty());
+        let other = Namespace::new("other").unwrap();
+        let view = gc.view(&other, id(1), &own, &[id(3)], 20, H);
+        assert_eq!(view.waiting, vec![id(3)]);
+        // Once it has written in "n" (before the rule), it is in the rule again.
+        let with_3 = vv(&[(1, 5), (3, 1)]);
+        let view = gc.view(&ns(), id(1), &with_3, &[id(3)], 20, H);
+        assert_eq!(view.waiting, vec![id(3)]);
+    }
+
+    #[test]
     fn a_known_node_without_a_report_holds_everything_back() {
         let mut gc = Gc::new(0);
         let own = vv(&[(1, 5)]);
@@ -392,8 +456,8 @@ mod tests {
         // B (2) linked with A (1) and C (3); C replicates every namespace, sent its
         // last summary at 50 and has reported nothing of this one.
         let mut b = Gc::new(7);
-        b.note_contact(id(3), 50, &["*".to_owned()]);
-        b.note_contact(id(1), 60, &["*".to_owned()]);
+        b.note_contact(id(3), 50, &["*".to_owned()], None);
+        b.note_contact(id(1), 60, &["*".to_owned()], None);
         let own_b = vv(&[(1, 5)]);
         let gossip = b.gossip(&ns(), id(2), &own_b, &[id(1), id(3)]);
         assert_eq!(
@@ -439,11 +503,11 @@ mod tests {
         assert_eq!(view.waiting, vec![id(3)]);
         // A link from C counts only in the namespaces C replicates; one that leaves
         // this namespace out, it sends to no one: it is not passed on.
-        b.note_contact(id(3), 6000, &["other".to_owned()]);
+        b.note_contact(id(3), 6000, &["other".to_owned()], None);
         assert_eq!(b.gossip(&ns(), id(2), &own, &[id(3)]), vec![]);
         let view = b.view(&ns(), id(2), &own, &[id(3)], 5000 + H, H);
         assert_eq!(view.waiting, vec![id(3)]);
-        b.note_contact(id(3), 6001, &["n".to_owned()]);
+        b.note_contact(id(3), 6001, &["n".to_owned()], None);
         assert_eq!(
             b.gossip(&ns(), id(2), &own, &[id(3)]),
             vec![report(3, 6001, VersionVector::new())]
@@ -675,7 +739,7 @@ mod model {
                     let receiver = &mut self.nodes[to];
                     receiver
                         .gc
-                        .note_contact(sender_id, self.now, &["*".to_owned()]);
+                        .note_contact(sender_id, self.now, &["*".to_owned()], None);
                     for r in reports {
                         receiver.gc.note(&ns(), receiver.id, &receiver.vector, r);
                     }

@@ -437,6 +437,7 @@ impl StoreModel {
             peer,
             wall_ms,
             &[asp_core::session::ALL_NAMESPACES.to_owned()],
+            None,
         );
         let none = VersionVector::new();
         for ns in summary {

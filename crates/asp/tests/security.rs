@@ -571,7 +571,14 @@ async fn a_resident_namespace_never_leaves_for_a_node_outside_its_rule() {
     std::fs::create_dir_all(&capture).unwrap();
     // Anti-entropy every half second: reconciliation frames get their chance to leak.
     let config = root.path().join("fast.toml");
-    std::fs::write(&config, "[replication]\nanti_entropy_interval_ms = 500\n").unwrap();
+    // Compaction only when asked, collecting deletes as soon as every node in the rule
+    // holds them (the horizon stays at its default: hours).
+    std::fs::write(
+        &config,
+        "[replication]\nanti_entropy_interval_ms = 500\n\
+         [compaction]\ninterval_ms = 0\ntombstone_ttl_ms = 0\n",
+    )
+    .unwrap();
     let config = config.display().to_string();
     let mut flags = tls_flags(&certs, "n1", &ca);
     flags.extend(["--config".into(), config.clone()]);
@@ -744,4 +751,59 @@ async fn a_resident_namespace_never_leaves_for_a_node_outside_its_rule() {
     assert_eq!(peer("n3")["bytes_sent"], 0, "{view}");
     assert_eq!(peer("n2")["may_hold"], true, "{view}");
     assert!(peer("n2")["bytes_sent"].as_u64().unwrap() > 0, "{view}");
+
+    // A delete in a pinned namespace is collected while n3, which can never hold it,
+    // is up: collection waits for the nodes in the rule, not for n3 (and leaves no
+    // epitaph, which would mean n3 was counted and given up on). A namespace of its
+    // own: n3 wrote into eu-only above before it learned that rule, which rightly
+    // keeps it in eu-only's collection.
+    let pin = n1
+        .client()
+        .send(
+            Method::PUT,
+            "/v1/ns/eu-gc/residency",
+            &[(axum::http::header::CONTENT_TYPE, "application/json")],
+            Bytes::from_static(br#"{"require":{"region":"eu"}}"#),
+        )
+        .await
+        .unwrap();
+    assert_eq!(pin.status, 200, "{:?}", pin.body);
+    eventually("n3 knows the rule", async || {
+        let v = n3
+            .client()
+            .send(Method::GET, "/v1/ns/eu-gc/residency", &[], Bytes::new())
+            .await
+            .ok()?
+            .json()
+            .ok()?;
+        (v["require"]["region"] == "eu").then_some(())
+    })
+    .await;
+    n1.client()
+        .put(
+            "eu-gc",
+            "k",
+            "application/json",
+            Bytes::from_static(b"1"),
+            None,
+        )
+        .await
+        .unwrap();
+    n1.client().delete("eu-gc", "k", None).await.unwrap();
+    eventually("the put and the delete reach n2", async || {
+        (common::events(&n2.client(), "eu-gc").await == 2).then_some(())
+    })
+    .await;
+    let report = eventually("n1 collects the delete", async || {
+        let r = n1
+            .client()
+            .send(Method::POST, "/v1/admin/compact", &[], Bytes::new())
+            .await
+            .ok()?
+            .json()
+            .ok()?;
+        (r["tombstones_collected"].as_u64()? > 0).then_some(r)
+    })
+    .await;
+    assert_eq!(report["epitaphs_left"], 0, "{report}");
 }

@@ -144,6 +144,8 @@ struct Link {
     certificate: Option<asp_tls::Identity>,
     /// A link to another cluster: what the shares with it allow.
     federated: Option<Rights>,
+    /// What this link keeps from the peer (as the session and the reconciler do).
+    withhold: Withhold,
     /// Tests only (`ASP_TEST_CAPTURE_DIR`): every frame this link sends, as encoded.
     capture: Option<std::fs::File>,
 }
@@ -201,7 +203,7 @@ impl Link {
             Direction::Inbound => Session::accept(config, Instant::now()),
         };
         let mut reconciler = reconcile::new_reconciler(&inner, reconciled);
-        reconciler.set_withhold(Some(withhold));
+        reconciler.set_withhold(Some(withhold.clone()));
         let capture = capture_file(
             &inner,
             id,
@@ -231,6 +233,7 @@ impl Link {
             end: None,
             certificate,
             federated,
+            withhold,
             capture,
         }
     }
@@ -479,7 +482,13 @@ impl Link {
                 }
                 SessionEvent::PeerSummary(summary) => {
                     if let (Some(peer), Some(info)) = (self.peer, self.session.peer()) {
-                        self.inner.store.note_contact(peer, &info.namespaces);
+                        // What is kept from the peer (residency, a share's
+                        // direction) is no namespace it holds back collection in.
+                        self.inner.store.note_contact(
+                            peer,
+                            &info.namespaces,
+                            Some(self.withhold.clone()),
+                        );
                     }
                     self.inner.store.note_reports(&summary);
                     let summary: registry::PeerSummary = summary

@@ -368,9 +368,14 @@ impl Store {
     /// sent a summary: it counts as heard of now in those namespaces, whether or not
     /// it holds anything of them yet (tombstone collection waits for such a node; see
     /// docs/CONFLICTS.md).
-    pub fn note_contact(&self, peer: NodeId, namespaces: &[String]) {
+    pub fn note_contact(
+        &self,
+        peer: NodeId,
+        namespaces: &[String],
+        withhold: Option<asp_core::session::Withhold>,
+    ) {
         let mut gc = self.inner.shared.peers.gc.lock().unwrap();
-        gc.note_contact(peer, writer::wall_ms(), namespaces);
+        gc.note_contact(peer, writer::wall_ms(), namespaces, withhold);
     }
 
     /// The key that turns (key, version) pairs into reconciliation items.
