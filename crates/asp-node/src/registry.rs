@@ -111,6 +111,8 @@ pub(crate) struct PeerRecord {
     pub namespaces: Option<Arc<Vec<String>>>,
     /// What the peer's certificate attests, from its last TLS link.
     pub certificate: Option<asp_tls::Identity>,
+    /// Its last link was to another cluster: what the shares allowed.
+    pub federated: Option<crate::federation::Rights>,
     /// Bytes of events sent to the peer, per namespace (since this process started).
     pub sent_bytes: std::collections::HashMap<asp_core::Namespace, u64>,
 }

@@ -80,6 +80,8 @@ pub struct PeerStatus {
     pub reconcile: ReconcileStats,
     /// What the peer's certificate attested on its last TLS link.
     pub certificate: Option<asp_tls::Identity>,
+    /// The peer is of another cluster (its last link went by shares): which.
+    pub federated: Option<crate::federation::Rights>,
 }
 
 /// The replicator's state for status pages.
@@ -401,6 +403,7 @@ impl Replicator {
                 namespaces: Vec::new(),
                 reconcile: record.reconcile.clone(),
                 certificate: record.certificate.clone(),
+                federated: record.federated.clone(),
             });
             // Lag is worked out after the registry is let go: with many namespaces it
             // takes a while, and every link touches the registry as frames arrive.
@@ -441,6 +444,7 @@ impl Replicator {
                     namespaces: Vec::new(),
                     reconcile: ReconcileStats::default(),
                     certificate: None,
+                    federated: None,
                 });
             }
         }
@@ -469,16 +473,24 @@ impl Replicator {
             .collect();
         drop(reg);
         for (at, summary, acked_seq, theirs) in lags {
-            // What this node replicates with this peer (its rights by certificate).
-            let ours = self
-                .inner
-                .config
-                .namespaces_with(peers[at].certificate.as_ref().map(|c| c.name.as_str()));
-            let labels = peers[at]
-                .certificate
-                .as_ref()
-                .map(|c| c.labels.clone())
-                .unwrap_or_default();
+            // What this node sends this peer (its rights by certificate, or the
+            // shares with its cluster).
+            let (ours, labels) = match &peers[at].federated {
+                Some(rights) => (
+                    rights.send.keys().cloned().collect(),
+                    rights.attested.clone(),
+                ),
+                None => (
+                    self.inner
+                        .config
+                        .namespaces_with(peers[at].certificate.as_ref().map(|c| c.name.as_str())),
+                    peers[at]
+                        .certificate
+                        .as_ref()
+                        .map(|c| c.labels.clone())
+                        .unwrap_or_default(),
+                ),
+            };
             let residency = &self.inner.residency;
             let shared = |ns: &Namespace| {
                 lists(&ours, ns)

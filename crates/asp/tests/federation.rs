@@ -213,7 +213,7 @@ async fn a_share_carries_exactly_its_namespaces_both_ways_and_stops_on_revocatio
         "--ca-dir",
         &a.dir(),
         "--cluster-id",
-        a.id,
+        "org-x",
     ]);
     assert!(err.contains("does not go with"), "{err}");
     // org-b countersigns both; each cluster installs the accepted documents on one node.
@@ -292,6 +292,18 @@ async fn a_share_carries_exactly_its_namespaces_both_ways_and_stops_on_revocatio
             .then_some(())
     })
     .await;
+    // a1's status names b1 as a peer of cluster org-b, with what goes each way.
+    let status = a1.client().status().await.unwrap();
+    let b1_peer = status["replication"]["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["federation"]["cluster"] == "org-b")
+        .cloned()
+        .unwrap_or_else(|| panic!("no federated peer: {status}"));
+    assert_eq!(b1_peer["federation"]["shares"].as_array().unwrap().len(), 2);
+    assert_eq!(b1_peer["federation"]["sends"]["catalog"][0], "pub/");
+    assert!(b1_peer["federation"]["receives"].get("catalog").is_none());
     // Summaries and heartbeats go on for a while.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(!has(&b1, "catalog", "priv/c2").await, "outside the prefix");

@@ -260,6 +260,12 @@ fn replication_status(r: &asp_node::ReplicationStatus) -> serde_json::Value {
                 "last_contact_ms_ago": ms(p.last_contact),
                 "last_error": p.last_error.as_ref().map(|(code, message)| serde_json::json!({"code": code, "message": message})),
                 "certificate": p.certificate.as_ref().map(certificate_json),
+                "federation": p.federated.as_ref().map(|f| serde_json::json!({
+                    "cluster": f.partner_cluster,
+                    "shares": f.shares,
+                    "sends": f.send,
+                    "receives": f.receive,
+                })),
                 "acked_seq": p.acked_seq,
                 "events_sent": p.events_sent,
                 "events_received": p.events_received,

@@ -467,7 +467,9 @@ impl Link {
                         .set_peer(peer, info.version, info.namespaces.clone());
                     let namespaces = Arc::new(info.namespaces.clone());
                     let certificate = self.certificate.clone();
+                    let federated = self.federated.clone();
                     self.with_record(|r| {
+                        r.federated = federated;
                         r.namespaces = Some(namespaces);
                         if certificate.is_some() {
                             r.certificate = certificate;
