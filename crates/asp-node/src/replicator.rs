@@ -817,6 +817,7 @@ mod tests {
                 .collect(),
             reconcile: ReconcileStats::default(),
             certificate: None,
+            federated: None,
         }
     }
 
