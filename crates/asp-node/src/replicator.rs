@@ -179,7 +179,7 @@ impl Replicator {
                 .map_err(StartError::Config)?;
         }
         // Shares (the partner CAs trusted) and members are known before any link
-        // starts; with TLS, this node is a member from its first start.
+        // starts; with TLS, this node writes itself into the member list.
         {
             let (f, s) = (inner.federation.clone(), inner.store.clone());
             tokio::task::spawn_blocking(move || f.reload(&s))
@@ -187,12 +187,16 @@ impl Replicator {
                 .map_err(|e| StartError::Config(e.to_string()))?
                 .map_err(StartError::Config)?;
             // Membership matters to federated links only, which need TLS: a plain node
-            // writes nothing.
+            // writes nothing. In the background: after a restart a local write may wait
+            // for peers (own_events_wait_ms), which the links started below answer.
             if let Some(tls) = &inner.config.tls {
                 let name = tls.current().identity.name.clone();
-                if let Err(e) = inner.federation.register(&inner.store, &name).await {
-                    tracing::warn!(error = %e, "cannot write this node into the member list");
-                }
+                let (f, s) = (inner.federation.clone(), inner.store.clone());
+                tasks.spawn(async move {
+                    if let Err(e) = f.register(&s, &name).await {
+                        tracing::warn!(error = %e, "cannot write this node into the member list");
+                    }
+                });
             }
         }
         tasks.spawn(crate::federation::follow(
