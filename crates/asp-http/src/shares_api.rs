@@ -131,11 +131,7 @@ pub(crate) async fn revoke(
                 .terms
                 .namespaces
                 .iter()
-                .map(|n| if n.prefix.is_empty() {
-                    n.ns.clone()
-                } else {
-                    format!("{}:{}", n.ns, n.prefix)
-                })
+                .map(ToString::to_string)
                 .collect::<Vec<_>>()
                 .join(", ")
         )

@@ -29,7 +29,7 @@ pub const MEMBERS_NAMESPACE: &str = "_asp.members";
 /// Shares installed on a cluster, at most.
 pub const SHARES_MAX: usize = 1024;
 
-fn ns(name: &str) -> Namespace {
+pub(crate) fn ns(name: &str) -> Namespace {
     Namespace::new(name).expect("a valid name")
 }
 
@@ -59,6 +59,11 @@ pub struct Installed {
 impl Installed {
     pub fn id(&self) -> &str {
         &self.share.terms.id
+    }
+
+    /// Whether it carries anything now (not revoked, not expired).
+    pub fn is_active(&self, now_ms: u64) -> bool {
+        self.state(now_ms) == "active"
     }
 
     /// `active`, `revoked` or `expired`.
@@ -192,7 +197,7 @@ impl Federation {
         let state = self.state.read().unwrap();
         let mut rights = Rights::default();
         for i in &state.installed {
-            if i.state(now_ms) != "active" || i.partner_subject != peer.issuer {
+            if !i.is_active(now_ms) || i.partner_subject != peer.issuer {
                 continue;
             }
             if !rights.partner_cluster.is_empty()
@@ -411,7 +416,7 @@ impl Federation {
         let now = asp_store::clock::wall_ms();
         let mut revoked: HashMap<String, (u64, String)> = HashMap::new();
         let mut documents: Vec<Vec<u8>> = Vec::new();
-        scan(store, SHARES_NAMESPACE, "", |key, value| {
+        crate::follow::scan_values(store, &ns(SHARES_NAMESPACE), "", |key, value| {
             if let Some(id) = key.strip_prefix("revoked/") {
                 let v: serde_json::Value = serde_json::from_slice(value).unwrap_or_default();
                 revoked.insert(
@@ -426,7 +431,7 @@ impl Federation {
             }
         })?;
         let mut members = HashSet::new();
-        scan(store, MEMBERS_NAMESPACE, "node/", |key, _| {
+        crate::follow::scan_values(store, &ns(MEMBERS_NAMESPACE), "node/", |key, _| {
             if let Some(id) = key.strip_prefix("node/").and_then(|n| n.parse().ok()) {
                 members.insert(id);
             }
@@ -459,13 +464,13 @@ impl Federation {
         installed.sort_by(|a, b| a.id().cmp(b.id()));
         let active = |list: &[Installed]| -> Vec<String> {
             list.iter()
-                .filter(|i| i.state(now) == "active")
+                .filter(|i| i.is_active(now))
                 .map(|i| i.id().to_owned())
                 .collect()
         };
         let partners: Vec<Vec<u8>> = installed
             .iter()
-            .filter(|i| i.state(now) == "active")
+            .filter(|i| i.is_active(now))
             .map(|i| i.side.partner_ca.clone())
             .collect();
         let changed = {
@@ -482,71 +487,6 @@ impl Federation {
             self.generation.send_modify(|g| *g += 1);
         }
         Ok(())
-    }
-}
-
-fn scan(
-    store: &Store,
-    namespace: &str,
-    prefix: &str,
-    mut each: impl FnMut(&str, &[u8]),
-) -> Result<(), String> {
-    let ns = ns(namespace);
-    let mut after: Option<String> = None;
-    loop {
-        let page = store
-            .scan(&ns, prefix, after.as_deref(), 1000, true)
-            .map_err(|e| e.to_string())?;
-        for item in &page.items {
-            if let Some(value) = &item.value {
-                each(item.key.as_str(), value);
-            }
-        }
-        match page.next_after {
-            Some(k) => after = Some(k.as_str().to_owned()),
-            None => return Ok(()),
-        }
-    }
-}
-
-/// Reloads shares and members whenever the store's feed moves (at most every 100 ms)
-/// and at least every 5 s (a share expires with no write).
-pub(crate) async fn follow(
-    federation: Arc<Federation>,
-    store: Store,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    let mut head = store.subscribe();
-    let mut seen: Option<(asp_core::VersionVector, asp_core::VersionVector)> = None;
-    let mut last_full = std::time::Instant::now();
-    loop {
-        let (f, s, last) = (federation.clone(), store.clone(), seen.clone());
-        let full = last_full.elapsed() >= std::time::Duration::from_secs(5);
-        if full {
-            last_full = std::time::Instant::now();
-        }
-        let checked = tokio::task::spawn_blocking(move || {
-            let vectors = (
-                s.namespace_vector(&ns(SHARES_NAMESPACE)),
-                s.namespace_vector(&ns(MEMBERS_NAMESPACE)),
-            );
-            if !full && last.as_ref() == Some(&vectors) {
-                return Ok(vectors);
-            }
-            f.reload(&s).map(|()| vectors)
-        })
-        .await;
-        match checked {
-            Ok(Ok(v)) => seen = Some(v),
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot read shares"),
-            Err(_) => {}
-        }
-        tokio::select! {
-            _ = head.changed() => {}
-            () = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
-            () = shutdown.cancelled() => return,
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
 

@@ -18,6 +18,7 @@
 pub mod audit;
 mod config;
 pub mod federation;
+mod follow;
 mod link;
 mod metrics;
 mod registry;

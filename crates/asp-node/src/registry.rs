@@ -411,6 +411,20 @@ pub(crate) fn unregister_link(inner: &Inner, link_id: u64, error: Option<(String
     inner.bump();
 }
 
+/// The labels a peer counts with for this node's residency rules: what its certificate
+/// attests (none on a plain link); for a peer of another cluster, only the labels a
+/// share this cluster offered requires of it, never what the other CA attests alone.
+pub(crate) fn residency_labels(
+    certificate: Option<&asp_tls::Identity>,
+    federated: Option<&crate::federation::Rights>,
+) -> crate::residency::Labels {
+    match (federated, certificate) {
+        (Some(rights), _) => rights.attested.clone(),
+        (None, Some(c)) => c.labels.clone(),
+        (None, None) => crate::residency::Labels::new(),
+    }
+}
+
 pub(crate) fn peer_labels(peer: NodeId) -> PeerLabels {
     PeerLabels {
         peer: peer.to_string(),

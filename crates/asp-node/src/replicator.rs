@@ -199,15 +199,28 @@ impl Replicator {
                 });
             }
         }
-        tasks.spawn(crate::federation::follow(
-            inner.federation.clone(),
+        // Shares expire with no write: looked at every 5 s besides.
+        let federation = inner.federation.clone();
+        tasks.spawn(crate::follow::follow(
             inner.store.clone(),
+            vec![
+                crate::federation::ns(crate::federation::SHARES_NAMESPACE),
+                crate::federation::ns(crate::federation::MEMBERS_NAMESPACE),
+            ],
+            Some(std::time::Duration::from_secs(5)),
+            "shares",
             inner.shutdown.clone(),
+            move |s| federation.reload(s),
         ));
-        tasks.spawn(crate::residency::follow(
-            inner.residency.clone(),
+        // A rule that arrives by replication takes effect at once.
+        let residency = inner.residency.clone();
+        tasks.spawn(crate::follow::follow(
             inner.store.clone(),
+            vec![crate::residency::namespace()],
+            None,
+            "residency rules",
             inner.shutdown.clone(),
+            move |s| residency.reload(s).map(|_| ()),
         ));
         if let Some(listener) = listener {
             tasks.spawn(accept_loop(inner.clone(), listener));
@@ -479,22 +492,18 @@ impl Replicator {
         for (at, summary, acked_seq, theirs) in lags {
             // What this node sends this peer (its rights by certificate, or the
             // shares with its cluster).
-            let (ours, labels) = match &peers[at].federated {
-                Some(rights) => (
-                    rights.send.keys().cloned().collect(),
-                    rights.attested.clone(),
-                ),
-                None => (
-                    self.inner
-                        .config
-                        .namespaces_with(peers[at].certificate.as_ref().map(|c| c.name.as_str())),
-                    peers[at]
-                        .certificate
-                        .as_ref()
-                        .map(|c| c.labels.clone())
-                        .unwrap_or_default(),
-                ),
+            let peer = &peers[at];
+            let ours: Vec<String> = match &peer.federated {
+                Some(rights) => rights.send.keys().cloned().collect(),
+                None => self
+                    .inner
+                    .config
+                    .namespaces_with(peer.certificate.as_ref().map(|c| c.name.as_str())),
             };
+            let labels = crate::registry::residency_labels(
+                peer.certificate.as_ref(),
+                peer.federated.as_ref(),
+            );
             let residency = &self.inner.residency;
             let shared = |ns: &Namespace| {
                 lists(&ours, ns)

@@ -78,7 +78,7 @@ pub struct Residency {
     rules: RwLock<Rules>,
 }
 
-fn namespace() -> Namespace {
+pub(crate) fn namespace() -> Namespace {
     Namespace::new(RESIDENCY_NAMESPACE).expect("a valid name")
 }
 
@@ -124,29 +124,17 @@ impl Residency {
     pub fn reload(&self, store: &Store) -> Result<usize, String> {
         let ns = namespace();
         let mut by_key = HashMap::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = store
-                .scan(&ns, "ns/", after.as_deref(), 1000, true)
-                .map_err(|e| e.to_string())?;
-            for item in &page.items {
-                let Some(value) = &item.value else { continue };
-                let Ok(record) = serde_json::from_slice::<serde_json::Value>(value) else {
-                    continue;
-                };
-                let Ok(require) = serde_json::from_value::<Labels>(record["require"].clone())
-                else {
-                    continue;
-                };
-                if !require.is_empty() {
-                    by_key.insert(item.key.as_str().to_owned(), require);
-                }
+        crate::follow::scan_values(store, &ns, "ns/", |key, value| {
+            let Ok(record) = serde_json::from_slice::<serde_json::Value>(value) else {
+                return;
+            };
+            let Ok(require) = serde_json::from_value::<Labels>(record["require"].clone()) else {
+                return;
+            };
+            if !require.is_empty() {
+                by_key.insert(key.to_owned(), require);
             }
-            match page.next_after {
-                Some(k) => after = Some(k.as_str().to_owned()),
-                None => break,
-            }
-        }
+        })?;
         let n = by_key.len();
         *self.rules.write().unwrap() = Rules {
             by_key,
@@ -180,38 +168,5 @@ impl Residency {
             .map_err(|e| e.to_string())?;
         self.reload(store)?;
         Ok(())
-    }
-}
-
-/// Reloads the rules whenever the store's feed moves (at most every 100 ms), so that a
-/// rule that arrives by replication takes effect at once.
-pub(crate) async fn follow(
-    residency: Arc<Residency>,
-    store: Store,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    let mut head = store.subscribe();
-    let mut seen: Option<asp_core::VersionVector> = None;
-    loop {
-        let (r, s, last) = (residency.clone(), store.clone(), seen.clone());
-        // The vector read waits for the index: off the async threads.
-        let checked = tokio::task::spawn_blocking(move || {
-            let vector = s.namespace_vector(&namespace());
-            if last.as_ref() == Some(&vector) {
-                return Ok(vector);
-            }
-            r.reload(&s).map(|_| vector)
-        })
-        .await;
-        match checked {
-            Ok(Ok(vector)) => seen = Some(vector),
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot read residency rules"),
-            Err(_) => {}
-        }
-        tokio::select! {
-            _ = head.changed() => {}
-            () = shutdown.cancelled() => return,
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }

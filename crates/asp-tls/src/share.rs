@@ -49,6 +49,17 @@ pub struct SharedNamespace {
     pub prefix: String,
 }
 
+/// `NS`, or `NS:PREFIX` (as `--ns` takes it).
+impl std::fmt::Display for SharedNamespace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.prefix.is_empty() {
+            f.write_str(&self.ns)
+        } else {
+            write!(f, "{}:{}", self.ns, self.prefix)
+        }
+    }
+}
+
 /// What the offering cluster grants, as it signed it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Terms {

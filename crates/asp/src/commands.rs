@@ -449,17 +449,7 @@ fn write_output(out: Option<&std::path::Path>, text: &str) -> anyhow::Result<()>
 }
 
 fn describe(terms: &asp_tls::share::Terms) -> String {
-    let names: Vec<String> = terms
-        .namespaces
-        .iter()
-        .map(|n| {
-            if n.prefix.is_empty() {
-                n.ns.clone()
-            } else {
-                format!("{}:{}", n.ns, n.prefix)
-            }
-        })
-        .collect();
+    let names: Vec<String> = terms.namespaces.iter().map(ToString::to_string).collect();
     format!(
         "share {} from cluster {}: {} ({})",
         terms.id,

@@ -7,11 +7,11 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::http::Method;
 use bytes::Bytes;
-use common::{BIN, Node};
+use common::{BIN, Node, audit_log, eventually};
 
 fn asp(args: &[&str]) -> String {
     let out = Command::new(BIN).args(args).output().unwrap();
@@ -27,17 +27,6 @@ fn asp_fails(args: &[&str]) -> String {
     let out = Command::new(BIN).args(args).output().unwrap();
     assert!(!out.status.success(), "asp {args:?} succeeded");
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let started = Instant::now();
-    loop {
-        if let Some(t) = f().await {
-            return t;
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "{what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 struct Org {
@@ -376,17 +365,7 @@ async fn a_share_carries_exactly_its_namespaces_both_ways_and_stops_on_revocatio
     assert!(!has(&a1, "orders", "b-after-revoke").await, "revoked share");
 
     // The audit log on a1 has the installs and the revocation.
-    let audit = a1
-        .client()
-        .send(
-            Method::GET,
-            "/v1/ns/_asp.audit/kv?values=true",
-            &[],
-            Bytes::new(),
-        )
-        .await
-        .unwrap();
-    let audit = String::from_utf8_lossy(&audit.body).into_owned();
+    let audit = audit_log(&a1.client()).await.unwrap();
     assert_eq!(audit.matches("share_installed").count(), 2, "{audit}");
     assert!(audit.contains("share_revoked"), "{audit}");
 }

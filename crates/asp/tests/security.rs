@@ -6,11 +6,11 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::http::Method;
 use bytes::Bytes;
-use common::{BIN, Node};
+use common::{BIN, Node, audit_log, eventually};
 
 /// Runs `asp cert ...`; panics with its stderr if it fails.
 fn cert(args: &[&str]) {
@@ -38,18 +38,6 @@ async fn start(dir: &Path, mut flags: Vec<String>, more: &[&str]) -> Node {
     flags.extend(more.iter().map(|s| s.to_string()));
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     Node::start(dir, &flags).await
-}
-
-/// Polls `f` (up to 30 s) until it returns `Some`.
-async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let started = Instant::now();
-    loop {
-        if let Some(t) = f().await {
-            return t;
-        }
-        assert!(started.elapsed() < Duration::from_secs(30), "{what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn peers(status: &serde_json::Value) -> Vec<serde_json::Value> {
@@ -185,17 +173,7 @@ async fn mutual_tls_carries_replication_and_refuses_every_stranger() {
     assert!(!refusals.is_empty());
     // The refusals are in n1's audit log, once a minute per peer host and reason.
     let audit = eventually("refusals in the audit log", async || {
-        let page = n1
-            .client()
-            .send(
-                Method::GET,
-                "/v1/ns/_asp.audit/kv?values=true",
-                &[],
-                Bytes::new(),
-            )
-            .await
-            .ok()?;
-        let text = String::from_utf8_lossy(&page.body).into_owned();
+        let text = audit_log(&n1.client()).await.ok()?;
         text.contains("peer_refused").then_some(text)
     })
     .await;

@@ -318,18 +318,7 @@ async fn tokens_allow_their_scope_work_on_every_node_and_revocation_reaches_them
     let audit = |node: &Node| {
         let admin = admin.clone();
         let client = client(node, Some(&admin));
-        async move {
-            let page = client
-                .send(
-                    Method::GET,
-                    "/v1/ns/_asp.audit/kv?values=true",
-                    &[],
-                    Bytes::new(),
-                )
-                .await
-                .unwrap();
-            String::from_utf8_lossy(&page.body).into_owned()
-        }
+        async move { common::audit_log(&client).await.unwrap() }
     };
     let revoked_id = {
         let (_, shown, _) = asp(&["token", "show", &writer], None);

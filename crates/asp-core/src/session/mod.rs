@@ -26,7 +26,7 @@ pub use frame::{
     SUMMARY_PART_NAMESPACES_MAX, VectorReport, credit_size, summary_parts,
 };
 
-pub use rules::{Federation, Refuses, Withhold, constant_time_eq, intersect, lists};
+pub use rules::{Federation, Refuses, SHARE_REFUSAL, Withhold, constant_time_eq, intersect, lists};
 
 pub use reconcile::{
     Output as ReconcileOutput, REPAIR_BYTES_MAX, REPAIR_EVENTS_PER_FRAME, REPAIR_KEYS_MAX,
@@ -654,7 +654,7 @@ impl Session {
                 .as_ref()
                 .and_then(|f| (f.refuses)(event))
             {
-                let message = format!("{what} refused by the share: {reason}");
+                let message = format!("{what} {SHARE_REFUSAL}: {reason}");
                 self.close(ErrorCode::Protocol, message, now);
                 return None;
             }

@@ -68,5 +68,9 @@ pub struct Federation {
     pub refuses: Refuses,
 }
 
+/// What the message of a link closed over an event a share does not allow says (the
+/// runtime records such closes in its audit log).
+pub const SHARE_REFUSAL: &str = "refused by the share";
+
 /// Why an event from a federated peer is refused (`None`: taken).
 pub type Refuses = std::sync::Arc<dyn Fn(&Event) -> Option<String> + Send + Sync>;

@@ -162,41 +162,36 @@ impl Link {
         // What this node replicates with this peer: its own list, narrowed by the
         // rights of the name the peer's certificate attests — or, with another
         // cluster, by the shares with it.
-        let namespaces = match &federated {
-            Some(rights) => {
-                asp_core::session::intersect(&inner.config.namespaces, &rights.namespaces())
-            }
-            None => inner
-                .config
-                .namespaces_with(certificate.as_ref().map(|c| c.name.as_str())),
-        };
         // Residency: pinned namespaces go only to peers whose certificate attests the
-        // labels their rule requires (a plain link attests none).
-        // (A partner's certificate counts only with the labels a share this cluster
-        // offered requires of it.)
-        let labels = match &federated {
-            Some(rights) => rights.attested.clone(),
-            None => certificate
-                .as_ref()
-                .map(|c| c.labels.clone())
-                .unwrap_or_default(),
+        // labels their rule requires (see `registry::residency_labels`).
+        let residency = inner.residency.withhold_for(registry::residency_labels(
+            certificate.as_ref(),
+            federated.as_ref(),
+        ));
+        let (namespaces, withhold, federation, reconciled) = match &federated {
+            Some(rights) => {
+                // Namespaces shared only towards this cluster are withheld whole
+                // (their summaries too); prefixes are checked per event by the
+                // session. No reconciliation across clusters: each hashes with its own
+                // key, and the feed (with checkpoints) carries every current value.
+                let send = rights.send.clone();
+                let withhold = Withhold(Arc::new(move |ns| {
+                    residency.withholds(ns) || !send.contains_key(ns.as_str())
+                }));
+                (
+                    asp_core::session::intersect(&inner.config.namespaces, &rights.namespaces()),
+                    withhold,
+                    Some(inner.federation.session_rules(rights)),
+                    Vec::new(),
+                )
+            }
+            None => {
+                let namespaces = inner
+                    .config
+                    .namespaces_with(certificate.as_ref().map(|c| c.name.as_str()));
+                (namespaces.clone(), residency, None, namespaces)
+            }
         };
-        let mut withhold = inner.residency.withhold_for(labels);
-        let mut federation = None;
-        let mut reconciled = namespaces.clone();
-        if let Some(rights) = &federated {
-            // Namespaces shared only towards this cluster are withheld whole (their
-            // summaries too); prefixes are checked per event by the session.
-            let residency = withhold.clone();
-            let send = rights.send.clone();
-            withhold = Withhold(Arc::new(move |ns| {
-                residency.withholds(ns) || !send.contains_key(ns.as_str())
-            }));
-            federation = Some(inner.federation.session_rules(rights));
-            // No reconciliation across clusters: each hashes with its own key, and the
-            // feed (with checkpoints) carries every current value.
-            reconciled = Vec::new();
-        }
         let config = session_config(&inner, namespaces.clone(), withhold.clone(), federation);
         let session = match direction {
             Direction::Outbound => Session::new(config, Instant::now()),
@@ -557,7 +552,7 @@ impl Link {
         // (once a minute per peer and share set).
         if let Some(rights) = &self.federated
             && !reason.by_peer
-            && reason.message.contains("refused by the share")
+            && reason.message.contains(asp_core::session::SHARE_REFUSAL)
         {
             self.inner.audit.record(
                 "share_refused",
@@ -781,7 +776,6 @@ impl Link {
         }
     }
 
-    /// Adds the bytes sent per namespace since the last call to the peer's record.
     /// A federated link after shares changed: closes at once if its rights are not
     /// what they were (a share revoked, expired or added: the link starts again with
     /// the new rights, if any).
@@ -802,6 +796,8 @@ impl Link {
             .close(ErrorCode::Protocol, message, Instant::now());
     }
 
+    /// Adds the bytes sent per namespace since the last call to the peer's record (and
+    /// to its share's count, on a federated link).
     fn record_sent_bytes(&mut self) {
         let sent = self.session.take_sent_bytes();
         if sent.is_empty() {

@@ -336,3 +336,29 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Polls `f` every 50 ms until it returns `Some` (its value is returned), and fails
+/// naming `what` if it does not within 60 s.
+pub async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(t) = f().await {
+            return t;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The node's audit log (`_asp.audit`), every entry with its value, as text.
+pub async fn audit_log(client: &Client) -> Result<String, asp_http::client::ClientError> {
+    let page = client
+        .send(
+            axum::http::Method::GET,
+            "/v1/ns/_asp.audit/kv?values=true",
+            &[],
+            bytes::Bytes::new(),
+        )
+        .await?;
+    Ok(String::from_utf8_lossy(&page.body).into_owned())
+}
