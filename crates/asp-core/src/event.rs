@@ -193,6 +193,10 @@ pub struct Event {
     pub hlc: Hlc,
     /// The causal context the writer saw; empty except under the `siblings` policy.
     pub context: Bytes,
+    /// The namespace's epoch when its origin accepted the event: 0 in a multi-master
+    /// namespace; in a leader namespace, the epoch whose leader the origin was (see
+    /// docs/MODES.md).
+    pub epoch: u64,
 }
 
 impl Event {

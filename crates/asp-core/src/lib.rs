@@ -22,6 +22,7 @@ mod hlc;
 mod ids;
 mod merge;
 #[doc(hidden)]
+pub mod modes;
 pub mod mutation;
 pub mod reconcile;
 pub mod session;

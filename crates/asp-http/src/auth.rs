@@ -169,8 +169,9 @@ pub(crate) fn need_of(method: &Method, uri: &Uri) -> Need {
                 .unwrap_or_default();
             access(ns, Op::Read, NeedKeys::Prefix(prefix))
         }
-        "policy" if reading => access(ns, Op::Read, NeedKeys::Any),
-        "policy" | "residency" => access(ns, Op::Admin, NeedKeys::Any),
+        "policy" | "mode" if reading => access(ns, Op::Read, NeedKeys::Any),
+        "policy" | "residency" | "mode" | "promote" => access(ns, Op::Admin, NeedKeys::Any),
+        "divergent" => access(ns, Op::Read, NeedKeys::Any),
         "batch" => access(ns, Op::Write, NeedKeys::EachInBody),
         "changes" => access(ns, Op::Read, NeedKeys::Any),
         _ => match rest.strip_prefix("kv/").map(decode) {

@@ -11,6 +11,8 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub retry_after_s: Option<u32>,
+    /// More fields of the error object (`not_leader` names the leader).
+    pub extra: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl ApiError {
@@ -20,6 +22,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after_s: None,
+            extra: None,
         }
     }
 
@@ -30,7 +33,13 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        let mut error = serde_json::Map::new();
+        error.insert("code".into(), self.code.into());
+        error.insert("message".into(), self.message.into());
+        for (k, v) in self.extra.unwrap_or_default() {
+            error.insert(k, v);
+        }
+        let body = serde_json::json!({ "error": error });
         let mut response = (self.status, axum::Json(body)).into_response();
         if let Some(s) = self.retry_after_s {
             response
@@ -84,6 +93,26 @@ impl From<WriteError> for ApiError {
                 "store_failed",
                 format!("{e}; /healthz says why; restart the node once the disk is fixed"),
             ),
+            WriteError::NotLeader {
+                fenced,
+                epoch,
+                leader,
+                leader_api,
+                message,
+            } => {
+                let mut extra = serde_json::Map::new();
+                extra.insert("leader".into(), leader.to_string().into());
+                extra.insert("leader_api".into(), leader_api.clone().into());
+                extra.insert("epoch".into(), (*epoch).into());
+                ApiError {
+                    extra: Some(extra),
+                    ..ApiError::new(
+                        StatusCode::CONFLICT,
+                        if *fenced { "fenced" } else { "not_leader" },
+                        message.clone(),
+                    )
+                }
+            }
             WriteError::NoSpace(m) => ApiError {
                 retry_after_s: Some(10),
                 ..ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "no_space", m.clone())

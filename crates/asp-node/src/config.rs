@@ -21,6 +21,9 @@ pub struct ReplicationConfig {
     pub namespaces: Vec<String>,
     /// `key=value` labels announced to peers.
     pub labels: Vec<(String, String)>,
+    /// This node's API address as clients reach it (`http://127.0.0.1:7700`): written
+    /// into its member record, so that a follower can name its leader's.
+    pub api_address: Option<String>,
     pub heartbeat: Duration,
     pub idle_timeout: Duration,
     pub handshake_timeout: Duration,
@@ -78,6 +81,7 @@ impl ReplicationConfig {
             peers: Vec::new(),
             namespaces: vec![ALL_NAMESPACES.to_owned()],
             labels: Vec::new(),
+            api_address: None,
             heartbeat: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),

@@ -24,6 +24,17 @@ use tokio::sync::watch;
 
 /// Installed shares and their revocations.
 pub const SHARES_NAMESPACE: &str = "_asp.shares";
+/// What a node writes about itself into the member list.
+#[derive(Clone, Debug)]
+pub struct MemberRecord {
+    /// The name its certificate attests (its node id on a plain node).
+    pub name: String,
+    /// Its API address as clients reach it.
+    pub api: Option<String>,
+    /// Where it listens for peers.
+    pub peer: Option<String>,
+}
+
 /// The members of this cluster, one key per node.
 pub const MEMBERS_NAMESPACE: &str = "_asp.members";
 /// Shares installed on a cluster, at most.
@@ -275,18 +286,33 @@ impl Federation {
         }
     }
 
-    /// Writes this node into the member list (once; it replicates in the cluster).
-    pub async fn register(&self, store: &Store, name: &str) -> Result<(), String> {
+    /// Writes this node into the member list (it replicates in the cluster), again
+    /// only when its record changed (a new API address, say).
+    pub async fn register(&self, store: &Store, member: &MemberRecord) -> Result<(), String> {
         let key = format!("node/{}", self.node);
         let members = ns(MEMBERS_NAMESPACE);
-        if store
-            .get(&members, &key)
-            .map_err(|e| e.to_string())?
-            .is_some_and(|s| s.value.is_some())
+        let held = store.get(&members, &key).map_err(|e| e.to_string())?;
+        let since = held
+            .as_ref()
+            .and_then(|s| s.value.as_ref())
+            .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v.bytes).ok());
+        if let Some(old) = &since
+            && old["name"].as_str() == Some(member.name.as_str())
+            && old["api"].as_str() == member.api.as_deref()
+            && old["peer"].as_str() == member.peer.as_deref()
         {
             return Ok(());
         }
-        let record = serde_json::json!({ "name": name, "since_ms": asp_store::clock::wall_ms() });
+        let since_ms = since
+            .as_ref()
+            .and_then(|o| o["since_ms"].as_u64())
+            .unwrap_or_else(asp_store::clock::wall_ms);
+        let record = serde_json::json!({
+            "name": member.name,
+            "api": member.api,
+            "peer": member.peer,
+            "since_ms": since_ms,
+        });
         let op = WriteOp::put(
             Key::new(&key).map_err(|e| e.to_string())?,
             ContentType::Json,
@@ -607,6 +633,7 @@ mod tests {
             },
             hlc: asp_core::Hlc::new(1, 0),
             context: bytes::Bytes::new(),
+            epoch: 0,
         };
         assert!((rules.may_send)(&ev("catalog", "pub/x", 1)));
         assert!(!(rules.may_send)(&ev("catalog", "priv/x", 1)));

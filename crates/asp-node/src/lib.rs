@@ -21,6 +21,7 @@ pub mod federation;
 mod follow;
 mod link;
 mod metrics;
+pub mod modes;
 mod registry;
 mod replicator;
 pub mod residency;

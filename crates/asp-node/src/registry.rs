@@ -188,6 +188,7 @@ pub(crate) struct Inner {
     pub residency: Arc<crate::residency::Residency>,
     pub audit: Arc<crate::audit::Audit>,
     pub federation: Arc<crate::federation::Federation>,
+    pub modes: Arc<crate::modes::Modes>,
 }
 
 impl Inner {

@@ -155,6 +155,7 @@ impl Replicator {
             store.node_id(),
             config.tls.clone(),
         ));
+        let store_node = store.node_id();
         let inner = Arc::new(Inner {
             node_id: store.node_id(),
             incarnation: rand::random::<u64>() | 1,
@@ -168,6 +169,7 @@ impl Replicator {
             residency: Arc::default(),
             audit,
             federation,
+            modes: Arc::new(crate::modes::Modes::new(store_node)),
         });
         let mut tasks = JoinSet::new();
         // Residency rules are known before any link sends anything.
@@ -186,19 +188,52 @@ impl Replicator {
                 .await
                 .map_err(|e| StartError::Config(e.to_string()))?
                 .map_err(StartError::Config)?;
-            // Membership matters to federated links only, which need TLS: a plain node
-            // writes nothing. In the background: after a restart a local write may wait
-            // for peers (own_events_wait_ms), which the links started below answer.
+            // Membership records matter to federated links only, which need TLS: a
+            // plain node writes nothing (gossip tells members apart, see
+            // membership.rs). In the background: after a restart a local write may
+            // wait for peers (own_events_wait_ms), which the links started below
+            // answer.
             if let Some(tls) = &inner.config.tls {
-                let name = tls.current().identity.name.clone();
+                let member = crate::federation::MemberRecord {
+                    name: tls.current().identity.name.clone(),
+                    api: inner.config.api_address.clone(),
+                    peer: listen.map(|a| a.to_string()),
+                };
                 let (f, s) = (inner.federation.clone(), inner.store.clone());
                 tasks.spawn(async move {
-                    if let Err(e) = f.register(&s, &name).await {
+                    if let Err(e) = f.register(&s, &member).await {
                         tracing::warn!(error = %e, "cannot write this node into the member list");
                     }
                 });
             }
         }
+        // Leader namespaces: known before any client writes; the writer asks the gate.
+        {
+            let (m, s) = (inner.modes.clone(), inner.store.clone());
+            tokio::task::spawn_blocking(move || m.reload(&s))
+                .await
+                .map_err(|e| StartError::Config(e.to_string()))?
+                .map_err(StartError::Config)?;
+            inner.store.set_write_gate(inner.modes.gate());
+        }
+        let modes = inner.modes.clone();
+        tasks.spawn(crate::follow::follow(
+            inner.store.clone(),
+            vec![
+                crate::federation::ns(crate::modes::MODES_NAMESPACE),
+                crate::federation::ns(crate::modes::ELECTIONS_NAMESPACE),
+                crate::federation::ns(crate::federation::MEMBERS_NAMESPACE),
+            ],
+            None,
+            "modes",
+            inner.shutdown.clone(),
+            move |s| modes.answer_asks(s),
+        ));
+        tasks.spawn(crate::modes::watch_divergent(
+            inner.modes.clone(),
+            inner.store.clone(),
+            inner.shutdown.clone(),
+        ));
         // Shares expire with no write: looked at every 5 s besides.
         let federation = inner.federation.clone();
         tasks.spawn(crate::follow::follow(
@@ -262,6 +297,11 @@ impl Replicator {
     /// The cluster this node belongs to.
     pub fn cluster_id(&self) -> &str {
         &self.inner.config.cluster_id
+    }
+
+    /// The leader namespaces this node knows.
+    pub fn modes(&self) -> Arc<crate::modes::Modes> {
+        self.inner.modes.clone()
     }
 
     /// The residency rules this node knows.

@@ -85,6 +85,14 @@ pub(crate) fn namespace() -> Namespace {
 impl Residency {
     /// The rule of `namespace`, if it is pinned.
     pub fn rule(&self, namespace: &Namespace) -> Option<Labels> {
+        // A namespace's list of divergent events goes where the namespace goes.
+        if let Some(hash) = namespace
+            .as_str()
+            .strip_prefix(crate::modes::DIVERGENT_PREFIX)
+        {
+            let rules = self.rules.read().unwrap();
+            return rules.by_key.get(&format!("ns/{hash}")).cloned();
+        }
         if namespace.as_str().starts_with("_asp.") {
             return None;
         }

@@ -278,6 +278,7 @@ impl StoreModel {
                 dot: version.dot,
                 hlc: version.hlc,
                 context: Bytes::new(),
+                epoch: 0,
             });
         }
         self.feed

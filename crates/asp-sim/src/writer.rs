@@ -329,6 +329,7 @@ impl Sim {
                             dot,
                             hlc,
                             context,
+                            epoch: 0,
                         };
                         written.push(AckedWrite {
                             origin: node,

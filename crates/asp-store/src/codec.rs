@@ -23,7 +23,11 @@ pub(crate) const FLAG_TXN_END: u8 = 1;
 /// have it clear (see docs/ARCHITECTURE.md, *Tears and corruption*).
 pub(crate) const FLAG_GROUP_START: u8 = 2;
 /// Every flag a record may carry.
-pub(crate) const RECORD_FLAGS: u8 = FLAG_TXN_END | FLAG_GROUP_START;
+/// The record ends with the event's epoch (u64), after the value. Records of
+/// multi-master namespaces (epoch 0) do not carry it, so their bytes are those of the
+/// builds before leader namespaces.
+pub(crate) const FLAG_EPOCH: u8 = 4;
+pub(crate) const RECORD_FLAGS: u8 = FLAG_TXN_END | FLAG_GROUP_START | FLAG_EPOCH;
 /// Values up to this size are copied into the key index so that a read needs no log
 /// access.
 pub(crate) const INLINE_VALUE_BYTES_MAX: usize = 32;
@@ -43,6 +47,7 @@ pub(crate) struct EventRef<'a> {
     pub dot: Dot,
     pub hlc: Hlc,
     pub context: &'a [u8],
+    pub epoch: u64,
 }
 
 impl<'a> EventRef<'a> {
@@ -60,6 +65,7 @@ impl<'a> EventRef<'a> {
             dot: event.dot,
             hlc: event.hlc,
             context: &event.context,
+            epoch: event.epoch,
         }
     }
 
@@ -76,6 +82,7 @@ impl<'a> EventRef<'a> {
             + self.key.len()
             + self.context.len()
             + self.put.map_or(0, |(_, v)| v.len())
+            + if self.epoch == 0 { 0 } else { 8 }
     }
 }
 
@@ -90,6 +97,11 @@ pub(crate) fn encode_record(buf: &mut Vec<u8>, seq: u64, flags: u8, event: &Even
     debug_assert!(record_fits(event), "a record past RECORD_BYTES_MAX");
     let start = buf.len();
     buf.extend_from_slice(&[0; FRAME_HEADER_BYTES]);
+    let flags = if event.epoch == 0 {
+        flags & !FLAG_EPOCH
+    } else {
+        flags | FLAG_EPOCH
+    };
     buf.push(flags);
     buf.extend_from_slice(&seq.to_le_bytes());
     debug_assert!(event.namespace.len() <= u8::MAX as usize);
@@ -111,6 +123,9 @@ pub(crate) fn encode_record(buf: &mut Vec<u8>, seq: u64, flags: u8, event: &Even
     buf.extend_from_slice(event.context);
     buf.extend_from_slice(&(value.len() as u32).to_le_bytes());
     buf.extend_from_slice(value);
+    if event.epoch != 0 {
+        buf.extend_from_slice(&event.epoch.to_le_bytes());
+    }
     let body_len = (buf.len() - start - FRAME_HEADER_BYTES) as u32;
     let len_bytes = body_len.to_le_bytes();
     let crc = crc32c::crc32c_append(
@@ -270,6 +285,14 @@ pub(crate) fn decode_record(body: &Bytes) -> Result<Record, CorruptRecord> {
     let value_len = r.u32("truncated value")? as usize;
     let value_start = r.pos;
     r.take(value_len, "truncated value")?;
+    let epoch = if flags & FLAG_EPOCH != 0 {
+        match r.u64("truncated epoch")? {
+            0 => return Err(CorruptRecord("an epoch flag with epoch 0")),
+            e => e,
+        }
+    } else {
+        0
+    };
     if !r.done() {
         return Err(CorruptRecord("trailing bytes"));
     }
@@ -293,6 +316,7 @@ pub(crate) fn decode_record(body: &Bytes) -> Result<Record, CorruptRecord> {
             dot: Dot { origin, counter },
             hlc,
             context,
+            epoch,
         },
     })
 }
@@ -519,24 +543,28 @@ mod tests {
             1u64..u64::MAX,
             any::<u64>(),
             prop::collection::vec(any::<u8>(), 0..20),
+            prop_oneof![Just(0u64), 1u64..],
         )
-            .prop_map(|(ns, key, put, origin, counter, hlc, context)| Event {
-                namespace: Namespace::new(&ns).unwrap(),
-                key: Key::new(&key).unwrap(),
-                op: match put {
-                    Some((ct, v)) => Op::Put {
-                        content_type: ContentType::from_code(ct).unwrap(),
-                        value: Bytes::from(v),
+            .prop_map(
+                |(ns, key, put, origin, counter, hlc, context, epoch)| Event {
+                    namespace: Namespace::new(&ns).unwrap(),
+                    key: Key::new(&key).unwrap(),
+                    op: match put {
+                        Some((ct, v)) => Op::Put {
+                            content_type: ContentType::from_code(ct).unwrap(),
+                            value: Bytes::from(v),
+                        },
+                        None => Op::Delete,
                     },
-                    None => Op::Delete,
+                    dot: Dot {
+                        origin: NodeId::new(origin).unwrap(),
+                        counter,
+                    },
+                    hlc: Hlc::from_raw(hlc),
+                    context: Bytes::from(context),
+                    epoch,
                 },
-                dot: Dot {
-                    origin: NodeId::new(origin).unwrap(),
-                    counter,
-                },
-                hlc: Hlc::from_raw(hlc),
-                context: Bytes::from(context),
-            })
+            )
     }
 
     proptest! {
@@ -552,7 +580,8 @@ mod tests {
             let body = Bytes::copy_from_slice(&frame[FRAME_HEADER_BYTES..]);
             let rec = decode_record(&body).unwrap();
             prop_assert_eq!(rec.seq, seq);
-            prop_assert_eq!(rec.flags, flags);
+            prop_assert_eq!(rec.flags & !FLAG_EPOCH, flags);
+            prop_assert_eq!(rec.flags & FLAG_EPOCH != 0, ev.epoch != 0);
             prop_assert_eq!(&rec.event, &ev);
             let head = record_head(&body).unwrap();
             prop_assert_eq!(head.namespace, ev.namespace.as_str().as_bytes());

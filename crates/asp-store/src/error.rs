@@ -100,6 +100,16 @@ pub enum WriteError {
     /// the request was applied, and writes succeed again once space is freed.
     #[error("{0}")]
     NoSpace(String),
+    /// A local write to a leader namespace on a node that does not lead its current
+    /// epoch (`fenced`: this node led an earlier one). Nothing was applied.
+    #[error("{message}")]
+    NotLeader {
+        fenced: bool,
+        epoch: u64,
+        leader: asp_core::NodeId,
+        leader_api: Option<String>,
+        message: String,
+    },
 }
 
 /// Why a read failed.

@@ -643,6 +643,7 @@ mod tests {
             },
             hlc: Hlc::new(ms, 0),
             context: Bytes::new(),
+            epoch: 0,
         }
     }
 

@@ -48,6 +48,7 @@ fn own_event(counter: u64, key: &str) -> Event {
         },
         hlc: Hlc::new(1_000, 0),
         context: Bytes::new(),
+        epoch: 0,
     }
 }
 

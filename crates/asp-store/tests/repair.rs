@@ -66,6 +66,7 @@ fn event(key: &str, value: Option<&str>, origin: u64, counter: u64, hlc: Hlc) ->
         },
         hlc,
         context: Bytes::new(),
+        epoch: 0,
     }
 }
 

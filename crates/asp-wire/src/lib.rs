@@ -53,6 +53,9 @@ const COMPRESSION_LZ4: u8 = 1;
 
 const OP_PUT: u8 = 0;
 const OP_DELETE: u8 = 1;
+/// Set on the op byte of an event that carries an epoch (a leader namespace's, see
+/// docs/MODES.md): eight bytes of epoch follow the value. Protocol version 4 and up.
+const OP_EPOCH: u8 = 0x80;
 
 /// Limits on variable-length fields (bytes or entries).
 const CLUSTER_ID_BYTES_MAX: usize = 256;
@@ -149,13 +152,14 @@ fn put_vector(out: &mut Vec<u8>, vv: &VersionVector) {
 fn put_event(out: &mut Vec<u8>, e: &Event) {
     put_str8(out, e.namespace.as_str());
     put_str16(out, e.key.as_str());
+    let flag = if e.epoch == 0 { 0 } else { OP_EPOCH };
     match &e.op {
         Op::Put { content_type, .. } => {
-            out.push(OP_PUT);
+            out.push(OP_PUT | flag);
             out.push(content_type.code());
         }
         Op::Delete => {
-            out.push(OP_DELETE);
+            out.push(OP_DELETE | flag);
             out.push(0);
         }
     }
@@ -166,6 +170,9 @@ fn put_event(out: &mut Vec<u8>, e: &Event) {
     match &e.op {
         Op::Put { value, .. } => put_bytes32(out, value),
         Op::Delete => put_bytes32(out, &[]),
+    }
+    if e.epoch != 0 {
+        out.extend_from_slice(&e.epoch.to_le_bytes());
     }
 }
 
@@ -852,7 +859,15 @@ fn decode_events(raw: &Bytes, count: usize) -> Result<Vec<Event>, DecodeError> {
         let value_start = r.pos;
         r.take(value_len, "value")?;
         let value = raw.slice(value_start..value_start + value_len);
-        let op = match op {
+        let epoch = if op & OP_EPOCH != 0 {
+            match r.u64("epoch")? {
+                0 => return Err(r.err("an epoch flag with epoch 0")),
+                e => e,
+            }
+        } else {
+            0
+        };
+        let op = match op & !OP_EPOCH {
             OP_PUT => Op::Put {
                 content_type: ContentType::from_code(ct)
                     .ok_or_else(|| r.err(format!("unknown content type {ct}")))?,
@@ -869,6 +884,7 @@ fn decode_events(raw: &Bytes, count: usize) -> Result<Vec<Event>, DecodeError> {
             dot: Dot { origin, counter },
             hlc,
             context,
+            epoch,
         });
     }
     r.done()?;

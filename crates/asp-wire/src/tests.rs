@@ -18,9 +18,10 @@ fn event() -> impl Strategy<Value = Event> {
         1u64..u64::MAX,
         any::<u64>(),
         prop::collection::vec(any::<u8>(), 0..10),
+        prop_oneof![Just(0u64), 1u64..],
     )
         .prop_map(
-            |(namespace, key, put, origin, counter, hlc, context)| Event {
+            |(namespace, key, put, origin, counter, hlc, context, epoch)| Event {
                 namespace,
                 key: Key::new(&key).unwrap(),
                 op: match put {
@@ -33,6 +34,7 @@ fn event() -> impl Strategy<Value = Event> {
                 dot: Dot { origin, counter },
                 hlc: Hlc::from_raw(hlc),
                 context: Bytes::from(context),
+                epoch,
             },
         )
 }
@@ -250,6 +252,7 @@ fn large_batches_are_compressed_and_bounded() {
             },
             hlc: Hlc::new(1000 + i, 0),
             context: Bytes::new(),
+            epoch: 0,
         })
         .collect();
     let frame = Frame::Events {
@@ -476,6 +479,7 @@ fn lz4_data_too_short_for_its_claimed_size_is_refused_before_allocating() {
             },
             hlc: Hlc::from_raw(c),
             context: Bytes::new(),
+            epoch: 0,
         })
         .collect();
     let frame = Frame::Events {

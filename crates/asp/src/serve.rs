@@ -37,12 +37,14 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
         })?;
     let listen = listener.local_addr().unwrap_or(config.listen);
     let shutdown = CancellationToken::new();
-    let replicator = Replicator::start(
-        store.clone(),
-        config.replication.clone(),
-        shutdown.child_token(),
-    )
-    .await?;
+    let mut replication = config.replication.clone();
+    let api_scheme = if replication.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    replication.api_address = Some(format!("{api_scheme}://{listen}"));
+    let replicator = Replicator::start(store.clone(), replication, shutdown.child_token()).await?;
     // Residency rules of the configuration, before any client can write.
     for (ns, require) in &config.residency {
         let residency = replicator.residency();

@@ -12,8 +12,10 @@ use crate::{Event, Hlc, Namespace, NodeId, Op, VersionVector};
 /// Version 3 adds the count of repair events to [`Frame::RepairEnd`] (as a frame of
 /// its own type on the wire), so a receiver notices a repair it never got before it
 /// records covered dots; a version-2 peer gets the `RepairEnd` without it.
+/// Version 4 adds an event's epoch (leader namespaces); a peer of an earlier version
+/// gets no event that carries one.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
-pub const PROTOCOL_VERSION_MAX: u16 = 3;
+pub const PROTOCOL_VERSION_MAX: u16 = 4;
 
 /// Namespaces in one `Summary` or `SummaryPart` frame, at most.
 pub const SUMMARY_PART_NAMESPACES_MAX: usize = 4096;

@@ -35,6 +35,7 @@ fn event(origin: u64, counter: u64) -> Event {
         },
         hlc: Hlc::new(counter, 0),
         context: Bytes::new(),
+        epoch: 0,
     }
 }
 

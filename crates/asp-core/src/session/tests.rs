@@ -24,6 +24,7 @@ fn event(ns: &str, origin: u64, counter: u64) -> Event {
         },
         hlc: Hlc::new(counter, 0),
         context: Bytes::new(),
+        epoch: 0,
     }
 }
 

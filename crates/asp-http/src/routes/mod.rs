@@ -228,6 +228,12 @@ pub fn router(state: AppState) -> Router {
             "/v1/ns/{ns}/residency",
             get(admin::get_residency).put(admin::put_residency),
         )
+        .route(
+            "/v1/ns/{ns}/mode",
+            get(crate::modes_api::get_mode).put(crate::modes_api::put_mode),
+        )
+        .route("/v1/ns/{ns}/promote", post(crate::modes_api::promote))
+        .route("/v1/ns/{ns}/divergent", get(crate::modes_api::divergent))
         .route("/v1/ns/{ns}/batch", post(batch::batch))
         .route("/v1/ns/{ns}/changes", get(changes::changes))
         .fallback(route_not_found)

@@ -86,6 +86,18 @@ impl Store {
         self.inner.shared.node_id
     }
 
+    /// Installs who may accept local writes to which namespace (leader namespaces,
+    /// see [`crate::LeaderMode`]); every local write asks it, in the writer.
+    pub fn set_write_gate(&self, gate: crate::WriteGate) {
+        *self.inner.shared.gate.write().unwrap() = Some(gate);
+    }
+
+    /// What the write gate says of `namespace` (`None`: multi-master).
+    pub fn leader_mode(&self, namespace: &asp_core::Namespace) -> Option<crate::LeaderMode> {
+        let gate = self.inner.shared.gate.read().unwrap().clone();
+        gate.and_then(|g| g(namespace))
+    }
+
     pub fn config(&self) -> &StoreConfig {
         &self.inner.shared.config
     }

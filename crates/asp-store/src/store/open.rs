@@ -246,6 +246,7 @@ impl Store {
                 failure: OnceLock::new(),
                 space_problem: Mutex::new(None),
             },
+            gate: RwLock::new(None),
         });
         let queue = Arc::new(WriteQueue::new(config.write_queue_max));
         let clock = HlcClock::with_last(hlc, config.max_clock_skew_ms);

@@ -75,6 +75,7 @@ impl Writer {
         w: WriteRequest,
         wall: u64,
         policy: Policy,
+        epoch: u64,
     ) {
         let node_id = self.shared.node_id;
         let first_counter = self.next_counter(&w.namespace);
@@ -179,7 +180,14 @@ impl Writer {
             .iter()
             .map(|(hlc, state)| (*hlc, Some((ContentType::OctetStream, &state[..]))))
             .collect();
-        let applied = self.append_ops(g, &w, first_counter, &events, &policy.event_context());
+        let applied = self.append_ops(
+            g,
+            &w,
+            first_counter,
+            &events,
+            &policy.event_context(),
+            epoch,
+        );
         g.acks.push(Ack {
             reply: Reply::Write(w.reply, applied),
             _permit: w.permit,

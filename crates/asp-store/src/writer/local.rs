@@ -7,7 +7,7 @@ use super::*;
 
 impl Writer {
     /// A client's batch: new dots of this node, fresh clock readings.
-    pub(super) fn add_local(&mut self, g: &mut Group, w: WriteRequest, wall: u64) {
+    pub(super) fn add_local(&mut self, g: &mut Group, w: WriteRequest, wall: u64, epoch: u64) {
         if let Some((i, op)) = w
             .ops
             .iter()
@@ -48,7 +48,7 @@ impl Writer {
                 (self.clock.tick(wall), put)
             })
             .collect();
-        let applied = self.append_ops(g, &w, first_counter, &events, &[]);
+        let applied = self.append_ops(g, &w, first_counter, &events, &[], epoch);
         g.acks.push(Ack {
             reply: Reply::Write(w.reply, applied),
             _permit: w.permit,
@@ -65,6 +65,7 @@ impl Writer {
         first_counter: u64,
         events: &[LocalEvent<'_>],
         context: &[u8],
+        epoch: u64,
     ) -> Vec<Applied> {
         let node_id = self.shared.node_id;
         let last = events.len() - 1;
@@ -83,6 +84,7 @@ impl Writer {
                 dot,
                 hlc,
                 context,
+                epoch,
             };
             let seq = self.append(g, &event, i == last, UpdateKind::Overwrite);
             applied.push(Applied { dot, hlc, seq });

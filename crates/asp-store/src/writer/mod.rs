@@ -636,10 +636,19 @@ impl Writer {
         };
         for work in group {
             match work {
-                Work::Write(w) => match self.policy(&w.namespace) {
-                    Policy::Lww => self.add_local(&mut g, w, wall),
-                    policy => self.add_local_crdt(&mut g, w, wall, policy),
-                },
+                Work::Write(w) => {
+                    let gate = self.shared.gate.read().unwrap().clone();
+                    match crate::modes::admit(gate.as_ref(), &w.namespace, self.shared.node_id) {
+                        Err(e) => {
+                            self.shared.metrics.writes_rejected.inc();
+                            let _ = w.reply.send(Err(e));
+                        }
+                        Ok(epoch) => match self.policy(&w.namespace) {
+                            Policy::Lww => self.add_local(&mut g, w, wall, epoch),
+                            policy => self.add_local_crdt(&mut g, w, wall, policy, epoch),
+                        },
+                    }
+                }
                 Work::Apply(a) => self.add_remote(&mut g, a, wall),
                 Work::Relocate(r) => self.add_relocated(&mut g, r),
                 Work::Cover(c) => self.add_cover(&mut g, c),

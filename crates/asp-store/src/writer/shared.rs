@@ -27,6 +27,8 @@ pub(crate) struct Shared {
     pub peers: FromPeers,
     pub maintenance: Maintenance,
     pub health: Health,
+    /// Who may accept local writes to which namespace (see [`crate::modes`]).
+    pub gate: RwLock<Option<crate::modes::WriteGate>>,
 }
 
 /// What the log writer thread changes; readers and status pages read it.
@@ -215,6 +217,7 @@ impl Shared {
             dot: entry.dot,
             hlc: entry.hlc,
             context: bytes::Bytes::new(),
+            epoch: 0,
         })
     }
 

@@ -1,0 +1,298 @@
+//! Leader namespaces on real processes: followers refuse writes naming the leader, a
+//! promotion fences the old leader, and what the old leader accepted while cut off is
+//! kept, merged and listed as divergent.
+
+mod common;
+
+use std::time::Duration;
+
+use asp_faultnet::Proxy;
+use asp_http::client::Client;
+use axum::http::{Method, StatusCode};
+use bytes::Bytes;
+use common::{Node, digest, eventually};
+use serde_json::{Value, json};
+
+async fn node_id(n: &Node) -> String {
+    n.client().status().await.unwrap()["node_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+async fn call(c: &Client, method: Method, path: &str, body: Value) -> (StatusCode, Value) {
+    let r = c
+        .send(
+            method,
+            path,
+            &[(axum::http::header::CONTENT_TYPE, "application/json")],
+            Bytes::from(body.to_string()),
+        )
+        .await
+        .unwrap();
+    let v = r.json().unwrap_or(Value::Null);
+    (r.status, v)
+}
+
+async fn put(c: &Client, key: &str, value: &str) -> (StatusCode, Value) {
+    call(
+        c,
+        Method::PUT,
+        &format!("/v1/ns/orders/kv/{key}"),
+        json!(value),
+    )
+    .await
+}
+
+async fn mode(c: &Client) -> Value {
+    call(c, Method::GET, "/v1/ns/orders/mode", Value::Null)
+        .await
+        .1
+}
+
+/// A, B and C in a triangle; A's two links go through proxies, so that A can be cut
+/// off from both.
+async fn triangle(dir: &std::path::Path) -> (Node, Node, Node, Proxy, Proxy) {
+    let a = Node::start(&dir.join("a"), &[]).await;
+    let to_a_from_b = Proxy::start(
+        "127.0.0.1:0".parse().unwrap(),
+        a.peer_addr().parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let to_a_from_c = Proxy::start(
+        "127.0.0.1:0".parse().unwrap(),
+        a.peer_addr().parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let b = Node::start(
+        &dir.join("b"),
+        &["--peer", &to_a_from_b.local_addr().to_string()],
+    )
+    .await;
+    let c = Node::start(
+        &dir.join("c"),
+        &[
+            "--peer",
+            &to_a_from_c.local_addr().to_string(),
+            "--peer",
+            &b.peer_addr(),
+        ],
+    )
+    .await;
+    (a, b, c, to_a_from_b, to_a_from_c)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promotion_fences_the_old_leader_and_keeps_its_divergent_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c, p1, p2) = triangle(dir.path()).await;
+    let (ida, idb) = (node_id(&a).await, node_id(&b).await);
+
+    let (status, view) = call(
+        &a.client(),
+        Method::PUT,
+        "/v1/ns/orders/mode",
+        json!({"mode": "leader", "leader": ida}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(view["epoch"], 1);
+    assert_eq!(view["this_node"]["role"], "leader");
+    for n in [&b, &c] {
+        eventually("the mode reaches every node", async || {
+            (mode(&n.client()).await["leader"] == ida.as_str()).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(put(&a.client(), "k1", "one").await.0, StatusCode::OK);
+
+    // A follower refuses, naming the leader and where its API is.
+    let (status, err) = put(&b.client(), "k1", "from b").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{err}");
+    assert_eq!(err["error"]["code"], "not_leader");
+    assert_eq!(err["error"]["leader"], ida.as_str());
+    assert_eq!(err["error"]["leader_api"], a.url());
+    assert_eq!(err["error"]["epoch"], 1);
+
+    // A is cut off, and goes on accepting writes: it does not know yet.
+    eventually("k1 reaches B", async || {
+        b.client()
+            .get("orders", "k1", None)
+            .await
+            .unwrap()
+            .map(|_| ())
+    })
+    .await;
+    p1.partition();
+    p2.partition();
+    for i in 0..5 {
+        let (status, body) = put(&a.client(), &format!("tail{i}"), "written by A alone").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
+    // B is promoted by hand (no voters: the operator's word).
+    let (status, view) = call(
+        &b.client(),
+        Method::POST,
+        "/v1/ns/orders/promote",
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(view["epoch"], 2);
+    assert_eq!(view["this_node"]["role"], "leader");
+    assert_eq!(put(&b.client(), "k2", "two").await.0, StatusCode::OK);
+    eventually("C follows B", async || {
+        let (status, err) = put(&c.client(), "k3", "from c").await;
+        (status == StatusCode::CONFLICT && err["error"]["leader"] == idb.as_str()).then_some(())
+    })
+    .await;
+
+    // Healed: A learns epoch 2 and is fenced; its tail reaches everyone, is kept, and
+    // is listed as divergent.
+    p1.heal();
+    p2.heal();
+    // (Asked by reads: a write A accepted before it heard would join its tail.)
+    eventually("A learns epoch 2", async || {
+        (mode(&a.client()).await["this_node"]["role"] == "fenced").then_some(())
+    })
+    .await;
+    let (status, err) = put(&a.client(), "k4", "from a").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{err}");
+    assert_eq!(err["error"]["code"], "fenced");
+    assert_eq!(err["error"]["leader"], idb.as_str());
+    for n in [&a, &b, &c] {
+        for i in 0..5 {
+            let key = format!("tail{i}");
+            eventually("A's tail is kept on every node", async || {
+                n.client()
+                    .get("orders", &key, None)
+                    .await
+                    .unwrap()
+                    .map(|_| ())
+            })
+            .await;
+        }
+        let what = format!("the tail is listed as divergent on {}", n.url());
+        let listed = eventually(&what, async || {
+            let (_, list) = call(
+                &n.client(),
+                Method::GET,
+                "/v1/ns/orders/divergent",
+                Value::Null,
+            )
+            .await;
+            let events = list["events"].as_array().cloned().unwrap_or_default();
+            (events.len() == 5).then_some(events)
+        })
+        .await;
+        let mut keys: Vec<&str> = listed.iter().map(|e| e["key"].as_str().unwrap()).collect();
+        keys.sort();
+        assert_eq!(keys, ["tail0", "tail1", "tail2", "tail3", "tail4"]);
+        assert!(listed.iter().all(|e| e["epoch"] == 1));
+    }
+    eventually("the three nodes converge", async || {
+        let d = digest(&a.client(), "orders").await;
+        (d == digest(&b.client(), "orders").await && d == digest(&c.client(), "orders").await)
+            .then_some(())
+    })
+    .await;
+    // k1 was in line: not listed.
+    let (_, list) = call(
+        &b.client(),
+        Method::GET,
+        "/v1/ns/orders/divergent",
+        Value::Null,
+    )
+    .await;
+    assert!(!list.to_string().contains("\"k1\""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promotion_with_voters_needs_a_majority() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c, p1, p2) = triangle(dir.path()).await;
+    let (ida, idb, idc) = (node_id(&a).await, node_id(&b).await, node_id(&c).await);
+    let (status, view) = call(
+        &a.client(),
+        Method::PUT,
+        "/v1/ns/orders/mode",
+        json!({"mode": "leader", "leader": ida, "voters": [ida, idb, idc]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    for n in [&b, &c] {
+        eventually("the mode reaches every node", async || {
+            (mode(&n.client()).await["voters"]
+                .as_array()
+                .is_some_and(|v| v.len() == 3))
+            .then_some(())
+        })
+        .await;
+    }
+    assert_eq!(put(&a.client(), "k1", "one").await.0, StatusCode::OK);
+    eventually("k1 reaches B and C", async || {
+        let on_b = b.client().get("orders", "k1", None).await.unwrap();
+        let on_c = c.client().get("orders", "k1", None).await.unwrap();
+        (on_b.is_some() && on_c.is_some()).then_some(())
+    })
+    .await;
+
+    // A is cut off; B, with C's vote, takes epoch 2. Asking A changes nothing: it
+    // still leads epoch 1 as far as it knows.
+    p1.partition();
+    p2.partition();
+    let (status, view) = call(
+        &a.client(),
+        Method::POST,
+        "/v1/ns/orders/promote",
+        json!({"timeout_ms": 1500}),
+    )
+    .await;
+    assert_eq!((status, view["epoch"].as_u64()), (StatusCode::OK, Some(1)));
+    let (status, view) = call(
+        &b.client(),
+        Method::POST,
+        "/v1/ns/orders/promote",
+        json!({"timeout_ms": 20000}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(view["this_node"]["role"], "leader");
+    assert_eq!(view["epoch"], 2);
+    p1.heal();
+    p2.heal();
+    for n in [&a, &b, &c] {
+        eventually("every node knows epoch 2", async || {
+            (mode(&n.client()).await["epoch"] == 2).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(mode(&a.client()).await["this_node"]["role"], "fenced");
+    assert_eq!(mode(&c.client()).await["this_node"]["role"], "follower");
+
+    // With B and C gone, A has one vote of three: no quorum, and nothing changes.
+    let (mut b, mut c) = (b, c);
+    b.kill();
+    c.kill();
+    let (status, err) = call(
+        &a.client(),
+        Method::POST,
+        "/v1/ns/orders/promote",
+        json!({"timeout_ms": 1500}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{err}");
+    assert_eq!(err["error"]["code"], "no_quorum");
+    assert!(
+        err["error"]["message"].as_str().unwrap().contains("1 of 3"),
+        "{err}"
+    );
+    let view = mode(&a.client()).await;
+    assert_eq!(
+        (view["epoch"].as_u64(), view["this_node"]["role"].as_str()),
+        (Some(2), Some("fenced"))
+    );
+}
