@@ -121,6 +121,9 @@ pub struct Ask {
     pub vector: VersionVector,
     /// Voters refuse a candidate that lacks events they hold.
     pub require_caught_up: bool,
+    /// An automatic failover (not an operator's promotion): voters that still hear
+    /// the leader refuse it.
+    pub automatic: bool,
 }
 
 /// A voter's answer.
@@ -130,15 +133,16 @@ pub enum Vote {
     Refuse(String),
 }
 
-/// How voter `me` answers `ask`, given the namespace's history, what it holds, and
+/// How voter `me` answers `ask`, given the namespace's history, what it holds,
 /// whether it has answered anyone in that epoch already (`None`: no answer is due —
-/// not a voter, or answered).
+/// not a voter, or answered), and whether it still hears the current leader.
 pub fn answer(
     history: &History,
     me: NodeId,
     held: &VersionVector,
     ask: &Ask,
     answered_in_epoch: bool,
+    hears_leader: bool,
 ) -> Option<Vote> {
     let current = history.current()?;
     if !current.voters.contains(&me) || answered_in_epoch {
@@ -155,6 +159,11 @@ pub fn answer(
             "node {} is not a voter of the namespace",
             ask.candidate
         )));
+    }
+    if ask.automatic && hears_leader && current.leader != Some(ask.candidate) {
+        return Some(Vote::Refuse(
+            "this voter still hears the leader: no failover".into(),
+        ));
     }
     if ask.require_caught_up && !held.is_subset(&ask.vector) {
         let missing = held.difference(&ask.vector).len();
@@ -238,24 +247,44 @@ mod tests {
             candidate: n(2),
             vector: vector.clone(),
             require_caught_up: true,
+            automatic: false,
         };
         assert_eq!(
-            answer(&h, n(3), &held, &ask(&held, 2), false),
+            answer(&h, n(3), &held, &ask(&held, 2), false, false),
             Some(Vote::Grant)
         );
-        assert_eq!(answer(&h, n(3), &held, &ask(&held, 2), true), None);
+        assert_eq!(answer(&h, n(3), &held, &ask(&held, 2), true, false), None);
         assert!(matches!(
-            answer(&h, n(3), &held, &ask(&behind, 2), false),
+            answer(&h, n(3), &held, &ask(&behind, 2), false, false),
             Some(Vote::Refuse(_))
         ));
         assert!(matches!(
-            answer(&h, n(3), &held, &ask(&held, 1), false),
+            answer(&h, n(3), &held, &ask(&held, 1), false, false),
             Some(Vote::Refuse(_))
         ));
-        assert_eq!(answer(&h, n(9), &held, &ask(&held, 2), false), None);
+        assert_eq!(answer(&h, n(9), &held, &ask(&held, 2), false, false), None);
         let mut loose = ask(&behind, 2);
         loose.require_caught_up = false;
-        assert_eq!(answer(&h, n(3), &held, &loose, false), Some(Vote::Grant));
+        assert_eq!(
+            answer(&h, n(3), &held, &loose, false, false),
+            Some(Vote::Grant)
+        );
+        // A failover is refused while the voter hears the leader; an operator's
+        // promotion is not.
+        let mut auto = ask(&held, 2);
+        auto.automatic = true;
+        assert!(matches!(
+            answer(&h, n(3), &held, &auto, false, true),
+            Some(Vote::Refuse(_))
+        ));
+        assert_eq!(
+            answer(&h, n(3), &held, &auto, false, false),
+            Some(Vote::Grant)
+        );
+        assert_eq!(
+            answer(&h, n(3), &held, &ask(&held, 2), false, true),
+            Some(Vote::Grant)
+        );
         assert_eq!(majority(3), 2);
         assert_eq!(majority(4), 3);
     }

@@ -24,6 +24,11 @@ pub struct ReplicationConfig {
     /// This node's API address as clients reach it (`http://127.0.0.1:7700`): written
     /// into its member record, so that a follower can name its leader's.
     pub api_address: Option<String>,
+    /// Dial members learned by gossip that nobody told this node how to reach.
+    pub dial_members: bool,
+    /// A leader namespace with three voters or more fails over once its leader has
+    /// been silent this long (zero: never).
+    pub failover_after: Duration,
     pub heartbeat: Duration,
     pub idle_timeout: Duration,
     pub handshake_timeout: Duration,
@@ -82,6 +87,8 @@ impl ReplicationConfig {
             namespaces: vec![ALL_NAMESPACES.to_owned()],
             labels: Vec::new(),
             api_address: None,
+            dial_members: true,
+            failover_after: Duration::from_secs(5),
             heartbeat: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
@@ -111,6 +118,13 @@ impl ReplicationConfig {
             return Err(format!(
                 "idle_timeout ({:?}) must be longer than heartbeat ({:?})",
                 self.idle_timeout, self.heartbeat
+            ));
+        }
+        if !self.failover_after.is_zero() && self.failover_after < self.heartbeat * 3 {
+            return Err(format!(
+                "failover_ms ({:?}) must be at least three heartbeats ({:?}), or 0 for no failover: a leader is not gone for missing one",
+                self.failover_after,
+                self.heartbeat * 3
             ));
         }
         if self.credit_window_bytes < (64 << 10) {

@@ -20,6 +20,7 @@ mod config;
 pub mod federation;
 mod follow;
 mod link;
+pub mod membership;
 mod metrics;
 pub mod modes;
 mod registry;

@@ -128,13 +128,15 @@ struct Known {
 pub struct Modes {
     node: NodeId,
     known: RwLock<Known>,
+    membership: Arc<crate::membership::Membership>,
 }
 
 impl Modes {
-    pub fn new(node: NodeId) -> Self {
+    pub fn new(node: NodeId, membership: Arc<crate::membership::Membership>) -> Self {
         Modes {
             node,
             known: RwLock::default(),
+            membership,
         }
     }
 
@@ -166,9 +168,11 @@ impl Modes {
             .unwrap_or_default()
     }
 
-    /// A member's API address, if its member record names one.
+    /// A member's API address: from gossip, or else from its member record.
     pub fn api_of(&self, node: NodeId) -> Option<String> {
-        self.known.read().unwrap().apis.get(&node).cloned()
+        self.membership
+            .api_of(node)
+            .or_else(|| self.known.read().unwrap().apis.get(&node).cloned())
     }
 
     /// What the store's writer asks before every local write.
@@ -300,6 +304,20 @@ impl Modes {
         require_caught_up: bool,
         timeout: Duration,
     ) -> Result<EpochRecord, ModeError> {
+        self.promote_as(store, namespace, require_caught_up, false, timeout)
+            .await
+    }
+
+    /// [`Modes::promote`]; `automatic` for a failover, which voters that still hear
+    /// the leader refuse.
+    async fn promote_as(
+        &self,
+        store: &Store,
+        namespace: &Namespace,
+        require_caught_up: bool,
+        automatic: bool,
+        timeout: Duration,
+    ) -> Result<EpochRecord, ModeError> {
         let history = self.history(namespace);
         let Some(current) = history.current().cloned() else {
             return Err(ModeError::Conflict(format!(
@@ -320,23 +338,23 @@ impl Modes {
             return Ok(current);
         }
         let hash = self.hash(namespace);
-        let epoch = current.epoch + 1;
+        // Past every epoch anyone asked for: a split vote is not asked again.
+        let epoch = current.epoch.max(self.highest_asked(store, &hash)?) + 1;
         if !current.voters.is_empty() {
             if !current.voters.contains(&self.node) {
                 return Err(ModeError::Conflict(format!(
                     "this node is not one of the voters of {namespace}, so it cannot be elected"
                 )));
             }
-            self.elect(
-                store,
-                &hash,
+            let ask = Ask {
                 epoch,
-                &current.voters,
+                candidate: self.node,
+                vector: store.namespace_vector(namespace),
                 require_caught_up,
-                timeout,
-                namespace,
-            )
-            .await?;
+                automatic,
+            };
+            self.elect(store, &hash, &ask, &current.voters, timeout, namespace)
+                .await?;
             if self.history(namespace).epoch() >= epoch {
                 return Err(ModeError::NoQuorum(format!(
                     "another node took epoch {epoch} of {namespace} meanwhile"
@@ -354,20 +372,20 @@ impl Modes {
         Ok(record)
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn elect(
         &self,
         store: &Store,
         hash: &str,
-        epoch: u64,
+        ask: &Ask,
         voters: &[NodeId],
-        require_caught_up: bool,
         timeout: Duration,
         namespace: &Namespace,
     ) -> Result<(), ModeError> {
+        let epoch = ask.epoch;
         let ask = json!({
-            "vector": vector_json(&store.namespace_vector(namespace)),
-            "require_caught_up": require_caught_up,
+            "vector": vector_json(&ask.vector),
+            "require_caught_up": ask.require_caught_up,
+            "automatic": ask.automatic,
         });
         let key =
             Key::new(&format!("ns/{hash}/ask/{epoch:020}/{}", self.node)).expect("a valid key");
@@ -404,6 +422,23 @@ impl Modes {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The highest epoch any candidate asked for in the namespace `hash`.
+    fn highest_asked(&self, store: &Store, hash: &str) -> Result<u64, ModeError> {
+        let mut highest = 0;
+        let prefix = format!("ns/{hash}/ask/");
+        crate::follow::scan_values(store, &ns(ELECTIONS_NAMESPACE), &prefix, |key, _| {
+            if let Some(e) = key[prefix.len()..]
+                .split('/')
+                .next()
+                .and_then(|e| e.parse::<u64>().ok())
+            {
+                highest = highest.max(e);
+            }
+        })
+        .map_err(ModeError::Store)?;
+        Ok(highest)
     }
 
     /// The voters that granted this node `epoch`, and those that refused it (why).
@@ -452,6 +487,8 @@ impl Modes {
         self.reload(store)?;
         let mut asks: Vec<(String, Ask)> = Vec::new();
         let mut answered: HashSet<(String, u64)> = HashSet::new();
+        // This node's own asks and votes of elections long decided: deleted.
+        let mut stale: Vec<String> = Vec::new();
         let me = self.node.to_string();
         crate::follow::scan_values(store, &ns(ELECTIONS_NAMESPACE), "ns/", |key, value| {
             let parts: Vec<&str> = key.split('/').collect();
@@ -461,6 +498,17 @@ impl Modes {
             let Ok(epoch) = epoch.parse::<u64>() else {
                 return;
             };
+            let decided = self
+                .known
+                .read()
+                .unwrap()
+                .histories
+                .get(hash)
+                .is_some_and(|h| h.epoch() > epoch);
+            if node == me && decided {
+                stale.push(key.to_owned());
+                return;
+            }
             match kind {
                 "vote" if node == me => {
                     answered.insert((hash.to_owned(), epoch));
@@ -481,12 +529,23 @@ impl Modes {
                             candidate,
                             vector,
                             require_caught_up: value["require_caught_up"] != Value::Bool(false),
+                            automatic: value["automatic"] == Value::Bool(true),
                         },
                     ));
                 }
                 _ => {}
             }
         })?;
+        if !stale.is_empty() {
+            let ops = stale
+                .iter()
+                .take(1000)
+                .map(|k| WriteOp::delete(Key::new(k).expect("a valid key")))
+                .collect();
+            tokio::runtime::Handle::current()
+                .block_on(store.write(ns(ELECTIONS_NAMESPACE), ops))
+                .map_err(|e| e.to_string())?;
+        }
         if asks.is_empty() {
             return Ok(());
         }
@@ -504,11 +563,20 @@ impl Modes {
             let Some(history) = self.known.read().unwrap().histories.get(&hash).cloned() else {
                 continue;
             };
+            if ask.epoch <= history.epoch() {
+                // Decided: its candidate lost or won, and deletes its ask.
+                continue;
+            }
             let held = names
                 .get(&hash)
                 .map(|n| store.namespace_vector(n))
                 .unwrap_or_default();
-            let Some(vote) = answer(&history, self.node, &held, &ask, false) else {
+            let hears_leader = history
+                .current()
+                .and_then(|r| r.leader)
+                .and_then(|l| self.membership.health(l))
+                == Some(crate::membership::Health::Alive);
+            let Some(vote) = answer(&history, self.node, &held, &ask, false, hears_leader) else {
                 continue;
             };
             let (granted, reason) = match &vote {
@@ -628,6 +696,92 @@ fn check_voters(voters: &[NodeId]) -> Result<(), ModeError> {
         return Err(ModeError::Invalid("a voter is listed twice".into()));
     }
     Ok(())
+}
+
+/// Fails a leader namespace over when its leader has been silent (no heartbeat
+/// reached this node by any path) for `after`: a voter asks the others for the next
+/// epoch, after a random wait so that two voters seldom ask at once; those that still
+/// hear the leader refuse. Only namespaces with at least three voters fail over.
+pub(crate) async fn failover_loop(
+    modes: Arc<Modes>,
+    store: Store,
+    after: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let started = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(
+        Duration::from_millis(250)
+            .min(after / 4)
+            .max(Duration::from_millis(10)),
+    );
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let silent = |leader: NodeId| {
+            modes
+                .membership
+                .silent_for(leader)
+                .unwrap_or_else(|| started.elapsed())
+                >= after
+        };
+        let due: Vec<String> = {
+            let known = modes.known.read().unwrap();
+            known
+                .histories
+                .iter()
+                .filter_map(|(hash, h)| {
+                    let current = h.current()?;
+                    let leader = current.leader?;
+                    (current.voters.len() >= 3
+                        && current.voters.contains(&modes.node)
+                        && leader != modes.node
+                        && silent(leader))
+                    .then(|| hash.clone())
+                })
+                .collect()
+        };
+        if due.is_empty() {
+            continue;
+        }
+        let names: HashMap<String, Namespace> = store
+            .status()
+            .namespaces
+            .into_iter()
+            .map(|(n, _)| (hash_of(n.as_str()), n))
+            .collect();
+        for hash in due {
+            let Some(namespace) = names.get(&hash) else {
+                continue;
+            };
+            let epoch = modes.history(namespace).epoch();
+            let jitter = after.mul_f64(rand::random::<f64>() * 0.5);
+            tokio::select! {
+                () = tokio::time::sleep(jitter) => {}
+                () = shutdown.cancelled() => return,
+            }
+            // Someone else may have won meanwhile, or the leader come back.
+            let history = modes.history(namespace);
+            let still = history.epoch() == epoch
+                && history
+                    .current()
+                    .and_then(|r| r.leader)
+                    .is_some_and(|l| l != modes.node && silent(l));
+            if !still {
+                continue;
+            }
+            tracing::warn!(namespace = %namespace, epoch, "the leader is silent: asking the voters to fail over");
+            match modes.promote_as(&store, namespace, true, true, after).await {
+                Ok(r) => {
+                    tracing::warn!(namespace = %namespace, epoch = r.epoch, "failed over: this node leads")
+                }
+                Err(e) => {
+                    tracing::info!(namespace = %namespace, error = %e, "no failover this time")
+                }
+            }
+        }
+    }
 }
 
 /// The divergent events listed for `namespace`, oldest key first, at most `limit`

@@ -115,6 +115,8 @@ pub(crate) struct PeerRecord {
     pub federated: Option<crate::federation::Rights>,
     /// Bytes of events sent to the peer, per namespace (since this process started).
     pub sent_bytes: std::collections::HashMap<asp_core::Namespace, u64>,
+    /// It has dialed this node: it chose the path, so gossip never dials it.
+    pub inbound: bool,
 }
 
 /// Reconciliation with one peer, for status.
@@ -189,6 +191,7 @@ pub(crate) struct Inner {
     pub audit: Arc<crate::audit::Audit>,
     pub federation: Arc<crate::federation::Federation>,
     pub modes: Arc<crate::modes::Modes>,
+    pub membership: Arc<crate::membership::Membership>,
 }
 
 impl Inner {

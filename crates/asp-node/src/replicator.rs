@@ -100,6 +100,8 @@ pub struct ReplicationStatus {
     pub conflicts: Vec<NodeConflict>,
     /// What this node's own certificate attests (`None`: peer links are plain TCP).
     pub certificate: Option<asp_tls::Identity>,
+    /// Every member of the cluster this node knows (by gossip), itself first.
+    pub members: Vec<crate::membership::Member>,
 }
 
 /// Two live processes with one node id: a copied data directory or a cloned machine.
@@ -156,9 +158,24 @@ impl Replicator {
             config.tls.clone(),
         ));
         let store_node = store.node_id();
+        let incarnation = rand::random::<u64>() | 1;
+        let membership = Arc::new(crate::membership::Membership::new(
+            asp_core::session::MemberEntry {
+                node: store_node,
+                incarnation,
+                heartbeat: 0,
+                name: match &config.tls {
+                    Some(tls) => tls.current().identity.name.clone(),
+                    None => store_node.to_string(),
+                },
+                api: config.api_address.clone().unwrap_or_default(),
+                peer: listen.map(|a| a.to_string()).unwrap_or_default(),
+            },
+            config.heartbeat,
+        ));
         let inner = Arc::new(Inner {
             node_id: store.node_id(),
-            incarnation: rand::random::<u64>() | 1,
+            incarnation,
             store,
             config,
             listen,
@@ -169,7 +186,8 @@ impl Replicator {
             residency: Arc::default(),
             audit,
             federation,
-            modes: Arc::new(crate::modes::Modes::new(store_node)),
+            modes: Arc::new(crate::modes::Modes::new(store_node, membership.clone())),
+            membership,
         });
         let mut tasks = JoinSet::new();
         // Residency rules are known before any link sends anything.
@@ -229,6 +247,14 @@ impl Replicator {
             inner.shutdown.clone(),
             move |s| modes.answer_asks(s),
         ));
+        if !inner.config.failover_after.is_zero() {
+            tasks.spawn(crate::modes::failover_loop(
+                inner.modes.clone(),
+                inner.store.clone(),
+                inner.config.failover_after,
+                inner.shutdown.clone(),
+            ));
+        }
         tasks.spawn(crate::modes::watch_divergent(
             inner.modes.clone(),
             inner.store.clone(),
@@ -271,6 +297,7 @@ impl Replicator {
             tasks.spawn(dial_loop(inner.clone(), address));
         }
         tasks.spawn(lag_loop(inner.clone()));
+        tasks.spawn(membership_loop(inner.clone()));
         if let Some(addr) = listen {
             tracing::info!(listen = %addr, cluster = %inner.config.cluster_id, peers = ?inner.config.peers, "replication started");
         }
@@ -566,6 +593,7 @@ impl Replicator {
                 .tls
                 .as_ref()
                 .map(|t| t.current().identity.clone()),
+            members: self.inner.membership.list(),
         }
     }
 }
@@ -767,12 +795,93 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
 }
 
 /// Keeps a link to one configured address: dial, run, back off, dial again.
+/// Counts this node's heartbeat, and dials members learned by gossip that nobody
+/// told this node how to reach: alive, with a peer address, not linked, never dialed
+/// (by the configuration or by gossip) and never dialing in (a peer that dialed chose
+/// its path: gossip does not go around it, nor around a proxy in between).
+async fn membership_loop(inner: Arc<Inner>) {
+    let mut tick = tokio::time::interval(inner.config.heartbeat);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = inner.shutdown.cancelled() => return,
+        }
+        inner.membership.beat();
+        if !inner.config.dial_members {
+            continue;
+        }
+        let to_dial: Vec<(NodeId, String)> = {
+            let reg = inner.registry.lock().unwrap();
+            if reg.established.len() >= inner.config.links_max {
+                continue;
+            }
+            inner
+                .membership
+                .list()
+                .into_iter()
+                .filter(|m| !m.this_node && m.health == crate::membership::Health::Alive)
+                .filter(|m| {
+                    m.entry
+                        .peer
+                        .parse::<SocketAddr>()
+                        .is_ok_and(|a| !a.ip().is_unspecified() && a.port() != 0)
+                })
+                .filter(|m| {
+                    let n = m.entry.node;
+                    !reg.established.contains_key(&n)
+                        && !reg.dials.contains_key(&m.entry.peer)
+                        && !reg.dials.values().any(|d| d.node == Some(n))
+                        && !reg.peers.get(&n).is_some_and(|p| p.inbound)
+                })
+                .map(|m| (m.entry.node, m.entry.peer))
+                .collect()
+        };
+        for (node, address) in to_dial {
+            inner
+                .registry
+                .lock()
+                .unwrap()
+                .dials
+                .entry(address.clone())
+                .or_default();
+            tracing::info!(peer = %address, node = %node, "dialing a member learned by gossip");
+            tokio::spawn(dial_member(inner.clone(), address, node));
+        }
+    }
+}
+
+/// A dial loop for a member learned by gossip: it ends once the member is down (and
+/// forgets the address, so that the member is dialed again if it comes back).
+async fn dial_member(inner: Arc<Inner>, address: String, node: NodeId) {
+    dial_loop_until(inner.clone(), address.clone(), Some(node)).await;
+    inner.registry.lock().unwrap().dials.remove(&address);
+}
+
 async fn dial_loop(inner: Arc<Inner>, address: String) {
+    dial_loop_until(inner, address, None).await;
+}
+
+async fn dial_loop_until(inner: Arc<Inner>, address: String, learned: Option<NodeId>) {
     let mut backoff = inner.config.backoff_min;
     let mut changed = inner.changed.subscribe();
     loop {
         if inner.shutdown.is_cancelled() {
             return;
+        }
+        if let Some(node) = learned {
+            let linked = inner
+                .registry
+                .lock()
+                .unwrap()
+                .established
+                .contains_key(&node);
+            let down = inner
+                .membership
+                .health(node)
+                .is_none_or(|h| h == crate::membership::Health::Down);
+            if down && !linked {
+                return;
+            }
         }
         // While a link to the node behind this address exists (it may have dialed us),
         // there is nothing to do.

@@ -231,6 +231,7 @@ impl Sim {
                     ));
                 }
             }
+            SessionEvent::Members(_) => {}
             SessionEvent::PeerHead { .. } => {}
             SessionEvent::PeerSummary(summary) => {
                 let wall = self.wall_ms(node);
@@ -535,5 +536,6 @@ pub(crate) fn frame_tag(frame: &Frame) -> u8 {
         Frame::RepairEnd {
             repairs: Some(_), ..
         } => 15,
+        Frame::Members(_) => 16,
     }
 }

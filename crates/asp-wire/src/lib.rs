@@ -9,8 +9,9 @@
 
 use asp_core::reconcile::{SYMBOL_BYTES, Symbol};
 use asp_core::session::{
-    ErrorCode, Frame, Hello, NEED_PREFIX_BYTES, NamespaceSummary, REPORTS_MAX, ReconcileMode,
-    ReconcileOutcome, SUMMARY_PART_NAMESPACES_MAX, VectorReport,
+    ErrorCode, Frame, Hello, MEMBER_TEXT_BYTES_MAX, MEMBERS_MAX, MemberEntry, NEED_PREFIX_BYTES,
+    NamespaceSummary, REPORTS_MAX, ReconcileMode, ReconcileOutcome, SUMMARY_PART_NAMESPACES_MAX,
+    VectorReport,
 };
 use asp_core::{ContentType, Dot, Event, Hlc, Key, Namespace, NodeId, Op, RangeSet, VersionVector};
 use bytes::Bytes;
@@ -47,6 +48,8 @@ const TYPE_REPAIR: u8 = 12;
 const TYPE_REPAIR_END: u8 = 13;
 /// `RepairEnd` with its count of repair events (protocol version 3).
 const TYPE_REPAIR_END_COUNTED: u8 = 15;
+/// `Members` (protocol version 4).
+const TYPE_MEMBERS: u8 = 16;
 
 const COMPRESSION_NONE: u8 = 0;
 const COMPRESSION_LZ4: u8 = 1;
@@ -261,6 +264,20 @@ fn encode_body(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
         Frame::Credit { bytes } => {
             out.push(TYPE_CREDIT);
             out.extend_from_slice(&bytes.to_le_bytes());
+        }
+        Frame::Members(members) => {
+            out.push(TYPE_MEMBERS);
+            check_len("member count", members.len(), MEMBERS_MAX)?;
+            out.extend_from_slice(&(members.len() as u16).to_le_bytes());
+            for m in members {
+                out.extend_from_slice(&m.node.get().to_le_bytes());
+                out.extend_from_slice(&m.incarnation.to_le_bytes());
+                out.extend_from_slice(&m.heartbeat.to_le_bytes());
+                for text in [&m.name, &m.api, &m.peer] {
+                    check_len("member name or address", text.len(), MEMBER_TEXT_BYTES_MAX)?;
+                    put_str16(out, text);
+                }
+            }
         }
         Frame::Heartbeat { head_seq, wall_ms } => {
             out.push(TYPE_HEARTBEAT);
@@ -594,6 +611,7 @@ fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
         TYPE_ACK => "Ack",
         TYPE_CREDIT => "Credit",
         TYPE_HEARTBEAT => "Heartbeat",
+        TYPE_MEMBERS => "Members",
         TYPE_RECONCILE_START => "ReconcileStart",
         TYPE_RECONCILE_SYMBOLS => "ReconcileSymbols",
         TYPE_RECONCILE_CREDIT => "ReconcileCredit",
@@ -738,6 +756,31 @@ fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
             let wall_ms = r.u64("wall clock")?;
             r.done()?;
             Ok(Frame::Heartbeat { head_seq, wall_ms })
+        }
+        TYPE_MEMBERS => {
+            let n = r.u16("members")? as usize;
+            if n > MEMBERS_MAX {
+                return Err(r.err(format!("{n} members; the limit is {MEMBERS_MAX}")));
+            }
+            let mut members = Vec::with_capacity(n);
+            for _ in 0..n {
+                let node = r.node("member")?;
+                let incarnation = r.u64("incarnation")?;
+                let heartbeat = r.u64("heartbeat")?;
+                let name = r.str16("name", MEMBER_TEXT_BYTES_MAX)?.to_owned();
+                let api = r.str16("api address", MEMBER_TEXT_BYTES_MAX)?.to_owned();
+                let peer = r.str16("peer address", MEMBER_TEXT_BYTES_MAX)?.to_owned();
+                members.push(MemberEntry {
+                    node,
+                    incarnation,
+                    heartbeat,
+                    name,
+                    api,
+                    peer,
+                });
+            }
+            r.done()?;
+            Ok(Frame::Members(members))
         }
         TYPE_RECONCILE_START => {
             let id = r.u32("id")?;

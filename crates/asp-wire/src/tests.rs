@@ -112,6 +112,32 @@ fn reconcile_frame() -> impl Strategy<Value = Frame> {
 
 fn frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
+        prop::collection::vec(
+            (
+                node(),
+                any::<u64>(),
+                any::<u64>(),
+                "[a-z0-9.:/]{0,40}",
+                "[a-z0-9.:/]{0,40}",
+                "[0-9.:]{0,21}"
+            ),
+            0..5,
+        )
+        .prop_map(|members| Frame::Members(
+            members
+                .into_iter()
+                .map(
+                    |(node, incarnation, heartbeat, name, api, peer)| MemberEntry {
+                        node,
+                        incarnation,
+                        heartbeat,
+                        name,
+                        api,
+                        peer,
+                    }
+                )
+                .collect()
+        )),
         (
             any::<u16>(),
             any::<u16>(),

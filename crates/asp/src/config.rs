@@ -125,6 +125,11 @@ pub struct ReplicationSection {
     /// it (needs TLS).
     #[serde(default)]
     pub peer_namespaces: std::collections::BTreeMap<String, Vec<String>>,
+    /// Dial members learned by gossip that no `peers` entry names (default true).
+    pub dial_members: Option<bool>,
+    /// A leader namespace with three voters or more fails over once its leader has
+    /// been silent this long (default 5000; 0: never).
+    pub failover_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Default, Debug, Clone)]
@@ -396,6 +401,7 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
             )
         })?)
     };
+    replication.dial_members = section.dial_members.unwrap_or(true);
     // Peers from the file and from flags together.
     replication.peers = section.peers;
     replication.peers.extend(flags.peers);
@@ -486,6 +492,9 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
     }
     if let Some(ms) = section.heartbeat_ms {
         replication.heartbeat = Duration::from_millis(ms);
+    }
+    if let Some(ms) = section.failover_ms {
+        replication.failover_after = Duration::from_millis(ms);
     }
     if let Some(ms) = section.idle_timeout_ms {
         replication.idle_timeout = Duration::from_millis(ms);

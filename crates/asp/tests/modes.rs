@@ -296,3 +296,136 @@ async fn a_promotion_with_voters_needs_a_majority() {
         (Some(2), Some("fenced"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_told_one_peer_learns_every_member_and_dials_them() {
+    // A line: A <- B <- C <- D. D is told only of C.
+    let dir = tempfile::tempdir().unwrap();
+    let a = Node::start(&dir.path().join("a"), &[]).await;
+    let b = Node::start(&dir.path().join("b"), &["--peer", &a.peer_addr()]).await;
+    let c = Node::start(&dir.path().join("c"), &["--peer", &b.peer_addr()]).await;
+    let d = Node::start(&dir.path().join("d"), &["--peer", &c.peer_addr()]).await;
+    let mut ids = Vec::new();
+    for n in [&a, &b, &c, &d] {
+        ids.push(node_id(n).await);
+    }
+    ids.sort();
+    let status = eventually("D lists all four members, alive", async || {
+        let status = d.client().status().await.unwrap();
+        let members = status["replication"]["members"].as_array()?.clone();
+        let mut seen: Vec<String> = members
+            .iter()
+            .filter(|m| m["state"] == "alive")
+            .map(|m| m["node_id"].as_str().unwrap().to_owned())
+            .collect();
+        seen.sort();
+        (seen == ids).then_some(status)
+    })
+    .await;
+    let members = status["replication"]["members"].as_array().unwrap();
+    assert_eq!(members[0]["this_node"], true);
+    let ida = node_id(&a).await;
+    let a_entry = members
+        .iter()
+        .find(|m| m["node_id"] == ida.as_str())
+        .unwrap();
+    assert_eq!(a_entry["api"], a.url());
+    assert_eq!(a_entry["peer"], a.peer_addr());
+    // D dials A, B and C itself: a link to each, not only to C.
+    eventually("D links to every member", async || {
+        let status = d.client().status().await.unwrap();
+        let active = status["replication"]["peers"]
+            .as_array()?
+            .iter()
+            .filter(|p| p["state"] == "active")
+            .count();
+        (active == 3).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_voters_fail_over_when_the_leader_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c, p1, p2) = triangle(dir.path()).await;
+    let (ida, idb, idc) = (node_id(&a).await, node_id(&b).await, node_id(&c).await);
+    let (status, view) = call(
+        &a.client(),
+        Method::PUT,
+        "/v1/ns/orders/mode",
+        json!({"mode": "leader", "leader": ida, "voters": [ida, idb, idc]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(put(&a.client(), "before", "1").await.0, StatusCode::OK);
+    for n in [&b, &c] {
+        eventually("the write and the mode reach B and C", async || {
+            let has = n
+                .client()
+                .get("orders", "before", None)
+                .await
+                .unwrap()
+                .is_some();
+            (has && mode(&n.client()).await["epoch"] == 1).then_some(())
+        })
+        .await;
+    }
+    // A is cut off and goes on accepting writes: it does not know.
+    p1.partition();
+    p2.partition();
+    let (status, body) = put(&a.client(), "cut-off", "A alone").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Past the failover time (5 s), B or C leads epoch 2 (or later, after a split
+    // vote), elected by the two of them.
+    let (leader, epoch) = eventually("B or C takes over", async || {
+        for (n, id) in [(&b, &idb), (&c, &idc)] {
+            let v = mode(&n.client()).await;
+            if v["this_node"]["role"] == "leader" {
+                return Some((id.clone(), v["epoch"].as_u64().unwrap()));
+            }
+        }
+        None
+    })
+    .await;
+    assert!(epoch >= 2);
+    let new_leader = if leader == idb { &b } else { &c };
+    assert_eq!(
+        put(&new_leader.client(), "after", "2").await.0,
+        StatusCode::OK
+    );
+    p1.heal();
+    p2.heal();
+    eventually("A learns it is fenced", async || {
+        (mode(&a.client()).await["this_node"]["role"] == "fenced").then_some(())
+    })
+    .await;
+    let (status, err) = put(&a.client(), "again", "A").await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("fenced"))
+    );
+    assert_eq!(err["error"]["leader"], leader.as_str());
+    // A's write while cut off is on every node, and listed as divergent.
+    for n in [&a, &b, &c] {
+        eventually("A's lone write is kept and listed", async || {
+            let kept = n
+                .client()
+                .get("orders", "cut-off", None)
+                .await
+                .unwrap()
+                .is_some();
+            let (_, list) = call(
+                &n.client(),
+                Method::GET,
+                "/v1/ns/orders/divergent",
+                Value::Null,
+            )
+            .await;
+            let listed = list["events"]
+                .as_array()
+                .is_some_and(|e| e.len() == 1 && e[0]["key"] == "cut-off");
+            (kept && listed).then_some(())
+        })
+        .await;
+    }
+}

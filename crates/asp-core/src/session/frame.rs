@@ -224,6 +224,29 @@ pub fn summary_parts(summary: Vec<NamespaceSummary>) -> Vec<Vec<NamespaceSummary
     parts
 }
 
+/// Members in one `Members` frame, at most.
+pub const MEMBERS_MAX: usize = 1024;
+
+/// Bytes of a member's name or of an address, at most.
+pub const MEMBER_TEXT_BYTES_MAX: usize = 256;
+
+/// One member of a cluster as gossip carries it. A node counts `heartbeat` up once a
+/// second while it runs; `incarnation` is new at every start of its process. Of two
+/// entries of one node, the one with the greater `(incarnation, heartbeat)` is newer.
+/// A member whose entry has not grown for a while is suspect, then down.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberEntry {
+    pub node: NodeId,
+    pub incarnation: u64,
+    pub heartbeat: u64,
+    /// The name its certificate attests, or its node id without TLS.
+    pub name: String,
+    /// Its API address as clients reach it (`http://host:port`), or empty.
+    pub api: String,
+    /// Where it listens for peers (`host:port`), or empty.
+    pub peer: String,
+}
+
 /// Reports in one namespace's summary, at most.
 pub const REPORTS_MAX: usize = 64;
 
@@ -369,6 +392,9 @@ pub enum Frame {
     Credit {
         bytes: u32,
     },
+    /// The members of the cluster the sender knows, itself first (protocol 4 and up;
+    /// never on a link between two clusters). See [`MemberEntry`].
+    Members(Vec<MemberEntry>),
     /// Sent when nothing else was for a heartbeat interval.
     Heartbeat {
         head_seq: u64,
@@ -453,6 +479,7 @@ pub(crate) fn frame_name(frame: &Frame) -> &'static str {
         Frame::Ack { .. } => "Ack",
         Frame::Credit { .. } => "Credit",
         Frame::Heartbeat { .. } => "Heartbeat",
+        Frame::Members(_) => "Members",
         Frame::ReconcileStart { .. } => "ReconcileStart",
         Frame::ReconcileSymbols { .. } => "ReconcileSymbols",
         Frame::ReconcileCredit { .. } => "ReconcileCredit",

@@ -20,10 +20,11 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 pub use frame::{
-    ALL_NAMESPACES, ErrorCode, Frame, GOSSIP_BYTES_MAX, Hello, NEED_PREFIX_BYTES, NamespaceSummary,
-    PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, RECONCILE_INITIAL_SYMBOLS, REPORTS_MAX,
-    ReconcileMode, ReconcileOutcome, SUMMARY_NAMESPACES_MAX, SUMMARY_PART_BYTES,
-    SUMMARY_PART_NAMESPACES_MAX, VectorReport, credit_size, summary_parts,
+    ALL_NAMESPACES, ErrorCode, Frame, GOSSIP_BYTES_MAX, Hello, MEMBER_TEXT_BYTES_MAX, MEMBERS_MAX,
+    MemberEntry, NEED_PREFIX_BYTES, NamespaceSummary, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
+    RECONCILE_INITIAL_SYMBOLS, REPORTS_MAX, ReconcileMode, ReconcileOutcome,
+    SUMMARY_NAMESPACES_MAX, SUMMARY_PART_BYTES, SUMMARY_PART_NAMESPACES_MAX, VectorReport,
+    credit_size, summary_parts,
 };
 
 pub use rules::{Federation, Refuses, SHARE_REFUSAL, Withhold, constant_time_eq, intersect, lists};
@@ -135,6 +136,8 @@ pub enum SessionEvent {
     Acked {
         through_seq: u64,
     },
+    /// The members of the cluster the peer knows.
+    Members(Vec<MemberEntry>),
     /// The peer's feed head, from its heartbeat.
     PeerHead {
         head_seq: u64,
@@ -464,6 +467,18 @@ impl Session {
             }
             (State::Established, Frame::Credit { bytes }) => {
                 self.send_credit += bytes as i64;
+            }
+            (State::Established, Frame::Members(_))
+                if self.peer.as_ref().is_some_and(|p| p.version < 4) =>
+            {
+                self.close(
+                    ErrorCode::Protocol,
+                    "a Members frame on a link of protocol version 3 or less",
+                    now,
+                );
+            }
+            (State::Established, Frame::Members(members)) => {
+                self.events.push_back(SessionEvent::Members(members));
             }
             (State::Established, Frame::Heartbeat { head_seq, .. }) => {
                 self.events.push_back(SessionEvent::PeerHead { head_seq });
@@ -846,6 +861,14 @@ impl Session {
     /// Bytes of events the peer accepts now.
     pub fn send_credit(&self) -> u64 {
         self.send_credit.max(0) as u64
+    }
+
+    /// Sends the members this node knows, if the link is up and the peer speaks
+    /// protocol 4 or later.
+    pub fn send_members(&mut self, members: Vec<MemberEntry>) {
+        if self.state == State::Established && self.peer.as_ref().is_some_and(|p| p.version >= 4) {
+            self.outbox.push_back(Frame::Members(members));
+        }
     }
 
     /// Sends events read from this node's feed at positions `first_seq..=last_seq`,

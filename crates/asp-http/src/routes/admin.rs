@@ -335,6 +335,16 @@ fn replication_status(r: &asp_node::ReplicationStatus) -> serde_json::Value {
         "refusals": refusals,
         "node_conflicts": conflicts,
         "tls": r.certificate.as_ref().map(certificate_json),
+        "members": r.members.iter().map(|m| serde_json::json!({
+            "node_id": m.entry.node.to_string(),
+            "name": m.entry.name,
+            "api": (!m.entry.api.is_empty()).then_some(&m.entry.api),
+            "peer": (!m.entry.peer.is_empty()).then_some(&m.entry.peer),
+            "state": m.health.name(),
+            "silent_ms": m.silent_for.as_millis() as u64,
+            "this_node": m.this_node,
+            "incarnation": format!("{:016x}", m.entry.incarnation),
+        })).collect::<Vec<_>>(),
     })
 }
 

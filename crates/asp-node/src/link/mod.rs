@@ -328,6 +328,7 @@ impl Link {
                     if due {
                         self.refresh_summary().await;
                     }
+                    self.send_members();
                 }
                 _ = &mut close_rx, if close_pending => {
                     close_pending = false;
@@ -463,7 +464,9 @@ impl Link {
                     let namespaces = Arc::new(info.namespaces.clone());
                     let certificate = self.certificate.clone();
                     let federated = self.federated.clone();
+                    let inbound = self.direction == Direction::Inbound;
                     self.with_record(|r| {
+                        r.inbound |= inbound;
                         r.federated = federated;
                         r.namespaces = Some(namespaces);
                         if certificate.is_some() {
@@ -475,6 +478,7 @@ impl Link {
                     self.sent_through = checkpoint;
                     self.caught_up = false;
                     self.refresh_summary().await;
+                    self.send_members();
                     tracing::info!(peer = %peer, address = %self.address, direction = self.direction.name(), resume_after = checkpoint, "peer link up");
                 }
                 SessionEvent::PeerSummary(summary) => {
@@ -524,6 +528,11 @@ impl Link {
                     }
                 }
                 SessionEvent::PeerHead { .. } => {}
+                // Members of another cluster are none of this one's business.
+                SessionEvent::Members(members) if self.federated.is_none() => {
+                    self.inner.membership.merge(members);
+                }
+                SessionEvent::Members(_) => {}
                 SessionEvent::Closed(reason) => self.closed(reason),
             }
         }
@@ -815,6 +824,13 @@ impl Link {
                 *r.sent_bytes.entry(ns).or_default() += bytes;
             }
         });
+    }
+
+    /// Gossips the members this node knows (not to another cluster).
+    fn send_members(&mut self) {
+        if self.federated.is_none() {
+            self.session.send_members(self.inner.membership.snapshot());
+        }
     }
 
     async fn refresh_summary(&mut self) {
