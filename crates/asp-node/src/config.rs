@@ -24,7 +24,9 @@ pub struct ReplicationConfig {
     /// This node's API address as clients reach it (`http://127.0.0.1:7700`): written
     /// into its member record, so that a follower can name its leader's.
     pub api_address: Option<String>,
-    /// Dial members learned by gossip that nobody told this node how to reach.
+    /// Dial members learned by gossip that nobody told this node how to reach (off by
+    /// default: a topology chosen on purpose — a line through a relay, a proxy — stays
+    /// as configured).
     pub dial_members: bool,
     /// A leader namespace with three voters or more fails over once its leader has
     /// been silent this long (zero: never).
@@ -87,7 +89,7 @@ impl ReplicationConfig {
             namespaces: vec![ALL_NAMESPACES.to_owned()],
             labels: Vec::new(),
             api_address: None,
-            dial_members: true,
+            dial_members: false,
             failover_after: Duration::from_secs(5),
             heartbeat: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(10),

@@ -13,11 +13,14 @@
 //! through any path, which is what failover needs (can anyone still hear the leader?).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use asp_core::NodeId;
 use asp_core::session::{MEMBER_TEXT_BYTES_MAX, MEMBERS_MAX, MemberEntry};
+
+use crate::registry::Inner;
 
 /// How a member is doing, as this node hears it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -221,6 +224,68 @@ impl Membership {
         out.extend(others);
         out
     }
+}
+
+/// Counts this node's heartbeat, and dials members learned by gossip that nobody
+/// told this node how to reach: alive, with a peer address, not linked, never dialed
+/// (by the configuration or by gossip) and never dialing in (a peer that dialed chose
+/// its path: gossip does not go around it, nor around a proxy in between).
+pub(crate) async fn membership_loop(inner: Arc<Inner>) {
+    let mut tick = tokio::time::interval(inner.config.heartbeat);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = inner.shutdown.cancelled() => return,
+        }
+        inner.membership.beat();
+        if !inner.config.dial_members {
+            continue;
+        }
+        let to_dial: Vec<(NodeId, String)> = {
+            let reg = inner.registry.lock().unwrap();
+            if reg.established.len() >= inner.config.links_max {
+                continue;
+            }
+            inner
+                .membership
+                .list()
+                .into_iter()
+                .filter(|m| !m.this_node && m.health == Health::Alive)
+                .filter(|m| {
+                    m.entry
+                        .peer
+                        .parse::<SocketAddr>()
+                        .is_ok_and(|a| !a.ip().is_unspecified() && a.port() != 0)
+                })
+                .filter(|m| {
+                    let n = m.entry.node;
+                    !reg.established.contains_key(&n)
+                        && !reg.dials.contains_key(&m.entry.peer)
+                        && !reg.dials.values().any(|d| d.node == Some(n))
+                        && !reg.peers.get(&n).is_some_and(|p| p.inbound)
+                })
+                .map(|m| (m.entry.node, m.entry.peer))
+                .collect()
+        };
+        for (node, address) in to_dial {
+            inner
+                .registry
+                .lock()
+                .unwrap()
+                .dials
+                .entry(address.clone())
+                .or_default();
+            tracing::info!(peer = %address, node = %node, "dialing a member learned by gossip");
+            tokio::spawn(dial_member(inner.clone(), address, node));
+        }
+    }
+}
+
+/// A dial loop for a member learned by gossip: it ends once the member is down (and
+/// forgets the address, so that the member is dialed again if it comes back).
+async fn dial_member(inner: Arc<Inner>, address: String, node: NodeId) {
+    crate::replicator::dial_loop_until(inner.clone(), address.clone(), Some(node)).await;
+    inner.registry.lock().unwrap().dials.remove(&address);
 }
 
 #[cfg(test)]

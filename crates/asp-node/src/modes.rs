@@ -557,9 +557,6 @@ impl Modes {
             .map(|(n, _)| (hash_of(n.as_str()), n))
             .collect();
         for (hash, ask) in asks {
-            if answered.contains(&(hash.clone(), ask.epoch)) {
-                continue;
-            }
             let Some(history) = self.known.read().unwrap().histories.get(&hash).cloned() else {
                 continue;
             };
@@ -576,7 +573,8 @@ impl Modes {
                 .and_then(|r| r.leader)
                 .and_then(|l| self.membership.health(l))
                 == Some(crate::membership::Health::Alive);
-            let Some(vote) = answer(&history, self.node, &held, &ask, false, hears_leader) else {
+            let done = answered.contains(&(hash.clone(), ask.epoch));
+            let Some(vote) = answer(&history, self.node, &held, &ask, done, hears_leader) else {
                 continue;
             };
             let (granted, reason) = match &vote {

@@ -82,6 +82,7 @@ use bytes::Bytes;
 
 mod check;
 mod compact;
+pub mod election;
 mod faults;
 mod model;
 mod net;

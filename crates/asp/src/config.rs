@@ -125,7 +125,7 @@ pub struct ReplicationSection {
     /// it (needs TLS).
     #[serde(default)]
     pub peer_namespaces: std::collections::BTreeMap<String, Vec<String>>,
-    /// Dial members learned by gossip that no `peers` entry names (default true).
+    /// Dial members learned by gossip that no `peers` entry names (default false).
     pub dial_members: Option<bool>,
     /// A leader namespace with three voters or more fails over once its leader has
     /// been silent this long (default 5000; 0: never).
@@ -202,6 +202,7 @@ pub struct Overrides {
     pub max_clock_skew_ms: Option<u64>,
     pub peer_listen: Option<String>,
     pub peers: Vec<String>,
+    pub dial_members: bool,
     pub cluster_id: Option<String>,
     /// `MIN-MAX`, for tests of version negotiation only.
     pub protocol_versions: Option<String>,
@@ -401,7 +402,7 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
             )
         })?)
     };
-    replication.dial_members = section.dial_members.unwrap_or(true);
+    replication.dial_members = flags.dial_members || section.dial_members.unwrap_or(false);
     // Peers from the file and from flags together.
     replication.peers = section.peers;
     replication.peers.extend(flags.peers);

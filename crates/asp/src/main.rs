@@ -136,6 +136,9 @@ struct ServeArgs {
     /// A peer to connect to (host:port); repeat for several.
     #[arg(long = "peer", value_name = "ADDR")]
     peers: Vec<String>,
+    /// Also dial members learned by gossip that no --peer names.
+    #[arg(long)]
+    dial_members: bool,
     /// Nodes only replicate with nodes of the same cluster [default: default].
     #[arg(long, value_name = "ID")]
     cluster_id: Option<String>,
@@ -526,6 +529,7 @@ fn main() -> ExitCode {
                     max_clock_skew_ms: a.max_clock_skew_ms,
                     peer_listen: a.listen,
                     peers: a.peers,
+                    dial_members: a.dial_members,
                     cluster_id: a.cluster_id,
                     protocol_versions: a.protocol_versions,
                     salvage: a.salvage,

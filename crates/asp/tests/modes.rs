@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use asp_faultnet::Proxy;
 use asp_http::client::Client;
 use axum::http::{Method, StatusCode};
@@ -299,12 +297,16 @@ async fn a_promotion_with_voters_needs_a_majority() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_told_one_peer_learns_every_member_and_dials_them() {
-    // A line: A <- B <- C <- D. D is told only of C.
+    // A line: A <- B <- C <- D. D is told only of C, and may dial whom it learns of.
     let dir = tempfile::tempdir().unwrap();
     let a = Node::start(&dir.path().join("a"), &[]).await;
     let b = Node::start(&dir.path().join("b"), &["--peer", &a.peer_addr()]).await;
     let c = Node::start(&dir.path().join("c"), &["--peer", &b.peer_addr()]).await;
-    let d = Node::start(&dir.path().join("d"), &["--peer", &c.peer_addr()]).await;
+    let d = Node::start(
+        &dir.path().join("d"),
+        &["--peer", &c.peer_addr(), "--dial-members"],
+    )
+    .await;
     let mut ids = Vec::new();
     for n in [&a, &b, &c, &d] {
         ids.push(node_id(n).await);
