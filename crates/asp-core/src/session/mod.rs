@@ -10,6 +10,7 @@
 //! sender may only send while the peer has granted credit; when it has none it stops,
 //! and the runtime resumes reading its feed later, so nothing queues in memory.
 
+mod config;
 mod frame;
 mod reconcile;
 mod rules;
@@ -17,7 +18,7 @@ mod rules;
 use frame::frame_name;
 
 use std::collections::{HashMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 pub use frame::{
     ALL_NAMESPACES, ErrorCode, Frame, GOSSIP_BYTES_MAX, Hello, MEMBER_TEXT_BYTES_MAX, MEMBERS_MAX,
@@ -27,6 +28,7 @@ pub use frame::{
     credit_size, summary_parts,
 };
 
+pub use config::SessionConfig;
 pub use rules::{Federation, Refuses, SHARE_REFUSAL, Withhold, constant_time_eq, intersect, lists};
 
 pub use reconcile::{
@@ -40,61 +42,6 @@ use crate::{Event, Namespace, NodeId, VersionVector};
 /// Frames waiting to be sent, at most. The runtime drains them after every input, so
 /// this only guards against a runtime that stops draining.
 const OUTBOX_MAX: usize = 1024;
-
-/// How a node runs its sessions.
-#[derive(Clone, Debug)]
-pub struct SessionConfig {
-    pub node_id: NodeId,
-    pub cluster_id: String,
-    pub labels: Vec<(String, String)>,
-    /// Namespaces this node replicates; `*` for all.
-    pub namespaces: Vec<String>,
-    pub version_min: u16,
-    pub version_max: u16,
-    /// Send a heartbeat after this long without sending anything.
-    pub heartbeat: Duration,
-    /// Close the link after this long without hearing anything.
-    pub idle_timeout: Duration,
-    /// Close the link if the handshake has not finished after this long.
-    pub handshake_timeout: Duration,
-    /// Bytes of events the peer may have in flight towards this node.
-    pub credit_window_bytes: u32,
-    /// This run of the node (random, new at every start; see [`Hello::incarnation`]).
-    pub incarnation: u64,
-    /// Namespaces kept from this peer whatever the lists say (residency), asked at
-    /// every use: rules may change while the link is up.
-    pub withhold: Option<Withhold>,
-    /// Set on a link to another cluster (through a share): what it may carry.
-    pub federation: Option<Federation>,
-}
-
-impl std::fmt::Debug for Federation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Federation")
-            .field("peer_cluster_id", &self.peer_cluster_id)
-            .finish_non_exhaustive()
-    }
-}
-
-impl SessionConfig {
-    pub fn new(node_id: NodeId, cluster_id: impl Into<String>) -> Self {
-        Self {
-            node_id,
-            cluster_id: cluster_id.into(),
-            labels: Vec::new(),
-            namespaces: vec![ALL_NAMESPACES.to_owned()],
-            version_min: PROTOCOL_VERSION_MIN,
-            version_max: PROTOCOL_VERSION_MAX,
-            heartbeat: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(10),
-            handshake_timeout: Duration::from_secs(10),
-            credit_window_bytes: 8 << 20,
-            incarnation: 0,
-            withhold: None,
-            federation: None,
-        }
-    }
-}
 
 /// What the node learns about its peer in the handshake.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -74,3 +74,11 @@ pub const SHARE_REFUSAL: &str = "refused by the share";
 
 /// Why an event from a federated peer is refused (`None`: taken).
 pub type Refuses = std::sync::Arc<dyn Fn(&Event) -> Option<String> + Send + Sync>;
+
+impl std::fmt::Debug for Federation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Federation")
+            .field("peer_cluster_id", &self.peer_cluster_id)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,6 +1,7 @@
 use super::*;
 use crate::{ContentType, Dot, Hlc, Key, Op};
 use bytes::Bytes;
+use std::time::Duration;
 
 fn node(n: u64) -> NodeId {
     NodeId::new(n).unwrap()
