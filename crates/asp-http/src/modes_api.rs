@@ -106,7 +106,7 @@ pub(crate) async fn put_mode(
         Some("leader") => {
             let leader = node_id(o.get("leader").unwrap_or(&Value::Null), "leader")?;
             let voters = match o.get("voters") {
-                None | Some(Value::Null) => Vec::new(),
+                None => Vec::new(),
                 Some(Value::Array(a)) => a
                     .iter()
                     .map(|v| node_id(v, "each voter"))
@@ -121,13 +121,10 @@ pub(crate) async fn put_mode(
             (Some(leader), voters)
         }
         Some("multi-master") => {
-            if o.get("leader").is_some_and(|v| !v.is_null())
-                || o.get("voters")
-                    .is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty()) && !v.is_null())
-            {
+            if o.len() > 1 {
                 return Err(ApiError::bad_request(
                     "invalid_body",
-                    "a multi-master namespace has no leader and no voters",
+                    "a multi-master namespace has no leader and no voters: send {\"mode\": \"multi-master\"}",
                 ));
             }
             (None, Vec::new())

@@ -874,7 +874,7 @@ async fn openapi_document_matches_the_routes() {
             }
         }
     }
-    assert_eq!(operations, 23);
+    assert_eq!(operations, 27);
     server.stop().await;
 }
 

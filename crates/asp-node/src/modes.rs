@@ -382,6 +382,20 @@ impl Modes {
         namespace: &Namespace,
     ) -> Result<(), ModeError> {
         let epoch = ask.epoch;
+        let need = majority(voters.len());
+        let unheard: Vec<String> = voters
+            .iter()
+            .filter(|v| self.membership.health(**v) != Some(crate::membership::Health::Alive))
+            .map(|v| v.to_string())
+            .collect();
+        if voters.len() - unheard.len() < need {
+            return Err(ModeError::NoQuorum(format!(
+                "only {} of {} voters of {namespace} are heard (a majority is {need}); not heard: [{}]",
+                voters.len() - unheard.len(),
+                voters.len(),
+                unheard.join(", ")
+            )));
+        }
         let ask = json!({
             "vector": vector_json(&ask.vector),
             "require_caught_up": ask.require_caught_up,
@@ -400,7 +414,6 @@ impl Modes {
             )
             .await
             .map_err(|e| ModeError::Store(e.to_string()))?;
-        let need = majority(voters.len());
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let (granted, refused) = self.tally(store, hash, epoch, voters)?;
