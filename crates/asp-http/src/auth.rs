@@ -172,6 +172,9 @@ pub(crate) fn need_of(method: &Method, uri: &Uri) -> Need {
         "policy" | "mode" if reading => access(ns, Op::Read, NeedKeys::Any),
         "policy" | "residency" | "mode" | "promote" => access(ns, Op::Admin, NeedKeys::Any),
         "divergent" => access(ns, Op::Read, NeedKeys::Any),
+        "leases" => access(ns, Op::Write, NeedKeys::Any),
+        _ if rest.starts_with("leases/") && reading => access(ns, Op::Read, NeedKeys::Any),
+        _ if rest.starts_with("leases/") => access(ns, Op::Write, NeedKeys::Any),
         "batch" => access(ns, Op::Write, NeedKeys::EachInBody),
         "changes" => access(ns, Op::Read, NeedKeys::Any),
         _ => match rest.strip_prefix("kv/").map(decode) {

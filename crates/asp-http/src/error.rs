@@ -29,6 +29,28 @@ impl ApiError {
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
+
+    /// 409 `not_leader` (or `fenced`), naming the leader.
+    pub fn not_leader(
+        fenced: bool,
+        epoch: u64,
+        leader: asp_core::NodeId,
+        leader_api: Option<String>,
+        message: String,
+    ) -> Self {
+        let mut extra = serde_json::Map::new();
+        extra.insert("leader".into(), leader.to_string().into());
+        extra.insert("leader_api".into(), leader_api.into());
+        extra.insert("epoch".into(), epoch.into());
+        ApiError {
+            extra: Some(extra),
+            ..ApiError::new(
+                StatusCode::CONFLICT,
+                if fenced { "fenced" } else { "not_leader" },
+                message,
+            )
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -99,18 +121,19 @@ impl From<WriteError> for ApiError {
                 leader,
                 leader_api,
                 message,
-            } => {
+            } => ApiError::not_leader(
+                *fenced,
+                *epoch,
+                *leader,
+                leader_api.clone(),
+                message.clone(),
+            ),
+            WriteError::StaleFence { newest, message } => {
                 let mut extra = serde_json::Map::new();
-                extra.insert("leader".into(), leader.to_string().into());
-                extra.insert("leader_api".into(), leader_api.clone().into());
-                extra.insert("epoch".into(), (*epoch).into());
+                extra.insert("newest_token".into(), (*newest).into());
                 ApiError {
                     extra: Some(extra),
-                    ..ApiError::new(
-                        StatusCode::CONFLICT,
-                        if *fenced { "fenced" } else { "not_leader" },
-                        message.clone(),
-                    )
+                    ..ApiError::new(StatusCode::CONFLICT, "stale_fence", message.clone())
                 }
             }
             WriteError::NoSpace(m) => ApiError {

@@ -9,6 +9,7 @@ mod error;
 pub mod formats;
 mod held_api;
 mod json;
+mod leases_api;
 mod modes_api;
 mod openapi;
 mod preconditions;

@@ -19,6 +19,7 @@ pub mod audit;
 mod config;
 pub mod federation;
 mod follow;
+pub mod leases;
 mod link;
 pub mod membership;
 mod metrics;

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use asp_core::modes::{Ask, EpochRecord, History, Standing, VOTERS_MAX, Vote, answer, majority};
 use asp_core::{ContentType, Key, Namespace, NodeId, RangeSet, VersionVector};
-use asp_store::{LeaderMode, Store, WriteGate, WriteOp};
+use asp_store::{LeaderMode, Store, WriteOp};
 use serde_json::{Value, json};
 
 pub const MODES_NAMESPACE: &str = "_asp.modes";
@@ -175,31 +175,26 @@ impl Modes {
             .or_else(|| self.known.read().unwrap().apis.get(&node).cloned())
     }
 
-    /// What the store's writer asks before every local write.
-    pub fn gate(self: &Arc<Self>) -> WriteGate {
-        let me = self.clone();
-        Arc::new(move |namespace: &Namespace| {
-            if namespace.as_str().starts_with("_asp.") {
-                return None;
-            }
-            {
-                let known = me.known.read().unwrap();
-                if known.histories.is_empty() {
-                    return None;
-                }
-            }
-            let (epoch, leader, fenced) = match me.history(namespace).standing(me.node) {
-                Standing::Open => return None,
-                Standing::Leader { epoch } => (epoch, me.node, false),
-                Standing::Follower { epoch, leader } => (epoch, leader, false),
-                Standing::Fenced { epoch, leader } => (epoch, leader, true),
-            };
-            Some(LeaderMode {
-                epoch,
-                leader,
-                leader_api: me.api_of(leader),
-                fenced,
-            })
+    /// The leader mode of `namespace` as the store's writer needs it (`None`:
+    /// multi-master).
+    pub fn mode(&self, namespace: &Namespace) -> Option<LeaderMode> {
+        if namespace.as_str().starts_with("_asp.") {
+            return None;
+        }
+        if self.known.read().unwrap().histories.is_empty() {
+            return None;
+        }
+        let (epoch, leader, fenced) = match self.history(namespace).standing(self.node) {
+            Standing::Open => return None,
+            Standing::Leader { epoch } => (epoch, self.node, false),
+            Standing::Follower { epoch, leader } => (epoch, leader, false),
+            Standing::Fenced { epoch, leader } => (epoch, leader, true),
+        };
+        Some(LeaderMode {
+            epoch,
+            leader,
+            leader_api: self.api_of(leader),
+            fenced,
         })
     }
 
@@ -815,11 +810,12 @@ pub fn divergent_list(
     Ok((items, page.next_after.map(|k| k.as_str().to_owned())))
 }
 
-/// Follows this node's feed and lists every divergent event it applies (see
-/// [`Modes::note_if_divergent`]). Its position is kept in `divergent.pos` in the data
+/// Follows this node's feed: lists every divergent event it applies (see
+/// [`Modes::note_if_divergent`]) and takes in every lease record. Its position is kept in `divergent.pos` in the data
 /// directory, so a restart looks again at no more than the last page.
 pub(crate) async fn watch_divergent(
     modes: Arc<Modes>,
+    leases: Arc<crate::leases::Leases>,
     store: Store,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
@@ -852,6 +848,16 @@ pub(crate) async fn watch_divergent(
                 break;
             }
             for fe in &page {
+                // Lease records: every node knows the newest token of each lease.
+                if fe
+                    .event
+                    .namespace
+                    .as_str()
+                    .starts_with(crate::leases::LEASES_PREFIX)
+                    && let asp_core::Op::Put { value, .. } = &fe.event.op
+                {
+                    leases.note(fe.event.namespace.as_str(), value);
+                }
                 if fe.event.epoch != 0
                     && let Err(e) = modes.note_if_divergent(&store, &fe.event).await
                 {

@@ -191,6 +191,7 @@ pub(crate) struct Inner {
     pub audit: Arc<crate::audit::Audit>,
     pub federation: Arc<crate::federation::Federation>,
     pub modes: Arc<crate::modes::Modes>,
+    pub leases: Arc<crate::leases::Leases>,
     pub membership: Arc<crate::membership::Membership>,
 }
 

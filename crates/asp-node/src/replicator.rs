@@ -173,6 +173,7 @@ impl Replicator {
             },
             config.heartbeat,
         ));
+        let modes = Arc::new(crate::modes::Modes::new(store_node, membership.clone()));
         let inner = Arc::new(Inner {
             node_id: store.node_id(),
             incarnation,
@@ -186,7 +187,8 @@ impl Replicator {
             residency: Arc::default(),
             audit,
             federation,
-            modes: Arc::new(crate::modes::Modes::new(store_node, membership.clone())),
+            leases: Arc::new(crate::leases::Leases::new(store_node, modes.clone())),
+            modes,
             membership,
         });
         let mut tasks = JoinSet::new();
@@ -227,12 +229,19 @@ impl Replicator {
         }
         // Leader namespaces: known before any client writes; the writer asks the gate.
         {
-            let (m, s) = (inner.modes.clone(), inner.store.clone());
-            tokio::task::spawn_blocking(move || m.reload(&s))
+            let (m, l, s) = (
+                inner.modes.clone(),
+                inner.leases.clone(),
+                inner.store.clone(),
+            );
+            tokio::task::spawn_blocking(move || m.reload(&s).and_then(|()| l.reload(&s)))
                 .await
                 .map_err(|e| StartError::Config(e.to_string()))?
                 .map_err(StartError::Config)?;
-            inner.store.set_write_gate(inner.modes.gate());
+            inner.store.set_write_gate(Arc::new(crate::leases::Gate {
+                modes: inner.modes.clone(),
+                leases: inner.leases.clone(),
+            }));
         }
         let modes = inner.modes.clone();
         tasks.spawn(crate::follow::follow(
@@ -257,6 +266,7 @@ impl Replicator {
         }
         tasks.spawn(crate::modes::watch_divergent(
             inner.modes.clone(),
+            inner.leases.clone(),
             inner.store.clone(),
             inner.shutdown.clone(),
         ));
@@ -324,6 +334,11 @@ impl Replicator {
     /// The cluster this node belongs to.
     pub fn cluster_id(&self) -> &str {
         &self.inner.config.cluster_id
+    }
+
+    /// The leases this node knows (it decides them where it leads).
+    pub fn leases(&self) -> Arc<crate::leases::Leases> {
+        self.inner.leases.clone()
     }
 
     /// The leader namespaces this node knows.

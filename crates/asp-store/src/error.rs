@@ -110,6 +110,12 @@ pub enum WriteError {
         leader_api: Option<String>,
         message: String,
     },
+    /// A write's `If-Fence` token is not the newest of its lease. Nothing was applied.
+    #[error("{message}")]
+    StaleFence {
+        newest: Option<u64>,
+        message: String,
+    },
 }
 
 /// Why a read failed.

@@ -57,7 +57,7 @@ pub use log::{FeedHead, TornTail};
 pub use manifest::FORMAT_VERSION;
 pub use manifest::node_id_of;
 pub use metrics::Metrics;
-pub use modes::{LeaderMode, WriteGate};
+pub use modes::{Fence, LeaderMode, SharedGate, WriteGate};
 pub use salvage::{Damage, SalvageReport, SalvagedSegment};
 pub use scrub::{ScrubDamage, ScrubReport};
 pub use store::{

@@ -23,18 +23,55 @@ pub struct LeaderMode {
     pub fenced: bool,
 }
 
-/// Answers, per namespace, `None` (multi-master: every node writes, epoch 0) or the
-/// namespace's leader mode.
-pub type WriteGate = Arc<dyn Fn(&Namespace) -> Option<LeaderMode> + Send + Sync>;
+/// A write's `If-Fence`: it applies only if `token` is the newest token of lease `name`
+/// in the written namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    pub name: String,
+    pub token: u64,
+}
+
+/// What the writer asks before every local write.
+pub trait WriteGate: Send + Sync {
+    /// `None`: multi-master (every node writes, epoch 0); else the leader mode.
+    fn mode(&self, namespace: &Namespace) -> Option<LeaderMode>;
+    /// The newest token of lease `name` in `namespace` this node knows (`None`: no such
+    /// lease).
+    fn newest_token(&self, namespace: &Namespace, name: &str) -> Option<u64>;
+}
+
+/// The gate a store holds, once the node installed one.
+pub type SharedGate = Arc<dyn WriteGate>;
 
 /// The epoch a local write to `namespace` is stamped with, or why this node may not
-/// accept it.
+/// accept it: a stale fence first (every node knows it), then leadership.
 pub(crate) fn admit(
-    gate: Option<&WriteGate>,
+    gate: Option<&SharedGate>,
     namespace: &Namespace,
     me: NodeId,
+    fence: Option<&Fence>,
 ) -> Result<u64, WriteError> {
-    let Some(mode) = gate.and_then(|g| g(namespace)) else {
+    if let Some(f) = fence {
+        let newest = gate.and_then(|g| g.newest_token(namespace, &f.name));
+        if newest != Some(f.token) {
+            let message = match newest {
+                Some(n) if n > f.token => format!(
+                    "If-Fence {}:{} is stale: lease {} of namespace {namespace} has a newer token, {n}",
+                    f.name, f.token, f.name
+                ),
+                Some(n) => format!(
+                    "If-Fence {}:{}: no such token; the newest of lease {} is {n}",
+                    f.name, f.token, f.name
+                ),
+                None => format!(
+                    "If-Fence {}:{}: namespace {namespace} has no lease named {:?} (on this node)",
+                    f.name, f.token, f.name
+                ),
+            };
+            return Err(WriteError::StaleFence { newest, message });
+        }
+    }
+    let Some(mode) = gate.and_then(|g| g.mode(namespace)) else {
         return Ok(0);
     };
     if mode.leader == me && !mode.fenced {

@@ -431,3 +431,240 @@ async fn the_voters_fail_over_when_the_leader_is_cut_off() {
         .await;
     }
 }
+
+async fn lease(c: &Client, body: Value) -> (StatusCode, Value) {
+    call(c, Method::POST, "/v1/ns/orders/leases", body).await
+}
+
+async fn fenced_put(c: &Client, key: &str, fence: &str) -> (StatusCode, Value) {
+    let r = c
+        .send(
+            Method::PUT,
+            &format!("/v1/ns/orders/kv/{key}"),
+            &[
+                (axum::http::header::CONTENT_TYPE, "application/json"),
+                (axum::http::HeaderName::from_static("if-fence"), fence),
+            ],
+            Bytes::from_static(b"\"fenced write\""),
+        )
+        .await
+        .unwrap();
+    let v = r.json().unwrap_or(Value::Null);
+    (r.status, v)
+}
+
+/// Waits until lease job-1 no longer binds on `n` (it expired).
+async fn expired(n: &Node) {
+    eventually("the lease expires", async || {
+        let (_, l) = call(
+            &n.client(),
+            Method::GET,
+            "/v1/ns/orders/leases/job-1",
+            Value::Null,
+        )
+        .await;
+        (l["held"] == false).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_tokens_only_grow_and_every_node_refuses_a_stale_fence() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c, _p1, _p2) = triangle(dir.path()).await;
+    let ida = node_id(&a).await;
+    // A multi-master namespace has no one to decide leases.
+    let (status, err) = call(
+        &a.client(),
+        Method::POST,
+        "/v1/ns/free/leases",
+        json!({"name": "job-1", "holder": "w1", "ttl_ms": 1000}),
+    )
+    .await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("mode_conflict")),
+        "{err}"
+    );
+
+    call(
+        &a.client(),
+        Method::PUT,
+        "/v1/ns/orders/mode",
+        json!({"mode": "leader", "leader": ida}),
+    )
+    .await;
+    for n in [&b, &c] {
+        eventually("the mode reaches every node", async || {
+            (mode(&n.client()).await["leader"] == ida.as_str()).then_some(())
+        })
+        .await;
+    }
+    // Only the leader decides.
+    let (status, err) = lease(
+        &b.client(),
+        json!({"name": "job-1", "holder": "w1", "ttl_ms": 1000}),
+    )
+    .await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("not_leader")),
+        "{err}"
+    );
+    assert_eq!(err["error"]["leader_api"], a.url());
+
+    let (status, l1) = lease(
+        &a.client(),
+        json!({"name": "job-1", "holder": "w1", "ttl_ms": 800}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{l1}");
+    let t1 = l1["token"].as_u64().unwrap();
+    let (status, err) = lease(
+        &a.client(),
+        json!({"name": "job-1", "holder": "w2", "ttl_ms": 800}),
+    )
+    .await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("lease_held")),
+        "{err}"
+    );
+    assert_eq!(err["error"]["holder"], "w1");
+    let (status, kept) = call(
+        &a.client(),
+        Method::POST,
+        "/v1/ns/orders/leases/job-1/keepalive",
+        json!({"token": t1}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{kept}");
+    assert!(kept["expires_ms"].as_u64() >= l1["expires_ms"].as_u64());
+    let fence1 = format!("job-1:{t1}");
+    assert_eq!(
+        fenced_put(&a.client(), "f1", &fence1).await.0,
+        StatusCode::OK
+    );
+
+    // Expired, another holder gets a greater token; released, the first holder again;
+    // expired again, the same holder once more: greater every time.
+    expired(&a).await;
+    let (status, l2) = lease(
+        &a.client(),
+        json!({"name": "job-1", "holder": "w2", "ttl_ms": 60000}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{l2}");
+    let t2 = l2["token"].as_u64().unwrap();
+    let (status, _) = call(
+        &a.client(),
+        Method::DELETE,
+        &format!("/v1/ns/orders/leases/job-1?token={t2}"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, l3) = lease(
+        &a.client(),
+        json!({"name": "job-1", "holder": "w1", "ttl_ms": 300}),
+    )
+    .await;
+    let t3 = l3["token"].as_u64().unwrap();
+    expired(&a).await;
+    let (_, l4) = lease(
+        &a.client(),
+        json!({"name": "job-1", "holder": "w1", "ttl_ms": 60000}),
+    )
+    .await;
+    let t4 = l4["token"].as_u64().unwrap();
+    assert!(t1 < t2 && t2 < t3 && t3 < t4, "{t1} {t2} {t3} {t4}");
+    let (status, err) = call(
+        &a.client(),
+        Method::POST,
+        "/v1/ns/orders/leases/job-1/keepalive",
+        json!({"token": t1}),
+    )
+    .await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("lease_lost")),
+        "{err}"
+    );
+
+    // The old token is refused by the store on every node, the leader first.
+    let (status, err) = fenced_put(&a.client(), "f2", &fence1).await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("stale_fence")),
+        "{err}"
+    );
+    assert_eq!(err["error"]["newest_token"], t4);
+    for n in [&b, &c] {
+        eventually("a follower refuses the stale fence", async || {
+            let (status, err) = fenced_put(&n.client(), "f2", &fence1).await;
+            (status == StatusCode::CONFLICT && err["error"]["code"] == "stale_fence").then_some(())
+        })
+        .await;
+    }
+    assert_eq!(
+        fenced_put(&a.client(), "f3", &format!("job-1:{t4}"))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert!(
+        a.client()
+            .get("orders", "f2", None)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // A new leader's tokens start above anything an earlier epoch issued.
+    let (status, view) = call(
+        &b.client(),
+        Method::POST,
+        "/v1/ns/orders/promote",
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    let (status, err) = lease(
+        &b.client(),
+        json!({"name": "job-1", "holder": "w3", "ttl_ms": 1000}),
+    )
+    .await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("lease_held")),
+        "{err}"
+    );
+    let (status, _) = call(
+        &b.client(),
+        Method::POST,
+        "/v1/ns/orders/leases/job-1/keepalive",
+        json!({"token": t4}),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the holder keeps its lease with the new leader"
+    );
+    let (_, released) = call(
+        &b.client(),
+        Method::DELETE,
+        &format!("/v1/ns/orders/leases/job-1?token={t4}"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(released["released"], true);
+    let (status, l5) = lease(
+        &b.client(),
+        json!({"name": "job-1", "holder": "w3", "ttl_ms": 1000}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{l5}");
+    let t5 = l5["token"].as_u64().unwrap();
+    assert!(t5 > t4 && t5 >> 32 == 2, "{t5}");
+}

@@ -239,7 +239,9 @@ pub(super) async fn batch(
             }
         }
     }
-    let applied = store.write(ns.clone(), ops).await?;
+    let applied = store
+        .write_fenced(ns.clone(), ops, concern.fence.clone())
+        .await?;
     // Written by hand: a 10,000-result answer is on the hot path of bulk loads.
     let mut out = String::with_capacity(64 + applied.len() * 120);
     out.push_str("{\"namespace\":");

@@ -233,6 +233,15 @@ pub fn router(state: AppState) -> Router {
             get(crate::modes_api::get_mode).put(crate::modes_api::put_mode),
         )
         .route("/v1/ns/{ns}/promote", post(crate::modes_api::promote))
+        .route("/v1/ns/{ns}/leases", post(crate::leases_api::acquire))
+        .route(
+            "/v1/ns/{ns}/leases/{name}",
+            get(crate::leases_api::get).delete(crate::leases_api::release),
+        )
+        .route(
+            "/v1/ns/{ns}/leases/{name}/keepalive",
+            post(crate::leases_api::keepalive),
+        )
         .route("/v1/ns/{ns}/divergent", get(crate::modes_api::divergent))
         .route("/v1/ns/{ns}/batch", post(batch::batch))
         .route("/v1/ns/{ns}/changes", get(changes::changes))

@@ -28,6 +28,43 @@ struct WriteParams {
 pub(super) struct Concern {
     replicas: usize,
     timeout: Duration,
+    /// `If-Fence: <lease>:<token>`: the write applies only while `token` is the
+    /// newest of the lease (docs/MODES.md, *Leases*).
+    pub(super) fence: Option<asp_store::Fence>,
+}
+
+/// Parses `If-Fence: <lease name>:<token>` (the name may hold ':'; the token is what
+/// follows the last one).
+fn if_fence(parts: &Parts) -> Result<Option<asp_store::Fence>, ApiError> {
+    let mut values = parts.headers.get_all("if-fence").iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    let bad = |why: &str| {
+        ApiError::bad_request(
+            "invalid_header",
+            format!("If-Fence is <lease name>:<token>, like job-1:4294967297; {why}"),
+        )
+    };
+    if values.next().is_some() {
+        return Err(bad("send one"));
+    }
+    let text = value
+        .to_str()
+        .map_err(|_| bad("this one is not visible ASCII"))?;
+    let (name, token) = text.rsplit_once(':').ok_or_else(|| bad("no ':'"))?;
+    let token: u64 = token
+        .trim()
+        .parse()
+        .map_err(|_| bad("the token is not a whole number"))?;
+    let name = name.trim();
+    if name.is_empty() || name.len() > asp_node::leases::LEASE_NAME_BYTES_MAX {
+        return Err(bad("the lease name is 1 to 256 bytes"));
+    }
+    Ok(Some(asp_store::Fence {
+        name: name.to_owned(),
+        token,
+    }))
 }
 
 const REPLICAS_MAX: usize = 64;
@@ -41,7 +78,11 @@ impl FromRequestParts<AppState> for Concern {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let query = Query::<WriteParams>::from_request_parts(parts, state).await;
-        concern(state, query)
+        let fence = if_fence(parts)?;
+        Ok(Concern {
+            fence,
+            ..concern(state, query)?
+        })
     }
 }
 
@@ -84,6 +125,7 @@ fn concern(
     Ok(Concern {
         replicas,
         timeout: Duration::from_millis(timeout_ms),
+        fence: None,
     })
 }
 
@@ -148,7 +190,10 @@ pub(super) async fn write_one(
     let key = op.key.clone();
     let deleted = matches!(op.kind, WriteKind::Delete)
         || matches!(&op.kind, WriteKind::Crdt(CrdtOp::Write { value: None, .. }));
-    let applied = state.store().write(ns.clone(), vec![op]).await?[0];
+    let applied = state
+        .store()
+        .write_fenced(ns.clone(), vec![op], concern.fence.clone())
+        .await?[0];
     let body = serde_json::to_string(&WriteOut::new(ns.as_str(), key.as_str(), applied, deleted))
         .expect("answers serialize");
     let etag = with_etag.then(|| etag(applied.dot));

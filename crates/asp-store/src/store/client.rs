@@ -40,6 +40,17 @@ impl Store {
         namespace: Namespace,
         ops: Vec<WriteOp>,
     ) -> Result<Vec<Applied>, WriteError> {
+        self.write_fenced(namespace, ops, None).await
+    }
+
+    /// [`Store::write`], applied only if `fence` names the newest token of its lease
+    /// (checked in the writer, in the same step as the write).
+    pub async fn write_fenced(
+        &self,
+        namespace: Namespace,
+        ops: Vec<WriteOp>,
+        fence: Option<crate::Fence>,
+    ) -> Result<Vec<Applied>, WriteError> {
         let config = self.config();
         if ops.is_empty() {
             return Err(WriteError::Invalid(
@@ -87,6 +98,7 @@ impl Store {
             reply,
             permit: None,
             bytes,
+            fence,
         };
         // Fast path: room in the budget and the queue right now, no timer needed.
         if let Ok(permit) = self

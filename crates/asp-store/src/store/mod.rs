@@ -88,14 +88,14 @@ impl Store {
 
     /// Installs who may accept local writes to which namespace (leader namespaces,
     /// see [`crate::LeaderMode`]); every local write asks it, in the writer.
-    pub fn set_write_gate(&self, gate: crate::WriteGate) {
+    pub fn set_write_gate(&self, gate: crate::SharedGate) {
         *self.inner.shared.gate.write().unwrap() = Some(gate);
     }
 
     /// What the write gate says of `namespace` (`None`: multi-master).
     pub fn leader_mode(&self, namespace: &asp_core::Namespace) -> Option<crate::LeaderMode> {
         let gate = self.inner.shared.gate.read().unwrap().clone();
-        gate.and_then(|g| g(namespace))
+        gate.and_then(|g| g.mode(namespace))
     }
 
     pub fn config(&self) -> &StoreConfig {

@@ -638,7 +638,12 @@ impl Writer {
             match work {
                 Work::Write(w) => {
                     let gate = self.shared.gate.read().unwrap().clone();
-                    match crate::modes::admit(gate.as_ref(), &w.namespace, self.shared.node_id) {
+                    match crate::modes::admit(
+                        gate.as_ref(),
+                        &w.namespace,
+                        self.shared.node_id,
+                        w.fence.as_ref(),
+                    ) {
                         Err(e) => {
                             self.shared.metrics.writes_rejected.inc();
                             let _ = w.reply.send(Err(e));

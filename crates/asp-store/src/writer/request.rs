@@ -96,4 +96,6 @@ pub(crate) struct WriteRequest {
     /// (always `Some` once queued).
     pub permit: Option<OwnedSemaphorePermit>,
     pub bytes: usize,
+    /// The write's `If-Fence`, checked by the writer with the rest of its admission.
+    pub fence: Option<crate::modes::Fence>,
 }

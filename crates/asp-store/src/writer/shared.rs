@@ -28,7 +28,7 @@ pub(crate) struct Shared {
     pub maintenance: Maintenance,
     pub health: Health,
     /// Who may accept local writes to which namespace (see [`crate::modes`]).
-    pub gate: RwLock<Option<crate::modes::WriteGate>>,
+    pub gate: RwLock<Option<crate::modes::SharedGate>>,
 }
 
 /// What the log writer thread changes; readers and status pages read it.

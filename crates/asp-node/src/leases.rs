@@ -1,0 +1,356 @@
+//! Leases with fencing tokens, decided by a leader namespace's leader (docs/MODES.md,
+//! *Leases*).
+//!
+//! A lease is a record in `_asp.leases.<hash>` (the namespace's own, so residency keeps
+//! it where the namespace goes), keyed by its name: holder, token, expiry by the
+//! leader's clock, lock delay, and whether it was released. Only the leader of the
+//! current epoch writes them, one at a time; every node keeps the newest record of each
+//! lease in memory (the leader as it writes, the others from the feed), which is what
+//! the writer asks when a write carries `If-Fence`.
+//!
+//! Tokens grow on every acquisition: within an epoch by one, and a new epoch's leader
+//! starts at `epoch << 32 | 1`, above anything an earlier leader may have issued (even
+//! in a divergent tail the new one never saw).
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use asp_core::modes::Standing;
+use asp_core::{ContentType, Key, Namespace, NodeId};
+use asp_store::{Store, WriteOp};
+use serde::{Deserialize, Serialize};
+
+/// Followed by a namespace's hash: its leases.
+pub const LEASES_PREFIX: &str = "_asp.leases.";
+/// Bounds of a lease's time to live and lock delay.
+pub const TTL_MS_MAX: u64 = 24 * 3600 * 1000;
+pub const LEASE_NAME_BYTES_MAX: usize = 256;
+
+pub fn leases_namespace(namespace: &str) -> Namespace {
+    Namespace::new(&format!(
+        "{LEASES_PREFIX}{}",
+        crate::modes::hash_of(namespace)
+    ))
+    .expect("a valid name")
+}
+
+/// One lease, as its record holds it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub name: String,
+    pub holder: String,
+    pub token: u64,
+    /// By the leader's wall clock, ms since the Unix epoch.
+    pub expires_ms: u64,
+    pub ttl_ms: u64,
+    pub lock_delay_ms: u64,
+    pub released: bool,
+    /// Counts every write of this lease's record (acquire, keepalive, release): of two
+    /// records, the greater `(token, version)` is newer.
+    pub version: u64,
+}
+
+impl Lease {
+    fn newer_than(&self, other: &Lease) -> bool {
+        (self.token, self.version) > (other.token, other.version)
+    }
+
+    /// Whether it binds now: held, not released, not expired.
+    pub fn held_at(&self, now_ms: u64) -> bool {
+        !self.released && now_ms < self.expires_ms
+    }
+}
+
+/// Why a lease operation did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error("{0}")]
+    Invalid(String),
+    /// Multi-master: 409 `mode_conflict`.
+    #[error(
+        "namespace {0} is multi-master: leases are decided by a leader; put it in leader mode first (PUT /v1/ns/{0}/mode)"
+    )]
+    MultiMaster(String),
+    /// This node does not lead the namespace: 409 `not_leader` / `fenced`.
+    #[error("{message}")]
+    NotLeader {
+        fenced: bool,
+        epoch: u64,
+        leader: NodeId,
+        leader_api: Option<String>,
+        message: String,
+    },
+    /// Someone holds it (or its lock delay runs): 409 `lease_held`.
+    #[error("{message}")]
+    Held { lease: Lease, message: String },
+    /// A keepalive or release with a token that no longer holds: 409 `lease_lost`.
+    #[error("{0}")]
+    Lost(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Store(String),
+}
+
+/// The leases every namespace of this node has.
+pub struct Leases {
+    node: NodeId,
+    modes: Arc<crate::modes::Modes>,
+    /// By (namespace hash, name).
+    table: RwLock<HashMap<(String, String), Lease>>,
+    /// One decision at a time on the leader.
+    deciding: tokio::sync::Mutex<()>,
+}
+
+impl Leases {
+    pub fn new(node: NodeId, modes: Arc<crate::modes::Modes>) -> Self {
+        Leases {
+            node,
+            modes,
+            table: RwLock::default(),
+            deciding: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The newest token of lease `name` of `namespace` this node knows.
+    pub fn newest_token(&self, namespace: &Namespace, name: &str) -> Option<u64> {
+        let hash = crate::modes::hash_of(namespace.as_str());
+        self.table
+            .read()
+            .unwrap()
+            .get(&(hash, name.to_owned()))
+            .map(|l| l.token)
+    }
+
+    /// The lease as this node knows it.
+    pub fn get(&self, namespace: &Namespace, name: &str) -> Option<Lease> {
+        let hash = crate::modes::hash_of(namespace.as_str());
+        self.table
+            .read()
+            .unwrap()
+            .get(&(hash, name.to_owned()))
+            .cloned()
+    }
+
+    /// Takes in a lease record (from the feed or a scan), if newer than what is known.
+    pub fn note(&self, leases_namespace: &str, value: &[u8]) {
+        let Some(hash) = leases_namespace.strip_prefix(LEASES_PREFIX) else {
+            return;
+        };
+        let Ok(lease) = serde_json::from_slice::<Lease>(value) else {
+            return;
+        };
+        let mut table = self.table.write().unwrap();
+        let key = (hash.to_owned(), lease.name.clone());
+        if table.get(&key).is_none_or(|old| lease.newer_than(old)) {
+            table.insert(key, lease);
+        }
+    }
+
+    /// Reads every lease record of the store.
+    pub fn reload(&self, store: &Store) -> Result<(), String> {
+        for (ns, _) in store.status().namespaces {
+            if ns.as_str().starts_with(LEASES_PREFIX) {
+                crate::follow::scan_values(store, &ns, "", |_, value| {
+                    self.note(ns.as_str(), value);
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The epoch this node leads `namespace` in, or why it may not decide leases.
+    fn leading(&self, namespace: &Namespace) -> Result<u64, LeaseError> {
+        match self.modes.history(namespace).standing(self.node) {
+            Standing::Open => Err(LeaseError::MultiMaster(namespace.to_string())),
+            Standing::Leader { epoch } => Ok(epoch),
+            Standing::Follower { epoch, leader } | Standing::Fenced { epoch, leader } => {
+                let fenced = matches!(
+                    self.modes.history(namespace).standing(self.node),
+                    Standing::Fenced { .. }
+                );
+                let leader_api = self.modes.api_of(leader);
+                let at = leader_api
+                    .as_deref()
+                    .map(|a| format!(" at {a}"))
+                    .unwrap_or_default();
+                Err(LeaseError::NotLeader {
+                    fenced,
+                    epoch,
+                    leader,
+                    leader_api,
+                    message: format!(
+                        "leases of {namespace} are decided by its leader, node {leader}{at} (epoch {epoch})"
+                    ),
+                })
+            }
+        }
+    }
+
+    async fn save(
+        &self,
+        store: &Store,
+        namespace: &Namespace,
+        lease: Lease,
+    ) -> Result<Lease, LeaseError> {
+        let key = Key::new(&lease.name).map_err(|e| LeaseError::Invalid(e.to_string()))?;
+        let list = leases_namespace(namespace.as_str());
+        let value = serde_json::to_vec(&lease).expect("json");
+        store
+            .write(
+                list.clone(),
+                vec![WriteOp::put(key, ContentType::Json, value.clone())],
+            )
+            .await
+            .map_err(|e| LeaseError::Store(e.to_string()))?;
+        self.note(list.as_str(), &value);
+        Ok(lease)
+    }
+
+    /// Acquires lease `name` for `holder`, if nobody holds it: a new, greater token.
+    pub async fn acquire(
+        &self,
+        store: &Store,
+        namespace: &Namespace,
+        name: &str,
+        holder: &str,
+        ttl_ms: u64,
+        lock_delay_ms: u64,
+    ) -> Result<Lease, LeaseError> {
+        check_name(name)?;
+        let epoch = self.leading(namespace)?;
+        let _one = self.deciding.lock().await;
+        // Leadership may have moved while waiting.
+        let epoch = epoch.max(self.leading(namespace)?);
+        let now = asp_store::clock::wall_ms();
+        let current = self.get(namespace, name);
+        if let Some(c) = &current {
+            if c.held_at(now) {
+                return Err(LeaseError::Held {
+                    message: format!(
+                        "lease {name} is held by {:?} (token {}) for {} ms more",
+                        c.holder,
+                        c.token,
+                        c.expires_ms - now
+                    ),
+                    lease: c.clone(),
+                });
+            }
+            let delay_ends = c.expires_ms.saturating_add(c.lock_delay_ms);
+            if !c.released && now < delay_ends {
+                return Err(LeaseError::Held {
+                    message: format!(
+                        "lease {name} expired {} ms ago; its lock delay keeps it for {} ms more",
+                        now - c.expires_ms,
+                        delay_ends - now
+                    ),
+                    lease: c.clone(),
+                });
+            }
+        }
+        let floor = (epoch << 32) | 1;
+        let token = current.as_ref().map_or(floor, |c| (c.token + 1).max(floor));
+        let lease = Lease {
+            name: name.to_owned(),
+            holder: holder.to_owned(),
+            token,
+            expires_ms: now + ttl_ms,
+            ttl_ms,
+            lock_delay_ms,
+            released: false,
+            version: current.as_ref().map_or(1, |c| c.version + 1),
+        };
+        self.save(store, namespace, lease).await
+    }
+
+    /// Extends a held lease by its time to live.
+    pub async fn keepalive(
+        &self,
+        store: &Store,
+        namespace: &Namespace,
+        name: &str,
+        token: u64,
+    ) -> Result<Lease, LeaseError> {
+        self.leading(namespace)?;
+        let _one = self.deciding.lock().await;
+        let now = asp_store::clock::wall_ms();
+        let Some(c) = self.get(namespace, name) else {
+            return Err(LeaseError::NotFound(format!(
+                "no lease {name} in {namespace}"
+            )));
+        };
+        if c.token != token || !c.held_at(now) {
+            return Err(LeaseError::Lost(format!(
+                "token {token} no longer holds lease {name}: {}",
+                if c.token != token {
+                    format!("its token is {}", c.token)
+                } else if c.released {
+                    "it was released".to_owned()
+                } else {
+                    format!("it expired {} ms ago", now - c.expires_ms)
+                }
+            )));
+        }
+        let lease = Lease {
+            expires_ms: now + c.ttl_ms,
+            version: c.version + 1,
+            ..c
+        };
+        self.save(store, namespace, lease).await
+    }
+
+    /// Gives a lease up (no lock delay follows a release).
+    pub async fn release(
+        &self,
+        store: &Store,
+        namespace: &Namespace,
+        name: &str,
+        token: u64,
+    ) -> Result<Lease, LeaseError> {
+        self.leading(namespace)?;
+        let _one = self.deciding.lock().await;
+        let Some(c) = self.get(namespace, name) else {
+            return Err(LeaseError::NotFound(format!(
+                "no lease {name} in {namespace}"
+            )));
+        };
+        if c.token != token || c.released {
+            return Err(LeaseError::Lost(format!(
+                "token {token} does not hold lease {name} (its token is {}{})",
+                c.token,
+                if c.released { ", released" } else { "" }
+            )));
+        }
+        let lease = Lease {
+            released: true,
+            version: c.version + 1,
+            ..c
+        };
+        self.save(store, namespace, lease).await
+    }
+}
+
+fn check_name(name: &str) -> Result<(), LeaseError> {
+    if name.is_empty() || name.len() > LEASE_NAME_BYTES_MAX || name.chars().any(char::is_control) {
+        return Err(LeaseError::Invalid(format!(
+            "a lease name is 1 to {LEASE_NAME_BYTES_MAX} bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// What the store's writer asks: modes for leadership, leases for fences.
+pub(crate) struct Gate {
+    pub modes: Arc<crate::modes::Modes>,
+    pub leases: Arc<Leases>,
+}
+
+impl asp_store::WriteGate for Gate {
+    fn mode(&self, namespace: &Namespace) -> Option<asp_store::LeaderMode> {
+        self.modes.mode(namespace)
+    }
+
+    fn newest_token(&self, namespace: &Namespace, name: &str) -> Option<u64> {
+        self.leases.newest_token(namespace, name)
+    }
+}
