@@ -832,7 +832,10 @@ async fn openapi_document_matches_the_routes() {
     let paths = doc["paths"].as_object().unwrap();
     let mut operations = 0;
     for (path, item) in paths {
-        let concrete = path.replace("{ns}", "docs").replace("{key}", "some-key");
+        let concrete = path
+            .replace("{ns}", "docs")
+            .replace("{key}", "some-key")
+            .replace("{name}", "job-1");
         for method in ["get", "put", "post", "delete"] {
             if item.get(method).is_none() {
                 // Undocumented methods on documented paths are refused.
@@ -874,7 +877,7 @@ async fn openapi_document_matches_the_routes() {
             }
         }
     }
-    assert_eq!(operations, 27);
+    assert_eq!(operations, 31);
     server.stop().await;
 }
 
