@@ -205,6 +205,24 @@ impl Gc {
         }
     }
 
+    /// The nodes whose newest report of `namespace` holds every one of `dots` (a node's
+    /// vectors only grow: what its newest report holds, it holds). For write concern
+    /// through relays.
+    pub fn holders(&self, namespace: &Namespace, dots: &[crate::Dot]) -> Vec<NodeId> {
+        let Some(nodes) = self.namespaces.get(namespace) else {
+            return Vec::new();
+        };
+        nodes
+            .iter()
+            .filter(|(_, k)| {
+                k.newest
+                    .as_ref()
+                    .is_some_and(|r| dots.iter().all(|d| r.vector.contains(*d)))
+            })
+            .map(|(&n, _)| n)
+            .collect()
+    }
+
     /// What this node tells its peers of the namespace's other nodes: for every node
     /// it counts as one that may write (see [`Gc::view`]), the newest real report it
     /// holds, or else a membership-only report: an empty vector, at when this node last

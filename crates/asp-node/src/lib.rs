@@ -16,6 +16,7 @@
 //! when asked.
 
 pub mod audit;
+mod concern;
 mod config;
 pub mod federation;
 mod follow;
@@ -29,6 +30,7 @@ mod replicator;
 pub mod residency;
 mod schedule;
 
+pub use concern::Replicas;
 pub use config::{DEFAULT_PEER_PORT, ReplicationConfig};
 pub use registry::{Direction, LastReconcile, LinkState, ReconcileStats};
 pub use replicator::{

@@ -130,7 +130,7 @@ pub struct Refusal {
 /// The replication runtime of one node. Cheap to clone.
 #[derive(Clone)]
 pub struct Replicator {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
     tasks: Arc<Mutex<Option<JoinSet<()>>>>,
 }
 
@@ -414,34 +414,6 @@ impl Replicator {
             .await;
             if drained.is_err() {
                 tasks.abort_all();
-            }
-        }
-    }
-
-    /// How many nodes hold this node's feed up to `seq` durably: this node plus every
-    /// peer that acknowledged it. Waits until `replicas` do or `timeout` passes.
-    pub async fn wait_replicas(&self, seq: u64, replicas: usize, timeout: Duration) -> usize {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut changed = self.inner.changed.subscribe();
-        loop {
-            changed.borrow_and_update();
-            let count = 1 + self
-                .inner
-                .registry
-                .lock()
-                .unwrap()
-                .peers
-                .values()
-                .filter(|p| p.acked_seq >= seq)
-                .count();
-            if count >= replicas {
-                return count;
-            }
-            if tokio::time::timeout_at(deadline, changed.changed())
-                .await
-                .is_err()
-            {
-                return count;
             }
         }
     }

@@ -668,3 +668,60 @@ async fn lease_tokens_only_grow_and_every_node_refuses_a_stale_fence() {
     let t5 = l5["token"].as_u64().unwrap();
     assert!(t5 > t4 && t5 >> 32 == 2, "{t5}");
 }
+
+async fn put_with(c: &Client, key: &str, query: &str) -> (StatusCode, Value) {
+    call(
+        c,
+        Method::PUT,
+        &format!("/v1/ns/line/kv/{key}?{query}"),
+        json!("v"),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_concern_counts_nodes_behind_relays() {
+    // A line: A <- B <- C. C holds A's writes only through B.
+    let dir = tempfile::tempdir().unwrap();
+    let a = Node::start(&dir.path().join("a"), &[]).await;
+    let b = Node::start(&dir.path().join("b"), &["--peer", &a.peer_addr()]).await;
+    let mut c = Node::start(&dir.path().join("c"), &["--peer", &b.peer_addr()]).await;
+    eventually("A knows three members", async || {
+        let status = a.client().status().await.unwrap();
+        (status["replication"]["members"].as_array()?.len() == 3).then_some(())
+    })
+    .await;
+    let (status, body) = put_with(&a.client(), "three", "replicas=3&timeout_ms=30000").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["replicas"]["acknowledged"], 3, "{body}");
+    let (status, body) = put_with(&a.client(), "all", "replicas=all&timeout_ms=30000").await;
+    assert_eq!(
+        (status, body["replicas"]["wanted"].as_u64()),
+        (StatusCode::OK, Some(3)),
+        "{body}"
+    );
+    let (status, body) = put_with(&a.client(), "most", "replicas=majority&timeout_ms=30000").await;
+    assert_eq!(
+        (status, body["replicas"]["wanted"].as_u64()),
+        (StatusCode::OK, Some(2)),
+        "{body}"
+    );
+    let (status, body) = put_with(&a.client(), "bad", "replicas=most").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_query"))
+    );
+    // C gone: all cannot be met; the write stays.
+    c.kill();
+    let (status, body) = put_with(&a.client(), "without-c", "replicas=all&timeout_ms=1500").await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert_eq!(body["error"]["code"], "replication_timeout");
+    assert_eq!(body["replicas"]["acknowledged"], 2);
+    assert!(
+        a.client()
+            .get("line", "without-c", None)
+            .await
+            .unwrap()
+            .is_some()
+    );
+}

@@ -263,5 +263,6 @@ pub(super) async fn batch(
     }
     out.push_str("]}");
     let last_seq = applied.last().map_or(0, |a| a.seq);
-    Ok(answer_write(&state, concern, last_seq, out, None).await)
+    let dots: Vec<asp_core::Dot> = applied.iter().map(|a| a.dot).collect();
+    Ok(answer_write(&state, concern, (&ns, &dots, last_seq), out, None).await)
 }

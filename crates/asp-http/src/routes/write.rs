@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use asp_core::Namespace;
-use asp_node::Replicator;
+use asp_node::{Replicas, Replicator};
 use asp_store::{CrdtOp, WriteKind, WriteOp};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{FromRequestParts, Query};
@@ -20,13 +20,13 @@ use crate::json::WriteOut;
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct WriteParams {
-    replicas: Option<usize>,
+    replicas: Option<String>,
     timeout_ms: Option<u64>,
 }
 
 /// How many nodes must hold a write durably before the answer, and how long to wait.
 pub(super) struct Concern {
-    replicas: usize,
+    replicas: Replicas,
     timeout: Duration,
     /// `If-Fence: <lease>:<token>`: the write applies only while `token` is the
     /// newest of the lease (docs/MODES.md, *Leases*).
@@ -91,25 +91,36 @@ fn concern(
     query: Result<Query<WriteParams>, QueryRejection>,
 ) -> Result<Concern, ApiError> {
     let Query(q) = query.map_err(query_error)?;
-    let replicas = q.replicas.unwrap_or(1);
-    if replicas == 0 || replicas > REPLICAS_MAX {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            format!("replicas must be between 1 and {REPLICAS_MAX}; got {replicas}"),
-        ));
-    }
-    if replicas > 1 {
-        let nodes = 1 + state
+    let replicas = match q.replicas.as_deref() {
+        None => Replicas::Count(1),
+        Some("majority") => Replicas::Majority,
+        Some("all") => Replicas::All,
+        Some(n) => match n.parse::<usize>() {
+            Ok(n) if (1..=REPLICAS_MAX).contains(&n) => Replicas::Count(n),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_query",
+                    format!(
+                        "replicas is majority, all, or a number between 1 and {REPLICAS_MAX}; got {n:?}"
+                    ),
+                ));
+            }
+        },
+    };
+    if let Replicas::Count(replicas) = replicas
+        && replicas > 1
+    {
+        let nodes = state
             .inner
             .replicator
             .as_ref()
-            .map_or(0, Replicator::peers_known);
+            .map_or(1, Replicator::members_known);
         if replicas > nodes {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "replicas_unreachable",
                 format!(
-                    "replicas={replicas} can never be met: at most {nodes} node{} can hold a write (this node and the peers it knows: configured, or linked to it since it started); ask for replicas={nodes} or fewer, or link more peers first",
+                    "replicas={replicas} can never be met: at most {nodes} node{} can hold a write (this node and the members it knows: by gossip, configured, or linked to it since it started); ask for replicas={nodes} or fewer, or link more peers first",
                     if nodes == 1 { "" } else { "s" }
                 ),
             ));
@@ -130,36 +141,39 @@ fn concern(
 }
 
 /// Answers a write once its concern is met: `body` is the write's JSON answer (an
-/// object), `seq` the feed position of its last event. Past the timeout the answer is
-/// 504 `replication_timeout`, saying how many nodes hold it; the write stays.
+/// object), `dots` its events, `seq` the feed position of its last one. Past the
+/// timeout the answer is 504 `replication_timeout`, saying how many nodes hold it; the
+/// write stays.
 pub(super) async fn answer_write(
     state: &AppState,
     concern: Concern,
-    seq: u64,
+    written: (&Namespace, &[asp_core::Dot], u64),
     body: String,
     etag: Option<HeaderValue>,
 ) -> Response {
-    let mut response = if concern.replicas <= 1 {
+    let (ns, dots, seq) = written;
+    let replicator = state.inner.replicator.as_ref();
+    let (wanted, voters) = match replicator {
+        Some(r) => r.resolve_replicas(ns, concern.replicas),
+        None => (1, None),
+    };
+    let mut response = if wanted <= 1 {
         ([(header::CONTENT_TYPE, "application/json")], body).into_response()
     } else {
-        let replicator = state
-            .inner
-            .replicator
-            .as_ref()
-            .expect("checked by concern()");
+        let replicator = replicator.expect("a node without replication wants one replica");
         let held = replicator
-            .wait_replicas(seq, concern.replicas, concern.timeout)
+            .wait_holding(ns, dots, seq, wanted, voters.as_deref(), concern.timeout)
             .await;
-        let replicas = format!(r#"{{"wanted":{},"acknowledged":{held}}}"#, concern.replicas);
-        if held >= concern.replicas {
+        let replicas = format!(r#"{{"wanted":{wanted},"acknowledged":{held}}}"#);
+        if held >= wanted {
             let mut body = body;
             body.truncate(body.len() - 1);
             body.push_str(&format!(r#","replicas":{replicas}}}"#));
             ([(header::CONTENT_TYPE, "application/json")], body).into_response()
         } else {
             let message = format!(
-                "the write is durable on this node but only {held} of {} nodes hold it after {} ms; it stays, and replication goes on",
-                concern.replicas,
+                "the write is durable on this node but only {held} of {wanted} {} hold it after {} ms; it stays, and replication goes on",
+                if voters.is_some() { "voters" } else { "nodes" },
                 concern.timeout.as_millis()
             );
             let error = serde_json::json!({"code": "replication_timeout", "message": message});
@@ -197,5 +211,12 @@ pub(super) async fn write_one(
     let body = serde_json::to_string(&WriteOut::new(ns.as_str(), key.as_str(), applied, deleted))
         .expect("answers serialize");
     let etag = with_etag.then(|| etag(applied.dot));
-    Ok(answer_write(state, concern, applied.seq, body, etag).await)
+    Ok(answer_write(
+        state,
+        concern,
+        (&ns, &[applied.dot], applied.seq),
+        body,
+        etag,
+    )
+    .await)
 }

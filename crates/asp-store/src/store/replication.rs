@@ -267,6 +267,18 @@ impl Store {
         out
     }
 
+    /// The other nodes that, by their newest reports (which travel through relays),
+    /// hold every one of `dots` of `namespace`: for write concern.
+    pub fn nodes_holding(&self, namespace: &Namespace, dots: &[asp_core::Dot]) -> Vec<NodeId> {
+        self.inner
+            .shared
+            .peers
+            .gc
+            .lock()
+            .unwrap()
+            .holders(namespace, dots)
+    }
+
     /// Takes in what a peer's summary reports of the nodes' vectors (its own among
     /// them): what tombstone collection waits for (see docs/CONFLICTS.md).
     pub fn note_reports(&self, summary: &[NamespaceSummary]) {
