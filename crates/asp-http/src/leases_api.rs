@@ -60,6 +60,7 @@ fn lease_error(e: LeaseError) -> ApiError {
             }
         }
         LeaseError::Lost(m) => ApiError::new(StatusCode::CONFLICT, "lease_lost", m),
+        LeaseError::Superseded(m) => ApiError::new(StatusCode::CONFLICT, "fenced", m),
         LeaseError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, "not_found", m),
         LeaseError::Store(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_failed", m),
     }

@@ -80,6 +80,10 @@ pub enum LeaseError {
         leader_api: Option<String>,
         message: String,
     },
+    /// A later epoch issued tokens this node has seen before it heard of that epoch:
+    /// 409 `fenced`.
+    #[error("{0}")]
+    Superseded(String),
     /// Someone holds it (or its lock delay runs): 409 `lease_held`.
     #[error("{message}")]
     Held { lease: Lease, message: String },
@@ -247,6 +251,16 @@ impl Leases {
                     lease: c.clone(),
                 });
             }
+        }
+        // A token of a later epoch means a later leader exists, though this node has
+        // not heard of its epoch yet: issuing past it would collide with its tokens.
+        if let Some(c) = &current
+            && c.token >> 32 > epoch
+        {
+            return Err(LeaseError::Superseded(format!(
+                "lease {name} has a token of epoch {}, after this node's epoch {epoch}: a newer leader exists",
+                c.token >> 32
+            )));
         }
         let floor = (epoch << 32) | 1;
         let token = current.as_ref().map_or(floor, |c| (c.token + 1).max(floor));

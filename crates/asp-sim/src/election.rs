@@ -11,7 +11,9 @@
 //! cluster simulation (`run`) and the process tests cover.
 //!
 //! Invariants: no two nodes accept writes in one epoch; no two leaders are ever
-//! recorded for one epoch; a node's epoch never goes back; no accepted write is lost;
+//! recorded for one epoch; a node's epoch never goes back; lease tokens grow within an
+//! epoch and every epoch's are above every earlier epoch's (a stale leader that saw a
+//! later epoch's token issues none); no accepted write is lost;
 //! once healed and quiet, every node knows the same epochs, classifies every event as
 //! in line or divergent the same way, and every event acknowledged by a majority of the
 //! voters is in line.
@@ -52,6 +54,7 @@ pub struct ElectionOutcome {
     pub writes: u64,
     pub divergent: u64,
     pub majority_acked: u64,
+    pub tokens: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -72,6 +75,10 @@ enum Rec {
         node: NodeId,
         beat: u64,
     },
+    /// A lease token issued by a leader (one lease, acquired over and over).
+    Lease {
+        token: u64,
+    },
 }
 
 impl Rec {
@@ -83,6 +90,7 @@ impl Rec {
             Rec::Vote { epoch, voter, .. } => format!("v{epoch}/{voter}"),
             Rec::Data { dot, .. } => format!("d{dot}"),
             Rec::Beat { node, beat } => format!("b{node}/{beat}"),
+            Rec::Lease { token } => format!("l{token}"),
         }
     }
 }
@@ -109,6 +117,8 @@ struct Node {
     highest_epoch_seen: u64,
     /// The newest epoch it knew at the end of its last turn.
     last_epoch: u64,
+    /// The newest lease token it knows.
+    newest_token: u64,
 }
 
 impl Node {
@@ -145,6 +155,8 @@ struct World {
     majority_acked: HashSet<Dot>,
     out: ElectionOutcome,
     failover_ms: u64,
+    /// Epoch → the greatest lease token issued in it.
+    tokens_of_epoch: BTreeMap<u64, u64>,
 }
 
 fn fail(seed: u64, now: u64, what: String) -> Result<ElectionOutcome, String> {
@@ -218,6 +230,9 @@ impl World {
             Rec::Data { dot, epoch } => {
                 n.held.insert(*dot);
                 n.epochs_of.insert(*dot, *epoch);
+            }
+            Rec::Lease { token } => {
+                n.newest_token = n.newest_token.max(*token);
             }
             Rec::Beat { node, beat } => {
                 let local = n.local(now);
@@ -422,6 +437,48 @@ impl World {
         Ok(())
     }
 
+    /// The leader issues the lease's next token (as `asp-node/src/leases.rs` does).
+    /// Tokens grow within an epoch, and every token of an epoch is above every token
+    /// of the epochs before it.
+    fn issue_token(&mut self, i: usize) -> Result<(), String> {
+        let n = &self.nodes[i];
+        let Standing::Leader { epoch } = n.history().standing(n.id) else {
+            return Ok(());
+        };
+        if n.newest_token >> 32 > epoch {
+            // A newer epoch issued tokens: this leader is stale (as leases.rs refuses).
+            return Ok(());
+        }
+        let token = (n.newest_token + 1).max((epoch << 32) | 1);
+        if let Some((&e, &t)) = self.tokens_of_epoch.range(..epoch).next_back()
+            && t >= token
+        {
+            return Err(format!(
+                "epoch {epoch} issued token {token}, not above epoch {e}'s {t}"
+            ));
+        }
+        if let Some((&e, &t)) = self.tokens_of_epoch.range(epoch + 1..).next()
+            && t <= token
+        {
+            return Err(format!(
+                "epoch {epoch} issued token {token}, not below epoch {e}'s {t}"
+            ));
+        }
+        if self
+            .tokens_of_epoch
+            .get(&epoch)
+            .is_some_and(|&t| t >= token)
+        {
+            return Err(format!(
+                "epoch {epoch} issued token {token} twice or backwards"
+            ));
+        }
+        self.tokens_of_epoch.insert(epoch, token);
+        self.out.tokens += 1;
+        self.write(i, Rec::Lease { token });
+        Ok(())
+    }
+
     /// Writes a majority of the voters held before any of them answered an ask for a
     /// later epoch: what a write concern of a majority of voters may acknowledge (a
     /// voter that answered for a later epoch no longer counts for an earlier one).
@@ -487,6 +544,7 @@ pub fn run_election(seed: u64, config: &ElectionConfig) -> Result<ElectionOutcom
             running: None,
             highest_epoch_seen: 0,
             last_epoch: 0,
+            newest_token: 0,
         })
         .collect();
     let voters: Vec<NodeId> = nodes.iter().map(|n| n.id).collect();
@@ -503,6 +561,7 @@ pub fn run_election(seed: u64, config: &ElectionConfig) -> Result<ElectionOutcom
         majority_acked: HashSet::new(),
         out: ElectionOutcome::default(),
         failover_ms: config.failover_ms,
+        tokens_of_epoch: BTreeMap::new(),
     };
     // Epoch 1: node 0 leads, set by an operator.
     let first = EpochRecord {
@@ -568,6 +627,12 @@ pub fn run_election(seed: u64, config: &ElectionConfig) -> Result<ElectionOutcom
             {
                 return fail(seed, w.now, e);
             }
+            if !quiet && w.rng.chance(10) {
+                if let Err(e) = w.issue_token(i) {
+                    return fail(seed, w.now, e);
+                }
+            }
+
             // Failover: the leader silent past failover_ms, by this node's clock.
             let history = w.nodes[i].history();
             if let Some(leader) = history.current().and_then(|r| r.leader)

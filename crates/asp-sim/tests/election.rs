@@ -26,6 +26,7 @@ fn elections_keep_one_leader_per_epoch_and_lose_nothing() {
                 total.writes += o.writes;
                 total.divergent += o.divergent;
                 total.majority_acked += o.majority_acked;
+                total.tokens += o.tokens;
             }
             Err(e) => panic!("{e}"),
         }
@@ -39,5 +40,6 @@ fn elections_keep_one_leader_per_epoch_and_lose_nothing() {
         assert!(total.refused_asks > 0, "{total:?}");
         assert!(total.divergent > 0, "{total:?}");
         assert!(total.majority_acked > 0, "{total:?}");
+        assert!(total.tokens > 0, "{total:?}");
     }
 }
