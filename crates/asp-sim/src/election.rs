@@ -627,10 +627,11 @@ pub fn run_election(seed: u64, config: &ElectionConfig) -> Result<ElectionOutcom
             {
                 return fail(seed, w.now, e);
             }
-            if !quiet && w.rng.chance(10) {
-                if let Err(e) = w.issue_token(i) {
-                    return fail(seed, w.now, e);
-                }
+            if !quiet
+                && w.rng.chance(10)
+                && let Err(e) = w.issue_token(i)
+            {
+                return fail(seed, w.now, e);
             }
 
             // Failover: the leader silent past failover_ms, by this node's clock.
