@@ -45,6 +45,21 @@ pub struct FileConfig {
     /// /v1/ns/orders/residency`; they replicate to every node).
     #[serde(default)]
     pub residency: std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
+    /// Write modes a namespace starts in: `orders = { mode = "leader", leader = "<id>",
+    /// voters = [...] }`. Applied only to a namespace with no mode yet (epoch 0): a
+    /// promotion or failover since is not undone by a restart.
+    #[serde(default)]
+    pub modes: std::collections::BTreeMap<String, ModeSection>,
+}
+
+/// One entry of `[modes]`.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ModeSection {
+    pub mode: String,
+    pub leader: Option<String>,
+    #[serde(default)]
+    pub voters: Vec<String>,
 }
 
 /// `[auth]`: bearer tokens on the API.
@@ -233,6 +248,12 @@ pub struct NodeConfig {
     pub residency: Vec<(
         asp_core::Namespace,
         std::collections::BTreeMap<String, String>,
+    )>,
+    /// `[modes]`: namespace, leader (`None`: multi-master), voters.
+    pub modes: Vec<(
+        asp_core::Namespace,
+        Option<asp_core::NodeId>,
+        Vec<asp_core::NodeId>,
     )>,
 }
 
@@ -480,6 +501,46 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
             .map_err(|e| anyhow::anyhow!("[residency] {ns}: {e}"))?;
         residency.push((namespace, require));
     }
+    let mut modes = Vec::new();
+    for (ns, m) in file.modes {
+        let what = |e: String| anyhow::anyhow!("[modes] {ns:?}: {e}");
+        let namespace = asp_core::Namespace::new(&ns).map_err(|e| what(e.to_string()))?;
+        if ns.starts_with(asp_auth::RESERVED_PREFIX) {
+            bail!("[modes] {ns:?}: the node's own namespaces stay multi-master");
+        }
+        let node = |s: &str| {
+            s.parse::<asp_core::NodeId>().map_err(|_| {
+                what(format!(
+                    "{s:?} is no node id: 16 hex digits, as `asp status` shows node_id"
+                ))
+            })
+        };
+        let voters = m
+            .voters
+            .iter()
+            .map(|v| node(v))
+            .collect::<Result<Vec<_>, _>>()?;
+        let leader = match (m.mode.as_str(), m.leader.as_deref()) {
+            ("leader", Some(l)) => Some(node(l)?),
+            ("leader", None) => {
+                return Err(what(
+                    "mode = \"leader\" needs leader = \"<node id>\"".into(),
+                ));
+            }
+            ("multi-master", None) if voters.is_empty() => None,
+            ("multi-master", _) => {
+                return Err(what(
+                    "a multi-master namespace has no leader and no voters".into(),
+                ));
+            }
+            (other, _) => {
+                return Err(what(format!(
+                    "mode is \"leader\" or \"multi-master\"; got {other:?}"
+                )));
+            }
+        };
+        modes.push((namespace, leader, voters));
+    }
     // Token keys and revocations reach the other nodes through this namespace.
     if required
         && !replication
@@ -549,6 +610,7 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
         tls_reload_interval,
         auth,
         residency,
+        modes,
     })
 }
 
@@ -665,6 +727,49 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("dead_ratio"), "{e}");
+    }
+
+    #[test]
+    fn modes_are_read_and_checked() {
+        let ok: FileConfig = toml::from_str(
+            r#"
+            [modes.orders]
+            mode = "leader"
+            leader = "9f3c2a0b11d4e5f6"
+            voters = ["9f3c2a0b11d4e5f6", "00000000000000a1", "00000000000000a2"]
+            [modes.free]
+            mode = "multi-master"
+            "#,
+        )
+        .unwrap();
+        let c = resolve(ok, Overrides::default()).unwrap();
+        assert_eq!(c.modes.len(), 2);
+        let orders = c.modes.iter().find(|m| m.0.as_str() == "orders").unwrap();
+        assert_eq!(orders.1.unwrap().to_string(), "9f3c2a0b11d4e5f6");
+        assert_eq!(orders.2.len(), 3);
+        for (bad, says) in [
+            ("[modes.o]\nmode = \"leader\"", "needs leader"),
+            (
+                "[modes.o]\nmode = \"leader\"\nleader = \"nope\"",
+                "no node id",
+            ),
+            ("[modes.o]\nmode = \"primary\"", "\"leader\" or"),
+            (
+                "[modes.o]\nmode = \"multi-master\"\nvoters = [\"00000000000000a1\"]",
+                "no leader and no voters",
+            ),
+            (
+                "[modes.\"_asp.x\"]\nmode = \"multi-master\"",
+                "stay multi-master",
+            ),
+        ] {
+            let file: FileConfig = toml::from_str(bad).unwrap();
+            let err = resolve(file, Overrides::default())
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 
     #[test]

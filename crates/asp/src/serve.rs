@@ -57,6 +57,17 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
             tracing::info!(namespace = %ns, require = ?require, "residency rule set from the configuration");
         }
     }
+    // Modes of the configuration, for namespaces that have none yet.
+    for (ns, leader, voters) in &config.modes {
+        let modes = replicator.modes();
+        if modes.history(ns).current().is_none() {
+            modes
+                .set(&store, ns, *leader, voters.clone())
+                .await
+                .with_context(|| format!("setting the mode of {ns} from [modes]"))?;
+            tracing::info!(namespace = %ns, leader = ?leader, "mode set from the configuration");
+        }
+    }
     if config.auth.required
         && config.replication.tls.is_none()
         && (config.replication.listen.is_some() || !config.replication.peers.is_empty())
