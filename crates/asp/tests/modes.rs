@@ -620,7 +620,19 @@ async fn lease_tokens_only_grow_and_every_node_refuses_a_stale_fence() {
             .is_none()
     );
 
-    // A new leader's tokens start above anything an earlier epoch issued.
+    // A new leader's tokens start above anything an earlier epoch issued (once it
+    // holds the lease's newest record: leases replicate like data).
+    eventually("B knows the newest token", async || {
+        let (_, l) = call(
+            &b.client(),
+            Method::GET,
+            "/v1/ns/orders/leases/job-1",
+            Value::Null,
+        )
+        .await;
+        (l["token"].as_u64() == Some(t4)).then_some(())
+    })
+    .await;
     let (status, view) = call(
         &b.client(),
         Method::POST,

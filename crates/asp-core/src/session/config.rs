@@ -23,7 +23,7 @@ pub struct SessionConfig {
     pub handshake_timeout: Duration,
     /// Bytes of events the peer may have in flight towards this node.
     pub credit_window_bytes: u32,
-    /// This run of the node (random, new at every start; see [`Hello::incarnation`]).
+    /// This run of the node (random, new at every start; see [`super::Hello::incarnation`]).
     pub incarnation: u64,
     /// Namespaces kept from this peer whatever the lists say (residency), asked at
     /// every use: rules may change while the link is up.
