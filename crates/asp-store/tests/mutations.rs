@@ -69,10 +69,12 @@ async fn acknowledged_writes_survive_power_cuts(mutation: Option<Mutation>) -> R
         drop(store);
         fs.reboot();
         let store = Store::open(config(dir.path(), &fs, mutation)).unwrap();
-        assert!(
-            store.get(&ns(), "before").unwrap().is_some(),
-            "seed {seed}: a write acknowledged before the fault is gone"
-        );
+        // Either acknowledged write gone is the broken guarantee. Under a mutation that
+        // acknowledges before the fsync it may be the first one, depending on whether
+        // its fsync ran before the cut (CI once saw that: seed 2).
+        if store.get(&ns(), "before").unwrap().is_none() {
+            return Err(Broken::AckedWriteLost);
+        }
         if acked && store.get(&ns(), "during").unwrap().is_none() {
             return Err(Broken::AckedWriteLost);
         }
