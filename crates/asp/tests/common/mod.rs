@@ -52,8 +52,20 @@ impl Node {
             child: None,
             starts: 0,
         };
-        node.restart().await;
-        node
+        // A port free_port found may be taken again before the node binds it (another
+        // test's connection gets it as its local port): try fresh ones a few times.
+        for _ in 0..5 {
+            node.spawn();
+            if node.wait_healthy(Duration::from_secs(30), true).await {
+                return node;
+            }
+            node.port = free_port();
+            node.peer_port = free_port();
+        }
+        panic!(
+            "asp serve found its ports taken five times:\n{}",
+            node.log()
+        );
     }
 
     pub fn peer_addr(&self) -> String {
@@ -100,6 +112,11 @@ impl Node {
 
     /// (Re)starts the process on the same port and data directory.
     pub async fn restart(&mut self) {
+        self.spawn();
+        self.wait_healthy(Duration::from_secs(30), false).await;
+    }
+
+    fn spawn(&mut self) {
         assert!(self.child.is_none(), "the node is still running");
         self.starts += 1;
         let log = std::fs::File::create(self.log_path()).unwrap();
@@ -120,10 +137,11 @@ impl Node {
             .spawn()
             .expect("start asp serve");
         self.child = Some(child);
-        self.wait_healthy(Duration::from_secs(30)).await;
     }
 
-    async fn wait_healthy(&mut self, limit: Duration) {
+    /// Waits until the node answers `/healthz` (true). With `port_taken_ok`, a node that
+    /// exits because its port is taken is not a failure: false.
+    async fn wait_healthy(&mut self, limit: Duration, port_taken_ok: bool) -> bool {
         let client = self.client();
         let started = Instant::now();
         loop {
@@ -137,9 +155,13 @@ impl Node {
                 .await
                 && r.status.is_success()
             {
-                return;
+                return true;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                if port_taken_ok && self.log().contains("Address already in use") {
+                    self.child = None;
+                    return false;
+                }
                 panic!(
                     "asp serve exited with {status} while starting:\n{}",
                     self.log()
