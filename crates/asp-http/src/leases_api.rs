@@ -11,17 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
-use crate::routes::{AppState, path_error};
-
-fn leases(state: &AppState) -> Result<std::sync::Arc<asp_node::leases::Leases>, ApiError> {
-    state.replicator().map(|r| r.leases()).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "internal",
-            "this node runs without replication",
-        )
-    })
-}
+use crate::routes::{AppState, json_object, namespace, path_error};
 
 fn lease_json(l: &Lease) -> Value {
     json!({
@@ -42,13 +32,13 @@ fn lease_error(e: LeaseError) -> ApiError {
         e @ LeaseError::MultiMaster(_) => {
             ApiError::new(StatusCode::CONFLICT, "mode_conflict", e.to_string())
         }
-        LeaseError::NotLeader {
-            fenced,
-            epoch,
-            leader,
-            leader_api,
+        LeaseError::NotLeader { mode, message } => ApiError::not_leader(
+            mode.fenced,
+            mode.epoch,
+            mode.leader,
+            mode.leader_api,
             message,
-        } => ApiError::not_leader(fenced, epoch, leader, leader_api, message),
+        ),
         LeaseError::Held { lease, message } => {
             let mut extra = serde_json::Map::new();
             extra.insert("holder".into(), lease.holder.into());
@@ -63,46 +53,6 @@ fn lease_error(e: LeaseError) -> ApiError {
         LeaseError::Superseded(m) => ApiError::new(StatusCode::CONFLICT, "fenced", m),
         LeaseError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, "not_found", m),
         LeaseError::Store(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_failed", m),
-    }
-}
-
-fn namespace(ns: &str) -> Result<asp_core::Namespace, ApiError> {
-    asp_core::Namespace::new(ns)
-        .map_err(|e| ApiError::bad_request("invalid_namespace", e.to_string()))
-}
-
-fn object(body: &[u8], example: &str) -> Result<serde_json::Map<String, Value>, ApiError> {
-    if body.len() > 4096 {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            "the body is at most 4096 bytes",
-        ));
-    }
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(o)) => Ok(o),
-        Ok(_) => Err(ApiError::bad_request(
-            "invalid_body",
-            format!("send a JSON object, like {example}"),
-        )),
-        Err(e) => Err(ApiError::bad_request(
-            "invalid_body",
-            format!("send {example}: {e}"),
-        )),
-    }
-}
-
-fn known_fields(
-    o: &serde_json::Map<String, Value>,
-    fields: &[&str],
-    example: &str,
-) -> Result<(), ApiError> {
-    match o.keys().find(|k| !fields.contains(&k.as_str())) {
-        Some(k) => Err(ApiError::bad_request(
-            "invalid_body",
-            format!("unknown field {k:?}; send {example}"),
-        )),
-        None => Ok(()),
     }
 }
 
@@ -140,8 +90,11 @@ pub(crate) async fn acquire(
     let Path(ns) = path.map_err(path_error)?;
     let ns = namespace(&ns)?;
     let example = r#"{"name": "job-1", "holder": "w1", "ttl_ms": 10000}"#;
-    let o = object(&body, example)?;
-    known_fields(&o, &["name", "holder", "ttl_ms", "lock_delay_ms"], example)?;
+    let o = json_object(
+        &body,
+        &["name", "holder", "ttl_ms", "lock_delay_ms"],
+        example,
+    )?;
     let text = |field: &str| {
         o.get(field)
             .and_then(Value::as_str)
@@ -157,7 +110,9 @@ pub(crate) async fn acquire(
     let (name, holder) = (text("name")?, text("holder")?);
     let ttl_ms = ms(&o, "ttl_ms", 1, None)?;
     let lock_delay_ms = ms(&o, "lock_delay_ms", 0, Some(0))?;
-    let lease = leases(&state)?
+    let lease = state
+        .replicated()?
+        .leases()
         .acquire(state.store(), &ns, &name, &holder, ttl_ms, lock_delay_ms)
         .await
         .map_err(lease_error)?;
@@ -170,7 +125,7 @@ pub(crate) async fn get(
 ) -> Result<Response, ApiError> {
     let Path((ns, name)) = path.map_err(path_error)?;
     let ns = namespace(&ns)?;
-    match leases(&state)?.get(&ns, &name) {
+    match state.replicated()?.leases().get(&ns, &name) {
         Some(l) => Ok(Json(lease_json(&l)).into_response()),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -189,15 +144,16 @@ pub(crate) async fn keepalive(
     let Path((ns, name)) = path.map_err(path_error)?;
     let ns = namespace(&ns)?;
     let example = r#"{"token": 4294967297}"#;
-    let o = object(&body, example)?;
-    known_fields(&o, &["token"], example)?;
+    let o = json_object(&body, &["token"], example)?;
     let token = o.get("token").and_then(Value::as_u64).ok_or_else(|| {
         ApiError::bad_request(
             "invalid_body",
             format!("token is the lease's token; send {example}"),
         )
     })?;
-    let lease = leases(&state)?
+    let lease = state
+        .replicated()?
+        .leases()
         .keepalive(state.store(), &ns, &name, token)
         .await
         .map_err(lease_error)?;
@@ -224,7 +180,9 @@ pub(crate) async fn release(
             format!("release with ?token=<the lease's token>: {}", e.body_text()),
         )
     })?;
-    let lease = leases(&state)?
+    let lease = state
+        .replicated()?
+        .leases()
         .release(state.store(), &ns, &name, q.token)
         .await
         .map_err(lease_error)?;

@@ -14,22 +14,11 @@ use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
 use crate::error::ApiError;
-use crate::routes::{AppState, path_error};
+use crate::routes::{AppState, json_object, path_error};
 
 /// A promotion waits at most this long for votes unless the request says otherwise.
 const PROMOTE_TIMEOUT_MS_DEFAULT: u64 = 10_000;
 const PROMOTE_TIMEOUT_MS_MAX: u64 = 120_000;
-const BODY_BYTES_MAX: usize = 4096;
-
-fn modes(state: &AppState) -> Result<std::sync::Arc<asp_node::modes::Modes>, ApiError> {
-    state.replicator().map(|r| r.modes()).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "internal",
-            "this node runs without replication",
-        )
-    })
-}
 
 fn mode_error(e: ModeError) -> ApiError {
     match e {
@@ -42,28 +31,7 @@ fn mode_error(e: ModeError) -> ApiError {
 
 fn namespace(path: Result<Path<String>, PathRejection>) -> Result<asp_core::Namespace, ApiError> {
     let Path(ns) = path.map_err(path_error)?;
-    asp_core::Namespace::new(&ns)
-        .map_err(|e| ApiError::bad_request("invalid_namespace", e.to_string()))
-}
-
-fn body_object(body: &[u8], example: &str) -> Result<serde_json::Map<String, Value>, ApiError> {
-    if body.len() > BODY_BYTES_MAX {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("the body is at most {BODY_BYTES_MAX} bytes"),
-        ));
-    }
-    let bad = |m: String| ApiError::bad_request("invalid_body", m);
-    let value: Value = if body.iter().all(u8::is_ascii_whitespace) {
-        Value::Object(Default::default())
-    } else {
-        serde_json::from_slice(body).map_err(|e| bad(format!("send {example}: {e}")))?
-    };
-    match value {
-        Value::Object(o) => Ok(o),
-        _ => Err(bad(format!("send a JSON object, like {example}"))),
-    }
+    crate::routes::namespace(&ns)
 }
 
 fn node_id(v: &Value, what: &str) -> Result<NodeId, ApiError> {
@@ -80,7 +48,7 @@ pub(crate) async fn get_mode(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let ns = namespace(path)?;
-    Ok(Json(modes(&state)?.view(&ns)).into_response())
+    Ok(Json(state.replicated()?.modes().view(&ns)).into_response())
 }
 
 /// `{"mode": "leader", "leader": "<node id>", "voters": [...]}` or
@@ -92,16 +60,7 @@ pub(crate) async fn put_mode(
 ) -> Result<Response, ApiError> {
     let ns = namespace(path)?;
     let example = r#"{"mode": "leader", "leader": "<node id>", "voters": ["<node id>", ...]}"#;
-    let o = body_object(&body, example)?;
-    if let Some(k) = o
-        .keys()
-        .find(|k| !matches!(k.as_str(), "mode" | "leader" | "voters"))
-    {
-        return Err(ApiError::bad_request(
-            "invalid_body",
-            format!("unknown field {k:?}; send {example}"),
-        ));
-    }
+    let o = json_object(&body, &["mode", "leader", "voters"], example)?;
     let (leader, voters) = match o.get("mode").and_then(Value::as_str) {
         Some("leader") => {
             let leader = node_id(o.get("leader").unwrap_or(&Value::Null), "leader")?;
@@ -136,7 +95,7 @@ pub(crate) async fn put_mode(
             ));
         }
     };
-    let m = modes(&state)?;
+    let m = state.replicated()?.modes();
     let record = m
         .set(state.store(), &ns, leader, voters)
         .await
@@ -164,16 +123,7 @@ pub(crate) async fn promote(
 ) -> Result<Response, ApiError> {
     let ns = namespace(path)?;
     let example = r#"{"require_caught_up": true, "timeout_ms": 10000}"#;
-    let o = body_object(&body, example)?;
-    if let Some(k) = o
-        .keys()
-        .find(|k| !matches!(k.as_str(), "require_caught_up" | "timeout_ms"))
-    {
-        return Err(ApiError::bad_request(
-            "invalid_body",
-            format!("unknown field {k:?}; send {example}"),
-        ));
-    }
+    let o = json_object(&body, &["require_caught_up", "timeout_ms"], example)?;
     let require_caught_up = match o.get("require_caught_up") {
         None | Some(Value::Null) => true,
         Some(Value::Bool(b)) => *b,
@@ -196,7 +146,7 @@ pub(crate) async fn promote(
                 )
             })?,
     };
-    let m = modes(&state)?;
+    let m = state.replicated()?.modes();
     let record = m
         .promote(
             state.store(),
@@ -249,7 +199,7 @@ pub(crate) async fn divergent(
             }
         }
     }
-    let m = modes(&state)?;
+    let m = state.replicated()?.modes();
     let (events, next_after) =
         asp_node::modes::divergent_list(state.store(), ns.as_str(), after.as_deref(), limit)
             .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_failed", e))?;

@@ -12,13 +12,9 @@ use crate::routes::AppState;
 /// What `/residency` answers: the rule, this node, and every peer linked since start
 /// with whether it may hold the namespace and the bytes of its events sent to it.
 pub(crate) fn view(state: &AppState, ns: &Namespace) -> Response {
-    let Some(replicator) = state.replicator() else {
-        return ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "internal",
-            "this node runs without replication",
-        )
-        .into_response();
+    let replicator = match state.replicated() {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
     };
     let residency = replicator.residency();
     let rule = residency.rule(ns);

@@ -12,16 +12,6 @@ use asp_node::federation::{Installed, ShareError};
 use crate::error::ApiError;
 use crate::routes::{AppState, path_error};
 
-fn replicator(state: &AppState) -> Result<&asp_node::Replicator, ApiError> {
-    state.replicator().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "internal",
-            "this node runs without replication",
-        )
-    })
-}
-
 fn share_error(e: ShareError) -> ApiError {
     match e {
         ShareError::Invalid(m) => ApiError::bad_request("invalid_share", m),
@@ -50,7 +40,7 @@ fn view(i: &Installed, sent: std::collections::BTreeMap<String, u64>) -> serde_j
 }
 
 pub(crate) async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let r = replicator(&state)?;
+    let r = state.replicated()?;
     let f = r.federation();
     let shares: Vec<_> = f.list().iter().map(|i| view(i, f.sent(i.id()))).collect();
     Ok(Json(serde_json::json!({ "cluster": r.cluster_id(), "shares": shares })).into_response())
@@ -61,7 +51,7 @@ pub(crate) async fn install(
     State(state): State<AppState>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let r = replicator(&state)?;
+    let r = state.replicated()?;
     if body.len() > asp_tls::share::SHARE_BYTES_MAX {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -109,7 +99,7 @@ pub(crate) async fn revoke(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let Path(id) = path.map_err(path_error)?;
-    let r = replicator(&state)?;
+    let r = state.replicated()?;
     let f = r.federation();
     let revoked = f.revoke(state.store(), &id).await.map_err(share_error)?;
     let sent = f.sent(&id);

@@ -1,10 +1,27 @@
 //! Node state kept in replicated `_asp.*` namespaces (residency rules, shares,
-//! members): reading one whole, and reloading it when it changes.
+//! members, modes, elections, leases): reading one whole, writing a record, and
+//! reloading it when it changes.
 
 use std::time::Duration;
 
-use asp_core::{Namespace, VersionVector};
-use asp_store::Store;
+use asp_core::{ContentType, Key, Namespace, VersionVector};
+use asp_store::{Store, WriteOp};
+
+/// Writes `value` as JSON under `key` of `namespace`, durably.
+pub(crate) async fn put_json(
+    store: &Store,
+    namespace: Namespace,
+    key: &str,
+    value: &serde_json::Value,
+) -> Result<(), String> {
+    let key = Key::new(key).map_err(|e| e.to_string())?;
+    let value = serde_json::to_vec(value).expect("JSON values serialize");
+    store
+        .write(namespace, vec![WriteOp::put(key, ContentType::Json, value)])
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
 
 /// Calls `each` with every key under `prefix` of `namespace` that holds a value.
 pub(crate) fn scan_values(

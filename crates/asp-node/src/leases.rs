@@ -15,9 +15,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use asp_core::modes::Standing;
-use asp_core::{ContentType, Key, Namespace, NodeId};
-use asp_store::{Store, WriteOp};
+use asp_core::{Namespace, NodeId};
+use asp_store::{LeaderMode, Store};
 use serde::{Deserialize, Serialize};
 
 /// Followed by a namespace's hash: its leases.
@@ -26,12 +25,8 @@ pub const LEASES_PREFIX: &str = "_asp.leases.";
 pub const TTL_MS_MAX: u64 = 24 * 3600 * 1000;
 pub const LEASE_NAME_BYTES_MAX: usize = 256;
 
-pub fn leases_namespace(namespace: &str) -> Namespace {
-    Namespace::new(&format!(
-        "{LEASES_PREFIX}{}",
-        crate::modes::hash_of(namespace)
-    ))
-    .expect("a valid name")
+fn leases_namespace(hash: &str) -> Namespace {
+    Namespace::new(&format!("{LEASES_PREFIX}{hash}")).expect("a valid name")
 }
 
 /// One lease, as its record holds it.
@@ -73,13 +68,7 @@ pub enum LeaseError {
     MultiMaster(String),
     /// This node does not lead the namespace: 409 `not_leader` / `fenced`.
     #[error("{message}")]
-    NotLeader {
-        fenced: bool,
-        epoch: u64,
-        leader: NodeId,
-        leader_api: Option<String>,
-        message: String,
-    },
+    NotLeader { mode: LeaderMode, message: String },
     /// A later epoch issued tokens this node has seen before it heard of that epoch:
     /// 409 `fenced`.
     #[error("{0}")]
@@ -116,9 +105,10 @@ impl Leases {
         }
     }
 
-    /// The newest token of lease `name` of `namespace` this node knows.
+    /// The newest token of lease `name` of `namespace` this node knows (the write gate
+    /// asks on every fenced write).
     pub fn newest_token(&self, namespace: &Namespace, name: &str) -> Option<u64> {
-        let hash = crate::modes::hash_of(namespace.as_str());
+        let hash = self.modes.hash(namespace);
         self.table
             .read()
             .unwrap()
@@ -128,7 +118,7 @@ impl Leases {
 
     /// The lease as this node knows it.
     pub fn get(&self, namespace: &Namespace, name: &str) -> Option<Lease> {
-        let hash = crate::modes::hash_of(namespace.as_str());
+        let hash = self.modes.hash(namespace);
         self.table
             .read()
             .unwrap()
@@ -138,12 +128,15 @@ impl Leases {
 
     /// Takes in a lease record (from the feed or a scan), if newer than what is known.
     pub fn note(&self, leases_namespace: &str, value: &[u8]) {
-        let Some(hash) = leases_namespace.strip_prefix(LEASES_PREFIX) else {
-            return;
-        };
-        let Ok(lease) = serde_json::from_slice::<Lease>(value) else {
-            return;
-        };
+        if let (Some(hash), Ok(lease)) = (
+            leases_namespace.strip_prefix(LEASES_PREFIX),
+            serde_json::from_slice::<Lease>(value),
+        ) {
+            self.remember(hash, lease);
+        }
+    }
+
+    fn remember(&self, hash: &str, lease: Lease) {
         let mut table = self.table.write().unwrap();
         let key = (hash.to_owned(), lease.name.clone());
         if table.get(&key).is_none_or(|old| lease.newer_than(old)) {
@@ -165,28 +158,20 @@ impl Leases {
 
     /// The epoch this node leads `namespace` in, or why it may not decide leases.
     fn leading(&self, namespace: &Namespace) -> Result<u64, LeaseError> {
-        match self.modes.history(namespace).standing(self.node) {
-            Standing::Open => Err(LeaseError::MultiMaster(namespace.to_string())),
-            Standing::Leader { epoch } => Ok(epoch),
-            Standing::Follower { epoch, leader } | Standing::Fenced { epoch, leader } => {
-                let fenced = matches!(
-                    self.modes.history(namespace).standing(self.node),
-                    Standing::Fenced { .. }
-                );
-                let leader_api = self.modes.api_of(leader);
-                let at = leader_api
+        match self.modes.mode(namespace) {
+            None => Err(LeaseError::MultiMaster(namespace.to_string())),
+            Some(m) if m.leader == self.node && !m.fenced => Ok(m.epoch),
+            Some(mode) => {
+                let at = mode
+                    .leader_api
                     .as_deref()
                     .map(|a| format!(" at {a}"))
                     .unwrap_or_default();
-                Err(LeaseError::NotLeader {
-                    fenced,
-                    epoch,
-                    leader,
-                    leader_api,
-                    message: format!(
-                        "leases of {namespace} are decided by its leader, node {leader}{at} (epoch {epoch})"
-                    ),
-                })
+                let message = format!(
+                    "leases of {namespace} are decided by its leader, node {}{at} (epoch {})",
+                    mode.leader, mode.epoch
+                );
+                Err(LeaseError::NotLeader { mode, message })
             }
         }
     }
@@ -197,17 +182,32 @@ impl Leases {
         namespace: &Namespace,
         lease: Lease,
     ) -> Result<Lease, LeaseError> {
-        let key = Key::new(&lease.name).map_err(|e| LeaseError::Invalid(e.to_string()))?;
-        let list = leases_namespace(namespace.as_str());
-        let value = serde_json::to_vec(&lease).expect("json");
-        store
-            .write(
-                list.clone(),
-                vec![WriteOp::put(key, ContentType::Json, value.clone())],
-            )
+        let hash = self.modes.hash(namespace);
+        let record = serde_json::to_value(&lease).expect("a lease serializes");
+        crate::follow::put_json(store, leases_namespace(&hash), &lease.name, &record)
             .await
-            .map_err(|e| LeaseError::Store(e.to_string()))?;
-        self.note(list.as_str(), &value);
+            .map_err(LeaseError::Store)?;
+        self.remember(&hash, lease.clone());
+        Ok(lease)
+    }
+
+    /// The lease `name` as this node knows it, if `token` is its token (for a
+    /// keepalive or a release).
+    fn with_token(
+        &self,
+        namespace: &Namespace,
+        name: &str,
+        token: u64,
+    ) -> Result<Lease, LeaseError> {
+        let lease = self
+            .get(namespace, name)
+            .ok_or_else(|| LeaseError::NotFound(format!("no lease {name} in {namespace}")))?;
+        if lease.token != token {
+            return Err(LeaseError::Lost(format!(
+                "token {token} does not hold lease {name}: its token is {}",
+                lease.token
+            )));
+        }
         Ok(lease)
     }
 
@@ -288,17 +288,11 @@ impl Leases {
         self.leading(namespace)?;
         let _one = self.deciding.lock().await;
         let now = asp_store::clock::wall_ms();
-        let Some(c) = self.get(namespace, name) else {
-            return Err(LeaseError::NotFound(format!(
-                "no lease {name} in {namespace}"
-            )));
-        };
-        if c.token != token || !c.held_at(now) {
+        let c = self.with_token(namespace, name, token)?;
+        if !c.held_at(now) {
             return Err(LeaseError::Lost(format!(
                 "token {token} no longer holds lease {name}: {}",
-                if c.token != token {
-                    format!("its token is {}", c.token)
-                } else if c.released {
+                if c.released {
                     "it was released".to_owned()
                 } else {
                     format!("it expired {} ms ago", now - c.expires_ms)
@@ -323,16 +317,10 @@ impl Leases {
     ) -> Result<Lease, LeaseError> {
         self.leading(namespace)?;
         let _one = self.deciding.lock().await;
-        let Some(c) = self.get(namespace, name) else {
-            return Err(LeaseError::NotFound(format!(
-                "no lease {name} in {namespace}"
-            )));
-        };
-        if c.token != token || c.released {
+        let c = self.with_token(namespace, name, token)?;
+        if c.released {
             return Err(LeaseError::Lost(format!(
-                "token {token} does not hold lease {name} (its token is {}{})",
-                c.token,
-                if c.released { ", released" } else { "" }
+                "token {token} does not hold lease {name}: it was released"
             )));
         }
         let lease = Lease {

@@ -268,13 +268,7 @@ pub(crate) async fn membership_loop(inner: Arc<Inner>) {
                 .collect()
         };
         for (node, address) in to_dial {
-            inner
-                .registry
-                .lock()
-                .unwrap()
-                .dials
-                .entry(address.clone())
-                .or_default();
+            crate::registry::register_dial(&inner, &address);
             tracing::info!(peer = %address, node = %node, "dialing a member learned by gossip");
             tokio::spawn(dial_member(inner.clone(), address, node));
         }

@@ -20,7 +20,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use asp_core::modes::{Ask, EpochRecord, History, Standing, VOTERS_MAX, Vote, answer, majority};
-use asp_core::{ContentType, Key, Namespace, NodeId, RangeSet, VersionVector};
+use asp_core::{Key, Namespace, NodeId, RangeSet, VersionVector};
 use asp_store::{LeaderMode, Store, WriteOp};
 use serde_json::{Value, json};
 
@@ -28,6 +28,9 @@ pub const MODES_NAMESPACE: &str = "_asp.modes";
 pub const ELECTIONS_NAMESPACE: &str = "_asp.elections";
 /// Followed by a namespace's hash: where its divergent events are listed.
 pub const DIVERGENT_PREFIX: &str = "_asp.divergent.";
+
+/// The node's own namespaces: always multi-master.
+const OWN_PREFIX: &str = "_asp.";
 
 /// The hash that names a namespace in the records (that of residency rules).
 pub fn hash_of(namespace: &str) -> String {
@@ -40,6 +43,17 @@ pub fn divergent_namespace(namespace: &str) -> Namespace {
 
 fn ns(name: &str) -> Namespace {
     Namespace::new(name).expect("a valid name")
+}
+
+/// The namespaces this node holds, by their hash: records name namespaces by hash
+/// only, so a node learns which one an election is about from what it holds.
+fn names_by_hash(store: &Store) -> HashMap<String, Namespace> {
+    store
+        .status()
+        .namespaces
+        .into_iter()
+        .map(|(n, _)| (hash_of(n.as_str()), n))
+        .collect()
 }
 
 fn epoch_key(hash: &str, epoch: u64) -> String {
@@ -140,7 +154,8 @@ impl Modes {
         }
     }
 
-    fn hash(&self, namespace: &Namespace) -> String {
+    /// `namespace`'s hash, remembered.
+    pub(crate) fn hash(&self, namespace: &Namespace) -> String {
         if let Some(h) = self.known.read().unwrap().hashes.get(namespace) {
             return h.clone();
         }
@@ -153,19 +168,23 @@ impl Modes {
         h
     }
 
-    /// Every epoch of `namespace` this node knows.
-    pub fn history(&self, namespace: &Namespace) -> History {
-        if namespace.as_str().starts_with("_asp.") {
-            return History::default();
+    /// Calls `f` with every epoch of `namespace` this node knows, without copying them
+    /// (the write gate asks on every write).
+    fn with_history<R>(&self, namespace: &Namespace, f: impl FnOnce(&History) -> R) -> R {
+        if namespace.as_str().starts_with(OWN_PREFIX) {
+            return f(&History::default());
         }
         let hash = self.hash(namespace);
-        self.known
-            .read()
-            .unwrap()
-            .histories
-            .get(&hash)
-            .cloned()
-            .unwrap_or_default()
+        let known = self.known.read().unwrap();
+        match known.histories.get(&hash) {
+            Some(h) => f(h),
+            None => f(&History::default()),
+        }
+    }
+
+    /// Every epoch of `namespace` this node knows.
+    pub fn history(&self, namespace: &Namespace) -> History {
+        self.with_history(namespace, History::clone)
     }
 
     /// A member's API address: from gossip, or else from its member record.
@@ -178,13 +197,11 @@ impl Modes {
     /// The leader mode of `namespace` as the store's writer needs it (`None`:
     /// multi-master).
     pub fn mode(&self, namespace: &Namespace) -> Option<LeaderMode> {
-        if namespace.as_str().starts_with("_asp.") {
-            return None;
-        }
         if self.known.read().unwrap().histories.is_empty() {
             return None;
         }
-        let (epoch, leader, fenced) = match self.history(namespace).standing(self.node) {
+        let (epoch, leader, fenced) = match self.with_history(namespace, |h| h.standing(self.node))
+        {
             Standing::Open => return None,
             Standing::Leader { epoch } => (epoch, self.node, false),
             Standing::Follower { epoch, leader } => (epoch, leader, false),
@@ -250,15 +267,15 @@ impl Modes {
         hash: &str,
         record: &EpochRecord,
     ) -> Result<(), ModeError> {
-        let key = Key::new(&epoch_key(hash, record.epoch)).expect("a valid key");
-        let value = serde_json::to_vec(&record_json(record, self.node)).expect("json");
-        store
-            .write(
-                ns(MODES_NAMESPACE),
-                vec![WriteOp::put(key, ContentType::Json, value)],
-            )
-            .await
-            .map_err(|e| ModeError::Store(e.to_string()))?;
+        let key = epoch_key(hash, record.epoch);
+        crate::follow::put_json(
+            store,
+            ns(MODES_NAMESPACE),
+            &key,
+            &record_json(record, self.node),
+        )
+        .await
+        .map_err(ModeError::Store)?;
         self.reload(store).map_err(ModeError::Store)
     }
 
@@ -271,7 +288,7 @@ impl Modes {
         leader: Option<NodeId>,
         voters: Vec<NodeId>,
     ) -> Result<EpochRecord, ModeError> {
-        if namespace.as_str().starts_with("_asp.") {
+        if namespace.as_str().starts_with(OWN_PREFIX) {
             return Err(ModeError::Invalid(
                 "the namespaces of asp itself (_asp.*) stay multi-master".into(),
             ));
@@ -391,24 +408,15 @@ impl Modes {
                 unheard.join(", ")
             )));
         }
-        let ask = json!({
+        let record = json!({
             "vector": vector_json(&ask.vector),
             "require_caught_up": ask.require_caught_up,
             "automatic": ask.automatic,
         });
-        let key =
-            Key::new(&format!("ns/{hash}/ask/{epoch:020}/{}", self.node)).expect("a valid key");
-        store
-            .write(
-                ns(ELECTIONS_NAMESPACE),
-                vec![WriteOp::put(
-                    key,
-                    ContentType::Json,
-                    serde_json::to_vec(&ask).expect("json"),
-                )],
-            )
+        let key = format!("ns/{hash}/ask/{epoch:020}/{}", self.node);
+        crate::follow::put_json(store, ns(ELECTIONS_NAMESPACE), &key, &record)
             .await
-            .map_err(|e| ModeError::Store(e.to_string()))?;
+            .map_err(ModeError::Store)?;
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let (granted, refused) = self.tally(store, hash, epoch, voters)?;
@@ -557,13 +565,8 @@ impl Modes {
         if asks.is_empty() {
             return Ok(());
         }
-        // What this node holds of each namespace asked about, by hash.
-        let names: HashMap<String, Namespace> = store
-            .status()
-            .namespaces
-            .into_iter()
-            .map(|(n, _)| (hash_of(n.as_str()), n))
-            .collect();
+        // What this node holds of each namespace asked about.
+        let names = names_by_hash(store);
         for (hash, ask) in asks {
             let Some(history) = self.known.read().unwrap().histories.get(&hash).cloned() else {
                 continue;
@@ -595,18 +598,15 @@ impl Modes {
                 "reason": reason,
                 "at_ms": asp_store::clock::wall_ms(),
             });
-            let key =
-                Key::new(&format!("ns/{hash}/vote/{:020}/{me}", ask.epoch)).expect("a valid key");
-            let op = WriteOp::put(
-                key,
-                ContentType::Json,
-                serde_json::to_vec(&record).expect("json"),
-            );
+            let key = format!("ns/{hash}/vote/{:020}/{me}", ask.epoch);
             // On a blocking thread of the runtime (the follow task's): wait for the
             // durable write before the next answer.
-            tokio::runtime::Handle::current()
-                .block_on(store.write(ns(ELECTIONS_NAMESPACE), vec![op]))
-                .map_err(|e| e.to_string())?;
+            tokio::runtime::Handle::current().block_on(crate::follow::put_json(
+                store,
+                ns(ELECTIONS_NAMESPACE),
+                &key,
+                &record,
+            ))?;
             answered.insert((hash.clone(), ask.epoch));
             tracing::info!(epoch = ask.epoch, candidate = %ask.candidate, granted, "answered a request for votes");
         }
@@ -620,14 +620,9 @@ impl Modes {
         store: &Store,
         event: &asp_core::Event,
     ) -> Result<bool, String> {
-        if event.epoch == 0 || event.namespace.as_str().starts_with("_asp.") {
-            return Ok(false);
-        }
-        if self
-            .history(&event.namespace)
-            .is_divergent(event.epoch, event.dot)
-            != Some(true)
-        {
+        let divergent =
+            self.with_history(&event.namespace, |h| h.is_divergent(event.epoch, event.dot));
+        if event.epoch == 0 || divergent != Some(true) {
             return Ok(false);
         }
         let list = divergent_namespace(event.namespace.as_str());
@@ -649,15 +644,7 @@ impl Modes {
             "noticed_by": self.node.to_string(),
             "noticed_ms": asp_store::clock::wall_ms(),
         });
-        let op = WriteOp::put(
-            Key::new(&key).expect("a dot is a valid key"),
-            ContentType::Json,
-            serde_json::to_vec(&record).expect("json"),
-        );
-        store
-            .write(list, vec![op])
-            .await
-            .map_err(|e| e.to_string())?;
+        crate::follow::put_json(store, list, &key, &record).await?;
         tracing::warn!(namespace = %event.namespace, dot = %event.dot, epoch = event.epoch, "a divergent event: kept, merged, and listed");
         Ok(true)
     }
@@ -751,12 +738,7 @@ pub(crate) async fn failover_loop(
         if due.is_empty() {
             continue;
         }
-        let names: HashMap<String, Namespace> = store
-            .status()
-            .namespaces
-            .into_iter()
-            .map(|(n, _)| (hash_of(n.as_str()), n))
-            .collect();
+        let names = names_by_hash(&store);
         for hash in due {
             let Some(namespace) = names.get(&hash) else {
                 continue;
@@ -811,9 +793,10 @@ pub fn divergent_list(
 }
 
 /// Follows this node's feed: lists every divergent event it applies (see
-/// [`Modes::note_if_divergent`]) and takes in every lease record. Its position is kept in `divergent.pos` in the data
-/// directory, so a restart looks again at no more than the last page.
-pub(crate) async fn watch_divergent(
+/// [`Modes::note_if_divergent`]) and takes in every lease record. Its position is kept
+/// in `divergent.pos` in the data directory, so a restart looks again at no more than
+/// the last page.
+pub(crate) async fn watch_feed(
     modes: Arc<Modes>,
     leases: Arc<crate::leases::Leases>,
     store: Store,
@@ -840,7 +823,7 @@ pub(crate) async fn watch_divergent(
             let page = match page {
                 Ok(p) => p,
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the feed for divergent events");
+                    tracing::warn!(error = %e, "cannot read the feed for divergent events and leases");
                     break;
                 }
             };

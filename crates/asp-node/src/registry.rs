@@ -343,6 +343,17 @@ fn incarnation_conflict(
     ))
 }
 
+/// Lists `address` among the dials (status shows its last error from then on).
+pub(crate) fn register_dial(inner: &Inner, address: &str) {
+    inner
+        .registry
+        .lock()
+        .unwrap()
+        .dials
+        .entry(address.to_owned())
+        .or_default();
+}
+
 pub(crate) fn register_link(
     inner: &Inner,
     direction: Direction,

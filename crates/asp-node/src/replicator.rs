@@ -264,7 +264,7 @@ impl Replicator {
                 inner.shutdown.clone(),
             ));
         }
-        tasks.spawn(crate::modes::watch_divergent(
+        tasks.spawn(crate::modes::watch_feed(
             inner.modes.clone(),
             inner.leases.clone(),
             inner.store.clone(),
@@ -297,13 +297,7 @@ impl Replicator {
             tasks.spawn(accept_loop(inner.clone(), listener));
         }
         for address in inner.config.peers.clone() {
-            inner
-                .registry
-                .lock()
-                .unwrap()
-                .dials
-                .entry(address.clone())
-                .or_default();
+            crate::registry::register_dial(&inner, &address);
             tasks.spawn(dial_loop(inner.clone(), address));
         }
         tasks.spawn(lag_loop(inner.clone()));

@@ -251,12 +251,10 @@ impl World {
         let mut i = 0;
         while i < self.inflight.len() {
             let m = &self.inflight[i];
+            // Held back by a partition or a crashed receiver (the sender sends again
+            // once it is back, as anti-entropy would), else delivered when due.
             if m.at <= now && !self.cut(m.from, m.to) && self.nodes[m.to].up {
                 due.push(self.inflight.swap_remove(i));
-            } else if m.at <= now && !self.nodes[m.to].up {
-                // A crashed receiver's connection is gone: the sender sends again
-                // after the restart (anti-entropy), modelled by keeping it.
-                i += 1;
             } else {
                 i += 1;
             }

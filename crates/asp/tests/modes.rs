@@ -48,6 +48,20 @@ async fn mode(c: &Client) -> Value {
         .1
 }
 
+/// Sets the mode of "orders" on `on` and waits until each of `others` knows its epoch;
+/// returns the view `on` answered.
+async fn set_mode(on: &Node, others: &[&Node], body: Value) -> Value {
+    let (status, view) = call(&on.client(), Method::PUT, "/v1/ns/orders/mode", body).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    for n in others {
+        eventually("the mode reaches every node", async || {
+            (mode(&n.client()).await["epoch"] == view["epoch"]).then_some(())
+        })
+        .await;
+    }
+    view
+}
+
 /// A, B and C in a triangle; A's two links go through proxies, so that A can be cut
 /// off from both.
 async fn triangle(dir: &std::path::Path) -> (Node, Node, Node, Proxy, Proxy) {
@@ -88,21 +102,11 @@ async fn a_promotion_fences_the_old_leader_and_keeps_its_divergent_writes() {
     let (a, b, c, p1, p2) = triangle(dir.path()).await;
     let (ida, idb) = (node_id(&a).await, node_id(&b).await);
 
-    let (status, view) = call(
-        &a.client(),
-        Method::PUT,
-        "/v1/ns/orders/mode",
-        json!({"mode": "leader", "leader": ida}),
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK, "{view}");
+    let view = set_mode(&a, &[&b, &c], json!({"mode": "leader", "leader": ida})).await;
     assert_eq!(view["epoch"], 1);
     assert_eq!(view["this_node"]["role"], "leader");
     for n in [&b, &c] {
-        eventually("the mode reaches every node", async || {
-            (mode(&n.client()).await["leader"] == ida.as_str()).then_some(())
-        })
-        .await;
+        assert_eq!(mode(&n.client()).await["leader"], ida.as_str());
     }
     assert_eq!(put(&a.client(), "k1", "one").await.0, StatusCode::OK);
 
@@ -213,22 +217,13 @@ async fn a_promotion_with_voters_needs_a_majority() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b, c, p1, p2) = triangle(dir.path()).await;
     let (ida, idb, idc) = (node_id(&a).await, node_id(&b).await, node_id(&c).await);
-    let (status, view) = call(
-        &a.client(),
-        Method::PUT,
-        "/v1/ns/orders/mode",
-        json!({"mode": "leader", "leader": ida, "voters": [ida, idb, idc]}),
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK, "{view}");
+    let voters = json!({"mode": "leader", "leader": ida, "voters": [ida, idb, idc]});
+    set_mode(&a, &[&b, &c], voters).await;
     for n in [&b, &c] {
-        eventually("the mode reaches every node", async || {
-            (mode(&n.client()).await["voters"]
-                .as_array()
-                .is_some_and(|v| v.len() == 3))
-            .then_some(())
-        })
-        .await;
+        assert_eq!(
+            mode(&n.client()).await["voters"].as_array().map(Vec::len),
+            Some(3)
+        );
     }
     assert_eq!(put(&a.client(), "k1", "one").await.0, StatusCode::OK);
     eventually("k1 reaches B and C", async || {
@@ -351,14 +346,8 @@ async fn the_voters_fail_over_when_the_leader_is_cut_off() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b, c, p1, p2) = triangle(dir.path()).await;
     let (ida, idb, idc) = (node_id(&a).await, node_id(&b).await, node_id(&c).await);
-    let (status, view) = call(
-        &a.client(),
-        Method::PUT,
-        "/v1/ns/orders/mode",
-        json!({"mode": "leader", "leader": ida, "voters": [ida, idb, idc]}),
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK, "{view}");
+    let voters = json!({"mode": "leader", "leader": ida, "voters": [ida, idb, idc]});
+    set_mode(&a, &[&b, &c], voters).await;
     assert_eq!(put(&a.client(), "before", "1").await.0, StatusCode::OK);
     for n in [&b, &c] {
         eventually("the write and the mode reach B and C", async || {
@@ -487,19 +476,7 @@ async fn lease_tokens_only_grow_and_every_node_refuses_a_stale_fence() {
         "{err}"
     );
 
-    call(
-        &a.client(),
-        Method::PUT,
-        "/v1/ns/orders/mode",
-        json!({"mode": "leader", "leader": ida}),
-    )
-    .await;
-    for n in [&b, &c] {
-        eventually("the mode reaches every node", async || {
-            (mode(&n.client()).await["leader"] == ida.as_str()).then_some(())
-        })
-        .await;
-    }
+    set_mode(&a, &[&b, &c], json!({"mode": "leader", "leader": ida})).await;
     // Only the leader decides.
     let (status, err) = lease(
         &b.client(),

@@ -442,13 +442,7 @@ pub(super) async fn put_residency(
         ));
     }
     let require = crate::residency_api::parse(&body)?;
-    let Some(replicator) = state.replicator() else {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "internal",
-            "this node runs without replication",
-        ));
-    };
+    let replicator = state.replicated()?;
     replicator
         .residency()
         .set(state.store(), &ns, &require)

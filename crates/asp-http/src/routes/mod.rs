@@ -161,6 +161,17 @@ impl AppState {
         self.inner.replicator.as_ref()
     }
 
+    /// The replicator, or the answer of a node that runs without one (503).
+    pub(crate) fn replicated(&self) -> Result<&Replicator, ApiError> {
+        self.replicator().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "internal",
+                "this node runs without replication",
+            )
+        })
+    }
+
     pub(crate) fn auth(&self) -> Option<&crate::auth::NodeAuth> {
         self.inner.auth.as_deref()
     }
@@ -361,7 +372,37 @@ fn query_error(e: QueryRejection) -> ApiError {
     ApiError::bad_request("invalid_query", e.body_text())
 }
 
-fn namespace(name: &str) -> Result<Namespace, ApiError> {
+/// The body of an admin request: a JSON object of at most 4 KiB with only `fields`
+/// (an empty body is an empty object); errors say to send `example`.
+pub(crate) fn json_object(
+    body: &[u8],
+    fields: &[&str],
+    example: &str,
+) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+    const BYTES_MAX: usize = 4096;
+    if body.len() > BYTES_MAX {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is at most {BYTES_MAX} bytes"),
+        ));
+    }
+    let bad = |m: String| ApiError::bad_request("invalid_body", m);
+    let value = if body.iter().all(u8::is_ascii_whitespace) {
+        serde_json::Value::Object(Default::default())
+    } else {
+        serde_json::from_slice(body).map_err(|e| bad(format!("send {example}: {e}")))?
+    };
+    let serde_json::Value::Object(o) = value else {
+        return Err(bad(format!("send a JSON object, like {example}")));
+    };
+    if let Some(k) = o.keys().find(|k| !fields.contains(&k.as_str())) {
+        return Err(bad(format!("unknown field {k:?}; send {example}")));
+    }
+    Ok(o)
+}
+
+pub(crate) fn namespace(name: &str) -> Result<Namespace, ApiError> {
     Namespace::new(name).map_err(|e| ApiError::bad_request("invalid_namespace", e.to_string()))
 }
 

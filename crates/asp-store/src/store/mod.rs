@@ -92,12 +92,6 @@ impl Store {
         *self.inner.shared.gate.write().unwrap() = Some(gate);
     }
 
-    /// What the write gate says of `namespace` (`None`: multi-master).
-    pub fn leader_mode(&self, namespace: &asp_core::Namespace) -> Option<crate::LeaderMode> {
-        let gate = self.inner.shared.gate.read().unwrap().clone();
-        gate.and_then(|g| g.mode(namespace))
-    }
-
     pub fn config(&self) -> &StoreConfig {
         &self.inner.shared.config
     }
