@@ -18,6 +18,10 @@ use asp_store::{Store, WriteOp};
 /// The namespace of residency rules.
 pub const RESIDENCY_NAMESPACE: &str = "_asp.residency";
 
+/// Prefixes of the node's own namespaces that hold one namespace's records, followed
+/// by that namespace's hash: residency treats them as the namespace itself.
+const PER_NAMESPACE: [&str; 2] = [crate::modes::DIVERGENT_PREFIX, crate::leases::LEASES_PREFIX];
+
 /// Labels a rule requires (all of them, with these values).
 pub type Labels = BTreeMap<String, String>;
 
@@ -85,10 +89,11 @@ pub(crate) fn namespace() -> Namespace {
 impl Residency {
     /// The rule of `namespace`, if it is pinned.
     pub fn rule(&self, namespace: &Namespace) -> Option<Labels> {
-        // A namespace's list of divergent events goes where the namespace goes.
-        if let Some(hash) = namespace
-            .as_str()
-            .strip_prefix(crate::modes::DIVERGENT_PREFIX)
+        // What the node keeps of one namespace under its hash (its divergent events,
+        // its leases) goes where the namespace goes.
+        if let Some(hash) = PER_NAMESPACE
+            .iter()
+            .find_map(|prefix| namespace.as_str().strip_prefix(prefix))
         {
             let rules = self.rules.read().unwrap();
             return rules.by_key.get(&format!("ns/{hash}")).cloned();
@@ -176,5 +181,34 @@ impl Residency {
             .map_err(|e| e.to_string())?;
         self.reload(store)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_namespaces_own_records_go_where_it_goes() {
+        let residency = Residency::default();
+        let eu: Labels = [("region".to_owned(), "eu".to_owned())].into();
+        residency
+            .rules
+            .write()
+            .unwrap()
+            .by_key
+            .insert(rule_key("patients"), eu.clone());
+        let hash = crate::modes::hash_of("patients");
+        let us: Labels = [("region".to_owned(), "us".to_owned())].into();
+        for prefix in [crate::modes::DIVERGENT_PREFIX, crate::leases::LEASES_PREFIX] {
+            let records = Namespace::new(&format!("{prefix}{hash}")).unwrap();
+            assert_eq!(residency.rule(&records), Some(eu.clone()), "{prefix}");
+            assert!(residency.withholds(&records, &us), "{prefix}");
+            assert!(!residency.withholds(&records, &eu), "{prefix}");
+        }
+        let other = crate::modes::hash_of("other");
+        let leases = Namespace::new(&format!("{}{other}", crate::leases::LEASES_PREFIX)).unwrap();
+        assert_eq!(residency.rule(&leases), None);
+        assert_eq!(residency.rule(&Namespace::new("_asp.modes").unwrap()), None);
     }
 }
