@@ -197,6 +197,11 @@ pub struct Event {
     /// namespace; in a leader namespace, the epoch whose leader the origin was (see
     /// docs/MODES.md).
     pub epoch: u64,
+    /// When a put's key expires: a clock reading's physical milliseconds (0: never).
+    /// Every replica hides the key once its clock reaches this point, and one delete,
+    /// ordered just after the put, removes it (see docs/MODES.md, "TTL keys").
+    /// Always 0 on deletes.
+    pub expires_ms: u64,
 }
 
 impl Event {
@@ -205,6 +210,11 @@ impl Event {
             hlc: self.hlc,
             dot: self.dot,
         }
+    }
+
+    /// Whether this is a put whose key has expired by clock reading `now_ms`.
+    pub fn expired_at(&self, now_ms: u64) -> bool {
+        self.expires_ms != 0 && now_ms >= self.expires_ms
     }
 }
 

@@ -26,7 +26,7 @@ fn lease_json(l: &Lease) -> Value {
     })
 }
 
-fn lease_error(e: LeaseError) -> ApiError {
+pub(crate) fn lease_error(e: LeaseError) -> ApiError {
     match e {
         LeaseError::Invalid(m) => ApiError::bad_request("invalid_body", m),
         e @ LeaseError::MultiMaster(_) => {

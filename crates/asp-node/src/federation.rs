@@ -634,6 +634,7 @@ mod tests {
             hlc: asp_core::Hlc::new(1, 0),
             context: bytes::Bytes::new(),
             epoch: 0,
+            expires_ms: 0,
         };
         assert!((rules.may_send)(&ev("catalog", "pub/x", 1)));
         assert!(!(rules.may_send)(&ev("catalog", "priv/x", 1)));

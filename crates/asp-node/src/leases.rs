@@ -25,8 +25,35 @@ pub const LEASES_PREFIX: &str = "_asp.leases.";
 pub const TTL_MS_MAX: u64 = 24 * 3600 * 1000;
 pub const LEASE_NAME_BYTES_MAX: usize = 256;
 
+/// Followed by a namespace's hash: the keys bound to its leases.
+pub const BOUND_PREFIX: &str = "_asp.bound.";
+
 fn leases_namespace(hash: &str) -> Namespace {
     Namespace::new(&format!("{LEASES_PREFIX}{hash}")).expect("a valid name")
+}
+
+fn bound_namespace(hash: &str) -> Namespace {
+    Namespace::new(&format!("{BOUND_PREFIX}{hash}")).expect("a valid name")
+}
+
+/// A key bound to a lease: the put to delete when the lease ends (its token no longer
+/// holds: released, expired, or acquired again).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Binding {
+    lease: String,
+    token: u64,
+    namespace: String,
+    key: String,
+    /// The put's dot, `counter@origin`, and clock reading (raw).
+    dot: String,
+    hlc: u64,
+}
+
+/// A binding's record key: one per (lease, key), of fixed length.
+fn binding_key(lease: &str, key: &str) -> String {
+    // Sixteen hex digits of SHA-256, as namespace hashes.
+    let h = |s: &str| crate::modes::hash_of(s)[..16].to_owned();
+    format!("{}/{}", h(lease), h(key))
 }
 
 /// One lease, as its record holds it.
@@ -329,6 +356,113 @@ impl Leases {
             ..c
         };
         self.save(store, namespace, lease).await
+    }
+}
+
+impl Leases {
+    /// The token of lease `name` of `namespace`, if this node leads the namespace and
+    /// the lease is held now: what a put bound to the lease (`?lease=`) needs.
+    pub fn held_token(&self, namespace: &Namespace, name: &str) -> Result<u64, LeaseError> {
+        check_name(name)?;
+        self.leading(namespace)?;
+        let lease = self.get(namespace, name).ok_or_else(|| {
+            LeaseError::Lost(format!("no lease {name} in {namespace}: acquire it first"))
+        })?;
+        if !lease.held_at(asp_store::clock::wall_ms()) {
+            return Err(LeaseError::Lost(format!(
+                "lease {name} is not held (token {} {}): acquire it again first",
+                lease.token,
+                if lease.released {
+                    "was released"
+                } else {
+                    "expired"
+                }
+            )));
+        }
+        Ok(lease.token)
+    }
+
+    /// Records that the put `version` of `key` goes with lease `name`'s token `token`:
+    /// when that token no longer holds, the leader deletes it.
+    pub async fn bind(
+        &self,
+        store: &Store,
+        namespace: &Namespace,
+        name: &str,
+        token: u64,
+        key: &asp_core::Key,
+        version: asp_core::Version,
+    ) -> Result<(), LeaseError> {
+        let binding = Binding {
+            lease: name.to_owned(),
+            token,
+            namespace: namespace.to_string(),
+            key: key.to_string(),
+            dot: version.dot.to_string(),
+            hlc: version.hlc.as_raw(),
+        };
+        let record = serde_json::to_value(&binding).expect("a binding serializes");
+        crate::follow::put_json(
+            store,
+            bound_namespace(&self.modes.hash(namespace)),
+            &binding_key(name, key.as_str()),
+            &record,
+        )
+        .await
+        .map_err(LeaseError::Store)
+    }
+
+    /// On the leader of each namespace: deletes the keys bound to leases that ended,
+    /// and their bindings.
+    pub async fn sweep_bound(&self, store: &Store) -> Result<(), String> {
+        let s = store.clone();
+        let bindings = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            for (ns, _) in s.status().namespaces {
+                if ns.as_str().starts_with(BOUND_PREFIX) {
+                    crate::follow::scan_values(&s, &ns, "", |k, v| {
+                        if let Ok(b) = serde_json::from_slice::<Binding>(v) {
+                            out.push((ns.clone(), k.to_owned(), b));
+                        }
+                    })?;
+                }
+            }
+            Ok::<_, String>(out)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let now = asp_store::clock::wall_ms();
+        for (bound_ns, record_key, b) in bindings {
+            let (Ok(namespace), Ok(key), Ok(dot)) = (
+                Namespace::new(&b.namespace),
+                asp_core::Key::new(&b.key),
+                b.dot.parse::<asp_core::Dot>(),
+            ) else {
+                continue;
+            };
+            if self.leading(&namespace).is_err() {
+                continue;
+            }
+            let ended = self
+                .get(&namespace, &b.lease)
+                .is_none_or(|l| l.token != b.token || !l.held_at(now));
+            if !ended {
+                continue;
+            }
+            let version = asp_core::Version {
+                hlc: asp_core::Hlc::from_raw(b.hlc),
+                dot,
+            };
+            crate::expiry::expire(store, namespace, key, version)
+                .await
+                .map_err(|e| e.to_string())?;
+            let record_key = asp_core::Key::new(&record_key).map_err(|e| e.to_string())?;
+            store
+                .write(bound_ns, vec![asp_store::WriteOp::delete(record_key)])
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 }
 

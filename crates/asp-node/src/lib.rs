@@ -18,6 +18,7 @@
 pub mod audit;
 mod concern;
 mod config;
+mod expiry;
 pub mod federation;
 mod follow;
 pub mod leases;
@@ -32,6 +33,7 @@ mod schedule;
 
 pub use concern::Replicas;
 pub use config::{DEFAULT_PEER_PORT, ReplicationConfig};
+pub use expiry::expire;
 pub use registry::{Direction, LastReconcile, LinkState, ReconcileStats};
 pub use replicator::{
     NamespaceLag, PeerStatus, Refusal, ReplicationStatus, Replicator, StartError,

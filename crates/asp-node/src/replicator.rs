@@ -264,6 +264,12 @@ impl Replicator {
                 inner.shutdown.clone(),
             ));
         }
+        tasks.spawn(crate::expiry::sweep_loop(
+            inner.store.clone(),
+            inner.modes.clone(),
+            inner.leases.clone(),
+            inner.shutdown.clone(),
+        ));
         tasks.spawn(crate::modes::watch_feed(
             inner.modes.clone(),
             inner.leases.clone(),

@@ -20,7 +20,11 @@ pub const RESIDENCY_NAMESPACE: &str = "_asp.residency";
 
 /// Prefixes of the node's own namespaces that hold one namespace's records, followed
 /// by that namespace's hash: residency treats them as the namespace itself.
-const PER_NAMESPACE: [&str; 2] = [crate::modes::DIVERGENT_PREFIX, crate::leases::LEASES_PREFIX];
+const PER_NAMESPACE: [&str; 3] = [
+    crate::modes::DIVERGENT_PREFIX,
+    crate::leases::LEASES_PREFIX,
+    crate::leases::BOUND_PREFIX,
+];
 
 /// Labels a rule requires (all of them, with these values).
 pub type Labels = BTreeMap<String, String>;

@@ -279,6 +279,7 @@ impl StoreModel {
                 hlc: version.hlc,
                 context: Bytes::new(),
                 epoch: 0,
+                expires_ms: 0,
             });
         }
         self.feed

@@ -330,6 +330,7 @@ impl Sim {
                             hlc,
                             context,
                             epoch: 0,
+                            expires_ms: 0,
                         };
                         written.push(AckedWrite {
                             origin: node,

@@ -22,12 +22,15 @@ pub(crate) const FLAG_TXN_END: u8 = 1;
 /// starts a group is corruption, not a tear. Records written before this flag existed
 /// have it clear (see docs/ARCHITECTURE.md, *Tears and corruption*).
 pub(crate) const FLAG_GROUP_START: u8 = 2;
-/// Every flag a record may carry.
 /// The record ends with the event's epoch (u64), after the value. Records of
 /// multi-master namespaces (epoch 0) do not carry it, so their bytes are those of the
 /// builds before leader namespaces.
 pub(crate) const FLAG_EPOCH: u8 = 4;
-pub(crate) const RECORD_FLAGS: u8 = FLAG_TXN_END | FLAG_GROUP_START | FLAG_EPOCH;
+/// The record ends with the put's expiry (u64 clock milliseconds), after the epoch if
+/// any. Records of keys without a time to live do not carry it.
+pub(crate) const FLAG_EXPIRES: u8 = 8;
+/// Every flag a record may carry.
+pub(crate) const RECORD_FLAGS: u8 = FLAG_TXN_END | FLAG_GROUP_START | FLAG_EPOCH | FLAG_EXPIRES;
 /// Values up to this size are copied into the key index so that a read needs no log
 /// access.
 pub(crate) const INLINE_VALUE_BYTES_MAX: usize = 32;
@@ -48,6 +51,8 @@ pub(crate) struct EventRef<'a> {
     pub hlc: Hlc,
     pub context: &'a [u8],
     pub epoch: u64,
+    /// 0 unless a put with a time to live.
+    pub expires_ms: u64,
 }
 
 impl<'a> EventRef<'a> {
@@ -66,6 +71,7 @@ impl<'a> EventRef<'a> {
             hlc: event.hlc,
             context: &event.context,
             epoch: event.epoch,
+            expires_ms: event.expires_ms,
         }
     }
 
@@ -83,6 +89,7 @@ impl<'a> EventRef<'a> {
             + self.context.len()
             + self.put.map_or(0, |(_, v)| v.len())
             + if self.epoch == 0 { 0 } else { 8 }
+            + if self.expires_ms == 0 { 0 } else { 8 }
     }
 }
 
@@ -97,11 +104,13 @@ pub(crate) fn encode_record(buf: &mut Vec<u8>, seq: u64, flags: u8, event: &Even
     debug_assert!(record_fits(event), "a record past RECORD_BYTES_MAX");
     let start = buf.len();
     buf.extend_from_slice(&[0; FRAME_HEADER_BYTES]);
-    let flags = if event.epoch == 0 {
-        flags & !FLAG_EPOCH
-    } else {
-        flags | FLAG_EPOCH
-    };
+    let mut flags = flags & !(FLAG_EPOCH | FLAG_EXPIRES);
+    if event.epoch != 0 {
+        flags |= FLAG_EPOCH;
+    }
+    if event.expires_ms != 0 {
+        flags |= FLAG_EXPIRES;
+    }
     buf.push(flags);
     buf.extend_from_slice(&seq.to_le_bytes());
     debug_assert!(event.namespace.len() <= u8::MAX as usize);
@@ -125,6 +134,9 @@ pub(crate) fn encode_record(buf: &mut Vec<u8>, seq: u64, flags: u8, event: &Even
     buf.extend_from_slice(value);
     if event.epoch != 0 {
         buf.extend_from_slice(&event.epoch.to_le_bytes());
+    }
+    if event.expires_ms != 0 {
+        buf.extend_from_slice(&event.expires_ms.to_le_bytes());
     }
     let body_len = (buf.len() - start - FRAME_HEADER_BYTES) as u32;
     let len_bytes = body_len.to_le_bytes();
@@ -293,6 +305,17 @@ pub(crate) fn decode_record(body: &Bytes) -> Result<Record, CorruptRecord> {
     } else {
         0
     };
+    let expires_ms = if flags & FLAG_EXPIRES != 0 {
+        if op != OP_PUT {
+            return Err(CorruptRecord("a delete with an expiry"));
+        }
+        match r.u64("truncated expiry")? {
+            0 => return Err(CorruptRecord("an expiry flag with expiry 0")),
+            e => e,
+        }
+    } else {
+        0
+    };
     if !r.done() {
         return Err(CorruptRecord("trailing bytes"));
     }
@@ -317,6 +340,7 @@ pub(crate) fn decode_record(body: &Bytes) -> Result<Record, CorruptRecord> {
             hlc,
             context,
             epoch,
+            expires_ms,
         },
     })
 }
@@ -390,6 +414,8 @@ pub(crate) struct IndexEntry {
     pub value_len: u32,
     /// The value, when small enough to keep in the index.
     pub inline: Option<Bytes>,
+    /// The put's expiry (clock milliseconds), 0 if none: see [`Event::expires_ms`].
+    pub expires_ms: u64,
 }
 
 impl LogPosition {
@@ -403,6 +429,8 @@ impl LogPosition {
 
 const ENTRY_TOMBSTONE: u8 = 1;
 const ENTRY_INLINE: u8 = 2;
+/// Eight bytes of expiry follow the fixed part (before an inline value).
+const ENTRY_EXPIRES: u8 = 4;
 const ENTRY_FIXED_BYTES: usize = 1 + 1 + 8 + 8 + 8 + 8 + 8 + 4 + 4 + 4;
 
 impl IndexEntry {
@@ -416,6 +444,9 @@ impl IndexEntry {
         if self.inline.is_some() {
             flags |= ENTRY_INLINE;
         }
+        if self.expires_ms != 0 {
+            flags |= ENTRY_EXPIRES;
+        }
         out.push(flags);
         out.push(self.content_type.map_or(0, ContentType::code));
         out.extend_from_slice(&self.dot.origin.get().to_le_bytes());
@@ -426,6 +457,9 @@ impl IndexEntry {
         out.extend_from_slice(&self.position.offset.to_le_bytes());
         out.extend_from_slice(&self.position.frame_len.to_le_bytes());
         out.extend_from_slice(&self.value_len.to_le_bytes());
+        if self.expires_ms != 0 {
+            out.extend_from_slice(&self.expires_ms.to_le_bytes());
+        }
         out.extend_from_slice(inline);
         out
     }
@@ -443,6 +477,17 @@ impl IndexEntry {
         let offset = r.u32("truncated index entry")?;
         let frame_len = r.u32("truncated index entry")?;
         let value_len = r.u32("truncated index entry")?;
+        if flags & !(ENTRY_TOMBSTONE | ENTRY_INLINE | ENTRY_EXPIRES) != 0 {
+            return Err(CorruptRecord("unknown index entry flags"));
+        }
+        let expires_ms = if flags & ENTRY_EXPIRES != 0 {
+            match r.u64("truncated index entry")? {
+                0 => return Err(CorruptRecord("an expiry flag with expiry 0")),
+                e => e,
+            }
+        } else {
+            0
+        };
         let content_type = if flags & ENTRY_TOMBSTONE != 0 {
             None
         } else {
@@ -472,7 +517,13 @@ impl IndexEntry {
             },
             value_len,
             inline,
+            expires_ms,
         })
+    }
+
+    /// Whether the entry is a put whose key has expired by clock reading `now_ms`.
+    pub fn expired_at(&self, now_ms: u64) -> bool {
+        self.expires_ms != 0 && self.content_type.is_some() && now_ms >= self.expires_ms
     }
 
     /// A tombstone whose record was collected from the log: the entry alone says what
@@ -544,11 +595,13 @@ mod tests {
             any::<u64>(),
             prop::collection::vec(any::<u8>(), 0..20),
             prop_oneof![Just(0u64), 1u64..],
+            prop_oneof![Just(0u64), 1u64..],
         )
             .prop_map(
-                |(ns, key, put, origin, counter, hlc, context, epoch)| Event {
+                |(ns, key, put, origin, counter, hlc, context, epoch, expires)| Event {
                     namespace: Namespace::new(&ns).unwrap(),
                     key: Key::new(&key).unwrap(),
+                    expires_ms: if put.is_some() { expires } else { 0 },
                     op: match put {
                         Some((ct, v)) => Op::Put {
                             content_type: ContentType::from_code(ct).unwrap(),
@@ -580,8 +633,9 @@ mod tests {
             let body = Bytes::copy_from_slice(&frame[FRAME_HEADER_BYTES..]);
             let rec = decode_record(&body).unwrap();
             prop_assert_eq!(rec.seq, seq);
-            prop_assert_eq!(rec.flags & !FLAG_EPOCH, flags);
+            prop_assert_eq!(rec.flags & !(FLAG_EPOCH | FLAG_EXPIRES), flags);
             prop_assert_eq!(rec.flags & FLAG_EPOCH != 0, ev.epoch != 0);
+            prop_assert_eq!(rec.flags & FLAG_EXPIRES != 0, ev.expires_ms != 0);
             prop_assert_eq!(&rec.event, &ev);
             let head = record_head(&body).unwrap();
             prop_assert_eq!(head.namespace, ev.namespace.as_str().as_bytes());
@@ -614,7 +668,7 @@ mod tests {
         }
 
         #[test]
-        fn index_entries_round_trip(ct in prop::option::of(0u8..6), inline in prop::option::of(prop::collection::vec(any::<u8>(), 0..300)), seq in any::<u64>(), offset in any::<u32>()) {
+        fn index_entries_round_trip(ct in prop::option::of(0u8..6), inline in prop::option::of(prop::collection::vec(any::<u8>(), 0..300)), seq in any::<u64>(), offset in any::<u32>(), expires in prop_oneof![Just(0u64), 1u64..]) {
             let entry = IndexEntry {
                 content_type: ct.map(|c| ContentType::from_code(c).unwrap()),
                 dot: Dot { origin: NodeId::new(5).unwrap(), counter: 9 },
@@ -622,8 +676,7 @@ mod tests {
                 seq,
                 position: LogPosition { segment: 1, offset, frame_len: 77 },
                 value_len: inline.as_ref().map_or(4000, |v| v.len() as u32),
-                inline: inline.map(Bytes::from),
-            };
+                inline: inline.map(Bytes::from), expires_ms: expires, };
             prop_assert_eq!(IndexEntry::decode(&entry.encode()).unwrap(), entry);
         }
     }

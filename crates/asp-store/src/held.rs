@@ -644,6 +644,7 @@ mod tests {
             hlc: Hlc::new(ms, 0),
             context: Bytes::new(),
             epoch: 0,
+            expires_ms: 0,
         }
     }
 

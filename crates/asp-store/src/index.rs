@@ -39,6 +39,30 @@ pub(crate) struct Index {
     /// finds them without a scan) and survives an index rebuild, which restores them.
     /// A row whose key has been written since is stale and dropped when next seen.
     epitaphs: Keyspace,
+    /// Expiries: `expires_ms (u64 BE) ‖ origin (u64 BE) ‖ counter (u64 BE) ‖ index key`
+    /// for every put with a time to live the index took in, in expiry order, so that
+    /// the sweeper finds expired keys without a scan. A row whose key has been written
+    /// since is stale (its dot is not the key's) and is dropped when next seen.
+    expiries: Keyspace,
+}
+
+/// One row of the expiry list: a put of `index_key` with dot `dot` expiring then.
+pub(crate) struct ExpiryRow {
+    pub row: Slice,
+    pub expires_ms: u64,
+    pub dot: asp_core::Dot,
+    pub index_key: Slice,
+}
+
+const EXPIRY_ROW_PREFIX: usize = 24;
+
+fn expiry_row(expires_ms: u64, dot: asp_core::Dot, index_key: &[u8]) -> Vec<u8> {
+    let mut row = Vec::with_capacity(EXPIRY_ROW_PREFIX + index_key.len());
+    row.extend_from_slice(&expires_ms.to_be_bytes());
+    row.extend_from_slice(&dot.origin.get().to_be_bytes());
+    row.extend_from_slice(&dot.counter.to_be_bytes());
+    row.extend_from_slice(index_key);
+    row
 }
 
 /// What the index remembers about the log it reflects.
@@ -73,11 +97,15 @@ impl Index {
         let epitaphs = db.keyspace("epitaphs", || {
             KeyspaceCreateOptions::default().max_memtable_size(1 << 20)
         })?;
+        let expiries = db.keyspace("expiries", || {
+            KeyspaceCreateOptions::default().max_memtable_size(4 << 20)
+        })?;
         let index = Index {
             db,
             keys,
             meta,
             epitaphs,
+            expiries,
         };
         match index.meta.get(META_FORMAT)? {
             None => {
@@ -146,6 +174,7 @@ impl Index {
     pub fn clear(&self) -> Result<(), OpenError> {
         self.keys.clear()?;
         self.meta.clear()?;
+        self.expiries.clear()?;
         self.meta.insert(META_FORMAT, INDEX_FORMAT.to_le_bytes())?;
         Ok(())
     }
@@ -231,6 +260,51 @@ impl Index {
             std::thread::sleep(std::time::Duration::from_millis(1));
             waited += 1;
         }
+    }
+
+    /// The expiry rows due by `until_ms`, after row `after` if given, at most `limit`.
+    pub fn expiries(
+        &self,
+        after: Option<&[u8]>,
+        until_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<ExpiryRow>, ReadError> {
+        let start = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        let end = (until_ms.saturating_add(1)).to_be_bytes();
+        let mut out = Vec::new();
+        for item in self
+            .expiries
+            .range::<&[u8], _>((start, Bound::Excluded(&end[..])))
+        {
+            let row = item.key()?;
+            if row.len() <= EXPIRY_ROW_PREFIX {
+                return Err(ReadError::Corrupt("a malformed expiry row".into()));
+            }
+            let u = |i: usize| u64::from_be_bytes(row[i..i + 8].try_into().unwrap());
+            let dot = asp_core::Dot {
+                origin: NodeId::new(u(8))
+                    .ok_or_else(|| ReadError::Corrupt("an expiry row with origin 0".into()))?,
+                counter: u(16),
+            };
+            out.push(ExpiryRow {
+                expires_ms: u(0),
+                dot,
+                index_key: Slice::from(&row[EXPIRY_ROW_PREFIX..]),
+                row,
+            });
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops a stale expiry row (its dot names it, so a newer put's row is never it).
+    pub fn remove_expiry(&self, row: &[u8]) -> Result<(), ReadError> {
+        Ok(self.expiries.remove(row)?)
     }
 
     /// The epitaph rows, after the index key `after` if given, at most `limit`.
@@ -356,6 +430,10 @@ pub(crate) struct IndexBatch<'a> {
 
 impl IndexBatch<'_> {
     pub fn put(&mut self, key: Slice, entry: &IndexEntry) {
+        if entry.expires_ms != 0 && entry.content_type.is_some() {
+            let row = expiry_row(entry.expires_ms, entry.dot, &key);
+            self.batch.insert(&self.index.expiries, row, []);
+        }
         self.batch.insert(&self.index.keys, key, entry.encode());
     }
 

@@ -61,8 +61,8 @@ pub use modes::{Fence, LeaderMode, SharedGate, WriteGate};
 pub use salvage::{Damage, SalvageReport, SalvagedSegment};
 pub use scrub::{ScrubDamage, ScrubReport};
 pub use store::{
-    CHANGES_LIMIT_MAX, FeedReader, OwnEventsFound, RecoveryReport, SCAN_LIMIT_MAX, Store,
-    StoreStatus,
+    CHANGES_LIMIT_MAX, Expired, ExpiredPage, FeedReader, OwnEventsFound, RecoveryReport,
+    SCAN_LIMIT_MAX, Store, StoreStatus, TTL_MS_MAX,
 };
 pub use types::{
     Applied, ApplyOutcome, ChangesPage, Condition, CrdtOp, FeedEvent, KeyState, NamespaceState,

@@ -565,6 +565,7 @@ mod tests {
                         hlc: Hlc::from_raw(seq),
                         context: b"",
                         epoch: 0,
+                        expires_ms: 0,
                     };
                     encode_record(&mut out, seq, flags, &event);
                     seq += 1;

@@ -16,8 +16,17 @@ pub enum WriteKind {
     Put {
         content_type: ContentType,
         value: Bytes,
+        /// Time to live in milliseconds (0: none): the key expires this long after the
+        /// put's clock reading (lww namespaces only; see docs/MODES.md, "TTL keys").
+        ttl_ms: u64,
     },
     Delete,
+    /// The delete that removes an expired key: applied only while the key's current
+    /// version is `version` (a put with an expiry), and given the clock reading just
+    /// after that version's, so that it replaces that put and nothing written after it.
+    Expire {
+        version: Version,
+    },
     /// An operation on a key of a namespace whose policy is not `lww`.
     Crdt(CrdtOp),
 }
@@ -82,6 +91,7 @@ impl WriteOp {
             kind: WriteKind::Put {
                 content_type,
                 value: value.into(),
+                ttl_ms: 0,
             },
             condition: Condition::None,
         }
@@ -101,6 +111,14 @@ impl WriteOp {
             kind: WriteKind::Crdt(op),
             condition: Condition::None,
         }
+    }
+
+    /// A put whose key expires `ttl_ms` after it is written (no effect on other kinds).
+    pub fn with_ttl_ms(mut self, ttl: u64) -> Self {
+        if let WriteKind::Put { ttl_ms, .. } = &mut self.kind {
+            *ttl_ms = ttl;
+        }
+        self
     }
 
     pub fn with_condition(mut self, condition: Condition) -> Self {

@@ -649,6 +649,7 @@ fn remote(origin: u64, counter: u64, k: &str) -> Event {
         hlc: Hlc::new(1_000, counter as u16),
         context: Bytes::new(),
         epoch: 0,
+        expires_ms: 0,
     }
 }
 

@@ -49,6 +49,7 @@ fn own_event(counter: u64, key: &str) -> Event {
         hlc: Hlc::new(1_000, 0),
         context: Bytes::new(),
         epoch: 0,
+        expires_ms: 0,
     }
 }
 

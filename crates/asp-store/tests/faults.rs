@@ -369,6 +369,7 @@ fn remote_event(origin: u64, counter: u64, k: &str) -> Event {
         hlc: Hlc::from_raw(1 << 20),
         context: Bytes::new(),
         epoch: 0,
+        expires_ms: 0,
     }
 }
 

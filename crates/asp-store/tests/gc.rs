@@ -118,6 +118,7 @@ fn peer_put(key: &str, counter: u64, hlc: Hlc) -> Event {
         hlc,
         context: Bytes::new(),
         epoch: 0,
+        expires_ms: 0,
     }
 }
 

@@ -40,6 +40,7 @@ fn put(namespace: &str, origin: u64, counter: u64, hlc_ms: u64, key: &str) -> Ev
         hlc: Hlc::new(hlc_ms, 0),
         context: Bytes::new(),
         epoch: 0,
+        expires_ms: 0,
     }
 }
 

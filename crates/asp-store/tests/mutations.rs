@@ -124,6 +124,7 @@ async fn events_apply_once(mutation: Option<Mutation>) -> Result<(), Broken> {
         hlc: Hlc::new(1_000, 0),
         context: Bytes::new(),
         epoch: 0,
+        expires_ms: 0,
     };
     for _ in 0..3 {
         store.apply_remote(vec![event.clone()]).await.unwrap();

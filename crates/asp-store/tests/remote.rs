@@ -61,6 +61,7 @@ fn remote(origin: u64, counter: u64, hlc_ms: u64, key: &str, value: &str) -> Eve
         hlc: Hlc::new(hlc_ms, 0),
         context: Bytes::new(),
         epoch: 0,
+        expires_ms: 0,
     }
 }
 

@@ -67,6 +67,7 @@ fn event(key: &str, value: Option<&str>, origin: u64, counter: u64, hlc: Hlc) ->
         hlc,
         context: Bytes::new(),
         epoch: 0,
+        expires_ms: 0,
     }
 }
 

@@ -29,6 +29,7 @@ fn event(counter: u64, key: &str, value: Bytes, context: Bytes) -> Event {
         hlc: Hlc::new(asp_store::clock::wall_ms(), 0),
         context,
         epoch: 0,
+        expires_ms: 0,
     }
 }
 

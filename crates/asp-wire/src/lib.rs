@@ -59,6 +59,9 @@ const OP_DELETE: u8 = 1;
 /// Set on the op byte of an event that carries an epoch (a leader namespace's, see
 /// docs/MODES.md): eight bytes of epoch follow the value. Protocol version 4 and up.
 const OP_EPOCH: u8 = 0x80;
+/// Set on the op byte of a put with a time to live: eight bytes of expiry (clock
+/// milliseconds) follow the value and the epoch, if any. Protocol version 4 and up.
+const OP_EXPIRES: u8 = 0x40;
 
 /// Limits on variable-length fields (bytes or entries).
 const CLUSTER_ID_BYTES_MAX: usize = 256;
@@ -155,7 +158,8 @@ fn put_vector(out: &mut Vec<u8>, vv: &VersionVector) {
 fn put_event(out: &mut Vec<u8>, e: &Event) {
     put_str8(out, e.namespace.as_str());
     put_str16(out, e.key.as_str());
-    let flag = if e.epoch == 0 { 0 } else { OP_EPOCH };
+    let flag =
+        if e.epoch == 0 { 0 } else { OP_EPOCH } | if e.expires_ms == 0 { 0 } else { OP_EXPIRES };
     match &e.op {
         Op::Put { content_type, .. } => {
             out.push(OP_PUT | flag);
@@ -176,6 +180,9 @@ fn put_event(out: &mut Vec<u8>, e: &Event) {
     }
     if e.epoch != 0 {
         out.extend_from_slice(&e.epoch.to_le_bytes());
+    }
+    if e.expires_ms != 0 {
+        out.extend_from_slice(&e.expires_ms.to_le_bytes());
     }
 }
 
@@ -910,7 +917,18 @@ fn decode_events(raw: &Bytes, count: usize) -> Result<Vec<Event>, DecodeError> {
         } else {
             0
         };
-        let op = match op & !OP_EPOCH {
+        let expires_ms = if op & OP_EXPIRES != 0 {
+            if op & !(OP_EPOCH | OP_EXPIRES) != OP_PUT {
+                return Err(r.err("an expiry on an event that is not a put"));
+            }
+            match r.u64("expiry")? {
+                0 => return Err(r.err("an expiry flag with expiry 0")),
+                e => e,
+            }
+        } else {
+            0
+        };
+        let op = match op & !(OP_EPOCH | OP_EXPIRES) {
             OP_PUT => Op::Put {
                 content_type: ContentType::from_code(ct)
                     .ok_or_else(|| r.err(format!("unknown content type {ct}")))?,
@@ -928,6 +946,7 @@ fn decode_events(raw: &Bytes, count: usize) -> Result<Vec<Event>, DecodeError> {
             hlc,
             context,
             epoch,
+            expires_ms,
         });
     }
     r.done()?;

@@ -19,11 +19,13 @@ fn event() -> impl Strategy<Value = Event> {
         any::<u64>(),
         prop::collection::vec(any::<u8>(), 0..10),
         prop_oneof![Just(0u64), 1u64..],
+        prop_oneof![Just(0u64), 1u64..],
     )
         .prop_map(
-            |(namespace, key, put, origin, counter, hlc, context, epoch)| Event {
+            |(namespace, key, put, origin, counter, hlc, context, epoch, expires)| Event {
                 namespace,
                 key: Key::new(&key).unwrap(),
+                expires_ms: if put.is_some() { expires } else { 0 },
                 op: match put {
                     Some((ct, v)) => Op::Put {
                         content_type: ContentType::from_code(ct).unwrap(),
@@ -279,6 +281,7 @@ fn large_batches_are_compressed_and_bounded() {
             hlc: Hlc::new(1000 + i, 0),
             context: Bytes::new(),
             epoch: 0,
+            expires_ms: 0,
         })
         .collect();
     let frame = Frame::Events {
@@ -506,6 +509,7 @@ fn lz4_data_too_short_for_its_claimed_size_is_refused_before_allocating() {
             hlc: Hlc::from_raw(c),
             context: Bytes::new(),
             epoch: 0,
+            expires_ms: 0,
         })
         .collect();
     let frame = Frame::Events {

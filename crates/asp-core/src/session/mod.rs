@@ -857,9 +857,11 @@ impl Session {
             if !*wants {
                 continue;
             }
-            // Builds before leader namespaces cannot carry an epoch: they get none of
-            // those events (docs/MODES.md, "Upgrades").
-            if event.epoch != 0 && self.peer.as_ref().is_some_and(|p| p.version < 4) {
+            // Builds before leader namespaces and TTL keys cannot carry an epoch or an
+            // expiry: they get none of those events (docs/MODES.md, "Upgrades").
+            if (event.epoch != 0 || event.expires_ms != 0)
+                && self.peer.as_ref().is_some_and(|p| p.version < 4)
+            {
                 continue;
             }
             if self

@@ -36,6 +36,7 @@ fn event(origin: u64, counter: u64) -> Event {
         hlc: Hlc::new(counter, 0),
         context: Bytes::new(),
         epoch: 0,
+        expires_ms: 0,
     }
 }
 

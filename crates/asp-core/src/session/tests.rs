@@ -26,6 +26,7 @@ fn event(ns: &str, origin: u64, counter: u64) -> Event {
         hlc: Hlc::new(counter, 0),
         context: Bytes::new(),
         epoch: 0,
+        expires_ms: 0,
     }
 }
 

@@ -44,6 +44,8 @@ struct BatchOpIn<'a> {
     /// `add` / `remove`: the member, any JSON value.
     #[serde(borrow)]
     member: Option<&'a RawValue>,
+    /// `put`: the key expires this long after it is written.
+    ttl_ms: Option<u64>,
 }
 
 /// One operation of a batch, and its precondition (checked against the key later).
@@ -75,6 +77,16 @@ fn batch_op(i: usize, op: BatchOpIn<'_>) -> Result<(WriteOp, Vec<Precondition>),
     if !matches!(op.op, "add" | "remove") && op.member.is_some() {
         return Err(bad("\"member\" belongs to add and remove".into()));
     }
+    let ttl_ms = match op.ttl_ms {
+        Some(_) if op.op != "put" => return Err(bad("\"ttl_ms\" belongs to put".into())),
+        Some(t) if !(1..=asp_store::TTL_MS_MAX).contains(&t) => {
+            return Err(bad(format!(
+                "ttl_ms is between 1 and {} (ten years); got {t}",
+                asp_store::TTL_MS_MAX
+            )));
+        }
+        t => t.unwrap_or(0),
+    };
     let kind = match op.op {
         "incr" | "add" | "remove"
             if has_value || declared.is_some() || !preconditions.is_empty() =>
@@ -155,6 +167,7 @@ fn batch_op(i: usize, op: BatchOpIn<'_>) -> Result<(WriteOp, Vec<Precondition>),
             WriteKind::Put {
                 content_type,
                 value,
+                ttl_ms,
             }
         }
         other => {
@@ -189,6 +202,7 @@ pub(super) async fn batch(
     let Path(ns) = path.map_err(path_error)?;
     let ns = namespace(&ns)?;
     let concern = concern?;
+    concern.refuse_ttl("a batch (give ttl_ms per operation)")?;
     let ct = header_str(&headers, header::CONTENT_TYPE)?;
     if formats::content_type_of(ct).ok() != Some(ContentType::Json) {
         return Err(ApiError::new(

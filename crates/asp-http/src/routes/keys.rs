@@ -54,6 +54,15 @@ pub(super) async fn put_key(
     .await?;
     formats::validate(content_type, &value)
         .map_err(|e| ApiError::bad_request("invalid_value", e.to_string()))?;
+    if policy != Policy::Lww && (concern.ttl_ms.is_some() || concern.lease.is_some()) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "wrong_policy",
+            format!(
+                "ttl_ms and lease apply to lww namespaces; namespace {ns} uses the {policy} policy"
+            ),
+        ));
+    }
     let op = if policy == Policy::Siblings {
         if !preconditions.is_empty() {
             return Err(siblings_condition());
@@ -66,6 +75,7 @@ pub(super) async fn put_key(
             kind: WriteKind::Put {
                 content_type,
                 value,
+                ttl_ms: 0,
             },
             condition: condition(preconditions),
         }

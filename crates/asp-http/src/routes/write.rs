@@ -22,6 +22,8 @@ use crate::json::WriteOut;
 struct WriteParams {
     replicas: Option<String>,
     timeout_ms: Option<u64>,
+    ttl_ms: Option<u64>,
+    lease: Option<String>,
 }
 
 /// How many nodes must hold a write durably before the answer, and how long to wait.
@@ -31,6 +33,25 @@ pub(super) struct Concern {
     /// `If-Fence: <lease>:<token>`: the write applies only while `token` is the
     /// newest of the lease (docs/MODES.md, *Leases*).
     pub(super) fence: Option<asp_store::Fence>,
+    /// `ttl_ms`: a PUT's key expires this long after it is written.
+    pub(super) ttl_ms: Option<u64>,
+    /// `lease`: a PUT's key is deleted when this lease ends.
+    pub(super) lease: Option<String>,
+}
+
+impl Concern {
+    /// Refuses `ttl_ms` and `lease` where they do not apply.
+    pub(super) fn refuse_ttl(&self, what: &str) -> Result<(), ApiError> {
+        if self.ttl_ms.is_some() || self.lease.is_some() {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!(
+                    "ttl_ms and lease apply to a PUT of a key of an lww namespace, not to {what}"
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Parses `If-Fence: <lease name>:<token>` (the name may hold ':'; the token is what
@@ -126,6 +147,28 @@ fn concern(
             ));
         }
     }
+    if let Some(ttl) = q.ttl_ms
+        && !(1..=asp_store::TTL_MS_MAX).contains(&ttl)
+    {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!(
+                "ttl_ms is between 1 and {} (ten years); got {ttl}",
+                asp_store::TTL_MS_MAX
+            ),
+        ));
+    }
+    if let Some(lease) = &q.lease
+        && (lease.is_empty() || lease.len() > asp_node::leases::LEASE_NAME_BYTES_MAX)
+    {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!(
+                "lease names a lease of the namespace: 1 to {} bytes",
+                asp_node::leases::LEASE_NAME_BYTES_MAX
+            ),
+        ));
+    }
     let timeout_ms = q.timeout_ms.unwrap_or(REPLICA_TIMEOUT_MS_DEFAULT);
     if timeout_ms == 0 || timeout_ms > REPLICA_TIMEOUT_MS_MAX {
         return Err(ApiError::bad_request(
@@ -137,6 +180,8 @@ fn concern(
         replicas,
         timeout: Duration::from_millis(timeout_ms),
         fence: None,
+        ttl_ms: q.ttl_ms,
+        lease: q.lease,
     })
 }
 
@@ -201,15 +246,63 @@ pub(super) async fn write_one(
     op: WriteOp,
     with_etag: bool,
 ) -> Result<Response, ApiError> {
+    let mut op = op;
     let key = op.key.clone();
     let deleted = matches!(op.kind, WriteKind::Delete)
         || matches!(&op.kind, WriteKind::Crdt(CrdtOp::Write { value: None, .. }));
+    let ttl_ms = match &mut op.kind {
+        WriteKind::Put { ttl_ms, .. } => {
+            *ttl_ms = concern.ttl_ms.unwrap_or(0);
+            concern.ttl_ms
+        }
+        _ => {
+            concern.refuse_ttl("this write")?;
+            None
+        }
+    };
+    // A put bound to a lease: only while the lease holds, on the leader.
+    let bound = match &concern.lease {
+        None => None,
+        Some(name) => {
+            let replicator = state.replicated()?;
+            let token = replicator
+                .leases()
+                .held_token(&ns, name)
+                .map_err(crate::leases_api::lease_error)?;
+            Some((replicator, name.clone(), token))
+        }
+    };
     let applied = state
         .store()
         .write_fenced(ns.clone(), vec![op], concern.fence.clone())
         .await?[0];
-    let body = serde_json::to_string(&WriteOut::new(ns.as_str(), key.as_str(), applied, deleted))
-        .expect("answers serialize");
+    if let Some((replicator, name, token)) = bound {
+        let version = asp_core::Version {
+            hlc: applied.hlc,
+            dot: applied.dot,
+        };
+        if let Err(e) = replicator
+            .leases()
+            .bind(state.store(), &ns, &name, token, &key, version)
+            .await
+        {
+            // Unbound, it would outlive the lease: take the put back.
+            let _ = asp_node::expire(state.store(), ns.clone(), key.clone(), version).await;
+            return Err(crate::leases_api::lease_error(e));
+        }
+    }
+    let mut body =
+        serde_json::to_string(&WriteOut::new(ns.as_str(), key.as_str(), applied, deleted))
+            .expect("answers serialize");
+    if let Some(ttl) = ttl_ms {
+        let expires = applied
+            .hlc
+            .physical_ms()
+            .saturating_add(ttl)
+            .min(asp_core::Hlc::PHYSICAL_MS_MAX);
+        body.truncate(body.len() - 1);
+        body.push_str(&format!(r#","expires_ms":{expires}}}"#));
+    }
     let etag = with_etag.then(|| etag(applied.dot));
     Ok(answer_write(
         state,

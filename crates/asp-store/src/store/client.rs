@@ -21,6 +21,8 @@ use crate::writer::{Request, Shared, WriteRequest};
 
 use super::Store;
 
+/// The longest time to live a put may ask for: ten years, in milliseconds.
+pub const TTL_MS_MAX: u64 = 10 * 365 * 24 * 60 * 60 * 1000;
 /// The most keys one listing returns.
 pub const SCAN_LIMIT_MAX: usize = 1000;
 /// The most events one change-feed page returns.
@@ -67,8 +69,16 @@ impl Store {
         let mut bytes = 0usize;
         for op in &ops {
             let value_len = match &op.kind {
-                WriteKind::Put { value, .. } => value.len(),
-                WriteKind::Delete => 0,
+                WriteKind::Put { value, ttl_ms, .. } => {
+                    if *ttl_ms > TTL_MS_MAX {
+                        return Err(WriteError::Invalid(format!(
+                            "the time to live of key {:?} is {ttl_ms} ms; the limit is {TTL_MS_MAX} ms (ten years)",
+                            op.key.as_str()
+                        )));
+                    }
+                    value.len()
+                }
+                WriteKind::Delete | WriteKind::Expire { .. } => 0,
                 WriteKind::Crdt(op) => op.len(),
             };
             if value_len > config.value_bytes_max {
@@ -203,8 +213,10 @@ impl Store {
         else {
             return Ok(None);
         };
+        // An expired key reads as deleted until its delete arrives.
         let value = match entry.content_type {
             None => None,
+            Some(_) if entry.expired_at(self.now_ms(namespace)) => None,
             Some(content_type) => Some(Value {
                 content_type,
                 bytes: self.value_of(&entry)?,
@@ -215,6 +227,23 @@ impl Store {
             seq: entry.seq,
             value,
         }))
+    }
+
+    /// The clock reading expiry is judged by for `namespace`: the wall clock, or the
+    /// newest reading of any event the namespace holds if that is later (the node's
+    /// clock is at least that), so that a node whose wall clock lags still hides a key
+    /// once it has seen writes from past the key's expiry.
+    pub fn now_ms(&self, namespace: &Namespace) -> u64 {
+        let newest = self
+            .inner
+            .shared
+            .indexer
+            .namespaces
+            .read()
+            .unwrap()
+            .get(namespace)
+            .map_or(0, |s| s.max_hlc.physical_ms());
+        crate::clock::wall_ms().max(newest)
     }
 
     fn value_of(&self, entry: &IndexEntry) -> Result<bytes::Bytes, ReadError> {
@@ -252,6 +281,7 @@ impl Store {
         let mut last_seen: Option<Vec<u8>> = None;
         let mut tombstones = 0;
         let mut err = None;
+        let now = self.now_ms(namespace);
         self.inner
             .shared
             .index
@@ -273,7 +303,8 @@ impl Store {
                 } else {
                     k
                 };
-                let Some(content_type) = entry.content_type else {
+                let Some(content_type) = entry.content_type.filter(|_| !entry.expired_at(now))
+                else {
                     tombstones += 1;
                     if tombstones >= SCAN_TOMBSTONES_MAX {
                         // A page of nothing but deleted keys: stop here and let the

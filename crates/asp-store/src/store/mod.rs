@@ -8,6 +8,7 @@
 //! - [`admin`]: operators and status pages: conflict policies, held and quarantined
 //!   events, status and metrics (compaction and scrub live in [`crate::compact`] and
 //!   [`crate::scrub`]);
+//! - [`expiry`]: keys whose time to live ran out, for the sweeper;
 //! - [`open`]: opening the store, with recovery.
 //!
 //! This file holds the handle itself and what every face shares: who the store is,
@@ -31,11 +32,13 @@ use crate::writer::{Request, Shared};
 
 mod admin;
 mod client;
+mod expiry;
 mod open;
 mod replication;
 
 pub use admin::StoreStatus;
-pub use client::{CHANGES_LIMIT_MAX, FeedReader, SCAN_LIMIT_MAX};
+pub use client::{CHANGES_LIMIT_MAX, FeedReader, SCAN_LIMIT_MAX, TTL_MS_MAX};
+pub use expiry::{Expired, ExpiredPage};
 pub use replication::OwnEventsFound;
 
 /// An open store. Cheap to clone; all clones share one writer. When the last clone is

@@ -396,6 +396,7 @@ fn replay(
                 inline: value
                     .filter(|v| v.len() <= INLINE_VALUE_BYTES_MAX)
                     .map(|v| bytes::Bytes::copy_from_slice(v)),
+                expires_ms: event.expires_ms,
             };
             let key = Slice::from(codec::event_index_key(
                 event.namespace.as_str(),

@@ -96,6 +96,7 @@ impl Writer {
                         WriteKind::Crdt(c) => format!("a {} operation", c.policy()),
                         WriteKind::Put { .. } => "a plain put".to_owned(),
                         WriteKind::Delete => "a plain delete".to_owned(),
+                        WriteKind::Expire { .. } => "an expiry".to_owned(),
                     };
                     let err = WriteError::WrongPolicy(format!(
                         "operation {i} on key {key:?} is {what}, but namespace {} uses the {policy} policy",
@@ -178,7 +179,7 @@ impl Writer {
         self.clock = clock;
         let events: Vec<_> = encoded_states
             .iter()
-            .map(|(hlc, state)| (*hlc, Some((ContentType::OctetStream, &state[..]))))
+            .map(|(hlc, state)| (*hlc, Some((ContentType::OctetStream, &state[..])), 0))
             .collect();
         let applied = self.append_ops(
             g,

@@ -27,7 +27,7 @@ impl Writer {
             let _ = w.reply.send(Err(err));
             return;
         }
-        if let Err(e) = self.check_conditions(&w, g) {
+        if let Err(e) = self.check_conditions(&w, g, wall) {
             self.shared.metrics.writes_rejected.inc();
             let _ = w.reply.send(Err(e));
             return;
@@ -36,16 +36,31 @@ impl Writer {
         let events: Vec<_> = w
             .ops
             .iter()
-            .map(|op| {
-                let put = match &op.kind {
-                    WriteKind::Put {
-                        content_type,
-                        value,
-                    } => Some((*content_type, &value[..])),
-                    WriteKind::Delete => None,
-                    WriteKind::Crdt(_) => unreachable!("refused above"),
-                };
-                (self.clock.tick(wall), put)
+            .map(|op| match &op.kind {
+                WriteKind::Put {
+                    content_type,
+                    value,
+                    ttl_ms,
+                } => {
+                    let hlc = self.clock.tick(wall);
+                    let expires = match *ttl_ms {
+                        0 => 0,
+                        ttl => hlc
+                            .physical_ms()
+                            .saturating_add(ttl)
+                            .min(Hlc::PHYSICAL_MS_MAX),
+                    };
+                    (hlc, Some((*content_type, &value[..])), expires)
+                }
+                WriteKind::Delete => (self.clock.tick(wall), None, 0),
+                // Just after the put it removes (checked to be the key's version), so
+                // that it loses to every write after that put, as the put would have.
+                WriteKind::Expire { version } => (
+                    Hlc::from_raw(version.hlc.as_raw().saturating_add(1)),
+                    None,
+                    0,
+                ),
+                WriteKind::Crdt(_) => unreachable!("refused above"),
             })
             .collect();
         let applied = self.append_ops(g, &w, first_counter, &events, &[], epoch);
@@ -71,8 +86,8 @@ impl Writer {
         let last = events.len() - 1;
         let mut applied = Vec::with_capacity(events.len());
         let mut hlc = Hlc::ZERO;
-        for (i, (op, &(event_hlc, put))) in w.ops.iter().zip(events).enumerate() {
-            hlc = event_hlc;
+        for (i, (op, &(event_hlc, put, expires_ms))) in w.ops.iter().zip(events).enumerate() {
+            hlc = hlc.max(event_hlc);
             let dot = Dot {
                 origin: node_id,
                 counter: first_counter + i as u64,
@@ -85,9 +100,14 @@ impl Writer {
                 hlc,
                 context,
                 epoch,
+                expires_ms,
             };
             let seq = self.append(g, &event, i == last, UpdateKind::Overwrite);
-            applied.push(Applied { dot, hlc, seq });
+            applied.push(Applied {
+                dot,
+                hlc: event_hlc,
+                seq,
+            });
         }
         self.touch(g, &w.namespace, hlc);
         let last_counter = first_counter + last as u64;
@@ -107,16 +127,24 @@ impl Writer {
 
     /// Checks every condition of a request against the state it would see: earlier
     /// operations of the same request, earlier requests of this group, then the index.
-    fn check_conditions(&self, w: &WriteRequest, g: &Group) -> Result<(), WriteError> {
-        if w.ops.iter().all(|op| op.condition == Condition::None) {
+    fn check_conditions(&self, w: &WriteRequest, g: &Group, wall: u64) -> Result<(), WriteError> {
+        if w.ops.iter().all(|op| {
+            op.condition == Condition::None && !matches!(op.kind, WriteKind::Expire { .. })
+        }) {
             return Ok(());
         }
+        // An expired key is absent to conditions, as to reads.
+        let now = wall.max(self.clock.last().physical_ms());
         let node_id = self.shared.node_id;
         let first_counter = self.next_counter(&w.namespace);
-        // Key -> (dot, live) as left by earlier operations of this request.
-        let mut local: HashMap<&str, (Dot, bool)> = HashMap::new();
+        // Key -> (dot, live, expired) as left by earlier operations of this request.
+        let mut local: HashMap<&str, (Dot, bool, bool)> = HashMap::new();
         for (i, op) in w.ops.iter().enumerate() {
-            if op.condition != Condition::None {
+            let expire = match &op.kind {
+                WriteKind::Expire { version } => Some(version.dot),
+                _ => None,
+            };
+            if op.condition != Condition::None || expire.is_some() {
                 let key = op.key.as_str();
                 let current = match local.get(key) {
                     Some(&state) => Some(state),
@@ -125,7 +153,11 @@ impl Writer {
                         match g.positions.get(&ikey[..]) {
                             Some(&p) => {
                                 let entry = &g.updates[p].entry;
-                                Some((entry.dot, entry.content_type.is_some()))
+                                Some((
+                                    entry.dot,
+                                    entry.content_type.is_some(),
+                                    entry.expired_at(now),
+                                ))
                             }
                             None => self
                                 .shared
@@ -134,11 +166,27 @@ impl Writer {
                                 .map_err(|e| {
                                     WriteError::Storage(format!("reading the key index: {e}"))
                                 })?
-                                .map(|e| (e.dot, e.content_type.is_some())),
+                                .map(|e| (e.dot, e.content_type.is_some(), e.expired_at(now))),
                         }
                     }
                 };
-                let live = current.filter(|&(_, live)| live).map(|(dot, _)| dot);
+                if let Some(want) = expire {
+                    // The put it removes must still be the key's version.
+                    let have = current.filter(|&(_, live, _)| live).map(|(dot, ..)| dot);
+                    if have != Some(want) {
+                        return Err(WriteError::ConditionFailed {
+                            index: i,
+                            key: op.key.clone(),
+                            reason: format!(
+                                "the expired version {want} is no longer the key's version"
+                            ),
+                            current: have,
+                        });
+                    }
+                }
+                let live = current
+                    .filter(|&(_, live, expired)| live && !expired)
+                    .map(|(dot, ..)| dot);
                 let failure = op.condition.check(live).err();
                 if let Some(reason) = failure {
                     return Err(WriteError::ConditionFailed {
@@ -153,10 +201,12 @@ impl Writer {
                 origin: node_id,
                 counter: first_counter + i as u64,
             };
-            local.insert(
-                op.key.as_str(),
-                (dot, matches!(op.kind, WriteKind::Put { .. })),
-            );
+            let (live, expired) = match &op.kind {
+                // A time to live is at least 1 ms: not yet expired within its batch.
+                WriteKind::Put { .. } => (true, false),
+                _ => (false, false),
+            };
+            local.insert(op.key.as_str(), (dot, live, expired));
         }
         Ok(())
     }

@@ -232,7 +232,9 @@ impl Work {
 }
 
 /// A client operation's clock reading and value (`None`: a delete), as appended.
-type LocalEvent<'a> = (Hlc, Option<(ContentType, &'a [u8])>);
+/// A local event to append: its clock reading, its value (`None`: a delete) and its
+/// expiry (0: none).
+type LocalEvent<'a> = (Hlc, Option<(ContentType, &'a [u8])>, u64);
 
 impl Group {
     /// Notes that the group changed `namespace` (checked against the last one first:
@@ -772,6 +774,7 @@ impl Writer {
             inline: value
                 .filter(|v| v.len() <= INLINE_VALUE_BYTES_MAX)
                 .map(bytes::Bytes::copy_from_slice),
+            expires_ms: event.expires_ms,
         };
         let key = codec::event_index_key(event.namespace, event.key, event.dot, event.context);
         if !event.context.is_empty()

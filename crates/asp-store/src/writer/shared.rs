@@ -218,6 +218,7 @@ impl Shared {
             hlc: entry.hlc,
             context: bytes::Bytes::new(),
             epoch: 0,
+            expires_ms: 0,
         })
     }
 
