@@ -117,6 +117,12 @@ pub(crate) struct ChangeOut<'a> {
     pub hlc: HlcOut,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content_type: Option<&'static str>,
+    /// A put with a time to live: when its key expires (clock milliseconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_ms: Option<u64>,
+    /// A leader namespace's event: the epoch its origin led.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
     #[serde(flatten)]
     pub value: ValueOut<'a>,
 }
@@ -148,6 +154,8 @@ impl<'a> ChangeOut<'a> {
             dot: e.dot.into(),
             hlc: e.hlc.into(),
             content_type,
+            expires_ms: (e.expires_ms != 0).then_some(e.expires_ms),
+            epoch: (e.epoch != 0).then_some(e.epoch),
             value,
         }
     }

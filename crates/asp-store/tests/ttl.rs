@@ -24,7 +24,11 @@ fn open(dir: &Path, id: u64) -> Store {
 }
 
 fn put(k: &str, v: &str) -> WriteOp {
-    WriteOp::put(key(k), ContentType::Text, Bytes::copy_from_slice(v.as_bytes()))
+    WriteOp::put(
+        key(k),
+        ContentType::Text,
+        Bytes::copy_from_slice(v.as_bytes()),
+    )
 }
 
 fn text(store: &Store, k: &str) -> Option<String> {
@@ -77,7 +81,10 @@ async fn an_expired_key_is_hidden_everywhere_and_deleted_once() {
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (a, b) = (open(da.path(), 1), open(db.path(), 2));
     let applied = a
-        .write(ns(), vec![put("x", "soon gone").with_ttl_ms(30), put("y", "stays")])
+        .write(
+            ns(),
+            vec![put("x", "soon gone").with_ttl_ms(30), put("y", "stays")],
+        )
         .await
         .unwrap();
     let version = Version {
@@ -218,7 +225,10 @@ async fn the_expiry_list_survives_a_restart_and_bad_ttls_are_refused() {
             vec![put("y", "v").with_ttl_ms(asp_store::TTL_MS_MAX + 1)],
         )
         .await;
-    assert!(matches!(too_long, Err(WriteError::Invalid(_))), "{too_long:?}");
+    assert!(
+        matches!(too_long, Err(WriteError::Invalid(_))),
+        "{too_long:?}"
+    );
     a.shutdown().await;
     drop(a);
     let a = open(d.path(), 1);

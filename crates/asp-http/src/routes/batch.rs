@@ -242,6 +242,13 @@ pub(super) async fn batch(
         })
         .collect();
     let keys: Vec<Key> = ops.iter().map(|o| o.key.clone()).collect();
+    let ttls: Vec<u64> = ops
+        .iter()
+        .map(|o| match o.kind {
+            WriteKind::Put { ttl_ms, .. } => ttl_ms,
+            _ => 0,
+        })
+        .collect();
     // A token limited to a key prefix: every key of the batch within it, or nothing
     // is written.
     if let Some(axum::Extension(verified)) = &verified {
@@ -265,15 +272,21 @@ pub(super) async fn batch(
         if i > 0 {
             out.push(',');
         }
-        out.push_str(
-            &serde_json::to_string(&serde_json::json!({
-                "key": k.as_str(),
-                "version": a.dot.to_string(),
-                "seq": a.seq,
-                "hlc": HlcOut::from(a.hlc),
-            }))
-            .expect("results serialize"),
-        );
+        let mut result = serde_json::json!({
+            "key": k.as_str(),
+            "version": a.dot.to_string(),
+            "seq": a.seq,
+            "hlc": HlcOut::from(a.hlc),
+        });
+        if ttls[i] != 0 {
+            result["expires_ms"] = a
+                .hlc
+                .physical_ms()
+                .saturating_add(ttls[i])
+                .min(asp_core::Hlc::PHYSICAL_MS_MAX)
+                .into();
+        }
+        out.push_str(&serde_json::to_string(&result).expect("results serialize"));
     }
     out.push_str("]}");
     let last_seq = applied.last().map_or(0, |a| a.seq);
