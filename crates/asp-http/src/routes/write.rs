@@ -159,12 +159,14 @@ fn concern(
         ));
     }
     if let Some(lease) = &q.lease
-        && (lease.is_empty() || lease.len() > asp_node::leases::LEASE_NAME_BYTES_MAX)
+        && (lease.is_empty()
+            || lease.len() > asp_node::leases::LEASE_NAME_BYTES_MAX
+            || lease.chars().any(char::is_control))
     {
         return Err(ApiError::bad_request(
             "invalid_query",
             format!(
-                "lease names a lease of the namespace: 1 to {} bytes",
+                "lease names a lease of the namespace: 1 to {} bytes without control characters",
                 asp_node::leases::LEASE_NAME_BYTES_MAX
             ),
         ));
