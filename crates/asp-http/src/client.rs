@@ -258,12 +258,30 @@ impl Client {
         value: Bytes,
         if_match: Option<&str>,
     ) -> Result<serde_json::Value, ClientError> {
+        self.put_expiring(namespace, key, content_type, value, if_match, None)
+            .await
+    }
+
+    /// [`Client::put`] with a time to live (`?ttl_ms=`), if given.
+    pub async fn put_expiring(
+        &self,
+        namespace: &str,
+        key: &str,
+        content_type: &str,
+        value: Bytes,
+        if_match: Option<&str>,
+        ttl_ms: Option<u64>,
+    ) -> Result<serde_json::Value, ClientError> {
         let mut headers = vec![(header::CONTENT_TYPE, content_type)];
         let if_match = if_match.map(entity_tag);
         if let Some(m) = &if_match {
             headers.push((header::IF_MATCH, m.as_str()));
         }
-        self.send(Method::PUT, &Self::kv_path(namespace, key), &headers, value)
+        let mut path = Self::kv_path(namespace, key);
+        if let Some(ttl) = ttl_ms {
+            path.push_str(&format!("?ttl_ms={ttl}"));
+        }
+        self.send(Method::PUT, &path, &headers, value)
             .await?
             .ok()?
             .json()

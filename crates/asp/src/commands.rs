@@ -31,6 +31,7 @@ pub async fn put(
     value: Option<String>,
     content_type: Option<String>,
     if_match: Option<String>,
+    ttl_ms: Option<u64>,
 ) -> anyhow::Result<ExitCode> {
     let value: Vec<u8> = match value.as_deref() {
         None | Some("-") => {
@@ -52,12 +53,13 @@ pub async fn put(
         }
     });
     let answer = client(node)?
-        .put(
+        .put_expiring(
             ns,
             key,
             &content_type,
             Bytes::from(value),
             if_match.as_deref(),
+            ttl_ms,
         )
         .await?;
     print_json(&answer);

@@ -407,6 +407,9 @@ struct PutArgs {
     /// Write only if the current version is this one ("*": only if the key exists).
     #[arg(long, value_name = "VERSION")]
     if_match: Option<String>,
+    /// The key expires this many milliseconds after the write, on every node.
+    #[arg(long, value_name = "MS")]
+    ttl_ms: Option<u64>,
 }
 
 #[derive(Args)]
@@ -549,6 +552,7 @@ fn main() -> ExitCode {
                     a.value,
                     a.content_type,
                     a.if_match,
+                    a.ttl_ms,
                 )
                 .await
             }
