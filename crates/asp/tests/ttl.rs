@@ -284,6 +284,15 @@ async fn a_key_bound_to_a_lease_vanishes_with_it() {
         b.client().get("jobs", "worker", None).await.unwrap()
     })
     .await;
+    // While the lease holds, the key stays (the leader looks at bindings every second).
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert!(
+        a.client()
+            .get("jobs", "worker", None)
+            .await
+            .unwrap()
+            .is_some()
+    );
 
     let (status, released) = call(
         &a.client(),
