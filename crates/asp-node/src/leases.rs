@@ -418,14 +418,12 @@ impl Leases {
         let s = store.clone();
         let bindings = tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
-            for (ns, _) in s.status().namespaces {
-                if ns.as_str().starts_with(BOUND_PREFIX) {
-                    crate::follow::scan_values(&s, &ns, "", |k, v| {
-                        if let Ok(b) = serde_json::from_slice::<Binding>(v) {
-                            out.push((ns.clone(), k.to_owned(), b));
-                        }
-                    })?;
-                }
+            for ns in s.namespaces_with_prefix(BOUND_PREFIX) {
+                crate::follow::scan_values(&s, &ns, "", |k, v| {
+                    if let Ok(b) = serde_json::from_slice::<Binding>(v) {
+                        out.push((ns.clone(), k.to_owned(), b));
+                    }
+                })?;
             }
             Ok::<_, String>(out)
         })

@@ -142,6 +142,21 @@ impl Store {
         answer.await.map_err(|_| self.closed_or_failed())?
     }
 
+    /// The namespaces this node holds whose names start with `prefix` (cheap: no
+    /// vector is copied).
+    pub fn namespaces_with_prefix(&self, prefix: &str) -> Vec<asp_core::Namespace> {
+        self.inner
+            .shared
+            .indexer
+            .namespaces
+            .read()
+            .unwrap()
+            .keys()
+            .filter(|ns| ns.as_str().starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+
     pub fn status(&self) -> StoreStatus {
         let shared = &self.inner.shared;
         let (written, synced, acked, indexed) = {

@@ -11,13 +11,25 @@ use asp_http::client::{Client, ClientOptions};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_asp");
 
-/// A free port on loopback (released for the node to take).
+/// A free port on loopback (released for the node to take), below Linux's ephemeral
+/// range (32768 and up by default): a port the kernel hands out for port 0 is also
+/// what it gives outgoing connections, so one of another test's connections could
+/// take it while a node restarts (CI rehearsal: `restart` found its API port taken).
+/// Each test process walks the range from its own starting point.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (start + n) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {LOW} and {}", LOW + SPAN)
 }
 
 pub struct Node {
