@@ -28,6 +28,8 @@ const META_HLC: &[u8] = b"hlc";
 const META_VV_PREFIX: &[u8] = b"vv/";
 const META_NS_HLC_PREFIX: &[u8] = b"nshlc/";
 const META_CHECKPOINT_PREFIX: &[u8] = b"peer/";
+/// How far a connector has sent this node's feed out (`asp-connect`), by its name.
+const META_CONNECTOR_PREFIX: &[u8] = b"connector/";
 
 pub(crate) struct Index {
     db: Database,
@@ -381,17 +383,19 @@ impl Index {
     /// must still be sent.
     pub fn clamp_checkpoints(&self, head: u64) -> Result<(), fjall::Error> {
         let mut lowered = Vec::new();
-        for item in self.meta.prefix(META_CHECKPOINT_PREFIX) {
-            let (k, v) = item.into_inner()?;
-            let seq = v.as_ref().try_into().map(u64::from_le_bytes).unwrap_or(0);
-            if seq > head {
-                lowered.push(k);
+        for prefix in [META_CHECKPOINT_PREFIX, META_CONNECTOR_PREFIX] {
+            for item in self.meta.prefix(prefix) {
+                let (k, v) = item.into_inner()?;
+                let seq = v.as_ref().try_into().map(u64::from_le_bytes).unwrap_or(0);
+                if seq > head {
+                    lowered.push(k);
+                }
             }
         }
         for key in lowered {
             tracing::warn!(
                 head,
-                "a peer checkpoint was past the end of the log; lowering it so that the peer is sent what follows"
+                "a peer's or connector's checkpoint was past the end of the log; lowering it so that what follows is sent"
             );
             self.meta.insert(key, head.to_le_bytes())?;
         }
@@ -401,6 +405,19 @@ impl Index {
     pub fn save_checkpoint(&self, peer: NodeId, seq: u64) -> Result<(), fjall::Error> {
         let mut key = META_CHECKPOINT_PREFIX.to_vec();
         key.extend_from_slice(&peer.get().to_be_bytes());
+        self.meta.insert(key, seq.to_le_bytes())
+    }
+
+    pub fn connector_position(&self, name: &str) -> Option<u64> {
+        let mut key = META_CONNECTOR_PREFIX.to_vec();
+        key.extend_from_slice(name.as_bytes());
+        let v = self.meta.get(key).ok()??;
+        Some(u64::from_le_bytes(v.as_ref().try_into().ok()?))
+    }
+
+    pub fn save_connector_position(&self, name: &str, seq: u64) -> Result<(), fjall::Error> {
+        let mut key = META_CONNECTOR_PREFIX.to_vec();
+        key.extend_from_slice(name.as_bytes());
         self.meta.insert(key, seq.to_le_bytes())
     }
 

@@ -1,6 +1,6 @@
 //! The store's public request and answer types.
 
-use asp_core::{ContentType, Dot, Event, Hlc, Key, Version, VersionVector};
+use asp_core::{ContentType, Dot, Event, Hlc, Key, Namespace, Version, VersionVector};
 use bytes::Bytes;
 
 /// One operation of an atomic batch.
@@ -125,6 +125,16 @@ impl WriteOp {
         self.condition = condition;
         self
     }
+}
+
+/// A JSON put written in the same log transaction as a batch
+/// ([`crate::Store::write_with_checkpoint`]), before the batch's events: a reader of the
+/// whole feed meets it first, with every event of the batch right after it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub namespace: Namespace,
+    pub key: Key,
+    pub value: Bytes,
 }
 
 /// What one applied operation became.

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use asp_core::crdt::Policy;
 use asp_core::{ContentType, Dot, Event, Hlc, Key, Namespace, NodeId, Op};
 use asp_store::fault::{FaultFs, SyncFailure};
-use asp_store::{CrdtOp, FsyncMode, Store, StoreConfig, WriteError, WriteKind, WriteOp};
+use asp_store::{Checkpoint, CrdtOp, FsyncMode, Store, StoreConfig, WriteError, WriteKind, WriteOp};
 use bytes::Bytes;
 
 fn ns(name: &str) -> Namespace {
@@ -72,7 +72,11 @@ struct Model {
     hot: HashMap<String, Dot>,
     /// Batches of unique keys that were not acknowledged: after a cut each must be
     /// there whole or not at all.
-    unacked: Vec<Vec<(String, Vec<u8>)>>,
+    unacked: Vec<(Vec<(String, Vec<u8>)>, Option<u64>)>,
+    /// Each writer's newest checkpoint (namespace `cp`, key `w<writer>`): the last key
+    /// of its newest batch written with one. Checks that a checkpoint and its batch
+    /// are there together or not at all.
+    checkpoints: HashMap<u64, String>,
     /// Batches that were not there after a cut: they must never come back.
     lost: Vec<String>,
     /// Keys acknowledged since the last check (always checked).
@@ -112,16 +116,31 @@ async fn work(store: Store, model: Arc<Mutex<Model>>, seed: u64, writer: u64, op
                     })
                     .collect();
                 let ops = batch.iter().map(|(k, v)| put(k, v)).collect();
-                match store.write(ns("p"), ops).await {
+                // Half the batches carry a checkpoint naming their last key.
+                let checkpoint = (rng.below(2) == 0).then(|| Checkpoint {
+                    namespace: ns("cp"),
+                    key: Key::new(&format!("w{writer}")).unwrap(),
+                    value: Bytes::from(batch.last().unwrap().0.clone()),
+                });
+                let written = match &checkpoint {
+                    Some(c) => store.write_with_checkpoint(ns("p"), ops, c.clone()).await,
+                    None => store.write(ns("p"), ops).await,
+                };
+                match written {
                     Ok(applied) => {
                         let mut m = model.lock().unwrap();
+                        if checkpoint.is_some() {
+                            m.checkpoints
+                                .insert(writer, batch.last().unwrap().0.clone());
+                        }
                         for ((k, v), a) in batch.into_iter().zip(applied) {
                             m.recent.insert(k.clone());
                             m.acked.insert(k, (v, a.dot));
                         }
                     }
                     Err(_) => {
-                        model.lock().unwrap().unacked.push(batch);
+                        let writer = checkpoint.map(|_| writer);
+                        model.lock().unwrap().unacked.push((batch, writer));
                         return;
                     }
                 }
@@ -179,7 +198,7 @@ fn verify(store: &Store, model: &mut Model, seed: u64, cycle: u64) {
         );
     }
     model.recent.clear();
-    for batch in std::mem::take(&mut model.unacked) {
+    for (batch, checkpointed) in std::mem::take(&mut model.unacked) {
         let found: Vec<_> = batch
             .iter()
             .map(|(k, v)| (value(store, "p", k), v))
@@ -190,6 +209,13 @@ fn verify(store: &Store, model: &mut Model, seed: u64, cycle: u64) {
             "{ctx}: an unacknowledged batch is half there ({present} of {})",
             batch.len()
         );
+        if let Some(writer) = checkpointed
+            && present > 0
+        {
+            model
+                .checkpoints
+                .insert(writer, batch.last().unwrap().0.clone());
+        }
         for ((got, v), (k, _)) in found.into_iter().zip(&batch) {
             match got {
                 Some((got, dot)) => {
@@ -200,6 +226,14 @@ fn verify(store: &Store, model: &mut Model, seed: u64, cycle: u64) {
                 None => model.lost.push(k.clone()),
             }
         }
+    }
+    for (writer, expected) in &model.checkpoints {
+        let got = value(store, "cp", &format!("w{writer}")).map(|(v, _)| v);
+        assert_eq!(
+            got.as_deref().map(String::from_utf8_lossy),
+            Some(expected.as_str().into()),
+            "{ctx}: writer {writer}'s checkpoint is not the one of its newest batch"
+        );
     }
 }
 

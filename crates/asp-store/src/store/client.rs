@@ -45,6 +45,24 @@ impl Store {
         self.write_fenced(namespace, ops, None).await
     }
 
+    /// [`Store::write`] with `checkpoint` (a put of its own namespace and key) in the
+    /// same atomic step: after a crash either both are in the log or neither is. What a
+    /// connector stores its source position with, so that a message is applied once.
+    /// The batch's namespace must use the `lww` policy.
+    pub async fn write_with_checkpoint(
+        &self,
+        namespace: Namespace,
+        ops: Vec<WriteOp>,
+        checkpoint: crate::types::Checkpoint,
+    ) -> Result<Vec<Applied>, WriteError> {
+        if checkpoint.namespace == namespace {
+            return Err(WriteError::Invalid(
+                "a checkpoint goes to another namespace than its batch".into(),
+            ));
+        }
+        self.submit(namespace, ops, None, Some(checkpoint)).await
+    }
+
     /// [`Store::write`], applied only if `fence` names the newest token of its lease
     /// (checked in the writer, in the same step as the write).
     pub async fn write_fenced(
@@ -52,6 +70,16 @@ impl Store {
         namespace: Namespace,
         ops: Vec<WriteOp>,
         fence: Option<crate::Fence>,
+    ) -> Result<Vec<Applied>, WriteError> {
+        self.submit(namespace, ops, fence, None).await
+    }
+
+    async fn submit(
+        &self,
+        namespace: Namespace,
+        ops: Vec<WriteOp>,
+        fence: Option<crate::Fence>,
+        checkpoint: Option<crate::types::Checkpoint>,
     ) -> Result<Vec<Applied>, WriteError> {
         let config = self.config();
         if ops.is_empty() {
@@ -90,6 +118,16 @@ impl Store {
             }
             bytes += op.key.as_str().len() + value_len + 64;
         }
+        if let Some(c) = &checkpoint {
+            if c.value.len() > config.value_bytes_max {
+                return Err(WriteError::TooLarge(format!(
+                    "the checkpoint is {} bytes; the limit is {} (value_bytes_max)",
+                    c.value.len(),
+                    config.value_bytes_max
+                )));
+            }
+            bytes += c.key.as_str().len() + c.value.len() + 64;
+        }
         if bytes > config.write_queue_bytes_max {
             return Err(WriteError::TooLarge(format!(
                 "the batch is {bytes} bytes; the limit is {} (write_queue_bytes_max)",
@@ -109,6 +147,7 @@ impl Store {
             permit: None,
             bytes,
             fence,
+            checkpoint,
         };
         // Fast path: room in the budget and the queue right now, no timer needed.
         if let Ok(permit) = self

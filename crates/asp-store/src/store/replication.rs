@@ -601,4 +601,24 @@ impl Store {
     pub fn save_checkpoint(&self, peer: NodeId, seq: u64) -> Result<(), ReadError> {
         Ok(self.inner.shared.index.save_checkpoint(peer, seq)?)
     }
+
+    /// The feed position through which connector `name` has sent this node's feed out
+    /// (0 if never).
+    pub fn connector_position(&self, name: &str) -> u64 {
+        self.inner
+            .shared
+            .index
+            .connector_position(name)
+            .unwrap_or(0)
+    }
+
+    /// Records how far connector `name` has sent the feed out. Not fsynced: losing it
+    /// means sending a little of the feed again (the sink dedupes by dot).
+    pub fn save_connector_position(&self, name: &str, seq: u64) -> Result<(), ReadError> {
+        Ok(self
+            .inner
+            .shared
+            .index
+            .save_connector_position(name, seq)?)
+    }
 }

@@ -83,6 +83,13 @@ impl Writer {
             metrics.writes_rejected.inc();
             let _ = w.reply.send(Err(err));
         };
+        if w.checkpoint.is_some() {
+            let err = WriteError::WrongPolicy(format!(
+                "namespace {} uses the {policy} policy; a write with a checkpoint (a connector's) needs lww",
+                w.namespace
+            ));
+            return refuse(w, err, &self.shared.metrics);
+        }
         // First every state, so that a refused operation leaves nothing behind.
         let mut states: HashMap<String, State> = HashMap::new();
         let mut encoded_states: Vec<(Hlc, bytes::Bytes)> = Vec::with_capacity(w.ops.len());

@@ -63,11 +63,48 @@ impl Writer {
                 WriteKind::Crdt(_) => unreachable!("refused above"),
             })
             .collect();
+        if let Some(c) = &w.checkpoint {
+            self.append_checkpoint(g, c, wall);
+        }
         let applied = self.append_ops(g, &w, first_counter, &events, &[], epoch);
         g.acks.push(Ack {
             reply: Reply::Write(w.reply, applied),
             _permit: w.permit,
         });
+    }
+
+    /// Appends a batch's checkpoint, the first record of the batch's transaction (so
+    /// not its end): a put of this node in the checkpoint's namespace.
+    fn append_checkpoint(&mut self, g: &mut Group, c: &crate::types::Checkpoint, wall: u64) {
+        let counter = self.next_counter(&c.namespace);
+        let dot = Dot {
+            origin: self.shared.node_id,
+            counter,
+        };
+        let hlc = self.clock.tick(wall);
+        let event = EventRef {
+            namespace: c.namespace.as_str(),
+            key: c.key.as_str(),
+            put: Some((asp_core::ContentType::Json, &c.value[..])),
+            dot,
+            hlc,
+            context: &[],
+            epoch: 0,
+            expires_ms: 0,
+        };
+        self.append(g, &event, false, UpdateKind::Overwrite);
+        self.touch(g, &c.namespace, hlc);
+        self.namespaces
+            .get_mut(&c.namespace)
+            .expect("just touched")
+            .vector
+            .insert_range(dot.origin, counter, counter);
+        self.shared
+            .writer
+            .counters
+            .lock()
+            .unwrap()
+            .issued(&c.namespace, counter);
     }
 
     /// Appends a client's batch: operation `i` as the event with dot

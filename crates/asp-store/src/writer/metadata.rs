@@ -154,6 +154,9 @@ impl Writer {
         for work in &group {
             if let Work::Write(w) = work {
                 *needs.entry(w.namespace.clone()).or_default() += w.ops.len() as u64;
+                if let Some(c) = &w.checkpoint {
+                    *needs.entry(c.namespace.clone()).or_default() += 1;
+                }
             }
         }
         if needs.is_empty() {

@@ -98,4 +98,7 @@ pub(crate) struct WriteRequest {
     pub bytes: usize,
     /// The write's `If-Fence`, checked by the writer with the rest of its admission.
     pub fence: Option<crate::modes::Fence>,
+    /// A put into another namespace written in the same log transaction, before the
+    /// batch's own events (a connector's source position; see [`crate::Checkpoint`]).
+    pub checkpoint: Option<crate::types::Checkpoint>,
 }

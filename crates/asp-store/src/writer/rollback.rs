@@ -38,7 +38,12 @@ impl Writer {
         let mut takes_held = false;
         for work in group {
             match work {
-                Work::Write(w) => note(&mut names, &w.namespace),
+                Work::Write(w) => {
+                    if let Some(c) = &w.checkpoint {
+                        note(&mut names, &c.namespace);
+                    }
+                    note(&mut names, &w.namespace)
+                }
                 Work::Apply(a) => a.events.iter().for_each(|e| note(&mut names, &e.namespace)),
                 Work::Cover(c) => note(&mut names, &c.namespace),
                 Work::Quarantine(q) => {
