@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 use asp_core::crdt::Policy;
 use asp_core::{ContentType, Dot, Event, Hlc, Key, Namespace, NodeId, Op};
 use asp_store::fault::{FaultFs, SyncFailure};
-use asp_store::{Checkpoint, CrdtOp, FsyncMode, Store, StoreConfig, WriteError, WriteKind, WriteOp};
+use asp_store::{
+    Checkpoint, CrdtOp, FsyncMode, Store, StoreConfig, WriteError, WriteKind, WriteOp,
+};
 use bytes::Bytes;
 
 fn ns(name: &str) -> Namespace {
@@ -63,6 +65,9 @@ impl Rng {
     }
 }
 
+/// A batch of unique keys and their values.
+type Batch = Vec<(String, Vec<u8>)>;
+
 /// What the writers were told, and what they tried.
 #[derive(Default)]
 struct Model {
@@ -72,7 +77,7 @@ struct Model {
     hot: HashMap<String, Dot>,
     /// Batches of unique keys that were not acknowledged: after a cut each must be
     /// there whole or not at all.
-    unacked: Vec<(Vec<(String, Vec<u8>)>, Option<u64>)>,
+    unacked: Vec<(Batch, Option<u64>)>,
     /// Each writer's newest checkpoint (namespace `cp`, key `w<writer>`): the last key
     /// of its newest batch written with one. Checks that a checkpoint and its batch
     /// are there together or not at all.
