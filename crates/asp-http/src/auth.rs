@@ -131,7 +131,7 @@ pub(crate) fn need_of(method: &Method, uri: &Uri) -> Need {
     match path {
         "/healthz" | "/v1/openapi.json" => return Need::Open,
         "/metrics" => return Need::Metrics,
-        "/v1/status" => return access(None, Op::Read, NeedKeys::Any),
+        "/v1/status" | "/v1/connectors" => return access(None, Op::Read, NeedKeys::Any),
         "/v1/admin/compact"
         | "/v1/admin/scrub"
         | "/v1/admin/tokens/revoke"

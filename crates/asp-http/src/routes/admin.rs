@@ -187,9 +187,20 @@ pub(super) async fn status(State(state): State<AppState>) -> Response {
         })).collect::<Vec<_>>(),
         "held": held_api::status_json(&store.held(), asp_store::clock::wall_ms()),
         "replication": replication,
+        "connectors": state.connectors().map(|c| c.status()).unwrap_or_else(|| serde_json::json!([])),
         "failure": s.failure,
     }))
     .into_response()
+}
+
+/// `GET /v1/connectors`: every connector of this node, its configuration (no
+/// secrets) and, per side, its state, position, lag, last error and counters.
+pub(super) async fn connectors(State(state): State<AppState>) -> Response {
+    let list = state
+        .connectors()
+        .map(|c| c.status())
+        .unwrap_or_else(|| serde_json::json!([]));
+    Json(serde_json::json!({ "connectors": list })).into_response()
 }
 
 /// What `--salvage` did, for status.

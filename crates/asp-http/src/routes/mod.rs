@@ -95,6 +95,16 @@ struct StateInner {
     shutdown: CancellationToken,
     /// Token checks (`None`: the node was started without `[auth]`).
     auth: Option<Arc<crate::auth::NodeAuth>>,
+    /// The node's connectors (`None`: none configured).
+    connectors: Option<Arc<dyn ConnectorsView>>,
+}
+
+/// What the API shows of the node's connectors (`asp-connect` implements it; this
+/// crate does not depend on it).
+pub trait ConnectorsView: Send + Sync {
+    /// Every connector's configuration and state, as `GET /v1/connectors` lists them.
+    fn status(&self) -> serde_json::Value;
+    fn register_metrics(&self, registry: &mut Registry);
 }
 
 impl AppState {
@@ -145,6 +155,7 @@ impl AppState {
                 listen,
                 shutdown,
                 auth: None,
+                connectors: None,
             }),
         }
     }
@@ -155,6 +166,20 @@ impl AppState {
             .expect("with_auth is called before the state is cloned")
             .auth = Some(auth);
         self
+    }
+
+    /// The same state showing the node's connectors (`GET /v1/connectors`, status,
+    /// metrics); call before the state is shared.
+    pub fn with_connectors(mut self, connectors: Arc<dyn ConnectorsView>) -> Self {
+        let inner = Arc::get_mut(&mut self.inner)
+            .expect("with_connectors is called before the state is cloned");
+        connectors.register_metrics(&mut inner.registry);
+        inner.connectors = Some(connectors);
+        self
+    }
+
+    pub(crate) fn connectors(&self) -> Option<&dyn ConnectorsView> {
+        self.inner.connectors.as_deref()
     }
 
     pub(crate) fn replicator(&self) -> Option<&Replicator> {
@@ -198,6 +223,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(admin::healthz))
         .route("/metrics", get(admin::metrics))
         .route("/v1/status", get(admin::status))
+        .route("/v1/connectors", get(admin::connectors))
         .route("/v1/admin/compact", post(admin::compact))
         .route(
             "/v1/admin/quarantine/{ns}/retry",
