@@ -1,0 +1,219 @@
+//! NATS JetStream (`kind = "nats"`): out publishes each change to `<subject>.<key>`
+//! with the asp headers and waits for the stream's acknowledgements; in reads
+//! `<subject>.>` from an ephemeral consumer that starts just after the stored stream
+//! sequence, so the stream sequence is the source position.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use crate::runtime::{Ctx, InMessage, OutMessage, Position, Sink, Source, Undelivered};
+
+/// How long a request to the server (a publish's acknowledgement, stream info) waits.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn connect(ctx: &Ctx) -> Result<(jetstream::Context, stream::Stream), String> {
+    let c = &ctx.connector;
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .request_timeout(Some(REQUEST_TIMEOUT))
+        .connect(c.url.as_str())
+        .await
+        .map_err(|e| format!("connecting to {}: {e}", c.url))?;
+    let js = jetstream::new(client);
+    let stream = js
+        .get_or_create_stream(stream::Config {
+            name: c.stream.clone(),
+            subjects: vec![format!("{}.>", c.subject)],
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("finding or creating stream {}: {e}", c.stream))?;
+    Ok((js, stream))
+}
+
+/// The subject a key is published to: `<subject>.<key>`, with the bytes a subject
+/// cannot hold (whitespace, `*`, `>`, `%`, and a `.` that would make an empty token)
+/// written `%XX`. The `asp-key` header always holds the key as it is.
+pub fn subject_for(prefix: &str, key: &str) -> String {
+    let mut out = String::with_capacity(prefix.len() + 1 + key.len());
+    out.push_str(prefix);
+    out.push('.');
+    let bytes = key.as_bytes();
+    for (i, ch) in key.char_indices() {
+        // Every byte that needs escaping is ASCII; other characters go as they are.
+        let b = if ch.is_ascii() { ch as u8 } else { b'a' };
+        let empty_token =
+            b == b'.' && (i == 0 || i + 1 == bytes.len() || bytes.get(i + 1) == Some(&b'.'));
+        let bad = b <= b' ' || b == 0x7f || matches!(b, b'*' | b'>' | b'%') || empty_token;
+        if bad {
+            out.push_str(&format!("%{b:02X}"));
+        } else {
+            out.push(ch);
+        }
+    }
+    out
+}
+
+pub(crate) struct NatsSink {
+    js: jetstream::Context,
+    ctx: Arc<Ctx>,
+}
+
+pub(crate) async fn sink(ctx: Arc<Ctx>) -> Result<NatsSink, String> {
+    let (js, _) = connect(&ctx).await?;
+    Ok(NatsSink { js, ctx })
+}
+
+impl Sink for NatsSink {
+    async fn send(&mut self, batch: &[OutMessage]) -> Result<Undelivered, String> {
+        let c = &self.ctx.connector;
+        let mut acks = Vec::with_capacity(batch.len());
+        for m in batch {
+            let mut headers = HeaderMap::new();
+            for (name, value) in m.headers(&self.ctx.cluster) {
+                headers.insert(name, value.as_str());
+            }
+            // A consumer that dedupes by JetStream's own id gets it too.
+            headers.insert("Nats-Msg-Id", m.dot.to_string().as_str());
+            let payload = m.value.as_ref().map(|(_, v)| v.clone()).unwrap_or_default();
+            let ack = self
+                .js
+                .publish_with_headers(subject_for(&c.subject, &m.key), headers, payload)
+                .await
+                .map_err(|e| format!("publishing to {}: {e}", c.subject))?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await
+                .map_err(|e| format!("waiting for stream {}'s acknowledgement: {e}", c.stream))?;
+        }
+        Ok(Vec::new())
+    }
+}
+
+pub(crate) struct NatsSource {
+    stream: stream::Stream,
+    consumer: consumer::PullConsumer,
+    prefix: String,
+    last: Option<Position>,
+}
+
+pub(crate) async fn source(ctx: Arc<Ctx>, stored: Option<Position>) -> Result<NatsSource, String> {
+    let c = &ctx.connector;
+    let (_, stream) = connect(&ctx).await?;
+    let deliver_policy = match stored {
+        Some(p) => consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: p.0 + 1,
+        },
+        None => consumer::DeliverPolicy::All,
+    };
+    let consumer = stream
+        .create_consumer(consumer::pull::Config {
+            deliver_policy,
+            ack_policy: consumer::AckPolicy::All,
+            filter_subject: format!("{}.>", c.subject),
+            inactive_threshold: Duration::from_secs(60),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("creating a consumer on stream {}: {e}", c.stream))?;
+    Ok(NatsSource {
+        stream,
+        consumer,
+        prefix: format!("{}.", c.subject),
+        last: stored,
+    })
+}
+
+impl Source for NatsSource {
+    async fn fetch(&mut self, max: usize) -> Result<Vec<InMessage>, String> {
+        let mut batch = self
+            .consumer
+            .fetch()
+            .max_messages(max)
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await
+            .map_err(|e| format!("fetching: {e}"))?;
+        let mut out = Vec::new();
+        let mut last_msg = None;
+        while let Some(m) = batch.next().await {
+            let m = m.map_err(|e| format!("fetching: {e}"))?;
+            let info = m
+                .info()
+                .map_err(|e| format!("a message without its info: {e}"))?;
+            let position = Position(info.stream_sequence, 0);
+            let header = |name: &str| {
+                m.headers
+                    .as_ref()
+                    .and_then(|h| h.get(name))
+                    .map(|v| v.as_str().to_owned())
+            };
+            let key = header("asp-key").or_else(|| {
+                m.subject
+                    .as_str()
+                    .strip_prefix(&self.prefix)
+                    .map(str::to_owned)
+            });
+            let fields = m
+                .headers
+                .as_ref()
+                .map(|h| {
+                    h.iter()
+                        .flat_map(|(k, vs)| {
+                            vs.iter()
+                                .map(move |v| (k.to_string(), v.as_str().to_owned()))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(InMessage {
+                position,
+                key,
+                op: header("asp-op"),
+                content_type: header("content-type").or_else(|| header("Content-Type")),
+                value: Bytes::copy_from_slice(&m.payload),
+                cluster: header("asp-cluster"),
+                fields,
+            });
+            self.last = Some(position);
+            last_msg = Some(m);
+        }
+        // AckPolicy::All: acknowledging the last acknowledges every earlier one. The
+        // stored position, not the acknowledgement, decides what is applied.
+        if let Some(m) = last_msg {
+            let _ = m.ack().await;
+        }
+        Ok(out)
+    }
+
+    async fn ack(&mut self, _batch: &[InMessage]) -> Result<(), String> {
+        Ok(())
+    }
+
+    async fn head(&mut self) -> Option<(String, u64)> {
+        let info = self.stream.info().await.ok()?;
+        let head = info.state.last_sequence;
+        let at = self.last.map_or(0, |p| p.0);
+        Some((head.to_string(), head.saturating_sub(at)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subject_for;
+
+    #[test]
+    fn subjects_escape_what_nats_cannot_hold_and_keep_the_rest() {
+        assert_eq!(subject_for("p", "a.b"), "p.a.b");
+        assert_eq!(subject_for("p", "a b/é"), "p.a%20b/é");
+        assert_eq!(subject_for("p", ".a..b."), "p.%2Ea%2E.b%2E");
+        assert_eq!(subject_for("p", "*>%\t"), "p.%2A%3E%25%09");
+        assert_eq!(subject_for("p", "日本"), "p.日本");
+    }
+}

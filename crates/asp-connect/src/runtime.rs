@@ -1,0 +1,544 @@
+//! What every connector shares: the out side reads the node's feed in order and hands
+//! a sink one bounded batch at a time, moving its saved position only past what the
+//! sink took; the in side takes a source's batch, drops what it already applied
+//! (at or before the stored source position) and what this cluster published, sends
+//! malformed messages to the dead-letter namespace, and writes the rest with the new
+//! source position in one atomic step.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use asp_core::{ContentType, Dot, Hlc, Key, Namespace, NodeId, Op};
+use asp_store::{Checkpoint, Store, WriteError, WriteOp};
+use bytes::Bytes;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{BACKOFF_MAX, Connector};
+use crate::status::Side;
+
+/// The replicated namespace that holds each connector's source position (key: the
+/// connector's name), written with the data it covers.
+pub const POSITIONS_NAMESPACE: &str = "_asp.connectors";
+
+/// Everything a connector's tasks share.
+pub(crate) struct Ctx {
+    pub store: Store,
+    pub connector: Connector,
+    pub cluster: String,
+    pub node: NodeId,
+    pub shutdown: CancellationToken,
+}
+
+/// One change of the connected namespace, as a sink sends it.
+#[derive(Clone, Debug)]
+pub(crate) struct OutMessage {
+    /// Its position in this node's feed.
+    pub seq: u64,
+    pub key: String,
+    /// `None`: a delete.
+    pub value: Option<(ContentType, Bytes)>,
+    pub dot: Dot,
+    pub hlc: Hlc,
+}
+
+impl OutMessage {
+    pub fn op(&self) -> &'static str {
+        if self.value.is_some() {
+            "put"
+        } else {
+            "delete"
+        }
+    }
+
+    /// The headers every kind sends (as headers or as fields).
+    pub fn headers(&self, cluster: &str) -> Vec<(&'static str, String)> {
+        let mut h = vec![
+            ("asp-origin", self.dot.origin.to_string()),
+            ("asp-dot", self.dot.to_string()),
+            ("asp-version", self.hlc.to_string()),
+            ("asp-op", self.op().to_owned()),
+            ("asp-key", self.key.clone()),
+            ("asp-cluster", cluster.to_owned()),
+        ];
+        if let Some((ct, _)) = &self.value {
+            h.push(("content-type", ct.mime().to_owned()));
+        }
+        h
+    }
+}
+
+/// What a sink could not deliver, by index in the batch, with the reason: the
+/// runtime writes each to the dead-letter namespace.
+pub(crate) type Undelivered = Vec<(usize, String)>;
+
+pub(crate) trait Sink: Send {
+    /// Delivers `batch` in order, at least once. `Err`: nothing can be said of the
+    /// batch (a connection failure); the runtime reconnects and sends it again.
+    fn send(
+        &mut self,
+        batch: &[OutMessage],
+    ) -> impl std::future::Future<Output = Result<Undelivered, String>> + Send;
+}
+
+/// A source position: a JetStream stream sequence (`n`, `0`) or a Redis entry id
+/// (`ms`, `seq`). Ordered as the source orders its messages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Position(pub u64, pub u64);
+
+impl Position {
+    pub fn parse(text: &str) -> Option<Position> {
+        match text.split_once('-') {
+            Some((a, b)) => Some(Position(a.parse().ok()?, b.parse().ok()?)),
+            None => Some(Position(text.parse().ok()?, 0)),
+        }
+    }
+
+    pub fn render(self, redis: bool) -> String {
+        if redis {
+            format!("{}-{}", self.0, self.1)
+        } else {
+            self.0.to_string()
+        }
+    }
+}
+
+/// One message read from a source.
+#[derive(Clone, Debug)]
+pub(crate) struct InMessage {
+    pub position: Position,
+    /// The key it names (from the subject, a header or a field), as sent.
+    pub key: Option<String>,
+    /// `put`, `delete`, or what else was sent.
+    pub op: Option<String>,
+    pub content_type: Option<String>,
+    pub value: Bytes,
+    /// The `asp-cluster` the message carries: set on what asp published.
+    pub cluster: Option<String>,
+    /// Every header or field, for the dead-letter record.
+    pub fields: Vec<(String, String)>,
+}
+
+pub(crate) trait Source: Send {
+    /// The next messages after the ones returned before, at most `max`; may wait a
+    /// little (about a second) for some, and return none.
+    fn fetch(
+        &mut self,
+        max: usize,
+    ) -> impl std::future::Future<Output = Result<Vec<InMessage>, String>> + Send;
+    /// Tells the source these are applied (Redis: `XACK`).
+    fn ack(
+        &mut self,
+        batch: &[InMessage],
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
+    /// The source's newest position and how many messages lie past `after`, if it
+    /// can tell.
+    fn head(&mut self) -> impl std::future::Future<Output = Option<(String, u64)>> + Send;
+}
+
+/// Exponential backoff with jitter, 100 ms doubling to [`BACKOFF_MAX`].
+pub(crate) struct Backoff(u32);
+
+impl Backoff {
+    pub fn new() -> Self {
+        Backoff(0)
+    }
+    pub fn reset(&mut self) {
+        self.0 = 0;
+    }
+    /// Waits the next delay; `false` if the node is stopping.
+    pub async fn wait(&mut self, shutdown: &CancellationToken) -> bool {
+        let base = Duration::from_millis(100).saturating_mul(1 << self.0.min(7));
+        let base = base.min(BACKOFF_MAX);
+        self.0 += 1;
+        let jitter = rand::random_range(0..=base.as_millis() as u64 / 4);
+        let delay = base + Duration::from_millis(jitter);
+        tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
+}
+
+/// The out side: connects with `connect`, then sends the namespace's changes from the
+/// saved feed position on, until the node stops.
+pub(crate) async fn run_out<S, F, Fut>(ctx: Arc<Ctx>, side: Arc<Side>, mut connect: F)
+where
+    S: Sink,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<S, String>>,
+{
+    let mut backoff = Backoff::new();
+    while !ctx.shutdown.is_cancelled() {
+        side.set_state("connecting");
+        let sink = tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            s = connect() => s,
+        };
+        match sink {
+            Ok(sink) => {
+                side.set_state("running");
+                match send_feed(&ctx, &side, sink, &mut backoff).await {
+                    Ok(()) => break,
+                    Err(e) => side.error(e),
+                }
+            }
+            Err(e) => side.error(e),
+        }
+        if !backoff.wait(&ctx.shutdown).await {
+            break;
+        }
+    }
+    side.set_state("stopped");
+}
+
+/// Sends the feed until the node stops (`Ok`) or the sink fails (`Err`).
+async fn send_feed<S: Sink>(
+    ctx: &Ctx,
+    side: &Side,
+    mut sink: S,
+    backoff: &mut Backoff,
+) -> Result<(), String> {
+    let c = &ctx.connector;
+    let store = &ctx.store;
+    let mut position = store.connector_position(&c.name);
+    let mut reader = store.feed_reader(None, position);
+    let mut heads = store.subscribe();
+    let positions_ns = POSITIONS_NAMESPACE;
+    // Events of the connected namespace still to skip: written by this connector's in
+    // side (they came from the source; sending them back would echo).
+    let mut skip = 0u64;
+    loop {
+        let events = reader
+            .read(c.batch * 4)
+            .map_err(|e| format!("reading the feed: {e}"))?;
+        if events.is_empty() {
+            let head = store.head().seq;
+            side.at(position, head, head.saturating_sub(position));
+            heads.borrow_and_update();
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => return Ok(()),
+                changed = heads.changed() => if changed.is_err() { return Ok(()) },
+                // The position of what was read (other namespaces) is saved now and then.
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            if reader.position() > position {
+                position = reader.position();
+                store
+                    .save_connector_position(&c.name, position)
+                    .map_err(|e| format!("saving the position: {e}"))?;
+            }
+            continue;
+        }
+        let mut batch = Vec::with_capacity(events.len());
+        for fe in &events {
+            let e = &fe.event;
+            if e.namespace.as_str() == positions_ns {
+                if e.key.as_str() == c.name
+                    && e.dot.origin == ctx.node
+                    && let Op::Put { value, .. } = &e.op
+                {
+                    skip = serde_json::from_slice::<serde_json::Value>(value)
+                        .ok()
+                        .and_then(|v| v["count"].as_u64())
+                        .unwrap_or(0);
+                }
+                continue;
+            }
+            if e.namespace != c.namespace {
+                continue;
+            }
+            if skip > 0 && e.dot.origin == ctx.node {
+                skip -= 1;
+                continue;
+            }
+            batch.push(OutMessage {
+                seq: fe.seq,
+                key: e.key.as_str().to_owned(),
+                value: match &e.op {
+                    Op::Put {
+                        content_type,
+                        value,
+                    } => Some((*content_type, value.clone())),
+                    Op::Delete => None,
+                },
+                dot: e.dot,
+                hlc: e.hlc,
+            });
+        }
+        for chunk in batch.chunks(c.batch) {
+            let undelivered = tokio::select! {
+                _ = ctx.shutdown.cancelled() => return Ok(()),
+                r = sink.send(chunk) => r?,
+            };
+            for (i, reason) in undelivered {
+                let m = &chunk[i];
+                dead_letter(
+                    ctx,
+                    side,
+                    &format!("out/{}", m.dot),
+                    json!({
+                        "key": m.key,
+                        "op": m.op(),
+                        "dot": m.dot.to_string(),
+                        "version": m.hlc.to_string(),
+                        "value": m.value.as_ref().map(|(ct, v)| text_or_base64(*ct, v)),
+                        "content_type": m.value.as_ref().map(|(ct, _)| ct.mime()),
+                    }),
+                    &reason,
+                )
+                .await?;
+            }
+            side.count(chunk.len() as u64);
+            backoff.reset();
+            let last = chunk.last().expect("chunks are not empty").seq;
+            store
+                .save_connector_position(&c.name, last)
+                .map_err(|e| format!("saving the position: {e}"))?;
+        }
+        position = reader.position();
+        store
+            .save_connector_position(&c.name, position)
+            .map_err(|e| format!("saving the position: {e}"))?;
+        let head = store.head().seq;
+        side.at(position, head, head.saturating_sub(position));
+    }
+}
+
+/// A value for a JSON record: its text when it is text, base64 otherwise.
+pub(crate) fn text_or_base64(ct: ContentType, v: &[u8]) -> serde_json::Value {
+    use base64::Engine as _;
+    match (ct, std::str::from_utf8(v)) {
+        (ContentType::Json | ContentType::Text, Ok(t)) => json!(t),
+        _ => json!({"base64": base64::engine::general_purpose::STANDARD.encode(v)}),
+    }
+}
+
+/// Writes one dead-letter record: key `<connector>/<what>`, the message and why.
+pub(crate) async fn dead_letter(
+    ctx: &Ctx,
+    side: &Side,
+    what: &str,
+    message: serde_json::Value,
+    reason: &str,
+) -> Result<(), String> {
+    let c = &ctx.connector;
+    let key = format!("{}/{what}", c.name);
+    let record = json!({
+        "connector": c.name,
+        "kind": c.kind.as_str(),
+        "namespace": c.namespace.as_str(),
+        "reason": reason,
+        "message": message,
+        "at_ms": asp_store::clock::wall_ms(),
+        "node": ctx.node.to_string(),
+    });
+    let key = Key::new(&key).map_err(|e| format!("dead-letter key {key:?}: {e}"))?;
+    let op = WriteOp::put(
+        key,
+        ContentType::Json,
+        serde_json::to_vec(&record).expect("JSON"),
+    );
+    write_retrying(ctx, c.dead_letter.clone(), vec![op], None).await?;
+    tracing::warn!(connector = %c.name, reason, "a message went to the dead-letter namespace {}", c.dead_letter);
+    side.dead_letter(1);
+    Ok(())
+}
+
+/// Writes, waiting out an overloaded writer; other failures are the caller's.
+async fn write_retrying(
+    ctx: &Ctx,
+    namespace: Namespace,
+    ops: Vec<WriteOp>,
+    checkpoint: Option<Checkpoint>,
+) -> Result<(), String> {
+    loop {
+        let r = match &checkpoint {
+            Some(cp) => {
+                ctx.store
+                    .write_with_checkpoint(namespace.clone(), ops.clone(), cp.clone())
+                    .await
+            }
+            None => ctx.store.write(namespace.clone(), ops.clone()).await,
+        };
+        match r {
+            Ok(_) => return Ok(()),
+            Err(WriteError::Overloaded { .. }) if !ctx.shutdown.is_cancelled() => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(format!("writing to {namespace}: {e}")),
+        }
+    }
+}
+
+/// The source position stored for a connector, if any.
+pub(crate) fn stored_position(store: &Store, name: &str) -> Result<Option<Position>, String> {
+    let ns = Namespace::new(POSITIONS_NAMESPACE).expect("a valid name");
+    let Some(state) = store
+        .get(&ns, name)
+        .map_err(|e| format!("reading the stored position: {e}"))?
+    else {
+        return Ok(None);
+    };
+    let Some(value) = state.value else {
+        return Ok(None);
+    };
+    let v: serde_json::Value = serde_json::from_slice(&value.bytes)
+        .map_err(|e| format!("the stored position of {name} is not JSON: {e}"))?;
+    let text = v["position"].as_str().unwrap_or_default();
+    Position::parse(text)
+        .map(Some)
+        .ok_or_else(|| format!("the stored position of {name} is {text:?}, not a position"))
+}
+
+/// The in side: connects with `connect` (given the stored position), then writes what
+/// the source sends until the node stops.
+pub(crate) async fn run_in<S, F, Fut>(ctx: Arc<Ctx>, side: Arc<Side>, mut connect: F)
+where
+    S: Source,
+    F: FnMut(Option<Position>) -> Fut,
+    Fut: std::future::Future<Output = Result<S, String>>,
+{
+    let mut backoff = Backoff::new();
+    while !ctx.shutdown.is_cancelled() {
+        side.set_state("connecting");
+        let stored = match stored_position(&ctx.store, &ctx.connector.name) {
+            Ok(p) => p,
+            Err(e) => {
+                side.error(e);
+                if !backoff.wait(&ctx.shutdown).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        let source = tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            s = connect(stored) => s,
+        };
+        match source {
+            Ok(source) => {
+                side.set_state("running");
+                match ingest(&ctx, &side, source, stored, &mut backoff).await {
+                    Ok(()) => break,
+                    Err(e) => side.error(e),
+                }
+            }
+            Err(e) => side.error(e),
+        }
+        if !backoff.wait(&ctx.shutdown).await {
+            break;
+        }
+    }
+    side.set_state("stopped");
+}
+
+async fn ingest<S: Source>(
+    ctx: &Ctx,
+    side: &Side,
+    mut source: S,
+    mut stored: Option<Position>,
+    backoff: &mut Backoff,
+) -> Result<(), String> {
+    let c = &ctx.connector;
+    let redis = c.kind == crate::config::Kind::RedisStream;
+    let value_max = ctx.store.config().value_bytes_max;
+    let mut polls = 0u32;
+    loop {
+        let batch = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return Ok(()),
+            b = source.fetch(c.batch) => b?,
+        };
+        polls += 1;
+        if (batch.is_empty() || polls.is_multiple_of(16))
+            && let Some((head, lag)) = source.head().await
+        {
+            let at = stored.map(|p| p.render(redis)).unwrap_or_default();
+            side.at(at, head, lag);
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let mut ops = Vec::with_capacity(batch.len());
+        let mut last = None;
+        for m in &batch {
+            if stored.is_some_and(|s| m.position <= s) {
+                side.duplicate(1);
+                continue;
+            }
+            last = Some(m.position);
+            if m.cluster.as_deref() == Some(ctx.cluster.as_str()) {
+                side.echo(1);
+                continue;
+            }
+            match to_op(m, value_max) {
+                Ok(op) => ops.push(op),
+                Err(reason) => {
+                    let message = json!({
+                        "position": m.position.render(redis),
+                        "key": m.key,
+                        "op": m.op,
+                        "content_type": m.content_type,
+                        "value": text_or_base64(ContentType::Text, &m.value),
+                        "fields": m.fields.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
+                    });
+                    let what = format!("in/{}", m.position.render(redis));
+                    dead_letter(ctx, side, &what, message, &reason).await?;
+                }
+            }
+        }
+        if let Some(last) = last {
+            let count = ops.len();
+            let record = json!({
+                "position": last.render(redis),
+                "count": count,
+                "node": ctx.node.to_string(),
+                "at_ms": asp_store::clock::wall_ms(),
+            });
+            let checkpoint = Checkpoint {
+                namespace: Namespace::new(POSITIONS_NAMESPACE).expect("a valid name"),
+                key: Key::new(&c.name).map_err(|e| e.to_string())?,
+                value: Bytes::from(serde_json::to_vec(&record).expect("JSON")),
+            };
+            if ops.is_empty() {
+                let op = WriteOp::put(checkpoint.key, ContentType::Json, checkpoint.value);
+                write_retrying(ctx, checkpoint.namespace, vec![op], None).await?;
+            } else {
+                write_retrying(ctx, c.namespace.clone(), ops, Some(checkpoint)).await?;
+            }
+            side.count(count as u64);
+            stored = Some(last);
+        }
+        source.ack(&batch).await?;
+        backoff.reset();
+    }
+}
+
+/// A message as a write, or why it cannot be one.
+fn to_op(m: &InMessage, value_max: usize) -> Result<WriteOp, String> {
+    let Some(key) = m.key.as_deref() else {
+        return Err("the message names no key".into());
+    };
+    let key = Key::new(key).map_err(|e| format!("key {key:?}: {e}"))?;
+    match m.op.as_deref().unwrap_or("put") {
+        "delete" => Ok(WriteOp::delete(key)),
+        "put" => {
+            if m.value.len() > value_max {
+                return Err(format!(
+                    "the value is {} bytes; the limit is {value_max} (value_bytes_max)",
+                    m.value.len()
+                ));
+            }
+            let ct = match m.content_type.as_deref() {
+                Some(h) => asp_http::formats::content_type_of(Some(h)).map_err(|e| e.0)?,
+                None => ContentType::Json,
+            };
+            asp_http::formats::validate(ct, &m.value).map_err(|e| match m.content_type {
+                None => format!("{e} (a message without a content type must be JSON)"),
+                Some(_) => e.to_string(),
+            })?;
+            Ok(WriteOp::put(key, ct, m.value.clone()))
+        }
+        other => Err(format!("op {other:?} is neither put nor delete")),
+    }
+}
