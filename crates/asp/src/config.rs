@@ -50,6 +50,9 @@ pub struct FileConfig {
     /// promotion or failover since is not undone by a restart.
     #[serde(default)]
     pub modes: std::collections::BTreeMap<String, ModeSection>,
+    /// Connectors to other systems (`[[connectors]]`; docs/CONNECTORS.md).
+    #[serde(default)]
+    pub connectors: Vec<asp_connect::ConnectorConfig>,
 }
 
 /// One entry of `[modes]`.
@@ -255,6 +258,8 @@ pub struct NodeConfig {
         Option<asp_core::NodeId>,
         Vec<asp_core::NodeId>,
     )>,
+    /// `[[connectors]]`, checked.
+    pub connectors: Vec<asp_connect::Connector>,
 }
 
 pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig> {
@@ -600,7 +605,10 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
     replication
         .validate()
         .map_err(|e| anyhow::anyhow!("invalid replication configuration: {e}"))?;
+    let connectors =
+        asp_connect::check(&file.connectors).map_err(|e| anyhow::anyhow!("[[connectors]]: {e}"))?;
     Ok(NodeConfig {
+        connectors,
         store,
         api: api_config,
         listen,

@@ -100,6 +100,16 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
     if let Some(auth) = auth {
         state = state.with_auth(auth);
     }
+    let connectors = asp_connect::Connectors::start(
+        store.clone(),
+        store.node_id(),
+        config.replication.cluster_id.clone(),
+        config.connectors.clone(),
+        shutdown.child_token(),
+    );
+    if !connectors.is_empty() {
+        state = state.with_connectors(std::sync::Arc::new(connectors.clone()));
+    }
     tracing::info!(
         node_id = %store.node_id(),
         api = %format!("{scheme}://{listen}"),
@@ -143,6 +153,8 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
 
     let served = asp_http::serve_with_tls(listener, state, tls).await;
     shutdown.cancel();
+    // Connectors finish the write in hand (its source position with it).
+    connectors.stopped().await;
     // Peers hear why the links close; then the store finishes what it accepted.
     replicator.shutdown().await;
     if let Some(compactor) = compactor {
