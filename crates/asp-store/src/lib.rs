@@ -65,6 +65,6 @@ pub use store::{
     SCAN_LIMIT_MAX, Store, StoreStatus, TTL_MS_MAX,
 };
 pub use types::{
-    Applied, ApplyOutcome, ChangesPage, Checkpoint, Condition, CrdtOp, FeedEvent, KeyState, NamespaceState,
-    ScanItem, ScanPage, Value, WriteKind, WriteOp,
+    Applied, ApplyOutcome, ChangesPage, Checkpoint, Condition, CrdtOp, FeedEvent, KeyState,
+    NamespaceState, ScanItem, ScanPage, Value, WriteKind, WriteOp,
 };

@@ -615,10 +615,6 @@ impl Store {
     /// Records how far connector `name` has sent the feed out. Not fsynced: losing it
     /// means sending a little of the feed again (the sink dedupes by dot).
     pub fn save_connector_position(&self, name: &str, seq: u64) -> Result<(), ReadError> {
-        Ok(self
-            .inner
-            .shared
-            .index
-            .save_connector_position(name, seq)?)
+        Ok(self.inner.shared.index.save_connector_position(name, seq)?)
     }
 }
