@@ -877,7 +877,7 @@ async fn openapi_document_matches_the_routes() {
             }
         }
     }
-    assert_eq!(operations, 31);
+    assert_eq!(operations, 32);
     server.stop().await;
 }
 
