@@ -125,7 +125,9 @@ async fn work(store: Store, model: Arc<Mutex<Model>>, seed: u64, writer: u64, op
                 let checkpoint = (rng.below(2) == 0).then(|| Checkpoint {
                     namespace: ns("cp"),
                     key: Key::new(&format!("w{writer}")).unwrap(),
-                    value: Bytes::from(batch.last().unwrap().0.clone()),
+                    value: Bytes::from(
+                        serde_json::json!({ "last": batch.last().unwrap().0 }).to_string(),
+                    ),
                 });
                 let written = match &checkpoint {
                     Some(c) => store.write_with_checkpoint(ns("p"), ops, c.clone()).await,
@@ -233,10 +235,14 @@ fn verify(store: &Store, model: &mut Model, seed: u64, cycle: u64) {
         }
     }
     for (writer, expected) in &model.checkpoints {
-        let got = value(store, "cp", &format!("w{writer}")).map(|(v, _)| v);
+        let got = value(store, "cp", &format!("w{writer}")).map(|(v, _)| {
+            let v: serde_json::Value = serde_json::from_slice(&v).unwrap();
+            assert_eq!(v["batch"]["namespace"], "p", "the store names the batch");
+            v["last"].as_str().unwrap().to_owned()
+        });
         assert_eq!(
-            got.as_deref().map(String::from_utf8_lossy),
-            Some(expected.as_str().into()),
+            got.as_deref(),
+            Some(expected.as_str()),
             "{ctx}: writer {writer}'s checkpoint is not the one of its newest batch"
         );
     }

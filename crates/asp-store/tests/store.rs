@@ -737,3 +737,57 @@ async fn list_conditions_are_checked_when_the_write_is_applied() {
     // k moved on: its first version no longer matches.
     check("k", Condition::IfVersionIn(vec![v1, other]), false).await;
 }
+
+/// A checkpoint comes first in its batch's transaction, names the dots the batch got,
+/// and is refused when it is not a JSON object or shares the batch's namespace.
+#[tokio::test]
+async fn a_checkpoint_precedes_its_batch_and_names_its_dots() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store
+        .write(ns("data"), vec![put("before", "0")])
+        .await
+        .unwrap();
+    let checkpoint = |value: &str, namespace: &str| asp_store::Checkpoint {
+        namespace: ns(namespace),
+        key: key("src"),
+        value: Bytes::from(value.to_owned()),
+    };
+    let applied = store
+        .write_with_checkpoint(
+            ns("data"),
+            vec![put("a", "1"), put("b", "2")],
+            checkpoint(r#"{"position":"7"}"#, "positions"),
+        )
+        .await
+        .unwrap();
+    let record: serde_json::Value =
+        serde_json::from_str(&text(&store, "positions", "src").unwrap()).unwrap();
+    assert_eq!(record["position"], "7");
+    assert_eq!(record["batch"]["namespace"], "data");
+    assert_eq!(record["batch"]["origin"], store.node_id().to_string());
+    assert_eq!(record["batch"]["first"], applied[0].dot.counter);
+    assert_eq!(record["batch"]["count"], 2);
+    assert_eq!(applied[1].dot.counter, applied[0].dot.counter + 1);
+    let feed = whole_feed(&store);
+    let keys: Vec<&str> = feed.iter().map(|e| e.event.key.as_str()).collect();
+    assert_eq!(keys, ["before", "src", "a", "b"], "the checkpoint first");
+    for (value, namespace) in [
+        ("7", "positions"),
+        ("not json", "positions"),
+        ("{}", "data"),
+    ] {
+        let refused = store
+            .write_with_checkpoint(
+                ns("data"),
+                vec![put("c", "3")],
+                checkpoint(value, namespace),
+            )
+            .await;
+        assert!(
+            matches!(refused, Err(WriteError::Invalid(_))),
+            "{value} in {namespace}: {refused:?}"
+        );
+    }
+    assert!(text(&store, "data", "c").is_none());
+}

@@ -48,7 +48,9 @@ impl Store {
     /// [`Store::write`] with `checkpoint` (a put of its own namespace and key) in the
     /// same atomic step: after a crash either both are in the log or neither is. What a
     /// connector stores its source position with, so that a message is applied once.
-    /// The batch's namespace must use the `lww` policy.
+    /// The batch's namespace must use the `lww` policy. The checkpoint's value is a JSON
+    /// object; the store adds to it the member `batch`, `{"namespace", "origin",
+    /// "first", "count"}`: the dots `first..first+count` of `origin` the batch gets.
     pub async fn write_with_checkpoint(
         &self,
         namespace: Namespace,
@@ -58,6 +60,13 @@ impl Store {
         if checkpoint.namespace == namespace {
             return Err(WriteError::Invalid(
                 "a checkpoint goes to another namespace than its batch".into(),
+            ));
+        }
+        if serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&checkpoint.value)
+            .is_err()
+        {
+            return Err(WriteError::Invalid(
+                "a checkpoint's value is a JSON object".into(),
             ));
         }
         self.submit(namespace, ops, None, Some(checkpoint)).await

@@ -64,7 +64,8 @@ impl Writer {
             })
             .collect();
         if let Some(c) = &w.checkpoint {
-            self.append_checkpoint(g, c, wall);
+            let batch = (&w.namespace, first_counter, w.ops.len() as u64);
+            self.append_checkpoint(g, c, batch, wall);
         }
         let applied = self.append_ops(g, &w, first_counter, &events, &[], epoch);
         g.acks.push(Ack {
@@ -74,8 +75,28 @@ impl Writer {
     }
 
     /// Appends a batch's checkpoint, the first record of the batch's transaction (so
-    /// not its end): a put of this node in the checkpoint's namespace.
-    fn append_checkpoint(&mut self, g: &mut Group, c: &crate::types::Checkpoint, wall: u64) {
+    /// not its end): a put of this node in the checkpoint's namespace, its JSON object
+    /// with the member `batch` added: `{"namespace", "origin", "first", "count"}`, the
+    /// dots the batch gets (so a reader can tell exactly which events it wrote).
+    fn append_checkpoint(
+        &mut self,
+        g: &mut Group,
+        c: &crate::types::Checkpoint,
+        batch: (&Namespace, u64, u64),
+        wall: u64,
+    ) {
+        let mut object: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&c.value).expect("checked to be a JSON object on submit");
+        object.insert(
+            "batch".into(),
+            serde_json::json!({
+                "namespace": batch.0.as_str(),
+                "origin": self.shared.node_id.to_string(),
+                "first": batch.1,
+                "count": batch.2,
+            }),
+        );
+        let value = serde_json::to_vec(&object).expect("JSON");
         let counter = self.next_counter(&c.namespace);
         let dot = Dot {
             origin: self.shared.node_id,
@@ -85,7 +106,7 @@ impl Writer {
         let event = EventRef {
             namespace: c.namespace.as_str(),
             key: c.key.as_str(),
-            put: Some((asp_core::ContentType::Json, &c.value[..])),
+            put: Some((asp_core::ContentType::Json, &value[..])),
             dot,
             hlc,
             context: &[],
