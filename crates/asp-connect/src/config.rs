@@ -153,6 +153,11 @@ fn check_one(c: &ConnectorConfig) -> Result<Connector, String> {
         .unwrap_or_else(|| format!("{}.dead", c.namespace));
     let dead_letter = Namespace::new(&dead_name)
         .map_err(|e| format!("dead_letter namespace {dead_name:?}: {e}"))?;
+    if dead_name.starts_with("_asp.") {
+        return Err(format!(
+            "dead_letter namespace {dead_name:?} is one of asp's own (_asp.*)"
+        ));
+    }
     if dead_letter == namespace {
         return Err("dead_letter must be another namespace than the connected one".into());
     }
@@ -225,8 +230,14 @@ fn check_one(c: &ConnectorConfig) -> Result<Connector, String> {
             connector.stream = stream;
         }
         Kind::RedisStream => {
-            if !(c.url.starts_with("redis://") || c.url.starts_with("rediss://")) {
-                return Err(format!("url must be redis://HOST:PORT; got {:?}", c.url));
+            if c.url.starts_with("rediss://") {
+                return Err("url: TLS to Redis (rediss://) is not built yet; use redis://".into());
+            }
+            if !c.url.starts_with("redis://") {
+                return Err(format!(
+                    "url must be redis://[USER:PASSWORD@]HOST:PORT[/DB]; got {:?}",
+                    redacted(&c.url)
+                ));
             }
             connector.stream = need(&c.stream, "stream = \"...\" (the stream's key)")?;
             connector.group = c.group.clone().unwrap_or_else(|| format!("asp-{}", c.name));
@@ -264,4 +275,94 @@ fn check_one(c: &ConnectorConfig) -> Result<Connector, String> {
         }
     }
     Ok(connector)
+}
+
+/// A URL as status and logs show it: a password in it replaced by `***`.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            let shown = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                "***".to_owned()
+            };
+            format!("{scheme}://{shown}@{host}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base(kind: Kind, direction: Direction, url: &str) -> ConnectorConfig {
+        ConnectorConfig {
+            name: "c".into(),
+            kind,
+            direction,
+            namespace: "orders".into(),
+            url: url.into(),
+            subject: None,
+            stream: Some("S".into()),
+            group: None,
+            secret: None,
+            attempts: None,
+            ca: None,
+            dead_letter: None,
+            batch: None,
+        }
+    }
+
+    #[test]
+    fn passwords_are_not_shown() {
+        assert_eq!(redacted("redis://:pw@h:6379/0"), "redis://:***@h:6379/0");
+        assert_eq!(redacted("redis://u:pw@h:6379"), "redis://u:***@h:6379");
+        assert_eq!(redacted("nats://token@h:4222"), "nats://***@h:4222");
+        assert_eq!(redacted("https://h/a@b"), "https://h/a@b");
+        assert_eq!(redacted("nats://h:4222"), "nats://h:4222");
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let check1 = |c: ConnectorConfig| check(&[c]).map(|_| ()).unwrap_err();
+        let mut c = base(Kind::RedisStream, Direction::In, "rediss://h:1");
+        assert!(check1(c.clone()).contains("not built yet"));
+        c.url = "redis://h:1".into();
+        c.dead_letter = Some("_asp.x".into());
+        assert!(check1(c.clone()).contains("asp's own"));
+        c.dead_letter = Some("orders".into());
+        assert!(check1(c.clone()).contains("another namespace"));
+        c.dead_letter = None;
+        c.batch = Some(0);
+        assert!(check1(c.clone()).contains("batch is 1 to"));
+        let mut w = base(Kind::Webhook, Direction::Out, "http://h/");
+        w.stream = None;
+        w.secret = Some("whsec_".into());
+        assert!(check1(w.clone()).contains("at least 16"));
+        w.secret = Some("short".into());
+        assert!(check1(w.clone()).contains("at least 16"));
+        w.secret = Some("a long enough secret".into());
+        assert!(check(&[w.clone()]).is_ok());
+        assert!(
+            check(&[w.clone(), w.clone()])
+                .unwrap_err()
+                .contains("names are unique")
+        );
+        let mut n = base(Kind::Nats, Direction::Both, "nats://h:4222");
+        assert!(check1(n.clone()).contains("needs subject"));
+        n.subject = Some("a.*".into());
+        assert!(check1(n.clone()).contains("literal tokens"));
+        n.subject = Some("a.b".into());
+        n.group = Some("g".into());
+        assert!(check1(n.clone()).contains("not a setting"));
+    }
 }

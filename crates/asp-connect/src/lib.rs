@@ -70,7 +70,7 @@ impl Connectors {
                 shutdown: shutdown.clone(),
             });
             let c = &ctx.connector;
-            tracing::info!(connector = %c.name, kind = c.kind.as_str(), direction = c.direction.as_str(), namespace = %c.namespace, url = %c.url, "connector starting");
+            tracing::info!(connector = %c.name, kind = c.kind.as_str(), direction = c.direction.as_str(), namespace = %c.namespace, url = %config::redacted(&c.url), "connector starting");
             let out = c
                 .direction
                 .sends()
@@ -91,8 +91,9 @@ impl Connectors {
                         }))
                     }
                     Kind::Webhook => {
+                        let reports = side.clone();
                         tokio::spawn(runtime::run_out(ctx2.clone(), side, move || {
-                            webhook::sink(ctx2.clone())
+                            webhook::sink(ctx2.clone(), reports.clone())
                         }))
                     }
                 });
@@ -142,7 +143,7 @@ impl Connectors {
                     "kind": c.kind.as_str(),
                     "direction": c.direction.as_str(),
                     "namespace": c.namespace.as_str(),
-                    "url": c.url,
+                    "url": config::redacted(&c.url),
                     "dead_letter": c.dead_letter.as_str(),
                     "batch": c.batch,
                 });

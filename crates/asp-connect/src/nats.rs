@@ -59,6 +59,27 @@ pub fn subject_for(prefix: &str, key: &str) -> String {
     out
 }
 
+/// The key a subject's suffix names: `%XX` (as [`subject_for`] writes it) decoded; a
+/// `%` not followed by two hex digits stays as it is.
+pub fn key_of_subject(suffix: &str) -> String {
+    let bytes = suffix.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(hex) = suffix.get(i + 1..i + 3)
+            && let Ok(b) = u8::from_str_radix(hex, 16)
+        {
+            out.push(b);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| suffix.to_owned())
+}
+
 pub(crate) struct NatsSink {
     js: jetstream::Context,
     ctx: Arc<Ctx>,
@@ -101,6 +122,8 @@ pub(crate) struct NatsSource {
     consumer: consumer::PullConsumer,
     prefix: String,
     last: Option<Position>,
+    /// The last message of the batch returned by `fetch`, acknowledged by `ack`.
+    unacked: Option<jetstream::Message>,
 }
 
 pub(crate) async fn source(ctx: Arc<Ctx>, stored: Option<Position>) -> Result<NatsSource, String> {
@@ -127,6 +150,7 @@ pub(crate) async fn source(ctx: Arc<Ctx>, stored: Option<Position>) -> Result<Na
         consumer,
         prefix: format!("{}.", c.subject),
         last: stored,
+        unacked: None,
     })
 }
 
@@ -158,7 +182,7 @@ impl Source for NatsSource {
                 m.subject
                     .as_str()
                     .strip_prefix(&self.prefix)
-                    .map(str::to_owned)
+                    .map(key_of_subject)
             });
             let fields = m
                 .headers
@@ -184,15 +208,20 @@ impl Source for NatsSource {
             self.last = Some(position);
             last_msg = Some(m);
         }
-        // AckPolicy::All: acknowledging the last acknowledges every earlier one. The
-        // stored position, not the acknowledgement, decides what is applied.
-        if let Some(m) = last_msg {
-            let _ = m.ack().await;
-        }
+        self.unacked = last_msg;
         Ok(out)
     }
 
+    /// After the batch is written: AckPolicy::All, so acknowledging its last message
+    /// acknowledges every earlier one. (The stored position, not the acknowledgement,
+    /// decides where a new consumer starts; acknowledging only after the write keeps a
+    /// work-queue or interest stream from dropping what was not written.)
     async fn ack(&mut self, _batch: &[InMessage]) -> Result<(), String> {
+        if let Some(m) = self.unacked.take() {
+            m.ack()
+                .await
+                .map_err(|e| format!("acknowledging to the stream: {e}"))?;
+        }
         Ok(())
     }
 
@@ -215,5 +244,15 @@ mod tests {
         assert_eq!(subject_for("p", ".a..b."), "p.%2Ea%2E.b%2E");
         assert_eq!(subject_for("p", "*>%\t"), "p.%2A%3E%25%09");
         assert_eq!(subject_for("p", "日本"), "p.日本");
+    }
+
+    #[test]
+    fn subject_keys_decode_back() {
+        use super::key_of_subject;
+        for key in ["a.b", "a b/é", ".a..b.", "*>%\t", "日本", "100%"] {
+            let subject = subject_for("p", key);
+            assert_eq!(key_of_subject(subject.strip_prefix("p.").unwrap()), key);
+        }
+        assert_eq!(key_of_subject("50%zz"), "50%zz");
     }
 }

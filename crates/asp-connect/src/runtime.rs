@@ -205,9 +205,12 @@ async fn send_feed<S: Sink>(
     let mut reader = store.feed_reader(None, position);
     let mut heads = store.subscribe();
     let positions_ns = POSITIONS_NAMESPACE;
-    // Events of the connected namespace still to skip: written by this connector's in
-    // side (they came from the source; sending them back would echo).
-    let mut skip = 0u64;
+    // The dots this connector's in side gave the batches it wrote (on any node), from
+    // the `batch` member the store adds to each position record: those events came
+    // from the source, and sending them back would echo. The newest ranges are kept;
+    // a batch's events follow its record closely in every feed.
+    let mut ingested: std::collections::VecDeque<(NodeId, u64, u64)> =
+        std::collections::VecDeque::new();
     loop {
         let events = reader
             .read(c.batch * 4)
@@ -235,21 +238,22 @@ async fn send_feed<S: Sink>(
             let e = &fe.event;
             if e.namespace.as_str() == positions_ns {
                 if e.key.as_str() == c.name
-                    && e.dot.origin == ctx.node
                     && let Op::Put { value, .. } = &e.op
+                    && let Some(range) = ingested_range(value, &c.namespace)
                 {
-                    skip = serde_json::from_slice::<serde_json::Value>(value)
-                        .ok()
-                        .and_then(|v| v["count"].as_u64())
-                        .unwrap_or(0);
+                    if ingested.len() == INGESTED_RANGES_MAX {
+                        ingested.pop_front();
+                    }
+                    ingested.push_back(range);
                 }
                 continue;
             }
             if e.namespace != c.namespace {
                 continue;
             }
-            if skip > 0 && e.dot.origin == ctx.node {
-                skip -= 1;
+            if ingested.iter().any(|&(origin, first, count)| {
+                e.dot.origin == origin && (first..first + count).contains(&e.dot.counter)
+            }) {
                 continue;
             }
             batch.push(OutMessage {
@@ -305,6 +309,21 @@ async fn send_feed<S: Sink>(
     }
 }
 
+/// How many ingested batches the out side remembers (see `send_feed`).
+const INGESTED_RANGES_MAX: usize = 4096;
+
+/// The dots a position record's batch got (`batch` added by the store), if the batch
+/// went to `namespace`: (origin, first counter, count).
+fn ingested_range(record: &[u8], namespace: &Namespace) -> Option<(NodeId, u64, u64)> {
+    let v: serde_json::Value = serde_json::from_slice(record).ok()?;
+    let b = &v["batch"];
+    if b["namespace"].as_str()? != namespace.as_str() {
+        return None;
+    }
+    let origin = b["origin"].as_str()?.parse().ok()?;
+    Some((origin, b["first"].as_u64()?, b["count"].as_u64()?))
+}
+
 /// A value for a JSON record: its text when it is text, base64 otherwise.
 pub(crate) fn text_or_base64(ct: ContentType, v: &[u8]) -> serde_json::Value {
     use base64::Engine as _;
@@ -352,6 +371,18 @@ async fn write_retrying(
     ops: Vec<WriteOp>,
     checkpoint: Option<Checkpoint>,
 ) -> Result<(), String> {
+    try_write(ctx, namespace.clone(), ops, checkpoint)
+        .await
+        .map_err(|e| format!("writing to {namespace}: {e}"))
+}
+
+/// [`write_retrying`], with the store's refusal as it is.
+async fn try_write(
+    ctx: &Ctx,
+    namespace: Namespace,
+    ops: Vec<WriteOp>,
+    checkpoint: Option<Checkpoint>,
+) -> Result<(), WriteError> {
     loop {
         let r = match &checkpoint {
             Some(cp) => {
@@ -366,7 +397,7 @@ async fn write_retrying(
             Err(WriteError::Overloaded { .. }) if !ctx.shutdown.is_cancelled() => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            Err(e) => return Err(format!("writing to {namespace}: {e}")),
+            Err(e) => return Err(e),
         }
     }
 }
@@ -472,46 +503,85 @@ async fn ingest<S: Source>(
                 continue;
             }
             match to_op(m, value_max) {
-                Ok(op) => ops.push(op),
-                Err(reason) => {
-                    let message = json!({
-                        "position": m.position.render(redis),
-                        "key": m.key,
-                        "op": m.op,
-                        "content_type": m.content_type,
-                        "value": text_or_base64(ContentType::Text, &m.value),
-                        "fields": m.fields.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
-                    });
-                    let what = format!("in/{}", m.position.render(redis));
-                    dead_letter(ctx, side, &what, message, &reason).await?;
-                }
+                Ok(op) => ops.push((m, op)),
+                Err(reason) => in_dead_letter(ctx, side, m, &reason).await?,
             }
         }
         if let Some(last) = last {
             let count = ops.len();
-            let record = json!({
-                "position": last.render(redis),
-                "count": count,
-                "node": ctx.node.to_string(),
-                "at_ms": asp_store::clock::wall_ms(),
-            });
-            let checkpoint = Checkpoint {
-                namespace: Namespace::new(POSITIONS_NAMESPACE).expect("a valid name"),
-                key: Key::new(&c.name).map_err(|e| e.to_string())?,
-                value: Bytes::from(serde_json::to_vec(&record).expect("JSON")),
+            let whole = match ops.is_empty() {
+                true => Ok(()),
+                false => {
+                    let batch_ops = ops.iter().map(|(_, op)| op.clone()).collect();
+                    let checkpoint = position_record(ctx, last, count)?;
+                    try_write(ctx, c.namespace.clone(), batch_ops, Some(checkpoint)).await
+                }
             };
-            if ops.is_empty() {
-                let op = WriteOp::put(checkpoint.key, ContentType::Json, checkpoint.value);
-                write_retrying(ctx, checkpoint.namespace, vec![op], None).await?;
-            } else {
-                write_retrying(ctx, c.namespace.clone(), ops, Some(checkpoint)).await?;
+            match whole {
+                Ok(()) => {
+                    if ops.is_empty() {
+                        let checkpoint = position_record(ctx, last, 0)?;
+                        let op = WriteOp::put(checkpoint.key, ContentType::Json, checkpoint.value);
+                        write_retrying(ctx, checkpoint.namespace, vec![op], None).await?;
+                    }
+                    side.count(count as u64);
+                }
+                // Too large as one batch: one message at a time, each with its position;
+                // a message too large alone is a dead letter.
+                Err(WriteError::TooLarge(_)) => {
+                    for (m, op) in ops {
+                        let checkpoint = position_record(ctx, m.position, 1)?;
+                        match try_write(ctx, c.namespace.clone(), vec![op], Some(checkpoint)).await
+                        {
+                            Ok(()) => side.count(1),
+                            Err(WriteError::TooLarge(reason)) => {
+                                in_dead_letter(ctx, side, m, &reason).await?;
+                            }
+                            Err(e) => return Err(format!("writing to {}: {e}", c.namespace)),
+                        }
+                    }
+                    let checkpoint = position_record(ctx, last, 0)?;
+                    let op = WriteOp::put(checkpoint.key, ContentType::Json, checkpoint.value);
+                    write_retrying(ctx, checkpoint.namespace, vec![op], None).await?;
+                }
+                Err(e) => return Err(format!("writing to {}: {e}", c.namespace)),
             }
-            side.count(count as u64);
             stored = Some(last);
         }
         source.ack(&batch).await?;
         backoff.reset();
     }
+}
+
+/// The position record of connector `ctx` at `position`, covering `count` writes.
+fn position_record(ctx: &Ctx, position: Position, count: usize) -> Result<Checkpoint, String> {
+    let c = &ctx.connector;
+    let record = json!({
+        "position": position.render(c.kind == crate::config::Kind::RedisStream),
+        "count": count,
+        "node": ctx.node.to_string(),
+        "at_ms": asp_store::clock::wall_ms(),
+    });
+    Ok(Checkpoint {
+        namespace: Namespace::new(POSITIONS_NAMESPACE).expect("a valid name"),
+        key: Key::new(&c.name).map_err(|e| e.to_string())?,
+        value: Bytes::from(serde_json::to_vec(&record).expect("JSON")),
+    })
+}
+
+/// Writes a message read in that cannot be applied to the dead-letter namespace.
+async fn in_dead_letter(ctx: &Ctx, side: &Side, m: &InMessage, reason: &str) -> Result<(), String> {
+    let redis = ctx.connector.kind == crate::config::Kind::RedisStream;
+    let message = json!({
+        "position": m.position.render(redis),
+        "key": m.key,
+        "op": m.op,
+        "content_type": m.content_type,
+        "value": text_or_base64(ContentType::Text, &m.value),
+        "fields": m.fields.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
+    });
+    let what = format!("in/{}", m.position.render(redis));
+    dead_letter(ctx, side, &what, message, reason).await
 }
 
 /// A message as a write, or why it cannot be one.

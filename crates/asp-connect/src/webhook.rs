@@ -12,14 +12,20 @@ use base64::Engine as _;
 use serde_json::json;
 
 use crate::runtime::{Backoff, Ctx, OutMessage, Sink, Undelivered, text_or_base64};
+use crate::status::Side;
 
 /// The bytes a secret signs with: a `whsec_` secret is base64 after the prefix (the
 /// Standard Webhooks form); any other text is used as it is.
 pub(crate) fn secret_bytes(secret: &str) -> Result<Vec<u8>, String> {
     match secret.strip_prefix("whsec_") {
-        Some(b64) => base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .map_err(|e| format!("secret: after whsec_ comes base64: {e}")),
+        Some(b64) => match base64::engine::general_purpose::STANDARD.decode(b64) {
+            Ok(key) if key.len() >= 16 => Ok(key),
+            Ok(key) => Err(format!(
+                "secret: the key after whsec_ is {} bytes; use at least 16",
+                key.len()
+            )),
+            Err(e) => Err(format!("secret: after whsec_ comes base64: {e}")),
+        },
         None if secret.len() < 16 => {
             Err("secret: use at least 16 characters (or whsec_ and base64)".into())
         }
@@ -46,9 +52,11 @@ pub fn sign(secret: &[u8], id: &str, timestamp: u64, body: &[u8]) -> String {
 pub(crate) struct WebhookSink {
     client: reqwest::Client,
     ctx: Arc<Ctx>,
+    /// Where failed attempts are reported (state, errors, last error).
+    side: Arc<Side>,
 }
 
-pub(crate) async fn sink(ctx: Arc<Ctx>) -> Result<WebhookSink, String> {
+pub(crate) async fn sink(ctx: Arc<Ctx>, side: Arc<Side>) -> Result<WebhookSink, String> {
     let roots = match &ctx.connector.ca {
         Some(roots) => roots.clone(),
         None => {
@@ -77,7 +85,7 @@ pub(crate) async fn sink(ctx: Arc<Ctx>) -> Result<WebhookSink, String> {
         .connect_timeout(Duration::from_secs(5))
         .build()
         .map_err(|e| format!("building the HTTP client: {e}"))?;
-    Ok(WebhookSink { client, ctx })
+    Ok(WebhookSink { client, ctx, side })
 }
 
 impl WebhookSink {
@@ -142,13 +150,20 @@ impl Sink for WebhookSink {
             loop {
                 tried += 1;
                 match self.attempt(&id, &body).await {
-                    Ok(()) => break,
+                    Ok(()) => {
+                        if tried > 1 {
+                            self.side.set_state("running");
+                        }
+                        break;
+                    }
                     Err(e) if tried >= attempts => {
+                        self.side.error(format!("event {id}: attempt {tried}: {e}"));
+                        self.side.set_state("running");
                         undelivered.push((i, format!("{tried} attempts failed; the last: {e}")));
                         break;
                     }
                     Err(e) => {
-                        tracing::debug!(connector = %self.ctx.connector.name, attempt = tried, error = %e, "webhook delivery failed; trying again");
+                        self.side.error(format!("event {id}: attempt {tried}: {e}"));
                         if !backoff.wait(&self.ctx.shutdown).await {
                             return Err("stopping".into());
                         }

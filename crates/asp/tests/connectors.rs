@@ -795,6 +795,11 @@ async fn a_webhook_that_fails_three_times_gets_the_event_once_signed() {
         "{dead}"
     );
     assert_eq!(broken.seen.lock().unwrap().len(), 2);
+    // Failed attempts show in status.
+    let c = connector(&node, "hook").await;
+    assert!(c["out"]["errors"].as_u64() >= Some(3), "{c}");
+    assert!(c["out"]["last_error"].as_str().unwrap().contains("500"), "{c}");
+    assert_eq!(c["out"]["state"], "running", "{c}");
     let c = connector(&node, "broken").await;
     assert_eq!(c["out"]["dead_letters"], 1, "{c}");
     assert!(c["secret"].is_null(), "the secret is not shown");
