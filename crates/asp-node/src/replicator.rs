@@ -403,6 +403,43 @@ impl Replicator {
         }
     }
 
+    /// Runs a peer link over a byte stream another transport carries (the NATS
+    /// transport of `asp-connect`): the same session, frames and guarantees as a TCP
+    /// link, without TLS (the carrying transport is trusted as the network is).
+    /// `opened` is true on the side that opened the stream (it speaks first). Returns
+    /// when the link ends: `Err` with the reason if it failed or was refused (past
+    /// `links_max`).
+    pub async fn attach(
+        &self,
+        stream: tokio::io::DuplexStream,
+        opened: bool,
+        address: String,
+    ) -> Result<(), String> {
+        if self.inner.registry.lock().unwrap().links.len() >= self.inner.config.links_max {
+            return Err(format!(
+                "refusing a peer link from {address}: {} links already (links_max)",
+                self.inner.config.links_max
+            ));
+        }
+        let direction = if opened {
+            Direction::Outbound
+        } else {
+            Direction::Inbound
+        };
+        match link::run(
+            self.inner.clone(),
+            link::Connection::Carried(stream),
+            direction,
+            address,
+        )
+        .await
+        {
+            link::LinkEnd::Failed((code, message)) => Err(format!("{code}: {message}")),
+            link::LinkEnd::Duplicate => Err("another link to this node is kept".into()),
+            _ => Ok(()),
+        }
+    }
+
     /// Closes every link (telling peers why) and stops dialing.
     pub async fn shutdown(&self) {
         self.inner.shutdown.cancel();
@@ -768,7 +805,13 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
                 }
                 let inner = inner.clone();
                 links.spawn(async move {
-                    let _ = link::run(inner, stream, Direction::Inbound, addr.to_string()).await;
+                    let _ = link::run(
+                        inner,
+                        link::Connection::Tcp(stream),
+                        Direction::Inbound,
+                        addr.to_string(),
+                    )
+                    .await;
                 });
             }
             Err(e) => {
@@ -834,7 +877,13 @@ pub(crate) async fn dial_loop_until(inner: Arc<Inner>, address: String, learned:
         };
         let end = match outcome {
             Ok(Ok(stream)) => {
-                link::run(inner.clone(), stream, Direction::Outbound, address.clone()).await
+                link::run(
+                    inner.clone(),
+                    link::Connection::Tcp(stream),
+                    Direction::Outbound,
+                    address.clone(),
+                )
+                .await
             }
             Ok(Err(e)) => LinkEnd::Failed((
                 "connect".into(),

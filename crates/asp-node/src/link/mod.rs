@@ -29,6 +29,7 @@ use crate::registry::{self, Direction, Inner, error_pair, peer_labels, wall_ms};
 mod reconcile;
 mod stream;
 
+pub(crate) use stream::Connection;
 use stream::{PeerStream, TLS_HANDSHAKE_RECORD, capture_file, upgrade};
 
 /// Events per frame, at most (frames are also bounded in bytes).
@@ -84,11 +85,13 @@ fn session_config(
 /// Runs a link until it ends; registers and unregisters it.
 pub(crate) async fn run(
     inner: Arc<Inner>,
-    stream: TcpStream,
+    stream: Connection,
     direction: Direction,
     address: String,
 ) -> LinkEnd {
-    let _ = stream.set_nodelay(true);
+    if let Connection::Tcp(stream) = &stream {
+        let _ = stream.set_nodelay(true);
+    }
     let (id, close_rx) = registry::register_link(&inner, direction, address.clone());
     let end = match upgrade(&inner, stream, direction, &address).await {
         Ok((stream, identity, rights)) => {
@@ -246,6 +249,10 @@ impl Link {
             PeerStream::Tls(stream) => {
                 let (rd, wr) = tokio::io::split(*stream);
                 (Box::new(rd), Writer::Tls(wr))
+            }
+            PeerStream::Carried(stream) => {
+                let (rd, wr) = tokio::io::split(stream);
+                (Box::new(rd), Writer::Carried(wr))
             }
         };
         let drained = Arc::new(Notify::new());
@@ -866,6 +873,7 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 enum Writer {
     Plain(Arc<OwnedWriteHalf>),
     Tls(WriteHalf<TlsStream<TcpStream>>),
+    Carried(WriteHalf<tokio::io::DuplexStream>),
 }
 
 /// Writes queued frames to the socket, in order.
@@ -878,12 +886,14 @@ async fn write_loop(
     match wr {
         Writer::Plain(wr) => write_plain(wr, rx, queued, drained).await,
         Writer::Tls(wr) => write_tls(wr, rx, queued, drained).await,
+        Writer::Carried(wr) => write_tls(wr, rx, queued, drained).await,
     }
 }
 
-/// TLS: each queued frame is written whole; queued frames go out in one flush.
-async fn write_tls(
-    mut wr: WriteHalf<TlsStream<TcpStream>>,
+/// TLS (and carried streams): each queued frame is written whole; queued frames go
+/// out in one flush.
+async fn write_tls<W: tokio::io::AsyncWrite>(
+    mut wr: WriteHalf<W>,
     mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
     queued: Arc<AtomicUsize>,
     drained: Arc<Notify>,

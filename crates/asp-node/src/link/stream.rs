@@ -12,10 +12,19 @@ use crate::registry::{Direction, Inner, wall_ms};
 /// The first byte of a TLS connection (a handshake record).
 pub(super) const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
-/// A peer link's connection: plain TCP, or TLS over it.
+/// A peer link's connection: plain TCP, or TLS over it, or a byte stream carried by
+/// another transport (the NATS transport's connections: see [`crate::Replicator::attach`]).
 pub(super) enum PeerStream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    Carried(tokio::io::DuplexStream),
+}
+
+/// A connection handed to a link: a TCP socket, or a carried byte stream (which the
+/// transport that carries it secures, so no TLS handshake runs over it).
+pub(crate) enum Connection {
+    Tcp(TcpStream),
+    Carried(tokio::io::DuplexStream),
 }
 
 /// With TLS configured, the handshake: the acceptor requires a certificate from the
@@ -23,10 +32,14 @@ pub(super) enum PeerStream {
 /// stream and what the peer's certificate attests.
 pub(super) async fn upgrade(
     inner: &Inner,
-    stream: TcpStream,
+    stream: Connection,
     direction: Direction,
     address: &str,
 ) -> Result<(PeerStream, Option<asp_tls::Identity>, Option<Rights>), String> {
+    let stream = match stream {
+        Connection::Tcp(stream) => stream,
+        Connection::Carried(stream) => return Ok((PeerStream::Carried(stream), None, None)),
+    };
     let Some(tls) = &inner.config.tls else {
         return Ok((PeerStream::Plain(stream), None, None));
     };
