@@ -17,6 +17,7 @@ mod nats;
 mod redis_stream;
 pub mod runtime;
 mod status;
+pub mod transport;
 pub mod webhook;
 
 use std::sync::Arc;

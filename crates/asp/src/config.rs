@@ -148,6 +148,9 @@ pub struct ReplicationSection {
     /// A leader namespace with three voters or more fails over once its leader has
     /// been silent this long (default 5000; 0: never).
     pub failover_ms: Option<u64>,
+    /// `nats://HOST:PORT`: also link with the nodes of this cluster that reach the same
+    /// NATS server, through it (docs/CONNECTORS.md, "Replication through NATS").
+    pub transport: Option<String>,
 }
 
 #[derive(Deserialize, Default, Debug, Clone)]
@@ -260,6 +263,8 @@ pub struct NodeConfig {
     )>,
     /// `[[connectors]]`, checked.
     pub connectors: Vec<asp_connect::Connector>,
+    /// `[replication] transport`: the NATS server peer links also go through.
+    pub transport: Option<String>,
 }
 
 pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig> {
@@ -410,6 +415,7 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
 
     let section = file.replication;
+    let transport = section.transport.clone();
     let cluster_id = flags
         .cluster_id
         .or(section.cluster_id)
@@ -607,8 +613,22 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
         .map_err(|e| anyhow::anyhow!("invalid replication configuration: {e}"))?;
     let connectors =
         asp_connect::check(&file.connectors).map_err(|e| anyhow::anyhow!("[[connectors]]: {e}"))?;
+    if let Some(url) = &transport {
+        if !url.starts_with("nats://") {
+            bail!(
+                "[replication] transport must be nats://HOST:PORT; got {:?}",
+                asp_connect::config::redacted(url)
+            );
+        }
+        if replication.tls.is_some() {
+            bail!(
+                "[replication] transport carries peer links without TLS, and this node requires TLS on peer links: TLS through the NATS transport is not built yet (drop transport, or run the cluster without [tls])"
+            );
+        }
+    }
     Ok(NodeConfig {
         connectors,
+        transport,
         store,
         api: api_config,
         listen,

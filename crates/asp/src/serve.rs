@@ -110,6 +110,15 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
     if !connectors.is_empty() {
         state = state.with_connectors(std::sync::Arc::new(connectors.clone()));
     }
+    let transport = config.transport.clone().map(|url| {
+        asp_connect::transport::Transport::start(
+            replicator.clone(),
+            store.node_id(),
+            &config.replication.cluster_id,
+            url,
+            shutdown.child_token(),
+        )
+    });
     tracing::info!(
         node_id = %store.node_id(),
         api = %format!("{scheme}://{listen}"),
@@ -155,6 +164,9 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
     shutdown.cancel();
     // Connectors finish the write in hand (its source position with it).
     connectors.stopped().await;
+    if let Some(transport) = &transport {
+        transport.stopped().await;
+    }
     // Peers hear why the links close; then the store finishes what it accepted.
     replicator.shutdown().await;
     if let Some(compactor) = compactor {

@@ -798,7 +798,10 @@ async fn a_webhook_that_fails_three_times_gets_the_event_once_signed() {
     // Failed attempts show in status.
     let c = connector(&node, "hook").await;
     assert!(c["out"]["errors"].as_u64() >= Some(3), "{c}");
-    assert!(c["out"]["last_error"].as_str().unwrap().contains("500"), "{c}");
+    assert!(
+        c["out"]["last_error"].as_str().unwrap().contains("500"),
+        "{c}"
+    );
     assert_eq!(c["out"]["state"], "running", "{c}");
     let c = connector(&node, "broken").await;
     assert_eq!(c["out"]["dead_letters"], 1, "{c}");

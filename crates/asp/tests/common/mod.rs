@@ -138,8 +138,18 @@ impl Node {
             .arg(&self.dir)
             .arg("--api")
             .arg(format!("127.0.0.1:{}", self.port))
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.peer_port))
+            // A test that gives --listen itself (`off`) gets no peer port of ours.
+            .args(
+                (!self.extra.iter().any(|a| a == "--listen"))
+                    .then(|| {
+                        [
+                            "--listen".to_owned(),
+                            format!("127.0.0.1:{}", self.peer_port),
+                        ]
+                    })
+                    .into_iter()
+                    .flatten(),
+            )
             .args(&self.extra)
             .env("RUST_LOG", "info")
             .envs(self.env.iter().map(|(k, v)| (k, v)))

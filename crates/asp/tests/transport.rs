@@ -1,0 +1,128 @@
+//! Replication through the machine's NATS server (127.0.0.1:4222): nodes that accept
+//! no peer links (`--listen off`) and know no peer link each other through
+//! `[replication] transport`, keep replicating through a partition of one of them from
+//! NATS, and converge with a node that only speaks TCP to one of them. Each test runs
+//! its own cluster id, so that its subjects are its own.
+
+mod common;
+
+use std::time::Duration;
+
+use asp_faultnet::Proxy;
+use bytes::Bytes;
+use common::{Node, converge, digest};
+
+const NATS: &str = "127.0.0.1:4222";
+
+fn cluster() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("t{}-{}", std::process::id(), nanos % 1_000_000_000)
+}
+
+/// Starts a node whose configuration names the transport at `nats` (an address), in
+/// cluster `cluster`, with `extra` flags.
+async fn start(dir: &std::path::Path, cluster: &str, nats: &str, extra: &[&str]) -> Node {
+    std::fs::create_dir_all(dir.with_extension("conf")).unwrap();
+    let path = dir.with_extension("conf").join("asp.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[replication]\ncluster_id = \"{cluster}\"\ntransport = \"nats://{nats}\"\nheartbeat_ms = 200\nidle_timeout_ms = 1500\n"
+        ),
+    )
+    .unwrap();
+    let path = path.display().to_string();
+    let mut flags = vec!["--config", path.as_str()];
+    flags.extend_from_slice(extra);
+    Node::start(dir, &flags).await
+}
+
+async fn put(node: &Node, key: &str, value: &str) {
+    node.client()
+        .put(
+            "p",
+            key,
+            "application/json",
+            Bytes::from(value.to_owned()),
+            None,
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_without_peer_links_replicate_through_nats_and_through_a_partition() {
+    let cluster = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    // B reaches NATS through a proxy the test can cut.
+    let proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), NATS.parse().unwrap())
+        .await
+        .unwrap();
+    let a = start(&dir.path().join("a"), &cluster, NATS, &["--listen", "off"]).await;
+    let b = start(
+        &dir.path().join("b"),
+        &cluster,
+        &proxy.local_addr().to_string(),
+        &["--listen", "off"],
+    )
+    .await;
+    put(&a, "from-a", "1").await;
+    put(&b, "from-b", "2").await;
+    converge(&[&a, &b], "p", 2, Duration::from_secs(60)).await;
+    // The link is a peer link like any: status shows it, over NATS.
+    let status = a.client().status().await.unwrap();
+    let peers = status["replication"]["peers"].to_string();
+    assert!(peers.contains("nats:"), "{peers}");
+
+    proxy.partition();
+    for i in 0..50 {
+        put(&a, &format!("a{i}"), &i.to_string()).await;
+        put(&b, &format!("b{i}"), &i.to_string()).await;
+        put(&a, "both", &format!("\"a{i}\"")).await;
+        put(&b, "both", &format!("\"b{i}\"")).await;
+    }
+    // Cut off: B has none of what A wrote meanwhile, and A's link to B ends (its
+    // heartbeats stop).
+    assert!(b.client().get("p", "a49", None).await.unwrap().is_none());
+    common::wait_until(
+        "A's link over NATS ends",
+        Duration::from_secs(60),
+        || async {
+            let status = a.client().status().await.unwrap();
+            !status["replication"]["peers"].to_string().contains("nats:")
+        },
+    )
+    .await;
+    proxy.heal();
+    converge(&[&a, &b], "p", 202, Duration::from_secs(120)).await;
+    assert_eq!(
+        digest(&a.client(), "p").await,
+        digest(&b.client(), "p").await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixed_cluster_converges_over_tcp_and_nats() {
+    // A and B link through NATS; C links to B over TCP only (and knows no NATS).
+    let cluster = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&dir.path().join("a"), &cluster, NATS, &["--listen", "off"]).await;
+    let b = start(&dir.path().join("b"), &cluster, NATS, &[]).await;
+    let c = Node::start(
+        &dir.path().join("c"),
+        &["--cluster-id", &cluster, "--peer", &b.peer_addr()],
+    )
+    .await;
+    for i in 0..20 {
+        put(&a, &format!("a{i}"), "1").await;
+        put(&b, &format!("b{i}"), "2").await;
+        put(&c, &format!("c{i}"), "3").await;
+    }
+    converge(&[&a, &b, &c], "p", 60, Duration::from_secs(60)).await;
+    let d = digest(&a.client(), "p").await;
+    assert_eq!(d.len(), 60);
+    assert_eq!(d, digest(&c.client(), "p").await);
+}
