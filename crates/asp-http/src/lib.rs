@@ -19,5 +19,7 @@ mod server;
 mod shares_api;
 
 pub use error::ApiError;
-pub use routes::{ApiConfig, AppState, ConnectorsView, DEFAULT_REQUEST_BYTES_MAX, router};
+pub use routes::{
+    ApiConfig, AppState, ConnectorsView, DEFAULT_REQUEST_BYTES_MAX, TransportStatusFn, router,
+};
 pub use server::{serve, serve_with_tls};

@@ -119,6 +119,12 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
             shutdown.child_token(),
         )
     });
+    if let Some(transport) = &transport {
+        let transport = transport.clone();
+        state = state.with_transport(std::sync::Arc::new(move || {
+            serde_json::to_value(transport.status()).unwrap_or_default()
+        }));
+    }
     tracing::info!(
         node_id = %store.node_id(),
         api = %format!("{scheme}://{listen}"),

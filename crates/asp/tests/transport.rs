@@ -25,12 +25,23 @@ fn cluster() -> String {
 /// Starts a node whose configuration names the transport at `nats` (an address), in
 /// cluster `cluster`, with `extra` flags.
 async fn start(dir: &std::path::Path, cluster: &str, nats: &str, extra: &[&str]) -> Node {
+    start_with(dir, cluster, nats, "", extra).await
+}
+
+/// [`start`], with more configuration (`more`: whole sections, before `[replication]`).
+async fn start_with(
+    dir: &std::path::Path,
+    cluster: &str,
+    nats: &str,
+    more: &str,
+    extra: &[&str],
+) -> Node {
     std::fs::create_dir_all(dir.with_extension("conf")).unwrap();
     let path = dir.with_extension("conf").join("asp.toml");
     std::fs::write(
         &path,
         format!(
-            "[replication]\ncluster_id = \"{cluster}\"\ntransport = \"nats://{nats}\"\nheartbeat_ms = 200\nidle_timeout_ms = 1500\n"
+            "{more}[replication]\ncluster_id = \"{cluster}\"\ntransport = \"nats://{nats}\"\nheartbeat_ms = 200\nidle_timeout_ms = 1500\n"
         ),
     )
     .unwrap();
@@ -76,6 +87,14 @@ async fn nodes_without_peer_links_replicate_through_nats_and_through_a_partition
     let status = a.client().status().await.unwrap();
     let peers = status["replication"]["peers"].to_string();
     assert!(peers.contains("nats:"), "{peers}");
+    let transport = &status["transport"];
+    assert_eq!(transport["state"], "connected", "{transport}");
+    assert_eq!(transport["connections"], 1, "{transport}");
+    let b_id = b.client().status().await.unwrap()["node_id"].clone();
+    assert!(
+        transport["nodes_heard"].as_array().unwrap().contains(&b_id),
+        "{transport}"
+    );
 
     proxy.partition();
     for i in 0..50 {
@@ -85,17 +104,27 @@ async fn nodes_without_peer_links_replicate_through_nats_and_through_a_partition
         put(&b, "both", &format!("\"b{i}\"")).await;
     }
     // Cut off: B has none of what A wrote meanwhile, and A's link to B ends (its
-    // heartbeats stop).
+    // heartbeats stop; the peer stays listed, down).
     assert!(b.client().get("p", "a49", None).await.unwrap().is_none());
-    common::wait_until(
-        "A's link over NATS ends",
-        Duration::from_secs(60),
-        || async {
-            let status = a.client().status().await.unwrap();
-            !status["replication"]["peers"].to_string().contains("nats:")
-        },
-    )
-    .await;
+    let started = std::time::Instant::now();
+    loop {
+        let status = a.client().status().await.unwrap();
+        let peers = &status["replication"]["peers"];
+        let active = peers
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["state"] == "active");
+        if !active {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "A's link over NATS did not end: {peers} {}",
+            status["transport"]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     proxy.heal();
     converge(&[&a, &b], "p", 202, Duration::from_secs(120)).await;
     assert_eq!(
@@ -125,4 +154,76 @@ async fn a_mixed_cluster_converges_over_tcp_and_nats() {
     let d = digest(&a.client(), "p").await;
     assert_eq!(d.len(), 60);
     assert_eq!(d, digest(&c.client(), "p").await);
+}
+
+/// Pages of puts of `k0..k{n}` in namespace `kept`, each value padded.
+async fn overwrite(node: &Node, round: u32, n: u32) {
+    let pad = "p".repeat(300);
+    let ops: Vec<String> = (0..n)
+        .map(|i| format!(r#"{{"op":"put","key":"k{i}","value":{{"r":{round},"pad":"{pad}"}}}}"#))
+        .collect();
+    node.client()
+        .batch(
+            "kept",
+            Bytes::from(format!(r#"{{"ops":[{}]}}"#, ops.join(","))),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_away_past_compaction_catches_up_through_nats() {
+    let cluster = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let more =
+        "[store]\nsegment_bytes_max = 1048576\n[compaction]\ninterval_ms = 0\nretention_ms = 0\n";
+    let a = start_with(
+        &dir.path().join("a"),
+        &cluster,
+        NATS,
+        more,
+        &["--listen", "off"],
+    )
+    .await;
+    let mut b = start_with(
+        &dir.path().join("b"),
+        &cluster,
+        NATS,
+        more,
+        &["--listen", "off"],
+    )
+    .await;
+    overwrite(&a, 0, 2000).await;
+    converge(&[&a, &b], "kept", 2000, Duration::from_secs(60)).await;
+    assert_eq!(b.signal(libc::SIGTERM).code(), Some(0));
+    // While B is away, A overwrites every key ten times, then compacts: most of what
+    // B missed is gone from A's feed.
+    for round in 1..=10 {
+        overwrite(&a, round, 2000).await;
+    }
+    let answer = a
+        .client()
+        .send(
+            axum::http::Method::POST,
+            "/v1/admin/compact",
+            &[],
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+    assert!(report["segments_removed"].as_u64().unwrap() > 0, "{report}");
+    b.restart().await;
+    converge(&[&a, &b], "kept", 22_000, Duration::from_secs(120)).await;
+    assert_eq!(
+        digest(&a.client(), "kept").await,
+        digest(&b.client(), "kept").await
+    );
+    // By reconciliation: A's feed no longer held what B missed.
+    let status = a.client().status().await.unwrap();
+    let peer = &status["replication"]["peers"][0];
+    assert!(
+        peer["reconcile"]["handovers"].as_u64().unwrap() >= 1,
+        "{peer}"
+    );
 }

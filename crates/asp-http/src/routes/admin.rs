@@ -188,6 +188,7 @@ pub(super) async fn status(State(state): State<AppState>) -> Response {
         "held": held_api::status_json(&store.held(), asp_store::clock::wall_ms()),
         "replication": replication,
         "connectors": state.connectors().map(|c| c.status()).unwrap_or_else(|| serde_json::json!([])),
+        "transport": state.transport(),
         "failure": s.failure,
     }))
     .into_response()

@@ -97,7 +97,12 @@ struct StateInner {
     auth: Option<Arc<crate::auth::NodeAuth>>,
     /// The node's connectors (`None`: none configured).
     connectors: Option<Arc<dyn ConnectorsView>>,
+    /// The NATS transport's state for status (`None`: no `[replication] transport`).
+    transport: Option<TransportStatusFn>,
 }
+
+/// What status shows of the NATS transport, read when status is asked for.
+pub type TransportStatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 /// What the API shows of the node's connectors (`asp-connect` implements it; this
 /// crate does not depend on it).
@@ -156,6 +161,7 @@ impl AppState {
                 shutdown,
                 auth: None,
                 connectors: None,
+                transport: None,
             }),
         }
     }
@@ -176,6 +182,19 @@ impl AppState {
         connectors.register_metrics(&mut inner.registry);
         inner.connectors = Some(connectors);
         self
+    }
+
+    /// The same state showing the NATS transport in status; call before the state is
+    /// shared.
+    pub fn with_transport(mut self, status: TransportStatusFn) -> Self {
+        let inner = Arc::get_mut(&mut self.inner)
+            .expect("with_transport is called before the state is cloned");
+        inner.transport = Some(status);
+        self
+    }
+
+    pub(crate) fn transport(&self) -> Option<serde_json::Value> {
+        self.inner.transport.as_ref().map(|f| f())
     }
 
     pub(crate) fn connectors(&self) -> Option<&dyn ConnectorsView> {
