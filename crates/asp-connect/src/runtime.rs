@@ -211,6 +211,15 @@ async fn send_feed<S: Sink>(
     // a batch's events follow its record closely in every feed.
     let mut ingested: std::collections::VecDeque<(NodeId, u64, u64)> =
         std::collections::VecDeque::new();
+    // The newest record's batch may straddle the saved position (a restart in the
+    // middle of it): its record is behind the position, so it is read here.
+    let positions = Namespace::new(positions_ns).expect("a valid name");
+    if let Ok(Some(state)) = store.get(&positions, &c.name)
+        && let Some(value) = state.value
+        && let Some(range) = ingested_range(&value.bytes, &c.namespace)
+    {
+        ingested.push_back(range);
+    }
     loop {
         let events = reader
             .read(c.batch * 4)
