@@ -620,6 +620,11 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
                 asp_connect::config::redacted(url)
             );
         }
+        if replication.cluster_id == DEFAULT_CLUSTER_ID {
+            bail!(
+                "[replication] transport needs a cluster_id of your own: every node on that NATS server with cluster_id {DEFAULT_CLUSTER_ID:?} would join this cluster"
+            );
+        }
         if replication.tls.is_some() {
             bail!(
                 "[replication] transport carries peer links without TLS, and this node requires TLS on peer links: TLS through the NATS transport is not built yet (drop transport, or run the cluster without [tls])"

@@ -227,3 +227,33 @@ async fn a_node_away_past_compaction_catches_up_through_nats() {
         "{peer}"
     );
 }
+
+#[test]
+fn the_transport_refuses_what_it_cannot_do_safely() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "[replication]\ntransport = \"nats://127.0.0.1:4222\"\n",
+            "cluster_id of your own",
+        ),
+        (
+            "[replication]\ncluster_id = \"x\"\ntransport = \"tcp://h:1\"\n",
+            "must be nats://",
+        ),
+    ];
+    for (i, (toml, reason)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("{i}.toml"));
+        std::fs::write(&path, toml).unwrap();
+        let out = std::process::Command::new(common::BIN)
+            .args(["serve", "--data-dir"])
+            .arg(dir.path().join(format!("d{i}")))
+            .arg("--config")
+            .arg(&path)
+            .args(["--api", "127.0.0.1:0", "--listen", "off"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(stderr.contains(reason), "case {i}: {stderr}");
+    }
+}
