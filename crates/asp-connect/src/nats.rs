@@ -255,4 +255,24 @@ mod tests {
         }
         assert_eq!(key_of_subject("50%zz"), "50%zz");
     }
+
+    proptest::proptest! {
+        /// Any key goes to a subject of literal, non-empty tokens and comes back whole.
+        #[test]
+        fn any_key_round_trips_through_its_subject(key in "\\PC{1,40}|[ .*>%a-z]{1,12}") {
+            let subject = subject_for("p", &key);
+            for token in subject.split('.') {
+                proptest::prop_assert!(!token.is_empty(), "{subject}");
+                proptest::prop_assert!(!token.contains(['*', '>', ' ', '\t']), "{subject}");
+            }
+            proptest::prop_assert_eq!(super::key_of_subject(subject.strip_prefix("p.").unwrap()), key);
+        }
+
+        /// Decoding any suffix and any position text never panics.
+        #[test]
+        fn any_text_decodes_or_is_refused(text in "\\PC{0,40}") {
+            let _ = super::key_of_subject(&text);
+            let _ = crate::runtime::Position::parse(&text);
+        }
+    }
 }
