@@ -209,8 +209,7 @@ async fn send_feed<S: Sink>(
     // the `batch` member the store adds to each position record: those events came
     // from the source, and sending them back would echo. The newest ranges are kept;
     // a batch's events follow its record closely in every feed.
-    let mut ingested: std::collections::VecDeque<(NodeId, u64, u64)> =
-        std::collections::VecDeque::new();
+    let mut ingested = Ingested::default();
     // The newest record's batch may straddle the saved position (a restart in the
     // middle of it): its record is behind the position, so it is read here.
     let positions = Namespace::new(positions_ns).expect("a valid name");
@@ -218,7 +217,7 @@ async fn send_feed<S: Sink>(
         && let Some(value) = state.value
         && let Some(range) = ingested_range(&value.bytes, &c.namespace)
     {
-        ingested.push_back(range);
+        ingested.insert(range);
     }
     loop {
         let events = reader
@@ -250,19 +249,14 @@ async fn send_feed<S: Sink>(
                     && let Op::Put { value, .. } = &e.op
                     && let Some(range) = ingested_range(value, &c.namespace)
                 {
-                    if ingested.len() == INGESTED_RANGES_MAX {
-                        ingested.pop_front();
-                    }
-                    ingested.push_back(range);
+                    ingested.insert(range);
                 }
                 continue;
             }
             if e.namespace != c.namespace {
                 continue;
             }
-            if ingested.iter().any(|&(origin, first, count)| {
-                e.dot.origin == origin && (first..first + count).contains(&e.dot.counter)
-            }) {
+            if ingested.contains(e.dot.origin, e.dot.counter) {
                 continue;
             }
             batch.push(OutMessage {
@@ -320,6 +314,39 @@ async fn send_feed<S: Sink>(
 
 /// How many ingested batches the out side remembers (see `send_feed`).
 const INGESTED_RANGES_MAX: usize = 4096;
+
+/// The dot ranges of the newest ingested batches, looked up in logarithmic time.
+#[derive(Default)]
+struct Ingested {
+    /// (origin, first counter) → one past the last counter.
+    ranges: std::collections::BTreeMap<(NodeId, u64), u64>,
+    /// Insertion order, to forget the oldest.
+    order: std::collections::VecDeque<(NodeId, u64)>,
+}
+
+impl Ingested {
+    fn insert(&mut self, (origin, first, count): (NodeId, u64, u64)) {
+        if self
+            .ranges
+            .insert((origin, first), first.saturating_add(count))
+            .is_none()
+        {
+            self.order.push_back((origin, first));
+        }
+        if self.order.len() > INGESTED_RANGES_MAX
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.ranges.remove(&oldest);
+        }
+    }
+
+    fn contains(&self, origin: NodeId, counter: u64) -> bool {
+        self.ranges
+            .range((origin, 0)..=(origin, counter))
+            .next_back()
+            .is_some_and(|(_, &end)| counter < end)
+    }
+}
 
 /// The dots a position record's batch got (`batch` added by the store), if the batch
 /// went to `namespace`: (origin, first counter, count).
@@ -619,5 +646,45 @@ fn to_op(m: &InMessage, value_max: usize) -> Result<WriteOp, String> {
             Ok(WriteOp::put(key, ct, m.value.clone()))
         }
         other => Err(format!("op {other:?} is neither put nor delete")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ingested_ranges_hold_exactly_their_dots_and_forget_the_oldest() {
+        let (a, b): (NodeId, NodeId) = (
+            "00000000000000aa".parse().unwrap(),
+            "00000000000000bb".parse().unwrap(),
+        );
+        let mut i = Ingested::default();
+        i.insert((a, 10, 5));
+        i.insert((b, 12, 1));
+        assert!(!i.contains(a, 9));
+        assert!(i.contains(a, 10) && i.contains(a, 14));
+        assert!(!i.contains(a, 15));
+        assert!(!i.contains(b, 10) && i.contains(b, 12) && !i.contains(b, 13));
+        for n in 0..INGESTED_RANGES_MAX as u64 {
+            i.insert((b, 1000 + n * 10, 2));
+        }
+        assert!(!i.contains(a, 10), "the oldest range is forgotten");
+        assert!(i.contains(b, 1001));
+        assert_eq!(i.ranges.len(), INGESTED_RANGES_MAX);
+    }
+
+    #[test]
+    fn a_record_names_its_batch_only_for_the_connected_namespace() {
+        let ns = Namespace::new("orders").unwrap();
+        let record = br#"{"position":"7","batch":{"namespace":"orders","origin":"00000000000000aa","first":3,"count":2}}"#;
+        let origin: NodeId = "00000000000000aa".parse().unwrap();
+        assert_eq!(ingested_range(record, &ns), Some((origin, 3, 2)));
+        assert_eq!(
+            ingested_range(record, &Namespace::new("other").unwrap()),
+            None
+        );
+        assert_eq!(ingested_range(br#"{"position":"7"}"#, &ns), None);
+        assert_eq!(ingested_range(b"not json", &ns), None);
     }
 }
