@@ -61,6 +61,13 @@ pub struct BenchArgs {
     /// or both, comma-separated (each repetition runs them one after the other).
     #[arg(long, default_value = "off", value_delimiter = ',', value_parser = ["off", "on"])]
     tls: Vec<String>,
+    /// How the replication scenarios' two nodes reach each other: `tcp` (a peer link
+    /// over loopback), `nats` (through the NATS server of `--nats`), or both.
+    #[arg(long, default_value = "tcp", value_delimiter = ',', value_parser = ["tcp", "nats"])]
+    via: Vec<String>,
+    /// The NATS server of `--via nats`.
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    nats: String,
     /// Fsync modes to run each scenario under, comma-separated.
     #[arg(long, default_value = "always,never", value_delimiter = ',')]
     fsync: Vec<String>,
@@ -123,6 +130,32 @@ fn bench_tls(
 }
 
 /// How an asp run is named in the tables (TLS named only when runs differ in it).
+/// The (TLS, transport) pairs the replication scenarios run: every `--tls` with every
+/// `--via`, except TLS through NATS (not built).
+fn variants(args: &BenchArgs) -> Vec<(&str, crate::bench_replication::Via)> {
+    let mut out = Vec::new();
+    for tls in &args.tls {
+        for via in &args.via {
+            match via.as_str() {
+                "nats" if tls == "on" => {}
+                "nats" => out.push((
+                    tls.as_str(),
+                    crate::bench_replication::Via::Nats(args.nats.clone()),
+                )),
+                _ => out.push((tls.as_str(), crate::bench_replication::Via::Tcp)),
+            }
+        }
+    }
+    out
+}
+
+fn via_system(system: String, via: &crate::bench_replication::Via) -> String {
+    match via {
+        crate::bench_replication::Via::Tcp => system,
+        crate::bench_replication::Via::Nats(_) => format!("{system}, through NATS"),
+    }
+}
+
 fn asp_system(mode: FsyncMode, tls: &str, tls_variants: usize) -> String {
     if tls_variants > 1 || tls == "on" {
         format!("asp, fsync={mode}, TLS {tls}")
@@ -266,7 +299,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 fmt_rate(args.catchup_events as f64)
             );
             for &mode in &modes {
-                for tls in &args.tls {
+                for (tls, via) in variants(&args) {
                     let bar = progress(
                         &format!("loading a node, fsync={mode}"),
                         args.catchup_events,
@@ -278,12 +311,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                         args.catchup_events,
                         &values,
                         |n| bar.set_position(n),
+                        &via,
                     )
                     .await?;
                     bar.finish_and_clear();
                     let r =
                         ReplicationResult::catch_up(args.catchup_events, args.value_bytes, seconds);
-                    let system = asp_system(mode, tls, args.tls.len());
+                    let system = via_system(asp_system(mode, tls, args.tls.len()), &via);
                     eprintln!(
                         "  {system} catch-up: {} events/s, {:.1} MB/s",
                         fmt_rate(r.events_per_s),
@@ -324,7 +358,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         if wants("live") {
             let label = format!("live latency at {} writes/s", args.live_rate);
             for &mode in &modes {
-                for tls in &args.tls {
+                for (tls, via) in variants(&args) {
                     let hist = crate::bench_replication::live_latency(
                         &args.dir,
                         mode,
@@ -332,6 +366,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                         args.live_events,
                         args.live_rate,
                         &values,
+                        &via,
                     )
                     .await?;
                     let r = ReplicationResult::latency(
@@ -339,7 +374,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                         hist.value_at_quantile(0.99),
                         hist.max(),
                     );
-                    let system = asp_system(mode, tls, args.tls.len());
+                    let system = via_system(asp_system(mode, tls, args.tls.len()), &via);
                     eprintln!(
                         "  {system} live latency: p50 {} µs, p99 {} µs, max {} µs",
                         r.p50_us, r.p99_us, r.max_us

@@ -2,7 +2,8 @@
 //! run: catch-up of a peer that was away while events were written, and the latency
 //! from a write's acknowledgement on one node to its appearance in another node's
 //! change feed. Both nodes run in this process and talk over loopback TCP, as the Redis
-//! master and replica do.
+//! master and replica do, or through a NATS server (`--via nats`, the transport of
+//! `[replication] transport`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,9 +46,20 @@ impl Values {
     }
 }
 
+/// How the two nodes reach each other.
+#[derive(Clone, Debug)]
+pub enum Via {
+    /// A TCP peer link over loopback (the dialer names the other's address).
+    Tcp,
+    /// The NATS transport (`[replication] transport`) through this server: neither
+    /// node listens for peer links.
+    Nats(String),
+}
+
 struct Side {
     store: Store,
     replicator: Option<Replicator>,
+    transport: Option<asp_connect::transport::Transport>,
     shutdown: CancellationToken,
     dir: std::path::PathBuf,
 }
@@ -62,6 +74,7 @@ impl Side {
         Ok(Side {
             store: Store::open(c)?,
             replicator: None,
+            transport: None,
             shutdown: CancellationToken::new(),
             dir,
         })
@@ -71,7 +84,24 @@ impl Side {
         &mut self,
         peers: Vec<String>,
         tls: Option<Arc<asp_tls::Tls>>,
+        via: &Via,
     ) -> anyhow::Result<String> {
+        if let Via::Nats(url) = via {
+            // A cluster of this run's own, so that its subjects are its own.
+            let cluster = format!("bench-{}", std::process::id());
+            let mut rc = ReplicationConfig::new(cluster.clone());
+            rc.listen = None;
+            let r = Replicator::start(self.store.clone(), rc, self.shutdown.child_token()).await?;
+            self.transport = Some(asp_connect::transport::Transport::start(
+                r.clone(),
+                self.store.node_id(),
+                &cluster,
+                url.clone(),
+                self.shutdown.child_token(),
+            ));
+            self.replicator = Some(r);
+            return Ok(String::new());
+        }
         let mut rc = ReplicationConfig::new("bench");
         rc.listen = Some("127.0.0.1:0".parse()?);
         rc.peers = peers;
@@ -83,6 +113,10 @@ impl Side {
     }
 
     async fn close(self) -> anyhow::Result<()> {
+        if let Some(t) = self.transport {
+            self.shutdown.cancel();
+            t.stopped().await;
+        }
         if let Some(r) = self.replicator {
             r.shutdown().await;
         }
@@ -122,6 +156,7 @@ pub async fn catch_up(
     events: u64,
     values: &Arc<Values>,
     progress: impl Fn(u64),
+    via: &Via,
 ) -> anyhow::Result<f64> {
     let pid = std::process::id();
     let mut a = Side::open(base.join(format!("catchup-a-{pid}")), mode)?;
@@ -168,13 +203,13 @@ pub async fn catch_up(
         t.await??;
     }
     progress(loaded.load(Ordering::Relaxed));
-    let a_addr = a.replicate(vec![], tls.clone()).await?;
+    let a_addr = a.replicate(vec![], tls.clone(), via).await?;
     let target = a.store.head().seq;
 
     let mut b = Side::open(base.join(format!("catchup-b-{pid}")), mode)?;
     let mut head = b.store.subscribe();
     let started = Instant::now();
-    b.replicate(vec![a_addr], tls).await?;
+    b.replicate(vec![a_addr], tls, via).await?;
     let limit = Duration::from_secs(600);
     while head.borrow_and_update().seq < target {
         if started.elapsed() > limit || tokio::time::timeout(limit, head.changed()).await.is_err() {
@@ -196,12 +231,13 @@ pub async fn live_latency(
     events: u64,
     rate_per_s: u64,
     values: &Values,
+    via: &Via,
 ) -> anyhow::Result<Histogram<u64>> {
     let pid = std::process::id();
     let mut a = Side::open(base.join(format!("live-a-{pid}")), mode)?;
-    let a_addr = a.replicate(vec![], tls.clone()).await?;
+    let a_addr = a.replicate(vec![], tls.clone(), via).await?;
     let mut b = Side::open(base.join(format!("live-b-{pid}")), mode)?;
-    b.replicate(vec![a_addr], tls).await?;
+    b.replicate(vec![a_addr], tls, via).await?;
     let ns = Namespace::new(NS)?;
 
     // Warm up the link: one write, seen on B.

@@ -6,6 +6,7 @@
 //! hdrhistogram, the fault proxy).
 
 mod bench;
+mod bench_connect;
 mod bench_crdt;
 mod bench_gc;
 mod bench_handover;
@@ -34,6 +35,9 @@ struct Cli {
 enum Command {
     /// Measure durable ingest and replication on this machine (see bench/RESULTS.md).
     Bench(Box<bench::BenchArgs>),
+    /// Measure the connectors against the raw NATS JetStream and Redis Streams clients,
+    /// out and in (see bench/RESULTS.md); needs both servers running.
+    Connectors(bench_connect::ConnectArgs),
     /// Start a three-node cluster on loopback and show replication, a partition and
     /// its healing.
     Demo(demo::DemoArgs),
@@ -54,6 +58,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Bench(a) => bench::run(*a).await,
+            Command::Connectors(a) => bench_connect::run(a).await,
             Command::Demo(a) => demo::run(a).await,
         }
     });

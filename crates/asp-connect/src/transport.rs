@@ -38,9 +38,9 @@ use tokio_util::sync::CancellationToken;
 const HELLO_INTERVAL: Duration = Duration::from_secs(1);
 /// The most bytes one data message carries (NATS's default limit is 1 MiB).
 const CHUNK_BYTES: usize = 64 * 1024;
-/// Data messages queued for one connection's link before the connection is given up
-/// (the link's credit window bounds what a peer sends unacknowledged far below this).
-const QUEUE_MESSAGES: usize = 1024;
+/// Bytes queued for one connection's link before the connection is given up (the
+/// link's credit window bounds what a peer sends unacknowledged well below this).
+const QUEUE_BYTES_MAX: usize = 64 << 20;
 /// Bytes buffered between a link and the transport, each way.
 const PIPE_BYTES: usize = 256 * 1024;
 /// The most connections the transport keeps (one per other node).
@@ -144,7 +144,9 @@ struct Conn {
     peer: NodeId,
     /// The next data message number expected from the peer.
     next_in: u64,
-    to_link: mpsc::Sender<Bytes>,
+    to_link: mpsc::UnboundedSender<Bytes>,
+    /// Bytes sent to the link and not yet written to its pipe.
+    queued: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// What the dispatcher learns from the connection tasks.
@@ -266,15 +268,21 @@ async fn run(
                     if peer == node {
                         continue;
                     }
-                    heard.lock().unwrap().insert(peer, Instant::now());
+                    let new = heard.lock().unwrap().insert(peer, Instant::now()).is_none();
+                    if new && peer < node {
+                        // A node just heard of that opens connections to this one: say
+                        // hello now rather than at the next tick (up to a second).
+                        let _ = client.publish(hello.clone(), Bytes::from(node.to_string())).await;
+                    }
                     let due = retry.get(&peer).is_none_or(|r| Instant::now() >= r.0);
                     if node < peer && !open_with.contains_key(&peer) && due && conns.len() < CONNECTIONS_MAX {
                         let id: u64 = rand::random();
-                        let (tx, rx) = mpsc::channel(QUEUE_MESSAGES);
-                        conns.insert(id, Conn { peer, next_in: 0, to_link: tx });
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                        conns.insert(id, Conn { peer, next_in: 0, to_link: tx, queued: queued.clone() });
                         open_with.insert(peer, id);
                         publish(&shared, peer, id, "open", None, Bytes::new()).await;
-                        tokio::spawn(connection(shared.clone(), id, peer, true, rx));
+                        tokio::spawn(connection(shared.clone(), id, peer, true, rx, queued));
                     }
                     status.lock().unwrap().connections = conns.len();
                     continue;
@@ -315,17 +323,19 @@ async fn handle(
             if conns.contains_key(&id) || conns.len() >= CONNECTIONS_MAX {
                 return;
             }
-            let (tx, rx) = mpsc::channel(QUEUE_MESSAGES);
+            let (tx, rx) = mpsc::unbounded_channel();
+            let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             conns.insert(
                 id,
                 Conn {
                     peer: from,
                     next_in: 0,
                     to_link: tx,
+                    queued: queued.clone(),
                 },
             );
             open_with.insert(from, id);
-            tokio::spawn(connection(shared.clone(), id, from, false, rx));
+            tokio::spawn(connection(shared.clone(), id, from, false, rx, queued));
         }
         "data" => {
             let Some(conn) = conns.get_mut(&id) else {
@@ -335,15 +345,18 @@ async fn handle(
             };
             let n = get("asp-n").and_then(|v| v.parse::<u64>().ok());
             let in_order = n == Some(conn.next_in) && conn.peer == from;
-            let sent = match in_order {
-                true => conn.to_link.try_send(message.payload),
-                false => Ok(()),
-            };
-            if let Err(mpsc::error::TrySendError::Closed(_)) = sent {
-                // The connection is ending here; its close is on the way.
-                return;
+            let len = message.payload.len();
+            let room =
+                conn.queued.load(std::sync::atomic::Ordering::Acquire) + len <= QUEUE_BYTES_MAX;
+            if in_order && room {
+                conn.queued
+                    .fetch_add(len, std::sync::atomic::Ordering::AcqRel);
+                if conn.to_link.send(message.payload).is_err() {
+                    // The connection is ending here; its close is on the way.
+                    return;
+                }
             }
-            if !in_order || sent.is_err() {
+            if !in_order || !room {
                 tracing::warn!(peer = %from, expected = conn.next_in, got = ?n, "a NATS transport connection lost a message (or its link fell behind); closing it");
                 shared.status.lock().unwrap().broken += 1;
                 conns.remove(&id);
@@ -396,7 +409,8 @@ async fn connection(
     id: u64,
     peer: NodeId,
     opened: bool,
-    mut from_peer: mpsc::Receiver<Bytes>,
+    mut from_peer: mpsc::UnboundedReceiver<Bytes>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
 ) {
     let (link_end, pipe) = tokio::io::duplex(PIPE_BYTES);
     let replicator = shared.replicator.clone();
@@ -431,6 +445,7 @@ async fn connection(
             if wr.write_all(&bytes).await.is_err() {
                 break;
             }
+            queued.fetch_sub(bytes.len(), std::sync::atomic::Ordering::AcqRel);
         }
         let _ = wr.shutdown().await;
     };
