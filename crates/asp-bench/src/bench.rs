@@ -185,7 +185,11 @@ impl RunResult {
     }
 }
 
-pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
+    // Absolute: the Redis servers start in their own directory and would take a
+    // relative `--dir` from there.
+    args.dir = std::path::absolute(&args.dir)
+        .with_context(|| format!("bench directory {}", args.dir.display()))?;
     if let Some(mode) = &args.rss_child {
         let mode: FsyncMode = mode.parse()?;
         let value = Bytes::from(vec![0x5a; args.value_bytes]);
