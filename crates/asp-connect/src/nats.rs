@@ -23,7 +23,7 @@ async fn connect(ctx: &Ctx) -> Result<(jetstream::Context, stream::Stream), Stri
         .request_timeout(Some(REQUEST_TIMEOUT))
         .connect(c.url.as_str())
         .await
-        .map_err(|e| format!("connecting to {}: {e}", c.url))?;
+        .map_err(|e| format!("connecting to {}: {e}", crate::config::redacted(&c.url)))?;
     let js = jetstream::new(client);
     let stream = js
         .get_or_create_stream(stream::Config {

@@ -21,14 +21,15 @@ const CLAIM_IDLE_MS: u64 = 30_000;
 
 async fn connect(ctx: &Ctx) -> Result<MultiplexedConnection, String> {
     let c = &ctx.connector;
-    let client = redis::Client::open(c.url.as_str()).map_err(|e| format!("url {}: {e}", c.url))?;
+    let client = redis::Client::open(c.url.as_str())
+        .map_err(|e| format!("url {}: {e}", crate::config::redacted(&c.url)))?;
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(Duration::from_secs(10)));
     client
         .get_multiplexed_async_connection_with_config(&config)
         .await
-        .map_err(|e| format!("connecting to {}: {e}", c.url))
+        .map_err(|e| format!("connecting to {}: {e}", crate::config::redacted(&c.url)))
 }
 
 pub(crate) struct RedisSink {

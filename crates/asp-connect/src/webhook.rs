@@ -128,12 +128,21 @@ impl WebhookSink {
             .body(body.to_vec())
             .send()
             .await
-            .map_err(|e| format!("POST {}: {e}", c.url))?;
+            .map_err(|e| {
+                format!(
+                    "POST {}: {}",
+                    crate::config::redacted(&c.url),
+                    e.without_url()
+                )
+            })?;
         let status = answer.status();
         if status.is_success() {
             Ok(())
         } else {
-            Err(format!("POST {} answered {status}", c.url))
+            Err(format!(
+                "POST {} answered {status}",
+                crate::config::redacted(&c.url)
+            ))
         }
     }
 }
