@@ -935,3 +935,41 @@ fn a_bad_connector_configuration_stops_the_node_with_the_reason() {
         assert!(stderr.contains(reason), "case {i}: {stderr}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_the_writer_refuses_as_too_large_goes_one_message_at_a_time() {
+    let id = unique();
+    let redis_key = format!("asptest:small{id}");
+    let mut con = redis().await;
+    for i in 0..50 {
+        xadd(
+            &mut con,
+            &redis_key,
+            &[("key", &format!("k{i}")), ("value", &i.to_string())],
+        )
+        .await;
+    }
+    // The writer takes at most 10 operations per batch; the connector reads 256.
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[limits]\nbatch_ops_max = 10\n\n{}",
+        redis_connector("rs", "in", "rs", REDIS, &redis_key)
+    );
+    let node = start(&dir.path().join("a"), &toml).await;
+    let c = eventually("every message written", async || {
+        let c = connector(&node, "rs").await;
+        (c["in"]["messages"] == 50).then_some(c)
+    })
+    .await;
+    assert_eq!(c["in"]["dead_letters"], 0, "{c}");
+    assert_eq!(common::events(&node.client(), "rs").await, 50);
+    assert_eq!(values(&node, "rs").await["k49"], "49");
+    let positions = values(&node, "_asp.connectors").await;
+    let last = redis_entries(&mut con, &redis_key).await.pop().unwrap().0;
+    assert!(positions["rs"].contains(&last), "{positions:?} {last}");
+    let _: () = redis::cmd("DEL")
+        .arg(&redis_key)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+}
