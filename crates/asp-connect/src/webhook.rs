@@ -129,11 +129,17 @@ impl WebhookSink {
             .send()
             .await
             .map_err(|e| {
-                format!(
-                    "POST {}: {}",
-                    crate::config::redacted(&c.url),
-                    e.without_url()
-                )
+                // The causes say why (a refused connection, a certificate from an
+                // unknown CA); the URL, with any password, is left out.
+                let e = e.without_url();
+                let mut why = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    why.push_str(": ");
+                    why.push_str(&c.to_string());
+                    cause = c.source();
+                }
+                format!("POST {}: {why}", crate::config::redacted(&c.url))
             })?;
         let status = answer.status();
         if status.is_success() {
