@@ -122,8 +122,9 @@ pub(crate) struct NatsSource {
     consumer: consumer::PullConsumer,
     prefix: String,
     last: Option<Position>,
-    /// The last message of the batch returned by `fetch`, acknowledged by `ack`.
-    unacked: Option<jetstream::Message>,
+    /// The last message of each batch `fetch` returned and `ack` did not acknowledge
+    /// yet, oldest first (the runtime fetches the next batch while it writes one).
+    unacked: std::collections::VecDeque<jetstream::Message>,
 }
 
 pub(crate) async fn source(ctx: Arc<Ctx>, stored: Option<Position>) -> Result<NatsSource, String> {
@@ -150,7 +151,7 @@ pub(crate) async fn source(ctx: Arc<Ctx>, stored: Option<Position>) -> Result<Na
         consumer,
         prefix: format!("{}.", c.subject),
         last: stored,
-        unacked: None,
+        unacked: std::collections::VecDeque::new(),
     })
 }
 
@@ -208,7 +209,7 @@ impl Source for NatsSource {
             self.last = Some(position);
             last_msg = Some(m);
         }
-        self.unacked = last_msg;
+        self.unacked.extend(last_msg);
         Ok(out)
     }
 
@@ -217,7 +218,7 @@ impl Source for NatsSource {
     /// decides where a new consumer starts; acknowledging only after the write keeps a
     /// work-queue or interest stream from dropping what was not written.)
     async fn ack(&mut self, _batch: &[InMessage]) -> Result<(), String> {
-        if let Some(m) = self.unacked.take() {
+        if let Some(m) = self.unacked.pop_front() {
             m.ack()
                 .await
                 .map_err(|e| format!("acknowledging to the stream: {e}"))?;

@@ -511,10 +511,14 @@ async fn ingest<S: Source>(
     let redis = c.kind == crate::config::Kind::RedisStream;
     let value_max = ctx.store.config().value_bytes_max;
     let mut polls = 0u32;
+    let mut fetched: Option<Vec<InMessage>> = None;
     loop {
-        let batch = tokio::select! {
-            _ = ctx.shutdown.cancelled() => return Ok(()),
-            b = source.fetch(c.batch) => b?,
+        let batch = match fetched.take() {
+            Some(batch) => batch,
+            None => tokio::select! {
+                _ = ctx.shutdown.cancelled() => return Ok(()),
+                b = source.fetch(c.batch) => b?,
+            },
         };
         polls += 1;
         if (batch.is_empty() || polls.is_multiple_of(16))
@@ -543,50 +547,82 @@ async fn ingest<S: Source>(
                 Err(reason) => in_dead_letter(ctx, side, m, &reason).await?,
             }
         }
-        if let Some(last) = last {
-            let count = ops.len();
-            let whole = match ops.is_empty() {
-                true => Ok(()),
-                false => {
-                    let batch_ops = ops.iter().map(|(_, op)| op.clone()).collect();
-                    let checkpoint = position_record(ctx, last, count)?;
-                    try_write(ctx, c.namespace.clone(), batch_ops, Some(checkpoint)).await
-                }
-            };
-            match whole {
-                Ok(()) => {
-                    if ops.is_empty() {
-                        let checkpoint = position_record(ctx, last, 0)?;
-                        let op = WriteOp::put(checkpoint.key, ContentType::Json, checkpoint.value);
-                        write_retrying(ctx, checkpoint.namespace, vec![op], None).await?;
-                    }
-                    side.count(count as u64);
-                }
-                // Too large as one batch: one message at a time, each with its position;
-                // a message too large alone is a dead letter.
-                Err(WriteError::TooLarge(_)) => {
-                    for (m, op) in ops {
-                        let checkpoint = position_record(ctx, m.position, 1)?;
-                        match try_write(ctx, c.namespace.clone(), vec![op], Some(checkpoint)).await
-                        {
-                            Ok(()) => side.count(1),
-                            Err(WriteError::TooLarge(reason)) => {
-                                in_dead_letter(ctx, side, m, &reason).await?;
-                            }
-                            Err(e) => return Err(format!("writing to {}: {e}", c.namespace)),
-                        }
-                    }
-                    let checkpoint = position_record(ctx, last, 0)?;
-                    let op = WriteOp::put(checkpoint.key, ContentType::Json, checkpoint.value);
-                    write_retrying(ctx, checkpoint.namespace, vec![op], None).await?;
-                }
-                Err(e) => return Err(format!("writing to {}: {e}", c.namespace)),
+        // The batch is written while the next one is fetched (the source's round trip
+        // and the store's fsync overlap); it is acknowledged only once written.
+        let write = async {
+            match last {
+                Some(last) => write_batch(ctx, side, ops, last).await,
+                None => Ok(()),
             }
-            stored = Some(last);
+        };
+        let fetch = async {
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => None,
+                b = source.fetch(c.batch) => Some(b),
+            }
+        };
+        let (written, next) = tokio::join!(write, fetch);
+        written?;
+        if last.is_some() {
+            stored = last;
         }
         source.ack(&batch).await?;
         backoff.reset();
+        match next {
+            // Stopping: the write in hand is done and acknowledged.
+            None => return Ok(()),
+            Some(next) => fetched = Some(next?),
+        }
     }
+}
+
+/// Writes one batch's operations with its last position (`last`), in one step when the
+/// writer takes it.
+async fn write_batch(
+    ctx: &Ctx,
+    side: &Side,
+    ops: Vec<(&InMessage, WriteOp)>,
+    last: Position,
+) -> Result<(), String> {
+    let c = &ctx.connector;
+    let count = ops.len();
+    let whole = match ops.is_empty() {
+        true => Ok(()),
+        false => {
+            let batch_ops = ops.iter().map(|(_, op)| op.clone()).collect();
+            let checkpoint = position_record(ctx, last, count)?;
+            try_write(ctx, c.namespace.clone(), batch_ops, Some(checkpoint)).await
+        }
+    };
+    match whole {
+        Ok(()) => {
+            if ops.is_empty() {
+                let checkpoint = position_record(ctx, last, 0)?;
+                let op = WriteOp::put(checkpoint.key, ContentType::Json, checkpoint.value);
+                write_retrying(ctx, checkpoint.namespace, vec![op], None).await?;
+            }
+            side.count(count as u64);
+        }
+        // Too large as one batch: one message at a time, each with its position; a
+        // message too large alone is a dead letter.
+        Err(WriteError::TooLarge(_)) => {
+            for (m, op) in ops {
+                let checkpoint = position_record(ctx, m.position, 1)?;
+                match try_write(ctx, c.namespace.clone(), vec![op], Some(checkpoint)).await {
+                    Ok(()) => side.count(1),
+                    Err(WriteError::TooLarge(reason)) => {
+                        in_dead_letter(ctx, side, m, &reason).await?;
+                    }
+                    Err(e) => return Err(format!("writing to {}: {e}", c.namespace)),
+                }
+            }
+            let checkpoint = position_record(ctx, last, 0)?;
+            let op = WriteOp::put(checkpoint.key, ContentType::Json, checkpoint.value);
+            write_retrying(ctx, checkpoint.namespace, vec![op], None).await?;
+        }
+        Err(e) => return Err(format!("writing to {}: {e}", c.namespace)),
+    }
+    Ok(())
 }
 
 /// The position record of connector `ctx` at `position`, covering `count` writes.
