@@ -257,3 +257,48 @@ fn the_transport_refuses_what_it_cannot_do_safely() {
         assert!(stderr.contains(reason), "case {i}: {stderr}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_on_the_transport_link_every_pair_and_converge() {
+    let cluster = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    for name in ["a", "b", "c"] {
+        nodes.push(start(&dir.path().join(name), &cluster, NATS, &["--listen", "off"]).await);
+    }
+    for (i, node) in nodes.iter().enumerate() {
+        for k in 0..30 {
+            put(node, &format!("n{i}-{k}"), &k.to_string()).await;
+            put(node, "shared", &format!("\"{i}-{k}\"")).await;
+        }
+    }
+    let refs: Vec<&Node> = nodes.iter().collect();
+    converge(&refs, "p", 180, Duration::from_secs(60)).await;
+    let d = digest(&nodes[0].client(), "p").await;
+    assert_eq!(d.len(), 91);
+    for node in &nodes[1..] {
+        assert_eq!(digest(&node.client(), "p").await, d);
+    }
+    // Every node links with both others, through NATS (a link may still be coming up
+    // when the data has already gone round through the third node).
+    for node in &nodes {
+        common::wait_until(
+            "two active links through NATS",
+            Duration::from_secs(30),
+            || async {
+                let status = node.client().status().await.unwrap();
+                let active = status["replication"]["peers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|p| {
+                        p["state"] == "active"
+                            && p["address"].as_str().unwrap_or("").starts_with("nats:")
+                    })
+                    .count();
+                active == 2 && status["transport"]["connections"] == 2
+            },
+        )
+        .await;
+    }
+}
