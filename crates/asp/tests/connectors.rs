@@ -28,6 +28,36 @@ fn unique() -> String {
     format!("{}{}", std::process::id(), nanos % 1_000_000_000)
 }
 
+/// A test's JetStream subject and stream, and its Redis stream key.
+fn names(test: &str, id: &str) -> (String, String, String) {
+    (
+        format!("asptest.{test}{id}"),
+        format!("ASPTEST_{}{id}", test.to_uppercase()),
+        format!("asptest:{test}{id}"),
+    )
+}
+
+/// Removes a test's stream and Redis key.
+async fn clean_up(
+    js: &jetstream::Context,
+    stream: &str,
+    con: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+) {
+    js.delete_stream(stream).await.unwrap();
+    let _: () = redis::cmd("DEL").arg(key).query_async(con).await.unwrap();
+}
+
+/// Waits until the in sides of connectors `js` and `rs` run (they create the stream
+/// and the consumer group).
+async fn both_in_sides_running(node: &Node) {
+    wait_until("both in sides running", Duration::from_secs(30), || async {
+        connector(node, "js").await["in"]["state"] == "running"
+            && connector(node, "rs").await["in"]["state"] == "running"
+    })
+    .await;
+}
+
 async fn jetstream() -> jetstream::Context {
     let client = async_nats::connect(NATS)
         .await
@@ -200,11 +230,7 @@ async fn values(node: &Node, ns: &str) -> HashMap<String, String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_go_out_to_jetstream_and_a_redis_stream_with_their_headers() {
     let id = unique();
-    let (subject, stream_name, redis_key) = (
-        format!("asptest.out{id}"),
-        format!("ASPTEST_OUT{id}"),
-        format!("asptest:out{id}"),
-    );
+    let (subject, stream_name, redis_key) = names("out", &id);
     let dir = tempfile::tempdir().unwrap();
     let toml = nats_connector("js", "out", "orders", NATS, &subject, &stream_name)
         + &redis_connector("rs", "out", "orders", REDIS, &redis_key);
@@ -326,34 +352,20 @@ async fn changes_go_out_to_jetstream_and_a_redis_stream_with_their_headers() {
         assert_eq!(c["out"]["state"], "running", "{c}");
         assert!(c["in"].is_null());
     }
-    js.delete_stream(&stream_name).await.unwrap();
-    let _: () = redis::cmd("DEL")
-        .arg(&redis_key)
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    clean_up(&js, &stream_name, &mut con, &redis_key).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_ways_take_plain_messages_and_never_echo() {
     let id = unique();
-    let (subject, stream_name, redis_key) = (
-        format!("asptest.both{id}"),
-        format!("ASPTEST_BOTH{id}"),
-        format!("asptest:both{id}"),
-    );
+    let (subject, stream_name, redis_key) = names("both", &id);
     let dir = tempfile::tempdir().unwrap();
     let toml = nats_connector("js", "both", "js", NATS, &subject, &stream_name)
         + &redis_connector("rs", "both", "rs", REDIS, &redis_key);
     let node = start(&dir.path().join("a"), &toml).await;
     let js = jetstream().await;
     let mut con = redis().await;
-    // The connectors create the stream and the consumer group.
-    wait_until("both in sides running", Duration::from_secs(30), || async {
-        connector(&node, "js").await["in"]["state"] == "running"
-            && connector(&node, "rs").await["in"]["state"] == "running"
-    })
-    .await;
+    both_in_sides_running(&node).await;
 
     const FROM_ASP: usize = 30;
     const FROM_CLIENTS: usize = 40;
@@ -435,12 +447,7 @@ async fn both_ways_take_plain_messages_and_never_echo() {
         )),
         "{metrics}"
     );
-    js.delete_stream(&stream_name).await.unwrap();
-    let _: () = redis::cmd("DEL")
-        .arg(&redis_key)
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    clean_up(&js, &stream_name, &mut con, &redis_key).await;
 }
 
 /// ASP_CONNECTOR_INGEST sets the number of messages (default 100,000).
@@ -451,11 +458,7 @@ async fn a_sigkill_in_the_middle_of_an_ingest_applies_every_message_once() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(100_000);
     let id = unique();
-    let (subject, stream_name, redis_key) = (
-        format!("asptest.kill{id}"),
-        format!("ASPTEST_KILL{id}"),
-        format!("asptest:kill{id}"),
-    );
+    let (subject, stream_name, redis_key) = names("kill", &id);
     let js = jetstream().await;
     js.get_or_create_stream(stream::Config {
         name: stream_name.clone(),
@@ -547,22 +550,13 @@ async fn a_sigkill_in_the_middle_of_an_ingest_applies_every_message_once() {
             assert_eq!(v[&format!("k{i}")], i.to_string());
         }
     }
-    js.delete_stream(&stream_name).await.unwrap();
-    let _: () = redis::cmd("DEL")
-        .arg(&redis_key)
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    clean_up(&js, &stream_name, &mut con, &redis_key).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_out_of_reach_for_a_while_loses_nothing() {
     let id = unique();
-    let (subject, stream_name, redis_key) = (
-        format!("asptest.cut{id}"),
-        format!("ASPTEST_CUT{id}"),
-        format!("asptest:cut{id}"),
-    );
+    let (subject, stream_name, redis_key) = names("cut", &id);
     let nats_proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), NATS.parse().unwrap())
         .await
         .unwrap();
@@ -590,11 +584,7 @@ async fn a_broker_out_of_reach_for_a_while_loses_nothing() {
     let node = start(&dir.path().join("a"), &toml).await;
     let js = jetstream().await;
     let mut con = redis().await;
-    wait_until("both in sides running", Duration::from_secs(30), || async {
-        connector(&node, "js").await["in"]["state"] == "running"
-            && connector(&node, "rs").await["in"]["state"] == "running"
-    })
-    .await;
+    both_in_sides_running(&node).await;
     let mut expected_out = HashSet::new();
     for i in 0..20 {
         for ns in ["js", "rs"] {
@@ -676,12 +666,7 @@ async fn a_broker_out_of_reach_for_a_while_loses_nothing() {
             "each client message once"
         );
     }
-    js.delete_stream(&stream_name).await.unwrap();
-    let _: () = redis::cmd("DEL")
-        .arg(&redis_key)
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    clean_up(&js, &stream_name, &mut con, &redis_key).await;
 }
 
 /// One delivery a receiver saw: its `webhook-id`, whether its signature holds, the
@@ -811,22 +796,14 @@ async fn a_webhook_that_fails_three_times_gets_the_event_once_signed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_messages_go_to_the_dead_letter_namespace_with_the_reason() {
     let id = unique();
-    let (subject, stream_name, redis_key) = (
-        format!("asptest.bad{id}"),
-        format!("ASPTEST_BAD{id}"),
-        format!("asptest:bad{id}"),
-    );
+    let (subject, stream_name, redis_key) = names("bad", &id);
     let dir = tempfile::tempdir().unwrap();
     let toml = nats_connector("js", "in", "js", NATS, &subject, &stream_name)
         + &redis_connector("rs", "in", "rs", REDIS, &redis_key);
     let node = start(&dir.path().join("a"), &toml).await;
     let js = jetstream().await;
     let mut con = redis().await;
-    wait_until("both in sides running", Duration::from_secs(30), || async {
-        connector(&node, "js").await["in"]["state"] == "running"
-            && connector(&node, "rs").await["in"]["state"] == "running"
-    })
-    .await;
+    both_in_sides_running(&node).await;
     let publish = |key: &str, payload: &'static [u8], op: Option<&str>| {
         let mut headers = async_nats::HeaderMap::new();
         if let Some(op) = op {
@@ -890,12 +867,7 @@ async fn malformed_messages_go_to_the_dead_letter_namespace_with_the_reason() {
         assert_eq!(c["in"]["dead_letters"], 2, "{c}");
         assert_eq!(c["in"]["messages"], 1, "{c}");
     }
-    js.delete_stream(&stream_name).await.unwrap();
-    let _: () = redis::cmd("DEL")
-        .arg(&redis_key)
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    clean_up(&js, &stream_name, &mut con, &redis_key).await;
 }
 
 #[test]
@@ -920,18 +892,7 @@ fn a_bad_connector_configuration_stops_the_node_with_the_reason() {
         ),
     ];
     for (i, (toml, reason)) in cases.iter().enumerate() {
-        let path = dir.path().join(format!("{i}.toml"));
-        std::fs::write(&path, toml).unwrap();
-        let out = std::process::Command::new(common::BIN)
-            .args(["serve", "--data-dir"])
-            .arg(dir.path().join(format!("d{i}")))
-            .arg("--config")
-            .arg(&path)
-            .args(["--api", "127.0.0.1:0", "--listen", "off"])
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success());
+        let stderr = common::refused_at_start(dir.path(), &i.to_string(), toml);
         assert!(stderr.contains(reason), "case {i}: {stderr}");
     }
 }

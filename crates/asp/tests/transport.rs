@@ -242,18 +242,7 @@ fn the_transport_refuses_what_it_cannot_do_safely() {
         ),
     ];
     for (i, (toml, reason)) in cases.iter().enumerate() {
-        let path = dir.path().join(format!("{i}.toml"));
-        std::fs::write(&path, toml).unwrap();
-        let out = std::process::Command::new(common::BIN)
-            .args(["serve", "--data-dir"])
-            .arg(dir.path().join(format!("d{i}")))
-            .arg("--config")
-            .arg(&path)
-            .args(["--api", "127.0.0.1:0", "--listen", "off"])
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success());
+        let stderr = common::refused_at_start(dir.path(), &i.to_string(), toml);
         assert!(stderr.contains(reason), "case {i}: {stderr}");
     }
 }

@@ -406,3 +406,24 @@ pub async fn audit_log(client: &Client) -> Result<String, asp_http::client::Clie
         .await?;
     Ok(String::from_utf8_lossy(&page.body).into_owned())
 }
+
+/// Runs `asp serve` on configuration `toml` (written under `dir` as `name`.toml, with a
+/// data directory beside it), which must refuse to start: returns what it printed.
+pub fn refused_at_start(dir: &Path, name: &str, toml: &str) -> String {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, toml).unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--data-dir"])
+        .arg(dir.join(format!("{name}.data")))
+        .arg("--config")
+        .arg(&path)
+        .args(["--api", "127.0.0.1:0", "--listen", "off"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "{name}: asp serve started:\n{stderr}"
+    );
+    stderr
+}
