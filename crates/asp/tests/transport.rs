@@ -291,3 +291,76 @@ async fn three_nodes_on_the_transport_link_every_pair_and_converge() {
         .await;
     }
 }
+
+/// The subject prefix of a cluster on the transport: `asp.t.` and the first 8 bytes of
+/// the SHA-256 of its id, in hex (docs/CONNECTORS.md).
+fn prefix(cluster: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, cluster.as_bytes());
+    let hex: String = digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("asp.t.{hex}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_a_nodes_subject_ends_no_replication() {
+    let cluster = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&dir.path().join("a"), &cluster, NATS, &["--listen", "off"]).await;
+    let b = start(&dir.path().join("b"), &cluster, NATS, &["--listen", "off"]).await;
+    put(&a, "before", "1").await;
+    converge(&[&a, &b], "p", 1, Duration::from_secs(60)).await;
+    // A client that is no node sends each node what a node would not: no headers,
+    // unknown connections, a forged open followed by bytes that are no frames, numbers
+    // out of order, and hellos that name no node.
+    let client = async_nats::connect(NATS).await.unwrap();
+    let p = prefix(&cluster);
+    for node in [&a, &b] {
+        let id = node.client().status().await.unwrap()["node_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let to = format!("{p}.to.{id}");
+        let send = |conn: &str, kind: &str, n: Option<u64>, payload: &'static [u8]| {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("asp-conn", conn);
+            h.insert("asp-from", "00000000000000ff");
+            h.insert("asp-kind", kind);
+            if let Some(n) = n {
+                h.insert("asp-n", n.to_string().as_str());
+            }
+            client.publish_with_headers(to.clone(), h, Bytes::from_static(payload))
+        };
+        client
+            .publish(to.clone(), Bytes::from_static(b"no headers"))
+            .await
+            .unwrap();
+        send("zz", "data", Some(0), b"not hex").await.unwrap();
+        send("1234", "data", Some(0), b"unknown connection")
+            .await
+            .unwrap();
+        send("abcd", "open", None, b"").await.unwrap();
+        send("abcd", "data", Some(0), b"\xff\xff\xff\xff not a frame")
+            .await
+            .unwrap();
+        send("beef", "open", None, b"").await.unwrap();
+        send("beef", "data", Some(7), b"out of order")
+            .await
+            .unwrap();
+        send("beef", "what", None, b"").await.unwrap();
+        client
+            .publish(format!("{p}.hello"), Bytes::from_static(b"not a node id"))
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+    // Both nodes still replicate both ways.
+    put(&a, "after-a", "2").await;
+    put(&b, "after-b", "3").await;
+    converge(&[&a, &b], "p", 3, Duration::from_secs(60)).await;
+    assert_eq!(
+        digest(&a.client(), "p").await,
+        digest(&b.client(), "p").await
+    );
+}
