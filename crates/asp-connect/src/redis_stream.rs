@@ -160,6 +160,40 @@ fn message(entry: StreamId) -> Result<InMessage, String> {
     })
 }
 
+impl RedisSource {
+    /// `XREADGROUP` of this consumer from `id` (`0`: its pending entries; `>`: new
+    /// ones), waiting up to `block_ms` for some.
+    async fn read_group(
+        &mut self,
+        id: &str,
+        block_ms: Option<u64>,
+        max: usize,
+    ) -> Result<Vec<StreamId>, String> {
+        let c = &self.ctx.connector;
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&c.group)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(max);
+        if let Some(ms) = block_ms {
+            cmd.arg("BLOCK").arg(ms);
+        }
+        let reply: Option<StreamReadReply> = cmd
+            .arg("STREAMS")
+            .arg(&c.stream)
+            .arg(id)
+            .query_async(&mut self.con)
+            .await
+            .map_err(|e| format!("XREADGROUP ({id}) on {}: {e}", c.stream))?;
+        Ok(reply
+            .into_iter()
+            .flat_map(|r| r.keys)
+            .flat_map(|k| k.ids)
+            .collect())
+    }
+}
+
 impl Source for RedisSource {
     async fn fetch(&mut self, max: usize) -> Result<Vec<InMessage>, String> {
         let c = &self.ctx.connector;
@@ -167,23 +201,8 @@ impl Source for RedisSource {
             .last_claim
             .is_none_or(|t| t.elapsed() >= Duration::from_millis(CLAIM_IDLE_MS / 2));
         let entries = if self.pending_first {
-            let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg(&c.group)
-                .arg(&self.consumer)
-                .arg("COUNT")
-                .arg(max)
-                .arg("STREAMS")
-                .arg(&c.stream)
-                .arg("0")
-                .query_async(&mut self.con)
-                .await
-                .map_err(|e| format!("XREADGROUP (pending) on {}: {e}", c.stream))?;
-            let entries: Vec<StreamId> = reply
-                .into_iter()
-                .flat_map(|r| r.keys)
-                .flat_map(|k| k.ids)
-                .collect();
+            // This consumer's own entries, delivered before a restart and not acknowledged.
+            let entries = self.read_group("0", None, max).await?;
             if entries.is_empty() {
                 self.pending_first = false;
             }
@@ -206,25 +225,7 @@ impl Source for RedisSource {
             }
             reply.claimed
         } else {
-            let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg(&c.group)
-                .arg(&self.consumer)
-                .arg("COUNT")
-                .arg(max)
-                .arg("BLOCK")
-                .arg(1000)
-                .arg("STREAMS")
-                .arg(&c.stream)
-                .arg(">")
-                .query_async(&mut self.con)
-                .await
-                .map_err(|e| format!("XREADGROUP on {}: {e}", c.stream))?;
-            reply
-                .into_iter()
-                .flat_map(|r| r.keys)
-                .flat_map(|k| k.ids)
-                .collect()
+            self.read_group(">", Some(1000), max).await?
         };
         let mut out = Vec::with_capacity(entries.len());
         for e in entries {

@@ -136,21 +136,23 @@ pub(crate) trait Source: Send {
     fn head(&mut self) -> impl std::future::Future<Output = Option<(String, u64)>> + Send;
 }
 
-/// Exponential backoff with jitter, 100 ms doubling to [`BACKOFF_MAX`].
-pub(crate) struct Backoff(u32);
+/// Exponential backoff with jitter, 100 ms doubling to [`BACKOFF_MAX`]. Shared by
+/// reference between a side's supervisor and the loop it runs (which resets it after
+/// progress).
+pub(crate) struct Backoff(std::sync::atomic::AtomicU32);
 
 impl Backoff {
     pub fn new() -> Self {
-        Backoff(0)
+        Backoff(std::sync::atomic::AtomicU32::new(0))
     }
-    pub fn reset(&mut self) {
-        self.0 = 0;
+    pub fn reset(&self) {
+        self.0.store(0, std::sync::atomic::Ordering::Relaxed);
     }
     /// Waits the next delay; `false` if the node is stopping.
-    pub async fn wait(&mut self, shutdown: &CancellationToken) -> bool {
-        let base = Duration::from_millis(100).saturating_mul(1 << self.0.min(7));
+    pub async fn wait(&self, shutdown: &CancellationToken) -> bool {
+        let tries = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let base = Duration::from_millis(100).saturating_mul(1 << tries.min(7));
         let base = base.min(BACKOFF_MAX);
-        self.0 += 1;
         let jitter = rand::random_range(0..=base.as_millis() as u64 / 4);
         let delay = base + Duration::from_millis(jitter);
         tokio::select! {
@@ -160,29 +162,19 @@ impl Backoff {
     }
 }
 
-/// The out side: connects with `connect`, then sends the namespace's changes from the
-/// saved feed position on, until the node stops.
-pub(crate) async fn run_out<S, F, Fut>(ctx: Arc<Ctx>, side: Arc<Side>, mut connect: F)
+/// Keeps one side running until the node stops: `attempt` connects and runs it
+/// (`Ok`: the node is stopping; `Err`: why it failed, shown in status), and is tried
+/// again after a backoff. The attempt watches the shutdown itself, so that a write in
+/// hand is finished.
+async fn supervise<F, Fut>(ctx: &Ctx, side: &Side, backoff: &Backoff, attempt: F)
 where
-    S: Sink,
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<S, String>>,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
 {
-    let mut backoff = Backoff::new();
     while !ctx.shutdown.is_cancelled() {
         side.set_state("connecting");
-        let sink = tokio::select! {
-            _ = ctx.shutdown.cancelled() => break,
-            s = connect() => s,
-        };
-        match sink {
-            Ok(sink) => {
-                side.set_state("running");
-                match send_feed(&ctx, &side, sink, &mut backoff).await {
-                    Ok(()) => break,
-                    Err(e) => side.error(e),
-                }
-            }
+        match attempt().await {
+            Ok(()) => break,
             Err(e) => side.error(e),
         }
         if !backoff.wait(&ctx.shutdown).await {
@@ -192,12 +184,33 @@ where
     side.set_state("stopped");
 }
 
+/// The out side: connects with `connect`, then sends the namespace's changes from the
+/// saved feed position on, until the node stops.
+pub(crate) async fn run_out<S, F, Fut>(ctx: Arc<Ctx>, side: Arc<Side>, connect: F)
+where
+    S: Sink,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<S, String>>,
+{
+    let backoff = Backoff::new();
+    let (ctx, side, backoff, connect) = (&*ctx, &*side, &backoff, &connect);
+    supervise(ctx, side, backoff, || async move {
+        let sink = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return Ok(()),
+            s = connect() => s?,
+        };
+        side.set_state("running");
+        send_feed(ctx, side, sink, backoff).await
+    })
+    .await;
+}
+
 /// Sends the feed until the node stops (`Ok`) or the sink fails (`Err`).
 async fn send_feed<S: Sink>(
     ctx: &Ctx,
     side: &Side,
     mut sink: S,
-    backoff: &mut Backoff,
+    backoff: &Backoff,
 ) -> Result<(), String> {
     let c = &ctx.connector;
     let store = &ctx.store;
@@ -460,44 +473,24 @@ pub(crate) fn stored_position(store: &Store, name: &str) -> Result<Option<Positi
 
 /// The in side: connects with `connect` (given the stored position), then writes what
 /// the source sends until the node stops.
-pub(crate) async fn run_in<S, F, Fut>(ctx: Arc<Ctx>, side: Arc<Side>, mut connect: F)
+pub(crate) async fn run_in<S, F, Fut>(ctx: Arc<Ctx>, side: Arc<Side>, connect: F)
 where
     S: Source,
-    F: FnMut(Option<Position>) -> Fut,
+    F: Fn(Option<Position>) -> Fut,
     Fut: std::future::Future<Output = Result<S, String>>,
 {
-    let mut backoff = Backoff::new();
-    while !ctx.shutdown.is_cancelled() {
-        side.set_state("connecting");
-        let stored = match stored_position(&ctx.store, &ctx.connector.name) {
-            Ok(p) => p,
-            Err(e) => {
-                side.error(e);
-                if !backoff.wait(&ctx.shutdown).await {
-                    break;
-                }
-                continue;
-            }
-        };
+    let backoff = Backoff::new();
+    let (ctx, side, backoff, connect) = (&*ctx, &*side, &backoff, &connect);
+    supervise(ctx, side, backoff, || async move {
+        let stored = stored_position(&ctx.store, &ctx.connector.name)?;
         let source = tokio::select! {
-            _ = ctx.shutdown.cancelled() => break,
-            s = connect(stored) => s,
+            _ = ctx.shutdown.cancelled() => return Ok(()),
+            s = connect(stored) => s?,
         };
-        match source {
-            Ok(source) => {
-                side.set_state("running");
-                match ingest(&ctx, &side, source, stored, &mut backoff).await {
-                    Ok(()) => break,
-                    Err(e) => side.error(e),
-                }
-            }
-            Err(e) => side.error(e),
-        }
-        if !backoff.wait(&ctx.shutdown).await {
-            break;
-        }
-    }
-    side.set_state("stopped");
+        side.set_state("running");
+        ingest(ctx, side, source, stored, backoff).await
+    })
+    .await;
 }
 
 async fn ingest<S: Source>(
@@ -505,7 +498,7 @@ async fn ingest<S: Source>(
     side: &Side,
     mut source: S,
     mut stored: Option<Position>,
-    backoff: &mut Backoff,
+    backoff: &Backoff,
 ) -> Result<(), String> {
     let c = &ctx.connector;
     let redis = c.kind == crate::config::Kind::RedisStream;

@@ -172,7 +172,7 @@ async fn run(
     status: Arc<Mutex<TransportStatus>>,
     heard: Arc<Mutex<HashMap<NodeId, Instant>>>,
 ) {
-    let mut backoff = crate::runtime::Backoff::new();
+    let backoff = crate::runtime::Backoff::new();
     // Connect (the client reconnects by itself once connected).
     let client = loop {
         let status_cb = status.clone();

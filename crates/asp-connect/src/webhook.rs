@@ -160,7 +160,7 @@ impl Sink for WebhookSink {
         for (i, m) in batch.iter().enumerate() {
             let id = m.dot.to_string();
             let body = self.body(m);
-            let mut backoff = Backoff::new();
+            let backoff = Backoff::new();
             let mut tried = 0;
             loop {
                 tried += 1;

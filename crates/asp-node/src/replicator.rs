@@ -415,7 +415,7 @@ impl Replicator {
         opened: bool,
         address: String,
     ) -> Result<(), String> {
-        if self.inner.registry.lock().unwrap().links.len() >= self.inner.config.links_max {
+        if links_full(&self.inner) {
             return Err(format!(
                 "refusing a peer link from {address}: {} links already (links_max)",
                 self.inner.config.links_max
@@ -789,6 +789,11 @@ async fn lag_loop(inner: Arc<Inner>) {
     }
 }
 
+/// Whether this node holds `links_max` links already (one more is refused).
+fn links_full(inner: &Inner) -> bool {
+    inner.registry.lock().unwrap().links.len() >= inner.config.links_max
+}
+
 async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
     let mut links = JoinSet::new();
     loop {
@@ -799,7 +804,7 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
         };
         match accepted {
             Ok((stream, addr)) => {
-                if inner.registry.lock().unwrap().links.len() >= inner.config.links_max {
+                if links_full(&inner) {
                     tracing::warn!(peer = %addr, limit = inner.config.links_max, "refusing a peer link: too many links");
                     continue;
                 }

@@ -885,14 +885,14 @@ async fn write_loop(
 ) {
     match wr {
         Writer::Plain(wr) => write_plain(wr, rx, queued, drained).await,
-        Writer::Tls(wr) => write_tls(wr, rx, queued, drained).await,
-        Writer::Carried(wr) => write_tls(wr, rx, queued, drained).await,
+        Writer::Tls(wr) => write_whole(wr, rx, queued, drained).await,
+        Writer::Carried(wr) => write_whole(wr, rx, queued, drained).await,
     }
 }
 
-/// TLS (and carried streams): each queued frame is written whole; queued frames go
-/// out in one flush.
-async fn write_tls<W: tokio::io::AsyncWrite>(
+/// TLS and carried streams (no `try_write`): each queued frame is written whole; queued
+/// frames go out in one flush.
+async fn write_whole<W: tokio::io::AsyncWrite>(
     mut wr: WriteHalf<W>,
     mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
     queued: Arc<AtomicUsize>,
