@@ -125,6 +125,12 @@ impl WriteOp {
         self.condition = condition;
         self
     }
+
+    /// Whether the writer must read the key's current version to apply it: a
+    /// condition, or an expiry (which removes only the put it names).
+    pub(crate) fn reads_index(&self) -> bool {
+        self.condition != Condition::None || matches!(self.kind, WriteKind::Expire { .. })
+    }
 }
 
 /// A JSON put written in the same log transaction as a batch

@@ -186,9 +186,7 @@ impl Writer {
     /// Checks every condition of a request against the state it would see: earlier
     /// operations of the same request, earlier requests of this group, then the index.
     fn check_conditions(&self, w: &WriteRequest, g: &Group, wall: u64) -> Result<(), WriteError> {
-        if w.ops.iter().all(|op| {
-            op.condition == Condition::None && !matches!(op.kind, WriteKind::Expire { .. })
-        }) {
+        if !w.ops.iter().any(WriteOp::reads_index) {
             return Ok(());
         }
         // An expired key is absent to conditions, as to reads.
@@ -202,7 +200,7 @@ impl Writer {
                 WriteKind::Expire { version } => Some(version.dot),
                 _ => None,
             };
-            if op.condition != Condition::None || expire.is_some() {
+            if op.reads_index() {
                 let key = op.key.as_str();
                 let current = match local.get(key) {
                     Some(&state) => Some(state),

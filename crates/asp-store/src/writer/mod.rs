@@ -579,7 +579,7 @@ impl Writer {
             return None;
         }
         let reads = group.iter().any(|work| match work {
-            Work::Write(w) => w.ops.iter().any(|op| op.condition != Condition::None),
+            Work::Write(w) => w.ops.iter().any(WriteOp::reads_index),
             Work::Apply(a) => a.repair && self.holds_any(&a.events),
             Work::Relocate(_)
             | Work::Cover(_)
