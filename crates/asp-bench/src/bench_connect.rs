@@ -818,19 +818,15 @@ fn connector(
     stream: &str,
 ) -> ConnectorConfig {
     ConnectorConfig {
-        name: format!("bench-{}", direction.as_str()),
-        kind,
-        direction,
-        namespace: NAMESPACE.to_owned(),
-        url: url.to_owned(),
         subject: subject.map(str::to_owned),
         stream: Some(stream.to_owned()),
-        group: None,
-        secret: None,
-        attempts: None,
-        ca: None,
-        dead_letter: None,
-        batch: None,
+        ..ConnectorConfig::new(
+            &format!("bench-{}", direction.as_str()),
+            kind,
+            direction,
+            NAMESPACE,
+            url,
+        )
     }
 }
 

@@ -21,6 +21,10 @@ pub enum Kind {
     Nats,
     RedisStream,
     Webhook,
+    Kafka,
+    Postgres,
+    Amqp,
+    Mqtt,
 }
 
 impl Kind {
@@ -29,6 +33,10 @@ impl Kind {
             Kind::Nats => "nats",
             Kind::RedisStream => "redis-stream",
             Kind::Webhook => "webhook",
+            Kind::Kafka => "kafka",
+            Kind::Postgres => "postgres",
+            Kind::Amqp => "amqp",
+            Kind::Mqtt => "mqtt",
         }
     }
 }
@@ -66,6 +74,8 @@ pub struct ConnectorConfig {
     pub kind: Kind,
     pub direction: Direction,
     pub namespace: String,
+    /// The system's address (every kind but Kafka, which takes `brokers`).
+    #[serde(default)]
     pub url: String,
     /// NATS: out publishes to `<subject>.<key>`; in reads `<subject>.>`.
     pub subject: Option<String>,
@@ -85,6 +95,57 @@ pub struct ConnectorConfig {
     pub dead_letter: Option<String>,
     /// Messages per batch, either way (default 256, at most 1000).
     pub batch: Option<usize>,
+    /// Kafka: the bootstrap brokers, `HOST:PORT[,HOST:PORT...]`.
+    pub brokers: Option<String>,
+    /// Kafka: the topic. MQTT: the topic prefix (messages go to `<topic>/<key>`).
+    pub topic: Option<String>,
+    /// PostgreSQL in: the publication (created for `tables` if missing).
+    pub publication: Option<String>,
+    /// PostgreSQL in: the logical replication slot (created if missing, never dropped).
+    pub slot: Option<String>,
+    /// PostgreSQL in: the tables captured, `schema.table`.
+    pub tables: Option<Vec<String>>,
+    /// PostgreSQL out: the table each change is upserted into (created if missing).
+    pub table: Option<String>,
+    /// AMQP: the exchange out publishes to (declared if missing).
+    pub exchange: Option<String>,
+    /// AMQP: the queue in consumes (declared, and bound to `exchange` when given).
+    pub queue: Option<String>,
+    /// AMQP: the routing key prefix (messages go with `<routing_key>.<key>`).
+    pub routing_key: Option<String>,
+    /// MQTT out: publish retained messages (each topic's current value).
+    pub retain: Option<bool>,
+}
+
+impl ConnectorConfig {
+    /// A configuration with only the settings every kind has; the rest unset.
+    pub fn new(name: &str, kind: Kind, direction: Direction, namespace: &str, url: &str) -> Self {
+        ConnectorConfig {
+            name: name.to_owned(),
+            kind,
+            direction,
+            namespace: namespace.to_owned(),
+            url: url.to_owned(),
+            subject: None,
+            stream: None,
+            group: None,
+            secret: None,
+            attempts: None,
+            ca: None,
+            dead_letter: None,
+            batch: None,
+            brokers: None,
+            topic: None,
+            publication: None,
+            slot: None,
+            tables: None,
+            table: None,
+            exchange: None,
+            queue: None,
+            routing_key: None,
+            retain: None,
+        }
+    }
 }
 
 /// A checked connector configuration.
@@ -104,6 +165,16 @@ pub struct Connector {
     pub ca: Option<std::sync::Arc<rustls::RootCertStore>>,
     pub dead_letter: Namespace,
     pub batch: usize,
+    pub brokers: String,
+    pub topic: String,
+    pub publication: String,
+    pub slot: String,
+    pub tables: Vec<String>,
+    pub table: String,
+    pub exchange: String,
+    pub queue: String,
+    pub routing_key: String,
+    pub retain: bool,
 }
 
 /// Checks every connector of a configuration; the error names the connector and what
@@ -181,6 +252,15 @@ fn check_one(c: &ConnectorConfig) -> Result<Connector, String> {
             Ok(())
         }
     };
+    let side_only = |set: bool, what: &str, side: &str| -> Result<(), String> {
+        match set {
+            true => Err(format!(
+                "{what} is a setting of the {side} side; direction is {:?}",
+                c.direction.as_str()
+            )),
+            false => Ok(()),
+        }
+    };
     let mut connector = Connector {
         name: c.name.clone(),
         kind: c.kind,
@@ -195,7 +275,54 @@ fn check_one(c: &ConnectorConfig) -> Result<Connector, String> {
         ca: None,
         dead_letter,
         batch,
+        brokers: String::new(),
+        topic: String::new(),
+        publication: String::new(),
+        slot: String::new(),
+        tables: Vec::new(),
+        table: String::new(),
+        exchange: String::new(),
+        queue: String::new(),
+        routing_key: String::new(),
+        retain: false,
     };
+    // Settings that belong to other kinds are refused by name.
+    let given = [
+        ("subject", c.subject.is_some()),
+        ("stream", c.stream.is_some()),
+        ("group", c.group.is_some()),
+        ("secret", c.secret.is_some()),
+        ("attempts", c.attempts.is_some()),
+        ("ca", c.ca.is_some()),
+        ("brokers", c.brokers.is_some()),
+        ("topic", c.topic.is_some()),
+        ("publication", c.publication.is_some()),
+        ("slot", c.slot.is_some()),
+        ("tables", c.tables.is_some()),
+        ("table", c.table.is_some()),
+        ("exchange", c.exchange.is_some()),
+        ("queue", c.queue.is_some()),
+        ("routing_key", c.routing_key.is_some()),
+        ("retain", c.retain.is_some()),
+    ];
+    let allowed: &[&str] = match c.kind {
+        Kind::Nats => &["subject", "stream"],
+        Kind::RedisStream => &["stream", "group"],
+        Kind::Webhook => &["secret", "attempts", "ca"],
+        Kind::Kafka => &["brokers", "topic", "group"],
+        Kind::Postgres => &["publication", "slot", "tables", "table"],
+        Kind::Amqp => &["exchange", "queue", "routing_key"],
+        Kind::Mqtt => &["topic", "retain"],
+    };
+    for (what, set) in given {
+        refuse(set && !allowed.contains(&what), what)?;
+    }
+    if c.kind != Kind::Kafka && c.url.trim().is_empty() {
+        return Err(format!(
+            "kind = \"{}\" needs url = \"...\"",
+            c.kind.as_str()
+        ));
+    }
     match c.kind {
         Kind::Nats => {
             if !c.url.starts_with("nats://") {
@@ -222,10 +349,6 @@ fn check_one(c: &ConnectorConfig) -> Result<Connector, String> {
                     "stream {stream:?}: a JetStream stream's name is letters, digits, '_' and '-'"
                 ));
             }
-            refuse(c.group.is_some(), "group")?;
-            refuse(c.secret.is_some(), "secret")?;
-            refuse(c.attempts.is_some(), "attempts")?;
-            refuse(c.ca.is_some(), "ca")?;
             connector.subject = subject;
             connector.stream = stream;
         }
@@ -241,10 +364,6 @@ fn check_one(c: &ConnectorConfig) -> Result<Connector, String> {
             }
             connector.stream = need(&c.stream, "stream = \"...\" (the stream's key)")?;
             connector.group = c.group.clone().unwrap_or_else(|| format!("asp-{}", c.name));
-            refuse(c.subject.is_some(), "subject")?;
-            refuse(c.secret.is_some(), "secret")?;
-            refuse(c.attempts.is_some(), "attempts")?;
-            refuse(c.ca.is_some(), "ca")?;
         }
         Kind::Webhook => {
             if c.direction != Direction::Out {
@@ -269,9 +388,169 @@ fn check_one(c: &ConnectorConfig) -> Result<Connector, String> {
                     .map_err(|e| format!("ca: cannot read {}: {e}", path.display()))?;
                 connector.ca = Some(asp_tls::roots(path, &pem).map_err(|e| format!("ca: {e}"))?);
             }
-            refuse(c.subject.is_some(), "subject")?;
-            refuse(c.stream.is_some(), "stream")?;
-            refuse(c.group.is_some(), "group")?;
+        }
+        Kind::Kafka => {
+            if !c.url.is_empty() {
+                return Err("kind = \"kafka\" takes brokers = \"HOST:PORT,...\", not url".into());
+            }
+            let brokers = need(&c.brokers, "brokers = \"HOST:PORT[,HOST:PORT...]\"")?;
+            if brokers.split(',').any(|b| {
+                b.trim()
+                    .rsplit_once(':')
+                    .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            }) {
+                return Err(format!(
+                    "brokers {brokers:?}: each broker is HOST:PORT, separated by commas"
+                ));
+            }
+            let topic = need(&c.topic, "topic = \"...\"")?;
+            if topic.len() > 249
+                || !topic
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            {
+                return Err(format!(
+                    "topic {topic:?}: a Kafka topic is 1 to 249 of letters, digits, '.', '_' and '-'"
+                ));
+            }
+            connector.brokers = brokers;
+            connector.topic = topic;
+            connector.group = c.group.clone().unwrap_or_else(|| format!("asp-{}", c.name));
+        }
+        Kind::Postgres => {
+            if !(c.url.starts_with("postgres://") || c.url.starts_with("postgresql://")) {
+                return Err(format!(
+                    "url must be postgres://USER[:PASSWORD]@HOST:PORT/DATABASE; got {:?}",
+                    redacted(&c.url)
+                ));
+            }
+            let ident = |what: &str, v: &str| -> Result<(), String> {
+                if v.is_empty()
+                    || v.len() > 63
+                    || !v
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+                {
+                    return Err(format!(
+                        "{what} {v:?}: 1 to 63 of a-z, 0-9 and '_' (an unquoted PostgreSQL name)"
+                    ));
+                }
+                Ok(())
+            };
+            let table_name = |what: &str, v: &str| -> Result<String, String> {
+                let (schema, table) = v.split_once('.').unwrap_or(("public", v));
+                ident(what, schema)?;
+                ident(what, table)?;
+                Ok(format!("{schema}.{table}"))
+            };
+            if c.direction.receives() {
+                let publication = need(
+                    &c.publication,
+                    "publication = \"...\" (in: the publication read)",
+                )?;
+                ident("publication", &publication)?;
+                let slot = need(&c.slot, "slot = \"...\" (in: the replication slot)")?;
+                ident("slot", &slot)?;
+                let tables = c.tables.clone().unwrap_or_default();
+                if tables.is_empty() {
+                    return Err(
+                        "kind = \"postgres\" in needs tables = [\"schema.table\", ...]".into(),
+                    );
+                }
+                if tables.len() > 64 {
+                    return Err(format!("tables: at most 64; got {}", tables.len()));
+                }
+                for t in &tables {
+                    connector.tables.push(table_name("tables:", t)?);
+                }
+                connector.publication = publication;
+                connector.slot = slot;
+            } else {
+                side_only(c.publication.is_some(), "publication", "in")?;
+                side_only(c.slot.is_some(), "slot", "in")?;
+                side_only(c.tables.is_some(), "tables", "in")?;
+            }
+            if c.direction.sends() {
+                let table = need(
+                    &c.table,
+                    "table = \"schema.table\" (out: where changes are upserted)",
+                )?;
+                connector.table = table_name("table", &table)?;
+                if connector.tables.contains(&connector.table) {
+                    return Err(format!(
+                        "table {:?} is also captured (tables): out would feed in",
+                        connector.table
+                    ));
+                }
+            } else {
+                side_only(c.table.is_some(), "table", "out")?;
+            }
+        }
+        Kind::Amqp => {
+            if !(c.url.starts_with("amqp://") || c.url.starts_with("amqps://")) {
+                return Err(format!(
+                    "url must be amqp://USER:PASSWORD@HOST:PORT[/VHOST]; got {:?}",
+                    redacted(&c.url)
+                ));
+            }
+            if c.url.starts_with("amqps://") {
+                return Err("url: TLS to AMQP (amqps://) is not built yet; use amqp://".into());
+            }
+            let name_ok = |what: &str, v: &str| -> Result<(), String> {
+                if v.is_empty() || v.len() > 255 || v.chars().any(|ch| ch.is_control()) {
+                    return Err(format!(
+                        "{what} {v:?}: 1 to 255 bytes, no control characters"
+                    ));
+                }
+                Ok(())
+            };
+            if c.direction.sends() {
+                let exchange = need(
+                    &c.exchange,
+                    "exchange = \"...\" (out: where changes are published)",
+                )?;
+                name_ok("exchange", &exchange)?;
+                connector.exchange = exchange;
+            } else if let Some(exchange) = &c.exchange {
+                name_ok("exchange", exchange)?;
+                connector.exchange = exchange.clone();
+            }
+            if c.direction.receives() {
+                let queue = need(&c.queue, "queue = \"...\" (in: the queue consumed)")?;
+                name_ok("queue", &queue)?;
+                connector.queue = queue;
+            } else {
+                side_only(c.queue.is_some(), "queue", "in")?;
+            }
+            let routing_key = c.routing_key.clone().unwrap_or_else(|| c.namespace.clone());
+            name_ok("routing_key", &routing_key)?;
+            connector.routing_key = routing_key;
+        }
+        Kind::Mqtt => {
+            if !(c.url.starts_with("mqtt://") || c.url.starts_with("tcp://")) {
+                return Err(format!(
+                    "url must be mqtt://[USER:PASSWORD@]HOST:PORT; got {:?}",
+                    redacted(&c.url)
+                ));
+            }
+            let topic = need(
+                &c.topic,
+                "topic = \"...\" (the prefix: messages go to <topic>/<key>)",
+            )?;
+            if topic.is_empty()
+                || topic.len() > 1024
+                || topic.contains(['+', '#', '\0'])
+                || topic.ends_with('/')
+            {
+                return Err(format!(
+                    "topic {topic:?}: a topic prefix of literal levels (no '+', '#', or trailing '/')"
+                ));
+            }
+            connector.topic = topic;
+            connector.retain = c.retain.unwrap_or(false);
+            if connector.retain && !c.direction.sends() {
+                return Err("retain is a setting of the out side (direction out or both)".into());
+            }
         }
     }
     Ok(connector)
@@ -306,19 +585,8 @@ mod tests {
 
     fn base(kind: Kind, direction: Direction, url: &str) -> ConnectorConfig {
         ConnectorConfig {
-            name: "c".into(),
-            kind,
-            direction,
-            namespace: "orders".into(),
-            url: url.into(),
-            subject: None,
             stream: Some("S".into()),
-            group: None,
-            secret: None,
-            attempts: None,
-            ca: None,
-            dead_letter: None,
-            batch: None,
+            ..ConnectorConfig::new("c", kind, direction, "orders", url)
         }
     }
 

@@ -12,8 +12,12 @@
 //! are in the replicated namespace `_asp.connectors`, so a connector configured on
 //! another node resumes where this one stopped. See docs/CONNECTORS.md.
 
+mod amqp;
 pub mod config;
+mod kafka;
+mod mqtt;
 mod nats;
+mod postgres;
 mod redis_stream;
 pub mod runtime;
 mod status;
@@ -97,6 +101,20 @@ impl Connectors {
                             webhook::sink(ctx2.clone(), reports.clone())
                         }))
                     }
+                    Kind::Kafka => tokio::spawn(runtime::run_out(ctx2.clone(), side, move || {
+                        kafka::sink(ctx2.clone())
+                    })),
+                    Kind::Postgres => {
+                        tokio::spawn(runtime::run_out(ctx2.clone(), side, move || {
+                            postgres::sink(ctx2.clone())
+                        }))
+                    }
+                    Kind::Amqp => tokio::spawn(runtime::run_out(ctx2.clone(), side, move || {
+                        amqp::sink(ctx2.clone())
+                    })),
+                    Kind::Mqtt => tokio::spawn(runtime::run_out(ctx2.clone(), side, move || {
+                        mqtt::sink(ctx2.clone())
+                    })),
                 });
             }
             if let Some(side) = &r#in {
@@ -105,12 +123,32 @@ impl Connectors {
                     Kind::Nats => tasks.push(tokio::spawn(runtime::run_in(
                         ctx2.clone(),
                         side,
-                        move |at| nats::source(ctx2.clone(), at),
+                        move |at| nats::source(ctx2.clone(), at.ordered()),
                     ))),
                     Kind::RedisStream => tasks.push(tokio::spawn(runtime::run_in(
                         ctx2.clone(),
                         side,
-                        move |at| redis_stream::source(ctx2.clone(), at),
+                        move |at| redis_stream::source(ctx2.clone(), at.ordered()),
+                    ))),
+                    Kind::Kafka => tasks.push(tokio::spawn(runtime::run_in(
+                        ctx2.clone(),
+                        side,
+                        move |at| kafka::source(ctx2.clone(), at),
+                    ))),
+                    Kind::Postgres => tasks.push(tokio::spawn(runtime::run_in(
+                        ctx2.clone(),
+                        side,
+                        move |at| postgres::source(ctx2.clone(), at),
+                    ))),
+                    Kind::Amqp => tasks.push(tokio::spawn(runtime::run_in(
+                        ctx2.clone(),
+                        side,
+                        move |at| amqp::source(ctx2.clone(), at),
+                    ))),
+                    Kind::Mqtt => tasks.push(tokio::spawn(runtime::run_in(
+                        ctx2.clone(),
+                        side,
+                        move |at| mqtt::source(ctx2.clone(), at),
                     ))),
                     Kind::Webhook => unreachable!("config::check refuses webhooks in"),
                 }
@@ -158,6 +196,30 @@ impl Connectors {
                         config["group"] = json!(c.group);
                     }
                     Kind::Webhook => config["attempts"] = json!(c.attempts),
+                    Kind::Kafka => {
+                        config["brokers"] = json!(c.brokers);
+                        config["topic"] = json!(c.topic);
+                        config["group"] = json!(c.group);
+                    }
+                    Kind::Postgres => {
+                        if c.direction.receives() {
+                            config["publication"] = json!(c.publication);
+                            config["slot"] = json!(c.slot);
+                            config["tables"] = json!(c.tables);
+                        }
+                        if c.direction.sends() {
+                            config["table"] = json!(c.table);
+                        }
+                    }
+                    Kind::Amqp => {
+                        config["exchange"] = json!(c.exchange);
+                        config["queue"] = json!(c.queue);
+                        config["routing_key"] = json!(c.routing_key);
+                    }
+                    Kind::Mqtt => {
+                        config["topic"] = json!(c.topic);
+                        config["retain"] = json!(c.retain);
+                    }
                 }
                 config["out"] = r.out.as_ref().map_or(Value::Null, |s| s.json());
                 config["in"] = r.r#in.as_ref().map_or(Value::Null, |s| s.json());

@@ -205,6 +205,7 @@ impl Source for NatsSource {
                 value: Bytes::copy_from_slice(&m.payload),
                 cluster: header("asp-cluster"),
                 fields,
+                ..Default::default()
             });
             self.last = Some(position);
             last_msg = Some(m);

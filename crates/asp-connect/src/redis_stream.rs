@@ -157,6 +157,7 @@ fn message(entry: StreamId) -> Result<InMessage, String> {
         value,
         cluster: field("cluster"),
         fields,
+        ..Default::default()
     })
 }
 

@@ -103,10 +103,173 @@ impl Position {
     }
 }
 
+/// How many message ids of a queue without positions a position record remembers,
+/// per message of a batch: a redelivered message is one delivered but not
+/// acknowledged, so at most the batches in flight (the source keeps at most two
+/// batches unacknowledged).
+pub(crate) const RECENT_BATCHES: usize = 4;
+
+/// What an in side has applied, stored in its position record with each batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Progress {
+    /// A source that orders all its messages (JetStream, Redis Streams, PostgreSQL):
+    /// the last position applied.
+    Ordered(Option<Position>),
+    /// Kafka: per partition (`Position.0`), the last offset applied (`Position.1`).
+    Partitions(std::collections::BTreeMap<u64, u64>),
+    /// A queue without positions (AMQP, MQTT): how many messages were applied, and the
+    /// ids of the most recent ones, oldest first, at most `cap`.
+    Recent {
+        applied: u64,
+        ids: std::collections::VecDeque<u64>,
+        cap: usize,
+    },
+}
+
+impl Progress {
+    /// Nothing applied yet, for connector `c`.
+    pub fn new(c: &Connector) -> Progress {
+        use crate::config::Kind;
+        match c.kind {
+            Kind::Kafka => Progress::Partitions(Default::default()),
+            Kind::Amqp | Kind::Mqtt => Progress::Recent {
+                applied: 0,
+                ids: Default::default(),
+                cap: RECENT_BATCHES * c.batch,
+            },
+            _ => Progress::Ordered(None),
+        }
+    }
+
+    /// The last position of an ordered source.
+    pub fn ordered(&self) -> Option<Position> {
+        match self {
+            Progress::Ordered(p) => *p,
+            _ => None,
+        }
+    }
+
+    /// Whether `m` was applied already.
+    pub fn covers(&self, m: &InMessage) -> bool {
+        match self {
+            Progress::Ordered(p) => p.is_some_and(|p| m.position <= p),
+            Progress::Partitions(map) => map
+                .get(&m.position.0)
+                .is_some_and(|&offset| m.position.1 <= offset),
+            Progress::Recent { ids, .. } => m.redelivered && ids.contains(&m.id),
+        }
+    }
+
+    /// Counts `m` as applied.
+    pub fn advance(&mut self, m: &InMessage) {
+        match self {
+            Progress::Ordered(p) => *p = Some(m.position),
+            Progress::Partitions(map) => {
+                map.insert(m.position.0, m.position.1);
+            }
+            Progress::Recent { applied, ids, cap } => {
+                *applied += 1;
+                ids.push_back(m.id);
+                while ids.len() > *cap {
+                    ids.pop_front();
+                }
+            }
+        }
+    }
+
+    /// The position as status and records show it.
+    pub fn render(&self, kind: crate::config::Kind) -> String {
+        match self {
+            Progress::Ordered(None) => String::new(),
+            Progress::Ordered(Some(p)) => p.render(kind == crate::config::Kind::RedisStream),
+            Progress::Partitions(map) => map
+                .iter()
+                .map(|(p, o)| format!("{p}:{o}"))
+                .collect::<Vec<_>>()
+                .join(","),
+            Progress::Recent { applied, .. } => applied.to_string(),
+        }
+    }
+
+    /// The record's members for this progress.
+    fn record(&self, kind: crate::config::Kind, record: &mut serde_json::Value) {
+        record["position"] = json!(self.render(kind));
+        match self {
+            Progress::Ordered(_) => {}
+            Progress::Partitions(map) => {
+                record["partitions"] = map.iter().map(|(p, o)| (p.to_string(), json!(o))).collect();
+            }
+            Progress::Recent { applied, ids, .. } => {
+                record["applied"] = json!(applied);
+                record["recent"] = ids.iter().map(|id| json!(format!("{id:016x}"))).collect();
+            }
+        }
+    }
+
+    /// The progress a stored record holds, for connector `c`.
+    fn from_record(c: &Connector, v: &serde_json::Value) -> Result<Progress, String> {
+        let bad = |what: &str| format!("the stored position of {} has {what}", c.name);
+        let mut progress = Progress::new(c);
+        match &mut progress {
+            Progress::Ordered(p) => {
+                let text = v["position"].as_str().unwrap_or_default();
+                *p = Some(
+                    Position::parse(text)
+                        .ok_or_else(|| bad(&format!("{text:?}, not a position")))?,
+                );
+            }
+            Progress::Partitions(map) => {
+                let parts = v["partitions"]
+                    .as_object()
+                    .ok_or_else(|| bad("no partitions"))?;
+                for (p, o) in parts {
+                    let p = p.parse().map_err(|_| bad(&format!("partition {p:?}")))?;
+                    let o = o.as_u64().ok_or_else(|| bad(&format!("offset {o}")))?;
+                    map.insert(p, o);
+                }
+            }
+            Progress::Recent { applied, ids, cap } => {
+                *applied = v["applied"]
+                    .as_u64()
+                    .ok_or_else(|| bad("no applied count"))?;
+                let recent = v["recent"].as_array().ok_or_else(|| bad("no recent ids"))?;
+                for id in recent {
+                    let id = id
+                        .as_str()
+                        .and_then(|t| u64::from_str_radix(t, 16).ok())
+                        .ok_or_else(|| bad(&format!("recent id {id}")))?;
+                    ids.push_back(id);
+                }
+                while ids.len() > *cap {
+                    ids.pop_front();
+                }
+            }
+        }
+        Ok(progress)
+    }
+
+    /// A message's name in dead-letter keys.
+    fn name_of(&self, kind: crate::config::Kind, m: &InMessage) -> String {
+        match self {
+            Progress::Ordered(_) => m.position.render(kind == crate::config::Kind::RedisStream),
+            Progress::Partitions(_) => format!("{}-{}", m.position.0, m.position.1),
+            Progress::Recent { .. } => format!("{:016x}", m.id),
+        }
+    }
+}
+
 /// One message read from a source.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct InMessage {
+    /// Where the source keeps it: a JetStream sequence or Redis entry id, a PostgreSQL
+    /// LSN, a Kafka (partition, offset), or for queues without positions (AMQP, MQTT)
+    /// the order of delivery on this connection.
     pub position: Position,
+    /// Queues without positions: a hash of the message's id (or of its content when it
+    /// has none), remembered with each batch to drop a redelivered duplicate.
+    pub id: u64,
+    /// Queues without positions: the source says it delivered this message before.
+    pub redelivered: bool,
     /// The key it names (from the subject, a header or a field), as sent.
     pub key: Option<String>,
     /// `put`, `delete`, or what else was sent.
@@ -451,41 +614,38 @@ async fn try_write(
     }
 }
 
-/// The source position stored for a connector, if any.
-pub(crate) fn stored_position(store: &Store, name: &str) -> Result<Option<Position>, String> {
+/// What connector `c` has applied, as its stored position record says.
+pub(crate) fn stored_progress(store: &Store, c: &Connector) -> Result<Progress, String> {
     let ns = Namespace::new(POSITIONS_NAMESPACE).expect("a valid name");
     let Some(state) = store
-        .get(&ns, name)
+        .get(&ns, &c.name)
         .map_err(|e| format!("reading the stored position: {e}"))?
     else {
-        return Ok(None);
+        return Ok(Progress::new(c));
     };
     let Some(value) = state.value else {
-        return Ok(None);
+        return Ok(Progress::new(c));
     };
     let v: serde_json::Value = serde_json::from_slice(&value.bytes)
-        .map_err(|e| format!("the stored position of {name} is not JSON: {e}"))?;
-    let text = v["position"].as_str().unwrap_or_default();
-    Position::parse(text)
-        .map(Some)
-        .ok_or_else(|| format!("the stored position of {name} is {text:?}, not a position"))
+        .map_err(|e| format!("the stored position of {} is not JSON: {e}", c.name))?;
+    Progress::from_record(c, &v)
 }
 
-/// The in side: connects with `connect` (given the stored position), then writes what
+/// The in side: connects with `connect` (given what was applied), then writes what
 /// the source sends until the node stops.
 pub(crate) async fn run_in<S, F, Fut>(ctx: Arc<Ctx>, side: Arc<Side>, connect: F)
 where
     S: Source,
-    F: Fn(Option<Position>) -> Fut,
+    F: Fn(Progress) -> Fut,
     Fut: std::future::Future<Output = Result<S, String>>,
 {
     let backoff = Backoff::new();
     let (ctx, side, backoff, connect) = (&*ctx, &*side, &backoff, &connect);
     supervise(ctx, side, backoff, || async move {
-        let stored = stored_position(&ctx.store, &ctx.connector.name)?;
+        let stored = stored_progress(&ctx.store, &ctx.connector)?;
         let source = tokio::select! {
             _ = ctx.shutdown.cancelled() => return Ok(()),
-            s = connect(stored) => s?,
+            s = connect(stored.clone()) => s?,
         };
         side.set_state("running");
         ingest(ctx, side, source, stored, backoff).await
@@ -497,11 +657,10 @@ async fn ingest<S: Source>(
     ctx: &Ctx,
     side: &Side,
     mut source: S,
-    mut stored: Option<Position>,
+    mut progress: Progress,
     backoff: &Backoff,
 ) -> Result<(), String> {
     let c = &ctx.connector;
-    let redis = c.kind == crate::config::Kind::RedisStream;
     let value_max = ctx.store.config().value_bytes_max;
     let mut polls = 0u32;
     let mut fetched: Option<Vec<InMessage>> = None;
@@ -517,35 +676,36 @@ async fn ingest<S: Source>(
         if (batch.is_empty() || polls.is_multiple_of(16))
             && let Some((head, lag)) = source.head().await
         {
-            let at = stored.map(|p| p.render(redis)).unwrap_or_default();
-            side.at(at, head, lag);
+            side.at(progress.render(c.kind), head, lag);
         }
         if batch.is_empty() {
             continue;
         }
+        let before = progress.clone();
         let mut ops = Vec::with_capacity(batch.len());
-        let mut last = None;
+        let mut moved = false;
         for m in &batch {
-            if stored.is_some_and(|s| m.position <= s) {
+            if progress.covers(m) {
                 side.duplicate(1);
                 continue;
             }
-            last = Some(m.position);
+            progress.advance(m);
+            moved = true;
             if m.cluster.as_deref() == Some(ctx.cluster.as_str()) {
                 side.echo(1);
                 continue;
             }
             match to_op(m, value_max) {
                 Ok(op) => ops.push((m, op)),
-                Err(reason) => in_dead_letter(ctx, side, m, &reason).await?,
+                Err(reason) => in_dead_letter(ctx, side, &progress, m, &reason).await?,
             }
         }
         // The batch is written while the next one is fetched (the source's round trip
         // and the store's fsync overlap); it is acknowledged only once written.
         let write = async {
-            match last {
-                Some(last) => write_batch(ctx, side, ops, last).await,
-                None => Ok(()),
+            match moved {
+                true => write_batch(ctx, side, &batch, ops, &before, &progress).await,
+                false => Ok(()),
             }
         };
         let fetch = async {
@@ -556,9 +716,6 @@ async fn ingest<S: Source>(
         };
         let (written, next) = tokio::join!(write, fetch);
         written?;
-        if last.is_some() {
-            stored = last;
-        }
         source.ack(&batch).await?;
         backoff.reset();
         match next {
@@ -569,13 +726,15 @@ async fn ingest<S: Source>(
     }
 }
 
-/// Writes one batch's operations with its last position (`last`), in one step when the
-/// writer takes it.
+/// Writes one batch's operations with the progress after it (`after`), in one step
+/// when the writer takes it. `before` is the progress before `batch`.
 async fn write_batch(
     ctx: &Ctx,
     side: &Side,
+    batch: &[InMessage],
     ops: Vec<(&InMessage, WriteOp)>,
-    last: Position,
+    before: &Progress,
+    after: &Progress,
 ) -> Result<(), String> {
     let c = &ctx.connector;
     let count = ops.len();
@@ -583,33 +742,42 @@ async fn write_batch(
         true => Ok(()),
         false => {
             let batch_ops = ops.iter().map(|(_, op)| op.clone()).collect();
-            let checkpoint = position_record(ctx, last, count)?;
+            let checkpoint = position_record(ctx, after, count)?;
             try_write(ctx, c.namespace.clone(), batch_ops, Some(checkpoint)).await
         }
     };
     match whole {
         Ok(()) => {
             if ops.is_empty() {
-                let checkpoint = position_record(ctx, last, 0)?;
+                let checkpoint = position_record(ctx, after, 0)?;
                 let op = WriteOp::put(checkpoint.key, ContentType::Json, checkpoint.value);
                 write_retrying(ctx, checkpoint.namespace, vec![op], None).await?;
             }
             side.count(count as u64);
         }
-        // Too large as one batch: one message at a time, each with its position; a
-        // message too large alone is a dead letter.
+        // Too large as one batch: one message at a time, each with the progress up to
+        // it; a message too large alone is a dead letter.
         Err(WriteError::TooLarge(_)) => {
-            for (m, op) in ops {
-                let checkpoint = position_record(ctx, m.position, 1)?;
+            let mut progress = before.clone();
+            let mut ops = ops.into_iter().peekable();
+            for m in batch {
+                if progress.covers(m) {
+                    continue;
+                }
+                progress.advance(m);
+                let Some((_, op)) = ops.next_if(|(o, _)| std::ptr::eq(*o, m)) else {
+                    continue;
+                };
+                let checkpoint = position_record(ctx, &progress, 1)?;
                 match try_write(ctx, c.namespace.clone(), vec![op], Some(checkpoint)).await {
                     Ok(()) => side.count(1),
                     Err(WriteError::TooLarge(reason)) => {
-                        in_dead_letter(ctx, side, m, &reason).await?;
+                        in_dead_letter(ctx, side, &progress, m, &reason).await?;
                     }
                     Err(e) => return Err(format!("writing to {}: {e}", c.namespace)),
                 }
             }
-            let checkpoint = position_record(ctx, last, 0)?;
+            let checkpoint = position_record(ctx, after, 0)?;
             let op = WriteOp::put(checkpoint.key, ContentType::Json, checkpoint.value);
             write_retrying(ctx, checkpoint.namespace, vec![op], None).await?;
         }
@@ -618,15 +786,15 @@ async fn write_batch(
     Ok(())
 }
 
-/// The position record of connector `ctx` at `position`, covering `count` writes.
-fn position_record(ctx: &Ctx, position: Position, count: usize) -> Result<Checkpoint, String> {
+/// The position record of connector `ctx` at `progress`, covering `count` writes.
+fn position_record(ctx: &Ctx, progress: &Progress, count: usize) -> Result<Checkpoint, String> {
     let c = &ctx.connector;
-    let record = json!({
-        "position": position.render(c.kind == crate::config::Kind::RedisStream),
+    let mut record = json!({
         "count": count,
         "node": ctx.node.to_string(),
         "at_ms": asp_store::clock::wall_ms(),
     });
+    progress.record(c.kind, &mut record);
     Ok(Checkpoint {
         namespace: Namespace::new(POSITIONS_NAMESPACE).expect("a valid name"),
         key: Key::new(&c.name).map_err(|e| e.to_string())?,
@@ -635,18 +803,23 @@ fn position_record(ctx: &Ctx, position: Position, count: usize) -> Result<Checkp
 }
 
 /// Writes a message read in that cannot be applied to the dead-letter namespace.
-async fn in_dead_letter(ctx: &Ctx, side: &Side, m: &InMessage, reason: &str) -> Result<(), String> {
-    let redis = ctx.connector.kind == crate::config::Kind::RedisStream;
+async fn in_dead_letter(
+    ctx: &Ctx,
+    side: &Side,
+    progress: &Progress,
+    m: &InMessage,
+    reason: &str,
+) -> Result<(), String> {
+    let name = progress.name_of(ctx.connector.kind, m);
     let message = json!({
-        "position": m.position.render(redis),
+        "position": name,
         "key": m.key,
         "op": m.op,
         "content_type": m.content_type,
         "value": text_or_base64(ContentType::Text, &m.value),
         "fields": m.fields.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
     });
-    let what = format!("in/{}", m.position.render(redis));
-    dead_letter(ctx, side, &what, message, reason).await
+    dead_letter(ctx, side, &format!("in/{name}"), message, reason).await
 }
 
 /// A message as a write, or why it cannot be one.

@@ -883,8 +883,8 @@ fn a_bad_connector_configuration_stops_the_node_with_the_reason() {
             "needs subject",
         ),
         (
-            "[[connectors]]\nname = \"n\"\nkind = \"kafka\"\ndirection = \"out\"\nnamespace = \"n\"\nurl = \"x\"\n",
-            "unknown variant `kafka`",
+            "[[connectors]]\nname = \"n\"\nkind = \"kinesis\"\ndirection = \"out\"\nnamespace = \"n\"\nurl = \"x\"\n",
+            "unknown variant `kinesis`",
         ),
         (
             "[[connectors]]\nname = \"r\"\nkind = \"redis-stream\"\ndirection = \"in\"\nnamespace = \"_asp.audit\"\nurl = \"redis://127.0.0.1:6379\"\nstream = \"s\"\n",
