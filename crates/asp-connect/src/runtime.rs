@@ -94,8 +94,10 @@ impl Position {
         }
     }
 
+    /// `a-b` for Redis, and for any position whose second part is not 0 (PostgreSQL's
+    /// (commit LSN, index)), so that the stored record keeps both; `a` otherwise.
     pub fn render(self, redis: bool) -> String {
-        if redis {
+        if redis || self.1 != 0 {
             format!("{}-{}", self.0, self.1)
         } else {
             self.0.to_string()

@@ -159,7 +159,7 @@ impl Side {
 
     pub(crate) fn json(&self) -> Value {
         let error = self.last_error.lock().unwrap().clone();
-        json!({
+        let mut v = json!({
             "state": *self.state.lock().unwrap(),
             "position": *self.position.lock().unwrap(),
             "head": *self.head.lock().unwrap(),
@@ -171,6 +171,28 @@ impl Side {
             "errors": self.errors.load(Ordering::Relaxed),
             "last_error": error.as_ref().map(|(e, _)| e.clone()),
             "last_error_ms": error.map(|(_, at)| at),
-        })
+        });
+        if let Some(detail) = DETAILS
+            .lock()
+            .unwrap()
+            .get(&(self.labels.connector.clone(), self.labels.side))
+        {
+            v["detail"] = detail.clone();
+        }
+        v
     }
+}
+
+/// What a kind shows of one side beyond the common fields (PostgreSQL: its slot), by
+/// connector and side. Kinds reach it by name: a source or sink has no `Side`.
+static DETAILS: Mutex<std::collections::BTreeMap<(String, &'static str), Value>> =
+    Mutex::new(std::collections::BTreeMap::new());
+
+/// Sets what connector `connector`'s `side` (`in`, `out`) shows as `detail` in its
+/// status, replacing what it showed before.
+pub(crate) fn set_detail(connector: &str, side: &'static str, detail: Value) {
+    DETAILS
+        .lock()
+        .unwrap()
+        .insert((connector.to_owned(), side), detail);
 }
