@@ -41,7 +41,7 @@ use redis::streams::StreamReadReply;
 use tokio_util::sync::CancellationToken;
 
 /// Messages per publish window (raw) and per connector batch (the connector default).
-const WINDOW: usize = 256;
+pub(crate) const WINDOW: usize = 256;
 /// How often a JetStream stream's length is read while waiting (stream info is a
 /// JetStream API request, which costs the server more than a Redis `XLEN`).
 const POLL_JETSTREAM: Duration = Duration::from_millis(20);
@@ -50,15 +50,15 @@ const POLL_JETSTREAM: Duration = Duration::from_millis(20);
 /// where a 20 ms step would be a 5% error.
 const POLL: Duration = Duration::from_millis(5);
 /// A wait fails when the count has not moved for this long.
-const STALL: Duration = Duration::from_secs(30);
+pub(crate) const STALL: Duration = Duration::from_secs(30);
 /// Puts per pre-load write.
 const PRELOAD_BATCH: u64 = 1000;
 /// The largest value accepted (NATS's default max_payload is 1 MiB, headers included).
 const VALUE_BYTES_MAX: usize = 512 * 1024;
 /// The connected namespace.
-const NAMESPACE: &str = "bench";
+pub(crate) const NAMESPACE: &str = "bench";
 /// The cluster name the connectors stamp on what they publish.
-const CLUSTER: &str = "bench";
+pub(crate) const CLUSTER: &str = "bench";
 
 #[derive(Args)]
 pub struct ConnectArgs {
@@ -653,13 +653,13 @@ impl Round<'_> {
 
 /// A store in a fresh directory, with the settings `asp-bench bench` uses by default
 /// (the store's defaults: fsync always).
-struct BenchStore {
-    store: Store,
+pub(crate) struct BenchStore {
+    pub(crate) store: Store,
     dir: PathBuf,
 }
 
 impl BenchStore {
-    fn open(base: &std::path::Path, name: &str) -> anyhow::Result<BenchStore> {
+    pub(crate) fn open(base: &std::path::Path, name: &str) -> anyhow::Result<BenchStore> {
         let dir = base.join(name);
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
@@ -671,7 +671,7 @@ impl BenchStore {
 
     /// `n` puts of JSON values to namespace [`NAMESPACE`], in batches, then waits for
     /// the index to hold them.
-    async fn preload(&self, n: u64, values: &JsonValues) -> anyhow::Result<()> {
+    pub(crate) async fn preload(&self, n: u64, values: &JsonValues) -> anyhow::Result<()> {
         let ns = Namespace::new(NAMESPACE)?;
         for start in (0..n).step_by(PRELOAD_BATCH as usize) {
             let ops = (start..(start + PRELOAD_BATCH).min(n))
@@ -689,12 +689,12 @@ impl BenchStore {
         Ok(())
     }
 
-    fn start(&self, config: ConnectorConfig) -> anyhow::Result<Running> {
+    pub(crate) fn start(&self, config: ConnectorConfig) -> anyhow::Result<Running> {
         let connectors = asp_connect::check(&[config]).map_err(anyhow::Error::msg)?;
         Ok(Running::start(&self.store, connectors))
     }
 
-    async fn close(self) -> anyhow::Result<()> {
+    pub(crate) async fn close(self) -> anyhow::Result<()> {
         self.store.shutdown().await;
         drop(self.store);
         std::fs::remove_dir_all(&self.dir)
@@ -703,8 +703,8 @@ impl BenchStore {
 }
 
 /// One started connector.
-struct Running {
-    connectors: Connectors,
+pub(crate) struct Running {
+    pub(crate) connectors: Connectors,
     shutdown: CancellationToken,
 }
 
@@ -725,26 +725,28 @@ impl Running {
     }
 
     /// A counter of one side (`in` or `out`) of the connector.
-    fn side(&self, side: &str, field: &str) -> u64 {
+    pub(crate) fn side(&self, side: &str, field: &str) -> u64 {
         self.connectors.status()[0][side][field]
             .as_u64()
             .unwrap_or(0)
     }
 
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.shutdown.cancel();
         self.connectors.stopped().await;
     }
 }
 
 /// What a wait counts.
-enum Count<'a> {
+pub(crate) enum Count<'a> {
     /// The messages a JetStream stream holds (stream info).
     Stream(&'a mut stream::Stream),
     /// The entries of a Redis stream (`XLEN`).
     Xlen(MultiplexedConnection, &'a str),
     /// The messages the in connector wrote (its status).
     Written,
+    /// The messages the out connector sent, each taken by the system (its status).
+    Sent,
 }
 
 impl Count<'_> {
@@ -763,13 +765,14 @@ impl Count<'_> {
                 .await
                 .with_context(|| format!("XLEN {key}"))?,
             Count::Written => running.side("in", "messages"),
+            Count::Sent => running.side("out", "messages"),
         })
     }
 
     fn every(&self) -> Duration {
         match self {
             Count::Stream(_) => POLL_JETSTREAM,
-            Count::Xlen(..) | Count::Written => POLL,
+            Count::Xlen(..) | Count::Written | Count::Sent => POLL,
         }
     }
 
@@ -778,6 +781,7 @@ impl Count<'_> {
             Count::Stream(_) => "messages in the stream",
             Count::Xlen(..) => "entries in the stream",
             Count::Written => "messages written",
+            Count::Sent => "messages sent",
         }
     }
 }
@@ -785,7 +789,7 @@ impl Count<'_> {
 /// Polls `count` (every [`POLL`] or [`POLL_JETSTREAM`]) until it reaches `n`; returns
 /// the seconds since `started` at the poll that saw it. Fails, with the connector's
 /// status, when the count stops moving for [`STALL`].
-async fn wait_for(
+pub(crate) async fn wait_for(
     n: u64,
     started: Instant,
     running: &Running,
@@ -830,13 +834,13 @@ fn connector(
     }
 }
 
-fn key_text(i: u64) -> String {
+pub(crate) fn key_text(i: u64) -> String {
     format!("k{i:012}")
 }
 
 /// JSON string values of exactly `value_bytes` bytes (quotes included), of letters and
 /// digits, a different slice of one pseudo-random pool for every message.
-struct JsonValues {
+pub(crate) struct JsonValues {
     pool: Vec<u8>,
     value_bytes: usize,
 }
@@ -844,7 +848,7 @@ struct JsonValues {
 impl JsonValues {
     const POOL_BYTES: usize = 1 << 20;
 
-    fn new(value_bytes: usize) -> Self {
+    pub(crate) fn new(value_bytes: usize) -> Self {
         const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
         let mut state = 0x9E37_79B9_7F4A_7C15u64;
         let pool = (0..Self::POOL_BYTES + value_bytes)
@@ -858,7 +862,7 @@ impl JsonValues {
         JsonValues { pool, value_bytes }
     }
 
-    fn get(&self, i: u64) -> Bytes {
+    pub(crate) fn get(&self, i: u64) -> Bytes {
         let start = (i.wrapping_mul(7919) % Self::POOL_BYTES as u64) as usize;
         let mut v = Vec::with_capacity(self.value_bytes);
         v.push(b'"');
@@ -869,13 +873,13 @@ impl JsonValues {
 }
 
 /// The median (of an even count, the upper of the middle two).
-fn median(rates: impl Iterator<Item = f64>) -> f64 {
+pub(crate) fn median(rates: impl Iterator<Item = f64>) -> f64 {
     let mut v: Vec<f64> = rates.collect();
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
-fn fmt_rate(r: f64) -> String {
+pub(crate) fn fmt_rate(r: f64) -> String {
     if r >= 1e6 {
         format!("{:.2} M", r / 1e6)
     } else if r >= 1e3 {
@@ -887,7 +891,7 @@ fn fmt_rate(r: f64) -> String {
 
 /// The CPU, core count and kernel (`bench.rs` has a fuller description with the
 /// filesystem, private to it; stores here live in `--dir`).
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {

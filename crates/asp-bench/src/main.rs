@@ -7,6 +7,7 @@
 
 mod bench;
 mod bench_connect;
+mod bench_connect2;
 mod bench_crdt;
 mod bench_gc;
 mod bench_handover;
@@ -38,6 +39,10 @@ enum Command {
     /// Measure the connectors against the raw NATS JetStream and Redis Streams clients,
     /// out and in (see bench/RESULTS.md); needs both servers running.
     Connectors(bench_connect::ConnectArgs),
+    /// Measure the Kafka, PostgreSQL, AMQP and MQTT connectors against their raw
+    /// clients, out and in (see bench/RESULTS.md); starts its own tansu, mosquitto and
+    /// PostgreSQL, and uses the machine's RabbitMQ.
+    Connectors2(bench_connect2::Connect2Args),
     /// Start a three-node cluster on loopback and show replication, a partition and
     /// its healing.
     Demo(demo::DemoArgs),
@@ -59,6 +64,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Bench(a) => bench::run(*a).await,
             Command::Connectors(a) => bench_connect::run(a).await,
+            Command::Connectors2(a) => bench_connect2::run(a).await,
             Command::Demo(a) => demo::run(a).await,
         }
     });

@@ -232,7 +232,11 @@ fn check_one(c: &ConnectorConfig) -> Result<Connector, String> {
     if dead_letter == namespace {
         return Err("dead_letter must be another namespace than the connected one".into());
     }
-    let batch = c.batch.unwrap_or(256);
+    // MQTT's default is the largest batch: its redelivered duplicates are told apart
+    // only within the last 4 batches (`runtime::RECENT_BATCHES`), and Mosquitto can
+    // redeliver more than a thousand messages after a crash (docs/CONNECTORS.md, MQTT).
+    let default_batch = if c.kind == Kind::Mqtt { BATCH_MAX } else { 256 };
+    let batch = c.batch.unwrap_or(default_batch);
     if batch == 0 || batch > BATCH_MAX {
         return Err(format!("batch is 1 to {BATCH_MAX}; got {batch}"));
     }
@@ -524,15 +528,26 @@ fn check_one(c: &ConnectorConfig) -> Result<Connector, String> {
             }
             let routing_key = c.routing_key.clone().unwrap_or_else(|| c.namespace.clone());
             name_ok("routing_key", &routing_key)?;
+            // The in side binds `<routing_key>.#`, which must be a short string too, and
+            // match only this prefix: no wildcard in it.
+            if routing_key.len() > 253 || routing_key.contains(['*', '#']) {
+                return Err(format!(
+                    "routing_key {routing_key:?}: at most 253 bytes, without '*' or '#' (the in side binds <routing_key>.#)"
+                ));
+            }
             connector.routing_key = routing_key;
         }
         Kind::Mqtt => {
+            if c.url.starts_with("mqtts://") || c.url.starts_with("ssl://") {
+                return Err("url: TLS to MQTT (mqtts://) is not built yet; use mqtt://".into());
+            }
             if !(c.url.starts_with("mqtt://") || c.url.starts_with("tcp://")) {
                 return Err(format!(
                     "url must be mqtt://[USER:PASSWORD@]HOST:PORT; got {:?}",
                     redacted(&c.url)
                 ));
             }
+            crate::mqtt::broker(&c.url).map_err(|e| format!("{e}; got {:?}", redacted(&c.url)))?;
             let topic = need(
                 &c.topic,
                 "topic = \"...\" (the prefix: messages go to <topic>/<key>)",
@@ -541,9 +556,10 @@ fn check_one(c: &ConnectorConfig) -> Result<Connector, String> {
                 || topic.len() > 1024
                 || topic.contains(['+', '#', '\0'])
                 || topic.ends_with('/')
+                || topic.starts_with('$')
             {
                 return Err(format!(
-                    "topic {topic:?}: a topic prefix of literal levels (no '+', '#', or trailing '/')"
+                    "topic {topic:?}: a topic prefix of literal levels (no '+', '#', trailing '/', or leading '$': the broker's own)"
                 ));
             }
             connector.topic = topic;
@@ -632,5 +648,119 @@ mod tests {
         n.subject = Some("a.b".into());
         n.group = Some("g".into());
         assert!(check1(n.clone()).contains("not a setting"));
+    }
+
+    #[test]
+    fn mqtt_mistakes_are_named() {
+        let check1 = |c: ConnectorConfig| check(&[c]).map(|_| ()).unwrap_err();
+        let mut m =
+            ConnectorConfig::new("m", Kind::Mqtt, Direction::Both, "orders", "mqtt://h:1883");
+        assert!(check1(m.clone()).contains("needs topic"));
+        for bad in ["a/+", "a/#", "a/", "$SYS/x"] {
+            m.topic = Some(bad.into());
+            assert!(check1(m.clone()).contains("literal levels"), "{bad}");
+        }
+        m.topic = Some("asp/orders".into());
+        m.retain = Some(true);
+        let ok = check(&[m.clone()]).unwrap();
+        assert_eq!((ok[0].topic.as_str(), ok[0].retain), ("asp/orders", true));
+        m.direction = Direction::In;
+        assert!(check1(m.clone()).contains("out side"));
+        m.retain = None;
+        m.url = "mqtts://h:8883".into();
+        assert!(check1(m.clone()).contains("not built yet"));
+        m.url = "mqtt://h:99999".into();
+        assert!(check1(m.clone()).contains("port"));
+        m.url = "mqtt://u:secret@h:1883/x".into();
+        let e = check1(m.clone());
+        assert!(e.contains("no path") && !e.contains("secret"), "{e}");
+        m.url = "mqtt://h".into();
+        m.stream = Some("s".into());
+        assert!(check1(m.clone()).contains("not a setting"));
+    }
+
+    #[test]
+    fn postgres_settings_are_checked_per_side() {
+        let check1 = |c: ConnectorConfig| check(&[c]).map(|_| ()).unwrap_err();
+        let pg = |direction| ConnectorConfig {
+            publication: Some("asp_pub".into()),
+            slot: Some("asp_slot".into()),
+            tables: Some(vec!["public.items".into(), "orders".into()]),
+            table: Some("asp_out".into()),
+            ..ConnectorConfig::new(
+                "p",
+                Kind::Postgres,
+                direction,
+                "orders",
+                "postgres://u@h/db",
+            )
+        };
+        let c = check(&[pg(Direction::Both)]).unwrap().remove(0);
+        assert_eq!(
+            c.tables,
+            ["public.items", "public.orders"],
+            "public by default"
+        );
+        assert_eq!(
+            (c.table.as_str(), c.slot.as_str()),
+            ("public.asp_out", "asp_slot")
+        );
+        assert!(check1(pg(Direction::Out)).contains("setting of the in side"));
+        assert!(check1(pg(Direction::In)).contains("setting of the out side"));
+        let mut c = pg(Direction::Both);
+        c.table = Some("public.items".into());
+        assert!(check1(c.clone()).contains("out would feed in"));
+        c.table = Some("asp_out".into());
+        c.slot = Some("Bad-Slot".into());
+        assert!(check1(c.clone()).contains("unquoted PostgreSQL name"));
+        c.slot = Some("asp_slot".into());
+        c.tables = Some(vec![]);
+        assert!(check1(c.clone()).contains("needs tables"));
+        c.tables = Some(vec!["a.b.c".into()]);
+        assert!(check1(c.clone()).contains("tables:"));
+        c.tables = Some(vec!["items".into()]);
+        c.url = "mysql://h/db".into();
+        assert!(check1(c.clone()).contains("postgres://"));
+        c.url = "postgresql://u:pw@h:5432/db".into();
+        assert!(check(&[c.clone()]).is_ok());
+        c.stream = Some("s".into());
+        assert!(check1(c.clone()).contains("not a setting"));
+    }
+
+    #[test]
+    fn amqp_settings_are_checked_per_side() {
+        let check1 = |c: ConnectorConfig| check(&[c]).map(|_| ()).unwrap_err();
+        let amqp = |direction| ConnectorConfig {
+            exchange: Some("asp".into()),
+            queue: Some("asp-in".into()),
+            ..ConnectorConfig::new("a", Kind::Amqp, direction, "orders", "amqp://h:5672")
+        };
+        let c = check(&[amqp(Direction::Both)]).unwrap().remove(0);
+        assert_eq!((c.exchange.as_str(), c.queue.as_str()), ("asp", "asp-in"));
+        assert_eq!(c.routing_key, "orders", "the namespace by default");
+        let mut out = amqp(Direction::Out);
+        assert!(check1(out.clone()).contains("setting of the in side"));
+        out.queue = None;
+        assert!(check(&[out.clone()]).is_ok());
+        out.exchange = None;
+        assert!(check1(out.clone()).contains("needs exchange"));
+        let mut r#in = amqp(Direction::In);
+        r#in.exchange = None;
+        assert!(check(&[r#in.clone()]).is_ok(), "in without an exchange");
+        r#in.queue = None;
+        assert!(check1(r#in.clone()).contains("needs queue"));
+        let mut c = amqp(Direction::In);
+        c.url = "amqps://h:5671".into();
+        assert!(check1(c.clone()).contains("not built yet"));
+        c.url = "http://h".into();
+        assert!(check1(c.clone()).contains("amqp://"));
+        c.url = "amqp://h".into();
+        for bad in ["a.*", "#", &"x".repeat(254)] {
+            c.routing_key = Some(bad.to_owned());
+            assert!(check1(c.clone()).contains("routing_key"), "{bad}");
+        }
+        c.routing_key = None;
+        c.stream = Some("s".into());
+        assert!(check1(c.clone()).contains("not a setting"));
     }
 }
