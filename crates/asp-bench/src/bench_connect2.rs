@@ -1,4 +1,6 @@
 //! `asp-bench connectors2`: the connectors of part 2 (Kafka, PostgreSQL, AMQP, MQTT)
+//! Size: one measurement per kind and direction, each with the server setup it needs
+//! (tansu, PostgreSQL, mosquitto, RabbitMQ); split per kind once the figures settle.
 //! against the official clients they are built on, on the same servers.
 //!
 //! Per kind two measurements, each side by side in every round (raw first, then asp),

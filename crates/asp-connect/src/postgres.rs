@@ -1,4 +1,6 @@
 //! PostgreSQL (`kind = "postgres"`).
+//! Size: one kind, whole: the pgoutput decoder, the snapshot, slot safety and the out
+//! side share the slot and key rules; a split (decoder / in / out) is the next step.
 //!
 //! In: change data capture through a logical replication slot (`pgoutput`). When the
 //! slot is missing and asp has no position, the slot is created with an exported
