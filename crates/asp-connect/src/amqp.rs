@@ -10,7 +10,7 @@
 //! applied ([`Progress::Recent`]).
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -114,10 +114,11 @@ pub(crate) struct AmqpSink {
     _connection: Connection,
     channel: Channel,
     ctx: Arc<Ctx>,
+    confirmed: ConfirmedThrough,
 }
 
 /// Connects, declares the exchange and turns publisher confirms on.
-pub(crate) async fn sink(ctx: Arc<Ctx>) -> Result<AmqpSink, String> {
+pub(crate) async fn sink(ctx: Arc<Ctx>, confirmed: ConfirmedThrough) -> Result<AmqpSink, String> {
     let connection = connect(&ctx, "out").await?;
     let channel = connection
         .create_channel()
@@ -132,6 +133,7 @@ pub(crate) async fn sink(ctx: Arc<Ctx>) -> Result<AmqpSink, String> {
         _connection: connection,
         channel,
         ctx,
+        confirmed,
     })
 }
 
@@ -154,35 +156,21 @@ fn properties(m: &OutMessage, cluster: &str) -> BasicProperties {
     p
 }
 
-/// Per connector (by name): the feed position through which a batch that failed was
-/// confirmed, in order. The runtime sends a failed batch again whole; the next attempt
-/// skips that prefix, so that a batch goes through even when the broker takes only part
-/// of it at a time (a queue that refuses messages when full, `x-overflow =
-/// reject-publish`, nacks the rest). Lost on a restart: then the batch goes again whole.
-static CONFIRMED_THROUGH: std::sync::Mutex<std::collections::BTreeMap<String, u64>> =
-    std::sync::Mutex::new(std::collections::BTreeMap::new());
-
-fn confirmed_through(name: &str) -> Option<u64> {
-    let memo = CONFIRMED_THROUGH
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    memo.get(name).copied()
-}
-
-fn set_confirmed_through(name: &str, through: Option<u64>) {
-    let mut memo = CONFIRMED_THROUGH
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    match through {
-        Some(seq) => memo.insert(name.to_owned(), seq),
-        None => memo.remove(name),
-    };
-}
+/// The feed position through which a batch that failed was confirmed, in order. The
+/// runtime sends a failed batch again whole; the next attempt skips that prefix, so
+/// that a batch goes through even when the broker takes only part of it at a time (a
+/// queue that refuses messages when full, `x-overflow = reject-publish`, nacks the
+/// rest). One per connector, kept across reconnections by its supervisor; lost on a
+/// restart: then the batch goes again whole.
+pub(crate) type ConfirmedThrough = Arc<std::sync::Mutex<Option<u64>>>;
 
 impl Sink for AmqpSink {
     async fn send(&mut self, batch: &[OutMessage]) -> Result<Undelivered, String> {
         let c = &self.ctx.connector;
-        let through = confirmed_through(&c.name);
+        let through = *self
+            .confirmed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let skip = batch
             .iter()
             .take_while(|m| through.is_some_and(|t| m.seq <= t))
@@ -234,10 +222,18 @@ impl Sink for AmqpSink {
             )),
         };
         match result {
-            Ok(()) => set_confirmed_through(&c.name, None),
+            Ok(()) => {
+                *self
+                    .confirmed
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = None
+            }
             Err(e) => {
                 if acked > 0 {
-                    set_confirmed_through(&c.name, Some(rest[acked - 1].seq));
+                    *self
+                        .confirmed
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) = Some(rest[acked - 1].seq);
                 }
                 return Err(e);
             }

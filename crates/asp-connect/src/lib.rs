@@ -105,13 +105,17 @@ impl Connectors {
                         kafka::sink(ctx2.clone())
                     })),
                     Kind::Postgres => {
+                        let shows = side.clone();
                         tokio::spawn(runtime::run_out(ctx2.clone(), side, move || {
-                            postgres::sink(ctx2.clone())
+                            postgres::sink(ctx2.clone(), shows.clone())
                         }))
                     }
-                    Kind::Amqp => tokio::spawn(runtime::run_out(ctx2.clone(), side, move || {
-                        amqp::sink(ctx2.clone())
-                    })),
+                    Kind::Amqp => {
+                        let confirmed = amqp::ConfirmedThrough::default();
+                        tokio::spawn(runtime::run_out(ctx2.clone(), side, move || {
+                            amqp::sink(ctx2.clone(), confirmed.clone())
+                        }))
+                    }
                     Kind::Mqtt => tokio::spawn(runtime::run_out(ctx2.clone(), side, move || {
                         mqtt::sink(ctx2.clone())
                     })),
@@ -135,11 +139,14 @@ impl Connectors {
                         side,
                         move |at| kafka::source(ctx2.clone(), at),
                     ))),
-                    Kind::Postgres => tasks.push(tokio::spawn(runtime::run_in(
-                        ctx2.clone(),
-                        side,
-                        move |at| postgres::source(ctx2.clone(), at),
-                    ))),
+                    Kind::Postgres => {
+                        let shows = side.clone();
+                        tasks.push(tokio::spawn(runtime::run_in(
+                            ctx2.clone(),
+                            side,
+                            move |at| postgres::source(ctx2.clone(), shows.clone(), at),
+                        )))
+                    }
                     Kind::Amqp => tasks.push(tokio::spawn(runtime::run_in(
                         ctx2.clone(),
                         side,

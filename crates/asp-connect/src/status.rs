@@ -80,6 +80,8 @@ pub(crate) struct Side {
     position: Mutex<String>,
     head: Mutex<String>,
     lag: AtomicU64,
+    /// What a kind shows beyond the common fields (PostgreSQL: its slot).
+    detail: Mutex<Option<Value>>,
 }
 
 impl Side {
@@ -100,7 +102,14 @@ impl Side {
             position: Mutex::new(String::new()),
             head: Mutex::new(String::new()),
             lag: AtomicU64::new(0),
+            detail: Mutex::new(None),
         }
+    }
+
+    /// Sets what this side shows as `detail` in its status, replacing what it showed
+    /// before.
+    pub(crate) fn set_detail(&self, detail: Value) {
+        *self.detail.lock().unwrap() = Some(detail);
     }
 
     pub(crate) fn set_state(&self, state: &'static str) {
@@ -172,27 +181,9 @@ impl Side {
             "last_error": error.as_ref().map(|(e, _)| e.clone()),
             "last_error_ms": error.map(|(_, at)| at),
         });
-        if let Some(detail) = DETAILS
-            .lock()
-            .unwrap()
-            .get(&(self.labels.connector.clone(), self.labels.side))
-        {
+        if let Some(detail) = self.detail.lock().unwrap().as_ref() {
             v["detail"] = detail.clone();
         }
         v
     }
-}
-
-/// What a kind shows of one side beyond the common fields (PostgreSQL: its slot), by
-/// connector and side. Kinds reach it by name: a source or sink has no `Side`.
-static DETAILS: Mutex<std::collections::BTreeMap<(String, &'static str), Value>> =
-    Mutex::new(std::collections::BTreeMap::new());
-
-/// Sets what connector `connector`'s `side` (`in`, `out`) shows as `detail` in its
-/// status, replacing what it showed before.
-pub(crate) fn set_detail(connector: &str, side: &'static str, detail: Value) {
-    DETAILS
-        .lock()
-        .unwrap()
-        .insert((connector.to_owned(), side), detail);
 }

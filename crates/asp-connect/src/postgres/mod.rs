@@ -1,6 +1,5 @@
-//! PostgreSQL (`kind = "postgres"`).
-//! Size: one kind, whole: the pgoutput decoder, the snapshot, slot safety and the out
-//! side share the slot and key rules; a split (decoder / in / out) is the next step.
+//! PostgreSQL (`kind = "postgres"`): the in side here, the decoder in `pgoutput.rs`,
+//! the out side in `sink.rs`.
 //!
 //! In: change data capture through a logical replication slot (`pgoutput`). When the
 //! slot is missing and asp has no position, the slot is created with an exported
@@ -23,27 +22,27 @@
 //! same value and deletes keys of the table asp holds that the table no longer has.
 //! Any other missing or foreign slot is an error in status with the fix, never a slot
 //! created or dropped on asp's own.
-//!
-//! Out: each change of the namespace is upserted into `table` (`key text primary key,
-//! value jsonb, version text, origin text`, created if missing), deletes delete the
-//! row, one transaction per batch.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use asp_core::{ContentType, Key, Namespace};
-use asp_store::WriteOp;
 use bytes::Bytes;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use serde_json::{Map, Value, json};
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 use crate::config::redacted;
-use crate::runtime::{
-    Ctx, InMessage, OutMessage, POSITIONS_NAMESPACE, Position, Progress, Sink, Source, Undelivered,
-};
-use crate::status::set_detail;
+use crate::runtime::{Ctx, InMessage, Position, Progress, Source};
+use crate::status::Side;
+
+mod pgoutput;
+mod sink;
+mod slot;
+
+use pgoutput::{Change, Datum, Relation, decode, to_json};
+pub(crate) use sink::sink;
+use slot::{SlotState, save_slot_record, slot_record, slot_state};
 
 /// How long a fetch waits for changes when there are none.
 const FETCH_WAIT: Duration = Duration::from_secs(1);
@@ -196,319 +195,6 @@ fn row_key<'a>(table: &str, parts: impl IntoIterator<Item = &'a str>) -> String 
     key
 }
 
-/// A column's text (pgoutput's or a query's text format) as JSON: numbers, booleans,
-/// json and jsonb as JSON; the rest as strings.
-fn to_json(oid: u32, text: &str) -> Value {
-    const BOOL: u32 = 16;
-    const INT8: u32 = 20;
-    const INT2: u32 = 21;
-    const INT4: u32 = 23;
-    const OID: u32 = 26;
-    const JSON: u32 = 114;
-    const FLOAT4: u32 = 700;
-    const FLOAT8: u32 = 701;
-    const NUMERIC: u32 = 1700;
-    const JSONB: u32 = 3802;
-    let number = |t: &str| -> Option<Value> {
-        if let Ok(i) = t.parse::<i64>() {
-            return Some(json!(i));
-        }
-        if let Ok(u) = t.parse::<u64>() {
-            return Some(json!(u));
-        }
-        // A decimal as a JSON number only when a double holds it exactly enough
-        // (15 significant digits); otherwise as its text.
-        let digits = t.bytes().filter(u8::is_ascii_digit).count();
-        let f = t.parse::<f64>().ok().filter(|f| f.is_finite())?;
-        (digits <= 15).then(|| json!(f))
-    };
-    let parsed = match oid {
-        BOOL => match text {
-            "t" | "true" => Some(Value::Bool(true)),
-            "f" | "false" => Some(Value::Bool(false)),
-            _ => None,
-        },
-        INT2 | INT4 | INT8 | OID => number(text),
-        FLOAT4 | FLOAT8 => text
-            .parse::<f64>()
-            .ok()
-            .filter(|f| f.is_finite())
-            .map(|f| json!(f)),
-        NUMERIC => number(text),
-        JSON | JSONB => serde_json::from_str(text).ok(),
-        _ => None,
-    };
-    parsed.unwrap_or_else(|| Value::String(text.to_owned()))
-}
-
-/// One column of a pgoutput tuple.
-#[derive(Clone, Debug, PartialEq)]
-enum Datum {
-    Null,
-    /// An unchanged TOASTed value, not sent.
-    Unchanged,
-    Text(String),
-}
-
-/// A pgoutput message's reader.
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        if self.0.len() < n {
-            return Err("pgoutput: a message ends too early".into());
-        }
-        let (head, tail) = self.0.split_at(n);
-        self.0 = tail;
-        Ok(head)
-    }
-    fn u8(&mut self) -> Result<u8, String> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16, String> {
-        Ok(u16::from_be_bytes(self.take(2)?.try_into().expect("2")))
-    }
-    fn u32(&mut self) -> Result<u32, String> {
-        Ok(u32::from_be_bytes(self.take(4)?.try_into().expect("4")))
-    }
-    fn string(&mut self) -> Result<String, String> {
-        let end = self
-            .0
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or("pgoutput: a string without its end")?;
-        let s = String::from_utf8_lossy(&self.0[..end]).into_owned();
-        self.0 = &self.0[end + 1..];
-        Ok(s)
-    }
-    fn tuple(&mut self) -> Result<Vec<Datum>, String> {
-        let n = self.u16()?;
-        let mut out = Vec::with_capacity(n as usize);
-        for _ in 0..n {
-            out.push(match self.u8()? {
-                b'n' => Datum::Null,
-                b'u' => Datum::Unchanged,
-                b't' => {
-                    let len = self.u32()? as usize;
-                    Datum::Text(String::from_utf8_lossy(self.take(len)?).into_owned())
-                }
-                b'b' => return Err("pgoutput: a binary value (asp asks for text)".into()),
-                other => return Err(format!("pgoutput: column kind {:?}", other as char)),
-            });
-        }
-        Ok(out)
-    }
-}
-
-/// A relation as pgoutput described it: its name and columns (name, type OID).
-#[derive(Clone, Debug)]
-struct Relation {
-    name: String,
-    columns: Vec<(String, u32)>,
-}
-
-/// A decoded row change.
-#[derive(Debug, PartialEq)]
-enum Change {
-    Relation {
-        id: u32,
-        name: String,
-        columns: Vec<(String, u32)>,
-    },
-    Insert {
-        rel: u32,
-        new: Vec<Datum>,
-    },
-    Update {
-        rel: u32,
-        old: Option<Vec<Datum>>,
-        new: Vec<Datum>,
-    },
-    Delete {
-        rel: u32,
-        old: Vec<Datum>,
-    },
-    Truncate {
-        rels: Vec<u32>,
-    },
-    Other,
-}
-
-/// Decodes one pgoutput message (protocol version 1; Begin and Commit come decoded by
-/// the replication client).
-fn decode(data: &[u8]) -> Result<Change, String> {
-    let Some((&tag, rest)) = data.split_first() else {
-        return Ok(Change::Other);
-    };
-    let mut r = Reader(rest);
-    Ok(match tag {
-        b'R' => {
-            let id = r.u32()?;
-            let schema = r.string()?;
-            let table = r.string()?;
-            let _identity = r.u8()?;
-            let n = r.u16()?;
-            let mut columns = Vec::with_capacity(n as usize);
-            for _ in 0..n {
-                let _flags = r.u8()?;
-                let name = r.string()?;
-                let oid = r.u32()?;
-                let _typmod = r.u32()?;
-                columns.push((name, oid));
-            }
-            Change::Relation {
-                id,
-                name: format!("{schema}.{table}"),
-                columns,
-            }
-        }
-        b'I' => {
-            let rel = r.u32()?;
-            match r.u8()? {
-                b'N' => Change::Insert {
-                    rel,
-                    new: r.tuple()?,
-                },
-                other => return Err(format!("pgoutput Insert: {:?}", other as char)),
-            }
-        }
-        b'U' => {
-            let rel = r.u32()?;
-            let mut old = None;
-            let mut kind = r.u8()?;
-            if kind == b'K' || kind == b'O' {
-                old = Some(r.tuple()?);
-                kind = r.u8()?;
-            }
-            if kind != b'N' {
-                return Err(format!("pgoutput Update: {:?}", kind as char));
-            }
-            Change::Update {
-                rel,
-                old,
-                new: r.tuple()?,
-            }
-        }
-        b'D' => {
-            let rel = r.u32()?;
-            match r.u8()? {
-                b'K' | b'O' => Change::Delete {
-                    rel,
-                    old: r.tuple()?,
-                },
-                other => return Err(format!("pgoutput Delete: {:?}", other as char)),
-            }
-        }
-        b'T' => {
-            let n = r.u32()?;
-            let _options = r.u8()?;
-            let mut rels = Vec::with_capacity(n as usize);
-            for _ in 0..n {
-                rels.push(r.u32()?);
-            }
-            Change::Truncate { rels }
-        }
-        _ => Change::Other,
-    })
-}
-
-/// The slot as `pg_replication_slots` shows it.
-#[derive(Clone, Debug)]
-struct SlotState {
-    plugin: Option<String>,
-    logical: bool,
-    /// Of this connection's database.
-    here: bool,
-    active_pid: Option<i32>,
-    wal_status: Option<String>,
-    restart_lsn: Option<String>,
-    confirmed_flush: Option<String>,
-    current: String,
-    retained: Option<i64>,
-    unconfirmed: Option<i64>,
-}
-
-async fn slot_state(sql: &Client, slot: &str) -> Result<Option<SlotState>, String> {
-    let rows = sql
-        .query(
-            "SELECT plugin::text, slot_type = 'logical', coalesce(database = current_database(), false), active_pid, wal_status, \
-                 restart_lsn::text, confirmed_flush_lsn::text, pg_current_wal_lsn()::text, \
-                 (pg_current_wal_lsn() - restart_lsn)::int8, \
-                 (pg_current_wal_lsn() - confirmed_flush_lsn)::int8 \
-             FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .map_err(|e| format!("reading pg_replication_slots: {e}"))?;
-    Ok(rows.first().map(|r| SlotState {
-        plugin: r.get(0),
-        logical: r.get(1),
-        here: r.get(2),
-        active_pid: r.get(3),
-        wal_status: r.get(4),
-        restart_lsn: r.get(5),
-        confirmed_flush: r.get(6),
-        current: r.get(7),
-        retained: r.get(8),
-        unconfirmed: r.get(9),
-    }))
-}
-
-impl SlotState {
-    fn detail(&self, slot: &str) -> Value {
-        json!({
-            "slot": slot,
-            "wal_status": self.wal_status,
-            "retained_wal_bytes": self.retained,
-            "restart_lsn": self.restart_lsn,
-            "confirmed_flush_lsn": self.confirmed_flush,
-            "current_wal_lsn": self.current,
-            "active_pid": self.active_pid,
-        })
-    }
-}
-
-/// The record of the slot this connector created (`<name>/slot` in `_asp.connectors`):
-/// its name and consistent point.
-fn slot_record_key(ctx: &Ctx) -> String {
-    format!("{}/slot", ctx.connector.name)
-}
-
-fn slot_record(ctx: &Ctx) -> Option<(String, String)> {
-    let ns = Namespace::new(POSITIONS_NAMESPACE).expect("a valid name");
-    let state = ctx.store.get(&ns, &slot_record_key(ctx)).ok()??;
-    let v: Value = serde_json::from_slice(&state.value?.bytes).ok()?;
-    Some((
-        v["slot"].as_str()?.to_owned(),
-        v["consistent_point"].as_str()?.to_owned(),
-    ))
-}
-
-async fn save_slot_record(ctx: &Ctx, consistent_point: &str) -> Result<(), String> {
-    let ns = Namespace::new(POSITIONS_NAMESPACE).expect("a valid name");
-    let key = Key::new(&slot_record_key(ctx)).map_err(|e| e.to_string())?;
-    let record = json!({
-        "slot": ctx.connector.slot,
-        "consistent_point": consistent_point,
-        "created_ms": asp_store::clock::wall_ms(),
-        "node": ctx.node.to_string(),
-    });
-    let op = WriteOp::put(
-        key,
-        ContentType::Json,
-        serde_json::to_vec(&record).expect("JSON"),
-    );
-    loop {
-        match ctx.store.write(ns.clone(), vec![op.clone()]).await {
-            Ok(_) => return Ok(()),
-            Err(asp_store::WriteError::Overloaded { .. }) if !ctx.shutdown.is_cancelled() => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => return Err(format!("recording the new slot: {e}")),
-        }
-    }
-}
-
 /// The initial snapshot being read.
 struct Snapshot {
     /// The slot's consistent point: snapshot rows are at (it - 1, row number).
@@ -526,6 +212,8 @@ struct Snapshot {
 
 pub(crate) struct PostgresSource {
     ctx: Arc<Ctx>,
+    /// Where the slot's state is shown.
+    side: Arc<Side>,
     /// The snapshot's transaction.
     sql: Client,
     /// Status queries.
@@ -550,7 +238,11 @@ pub(crate) struct PostgresSource {
     notes: Map<String, Value>,
 }
 
-pub(crate) async fn source(ctx: Arc<Ctx>, applied: Progress) -> Result<PostgresSource, String> {
+pub(crate) async fn source(
+    ctx: Arc<Ctx>,
+    side: Arc<Side>,
+    applied: Progress,
+) -> Result<PostgresSource, String> {
     let c = &ctx.connector;
     let stored = applied.ordered();
     let sql = connect_sql(&ctx).await?;
@@ -562,9 +254,7 @@ pub(crate) async fn source(ctx: Arc<Ctx>, applied: Progress) -> Result<PostgresS
     ensure_publication(&sql, &c.publication, &c.tables).await?;
     let slot = slot_state(&status, &c.slot).await?;
     let mut notes = Map::new();
-    set_detail(
-        &c.name,
-        "in",
+    side.set_detail(
         slot.as_ref()
             .map_or(json!({"slot": c.slot, "exists": false}), |s| {
                 s.detail(&c.slot)
@@ -721,6 +411,7 @@ pub(crate) async fn source(ctx: Arc<Ctx>, applied: Progress) -> Result<PostgresS
     }
     Ok(PostgresSource {
         ctx,
+        side,
         sql,
         status,
         stream,
@@ -1164,7 +855,7 @@ impl PostgresSource {
         for (k, v) in &self.notes {
             detail[k] = v.clone();
         }
-        set_detail(&c.name, "in", detail);
+        self.side.set_detail(detail);
     }
 }
 
@@ -1227,211 +918,13 @@ impl Source for PostgresSource {
     }
 }
 
-pub(crate) struct PostgresSink {
-    ctx: Arc<Ctx>,
-    sql: Client,
-}
-
-pub(crate) async fn sink(ctx: Arc<Ctx>) -> Result<PostgresSink, String> {
-    let sql = connect_sql(&ctx).await?;
-    let table = &ctx.connector.table;
-    sql.batch_execute(&format!(
-        "CREATE TABLE IF NOT EXISTS {table} (key text PRIMARY KEY, value jsonb, version text, origin text)"
-    ))
-    .await
-    .map_err(|e| format!("creating table {table}: {e}"))?;
-    set_detail(&ctx.connector.name, "out", json!({"table": table}));
-    Ok(PostgresSink { ctx, sql })
-}
-
-/// A value as JSON text for a `jsonb` column: JSON as it is, text as a JSON string,
-/// other content types as JSON when they convert, else `{"base64": ...}`.
-fn json_text(ct: ContentType, v: &[u8]) -> String {
-    match ct {
-        ContentType::Json => String::from_utf8_lossy(v).into_owned(),
-        ContentType::Text => crate::runtime::text_or_base64(ct, v).to_string(),
-        _ => match asp_http::formats::convert(v, ct, ContentType::Json) {
-            Ok(j) => String::from_utf8_lossy(&j).into_owned(),
-            Err(_) => crate::runtime::text_or_base64(ct, v).to_string(),
-        },
-    }
-}
-
-impl Sink for PostgresSink {
-    async fn send(&mut self, batch: &[OutMessage]) -> Result<Undelivered, String> {
-        let table = &self.ctx.connector.table;
-        let mut undelivered = Vec::new();
-        // One transaction: only each key's last change of the batch matters.
-        let mut last: HashMap<&str, usize> = HashMap::new();
-        for (i, m) in batch.iter().enumerate() {
-            last.insert(&m.key, i);
-        }
-        let (mut keys, mut values, mut versions, mut origins, mut deleted) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (i, m) in batch.iter().enumerate() {
-            if last[m.key.as_str()] != i {
-                continue;
-            }
-            match &m.value {
-                Some((ct, v)) => {
-                    let text = json_text(*ct, v);
-                    // jsonb refuses the NUL character.
-                    if text.contains("\\u0000") {
-                        undelivered.push((i, "jsonb cannot hold the character U+0000".to_owned()));
-                        continue;
-                    }
-                    keys.push(m.key.clone());
-                    values.push(text);
-                    versions.push(m.hlc.to_string());
-                    origins.push(m.dot.origin.to_string());
-                }
-                None => deleted.push(m.key.clone()),
-            }
-        }
-        let tx = self
-            .sql
-            .transaction()
-            .await
-            .map_err(|e| format!("BEGIN on {table}: {e}"))?;
-        if !keys.is_empty() {
-            tx.execute(
-                &format!(
-                    "INSERT INTO {table} (key, value, version, origin) \
-                     SELECT k, v::jsonb, ver, o FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(k, v, ver, o) \
-                     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, version = EXCLUDED.version, origin = EXCLUDED.origin"
-                ),
-                &[&keys, &values, &versions, &origins],
-            )
-            .await
-            .map_err(|e| format!("upserting into {table}: {e}"))?;
-        }
-        if !deleted.is_empty() {
-            tx.execute(
-                &format!("DELETE FROM {table} WHERE key = ANY($1::text[])"),
-                &[&deleted],
-            )
-            .await
-            .map_err(|e| format!("deleting from {table}: {e}"))?;
-        }
-        tx.commit()
-            .await
-            .map_err(|e| format!("COMMIT on {table}: {e}"))?;
-        Ok(undelivered)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn text_becomes_json_by_type() {
-        assert_eq!(to_json(16, "t"), json!(true));
-        assert_eq!(to_json(16, "f"), json!(false));
-        assert_eq!(to_json(23, "-42"), json!(-42));
-        assert_eq!(to_json(20, "9223372036854775807"), json!(i64::MAX));
-        assert_eq!(to_json(701, "1.5"), json!(1.5));
-        assert_eq!(to_json(701, "NaN"), json!("NaN"));
-        assert_eq!(to_json(1700, "12.25"), json!(12.25));
-        assert_eq!(
-            to_json(1700, "12345678901234567890.5"),
-            json!("12345678901234567890.5"),
-            "more digits than a double holds: text"
-        );
-        assert_eq!(to_json(3802, r#"{"a": [1]}"#), json!({"a": [1]}));
-        assert_eq!(to_json(114, "[1, 2]"), json!([1, 2]));
-        assert_eq!(to_json(25, "hello"), json!("hello"));
-        assert_eq!(
-            to_json(1184, "2024-01-01 00:00:00+00"),
-            json!("2024-01-01 00:00:00+00")
-        );
-    }
-
-    #[test]
     fn keys_join_the_primary_key_with_slashes() {
         assert_eq!(row_key("public.t", ["42"]), "public.t/42");
         assert_eq!(row_key("s.t", ["a/b", "50%"]), "s.t/a%2Fb/50%25");
-    }
-
-    fn tuple(cols: &[Option<&str>]) -> Vec<u8> {
-        let mut b = (cols.len() as u16).to_be_bytes().to_vec();
-        for c in cols {
-            match c {
-                None => b.push(b'n'),
-                Some("\u{0}u") => b.push(b'u'),
-                Some(t) => {
-                    b.push(b't');
-                    b.extend((t.len() as u32).to_be_bytes());
-                    b.extend(t.as_bytes());
-                }
-            }
-        }
-        b
-    }
-
-    #[test]
-    fn pgoutput_messages_decode() {
-        let mut rel = vec![b'R'];
-        rel.extend(7u32.to_be_bytes());
-        rel.extend(b"public\0items\0d");
-        rel.extend(2u16.to_be_bytes());
-        for (name, oid) in [("id", 23u32), ("body", 25)] {
-            rel.push(1);
-            rel.extend(name.as_bytes());
-            rel.push(0);
-            rel.extend(oid.to_be_bytes());
-            rel.extend((-1i32).to_be_bytes());
-        }
-        assert_eq!(
-            decode(&rel).unwrap(),
-            Change::Relation {
-                id: 7,
-                name: "public.items".into(),
-                columns: vec![("id".into(), 23), ("body".into(), 25)],
-            }
-        );
-        let mut ins = vec![b'I'];
-        ins.extend(7u32.to_be_bytes());
-        ins.push(b'N');
-        ins.extend(tuple(&[Some("1"), None]));
-        assert_eq!(
-            decode(&ins).unwrap(),
-            Change::Insert {
-                rel: 7,
-                new: vec![Datum::Text("1".into()), Datum::Null]
-            }
-        );
-        let mut upd = vec![b'U'];
-        upd.extend(7u32.to_be_bytes());
-        upd.push(b'K');
-        upd.extend(tuple(&[Some("1"), None]));
-        upd.push(b'N');
-        upd.extend(tuple(&[Some("2"), Some("\u{0}u")]));
-        assert_eq!(
-            decode(&upd).unwrap(),
-            Change::Update {
-                rel: 7,
-                old: Some(vec![Datum::Text("1".into()), Datum::Null]),
-                new: vec![Datum::Text("2".into()), Datum::Unchanged],
-            }
-        );
-        let mut del = vec![b'D'];
-        del.extend(7u32.to_be_bytes());
-        del.push(b'K');
-        del.extend(tuple(&[Some("2"), None]));
-        assert!(matches!(
-            decode(&del).unwrap(),
-            Change::Delete { rel: 7, .. }
-        ));
-        let mut trunc = vec![b'T'];
-        trunc.extend(2u32.to_be_bytes());
-        trunc.push(0);
-        trunc.extend(7u32.to_be_bytes());
-        trunc.extend(8u32.to_be_bytes());
-        assert_eq!(
-            decode(&trunc).unwrap(),
-            Change::Truncate { rels: vec![7, 8] }
-        );
-        assert!(decode(&ins[..8]).is_err(), "a cut message is an error");
     }
 }
