@@ -14,19 +14,12 @@ use std::time::Duration;
 use asp_faultnet::Proxy;
 use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
-use common::{Node, eventually, wait_until};
+use common::{
+    Node, connector, eventually, in_side_running, put_json, start, unique, values, wait_until,
+};
 
 const NATS: &str = "127.0.0.1:4222";
 const REDIS: &str = "redis://127.0.0.1:6379";
-
-/// A name no other run uses.
-fn unique() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{}{}", std::process::id(), nanos % 1_000_000_000)
-}
 
 /// A test's JetStream subject and stream, and its Redis stream key.
 fn names(test: &str, id: &str) -> (String, String, String) {
@@ -51,11 +44,8 @@ async fn clean_up(
 /// Waits until the in sides of connectors `js` and `rs` run (they create the stream
 /// and the consumer group).
 async fn both_in_sides_running(node: &Node) {
-    wait_until("both in sides running", Duration::from_secs(30), || async {
-        connector(node, "js").await["in"]["state"] == "running"
-            && connector(node, "rs").await["in"]["state"] == "running"
-    })
-    .await;
+    in_side_running(node, "js").await;
+    in_side_running(node, "rs").await;
 }
 
 async fn jetstream() -> jetstream::Context {
@@ -71,14 +61,6 @@ async fn redis() -> redis::aio::MultiplexedConnection {
         .get_multiplexed_async_connection()
         .await
         .expect("the Redis server on 127.0.0.1:6379 runs on every machine")
-}
-
-/// Writes the configuration file and returns the flags that start a node with it.
-fn config(dir: &std::path::Path, toml: &str) -> Vec<String> {
-    std::fs::create_dir_all(dir).unwrap();
-    let path = dir.join("asp.toml");
-    std::fs::write(&path, toml).unwrap();
-    vec!["--config".into(), path.display().to_string()]
 }
 
 fn nats_connector(
@@ -98,47 +80,6 @@ fn redis_connector(name: &str, direction: &str, ns: &str, url: &str, stream: &st
     format!(
         "[[connectors]]\nname = \"{name}\"\nkind = \"redis-stream\"\ndirection = \"{direction}\"\nnamespace = \"{ns}\"\nurl = \"{url}\"\nstream = \"{stream}\"\n\n"
     )
-}
-
-async fn start(dir: &std::path::Path, toml: &str) -> Node {
-    let flags = config(&dir.with_extension("conf"), toml);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    Node::start(dir, &flags).await
-}
-
-/// `GET /v1/connectors`: the named connector's entry.
-async fn connector(node: &Node, name: &str) -> serde_json::Value {
-    let answer = node
-        .client()
-        .send(axum::http::Method::GET, "/v1/connectors", &[], Bytes::new())
-        .await
-        .unwrap()
-        .ok()
-        .unwrap()
-        .json()
-        .unwrap();
-    answer["connectors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("no connector {name} in {answer}"))
-        .clone()
-}
-
-async fn put_json(node: &Node, ns: &str, key: &str, json: &str) -> String {
-    let w = node
-        .client()
-        .put(
-            ns,
-            key,
-            "application/json",
-            Bytes::from(json.to_owned()),
-            None,
-        )
-        .await
-        .unwrap();
-    w["version"].as_str().unwrap().to_owned()
 }
 
 /// Every message of a JetStream stream, in order.
@@ -216,15 +157,6 @@ async fn xadd(con: &mut redis::aio::MultiplexedConnection, key: &str, fields: &[
         cmd.arg(*k).arg(*v);
     }
     let _: String = cmd.query_async(con).await.unwrap();
-}
-
-/// The live keys of a namespace and their values as JSON text.
-async fn values(node: &Node, ns: &str) -> HashMap<String, String> {
-    common::digest(&node.client(), ns)
-        .await
-        .into_iter()
-        .map(|(k, _, v)| (k, v))
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

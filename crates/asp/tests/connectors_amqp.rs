@@ -8,12 +8,12 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use asp_faultnet::Proxy;
 use bytes::Bytes;
-use common::{Node, eventually, wait_until};
+use common::{connector, eventually, in_side_running, put_json, start, unique, values, wait_until};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
@@ -27,15 +27,6 @@ const RABBITMQ: &str = "127.0.0.1:5672";
 
 /// Taken shared by every test, and exclusively by the one that restarts the broker.
 static BROKER: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
-
-/// A name no other run uses.
-fn unique() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{}{}", std::process::id(), nanos % 1_000_000_000)
-}
 
 /// A test's exchange and queue.
 fn names(test: &str) -> (String, String) {
@@ -150,6 +141,38 @@ async fn publish(ch: &Channel, exchange: &str, routing_key: &str, body: &[u8], p
     assert!(confirm.is_ack());
 }
 
+/// Publishes messages `0..count` with publisher confirms (the channel must have them
+/// on), awaited a thousand at a time. Message `i` has body `i`, routing key `{prefix}{i}`
+/// and properties `p`, plus message_id `m{i}` when `i` is even.
+async fn publish_many(ch: &Channel, exchange: &str, prefix: &str, count: u64, p: BasicProperties) {
+    let mut confirms = Vec::new();
+    for i in 0..count {
+        let mut p = p.clone();
+        if i % 2 == 0 {
+            p = p.with_message_id(format!("m{i}").into());
+        }
+        confirms.push(
+            ch.basic_publish(
+                exchange.into(),
+                format!("{prefix}{i}").into(),
+                BasicPublishOptions::default(),
+                i.to_string().as_bytes(),
+                p,
+            )
+            .await
+            .unwrap(),
+        );
+        if confirms.len() == 1000 {
+            for c in confirms.drain(..) {
+                assert!(c.await.unwrap().is_ack());
+            }
+        }
+    }
+    for c in confirms {
+        assert!(c.await.unwrap().is_ack());
+    }
+}
+
 fn headers(pairs: &[(&str, &str)]) -> FieldTable {
     let mut t = FieldTable::default();
     for (k, v) in pairs {
@@ -176,65 +199,6 @@ fn connector_toml(name: &str, direction: &str, ns: &str, url: &str, settings: &s
     format!(
         "[[connectors]]\nname = \"{name}\"\nkind = \"amqp\"\ndirection = \"{direction}\"\nnamespace = \"{ns}\"\nurl = \"amqp://guest:guest@{url}\"\n{settings}\n"
     )
-}
-
-async fn start(dir: &std::path::Path, toml: &str) -> Node {
-    let conf = dir.with_extension("conf");
-    std::fs::create_dir_all(&conf).unwrap();
-    let path = conf.join("asp.toml");
-    std::fs::write(&path, toml).unwrap();
-    Node::start(dir, &["--config", path.to_str().unwrap()]).await
-}
-
-/// `GET /v1/connectors`: the named connector's entry.
-async fn connector(node: &Node, name: &str) -> serde_json::Value {
-    let answer = node
-        .client()
-        .send(axum::http::Method::GET, "/v1/connectors", &[], Bytes::new())
-        .await
-        .unwrap()
-        .ok()
-        .unwrap()
-        .json()
-        .unwrap();
-    answer["connectors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("no connector {name} in {answer}"))
-        .clone()
-}
-
-async fn in_side_running(node: &Node, name: &str) {
-    wait_until("the in side running", Duration::from_secs(30), || async {
-        connector(node, name).await["in"]["state"] == "running"
-    })
-    .await;
-}
-
-async fn put_json(node: &Node, ns: &str, key: &str, json: &str) -> String {
-    let w = node
-        .client()
-        .put(
-            ns,
-            key,
-            "application/json",
-            Bytes::from(json.to_owned()),
-            None,
-        )
-        .await
-        .unwrap();
-    w["version"].as_str().unwrap().to_owned()
-}
-
-/// The live keys of a namespace and their values as JSON text.
-async fn values(node: &Node, ns: &str) -> HashMap<String, String> {
-    common::digest(&node.client(), ns)
-        .await
-        .into_iter()
-        .map(|(k, _, v)| (k, v))
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -630,32 +594,7 @@ async fn sigkills_in_the_middle_of_an_ingest_apply_every_message_once() {
     declare_bound_queue(&ch, &queue, &exchange, "kill.#").await;
     // The messages are in the queue before asp starts: half with a message_id, half
     // without (their identity is a hash of their content).
-    let mut confirms = Vec::new();
-    for i in 0..total {
-        let mut p = BasicProperties::default();
-        if i % 2 == 0 {
-            p = p.with_message_id(format!("m{i}").into());
-        }
-        confirms.push(
-            ch.basic_publish(
-                exchange.as_str().into(),
-                format!("kill.k{i}").into(),
-                BasicPublishOptions::default(),
-                i.to_string().as_bytes(),
-                p,
-            )
-            .await
-            .unwrap(),
-        );
-        if confirms.len() == 1000 {
-            for c in confirms.drain(..) {
-                assert!(c.await.unwrap().is_ack());
-            }
-        }
-    }
-    for c in confirms {
-        assert!(c.await.unwrap().is_ack());
-    }
+    publish_many(&ch, &exchange, "kill.k", total, BasicProperties::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let toml = connector_toml(
         "mq",
@@ -920,32 +859,8 @@ async fn a_broker_restart_in_the_middle_of_an_ingest_loses_and_doubles_nothing()
     declare_bound_queue(&ch, &queue, &exchange, "restart.#").await;
     declare_bound_queue(&ch, &observer, &exchange, "restart.#").await;
     // Persistent messages from a client (half with a message_id).
-    let mut confirms = Vec::new();
-    for i in 0..CLIENT {
-        let mut p = BasicProperties::default().with_delivery_mode(2);
-        if i % 2 == 0 {
-            p = p.with_message_id(format!("m{i}").into());
-        }
-        confirms.push(
-            ch.basic_publish(
-                exchange.as_str().into(),
-                format!("restart.c{i}").into(),
-                BasicPublishOptions::default(),
-                i.to_string().as_bytes(),
-                p,
-            )
-            .await
-            .unwrap(),
-        );
-        if confirms.len() == 1000 {
-            for c in confirms.drain(..) {
-                assert!(c.await.unwrap().is_ack());
-            }
-        }
-    }
-    for c in confirms {
-        assert!(c.await.unwrap().is_ack());
-    }
+    let persistent = BasicProperties::default().with_delivery_mode(2);
+    publish_many(&ch, &exchange, "restart.c", CLIENT, persistent).await;
     let node = start(&dir.path().join("a"), &toml).await;
     let mut expected = HashSet::new();
     for i in 0..20 {

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use asp_faultnet::Proxy;
 use bytes::Bytes;
-use common::{Node, eventually, wait_until};
+use common::{
+    Node, connector, eventually, in_side_running, put_json, start, unique, values, wait_until,
+};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -121,78 +123,10 @@ impl Drop for Tansu {
     }
 }
 
-/// A name no other run uses.
-fn unique() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{}{}", std::process::id(), nanos % 1_000_000_000)
-}
-
 fn kafka_connector(name: &str, direction: &str, ns: &str, brokers: &str, topic: &str) -> String {
     format!(
         "[[connectors]]\nname = \"{name}\"\nkind = \"kafka\"\ndirection = \"{direction}\"\nnamespace = \"{ns}\"\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\n\n"
     )
-}
-
-async fn start(dir: &std::path::Path, toml: &str) -> Node {
-    let conf = dir.with_extension("conf");
-    std::fs::create_dir_all(&conf).unwrap();
-    let path = conf.join("asp.toml");
-    std::fs::write(&path, toml).unwrap();
-    Node::start(dir, &["--config", &path.display().to_string()]).await
-}
-
-/// `GET /v1/connectors`: the named connector's entry.
-async fn connector(node: &Node, name: &str) -> serde_json::Value {
-    let answer = node
-        .client()
-        .send(axum::http::Method::GET, "/v1/connectors", &[], Bytes::new())
-        .await
-        .unwrap()
-        .ok()
-        .unwrap()
-        .json()
-        .unwrap();
-    answer["connectors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("no connector {name} in {answer}"))
-        .clone()
-}
-
-async fn in_side_running(node: &Node, name: &str) {
-    wait_until("the in side running", Duration::from_secs(60), || async {
-        connector(node, name).await["in"]["state"] == "running"
-    })
-    .await;
-}
-
-async fn put_json(node: &Node, ns: &str, key: &str, json: &str) -> String {
-    let w = node
-        .client()
-        .put(
-            ns,
-            key,
-            "application/json",
-            Bytes::from(json.to_owned()),
-            None,
-        )
-        .await
-        .unwrap();
-    w["version"].as_str().unwrap().to_owned()
-}
-
-/// The live keys of a namespace and their values as JSON text.
-async fn values(node: &Node, ns: &str) -> HashMap<String, String> {
-    common::digest(&node.client(), ns)
-        .await
-        .into_iter()
-        .map(|(k, _, v)| (k, v))
-        .collect()
 }
 
 async fn create_topic(brokers: &str, topic: &str, partitions: i32) {

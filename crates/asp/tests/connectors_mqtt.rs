@@ -14,22 +14,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use common::{Node, eventually, wait_until};
+use common::{connector, eventually, in_side_running, put, start, unique, values, wait_until};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
 
 /// The broker every machine runs.
 const MOSQUITTO_PORT: u16 = 1883;
-
-/// A name no other run uses.
-fn unique() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{}{}", std::process::id(), nanos % 1_000_000_000)
-}
 
 fn mqtt_connector(
     name: &str,
@@ -42,59 +32,6 @@ fn mqtt_connector(
     format!(
         "[[connectors]]\nname = \"{name}\"\nkind = \"mqtt\"\ndirection = \"{direction}\"\nnamespace = \"{ns}\"\nurl = \"mqtt://127.0.0.1:{port}\"\ntopic = \"{topic}\"\n{extra}\n"
     )
-}
-
-async fn start(dir: &Path, toml: &str) -> Node {
-    let conf = dir.with_extension("conf");
-    std::fs::create_dir_all(&conf).unwrap();
-    let path = conf.join("asp.toml");
-    std::fs::write(&path, toml).unwrap();
-    Node::start(dir, &["--config", path.to_str().unwrap()]).await
-}
-
-/// `GET /v1/connectors`: the named connector's entry.
-async fn connector(node: &Node, name: &str) -> serde_json::Value {
-    let answer = node
-        .client()
-        .send(axum::http::Method::GET, "/v1/connectors", &[], Bytes::new())
-        .await
-        .unwrap()
-        .ok()
-        .unwrap()
-        .json()
-        .unwrap();
-    answer["connectors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("no connector {name} in {answer}"))
-        .clone()
-}
-
-async fn put(node: &Node, ns: &str, key: &str, content_type: &str, value: &str) -> String {
-    let w = node
-        .client()
-        .put(ns, key, content_type, Bytes::from(value.to_owned()), None)
-        .await
-        .unwrap();
-    w["version"].as_str().unwrap().to_owned()
-}
-
-/// The live keys of a namespace and their values as JSON text.
-async fn values(node: &Node, ns: &str) -> HashMap<String, String> {
-    common::digest(&node.client(), ns)
-        .await
-        .into_iter()
-        .map(|(k, _, v)| (k, v))
-        .collect()
-}
-
-async fn in_running(node: &Node, name: &str) {
-    wait_until("the in side running", Duration::from_secs(30), || async {
-        connector(node, name).await["in"]["state"] == "running"
-    })
-    .await;
 }
 
 /// A plain MQTT 5 client of the test (rumqttc), its event loop polled by a task that
@@ -448,7 +385,7 @@ async fn messages_of_plain_mqtt_5_and_3_1_1_clients_land_in_asp() {
     let dir = tempfile::tempdir().unwrap();
     let toml = mqtt_connector("mq", "in", "m", MOSQUITTO_PORT, &prefix, "");
     let node = start(&dir.path().join("a"), &toml).await;
-    in_running(&node, "mq").await;
+    in_side_running(&node, "mq").await;
 
     // MQTT 5: JSON without a content type, text with one, keys escaped and with
     // levels, and a delete by the asp-op property.
@@ -559,7 +496,7 @@ async fn both_ways_take_client_messages_and_never_echo() {
     let dir = tempfile::tempdir().unwrap();
     let toml = mqtt_connector("mq", "both", "b", MOSQUITTO_PORT, &prefix, "");
     let node = start(&dir.path().join("a"), &toml).await;
-    in_running(&node, "mq").await;
+    in_side_running(&node, "mq").await;
 
     const FROM_ASP: usize = 30;
     const FROM_CLIENTS: usize = 40;
@@ -643,7 +580,7 @@ async fn a_sigkill_in_the_middle_of_an_ingest_applies_every_message_once() {
     // window (docs: "Limits").
     let toml = mqtt_connector("mq", "in", "k", broker.port, &prefix, "batch = 1000");
     let mut node = start(&dir.path().join("a"), &toml).await;
-    in_running(&node, "mq").await;
+    in_side_running(&node, "mq").await;
     // The session and its subscription exist: with asp gone, the broker queues every
     // message for it.
     node.kill();
@@ -736,7 +673,7 @@ async fn a_broker_restart_loses_nothing_either_way() {
     .await;
     let toml = mqtt_connector("mq", "both", "r", broker.port, &prefix, "retain = true");
     let node = start(&dir.path().join("a"), &toml).await;
-    in_running(&node, "mq").await;
+    in_side_running(&node, "mq").await;
     let client = Client5::connect(broker.port, &format!("asptest-pub-{id}"), None).await;
     let mut dots = HashMap::new();
     for i in 0..20 {

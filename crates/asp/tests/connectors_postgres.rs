@@ -6,12 +6,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Node, wait_until};
+use common::{Node, connector, json_values, start, wait_until};
 use tokio_postgres::{Client, NoTls};
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
@@ -123,19 +123,6 @@ impl Drop for Pg {
     }
 }
 
-fn config(dir: &Path, toml: &str) -> Vec<String> {
-    std::fs::create_dir_all(dir).unwrap();
-    let path = dir.join("asp.toml");
-    std::fs::write(&path, toml).unwrap();
-    vec!["--config".into(), path.display().to_string()]
-}
-
-async fn start(dir: &Path, toml: &str) -> Node {
-    let flags = config(&dir.with_extension("conf"), toml);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    Node::start(dir, &flags).await
-}
-
 /// An in connector of `tables` into `ns`.
 fn pg_in(name: &str, ns: &str, url: &str, tables: &[&str]) -> String {
     let tables = tables
@@ -146,34 +133,6 @@ fn pg_in(name: &str, ns: &str, url: &str, tables: &[&str]) -> String {
     format!(
         "[[connectors]]\nname = \"{name}\"\nkind = \"postgres\"\ndirection = \"in\"\nnamespace = \"{ns}\"\nurl = \"{url}\"\npublication = \"asp_{name}\"\nslot = \"asp_{name}\"\ntables = [{tables}]\n\n"
     )
-}
-
-/// `GET /v1/connectors`: the named connector's entry.
-async fn connector(node: &Node, name: &str) -> serde_json::Value {
-    let answer = node
-        .client()
-        .send(axum::http::Method::GET, "/v1/connectors", &[], Bytes::new())
-        .await
-        .unwrap()
-        .ok()
-        .unwrap()
-        .json()
-        .unwrap();
-    answer["connectors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("no connector {name} in {answer}"))
-        .clone()
-}
-
-async fn values(node: &Node, ns: &str) -> std::collections::HashMap<String, serde_json::Value> {
-    common::digest(&node.client(), ns)
-        .await
-        .into_iter()
-        .map(|(k, _, v)| (k, serde_json::from_str(&v).unwrap()))
-        .collect()
 }
 
 /// Waits until `ns` holds `n` events; fails with the connector's status if not within
@@ -259,7 +218,7 @@ async fn a_snapshot_then_the_stream_bring_every_row_once() {
     .await;
     let status = connector(&node, "cdc").await;
     assert_eq!(events(&node, "pg").await, 100_002, "once each: {status}");
-    let v = values(&node, "pg").await;
+    let v = json_values(&node, "pg").await;
     assert_eq!(v.len(), 99_999, "100,000 keys, one deleted");
     assert_eq!(
         *item(&v, 5),
@@ -362,7 +321,7 @@ async fn asp_down_for_a_while_resumes_from_its_lsn() {
         60_020,
         "nothing doubled: {status}"
     );
-    let v = values(&node, "pg").await;
+    let v = json_values(&node, "pg").await;
     assert_eq!(v.len(), 59_990, "nothing lost");
     assert_eq!(item(&v, 3)["body"], "while down");
     assert_eq!(item(&v, 59_000)["body"], "row 59000");
@@ -447,7 +406,7 @@ async fn a_sigkill_in_the_middle_of_an_ingest_applies_every_change_once() {
     let status = connector(&node, "kill").await;
     // Once each: a change applied twice would be two events of its key.
     assert_eq!(events(&node, "pg").await, expected, "{status}");
-    let v = values(&node, "pg").await;
+    let v = json_values(&node, "pg").await;
     assert_eq!(v.len() as i64, total);
     for i in (0..total).step_by(997) {
         let n = item(&v, i)["n"].as_i64().unwrap();

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -426,4 +427,96 @@ pub fn refused_at_start(dir: &Path, name: &str, toml: &str) -> String {
         "{name}: asp serve started:\n{stderr}"
     );
     stderr
+}
+
+/// A name no other run uses, for a test's streams, topics and queues on a shared broker.
+pub fn unique() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{}{}", std::process::id(), nanos % 1_000_000_000)
+}
+
+/// Starts a node with configuration `toml`, written as `asp.toml` in a directory beside
+/// the data directory `dir`.
+pub async fn start(dir: &Path, toml: &str) -> Node {
+    let conf = dir.with_extension("conf");
+    std::fs::create_dir_all(&conf).unwrap();
+    let path = conf.join("asp.toml");
+    std::fs::write(&path, toml).unwrap();
+    Node::start(dir, &["--config", path.to_str().unwrap()]).await
+}
+
+/// `GET /v1/connectors`: the named connector's entry.
+pub async fn connector(node: &Node, name: &str) -> serde_json::Value {
+    let answer = node
+        .client()
+        .send(
+            axum::http::Method::GET,
+            "/v1/connectors",
+            &[],
+            bytes::Bytes::new(),
+        )
+        .await
+        .unwrap()
+        .ok()
+        .unwrap()
+        .json()
+        .unwrap();
+    answer["connectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no connector {name} in {answer}"))
+        .clone()
+}
+
+/// Waits (up to 60 s) until the named connector's in side runs.
+pub async fn in_side_running(node: &Node, name: &str) {
+    let what = format!("the in side of {name} running");
+    wait_until(&what, Duration::from_secs(60), || async {
+        connector(node, name).await["in"]["state"] == "running"
+    })
+    .await;
+}
+
+/// Writes `value` with its content type: the version written.
+pub async fn put(node: &Node, ns: &str, key: &str, content_type: &str, value: &str) -> String {
+    let w = node
+        .client()
+        .put(
+            ns,
+            key,
+            content_type,
+            bytes::Bytes::from(value.to_owned()),
+            None,
+        )
+        .await
+        .unwrap();
+    w["version"].as_str().unwrap().to_owned()
+}
+
+/// Writes a JSON value: the version written.
+pub async fn put_json(node: &Node, ns: &str, key: &str, json: &str) -> String {
+    put(node, ns, key, "application/json", json).await
+}
+
+/// The live keys of a namespace and their values as JSON text.
+pub async fn values(node: &Node, ns: &str) -> HashMap<String, String> {
+    digest(&node.client(), ns)
+        .await
+        .into_iter()
+        .map(|(k, _, v)| (k, v))
+        .collect()
+}
+
+/// The live keys of a namespace and their values, parsed.
+pub async fn json_values(node: &Node, ns: &str) -> HashMap<String, serde_json::Value> {
+    values(node, ns)
+        .await
+        .into_iter()
+        .map(|(k, v)| (k, serde_json::from_str(&v).unwrap()))
+        .collect()
 }
