@@ -631,3 +631,87 @@ async fn a_missing_slot_with_a_stored_position_is_a_loud_error() {
     assert_eq!(events(&node, "pg").await, 20, "nothing taken again");
     assert!(node.log().contains("is missing"), "logged");
 }
+
+/// The slot is told a change was applied only once asp wrote it: while asp refuses the
+/// rows (the namespace takes counter operations, not values), attempt after attempt,
+/// the slot's confirmed LSN stays before the first transaction's commit; once asp takes
+/// them, every row arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_is_confirmed_to_the_slot_only_after_asp_wrote_it() {
+    let pg = Pg::start();
+    let mut sql = pg.client().await;
+    sql.batch_execute(ITEMS).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // One fetch takes the whole transaction, its commit included, and the next one
+    // waits a second for more: each attempt outlives the replication client's next
+    // status update (one a second), which would carry a confirmation made too early.
+    let toml = format!(
+        "{}batch = 1000\n",
+        pg_in("held", "pg", &pg.url(), &["items"])
+    );
+    let node = start(&dir.path().join("a"), &toml).await;
+    wait_until(
+        "the snapshot of the empty table done",
+        Duration::from_secs(60),
+        || async {
+            connector(&node, "held").await["in"]["detail"]["snapshot"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("done"))
+        },
+    )
+    .await;
+    node.client().policy("pg", Some("counter")).await.unwrap();
+    let tx = sql.transaction().await.unwrap();
+    tx.execute(
+        "INSERT INTO items (id, body) SELECT i, 'row ' || i FROM generate_series(0, 499) AS i",
+        &[],
+    )
+    .await
+    .unwrap();
+    // Before the commit record: the slot may be confirmed up to here (a keepalive while
+    // nothing is pending), never past the commit while asp has not written it.
+    let before_commit: i64 = tx
+        .query_one("SELECT (pg_current_wal_insert_lsn() - '0/0')::int8", &[])
+        .await
+        .unwrap()
+        .get(0);
+    tx.commit().await.unwrap();
+    // Attempt after attempt is refused; the slot must not move past the commit.
+    let confirmed = || async {
+        sql.query_one(
+            "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_replication_slots WHERE slot_name = 'asp_held'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let status = connector(&node, "held").await;
+        let at = confirmed().await;
+        assert!(
+            at <= before_commit,
+            "the slot was confirmed to {at}, past the commit at {before_commit}, before asp wrote a row: {status}"
+        );
+        if status["in"]["errors"].as_u64().is_some_and(|e| e >= 3) {
+            assert!(
+                status["in"]["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("counter")),
+                "{status}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "three refused attempts: not within 120s: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(events(&node, "pg").await, 0);
+    node.client().policy("pg", Some("lww")).await.unwrap();
+    rows_in(&node, "held", "pg", 500, 120).await;
+    assert_eq!(events(&node, "pg").await, 500, "once each");
+    assert_eq!(json_values(&node, "pg").await.len(), 500);
+}
