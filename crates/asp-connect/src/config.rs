@@ -763,4 +763,50 @@ mod tests {
         c.stream = Some("s".into());
         assert!(check1(c.clone()).contains("not a setting"));
     }
+
+    #[test]
+    fn kafka_settings_are_checked() {
+        let check1 = |c: ConnectorConfig| check(&[c]).map(|_| ()).unwrap_err();
+        let kafka = || ConnectorConfig {
+            brokers: Some("h1:9092, h2:9093".into()),
+            topic: Some("asp.orders_1-x".into()),
+            ..ConnectorConfig::new("k", Kind::Kafka, Direction::Both, "orders", "")
+        };
+        let c = check(&[kafka()]).unwrap().remove(0);
+        assert_eq!(
+            (c.brokers.as_str(), c.topic.as_str(), c.group.as_str()),
+            ("h1:9092, h2:9093", "asp.orders_1-x", "asp-k"),
+            "the group is asp-<name> by default"
+        );
+        let mut k = kafka();
+        k.group = Some("mine".into());
+        assert_eq!(check(&[k]).unwrap()[0].group, "mine");
+        let mut k = kafka();
+        k.url = "kafka://h:9092".into();
+        assert!(check1(k).contains("not url"));
+        let mut k = kafka();
+        k.brokers = None;
+        assert!(check1(k).contains("needs brokers"));
+        for bad in ["h", "h:", ":9092", "h:99999", "h:1,,h:2", "h:x"] {
+            let mut k = kafka();
+            k.brokers = Some(bad.into());
+            assert!(check1(k).contains("each broker is HOST:PORT"), "{bad}");
+        }
+        for missing in [None, Some(" ".to_owned())] {
+            let mut k = kafka();
+            k.topic = missing;
+            assert!(check1(k).contains("needs topic"));
+        }
+        for bad in ["a b", "a/b", "a*", &"t".repeat(250)] {
+            let mut k = kafka();
+            k.topic = Some(bad.to_owned());
+            assert!(check1(k).contains("a Kafka topic is"), "{bad:?}");
+        }
+        let mut k = kafka();
+        k.topic = Some("t".repeat(249));
+        assert!(check(&[k]).is_ok(), "249 characters is the limit");
+        let mut k = kafka();
+        k.stream = Some("s".into());
+        assert!(check1(k).contains("not a setting"));
+    }
 }
