@@ -35,8 +35,11 @@ const HEARTBEAT_SECS: u16 = 10;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the broker has to confirm a whole batch once it is published.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long `fetch` waits to fill a batch.
+/// How long `fetch` waits for a first message.
 const FETCH_WAIT: Duration = Duration::from_secs(1);
+/// A gap this long in the deliveries ends a fetch early: the broker sends at most the
+/// prefetch window, and a trickle of messages should not wait for a full batch.
+const FETCH_GAP: Duration = Duration::from_millis(10);
 /// The longest routing key AMQP carries (a short string).
 const ROUTING_KEY_BYTES_MAX: usize = 255;
 /// `delivery_mode` of a message the broker writes to disk.
@@ -474,11 +477,14 @@ impl AmqpSource {
 
 impl Source for AmqpSource {
     async fn fetch(&mut self, max: usize) -> Result<Vec<InMessage>, String> {
-        let deadline = tokio::time::Instant::now() + FETCH_WAIT;
         let mut out = Vec::new();
         let mut last_tag = None;
         while out.len() < max {
-            let Ok(next) = tokio::time::timeout_at(deadline, self.consumer.next()).await else {
+            let wait = match out.is_empty() {
+                true => FETCH_WAIT,
+                false => FETCH_GAP,
+            };
+            let Ok(next) = tokio::time::timeout(wait, self.consumer.next()).await else {
                 break;
             };
             let d = match next {
