@@ -9,7 +9,8 @@
 //! group only after asp's write, for lag monitoring.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -320,6 +321,7 @@ pub(crate) struct KafkaSource {
     ctx: Arc<Ctx>,
     /// Per partition, the last offset `fetch` returned (or asp applied at the start).
     last: BTreeMap<i32, i64>,
+    heads: Arc<Heads>,
 }
 
 pub(crate) async fn source(ctx: Arc<Ctx>, applied: Progress) -> Result<KafkaSource, String> {
@@ -346,6 +348,7 @@ pub(crate) async fn source(ctx: Arc<Ctx>, applied: Progress) -> Result<KafkaSour
         consumer: Some(Arc::new(consumer)),
         ctx,
         last,
+        heads: Arc::default(),
     })
 }
 
@@ -485,29 +488,58 @@ impl Source for KafkaSource {
     }
 
     /// The partitions' high watermarks (`partition:offset,...`), and the records past
-    /// what this side read.
+    /// what this side read, as the last query found them. The query (a metadata and a
+    /// watermark request per partition, up to seconds against a slow broker) runs on a
+    /// thread of its own, one at a time, so that it never holds up the ingest: waiting
+    /// for it here cost two thirds of the in side's time against tansu.
     async fn head(&mut self) -> Option<(String, u64)> {
-        let consumer = self.consumer().clone();
-        let topic = self.ctx.connector.topic.clone();
-        let last = self.last.clone();
-        tokio::task::spawn_blocking(move || {
-            let timeout = Duration::from_secs(2);
-            let metadata = consumer.fetch_metadata(Some(&topic), timeout).ok()?;
-            let t = metadata.topics().iter().find(|t| t.name() == topic)?;
-            let mut heads = Vec::new();
-            let mut lag = 0u64;
-            let mut partitions: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
-            partitions.sort_unstable();
-            for p in partitions {
-                let (low, high) = consumer.fetch_watermarks(&topic, p, timeout).ok()?;
-                let next = last.get(&p).map_or(low, |o| o + 1).max(low);
-                lag += high.saturating_sub(next).max(0) as u64;
-                heads.push(format!("{p}:{high}"));
-            }
-            Some((heads.join(","), lag))
-        })
-        .await
-        .ok()
-        .flatten()
+        if !self.heads.querying.swap(true, Ordering::AcqRel) {
+            let consumer = self.consumer().clone();
+            let topic = self.ctx.connector.topic.clone();
+            let last = self.last.clone();
+            let heads = self.heads.clone();
+            tokio::task::spawn_blocking(move || {
+                let found = query_heads(&consumer, &topic, &last);
+                let mut shown = heads.last.lock().unwrap_or_else(PoisonError::into_inner);
+                if found.is_some() {
+                    *shown = found;
+                }
+                heads.querying.store(false, Ordering::Release);
+            });
+        }
+        self.heads
+            .last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
+}
+
+/// What `head` found last, and whether a query is under way.
+#[derive(Default)]
+struct Heads {
+    querying: AtomicBool,
+    last: Mutex<Option<(String, u64)>>,
+}
+
+/// Queries the brokers for the high watermark of each of `topic`'s partitions.
+fn query_heads(
+    consumer: &StreamConsumer<Cx>,
+    topic: &str,
+    last: &BTreeMap<i32, i64>,
+) -> Option<(String, u64)> {
+    let timeout = Duration::from_secs(2);
+    let metadata = consumer.fetch_metadata(Some(topic), timeout).ok()?;
+    let t = metadata.topics().iter().find(|t| t.name() == topic)?;
+    let mut heads = Vec::new();
+    let mut lag = 0u64;
+    let mut partitions: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
+    partitions.sort_unstable();
+    for p in partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, timeout).ok()?;
+        let next = last.get(&p).map_or(low, |o| o + 1).max(low);
+        lag += high.saturating_sub(next).max(0) as u64;
+        heads.push(format!("{p}:{high}"));
+    }
+    Some((heads.join(","), lag))
 }
