@@ -119,9 +119,11 @@ impl Side {
     pub(crate) fn error(&self, what: impl Into<String>) {
         let what = what.into();
         tracing::warn!(connector = %self.labels.connector, side = self.labels.side, error = %what, "connector failure; retrying");
-        self.errors.fetch_add(1, Ordering::Relaxed);
-        self.metrics.errors.get_or_create(&self.labels).inc();
+        // The error before the count, and `json` reads them the other way round: a
+        // status that counts an error always shows one.
         *self.last_error.lock().unwrap() = Some((what, asp_store::clock::wall_ms()));
+        self.errors.fetch_add(1, Ordering::Release);
+        self.metrics.errors.get_or_create(&self.labels).inc();
         self.set_state("retrying");
     }
 
@@ -167,6 +169,7 @@ impl Side {
     }
 
     pub(crate) fn json(&self) -> Value {
+        let errors = self.errors.load(Ordering::Acquire);
         let error = self.last_error.lock().unwrap().clone();
         let mut v = json!({
             "state": *self.state.lock().unwrap(),
@@ -177,7 +180,7 @@ impl Side {
             "duplicates_dropped": self.duplicates.load(Ordering::Relaxed),
             "echoes_dropped": self.echoes.load(Ordering::Relaxed),
             "dead_letters": self.dead_letters.load(Ordering::Relaxed),
-            "errors": self.errors.load(Ordering::Relaxed),
+            "errors": errors,
             "last_error": error.as_ref().map(|(e, _)| e.clone()),
             "last_error_ms": error.map(|(_, at)| at),
         });
