@@ -288,15 +288,7 @@ pub(crate) async fn source(ctx: Arc<Ctx>, applied: Progress) -> Result<AmqpSourc
         // refused as "inequivalent" and the channel closed: it is used as it is, once a
         // passive declaration on a new channel finds it.
         channel = open().await?;
-        channel
-            .queue_declare(
-                short(&c.queue),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+        declare_passive(&channel, &c.queue)
             .await
             .map_err(|_| format!("declaring queue {:?} (durable): {e}", c.queue))?;
     }
@@ -357,6 +349,18 @@ pub(crate) async fn source(ctx: Arc<Ctx>, applied: Progress) -> Result<AmqpSourc
         delivered: 0,
         unacked: VecDeque::new(),
     })
+}
+
+/// Finds queue `queue` as it is (a passive declaration): its counts, or an error if it
+/// is missing.
+async fn declare_passive(channel: &Channel, queue: &str) -> lapin::Result<lapin::Queue> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(short(queue), passive, FieldTable::default())
+        .await
 }
 
 /// A header's value as text.
@@ -514,18 +518,7 @@ impl Source for AmqpSource {
     /// The queue's ready messages (not those delivered and unacknowledged) are the lag.
     async fn head(&mut self) -> Option<(String, u64)> {
         let c = &self.ctx.connector;
-        let q = self
-            .info
-            .queue_declare(
-                short(&c.queue),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .ok()?;
+        let q = declare_passive(&self.info, &c.queue).await.ok()?;
         let ready = u64::from(q.message_count());
         let head = self.applied_before + self.delivered + ready;
         Some((head.to_string(), ready))

@@ -167,32 +167,7 @@ async fn changes_go_out_to_jetstream_and_a_redis_stream_with_their_headers() {
     let toml = nats_connector("js", "out", "orders", NATS, &subject, &stream_name)
         + &redis_connector("rs", "out", "orders", REDIS, &redis_key);
     let node = start(&dir.path().join("a"), &toml).await;
-    let node_id = node.client().status().await.unwrap()["node_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-
-    let v1 = put_json(&node, "orders", "o-1", r#"{"qty":3}"#).await;
-    let v2 = node
-        .client()
-        .put(
-            "orders",
-            "a b/é",
-            "text/plain",
-            Bytes::from_static(b"plain text"),
-            None,
-        )
-        .await
-        .unwrap()["version"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let v3 = node.client().delete("orders", "o-1", None).await.unwrap()["version"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    // Another namespace is not this connector's.
-    put_json(&node, "other", "x", "1").await;
+    let (node_id, [v1, v2, v3]) = common::out_test_changes(&node).await;
 
     let js = jetstream().await;
     wait_until(

@@ -15,7 +15,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use asp_faultnet::Proxy;
-use bytes::Bytes;
 use common::{
     Node, connector, eventually, in_side_running, put_json, start, unique, values, wait_until,
 };
@@ -238,32 +237,7 @@ async fn changes_go_out_as_keyed_records_with_every_header() {
     let topic = format!("out{}", unique());
     let toml = kafka_connector("k", "out", "orders", &tansu.brokers, &topic);
     let node = start(&dir.path().join("a"), &toml).await;
-    let node_id = node.client().status().await.unwrap()["node_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-
-    let v1 = put_json(&node, "orders", "o-1", r#"{"qty":3}"#).await;
-    let v2 = node
-        .client()
-        .put(
-            "orders",
-            "a b/é",
-            "text/plain",
-            Bytes::from_static(b"plain text"),
-            None,
-        )
-        .await
-        .unwrap()["version"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let v3 = node.client().delete("orders", "o-1", None).await.unwrap()["version"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    // Another namespace is not this connector's.
-    put_json(&node, "other", "x", "1").await;
+    let (node_id, [v1, v2, v3]) = common::out_test_changes(&node).await;
 
     // The connector created the topic (with the broker's default partition count).
     let records = read_topic(&tansu.brokers, &topic, 3).await;

@@ -520,3 +520,22 @@ pub async fn json_values(node: &Node, ns: &str) -> HashMap<String, serde_json::V
         .map(|(k, v)| (k, serde_json::from_str(&v).unwrap()))
         .collect()
 }
+
+/// The changes every out connector test makes: in `orders`, a JSON put of `o-1`, a
+/// text put of `a b/é` and the delete of `o-1`; then a put in `other`, which is no
+/// connector's. Returns the node's id and the three versions, in order.
+pub async fn out_test_changes(node: &Node) -> (String, [String; 3]) {
+    let client = node.client();
+    let node_id = client.status().await.unwrap()["node_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let v1 = put_json(node, "orders", "o-1", r#"{"qty":3}"#).await;
+    let v2 = put(node, "orders", "a b/é", "text/plain", "plain text").await;
+    let v3 = client.delete("orders", "o-1", None).await.unwrap()["version"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    put_json(node, "other", "x", "1").await;
+    (node_id, [v1, v2, v3])
+}
