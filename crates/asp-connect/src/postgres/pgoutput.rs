@@ -209,7 +209,8 @@ pub(super) fn decode(data: &[u8]) -> Result<Change, String> {
         b'T' => {
             let n = r.u32()?;
             let _options = r.u8()?;
-            let mut rels = Vec::with_capacity(n as usize);
+            // The count is the server's word: room for no more than the bytes can hold.
+            let mut rels = Vec::with_capacity((n as usize).min(r.0.len() / 4));
             for _ in 0..n {
                 rels.push(r.u32()?);
             }
@@ -326,5 +327,19 @@ mod tests {
             Change::Truncate { rels: vec![7, 8] }
         );
         assert!(decode(&ins[..8]).is_err(), "a cut message is an error");
+    }
+
+    proptest::proptest! {
+        /// Whatever a server sends, decoding ends in a change or an error, never a
+        /// panic or an allocation the bytes do not justify.
+        #[test]
+        fn any_bytes_decode_or_fail(
+            tag in proptest::sample::select(b"RIUDTBCOYMx".to_vec()),
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+        ) {
+            let mut data = vec![tag];
+            data.extend(body);
+            let _ = decode(&data);
+        }
     }
 }
