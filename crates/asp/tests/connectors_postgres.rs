@@ -2,7 +2,8 @@
 //! (`/usr/lib/postgresql/15/bin`, run as the `postgres` user, `wal_level = logical`, on
 //! a free port of 127.0.0.1, trust authentication), stopped when the test ends: a
 //! snapshot then the stream, asp down for a while, SIGKILLs in the middle of an ingest,
-//! the out side's upserts, both ways without echo, and a missing slot.
+//! the out side's upserts, both ways without echo, a missing slot, a slot that lost
+//! WAL, and no confirmation to the slot before asp wrote the change.
 
 mod common;
 
@@ -32,6 +33,11 @@ fn as_postgres(args: &[&str]) -> std::process::Output {
 
 impl Pg {
     fn start() -> Pg {
+        Pg::start_with("")
+    }
+
+    /// With `extra` lines of postgresql.conf.
+    fn start_with(extra: &str) -> Pg {
         let dir = tempfile::tempdir().unwrap();
         let chown = Command::new("chown")
             .args(["-R", "postgres:postgres"])
@@ -61,7 +67,7 @@ impl Pg {
         let conf = format!(
             "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
              wal_level = logical\nmax_replication_slots = 16\nmax_wal_senders = 16\n\
-             fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n",
+             fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n{extra}\n",
             dir.path().display()
         );
         let mut all = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
@@ -714,4 +720,88 @@ async fn a_change_is_confirmed_to_the_slot_only_after_asp_wrote_it() {
     rows_in(&node, "held", "pg", 500, 120).await;
     assert_eq!(events(&node, "pg").await, 500, "once each");
     assert_eq!(json_values(&node, "pg").await.len(), 500);
+}
+
+/// A slot that lost WAL it needed (`wal_status = lost`: PostgreSQL removed segments past
+/// `max_slot_wal_keep_size` while asp was down) is an error in status that says what
+/// was lost and the fix; asp neither drops nor recreates the slot, and takes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_that_lost_wal_is_a_loud_error_with_the_fix() {
+    let pg = Pg::start_with("max_slot_wal_keep_size = 16MB");
+    let sql = pg.client().await;
+    sql.batch_execute(ITEMS).await.unwrap();
+    insert(&sql, 0, 10, 10).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = start(
+        &dir.path().join("a"),
+        &pg_in("lost", "pg", &pg.url(), &["items"]),
+    )
+    .await;
+    insert(&sql, 10, 20, 10).await;
+    rows_in(&node, "lost", "pg", 20, 60).await;
+    node.signal(libc::SIGTERM);
+    wait_until("the slot free", Duration::from_secs(30), || async {
+        sql.query_one(
+            "SELECT active_pid IS NULL FROM pg_replication_slots WHERE slot_name = 'asp_lost'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, bool>(0)
+    })
+    .await;
+    // Segment after segment, past what the slot may keep, then a checkpoint removes them.
+    wait_until("the slot lost", Duration::from_secs(60), || async {
+        for i in 0..4 {
+            sql.execute(
+                "INSERT INTO items (id, body) VALUES ($1, 'filler') ON CONFLICT (id) DO NOTHING",
+                &[&(1_000_000 + i)],
+            )
+            .await
+            .unwrap();
+            sql.batch_execute("SELECT pg_switch_wal()").await.unwrap();
+        }
+        sql.batch_execute("CHECKPOINT").await.unwrap();
+        sql.query_one(
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'asp_lost'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, Option<String>>(0)
+            == Some("lost".to_owned())
+    })
+    .await;
+    node.restart().await;
+    let status = common::eventually("the error in status", async || {
+        let s = connector(&node, "lost").await;
+        s["in"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("wal_status = lost"))
+            .then_some(s)
+    })
+    .await;
+    let error = status["in"]["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("pg_drop_replication_slot('asp_lost')")
+            && error.contains("rename the connector")
+            && error.contains("max_slot_wal_keep_size"),
+        "{error}"
+    );
+    assert_eq!(status["in"]["detail"]["wal_status"], "lost", "{status}");
+    assert_ne!(status["in"]["state"], "running", "{status}");
+    wait_until("retried", Duration::from_secs(30), || async {
+        connector(&node, "lost").await["in"]["errors"].as_u64() >= Some(2)
+    })
+    .await;
+    let slots: Vec<String> = sql
+        .query("SELECT slot_name FROM pg_replication_slots", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(slots, ["asp_lost"], "neither dropped nor created");
+    assert_eq!(events(&node, "pg").await, 20, "nothing taken");
+    assert!(node.log().contains("wal_status = lost"), "logged");
 }
