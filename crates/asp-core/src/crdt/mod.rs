@@ -23,10 +23,13 @@ use std::fmt;
 
 use bytes::Bytes;
 
-use crate::{Dot, Hlc, NodeId, RangeSet, Version, VersionVector};
+use crate::{Dot, Hlc, NodeId, RangeSet, VersionVector};
 
+mod json_map;
 #[cfg(test)]
 mod tests;
+
+pub use json_map::JsonMap;
 
 /// How a namespace resolves concurrent writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -326,54 +329,6 @@ impl MvRegister {
     }
 }
 
-/// A JSON object merged per top-level field by last-writer-wins. Field values are
-/// kept as JSON text (this crate does not parse JSON); `None` marks a removed field.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct JsonMap {
-    fields: BTreeMap<String, (Version, Option<Bytes>)>,
-}
-
-impl JsonMap {
-    /// The present fields and their JSON text, in name order.
-    pub fn fields(&self) -> impl Iterator<Item = (&str, &Bytes)> {
-        self.fields
-            .iter()
-            .filter_map(|(k, (_, v))| v.as_ref().map(|v| (k.as_str(), v)))
-    }
-
-    pub fn get(&self, field: &str) -> Option<&Bytes> {
-        self.fields.get(field).and_then(|(_, v)| v.as_ref())
-    }
-
-    /// The delta of setting (`Some`) or removing (`None`) fields at `version`.
-    pub fn patch(
-        version: Version,
-        changes: impl IntoIterator<Item = (String, Option<Bytes>)>,
-    ) -> JsonMap {
-        JsonMap {
-            fields: changes
-                .into_iter()
-                .map(|(k, v)| (k, (version, v)))
-                .collect(),
-        }
-    }
-
-    pub fn join(&mut self, other: &JsonMap) {
-        for (k, (version, value)) in &other.fields {
-            match self.fields.get(k) {
-                Some((mine, _))
-                    if mine >= version
-                        || crate::mutation::active(
-                            crate::mutation::Mutation::JsonMapJoinKeepsFirst,
-                        ) => {}
-                _ => {
-                    self.fields.insert(k.clone(), (*version, value.clone()));
-                }
-            }
-        }
-    }
-}
-
 /// A key's state under one of the CRDT policies.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum State {
@@ -450,21 +405,7 @@ impl State {
                 }
                 put_context(&mut out, &r.context);
             }
-            State::JsonMap(m) => {
-                put_u32(&mut out, m.fields.len());
-                for (k, (version, value)) in &m.fields {
-                    put_bytes(&mut out, k.as_bytes());
-                    out.extend_from_slice(&version.hlc.as_raw().to_le_bytes());
-                    put_dot(&mut out, version.dot);
-                    match value {
-                        Some(v) => {
-                            out.push(1);
-                            put_bytes(&mut out, v);
-                        }
-                        None => out.push(0),
-                    }
-                }
-            }
+            State::JsonMap(m) => m.encode_into(&mut out),
         }
         out
     }
@@ -523,24 +464,7 @@ impl State {
                 m.context = r.context()?;
                 State::Siblings(m)
             }
-            4 => {
-                let mut m = JsonMap::default();
-                let n = r.count(29)?;
-                for _ in 0..n {
-                    let name = std::str::from_utf8(r.bytes()?)
-                        .map_err(|_| r.err("a field name that is not UTF-8"))?
-                        .to_owned();
-                    let hlc = Hlc::from_raw(r.u64()?);
-                    let dot = r.dot()?;
-                    let value = match r.u8()? {
-                        0 => None,
-                        1 => Some(Bytes::copy_from_slice(r.bytes()?)),
-                        f => return Err(r.err(&format!("bad field flag {f}"))),
-                    };
-                    m.fields.insert(name, (Version { hlc, dot }, value));
-                }
-                State::JsonMap(m)
-            }
+            4 => State::JsonMap(JsonMap::decode_from(&mut r)?),
             t => return Err(r.err(&format!("unknown policy tag {t}"))),
         };
         if r.pos != bytes.len() {
