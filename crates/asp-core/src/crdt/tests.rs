@@ -1,4 +1,5 @@
 use super::*;
+use crate::Version;
 use proptest::prelude::*;
 
 fn node(n: u64) -> NodeId {
