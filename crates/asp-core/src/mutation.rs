@@ -53,8 +53,8 @@ pub enum Mutation {
     /// context holds the value's dot) when that side's entry came from another origin:
     /// an overwritten sibling comes back.
     SiblingsJoinKeepsReplaced,
-    /// `JsonMap::join` keeps the field it holds whatever the other side's version: the
-    /// first value a replica hears of stays.
+    /// `JsonMap::join` keeps the register it holds at a path whatever the other side's
+    /// version: the first value a replica hears of at each path stays.
     JsonMapJoinKeepsFirst,
     /// `Condition::check` lets an `IfVersion` condition pass whatever the key's
     /// current version: a compare-and-set overwrites a write it never saw.

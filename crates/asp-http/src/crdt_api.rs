@@ -5,13 +5,15 @@
 //! - `counter`: `POST .../kv/{key}` `{"incr": n}`; read as a JSON number.
 //! - `set`: `POST .../kv/{key}` `{"add": v}` / `{"remove": v}`; read as a sorted JSON
 //!   array (members compare by their compact JSON text).
-//! - `json-map`: `PATCH .../kv/{key}` with a JSON merge patch (RFC 7396); read as an
-//!   object.
+//! - `json-map`: `PATCH .../kv/{key}` with a JSON merge patch (RFC 7396), merged per
+//!   path at every depth; read as an object.
 //! - `siblings`: `PUT`/`DELETE .../kv/{key}` with the `X-Asp-Context` token of a read
 //!   replace exactly what that read saw; without it a PUT adds a sibling. A read of one
 //!   sibling serves its value; of several, `300 Multiple Choices` with a JSON listing.
 
-use asp_core::crdt::{self, Context, Policy, State};
+use std::collections::BTreeMap;
+
+use asp_core::crdt::{self, Change, Context, PATH_DEPTH_MAX, Policy, Shown, State};
 use asp_core::{ContentType, Key, Namespace};
 use asp_store::{CrdtOp, Store, WriteOp};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -128,19 +130,7 @@ pub async fn get(store: &Store, namespace: &Namespace, key: &Key) -> Result<Resp
                 .collect();
             json(format!("[{}]", members.join(",")))
         }
-        State::JsonMap(m) => {
-            let fields: Vec<String> = m
-                .fields()
-                .map(|(k, v)| {
-                    format!(
-                        "{}:{}",
-                        serde_json::to_string(k).expect("strings serialize"),
-                        std::str::from_utf8(v).unwrap_or("null")
-                    )
-                })
-                .collect();
-            json(format!("{{{}}}", fields.join(",")))
-        }
+        State::JsonMap(m) => json(json_map_document(&m).to_string()),
         State::Siblings(r) => {
             let token = context_token(store, namespace, key, r.context());
             let siblings = r.siblings();
@@ -190,9 +180,7 @@ pub fn state_json(
             i64::try_from(v).map_or_else(|_| serde_json::Value::String(v.to_string()), |n| n.into())
         }
         State::Set(s) => serde_json::Value::Array(s.members().map(|m| parse(m)).collect()),
-        State::JsonMap(m) => {
-            serde_json::Value::Object(m.fields().map(|(k, v)| (k.to_owned(), parse(v))).collect())
-        }
+        State::JsonMap(m) => json_map_document(m),
         State::Siblings(r) => serde_json::json!({
             "siblings": sibling_list(&r.siblings()),
             "context": context_token(store, namespace, key, r.context()),
@@ -261,8 +249,32 @@ pub fn post_op(body: &[u8]) -> Result<CrdtOp, ApiError> {
     }
 }
 
-/// The field changes a JSON merge patch (RFC 7396) makes to a JSON map, each field's
-/// new value computed against its current one.
+/// A json-map's document: its shown paths as nested JSON objects.
+fn json_map_document(map: &crdt::JsonMap) -> serde_json::Value {
+    let mut root = serde_json::Map::new();
+    // Parents come before their children, so each path's parent is in place.
+    'paths: for (path, shown) in map.shown() {
+        let (name, parents) = path.split_last().expect("paths are not empty");
+        let mut object = &mut root;
+        for parent in parents {
+            match object.get_mut(parent) {
+                Some(serde_json::Value::Object(o)) => object = o,
+                _ => continue 'paths,
+            }
+        }
+        let value = match shown {
+            Shown::Value(text) => serde_json::from_slice(text).unwrap_or(serde_json::Value::Null),
+            Shown::Object => serde_json::Value::Object(serde_json::Map::new()),
+        };
+        object.insert(name.clone(), value);
+    }
+    serde_json::Value::Object(root)
+}
+
+/// The path changes a JSON merge patch (RFC 7396) makes to a json-map: an object at
+/// every path where the patch holds an object, the value (replacing what was below)
+/// where it holds anything else, a removal where it holds `null`. The store writes
+/// them all at one version; `asp_core::crdt::JsonMap` merges them per path.
 pub fn patch_op(
     store: &Store,
     namespace: &Namespace,
@@ -285,49 +297,93 @@ pub fn patch_op(
         ));
     }
     let current = match store.crdt_state(namespace, key.as_str())? {
-        Some(State::JsonMap(m)) => Some(m),
-        _ => None,
+        Some(State::JsonMap(m)) => m,
+        _ => crdt::JsonMap::default(),
     };
-    let mut changes = Vec::with_capacity(fields.len());
-    for (name, value) in fields {
-        if value.is_null() {
-            changes.push((name, None));
-            continue;
-        }
-        let old = current
-            .as_ref()
-            .and_then(|m| m.get(&name))
-            .and_then(|v| serde_json::from_slice::<serde_json::Value>(v).ok());
-        let new = merge_patch(old, value);
-        changes.push((
-            name,
-            Some(Bytes::from(
-                serde_json::to_string(&new).expect("values serialize"),
-            )),
-        ));
-    }
-    Ok(CrdtOp::Patch(changes))
+    Ok(CrdtOp::Patch(json_map_changes(&current, fields)?))
 }
 
-/// RFC 7396's MergePatch(target, patch).
-fn merge_patch(target: Option<serde_json::Value>, patch: serde_json::Value) -> serde_json::Value {
-    match patch {
-        serde_json::Value::Object(p) => {
-            let mut out = match target {
-                Some(serde_json::Value::Object(t)) => t,
-                _ => serde_json::Map::new(),
-            };
-            for (k, v) in p {
-                if v.is_null() {
-                    out.remove(&k);
-                } else {
-                    let old = out.remove(&k);
-                    out.insert(k, merge_patch(old, v));
-                }
-            }
-            serde_json::Value::Object(out)
+/// The changes a merge patch (its top-level object) makes to `current`.
+fn json_map_changes(
+    current: &crdt::JsonMap,
+    patch: serde_json::Map<String, serde_json::Value>,
+) -> Result<Vec<(Vec<String>, Change)>, ApiError> {
+    let mut changes = BTreeMap::new();
+    patch_changes(current, &mut Vec::new(), patch, &mut changes)?;
+    Ok(changes.into_iter().collect())
+}
+
+/// The changes of `patch`, an object of the merge patch at `path`, into `out`.
+fn patch_changes(
+    current: &crdt::JsonMap,
+    path: &mut Vec<String>,
+    patch: serde_json::Map<String, serde_json::Value>,
+    out: &mut BTreeMap<Vec<String>, Change>,
+) -> Result<(), ApiError> {
+    for (name, value) in patch {
+        path.push(name);
+        if path.len() > PATH_DEPTH_MAX {
+            return Err(ApiError::bad_request(
+                "invalid_patch",
+                format!(
+                    "the merge patch reaches {} fields deep (at {}); a json-map holds paths up to {PATH_DEPTH_MAX} fields deep: store deeper structure as a value inside an array, or flatten it",
+                    path.len(),
+                    serde_json::to_string(&path[..PATH_DEPTH_MAX]).expect("strings serialize")
+                ),
+            ));
         }
-        other => other,
+        match value {
+            serde_json::Value::Null => set(out, path, Change::Remove),
+            serde_json::Value::Object(fields) => {
+                // A top-level field written before maps nested holds its object as one
+                // value: its fields are written out at this patch's version, so that
+                // they are kept, and merge per path from now on.
+                if let Some(Shown::Value(text)) = current.shown_at(path)
+                    && let Ok(serde_json::Value::Object(old)) = serde_json::from_slice(text)
+                {
+                    write_out(path, old, out);
+                }
+                out.insert(path.clone(), Change::Object);
+                patch_changes(current, path, fields, out)?;
+            }
+            other => {
+                let text = serde_json::to_string(&other).expect("values serialize");
+                set(out, path, Change::Set(Bytes::from(text)));
+            }
+        }
+        path.pop();
+    }
+    Ok(())
+}
+
+/// Records a value or a removal at `path`, which replaces whatever this patch wrote
+/// below it.
+fn set(out: &mut BTreeMap<Vec<String>, Change>, path: &[String], change: Change) {
+    out.retain(|p, _| !(p.len() > path.len() && p.starts_with(path)));
+    out.insert(path.to_vec(), change);
+}
+
+/// The changes that write `object`'s fields out below `path`: objects as paths, down
+/// to the depth limit, where an object stays one value.
+fn write_out(
+    path: &mut Vec<String>,
+    object: serde_json::Map<String, serde_json::Value>,
+    out: &mut BTreeMap<Vec<String>, Change>,
+) {
+    for (name, value) in object {
+        path.push(name);
+        match value {
+            serde_json::Value::Object(fields) if path.len() < PATH_DEPTH_MAX => {
+                out.insert(path.clone(), Change::Object);
+                write_out(path, fields, out);
+            }
+            serde_json::Value::Null => {}
+            other => {
+                let text = serde_json::to_string(&other).expect("values serialize");
+                out.insert(path.clone(), Change::Set(Bytes::from(text)));
+            }
+        }
+        path.pop();
     }
 }
 
@@ -371,4 +427,109 @@ pub fn parse_policy(body: &[u8]) -> Result<Policy, ApiError> {
         .and_then(|p| p.as_str())
         .ok_or_else(|| invalid("no \"policy\" field".into()))?;
     Policy::parse(name).ok_or_else(|| invalid(format!("unknown policy {name:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use asp_core::{Dot, Hlc, NodeId, Version};
+
+    fn version(ms: u64) -> Version {
+        Version {
+            hlc: Hlc::new(ms, 0),
+            dot: Dot {
+                origin: NodeId::new(1).unwrap(),
+                counter: ms,
+            },
+        }
+    }
+
+    /// `current` patched with `patch` at a newer version, as the document a read shows.
+    fn patched(current: &crdt::JsonMap, patch: &str) -> Result<serde_json::Value, ApiError> {
+        let serde_json::Value::Object(fields) = serde_json::from_str(patch).unwrap() else {
+            panic!("an object")
+        };
+        let mut m = current.clone();
+        m.join(&crdt::JsonMap::patch(
+            version(100),
+            json_map_changes(current, fields)?,
+        ));
+        Ok(json_map_document(&m))
+    }
+
+    #[test]
+    fn a_merge_patch_follows_rfc_7396_at_every_depth() {
+        let m = crdt::JsonMap::default();
+        let doc = patched(&m, r#"{"a":{"b":{"c":1},"d":[{"x":1}]},"e":null}"#).unwrap();
+        assert_eq!(
+            doc,
+            serde_json::json!({"a": {"b": {"c": 1}, "d": [{"x": 1}]}})
+        );
+        let mut m = crdt::JsonMap::default();
+        m.join(&crdt::JsonMap::patch(
+            version(1),
+            json_map_changes(
+                &m,
+                serde_json::from_str(r#"{"a":{"b":{"c":1,"k":2}}}"#).unwrap(),
+            )
+            .unwrap(),
+        ));
+        // Objects merge, a value replaces an object, null removes, `{}` keeps.
+        assert_eq!(
+            patched(&m, r#"{"a":{"b":{"c":null,"n":3}}}"#).unwrap(),
+            serde_json::json!({"a": {"b": {"k": 2, "n": 3}}})
+        );
+        assert_eq!(
+            patched(&m, r#"{"a":{"b":7}}"#).unwrap(),
+            serde_json::json!({"a": {"b": 7}})
+        );
+        assert_eq!(
+            patched(&m, r#"{"a":{}}"#).unwrap(),
+            serde_json::json!({"a": {"b": {"c": 1, "k": 2}}})
+        );
+    }
+
+    /// A top-level field written before maps nested holds its object whole: a patch
+    /// that descends into it keeps its fields, and from then on they merge per path.
+    #[test]
+    fn a_patch_into_an_object_written_whole_keeps_its_fields() {
+        let legacy = crdt::JsonMap::patch(
+            version(1),
+            [(
+                vec!["langs".to_owned()],
+                Change::Set(Bytes::from_static(br#"{"en":true,"old":{"x":1},"gone":2}"#)),
+            )],
+        );
+        assert_eq!(
+            State::JsonMap(legacy.clone()).encode()[0],
+            4,
+            "the layout of old data"
+        );
+        assert_eq!(
+            patched(
+                &legacy,
+                r#"{"langs":{"fr":true,"gone":null,"old":{"y":2}}}"#
+            )
+            .unwrap(),
+            serde_json::json!({"langs": {"en": true, "fr": true, "old": {"x": 1, "y": 2}}})
+        );
+    }
+
+    #[test]
+    fn a_patch_deeper_than_the_limit_is_refused() {
+        let deep = |depth: usize| {
+            let mut patch = "1".to_owned();
+            for _ in 0..depth {
+                patch = format!(r#"{{"a":{patch}}}"#);
+            }
+            patched(&crdt::JsonMap::default(), &patch)
+        };
+        assert!(deep(PATH_DEPTH_MAX).is_ok());
+        let err = deep(PATH_DEPTH_MAX + 1).unwrap_err();
+        assert_eq!(
+            (err.status, err.code),
+            (StatusCode::BAD_REQUEST, "invalid_patch")
+        );
+        assert!(err.message.contains("33 fields deep"), "{}", err.message);
+    }
 }

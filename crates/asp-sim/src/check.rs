@@ -3,6 +3,7 @@
 //! last-writer-wins, bounds, convergence).
 
 use super::*;
+use asp_core::crdt::{Change, Shown};
 
 /// The reference order of writes: the newest clock reading, then the larger origin,
 /// then the larger counter. Written out here, apart from `lww_wins` and `Version`'s
@@ -409,38 +410,40 @@ impl Sim {
         Ok(())
     }
 
-    /// Each JSON-map key's fields are, field by field, what the newest patch naming
-    /// the field left (by the reference order), over the events some node holds at the
-    /// end; under `fsync = always` only, for the reason counters are.
+    /// Each JSON-map key's document is what applying every patch in the reference
+    /// order leaves, one after the other, as a JSON merge patch applies (a plain tree
+    /// here, apart from the per-path registers the nodes join), over the events some
+    /// node holds at the end; under `fsync = always` only, for the reason counters are.
     pub(crate) fn check_json_maps(&self) -> Result<(), Broken> {
         if self.config.durability != Durability::Always {
             return Ok(());
         }
-        type Rank = (u64, u16, u64, u64);
-        type Fields<'a> = BTreeMap<&'a str, (Rank, Option<&'a Bytes>)>;
         let store = &self.nodes[0].store;
-        for ((ns, key), patches) in surviving(&self.nodes, &self.field_ops) {
-            let mut fields: Fields = BTreeMap::new();
-            for (e, changes) in patches {
-                let at = rank(e.hlc, e.dot);
-                for (field, value) in changes {
-                    let entry = fields.entry(field.as_str()).or_insert((at, value.as_ref()));
-                    if at > entry.0 {
-                        *entry = (at, value.as_ref());
-                    }
+        for ((ns, key), mut patches) in surviving(&self.nodes, &self.field_ops) {
+            patches.sort_by_key(|(e, _)| rank(e.hlc, e.dot));
+            let mut expected = Tree::new();
+            for (_, changes) in patches {
+                let mut changes: Vec<_> = changes.iter().collect();
+                // Parents first: a change makes its ancestors objects.
+                changes.sort_by(|a, b| a.0.cmp(&b.0));
+                for (path, change) in changes {
+                    apply_change(&mut expected, path, change);
                 }
             }
-            let expected: BTreeMap<&str, &Bytes> = fields
-                .iter()
-                .filter_map(|(f, (_, v))| v.map(|v| (*f, v)))
-                .collect();
             let map = store.json_map(ns, key);
-            let held: BTreeMap<&str, &Bytes> = map.fields().collect();
+            let mut held = Tree::new();
+            for (path, shown) in map.shown() {
+                let change = match shown {
+                    Shown::Value(text) => Change::Set(text.clone()),
+                    Shown::Object => Change::Object,
+                };
+                apply_change(&mut held, path, &change);
+            }
             if held != expected {
                 return Err(Broken::new(
                     Invariant::JsonFields,
                     format!(
-                        "JSON-map key {key} of {ns} holds {held:?}; the newest patch of each field leaves {expected:?}"
+                        "JSON-map key {key} of {ns} holds {held:?}; the patches in order leave {expected:?}"
                     ),
                 ));
             }
@@ -601,5 +604,52 @@ impl Sim {
             self.subscribe(i, true)?;
         }
         Ok(())
+    }
+}
+
+/// A JSON document as the JSON-map check builds it: each field a value or an object.
+type Tree = BTreeMap<String, JsonNode>;
+
+#[derive(Debug, PartialEq, Eq)]
+enum JsonNode {
+    Value(Bytes),
+    Object(Tree),
+}
+
+/// One change of a merge patch, applied in place: its ancestors become objects (a
+/// value or nothing there is replaced by `{}`), then the path is set, removed, or made
+/// an object (kept if it is one).
+fn apply_change(tree: &mut Tree, path: &[String], change: &Change) {
+    let Some((name, parents)) = path.split_last() else {
+        return;
+    };
+    let mut object = tree;
+    for parent in parents {
+        object = object_at(object, parent);
+    }
+    match change {
+        Change::Set(text) => {
+            object.insert(name.clone(), JsonNode::Value(text.clone()));
+        }
+        Change::Remove => {
+            object.remove(name);
+        }
+        Change::Object => {
+            object_at(object, name);
+        }
+    }
+}
+
+/// The object at `name` in `tree`, made one if it is not.
+fn object_at<'a>(tree: &'a mut Tree, name: &str) -> &'a mut Tree {
+    let node = tree
+        .entry(name.to_owned())
+        .or_insert_with(|| JsonNode::Object(Tree::new()));
+    if let JsonNode::Value(_) = node {
+        *node = JsonNode::Object(Tree::new());
+    }
+    match node {
+        JsonNode::Object(o) => o,
+        JsonNode::Value(_) => unreachable!("made an object above"),
     }
 }

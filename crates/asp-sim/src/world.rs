@@ -169,8 +169,8 @@ pub(crate) struct SiblingOp {
     pub(crate) seen: BTreeSet<Dot>,
 }
 
-/// A JSON-map patch's changes: each field set (`Some`) or removed (`None`).
-pub(crate) type FieldChanges = Vec<(String, Option<Bytes>)>;
+/// A JSON-map patch's changes: each at a path (field names from the top down).
+pub(crate) type FieldChanges = Vec<(Vec<String>, asp_core::crdt::Change)>;
 
 pub(crate) struct AckedWrite {
     pub(crate) origin: usize,

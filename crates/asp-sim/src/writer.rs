@@ -4,6 +4,7 @@
 //! acknowledgements after it.
 
 use super::*;
+use asp_core::crdt::Change;
 
 /// What a node had seen of a key, as the checker counts it: the union of what the
 /// operations of the key's events in its feed had seen (`ops`: the checker's record of
@@ -94,21 +95,42 @@ impl Sim {
                     return (key, Some(Bytes::from(op)));
                 }
                 if policy_of(&namespace) == Policy::JsonMap {
-                    // A patch of one or two of four fields (a JSON object names each
-                    // once): set (`f=value`) or removed (`f!`), separated by `;`.
-                    let first = self.rng.below(4);
-                    let count = self.rng.range(1, 3);
-                    let fields: Vec<String> = (0..count)
-                        .map(|i| {
-                            let field = (first + i) % 4;
-                            if self.rng.chance(200) {
-                                format!("f{field}!")
-                            } else {
-                                format!("f{field}=\"n{node}-{}\"", self.nodes[node].write_counter)
-                            }
-                        })
-                        .collect();
-                    return (key, Some(Bytes::from(fields.join(";"))));
+                    // A patch of one or two paths, one to three deep over few names so
+                    // that writes collide at every depth (and a removal or a value at
+                    // a parent meets writes below it): set (`f0.a=value`), removed
+                    // (`f0.a!`) or made an object (`f0.a{}`), separated by `;`. As in
+                    // a JSON merge patch, no path of one change lies under another's.
+                    let mut changes: Vec<(String, String)> = Vec::new();
+                    for _ in 0..self.rng.range(1, 3) {
+                        let depth = self.rng.range(1, 4);
+                        let path: Vec<String> = (0..depth)
+                            .map(|d| {
+                                let names: &[&str] = if d == 0 {
+                                    &["f0", "f1", "f2"]
+                                } else {
+                                    &["a", "b"]
+                                };
+                                names[self.rng.below(names.len() as u64) as usize].to_owned()
+                            })
+                            .collect();
+                        let path = path.join(".");
+                        let nested = |a: &str, b: &str| {
+                            a == b
+                                || a.starts_with(&format!("{b}."))
+                                || b.starts_with(&format!("{a}."))
+                        };
+                        if changes.iter().any(|(other, _)| nested(other, &path)) {
+                            continue;
+                        }
+                        let change = match self.rng.below(10) {
+                            0 | 1 => "!".to_owned(),
+                            2 => "{}".to_owned(),
+                            _ => format!("=\"n{node}-{}\"", self.nodes[node].write_counter),
+                        };
+                        changes.push((path, change));
+                    }
+                    let patch: Vec<String> = changes.into_iter().map(|(p, c)| p + &c).collect();
+                    return (key, Some(Bytes::from(patch.join(";"))));
                 }
                 if policy_of(&namespace) == Policy::Set {
                     // Add or remove one of four members.
@@ -257,18 +279,25 @@ impl Sim {
                                     value: Bytes::from(State::Siblings(view).encode()),
                                 }
                             }
-                            // A JSON-map patch: each field it names takes its value (or
-                            // goes) at this event's version.
+                            // A JSON-map patch: each path it names takes its value, goes,
+                            // or becomes an object, at this event's version.
                             Some(op) if policy_of(&namespace) == Policy::JsonMap => {
+                                let path = |p: &str| p.split('.').map(str::to_owned).collect();
                                 let changes: FieldChanges = std::str::from_utf8(&op)
                                     .expect("the simulator's own patch")
                                     .split(';')
                                     .map(|change| match change.split_once('=') {
-                                        Some((field, value)) => (
-                                            field.to_owned(),
-                                            Some(Bytes::copy_from_slice(value.as_bytes())),
+                                        Some((p, value)) => (
+                                            path(p),
+                                            Change::Set(Bytes::copy_from_slice(value.as_bytes())),
                                         ),
-                                        None => (change.trim_end_matches('!').to_owned(), None),
+                                        None => match change.strip_suffix('!') {
+                                            Some(p) => (path(p), Change::Remove),
+                                            None => (
+                                                path(change.trim_end_matches("{}")),
+                                                Change::Object,
+                                            ),
+                                        },
                                     })
                                     .collect();
                                 let mut view = n.store.json_map(&namespace, &key);

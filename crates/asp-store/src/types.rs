@@ -46,8 +46,10 @@ pub enum CrdtOp {
         context: asp_core::crdt::Context,
         value: Option<(ContentType, Bytes)>,
     },
-    /// `json-map`: set (`Some`, JSON text) or remove (`None`) top-level fields.
-    Patch(Vec<(String, Option<Bytes>)>),
+    /// `json-map`: changes at paths of the document (field names from the top down,
+    /// 1 to `asp_core::crdt::PATH_DEPTH_MAX` deep), as a merge patch makes them
+    /// (`asp_core::crdt::JsonMap::patch`).
+    Patch(Vec<(Vec<String>, asp_core::crdt::Change)>),
 }
 
 impl CrdtOp {
@@ -70,9 +72,16 @@ impl CrdtOp {
             CrdtOp::Write { value, context } => {
                 value.as_ref().map_or(0, |(_, v)| v.len()) + 24 * context.iter().count()
             }
-            CrdtOp::Patch(fields) => fields
+            CrdtOp::Patch(changes) => changes
                 .iter()
-                .map(|(k, v)| k.len() + v.as_ref().map_or(0, |v| v.len()))
+                .map(|(path, change)| {
+                    // A byte a change at least, so that no patch counts as empty.
+                    let value = match change {
+                        asp_core::crdt::Change::Set(text) => text.len(),
+                        _ => 1,
+                    };
+                    path.iter().map(String::len).sum::<usize>() + value
+                })
                 .sum(),
         }
     }

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use asp_core::crdt::{Context, Policy, State};
+use asp_core::crdt::{Change, Context, Policy, Shown, State};
 use asp_core::{ContentType, Key, Namespace, NodeId};
 use asp_store::{CrdtOp, OpenError, Store, StoreConfig, WriteError, WriteOp};
 use bytes::Bytes;
@@ -237,10 +237,10 @@ async fn crdt_state_survives_reopen_index_rebuild_and_compaction() {
         if i % 10 == 0 {
             let fields = vec![
                 (
-                    format!("f{}", i % 7),
-                    Some(Bytes::from(format!("\"{pad}{i}\""))),
+                    vec![format!("f{}", i % 7)],
+                    Change::Set(Bytes::from(format!("\"{pad}{i}\""))),
                 ),
-                ("gone".to_owned(), None),
+                (vec!["gone".to_owned()], Change::Remove),
             ];
             op(&s, "m", "doc", CrdtOp::Patch(fields)).await.unwrap();
         }
@@ -271,7 +271,93 @@ async fn crdt_state_survives_reopen_index_rebuild_and_compaction() {
         unreachable!()
     };
     assert_eq!(m.fields().count(), 7);
-    assert_eq!(m.get("gone"), None);
+    assert_eq!(m.shown_at(&["gone".to_owned()]), None);
+}
+
+/// A patch's changes from `("a.b", Some("1"))` (set), `("a", None)` (remove).
+fn patch(changes: &[(&str, Option<&str>)]) -> CrdtOp {
+    CrdtOp::Patch(
+        changes
+            .iter()
+            .map(|(path, value)| {
+                let change =
+                    value.map_or(Change::Remove, |v| Change::Set(Bytes::from(v.to_owned())));
+                (path.split('.').map(str::to_owned).collect(), change)
+            })
+            .collect(),
+    )
+}
+
+/// A json-map key's shown paths, each as `a.b=text` (`a.b={}` for an object).
+fn shown_paths(store: &Store, namespace: &str, k: &str) -> Vec<String> {
+    match store.crdt_state(&ns(namespace), k).unwrap() {
+        Some(State::JsonMap(m)) => m
+            .shown()
+            .map(|(path, shown)| match shown {
+                Shown::Value(text) => {
+                    format!("{}={}", path.join("."), String::from_utf8_lossy(text))
+                }
+                Shown::Object => format!("{}={{}}", path.join(".")),
+            })
+            .collect(),
+        other => panic!("not a json-map: {other:?}"),
+    }
+}
+
+/// Guards against issue 18 (a nested object's fields written on two stores apart
+/// kept only one side's) at the store: patches of paths replicate and merge per path.
+#[tokio::test]
+async fn json_map_patches_merge_per_path_between_stores() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Store::open(config(da.path(), 1)).unwrap();
+    let b = Store::open(config(db.path(), 2)).unwrap();
+    for s in [&a, &b] {
+        s.set_policy(ns("m"), Policy::JsonMap).await.unwrap();
+    }
+    op(
+        &a,
+        "m",
+        "doc",
+        patch(&[("name", Some("\"Ada\"")), ("langs.en", Some("true"))]),
+    )
+    .await
+    .unwrap();
+    op(
+        &b,
+        "m",
+        "doc",
+        patch(&[("born", Some("1815")), ("langs.fr", Some("true"))]),
+    )
+    .await
+    .unwrap();
+    sync(&a, &b).await;
+    sync(&b, &a).await;
+    let expected = vec![
+        "born=1815",
+        "langs={}",
+        "langs.en=true",
+        "langs.fr=true",
+        "name=\"Ada\"",
+    ];
+    assert_eq!(shown_paths(&a, "m", "doc"), expected);
+    assert_eq!(shown_paths(&b, "m", "doc"), expected);
+    // A path deeper than the limit, or empty, is refused by name; nothing is written.
+    let head = a.head().seq;
+    let deep = vec!["x"; asp_core::crdt::PATH_DEPTH_MAX + 1].join(".");
+    let e = op(&a, "m", "doc", patch(&[(deep.as_str(), Some("1"))]))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("json-map path has 33 fields"), "{e}");
+    let e = op(
+        &a,
+        "m",
+        "doc",
+        CrdtOp::Patch(vec![(Vec::new(), Change::Remove)]),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("json-map path has 0 fields"), "{e}");
+    assert_eq!(a.head().seq, head);
 }
 
 #[tokio::test]

@@ -12,8 +12,9 @@
 //! - [`MvRegister`]: the `siblings` policy. A write carries the causal context its
 //!   writer read (the token): it replaces exactly the siblings that context covers;
 //!   concurrent writes stay side by side.
-//! - [`JsonMap`]: a JSON object merged per top-level field by last-writer-wins; a field
-//!   removed is a tombstone with its version, so a late older write cannot revive it.
+//! - [`JsonMap`]: a JSON document merged per path, at every depth, by last-writer-wins;
+//!   a path removed or replaced keeps the version that did it, so a late older write
+//!   under it cannot revive it.
 //!
 //! States encode to a compact binary form ([`State::encode`], [`State::decode`]);
 //! decoding never panics and bounds every count by the input's length. No I/O here.
@@ -29,7 +30,7 @@ mod json_map;
 #[cfg(test)]
 mod tests;
 
-pub use json_map::JsonMap;
+pub use json_map::{Change, JsonMap, PATH_DEPTH_MAX, Shown};
 
 /// How a namespace resolves concurrent writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -42,7 +43,7 @@ pub enum Policy {
     Counter,
     /// An add-wins observed-remove set.
     Set,
-    /// A JSON object, last-writer-wins per top-level field.
+    /// A JSON document, last-writer-wins per path at every depth.
     JsonMap,
 }
 
@@ -405,7 +406,11 @@ impl State {
                 }
                 put_context(&mut out, &r.context);
             }
-            State::JsonMap(m) => m.encode_into(&mut out),
+            State::JsonMap(m) => {
+                // A json-map writes its own tag: 4 or 5, by what the state holds.
+                out.clear();
+                m.encode_into(&mut out);
+            }
         }
         out
     }
@@ -464,7 +469,9 @@ impl State {
                 m.context = r.context()?;
                 State::Siblings(m)
             }
-            4 => State::JsonMap(JsonMap::decode_from(&mut r)?),
+            tag @ (json_map::TAG_FIELDS | json_map::TAG_PATHS) => {
+                State::JsonMap(JsonMap::decode_from(tag, &mut r)?)
+            }
             t => return Err(r.err(&format!("unknown policy tag {t}"))),
         };
         if r.pos != bytes.len() {

@@ -88,12 +88,26 @@ fn run(policy: Policy, ops: &[Op], early: &[bool]) -> (Vec<Replica>, Vec<State>)
                 });
                 State::Siblings(MvRegister::write(&seen, dot, sibling))
             }
-            (State::JsonMap(_), kind) => {
-                let value = (kind == 0).then(|| Bytes::from(format!("{}", op.arg)));
-                State::JsonMap(JsonMap::patch(
-                    Version { hlc, dot },
-                    [(format!("f{}", op.arg % 3), value)],
-                ))
+            (State::JsonMap(_), _) => {
+                // A path one to three deep over two names, so that writes collide at
+                // every depth: a value, an object or a removal; now and then with a
+                // value at a sibling path in the same patch.
+                let depth = 1 + usize::from(op.kind / 2 % 3);
+                let path: Vec<String> = (0..depth)
+                    .map(|i| ["a", "b"][usize::from(op.kind >> (3 + i)) & 1].to_owned())
+                    .collect();
+                let change = match (op.kind % 2, op.token) {
+                    (0, _) => Change::Set(Bytes::from(format!("{}", op.arg))),
+                    (_, 0) => Change::Object,
+                    _ => Change::Remove,
+                };
+                let mut changes = vec![(path.clone(), change)];
+                if op.token == 2 {
+                    let mut sibling = path;
+                    *sibling.last_mut().expect("non-empty") = "c".to_owned();
+                    changes.push((sibling, Change::Set(Bytes::from_static(b"[]"))));
+                }
+                State::JsonMap(JsonMap::patch(Version { hlc, dot }, changes))
             }
         };
         r.state.join(&delta).unwrap();
@@ -176,6 +190,7 @@ proptest! {
         ops in ops(),
         early in prop::collection::vec(any::<bool>(), 40),
         garbage in prop::collection::vec(any::<u8>(), 0..200),
+        flip in (any::<usize>(), 1u8..=255),
     ) {
         for policy in CRDTS {
             let (replicas, deltas) = run(policy, &ops, &early);
@@ -184,6 +199,15 @@ proptest! {
                 prop_assert_eq!(State::decode(&bytes).unwrap(), s);
                 for cut in [0, bytes.len() / 2, bytes.len() - 1] {
                     prop_assert!(State::decode(&bytes[..cut]).is_err());
+                }
+                // A damaged byte anywhere: refused or read, never a panic, and what is
+                // read survives encoding (reaches the json-map decoders' later checks,
+                // which garbage stops short of).
+                let mut damaged = bytes.clone();
+                let at = flip.0 % damaged.len();
+                damaged[at] ^= flip.1;
+                if let Ok(state) = State::decode(&damaged) {
+                    prop_assert_eq!(State::decode(&state.encode()).unwrap(), state);
                 }
             }
         }
@@ -320,30 +344,283 @@ fn a_write_with_a_token_replaces_exactly_what_it_saw() {
     assert!(a.siblings().is_empty());
 }
 
-#[test]
-fn json_map_fields_merge_by_version_and_removals_stick() {
-    let v = |ms, o| Version {
+/// A version at `ms` milliseconds from origin `o` (counter `ms`: unique per origin in
+/// these tests).
+fn jv(ms: u64, o: u64) -> Version {
+    Version {
         hlc: Hlc::new(ms, 0),
         dot: Dot {
             origin: node(o),
             counter: ms,
         },
-    };
-    let b = |s: &'static str| Some(Bytes::from_static(s.as_bytes()));
+    }
+}
+
+/// A change list from `("a.b", "1")` (set), `("a", "{}")` (object), `("a", "-")`
+/// (remove).
+fn changes(spec: &[(&str, &str)]) -> Vec<(Vec<String>, Change)> {
+    spec.iter()
+        .map(|(path, change)| {
+            let path = path.split('.').map(str::to_owned).collect();
+            let change = match *change {
+                "{}" => Change::Object,
+                "-" => Change::Remove,
+                text => Change::Set(Bytes::copy_from_slice(text.as_bytes())),
+            };
+            (path, change)
+        })
+        .collect()
+}
+
+/// The document a read shows, as compact JSON text (fields in name order).
+fn doc(m: &JsonMap) -> String {
+    fn object(m: &JsonMap, prefix: &[String]) -> String {
+        let fields: Vec<String> = m
+            .shown()
+            .filter(|(path, _)| path.len() == prefix.len() + 1 && path.starts_with(prefix))
+            .map(|(path, shown)| {
+                let name = path.last().expect("non-empty");
+                match shown {
+                    Shown::Value(text) => {
+                        format!("{name:?}:{}", std::str::from_utf8(text).unwrap())
+                    }
+                    Shown::Object => format!("{name:?}:{}", object(m, path)),
+                }
+            })
+            .collect();
+        format!("{{{}}}", fields.join(","))
+    }
+    object(m, &[])
+}
+
+/// The join of `deltas`, checked to be the same in both orders.
+fn joined(deltas: &[&JsonMap]) -> JsonMap {
+    let mut forward = JsonMap::default();
+    let mut backward = JsonMap::default();
+    for d in deltas {
+        forward.join(d);
+    }
+    for d in deltas.iter().rev() {
+        backward.join(d);
+    }
+    assert_eq!(forward, backward, "join commutes");
+    forward
+}
+
+#[test]
+fn json_map_top_level_fields_merge_by_version_and_removals_stick() {
     let mut m = JsonMap::default();
     m.join(&JsonMap::patch(
-        v(1, 1),
-        [("a".into(), b("1")), ("b".into(), b("2"))],
+        jv(1, 1),
+        changes(&[("a", "1"), ("b", "2")]),
     ));
-    m.join(&JsonMap::patch(v(3, 2), [("a".into(), None)]));
+    m.join(&JsonMap::patch(jv(3, 2), changes(&[("a", "-")])));
     // Older writes to a removed or newer field lose; other fields merge.
     m.join(&JsonMap::patch(
-        v(2, 1),
-        [("a".into(), b("9")), ("c".into(), b("3"))],
+        jv(2, 1),
+        changes(&[("a", "9"), ("c", "3")]),
     ));
-    let fields: Vec<(&str, &[u8])> = m.fields().map(|(k, v)| (k, &v[..])).collect();
-    assert_eq!(fields, vec![("b", &b"2"[..]), ("c", &b"3"[..])]);
-    assert_eq!(m.get("a"), None);
+    assert_eq!(doc(&m), r#"{"b":2,"c":3}"#);
+    assert_eq!(m.shown_at(&["a".to_owned()]), None);
+}
+
+/// Guards against issue 18: two nodes cut off from each other patched different
+/// fields of one nested object, and after healing one side's field was gone.
+#[test]
+fn json_map_nested_objects_merge_per_path() {
+    let ada = JsonMap::patch(
+        jv(1, 1),
+        changes(&[("name", r#""Ada""#), ("langs", "{}"), ("langs.en", "true")]),
+    );
+    let born = JsonMap::patch(
+        jv(1, 2),
+        changes(&[("born", "1815"), ("langs", "{}"), ("langs.fr", "true")]),
+    );
+    let m = joined(&[&ada, &born]);
+    assert_eq!(
+        doc(&m),
+        r#"{"born":1815,"langs":{"en":true,"fr":true},"name":"Ada"}"#
+    );
+    // Three deep, with the ancestors implied by the patch.
+    let deep = JsonMap::patch(jv(2, 1), changes(&[("langs.de.dialects", "[1,2]")]));
+    let other = JsonMap::patch(jv(2, 2), changes(&[("langs.de.native", "false")]));
+    let m = joined(&[&m, &deep, &other]);
+    assert_eq!(
+        doc(&m),
+        r#"{"born":1815,"langs":{"de":{"dialects":[1,2],"native":false},"en":true,"fr":true},"name":"Ada"}"#
+    );
+}
+
+/// Concurrent "remove the parent" and "set a child": the later version wins, as for
+/// any json-map conflict, at every depth.
+#[test]
+fn json_map_remove_parent_against_set_child_is_last_writer_wins() {
+    let base = JsonMap::patch(
+        jv(1, 1),
+        changes(&[("p.old", "1"), ("p.keep", "2"), ("q", "3")]),
+    );
+    // The removal is later: the parent is gone, the new child with it.
+    let remove = JsonMap::patch(jv(5, 1), changes(&[("p", "-")]));
+    let set = JsonMap::patch(jv(4, 2), changes(&[("p.new", "4")]));
+    assert_eq!(doc(&joined(&[&base, &remove, &set])), r#"{"q":3}"#);
+    // The set is later: the parent comes back holding the new child only; what was
+    // written under it before the removal stays removed.
+    let remove = JsonMap::patch(jv(4, 1), changes(&[("p", "-")]));
+    let set = JsonMap::patch(jv(5, 2), changes(&[("p.new", "4")]));
+    let m = joined(&[&base, &remove, &set]);
+    assert_eq!(doc(&m), r#"{"p":{"new":4},"q":3}"#);
+    // The same two writes one level deeper.
+    let remove = JsonMap::patch(jv(6, 1), changes(&[("p.new", "-")]));
+    let set = JsonMap::patch(jv(7, 2), changes(&[("p.new.x", "5")]));
+    assert_eq!(
+        doc(&joined(&[&m, &remove, &set])),
+        r#"{"p":{"new":{"x":5}},"q":3}"#
+    );
+    let remove = JsonMap::patch(jv(7, 1), changes(&[("p.new", "-")]));
+    let set = JsonMap::patch(jv(6, 2), changes(&[("p.new.x", "5")]));
+    assert_eq!(doc(&joined(&[&m, &remove, &set])), r#"{"p":{},"q":3}"#);
+}
+
+/// Concurrent "set the parent to a value" and "set a child": the same rule.
+#[test]
+fn json_map_value_over_object_is_last_writer_wins() {
+    let base = JsonMap::patch(jv(1, 1), changes(&[("p.old", "1")]));
+    let scalar = JsonMap::patch(jv(5, 1), changes(&[("p", "[0]")]));
+    let set = JsonMap::patch(jv(4, 2), changes(&[("p.new", "2")]));
+    assert_eq!(doc(&joined(&[&base, &scalar, &set])), r#"{"p":[0]}"#);
+    let scalar = JsonMap::patch(jv(4, 1), changes(&[("p", "[0]")]));
+    let set = JsonMap::patch(jv(5, 2), changes(&[("p.new", "2")]));
+    assert_eq!(doc(&joined(&[&base, &scalar, &set])), r#"{"p":{"new":2}}"#);
+    // Making a path an object keeps its fields when it is one already, and makes it
+    // `{}` when it held a value.
+    let object = JsonMap::patch(jv(6, 1), changes(&[("p", "{}")]));
+    assert_eq!(
+        doc(&joined(&[&base, &scalar, &set, &object])),
+        r#"{"p":{"new":2}}"#
+    );
+    let object = JsonMap::patch(jv(6, 1), changes(&[("p", "{}")]));
+    assert_eq!(doc(&joined(&[&base, &scalar, &object])), r#"{"p":{}}"#);
+}
+
+/// The layout of the release before nesting (tag 4): top-level fields with a version,
+/// set (1 and the JSON text) or removed (0).
+fn fields_layout(fields: &[(&str, Version, Option<&str>)]) -> Vec<u8> {
+    let mut out = vec![4];
+    put_u32(&mut out, fields.len());
+    for (name, version, value) in fields {
+        put_bytes(&mut out, name.as_bytes());
+        out.extend_from_slice(&version.hlc.as_raw().to_le_bytes());
+        put_dot(&mut out, version.dot);
+        match value {
+            Some(v) => {
+                out.push(1);
+                put_bytes(&mut out, v.as_bytes());
+            }
+            None => out.push(0),
+        }
+    }
+    out
+}
+
+/// States written before nesting read the same, join as they did, and are written
+/// back byte for byte: a peer of that release still reads them.
+#[test]
+fn json_map_states_of_the_fields_layout_read_and_join_as_before() {
+    let a = fields_layout(&[
+        ("langs", jv(2, 1), Some(r#"{"en":true}"#)),
+        ("name", jv(1, 1), Some(r#""Ada""#)),
+        ("x", jv(3, 1), None),
+    ]);
+    let b = fields_layout(&[
+        ("langs", jv(3, 2), Some(r#"{"fr":true}"#)),
+        ("name", jv(1, 2), None),
+        ("x", jv(2, 2), Some("1")),
+    ]);
+    let (State::JsonMap(sa), State::JsonMap(sb)) =
+        (State::decode(&a).unwrap(), State::decode(&b).unwrap())
+    else {
+        panic!("json-map states")
+    };
+    assert_eq!(State::JsonMap(sa.clone()).encode(), a);
+    assert_eq!(State::JsonMap(sb.clone()).encode(), b);
+    assert_eq!(doc(&sa), r#"{"langs":{"en":true},"name":"Ada"}"#);
+    // Per field, the newer version: what the per-field join gave.
+    let m = joined(&[&sa, &sb]);
+    assert_eq!(
+        State::JsonMap(m.clone()).encode(),
+        fields_layout(&[
+            ("langs", jv(3, 2), Some(r#"{"fr":true}"#)),
+            ("name", jv(1, 2), None),
+            ("x", jv(3, 1), None),
+        ])
+    );
+    // An old top-level object is a value whole (the HTTP layer writes its fields out
+    // when a patch descends into it).
+    assert_eq!(
+        m.shown_at(&["langs".to_owned()]),
+        Some(Shown::Value(&Bytes::from_static(br#"{"fr":true}"#)))
+    );
+}
+
+#[test]
+fn json_map_writes_the_fields_layout_whenever_it_holds_the_state() {
+    let tag = |m: &JsonMap| State::JsonMap(m.clone()).encode()[0];
+    let flat = JsonMap::patch(jv(1, 1), changes(&[("a", "1"), ("b", "-")]));
+    assert_eq!(tag(&flat), 4);
+    let nested = JsonMap::patch(jv(2, 1), changes(&[("c.d", "1")]));
+    assert_eq!(tag(&nested), 5);
+    let object = JsonMap::patch(jv(2, 1), changes(&[("c", "{}")]));
+    assert_eq!(tag(&object), 5);
+    // Written over, the nested paths stay (as what hides them), and so does tag 5.
+    let mut m = joined(&[&flat, &nested]);
+    m.join(&JsonMap::patch(jv(3, 1), changes(&[("c", "2")])));
+    assert_eq!(doc(&m), r#"{"a":1,"c":2}"#);
+    assert_eq!(tag(&m), 5);
+    for state in [flat, nested, object, m] {
+        let state = State::JsonMap(state);
+        assert_eq!(State::decode(&state.encode()).unwrap(), state);
+    }
+    // A top-level value without a cut is no state a writer makes, but one a peer may
+    // send: the fields layout cannot say it, so it stays in tag 5.
+    let mut no_cut = vec![5];
+    put_u32(&mut no_cut, 1);
+    no_cut.push(1);
+    put_bytes(&mut no_cut, b"a");
+    no_cut.extend_from_slice(&jv(1, 1).hlc.as_raw().to_le_bytes());
+    put_dot(&mut no_cut, jv(1, 1).dot);
+    no_cut.push(1);
+    put_bytes(&mut no_cut, b"1");
+    no_cut.push(0);
+    assert_eq!(State::decode(&no_cut).unwrap().encode(), no_cut);
+}
+
+#[test]
+fn json_map_paths_too_deep_or_empty_are_refused_when_decoded() {
+    let state = |depth: u8| {
+        let mut out = vec![5];
+        put_u32(&mut out, 1);
+        out.push(depth);
+        for _ in 0..depth {
+            put_bytes(&mut out, b"a");
+        }
+        out.extend_from_slice(&jv(1, 1).hlc.as_raw().to_le_bytes());
+        put_dot(&mut out, jv(1, 1).dot);
+        out.extend_from_slice(&[2, 0]);
+        if depth == 0 {
+            // What a name would have taken, so that the count fits.
+            out.extend_from_slice(&[0; 4]);
+        }
+        out
+    };
+    assert!(State::decode(&state(PATH_DEPTH_MAX as u8)).is_ok());
+    for depth in [0, PATH_DEPTH_MAX as u8 + 1] {
+        let err = State::decode(&state(depth)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("a path of {depth} fields")),
+            "{err}"
+        );
+    }
 }
 
 #[test]

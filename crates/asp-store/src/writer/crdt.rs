@@ -118,6 +118,18 @@ impl Writer {
                 ));
                 return refuse(w, err, &self.shared.metrics);
             }
+            if let CrdtOp::Patch(changes) = crdt
+                && let Some((path, _)) = changes.iter().find(|(path, _)| {
+                    path.is_empty() || path.len() > asp_core::crdt::PATH_DEPTH_MAX
+                })
+            {
+                let err = WriteError::Invalid(format!(
+                    "operation {i} on key {key:?}: a json-map path has {} fields; 1 to {} are allowed",
+                    path.len(),
+                    asp_core::crdt::PATH_DEPTH_MAX
+                ));
+                return refuse(w, err, &self.shared.metrics);
+            }
             if let CrdtOp::Write { context, .. } = crdt
                 && !self
                     .namespaces
@@ -164,9 +176,10 @@ impl Writer {
                         }),
                     ))
                 }
-                (CrdtOp::Patch(fields), State::JsonMap(_)) => {
-                    State::JsonMap(JsonMap::patch(Version { hlc, dot }, fields.iter().cloned()))
-                }
+                (CrdtOp::Patch(changes), State::JsonMap(_)) => State::JsonMap(JsonMap::patch(
+                    Version { hlc, dot },
+                    changes.iter().cloned(),
+                )),
                 _ => unreachable!("operation and state checked against the policy"),
             };
             if let Err(e) = state.join(&delta) {
