@@ -218,13 +218,14 @@ fn sibling_list(siblings: &[(asp_core::Dot, &crdt::Sibling)]) -> Vec<serde_json:
         .collect()
 }
 
-/// The operation a `POST` body names: `{"incr": n}`, `{"add": v}` or `{"remove": v}`.
+/// The operation a `POST` body names: `{"incr": n}`, `{"reset": true}`, `{"add": v}`
+/// or `{"remove": v}`.
 pub fn post_op(body: &[u8]) -> Result<CrdtOp, ApiError> {
     let invalid = |why: String| {
         ApiError::bad_request(
             "invalid_body",
             format!(
-                "{why}; send {{\"incr\": n}} to a counter, {{\"add\": value}} or {{\"remove\": value}} to a set"
+                "{why}; send {{\"incr\": n}} or {{\"reset\": true}} to a counter, {{\"add\": value}} or {{\"remove\": value}} to a set"
             ),
         )
     };
@@ -243,6 +244,8 @@ pub fn post_op(body: &[u8]) -> Result<CrdtOp, ApiError> {
                 i64::MAX
             ))
         }),
+        "reset" if arg == &serde_json::Value::Bool(true) => Ok(CrdtOp::Reset),
+        "reset" => Err(invalid("reset takes true: {\"reset\": true}".into())),
         "add" => Ok(CrdtOp::Add(Bytes::from(arg.to_string()))),
         "remove" => Ok(CrdtOp::Remove(Bytes::from(arg.to_string()))),
         other => Err(invalid(format!("unknown operation {other:?}"))),

@@ -36,6 +36,9 @@ pub enum WriteKind {
 pub enum CrdtOp {
     /// `counter`: add this (negative: subtract).
     Incr(i64),
+    /// `counter`: an observed reset: the value becomes 0 as this node sees it;
+    /// increments concurrent with it (not seen here yet) stay.
+    Reset,
     /// `set`: add a member.
     Add(Bytes),
     /// `set`: remove a member (the adds this node has seen of it).
@@ -57,7 +60,7 @@ impl CrdtOp {
     pub fn policy(&self) -> asp_core::crdt::Policy {
         use asp_core::crdt::Policy;
         match self {
-            CrdtOp::Incr(_) => Policy::Counter,
+            CrdtOp::Incr(_) | CrdtOp::Reset => Policy::Counter,
             CrdtOp::Add(_) | CrdtOp::Remove(_) => Policy::Set,
             CrdtOp::Write { .. } => Policy::Siblings,
             CrdtOp::Patch(_) => Policy::JsonMap,
@@ -67,7 +70,7 @@ impl CrdtOp {
     /// Bytes it carries, for the queue's budget.
     pub fn len(&self) -> usize {
         match self {
-            CrdtOp::Incr(_) => 8,
+            CrdtOp::Incr(_) | CrdtOp::Reset => 8,
             CrdtOp::Add(m) | CrdtOp::Remove(m) => m.len(),
             CrdtOp::Write { value, context } => {
                 value.as_ref().map_or(0, |(_, v)| v.len()) + 24 * context.iter().count()

@@ -116,6 +116,9 @@ impl fmt::Display for Policy {
     }
 }
 
+/// The state tag of a counter with reset bases (a counter without keeps tag 2).
+const COUNTER_RESET_TAG: u8 = 6;
+
 /// The first byte of the `context` of an event that carries a CRDT state.
 const EVENT_MARKER: u8 = 0xC7;
 
@@ -130,18 +133,41 @@ pub enum CrdtError {
     Malformed(String),
 }
 
-/// A PN-counter: per node, the total of its increments and of its decrements.
+/// A PN-counter: per node, the total of its increments and of its decrements; and,
+/// for an observed reset, the totals the resets saw.
+///
+/// A reset sets each node's *base* to the totals its writer held; the value counts
+/// only what is above the bases. Bases join by maximum, like the totals, so a reset
+/// takes back exactly the increments its writer had seen: an increment concurrent
+/// with it (not yet seen) survives it, on every node, whatever the order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PnCounter {
     inc: BTreeMap<NodeId, u64>,
     dec: BTreeMap<NodeId, u64>,
+    /// The totals of `inc` and `dec` the newest resets saw (never above them).
+    inc_base: BTreeMap<NodeId, u64>,
+    dec_base: BTreeMap<NodeId, u64>,
 }
 
 impl PnCounter {
-    /// The counter's value: every increment minus every decrement.
+    /// The counter's value: every increment minus every decrement, above the bases
+    /// of the resets.
     pub fn value(&self) -> i128 {
         let sum = |m: &BTreeMap<NodeId, u64>| m.values().map(|&v| v as i128).sum::<i128>();
-        sum(&self.inc) - sum(&self.dec)
+        sum(&self.inc) - sum(&self.dec) - sum(&self.inc_base) + sum(&self.dec_base)
+    }
+
+    /// The delta of a reset: the bases become the totals seen here, so the value
+    /// reads 0 where the reset's writer was; increments it had not seen stay.
+    pub fn reset(&self) -> PnCounter {
+        // The totals travel with their bases, so that every state, a delta too,
+        // holds no base above its total.
+        PnCounter {
+            inc: self.inc.clone(),
+            dec: self.dec.clone(),
+            inc_base: self.inc.clone(),
+            dec_base: self.dec.clone(),
+        }
     }
 
     /// The delta of `node` adding `amount` (negative: a decrement): its new total.
@@ -169,7 +195,12 @@ impl PnCounter {
     }
 
     pub fn join(&mut self, other: &PnCounter) {
-        for (mine, theirs) in [(&mut self.inc, &other.inc), (&mut self.dec, &other.dec)] {
+        for (mine, theirs) in [
+            (&mut self.inc, &other.inc),
+            (&mut self.dec, &other.dec),
+            (&mut self.inc_base, &other.inc_base),
+            (&mut self.dec_base, &other.dec_base),
+        ] {
             for (&node, &v) in theirs {
                 let e = mine.entry(node).or_insert(0);
                 *e = if crate::mutation::active(crate::mutation::Mutation::CounterJoinAdds) {
@@ -360,6 +391,20 @@ impl State {
         }
     }
 
+    /// Whether the state holds nothing a read would show and nothing a later write
+    /// would build on: a set without members, a register without siblings, a map
+    /// without fields. Such a key may be collected once every node holds its events
+    /// (docs/CONFLICTS.md). A counter never is: its per-node totals are what the next
+    /// increment of each node builds on, so dropping them would lose increments.
+    pub fn is_removed(&self) -> bool {
+        match self {
+            State::Counter(_) => false,
+            State::Set(s) => s.entries.is_empty(),
+            State::Siblings(r) => r.values.is_empty(),
+            State::JsonMap(m) => m.shown().next().is_none(),
+        }
+    }
+
     pub fn join(&mut self, other: &State) -> Result<(), CrdtError> {
         match (self, other) {
             (State::Counter(a), State::Counter(b)) => a.join(b),
@@ -377,7 +422,15 @@ impl State {
         let mut out = vec![self.policy().tag()];
         match self {
             State::Counter(c) => {
-                for map in [&c.inc, &c.dec] {
+                // A counter never reset keeps the first layout (tag 2), which every
+                // release reads; one with bases is tag 6: the four maps.
+                let maps = if c.inc_base.is_empty() && c.dec_base.is_empty() {
+                    vec![&c.inc, &c.dec]
+                } else {
+                    out[0] = COUNTER_RESET_TAG;
+                    vec![&c.inc, &c.dec, &c.inc_base, &c.dec_base]
+                };
+                for map in maps {
                     put_u32(&mut out, map.len());
                     for (node, v) in map {
                         out.extend_from_slice(&node.get().to_le_bytes());
@@ -419,14 +472,27 @@ impl State {
     pub fn decode(bytes: &[u8]) -> Result<State, CrdtError> {
         let mut r = Reader { bytes, pos: 0 };
         let state = match r.u8()? {
-            2 => {
+            tag @ (2 | COUNTER_RESET_TAG) => {
                 let mut c = PnCounter::default();
-                for map in [&mut c.inc, &mut c.dec] {
+                let maps = if tag == 2 {
+                    vec![&mut c.inc, &mut c.dec]
+                } else {
+                    vec![&mut c.inc, &mut c.dec, &mut c.inc_base, &mut c.dec_base]
+                };
+                for map in maps {
                     let n = r.count(16)?;
                     for _ in 0..n {
                         let node = r.node()?;
                         let v = r.u64()?;
                         map.insert(node, v);
+                    }
+                }
+                for (base, total) in [(&c.inc_base, &c.inc), (&c.dec_base, &c.dec)] {
+                    if base
+                        .iter()
+                        .any(|(n, b)| *b > total.get(n).copied().unwrap_or(0))
+                    {
+                        return Err(r.err("a reset base above its total"));
                     }
                 }
                 State::Counter(c)

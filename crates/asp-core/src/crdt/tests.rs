@@ -68,6 +68,8 @@ fn run(policy: Policy, ops: &[Op], early: &[bool]) -> (Vec<Replica>, Vec<State>)
         let hlc = Hlc::new(i as u64 / 2, 0);
         let dot = r.dot();
         let delta = match (&r.state, op.kind % 2) {
+            // Now and then an observed reset among the increments.
+            (State::Counter(c), _) if op.kind % 7 == 0 => State::Counter(c.reset()),
             (State::Counter(c), _) => {
                 let amount = i64::from(op.arg) - 1 + i64::from(op.kind % 3) * 5 - 5;
                 State::Counter(c.add(r.id, amount).unwrap())
@@ -218,7 +220,7 @@ proptest! {
     /// bytes after each policy tag (so that the decoder gets past the first byte)
     /// never panic, and whatever decodes survives encoding.
     #[test]
-    fn crdt_decoders_never_panic(tag in 0u8..6, body in prop::collection::vec(any::<u8>(), 0..300)) {
+    fn crdt_decoders_never_panic(tag in 0u8..8, body in prop::collection::vec(any::<u8>(), 0..300)) {
         let bytes = [vec![tag], body.clone()].concat();
         for input in [&bytes[..], &body[..]] {
             if let Ok(state) = State::decode(input) {
@@ -647,4 +649,45 @@ fn counter_overflow_is_refused() {
     s.join(&s.add(node(1), 1).unwrap());
     assert!(matches!(s.add(node(1), 1), Err(CrdtError::Overflow(_))));
     assert_eq!(s.value(), u64::MAX as i128);
+}
+
+#[test]
+fn a_reset_takes_back_what_it_saw_and_a_concurrent_increment_stays() {
+    let (a, b) = (node(1), node(2));
+    let mut at_a = PnCounter::default();
+    at_a.join(&at_a.add(a, 10).unwrap());
+    let mut at_b = at_a.clone();
+    at_b.join(&at_b.add(b, -3).unwrap());
+    // B resets having seen A's 10 and its own -3; A adds 5 meanwhile, unseen by B.
+    let reset = at_b.reset();
+    let incr = at_a.add(a, 5).unwrap();
+    at_b.join(&reset);
+    assert_eq!(at_b.value(), 0);
+    at_a.join(&incr);
+    for (x, y) in [(&reset, &incr), (&incr, &reset)] {
+        let mut c = PnCounter::default();
+        c.join(x);
+        c.join(y);
+        c.join(&at_b);
+        c.join(&at_a);
+        assert_eq!(
+            c.value(),
+            5,
+            "only the increment the reset had not seen counts"
+        );
+    }
+    // A counter never reset keeps the first layout (tag 2); one with bases is tag 6
+    // and round-trips; a base above its total is refused.
+    let plain = State::Counter(at_a.clone());
+    assert_eq!(plain.encode()[0], 2);
+    let mut joined = at_a.clone();
+    joined.join(&reset);
+    let with_bases = State::Counter(joined);
+    let bytes = with_bases.encode();
+    assert_eq!(bytes[0], COUNTER_RESET_TAG);
+    assert_eq!(State::decode(&bytes).unwrap(), with_bases);
+    let mut bad = PnCounter::default();
+    bad.join(&PnCounter::default().add(a, 1).unwrap());
+    bad.inc_base.insert(a, 2);
+    assert!(State::decode(&State::Counter(bad).encode()).is_err());
 }

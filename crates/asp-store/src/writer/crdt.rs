@@ -156,13 +156,36 @@ impl Writer {
             }
             let state = states.get_mut(key).expect("just ensured");
             let delta = match (crdt, &*state) {
-                (CrdtOp::Incr(n), State::Counter(c)) => match c.add(node_id, *n) {
-                    Ok(d) => State::Counter(d),
-                    Err(e) => {
-                        let err = WriteError::Invalid(format!("operation {i} on key {key:?}: {e}"));
-                        return refuse(w, err, &self.shared.metrics);
+                (CrdtOp::Incr(n), State::Counter(c)) => {
+                    let delta = c.add(node_id, *n).and_then(|d| {
+                        // The value a read shows stays a 64-bit integer (as this
+                        // node sees it; see docs/CONFLICTS.md for concurrent ones).
+                        // Concurrent increments merged may have passed the bounds
+                        // already: then only a move towards zero is taken.
+                        let mut after = c.clone();
+                        after.join(&d);
+                        let (was, is) = (c.value(), after.value());
+                        let inside = |v: i128| i64::try_from(v).is_ok();
+                        if !inside(is) && (inside(was) || is.abs() > was.abs()) {
+                            return Err(asp_core::crdt::CrdtError::Overflow(format!(
+                                "the value would be {}, outside {}..={}",
+                                after.value(),
+                                i64::MIN,
+                                i64::MAX
+                            )));
+                        }
+                        Ok(d)
+                    });
+                    match delta {
+                        Ok(d) => State::Counter(d),
+                        Err(e) => {
+                            let err =
+                                WriteError::Invalid(format!("operation {i} on key {key:?}: {e}"));
+                            return refuse(w, err, &self.shared.metrics);
+                        }
                     }
-                },
+                }
+                (CrdtOp::Reset, State::Counter(c)) => State::Counter(c.reset()),
                 (CrdtOp::Add(m), State::Set(s)) => State::Set(s.add(m.clone(), dot)),
                 (CrdtOp::Remove(m), State::Set(s)) => State::Set(s.remove(m, dot)),
                 (CrdtOp::Write { context, value }, State::Siblings(_)) => {
