@@ -23,7 +23,72 @@ pub(crate) fn rank(hlc: Hlc, dot: Dot) -> (u64, u16, u64, u64) {
 /// behind by more than the horizon is enough) keeps an epitaph that another collected
 /// outright; both read the key as deleted, and no write older than the delete can
 /// reach either (the `Resurrection` check).
+///
+/// Keys of the set, siblings and JSON-map namespaces compare by what a read of the
+/// whole key shows (the join of its entries): one node may have collected an emptied
+/// key (every entry gone) that another still holds, or hold only the entries written
+/// since, and both read the same.
 pub(crate) fn same_reads(
+    a: &BTreeMap<(Namespace, Key), KeyState>,
+    b: &BTreeMap<(Namespace, Key), KeyState>,
+) -> bool {
+    if a == b {
+        return true;
+    }
+    let collectable = |ns: &Namespace| {
+        matches!(
+            policy_of(ns),
+            Policy::Set | Policy::Siblings | Policy::JsonMap
+        )
+    };
+    let split = |m: &BTreeMap<(Namespace, Key), KeyState>| {
+        let mut plain = BTreeMap::new();
+        let mut crdt: BTreeMap<(Namespace, String), BTreeMap<Key, KeyState>> = BTreeMap::new();
+        for ((ns, entry), state) in m {
+            match entry.as_str().rsplit_once('#') {
+                Some((key, _)) if collectable(ns) => {
+                    crdt.entry((ns.clone(), key.to_owned()))
+                        .or_default()
+                        .insert(entry.clone(), state.clone());
+                }
+                _ => {
+                    plain.insert((ns.clone(), entry.clone()), state.clone());
+                }
+            }
+        }
+        (plain, crdt)
+    };
+    let ((plain_a, crdt_a), (plain_b, crdt_b)) = (split(a), split(b));
+    if !same_plain_reads(&plain_a, &plain_b) {
+        return false;
+    }
+    let keys: BTreeSet<&(Namespace, String)> = crdt_a.keys().chain(crdt_b.keys()).collect();
+    keys.into_iter().all(|k| {
+        let (x, y) = (crdt_a.get(k), crdt_b.get(k));
+        x == y || crdt_read(&k.0, x) == crdt_read(&k.0, y)
+    })
+}
+
+/// What a read of a CRDT key shows, from its entries (none: an empty state).
+fn crdt_read(namespace: &Namespace, entries: Option<&BTreeMap<Key, KeyState>>) -> String {
+    let mut state = State::empty(policy_of(namespace)).expect("a CRDT policy");
+    for (_, value) in entries.into_iter().flat_map(|e| e.values()) {
+        if let Some(value) = value
+            && let Ok(view) = State::decode(value)
+        {
+            state.join(&view).expect("one policy per namespace");
+        }
+    }
+    match &state {
+        State::Set(s) => format!("{:?}", s.members().collect::<Vec<_>>()),
+        State::Siblings(r) => format!("{:?}", r.siblings()),
+        State::JsonMap(m) => format!("{:?}", m.shown().collect::<Vec<_>>()),
+        State::Counter(c) => format!("{}", c.value()),
+    }
+}
+
+/// [`same_reads`] of the keys of the `lww` and counter namespaces.
+fn same_plain_reads(
     a: &BTreeMap<(Namespace, Key), KeyState>,
     b: &BTreeMap<(Namespace, Key), KeyState>,
 ) -> bool {
@@ -230,7 +295,9 @@ impl Sim {
             // older delete that reached this node after the collection (a node that
             // collected cannot tell it from any older event, and reconciliation may
             // leave it where it went); either reads as deleted.
-            let collected = matches!(w.op, Op::Delete)
+            // So may a CRDT key's entry, with every other entry of its key, once the
+            // key held nothing.
+            let collected = (matches!(w.op, Op::Delete) || !w.context.is_empty())
                 && collected
                     .get(&(ns.clone(), key.clone()))
                     .is_some_and(|d| d.iter().any(|(dot, _)| *dot == w.dot));

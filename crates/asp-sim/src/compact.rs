@@ -6,6 +6,9 @@
 //! run, at once: the survey, the collection through the writer (here between two
 //! groups, so in order with writes) and the sync before segments go.
 //!
+//! Emptied keys of the set, siblings and JSON-map namespaces are collected by the same
+//! rule, every entry of a key at once.
+//!
 //! Not modelled: relocation (the store moves the live records of a compacted segment
 //! to the head; here they stay where they are) and segment boundaries (here any
 //! record old enough may go).
@@ -16,6 +19,7 @@ impl Sim {
     /// One compaction run on `node`.
     pub(crate) fn compact(&mut self, node: usize) {
         let wall = self.wall_ms(node);
+        let fault = self.config.model_fault;
         let n = &mut self.nodes[node];
         // An fsync in flight: what it writes is not indexed yet, and the sync below
         // must not claim it. Requests queued: the store's collection would be applied
@@ -29,7 +33,7 @@ impl Sim {
         let vectors: Vec<(Namespace, VersionVector)> = store
             .vectors
             .iter()
-            .filter(|(ns, _)| policy_of(ns) == Policy::Lww)
+            .filter(|(ns, _)| policy_of(ns) != Policy::Counter)
             .map(|(ns, v)| (ns.clone(), v.clone()))
             .collect();
         let mut views = BTreeMap::new();
@@ -75,6 +79,56 @@ impl Sim {
             self.stats.epitaphs_dropped += 1;
         }
         let mut collected_keys = BTreeSet::new();
+        // CRDT keys (counters' never) that hold nothing, every entry held by every
+        // node and older than the TTL, no node away: all their entries go at once,
+        // as the store's compaction collects them.
+        let mut crdt_keys: BTreeMap<(Namespace, Key), Vec<((Namespace, Key), Version)>> =
+            BTreeMap::new();
+        let mut unstable = BTreeSet::new();
+        for ((ns, entry), (version, _)) in &store.state {
+            if matches!(policy_of(ns), Policy::Lww | Policy::Counter) {
+                continue;
+            }
+            let Some(view) = views.get(ns) else {
+                continue;
+            };
+            let Some((key, _)) = entry.as_str().rsplit_once('#') else {
+                continue;
+            };
+            let key = (ns.clone(), Key::new(key).expect("a valid key"));
+            let unstable_too = fault == Some(ModelFault::CrdtCollectsUnstable);
+            if !unstable_too
+                && (!view.complete
+                    || !view.stable.contains(version.dot)
+                    || wall.saturating_sub(version.hlc.physical_ms()) <= TOMBSTONE_TTL_MS)
+            {
+                unstable.insert(key.clone());
+            }
+            crdt_keys
+                .entry(key)
+                .or_default()
+                .push(((ns.clone(), entry.clone()), *version));
+        }
+        for (key, entries) in crdt_keys {
+            if unstable.contains(&key) {
+                continue;
+            }
+            let (ns, k) = &key;
+            let empty = State::empty(policy_of(ns)).expect("a CRDT policy");
+            if !store.joined(ns, k, empty).is_removed() {
+                continue;
+            }
+            for (entry, version) in entries {
+                store.state.remove(&entry);
+                store
+                    .collected_here
+                    .entry(entry.clone())
+                    .or_default()
+                    .push((version.dot, version.hlc));
+                collected_keys.insert(entry);
+            }
+            self.stats.crdt_collected += 1;
+        }
         for (k, version, epitaph) in collect {
             if epitaph {
                 store.epitaphs.insert(k.clone(), version);

@@ -169,6 +169,10 @@ pub enum ModelFault {
     /// duplicate when released and is dropped, and the write it carried is lost to
     /// this node.
     CoverClaimsHeld,
+    /// Compaction collects an emptied CRDT key without waiting for every node to
+    /// hold its entries: a late event made before its node saw the removals brings
+    /// removed members (values, fields) back.
+    CrdtCollectsUnstable,
 }
 
 /// Switches asp-core's mutation on for this thread while a world runs, and off again

@@ -292,6 +292,8 @@ pub struct ReconcileStats {
     /// the horizon); epitaphs dropped once every node holds their delete.
     pub collected: u64,
     pub epitaphs: u64,
+    /// Keys of CRDT namespaces collected (every entry of each), once emptied.
+    pub crdt_collected: u64,
     pub epitaphs_dropped: u64,
     /// Received events parked (their clock too far ahead), and released later.
     pub parked: u64,

@@ -71,7 +71,8 @@ pub struct CompactionReport {
     /// Live records copied forward to new feed positions.
     pub records_relocated: u64,
     /// Deletes (of `lww` keys) collected from the log: every known node holds them
-    /// and they are older than `tombstone_ttl_ms` (see docs/CONFLICTS.md).
+    /// and they are older than `tombstone_ttl_ms` (see docs/CONFLICTS.md); and the
+    /// per-node entries of emptied CRDT keys collected by the same rule, one each.
     pub tombstones_collected: u64,
     /// Of those, the ones that left an epitaph because some node was away past the
     /// horizon.
@@ -126,6 +127,10 @@ pub enum CompactionError {
     Failed(String),
 }
 
+/// The fewest entries a run must collect before it merges the key index's tables
+/// (and only if they are a quarter of its entries or more).
+const RECLAIM_ENTRIES_MIN: u64 = 10_000;
+
 /// How the records of one segment stand against the key index.
 #[derive(Default)]
 struct Survey {
@@ -151,7 +156,12 @@ enum Standing {
     /// A live delete that may be collected now: its key and entry, and whether it
     /// leaves an epitaph.
     Collectable(Vec<u8>, IndexEntry, bool),
-    /// A delete already collected: its key's entry is an epitaph or gone.
+    /// The newest state of a CRDT key that may be collected now: the key holds
+    /// nothing (see [`asp_core::crdt::State::is_removed`]) and every node holds all of
+    /// its entries, which are listed here (index key, entry) to go together.
+    CollectableState(Vec<(Vec<u8>, IndexEntry)>),
+    /// A delete already collected: its key's entry is an epitaph or gone (or a CRDT
+    /// key's state, collected with every entry of its key).
     Collected,
     /// The key index has no entry for the key: not expected, so never dropped.
     Unknown,
@@ -399,6 +409,21 @@ impl Store {
                 "compaction removed a log segment"
             );
         }
+        // Collected entries leave the index as removals, which free their space only
+        // when the LSM merges them with the tables holding the entries. After a run
+        // that collected a large share of the keys, that is done at once.
+        let collected = report.tombstones_collected - report.epitaphs_left;
+        if collected >= RECLAIM_ENTRIES_MIN
+            && collected as usize * 4 >= shared.index.approximate_keys()
+        {
+            let started = Instant::now();
+            shared.index.reclaim_keys()?;
+            tracing::info!(
+                collected,
+                ms = started.elapsed().as_millis() as u64,
+                "compaction merged the key index's tables after collecting"
+            );
+        }
         if !stop_after_relocation {
             report.epitaphs_dropped = self.sweep_epitaphs(&collecting)?;
             shared
@@ -433,7 +458,10 @@ impl Store {
             let copy = match standing(shared, &event, position, collecting, now_ms)? {
                 // A collection that did not take (the key was written in the
                 // same group): still live.
-                Standing::Live | Standing::Unknown | Standing::Collectable(..) => true,
+                Standing::Live
+                | Standing::Unknown
+                | Standing::Collectable(..)
+                | Standing::CollectableState(_) => true,
                 Standing::StaleCopy => {
                     moved.stale += 1;
                     false
@@ -472,8 +500,8 @@ impl Store {
         Ok(moved)
     }
 
-    /// Which deletes this run may collect: per `lww` namespace, the view of what every
-    /// known node holds (see [`asp_core::gc`]).
+    /// Which deletes and CRDT states this run may collect: per namespace (but
+    /// counters), the view of what every known node holds (see [`asp_core::gc`]).
     fn collecting(&self, now_ms: u64) -> Collecting {
         let shared = &self.inner.shared;
         let mut collecting = Collecting {
@@ -497,7 +525,8 @@ impl Store {
         let policies = shared.writer.policies.read().unwrap();
         let mut gc = shared.peers.gc.lock().unwrap();
         for (namespace, vector) in vectors {
-            if policies.get(&namespace) != Policy::Lww {
+            // lww deletes and CRDT states (not counters': see `crdt_state`).
+            if policies.get(&namespace) == Policy::Counter {
                 continue;
             }
             let view = gc.view(
@@ -531,6 +560,8 @@ impl Store {
         let shared = &self.inner.shared;
         let mut survey = Survey::default();
         let mut entries = Vec::new();
+        // CRDT keys already sent this survey (each origin's record names its key).
+        let mut states_sent: std::collections::HashSet<Vec<u8>> = Default::default();
         read_segment(shared, segment, |position, record| {
             if record.seq > indexed {
                 return Ok(false);
@@ -554,6 +585,23 @@ impl Store {
                     entries.push((Slice::from(key), entry, epitaph));
                     if entries.len() >= COLLECT_ENTRIES_MAX {
                         self.collect(std::mem::take(&mut entries), &mut survey)?;
+                    }
+                }
+                Standing::CollectableState(key_entries) => {
+                    survey.collectable += 1;
+                    let (first, _) = &key_entries[0];
+                    let prefix = first[..first.len() - 8].to_vec();
+                    if states_sent.insert(prefix) {
+                        // All of a key's entries go in one request: the writer applies
+                        // it as one index batch, so no read sees part of the key.
+                        if entries.len() + key_entries.len() > COLLECT_ENTRIES_MAX {
+                            self.collect(std::mem::take(&mut entries), &mut survey)?;
+                        }
+                        entries.extend(
+                            key_entries
+                                .into_iter()
+                                .map(|(k, e)| (Slice::from(k), e, false)),
+                        );
                     }
                 }
                 Standing::StaleCopy => survey.stale += 1,
@@ -750,9 +798,17 @@ fn standing(
             Op::Delete => Standing::Collected,
             Op::Put { .. } => Standing::Superseded,
         },
+        // Likewise, only collection removes a CRDT key's entries (all at once).
+        None if Policy::of_event(&event.context).is_some() => Standing::Collected,
         None => Standing::Unknown,
         Some(entry) if entry.dot != event.dot => Standing::Superseded,
         Some(entry) if entry.is_epitaph() => Standing::Collected,
+        Some(entry) if entry.position == position && !event.context.is_empty() => {
+            match collecting.crdt_state(shared, event, now_ms)? {
+                Some(entries) => Standing::CollectableState(entries),
+                None => Standing::Live,
+            }
+        }
         Some(entry) if entry.position == position => match collectable() {
             Some(epitaph) => Standing::Collectable(key, entry, epitaph),
             None => Standing::Live,
@@ -763,7 +819,7 @@ fn standing(
 
 /// Which deletes one compaction run may collect.
 pub(crate) struct Collecting {
-    /// Per `lww` namespace: which deletes every known node holds.
+    /// Per namespace (counters' left out): which events every known node holds.
     views: HashMap<Namespace, GcView>,
     ttl_ms: u64,
 }
@@ -780,6 +836,60 @@ impl Collecting {
             return None;
         }
         view.stable.contains(event.dot).then_some(!view.complete)
+    }
+
+    /// Whether the CRDT key of `event` (one of its per-origin states) may be collected
+    /// now, and if so every entry of the key. It may when the key's joined state holds
+    /// nothing ([`asp_core::crdt::State::is_removed`]), every entry's dot is held by
+    /// every known node (the rule of `lww` deletes), every entry is older than the
+    /// TTL, and no node is away past the horizon. Any event of the key this node has
+    /// not seen was then made by a node that held all of these, so its state carries
+    /// their removals, and any copy of these is a duplicate by dot. A node away leaves
+    /// CRDT keys alone (an epitaph would have to keep the very context collection
+    /// removes), as does a counter (its per-node totals are what increments build on).
+    fn crdt_state(
+        &self,
+        shared: &Shared,
+        event: &Event,
+        now_ms: u64,
+    ) -> Result<Option<Vec<(Vec<u8>, IndexEntry)>>, ReadError> {
+        let Some(view) = self.views.get(&event.namespace) else {
+            return Ok(None);
+        };
+        if !view.complete
+            || !matches!(Policy::of_event(&event.context), Some(p) if p != Policy::Counter && p != Policy::Lww)
+        {
+            return Ok(None);
+        }
+        let prefix = codec::crdt_key_prefix(event.namespace.as_str(), event.key.as_str());
+        let mut entries = Vec::new();
+        let mut fits = true;
+        shared.index.scan(&prefix, None, |k, entry| {
+            fits = view.stable.contains(entry.dot)
+                && !entry.is_epitaph()
+                && now_ms.saturating_sub(entry.hlc.physical_ms()) >= self.ttl_ms;
+            entries.push((k.to_vec(), entry));
+            fits
+        })?;
+        if !fits || entries.is_empty() {
+            return Ok(None);
+        }
+        // A state that does not decode is never collected (reads report it).
+        let mut state = None::<asp_core::crdt::State>;
+        for (_, entry) in &entries {
+            let Ok(one) = asp_core::crdt::State::decode(&shared.value_of(entry)?) else {
+                return Ok(None);
+            };
+            match &mut state {
+                None => state = Some(one),
+                Some(s) => {
+                    if s.join(&one).is_err() {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+        Ok(state.is_some_and(|s| s.is_removed()).then_some(entries))
     }
 }
 
