@@ -116,6 +116,8 @@ impl JsonMap {
                 (Kind::Object, true) => return Some(Shown::Object),
                 (Kind::Value(text), true) => return Some(Shown::Value(text)),
                 (Kind::Object, false) => {}
+                // A value's version is at most its own cut, which hides what is below;
+                // checked anyway for states no writer made.
                 (Kind::Value(_), false) => return None,
             }
         }
@@ -127,8 +129,8 @@ impl JsonMap {
     /// ancestor of another change keeps its own change (a caller should not send
     /// both: the HTTP layer never does).
     ///
-    /// Paths must be non-empty and at most [`PATH_DEPTH_MAX`] deep; the HTTP layer
-    /// refuses longer ones before they get here.
+    /// Paths must be non-empty and at most [`PATH_DEPTH_MAX`] deep: the HTTP layer and
+    /// the store refuse others before they get here (a bug if one does).
     pub fn patch(
         version: Version,
         changes: impl IntoIterator<Item = (Vec<String>, Change)>,
@@ -166,9 +168,9 @@ impl JsonMap {
         for (path, theirs) in &other.paths {
             match self.paths.get_mut(path) {
                 Some(mine) => {
-                    // Equal versions only meet in states no writer made (one event
-                    // writes a path once); the kind breaks the tie so that join stays
-                    // commutative even then.
+                    // Equal versions with different kinds only meet in states no
+                    // writer made (one event writes a path once); the kind breaks the
+                    // tie so that join stays commutative even then.
                     if (theirs.version, &theirs.kind) > (mine.version, &mine.kind)
                         && !crate::mutation::active(
                             crate::mutation::Mutation::JsonMapJoinKeepsFirst,
