@@ -82,8 +82,8 @@ impl Sim {
         // CRDT keys (counters' never) that hold nothing, every entry held by every
         // node and older than the TTL, no node away: all their entries go at once,
         // as the store's compaction collects them.
-        let mut crdt_keys: BTreeMap<(Namespace, Key), Vec<((Namespace, Key), Version)>> =
-            BTreeMap::new();
+        type Entries = Vec<((Namespace, Key), Version)>;
+        let mut crdt_keys: BTreeMap<(Namespace, Key), Entries> = BTreeMap::new();
         let mut unstable = BTreeSet::new();
         for ((ns, entry), (version, _)) in &store.state {
             if matches!(policy_of(ns), Policy::Lww | Policy::Counter) {

@@ -23,6 +23,9 @@
 //! points at another copy of the same event (left by an earlier, interrupted run), and
 //! *superseded* otherwise. Superseded records younger than their namespace's retention
 //! keep their whole segment.
+//!
+//! Size: one pass with its collection rules — copying forward, the base, and which
+//! deletes and emptied CRDT keys may go — share the per-segment walk and its views.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -149,6 +152,9 @@ struct Survey {
     keep: bool,
 }
 
+/// Every index entry of one CRDT key: (index key, entry).
+type KeyEntries = Vec<(Vec<u8>, IndexEntry)>;
+
 enum Standing {
     Live,
     StaleCopy,
@@ -159,7 +165,7 @@ enum Standing {
     /// The newest state of a CRDT key that may be collected now: the key holds
     /// nothing (see [`asp_core::crdt::State::is_removed`]) and every node holds all of
     /// its entries, which are listed here (index key, entry) to go together.
-    CollectableState(Vec<(Vec<u8>, IndexEntry)>),
+    CollectableState(KeyEntries),
     /// A delete already collected: its key's entry is an epitaph or gone (or a CRDT
     /// key's state, collected with every entry of its key).
     Collected,
@@ -852,7 +858,7 @@ impl Collecting {
         shared: &Shared,
         event: &Event,
         now_ms: u64,
-    ) -> Result<Option<Vec<(Vec<u8>, IndexEntry)>>, ReadError> {
+    ) -> Result<Option<KeyEntries>, ReadError> {
         let Some(view) = self.views.get(&event.namespace) else {
             return Ok(None);
         };
