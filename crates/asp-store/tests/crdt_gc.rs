@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use asp_core::crdt::{Context, Policy, State};
+use asp_core::crdt::{Change, Context, Policy, State};
 use asp_core::session::{NamespaceSummary, VectorReport};
 use asp_core::{ContentType, Dot, Event, Hlc, Key, Namespace, NodeId, Op, VersionVector};
 use asp_store::{CompactionReport, CrdtOp, Store, StoreConfig, WriteOp};
@@ -35,7 +35,7 @@ fn now_ms() -> u64 {
 }
 
 /// As in `gc.rs`: small segments, no retention, collectable at once; `s` a set,
-/// `r` siblings, `c` a counter.
+/// `r` siblings, `c` a counter, `m` a JSON map.
 fn config(dir: &Path) -> StoreConfig {
     let mut c = StoreConfig::new(dir);
     c.node_id = NodeId::new(ME);
@@ -47,6 +47,7 @@ fn config(dir: &Path) -> StoreConfig {
     c.namespace_policies.insert("s".into(), Policy::Set);
     c.namespace_policies.insert("r".into(), Policy::Siblings);
     c.namespace_policies.insert("c".into(), Policy::Counter);
+    c.namespace_policies.insert("m".into(), Policy::JsonMap);
     c
 }
 
@@ -61,21 +62,29 @@ fn member(i: usize) -> Bytes {
 /// `members` set members over keys of ten each: every one added, then every one
 /// removed, in batches of 1,000 operations.
 async fn add_then_remove(store: &Store, members: usize) {
+    add_then_remove_in(store, "s", members).await;
+}
+
+/// The same in the set `s` or the map `m` (a field `f<i>` set to the member's JSON
+/// text, then removed).
+async fn add_then_remove_in(store: &Store, namespace: &str, members: usize) {
     for remove in [false, true] {
         for chunk in (0..members).collect::<Vec<_>>().chunks(1000) {
             let ops = chunk
                 .iter()
                 .map(|&i| {
                     let key = Key::new(&format!("k{}", i / 10)).unwrap();
-                    let op = if remove {
-                        CrdtOp::Remove(member(i))
-                    } else {
-                        CrdtOp::Add(member(i))
+                    let path = vec![format!("f{i}")];
+                    let op = match (namespace, remove) {
+                        ("s", false) => CrdtOp::Add(member(i)),
+                        ("s", true) => CrdtOp::Remove(member(i)),
+                        (_, false) => CrdtOp::Patch(vec![(path, Change::Set(member(i)))]),
+                        (_, true) => CrdtOp::Patch(vec![(path, Change::Remove)]),
                     };
                     WriteOp::crdt(key, op)
                 })
                 .collect();
-            store.write(ns("s"), ops).await.unwrap();
+            store.write(ns(namespace), ops).await.unwrap();
         }
     }
 }
@@ -161,6 +170,16 @@ fn dir_bytes(path: &Path) -> u64 {
 /// twice: the second run removes the segments the first one's copies sealed).
 #[tokio::test]
 async fn an_emptied_set_namespace_shrinks_to_the_size_of_an_empty_one() {
+    emptied_namespace_shrinks("s").await;
+}
+
+/// The same for JSON maps whose every field was removed.
+#[tokio::test]
+async fn an_emptied_map_namespace_shrinks_to_the_size_of_an_empty_one() {
+    emptied_namespace_shrinks("m").await;
+}
+
+async fn emptied_namespace_shrinks(namespace: &str) {
     let n: usize = std::env::var("ASP_CRDT_GC_MEMBERS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -177,11 +196,17 @@ async fn an_emptied_set_namespace_shrinks_to_the_size_of_an_empty_one() {
 
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(config(dir.path())).unwrap();
-    add_then_remove(&store, n).await;
-    assert_eq!(keys(&store, "s"), n / 10);
-    assert!(members(&store, "k3").is_empty());
+    add_then_remove_in(&store, namespace, n).await;
+    assert_eq!(keys(&store, namespace), n / 10);
+    // Every key reads empty, and holds its entry still.
+    assert!(
+        store
+            .crdt_state(&ns(namespace), "k3")
+            .unwrap()
+            .is_some_and(|s| s.is_removed())
+    );
     seal(&store).await;
-    let held = vector(&store, "s");
+    let held = vector(&store, namespace);
     let before = dir_bytes(dir.path());
     let first = compact(&store).await;
     assert_eq!(first.tombstones_collected as usize, n / 10, "{first:?}");
@@ -189,22 +214,22 @@ async fn an_emptied_set_namespace_shrinks_to_the_size_of_an_empty_one() {
     compact(&store).await;
     // Gone from the index: no key of the namespace is left, none reads back, and
     // the node still holds every dot it wrote.
-    assert_eq!(keys(&store, "s"), 0);
-    assert!(store.crdt_state(&ns("s"), "k3").unwrap().is_none());
-    assert_eq!(vector(&store, "s"), held);
+    assert_eq!(keys(&store, namespace), 0);
+    assert!(store.crdt_state(&ns(namespace), "k3").unwrap().is_none());
+    assert_eq!(vector(&store, namespace), held);
     store.shutdown().await;
     drop(store);
     let after = dir_bytes(dir.path());
     eprintln!(
-        "{n} members added and removed: {before} bytes before compaction, {after} after; a store without them: {empty_bytes}"
+        "{namespace}: {n} members (fields) added and removed: {before} bytes before compaction, {after} after; a store without them: {empty_bytes}"
     );
     assert!(
         (after as f64) <= empty_bytes as f64 * 1.10,
-        "{after} bytes on disk after collection, {empty_bytes} for a store without the set"
+        "{after} bytes on disk after collection, {empty_bytes} for a store without them"
     );
     // Reopened: still empty, nothing more to collect.
     let store = Store::open(config(dir.path())).unwrap();
-    assert_eq!(keys(&store, "s"), 0);
+    assert_eq!(keys(&store, namespace), 0);
     assert_eq!(compact(&store).await.tombstones_collected, 0);
     store.shutdown().await;
 }
