@@ -427,12 +427,10 @@ impl Store {
                 "compaction removed a log segment"
             );
         }
-        // Collected entries leave the index as removals, and pruned ones are
-        // overwritten: either frees its space only when the LSM merges the new
-        // records with the tables holding the old entries. After a run that collected
-        // or pruned a large share of the keys, that is done at once.
-        let collected =
-            report.tombstones_collected - report.epitaphs_left + report.crdt_keys_pruned;
+        // Collected entries leave the index as removals, which free their space only
+        // when the LSM merges them with the tables holding the entries. After a run
+        // that collected a large share of the keys, that is done at once.
+        let collected = report.tombstones_collected - report.epitaphs_left;
         if collected >= RECLAIM_ENTRIES_MIN
             && collected as usize * 4 >= shared.index.approximate_keys()
         {
