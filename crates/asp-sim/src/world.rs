@@ -294,8 +294,6 @@ pub struct ReconcileStats {
     pub epitaphs: u64,
     /// Keys of CRDT namespaces collected (every entry of each), once emptied.
     pub crdt_collected: u64,
-    /// Live keys of CRDT namespaces whose entries were replaced by their pruned join.
-    pub crdt_pruned: u64,
     pub epitaphs_dropped: u64,
     /// Received events parked (their clock too far ahead), and released later.
     pub parked: u64,

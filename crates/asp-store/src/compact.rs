@@ -77,11 +77,6 @@ pub struct CompactionReport {
     /// and they are older than `tombstone_ttl_ms` (see docs/CONFLICTS.md); and the
     /// per-node entries of emptied CRDT keys collected by the same rule, one each.
     pub tombstones_collected: u64,
-    /// Live CRDT keys whose entries were written again smaller: every known node
-    /// holds all of them, so each now holds their join without what no read shows
-    /// (a json-map's removed paths, a set's members removed since an entry was
-    /// written). See docs/CONFLICTS.md, "Inside a live key".
-    pub crdt_keys_pruned: u64,
     /// Of those, the ones that left an epitaph because some node was away past the
     /// horizon.
     pub epitaphs_left: u64,
@@ -152,8 +147,6 @@ struct Survey {
     /// an epitaph.
     collected: u64,
     epitaphs: u64,
-    /// Live CRDT keys this survey wrote again smaller.
-    pruned: u64,
     /// A superseded record is younger than its namespace's retention, or the index
     /// does not know a key of the segment: the segment stays.
     keep: bool,
@@ -173,10 +166,6 @@ enum Standing {
     /// nothing (see [`asp_core::crdt::State::is_removed`]) and every node holds all of
     /// its entries, which are listed here (index key, entry) to go together.
     CollectableState(KeyEntries),
-    /// A live CRDT key whose entries may be written again smaller: each of its
-    /// entries' events (with the position of its record), its value now the pruned
-    /// join of them all. They go to the writer together, as one transaction.
-    PrunableState(Vec<(Event, LogPosition)>),
     /// A delete already collected: its key's entry is an epitaph or gone (or a CRDT
     /// key's state, collected with every entry of its key).
     Collected,
@@ -338,7 +327,6 @@ impl Store {
             }
             let survey = self.survey(&segment, &collecting, now_ms, indexed)?;
             report.tombstones_collected += survey.collected;
-            report.crdt_keys_pruned += survey.pruned;
             report.epitaphs_left += survey.epitaphs;
             shared.metrics.tombstones_collected.inc_by(survey.collected);
             shared.metrics.epitaphs_left.inc_by(survey.epitaphs);
@@ -479,8 +467,7 @@ impl Store {
                 Standing::Live
                 | Standing::Unknown
                 | Standing::Collectable(..)
-                | Standing::CollectableState(_)
-                | Standing::PrunableState(_) => true,
+                | Standing::CollectableState(_) => true,
                 Standing::StaleCopy => {
                     moved.stale += 1;
                     false
@@ -621,20 +608,6 @@ impl Store {
                                 .into_iter()
                                 .map(|(k, e)| (Slice::from(k), e, false)),
                         );
-                    }
-                }
-                Standing::PrunableState(records) => {
-                    survey.live += 1;
-                    let prefix = codec::crdt_key_prefix(
-                        record.event.namespace.as_str(),
-                        record.event.key.as_str(),
-                    );
-                    if states_sent.insert(prefix) {
-                        let bytes = records.iter().map(|(_, p)| p.frame_len as usize).sum();
-                        // One request, one transaction in the log: on every replay
-                        // either all of the key's entries hold the pruned join or none.
-                        self.relocate(records, bytes)?;
-                        survey.pruned += 1;
                     }
                 }
                 Standing::StaleCopy => survey.stale += 1,
@@ -838,8 +811,7 @@ fn standing(
         Some(entry) if entry.is_epitaph() => Standing::Collected,
         Some(entry) if entry.position == position && !event.context.is_empty() => {
             match collecting.crdt_state(shared, event, now_ms)? {
-                Some(CrdtDecision::Collect(entries)) => Standing::CollectableState(entries),
-                Some(CrdtDecision::Prune(records)) => Standing::PrunableState(records),
+                Some(entries) => Standing::CollectableState(entries),
                 None => Standing::Live,
             }
         }
@@ -872,30 +844,21 @@ impl Collecting {
         view.stable.contains(event.dot).then_some(!view.complete)
     }
 
-    /// What may be done now with the CRDT key of `event` (one of its per-origin
-    /// states), when every entry's dot is held by every known node (the rule of `lww`
-    /// deletes), every entry is older than the TTL, and no node is away past the
-    /// horizon. Any event of the key this node has not seen was then made by a node
-    /// that held all of these entries, so its state carries what they removed (or, if
-    /// that node pruned, none of what the removals hid), and any copy of these is a
-    /// duplicate by dot. So:
-    ///
-    /// - a key whose joined state holds nothing
-    ///   ([`asp_core::crdt::State::is_removed`]) loses every entry;
-    /// - a key that holds something has each entry written again as the join of all
-    ///   of them, pruned ([`asp_core::crdt::State::pruned`]), when that takes less
-    ///   room than the entries do now. Every entry, not just one: an entry left as it
-    ///   was could hold an older write that only a pruned removal hid.
-    ///
-    /// A node away leaves CRDT keys alone (an epitaph would have to keep the very
-    /// context collection removes), as does a counter (its per-node totals are what
-    /// increments build on).
+    /// Whether the CRDT key of `event` (one of its per-origin states) may be collected
+    /// now, and if so every entry of the key. It may when the key's joined state holds
+    /// nothing ([`asp_core::crdt::State::is_removed`]), every entry's dot is held by
+    /// every known node (the rule of `lww` deletes), every entry is older than the
+    /// TTL, and no node is away past the horizon. Any event of the key this node has
+    /// not seen was then made by a node that held all of these, so its state carries
+    /// their removals, and any copy of these is a duplicate by dot. A node away leaves
+    /// CRDT keys alone (an epitaph would have to keep the very context collection
+    /// removes), as does a counter (its per-node totals are what increments build on).
     fn crdt_state(
         &self,
         shared: &Shared,
         event: &Event,
         now_ms: u64,
-    ) -> Result<Option<CrdtDecision>, ReadError> {
+    ) -> Result<Option<KeyEntries>, ReadError> {
         let Some(view) = self.views.get(&event.namespace) else {
             return Ok(None);
         };
@@ -919,11 +882,8 @@ impl Collecting {
         }
         // A state that does not decode is never collected (reads report it).
         let mut state = None::<asp_core::crdt::State>;
-        let mut bytes_now = 0;
         for (_, entry) in &entries {
-            let value = shared.value_of(entry)?;
-            bytes_now += value.len();
-            let Ok(one) = asp_core::crdt::State::decode(&value) else {
+            let Ok(one) = asp_core::crdt::State::decode(&shared.value_of(entry)?) else {
                 return Ok(None);
             };
             match &mut state {
@@ -935,39 +895,8 @@ impl Collecting {
                 }
             }
         }
-        let Some(state) = state else {
-            return Ok(None);
-        };
-        if state.is_removed() {
-            return Ok(Some(CrdtDecision::Collect(entries)));
-        }
-        let pruned = bytes::Bytes::from(state.pruned().encode());
-        if pruned.len() * entries.len() >= bytes_now {
-            return Ok(None);
-        }
-        let mut records = Vec::with_capacity(entries.len());
-        for (_, entry) in &entries {
-            let mut event = shared.event_at(entry)?;
-            let Op::Put { content_type, .. } = event.op else {
-                return Ok(None);
-            };
-            event.op = Op::Put {
-                content_type,
-                value: pruned.clone(),
-            };
-            records.push((event, entry.position));
-        }
-        Ok(Some(CrdtDecision::Prune(records)))
+        Ok(state.is_some_and(|s| s.is_removed()).then_some(entries))
     }
-}
-
-/// What compaction may do with a CRDT key ([`Collecting::crdt_state`]).
-enum CrdtDecision {
-    /// The key holds nothing: every entry goes (index key, entry).
-    Collect(KeyEntries),
-    /// Each entry's event, with the position of its record, to write again with the
-    /// key's pruned state.
-    Prune(Vec<(Event, LogPosition)>),
 }
 
 /// Whether a superseded event is past its namespace's retention.

@@ -188,24 +188,6 @@ impl JsonMap {
         }
     }
 
-    /// The same document with only the registers it shows: removed paths and
-    /// everything a cut hides go. Reads are unchanged; what is dropped mattered only
-    /// against states that still hold older writes at those paths. Compaction writes
-    /// this form once every node holds every state of the key (docs/CONFLICTS.md,
-    /// "Inside a live key"): from then on any state this node has not seen was made by
-    /// a node that held the dropped registers, so it holds them or none of what they
-    /// hide. The state this gives is below `self` in the join's order.
-    pub fn pruned(&self) -> JsonMap {
-        JsonMap {
-            paths: self
-                .paths
-                .iter()
-                .filter(|(path, _)| self.shown_at(path).is_some())
-                .map(|(path, r)| (path.clone(), r.clone()))
-                .collect(),
-        }
-    }
-
     /// Whether the layout of tag 4 (top-level fields, each a value or a removal, with
     /// the version that cut it) holds all of this state.
     fn fits_fields_layout(&self) -> bool {

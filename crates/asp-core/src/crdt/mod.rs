@@ -405,17 +405,6 @@ impl State {
         }
     }
 
-    /// The state with what no read shows and no later write needs dropped: a
-    /// json-map's removed and hidden paths ([`JsonMap::pruned`]). A set or siblings
-    /// state keeps only live entries and a version vector already, and a counter needs
-    /// all of its totals: those come back unchanged.
-    pub fn pruned(&self) -> State {
-        match self {
-            State::JsonMap(m) => State::JsonMap(m.pruned()),
-            other => other.clone(),
-        }
-    }
-
     pub fn join(&mut self, other: &State) -> Result<(), CrdtError> {
         match (self, other) {
             (State::Counter(a), State::Counter(b)) => a.join(b),

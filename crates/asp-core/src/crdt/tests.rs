@@ -60,22 +60,12 @@ fn ops() -> impl Strategy<Value = Vec<Op>> {
 /// (per `early`), so that later operations see partial states, as they do across a
 /// network. Returns the replicas and every delta in emission order.
 fn run(policy: Policy, ops: &[Op], early: &[bool]) -> (Vec<Replica>, Vec<State>) {
-    let replicas: Vec<Replica> = (1..=3).map(|i| Replica::new(i, policy)).collect();
-    run_from(replicas, 0, ops, early)
-}
-
-/// [`run`] from the given replicas, clock readings starting at `ms`.
-fn run_from(
-    mut replicas: Vec<Replica>,
-    ms: u64,
-    ops: &[Op],
-    early: &[bool],
-) -> (Vec<Replica>, Vec<State>) {
+    let mut replicas: Vec<Replica> = (1..=3).map(|i| Replica::new(i, policy)).collect();
     let mut old_contexts: Vec<Context> = vec![Context::default()];
     let mut deltas = Vec::new();
     for (i, op) in ops.iter().enumerate() {
         let r = &mut replicas[op.replica];
-        let hlc = Hlc::new(ms + i as u64 / 2, 0);
+        let hlc = Hlc::new(i as u64 / 2, 0);
         let dot = r.dot();
         let delta = match (&r.state, op.kind % 2) {
             // Now and then an observed reset among the increments.
@@ -226,57 +216,6 @@ proptest! {
         let _ = State::decode(&garbage);
     }
 
-    /// Pruning a state that every replica holds changes no read, now or later:
-    /// replicas that prune it and replicas that do not write on, hear every later
-    /// delta and the old unpruned state again (another node's entry), and read the
-    /// same as replicas that never pruned. (The store prunes only under the
-    /// collection rule, which makes "every replica holds it" true: see
-    /// `pruning_before_every_replica_holds_a_removal_brings_a_value_back`.)
-    #[test]
-    fn pruning_a_state_every_replica_holds_changes_no_read(
-        before in ops(),
-        after in ops(),
-        early in prop::collection::vec(any::<bool>(), 40),
-        prune in prop::collection::vec(any::<bool>(), 3),
-    ) {
-        for policy in CRDTS {
-            let (replicas, deltas) = run(policy, &before, &early);
-            let mut all = State::empty(policy).unwrap();
-            for d in &deltas {
-                all.join(d).unwrap();
-            }
-            prop_assert_eq!(read(&all.pruned()), read(&all), "{}", policy);
-            let held: Vec<Replica> = replicas
-                .into_iter()
-                .map(|r| Replica { state: all.clone(), ..r })
-                .collect();
-            let some_pruned: Vec<Replica> = held
-                .iter()
-                .zip(&prune)
-                .map(|(r, &p)| Replica {
-                    state: if p { r.state.pruned() } else { r.state.clone() },
-                    ..r.clone()
-                })
-                .collect();
-            // Later clock readings: every later write was made after its node held
-            // everything before.
-            let ms = before.len() as u64;
-            let (plain, plain_deltas) = run_from(held, ms, &after, &early);
-            let (pruned, pruned_deltas) = run_from(some_pruned, ms, &after, &early);
-            for (p, q) in plain.into_iter().zip(pruned) {
-                let (mut x, mut y) = (p.state, q.state);
-                for d in &plain_deltas {
-                    x.join(d).unwrap();
-                }
-                for d in &pruned_deltas {
-                    y.join(d).unwrap();
-                }
-                y.join(&all).unwrap();
-                prop_assert_eq!(read(&y), read(&x), "{}", policy);
-            }
-        }
-    }
-
     /// The decoders behind the fuzz target `crdt_state`, in every CI run: arbitrary
     /// bytes after each policy tag (so that the decoder gets past the first byte)
     /// never panic, and whatever decodes survives encoding.
@@ -409,34 +348,6 @@ fn a_write_with_a_token_replaces_exactly_what_it_saw() {
 
 /// A version at `ms` milliseconds from origin `o` (counter `ms`: unique per origin in
 /// these tests).
-/// What a read shows of a state: a json-map's document, any other state whole.
-fn read(state: &State) -> String {
-    match state {
-        State::JsonMap(m) => doc(m),
-        other => format!("{other:?}"),
-    }
-}
-
-/// Why the store prunes only states every node holds: a node that pruned a removal
-/// another node has not heard of yet would take that node's older value back.
-#[test]
-fn pruning_before_every_replica_holds_a_removal_brings_a_value_back() {
-    let set = JsonMap::patch(jv(1, 1), changes(&[("a", "1"), ("b", "2")]));
-    let remove = JsonMap::patch(jv(2, 1), changes(&[("a", "-")]));
-    let mut at_a = joined(&[&set, &remove]);
-    assert_eq!(doc(&at_a), r#"{"b":2}"#);
-    // B holds only the first patch. A's state, whole, keeps `a` removed at B...
-    let at_b = joined(&[&set]);
-    assert_eq!(doc(&joined(&[&at_b, &at_a])), r#"{"b":2}"#);
-    // ...pruned, it no longer says `a` was removed, and B's older `a` is back.
-    at_a = at_a.pruned();
-    assert_eq!(doc(&at_a), r#"{"b":2}"#);
-    assert_eq!(doc(&joined(&[&at_b, &at_a])), r#"{"a":1,"b":2}"#);
-    // Once B holds the removal too, the pruned state joins it without change.
-    let at_b = joined(&[&set, &remove]);
-    assert_eq!(doc(&joined(&[&at_b, &at_a])), r#"{"b":2}"#);
-}
-
 fn jv(ms: u64, o: u64) -> Version {
     Version {
         hlc: Hlc::new(ms, 0),

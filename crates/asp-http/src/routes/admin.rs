@@ -77,7 +77,6 @@ pub(super) async fn compact(State(state): State<AppState>) -> Result<Response, A
         "stale_copies_dropped": report.stale_copies_dropped,
         "records_relocated": report.records_relocated,
         "tombstones_collected": report.tombstones_collected,
-        "crdt_keys_pruned": report.crdt_keys_pruned,
         "epitaphs_left": report.epitaphs_left,
         "epitaphs_dropped": report.epitaphs_dropped,
         "log_bytes_before": report.log_bytes_before,
