@@ -3,9 +3,10 @@
 //! its records from the log, once every known node holds all of its entries — the
 //! rule of `lww` deletes (`gc.rs`). Counters are never collected.
 //!
-//! `ASP_CRDT_GC_MEMBERS` sets how many set members the storage test adds and removes
-//! (default 20,000; with 1,000,000 it takes about 50 s here, and the store's 635 MB
-//! went back to 1.43 MB against 1.39 MB for a store that never held them).
+//! `ASP_CRDT_GC_MEMBERS` sets how many set members (map fields) the storage tests add
+//! and remove (default 20,000; with 1,000,000 the set test takes about 50 s here and the
+//! store's 635 MB went back to 1.43 MB, the map test about 65 s and 912 MB went back
+//! to 1.43 MB, against 1.39 MB for a store that never held them: bench/RESULTS.md).
 
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
