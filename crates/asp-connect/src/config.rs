@@ -233,7 +233,7 @@ fn check_one(c: &ConnectorConfig) -> Result<Connector, String> {
         return Err("dead_letter must be another namespace than the connected one".into());
     }
     // MQTT's default is the largest batch: its redelivered duplicates are told apart
-    // only within the last 4 batches (`runtime::RECENT_BATCHES`), and Mosquitto can
+    // only within the last 16 batches (`runtime::MQTT_RECENT_BATCHES`), and Mosquitto can
     // redeliver more than a thousand messages after a crash (docs/CONNECTORS.md, MQTT).
     let default_batch = if c.kind == Kind::Mqtt { BATCH_MAX } else { 256 };
     let batch = c.batch.unwrap_or(default_batch);
