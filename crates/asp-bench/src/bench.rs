@@ -19,6 +19,13 @@
 //!   nothing retained by the other scenarios counts;
 //! - `gc`: one compaction of a store whose first half of keys were all deleted, with
 //!   tombstone collection off and on (`--batch-events / 2` keys per half).
+//!
+//! The tables go to stdout; SVG plots of the same figures (latency CDFs, rates) go to
+//! `--plots` (see plot.rs).
+//!
+//! Size: one command — its arguments, the loop over scenarios and repetitions, the
+//! tables and plots of what they measured, and the ingest scenarios themselves; the
+//! other scenarios live in their own modules.
 
 use std::io::Write as _;
 use std::os::unix::fs::FileExt;
@@ -112,6 +119,10 @@ pub struct BenchArgs {
     /// anti-entropy runs, comma-separated.
     #[arg(long, default_value = "10,1000,10000", value_delimiter = ',')]
     handover_diffs: Vec<u64>,
+    /// Where to write SVG plots of this run's latencies (CDFs) and rates (bars), one
+    /// or two per scenario, or `off`.
+    #[arg(long, default_value = "bench/plots")]
+    plots: String,
     /// Internal: run one rss measurement in this process and print it as JSON.
     #[arg(long, hide = true)]
     rss_child: Option<String>,
@@ -174,6 +185,9 @@ struct RunResult {
     p99_us: u64,
     max_us: u64,
     peak_rss_mb: Option<f64>,
+    /// The run's latency CDF, for the plots (the rss child does not send it).
+    #[serde(skip)]
+    cdf: Vec<(f64, f64)>,
 }
 
 impl RunResult {
@@ -247,25 +261,27 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
     eprintln!("asp-bench on {machine}");
     eprintln!("bench directory: {}", args.dir.display());
 
-    // (label, mode) -> results of each repetition.
-    let mut table: Vec<(String, Option<FsyncMode>, Vec<RunResult>)> = Vec::new();
-    let mut record = |label: &str, mode: Option<FsyncMode>, r: RunResult| match table
+    // (scenario, label, mode) -> results of each repetition.
+    type Row = (&'static str, String, Option<FsyncMode>, Vec<RunResult>);
+    let mut table: Vec<Row> = Vec::new();
+    let mut record = |key, label: &str, mode: Option<FsyncMode>, r: RunResult| match table
         .iter_mut()
-        .find(|(l, m, _)| l == label && *m == mode)
+        .find(|(_, l, m, _)| l == label && *m == mode)
     {
-        Some((_, _, v)) => v.push(r),
-        None => table.push((label.to_owned(), mode, vec![r])),
+        Some((_, _, _, v)) => v.push(r),
+        None => table.push((key, label.to_owned(), mode, vec![r])),
     };
     let wants = |s: &str| args.scenarios.iter().any(|x| x == s);
-    // (scenario, system) -> results of each repetition.
-    let mut replication: Vec<(String, String, Vec<ReplicationResult>)> = Vec::new();
+    // (scenario key, scenario, system) -> results of each repetition.
+    type ReplicationRow = (&'static str, String, String, Vec<ReplicationResult>);
+    let mut replication: Vec<ReplicationRow> = Vec::new();
     let mut record_replication =
-        |scenario: &str, system: &str, r: ReplicationResult| match replication
+        |key, scenario: &str, system: &str, r: ReplicationResult| match replication
             .iter_mut()
-            .find(|(s, y, _)| s == scenario && y == system)
+            .find(|(_, s, y, _)| s == scenario && y == system)
         {
-            Some((_, _, v)) => v.push(r),
-            None => replication.push((scenario.to_owned(), system.to_owned(), vec![r])),
+            Some((_, _, _, v)) => v.push(r),
+            None => replication.push((key, scenario.to_owned(), system.to_owned(), vec![r])),
         };
     let values = Arc::new(crate::bench_replication::Values::new(args.value_bytes));
     let value = Bytes::from(
@@ -279,6 +295,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
         for &mode in &modes {
             if wants("fsync") {
                 record(
+                    "fsync",
                     "fsync 4 KiB",
                     None,
                     fsync_probe(&args.dir, Duration::from_secs(2))?,
@@ -286,15 +303,15 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
             }
             if wants("single") {
                 let r = lib_single(&args, mode, value.clone()).await?;
-                record("library, single-event writes", Some(mode), r);
+                record("single", "library, single-event writes", Some(mode), r);
             }
             if wants("batch") {
                 let r = lib_batch(&args, mode, value.clone(), args.batch_events, false).await?;
-                record("library, 1,000-event batches", Some(mode), r);
+                record("batch", "library, 1,000-event batches", Some(mode), r);
             }
             if wants("http") {
                 let r = http_batch(&args, mode, value.clone()).await?;
-                record("HTTP batch endpoint", Some(mode), r);
+                record("http", "HTTP batch endpoint", Some(mode), r);
             }
         }
         if wants("catchup") {
@@ -327,7 +344,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
                         fmt_rate(r.events_per_s),
                         r.mb_per_s
                     );
-                    record_replication(&label, &system, r);
+                    record_replication("catchup", &label, &system, r);
                 }
             }
             for aof in [true, false] {
@@ -356,7 +373,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
                     fmt_rate(r.events_per_s),
                     r.mb_per_s
                 );
-                record_replication(&label, system, r);
+                record_replication("catchup", &label, system, r);
             }
         }
         if wants("live") {
@@ -377,13 +394,14 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
                         hist.value_at_quantile(0.5),
                         hist.value_at_quantile(0.99),
                         hist.max(),
+                        crate::plot::cdf_points(&hist),
                     );
                     let system = via_system(asp_system(mode, tls, args.tls.len()), &via);
                     eprintln!(
                         "  {system} live latency: p50 {} µs, p99 {} µs, max {} µs",
                         r.p50_us, r.p99_us, r.max_us
                     );
-                    record_replication(&label, &system, r);
+                    record_replication("live", &label, &system, r);
                 }
             }
             for aof in [true, false] {
@@ -395,7 +413,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
                     aof,
                 )
                 .await?;
-                let r = ReplicationResult::latency(l.p50_us, l.p99_us, l.max_us);
+                let r = ReplicationResult::latency(l.p50_us, l.p99_us, l.max_us, l.cdf);
                 let system = if aof {
                     "Redis, AOF everysec"
                 } else {
@@ -405,7 +423,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
                     "  {system} live latency: p50 {} µs, p99 {} µs, max {} µs",
                     r.p50_us, r.p99_us, r.max_us
                 );
-                record_replication(&label, system, r);
+                record_replication("live", &label, system, r);
             }
         }
     }
@@ -413,6 +431,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
         for &mode in &modes {
             let r = rss_in_child(&args, mode)?;
             record(
+                "rss",
                 &format!("{} distinct keys (RSS)", fmt_rate(args.rss_events as f64)),
                 Some(mode),
                 r,
@@ -420,6 +439,9 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
     }
 
+    let mut plots = crate::plot::Plots::new(machine.clone());
+    let unit =
+        |runs: usize| format!("events/s (median of {runs} runs; whisker: lowest to highest)");
     let mut out = String::new();
     out.push_str(&format!("machine: {machine}\n\n"));
     if !table.is_empty() {
@@ -428,8 +450,28 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
         );
         out.push_str("|---|---|---:|---:|---:|---:|---:|---:|\n");
     }
-    for (label, mode, runs) in &table {
+    for (key, label, mode, runs) in &table {
         let m = median_run(runs);
+        if *key != "rss" {
+            let title = format!("{key}: {label}");
+            let name = mode.map_or_else(|| label.clone(), |m| format!("fsync={m}"));
+            let sample = match *key {
+                "fsync" => "one 4 KiB write + fdatasync".to_owned(),
+                "single" => "one write call (one event)".to_owned(),
+                _ => format!("one write call ({} events)", args.batch_size),
+            };
+            let series = crate::plot::Series {
+                name: name.clone(),
+                points: m.cdf.clone(),
+            };
+            plots.latency(key, &title, &format!("latency of {sample}"), series);
+            plots.throughput(
+                key,
+                &title,
+                &unit(runs.len()),
+                crate::plot::Bar::of(name, m.rate(), runs.iter().map(RunResult::rate)),
+            );
+        }
         out.push_str(&format!(
             "| {label} | {} | {} | {} | {} | {} | {} | {} |\n",
             mode.map_or("-".into(), |m| m.to_string()),
@@ -449,10 +491,28 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if !replication.is_empty() {
         out.push_str("\n| replication | system | events/s | MB/s | p50 | p99 | max |\n|---|---|---:|---:|---:|---:|---:|\n");
-        for (scenario, system, runs) in &replication {
+        for (key, scenario, system, runs) in &replication {
             let mut sorted = runs.clone();
             sorted.sort_by(|a, b| a.sort_key().total_cmp(&b.sort_key()));
             let m = &sorted[sorted.len() / 2];
+            let title = format!("{key}: {scenario}");
+            if *key == "live" {
+                let series = crate::plot::Series {
+                    name: system.clone(),
+                    points: m.cdf.clone(),
+                };
+                let x = "time from a write's acknowledgement to its arrival on the replica";
+                plots.latency(key, &title, x, series);
+            } else {
+                let rates = runs.iter().map(|r| r.events_per_s);
+                let unit = unit(runs.len()).replace("events/s", "events/s (Redis: keys/s)");
+                plots.throughput(
+                    key,
+                    &title,
+                    &unit,
+                    crate::plot::Bar::of(system.clone(), m.events_per_s, rates),
+                );
+            }
             let rate = |v: f64| if v > 0.0 { fmt_rate(v) } else { "-".into() };
             let us = |v: u64| {
                 if m.events_per_s > 0.0 {
@@ -512,6 +572,14 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
         out.push_str(&report);
     }
     println!("{out}");
+    if args.plots != "off" && plots.is_empty() {
+        eprintln!("no plots: reconcile, handover, crdt, gc and rss have none");
+    } else if args.plots != "off" {
+        eprintln!("writing plots to {}", args.plots);
+        for path in plots.write(Path::new(&args.plots))? {
+            eprintln!("  {}", path.display());
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -523,6 +591,7 @@ struct ReplicationResult {
     p50_us: u64,
     p99_us: u64,
     max_us: u64,
+    cdf: Vec<(f64, f64)>,
 }
 
 impl ReplicationResult {
@@ -534,11 +603,12 @@ impl ReplicationResult {
         }
     }
 
-    fn latency(p50_us: u64, p99_us: u64, max_us: u64) -> Self {
+    fn latency(p50_us: u64, p99_us: u64, max_us: u64, cdf: Vec<(f64, f64)>) -> Self {
         ReplicationResult {
             p50_us,
             p99_us,
             max_us,
+            cdf,
             ..Default::default()
         }
     }
@@ -646,6 +716,7 @@ fn fsync_probe(base: &Path, duration: Duration) -> anyhow::Result<RunResult> {
         p99_us: hist.value_at_quantile(0.99),
         max_us: hist.max(),
         peak_rss_mb: None,
+        cdf: crate::plot::cdf_points(&hist),
     })
 }
 
@@ -710,6 +781,7 @@ fn result(
         p99_us: hist.value_at_quantile(0.99),
         max_us: hist.max(),
         peak_rss_mb,
+        cdf: crate::plot::cdf_points(hist),
     }
 }
 

@@ -127,7 +127,7 @@ impl CatchUp {
 
 /// Result of a live replication latency run ([`redis_live_latency`]): time from the
 /// master's `+OK` to the write being observed on the replica, in microseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Latency {
     /// Writes measured (every write of the run).
     pub samples: u64,
@@ -137,6 +137,8 @@ pub struct Latency {
     pub p99_us: u64,
     /// Largest latency, in microseconds.
     pub max_us: u64,
+    /// (latency in µs, fraction of writes at or under it), for the plots.
+    pub cdf: Vec<(f64, f64)>,
 }
 
 /// Full-sync catch-up of a Redis replica.
@@ -375,6 +377,7 @@ pub async fn redis_live_latency(
         p50_us: histogram.value_at_quantile(0.50),
         p99_us: histogram.value_at_quantile(0.99),
         max_us: histogram.max(),
+        cdf: crate::plot::cdf_points(&histogram),
     })
 }
 

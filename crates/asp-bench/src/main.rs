@@ -16,6 +16,7 @@ mod bench_reconcile;
 mod bench_redis;
 mod bench_replication;
 mod demo;
+mod plot;
 
 use std::process::ExitCode;
 

@@ -129,9 +129,13 @@ pub(crate) fn need_of(method: &Method, uri: &Uri) -> Need {
         keys,
     };
     match path {
-        "/healthz" | "/v1/openapi.json" => return Need::Open,
+        "/healthz" | "/v1/openapi.json" | "/ui" | "/ui/" | "/ui/app.js" | "/ui/app.css" => {
+            return Need::Open;
+        }
         "/metrics" => return Need::Metrics,
-        "/v1/status" | "/v1/connectors" => return access(None, Op::Read, NeedKeys::Any),
+        "/v1/status" | "/v1/connectors" | "/v1/cluster" | "/v1/cluster/stream" => {
+            return access(None, Op::Read, NeedKeys::Any);
+        }
         "/v1/admin/compact"
         | "/v1/admin/scrub"
         | "/v1/admin/tokens/revoke"
@@ -170,8 +174,11 @@ pub(crate) fn need_of(method: &Method, uri: &Uri) -> Need {
             access(ns, Op::Read, NeedKeys::Prefix(prefix))
         }
         "policy" | "mode" if reading => access(ns, Op::Read, NeedKeys::Any),
+        // Counts over every key: a token must read them all.
+        "stats" if reading => access(ns, Op::Read, NeedKeys::Prefix(String::new())),
         "policy" | "residency" | "mode" | "promote" => access(ns, Op::Admin, NeedKeys::Any),
         "divergent" => access(ns, Op::Read, NeedKeys::Any),
+        "leases" if reading => access(ns, Op::Read, NeedKeys::Any),
         "leases" => access(ns, Op::Write, NeedKeys::Any),
         _ if rest.starts_with("leases/") && reading => access(ns, Op::Read, NeedKeys::Any),
         _ if rest.starts_with("leases/") => access(ns, Op::Write, NeedKeys::Any),

@@ -450,17 +450,22 @@ impl Client {
     pub async fn watch(&self, namespace: &str, since: u64) -> Result<EventStream, ClientError> {
         let path = format!("/v1/ns/{}/changes", encode(namespace));
         let since = since.to_string();
+        self.stream(&path, &[(HeaderName::from_static("last-event-id"), &since)])
+            .await
+    }
+
+    /// Opens a stream of Server-Sent Events at `path` (with `Accept:
+    /// text/event-stream` and `headers`), e.g. `/v1/cluster/stream`.
+    pub async fn stream(
+        &self,
+        path: &str,
+        headers: &[(HeaderName, &str)],
+    ) -> Result<EventStream, ClientError> {
+        let mut all = vec![(header::ACCEPT, "text/event-stream")];
+        all.extend(headers.iter().map(|(n, v)| (n.clone(), *v)));
         let response = tokio::time::timeout(
             REQUEST_TIMEOUT,
-            self.start(
-                Method::GET,
-                &path,
-                &[
-                    (header::ACCEPT, "text/event-stream"),
-                    (HeaderName::from_static("last-event-id"), &since),
-                ],
-                Bytes::new(),
-            ),
+            self.start(Method::GET, path, &all, Bytes::new()),
         )
         .await
         .map_err(|_| ClientError::Timeout(self.base.clone(), REQUEST_TIMEOUT))??;

@@ -453,10 +453,7 @@ mod tests {
             panic!("an object")
         };
         let mut m = current.clone();
-        m.join(&crdt::JsonMap::patch(
-            version(100),
-            json_map_changes(current, fields)?,
-        ));
+        m.join(&current.patch(version(100), json_map_changes(current, fields)?));
         Ok(json_map_document(&m))
     }
 
@@ -469,14 +466,16 @@ mod tests {
             serde_json::json!({"a": {"b": {"c": 1}, "d": [{"x": 1}]}})
         );
         let mut m = crdt::JsonMap::default();
-        m.join(&crdt::JsonMap::patch(
-            version(1),
-            json_map_changes(
-                &m,
-                serde_json::from_str(r#"{"a":{"b":{"c":1,"k":2}}}"#).unwrap(),
-            )
-            .unwrap(),
-        ));
+        m.join(
+            &crdt::JsonMap::default().patch(
+                version(1),
+                json_map_changes(
+                    &m,
+                    serde_json::from_str(r#"{"a":{"b":{"c":1,"k":2}}}"#).unwrap(),
+                )
+                .unwrap(),
+            ),
+        );
         // Objects merge, a value replaces an object, null removes, `{}` keeps.
         assert_eq!(
             patched(&m, r#"{"a":{"b":{"c":null,"n":3}}}"#).unwrap(),
@@ -496,18 +495,23 @@ mod tests {
     /// that descends into it keeps its fields, and from then on they merge per path.
     #[test]
     fn a_patch_into_an_object_written_whole_keeps_its_fields() {
-        let legacy = crdt::JsonMap::patch(
-            version(1),
-            [(
-                vec!["langs".to_owned()],
-                Change::Set(Bytes::from_static(br#"{"en":true,"old":{"x":1},"gone":2}"#)),
-            )],
-        );
-        assert_eq!(
-            State::JsonMap(legacy.clone()).encode()[0],
-            4,
-            "the layout of old data"
-        );
+        // The layout of old data (tag 4, docs/PROTOCOL.md): one field, its
+        // version, and its value.
+        let text = br#"{"en":true,"old":{"x":1},"gone":2}"#;
+        let mut old = vec![4];
+        old.extend_from_slice(&1u32.to_le_bytes());
+        old.extend_from_slice(&5u32.to_le_bytes());
+        old.extend_from_slice(b"langs");
+        old.extend_from_slice(&version(1).hlc.as_raw().to_le_bytes());
+        old.extend_from_slice(&1u64.to_le_bytes());
+        old.extend_from_slice(&1u64.to_le_bytes());
+        old.push(1);
+        old.extend_from_slice(&(text.len() as u32).to_le_bytes());
+        old.extend_from_slice(text);
+        let Ok(State::JsonMap(legacy)) = State::decode(&old) else {
+            panic!("a json-map state of tag 4")
+        };
+        assert_eq!(State::JsonMap(legacy.clone()).encode(), old);
         assert_eq!(
             patched(
                 &legacy,

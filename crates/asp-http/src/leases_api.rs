@@ -119,6 +119,26 @@ pub(crate) async fn acquire(
     Ok((StatusCode::CREATED, Json(lease_json(&lease))).into_response())
 }
 
+/// Leases `GET /v1/ns/{ns}/leases` lists at most.
+const LIST_MAX: usize = 1000;
+
+/// `GET /v1/ns/{ns}/leases`: every lease of the namespace this node knows (held,
+/// expired or released), by name, at most 1,000 (`more` says whether there were).
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(ns) = path.map_err(path_error)?;
+    let ns = namespace(&ns)?;
+    let (leases, more) = state.replicated()?.leases().list(&ns, LIST_MAX);
+    Ok(Json(json!({
+        "namespace": ns.as_str(),
+        "leases": leases.iter().map(lease_json).collect::<Vec<_>>(),
+        "more": more,
+    }))
+    .into_response())
+}
+
 pub(crate) async fn get(
     State(state): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod client;
+mod console;
 mod crdt_api;
 mod error;
 pub mod formats;
@@ -20,6 +21,7 @@ mod shares_api;
 
 pub use error::ApiError;
 pub use routes::{
-    ApiConfig, AppState, ConnectorsView, DEFAULT_REQUEST_BYTES_MAX, TransportStatusFn, router,
+    ApiConfig, AppState, ConnectorsView, DEFAULT_REQUEST_BYTES_MAX, TransportStatusFn, cors_origin,
+    router,
 };
 pub use server::{serve, serve_with_tls};

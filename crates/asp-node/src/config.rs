@@ -24,6 +24,9 @@ pub struct ReplicationConfig {
     /// This node's API address as clients reach it (`http://127.0.0.1:7700`): written
     /// into its member record, so that a follower can name its leader's.
     pub api_address: Option<String>,
+    /// The peer address written into this node's member record, when members must
+    /// dial another than the one bound (`--advertise-peer`); `None`: the bound one.
+    pub advertise: Option<String>,
     /// Dial members learned by gossip that nobody told this node how to reach (off by
     /// default: a topology chosen on purpose — a line through a relay, a proxy — stays
     /// as configured).
@@ -89,6 +92,7 @@ impl ReplicationConfig {
             namespaces: vec![ALL_NAMESPACES.to_owned()],
             labels: Vec::new(),
             api_address: None,
+            advertise: None,
             dial_members: false,
             failover_after: Duration::from_secs(5),
             heartbeat: Duration::from_secs(1),

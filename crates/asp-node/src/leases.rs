@@ -153,6 +153,22 @@ impl Leases {
             .cloned()
     }
 
+    /// The leases of `namespace` this node knows, by name: at most `limit`, and
+    /// whether there were more.
+    pub fn list(&self, namespace: &Namespace, limit: usize) -> (Vec<Lease>, bool) {
+        let hash = self.modes.hash(namespace);
+        let table = self.table.read().unwrap();
+        let mut leases: Vec<Lease> = table
+            .iter()
+            .filter(|((h, _), _)| *h == hash)
+            .map(|(_, l)| l.clone())
+            .collect();
+        leases.sort_by(|a, b| a.name.cmp(&b.name));
+        let more = leases.len() > limit;
+        leases.truncate(limit);
+        (leases, more)
+    }
+
     /// Takes in a lease record (from the feed or a scan), if newer than what is known.
     pub fn note(&self, leases_namespace: &str, value: &[u8]) {
         if let (Some(hash), Ok(lease)) = (

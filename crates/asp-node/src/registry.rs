@@ -134,6 +134,9 @@ pub struct ReconcileStats {
     /// Runs (of this node's) that sent a whole namespace to a peer holding none of it.
     pub transfers: u64,
     pub last: Option<LastReconcile>,
+    /// A run in which this node is receiving the peer's keys (a bootstrap's transfer,
+    /// a handover, a repair), while it lasts: the keys received so far and since when.
+    pub receiving: Option<(u64, Instant)>,
 }
 
 /// The last reconciliation run with a peer.
@@ -283,6 +286,8 @@ pub(crate) fn establish(
     let record = reg.peers.entry(peer).or_default();
     record.last_contact = Some(Instant::now());
     record.last_error = None;
+    // A run cut off with the previous link is not running on this one.
+    record.reconcile.receiving = None;
     if record.incarnation != incarnation && incarnation != 0 {
         if record.incarnation != 0 {
             if record.superseded.len() == SUPERSEDED_MAX {

@@ -1,5 +1,8 @@
 //! The replicator: listener, dialers, status (lag, lag gauges) and write concern. The
 //! registry of links and peers it reads is in `registry.rs`.
+//!
+//! Size: status reads every link and record at once, and write concern waits on them;
+//! splitting the two would split the one lock order they share.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -169,7 +172,10 @@ impl Replicator {
                     None => store_node.to_string(),
                 },
                 api: config.api_address.clone().unwrap_or_default(),
-                peer: listen.map(|a| a.to_string()).unwrap_or_default(),
+                peer: match &config.advertise {
+                    Some(a) => a.clone(),
+                    None => listen.map(|a| a.to_string()).unwrap_or_default(),
+                },
             },
             config.heartbeat,
         ));
@@ -509,7 +515,14 @@ impl Replicator {
                     .map(|(r, n)| (*r, *n))
                     .collect(),
                 namespaces: Vec::new(),
-                reconcile: record.reconcile.clone(),
+                reconcile: {
+                    let mut r = record.reconcile.clone();
+                    // Only while a link is up: a run does not outlive its link.
+                    if link.is_none_or(|l| l.state != LinkState::Active) {
+                        r.receiving = None;
+                    }
+                    r
+                },
                 certificate: record.certificate.clone(),
                 federated: record.federated.clone(),
             });

@@ -24,6 +24,7 @@ pub async fn run_compaction_schedule(store: Store, every: Duration, shutdown: Ca
             Ok(report)
                 if report.segments_removed > 0
                     || report.tombstones_collected > 0
+                    || report.crdt_keys_pruned > 0
                     || report.epitaphs_dropped > 0 =>
             {
                 tracing::info!(
@@ -31,6 +32,7 @@ pub async fn run_compaction_schedule(store: Store, every: Duration, shutdown: Ca
                     records_dropped = report.records_dropped,
                     records_relocated = report.records_relocated,
                     tombstones_collected = report.tombstones_collected,
+                    crdt_keys_pruned = report.crdt_keys_pruned,
                     epitaphs_left = report.epitaphs_left,
                     epitaphs_dropped = report.epitaphs_dropped,
                     log_bytes_before = report.log_bytes_before,

@@ -260,6 +260,24 @@ async fn an_empty_node_bootstraps_while_both_sides_write() {
     let ra = start(&a, vec![]).await;
     let b = Store::open(store_config(db.path(), 2)).unwrap();
     let rb = start(&b, vec![ra.listen_addr().unwrap().to_string()]).await;
+    // What B's status shows while it receives the state (the console's progress).
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let rb = rb.clone();
+        let watching = watching.clone();
+        tokio::spawn(async move {
+            let mut most = 0;
+            while watching.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(p) = rb.status().peers.first()
+                    && let Some((keys, _)) = p.reconcile.receiving
+                {
+                    most = most.max(keys);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            most
+        })
+    };
     // Writes on both sides while B bootstraps.
     let (wa, wb) = (a.clone(), b.clone());
     let writers = tokio::spawn(async move {
@@ -304,6 +322,17 @@ async fn an_empty_node_bootstraps_while_both_sides_write() {
         ra.status().peers,
         rb.status().peers
     );
+    watching.store(false, std::sync::atomic::Ordering::Relaxed);
+    let most = sampler.await.unwrap();
+    assert!(most > 0, "B never showed keys being received");
+    // Once the run ended, nothing shows as running.
+    for _ in 0..3000 {
+        if rb.status().peers[0].reconcile.receiving.is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(rb.status().peers[0].reconcile.receiving, None);
     stop(ra, rb, a, b).await;
 }
 

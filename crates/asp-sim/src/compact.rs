@@ -7,7 +7,8 @@
 //! groups, so in order with writes) and the sync before segments go.
 //!
 //! Emptied keys of the set, siblings and JSON-map namespaces are collected by the same
-//! rule, every entry of a key at once.
+//! rule, every entry of a key at once; live keys have every entry replaced by their
+//! pruned join when that is smaller (the store writes these as relocated copies).
 //!
 //! Not modelled: relocation (the store moves the live records of a compacted segment
 //! to the head; here they stay where they are) and segment boundaries (here any
@@ -110,12 +111,33 @@ impl Sim {
                 .push(((ns.clone(), entry.clone()), *version));
         }
         for (key, entries) in crdt_keys {
-            if unstable.contains(&key) {
+            let unstable = unstable.contains(&key);
+            if unstable && fault != Some(ModelFault::CrdtPrunesUnstable) {
                 continue;
             }
             let (ns, k) = &key;
             let empty = State::empty(policy_of(ns)).expect("a CRDT policy");
-            if !store.joined(ns, k, empty).is_removed() {
+            let joined = store.joined(ns, k, empty);
+            if !joined.is_removed() {
+                // A live key: each entry becomes the pruned join when that is smaller.
+                let pruned = joined.pruned(entries.iter().map(|(_, version)| version.dot));
+                let pruned = Bytes::from(pruned.encode());
+                let now: usize = entries
+                    .iter()
+                    .filter_map(|(e, _)| store.state.get(e).and_then(|(_, v)| v.as_ref()))
+                    .map(Bytes::len)
+                    .sum();
+                if pruned.len() * entries.len() < now {
+                    for (entry, _) in &entries {
+                        if let Some((_, value)) = store.state.get_mut(entry) {
+                            *value = Some(pruned.clone());
+                        }
+                    }
+                    self.stats.crdt_pruned += 1;
+                }
+                continue;
+            }
+            if unstable {
                 continue;
             }
             for (entry, version) in entries {

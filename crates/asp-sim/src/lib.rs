@@ -173,6 +173,10 @@ pub enum ModelFault {
     /// hold its entries: a late event made before its node saw the removals brings
     /// removed members (values, fields) back.
     CrdtCollectsUnstable,
+    /// Compaction prunes a live CRDT key without waiting for every node to hold its
+    /// entries: a json-map removal is forgotten while a node still holds the older
+    /// value it removed, and the value comes back.
+    CrdtPrunesUnstable,
 }
 
 /// Switches asp-core's mutation on for this thread while a world runs, and off again

@@ -172,6 +172,14 @@ pub(crate) struct SiblingOp {
 /// A JSON-map patch's changes: each at a path (field names from the top down).
 pub(crate) type FieldChanges = Vec<(Vec<String>, asp_core::crdt::Change)>;
 
+/// A JSON-map patch, as the reference keeps it.
+pub(crate) struct FieldOp {
+    pub(crate) changes: FieldChanges,
+    /// Every dot of the key's patches its node had seen, its own included (the
+    /// checker's own account, from the events in that node's feed).
+    pub(crate) seen: BTreeSet<Dot>,
+}
+
 pub(crate) struct AckedWrite {
     pub(crate) origin: usize,
     pub(crate) namespace: Namespace,
@@ -272,7 +280,7 @@ pub(crate) struct Sim {
     /// Each write of a siblings namespace, by dot.
     pub(crate) sibling_ops: BTreeMap<(Namespace, Dot), SiblingOp>,
     /// Each patch of a JSON-map namespace, by dot: the fields it set or removed.
-    pub(crate) field_ops: BTreeMap<(Namespace, Dot), FieldChanges>,
+    pub(crate) field_ops: BTreeMap<(Namespace, Dot), FieldOp>,
 }
 
 /// What reconciliation did in a run.
@@ -294,6 +302,8 @@ pub struct ReconcileStats {
     pub epitaphs: u64,
     /// Keys of CRDT namespaces collected (every entry of each), once emptied.
     pub crdt_collected: u64,
+    /// Live keys of CRDT namespaces whose entries were replaced by their pruned join.
+    pub crdt_pruned: u64,
     pub epitaphs_dropped: u64,
     /// Received events parked (their clock too far ahead), and released later.
     pub parked: u64,

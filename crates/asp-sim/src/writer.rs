@@ -301,8 +301,15 @@ impl Sim {
                                     })
                                     .collect();
                                 let mut view = n.store.json_map(&namespace, &key);
-                                view.join(&JsonMap::patch(Version { hlc, dot }, changes.clone()));
-                                self.field_ops.insert((namespace.clone(), dot), changes);
+                                let delta = view.patch(Version { hlc, dot }, changes.clone());
+                                view.join(&delta);
+                                let mut seen =
+                                    seen_by(&n.store, &self.field_ops, &namespace, &key, |o| {
+                                        &o.seen
+                                    });
+                                seen.insert(dot);
+                                self.field_ops
+                                    .insert((namespace.clone(), dot), FieldOp { changes, seen });
                                 context = Policy::JsonMap.event_context();
                                 Op::Put {
                                     content_type: ContentType::OctetStream,

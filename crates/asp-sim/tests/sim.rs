@@ -23,6 +23,7 @@ fn sweep(durability: Durability, first_seed: u64, seeds: u64) {
     let (mut runs, mut decoded, mut differences, mut handovers, mut lost) = (0, 0, 0, 0, 0);
     let (mut compacted, mut collected, mut epitaphs, mut dropped) = (0, 0, 0, 0);
     let mut crdt_collected = 0;
+    let mut crdt_pruned = 0;
     let (mut parked, mut released, mut passed, mut failed) = (0, 0, 0, 0);
     let mut failures = Vec::new();
     for seed in first_seed..first_seed + seeds {
@@ -41,6 +42,7 @@ fn sweep(durability: Durability, first_seed: u64, seeds: u64) {
                 epitaphs += outcome.reconcile.epitaphs;
                 dropped += outcome.reconcile.epitaphs_dropped;
                 crdt_collected += outcome.reconcile.crdt_collected;
+                crdt_pruned += outcome.reconcile.crdt_pruned;
                 parked += outcome.reconcile.parked;
                 released += outcome.reconcile.released;
                 passed += outcome.reconcile.conditions_passed;
@@ -75,12 +77,13 @@ fn sweep(durability: Durability, first_seed: u64, seeds: u64) {
         "{durability:?}: reconciliation: {runs} runs ended, {decoded} decoded, {differences} keys found different, {handovers} handovers; {lost} acknowledged writes lost in machine crashes (fsync = never only)"
     );
     eprintln!(
-        "{durability:?}: compaction: {compacted} records removed, {collected} deletes collected, {epitaphs} with an epitaph, {dropped} epitaphs dropped, {crdt_collected} emptied CRDT keys collected; {parked} received events held (clock ahead), {released} released; compare-and-set writes: {passed} passed, {failed} failed"
+        "{durability:?}: compaction: {compacted} records removed, {collected} deletes collected, {epitaphs} with an epitaph, {dropped} epitaphs dropped, {crdt_collected} emptied CRDT keys collected, {crdt_pruned} live ones pruned; {parked} received events held (clock ahead), {released} released; compare-and-set writes: {passed} passed, {failed} failed"
     );
-    // The sweep exercises the collection of CRDT keys, not only of deletes.
+    // The sweep exercises the collection and pruning of CRDT keys, not only the
+    // collection of deletes.
     assert!(
-        failures.is_empty() && (seeds < 20 || crdt_collected > 0),
-        "{durability:?}: no emptied CRDT key was collected in {seeds} seeds"
+        failures.is_empty() && (seeds < 20 || (crdt_collected > 0 && crdt_pruned > 0)),
+        "{durability:?}: failures, or no emptied CRDT key collected or live one pruned in {seeds} seeds"
     );
 }
 
@@ -210,45 +213,54 @@ fn the_simulator_catches_broken_guarantees() {
 #[test]
 fn the_checker_sees_a_broken_store_model() {
     let budget = env("ASP_SIM_SEEDS", 500);
-    for (fault, durability, invariant) in [
+    let cases: [(ModelFault, Durability, &[Invariant]); 7] = [
         (
             ModelFault::AckBeforeFsync,
             Durability::Always,
-            Invariant::AckedWriteLost,
+            &[Invariant::AckedWriteLost],
         ),
         (
             ModelFault::ForgetDedupe,
             Durability::Never,
-            Invariant::AppliedTwice,
+            &[Invariant::AppliedTwice],
         ),
         (
             ModelFault::VisibleBeforeDurable,
             Durability::Always,
-            Invariant::FeedChanged,
+            &[Invariant::FeedChanged],
         ),
         (
             ModelFault::ReuseCounters,
             Durability::Never,
-            Invariant::DotReused,
+            &[Invariant::DotReused],
         ),
         // The released event is dropped as a duplicate where the cover claimed it:
         // the nodes part.
         (
             ModelFault::CoverClaimsHeld,
             Durability::Always,
-            Invariant::Divergence,
+            &[Invariant::Divergence],
         ),
         // A late view brings back, where the key was collected, a member that the
-        // node still holding the key's entries reads as removed: the nodes part.
+        // node still holding the key's entries reads as removed: the nodes part (or,
+        // for a siblings key, the collecting node takes an older write back).
         (
             ModelFault::CrdtCollectsUnstable,
             Durability::Always,
-            Invariant::Divergence,
+            &[Invariant::Divergence, Invariant::Resurrection],
         ),
-    ] {
+        // A removal pruned before every node held what it lost to or took lets a
+        // write back that the patches say is gone.
+        (
+            ModelFault::CrdtPrunesUnstable,
+            Durability::Always,
+            &[Invariant::JsonFields],
+        ),
+    ];
+    for (fault, durability, invariants) in cases {
         let mut config = Config::new(NODES, 10_000, durability);
         config.model_fault = Some(fault);
-        expect_caught(&format!("{fault:?}"), &config, budget, &[invariant]);
+        expect_caught(&format!("{fault:?}"), &config, budget, invariants);
     }
 }
 
@@ -303,6 +315,7 @@ fn replay_one_seed() {
         Ok("ReuseCounters") => Some(ModelFault::ReuseCounters),
         Ok("CoverClaimsHeld") => Some(ModelFault::CoverClaimsHeld),
         Ok("CrdtCollectsUnstable") => Some(ModelFault::CrdtCollectsUnstable),
+        Ok("CrdtPrunesUnstable") => Some(ModelFault::CrdtPrunesUnstable),
         Ok(other) => panic!("unknown ASP_SIM_MODEL_FAULT {other:?}"),
         Err(_) => None,
     };

@@ -77,6 +77,11 @@ pub struct CompactionReport {
     /// and they are older than `tombstone_ttl_ms` (see docs/CONFLICTS.md); and the
     /// per-node entries of emptied CRDT keys collected by the same rule, one each.
     pub tombstones_collected: u64,
+    /// Live CRDT keys whose entries were written again smaller: every known node
+    /// holds all of them, so each now holds their join without what no read shows
+    /// (a json-map's removed paths, a set's members removed since an entry was
+    /// written). See docs/CONFLICTS.md, "Inside a live key".
+    pub crdt_keys_pruned: u64,
     /// Of those, the ones that left an epitaph because some node was away past the
     /// horizon.
     pub epitaphs_left: u64,
@@ -147,6 +152,8 @@ struct Survey {
     /// an epitaph.
     collected: u64,
     epitaphs: u64,
+    /// Live CRDT keys this survey wrote again smaller.
+    pruned: u64,
     /// A superseded record is younger than its namespace's retention, or the index
     /// does not know a key of the segment: the segment stays.
     keep: bool,
@@ -166,6 +173,10 @@ enum Standing {
     /// nothing (see [`asp_core::crdt::State::is_removed`]) and every node holds all of
     /// its entries, which are listed here (index key, entry) to go together.
     CollectableState(KeyEntries),
+    /// A live CRDT key whose entries may be written again smaller: each of its
+    /// entries' events (with the position of its record), its value now the pruned
+    /// join of them all. They go to the writer together, as one transaction.
+    PrunableState(Vec<(Event, LogPosition)>),
     /// A delete already collected: its key's entry is an epitaph or gone (or a CRDT
     /// key's state, collected with every entry of its key).
     Collected,
@@ -318,7 +329,13 @@ impl Store {
             candidates(shared).iter().map(|s| s.base).collect();
         let mut segments = shared.log.sealed_segments();
         segments.push(shared.log.active());
-        for segment in segments {
+        let progress =
+            shared
+                .maintenance
+                .operations
+                .start("compaction", segments.len() as u64, "segments");
+        for (done, segment) in segments.into_iter().enumerate() {
+            progress.done(done as u64);
             let candidate = removable.contains(&segment.base);
             if candidate && (segment.last_seq() > indexed || segment.last_seq() < segment.base)
                 || !candidate && collecting.views.is_empty()
@@ -327,6 +344,7 @@ impl Store {
             }
             let survey = self.survey(&segment, &collecting, now_ms, indexed)?;
             report.tombstones_collected += survey.collected;
+            report.crdt_keys_pruned += survey.pruned;
             report.epitaphs_left += survey.epitaphs;
             shared.metrics.tombstones_collected.inc_by(survey.collected);
             shared.metrics.epitaphs_left.inc_by(survey.epitaphs);
@@ -415,10 +433,12 @@ impl Store {
                 "compaction removed a log segment"
             );
         }
-        // Collected entries leave the index as removals, which free their space only
-        // when the LSM merges them with the tables holding the entries. After a run
-        // that collected a large share of the keys, that is done at once.
-        let collected = report.tombstones_collected - report.epitaphs_left;
+        // Collected entries leave the index as removals, and pruned ones are
+        // overwritten: either frees its space only when the LSM merges the new
+        // records with the tables holding the old entries. After a run that collected
+        // or pruned a large share of the keys, that is done at once.
+        let collected =
+            report.tombstones_collected - report.epitaphs_left + report.crdt_keys_pruned;
         if collected >= RECLAIM_ENTRIES_MIN
             && collected as usize * 4 >= shared.index.approximate_keys()
         {
@@ -467,7 +487,8 @@ impl Store {
                 Standing::Live
                 | Standing::Unknown
                 | Standing::Collectable(..)
-                | Standing::CollectableState(_) => true,
+                | Standing::CollectableState(_)
+                | Standing::PrunableState(_) => true,
                 Standing::StaleCopy => {
                     moved.stale += 1;
                     false
@@ -608,6 +629,20 @@ impl Store {
                                 .into_iter()
                                 .map(|(k, e)| (Slice::from(k), e, false)),
                         );
+                    }
+                }
+                Standing::PrunableState(records) => {
+                    survey.live += 1;
+                    let prefix = codec::crdt_key_prefix(
+                        record.event.namespace.as_str(),
+                        record.event.key.as_str(),
+                    );
+                    if states_sent.insert(prefix) {
+                        let bytes = records.iter().map(|(_, p)| p.frame_len as usize).sum();
+                        // One request, one transaction in the log: on every replay
+                        // either all of the key's entries hold the pruned join or none.
+                        self.relocate(records, bytes)?;
+                        survey.pruned += 1;
                     }
                 }
                 Standing::StaleCopy => survey.stale += 1,
@@ -811,7 +846,8 @@ fn standing(
         Some(entry) if entry.is_epitaph() => Standing::Collected,
         Some(entry) if entry.position == position && !event.context.is_empty() => {
             match collecting.crdt_state(shared, event, now_ms)? {
-                Some(entries) => Standing::CollectableState(entries),
+                Some(CrdtDecision::Collect(entries)) => Standing::CollectableState(entries),
+                Some(CrdtDecision::Prune(records)) => Standing::PrunableState(records),
                 None => Standing::Live,
             }
         }
@@ -844,21 +880,30 @@ impl Collecting {
         view.stable.contains(event.dot).then_some(!view.complete)
     }
 
-    /// Whether the CRDT key of `event` (one of its per-origin states) may be collected
-    /// now, and if so every entry of the key. It may when the key's joined state holds
-    /// nothing ([`asp_core::crdt::State::is_removed`]), every entry's dot is held by
-    /// every known node (the rule of `lww` deletes), every entry is older than the
-    /// TTL, and no node is away past the horizon. Any event of the key this node has
-    /// not seen was then made by a node that held all of these, so its state carries
-    /// their removals, and any copy of these is a duplicate by dot. A node away leaves
-    /// CRDT keys alone (an epitaph would have to keep the very context collection
-    /// removes), as does a counter (its per-node totals are what increments build on).
+    /// What may be done now with the CRDT key of `event` (one of its per-origin
+    /// states), when every entry's dot is held by every known node (the rule of `lww`
+    /// deletes), every entry is older than the TTL, and no node is away past the
+    /// horizon. Any event of the key this node has not seen was then made by a node
+    /// that held all of these entries, so its state carries what they removed (or, if
+    /// that node pruned, none of what the removals hid), and any copy of these is a
+    /// duplicate by dot. So:
+    ///
+    /// - a key whose joined state holds nothing
+    ///   ([`asp_core::crdt::State::is_removed`]) loses every entry;
+    /// - a key that holds something has each entry written again as the join of all
+    ///   of them, pruned ([`asp_core::crdt::State::pruned`]), when that takes less
+    ///   room than the entries do now. Every entry, not just one: an entry left as it
+    ///   was could hold an older write that only a pruned removal hid.
+    ///
+    /// A node away leaves CRDT keys alone (an epitaph would have to keep the very
+    /// context collection removes), as does a counter (its per-node totals are what
+    /// increments build on).
     fn crdt_state(
         &self,
         shared: &Shared,
         event: &Event,
         now_ms: u64,
-    ) -> Result<Option<KeyEntries>, ReadError> {
+    ) -> Result<Option<CrdtDecision>, ReadError> {
         let Some(view) = self.views.get(&event.namespace) else {
             return Ok(None);
         };
@@ -882,8 +927,11 @@ impl Collecting {
         }
         // A state that does not decode is never collected (reads report it).
         let mut state = None::<asp_core::crdt::State>;
+        let mut bytes_now = 0;
         for (_, entry) in &entries {
-            let Ok(one) = asp_core::crdt::State::decode(&shared.value_of(entry)?) else {
+            let value = shared.value_of(entry)?;
+            bytes_now += value.len();
+            let Ok(one) = asp_core::crdt::State::decode(&value) else {
                 return Ok(None);
             };
             match &mut state {
@@ -895,8 +943,40 @@ impl Collecting {
                 }
             }
         }
-        Ok(state.is_some_and(|s| s.is_removed()).then_some(entries))
+        let Some(state) = state else {
+            return Ok(None);
+        };
+        if state.is_removed() {
+            return Ok(Some(CrdtDecision::Collect(entries)));
+        }
+        let pruned = state.pruned(entries.iter().map(|(_, entry)| entry.dot));
+        let pruned = bytes::Bytes::from(pruned.encode());
+        if pruned.len() * entries.len() >= bytes_now {
+            return Ok(None);
+        }
+        let mut records = Vec::with_capacity(entries.len());
+        for (_, entry) in &entries {
+            let mut event = shared.event_at(entry)?;
+            let Op::Put { content_type, .. } = event.op else {
+                return Ok(None);
+            };
+            event.op = Op::Put {
+                content_type,
+                value: pruned.clone(),
+            };
+            records.push((event, entry.position));
+        }
+        Ok(Some(CrdtDecision::Prune(records)))
     }
+}
+
+/// What compaction may do with a CRDT key ([`Collecting::crdt_state`]).
+enum CrdtDecision {
+    /// The key holds nothing: every entry goes (index key, entry).
+    Collect(KeyEntries),
+    /// Each entry's event, with the position of its record, to write again with the
+    /// key's pruned state.
+    Prune(Vec<(Event, LogPosition)>),
 }
 
 /// Whether a superseded event is past its namespace's retention.
@@ -963,6 +1043,62 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_compaction_in_progress_shows_how_far_it_has_got() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = StoreConfig::new(dir.path());
+        config.segment_bytes_max = 1 << 20;
+        config.compaction_retention_ms = 0;
+        let store = Store::open(config).unwrap();
+        let namespace = Namespace::new("app").unwrap();
+        // Three rounds over the same keys: whole segments of superseded values.
+        for round in 0..3 {
+            for chunk in 0..10 {
+                let ops = (0..100)
+                    .map(|i| {
+                        WriteOp::put(
+                            Key::new(&format!("k{chunk}-{i}")).unwrap(),
+                            ContentType::Text,
+                            format!("{round}").repeat(1500),
+                        )
+                    })
+                    .collect();
+                store.write(namespace.clone(), ops).await.unwrap();
+            }
+        }
+        store.caught_up().await.unwrap();
+        assert!(store.operations().is_empty());
+        // A reader in the segment gate holds compaction at its first segment drop.
+        let gate = store.inner.shared.maintenance.segment_gate.read().unwrap();
+        let running = {
+            let store = store.clone();
+            std::thread::spawn(move || store.compact().unwrap())
+        };
+        let mut seen = None;
+        for _ in 0..6000 {
+            if let Some(op) = store.operations().into_iter().next() {
+                seen = Some(op);
+                break;
+            }
+            assert!(
+                !running.is_finished(),
+                "compaction ended without showing itself"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let Some(seen) = seen else {
+            drop(gate);
+            panic!("no compaction shown in 30 s");
+        };
+        assert_eq!((seen.kind, seen.unit), ("compaction", "segments"));
+        assert!(seen.total >= 4, "{seen:?}");
+        assert!(seen.done < seen.total, "{seen:?}");
+        drop(gate);
+        let report = running.join().unwrap();
+        assert!(report.segments_removed > 0, "{report:?}");
+        assert!(store.operations().is_empty(), "gone once it ended");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

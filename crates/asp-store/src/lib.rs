@@ -19,6 +19,7 @@ pub mod clock;
 mod codec;
 mod compact;
 mod config;
+pub mod convergence;
 mod counters;
 mod digest;
 mod error;
@@ -36,6 +37,7 @@ mod metrics;
 mod modes;
 #[doc(hidden)]
 pub mod mutation;
+mod operations;
 mod policy;
 mod queue;
 mod salvage;
@@ -58,6 +60,7 @@ pub use manifest::FORMAT_VERSION;
 pub use manifest::node_id_of;
 pub use metrics::Metrics;
 pub use modes::{Fence, LeaderMode, SharedGate, WriteGate};
+pub use operations::Operation;
 pub use salvage::{Damage, SalvageReport, SalvagedSegment};
 pub use scrub::{ScrubDamage, ScrubReport};
 pub use store::{
@@ -66,5 +69,5 @@ pub use store::{
 };
 pub use types::{
     Applied, ApplyOutcome, ChangesPage, Checkpoint, Condition, CrdtOp, FeedEvent, KeyState,
-    NamespaceState, ScanItem, ScanPage, Value, WriteKind, WriteOp,
+    NamespaceState, NamespaceStats, ScanItem, ScanPage, Value, WriteKind, WriteOp,
 };

@@ -54,6 +54,11 @@ pub struct Metrics {
     pub scrub_runs: Counter,
     pub scrub_bytes: Counter,
     pub scrub_damage: Counter,
+    /// Time from an origin's clock reading to this node applying the event, for
+    /// events from peers applied for the first time: over all origins for Prometheus,
+    /// and per origin over the last minutes for status (see `convergence.rs`).
+    pub replication_delay_seconds: Histogram,
+    pub convergence: crate::convergence::Convergence,
 }
 
 impl Default for Metrics {
@@ -86,12 +91,19 @@ impl Default for Metrics {
             scrub_runs: Counter::default(),
             scrub_bytes: Counter::default(),
             scrub_damage: Counter::default(),
+            replication_delay_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 24)),
+            convergence: Default::default(),
         }
     }
 }
 
 impl Metrics {
     pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "asp_replication_delay_seconds",
+            "Time from a write's origin clock reading to this node applying it, for events from peers applied for the first time (across two clocks: skew adds to it)",
+            self.replication_delay_seconds.clone(),
+        );
         registry.register(
             "asp_events_written",
             "Events appended to the feed log (copies relocated by compaction not included)",

@@ -59,7 +59,12 @@ impl Store {
         };
         segments.push(active.clone());
         let rate = shared.config.scrub_bytes_per_s.max(1);
+        let total: u64 = segments.iter().map(|s| s.len()).sum();
+        let progress = shared.maintenance.operations.start("scrub", total, "bytes");
+        let mut checked = 0;
         for segment in segments {
+            progress.done(checked);
+            checked += segment.len();
             if let Some(f) = shared.health.failure.get() {
                 return Err(ReadError::Failed(f.clone()));
             }

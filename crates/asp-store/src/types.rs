@@ -197,6 +197,21 @@ pub struct ScanItem {
     pub state: Option<asp_core::crdt::State>,
 }
 
+/// What [`crate::Store::namespace_stats`] counted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NamespaceStats {
+    /// Keys that hold a value.
+    pub keys: u64,
+    /// Keys deleted or expired whose entry is still held (until collected).
+    pub deleted_keys: u64,
+    /// Bytes of the values (CRDT states) held.
+    pub value_bytes: u64,
+    /// In a `siblings` namespace, keys holding concurrent values now (0 in others).
+    pub keys_with_siblings: u64,
+    /// Whether every entry was counted (false: the count stopped at its limit).
+    pub complete: bool,
+}
+
 /// A page of a listing. `next_after` is set when there may be more keys: pass it as
 /// `after` to continue.
 #[derive(Clone, Debug, Default)]

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use asp_http::client::{Client, ClientError, ClientOptions};
+use asp_http::client::{Client, ClientError, ClientOptions, EventStream};
 use bytes::Bytes;
 
 /// The CA bundle and token of this run's client command (`--ca`, `--token`).
@@ -193,24 +193,186 @@ pub async fn status(node: &str) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Follows the stream, reconnecting from the last position seen when the connection
-/// drops, so that no change is missed or shown twice.
-pub async fn watch(node: &str, ns: &str, since: u64) -> anyhow::Result<ExitCode> {
-    let client = client(node)?;
-    let mut position = since;
+/// Opens a stream with `open`, again and again (200 ms, doubling to 10 s between
+/// tries) while the node cannot be reached; an answer of the node (an API error)
+/// ends it.
+async fn open_retrying<F, Fut>(mut open: F) -> anyhow::Result<EventStream>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<EventStream, ClientError>>,
+{
     let mut backoff = Duration::from_millis(200);
     loop {
-        let mut stream = match client.watch(ns, position).await {
-            Ok(s) => s,
+        match open().await {
+            Ok(s) => return Ok(s),
             Err(e @ ClientError::Api { .. }) => return Err(e.into()),
             Err(e) => {
                 eprintln!("asp: {e}; retrying in {backoff:?}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
-                continue;
             }
-        };
-        backoff = Duration::from_millis(200);
+        }
+    }
+}
+
+/// `asp status --watch`: redraws the cluster view of `GET /v1/cluster/stream` on
+/// every event (clearing a terminal first; frames one after another otherwise),
+/// reconnecting when the stream drops.
+pub async fn status_watch(node: &str, interval_ms: u64) -> anyhow::Result<ExitCode> {
+    use std::io::{IsTerminal, Write};
+    let client = client(node)?;
+    let terminal = std::io::stdout().is_terminal();
+    let path = format!("/v1/cluster/stream?interval_ms={interval_ms}");
+    loop {
+        let mut stream = open_retrying(|| client.stream(&path, &[])).await?;
+        loop {
+            match stream.next().await {
+                Ok(Some(event)) if event.event.as_deref() == Some("cluster") => {
+                    let view: serde_json::Value =
+                        serde_json::from_str(&event.data).map_err(|e| {
+                            anyhow::anyhow!("the node sent a cluster event that is not JSON: {e}")
+                        })?;
+                    let text = cluster_text(&view);
+                    let mut out = std::io::stdout().lock();
+                    let written = if terminal {
+                        // Home, clear the screen, then the frame.
+                        write!(out, "\x1b[H\x1b[2J{text}")
+                    } else {
+                        writeln!(out, "{text}")
+                    }
+                    .and_then(|()| out.flush());
+                    match written {
+                        Ok(()) => {}
+                        // The reader went (`| head`): done.
+                        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                            return Ok(ExitCode::SUCCESS);
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    eprintln!("asp: the stream dropped: {e}; reconnecting");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// The first 8 hex digits of a node id.
+fn short_id(v: &serde_json::Value) -> String {
+    v.as_str().unwrap_or("?").chars().take(8).collect()
+}
+
+/// A compact text view of a `GET /v1/cluster` document: members, links with lag,
+/// and per origin the slowest node's delay (as the console shows them).
+pub fn cluster_text(view: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let empty = Vec::new();
+    let nodes = view["nodes"].as_array().unwrap_or(&empty);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "asp cluster · {} members · seen by {} at {} (Unix ms)",
+        nodes.len(),
+        short_id(&view["node_id"]),
+        view["generated_ms"]
+    );
+    let _ = writeln!(
+        out,
+        "\n{:<10} {:<7} {:>10} {:>10} {:>6}  ERROR",
+        "NODE", "STATE", "FEED HEAD", "EVENTS", "LINKS"
+    );
+    for n in nodes {
+        let st = &n["status"];
+        let events: u64 = st["namespaces"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x["events"].as_u64()).sum())
+            .unwrap_or(0);
+        let links = st["replication"]["peers"]
+            .as_array()
+            .map(|a| a.iter().filter(|p| p["state"] == "active").count())
+            .unwrap_or(0);
+        let mark = if n["this_node"] == true { "*" } else { "" };
+        let dash = |v: String| if st.is_null() { "-".to_owned() } else { v };
+        let _ = writeln!(
+            out,
+            "{:<10} {:<7} {:>10} {:>10} {:>6}  {}",
+            format!("{}{mark}", short_id(&n["node_id"])),
+            if n["error"].is_string() {
+                "error"
+            } else {
+                n["state"].as_str().unwrap_or("?")
+            },
+            dash(st["feed"]["head_seq"].to_string()),
+            dash(events.to_string()),
+            dash(links.to_string()),
+            n["error"].as_str().unwrap_or("")
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n{:<19} {:<16} {:>8} {:>10} {:>8}",
+        "LINK", "NAMESPACE", "LAG", "LAG TIME", "MISSING"
+    );
+    for n in nodes {
+        for p in n["status"]["replication"]["peers"]
+            .as_array()
+            .unwrap_or(&empty)
+        {
+            for x in p["namespaces"].as_array().unwrap_or(&empty) {
+                let _ = writeln!(
+                    out,
+                    "{:<19} {:<16} {:>8} {:>10} {:>8}",
+                    format!("{}>{}", short_id(&n["node_id"]), short_id(&p["node_id"])),
+                    x["name"].as_str().unwrap_or("?"),
+                    x["lag_events"].to_string(),
+                    format!("{} ms", x["lag_ms"]),
+                    x["missing_events"].to_string()
+                );
+            }
+        }
+    }
+    // Per origin, the slowest receiver: the time until every node held a write.
+    let mut origins: std::collections::BTreeMap<String, (u64, u64, u64, usize)> =
+        Default::default();
+    for n in nodes {
+        for d in n["status"]["convergence"]["origins"]
+            .as_array()
+            .unwrap_or(&empty)
+        {
+            let e = origins.entry(short_id(&d["origin"])).or_default();
+            e.0 = e.0.max(d["events"].as_u64().unwrap_or(0));
+            e.1 = e.1.max(d["p50_ms"].as_u64().unwrap_or(0));
+            e.2 = e.2.max(d["p99_ms"].as_u64().unwrap_or(0));
+            e.3 += 1;
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\n{:<10} {:>10} {:>8} {:>12} {:>12}   (writes of the last 5 min, to every node)",
+        "ORIGIN", "WRITES", "NODES", "P50", "P99"
+    );
+    for (origin, (events, p50, p99, reached)) in origins {
+        let _ = writeln!(
+            out,
+            "{origin:<10} {events:>10} {reached:>8} {:>12} {:>12}",
+            format!("{p50} ms"),
+            format!("{p99} ms")
+        );
+    }
+    out
+}
+
+/// Follows the stream, reconnecting from the last position seen when the connection
+/// drops, so that no change is missed or shown twice.
+pub async fn watch(node: &str, ns: &str, since: u64) -> anyhow::Result<ExitCode> {
+    let client = client(node)?;
+    let mut position = since;
+    loop {
+        let mut stream = open_retrying(|| client.watch(ns, position)).await?;
         loop {
             match stream.next().await {
                 Ok(Some(event)) => {
@@ -234,7 +396,8 @@ pub async fn watch(node: &str, ns: &str, since: u64) -> anyhow::Result<ExitCode>
                 }
             }
         }
-        tokio::time::sleep(backoff).await;
+        // A pause before reconnecting: a node that ends streams at once is not spun on.
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -588,4 +751,61 @@ pub async fn share(command: crate::ShareCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cluster_text;
+
+    #[test]
+    fn the_cluster_text_shows_members_links_and_the_slowest_node_per_origin() {
+        let view = serde_json::json!({
+            "generated_ms": 1,
+            "node_id": "aaaaaaaaaaaaaaaa",
+            "nodes": [
+                {"node_id": "aaaaaaaaaaaaaaaa", "this_node": true, "state": "alive", "error": null,
+                 "status": {"feed": {"head_seq": 12}, "namespaces": [{"events": 12}],
+                    "replication": {"peers": [{"node_id": "bbbbbbbbbbbbbbbb", "state": "active",
+                        "namespaces": [{"name": "app", "lag_events": 3, "lag_ms": 40, "missing_events": 0}]}]},
+                    "convergence": {"origins": [{"origin": "bbbbbbbbbbbbbbbb", "events": 5, "p50_ms": 4, "p99_ms": 9}]}}},
+                {"node_id": "bbbbbbbbbbbbbbbb", "this_node": false, "state": "alive", "error": null,
+                 "status": {"feed": {"head_seq": 9}, "namespaces": [{"events": 9}],
+                    "convergence": {"origins": [{"origin": "aaaaaaaaaaaaaaaa", "events": 7, "p50_ms": 2, "p99_ms": 30}]}}},
+                {"node_id": "cccccccccccccccc", "this_node": false, "state": "suspect",
+                 "error": "no answer within 2000 ms", "status": null}
+            ]
+        });
+        let text = cluster_text(&view);
+        let line = |start: &str| {
+            // The last such line (an origin's comes after its member's).
+            text.lines()
+                .rfind(|l| l.starts_with(start))
+                .unwrap_or_else(|| panic!("no line {start}:\n{text}"))
+                .split_whitespace()
+                .collect::<Vec<_>>()
+        };
+        assert!(
+            text.starts_with("asp cluster · 3 members · seen by aaaaaaaa"),
+            "{text}"
+        );
+        assert_eq!(line("aaaaaaaa*"), ["aaaaaaaa*", "alive", "12", "12", "1"]);
+        assert_eq!(
+            line("cccccccc"),
+            [
+                "cccccccc", "error", "-", "-", "-", "no", "answer", "within", "2000", "ms"
+            ]
+        );
+        assert_eq!(
+            line("aaaaaaaa>"),
+            ["aaaaaaaa>bbbbbbbb", "app", "3", "40", "ms", "0"]
+        );
+        assert_eq!(
+            line("bbbbbbbb  "),
+            ["bbbbbbbb", "5", "1", "4", "ms", "9", "ms"]
+        );
+        assert_eq!(
+            line("aaaaaaaa  "),
+            ["aaaaaaaa", "7", "1", "2", "ms", "30", "ms"]
+        );
+    }
 }

@@ -1,4 +1,7 @@
 //! The node's configuration file (TOML) and how command-line flags override it.
+//!
+//! Size: one resolution of every setting, file then flags, with the checks of each;
+//! half of the file is its tests, one per group of settings.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -27,6 +30,8 @@ pub struct FileConfig {
     pub fsync: Option<String>,
     pub api: Option<String>,
     #[serde(default)]
+    pub http: HttpSection,
+    #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
     pub store: StoreSection,
@@ -53,6 +58,19 @@ pub struct FileConfig {
     /// Connectors to other systems (`[[connectors]]`; docs/CONNECTORS.md).
     #[serde(default)]
     pub connectors: Vec<asp_connect::ConnectorConfig>,
+}
+
+/// `[http]`: the HTTP API's browser access.
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    /// Origins a browser may call the API from (CORS): `scheme://host[:port]`, or
+    /// `*` for any. Empty (the default): none.
+    #[serde(default)]
+    pub cors_origins: Vec<String>,
+    /// The API address members are told, `http(s)://host:port` (default: the address
+    /// bound).
+    pub advertise: Option<String>,
 }
 
 /// One entry of `[modes]`.
@@ -151,6 +169,8 @@ pub struct ReplicationSection {
     /// `nats://HOST:PORT`: also link with the nodes of this cluster that reach the same
     /// NATS server, through it (docs/CONNECTORS.md, "Replication through NATS").
     pub transport: Option<String>,
+    /// The peer address members are told, `host:port` (default: the address bound).
+    pub advertise: Option<String>,
 }
 
 #[derive(Deserialize, Default, Debug, Clone)]
@@ -236,6 +256,11 @@ pub struct Overrides {
     pub labels: Vec<String>,
     /// `--auth required|off`.
     pub auth: Option<String>,
+    /// `--cors-origin`, repeated: replaces `[http] cors_origins` when given.
+    pub cors_origins: Vec<String>,
+    /// `--advertise-api`, `--advertise-peer`.
+    pub advertise_api: Option<String>,
+    pub advertise_peer: Option<String>,
 }
 
 /// Everything `asp serve` runs with.
@@ -243,6 +268,8 @@ pub struct NodeConfig {
     pub store: StoreConfig,
     pub api: ApiConfig,
     pub listen: SocketAddr,
+    /// The API address members are told (`None`: the address bound).
+    pub advertise_api: Option<String>,
     pub replication: ReplicationConfig,
     /// How often to compact the feed (`None`: never).
     pub compaction_interval: Option<Duration>,
@@ -265,6 +292,58 @@ pub struct NodeConfig {
     pub connectors: Vec<asp_connect::Connector>,
     /// `[replication] transport`: the NATS server peer links also go through.
     pub transport: Option<String>,
+}
+
+/// Checks an advertised API address: `http://` or `https://`, a host and a port
+/// (members dial it as it is written, so the port is not left to a default).
+fn advertised_api(url: &str) -> Result<(), String> {
+    if url == "*" {
+        return Err("\"*\" is not an address".into());
+    }
+    asp_http::cors_origin(url).map_err(|e| e.replace("or * for any", "with the port"))?;
+    let after_host = url.rsplit(']').next().unwrap_or(url);
+    let port = after_host
+        .split("://")
+        .last()
+        .and_then(|rest| rest.rsplit_once(':'))
+        .map(|(_, port)| port);
+    match port {
+        Some(p) if p.parse::<u16>().is_ok_and(|p| p > 0) => Ok(()),
+        _ => Err(format!(
+            "{url:?} has no port: write scheme://host:port, e.g. http://asp-0.asp-peers:7700"
+        )),
+    }
+}
+
+/// Checks an advertised peer address: `host:port`, the host a name or an IP address.
+fn advertised_peer(addr: &str) -> Result<(), String> {
+    let bad = |why: &str| {
+        Err(format!(
+            "{addr:?} is not host:port: {why} (e.g. asp-0.asp-peers:7800 or 10.0.0.5:7800)"
+        ))
+    };
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return bad("no port");
+    };
+    if !port.parse::<u16>().is_ok_and(|p| p > 0) {
+        return bad("the port must be a number from 1 to 65535");
+    }
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty()
+        || host.len() > 253
+        || !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'))
+    {
+        return bad("the host may hold only letters, digits, '.', '-' (and ':' in brackets)");
+    }
+    if host == "0.0.0.0" || host == "::" {
+        return bad("members cannot dial the unspecified address");
+    }
+    Ok(())
 }
 
 pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig> {
@@ -292,7 +371,21 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
 
     let pick = |flag: Option<usize>, file: Option<usize>| flag.or(file);
     let limits = &file.limits;
-    let mut api_config = ApiConfig::default();
+    let mut api_config = ApiConfig {
+        cors_origins: if flags.cors_origins.is_empty() {
+            file.http.cors_origins.clone()
+        } else {
+            flags.cors_origins.clone()
+        },
+        ..ApiConfig::default()
+    };
+    for origin in &api_config.cors_origins {
+        asp_http::cors_origin(origin).map_err(|e| anyhow::anyhow!("cors_origins: {e}"))?;
+    }
+    let advertise_api = flags.advertise_api.clone().or(file.http.advertise.clone());
+    if let Some(url) = &advertise_api {
+        advertised_api(url).map_err(|e| anyhow::anyhow!("advertise_api: {e}"))?;
+    }
     if let Some(v) = pick(flags.limits.value_bytes_max, limits.value_bytes_max) {
         store.value_bytes_max = v;
     }
@@ -435,6 +528,10 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
         })?)
     };
     replication.dial_members = flags.dial_members || section.dial_members.unwrap_or(false);
+    replication.advertise = flags.advertise_peer.clone().or(section.advertise.clone());
+    if let Some(peer) = &replication.advertise {
+        advertised_peer(peer).map_err(|e| anyhow::anyhow!("advertise_peer: {e}"))?;
+    }
     // Peers from the file and from flags together.
     replication.peers = section.peers;
     replication.peers.extend(flags.peers);
@@ -637,6 +734,7 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
         store,
         api: api_config,
         listen,
+        advertise_api,
         replication,
         compaction_interval,
         scrub_interval,
@@ -806,6 +904,56 @@ mod tests {
     }
 
     #[test]
+    fn advertised_addresses_come_from_the_file_or_the_flags_and_are_checked() {
+        let file = || {
+            toml::from_str::<FileConfig>(
+                "[http]\nadvertise = \"http://asp-0.asp-peers:7700\"\n[replication]\nadvertise = \"asp-0.asp-peers:7800\"",
+            )
+            .unwrap()
+        };
+        let c = resolve(file(), Overrides::default()).unwrap();
+        assert_eq!(
+            c.advertise_api.as_deref(),
+            Some("http://asp-0.asp-peers:7700")
+        );
+        assert_eq!(
+            c.replication.advertise.as_deref(),
+            Some("asp-0.asp-peers:7800")
+        );
+        let flags = Overrides {
+            advertise_api: Some("https://[fd00::5]:7700".into()),
+            advertise_peer: Some("10.0.0.5:7800".into()),
+            ..Overrides::default()
+        };
+        let c = resolve(file(), flags).unwrap();
+        assert_eq!(c.advertise_api.as_deref(), Some("https://[fd00::5]:7700"));
+        assert_eq!(c.replication.advertise.as_deref(), Some("10.0.0.5:7800"));
+        let c = resolve(FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!((c.advertise_api, c.replication.advertise), (None, None));
+        for (api, peer, says) in [
+            (Some("asp-0:7700"), None, "no scheme"),
+            (Some("http://asp-0"), None, "no port"),
+            (Some("http://asp-0:7700/"), None, "nothing may follow"),
+            (Some("*"), None, "not an address"),
+            (None, Some("asp-0"), "no port"),
+            (None, Some("asp-0:http"), "the port must be"),
+            (None, Some("0.0.0.0:7800"), "unspecified"),
+            (None, Some("as p:7800"), "the host may hold"),
+        ] {
+            let flags = Overrides {
+                advertise_api: api.map(str::to_owned),
+                advertise_peer: peer.map(str::to_owned),
+                ..Overrides::default()
+            };
+            let err = resolve(FileConfig::default(), flags)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains(says), "{api:?} {peer:?}: {err}");
+        }
+    }
+
+    #[test]
     fn mistakes_are_reported() {
         let typo = toml::from_str::<FileConfig>("fsynk = \"always\"").unwrap_err();
         assert!(typo.to_string().contains("fsynk"), "{typo}");
@@ -831,5 +979,77 @@ mod tests {
                 .to_string()
                 .contains("interval:<ms>")
         );
+    }
+
+    #[test]
+    fn cors_origins_come_from_the_file_or_the_flags_and_are_checked() {
+        let file = || -> FileConfig {
+            toml::from_str(
+                r#"
+                [http]
+                cors_origins = ["https://app.example.com", "http://localhost:5173"]
+                "#,
+            )
+            .unwrap()
+        };
+        let c = resolve(file(), Overrides::default()).unwrap();
+        assert_eq!(
+            c.api.cors_origins,
+            ["https://app.example.com", "http://localhost:5173"]
+        );
+        let flags = Overrides {
+            cors_origins: vec!["http://[::1]:8080".into()],
+            ..Overrides::default()
+        };
+        assert_eq!(
+            resolve(file(), flags).unwrap().api.cors_origins,
+            ["http://[::1]:8080"]
+        );
+        for good in [
+            "*",
+            "http://[::1]",
+            "http://127.0.0.1:80",
+            "https://a-b.example",
+        ] {
+            let flags = Overrides {
+                cors_origins: vec![good.into()],
+                ..Overrides::default()
+            };
+            assert!(resolve(FileConfig::default(), flags).is_ok(), "{good}");
+        }
+        assert!(
+            resolve(FileConfig::default(), Overrides::default())
+                .unwrap()
+                .api
+                .cors_origins
+                .is_empty()
+        );
+        for (bad, why) in [
+            ("app.example.com", "no scheme"),
+            ("ftp://app.example.com", "http or https"),
+            ("https://app.example.com/", "not even a /"),
+            ("https://app.example.com/path", "not even a /"),
+            ("https://app_example.com", "the host may hold only"),
+            ("https://app.example.com:99999", "the port"),
+            ("https://", "the host may hold only"),
+            ("http://[::1", "closing ]"),
+            ("http://[::1]x", "only :port"),
+            ("http://[zz]:80", "IPv6 address"),
+        ] {
+            let flags = Overrides {
+                cors_origins: vec![bad.into()],
+                ..Overrides::default()
+            };
+            let err = resolve(FileConfig::default(), flags)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(
+                err.contains("cors_origins") && err.contains(why),
+                "{bad}: {err}"
+            );
+        }
+        let typo = toml::from_str::<FileConfig>("[http]\ncors_origin = [\"*\"]").unwrap_err();
+        assert!(typo.to_string().contains("cors_origin"), "{typo}");
     }
 }

@@ -39,7 +39,7 @@ enum Command {
     /// Follow a namespace's changes live, one JSON line per change.
     Watch(WatchArgs),
     /// Show a node's status.
-    Status(NodeArgs),
+    Status(StatusArgs),
     /// Show a namespace's conflict policy, or set it (lww, siblings, counter, set,
     /// json-map; fixed once the namespace holds data).
     Policy(PolicyArgs),
@@ -164,6 +164,21 @@ struct ServeArgs {
     /// [default: off, or `[auth] required`].
     #[arg(long, value_name = "MODE", value_parser = ["required", "off"])]
     auth: Option<String>,
+    /// An origin a browser may call the API from (CORS), `scheme://host[:port]`, or `*`
+    /// for any; repeat for several. Replaces `[http] cors_origins` [default: none].
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    cors_origins: Vec<String>,
+    /// The API address members are told (gossip: the console's cluster view, a
+    /// follower's `not_leader` answer), `http(s)://host:port`, when it is not the
+    /// address bound (`--api 0.0.0.0:7700` in a container) [default: the bound one].
+    /// Replaces `[http] advertise`.
+    #[arg(long, value_name = "URL")]
+    advertise_api: Option<String>,
+    /// The peer address members are told (`--dial-members` dials it), `host:port`,
+    /// when it is not the one bound [default: the bound one]. Replaces `[replication]
+    /// advertise`.
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise_peer: Option<String>,
     /// Protocol versions offered, MIN-MAX (for testing version negotiation).
     #[arg(long, value_name = "MIN-MAX", hide = true)]
     protocol_versions: Option<String>,
@@ -337,6 +352,19 @@ enum ShareCommand {
 }
 
 #[derive(Args, Clone)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    /// Redraw a compact live view of the whole cluster (from `GET
+    /// /v1/cluster/stream`: members, links and lag, convergence) until interrupted
+    #[arg(long)]
+    watch: bool,
+    /// Milliseconds between redraws with --watch (250 to 60000)
+    #[arg(long, value_name = "MS", default_value_t = 1000, requires = "watch")]
+    interval_ms: u64,
+}
+
+#[derive(Args, Clone)]
 pub struct NodeArgs {
     /// The node's API.
     #[arg(
@@ -362,7 +390,7 @@ fn node_args(command: &Command) -> Option<&NodeArgs> {
         Command::Del(a) => &a.target.node,
         Command::Scan(a) => &a.target.node,
         Command::Watch(a) => &a.target.node,
-        Command::Status(a) => a,
+        Command::Status(a) => &a.node,
         Command::Policy(a) => &a.target.node,
         Command::Incr(a) => &a.target.node,
         Command::Quarantine(a) => &a.node,
@@ -541,6 +569,9 @@ fn main() -> ExitCode {
                     tls_ca: a.tls_ca,
                     labels: a.labels,
                     auth: a.auth,
+                    cors_origins: a.cors_origins,
+                    advertise_api: a.advertise_api,
+                    advertise_peer: a.advertise_peer,
                 };
                 serve::run(a.config.as_deref(), flags).await
             }
@@ -573,7 +604,10 @@ fn main() -> ExitCode {
                 .await
             }
             Command::Watch(a) => commands::watch(&a.target.node.node, &a.target.ns, a.since).await,
-            Command::Status(a) => commands::status(&a.node).await,
+            Command::Status(a) if a.watch => {
+                commands::status_watch(&a.node.node, a.interval_ms).await
+            }
+            Command::Status(a) => commands::status(&a.node.node).await,
             Command::Policy(a) => {
                 commands::policy(&a.target.node.node, &a.target.ns, a.policy.as_deref()).await
             }

@@ -43,7 +43,28 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
     } else {
         "http"
     };
-    replication.api_address = Some(format!("{api_scheme}://{listen}"));
+    replication.api_address = Some(
+        config
+            .advertise_api
+            .clone()
+            .unwrap_or_else(|| format!("{api_scheme}://{listen}")),
+    );
+    // An address bound on every interface is no address to dial: say so once.
+    if listen.ip().is_unspecified() && config.advertise_api.is_none() {
+        tracing::warn!(
+            api = %listen,
+            "the API listens on every interface: members are told {api_scheme}://{listen}, which they cannot reach (the console's cluster view, not_leader answers); give --advertise-api"
+        );
+    }
+    if let Some(peer) = replication.listen
+        && peer.ip().is_unspecified()
+        && replication.advertise.is_none()
+    {
+        tracing::warn!(
+            listen = %peer,
+            "peer links listen on every interface: members are told {peer}, which --dial-members cannot dial; give --advertise-peer"
+        );
+    }
     let replicator = Replicator::start(store.clone(), replication, shutdown.child_token()).await?;
     // Residency rules of the configuration, before any client can write.
     for (ns, require) in &config.residency {
@@ -99,6 +120,10 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
     );
     if let Some(auth) = auth {
         state = state.with_auth(auth);
+    }
+    if let Some(tls) = &tls {
+        // The console's cluster view asks the other members' HTTPS APIs.
+        state = state.with_api_ca(tls.paths().ca.clone());
     }
     let connectors = asp_connect::Connectors::start(
         store.clone(),

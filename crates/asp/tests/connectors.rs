@@ -309,11 +309,16 @@ async fn both_ways_take_plain_messages_and_never_echo() {
         assert_eq!(got["client-7"], r#"{"n":7}"#);
         assert_eq!(got["asp-7"], "7");
     }
-    // The in sides have read what asp published back, and dropped it.
+    // The in sides have read what asp published back, and dropped it. The out
+    // side counts a message once the broker acknowledged it, which can be after
+    // the in side already read it back: wait for both.
     for name in ["js", "rs"] {
-        eventually("the in side read everything", async || {
+        eventually("both sides settled", async || {
             let c = connector(&node, name).await;
-            (c["in"]["echoes_dropped"] == FROM_ASP && c["in"]["messages"] == FROM_CLIENTS)
+            (c["in"]["echoes_dropped"] == FROM_ASP
+                && c["in"]["messages"] == FROM_CLIENTS
+                && c["out"]["messages"] == FROM_ASP
+                && c["out"]["lag"] == 0)
                 .then_some(())
         })
         .await;

@@ -381,9 +381,15 @@ async fn both_ways_never_echo() {
     .await;
     assert_eq!(got["client-7"], r#"{"n":7}"#);
     assert_eq!(got["asp-7"], "7");
-    eventually("the in side read everything", async || {
+    // The out side counts a message once the broker acknowledged it, which can be
+    // after the broker already delivered it back to the in side: wait for both.
+    eventually("both sides settled", async || {
         let c = connector(&node, "k").await;
-        (c["in"]["echoes_dropped"] == FROM_ASP && c["in"]["messages"] == FROM_CLIENTS).then_some(())
+        (c["in"]["echoes_dropped"] == FROM_ASP
+            && c["in"]["messages"] == FROM_CLIENTS
+            && c["out"]["messages"] == FROM_ASP
+            && c["out"]["lag"] == 0)
+            .then_some(())
     })
     .await;
     // Exact counts after everything settled: asp wrote each change once, and the

@@ -1,6 +1,6 @@
 //! The `json-map` policy between two real `asp serve` processes cut apart: nested
 //! objects merge per path at every depth, and a removal of a parent meets a write
-//! below it as docs/CONFLICTS.md says (the later `(hlc, origin)` wins).
+//! below it as docs/CONFLICTS.md says (the write it did not see stays: add-wins).
 
 mod common;
 
@@ -134,12 +134,11 @@ async fn nested_patches_written_apart_merge_at_every_depth() {
     }
 }
 
-/// A removal of a parent concurrent with a write below it: whichever has the later
-/// clock reading wins, in both orders — the removal takes the parent and the new
-/// child; the write brings the parent back with only what was written after the
-/// removal.
+/// A removal of a parent concurrent with a write below it: the write stays, in both
+/// clock orders (add-wins), and the parent shows as an object holding only it — what
+/// the removal saw is gone. A removal made after it saw the write takes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn removing_a_parent_against_setting_a_child_is_last_writer_wins() {
+async fn removing_a_parent_against_setting_a_child_keeps_the_child() {
     let p = pair().await;
     let (a, b) = (p.a.client(), p.b.client());
     for key in ["remove-later", "set-later"] {
@@ -160,10 +159,18 @@ async fn removing_a_parent_against_setting_a_child_is_last_writer_wins() {
     p.proxy.heal();
     converge(&[&p.a, &p.b], "prof", 6, Duration::from_secs(60)).await;
     for c in [&a, &b] {
-        assert_eq!(get(c, "remove-later").await, serde_json::json!({"q": 3}));
-        assert_eq!(
-            get(c, "set-later").await,
-            serde_json::json!({"p": {"new": 2}, "q": 3})
-        );
+        for key in ["remove-later", "set-later"] {
+            assert_eq!(
+                get(c, key).await,
+                serde_json::json!({"p": {"new": 2}, "q": 3}),
+                "{key}"
+            );
+        }
+    }
+    // Now A has seen B's child: its removal takes it, on both.
+    patch(&a, "set-later", r#"{"p":null}"#).await;
+    converge(&[&p.a, &p.b], "prof", 7, Duration::from_secs(60)).await;
+    for c in [&a, &b] {
+        assert_eq!(get(c, "set-later").await, serde_json::json!({"q": 3}));
     }
 }

@@ -511,6 +511,25 @@ async fn lease_tokens_only_grow_and_every_node_refuses_a_stale_fence() {
     .await;
     assert_eq!(status, StatusCode::CREATED, "{l1}");
     let t1 = l1["token"].as_u64().unwrap();
+    // Listed (what the console shows) on the leader, and on a follower once it has
+    // the record.
+    for n in [&a, &c] {
+        let listed = eventually("job-1 listed", async || {
+            let (status, list) = call(
+                &n.client(),
+                Method::GET,
+                "/v1/ns/orders/leases",
+                Value::Null,
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK, "{list}");
+            (list["leases"].as_array().unwrap().len() == 1).then_some(list)
+        })
+        .await;
+        assert_eq!(listed["leases"][0]["name"], "job-1", "{listed}");
+        assert_eq!(listed["leases"][0]["token"], t1, "{listed}");
+        assert_eq!(listed["more"], false, "{listed}");
+    }
     let (status, err) = lease(
         &a.client(),
         json!({"name": "job-1", "holder": "w2", "ttl_ms": 800}),

@@ -12,9 +12,9 @@
 //! - [`MvRegister`]: the `siblings` policy. A write carries the causal context its
 //!   writer read (the token): it replaces exactly the siblings that context covers;
 //!   concurrent writes stay side by side.
-//! - [`JsonMap`]: a JSON document merged per path, at every depth, by last-writer-wins;
-//!   a path removed or replaced keeps the version that did it, so a late older write
-//!   under it cannot revive it.
+//! - [`JsonMap`]: a JSON document merged per path, at every depth: last-writer-wins
+//!   at one path; a removal or replacement of a path takes what it saw below it, and
+//!   a concurrent write below it that it did not see stays (add-wins).
 //!
 //! States encode to a compact binary form ([`State::encode`], [`State::decode`]);
 //! decoding never panics and bounds every count by the input's length. No I/O here.
@@ -405,6 +405,18 @@ impl State {
         }
     }
 
+    /// The state with what no read shows and no later write needs dropped: a
+    /// json-map's removed and hidden paths ([`JsonMap::pruned`]; `dots`: those of the
+    /// per-origin states this one joins). A set or siblings state keeps only live
+    /// entries and a version vector already, and a counter needs all of its totals:
+    /// those come back unchanged.
+    pub fn pruned(&self, dots: impl IntoIterator<Item = Dot>) -> State {
+        match self {
+            State::JsonMap(m) => State::JsonMap(m.pruned(dots)),
+            other => other.clone(),
+        }
+    }
+
     pub fn join(&mut self, other: &State) -> Result<(), CrdtError> {
         match (self, other) {
             (State::Counter(a), State::Counter(b)) => a.join(b),
@@ -460,7 +472,7 @@ impl State {
                 put_context(&mut out, &r.context);
             }
             State::JsonMap(m) => {
-                // A json-map writes its own tag: 4 or 5, by what the state holds.
+                // A json-map writes its own tag: 4, 5 or 7, by what the state holds.
                 out.clear();
                 m.encode_into(&mut out);
             }
@@ -535,7 +547,7 @@ impl State {
                 m.context = r.context()?;
                 State::Siblings(m)
             }
-            tag @ (json_map::TAG_FIELDS | json_map::TAG_PATHS) => {
+            tag @ (json_map::TAG_FIELDS | json_map::TAG_PATHS | json_map::TAG_SEEN) => {
                 State::JsonMap(JsonMap::decode_from(tag, &mut r)?)
             }
             t => return Err(r.err(&format!("unknown policy tag {t}"))),

@@ -60,12 +60,22 @@ fn ops() -> impl Strategy<Value = Vec<Op>> {
 /// (per `early`), so that later operations see partial states, as they do across a
 /// network. Returns the replicas and every delta in emission order.
 fn run(policy: Policy, ops: &[Op], early: &[bool]) -> (Vec<Replica>, Vec<State>) {
-    let mut replicas: Vec<Replica> = (1..=3).map(|i| Replica::new(i, policy)).collect();
+    let replicas: Vec<Replica> = (1..=3).map(|i| Replica::new(i, policy)).collect();
+    run_from(replicas, 0, ops, early)
+}
+
+/// [`run`] from the given replicas, clock readings starting at `ms`.
+fn run_from(
+    mut replicas: Vec<Replica>,
+    ms: u64,
+    ops: &[Op],
+    early: &[bool],
+) -> (Vec<Replica>, Vec<State>) {
     let mut old_contexts: Vec<Context> = vec![Context::default()];
     let mut deltas = Vec::new();
     for (i, op) in ops.iter().enumerate() {
         let r = &mut replicas[op.replica];
-        let hlc = Hlc::new(i as u64 / 2, 0);
+        let hlc = Hlc::new(ms + i as u64 / 2, 0);
         let dot = r.dot();
         let delta = match (&r.state, op.kind % 2) {
             // Now and then an observed reset among the increments.
@@ -90,7 +100,7 @@ fn run(policy: Policy, ops: &[Op], early: &[bool]) -> (Vec<Replica>, Vec<State>)
                 });
                 State::Siblings(MvRegister::write(&seen, dot, sibling))
             }
-            (State::JsonMap(_), _) => {
+            (State::JsonMap(m), _) => {
                 // A path one to three deep over two names, so that writes collide at
                 // every depth: a value, an object or a removal; now and then with a
                 // value at a sibling path in the same patch.
@@ -109,7 +119,7 @@ fn run(policy: Policy, ops: &[Op], early: &[bool]) -> (Vec<Replica>, Vec<State>)
                     *sibling.last_mut().expect("non-empty") = "c".to_owned();
                     changes.push((sibling, Change::Set(Bytes::from_static(b"[]"))));
                 }
-                State::JsonMap(JsonMap::patch(Version { hlc, dot }, changes))
+                State::JsonMap(m.patch(Version { hlc, dot }, changes))
             }
         };
         r.state.join(&delta).unwrap();
@@ -214,6 +224,69 @@ proptest! {
             }
         }
         let _ = State::decode(&garbage);
+    }
+
+    /// Pruning a state that every replica holds changes no read, now or later:
+    /// replicas that prune it and replicas that do not write on, hear every later
+    /// delta, the old unpruned state again (another node's entry) and every delta
+    /// it was made of (old entries a node that lost the pruned ones still holds),
+    /// and read the same as replicas that never pruned. (The store prunes only under the
+    /// collection rule, which makes "every replica holds it" true: see
+    /// `pruning_before_every_replica_holds_a_removal_brings_a_value_back`.)
+    #[test]
+    fn pruning_a_state_every_replica_holds_changes_no_read(
+        before in ops(),
+        after in ops(),
+        early in prop::collection::vec(any::<bool>(), 40),
+        prune in prop::collection::vec(any::<bool>(), 3),
+    ) {
+        for policy in CRDTS {
+            let (replicas, deltas) = run(policy, &before, &early);
+            let mut all = State::empty(policy).unwrap();
+            for d in &deltas {
+                all.join(d).unwrap();
+            }
+            // Each replica's newest dot: its state holds all of its writes.
+            let dots: Vec<Dot> = replicas
+                .iter()
+                .filter(|r| r.counter > 0)
+                .map(|r| Dot { origin: r.id, counter: r.counter })
+                .collect();
+            let pruned_all = all.pruned(dots.iter().copied());
+            prop_assert_eq!(read(&pruned_all), read(&all), "{}", policy);
+            let held: Vec<Replica> = replicas
+                .into_iter()
+                .map(|r| Replica { state: all.clone(), ..r })
+                .collect();
+            let some_pruned: Vec<Replica> = held
+                .iter()
+                .zip(&prune)
+                .map(|(r, &p)| Replica {
+                    state: if p { pruned_all.clone() } else { r.state.clone() },
+                    ..r.clone()
+                })
+                .collect();
+            // Later clock readings: every later write was made after its node held
+            // everything before.
+            let ms = before.len() as u64;
+            let (plain, plain_deltas) = run_from(held, ms, &after, &early);
+            let (pruned, pruned_deltas) = run_from(some_pruned, ms, &after, &early);
+            for (p, q) in plain.into_iter().zip(pruned) {
+                let (mut x, mut y) = (p.state, q.state);
+                for d in &plain_deltas {
+                    x.join(d).unwrap();
+                }
+                for d in &pruned_deltas {
+                    y.join(d).unwrap();
+                }
+                for d in &deltas {
+                    y.join(d).unwrap();
+                    prop_assert_eq!(read(&y), read(&x), "{} after an old entry", policy);
+                }
+                y.join(&all).unwrap();
+                prop_assert_eq!(read(&y), read(&x), "{}", policy);
+            }
+        }
     }
 
     /// The decoders behind the fuzz target `crdt_state`, in every CI run: arbitrary
@@ -348,6 +421,87 @@ fn a_write_with_a_token_replaces_exactly_what_it_saw() {
 
 /// A version at `ms` milliseconds from origin `o` (counter `ms`: unique per origin in
 /// these tests).
+/// What a read shows of a state: a json-map's document, any other state whole.
+fn read(state: &State) -> String {
+    match state {
+        State::JsonMap(m) => doc(m),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Why the store prunes only states every node holds: a node that pruned a removal
+/// before another node held it would let that node's concurrent write to the same
+/// path, older by the clock, back (it lost to the removal, which is gone).
+#[test]
+fn pruning_before_every_replica_holds_a_removal_brings_a_value_back() {
+    let set = JsonMap::default().patch(jv(1, 1), changes(&[("a", "1"), ("b", "2")]));
+    let mut at_a = joined(&[&set]);
+    at_a.join(&at_a.patch(jv(5, 1), changes(&[("a", "-")])));
+    assert_eq!(doc(&at_a), r#"{"b":2}"#);
+    // B wrote `a` meanwhile, with an older clock reading: the removal wins.
+    let at_b = joined(&[&set]).patch(jv(3, 2), changes(&[("a", "9")]));
+    assert_eq!(doc(&joined(&[&at_b, &at_a])), r#"{"b":2}"#);
+    // Pruned before A held B's write, the removal is gone, and B's `a` is back.
+    let pruned = at_a.pruned([jv(5, 1).dot]);
+    assert_eq!(doc(&pruned), r#"{"b":2}"#);
+    assert_eq!(doc(&joined(&[&at_b, &pruned])), r#"{"a":9,"b":2}"#);
+    // What the pruned state dropped stays taken, wherever an old copy comes from:
+    // the first patch again, or A's state before the removal.
+    assert_eq!(doc(&joined(&[&set, &pruned])), r#"{"b":2}"#);
+    // Once every node holds B's write, pruning the join changes nothing.
+    let all = joined(&[&at_a, &at_b]);
+    let pruned = all.pruned([jv(5, 1).dot, jv(3, 2).dot]);
+    for old in [&set, &at_a, &at_b, &all] {
+        assert_eq!(doc(&joined(&[old, &pruned])), r#"{"b":2}"#);
+    }
+}
+
+/// A register kept by one pruning and dropped by a later one (it was removed in
+/// between) stays gone when an old copy of the first pruning's state comes back: its
+/// pin is of the older floor.
+#[test]
+fn a_pin_holds_only_for_the_floor_it_was_made_under() {
+    let m = JsonMap::default().patch(jv(1, 1), changes(&[("a", "1"), ("b", "2")]));
+    let first = m.pruned([jv(1, 1).dot]);
+    let mut later = first.clone();
+    later.join(&first.patch(jv(2, 2), changes(&[("a", "-")])));
+    assert_eq!(doc(&later), r#"{"b":2}"#);
+    let second = later.pruned([jv(1, 1).dot, jv(2, 2).dot]);
+    assert_eq!(doc(&second), r#"{"b":2}"#);
+    assert_eq!(doc(&joined(&[&second, &first])), r#"{"b":2}"#);
+    assert_eq!(doc(&joined(&[&second, &first, &m])), r#"{"b":2}"#);
+}
+
+/// What a pruned map keeps: the registers of the paths it shows, and a floor.
+#[test]
+fn a_pruned_map_keeps_only_what_it_shows() {
+    let mut m = JsonMap::default().patch(
+        jv(1, 1),
+        changes(&[("p.x", "1"), ("p.y", "2"), ("q", "3"), ("r.s.t", "4")]),
+    );
+    m.join(&m.patch(jv(2, 2), changes(&[("p.x", "-"), ("q", "-"), ("r.s", "5")])));
+    let pruned = m.pruned([jv(1, 1).dot, jv(2, 2).dot]);
+    assert_eq!(doc(&pruned), doc(&m));
+    assert_eq!(doc(&m), r#"{"p":{"y":2},"r":{"s":5}}"#);
+    let kept: Vec<&[String]> = pruned.paths().collect();
+    assert_eq!(kept.len(), 4, "p, p.y, r, r.s: {kept:?}");
+    let bytes = State::JsonMap(pruned.clone()).encode();
+    assert_eq!(bytes[0], 7);
+    assert_eq!(
+        State::decode(&bytes).unwrap(),
+        State::JsonMap(pruned.clone())
+    );
+    // A later write under a pruned path, from a node that had seen it all, shows.
+    let later = m.patch(jv(3, 2), changes(&[("q", "6"), ("p.x", "7")]));
+    assert_eq!(
+        doc(&joined(&[&pruned, &later])),
+        r#"{"p":{"x":7,"y":2},"q":6,"r":{"s":5}}"#
+    );
+    // Pruned twice, or joined with an unpruned copy, the same.
+    assert_eq!(pruned.pruned([]), pruned);
+    assert_eq!(doc(&joined(&[&pruned, &m])), doc(&m));
+}
+
 fn jv(ms: u64, o: u64) -> Version {
     Version {
         hlc: Hlc::new(ms, 0),
@@ -412,16 +566,10 @@ fn joined(deltas: &[&JsonMap]) -> JsonMap {
 #[test]
 fn json_map_top_level_fields_merge_by_version_and_removals_stick() {
     let mut m = JsonMap::default();
-    m.join(&JsonMap::patch(
-        jv(1, 1),
-        changes(&[("a", "1"), ("b", "2")]),
-    ));
-    m.join(&JsonMap::patch(jv(3, 2), changes(&[("a", "-")])));
+    m.join(&JsonMap::default().patch(jv(1, 1), changes(&[("a", "1"), ("b", "2")])));
+    m.join(&JsonMap::default().patch(jv(3, 2), changes(&[("a", "-")])));
     // Older writes to a removed or newer field lose; other fields merge.
-    m.join(&JsonMap::patch(
-        jv(2, 1),
-        changes(&[("a", "9"), ("c", "3")]),
-    ));
+    m.join(&JsonMap::default().patch(jv(2, 1), changes(&[("a", "9"), ("c", "3")])));
     assert_eq!(doc(&m), r#"{"b":2,"c":3}"#);
     assert_eq!(m.shown_at(&["a".to_owned()]), None);
 }
@@ -430,11 +578,11 @@ fn json_map_top_level_fields_merge_by_version_and_removals_stick() {
 /// fields of one nested object, and after healing one side's field was gone.
 #[test]
 fn json_map_nested_objects_merge_per_path() {
-    let ada = JsonMap::patch(
+    let ada = JsonMap::default().patch(
         jv(1, 1),
         changes(&[("name", r#""Ada""#), ("langs", "{}"), ("langs.en", "true")]),
     );
-    let born = JsonMap::patch(
+    let born = JsonMap::default().patch(
         jv(1, 2),
         changes(&[("born", "1815"), ("langs", "{}"), ("langs.fr", "true")]),
     );
@@ -444,8 +592,8 @@ fn json_map_nested_objects_merge_per_path() {
         r#"{"born":1815,"langs":{"en":true,"fr":true},"name":"Ada"}"#
     );
     // Three deep, with the ancestors implied by the patch.
-    let deep = JsonMap::patch(jv(2, 1), changes(&[("langs.de.dialects", "[1,2]")]));
-    let other = JsonMap::patch(jv(2, 2), changes(&[("langs.de.native", "false")]));
+    let deep = JsonMap::default().patch(jv(2, 1), changes(&[("langs.de.dialects", "[1,2]")]));
+    let other = JsonMap::default().patch(jv(2, 2), changes(&[("langs.de.native", "false")]));
     let m = joined(&[&m, &deep, &other]);
     assert_eq!(
         doc(&m),
@@ -453,55 +601,96 @@ fn json_map_nested_objects_merge_per_path() {
     );
 }
 
-/// Concurrent "remove the parent" and "set a child": the later version wins, as for
-/// any json-map conflict, at every depth.
+/// Concurrent "remove the parent" and "set a child": the child stays (add-wins),
+/// whatever the clocks say, and the parent shows as an object holding it; what the
+/// removal saw below the parent is gone. At every depth.
 #[test]
-fn json_map_remove_parent_against_set_child_is_last_writer_wins() {
-    let base = JsonMap::patch(
+fn json_map_remove_parent_against_set_child_keeps_the_child() {
+    let base = JsonMap::default().patch(
         jv(1, 1),
         changes(&[("p.old", "1"), ("p.keep", "2"), ("q", "3")]),
     );
-    // The removal is later: the parent is gone, the new child with it.
-    let remove = JsonMap::patch(jv(5, 1), changes(&[("p", "-")]));
-    let set = JsonMap::patch(jv(4, 2), changes(&[("p.new", "4")]));
-    assert_eq!(doc(&joined(&[&base, &remove, &set])), r#"{"q":3}"#);
-    // The set is later: the parent comes back holding the new child only; what was
-    // written under it before the removal stays removed.
-    let remove = JsonMap::patch(jv(4, 1), changes(&[("p", "-")]));
-    let set = JsonMap::patch(jv(5, 2), changes(&[("p.new", "4")]));
-    let m = joined(&[&base, &remove, &set]);
-    assert_eq!(doc(&m), r#"{"p":{"new":4},"q":3}"#);
-    // The same two writes one level deeper.
-    let remove = JsonMap::patch(jv(6, 1), changes(&[("p.new", "-")]));
-    let set = JsonMap::patch(jv(7, 2), changes(&[("p.new.x", "5")]));
-    assert_eq!(
-        doc(&joined(&[&m, &remove, &set])),
-        r#"{"p":{"new":{"x":5}},"q":3}"#
-    );
-    let remove = JsonMap::patch(jv(7, 1), changes(&[("p.new", "-")]));
-    let set = JsonMap::patch(jv(6, 2), changes(&[("p.new.x", "5")]));
-    assert_eq!(doc(&joined(&[&m, &remove, &set])), r#"{"p":{},"q":3}"#);
+    // Both made on `base`, neither seeing the other: in both clock orders.
+    for (remove_at, set_at) in [(5, 4), (4, 5)] {
+        let remove = base.patch(jv(remove_at, 1), changes(&[("p", "-")]));
+        let set = base.patch(jv(set_at, 2), changes(&[("p.new", "4")]));
+        let m = joined(&[&base, &remove, &set]);
+        assert_eq!(doc(&m), r#"{"p":{"new":4},"q":3}"#, "remove at {remove_at}");
+        // The same two writes one level deeper, on that state.
+        for (remove_at, set_at) in [(7, 6), (6, 7)] {
+            let remove = m.patch(jv(remove_at, 1), changes(&[("p.new", "-")]));
+            let set = m.patch(jv(set_at, 2), changes(&[("p.new.x", "5")]));
+            assert_eq!(
+                doc(&joined(&[&m, &remove, &set])),
+                r#"{"p":{"new":{"x":5}},"q":3}"#
+            );
+        }
+    }
+    // A removal that saw the child takes it.
+    let set = base.patch(jv(6, 2), changes(&[("p.new", "4")]));
+    let seen = joined(&[&base, &set]);
+    let remove = seen.patch(jv(7, 1), changes(&[("p", "-")]));
+    assert_eq!(doc(&joined(&[&seen, &remove])), r#"{"q":3}"#);
+    // What it saw of an origin covers that origin's earlier writes too, even when
+    // they arrive after it: they happened before the write it saw.
+    let early = base.patch(jv(2, 2), changes(&[("p.early", "0")]));
+    let mut m = joined(&[&seen, &remove]);
+    m.join(&early);
+    assert_eq!(doc(&m), r#"{"q":3}"#);
 }
 
-/// Concurrent "set the parent to a value" and "set a child": the same rule.
+/// Concurrent "set the parent to a value" and "set a child": the child stays and the
+/// parent is an object, as against a removal. One after the other, the later write
+/// replaces what it saw.
 #[test]
-fn json_map_value_over_object_is_last_writer_wins() {
-    let base = JsonMap::patch(jv(1, 1), changes(&[("p.old", "1")]));
-    let scalar = JsonMap::patch(jv(5, 1), changes(&[("p", "[0]")]));
-    let set = JsonMap::patch(jv(4, 2), changes(&[("p.new", "2")]));
-    assert_eq!(doc(&joined(&[&base, &scalar, &set])), r#"{"p":[0]}"#);
-    let scalar = JsonMap::patch(jv(4, 1), changes(&[("p", "[0]")]));
-    let set = JsonMap::patch(jv(5, 2), changes(&[("p.new", "2")]));
-    assert_eq!(doc(&joined(&[&base, &scalar, &set])), r#"{"p":{"new":2}}"#);
+fn json_map_value_over_object_against_set_child_keeps_the_child() {
+    let base = JsonMap::default().patch(jv(1, 1), changes(&[("p.old", "1")]));
+    for (scalar_at, set_at) in [(5, 4), (4, 5)] {
+        let scalar = base.patch(jv(scalar_at, 1), changes(&[("p", "[0]")]));
+        let set = base.patch(jv(set_at, 2), changes(&[("p.new", "2")]));
+        assert_eq!(doc(&joined(&[&base, &scalar, &set])), r#"{"p":{"new":2}}"#);
+    }
+    let scalar = base.patch(jv(4, 1), changes(&[("p", "[0]")]));
+    let m = joined(&[&base, &scalar]);
+    assert_eq!(doc(&m), r#"{"p":[0]}"#);
+    let set = m.patch(jv(5, 2), changes(&[("p.new", "2")]));
+    let m = joined(&[&m, &set]);
+    assert_eq!(doc(&m), r#"{"p":{"new":2}}"#);
     // Making a path an object keeps its fields when it is one already, and makes it
     // `{}` when it held a value.
-    let object = JsonMap::patch(jv(6, 1), changes(&[("p", "{}")]));
-    assert_eq!(
-        doc(&joined(&[&base, &scalar, &set, &object])),
-        r#"{"p":{"new":2}}"#
+    let object = m.patch(jv(6, 1), changes(&[("p", "{}")]));
+    assert_eq!(doc(&joined(&[&m, &object])), r#"{"p":{"new":2}}"#);
+    let valued = joined(&[&base, &scalar]);
+    let object = valued.patch(jv(6, 1), changes(&[("p", "{}")]));
+    assert_eq!(doc(&joined(&[&valued, &object])), r#"{"p":{}}"#);
+    // At one path, concurrent writes are last-writer-wins.
+    let one = base.patch(jv(7, 1), changes(&[("p.old", "7")]));
+    let two = base.patch(jv(8, 2), changes(&[("p.old", "8")]));
+    assert_eq!(doc(&joined(&[&base, &one, &two])), r#"{"p":{"old":8}}"#);
+}
+
+/// `shown_at` says what `shown` shows, at every path of states of every kind.
+#[test]
+fn json_map_shown_at_agrees_with_shown() {
+    let base = JsonMap::default().patch(
+        jv(1, 1),
+        changes(&[("p.a.x", "1"), ("p.b", "2"), ("q", "3"), ("r.s", "{}")]),
     );
-    let object = JsonMap::patch(jv(6, 1), changes(&[("p", "{}")]));
-    assert_eq!(doc(&joined(&[&base, &scalar, &object])), r#"{"p":{}}"#);
+    let remove = base.patch(jv(5, 1), changes(&[("p", "-"), ("q", "-")]));
+    let set = base.patch(jv(4, 2), changes(&[("p.a.y", "4")]));
+    let scalar = base.patch(jv(6, 3), changes(&[("r", "9")]));
+    for m in [
+        base.clone(),
+        joined(&[&base, &remove]),
+        joined(&[&base, &remove, &set]),
+        joined(&[&base, &remove, &set, &scalar]),
+    ] {
+        let shown: Vec<_> = m.shown().map(|(p, s)| (p.to_vec(), s)).collect();
+        for path in m.paths() {
+            let want = shown.iter().find(|(p, _)| p == path).map(|(_, s)| *s);
+            assert_eq!(m.shown_at(path), want, "{path:?} of {}", doc(&m));
+        }
+    }
 }
 
 /// The layout of the release before nesting (tag 4): top-level fields with a version,
@@ -565,25 +754,32 @@ fn json_map_states_of_the_fields_layout_read_and_join_as_before() {
 }
 
 #[test]
-fn json_map_writes_the_fields_layout_whenever_it_holds_the_state() {
+fn json_map_writes_the_oldest_layout_that_holds_the_state() {
     let tag = |m: &JsonMap| State::JsonMap(m.clone()).encode()[0];
-    let flat = JsonMap::patch(jv(1, 1), changes(&[("a", "1"), ("b", "-")]));
-    assert_eq!(tag(&flat), 4);
-    let nested = JsonMap::patch(jv(2, 1), changes(&[("c.d", "1")]));
+    let fields = State::decode(&fields_layout(&[("a", jv(1, 1), Some("1"))])).unwrap();
+    let State::JsonMap(fields) = fields else {
+        panic!("a json-map")
+    };
+    assert_eq!(tag(&fields), 4);
+    // A new write records what it saw (here nothing): tag 5 says it.
+    let flat = JsonMap::default().patch(jv(1, 1), changes(&[("a", "1"), ("b", "-")]));
+    assert_eq!(tag(&flat), 5);
+    let nested = JsonMap::default().patch(jv(2, 1), changes(&[("c.d", "1")]));
     assert_eq!(tag(&nested), 5);
-    let object = JsonMap::patch(jv(2, 1), changes(&[("c", "{}")]));
-    assert_eq!(tag(&object), 5);
-    // Written over, the nested paths stay (as what hides them), and so does tag 5.
+    // Written over, what the write saw is recorded: tag 7. The nested paths stay (as
+    // what was taken).
     let mut m = joined(&[&flat, &nested]);
-    m.join(&JsonMap::patch(jv(3, 1), changes(&[("c", "2")])));
+    m.join(&m.patch(jv(3, 1), changes(&[("c", "2")])));
     assert_eq!(doc(&m), r#"{"a":1,"c":2}"#);
-    assert_eq!(tag(&m), 5);
-    for state in [flat, nested, object, m] {
+    assert_eq!(tag(&m), 7);
+    let mut with_fields = m.clone();
+    with_fields.join(&fields);
+    for state in [fields, flat, nested, m, with_fields] {
         let state = State::JsonMap(state);
         assert_eq!(State::decode(&state.encode()).unwrap(), state);
     }
-    // A top-level value without a cut is no state a writer makes, but one a peer may
-    // send: the fields layout cannot say it, so it stays in tag 5.
+    // A top-level value without a cut is what a writer makes now; in tag 5, as a
+    // peer of the release before may send it, it reads the same and stays tag 5.
     let mut no_cut = vec![5];
     put_u32(&mut no_cut, 1);
     no_cut.push(1);
@@ -594,6 +790,90 @@ fn json_map_writes_the_fields_layout_whenever_it_holds_the_state() {
     put_bytes(&mut no_cut, b"1");
     no_cut.push(0);
     assert_eq!(State::decode(&no_cut).unwrap().encode(), no_cut);
+}
+
+/// A cut written before writes recorded what they saw (tag 5) keeps taking what it
+/// took: every write below its path up to its version, whatever its origin.
+#[test]
+fn json_map_cuts_of_the_paths_layout_apply_as_before() {
+    let mut old = vec![5];
+    put_u32(&mut old, 2);
+    for (name, kind, cut) in [("p", 0u8, true), ("q", 2, false)] {
+        old.push(1);
+        put_bytes(&mut old, name.as_bytes());
+        old.extend_from_slice(&jv(5, 1).hlc.as_raw().to_le_bytes());
+        put_dot(&mut old, jv(5, 1).dot);
+        old.push(kind);
+        if cut {
+            old.push(1);
+            old.extend_from_slice(&jv(5, 1).hlc.as_raw().to_le_bytes());
+            put_dot(&mut old, jv(5, 1).dot);
+        } else {
+            old.push(0);
+        }
+    }
+    let State::JsonMap(old) = State::decode(&old).unwrap() else {
+        panic!("a json-map")
+    };
+    assert_eq!(doc(&old), r#"{"q":{}}"#);
+    // A write below `p` from another origin, older than the cut: taken.
+    let late = JsonMap::default().patch(jv(4, 2), changes(&[("p.x", "1")]));
+    assert_eq!(doc(&joined(&[&old, &late])), r#"{"q":{}}"#);
+    let later = JsonMap::default().patch(jv(6, 2), changes(&[("p.x", "1")]));
+    assert_eq!(doc(&joined(&[&old, &later])), r#"{"p":{"x":1},"q":{}}"#);
+}
+
+/// What a tag-7 decoder refuses: origins seen out of order, paths out of order.
+#[test]
+fn json_map_seen_layout_refuses_what_no_writer_writes() {
+    let path = |out: &mut Vec<u8>, name: &[u8], seen: &[(u64, u64)]| {
+        out.push(1);
+        put_bytes(out, name);
+        out.extend_from_slice(&jv(5, 1).hlc.as_raw().to_le_bytes());
+        put_dot(out, jv(5, 1).dot);
+        out.extend_from_slice(&[0, 0]);
+        put_u32(out, seen.len());
+        for &(o, c) in seen {
+            put_dot(
+                out,
+                Dot {
+                    origin: node(o),
+                    counter: c,
+                },
+            );
+        }
+        out.extend_from_slice(&0u64.to_le_bytes());
+    };
+    type Path<'a> = (&'a [u8], &'a [(u64, u64)]);
+    let state = |paths: &[Path<'_>]| {
+        let mut out = vec![7];
+        put_u32(&mut out, paths.len());
+        for (name, seen) in paths {
+            path(&mut out, name, seen);
+        }
+        put_u32(&mut out, 0);
+        out
+    };
+    let good = state(&[(b"a", &[(1, 3), (2, 1)]), (b"b", &[])]);
+    assert_eq!(State::decode(&good).unwrap().encode(), good);
+    for (bad, why) in [
+        (
+            state(&[(b"a", &[(2, 3), (1, 1)])]),
+            "origins seen out of order",
+        ),
+        (
+            state(&[(b"a", &[(2, 3), (2, 4)])]),
+            "origins seen out of order",
+        ),
+        (
+            state(&[(b"b", &[(1, 1)]), (b"a", &[])]),
+            "paths out of order",
+        ),
+        (state(&[(b"a", &[(1, 0)])]), "counter"),
+    ] {
+        let err = State::decode(&bad).unwrap_err().to_string();
+        assert!(err.contains(why), "{err}");
+    }
 }
 
 #[test]

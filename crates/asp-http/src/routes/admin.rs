@@ -77,6 +77,7 @@ pub(super) async fn compact(State(state): State<AppState>) -> Result<Response, A
         "stale_copies_dropped": report.stale_copies_dropped,
         "records_relocated": report.records_relocated,
         "tombstones_collected": report.tombstones_collected,
+        "crdt_keys_pruned": report.crdt_keys_pruned,
         "epitaphs_left": report.epitaphs_left,
         "epitaphs_dropped": report.epitaphs_dropped,
         "log_bytes_before": report.log_bytes_before,
@@ -105,12 +106,18 @@ pub(super) async fn quarantine_discard(
 }
 
 pub(super) async fn status(State(state): State<AppState>) -> Response {
+    Json(status_value(&state).await).into_response()
+}
+
+/// What `GET /v1/status` answers (also a part of `GET /v1/cluster`).
+pub(crate) async fn status_value(state: &AppState) -> serde_json::Value {
     let store = state.store();
     // Like a read, status reflects every acknowledged write (after a storage failure,
     // the last indexed state is still a true, if old, answer).
     let _ = store.caught_up().await;
     let s = store.status();
     let gc = store.tombstone_gc();
+    let replicator = state.replicator();
     let namespaces: Vec<serde_json::Value> = s
         .namespaces
         .iter()
@@ -137,6 +144,9 @@ pub(super) async fn status(State(state): State<AppState>) -> Response {
                 .collect();
             serde_json::json!({
                 "name": ns.as_str(),
+                "policy": store.policy(ns).to_string(),
+                "mode": replicator.map(|r| r.modes().view(ns)),
+                "residency": replicator.and_then(|r| r.residency().rule(ns)),
                 "events": state.vector.len(),
                 "compacted_events": base.len(),
                 "compacted": compacted,
@@ -147,12 +157,25 @@ pub(super) async fn status(State(state): State<AppState>) -> Response {
         })
         .collect();
     let recovery = store.recovery();
-    let replication = state
-        .inner
-        .replicator
-        .as_ref()
-        .map(|r| replication_status(&r.status()));
-    Json(serde_json::json!({
+    let replication = replicator.map(|r| replication_status(&r.status()));
+    let wall = asp_store::clock::wall_ms();
+    let convergence: Vec<serde_json::Value> = store
+        .metrics()
+        .convergence
+        .snapshot(wall)
+        .iter()
+        .map(|d| {
+            serde_json::json!({
+                "origin": d.origin.to_string(),
+                "events": d.events,
+                "p50_ms": d.p50_ms,
+                "p99_ms": d.p99_ms,
+                "max_ms": d.max_ms,
+                "last_ms_ago": wall.saturating_sub(d.last_ms),
+            })
+        })
+        .collect();
+    serde_json::json!({
         "node_id": s.node_id.to_string(),
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": state.inner.started.elapsed().as_secs(),
@@ -177,6 +200,13 @@ pub(super) async fn status(State(state): State<AppState>) -> Response {
             "salvage": recovery.salvage.as_ref().map(salvage_json),
         },
         "scrub": s.last_scrub.as_ref().map(scrub_json),
+        "operations": store.operations().iter().map(|o| serde_json::json!({
+            "kind": o.kind,
+            "started_unix_ms": o.started_unix_ms,
+            "done": o.done,
+            "total": o.total,
+            "unit": o.unit,
+        })).collect::<Vec<_>>(),
         "no_space": s.no_space,
         "namespaces": namespaces,
         "own_events_found": store.own_events_found().iter().map(|f| serde_json::json!({
@@ -185,13 +215,16 @@ pub(super) async fn status(State(state): State<AppState>) -> Response {
             "held_by_peers_counter": f.held_by_peers,
             "at_ms": f.at_ms,
         })).collect::<Vec<_>>(),
-        "held": held_api::status_json(&store.held(), asp_store::clock::wall_ms()),
+        "held": held_api::status_json(&store.held(), wall),
+        "convergence": {
+            "window_ms": asp_store::convergence::SLOT_MS * asp_store::convergence::WINDOW_SLOTS as u64,
+            "origins": convergence,
+        },
         "replication": replication,
         "connectors": state.connectors().map(|c| c.status()).unwrap_or_else(|| serde_json::json!([])),
         "transport": state.transport(),
         "failure": s.failure,
-    }))
-    .into_response()
+    })
 }
 
 /// `GET /v1/connectors`: every connector of this node, its configuration (no
@@ -296,6 +329,10 @@ fn replication_status(r: &asp_node::ReplicationStatus) -> serde_json::Value {
                     "keys_repaired": p.reconcile.keys_repaired,
                     "handovers": p.reconcile.handovers,
                     "transfers": p.reconcile.transfers,
+                    "receiving": p.reconcile.receiving.map(|(keys, since)| serde_json::json!({
+                        "keys": keys,
+                        "running_ms": since.elapsed().as_millis() as u64,
+                    })),
                     "last": p.reconcile.last.as_ref().map(|l| serde_json::json!({
                         "namespace": l.namespace.as_str(),
                         "mode": l.mode,

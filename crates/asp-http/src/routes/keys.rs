@@ -261,6 +261,45 @@ pub(super) async fn get_policy(
     Ok(crdt_api::policy_body(&ns, policy))
 }
 
+/// Index entries `GET /v1/ns/{ns}/stats` counts at most.
+pub const STATS_ENTRIES_MAX: usize = 1_000_000;
+
+/// `GET /v1/ns/{ns}/stats`: the namespace's keys, deleted keys still held and value
+/// bytes, counted from the index (up to [`STATS_ENTRIES_MAX`] entries; `complete`
+/// says whether all were).
+pub(super) async fn namespace_stats(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(ns) = path.map_err(path_error)?;
+    let ns = namespace(&ns)?;
+    let store = state.store().clone();
+    let counted = {
+        let ns = ns.clone();
+        tokio::task::spawn_blocking(move || store.namespace_stats(&ns, STATS_ENTRIES_MAX))
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    format!("counting keys failed: {e}"),
+                )
+            })??
+    };
+    let policy = state.store().policy(&ns);
+    Ok(axum::Json(serde_json::json!({
+        "namespace": ns.as_str(),
+        "policy": policy.to_string(),
+        "keys": counted.keys,
+        "deleted_keys": counted.deleted_keys,
+        "value_bytes": counted.value_bytes,
+        "keys_with_siblings": (policy == asp_core::crdt::Policy::Siblings).then_some(counted.keys_with_siblings),
+        "complete": counted.complete,
+        "entries_max": STATS_ENTRIES_MAX,
+    }))
+    .into_response())
+}
+
 pub(super) async fn put_policy(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,

@@ -56,6 +56,10 @@ pub struct ApiConfig {
     pub connections_max: usize,
     /// Live change streams (SSE) at most; one more gets `503 too_many_streams`.
     pub streams_max: usize,
+    /// Origins a browser may call the API from (`[http] cors_origins`,
+    /// `--cors-origin`): each `scheme://host[:port]`, or `*` for any. Empty: no
+    /// cross-origin access (no CORS headers at all). Checked by [`cors_origin`].
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ApiConfig {
@@ -65,8 +69,100 @@ impl Default for ApiConfig {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             connections_max: DEFAULT_CONNECTIONS_MAX,
             streams_max: DEFAULT_STREAMS_MAX,
+            cors_origins: Vec::new(),
         }
     }
+}
+
+/// Checks one entry of `cors_origins`: `*`, or an origin as a browser sends it in
+/// its `Origin` header — `http` or `https`, `://`, a host, an optional port, and
+/// nothing after (no path, no trailing slash).
+pub fn cors_origin(origin: &str) -> Result<(), String> {
+    let bad = |why: &str| {
+        Err(format!(
+            "{origin:?} is not an origin: {why} (write scheme://host[:port], e.g. https://app.example.com or http://localhost:5173, or * for any)"
+        ))
+    };
+    if origin == "*" {
+        return Ok(());
+    }
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return bad("no scheme");
+    };
+    if scheme != "http" && scheme != "https" {
+        return bad("the scheme must be http or https");
+    }
+    if rest.contains('/') {
+        return bad("nothing may follow the host and port, not even a /");
+    }
+    let port = if let Some(after) = rest.strip_prefix('[') {
+        let Some((address, tail)) = after.split_once(']') else {
+            return bad("an IPv6 address needs its closing ]");
+        };
+        if address.is_empty() || !address.chars().all(|c| c.is_ascii_hexdigit() || c == ':') {
+            return bad("the brackets must hold an IPv6 address");
+        }
+        match tail {
+            "" => None,
+            t => match t.strip_prefix(':') {
+                Some(port) => Some(port),
+                None => return bad("only :port may follow the host"),
+            },
+        }
+    } else {
+        let (host, port) = match rest.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (rest, None),
+        };
+        if host.is_empty()
+            || !host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+        {
+            return bad("the host may hold only letters, digits, '.' and '-'");
+        }
+        port
+    };
+    if let Some(port) = port
+        && port.parse::<u16>().is_err()
+    {
+        return bad("the port must be a number up to 65535");
+    }
+    if origin.len() > 253 + 16 {
+        return bad("too long");
+    }
+    Ok(())
+}
+
+/// The CORS layer for `origins` (already checked), or `None` for none: preflight
+/// requests are answered, and the answers to an allowed origin carry its
+/// `Access-Control-Allow-Origin`; a request from any other origin gets no CORS
+/// headers, so a browser refuses it the response.
+fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{HeaderValue, Method};
+    use tower_http::cors::{AllowHeaders, AllowOrigin, Any, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::from(Any)
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([
+                Method::GET,
+                Method::PUT,
+                Method::POST,
+                Method::PATCH,
+                Method::DELETE,
+            ])
+            .allow_headers(AllowHeaders::mirror_request())
+            .expose_headers(Any)
+            .max_age(Duration::from_secs(600)),
+    )
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -99,6 +195,8 @@ struct StateInner {
     connectors: Option<Arc<dyn ConnectorsView>>,
     /// The NATS transport's state for status (`None`: no `[replication] transport`).
     transport: Option<TransportStatusFn>,
+    /// Clients of the other members' APIs, for the cluster view.
+    member_clients: crate::console::MemberClients,
 }
 
 /// What status shows of the NATS transport, read when status is asked for.
@@ -162,6 +260,7 @@ impl AppState {
                 auth: None,
                 connectors: None,
                 transport: None,
+                member_clients: crate::console::MemberClients::new(None),
             }),
         }
     }
@@ -191,6 +290,27 @@ impl AppState {
             .expect("with_transport is called before the state is cloned");
         inner.transport = Some(status);
         self
+    }
+
+    /// The same state asking members whose API is HTTPS with this CA bundle (the
+    /// cluster's); call before the state is shared.
+    pub fn with_api_ca(mut self, ca: std::path::PathBuf) -> Self {
+        let inner = Arc::get_mut(&mut self.inner)
+            .expect("with_api_ca is called before the state is cloned");
+        inner.member_clients = crate::console::MemberClients::new(Some(ca));
+        self
+    }
+
+    pub(crate) fn member_clients(&self) -> &crate::console::MemberClients {
+        &self.inner.member_clients
+    }
+
+    /// A slot of `sse_streams_max` for a live stream, or the limit when none is free.
+    pub(crate) fn stream_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, usize> {
+        self.inner.streams.clone().try_acquire_owned().map_err(|_| {
+            self.inner.streams_refused.inc();
+            self.inner.config.streams_max
+        })
     }
 
     pub(crate) fn transport(&self) -> Option<serde_json::Value> {
@@ -237,11 +357,23 @@ impl AppState {
     }
 }
 
+/// What `GET /v1/status` answers.
+pub(crate) async fn admin_status(state: &AppState) -> serde_json::Value {
+    admin::status_value(state).await
+}
+
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let cors = cors_layer(&state.config().cors_origins);
+    let router = Router::new()
         .route("/healthz", get(admin::healthz))
         .route("/metrics", get(admin::metrics))
         .route("/v1/status", get(admin::status))
+        .route("/v1/cluster", get(crate::console::cluster))
+        .route("/v1/cluster/stream", get(crate::console::cluster_stream))
+        .route("/ui", get(crate::console::index))
+        .route("/ui/", get(crate::console::index))
+        .route("/ui/app.js", get(crate::console::app_js))
+        .route("/ui/app.css", get(crate::console::app_css))
         .route("/v1/connectors", get(admin::connectors))
         .route("/v1/admin/compact", post(admin::compact))
         .route(
@@ -289,7 +421,10 @@ pub fn router(state: AppState) -> Router {
             get(crate::modes_api::get_mode).put(crate::modes_api::put_mode),
         )
         .route("/v1/ns/{ns}/promote", post(crate::modes_api::promote))
-        .route("/v1/ns/{ns}/leases", post(crate::leases_api::acquire))
+        .route(
+            "/v1/ns/{ns}/leases",
+            get(crate::leases_api::list).post(crate::leases_api::acquire),
+        )
         .route(
             "/v1/ns/{ns}/leases/{name}",
             get(crate::leases_api::get).delete(crate::leases_api::release),
@@ -299,12 +434,19 @@ pub fn router(state: AppState) -> Router {
             post(crate::leases_api::keepalive),
         )
         .route("/v1/ns/{ns}/divergent", get(crate::modes_api::divergent))
+        .route("/v1/ns/{ns}/stats", get(keys::namespace_stats))
         .route("/v1/ns/{ns}/batch", post(batch::batch))
         .route("/v1/ns/{ns}/changes", get(changes::changes))
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), guard))
-        .with_state(state)
+        .with_state(state);
+    // Outermost: a preflight is answered before the token check (a browser sends
+    // none with it).
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
 }
 
 /// Counts answers, refuses malformed percent-encoding, and turns a panic into a 500

@@ -230,6 +230,13 @@ impl Link {
 
     /// Counts repair events received for run `id` (before they are applied).
     pub(super) fn repair_received(&mut self, id: u32, events: usize) {
+        self.with_record(|r| {
+            let (received, _) = r
+                .reconcile
+                .receiving
+                .get_or_insert_with(|| (0, Instant::now()));
+            *received += events as u64;
+        });
         self.reconciler.repair_received(id, events);
     }
 
@@ -346,6 +353,7 @@ impl Link {
         tracing::info!(peer = %peer, namespace = %run.namespace, mode = run.mode.name(), trigger = run.trigger.name(), outcome = run.outcome.name(), symbols = run.symbols, differences = run.differences, repaired = run.keys_repaired, ms = elapsed.as_millis() as u64, "reconciliation ended");
         self.with_record(|r| {
             r.reconcile.runs += 1;
+            r.reconcile.receiving = None;
             r.reconcile.last = Some(LastReconcile {
                 namespace: run.namespace,
                 mode: run.mode.name(),

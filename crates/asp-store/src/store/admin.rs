@@ -42,6 +42,11 @@ pub struct StoreStatus {
 }
 
 impl Store {
+    /// Compaction and scrub runs in progress, with how far each has got.
+    pub fn operations(&self) -> Vec<crate::Operation> {
+        self.inner.shared.maintenance.operations.list()
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.inner.shared.metrics
     }

@@ -15,7 +15,8 @@ use crate::error::{ReadError, WriteError};
 use crate::log::{FeedHead, LogCursor};
 use crate::queue::TrySendError;
 use crate::types::{
-    Applied, ChangesPage, FeedEvent, KeyState, ScanItem, ScanPage, Value, WriteKind, WriteOp,
+    Applied, ChangesPage, FeedEvent, KeyState, NamespaceStats, ScanItem, ScanPage, Value,
+    WriteKind, WriteOp,
 };
 use crate::writer::{Request, Shared, WriteRequest};
 
@@ -418,6 +419,92 @@ impl Store {
             items.last().map(|i| i.key.clone())
         };
         Ok(ScanPage { items, next_after })
+    }
+
+    /// Counts a namespace's keys from the index: keys that hold a value, keys deleted
+    /// (or expired) whose entry is still held, and the bytes of the values held (for a
+    /// CRDT namespace, of its entries' states). Stops after `entries_max` index entries;
+    /// `complete` says whether it saw them all.
+    pub fn namespace_stats(
+        &self,
+        namespace: &Namespace,
+        entries_max: usize,
+    ) -> Result<NamespaceStats, ReadError> {
+        self.inner.shared.await_index().map_err(ReadError::Failed)?;
+        let ns_prefix_len = 1 + namespace.as_str().len();
+        let full_prefix = codec::index_key(namespace.as_str(), "");
+        let policy = self.policy(namespace);
+        let crdt = policy != Policy::Lww;
+        let siblings = policy == Policy::Siblings;
+        let now = self.now_ms(namespace);
+        let mut stats = NamespaceStats {
+            complete: true,
+            ..NamespaceStats::default()
+        };
+        let mut entries = 0usize;
+        // The key being counted (a CRDT key has an entry per origin) and whether any
+        // of its entries holds a value.
+        let mut current: Option<(Vec<u8>, bool)> = None;
+        let shared = &self.inner.shared;
+        let mut failed = None;
+        let mut close = |stats: &mut NamespaceStats, key: Option<(Vec<u8>, bool)>| match key {
+            Some((k, true)) => {
+                stats.keys += 1;
+                // A siblings key holds concurrent values when its joined state does.
+                if siblings {
+                    let key = String::from_utf8_lossy(&k[ns_prefix_len..]);
+                    let mut state = State::Siblings(Default::default());
+                    match shared.join_crdt_entries(namespace.as_str(), &key, &mut state) {
+                        Ok(_) => {
+                            if let State::Siblings(r) = &state
+                                && r.siblings().len() > 1
+                            {
+                                stats.keys_with_siblings += 1;
+                            }
+                        }
+                        Err(e) => failed = Some(e),
+                    }
+                }
+            }
+            Some((_, false)) => stats.deleted_keys += 1,
+            None => {}
+        };
+        self.inner
+            .shared
+            .index
+            .scan(&full_prefix, None, |k, entry| {
+                if entries == entries_max {
+                    stats.complete = false;
+                    return false;
+                }
+                entries += 1;
+                let k = if crdt {
+                    let end = k[ns_prefix_len..]
+                        .iter()
+                        .position(|&b| b == codec::CRDT_SEPARATOR)
+                        .map_or(k.len(), |p| ns_prefix_len + p);
+                    &k[..end]
+                } else {
+                    k
+                };
+                let live = entry.content_type.is_some() && !entry.expired_at(now);
+                if live {
+                    stats.value_bytes += u64::from(entry.value_len);
+                }
+                match &mut current {
+                    Some((key, any)) if key.as_slice() == k => *any |= live,
+                    _ => {
+                        close(&mut stats, current.take());
+                        current = Some((k.to_vec(), live));
+                    }
+                }
+                true
+            })?;
+        close(&mut stats, current.take());
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(stats),
+        }
     }
 
     /// A page of the change feed after position `since`: events of `namespace` (or of

@@ -241,6 +241,7 @@ impl Store {
                 segment_gate: RwLock::new(()),
                 scrub_running: Mutex::new(()),
                 last_scrub: Mutex::new(None),
+                operations: Default::default(),
             },
             health: Health {
                 failure: OnceLock::new(),

@@ -199,10 +199,9 @@ impl Writer {
                         }),
                     ))
                 }
-                (CrdtOp::Patch(changes), State::JsonMap(_)) => State::JsonMap(JsonMap::patch(
-                    Version { hlc, dot },
-                    changes.iter().cloned(),
-                )),
+                (CrdtOp::Patch(changes), State::JsonMap(m)) => {
+                    State::JsonMap(m.patch(Version { hlc, dot }, changes.iter().cloned()))
+                }
                 _ => unreachable!("operation and state checked against the policy"),
             };
             if let Err(e) = state.join(&delta) {

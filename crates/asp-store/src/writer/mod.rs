@@ -67,7 +67,7 @@ use crate::mutation::Mutation;
 use crate::policy::Policies;
 use crate::queue::WriteQueue;
 use crate::types::{Applied, ApplyOutcome, Condition, CrdtOp, NamespaceState, WriteKind, WriteOp};
-use asp_core::crdt::{JsonMap, MvRegister, Policy, Sibling, State};
+use asp_core::crdt::{MvRegister, Policy, Sibling, State};
 use asp_core::{ContentType, Version};
 
 mod crdt;

@@ -184,6 +184,17 @@ impl Writer {
                 }
             }
         }
+        // How long the first copies took to get here (from their origin's clock).
+        let delays = fresh
+            .iter()
+            .filter(|&&(_, new)| new)
+            .map(|&(i, _)| (events[i].dot.origin, events[i].hlc.physical_ms()));
+        for (_, at) in delays.clone() {
+            metrics
+                .replication_delay_seconds
+                .observe(wall.saturating_sub(at) as f64 / 1000.0);
+        }
+        metrics.convergence.record(wall, delays);
         let last = fresh.len().saturating_sub(1);
         for (j, &(i, new)) in fresh.iter().enumerate() {
             let e = &events[i];

@@ -101,6 +101,8 @@ pub(crate) struct Maintenance {
     pub scrub_running: Mutex<()>,
     /// The last scrub's report.
     pub last_scrub: Mutex<Option<crate::scrub::ScrubReport>>,
+    /// Compaction and scrub runs in progress, for status.
+    pub operations: crate::operations::Operations,
 }
 
 /// Whether the store can take writes: set by whichever part meets the problem.

@@ -114,6 +114,26 @@ impl Node {
         Client::with_options(&self.url(), &options).unwrap()
     }
 
+    /// The JSON answer of a 2xx to `GET path` (panics otherwise).
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.client()
+            .send(axum::http::Method::GET, path, &[], bytes::Bytes::new())
+            .await
+            .unwrap()
+            .ok()
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+
+    /// The node's id, from its status.
+    pub async fn node_id(&self) -> String {
+        self.client().status().await.unwrap()["node_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
     /// Where the current run's stderr goes.
     pub fn log_path(&self) -> PathBuf {
         self.dir.with_extension(format!("log.{}", self.starts))
