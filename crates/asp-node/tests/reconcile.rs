@@ -302,22 +302,33 @@ async fn an_empty_node_bootstraps_while_both_sides_write() {
     assert_eq!(sb["k0000001"].0.as_deref(), Some(&b"v3"[..]));
     assert_eq!(sb["live-b19-49"].0.as_deref(), Some(&b"b"[..]));
     // The run is counted when its end reaches A, which can come just after the data
-    // converged: poll (bounded) for it.
+    // converged: poll (bounded) for it. Usually A hands over when B's first summary
+    // shows it lacks A's compacted positions; on a loaded machine B's own anti-entropy
+    // can start the transfer first (seen in a test run beside a release build), and A
+    // then has nothing left to hand over. Either way: one run, by one transfer.
     let counted = |r: &Replicator| {
         let p = &r.status().peers[0];
         (p.reconcile.handovers, p.reconcile.transfers)
     };
+    let b_transferred = |r: &Replicator| {
+        let p = &r.status().peers[0];
+        p.reconcile.runs == 1
+            && p.reconcile
+                .last
+                .as_ref()
+                .is_some_and(|l| l.mode == "transfer")
+    };
+    let one_transfer = || counted(&ra) == (1, 1) || (counted(&ra) == (0, 0) && b_transferred(&rb));
     // On a loaded machine (a debug build, 2 cores shared with other jobs) the end
     // of the run has come more than 10 s after the data: up to 60 s.
     for _ in 0..3000 {
-        if counted(&ra) == (1, 1) {
+        if one_transfer() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(
-        counted(&ra),
-        (1, 1),
+    assert!(
+        one_transfer(),
         "one handover, by one transfer; A sees {:#?}; B sees {:#?}",
         ra.status().peers,
         rb.status().peers

@@ -65,6 +65,7 @@ impl Store {
             &config.data_dir.join("index"),
             config.index_cache_bytes,
             config.index_memtable_bytes,
+            config.item_key,
         )?;
         let mut report = RecoveryReport {
             torn_tail: log_recovery.torn_tail,
