@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::ops::Bound;
 use std::path::Path;
 
-use asp_core::reconcile::ItemKey;
 use asp_core::{Hlc, Namespace, NodeId};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Slice};
 
@@ -20,10 +19,7 @@ use crate::codec::{self, IndexEntry};
 use crate::error::{OpenError, ReadError};
 use crate::types::NamespaceState;
 
-/// The key index's layout: 2 added the `hashes` keyspace.
-const INDEX_FORMAT: u32 = 2;
-/// The format before the `hashes` keyspace: opened and upgraded (the rows built).
-const INDEX_FORMAT_BEFORE_HASHES: u32 = 1;
+const INDEX_FORMAT: u32 = 1;
 /// Memtables waiting for a flush before the indexer waits for fjall.
 const SEALED_MEMTABLES_MAX: usize = 2;
 const META_FORMAT: &[u8] = b"format";
@@ -34,13 +30,6 @@ const META_NS_HLC_PREFIX: &[u8] = b"nshlc/";
 const META_CHECKPOINT_PREFIX: &[u8] = b"peer/";
 /// How far a connector has sent this node's feed out (`asp-connect`), by its name.
 const META_CONNECTOR_PREFIX: &[u8] = b"connector/";
-/// Present once the `hashes` keyspace lists every entry of `keys` (indexes written
-/// before it existed get it built on open); its value is the fingerprint of the item key
-/// the rows were hashed with.
-const META_HASHES: &[u8] = b"hashes";
-/// Bytes of a key's hash in a `hashes` row: enough to make a row shared by two keys rare
-/// at any size, so that a lookup reads about one row per key it finds.
-const HASH_ROW_BYTES: usize = 8;
 
 pub(crate) struct Index {
     db: Database,
@@ -57,13 +46,6 @@ pub(crate) struct Index {
     /// the sweeper finds expired keys without a scan. A row whose key has been written
     /// since is stale (its dot is not the key's) and is dropped when next seen.
     expiries: Keyspace,
-    /// Key hashes: `namespace prefix ‖ first 8 bytes of the key's hash ‖ key` (the
-    /// index key with the hash put in after the namespace), empty values, one row per
-    /// entry of `keys`, written and removed in the same batches. A reconciliation finds
-    /// the keys behind the items a peer lacks by their hash prefixes here, with a seek
-    /// per prefix instead of a pass over the namespace.
-    hashes: Keyspace,
-    item_key: ItemKey,
 }
 
 /// One row of the expiry list: a put of `index_key` with dot `dot` expiring then.
@@ -100,12 +82,7 @@ fn corrupt(what: impl Into<String>) -> OpenError {
 }
 
 impl Index {
-    pub fn open(
-        dir: &Path,
-        cache_bytes: u64,
-        memtable_bytes: u64,
-        item_key: ItemKey,
-    ) -> Result<Index, OpenError> {
+    pub fn open(dir: &Path, cache_bytes: u64, memtable_bytes: u64) -> Result<Index, OpenError> {
         // fjall's journal only has to cover memtables not yet flushed: the feed log is
         // the real write-ahead log. A small journal budget bounds how much unflushed
         // data (and so memory) fjall keeps, and how much it replays on open.
@@ -125,17 +102,12 @@ impl Index {
         let expiries = db.keyspace("expiries", || {
             KeyspaceCreateOptions::default().max_memtable_size(4 << 20)
         })?;
-        let hashes = db.keyspace("hashes", || {
-            KeyspaceCreateOptions::default().max_memtable_size((memtable_bytes / 2).max(1 << 20))
-        })?;
         let index = Index {
             db,
             keys,
             meta,
             epitaphs,
             expiries,
-            hashes,
-            item_key,
         };
         match index.meta.get(META_FORMAT)? {
             None => {
@@ -147,99 +119,14 @@ impl Index {
                         .try_into()
                         .map_err(|_| corrupt("bad index format field"))?,
                 );
-                if format == INDEX_FORMAT_BEFORE_HASHES {
-                    // Written by a release without key-hash rows: build them, then
-                    // mark the index as this format, which such a release refuses
-                    // to open (it would write keys without their rows).
-                    index.meta.remove(META_HASHES)?;
-                    index.ensure_hashes()?;
-                    index.meta.insert(META_FORMAT, INDEX_FORMAT.to_le_bytes())?;
-                } else if format != INDEX_FORMAT {
+                if format != INDEX_FORMAT {
                     return Err(corrupt(format!(
-                        "index format {format} is not supported (this asp reads {INDEX_FORMAT_BEFORE_HASHES} and {INDEX_FORMAT})"
+                        "index format {format} is not supported (this asp reads {INDEX_FORMAT})"
                     )));
                 }
             }
         }
-        index.ensure_hashes()?;
         Ok(index)
-    }
-
-    /// The fingerprint of the item key, stored with the hash rows it made.
-    fn item_key_fingerprint(&self) -> [u8; 8] {
-        self.item_key.key_hash(b"asp hash rows")[..8]
-            .try_into()
-            .expect("8 bytes")
-    }
-
-    /// Builds the `hashes` keyspace from `keys` when it does not list them (an index
-    /// written before it existed, or with another item key): one pass over the keys.
-    fn ensure_hashes(&self) -> Result<(), OpenError> {
-        let fingerprint = self.item_key_fingerprint();
-        if self.meta.get(META_HASHES)?.as_deref() == Some(&fingerprint[..]) {
-            return Ok(());
-        }
-        let started = std::time::Instant::now();
-        self.hashes.clear()?;
-        let mut rows = 0u64;
-        let mut batch = self.db.batch();
-        for item in self.keys.iter() {
-            let key = item.key()?;
-            if let Some(row) = self.hash_row(&key) {
-                batch.insert(&self.hashes, row, []);
-                rows += 1;
-            }
-            if batch.len() >= 65_536 {
-                std::mem::replace(&mut batch, self.db.batch()).commit()?;
-                tracing::info!(rows, "building the key-hash index");
-            }
-        }
-        batch.insert(&self.meta, META_HASHES, fingerprint);
-        batch.commit()?;
-        tracing::info!(
-            rows,
-            ms = started.elapsed().as_millis() as u64,
-            "built the key-hash index"
-        );
-        Ok(())
-    }
-
-    /// The `hashes` row of an index key, `None` for a malformed one.
-    fn hash_row(&self, index_key: &[u8]) -> Option<Vec<u8>> {
-        let (namespace, key) = codec::split_index_key(index_key)?;
-        let split = 1 + namespace.len();
-        let hash = self.item_key.key_hash(key);
-        let mut row = Vec::with_capacity(index_key.len() + HASH_ROW_BYTES);
-        row.extend_from_slice(&index_key[..split]);
-        row.extend_from_slice(&hash[..HASH_ROW_BYTES]);
-        row.extend_from_slice(key);
-        Some(row)
-    }
-
-    /// Visits the index keys of namespace `prefix` (an [`codec::index_prefix`]) whose
-    /// key hash may start with `hash_prefix` (only its first 8 bytes are checked here:
-    /// the caller checks the rest), in hash order, until `visit` returns `false`.
-    pub fn keys_by_hash(
-        &self,
-        prefix: &[u8],
-        hash_prefix: &[u8],
-        mut visit: impl FnMut(Vec<u8>) -> bool,
-    ) -> Result<(), ReadError> {
-        let mut start = prefix.to_vec();
-        start.extend_from_slice(&hash_prefix[..hash_prefix.len().min(HASH_ROW_BYTES)]);
-        for item in self.hashes.prefix(&start) {
-            let row = item.key()?;
-            let Some(key) = row.get(prefix.len() + HASH_ROW_BYTES..) else {
-                return Err(ReadError::Corrupt("a short key-hash row".into()));
-            };
-            let mut index_key = Vec::with_capacity(prefix.len() + key.len());
-            index_key.extend_from_slice(prefix);
-            index_key.extend_from_slice(key);
-            if !visit(index_key) {
-                break;
-            }
-        }
-        Ok(())
     }
 
     pub fn state(&self) -> Result<IndexState, OpenError> {
@@ -288,12 +175,9 @@ impl Index {
     /// Empties the index, to rebuild it from the log.
     pub fn clear(&self) -> Result<(), OpenError> {
         self.keys.clear()?;
-        self.hashes.clear()?;
         self.meta.clear()?;
         self.expiries.clear()?;
         self.meta.insert(META_FORMAT, INDEX_FORMAT.to_le_bytes())?;
-        // Both empty: the hash rows list every key.
-        self.meta.insert(META_HASHES, self.item_key_fingerprint())?;
         Ok(())
     }
 
@@ -465,12 +349,7 @@ impl Index {
                 let current = self.get(&key).map_err(|e| corrupt(e.to_string()))?;
                 if crate::lww::supersedes(&epitaph.version(), current.map(|c| c.version()).as_ref())
                 {
-                    let mut batch = self.db.batch();
-                    if let Some(row) = self.hash_row(&key) {
-                        batch.insert(&self.hashes, row, []);
-                    }
-                    batch.insert(&self.keys, key, epitaph.encode());
-                    batch.commit()?;
+                    self.keys.insert(key, epitaph.encode())?;
                     restored += 1;
                 }
             }
@@ -563,9 +442,7 @@ impl Index {
     /// merge them in time, as writes go on).
     pub fn reclaim_keys(&self) -> Result<(), fjall::Error> {
         self.keys.rotate_memtable_and_wait()?;
-        self.keys.major_compact()?;
-        self.hashes.rotate_memtable_and_wait()?;
-        self.hashes.major_compact()
+        self.keys.major_compact()
     }
 
     /// How many entries (and removals not yet merged away) the keys keyspace holds,
@@ -586,16 +463,7 @@ pub(crate) struct IndexBatch<'a> {
 }
 
 impl IndexBatch<'_> {
-    /// Sets a key's entry, and its key-hash row (a key that may be new to the index).
     pub fn put(&mut self, key: Slice, entry: &IndexEntry) {
-        if let Some(row) = self.index.hash_row(&key) {
-            self.batch.insert(&self.index.hashes, row, []);
-        }
-        self.update(key, entry);
-    }
-
-    /// Sets the entry of a key the index already holds (its hash row is there).
-    pub fn update(&mut self, key: Slice, entry: &IndexEntry) {
         if entry.expires_ms != 0 && entry.content_type.is_some() {
             let row = expiry_row(entry.expires_ms, entry.dot, &key);
             self.batch.insert(&self.index.expiries, row, []);
@@ -604,9 +472,6 @@ impl IndexBatch<'_> {
     }
 
     pub fn delete(&mut self, key: Slice) {
-        if let Some(row) = self.index.hash_row(&key) {
-            self.batch.remove(&self.index.hashes, row);
-        }
         self.batch.remove(&self.index.keys, key);
     }
 
@@ -648,80 +513,12 @@ mod tests {
     #[test]
     fn checkpoints_beyond_the_log_are_lowered_and_others_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let index = Index::open(dir.path(), 1 << 20, 1 << 20, ItemKey::new([1; 16])).unwrap();
+        let index = Index::open(dir.path(), 1 << 20, 1 << 20).unwrap();
         let (a, b) = (NodeId::new(1).unwrap(), NodeId::new(2).unwrap());
         index.save_checkpoint(a, 10).unwrap();
         index.save_checkpoint(b, 3).unwrap();
         index.clamp_checkpoints(5).unwrap();
         assert_eq!(index.checkpoint(a), Some(5));
         assert_eq!(index.checkpoint(b), Some(3));
-    }
-
-    fn found(index: &Index, namespace: &str, key: &str) -> bool {
-        let prefix = codec::index_prefix(namespace);
-        let hash = index.item_key.key_hash(key.as_bytes());
-        let mut keys = Vec::new();
-        index
-            .keys_by_hash(&prefix, &hash[..4], |k| {
-                keys.push(k);
-                true
-            })
-            .unwrap();
-        keys.contains(&codec::index_key(namespace, key))
-    }
-
-    fn entry() -> IndexEntry {
-        IndexEntry {
-            content_type: None,
-            dot: asp_core::Dot {
-                origin: NodeId::new(1).unwrap(),
-                counter: 1,
-            },
-            hlc: Hlc::from_raw(1),
-            seq: 1,
-            position: codec::LogPosition::NONE,
-            value_len: 0,
-            inline: None,
-            expires_ms: 0,
-        }
-    }
-
-    #[test]
-    fn hash_rows_follow_their_keys_and_are_built_for_an_index_without_them() {
-        let dir = tempfile::tempdir().unwrap();
-        let item_key = ItemKey::new([7; 16]);
-        {
-            let index = Index::open(dir.path(), 1 << 20, 1 << 20, item_key).unwrap();
-            let mut batch = index.batch(4);
-            for k in ["a", "b", "c"] {
-                batch.put(codec::index_key("ns", k).into(), &entry());
-            }
-            batch.commit().unwrap();
-            assert!(found(&index, "ns", "a") && found(&index, "ns", "c"));
-            assert!(!found(&index, "other", "a"), "rows are per namespace");
-            let mut batch = index.batch(1);
-            batch.delete(codec::index_key("ns", "b").into());
-            batch.commit().unwrap();
-            assert!(
-                !found(&index, "ns", "b"),
-                "a removed key's row goes with it"
-            );
-            // As an index written by a release before the rows existed: none, and
-            // format 1 (whatever the marker says).
-            index.hashes.clear().unwrap();
-            let format = INDEX_FORMAT_BEFORE_HASHES.to_le_bytes();
-            index.meta.insert(META_FORMAT, format).unwrap();
-            assert!(!found(&index, "ns", "a"));
-        }
-        let index = Index::open(dir.path(), 1 << 20, 1 << 20, item_key).unwrap();
-        assert!(found(&index, "ns", "a") && found(&index, "ns", "c"));
-        assert!(!found(&index, "ns", "b"));
-        let format = index.meta.get(META_FORMAT).unwrap().unwrap();
-        assert_eq!(&format[..], &INDEX_FORMAT.to_le_bytes()[..], "upgraded");
-        drop(index);
-        // Another item key: rebuilt with it.
-        let other = ItemKey::new([8; 16]);
-        let index = Index::open(dir.path(), 1 << 20, 1 << 20, other).unwrap();
-        assert!(found(&index, "ns", "a"));
     }
 }

@@ -65,7 +65,6 @@ impl Store {
             &config.data_dir.join("index"),
             config.index_cache_bytes,
             config.index_memtable_bytes,
-            config.item_key,
         )?;
         let mut report = RecoveryReport {
             torn_tail: log_recovery.torn_tail,

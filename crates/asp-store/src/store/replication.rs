@@ -2,7 +2,7 @@
 //! peers, summaries and the vector reports they gossip, reconciliation windows and
 //! items, the events behind them, and per-peer checkpoints.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 
 use asp_core::reconcile::{Item, ItemKey, Symbol, Window};
 use asp_core::session::{GOSSIP_BYTES_MAX, NamespaceSummary, VectorReport};
@@ -487,9 +487,9 @@ impl Store {
     /// half of an item): what a peer that lacks those items is sent. At most `limit`
     /// events; a prefix shared by several keys yields each of them.
     ///
-    /// A seek per prefix in the index's key-hash rows (`Index::keys_by_hash`), then a
-    /// read of each key found: the cost follows the number of prefixes, not the size of
-    /// the namespace.
+    /// One pass over the namespace's keys, hashing each: the price of keeping no
+    /// index from key hashes to keys (which would double the key index's writes).
+    /// Reconciliations that find nothing never call it.
     pub fn events_for_items<'a>(
         &self,
         namespace: &Namespace,
@@ -512,7 +512,7 @@ impl Store {
     ) -> Result<(Vec<Event>, bool), ReadError> {
         const SHORTEST: usize = 4;
         let shared = &self.inner.shared;
-        let mut wanted: Vec<&[u8]> = Vec::new();
+        let mut wanted: HashMap<[u8; SHORTEST], Vec<&[u8]>> = HashMap::new();
         for prefix in prefixes {
             if !(SHORTEST..=16).contains(&prefix.len()) {
                 return Err(ReadError::Invalid(format!(
@@ -520,42 +520,34 @@ impl Store {
                     prefix.len()
                 )));
             }
-            wanted.push(prefix);
+            let head: [u8; SHORTEST] = prefix[..SHORTEST].try_into().expect("checked length");
+            wanted.entry(head).or_default().push(prefix);
         }
         shared.await_index().map_err(ReadError::Failed)?;
         if wanted.is_empty() || limit == 0 {
             return Ok((Vec::new(), false));
         }
+        let mut page = EventPage::new(limit, bytes_max);
+        let mut stopped = false;
         let item_key = shared.config.item_key;
         let prefix = codec::index_prefix(namespace.as_str());
         let _gate = shared.maintenance.segment_gate.read().unwrap();
-        // The keys found, in key order (as a scan of the namespace would give them).
-        let mut found: BTreeSet<Vec<u8>> = BTreeSet::new();
-        for p in wanted {
-            shared.index.keys_by_hash(&prefix, p, |index_key| {
-                let hash = item_key.key_hash(&index_key[prefix.len()..]);
-                if hash.starts_with(p) {
-                    found.insert(index_key);
-                }
-                true
-            })?;
-        }
-        let mut page = EventPage::new(limit, bytes_max);
-        let mut stopped = false;
-        for k in found {
-            // A row is written and removed with its key's entry, in one batch: a row
-            // without an entry is one read between the two, and nothing to send.
-            let Some(entry) = shared.index.get(&k)? else {
-                continue;
+        shared.index.scan(&prefix, None, |k, entry| {
+            let key = &k[prefix.len()..];
+            let hash = item_key.key_hash(key);
+            let head: [u8; SHORTEST] = hash[..SHORTEST].try_into().expect("16 bytes");
+            let Some(candidates) = wanted.get(&head) else {
+                return true;
             };
+            if !candidates.iter().any(|p| hash.starts_with(p)) {
+                return true;
+            }
             if page.is_full() {
                 stopped = true;
-                break;
+                return false;
             }
-            if !page.add(shared, &k, &entry) {
-                break;
-            }
-        }
+            page.add(shared, k, &entry)
+        })?;
         Ok((page.finish()?, stopped))
     }
 

@@ -117,7 +117,7 @@ fn apply_to_index(
                 let current = index.get(&update.key).map_err(|e| e.to_string())?;
                 if current.is_some_and(|c| c.dot == update.entry.dot && c.position == from) {
                     // The version stays: nothing for the reconciliation windows.
-                    batch.update(update.key.clone(), &update.entry);
+                    batch.put(update.key.clone(), &update.entry);
                 }
                 continue;
             }
@@ -139,7 +139,7 @@ fn apply_to_index(
                         position: LogPosition::NONE,
                         ..c
                     };
-                    batch.update(update.key.clone(), &entry);
+                    batch.put(update.key.clone(), &entry);
                     batch.put_epitaph(update.key.clone(), &entry);
                 } else {
                     batch.delete(update.key.clone());
@@ -154,11 +154,7 @@ fn apply_to_index(
                 continue;
             }
         };
-        match old {
-            // A key the index holds keeps its hash row.
-            Old::Known(Some(_)) => batch.update(update.key.clone(), &update.entry),
-            _ => batch.put(update.key.clone(), &update.entry),
-        }
+        batch.put(update.key.clone(), &update.entry);
         if keep_windows {
             changes.push((update.key.clone(), update.entry.version(), old));
         }
