@@ -556,3 +556,24 @@ async fn an_entry_holding_members_removed_since_shrinks_once_every_node_holds_th
     assert_eq!(entry_bytes(&store, "s"), after);
     store.shutdown().await;
 }
+
+/// Under fsync = never (or interval) a node can lose, in a machine crash, what it had
+/// reported holding, and the stability rule no longer holds: CRDT keys are neither
+/// collected nor pruned there (a long simulator sweep under never diverged when they
+/// were).
+#[tokio::test]
+async fn crdt_keys_are_left_alone_unless_fsync_is_always() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.fsync = asp_store::FsyncMode::Never;
+    let store = Store::open(c).unwrap();
+    add_then_remove(&store, 100).await;
+    seal(&store).await;
+    let before = keys(&store, "s");
+    assert!(before > 0);
+    let report = compact(&store).await;
+    assert_eq!(report.tombstones_collected, 0, "{report:?}");
+    assert_eq!(report.crdt_keys_pruned, 0, "{report:?}");
+    assert_eq!(keys(&store, "s"), before, "the emptied keys' entries stay");
+    store.shutdown().await;
+}
