@@ -20,10 +20,11 @@
 //! exists the log refuses to open without `--salvage`, and salvage started again
 //! finishes the job from the copies in `damaged/`.
 
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use asp_core::RangeSet;
+use asp_core::{RangeSet, VersionVector};
 
 use crate::base::Bases;
 use crate::codec::{
@@ -31,6 +32,7 @@ use crate::codec::{
 };
 use crate::error::OpenError;
 use crate::fs::{Fs, OpenMode, read_all, write_atomically};
+use crate::index::Index;
 use crate::log::{
     HEADER_GROUPS_MARKED, SEGMENT_HEADER_BYTES, check_header_bytes, header_flags,
     segment_header_with, segment_name,
@@ -519,6 +521,91 @@ fn write_run(
     drop(file);
     fs.rename(&tmp, &log_dir.join(&name))
         .map_err(io_err(format!("cannot rename {}", tmp.display())))
+}
+
+/// Takes the dots of the records salvage lost out of the base vectors, durably, before
+/// the key index is rebuilt from the salvaged log (`indexed_seq` is how far the old
+/// index reflects the log).
+///
+/// A peer's cover ([`crate::Store::cover`]) joins its whole namespace vector into the
+/// base, dots whose events are in this node's log included; joined back into the
+/// rebuilt vector on open, the base would go on claiming a lost record's dot, and no
+/// peer would send it back. The lost records cannot be read, but the old key index
+/// still names the event at each lost position that was a key's current version
+/// there: those dots leave the bases. A lost event that was not current is
+/// superseded by one that is still held or comes back, so a base may keep claiming
+/// it. If the old index does not reflect every lost position, the bases are emptied
+/// (the vector is then the log's alone; peers cover again what else the node holds).
+/// Started again after a crash, this finds the same dots in an index not yet
+/// cleared, and none in one rebuilt from the salvaged log.
+pub(crate) fn forget_lost_dots(
+    fs: &dyn Fs,
+    data_dir: &Path,
+    report: &SalvageReport,
+    index: &Index,
+    indexed_seq: u64,
+    bases: &mut Bases,
+) -> Result<(), OpenError> {
+    let mut lost = RangeSet::new();
+    for s in &report.segments {
+        lost.union_with(&s.positions_lost);
+    }
+    if lost.is_empty() || bases.by_namespace.is_empty() {
+        return Ok(());
+    }
+    let mut next = bases.clone();
+    if lost.max().is_some_and(|max| max > indexed_seq) {
+        tracing::warn!(
+            indexed_seq,
+            lost = ?lost,
+            "the key index did not reflect every position salvage lost: the base vectors are dropped, peers cover again what the log no longer shows"
+        );
+        next.by_namespace.clear();
+    } else {
+        let mut dots: HashMap<String, VersionVector> = HashMap::new();
+        let mut bad = None;
+        index
+            .scan(&[], None, |k, entry| {
+                if !lost.contains(entry.seq) {
+                    return true;
+                }
+                match codec::split_index_key(k) {
+                    Some((namespace, _)) => {
+                        dots.entry(namespace.to_owned())
+                            .or_default()
+                            .insert(entry.dot);
+                        true
+                    }
+                    None => {
+                        bad = Some(format!("malformed index key {k:?}"));
+                        false
+                    }
+                }
+            })
+            .map_err(|e| OpenError::Corrupt {
+                path: data_dir.join("index"),
+                reason: e.to_string(),
+            })?;
+        if let Some(reason) = bad {
+            return Err(OpenError::Corrupt {
+                path: data_dir.join("index"),
+                reason,
+            });
+        }
+        for (namespace, base) in next.by_namespace.iter_mut() {
+            if let Some(lost) = dots.get(namespace.as_str()) {
+                *base = base.difference(lost);
+            }
+        }
+        next.by_namespace.retain(|_, base| !base.is_empty());
+    }
+    if next != *bases {
+        next.save(fs, data_dir)
+            .map_err(io_err("cannot write base.vv".into()))?;
+        tracing::warn!("dots of records salvage lost left the base vectors");
+        *bases = next;
+    }
+    Ok(())
 }
 
 /// Ends a salvage once the key index no longer reflects the old log: removes the

@@ -73,6 +73,18 @@ impl Store {
         };
         let mut state = index.state()?;
         if salvage_done {
+            // The lost dots leave the bases first (a cover may have put them there),
+            // read from the old index before it goes.
+            if let Some(salvaged) = &report.salvage {
+                salvage::forget_lost_dots(
+                    fs.as_ref(),
+                    &config.data_dir,
+                    salvaged,
+                    &index,
+                    state.applied_seq,
+                    &mut bases,
+                )?;
+            }
             // The index may point at records salvage lost: rebuilt from the log, so
             // that the lost dots leave the vectors too.
             tracing::warn!("rebuilding the key index from the salvaged log");

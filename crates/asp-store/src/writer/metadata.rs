@@ -48,13 +48,23 @@ impl Writer {
         });
     }
 
-    /// Joins `vector` into the namespace's base (durably) and its vector.
+    /// Joins `vector` into the namespace's vector, and the dots of it the vector did
+    /// not hold into its base (durably). Dots held already are in the log: in the base
+    /// they would survive the loss of their record (a salvage) and make every peer
+    /// whose summary lags behind them look like it needs a handover.
     pub(super) fn cover(
         &mut self,
         g: &mut Group,
         namespace: &Namespace,
         vector: &VersionVector,
     ) -> Result<(), WriteError> {
+        let vector = &match self.namespaces.get(namespace) {
+            Some(state) => vector.difference(&state.vector),
+            None => vector.clone(),
+        };
+        if vector.is_empty() {
+            return Ok(());
+        }
         let saved = {
             let mut bases = self.shared.maintenance.bases.lock().unwrap();
             let mut next = bases.clone();
