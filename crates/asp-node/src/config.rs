@@ -54,6 +54,11 @@ pub struct ReplicationConfig {
     /// How often a node compares each namespace's digest with each peer's and, where
     /// they differ on an idle link, reconciles (zero: never).
     pub anti_entropy_interval: Duration,
+    /// Relay trees: a node asks a peer that sends it copies of events it already
+    /// holds to stop relaying that origin's events (`Prune`), so that a mesh sends
+    /// each event about once to each node (see `asp_core::session::RelayTree`). Off:
+    /// every node relays every event to every peer that does not show it.
+    pub relay_tree: bool,
     /// The protocol versions offered; only tests change them.
     pub version_min: u16,
     pub version_max: u16,
@@ -107,6 +112,7 @@ impl ReplicationConfig {
             links_max: 256,
             summary_interval: Duration::from_secs(1),
             anti_entropy_interval: Duration::from_secs(60),
+            relay_tree: true,
             version_min: PROTOCOL_VERSION_MIN,
             version_max: PROTOCOL_VERSION_MAX,
             transfer_gate: None,

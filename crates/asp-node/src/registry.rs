@@ -196,6 +196,10 @@ pub(crate) struct Inner {
     pub modes: Arc<crate::modes::Modes>,
     pub leases: Arc<crate::leases::Leases>,
     pub membership: Arc<crate::membership::Membership>,
+    /// Which peers this node asked to stop relaying which origins (relay trees).
+    pub relay: Mutex<asp_core::session::RelayTree>,
+    /// Woken when the relay tree decided grafts for some link.
+    pub relay_changed: tokio::sync::Notify,
 }
 
 impl Inner {
@@ -389,6 +393,11 @@ pub(crate) fn unregister_link(inner: &Inner, link_id: u64, error: Option<(String
     if let Some(peer) = link.as_ref().and_then(|l| l.peer) {
         if reg.established.get(&peer) == Some(&link_id) {
             reg.established.remove(&peer);
+            // Origins whose first copies came by this link: the peers pruned for them
+            // relay them again.
+            if inner.relay.lock().unwrap().link_down(peer) {
+                inner.relay_changed.notify_waiters();
+            }
         }
         if let Some(record) = reg.peers.get_mut(&peer) {
             if error.is_some() {

@@ -196,6 +196,8 @@ impl Replicator {
             leases: Arc::new(crate::leases::Leases::new(store_node, modes.clone())),
             modes,
             membership,
+            relay: Mutex::default(),
+            relay_changed: tokio::sync::Notify::new(),
         });
         let mut tasks = JoinSet::new();
         // Residency rules are known before any link sends anything.

@@ -537,5 +537,7 @@ pub(crate) fn frame_tag(frame: &Frame) -> u8 {
             repairs: Some(_), ..
         } => 15,
         Frame::Members(_) => 16,
+        Frame::Prune { .. } => 17,
+        Frame::Graft { .. } => 18,
     }
 }

@@ -237,7 +237,7 @@ pub struct ChangesPage {
 }
 
 /// What applying a peer's events did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ApplyOutcome {
     /// Events appended to this node's feed.
     pub applied: usize,
@@ -251,6 +251,11 @@ pub struct ApplyOutcome {
     pub quarantined: usize,
     /// The feed position of the last event appended (0 if none).
     pub last_seq: u64,
+    /// The origins of events new to this node, each once (relay trees: see
+    /// `asp_core::session::RelayTree`).
+    pub fresh_origins: Vec<asp_core::NodeId>,
+    /// The origins of events this node already held, each once.
+    pub duplicate_origins: Vec<asp_core::NodeId>,
 }
 
 /// What a node holds of one namespace.

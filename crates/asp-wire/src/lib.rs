@@ -10,8 +10,8 @@
 use asp_core::reconcile::{SYMBOL_BYTES, Symbol};
 use asp_core::session::{
     ErrorCode, Frame, Hello, MEMBER_TEXT_BYTES_MAX, MEMBERS_MAX, MemberEntry, NEED_PREFIX_BYTES,
-    NamespaceSummary, REPORTS_MAX, ReconcileMode, ReconcileOutcome, SUMMARY_PART_NAMESPACES_MAX,
-    VectorReport,
+    NamespaceSummary, RELAY_ORIGINS_MAX, REPORTS_MAX, ReconcileMode, ReconcileOutcome,
+    SUMMARY_PART_NAMESPACES_MAX, VectorReport,
 };
 use asp_core::{ContentType, Dot, Event, Hlc, Key, Namespace, NodeId, Op, RangeSet, VersionVector};
 use bytes::Bytes;
@@ -50,6 +50,9 @@ const TYPE_REPAIR_END: u8 = 13;
 const TYPE_REPAIR_END_COUNTED: u8 = 15;
 /// `Members` (protocol version 4).
 const TYPE_MEMBERS: u8 = 16;
+/// `Prune` and `Graft` (protocol version 5).
+const TYPE_PRUNE: u8 = 17;
+const TYPE_GRAFT: u8 = 18;
 
 const COMPRESSION_NONE: u8 = 0;
 const COMPRESSION_LZ4: u8 = 1;
@@ -284,6 +287,18 @@ fn encode_body(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
                     check_len("member name or address", text.len(), MEMBER_TEXT_BYTES_MAX)?;
                     put_str16(out, text);
                 }
+            }
+        }
+        Frame::Prune { origins } | Frame::Graft { origins } => {
+            out.push(if matches!(frame, Frame::Prune { .. }) {
+                TYPE_PRUNE
+            } else {
+                TYPE_GRAFT
+            });
+            check_len("origin count", origins.len(), RELAY_ORIGINS_MAX)?;
+            out.extend_from_slice(&(origins.len() as u16).to_le_bytes());
+            for origin in origins {
+                out.extend_from_slice(&origin.get().to_le_bytes());
             }
         }
         Frame::Heartbeat { head_seq, wall_ms } => {
@@ -619,6 +634,8 @@ fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
         TYPE_CREDIT => "Credit",
         TYPE_HEARTBEAT => "Heartbeat",
         TYPE_MEMBERS => "Members",
+        TYPE_PRUNE => "Prune",
+        TYPE_GRAFT => "Graft",
         TYPE_RECONCILE_START => "ReconcileStart",
         TYPE_RECONCILE_SYMBOLS => "ReconcileSymbols",
         TYPE_RECONCILE_CREDIT => "ReconcileCredit",
@@ -788,6 +805,22 @@ fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
             }
             r.done()?;
             Ok(Frame::Members(members))
+        }
+        TYPE_PRUNE | TYPE_GRAFT => {
+            let n = r.u16("origins")? as usize;
+            if n > RELAY_ORIGINS_MAX {
+                return Err(r.err(format!("{n} origins; the limit is {RELAY_ORIGINS_MAX}")));
+            }
+            let mut origins = Vec::with_capacity(n);
+            for _ in 0..n {
+                origins.push(r.node("origin")?);
+            }
+            r.done()?;
+            Ok(if kind == TYPE_PRUNE {
+                Frame::Prune { origins }
+            } else {
+                Frame::Graft { origins }
+            })
         }
         TYPE_RECONCILE_START => {
             let id = r.u32("id")?;

@@ -114,6 +114,8 @@ fn reconcile_frame() -> impl Strategy<Value = Frame> {
 
 fn frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
+        prop::collection::vec(node(), 0..5).prop_map(|origins| Frame::Prune { origins }),
+        prop::collection::vec(node(), 0..5).prop_map(|origins| Frame::Graft { origins }),
         prop::collection::vec(
             (
                 node(),

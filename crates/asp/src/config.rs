@@ -163,6 +163,9 @@ pub struct ReplicationSection {
     pub peer_namespaces: std::collections::BTreeMap<String, Vec<String>>,
     /// Dial members learned by gossip that no `peers` entry names (default false).
     pub dial_members: Option<bool>,
+    /// Relay trees: ask peers that relay copies of events this node already holds to
+    /// stop relaying their origin (default true; docs/PROTOCOL.md, "Relay trees").
+    pub relay_tree: Option<bool>,
     /// A leader namespace with three voters or more fails over once its leader has
     /// been silent this long (default 5000; 0: never).
     pub failover_ms: Option<u64>,
@@ -672,6 +675,9 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
     if let Some(ms) = section.anti_entropy_interval_ms {
         replication.anti_entropy_interval = Duration::from_millis(ms);
     }
+    if let Some(on) = section.relay_tree {
+        replication.relay_tree = on;
+    }
     // A node that replicates learns what its peers hold of its own events before it
     // issues counters again after a restart (see docs/PROTOCOL.md, *Counters*).
     let replicates = replication.listen.is_some() || !replication.peers.is_empty();
@@ -786,6 +792,7 @@ mod tests {
             reconcile_window = 0
             [replication]
             anti_entropy_interval_ms = 5000
+            relay_tree = false
             own_events_wait_ms = 2500
             [policies]
             hits = "counter"
@@ -802,6 +809,7 @@ mod tests {
         let c = resolve(file, Overrides::default()).unwrap();
         assert_eq!(c.store.reconcile_window, 0);
         assert_eq!(c.replication.anti_entropy_interval, Duration::from_secs(5));
+        assert!(!c.replication.relay_tree);
         assert_eq!(c.compaction_interval, None);
         assert_eq!(c.store.compaction_retention_ms, 1000);
         assert_eq!(c.store.tombstone_ttl_ms, Some(5000));

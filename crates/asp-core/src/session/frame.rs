@@ -14,8 +14,13 @@ use crate::{Event, Hlc, Namespace, NodeId, Op, VersionVector};
 /// records covered dots; a version-2 peer gets the `RepairEnd` without it.
 /// Version 4 adds an event's epoch (leader namespaces); a peer of an earlier version
 /// gets no event that carries one.
+/// Version 5 adds [`Frame::Prune`] and [`Frame::Graft`] (relay trees, see
+/// [`super::RelayTree`]); a peer of an earlier version is relayed every event.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
-pub const PROTOCOL_VERSION_MAX: u16 = 4;
+pub const PROTOCOL_VERSION_MAX: u16 = 5;
+
+/// Origins named in one `Prune` or `Graft` frame, at most.
+pub const RELAY_ORIGINS_MAX: usize = 1024;
 
 /// Namespaces in one `Summary` or `SummaryPart` frame, at most.
 pub const SUMMARY_PART_NAMESPACES_MAX: usize = 4096;
@@ -395,6 +400,17 @@ pub enum Frame {
     /// The members of the cluster the sender knows, itself first (protocol 4 and up;
     /// never on a link between two clusters). See [`MemberEntry`].
     Members(Vec<MemberEntry>),
+    /// The receiver of this frame stops relaying events of these origins to the sender
+    /// (protocol 5 and up): the sender receives them first by another path. A node
+    /// never stops sending its own events. See [`super::RelayTree`].
+    Prune {
+        origins: Vec<NodeId>,
+    },
+    /// The receiver of this frame relays events of these origins to the sender again
+    /// (every origin when the list is empty), undoing earlier `Prune`s (protocol 5).
+    Graft {
+        origins: Vec<NodeId>,
+    },
     /// Sent when nothing else was for a heartbeat interval.
     Heartbeat {
         head_seq: u64,
@@ -480,6 +496,8 @@ pub(crate) fn frame_name(frame: &Frame) -> &'static str {
         Frame::Credit { .. } => "Credit",
         Frame::Heartbeat { .. } => "Heartbeat",
         Frame::Members(_) => "Members",
+        Frame::Prune { .. } => "Prune",
+        Frame::Graft { .. } => "Graft",
         Frame::ReconcileStart { .. } => "ReconcileStart",
         Frame::ReconcileSymbols { .. } => "ReconcileSymbols",
         Frame::ReconcileCredit { .. } => "ReconcileCredit",

@@ -9,26 +9,32 @@
 //! looping around cycles. Credit-based flow control bounds what is in flight: the
 //! sender may only send while the peer has granted credit; when it has none it stops,
 //! and the runtime resumes reading its feed later, so nothing queues in memory.
+//!
+//! Size: one state machine — the handshake, every frame's handling and the send side
+//! share its fields (state, credit, positions, the peer's view and pruned origins);
+//! frames, reconciliation, relay-tree decisions and link rules live in child modules.
 
 mod config;
 mod frame;
 mod reconcile;
+mod relay;
 mod rules;
 
 use frame::frame_name;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 pub use frame::{
     ALL_NAMESPACES, ErrorCode, Frame, GOSSIP_BYTES_MAX, Hello, MEMBER_TEXT_BYTES_MAX, MEMBERS_MAX,
     MemberEntry, NEED_PREFIX_BYTES, NamespaceSummary, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
-    RECONCILE_INITIAL_SYMBOLS, REPORTS_MAX, ReconcileMode, ReconcileOutcome,
+    RECONCILE_INITIAL_SYMBOLS, RELAY_ORIGINS_MAX, REPORTS_MAX, ReconcileMode, ReconcileOutcome,
     SUMMARY_NAMESPACES_MAX, SUMMARY_PART_BYTES, SUMMARY_PART_NAMESPACES_MAX, VectorReport,
     credit_size, summary_parts,
 };
 
 pub use config::SessionConfig;
+pub use relay::{RELAY_TREE_ORIGINS_MAX, RelayTree};
 pub use rules::{Federation, Refuses, SHARE_REFUSAL, Withhold, constant_time_eq, intersect, lists};
 
 pub use reconcile::{
@@ -145,6 +151,11 @@ pub struct Session {
     /// Feed positions read but not yet framed because the peer held all their events:
     /// they ride with the next batch, or go alone on [`Session::flush_events`].
     unframed: Option<(u64, u64)>,
+    /// Origins whose events the peer asked not to be relayed to it (`Prune`): it gets
+    /// them by another path. Never this node's own.
+    lazy: HashSet<NodeId>,
+    /// Events left out because their origin is in `lazy`.
+    relay_skipped: u64,
 }
 
 impl Session {
@@ -189,6 +200,8 @@ impl Session {
             first_sent_seq: None,
             unframed: None,
             sent_bytes: HashMap::new(),
+            lazy: HashSet::new(),
+            relay_skipped: 0,
         }
     }
 
@@ -426,6 +439,28 @@ impl Session {
             }
             (State::Established, Frame::Members(members)) => {
                 self.events.push_back(SessionEvent::Members(members));
+            }
+            (State::Established, frame @ (Frame::Prune { .. } | Frame::Graft { .. }))
+                if self.peer.as_ref().is_some_and(|p| p.version < 5) =>
+            {
+                let message = format!(
+                    "a {} frame on a link of protocol version 4 or less",
+                    frame_name(&frame)
+                );
+                self.close(ErrorCode::Protocol, message, now);
+            }
+            (State::Established, Frame::Prune { origins }) => {
+                let own = self.config.node_id;
+                self.lazy.extend(origins.into_iter().filter(|&o| o != own));
+            }
+            (State::Established, Frame::Graft { origins }) => {
+                if origins.is_empty() {
+                    self.lazy.clear();
+                } else {
+                    for origin in origins {
+                        self.lazy.remove(&origin);
+                    }
+                }
             }
             (State::Established, Frame::Heartbeat { head_seq, .. }) => {
                 self.events.push_back(SessionEvent::PeerHead { head_seq });
@@ -818,6 +853,51 @@ impl Session {
         }
     }
 
+    /// Asks the peer to stop relaying events of `origins` to this node (if it speaks
+    /// protocol 5). Returns whether the frame went.
+    pub fn send_prune(&mut self, origins: Vec<NodeId>, now: Instant) -> bool {
+        self.send_relay(Frame::Prune { origins }, now)
+    }
+
+    /// Asks the peer to relay events of `origins` (all, if empty) again.
+    pub fn send_graft(&mut self, origins: Vec<NodeId>, now: Instant) -> bool {
+        self.send_relay(Frame::Graft { origins }, now)
+    }
+
+    fn send_relay(&mut self, frame: Frame, now: Instant) -> bool {
+        if !self.peer_relays_by_tree() {
+            return false;
+        }
+        let origins = match &frame {
+            Frame::Prune { origins } | Frame::Graft { origins } => origins,
+            _ => unreachable!("only Prune and Graft"),
+        };
+        if origins.len() > RELAY_ORIGINS_MAX {
+            // Too many at once: for a graft, all of them; a prune waits for later.
+            if matches!(frame, Frame::Graft { .. }) {
+                self.queue(Frame::Graft { origins: vec![] }, now);
+                return true;
+            }
+            let mut origins = origins.clone();
+            origins.truncate(RELAY_ORIGINS_MAX);
+            self.queue(Frame::Prune { origins }, now);
+            return true;
+        }
+        self.queue(frame, now);
+        true
+    }
+
+    /// Whether the peer speaks protocol 5 (it takes `Prune` and `Graft`).
+    pub fn peer_relays_by_tree(&self) -> bool {
+        self.state == State::Established && self.peer.as_ref().is_some_and(|p| p.version >= 5)
+    }
+
+    /// Events of this node's feed left out because the peer pruned their origin, and
+    /// how many origins it pruned now.
+    pub fn relay_state(&self) -> (u64, usize) {
+        (self.relay_skipped, self.lazy.len())
+    }
+
     /// Sends events read from this node's feed at positions `first_seq..=last_seq`,
     /// leaving out what the peer holds or does not want. Returns how many events were
     /// sent and the bytes charged to the peer's credit. Call only when
@@ -870,6 +950,14 @@ impl Session {
                 .as_ref()
                 .is_some_and(|f| !(f.may_send)(&event))
             {
+                continue;
+            }
+            // The peer gets this origin's events by another path (it said so).
+            if !self.lazy.is_empty()
+                && event.dot.origin != self.config.node_id
+                && self.lazy.contains(&event.dot.origin)
+            {
+                self.relay_skipped += 1;
                 continue;
             }
             let view = self.peer_view.entry(event.namespace.clone()).or_default();

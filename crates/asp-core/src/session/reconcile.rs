@@ -396,6 +396,18 @@ impl Reconciler {
         out || inc || (self.outgoing.is_none() && !self.queue.is_empty())
     }
 
+    /// Queues an anti-entropy run of `namespace` now: the runtime found the peer holds
+    /// events this node lacks that no stream will bring (see
+    /// [`super::RelayTree`]). Returns whether a run was queued (not when one is queued
+    /// or under way, or the namespace is not shared with the peer).
+    pub fn request_run(&mut self, namespace: Namespace) -> bool {
+        if !self.shared(&namespace) || self.queued(&namespace) {
+            return false;
+        }
+        self.queue.push_back((namespace, Trigger::AntiEntropy));
+        true
+    }
+
     /// Whether no run is under way or queued.
     pub fn is_idle(&self) -> bool {
         self.outgoing.is_none() && self.incoming.is_none() && self.queue.is_empty()

@@ -6,15 +6,15 @@
 //! (acknowledgements, credit, heartbeats) is bounded by what the peer sends. So two
 //! nodes that both send at full speed cannot deadlock on full socket buffers.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use asp_core::Event;
-use asp_core::NodeId;
 use asp_core::session::{
     CloseReason, ErrorCode, Frame, Session, SessionConfig, SessionEvent, Withhold,
 };
+use asp_core::{Event, Namespace, NodeId, VersionVector};
 use asp_store::{ApplyOutcome, FeedReader, WriteError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, WriteHalf};
 use tokio::net::TcpStream;
@@ -27,6 +27,7 @@ use crate::metrics::RefusalLabels;
 use crate::registry::{self, Direction, Inner, error_pair, peer_labels, wall_ms};
 
 mod reconcile;
+mod relay;
 mod stream;
 
 pub(crate) use stream::Connection;
@@ -151,6 +152,10 @@ struct Link {
     withhold: Withhold,
     /// Tests only (`ASP_TEST_CAPTURE_DIR`): every frame this link sends, as encoded.
     capture: Option<std::fs::File>,
+    /// Relay trees: per namespace, the peer's dots this node lacked at the peer's last
+    /// summary, and the origins grafted on this link whose gaps are not filled yet.
+    relay_lacks: HashMap<Namespace, VersionVector>,
+    grafted: HashSet<NodeId>,
 }
 
 impl Link {
@@ -233,6 +238,8 @@ impl Link {
             federated,
             withhold,
             capture,
+            relay_lacks: HashMap::new(),
+            grafted: HashSet::new(),
         }
     }
 
@@ -280,6 +287,7 @@ impl Link {
         loop {
             self.flush();
             self.handle_events().await;
+            self.take_grafts();
             self.flush();
             if self.session.is_closed() {
                 break;
@@ -321,6 +329,7 @@ impl Link {
                     }
                 }
                 () = drained.notified(), if writer_full => {}
+                () = self.inner.relay_changed.notified(), if self.relays_by_tree() => {}
                 changed = shares.changed(), if self.federated.is_some() => {
                     if changed.is_ok() {
                         self.check_shares();
@@ -466,6 +475,9 @@ impl Link {
                         }
                     }
                     self.peer = Some(peer);
+                    self.inner.relay.lock().unwrap().link_up(peer);
+                    self.relay_lacks.clear();
+                    self.grafted.clear();
                     self.reconciler
                         .set_peer(peer, info.version, info.namespaces.clone());
                     let namespaces = Arc::new(info.namespaces.clone());
@@ -499,6 +511,7 @@ impl Link {
                         );
                     }
                     self.inner.store.note_reports(&summary);
+                    self.relay_lag(&summary);
                     let summary: registry::PeerSummary = summary
                         .into_iter()
                         .map(|s| (s.namespace.clone(), s))
@@ -729,6 +742,9 @@ impl Link {
         } = done;
         match result {
             Ok(outcome) => {
+                if repair.is_none() {
+                    self.relay_delivered(&outcome);
+                }
                 // Held events are acknowledged like applied ones: they are durable.
                 if outcome.parked + outcome.quarantined > 0 {
                     self.with_record(|r| {

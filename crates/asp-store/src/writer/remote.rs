@@ -166,7 +166,10 @@ impl Writer {
         let mut fresh = Vec::with_capacity(events.len());
         for (i, (e, fate)) in events.iter().zip(&judged.fates).enumerate() {
             match fate {
-                Fate::Duplicate => outcome.duplicates += 1,
+                Fate::Duplicate => {
+                    outcome.duplicates += 1;
+                    note_origin(&mut outcome.duplicate_origins, e.dot.origin);
+                }
                 Fate::Park => {
                     held.hold(e.clone(), HeldReason::Parked, arrivals[i]);
                     metrics.events_parked.inc();
@@ -180,6 +183,9 @@ impl Writer {
                 Fate::Apply => {
                     // Not new only for a repair of a held dot that supersedes its key.
                     let new = self.namespace_state(&e.namespace).vector.insert(e.dot);
+                    if new {
+                        note_origin(&mut outcome.fresh_origins, e.dot.origin);
+                    }
                     fresh.push((i, new));
                 }
             }
@@ -448,5 +454,12 @@ impl Writer {
                 false
             }
         }
+    }
+}
+
+/// Adds `origin` to `origins` unless it is there (batches hold few origins, in runs).
+fn note_origin(origins: &mut Vec<asp_core::NodeId>, origin: asp_core::NodeId) {
+    if origins.last() != Some(&origin) && !origins.contains(&origin) {
+        origins.push(origin);
     }
 }
