@@ -3,21 +3,20 @@
 
 use std::time::Duration;
 
-use asp_core::{ContentType, Key, Namespace, NodeId, VersionVector};
+mod common;
+
+use asp_core::{ContentType, Key, NodeId};
 use asp_faultnet::{Direction, Proxy};
 use asp_node::{ReplicationConfig, Replicator};
 use asp_store::{Store, StoreConfig, WriteOp};
 use bytes::Bytes;
+use common::{ns, vector};
 use tokio_util::sync::CancellationToken;
 
 struct TestNode {
     store: Store,
     replicator: Replicator,
     _dir: tempfile::TempDir,
-}
-
-fn ns() -> Namespace {
-    Namespace::new("t").unwrap()
 }
 
 async fn node(id: u64, peers: Vec<String>, relay_tree: bool) -> TestNode {
@@ -92,15 +91,6 @@ async fn mesh_with(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("the mesh of {n} did not come up");
-}
-
-fn vector(store: &Store) -> VersionVector {
-    store
-        .summary()
-        .into_iter()
-        .find(|s| s.namespace == ns())
-        .map(|s| s.vector)
-        .unwrap_or_default()
 }
 
 /// Every node writes `each` events (1,000-byte values), all at once.
