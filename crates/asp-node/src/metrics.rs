@@ -39,6 +39,9 @@ pub(crate) struct Metrics {
     pub events_sent: Family<PeerLabels, Counter>,
     pub events_received: Family<PeerLabels, Counter>,
     pub link_errors: Family<PeerLabels, Counter>,
+    pub relay_prunes: Family<PeerLabels, Counter>,
+    pub relay_grafts: Family<PeerLabels, Counter>,
+    pub events_not_relayed: Family<PeerLabels, Counter>,
     pub batches_refused: Family<RefusalLabels, Counter>,
     pub lag_events: Family<LagLabels, Gauge>,
     pub lag_ms: Family<LagLabels, Gauge>,
@@ -66,6 +69,21 @@ impl Metrics {
             "asp_peer_link_errors",
             "Peer links that ended with an error",
             self.link_errors.clone(),
+        );
+        registry.register(
+            "asp_relay_prunes",
+            "Origins this node asked each peer to stop relaying (relay trees)",
+            self.relay_prunes.clone(),
+        );
+        registry.register(
+            "asp_relay_grafts",
+            "Graft frames this node sent each peer (relay trees: a path broke or lagged)",
+            self.relay_grafts.clone(),
+        );
+        registry.register(
+            "asp_replication_events_not_relayed",
+            "Events left out for each peer because it pruned their origin (relay trees)",
+            self.events_not_relayed.clone(),
         );
         registry.register(
             "asp_peer_batches_refused",

@@ -669,6 +669,7 @@ impl Link {
                     return;
                 }
                 let events: Vec<Event> = events.into_iter().map(|fe| fe.event).collect();
+                let skipped_before = self.session.relay_state().0;
                 let (sent, _) = self.session.send_events(
                     self.sent_through + 1,
                     position,
@@ -684,6 +685,14 @@ impl Link {
                         .get_or_create(&peer_labels(peer))
                         .inc_by(count);
                     self.with_record(|r| r.events_sent += count);
+                    let skipped = self.session.relay_state().0 - skipped_before;
+                    if skipped > 0 {
+                        self.inner
+                            .metrics
+                            .events_not_relayed
+                            .get_or_create(&peer_labels(peer))
+                            .inc_by(skipped);
+                    }
                 }
             }
             Err(e) => {

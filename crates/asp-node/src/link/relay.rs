@@ -12,6 +12,7 @@ use asp_core::session::NamespaceSummary;
 use asp_store::ApplyOutcome;
 
 use super::Link;
+use crate::registry::peer_labels;
 
 impl Link {
     /// Whether this link takes part in relay trees: on, a link within the cluster (a
@@ -51,8 +52,20 @@ impl Link {
         }
         if !prune.is_empty() {
             tracing::debug!(peer = %peer, origins = ?prune, "relay tree: pruned");
+            self.count_relay(true, prune.len());
             self.session.send_prune(prune, Instant::now());
         }
+    }
+
+    /// Counts prunes (origins) or grafts (frames) sent to the peer.
+    fn count_relay(&self, prune: bool, n: usize) {
+        let Some(peer) = self.peer else { return };
+        let family = if prune {
+            &self.inner.metrics.relay_prunes
+        } else {
+            &self.inner.metrics.relay_grafts
+        };
+        family.get_or_create(&peer_labels(peer)).inc_by(n as u64);
     }
 
     /// Sends the grafts another link's end decided for this peer.
@@ -72,10 +85,12 @@ impl Link {
         }
         if !prunes.is_empty() {
             tracing::debug!(peer = %peer, origins = ?prunes, "relay tree: pruned (the origin's own copy came second)");
+            self.count_relay(true, prunes.len());
             self.session.send_prune(prunes, Instant::now());
         }
         if !grafts.is_empty() {
             tracing::debug!(peer = %peer, origins = ?grafts, "relay tree: grafted (a link went down)");
+            self.count_relay(false, 1);
             self.grafted.extend(grafts.iter().copied());
             self.session.send_graft(grafts, Instant::now());
         }
@@ -146,6 +161,7 @@ impl Link {
             lagging.sort_unstable();
             lagging.dedup();
             tracing::debug!(peer = %peer, origins = ?lagging, "relay tree: grafted (the peer holds what this node lacks)");
+            self.count_relay(false, 1);
             self.session.send_graft(lagging, Instant::now());
         }
         for namespace in run {
