@@ -809,7 +809,8 @@ pub(crate) async fn watch_feed(
         .unwrap_or(0);
     let mut head = store.subscribe();
     loop {
-        let mut reader = Some(store.feed_reader(None, pos));
+        // Only lease records and events with an epoch: the rest are skipped unread.
+        let mut reader = Some(store.feed_reader_of_epochs_and(crate::leases::LEASES_PREFIX, pos));
         while let Some(mut r) = reader.take() {
             // Reads wait for the disk: off the async threads.
             let Ok((r, page)) = tokio::task::spawn_blocking(move || {

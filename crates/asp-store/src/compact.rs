@@ -783,7 +783,7 @@ fn read_segment(
         let records = shared.log.read(
             &mut cursor,
             head,
-            None,
+            crate::log::ReadFilter::All,
             READ_BATCH_RECORDS,
             READ_BATCH_BYTES,
         )?;

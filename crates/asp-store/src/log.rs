@@ -435,18 +435,23 @@ impl Log {
     }
 
     /// Reads records from `cursor` up to `head`: at most `limit` records and about
-    /// `bytes_max` bytes, only those of `namespace` if given. Returns the records and
-    /// leaves the cursor after the last record looked at.
+    /// `bytes_max` bytes, only those `filter` wants (told from each record's head, so
+    /// the others are never decoded). Returns the records and leaves the cursor after
+    /// the last record looked at.
     pub fn read(
         &self,
         cursor: &mut LogCursor,
         head: FeedHead,
-        namespace: Option<&str>,
+        filter: ReadFilter<'_>,
         limit: usize,
         bytes_max: usize,
     ) -> Result<Vec<(codec::LogPosition, Record)>, ReadError> {
         let mut out = Vec::new();
         let mut bytes = 0usize;
+        let namespace = match filter {
+            ReadFilter::Namespace(ns) => Some(ns),
+            _ => None,
+        };
         let bloom = namespace.map(|ns| ns_bloom_bits(ns.as_bytes()));
         while out.len() < limit && bytes < bytes_max && cursor.next_seq <= head.seq {
             let end = if cursor.segment.base == head.segment {
@@ -496,7 +501,7 @@ impl Log {
                             return Err(corrupt_read(cursor, p, "sequence numbers out of order"));
                         }
                         let wanted = head_fields.seq >= cursor.target
-                            && namespace.is_none_or(|ns| head_fields.namespace == ns.as_bytes());
+                            && filter.wants(head_fields.namespace, head_fields.flags);
                         if wanted {
                             let record = codec::decode_record(&body)
                                 .map_err(|e| corrupt_read(cursor, p, e.0))?;
@@ -531,7 +536,8 @@ impl Log {
                             return Err(corrupt_read(cursor, 0, "sequence numbers out of order"));
                         }
                         let wanted = record.seq >= cursor.target
-                            && namespace.is_none_or(|ns| record.event.namespace.as_str() == ns);
+                            && filter
+                                .wants(record.event.namespace.as_str().as_bytes(), record.flags);
                         if wanted {
                             bytes += total;
                             let position = codec::LogPosition {
@@ -554,6 +560,29 @@ impl Log {
             cursor.offset += p as u64;
         }
         Ok(out)
+    }
+}
+
+/// Which records [`Log::read`] returns.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ReadFilter<'a> {
+    All,
+    /// Those of one namespace.
+    Namespace(&'a str),
+    /// Those that carry an epoch (leader namespaces), or whose namespace starts with
+    /// the prefix.
+    EpochOrPrefix(&'a str),
+}
+
+impl ReadFilter<'_> {
+    fn wants(&self, namespace: &[u8], flags: u8) -> bool {
+        match self {
+            ReadFilter::All => true,
+            ReadFilter::Namespace(ns) => namespace == ns.as_bytes(),
+            ReadFilter::EpochOrPrefix(prefix) => {
+                flags & codec::FLAG_EPOCH != 0 || namespace.starts_with(prefix.as_bytes())
+            }
+        }
     }
 }
 

@@ -531,7 +531,18 @@ impl Store {
             shared: self.inner.shared.clone(),
             cursor: self.inner.shared.log.seek(since.saturating_add(1)),
             namespace,
+            epochs_and_prefix: None,
             since,
+        }
+    }
+
+    /// A reader of the feed after `since` that returns only events that carry an epoch
+    /// (leader namespaces) and events of namespaces starting with `prefix`; the others
+    /// are told from their record's head and never decoded.
+    pub fn feed_reader_of_epochs_and(&self, prefix: &str, since: u64) -> FeedReader {
+        FeedReader {
+            epochs_and_prefix: Some(prefix.to_owned()),
+            ..self.feed_reader(None, since)
         }
     }
 
@@ -550,6 +561,7 @@ pub struct FeedReader {
     shared: Arc<Shared>,
     cursor: LogCursor,
     namespace: Option<Namespace>,
+    epochs_and_prefix: Option<String>,
     since: u64,
 }
 
@@ -569,10 +581,15 @@ impl FeedReader {
     ) -> Result<Vec<FeedEvent>, ReadError> {
         let head = *self.shared.head_tx.borrow();
         let limit = limit.clamp(1, CHANGES_LIMIT_MAX);
+        let filter = match (&self.namespace, &self.epochs_and_prefix) {
+            (Some(ns), _) => crate::log::ReadFilter::Namespace(ns.as_str()),
+            (None, Some(prefix)) => crate::log::ReadFilter::EpochOrPrefix(prefix),
+            (None, None) => crate::log::ReadFilter::All,
+        };
         let records = self.shared.log.read(
             &mut self.cursor,
             head,
-            self.namespace.as_ref().map(Namespace::as_str),
+            filter,
             limit,
             bytes_max.clamp(1, FEED_PAGE_BYTES_MAX),
         )?;

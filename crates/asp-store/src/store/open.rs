@@ -373,7 +373,13 @@ fn replay(
     );
     loop {
         let records = log
-            .read(&mut cursor, head, None, REPLAY_BATCH_EVENTS, 64 << 20)
+            .read(
+                &mut cursor,
+                head,
+                crate::log::ReadFilter::All,
+                REPLAY_BATCH_EVENTS,
+                64 << 20,
+            )
             .map_err(|e| OpenError::Corrupt {
                 path: "log".into(),
                 reason: e.to_string(),
