@@ -152,6 +152,8 @@ impl Sim {
         n.derived_upto = 0;
         let conns: Vec<u64> = n.links.keys().copied().collect();
         n.links.clear();
+        // The relay tree was in memory only: the restarted node's links start unpruned.
+        n.relay = RelayTree::new();
         for conn in conns {
             if let Some(c) = self.conns.get_mut(&conn)
                 && c.open
@@ -219,9 +221,16 @@ impl Sim {
                     continue;
                 };
                 let skipped = self.skipped.get(&(p, node));
+                let relay_skipped = self.relay_skipped.get(&(p, node));
                 for (i, e) in peer.store.feed[..cp as usize].iter().enumerate() {
                     let seq = i as u64 + 1;
                     if skipped.is_some_and(|r| r.iter().any(|&(lo, hi)| (lo..=hi).contains(&seq))) {
+                        continue;
+                    }
+                    // Left out of the stream because this node pruned the event's
+                    // origin on the link: it comes by another path (the tree's first
+                    // copies, or an anti-entropy run).
+                    if relay_skipped.is_some_and(|s| s.contains(&seq)) {
                         continue;
                     }
                     // A position compaction emptied was sent (and acknowledged) as a

@@ -35,6 +35,12 @@
 //! slow disks; clock skew and jumps, some beyond `max_clock_skew`, whose events peers
 //! hold until their own clocks catch up.
 //!
+//! Relay trees (protocol 5; `relay` mirrors `asp-node`'s links): on every node for
+//! most seeds, off for some, on some nodes only for others (`Config::relay_tree`). A
+//! node prunes peers that relay copies it holds, grafts them back when a link goes
+//! down or a peer's summaries show a lag, and then queues an anti-entropy run; its
+//! tree is in memory only, and starts empty after a crash.
+//!
 //! Namespaces: `ns0` and `ns1` last-writer-wins (some writes compare-and-set), `c0` a
 //! counter, `s0` an add-wins set, `v0` siblings, `j0` a JSON map. Each event of a CRDT
 //! namespace carries its node's whole view of the key, which replaces that node's
@@ -45,7 +51,8 @@
 //! Invariants, checked as the run goes and at the end: no event applied twice; a node's
 //! version vector is exactly the dots of its feed and of its base; no acknowledged
 //! write lost; under `fsync = always`, a node holds after any crash every position of a
-//! peer's feed it acknowledged (but those a handover skipped or compaction emptied);
+//! peer's feed it acknowledged (but those a handover skipped, compaction emptied or
+//! the peer's relay tree left out);
 //! no dot issued for two events that could have been seen; a node that collected a
 //! delete never takes an older write for its key; a compare-and-set passes exactly
 //! when its key is at the version it names; a change feed never changes what it
@@ -72,7 +79,8 @@ use asp_core::gc::Gc;
 use asp_core::reconcile::{Item, ItemKey, Window};
 use asp_core::session::{
     ErrorCode, Frame, NEED_PREFIX_BYTES, NamespaceSummary, ReconcileOutput, ReconcileStore,
-    Reconciler, Session, SessionConfig, SessionEvent, SummaryMap, VectorReport, credit_size,
+    Reconciler, RelayTree, Session, SessionConfig, SessionEvent, SummaryMap, VectorReport,
+    credit_size,
 };
 use asp_core::{
     Condition, ContentType, Dot, Event, Hlc, HlcClock, Key, Namespace, NodeId, Op, Version,
@@ -86,6 +94,7 @@ pub mod election;
 mod faults;
 mod model;
 mod net;
+mod relay;
 mod world;
 mod writer;
 
@@ -209,6 +218,10 @@ pub struct Config {
     pub heal_limit: Duration,
     /// Print every action to stderr as it runs (for replaying one seed).
     pub log: bool,
+    /// Relay trees (`relay_tree` of `ReplicationConfig`) on every node (`Some(true)`),
+    /// on none (`Some(false)`), or as the seed picks (`None`): on every node for most
+    /// seeds, off for some, on some nodes only for others.
+    pub relay_tree: Option<bool>,
 }
 
 impl Config {
@@ -221,6 +234,7 @@ impl Config {
             model_fault: None,
             heal_limit: Duration::from_secs(120),
             log: false,
+            relay_tree: None,
         }
     }
 }
@@ -242,6 +256,8 @@ pub struct Outcome {
     /// Acknowledged writes machine crashes under `fsync = never` took from every node
     /// (that mode promises nothing across one).
     pub lost_writes: u64,
+    /// Nodes that ran relay trees.
+    pub relay_tree_nodes: usize,
 }
 
 /// Which guarantee a failed run broke, so that a test can tell one bug from another.
@@ -343,6 +359,7 @@ pub fn run(seed: u64, config: &Config) -> Result<Outcome, Failure> {
             simulated: Duration::from_micros(sim.now),
             reconcile: sim.stats,
             lost_writes: sim.lost_writes,
+            relay_tree_nodes: sim.nodes.iter().filter(|n| n.relay_tree).count(),
         }),
         Err(Broken { invariant, message }) => {
             let mut replay_env = String::new();
@@ -357,6 +374,9 @@ pub fn run(seed: u64, config: &Config) -> Result<Outcome, Failure> {
             }
             if let Some(f) = config.model_fault {
                 replay_env.push_str(&format!(" ASP_SIM_MODEL_FAULT={f:?}"));
+            }
+            if let Some(on) = config.relay_tree {
+                replay_env.push_str(&format!(" ASP_SIM_RELAY_TREE={}", u8::from(on)));
             }
             Err(Failure {
                 seed,

@@ -58,6 +58,10 @@ impl Sim {
                     ),
                     sent_through: 0,
                     timer_at: None,
+                    established: false,
+                    relay_lacks: BTreeMap::new(),
+                    grafted: BTreeSet::new(),
+                    peer_lazy: BTreeSet::new(),
                 },
             );
         }
@@ -68,6 +72,7 @@ impl Sim {
 
     /// Runs a link after its session changed: frames out, events in, feed reading.
     pub(crate) fn pump(&mut self, node: usize, conn: u64) -> Result<(), Broken> {
+        self.relay_take(node, conn);
         let mut counts = [0u32; 4];
         for _ in 0..10_000 {
             let Some(link) = self.nodes[node].links.get_mut(&conn) else {
@@ -130,6 +135,24 @@ impl Sim {
                     last += 1;
                 }
                 let events: Vec<Event> = n.store.live(first, last).cloned().collect();
+                if !link.peer_lazy.is_empty() {
+                    // What the session leaves out for the peer's prunes.
+                    let lazy: Vec<u64> = (first..last)
+                        .filter(|i| !n.store.compacted.contains(i))
+                        .filter(|&i| {
+                            let origin = n.store.feed[i].dot.origin;
+                            origin != n.id && link.peer_lazy.contains(&origin)
+                        })
+                        .map(|i| i as u64 + 1)
+                        .collect();
+                    if !lazy.is_empty() {
+                        let peer = link.peer;
+                        self.relay_skipped
+                            .entry((node, peer))
+                            .or_default()
+                            .extend(lazy);
+                    }
+                }
                 let now = self.base + Duration::from_micros(self.now);
                 link.session
                     .send_events(first as u64 + 1, last as u64, events, now);
@@ -195,6 +218,11 @@ impl Sim {
                     ));
                 }
                 link.sent_through = checkpoint.min(n.store.visible as u64);
+                // A new link relays everything, both ways.
+                link.established = true;
+                link.relay_lacks.clear();
+                link.grafted.clear();
+                n.relay.link_up(info.node_id);
                 link.reconciler
                     .set_peer(info.node_id, info.version, info.namespaces.clone());
                 link.session.send_summary(summary, now);
@@ -254,6 +282,7 @@ impl Sim {
                         );
                     }
                 }
+                self.relay_lag(node, conn, &summary);
                 let summary: SummaryMap = summary
                     .into_iter()
                     .map(|s| (s.namespace.clone(), s))
@@ -404,6 +433,7 @@ impl Sim {
         let Some(mut link) = self.nodes[node].links.remove(&conn) else {
             return;
         };
+        self.relay_link_down(node, &link);
         while let Some(frame) = link.session.poll_transmit() {
             let mut bytes = Vec::new();
             if asp_wire::encode(&frame, &mut bytes).is_ok() {
@@ -504,6 +534,7 @@ impl Sim {
             Ok(Some((frame, used))) if used == bytes.len() => {
                 self.record(&[frame_tag(&frame)]);
                 let link = self.nodes[to].links.get_mut(&conn).expect("checked");
+                relay::follow_peer(link, &frame);
                 link.session.handle_frame(frame, now);
             }
             other => {

@@ -196,6 +196,16 @@ pub(crate) struct Link {
 
     /// When a session timer is scheduled.
     pub(crate) timer_at: Option<Time>,
+    /// Whether the handshake completed (the node's link knows its peer from then on).
+    pub(crate) established: bool,
+    /// Relay trees: per namespace, the peer's dots this node lacked at the peer's last
+    /// summary, and the origins grafted on this link whose gaps are not filled yet.
+    pub(crate) relay_lacks: BTreeMap<Namespace, VersionVector>,
+    pub(crate) grafted: BTreeSet<NodeId>,
+    /// The origins the peer pruned on this link (the session's own set, followed from
+    /// the `Prune` and `Graft` frames it takes): their events are left out of what the
+    /// link sends, their positions acknowledged all the same.
+    pub(crate) peer_lazy: BTreeSet<NodeId>,
 }
 
 pub(crate) struct Node {
@@ -222,6 +232,10 @@ pub(crate) struct Node {
     /// a `VersionVector`: the check must not share the code it checks.
     pub(crate) derived: BTreeMap<Namespace, BTreeSet<Dot>>,
     pub(crate) derived_upto: usize,
+    /// Whether this node runs relay trees (its `relay_tree` setting).
+    pub(crate) relay_tree: bool,
+    /// Which peers this node asked to stop relaying which origins: in memory only.
+    pub(crate) relay: RelayTree,
 }
 
 pub(crate) struct Conn {
@@ -271,6 +285,10 @@ pub(crate) struct Sim {
     /// (sender, receiver): acknowledged without their events, which the handover's
     /// covers stand for.
     pub(crate) skipped: BTreeMap<(usize, usize), Vec<(u64, u64)>>,
+    /// Feed positions of a node whose events its stream to a peer left out because
+    /// the peer pruned their origin, by (sender, receiver): acknowledged without their
+    /// events, which come by another path.
+    pub(crate) relay_skipped: BTreeMap<(usize, usize), BTreeSet<u64>>,
     /// The amount of each increment of a counter namespace, by dot.
     pub(crate) increments: BTreeMap<(Namespace, Dot), i64>,
     /// Each add or remove of a set namespace, by dot: the key, the member, whether
@@ -281,6 +299,9 @@ pub(crate) struct Sim {
     pub(crate) sibling_ops: BTreeMap<(Namespace, Dot), SiblingOp>,
     /// Each patch of a JSON-map namespace, by dot: the fields it set or removed.
     pub(crate) field_ops: BTreeMap<(Namespace, Dot), FieldOp>,
+    /// Nodes whose relay trees decided frames for their links: each of their links is
+    /// pumped (and takes what is decided for it) once the current action is done.
+    pub(crate) relay_wake: BTreeSet<usize>,
 }
 
 /// What reconciliation did in a run.
@@ -311,6 +332,13 @@ pub struct ReconcileStats {
     /// Conditional client writes that passed, and that failed (nothing written).
     pub conditions_passed: u64,
     pub conditions_failed: u64,
+    /// Relay trees: origins sent in `Prune` frames, and in `Graft` frames (after a
+    /// link went down, and after a peer's summaries showed a lag), and anti-entropy
+    /// runs the lag check queued.
+    pub prunes: u64,
+    pub grafts_link_down: u64,
+    pub grafts_lag: u64,
+    pub relay_runs: u64,
 }
 
 pub(crate) fn fnv(hash: u64, bytes: &[u8]) -> u64 {
@@ -371,8 +399,24 @@ impl Sim {
                 slow_until: 0,
                 derived: BTreeMap::new(),
                 derived_upto: 0,
+                relay_tree: false,
+                relay: RelayTree::new(),
             })
-            .collect();
+            .collect::<Vec<Node>>();
+        let mut nodes = nodes;
+        // Relay trees, from a generator of their own (so that a seed's faults and
+        // writes are the same either way): on every node for most seeds, on none for
+        // some, on some nodes only for others.
+        let mut relay = Rng::new(seed ^ 0x7265_6c61_7974_7265);
+        let mode = relay.below(10);
+        for node in &mut nodes {
+            node.relay_tree = match config.relay_tree {
+                Some(on) => on,
+                None if mode == 0 => false,
+                None if mode == 1 => relay.chance(500),
+                None => true,
+            };
+        }
         let edges = topology(&mut rng, n);
         // Two last-writer-wins namespaces, a counter and an add-wins set.
         let namespaces = ["ns0", "ns1", "c0", "s0", "v0", "j0"]
@@ -407,10 +451,12 @@ impl Sim {
             lost_writes: 0,
             issued: BTreeMap::new(),
             skipped: BTreeMap::new(),
+            relay_skipped: BTreeMap::new(),
             increments: BTreeMap::new(),
             set_ops: BTreeMap::new(),
             sibling_ops: BTreeMap::new(),
             field_ops: BTreeMap::new(),
+            relay_wake: BTreeSet::new(),
         }
     }
 
@@ -716,7 +762,7 @@ impl Sim {
                 self.schedule(100 * MS, Action::Check);
             }
         }
-        Ok(())
+        self.relay_wake()
     }
 }
 

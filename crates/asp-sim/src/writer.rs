@@ -53,6 +53,13 @@ pub(crate) fn no_resurrection(
     Ok(())
 }
 
+/// Adds `origin` to `origins` unless it is there.
+fn note_origin(origins: &mut Vec<NodeId>, origin: NodeId) {
+    if !origins.contains(&origin) {
+        origins.push(origin);
+    }
+}
+
 impl Sim {
     pub(crate) fn client_write(&mut self, node: usize) {
         if self.chaos {
@@ -384,6 +391,17 @@ impl Sim {
                     bytes,
                     events,
                 } => {
+                    // Relay trees: the origins of the events new to this node and of
+                    // those it held (or holds back) already, each once, as the
+                    // store's writer reports them. Held copies dropped while parking
+                    // count too.
+                    let (mut fresh, mut duplicate) = (Vec::new(), Vec::new());
+                    let store = &self.nodes[node].store;
+                    for e in &events {
+                        if store.holds(e.dot, &e.namespace) || store.is_held(e.dot, &e.namespace) {
+                            note_origin(&mut duplicate, e.dot.origin);
+                        }
+                    }
                     let Some(events) = self.park_skewed(node, conn, events, wall)? else {
                         continue;
                     };
@@ -394,6 +412,8 @@ impl Sim {
                             continue;
                         }
                         if held && fault != Some(ModelFault::ForgetDedupe) {
+                            // Also a dot twice in one batch.
+                            note_origin(&mut duplicate, event.dot.origin);
                             continue;
                         }
                         if held {
@@ -402,8 +422,10 @@ impl Sim {
                                 format!("node {node} applied event {} twice", event.dot),
                             ));
                         }
+                        note_origin(&mut fresh, event.dot.origin);
                         self.apply_received(node, event, wall)?;
                     }
+                    self.relay_delivered(node, conn, &fresh, &duplicate);
                     acks.push(Ack::Remote {
                         conn,
                         last_seq,
