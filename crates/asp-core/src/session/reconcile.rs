@@ -29,7 +29,7 @@ use super::{
     RECONCILE_INITIAL_SYMBOLS, ReconcileMode, ReconcileOutcome, credit_size, lists,
 };
 use crate::reconcile::{Decoder, Extension, Item, ItemKey, Side, Symbol, Window};
-use crate::{Event, Key, Namespace, NodeId, VersionVector};
+use crate::{Event, Key, Namespace, NodeId, RangeSet, VersionVector};
 
 /// Symbols per `ReconcileSymbols` frame, at most.
 const SYMBOLS_PER_FRAME: usize = 1024;
@@ -317,6 +317,10 @@ pub struct Reconciler {
     lacked: HashMap<Namespace, (VersionVector, u64)>,
     /// Summaries received from the peer.
     summaries: u64,
+    /// Per namespace, the peer's own dots this node held and the peer's last summary
+    /// lacked: the peer lost them only if its next summary lacks some of them too (a
+    /// relayed copy can overtake the summary that holds it).
+    lost_suspects: HashMap<Namespace, RangeSet>,
     /// Dots the peer's runs on this link told this node it holds the effect of (the
     /// counterpart of `covered_sent`).
     covered_received: HashMap<Namespace, VersionVector>,
@@ -349,6 +353,7 @@ impl Reconciler {
             differed: HashSet::new(),
             lacked: HashMap::new(),
             summaries: 0,
+            lost_suspects: HashMap::new(),
             covered_received: HashMap::new(),
             peer_runs_started: None,
             outputs: VecDeque::new(),
@@ -596,6 +601,12 @@ impl Reconciler {
                 self.shared(ns)
             })
         });
+        let lost = if lost {
+            self.lost_twice(store)
+        } else {
+            self.lost_suspects.clear();
+            false
+        };
         if !needs && !lost {
             return;
         }
@@ -618,6 +629,38 @@ impl Reconciler {
         for ns in names {
             self.queue.push_back((ns, Trigger::Handover));
         }
+    }
+
+    /// Whether the peer's own dots this node holds that its summary lacks include some
+    /// its previous summary lacked too (what is lacked now becomes the next suspects).
+    fn lost_twice(&mut self, store: &impl ReconcileStore) -> bool {
+        let Some(peer) = self.peer else { return false };
+        let mut now = HashMap::new();
+        for s in store.summary() {
+            if !self.shared(&s.namespace) {
+                continue;
+            }
+            let Some(mine) = s.vector.get(peer) else {
+                continue;
+            };
+            let lacked = match self
+                .summary
+                .get(&s.namespace)
+                .and_then(|t| t.vector.get(peer))
+            {
+                Some(theirs) => mine.difference(theirs),
+                None => mine.clone(),
+            };
+            if !lacked.is_empty() {
+                now.insert(s.namespace, lacked);
+            }
+        }
+        let before = std::mem::replace(&mut self.lost_suspects, now);
+        self.lost_suspects.iter().any(|(ns, lacked)| {
+            before
+                .get(ns)
+                .is_some_and(|b| !b.difference(&b.difference(lacked)).is_empty())
+        })
     }
 
     /// Does the next bounded step of work: `can_send` and `credit` are the session's
