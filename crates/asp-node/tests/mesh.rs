@@ -20,6 +20,21 @@ struct TestNode {
 }
 
 async fn node(id: u64, peers: Vec<String>, relay_tree: bool) -> TestNode {
+    node_speaking(
+        id,
+        peers,
+        relay_tree,
+        asp_core::session::PROTOCOL_VERSION_MAX,
+    )
+    .await
+}
+
+async fn node_speaking(
+    id: u64,
+    peers: Vec<String>,
+    relay_tree: bool,
+    version_max: u16,
+) -> TestNode {
     let dir = tempfile::tempdir().unwrap();
     let mut sc = StoreConfig::new(dir.path());
     sc.node_id = NodeId::new(id);
@@ -33,6 +48,7 @@ async fn node(id: u64, peers: Vec<String>, relay_tree: bool) -> TestNode {
     rc.backoff_max = Duration::from_millis(200);
     rc.summary_interval = Duration::from_millis(100);
     rc.relay_tree = relay_tree;
+    rc.version_max = version_max;
     let replicator = Replicator::start(store.clone(), rc, CancellationToken::new())
         .await
         .unwrap();
@@ -262,6 +278,39 @@ async fn a_node_cut_from_an_origin_gets_what_its_pruned_peers_skipped() {
     }
     converge(&all, 420).await;
     proxy.stop().await;
+    stop(nodes).await;
+}
+
+/// A node of the previous protocol (version 4: no relay trees) in a mesh of relay-tree
+/// nodes: the links to it run at version 4 (no Prune or Graft), and the mesh
+/// converges round after round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_of_protocol_four_in_the_mesh_is_relayed_everything() {
+    let mut nodes = mesh(3, true).await;
+    let peers = nodes
+        .iter()
+        .map(|p| p.replicator.listen_addr().unwrap().to_string())
+        .collect();
+    nodes.push(node_speaking(4, peers, true, 4).await);
+    for _ in 0..1500 {
+        if nodes.iter().all(|t| {
+            t.replicator
+                .status()
+                .peers
+                .iter()
+                .filter(|p| p.state == asp_node::LinkState::Active)
+                .count()
+                == 3
+        }) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let all: Vec<&TestNode> = nodes.iter().collect();
+    for round in 0..3 {
+        write_on_all(&nodes, round, 30).await;
+        converge(&all, 4 * 30 * (round as u64 + 1)).await;
+    }
     stop(nodes).await;
 }
 

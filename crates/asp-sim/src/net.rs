@@ -222,7 +222,8 @@ impl Sim {
                 link.established = true;
                 link.relay_lacks.clear();
                 link.grafted.clear();
-                n.relay.link_up(info.node_id);
+                let takes_prunes = link.session.peer_relays_by_tree();
+                n.relay.link_up(info.node_id, takes_prunes);
                 link.reconciler
                     .set_peer(info.node_id, info.version, info.namespaces.clone());
                 link.session.send_summary(summary, now);

@@ -45,12 +45,7 @@ impl Sim {
         let now = self.at(self.now);
         let n = &mut self.nodes[node];
         let link = n.links.get_mut(&conn).expect("checked");
-        let here = link.session.peer_relays_by_tree();
-        // Another link's peer counts as one that takes `Prune` (as in `asp-node`: one
-        // that does not never gets the frame).
-        let prune = n
-            .relay
-            .delivered(peer, fresh, duplicate, |p| p != peer || here);
+        let prune = n.relay.delivered(peer, fresh, duplicate);
         let others = n.relay.prunes_added();
         if !prune.is_empty() {
             let count = prune.len() as u64;

@@ -40,6 +40,9 @@ pub struct RelayTree {
     /// Prunes decided for peers' links by another link's delivery, not yet taken.
     pending_prunes: HashMap<NodeId, Vec<NodeId>>,
     prunes_added: bool,
+    /// Peers whose links take no `Prune` (an earlier protocol, another cluster): never
+    /// pruned, so never counted on as pruned.
+    deaf: HashSet<NodeId>,
     /// Whether this node ever pruned a peer (until then, nothing changes how it
     /// replicates).
     active: bool,
@@ -53,14 +56,13 @@ impl RelayTree {
     /// A batch from `peer` was applied: `fresh` are the origins of events this node did
     /// not hold, `duplicate` those of copies it held. Returns the origins to prune on
     /// `peer`'s link (and records them pruned); prunes for other links wait in
-    /// [`RelayTree::take_prunes`]. `can_prune(p)`: peer `p` understands `Prune`
-    /// (protocol 5).
+    /// [`RelayTree::take_prunes`]. A peer whose link takes no `Prune` (see
+    /// [`RelayTree::link_up`]) is never pruned.
     pub fn delivered(
         &mut self,
         peer: NodeId,
         fresh: &[NodeId],
         duplicate: &[NodeId],
-        can_prune: impl Fn(NodeId) -> bool,
     ) -> Vec<NodeId> {
         for &origin in fresh {
             if self.first.len() < RELAY_TREE_ORIGINS_MAX || self.first.contains_key(&origin) {
@@ -86,7 +88,7 @@ impl RelayTree {
                 (peer, first)
             };
             let pruned = self.pruned.entry(origin).or_default();
-            if pruned.contains(&target) || pruned.contains(&keep) || !can_prune(target) {
+            if pruned.contains(&target) || pruned.contains(&keep) || self.deaf.contains(&target) {
                 continue;
             }
             pruned.insert(target);
@@ -132,6 +134,7 @@ impl RelayTree {
         }
         self.pending.remove(&peer);
         self.pending_prunes.remove(&peer);
+        self.deaf.remove(&peer);
         let mut any = false;
         for origin in orphaned {
             if let Some(pruned) = self.pruned.remove(&origin) {
@@ -170,7 +173,13 @@ impl RelayTree {
     }
 
     /// A new link to `peer`: it relays everything, so nothing is pruned on it.
-    pub fn link_up(&mut self, peer: NodeId) {
+    /// `takes_prunes`: the link takes `Prune` (protocol 5, within the cluster).
+    pub fn link_up(&mut self, peer: NodeId, takes_prunes: bool) {
+        if takes_prunes {
+            self.deaf.remove(&peer);
+        } else {
+            self.deaf.insert(peer);
+        }
         for pruned in self.pruned.values_mut() {
             pruned.remove(&peer);
         }
@@ -213,17 +222,17 @@ mod tests {
     fn a_later_copy_prunes_its_sender_but_never_the_origin() {
         let mut t = RelayTree::new();
         // Origin 1's event arrives from 1 itself, then copies from 2 and 3.
-        assert!(t.delivered(n(1), &[n(1)], &[], |_| true).is_empty());
-        assert_eq!(t.delivered(n(2), &[], &[n(1)], |_| true), vec![n(1)]);
-        assert_eq!(t.delivered(n(3), &[], &[n(1)], |_| true), vec![n(1)]);
+        assert!(t.delivered(n(1), &[n(1)], &[]).is_empty());
+        assert_eq!(t.delivered(n(2), &[], &[n(1)]), vec![n(1)]);
+        assert_eq!(t.delivered(n(3), &[], &[n(1)]), vec![n(1)]);
         // Pruned once: not again.
-        assert!(t.delivered(n(2), &[], &[n(1)], |_| true).is_empty());
+        assert!(t.delivered(n(2), &[], &[n(1)]).is_empty());
         assert_eq!(t.pruned_on(n(2)), vec![n(1)]);
         assert!(t.is_active());
         // A copy of 1's event from 1, after 4 delivered it first: 1 is the origin and
         // is never pruned; 4 is, on its own link.
-        assert!(t.delivered(n(4), &[n(1)], &[], |_| true).is_empty());
-        assert!(t.delivered(n(1), &[], &[n(1)], |_| true).is_empty());
+        assert!(t.delivered(n(4), &[n(1)], &[]).is_empty());
+        assert!(t.delivered(n(1), &[], &[n(1)]).is_empty());
         assert_eq!(t.take_prunes(n(4)), vec![n(1)]);
         assert!(t.take_prunes(n(4)).is_empty());
         assert_eq!(t.pruned_on(n(4)), vec![n(1)]);
@@ -233,26 +242,24 @@ mod tests {
     fn the_peer_of_the_last_first_copy_is_never_pruned_while_the_other_is() {
         let mut t = RelayTree::new();
         // Origin 9 is not a peer: 2 delivers first, 3's copy is pruned.
-        t.delivered(n(2), &[n(9)], &[], |_| true);
-        assert_eq!(t.delivered(n(3), &[], &[n(9)], |_| true), vec![n(9)]);
+        t.delivered(n(2), &[n(9)], &[]);
+        assert_eq!(t.delivered(n(3), &[], &[n(9)]), vec![n(9)]);
         // The prune is in flight: 3 delivers the next event first, and 2's copy comes
         // second. Pruning 2 would leave 9 without a path; it is not pruned.
-        t.delivered(n(3), &[n(9)], &[], |_| true);
-        assert!(t.delivered(n(2), &[], &[n(9)], |_| true).is_empty());
+        t.delivered(n(3), &[n(9)], &[]);
+        assert!(t.delivered(n(2), &[], &[n(9)]).is_empty());
         // A peer of an older protocol is never pruned.
-        assert!(t.delivered(n(4), &[], &[n(9)], |_| false).is_empty());
+        t.link_up(n(4), false);
+        assert!(t.delivered(n(4), &[], &[n(9)]).is_empty());
     }
 
     #[test]
     fn a_link_that_goes_down_grafts_the_peers_pruned_for_its_origins() {
         let mut t = RelayTree::new();
-        t.delivered(n(1), &[n(1), n(7)], &[], |_| true);
-        assert_eq!(
-            t.delivered(n(2), &[], &[n(1), n(7)], |_| true),
-            vec![n(1), n(7)]
-        );
-        t.delivered(n(3), &[n(8)], &[], |_| true);
-        assert_eq!(t.delivered(n(2), &[], &[n(8)], |_| true), vec![n(8)]);
+        t.delivered(n(1), &[n(1), n(7)], &[]);
+        assert_eq!(t.delivered(n(2), &[], &[n(1), n(7)]), vec![n(1), n(7)]);
+        t.delivered(n(3), &[n(8)], &[]);
+        assert_eq!(t.delivered(n(2), &[], &[n(8)]), vec![n(8)]);
         assert!(t.link_down(n(1)));
         // 1 delivered origins 1 and 7 first: 2 relays them again. 8 still comes by 3.
         assert_eq!(t.take_grafts(n(2)), vec![n(1), n(7)]);
@@ -267,10 +274,10 @@ mod tests {
     #[test]
     fn a_new_link_starts_unpruned() {
         let mut t = RelayTree::new();
-        t.delivered(n(1), &[n(1)], &[], |_| true);
-        t.delivered(n(2), &[], &[n(1)], |_| true);
+        t.delivered(n(1), &[n(1)], &[]);
+        t.delivered(n(2), &[], &[n(1)]);
         assert!(t.prunes(n(2)));
-        t.link_up(n(2));
+        t.link_up(n(2), true);
         assert!(!t.prunes(n(2)));
     }
 }

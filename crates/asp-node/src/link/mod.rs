@@ -475,7 +475,8 @@ impl Link {
                         }
                     }
                     self.peer = Some(peer);
-                    self.inner.relay.lock().unwrap().link_up(peer);
+                    let takes_prunes = self.relays_by_tree();
+                    self.inner.relay.lock().unwrap().link_up(peer, takes_prunes);
                     self.relay_lacks.clear();
                     self.grafted.clear();
                     self.reconciler

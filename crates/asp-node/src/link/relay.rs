@@ -34,17 +34,9 @@ impl Link {
         if outcome.fresh_origins.is_empty() && outcome.duplicate_origins.is_empty() {
             return;
         }
-        let here = self.session.peer_relays_by_tree();
-        // Another link's peer: whether it speaks protocol 5 is known to its link; one
-        // that does not ignores nothing (it never gets the frame), so it counts as one.
         let (prune, others) = {
             let mut tree = self.inner.relay.lock().unwrap();
-            let prune = tree.delivered(
-                peer,
-                &outcome.fresh_origins,
-                &outcome.duplicate_origins,
-                |p| p != peer || here,
-            );
+            let prune = tree.delivered(peer, &outcome.fresh_origins, &outcome.duplicate_origins);
             (prune, tree.prunes_added())
         };
         if others {
@@ -102,7 +94,13 @@ impl Link {
     /// anti-entropy run fetches what its stream skipped.
     pub(super) fn relay_lag(&mut self, summary: &[NamespaceSummary]) {
         let Some(peer) = self.peer else { return };
-        if !self.relays_by_tree() || !self.inner.relay.lock().unwrap().is_active() {
+        if !self.relays_by_tree() {
+            return;
+        }
+        // Nothing can come of it unless this peer is pruned for something, or was
+        // grafted with a gap to fill (a peer pruned later waits one summary more).
+        if !self.inner.relay.lock().unwrap().prunes(peer) && self.grafted.is_empty() {
+            self.relay_lacks.clear();
             return;
         }
         let mut lagging: Vec<NodeId> = Vec::new();
