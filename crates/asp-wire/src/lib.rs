@@ -106,9 +106,51 @@ pub enum DecodeError {
 
 /// Appends the encoded frame to `out`.
 pub fn encode(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    encode_with(frame, out, &mut Compressor::always())
+}
+
+/// When a link compresses its event batches: lz4 costs about as much CPU as the rest
+/// of encoding a batch, and values that are already compressed or random gain almost
+/// nothing from it. A batch that lz4 shrinks by less than an eighth turns compression
+/// off for the link's next [`Compressor::PAUSE`] batches, then it is tried again.
+#[derive(Clone, Debug)]
+pub struct Compressor {
+    /// Batches still to send uncompressed.
+    skip: u32,
+    adaptive: bool,
+}
+
+impl Compressor {
+    /// Batches sent uncompressed after one that did not pay.
+    pub const PAUSE: u32 = 32;
+
+    /// Tries every batch (what [`encode`] does).
+    pub fn always() -> Self {
+        Compressor {
+            skip: 0,
+            adaptive: false,
+        }
+    }
+
+    /// Stops trying for a while after a batch that did not pay.
+    pub fn adaptive() -> Self {
+        Compressor {
+            skip: 0,
+            adaptive: true,
+        }
+    }
+}
+
+/// [`encode`], with event batches compressed as `compressor` decides (the receiver
+/// reads either form).
+pub fn encode_with(
+    frame: &Frame,
+    out: &mut Vec<u8>,
+    compressor: &mut Compressor,
+) -> Result<(), EncodeError> {
     let start = out.len();
     out.extend_from_slice(&[0; 4]);
-    let result = encode_body(frame, out);
+    let result = encode_body(frame, out, compressor);
     if let Err(e) = result {
         out.truncate(start);
         return Err(e);
@@ -189,7 +231,11 @@ fn put_event(out: &mut Vec<u8>, e: &Event) {
     }
 }
 
-fn encode_body(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+fn encode_body(
+    frame: &Frame,
+    out: &mut Vec<u8>,
+    compressor: &mut Compressor,
+) -> Result<(), EncodeError> {
     match frame {
         Frame::Hello(h) => {
             out.push(TYPE_HELLO);
@@ -261,7 +307,7 @@ fn encode_body(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
             out.push(TYPE_EVENTS);
             out.extend_from_slice(&first_seq.to_le_bytes());
             out.extend_from_slice(&last_seq.to_le_bytes());
-            put_event_batch(out, events)?;
+            put_event_batch(out, events, compressor)?;
         }
         Frame::Ack {
             from_seq,
@@ -352,7 +398,7 @@ fn encode_body(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
         Frame::Repair { id, events } => {
             out.push(TYPE_REPAIR);
             out.extend_from_slice(&id.to_le_bytes());
-            put_event_batch(out, events)?;
+            put_event_batch(out, events, compressor)?;
         }
         Frame::RepairEnd {
             id,
@@ -394,7 +440,11 @@ fn put_digest(out: &mut Vec<u8>, digest: Option<&Symbol>) {
 }
 
 /// An event batch: compression, count, (raw length if compressed), events.
-fn put_event_batch(out: &mut Vec<u8>, events: &[Event]) -> Result<(), EncodeError> {
+fn put_event_batch(
+    out: &mut Vec<u8>,
+    events: &[Event],
+    compressor: &mut Compressor,
+) -> Result<(), EncodeError> {
     let mut raw = Vec::new();
     for e in events {
         put_event(&mut raw, e);
@@ -402,9 +452,18 @@ fn put_event_batch(out: &mut Vec<u8>, events: &[Event]) -> Result<(), EncodeErro
     if raw.len() > EVENTS_RAW_BYTES_MAX {
         return Err(EncodeError::TooLarge(raw.len()));
     }
-    let compressed = (raw.len() >= COMPRESS_MIN_BYTES)
-        .then(|| lz4_flex::block::compress(&raw))
-        .filter(|c| c.len() < raw.len());
+    let tried = raw.len() >= COMPRESS_MIN_BYTES && compressor.skip == 0;
+    if raw.len() >= COMPRESS_MIN_BYTES && compressor.skip > 0 {
+        compressor.skip -= 1;
+    }
+    let compressed = tried.then(|| lz4_flex::block::compress(&raw));
+    if compressor.adaptive
+        && let Some(c) = &compressed
+        && c.len() > raw.len() - raw.len() / 8
+    {
+        compressor.skip = Compressor::PAUSE;
+    }
+    let compressed = compressed.filter(|c| c.len() < raw.len());
     match compressed {
         Some(c) => {
             out.push(COMPRESSION_LZ4);

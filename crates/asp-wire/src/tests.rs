@@ -569,3 +569,75 @@ fn only_a_hello_is_read_before_the_handshake() {
     assert!(decode_handshake(&error).unwrap().is_some());
     assert_eq!(decode_handshake(&error[..4]), Ok(None));
 }
+
+/// A batch of `n` events whose values are random (`random`) or all alike.
+fn value_batch(n: u64, random: bool) -> Frame {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let events = (1..=n)
+        .map(|c| {
+            let value: Vec<u8> = (0..200)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    if random { state as u8 } else { b'a' }
+                })
+                .collect();
+            Event {
+                namespace: Namespace::new("n").unwrap(),
+                key: Key::new(&format!("k{c}")).unwrap(),
+                op: Op::Put {
+                    content_type: ContentType::Text,
+                    value: Bytes::from(value),
+                },
+                dot: Dot {
+                    origin: NodeId::new(1).unwrap(),
+                    counter: c,
+                },
+                hlc: Hlc::new(c, 0),
+                context: Bytes::new(),
+                epoch: 0,
+                expires_ms: 0,
+            }
+        })
+        .collect();
+    Frame::Events {
+        first_seq: 1,
+        last_seq: n,
+        events,
+    }
+}
+
+/// The compression byte of an encoded Events frame (after length, type and positions).
+fn compression_of(bytes: &[u8]) -> u8 {
+    bytes[4 + 1 + 16]
+}
+
+#[test]
+fn an_adaptive_link_stops_compressing_what_does_not_shrink_and_tries_again_later() {
+    let mut c = Compressor::adaptive();
+    let random = value_batch(20, true);
+    let alike = value_batch(20, false);
+    let encode = |frame: &Frame, c: &mut Compressor| {
+        let mut out = Vec::new();
+        encode_with(frame, &mut out, c).unwrap();
+        let (decoded, used) = decode(&out).unwrap().unwrap();
+        assert_eq!(used, out.len());
+        assert_eq!(&decoded, frame);
+        compression_of(&out)
+    };
+    // Random values: tried once (lz4 shrinks keys and headers a little, less than an
+    // eighth), then not tried for a pause; the decoded frames are the same either way.
+    encode(&random, &mut c);
+    for _ in 0..Compressor::PAUSE {
+        assert_eq!(encode(&alike, &mut c), 0, "compressed during the pause");
+    }
+    // After the pause, tried again: values that shrink are compressed.
+    assert_eq!(encode(&alike, &mut c), 1);
+    assert_eq!(encode(&alike, &mut c), 1);
+    // `encode` always tries.
+    let mut out = Vec::new();
+    encode(&alike, &mut Compressor::always());
+    encode_with(&alike, &mut out, &mut Compressor::always()).unwrap();
+    assert_eq!(compression_of(&out), 1);
+}

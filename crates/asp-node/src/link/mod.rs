@@ -156,6 +156,8 @@ struct Link {
     /// summary, and the origins grafted on this link whose gaps are not filled yet.
     relay_lacks: HashMap<Namespace, VersionVector>,
     grafted: HashSet<NodeId>,
+    /// Whether event batches are compressed: not while lz4 does not pay.
+    compressor: asp_wire::Compressor,
 }
 
 impl Link {
@@ -240,6 +242,7 @@ impl Link {
             capture,
             relay_lacks: HashMap::new(),
             grafted: HashSet::new(),
+            compressor: asp_wire::Compressor::adaptive(),
         }
     }
 
@@ -376,7 +379,7 @@ impl Link {
                 *w = wall_ms();
             }
             let mut bytes = Vec::new();
-            if let Err(e) = asp_wire::encode(&frame, &mut bytes) {
+            if let Err(e) = asp_wire::encode_with(&frame, &mut bytes, &mut self.compressor) {
                 self.session.close(
                     ErrorCode::Internal,
                     format!("cannot encode a frame: {e}"),
