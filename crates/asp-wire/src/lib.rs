@@ -6,6 +6,10 @@
 //! [`FRAME_BYTES_MAX`] bytes. Decoding never panics and never allocates more than the
 //! frame's own size allows (decompressed event batches are bounded too): malformed input
 //! is a [`DecodeError`] that names what was wrong. This crate does no I/O.
+//!
+//! Size: one format — each frame's encoder and decoder sit in the same file, in the
+//! same order, so that the two halves of every field are read and changed together
+//! (the tests and the fuzz harness live elsewhere).
 
 use asp_core::reconcile::{SYMBOL_BYTES, Symbol};
 use asp_core::session::{
