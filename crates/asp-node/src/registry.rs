@@ -198,11 +198,21 @@ pub(crate) struct Inner {
     pub membership: Arc<crate::membership::Membership>,
     /// Which peers this node asked to stop relaying which origins (relay trees).
     pub relay: Mutex<asp_core::session::RelayTree>,
-    /// Woken when the relay tree decided grafts for some link.
+    /// Woken when the relay tree decided grafts or prunes for some link.
     pub relay_changed: tokio::sync::Notify,
+    /// Bumped (after the tree's change) with every wake of `relay_changed`: a link
+    /// looks into the tree only when it moved, not at every turn of its loop.
+    pub relay_generation: std::sync::atomic::AtomicU64,
 }
 
 impl Inner {
+    /// The relay tree decided frames for other links: wakes them.
+    pub fn relay_moved(&self) {
+        self.relay_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        self.relay_changed.notify_waiters();
+    }
+
     pub fn bump(&self) {
         self.changed.send_modify(|n| *n = n.wrapping_add(1));
     }
@@ -396,7 +406,7 @@ pub(crate) fn unregister_link(inner: &Inner, link_id: u64, error: Option<(String
             // Origins whose first copies came by this link: the peers pruned for them
             // relay them again.
             if inner.relay.lock().unwrap().link_down(peer) {
-                inner.relay_changed.notify_waiters();
+                inner.relay_moved();
             }
         }
         if let Some(record) = reg.peers.get_mut(&peer) {

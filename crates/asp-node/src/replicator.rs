@@ -198,6 +198,7 @@ impl Replicator {
             membership,
             relay: Mutex::default(),
             relay_changed: tokio::sync::Notify::new(),
+            relay_generation: std::sync::atomic::AtomicU64::new(0),
         });
         let mut tasks = JoinSet::new();
         // Residency rules are known before any link sends anything.

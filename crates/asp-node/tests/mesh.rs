@@ -92,6 +92,13 @@ async fn mesh_with(
         nodes.push(node(id, peers, relay_tree).await);
     }
     // Every link up before anything is written.
+    links_up(&nodes).await;
+    nodes
+}
+
+/// Waits (bounded) until every node has an active link to every other.
+async fn links_up(nodes: &[TestNode]) {
+    let others = nodes.len() - 1;
     for _ in 0..1500 {
         if nodes.iter().all(|t| {
             t.replicator
@@ -100,13 +107,13 @@ async fn mesh_with(
                 .iter()
                 .filter(|p| p.state == asp_node::LinkState::Active)
                 .count()
-                == n as usize - 1
+                == others
         }) {
-            return nodes;
+            return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("the mesh of {n} did not come up");
+    panic!("the mesh of {} did not come up", nodes.len());
 }
 
 /// Every node writes `each` events (1,000-byte values), all at once.
@@ -292,20 +299,7 @@ async fn a_node_of_protocol_four_in_the_mesh_is_relayed_everything() {
         .map(|p| p.replicator.listen_addr().unwrap().to_string())
         .collect();
     nodes.push(node_speaking(4, peers, true, 4).await);
-    for _ in 0..1500 {
-        if nodes.iter().all(|t| {
-            t.replicator
-                .status()
-                .peers
-                .iter()
-                .filter(|p| p.state == asp_node::LinkState::Active)
-                .count()
-                == 3
-        }) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    links_up(&nodes).await;
     let all: Vec<&TestNode> = nodes.iter().collect();
     for round in 0..3 {
         write_on_all(&nodes, round, 30).await;

@@ -156,6 +156,8 @@ struct Link {
     /// summary, and the origins grafted on this link whose gaps are not filled yet.
     relay_lacks: HashMap<Namespace, VersionVector>,
     grafted: HashSet<NodeId>,
+    /// The relay tree's generation when this link last took what it decided for it.
+    relay_seen: u64,
     /// Whether event batches are compressed: not while lz4 does not pay.
     compressor: asp_wire::Compressor,
 }
@@ -242,6 +244,7 @@ impl Link {
             capture,
             relay_lacks: HashMap::new(),
             grafted: HashSet::new(),
+            relay_seen: 0,
             compressor: asp_wire::Compressor::adaptive(),
         }
     }

@@ -40,7 +40,7 @@ impl Link {
             (prune, tree.prunes_added())
         };
         if others {
-            self.inner.relay_changed.notify_waiters();
+            self.inner.relay_moved();
         }
         if !prune.is_empty() {
             tracing::debug!(peer = %peer, origins = ?prune, "relay tree: pruned");
@@ -66,6 +66,14 @@ impl Link {
         if !self.inner.config.relay_tree {
             return;
         }
+        let generation = self
+            .inner
+            .relay_generation
+            .load(std::sync::atomic::Ordering::Acquire);
+        if generation == self.relay_seen {
+            return;
+        }
+        self.relay_seen = generation;
         let (grafts, prunes) = {
             let mut tree = self.inner.relay.lock().unwrap();
             (tree.take_grafts(peer), tree.take_prunes(peer))
