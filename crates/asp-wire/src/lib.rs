@@ -456,8 +456,9 @@ fn put_event_batch(
     if raw.len() > EVENTS_RAW_BYTES_MAX {
         return Err(EncodeError::TooLarge(raw.len()));
     }
-    let tried = raw.len() >= COMPRESS_MIN_BYTES && compressor.skip == 0;
-    if raw.len() >= COMPRESS_MIN_BYTES && compressor.skip > 0 {
+    let large = raw.len() >= COMPRESS_MIN_BYTES;
+    let tried = large && compressor.skip == 0;
+    if large && !tried {
         compressor.skip -= 1;
     }
     let compressed = tried.then(|| lz4_flex::block::compress(&raw));
