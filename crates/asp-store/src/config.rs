@@ -113,6 +113,15 @@ pub struct StoreConfig {
     /// none (anti-entropy then scans): keeping them costs about 19% of batch ingest
     /// and, at 10 M keys, ~25 MB more peak memory (bench/RESULTS.md).
     pub reconcile_window: usize,
+    /// Memory for indexes from key hashes to keys, over all namespaces. A large
+    /// namespace's first anti-entropy run builds one during the pass over its keys it
+    /// makes anyway; later runs find the keys behind their decoded items in it instead
+    /// of passing over the namespace again (at 1 M keys and d = 1,000, ~0.8 s → ~15
+    /// ms). An anti-entropy check that finds a namespace's digest differs from a
+    /// peer's builds it ahead of the run, on a thread of its own. About 50 bytes per
+    /// key (bench/RESULTS.md); past the budget the namespace used least recently loses
+    /// its index. 0 keeps none. Needs windows (`reconcile_window > 0`).
+    pub reconcile_key_index_bytes: usize,
     /// Conflict policies of namespaces (the others are `lww`), applied on open; a
     /// namespace that holds data under another policy refuses to open.
     pub namespace_policies: BTreeMap<String, asp_core::crdt::Policy>,
@@ -178,6 +187,7 @@ impl StoreConfig {
     /// A `reconcile_window` for turning windows on: namespaces of up to 64 k keys keep
     /// a quarter of their keys' worth, larger ones 16,384 symbols (768 KiB).
     pub const RECONCILE_WINDOW_ON: usize = 1 << 14;
+    pub const DEFAULT_RECONCILE_KEY_INDEX_BYTES: usize = 128 << 20;
     pub const DEFAULT_COMPACTION_RETENTION_MS: u64 = 7 * 24 * 60 * 60 * 1000;
     pub const DEFAULT_COMPACTION_DEAD_RATIO: f64 = 0.5;
     pub const DEFAULT_TOMBSTONE_TTL_MS: u64 = 24 * 60 * 60 * 1000;
@@ -205,6 +215,7 @@ impl StoreConfig {
             item_key: ItemKey::new(*b"asp item key v1!"),
             context_key: ItemKey::new(*b"asp context key!"),
             reconcile_window: Self::RECONCILE_WINDOW_ON,
+            reconcile_key_index_bytes: Self::DEFAULT_RECONCILE_KEY_INDEX_BYTES,
             compaction_retention_ms: Self::DEFAULT_COMPACTION_RETENTION_MS,
             compaction_namespace_retention_ms: BTreeMap::new(),
             namespace_policies: BTreeMap::new(),
@@ -267,6 +278,12 @@ impl StoreConfig {
                 "reconcile_window must be between 0 (off) and {}; got {}",
                 1 << 20,
                 self.reconcile_window
+            ));
+        }
+        if self.reconcile_key_index_bytes > 1 << 40 {
+            return Err(format!(
+                "reconcile_key_index_bytes must be at most 1 TiB; got {}",
+                self.reconcile_key_index_bytes
             ));
         }
         // Written so that NaN fails too.

@@ -10,7 +10,9 @@
 //! of ingest (measured on the reference machine: 800 k → 470 k events/s). The symbol
 //! upkeep itself runs on a thread of its own (the window keeper), off the indexer's.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+
+use crate::key_hashes::KeyHashes;
 
 use asp_core::reconcile::{Item, ItemKey, Window};
 use asp_core::{Namespace, Version};
@@ -36,6 +38,28 @@ pub(crate) fn window_len(keys: i64, max: usize) -> usize {
 pub(crate) struct Digest {
     pub window: Window,
     pub keys: KeyFilter,
+    /// Its keys by hash, once a run needed them ([`crate::key_hashes`]).
+    pub hashes: KeyIndex,
+}
+
+/// Where a namespace's key-hash index stands.
+#[derive(Default)]
+pub(crate) enum KeyIndex {
+    #[default]
+    None,
+    /// A run's scan is filling it: the window keeper adds new keys and takes out
+    /// removed ones already, but a key the scan has not reached may be missing.
+    Building(KeyHashes),
+    Ready(KeyHashes),
+}
+
+impl KeyIndex {
+    pub fn hashes_mut(&mut self) -> Option<&mut KeyHashes> {
+        match self {
+            KeyIndex::None => None,
+            KeyIndex::Building(h) | KeyIndex::Ready(h) => Some(h),
+        }
+    }
 }
 
 impl Digest {
@@ -50,6 +74,7 @@ impl Digest {
         Digest {
             window: Window::build(item_key, len, items, threads),
             keys,
+            hashes: KeyIndex::None,
         }
     }
 }
@@ -62,6 +87,41 @@ pub(crate) struct Windows {
     /// How many of the indexer's messages they reflect: groups that append nothing
     /// (collected deletes) change the windows without moving `seq`.
     pub messages: u64,
+    /// Namespaces with a key-hash index (built or building), and a counter of runs
+    /// that used one (for evicting the least recently used past the budget).
+    pub indexed: BTreeSet<Namespace>,
+    pub index_uses: u64,
+}
+
+impl Windows {
+    /// Drops the key-hash indexes used least recently until they fit in `budget` bytes.
+    pub fn fit_key_indexes(&mut self, budget: usize) {
+        loop {
+            let mut total = 0;
+            let mut oldest: Option<(u64, &Namespace)> = None;
+            for ns in &self.indexed {
+                if let Some(h) = self
+                    .by_namespace
+                    .get_mut(ns)
+                    .and_then(|d| d.hashes.hashes_mut())
+                {
+                    total += h.bytes();
+                    if oldest.is_none_or(|(used, _)| h.last_used < used) {
+                        oldest = Some((h.last_used, ns));
+                    }
+                }
+            }
+            if total <= budget {
+                return;
+            }
+            let Some((_, ns)) = oldest else { return };
+            let ns = ns.clone();
+            self.indexed.remove(&ns);
+            if let Some(d) = self.by_namespace.get_mut(&ns) {
+                d.hashes = KeyIndex::None;
+            }
+        }
+    }
 }
 
 /// Every item of `namespace` (each key at its version) as of `snapshot`.

@@ -30,6 +30,7 @@ mod fs;
 pub mod fuzz;
 mod held;
 mod index;
+mod key_hashes;
 mod log;
 mod lww;
 mod manifest;

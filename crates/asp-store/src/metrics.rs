@@ -34,6 +34,10 @@ pub struct Metrics {
     /// Times peers turned out to hold events of this node that it had no record of
     /// issuing (see `counters.rs`).
     pub own_events_found: Counter,
+    /// Key-hash indexes built by anti-entropy runs, and runs that found their keys in
+    /// one instead of passing over the namespace (see `key_hashes.rs`).
+    pub key_index_builds: Counter,
+    pub key_index_lookups: Counter,
     /// Events from peers parked: their clock was too far ahead (see `held.rs`).
     pub events_parked: Counter,
     /// Parked events applied once this node's clock allowed.
@@ -81,6 +85,8 @@ impl Default for Metrics {
             epitaphs_left: Counter::default(),
             epitaphs_dropped: Counter::default(),
             own_events_found: Counter::default(),
+            key_index_builds: Counter::default(),
+            key_index_lookups: Counter::default(),
             events_parked: Counter::default(),
             events_released: Counter::default(),
             events_quarantined: Counter::default(),
@@ -188,6 +194,16 @@ impl Metrics {
             "asp_own_events_found",
             "Times peers held events of this node it had no record of issuing (a data directory restored from an older copy, a crash under fsync = never/interval, or another process with this node's id)",
             self.own_events_found.clone(),
+        );
+        registry.register(
+            "asp_key_index_builds",
+            "Key-hash indexes built by a namespace's first large anti-entropy run (reconcile_key_index_bytes)",
+            self.key_index_builds.clone(),
+        );
+        registry.register(
+            "asp_key_index_lookups",
+            "Anti-entropy lookups that found the keys behind decoded items in a key-hash index, without a pass over the namespace",
+            self.key_index_lookups.clone(),
         );
         registry.register(
             "asp_events_parked",

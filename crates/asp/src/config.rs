@@ -205,6 +205,9 @@ pub struct StoreSection {
     /// Reconciliation symbols kept per namespace, at most (0: none; anti-entropy then
     /// scans).
     pub reconcile_window: Option<usize>,
+    /// Memory for key-hash indexes that spare later anti-entropy runs a pass over a
+    /// large namespace (0: none).
+    pub reconcile_key_index_bytes: Option<usize>,
     /// Writes are refused (507) while the data directory's filesystem has less free.
     pub min_free_bytes: Option<u64>,
     /// How often to scrub the feed log (0: never).
@@ -456,6 +459,9 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
     }
     if let Some(v) = file.store.reconcile_window {
         store.reconcile_window = v;
+    }
+    if let Some(v) = file.store.reconcile_key_index_bytes {
+        store.reconcile_key_index_bytes = v;
     }
     if let Some(v) = file.store.min_free_bytes {
         store.min_free_bytes = v;
@@ -790,6 +796,7 @@ mod tests {
             r#"
             [store]
             reconcile_window = 0
+            reconcile_key_index_bytes = 1048576
             [replication]
             anti_entropy_interval_ms = 5000
             relay_tree = false
@@ -808,6 +815,7 @@ mod tests {
         .unwrap();
         let c = resolve(file, Overrides::default()).unwrap();
         assert_eq!(c.store.reconcile_window, 0);
+        assert_eq!(c.store.reconcile_key_index_bytes, 1 << 20);
         assert_eq!(c.replication.anti_entropy_interval, Duration::from_secs(5));
         assert!(!c.replication.relay_tree);
         assert_eq!(c.compaction_interval, None);

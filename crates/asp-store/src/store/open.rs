@@ -239,6 +239,8 @@ impl Store {
                     by_namespace: digests,
                     seq: head.seq,
                     messages: 0,
+                    indexed: Default::default(),
+                    index_uses: 0,
                 }),
                 windows_changed: Condvar::new(),
             },

@@ -10,8 +10,9 @@ use asp_core::{Event, Key, Namespace, NodeId};
 use tokio::sync::oneshot;
 
 use crate::codec::IndexEntry;
-use crate::digest::{Windows, namespace_items, window_len};
+use crate::digest::{KeyIndex, Windows, namespace_items, window_len};
 use crate::error::{ReadError, WriteError};
+use crate::key_hashes::{self, KeyHashes};
 use crate::types::ApplyOutcome;
 use crate::writer::{ApplyRequest, Request, Shared};
 use crate::{codec, validate, writer};
@@ -527,14 +528,56 @@ impl Store {
         if wanted.is_empty() || limit == 0 {
             return Ok((Vec::new(), false));
         }
-        let mut page = EventPage::new(limit, bytes_max);
-        let mut stopped = false;
         let item_key = shared.config.item_key;
         let prefix = codec::index_prefix(namespace.as_str());
+        let matches = |key: &[u8]| -> bool {
+            let hash = item_key.key_hash(key);
+            let head: [u8; SHORTEST] = hash[..SHORTEST].try_into().expect("16 bytes");
+            wanted
+                .get(&head)
+                .is_some_and(|c| c.iter().any(|p| hash.starts_with(p)))
+        };
+        let mut page = EventPage::new(limit, bytes_max);
+        let mut stopped = false;
+        if let Some(keys) = self.keys_by_hash(namespace, &wanted)? {
+            let _gate = shared.maintenance.segment_gate.read().unwrap();
+            let mut index_key = prefix.clone();
+            for key in keys.iter().filter(|k| matches(k)) {
+                index_key.truncate(prefix.len());
+                index_key.extend_from_slice(key);
+                // A key removed since the index took it in is not there: skipped.
+                let Some(entry) = shared.index.get(&index_key)? else {
+                    continue;
+                };
+                if page.is_full() {
+                    stopped = true;
+                    break;
+                }
+                if !page.add(shared, &index_key, &entry) {
+                    break;
+                }
+            }
+            return Ok((page.finish()?, stopped));
+        }
+        let mut build = self.start_key_index(namespace);
+        // Only a build this call started is this call's to finish (another may be
+        // under way on `prepare_key_index`'s thread).
+        let building = build.is_some();
+        let budget = shared.config.reconcile_key_index_bytes;
         let _gate = shared.maintenance.segment_gate.read().unwrap();
-        shared.index.scan(&prefix, None, |k, entry| {
+        let scanned = shared.index.scan(&prefix, None, |k, entry| {
             let key = &k[prefix.len()..];
             let hash = item_key.key_hash(key);
+            if let Some(hashes) = &mut build {
+                // Past the budget alone it could not be kept: the scan goes on without.
+                if !hashes.insert(key_hashes::head(&hash), key) || hashes.bytes() > budget {
+                    build = None;
+                }
+            }
+            if stopped {
+                // Full: the scan goes on only to finish the index.
+                return build.is_some();
+            }
             let head: [u8; SHORTEST] = hash[..SHORTEST].try_into().expect("16 bytes");
             let Some(candidates) = wanted.get(&head) else {
                 return true;
@@ -544,11 +587,160 @@ impl Store {
             }
             if page.is_full() {
                 stopped = true;
-                return false;
+                return build.is_some();
             }
             page.add(shared, k, &entry)
-        })?;
+        });
+        let failed = scanned.is_err() || page.failure.is_some();
+        if building {
+            self.finish_key_index(namespace, if failed { None } else { build });
+        }
+        scanned?;
         Ok((page.finish()?, stopped))
+    }
+
+    /// Builds `namespace`'s key-hash index on a thread of its own, if it is large enough
+    /// to want one and has none: called when a peer's digest differs from this node's,
+    /// so that the run that follows finds its keys without a pass over the namespace.
+    pub fn prepare_key_index(&self, namespace: &Namespace) {
+        let Some(mut hashes) = self.start_key_index(namespace) else {
+            return;
+        };
+        let store = self.clone();
+        let name = namespace.clone();
+        let spawned = std::thread::Builder::new()
+            .name("asp-key-index".into())
+            .spawn(move || {
+                let shared = &store.inner.shared;
+                let item_key = shared.config.item_key;
+                let budget = shared.config.reconcile_key_index_bytes;
+                let prefix = codec::index_prefix(name.as_str());
+                let mut whole = true;
+                let scanned = shared.index.scan(&prefix, None, |k, _| {
+                    let key = &k[prefix.len()..];
+                    let hash = item_key.key_hash(key);
+                    whole = hashes.insert(key_hashes::head(&hash), key) && hashes.bytes() <= budget;
+                    whole
+                });
+                let built = (scanned.is_ok() && whole).then_some(hashes);
+                store.finish_key_index(&name, built);
+            });
+        if spawned.is_err() {
+            // No thread: the run builds it during its own pass.
+            self.finish_key_index(namespace, None);
+        }
+    }
+
+    /// How many keys `namespace`'s key-hash index holds; `None` while it has no index
+    /// ready (see `reconcile_key_index_bytes`).
+    pub fn key_index_len(&self, namespace: &Namespace) -> Option<usize> {
+        let windows = self.inner.shared.window_keeper.windows.lock().unwrap();
+        match &windows.by_namespace.get(namespace)?.hashes {
+            KeyIndex::Ready(hashes) => Some(hashes.len()),
+            _ => None,
+        }
+    }
+
+    /// Memory held by key-hash indexes over all namespaces, approximately.
+    pub fn key_index_bytes(&self) -> usize {
+        let mut windows = self.inner.shared.window_keeper.windows.lock().unwrap();
+        let indexed: Vec<Namespace> = windows.indexed.iter().cloned().collect();
+        indexed
+            .iter()
+            .filter_map(|ns| {
+                windows
+                    .by_namespace
+                    .get_mut(ns)?
+                    .hashes
+                    .hashes_mut()
+                    .map(|h| h.bytes())
+            })
+            .sum()
+    }
+
+    /// The keys of `namespace` whose hashes start with a wanted head (in key order),
+    /// from its key-hash index, or `None` if it has none ready or a wanted prefix is
+    /// shorter than an index head.
+    fn keys_by_hash(
+        &self,
+        namespace: &Namespace,
+        wanted: &HashMap<[u8; 4], Vec<&[u8]>>,
+    ) -> Result<Option<Vec<Vec<u8>>>, ReadError> {
+        let shared = &self.inner.shared;
+        if shared.config.reconcile_window == 0 || shared.config.reconcile_key_index_bytes == 0 {
+            return Ok(None);
+        }
+        if wanted.values().flatten().any(|p| p.len() < 8) {
+            return Ok(None);
+        }
+        // Caught up, the index holds every key the key index held at `await_index`.
+        let mut windows = self.caught_up_windows()?;
+        windows.index_uses += 1;
+        let uses = windows.index_uses;
+        let Some(digest) = windows.by_namespace.get_mut(namespace) else {
+            return Ok(None);
+        };
+        let KeyIndex::Ready(hashes) = &mut digest.hashes else {
+            return Ok(None);
+        };
+        hashes.last_used = uses;
+        let mut keys: Vec<Vec<u8>> = wanted
+            .values()
+            .flatten()
+            .flat_map(|p| hashes.get(key_hashes::head(p)))
+            .map(|k| k.to_vec())
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        shared.metrics.key_index_lookups.inc();
+        Ok(Some(keys))
+    }
+
+    /// Marks `namespace`'s key-hash index as building and returns the index for the
+    /// caller's scan to fill, if the namespace is large enough to want one and has none.
+    fn start_key_index(&self, namespace: &Namespace) -> Option<KeyHashes> {
+        let shared = &self.inner.shared;
+        if shared.config.reconcile_window == 0 || shared.config.reconcile_key_index_bytes == 0 {
+            return None;
+        }
+        let mut windows = shared.window_keeper.windows.lock().unwrap();
+        let digest = windows.by_namespace.get_mut(namespace)?;
+        if !matches!(digest.hashes, KeyIndex::None)
+            || digest.window.items() < key_hashes::KEY_HASHES_MIN_KEYS
+        {
+            return None;
+        }
+        digest.hashes = KeyIndex::Building(KeyHashes::default());
+        windows.indexed.insert(namespace.clone());
+        Some(KeyHashes::default())
+    }
+
+    /// Joins a finished build (`None`: given up) with what the window keeper added
+    /// meanwhile, and marks the index ready.
+    fn finish_key_index(&self, namespace: &Namespace, built: Option<KeyHashes>) {
+        let shared = &self.inner.shared;
+        let mut windows = shared.window_keeper.windows.lock().unwrap();
+        windows.index_uses += 1;
+        let uses = windows.index_uses;
+        let Some(digest) = windows.by_namespace.get_mut(namespace) else {
+            return;
+        };
+        if !matches!(digest.hashes, KeyIndex::Building(_)) {
+            // Evicted meanwhile, or not this call's build.
+            return;
+        }
+        match (built, std::mem::take(&mut digest.hashes)) {
+            (Some(built), KeyIndex::Building(mut kept)) => {
+                kept.absorb(&built);
+                kept.last_used = uses;
+                digest.hashes = KeyIndex::Ready(kept);
+                shared.metrics.key_index_builds.inc();
+                windows.fit_key_indexes(shared.config.reconcile_key_index_bytes);
+            }
+            _ => {
+                windows.indexed.remove(namespace);
+            }
+        }
     }
 
     /// The events that set the current state of `namespace`'s keys (values and

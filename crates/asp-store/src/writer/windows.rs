@@ -4,6 +4,7 @@
 //! after each group. Readers wait on `windows_changed` for it to catch up.
 
 use super::*;
+use crate::key_hashes;
 
 /// Applies what the indexer wrote to the reconciliation windows, on a thread of its
 /// own: for each key, its item at the old version (read from the index as it was
@@ -56,6 +57,9 @@ fn keep_windows(shared: &Shared, msg: WindowMsg) -> Result<(), String> {
                 .window
                 .replace(&item_key.item_with_key_hash(&key_hash, key, &old), &new),
             None => {
+                if let Some(hashes) = digest.hashes.hashes_mut() {
+                    hashes.insert(key_hashes::head(&key_hash), key);
+                }
                 digest.keys.insert(&key_hash);
                 added.entry(namespace).or_default().push(new);
             }
@@ -81,8 +85,17 @@ fn keep_windows(shared: &Shared, msg: WindowMsg) -> Result<(), String> {
             .ok_or_else(|| "a malformed key in an index update".to_string())?;
         if let Some(digest) = windows.by_namespace.get_mut(namespace) {
             // The key filter keeps the key: it only ever answers "maybe".
-            digest.window.remove(&item_key.item(key, version));
+            let key_hash = item_key.key_hash(key);
+            digest
+                .window
+                .remove(&item_key.item_with_key_hash(&key_hash, key, version));
+            if let Some(hashes) = digest.hashes.hashes_mut() {
+                hashes.remove(key_hashes::head(&key_hash), key);
+            }
         }
+    }
+    if !windows.indexed.is_empty() {
+        windows.fit_key_indexes(shared.config.reconcile_key_index_bytes);
     }
     windows.seq = msg.seq;
     windows.messages = msg.number;
