@@ -502,3 +502,49 @@ async fn anti_entropy_ends_a_divergence_between_equal_vectors() {
     assert_eq!(ry.status().peers[0].reconcile.keys_repaired, 1);
     stop(rx, ry, x, y).await;
 }
+
+// Issue 20, part 5: past 4,096 keys a namespace's runs find their keys through key-hash
+// indexes (built when a check finds the digests differ, or by the first run's pass
+// over the namespace), and repair the same as a pass would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_namespace_repairs_through_key_hash_indexes() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Store::open(store_config(da.path(), 1)).unwrap();
+    let b = Store::open(store_config(db.path(), 2)).unwrap();
+    let ra = start(&a, vec![]).await;
+    let rb = start(&b, vec![ra.listen_addr().unwrap().to_string()]).await;
+    put_many(&a, (0..5000).map(|i| format!("shared{i}")), "s").await;
+    converge(&a, &b, "before the divergence").await;
+    let (mut ra, mut rb) = (ra, rb);
+    for round in 0..3 {
+        ra.shutdown().await;
+        rb.shutdown().await;
+        put_many(&a, (0..60).map(|i| format!("a{round}-{i}")), "from a").await;
+        put_many(&b, (0..40).map(|i| format!("b{round}-{i}")), "from b").await;
+        // Overwrites of keys both hold, on one side each.
+        put_many(&a, [format!("shared{round}")], "a's").await;
+        put_many(&b, [format!("shared{}", 100 + round)], "b's").await;
+        hide_feeds_from_each_other(&a, &b);
+        ra = start(&a, vec![]).await;
+        rb = start(&b, vec![ra.listen_addr().unwrap().to_string()]).await;
+        converge(&a, &b, "after anti-entropy").await;
+        assert_eq!(state(&a).len(), 5000 + 100 * (round + 1));
+    }
+    assert_eq!(state(&a), state(&b));
+    let keys = 5300;
+    assert_eq!(a.key_index_len(&ns()), Some(keys));
+    assert_eq!(b.key_index_len(&ns()), Some(keys));
+    // Later runs found their keys in the indexes, on both sides.
+    for store in [&a, &b] {
+        let mut registry = prometheus_client::registry::Registry::default();
+        store.metrics().register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let lookups = text
+            .lines()
+            .find_map(|l| l.strip_prefix("asp_key_index_lookups_total "))
+            .expect("the lookups counter");
+        assert!(lookups.parse::<u64>().unwrap() >= 1, "{text}");
+    }
+    stop(ra, rb, a, b).await;
+}

@@ -112,6 +112,9 @@ pub trait ReconcileStore {
     /// A peer's word that every dot of `vector` is superseded by state this node now
     /// holds (called once the run's repairs are applied).
     fn cover(&self, namespace: &Namespace, vector: VersionVector) -> Result<(), Self::Error>;
+    /// The namespace's digest differs from a peer's: a run may follow. The store may
+    /// get ready to find keys behind items (build a key-hash index in the background).
+    fn prepare_run(&self, _namespace: &Namespace) {}
 }
 
 /// Why a run started.
@@ -492,6 +495,8 @@ impl Reconciler {
     pub fn anti_entropy_tick(&mut self, store: &impl ReconcileStore, idle: bool) {
         let Some(peer) = self.peer else { return };
         if self.node_id > peer {
+            // The responder of the pair starts no run, but gets ready for one.
+            self.prepare_differing(store);
             return;
         }
         let idle = idle && self.is_idle();
@@ -561,9 +566,31 @@ impl Reconciler {
                 }
                 continue;
             }
+            store.prepare_run(&ns);
             if idle && !self.differed.insert(ns.clone()) {
                 self.differed.remove(&ns);
                 self.queue.push_back((ns, Trigger::AntiEntropy));
+            }
+        }
+    }
+
+    /// Tells the store of every shared namespace whose digest differs from the
+    /// peer's (see [`ReconcileStore::prepare_run`]).
+    fn prepare_differing(&self, store: &impl ReconcileStore) {
+        if self.summary.is_empty() {
+            return;
+        }
+        for mine in store.summary() {
+            let ns = &mine.namespace;
+            let Some(theirs) = self.summary.get(ns) else {
+                continue;
+            };
+            let canonical = |s: &NamespaceSummary| s.digest.map(|d| d.canonical());
+            if self.shared(ns)
+                && canonical(&mine).is_some()
+                && canonical(&mine) != canonical(theirs)
+            {
+                store.prepare_run(ns);
             }
         }
     }

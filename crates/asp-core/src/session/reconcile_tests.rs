@@ -49,6 +49,8 @@ struct MemStore {
     covered: RefCell<VersionVector>,
     /// Dots compacted away (a peer lacking them gets a handover).
     base: VersionVector,
+    /// Namespaces the reconciler said a run may come for (`prepare_run`).
+    prepared: RefCell<Vec<Namespace>>,
 }
 
 impl MemStore {
@@ -184,6 +186,9 @@ impl ReconcileStore for MemStore {
         self.covered.borrow_mut().join(&vector);
         self.vector.borrow_mut().join(&vector);
         Ok(())
+    }
+    fn prepare_run(&self, namespace: &Namespace) {
+        self.prepared.borrow_mut().push(namespace.clone());
     }
 }
 
@@ -653,4 +658,44 @@ fn a_peer_is_taken_to_have_lost_its_own_events_only_at_two_summaries_in_a_row() 
     a.reconciler
         .handle_summary(&a.store, summary_holding(&b, &[1]));
     assert!(handover_started(&mut a));
+}
+
+// Guards against: the store hearing of a coming run only when it starts, so that each
+// side's first run of a large namespace passes over it to find its keys (issue 20,
+// part 5: the store builds its key-hash index when told).
+#[test]
+fn both_sides_are_told_a_run_may_come_when_their_digests_differ() {
+    let mut a = Side::new(
+        1,
+        2,
+        PROTOCOL_VERSION_MAX,
+        (1..=10).map(|c| event(1, c)).collect(),
+    );
+    let mut b = Side::new(
+        2,
+        1,
+        PROTOCOL_VERSION_MAX,
+        (1..=5).map(|c| event(1, c)).collect(),
+    );
+    a.reconciler.handle_summary(&a.store, summary_of(&b.store));
+    b.reconciler.handle_summary(&b.store, summary_of(&a.store));
+    // The first check starts no run yet; both stores hear of the namespace.
+    a.reconciler.anti_entropy_tick(&a.store, true);
+    b.reconciler.anti_entropy_tick(&b.store, true);
+    assert_eq!(*a.store.prepared.borrow(), vec![ns()]);
+    assert_eq!(*b.store.prepared.borrow(), vec![ns()]);
+    // Equal digests: nothing to prepare.
+    let mut c = Side::new(
+        3,
+        1,
+        PROTOCOL_VERSION_MAX,
+        (1..=10).map(|c| event(1, c)).collect(),
+    );
+    c.reconciler.handle_summary(&c.store, summary_of(&a.store));
+    c.reconciler.anti_entropy_tick(&c.store, true);
+    a.reconciler.handle_summary(&a.store, summary_of(&c.store));
+    a.store.prepared.borrow_mut().clear();
+    a.reconciler.anti_entropy_tick(&a.store, true);
+    assert!(c.store.prepared.borrow().is_empty());
+    assert!(a.store.prepared.borrow().is_empty());
 }

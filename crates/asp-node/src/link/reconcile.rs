@@ -101,6 +101,10 @@ impl ReconcileStore for LinkStore {
             .map_err(|e| e.to_string())
     }
 
+    fn prepare_run(&self, namespace: &Namespace) {
+        self.0.prepare_key_index(namespace);
+    }
+
     fn state_page(
         &self,
         namespace: &Namespace,
