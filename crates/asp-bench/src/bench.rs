@@ -112,6 +112,15 @@ pub struct BenchArgs {
     /// default; 0 keeps none, to measure what keeping them costs).
     #[arg(long, default_value_t = StoreConfig::RECONCILE_WINDOW_ON)]
     reconcile_window: usize,
+    /// Memory for key-hash indexes (the store's default; 0 keeps none, so that every
+    /// anti-entropy run passes over its namespace as before issue 20, part 5).
+    #[arg(long, default_value_t = StoreConfig::DEFAULT_RECONCILE_KEY_INDEX_BYTES)]
+    reconcile_key_index_bytes: usize,
+    /// The batch scenario keeps a key-hash index of its namespace from its first
+    /// 4,096 keys on (as after an anti-entropy run), to measure what keeping one costs
+    /// ingest: one insert per new key on the window keeper.
+    #[arg(long)]
+    key_index_kept: bool,
     /// Keys of the handover scenario's namespace.
     #[arg(long, default_value_t = 1_000_000)]
     handover_keys: u64,
@@ -556,6 +565,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
             &args.handover_diffs,
             args.repeat,
             args.value_bytes,
+            args.reconcile_key_index_bytes,
         )
         .await?;
         out.push('\n');
@@ -849,13 +859,18 @@ async fn lib_batch(
     let ns = Namespace::new("bench")?;
     let batch = args.batch_size as u64;
     let batches = total.div_ceil(batch);
+    let kept = args.key_index_kept;
     let work = {
         let store = store.clone();
         move |b: u64| {
             let (store, ns) = (store.clone(), ns.clone());
             let ops = batch_of(b, batch, &value);
             async move {
-                store.write(ns, ops).await?;
+                store.write(ns.clone(), ops).await?;
+                if kept && b % 16 == 15 {
+                    // Builds once the namespace is large enough; a no-op after.
+                    store.prepare_key_index(&ns);
+                }
                 Ok(())
             }
         }
@@ -866,6 +881,13 @@ async fn lib_batch(
         format!("1,000-event batches, fsync={mode}")
     };
     let (hist, seconds) = drive(&label, args.batch_writers, batches, batch, work).await?;
+    if kept {
+        eprintln!(
+            "batch: key-hash index kept: {:?} keys, {} bytes",
+            store.key_index_len(&Namespace::new("bench")?),
+            store.key_index_bytes()
+        );
+    }
     let peak_rss_mb = if watch_rss {
         rss_kb().map(|kb| kb as f64 / 1024.0)
     } else {

@@ -15,8 +15,9 @@ use crate::bench_replication::Values;
 
 const NS: &str = "handover";
 
-fn config(dir: &std::path::Path, id: u64) -> StoreConfig {
+fn config(dir: &std::path::Path, id: u64, key_index_bytes: usize) -> StoreConfig {
     let mut c = StoreConfig::new(dir);
+    c.reconcile_key_index_bytes = key_index_bytes;
     c.node_id = NodeId::new(id);
     c.compaction_retention_ms = 0;
     c.compaction_dead_ratio = 0.05;
@@ -76,6 +77,8 @@ async fn converge(a: &Store, b: &Store, limit: Duration) -> anyhow::Result<Durat
 }
 
 struct AntiEntropy {
+    /// Which of the `diffs` (a namespace's first run builds its key-hash index).
+    step: usize,
     d: u64,
     seconds: f64,
     run_ms: u64,
@@ -91,6 +94,7 @@ pub async fn run(
     diffs: &[u64],
     repeat: usize,
     value_bytes: usize,
+    key_index_bytes: usize,
 ) -> anyhow::Result<String> {
     let values = Values::new(value_bytes);
     let mut bootstraps = Vec::new();
@@ -100,7 +104,7 @@ pub async fn run(
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
         }
-        let a = Store::open(config(&dir.join("a"), 1))?;
+        let a = Store::open(config(&dir.join("a"), 1, key_index_bytes))?;
         eprintln!("handover: loading {keys} keys, overwriting a tenth, compacting");
         write(&a, "k", 0..keys, &values).await?;
         write(&a, "k", 0..keys / 10, &values).await?;
@@ -109,7 +113,7 @@ pub async fn run(
             bail!("compaction removed nothing ({report:?}): no handover to measure");
         }
         let ra = replicator(&a, vec![]).await?;
-        let b = Store::open(config(&dir.join("b"), 2))?;
+        let b = Store::open(config(&dir.join("b"), 2, key_index_bytes))?;
         let addr = ra.listen_addr().context("listening")?.to_string();
         let started = Instant::now();
         let rb = replicator(&b, vec![addr]).await?;
@@ -129,7 +133,7 @@ pub async fn run(
         bootstraps.push(seconds);
         let (mut ra, mut rb) = (ra, rb);
         let mut next = keys;
-        for &d in diffs {
+        for (step, &d) in diffs.iter().enumerate() {
             ra.shutdown().await;
             rb.shutdown().await;
             // Behind the protocol's back: half the difference on each side, and each
@@ -156,6 +160,7 @@ pub async fn run(
             let pb = rb.status().peers.into_iter().next().context("a peer")?;
             let last = pa.reconcile.last.context("a run")?;
             runs.push(AntiEntropy {
+                step,
                 d,
                 seconds,
                 run_ms: last.duration.as_millis() as u64,
@@ -163,9 +168,16 @@ pub async fn run(
                 differences: last.differences,
                 repaired: pa.reconcile.keys_repaired + pb.reconcile.keys_repaired,
             });
+            let namespace = Namespace::new(NS)?;
             eprintln!(
-                "handover: d={d}: repaired in {seconds:.3} s ({} symbols, {} {} run)",
-                last.symbols, last.mode, last.outcome
+                "handover: d={d}: repaired in {seconds:.3} s ({} symbols, {} {} run); key-hash indexes: {:?} and {:?} keys, {} and {} bytes",
+                last.symbols,
+                last.mode,
+                last.outcome,
+                a.key_index_len(&namespace),
+                b.key_index_len(&namespace),
+                a.key_index_bytes(),
+                b.key_index_bytes()
             );
         }
         ra.shutdown().await;
@@ -195,8 +207,8 @@ pub async fn run(
     out.push_str(
         "| anti-entropy, d differences behind the protocol's back | until equal (s) | the run (ms) | symbols sent | symbol bytes / (d × 32) | keys differing | keys repaired |\n|---|---:|---:|---:|---:|---:|---:|\n",
     );
-    for &d in diffs {
-        let of: Vec<&AntiEntropy> = runs.iter().filter(|r| r.d == d).collect();
+    for (step, &d) in diffs.iter().enumerate() {
+        let of: Vec<&AntiEntropy> = runs.iter().filter(|r| r.step == step).collect();
         let pick = |f: &dyn Fn(&AntiEntropy) -> f64| median(of.iter().map(|r| f(r)).collect());
         out.push_str(&format!(
             "| d = {d} | {:.3} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} |\n",
@@ -209,7 +221,8 @@ pub async fn run(
         ));
     }
     out.push_str(&format!(
-        "\nmedian of {repeat} runs; \"until equal\" includes reconnecting and two anti-entropy checks 100 ms apart\n"
+        "\nmedian of {repeat} runs; \"until equal\" includes reconnecting and two anti-entropy checks 100 ms apart; \
+         reconcile_key_index_bytes = {key_index_bytes} (the first run builds the index)\n"
     ));
     Ok(out)
 }
