@@ -25,11 +25,21 @@ fn config(dir: &std::path::Path, id: u64, key_index_bytes: usize) -> StoreConfig
     c
 }
 
+/// The anti-entropy check's interval (`ASP_BENCH_AE_MS`, 100 ms unless set): a run
+/// starts at the second check that finds the digests differ.
+fn anti_entropy_interval() -> Duration {
+    let ms = std::env::var("ASP_BENCH_AE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    Duration::from_millis(ms)
+}
+
 async fn replicator(store: &Store, peers: Vec<String>) -> anyhow::Result<Replicator> {
     let mut rc = ReplicationConfig::new("bench");
     rc.listen = Some("127.0.0.1:0".parse()?);
     rc.peers = peers;
-    rc.anti_entropy_interval = Duration::from_millis(100);
+    rc.anti_entropy_interval = anti_entropy_interval();
     rc.summary_interval = Duration::from_millis(100);
     Ok(Replicator::start(store.clone(), rc, CancellationToken::new()).await?)
 }
@@ -221,8 +231,9 @@ pub async fn run(
         ));
     }
     out.push_str(&format!(
-        "\nmedian of {repeat} runs; \"until equal\" includes reconnecting and two anti-entropy checks 100 ms apart; \
-         reconcile_key_index_bytes = {key_index_bytes} (the first run builds the index)\n"
+        "\nmedian of {repeat} runs; \"until equal\" includes reconnecting and two anti-entropy checks {} ms apart; \
+         reconcile_key_index_bytes = {key_index_bytes} (the first run builds the index)\n",
+        anti_entropy_interval().as_millis()
     ));
     Ok(out)
 }
