@@ -162,13 +162,19 @@ pub(crate) enum Old {
 }
 
 /// Keys the first layer of a [`KeyFilter`] is sized for; each further layer holds four
-/// times more (few layers: an absent key costs one cache line per layer).
-const FIRST_LAYER_KEYS: u64 = 1 << 16;
+/// times more (few layers: an absent key costs one cache line per layer). Small, so
+/// that many small namespaces stay small: at 65,536 keys (the first size until issue
+/// 20) every namespace holding a key took 80 KiB, 8 GB for 100,000 namespaces.
+const FIRST_LAYER_KEYS: u64 = 1 << 8;
 const LAYER_GROWTH: u64 = 4;
 /// Bits per key and probes per lookup: about 1–2% false positives per layer (a little
-/// more than an unblocked filter's 1%).
+/// more than an unblocked filter's 1%) from `LARGE_LAYER_KEYS` keys on.
 const BITS_PER_KEY: u64 = 10;
 const PROBES: u64 = 7;
+/// Layers for fewer keys than this take twice the bits per key (well under 0.1% false
+/// positives each), so that the five small layers below it add little to the sum of
+/// the layers' false positives that a large namespace's new keys see.
+const LARGE_LAYER_KEYS: u64 = 1 << 16;
 
 /// The keys ever added, approximately: a blocked Bloom filter (a key's probes all fall
 /// in one 512-bit block, so a lookup costs one cache line per layer) that grows by
@@ -189,7 +195,12 @@ impl Layer {
     fn new(capacity: u64) -> Layer {
         // Blocks are picked by a remainder, so their count need not be a power of two
         // (rounding up to one cost up to 2× the memory: ~17 MB more at 10 M keys).
-        let words = (capacity * BITS_PER_KEY).div_ceil(512) * 8;
+        let bits_per_key = if capacity < LARGE_LAYER_KEYS {
+            2 * BITS_PER_KEY
+        } else {
+            BITS_PER_KEY
+        };
+        let words = (capacity * bits_per_key).div_ceil(512) * 8;
         Layer {
             bits: vec![0; words as usize],
             capacity,
@@ -269,7 +280,22 @@ mod tests {
         let false_positives = (1_000_000..1_100_000)
             .filter(|&n| f.may_contain(&hash(n)))
             .count();
-        // About 1-2% per layer, and there are a few layers.
+        // About 1-2% per large layer, and there are a few layers.
         assert!(false_positives < 5_000, "{false_positives} of 100,000");
+    }
+
+    #[test]
+    fn a_small_namespace_keeps_a_small_filter() {
+        let bytes = |f: &KeyFilter| f.layers.iter().map(|l| l.bits.len() * 8).sum::<usize>();
+        let mut f = KeyFilter::default();
+        for n in 0..100 {
+            f.insert(&hash(n));
+        }
+        assert!(bytes(&f) <= 1024, "{} bytes for 100 keys", bytes(&f));
+        assert!((0..100).all(|n| f.may_contain(&hash(n))));
+        let false_positives = (1_000_000..1_100_000)
+            .filter(|&n| f.may_contain(&hash(n)))
+            .count();
+        assert!(false_positives < 200, "{false_positives} of 100,000");
     }
 }
