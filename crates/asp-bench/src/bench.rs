@@ -87,6 +87,10 @@ pub struct BenchArgs {
     /// Events of the rss scenario (each to a distinct key).
     #[arg(long, default_value_t = 10_000_000)]
     rss_events: u64,
+    /// Namespaces the rss scenario spreads its keys over (batch `b` goes to namespace
+    /// `b mod N`), to measure what many namespaces cost.
+    #[arg(long, default_value_t = 1)]
+    rss_namespaces: u64,
     /// Concurrent writers of the single scenario.
     #[arg(long, default_value_t = 64)]
     single_writers: usize,
@@ -860,13 +864,22 @@ async fn lib_batch(
     let batch = args.batch_size as u64;
     let batches = total.div_ceil(batch);
     let kept = args.key_index_kept;
+    let namespaces = if watch_rss { args.rss_namespaces.max(1) } else { 1 };
+    let done = Arc::new(AtomicU64::new(0));
+    let growth = watch_rss.then(|| tokio::spawn(log_growth(done.clone(), batches * batch)));
     let work = {
-        let store = store.clone();
+        let (store, done) = (store.clone(), done.clone());
         move |b: u64| {
-            let (store, ns) = (store.clone(), ns.clone());
+            let (store, done) = (store.clone(), done.clone());
+            let ns = if namespaces > 1 {
+                Namespace::new(&format!("bench{}", b % namespaces)).expect("valid name")
+            } else {
+                ns.clone()
+            };
             let ops = batch_of(b, batch, &value);
             async move {
                 store.write(ns.clone(), ops).await?;
+                done.fetch_add(batch, Ordering::Relaxed);
                 if kept && b % 16 == 15 {
                     // Builds once the namespace is large enough; a no-op after.
                     store.prepare_key_index(&ns);
@@ -887,6 +900,9 @@ async fn lib_batch(
             store.key_index_len(&Namespace::new("bench")?),
             store.key_index_bytes()
         );
+    }
+    if let Some(growth) = growth {
+        growth.abort();
     }
     let peak_rss_mb = if watch_rss {
         rss_kb().map(|kb| kb as f64 / 1024.0)
@@ -969,6 +985,8 @@ fn rss_in_child(args: &BenchArgs, mode: FsyncMode) -> anyhow::Result<RunResult> 
         .arg(mode.to_string())
         .arg("--rss-events")
         .arg(args.rss_events.to_string())
+        .arg("--rss-namespaces")
+        .arg(args.rss_namespaces.to_string())
         .arg("--batch-writers")
         .arg(args.batch_writers.to_string())
         .arg("--batch-size")
@@ -988,6 +1006,37 @@ fn rss_in_child(args: &BenchArgs, mode: FsyncMode) -> anyhow::Result<RunResult> 
         bail!("the rss measurement failed ({})", output.status);
     }
     serde_json::from_slice(&output.stdout).context("unreadable rss measurement")
+}
+
+/// Logs the ingest rate over each twentieth of `total` events as it passes, with the
+/// resident memory then: how ingest holds up as the store grows.
+async fn log_growth(done: Arc<AtomicU64>, total: u64) {
+    let step = (total / 20).max(1);
+    let (mut mark, mut since) = (step, Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = done.load(Ordering::Relaxed);
+        if now < mark {
+            continue;
+        }
+        let rate = step as f64 / since.elapsed().as_secs_f64();
+        let rss = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+        eprintln!(
+            "growth: {now} events: {:.0} k events/s over the last {step}, RSS {} MB",
+            rate / 1000.0,
+            rss / 1024
+        );
+        mark += step;
+        since = Instant::now();
+    }
 }
 
 /// The process's peak resident memory so far (VmHWM), in KiB.
