@@ -864,7 +864,11 @@ async fn lib_batch(
     let batch = args.batch_size as u64;
     let batches = total.div_ceil(batch);
     let kept = args.key_index_kept;
-    let namespaces = if watch_rss { args.rss_namespaces.max(1) } else { 1 };
+    let namespaces = if watch_rss {
+        args.rss_namespaces.max(1)
+    } else {
+        1
+    };
     let done = Arc::new(AtomicU64::new(0));
     let growth = watch_rss.then(|| tokio::spawn(log_growth(done.clone(), batches * batch)));
     let work = {
