@@ -47,9 +47,11 @@ pub(crate) struct Digest {
 pub(crate) enum KeyIndex {
     #[default]
     None,
-    /// A run's scan is filling it: the window keeper adds new keys and takes out
-    /// removed ones already, but a key the scan has not reached may be missing.
-    Building(KeyHashes),
+    /// A scan is filling it: the window keeper adds new keys and takes out removed
+    /// ones already, but a key the scan has not reached may be missing. The number
+    /// names the build, so that a scan finishes only its own: one evicted and started
+    /// again missed the keys added while there was none.
+    Building(KeyHashes, u64),
     Ready(KeyHashes),
 }
 
@@ -57,7 +59,7 @@ impl KeyIndex {
     pub fn hashes_mut(&mut self) -> Option<&mut KeyHashes> {
         match self {
             KeyIndex::None => None,
-            KeyIndex::Building(h) | KeyIndex::Ready(h) => Some(h),
+            KeyIndex::Building(h, _) | KeyIndex::Ready(h) => Some(h),
         }
     }
 }

@@ -559,10 +559,12 @@ impl Store {
             }
             return Ok((page.finish()?, stopped));
         }
-        let mut build = self.start_key_index(namespace);
         // Only a build this call started is this call's to finish (another may be
         // under way on `prepare_key_index`'s thread).
-        let building = build.is_some();
+        let (mut build, build_id) = match self.start_key_index(namespace) {
+            Some((hashes, id)) => (Some(hashes), Some(id)),
+            None => (None, None),
+        };
         let budget = shared.config.reconcile_key_index_bytes;
         let _gate = shared.maintenance.segment_gate.read().unwrap();
         let scanned = shared.index.scan(&prefix, None, |k, entry| {
@@ -592,8 +594,8 @@ impl Store {
             page.add(shared, k, &entry)
         });
         let failed = scanned.is_err() || page.failure.is_some();
-        if building {
-            self.finish_key_index(namespace, if failed { None } else { build });
+        if let Some(id) = build_id {
+            self.finish_key_index(namespace, id, if failed { None } else { build });
         }
         scanned?;
         Ok((page.finish()?, stopped))
@@ -603,7 +605,7 @@ impl Store {
     /// to want one and has none: called when a peer's digest differs from this node's,
     /// so that the run that follows finds its keys without a pass over the namespace.
     pub fn prepare_key_index(&self, namespace: &Namespace) {
-        let Some(mut hashes) = self.start_key_index(namespace) else {
+        let Some((mut hashes, id)) = self.start_key_index(namespace) else {
             return;
         };
         let store = self.clone();
@@ -623,11 +625,11 @@ impl Store {
                     whole
                 });
                 let built = (scanned.is_ok() && whole).then_some(hashes);
-                store.finish_key_index(&name, built);
+                store.finish_key_index(&name, id, built);
             });
         if spawned.is_err() {
             // No thread: the run builds it during its own pass.
-            self.finish_key_index(namespace, None);
+            self.finish_key_index(namespace, id, None);
         }
     }
 
@@ -697,8 +699,9 @@ impl Store {
     }
 
     /// Marks `namespace`'s key-hash index as building and returns the index for the
-    /// caller's scan to fill, if the namespace is large enough to want one and has none.
-    fn start_key_index(&self, namespace: &Namespace) -> Option<KeyHashes> {
+    /// caller's scan to fill and the build's number, if the namespace is large enough
+    /// to want one and has none.
+    fn start_key_index(&self, namespace: &Namespace) -> Option<(KeyHashes, u64)> {
         let shared = &self.inner.shared;
         if shared.config.reconcile_window == 0 || shared.config.reconcile_key_index_bytes == 0 {
             return None;
@@ -710,14 +713,17 @@ impl Store {
         {
             return None;
         }
-        digest.hashes = KeyIndex::Building(KeyHashes::default());
+        windows.index_uses += 1;
+        let id = windows.index_uses;
+        let digest = windows.by_namespace.get_mut(namespace).expect("read above");
+        digest.hashes = KeyIndex::Building(KeyHashes::default(), id);
         windows.indexed.insert(namespace.clone());
-        Some(KeyHashes::default())
+        Some((KeyHashes::default(), id))
     }
 
-    /// Joins a finished build (`None`: given up) with what the window keeper added
+    /// Joins build `id`, finished (`None`: given up), with what the window keeper added
     /// meanwhile, and marks the index ready.
-    fn finish_key_index(&self, namespace: &Namespace, built: Option<KeyHashes>) {
+    fn finish_key_index(&self, namespace: &Namespace, id: u64, built: Option<KeyHashes>) {
         let shared = &self.inner.shared;
         let mut windows = shared.window_keeper.windows.lock().unwrap();
         windows.index_uses += 1;
@@ -725,12 +731,12 @@ impl Store {
         let Some(digest) = windows.by_namespace.get_mut(namespace) else {
             return;
         };
-        if !matches!(digest.hashes, KeyIndex::Building(_)) {
-            // Evicted meanwhile, or not this call's build.
+        if !matches!(digest.hashes, KeyIndex::Building(_, building) if building == id) {
+            // Evicted meanwhile (and perhaps started again: not this call's build).
             return;
         }
         match (built, std::mem::take(&mut digest.hashes)) {
-            (Some(built), KeyIndex::Building(mut kept)) => {
+            (Some(built), KeyIndex::Building(mut kept, _)) => {
                 kept.absorb(&built);
                 kept.last_used = uses;
                 digest.hashes = KeyIndex::Ready(kept);
@@ -808,5 +814,49 @@ impl Store {
     /// means sending a little of the feed again (the sink dedupes by dot).
     pub fn save_connector_position(&self, name: &str, seq: u64) -> Result<(), ReadError> {
         Ok(self.inner.shared.index.save_connector_position(name, seq)?)
+    }
+}
+
+#[cfg(test)]
+mod key_index_tests {
+    use super::*;
+    use crate::{StoreConfig, WriteOp};
+    use asp_core::ContentType;
+
+    // Guards against: a build evicted while it scanned, then started again, being
+    // finished by the first scan; keys added while the namespace had no index would
+    // be missing from an index marked ready, and runs trust its misses.
+    #[tokio::test]
+    async fn an_evicted_build_does_not_finish_the_one_started_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(StoreConfig::new(dir.path())).unwrap();
+        let ns = Namespace::new("big").unwrap();
+        let ops: Vec<WriteOp> = (0..5000)
+            .map(|i| {
+                WriteOp::put(
+                    Key::new(&format!("k{i}")).unwrap(),
+                    ContentType::Text,
+                    bytes::Bytes::from_static(b"v"),
+                )
+            })
+            .collect();
+        store.write(ns.clone(), ops).await.unwrap();
+        store.summary();
+        let (first, first_id) = store.start_key_index(&ns).expect("large enough");
+        {
+            // Evicted, as the budget does.
+            let mut windows = store.inner.shared.window_keeper.windows.lock().unwrap();
+            windows.by_namespace.get_mut(&ns).unwrap().hashes = KeyIndex::None;
+            windows.indexed.remove(&ns);
+        }
+        let (_, second_id) = store.start_key_index(&ns).expect("none again");
+        store.finish_key_index(&ns, first_id, Some(first));
+        assert_eq!(
+            store.key_index_len(&ns),
+            None,
+            "not the first scan's to finish"
+        );
+        store.finish_key_index(&ns, second_id, Some(KeyHashes::default()));
+        assert_eq!(store.key_index_len(&ns), Some(0));
     }
 }
