@@ -243,13 +243,21 @@ impl Side {
     }
 }
 
+/// Node 1 holding ten events of origin 1, and node 2 holding the first five, each
+/// with the other as its peer.
+fn ten_and_five(version: u16) -> (Side, Side) {
+    (
+        Side::new(1, 2, version, (1..=10).map(|c| event(1, c)).collect()),
+        Side::new(2, 1, version, (1..=5).map(|c| event(1, c)).collect()),
+    )
+}
+
 /// A holds ten keys, B five of them; A (the lower id) starts an anti-entropy run.
 /// Frames go back and forth until both are quiet; `hold` picks a `Repair` from A to B
 /// to deliver only after everything A sends after it.
 fn run(version: u16, hold: impl Fn(&Sent) -> bool) -> (Side, Side) {
     let now = Instant::now();
-    let mut a = Side::new(1, 2, version, (1..=10).map(|c| event(1, c)).collect());
-    let mut b = Side::new(2, 1, version, (1..=5).map(|c| event(1, c)).collect());
+    let (mut a, mut b) = ten_and_five(version);
     let theirs: SummaryMap = b
         .store
         .summary()
@@ -403,18 +411,7 @@ fn dots_lacked_while_the_link_is_busy_start_nothing() {
 #[test]
 fn a_second_start_of_the_same_run_closes_the_link() {
     let now = Instant::now();
-    let mut a = Side::new(
-        1,
-        2,
-        PROTOCOL_VERSION_MAX,
-        (1..=10).map(|c| event(1, c)).collect(),
-    );
-    let mut b = Side::new(
-        2,
-        1,
-        PROTOCOL_VERSION_MAX,
-        (1..=5).map(|c| event(1, c)).collect(),
-    );
+    let (mut a, mut b) = ten_and_five(PROTOCOL_VERSION_MAX);
     a.reconciler.handle_summary(&a.store, summary_of(&b.store));
     a.reconciler.anti_entropy_tick(&a.store, true);
     a.reconciler.anti_entropy_tick(&a.store, true);
@@ -565,18 +562,7 @@ fn the_two_sides_of_a_version_3_link_number_their_runs_apart() {
     let now = Instant::now();
     // Both start runs: A (id 1) by anti-entropy, B (id 2) by a handover, as A lacks
     // a dot B compacted away.
-    let mut a = Side::new(
-        1,
-        2,
-        PROTOCOL_VERSION_MAX,
-        (1..=10).map(|c| event(1, c)).collect(),
-    );
-    let mut b = Side::new(
-        2,
-        1,
-        PROTOCOL_VERSION_MAX,
-        (1..=5).map(|c| event(1, c)).collect(),
-    );
+    let (mut a, mut b) = ten_and_five(PROTOCOL_VERSION_MAX);
     b.store.base.insert(Dot {
         origin: node(2),
         counter: 1,
@@ -665,18 +651,7 @@ fn a_peer_is_taken_to_have_lost_its_own_events_only_at_two_summaries_in_a_row() 
 // part 5: the store builds its key-hash index when told).
 #[test]
 fn both_sides_are_told_a_run_may_come_when_their_digests_differ() {
-    let mut a = Side::new(
-        1,
-        2,
-        PROTOCOL_VERSION_MAX,
-        (1..=10).map(|c| event(1, c)).collect(),
-    );
-    let mut b = Side::new(
-        2,
-        1,
-        PROTOCOL_VERSION_MAX,
-        (1..=5).map(|c| event(1, c)).collect(),
-    );
+    let (mut a, mut b) = ten_and_five(PROTOCOL_VERSION_MAX);
     a.reconciler.handle_summary(&a.store, summary_of(&b.store));
     b.reconciler.handle_summary(&b.store, summary_of(&a.store));
     // The first check starts no run yet; both stores hear of the namespace.
