@@ -496,7 +496,9 @@ impl Reconciler {
         let Some(peer) = self.peer else { return };
         if self.node_id > peer {
             // The responder of the pair starts no run, but gets ready for one.
-            self.prepare_differing(store);
+            if idle && self.is_idle() {
+                self.prepare_differing(store);
+            }
             return;
         }
         let idle = idle && self.is_idle();
@@ -566,7 +568,11 @@ impl Reconciler {
                 }
                 continue;
             }
-            store.prepare_run(&ns);
+            // Not while a run or transfer is under way (a bootstrap differs by design
+            // until it ends, and an index kept through it would cost each key it brings).
+            if idle {
+                store.prepare_run(&ns);
+            }
             if idle && !self.differed.insert(ns.clone()) {
                 self.differed.remove(&ns);
                 self.queue.push_back((ns, Trigger::AntiEntropy));
@@ -575,7 +581,8 @@ impl Reconciler {
     }
 
     /// Tells the store of every shared namespace whose digest differs from the
-    /// peer's (see [`ReconcileStore::prepare_run`]).
+    /// peer's (see [`ReconcileStore::prepare_run`]), on an idle link with no run in
+    /// either direction.
     fn prepare_differing(&self, store: &impl ReconcileStore) {
         if self.summary.is_empty() {
             return;

@@ -673,4 +673,8 @@ fn both_sides_are_told_a_run_may_come_when_their_digests_differ() {
     a.reconciler.anti_entropy_tick(&a.store, true);
     assert!(c.store.prepared.borrow().is_empty());
     assert!(a.store.prepared.borrow().is_empty());
+    // A busy link (a run or transfer under way, or a stream behind) prepares nothing.
+    b.store.prepared.borrow_mut().clear();
+    b.reconciler.anti_entropy_tick(&b.store, false);
+    assert!(b.store.prepared.borrow().is_empty());
 }
