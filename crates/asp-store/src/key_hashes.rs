@@ -22,6 +22,10 @@ use std::hash::{BuildHasherDefault, Hasher};
 /// millisecond, less than the index's upkeep would over time.
 pub(crate) const KEY_HASHES_MIN_KEYS: i64 = 4_096;
 
+/// Builds under way at once, at most (each a thread, or a run's own pass, and up to the
+/// budget of memory): a namespace past it waits for a later check or run.
+pub(crate) const KEY_HASHES_BUILDS_MAX: usize = 2;
+
 /// The first 8 bytes of a key's hash, as the index's key.
 pub(crate) fn head(key_hash: &[u8]) -> u64 {
     u64::from_le_bytes(key_hash[..8].try_into().expect("at least 8 bytes"))

@@ -707,6 +707,19 @@ impl Store {
             return None;
         }
         let mut windows = shared.window_keeper.windows.lock().unwrap();
+        let building = windows
+            .indexed
+            .iter()
+            .filter(|ns| {
+                windows
+                    .by_namespace
+                    .get(*ns)
+                    .is_some_and(|d| matches!(d.hashes, KeyIndex::Building(..)))
+            })
+            .count();
+        if building >= key_hashes::KEY_HASHES_BUILDS_MAX {
+            return None;
+        }
         let digest = windows.by_namespace.get_mut(namespace)?;
         if !matches!(digest.hashes, KeyIndex::None)
             || digest.window.items() < key_hashes::KEY_HASHES_MIN_KEYS
@@ -858,5 +871,37 @@ mod key_index_tests {
         );
         store.finish_key_index(&ns, second_id, Some(KeyHashes::default()));
         assert_eq!(store.key_index_len(&ns), Some(0));
+    }
+
+    // Guards against: a thread (and up to the budget of memory) per namespace whose
+    // digest differs, all at once.
+    #[tokio::test]
+    async fn at_most_two_builds_run_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(StoreConfig::new(dir.path())).unwrap();
+        let names: Vec<Namespace> = (0..3)
+            .map(|i| Namespace::new(&format!("big{i}")).unwrap())
+            .collect();
+        for ns in &names {
+            let ops: Vec<WriteOp> = (0..5000)
+                .map(|i| {
+                    WriteOp::put(
+                        Key::new(&format!("k{i}")).unwrap(),
+                        ContentType::Text,
+                        bytes::Bytes::from_static(b"v"),
+                    )
+                })
+                .collect();
+            store.write(ns.clone(), ops).await.unwrap();
+        }
+        store.summary();
+        let (_, first) = store.start_key_index(&names[0]).expect("a first build");
+        let (_, _second) = store.start_key_index(&names[1]).expect("a second build");
+        assert!(store.start_key_index(&names[2]).is_none(), "a third waits");
+        store.finish_key_index(&names[0], first, Some(KeyHashes::default()));
+        assert!(
+            store.start_key_index(&names[2]).is_some(),
+            "one finished: room again"
+        );
     }
 }
