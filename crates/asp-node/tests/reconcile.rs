@@ -504,8 +504,8 @@ async fn anti_entropy_ends_a_divergence_between_equal_vectors() {
 }
 
 // Issue 20, part 5: past 4,096 keys a namespace's runs find their keys through key-hash
-// indexes (built when a check finds the digests differ, or by the first run's pass
-// over the namespace), and repair the same as a pass would.
+// indexes (built by the first run's pass over the namespace), and repair the same as a
+// pass would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_namespace_repairs_through_key_hash_indexes() {
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
