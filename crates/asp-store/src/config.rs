@@ -117,10 +117,9 @@ pub struct StoreConfig {
     /// namespace's first anti-entropy run builds one during the pass over its keys it
     /// makes anyway; later runs find the keys behind their decoded items in it instead
     /// of passing over the namespace again (at 1 M keys and d = 1,000, ~0.8 s → ~15
-    /// ms). An anti-entropy check that finds a namespace's digest differs from a
-    /// peer's builds it ahead of the run, on a thread of its own. About 50 bytes per
-    /// key (bench/RESULTS.md); past the budget the namespace used least recently loses
-    /// its index. 0 keeps none. Needs windows (`reconcile_window > 0`).
+    /// ms). About 50 bytes per key (bench/RESULTS.md); past the budget the namespace
+    /// used least recently loses its index. 0 keeps none. Needs windows
+    /// (`reconcile_window > 0`).
     pub reconcile_key_index_bytes: usize,
     /// Conflict policies of namespaces (the others are `lww`), applied on open; a
     /// namespace that holds data under another policy refuses to open.
