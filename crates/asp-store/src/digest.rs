@@ -56,6 +56,13 @@ pub(crate) enum KeyIndex {
 }
 
 impl KeyIndex {
+    pub fn hashes(&self) -> Option<&KeyHashes> {
+        match self {
+            KeyIndex::None => None,
+            KeyIndex::Building(h, _) | KeyIndex::Ready(h) => Some(h),
+        }
+    }
+
     pub fn hashes_mut(&mut self) -> Option<&mut KeyHashes> {
         match self {
             KeyIndex::None => None,
@@ -102,11 +109,7 @@ impl Windows {
             let mut total = 0;
             let mut oldest: Option<(u64, &Namespace)> = None;
             for ns in &self.indexed {
-                if let Some(h) = self
-                    .by_namespace
-                    .get_mut(ns)
-                    .and_then(|d| d.hashes.hashes_mut())
-                {
+                if let Some(h) = self.by_namespace.get(ns).and_then(|d| d.hashes.hashes()) {
                     total += h.bytes();
                     if oldest.is_none_or(|(used, _)| h.last_used < used) {
                         oldest = Some((h.last_used, ns));

@@ -112,6 +112,11 @@ pub trait ReconcileStore {
     /// A peer's word that every dot of `vector` is superseded by state this node now
     /// holds (called once the run's repairs are applied).
     fn cover(&self, namespace: &Namespace, vector: VersionVector) -> Result<(), Self::Error>;
+    /// Whether the store acts on [`ReconcileStore::prepare_run`]; if not, the checks
+    /// that would call it (a summary per check on the responder) are skipped.
+    fn prepares_runs(&self) -> bool {
+        false
+    }
     /// The namespace's digest differs from a peer's: a run may follow. The store may
     /// get ready to find keys behind items (build a key-hash index in the background).
     fn prepare_run(&self, _namespace: &Namespace) {}
@@ -496,7 +501,7 @@ impl Reconciler {
         let Some(peer) = self.peer else { return };
         if self.node_id > peer {
             // The responder of the pair starts no run, but gets ready for one.
-            if idle && self.is_idle() {
+            if idle && self.is_idle() && store.prepares_runs() {
                 self.prepare_differing(store);
             }
             return;
@@ -570,7 +575,7 @@ impl Reconciler {
             }
             // Not while a run or transfer is under way (a bootstrap differs by design
             // until it ends, and an index kept through it would cost each key it brings).
-            if idle {
+            if idle && store.prepares_runs() {
                 store.prepare_run(&ns);
             }
             if idle && !self.differed.insert(ns.clone()) {

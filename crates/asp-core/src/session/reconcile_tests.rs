@@ -187,6 +187,9 @@ impl ReconcileStore for MemStore {
         self.vector.borrow_mut().join(&vector);
         Ok(())
     }
+    fn prepares_runs(&self) -> bool {
+        true
+    }
     fn prepare_run(&self, namespace: &Namespace) {
         self.prepared.borrow_mut().push(namespace.clone());
     }

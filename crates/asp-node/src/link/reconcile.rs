@@ -101,13 +101,12 @@ impl ReconcileStore for LinkStore {
             .map_err(|e| e.to_string())
     }
 
-    fn prepare_run(&self, _namespace: &Namespace) {
-        // Not wired to `Store::prepare_key_index` yet: with it,
-        // `tests/reconcile.rs::an_empty_node_bootstraps_while_both_sides_write` failed
-        // 1 run in 4 of the file (the bootstrap's transfer never counted as ended on
-        // either side), and 0 in 5 without; the cause is not found. A namespace's
-        // first large run builds its key-hash index by its own pass instead.
-    }
+    // `prepares_runs` stays false, so the reconciler spends nothing on `prepare_run`:
+    // it is not wired to `Store::prepare_key_index` yet. With it,
+    // `tests/reconcile.rs::an_empty_node_bootstraps_while_both_sides_write` failed 1 run
+    // in 4 of the file (the bootstrap's transfer never counted as ended on either side),
+    // and 0 in 5 without; the cause is not found. A namespace's first large run builds
+    // its key-hash index by its own pass instead.
 
     fn state_page(
         &self,

@@ -645,18 +645,11 @@ impl Store {
 
     /// Memory held by key-hash indexes over all namespaces, approximately.
     pub fn key_index_bytes(&self) -> usize {
-        let mut windows = self.inner.shared.window_keeper.windows.lock().unwrap();
-        let indexed: Vec<Namespace> = windows.indexed.iter().cloned().collect();
-        indexed
+        let windows = self.inner.shared.window_keeper.windows.lock().unwrap();
+        windows
+            .indexed
             .iter()
-            .filter_map(|ns| {
-                windows
-                    .by_namespace
-                    .get_mut(ns)?
-                    .hashes
-                    .hashes_mut()
-                    .map(|h| h.bytes())
-            })
+            .filter_map(|ns| Some(windows.by_namespace.get(ns)?.hashes.hashes()?.bytes()))
             .sum()
     }
 
@@ -836,14 +829,8 @@ mod key_index_tests {
     use crate::{StoreConfig, WriteOp};
     use asp_core::ContentType;
 
-    // Guards against: a build evicted while it scanned, then started again, being
-    // finished by the first scan; keys added while the namespace had no index would
-    // be missing from an index marked ready, and runs trust its misses.
-    #[tokio::test]
-    async fn an_evicted_build_does_not_finish_the_one_started_after_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(StoreConfig::new(dir.path())).unwrap();
-        let ns = Namespace::new("big").unwrap();
+    /// 5,000 keys into `ns`: past the size where namespaces get an index.
+    async fn write_keys(store: &Store, ns: &Namespace) {
         let ops: Vec<WriteOp> = (0..5000)
             .map(|i| {
                 WriteOp::put(
@@ -854,6 +841,17 @@ mod key_index_tests {
             })
             .collect();
         store.write(ns.clone(), ops).await.unwrap();
+    }
+
+    // Guards against: a build evicted while it scanned, then started again, being
+    // finished by the first scan; keys added while the namespace had no index would
+    // be missing from an index marked ready, and runs trust its misses.
+    #[tokio::test]
+    async fn an_evicted_build_does_not_finish_the_one_started_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(StoreConfig::new(dir.path())).unwrap();
+        let ns = Namespace::new("big").unwrap();
+        write_keys(&store, &ns).await;
         store.summary();
         let (first, first_id) = store.start_key_index(&ns).expect("large enough");
         {
@@ -883,16 +881,7 @@ mod key_index_tests {
             .map(|i| Namespace::new(&format!("big{i}")).unwrap())
             .collect();
         for ns in &names {
-            let ops: Vec<WriteOp> = (0..5000)
-                .map(|i| {
-                    WriteOp::put(
-                        Key::new(&format!("k{i}")).unwrap(),
-                        ContentType::Text,
-                        bytes::Bytes::from_static(b"v"),
-                    )
-                })
-                .collect();
-            store.write(ns.clone(), ops).await.unwrap();
+            write_keys(&store, ns).await;
         }
         store.summary();
         let (_, first) = store.start_key_index(&names[0]).expect("a first build");
