@@ -272,15 +272,45 @@ async fn a_share_carries_exactly_its_namespaces_both_ways_and_stops_on_revocatio
     put(&b1, "catalog", "pub/from-b").await; // catalog is read-only for org-b
     put(&b1, "secret", "b-s").await;
 
-    eventually("shared writes cross both ways", async || {
-        (has(&b1, "orders", "o1").await
-            && has(&b1, "orders", "o2").await
-            && has(&b1, "catalog", "pub/c1").await
-            && has(&a1, "orders", "b-1").await
-            && has(&a2, "orders", "b-1").await)
-            .then_some(())
-    })
-    .await;
+    // On a miss, say which writes crossed and what the nodes saw: the only failures
+    // of this wait so far (two CI rehearsals, full suite) did not reproduce alone.
+    let started = std::time::Instant::now();
+    loop {
+        let crossed = [
+            has(&b1, "orders", "o1").await,
+            has(&b1, "orders", "o2").await,
+            has(&b1, "catalog", "pub/c1").await,
+            has(&a1, "orders", "b-1").await,
+            has(&a2, "orders", "b-1").await,
+        ];
+        if crossed.iter().all(|c| *c) {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let tail = |n: &Node| {
+                let log = n.log();
+                let lines: Vec<&str> = log.lines().collect();
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            };
+            panic!(
+                "shared writes cross both ways: o1, o2, pub/c1 at b1, b-1 at a1, a2: \
+                 {crossed:?}\na1: {}\nb1: {}\n--- a1 log\n{}\n--- b1 log\n{}",
+                a1.client()
+                    .status()
+                    .await
+                    .map(|s| s["replication"].to_string())
+                    .unwrap_or_default(),
+                b1.client()
+                    .status()
+                    .await
+                    .map(|s| s["replication"].to_string())
+                    .unwrap_or_default(),
+                tail(&a1),
+                tail(&b1),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // a1's status names b1 as a peer of cluster org-b, with what goes each way.
     let status = a1.client().status().await.unwrap();
     let b1_peer = status["replication"]["peers"]
