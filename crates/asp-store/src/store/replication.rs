@@ -19,13 +19,23 @@ use crate::{codec, validate, writer};
 
 use super::Store;
 
+/// Index entries [`EventPage`] gathers before it reads their events together.
+const PAGE_READS_AT_ONCE: usize = 256;
+
 /// The events behind index entries, read for a peer: at most `limit`, and about
-/// `bytes_max` bytes (the last event may pass it).
+/// `bytes_max` bytes (the last event may pass it). Entries are gathered and their
+/// events read [`PAGE_READS_AT_ONCE`] at a time ([`Shared::entry_events`]); those read
+/// past a full page are left out ([`EventPage::finish`] says so).
 struct EventPage {
     events: Vec<Event>,
+    pending: Vec<(Vec<u8>, IndexEntry)>,
+    /// The keys' and values' bytes of `pending`.
+    pending_bytes: usize,
     bytes: usize,
     limit: usize,
     bytes_max: usize,
+    /// Events were read past a full page and left out.
+    overflowed: bool,
     failure: Option<ReadError>,
 }
 
@@ -33,37 +43,67 @@ impl EventPage {
     fn new(limit: usize, bytes_max: usize) -> EventPage {
         EventPage {
             events: Vec::new(),
+            pending: Vec::new(),
+            pending_bytes: 0,
             bytes: 0,
             limit,
             bytes_max,
+            overflowed: false,
             failure: None,
         }
     }
 
+    /// Full, counting only events already read (up to [`PAGE_READS_AT_ONCE`] entries
+    /// gathered since may still be left out).
     fn is_full(&self) -> bool {
-        self.events.len() >= self.limit || self.bytes >= self.bytes_max
+        self.overflowed || self.events.len() >= self.limit || self.bytes >= self.bytes_max
     }
 
-    /// Adds the event behind `index_key`'s entry; `false` (stop the scan) if it cannot
-    /// be read. The caller holds the segment gate.
+    /// Gathers `index_key`'s entry, reading the gathered events when there are enough;
+    /// `false` (stop the scan) if they cannot be read. The caller holds the segment
+    /// gate.
     fn add(&mut self, shared: &Shared, index_key: &[u8], entry: &IndexEntry) -> bool {
-        match shared.entry_event(index_key, entry) {
-            Ok(event) => {
-                self.bytes += asp_core::session::credit_size(&event) as usize;
-                self.events.push(event);
-                true
+        self.pending.push((index_key.to_vec(), entry.clone()));
+        // Values' sizes are known from the entries: enough gathered to fill the page is
+        // read at once, so that a small page reads little past its end.
+        self.pending_bytes += index_key.len() + entry.value_len as usize;
+        if self.pending.len() >= PAGE_READS_AT_ONCE
+            || self.events.len() + self.pending.len() >= self.limit
+            || self.bytes + self.pending_bytes >= self.bytes_max
+        {
+            self.read_pending(shared);
+        }
+        self.failure.is_none()
+    }
+
+    fn read_pending(&mut self, shared: &Shared) {
+        if self.pending.is_empty() || self.failure.is_some() {
+            return;
+        }
+        let pending = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        match shared.entry_events(&pending) {
+            Ok(events) => {
+                for event in events {
+                    if self.is_full() {
+                        self.overflowed = true;
+                        break;
+                    }
+                    self.bytes += asp_core::session::credit_size(&event) as usize;
+                    self.events.push(event);
+                }
             }
-            Err(e) => {
-                self.failure = Some(e);
-                false
-            }
+            Err(e) => self.failure = Some(e),
         }
     }
 
-    fn finish(self) -> Result<Vec<Event>, ReadError> {
+    /// Reads what is gathered; returns the events and whether some were left out for
+    /// want of room. The caller holds the segment gate.
+    fn finish(mut self, shared: &Shared) -> Result<(Vec<Event>, bool), ReadError> {
+        self.read_pending(shared);
         match self.failure {
             Some(e) => Err(e),
-            None => Ok(self.events),
+            None => Ok((self.events, self.overflowed)),
         }
     }
 }
@@ -557,7 +597,8 @@ impl Store {
                     break;
                 }
             }
-            return Ok((page.finish()?, stopped));
+            let (events, overflowed) = page.finish(shared)?;
+            return Ok((events, stopped || overflowed));
         }
         // Only a build this call started is this call's to finish (another may be
         // under way on `prepare_key_index`'s thread).
@@ -598,7 +639,8 @@ impl Store {
             self.finish_key_index(namespace, id, if failed { None } else { build });
         }
         scanned?;
-        Ok((page.finish()?, stopped))
+        let (events, overflowed) = page.finish(shared)?;
+        Ok((events, stopped || overflowed))
     }
 
     /// Builds `namespace`'s key-hash index on a thread of its own, if it is large enough
@@ -785,8 +827,8 @@ impl Store {
             }
             page.add(shared, k, &entry)
         })?;
-        let out = page.finish()?;
-        let next = if more {
+        let (out, overflowed) = page.finish(shared)?;
+        let next = if more || overflowed {
             out.last().map(|e| e.key.clone())
         } else {
             None
@@ -892,5 +934,125 @@ mod key_index_tests {
             store.start_key_index(&names[2]).is_some(),
             "one finished: room again"
         );
+    }
+}
+
+#[cfg(test)]
+mod page_tests {
+    use super::*;
+    use crate::{StoreConfig, WriteOp};
+    use asp_core::ContentType;
+
+    /// Keys `k0000`..`k1999` written in key order, then a few rewritten and deleted
+    /// out of order: the log holds runs of adjacent frames and stragglers.
+    async fn written(dir: &std::path::Path) -> (Store, Namespace) {
+        let store = Store::open(StoreConfig::new(dir)).unwrap();
+        let ns = Namespace::new("paged").unwrap();
+        for chunk in 0..4 {
+            let ops: Vec<WriteOp> = (chunk * 500..(chunk + 1) * 500)
+                .map(|i| {
+                    WriteOp::put(
+                        Key::new(&format!("k{i:04}")).unwrap(),
+                        ContentType::Text,
+                        bytes::Bytes::from(format!("value {i} ").repeat(20)),
+                    )
+                })
+                .collect();
+            store.write(ns.clone(), ops).await.unwrap();
+        }
+        let mut ops: Vec<WriteOp> = (0..2000)
+            .step_by(37)
+            .map(|i| {
+                WriteOp::put(
+                    Key::new(&format!("k{i:04}")).unwrap(),
+                    ContentType::Text,
+                    bytes::Bytes::from(format!("second {i}")),
+                )
+            })
+            .collect();
+        ops.extend(
+            (5..2000)
+                .step_by(101)
+                .map(|i| WriteOp::delete(Key::new(&format!("k{i:04}")).unwrap())),
+        );
+        store.write(ns.clone(), ops).await.unwrap();
+        (store, ns)
+    }
+
+    #[tokio::test]
+    async fn pages_of_the_state_hold_every_key_once_as_reading_one_by_one_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, ns) = written(dir.path()).await;
+        // Small pages by count and by bytes, so that reads end mid-gathering.
+        // The byte sizes between them end the last page at every point of a gathering
+        // (read at the end of the namespace, some of it may not fit).
+        let sizes = (3000..12_000).step_by(97).map(|b| (5000, b));
+        for (limit, bytes_max) in [(1, usize::MAX), (300, usize::MAX), (5000, 10_000), (7, 1)]
+            .into_iter()
+            .chain(sizes)
+        {
+            let mut after: Option<Key> = None;
+            let mut seen = Vec::new();
+            loop {
+                let (events, next) = store
+                    .state_events(&ns, after.as_ref(), limit, bytes_max)
+                    .unwrap();
+                assert!(!events.is_empty(), "a page with nothing before the end");
+                assert!(events.len() <= limit);
+                seen.extend(events);
+                match next {
+                    Some(k) => after = Some(k),
+                    None => break,
+                }
+            }
+            assert_eq!(seen.len(), 2000, "limit {limit}, bytes {bytes_max}");
+            for (i, event) in seen.iter().enumerate() {
+                assert_eq!(event.key.as_str(), format!("k{i:04}"));
+            }
+            if limit == 5000 && bytes_max != 10_000 {
+                continue;
+            }
+            for (i, event) in seen.iter().enumerate() {
+                assert_eq!(event.key.as_str(), format!("k{i:04}"));
+                let state = store.get(&ns, event.key.as_str()).unwrap().unwrap();
+                assert_eq!(event.dot, state.version.dot, "{}", event.key.as_str());
+                match (&event.op, &state.value) {
+                    (asp_core::Op::Put { value, .. }, Some(v)) => assert_eq!(value, &v.bytes),
+                    (asp_core::Op::Delete, None) => {}
+                    other => panic!("{}: {other:?}", event.key.as_str()),
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn many_frames_read_together_are_the_frames_read_alone_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, ns) = written(dir.path()).await;
+        let shared = &store.inner.shared;
+        let mut positions = Vec::new();
+        shared
+            .index
+            .scan(&codec::index_prefix(ns.as_str()), None, |_, entry| {
+                if !entry.is_epitaph() {
+                    positions.push(entry.position);
+                }
+                true
+            })
+            .unwrap();
+        // Out of order, with repeats.
+        positions.reverse();
+        positions.extend(positions.clone().into_iter().step_by(3));
+        let _gate = shared.maintenance.segment_gate.read().unwrap();
+        let together = shared.log.read_many_at(&positions).unwrap();
+        assert_eq!(together.len(), positions.len());
+        for (p, r) in positions.iter().zip(&together) {
+            assert_eq!(shared.log.read_at(*p).unwrap().event.dot, r.event.dot);
+        }
+        // A position a byte short of its frame is damage, not a shorter record.
+        let mut bad = positions.clone();
+        bad[10].frame_len -= 1;
+        let err = shared.log.read_many_at(&bad).unwrap_err();
+        assert!(matches!(err, ReadError::Corrupt(_)), "{err}");
     }
 }

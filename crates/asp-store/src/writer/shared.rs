@@ -237,6 +237,34 @@ impl Shared {
         Ok(record.event)
     }
 
+    /// The events behind index entries (`(index key, entry)`), in their order: like
+    /// [`Shared::entry_event`] for each, with the log reads of all of them together
+    /// ([`crate::log::Log::read_many_at`]). The caller holds the segment gate.
+    pub fn entry_events(&self, entries: &[(Vec<u8>, IndexEntry)]) -> Result<Vec<Event>, ReadError> {
+        let positions: Vec<codec::LogPosition> = entries
+            .iter()
+            .filter(|(_, e)| !e.is_epitaph())
+            .map(|(_, e)| e.position)
+            .collect();
+        let mut records = self.log.read_many_at(&positions)?.into_iter();
+        let mut out = Vec::with_capacity(entries.len());
+        for (index_key, entry) in entries {
+            if entry.is_epitaph() {
+                out.push(self.entry_event(index_key, entry)?);
+                continue;
+            }
+            let record = records.next().expect("a record per position");
+            if record.event.dot != entry.dot {
+                return Err(ReadError::Corrupt(format!(
+                    "the index points at event {} but the log holds {} there",
+                    entry.dot, record.event.dot
+                )));
+            }
+            out.push(record.event);
+        }
+        Ok(out)
+    }
+
     /// The value of a live index entry: inline, or read from the log. The caller holds
     /// the segment gate.
     pub fn value_of(&self, entry: &IndexEntry) -> Result<bytes::Bytes, ReadError> {
