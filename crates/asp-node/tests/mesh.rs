@@ -19,14 +19,23 @@ struct TestNode {
     _dir: tempfile::TempDir,
 }
 
-async fn node(id: u64, peers: Vec<String>, relay_tree: bool) -> TestNode {
+async fn node(id: u64, peers: Vec<String>, relay_tree: bool, idle: Duration) -> TestNode {
     node_speaking(
         id,
         peers,
         relay_tree,
         asp_core::session::PROTOCOL_VERSION_MAX,
+        idle,
     )
     .await
+}
+
+/// How long a link waits for a word from its peer. A mesh of 16 runs 240 links in
+/// one test process on two cores; on a busy machine their heartbeats can starve for
+/// 2 s (a CI rehearsal with a build beside it: ten links timed out), and each link
+/// that drops regrows its part of the trees, traffic the ratio test then counts.
+fn idle_timeout(nodes: u64) -> Duration {
+    Duration::from_millis(if nodes >= 8 { 10_000 } else { 2_000 })
 }
 
 async fn node_speaking(
@@ -34,6 +43,7 @@ async fn node_speaking(
     peers: Vec<String>,
     relay_tree: bool,
     version_max: u16,
+    idle: Duration,
 ) -> TestNode {
     let dir = tempfile::tempdir().unwrap();
     let mut sc = StoreConfig::new(dir.path());
@@ -43,7 +53,7 @@ async fn node_speaking(
     rc.listen = Some("127.0.0.1:0".parse().unwrap());
     rc.peers = peers;
     rc.heartbeat = Duration::from_millis(100);
-    rc.idle_timeout = Duration::from_millis(2000);
+    rc.idle_timeout = idle;
     rc.backoff_min = Duration::from_millis(20);
     rc.backoff_max = Duration::from_millis(200);
     rc.summary_interval = Duration::from_millis(100);
@@ -89,7 +99,7 @@ async fn mesh_with(
             peers[0] = proxy.local_addr().to_string();
             **slot = Some(proxy);
         }
-        nodes.push(node(id, peers, relay_tree).await);
+        nodes.push(node(id, peers, relay_tree, idle_timeout(n)).await);
     }
     // Every link up before anything is written.
     links_up(&nodes).await;
@@ -298,7 +308,7 @@ async fn a_node_of_protocol_four_in_the_mesh_is_relayed_everything() {
         .iter()
         .map(|p| p.replicator.listen_addr().unwrap().to_string())
         .collect();
-    nodes.push(node_speaking(4, peers, true, 4).await);
+    nodes.push(node_speaking(4, peers, true, 4, idle_timeout(4)).await);
     links_up(&nodes).await;
     let all: Vec<&TestNode> = nodes.iter().collect();
     for round in 0..3 {
