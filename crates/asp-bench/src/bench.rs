@@ -961,7 +961,11 @@ async fn http_batch(args: &BenchArgs, mode: FsyncMode, value: Bytes) -> anyhow::
         }
         body.extend_from_slice(b"]}");
         async move {
-            client.batch("bench", Bytes::from(body)).await?;
+            let results = client.batch_results("bench", Bytes::from(body)).await?;
+            anyhow::ensure!(
+                results as u64 == batch,
+                "a batch of {batch} answered {results} results"
+            );
             Ok(())
         }
     };

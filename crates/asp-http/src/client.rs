@@ -401,6 +401,29 @@ impl Client {
         .json()
     }
 
+    /// A batch whose answer is only counted: how many results it holds, read without
+    /// building a JSON tree of them (for bulk loads, where the answer is as long as
+    /// the batch).
+    pub async fn batch_results(&self, namespace: &str, body: Bytes) -> Result<usize, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            results: Vec<serde::de::IgnoredAny>,
+        }
+        let path = format!("/v1/ns/{}/batch", encode(namespace));
+        let response = self
+            .send(
+                Method::POST,
+                &path,
+                &[(header::CONTENT_TYPE, "application/json")],
+                body,
+            )
+            .await?
+            .ok()?;
+        let answer: Answer = serde_json::from_slice(&response.body)
+            .map_err(|e| ClientError::Protocol(format!("answer is not a batch's: {e}")))?;
+        Ok(answer.results.len())
+    }
+
     pub async fn list(
         &self,
         namespace: &str,

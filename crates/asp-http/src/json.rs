@@ -169,3 +169,40 @@ pub(crate) struct ChangesOut<'a> {
     pub next: u64,
     pub head: u64,
 }
+
+/// Appends `s` as a JSON string, as serde_json writes it: without a copy of the
+/// string when nothing in it needs escaping (serde_json leaves non-ASCII as is).
+pub(crate) fn push_json_str(out: &mut String, s: &str) {
+    if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.push_str(&serde_json::to_string(s).expect("strings serialize"));
+    } else {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::push_json_str;
+
+    #[test]
+    fn strings_are_written_as_serde_json_writes_them() {
+        let strings = [
+            "",
+            "plain/key-01",
+            "quo\"te",
+            "back\\slash",
+            "tab\tnew\nline",
+            "\u{1}\u{1f}",
+            "\u{7f}",
+            "ünï/κλειδί/🔑",
+            "</script>",
+        ];
+        for s in strings {
+            let mut out = String::from("x");
+            push_json_str(&mut out, s);
+            assert_eq!(out[1..], serde_json::to_string(s).unwrap(), "{s:?}");
+        }
+    }
+}

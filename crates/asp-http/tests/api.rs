@@ -686,6 +686,59 @@ async fn batches_are_atomic_and_listings_page() {
     );
     let r = c.batch("b", Bytes::from(body)).await.unwrap();
     assert_eq!(r["results"].as_array().unwrap().len(), 27);
+    // The answer (written by hand): each result names its key as sent, escapes and
+    // all, with the version a read of the key shows, the clock and the feed position.
+    let odd = [
+        "quo\"te",
+        "back\\slash",
+        "tab\tnew\nline\u{1}",
+        "ünï/κλειδί",
+        "plain",
+    ];
+    let sent: Vec<String> = odd
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let ttl = if i == 0 { r#","ttl_ms":60000"# } else { "" };
+            format!(
+                r#"{{"op":"put","key":{},"value":{i}{ttl}}}"#,
+                serde_json::to_string(k).unwrap()
+            )
+        })
+        .collect();
+    let answer = c
+        .batch(
+            "b",
+            Bytes::from(format!(r#"{{"ops":[{}]}}"#, sent.join(","))),
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer["namespace"], "b");
+    let results = answer["results"].as_array().unwrap();
+    assert_eq!(results.len(), odd.len(), "{answer}");
+    let mut seq = 0;
+    for (i, (result, key)) in results.iter().zip(odd).enumerate() {
+        assert_eq!(result["key"], key, "{answer}");
+        let read = c.get("b", key, None).await.unwrap().unwrap();
+        let etag = read.header("etag").unwrap().trim_matches('"').to_owned();
+        assert_eq!(result["version"], etag.as_str(), "{answer}");
+        assert!(result["seq"].as_u64().unwrap() > seq, "{answer}");
+        seq = result["seq"].as_u64().unwrap();
+        let physical = result["hlc"]["physical_ms"].as_u64().unwrap();
+        assert!(result["hlc"]["logical"].is_u64(), "{answer}");
+        match i {
+            0 => assert_eq!(result["expires_ms"].as_u64(), Some(physical + 60_000)),
+            _ => assert!(result.get("expires_ms").is_none(), "{answer}"),
+        }
+        assert_eq!(result.as_object().unwrap().len(), 4 + usize::from(i == 0));
+    }
+    let counted = r#"{"ops":[{"op":"put","key":"c1","value":1},{"op":"delete","key":"c2"}]}"#;
+    assert_eq!(
+        c.batch_results("b", Bytes::from_static(counted.as_bytes()))
+            .await
+            .unwrap(),
+        2
+    );
     // A failing condition anywhere refuses the whole batch.
     let failing = r#"{"ops":[{"op":"put","key":"new","value":1},{"op":"delete","key":"item/00","if_match":"1@0000000000000001"}]}"#;
     assert!(
