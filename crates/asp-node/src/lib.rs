@@ -20,6 +20,7 @@ mod concern;
 mod config;
 mod expiry;
 pub mod federation;
+mod feed_watch;
 mod follow;
 pub mod leases;
 mod link;

@@ -143,8 +143,12 @@ pub struct Modes {
     node: NodeId,
     known: RwLock<Known>,
     membership: Arc<crate::membership::Membership>,
-    /// Feed positions [`watch_feed`] has read past (each once, unless it restarts).
-    feed_read: std::sync::atomic::AtomicU64,
+    /// Feed positions the feed watcher has read past (each once, unless it restarts).
+    pub(crate) feed_read: std::sync::atomic::AtomicU64,
+    /// Bumped, and the feed watcher woken, whenever the known epochs are read again:
+    /// events it could not yet call divergent or not are then looked at again.
+    pub(crate) history_generation: std::sync::atomic::AtomicU64,
+    pub(crate) history_changed: tokio::sync::Notify,
 }
 
 impl Modes {
@@ -154,6 +158,8 @@ impl Modes {
             known: RwLock::default(),
             membership,
             feed_read: Default::default(),
+            history_generation: Default::default(),
+            history_changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -261,10 +267,14 @@ impl Modes {
             .map(|(h, r)| (h, History::new(r)))
             .collect();
         known.apis = apis;
+        drop(known);
+        self.history_generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.history_changed.notify_one();
         Ok(())
     }
 
-    async fn write_record(
+    pub(crate) async fn write_record(
         &self,
         store: &Store,
         hash: &str,
@@ -618,10 +628,10 @@ impl Modes {
 
     /// Records `event` in its namespace's divergent list if it is divergent by what
     /// this node knows. Returns whether it did.
-    pub async fn note_if_divergent(
+    pub(crate) async fn note_if_divergent(
         &self,
         store: &Store,
-        event: &asp_core::Event,
+        event: &EpochEvent,
     ) -> Result<bool, String> {
         let divergent =
             self.with_history(&event.namespace, |h| h.is_divergent(event.epoch, event.dot));
@@ -633,23 +643,28 @@ impl Modes {
         if store.get(&list, &key).map_err(|e| e.to_string())?.is_some() {
             return Ok(false);
         }
-        let (op, bytes) = match &event.op {
-            asp_core::Op::Put { value, .. } => ("put", value.len()),
-            asp_core::Op::Delete => ("delete", 0),
-        };
         let record = json!({
             "key": event.key.as_str(),
             "dot": key,
             "epoch": event.epoch,
             "hlc": event.hlc.as_raw(),
-            "op": op,
-            "value_bytes": bytes,
+            "op": event.op,
+            "value_bytes": event.value_bytes,
             "noticed_by": self.node.to_string(),
             "noticed_ms": asp_store::clock::wall_ms(),
         });
         crate::follow::put_json(store, list, &key, &record).await?;
         tracing::warn!(namespace = %event.namespace, dot = %event.dot, epoch = event.epoch, "a divergent event: kept, merged, and listed");
         Ok(true)
+    }
+
+    /// Whether this node knows `epoch` of `namespace` and a later one: then whether an
+    /// event of `epoch` is divergent is settled (until then, it is not divergent yet).
+    pub(crate) fn epoch_is_closed(&self, namespace: &Namespace, epoch: u64) -> bool {
+        self.with_history(namespace, |h| {
+            let records = h.records();
+            records.iter().any(|r| r.epoch == epoch) && records.iter().any(|r| r.epoch > epoch)
+        })
     }
 
     /// A namespace's mode as `GET /v1/ns/{ns}/mode` shows it.
@@ -795,154 +810,32 @@ pub fn divergent_list(
     Ok((items, page.next_after.map(|k| k.as_str().to_owned())))
 }
 
-/// How many feed positions [`watch_feed`] may pass without saving where it is.
-const DIVERGENT_POS_SAVE_EVERY: u64 = 1_000_000;
-
-/// Follows this node's feed: lists every divergent event it applies (see
-/// [`Modes::note_if_divergent`]) and takes in every lease record. Its position is kept
-/// in `divergent.pos` in the data directory, so a restart looks again at no more than
-/// the last page.
-pub(crate) async fn watch_feed(
-    modes: Arc<Modes>,
-    leases: Arc<crate::leases::Leases>,
-    store: Store,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    let path = store.config().data_dir.join("divergent.pos");
-    let mut pos: u64 = std::fs::read_to_string(&path)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0);
-    let mut head = store.subscribe();
-    // One reader for the node's life: it keeps its place past the events it skips, so
-    // a head change reads only what is new. (Starting a reader again from the last
-    // position that had a wanted event re-read the whole feed since then at every
-    // write: a bootstrap of 1 M keys took 1.5× as long.)
-    // Only lease records and events with an epoch: the rest are skipped unread.
-    let mut reader = Some(store.feed_reader_of_epochs_and(crate::leases::LEASES_PREFIX, pos));
-    let mut saved = pos;
-    loop {
-        while let Some(mut r) = reader.take() {
-            let from = r.position();
-            // Reads wait for the disk: off the async threads.
-            let Ok((r, page)) = tokio::task::spawn_blocking(move || {
-                let page = r.read(1000);
-                (r, page)
-            })
-            .await
-            else {
-                // The blocking pool is gone: the runtime is shutting down.
-                return;
-            };
-            let page = match page {
-                Ok(p) => p,
-                Err(e) => {
-                    // Dropped: the next head change starts a reader at `pos` again.
-                    tracing::warn!(error = %e, "cannot read the feed for divergent events and leases");
-                    break;
-                }
-            };
-            modes.feed_read.fetch_add(
-                r.position().saturating_sub(from),
-                std::sync::atomic::Ordering::Relaxed,
-            );
-            reader = Some(r);
-            for fe in &page {
-                // Lease records: every node knows the newest token of each lease.
-                if fe
-                    .event
-                    .namespace
-                    .as_str()
-                    .starts_with(crate::leases::LEASES_PREFIX)
-                    && let asp_core::Op::Put { value, .. } = &fe.event.op
-                {
-                    leases.note(fe.event.namespace.as_str(), value);
-                }
-                if fe.event.epoch != 0
-                    && let Err(e) = modes.note_if_divergent(&store, &fe.event).await
-                {
-                    tracing::warn!(error = %e, "cannot list a divergent event");
-                }
-            }
-            pos = reader.as_ref().map_or(pos, |r| r.position());
-            // Saved after a page that held events, and after every million skipped
-            // (so a restart does not read far again), not at every write.
-            if !page.is_empty() || pos >= saved.saturating_add(DIVERGENT_POS_SAVE_EVERY) {
-                let tmp = path.with_extension("pos.tmp");
-                if std::fs::write(&tmp, pos.to_string()).is_ok() {
-                    let _ = std::fs::rename(&tmp, &path);
-                    saved = pos;
-                }
-            }
-            if page.is_empty() {
-                break;
-            }
-        }
-        if reader.is_none() {
-            // A read failed: start over from the last position read.
-            reader = Some(store.feed_reader_of_epochs_and(crate::leases::LEASES_PREFIX, pos));
-        }
-        tokio::select! {
-            _ = head.changed() => {}
-            () = shutdown.cancelled() => return,
-        }
-    }
+/// What the divergent list keeps of an event with an epoch (no value: its length).
+#[derive(Clone, Debug)]
+pub(crate) struct EpochEvent {
+    pub namespace: Namespace,
+    pub key: Key,
+    pub dot: asp_core::Dot,
+    pub epoch: u64,
+    pub hlc: asp_core::Hlc,
+    pub op: &'static str,
+    pub value_bytes: usize,
 }
 
-#[cfg(test)]
-mod watch_tests {
-    use super::*;
-    use std::sync::atomic::Ordering;
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_feed_watcher_reads_each_event_once_however_often_it_wakes() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(asp_store::StoreConfig::new(dir.path())).unwrap();
-        let node = store.node_id();
-        let membership = Arc::new(crate::membership::Membership::new(
-            asp_core::session::MemberEntry {
-                node,
-                incarnation: 1,
-                heartbeat: 0,
-                name: "n".into(),
-                api: String::new(),
-                peer: String::new(),
-            },
-            Duration::from_secs(1),
-        ));
-        let modes = Arc::new(Modes::new(node, membership));
-        let leases = Arc::new(crate::leases::Leases::new(node, modes.clone()));
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let watcher = tokio::spawn(watch_feed(
-            modes.clone(),
-            leases,
-            store.clone(),
-            shutdown.clone(),
-        ));
-        // Writes without an epoch or a lease, each waited out by the watcher: none is
-        // what it looks for, and each wakes it.
-        let writes = 300;
-        for i in 0..writes {
-            let op = WriteOp::put(
-                Key::new(&format!("k{i}")).unwrap(),
-                asp_core::ContentType::Json,
-                b"1".to_vec(),
-            );
-            store.write(ns("app"), vec![op]).await.unwrap();
-            let head = store.head().seq;
-            for _ in 0..2000 {
-                if modes.feed_read.load(Ordering::Relaxed) >= head {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
+impl From<&asp_core::Event> for EpochEvent {
+    fn from(event: &asp_core::Event) -> Self {
+        let (op, value_bytes) = match &event.op {
+            asp_core::Op::Put { value, .. } => ("put", value.len()),
+            asp_core::Op::Delete => ("delete", 0),
+        };
+        EpochEvent {
+            namespace: event.namespace.clone(),
+            key: event.key.clone(),
+            dot: event.dot,
+            epoch: event.epoch,
+            hlc: event.hlc,
+            op,
+            value_bytes,
         }
-        let head = store.head().seq;
-        assert!(head >= writes, "{head}");
-        // Before the watcher kept its reader, each wake read again from the last event
-        // it wanted (here, the start): about 45,000 reads for 300 writes.
-        assert_eq!(modes.feed_read.load(Ordering::Relaxed), head);
-        shutdown.cancel();
-        watcher.await.unwrap();
     }
 }

@@ -279,7 +279,7 @@ impl Replicator {
             inner.leases.clone(),
             inner.shutdown.clone(),
         ));
-        tasks.spawn(crate::modes::watch_feed(
+        tasks.spawn(crate::feed_watch::watch_feed(
             inner.modes.clone(),
             inner.leases.clone(),
             inner.store.clone(),

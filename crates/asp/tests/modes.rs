@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use asp_faultnet::Proxy;
 use asp_http::client::Client;
 use axum::http::{Method, StatusCode};
@@ -410,9 +412,11 @@ async fn the_voters_fail_over_when_the_leader_is_cut_off() {
     } else {
         assert!(fenced_by == idb || fenced_by == idc, "{err}");
     }
-    // A's write while cut off is on every node, and listed as divergent.
-    for n in [&a, &b, &c] {
-        eventually("A's lone write is kept and listed", async || {
+    // A's write while cut off is on every node, and listed as divergent. On a
+    // timeout, what each node holds and knows is shown.
+    let started = std::time::Instant::now();
+    for (name, n) in [("A", &a), ("B", &b), ("C", &c)] {
+        loop {
             let kept = n
                 .client()
                 .get("orders", "cut-off", None)
@@ -429,9 +433,30 @@ async fn the_voters_fail_over_when_the_leader_is_cut_off() {
             let listed = list["events"]
                 .as_array()
                 .is_some_and(|e| e.len() == 1 && e[0]["key"] == "cut-off");
-            (kept && listed).then_some(())
-        })
-        .await;
+            if kept && listed {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                let mut seen = String::new();
+                for (other, m) in [("A", &a), ("B", &b), ("C", &c)] {
+                    let (_, l) = call(
+                        &m.client(),
+                        Method::GET,
+                        "/v1/ns/orders/divergent",
+                        Value::Null,
+                    )
+                    .await;
+                    let kept = m.client().get("orders", "cut-off", None).await.ok();
+                    let kept = kept.flatten().is_some();
+                    seen.push_str(&format!(
+                        "\n{other}: cut-off kept {kept}; divergent {l}; mode {}",
+                        mode(&m.client()).await
+                    ));
+                }
+                panic!("A's lone write is not kept and listed on {name} within 60 s:{seen}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 
