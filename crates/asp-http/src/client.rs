@@ -389,6 +389,11 @@ impl Client {
         namespace: &str,
         body: Bytes,
     ) -> Result<serde_json::Value, ClientError> {
+        self.post_batch(namespace, body).await?.json()
+    }
+
+    /// `POST /v1/ns/{ns}/batch`, its answer checked for an API error.
+    async fn post_batch(&self, namespace: &str, body: Bytes) -> Result<Response, ClientError> {
         let path = format!("/v1/ns/{}/batch", encode(namespace));
         self.send(
             Method::POST,
@@ -397,8 +402,7 @@ impl Client {
             body,
         )
         .await?
-        .ok()?
-        .json()
+        .ok()
     }
 
     /// A batch whose answer is only counted: how many results it holds, read without
@@ -409,16 +413,7 @@ impl Client {
         struct Answer {
             results: Vec<serde::de::IgnoredAny>,
         }
-        let path = format!("/v1/ns/{}/batch", encode(namespace));
-        let response = self
-            .send(
-                Method::POST,
-                &path,
-                &[(header::CONTENT_TYPE, "application/json")],
-                body,
-            )
-            .await?
-            .ok()?;
+        let response = self.post_batch(namespace, body).await?;
         let answer: Answer = serde_json::from_slice(&response.body)
             .map_err(|e| ClientError::Protocol(format!("answer is not a batch's: {e}")))?;
         Ok(answer.results.len())

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use asp_store::Store;
 
-use crate::modes::{EpochEvent, Modes};
+use crate::modes::{Divergence, EpochEvent, Modes};
 
 /// Events with an epoch not yet known divergent or not (no later epoch known) that the
 /// watcher keeps to look at again when the known epochs change; past this, the oldest
@@ -86,16 +86,11 @@ pub(crate) async fn watch_feed(
                 }
                 if fe.event.epoch != 0 {
                     let event = EpochEvent::from(&fe.event);
-                    match modes.note_if_divergent(&store, &event).await {
-                        Ok(true) => {}
-                        Ok(false) if modes.epoch_is_closed(&event.namespace, event.epoch) => {}
-                        Ok(false) => {
-                            if undecided.len() == UNDECIDED_MAX {
-                                undecided.pop_front();
-                            }
-                            undecided.push_back(event);
+                    if not_yet(&modes, &store, &event).await {
+                        if undecided.len() == UNDECIDED_MAX {
+                            undecided.pop_front();
                         }
-                        Err(e) => tracing::warn!(error = %e, "cannot list a divergent event"),
+                        undecided.push_back(event);
                     }
                 }
             }
@@ -130,19 +125,26 @@ pub(crate) async fn watch_feed(
     }
 }
 
+/// Lists `event` if it is divergent; whether it is to be looked at again (not
+/// divergent yet, or the list could not be written).
+async fn not_yet(modes: &Modes, store: &Store, event: &EpochEvent) -> bool {
+    match modes.note_if_divergent(store, event).await {
+        Ok(Divergence::Listed | Divergence::Settled) => false,
+        Ok(Divergence::NotYet) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list a divergent event");
+            true
+        }
+    }
+}
+
 /// Looks again at the events that were not divergent yet: lists those that now are,
 /// lets go of those now settled, keeps the rest.
 async fn look_again(modes: &Modes, store: &Store, undecided: &mut VecDeque<EpochEvent>) {
     let mut kept = VecDeque::with_capacity(undecided.len());
     for event in undecided.drain(..) {
-        match modes.note_if_divergent(store, &event).await {
-            Ok(true) => {}
-            Ok(false) if modes.epoch_is_closed(&event.namespace, event.epoch) => {}
-            Ok(false) => kept.push_back(event),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list a divergent event");
-                kept.push_back(event);
-            }
+        if not_yet(modes, store, &event).await {
+            kept.push_back(event);
         }
     }
     *undecided = kept;

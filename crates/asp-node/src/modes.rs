@@ -627,21 +627,31 @@ impl Modes {
     }
 
     /// Records `event` in its namespace's divergent list if it is divergent by what
-    /// this node knows. Returns whether it did.
+    /// this node knows. Returns whether it is listed now, or not divergent for good,
+    /// or not divergent yet (no later epoch known).
     pub(crate) async fn note_if_divergent(
         &self,
         store: &Store,
         event: &EpochEvent,
-    ) -> Result<bool, String> {
-        let divergent =
-            self.with_history(&event.namespace, |h| h.is_divergent(event.epoch, event.dot));
+    ) -> Result<Divergence, String> {
+        // One look at the history: divergent or not, and whether that is settled.
+        let (divergent, closed) = self.with_history(&event.namespace, |h| {
+            let records = h.records();
+            let closed = records.iter().any(|r| r.epoch == event.epoch)
+                && records.iter().any(|r| r.epoch > event.epoch);
+            (h.is_divergent(event.epoch, event.dot), closed)
+        });
         if event.epoch == 0 || divergent != Some(true) {
-            return Ok(false);
+            return Ok(if closed || event.epoch == 0 {
+                Divergence::Settled
+            } else {
+                Divergence::NotYet
+            });
         }
         let list = divergent_namespace(event.namespace.as_str());
         let key = event.dot.to_string();
         if store.get(&list, &key).map_err(|e| e.to_string())?.is_some() {
-            return Ok(false);
+            return Ok(Divergence::Listed);
         }
         let record = json!({
             "key": event.key.as_str(),
@@ -655,16 +665,7 @@ impl Modes {
         });
         crate::follow::put_json(store, list, &key, &record).await?;
         tracing::warn!(namespace = %event.namespace, dot = %event.dot, epoch = event.epoch, "a divergent event: kept, merged, and listed");
-        Ok(true)
-    }
-
-    /// Whether this node knows `epoch` of `namespace` and a later one: then whether an
-    /// event of `epoch` is divergent is settled (until then, it is not divergent yet).
-    pub(crate) fn epoch_is_closed(&self, namespace: &Namespace, epoch: u64) -> bool {
-        self.with_history(namespace, |h| {
-            let records = h.records();
-            records.iter().any(|r| r.epoch == epoch) && records.iter().any(|r| r.epoch > epoch)
-        })
+        Ok(Divergence::Listed)
     }
 
     /// A namespace's mode as `GET /v1/ns/{ns}/mode` shows it.
@@ -838,4 +839,15 @@ impl From<&asp_core::Event> for EpochEvent {
             value_bytes,
         }
     }
+}
+
+/// What [`Modes::note_if_divergent`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Divergence {
+    /// Divergent, and in the list.
+    Listed,
+    /// Not divergent, and this node knows a later epoch: it will not become so.
+    Settled,
+    /// Not divergent by the epochs known so far: a later epoch may make it so.
+    NotYet,
 }
