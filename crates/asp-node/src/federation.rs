@@ -33,6 +33,8 @@ pub struct MemberRecord {
     pub api: Option<String>,
     /// Where it listens for peers.
     pub peer: Option<String>,
+    /// Its labels (placement picks holders by them).
+    pub labels: crate::residency::Labels,
 }
 
 /// The members of this cluster, one key per node.
@@ -300,6 +302,9 @@ impl Federation {
             && old["name"].as_str() == Some(member.name.as_str())
             && old["api"].as_str() == member.api.as_deref()
             && old["peer"].as_str() == member.peer.as_deref()
+            && serde_json::from_value::<crate::residency::Labels>(old["labels"].clone())
+                .unwrap_or_default()
+                == member.labels
         {
             return Ok(());
         }
@@ -311,6 +316,7 @@ impl Federation {
             "name": member.name,
             "api": member.api,
             "peer": member.peer,
+            "labels": member.labels,
             "since_ms": since_ms,
         });
         let op = WriteOp::put(

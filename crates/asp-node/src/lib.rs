@@ -27,6 +27,7 @@ mod link;
 pub mod membership;
 mod metrics;
 pub mod modes;
+pub mod placement;
 mod registry;
 mod replicator;
 pub mod residency;

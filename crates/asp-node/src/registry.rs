@@ -191,6 +191,7 @@ pub(crate) struct Inner {
     pub shutdown: CancellationToken,
     pub metrics: Metrics,
     pub residency: Arc<crate::residency::Residency>,
+    pub placement: Arc<crate::placement::Placement>,
     pub audit: Arc<crate::audit::Audit>,
     pub federation: Arc<crate::federation::Federation>,
     pub modes: Arc<crate::modes::Modes>,

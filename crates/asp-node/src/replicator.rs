@@ -191,6 +191,7 @@ impl Replicator {
             shutdown,
             metrics: Metrics::default(),
             residency: Arc::default(),
+            placement: Arc::new(crate::placement::Placement::new(store_node)),
             audit,
             federation,
             leases: Arc::new(crate::leases::Leases::new(store_node, modes.clone())),
@@ -209,6 +210,14 @@ impl Replicator {
                 .map_err(|e| StartError::Config(e.to_string()))?
                 .map_err(StartError::Config)?;
         }
+        // Placement rules and members' labels, likewise.
+        {
+            let (p, s) = (inner.placement.clone(), inner.store.clone());
+            tokio::task::spawn_blocking(move || p.reload_labels(&s).and_then(|()| p.reload(&s)))
+                .await
+                .map_err(|e| StartError::Config(e.to_string()))?
+                .map_err(StartError::Config)?;
+        }
         // Shares (the partner CAs trusted) and members are known before any link
         // starts; with TLS, this node writes itself into the member list.
         {
@@ -217,16 +226,21 @@ impl Replicator {
                 .await
                 .map_err(|e| StartError::Config(e.to_string()))?
                 .map_err(StartError::Config)?;
-            // Membership records matter to federated links only, which need TLS: a
-            // plain node writes nothing (gossip tells members apart, see
-            // membership.rs). In the background: after a restart a local write may
-            // wait for peers (own_events_wait_ms), which the links started below
-            // answer.
-            if let Some(tls) = &inner.config.tls {
+            // Membership records matter to federated links, which need TLS, and to
+            // placement, which picks holders by labels: a plain node without labels
+            // writes nothing (gossip tells members apart, see membership.rs). In the
+            // background: after a restart a local write may wait for peers
+            // (own_events_wait_ms), which the links started below answer.
+            let labels: crate::residency::Labels = inner.config.labels.iter().cloned().collect();
+            if inner.config.tls.is_some() || !labels.is_empty() {
                 let member = crate::federation::MemberRecord {
-                    name: tls.current().identity.name.clone(),
+                    name: match &inner.config.tls {
+                        Some(tls) => tls.current().identity.name.clone(),
+                        None => inner.node_id.to_string(),
+                    },
                     api: inner.config.api_address.clone(),
                     peer: listen.map(|a| a.to_string()),
+                    labels,
                 };
                 let (f, s) = (inner.federation.clone(), inner.store.clone());
                 tasks.spawn(async move {
@@ -308,6 +322,25 @@ impl Replicator {
             inner.shutdown.clone(),
             move |s| residency.reload(s).map(|_| ()),
         ));
+        // Placement: rules and members' labels as they arrive; the members heard, every
+        // heartbeat.
+        let placement = inner.placement.clone();
+        tasks.spawn(crate::follow::follow(
+            inner.store.clone(),
+            vec![
+                crate::placement::namespace(),
+                crate::federation::ns(crate::federation::MEMBERS_NAMESPACE),
+            ],
+            None,
+            "placement rules",
+            inner.shutdown.clone(),
+            move |s| {
+                placement
+                    .reload_labels(s)
+                    .and_then(|()| placement.reload(s).map(|_| ()))
+            },
+        ));
+        tasks.spawn(crate::placement::placement_loop(inner.clone()));
         if let Some(listener) = listener {
             tasks.spawn(accept_loop(inner.clone(), listener));
         }
@@ -353,6 +386,11 @@ impl Replicator {
     /// The leader namespaces this node knows.
     pub fn modes(&self) -> Arc<crate::modes::Modes> {
         self.inner.modes.clone()
+    }
+
+    /// The placement rules this node knows and the holders it picks.
+    pub fn placement(&self) -> Arc<crate::placement::Placement> {
+        self.inner.placement.clone()
     }
 
     /// The residency rules this node knows.

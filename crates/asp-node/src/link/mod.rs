@@ -160,6 +160,9 @@ struct Link {
     relay_seen: u64,
     /// Whether event batches are compressed: not while lz4 does not pay.
     compressor: asp_wire::Compressor,
+    /// The peer's node id once its Hello is in, for the withhold (placement).
+    peer_id: Arc<std::sync::OnceLock<NodeId>>,
+    placed: reconcile::PlacedSeen,
 }
 
 impl Link {
@@ -180,6 +183,7 @@ impl Link {
             certificate.as_ref(),
             federated.as_ref(),
         ));
+        let peer_id: Arc<std::sync::OnceLock<NodeId>> = Arc::default();
         let (namespaces, withhold, federation, reconciled) = match &federated {
             Some(rights) => {
                 // Namespaces shared only towards this cluster are withheld whole
@@ -201,7 +205,15 @@ impl Link {
                 let namespaces = inner
                     .config
                     .namespaces_with(certificate.as_ref().map(|c| c.name.as_str()));
-                (namespaces.clone(), residency, None, namespaces)
+                // Placement: a placed namespace goes only to its holders (the peer is
+                // known once its Hello is: nothing is sent before).
+                let placement = inner.placement.clone();
+                let peer = peer_id.clone();
+                let withhold = Withhold(Arc::new(move |ns| {
+                    residency.withholds(ns)
+                        || peer.get().is_some_and(|p| placement.withholds(ns, *p))
+                }));
+                (namespaces.clone(), withhold, None, namespaces)
             }
         };
         let config = session_config(&inner, namespaces.clone(), withhold.clone(), federation);
@@ -246,6 +258,8 @@ impl Link {
             grafted: HashSet::new(),
             relay_seen: 0,
             compressor: asp_wire::Compressor::adaptive(),
+            peer_id,
+            placed: reconcile::PlacedSeen::default(),
         }
     }
 
@@ -351,6 +365,7 @@ impl Link {
                         self.refresh_summary().await;
                     }
                     self.send_members();
+                    self.runs_for_new_holders();
                 }
                 _ = &mut close_rx, if close_pending => {
                     close_pending = false;
@@ -481,6 +496,7 @@ impl Link {
                         }
                     }
                     self.peer = Some(peer);
+                    let _ = self.peer_id.set(peer);
                     let takes_prunes = self.relays_by_tree();
                     self.inner.relay.lock().unwrap().link_up(peer, takes_prunes);
                     self.relay_lacks.clear();

@@ -19,6 +19,14 @@ use super::Link;
 use crate::metrics::ReconcileLabels;
 use crate::registry::{LastReconcile, peer_labels};
 
+/// What a link last saw of placement: the placement's generation then, and the placed
+/// namespaces the peer held.
+#[derive(Default)]
+pub(super) struct PlacedSeen {
+    generation: u64,
+    held_by_peer: std::collections::HashSet<Namespace>,
+}
+
 /// The store as reconciliation reaches it.
 pub(super) struct LinkStore(pub Store);
 
@@ -163,6 +171,31 @@ impl Link {
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
         self.reconcile_outputs();
+    }
+
+    /// Placement moved a namespace to the peer (it is a holder now, and was not when
+    /// this link last looked): a run of it is queued at once, rather than at the next
+    /// anti-entropy checks, so that a new holder is brought up to date (by a transfer
+    /// when it holds nothing of it). Both sides of a link may queue one; a run queued
+    /// or under way is not queued twice.
+    pub(super) fn runs_for_new_holders(&mut self) {
+        let (Some(peer), None) = (self.peer, &self.federated) else {
+            return;
+        };
+        let placement = &self.inner.placement;
+        let generation = placement.generation();
+        if generation == self.placed.generation {
+            return;
+        }
+        self.placed.generation = generation;
+        let held: std::collections::HashSet<Namespace> =
+            placement.held_by(peer).into_iter().collect();
+        for ns in held.difference(&self.placed.held_by_peer) {
+            if self.reconciler.request_run(ns.clone()) {
+                tracing::info!(peer = %peer, namespace = %ns, "placement: the peer is a new holder, reconciling at once");
+            }
+        }
+        self.placed.held_by_peer = held;
     }
 
     /// The periodic anti-entropy check (see [`Reconciler::anti_entropy_tick`]).
