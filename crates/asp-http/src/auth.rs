@@ -173,10 +173,12 @@ pub(crate) fn need_of(method: &Method, uri: &Uri) -> Need {
                 .unwrap_or_default();
             access(ns, Op::Read, NeedKeys::Prefix(prefix))
         }
-        "policy" | "mode" if reading => access(ns, Op::Read, NeedKeys::Any),
+        "policy" | "mode" | "placement" if reading => access(ns, Op::Read, NeedKeys::Any),
         // Counts over every key: a token must read them all.
         "stats" if reading => access(ns, Op::Read, NeedKeys::Prefix(String::new())),
-        "policy" | "residency" | "mode" | "promote" => access(ns, Op::Admin, NeedKeys::Any),
+        "policy" | "residency" | "placement" | "mode" | "promote" => {
+            access(ns, Op::Admin, NeedKeys::Any)
+        }
         "divergent" => access(ns, Op::Read, NeedKeys::Any),
         "leases" if reading => access(ns, Op::Read, NeedKeys::Any),
         "leases" => access(ns, Op::Write, NeedKeys::Any),

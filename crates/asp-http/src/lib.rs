@@ -13,6 +13,7 @@ mod json;
 mod leases_api;
 mod modes_api;
 mod openapi;
+mod placement_api;
 mod preconditions;
 mod residency_api;
 mod routes;

@@ -937,7 +937,7 @@ async fn openapi_document_matches_the_routes() {
             }
         }
     }
-    assert_eq!(operations, 37);
+    assert_eq!(operations, 40);
     server.stop().await;
 }
 

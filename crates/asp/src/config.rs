@@ -50,6 +50,10 @@ pub struct FileConfig {
     /// /v1/ns/orders/residency`; they replicate to every node).
     #[serde(default)]
     pub residency: std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
+    /// Placement rules set at start: `orders = { replicas = 2, require = { zone = "a" }
+    /// }` (the same as `PUT /v1/ns/orders/placement`; they replicate to every node).
+    #[serde(default)]
+    pub placement: std::collections::BTreeMap<String, PlacementSection>,
     /// Write modes a namespace starts in: `orders = { mode = "leader", leader = "<id>",
     /// voters = [...] }`. Applied only to a namespace with no mode yet (epoch 0): a
     /// promotion or failover since is not undone by a restart.
@@ -71,6 +75,15 @@ pub struct HttpSection {
     /// The API address members are told, `http(s)://host:port` (default: the address
     /// bound).
     pub advertise: Option<String>,
+}
+
+/// One entry of `[placement]`.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementSection {
+    pub replicas: u32,
+    #[serde(default)]
+    pub require: std::collections::BTreeMap<String, String>,
 }
 
 /// One entry of `[modes]`.
@@ -288,6 +301,8 @@ pub struct NodeConfig {
         asp_core::Namespace,
         std::collections::BTreeMap<String, String>,
     )>,
+    /// `[placement]`, checked.
+    pub placement: Vec<(asp_core::Namespace, asp_node::placement::Rule)>,
     /// `[modes]`: namespace, leader (`None`: multi-master), voters.
     pub modes: Vec<(
         asp_core::Namespace,
@@ -618,6 +633,21 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
             .map_err(|e| anyhow::anyhow!("[residency] {ns}: {e}"))?;
         residency.push((namespace, require));
     }
+    let mut placement = Vec::new();
+    for (ns, section) in file.placement {
+        let namespace = asp_core::Namespace::new(&ns)
+            .map_err(|e| anyhow::anyhow!("[placement] {ns:?}: {e}"))?;
+        if ns.starts_with(asp_auth::RESERVED_PREFIX) {
+            bail!("[placement] {ns:?}: the node's own namespaces go to every node");
+        }
+        let rule = asp_node::placement::Rule {
+            replicas: section.replicas,
+            require: section.require,
+        };
+        asp_node::placement::check_rule(&rule)
+            .map_err(|e| anyhow::anyhow!("[placement] {ns}: {e}"))?;
+        placement.push((namespace, rule));
+    }
     let mut modes = Vec::new();
     for (ns, m) in file.modes {
         let what = |e: String| anyhow::anyhow!("[modes] {ns:?}: {e}");
@@ -753,6 +783,7 @@ pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<NodeConfig>
         tls_reload_interval,
         auth,
         residency,
+        placement,
         modes,
     })
 }

@@ -78,6 +78,18 @@ pub async fn run(config_file: Option<&Path>, flags: Overrides) -> anyhow::Result
             tracing::info!(namespace = %ns, require = ?require, "residency rule set from the configuration");
         }
     }
+    // Placement rules of the configuration, likewise.
+    for (ns, rule) in &config.placement {
+        let placement = replicator.placement();
+        if placement.rule(ns).as_ref() != Some(rule) {
+            placement
+                .set(&store, ns, Some(rule))
+                .await
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("setting the placement of {ns} from [placement]"))?;
+            tracing::info!(namespace = %ns, replicas = rule.replicas, require = ?rule.require, "placement rule set from the configuration");
+        }
+    }
     // Modes of the configuration, for namespaces that have none yet.
     for (ns, leader, voters) in &config.modes {
         let modes = replicator.modes();

@@ -417,6 +417,12 @@ pub fn router(state: AppState) -> Router {
             get(admin::get_residency).put(admin::put_residency),
         )
         .route(
+            "/v1/ns/{ns}/placement",
+            get(crate::placement_api::get)
+                .put(crate::placement_api::put)
+                .delete(crate::placement_api::delete),
+        )
+        .route(
             "/v1/ns/{ns}/mode",
             get(crate::modes_api::get_mode).put(crate::modes_api::put_mode),
         )
@@ -464,6 +470,8 @@ async fn guard(State(state): State<AppState>, mut request: Request, next: Next) 
         .and_then(|ns| crate::residency_api::refuse_write(&state, ns))
     {
         refused.into_response()
+    } else if let Some(elsewhere) = crate::placement_api::redirect(&state, request.uri()) {
+        elsewhere
     } else {
         if let Ok(Some(verified)) = checked {
             request.extensions_mut().insert(verified);

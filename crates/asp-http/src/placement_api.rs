@@ -1,0 +1,243 @@
+//! `GET/PUT/DELETE /v1/ns/{ns}/placement`, and the answer to a client's request for a
+//! placed namespace this node does not serve: 307 to the holder that serves it (see
+//! `asp_node::placement::Route`).
+
+use asp_core::Namespace;
+use asp_node::placement::{Route, Rule};
+use axum::extract::{Path, State, rejection::PathRejection};
+use axum::http::{HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::error::ApiError;
+use crate::routes::{AppState, namespace, path_error};
+
+/// A rule's body, at most.
+const RULE_BYTES_MAX: usize = 4096;
+
+/// What `/placement` answers: the rule, the holders this node picks (by score) with
+/// their API addresses, which of them serves clients here, and the members it picks
+/// among.
+fn view(state: &AppState, ns: &Namespace) -> Result<Response, ApiError> {
+    let replicator = state.replicated()?;
+    let placement = replicator.placement();
+    let own = replicator.node_id();
+    let candidates: Vec<serde_json::Value> = placement
+        .candidates()
+        .into_iter()
+        .map(|c| {
+            serde_json::json!({
+                "node_id": c.node.to_string(),
+                "labels": c.labels,
+                "api": (!c.api.is_empty()).then_some(c.api),
+            })
+        })
+        .collect();
+    let (rule, holders) = match placement.view(ns) {
+        Some((rule, holders)) => (Some(rule), holders),
+        None => (None, Vec::new()),
+    };
+    let serves = match placement.route(ns) {
+        Route::Here => Some(own.to_string()),
+        Route::Elsewhere { node, .. } => Some(node.to_string()),
+        Route::Nowhere(_) => None,
+    };
+    let holders: Vec<serde_json::Value> = holders
+        .into_iter()
+        .map(|h| {
+            serde_json::json!({
+                "node_id": h.node.to_string(),
+                "api": (!h.api.is_empty()).then_some(h.api),
+                "this_node": h.node == own,
+                "holder_for_ms": u64::try_from(h.since.elapsed().as_millis()).unwrap_or(u64::MAX),
+            })
+        })
+        .collect();
+    Ok(axum::Json(serde_json::json!({
+        "namespace": ns.as_str(),
+        "replicas": rule.as_ref().map(|r| r.replicas),
+        "require": rule.as_ref().map(|r| r.require.clone()),
+        "holders": holders,
+        "served_by": if rule.is_some() { serves } else { None },
+        "held_here": rule.is_none() || holders_has(&holders, &own.to_string()),
+        "members": candidates,
+    }))
+    .into_response())
+}
+
+fn holders_has(holders: &[serde_json::Value], node: &str) -> bool {
+    holders.iter().any(|h| h["node_id"] == node)
+}
+
+/// Parses `{"replicas": 2, "require": {"zone": "a"}}` (`require` may be left out).
+fn parse(body: &[u8]) -> Result<Rule, ApiError> {
+    let bad = |m: String| ApiError::bad_request("invalid_body", m);
+    let example = "send {\"replicas\": 2, \"require\": {\"zone\": \"a\"}}";
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| bad(format!("{example}: {e}")))?;
+    let Some(object) = value.as_object() else {
+        return Err(bad(example.into()));
+    };
+    if let Some(other) = object.keys().find(|k| *k != "replicas" && *k != "require") {
+        return Err(bad(format!(
+            "unknown field {other:?}; only \"replicas\" and \"require\""
+        )));
+    }
+    let Some(replicas) = object.get("replicas").and_then(serde_json::Value::as_u64) else {
+        return Err(bad(format!(
+            "\"replicas\" must be a whole number from 1 to {}",
+            asp_node::placement::REPLICAS_MAX
+        )));
+    };
+    let mut require = asp_node::residency::Labels::new();
+    match object.get("require") {
+        None => {}
+        Some(serde_json::Value::Object(labels)) => {
+            for (k, v) in labels {
+                let Some(v) = v.as_str() else {
+                    return Err(bad(format!("label {k}: the value must be a string")));
+                };
+                require.insert(k.clone(), v.to_owned());
+            }
+        }
+        Some(_) => {
+            return Err(bad(
+                "\"require\" must be an object of labels, e.g. {\"zone\": \"a\"}".into(),
+            ));
+        }
+    }
+    let rule = Rule {
+        replicas: u32::try_from(replicas).unwrap_or(u32::MAX),
+        require,
+    };
+    asp_node::placement::check_rule(&rule).map_err(bad)?;
+    Ok(rule)
+}
+
+fn placeable(ns: &Namespace) -> Result<(), ApiError> {
+    if ns.as_str().starts_with(asp_auth::RESERVED_PREFIX) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the node's own namespaces (_asp.) go to every node",
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) async fn get(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(ns) = path.map_err(path_error)?;
+    let ns = namespace(&ns)?;
+    view(&state, &ns)
+}
+
+/// Places a namespace, cluster-wide.
+pub(crate) async fn put(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let Path(ns) = path.map_err(path_error)?;
+    let ns = namespace(&ns)?;
+    placeable(&ns)?;
+    if body.len() > RULE_BYTES_MAX {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "a placement rule is at most 4 KiB",
+        ));
+    }
+    let rule = parse(&body)?;
+    set(&state, &ns, Some(&rule)).await
+}
+
+/// Unplaces a namespace, cluster-wide: every node that replicates it holds it again.
+pub(crate) async fn delete(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(ns) = path.map_err(path_error)?;
+    let ns = namespace(&ns)?;
+    placeable(&ns)?;
+    set(&state, &ns, None).await
+}
+
+async fn set(state: &AppState, ns: &Namespace, rule: Option<&Rule>) -> Result<Response, ApiError> {
+    let replicator = state.replicated()?;
+    replicator
+        .placement()
+        .set(state.store(), ns, rule)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_failed", e))?;
+    replicator.audit().record(
+        "placement_set",
+        None,
+        serde_json::json!({ "namespace": ns.as_str(), "rule": rule }),
+    );
+    view(state, ns)
+}
+
+/// The parts of a namespace's API that go to the node serving it: its keys, batches,
+/// change feed and counts. Its settings (policy, mode, residency, placement) and its
+/// leases are the same on every node and answered anywhere.
+const SERVED_BY_HOLDERS: [&str; 4] = ["kv", "batch", "changes", "stats"];
+
+/// For a request to a placed namespace this node does not serve: 307 to the node that
+/// does (`Location` the same path and query on its API address), or 503 `no_holder`.
+pub(crate) fn redirect(state: &AppState, uri: &Uri) -> Option<Response> {
+    let replicator = state.replicator()?;
+    let rest = uri.path().strip_prefix("/v1/ns/")?;
+    let (ns, rest) = rest.split_once('/')?;
+    let part = rest.split('/').next().unwrap_or_default();
+    if !SERVED_BY_HOLDERS.contains(&part) {
+        return None;
+    }
+    let ns = Namespace::new(ns).ok()?;
+    match replicator.placement().route(&ns) {
+        Route::Here => None,
+        Route::Elsewhere { node, api } => {
+            let target = format!(
+                "{}{}",
+                api.trim_end_matches('/'),
+                uri.path_and_query().map_or(uri.path(), |p| p.as_str())
+            );
+            let Ok(location) = HeaderValue::from_str(&target) else {
+                return Some(
+                    ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no_holder",
+                        format!("namespace {ns} is held by {node}, whose API address {api:?} is not a URL"),
+                    )
+                    .into_response(),
+                );
+            };
+            let mut extra = serde_json::Map::new();
+            extra.insert("holder".into(), node.to_string().into());
+            extra.insert("holder_api".into(), api.clone().into());
+            let mut response = ApiError {
+                extra: Some(extra),
+                ..ApiError::new(
+                    StatusCode::TEMPORARY_REDIRECT,
+                    "not_held",
+                    format!("namespace {ns} is placed on other nodes: {node} serves it at {api} (follow Location)"),
+                )
+            }
+            .into_response();
+            response.headers_mut().insert(header::LOCATION, location);
+            Some(response)
+        }
+        Route::Nowhere(why) => Some(
+            ApiError {
+                retry_after_s: Some(1),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no_holder",
+                    format!("namespace {ns} is placed, but no node can serve it now: {why}"),
+                )
+            }
+            .into_response(),
+        ),
+    }
+}
