@@ -6,7 +6,7 @@
 /** The `Error` schema. */
 export interface ApiError {
   error: {
-    code: "invalid_namespace" | "invalid_key" | "invalid_path" | "invalid_query" | "invalid_header" | "invalid_body" | "invalid_value" | "invalid_batch" | "cursor_ahead" | "not_found" | "route_not_found" | "method_not_allowed" | "not_acceptable" | "precondition_failed" | "payload_too_large" | "unsupported_media_type" | "overloaded" | "shutting_down" | "store_failed" | "no_space" | "internal" | "replication_timeout" | "policy_fixed" | "wrong_policy" | "invalid_context" | "invalid_patch" | "context_ahead" | "replicas_unreachable" | "too_many_streams" | "too_many_connections" | "unauthorized" | "forbidden" | "https_required" | "residency" | "invalid_share" | "not_leader" | "fenced" | "no_quorum" | "mode_conflict" | "lease_held" | "lease_lost" | "stale_fence";
+    code: "invalid_namespace" | "invalid_key" | "invalid_path" | "invalid_query" | "invalid_header" | "invalid_body" | "invalid_value" | "invalid_batch" | "cursor_ahead" | "not_found" | "route_not_found" | "method_not_allowed" | "not_acceptable" | "precondition_failed" | "payload_too_large" | "unsupported_media_type" | "overloaded" | "shutting_down" | "store_failed" | "no_space" | "internal" | "replication_timeout" | "policy_fixed" | "wrong_policy" | "invalid_context" | "invalid_patch" | "context_ahead" | "replicas_unreachable" | "too_many_streams" | "too_many_connections" | "unauthorized" | "forbidden" | "https_required" | "residency" | "invalid_share" | "not_leader" | "fenced" | "no_quorum" | "mode_conflict" | "lease_held" | "lease_lost" | "stale_fence" | "not_held" | "no_holder";
     message: string;
     /** not_leader, fenced: the node id of the namespace's leader */
     leader?: string;
@@ -14,7 +14,7 @@ export interface ApiError {
     leader_api?: string | null;
     /** not_leader, fenced: the namespace's current epoch */
     epoch?: number;
-    /** lease_held: who holds the lease */
+    /** lease_held: who holds the lease; not_held: the node id of the holder that serves the namespace */
     holder?: string;
     /** lease_held: the holder's token */
     token?: number;
@@ -22,6 +22,8 @@ export interface ApiError {
     expires_ms?: number;
     /** stale_fence: the newest token of the lease this node knows (null: no such lease) */
     newest_token?: number | null;
+    /** not_held: the API address of the holder that serves the namespace */
+    holder_api?: string;
   };
 }
 
