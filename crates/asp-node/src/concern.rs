@@ -49,11 +49,28 @@ impl Replicator {
     /// (`None`: any node). `majority` in a leader namespace with voters is a majority
     /// of the voters, and only voters count; elsewhere a majority of the members this
     /// node knows. `all` is every member this node knows.
+    ///
+    /// A placed namespace is held by its holders only: they alone count, and `all` and
+    /// `majority` are of them (a leader namespace's voters still decide `majority`).
     pub fn resolve_replicas(
         &self,
         namespace: &Namespace,
         want: Replicas,
     ) -> (usize, Option<Vec<NodeId>>) {
+        if let Some(holders) = self.inner.placement.holders(namespace) {
+            let history = self.inner.modes.history(namespace);
+            return match want {
+                Replicas::Count(n) => (n, Some(holders)),
+                Replicas::All => (holders.len(), Some(holders)),
+                Replicas::Majority => match history.current() {
+                    Some(r) if r.leader.is_some() && !r.voters.is_empty() => (
+                        asp_core::modes::majority(r.voters.len()),
+                        Some(r.voters.clone()),
+                    ),
+                    _ => (asp_core::modes::majority(holders.len()), Some(holders)),
+                },
+            };
+        }
         let members = self.members_known();
         match want {
             Replicas::Count(n) => (n, None),
@@ -85,7 +102,10 @@ impl Replicator {
     /// dots `dots` of `namespace`, ending at this node's feed position `seq` — or
     /// `timeout` passes; returns how many do. A node counts once its acknowledgement
     /// of `seq` arrived (a direct peer), or once its newest report, which travels
-    /// through relays, holds every dot. With `voters`, only they count.
+    /// through relays, holds every dot. With `voters`, only they count. A peer the
+    /// namespace is withheld from (residency, placement) never counts by its
+    /// acknowledgement: it acknowledges feed positions, and the namespace's events
+    /// within them never went to it.
     pub async fn wait_holding(
         &self,
         namespace: &Namespace,
@@ -106,7 +126,7 @@ impl Replicator {
                 .unwrap()
                 .peers
                 .iter()
-                .filter(|(_, p)| p.acked_seq >= seq)
+                .filter(|(n, p)| p.acked_seq >= seq && !self.withheld_from(namespace, **n, p))
                 .map(|(&n, _)| n)
                 .collect();
             holders.insert(self.inner.node_id);
@@ -126,5 +146,21 @@ impl Replicator {
                 return count;
             }
         }
+    }
+
+    /// Whether nothing of `namespace` goes to `peer` (as its link withholds: residency
+    /// by the labels its certificate attests, placement within the cluster).
+    fn withheld_from(
+        &self,
+        namespace: &Namespace,
+        peer: NodeId,
+        record: &crate::registry::PeerRecord,
+    ) -> bool {
+        let labels = crate::registry::residency_labels(
+            record.certificate.as_ref(),
+            record.federated.as_ref(),
+        );
+        self.inner.residency.withholds(namespace, &labels)
+            || (record.federated.is_none() && self.inner.placement.withholds(namespace, peer))
     }
 }

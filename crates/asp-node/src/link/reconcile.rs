@@ -20,11 +20,11 @@ use crate::metrics::ReconcileLabels;
 use crate::registry::{LastReconcile, peer_labels};
 
 /// What a link last saw of placement: the placement's generation then, and the placed
-/// namespaces the peer held.
+/// namespaces the peer held (`None` before the link's first look).
 #[derive(Default)]
 pub(super) struct PlacedSeen {
     generation: u64,
-    held_by_peer: std::collections::HashSet<Namespace>,
+    held_by_peer: Option<std::collections::HashSet<Namespace>>,
 }
 
 /// The store as reconciliation reaches it.
@@ -177,7 +177,10 @@ impl Link {
     /// this link last looked): a run of it is queued at once, rather than at the next
     /// anti-entropy checks, so that a new holder is brought up to date (by a transfer
     /// when it holds nothing of it). Both sides of a link may queue one; a run queued
-    /// or under way is not queued twice.
+    /// or under way is not queued twice. A link's first look only takes note: a new
+    /// link's stream starts from the peer's checkpoint, and the anti-entropy checks
+    /// find what it cannot bring (no burst of runs for every placed namespace at each
+    /// link up).
     pub(super) fn runs_for_new_holders(&mut self) {
         let (Some(peer), None) = (self.peer, &self.federated) else {
             return;
@@ -190,12 +193,14 @@ impl Link {
         self.placed.generation = generation;
         let held: std::collections::HashSet<Namespace> =
             placement.held_by(peer).into_iter().collect();
-        for ns in held.difference(&self.placed.held_by_peer) {
-            if self.reconciler.request_run(ns.clone()) {
-                tracing::info!(peer = %peer, namespace = %ns, "placement: the peer is a new holder, reconciling at once");
+        if let Some(before) = &self.placed.held_by_peer {
+            for ns in held.difference(before) {
+                if self.reconciler.request_run(ns.clone()) {
+                    tracing::info!(peer = %peer, namespace = %ns, "placement: the peer is a new holder, reconciling at once");
+                }
             }
         }
-        self.placed.held_by_peer = held;
+        self.placed.held_by_peer = Some(held);
     }
 
     /// The periodic anti-entropy check (see [`Reconciler::anti_entropy_tick`]).
