@@ -185,7 +185,7 @@ async fn set(state: &AppState, ns: &Namespace, rule: Option<&Rule>) -> Result<Re
 const SERVED_BY_HOLDERS: [&str; 4] = ["kv", "batch", "changes", "stats"];
 
 /// For a request to a placed namespace this node does not serve: 307 to the node that
-/// does (`Location` the same path and query on its API address), or 503 `no_holder`.
+/// does (`Location` the same path and query on its API address), or 409 `no_holder`.
 pub(crate) fn redirect(state: &AppState, uri: &Uri) -> Option<Response> {
     let replicator = state.replicator()?;
     let rest = uri.path().strip_prefix("/v1/ns/")?;
@@ -206,7 +206,7 @@ pub(crate) fn redirect(state: &AppState, uri: &Uri) -> Option<Response> {
             let Ok(location) = HeaderValue::from_str(&target) else {
                 return Some(
                     ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
+                        StatusCode::CONFLICT,
                         "no_holder",
                         format!("namespace {ns} is held by {node}, whose API address {api:?} is not a URL"),
                     )
@@ -228,15 +228,14 @@ pub(crate) fn redirect(state: &AppState, uri: &Uri) -> Option<Response> {
             response.headers_mut().insert(header::LOCATION, location);
             Some(response)
         }
+        // 409, as `residency` and `replicas_unreachable`: the cluster's state, not this
+        // node's health, stands in the way (no member with the labels the rule names).
         Route::Nowhere(why) => Some(
-            ApiError {
-                retry_after_s: Some(1),
-                ..ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no_holder",
-                    format!("namespace {ns} is placed, but no node can serve it now: {why}"),
-                )
-            }
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "no_holder",
+                format!("namespace {ns} is placed, but no node can serve it: {why}"),
+            )
             .into_response(),
         ),
     }
