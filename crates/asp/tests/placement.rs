@@ -181,6 +181,32 @@ async fn five_nodes_hold_thirty_namespaces_two_each_and_lose_nothing_when_one_go
         assert!(message.contains(what), "{body}: {message}");
     }
 
+    // Labels no member carries: nobody can serve it, and every node says why.
+    let r = c
+        .send(
+            Method::PUT,
+            "/v1/ns/nowhere/placement",
+            &[],
+            Bytes::from(json!({"replicas": 1, "require": {"zone": "z"}}).to_string()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    let r = c
+        .send(Method::GET, "/v1/ns/nowhere/kv/k", &[], Bytes::new())
+        .await
+        .unwrap();
+    let answer = r.json().unwrap();
+    assert_eq!(r.status, StatusCode::CONFLICT, "{answer}");
+    assert_eq!(answer["error"]["code"], "no_holder");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("zone=z"),
+        "{answer}"
+    );
+
     for ns in names() {
         let r = c
             .send(
@@ -265,6 +291,59 @@ async fn five_nodes_hold_thirty_namespaces_two_each_and_lose_nothing_when_one_go
     for (id, n) in &per_node {
         assert!((3..=21).contains(n), "{id} holds {n} of 30");
     }
+
+    // Write concern counts holders only: a node the namespace is withheld from
+    // acknowledges the feed positions its events took, but never received them.
+    let r = c
+        .send(
+            Method::PUT,
+            "/v1/ns/concern/placement",
+            &[],
+            Bytes::from(json!({"replicas": 2}).to_string()),
+        )
+        .await
+        .unwrap();
+    let view = r.json().unwrap();
+    let holder_ids: Vec<String> = view["holders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["node_id"].as_str().unwrap().to_owned())
+        .collect();
+    let holder = nodes[ids.iter().position(|id| *id == holder_ids[0]).unwrap()];
+    common::eventually("the first holder knows the rule", async || {
+        let seen: Vec<String> = placement(holder, "concern").await["holders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["node_id"].as_str().unwrap().to_owned())
+            .collect();
+        (seen == holder_ids).then_some(())
+    })
+    .await;
+    let concern = async |query: &str| {
+        let r = holder
+            .client()
+            .send(
+                Method::PUT,
+                &format!("/v1/ns/concern/kv/w?{query}"),
+                &[(axum::http::header::CONTENT_TYPE, "application/json")],
+                Bytes::from_static(b"1"),
+            )
+            .await
+            .unwrap();
+        (r.status, r.json().unwrap())
+    };
+    let (status, answer) = concern("replicas=all&timeout_ms=20000").await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["replicas"]["wanted"], 2, "all = the two holders");
+    let (status, answer) = concern("replicas=3&timeout_ms=1500").await;
+    assert_eq!(
+        status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "three nodes cannot hold a namespace of two replicas: {answer}"
+    );
+    assert_eq!(answer["replicas"]["acknowledged"], 2, "{answer}");
 
     // Every key, through every node.
     for n in &nodes {

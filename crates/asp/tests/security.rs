@@ -656,6 +656,21 @@ async fn a_resident_namespace_never_leaves_for_a_node_outside_its_rule() {
         n3.client().get("pub", "k", None).await.ok()?
     })
     .await;
+    // Write concern: n3 acknowledges the feed positions eu-only's events took, but never
+    // received them; only n1 and n2 hold a write.
+    let r = n1
+        .client()
+        .send(
+            Method::PUT,
+            "/v1/ns/eu-only/kv/concern?replicas=3&timeout_ms=1500",
+            &[(axum::http::header::CONTENT_TYPE, "application/json")],
+            Bytes::from_static(b"1"),
+        )
+        .await
+        .unwrap();
+    let answer = r.json().unwrap();
+    assert_eq!(r.status, 504, "{answer}");
+    assert_eq!(answer["replicas"]["acknowledged"], 2, "{answer}");
     // Summaries and anti-entropy runs go on for a while.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(
