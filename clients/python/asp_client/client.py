@@ -77,6 +77,10 @@ def _encode(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode("utf-8")
 
 
+#: Redirects (307/308 to a member that holds a placed namespace) followed per request.
+MAX_REDIRECTS = 5
+
+
 class Client:
     """A client of one asp node's HTTP API v1.
 
@@ -108,12 +112,34 @@ class Client:
     # -- plumbing -------------------------------------------------------------
 
     def _connection(self, timeout: float | None = None) -> http.client.HTTPConnection:
+        return self._connection_to((self._https, self._host, self._port), timeout)
+
+    def _connection_to(
+        self, target: tuple[bool, str, int], timeout: float | None = None
+    ) -> http.client.HTTPConnection:
+        https, host, port = target
         t = self.timeout if timeout is None else timeout
-        if self._https:
-            return http.client.HTTPSConnection(
-                self._host, self._port, timeout=t, context=self._ssl_context
-            )
-        return http.client.HTTPConnection(self._host, self._port, timeout=t)
+        if https:
+            return http.client.HTTPSConnection(host, port, timeout=t, context=self._ssl_context)
+        return http.client.HTTPConnection(host, port, timeout=t)
+
+    @staticmethod
+    def _redirect(
+        location: str, target: tuple[bool, str, int]
+    ) -> tuple[tuple[bool, str, int], str]:
+        """Where a 307/308's Location points: (https, host, port) and the path to ask."""
+        parts = urlsplit(location)
+        if parts.scheme or parts.netloc:
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise AspError(
+                    307, "bad_redirect", f"the node redirected to {location!r}, not http(s)"
+                )
+            https = parts.scheme == "https"
+            target = (https, parts.hostname, parts.port or (443 if https else 80))
+        url = parts.path or "/"
+        if parts.query:
+            url += "?" + parts.query
+        return target, url
 
     @staticmethod
     def _seg(s: str) -> str:
@@ -145,16 +171,33 @@ class Client:
         body: bytes | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> _Reply:
-        conn = self._connection()
-        try:
-            conn.request(method, self._url(path, query), body=body, headers=self._headers(headers))
-            resp = conn.getresponse()
-            data = resp.read()
-        finally:
-            conn.close()
-        if resp.status >= 400:
-            raise error_from_response(resp.status, data, resp.headers, resp.reason)
-        return _Reply(resp.status, resp.headers, data)
+        # A node answers a request for a namespace placed on other members with a 307
+        # to one that holds it: followed (the same method, body and token: the
+        # Location names a member of the node's own cluster), at most MAX_REDIRECTS
+        # times.
+        target = (self._https, self._host, self._port)
+        url = self._url(path, query)
+        for _hop in range(MAX_REDIRECTS + 1):
+            conn = self._connection_to(target)
+            try:
+                conn.request(method, url, body=body, headers=self._headers(headers))
+                resp = conn.getresponse()
+                data = resp.read()
+            finally:
+                conn.close()
+            location = resp.getheader("Location")
+            if resp.status in (307, 308) and location:
+                target, url = self._redirect(location, target)
+                continue
+            if resp.status >= 400:
+                raise error_from_response(resp.status, data, resp.headers, resp.reason)
+            return _Reply(resp.status, resp.headers, data)
+        raise AspError(
+            resp.status,
+            "too_many_redirects",
+            f"{method} {path}: more than {MAX_REDIRECTS} redirects (last to {location!r}); "
+            "the cluster's members may disagree on who holds the namespace",
+        )
 
     def _json(self, method: str, path: str, payload: Any = None, **kw: Any) -> Any:
         if payload is not None:

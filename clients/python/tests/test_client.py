@@ -461,3 +461,73 @@ def test_sse_parser_line_endings_and_fields() -> None:
     ]
     assert p.retry_ms == 1500
     assert SSEParser().feed(b"event: change\ndata: partial") == []
+
+
+# -- redirects (a namespace placed on other members) ------------------------------
+
+
+class _Redirector:
+    """A local HTTP server that answers every request with a 307 to `target` (the same
+    path and query), counting what it was asked."""
+
+    def __init__(self, target: str | None) -> None:
+        import http.server
+
+        outer = self
+        self.asked: list[tuple[str, str, str | None]] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _any(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                outer.asked.append((self.command, self.path, self.headers.get("Authorization")))
+                base = outer.target or outer.url
+                body = b'{"error":{"code":"not_held","message":"placed elsewhere"}}'
+                self.send_response(307)
+                self.send_header("Location", base + self.path)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_PUT = do_POST = do_DELETE = _any
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.target = target
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_redirects_to_the_holder_are_followed_with_the_body_and_token(asp_auth_node) -> None:  # type: ignore[no-untyped-def]
+    token = asp_auth_node.token()
+    redirector = _Redirector(asp_auth_node.base_url)
+    try:
+        c = Client(redirector.url, token=token)
+        ns = new_ns()
+        written = c.put(ns, "k", {"a": 1})
+        assert written["key"] == "k"
+        assert c.get(ns, "k").json() == {"a": 1}
+        assert [(m, a) for m, _, a in redirector.asked] == [
+            ("PUT", f"Bearer {token}"),
+            ("GET", f"Bearer {token}"),
+        ]
+    finally:
+        redirector.close()
+
+
+def test_a_redirect_loop_is_a_clear_error() -> None:
+    loop = _Redirector(None)  # redirects to itself
+    try:
+        with pytest.raises(AspError) as e:
+            Client(loop.url).get(new_ns(), "k")
+        assert e.value.code == "too_many_redirects"
+        assert len(loop.asked) == 6  # the request and 5 redirects
+    finally:
+        loop.close()
