@@ -48,6 +48,9 @@ fn view(state: &AppState, ns: &Namespace) -> Result<Response, ApiError> {
                 "node_id": h.node.to_string(),
                 "api": (!h.api.is_empty()).then_some(h.api),
                 "this_node": h.node == own,
+                // Holders exchange the namespace over direct links only: a holder
+                // this node (a holder too) has no link to gets nothing from it.
+                "linked": h.node == own || replicator.linked_to(h.node),
                 "holder_for_ms": u64::try_from(h.since.elapsed().as_millis()).unwrap_or(u64::MAX),
             })
         })

@@ -433,6 +433,16 @@ impl Replicator {
     /// Peers that could acknowledge a write (write concern counts only peers' acks):
     /// every node linked with since this process started, and each configured address
     /// not identified yet.
+    /// Whether a link to `node` is up now.
+    pub fn linked_to(&self, node: NodeId) -> bool {
+        self.inner
+            .registry
+            .lock()
+            .unwrap()
+            .established
+            .contains_key(&node)
+    }
+
     pub fn peers_known(&self) -> usize {
         let reg = self.inner.registry.lock().unwrap();
         let unidentified = reg

@@ -221,6 +221,13 @@ async fn five_nodes_hold_thirty_namespaces_two_each_and_lose_nothing_when_one_go
     }
     let nodes: Vec<&Node> = all.iter().collect();
     let holders = agreed(&nodes, &members).await;
+    // Holders exchange a namespace over direct links only: --dial-members made a mesh.
+    for n in &nodes {
+        let view = placement(n, "placed00").await;
+        for h in view["holders"].as_array().unwrap() {
+            assert_eq!(h["linked"], true, "{view}");
+        }
+    }
 
     // Writes through every node in turn; a write to a node that does not hold the
     // namespace is redirected to one that does.
