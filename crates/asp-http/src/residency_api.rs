@@ -2,7 +2,7 @@
 //! a node outside its rule (409 `residency`).
 
 use asp_core::Namespace;
-use asp_node::residency::{Labels, matches};
+use asp_node::residency::{Labels, matches, show};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
@@ -90,19 +90,7 @@ pub(crate) fn refuse_write(state: &AppState, ns: &str) -> Option<ApiError> {
         format!(
             "namespace {ns} may be held only by nodes labelled {}; this node's labels are {}",
             show(&rule),
-            if here.is_empty() {
-                "none".to_owned()
-            } else {
-                show(&here)
-            }
+            show(&here)
         ),
     ))
-}
-
-fn show(labels: &Labels) -> String {
-    labels
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }

@@ -30,7 +30,7 @@ use asp_core::{ContentType, Key, Namespace, NodeId};
 use asp_store::{Store, WriteOp};
 
 use crate::membership::Health;
-use crate::residency::{Labels, matches};
+use crate::residency::{Labels, matches, show};
 
 /// The namespace of placement rules.
 pub const PLACEMENT_NAMESPACE: &str = "_asp.placement";
@@ -452,17 +452,6 @@ fn repick(state: &mut State, now: Instant) -> bool {
         p.holders = holders;
     }
     changed
-}
-
-fn show(labels: &Labels) -> String {
-    if labels.is_empty() {
-        return "none".into();
-    }
-    labels
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// Every heartbeat: the members this node hears (not down), with their labels and

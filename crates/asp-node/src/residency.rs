@@ -72,6 +72,18 @@ pub fn matches(require: &Labels, labels: &Labels) -> bool {
     require.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
+/// Labels as `k=v, k=v` (`none` when empty), for messages.
+pub fn show(labels: &Labels) -> String {
+    if labels.is_empty() {
+        return "none".into();
+    }
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 #[derive(Default)]
 struct Rules {
     /// By rule key (`ns/<hash>`).
