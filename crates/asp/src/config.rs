@@ -822,6 +822,45 @@ mod tests {
     }
 
     #[test]
+    fn placement_rules_are_checked_and_reach_the_node() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            [placement]
+            orders = { replicas = 2, require = { zone = "a" } }
+            carts = { replicas = 3 }
+            "#,
+        )
+        .unwrap();
+        let c = resolve(file, Overrides::default()).unwrap();
+        let rules: Vec<(String, u32, usize)> = c
+            .placement
+            .iter()
+            .map(|(ns, r)| (ns.to_string(), r.replicas, r.require.len()))
+            .collect();
+        assert_eq!(rules, vec![("carts".into(), 3, 0), ("orders".into(), 2, 1)]);
+        for (toml, says) in [
+            (
+                "[placement]\norders = { replicas = 0 }",
+                "replicas must be 1 to 64",
+            ),
+            (
+                "[placement]\n\"_asp.x\" = { replicas = 1 }",
+                "go to every node",
+            ),
+            (
+                "[placement]\norders = { replicas = 1, zone = \"a\" }",
+                "unknown field",
+            ),
+        ] {
+            let e = match toml::from_str::<FileConfig>(toml) {
+                Ok(file) => format!("{:#}", resolve(file, Overrides::default()).err().unwrap()),
+                Err(e) => e.to_string(),
+            };
+            assert!(e.contains(says), "{toml}: {e}");
+        }
+    }
+
+    #[test]
     fn compaction_and_anti_entropy_settings_reach_the_node() {
         let file: FileConfig = toml::from_str(
             r#"
