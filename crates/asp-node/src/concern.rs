@@ -57,24 +57,14 @@ impl Replicator {
         namespace: &Namespace,
         want: Replicas,
     ) -> (usize, Option<Vec<NodeId>>) {
-        if let Some(holders) = self.inner.placement.holders(namespace) {
-            let history = self.inner.modes.history(namespace);
-            return match want {
-                Replicas::Count(n) => (n, Some(holders)),
-                Replicas::All => (holders.len(), Some(holders)),
-                Replicas::Majority => match history.current() {
-                    Some(r) if r.leader.is_some() && !r.voters.is_empty() => (
-                        asp_core::modes::majority(r.voters.len()),
-                        Some(r.voters.clone()),
-                    ),
-                    _ => (asp_core::modes::majority(holders.len()), Some(holders)),
-                },
-            };
-        }
-        let members = self.members_known();
+        // A placed namespace: its holders are the nodes, and only they count.
+        let (members, counted) = match self.inner.placement.holders(namespace) {
+            Some(holders) => (holders.len(), Some(holders)),
+            None => (self.members_known(), None),
+        };
         match want {
-            Replicas::Count(n) => (n, None),
-            Replicas::All => (members, None),
+            Replicas::Count(n) => (n, counted),
+            Replicas::All => (members, counted),
             Replicas::Majority => {
                 let history = self.inner.modes.history(namespace);
                 match history.current() {
@@ -82,7 +72,7 @@ impl Replicator {
                         asp_core::modes::majority(r.voters.len()),
                         Some(r.voters.clone()),
                     ),
-                    _ => (asp_core::modes::majority(members), None),
+                    _ => (asp_core::modes::majority(members), counted),
                 }
             }
         }
@@ -102,10 +92,10 @@ impl Replicator {
     /// dots `dots` of `namespace`, ending at this node's feed position `seq` — or
     /// `timeout` passes; returns how many do. A node counts once its acknowledgement
     /// of `seq` arrived (a direct peer), or once its newest report, which travels
-    /// through relays, holds every dot. With `voters`, only they count. A peer the
-    /// namespace is withheld from (residency, placement) never counts by its
-    /// acknowledgement: it acknowledges feed positions, and the namespace's events
-    /// within them never went to it.
+    /// through relays, holds every dot. With `voters`, only they count. A peer its link
+    /// withholds the namespace from (residency, placement, a share's direction) never
+    /// counts by its acknowledgement: it acknowledges feed positions, and the
+    /// namespace's events within them never went to it.
     pub async fn wait_holding(
         &self,
         namespace: &Namespace,
@@ -126,7 +116,10 @@ impl Replicator {
                 .unwrap()
                 .peers
                 .iter()
-                .filter(|(n, p)| p.acked_seq >= seq && !self.withheld_from(namespace, **n, p))
+                .filter(|(_, p)| {
+                    p.acked_seq >= seq
+                        && !p.withhold.as_ref().is_some_and(|w| w.withholds(namespace))
+                })
                 .map(|(&n, _)| n)
                 .collect();
             holders.insert(self.inner.node_id);
@@ -146,21 +139,5 @@ impl Replicator {
                 return count;
             }
         }
-    }
-
-    /// Whether nothing of `namespace` goes to `peer` (as its link withholds: residency
-    /// by the labels its certificate attests, placement within the cluster).
-    fn withheld_from(
-        &self,
-        namespace: &Namespace,
-        peer: NodeId,
-        record: &crate::registry::PeerRecord,
-    ) -> bool {
-        let labels = crate::registry::residency_labels(
-            record.certificate.as_ref(),
-            record.federated.as_ref(),
-        );
-        self.inner.residency.withholds(namespace, &labels)
-            || (record.federated.is_none() && self.inner.placement.withholds(namespace, peer))
     }
 }

@@ -47,7 +47,6 @@ pub(crate) async fn watch_feed(
     let mut reader = Some(store.feed_reader_of_epochs_and(crate::leases::LEASES_PREFIX, pos));
     let mut saved = pos;
     let mut undecided: VecDeque<EpochEvent> = VecDeque::new();
-    let mut generation = modes.history_generation.load(Ordering::Acquire);
     loop {
         while let Some(mut r) = reader.take() {
             let from = r.position();
@@ -112,14 +111,11 @@ pub(crate) async fn watch_feed(
             // A read failed: start over from the last position read.
             reader = Some(store.feed_reader_of_epochs_and(crate::leases::LEASES_PREFIX, pos));
         }
-        let now = modes.history_generation.load(Ordering::Acquire);
-        if now != generation {
-            generation = now;
-            look_again(&modes, &store, &mut undecided).await;
-        }
         tokio::select! {
             _ = head.changed() => {}
-            () = modes.history_changed.notified() => {}
+            () = modes.history_changed.notified() => {
+                look_again(&modes, &store, &mut undecided).await;
+            }
             () = shutdown.cancelled() => return,
         }
     }

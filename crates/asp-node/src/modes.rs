@@ -145,9 +145,9 @@ pub struct Modes {
     membership: Arc<crate::membership::Membership>,
     /// Feed positions the feed watcher has read past (each once, unless it restarts).
     pub(crate) feed_read: std::sync::atomic::AtomicU64,
-    /// Bumped, and the feed watcher woken, whenever the known epochs are read again:
-    /// events it could not yet call divergent or not are then looked at again.
-    pub(crate) history_generation: std::sync::atomic::AtomicU64,
+    /// Wakes the feed watcher whenever the known epochs are read again: events it could
+    /// not yet call divergent or not are then looked at again (a wake while it reads
+    /// is kept as the `Notify`'s permit, not lost).
     pub(crate) history_changed: tokio::sync::Notify,
 }
 
@@ -158,7 +158,6 @@ impl Modes {
             known: RwLock::default(),
             membership,
             feed_read: Default::default(),
-            history_generation: Default::default(),
             history_changed: tokio::sync::Notify::new(),
         }
     }
@@ -268,8 +267,6 @@ impl Modes {
             .collect();
         known.apis = apis;
         drop(known);
-        self.history_generation
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.history_changed.notify_one();
         Ok(())
     }

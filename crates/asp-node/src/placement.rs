@@ -106,6 +106,16 @@ struct State {
     candidates: Vec<Candidate>,
 }
 
+impl State {
+    /// A candidate's API address (empty: none gossiped, or not a candidate).
+    fn api_of(&self, node: NodeId) -> String {
+        self.candidates
+            .binary_search_by_key(&node, |c| c.node)
+            .map(|i| self.candidates[i].api.clone())
+            .unwrap_or_default()
+    }
+}
+
 /// The placement rules this node knows and the holders it picks.
 pub struct Placement {
     own: NodeId,
@@ -214,14 +224,6 @@ impl Placement {
                 show(&placed.rule.require)
             ));
         }
-        let api_of = |node: NodeId| {
-            state
-                .candidates
-                .iter()
-                .find(|c| c.node == node)
-                .map(|c| c.api.clone())
-                .unwrap_or_default()
-        };
         let since = |node: &NodeId| placed.since.get(node).copied();
         let oldest = placed.holders.iter().filter_map(since).min();
         if placed.holders.contains(&self.own) && since(&self.own) <= oldest {
@@ -236,7 +238,7 @@ impl Placement {
             .collect();
         servers.sort();
         for (_, _, node) in servers {
-            let api = api_of(node);
+            let api = state.api_of(node);
             if !api.is_empty() {
                 return Route::Elsewhere { node, api };
             }
@@ -265,12 +267,7 @@ impl Placement {
             .iter()
             .map(|n| Holder {
                 node: *n,
-                api: state
-                    .candidates
-                    .iter()
-                    .find(|c| c.node == *n)
-                    .map(|c| c.api.clone())
-                    .unwrap_or_default(),
+                api: state.api_of(*n),
                 since: placed.since.get(n).copied().unwrap_or_else(Instant::now),
             })
             .collect();
@@ -291,18 +288,6 @@ impl Placement {
             .filter(|(_, p)| p.holders.contains(&node))
             .map(|(ns, _)| ns.clone())
             .collect()
-    }
-
-    /// Every placed namespace and whether this node holds it.
-    pub fn placed(&self) -> Vec<(Namespace, bool)> {
-        let state = self.state.read().unwrap();
-        let mut out: Vec<(Namespace, bool)> = state
-            .placed
-            .iter()
-            .map(|(ns, p)| (ns.clone(), p.holders.contains(&self.own)))
-            .collect();
-        out.sort();
-        out
     }
 
     /// The members this node picks holders among, by node id.
@@ -346,8 +331,7 @@ impl Placement {
                 }
             }
         }
-        let before = state.placed.len();
-        if repick(&mut state, now) || state.placed.len() != before {
+        if repick(&mut state, now) {
             self.generation.fetch_add(1, Ordering::AcqRel);
         }
         self.any.store(!state.placed.is_empty(), Ordering::Release);

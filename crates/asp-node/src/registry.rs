@@ -113,6 +113,9 @@ pub(crate) struct PeerRecord {
     pub certificate: Option<asp_tls::Identity>,
     /// Its last link was to another cluster: what the shares allowed.
     pub federated: Option<crate::federation::Rights>,
+    /// What its last link keeps from it (residency, placement, a share's direction):
+    /// write concern does not count its acknowledgements for those namespaces.
+    pub withhold: Option<asp_core::session::Withhold>,
     /// Bytes of events sent to the peer, per namespace (since this process started).
     pub sent_bytes: std::collections::HashMap<asp_core::Namespace, u64>,
     /// It has dialed this node: it chose the path, so gossip never dials it.

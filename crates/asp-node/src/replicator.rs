@@ -430,9 +430,6 @@ impl Replicator {
         self.inner.listen
     }
 
-    /// Peers that could acknowledge a write (write concern counts only peers' acks):
-    /// every node linked with since this process started, and each configured address
-    /// not identified yet.
     /// Whether a link to `node` is up now.
     pub fn linked_to(&self, node: NodeId) -> bool {
         self.inner
@@ -443,6 +440,9 @@ impl Replicator {
             .contains_key(&node)
     }
 
+    /// Peers that could acknowledge a write (write concern counts only peers' acks):
+    /// every node linked with since this process started, and each configured address
+    /// not identified yet.
     pub fn peers_known(&self) -> usize {
         let reg = self.inner.registry.lock().unwrap();
         let unidentified = reg

@@ -507,9 +507,11 @@ impl Link {
                     let certificate = self.certificate.clone();
                     let federated = self.federated.clone();
                     let inbound = self.direction == Direction::Inbound;
+                    let withhold = self.withhold.clone();
                     self.with_record(|r| {
                         r.inbound |= inbound;
                         r.federated = federated;
+                        r.withhold = Some(withhold);
                         r.namespaces = Some(namespaces);
                         if certificate.is_some() {
                             r.certificate = certificate;
