@@ -181,6 +181,18 @@ async fn five_nodes_hold_thirty_namespaces_two_each_and_lose_nothing_when_one_go
         assert!(message.contains(what), "{body}: {message}");
     }
 
+    // The node's own namespaces go to every node: never placed.
+    let r = c
+        .send(
+            Method::PUT,
+            "/v1/ns/_asp.members/placement",
+            &[],
+            Bytes::from(json!({"replicas": 1}).to_string()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{:?}", r.json());
+
     // Labels no member carries: nobody can serve it, and every node says why.
     let r = c
         .send(
