@@ -44,6 +44,8 @@ mod queue;
 mod salvage;
 mod scrub;
 mod store;
+#[doc(hidden)]
+pub mod trace;
 mod types;
 mod validate;
 mod writer;

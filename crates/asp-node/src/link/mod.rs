@@ -15,12 +15,11 @@ use asp_core::session::{
     CloseReason, ErrorCode, Frame, Session, SessionConfig, SessionEvent, Withhold,
 };
 use asp_core::{Event, Namespace, NodeId, VersionVector};
+use asp_store::trace::{self, Hop};
 use asp_store::{ApplyOutcome, FeedReader, WriteError};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, WriteHalf};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{Notify, mpsc, oneshot};
-use tokio_rustls::TlsStream;
 
 use crate::federation::Rights;
 use crate::metrics::RefusalLabels;
@@ -29,9 +28,11 @@ use crate::registry::{self, Direction, Inner, error_pair, peer_labels, wall_ms};
 mod reconcile;
 mod relay;
 mod stream;
+mod writer;
 
 pub(crate) use stream::Connection;
 use stream::{PeerStream, TLS_HANDSHAKE_RECORD, capture_file, upgrade};
+use writer::{Writer, write_loop};
 
 /// Events per frame, at most (frames are also bounded in bytes).
 const EVENTS_PER_FRAME_MAX: usize = 10_000;
@@ -559,6 +560,7 @@ impl Link {
                             .inc_by(events.len() as u64);
                         self.with_record(|r| r.events_received += events.len() as u64);
                     }
+                    trace::mark(Hop::Received, self.inner.node_id, &events);
                     self.enqueue(events, last_seq, bytes, None).await;
                 }
                 SessionEvent::Repair { id, events, bytes } => {
@@ -693,6 +695,8 @@ impl Link {
                     self.caught_up = true;
                     return;
                 }
+                let traced = trace::traced_counters(events.iter().map(|fe| &fe.event));
+                trace::mark_counters(Hop::LinkRead, self.inner.node_id, &traced);
                 let events: Vec<Event> = events.into_iter().map(|fe| fe.event).collect();
                 let skipped_before = self.session.relay_state().0;
                 let (sent, _) = self.session.send_events(
@@ -703,6 +707,10 @@ impl Link {
                 );
                 let count = sent as u64;
                 self.sent_through = position;
+                if !traced.is_empty() {
+                    self.flush();
+                    trace::mark_counters(Hop::Sent, self.inner.node_id, &traced);
+                }
                 if let Some(peer) = self.peer {
                     self.inner
                         .metrics
@@ -917,83 +925,4 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
-}
-
-/// The sending side of a link's connection.
-enum Writer {
-    Plain(Arc<OwnedWriteHalf>),
-    Tls(WriteHalf<TlsStream<TcpStream>>),
-    Carried(WriteHalf<tokio::io::DuplexStream>),
-}
-
-/// Writes queued frames to the socket, in order.
-async fn write_loop(
-    wr: Writer,
-    rx: mpsc::UnboundedReceiver<Vec<u8>>,
-    queued: Arc<AtomicUsize>,
-    drained: Arc<Notify>,
-) {
-    match wr {
-        Writer::Plain(wr) => write_plain(wr, rx, queued, drained).await,
-        Writer::Tls(wr) => write_whole(wr, rx, queued, drained).await,
-        Writer::Carried(wr) => write_whole(wr, rx, queued, drained).await,
-    }
-}
-
-/// TLS and carried streams (no `try_write`): each queued frame is written whole; queued
-/// frames go out in one flush.
-async fn write_whole<W: tokio::io::AsyncWrite>(
-    mut wr: WriteHalf<W>,
-    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
-    queued: Arc<AtomicUsize>,
-    drained: Arc<Notify>,
-) {
-    while let Some(bytes) = rx.recv().await {
-        if wr.write_all(&bytes).await.is_err() {
-            return;
-        }
-        queued.fetch_sub(bytes.len(), Ordering::AcqRel);
-        let mut more = true;
-        while more {
-            match rx.try_recv() {
-                Ok(bytes) => {
-                    if wr.write_all(&bytes).await.is_err() {
-                        return;
-                    }
-                    queued.fetch_sub(bytes.len(), Ordering::AcqRel);
-                }
-                Err(_) => more = false,
-            }
-        }
-        if wr.flush().await.is_err() {
-            return;
-        }
-        drained.notify_one();
-    }
-    // The link is done: close_notify, then the connection's sending side closes.
-    let _ = wr.shutdown().await;
-}
-
-async fn write_plain(
-    wr: Arc<OwnedWriteHalf>,
-    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
-    queued: Arc<AtomicUsize>,
-    drained: Arc<Notify>,
-) {
-    while let Some(bytes) = rx.recv().await {
-        let mut at = 0;
-        while at < bytes.len() {
-            if wr.writable().await.is_err() {
-                return;
-            }
-            match wr.try_write(&bytes[at..]) {
-                Ok(n) => at += n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => return,
-            }
-        }
-        queued.fetch_sub(bytes.len(), Ordering::AcqRel);
-        drained.notify_one();
-    }
-    // Dropping the last handle of the write half shuts the connection's sending side.
 }

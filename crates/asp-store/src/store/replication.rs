@@ -204,6 +204,7 @@ impl Store {
                 .map_err(|_| WriteError::Closed)?,
         };
         let (reply, answer) = oneshot::channel();
+        let traced = crate::trace::traced_counters(&events);
         let request = ApplyRequest {
             events,
             repair,
@@ -216,6 +217,7 @@ impl Store {
             .send(Request::Apply(request))
             .await
             .map_err(|_| WriteError::Closed)?;
+        crate::trace::mark_counters(crate::trace::Hop::Queued, self.node_id(), &traced);
         Ok(answer)
     }
 

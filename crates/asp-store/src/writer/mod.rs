@@ -66,6 +66,7 @@ use crate::metrics::Metrics;
 use crate::mutation::Mutation;
 use crate::policy::Policies;
 use crate::queue::WriteQueue;
+use crate::trace::{self, Hop};
 use crate::types::{Applied, ApplyOutcome, Condition, CrdtOp, NamespaceState, WriteKind, WriteOp};
 use asp_core::crdt::{MvRegister, Policy, Sibling, State};
 use asp_core::{ContentType, Version};
@@ -139,6 +140,9 @@ struct WrittenGroup {
     bytes: u64,
     /// What the indexer does with it once acknowledged.
     index: IndexMsg,
+    /// Dot counters of the traced peer events in it, while a hop trace runs (see
+    /// [`crate::trace`]).
+    traced: Vec<u64>,
 }
 
 /// A group's changes to the key index.
@@ -378,7 +382,8 @@ struct Collected {
 }
 
 impl Collected {
-    fn add(&mut self, request: Request) {
+    /// Takes `request` into the group (`here`: this node, for the hop trace).
+    fn add(&mut self, request: Request, here: NodeId) {
         match request {
             Request::Write(w) => {
                 self.events += w.ops.len();
@@ -386,6 +391,7 @@ impl Collected {
                 self.requests.push(Work::Write(w));
             }
             Request::Apply(a) => {
+                trace::mark(Hop::Taken, here, &a.events);
                 self.events += a.events.len();
                 self.bytes += a.bytes;
                 self.requests.push(Work::Apply(a));
@@ -444,7 +450,7 @@ impl Writer {
             };
             let mut group = Collected::default();
             if let Some(first) = first {
-                group.add(first);
+                group.add(first, self.shared.node_id);
                 self.drain(&mut group);
                 if self.shared.config.fsync == FsyncMode::Always && group.shutdown.is_empty() {
                     self.gather_stragglers(&mut group);
@@ -507,7 +513,7 @@ impl Writer {
             && group.shutdown.is_empty()
         {
             match self.queue.try_recv() {
-                Some(request) => group.add(request),
+                Some(request) => group.add(request, self.shared.node_id),
                 None => break,
             }
         }
@@ -528,7 +534,7 @@ impl Writer {
         {
             let deadline = (Instant::now() + gap).min(started + STRAGGLER_WAIT_MAX);
             match self.queue.recv_until(deadline) {
-                Some(request) => group.add(request),
+                Some(request) => group.add(request, self.shared.node_id),
                 None => break,
             }
         }
@@ -571,6 +577,11 @@ impl Writer {
             }
             return None;
         }
+        let traced = trace::traced_counters(group.iter().flat_map(|work| match work {
+            Work::Apply(a) => a.events.as_slice(),
+            _ => &[],
+        }));
+        trace::mark_counters(Hop::Gathered, self.shared.node_id, &traced);
         let group = self.reserve_counters(group);
         if let Some(err) = self.shared.failed() {
             for work in group {
@@ -701,6 +712,7 @@ impl Writer {
         if !self.buf.is_empty() {
             self.shared.space_regained();
         }
+        trace::mark_counters(Hop::Written, self.shared.node_id, &traced);
         let head = FeedHead {
             seq: self.seq,
             segment: g.segment_base,
@@ -729,6 +741,7 @@ impl Writer {
                 quarantines: Vec::new(),
                 tallies: g.tallies,
             },
+            traced,
         })
     }
 
@@ -885,6 +898,7 @@ impl Writer {
             }
             return;
         }
+        trace::mark_counters(Hop::Synced, self.shared.node_id, &msg.traced);
         {
             let mut progress = self.shared.progress.lock().unwrap();
             let head = msg.index.head;
@@ -898,6 +912,7 @@ impl Writer {
                 .store(head.seq, Ordering::Release);
             self.shared.publish(&progress);
         }
+        trace::mark_counters(Hop::Visible, self.shared.node_id, &msg.traced);
         // Relocated copies are no new events: they count only as log bytes.
         let metrics = &self.shared.metrics;
         let events = msg.events - msg.relocated;
