@@ -10,10 +10,13 @@
 //! - `http`: concurrent clients POSTing 1,000-event JSON batches to an in-process server;
 //! - `catchup`: replication catch-up: 1,000,000 events written on one node while its
 //!   peer is away, then the time until the peer holds them all durably; side by side
-//!   with a Redis replica's full sync of the same data (with and without AOF);
+//!   with a Redis replica's full sync of the same data (with and without AOF) and a
+//!   NATS JetStream mirror's catch-up from its source stream, with one subject and with
+//!   a subject per key (bench_jetstream.rs; NATS 2.9 fsyncs no message as it stores it);
 //! - `live`: replication latency: writes at 5,000/s on one node, time from each
 //!   acknowledgement to its appearance in the peer's change feed; side by side with
-//!   a Redis replica (keyspace notifications);
+//!   a Redis replica (keyspace notifications); with `--trace-hops`, where that time
+//!   goes, hop by hop (bench_hops.rs);
 //! - `rss`: 10 million events with 10 million distinct keys through batches, reporting
 //!   the peak resident memory (VmHWM) of a fresh process that does only that, so that
 //!   nothing retained by the other scenarios counts;
@@ -64,6 +67,11 @@ pub struct BenchArgs {
     /// Writes per second of the live scenario.
     #[arg(long, default_value_t = 5_000)]
     live_rate: u64,
+    /// Stamp each live event at every hop from A's acknowledgement to B's feed and
+    /// report where the time goes, per segment (costs a little on the path it
+    /// measures: one lock and one clock read per batch and hop).
+    #[arg(long)]
+    trace_hops: bool,
     /// Peer links of the catchup and live scenarios: off (plain TCP), on (mutual TLS),
     /// or both, comma-separated (each repetition runs them one after the other).
     #[arg(long, default_value = "off", value_delimiter = ',', value_parser = ["off", "on"])]
@@ -303,6 +311,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
             .collect::<Vec<_>>(),
     );
 
+    let mut hop_tables: Vec<String> = Vec::new();
     for rep in 0..args.repeat {
         eprintln!("— repetition {} of {}", rep + 1, args.repeat);
         for &mode in &modes {
@@ -360,26 +369,30 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
                     record_replication("catchup", &label, &system, r);
                 }
             }
-            for aof in [true, false] {
-                let bar = progress("loading a Redis master", args.catchup_events);
-                let c = crate::bench_redis::redis_catch_up(
-                    &args.dir,
-                    args.catchup_events,
-                    args.value_bytes,
-                    aof,
-                    |n| bar.set_position(n),
-                )
-                .await?;
+            // The peers' own catch-up of the same data: a Redis replica's full sync
+            // (with and without AOF) and a JetStream mirror (one subject, a subject
+            // per key).
+            const PEERS: [&str; 4] = [
+                "Redis, AOF everysec",
+                "Redis, no AOF",
+                "JetStream mirror, one subject",
+                "JetStream mirror, subject per key",
+            ];
+            for (k, system) in PEERS.into_iter().enumerate() {
+                let bar = progress(&format!("loading for {system}"), args.catchup_events);
+                let at = |n| bar.set_position(n);
+                let (n, bytes) = (args.catchup_events, args.value_bytes);
+                let c = if k < 2 {
+                    crate::bench_redis::redis_catch_up(&args.dir, n, bytes, k == 0, at).await?
+                } else {
+                    crate::bench_jetstream::jetstream_catch_up(&args.dir, n, bytes, k == 3, at)
+                        .await?
+                };
                 bar.finish_and_clear();
                 let r = ReplicationResult {
                     events_per_s: c.events_per_s(),
                     mb_per_s: c.mb_per_s(),
                     ..Default::default()
-                };
-                let system = if aof {
-                    "Redis, AOF everysec"
-                } else {
-                    "Redis, no AOF"
                 };
                 eprintln!(
                     "  {system} catch-up: {} keys/s, {:.1} MB/s",
@@ -393,12 +406,15 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
             let label = format!("live latency at {} writes/s", args.live_rate);
             for &mode in &modes {
                 for (tls, via) in variants(&args) {
-                    let hist = crate::bench_replication::live_latency(
+                    let (hist, hops) = crate::bench_replication::live_latency(
                         &args.dir,
                         mode,
                         bench_tls(&args.dir, tls)?,
-                        args.live_events,
-                        args.live_rate,
+                        crate::bench_replication::LiveLoad {
+                            events: args.live_events,
+                            rate_per_s: args.live_rate,
+                            trace_hops: args.trace_hops,
+                        },
                         &values,
                         &via,
                     )
@@ -414,6 +430,12 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
                         "  {system} live latency: p50 {} µs, p99 {} µs, max {} µs",
                         r.p50_us, r.p99_us, r.max_us
                     );
+                    if let Some(hops) = hops {
+                        let title = format!("{system}, repetition {}", rep + 1);
+                        let table = hops.markdown(&title);
+                        eprintln!("{table}");
+                        hop_tables.push(table);
+                    }
                     record_replication("live", &label, &system, r);
                 }
             }
@@ -551,6 +573,9 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
             "\nmedian of {} runs per row; values of {} bytes, incompressible\n",
             args.repeat, args.value_bytes
         ));
+    }
+    for table in &hop_tables {
+        out.push_str(table);
     }
     if wants("reconcile") {
         let items = args.reconcile_items;

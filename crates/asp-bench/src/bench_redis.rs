@@ -168,7 +168,7 @@ pub async fn redis_catch_up(
     aof: bool,
     progress: impl Fn(u64),
 ) -> anyhow::Result<CatchUp> {
-    let scratch = Scratch::create(work_dir)?;
+    let scratch = Scratch::create(work_dir, "redis-bench")?;
     let master = Server::start(&scratch.path, "master", aof).await?;
     let mut to_master = master.connect().await?;
     load(&mut to_master, keys, value_bytes, &progress)
@@ -242,7 +242,7 @@ pub async fn redis_live_latency(
     ensure!(rate_per_s > 0, "a latency run needs a positive rate");
     let n = usize::try_from(events).context("too many events")?;
 
-    let scratch = Scratch::create(work_dir)?;
+    let scratch = Scratch::create(work_dir, "redis-bench")?;
     let master = Server::start(&scratch.path, "master", aof).await?;
     let replica = Server::start(&scratch.path, "replica", aof).await?;
     let mut to_replica = replica.connect().await?;
@@ -563,7 +563,7 @@ fn nanos_since(base: std::time::Instant) -> u64 {
 
 /// Pseudo-random bytes (xorshift64*) from which values are cut: each value is a window
 /// of `value_bytes` bytes at a key-dependent offset.
-fn value_pool(value_bytes: usize) -> Vec<u8> {
+pub(crate) fn value_pool(value_bytes: usize) -> Vec<u8> {
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let mut pool = Vec::with_capacity(value_bytes + 4096 + 8);
     while pool.len() < value_bytes + 4096 {
@@ -576,7 +576,7 @@ fn value_pool(value_bytes: usize) -> Vec<u8> {
 }
 
 /// The value of key number `key`: a window of the pool.
-fn value_for(pool: &[u8], value_bytes: usize, key: u64) -> &[u8] {
+pub(crate) fn value_for(pool: &[u8], value_bytes: usize, key: u64) -> &[u8] {
     let offset = (key.wrapping_mul(7919) % 4096) as usize;
     &pool[offset..offset + value_bytes]
 }
@@ -868,23 +868,21 @@ impl Conn {
 }
 
 /// A temporary directory, removed with everything in it when dropped.
-struct Scratch {
-    path: PathBuf,
+pub(crate) struct Scratch {
+    pub(crate) path: PathBuf,
 }
 
 impl Scratch {
-    /// Creates a new, uniquely named directory under `work_dir` (created if missing).
-    fn create(work_dir: &Path) -> anyhow::Result<Scratch> {
+    /// Creates a new, uniquely named directory `<prefix>-<pid>-<time>-<n>` under
+    /// `work_dir` (created if missing).
+    pub(crate) fn create(work_dir: &Path, prefix: &str) -> anyhow::Result<Scratch> {
         std::fs::create_dir_all(work_dir)
             .with_context(|| format!("creating {}", work_dir.display()))?;
         let stamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
         for attempt in 0..100u32 {
-            let path = work_dir.join(format!(
-                "redis-bench-{}-{stamp}-{attempt}",
-                std::process::id()
-            ));
+            let path = work_dir.join(format!("{prefix}-{}-{stamp}-{attempt}", std::process::id()));
             match std::fs::create_dir(&path) {
                 Ok(()) => return Ok(Scratch { path }),
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
@@ -1034,7 +1032,7 @@ impl Drop for Server {
 }
 
 /// A loopback port that was free a moment ago (never 6379).
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     for _ in 0..10 {
         let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
         let port = listener.local_addr()?.port();

@@ -222,17 +222,32 @@ pub async fn catch_up(
     Ok(seconds)
 }
 
+/// What a live latency run writes.
+pub struct LiveLoad {
+    /// Single-event writes.
+    pub events: u64,
+    /// Writes per second (open loop).
+    pub rate_per_s: u64,
+    /// Whether to stamp each event at every hop (see bench_hops.rs).
+    pub trace_hops: bool,
+}
+
 /// Latency from a write's acknowledgement on one node to its appearance in the other
-/// node's change feed, for `events` single-event writes at `rate_per_s` (open loop).
+/// node's change feed, for `load.events` single-event writes at `load.rate_per_s` (open
+/// loop); with `load.trace_hops`, also where that time went.
 pub async fn live_latency(
     base: &std::path::Path,
     mode: FsyncMode,
     tls: Option<Arc<asp_tls::Tls>>,
-    events: u64,
-    rate_per_s: u64,
+    load: LiveLoad,
     values: &Values,
     via: &Via,
-) -> anyhow::Result<Histogram<u64>> {
+) -> anyhow::Result<(Histogram<u64>, Option<crate::bench_hops::HopTable>)> {
+    let LiveLoad {
+        events,
+        rate_per_s,
+        trace_hops,
+    } = load;
     let pid = std::process::id();
     let mut a = Side::open(base.join(format!("live-a-{pid}")), mode)?;
     let a_addr = a.replicate(vec![], tls.clone(), via).await?;
@@ -264,11 +279,15 @@ pub async fn live_latency(
     let n = events as usize;
     let acked: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
     let seen: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+    let counters: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+    // Counters are dense per origin and namespace: twice the events is room enough.
+    let trace = trace_hops
+        .then(|| asp_store::trace::enable(a.store.node_id(), ns.clone(), base_time, 2 * n + 4096));
     let since = move |t: Instant| t.duration_since(base_time).as_nanos() as u64 + 1;
 
     // B's side: follow its feed and note when each write appears.
     let watcher = {
-        let (store, seen) = (b.store.clone(), seen.clone());
+        let (store, seen, counters) = (b.store.clone(), seen.clone(), counters.clone());
         let mut reader = store.feed_reader(Some(ns.clone()), store.head().seq);
         let mut head = store.subscribe();
         tokio::spawn(async move {
@@ -298,6 +317,7 @@ pub async fn live_latency(
                             now.duration_since(base_time).as_nanos() as u64 + 1,
                             Ordering::Release,
                         );
+                        counters[i].store(e.event.dot.counter, Ordering::Release);
                         count += 1;
                     }
                 }
@@ -347,6 +367,12 @@ pub async fn live_latency(
         w.await??;
     }
     watcher.await??;
+    let load =
+        |v: &[AtomicU64]| -> Vec<u64> { v.iter().map(|x| x.load(Ordering::Acquire)).collect() };
+    let hops = trace.map(|t| {
+        asp_store::trace::disable();
+        crate::bench_hops::HopTable::new(&t, &load(&acked), &load(&seen), &load(&counters))
+    });
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     for i in 0..n {
         let (ack, seen) = (
@@ -359,5 +385,5 @@ pub async fn live_latency(
     }
     b.close().await?;
     a.close().await?;
-    Ok(hist)
+    Ok((hist, hops))
 }

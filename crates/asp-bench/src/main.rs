@@ -11,6 +11,8 @@ mod bench_connect2;
 mod bench_crdt;
 mod bench_gc;
 mod bench_handover;
+mod bench_hops;
+mod bench_jetstream;
 mod bench_negentropy;
 mod bench_reconcile;
 mod bench_redis;
