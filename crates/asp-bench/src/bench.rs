@@ -46,6 +46,30 @@ use clap::Args;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 
+/// A peer system whose own catch-up the `catchup` scenario times beside asp's.
+#[derive(Clone, Copy)]
+enum Peer {
+    /// A Redis replica's full sync, with or without AOF (bench_redis.rs).
+    Redis { aof: bool },
+    /// A JetStream mirror of a stream, a subject per key or one subject
+    /// (bench_jetstream.rs).
+    JetStream { per_key: bool },
+}
+
+/// The catch-up scenario's peers, in table order, with their row names.
+const CATCH_UP_PEERS: [(&str, Peer); 4] = [
+    ("Redis, AOF everysec", Peer::Redis { aof: true }),
+    ("Redis, no AOF", Peer::Redis { aof: false }),
+    (
+        "JetStream mirror, one subject",
+        Peer::JetStream { per_key: false },
+    ),
+    (
+        "JetStream mirror, subject per key",
+        Peer::JetStream { per_key: true },
+    ),
+];
+
 #[derive(Args)]
 pub struct BenchArgs {
     /// Scenarios to run, comma-separated: fsync, single, batch, http, catchup, live, rss,
@@ -369,24 +393,19 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
                     record_replication("catchup", &label, &system, r);
                 }
             }
-            // The peers' own catch-up of the same data: a Redis replica's full sync
-            // (with and without AOF) and a JetStream mirror (one subject, a subject
-            // per key).
-            const PEERS: [&str; 4] = [
-                "Redis, AOF everysec",
-                "Redis, no AOF",
-                "JetStream mirror, one subject",
-                "JetStream mirror, subject per key",
-            ];
-            for (k, system) in PEERS.into_iter().enumerate() {
+            // The peers' own catch-up of the same data.
+            for (system, peer) in CATCH_UP_PEERS {
                 let bar = progress(&format!("loading for {system}"), args.catchup_events);
                 let at = |n| bar.set_position(n);
-                let (n, bytes) = (args.catchup_events, args.value_bytes);
-                let c = if k < 2 {
-                    crate::bench_redis::redis_catch_up(&args.dir, n, bytes, k == 0, at).await?
-                } else {
-                    crate::bench_jetstream::jetstream_catch_up(&args.dir, n, bytes, k == 3, at)
-                        .await?
+                let (dir, n, bytes) = (&args.dir, args.catchup_events, args.value_bytes);
+                let c = match peer {
+                    Peer::Redis { aof } => {
+                        crate::bench_redis::redis_catch_up(dir, n, bytes, aof, at).await?
+                    }
+                    Peer::JetStream { per_key } => {
+                        crate::bench_jetstream::jetstream_catch_up(dir, n, bytes, per_key, at)
+                            .await?
+                    }
                 };
                 bar.finish_and_clear();
                 let r = ReplicationResult {

@@ -19,7 +19,7 @@
 //! fsync per message (it syncs in the background; a per-message sync is not offered
 //! before 2.10), so this compares with asp at `fsync=never` and with Redis without AOF.
 //!
-//! The server is stopped (SIGTERM, then SIGKILL after 5 s) and the directory removed
+//! The server is stopped (SIGTERM, repeated, then SIGKILL after 5 s) and the directory removed
 //! when the measurement ends, whether it succeeded, failed, panicked or was cancelled.
 
 use std::path::{Path, PathBuf};
@@ -31,7 +31,9 @@ use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::bench_redis::{CatchUp, Scratch, free_port, value_for, value_pool};
+use crate::bench_redis::{
+    CatchUp, Scratch, free_port, log_tail, stop_child, value_for, value_pool,
+};
 
 /// The server binary, looked up on `PATH`.
 const NATS_SERVER: &str = "nats-server";
@@ -216,28 +218,12 @@ impl Server {
 
     /// The last lines of the server's log, for error messages.
     fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.join("nats.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        log_tail(&self.dir.join("nats.log"))
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
-            // SAFETY: kill(2) on our own child, not reaped yet (so the pid cannot have
-            // been reused), with a valid signal.
-            unsafe {
-                libc::kill(pid, libc::SIGTERM);
-            }
-            for _ in 0..500 {
-                if matches!(self.child.try_wait(), Ok(Some(_))) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_child(&mut self.child);
     }
 }

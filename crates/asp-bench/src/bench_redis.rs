@@ -998,37 +998,48 @@ impl Server {
 
     /// The last lines of the server's log, for error messages.
     fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        log_tail(&self.dir.join("redis.log"))
     }
 }
 
 impl Drop for Server {
     /// SIGTERM first, so that the server also stops any child it forked (RDB transfer,
-    /// AOF rewrite) before the directory is removed. A server that refuses to shut down
-    /// for now (a replica writing its initial AOF after a sync answers SIGTERM with
-    /// "Writing initial AOF, can't exit") is sent SIGTERM again every 100 ms, and
-    /// SIGKILL after 5 s.
+    /// AOF rewrite) before the directory is removed (see [`stop_child`]: a replica
+    /// writing its initial AOF after a sync answers SIGTERM with "Writing initial AOF,
+    /// can't exit", hence the repeats).
     fn drop(&mut self) {
-        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
-            for attempt in 0..500 {
-                if attempt % 10 == 0 {
-                    // SAFETY: kill(2) on our own child, which is not reaped yet (so the
-                    // pid cannot have been reused), with a valid signal.
-                    unsafe {
-                        libc::kill(pid, libc::SIGTERM);
-                    }
-                }
-                if matches!(self.child.try_wait(), Ok(Some(_))) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_child(&mut self.child);
     }
+}
+
+/// Stops a server we started: SIGTERM, again every 100 ms while it does not exit, and
+/// SIGKILL after 5 s.
+pub(crate) fn stop_child(child: &mut Child) {
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        for attempt in 0..500 {
+            if attempt % 10 == 0 {
+                // SAFETY: kill(2) on our own child, which is not reaped yet (so the
+                // pid cannot have been reused), with a valid signal.
+                unsafe {
+                    libc::kill(pid, libc::SIGTERM);
+                }
+            }
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// The last 20 lines of a server's log file (empty if it cannot be read), for error
+/// messages.
+pub(crate) fn log_tail(path: &Path) -> String {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
 /// A loopback port that was free a moment ago (never 6379).

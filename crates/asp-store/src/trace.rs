@@ -60,21 +60,6 @@ impl Hop {
     fn at_origin(self) -> bool {
         matches!(self, Hop::LinkRead | Hop::Sent)
     }
-
-    /// A short name, for tables.
-    pub fn name(self) -> &'static str {
-        match self {
-            Hop::LinkRead => "link read",
-            Hop::Sent => "sent",
-            Hop::Received => "received",
-            Hop::Queued => "queued",
-            Hop::Taken => "taken by the writer",
-            Hop::Gathered => "group gathered",
-            Hop::Written => "written",
-            Hop::Synced => "synced",
-            Hop::Visible => "visible",
-        }
-    }
 }
 
 /// The stamps of one trace.
@@ -142,7 +127,7 @@ pub fn active() -> bool {
 #[inline]
 pub fn mark<'a>(hop: Hop, here: NodeId, events: impl IntoIterator<Item = &'a Event>) {
     if active() {
-        mark_slow(hop, here, events);
+        mark_counters(hop, here, &traced_counters(events));
     }
 }
 
@@ -162,52 +147,33 @@ pub fn traced_counters<'a>(events: impl IntoIterator<Item = &'a Event>) -> Vec<u
         .collect()
 }
 
-/// Stamps `hop` now for the traced events with dot counters `counters`, on `here`.
+/// Stamps `hop` now for the traced events with dot counters `counters`, on `here`
+/// (sending hops only on the origin, receiving hops only elsewhere).
 #[inline]
 pub fn mark_counters(hop: Hop, here: NodeId, counters: &[u64]) {
     if counters.is_empty() || !active() {
         return;
     }
-    if let Some((trace, now)) = stamping(hop, here) {
-        for &counter in counters {
-            stamp_once(&trace, hop, counter, now);
-        }
+    let Some(trace) = current() else { return };
+    if hop.at_origin() != (here == trace.origin) {
+        return;
     }
-}
-
-fn mark_slow<'a>(hop: Hop, here: NodeId, events: impl IntoIterator<Item = &'a Event>) {
-    if let Some((trace, now)) = stamping(hop, here) {
-        for event in events {
-            if trace.traces(event) {
-                stamp_once(&trace, hop, event.dot.counter, now);
-            }
-        }
+    let now = u64::try_from(trace.base.elapsed().as_nanos())
+        .unwrap_or(u64::MAX - 1)
+        .saturating_add(1);
+    for &counter in counters {
+        // The first stamp stays.
+        let _ = trace.stamps[trace.slot(hop, counter)].compare_exchange(
+            0,
+            now,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
     }
 }
 
 fn current() -> Option<Arc<Trace>> {
     CURRENT.read().unwrap().clone()
-}
-
-/// The running trace and the time now, if `here` stamps `hop`.
-fn stamping(hop: Hop, here: NodeId) -> Option<(Arc<Trace>, u64)> {
-    let trace = current()?;
-    if hop.at_origin() != (here == trace.origin) {
-        return None;
-    }
-    let now = u64::try_from(trace.base.elapsed().as_nanos())
-        .unwrap_or(u64::MAX - 1)
-        .saturating_add(1);
-    Some((trace, now))
-}
-
-fn stamp_once(trace: &Trace, hop: Hop, counter: u64, now: u64) {
-    let _ = trace.stamps[trace.slot(hop, counter)].compare_exchange(
-        0,
-        now,
-        Ordering::AcqRel,
-        Ordering::Relaxed,
-    );
 }
 
 #[cfg(test)]
