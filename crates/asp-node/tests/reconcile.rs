@@ -473,6 +473,58 @@ async fn live_writes_flow_while_a_bootstrap_transfer_is_held() {
     stop(ra, rb, a, b).await;
 }
 
+/// Regression: a receiver slow to apply (here every fdatasync takes longer than the
+/// idle timeout) keeps its link through a transfer. Its link used to wait for the
+/// writer in silence: the sender took it for dead, closed the link, and the transfer
+/// never counted as ended (the bootstrap test failed that way in CI, under load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_slow_to_apply_keeps_its_link_through_a_transfer() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Store::open(store_config(da.path(), 1)).unwrap();
+    let value = "v".repeat(400);
+    put_many(&a, (0..2000).map(|i| format!("k{i:04}")), &value).await;
+    put_many(&a, (0..2000).map(|i| format!("k{i:04}")), &value).await;
+    let report = a.compact().unwrap();
+    assert!(report.records_dropped > 0, "{report:?}");
+    let fs = asp_store::fault::FaultFs::new(7);
+    let mut sc = store_config(db.path(), 2);
+    sc.fs = fs.shared();
+    sc.min_free_bytes = 0;
+    let b = Store::open(sc).unwrap();
+    // From here on B's every fdatasync outlasts the idle timeout.
+    fs.set_sync_delay(Duration::from_millis(1500));
+    let timeout = Duration::from_millis(1000);
+    let mut rc = replication(vec![]);
+    rc.idle_timeout = timeout;
+    let ra = Replicator::start(a.clone(), rc, CancellationToken::new())
+        .await
+        .unwrap();
+    let mut rc = replication(vec![ra.listen_addr().unwrap().to_string()]);
+    rc.idle_timeout = timeout;
+    let rb = Replicator::start(b.clone(), rc, CancellationToken::new())
+        .await
+        .unwrap();
+    converge(&a, &b, "after the slow transfer").await;
+    let counted = |r: &Replicator| {
+        let p = &r.status().peers[0];
+        (p.reconcile.handovers, p.reconcile.transfers)
+    };
+    for _ in 0..1500 {
+        if counted(&ra) == (1, 1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        counted(&ra),
+        (1, 1),
+        "one handover by one transfer, on one link; A sees {:#?}",
+        ra.status().peers
+    );
+    fs.set_sync_delay(Duration::ZERO);
+    stop(ra, rb, a, b).await;
+}
+
 /// Regression (issue 11, item 1): two nodes that hold the same dots in different
 /// states stayed different for good: anti-entropy found the difference, but the
 /// receiver dropped each repair whose dot it held as a duplicate.

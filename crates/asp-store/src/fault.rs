@@ -71,6 +71,8 @@ struct State {
     /// (inode, offset, bytes) of the last write since its file's last sync.
     last_write: Option<(u64, u64, Vec<u8>)>,
     sync_failure: SyncFailure,
+    /// How long each file `fdatasync` takes (a slow disk).
+    sync_delay: std::time::Duration,
     capacity: Option<u64>,
     rng: u64,
     /// Mutating operations so far.
@@ -154,6 +156,7 @@ impl FaultFs {
                 cut_countdown: None,
                 last_write: None,
                 sync_failure: SyncFailure::Never,
+                sync_delay: std::time::Duration::ZERO,
                 capacity: None,
                 rng: seed,
                 ops: 0,
@@ -258,6 +261,12 @@ impl FaultFs {
 
     pub fn fail_syncs(&self, failure: SyncFailure) {
         self.state.lock().unwrap().sync_failure = failure;
+    }
+
+    /// Makes every file `fdatasync` take `delay` (a slow or busy disk), spent without
+    /// holding the filesystem's lock.
+    pub fn set_sync_delay(&self, delay: std::time::Duration) {
+        self.state.lock().unwrap().sync_delay = delay;
     }
 
     /// Limits the bytes all files may hold together (`None`: no limit).
@@ -379,6 +388,10 @@ impl FsFile for FaultFile {
     }
 
     fn sync_data(&self) -> io::Result<()> {
+        let delay = self.state.lock().unwrap().sync_delay;
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
+        }
         self.with(|s| {
             s.mutate()?;
             match s.sync_failure {

@@ -272,18 +272,36 @@ impl Session {
                         format!("nothing heard from the peer for {ms} ms"),
                         now,
                     );
-                } else if now >= self.last_sent + self.config.heartbeat {
-                    let head_seq = self.local_head;
-                    // The wall clock is not ours to read: the runtime stamps it.
-                    self.queue(
-                        Frame::Heartbeat {
-                            head_seq,
-                            wall_ms: 0,
-                        },
-                        now,
-                    );
+                } else {
+                    self.keep_alive(now);
                 }
             }
+        }
+    }
+
+    /// Queues a heartbeat if one is due, without the idle check: for a runtime busy
+    /// waiting on its store, which reads nothing meanwhile (the peer's silence then
+    /// proves nothing) but must still be heard by the peer.
+    pub fn keep_alive(&mut self, now: Instant) {
+        if self.state == State::Established && now >= self.last_sent + self.config.heartbeat {
+            let head_seq = self.local_head;
+            // The wall clock is not ours to read: the runtime stamps it.
+            self.queue(
+                Frame::Heartbeat {
+                    head_seq,
+                    wall_ms: 0,
+                },
+                now,
+            );
+        }
+    }
+
+    /// The runtime read nothing from the peer from `since` to `now` (it was busy): that
+    /// time does not count as the peer's silence. The frames it sent meanwhile wait in
+    /// the socket, and the idle timeout must not fire before they are read.
+    pub fn not_read(&mut self, since: Instant, now: Instant) {
+        if now > since {
+            self.last_received = (self.last_received + (now - since)).min(now);
         }
     }
 

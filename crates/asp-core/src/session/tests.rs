@@ -375,6 +375,35 @@ fn a_peer_ignoring_credit_is_cut_off() {
     assert_eq!(closed(&pair.b_events).unwrap().code, ErrorCode::FlowControl);
 }
 
+/// A runtime busy on its store (not reading) still sends heartbeats, and the time it
+/// spent not reading is not the peer's silence.
+#[test]
+fn a_busy_runtime_keeps_the_link_alive() {
+    let mut a = config(1);
+    a.heartbeat = Duration::from_millis(100);
+    a.idle_timeout = Duration::from_millis(1000);
+    let mut pair = Pair::new(a, config(2));
+    let t0 = pair.now;
+    let ms = |n| t0 + Duration::from_millis(n);
+    // Not due yet: nothing; due: one heartbeat, even past the idle timeout.
+    pair.a.keep_alive(ms(50));
+    assert!(pair.a.poll_transmit().is_none());
+    pair.a.keep_alive(ms(1500));
+    assert!(matches!(
+        pair.a.poll_transmit(),
+        Some(Frame::Heartbeat { .. })
+    ));
+    assert!(!pair.a.is_closed(), "keep_alive makes no idle check");
+    // Busy from 200 ms to 1,700 ms: at 1,800 ms the peer was silent for 300 ms of
+    // listening, not 1,800 ms.
+    pair.a.not_read(ms(200), ms(1700));
+    pair.a.handle_timeout(ms(1800));
+    assert!(!pair.a.is_closed());
+    // Silent for the whole timeout while listening: closed.
+    pair.a.handle_timeout(ms(2500));
+    assert!(pair.a.is_closed());
+}
+
 #[test]
 fn heartbeats_then_idle_timeout() {
     let mut a = config(1);

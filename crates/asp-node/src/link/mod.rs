@@ -9,6 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::Poll;
 use std::time::Instant;
 
 use asp_core::session::{
@@ -752,10 +753,10 @@ impl Link {
             bytes,
             repair,
         };
-        let store = &self.inner.store;
+        let store = self.inner.store.clone();
         let queued = match repair {
-            Some(_) => store.enqueue_repair(events).await,
-            None => store.enqueue_remote(events).await,
+            Some(_) => self.busy(store.enqueue_repair(events)).await,
+            None => self.busy(store.enqueue_remote(events)).await,
         };
         match queued {
             Ok(answer) => self.applying.push_back(entry(answer)),
@@ -766,10 +767,41 @@ impl Link {
         }
     }
 
+    /// Awaits `work` (the store's writer or key index, a blocking read) and keeps the
+    /// link alive meanwhile: heartbeats go out every heartbeat interval, and the time
+    /// spent not reading is not counted as the peer's silence. Without it a receiver
+    /// applying a large transfer went quiet past the idle timeout, its peer closed the
+    /// link, and the run was cut off at its end (a debug build under load, 3 s
+    /// timeout).
+    async fn busy<T>(&mut self, work: impl Future<Output = T>) -> T {
+        let mut work = std::pin::pin!(work);
+        // Most waits end at once: no timer for them.
+        if let Poll::Ready(out) =
+            std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await
+        {
+            return out;
+        }
+        let since = Instant::now();
+        let every = self.inner.config.heartbeat;
+        let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let out = loop {
+            tokio::select! {
+                out = &mut work => break out,
+                _ = beat.tick() => {
+                    self.session.keep_alive(Instant::now());
+                    self.flush();
+                }
+            }
+        };
+        self.session.not_read(since, Instant::now());
+        out
+    }
+
     /// Waits until every received batch is applied (handling each outcome).
     async fn drain_applying(&mut self) {
         while let Some(mut front) = self.applying.pop_front() {
-            let answer = (&mut front.answer).await;
+            let answer = self.busy(&mut front.answer).await;
             self.completed(front, answer.unwrap_or(Err(WriteError::Closed)));
         }
     }
@@ -903,8 +935,8 @@ impl Link {
             return;
         }
         self.record_sent_bytes();
-        let store = &self.inner.store;
-        if store.caught_up().await.is_err() {
+        let store = self.inner.store.clone();
+        if self.busy(store.caught_up()).await.is_err() {
             return;
         }
         self.session.set_local_head(store.head().seq);

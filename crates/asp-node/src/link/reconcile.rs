@@ -161,11 +161,12 @@ impl Link {
             Reconciler::new(self.inner.node_id, Vec::new(), 1),
         );
         let store = self.link_store();
-        let done = tokio::task::spawn_blocking(move || {
-            f(&mut reconciler, &store);
-            reconciler
-        })
-        .await;
+        let done = self
+            .busy(tokio::task::spawn_blocking(move || {
+                f(&mut reconciler, &store);
+                reconciler
+            }))
+            .await;
         match done {
             Ok(reconciler) => self.reconciler = reconciler,
             Err(e) => std::panic::resume_unwind(e.into_panic()),
@@ -244,7 +245,8 @@ impl Link {
                 }
             }
         }
-        let _ = self.inner.store.caught_up().await;
+        let store = self.inner.store.clone();
+        let _ = self.busy(store.caught_up()).await;
         self.reconcile_blocking(move |r, store| r.step(store, can_send, credit, now))
             .await;
     }
@@ -265,7 +267,8 @@ impl Link {
             } => self.drain_applying().await,
             // The run may start again from a snapshot.
             Frame::ReconcileEnd { .. } => {
-                let _ = self.inner.store.caught_up().await;
+                let store = self.inner.store.clone();
+                let _ = self.busy(store.caught_up()).await;
             }
             _ => {}
         }
