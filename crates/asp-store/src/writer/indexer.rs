@@ -11,7 +11,7 @@ use super::windows::run_window_keeper;
 use super::*;
 
 /// The indexer: applies acknowledged groups to the key index, in order.
-pub(super) fn run_indexer(shared: Arc<Shared>, rx: std_mpsc::Receiver<IndexMsg>) {
+pub(super) fn run_indexer(shared: Arc<Shared>, rx: IndexReceiver<IndexMsg>) {
     if shared.config.reconcile_window == 0 {
         index_groups(&shared, rx, None);
         return;
@@ -32,12 +32,12 @@ pub(super) fn run_indexer(shared: Arc<Shared>, rx: std_mpsc::Receiver<IndexMsg>)
 /// its end of the channel.
 fn index_groups(
     shared: &Shared,
-    rx: std_mpsc::Receiver<IndexMsg>,
+    rx: IndexReceiver<IndexMsg>,
     window_tx: Option<std_mpsc::SyncSender<WindowMsg>>,
 ) {
-    while let Ok(first) = rx.recv() {
+    while let Some(first) = rx.recv() {
         let mut msgs = vec![first];
-        while let Ok(m) = rx.try_recv() {
+        while let Some(m) = rx.try_recv() {
             msgs.push(m);
         }
         if shared.health.failure.get().is_some() {

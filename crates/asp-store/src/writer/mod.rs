@@ -72,6 +72,7 @@ use asp_core::crdt::{MvRegister, Policy, Sibling, State};
 use asp_core::{ContentType, Version};
 
 mod crdt;
+mod index_queue;
 mod indexer;
 mod local;
 mod metadata;
@@ -83,6 +84,7 @@ mod syncer;
 mod windows;
 
 use crdt::RecentStates;
+use index_queue::{IndexReceiver, IndexSender, index_queue};
 use indexer::run_indexer;
 pub(crate) use request::{
     ApplyRequest, CollectRequest, CollectTally, CoverRequest, PolicyRequest, QuarantineRequest,
@@ -93,9 +95,11 @@ pub(crate) use shared::{
 };
 use syncer::run_syncer;
 
-/// Acknowledged groups waiting for the indexer, at most (each holds at most
-/// `group_events_max` events, or one larger request).
-const INDEX_QUEUE_MAX: usize = 8;
+/// Key updates of acknowledged groups waiting for the indexer, at most, in groups of
+/// `group_events_max` events: the memory 8 full groups take (a larger request still
+/// goes alone). Few events per group (a live stream) leave room for many groups: see
+/// `index_queue.rs`.
+const INDEX_QUEUE_GROUPS_OF_UPDATES: usize = 8;
 /// Indexed groups waiting for the window keeper, at most (each holds its keys and two
 /// index snapshots).
 const WINDOW_QUEUE_MAX: usize = 2;
@@ -412,7 +416,8 @@ impl Collected {
 
 impl Writer {
     fn run(mut self) {
-        let (index_tx, index_rx) = std_mpsc::sync_channel(INDEX_QUEUE_MAX);
+        let (index_tx, index_rx) =
+            index_queue(INDEX_QUEUE_GROUPS_OF_UPDATES * self.shared.config.group_events_max.max(1));
         let indexer = {
             let shared = self.shared.clone();
             std::thread::Builder::new()
@@ -857,7 +862,7 @@ impl Writer {
 impl Writer {
     /// Makes a group durable (under `fsync = "always"`), acknowledges it, publishes it
     /// in the feed, and hands it to the indexer.
-    fn commit(&mut self, mut msg: WrittenGroup, index_tx: &std_mpsc::SyncSender<IndexMsg>) {
+    fn commit(&mut self, mut msg: WrittenGroup, index_tx: &IndexSender<IndexMsg>) {
         if self.shared.mutated(Mutation::VisibleBeforeDurable) {
             let mut progress = self.shared.progress.lock().unwrap();
             progress.acked = msg.index.head;
@@ -937,7 +942,8 @@ impl Writer {
             }
         }
         // Blocks when the indexer is behind: backpressure for the writers.
-        if index_tx.send(index).is_err() {
+        let updates = index.updates.len();
+        if index_tx.send(index, updates).is_err() {
             self.shared.fail("the index thread stopped".into());
         }
         self.index_msgs_sent += 1;
