@@ -1,3 +1,9 @@
+//! Tests of the session state machine, driven as a pair over an in-memory link.
+//!
+//! Size: the tests of one state machine (handshake, frames, credit, summaries, timers);
+//! reconciliation's have a file of their own (`reconcile_tests.rs`). Split by topic if
+//! it grows further.
+
 use super::*;
 use crate::{ContentType, Dot, Hlc, Key, Op};
 use bytes::Bytes;
@@ -380,27 +386,26 @@ fn a_peer_ignoring_credit_is_cut_off() {
 #[test]
 fn a_busy_runtime_keeps_the_link_alive() {
     let mut a = config(1);
-    a.heartbeat = Duration::from_millis(100);
-    a.idle_timeout = Duration::from_millis(1000);
+    (a.heartbeat, a.idle_timeout) = (Duration::from_millis(100), Duration::from_millis(1000));
     let mut pair = Pair::new(a, config(2));
-    let t0 = pair.now;
-    let ms = |n| t0 + Duration::from_millis(n);
-    // Not due yet: nothing; due: one heartbeat, even past the idle timeout.
-    pair.a.keep_alive(ms(50));
+    let ms = |n| pair.now + Duration::from_millis(n);
+    let (at50, at200, at1500, at1700, at1800, at2500) =
+        (ms(50), ms(200), ms(1500), ms(1700), ms(1800), ms(2500));
+    // Not due yet: nothing; due: one heartbeat, even past the idle timeout, no close.
+    pair.a.keep_alive(at50);
     assert!(pair.a.poll_transmit().is_none());
-    pair.a.keep_alive(ms(1500));
+    pair.a.keep_alive(at1500);
     assert!(matches!(
         pair.a.poll_transmit(),
         Some(Frame::Heartbeat { .. })
     ));
     assert!(!pair.a.is_closed(), "keep_alive makes no idle check");
-    // Busy from 200 ms to 1,700 ms: at 1,800 ms the peer was silent for 300 ms of
-    // listening, not 1,800 ms.
-    pair.a.not_read(ms(200), ms(1700));
-    pair.a.handle_timeout(ms(1800));
+    // Busy from 200 to 1,700 ms: at 1,800 ms the peer was silent for 300 ms of
+    // listening; silent for the whole timeout while listening: closed.
+    pair.a.not_read(at200, at1700);
+    pair.a.handle_timeout(at1800);
     assert!(!pair.a.is_closed());
-    // Silent for the whole timeout while listening: closed.
-    pair.a.handle_timeout(ms(2500));
+    pair.a.handle_timeout(at2500);
     assert!(pair.a.is_closed());
 }
 
