@@ -972,6 +972,8 @@ async fn metrics_and_status_report_the_writer() {
         "asp_group_commit_events_bucket",
         "asp_feed_head 5",
         "asp_writer_queue_depth",
+        "asp_writer_index_waits_total",
+        "asp_writer_index_wait_seconds_total",
         "asp_log_bytes_written_total",
         "asp_http_requests_total{code=\"2xx\"}",
     ] {

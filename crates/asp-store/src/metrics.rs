@@ -1,5 +1,7 @@
 //! The store's counters, exported in Prometheus form by whoever registers them.
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -16,6 +18,10 @@ pub struct Metrics {
     pub group_commit_requests: Histogram,
     pub feed_head: Gauge,
     pub writer_queue_depth: Gauge,
+    /// Times the writer waited for room in the indexer's queue, and the seconds it
+    /// waited: every write behind it waited as long.
+    pub writer_index_waits: Counter,
+    pub writer_index_wait_seconds: Counter<f64, AtomicU64>,
     pub writes_rejected: Counter,
     /// Compaction runs finished ([`crate::Store::compact`]).
     pub compaction_runs: Counter,
@@ -76,6 +82,8 @@ impl Default for Metrics {
             group_commit_requests: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             feed_head: Gauge::default(),
             writer_queue_depth: Gauge::default(),
+            writer_index_waits: Counter::default(),
+            writer_index_wait_seconds: Counter::default(),
             writes_rejected: Counter::default(),
             compaction_runs: Counter::default(),
             compaction_segments_removed: Counter::default(),
@@ -149,6 +157,16 @@ impl Metrics {
             "asp_writer_queue_depth",
             "Write requests waiting for the writer",
             self.writer_queue_depth.clone(),
+        );
+        registry.register(
+            "asp_writer_index_waits",
+            "Times the log writer waited for room in the indexer's queue (the key index fell behind; writes behind it waited too)",
+            self.writer_index_waits.clone(),
+        );
+        registry.register(
+            "asp_writer_index_wait_seconds",
+            "Seconds the log writer spent waiting for room in the indexer's queue",
+            self.writer_index_wait_seconds.clone(),
         );
         registry.register(
             "asp_writes_rejected",

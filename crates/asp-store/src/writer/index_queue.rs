@@ -9,110 +9,163 @@
 //! bound is now `8 × group_events_max` updates (the memory the old bound allowed at
 //! its worst) and, loosely, [`GROUPS_MAX`] groups; a group larger than the whole bound
 //! still goes when the queue is empty.
+//!
+//! One mutex holds the queue and its tallies; each side sleeps on a condvar of its own
+//! and is woken only when it sleeps. The indexer takes the whole backlog at once. The
+//! writer's waits for room are counted (`asp_writer_index_waits`,
+//! `asp_writer_index_wait_seconds`): they are time every later write spends waiting.
 
-use std::sync::mpsc as std_mpsc;
+use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 /// Groups queued at most, whatever their size (a bound on the replies and namespace
 /// states they carry).
 pub(super) const GROUPS_MAX: usize = 1024;
 
-#[derive(Default)]
-struct Held {
-    groups: usize,
+struct Queue<T> {
+    /// Each group with its weight (its updates, at least 1).
+    groups: VecDeque<(T, usize)>,
     updates: usize,
     /// The indexer is gone: nothing more is taken.
-    closed: bool,
+    receiver_gone: bool,
+    /// The writer is gone: nothing more comes.
+    sender_gone: bool,
+    /// Whether each side sleeps on its condvar now: the other wakes it only then
+    /// (a wake-up is a system call even when nobody sleeps).
+    sender_waits: bool,
+    receiver_waits: bool,
 }
 
-struct Bound {
-    held: Mutex<Held>,
+struct Shared<T> {
+    queue: Mutex<Queue<T>>,
+    /// The writer waits here for room.
     room: Condvar,
+    /// The indexer waits here for a group.
+    ready: Condvar,
     updates_max: usize,
 }
 
-/// The writer's end.
+/// The writer's end. Dropping it lets the indexer go once the queue is empty.
 pub(super) struct IndexSender<T> {
-    tx: std_mpsc::Sender<(T, usize)>,
-    bound: Arc<Bound>,
+    shared: Arc<Shared<T>>,
 }
 
 /// The indexer's end. Dropping it lets a writer waiting for room go (its send fails).
 pub(super) struct IndexReceiver<T> {
-    rx: std_mpsc::Receiver<(T, usize)>,
-    bound: Arc<Bound>,
+    shared: Arc<Shared<T>>,
 }
 
 /// A queue that holds at most `updates_max` updates (and [`GROUPS_MAX`] groups),
 /// except that one group of any size is taken when it is empty.
 pub(super) fn index_queue<T>(updates_max: usize) -> (IndexSender<T>, IndexReceiver<T>) {
-    let (tx, rx) = std_mpsc::channel();
-    let bound = Arc::new(Bound {
-        held: Mutex::new(Held::default()),
+    let shared = Arc::new(Shared {
+        queue: Mutex::new(Queue {
+            groups: VecDeque::new(),
+            updates: 0,
+            receiver_gone: false,
+            sender_gone: false,
+            sender_waits: false,
+            receiver_waits: false,
+        }),
         room: Condvar::new(),
+        ready: Condvar::new(),
         updates_max,
     });
     (
         IndexSender {
-            tx,
-            bound: bound.clone(),
+            shared: shared.clone(),
         },
-        IndexReceiver { rx, bound },
+        IndexReceiver { shared },
     )
 }
 
 impl<T> IndexSender<T> {
     /// Queues `msg`, which holds `updates` updates, waiting while the queue is full
-    /// (backpressure for the writers). Fails once the indexer is gone.
-    pub(super) fn send(&self, msg: T, updates: usize) -> Result<(), ()> {
+    /// (backpressure for the writers). Returns how long it waited for room (zero when
+    /// it did not); fails once the indexer is gone.
+    pub(super) fn send(&self, msg: T, updates: usize) -> Result<Duration, ()> {
         let weight = updates.max(1);
-        {
-            let mut held = self.bound.held.lock().unwrap();
-            while !held.closed
-                && held.groups > 0
-                && (held.groups >= GROUPS_MAX || held.updates + weight > self.bound.updates_max)
-            {
-                held = self.bound.room.wait(held).unwrap();
+        let shared = &*self.shared;
+        let mut queue = shared.queue.lock().unwrap();
+        let full = |q: &Queue<T>| {
+            !q.groups.is_empty()
+                && (q.groups.len() >= GROUPS_MAX || q.updates + weight > shared.updates_max)
+        };
+        let mut waited = Duration::ZERO;
+        if !queue.receiver_gone && full(&queue) {
+            let started = Instant::now();
+            while !queue.receiver_gone && full(&queue) {
+                queue.sender_waits = true;
+                queue = shared.room.wait(queue).unwrap();
             }
-            if held.closed {
-                return Err(());
-            }
-            held.groups += 1;
-            held.updates += weight;
+            queue.sender_waits = false;
+            waited = started.elapsed();
         }
-        self.tx.send((msg, weight)).map_err(|_| ())
+        if queue.receiver_gone {
+            return Err(());
+        }
+        queue.updates += weight;
+        queue.groups.push_back((msg, weight));
+        let wake = queue.receiver_waits;
+        drop(queue);
+        if wake {
+            shared.ready.notify_one();
+        }
+        Ok(waited)
+    }
+}
+
+impl<T> Drop for IndexSender<T> {
+    fn drop(&mut self) {
+        self.shared.queue.lock().unwrap().sender_gone = true;
+        self.shared.ready.notify_all();
     }
 }
 
 impl<T> IndexReceiver<T> {
+    /// Every group queued, in order, waiting for at least one; empty once the
+    /// writer's end is dropped and the queue is empty.
+    pub(super) fn recv_all(&self) -> Vec<T> {
+        self.take(usize::MAX)
+    }
+
     /// The next group, waiting for one; `None` once the writer's end is dropped and
     /// the queue is empty.
+    #[cfg(test)]
     pub(super) fn recv(&self) -> Option<T> {
-        let (msg, weight) = self.rx.recv().ok()?;
-        self.taken(weight);
-        Some(msg)
+        self.take(1).pop()
     }
 
-    /// The next group if one is queued.
-    pub(super) fn try_recv(&self) -> Option<T> {
-        let (msg, weight) = self.rx.try_recv().ok()?;
-        self.taken(weight);
-        Some(msg)
-    }
-
-    fn taken(&self, weight: usize) {
-        let mut held = self.bound.held.lock().unwrap();
-        held.groups -= 1;
-        held.updates -= weight;
-        drop(held);
-        self.bound.room.notify_all();
+    /// Up to `most` groups, the oldest first, waiting for one.
+    fn take(&self, most: usize) -> Vec<T> {
+        let shared = &*self.shared;
+        let mut queue = shared.queue.lock().unwrap();
+        while queue.groups.is_empty() && !queue.sender_gone {
+            queue.receiver_waits = true;
+            queue = shared.ready.wait(queue).unwrap();
+        }
+        queue.receiver_waits = false;
+        let q = &mut *queue;
+        let n = most.min(q.groups.len());
+        let mut taken = Vec::with_capacity(n);
+        for (msg, weight) in q.groups.drain(..n) {
+            q.updates -= weight;
+            taken.push(msg);
+        }
+        let wake = queue.sender_waits;
+        drop(queue);
+        if wake {
+            shared.room.notify_one();
+        }
+        taken
     }
 }
 
 impl<T> Drop for IndexReceiver<T> {
     fn drop(&mut self) {
-        self.bound.held.lock().unwrap().closed = true;
-        self.bound.room.notify_all();
+        self.shared.queue.lock().unwrap().receiver_gone = true;
+        self.shared.room.notify_all();
     }
 }
 
@@ -183,8 +236,9 @@ mod tests {
     fn a_group_larger_than_the_bound_goes_into_an_empty_queue() {
         let (tx, rx) = index_queue::<usize>(10);
         tx.send(50, 50).unwrap();
-        assert_eq!(rx.try_recv(), Some(50));
-        assert_eq!(rx.try_recv(), None);
+        drop(tx);
+        assert_eq!(rx.recv_all(), vec![50]);
+        assert_eq!(rx.recv_all(), Vec::<usize>::new());
     }
 
     #[test]
@@ -195,5 +249,34 @@ mod tests {
         drop(rx);
         handle.join().unwrap();
         assert_eq!(sent.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn the_indexer_takes_the_backlog_in_order_and_the_writer_reports_its_waits() {
+        let (tx, rx) = index_queue::<usize>(10);
+        // Room for these: no wait.
+        for g in [1, 2, 3] {
+            assert_eq!(tx.send(g, 3), Ok(Duration::ZERO));
+        }
+        let taker = std::thread::spawn(move || {
+            // Takes once the writer sleeps for room (bounded: 10 s).
+            for _ in 0..1000 {
+                if rx.shared.queue.lock().unwrap().sender_waits {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert!(rx.shared.queue.lock().unwrap().sender_waits);
+            let first = rx.recv_all();
+            (first, rx)
+        });
+        // Full (9 + 3 > 10): it waits until the indexer takes the backlog.
+        let waited = tx.send(4, 3).unwrap();
+        let (first, rx) = taker.join().unwrap();
+        assert_eq!(first, vec![1, 2, 3]);
+        assert!(!waited.is_zero(), "a send that waited reports it");
+        drop(tx);
+        assert_eq!(rx.recv_all(), vec![4]);
+        assert!(rx.recv_all().is_empty());
     }
 }

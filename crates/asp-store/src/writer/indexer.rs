@@ -35,10 +35,10 @@ fn index_groups(
     rx: IndexReceiver<IndexMsg>,
     window_tx: Option<std_mpsc::SyncSender<WindowMsg>>,
 ) {
-    while let Some(first) = rx.recv() {
-        let mut msgs = vec![first];
-        while let Some(m) = rx.try_recv() {
-            msgs.push(m);
+    loop {
+        let msgs = rx.recv_all();
+        if msgs.is_empty() {
+            return;
         }
         if shared.health.failure.get().is_some() {
             continue;

@@ -943,8 +943,16 @@ impl Writer {
         }
         // Blocks when the indexer is behind: backpressure for the writers.
         let updates = index.updates.len();
-        if index_tx.send(index, updates).is_err() {
-            self.shared.fail("the index thread stopped".into());
+        match index_tx.send(index, updates) {
+            Ok(waited) if !waited.is_zero() => {
+                self.shared.metrics.writer_index_waits.inc();
+                let seconds = &self.shared.metrics.writer_index_wait_seconds;
+                seconds.inc_by(waited.as_secs_f64());
+            }
+            Ok(_) => {}
+            Err(()) => {
+                self.shared.fail("the index thread stopped".into());
+            }
         }
         self.index_msgs_sent += 1;
     }
