@@ -798,6 +798,13 @@ impl Link {
         out
     }
 
+    /// Waits, kept alive ([`Self::busy`]), until the key index reflects every event
+    /// written so far.
+    async fn index_caught_up(&mut self) -> Result<(), asp_store::ReadError> {
+        let store = self.inner.store.clone();
+        self.busy(store.caught_up()).await
+    }
+
     /// Waits until every received batch is applied (handling each outcome).
     async fn drain_applying(&mut self) {
         while let Some(mut front) = self.applying.pop_front() {
@@ -935,10 +942,10 @@ impl Link {
             return;
         }
         self.record_sent_bytes();
-        let store = self.inner.store.clone();
-        if self.busy(store.caught_up()).await.is_err() {
+        if self.index_caught_up().await.is_err() {
             return;
         }
+        let store = &self.inner.store;
         self.session.set_local_head(store.head().seq);
         let summary = store.summary_for_peers();
         self.last_summary = Some((tokio::time::Instant::now(), summary.len()));

@@ -249,8 +249,7 @@ impl Link {
                 }
             }
         }
-        let store = self.inner.store.clone();
-        let _ = self.busy(store.caught_up()).await;
+        let _ = self.index_caught_up().await;
         self.reconcile_blocking(move |r, store| r.step(store, can_send, credit, now))
             .await;
     }
@@ -271,8 +270,7 @@ impl Link {
             } => self.drain_applying().await,
             // The run may start again from a snapshot.
             Frame::ReconcileEnd { .. } => {
-                let store = self.inner.store.clone();
-                let _ = self.busy(store.caught_up()).await;
+                let _ = self.index_caught_up().await;
             }
             _ => {}
         }
