@@ -172,8 +172,55 @@ async fn set(state: &AppState, ns: &Namespace, rule: Option<&Rule>) -> Result<Re
 /// leases are the same on every node and answered anywhere.
 const SERVED_BY_HOLDERS: [&str; 4] = ["kv", "batch", "changes", "stats"];
 
+/// The query parameter a redirect adds to its `Location`: how many times the request
+/// was redirected between nodes. A node strips it before it serves the request.
+pub(crate) const HOPS_PARAM: &str = "asp_hops";
+
+/// Redirects a request may have had before a node that would redirect it again refuses
+/// it: with views that agree one is enough, and a node whose view is behind adds one.
+/// More means the nodes disagree on who serves the namespace (a partition, the first
+/// seconds after members change) and would send the client round in a loop.
+pub(crate) const HOPS_MAX: u32 = 2;
+
+/// The redirects a request had (its `asp_hops`; a value that is no count counts as
+/// [`HOPS_MAX`]), and its query without that parameter.
+pub(crate) fn split_hops(query: &str) -> (u32, String) {
+    let mut hops = 0;
+    let mut rest = Vec::new();
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some((HOPS_PARAM, n)) => hops = n.parse().unwrap_or(HOPS_MAX),
+            _ if pair == HOPS_PARAM => hops = HOPS_MAX,
+            _ => rest.push(pair),
+        }
+    }
+    (hops, rest.join("&"))
+}
+
+/// `uri` without [`HOPS_PARAM`], if it has one: what the node serves.
+pub(crate) fn without_hops(uri: &Uri) -> Option<Uri> {
+    let query = uri.query()?;
+    if !query
+        .split('&')
+        .any(|p| p.split('=').next() == Some(HOPS_PARAM))
+    {
+        return None;
+    }
+    let (_, rest) = split_hops(query);
+    let path_and_query = if rest.is_empty() {
+        uri.path().to_owned()
+    } else {
+        format!("{}?{rest}", uri.path())
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query.parse().ok()?);
+    Uri::from_parts(parts).ok()
+}
+
 /// For a request to a placed namespace this node does not serve: 307 to the node that
-/// does (`Location` the same path and query on its API address), or 409 `no_holder`.
+/// does (`Location` the same path and query on its API address, with [`HOPS_PARAM`]
+/// counting the redirect), or 409 `no_holder` (nobody can serve it, or the request was
+/// redirected [`HOPS_MAX`] times already).
 pub(crate) fn redirect(state: &AppState, uri: &Uri) -> Option<Response> {
     let replicator = state.replicator()?;
     let rest = uri.path().strip_prefix("/v1/ns/")?;
@@ -186,10 +233,26 @@ pub(crate) fn redirect(state: &AppState, uri: &Uri) -> Option<Response> {
     match replicator.placement().route(&ns) {
         Route::Here => None,
         Route::Elsewhere { node, api } => {
+            let (hops, query) = split_hops(uri.query().unwrap_or_default());
+            if hops >= HOPS_MAX {
+                return Some(
+                    ApiError::new(
+                        StatusCode::CONFLICT,
+                        "no_holder",
+                        format!(
+                            "namespace {ns}: the nodes disagree on who serves it (this request was redirected {hops} times, and this node would send it on to {node}); \
+                             they agree once they hear the same members: retry, or see GET /v1/ns/{ns}/placement on each"
+                        ),
+                    )
+                    .into_response(),
+                );
+            }
+            let sep = if query.is_empty() { "" } else { "&" };
             let target = format!(
-                "{}{}",
+                "{}{}?{query}{sep}{HOPS_PARAM}={}",
                 api.trim_end_matches('/'),
-                uri.path_and_query().map_or(uri.path(), |p| p.as_str())
+                uri.path(),
+                hops + 1
             );
             let Ok(location) = HeaderValue::from_str(&target) else {
                 return Some(
@@ -226,5 +289,37 @@ pub(crate) fn redirect(state: &AppState, uri: &Uri) -> Option<Response> {
             )
             .into_response(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hop_count_is_read_and_stripped_and_the_rest_of_the_query_kept() {
+        assert_eq!(split_hops(""), (0, String::new()));
+        assert_eq!(split_hops("since=3"), (0, "since=3".to_owned()));
+        assert_eq!(
+            split_hops("replicas=all&asp_hops=1&timeout_ms=5"),
+            (1, "replicas=all&timeout_ms=5".to_owned())
+        );
+        // Not a count: as many as a node takes, so no loop goes on through it.
+        assert_eq!(split_hops("asp_hops=x"), (HOPS_MAX, String::new()));
+        assert_eq!(split_hops("asp_hops"), (HOPS_MAX, String::new()));
+        // A parameter that only starts with the name is another parameter.
+        assert_eq!(split_hops("asp_hopsx=1"), (0, "asp_hopsx=1".to_owned()));
+
+        let uri = |s: &str| s.parse::<Uri>().unwrap();
+        assert_eq!(without_hops(&uri("/v1/ns/a/kv/k")), None);
+        assert_eq!(without_hops(&uri("/v1/ns/a/kv/k?since=1")), None);
+        assert_eq!(
+            without_hops(&uri("/v1/ns/a/kv/k?asp_hops=1")),
+            Some(uri("/v1/ns/a/kv/k"))
+        );
+        assert_eq!(
+            without_hops(&uri("/v1/ns/a/changes?since=4&asp_hops=2")),
+            Some(uri("/v1/ns/a/changes?since=4"))
+        );
     }
 }

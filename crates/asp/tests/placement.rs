@@ -267,6 +267,40 @@ async fn five_nodes_hold_thirty_namespaces_two_each_and_lose_nothing_when_one_go
     }
     assert!(redirected > 0);
 
+    // Each redirect counts itself in the Location (asp_hops), and the holder serves the
+    // request without it; a node that would redirect a request already redirected
+    // twice refuses it instead (nodes that disagree on the holders would loop).
+    {
+        let ns = &names()[0];
+        let at = ids.iter().position(|id| !holders[ns].contains(id)).unwrap();
+        let c = nodes[at].client();
+        let get = async |path: String| {
+            let r = c.send(Method::GET, &path, &[], Bytes::new()).await.unwrap();
+            let location = r
+                .headers
+                .get(axum::http::header::LOCATION)
+                .map(|l| l.to_str().unwrap().to_owned());
+            (r.status, r.json().unwrap_or(Value::Null), location)
+        };
+        let (status, _, location) = get(format!("/v1/ns/{ns}/kv/k0")).await;
+        assert_eq!(status, StatusCode::TEMPORARY_REDIRECT);
+        assert!(location.unwrap().ends_with("/kv/k0?asp_hops=1"));
+        let (status, _, location) = get(format!("/v1/ns/{ns}/kv/k0?asp_hops=1")).await;
+        assert_eq!(status, StatusCode::TEMPORARY_REDIRECT);
+        assert!(location.unwrap().ends_with("/kv/k0?asp_hops=2"));
+        let (status, answer, location) = get(format!("/v1/ns/{ns}/kv/k0?asp_hops=2")).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+        assert_eq!(answer["error"]["code"], "no_holder");
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("disagree"),
+            "{answer}"
+        );
+        assert_eq!(location, None);
+    }
+
     // Each namespace's events are on its two holders and nowhere else.
     let wait_held =
         async |nodes: &[&Node], ids: &[String], holders: &BTreeMap<String, BTreeSet<String>>| {

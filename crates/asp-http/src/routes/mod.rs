@@ -476,6 +476,10 @@ async fn guard(State(state): State<AppState>, mut request: Request, next: Next) 
         if let Ok(Some(verified)) = checked {
             request.extensions_mut().insert(verified);
         }
+        // A redirect's hop count is for the nodes, not the handlers.
+        if let Some(uri) = crate::placement_api::without_hops(request.uri()) {
+            *request.uri_mut() = uri;
+        }
         match AssertUnwindSafe(next.run(request)).catch_unwind().await {
             Ok(response) => response,
             Err(_) => ApiError::new(
