@@ -217,9 +217,24 @@ pub async fn catch_up(
         }
     }
     let seconds = started.elapsed().as_secs_f64();
+    index_waits(&a, &b);
     b.close().await?;
     a.close().await?;
     Ok(seconds)
+}
+
+/// Prints how often and how long each side's log writer waited for room in its
+/// indexer's queue (every write behind it waited as long): whether the key index
+/// bounds the run.
+fn index_waits(a: &Side, b: &Side) {
+    for (side, store) in [("sending", &a.store), ("receiving", &b.store)] {
+        let m = store.metrics();
+        eprintln!(
+            "    the {side} node's log writer waited for its indexer {} times, {:.1} ms in all",
+            m.writer_index_waits.get(),
+            m.writer_index_wait_seconds.get() * 1e3
+        );
+    }
 }
 
 /// What a live latency run writes.
@@ -383,6 +398,7 @@ pub async fn live_latency(
         // that counts as zero, as on the Redis side.
         hist.saturating_record(seen.saturating_sub(ack) / 1000);
     }
+    index_waits(&a, &b);
     b.close().await?;
     a.close().await?;
     Ok((hist, hops))
