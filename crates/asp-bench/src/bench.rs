@@ -96,6 +96,11 @@ pub struct BenchArgs {
     /// measures: one lock and one clock read per batch and hop).
     #[arg(long)]
     trace_hops: bool,
+    /// Where the live scenario's writing node (A) keeps its store (default: beside B's,
+    /// under --dir). On another disk, or on tmpfs to stand for another machine's disk,
+    /// B's fdatasync no longer queues behind A's on the same device.
+    #[arg(long)]
+    live_sender_dir: Option<PathBuf>,
     /// Peer links of the catchup and live scenarios: off (plain TCP), on (mutual TLS),
     /// or both, comma-separated (each repetition runs them one after the other).
     #[arg(long, default_value = "off", value_delimiter = ',', value_parser = ["off", "on"])]
@@ -305,6 +310,14 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
     let machine = machine_description(&args.dir);
     eprintln!("asp-bench on {machine}");
     eprintln!("bench directory: {}", args.dir.display());
+    if let Some(dir) = &args.live_sender_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        eprintln!(
+            "live scenario's writing node: {} (on {})",
+            dir.display(),
+            filesystem_of(dir).unwrap_or_else(|| "unknown filesystem".into())
+        );
+    }
 
     // (scenario, label, mode) -> results of each repetition.
     type Row = (&'static str, String, Option<FsyncMode>, Vec<RunResult>);
@@ -433,6 +446,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
                             events: args.live_events,
                             rate_per_s: args.live_rate,
                             trace_hops: args.trace_hops,
+                            sender_dir: args.live_sender_dir.clone(),
                         },
                         &values,
                         &via,

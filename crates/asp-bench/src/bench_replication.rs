@@ -245,6 +245,8 @@ pub struct LiveLoad {
     pub rate_per_s: u64,
     /// Whether to stamp each event at every hop (see bench_hops.rs).
     pub trace_hops: bool,
+    /// Where the writing node (A) keeps its store, if not beside B's.
+    pub sender_dir: Option<std::path::PathBuf>,
 }
 
 /// Latency from a write's acknowledgement on one node to its appearance in the other
@@ -262,9 +264,11 @@ pub async fn live_latency(
         events,
         rate_per_s,
         trace_hops,
+        sender_dir,
     } = load;
     let pid = std::process::id();
-    let mut a = Side::open(base.join(format!("live-a-{pid}")), mode)?;
+    let a_base = sender_dir.as_deref().unwrap_or(base);
+    let mut a = Side::open(a_base.join(format!("live-a-{pid}")), mode)?;
     let a_addr = a.replicate(vec![], tls.clone(), via).await?;
     let mut b = Side::open(base.join(format!("live-b-{pid}")), mode)?;
     b.replicate(vec![a_addr], tls, via).await?;
