@@ -974,6 +974,7 @@ async fn metrics_and_status_report_the_writer() {
         "asp_writer_queue_depth",
         "asp_writer_index_waits_total",
         "asp_writer_index_wait_seconds_total",
+        "asp_writer_straggler_waits_total",
         "asp_log_bytes_written_total",
         "asp_http_requests_total{code=\"2xx\"}",
     ] {

@@ -22,6 +22,9 @@ pub struct Metrics {
     /// waited: every write behind it waited as long.
     pub writer_index_waits: Counter,
     pub writer_index_wait_seconds: Counter<f64, AtomicU64>,
+    /// Groups the writer held open for writers acknowledged by the last fsync to come
+    /// back (fsync = always; at most a millisecond each).
+    pub writer_straggler_waits: Counter,
     pub writes_rejected: Counter,
     /// Compaction runs finished ([`crate::Store::compact`]).
     pub compaction_runs: Counter,
@@ -84,6 +87,7 @@ impl Default for Metrics {
             writer_queue_depth: Gauge::default(),
             writer_index_waits: Counter::default(),
             writer_index_wait_seconds: Counter::default(),
+            writer_straggler_waits: Counter::default(),
             writes_rejected: Counter::default(),
             compaction_runs: Counter::default(),
             compaction_segments_removed: Counter::default(),
@@ -167,6 +171,11 @@ impl Metrics {
             "asp_writer_index_wait_seconds",
             "Seconds the log writer spent waiting for room in the indexer's queue",
             self.writer_index_wait_seconds.clone(),
+        );
+        registry.register(
+            "asp_writer_straggler_waits",
+            "Groups the log writer held open (at most 1 ms) for writers acknowledged by the last fsync to come back and join them",
+            self.writer_straggler_waits.clone(),
         );
         registry.register(
             "asp_writes_rejected",

@@ -273,3 +273,57 @@ async fn checkpoints_past_a_lost_log_tail_are_lowered() {
         s.checkpoint(peer)
     );
 }
+
+/// Under fsync = always the writer holds a group open (at most 1 ms) for the writers its
+/// last fsync acknowledged, who come back with their next write. A peer's batches do
+/// not come back when acknowledged (its link sends the next when the peer writes it):
+/// waiting for them only delayed every event of a live stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_waits_for_returning_local_writers_but_not_for_a_peers_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 1);
+    assert_eq!(store.config().fsync, asp_store::FsyncMode::Always);
+    // Eight peers' links at once, each applying one batch after another: batches
+    // acknowledged together, but a link's next one does not come because of it.
+    let t = now_ms();
+    let mut tasks = Vec::new();
+    for origin in 10..18 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 1..=50 {
+                store
+                    .apply_remote(vec![remote(origin, i, t, &format!("k{origin}/{i}"), "v")])
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        store.metrics().writer_straggler_waits.get(),
+        0,
+        "peers' batches: nothing to wait for"
+    );
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..50 {
+                store
+                    .write(ns("r"), vec![put(&format!("w{w}/{i}"), "v")])
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(
+        store.metrics().writer_straggler_waits.get() > 0,
+        "eight local writers at once: acknowledged together, they come back together"
+    );
+    store.shutdown().await;
+}

@@ -532,11 +532,16 @@ impl Writer {
         let config = &self.shared.config;
         let started = Instant::now();
         let gap = self.fsync_avg / 2;
+        let mut waited = false;
         while group.requests.len() < self.expected
             && group.events < config.group_events_max
             && group.bytes < config.group_bytes_max
             && group.shutdown.is_empty()
         {
+            if !waited {
+                waited = true;
+                self.shared.metrics.writer_straggler_waits.inc();
+            }
             let deadline = (Instant::now() + gap).min(started + STRAGGLER_WAIT_MAX);
             match self.queue.recv_until(deadline) {
                 Some(request) => group.add(request, self.shared.node_id),
@@ -890,8 +895,17 @@ impl Writer {
                 .fsync_seconds
                 .observe(took.as_secs_f64());
             self.fsync_avg = (self.fsync_avg * 7 + took) / 8;
-            // Nobody acknowledged below can be back yet: what waits now is others.
-            self.expected = msg.acks.len() + self.queue.len();
+            // Nobody acknowledged below can be back yet: what waits now is others. Only
+            // local writers come back when acknowledged; a peer link sends its next
+            // batch when the peer writes it, not when this one is durable, so waiting
+            // for it only delays every event of the group (a live stream's events
+            // waited up to a millisecond, bench/RESULTS.md).
+            let writers = msg
+                .acks
+                .iter()
+                .filter(|a| matches!(a.reply, Reply::Write(..)))
+                .count();
+            self.expected = writers + self.queue.len();
             if let Err(e) = synced {
                 self.shared
                     .fail(format!("fsync of {}: {e}", self.segment.path.display()));
