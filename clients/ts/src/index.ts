@@ -166,6 +166,9 @@ function sleep(ms: number, signal?: AbortSignal): Promise<void> {
   });
 }
 
+/** Redirects (307/308 to a member that holds a placed namespace) followed per request. */
+export const MAX_REDIRECTS = 5;
+
 export class Client {
   readonly baseUrl: string;
   private readonly token: string | undefined;
@@ -441,12 +444,40 @@ export class Client {
     path: string,
     init: { headers?: Record<string, string>; body?: Uint8Array | string; query?: Record<string, string>; signal?: AbortSignal | undefined } = {},
   ): Promise<Response> {
-    const reqInit: RequestInit = { method, headers: this.headers(init.headers) };
+    // Redirects are followed here, not by fetch: a member that does not hold a placed
+    // namespace answers 307 with the holder's address, another origin, and fetch drops
+    // the Authorization header when it follows across origins.
+    const reqInit: RequestInit = { method, headers: this.headers(init.headers), redirect: "manual" };
     if (init.body !== undefined) reqInit.body = init.body as BodyInit;
     if (init.signal !== undefined) reqInit.signal = init.signal;
-    const res = await this.fetchFn(this.url(path, init.query), reqInit);
-    if (!res.ok) throw await this.errorFrom(res);
-    return res;
+    let url = this.url(path, init.query);
+    for (let redirects = 0; ; redirects++) {
+      let res = await this.fetchFn(url, reqInit);
+      if (res.type === "opaqueredirect") {
+        // A browser hides a manual redirect's Location: let it follow this one itself.
+        res = await this.fetchFn(url, { ...reqInit, redirect: "follow" });
+      }
+      const location = res.headers.get("location");
+      if ((res.status === 307 || res.status === 308) && location) {
+        await res.body?.cancel().catch(() => undefined);
+        if (redirects >= MAX_REDIRECTS) {
+          throw new AspError(
+            res.status,
+            "too_many_redirects",
+            `${method} ${path}: more than ${MAX_REDIRECTS} redirects (last to ${location}); ` +
+              "the cluster's members may disagree on who holds the namespace",
+          );
+        }
+        const next = new URL(location, url);
+        if (next.protocol !== "http:" && next.protocol !== "https:") {
+          throw new AspError(res.status, "bad_redirect", `the node redirected to ${location}, not http(s)`);
+        }
+        url = next.toString();
+        continue;
+      }
+      if (!res.ok) throw await this.errorFrom(res);
+      return res;
+    }
   }
 
   private async json<T>(
