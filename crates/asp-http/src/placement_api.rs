@@ -188,22 +188,25 @@ pub(crate) fn split_hops(query: &str) -> (u32, String) {
     let mut hops = 0;
     let mut rest = Vec::new();
     for pair in query.split('&') {
-        match pair.split_once('=') {
-            Some((HOPS_PARAM, n)) => hops = n.parse().unwrap_or(HOPS_MAX),
-            _ if pair == HOPS_PARAM => hops = HOPS_MAX,
-            _ => rest.push(pair),
+        match hops_of(pair) {
+            Some(n) => hops = n.unwrap_or(HOPS_MAX),
+            None => rest.push(pair),
         }
     }
     (hops, rest.join("&"))
 }
 
-/// `uri` without [`HOPS_PARAM`], if it has one: what the node serves.
+/// For a query pair that is [`HOPS_PARAM`]: its count, if it is one.
+fn hops_of(pair: &str) -> Option<Option<u32>> {
+    let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+    (name == HOPS_PARAM).then(|| value.parse().ok())
+}
+
+/// `uri` without [`HOPS_PARAM`], if it has one: what the node serves. Every request
+/// with a query comes here: nothing is allocated unless the parameter is there.
 pub(crate) fn without_hops(uri: &Uri) -> Option<Uri> {
     let query = uri.query()?;
-    if !query
-        .split('&')
-        .any(|p| p.split('=').next() == Some(HOPS_PARAM))
-    {
+    if !query.split('&').any(|p| hops_of(p).is_some()) {
         return None;
     }
     let (_, rest) = split_hops(query);

@@ -92,16 +92,14 @@ impl<T> IndexSender<T> {
             !q.groups.is_empty()
                 && (q.groups.len() >= GROUPS_MAX || q.updates + weight > shared.updates_max)
         };
-        let mut waited = Duration::ZERO;
-        if !queue.receiver_gone && full(&queue) {
-            let started = Instant::now();
-            while !queue.receiver_gone && full(&queue) {
-                queue.sender_waits = true;
-                queue = shared.room.wait(queue).unwrap();
-            }
-            queue.sender_waits = false;
-            waited = started.elapsed();
+        let mut started = None;
+        while !queue.receiver_gone && full(&queue) {
+            started.get_or_insert_with(Instant::now);
+            queue.sender_waits = true;
+            queue = shared.room.wait(queue).unwrap();
         }
+        queue.sender_waits = false;
+        let waited = started.map_or(Duration::ZERO, |s: Instant| s.elapsed());
         if queue.receiver_gone {
             return Err(());
         }
